@@ -1,0 +1,25 @@
+"""Error types. Each names the file, tensor or field at fault; the CLI maps every one to exit code 2."""
+
+
+class FlashMoeError(Exception):
+    """Base class: a problem the user can act on (bad input, missing file, budget too small)."""
+
+
+class ConfigError(FlashMoeError):
+    """config.json is missing a required field, has an unknown model_type, or an inconsistent value."""
+
+
+class CheckpointError(FlashMoeError):
+    """A source checkpoint is unreadable: missing/truncated shard, missing tensor, wrong shape or dtype."""
+
+
+class FormatError(FlashMoeError):
+    """A flashmoe model directory fails validation (manifest, sizes, offsets, checksums)."""
+
+
+class MemoryBudgetError(FlashMoeError):
+    """The requested --max-memory cannot hold what must stay resident."""
+
+
+class ConformanceError(FlashMoeError):
+    """A backend failed the conformance suite and will not be used."""
