@@ -1,0 +1,125 @@
+"""Tokenizer of a model directory: `tokenizers` for BPE, end-of-sequence ids from every file that declares
+them, a streaming detokeniser, and the model's Jinja chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from flashmoe.errors import FlashMoeError
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FlashMoeError(f"{path}: invalid JSON ({e})") from e
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens either as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """The tokenizer.json of a model directory plus what generation needs from the config files.
+
+    eos_token_ids is the union of `eos_token_id` in config.json and generation_config.json and the
+    `eos_token` of tokenizer_config.json: the three often disagree (Qwen lists <|im_end|> in one and
+    <|endoftext|> in another), and stopping on any of them is what transformers' generate does.
+
+    Raises FlashMoeError when tokenizer.json is missing or unreadable.
+    """
+
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise FlashMoeError(f"{path}: no tokenizer.json in the model directory")
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise FlashMoeError(f"{path}: cannot load tokenizer ({e})") from e
+        self.config = _read_json(model_dir / "tokenizer_config.json")
+        model_config = _read_json(model_dir / "config.json")
+        generation_config = _read_json(model_dir / "generation_config.json")
+        ids = set(_as_list(model_config.get("eos_token_id")))
+        ids |= set(_as_list(model_config.get("text_config", {}).get("eos_token_id")))
+        ids |= set(_as_list(generation_config.get("eos_token_id")))
+        eos_text = _token_text(self.config.get("eos_token"))
+        if eos_text is not None and self._tok.token_to_id(eos_text) is not None:
+            ids.add(self._tok.token_to_id(eos_text))
+        self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
+        self.chat_template: str | None = self.config.get("chat_template")
+        template_file = model_dir / "chat_template.jinja"
+        if self.chat_template is None and template_file.exists():
+            self.chat_template = template_file.read_text(encoding="utf-8")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of text. Special-token text such as <|im_start|> maps to its id."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render the model's chat template with jinja2, as transformers' apply_chat_template does.
+
+        Raises FlashMoeError when the model has no chat template or the template raises.
+        """
+        if not self.chat_template:
+            raise FlashMoeError("this model has no chat template (tokenizer_config.json or chat_template.jinja)")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        special = {k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise FlashMoeError(f"chat template: {e}") from e
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces as they become printable.
+
+    Byte-level BPE splits a multi-byte character across tokens; decoding such a prefix yields U+FFFD, so a
+    piece ending in U+FFFD is held back until the next token completes the character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly printable text (possibly empty)."""
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self._emitted :]
+        self._emitted = len(text)
+        return piece
