@@ -86,3 +86,56 @@ def conformance(
     from flashmoe.conformance.runner import main as conformance_main
 
     raise typer.Exit(conformance_main(backend=backend, full=full))
+
+
+@app.command()
+@_user_errors
+def generate(
+    model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Maximum number of tokens to generate."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 for greedy."),
+    top_p: float = typer.Option(0.95, help="Nucleus sampling: keep the smallest set of tokens with this mass."),
+    top_k: int = typer.Option(40, help="Keep only the k most likely tokens (0 disables)."),
+    min_p: float = typer.Option(0.05, help="Drop tokens below min_p times the top token's probability."),
+    repetition_penalty: float = typer.Option(1.1, help="Penalise tokens already in the context (1.0 disables)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
+    backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
+    io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' (OS caches hot experts) or 'direct' (O_DIRECT + own cache)."),
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G: resident weights + KV cache + buffers + expert cache."),
+    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
+    cache_policy: str = typer.Option("lru", help="Eviction policy of the direct-mode expert cache."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    stats: bool = typer.Option(False, "--stats", help="Print time to first token, tok/s, ms/layer, I/O and hit rate."),
+    stats_json: Optional[Path] = typer.Option(None, help="Write the run's statistics as JSON to this file."),
+) -> None:
+    """Generate text, streaming routed experts from disk. Ctrl-C stops and prints the statistics so far."""
+    from flashmoe.generate import generate_steps
+    from flashmoe.load import default_model_dir, load_engine
+    from flashmoe.sampling import Sampler
+    from flashmoe.tokenizer import Tokenizer
+
+    directory = model_dir or default_model_dir()
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                      repetition_penalty=repetition_penalty, seed=seed)
+    tokenizer = Tokenizer(directory)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    prompt_ids = tokenizer.encode(text)
+    engine = load_engine(directory, backend=backend, io=io, max_memory=max_memory,
+                         experts_per_token=experts_per_token, context=len(prompt_ids) + max_tokens,
+                         cache_policy=cache_policy)
+    if not chat:
+        sys.stdout.write(prompt)
+    try:
+        for step in generate_steps(engine, tokenizer, prompt_ids, sampler, max_tokens):
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        typer.echo("\n[interrupted]", err=True)
+    sys.stdout.write("\n")
+    if stats:
+        typer.echo(engine.stats.summary(), err=True)
+    if stats_json:
+        from flashmoe.atomic import write_json_atomic
+
+        write_json_atomic(stats_json, engine.stats.to_dict())

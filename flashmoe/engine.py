@@ -1,0 +1,303 @@
+"""The streaming forward pass: the decoder stack written once against the Backend interface.
+
+The engine owns the loop and the state (KV cache, GatedDeltaNet conv and recurrent state, position);
+the backend owns the arithmetic; the ExpertStore owns the routed experts, which are never resident.
+Per MoE layer and token (DESIGN.md, "Data flow"):
+
+    router logits -> top-k -> store.fetch(layer, ids)   (all k reads in flight at once)
+                           -> shared expert              (computed while the reads run)
+                           -> store.wait -> backend expert FFN -> weighted sum + shared expert
+
+A prompt goes through each layer as one matrix (batched prefill); in its MoE layers the tokens are grouped by
+expert, so each expert any prompt token routed to is read once and applied to all its tokens as a mat-mat.
+
+The math is the reference's (`flashmoe.reference`), which cites its sources; this module differs from it only
+in where weights come from and which arrays hold them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flashmoe.backends.base import Backend
+from flashmoe.config import FULL_ATTENTION, ModelConfig
+from flashmoe.modeldir import ModelDir
+from flashmoe.reference.moe import route
+from flashmoe.stats import Stats
+from flashmoe.store import ExpertStore
+
+
+class KVCache:
+    """Keys and values of one full-attention layer, [capacity, kv_heads, head_dim] float32, grown by doubling."""
+
+    def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256):
+        self.k = np.zeros((capacity, kv_heads, head_dim), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store k, v [T, kv_heads, head_dim] after the cached ones; return all keys and values so far."""
+        end = self.length + k.shape[0]
+        if end > self.k.shape[0]:
+            capacity = max(end, 2 * self.k.shape[0])
+            for name in ("k", "v"):
+                grown = np.zeros((capacity, *self.k.shape[1:]), np.float32)
+                grown[: self.length] = getattr(self, name)[: self.length]
+                setattr(self, name, grown)
+        self.k[self.length : end] = k
+        self.v[self.length : end] = v
+        self.length = end
+        return self.k[:end], self.v[:end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class LinearAttentionState:
+    """GatedDeltaNet state of one layer: the last conv_kernel-1 inputs of the causal conv, [K-1, conv_dim],
+    and the recurrent state [Hv, Dk, Dv] (Yang et al. 2024, Gated Delta Networks, eq. 10)."""
+
+    conv: np.ndarray
+    recurrent: np.ndarray
+
+
+@dataclass
+class State:
+    """Everything a sequence carries between forward calls: per-layer caches and the next position."""
+
+    layers: list
+    position: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            total += layer.nbytes if isinstance(layer, KVCache) else layer.conv.nbytes + layer.recurrent.nbytes
+        return total
+
+
+class Engine:
+    """A loaded model: resident weights prepared on a backend, routed experts behind an ExpertStore.
+
+    Args:
+        model: an opened (validated) model directory.
+        backend: the Backend doing the arithmetic.
+        store: the ExpertStore serving this model's expert files.
+        stats: where time and I/O are accounted (shared with the store).
+        experts_per_token: overrides the model's num_experts_per_tok (Flash-MoE ran the 397B at 4 of 10).
+
+    Raises FormatError/CheckpointError (from the model directory) when a resident tensor is missing.
+    """
+
+    def __init__(self, model: ModelDir, backend: Backend, store: ExpertStore, stats: Stats,
+                 experts_per_token: int | None = None):
+        self.model = model
+        self.cfg: ModelConfig = model.config
+        self.backend = backend
+        self.store = store
+        self.stats = stats
+        self.k = experts_per_token or self.cfg.num_experts_per_tok
+        self._w = {name: backend.prepare(model.raw(name)) for name in model.resident_names()}
+        if not self.cfg.tie_word_embeddings:
+            self._lm_head = self._w["lm_head.weight"]
+        else:
+            self._lm_head = self._w["embed_tokens.weight"]
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    def new_state(self) -> State:
+        """Empty caches for a new sequence."""
+        cfg = self.cfg
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            if cfg.layer_type(i) == FULL_ATTENTION:
+                layers.append(KVCache(cfg.num_key_value_heads, cfg.head_dim))
+            else:
+                conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + self._value_dim
+                layers.append(LinearAttentionState(
+                    conv=np.zeros((cfg.linear_conv_kernel_dim - 1, conv_dim), np.float32),
+                    recurrent=np.zeros((cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                        cfg.linear_value_head_dim), np.float32)))
+        return State(layers=layers)
+
+    @property
+    def _value_dim(self) -> int:
+        return self.cfg.linear_num_value_heads * self.cfg.linear_value_head_dim
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def forward(self, token_ids: np.ndarray, state: State, all_logits: bool = False) -> np.ndarray:
+        """Run tokens through the model, extending `state`.
+
+        Args:
+            token_ids: int [T] — a whole prompt (prefill) or one token (decode).
+            state: from new_state(); updated in place.
+            all_logits: return logits for every position instead of the last one only.
+
+        Returns float32 [T, vocab_size] (all_logits) or [1, vocab_size].
+        """
+        be, cfg = self.backend, self.cfg
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        positions = np.arange(state.position, state.position + len(ids))
+        h = be.embed(ids, self._w["embed_tokens.weight"])  # (T, hidden)
+        for i in range(cfg.num_hidden_layers):
+            p = f"layers.{i}."
+            with self.stats.stage("attention"):
+                x = be.rms_norm(h, self._w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+                if cfg.layer_type(i) == FULL_ATTENTION:
+                    h = h + self._attention(p, x, positions, state.layers[i])
+                else:
+                    h = h + self._linear_attention(p, x, state.layers[i])
+                x = be.rms_norm(h, self._w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            if cfg.is_moe_layer(i):
+                h = h + self._moe(i, x)
+            else:
+                with self.stats.stage("dense_mlp"):
+                    h = h + self._mlp(p + "mlp.", x)
+        state.position += len(ids)
+        if not all_logits:
+            h = h[-1:]
+        with self.stats.stage("lm_head"):
+            h = be.rms_norm(h, self._w["norm.weight"], cfg.rms_norm_eps)
+            return be.to_numpy(be.linear(h, self._lm_head))
+
+    def _linear(self, x, name: str):
+        """x @ W.T (+ bias when the checkpoint has one) for the resident linear `name` (without '.weight')."""
+        y = self.backend.linear(x, self._w[name + ".weight"])
+        bias = self._w.get(name + ".bias")
+        return y if bias is None else y + bias
+
+    def _attention(self, p: str, x, positions: np.ndarray, cache: KVCache):
+        """Grouped-query attention with RoPE, optional q/k RMSNorm and optional sigmoid output gate.
+
+        Shapes: x (T, hidden) -> (T, hidden). Source: transformers Qwen3_5MoeAttention, Qwen3MoeAttention,
+        OlmoeAttention, MixtralAttention (the differences are flags of ModelConfig).
+        """
+        be, cfg = self.backend, self.cfg
+        T, H, Hkv, D = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        a = p + "self_attn."
+        q = self._linear(x, a + "q_proj")
+        gate = None
+        if cfg.has_attention_output_gate:
+            q = q.reshape(T, H, 2 * D)  # per head: [query | gate]
+            q, gate = q[..., :D], q[..., D:].reshape(T, H * D)
+        k = self._linear(x, a + "k_proj")
+        v = self._linear(x, a + "v_proj")
+        if cfg.qk_norm == "full":
+            q = be.rms_norm(q.reshape(T, H * D), self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
+            k = be.rms_norm(k, self._w[a + "k_norm.weight"], cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+        if cfg.qk_norm == "head":
+            q = be.rms_norm(q, self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
+            k = be.rms_norm(k, self._w[a + "k_norm.weight"], cfg.rms_norm_eps)
+        q = be.rope(q, positions, cfg.rope_theta, cfg.rotary_dim)
+        k = be.rope(k, positions, cfg.rope_theta, cfg.rotary_dim)
+        keys, values = cache.append(k, v)
+        out = be.attention(q, keys, values, positions, D ** -0.5).reshape(T, H * D)
+        if gate is not None:
+            out = out * _sigmoid(gate)
+        return self._linear(out, a + "o_proj")
+
+    def _linear_attention(self, p: str, x, st: LinearAttentionState):
+        """GatedDeltaNet: causal conv, gated delta rule, gated RMSNorm. x (T, hidden) -> (T, hidden).
+
+        Source: Yang et al. 2024 (Gated Delta Networks); transformers Qwen3_5MoeGatedDeltaNet.
+        """
+        be, cfg = self.backend, self.cfg
+        T = x.shape[0]
+        Hk, Hv, Dk, Dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                          cfg.linear_value_head_dim)
+        a = p + "linear_attn."
+        qkv = self._linear(x, a + "in_proj_qkv")  # (T, 2·Hk·Dk + Hv·Dv)
+        z = self._linear(x, a + "in_proj_z").reshape(T, Hv, Dv)
+        b = self._linear(x, a + "in_proj_b")  # (T, Hv)
+        alpha = self._linear(x, a + "in_proj_a")  # (T, Hv)
+        qkv, st.conv = be.causal_conv1d(qkv, st.conv, self._w[a + "conv1d.weight"])
+        q = qkv[:, : Hk * Dk].reshape(T, Hk, Dk)
+        k = qkv[:, Hk * Dk : 2 * Hk * Dk].reshape(T, Hk, Dk)
+        v = qkv[:, 2 * Hk * Dk :].reshape(T, Hv, Dv)
+        beta = _sigmoid(b)
+        g = -np.exp(self._w[a + "A_log"]) * _softplus(alpha + self._w[a + "dt_bias"])  # log decay, (T, Hv)
+        o, st.recurrent = be.gated_delta_rule(q, k, v, g, beta, st.recurrent)  # (T, Hv, Dv)
+        o = be.rms_norm(o, self._w[a + "norm.weight"], cfg.rms_norm_eps) * _silu(z)
+        return self._linear(o.reshape(T, Hv * Dv), a + "out_proj")
+
+    def _mlp(self, p: str, x):
+        """Dense SwiGLU MLP (also the shared expert): down(silu(gate x) * up x)."""
+        return self._linear(_silu(self._linear(x, p + "gate_proj")) * self._linear(x, p + "up_proj"),
+                            p + "down_proj")
+
+    def _shared_expert(self, p: str, x):
+        """The shared expert scaled by its sigmoid gate, or None when the model has none."""
+        if not self.cfg.has_shared_expert:
+            return None
+        return _sigmoid(self._linear(x, p + "shared_expert_gate")) * self._mlp(p + "shared_expert.", x)
+
+    def _moe(self, layer: int, x):
+        """Routed experts (from the store) plus the shared expert. x (T, hidden) -> (T, hidden)."""
+        be = self.backend
+        p = f"layers.{layer}.mlp."
+        with self.stats.stage("router"):
+            logits = be.to_numpy(be.linear(x, self._w[p + "gate.weight"]))  # router logits (T, num_experts)
+            ids, weights = route(logits, self.k, self.cfg.norm_topk_prob)  # (T, k) int, (T, k) float32
+        if x.shape[0] == 1:
+            return self._moe_decode(layer, p, x, ids[0], weights[0])
+        return self._moe_prefill(layer, p, x, ids, weights)
+
+    def _moe_decode(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
+        """One token: read its k experts concurrently while the shared expert computes."""
+        be = self.backend
+        request = self.store.fetch(layer, ids)
+        with self.stats.stage("shared_expert"):
+            shared = self._shared_expert(p, x)
+        buffers = self.store.wait(request)
+        with self.stats.stage("experts"):
+            experts = [self.model.layout.view(buf) for buf in buffers]
+            y = be.experts_ffn(x[0], experts, weights)[None]
+        self.store.release(request)
+        return y if shared is None else y + shared
+
+    def _moe_prefill(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
+        """T tokens: each expert any token routed to is read once and applied to all of its tokens.
+
+        The unique experts are fetched in batches of store.batch_size; the next batch's reads are in flight
+        while the current batch computes.
+        """
+        be = self.backend
+        unique = np.unique(ids)
+        batches = [unique[s : s + self.store.batch_size] for s in range(0, len(unique), self.store.batch_size)]
+        pending = self.store.fetch(layer, batches[0])
+        with self.stats.stage("shared_expert"):
+            out = self._shared_expert(p, x)
+        y = np.zeros((x.shape[0], self.cfg.hidden_size), np.float32)
+        for n, batch in enumerate(batches):
+            buffers = self.store.wait(pending)
+            current = pending
+            if n + 1 < len(batches):
+                pending = self.store.fetch(layer, batches[n + 1])
+            with self.stats.stage("experts"):
+                for e, buf in zip(batch, buffers):
+                    tokens, slot = np.nonzero(ids == e)
+                    contrib = be.to_numpy(be.expert_ffn(x[tokens], self.model.layout.view(buf)))
+                    y[tokens] += contrib * weights[tokens, slot][:, None]
+            self.store.release(current)
+        y = be.asarray(y)
+        return y if out is None else y + out
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _silu(x):
+    return x * _sigmoid(x)
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)

@@ -1,0 +1,78 @@
+"""The generation loop: prefill the prompt, then decode token by token until an end-of-sequence id or the
+token limit, streaming text as it becomes printable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from flashmoe.engine import Engine, State
+from flashmoe.errors import FlashMoeError
+from flashmoe.sampling import Sampler
+from flashmoe.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Step:
+    """One generated token: its id and the text it made printable (may be empty)."""
+
+    token_id: int
+    text: str
+
+
+def check_context(engine: Engine, n_prompt: int, max_tokens: int) -> None:
+    """Raise FlashMoeError when the prompt alone exceeds the model's context (max_position_embeddings)."""
+    limit = engine.cfg.max_position_embeddings
+    if n_prompt == 0:
+        raise FlashMoeError("the prompt is empty after tokenisation")
+    if n_prompt >= limit:
+        raise FlashMoeError(f"the prompt has {n_prompt} tokens but the model's context is {limit} "
+                            "(max_position_embeddings in config.json)")
+
+
+def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], sampler: Sampler,
+                   max_tokens: int, state: State | None = None) -> Iterator[Step]:
+    """Yield generated tokens one at a time.
+
+    Prefill runs the whole prompt as one batch; decode stops at any of tokenizer.eos_token_ids (the EOS token
+    is yielded with empty text), after max_tokens tokens, or at the end of the model's context. Time to first
+    token and per-token decode times are recorded in engine.stats.
+
+    Raises FlashMoeError when the prompt does not fit the context.
+    """
+    check_context(engine, len(prompt_ids), max_tokens)
+    state = state or engine.new_state()
+    stats = engine.stats
+    history = list(prompt_ids)
+    decoder = StreamDecoder(tokenizer)
+    limit = min(max_tokens, engine.cfg.max_position_embeddings - len(prompt_ids))
+    stats.start()
+    logits = engine.forward(np.asarray(prompt_ids), state)
+    for _ in range(limit):
+        token = sampler(logits[-1], history)
+        history.append(token)
+        if token in tokenizer.eos_token_ids:
+            stats.token_done()
+            yield Step(token, "")
+            return
+        text = decoder.push(token)
+        stats.token_done()
+        yield Step(token, text)
+        logits = engine.forward(np.asarray([token]), state)
+
+
+def generate(engine: Engine, tokenizer: Tokenizer, prompt: str, sampler: Sampler, max_tokens: int,
+             on_text: Callable[[str], None] | None = None) -> str:
+    """Generate a completion of `prompt` (plain text, tokenised without special tokens) and return it.
+
+    on_text receives each printable piece as soon as it is decoded.
+    """
+    pieces = []
+    for step in generate_steps(engine, tokenizer, tokenizer.encode(prompt), sampler, max_tokens):
+        if step.text:
+            pieces.append(step.text)
+            if on_text:
+                on_text(step.text)
+    return "".join(pieces)

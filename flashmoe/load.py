@@ -1,0 +1,91 @@
+"""Loading a model for generation: open and validate the directory, choose a conformant backend, check the
+memory budget, and start the expert store."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from flashmoe.backends.base import get_backend
+from flashmoe.conformance.runner import ensure_conformant
+from flashmoe.config import FULL_ATTENTION, ModelConfig
+from flashmoe.engine import Engine
+from flashmoe.errors import FlashMoeError
+from flashmoe.memory import MemoryBudget, current_rss_bytes, parse_size
+from flashmoe.modeldir import ModelDir
+from flashmoe.stats import Stats
+from flashmoe.store import ExpertStore
+
+#: The model flashmoe ships and runs when no model directory is given (see docs/demo-model.md).
+DEFAULT_MODEL = "demo-model"
+
+
+def default_model_dir() -> Path:
+    """Path of the bundled demo model inside the installed package."""
+    return Path(str(resources.files("flashmoe") / "data" / DEFAULT_MODEL))
+
+
+def state_bytes(cfg: ModelConfig, context: int) -> int:
+    """Bytes of KV cache plus GatedDeltaNet state for a sequence of `context` tokens (float32).
+
+    The KV cache grows by doubling from 256 positions, so the bound uses the next power of two.
+    """
+    capacity = max(256, 1 << max(0, context - 1).bit_length())
+    total = 0
+    for i in range(cfg.num_hidden_layers):
+        if cfg.layer_type(i) == FULL_ATTENTION:
+            total += 2 * capacity * cfg.num_key_value_heads * cfg.head_dim * 4
+        else:
+            conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
+                cfg.linear_num_value_heads * cfg.linear_value_head_dim)
+            total += 4 * ((cfg.linear_conv_kernel_dim - 1) * conv_dim + cfg.linear_num_value_heads
+                          * cfg.linear_key_head_dim * cfg.linear_value_head_dim)
+    return total
+
+
+def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io: str = "pagecache",
+                max_memory: str | int | None = None, experts_per_token: int | None = None,
+                context: int = 4096, cache_policy: str = "lru", threads: int | None = None) -> Engine:
+    """Open a model directory and return an Engine ready to generate.
+
+    Args:
+        model_dir: flashmoe model directory; None for the bundled demo model.
+        backend: registered backend name (`flashmoe backends` lists them). It must pass the quick
+            conformance suite on this machine first (run once, then stamped).
+        io: 'pagecache' (buffered pread, the OS caches hot experts) or 'direct' (O_DIRECT plus flashmoe's
+            own expert cache, sized by what --max-memory leaves).
+        max_memory: budget for resident weights + KV cache + read buffers + expert cache ('4G', bytes);
+            None means no budget (and no own cache in direct mode beyond the read buffers).
+        experts_per_token: override the model's num_experts_per_tok (k).
+        context: longest sequence to plan the KV cache for, in tokens.
+        cache_policy: eviction policy of the direct-mode cache ('lru', 'lfu', ...).
+        threads: read threads (default: the store's).
+
+    Raises FormatError for an invalid directory, ConformanceError for a failing backend,
+    MemoryBudgetError when the resident part alone exceeds max_memory, FlashMoeError for bad options.
+    """
+    model = ModelDir.open(default_model_dir() if model_dir is None else model_dir)
+    cfg = model.config
+    k = experts_per_token or cfg.num_experts_per_tok
+    if not 1 <= k <= cfg.num_experts:
+        raise FlashMoeError(f"--experts-per-token {k} is outside 1..{cfg.num_experts} (num_experts)")
+    ensure_conformant(backend)
+    be = get_backend(backend)
+    stats = Stats(num_layers=len(model.moe_layers))
+    layout = model.layout
+    files = {layer: model.expert_path(layer) for layer in model.moe_layers}
+    read_buffers = ExpertStore.read_buffer_bytes(k, layout.stride)
+    cache_bytes = 0
+    if max_memory is not None:
+        budget = MemoryBudget(
+            max_bytes=parse_size(max_memory),
+            resident_bytes=model.resident_nbytes,
+            kv_cache_bytes=state_bytes(cfg, context),
+            read_buffer_bytes=read_buffers,
+            runtime_bytes=current_rss_bytes(),
+        )
+        left = budget.check()
+        cache_bytes = left if io == "direct" else 0
+    store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
+                        mode=io, cache_bytes=cache_bytes, policy=cache_policy, threads=threads, stats=stats)
+    return Engine(model, be, store, stats, experts_per_token=k)
