@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from flashmoe.errors import FlashMoeError
+from flashmoe.sampling import Sampler
+
+
+def test_greedy_picks_argmax():
+    assert Sampler(temperature=0)(np.array([0.1, 3.0, -1.0, 2.9])) == 1
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = np.array([2.0, 1.9, -1.0])
+    # token 0 seen: 2.0 / 1.5 = 1.33 < 1.9, so greedy moves to token 1
+    assert Sampler(repetition_penalty=1.5)(logits, history=[0]) == 1
+    # a seen negative logit gets more negative: -1.0 * 1.5 = -1.5 < -1.2
+    assert Sampler(repetition_penalty=1.5)(np.array([-1.0, -1.2]), history=[0]) == 1
+
+
+def test_top_k_one_is_greedy_at_any_temperature():
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        logits = rng.normal(size=50)
+        assert Sampler(temperature=5.0, top_k=1, seed=seed)(logits) == int(np.argmax(logits))
+
+
+def test_top_p_keeps_the_token_that_crosses_the_mass():
+    # probabilities 0.5, 0.3, 0.2: top_p=0.6 keeps {0, 1}, never 2
+    logits = np.log(np.array([0.5, 0.3, 0.2]))
+    picks = {Sampler(temperature=1.0, top_p=0.6, seed=s)(logits) for s in range(200)}
+    assert picks == {0, 1}
+
+
+def test_min_p_drops_tokens_below_fraction_of_top():
+    logits = np.log(np.array([0.6, 0.3, 0.1]))
+    picks = {Sampler(temperature=1.0, min_p=0.4, seed=s)(logits) for s in range(200)}
+    assert picks == {0, 1}  # 0.1 < 0.4 * 0.6
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    probs = np.array([0.7, 0.2, 0.1])
+    sampler = Sampler(temperature=1.0, seed=1)
+    draws = np.bincount([sampler(np.log(probs)) for _ in range(4000)], minlength=3) / 4000
+    np.testing.assert_allclose(draws, probs, atol=0.03)
+
+
+def test_same_seed_same_tokens():
+    logits = np.random.default_rng(3).normal(size=100)
+    first, second = Sampler(temperature=1.0, seed=7), Sampler(temperature=1.0, seed=7)
+    assert [first(logits) for _ in range(10)] == [second(logits) for _ in range(10)]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-20, 20), min_size=2, max_size=64), st.integers(0, 10), st.floats(0.05, 1.0))
+def test_sampled_token_is_always_in_vocabulary(values, top_k, top_p):
+    token = Sampler(temperature=0.7, top_k=top_k, top_p=top_p, seed=0)(np.array(values))
+    assert 0 <= token < len(values)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.0), dict(top_k=-2),
+                                    dict(repetition_penalty=0)])
+def test_invalid_settings_raise_clear_error(kwargs):
+    with pytest.raises(FlashMoeError):
+        Sampler(**kwargs)
