@@ -132,10 +132,12 @@ class ModelConfig:
         Raises ConfigError("<source>: ...") naming the field for a missing/invalid field or unknown model_type.
         """
         if "text_config" in d and isinstance(d["text_config"], dict):
-            outer_type = d.get("model_type")
+            outer = d
             d = dict(d["text_config"])
-            d.setdefault("model_type", f"{outer_type}_text" if outer_type else None)
-            d.setdefault("tie_word_embeddings", False)
+            if d.get("model_type") is None and outer.get("model_type") is not None:
+                d["model_type"] = f"{outer['model_type']}_text"
+            if "tie_word_embeddings" in outer:  # the multimodal model owns the lm_head, so its flag governs
+                d["tie_word_embeddings"] = outer["tie_word_embeddings"]
         model_type = d.get("model_type")
         if model_type is None:
             raise ConfigError(f"{source}: missing required field 'model_type'")

@@ -1,0 +1,121 @@
+"""Tiny random Hugging Face checkpoints, built with transformers (CPU torch, float32, seeded).
+
+Every architecture has at least three variants covering: shared expert on/off (where the family allows),
+norm_topk_prob true/false (where the family reads it), tied/untied embeddings, k = 1, 2 and 8, dense
+layers (mlp_only_layers / decoder_sparse_step) and, for qwen3_5_moe, the multimodal checkpoint layout.
+Weights are redrawn with a larger std than transformers' default so that routing, gates and logits are
+far from uniform (a wrong router or norm then changes the logits visibly).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VOCAB = 256
+SEED = 1234
+WEIGHT_STD = 0.15  # matrices and embeddings
+NORM_STD = 0.1  # perturbation of norm weights, A_log, dt_bias (so x·w vs x·(1+w) mistakes show)
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0)
+_HYBRID = dict(_COMMON, head_dim=32, num_hidden_layers=4,
+               layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+               linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+               linear_value_head_dim=16, linear_conv_kernel_dim=4, moe_intermediate_size=32,
+               shared_expert_intermediate_size=48, num_experts=16, rope_parameters=dict(
+                   rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25))
+_QWEN3_MOE = dict(_COMMON, head_dim=16, num_hidden_layers=3, moe_intermediate_size=32, num_experts=16,
+                  intermediate_size=96, rope_parameters=dict(rope_type="default", rope_theta=1e6))
+_MIXTRAL = dict(_COMMON, num_hidden_layers=3, intermediate_size=32, num_local_experts=8,
+                rope_parameters=dict(rope_type="default", rope_theta=1e6))
+_OLMOE = dict(_COMMON, num_hidden_layers=3, intermediate_size=32, num_experts=16,
+              rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+
+#: (arch, variant) -> (transformers config class name, model class name, config kwargs)
+_SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
+    ("qwen3_5_moe", "shared_k2"): ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                                   dict(_HYBRID, num_experts_per_tok=2)),
+    ("qwen3_5_moe", "tied_k1"): ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                                 dict(_HYBRID, num_experts_per_tok=1, tie_word_embeddings=True)),
+    ("qwen3_5_moe", "no_shared_k8"): ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                                      dict(_HYBRID, num_experts_per_tok=8, shared_expert_intermediate_size=0)),
+    ("qwen3_5_moe", "multimodal"): ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration",
+                                    dict(text_config=dict(_HYBRID, num_experts_per_tok=2),
+                                         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64,
+                                                            num_heads=2, out_hidden_size=64, patch_size=4,
+                                                            temporal_patch_size=1, spatial_merge_size=1,
+                                                            num_position_embeddings=16),
+                                         image_token_id=250, video_token_id=251, vision_start_token_id=252,
+                                         vision_end_token_id=253)),
+    ("qwen3_next", "shared_k2"): ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                                  dict(_HYBRID, num_experts_per_tok=2, norm_topk_prob=True)),
+    ("qwen3_next", "no_norm_topk_k8_tied"): ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                                             dict(_HYBRID, num_experts_per_tok=8, norm_topk_prob=False,
+                                                  tie_word_embeddings=True)),
+    ("qwen3_next", "dense_layer0_k1"): ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                                        dict(_HYBRID, num_experts_per_tok=1, mlp_only_layers=[0],
+                                             intermediate_size=96)),
+    ("qwen3_moe", "no_norm_topk_k2"): ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                                       dict(_QWEN3_MOE, num_experts_per_tok=2, norm_topk_prob=False)),
+    ("qwen3_moe", "norm_topk_k8"): ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                                    dict(_QWEN3_MOE, num_experts_per_tok=8, norm_topk_prob=True)),
+    ("qwen3_moe", "tied_k1_sparse_step2"): ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                                            dict(_QWEN3_MOE, num_experts_per_tok=1, tie_word_embeddings=True,
+                                                 decoder_sparse_step=2)),
+    ("mixtral", "k2"): ("MixtralConfig", "MixtralForCausalLM", dict(_MIXTRAL, num_experts_per_tok=2)),
+    ("mixtral", "tied_k1"): ("MixtralConfig", "MixtralForCausalLM",
+                             dict(_MIXTRAL, num_experts_per_tok=1, tie_word_embeddings=True)),
+    ("mixtral", "k8_of_16"): ("MixtralConfig", "MixtralForCausalLM",
+                              dict(_MIXTRAL, num_experts_per_tok=8, num_local_experts=16)),
+    ("olmoe", "no_norm_topk_k2"): ("OlmoeConfig", "OlmoeForCausalLM",
+                                   dict(_OLMOE, num_experts_per_tok=2, norm_topk_prob=False)),
+    ("olmoe", "norm_topk_k8"): ("OlmoeConfig", "OlmoeForCausalLM",
+                                dict(_OLMOE, num_experts_per_tok=8, norm_topk_prob=True)),
+    ("olmoe", "tied_k1_clip_qkv"): ("OlmoeConfig", "OlmoeForCausalLM",
+                                    dict(_OLMOE, num_experts_per_tok=1, tie_word_embeddings=True, clip_qkv=2.0)),
+}
+
+#: Every (arch, variant) that build_hf_checkpoint accepts.
+VARIANTS: list[tuple[str, str]] = list(_SPECS)
+
+#: A tiny config per arch for long-position tests (same shapes as the first variant).
+LONG_VARIANTS: list[tuple[str, str]] = [("qwen3_5_moe", "shared_k2"), ("qwen3_moe", "no_norm_topk_k2"),
+                                        ("mixtral", "k2")]
+
+
+def make_hf_model(arch: str, variant: str, seed: int = SEED):
+    """The transformers model (float32, eval mode) for (arch, variant), with seeded large-std weights.
+
+    Raises KeyError for an unknown pair (see VARIANTS).
+    """
+    import torch
+    import transformers
+
+    cfg_cls, model_cls, kwargs = _SPECS[(arch, variant)]
+    config = getattr(transformers, cfg_cls)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * WEIGHT_STD)
+            else:
+                p.add_(torch.randn(p.shape, generator=gen) * NORM_STD)
+    return model
+
+
+def build_hf_checkpoint(arch: str, variant: str, out_dir: str | Path) -> Path:
+    """Write config.json + model.safetensors of (arch, variant) to out_dir via save_pretrained; return out_dir."""
+    out = Path(out_dir)
+    make_hf_model(arch, variant).save_pretrained(out)
+    return out
+
+
+def prompt_tokens(n: int, seed: int = 0) -> np.ndarray:
+    """A deterministic int64 prompt [n] of token ids in [3, VOCAB) (avoids pad/bos/eos)."""
+    return np.random.default_rng(seed).integers(3, VOCAB, size=n, dtype=np.int64)
