@@ -1,0 +1,127 @@
+"""Memory sizes and the `--max-memory` budget: parsing sizes, checking that the resident part fits and
+computing what is left for the expert cache, and reading the process's resident set size (RSS).
+
+Units are bytes throughout. Size suffixes are binary (K = 1024), whether written `G`, `GB` or `GiB`,
+as in `docker --memory` and cgroup limits: `--max-memory 4G` is the same number a cgroup would enforce.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import sys
+from dataclasses import dataclass, fields
+
+from flashmoe.errors import FlashMoeError, MemoryBudgetError
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """Parse a memory size into bytes.
+
+    Accepts an int (bytes) or a string: a non-negative number, optionally fractional, with an optional
+    binary suffix K, M, G, T (also KB/KiB, MB/MiB, ...; case-insensitive; `B` alone means bytes).
+    Examples: "4G" -> 4294967296, "512M" -> 536870912, "1.5GB" -> 1610612736, "4096" -> 4096.
+    Fractions are rounded down to a whole byte.
+
+    Raises FlashMoeError naming the offending text when it is not a size or is negative.
+    """
+    if isinstance(value, bool):
+        raise FlashMoeError(f"invalid memory size {value!r}: expected bytes or text like '4G', '512M'")
+    if isinstance(value, int):
+        if value < 0:
+            raise FlashMoeError(f"invalid memory size {value}: must not be negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise FlashMoeError(
+            f"invalid memory size {value!r}: expected a number with an optional unit K, M, G or T "
+            "(binary, e.g. '4G', '512M', '1.5GB', or plain bytes)"
+        )
+    number, unit = m.groups()
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def format_size(nbytes: float) -> str:
+    """Format a byte count for people, binary units: 7077888 -> '6.75 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(nbytes) < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.2f} TiB"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What must fit in `--max-memory` (all in bytes).
+
+    The fixed part is everything except the expert cache: resident (non-expert) weights, the KV cache
+    (and linear-attention state) at the run's maximum length, the expert read buffers
+    (`ExpertStore.read_buffer_bytes`), scratch activations, and `runtime_bytes` — the process's own
+    footprint before weights load (interpreter, NumPy, numba; `current_rss_bytes()` at start-up).
+    The expert cache (direct mode) gets whatever is left.
+    """
+
+    max_bytes: int
+    resident_bytes: int
+    kv_cache_bytes: int = 0
+    read_buffer_bytes: int = 0
+    scratch_bytes: int = 0
+    runtime_bytes: int = 0
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes that must be resident whatever the expert cache size."""
+        return sum(getattr(self, f.name) for f in fields(self) if f.name != "max_bytes")
+
+    def check(self) -> int:
+        """Return the bytes left for the expert cache (>= 0).
+
+        Raises MemoryBudgetError, with every part listed, when the fixed part alone exceeds `max_bytes`.
+        """
+        left = self.max_bytes - self.fixed_bytes
+        if left < 0:
+            raise MemoryBudgetError(
+                f"--max-memory {format_size(self.max_bytes)} cannot hold what must stay resident "
+                f"({format_size(self.fixed_bytes)}: {self.describe()}); "
+                f"raise --max-memory to at least {format_size(self.fixed_bytes)}"
+            )
+        return left
+
+    def describe(self) -> str:
+        """One line listing the fixed parts, e.g. 'resident weights 5.50 GiB + KV cache 64.00 MiB + ...'."""
+        names = {
+            "resident_bytes": "resident weights",
+            "kv_cache_bytes": "KV cache",
+            "read_buffer_bytes": "read buffers",
+            "scratch_bytes": "scratch",
+            "runtime_bytes": "runtime",
+        }
+        return " + ".join(f"{label} {format_size(getattr(self, name))}" for name, label in names.items())
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes: getrusage's maximum (Linux reports KiB,
+    macOS bytes), raised to the current RSS where the two counters disagree by a few pages (Linux syncs
+    its per-thread RSS counters lazily)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024
+    return max(peak, _statm_rss_bytes() or 0)
+
+
+def current_rss_bytes() -> int:
+    """Current resident set size in bytes, from /proc/self/statm (Linux); where that file does not
+    exist (macOS), the peak RSS, which bounds it from above."""
+    rss = _statm_rss_bytes()
+    return rss if rss is not None else peak_rss_bytes()
+
+
+def _statm_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,197 @@
+"""Run statistics shared by the expert store and the engine: I/O counters, compute time per stage,
+per-token records, tok/s, time to first token and peak RSS.
+
+One `Stats` object lives for one generation run. The ExpertStore adds I/O counters to it (all from the
+engine's thread, so no locking is needed); the engine adds compute time per stage and marks each emitted
+token. `summary()` is what `--stats` prints, `to_dict()` what `--stats-json` writes.
+
+Definitions (units are bytes and seconds unless a name says otherwise):
+- `bytes_read`: bytes copied into read buffers by `preadv` (page cache or disk).
+- `disk_bytes`: the part of `bytes_read` that was not in memory when asked for: in direct mode every byte
+  read (O_DIRECT bypasses the page cache); in pagecache mode the bytes a non-blocking `RWF_NOWAIT` read could
+  not get from the page cache. This is the numerator of the disk-bound ceiling.
+- `reads`: expert reads performed (one per expert not found in flashmoe's own cache).
+- `hits` / `misses`: lookups of whole experts. In direct mode, flashmoe's own cache; in pagecache mode, the
+  OS page cache (a hit is an expert whose every byte was already cached).
+- `io_wait_s`: time the engine was blocked in `ExpertStore.wait()` — I/O that compute did not hide.
+- stage times: compute time the engine attributes to named stages (`attention`, `experts`, ...).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from flashmoe.memory import current_rss_bytes, format_size, peak_rss_bytes
+
+
+@dataclass
+class Counters:
+    """Additive I/O and time counters; one instance per run and one delta per token."""
+
+    bytes_read: int = 0
+    disk_bytes: int = 0
+    reads: int = 0
+    hits: int = 0
+    misses: int = 0
+    io_wait_s: float = 0.0
+    compute_s: float = 0.0
+
+    def __sub__(self, other: "Counters") -> "Counters":
+        return Counters(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
+
+    @property
+    def hit_rate(self) -> float | None:
+        """Fraction of expert lookups served from memory; None before any lookup."""
+        total = self.hits + self.misses
+        return self.hits / total if total else None
+
+
+@dataclass
+class TokenRecord:
+    """One emitted token: the counters spent on it and its wall time since the previous token (or since
+    the run started, for the first token, which includes prefill)."""
+
+    wall_s: float
+    counters: Counters
+
+
+@dataclass
+class Stats:
+    """Statistics for one run. `num_layers` (MoE layers per token) turns totals into ms per layer."""
+
+    num_layers: int = 0
+    totals: Counters = field(default_factory=Counters)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    tokens: list[TokenRecord] = field(default_factory=list)
+    _t_last: float | None = field(default=None, init=False, repr=False)
+    _at_last_token: Counters = field(default_factory=Counters, init=False, repr=False)
+
+    # --- recorded by the ExpertStore -------------------------------------------------------------
+    def record_lookups(self, hits: int, misses: int) -> None:
+        """Count whole-expert cache lookups."""
+        self.totals.hits += hits
+        self.totals.misses += misses
+
+    def record_read(self, nbytes: int, disk_bytes: int) -> None:
+        """Count one completed expert read of `nbytes`, of which `disk_bytes` came from the device."""
+        self.totals.reads += 1
+        self.totals.bytes_read += nbytes
+        self.totals.disk_bytes += disk_bytes
+
+    def record_io_wait(self, seconds: float) -> None:
+        """Add time the engine spent blocked waiting for expert reads."""
+        self.totals.io_wait_s += seconds
+
+    # --- recorded by the engine ------------------------------------------------------------------
+    def start(self) -> None:
+        """Mark the start of the run (the prompt was submitted); time to first token counts from here."""
+        self._t_last = time.perf_counter()
+        self._at_last_token = Counters(**asdict(self.totals))
+
+    def add_stage_time(self, name: str, seconds: float) -> None:
+        """Add compute time to stage `name`."""
+        self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
+        self.totals.compute_s += seconds
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the enclosed block as compute of stage `name`."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_stage_time(name, time.perf_counter() - t0)
+
+    def token_done(self) -> None:
+        """Mark one emitted token: records its counters and wall time. The first call after `start()` is
+        the time to first token (prefill included)."""
+        now = time.perf_counter()
+        if self._t_last is None:
+            self.start()
+        snapshot = Counters(**asdict(self.totals))
+        self.tokens.append(TokenRecord(now - self._t_last, snapshot - self._at_last_token))
+        self._t_last, self._at_last_token = now, snapshot
+
+    # --- derived figures -------------------------------------------------------------------------
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to first token in seconds, None before the first token."""
+        return self.tokens[0].wall_s if self.tokens else None
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        """Decode speed in tokens per second over tokens 2..n (the first token carries prefill)."""
+        decode = self.tokens[1:]
+        wall = sum(t.wall_s for t in decode)
+        return len(decode) / wall if decode and wall > 0 else None
+
+    def per_token_mean(self, tokens: list[TokenRecord] | None = None) -> Counters | None:
+        """Mean counters per decode token (tokens 2..n unless `tokens` is given); None if there are none."""
+        recs = self.tokens[1:] if tokens is None else tokens
+        if not recs:
+            return None
+        total = Counters()
+        for r in recs:
+            for k, v in asdict(r.counters).items():
+                setattr(total, k, getattr(total, k) + v)
+        n = len(recs)
+        return Counters(**{k: v / n for k, v in asdict(total).items()})
+
+    def ms_per_layer(self) -> dict[str, float] | None:
+        """Decode ms per MoE layer per token split into compute and I/O wait; None without decode tokens
+        or without `num_layers`."""
+        mean = self.per_token_mean()
+        if mean is None or not self.num_layers:
+            return None
+        return {
+            "compute": 1e3 * mean.compute_s / self.num_layers,
+            "io_wait": 1e3 * mean.io_wait_s / self.num_layers,
+        }
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary: run totals, derived figures, stage times and every token's record."""
+        mean = self.per_token_mean()
+        return {
+            "tokens": len(self.tokens),
+            "ttft_s": self.ttft_s,
+            "decode_tok_s": self.decode_tok_s,
+            "num_layers": self.num_layers,
+            "ms_per_layer": self.ms_per_layer(),
+            "hit_rate": self.totals.hit_rate,
+            "totals": asdict(self.totals),
+            "per_decode_token": asdict(mean) if mean else None,
+            "stage_s": dict(self.stage_s),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "current_rss_bytes": current_rss_bytes(),
+            "per_token": [{"wall_s": t.wall_s, **asdict(t.counters)} for t in self.tokens],
+        }
+
+    def summary(self) -> str:
+        """A few human-readable lines for `--stats`."""
+        t = self.totals
+        lines = [f"tokens: {len(self.tokens)}"]
+        if self.ttft_s is not None:
+            lines.append(f"time to first token: {self.ttft_s:.3f} s")
+        if self.decode_tok_s is not None:
+            lines.append(f"decode: {self.decode_tok_s:.2f} tok/s")
+        ms = self.ms_per_layer()
+        if ms is not None:
+            lines.append(f"per layer: {ms['compute']:.2f} ms compute + {ms['io_wait']:.2f} ms I/O wait")
+        mean = self.per_token_mean()
+        if mean is not None:
+            lines.append(
+                f"per decode token: {format_size(mean.bytes_read)} read ({format_size(mean.disk_bytes)} "
+                f"from disk) in {mean.reads:.1f} reads"
+            )
+        hr = t.hit_rate
+        lines.append(
+            f"expert reads: {t.reads} ({format_size(t.bytes_read)}, {format_size(t.disk_bytes)} from disk); "
+            f"hit rate: {'n/a' if hr is None else f'{100 * hr:.1f}%'}; I/O wait {t.io_wait_s:.3f} s"
+        )
+        if self.stage_s:
+            lines.append("compute: " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(self.stage_s.items())))
+        lines.append(f"peak RSS: {format_size(peak_rss_bytes())}")
+        return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Memory sizes, the --max-memory budget and RSS readings."""
+
+from __future__ import annotations
+
+import pytest
+
+from flashmoe.errors import FlashMoeError, MemoryBudgetError
+from flashmoe.memory import MemoryBudget, current_rss_bytes, format_size, parse_size, peak_rss_bytes
+from flashmoe.store import aligned_buffer
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("4G", 4 << 30),
+        ("512M", 512 << 20),
+        ("1.5GB", 3 << 29),
+        ("1.5gib", 3 << 29),
+        ("100k", 102400),
+        ("2T", 2 << 40),
+        ("4096", 4096),
+        ("4096B", 4096),
+        (" 8 MiB ", 8 << 20),
+        (".5K", 512),
+        (12345, 12345),
+    ],
+)
+def test_parse_size_reads_binary_units(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "4X", "-1G", "4 G B", "1e9", "four", True, -5])
+def test_parse_size_refuses_non_sizes_naming_the_text(text):
+    with pytest.raises(FlashMoeError, match="invalid memory size"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(7077888) == "6.75 MiB"
+    assert format_size(100) == "100 B"
+    assert format_size(3 << 40) == "3.00 TiB"
+
+
+def test_budget_leaves_the_rest_for_the_expert_cache():
+    b = MemoryBudget(
+        max_bytes=parse_size("4G"),
+        resident_bytes=parse_size("1G"),
+        kv_cache_bytes=parse_size("256M"),
+        read_buffer_bytes=parse_size("64M"),
+        scratch_bytes=parse_size("64M"),
+        runtime_bytes=parse_size("128M"),
+    )
+    assert b.fixed_bytes == (1024 + 256 + 64 + 64 + 128) << 20
+    assert b.check() == (4096 - 1536) << 20
+
+
+def test_budget_refuses_when_the_resident_part_does_not_fit_with_the_numbers():
+    b = MemoryBudget(max_bytes=parse_size("2G"), resident_bytes=parse_size("5.5G"), kv_cache_bytes=1 << 20)
+    with pytest.raises(MemoryBudgetError) as err:
+        b.check()
+    msg = str(err.value)
+    assert "--max-memory 2.00 GiB" in msg
+    assert "resident weights 5.50 GiB" in msg and "KV cache 1.00 MiB" in msg
+    assert "at least 5.50 GiB" in msg
+
+
+def test_budget_exactly_full_leaves_zero_for_the_cache():
+    assert MemoryBudget(max_bytes=1000, resident_bytes=600, scratch_bytes=400).check() == 0
+
+
+def test_rss_grows_when_pages_are_touched():
+    before = current_rss_bytes()
+    buf = aligned_buffer(64 << 20)
+    buf[::4096] = 1  # commit every page
+    after = current_rss_bytes()
+    assert after - before >= 60 << 20
+    assert peak_rss_bytes() >= after

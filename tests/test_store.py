@@ -1,0 +1,310 @@
+"""ExpertStore: bytes, alignment, concurrency, caching and eviction, statistics, errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashmoe.errors import FormatError
+from flashmoe.eviction import simulate_hit_rate
+from flashmoe.stats import Stats
+from flashmoe.store import ALIGN, ExpertStore
+
+NUM_EXPERTS = 8
+STRIDE = 3 * ALIGN
+NBYTES = 2 * ALIGN + 1000  # not a multiple of 4096: direct reads round up to SLOT
+SLOT = 3 * ALIGN
+
+
+def write_layer(path: Path, data: np.ndarray) -> Path:
+    """Write and fsync, so POSIX_FADV_DONTNEED can drop the (clean) pages."""
+    with open(path, "wb") as f:
+        f.write(data.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> tuple[dict[int, Path], dict[int, np.ndarray]]:
+    """Two MoE layers (1 and 3) of random bytes; the last expert ends the file without padding."""
+    rng = np.random.default_rng(0)
+    files, data = {}, {}
+    for layer in (1, 3):
+        data[layer] = rng.integers(0, 256, (NUM_EXPERTS - 1) * STRIDE + NBYTES, dtype=np.uint8)
+        files[layer] = write_layer(tmp_path / f"layer_{layer:03d}.bin", data[layer])
+    return files, data
+
+
+def expert_bytes(data: dict[int, np.ndarray], layer: int, e: int) -> np.ndarray:
+    return data[layer][e * STRIDE : e * STRIDE + NBYTES]
+
+
+def make_store(files, mode="pagecache", **kw) -> ExpertStore:
+    return ExpertStore(files, NUM_EXPERTS, STRIDE, NBYTES, mode=mode, **kw)
+
+
+@pytest.mark.parametrize("mode,cache_bytes", [("pagecache", 0), ("direct", 0), ("direct", 4 * SLOT)])
+def test_fetched_bytes_equal_file_slices_and_buffers_are_page_aligned(layers, mode, cache_bytes):
+    files, data = layers
+    with make_store(files, mode, cache_bytes=cache_bytes, threads=4) as store:
+        for layer, ids in [(1, [0, 7, 3]), (3, [5, 5, 2]), (1, np.array([7, 6])), (3, [7, 0, 1, 2, 3, 4])]:
+            f = store.fetch(layer, ids)
+            bufs = store.wait(f)
+            assert len(bufs) == len(ids)
+            for e, buf in zip(ids, bufs):
+                assert buf.dtype == np.uint8 and buf.shape == (NBYTES,)
+                assert buf.ctypes.data % ALIGN == 0
+                assert not buf.flags.writeable
+                np.testing.assert_array_equal(buf, expert_bytes(data, layer, e))
+            store.release(f)
+
+
+def test_direct_mode_uses_o_direct_on_the_real_disk(layers):
+    files, _ = layers
+    with make_store(files, "direct") as store:
+        assert store.direct is True
+
+
+def test_all_reads_of_a_fetch_are_in_flight_together_and_fetch_returns_at_once(layers, monkeypatch):
+    files, data = layers
+    k, delay = 4, 0.2
+    lock, in_flight, peak = threading.Lock(), [0], [0]
+    real_preadv = os.preadv
+
+    def slow_preadv(fd, buffers, offset, flags=0):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(delay)
+        try:
+            return real_preadv(fd, buffers, offset, flags)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    with make_store(files, threads=k) as store:
+        monkeypatch.setattr(os, "preadv", slow_preadv)
+        t0 = time.perf_counter()
+        f = store.fetch(1, [0, 1, 2, 3])
+        assert time.perf_counter() - t0 < delay / 2
+        bufs = store.wait(f)
+        elapsed = time.perf_counter() - t0
+    assert peak[0] == k
+    assert elapsed < 2 * delay  # concurrent, not k * delay
+    assert store.stats.totals.io_wait_s > delay / 2
+    for e, buf in enumerate(bufs):
+        np.testing.assert_array_equal(buf, expert_bytes(data, 1, e))
+
+
+# Each step fetches one expert of layer 1 and releases it: (expert, hit?) per policy, then the final cache.
+EVICTION_TRACE = [0, 0, 0, 1, 2, 1, 2, 3, 1, 4]
+EXPECTED = {
+    # capacity 3. LRU: 3 evicts 0 (oldest use), 1 hits, 4 evicts 2.
+    "lru": ([0, 1, 1, 0, 0, 1, 1, 0, 1, 0], {1, 3, 4}),
+    # FIFO: hits do not refresh; 3 evicts 0, 1 hits, 4 evicts 1 (inserted before 2 and 3).
+    "fifo": ([0, 1, 1, 0, 0, 1, 1, 0, 1, 0], {2, 3, 4}),
+    # LFU: counts 0:3, 1:2, 2:2 -> 3 evicts 1 (tie with 2, less recent); 1 misses and evicts 3 (count 1);
+    # 4 evicts 1 (count 1, vs 0:3, 2:2).
+    "lfu": ([0, 1, 1, 0, 0, 1, 1, 0, 0, 0], {0, 2, 4}),
+}
+
+
+@pytest.mark.parametrize("policy", sorted(EXPECTED))
+def test_cache_hits_misses_and_eviction_order_per_policy(layers, policy):
+    files, data = layers
+    hits_expected, final = EXPECTED[policy]
+    with make_store(files, "direct", cache_bytes=3 * SLOT + SLOT // 2, policy=policy) as store:
+        for e, hit in zip(EVICTION_TRACE, hits_expected):
+            before = store.stats.totals.reads
+            f = store.fetch(1, [e])
+            np.testing.assert_array_equal(store.wait(f)[0], expert_bytes(data, 1, e))
+            store.release(f)
+            assert store.stats.totals.reads - before == 1 - hit, (e, hit)
+        assert {e for _, e in store.cached_experts()} == final
+        t = store.stats.totals
+        assert (t.hits, t.misses) == (sum(hits_expected), len(hits_expected) - sum(hits_expected))
+        assert store.cache_bytes == 3 * SLOT
+    assert simulate_hit_rate(EVICTION_TRACE, 3, policy) == sum(hits_expected) / len(hits_expected)
+
+
+def test_cache_hit_returns_the_cached_buffer_without_a_read(layers):
+    files, _ = layers
+    with make_store(files, "direct", cache_bytes=4 * SLOT) as store:
+        f = store.fetch(3, [2])
+        first = store.wait(f)[0]
+        store.release(f)
+        f = store.fetch(3, [2])
+        again = store.wait(f)[0]
+        assert again.ctypes.data == first.ctypes.data
+        assert (store.stats.totals.reads, store.stats.totals.hits) == (1, 1)
+
+
+def test_entries_in_use_are_not_evicted_and_misses_then_use_read_buffers(layers):
+    files, data = layers
+    with make_store(files, "direct", cache_bytes=2 * SLOT) as store:
+        held = store.fetch(1, [0, 1])  # fills the cache and stays live
+        store.wait(held)
+        f = store.fetch(3, [0])
+        np.testing.assert_array_equal(store.wait(f)[0], expert_bytes(data, 3, 0))
+        assert store.cached_experts() == [(1, 0), (1, 1)]
+        assert store.read_buffer_bytes == SLOT
+        store.release(f)
+        store.release(held)
+        f = store.fetch(3, [0])  # now (1, 0) may go
+        store.wait(f)
+        assert store.cached_experts() == [(1, 1), (3, 0)]
+
+
+def test_stats_count_exactly_the_reads_and_bytes_performed(layers):
+    files, _ = layers
+    stats = Stats(num_layers=2)
+    with make_store(files, "pagecache", stats=stats) as store:
+        stats.start()
+        for ids in ([0, 1, 2], [3, 3]):
+            for layer in (1, 3):
+                f = store.fetch(layer, ids)
+                with stats.stage("experts"):
+                    store.wait(f)
+                store.release(f)
+            stats.token_done()
+    assert stats.totals.reads == 2 * 4
+    assert stats.totals.bytes_read == 2 * 4 * NBYTES
+    assert [t.counters.reads for t in stats.tokens] == [6, 2]
+    assert [t.counters.bytes_read for t in stats.tokens] == [6 * NBYTES, 2 * NBYTES]
+    assert stats.stage_s["experts"] == pytest.approx(stats.totals.compute_s)
+
+    stats = Stats()
+    with make_store(files, "direct", cache_bytes=2 * SLOT, stats=stats) as store:
+        for ids in ([0, 1, 2], [1, 5]):  # 0, 1 cached, 2 into a read buffer; then 1 hits, 5 evicts 0
+            f = store.fetch(1, ids)
+            store.wait(f)
+            store.release(f)
+    # direct reads are SLOT long (only the last expert's read would stop short, at the file's end)
+    t = stats.totals
+    assert (t.hits, t.misses, t.reads) == (1, 4, 4)
+    assert t.bytes_read == t.disk_bytes == 4 * SLOT
+
+
+def test_pagecache_mode_tells_page_cache_hits_from_disk_reads(layers):
+    files, _ = layers
+    with make_store(files, "pagecache") as store:
+        store.evict_page_cache()
+        store.wait(store.fetch(1, [4]))
+        cold = store.stats.totals
+        assert (cold.misses, cold.hits, cold.disk_bytes) == (1, 0, NBYTES)
+        store.wait(store.fetch(1, [4]))
+        warm = store.stats.totals
+        assert (warm.misses, warm.hits, warm.disk_bytes, warm.bytes_read) == (1, 1, NBYTES, 2 * NBYTES)
+
+
+def test_prefetch_fills_the_direct_cache_so_the_fetch_hits(layers):
+    files, data = layers
+    with make_store(files, "direct", cache_bytes=4 * SLOT) as store:
+        store.prefetch(3, [6, 7])
+        f = store.fetch(3, [7, 6])
+        bufs = store.wait(f)
+        np.testing.assert_array_equal(bufs[0], expert_bytes(data, 3, 7))
+        t = store.stats.totals
+        assert (t.reads, t.hits, t.misses) == (2, 2, 0)
+
+
+def test_buffers_are_released_by_release_or_the_next_fetch_of_the_layer(layers):
+    files, _ = layers
+    with make_store(files, "pagecache") as store:
+        f1 = store.fetch(1, [0])
+        addr = store.wait(f1)[0].ctypes.data
+        f2 = store.fetch(1, [1])  # releases f1
+        assert f1.released
+        with pytest.raises(ValueError, match="already released"):
+            store.wait(f1)
+        assert store.wait(f2)[0].ctypes.data == addr  # f1's buffer reused
+        other = store.fetch(3, [1])  # another layer does not release f2
+        assert not f2.released
+        store.release(other)
+        store.release(other)  # idempotent
+        assert store.read_buffer_bytes == SLOT * 2
+
+
+def test_short_file_is_refused_at_open_naming_file_and_expert(layers):
+    files, data = layers
+    with open(files[3], "r+b") as f:
+        f.truncate(5 * STRIDE + 100)
+    with pytest.raises(FormatError, match=r"layer_003\.bin.*expert 5 is cut off"):
+        make_store(files)
+
+
+@pytest.mark.parametrize("mode", ["pagecache", "direct"])
+def test_file_truncated_after_open_gives_format_error_naming_file_and_expert(layers, mode):
+    files, data = layers
+    with make_store(files, mode) as store:
+        with open(files[1], "r+b") as f:
+            f.truncate(6 * STRIDE + 100)
+        f = store.fetch(1, [2, 6])
+        with pytest.raises(FormatError, match=r"layer_001\.bin: expert 6 of layer 1 .*ends at byte"):
+            store.wait(f)
+        np.testing.assert_array_equal(store.wait(store.fetch(1, [2]))[0], expert_bytes(data, 1, 2))
+
+
+def test_direct_mode_falls_back_with_one_warning_when_o_direct_is_refused(layers, monkeypatch):
+    # Simulated: tmpfs refused O_DIRECT with EINVAL before Linux 6.6, but accepts it since.
+    files, data = layers
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with pytest.warns(RuntimeWarning, match="O_DIRECT is not supported") as record:
+        store = make_store(files, "direct", cache_bytes=2 * SLOT)
+    assert len(record) == 1 and "1 other expert files" in str(record[0].message)
+    with store:
+        assert store.direct is False
+        np.testing.assert_array_equal(store.wait(store.fetch(3, [7]))[0], expert_bytes(data, 3, 7))
+
+
+def test_bad_arguments_are_refused(layers):
+    files, _ = layers
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        ExpertStore(files, NUM_EXPERTS, STRIDE + 1, NBYTES)
+    with pytest.raises(ValueError, match="unknown I/O mode"):
+        make_store(files, "mmap")
+    with pytest.raises(ValueError, match="unknown eviction policy"):
+        make_store(files, "direct", policy="random")
+    with pytest.raises(FormatError, match="missing"):
+        make_store({**files, 5: files[1].with_name("layer_005.bin")})
+    with make_store(files) as store:
+        with pytest.raises(ValueError, match=r"expert ids \[8\] of layer 1"):
+            store.fetch(1, [0, 8])
+        with pytest.raises(ValueError, match="layer 2 has no expert file"):
+            store.fetch(2, [0])
+
+
+def test_stats_report_as_text_and_json(layers):
+    files, _ = layers
+    stats = Stats(num_layers=2)
+    with make_store(files, "direct", cache_bytes=8 * SLOT, stats=stats) as store:
+        stats.start()
+        for _ in range(3):
+            for layer in (1, 3):
+                f = store.fetch(layer, [1, 2])
+                stats.add_stage_time("attention", 0.001)
+                store.wait(f)
+                store.release(f)
+            stats.token_done()
+    d = json.loads(json.dumps(stats.to_dict()))
+    assert d["tokens"] == 3 and d["hit_rate"] == pytest.approx(8 / 12)
+    assert d["per_decode_token"]["reads"] == 0 and d["per_decode_token"]["hits"] == 4
+    assert d["ms_per_layer"]["compute"] == pytest.approx(1.0)  # 2 x 1 ms per token over 2 layers
+    assert d["peak_rss_bytes"] >= d["current_rss_bytes"] > 0
+    text = stats.summary()
+    assert "hit rate: 66.7%" in text and "decode:" in text and "time to first token" in text
