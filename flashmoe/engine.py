@@ -102,6 +102,11 @@ class Engine:
         self.stats = stats
         self.k = experts_per_token or self.cfg.num_experts_per_tok
         self._w = {name: backend.prepare(model.raw(name)) for name in model.resident_names()}
+        # -exp(A_log) per linear-attention layer, computed once: the decay rate of g = -exp(A_log)·softplus(a + dt_bias)
+        self._decay_rate = {
+            f"layers.{i}.linear_attn.": backend.asarray(-np.exp(model.tensor(f"layers.{i}.linear_attn.A_log")))
+            for i in range(self.cfg.num_hidden_layers) if self.cfg.layer_type(i) != FULL_ATTENTION
+        }
         if not self.cfg.tie_word_embeddings:
             self._lm_head = self._w["lm_head.weight"]
         else:
@@ -191,7 +196,7 @@ class Engine:
             q = be.rms_norm(q.reshape(T, H * D), self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
             k = be.rms_norm(k, self._w[a + "k_norm.weight"], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
-            q, k, v = (np.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+            q, k, v = (be.clip(t, cfg.clip_qkv) for t in (q, k, v))
         q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
         if cfg.qk_norm == "head":
             q = be.rms_norm(q, self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
@@ -201,7 +206,7 @@ class Engine:
         keys, values = cache.append(k, v)
         out = be.attention(q, keys, values, positions, D ** -0.5).reshape(T, H * D)
         if gate is not None:
-            out = out * _sigmoid(gate)
+            out = out * be.sigmoid(gate)
         return self._linear(out, a + "o_proj")
 
     def _linear_attention(self, p: str, x, st: LinearAttentionState):
@@ -222,22 +227,24 @@ class Engine:
         q = qkv[:, : Hk * Dk].reshape(T, Hk, Dk)
         k = qkv[:, Hk * Dk : 2 * Hk * Dk].reshape(T, Hk, Dk)
         v = qkv[:, 2 * Hk * Dk :].reshape(T, Hv, Dv)
-        beta = _sigmoid(b)
-        g = -np.exp(self._w[a + "A_log"]) * _softplus(alpha + self._w[a + "dt_bias"])  # log decay, (T, Hv)
+        q = be.l2_normalize(q) * Dk ** -0.5
+        k = be.l2_normalize(k)
+        beta = be.sigmoid(b)
+        g = self._decay_rate[a] * be.softplus(alpha + self._w[a + "dt_bias"])  # log decay ≤ 0, (T, Hv)
         o, st.recurrent = be.gated_delta_rule(q, k, v, g, beta, st.recurrent)  # (T, Hv, Dv)
-        o = be.rms_norm(o, self._w[a + "norm.weight"], cfg.rms_norm_eps) * _silu(z)
+        o = be.rms_norm(o, self._w[a + "norm.weight"], cfg.rms_norm_eps) * be.silu(z)
         return self._linear(o.reshape(T, Hv * Dv), a + "out_proj")
 
     def _mlp(self, p: str, x):
         """Dense SwiGLU MLP (also the shared expert): down(silu(gate x) * up x)."""
-        return self._linear(_silu(self._linear(x, p + "gate_proj")) * self._linear(x, p + "up_proj"),
-                            p + "down_proj")
+        gate = self.backend.silu(self._linear(x, p + "gate_proj"))
+        return self._linear(gate * self._linear(x, p + "up_proj"), p + "down_proj")
 
     def _shared_expert(self, p: str, x):
         """The shared expert scaled by its sigmoid gate, or None when the model has none."""
         if not self.cfg.has_shared_expert:
             return None
-        return _sigmoid(self._linear(x, p + "shared_expert_gate")) * self._mlp(p + "shared_expert.", x)
+        return self.backend.sigmoid(self._linear(x, p + "shared_expert_gate")) * self._mlp(p + "shared_expert.", x)
 
     def _moe(self, layer: int, x):
         """Routed experts (from the store) plus the shared expert. x (T, hidden) -> (T, hidden)."""
@@ -290,14 +297,3 @@ class Engine:
         y = be.asarray(y)
         return y if out is None else y + out
 
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _silu(x):
-    return x * _sigmoid(x)
-
-
-def _softplus(x):
-    return np.logaddexp(0.0, x)
