@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def measure_store(path: Path, experts: int, stride: int, nbytes: int, mode: str,
         disk_bytes = store.stats.totals.disk_bytes
         bytes_read = store.stats.totals.bytes_read
     return {
-        "mode": mode, "o_direct": direct, "cold": cold, "threads": threads, "read_bytes": store._read_len,
+        "mode": mode, "o_direct": direct, "cold": cold, "threads": threads, "read_bytes": store.read_bytes,
         "reads_per_pass": experts, "gb_s": statistics.median(runs), "gb_s_runs": runs,
         # in pagecache mode: the share of bytes that RWF_NOWAIT could not find in the page cache
         "disk_fraction": disk_bytes / bytes_read if bytes_read else None,
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--expert-bytes", type=int, default=QWEN35_397B_EXPERT_BYTES,
                     help="bytes per expert (default: Qwen3.5-397B-A17B at 4 bits, 7077888)")
     ap.add_argument("--experts", type=int, default=128, help="experts in the scratch file (default 128)")
-    ap.add_argument("--threads", default="1,4,10,16", help="comma-separated thread counts (= reads in flight)")
+    ap.add_argument("--threads", default="1,4,10,16",
+                    help="comma-separated thread counts (= reads in flight)")
     ap.add_argument("--modes", default="pagecache,direct", help="comma-separated store modes")
     ap.add_argument("--repeats", type=int, default=3, help="passes per measurement; the median is reported")
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -210,14 +212,15 @@ def main(argv: list[str] | None = None) -> dict:
                           repeats=args.repeats)
             for t in threads
         ]
-        alignment = measure_alignment(path, args.experts, stride, args.expert_bytes, repeats=10 * args.repeats)
+        alignment = measure_alignment(path, args.experts, stride, args.expert_bytes,
+                                      repeats=10 * args.repeats)
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
     report = {
         "benchmark": "bench_disk",
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": "python bench/bench_disk.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "command": "python bench/bench_disk.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
         "file": str(path),
         "filesystem": fs,

@@ -9,10 +9,12 @@ Definitions (units are bytes and seconds unless a name says otherwise):
 - `bytes_read`: bytes copied into read buffers by `preadv` (page cache or disk).
 - `disk_bytes`: the part of `bytes_read` that was not in memory when asked for: in direct mode every byte
   read (O_DIRECT bypasses the page cache); in pagecache mode the bytes a non-blocking `RWF_NOWAIT` read could
-  not get from the page cache. This is the numerator of the disk-bound ceiling.
+  not get from the page cache (every byte where RWF_NOWAIT is unavailable). This is the numerator of the
+  disk-bound ceiling.
 - `reads`: expert reads performed (one per expert not found in flashmoe's own cache).
 - `hits` / `misses`: lookups of whole experts. In direct mode, flashmoe's own cache; in pagecache mode, the
-  OS page cache (a hit is an expert whose every byte was already cached).
+  OS page cache (a hit is an expert whose every byte was already cached; not counted where RWF_NOWAIT is
+  unavailable, so the hit rate is then n/a).
 - `io_wait_s`: time the engine was blocked in `ExpertStore.wait()` — I/O that compute did not hide.
 - stage times: compute time the engine attributes to named stages (`attention`, `experts`, ...).
 """

@@ -160,9 +160,9 @@ class ExpertStore:
         self.stats = stats if stats is not None else Stats()
         self.threads = threads or DEFAULT_THREADS
         self.slot_bytes = slot_bytes(nbytes)
-        # Buffered reads need only the expert; O_DIRECT needs an aligned length (the file's end may cut
-        # the last expert's read short, which is fine as long as nbytes arrive).
-        self._read_len = self.slot_bytes if mode == "direct" else nbytes
+        # Bytes asked of one read. Buffered reads need only the expert; O_DIRECT needs an aligned length
+        # (the file's end may cut the last expert's read short, which is fine as long as nbytes arrive).
+        self.read_bytes = self.slot_bytes if mode == "direct" else nbytes
         self._paths = {layer: Path(p) for layer, p in files.items()}
         self._fds: dict[int, int] = {}
         self.direct = False  # O_DIRECT really in use (False after a fallback)
@@ -245,7 +245,7 @@ class ExpertStore:
     # --- reading ---------------------------------------------------------------------------------
     def _read(self, layer: int, expert: int, buf: np.ndarray) -> None:
         """Worker: read one expert into `buf` (runs in the pool; preadv releases the GIL)."""
-        fd, off, length = self._fds[layer], expert * self.stride, self._read_len
+        fd, off, length = self._fds[layer], expert * self.stride, self.read_bytes
         view = memoryview(buf)[:length]
         done = 0
         try:
