@@ -119,3 +119,40 @@ def build_hf_checkpoint(arch: str, variant: str, out_dir: str | Path) -> Path:
 def prompt_tokens(n: int, seed: int = 0) -> np.ndarray:
     """A deterministic int64 prompt [n] of token ids in [3, VOCAB) (avoids pad/bos/eos)."""
     return np.random.default_rng(seed).integers(3, VOCAB, size=n, dtype=np.int64)
+
+
+def load_hf_model(arch: str, variant: str, path: str | Path):
+    """The transformers model saved at `path` by build_hf_checkpoint, float32, eval mode."""
+    import torch
+    import transformers
+
+    model_cls = getattr(transformers, _SPECS[(arch, variant)][1])
+    return model_cls.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """Full-sequence transformers logits, float32 (T, vocab), for int64 tokens (T,), without a cache."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(tokens)[None], use_cache=False)
+    return out.logits[0].float().numpy()
+
+
+def canonical_weights(path: str | Path):
+    """(ModelConfig, DictWeights) of an HF checkpoint directory, every tensor mapped through
+    flashmoe.families.to_canonical (the in-memory equivalent of `flashmoe convert --bits none`)."""
+    from safetensors.numpy import load_file
+
+    from flashmoe.config import ModelConfig
+    from flashmoe.families import detect_layout, to_canonical
+    from flashmoe.weights import DictWeights
+
+    path = Path(path)
+    cfg = ModelConfig.from_file(path / "config.json")
+    source = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        source.update(load_file(shard))
+    layout = detect_layout(source)
+    canonical = dict(pair for name, array in source.items() for pair in to_canonical(name, array, cfg, layout))
+    return cfg, DictWeights(canonical)
