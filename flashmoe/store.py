@@ -11,7 +11,7 @@ Two modes (DESIGN.md, "The expert store"):
   `cache_bytes`, evicted by a pluggable policy (flashmoe/eviction.py). A hit returns the cached buffer
   without a read. Where the filesystem refuses O_DIRECT (tmpfs), the store warns once and reads buffered.
 
-Usage by the engine, per MoE layer per token (or per prefill chunk)::
+Usage by the engine, per MoE layer per token (or per prefill batch of `store.batch_size` experts)::
 
     f = store.fetch(layer, expert_ids)   # starts every read at once, returns at once
     ...compute the shared expert...
@@ -19,11 +19,14 @@ Usage by the engine, per MoE layer per token (or per prefill chunk)::
     ...expert FFN on layout.view(buf) for each buf...
     store.release(f)
 
-Buffer lifetime: the arrays that `wait` returns stay valid until `release(f)` or until the next `fetch` of
-the same layer, which releases the layer's previous fetch itself. After that their memory is reused for
-other experts: never keep them (or views of them) longer. One fetch holds one buffer per distinct expert
-id, so read-buffer memory is (fetches alive at once) x (experts per fetch) x `slot_bytes(nbytes)`;
-prefill should fetch its experts in chunks sized to the read-buffer budget.
+Buffer lifetime: the arrays that `wait` returns stay valid until `release(f)`, and only that: several
+fetches, of the same layer or not, may be alive together (prefill keeps the next batch in flight while the
+current one computes). After `release` their memory is reused for other experts: never keep them (or
+views of them) longer. Until released, a fetch holds one pool buffer per distinct expert id (direct mode:
+or pins its cache entries), so the engine must release every fetch; `release_all()` (e.g. in a `finally`
+around a generation, for Ctrl-C) releases whatever is left. Read-buffer memory is then bounded by
+`ExpertStore.read_buffer_bytes(k, nbytes, threads)` when decode fetches k experts and prefill keeps at
+most two batches of `batch_size` alive.
 
 The store is used from one thread (the engine's); its worker threads only read into buffers they were
 handed. Statistics go to a `flashmoe.stats.Stats` (the engine's, or the store's own).
@@ -68,12 +71,12 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
 
 
 class _BufferPool:
-    """Reusable page-aligned buffers of one size. Keeps at most `keep` free buffers; the rest are
-    unmapped on return (when the last reference to them goes), so a large prefill fetch does not pin
-    its buffers' memory for the rest of the run."""
+    """Reusable page-aligned buffers of one size. Buffers are kept for reuse, never unmapped: a fresh
+    mapping faults in every page during the copy, which made a warm read ~10x slower (bench_disk.py), and
+    the engine's fetch pattern bounds how many ever exist."""
 
-    def __init__(self, size: int, keep: int) -> None:
-        self.size, self.keep = size, keep
+    def __init__(self, size: int) -> None:
+        self.size = size
         self._free: list[np.ndarray] = []
         self.allocated = 0  # buffers alive (free or handed out)
 
@@ -84,10 +87,7 @@ class _BufferPool:
         return aligned_buffer(self.size)
 
     def give(self, buf: np.ndarray) -> None:
-        if len(self._free) < self.keep:
-            self._free.append(buf)
-        else:
-            self.allocated -= 1
+        self._free.append(buf)
 
 
 @dataclass
@@ -131,7 +131,7 @@ class ExpertStore:
         mode: "pagecache" or "direct".
         cache_bytes: direct mode: bytes of flashmoe's own expert cache (0: no cache); ignored in pagecache.
         policy: direct mode: eviction policy name ("lru", "lfu", "fifo").
-        threads: reader threads; the engine passes max(4, k) so one layer's k reads run together.
+        threads: reader threads (default 8); pass max(4, k) so one layer's k reads run together.
         stats: where counters go; default a fresh Stats (`store.stats`).
 
     Raises FormatError if a file is missing or too short to hold `num_experts` experts, ValueError for
@@ -172,12 +172,12 @@ class ExpertStore:
         except BaseException:
             self._close_files()
             raise
-        self._pool = _BufferPool(self.slot_bytes, keep=max(2 * self.threads, 16))
+        self._pool = _BufferPool(self.slot_bytes)
         self._cache: dict[tuple[int, int], _Entry] = {}
         self._capacity = cache_bytes // self.slot_bytes if mode == "direct" else 0
         self._policy = make_policy(policy)
         self.policy = policy
-        self._live: dict[int, Fetch] = {}
+        self._live: dict[int, Fetch] = {}  # id(fetch) -> fetch, for release_all
         # Worker threads append (bytes_read, disk_bytes) per completed read; the engine's thread moves
         # them into stats (deque append/popleft are thread-safe), so Stats needs no lock.
         self._done: collections.deque[tuple[int, int]] = collections.deque()
@@ -309,17 +309,26 @@ class ExpertStore:
             raise ValueError(f"expert ids {bad} of layer {layer} are outside [0, {self.num_experts})")
         return ids
 
+    @property
+    def batch_size(self) -> int:
+        """Experts per fetch that all run at once (one per thread): prefill fetches in batches of this."""
+        return self.threads
+
+    @staticmethod
+    def read_buffer_bytes(k: int, nbytes: int, threads: int | None = None) -> int:
+        """Upper bound of read-buffer memory, for the memory budget: decode keeps one fetch of k experts
+        alive, prefill two batches of `threads` (default 8); each buffer is `slot_bytes(nbytes)`. Passing
+        the stride for `nbytes` gives a bound at least as large."""
+        return max(k, 2 * (threads or DEFAULT_THREADS)) * slot_bytes(nbytes)
+
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Fetch:
         """Start reading experts `expert_ids` of `layer` (ints or an integer array; repeats share one
-        read) and return at once. Releases this layer's previous fetch (see buffer lifetime).
+        read) and return at once. The buffers stay valid until `release` (see buffer lifetime).
 
         Direct mode: cached experts are hits and are not read; misses are read into cache entries
         (evicting by the policy) or, when no entry can be freed, into pool buffers.
         Raises ValueError for an unknown layer or an expert id outside [0, num_experts)."""
         ids = self._check_ids(layer, expert_ids)
-        previous = self._live.pop(layer, None)
-        if previous is not None:
-            self.release(previous)
         f = Fetch(layer, ids)
         hits = 0
         for e in dict.fromkeys(ids):
@@ -340,7 +349,7 @@ class ExpertStore:
                 f._slots[e] = _Slot(e, buf, self._executor.submit(self._read, layer, e, buf))
         if self.mode == "direct":
             self.stats.record_lookups(hits, len(f._slots) - hits)
-        self._live[layer] = f
+        self._live[id(f)] = f
         return f
 
     def wait(self, f: Fetch) -> list[np.ndarray]:
@@ -374,8 +383,7 @@ class ExpertStore:
         if f.released:
             return
         f.released = True
-        if self._live.get(f.layer) is f:
-            del self._live[f.layer]
+        del self._live[id(f)]
         pooled = [s for s in f._slots.values() if s.entry is None]
         wait_futures([s.read for s in pooled])
         for s in f._slots.values():
@@ -407,6 +415,11 @@ class ExpertStore:
                 self._cache[key] = _Entry(buf, self._executor.submit(self._read, layer, e, buf))
                 self._policy.insert(key)
 
+    def release_all(self) -> None:
+        """Release every fetch not yet released (after an interrupted token, or at the end of a run)."""
+        for f in list(self._live.values()):
+            self.release(f)
+
     # --- cache control, accounting, lifetime -----------------------------------------------------
     def cached_experts(self) -> list[tuple[int, int]]:
         """(layer, expert) keys now in the direct-mode cache, in insertion order."""
@@ -418,8 +431,8 @@ class ExpertStore:
         return len(self._cache) * self.slot_bytes
 
     @property
-    def read_buffer_bytes(self) -> int:
-        """Bytes of pool read buffers allocated now (handed out or kept free)."""
+    def allocated_buffer_bytes(self) -> int:
+        """Bytes of pool read buffers allocated now (handed out or kept free for reuse)."""
         return self._pool.allocated * self.slot_bytes
 
     def clear_cache(self) -> None:
@@ -435,7 +448,8 @@ class ExpertStore:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
-        """Finish running reads, stop the threads and close the files. Idempotent."""
+        """Release every fetch, stop the threads and close the files. Idempotent."""
+        self.release_all()
         self._executor.shutdown(wait=True)
         self._close_files()
         self._drain_done()

@@ -155,7 +155,7 @@ def test_entries_in_use_are_not_evicted_and_misses_then_use_read_buffers(layers)
         f = store.fetch(3, [0])
         np.testing.assert_array_equal(store.wait(f)[0], expert_bytes(data, 3, 0))
         assert store.cached_experts() == [(1, 0), (1, 1)]
-        assert store.read_buffer_bytes == SLOT
+        assert store.allocated_buffer_bytes == SLOT
         store.release(f)
         store.release(held)
         f = store.fetch(3, [0])  # now (1, 0) may go
@@ -216,21 +216,41 @@ def test_prefetch_fills_the_direct_cache_so_the_fetch_hits(layers):
         assert (t.reads, t.hits, t.misses) == (2, 2, 0)
 
 
-def test_buffers_are_released_by_release_or_the_next_fetch_of_the_layer(layers):
+@pytest.mark.parametrize("mode", ["pagecache", "direct"])
+def test_buffers_stay_valid_until_released_even_with_two_fetches_of_one_layer(layers, mode):
+    files, data = layers
+    with make_store(files, mode, cache_bytes=2 * SLOT) as store:
+        current = store.fetch(1, [0, 5])
+        bufs = store.wait(current)
+        pending = store.fetch(1, [6, 7])  # prefill: the next batch reads while this one computes
+        store.wait(pending)
+        for e, buf in zip([0, 5], bufs):
+            np.testing.assert_array_equal(buf, expert_bytes(data, 1, e))
+        store.release(current)
+        store.release(current)  # idempotent
+        assert current.released and not pending.released
+        with pytest.raises(ValueError, match="already released"):
+            store.wait(current)
+        store.release_all()
+        assert pending.released
+
+
+def test_released_read_buffers_are_reused(layers):
     files, _ = layers
     with make_store(files, "pagecache") as store:
-        f1 = store.fetch(1, [0])
-        addr = store.wait(f1)[0].ctypes.data
-        f2 = store.fetch(1, [1])  # releases f1
-        assert f1.released
-        with pytest.raises(ValueError, match="already released"):
-            store.wait(f1)
-        assert store.wait(f2)[0].ctypes.data == addr  # f1's buffer reused
-        other = store.fetch(3, [1])  # another layer does not release f2
-        assert not f2.released
-        store.release(other)
-        store.release(other)  # idempotent
-        assert store.read_buffer_bytes == SLOT * 2
+        f = store.fetch(1, [0])
+        addr = store.wait(f)[0].ctypes.data
+        store.release(f)
+        assert store.wait(store.fetch(3, [1]))[0].ctypes.data == addr
+        assert store.allocated_buffer_bytes == SLOT
+        store.fetch(3, [2, 3])
+        assert store.allocated_buffer_bytes == 3 * SLOT
+
+
+def test_read_buffer_bound_covers_decode_and_two_prefill_batches():
+    assert ExpertStore.read_buffer_bytes(10, NBYTES, threads=4) == 10 * SLOT
+    assert ExpertStore.read_buffer_bytes(4, NBYTES, threads=4) == 8 * SLOT
+    assert ExpertStore.read_buffer_bytes(4, STRIDE) == 16 * STRIDE
 
 
 def test_short_file_is_refused_at_open_naming_file_and_expert(layers):
