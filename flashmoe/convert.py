@@ -1,0 +1,513 @@
+"""`flashmoe convert`: a Hugging Face or MLX checkpoint -> a flashmoe model directory (docs/formats.md).
+
+The source is read through memory maps, one decoder layer at a time: non-expert tensors are quantised (or
+kept float) and appended to resident.safetensors as they come; a layer's routed experts are gathered (already
+quantised, so about one layer of experts in memory) and written to experts/layer_NNN.bin when the layer is
+done. Peak memory is therefore about the largest single source tensor plus one layer's quantised experts.
+Everything is written into `DST.tmp-XXXX` beside DST and renamed at the end; on any error the temporary
+directory is removed, so DST is either complete or absent.
+
+Which tensors are quantised follows mlx-lm's convert (`mlx_lm.utils.quantize_model` and the models'
+`quant_predicate`): 2-D linear and embedding weights whose input width is a multiple of group_size, at the
+requested bits; the router (`mlp.gate`) and `shared_expert_gate` at 8 bits, group 64; everything else
+(norms, conv1d, A_log, dt_bias, biases) stays float in the source dtype. MLX-quantised sources are copied
+as they are: their quantised tensors byte for byte, never re-quantised.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+import flashmoe
+from flashmoe.config import ModelConfig
+from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
+from flashmoe.families import (
+    HF,
+    MLX,
+    QUANT_8BIT,
+    QUANT_FLOAT,
+    detect_layout,
+    drop_reason,
+    is_expert_tensor,
+    quant_class,
+    to_canonical,
+)
+from flashmoe.modeldir import (
+    EXPERT_PROJS,
+    MANIFEST,
+    RESIDENT,
+    ExpertFile,
+    ExpertLayout,
+    FileEntry,
+    Manifest,
+    QuantSpec,
+    expert_file_name,
+    resident_shapes,
+    sha256_file,
+)
+from flashmoe.quant import BITS, GROUP_SIZES, QuantizedTensor, quantize
+from flashmoe.safetensors_io import SafetensorsFile, SafetensorsWriter
+
+#: Files copied from the source when present (tokenizer and generation settings).
+COPIED_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+    "chat_template.jinja", "chat_template.json",
+)
+_FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
+_ROUTER_QUANT = QuantSpec(8, 64)  # mlx-lm quant_predicate for mlp.gate / shared_expert_gate
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_PER_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_QUANT_PART = re.compile(r"^(.*)\.(scales|biases)$")
+
+
+def parse_bits(bits: str | int | None, option: str = "--bits") -> int | None:
+    """'4' -> 4, 'none' -> None (keep float). Raises FlashMoeError naming the option for anything else."""
+    if bits is None or str(bits).lower() == "none":
+        return None
+    try:
+        b = int(bits)
+    except ValueError:
+        b = -1
+    if b not in BITS:
+        raise FlashMoeError(f"{option} {bits!r} is not one of {', '.join(map(str, BITS))} or 'none'")
+    return b
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None = "4", group_size: int = 64,
+                       expert_bits: str | int | None = None, force: bool = False,
+                       progress: bool | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Convert checkpoint `src` into the flashmoe model directory `dst`; returns dst.
+
+    src: a local Hugging Face checkpoint directory (float32/float16/bfloat16 safetensors, one file or shards
+    with model.safetensors.index.json), an mlx-lm quantised checkpoint directory, or a Hub id (downloaded
+    with huggingface_hub.snapshot_download). bits: resident linear weights, 2/3/4/6/8 or 'none' (keep every
+    weight float, in the source dtype). expert_bits: routed experts (default: bits). group_size: 32/64/128.
+    bits/expert_bits/group_size do not apply to an MLX source, whose quantisation is kept as it is.
+    progress: show a tqdm bar (None: only on a terminal). log: where notes go (default: stderr).
+
+    Raises ConfigError (config.json), CheckpointError (missing/truncated/mis-shaped tensor) or FlashMoeError
+    (bad option, DST exists without force, a write failure such as a full disk); DST is then left untouched
+    and no temporary directory remains.
+    """
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    res_bits = parse_bits(bits, "--bits")
+    exp_bits = res_bits if expert_bits is None else parse_bits(expert_bits, "--expert-bits")
+    if group_size not in GROUP_SIZES:
+        raise FlashMoeError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise FlashMoeError(f"{dst}: already exists (use --force to replace it)")
+    src_dir = _resolve_source(src)
+    cfg = ModelConfig.from_file(src_dir / "config.json")
+    ckpt = _Checkpoint(src_dir)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{dst.name}.tmp-", dir=dst.parent))
+    try:
+        job = _Conversion(cfg, ckpt, tmp, res_bits, exp_bits, group_size, log, progress)
+        with _write_errors(tmp):
+            job.run(str(src))
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+@contextmanager
+def _write_errors(tmp: Path) -> Iterator[None]:
+    """Report an OSError while writing (ENOSPC above all) as one FlashMoeError line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        what = e.filename or tmp
+        reason = "disk full (No space left on device)" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise FlashMoeError(f"writing {what}: {reason}") from None
+
+
+def _resolve_source(src: str | Path) -> Path:
+    """A local directory as is; otherwise a Hub id `org/name` downloaded with huggingface_hub."""
+    p = Path(src)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: not a directory (give the checkpoint directory)")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+        raise CheckpointError(f"{src}: no such directory, and not a Hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                 "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 - any download failure is reported as one line
+        raise CheckpointError(f"{src}: cannot download from the Hugging Face Hub: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+class _Checkpoint:
+    """All tensors of a safetensors checkpoint by name, every shard validated before conversion starts."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        index = root / "model.safetensors.index.json"
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, SafetensorsFile] = {}
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: unreadable index ({e})") from None
+            for name, shard in weight_map.items():
+                if shard not in self.files:
+                    if not (root / shard).exists():
+                        raise CheckpointError(f"{root / shard}: shard listed in {index.name} is missing")
+                    self.files[shard] = SafetensorsFile(root / shard)
+                if name not in self.files[shard]:
+                    raise CheckpointError(f"{root / shard}: missing tensor {name!r} (listed in {index.name})")
+                self.where[name] = self.files[shard]
+        else:
+            shards = sorted(root.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{root}: no *.safetensors files")
+            for path in shards:
+                f = self.files[path.name] = SafetensorsFile(path)
+                for name in f.names():
+                    self.where[name] = f
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.where[name].get(name)
+
+    def describe(self, name: str) -> str:
+        return f"{self.where[name].path}: tensor {name!r}"
+
+
+@dataclass
+class _LayerExperts:
+    """One MoE layer's routed experts as they arrive: per expert (final form) or stacked [E, ...]."""
+
+    per_expert: dict[tuple[int, str], QuantizedTensor | np.ndarray] = field(default_factory=dict)
+    stacked: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # proj -> {weight, scales, biases}
+    sources: dict[str, str] = field(default_factory=dict)  # proj -> a source tensor, for messages
+
+
+class _Conversion:
+    """One conversion run into the temporary directory `out`."""
+
+    def __init__(self, cfg: ModelConfig, ckpt: _Checkpoint, out: Path, res_bits: int | None,
+                 exp_bits: int | None, group_size: int, log: Callable[[str], None], progress: bool | None):
+        self.cfg, self.ckpt, self.out = cfg, ckpt, out
+        self.res_bits, self.exp_bits, self.group_size = res_bits, exp_bits, group_size
+        self.log, self.progress = log, progress
+        self.layout = detect_layout(ckpt.names())
+        self.expected = resident_shapes(cfg)
+        self.quantization: dict[str, QuantSpec] = {}
+        self.written: set[str] = set()
+        self.experts: list[ExpertFile] = []
+        self.hashes: dict[str, FileEntry] = {}
+        self.pending: dict[str, dict[str, tuple[str, np.ndarray]]] = {}  # MLX quantised triples being gathered
+
+    # -- driver --
+
+    def run(self, source: str) -> None:
+        groups: dict[int, list[str]] = {}
+        dropped: dict[str, int] = {}
+        for name in self.ckpt.names():
+            reason = drop_reason(name)
+            if reason is not None:
+                dropped[reason] = dropped.get(reason, 0) + 1
+                continue
+            m = _LAYER.search(name)
+            groups.setdefault(int(m[1]) if m else -1, []).append(name)
+        for reason, n in dropped.items():
+            self.log(f"note: skipping {n} tensor(s): {reason}")
+        if self.layout == MLX and (self.res_bits, self.exp_bits, self.group_size) != (4, 4, 64):
+            self.log("note: MLX-quantised source: its quantisation is kept; --bits/--expert-bits/--group-size "
+                     "do not apply")
+        bad_layers = [i for i in groups if i >= self.cfg.num_hidden_layers]
+        if bad_layers:
+            name = groups[bad_layers[0]][0]
+            raise CheckpointError(f"{self.ckpt.describe(name)}: layer {bad_layers[0]} is beyond "
+                                  f"num_hidden_layers ({self.cfg.num_hidden_layers})")
+        (self.out / "experts").mkdir()
+        writer = SafetensorsWriter(self.out / RESIDENT, {"format": "flashmoe"})
+        total = sum(len(v) for v in groups.values())
+        with tqdm(total=total, unit="tensor", desc="convert", disable=None if self.progress is None
+                  else not self.progress, file=sys.stderr) as bar:
+            for layer in sorted(groups):
+                experts = _LayerExperts()
+                for name in sorted(groups[layer]):
+                    self._convert_tensor(name, writer, experts)
+                    bar.update(1)
+                self._flush_pending(writer)
+                if layer >= 0 and self.cfg.is_moe_layer(layer):
+                    self._write_experts(layer, experts)
+                elif experts.per_expert or experts.stacked:
+                    raise CheckpointError(f"{self.ckpt.describe(next(iter(experts.sources.values())))}: routed "
+                                          f"experts in layer {layer}, which config.json makes a dense layer")
+        missing_layers = sorted(set(self.cfg.moe_layers) - {e.layer for e in self.experts})
+        if missing_layers:
+            raise CheckpointError(f"{self.ckpt.root}: missing routed-expert tensors of layer {missing_layers[0]}")
+        missing = sorted(set(self.expected) - self.written)
+        if missing:
+            raise CheckpointError(f"{self.ckpt.root}: missing tensor for "
+                                  f"{missing[0]!r} (canonical name; {len(missing)} missing in all)")
+        writer.close()
+        self._copy_side_files()
+        self._record_hashes()
+        manifest = Manifest(
+            model_type=self.cfg.model_type,
+            source={"checkpoint": source, "layout": self.layout,
+                    "files": sorted(p.name for p in {f.path for f in self.ckpt.files.values()})},
+            quantization=self.quantization,
+            experts=self.experts,
+            files=self.hashes,
+            flashmoe_version=flashmoe.__version__,
+        )
+        (self.out / MANIFEST).write_text(manifest.to_json())
+
+    # -- one source tensor --
+
+    def _convert_tensor(self, name: str, writer: SafetensorsWriter, experts: _LayerExperts) -> None:
+        array = self.ckpt.get(name)
+        where = self.ckpt.describe(name)
+        is_quant_part = array.dtype == np.uint32 or _QUANT_PART.match(name) is not None
+        if not is_quant_part and array.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: dtype {array.dtype} is not float32, float16 or bfloat16")
+        if self.layout == HF and is_quant_part:
+            raise CheckpointError(f"{where}: quantised tensor in a float checkpoint (only MLX quantisation is read)")
+        for cname, a in to_canonical(name, array, self.cfg, self.layout):
+            if is_expert_tensor(cname):
+                self._add_expert(cname, a, name, experts)
+            elif self.layout == MLX and (kind := _mlx_quant_part(cname, a)):
+                base = cname.rsplit(".", 1)[0]
+                self.pending.setdefault(base, {})[kind] = (name, a)
+                if len(self.pending[base]) == 3:
+                    self._write_mlx_quantized(base, self.pending.pop(base), writer)
+            else:
+                self._write_resident(cname, a, name, writer)
+
+    def _check_shape(self, cname: str, shape: tuple[int, ...], source: str) -> None:
+        if cname == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return
+        expected = self.expected.get(cname)
+        if expected is None:
+            raise CheckpointError(f"{self.ckpt.describe(source)}: unexpected tensor (canonical {cname!r} is not "
+                                  f"part of a {self.cfg.model_type} model with this config)")
+        if tuple(shape) != expected:
+            raise CheckpointError(f"{self.ckpt.describe(source)}: shape {list(shape)}, expected {list(expected)} "
+                                  f"from config.json")
+
+    def _write_resident(self, cname: str, a: np.ndarray, source: str, writer: SafetensorsWriter) -> None:
+        self._check_shape(cname, a.shape, source)
+        if cname == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return  # tied: the embedding is the head
+        spec = self._resident_quant(cname, a.shape)
+        if spec is None:
+            writer.add(cname, a)
+        else:
+            qt = quantize(a, spec.bits, spec.group_size)
+            base = cname[: -len("weight")]
+            writer.add(cname, qt.weight)
+            writer.add(base + "scales", qt.scales)
+            writer.add(base + "biases", qt.biases)
+            self.quantization[cname] = spec
+        self.written.add(cname)
+
+    def _resident_quant(self, cname: str, shape: tuple[int, ...]) -> QuantSpec | None:
+        """How a float resident tensor is stored: None (float) or its QuantSpec (mlx-lm's choices)."""
+        if self.res_bits is None or self.layout == MLX:
+            return None
+        cls = quant_class(cname, shape)
+        if cls == QUANT_FLOAT:
+            return None
+        spec = _ROUTER_QUANT if cls == QUANT_8BIT else QuantSpec(self.res_bits, self.group_size)
+        return spec if shape[-1] % spec.group_size == 0 else None
+
+    def _write_mlx_quantized(self, base: str, parts: dict[str, tuple[str, np.ndarray]],
+                             writer: SafetensorsWriter) -> None:
+        """Copy an MLX quantised triple as it is, after checking it against the config's logical shape."""
+        cname = base + ".weight"
+        source = parts["weight"][0]
+        w, s, b = (parts[k][1] for k in ("weight", "scales", "biases"))
+        spec = self._mlx_spec(cname, w, s, b, source)
+        self._check_shape(cname, s.shape[:-1] + (s.shape[-1] * spec.group_size,), source)
+        if cname == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return
+        writer.add(cname, w)
+        writer.add(base + ".scales", s)
+        writer.add(base + ".biases", b)
+        self.quantization[cname] = spec
+        self.written.add(cname)
+
+    def _mlx_spec(self, cname: str, w: np.ndarray, s: np.ndarray, b: np.ndarray, source: str) -> QuantSpec:
+        """bits and group_size of an MLX quantised tensor, inferred like mlx-lm's infer_quant_config from the
+        logical input width the config gives."""
+        where = self.ckpt.describe(source)
+        if w.dtype != np.uint32:
+            raise CheckpointError(f"{where}: quantised weight dtype {w.dtype}, expected uint32")
+        if s.dtype not in _FLOAT_DTYPES or b.dtype != s.dtype or s.shape != b.shape:
+            raise CheckpointError(f"{where}: scales/biases {s.dtype} {list(s.shape)} / {b.dtype} {list(b.shape)} "
+                                  "are not one float dtype and shape (only MLX 'affine' quantisation is read)")
+        logical = self.expected.get(cname)
+        if logical is None and (m := _STACKED.match(cname)):
+            h, i = self.cfg.hidden_size, self.cfg.moe_intermediate_size
+            logical = (i, h) if m[2] != "down_proj" else (h, i)
+        if logical is None:
+            raise CheckpointError(f"{where}: unexpected tensor (canonical {cname!r})")
+        in_dim = logical[-1]
+        gs, rem = divmod(in_dim, s.shape[-1])
+        bits = w.shape[-1] * 32 // in_dim
+        if rem or gs not in GROUP_SIZES or bits not in BITS or w.shape[-1] * 32 != bits * in_dim \
+                or w.shape[:-1] != s.shape[:-1]:
+            raise CheckpointError(f"{where}: weight {list(w.shape)} and scales {list(s.shape)} do not fit an "
+                                  f"input width of {in_dim} at any supported bits/group_size")
+        return QuantSpec(bits, gs)
+
+    def _flush_pending(self, writer: SafetensorsWriter) -> None:
+        if self.pending:
+            base, parts = next(iter(self.pending.items()))
+            missing = sorted({"weight", "scales", "biases"} - set(parts))
+            source = next(iter(parts.values()))[0]
+            raise CheckpointError(f"{self.ckpt.describe(source)}: quantised tensor {base!r} lacks its "
+                                  f"'{missing[0]}' (canonical name)")
+
+    # -- experts --
+
+    def _add_expert(self, cname: str, a: np.ndarray, source: str, experts: _LayerExperts) -> None:
+        h, inter, n_exp = self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts
+        if m := _PER_EXPERT.match(cname):
+            e, proj = int(m[2]), m[3]
+            logical = (inter, h) if proj != "down_proj" else (h, inter)
+            if e >= n_exp:
+                raise CheckpointError(f"{self.ckpt.describe(source)}: expert {e} >= num_experts ({n_exp})")
+            if tuple(a.shape) != logical:
+                raise CheckpointError(f"{self.ckpt.describe(source)}: shape {list(a.shape)}, expected "
+                                      f"{list(logical)} from config.json")
+            experts.per_expert[(e, proj)] = self._expert_final(a)
+            experts.sources.setdefault(proj, source)
+            return
+        m = _STACKED.match(cname)
+        if m is None:
+            raise CheckpointError(f"{self.ckpt.describe(source)}: unrecognised expert tensor {cname!r}")
+        proj, kind = m[2], m[3]
+        if a.shape[0] != n_exp:
+            raise CheckpointError(f"{self.ckpt.describe(source)}: {a.shape[0]} stacked experts, config.json "
+                                  f"num_experts is {n_exp}")
+        experts.stacked.setdefault(proj, {})[kind] = a
+        experts.sources.setdefault(proj, source)
+
+    def _expert_final(self, w: np.ndarray) -> QuantizedTensor | np.ndarray:
+        """One float expert projection [out, in] in its stored form (an MLX source's float stays float)."""
+        if self.exp_bits is None or self.layout == MLX or w.shape[-1] % self.group_size:
+            return np.ascontiguousarray(w)
+        return quantize(w, self.exp_bits, self.group_size)
+
+    def _stacked_parts(self, layer: int, experts: _LayerExperts) -> dict[str, Callable[[int], object]]:
+        """proj -> function giving expert e's stored form, from the stacked tensors of the layer."""
+        getters: dict[str, Callable[[int], object]] = {}
+        h, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        for proj, parts in experts.stacked.items():
+            source = experts.sources[proj]
+            logical = (inter, h) if proj != "down_proj" else (h, inter)
+            if set(parts) == {"weight"}:
+                w = parts["weight"]
+                if w.dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"{self.ckpt.describe(source)}: dtype {w.dtype} is not float")
+                if tuple(w.shape[1:]) != logical:
+                    raise CheckpointError(f"{self.ckpt.describe(source)}: expert shape {list(w.shape[1:])}, "
+                                          f"expected {list(logical)} from config.json")
+                getters[proj] = lambda e, w=w: self._expert_final(w[e])
+            elif set(parts) == {"weight", "scales", "biases"}:
+                cname = f"layers.{layer}.mlp.experts.{proj}.weight"
+                spec = self._mlx_spec(cname, parts["weight"], parts["scales"], parts["biases"], source)
+                if parts["scales"].shape[1:] != (logical[0], logical[1] // spec.group_size):
+                    raise CheckpointError(f"{self.ckpt.describe(source)}: scales {list(parts['scales'].shape)} "
+                                          f"do not fit {list(logical)}")
+                getters[proj] = lambda e, p=parts, q=spec: QuantizedTensor(
+                    p["weight"][e], p["scales"][e], p["biases"][e], q.bits, q.group_size)
+            else:
+                missing = sorted({"weight", "scales", "biases"} - set(parts))
+                raise CheckpointError(f"{self.ckpt.describe(source)}: stacked expert tensor lacks its "
+                                      f"'{missing[0]}' part")
+        return getters
+
+    def _write_experts(self, layer: int, experts: _LayerExperts) -> None:
+        """Write experts/layer_NNN.bin: expert e's block at e*stride, padded to stride with zeros."""
+        n_exp = self.cfg.num_experts
+        getters = self._stacked_parts(layer, experts)
+        for proj in EXPERT_PROJS:
+            if proj in getters:
+                continue
+            for e in range(n_exp):
+                if (e, proj) not in experts.per_expert:
+                    raise CheckpointError(f"{self.ckpt.root}: missing tensor "
+                                          f"for layers.{layer}.mlp.experts.{e}.{proj}.weight (canonical name)")
+            getters[proj] = lambda e, p=proj: experts.per_expert[(e, p)]
+
+        def parts(e: int) -> dict:
+            return {proj: getters[proj](e) for proj in EXPERT_PROJS}
+
+        layout = ExpertLayout.plan(parts(0))
+        rel = expert_file_name(layer)
+        path = self.out / rel
+        buf = np.zeros(layout.stride, np.uint8)
+        digest = hashlib.sha256()
+        with open(path, "wb") as f:
+            for e in range(n_exp):
+                layout.pack(parts(e), buf)
+                _write_block(f, buf, path)
+                digest.update(buf.data)
+                for proj in EXPERT_PROJS:
+                    experts.per_expert.pop((e, proj), None)  # free each expert once it is on disk
+        self.hashes[rel] = FileEntry(n_exp * layout.stride, digest.hexdigest())
+        self.experts.append(ExpertFile(layer, rel, n_exp, layout))
+
+    # -- side files --
+
+    def _copy_side_files(self) -> None:
+        root = self.ckpt.root
+        for name in COPIED_FILES:
+            if (root / name).is_file():
+                shutil.copyfile(root / name, self.out / name)
+
+    def _record_hashes(self) -> None:
+        for path in sorted(self.out.rglob("*")):
+            rel = path.relative_to(self.out).as_posix()
+            if path.is_file() and rel not in self.hashes:
+                self.hashes[rel] = FileEntry(path.stat().st_size, sha256_file(path))
+
+
+def _mlx_quant_part(cname: str, a: np.ndarray) -> str | None:
+    """'weight'/'scales'/'biases' when canonical tensor `cname` is part of an MLX quantised triple, else None."""
+    if m := _QUANT_PART.match(cname):
+        return m[2]
+    return "weight" if cname.endswith(".weight") and a.dtype == np.uint32 else None
+
+
+def _write_block(f, buf: np.ndarray, path: Path) -> None:
+    """Write one expert block; the single place expert bytes reach the disk (tests simulate ENOSPC here)."""
+    try:
+        f.write(buf.data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None

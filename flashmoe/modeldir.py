@@ -1,0 +1,647 @@
+"""The flashmoe model directory (docs/formats.md): manifest dataclasses, expert layout, validated reader.
+
+A model directory holds config.json, flashmoe.json (the manifest), resident.safetensors (every non-expert
+tensor under its canonical name, quantised ones as `X.weight`/`X.scales`/`X.biases`) and one
+`experts/layer_NNN.bin` per MoE layer, where expert e occupies bytes [e*stride, e*stride + nbytes) and its
+components sit at the manifest's offsets. `ModelDir.open` checks every size and offset against the files
+before anything is read, so later code can trust them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from flashmoe.config import ModelConfig
+from flashmoe.errors import CheckpointError, FlashMoeError, FormatError
+from flashmoe.quant import BITS, GROUP_SIZES, QuantizedTensor
+from flashmoe.safetensors_io import SafetensorsFile
+
+FORMAT_VERSION = 1
+MANIFEST = "flashmoe.json"
+RESIDENT = "resident.safetensors"
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+#: Expert stride alignment: O_DIRECT needs file offsets (and lengths) aligned to the logical block size.
+STRIDE_ALIGN = 4096
+#: Alignment of every component inside an expert (cache line; SIMD loads).
+COMPONENT_ALIGN = 64
+
+#: Manifest dtype names -> numpy dtypes (all little-endian).
+DTYPES: dict[str, np.dtype] = {
+    "uint32": np.dtype("<u4"),
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """Manifest name of a numpy dtype; FormatError when the format has no such dtype."""
+    try:
+        return _DTYPE_NAMES[np.dtype(dtype)]
+    except KeyError:
+        raise FormatError(f"dtype {dtype} cannot be stored in a flashmoe model directory") from None
+
+
+def expert_file_name(layer: int) -> str:
+    """Relative path of the expert file of decoder layer `layer`: experts/layer_NNN.bin."""
+    return f"experts/layer_{layer:03d}.bin"
+
+
+def _round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+# ---- manifest ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """bits and group_size of one quantised tensor (MLX affine layout, flashmoe.quant)."""
+
+    bits: int
+    group_size: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "QuantSpec":
+        bits = _field(d, "bits", int, where)
+        group_size = _field(d, "group_size", int, where)
+        if bits not in BITS:
+            raise FormatError(f"{where}.bits = {bits} is not one of {BITS}")
+        if group_size not in GROUP_SIZES:
+            raise FormatError(f"{where}.group_size = {group_size} is not one of {GROUP_SIZES}")
+        return cls(bits, group_size)
+
+
+@dataclass(frozen=True)
+class ExpertComponent:
+    """One array inside an expert: `name` (`gate_proj.weight`, `gate_proj.scales`, ...), byte `offset` from the
+    start of the expert, `dtype` (a DTYPES name) and row-major `shape`."""
+
+    name: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "offset": self.offset, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "ExpertComponent":
+        dtype = _field(d, "dtype", str, where)
+        if dtype not in DTYPES:
+            raise FormatError(f"{where}.dtype = {dtype!r} is not one of {sorted(DTYPES)}")
+        shape = _field(d, "shape", list, where)
+        if not all(isinstance(s, int) and s > 0 for s in shape):
+            raise FormatError(f"{where}.shape = {shape} must be positive integers")
+        return cls(_field(d, "name", str, where), _field(d, "offset", int, where), dtype, tuple(shape))
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where one expert's components lie inside its `nbytes`-byte block; blocks repeat every `stride` bytes.
+
+    `quantization` maps each quantised projection (`gate_proj`, ...) to its QuantSpec; a projection absent from
+    it is stored as a float `X.weight` [out, in].
+    """
+
+    stride: int
+    nbytes: int
+    components: tuple[ExpertComponent, ...]
+    quantization: Mapping[str, QuantSpec] = field(default_factory=dict)
+
+    @classmethod
+    def plan(cls, parts: Mapping[str, QuantizedTensor | np.ndarray]) -> "ExpertLayout":
+        """Layout for experts shaped like `parts` (proj -> QuantizedTensor or float [out, in] array of ONE
+        expert): components in EXPERT_PROJS order, weight/scales/biases, each at a multiple of 64 bytes;
+        stride = nbytes rounded up to 4096."""
+        comps, quant, offset = [], {}, 0
+        for proj in EXPERT_PROJS:
+            part = parts[proj]
+            if isinstance(part, QuantizedTensor):
+                quant[proj] = QuantSpec(part.bits, part.group_size)
+                arrays = {"weight": part.weight, "scales": part.scales, "biases": part.biases}
+            else:
+                arrays = {"weight": part}
+            for kind, a in arrays.items():
+                offset = _round_up(offset, COMPONENT_ALIGN)
+                comps.append(ExpertComponent(f"{proj}.{kind}", offset, dtype_name(a.dtype), tuple(a.shape)))
+                offset += a.nbytes
+        return cls(_round_up(offset, STRIDE_ALIGN), offset, tuple(comps), quant)
+
+    def pack(self, parts: Mapping[str, QuantizedTensor | np.ndarray], out: np.ndarray) -> None:
+        """Write one expert's `parts` (as given to plan) into `out` (uint8, >= nbytes; all other bytes zeroed)."""
+        out[:] = 0
+        for c in self.components:
+            proj, kind = c.name.split(".")
+            part = parts[proj]
+            a = getattr(part, kind) if isinstance(part, QuantizedTensor) else part
+            if tuple(a.shape) != c.shape or dtype_name(a.dtype) != c.dtype:
+                raise FormatError(f"expert component {c.name}: got {a.dtype} {tuple(a.shape)}, layout has "
+                                  f"{c.dtype} {list(c.shape)}")
+            out[c.offset : c.offset + c.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+    def view(self, buf: np.ndarray) -> dict[str, QuantizedTensor | np.ndarray]:
+        """Zero-copy views of one expert inside `buf` (uint8, >= nbytes, e.g. a pread buffer):
+        {'gate_proj', 'up_proj', 'down_proj'} -> QuantizedTensor, or a float [out, in] array when unquantised."""
+        arrays = {c.name: buf[c.offset : c.offset + c.nbytes].view(DTYPES[c.dtype]).reshape(c.shape)
+                  for c in self.components}
+        out: dict[str, QuantizedTensor | np.ndarray] = {}
+        for proj in EXPERT_PROJS:
+            q = self.quantization.get(proj)
+            if q is None:
+                out[proj] = arrays[f"{proj}.weight"]
+            else:
+                out[proj] = QuantizedTensor(arrays[f"{proj}.weight"], arrays[f"{proj}.scales"],
+                                            arrays[f"{proj}.biases"], q.bits, q.group_size)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stride": self.stride,
+            "nbytes": self.nbytes,
+            "quantization": {p: q.to_dict() for p, q in self.quantization.items()},
+            "components": [c.to_dict() for c in self.components],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "ExpertLayout":
+        quant = {}
+        for proj, q in _field(d, "quantization", dict, where).items():
+            if proj not in EXPERT_PROJS:
+                raise FormatError(f"{where}.quantization has unknown projection {proj!r}")
+            quant[proj] = QuantSpec.from_dict(q, f"{where}.quantization.{proj}")
+        comps = tuple(ExpertComponent.from_dict(c, f"{where}.components[{i}]")
+                      for i, c in enumerate(_field(d, "components", list, where)))
+        return cls(_field(d, "stride", int, where), _field(d, "nbytes", int, where), comps, quant)
+
+
+@dataclass(frozen=True)
+class ExpertFile:
+    """The routed experts of one MoE decoder layer: `path` (relative to the model directory)."""
+
+    layer: int
+    path: str
+    num_experts: int
+    layout: ExpertLayout
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "path": self.path, "num_experts": self.num_experts, **self.layout.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "ExpertFile":
+        return cls(_field(d, "layer", int, where), _field(d, "path", str, where),
+                   _field(d, "num_experts", int, where), ExpertLayout.from_dict(d, where))
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size in bytes and SHA-256 (lowercase hex) of one file of the directory."""
+
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.sha256}
+
+
+@dataclass
+class Manifest:
+    """flashmoe.json. `quantization` covers resident tensors (key: `X.weight`); expert quantisation is in
+    each ExpertFile's layout. `files` covers every file except flashmoe.json itself."""
+
+    model_type: str
+    source: dict[str, Any]
+    quantization: dict[str, QuantSpec]
+    experts: list[ExpertFile]
+    files: dict[str, FileEntry]
+    format_version: int = FORMAT_VERSION
+    flashmoe_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "flashmoe_version": self.flashmoe_version,
+            "model_type": self.model_type,
+            "source": self.source,
+            "quantization": {k: v.to_dict() for k, v in sorted(self.quantization.items())},
+            "experts": [e.to_dict() for e in self.experts],
+            "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = MANIFEST) -> "Manifest":
+        """Parse and type-check a manifest dict; FormatError naming the field on any problem."""
+        if not isinstance(d, dict):
+            raise FormatError(f"{where}: not a JSON object")
+        version = _field(d, "format_version", int, where)
+        if version != FORMAT_VERSION:
+            raise FormatError(f"{where}: format_version {version} is not supported (this flashmoe reads "
+                              f"{FORMAT_VERSION}); convert the model again")
+        quant = {k: QuantSpec.from_dict(v, f"{where}: quantization[{k!r}]")
+                 for k, v in _field(d, "quantization", dict, where).items()}
+        experts = [ExpertFile.from_dict(e, f"{where}: experts[{i}]")
+                   for i, e in enumerate(_field(d, "experts", list, where))]
+        files = {}
+        for k, v in _field(d, "files", dict, where).items():
+            fw = f"{where}: files[{k!r}]"
+            files[k] = FileEntry(_field(v, "size", int, fw), _field(v, "sha256", str, fw))
+        return cls(
+            model_type=_field(d, "model_type", str, where),
+            source=_field(d, "source", dict, where),
+            quantization=quant,
+            experts=experts,
+            files=files,
+            format_version=version,
+            flashmoe_version=str(d.get("flashmoe_version", "")),
+        )
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
+        try:
+            return cls.from_dict(json.loads(text), where)
+        except ValueError as e:
+            if isinstance(e, FlashMoeError):
+                raise
+            raise FormatError(f"{where}: not valid JSON: {e}") from None
+
+
+def _field(d: Any, key: str, typ: type, where: str) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        raise FormatError(f"{where}: missing field {key!r}")
+    v = d[key]
+    if typ is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise FormatError(f"{where}.{key} must be an integer, got {v!r}")
+    if not isinstance(v, typ):
+        raise FormatError(f"{where}.{key} must be {typ.__name__}, got {type(v).__name__}")
+    return v
+
+
+def sha256_file(path: str | Path, chunk: int = 16 << 20) -> str:
+    """SHA-256 hex digest of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- reader --------------------------------------------------------------------------------------
+
+
+class ModelDir:
+    """A validated flashmoe model directory; also a WeightSource (canonical names, float32 arrays).
+
+    Open with ModelDir.open(path). Expert reads use os.pread on descriptors opened on first use.
+    """
+
+    def __init__(self, path: Path, config: ModelConfig, manifest: Manifest, resident: SafetensorsFile,
+                 logical: dict[str, tuple[str, ...]]):
+        self.path = path
+        self.config = config
+        self.manifest = manifest
+        self._resident = resident
+        self._logical = logical  # logical name -> stored names (weight[, scales, biases])
+        self._experts = {e.layer: e for e in manifest.experts}
+        self._fds: dict[int, int] = {}
+
+    # -- opening and validation --
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelDir":
+        """Open and validate `path`: manifest fields, file sizes, every resident tensor's byte range and
+        quantised shapes, every expert file's stride, component offsets/shapes and total size.
+
+        Raises FormatError naming the file and field (ConfigError for a bad config.json).
+        """
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not path.is_dir():
+            raise FormatError(f"{path}: not a directory")
+        try:
+            manifest = Manifest.from_json(mpath.read_text(), str(mpath))
+        except FileNotFoundError:
+            raise FormatError(f"{mpath}: missing (not a flashmoe model directory; run `flashmoe convert`)") from None
+        config = ModelConfig.from_file(path / "config.json")
+        for rel, entry in manifest.files.items():
+            f = path / rel
+            if not f.is_file():
+                raise FormatError(f"{f}: listed in {MANIFEST} but missing")
+            if f.stat().st_size != entry.size:
+                raise FormatError(f"{f}: {f.stat().st_size} bytes, {MANIFEST} files[{rel!r}].size says {entry.size}")
+        try:
+            resident = SafetensorsFile(path / RESIDENT)
+        except CheckpointError as e:
+            raise FormatError(str(e)) from None
+        logical = _check_resident(resident, manifest, path / RESIDENT)
+        _check_resident_shapes(resident, manifest, logical, config, path / RESIDENT)
+        _check_experts(manifest, config, path)
+        return cls(path, config, manifest, resident, logical)
+
+    # -- properties the engine uses --
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Decoder layers with routed experts, ascending."""
+        return sorted(self._experts)
+
+    def expert_path(self, layer: int) -> Path:
+        """Absolute path of the expert file of MoE layer `layer`."""
+        return self.path / self._expert_file(layer).path
+
+    def num_experts(self, layer: int) -> int:
+        return self._expert_file(layer).num_experts
+
+    def layer_layout(self, layer: int) -> ExpertLayout:
+        """The expert layout of MoE layer `layer` (layers may differ in a mixed-precision checkpoint)."""
+        return self._expert_file(layer).layout
+
+    @property
+    def layout(self) -> ExpertLayout:
+        """The expert layout shared by every MoE layer; FormatError when layers differ (use layer_layout)."""
+        first = self.manifest.experts[0].layout
+        if any(e.layout != first for e in self.manifest.experts):
+            raise FormatError(f"{self.path}: MoE layers have different expert layouts; use layer_layout(layer)")
+        return first
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of all resident tensors (as stored)."""
+        return sum(self._stored_nbytes(n) for n in self._logical)
+
+    def resident_names(self) -> list[str]:
+        """Canonical names of the resident tensors (a quantised tensor counts once, as `X.weight`)."""
+        return list(self._logical)
+
+    def quantization(self, name: str) -> QuantSpec | None:
+        """QuantSpec of resident tensor `name`, None when it is stored as float."""
+        return self.manifest.quantization.get(name)
+
+    def raw(self, name: str) -> QuantizedTensor | np.ndarray:
+        """Resident tensor `name` as stored: a QuantizedTensor (zero-copy views) or a float array (view).
+        Raises CheckpointError naming the tensor when absent."""
+        if name not in self._logical:
+            raise CheckpointError(f"{self.path / RESIDENT}: no tensor {name!r}")
+        q = self.manifest.quantization.get(name)
+        if q is None:
+            return self._resident.get(name)
+        base = name[: -len("weight")]
+        return QuantizedTensor(self._resident.get(name), self._resident.get(base + "scales"),
+                               self._resident.get(base + "biases"), q.bits, q.group_size)
+
+    # -- WeightSource --
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Resident tensor `name` as float32 (dequantised when stored quantised)."""
+        return _to_float32(self.raw(name))
+
+    def has(self, name: str) -> bool:
+        return name in self._logical
+
+    def expert(self, layer: int, e: int) -> dict[str, np.ndarray]:
+        """Routed expert e of `layer`, read with one pread: {'gate_proj' [I, H], 'up_proj' [I, H],
+        'down_proj' [H, I]} float32."""
+        buf = self.read_expert(layer, e)
+        return {k: _to_float32(v) for k, v in self.layer_layout(layer).view(buf).items()}
+
+    def read_expert(self, layer: int, e: int) -> np.ndarray:
+        """The raw `nbytes` bytes of expert e of `layer` (uint8), read with os.pread."""
+        ef = self._expert_file(layer)
+        if not 0 <= e < ef.num_experts:
+            raise CheckpointError(f"{self.expert_path(layer)}: expert {e} is outside 0..{ef.num_experts - 1}")
+        fd = self._fds.get(layer)
+        if fd is None:
+            fd = self._fds[layer] = os.open(self.expert_path(layer), os.O_RDONLY)
+        data = os.pread(fd, ef.layout.nbytes, e * ef.layout.stride)
+        if len(data) != ef.layout.nbytes:
+            raise FormatError(f"{self.expert_path(layer)}: short read of expert {e} (file changed since open?)")
+        return np.frombuffer(data, dtype=np.uint8)
+
+    # -- maintenance --
+
+    def verify_checksums(self) -> None:
+        """Recompute every file's SHA-256 and compare with the manifest (reads the whole model)."""
+        for rel, entry in self.manifest.files.items():
+            digest = sha256_file(self.path / rel)
+            if digest != entry.sha256:
+                raise FormatError(f"{self.path / rel}: sha256 {digest} does not match {MANIFEST} ({entry.sha256})")
+
+    def close(self) -> None:
+        """Close the expert file descriptors."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "ModelDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            self.close()
+
+    def _expert_file(self, layer: int) -> ExpertFile:
+        try:
+            return self._experts[layer]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: layer {layer} has no routed experts "
+                                  f"(MoE layers: {self.moe_layers})") from None
+
+    def _stored_nbytes(self, name: str) -> int:
+        return sum(int(np.prod(self._resident.shape(s), dtype=np.int64)) * self._resident.dtype(s).itemsize
+                   for s in self._logical[name])
+
+
+def _to_float32(a: QuantizedTensor | np.ndarray) -> np.ndarray:
+    return a.dequantize(np.float32) if isinstance(a, QuantizedTensor) else np.asarray(a, dtype=np.float32)
+
+
+def _check_quantized_shapes(where: str, w_shape, s_shape, b_shape, w_dtype, s_dtype, b_dtype,
+                            q: QuantSpec) -> None:
+    """A quantised triple agrees with itself and with q (shapes [.., out, in*bits/32] / [.., out, in/gs])."""
+    if w_dtype != np.dtype("<u4"):
+        raise FormatError(f"{where}: weight dtype {w_dtype}, quantised weights are uint32")
+    if s_dtype != b_dtype or s_dtype not in (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16)):
+        raise FormatError(f"{where}: scales/biases dtypes {s_dtype}/{b_dtype} must be one float dtype")
+    if tuple(s_shape) != tuple(b_shape) or tuple(w_shape[:-1]) != tuple(s_shape[:-1]):
+        raise FormatError(f"{where}: weight {list(w_shape)}, scales {list(s_shape)}, biases {list(b_shape)} "
+                          "disagree")
+    if w_shape[-1] * 32 != s_shape[-1] * q.group_size * q.bits:
+        raise FormatError(f"{where}: weight {list(w_shape)} and scales {list(s_shape)} do not fit bits "
+                          f"{q.bits}, group_size {q.group_size}")
+
+
+def _check_resident(resident: SafetensorsFile, manifest: Manifest, where: Path) -> dict[str, tuple[str, ...]]:
+    """Every quantised tensor has its scales and biases with consistent shapes; no stray uint32 tensor."""
+    names = set(resident.names())
+    logical: dict[str, tuple[str, ...]] = {}
+    for name, q in manifest.quantization.items():
+        if not name.endswith(".weight"):
+            raise FormatError(f"{where}: quantization entry {name!r} is not a '.weight' tensor")
+        base = name[: -len("weight")]
+        parts = (name, base + "scales", base + "biases")
+        for p in parts:
+            if p not in names:
+                raise FormatError(f"{where}: quantised tensor {name!r} lacks {p!r}")
+        _check_quantized_shapes(f"{where}: {name!r}", *(resident.shape(p) for p in parts),
+                                *(resident.dtype(p) for p in parts), q)
+        logical[name] = parts
+    claimed = {p for parts in logical.values() for p in parts}
+    for name in resident.names():
+        if name in claimed:
+            continue
+        if resident.dtype(name) not in (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16)):
+            raise FormatError(f"{where}: tensor {name!r} has dtype {resident.dtype(name)} but no quantization "
+                              f"entry in {MANIFEST}")
+        logical[name] = (name,)
+    return dict(sorted(logical.items()))
+
+
+def _check_resident_shapes(resident: SafetensorsFile, manifest: Manifest, logical: dict[str, tuple[str, ...]],
+                           config: ModelConfig, where: Path) -> None:
+    """The resident tensors are exactly those config.json implies, with its shapes."""
+    expected = resident_shapes(config)
+    for name, shape in expected.items():
+        if name not in logical:
+            raise FormatError(f"{where}: missing tensor {name!r}")
+        q = manifest.quantization.get(name)
+        s = resident.shape(logical[name][1]) if q else None
+        got = s[:-1] + (s[-1] * q.group_size,) if q else resident.shape(name)
+        if tuple(got) != shape:
+            raise FormatError(f"{where}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}")
+    extra = sorted(set(logical) - set(expected))
+    if extra:
+        raise FormatError(f"{where}: unexpected tensor {extra[0]!r} for this config.json")
+
+
+def _check_experts(manifest: Manifest, config: ModelConfig, path: Path) -> None:
+    """Expert files cover exactly config.moe_layers; each layout is self-consistent and fits the config."""
+    layers = [e.layer for e in manifest.experts]
+    if sorted(layers) != config.moe_layers:
+        raise FormatError(f"{path / MANIFEST}: experts cover layers {sorted(layers)}, config.json's MoE layers "
+                          f"are {config.moe_layers}")
+    h, inter = config.hidden_size, config.moe_intermediate_size
+    logical = {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
+    for ef in manifest.experts:
+        where = f"{path / MANIFEST}: experts[layer {ef.layer}]"
+        lay = ef.layout
+        if ef.num_experts != config.num_experts:
+            raise FormatError(f"{where}.num_experts = {ef.num_experts}, config.json num_experts = {config.num_experts}")
+        if lay.stride <= 0 or lay.stride % STRIDE_ALIGN:
+            raise FormatError(f"{where}.stride = {lay.stride} is not a positive multiple of {STRIDE_ALIGN}")
+        if not 0 < lay.nbytes <= lay.stride:
+            raise FormatError(f"{where}.nbytes = {lay.nbytes} is not in 1..stride ({lay.stride})")
+        comps = {c.name: c for c in lay.components}
+        if len(comps) != len(lay.components):
+            raise FormatError(f"{where}: duplicate component names")
+        spans = []
+        for c in lay.components:
+            if c.offset < 0 or c.offset % COMPONENT_ALIGN or c.offset + c.nbytes > lay.nbytes:
+                raise FormatError(f"{where}: component {c.name} at offset {c.offset} (+{c.nbytes} bytes) is not "
+                                  f"{COMPONENT_ALIGN}-aligned inside nbytes {lay.nbytes}")
+            spans.append((c.offset, c.offset + c.nbytes, c.name))
+        spans.sort()
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise FormatError(f"{where}: components {n0} and {n1} overlap")
+        for proj, (out_dim, in_dim) in logical.items():
+            q = lay.quantization.get(proj)
+            need = [f"{proj}.{k}" for k in (("weight", "scales", "biases") if q else ("weight",))]
+            missing = [n for n in need if n not in comps]
+            if missing:
+                raise FormatError(f"{where}: missing component {missing[0]}")
+            w = comps[need[0]]
+            if q is None:
+                if w.shape != (out_dim, in_dim) or w.dtype == "uint32":
+                    raise FormatError(f"{where}: component {w.name} is {w.dtype} {list(w.shape)}, expected a "
+                                      f"float [{out_dim}, {in_dim}]")
+                continue
+            s, b = comps[need[1]], comps[need[2]]
+            _check_quantized_shapes(f"{where}: {proj}", w.shape, s.shape, b.shape, DTYPES[w.dtype],
+                                    DTYPES[s.dtype], DTYPES[b.dtype], q)
+            if s.shape != (out_dim, in_dim // q.group_size):
+                raise FormatError(f"{where}: component {s.name} shape {list(s.shape)} does not fit "
+                                  f"[{out_dim}, {in_dim}] at group_size {q.group_size}")
+        extra = set(comps) - {f"{p}.{k}" for p in logical for k in ("weight", "scales", "biases")}
+        if extra:
+            raise FormatError(f"{where}: unknown component {sorted(extra)[0]}")
+        f = path / ef.path
+        if not f.is_file():
+            raise FormatError(f"{f}: expert file missing")
+        size, expected = f.stat().st_size, ef.num_experts * lay.stride
+        if size != expected:
+            raise FormatError(f"{f}: {size} bytes, expected num_experts {ef.num_experts} x stride {lay.stride} "
+                              f"= {expected}")
+
+
+def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> logical shape of every resident tensor a `cfg` model has (docs/formats.md table).
+
+    Linear weights are [out, in] (quantised ones are stored packed; this is their float shape).
+    """
+    h, v = cfg.hidden_size, cfg.vocab_size
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (v, h), "norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if cfg.layer_type(i) == "linear_attention":
+            hk, dk = cfg.linear_num_key_heads, cfg.linear_key_head_dim
+            hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+            conv_dim = 2 * hk * dk + hv * dv
+            a = p + "linear_attn."
+            shapes.update({
+                a + "in_proj_qkv.weight": (conv_dim, h), a + "in_proj_z.weight": (hv * dv, h),
+                a + "in_proj_b.weight": (hv, h), a + "in_proj_a.weight": (hv, h),
+                a + "conv1d.weight": (conv_dim, 1, cfg.linear_conv_kernel_dim),
+                a + "dt_bias": (hv,), a + "A_log": (hv,), a + "norm.weight": (dv,),
+                a + "out_proj.weight": (h, hv * dv),
+            })
+        else:
+            a = p + "self_attn."
+            q_out = nh * hd * (2 if cfg.has_attention_output_gate else 1)
+            outs = {"q_proj": (q_out, h), "k_proj": (nkv * hd, h), "v_proj": (nkv * hd, h), "o_proj": (h, nh * hd)}
+            for name, shape in outs.items():
+                shapes[f"{a}{name}.weight"] = shape
+                if cfg.attention_bias:
+                    shapes[f"{a}{name}.bias"] = (shape[0],)
+            if cfg.qk_norm == "head":
+                shapes[a + "q_norm.weight"] = (hd,)
+                shapes[a + "k_norm.weight"] = (hd,)
+            elif cfg.qk_norm == "full":
+                shapes[a + "q_norm.weight"] = (nh * hd,)
+                shapes[a + "k_norm.weight"] = (nkv * hd,)
+        m = p + "mlp."
+        if cfg.is_moe_layer(i):
+            shapes[m + "gate.weight"] = (cfg.num_experts, h)
+            if cfg.has_shared_expert:
+                s = cfg.shared_expert_intermediate_size
+                shapes.update({m + "shared_expert.gate_proj.weight": (s, h), m + "shared_expert.up_proj.weight": (s, h),
+                               m + "shared_expert.down_proj.weight": (h, s), m + "shared_expert_gate.weight": (1, h)})
+        else:
+            d = cfg.intermediate_size
+            shapes.update({m + "gate_proj.weight": (d, h), m + "up_proj.weight": (d, h), m + "down_proj.weight": (h, d)})
+    return shapes
