@@ -174,7 +174,12 @@ class ExpertStore:
             raise
         self._pool = _BufferPool(self.slot_bytes)
         self._cache: dict[tuple[int, int], _Entry] = {}
-        self._capacity = cache_bytes // self.slot_bytes if mode == "direct" else 0
+        # More entries than experts on disk would never be used.
+        self._capacity = 0
+        if mode == "direct":
+            self._capacity = min(cache_bytes // self.slot_bytes, num_experts * len(files))
+        self._spare: list[np.ndarray] = []  # allocated cache buffers not holding an expert
+        self._cache_slots = 0  # cache buffers allocated (<= _capacity)
         self._policy = make_policy(policy)
         self.policy = policy
         self._live: dict[int, Fetch] = {}  # id(fetch) -> fetch, for release_all
@@ -290,10 +295,18 @@ class ExpertStore:
         return entry.pins == 0 and entry.read.done()
 
     def _cache_buffer(self) -> np.ndarray | None:
-        """A buffer for a new cache entry: fresh while the cache has room, else the victim's; None when
-        the cache has no room and every entry is in use."""
-        if len(self._cache) < self._capacity:
-            return aligned_buffer(self.slot_bytes)
+        """A buffer for a new cache entry: a spare one, a new one while the cache has room, else the
+        victim's; None when the cache has no room and every entry is in use.
+
+        New buffers come in slabs of up to 64 MiB (one mmap each): one mapping per entry would exceed
+        the kernel's mapping limit (vm.max_map_count, 65530) for small experts and a large budget."""
+        if not self._spare and self._cache_slots < self._capacity:
+            n = min(self._capacity - self._cache_slots, max(1, (64 << 20) // self.slot_bytes))
+            slab = aligned_buffer(n * self.slot_bytes).reshape(n, self.slot_bytes)
+            self._spare.extend(slab[::-1])  # pop() hands them out in address order
+            self._cache_slots += n
+        if self._spare:
+            return self._spare.pop()
         key = self._policy.victim(self._evictable) if self._cache else None
         if key is None:
             return None
@@ -393,8 +406,7 @@ class ExpertStore:
             s.entry.pins -= 1
             key = (f.layer, s.expert)
             if s.read.done() and s.read.exception() is not None and self._cache.get(key) is s.entry:
-                self._policy.remove(key)
-                del self._cache[key]
+                self._drop(key)
         self._drain_done()
 
     def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
@@ -427,19 +439,27 @@ class ExpertStore:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of direct-mode cache entries allocated so far (at most the `cache_bytes` asked for)."""
-        return len(self._cache) * self.slot_bytes
+        """Bytes of direct-mode cache buffers allocated so far (at most the `cache_bytes` asked for);
+        pages are committed only when an expert is read into them."""
+        return self._cache_slots * self.slot_bytes
 
     @property
     def allocated_buffer_bytes(self) -> int:
         """Bytes of pool read buffers allocated now (handed out or kept free for reuse)."""
         return self._pool.allocated * self.slot_bytes
 
+    def _drop(self, key: tuple[int, int]) -> None:
+        """Take an entry out of the cache, keeping its buffer for the next entry."""
+        self._policy.remove(key)
+        self._spare.append(self._cache.pop(key).buf)
+
     def clear_cache(self) -> None:
-        """Empty the direct-mode cache (entries in use by a live fetch stay until released)."""
+        """Empty the direct-mode cache, after waiting for reads still running into entries no fetch
+        holds (e.g. prefetches). Entries held by a live fetch stay."""
+        wait_futures([e.read for e in self._cache.values() if e.pins == 0])
+        self._drain_done()
         for key in [k for k in self._cache if self._evictable(k)]:
-            self._policy.remove(key)
-            del self._cache[key]
+            self._drop(key)
 
     def evict_page_cache(self) -> None:
         """Drop every expert file's pages from the OS page cache (POSIX_FADV_DONTNEED), for cold-start

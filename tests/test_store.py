@@ -147,6 +147,21 @@ def test_cache_hit_returns_the_cached_buffer_without_a_read(layers):
         assert (store.stats.totals.reads, store.stats.totals.hits) == (1, 1)
 
 
+def test_cache_is_capped_at_the_experts_on_disk_and_reuses_buffers_after_clear(layers):
+    files, data = layers
+    with make_store(files, "direct", cache_bytes=1 << 30) as store:
+        for layer in (1, 3):
+            store.release(store.fetch(layer, range(NUM_EXPERTS)))
+        assert store.cache_bytes == 2 * NUM_EXPERTS * SLOT
+        addresses = {int(store._cache[k].buf.ctypes.data) for k in store.cached_experts()}
+        store.clear_cache()
+        assert store.cached_experts() == []
+        f = store.fetch(3, [4])
+        buf = store.wait(f)[0]
+        np.testing.assert_array_equal(buf, expert_bytes(data, 3, 4))
+        assert buf.ctypes.data in addresses and store.cache_bytes == 2 * NUM_EXPERTS * SLOT
+
+
 def test_entries_in_use_are_not_evicted_and_misses_then_use_read_buffers(layers):
     files, data = layers
     with make_store(files, "direct", cache_bytes=2 * SLOT) as store:
