@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from flashmoe.chat_template import load_chat_template, render_chat, special_tokens_of
 from flashmoe.errors import FlashMoeError
 
 
@@ -62,10 +63,7 @@ class Tokenizer:
         if eos_text is not None and self._tok.token_to_id(eos_text) is not None:
             ids.add(self._tok.token_to_id(eos_text))
         self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
-        self.chat_template: str | None = self.config.get("chat_template")
-        template_file = model_dir / "chat_template.jinja"
-        if self.chat_template is None and template_file.exists():
-            self.chat_template = template_file.read_text(encoding="utf-8")
+        self.chat_template: str | dict[str, str] | None = load_chat_template(model_dir, self.config)
 
     @property
     def vocab_size(self) -> int:
@@ -78,28 +76,15 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render the model's chat template with jinja2, as transformers' apply_chat_template does.
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        """Render the model's chat template exactly as transformers' apply_chat_template(tokenize=False) does
+        (flashmoe.chat_template.render_chat); kwargs are template variables such as enable_thinking.
 
         Raises FlashMoeError when the model has no chat template or the template raises.
         """
-        if not self.chat_template:
-            raise FlashMoeError("this model has no chat template (tokenizer_config.json or chat_template.jinja)")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        special = {k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
-            )
-        except jinja2.exceptions.TemplateError as e:
-            raise FlashMoeError(f"chat template: {e}") from e
+        return render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                           special_tokens=special_tokens_of(self.config), **kwargs)
 
 
 class StreamDecoder:
