@@ -174,13 +174,10 @@ class ModelConfig:
         prf = float(rope.get("partial_rotary_factor") or d.get("partial_rotary_factor")
                     or defaults.get("partial_rotary_factor", 1.0))
 
-        if family == "mixtral":
+        if family in ("mixtral", "olmoe"):
+            # every layer is MoE and intermediate_size is the expert width (moe_intermediate_size: to_dict's)
             num_experts = int(get("num_local_experts", "num_experts"))
-            moe_inter = int(get("intermediate_size"))
-            dense_inter = None
-        elif family == "olmoe":
-            num_experts = int(get("num_experts", "num_local_experts"))
-            moe_inter = int(get("intermediate_size"))
+            moe_inter = int(get("intermediate_size", "moe_intermediate_size"))
             dense_inter = None
         else:
             # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (attribute_map)
@@ -314,7 +311,8 @@ class ModelConfig:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     def to_dict(self) -> dict[str, Any]:
-        """The normalised fields as a JSON-serialisable dict (tuples become lists; `source` omitted)."""
+        """The normalised fields as a JSON-serialisable dict (tuples become lists; `source` omitted);
+        from_dict(to_dict()) gives an equal config."""
         d = dataclasses.asdict(self)
         d.pop("source")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
