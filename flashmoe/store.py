@@ -44,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -70,13 +70,30 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
 
 
+def _checked_allocator(allocate: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+    """Wrap `allocate` so that a buffer O_DIRECT or the alignment measurement would reject fails loudly."""
+
+    def checked(nbytes: int) -> np.ndarray:
+        buf = allocate(nbytes)
+        if (buf.dtype != np.uint8 or buf.shape != (nbytes,) or not buf.flags.c_contiguous
+                or not buf.flags.writeable or buf.ctypes.data % ALIGN):
+            raise ValueError(
+                f"buffer allocator returned {buf.dtype} {buf.shape} at page offset "
+                f"{buf.ctypes.data % ALIGN}; needs a writable contiguous uint8 ({nbytes},) array on a page "
+                "boundary"
+            )
+        return buf
+
+    return checked
+
+
 class _BufferPool:
     """Reusable page-aligned buffers of one size. Buffers are kept for reuse, never unmapped: a fresh
     mapping faults in every page during the copy, which made a warm read ~10x slower (bench_disk.py), and
     the engine's fetch pattern bounds how many ever exist."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, allocate: Callable[[int], np.ndarray]) -> None:
+        self.size, self._allocate = size, allocate
         self._free: list[np.ndarray] = []
         self.allocated = 0  # buffers alive (free or handed out)
 
@@ -84,7 +101,7 @@ class _BufferPool:
         if self._free:
             return self._free.pop()
         self.allocated += 1
-        return aligned_buffer(self.size)
+        return self._allocate(self.size)
 
     def give(self, buf: np.ndarray) -> None:
         self._free.append(buf)
@@ -133,6 +150,10 @@ class ExpertStore:
         policy: direct mode: eviction policy name ("lru", "lfu", "fifo").
         threads: reader threads (default 8); pass max(4, k) so one layer's k reads run together.
         stats: where counters go; default a fresh Stats (`store.stats`).
+        allocate: makes read and cache buffers: nbytes -> writable, C-contiguous np.uint8 array of that
+            length starting on a page boundary (checked). Default `aligned_buffer`; a backend passes its
+            own (e.g. MLX-owned memory) so experts reach it without a copy. Cache buffers are carved
+            from allocations of up to 64 MiB.
 
     Raises FormatError if a file is missing or too short to hold `num_experts` experts, ValueError for
     inconsistent parameters.
@@ -149,6 +170,7 @@ class ExpertStore:
         policy: str = "lru",
         threads: int | None = None,
         stats: Stats | None = None,
+        allocate: Callable[[int], np.ndarray] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown I/O mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -172,7 +194,8 @@ class ExpertStore:
         except BaseException:
             self._close_files()
             raise
-        self._pool = _BufferPool(self.slot_bytes)
+        self._allocate = _checked_allocator(allocate or aligned_buffer)
+        self._pool = _BufferPool(self.slot_bytes, self._allocate)
         self._cache: dict[tuple[int, int], _Entry] = {}
         # More entries than experts on disk would never be used.
         self._capacity = 0
@@ -302,7 +325,7 @@ class ExpertStore:
         the kernel's mapping limit (vm.max_map_count, 65530) for small experts and a large budget."""
         if not self._spare and self._cache_slots < self._capacity:
             n = min(self._capacity - self._cache_slots, max(1, (64 << 20) // self.slot_bytes))
-            slab = aligned_buffer(n * self.slot_bytes).reshape(n, self.slot_bytes)
+            slab = self._allocate(n * self.slot_bytes).reshape(n, self.slot_bytes)
             self._spare.extend(slab[::-1])  # pop() hands them out in address order
             self._cache_slots += n
         if self._spare:

@@ -307,6 +307,27 @@ def test_direct_mode_falls_back_with_one_warning_when_o_direct_is_refused(layers
         np.testing.assert_array_equal(store.wait(store.fetch(3, [7]))[0], expert_bytes(data, 3, 7))
 
 
+def test_a_backend_allocator_provides_every_buffer(layers):
+    files, data = layers
+    owned = []
+
+    def allocate(nbytes):
+        owned.append(np.frombuffer(bytearray(nbytes + 2 * ALIGN), dtype=np.uint8))
+        skip = -owned[-1].ctypes.data % ALIGN
+        return owned[-1][skip : skip + nbytes]
+
+    def inside_owned(buf):
+        return any(o.ctypes.data <= buf.ctypes.data < o.ctypes.data + o.size for o in owned)
+
+    with make_store(files, "direct", cache_bytes=SLOT, allocate=allocate) as store:
+        bufs = store.wait(store.fetch(1, [2, 3]))  # one into the cache, one into a read buffer
+        assert all(inside_owned(b) for b in bufs)
+        np.testing.assert_array_equal(bufs[1], expert_bytes(data, 1, 3))
+    with pytest.raises(ValueError, match="page offset 1"):
+        with make_store(files, allocate=lambda n: allocate(n + 1)[1:]) as store:
+            store.fetch(1, [0])
+
+
 def test_bad_arguments_are_refused(layers):
     files, _ = layers
     with pytest.raises(ValueError, match="multiple of 4096"):
