@@ -49,18 +49,20 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
     decoder = StreamDecoder(tokenizer)
     limit = min(max_tokens, engine.cfg.max_position_embeddings - len(prompt_ids))
     stats.start()
-    logits = engine.forward(np.asarray(prompt_ids), state)
-    for _ in range(limit):
-        token = sampler(logits[-1], history)
-        history.append(token)
-        if token in tokenizer.eos_token_ids:
+    try:
+        logits = engine.forward(np.asarray(prompt_ids), state)
+        for _ in range(limit):
+            token = sampler(logits[-1], history)
+            history.append(token)
             stats.token_done()
-            yield Step(token, "")
-            return
-        text = decoder.push(token)
-        stats.token_done()
-        yield Step(token, text)
-        logits = engine.forward(np.asarray([token]), state)
+            if token in tokenizer.eos_token_ids:
+                yield Step(token, "")
+                return
+            yield Step(token, decoder.push(token))
+            logits = engine.forward(np.asarray([token]), state)
+    finally:
+        # An interrupt between a fetch and its release must not leave read buffers pinned.
+        engine.store.release_all()
 
 
 def generate(engine: Engine, tokenizer: Tokenizer, prompt: str, sampler: Sampler, max_tokens: int,

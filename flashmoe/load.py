@@ -59,7 +59,7 @@ def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io:
         experts_per_token: override the model's num_experts_per_tok (k).
         context: longest sequence to plan the KV cache for, in tokens.
         cache_policy: eviction policy of the direct-mode cache ('lru', 'lfu', ...).
-        threads: read threads (default: the store's).
+        threads: read threads (default max(4, k), so a token's k reads run in one round).
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
     MemoryBudgetError when the resident part alone exceeds max_memory, FlashMoeError for bad options.
@@ -74,7 +74,8 @@ def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io:
     stats = Stats(num_layers=len(model.moe_layers))
     layout = model.layout
     files = {layer: model.expert_path(layer) for layer in model.moe_layers}
-    read_buffers = ExpertStore.read_buffer_bytes(k, layout.stride)
+    threads = threads or max(4, k)  # all k reads of a decode token in flight at once
+    read_buffers = ExpertStore.read_buffer_bytes(k, layout.nbytes, threads)
     cache_bytes = 0
     if max_memory is not None:
         budget = MemoryBudget(
