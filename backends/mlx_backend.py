@@ -16,14 +16,16 @@ memory can however be exposed to NumPy as a writable view, so :meth:`MlxBackend.
 out page-aligned read buffers that MLX owns; an expert read into one is used in place (no copy) — the
 backend recognises such views by their buffer's owner. Buffers from anywhere else are copied.
 
-On Apple silicon (``mx.metal.is_available()``) the fused kernels in ``shaders/`` are loaded with
-``mx.fast.metal_kernel``; on other machines (this Linux CPU build among them) ``mx.fast.metal_kernel``
-exists but raises "No Metal back-end" when called, so the device is checked, not the attribute.
+On Apple silicon (``mx.metal.is_available()``) the fused 4-bit expert kernels in ``shaders/`` are loaded
+with ``mx.fast.metal_kernel`` (with ``mx.fast.cuda_kernel`` from their CUDA twins under MLX's CUDA
+back-end); on the CPU ``mx.fast.metal_kernel`` exists but raises "No Metal back-end" when called, so the
+device is checked, not the attribute, and MLX's built-in ops run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,8 @@ except ImportError as e:  # pragma: no cover - exercised only without mlx instal
     raise ImportError(f"mlx is not installed ({e}); pip install 'mlx[cpu]' (Linux) or 'mlx' (macOS)") from e
 
 _PAGE = 4096
+# shaders/ beside backends/ in a source checkout; flashmoe/shaders in an installed wheel.
+_SHADER_DIRS = (Path(__file__).resolve().parent.parent / "shaders", Path(__file__).resolve().parent / "shaders")
 # Grow the RoPE cos/sin table to at least this many positions at a time.
 _ROPE_TABLE_MIN = 4096
 
@@ -71,6 +75,8 @@ def _mlx_owner(a: np.ndarray) -> tuple[Any, int] | None:
     """If ``a`` views memory owned by an MLX array (see :meth:`MlxBackend.allocate_buffer`): that array and
     the byte offset of ``a`` inside it; else None."""
     base = a.base
+    while isinstance(base, np.ndarray):  # dtype views and reshapes keep an ndarray base; follow it to the owner
+        base = base.base
     if not (isinstance(base, memoryview) and isinstance(base.obj, mx.array)):
         return None
     start = np.frombuffer(base, np.uint8).ctypes.data
@@ -94,6 +100,81 @@ def _f32(x: Any) -> Any:
     return mx.array(np.asarray(x, dtype=np.float32))
 
 
+def shader_source(filename: str) -> str:
+    """The text of ``shaders/<filename>``. Raises BackendError naming the directories searched."""
+    for d in _SHADER_DIRS:
+        if (d / filename).is_file():
+            return (d / filename).read_text()
+    raise BackendError(f"shader {filename} not found in {', '.join(str(d) for d in _SHADER_DIRS)}")
+
+
+def gpu_language() -> str | None:
+    """The GPU MLX can run custom kernels on here: "metal" (Apple silicon), "cuda" (MLX's CUDA back-end)
+    or None. ``mx.fast.metal_kernel`` and
+    ``mx.fast.cuda_kernel`` exist in every build and raise "No Metal/CUDA back-end" when called without
+    one, so the device is asked, not the attribute."""
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+class FusedKernels:
+    """The 4-bit expert kernels of ``shaders/``, JIT-compiled by MLX for its GPU (Metal or CUDA sources of
+    the same kernels, with the same inputs, template and launch geometry).
+
+    Each method's exact arithmetic is written out by its NumPy twin in
+    ``flashmoe.conformance.kernel_twins``; conformance/test_mlx_backend.py checks kernel against twin on a
+    machine with the GPU, and twin against the reference everywhere.
+    """
+
+    ROWS = 8  # output rows (SIMD groups / warps of 32) per threadgroup
+
+    def __init__(self, language: str):
+        make, ext = {"metal": (mx.fast.metal_kernel, ".metal"), "cuda": (mx.fast.cuda_kernel, ".cu")}[language]
+        self.language = language
+
+        def load(name: str, inputs: list[str], outputs: list[str]) -> Any:
+            return make(name=f"flashmoe_{name}", input_names=inputs, output_names=outputs,
+                        source=shader_source(name + ext))
+
+        self._matvec = load("dequant_matvec_4bit", ["x", "w", "scales", "biases"], ["y"])
+        self._swiglu = load("swiglu_4bit", ["x", "gate_w", "gate_scales", "gate_biases", "up_w", "up_scales",
+                                            "up_biases"], ["h"])
+        self._combine = load("moe_combine", ["expert_out", "weights", "shared", "shared_gate", "residual"], ["out"])
+
+    @staticmethod
+    def supports(*weights: Any) -> bool:
+        """Whether every weight is a 4-bit MxQuantized with one scale dtype (what the kernels take)."""
+        return all(isinstance(w, MxQuantized) and w.bits == 4 for w in weights) and \
+            len({w.scales.dtype for w in weights}) == 1
+
+    def _rows_launch(self, q: MxQuantized) -> dict:
+        out, inp = q.shape
+        return dict(template=[("T", q.scales.dtype), ("IN", inp), ("GROUP", q.group_size), ("OUT", out)],
+                    grid=(32, out, 1), threadgroup=(32, self.ROWS, 1), output_shapes=[(out,)],
+                    output_dtypes=[mx.float32])
+
+    def dequant_matvec_4bit(self, x: Any, w: MxQuantized) -> Any:
+        """``W x`` for x float32 ``[in]`` -> float32 ``[out]`` (shaders/dequant_matvec_4bit.*)."""
+        return self._matvec(inputs=[x, w.words, w.scales, w.biases], **self._rows_launch(w))[0]
+
+    def swiglu_4bit(self, x: Any, gate: MxQuantized, up: MxQuantized) -> Any:
+        """``silu(G x) * (U x)`` for x float32 ``[hidden]`` -> float32 ``[I]`` (shaders/swiglu_4bit.*)."""
+        return self._swiglu(inputs=[x, gate.words, gate.scales, gate.biases, up.words, up.scales, up.biases],
+                            **self._rows_launch(gate))[0]
+
+    def moe_combine(self, expert_out: Any, weights: Any, shared: Any, shared_gate: Any, residual: Any) -> Any:
+        """``residual + shared_gate * shared + sum_e weights[e] * expert_out[e]``: expert_out ``[K, D]``,
+        weights ``[K]``, shared and residual ``[D]``, shared_gate ``[1]``, all float32 -> ``[D]``
+        (shaders/moe_combine.*)."""
+        k, d = expert_out.shape
+        return self._combine(inputs=[expert_out, weights, shared, shared_gate, residual],
+                             template=[("K", k), ("D", d)], grid=(d, 1, 1), threadgroup=(256, 1, 1),
+                             output_shapes=[(d,)], output_dtypes=[mx.float32])[0]
+
+
 class MlxBackend(Backend):
     """MLX on its default device (the GPU on Apple silicon, the CPU elsewhere). Handles: float32 mx arrays
     for float weights, :class:`MxQuantized` for quantised ones."""
@@ -105,7 +186,9 @@ class MlxBackend(Backend):
         return None  # importing mlx.core succeeded; the CPU device always exists
 
     def __init__(self) -> None:
-        self.metal = mx.metal.is_available()
+        language = gpu_language()
+        #: The fused kernels of shaders/ on a GPU, None on the CPU (where MLX's built-in ops run).
+        self.kernels = FusedKernels(language) if language else None
         self._rope_tables: dict[tuple[float, int], tuple[Any, Any]] = {}
 
     # -- arrays and weights ------------------------------------------------------------------------------
@@ -263,8 +346,16 @@ class MlxBackend(Backend):
         return y
 
     def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> Any:
-        x = _f32(x)[None, :]
+        x = _f32(x)
         w = mx.array(np.asarray(weights, dtype=np.float32))
-        y = sum(w[e] * self._swiglu(x, expert)[0] for e, expert in enumerate(experts))
+        projs = [[self._weight(e[p]) for p in ("gate_proj", "up_proj", "down_proj")] for e in experts]
+        if self.kernels is not None and self.kernels.supports(*(q for e in projs for q in e)):
+            kern = self.kernels
+            ys = mx.stack([kern.dequant_matvec_4bit(kern.swiglu_4bit(x, g, u), d) for g, u, d in projs])
+            zeros = mx.zeros(x.shape, dtype=mx.float32)
+            y = kern.moe_combine(ys, w, zeros, mx.zeros((1,), dtype=mx.float32), zeros)
+        else:
+            y = sum(w[i] * self._swiglu(x[None, :], dict(zip(("gate_proj", "up_proj", "down_proj"), e)))[0]
+                    for i, e in enumerate(projs))
         mx.eval(y)  # as in expert_ffn: the read buffers are released after this call
         return y
