@@ -1,0 +1,265 @@
+"""The Backend interface: the arithmetic the streaming forward pass needs, and the registry of backends.
+
+The engine (flashmoe/engine.py) owns the token loop, the KV cache and the linear-attention states; a backend
+owns only arithmetic on its own arrays. Every operation takes and returns float32 activations (``asarray``
+/ ``to_numpy`` convert at the edges). Weights are either float arrays ``[out, in]`` or
+:class:`flashmoe.quant.QuantizedTensor` (MLX layout); resident weights go through :meth:`Backend.prepare`
+once, routed experts arrive as zero-copy views into the expert store's read buffers and are used as they are.
+
+Each operation's definition is the NumPy reference (``flashmoe.reference``); the conformance suite
+(``flashmoe.conformance``) checks every backend against it before flashmoe uses the backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Union
+
+import numpy as np
+
+from flashmoe.errors import FlashMoeError
+from flashmoe.quant import QuantizedTensor
+
+#: A weight as the engine hands it over: float ``[out, in]`` or quantised.
+Weight = Union[QuantizedTensor, np.ndarray]
+#: One routed expert: ``{"gate_proj": W [I, H], "up_proj": W [I, H], "down_proj": W [H, I]}``.
+Expert = dict
+
+
+class BackendError(FlashMoeError):
+    """An unknown or unavailable backend was requested, or a weight it cannot use was handed to it."""
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A quantised weight ready for kernels: the packed words untouched, scales and biases as float32.
+
+    words: uint32 ``[out, in * bits / 32]`` C-contiguous (the caller's buffer, never copied);
+    scales, biases: float32 ``[out, in / group_size]``. Converting the small scales/biases once (bf16/f16
+    -> f32 is exact) keeps every kernel on one dtype.
+    """
+
+    words: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    bits: int
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.scales.shape[1] * self.group_size
+
+
+def scales_to_f32(a: np.ndarray) -> np.ndarray:
+    """bf16 / f16 / f32 array -> C-contiguous float32. bf16 widens by a 16-bit shift of its bit pattern
+    (exact, and far faster than ml_dtypes' element-wise cast)."""
+    if a.dtype == np.float32:
+        return np.ascontiguousarray(a)
+    if a.dtype.itemsize == 2 and a.dtype.name == "bfloat16":
+        bits = np.ascontiguousarray(a).view(np.uint16).astype(np.uint32)
+        return (bits << np.uint32(16)).view(np.float32)
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def pack_weight(t: QuantizedTensor | PackedWeight, name: str = "weight") -> PackedWeight:
+    """View a 2-D QuantizedTensor as a PackedWeight (no copy of the words unless they are not contiguous).
+
+    Raises BackendError naming ``name`` when the tensor is not 2-D or its shapes disagree with its bits.
+    """
+    if isinstance(t, PackedWeight):
+        return t
+    if t.weight.ndim != 2 or t.scales.shape != t.biases.shape or t.scales.shape[0] != t.weight.shape[0]:
+        raise BackendError(
+            f"{name}: expected weight [out, in*bits/32] with scales/biases [out, in/group_size], got "
+            f"weight {t.weight.shape}, scales {t.scales.shape}, biases {t.biases.shape}"
+        )
+    if t.weight.shape[1] * 32 != t.scales.shape[1] * t.group_size * t.bits:
+        raise BackendError(
+            f"{name}: weight {t.weight.shape} does not hold {t.bits}-bit values for scales {t.scales.shape} "
+            f"with group_size {t.group_size}"
+        )
+    return PackedWeight(
+        words=np.ascontiguousarray(t.weight, dtype=np.uint32),
+        scales=scales_to_f32(t.scales),
+        biases=scales_to_f32(t.biases),
+        bits=int(t.bits),
+        group_size=int(t.group_size),
+    )
+
+
+def weight_shape(w: Any) -> tuple[int, int]:
+    """``(out, in)`` of a float array, QuantizedTensor or PackedWeight."""
+    if isinstance(w, PackedWeight):
+        return w.out_features, w.in_features
+    return tuple(w.shape)  # QuantizedTensor.shape is the float shape
+
+
+class Backend(ABC):
+    """The arithmetic of one forward pass. Subclasses set ``name`` and implement every operation.
+
+    Conventions: ``T`` tokens in this call, ``S`` cached positions, ``H`` heads, ``D`` head dim; every
+    activation in and out is float32 (backend arrays; ``to_numpy`` gives NumPy). Weights may be prepared
+    handles (from :meth:`prepare`), float arrays or QuantizedTensors.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run on this machine (missing package, no device), or None if it can."""
+        return None
+
+    # -- arrays and weights ------------------------------------------------------------------------------
+    @abstractmethod
+    def asarray(self, x: Any) -> Any:
+        """Any array-like -> this backend's float32 array (same shape)."""
+
+    @abstractmethod
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """This backend's array -> NumPy float32 array (same shape)."""
+
+    @abstractmethod
+    def prepare(self, t: Weight) -> Any:
+        """A resident weight (float ``[out, in]`` / ``[vocab, hidden]``, or a 2-D QuantizedTensor) -> the
+        handle every other operation accepts for it. Quantised words are kept as they are, never
+        dequantised."""
+
+    # -- dense ops ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def linear(self, x: Any, w: Any) -> Any:
+        """``y = x @ W.T``: x ``[T, in]`` -> ``[T, out]`` (T = 1 in decode, the prompt length in prefill).
+
+        W: float ``[out, in]``, QuantizedTensor (dequantised on the fly: ``scales * q + biases``) or a
+        prepared handle."""
+
+    @abstractmethod
+    def embed(self, ids: np.ndarray, w: Any) -> Any:
+        """Rows ``ids`` (int ``[T]``) of an embedding ``[vocab, hidden]`` (float or quantised) -> ``[T, hidden]``."""
+
+    @abstractmethod
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
+        """``x / sqrt(mean(x², -1) + eps) * weight``: x ``[..., n]``, weight ``[n]``. The plain ``x * w``
+        convention; conversion folds ``(1 + w)`` families into w. (Zhang & Sennrich 2019; HF Qwen3RMSNorm.)"""
+
+    @abstractmethod
+    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> Any:
+        """Rotary embedding, HF rotate-half layout, on the first ``rotary_dim`` features of each head.
+
+        x ``[T, H, D]``, positions int ``[T]``; ``inv_freq = theta ** -(arange(0, rotary_dim, 2) / rotary_dim)``,
+        angle = position * inv_freq; features ``rotary_dim:`` pass through (partial rotary). -> ``[T, H, D]``.
+        (Su et al. 2021; HF ``apply_rotary_pos_emb``.)"""
+
+    @abstractmethod
+    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> Any:
+        """Causal grouped-query softmax attention over a KV cache.
+
+        q ``[T, Hq, D]``; k, v ``[S, Hkv, D]`` holding positions ``0 .. S-1``; q_positions int ``[T]``
+        (each < S); query head h reads kv head ``h // (Hq // Hkv)``; query at position p sees keys
+        ``0 .. p``. Scores ``scale * q·k``, softmax in float32. -> ``[T, Hq, D]``."""
+
+    @abstractmethod
+    def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[Any, Any]:
+        """Depthwise causal conv1d with SiLU, continuing from a state (GatedDeltaNet's short conv).
+
+        x ``[T, C]``; state ``[K-1, C]``: the previous K-1 inputs (zeros at the start); weight ``[C, K]``.
+        ``y[t, c] = silu(sum_j weight[c, j] * xs[t + j, c])`` with ``xs = concat(state, x)``.
+        -> (y ``[T, C]``, new state = last K-1 rows of xs). (HF Qwen3-Next ``causal_conv1d_fn``, bias-free.)"""
+
+    @abstractmethod
+    def gated_delta_rule(
+        self, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any
+    ) -> tuple[Any, Any]:
+        """The gated delta rule recurrence (Yang et al. 2024, "Gated Delta Networks"), one token at a time.
+
+        q, k ``[T, Hk, Dk]``: already L2-normalised, q already scaled by ``Dk ** -0.5``; v ``[T, H, Dv]``
+        with H a multiple of Hk (value head h uses q/k head ``h // (H // Hk)``, as HF's repeat_interleave);
+        g ``[T, H]`` log decay (≤ 0); beta ``[T, H]`` in (0, 1); state ``[H, Dk, Dv]``. Per token:
+        ``S = exp(g) S;  S += k ⊗ (beta (v - Sᵀk));  o = Sᵀ q``. -> (o ``[T, H, Dv]``, new state).
+        (HF ``torch_recurrent_gated_delta_rule``.)"""
+
+    # -- elementwise glue between the ops above (NumPy here; a backend with its own arrays overrides) ------
+    def sigmoid(self, x: Any) -> Any:
+        """``1 / (1 + exp(-x))`` elementwise."""
+        return 1.0 / (1.0 + np.exp(-x))
+
+    def silu(self, x: Any) -> Any:
+        """``x * sigmoid(x)`` elementwise (Hendrycks & Gimpel 2016; SwiGLU's activation)."""
+        return x * self.sigmoid(x)
+
+    def softplus(self, x: Any) -> Any:
+        """``log(1 + exp(x))`` elementwise, overflow-free."""
+        return np.logaddexp(0.0, x).astype(np.float32)
+
+    def l2_normalize(self, x: Any, eps: float = 1e-6) -> Any:
+        """``x / sqrt(sum(x², -1) + eps)`` over the last axis (HF ``l2norm``, GatedDeltaNet's q and k)."""
+        return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps)
+
+    def clip(self, x: Any, limit: float) -> Any:
+        """Clamp to ``[-limit, limit]`` (OLMoE's ``clip_qkv``)."""
+        return np.clip(x, -limit, limit)
+
+    # -- experts -----------------------------------------------------------------------------------------
+    @abstractmethod
+    def expert_ffn(self, x: Any, expert: Expert) -> Any:
+        """SwiGLU of ONE expert on the ``n`` tokens routed to it: ``down(silu(gate x) * up x)``.
+
+        x ``[n, hidden]``; expert ``{"gate_proj": [I, hidden], "up_proj": [I, hidden], "down_proj":
+        [hidden, I]}`` (QuantizedTensor views or float arrays; never copied whole). -> ``[n, hidden]``.
+        (Shazeer 2020, "GLU Variants Improve Transformer".)"""
+
+    @abstractmethod
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> Any:
+        """One decode token through its k routed experts: ``sum_e weights[e] * expert_ffn(x, experts[e])``.
+
+        x ``[hidden]``; experts: k dicts as in :meth:`expert_ffn`; weights float ``[k]`` (router
+        probabilities after top-k and optional renormalisation). -> ``[hidden]``."""
+
+
+_REGISTRY: dict[str, Callable[[], type[Backend]]] = {}
+
+
+def register(name: str, loader: Callable[[], type[Backend]]) -> None:
+    """Register a backend under ``name``; ``loader`` imports and returns its class only when first asked,
+    so an optional dependency (numba, mlx) is not imported until that backend is chosen."""
+    _REGISTRY[name] = loader
+
+
+def _load(name: str) -> type[Backend]:
+    if name not in _REGISTRY:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name]()
+    except ImportError as e:
+        raise BackendError(f"backend {name!r} is not available: {e}") from e
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every registered backend name -> None when it can run here, else the reason it cannot."""
+    out: dict[str, str | None] = {}
+    for name in sorted(_REGISTRY):
+        try:
+            out[name] = _load(name).unavailable_reason()
+        except BackendError as e:
+            out[name] = str(e)
+    return out
+
+
+_INSTANCES: dict[str, Backend] = {}
+
+
+def get_backend(name: str) -> Backend:
+    """The (shared) instance of backend ``name``. Raises BackendError if unknown or unavailable here.
+
+    This does not run the conformance gate; ``flashmoe.conformance.runner.ensure_conformant`` does."""
+    if name not in _INSTANCES:
+        cls = _load(name)
+        reason = cls.unavailable_reason()
+        if reason is not None:
+            raise BackendError(f"backend {name!r} is not available: {reason}")
+        _INSTANCES[name] = cls()
+    return _INSTANCES[name]

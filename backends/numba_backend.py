@@ -1,0 +1,431 @@
+"""The numba CPU backend: dequantising kernels that read the packed uint32 words directly.
+
+The quantised mat-vec (decode) never materialises a dequantised weight. It uses the bias factoring of an
+affine-quantised dot product (DESIGN.md, "Performance leads"): for one output row,
+
+    y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
+
+so only the integer codes q meet x, and the group sums of x are computed once per input vector. The input is
+first permuted to match the packing: a *unit* is one uint32 word when ``bits`` divides 32 (2/4/8 bits: 16/8/4
+codes per word), or a 32-code block of ``bits`` words otherwise (3/6 bits pack codes across words, MLX
+layout). ``xp[j, u] = x[u * codes_per_unit + j]``, so for each code position j the loop over units is
+contiguous and LLVM vectorises it across words (shift, mask, int->float, fused multiply-add).
+Per row: pass 1 writes one partial dot per unit into a small scratch (L1); pass 2 folds units into groups
+with their scale and bias. The mat-mat (prefill) dequantises one block of rows at a time into a per-thread
+tile in the same permuted layout and reuses it for every token.
+
+fastmath: kernels use only ``contract`` (fused multiply-add) and ``reassoc`` (reordering float sums so
+reductions vectorise). Both change results only by float32 rounding, well inside the conformance tolerance;
+``nnan``/``ninf``/``nsz``/``arcp``/``afn`` stay off, so NaN and inf propagate and exp/division are exact
+libm/IEEE. Threads: numba's default pool (one per core); ``NUMBA_NUM_THREADS`` overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+try:
+    import numba
+    from numba import literally, njit, prange
+except ImportError as _e:  # the registry reports this through unavailable_reason
+    numba = None
+    _IMPORT_ERROR = str(_e)
+else:
+    _IMPORT_ERROR = None
+
+from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight, pack_weight
+from flashmoe.quant import QuantizedTensor
+
+_FASTMATH = {"contract", "reassoc"}
+# Rows handled per scheduling chunk: amortises the per-chunk scratch allocation and keeps a chunk's
+# dequantised tile (ROW_BLOCK x in floats) inside L2.
+_ROW_BLOCK = 16
+
+
+def codes_per_unit(bits: int) -> int:
+    """Codes in one packing unit: a word for 2/4/8 bits, a 32-code block of ``bits`` words for 3/6."""
+    return 32 // bits if 32 % bits == 0 else 32
+
+
+def permute_input(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 ``[T, in]`` -> (xp ``[T, codes_per_unit, in / codes_per_unit]``, xsum ``[T, in/group_size]``).
+
+    ``xp[t, j, u] = x[t, u * codes_per_unit + j]``; xsum are the per-group sums of the bias factoring."""
+    T, n = x.shape
+    cpu = codes_per_unit(bits)
+    xp = np.ascontiguousarray(x.reshape(T, n // cpu, cpu).transpose(0, 2, 1))
+    xsum = x.reshape(T, n // group_size, group_size).sum(axis=-1, dtype=np.float32)
+    return xp, xsum
+
+
+if numba is not None:
+
+    # Every kernel taking ``bits`` calls ``literally(bits)``: numba then compiles (and caches) one
+    # specialisation per bit width actually used, with the width a constant, so LLVM unrolls the code loop
+    # and folds every shift and mask.
+
+    @njit(inline="always")
+    def _code(wrow, u, j, bits):
+        """Code j (0-based) of packing unit u of one packed row, as uint32."""
+        mask = np.uint32((1 << bits) - 1)
+        if 32 % bits == 0:
+            return (wrow[u] >> np.uint32(j * bits)) & mask
+        bit = j * bits
+        k = u * bits + (bit >> 5)
+        s = bit & 31
+        c = wrow[k] >> np.uint32(s)
+        if s + bits > 32:
+            c |= wrow[k + 1] << np.uint32(32 - s)
+        return c & mask
+
+    @njit(inline="always")
+    def _unit_dots(wrow, xp, pw, bits):
+        """pw[u] = sum_j code(u, j) * xp[j, u]: pass 1 of the factored dot product."""
+        cpu = 32 // bits if 32 % bits == 0 else 32
+        for u in range(pw.shape[0]):
+            t = np.float32(0.0)
+            for j in range(cpu):
+                t += np.float32(np.int32(_code(wrow, u, j, bits))) * xp[j, u]
+            pw[u] = t
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def _fold_groups(pw, srow, brow, xsum):
+        """Pass 2: sum_g scale_g * (sum of the group's unit dots) + bias_g * xsum_g."""
+        upg = pw.shape[0] // srow.shape[0]
+        acc = np.float32(0.0)
+        for g in range(srow.shape[0]):
+            d = np.float32(0.0)
+            for i in range(g * upg, g * upg + upg):
+                d += pw[i]
+            acc += srow[g] * d + brow[g] * xsum[g]
+        return acc
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def _dequant_rows_permuted(words, scales, biases, bits, r0, r1, tile):
+        """tile[r - r0, j, u] = scale * code(r, u, j) + bias: rows r0..r1 in the permuted layout."""
+        cpu = tile.shape[1]
+        nu = tile.shape[2]
+        upg = nu // scales.shape[1]
+        for r in range(r0, r1):
+            wrow = words[r]
+            for j in range(cpu):
+                for u in range(nu):
+                    g = u // upg
+                    q = np.float32(np.int32(_code(wrow, u, j, bits)))
+                    tile[r - r0, j, u] = scales[r, g] * q + biases[r, g]
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _qmatvec(words, scales, biases, bits, xp, xsum, out):
+        """out[t, o] = W[o] . x[t] for a few tokens (decode): fused, no dequantised weight."""
+        literally(bits)
+        n_rows = words.shape[0]
+        n_tok, _, nu = xp.shape
+        for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            pw = np.empty(nu, np.float32)
+            for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
+                for t in range(n_tok):
+                    _unit_dots(words[o], xp[t], pw, bits)
+                    out[t, o] = _fold_groups(pw, scales[o], biases[o], xsum[t])
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _qmatmat(words, scales, biases, bits, xp, out):
+        """out[t, o] = W[o] . x[t] for many tokens (prefill): each block of rows is dequantised once into
+        a per-thread tile (permuted layout, so it meets xp directly) and used by every token."""
+        literally(bits)
+        n_rows = words.shape[0]
+        n_tok, cpu, nu = xp.shape
+        for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            r0 = c * _ROW_BLOCK
+            r1 = min(n_rows, r0 + _ROW_BLOCK)
+            tile = np.empty((_ROW_BLOCK, cpu, nu), np.float32)
+            _dequant_rows_permuted(words, scales, biases, bits, r0, r1, tile)
+            for t in range(n_tok):
+                xt = xp[t]
+                for r in range(r1 - r0):
+                    acc = np.float32(0.0)
+                    for j in range(cpu):
+                        for u in range(nu):
+                            acc += tile[r, j, u] * xt[j, u]
+                    out[t, r0 + r] = acc
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _qrows(words, scales, biases, bits, ids, cpu, out):
+        """out[i] = dequantised row ids[i], permuted layout [n, cpu, nu] (embedding lookup)."""
+        literally(bits)
+        for i in prange(ids.shape[0]):
+            r = ids[i]
+            tile = np.empty((1, out.shape[1], out.shape[2]), np.float32)
+            _dequant_rows_permuted(words, scales, biases, bits, r, r + 1, tile)
+            out[i] = tile[0]
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _experts_gate_up(gw, gs, gb, g_bits, uw, us, ub, u_bits, xpg, xsg, xpu, xsu, h):
+        """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token."""
+        literally(g_bits)
+        literally(u_bits)
+        k, inter = h.shape
+        nblk = (inter + _ROW_BLOCK - 1) // _ROW_BLOCK
+        for c in prange(k * nblk):
+            e = c // nblk
+            pwg = np.empty(xpg.shape[2], np.float32)
+            pwu = np.empty(xpu.shape[2], np.float32)
+            gwe, gse, gbe = gw[e], gs[e], gb[e]
+            uwe, use, ube = uw[e], us[e], ub[e]
+            i0 = (c % nblk) * _ROW_BLOCK
+            for i in range(i0, min(inter, i0 + _ROW_BLOCK)):
+                _unit_dots(gwe[i], xpg[0], pwg, g_bits)
+                a = _fold_groups(pwg, gse[i], gbe[i], xsg[0])
+                _unit_dots(uwe[i], xpu[0], pwu, u_bits)
+                b = _fold_groups(pwu, use[i], ube[i], xsu[0])
+                h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * b
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _experts_down(dw, ds, db, bits, hp, hsum, weights, out):
+        """out[o] = sum_e weights[e] * (down_e[o] . h_e): every hidden row reads all k experts' rows."""
+        literally(bits)
+        k = hp.shape[0]
+        n_rows = out.shape[0]
+        for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            pw = np.empty(hp.shape[2], np.float32)
+            for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
+                acc = np.float32(0.0)
+                for e in range(k):
+                    _unit_dots(dw[e][o], hp[e], pw, bits)
+                    acc += weights[e] * _fold_groups(pw, ds[e][o], db[e][o], hsum[e])
+                out[o] = acc
+
+    @njit(fastmath=_FASTMATH, cache=True)
+    def _rms_norm(x, w, eps, out):
+        for t in range(x.shape[0]):
+            ss = np.float32(0.0)
+            for i in range(x.shape[1]):
+                ss += x[t, i] * x[t, i]
+            inv = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[1]) + eps)
+            for i in range(x.shape[1]):
+                out[t, i] = x[t, i] * inv * w[i]
+
+    @njit(cache=True)
+    def _rope(x, cos, sin, out):
+        T, H, _ = x.shape
+        half = cos.shape[1]
+        for t in range(T):
+            for h in range(H):
+                for i in range(half):
+                    a = x[t, h, i]
+                    b = x[t, h, i + half]
+                    out[t, h, i] = a * cos[t, i] - b * sin[t, i]
+                    out[t, h, i + half] = b * cos[t, i] + a * sin[t, i]
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _attention(q, k, v, q_positions, scale, out):
+        T, Hq, D = q.shape
+        Hkv = k.shape[1]
+        group = Hq // Hkv
+        for th in prange(T * Hq):
+            t = th // Hq
+            h = th % Hq
+            kh = h // group
+            n = q_positions[t] + 1
+            s = np.empty(n, np.float32)
+            m = np.float32(-np.inf)
+            for j in range(n):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[t, h, d] * k[j, kh, d]
+                s[j] = acc * scale
+                m = max(m, s[j])
+            total = np.float32(0.0)
+            for j in range(n):
+                s[j] = np.exp(s[j] - m)
+                total += s[j]
+            for d in range(D):
+                out[t, h, d] = 0.0
+            for j in range(n):
+                p = s[j] / total
+                for d in range(D):
+                    out[t, h, d] += p * v[j, kh, d]
+
+    @njit(fastmath=_FASTMATH, cache=True)
+    def _causal_conv1d(xs, weight, y):
+        T, C = y.shape
+        K = weight.shape[1]
+        for t in range(T):
+            for c in range(C):
+                acc = np.float32(0.0)
+                for j in range(K):
+                    acc += weight[c, j] * xs[t + j, c]
+                y[t, c] = acc / (np.float32(1.0) + np.exp(-acc))
+
+    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    def _gated_delta_rule(q, k, v, g, beta, state, o):
+        T, H, Dv = v.shape
+        Dk = q.shape[2]
+        rep = H // q.shape[1]
+        for h in prange(H):
+            kh = h // rep
+            S = state[h]
+            kv = np.empty(Dv, np.float32)
+            for t in range(T):
+                decay = np.exp(g[t, h])
+                kv[:] = 0.0
+                for i in range(Dk):
+                    ki = k[t, kh, i]
+                    for j in range(Dv):
+                        S[i, j] *= decay
+                        kv[j] += S[i, j] * ki
+                for j in range(Dv):
+                    kv[j] = (v[t, h, j] - kv[j]) * beta[t, h]  # now the delta
+                for j in range(Dv):
+                    o[t, h, j] = 0.0
+                for i in range(Dk):
+                    ki = k[t, kh, i]
+                    qi = q[t, kh, i]
+                    for j in range(Dv):
+                        S[i, j] += ki * kv[j]
+                        o[t, h, j] += S[i, j] * qi
+
+
+def _f32(x: Any) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _as_packed_or_float(w: Any, name: str) -> PackedWeight | np.ndarray:
+    if isinstance(w, (QuantizedTensor, PackedWeight)):
+        return pack_weight(w, name)
+    if isinstance(w, np.ndarray):
+        return _f32(w)
+    raise BackendError(f"{name}: expected a float array or QuantizedTensor, got {type(w).__name__}")
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1) + np.exp(-np.clip(x, -88.0, 88.0)))
+
+
+class NumbaBackend(Backend):
+    """numba ``@njit(parallel=True)`` kernels on NumPy float32 arrays (handles: PackedWeight / float32)."""
+
+    name = "numba"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        return None if _IMPORT_ERROR is None else f"numba cannot be imported: {_IMPORT_ERROR}"
+
+    def asarray(self, x: Any) -> np.ndarray:
+        return _f32(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return _f32(x)
+
+    def prepare(self, t: Any) -> PackedWeight | np.ndarray:
+        return _as_packed_or_float(t, "weight")
+
+    def linear(self, x: Any, w: Any) -> np.ndarray:
+        x = _f32(x)
+        p = _as_packed_or_float(w, "linear weight")
+        if isinstance(p, np.ndarray):
+            return x @ p.T
+        if x.shape[1] != p.in_features:
+            raise BackendError(f"linear: input has {x.shape[1]} features, weight expects {p.in_features}")
+        xp, xsum = permute_input(x, p.bits, p.group_size)
+        out = np.empty((x.shape[0], p.out_features), np.float32)
+        if x.shape[0] == 1:
+            _qmatvec(p.words, p.scales, p.biases, p.bits, xp, xsum, out)
+        else:
+            _qmatmat(p.words, p.scales, p.biases, p.bits, xp, out)
+        return out
+
+    def embed(self, ids: np.ndarray, w: Any) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        p = _as_packed_or_float(w, "embedding")
+        if isinstance(p, np.ndarray):
+            return p[ids]
+        cpu = codes_per_unit(p.bits)
+        rows = np.empty((len(ids), cpu, p.in_features // cpu), np.float32)
+        _qrows(p.words, p.scales, p.biases, p.bits, ids, cpu, rows)
+        return np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(len(ids), p.in_features)
+
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> np.ndarray:
+        x = _f32(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = np.empty_like(flat)
+        _rms_norm(flat, _f32(weight), np.float32(eps), out)
+        return out.reshape(x.shape)
+
+    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
+        x = _f32(x)
+        inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+        angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+        out = x.copy()
+        _rope(x, _f32(np.cos(angles)), _f32(np.sin(angles)), out)
+        return out
+
+    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> np.ndarray:
+        q, k, v = _f32(q), _f32(k), _f32(v)
+        out = np.empty_like(q)
+        _attention(q, k, v, np.ascontiguousarray(q_positions, dtype=np.int64), np.float32(scale), out)
+        return out
+
+    def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[np.ndarray, np.ndarray]:
+        x = _f32(x)
+        xs = np.concatenate([_f32(state), x], axis=0)
+        y = np.empty_like(x)
+        _causal_conv1d(xs, _f32(weight), y)
+        return y, xs[x.shape[0] :].copy()
+
+    def gated_delta_rule(
+        self, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        v = _f32(v)
+        new_state = np.array(state, dtype=np.float32, order="C", copy=True)
+        o = np.empty_like(v)
+        _gated_delta_rule(_f32(q), _f32(k), v, _f32(g), _f32(beta), new_state, o)
+        return o, new_state
+
+    def expert_ffn(self, x: Any, expert: Expert) -> np.ndarray:
+        x = _f32(x)
+        h = _silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
+        return self.linear(h, expert["down_proj"])
+
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> np.ndarray:
+        x = _f32(x).reshape(1, -1)
+        weights = _f32(weights)
+        packed = [
+            {name: _as_packed_or_float(e[name], f"expert {i} {name}") for name in ("gate_proj", "up_proj", "down_proj")}
+            for i, e in enumerate(experts)
+        ]
+        if not _fusable(packed):
+            out = np.zeros(x.shape[1], np.float32)
+            for e, wgt in zip(experts, weights):
+                out += wgt * self.expert_ffn(x, e)[0]
+            return out
+        g, u, d = ([e[name] for e in packed] for name in ("gate_proj", "up_proj", "down_proj"))
+        xpg, xsg = permute_input(x, g[0].bits, g[0].group_size)
+        xpu, xsu = (xpg, xsg) if (u[0].bits, u[0].group_size) == (g[0].bits, g[0].group_size) else permute_input(
+            x, u[0].bits, u[0].group_size
+        )
+        h = np.empty((len(packed), g[0].out_features), np.float32)
+        _experts_gate_up(
+            *_stack(g), g[0].bits, *_stack(u), u[0].bits, xpg, xsg, xpu, xsu, h
+        )
+        hp, hsum = permute_input(h, d[0].bits, d[0].group_size)
+        out = np.empty(d[0].out_features, np.float32)
+        _experts_down(*_stack(d), d[0].bits, hp, hsum, weights, out)
+        return out
+
+
+def _stack(ws: list[PackedWeight]) -> tuple[tuple, tuple, tuple]:
+    return tuple(w.words for w in ws), tuple(w.scales for w in ws), tuple(w.biases for w in ws)
+
+
+def _fusable(packed: list[dict]) -> bool:
+    """The fused k-expert kernels need every projection quantised with one (bits, group_size, shape) per
+    projection across the k experts (true for every converted model); anything else runs expert by expert."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        ws = [e[name] for e in packed]
+        if not all(isinstance(w, PackedWeight) for w in ws):
+            return False
+        if len({(w.bits, w.group_size, w.words.shape, w.words.flags.writeable) for w in ws}) != 1:
+            return False
+    return True
