@@ -1,0 +1,354 @@
+"""Incremental parsing of model output into content, reasoning and tool calls.
+
+Two tool-call formats, told apart by the first characters after `<tool_call>`:
+
+- Qwen3 / Qwen3.5 JSON (Hermes style), as Qwen3's chat template writes it:
+  `<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>`
+- Qwen3-Coder XML, as Qwen3-Coder's and Qwen3.5's templates write it:
+  `<tool_call>\\n<function=get_weather>\\n<parameter=city>\\nParis\\n</parameter>\\n</function>\\n</tool_call>`
+  (parameter values are raw text; they are converted with the tool's JSON schema when it gives a type, as
+  vLLM's qwen3_coder parser does).
+
+`<think>...</think>` is reasoning (reasoning_content in the OpenAI API), never content. Qwen3.5-style
+templates open `<think>` in the prompt itself; `opens_reasoning(prompt)` tells the parser to start inside it.
+
+Robustness rules:
+- A closing tag inside an argument value is not the end of the call: a call ends at the first
+  `</tool_call>` at which the text so far is a complete call (for JSON: at which the text is not inside a
+  string); `</parameter>` ends a value only when followed by the next `<parameter=...>` or `</function>`.
+- Anything that turns out not to be a well-formed call (bad JSON, no name, prose after `<tool_call>`, output
+  cut off inside a call) is returned as content, with the tags, exactly as generated; parsing never raises.
+- Whitespace that templates put around blocks (newlines after `<think>`, before `</think>`, between content
+  and calls) is not content.
+
+The result depends only on the whole text, never on how it was split into pieces (tests/test_toolcalls.py
+checks this with hypothesis).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>")
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>")
+_PARAMETER_CLOSE, _FUNCTION_CLOSE = "</parameter>", "</function>"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One parsed call: the function name and its arguments as a JSON object text (the OpenAI wire form)."""
+
+    name: str
+    arguments: str
+
+    def arguments_dict(self) -> dict:
+        return json.loads(self.arguments)
+
+
+@dataclass
+class ParsedOutput:
+    """Text routed by kind. For a stream, each feed() returns the new part; concatenating them gives the
+    same as parsing the whole text at once."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def extend(self, other: "ParsedOutput") -> None:
+        self.content += other.content
+        self.reasoning += other.reasoning
+        self.tool_calls.extend(other.tool_calls)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+
+def opens_reasoning(prompt: str) -> bool:
+    """True when the prompt leaves a `<think>` block open, so generation starts inside reasoning."""
+    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+
+
+def tool_call_format(template: str | None) -> str | None:
+    """'xml' or 'json' for a chat template that renders tool calls in that format, else None."""
+    if not template or CALL_OPEN not in template:
+        return None
+    return "xml" if "<function=" in template else "json"
+
+
+def forced_call_prefix(fmt: str | None, name: str | None = None) -> str:
+    """Text that, appended to a prompt, makes the model continue inside a tool call (tool_choice 'required'
+    or a named function). The parser must be fed the same text first (OutputParser(prefix=...))."""
+    if fmt == "xml":
+        return f"{CALL_OPEN}\n<function={name}>\n" if name else f"{CALL_OPEN}\n<function="
+    return f'{CALL_OPEN}\n{{"name": "{name}", "arguments": ' if name else f"{CALL_OPEN}\n"
+
+
+def _held_suffix(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of one of tags (it may become a tag)."""
+    longest = 0
+    for tag in tags:
+        for n in range(min(len(tag) - 1, len(text)), longest, -1):
+            if text.endswith(tag[:n]):
+                longest = n
+                break
+    return longest
+
+
+def _json_open_string(text: str) -> bool:
+    """Whether text, read as the start of a JSON document, ends inside a string literal."""
+    inside = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and inside:
+            escaped = True
+        elif ch == '"':
+            inside = not inside
+    return inside
+
+
+def _convert(value: str, schema: dict | None):
+    """An XML parameter value converted per its JSON-schema type; the raw text when untyped or invalid."""
+    kind = (schema or {}).get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind in (None, "string"):
+        return value
+    text = value.strip()
+    if kind == "boolean":
+        return {"true": True, "false": False}.get(text.lower(), value)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return value
+    expected = {"integer": (int,), "number": (int, float), "object": (dict,), "array": (list,)}.get(kind)
+    if expected is None or (isinstance(parsed, expected) and not isinstance(parsed, bool)):
+        return parsed
+    return value
+
+
+class OutputParser:
+    """Routes generated text, fed in pieces, into content, reasoning and tool calls.
+
+    Args:
+        in_reasoning: generation starts inside a `<think>` block the prompt opened (opens_reasoning).
+        parse_tools: recognise `<tool_call>`; when False (no tools offered) it is ordinary content.
+        tools: the request's tool schemas ({"type": "function", "function": {"name", "parameters"}}), used to
+            type XML parameter values.
+        prefix: text the prompt already contains as the start of the model's reply (forced_call_prefix); it
+            is parsed first, and appears in the output only as part of a malformed call returned as content.
+    """
+
+    def __init__(self, *, in_reasoning: bool = False, parse_tools: bool = True, tools: list[dict] | None = None,
+                 prefix: str = ""):
+        self._mode = "reasoning" if in_reasoning else "content"
+        self._tags = (THINK_OPEN, CALL_OPEN) if parse_tools else (THINK_OPEN,)
+        self._schemas = {}
+        for tool in tools or ():
+            fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                props = (fn.get("parameters") or {}).get("properties") or {}
+                self._schemas[fn["name"]] = props if isinstance(props, dict) else {}
+        self._buf = ""
+        self._lstrip = in_reasoning  # drop whitespace at the start of the current block
+        self._pending = {"content": "", "reasoning": ""}  # trailing whitespace held until we see what follows
+        self._ws_before_call = ""
+        self._scan_from = 0  # in tool mode, where the next search for </tool_call> starts
+        self._calls_seen = False
+        self._out = ParsedOutput()
+        if prefix:
+            self.feed(prefix)
+
+    def feed(self, text: str) -> ParsedOutput:
+        """Parse the next piece of generated text; return what it completed."""
+        self._buf += text
+        self._run(final=False)
+        return self._take()
+
+    def finish(self) -> ParsedOutput:
+        """End of generation: flush held text; an unterminated call becomes content."""
+        self._run(final=True)
+        if not self._calls_seen:
+            self._out.content += self._pending["content"]
+        self._pending = {"content": "", "reasoning": ""}
+        return self._take()
+
+    def _take(self) -> ParsedOutput:
+        out, self._out = self._out, ParsedOutput()
+        return out
+
+    # ---- emitters ------------------------------------------------------------------------------
+
+    def _emit(self, kind: str, text: str) -> None:
+        """Append text to content or reasoning, dropping whitespace at block starts and holding trailing
+        whitespace (it is dropped at block ends and before tool calls)."""
+        if self._lstrip:
+            text = text.lstrip()
+            if not text:
+                return
+            self._lstrip = False
+        body = text.rstrip()
+        if body:
+            setattr(self._out, kind, getattr(self._out, kind) + self._pending[kind] + body)
+            self._pending[kind] = ""
+        self._pending[kind] += text[len(body):]
+
+    def _emit_raw_call(self, text: str) -> None:
+        """A would-be call that is not one: its exact text (and the whitespace before it) is content."""
+        self._pending["content"] = self._ws_before_call
+        self._ws_before_call = ""
+        self._emit("content", text)
+
+    # ---- the state machine ---------------------------------------------------------------------
+
+    def _run(self, final: bool) -> None:
+        while True:
+            before = (self._mode, len(self._buf))
+            if self._mode == "content":
+                self._step_text("content", self._tags, final)
+            elif self._mode == "reasoning":
+                self._step_text("reasoning", (THINK_CLOSE,), final)
+            else:
+                self._step_call(final)
+            if (self._mode, len(self._buf)) == before:
+                return
+
+    def _step_text(self, kind: str, tags: tuple[str, ...], final: bool) -> None:
+        hits = [(i, tag) for tag in tags if (i := self._buf.find(tag)) >= 0]
+        if not hits:
+            keep = 0 if final else _held_suffix(self._buf, tags)
+            self._emit(kind, self._buf[: len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep :]
+            if final and kind == "reasoning":
+                self._pending["reasoning"] = ""
+            return
+        i, tag = min(hits)
+        self._emit(kind, self._buf[:i])
+        self._buf = self._buf[i + len(tag) :]
+        if tag == CALL_OPEN:
+            self._mode, self._scan_from = "call", 0
+            self._ws_before_call, self._pending["content"] = self._pending["content"], ""
+            return
+        if tag == THINK_OPEN:
+            self._mode = "reasoning"
+        else:  # </think>: the reasoning's trailing newlines and the content's leading ones are layout
+            self._mode = "content"
+            self._pending["reasoning"] = ""
+        self._lstrip = True
+
+    def _step_call(self, final: bool) -> None:
+        kind = self._body_kind(self._buf.lstrip())
+        if kind == "text":  # prose that mentions the tag: the tag is content, the rest is parsed again
+            self._leave_call(0, strip_after=False)
+            self._emit_raw_call(CALL_OPEN)
+            return
+        while kind is not None:
+            i = self._buf.find(CALL_CLOSE, self._scan_from)
+            if i < 0:
+                self._scan_from = max(0, len(self._buf) - len(CALL_CLOSE) + 1)
+                break
+            call = self._parse(kind, self._buf[:i])
+            if call is not None:
+                self._out.tool_calls.append(call)
+                self._calls_seen = True
+                self._ws_before_call = ""
+                self._leave_call(i + len(CALL_CLOSE), strip_after=True)
+                return
+            if kind == "json" and _json_open_string(self._buf[:i]):
+                self._scan_from = i + 1  # the tag is inside a string value
+                continue
+            if kind == "xml" and not self._buf[:i].rstrip().endswith(_FUNCTION_CLOSE):
+                self._scan_from = i + 1  # the tag is inside a parameter value
+                continue
+            end = i + len(CALL_CLOSE)
+            text = CALL_OPEN + self._buf[:end]
+            self._leave_call(end, strip_after=False)
+            self._emit_raw_call(text)
+            return
+        if final:
+            text = CALL_OPEN + self._buf
+            self._leave_call(len(self._buf), strip_after=False)
+            self._emit_raw_call(text)
+
+    def _leave_call(self, consumed: int, strip_after: bool) -> None:
+        self._buf = self._buf[consumed:]
+        self._mode = "content"
+        self._lstrip = strip_after
+
+    @staticmethod
+    def _body_kind(stripped: str) -> str | None:
+        """'json', 'xml', 'text' (not a call), or None while the start is still ambiguous."""
+        if not stripped:
+            return None
+        if stripped[0] == "{":
+            return "json"
+        if "<function=".startswith(stripped[:10]):
+            return "xml" if len(stripped) >= 10 else None
+        return "text"
+
+    def _parse(self, kind: str, body: str) -> ToolCall | None:
+        return self._parse_json(body) if kind == "json" else self._parse_xml(body)
+
+    @staticmethod
+    def _parse_json(body: str) -> ToolCall | None:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+    def _parse_xml(self, body: str) -> ToolCall | None:
+        m = _FUNCTION.match(body)
+        inner = body[m.end() :].rstrip() if m else ""
+        if not m or not inner.endswith(_FUNCTION_CLOSE):
+            return None
+        name = m.group(1).strip()
+        schema = self._schemas.get(name, {})
+        inner = inner[: -len(_FUNCTION_CLOSE)]
+        args, pos = {}, 0
+        while True:
+            while pos < len(inner) and inner[pos].isspace():
+                pos += 1
+            if pos == len(inner):
+                break
+            p = _PARAMETER.match(inner, pos)
+            if not p:
+                return None
+            end = inner.find(_PARAMETER_CLOSE, p.end())
+            # A value ends at the </parameter> that is followed by the next parameter or the end.
+            while end >= 0:
+                after = inner[end + len(_PARAMETER_CLOSE) :].lstrip()
+                if not after or _PARAMETER.match(after):
+                    break
+                end = inner.find(_PARAMETER_CLOSE, end + 1)
+            if end < 0:
+                return None
+            value = inner[p.end() : end]
+            value = value[1:] if value.startswith("\n") else value
+            value = value[:-1] if value.endswith("\n") else value
+            param = p.group(1).strip()
+            args[param] = _convert(value, schema.get(param) if isinstance(schema.get(param), dict) else None)
+            pos = end + len(_PARAMETER_CLOSE)
+        return ToolCall(name, json.dumps(args, ensure_ascii=False))
+
+
+def parse_output(text: str, **kwargs) -> ParsedOutput:
+    """Parse a whole generated text at once (OutputParser's arguments as keywords)."""
+    parser = OutputParser(**kwargs)
+    out = parser.feed(text)
+    out.extend(parser.finish())
+    return out

@@ -1,0 +1,172 @@
+"""Incremental tool-call and reasoning parsing: split invariance (hypothesis), round trips through the
+formats chat templates write, and malformed output returned as text."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import assume, given, settings, strategies as st
+
+from flashmoe.toolcalls import (OutputParser, ParsedOutput, ToolCall, forced_call_prefix, opens_reasoning,
+                                parse_output, tool_call_format)
+
+FRAGMENTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<function=f>", "<parameter=a>", "</parameter>",
+             "</function>", "<function=", "<parameter=", "{", "}", '"', "\\", ":", ",", '"name"', '"arguments"',
+             "\n", " ", "x", "é", "🦊", "<", "/", ">", "<tool", "</thi", '{"name": "f", "arguments": {}}']
+soup = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=40).map("".join)
+value_text = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=12).map("".join)
+plain_text = st.text(alphabet=st.sampled_from(list("abc xyz.,!?<>/=é世\n")), max_size=20)
+
+
+def _parse_in_pieces(text: str, cuts: list[int], **kwargs) -> ParsedOutput:
+    parser = OutputParser(**kwargs)
+    out = ParsedOutput()
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    for a, b in zip(bounds, bounds[1:]):
+        out.extend(parser.feed(text[a:b]))
+    out.extend(parser.finish())
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=soup, cuts=st.lists(st.integers(0, 400), max_size=25), in_reasoning=st.booleans(),
+       parse_tools=st.booleans())
+def test_any_split_of_the_stream_gives_the_same_result(text, cuts, in_reasoning, parse_tools):
+    kwargs = {"in_reasoning": in_reasoning, "parse_tools": parse_tools}
+    assert _parse_in_pieces(text, cuts, **kwargs) == parse_output(text, **kwargs)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=soup)
+def test_one_character_at_a_time_equals_whole(text):
+    assert _parse_in_pieces(text, list(range(len(text)))) == parse_output(text)
+
+
+def _content_text(draw) -> str:
+    text = draw(plain_text).strip()
+    assume("<think>" not in text and "<tool_call>" not in text)
+    return text
+
+
+def _xml_value_ok(value: str) -> bool:
+    """The one ambiguity of the XML format: a value containing a </parameter> that is followed by what
+    looks like the next parameter or the end of the call cannot be told from the value's end."""
+    import re
+
+    return not re.search(r"</parameter>\s*(<parameter=[^>\n]+>|$)", value + "\n")
+
+
+@st.composite
+def conversations(draw):
+    reasoning = draw(plain_text).strip()
+    assume("</think>" not in reasoning)
+    content = _content_text(draw)
+    calls, rendered = [], []
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.sampled_from(["get_weather", "run_code", "f"]))
+        if draw(st.booleans()):
+            args = draw(st.dictionaries(st.sampled_from(["city", "code", "n"]),
+                                        value_text | st.integers() | st.booleans() | st.lists(st.integers(), max_size=3),
+                                        max_size=3))
+            rendered.append("<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+                            + "\n</tool_call>")
+        else:
+            args = draw(st.dictionaries(st.sampled_from(["city", "code"]), value_text, max_size=3))
+            assume(all(_xml_value_ok(v) for v in args.values()))
+            params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
+            rendered.append(f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>")
+        calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
+    text = (f"<think>\n{reasoning}\n</think>\n\n" if reasoning else "") + content
+    text += ("\n" if content and rendered else "") + "\n".join(rendered)
+    return text, ParsedOutput(content=content, reasoning=reasoning, tool_calls=calls)
+
+
+@settings(max_examples=300, deadline=None)
+@given(conv=conversations(), cuts=st.lists(st.integers(0, 600), max_size=30))
+def test_template_formatted_output_round_trips(conv, cuts):
+    text, expected = conv
+    assert parse_output(text) == expected
+    assert _parse_in_pieces(text, cuts) == expected
+
+
+def test_tag_like_text_inside_argument_values_is_kept():
+    text = ('<tool_call>\n{"name": "run_code", "arguments": {"code": "print(\\"</tool_call>\\")"}}\n</tool_call>\n'
+            "<tool_call>\n<function=write>\n<parameter=body>\nclose with </parameter> then </tool_call>\n"
+            "</parameter>\n</function>\n</tool_call>")
+    out = parse_output(text)
+    assert out.content == "" and out.reasoning == ""
+    assert [c.name for c in out.tool_calls] == ["run_code", "write"]
+    assert out.tool_calls[0].arguments_dict() == {"code": 'print("</tool_call>")'}
+    assert out.tool_calls[1].arguments_dict() == {"body": "close with </parameter> then </tool_call>"}
+
+
+def test_malformed_calls_are_returned_as_text():
+    cases = [
+        "<tool_call>\n{not json}\n</tool_call>",
+        '<tool_call>\n{"arguments": {}}\n</tool_call>',  # no name
+        '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',
+        "<tool_call>\n<function=f>\n<parameter=a>\n1\n</function>\n</tool_call>",  # unclosed parameter
+        '<tool_call>\n{"name": "f", "arguments": {"a": "cut off',  # generation stopped inside the call
+        "<tool_call> is the tag I use",
+    ]
+    for text in cases:
+        out = parse_output("Before " + text)
+        assert out == ParsedOutput(content="Before " + text), text
+
+
+def test_a_malformed_call_does_not_hide_a_later_good_one():
+    out = parse_output('<tool_call>{oops}</tool_call>\n<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>')
+    assert out.content == "<tool_call>{oops}</tool_call>"
+    assert out.tool_calls == [ToolCall("f", '{"a": 1}')]
+
+
+def test_xml_values_are_typed_by_the_tool_schema():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "n": {"type": "integer"}, "x": {"type": "number"}, "ok": {"type": "boolean"}, "tags": {"type": "array"},
+        "s": {"type": "string"}, "bad": {"type": "integer"}}}}}]
+    params = {"n": "42", "x": "2.5", "ok": "True", "tags": '["a", 1]', "s": "007", "bad": "many", "free": "3"}
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
+    out = parse_output(f"<tool_call>\n<function=f>\n{body}</function>\n</tool_call>", tools=tools)
+    assert out.tool_calls[0].arguments_dict() == {"n": 42, "x": 2.5, "ok": True, "tags": ["a", 1], "s": "007",
+                                                  "bad": "many", "free": "3"}
+
+
+def test_reasoning_opened_by_the_prompt():
+    prompt = "<|im_start|>assistant\n<think>\n"
+    assert opens_reasoning(prompt)
+    assert not opens_reasoning("<think>\nold\n</think>\n\nhi<|im_start|>assistant\n")
+    out = parse_output("Let me think.\n</think>\n\nIt is 4.", in_reasoning=opens_reasoning(prompt))
+    assert out == ParsedOutput(content="It is 4.", reasoning="Let me think.")
+
+
+def test_without_tools_tool_call_tags_are_content():
+    text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert parse_output(text, parse_tools=False) == ParsedOutput(content=text)
+
+
+def test_forced_prefix_is_parsed_but_not_returned():
+    for fmt, rest in [("json", '{"city": "Oslo"}}\n</tool_call>'),
+                      ("xml", "<parameter=city>\nOslo\n</parameter>\n</function>\n</tool_call>")]:
+        prefix = forced_call_prefix(fmt, "get_weather")
+        out = parse_output(rest, prefix=prefix)
+        assert out == ParsedOutput(tool_calls=[ToolCall("get_weather", '{"city": "Oslo"}')])
+    out = parse_output('"name": "f", "arguments": {}}</tool_call>', prefix=forced_call_prefix("json") + "{")
+    assert out.tool_calls == [ToolCall("f", "{}")]
+
+
+def test_tool_call_format_is_read_from_the_template():
+    from chat_helpers import MIXTRAL, QWEN3, QWEN35_XML
+
+    assert tool_call_format(QWEN3) == "json"
+    assert tool_call_format(QWEN35_XML) == "xml"
+    assert tool_call_format(MIXTRAL) is None
+
+
+def test_streamed_deltas_hold_back_partial_tags_only():
+    parser = OutputParser()
+    assert parser.feed("Hello <thi").content == "Hello"
+    assert parser.feed("s is fine").content == " <this is fine"
+    assert parser.feed("<think>").content == ""
+    assert parser.feed("\nhm").reasoning == "hm"
+    delta = parser.feed("\n</think>\n\nDone")
+    assert (delta.reasoning, delta.content) == ("", "Done")
