@@ -101,7 +101,7 @@ class Engine:
         self.store = store
         self.stats = stats
         self.k = experts_per_token or self.cfg.num_experts_per_tok
-        self._w = {name: backend.prepare(model.raw(name)) for name in model.resident_names()}
+        self._w = {name: backend.prepare(_resident(model, name)) for name in model.resident_names()}
         # -exp(A_log) per linear-attention layer, computed once: the decay rate of g = -exp(A_log)·softplus(a + dt_bias)
         self._decay_rate = {
             f"layers.{i}.linear_attn.": backend.asarray(-np.exp(model.tensor(f"layers.{i}.linear_attn.A_log")))
@@ -297,3 +297,10 @@ class Engine:
         y = be.asarray(y)
         return y if out is None else y + out
 
+
+def _resident(model: ModelDir, name: str):
+    """A resident tensor as the backend takes it: the depthwise conv kernel [C, 1, K] loses its unit axis."""
+    t = model.raw(name)
+    if name.endswith("conv1d.weight"):
+        return t.reshape(t.shape[0], t.shape[-1])
+    return t
