@@ -99,7 +99,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     with model.safetensors.index.json), an mlx-lm quantised checkpoint directory, or a Hub id (downloaded
     with huggingface_hub.snapshot_download). bits: resident linear weights, 2/3/4/6/8 or 'none' (keep every
     weight float, in the source dtype). expert_bits: routed experts (default: bits). group_size: 32/64/128.
-    bits/expert_bits/group_size do not apply to an MLX source, whose quantisation is kept as it is.
+    bits/expert_bits/group_size do not apply to a quantised (MLX) source, which is kept as it is.
     progress: show a tqdm bar (None: only on a terminal). log: where notes go (default: stderr).
 
     Raises ConfigError (config.json), CheckpointError (missing/truncated/mis-shaped tensor) or FlashMoeError
@@ -121,7 +121,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     tmp = Path(tempfile.mkdtemp(prefix=f"{dst.name}.tmp-", dir=dst.parent))
     try:
         job = _Conversion(cfg, ckpt, tmp, res_bits, exp_bits, group_size, log, progress)
-        with _write_errors(tmp):
+        with _write_errors(tmp, dst):
             job.run(str(src))
             if dst.exists():
                 shutil.rmtree(dst)
@@ -133,12 +133,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
 
 
 @contextmanager
-def _write_errors(tmp: Path) -> Iterator[None]:
-    """Report an OSError while writing (ENOSPC above all) as one FlashMoeError line naming the file."""
+def _write_errors(tmp: Path, dst: Path) -> Iterator[None]:
+    """Report an OSError while writing (ENOSPC above all) as one FlashMoeError line naming the file (by its
+    final name under dst)."""
     try:
         yield
     except OSError as e:
-        what = e.filename or tmp
+        what = str(e.filename or tmp).replace(str(tmp), str(dst))
         reason = "disk full (No space left on device)" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise FlashMoeError(f"writing {what}: {reason}") from None
 
@@ -220,6 +221,8 @@ class _Conversion:
         self.res_bits, self.exp_bits, self.group_size = res_bits, exp_bits, group_size
         self.log, self.progress = log, progress
         self.layout = detect_layout(ckpt.names())
+        # A quantised source keeps every tensor as stored (float ones were left float on purpose by mlx-lm).
+        self.keep_source = any(n.endswith(".scales") for n in ckpt.names())
         self.expected = resident_shapes(cfg)
         self.quantization: dict[str, QuantSpec] = {}
         self.written: set[str] = set()
@@ -241,8 +244,8 @@ class _Conversion:
             groups.setdefault(int(m[1]) if m else -1, []).append(name)
         for reason, n in dropped.items():
             self.log(f"note: skipping {n} tensor(s): {reason}")
-        if self.layout == MLX and (self.res_bits, self.exp_bits, self.group_size) != (4, 4, 64):
-            self.log("note: MLX-quantised source: its quantisation is kept; --bits/--expert-bits/--group-size "
+        if self.keep_source and (self.res_bits, self.exp_bits, self.group_size) != (4, 4, 64):
+            self.log("note: quantised (MLX) source: its quantisation is kept; --bits/--expert-bits/--group-size "
                      "do not apply")
         bad_layers = [i for i in groups if i >= self.cfg.num_hidden_layers]
         if bad_layers:
@@ -336,7 +339,7 @@ class _Conversion:
 
     def _resident_quant(self, cname: str, shape: tuple[int, ...]) -> QuantSpec | None:
         """How a float resident tensor is stored: None (float) or its QuantSpec (mlx-lm's choices)."""
-        if self.res_bits is None or self.layout == MLX:
+        if self.res_bits is None or self.keep_source:
             return None
         cls = quant_class(cname, shape)
         if cls == QUANT_FLOAT:
@@ -418,8 +421,8 @@ class _Conversion:
         experts.sources.setdefault(proj, source)
 
     def _expert_final(self, w: np.ndarray) -> QuantizedTensor | np.ndarray:
-        """One float expert projection [out, in] in its stored form (an MLX source's float stays float)."""
-        if self.exp_bits is None or self.layout == MLX or w.shape[-1] % self.group_size:
+        """One float expert projection [out, in] in its stored form (a quantised source's float stays float)."""
+        if self.exp_bits is None or self.keep_source or w.shape[-1] % self.group_size:
             return np.ascontiguousarray(w)
         return quantize(w, self.exp_bits, self.group_size)
 

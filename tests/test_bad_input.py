@@ -1,0 +1,139 @@
+"""Bad input to `flashmoe convert`: one `error:` line naming the file/tensor/field, exit code 2, no DST left
+behind (nor a temporary directory beside it)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from flashmoe.cli import app
+
+ARCH, VARIANT = "qwen3_moe", "no_norm_topk_k2"
+
+
+@pytest.fixture(scope="module")
+def source(hf_checkpoint) -> Path:
+    return hf_checkpoint(ARCH, VARIANT)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_tensors(path: Path, edit) -> None:
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def _edit_config(path: Path, edit) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _convert_fails(src: Path, out_root: Path, *expected: str, extra: tuple[str, ...] = ()) -> str:
+    """Run `flashmoe convert src out_root/dst`; assert exit 2, one error line containing every `expected`,
+    and nothing new under out_root. Returns the line."""
+    before = sorted(p.name for p in out_root.iterdir())
+    result = CliRunner().invoke(app, ["convert", str(src), str(out_root / "dst"), "--bits", "4", *extra])
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert sorted(p.name for p in out_root.iterdir()) == before
+    return lines[0]
+
+
+def test_unknown_model_type(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    _edit_config(src, lambda c: c.update(model_type="llama4_moe"))
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", "config.json", "model_type", "llama4_moe")
+
+
+def test_config_missing_a_required_field(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    _edit_config(src, lambda c: c.pop("hidden_size"))
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", "config.json", "hidden_size")
+
+
+def test_missing_resident_tensor(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    _edit_tensors(src, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", "missing tensor", "layers.1.self_attn.k_proj.weight")
+
+
+def test_missing_expert_tensor(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    _edit_tensors(src, lambda t: t.pop("model.layers.2.mlp.experts.5.up_proj.weight"))
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", "missing tensor", "layers.2.mlp.experts.5.up_proj.weight")
+
+
+def test_tensor_of_the_wrong_shape(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    _edit_tensors(src, lambda t: t.update({"model.layers.0.self_attn.o_proj.weight": np.zeros((64, 32), np.float32)}))
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", "model.layers.0.self_attn.o_proj.weight", "shape [64, 32]",
+                   "expected [64, 64]")
+
+
+def test_expert_of_the_wrong_shape(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    _edit_tensors(src, lambda t: t.update({"model.layers.1.mlp.experts.3.down_proj.weight":
+                                           np.zeros((64, 31), np.float32)}))
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", "model.layers.1.mlp.experts.3.down_proj.weight", "shape [64, 31]")
+
+
+def test_tensor_of_the_wrong_dtype(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    _edit_tensors(src, lambda t: t.update({name: t[name].astype(np.int32)}))
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", name, "dtype int32")
+
+
+def test_shard_truncated_by_one_byte(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    shard = src / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1])
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", "model.safetensors", "truncated")
+
+
+def test_destination_exists_without_force(source, tmp_path):
+    out = tmp_path / "out"
+    (out / "dst").mkdir(parents=True)
+    (out / "dst" / "keep.txt").write_text("mine")
+    _convert_fails(source, out, "dst", "already exists", "--force")
+    assert (out / "dst" / "keep.txt").read_text() == "mine"
+
+
+def test_disk_full_during_conversion(source, tmp_path, monkeypatch):
+    import flashmoe.convert as convert
+
+    def full(f, buf, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(convert, "_write_block", full)
+    (tmp_path / "out").mkdir()
+    _convert_fails(source, tmp_path / "out", "disk full", "layer_")
+
+
+def test_bad_bits_option(source, tmp_path):
+    (tmp_path / "out").mkdir()
+    _convert_fails(source, tmp_path / "out", "--expert-bits", "5", extra=("--expert-bits", "5"))

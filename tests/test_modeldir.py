@@ -1,0 +1,144 @@
+"""The model directory: expert layout arithmetic, zero-copy views, manifest round trip, and validation of
+every size and offset on open."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashmoe.convert import convert_checkpoint
+from flashmoe.errors import FormatError
+from flashmoe.modeldir import MANIFEST, ExpertLayout, Manifest, ModelDir
+from flashmoe.quant import QuantizedTensor, quantize
+from flashmoe.weights import WeightSource
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint, tmp_path_factory) -> Path:
+    src = hf_checkpoint("qwen3_moe", "no_norm_topk_k2")
+    return convert_checkpoint(src, tmp_path_factory.mktemp("md") / "q4", bits="4", progress=False)
+
+
+def _expert_parts(seed: int, hidden: int = 256, inter: int = 128):
+    rng = np.random.default_rng(seed)
+    return {
+        "gate_proj": quantize(rng.standard_normal((inter, hidden)).astype(np.float32), 4, 64),
+        "up_proj": quantize(rng.standard_normal((inter, hidden)).astype(np.float32), 4, 64),
+        "down_proj": rng.standard_normal((hidden, inter)).astype(np.float32),  # a float component
+    }
+
+
+def test_layout_aligns_components_and_stride():
+    parts = _expert_parts(0)
+    lay = ExpertLayout.plan(parts)
+    assert [c.name for c in lay.components] == [
+        "gate_proj.weight", "gate_proj.scales", "gate_proj.biases",
+        "up_proj.weight", "up_proj.scales", "up_proj.biases", "down_proj.weight"]
+    assert all(c.offset % 64 == 0 for c in lay.components)
+    # gate weight 128x32 u32 = 16384 B; scales/biases 128x4 f32 = 2048 B each; down 256x128 f32 = 131072 B.
+    assert [c.offset for c in lay.components] == [0, 16384, 18432, 20480, 36864, 38912, 40960]
+    assert lay.nbytes == 40960 + 131072 and lay.stride == 172032 and lay.stride % 4096 == 0
+
+
+def test_view_is_zero_copy_and_round_trips_pack():
+    parts = _expert_parts(1)
+    lay = ExpertLayout.plan(parts)
+    buf = np.full(lay.stride, 0xAB, np.uint8)
+    lay.pack(parts, buf)
+    assert not buf[lay.nbytes:].any()  # padding is zeroed
+    views = lay.view(buf)
+    gate = views["gate_proj"]
+    assert isinstance(gate, QuantizedTensor) and (gate.bits, gate.group_size) == (4, 64)
+    for arr in (gate.weight, gate.scales, gate.biases, views["down_proj"]):
+        assert np.shares_memory(arr, buf)
+    np.testing.assert_array_equal(gate.weight, parts["gate_proj"].weight)
+    np.testing.assert_array_equal(views["up_proj"].biases, parts["up_proj"].biases)
+    np.testing.assert_array_equal(views["down_proj"], parts["down_proj"])
+
+
+def test_manifest_json_round_trip(model):
+    text = (model / MANIFEST).read_text()
+    manifest = Manifest.from_json(text)
+    assert manifest.to_json() == text
+    assert manifest.format_version == 1 and manifest.model_type == "qwen3_moe"
+
+
+def test_open_exposes_config_layers_and_weight_source(model):
+    with ModelDir.open(model) as md:
+        assert isinstance(md, WeightSource)
+        assert md.moe_layers == md.config.moe_layers == [0, 1, 2]
+        assert md.expert_path(1) == model / "experts" / "layer_001.bin"
+        assert md.expert_path(1).stat().st_size == md.config.num_experts * md.layout.stride
+        e = md.expert(2, 15)
+        assert {k: v.shape for k, v in e.items()} == {"gate_proj": (32, 64), "up_proj": (32, 64),
+                                                      "down_proj": (64, 32)}
+        assert all(v.dtype == np.float32 for v in e.values())
+        assert md.has("norm.weight") and not md.has("layers.0.mlp.experts.0.gate_proj.weight")
+        assert "embed_tokens.scales" not in md.resident_names()
+        assert md.resident_nbytes == sum(
+            md.raw(n).nbytes for n in md.resident_names())
+
+
+def _corrupt(model: Path, tmp_path: Path, edit) -> Path:
+    bad = shutil.copytree(model, tmp_path / "bad")
+    edit(bad)
+    return bad
+
+
+def _edit_manifest(fn):
+    def edit(d: Path):
+        m = json.loads((d / MANIFEST).read_text())
+        fn(m)
+        (d / MANIFEST).write_text(json.dumps(m))
+    return edit
+
+
+def _truncate(rel: str):
+    def edit(d: Path):
+        data = (d / rel).read_bytes()
+        (d / rel).write_bytes(data[:-1])
+    return edit
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (_edit_manifest(lambda m: m.update(format_version=2)), "format_version 2"),
+    (_edit_manifest(lambda m: m.pop("experts")), "missing field 'experts'"),
+    (_edit_manifest(lambda m: m["experts"][0].update(stride=6000)), "stride = 6000"),
+    (_edit_manifest(lambda m: m["experts"][1]["components"][1].update(offset=100)), "offset 100"),
+    (_edit_manifest(lambda m: m["experts"][0].update(nbytes=10)), "nbytes 10"),
+    (_edit_manifest(lambda m: m["experts"][0]["components"][0].update(shape=[32, 9])), "gate_proj"),
+    (_edit_manifest(lambda m: m["experts"][2].update(num_experts=8)), "num_experts = 8"),
+    (_edit_manifest(lambda m: m["quantization"]["lm_head.weight"].update(bits=8)), "lm_head.weight"),
+    (_truncate("experts/layer_001.bin"), "layer_001.bin"),
+    (_truncate("resident.safetensors"), "resident.safetensors"),
+], ids=["version", "no-experts", "stride", "offset", "nbytes", "shape", "num-experts", "bits", "short-expert-file",
+        "short-resident"])
+def test_open_rejects_inconsistent_directories(model, tmp_path, edit, expected):
+    bad = _corrupt(model, tmp_path, edit)
+    with pytest.raises(FormatError, match=None) as err:
+        ModelDir.open(bad)
+    assert expected in str(err.value), str(err.value)
+
+
+def test_short_expert_file_names_size_even_without_files_entry(model, tmp_path):
+    def edit(d: Path):
+        _edit_manifest(lambda m: m["files"].pop("experts/layer_001.bin"))(d)
+        _truncate("experts/layer_001.bin")(d)
+    with pytest.raises(FormatError, match="layer_001.bin: .* expected num_experts 16 x stride"):
+        ModelDir.open(_corrupt(model, tmp_path, edit))
+
+
+def test_verify_checksums_finds_a_flipped_byte(model, tmp_path):
+    def flip(d: Path):
+        p = d / "experts" / "layer_002.bin"
+        data = bytearray(p.read_bytes())
+        data[5] ^= 1
+        p.write_bytes(bytes(data))
+    md = ModelDir.open(_corrupt(model, tmp_path, flip))  # sizes still agree: open succeeds
+    with pytest.raises(FormatError, match="layer_002.bin: sha256"):
+        md.verify_checksums()
+    md.close()
