@@ -156,11 +156,9 @@ def synth(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
     """Write a synthetic model: a real model's exact shapes, random quantised weights, real tokenizer."""
-    from flashmoe.errors import ConfigError
+    from flashmoe.convert import parse_bits
     from flashmoe.synth import synth_like
 
-    if bits != "none" and not bits.isdigit():
-        raise ConfigError(f"--bits {bits!r}: expected 2, 3, 4, 6, 8 or 'none'")
-    path = synth_like(out, like=like, config_path=config, layers=layers,
-                      bits=None if bits == "none" else int(bits), group_size=group_size, seed=seed, force=force)
+    path = synth_like(out, like=like, config_path=config, layers=layers, bits=parse_bits(bits),
+                      group_size=group_size, seed=seed, force=force)
     typer.echo(f"wrote {path}")

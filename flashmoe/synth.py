@@ -44,13 +44,13 @@ from flashmoe.modeldir import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, Fil
                                QuantSpec, expert_file_name, resident_shapes, sha256_file)
 from flashmoe.presets import (MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER, get_preset,
                               truncate)
-from flashmoe.quant import QuantizedTensor
+from flashmoe.quant import GROUP_SIZES, QuantizedTensor
 from flashmoe.safetensors_io import SafetensorsWriter
 
 INIT_STD = 0.02
 SCALE_DTYPE = ml_dtypes.bfloat16
 FLOAT_DTYPE = ml_dtypes.bfloat16
-ROUTER_BITS = 8  # quant_class's QUANT_8BIT (mlx-lm keeps router and shared-expert gate at 8 bits)
+ROUTER_QUANT = QuantSpec(8, 64)  # quant_class's QUANT_8BIT (mlx-lm keeps router and shared-expert gate at 8 bits)
 _CHUNK_BYTES = 64 << 20  # experts are generated and written this many bytes at a time
 _FLUSH_BYTES = 512 << 20  # written expert bytes are synced and dropped from the page cache this often
 _RESIDENT_STREAM = 1 << 20  # stream id of the non-layer resident tensors (embedding, lm_head, final norm)
@@ -103,12 +103,15 @@ def _random_float(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
     return (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE)
 
 
-def _resident_kind(name: str, shape: tuple[int, ...], bits: int | None) -> int | None:
-    """Bits a resident tensor is stored at, None for float (quant_class; bits None means --bits none)."""
+def _resident_quant(name: str, shape: tuple[int, ...], bits: int | None, group_size: int) -> QuantSpec | None:
+    """How a resident tensor is stored, as flashmoe convert decides it: None (float: quant_class says so,
+    --bits none, or an input width that is not a multiple of the group size) or its QuantSpec (router and
+    shared-expert gate always 8 bits, group 64)."""
     cls = quant_class(name, shape)
     if cls == QUANT_FLOAT or bits is None:
         return None
-    return ROUTER_BITS if cls == QUANT_8BIT else bits
+    spec = ROUTER_QUANT if cls == QUANT_8BIT else QuantSpec(bits, group_size)
+    return spec if shape[-1] % spec.group_size == 0 else None
 
 
 def _layer_of(name: str) -> int:
@@ -123,8 +126,9 @@ def resident_tensors(cfg: ModelConfig, bits: int | None, group_size: int,
     for name, shape in resident_shapes(cfg).items():
         layer = _layer_of(name)
         rng = streams.setdefault(layer, _rng(seed, 0, layer))
-        b = _resident_kind(name, shape, bits)
-        yield name, (_random_float(name, shape, rng) if b is None else random_quantized(rng, shape, b, group_size))
+        q = _resident_quant(name, shape, bits, group_size)
+        yield name, (_random_float(name, shape, rng) if q is None else
+                     random_quantized(rng, shape, q.bits, q.group_size))
 
 
 def _expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -146,16 +150,16 @@ def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int) -> Expert
     return ExpertLayout.plan(random_expert(cfg, _rng(0), bits, group_size))
 
 
-def _stored_bytes(shape: tuple[int, ...], bits: int | None, group_size: int) -> int:
-    if bits is None:
+def _stored_bytes(shape: tuple[int, ...], q: QuantSpec | None) -> int:
+    if q is None:
         return math.prod(shape) * np.dtype(FLOAT_DTYPE).itemsize
-    groups = math.prod(shape) // group_size
-    return math.prod(shape) * bits // 8 + 2 * groups * np.dtype(SCALE_DTYPE).itemsize
+    groups = math.prod(shape) // q.group_size
+    return math.prod(shape) * q.bits // 8 + 2 * groups * np.dtype(SCALE_DTYPE).itemsize
 
 
 def planned_bytes(cfg: ModelConfig, bits: int | None, group_size: int) -> tuple[int, int]:
     """(resident bytes, expert-file bytes) that synth_model writes for `cfg`, without writing anything."""
-    resident = sum(_stored_bytes(shape, _resident_kind(name, shape, bits), group_size)
+    resident = sum(_stored_bytes(shape, _resident_quant(name, shape, bits, group_size))
                    for name, shape in resident_shapes(cfg).items())
     experts = len(cfg.moe_layers) * cfg.num_experts * expert_layout(cfg, bits, group_size).stride
     return resident, experts
@@ -262,6 +266,8 @@ def synth_model(out: str | Path, config: dict[str, Any], *, tokenizer: str | Non
     from flashmoe.synth_tokenizer import write_tokenizer
 
     out = Path(out)
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     cfg = ModelConfig.from_dict(config, source="synth config")
     if out.exists() and not force:
         raise FlashMoeError(f"{out}: already exists (pass --force to replace it)")
