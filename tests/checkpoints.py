@@ -156,3 +156,76 @@ def canonical_weights(path: str | Path):
     layout = detect_layout(source)
     canonical = dict(pair for name, array in source.items() for pair in to_canonical(name, array, cfg, layout))
     return cfg, DictWeights(canonical)
+
+
+def _mlx_lm_config(hf_dir: Path) -> dict[str, Any]:
+    """The HF config.json with the keys mlx-lm reads but transformers 5 no longer writes: top-level
+    rope_theta / partial_rotary_factor (from rope_parameters), Qwen3-MoE's num_experts (transformers writes
+    num_local_experts), full_attention_interval (mlx-lm ignores layer_types), and `qwen3_5_moe` for the
+    text-only `qwen3_5_moe_text` model type (mlx-lm has no module of that name)."""
+    import json
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    text = config.get("text_config", config)
+    rope = text.get("rope_parameters") or {}
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in rope:
+            text.setdefault(key, rope[key])
+    if "num_local_experts" in text and text["model_type"] != "mixtral":
+        text.setdefault("num_experts", text["num_local_experts"])
+    if "layer_types" in text:
+        text["full_attention_interval"] = text["layer_types"].index("full_attention") + 1
+    if config["model_type"] == "qwen3_5_moe_text":
+        config["model_type"] = "qwen3_5_moe"
+    return config
+
+
+def mlx_lm_model(hf_dir: str | Path):
+    """(mlx-lm model, config dict) holding the float weights of the HF checkpoint at hf_dir, loaded through
+    mlx-lm's own `sanitize` (which stacks experts into switch_mlp, moves conv1d to [C, K, 1] and adds 1 to
+    the x·(1+w) norms of the Qwen3.5/Next families). Qwen3.5's per-expert tensors, which mlx-lm does not
+    read, are first fused into `experts.gate_up_proj` / `experts.down_proj` as Qwen publishes them."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes
+
+    hf_dir = Path(hf_dir)
+    config = _mlx_lm_config(hf_dir)
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    weights = dict(mx.load(str(hf_dir / "model.safetensors")))
+    if config["model_type"] == "qwen3_5_moe":
+        text = config.get("text_config", config)
+        prefix = "model.language_model." if "text_config" in config else "model."
+        for layer in range(text["num_hidden_layers"]):
+            p = f"{prefix}layers.{layer}.mlp.experts"
+            stack = lambda proj: mx.stack([weights.pop(f"{p}.{e}.{proj}.weight")  # noqa: E731
+                                           for e in range(text["num_experts"])])
+            weights[f"{p}.gate_up_proj"] = mx.concatenate([stack("gate_proj"), stack("up_proj")], axis=1)
+            weights[f"{p}.down_proj"] = stack("down_proj")
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    return model, config
+
+
+def build_mlx_checkpoint(hf_dir: str | Path, out_dir: str | Path, bits: int | None = 4,
+                         group_size: int = 64) -> Path:
+    """Write an mlx-lm checkpoint (model.safetensors + config.json) of the HF checkpoint at hf_dir,
+    quantised by mlx-lm's own quantize_model (its predicates: router/shared-expert gate at 8 bits, inputs
+    not divisible by group_size left float) when bits is set; float when bits is None. Returns out_dir."""
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    model, config = mlx_lm_model(hf_dir)
+    if bits is not None:
+        model, config = quantize_model(model, config, group_size=group_size, bits=bits)
+    out = Path(out_dir)
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    return out
+
+
+def mlx_lm_logits(mlx_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
+    """mlx-lm's logits, float32 (T, vocab), for the checkpoint at mlx_dir and int64 tokens (T,)."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(Path(mlx_dir))
+    return np.array(model(mx.array(tokens)[None]).astype(mx.float32))[0]

@@ -9,7 +9,11 @@ import pytest
 
 from checkpoints import (LONG_VARIANTS, VARIANTS, canonical_weights, hf_logits, load_hf_model,
                          prompt_tokens)
+from flashmoe.config import ModelConfig
+from flashmoe.convert import convert_checkpoint
+from flashmoe.families import to_canonical
 from flashmoe.reference import ReferenceModel
+from flashmoe.weights import DictWeights
 
 TOL = 1e-4
 PROMPT = 32
@@ -33,6 +37,34 @@ def test_prefill_logits_match_transformers_at_every_position(hf_checkpoint, arch
     got = ReferenceModel(cfg, weights).forward(tokens, None)
     assert got.dtype == np.float32 and got.shape == (PROMPT, cfg.vocab_size)
     assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("arch,variant", VARIANTS, ids=ids)
+def test_converted_model_directory_gives_transformers_logits(hf_checkpoint, tmp_path, arch, variant):
+    """The same check through `flashmoe convert --bits none` and ModelDir (vision tensors dropped, norms
+    shifted, experts in expert files)."""
+    path = hf_checkpoint(arch, variant)
+    model_dir = convert_checkpoint(path, tmp_path / "model", bits="none", log=lambda msg: None)
+    tokens = prompt_tokens(PROMPT)
+    want = hf_logits(load_hf_model(arch, variant, path), tokens)
+    assert rel_err(ReferenceModel.from_dir(model_dir).forward(tokens), want) <= TOL
+
+
+@pytest.mark.parametrize("arch,variant", [("qwen3_5_moe", "shared_k2"), ("qwen3_next", "shared_k2"),
+                                          ("qwen3_moe", "norm_topk_k8"), ("mixtral", "k2"),
+                                          ("olmoe", "no_norm_topk_k2")])
+def test_fused_expert_tensors_of_the_transformers_state_dict_give_the_same_logits(hf_checkpoint, arch, variant):
+    """transformers 5 holds experts fused in memory (gate_up_proj [E, 2I, H], down_proj [E, H, I]);
+    mapping its state_dict gives stacked canonical experts and the same logits."""
+    path = hf_checkpoint(arch, variant)
+    model = load_hf_model(arch, variant, path)
+    state = {n: t.detach().numpy() for n, t in model.state_dict().items()}
+    assert any(n.endswith("experts.gate_up_proj") for n in state)
+    cfg = ModelConfig.from_file(path)
+    weights = DictWeights(dict(pair for n, a in state.items() for pair in to_canonical(n, a, cfg)))
+    assert weights.has(f"layers.{cfg.moe_layers[0]}.mlp.experts.gate_proj.weight")
+    tokens = prompt_tokens(PROMPT)
+    assert rel_err(ReferenceModel(cfg, weights).forward(tokens), hf_logits(model, tokens)) <= TOL
 
 
 @pytest.mark.parametrize("arch,variant", VARIANTS, ids=ids)
