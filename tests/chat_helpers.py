@@ -287,3 +287,56 @@ def write_model_dir(out: Path, template: str | list | None, *, as_jinja_file: bo
     if eos_token_ids is not None:
         (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_ids}))
     return out
+
+
+class FakeEngine:
+    """Stands in for flashmoe.engine.Engine in chat and server tests: a "model" whose reply is scripted.
+
+    On a prompt (any forward call that is not the expected next reply token) it decodes everything the
+    state holds, asks `reply(text)` for the reply, and then emits that reply's tokens and an end-of-sequence
+    token one per decode step. It records how many tokens each forward call consumed, so tests can check
+    prefix reuse, and can sleep per call to make generation slow enough to race against.
+    """
+
+    def __init__(self, tokenizer, reply, max_position_embeddings: int = 512, delay_s: float = 0.0,
+                 eos_token: str = "<|im_end|>"):
+        from types import SimpleNamespace
+
+        from flashmoe.stats import Stats
+
+        self.tokenizer, self.reply, self.delay_s = tokenizer, reply, delay_s
+        self.cfg = SimpleNamespace(max_position_embeddings=max_position_embeddings)
+        self.stats = Stats()
+        self.store = SimpleNamespace(release_all=lambda: None)
+        self.eos_id = tokenizer.encode(eos_token)[0]
+        self.forward_lengths: list[int] = []
+        self.prompts: list[str] = []
+
+    def new_state(self):
+        from flashmoe.engine import State
+
+        return State(layers=[[], [], 0])  # tokens so far, scripted reply ids, next reply index
+
+    def forward(self, token_ids, state, all_logits: bool = False):
+        import time
+
+        import numpy as np
+
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
+        tokens, reply, index = state.layers
+        tokens.extend(ids)
+        state.position += len(ids)
+        self.forward_lengths.append(len(ids))
+        if not (len(ids) == 1 and index < len(reply) and reply[index] == ids[0]):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+            self.prompts.append(text)
+            reply = self.tokenizer.encode(self.reply(text)) + [self.eos_id]
+            index = 0
+        else:
+            index += 1
+        state.layers[1:] = [reply, index]
+        logits = np.full((1, self.tokenizer.vocab_size), -30.0, np.float32)
+        logits[0, reply[index] if index < len(reply) else self.eos_id] = 30.0
+        return logits

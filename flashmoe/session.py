@@ -1,0 +1,198 @@
+"""A conversation's model state kept between turns: prefix reuse, context checks and stop strings.
+
+`Session.generate` compares the new prompt's token ids with the tokens the state has already consumed. When
+the prompt strictly extends them (the usual case for a chat: last prompt + reply + new user turn), only the
+new tokens are prefilled. Otherwise the state starts over: GatedDeltaNet layers fold every token into a
+fixed-size recurrent state that cannot be rewound, so a prompt that diverges anywhere, even one token before
+the end, cannot reuse it.
+
+Used by `flashmoe chat` (one user) and `flashmoe serve` (requests one at a time, from one worker thread).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from flashmoe.engine import Engine, State
+from flashmoe.errors import FlashMoeError
+from flashmoe.generate import Step, generate_steps
+from flashmoe.sampling import Sampler
+from flashmoe.tokenizer import Tokenizer
+
+
+class ContextError(FlashMoeError):
+    """The prompt plus the requested completion does not fit the context."""
+
+
+@dataclass
+class RunInfo:
+    """What one generate() call did. Times in seconds; tokens counted in token ids."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens already in the state (not prefilled again)
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # 'stop' (end of sequence or a stop string), 'length', 'cancelled'
+    ttft_s: float | None = None
+    decode_s: float = 0.0
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        """Decode speed over tokens 2..n (the first carries prefill)."""
+        n = self.completion_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else None
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
+                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason,
+                "ttft_s": self.ttft_s, "decode_tok_s": self.decode_tok_s}
+
+
+class StopMatcher:
+    """Cuts streamed text at the first occurrence of any stop string (OpenAI `stop`).
+
+    Text that could be the start of a stop string is held back until it is known not to be one.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Add generated text; return what can be released. After a stop string, `stopped` is True and
+        nothing more is released."""
+        if self.stopped:
+            return ""
+        text = self._held + text
+        hits = [i for s in self._stops if (i := text.find(s)) >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            return text[: min(hits)]
+        keep = 0
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """End of generation: release held text (it did not become a stop string)."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+@dataclass
+class Session:
+    """One sequence's state plus the token ids it has consumed.
+
+    Args:
+        engine: the loaded model.
+        tokenizer: its tokenizer (end-of-sequence ids, detokenisation).
+        context: the longest sequence, in tokens, a prompt plus its completion may reach; None means the
+            model's max_position_embeddings (a larger value is capped to it).
+    """
+
+    engine: Engine
+    tokenizer: Tokenizer
+    context: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    state: State | None = None
+    last: RunInfo = field(default_factory=RunInfo)
+
+    def __post_init__(self) -> None:
+        limit = self.engine.cfg.max_position_embeddings
+        self.context = min(self.context or limit, limit)
+
+    def reset(self) -> None:
+        """Forget the cached state; the next prompt is prefilled from scratch."""
+        self.tokens, self.state = [], None
+
+    def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
+        """Return the completion budget: max_tokens, or all the room left when it is None.
+
+        Raises ContextError when the prompt is empty or prompt + max_tokens exceeds the context.
+        """
+        if n_prompt == 0:
+            raise ContextError("the prompt is empty after tokenisation")
+        if max_tokens is None:
+            max_tokens = self.context - n_prompt
+            if max_tokens < 1:
+                raise ContextError(f"the prompt has {n_prompt} tokens; the context is {self.context} tokens, "
+                                   "which leaves no room for a completion")
+        if n_prompt + max_tokens > self.context:
+            raise ContextError(f"the context is {self.context} tokens, but {n_prompt + max_tokens} were "
+                               f"requested ({n_prompt} in the prompt, {max_tokens} for the completion); shorten "
+                               "the prompt or lower max_tokens")
+        return max_tokens
+
+    def reusable(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading prompt tokens the cached state already holds (0 when it cannot be reused)."""
+        n = len(self.tokens)
+        if self.state is None or n == 0 or len(prompt_ids) <= n or list(prompt_ids[:n]) != self.tokens:
+            return 0
+        return n
+
+    def generate(self, prompt_ids: Sequence[int], sampler: Sampler, max_tokens: int | None,
+                 stop: Sequence[str] = (), cancel: threading.Event | None = None) -> Iterator[Step]:
+        """Generate a continuation of prompt_ids, reusing the cached state when the prompt extends it.
+
+        Yields Steps whose text is already cut at a stop string (a stop string itself is never yielded).
+        Ends at an end-of-sequence token, a stop string, max_tokens, or when `cancel` is set (checked
+        after every token). `self.last` describes the run when the iterator is exhausted or closed.
+
+        Raises ContextError when prompt + max_tokens exceeds the context. When the engine raises, the
+        state is dropped (it may be half-updated) and the error propagates.
+        """
+        max_tokens = self.check_fits(len(prompt_ids), max_tokens)
+        reused = self.reusable(prompt_ids)
+        if not reused:
+            self.reset()
+            self.state = self.engine.new_state()
+        state = self.state
+        consumed = list(prompt_ids)
+        info = RunInfo(prompt_tokens=len(prompt_ids), reused_tokens=reused)
+        self.last = info
+        stopper = StopMatcher(stop)
+        t0 = t_first = time.perf_counter()
+        steps = generate_steps(self.engine, self.tokenizer, list(prompt_ids[reused:]), sampler, max_tokens, state)
+        info.finish_reason = "length"
+        try:
+            for step in steps:
+                now = time.perf_counter()
+                if info.ttft_s is None:
+                    info.ttft_s, t_first = now - t0, now
+                info.decode_s = now - t_first
+                info.completion_tokens += 1
+                consumed.append(step.token_id)
+                if step.token_id in self.tokenizer.eos_token_ids:
+                    info.finish_reason = "stop"
+                    break
+                text = stopper.feed(step.text)
+                if text:
+                    yield Step(step.token_id, text)
+                if stopper.stopped:
+                    info.finish_reason = "stop"
+                    break
+                if cancel is not None and cancel.is_set():
+                    info.finish_reason = "cancelled"
+                    break
+            else:
+                tail = stopper.flush()
+                if tail:
+                    yield Step(consumed[-1], tail)
+        except GeneratorExit:  # the consumer stopped between tokens: the state is consistent
+            info.finish_reason = "cancelled"
+            raise
+        except BaseException:  # inside forward (an error, Ctrl-C): layers may be half-updated
+            self.reset()
+            raise
+        finally:
+            steps.close()
+            if self.state is state:
+                # The state consumed exactly the first `position` tokens of prompt + completion.
+                self.tokens = consumed[: state.position]
