@@ -162,3 +162,44 @@ def synth(
     path = synth_like(out, like=like, config_path=config, layers=layers, bits=parse_bits(bits),
                       group_size=group_size, seed=seed, force=force)
     typer.echo(f"wrote {path}")
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command()
+@_user_errors
+def bench(
+    model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (e.g. from `flashmoe synth`)."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Directory for bench.json, bench.md, figures."),
+    backend: str = typer.Option("numba", help="Compute backend."),
+    modes: str = typer.Option("pagecache,direct", help="Comma-separated expert store modes."),
+    k: str = typer.Option("", "-k", "--experts-per-token", help="Comma-separated k values (default: the model's)."),
+    threads: str = typer.Option("", help="Comma-separated compute thread counts (default: all cores)."),
+    budgets: str = typer.Option("", help="Comma-separated --max-memory budgets to decode under, e.g. 2G,4G."),
+    io_threads: Optional[int] = typer.Option(None, help="Expert read threads (default: the store's)."),
+    prompt_tokens: int = typer.Option(8, help="Random prompt length (prefill) before decoding."),
+    tokens: int = typer.Option(16, help="Decode tokens per pass."),
+    disk_repeats: int = typer.Option(3, help="Cold passes per disk measurement (median reported)."),
+    cgroup: bool = typer.Option(False, "--cgroup", help="Run each budgeted decode in a memory cgroup of that size "
+                                "(cgroup v1, root; caps the page cache too)."),
+    cache_policy: str = typer.Option("lru", help="Eviction policy of the direct-mode cache."),
+    replay_trace: Optional[list[Path]] = typer.Option(None, "--replay", help="Routing trace to replay through "
+                                                      "every eviction policy (repeatable)."),
+    no_figures: bool = typer.Option(False, "--no-figures", help="Skip the matplotlib figures."),
+) -> None:
+    """Decode speed against the disk-bound ceiling (cold/warm, pagecache/direct, budgets), and cache replays."""
+    import os
+
+    from flashmoe.bench.streaming import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        model_dir=model_dir, out=out, backend=backend, modes=tuple(_csv(modes)),
+        ks=tuple(int(x) for x in _csv(k)) or (None,),
+        threads=tuple(int(x) for x in _csv(threads)) or (os.cpu_count() or 1,),
+        budgets=tuple(_csv(budgets)), io_threads=io_threads, prompt_tokens=prompt_tokens, tokens=tokens,
+        disk_repeats=disk_repeats, cgroup=cgroup, cache_policy=cache_policy, replays=tuple(replay_trace or ()),
+        figures=not no_figures, log=lambda line: typer.echo(line, err=True))
+    run_bench(opts)
+    typer.echo((out / "bench.md").read_text())

@@ -1,0 +1,178 @@
+"""One decode measurement in a process of its own (peak RSS and memory caps are per process).
+
+`python -m flashmoe.bench.decode_run --model DIR --io direct --max-memory 4G -k 4 --json OUT.json` loads the
+model with `load_engine`, drops the expert files from the page cache (POSIX_FADV_DONTNEED), then runs the
+same token sequence in passes:
+
+- `cold`: prefill a seeded random prompt, then greedy decode `--tokens` tokens;
+- `warm`: a fresh sequence state, the same prompt and the same tokens again, so every expert it needs was
+  read moments ago (direct mode: what the own cache kept; pagecache mode: what the page cache kept).
+
+Greedy decoding of the same weights from the same prompt gives the same tokens in every mode, so the
+passes and the modes route to the same experts. Each pass reports tok/s over the decode tokens (the first
+token, which carries prefill, is excluded), time per token split into compute stages, I/O wait and
+the rest, expert bytes read and from disk per token, reads and hit rate per token. The process's peak RSS
+covers both passes. With --trace, the cold pass's routing (prefill and decode) is written as a routing
+trace (flashmoe/trace.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from flashmoe.memory import current_rss_bytes, peak_rss_bytes
+from flashmoe.stats import Counters, TokenRecord
+
+
+def _mean_counters(records: list[TokenRecord]) -> dict[str, float]:
+    total = Counters()
+    for r in records:
+        for k, v in asdict(r.counters).items():
+            setattr(total, k, getattr(total, k) + v)
+    return {k: v / len(records) for k, v in asdict(total).items()}
+
+
+def summarise_pass(records: list[TokenRecord], stage_s: dict[str, float], num_layers: int) -> dict:
+    """Figures of one pass from its token records (the first is prefill + first token) and the compute
+    seconds per stage spent in its decode tokens. Times per decode token in ms; bytes per decode token."""
+    decode = records[1:]
+    n = len(decode)
+    wall = sum(r.wall_s for r in decode)
+    mean = _mean_counters(decode)
+    lookups = mean["hits"] + mean["misses"]
+    stage_ms = {k: 1e3 * v / n for k, v in stage_s.items()}
+    head_ms = stage_ms.get("lm_head", 0.0)
+    wall_ms = 1e3 * wall / n
+    compute_ms = 1e3 * mean["compute_s"]
+    io_wait_ms = 1e3 * mean["io_wait_s"]
+    return {
+        "decode_tokens": n,
+        "ttft_s": records[0].wall_s,
+        "tok_s": n / wall,
+        "ms_per_token": wall_ms,
+        "compute_ms_per_token": compute_ms,
+        "io_wait_ms_per_token": io_wait_ms,
+        "other_ms_per_token": wall_ms - compute_ms - io_wait_ms,
+        "lm_head_ms_per_token": head_ms,
+        # per MoE layer, without the lm_head (which a truncated model does not scale down)
+        "ms_per_layer": (wall_ms - head_ms) / num_layers,
+        "compute_ms_per_layer": (compute_ms - head_ms) / num_layers,
+        "io_wait_ms_per_layer": io_wait_ms / num_layers,
+        "stage_ms_per_token": stage_ms,
+        "bytes_read_per_token": mean["bytes_read"],
+        "disk_bytes_per_token": mean["disk_bytes"],
+        "reads_per_token": mean["reads"],
+        "hit_rate": mean["hits"] / lookups if lookups else None,
+        "achieved_gb_s": mean["bytes_read"] / (wall / n) / 1e9,
+        "achieved_disk_gb_s": mean["disk_bytes"] / (wall / n) / 1e9,
+    }
+
+
+def record_routing(path: Path, engine, model: str):
+    """Write every routing decision of `engine` to a routing trace at `path` until the returned function is
+    called. Hooks the engine's `route` (flashmoe.engine imports it from reference.moe): its calls come one
+    per MoE layer in layer order, each with (T, k) ids and weights, so T tokens complete every
+    len(moe_layers) calls."""
+    import flashmoe.engine as engine_module
+    from flashmoe.trace import TraceHeader, TraceWriter
+
+    layers = engine.model.moe_layers
+    writer = TraceWriter(path, TraceHeader(engine.cfg.num_experts, engine.k, tuple(layers), model))
+    original = engine_module.route
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def recording_route(logits, k, norm_topk_prob):
+        ids, weights = original(logits, k, norm_topk_prob)
+        pending.append((ids, weights))
+        if len(pending) == len(layers):
+            prefill = pending[0][0].shape[0] > 1
+            for t in range(pending[0][0].shape[0]):
+                writer.write(np.stack([p[0][t] for p in pending]), np.stack([p[1][t] for p in pending]),
+                             prefill=prefill)
+            pending.clear()
+        return ids, weights
+
+    engine_module.route = recording_route
+
+    def stop() -> None:
+        engine_module.route = original
+        writer.close()
+
+    return stop
+
+
+def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int | None, io_threads: int | None,
+        prompt_tokens: int, tokens: int, seed: int, cache_policy: str, passes: list[str],
+        trace: Path | None = None) -> dict:
+    """Load, evict the expert files from the page cache, run the passes; the result dict (see module doc)."""
+    from flashmoe.load import load_engine
+
+    rss_before = current_rss_bytes()
+    t0 = time.perf_counter()
+    engine = load_engine(model_dir, backend=backend, io=io, max_memory=max_memory, experts_per_token=k,
+                         context=prompt_tokens + tokens + 1, cache_policy=cache_policy, threads=io_threads)
+    load_s = time.perf_counter() - t0
+    engine.store.evict_page_cache()
+    stats = engine.stats
+    prompt = np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, prompt_tokens)
+    stop_trace = record_routing(trace, engine, str(model_dir)) if trace else None
+    results = {}
+    for name in passes:
+        state = engine.new_state()
+        first, stages_before = len(stats.tokens), dict(stats.stage_s)
+        stats.start()
+        logits = engine.forward(prompt, state)
+        stats.token_done()
+        stages_at_decode = dict(stats.stage_s)
+        for _ in range(tokens):
+            logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+            stats.token_done()
+        decode_stages = {s: v - stages_at_decode.get(s, 0.0) for s, v in stats.stage_s.items()}
+        results[name] = summarise_pass(stats.tokens[first:], decode_stages, len(engine.model.moe_layers))
+        results[name]["prefill_stage_s"] = {s: v - stages_before.get(s, 0.0) for s, v in stages_at_decode.items()}
+        if stop_trace:
+            stop_trace()
+            stop_trace = None
+    store = engine.store
+    return {
+        "model": str(model_dir), "backend": backend, "io": io, "o_direct": getattr(store, "direct", None),
+        "max_memory": max_memory, "k": engine.k, "io_threads": store.threads,
+        "compute_threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)),
+        "cache_policy": cache_policy, "prompt_tokens": prompt_tokens, "tokens": tokens, "seed": seed,
+        "moe_layers": len(engine.model.moe_layers), "num_hidden_layers": engine.cfg.num_hidden_layers,
+        "expert_bytes": engine.model.layout.nbytes, "expert_stride": engine.model.layout.stride,
+        "resident_bytes": engine.model.resident_nbytes, "load_s": load_s, "rss_before_load": rss_before,
+        "peak_rss_bytes": peak_rss_bytes(), "passes": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--io", default="pagecache", choices=("pagecache", "direct"))
+    ap.add_argument("--max-memory", default=None)
+    ap.add_argument("-k", "--experts-per-token", type=int, default=None)
+    ap.add_argument("--io-threads", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-policy", default="lru")
+    ap.add_argument("--passes", default="cold,warm")
+    ap.add_argument("--trace", type=Path, default=None)
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    result = run(a.model, a.backend, a.io, a.max_memory, a.experts_per_token, a.io_threads, a.prompt_tokens,
+                 a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace)
+    a.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Markdown tables and matplotlib figures of a `flashmoe bench` result (the dict bench/streaming.py writes).
+
+Figures (PNG, written beside the JSON):
+- `ms_per_layer.png`: decode ms per MoE layer for each run, split into compute (by stage), I/O wait and
+  the rest, next to the disk-bound time per layer;
+- `hit_rate_vs_cache.png`: hit rate against cache size for each eviction policy, one panel per trace;
+- `tok_s_vs_budget.png`: cold and warm decode tok/s against --max-memory, per mode and k, with the
+  disk-bound ceiling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+GB = 1e9
+_STAGE_ORDER = ("attention", "router", "shared_expert", "experts", "dense_mlp")
+
+
+def run_label(run: dict) -> str:
+    """Short name of a run: mode, k, compute threads and budget, e.g. 'direct k=4 t=2 4G'."""
+    return f"{run['io']} k={run['k']} t={run['compute_threads']} {run['max_memory'] or 'no cap'}"
+
+
+def _f(x: float | None, fmt: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def markdown(result: dict) -> str:
+    """The result as Markdown: machine and disk, one row per run and pass, then the replays."""
+    m, model = result["machine"], result["model"]
+    lines = [
+        f"Model: `{model['dir']}` — {model['description']}; expert files {model['expert_file_bytes'] / GB:.1f} GB "
+        f"({model['moe_layers']} MoE layers), resident {model['resident_bytes'] / GB:.2f} GB.",
+        f"Machine: {m['cpus']} CPUs, {m['memory_bytes'] / 2**30:.0f} GiB RAM, kernel {m['kernel']}; disk "
+        f"{result['disk']['filesystem']['device']} ({result['disk']['filesystem']['fstype']}).",
+        "",
+        "Disk bandwidth for the store's read pattern (cold, one expert per read, k reads in flight):",
+        "",
+        "| mode | reads in flight | GB/s (median) | runs |",
+        "|---|---|---|---|",
+    ]
+    for d in result["disk"]["store"]:
+        lines.append(f"| {d['mode']} | {d['threads']} | {d['gb_s']:.2f} | "
+                     f"{' '.join(f'{x:.2f}' for x in d['gb_s_runs'])} |")
+    lines += [
+        "",
+        "| run | pass | tok/s | ms/token | ms/layer (compute + I/O wait + other) | lm_head ms | expert GB read/token "
+        "(from disk) | achieved GB/s | hit rate | peak RSS GB | disk-bound tok/s | bound ms/token | time ÷ bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["runs"]:
+        for name, p in run["passes"].items():
+            c = p.get("ceiling", {})
+            other = p["ms_per_layer"] - p["compute_ms_per_layer"] - p["io_wait_ms_per_layer"]
+            lines.append(
+                f"| {run_label(run)} | {name} | {p['tok_s']:.3f} | {p['ms_per_token']:.0f} | "
+                f"{p['ms_per_layer']:.1f} ({p['compute_ms_per_layer']:.1f} + {p['io_wait_ms_per_layer']:.1f} + "
+                f"{other:.1f}) | {p['lm_head_ms_per_token']:.0f} | {p['bytes_read_per_token'] / GB:.3f} "
+                f"({p['disk_bytes_per_token'] / GB:.3f}) | {p['achieved_gb_s']:.2f} | "
+                f"{_f(p['hit_rate'], '.1%')} | {run['peak_rss_bytes'] / GB:.2f} | "
+                f"{_f(c.get('disk_bound_tok_s'))} | {_f(c.get('bound_ms'), '.0f')} | {_f(c.get('time_over_bound'))} |")
+    for r in result.get("replays", []):
+        policies = list(r["sizes"][0]["hit_rate"])
+        lines += [
+            "",
+            f"Replay of `{r['trace']}` ({r['kind']}): {r['tokens']} tokens, {r['lookups']} lookups, "
+            f"{r['distinct_experts']} distinct of {r['num_experts'] * r['moe_layers']} experts, k={r['experts_per_token']}.",
+            "",
+            "| cache (% of experts) | entries | " + " | ".join(policies) + " |",
+            "|---|---|" + "---|" * len(policies),
+        ]
+        for s in r["sizes"]:
+            lines.append(f"| {100 * s['fraction']:g}% | {s['entries']} | "
+                         + " | ".join(f"{s['hit_rate'][p]:.1%}" for p in policies) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figures(result: dict, out_dir: Path) -> list[Path]:
+    """Draw the figures that the result has data for into out_dir; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    runs = result["runs"]
+    if runs:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs) * 2), 4.5))
+        labels, x = [], 0
+        colors = dict(zip(_STAGE_ORDER, plt.cm.tab10.colors))
+        drawn = set()
+        for run in runs:
+            for name, p in run["passes"].items():
+                bottom = 0.0
+                n_layers = run["moe_layers"]
+                for stage in _STAGE_ORDER:
+                    v = p["stage_ms_per_token"].get(stage, 0.0) / n_layers
+                    if v:
+                        ax.bar(x, v, bottom=bottom, color=colors[stage], label=None if stage in drawn else stage)
+                        drawn.add(stage)
+                        bottom += v
+                for part, color in (("io_wait", "tab:red"), ("other", "lightgray")):
+                    v = (p["io_wait_ms_per_layer"] if part == "io_wait" else
+                         p["ms_per_layer"] - p["compute_ms_per_layer"] - p["io_wait_ms_per_layer"])
+                    ax.bar(x, max(v, 0.0), bottom=bottom, color=color, label=None if part in drawn else
+                           {"io_wait": "I/O wait", "other": "other (Python glue)"}[part])
+                    drawn.add(part)
+                    bottom += max(v, 0.0)
+                disk_ms = p.get("ceiling", {}).get("disk_ms_per_layer")
+                if disk_ms is not None:
+                    ax.plot([x - 0.4, x + 0.4], [disk_ms] * 2, color="black", lw=2,
+                            label=None if "disk" in drawn else "disk-bound time")
+                    drawn.add("disk")
+                labels.append(f"{run_label(run)}\n{name}")
+                x += 1
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("ms per MoE layer per token (lm_head excluded)")
+        ax.set_title(f"Decode time per layer: {result['model']['description']}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "ms_per_layer.png"))
+
+        budgets = [r for r in runs if r["max_memory"]]
+        if budgets:
+            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+            groups: dict[tuple, list[dict]] = {}
+            for r in budgets:
+                groups.setdefault((r["io"], r["k"], r["compute_threads"]), []).append(r)
+            for (io, k, t), rs in sorted(groups.items()):
+                rs.sort(key=lambda r: r["max_memory_bytes"])
+                xs = [r["max_memory_bytes"] / 2**30 for r in rs]
+                for name, style in (("cold", "-o"), ("warm", "--s")):
+                    if all(name in r["passes"] for r in rs):
+                        ax.plot(xs, [r["passes"][name]["tok_s"] for r in rs], style, label=f"{io} k={k} t={t} {name}")
+                ceiling = [r["passes"]["cold"].get("ceiling", {}).get("disk_bound_tok_s") for r in rs]
+                if all(c is not None for c in ceiling):
+                    ax.plot(xs, ceiling, ":", color="gray", label=f"disk-bound ceiling {io} k={k}")
+            ax.set_xlabel("--max-memory (GiB)")
+            ax.set_ylabel("decode tok/s")
+            ax.set_title(f"tok/s vs memory budget: {result['model']['description']}", fontsize=9)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            written.append(_save(fig, out_dir / "tok_s_vs_budget.png"))
+
+    replays = result.get("replays", [])
+    if replays:
+        fig, axes = plt.subplots(1, len(replays), figsize=(5.5 * len(replays), 4.2), squeeze=False)
+        for ax, r in zip(axes[0], replays):
+            xs = [100 * s["fraction"] for s in r["sizes"]]
+            for policy in r["sizes"][0]["hit_rate"]:
+                ax.plot(xs, [100 * s["hit_rate"][policy] for s in r["sizes"]], "-o", ms=3, label=policy)
+            ax.plot(xs, xs, ":", color="gray", label="uniform routing (size = hit rate)")
+            ax.set_xlabel("cache size (% of all experts)")
+            ax.set_ylabel("hit rate (%)")
+            ax.set_title(f"{r['kind']}: {Path(r['trace']).name}\n{r['tokens']} tokens, k={r['experts_per_token']}",
+                         fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "hit_rate_vs_cache.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

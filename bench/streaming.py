@@ -1,0 +1,218 @@
+"""`flashmoe bench`: streaming decode against the disk-bound ceiling, measured in one run.
+
+For a model directory (typically from `flashmoe synth`), in this order:
+
+1. Disk: the bandwidth of the model's own first expert file for the store's read pattern — one read per
+   expert, k reads in flight, the file dropped from the page cache before every pass
+   (bench/bench_disk.measure_store) — in each store mode and for each k.
+2. Reference: `pagecache` mode without a memory cap, a cold pass then a warm pass over the same tokens.
+   The warm pass has every expert it needs in memory: its time per token is the compute time of the bound.
+3. Decode: every combination of --modes, --k, --threads (compute threads, NUMBA_NUM_THREADS) and
+   --budgets (`--max-memory`), each in its own process (bench/decode_run.py) so that peak RSS is its own;
+   with --cgroup the process runs in a memory cgroup limited to the budget, which also charges the page
+   cache, so `pagecache` mode is capped for real.
+4. Ceiling, per pass: disk time = expert bytes from disk per token ÷ the disk's bandwidth (same mode, same
+   k); bound = max(disk time, compute time); reported as disk-bound tok/s and time ÷ bound.
+5. Replays (bench/replay.py): the routing trace recorded during the reference's cold pass (random weights:
+   near-uniform routing) and every --replay TRACE, through each eviction policy.
+
+Writes `bench.json`, `bench.md` and figures (bench/report.py) into --out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flashmoe.bench.bench_disk import block_device_info, filesystem_of, machine_info, measure_store
+from flashmoe.bench.replay import DEFAULT_FRACTIONS, replay
+from flashmoe.bench.report import figures, markdown
+from flashmoe.errors import FlashMoeError
+from flashmoe.memory import parse_size
+from flashmoe.modeldir import ModelDir
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+@dataclass
+class BenchOptions:
+    """What `flashmoe bench` measures (see the command's help for each)."""
+
+    model_dir: Path | None
+    out: Path
+    backend: str = "numba"
+    modes: tuple[str, ...] = ("pagecache", "direct")
+    ks: tuple[int | None, ...] = (None,)
+    threads: tuple[int, ...] = (os.cpu_count() or 1,)
+    budgets: tuple[str, ...] = ()
+    io_threads: int | None = None
+    prompt_tokens: int = 8
+    tokens: int = 16
+    disk_experts: int = 64
+    disk_repeats: int = 3
+    cgroup: bool = False
+    cache_policy: str = "lru"
+    replays: tuple[Path, ...] = ()
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    figures: bool = True
+    seed: int = 0
+    log: object = field(default=print, repr=False)
+
+
+def describe_model(md: ModelDir) -> str:
+    """'qwen3_5_moe_text, 4 of 60 layers, 512 experts, ...' from the manifest's synthetic source."""
+    cfg, src = md.config, md.manifest.source
+    name = src.get("like") or src.get("config") or src.get("checkpoint") or md.path.name
+    layers = f"{cfg.num_hidden_layers} layers"
+    if "truncated_to_layers" in src:
+        layers += " (truncated)"
+    kind = "random weights" if src.get("synthetic") else "converted"
+    return (f"{name} ({kind}), {layers}, {cfg.num_experts} experts, k={cfg.num_experts_per_tok}, "
+            f"{md.layout.nbytes / 1e6:.2f} MB per expert")
+
+
+def _cgroup(name: str, limit: int) -> Path:
+    path = CGROUP_ROOT / name
+    path.mkdir(exist_ok=True)
+    (path / "memory.limit_in_bytes").write_text(str(limit))
+    return path
+
+
+def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: str | None, out_json: Path,
+              passes: str = "cold,warm", trace: Path | None = None) -> dict:
+    """One decode_run process; its result dict. Raises FlashMoeError with the child's last output lines
+    when it fails (a MemoryBudgetError of a too-small budget included)."""
+    cmd = [sys.executable, "-m", "flashmoe.bench.decode_run", "--model", str(opts.model_dir), "--backend",
+           opts.backend, "--io", io, "--prompt-tokens", str(opts.prompt_tokens), "--tokens", str(opts.tokens),
+           "--seed", str(opts.seed), "--cache-policy", opts.cache_policy, "--passes", passes,
+           "--json", str(out_json)]
+    for flag, value in (("--max-memory", budget), ("-k", k), ("--io-threads", opts.io_threads), ("--trace", trace)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    group = None
+    if opts.cgroup and budget is not None:
+        group = _cgroup(f"flashmoe-bench-{os.getpid()}", parse_size(budget))
+        procs = group / "cgroup.procs"
+
+        def enter_cgroup() -> None:  # runs in the child between fork and exec
+            procs.write_text(str(os.getpid()))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          preexec_fn=enter_cgroup if group else None)
+    if group is not None:
+        group.rmdir()
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
+        raise FlashMoeError(f"decode run {io} k={k} threads={threads} budget={budget} failed "
+                            f"(exit {proc.returncode}):\n{tail}")
+    result = json.loads(out_json.read_text())
+    result["wall_s"] = time.perf_counter() - t0
+    result["max_memory_bytes"] = parse_size(budget) if budget else None
+    result["cgroup_limit_bytes"] = parse_size(budget) if group is not None else None
+    return result
+
+
+def add_ceiling(run: dict, disk_gb_s: dict[tuple[str, int], float], compute_ms: float | None) -> None:
+    """Attach to each pass of `run`: disk time per token (bytes from disk ÷ the disk's bandwidth for this mode
+    and k), the bound max(disk time, compute time), disk-bound tok/s and time ÷ bound."""
+    bw = disk_gb_s.get((run["io"], run["k"]))
+    for p in run["passes"].values():
+        if bw is None:
+            continue
+        disk_ms = 1e3 * p["disk_bytes_per_token"] / (bw * 1e9)
+        bound = max(disk_ms, compute_ms or 0.0)
+        p["ceiling"] = {
+            "disk_gb_s": bw,
+            "disk_ms_per_token": disk_ms,
+            "disk_ms_per_layer": disk_ms / run["moe_layers"],
+            "compute_ms_per_token": compute_ms,
+            "bound_ms": bound,
+            "disk_bound_tok_s": 1e3 / disk_ms if disk_ms > 0 else None,
+            "time_over_bound": p["ms_per_token"] / bound if bound > 0 else None,
+            "tok_s_over_disk_bound": (p["tok_s"] * disk_ms / 1e3) if disk_ms > 0 else None,
+        }
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    """Everything the module docstring lists; returns the result dict (also written to opts.out)."""
+    log = opts.log
+    opts.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
+                    "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
+                                if k != "log"}, "runs": [], "replays": []}
+    traces = [(Path(t), "replayed trace") for t in opts.replays]
+    if opts.model_dir is not None:
+        md = ModelDir.open(opts.model_dir)
+        cfg, layout = md.config, md.layout
+        ks = [k or cfg.num_experts_per_tok for k in opts.ks]
+        first = md.expert_path(md.moe_layers[0])
+        result["model"] = {"dir": str(opts.model_dir), "description": describe_model(md),
+                           "source": md.manifest.source, "moe_layers": len(md.moe_layers),
+                           "num_hidden_layers": cfg.num_hidden_layers, "num_experts": cfg.num_experts,
+                           "expert_bytes": layout.nbytes, "expert_stride": layout.stride,
+                           "expert_file_bytes": len(md.moe_layers) * cfg.num_experts * layout.stride,
+                           "resident_bytes": md.resident_nbytes}
+        fs = filesystem_of(first)
+        result["disk"] = {"file": str(first), "filesystem": fs, "device": block_device_info(fs["device"]),
+                          "store": []}
+        disk_gb_s: dict[tuple[str, int], float] = {}
+        for mode in opts.modes:
+            for k in sorted(set(ks)):
+                log(f"disk: {mode}, {k} reads in flight, {opts.disk_repeats} cold passes over "
+                    f"{min(opts.disk_experts, cfg.num_experts)} experts of {first.name}")
+                d = measure_store(first, min(opts.disk_experts, cfg.num_experts), layout.stride, layout.nbytes,
+                                  mode, k, cold=True, repeats=opts.disk_repeats)
+                result["disk"]["store"].append(d)
+                disk_gb_s[(mode, k)] = d["gb_s"]
+        result["disk_gb_s"] = {f"{m} k={k}": v for (m, k), v in disk_gb_s.items()}
+
+        synthetic_trace = opts.out / "routing-trace.jsonl"
+        compute_ms: dict[tuple[int, int], float] = {}
+        for k in ks:
+            for t in opts.threads:
+                log(f"reference: pagecache, no cap, k={k}, {t} compute threads (cold, then warm = all in memory)")
+                ref = run_child(opts, "pagecache", k, t, None, opts.out / f"run-ref-k{k}-t{t}.json",
+                                trace=synthetic_trace if not compute_ms else None)
+                ref["reference"] = True
+                compute_ms[(k, t)] = ref["passes"]["warm"]["ms_per_token"]
+                add_ceiling(ref, disk_gb_s, compute_ms[(k, t)])
+                result["runs"].append(ref)
+                _log_run(log, ref)
+                for mode in opts.modes:
+                    for budget in opts.budgets:
+                        log(f"decode: {mode}, k={k}, {t} threads, --max-memory {budget}")
+                        run = run_child(opts, mode, k, t, budget, opts.out / f"run-{mode}-k{k}-t{t}-{budget}.json")
+                        add_ceiling(run, disk_gb_s, compute_ms[(k, t)])
+                        result["runs"].append(run)
+                        _log_run(log, run)
+        if synthetic_trace.exists():
+            traces.insert(0, (synthetic_trace, "random weights: near-uniform routing, the worst case for a cache"))
+    for path, kind in traces:
+        log(f"replay: {path}")
+        r = replay(path, opts.fractions)
+        r["kind"] = kind
+        result["replays"].append(r)
+    if opts.model_dir is None and not traces:
+        raise FlashMoeError("nothing to measure: give a model directory and/or --replay TRACE")
+    (opts.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (opts.out / "bench.md").write_text(markdown(result))
+    if opts.figures:
+        result["figures"] = [str(p) for p in figures(result, opts.out)]
+        (opts.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _log_run(log, run: dict) -> None:
+    for name, p in run["passes"].items():
+        hit = "n/a" if p["hit_rate"] is None else f"{p['hit_rate']:.1%}"
+        over = p.get("ceiling", {}).get("time_over_bound")
+        log(f"  {name}: {p['tok_s']:.3f} tok/s, {p['ms_per_layer']:.1f} ms/layer "
+            f"({p['compute_ms_per_layer']:.1f} compute, {p['io_wait_ms_per_layer']:.1f} I/O wait), "
+            f"{p['disk_bytes_per_token'] / 1e9:.3f} GB/token from disk, hit rate {hit}, peak RSS "
+            f"{run['peak_rss_bytes'] / 2**30:.2f} GiB, time/bound {'n/a' if over is None else f'{over:.2f}'}")
