@@ -30,7 +30,8 @@ MIXTRAL = {"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32
 def test_qwen35_reads_every_dimension_and_derives_layer_types_from_the_interval():
     cfg = ModelConfig.from_dict(QWEN35_397B)
     assert cfg.family == "qwen3_5_moe"
-    assert (cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (4096, 512, 10, 1024)
+    dims = (cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size)
+    assert dims == (4096, 512, 10, 1024)
     assert cfg.rope_theta == 1e7 and cfg.partial_rotary_factor == 0.25 and cfg.rotary_dim == 64
     assert [i for i in range(60) if cfg.layer_type(i) == FULL_ATTENTION] == list(range(3, 60, 4))
     assert cfg.layer_type(0) == LINEAR_ATTENTION
@@ -72,7 +73,8 @@ def test_norm_topk_prob_is_read_where_the_family_honours_it():
 def test_rope_theta_is_read_from_legacy_key_and_from_rope_parameters():
     base = {k: v for k, v in MIXTRAL.items() if k != "rope_theta"}
     assert ModelConfig.from_dict(dict(base, rope_theta=5e5)).rope_theta == 5e5
-    assert ModelConfig.from_dict(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 7e5})).rope_theta == 7e5
+    rope = {"rope_type": "default", "rope_theta": 7e5}
+    assert ModelConfig.from_dict(dict(base, rope_parameters=rope)).rope_theta == 7e5
 
 
 def test_dense_layers_follow_mlp_only_layers_and_decoder_sparse_step():
