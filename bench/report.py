@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 GB = 1e9
-_STAGE_ORDER = ("attention", "router", "shared_expert", "experts", "dense_mlp")
+_STAGE_COLORS = {"attention": "tab:blue", "router": "tab:orange", "shared_expert": "tab:green",
+                 "experts": "tab:purple", "dense_mlp": "tab:olive"}
 
 
 def run_label(run: dict) -> str:
@@ -87,16 +88,15 @@ def figures(result: dict, out_dir: Path) -> list[Path]:
     if runs:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs) * 2), 4.5))
         labels, x = [], 0
-        colors = dict(zip(_STAGE_ORDER, plt.cm.tab10.colors))
         drawn = set()
         for run in runs:
             for name, p in run["passes"].items():
                 bottom = 0.0
                 n_layers = run["moe_layers"]
-                for stage in _STAGE_ORDER:
+                for stage, color in _STAGE_COLORS.items():
                     v = p["stage_ms_per_token"].get(stage, 0.0) / n_layers
                     if v:
-                        ax.bar(x, v, bottom=bottom, color=colors[stage], label=None if stage in drawn else stage)
+                        ax.bar(x, v, bottom=bottom, color=color, label=None if stage in drawn else stage)
                         drawn.add(stage)
                         bottom += v
                 for part, color in (("io_wait", "tab:red"), ("other", "lightgray")):
@@ -115,7 +115,7 @@ def figures(result: dict, out_dir: Path) -> list[Path]:
                 x += 1
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("ms per MoE layer per token (lm_head excluded)")
-        ax.set_title(f"Decode time per layer: {result['model']['description']}", fontsize=9)
+        ax.set_title(f"Decode time per layer\n{result['model']['description']}", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, out_dir / "ms_per_layer.png"))
@@ -137,7 +137,7 @@ def figures(result: dict, out_dir: Path) -> list[Path]:
                     ax.plot(xs, ceiling, ":", color="gray", label=f"disk-bound ceiling {io} k={k}")
             ax.set_xlabel("--max-memory (GiB)")
             ax.set_ylabel("decode tok/s")
-            ax.set_title(f"tok/s vs memory budget: {result['model']['description']}", fontsize=9)
+            ax.set_title(f"tok/s vs memory budget\n{result['model']['description']}", fontsize=8)
             ax.legend(fontsize=7)
             fig.tight_layout()
             written.append(_save(fig, out_dir / "tok_s_vs_budget.png"))
