@@ -14,9 +14,15 @@ Templates:
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from flashmoe.engine import State
+from flashmoe.stats import Stats
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<unk>"]
 PLAIN_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -300,10 +306,6 @@ class FakeEngine:
 
     def __init__(self, tokenizer, reply, max_position_embeddings: int = 512, delay_s: float = 0.0,
                  eos_token: str = "<|im_end|>"):
-        from types import SimpleNamespace
-
-        from flashmoe.stats import Stats
-
         self.tokenizer, self.reply, self.delay_s = tokenizer, reply, delay_s
         self.cfg = SimpleNamespace(max_position_embeddings=max_position_embeddings)
         self.stats = Stats()
@@ -311,20 +313,22 @@ class FakeEngine:
         self.eos_id = tokenizer.encode(eos_token)[0]
         self.forward_lengths: list[int] = []
         self.prompts: list[str] = []
+        self.active = self.max_active = 0  # forward calls in flight at once (the server must keep this 1)
 
     def new_state(self):
-        from flashmoe.engine import State
-
         return State(layers=[[], [], 0])  # tokens so far, scripted reply ids, next reply index
 
     def forward(self, token_ids, state, all_logits: bool = False):
-        import time
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            return self._next_logits([int(t) for t in np.asarray(token_ids).reshape(-1)], state)
+        finally:
+            self.active -= 1
 
-        import numpy as np
-
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        ids = [int(t) for t in np.asarray(token_ids).reshape(-1)]
+    def _next_logits(self, ids, state):
         tokens, reply, index = state.layers
         tokens.extend(ids)
         state.position += len(ids)

@@ -1,0 +1,269 @@
+"""The OpenAI-compatible server, driven over loopback HTTP with the official `openai` client.
+
+Most tests serve a scripted FakeEngine (tests/chat_helpers.py) so that replies, tool calls, prefix reuse,
+queueing and cancellation are exact and fast; the last ones serve the bundled demo model.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from chat_helpers import QWEN3, QWEN35_XML, FakeEngine, write_model_dir
+
+from flashmoe.server import FlashMoeServer, RunningServer
+from flashmoe.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai", reason="the official client is the test's oracle of the API")
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}, "days": {"type": "integer"}}}}}
+LONG_REPLY = " ".join(f"word{i}" for i in range(150))
+
+
+def _last_user(prompt: str) -> str:
+    return prompt.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+
+
+def scripted_reply(prompt: str) -> str:
+    """The fake model's behaviour, chosen by the last user message."""
+    user = _last_user(prompt)
+    if "<|im_start|>" not in prompt:
+        return " and that is the completion."
+    if user.startswith("echo:"):
+        return user[len("echo:"):].strip()
+    if user == "weather json":
+        return ('<think>\nThe user wants weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", '
+                '"arguments": {"city": "Paris", "note": "</tool_call> inside"}}\n</tool_call>')
+    if user == "weather xml":
+        return ("Checking.\n</think>\n\nLet me look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n"
+                "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    if user == "long":
+        return LONG_REPLY
+    return "Hello! I am fine."
+
+
+def _server(tmp_path_factory, template, name, **engine_kwargs):
+    tokenizer = Tokenizer(write_model_dir(tmp_path_factory.mktemp(name), template))
+    engine = FakeEngine(tokenizer, scripted_reply, **engine_kwargs)
+    app = FlashMoeServer(engine, tokenizer, "fake-" + name, context=engine_kwargs.get("max_position_embeddings"))
+    running = RunningServer(app.app).start()
+    return app, engine, running
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    app, engine, running = _server(tmp_path_factory, QWEN3, "qwen3", max_position_embeddings=512)
+    yield app, engine, running
+    running.stop()
+    app.close()
+
+
+@pytest.fixture
+def client(served):
+    served[1].delay_s = 0.0
+    return openai.OpenAI(base_url=served[2].url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def _chat(client, content, **kwargs):
+    return client.chat.completions.create(model="fake", messages=[{"role": "user", "content": content}], **kwargs)
+
+
+def test_chat_completion_returns_the_reply_with_usage(client):
+    r = _chat(client, "echo: Bonjour, ça va?")
+    assert r.choices[0].message.content == "Bonjour, ça va?"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 1 and r.usage.prompt_tokens > 1
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_deltas_add_up_to_the_non_streamed_reply(client):
+    chunks = list(_chat(client, "echo: one two three 世界", stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three 世界"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_json_tool_call_with_reasoning(client):
+    r = _chat(client, "weather json", tools=[WEATHER])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.model_extra["reasoning_content"] == "The user wants weather."
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "Paris", "note": "</tool_call> inside"}
+
+
+def test_streamed_tool_call(client):
+    chunks = list(_chat(client, "weather json", tools=[WEATHER], stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    reasoning = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+    calls = [tc for d in deltas for tc in d.tool_calls or []]
+    assert reasoning == "The user wants weather."
+    assert [(c.index, c.function.name) for c in calls] == [(0, "get_weather")]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_keeps_tags_as_content_and_tools_out_of_the_prompt(served, client):
+    r = _chat(client, "weather json", tools=[WEATHER], tool_choice="none")
+    assert r.choices[0].message.tool_calls is None
+    assert '<tool_call>\n{"name": "get_weather"' in r.choices[0].message.content
+    assert "# Tools" not in served[1].prompts[-1]
+
+
+def test_named_tool_choice_forces_the_call_prefix(served, client):
+    _chat(client, "echo: ignored", tools=[WEATHER],
+          tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert served[1].prompts[-1].endswith('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+
+
+def test_a_conversation_that_extends_the_last_one_prefills_only_the_new_tokens(served, client):
+    engine = served[1]
+    messages = [{"role": "user", "content": "echo: first answer"}]
+    r1 = client.chat.completions.create(model="fake", messages=messages)
+    messages += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "echo: second answer"}]
+    n_before = len(engine.forward_lengths)
+    r2 = client.chat.completions.create(model="fake", messages=messages)
+    assert r2.choices[0].message.content == "second answer"
+    prefill = engine.forward_lengths[n_before]
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached > r1.usage.prompt_tokens  # prompt 1 and reply 1 were reused
+    assert prefill == r2.usage.prompt_tokens - cached
+    stats = json.load(urllib.request.urlopen(served[2].url + "/v1/stats"))
+    assert stats["server"]["prefix_reuse_hits"] >= 1 and stats["server"]["last_run"]["reused_tokens"] == cached
+
+
+def test_unrelated_requests_do_not_share_state(client):
+    first = _chat(client, "echo: alpha beta").choices[0].message.content
+    _chat(client, "echo: gamma")
+    again = _chat(client, "echo: alpha beta")
+    assert first == again.choices[0].message.content == "alpha beta"
+    assert again.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_stop_strings_cut_the_reply(client):
+    r = _chat(client, "echo: keep this STOP not this", stop=["STOP", "zzz"])
+    assert r.choices[0].message.content == "keep this "
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_ends_with_length(client):
+    r = _chat(client, "long", max_tokens=5)
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+
+
+def test_prompt_plus_max_tokens_beyond_context_is_400_and_the_server_stays_up(served, client):
+    with pytest.raises(openai.BadRequestError, match="context is 512 tokens"):
+        _chat(client, "echo: hi", max_tokens=600)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        _chat(client, "x " * 600)
+    assert json.load(urllib.request.urlopen(served[2].url + "/health"))["status"] == "ok"
+    assert _chat(client, "echo: still here").choices[0].message.content == "still here"
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"messages": []}', 422, "messages"),
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', 422, "role"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 422, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 422, "n"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 422, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', 422, "stop"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}', 400, "tool_choice"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400,
+     "only text"),
+])
+def test_malformed_requests_get_openai_shaped_errors(served, body, status, fragment):
+    code, payload = _post(served[2].url + "/v1/chat/completions", body)
+    assert code == status
+    assert fragment in payload["error"]["message"]
+
+
+def test_concurrent_requests_are_queued_and_each_gets_its_own_reply(served, client):
+    served[1].delay_s = 0.002
+    results, errors = {}, []
+
+    def ask(i: int) -> None:
+        try:
+            results[i] = _chat(client, f"echo: request number {i}").choices[0].message.content
+        except Exception as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert results == {i: f"request number {i}" for i in range(5)}
+    assert served[1].max_active == 1
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(served, client):
+    engine = served[1]
+    engine.delay_s = 0.02  # LONG_REPLY would take > 3 s
+    with _chat(client, "long", stream=True) as stream:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+    t0 = time.monotonic()
+    r = _chat(client, "echo: next in line")
+    assert r.choices[0].message.content == "next in line"
+    assert time.monotonic() - t0 < 1.5
+    stats = json.load(urllib.request.urlopen(served[2].url + "/v1/stats"))
+    assert stats["server"]["cancelled"] >= 1
+
+
+def test_completions_models_and_health(served, client):
+    r = client.completions.create(model="fake", prompt="Once upon a time", max_tokens=50)
+    assert r.choices[0].text == " and that is the completion."
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="fake", prompt="Once upon a time", max_tokens=50, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+    assert [m.id for m in client.models.list()] == ["fake-qwen3"]
+
+
+@pytest.fixture(scope="module")
+def served_xml(tmp_path_factory):
+    app, engine, running = _server(tmp_path_factory, QWEN35_XML, "qwen35", max_position_embeddings=512)
+    yield app, engine, running
+    running.stop()
+    app.close()
+
+
+def test_xml_tool_calls_typed_by_schema_with_reasoning_opened_by_the_prompt(served_xml):
+    client = openai.OpenAI(base_url=served_xml[2].url + "/v1", api_key="unused", max_retries=0)
+    r = _chat(client, "weather xml", tools=[WEATHER])
+    message = r.choices[0].message
+    assert served_xml[1].prompts[-1].endswith("<|im_start|>assistant\n<think>\n")
+    assert message.model_extra["reasoning_content"] == "Checking."
+    assert message.content == "Let me look."
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Oslo", "days": 3}
+    # The tool result goes back in; the template renders the call from the client's JSON-string arguments.
+    follow = client.chat.completions.create(model="fake", tools=[WEATHER], messages=[
+        {"role": "user", "content": "weather xml"},
+        {"role": "assistant", "content": message.content, "tool_calls": [tc.model_dump() for tc in message.tool_calls]},
+        {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "cold"},
+        {"role": "user", "content": "echo: thanks"}], extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert follow.choices[0].message.content == "thanks"
+    assert served_xml[1].prompts[-1].endswith("<think>\n\n</think>\n\n")
+    assert "<parameter=days>\n3\n</parameter>" in served_xml[1].prompts[-1]
