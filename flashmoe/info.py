@@ -1,0 +1,148 @@
+"""`flashmoe info` and `flashmoe logits`: what a model directory costs to run, and its logits for checks.
+
+The decode ceiling is the streaming bound of DESIGN.md: with no expert cache hits, every token reads k
+experts in every MoE layer from disk, so tokens/s ≤ disk bandwidth / expert bytes per token.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from flashmoe.errors import FlashMoeError
+from flashmoe.modeldir import EXPERT_PROJS, ModelDir
+
+
+def _bytes(n: float) -> str:
+    """'1,234,567 B (1.23 MB)' with decimal units (disk bandwidth is quoted in decimal GB/s)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{int(n):,} B ({n / size:.2f} {unit})"
+    return f"{int(n):,} B"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n:,} ({n / size:.2f}{unit})"
+    return f"{n:,}"
+
+
+def model_stats(md: ModelDir) -> dict[str, float]:
+    """Sizes of an opened model directory.
+
+    Returns: resident_params, expert_params (one expert), total_params, active_params (resident + k experts
+    in every MoE layer), resident_bytes, expert_bytes (mean `nbytes` over MoE layers), expert_bytes_per_token
+    (k · nbytes summed over MoE layers), k, moe_layers. Parameters count logical (float) weights.
+    """
+    cfg = md.config
+    # QuantizedTensor.shape is the logical (float) shape, so packed tensors count their real weights.
+    resident_params = sum(int(np.prod(md.raw(name).shape)) for name in md.resident_names())
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    expert_params = len(EXPERT_PROJS) * h * inter
+    k, layers = cfg.num_experts_per_tok, md.moe_layers
+    nbytes = [md.layer_layout(layer).nbytes for layer in layers]
+    return {
+        "resident_params": resident_params,
+        "expert_params": expert_params,
+        "total_params": resident_params + expert_params * sum(md.num_experts(layer) for layer in layers),
+        "active_params": resident_params + expert_params * k * len(layers),
+        "resident_bytes": md.resident_nbytes,
+        "expert_bytes": sum(nbytes) / len(nbytes),
+        "expert_bytes_per_token": k * sum(nbytes),
+        "k": k,
+        "moe_layers": len(layers),
+    }
+
+
+def describe(model_dir: str | Path, disk_gbps: float = 2.0) -> str:
+    """A human-readable summary of a model directory (the output of `flashmoe info`).
+
+    Lists architecture, total and active parameters, resident bytes, bytes per expert, expert bytes read per
+    token at the configured k, and the decode ceiling in tok/s = disk_gbps·1e9 / expert bytes per token.
+    Raises FormatError/ConfigError for an invalid directory, FlashMoeError for a non-positive disk_gbps.
+    """
+    if not disk_gbps > 0:
+        raise FlashMoeError(f"--disk-gbps must be positive, got {disk_gbps}")
+    with ModelDir.open(model_dir) as md:
+        cfg, s = md.config, model_stats(md)
+        quant = md.layer_layout(md.moe_layers[0]).quantization
+        expert_q = ", ".join(f"{p} {quant[p].bits}-bit g{quant[p].group_size}" if p in quant else f"{p} float"
+                             for p in EXPERT_PROJS)
+        attn = {t: cfg.layer_types.count(t) for t in dict.fromkeys(cfg.layer_types)}
+        lines = [
+            f"model:            {Path(model_dir)}",
+            f"architecture:     {cfg.model_type} ({cfg.num_hidden_layers} layers: "
+            + ", ".join(f"{n} {t.replace('_', ' ')}" for t, n in attn.items())
+            + f"; hidden {cfg.hidden_size}; vocab {cfg.vocab_size})",
+            f"experts:          {cfg.num_experts} per MoE layer in {s['moe_layers']} layers, k = {s['k']}, "
+            f"moe_intermediate_size {cfg.moe_intermediate_size}"
+            + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""),
+            f"parameters:       {_count(s['total_params'])} total, {_count(s['active_params'])} active per token",
+            f"resident:         {_bytes(s['resident_bytes'])} "
+            f"({len(md.manifest.quantization)} of {len(md.resident_names())} tensors quantised)",
+            f"per expert:       {_bytes(s['expert_bytes'])} ({expert_q}; stride {md.layer_layout(md.moe_layers[0]).stride:,} B)",
+            f"experts on disk:  {_bytes(sum(os.path.getsize(md.expert_path(i)) for i in md.moe_layers))}",
+            f"read per token:   {_bytes(s['expert_bytes_per_token'])} "
+            f"(k = {s['k']} experts x {s['moe_layers']} MoE layers, no cache hits)",
+            f"decode ceiling:   {disk_gbps * 1e9 / s['expert_bytes_per_token']:.1f} tok/s at {disk_gbps:g} GB/s "
+            "(disk bandwidth / expert bytes per token)",
+        ]
+    return "\n".join(lines)
+
+
+def parse_tokens(tokens: str, vocab_size: int) -> np.ndarray:
+    """'1,2,3' -> int64 [3]; FlashMoeError naming --tokens for an empty list, a non-integer or an id outside
+    [0, vocab_size)."""
+    parts = [t.strip() for t in tokens.split(",") if t.strip()]
+    if not parts:
+        raise FlashMoeError("--tokens: no token ids given (expected e.g. 1,2,3)")
+    try:
+        ids = np.array([int(t) for t in parts], dtype=np.int64)
+    except ValueError:
+        bad = next(t for t in parts if not t.lstrip("-").isdigit())
+        raise FlashMoeError(f"--tokens: {bad!r} is not an integer token id") from None
+    out_of_range = ids[(ids < 0) | (ids >= vocab_size)]
+    if out_of_range.size:
+        raise FlashMoeError(f"--tokens: id {out_of_range[0]} is outside 0..{vocab_size - 1} (vocab_size)")
+    return ids
+
+
+def compute_logits(model_dir: str | Path, ids: np.ndarray, backend: str = "reference") -> np.ndarray:
+    """float32 [len(ids), vocab_size] logits of the model for the sequence `ids`, every position.
+
+    backend 'reference' runs flashmoe.reference (NumPy); any other name runs the engine with that backend
+    (flashmoe.load.load_engine; raises BackendError, a FlashMoeError, for an unknown or unavailable one).
+    """
+    if backend == "reference":
+        from flashmoe.reference import ReferenceModel
+
+        return np.asarray(ReferenceModel.from_dir(model_dir).forward(ids), dtype=np.float32)
+    from flashmoe.load import load_engine
+
+    engine = load_engine(model_dir, backend=backend, context=len(ids))
+    return np.asarray(engine.forward(ids, engine.new_state(), all_logits=True), dtype=np.float32)
+
+
+def write_logits(model_dir: str | Path, tokens: str, out: str | Path, backend: str = "reference") -> Path:
+    """Write the logits for comma-separated `tokens` to `out` (.npy, float32 [n_tokens, vocab_size]).
+
+    The file is written under a temporary name beside `out` and renamed, so a failed run leaves no file.
+    Raises FlashMoeError for bad tokens or backend, FormatError/ConfigError for a bad model directory.
+    """
+    out = Path(out)
+    with ModelDir.open(model_dir) as md:
+        ids = parse_tokens(tokens, md.config.vocab_size)
+    logits = compute_logits(model_dir, ids, backend)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, logits)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise FlashMoeError(f"writing {out}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,65 @@
+"""`flashmoe info` numbers and `flashmoe logits` output, through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flashmoe.cli import app
+from flashmoe.convert import convert_checkpoint
+from flashmoe.info import model_stats
+from flashmoe.modeldir import ModelDir
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint, tmp_path_factory) -> Path:
+    src = hf_checkpoint("qwen3_5_moe", "shared_k2")
+    return convert_checkpoint(src, tmp_path_factory.mktemp("info") / "q4", bits="4", group_size=32,
+                              progress=False)
+
+
+def test_info_reports_expert_bytes_per_token_and_decode_ceiling(model):
+    with ModelDir.open(model) as md:
+        nbytes = md.layout.nbytes
+        stats = model_stats(md)
+        cfg = md.config
+    # 16 experts of 3 projections 32x64 per MoE layer, 4 MoE layers.
+    assert stats["expert_params"] == 3 * 64 * 32
+    assert stats["total_params"] == stats["resident_params"] + 4 * 16 * 3 * 64 * 32
+    assert stats["active_params"] == stats["resident_params"] + 4 * 2 * 3 * 64 * 32
+    per_token = cfg.num_experts_per_tok * nbytes * len(cfg.moe_layers)
+    assert stats["expert_bytes_per_token"] == per_token
+    result = CliRunner().invoke(app, ["info", str(model), "--disk-gbps", "5"])
+    assert result.exit_code == 0, result.output
+    assert f"{per_token:,} B" in result.stdout
+    assert f"{5e9 / per_token:.1f} tok/s at 5 GB/s" in result.stdout
+    assert f"{nbytes:,} B" in result.stdout and "qwen3_5_moe" in result.stdout
+
+
+def test_logits_command_writes_reference_logits(model, tmp_path):
+    from flashmoe.reference import ReferenceModel
+
+    out = tmp_path / "logits.npy"
+    result = CliRunner().invoke(app, ["logits", str(model), "--tokens", "5, 17,200", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    got = np.load(out)
+    assert got.dtype == np.float32 and got.shape == (3, 256)
+    np.testing.assert_array_equal(got, ReferenceModel.from_dir(model).forward(np.array([5, 17, 200])))
+    assert [p.name for p in tmp_path.iterdir()] == ["logits.npy"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--tokens", "1,x"], "'x' is not an integer"),
+    (["--tokens", "1,256"], "outside 0..255"),
+    (["--tokens", "1,2", "--backend", "no-such-backend"], "no-such-backend"),
+])
+def test_logits_bad_input_is_one_line_and_no_file(model, tmp_path, args, expected):
+    out = tmp_path / "x.npy"
+    result = CliRunner().invoke(app, ["logits", str(model), "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert not any(tmp_path.iterdir())
