@@ -53,6 +53,7 @@ class BenchOptions:
     io_threads: int | None = None
     prompt_tokens: int = 8
     tokens: int = 16
+    passes: tuple[str, ...] = ("cold", "warm")
     disk_experts: int = 64
     disk_repeats: int = 3
     cgroup: bool = False
@@ -84,12 +85,12 @@ def _cgroup(name: str, limit: int) -> Path:
 
 
 def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: str | None, out_json: Path,
-              passes: str = "cold,warm", trace: Path | None = None) -> dict:
+              passes: tuple[str, ...], trace: Path | None = None) -> dict:
     """One decode_run process; its result dict. Raises FlashMoeError with the child's last output lines
     when it fails (a MemoryBudgetError of a too-small budget included)."""
     cmd = [sys.executable, "-m", "flashmoe.bench.decode_run", "--model", str(opts.model_dir), "--backend",
            opts.backend, "--io", io, "--prompt-tokens", str(opts.prompt_tokens), "--tokens", str(opts.tokens),
-           "--seed", str(opts.seed), "--cache-policy", opts.cache_policy, "--passes", passes,
+           "--seed", str(opts.seed), "--cache-policy", opts.cache_policy, "--passes", ",".join(passes),
            "--json", str(out_json)]
     for flag, value in (("--max-memory", budget), ("-k", k), ("--io-threads", opts.io_threads), ("--trace", trace)):
         if value is not None:
@@ -178,7 +179,7 @@ def run_bench(opts: BenchOptions) -> dict:
             for t in opts.threads:
                 log(f"reference: pagecache, no cap, k={k}, {t} compute threads (cold, then warm = all in memory)")
                 ref = run_child(opts, "pagecache", k, t, None, opts.out / f"run-ref-k{k}-t{t}.json",
-                                trace=synthetic_trace if not compute_ms else None)
+                                ("cold", "warm"), trace=synthetic_trace if not compute_ms else None)
                 ref["reference"] = True
                 compute_ms[(k, t)] = ref["passes"]["warm"]["ms_per_token"]
                 add_ceiling(ref, disk_gb_s, compute_ms[(k, t)])
@@ -187,7 +188,8 @@ def run_bench(opts: BenchOptions) -> dict:
                 for mode in opts.modes:
                     for budget in opts.budgets:
                         log(f"decode: {mode}, k={k}, {t} threads, --max-memory {budget}")
-                        run = run_child(opts, mode, k, t, budget, opts.out / f"run-{mode}-k{k}-t{t}-{budget}.json")
+                        run = run_child(opts, mode, k, t, budget, opts.out / f"run-{mode}-k{k}-t{t}-{budget}.json",
+                                        opts.passes)
                         add_ceiling(run, disk_gb_s, compute_ms[(k, t)])
                         result["runs"].append(run)
                         _log_run(log, run)
