@@ -137,3 +137,14 @@ def test_disk_full_during_conversion(source, tmp_path, monkeypatch):
 def test_bad_bits_option(source, tmp_path):
     (tmp_path / "out").mkdir()
     _convert_fails(source, tmp_path / "out", "--expert-bits", "5", extra=("--expert-bits", "5"))
+
+
+def test_hub_id_that_cannot_be_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network in tests: the download fails at once
+    (tmp_path / "out").mkdir()
+    _convert_fails("no-such-org/no-such-model", tmp_path / "out", "no-such-org/no-such-model", "Hub")
+
+
+def test_source_directory_that_does_not_exist(tmp_path):
+    (tmp_path / "out").mkdir()
+    _convert_fails(tmp_path / "nowhere", tmp_path / "out", "nowhere", "no such directory")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from checkpoints import canonical_weights
+from checkpoints import VARIANTS, canonical_weights
 from flashmoe.convert import convert_checkpoint
 from flashmoe.modeldir import MANIFEST, ModelDir
 from flashmoe.quant import QuantizedTensor, quantize
@@ -157,3 +157,19 @@ def test_bfloat16_source_keeps_bfloat16_scales_like_mlx(per_expert, tmp_path):
         assert q.scales.dtype == ml_dtypes.bfloat16
         assert md.raw("norm.weight").dtype == ml_dtypes.bfloat16
         assert md.tensor("norm.weight").dtype == np.float32
+
+
+@pytest.mark.parametrize("arch,variant", VARIANTS, ids=[f"{a}-{v}" for a, v in VARIANTS])
+def test_every_variant_converts_losslessly_with_bits_none(hf_checkpoint, tmp_path, arch, variant):
+    """Every architecture and checkpoint layout (incl. multimodal, tied, dense layers) round-trips exactly."""
+    src = hf_checkpoint(arch, variant)
+    cfg, want = canonical_weights(src)
+    with ModelDir.open(convert_checkpoint(src, tmp_path / "out", bits="none", progress=False)) as md:
+        assert sorted(md.resident_names()) == sorted(n for n in want.names() if ".experts." not in n)
+        for name in md.resident_names():
+            np.testing.assert_array_equal(md.tensor(name), want.tensor(name), err_msg=name)
+        for layer in md.moe_layers:
+            for e in (0, cfg.num_experts - 1):
+                got, ref = md.expert(layer, e), want.expert(layer, e)
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    np.testing.assert_array_equal(got[proj], ref[proj])
