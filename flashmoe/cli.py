@@ -205,3 +205,61 @@ def bench(
         figures=not no_figures, log=lambda line: typer.echo(line, err=True))
     run_bench(opts)
     typer.echo((out / "bench.md").read_text())
+
+
+@app.command()
+@_user_errors
+def chat(
+    model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Longest reply in tokens."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: generation_config.json, else 0.7); 0 for greedy."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass (default: generation_config.json, else 0.95)."),
+    top_k: Optional[int] = typer.Option(None, help="Keep only the k most likely tokens (default: generation_config.json, else 40)."),
+    min_p: Optional[float] = typer.Option(None, help="Drop tokens below min_p times the top token's probability."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="Penalise tokens already in the context (1.0 disables)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Let thinking models reason first (enable_thinking)."),
+    context: int = typer.Option(4096, help="Longest conversation in tokens (capped by the model's context)."),
+    backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
+    io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),
+    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
+) -> None:
+    """Chat in the terminal. The model state is kept between turns: each turn prefills only its new tokens."""
+    from flashmoe.chat import ChatSession, run_repl
+    from flashmoe.load import default_model_dir, load_engine
+    from flashmoe.sampling import Sampler
+    from flashmoe.server import sampling_defaults
+    from flashmoe.tokenizer import Tokenizer
+
+    directory = model_dir or default_model_dir()
+    tokenizer = Tokenizer(directory)
+    given = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
+    settings = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, **sampling_defaults(directory),
+                **{k: v for k, v in given.items() if v is not None}}
+    engine = load_engine(directory, backend=backend, io=io, max_memory=max_memory,
+                         experts_per_token=experts_per_token, context=context)
+    session = ChatSession(engine, tokenizer, Sampler(seed=seed, **settings), max_tokens=max_tokens, system=system,
+                          context=context, template_kwargs={} if think else {"enable_thinking": False})
+    run_repl(session)
+
+
+@app.command()
+@_user_errors
+def serve(
+    model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    context: Optional[int] = typer.Option(None, help="Longest prompt + completion in tokens (default: the model's context)."),
+    backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
+    io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),
+    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
+    cache_policy: str = typer.Option("lru", help="Eviction policy of the direct-mode expert cache."),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+    from flashmoe.server import serve as run_server
+
+    run_server(model_dir, host=host, port=port, backend=backend, io=io, max_memory=max_memory,
+               experts_per_token=experts_per_token, context=context, cache_policy=cache_policy)

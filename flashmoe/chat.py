@@ -1,0 +1,201 @@
+"""`flashmoe chat`: an interactive terminal conversation with a model.
+
+The conversation is rendered with the model's chat template every turn; the Session keeps the KV cache
+and GatedDeltaNet state of the previous turns, so a turn prefills only its new tokens (the user message
+and the template's markup) as long as the template renders the history the way it was generated.
+(Templates that drop earlier turns' reasoning, as Qwen3's does, change the history and cost a full prefill.)
+
+Input: a line is a message; a line ending in a backslash continues on the next line; a line of three
+double quotes starts and ends a block pasted as is. Commands: /reset, /system [TEXT], /stats, /help, /quit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flashmoe.engine import Engine
+from flashmoe.errors import FlashMoeError
+from flashmoe.sampling import Sampler
+from flashmoe.session import ContextError, Session
+from flashmoe.tokenizer import Tokenizer
+from flashmoe.toolcalls import OutputParser, ParsedOutput, opens_reasoning
+
+HELP = """commands:
+  /reset          forget the conversation (keeps the system prompt)
+  /system [TEXT]  set the system prompt and start over (no TEXT: show it; /system - clears it)
+  /stats          time to first token, tok/s, prefix reuse, expert I/O of the last turn and the run
+  /help           this text
+  /quit           leave (or Ctrl-D)
+input: end a line with \\ to continue it; a line of \"\"\" starts and ends a multi-line block; Ctrl-C stops a reply"""
+
+
+@dataclass
+class ChatSession:
+    """A conversation with one model: history, system prompt and the reusable model state.
+
+    Args:
+        engine, tokenizer: the loaded model.
+        sampler: token sampling settings.
+        max_tokens: longest reply in tokens (capped by what the context leaves).
+        system: system prompt, or None.
+        context: longest conversation in tokens (default: the model's max_position_embeddings).
+        template_kwargs: extra chat-template variables, e.g. {"enable_thinking": False}.
+    """
+
+    engine: Engine
+    tokenizer: Tokenizer
+    sampler: Sampler
+    max_tokens: int = 512
+    system: str | None = None
+    context: int | None = None
+    template_kwargs: dict = field(default_factory=dict)
+    messages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.session = Session(self.engine, self.tokenizer, self.context)
+
+    def reset(self) -> None:
+        """Forget the conversation and the cached state."""
+        self.messages = []
+        self.session.reset()
+
+    def set_system(self, text: str | None) -> None:
+        """Replace the system prompt; the conversation starts over."""
+        self.system = text or None
+        self.reset()
+
+    def send(self, text: str, on_delta: Callable[[ParsedOutput], None] | None = None) -> ParsedOutput:
+        """Add a user message, generate the reply, add it to the history and return it.
+
+        on_delta receives each new piece of reasoning / content as it is decoded. An interrupted reply
+        (KeyboardInterrupt) keeps what was generated so far in the history, then re-raises.
+
+        Raises ContextError when the conversation no longer fits the context (use reset()).
+        """
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        turn = self.messages + [{"role": "user", "content": text}]
+        prompt = self.tokenizer.apply_chat_template(system + turn, add_generation_prompt=True,
+                                                    **self.template_kwargs)
+        ids = self.tokenizer.encode(prompt)
+        room = self.session.context - len(ids)
+        if room < 1:
+            raise ContextError(f"the conversation has {len(ids)} tokens and fills the context of "
+                               f"{self.session.context}; /reset to start over")
+        parser = OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=False)
+        reply = ParsedOutput()
+
+        def take(delta: ParsedOutput) -> None:
+            if delta:
+                reply.extend(delta)
+                if on_delta:
+                    on_delta(delta)
+
+        try:
+            with contextlib.closing(self.session.generate(ids, self.sampler, min(self.max_tokens, room))) as steps:
+                for step in steps:
+                    take(parser.feed(step.text))
+            take(parser.finish())
+        finally:
+            self.messages = turn + [_assistant_message(reply)]
+        return reply
+
+    def stats_text(self) -> str:
+        """The last turn's figures and the run's engine statistics."""
+        last = self.session.last
+        lines = [f"last turn: {last.prompt_tokens} prompt tokens ({last.reused_tokens} reused from the cache), "
+                 f"{last.completion_tokens} generated, finish: {last.finish_reason}"]
+        if last.ttft_s is not None:
+            speed = f"{last.decode_tok_s:.2f} tok/s" if last.decode_tok_s else "n/a"
+            lines.append(f"last turn: time to first token {last.ttft_s:.3f} s, decode {speed}")
+        lines.append(f"conversation: {len(self.session.tokens)} tokens cached of a {self.session.context} context")
+        return "\n".join(lines) + "\n" + self.engine.stats.summary()
+
+
+def _assistant_message(reply: ParsedOutput) -> dict:
+    message = {"role": "assistant", "content": reply.content}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    return message
+
+
+def read_message(read_line: Callable[[str], str]) -> str:
+    """Read one message: continuation lines after a trailing backslash, or a \"\"\" block.
+
+    Raises EOFError at the end of input.
+    """
+    line = read_line(">>> ")
+    if line.strip() == '"""':
+        lines = []
+        while (line := read_line("... ")).strip() != '"""':
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read_line("... ")
+    return "\n".join(lines + [line])
+
+
+def run_repl(chat: ChatSession, read_line: Callable[[str], str] = input,
+             write: Callable[[str], None] | None = None, color: bool | None = None) -> None:
+    """The interactive loop: read messages and commands until /quit or end of input."""
+    if write is None:
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    dim, plain = ("\033[2m", "\033[0m") if (sys.stdout.isatty() if color is None else color) else ("", "")
+    write("flashmoe chat — /help for commands\n")
+    while True:
+        try:
+            text = read_message(read_line)
+        except EOFError:
+            write("\n")
+            return
+        except KeyboardInterrupt:
+            write("\n")
+            continue
+        command, _, arg = text.strip().partition(" ")
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/help":
+            write(HELP + "\n")
+        elif command == "/reset":
+            chat.reset()
+            write("[conversation cleared]\n")
+        elif command == "/stats":
+            write(chat.stats_text() + "\n")
+        elif command == "/system":
+            if not arg:
+                write(f"[system prompt: {chat.system!r}]\n")
+            else:
+                chat.set_system(None if arg.strip() == "-" else arg.strip())
+                write("[system prompt set; conversation cleared]\n")
+        elif command.startswith("/"):
+            write(f"[unknown command {command}; /help lists them]\n")
+        elif text.strip():
+            _reply(chat, text, write, dim, plain)
+
+
+def _reply(chat: ChatSession, text: str, write: Callable[[str], None], dim: str, plain: str) -> None:
+    shown = {"reasoning": False}
+
+    def show(delta: ParsedOutput) -> None:
+        if delta.reasoning:
+            write(dim + delta.reasoning + plain)
+            shown["reasoning"] = True
+        if delta.content:
+            if shown["reasoning"]:
+                write("\n\n")
+                shown["reasoning"] = False
+            write(delta.content)
+
+    try:
+        chat.send(text, show)
+    except KeyboardInterrupt:
+        write(" [stopped]")
+    except FlashMoeError as e:
+        write(f"[error: {e}]")
+    write("\n")

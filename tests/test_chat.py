@@ -1,0 +1,83 @@
+"""flashmoe chat: history, state kept between turns (only new tokens prefilled), commands, multi-line input."""
+
+from __future__ import annotations
+
+import pytest
+from chat_helpers import QWEN3, QWEN35_XML, FakeEngine, write_model_dir
+
+from flashmoe.chat import ChatSession, read_message, run_repl
+from flashmoe.sampling import Sampler
+from flashmoe.session import ContextError
+from flashmoe.tokenizer import Tokenizer
+
+
+def echo(prompt: str) -> str:
+    user = prompt.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+    system = prompt.split("<|im_start|>system\n")[1].split("<|im_end|>")[0] if "<|im_start|>system" in prompt else ""
+    return f"You said {user!r}" + (f" as {system!r}" if system else "")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return Tokenizer(write_model_dir(tmp_path_factory.mktemp("chat"), QWEN3))
+
+
+def _chat(tokenizer, **kwargs) -> ChatSession:
+    engine = FakeEngine(tokenizer, kwargs.pop("reply", echo), max_position_embeddings=kwargs.pop("context", 512))
+    return ChatSession(engine, tokenizer, Sampler(temperature=0.0), **kwargs)
+
+
+def test_second_turn_prefills_only_the_new_tokens(tokenizer):
+    chat = _chat(tokenizer)
+    assert chat.send("hello").content == "You said 'hello'"
+    n_cached = len(chat.session.tokens)
+    n_calls = len(chat.engine.forward_lengths)
+    assert chat.send("and again").content == "You said 'and again'"
+    full_prompt = tokenizer.encode(tokenizer.apply_chat_template(chat.messages[:-1]))
+    assert chat.session.last.reused_tokens == n_cached
+    assert chat.engine.forward_lengths[n_calls] == len(full_prompt) - n_cached
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_reset_and_system_prompt_start_over(tokenizer):
+    chat = _chat(tokenizer)
+    chat.send("one")
+    chat.set_system("a pirate")
+    assert chat.messages == [] and chat.session.tokens == []
+    assert chat.send("two").content == "You said 'two' as 'a pirate'"
+    assert chat.session.last.reused_tokens == 0
+
+
+def test_reasoning_is_kept_apart_from_content(tmp_path):
+    tok = Tokenizer(write_model_dir(tmp_path, QWEN35_XML))
+    chat = _chat(tok, reply=lambda prompt: "step by step\n</think>\n\nDone.")
+    reply = chat.send("think")
+    assert (reply.reasoning, reply.content) == ("step by step", "Done.")
+    assert chat.messages[-1] == {"role": "assistant", "content": "Done.", "reasoning_content": "step by step"}
+
+
+def test_a_conversation_that_outgrows_the_context_asks_for_reset(tokenizer):
+    chat = _chat(tokenizer, context=40)
+    with pytest.raises(ContextError, match="/reset"):
+        chat.send("x " * 50)
+
+
+def test_multi_line_input():
+    lines = iter(["first \\", "second", '"""', "a", "", "b", '"""'])
+    read = lambda prompt: next(lines)  # noqa: E731
+    assert read_message(read) == "first \nsecond"
+    assert read_message(read) == "a\n\nb"
+
+
+def test_repl_commands(tokenizer):
+    chat = _chat(tokenizer)
+    lines = iter(["hi", "/stats", "/system a cat", "/system", "meow \\", "purr", "/bogus", "/reset", "/quit", "never"])
+    out = []
+    run_repl(chat, read_line=lambda prompt: next(lines), write=out.append, color=False)
+    text = "".join(out)
+    assert "You said 'hi'" in text
+    assert "last turn:" in text and "tokens cached" in text
+    assert "[system prompt: 'a cat']" in text
+    assert "You said 'meow \\npurr' as 'a cat'" in text
+    assert "unknown command /bogus" in text and "[conversation cleared]" in text
+    assert chat.messages == []
