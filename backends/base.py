@@ -20,6 +20,7 @@ import numpy as np
 
 from flashmoe.errors import FlashMoeError
 from flashmoe.quant import QuantizedTensor
+from flashmoe.reference import ops as ref_ops
 
 #: A weight as the engine hands it over: float ``[out, in]`` or quantised.
 Weight = Union[QuantizedTensor, np.ndarray]
@@ -182,26 +183,27 @@ class Backend(ABC):
         ``S = exp(g) S;  S += k ⊗ (beta (v - Sᵀk));  o = Sᵀ q``. -> (o ``[T, H, Dv]``, new state).
         (HF ``torch_recurrent_gated_delta_rule``.)"""
 
-    # -- elementwise glue between the ops above (NumPy here; a backend with its own arrays overrides) ------
+    # -- elementwise glue between the ops above: the reference's NumPy functions on float32 arrays; a
+    # backend with its own array type overrides them ------------------------------------------------------
     def sigmoid(self, x: Any) -> Any:
-        """``1 / (1 + exp(-x))`` elementwise."""
-        return 1.0 / (1.0 + np.exp(-x))
+        """``1 / (1 + exp(-x))`` elementwise, overflow-free."""
+        return ref_ops.sigmoid(np.asarray(x, np.float32))
 
     def silu(self, x: Any) -> Any:
-        """``x * sigmoid(x)`` elementwise (Hendrycks & Gimpel 2016; SwiGLU's activation)."""
-        return x * self.sigmoid(x)
+        """``x * sigmoid(x)`` elementwise (Elfwing et al. 2017; SwiGLU's activation)."""
+        return ref_ops.silu(np.asarray(x, np.float32))
 
     def softplus(self, x: Any) -> Any:
         """``log(1 + exp(x))`` elementwise, overflow-free."""
-        return np.logaddexp(0.0, x).astype(np.float32)
+        return ref_ops.softplus(np.asarray(x, np.float32))
 
     def l2_normalize(self, x: Any, eps: float = 1e-6) -> Any:
         """``x / sqrt(sum(x², -1) + eps)`` over the last axis (HF ``l2norm``, GatedDeltaNet's q and k)."""
-        return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps)
+        return ref_ops.l2_normalize(np.asarray(x, np.float32), np.float32(eps))
 
     def clip(self, x: Any, limit: float) -> Any:
         """Clamp to ``[-limit, limit]`` (OLMoE's ``clip_qkv``)."""
-        return np.clip(x, -limit, limit)
+        return np.clip(np.asarray(x, np.float32), np.float32(-limit), np.float32(limit))
 
     # -- experts -----------------------------------------------------------------------------------------
     @abstractmethod

@@ -299,10 +299,6 @@ def _as_packed_or_float(w: Any, name: str) -> PackedWeight | np.ndarray:
     raise BackendError(f"{name}: expected a float array or QuantizedTensor, got {type(w).__name__}")
 
 
-def _silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1) + np.exp(-np.clip(x, -88.0, 88.0)))
-
-
 class NumbaBackend(Backend):
     """numba ``@njit(parallel=True)`` kernels on NumPy float32 arrays (handles: PackedWeight / float32)."""
 
@@ -385,7 +381,7 @@ class NumbaBackend(Backend):
 
     def expert_ffn(self, x: Any, expert: Expert) -> np.ndarray:
         x = _f32(x)
-        h = _silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
+        h = self.silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
         return self.linear(h, expert["down_proj"])
 
     def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> np.ndarray:

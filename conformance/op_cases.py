@@ -1,0 +1,260 @@
+"""Operation-level conformance: one Backend operation on seeded random inputs vs the NumPy backend, whose
+operations are the reference's own functions (backends/numpy_backend.py).
+
+A case is an operation name plus its sizes (:class:`OpCase`); :func:`run_case` builds the inputs from the
+case's seed, runs both backends and compares. The same cases serve the quick suite (:data:`QUICK_CASES`),
+the full suite (:func:`full_cases`) and the hypothesis tests (conformance/test_ops.py), which draw the sizes.
+
+Inputs are built the way the engine hands them over: quantised weights are random packed words (every code
+value occurs) with scales/biases in float32, float16 or bfloat16; experts are zero-copy views into one
+byte buffer, like the expert store's read buffers.
+
+Tolerance: activations are float32 everywhere, so an operation may differ from the reference only by the
+order of its float32 sums. The error is ``max|got - want| / max|want|`` (relative to the output's scale,
+so near-zero elements do not dominate); :data:`TOLERANCE` gives the bound per kind of operation.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+
+from flashmoe.backends import get_backend
+from flashmoe.backends.base import Backend
+from flashmoe.quant import QuantizedTensor
+
+#: Bound on max|got - want| / max|want| for float32 activations: elementwise ops round once or twice;
+#: reductions (dot products, softmax sums, recurrences) reorder up to thousands of float32 additions.
+TOLERANCE = {"elementwise": 1e-5, "reduction": 1e-4}
+
+SCALE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+BITS = (2, 3, 4, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One operation on inputs of the given sizes; ``params`` are keyword sizes (see each builder)."""
+
+    op: str
+    params: tuple[tuple[str, Any], ...]
+    seed: int = 0
+
+    @classmethod
+    def of(cls, op: str, seed: int = 0, **params: Any) -> "OpCase":
+        return cls(op, tuple(sorted(params.items())), seed)
+
+    @property
+    def p(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def __str__(self) -> str:
+        return f"{self.op}(" + ", ".join(f"{k}={v}" for k, v in self.params) + f", seed={self.seed})"
+
+
+@dataclass
+class CaseResult:
+    case: OpCase
+    error: float  # max|got - want| / max|want| over every output; inf when the backend raised
+    tolerance: float
+    seconds: float
+    exception: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.exception is None and bool(self.error <= self.tolerance)
+
+    def describe(self) -> str:
+        if self.exception is not None:
+            return f"{self.case}: raised {self.exception}"
+        return f"{self.case}: relative error {self.error:.3g} > tolerance {self.tolerance:.0e}"
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+def _normal(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _quantized_parts(rng, out: int, inp: int, bits: int, group_size: int, sdtype: str):
+    words = rng.integers(0, 2**32, size=(out, inp * bits // 32), dtype=np.uint32)
+    # Realistic magnitudes: a code step of ~0.02/2^(bits-4), biases centring the range on zero.
+    scales = (rng.uniform(0.5, 1.5, (out, inp // group_size)) * 0.3 / (2**bits - 1)).astype(np.float32)
+    biases = (-scales * (2**bits - 1) / 2 + rng.normal(0, 0.01, scales.shape)).astype(np.float32)
+    dt = SCALE_DTYPES[sdtype]
+    return words, scales.astype(dt), biases.astype(dt)
+
+
+def make_weight(rng, out: int, inp: int, bits: int | None, group_size: int, sdtype: str) -> Any:
+    """A float32 ``[out, in]`` weight (bits None) or a QuantizedTensor with random codes."""
+    if bits is None:
+        return _normal(rng, out, inp, scale=inp**-0.5)
+    return QuantizedTensor(*_quantized_parts(rng, out, inp, bits, group_size, sdtype), bits, group_size)
+
+
+def make_expert_views(rng, hidden: int, inter: int, bits: int | None, group_size: int, sdtype: str,
+                      buffer_offset: int = 0) -> dict[str, Any]:
+    """One expert as the store hands it over: gate/up/down views into a single uint8 buffer (no copies),
+    the first starting ``buffer_offset`` bytes in."""
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    parts = {n: make_weight(rng, o, i, bits, group_size, sdtype) for n, (o, i) in shapes.items()}
+    buf = np.zeros(buffer_offset + sum(3 * (w.nbytes + 64) for w in parts.values()), np.uint8)
+    pos = buffer_offset
+
+    def place(a: np.ndarray) -> np.ndarray:
+        nonlocal pos
+        view = buf[pos : pos + a.nbytes].view(a.dtype).reshape(a.shape)
+        view[...] = a
+        pos += -(-a.nbytes // 64) * 64
+        return view
+
+    return {n: place(w) if isinstance(w, np.ndarray)
+            else QuantizedTensor(place(w.weight), place(w.scales), place(w.biases), w.bits, w.group_size)
+            for n, w in parts.items()}
+
+
+def _inputs(case: OpCase) -> tuple[str, tuple, str]:
+    """(method name, positional args, tolerance kind) for a case, drawn from its seed."""
+    p, rng = case.p, np.random.default_rng(case.seed)
+    op = case.op
+    if op == "linear":
+        w = make_weight(rng, p["out"], p["inp"], p.get("bits"), p.get("group_size", 64), p.get("sdtype", "float32"))
+        return "linear", (_normal(rng, p["tokens"], p["inp"]), w), "reduction"
+    if op == "embed":
+        w = make_weight(rng, p["vocab"], p["hidden"], p.get("bits"), p.get("group_size", 64), p.get("sdtype", "float32"))
+        return "embed", (rng.integers(0, p["vocab"], p["tokens"]), w), "elementwise"
+    if op == "rms_norm":
+        x = _normal(rng, p["tokens"], p["n"], scale=p.get("scale", 1.0))
+        return "rms_norm", (x, 1 + _normal(rng, p["n"], scale=0.1), p.get("eps", 1e-6)), "elementwise"
+    if op == "rope":
+        x = _normal(rng, p["tokens"], p["heads"], p["head_dim"])
+        positions = np.sort(rng.integers(0, p["max_position"] + 1, p["tokens"]))
+        return "rope", (x, positions, p["theta"], p["rotary_dim"]), "elementwise"
+    if op == "attention":
+        T, S, Hq, Hkv, D = p["tokens"], p["cached"] + p["tokens"], p["heads"], p["kv_heads"], p["head_dim"]
+        q, k, v = _normal(rng, T, Hq, D), _normal(rng, S, Hkv, D), _normal(rng, S, Hkv, D)
+        return "attention", (q, k, v, np.arange(S - T, S), D**-0.5), "reduction"
+    if op == "causal_conv1d":
+        T, C, K = p["tokens"], p["channels"], p["kernel"]
+        return "causal_conv1d", (_normal(rng, T, C), _normal(rng, K - 1, C), _normal(rng, C, K, scale=0.5)), "reduction"
+    if op == "gated_delta_rule":
+        T, Hk, H, Dk, Dv = p["tokens"], p["k_heads"], p["k_heads"] * p["rep"], p["dk"], p["dv"]
+        q, k = _normal(rng, T, Hk, Dk), _normal(rng, T, Hk, Dk)
+        q = q / np.linalg.norm(q, axis=-1, keepdims=True) * np.float32(Dk**-0.5)
+        k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+        g = -rng.uniform(0.0, 2.0, (T, H)).astype(np.float32)
+        beta = rng.uniform(0.0, 1.0, (T, H)).astype(np.float32)
+        state = _normal(rng, H, Dk, Dv, scale=0.5)
+        return "gated_delta_rule", (q, k, _normal(rng, T, H, Dv), g, beta, state), "reduction"
+    if op in ("expert_ffn", "experts_ffn"):
+        n_exp = p.get("k", 1)
+        experts = [make_expert_views(rng, p["hidden"], p["inter"], p.get("bits"), p.get("group_size", 64),
+                                     p.get("sdtype", "float32"), buffer_offset=64 * e) for e in range(n_exp)]
+        if op == "expert_ffn":
+            return "expert_ffn", (_normal(rng, p["tokens"], p["hidden"]), experts[0]), "reduction"
+        weights = rng.dirichlet(np.ones(n_exp)).astype(np.float32)
+        return "experts_ffn", (_normal(rng, p["hidden"]), experts, weights), "reduction"
+    if op in ("sigmoid", "silu", "softplus", "l2_normalize"):
+        return op, (_normal(rng, p["tokens"], p["n"], scale=p.get("scale", 4.0)),), "elementwise"
+    if op == "clip":
+        return "clip", (_normal(rng, p["tokens"], p["n"], scale=4.0), p["limit"]), "elementwise"
+    raise ValueError(f"unknown conformance op {op!r}")
+
+
+def _max_rel_error(got: Any, want: Any, backend: Backend) -> float:
+    if isinstance(want, tuple):
+        return max(_max_rel_error(g, w, backend) for g, w in zip(got, want))
+    got, want = backend.to_numpy(got), np.asarray(want, np.float32)
+    if got.shape != want.shape:
+        raise ValueError(f"shape {got.shape}, expected {want.shape}")
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.max(np.abs(got - want), initial=0.0) / max(float(np.max(np.abs(want), initial=0.0)), 1e-30))
+
+
+def run_case(backend: Backend | str, case: OpCase) -> CaseResult:
+    """Run one case on ``backend`` and on the NumPy reference backend; never raises for a backend failure
+    (the exception is recorded in the result)."""
+    backend = get_backend(backend) if isinstance(backend, str) else backend
+    reference = get_backend("numpy")
+    method, args, kind = _inputs(case)
+    want = getattr(reference, method)(*args)
+    start = time.perf_counter()
+    try:
+        got = getattr(backend, method)(*args)
+        error = _max_rel_error(got, want, backend)
+        exc = None
+    except Exception as e:  # a conformance report shows any failure of the backend as a failing case
+        error, exc = float("inf"), f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+    return CaseResult(case, error, TOLERANCE[kind], time.perf_counter() - start, exc)
+
+
+# -- suites ---------------------------------------------------------------------------------------------------
+def _quick() -> list[OpCase]:
+    c = OpCase.of
+    cases = [c("linear", tokens=t, out=72, inp=256, bits=b, group_size=g, sdtype=s)
+             for b, g, s, t in [(2, 32, "bfloat16", 1), (3, 64, "float16", 1), (4, 64, "bfloat16", 1),
+                                (6, 128, "float32", 1), (8, 64, "bfloat16", 1), (4, 32, "float16", 5),
+                                (3, 32, "bfloat16", 3), (8, 128, "float32", 4)]]
+    cases += [c("linear", tokens=3, out=40, inp=96, bits=None), c("linear", tokens=1, out=33, inp=64, bits=None)]
+    cases += [c("embed", tokens=5, vocab=300, hidden=128, bits=b, group_size=64, sdtype="bfloat16") for b in (4, 6)]
+    cases += [c("embed", tokens=3, vocab=50, hidden=64, bits=None)]
+    cases += [c("rms_norm", tokens=3, n=256, scale=10.0), c("rms_norm", tokens=1, n=48, eps=1e-5)]
+    cases += [c("rope", tokens=4, heads=3, head_dim=64, rotary_dim=16, theta=1e7, max_position=40000),
+              c("rope", tokens=7, heads=2, head_dim=32, rotary_dim=32, theta=1e4, max_position=50)]
+    cases += [c("attention", tokens=1, cached=37, heads=8, kv_heads=2, head_dim=64),
+              c("attention", tokens=6, cached=0, heads=4, kv_heads=4, head_dim=32),
+              c("attention", tokens=5, cached=11, heads=6, kv_heads=1, head_dim=16)]
+    cases += [c("causal_conv1d", tokens=1, channels=96, kernel=4), c("causal_conv1d", tokens=9, channels=40, kernel=3)]
+    cases += [c("gated_delta_rule", tokens=1, k_heads=2, rep=2, dk=32, dv=16),
+              c("gated_delta_rule", tokens=7, k_heads=3, rep=1, dk=16, dv=24)]
+    cases += [c("expert_ffn", tokens=n, hidden=128, inter=64, bits=b, group_size=g, sdtype="bfloat16")
+              for n, b, g in [(1, 4, 64), (5, 2, 32), (3, 8, 64)]]
+    cases += [c("expert_ffn", tokens=2, hidden=64, inter=32, bits=None)]
+    cases += [c("experts_ffn", k=k, hidden=128, inter=max(64, g), bits=b, group_size=g, sdtype=s)
+              for k, b, g, s in [(4, 4, 64, "bfloat16"), (1, 8, 32, "float16"), (3, 3, 32, "float32"),
+                                 (2, 6, 64, "bfloat16"), (2, 2, 128, "bfloat16")]]
+    cases += [c("experts_ffn", k=2, hidden=64, inter=32, bits=None)]
+    cases += [c(op, tokens=3, n=40) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
+    cases += [c("clip", tokens=3, n=40, limit=2.0)]
+    return cases
+
+
+#: The quick suite: every operation, every bit width and scale dtype, odd sizes; seconds once compiled.
+QUICK_CASES: list[OpCase] = _quick()
+
+
+def full_cases(seeds: int = 3) -> list[OpCase]:
+    """The full op suite: the quick cases over several seeds, plus every (bits, group_size) pair for linear
+    and the fused experts, and expert-sized shapes."""
+    c = OpCase.of
+    cases = [OpCase(q.op, q.params, s) for q in QUICK_CASES for s in range(seeds)]
+    for b in BITS:
+        for g in GROUP_SIZES:
+            cases.append(c("linear", tokens=1, out=65, inp=384, bits=b, group_size=g, sdtype="bfloat16"))
+            cases.append(c("linear", tokens=9, out=31, inp=384, bits=b, group_size=g, sdtype="float16"))
+            cases.append(c("experts_ffn", k=3, hidden=128, inter=128, bits=b, group_size=g, sdtype="bfloat16"))
+    cases += [c("linear", tokens=1, out=1024, inp=4096, bits=4, group_size=64, sdtype="bfloat16"),
+              c("linear", tokens=1, out=4096, inp=1024, bits=4, group_size=64, sdtype="bfloat16"),
+              c("experts_ffn", k=10, hidden=1024, inter=256, bits=4, group_size=64, sdtype="bfloat16"),
+              c("attention", tokens=1, cached=1000, heads=16, kv_heads=2, head_dim=256),
+              c("gated_delta_rule", tokens=1, k_heads=4, rep=4, dk=128, dv=128)]
+    return cases
+
+
+OPS: tuple[str, ...] = tuple(dict.fromkeys(q.op for q in QUICK_CASES))
+
+
+def run_cases(backend: Backend | str, cases: list[OpCase],
+              progress: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    """Run every case; ``progress`` is called after each."""
+    results = []
+    for case in cases:
+        results.append(run_case(backend, case))
+        if progress is not None:
+            progress(results[-1])
+    return results
