@@ -251,7 +251,7 @@ def serve(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
-    context: Optional[int] = typer.Option(None, help="Longest prompt + completion in tokens (default: the model's context)."),
+    context: int = typer.Option(4096, help="Longest prompt + completion in tokens (capped by the model's context); sizes the KV-cache budget."),
     backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
     io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),

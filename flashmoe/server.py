@@ -558,8 +558,9 @@ class RunningServer:
 
 def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, backend: str = "numba",
           io: str = "pagecache", max_memory: str | None = None, experts_per_token: int | None = None,
-          context: int | None = None, cache_policy: str = "lru", log_level: str = "info") -> None:
-    """Load a model and serve it until interrupted (flashmoe serve).
+          context: int = 4096, cache_policy: str = "lru", log_level: str = "info") -> None:
+    """Load a model and serve it until interrupted (flashmoe serve). `context` (tokens, capped by the
+    model's max_position_embeddings) bounds prompt + completion and sizes the KV cache in the memory budget.
 
     Raises FlashMoeError when the model cannot be loaded.
     """
@@ -570,7 +571,7 @@ def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     directory = Path(model_dir) if model_dir is not None else default_model_dir()
     tokenizer = Tokenizer(directory)
     engine = load_engine(directory, backend=backend, io=io, max_memory=max_memory,
-                         experts_per_token=experts_per_token, context=context or 4096, cache_policy=cache_policy)
+                         experts_per_token=experts_per_token, context=context, cache_policy=cache_policy)
     server = FlashMoeServer(engine, tokenizer, directory.name, context=context,
                             defaults=sampling_defaults(directory))
     log.info("serving %s on http://%s:%d (context %d tokens)", directory, host, port, server.session.context)

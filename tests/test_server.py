@@ -233,6 +233,20 @@ def test_client_disconnect_mid_stream_frees_the_slot(served, client):
     assert stats["server"]["cancelled"] >= 1
 
 
+def test_client_disconnect_while_waiting_for_a_non_streamed_reply_frees_the_slot(served, client):
+    import socket
+
+    served[1].delay_s = 0.02
+    body = json.dumps({"messages": [{"role": "user", "content": "long"}]}).encode()
+    with socket.create_connection((served[2].host, served[2].port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.3)
+    t0 = time.monotonic()
+    assert _chat(client, "echo: after the hang-up").choices[0].message.content == "after the hang-up"
+    assert time.monotonic() - t0 < 2.0
+
+
 def test_completions_models_and_health(served, client):
     r = client.completions.create(model="fake", prompt="Once upon a time", max_tokens=50)
     assert r.choices[0].text == " and that is the completion."
