@@ -28,19 +28,39 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
 
 def markdown(result: dict) -> str:
     """The result as Markdown: machine and disk, one row per run and pass, then the replays."""
-    m, model = result["machine"], result["model"]
+    m = result["machine"]
+    lines = [f"Machine: {m['cpus']} CPUs, {m['memory_bytes'] / 2**30:.0f} GiB RAM, kernel {m['kernel']}."]
+    if "model" in result:
+        lines += _decode_tables(result)
+    for r in result.get("replays", []):
+        policies = list(r["sizes"][0]["hit_rate"])
+        lines += [
+            "",
+            f"Replay of `{r['trace']}` ({r['kind']}): {r['tokens']} tokens, {r['lookups']} lookups, "
+            f"{r['distinct_experts']} distinct of {r['num_experts'] * r['moe_layers']} experts, k={r['experts_per_token']}.",
+            "",
+            "| cache (% of experts) | entries | " + " | ".join(policies) + " |",
+            "|---|---|" + "---|" * len(policies),
+        ]
+        for s in r["sizes"]:
+            lines.append(f"| {100 * s['fraction']:g}% | {s['entries']} | "
+                         + " | ".join(f"{s['hit_rate'][p]:.1%}" for p in policies) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _decode_tables(result: dict) -> list[str]:
+    model, disk = result["model"], result["disk"]
     lines = [
         f"Model: `{model['dir']}` — {model['description']}; expert files {model['expert_file_bytes'] / GB:.1f} GB "
-        f"({model['moe_layers']} MoE layers), resident {model['resident_bytes'] / GB:.2f} GB.",
-        f"Machine: {m['cpus']} CPUs, {m['memory_bytes'] / 2**30:.0f} GiB RAM, kernel {m['kernel']}; disk "
-        f"{result['disk']['filesystem']['device']} ({result['disk']['filesystem']['fstype']}).",
+        f"({model['moe_layers']} MoE layers), resident {model['resident_bytes'] / GB:.2f} GB. "
+        f"Disk: {disk['filesystem']['device']} ({disk['filesystem']['fstype']}).",
         "",
         "Disk bandwidth for the store's read pattern (cold, one expert per read, k reads in flight):",
         "",
         "| mode | reads in flight | GB/s (median) | runs |",
         "|---|---|---|---|",
     ]
-    for d in result["disk"]["store"]:
+    for d in disk["store"]:
         lines.append(f"| {d['mode']} | {d['threads']} | {d['gb_s']:.2f} | "
                      f"{' '.join(f'{x:.2f}' for x in d['gb_s_runs'])} |")
     lines += [
@@ -60,20 +80,7 @@ def markdown(result: dict) -> str:
                 f"({p['disk_bytes_per_token'] / GB:.3f}) | {p['achieved_gb_s']:.2f} | "
                 f"{_f(p['hit_rate'], '.1%')} | {run['peak_rss_bytes'] / GB:.2f} | "
                 f"{_f(c.get('disk_bound_tok_s'))} | {_f(c.get('bound_ms'), '.0f')} | {_f(c.get('time_over_bound'))} |")
-    for r in result.get("replays", []):
-        policies = list(r["sizes"][0]["hit_rate"])
-        lines += [
-            "",
-            f"Replay of `{r['trace']}` ({r['kind']}): {r['tokens']} tokens, {r['lookups']} lookups, "
-            f"{r['distinct_experts']} distinct of {r['num_experts'] * r['moe_layers']} experts, k={r['experts_per_token']}.",
-            "",
-            "| cache (% of experts) | entries | " + " | ".join(policies) + " |",
-            "|---|---|" + "---|" * len(policies),
-        ]
-        for s in r["sizes"]:
-            lines.append(f"| {100 * s['fraction']:g}% | {s['entries']} | "
-                         + " | ".join(f"{s['hit_rate'][p]:.1%}" for p in policies) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def figures(result: dict, out_dir: Path) -> list[Path]:

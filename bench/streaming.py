@@ -145,8 +145,7 @@ def run_bench(opts: BenchOptions) -> dict:
     log = opts.log
     opts.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
-                    "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
-                                if k != "log"}, "runs": [], "replays": []}
+                    "options": {k: v for k, v in vars(opts).items() if k != "log"}, "runs": [], "replays": []}
     traces = [(Path(t), "replayed trace") for t in opts.replays]
     if opts.model_dir is not None:
         md = ModelDir.open(opts.model_dir)
@@ -202,11 +201,11 @@ def run_bench(opts: BenchOptions) -> dict:
         result["replays"].append(r)
     if opts.model_dir is None and not traces:
         raise FlashMoeError("nothing to measure: give a model directory and/or --replay TRACE")
-    (opts.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (opts.out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (opts.out / "bench.md").write_text(markdown(result))
     if opts.figures:
         result["figures"] = [str(p) for p in figures(result, opts.out)]
-        (opts.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        (opts.out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
 
 

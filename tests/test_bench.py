@@ -1,0 +1,72 @@
+"""`flashmoe bench` end to end on a tiny synthetic model (numpy backend, a few tokens)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flashmoe.bench.streaming import BenchOptions, add_ceiling, run_bench
+from flashmoe.cli import app
+from flashmoe.synth import synth_model
+
+TINY_QWEN35 = dict(
+    model_type="qwen3_5_moe_text", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+    linear_num_value_heads=4, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
+    shared_expert_intermediate_size=64, vocab_size=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return synth_model(tmp_path_factory.mktemp("bench") / "tiny", TINY_QWEN35, seed=1)
+
+
+def test_bench_measures_every_mode_and_writes_json_markdown_and_figures(tiny_model, tmp_path):
+    out = tmp_path / "results"
+    result = run_bench(BenchOptions(model_dir=tiny_model, out=out, backend="numpy", modes=("pagecache", "direct"),
+                                    ks=(2,), threads=(1,), budgets=("512M",), tokens=3, prompt_tokens=4,
+                                    disk_repeats=1, disk_experts=16, log=lambda line: None))
+    assert [(r["io"], r["max_memory"], r.get("reference", False)) for r in result["runs"]] == [
+        ("pagecache", None, True), ("pagecache", "512M", False), ("direct", "512M", False)]
+    for run in result["runs"]:
+        assert run["k"] == 2 and run["moe_layers"] == 4 and run["peak_rss_bytes"] > 0
+        for p in run["passes"].values():
+            assert p["decode_tokens"] == 3 and p["tok_s"] > 0
+            assert p["ms_per_layer"] > 0 and p["compute_ms_per_layer"] > 0
+            assert p["ceiling"]["bound_ms"] >= p["ceiling"]["compute_ms_per_token"]
+    direct_cold = result["runs"][2]["passes"]["cold"]
+    # O_DIRECT reads whole 4096-byte blocks: nbytes rounded up, which for this model is the stride
+    assert direct_cold["reads_per_token"] > 0 and direct_cold["bytes_read_per_token"] == pytest.approx(
+        direct_cold["reads_per_token"] * result["model"]["expert_stride"])
+    assert result["runs"][2]["passes"]["warm"]["hit_rate"] == 1.0  # 512M holds all 64 tiny experts
+    assert {d["mode"] for d in result["disk"]["store"]} == {"pagecache", "direct"}
+    (replay,) = result["replays"]
+    assert replay["tokens"] == 4 + 3 and set(replay["sizes"][0]["hit_rate"]) == {"lru", "lfu", "fifo", "opt"}
+    assert json.loads((out / "bench.json").read_text())["runs"][0]["reference"] is True
+    assert "| direct k=2 t=1 512M | cold |" in (out / "bench.md").read_text()
+    assert sorted(p.name for p in out.glob("*.png")) == ["hit_rate_vs_cache.png", "ms_per_layer.png",
+                                                         "tok_s_vs_budget.png"]
+
+
+def test_ceiling_is_disk_time_or_compute_time_whichever_is_larger():
+    run = {"io": "direct", "k": 4, "moe_layers": 2,
+           "passes": {"cold": {"disk_bytes_per_token": 2e9, "ms_per_token": 2500.0, "tok_s": 0.4}}}
+    add_ceiling(run, {("direct", 4): 1.0}, compute_ms=500.0)
+    c = run["passes"]["cold"]["ceiling"]
+    assert c["disk_ms_per_token"] == pytest.approx(2000.0) and c["disk_ms_per_layer"] == pytest.approx(1000.0)
+    assert c["bound_ms"] == pytest.approx(2000.0) and c["time_over_bound"] == pytest.approx(1.25)
+    assert c["disk_bound_tok_s"] == pytest.approx(0.5)
+
+
+def test_bench_command_replays_a_trace_without_a_model(tiny_model, tmp_path):
+    from flashmoe.bench.decode_run import run
+
+    trace = tmp_path / "trace.jsonl"
+    run(tiny_model, "numpy", "pagecache", None, None, None, 3, 2, 0, "lru", ["cold"], trace)
+    result = CliRunner().invoke(app, ["bench", "--replay", str(trace), "--out", str(tmp_path / "r"), "--no-figures"])
+    assert result.exit_code == 0, result.output
+    assert "| cache (% of experts) | entries | lru | lfu | fifo | opt |" in result.output
+    empty = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "e")])
+    assert empty.exit_code == 2 and "nothing to measure" in empty.output
