@@ -141,7 +141,9 @@ class Session:
                  stop: Sequence[str] = (), cancel: threading.Event | None = None) -> Iterator[Step]:
         """Generate a continuation of prompt_ids, reusing the cached state when the prompt extends it.
 
-        Yields Steps whose text is already cut at a stop string (a stop string itself is never yielded).
+        Yields one Step per generated token except the end-of-sequence token and the token that completes
+        a stop string when it adds no text before it; the text is already cut at a stop string (a stop
+        string itself is never yielded; text that may start one is held back until it cannot).
         Ends at an end-of-sequence token, a stop string, max_tokens, or when `cancel` is set (checked
         after every token). `self.last` describes the run when the iterator is exhausted or closed.
 
@@ -173,7 +175,7 @@ class Session:
                     info.finish_reason = "stop"
                     break
                 text = stopper.feed(step.text)
-                if text:
+                if text or not stopper.stopped:
                     yield Step(step.token_id, text)
                 if stopper.stopped:
                     info.finish_reason = "stop"

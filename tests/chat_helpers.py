@@ -344,3 +344,24 @@ class FakeEngine:
         logits = np.full((1, self.tokenizer.vocab_size), -30.0, np.float32)
         logits[0, reply[index] if index < len(reply) else self.eos_id] = 30.0
         return logits
+
+
+#: A tiny Qwen3.5-MoE text model (GatedDeltaNet + full attention, routed + shared experts) whose vocabulary
+#: covers build_tokenizer()'s.
+TINY_QWEN35 = dict(model_type="qwen3_5_moe_text", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=32,
+                   linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=16,
+                   num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                   vocab_size=1000, max_position_embeddings=1024)
+
+
+def tiny_engine(out: Path, template: str = QWEN3):
+    """A random TINY_QWEN35 model directory with the test tokenizer at `out`, loaded on the NumPy backend.
+    Returns (engine, tokenizer)."""
+    from flashmoe.load import load_engine
+    from flashmoe.synth import synth_model
+    from flashmoe.tokenizer import Tokenizer as FlashMoeTokenizer
+
+    synth_model(out, TINY_QWEN35, tokenizer=None)
+    write_model_dir(out, template)
+    return load_engine(out, backend="numpy", context=1024), FlashMoeTokenizer(out)

@@ -81,3 +81,23 @@ def test_repl_commands(tokenizer):
     assert "You said 'meow \\npurr' as 'a cat'" in text
     assert "unknown command /bogus" in text and "[conversation cleared]" in text
     assert chat.messages == []
+
+
+def test_prefix_reuse_on_a_real_hybrid_model_matches_a_fresh_prefill(tmp_path):
+    """KV caches and GatedDeltaNet states carried over from a previous turn give the same greedy tokens as
+    prefilling the whole conversation again."""
+    from chat_helpers import tiny_engine
+
+    from flashmoe.session import Session
+
+    engine, tok = tiny_engine(tmp_path / "tiny")
+    reused = Session(engine, tok)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello there"}]))
+    first = [s.token_id for s in reused.generate(prompt, Sampler(), 6)]
+    assert len(first) == 6 and reused.tokens == prompt + first
+    follow = prompt + first + tok.encode("<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n<|im_start|>assistant\n")
+    second = [s.token_id for s in reused.generate(follow, Sampler(), 6)]
+    assert reused.last.reused_tokens == len(prompt) + 6
+    fresh = Session(engine, tok)
+    assert [s.token_id for s in fresh.generate(follow, Sampler(), 6)] == second
+    assert fresh.last.reused_tokens == 0
