@@ -114,6 +114,8 @@ def to_canonical(name: str, array: np.ndarray, cfg: ModelConfig,
     for pattern, repl in fam.renames:
         canon = re.sub(pattern, repl, "." + canon)[1:]
 
+    if cfg.tie_word_embeddings and canon.startswith("lm_head."):
+        return []  # tied: the head is embed_tokens (docs/formats.md: absent when tie_word_embeddings)
     if not cfg.has_shared_expert and ".mlp.shared_expert" in canon:
         return []  # shared_expert_intermediate_size 0: transformers still writes empty tensors and a gate
     if m := _SWITCH.match(canon):

@@ -2,7 +2,8 @@
 
 Every architecture has at least three variants covering: shared expert on/off (where the family allows),
 norm_topk_prob true/false (where the family reads it), tied/untied embeddings, k = 1, 2 and 8, dense
-layers (mlp_only_layers / decoder_sparse_step) and, for qwen3_5_moe, the multimodal checkpoint layout.
+layers (mlp_only_layers / decoder_sparse_step), attention biases, Mixtral's sliding window, OLMoE's
+clip_qkv and, for qwen3_5_moe, the multimodal checkpoint layout.
 Weights are redrawn with a larger std than transformers' default so that routing, gates and logits are
 far from uniform (a wrong router or norm then changes the logits visibly).
 """
@@ -39,8 +40,9 @@ _OLMOE = dict(_COMMON, num_hidden_layers=3, intermediate_size=32, num_experts=16
 _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
     ("qwen3_5_moe", "shared_k2"): ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
                                    dict(_HYBRID, num_experts_per_tok=2)),
-    ("qwen3_5_moe", "tied_k1"): ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
-                                 dict(_HYBRID, num_experts_per_tok=1, tie_word_embeddings=True)),
+    ("qwen3_5_moe", "tied_k1_attn_bias"): ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                                           dict(_HYBRID, num_experts_per_tok=1, tie_word_embeddings=True,
+                                                attention_bias=True)),
     ("qwen3_5_moe", "no_shared_k8"): ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
                                       dict(_HYBRID, num_experts_per_tok=8, shared_expert_intermediate_size=0)),
     ("qwen3_5_moe", "multimodal"): ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration",
@@ -61,14 +63,16 @@ _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
                                              intermediate_size=96)),
     ("qwen3_moe", "no_norm_topk_k2"): ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                                        dict(_QWEN3_MOE, num_experts_per_tok=2, norm_topk_prob=False)),
-    ("qwen3_moe", "norm_topk_k8"): ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                                    dict(_QWEN3_MOE, num_experts_per_tok=8, norm_topk_prob=True)),
+    ("qwen3_moe", "norm_topk_k8_attn_bias"): ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                                              dict(_QWEN3_MOE, num_experts_per_tok=8, norm_topk_prob=True,
+                                                   attention_bias=True)),
     ("qwen3_moe", "tied_k1_sparse_step2"): ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                                             dict(_QWEN3_MOE, num_experts_per_tok=1, tie_word_embeddings=True,
                                                  decoder_sparse_step=2)),
     ("mixtral", "k2"): ("MixtralConfig", "MixtralForCausalLM", dict(_MIXTRAL, num_experts_per_tok=2)),
-    ("mixtral", "tied_k1"): ("MixtralConfig", "MixtralForCausalLM",
-                             dict(_MIXTRAL, num_experts_per_tok=1, tie_word_embeddings=True)),
+    ("mixtral", "tied_k1_window16"): ("MixtralConfig", "MixtralForCausalLM",
+                                      dict(_MIXTRAL, num_experts_per_tok=1, tie_word_embeddings=True,
+                                           sliding_window=16)),
     ("mixtral", "k8_of_16"): ("MixtralConfig", "MixtralForCausalLM",
                               dict(_MIXTRAL, num_experts_per_tok=8, num_local_experts=16)),
     ("olmoe", "no_norm_topk_k2"): ("OlmoeConfig", "OlmoeForCausalLM",

@@ -51,7 +51,7 @@ def test_converted_model_directory_gives_transformers_logits(hf_checkpoint, tmp_
 
 
 @pytest.mark.parametrize("arch,variant", [("qwen3_5_moe", "shared_k2"), ("qwen3_next", "shared_k2"),
-                                          ("qwen3_moe", "norm_topk_k8"), ("mixtral", "k2"),
+                                          ("qwen3_moe", "norm_topk_k8_attn_bias"), ("mixtral", "k2"),
                                           ("olmoe", "no_norm_topk_k2")])
 def test_fused_expert_tensors_of_the_transformers_state_dict_give_the_same_logits(hf_checkpoint, arch, variant):
     """transformers 5 holds experts fused in memory (gate_up_proj [E, 2I, H], down_proj [E, H, I]);
