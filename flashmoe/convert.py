@@ -17,7 +17,6 @@ as they are: their quantised tensors byte for byte, never re-quantised.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 import flashmoe
 from flashmoe.config import ModelConfig
-from flashmoe.errors import CheckpointError, ConfigError, FlashMoeError
+from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.families import (
     HF,
     MLX,
@@ -48,6 +47,7 @@ from flashmoe.families import (
     to_canonical,
 )
 from flashmoe.modeldir import (
+    DTYPES,
     EXPERT_PROJS,
     MANIFEST,
     RESIDENT,
@@ -203,11 +203,43 @@ class _Checkpoint:
         return f"{self.where[name].path}: tensor {name!r}"
 
 
+class _ExpertFileWriter:
+    """Writes one MoE layer's expert file: expert e's components land at e*stride + offset (os.pwrite), in
+    any order, so per-expert checkpoints stream one tensor at a time. The file is pre-sized to E*stride
+    (unwritten bytes, the padding, read as zeros)."""
+
+    def __init__(self, path: Path, layout: ExpertLayout, num_experts: int):
+        self.path, self.layout, self.num_experts = path, layout, num_experts
+        self.done: set[tuple[int, str]] = set()
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, num_experts * layout.stride)
+
+    def write(self, e: int, proj: str, part: QuantizedTensor | np.ndarray, where: str) -> None:
+        """Store projection `proj` of expert e; CheckpointError (naming `where`) if it does not fit the layout
+        planned from the layer's first expert (another dtype or shape)."""
+        for c in self.layout.components:
+            name, kind = c.name.split(".")
+            if name != proj:
+                continue
+            a = getattr(part, kind) if isinstance(part, QuantizedTensor) else part
+            if isinstance(part, QuantizedTensor) != (proj in self.layout.quantization) or \
+                    tuple(a.shape) != c.shape or a.dtype != DTYPES[c.dtype]:
+                raise CheckpointError(f"{where}: expert {e} {c.name} is {a.dtype} {list(a.shape)}, unlike expert 0 "
+                                      f"of the layer ({c.dtype} {list(c.shape)})")
+            _write_at(self.fd, np.ascontiguousarray(a).reshape(-1).view(np.uint8), e * self.layout.stride + c.offset,
+                      self.path)
+        self.done.add((e, proj))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass
 class _LayerExperts:
-    """One MoE layer's routed experts as they arrive: per expert (final form) or stacked [E, ...]."""
+    """One MoE layer's routed experts: per-expert tensors go straight to `writer`; stacked ones ([E, ...],
+    memory-mapped) wait in `stacked` until the layer is complete."""
 
-    per_expert: dict[tuple[int, str], QuantizedTensor | np.ndarray] = field(default_factory=dict)
+    writer: _ExpertFileWriter | None = None
     stacked: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # proj -> {weight, scales, biases}
     sources: dict[str, str] = field(default_factory=dict)  # proj -> a source tensor, for messages
 
@@ -259,15 +291,19 @@ class _Conversion:
                   else not self.progress, file=sys.stderr) as bar:
             for layer in sorted(groups):
                 experts = _LayerExperts()
-                for name in sorted(groups[layer]):
-                    self._convert_tensor(name, writer, experts)
-                    bar.update(1)
-                self._flush_pending(writer)
-                if layer >= 0 and self.cfg.is_moe_layer(layer):
-                    self._write_experts(layer, experts)
-                elif experts.per_expert or experts.stacked:
-                    raise CheckpointError(f"{self.ckpt.describe(next(iter(experts.sources.values())))}: routed "
-                                          f"experts in layer {layer}, which config.json makes a dense layer")
+                try:
+                    for name in sorted(groups[layer]):
+                        self._convert_tensor(name, layer, writer, experts)
+                        bar.update(1)
+                    self._flush_pending(writer)
+                    if experts.sources:
+                        self._finish_experts(layer, experts)
+                finally:
+                    if experts.writer is not None:
+                        experts.writer.close()
+                if experts.writer is not None:
+                    rel = experts.writer.path.relative_to(self.out).as_posix()
+                    self.experts.append(ExpertFile(layer, rel, self.cfg.num_experts, experts.writer.layout))
         missing_layers = sorted(set(self.cfg.moe_layers) - {e.layer for e in self.experts})
         if missing_layers:
             raise CheckpointError(f"{self.ckpt.root}: missing routed-expert tensors of layer {missing_layers[0]}")
@@ -291,7 +327,7 @@ class _Conversion:
 
     # -- one source tensor --
 
-    def _convert_tensor(self, name: str, writer: SafetensorsWriter, experts: _LayerExperts) -> None:
+    def _convert_tensor(self, name: str, layer: int, writer: SafetensorsWriter, experts: _LayerExperts) -> None:
         array = self.ckpt.get(name)
         where = self.ckpt.describe(name)
         is_quant_part = array.dtype == np.uint32 or _QUANT_PART.match(name) is not None
@@ -301,7 +337,10 @@ class _Conversion:
             raise CheckpointError(f"{where}: quantised tensor in a float checkpoint (only MLX quantisation is read)")
         for cname, a in to_canonical(name, array, self.cfg, self.layout):
             if is_expert_tensor(cname):
-                self._add_expert(cname, a, name, experts)
+                if layer < 0 or not self.cfg.is_moe_layer(layer):
+                    raise CheckpointError(f"{self.ckpt.describe(name)}: routed experts in layer {layer}, which "
+                                          "config.json makes a dense layer")
+                self._add_expert(cname, a, name, layer, experts)
             elif self.layout == MLX and (kind := _mlx_quant_part(cname, a)):
                 base = cname.rsplit(".", 1)[0]
                 self.pending.setdefault(base, {})[kind] = (name, a)
@@ -397,28 +436,33 @@ class _Conversion:
 
     # -- experts --
 
-    def _add_expert(self, cname: str, a: np.ndarray, source: str, experts: _LayerExperts) -> None:
-        h, inter, n_exp = self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts
+    def _add_expert(self, cname: str, a: np.ndarray, source: str, layer: int, experts: _LayerExperts) -> None:
+        n_exp = self.cfg.num_experts
+        where = self.ckpt.describe(source)
         if m := _PER_EXPERT.match(cname):
             e, proj = int(m[2]), m[3]
-            logical = (inter, h) if proj != "down_proj" else (h, inter)
             if e >= n_exp:
-                raise CheckpointError(f"{self.ckpt.describe(source)}: expert {e} >= num_experts ({n_exp})")
-            if tuple(a.shape) != logical:
-                raise CheckpointError(f"{self.ckpt.describe(source)}: shape {list(a.shape)}, expected "
-                                      f"{list(logical)} from config.json")
-            experts.per_expert[(e, proj)] = self._expert_final(a)
-            experts.sources.setdefault(proj, source)
-            return
-        m = _STACKED.match(cname)
-        if m is None:
-            raise CheckpointError(f"{self.ckpt.describe(source)}: unrecognised expert tensor {cname!r}")
-        proj, kind = m[2], m[3]
-        if a.shape[0] != n_exp:
-            raise CheckpointError(f"{self.ckpt.describe(source)}: {a.shape[0]} stacked experts, config.json "
-                                  f"num_experts is {n_exp}")
-        experts.stacked.setdefault(proj, {})[kind] = a
+                raise CheckpointError(f"{where}: expert {e} >= num_experts ({n_exp})")
+            if tuple(a.shape) != self._expert_shape(proj):
+                raise CheckpointError(f"{where}: shape {list(a.shape)}, expected {list(self._expert_shape(proj))} "
+                                      "from config.json")
+            if experts.writer is None:
+                # Every expert is stored like one of zeros of this dtype; the writer rejects any that differ.
+                template = {p: self._expert_final(np.zeros(self._expert_shape(p), a.dtype)) for p in EXPERT_PROJS}
+                experts.writer = self._open_expert_file(layer, ExpertLayout.plan(template))
+            experts.writer.write(e, proj, self._expert_final(a), where)
+        elif m := _STACKED.match(cname):
+            proj, kind = m[2], m[3]
+            if a.shape[0] != n_exp:
+                raise CheckpointError(f"{where}: {a.shape[0]} stacked experts, config.json num_experts is {n_exp}")
+            experts.stacked.setdefault(proj, {})[kind] = a
+        else:
+            raise CheckpointError(f"{where}: unrecognised expert tensor {cname!r}")
         experts.sources.setdefault(proj, source)
+
+    def _expert_shape(self, proj: str) -> tuple[int, int]:
+        h, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
+        return (h, inter) if proj == "down_proj" else (inter, h)
 
     def _expert_final(self, w: np.ndarray) -> QuantizedTensor | np.ndarray:
         """One float expert projection [out, in] in its stored form (a quantised source's float stays float)."""
@@ -426,65 +470,56 @@ class _Conversion:
             return np.ascontiguousarray(w)
         return quantize(w, self.exp_bits, self.group_size)
 
-    def _stacked_parts(self, layer: int, experts: _LayerExperts) -> dict[str, Callable[[int], object]]:
+    def _open_expert_file(self, layer: int, layout: ExpertLayout) -> _ExpertFileWriter:
+        return _ExpertFileWriter(self.out / expert_file_name(layer), layout, self.cfg.num_experts)
+
+    def _stacked_getters(self, layer: int, experts: _LayerExperts) -> dict[str, Callable[[int], object]]:
         """proj -> function giving expert e's stored form, from the stacked tensors of the layer."""
         getters: dict[str, Callable[[int], object]] = {}
-        h, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
         for proj, parts in experts.stacked.items():
-            source = experts.sources[proj]
-            logical = (inter, h) if proj != "down_proj" else (h, inter)
+            where = self.ckpt.describe(experts.sources[proj])
+            logical = self._expert_shape(proj)
             if set(parts) == {"weight"}:
                 w = parts["weight"]
                 if w.dtype not in _FLOAT_DTYPES:
-                    raise CheckpointError(f"{self.ckpt.describe(source)}: dtype {w.dtype} is not float")
+                    raise CheckpointError(f"{where}: dtype {w.dtype} is not float32, float16 or bfloat16")
                 if tuple(w.shape[1:]) != logical:
-                    raise CheckpointError(f"{self.ckpt.describe(source)}: expert shape {list(w.shape[1:])}, "
-                                          f"expected {list(logical)} from config.json")
+                    raise CheckpointError(f"{where}: expert shape {list(w.shape[1:])}, expected {list(logical)} "
+                                          "from config.json")
                 getters[proj] = lambda e, w=w: self._expert_final(w[e])
             elif set(parts) == {"weight", "scales", "biases"}:
                 cname = f"layers.{layer}.mlp.experts.{proj}.weight"
-                spec = self._mlx_spec(cname, parts["weight"], parts["scales"], parts["biases"], source)
+                spec = self._mlx_spec(cname, parts["weight"], parts["scales"], parts["biases"],
+                                      experts.sources[proj])
                 if parts["scales"].shape[1:] != (logical[0], logical[1] // spec.group_size):
-                    raise CheckpointError(f"{self.ckpt.describe(source)}: scales {list(parts['scales'].shape)} "
-                                          f"do not fit {list(logical)}")
+                    raise CheckpointError(f"{where}: scales {list(parts['scales'].shape)} do not fit {list(logical)}")
                 getters[proj] = lambda e, p=parts, q=spec: QuantizedTensor(
                     p["weight"][e], p["scales"][e], p["biases"][e], q.bits, q.group_size)
             else:
                 missing = sorted({"weight", "scales", "biases"} - set(parts))
-                raise CheckpointError(f"{self.ckpt.describe(source)}: stacked expert tensor lacks its "
-                                      f"'{missing[0]}' part")
+                raise CheckpointError(f"{where}: stacked expert tensor lacks its '{missing[0]}' part")
         return getters
 
-    def _write_experts(self, layer: int, experts: _LayerExperts) -> None:
-        """Write experts/layer_NNN.bin: expert e's block at e*stride, padded to stride with zeros."""
-        n_exp = self.cfg.num_experts
-        getters = self._stacked_parts(layer, experts)
-        for proj in EXPERT_PROJS:
-            if proj in getters:
-                continue
-            for e in range(n_exp):
-                if (e, proj) not in experts.per_expert:
-                    raise CheckpointError(f"{self.ckpt.root}: missing tensor "
-                                          f"for layers.{layer}.mlp.experts.{e}.{proj}.weight (canonical name)")
-            getters[proj] = lambda e, p=proj: experts.per_expert[(e, p)]
-
-        def parts(e: int) -> dict:
-            return {proj: getters[proj](e) for proj in EXPERT_PROJS}
-
-        layout = ExpertLayout.plan(parts(0))
-        rel = expert_file_name(layer)
-        path = self.out / rel
-        buf = np.zeros(layout.stride, np.uint8)
-        digest = hashlib.sha256()
-        with open(path, "wb") as f:
-            for e in range(n_exp):
-                layout.pack(parts(e), buf)
-                _write_block(f, buf, path)
-                digest.update(buf.data)
-                for proj in EXPERT_PROJS:
-                    experts.per_expert.pop((e, proj), None)  # free each expert once it is on disk
-        self.hashes[rel] = FileEntry(n_exp * layout.stride, digest.hexdigest())
-        self.experts.append(ExpertFile(layer, rel, n_exp, layout))
+    def _finish_experts(self, layer: int, experts: _LayerExperts) -> None:
+        """Write the stacked experts of the layer, then check that every expert's three projections are there."""
+        if experts.stacked:
+            getters = self._stacked_getters(layer, experts)
+            if experts.writer is None:
+                # Projections given per expert in the same layer would already have opened the writer.
+                missing = sorted(set(EXPERT_PROJS) - set(getters))
+                if missing:
+                    raise CheckpointError(f"{self.ckpt.root}: missing tensor for layers.{layer}.mlp.experts."
+                                          f"{missing[0]}.weight (canonical name, stacked)")
+                experts.writer = self._open_expert_file(
+                    layer, ExpertLayout.plan({p: getters[p](0) for p in EXPERT_PROJS}))
+            for proj, get in getters.items():
+                for e in range(self.cfg.num_experts):
+                    experts.writer.write(e, proj, get(e), self.ckpt.describe(experts.sources[proj]))
+        for e in range(self.cfg.num_experts):
+            for proj in EXPERT_PROJS:
+                if (e, proj) not in experts.writer.done:
+                    raise CheckpointError(f"{self.ckpt.root}: missing tensor for "
+                                          f"layers.{layer}.mlp.experts.{e}.{proj}.weight (canonical name)")
 
     # -- side files --
 
@@ -508,9 +543,13 @@ def _mlx_quant_part(cname: str, a: np.ndarray) -> str | None:
     return "weight" if cname.endswith(".weight") and a.dtype == np.uint32 else None
 
 
-def _write_block(f, buf: np.ndarray, path: Path) -> None:
-    """Write one expert block; the single place expert bytes reach the disk (tests simulate ENOSPC here)."""
+def _write_at(fd: int, data: np.ndarray, offset: int, path: Path) -> None:
+    """pwrite all of `data` at `offset`; the single place expert bytes reach the disk (tests simulate ENOSPC
+    here). OSError carries `path` so the error line names the file."""
+    view = memoryview(data)
     try:
-        f.write(buf.data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
