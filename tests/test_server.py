@@ -281,3 +281,30 @@ def test_xml_tool_calls_typed_by_schema_with_reasoning_opened_by_the_prompt(serv
     assert follow.choices[0].message.content == "thanks"
     assert served_xml[1].prompts[-1].endswith("<think>\n\n</think>\n\n")
     assert "<parameter=days>\n3\n</parameter>" in served_xml[1].prompts[-1]
+
+
+@pytest.fixture(scope="module")
+def served_tiny(tmp_path_factory):
+    from chat_helpers import tiny_engine
+
+    engine, tokenizer = tiny_engine(tmp_path_factory.mktemp("tiny") / "model")
+    app = FlashMoeServer(engine, tokenizer, "tiny", context=256)
+    with RunningServer(app.app) as running:
+        yield app, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    app.close()
+
+
+def test_real_engine_seeded_sampling_is_reproducible_streamed_or_not(served_tiny):
+    app, client = served_tiny
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "hello there"}], temperature=0.9, seed=7,
+                  max_tokens=12)
+    whole = client.chat.completions.create(**kwargs)
+    streamed = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    message = whole.choices[0].message
+    text = "".join((c.choices[0].delta.content or "") + (c.choices[0].delta.model_extra.get("reasoning_content") or "")
+                   for c in streamed if c.choices)
+    assert text == (message.content or "") + (message.model_extra.get("reasoning_content") or "")
+    assert streamed[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.usage.completion_tokens > 0
+    stats = app.engine.stats.to_dict()
+    assert stats["tokens"] >= 2 * whole.usage.completion_tokens and stats["totals"]["reads"] > 0
