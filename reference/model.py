@@ -8,7 +8,7 @@ One code path serves every family; ModelConfig says which blocks a layer has (tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -33,18 +33,19 @@ class Cache:
     position: int = 0
 
 
-@dataclass
 class ReferenceModel:
     """The NumPy reference forward pass of any supported MoE model.
 
-    cfg: the model config; weights: canonical float tensors (flashmoe.weights.WeightSource);
-    dtype: np.float32 (default) or np.float64 for all arithmetic.
+    cfg: the model config; weights: canonical tensors (flashmoe.weights.WeightSource: a DictWeights, or a
+    ModelDir that dequantises on read); dtype: np.float32 (default) or np.float64 for all arithmetic.
+    Routed experts are read through weights.expert() on every forward; token-mixer weights are kept.
     """
 
-    cfg: ModelConfig
-    weights: WeightSource
-    dtype: type = np.float32
-    _attn: dict[int, AttentionWeights | LinearAttentionWeights] = field(default_factory=dict, repr=False)
+    def __init__(self, cfg: ModelConfig, weights: WeightSource, dtype: type = np.float32):
+        self.cfg = cfg
+        self.weights = weights
+        self.dtype = dtype
+        self._mixers: dict[int, AttentionWeights | LinearAttentionWeights] = {}
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype: type = np.float32) -> "ReferenceModel":
@@ -94,24 +95,24 @@ class ReferenceModel:
         return gated_delta_net(x, w, self.cfg, state)
 
     def _mixer_weights(self, i: int) -> AttentionWeights | LinearAttentionWeights:
-        if i not in self._attn:
+        if i not in self._mixers:
             if self.cfg.layer_type(i) == FULL_ATTENTION:
                 p = f"layers.{i}.self_attn."
                 opt = lambda n: self._w(p + n) if self.weights.has(p + n) else None  # noqa: E731
                 projs = ("q_proj", "k_proj", "v_proj", "o_proj")
-                self._attn[i] = AttentionWeights(
+                self._mixers[i] = AttentionWeights(
                     *(self._w(f"{p}{n}.weight") for n in projs),
                     q_norm=opt("q_norm.weight"), k_norm=opt("k_norm.weight"),
                     biases={n: b for n in projs if (b := opt(f"{n}.bias")) is not None})
             else:
                 p = f"layers.{i}.linear_attn."
-                self._attn[i] = LinearAttentionWeights(
+                self._mixers[i] = LinearAttentionWeights(
                     in_proj_qkv=self._w(p + "in_proj_qkv.weight"), in_proj_z=self._w(p + "in_proj_z.weight"),
                     in_proj_b=self._w(p + "in_proj_b.weight"), in_proj_a=self._w(p + "in_proj_a.weight"),
                     conv1d=self._w(p + "conv1d.weight"), A_log=self._w(p + "A_log"),
                     dt_bias=self._w(p + "dt_bias"), norm=self._w(p + "norm.weight"),
                     out_proj=self._w(p + "out_proj.weight"))
-        return self._attn[i]
+        return self._mixers[i]
 
     def _w(self, name: str) -> np.ndarray:
         """Canonical tensor `name` in the model's dtype (CheckpointError when missing)."""
