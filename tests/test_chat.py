@@ -101,3 +101,22 @@ def test_prefix_reuse_on_a_real_hybrid_model_matches_a_fresh_prefill(tmp_path):
     fresh = Session(engine, tok)
     assert [s.token_id for s in fresh.generate(follow, Sampler(), 6)] == second
     assert fresh.last.reused_tokens == 0
+
+
+def test_flashmoe_chat_command_reads_stdin(tmp_path):
+    import subprocess
+    import sys
+
+    from chat_helpers import TINY_QWEN35
+
+    from flashmoe.synth import synth_model
+
+    model = tmp_path / "model"
+    synth_model(model, TINY_QWEN35, tokenizer=None)
+    write_model_dir(model, QWEN3)
+    done = subprocess.run([sys.executable, "-c", "from flashmoe.cli import app; app()", "chat", str(model), "--backend", "numpy",
+                           "--max-tokens", "4", "--temperature", "0", "--context", "256"],
+                          input="hello\n/stats\n/quit\n", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "flashmoe chat" in done.stdout
+    assert "last turn:" in done.stdout and "(0 reused from the cache)" in done.stdout

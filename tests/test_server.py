@@ -308,3 +308,42 @@ def test_real_engine_seeded_sampling_is_reproducible_streamed_or_not(served_tiny
     assert whole.usage.completion_tokens > 0
     stats = app.engine.stats.to_dict()
     assert stats["tokens"] >= 2 * whole.usage.completion_tokens and stats["totals"]["reads"] > 0
+
+
+def test_flashmoe_serve_command_serves_until_terminated(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from chat_helpers import TINY_QWEN35
+
+    from flashmoe.synth import synth_model
+
+    model = tmp_path / "model"
+    synth_model(model, TINY_QWEN35, tokenizer=None)
+    write_model_dir(model, QWEN3)
+    with socket.socket() as s:  # a free port; the tiny window before the server binds it is harmless here
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from flashmoe.cli import app; app()", "serve", str(model), "--port", str(port),
+                             "--backend", "numpy", "--context", "256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "flashmoe serve did not come up within 60 s"
+                time.sleep(0.2)
+        assert health == {"status": "ok", "model": "model"}
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.usage.completion_tokens >= 1
+        with pytest.raises(openai.BadRequestError, match="context is 256 tokens"):
+            client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}], max_tokens=300)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
