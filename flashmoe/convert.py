@@ -1,9 +1,11 @@
 """`flashmoe convert`: a Hugging Face or MLX checkpoint -> a flashmoe model directory (docs/formats.md).
 
-The source is read through memory maps, one decoder layer at a time: non-expert tensors are quantised (or
-kept float) and appended to resident.safetensors as they come; a layer's routed experts are gathered (already
-quantised, so about one layer of experts in memory) and written to experts/layer_NNN.bin when the layer is
-done. Peak memory is therefore about the largest single source tensor plus one layer's quantised experts.
+The source is read through memory maps, one decoder layer at a time, one tensor at a time: non-expert
+tensors are quantised (or kept float) and appended to resident.safetensors; a per-expert tensor is quantised
+and written at its place in experts/layer_NNN.bin at once; stacked experts ([E, ...], fused HF or MLX
+`switch_mlp`) are written expert by expert from their memory map when the layer is complete. Peak memory is
+therefore about the largest single source tensor (its float32 working copy while quantising, in chunks of
+16M elements), independent of the model's size.
 Everything is written into `DST.tmp-XXXX` beside DST and renamed at the end; on any error the temporary
 directory is removed, so DST is either complete or absent.
 

@@ -295,12 +295,14 @@ def _field(d: Any, key: str, typ: type, where: str) -> Any:
     return v
 
 
-def sha256_file(path: str | Path, chunk: int = 16 << 20) -> str:
-    """SHA-256 hex digest of a file, read in 16 MiB chunks."""
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
+    buf = bytearray(chunk)  # one reused buffer: hashing a 200 GB model allocates 1 MiB
+    view = memoryview(buf)
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -188,7 +188,7 @@ class SafetensorsWriter:
         with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
-            shutil.copyfileobj(data, out, 16 << 20)
+            shutil.copyfileobj(data, out, 1 << 20)
         os.unlink(self._data_path)
 
     def abort(self) -> None:

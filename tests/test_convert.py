@@ -173,3 +173,39 @@ def test_every_variant_converts_losslessly_with_bits_none(hf_checkpoint, tmp_pat
                 got, ref = md.expert(layer, e), want.expert(layer, e)
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     np.testing.assert_array_equal(got[proj], ref[proj])
+
+
+def test_conversion_streams_tensor_by_tensor(tmp_path):
+    """Peak Python/NumPy allocation while converting stays far below one layer of experts: per-expert tensors
+    are quantised and written one at a time (the source itself is memory-mapped, not allocated)."""
+    import tracemalloc
+
+    from flashmoe.config import ModelConfig
+    from flashmoe.modeldir import resident_shapes
+
+    config = dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, vocab_size=256, num_experts=64, num_experts_per_tok=2,
+                  moe_intermediate_size=64, intermediate_size=256, norm_topk_prob=True,
+                  tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg = ModelConfig.from_dict(config)
+    rng = np.random.default_rng(0)
+    tensors = {f"model.{n}" if n != "lm_head.weight" else n: rng.standard_normal(s).astype(np.float32)
+               for n, s in resident_shapes(cfg).items()}
+    for layer in cfg.moe_layers:
+        for e in range(cfg.num_experts):
+            for proj, shape in (("gate_proj", (64, 128)), ("up_proj", (64, 128)), ("down_proj", (128, 64))):
+                tensors[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = rng.standard_normal(shape).astype(
+                    np.float32)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(src / "model.safetensors"))
+    layer_bytes = cfg.num_experts * 3 * 64 * 128 * 4
+    del tensors
+    tracemalloc.start()
+    convert_checkpoint(src, tmp_path / "out", bits="4", progress=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < layer_bytes / 2, (peak, layer_bytes)  # ~1 MiB I/O buffer + one tensor + bookkeeping
+    with ModelDir.open(tmp_path / "out") as md:
+        assert md.layout.quantization["down_proj"].bits == 4
