@@ -262,11 +262,11 @@ class FlashMoeServer:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
         future: Future = self._executor.submit(self._work, job, emit)
-        finished = False
+        finished = False  # a 'done' or 'error' event was delivered: leaving after it is no cancellation
         try:
             while (event := await queue.get()) is not _END:
+                finished = event[0] != "delta"
                 yield event
-            finished = True
         finally:
             if not finished:
                 job.cancel.set()

@@ -82,13 +82,20 @@ def test_chat_completion_returns_the_reply_with_usage(client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_streamed_deltas_add_up_to_the_non_streamed_reply(client):
+def _server_counters(served) -> dict:
+    return json.load(urllib.request.urlopen(served[2].url + "/v1/stats"))["server"]
+
+
+def test_streamed_deltas_add_up_to_the_non_streamed_reply(served, client):
+    before = _server_counters(served)
     chunks = list(_chat(client, "echo: one two three 世界", stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "one two three 世界"
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    after = _server_counters(served)
+    assert (after["completed"] - before["completed"], after["cancelled"] - before["cancelled"]) == (1, 0)
 
 
 def test_json_tool_call_with_reasoning(client):
@@ -221,6 +228,7 @@ def test_concurrent_requests_are_queued_and_each_gets_its_own_reply(served, clie
 def test_client_disconnect_mid_stream_frees_the_slot(served, client):
     engine = served[1]
     engine.delay_s = 0.02  # LONG_REPLY would take > 3 s
+    cancelled = _server_counters(served)["cancelled"]
     with _chat(client, "long", stream=True) as stream:
         for i, _ in enumerate(stream):
             if i == 3:
@@ -229,8 +237,7 @@ def test_client_disconnect_mid_stream_frees_the_slot(served, client):
     r = _chat(client, "echo: next in line")
     assert r.choices[0].message.content == "next in line"
     assert time.monotonic() - t0 < 1.5
-    stats = json.load(urllib.request.urlopen(served[2].url + "/v1/stats"))
-    assert stats["server"]["cancelled"] >= 1
+    assert _server_counters(served)["cancelled"] == cancelled + 1
 
 
 def test_client_disconnect_while_waiting_for_a_non_streamed_reply_frees_the_slot(served, client):
