@@ -66,6 +66,15 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    # Accepted only at their neutral values (clients send them by default); anything else is a 400.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool | int | None = None
+
+    def unsupported(self) -> list[str]:
+        """Names of options this request sets that flashmoe does not implement."""
+        names = [k for k in ("presence_penalty", "frequency_penalty") if getattr(self, k)]
+        return names + (["logprobs"] if self.logprobs not in (None, False) else [])
 
 
 class FunctionDef(BaseModel):
@@ -102,6 +111,13 @@ class ChatRequest(_Body):
 class CompletionRequest(_Body):
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> list[str]:
+        extra = [k for k in ("echo", "suffix") if getattr(self, k)] + (["best_of"] if (self.best_of or 1) > 1 else [])
+        return super().unsupported() + extra
 
 
 class APIError(Exception):
@@ -210,7 +226,7 @@ class FlashMoeServer:
     # ---- request parsing ---------------------------------------------------------------------
 
     @staticmethod
-    async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    async def _parse(request: Request, model: type[_Body]) -> Any:
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
@@ -218,12 +234,16 @@ class FlashMoeServer:
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:
-            return model.model_validate(body)
+            parsed = model.model_validate(body)
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise APIError(422, f"{where}: {first['msg']} ({e.error_count()} error(s) in the request)",
                            param=where) from None
+        if names := parsed.unsupported():
+            raise APIError(400, f"not supported by flashmoe: {', '.join(names)} (for repetition use "
+                           "repetition_penalty)", param=names[0])
+        return parsed
 
     def _sampler(self, body: _Body) -> Sampler:
         settings = {k: getattr(body, k) if getattr(body, k) is not None else self.defaults.get(k)

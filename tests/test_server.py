@@ -196,6 +196,8 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 422, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', 422, "stop"),
     (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}', 400, "tool_choice"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "presence_penalty": 0}', 400, "logprobs"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}', 400, "frequency_penalty"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400,
      "only text"),
 ])
