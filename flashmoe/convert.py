@@ -125,12 +125,18 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
         job = _Conversion(cfg, ckpt, tmp, res_bits, exp_bits, group_size, log, progress)
         with _write_errors(tmp, dst):
             job.run(str(src))
-            if dst.exists():
+            if dst.is_dir() and not dst.is_symlink():
                 shutil.rmtree(dst)
+            elif dst.exists() or dst.is_symlink():
+                dst.unlink()
             os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    manifest = Manifest.from_json((dst / MANIFEST).read_text())
+    experts = sum(f.size for rel, f in manifest.files.items() if rel.startswith("experts/"))
+    log(f"wrote {dst}: {manifest.files[RESIDENT].size:,} B resident, {experts:,} B of experts in "
+        f"{len(manifest.experts)} layer files")
     return dst
 
 

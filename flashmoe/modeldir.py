@@ -398,16 +398,23 @@ class ModelDir:
         return self.manifest.quantization.get(name)
 
     def raw(self, name: str) -> QuantizedTensor | np.ndarray:
-        """Resident tensor `name` as stored: a QuantizedTensor (zero-copy views) or a float array (view).
+        """Resident tensor `name` as stored: a QuantizedTensor or a float array, read-only views of the file
+        (copies when a view would be misaligned for its dtype).
         Raises CheckpointError naming the tensor when absent."""
         if name not in self._logical:
             raise CheckpointError(f"{self.path / RESIDENT}: no tensor {name!r}")
         q = self.manifest.quantization.get(name)
         if q is None:
-            return self._resident.get(name)
+            return self._get(name)
         base = name[: -len("weight")]
-        return QuantizedTensor(self._resident.get(name), self._resident.get(base + "scales"),
-                               self._resident.get(base + "biases"), q.bits, q.group_size)
+        return QuantizedTensor(self._get(name), self._get(base + "scales"), self._get(base + "biases"),
+                               q.bits, q.group_size)
+
+    def _get(self, stored: str) -> np.ndarray:
+        # safetensors packs tensors back to back, so a view may sit at an odd address; hand out an aligned
+        # copy then (kernels may assume natural alignment), else the zero-copy view.
+        a = self._resident.get(stored)
+        return a.copy() if a.ctypes.data % a.dtype.alignment else a
 
     # -- WeightSource --
 
