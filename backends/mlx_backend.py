@@ -262,8 +262,9 @@ class MlxBackend(Backend):
         rows = mx.array(np.asarray(ids, dtype=np.int32))
         w = self._weight(w)
         if isinstance(w, MxQuantized):
-            return mx.dequantize(w.words[rows], w.scales[rows], w.biases[rows], group_size=w.group_size,
-                                 bits=w.bits).astype(mx.float32)
+            # dequantize computes in the scales' dtype: widen bf16/f16 scales first to get float32 rows
+            return mx.dequantize(w.words[rows], w.scales[rows].astype(mx.float32),
+                                 w.biases[rows].astype(mx.float32), group_size=w.group_size, bits=w.bits)
         return w[rows]
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
