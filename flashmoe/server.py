@@ -186,6 +186,7 @@ class FlashMoeServer:
                          "prefix_reuse_hits": 0, "reused_prompt_tokens": 0, "prefilled_prompt_tokens": 0,
                          "completion_tokens": 0}
         self.last_run: dict | None = None
+        self._lock = threading.Lock()  # counters are updated from the event loop and the worker thread
         self.created = int(time.time())
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
@@ -194,7 +195,6 @@ class FlashMoeServer:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ], exception_handlers={APIError: _error_response})
-        self._lock = threading.Lock()  # counters are updated from the event loop and the worker thread
 
     def close(self) -> None:
         """Stop the worker thread after the current job; queued jobs are dropped."""
@@ -320,7 +320,7 @@ class FlashMoeServer:
             emit(_END)
 
     def _account(self, info: RunInfo) -> None:
-        self._count(completed=1, prefix_reuse_hits=int(info.reused_tokens > 0),
+        self._count(completed=int(info.finish_reason != "cancelled"), prefix_reuse_hits=int(info.reused_tokens > 0),
                     reused_prompt_tokens=info.reused_tokens,
                     prefilled_prompt_tokens=info.prompt_tokens - info.reused_tokens,
                     completion_tokens=info.completion_tokens)
