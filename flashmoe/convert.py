@@ -294,6 +294,27 @@ class _Conversion:
                                   f"num_hidden_layers ({self.cfg.num_hidden_layers})")
         (self.out / "experts").mkdir()
         writer = SafetensorsWriter(self.out / RESIDENT, {"format": "flashmoe"})
+        try:
+            self._convert_all(groups, writer)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        self._copy_side_files()
+        self._record_hashes()
+        manifest = Manifest(
+            model_type=self.cfg.model_type,
+            source={"checkpoint": source, "layout": self.layout,
+                    "files": sorted(p.name for p in {f.path for f in self.ckpt.files.values()})},
+            quantization=self.quantization,
+            experts=self.experts,
+            files=self.hashes,
+            flashmoe_version=flashmoe.__version__,
+        )
+        (self.out / MANIFEST).write_text(manifest.to_json())
+
+    def _convert_all(self, groups: dict[int, list[str]], writer: SafetensorsWriter) -> None:
+        """Every tensor, layer by layer (non-layer tensors first), then the completeness checks."""
         total = sum(len(v) for v in groups.values())
         with tqdm(total=total, unit="tensor", desc="convert", disable=None if self.progress is None
                   else not self.progress, file=sys.stderr) as bar:
@@ -319,19 +340,6 @@ class _Conversion:
         if missing:
             raise CheckpointError(f"{self.ckpt.root}: missing tensor for "
                                   f"{missing[0]!r} (canonical name; {len(missing)} missing in all)")
-        writer.close()
-        self._copy_side_files()
-        self._record_hashes()
-        manifest = Manifest(
-            model_type=self.cfg.model_type,
-            source={"checkpoint": source, "layout": self.layout,
-                    "files": sorted(p.name for p in {f.path for f in self.ckpt.files.values()})},
-            quantization=self.quantization,
-            experts=self.experts,
-            files=self.hashes,
-            flashmoe_version=flashmoe.__version__,
-        )
-        (self.out / MANIFEST).write_text(manifest.to_json())
 
     # -- one source tensor --
 
@@ -360,6 +368,8 @@ class _Conversion:
     def _check_shape(self, cname: str, shape: tuple[int, ...], source: str) -> None:
         if cname == "lm_head.weight" and self.cfg.tie_word_embeddings:
             return
+        if cname in self.written:
+            raise CheckpointError(f"{self.ckpt.describe(source)}: a second tensor maps to {cname!r}")
         expected = self.expected.get(cname)
         if expected is None:
             raise CheckpointError(f"{self.ckpt.describe(source)}: unexpected tensor (canonical {cname!r} is not "
