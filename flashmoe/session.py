@@ -183,10 +183,9 @@ class Session:
                 if cancel is not None and cancel.is_set():
                     info.finish_reason = "cancelled"
                     break
-            else:
-                tail = stopper.flush()
-                if tail:
-                    yield Step(consumed[-1], tail)
+            tail = stopper.flush()  # text held as a possible stop string that the reply ended inside
+            if tail:
+                yield Step(consumed[-1], tail)
         except GeneratorExit:  # the consumer stopped between tokens: the state is consistent
             info.finish_reason = "cancelled"
             raise

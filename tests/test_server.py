@@ -163,6 +163,11 @@ def test_stop_strings_cut_the_reply(client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_text_held_as_a_possible_stop_string_is_released_at_the_end(client):
+    r = _chat(client, "echo: ends with STO", stop=["STOP"])
+    assert r.choices[0].message.content == "ends with STO"
+
+
 def test_max_tokens_ends_with_length(client):
     r = _chat(client, "long", max_tokens=5)
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
