@@ -113,6 +113,11 @@ def shader_source(filename: str) -> str:
     raise BackendError(f"shader {filename} not found in {', '.join(str(d) for d in _SHADER_DIRS)}")
 
 
+def _cuda_available() -> bool:
+    """MLX's CUDA back-end is present and sees a GPU (older MLX releases have no ``mx.cuda``)."""
+    return hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
 def gpu_language() -> str | None:
     """The GPU MLX can run custom kernels on here: "metal" (Apple silicon), "cuda" (MLX's CUDA back-end)
     or None. ``mx.fast.metal_kernel`` and
@@ -122,7 +127,7 @@ def gpu_language() -> str | None:
         return None
     if mx.metal.is_available():
         return "metal"
-    if mx.cuda.is_available():
+    if _cuda_available():
         return "cuda"
     return None
 
@@ -191,6 +196,15 @@ class MlxBackend(Backend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return None  # importing mlx.core succeeded; the CPU device always exists
+
+    @staticmethod
+    def device_description() -> str:
+        """Where MLX computes here, e.g. "cpu (mlx 0.32.4)" or "gpu: Metal, Apple M3 Max (mlx 0.32.4)"."""
+        if mx.default_device() != mx.gpu:
+            return f"cpu (mlx {mx.__version__})"
+        kind = "Metal" if mx.metal.is_available() else "CUDA" if _cuda_available() else "gpu"
+        name = mx.device_info().get("device_name", "") if hasattr(mx, "device_info") else ""
+        return f"gpu: {kind}{', ' + name if name else ''} (mlx {mx.__version__})"
 
     def __init__(self) -> None:
         language = gpu_language()

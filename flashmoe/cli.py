@@ -263,3 +263,58 @@ def serve(
 
     run_server(model_dir, host=host, port=port, backend=backend, io=io, max_memory=max_memory,
                experts_per_token=experts_per_token, context=context, cache_policy=cache_policy)
+
+
+def _nvidia_gpus() -> str | None:
+    """Name and memory of each NVIDIA GPU that nvidia-smi reports ("NVIDIA H200, 143771 MiB"; several
+    joined by "; "), or None when there is none or no nvidia-smi."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or None
+
+
+@app.command()
+@_user_errors
+def backends() -> None:
+    """List every backend: available here or why not, the device it computes on, its conformance stamp."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from flashmoe.backends import available_backends, get_backend
+    from flashmoe.conformance.runner import REFERENCE_BACKEND, stamp_path
+
+    reasons = available_backends()
+    gpus = _nvidia_gpus()
+    if "cuda" not in reasons:
+        reasons["cuda"] = "not in this flashmoe version"
+    table = Table(title="flashmoe backends")
+    for col in ("backend", "available", "device", "conformance"):
+        table.add_column(col)
+    for name, why in sorted(reasons.items()):
+        if name == "cuda":
+            device = gpus or "no NVIDIA GPU found"
+        elif why is None and hasattr(get_backend(name), "device_description"):
+            device = get_backend(name).device_description()
+        else:
+            device = "cpu"
+        if name == REFERENCE_BACKEND:
+            stamp = "the reference (not gated)"
+        elif why is not None:
+            stamp = "-"
+        elif stamp_path(name).is_file():
+            record = json.loads(stamp_path(name).read_text())
+            stamp = f"passed {record['when']} ({record['cases']} cases)"
+        else:
+            stamp = f"not checked yet: runs on first use (`flashmoe conformance --backend {name}`)"
+        table.add_row(name, "yes" if why is None else f"no: {why}", device, stamp)
+    Console().print(table)

@@ -1,0 +1,18 @@
+"""`flashmoe backends`: one row per backend with availability, device and conformance stamp."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from flashmoe.cli import app
+
+
+def test_backends_lists_every_backend_with_device_and_stamp(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path))  # no stamps yet
+    result = CliRunner().invoke(app, ["backends"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    assert {"numpy", "numba", "mlx", "cuda"} <= set(rows)
+    assert "the reference (not gated)" in rows["numpy"]
+    assert "cpu (mlx " in rows["mlx"] and "not checked yet" in rows["mlx"]
+    assert "no: " in rows["cuda"] or "yes" in rows["cuda"]
