@@ -29,7 +29,9 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("arch,variant", VARIANTS, ids=ids)
-def test_prefill_logits_match_transformers_at_every_position(hf_checkpoint, arch, variant):
+def test_prefill_logits_match_transformers_at_every_position(hf_checkpoint, tmp_path, arch, variant):
+    """Both from the checkpoint mapped in memory (families.to_canonical -> DictWeights) and through
+    `flashmoe convert --bits none` + ModelDir (vision tensors dropped, norms shifted, experts in files)."""
     path = hf_checkpoint(arch, variant)
     tokens = prompt_tokens(PROMPT)
     want = hf_logits(load_hf_model(arch, variant, path), tokens)
@@ -37,16 +39,7 @@ def test_prefill_logits_match_transformers_at_every_position(hf_checkpoint, arch
     got = ReferenceModel(cfg, weights).forward(tokens, None)
     assert got.dtype == np.float32 and got.shape == (PROMPT, cfg.vocab_size)
     assert rel_err(got, want) <= TOL
-
-
-@pytest.mark.parametrize("arch,variant", VARIANTS, ids=ids)
-def test_converted_model_directory_gives_transformers_logits(hf_checkpoint, tmp_path, arch, variant):
-    """The same check through `flashmoe convert --bits none` and ModelDir (vision tensors dropped, norms
-    shifted, experts in expert files)."""
-    path = hf_checkpoint(arch, variant)
     model_dir = convert_checkpoint(path, tmp_path / "model", bits="none", log=lambda msg: None)
-    tokens = prompt_tokens(PROMPT)
-    want = hf_logits(load_hf_model(arch, variant, path), tokens)
     assert rel_err(ReferenceModel.from_dir(model_dir).forward(tokens), want) <= TOL
 
 
