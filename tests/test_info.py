@@ -63,3 +63,15 @@ def test_logits_bad_input_is_one_line_and_no_file(model, tmp_path, args, expecte
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_logits_command_runs_an_engine_backend(model, tmp_path):
+    """`--backend numpy` goes through the engine (streamed experts) and agrees with the reference."""
+    ref, eng = tmp_path / "ref.npy", tmp_path / "numpy.npy"
+    for out, backend in ((ref, "reference"), (eng, "numpy")):
+        result = CliRunner().invoke(app, ["logits", str(model), "--tokens", "3,9,27,81", "--out", str(out),
+                                          "--backend", backend])
+        assert result.exit_code == 0, result.output
+    want, got = np.load(ref), np.load(eng)
+    assert got.shape == want.shape == (4, 256)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
