@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 import logging
 import socket
 import threading
@@ -186,6 +187,11 @@ class FlashMoeServer:
                          "prefix_reuse_hits": 0, "reused_prompt_tokens": 0, "prefilled_prompt_tokens": 0,
                          "completion_tokens": 0}
         self.last_run: dict | None = None
+        # Reasoning of recent replies that called tools, by call id: clients send the assistant turn back
+        # without it, and templates that render the current turn's reasoning (Qwen3, Qwen3.5) would then
+        # no longer match the generated tokens, defeating prefix reuse in agent loops. Call ids are random,
+        # so only the client that received a reply can refer to it.
+        self._reasoning_by_call: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()  # counters are updated from the event loop and the worker thread
         self.created = int(time.time())
         self.app = Starlette(routes=[
@@ -366,7 +372,7 @@ class FlashMoeServer:
             if forced_name not in {t["function"]["name"] for t in tools}:
                 raise APIError(400, f"tool_choice names {forced_name!r}, which is not among the tools",
                                param="tool_choice")
-        messages = [_template_message(m, i) for i, m in enumerate(body.messages)]
+        messages = [self._with_reasoning(_template_message(m, i)) for i, m in enumerate(body.messages)]
         kwargs = dict(body.chat_template_kwargs or {})
         try:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -401,7 +407,7 @@ class FlashMoeServer:
         if out.reasoning:
             message["reasoning_content"] = out.reasoning
         if out.tool_calls:
-            message["tool_calls"] = [_tool_call_json(c) for c in out.tool_calls]
+            message["tool_calls"] = [self._tool_call_json(c, out.reasoning) for c in out.tool_calls]
         return JSONResponse({**base, "object": "chat.completion", "choices": [
             {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(info, out.tool_calls)}],
             "usage": _usage(info)})
@@ -412,7 +418,7 @@ class FlashMoeServer:
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
         yield chunk({"role": "assistant", "content": ""})
-        n_calls = 0
+        n_calls, reasoning = 0, ""
         async for kind, value in self._events(job):
             if kind == "error":
                 yield {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
@@ -423,12 +429,34 @@ class FlashMoeServer:
                     yield {**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)}
                 return
             if value.reasoning:
+                reasoning += value.reasoning
                 yield chunk({"reasoning_content": value.reasoning})
             if value.content:
                 yield chunk({"content": value.content})
             for call in value.tool_calls:
-                yield chunk({"tool_calls": [{"index": n_calls, **_tool_call_json(call)}]})
+                yield chunk({"tool_calls": [{"index": n_calls, **self._tool_call_json(call, reasoning)}]})
                 n_calls += 1
+
+    def _tool_call_json(self, call, reasoning: str) -> dict:
+        """The OpenAI form of a parsed call, under a new id that remembers the reply's reasoning."""
+        call_id = _new_id("call_")
+        if reasoning:
+            with self._lock:
+                self._reasoning_by_call[call_id] = reasoning
+                while len(self._reasoning_by_call) > 256:
+                    self._reasoning_by_call.popitem(last=False)
+        return {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+    def _with_reasoning(self, message: dict) -> dict:
+        """An assistant message sent back without its reasoning gets it again when one of its tool-call ids
+        is one this server issued."""
+        if message["role"] != "assistant" or message.get("reasoning_content") is not None:
+            return message
+        with self._lock:
+            found = [self._reasoning_by_call.get(c.get("id")) for c in message.get("tool_calls") or []
+                     if isinstance(c, dict)]
+        reasoning = next((r for r in found if r), None)
+        return message if reasoning is None else {**message, "reasoning_content": reasoning}
 
     # ---- /v1/completions ---------------------------------------------------------------------
 
@@ -505,8 +533,6 @@ async def _error_response(request: Request, error: APIError) -> Response:
     return error.response()
 
 
-def _tool_call_json(call) -> dict:
-    return {"id": _new_id("call_"), "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _finish(info: RunInfo, tool_calls) -> str:

@@ -149,6 +149,29 @@ def test_a_conversation_that_extends_the_last_one_prefills_only_the_new_tokens(s
     assert stats["server"]["prefix_reuse_hits"] >= 1 and stats["server"]["last_run"]["reused_tokens"] == cached
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_agent_loop_reuses_the_prefix_although_the_client_drops_the_reasoning(served, client, stream):
+    """Qwen3's template renders the current turn's reasoning; the server restores it from the call id."""
+    messages = [{"role": "user", "content": "weather json"}]
+    if stream:
+        chunks = list(client.chat.completions.create(model="fake", messages=messages, tools=[WEATHER], stream=True))
+        calls = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+        tool_calls = [{"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                                    "arguments": c.function.arguments}} for c in calls]
+    else:
+        first = client.chat.completions.create(model="fake", messages=messages, tools=[WEATHER])
+        tool_calls = [tc.model_dump() for tc in first.choices[0].message.tool_calls]
+    messages += [{"role": "assistant", "content": None, "tool_calls": tool_calls},
+                 {"role": "tool", "tool_call_id": tool_calls[0]["id"], "content": "sunny"}]
+    engine = served[1]
+    n_before = len(engine.forward_lengths)
+    second = client.chat.completions.create(model="fake", messages=messages, tools=[WEATHER])
+    assert "<think>\nThe user wants weather.\n</think>" in engine.prompts[-1]
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    assert engine.forward_lengths[n_before] == second.usage.prompt_tokens - second.usage.prompt_tokens_details.cached_tokens
+    assert engine.forward_lengths[n_before] < 20  # <|im_end|>, the tool response and the generation prompt
+
+
 def test_unrelated_requests_do_not_share_state(client):
     first = _chat(client, "echo: alpha beta").choices[0].message.content
     _chat(client, "echo: gamma")
