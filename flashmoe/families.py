@@ -75,6 +75,7 @@ _FUSED_DOWN = re.compile(r"^(layers\.\d+\.mlp\.experts)\.down_proj$")
 _QKVZ = re.compile(r"^(layers\.\d+\.linear_attn)\.in_proj_(qkvz|ba)\.(weight|scales|biases)$")
 _CONV = re.compile(r"^layers\.\d+\.linear_attn\.conv1d\.weight$")
 
+
 def family_of(cfg: ModelConfig) -> Family:
     """The Family table for cfg.family."""
     return FAMILIES[cfg.family]
@@ -100,8 +101,8 @@ def to_canonical(name: str, array: np.ndarray, cfg: ModelConfig,
     """Map one checkpoint tensor to its canonical (name, array) pairs; [] when the tensor is dropped.
 
     name: as stored in the checkpoint (HF, multimodal HF or MLX naming, including `.scales`/`.biases`).
-    array: its data (any dtype; float tensors are only shifted by +1 for x·(1+w) norms of HF checkpoints,
-    keeping their dtype). layout: 'hf' or 'mlx' (see detect_layout).
+    array: its data, returned unchanged in dtype except the x·(1+w) norms of HF checkpoints, which become
+    float32 w + 1. layout: 'hf' or 'mlx' (see detect_layout).
     Per-expert tensors keep their expert index (`layers.{i}.mlp.experts.{e}.{proj}.weight`, [out, in]);
     fused HF (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]) and MLX stacked
     (`switch_mlp.*` [E, out, …]) become stacked `layers.{i}.mlp.experts.{proj}.{weight,scales,biases}`.
@@ -132,7 +133,8 @@ def to_canonical(name: str, array: np.ndarray, cfg: ModelConfig,
     if _CONV.match(canon) and array.ndim == 3 and array.shape[1] != 1:
         array = np.ascontiguousarray(array.transpose(0, 2, 1))  # MLX Conv1d [C, K, 1] -> HF [C, 1, K]
     if fam.plus_one_norms and layout == HF and _PLUS_ONE.match(canon):
-        array = (array.astype(np.float32) + 1.0).astype(array.dtype)
+        # float32 result: 1 + w rounded back to bf16 would lose w's low bits (transformers adds in float32)
+        array = array.astype(np.float32) + np.float32(1.0)
     return [(canon, array)]
 
 

@@ -127,3 +127,12 @@ def test_layout_detection_and_quantisation_classes():
     for name, shape in [("layers.0.linear_attn.conv1d.weight", (5, 1, 4)), ("layers.0.linear_attn.A_log", (4,)),
                         ("layers.0.input_layernorm.weight", (8,)), ("layers.0.self_attn.q_proj.bias", (8,))]:
         assert quant_class(name, shape) == QUANT_FLOAT
+
+
+def test_shifted_bfloat16_norm_is_float32_so_no_bits_of_w_are_lost():
+    import ml_dtypes
+
+    w = np.array([0.0078125, -0.01171875, 0.3], dtype=ml_dtypes.bfloat16)
+    _, out = one(to_canonical("model.layers.0.input_layernorm.weight", w, cfg_of("qwen3_next")))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, w.astype(np.float32) + 1)
