@@ -265,7 +265,8 @@ class Engine:
             shared = self._shared_expert(p, x)
         buffers = self.store.wait(request)
         with self.stats.stage("experts"):
-            experts = [self.model.layout.view(buf) for buf in buffers]
+            layout = self.model.layer_layout(layer)
+            experts = [layout.view(buf) for buf in buffers]
             y = be.experts_ffn(x[0], experts, weights)[None]
         self.store.release(request)
         return y if shared is None else y + shared
@@ -277,6 +278,7 @@ class Engine:
         while the current batch computes.
         """
         be = self.backend
+        layout = self.model.layer_layout(layer)
         unique = np.unique(ids)
         batches = [unique[s : s + self.store.batch_size] for s in range(0, len(unique), self.store.batch_size)]
         pending = self.store.fetch(layer, batches[0])
@@ -291,7 +293,8 @@ class Engine:
             with self.stats.stage("experts"):
                 for e, buf in zip(batch, buffers):
                     tokens, slot = np.nonzero(ids == e)
-                    contrib = be.to_numpy(be.expert_ffn(x[tokens], self.model.layout.view(buf)))
+                    # A list indexes NumPy and MLX arrays alike (MLX rejects NumPy index arrays).
+                    contrib = be.to_numpy(be.expert_ffn(x[tokens.tolist()], layout.view(buf)))
                     y[tokens] += contrib * weights[tokens, slot][:, None]
             self.store.release(current)
         y = be.asarray(y)
