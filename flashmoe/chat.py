@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.sampling import Sampler
-from flashmoe.session import ContextError, Session
+from flashmoe.session import ContextError, Session, history_boundary
 from flashmoe.tokenizer import Tokenizer
 from flashmoe.toolcalls import OutputParser, ParsedOutput, opens_reasoning
 
@@ -84,6 +84,7 @@ class ChatSession:
         if room < 1:
             raise ContextError(f"the conversation has {len(ids)} tokens and fills the context of "
                                f"{self.session.context}; /reset to start over")
+        boundary = history_boundary(self.tokenizer, system + turn, ids, **self.template_kwargs)
         parser = OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=False)
         reply = ParsedOutput()
 
@@ -94,7 +95,8 @@ class ChatSession:
                     on_delta(delta)
 
         try:
-            with contextlib.closing(self.session.generate(ids, self.sampler, min(self.max_tokens, room))) as steps:
+            with contextlib.closing(self.session.generate(ids, self.sampler, min(self.max_tokens, room),
+                                                          checkpoint_at=boundary)) as steps:
                 for step in steps:
                     take(parser.feed(step.text))
             take(parser.finish())

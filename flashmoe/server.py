@@ -40,7 +40,7 @@ from flashmoe.chat_template import select_template
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.sampling import Sampler
-from flashmoe.session import ContextError, RunInfo, Session
+from flashmoe.session import ContextError, RunInfo, Session, history_boundary
 from flashmoe.tokenizer import Tokenizer
 from flashmoe.toolcalls import OutputParser, ParsedOutput, forced_call_prefix, opens_reasoning, tool_call_format
 
@@ -146,6 +146,7 @@ class Job:
     max_tokens: int | None
     stop: list[str]
     parser: OutputParser | None  # None: plain completion text
+    checkpoint_at: int | None = None  # where the chat history ends (Session.generate)
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -304,7 +305,8 @@ class FlashMoeServer:
         try:
             if job.cancel.is_set():
                 return
-            for step in self.session.generate(job.prompt_ids, job.sampler, job.max_tokens, job.stop, job.cancel):
+            for step in self.session.generate(job.prompt_ids, job.sampler, job.max_tokens, job.stop, job.cancel,
+                                              job.checkpoint_at):
                 delta = job.parser.feed(step.text) if job.parser else ParsedOutput(content=step.text)
                 if delta:
                     emit(("delta", delta))
@@ -358,8 +360,11 @@ class FlashMoeServer:
 
     # ---- /v1/chat/completions ----------------------------------------------------------------
 
-    def _chat_prompt(self, body: ChatRequest) -> tuple[str, OutputParser]:
-        """Render the conversation and build the output parser for it (tool_choice decides both)."""
+    def _chat_prompt(self, body: ChatRequest) -> tuple[str, OutputParser, Callable[[list[int]], int | None]]:
+        """Render the conversation and build the output parser for it (tool_choice decides both).
+
+        Also returns boundary(prompt_ids): where the history ends in the prompt's tokens (history_boundary).
+        """
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         choice = body.tool_choice or "auto"
         if not tools:
@@ -373,10 +378,9 @@ class FlashMoeServer:
                 raise APIError(400, f"tool_choice names {forced_name!r}, which is not among the tools",
                                param="tool_choice")
         messages = [self._with_reasoning(_template_message(m, i)) for i, m in enumerate(body.messages)]
-        kwargs = dict(body.chat_template_kwargs or {})
+        kwargs = dict(body.chat_template_kwargs or {}, tools=tools if choice != "none" else None)
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                        tools=tools if choice != "none" else None, **kwargs)
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except FlashMoeError as e:
             raise APIError(400, str(e), param="messages") from None
         prefix = ""
@@ -388,15 +392,15 @@ class FlashMoeServer:
             prefix = prefix[prefix.index("<tool_call>"):]
         parser = OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=choice != "none", tools=tools,
                               prefix=prefix)
-        return prompt, parser
+        return prompt, parser, lambda ids: history_boundary(self.tokenizer, messages, ids, **kwargs)
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._parse(request, ChatRequest)
-        prompt, parser = self._chat_prompt(body)
+        prompt, parser, boundary = self._chat_prompt(body)
         prompt_ids = await self._encode(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = Job(prompt_ids, self._sampler(body), self._budget(len(prompt_ids), max_tokens), self._stops(body),
-                  parser)
+                  parser, checkpoint_at=await asyncio.to_thread(boundary, prompt_ids))
         rid, created = _new_id("chatcmpl-"), int(time.time())
         base = {"id": rid, "created": created, "model": self.model_id}
         if body.stream:

@@ -1,10 +1,17 @@
 """A conversation's model state kept between turns: prefix reuse, context checks and stop strings.
 
-`Session.generate` compares the new prompt's token ids with the tokens the state has already consumed. When
-the prompt strictly extends them (the usual case for a chat: last prompt + reply + new user turn), only the
-new tokens are prefilled. Otherwise the state starts over: GatedDeltaNet layers fold every token into a
-fixed-size recurrent state that cannot be rewound, so a prompt that diverges anywhere, even one token before
-the end, cannot reuse it.
+`Session.generate` compares the new prompt's token ids with the tokens the state has already consumed and
+prefills only what it must:
+
+- a prompt that strictly extends them (last prompt + reply + new turn) continues the state;
+- otherwise, for a model whose layers are all full attention, the KV caches are cut back to the longest
+  common prefix (keys and values of earlier positions do not depend on later tokens);
+- a GatedDeltaNet layer folds every token into a fixed-size recurrent state that cannot be cut back, so a
+  hybrid model (Qwen3.5, Qwen3-Next) returns instead to a checkpoint: a copy of its linear-attention states
+  taken at a position the caller names (`checkpoint_at`, typically where the conversation's history ends and
+  the generation prompt begins: templates that re-render earlier replies differently, e.g. without their
+  reasoning, diverge after that point); its KV caches are cut back to the same position;
+- anything else starts from a fresh state.
 
 Used by `flashmoe chat` (one user) and `flashmoe serve` (requests one at a time, from one worker thread).
 """
@@ -16,7 +23,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from flashmoe.engine import Engine, State
+import numpy as np
+
+from flashmoe.engine import Engine, KVCache, LinearAttentionState, State
 from flashmoe.errors import FlashMoeError
 from flashmoe.generate import Step, generate_steps
 from flashmoe.sampling import Sampler
@@ -103,14 +112,15 @@ class Session:
     tokens: list[int] = field(default_factory=list)
     state: State | None = None
     last: RunInfo = field(default_factory=RunInfo)
+    _checkpoint: "_Checkpoint | None" = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         limit = self.engine.cfg.max_position_embeddings
         self.context = min(self.context or limit, limit)
 
     def reset(self) -> None:
-        """Forget the cached state; the next prompt is prefilled from scratch."""
-        self.tokens, self.state = [], None
+        """Forget the cached state and checkpoint; the next prompt is prefilled from scratch."""
+        self.tokens, self.state, self._checkpoint = [], None, None
 
     def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
         """Return the completion budget: max_tokens, or all the room left when it is None.
@@ -130,16 +140,54 @@ class Session:
                                "the prompt or lower max_tokens")
         return max_tokens
 
-    def reusable(self, prompt_ids: Sequence[int]) -> int:
-        """How many leading prompt tokens the cached state already holds (0 when it cannot be reused)."""
-        n = len(self.tokens)
-        if self.state is None or n == 0 or len(prompt_ids) <= n or list(prompt_ids[:n]) != self.tokens:
-            return 0
-        return n
+    def _rewind(self, prompt_ids: Sequence[int]) -> int:
+        """Bring the state to the longest reusable prefix of prompt_ids (see the module docstring) and
+        return its length; 0 means a fresh state was made. At least one prompt token is always left to
+        prefill (it yields the first logits)."""
+        state, n = self.state, len(self.tokens)
+        if state is not None and 0 < n < len(prompt_ids) and list(prompt_ids[:n]) == self.tokens:
+            return n
+        if state is not None and all(isinstance(layer, KVCache) for layer in state.layers):
+            common = _common_prefix(self.tokens, prompt_ids, len(prompt_ids) - 1)
+            if common:
+                self._cut(common)
+                return common
+        cp = self._checkpoint
+        if state is not None and cp is not None and len(cp.tokens) < len(prompt_ids) and \
+                list(prompt_ids[: len(cp.tokens)]) == cp.tokens:
+            for i, saved in cp.linear.items():
+                state.layers[i].conv, state.layers[i].recurrent = (a.copy() for a in saved)
+            self._cut(len(cp.tokens))
+            self.tokens = list(cp.tokens)
+            return len(cp.tokens)
+        self.reset()
+        self.state = self.engine.new_state()
+        return 0
+
+    def _cut(self, n: int) -> None:
+        """Cut the KV caches and token list back to the first n positions."""
+        for layer in self.state.layers:
+            if isinstance(layer, KVCache):
+                layer.length = n
+        self.state.position = n
+        self.tokens = self.tokens[:n]
+
+    def _save_checkpoint(self) -> None:
+        """Remember the linear-attention states at the current position (hybrid models only)."""
+        linear = {i: (np.array(layer.conv, copy=True), np.array(layer.recurrent, copy=True))
+                  for i, layer in enumerate(self.state.layers) if isinstance(layer, LinearAttentionState)}
+        if linear and all(isinstance(layer, (KVCache, LinearAttentionState)) for layer in self.state.layers):
+            self._checkpoint = _Checkpoint(list(self.tokens), linear)
 
     def generate(self, prompt_ids: Sequence[int], sampler: Sampler, max_tokens: int | None,
-                 stop: Sequence[str] = (), cancel: threading.Event | None = None) -> Iterator[Step]:
-        """Generate a continuation of prompt_ids, reusing the cached state when the prompt extends it.
+                 stop: Sequence[str] = (), cancel: threading.Event | None = None,
+                 checkpoint_at: int | None = None) -> Iterator[Step]:
+        """Generate a continuation of prompt_ids, reusing as much of the cached state as is valid.
+
+        checkpoint_at: a prompt position (tokens) at which to save the linear-attention states, for a later
+        prompt that shares only the first checkpoint_at tokens (history_boundary gives the usual one); the
+        prefill is then split there. Ignored for models without linear-attention layers, which rewind to
+        any common prefix.
 
         Yields one Step per generated token except the end-of-sequence token and the token that completes
         a stop string when it adds no text before it; the text is already cut at a stop string (a stop
@@ -151,17 +199,26 @@ class Session:
         state is dropped (it may be half-updated) and the error propagates.
         """
         max_tokens = self.check_fits(len(prompt_ids), max_tokens)
-        reused = self.reusable(prompt_ids)
-        if not reused:
-            self.reset()
-            self.state = self.engine.new_state()
+        t0 = t_first = time.perf_counter()
+        reused = self._rewind(prompt_ids)
         state = self.state
         consumed = list(prompt_ids)
         info = RunInfo(prompt_tokens=len(prompt_ids), reused_tokens=reused)
         self.last = info
         stopper = StopMatcher(stop)
-        t0 = t_first = time.perf_counter()
-        steps = generate_steps(self.engine, self.tokenizer, list(prompt_ids[reused:]), sampler, max_tokens, state)
+        start = reused
+        hybrid = any(isinstance(layer, LinearAttentionState) for layer in state.layers)
+        if hybrid and checkpoint_at is not None and reused <= checkpoint_at < len(prompt_ids):
+            try:
+                if checkpoint_at > reused:
+                    self.engine.forward(np.asarray(prompt_ids[reused:checkpoint_at]), state)
+            except BaseException:  # as in the loop below: the state may be half-updated
+                self.engine.store.release_all()
+                self.reset()
+                raise
+            self.tokens, start = list(prompt_ids[:checkpoint_at]), checkpoint_at
+            self._save_checkpoint()
+        steps = generate_steps(self.engine, self.tokenizer, list(prompt_ids[start:]), sampler, max_tokens, state)
         info.finish_reason = "length"
         try:
             for step in steps:
@@ -197,3 +254,35 @@ class Session:
             if self.state is state:
                 # The state consumed exactly the first `position` tokens of prompt + completion.
                 self.tokens = consumed[: state.position]
+
+
+@dataclass
+class _Checkpoint:
+    """Linear-attention states (conv, recurrent) by layer index, after the first len(tokens) tokens."""
+
+    tokens: list[int]
+    linear: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most limit."""
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
+def history_boundary(tokenizer: Tokenizer, messages: list[dict], prompt_ids: Sequence[int], **template_kwargs) -> int | None:
+    """Where a chat prompt's history ends and its generation prompt begins, in tokens: the length of the
+    conversation rendered without the generation prompt, when those tokens are a prefix of prompt_ids
+    (None otherwise, or when the conversation does not end with a user message: after a tool result the
+    next request usually extends the prompt and needs no checkpoint, and the one at the last user message
+    stays the useful one).
+    """
+    if not messages or messages[-1].get("role") != "user":
+        return None
+    history = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False, **template_kwargs))
+    n = len(history)
+    return n if 0 < n < len(prompt_ids) and list(prompt_ids[:n]) == history else None

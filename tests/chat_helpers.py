@@ -355,13 +355,20 @@ TINY_QWEN35 = dict(model_type="qwen3_5_moe_text", hidden_size=128, num_hidden_la
                    vocab_size=1000, max_position_embeddings=1024)
 
 
-def tiny_engine(out: Path, template: str = QWEN3):
-    """A random TINY_QWEN35 model directory with the test tokenizer at `out`, loaded on the NumPy backend.
-    Returns (engine, tokenizer)."""
+#: A tiny Qwen3-MoE model: full attention only.
+TINY_QWEN3_MOE = dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=64, intermediate_size=256, norm_topk_prob=True, vocab_size=1000,
+                      max_position_embeddings=1024)
+
+
+def tiny_engine(out: Path, template: str = QWEN3, config: dict = TINY_QWEN35):
+    """A random model directory (TINY_QWEN35 unless `config` says otherwise) with the test tokenizer at
+    `out`, loaded on the NumPy backend. Returns (engine, tokenizer)."""
     from flashmoe.load import load_engine
     from flashmoe.synth import synth_model
     from flashmoe.tokenizer import Tokenizer as FlashMoeTokenizer
 
-    synth_model(out, TINY_QWEN35, tokenizer=None)
+    synth_model(out, config, tokenizer=None)
     write_model_dir(out, template)
     return load_engine(out, backend="numpy", context=1024), FlashMoeTokenizer(out)

@@ -120,3 +120,49 @@ def test_flashmoe_chat_command_reads_stdin(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "flashmoe chat" in done.stdout
     assert "last turn:" in done.stdout and "(0 reused from the cache)" in done.stdout
+
+
+def _greedy(session, prompt, **kwargs) -> list[int]:
+    return [s.token_id for s in session.generate(prompt, Sampler(), 5, **kwargs)]
+
+
+def test_hybrid_model_returns_to_the_checkpoint_where_the_history_ended(tmp_path):
+    """The next prompt diverges right after the first prompt's history (as when a template re-renders the
+    reply without its reasoning): the linear-attention checkpoint is restored, the KV caches cut back."""
+    from chat_helpers import tiny_engine
+
+    from flashmoe.session import Session, history_boundary
+
+    engine, tok = tiny_engine(tmp_path / "tiny")
+    session = Session(engine, tok)
+    messages = [{"role": "user", "content": "hello there"}]
+    prompt = tok.encode(tok.apply_chat_template(messages) + "<think>\n")
+    boundary = history_boundary(tok, messages, prompt)
+    assert boundary == len(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=False)))
+    _greedy(session, prompt, checkpoint_at=boundary)
+    follow = prompt[:boundary] + tok.encode("<|im_start|>assistant\nhi<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n")
+    second = _greedy(session, follow)
+    assert session.last.reused_tokens == boundary
+    assert _greedy(Session(engine, tok), follow) == second
+    edited = follow[:-3] + tok.encode("x")  # diverges after the checkpoint again: back to it a second time
+    third = _greedy(session, edited)
+    assert session.last.reused_tokens == boundary
+    assert _greedy(Session(engine, tok), edited) == third
+    assert history_boundary(tok, messages + [{"role": "assistant", "content": "hi"}], follow) is None
+
+
+def test_attention_only_model_rewinds_to_any_common_prefix(tmp_path):
+    from chat_helpers import TINY_QWEN3_MOE, tiny_engine
+
+    from flashmoe.session import Session
+
+    engine, tok = tiny_engine(tmp_path / "tiny", config=TINY_QWEN3_MOE)
+    session = Session(engine, tok)
+    prompt = tok.encode("the weather in Paris is sunny and 22 degrees")
+    _greedy(session, prompt)
+    other = prompt[:4] + tok.encode(" Rome is rainy")
+    second = _greedy(session, other)
+    assert session.last.reused_tokens == 4
+    assert _greedy(Session(engine, tok), other) == second
+    _greedy(session, other)  # the same prompt again: all but its last token are reused
+    assert session.last.reused_tokens == len(other) - 1
