@@ -2,8 +2,9 @@
 
 The conversation is rendered with the model's chat template every turn; the Session keeps the KV cache
 and GatedDeltaNet state of the previous turns, so a turn prefills only its new tokens (the user message
-and the template's markup) as long as the template renders the history the way it was generated.
-(Templates that drop earlier turns' reasoning, as Qwen3's does, change the history and cost a full prefill.)
+and the template's markup) as long as the template renders the history the way it was generated. When it
+does not (Qwen3 and Qwen3.5 drop earlier turns' reasoning), the Session returns to where the previous
+prompt's history ended and prefills the previous reply as rendered plus the new message.
 
 Input: a line is a message; a line ending in a backslash continues on the next line; a line of three
 double quotes starts and ends a block pasted as is. Commands: /reset, /system [TEXT], /stats, /help, /quit.

@@ -6,8 +6,9 @@ GET /v1/models, GET /health, GET /v1/stats (the engine's I/O and time statistics
 One model generates one sequence at a time: every request becomes a job for a single worker thread, so jobs
 run in arrival order and never overlap. The worker keeps one Session (flashmoe.session): a request whose
 prompt extends the previous request's prompt + reply (a chat client sending the conversation back) prefills
-only the new tokens; any other prompt starts from a fresh state, so nothing leaks between requests. A client
-that disconnects cancels its job: a queued job never starts, a running one stops after the current token.
+only the new tokens, one that shares a shorter prefix reuses what the Session can rewind to, and any other
+prompt starts from a fresh state, so nothing leaks between requests. A client that disconnects cancels its
+job: a queued job never starts, a running one stops after the current token.
 
 Errors are OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`): malformed JSON is 400, a
 field of the wrong type or range 422, a prompt that does not fit the context with max_tokens 400; the server
