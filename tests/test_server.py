@@ -384,3 +384,72 @@ def test_flashmoe_serve_command_serves_until_terminated(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---- the bundled demo model ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo():
+    from flashmoe.load import default_model_dir, load_engine
+
+    directory = default_model_dir()
+    if not (directory / "config.json").exists():
+        pytest.skip(f"the bundled demo model is not in this checkout ({directory})")
+    tokenizer = Tokenizer(directory)
+    engine = load_engine(directory, backend="numpy", context=1024)
+    app = FlashMoeServer(engine, tokenizer, directory.name, context=1024)
+    with RunningServer(app.app) as running:
+        yield app, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    app.close()
+
+
+def _greedy_chat(client, messages, **kwargs):
+    return client.chat.completions.create(model="demo-model", messages=messages, temperature=0, max_tokens=12,
+                                          **kwargs)
+
+
+def test_demo_model_streams_the_text_of_the_whole_reply(demo):
+    _, client = demo
+    messages = [{"role": "user", "content": "How do I install a Python package?"}]
+    whole = _greedy_chat(client, messages)
+    chunks = list(_greedy_chat(client, messages, stream=True, stream_options={"include_usage": True}))
+    assert whole.choices[0].message.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.choices[0].finish_reason in ("stop", "length")
+
+
+def test_demo_model_second_turn_reuses_the_first_and_matches_a_fresh_prefill(demo):
+    _, client = demo
+    messages = [{"role": "user", "content": "What does the requests library do?"}]
+    first = _greedy_chat(client, messages)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "Show an example."}]
+    reused = _greedy_chat(client, messages)
+    assert reused.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    _greedy_chat(client, [{"role": "user", "content": "Something unrelated."}])
+    fresh = _greedy_chat(client, messages)
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+    assert fresh.choices[0].message.content == reused.choices[0].message.content
+
+
+def test_demo_model_concurrent_requests_each_get_their_sequential_reply(demo):
+    _, client = demo
+    prompts = ["Explain pip.", "What is a wheel file?", "Describe virtual environments."]
+    sequential = [_greedy_chat(client, [{"role": "user", "content": p}]).choices[0].message.content for p in prompts]
+    results: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(
+        i, _greedy_chat(client, [{"role": "user", "content": p}]).choices[0].message.content))
+        for i, p in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [results.get(i) for i in range(len(prompts))] == sequential
+
+
+def test_demo_model_context_overflow_is_a_400_and_the_server_keeps_serving(demo):
+    _, client = demo
+    with pytest.raises(openai.BadRequestError, match=r"context is \d+ tokens"):
+        _greedy_chat(client, [{"role": "user", "content": "hello"}], max_tokens=2000)
+    assert _greedy_chat(client, [{"role": "user", "content": "hello"}]).usage.completion_tokens >= 1
