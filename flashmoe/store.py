@@ -119,12 +119,30 @@ class _Entry:
 @dataclass
 class _Slot:
     """One distinct expert of a fetch: where its bytes land and the read that puts them there.
-    `entry` is set when the buffer belongs to the direct-mode cache, else it came from the pool."""
+    `entry` is set when the buffer belongs to the direct-mode cache, else it came from the pool;
+    `hit` when the fetch found it in that cache (its read, if any, belongs to an earlier fetch)."""
 
     expert: int
     buf: np.ndarray
     read: Future
     entry: _Entry | None = None
+    hit: bool = False
+
+
+@dataclass(frozen=True)
+class ExpertRead:
+    """What one fetch did for one distinct expert (`ExpertStore.report`).
+
+    hit: found in memory: direct mode, in flashmoe's cache (no read); pagecache mode, every byte already
+        in the OS page cache; None where the store cannot tell (no RWF_NOWAIT).
+    bytes_read: bytes this fetch copied for it (0 for a direct-mode hit), of which disk_bytes came from
+        the device. Summed over all fetches they equal the Stats counters of the same names.
+    """
+
+    expert: int
+    hit: bool | None
+    bytes_read: int
+    disk_bytes: int
 
 
 @dataclass(eq=False)
@@ -271,8 +289,9 @@ class ExpertStore:
         self._fds.clear()
 
     # --- reading ---------------------------------------------------------------------------------
-    def _read(self, layer: int, expert: int, buf: np.ndarray) -> None:
-        """Worker: read one expert into `buf` (runs in the pool; preadv releases the GIL)."""
+    def _read(self, layer: int, expert: int, buf: np.ndarray) -> tuple[int, int]:
+        """Worker: read one expert into `buf` (runs in the pool; preadv releases the GIL). Returns
+        (bytes read, of them from disk), also queued for the stats."""
         fd, off, length = self._fds[layer], expert * self.stride, self.read_bytes
         view = memoryview(buf)[:length]
         done = 0
@@ -304,6 +323,7 @@ class ExpertStore:
                 f"{off + self.nbytes}) but the file ends at byte {off + done}"
             )
         self._done.append((done, done - cached))
+        return done, done - cached
 
     def _drain_done(self) -> None:
         """Move completed reads' counters into stats (engine thread only)."""
@@ -370,7 +390,8 @@ class ExpertStore:
         for e in dict.fromkeys(ids):
             key = (layer, e)
             entry = self._cache.get(key)
-            if entry is not None:
+            hit = entry is not None
+            if hit:
                 hits += 1
                 self._policy.touch(key)
             elif self.mode == "direct" and (buf := self._cache_buffer()) is not None:
@@ -379,7 +400,7 @@ class ExpertStore:
                 self._policy.insert(key)
             if entry is not None:
                 entry.pins += 1
-                f._slots[e] = _Slot(e, entry.buf, entry.read, entry)
+                f._slots[e] = _Slot(e, entry.buf, entry.read, entry, hit)
             else:
                 buf = self._pool.take()
                 f._slots[e] = _Slot(e, buf, self._executor.submit(self._read, layer, e, buf))
@@ -412,6 +433,25 @@ class ExpertStore:
             v.flags.writeable = False
             views[e] = v
         return [views[e] for e in f.expert_ids]
+
+    def report(self, f: Fetch) -> list[ExpertRead]:
+        """What `f` did for each distinct expert, in the order of first appearance in `f.expert_ids`:
+        hit or miss and the bytes read (see ExpertRead). Call after `wait(f)` (before or after release).
+        Raises ValueError if a read of `f` has not finished."""
+        out = []
+        for e, s in f._slots.items():
+            if s.hit:
+                out.append(ExpertRead(e, True, 0, 0))
+                continue
+            if not s.read.done():
+                raise ValueError(f"fetch of layer {f.layer}: report() before wait(); expert {e} is still "
+                                 "being read")
+            nread, disk = s.read.result()
+            if self.mode == "direct":
+                out.append(ExpertRead(e, False, nread, disk))
+            else:
+                out.append(ExpertRead(e, disk == 0 if self._nowait else None, nread, disk))
+        return out
 
     def release(self, f: Fetch) -> None:
         """Give `f`'s buffers back for reuse (idempotent). Pool buffers whose read is still running are

@@ -364,3 +364,30 @@ def test_stats_report_as_text_and_json(layers):
     assert d["peak_rss_bytes"] >= d["current_rss_bytes"] > 0
     text = stats.summary()
     assert "hit rate: 66.7%" in text and "decode:" in text and "time to first token" in text
+
+
+@pytest.mark.parametrize("mode", ["pagecache", "direct"])
+def test_report_tells_each_fetch_its_hits_and_bytes_and_sums_to_the_stats(layers, mode):
+    files, _ = layers
+    with make_store(files, mode, cache_bytes=2 * SLOT) as store:
+        store.evict_page_cache()
+        reports = []
+        # a repeated id is one read; then expert 1 again (in the cache, own or the OS's), then one never read
+        # (of layer 3: the kernel's readahead may already hold the rest of layer 1's file)
+        for layer, ids in ((1, [0, 1, 0]), (1, [1]), (3, [2])):
+            f = store.fetch(layer, ids)
+            store.wait(f)
+            store.release(f)
+            reports.append(store.report(f))
+        assert [[r.expert for r in rep] for rep in reports] == [[0, 1], [1], [2]]
+        assert [r.hit for r in reports[0]] == [False, False]
+        if mode == "direct":
+            assert [(r.hit, r.bytes_read) for r in reports[1] + reports[2]] == [(True, 0), (False, SLOT)]
+        else:
+            assert [(r.hit, r.bytes_read, r.disk_bytes) for r in reports[1] + reports[2]] == [
+                (True, NBYTES, 0), (False, NBYTES, NBYTES)]
+        t = store.stats.totals
+        everything = [r for rep in reports for r in rep]
+        assert sum(r.bytes_read for r in everything) == t.bytes_read
+        assert sum(r.disk_bytes for r in everything) == t.disk_bytes
+        assert (sum(r.hit for r in everything), sum(not r.hit for r in everything)) == (t.hits, t.misses)
