@@ -145,6 +145,9 @@ def read_message(read_line: Callable[[str], str]) -> str:
 def run_repl(chat: ChatSession, read_line: Callable[[str], str] = input,
              write: Callable[[str], None] | None = None, color: bool | None = None) -> None:
     """The interactive loop: read messages and commands until /quit or end of input."""
+    if read_line is input:
+        with contextlib.suppress(ImportError):  # line editing and arrow-key history for input()
+            import readline  # noqa: F401
     if write is None:
         def write(text: str) -> None:
             sys.stdout.write(text)
