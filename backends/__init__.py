@@ -31,8 +31,15 @@ def _mlx():
     return MlxBackend
 
 
+def _cuda():
+    from flashmoe.backends.cuda_backend import CudaBackend
+
+    return CudaBackend
+
+
 register("numpy", _numpy)
 register("numba", _numba)
 register("mlx", _mlx)
+register("cuda", _cuda)
 
 __all__ = ["Backend", "BackendError", "PackedWeight", "available_backends", "get_backend", "register"]

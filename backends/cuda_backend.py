@@ -1,0 +1,581 @@
+"""The CUDA backend: numba-cuda kernels (backends/cuda_kernels.py) on NVIDIA GPUs, activations in device memory.
+
+Every activation is a :class:`DeviceArray`, a float32 array in GPU memory with the glue the engine uses on
+backend arrays (``+``, ``-``, ``*`` with trailing-axis broadcasting, ``reshape``, slicing, row lists,
+``len``); ``np.asarray`` on one copies it to the host (the engine's NumPy KV cache does that). Resident
+weights are prepared once into GPU memory: quantised ones as their packed words with their scales and
+biases in their own dtype (one buffer per weight, nothing dequantised), float ones as float32.
+
+Streamed experts: the expert store reads each expert into a host buffer; :meth:`CudaBackend.allocate_buffer`
+makes those buffers page-aligned *pinned* memory, so each expert's bytes cross PCIe in one DMA copy at full
+speed (pageable memory goes through a driver bounce buffer). One copy per expert covers its nine tensors:
+the tensors are views into the expert's buffer, so the backend copies the byte span holding all of them
+into a device staging buffer and the kernels address each tensor by its offset there, reading the bf16 /
+f16 / f32 scales from their raw bits. The k experts of a decode token then run in two launches: gate+up
+with SwiGLU for all k experts, and down with the router-weighted sum.
+
+Not here (yet): a VRAM expert cache under ``--gpu-memory`` and copies on a separate stream overlapping
+compute; both need the engine to pass each expert's (layer, expert) key to the backend (see docs/benchmarks.md).
+
+Without a GPU, ``NUMBA_ENABLE_CUDASIM=1`` runs the same kernels in numba's CUDA simulator (slow: for the
+conformance tests on tiny shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+try:
+    from numba import cuda
+
+    from flashmoe.backends import cuda_kernels as K
+except ImportError as _e:  # the registry reports this through unavailable_reason
+    cuda = None
+    _IMPORT_ERROR: str | None = str(_e)
+else:
+    _IMPORT_ERROR = None
+
+from flashmoe.backends.base import Backend, BackendError, Expert
+from flashmoe.quant import QuantizedTensor
+
+_PAGE = 4096
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Expert staging slots start on this boundary (bytes).
+_STAGE_ALIGN = 256
+
+
+def _scale_format(dtype: np.dtype, name: str) -> int:
+    if dtype == np.float32:
+        return K.F32
+    if dtype == np.float16:
+        return K.F16
+    if dtype == ml_dtypes.bfloat16:
+        return K.BF16
+    raise BackendError(f"{name}: scales/biases must be float32, float16 or bfloat16, got {dtype}")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# -- arrays -----------------------------------------------------------------------------------------------------
+class DeviceArray:
+    """A C-contiguous float32 array in GPU memory (wrapping a numba device array) with NumPy-like glue.
+
+    Binary ops take another DeviceArray, a NumPy array or a Python number; the smaller operand's shape must
+    be a trailing part of the larger's (``[T, n] + [n]``), as in every use the engine makes of them.
+    Indexing: basic slices (a non-contiguous result is copied), ``None`` for a new leading axis, and a list
+    of row indices (gathered).
+    """
+
+    __slots__ = ("a",)
+    __array_ufunc__ = None  # numpy scalars/arrays defer to our reflected operators instead of converting us
+
+    def __init__(self, a: Any) -> None:
+        self.a = a
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.a.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.a.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.a.shape, dtype=np.int64))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, float32)"
+
+    @property
+    def flat(self) -> Any:
+        """The 1-D device view of the same memory."""
+        return self.a.reshape(self.size)
+
+    def reshape(self, *shape: Any) -> "DeviceArray":
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(int(s) for s in shape)
+        if -1 in shape:
+            known = int(np.prod([s for s in shape if s != -1], dtype=np.int64))
+            shape = tuple(self.size // max(known, 1) if s == -1 else s for s in shape)
+        if int(np.prod(shape, dtype=np.int64)) != self.size:
+            raise ValueError(f"cannot reshape {self.shape} into {shape}")
+        return DeviceArray(self.a.reshape(*shape))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        host = self.a.copy_to_host()
+        return host if dtype is None else host.astype(dtype, copy=False)
+
+    def __getitem__(self, idx: Any) -> "DeviceArray":
+        if idx is None:
+            return self.reshape((1,) + self.shape)
+        if isinstance(idx, (list, np.ndarray)):
+            return _gather_rows(self, np.asarray(idx, np.int64).reshape(-1))
+        view = self.a[_expand_ellipsis(idx, self.ndim)]
+        if view.is_c_contiguous():
+            return DeviceArray(view)
+        return _contiguous(view)
+
+    def _binary(self, other: Any, op: int, reflected: int) -> "DeviceArray":
+        b = other if isinstance(other, DeviceArray) else _to_device(other)
+        a = self
+        if _broadcasts(b.shape, a.shape):
+            pass
+        elif _broadcasts(a.shape, b.shape):
+            a, b, op = b, a, reflected
+        else:
+            raise BackendError(f"cannot broadcast device arrays {self.shape} and {b.shape}")
+        out = cuda.device_array(a.shape, np.float32)
+        if a.size:
+            _flat_launch(K.binary(op), a.size, a.flat, b.flat, out.reshape(a.size))
+        return DeviceArray(out)
+
+    def __add__(self, other: Any) -> "DeviceArray":
+        return self._binary(other, K.ADD, K.ADD)
+
+    __radd__ = __add__
+
+    def __mul__(self, other: Any) -> "DeviceArray":
+        return self._binary(other, K.MUL, K.MUL)
+
+    __rmul__ = __mul__
+
+    def __sub__(self, other: Any) -> "DeviceArray":
+        return self._binary(other, K.SUB, K.RSUB)
+
+    def __rsub__(self, other: Any) -> "DeviceArray":
+        return self._binary(other, K.RSUB, K.SUB)
+
+
+def _broadcasts(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
+    """small (leading 1s dropped) is a trailing part of big, so small[i % len] lines up with big flattened."""
+    while small and small[0] == 1 and len(small) > 0:
+        small = small[1:]
+    return len(small) <= len(big) and tuple(big[len(big) - len(small):]) == small
+
+
+def _expand_ellipsis(idx: Any, ndim: int) -> Any:
+    """Replace ``...`` by the full slices it stands for (numba device arrays do not take Ellipsis)."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if Ellipsis not in idx:
+        return idx
+    i = idx.index(Ellipsis)
+    rest = [j for j in idx if j is not Ellipsis]
+    return tuple(idx[:i]) + (slice(None),) * (ndim - len(rest)) + tuple(idx[i + 1:])
+
+
+def _to_device(x: Any) -> DeviceArray:
+    if isinstance(x, DeviceArray):
+        return x
+    return DeviceArray(cuda.to_device(np.ascontiguousarray(x, dtype=np.float32)))
+
+
+def _flat_launch(kernel: Any, n: int, *args: Any) -> None:
+    """One thread per element for n elements."""
+    if n:
+        kernel[_cdiv(n, K.FLAT_BLOCK), K.FLAT_BLOCK](*args)
+
+
+def _row_launch(kernel: Any, n_rows: int, grid_y: int, *args: Any) -> None:
+    """One row of LANES threads per output row, ROWS rows per block, grid_y along the second axis."""
+    if n_rows and grid_y:
+        kernel[(_cdiv(n_rows, K.ROWS), grid_y), (K.LANES, K.ROWS)](*args)
+
+
+def _contiguous(view: Any) -> DeviceArray:
+    """A C-contiguous copy of a strided device view of 1 to 3 dimensions."""
+    shape = tuple(view.shape)
+    if not 1 <= len(shape) <= 3:
+        raise BackendError(f"cannot copy a non-contiguous device view of {len(shape)} dimensions")
+    n = int(np.prod(shape, dtype=np.int64))
+    out = cuda.device_array(n, np.float32)
+    _flat_launch(K.copy_strided(len(shape)), n, view, out)
+    return DeviceArray(out.reshape(*shape))
+
+
+def _gather_rows(x: DeviceArray, rows: np.ndarray) -> DeviceArray:
+    cols = x.size // max(x.shape[0], 1)
+    out = cuda.device_array(len(rows) * cols, np.float32)
+    _flat_launch(K.gather_rows, len(rows) * cols, x.flat, cols, cuda.to_device(rows), out)
+    return DeviceArray(out.reshape(len(rows), *x.shape[1:]))
+
+
+# -- weights ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceQuantized:
+    """A quantised matrix in GPU memory, MLX layout, as the kernels address it.
+
+    b32 / b16: the same device buffer viewed as uint32 / uint16; the words ``[out, in * bits / 32]`` start at
+    b32[w_off]; scales and biases ``[out, in / group_size]`` at s_off / b_off, counted in b32 elements for
+    float32 scales (fmt F32) and in b16 elements for float16 / bfloat16."""
+
+    b32: Any
+    b16: Any
+    w_off: int
+    s_off: int
+    b_off: int
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int
+    fmt: int
+
+    @property
+    def n_units(self) -> int:
+        """32-code units per row."""
+        return self.in_features // 32
+
+
+def _raw_bytes(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def _scale_offset(byte_offset: int, fmt: int) -> int:
+    return byte_offset // (4 if fmt == K.F32 else 2)
+
+
+def _upload_quantized(t: QuantizedTensor, name: str) -> DeviceQuantized:
+    """Words, scales and biases of a 2-D QuantizedTensor into one device buffer, each 4-byte aligned."""
+    if t.weight.ndim != 2 or t.scales.shape != t.biases.shape or t.scales.shape[0] != t.weight.shape[0]:
+        raise BackendError(f"{name}: expected weight [out, in*bits/32] with scales/biases [out, in/group_size], "
+                           f"got weight {t.weight.shape}, scales {t.scales.shape}, biases {t.biases.shape}")
+    out_f, in_f = t.shape
+    if t.weight.shape[1] * 32 != in_f * t.bits or in_f % t.group_size or t.group_size % 32:
+        raise BackendError(f"{name}: weight {t.weight.shape} does not hold {t.bits}-bit values for scales "
+                           f"{t.scales.shape} with group_size {t.group_size}")
+    fmt = _scale_format(t.scales.dtype, name)
+    parts = [_raw_bytes(np.asarray(t.weight, np.uint32)), _raw_bytes(t.scales), _raw_bytes(t.biases)]
+    offsets, pos = [], 0
+    for p in parts:
+        offsets.append(pos)
+        pos += _cdiv(p.nbytes, 4) * 4
+    host = np.zeros(pos, np.uint8)
+    for p, off in zip(parts, offsets):
+        host[off:off + p.nbytes] = p
+    buf = cuda.to_device(host)
+    return DeviceQuantized(buf.view(np.uint32), buf.view(np.uint16), 0, _scale_offset(offsets[1], fmt),
+                           _scale_offset(offsets[2], fmt), out_f, in_f, int(t.bits), int(t.group_size), fmt)
+
+
+@dataclass(frozen=True)
+class _StagedExperts:
+    """k experts' bytes in the staging buffer, ``stride`` bytes apart, each tensor at the same offset in every
+    expert: ``parts[name]`` is (DeviceQuantized of expert 0, that tensor's shapes)."""
+
+    parts: dict[str, DeviceQuantized]
+    stride: int
+    k: int
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _expert_arrays(expert: Expert) -> list[np.ndarray] | None:
+    """The nine arrays of a quantised expert (words, scales, biases per projection) or None if any
+    projection is a float array."""
+    arrays = []
+    for name in _PROJECTIONS:
+        t = expert[name]
+        if not isinstance(t, QuantizedTensor):
+            return None
+        arrays += [t.weight, t.scales, t.biases]
+    return arrays
+
+
+def _host_span(arrays: list[np.ndarray]) -> tuple[np.ndarray, int]:
+    """(bytes holding every array, the address they start at), the address a multiple of 4.
+
+    Views into one buffer (the store's read buffers) give a view of that buffer: no host copy. Anything else
+    is packed into a fresh array at the same relative offsets."""
+    ptrs = [a.ctypes.data for a in arrays]
+    lo = min(ptrs) & ~3
+    hi = max(p + a.nbytes for p, a in zip(ptrs, arrays))
+    root = _root(arrays[0])
+    if all(_root(a) is root for a in arrays) and root.flags.c_contiguous:
+        base = root.ctypes.data
+        if base <= lo and hi <= base + root.nbytes:
+            flat = root.reshape(-1).view(np.uint8)
+            return flat[lo - base:hi - base], lo
+    span = np.zeros(hi - lo, np.uint8)
+    for p, a in zip(ptrs, arrays):
+        span[p - lo:p - lo + a.nbytes] = _raw_bytes(a)
+    return span, lo
+
+
+class CudaBackend(Backend):
+    """numba-cuda kernels on a CUDA GPU (or numba's simulator); arrays are :class:`DeviceArray`."""
+
+    name = "cuda"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if _IMPORT_ERROR is not None:
+            return f"numba's CUDA target cannot be imported: {_IMPORT_ERROR} (pip install numba-cuda)"
+        if K.SIMULATOR:
+            return None
+        try:
+            if cuda.is_available():
+                return None
+        except Exception as e:  # a broken driver install raises instead of answering False
+            return f"no usable CUDA GPU: {e}"
+        return ("no CUDA GPU or driver found (numba.cuda.is_available() is False); NUMBA_ENABLE_CUDASIM=1 runs "
+                "the kernels in numba's CPU simulator instead")
+
+    @staticmethod
+    def device_description() -> str:
+        """The GPU and its memory, e.g. "gpu: NVIDIA H200, 139.8 GiB (numba-cuda 0.30.4)"."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            which = f"numba-cuda {version('numba-cuda')}"
+        except PackageNotFoundError:
+            which = "numba's built-in CUDA target"
+        if K.SIMULATOR:
+            return f"numba CUDA simulator on the CPU ({which})"
+        dev = cuda.get_current_device()
+        free, total = cuda.current_context().get_memory_info()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+        return f"gpu: {name}, {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free ({which})"
+
+    def __init__(self) -> None:
+        self._stage = cuda.device_array(0, np.uint8)
+        self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
+        #: host -> device bytes and copies of streamed experts since construction (statistics)
+        self.expert_bytes_copied = 0
+        self.expert_copies = 0
+
+    # -- arrays and weights ---------------------------------------------------------------------------------
+    def asarray(self, x: Any) -> DeviceArray:
+        return _to_device(x)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if isinstance(x, DeviceArray):
+            return x.a.copy_to_host()
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def prepare(self, t: Any) -> DeviceQuantized | DeviceArray:
+        if isinstance(t, DeviceQuantized | DeviceArray):
+            return t
+        if isinstance(t, QuantizedTensor):
+            return _upload_quantized(t, "weight")
+        if isinstance(t, np.ndarray):
+            return _to_device(t)
+        raise BackendError(f"weight: expected a float array or QuantizedTensor, got {type(t).__name__}")
+
+    def allocate_buffer(self, nbytes: int) -> np.ndarray:
+        """A page-aligned, pinned (page-locked) host buffer of nbytes for the expert store's ``allocate=``:
+        experts read into it reach the GPU by DMA without the driver's bounce copy."""
+        raw = cuda.pinned_array(nbytes + _PAGE, np.uint8)
+        start = (-raw.ctypes.data) % _PAGE
+        return raw[start:start + nbytes]
+
+    # -- dense ops ------------------------------------------------------------------------------------------
+    def linear(self, x: Any, w: Any) -> DeviceArray:
+        x = _to_device(x)
+        w = self.prepare(w)
+        in_f = w.in_features if isinstance(w, DeviceQuantized) else w.shape[1]
+        if x.ndim != 2 or x.shape[1] != in_f:
+            raise BackendError(f"linear: input {x.shape} does not match a weight taking {in_f} features")
+        return self._linear(x, w)
+
+    def _linear(self, x: DeviceArray, w: DeviceQuantized | DeviceArray) -> DeviceArray:
+        T = x.shape[0]
+        if isinstance(w, DeviceArray):
+            out = cuda.device_array((T, w.shape[0]), np.float32)
+            _row_launch(K.flinear, w.shape[0], T, w.flat, w.shape[1], x.flat, out.reshape(out.size))
+            return DeviceArray(out)
+        out = cuda.device_array((T, w.out_features), np.float32)
+        _row_launch(K.qlinear(w.bits, w.group_size, w.fmt), w.out_features, T, w.b32, w.b16, w.w_off, w.s_off,
+                    w.b_off, w.out_features, w.n_units, x.flat, out.reshape(out.size))
+        return DeviceArray(out)
+
+    def embed(self, ids: np.ndarray, w: Any) -> DeviceArray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        w = self.prepare(w)
+        if isinstance(w, DeviceArray):
+            return _gather_rows(w, ids)
+        out = cuda.device_array(len(ids) * w.in_features, np.float32)
+        _flat_launch(K.qembed(w.bits, w.group_size, w.fmt), out.size, w.b32, w.b16, w.w_off, w.s_off, w.b_off,
+                     w.in_features, cuda.to_device(ids), out)
+        return DeviceArray(out.reshape(len(ids), w.in_features))
+
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> DeviceArray:
+        x, weight = _to_device(x), _to_device(weight)
+        out = cuda.device_array(x.shape, np.float32)
+        rows = x.size // max(weight.size, 1)
+        _row_launch(K.rms_norm, rows, 1, x.flat, weight.flat, np.float32(eps), out.reshape(x.size))
+        return DeviceArray(out)
+
+    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> DeviceArray:
+        x = _to_device(x)
+        T, H, D = x.shape
+        # Angles in float64 on the host, like the reference: position * inv_freq in float32 is 1e-4 off at 32k.
+        inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+        angles = np.asarray(positions, np.float64).reshape(-1)[:, None] * inv_freq[None, :]
+        cos = cuda.to_device(np.cos(angles).astype(np.float32).reshape(-1))
+        sin = cuda.to_device(np.sin(angles).astype(np.float32).reshape(-1))
+        out = cuda.device_array(x.shape, np.float32)
+        _flat_launch(K.rope, x.size, x.flat, H, D, cos, sin, out.reshape(x.size))
+        return DeviceArray(out)
+
+    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> DeviceArray:
+        q, k, v = _to_device(q), _to_device(k), _to_device(v)
+        T, Hq, D = q.shape
+        S, Hkv = k.shape[0], k.shape[1]
+        pos = np.ascontiguousarray(q_positions, dtype=np.int64).reshape(-1)
+        if pos.size and pos.max() >= S:
+            raise BackendError(f"attention: query position {pos.max()} is beyond the {S} cached keys")
+        scores = cuda.device_array(max(T * Hq * S, 1), np.float32)
+        out = cuda.device_array(q.shape, np.float32)
+        _row_launch(K.attention, T * Hq, 1, q.flat, k.flat, v.flat, cuda.to_device(pos), np.float32(scale), Hq,
+                    Hkv, D, scores, out.reshape(q.size))
+        return DeviceArray(out)
+
+    def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[DeviceArray, DeviceArray]:
+        x, state, weight = _to_device(x), _to_device(state), _to_device(weight)
+        T, C = x.shape
+        Kw = weight.shape[1]
+        xs = cuda.device_array(((Kw - 1) + T) * C, np.float32)
+        if state.size:
+            xs[: state.size].copy_to_device(state.flat)
+        xs[state.size:].copy_to_device(x.flat)
+        y = cuda.device_array(T * C, np.float32)
+        _flat_launch(K.causal_conv1d, T * C, xs, weight.flat, Kw, y)
+        return DeviceArray(y.reshape(T, C)), DeviceArray(xs[T * C:].reshape(Kw - 1, C))
+
+    def gated_delta_rule(self, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any
+                         ) -> tuple[DeviceArray, DeviceArray]:
+        q, k, v, g, beta = (_to_device(a) for a in (q, k, v, g, beta))
+        T, Hk, Dk = q.shape
+        H, Dv = v.shape[1], v.shape[2]
+        new_state = cuda.device_array(H * Dk * Dv, np.float32)
+        new_state.copy_to_device(_to_device(state).flat)  # the kernel updates in place; the input stays
+        o = cuda.device_array(v.size, np.float32)
+        _flat_launch(K.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, new_state, o)
+        return DeviceArray(o.reshape(T, H, Dv)), DeviceArray(new_state.reshape(H, Dk, Dv))
+
+    # -- elementwise glue -----------------------------------------------------------------------------------
+    def _unary(self, x: Any, op: int) -> DeviceArray:
+        x = _to_device(x)
+        out = cuda.device_array(x.shape, np.float32)
+        _flat_launch(K.unary(op), x.size, x.flat, out.reshape(x.size))
+        return DeviceArray(out)
+
+    def sigmoid(self, x: Any) -> DeviceArray:
+        return self._unary(x, K.SIGMOID)
+
+    def silu(self, x: Any) -> DeviceArray:
+        return self._unary(x, K.SILU)
+
+    def softplus(self, x: Any) -> DeviceArray:
+        return self._unary(x, K.SOFTPLUS)
+
+    def l2_normalize(self, x: Any, eps: float = 1e-6) -> DeviceArray:
+        x = _to_device(x)
+        n = x.shape[-1]
+        out = cuda.device_array(x.shape, np.float32)
+        _row_launch(K.l2_normalize, x.size // max(n, 1), 1, x.flat, n, np.float32(eps), out.reshape(x.size))
+        return DeviceArray(out)
+
+    def clip(self, x: Any, limit: float) -> DeviceArray:
+        x = _to_device(x)
+        out = cuda.device_array(x.shape, np.float32)
+        _flat_launch(K.clip, x.size, x.flat, np.float32(limit), out.reshape(x.size))
+        return DeviceArray(out)
+
+    # -- experts --------------------------------------------------------------------------------------------
+    def _stage_experts(self, experts: list[Expert]) -> _StagedExperts | None:
+        """Copy each expert's byte span into the staging buffer (one host -> device copy per expert).
+
+        None when the fused kernels cannot address them: a float projection, gate and up quantised
+        differently, or experts whose tensors are not at the same relative offsets."""
+        spans, layout = [], None
+        for e in experts:
+            arrays = _expert_arrays(e)
+            if arrays is None:
+                return None
+            span, lo = _host_span(arrays)
+            sig = tuple((a.ctypes.data - lo, a.shape, a.dtype.str) for a in arrays)
+            sig += tuple((e[n].bits, e[n].group_size) for n in _PROJECTIONS)
+            if layout is not None and sig != layout:
+                return None
+            layout = sig
+            spans.append(span)
+        gate, up = experts[0]["gate_proj"], experts[0]["up_proj"]
+        if (gate.shape, gate.bits, gate.group_size, gate.scales.dtype) != (up.shape, up.bits, up.group_size,
+                                                                           up.scales.dtype):
+            return None
+        stride = _cdiv(max(s.nbytes for s in spans), _STAGE_ALIGN) * _STAGE_ALIGN
+        if self._stage.size < stride * len(spans):
+            self._stage = cuda.device_array(stride * len(spans), np.uint8)
+            self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
+        for i, span in enumerate(spans):
+            self._stage[i * stride:i * stride + span.nbytes].copy_to_device(span)
+            self.expert_bytes_copied += span.nbytes
+            self.expert_copies += 1
+        b32, b16 = self._stage_views
+        parts = {}
+        for j, name in enumerate(_PROJECTIONS):
+            t = experts[0][name]
+            fmt = _scale_format(t.scales.dtype, f"expert {name}")
+            (w_at, *_), (s_at, *_), (b_at, *_) = layout[3 * j:3 * j + 3]
+            if w_at % 4 or s_at % (4 if fmt == K.F32 else 2) or b_at % (4 if fmt == K.F32 else 2) or \
+                    t.group_size % 32:
+                return None
+            out_f, in_f = t.shape
+            parts[name] = DeviceQuantized(b32, b16, w_at // 4, _scale_offset(s_at, fmt), _scale_offset(b_at, fmt),
+                                          out_f, in_f, int(t.bits), int(t.group_size), fmt)
+        return _StagedExperts(parts, stride, len(spans))
+
+    def _gate_up(self, x: DeviceArray, staged: _StagedExperts) -> DeviceArray:
+        """h [k * T, inter] = silu(gate_e x_t) * (up_e x_t) for every staged expert e and token t."""
+        g, u = staged.parts["gate_proj"], staged.parts["up_proj"]
+        T = x.shape[0]
+        h = cuda.device_array(staged.k * T * g.out_features, np.float32)
+        _row_launch(K.qgate_up(g.bits, g.group_size, g.fmt), g.out_features, staged.k * T, g.b32, g.b16,
+                    g.w_off, g.s_off, g.b_off, u.w_off, u.s_off, u.b_off, staged.stride // 4,
+                    _scale_offset(staged.stride, g.fmt), g.out_features, g.n_units, T, x.flat, h)
+        return DeviceArray(h.reshape(staged.k * T, g.out_features))
+
+    def expert_ffn(self, x: Any, expert: Expert) -> DeviceArray:
+        x = _to_device(x)
+        staged = self._stage_experts([expert])
+        if staged is None:
+            h = self.silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
+            return self.linear(h, expert["down_proj"])
+        return self._linear(self._gate_up(x, staged), staged.parts["down_proj"])
+
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> DeviceArray:
+        x = _to_device(x).reshape(1, -1)
+        weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
+        staged = self._stage_experts(experts)
+        if staged is None:
+            out = None
+            for e, w in zip(experts, weights):
+                y = self.expert_ffn(x, e).reshape(-1) * float(w)
+                out = y if out is None else out + y
+            return out
+        h = self._gate_up(x, staged)
+        d = staged.parts["down_proj"]
+        out = cuda.device_array(d.out_features, np.float32)
+        _row_launch(K.qdown_combine(d.bits, d.group_size, d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off,
+                    d.s_off, d.b_off, staged.stride // 4, _scale_offset(staged.stride, d.fmt), d.out_features,
+                    d.n_units, staged.k, h.flat, cuda.to_device(weights), out)
+        return DeviceArray(out)

@@ -1,0 +1,554 @@
+"""numba-cuda kernels of the CUDA backend (backends/cuda_backend.py), on flat float32 device arrays.
+
+Quantised weights stay packed on the GPU in the MLX layout (flashmoe/quant.py) inside one flat buffer
+viewed twice, as uint32 and as uint16: the words at ``w_off`` (uint32 index), the scales and biases at
+``s_off`` / ``b_off`` in their own element's units (uint32 index for float32 scales, uint16 index for
+float16 / bfloat16). The scale format is decoded in the kernel from the raw bits, so a streamed expert is
+used exactly as its bytes arrive from the expert file: one copy of its bytes, no conversion pass.
+
+The mat-vec works in *units* of 32 codes (``bits`` consecutive words: 32 codes for every bit width, also
+3 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units, so with the bias
+factoring of an affine-quantised dot product (DESIGN.md, "Performance leads")
+
+    y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
+
+a unit's partial dot needs only integer codes and x. A block is ``(32, ROWS)`` threads: each row of 32
+threads (a warp on a GPU) owns one output row; lane l reads units l, l + 32, ... (for 4 bits, 16 bytes per
+lane and 512 contiguous bytes per warp: coalesced), then the row's lanes are summed. Kernels are built per
+(bits, group_size, scale format) by factories so those are compile-time constants and the code loops
+unroll.
+
+numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs the same kernels as Python threads: it has no
+warp shuffles and no libdevice, so there (and only there) the lane sum goes through shared memory and
+bits are reinterpreted as float32 with NumPy. Everything else is one code path.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numba
+import numpy as np
+from numba import cuda, float32, int32, uint32
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+LANES = 32  # threads per output row: a warp
+ROWS = 4  # output rows per block of the row kernels
+FLAT_BLOCK = 128  # threads per block of the one-thread-per-element kernels
+
+# Scale/bias formats, decoded from raw bits in the kernels.
+F32, F16, BF16 = 0, 1, 2
+
+# -- bit reinterpretation and the lane sum: the two places the simulator differs --------------------------
+if SIMULATOR:
+
+    def _as_f32(u):
+        return np.array([u], np.uint32).view(np.float32)[0]
+
+    @cuda.jit(device=True)
+    def _lane_sum(v, sh, lane, r):
+        """Sum of v over the 32 lanes of row r; every thread of the block must call it."""
+        sh[r, lane] = v
+        cuda.syncthreads()
+        s = LANES // 2
+        while s > 0:
+            if lane < s:
+                sh[r, lane] += sh[r, lane + s]
+            cuda.syncthreads()
+            s //= 2
+        total = sh[r, 0]
+        cuda.syncthreads()
+        return total
+
+    @cuda.jit(device=True)
+    def _lane_max(v, sh, lane, r):
+        sh[r, lane] = v
+        cuda.syncthreads()
+        s = LANES // 2
+        while s > 0:
+            if lane < s:
+                sh[r, lane] = max(sh[r, lane], sh[r, lane + s])
+            cuda.syncthreads()
+            s //= 2
+        total = sh[r, 0]
+        cuda.syncthreads()
+        return total
+
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _as_f32(u):
+        return libdevice.int_as_float(int32(u))
+
+    @cuda.jit(device=True, inline=True)
+    def _lane_sum(v, sh, lane, r):
+        """Sum of v over the 32 lanes of row r (one warp): butterfly shuffles, every lane gets the sum."""
+        off = LANES // 2
+        while off > 0:
+            v += cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+            off //= 2
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def _lane_max(v, sh, lane, r):
+        off = LANES // 2
+        while off > 0:
+            v = max(v, cuda.shfl_xor_sync(0xFFFFFFFF, v, off))
+            off //= 2
+        return v
+
+
+@lru_cache(maxsize=None)
+def _scale_loader(fmt: int):
+    """Device function (b32, b16, i) -> float32 value of scale/bias element i in format fmt."""
+    if fmt == F32:
+
+        @cuda.jit(device=True, inline=True)
+        def load(b32, b16, i):
+            return _as_f32(b32[i])
+
+    elif fmt == BF16:
+
+        @cuda.jit(device=True, inline=True)
+        def load(b32, b16, i):
+            return _as_f32(uint32(b16[i]) << uint32(16))
+
+    else:
+
+        @cuda.jit(device=True, inline=True)
+        def load(b32, b16, i):
+            # IEEE half -> single from the bits: rebias the exponent; subnormal halves are m * 2^-24.
+            h = uint32(b16[i])
+            sign = (h >> uint32(15)) << uint32(31)
+            e = (h >> uint32(10)) & uint32(31)
+            m = h & uint32(1023)
+            if e == uint32(0):
+                v = float32(m) * float32(5.9604644775390625e-08)
+                return -v if sign else v
+            if e == uint32(31):
+                return _as_f32(sign | uint32(0x7F800000) | (m << uint32(13)))
+            return _as_f32(sign | ((e + uint32(112)) << uint32(23)) | (m << uint32(13)))
+
+    return load
+
+
+@lru_cache(maxsize=None)
+def _qdot(bits: int, group_size: int, fmt: int):
+    """Device function: this lane's part of one quantised row . x (bias factored per group).
+
+    (b32, b16, wrow, srow, brow, n_units, x, xoff, lane): wrow/srow/brow index the row's first word /
+    scale / bias; x[xoff : xoff + 32 * n_units] is the input.
+    """
+    load = _scale_loader(fmt)
+    mask = uint32((1 << bits) - 1)
+    per_word = 32 // bits if 32 % bits == 0 else 0  # 0: codes straddle words (3 and 6 bits)
+    units_per_group = group_size // 32
+
+    @cuda.jit(device=True)
+    def qdot(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
+        acc = float32(0.0)
+        u = lane
+        while u < n_units:
+            w0 = wrow + u * bits
+            x0 = xoff + u * 32
+            dot = float32(0.0)
+            xs = float32(0.0)
+            if per_word:
+                for wi in range(bits):
+                    w = b32[w0 + wi]
+                    for c in range(per_word):
+                        xv = x[x0 + wi * per_word + c]
+                        dot += float32((w >> uint32(c * bits)) & mask) * xv
+                        xs += xv
+            else:
+                for j in range(32):
+                    bit = j * bits
+                    k = w0 + (bit >> 5)
+                    s = bit & 31
+                    code = b32[k] >> uint32(s)
+                    if s + bits > 32:
+                        code |= b32[k + 1] << uint32(32 - s)
+                    xv = x[x0 + j]
+                    dot += float32(code & mask) * xv
+                    xs += xv
+            g = u // units_per_group
+            acc += load(b32, b16, srow + g) * dot + load(b32, b16, brow + g) * xs
+            u += LANES
+        return acc
+
+    return qdot
+
+
+@cuda.jit(device=True, inline=True)
+def _silu(a):
+    return a / (float32(1.0) + math.exp(-a))
+
+
+# -- quantised matrices -------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def qlinear(bits: int, group_size: int, fmt: int):
+    """out[t, o] = W[o] . x[t]. Launch grid (ceil(n_out / ROWS), T), block (LANES, ROWS).
+
+    (b32, b16, w_off, s_off, b_off, n_out, n_units, x [T * in], out [T * n_out])."""
+    qdot = _qdot(bits, group_size, fmt)
+
+    @cuda.jit
+    def kernel(b32, b16, w_off, s_off, b_off, n_out, n_units, x, out):
+        sh = cuda.shared.array((ROWS, LANES), float32)
+        lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+        o = cuda.blockIdx.x * ROWS + r
+        t = cuda.blockIdx.y
+        words, groups = n_units * bits, n_units * 32 // group_size
+        p = float32(0.0)
+        if o < n_out:
+            p = qdot(b32, b16, w_off + o * words, s_off + o * groups, b_off + o * groups, n_units, x,
+                     t * n_units * 32, lane)
+        total = _lane_sum(p, sh, lane, r)
+        if o < n_out and lane == 0:
+            out[t * n_out + o] = total
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def qgate_up(bits: int, group_size: int, fmt: int):
+    """h[e, t, i] = silu(gate_e[i] . x[t]) * (up_e[i] . x[t]) for k experts laid out ``stride32`` words
+    (``stride_s`` scale elements) apart. Grid (ceil(inter / ROWS), k * T), block (LANES, ROWS).
+
+    (b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, n_inter, n_units, n_tok, x [T * hidden],
+    h [k * T * inter])."""
+    qdot = _qdot(bits, group_size, fmt)
+
+    @cuda.jit
+    def kernel(b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, n_inter, n_units, n_tok, x, h):
+        sh = cuda.shared.array((ROWS, LANES), float32)
+        lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+        i = cuda.blockIdx.x * ROWS + r
+        e = cuda.blockIdx.y // n_tok
+        t = cuda.blockIdx.y % n_tok
+        words, groups = n_units * bits, n_units * 32 // group_size
+        ew, es = e * stride32 + i * words, e * stride_s + i * groups
+        a = float32(0.0)
+        b = float32(0.0)
+        if i < n_inter:
+            a = qdot(b32, b16, gw + ew, gs + es, gb + es, n_units, x, t * n_units * 32, lane)
+            b = qdot(b32, b16, uw + ew, us + es, ub + es, n_units, x, t * n_units * 32, lane)
+        a = _lane_sum(a, sh, lane, r)
+        b = _lane_sum(b, sh, lane, r)
+        if i < n_inter and lane == 0:
+            h[(e * n_tok + t) * n_inter + i] = _silu(a) * b
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def qdown_combine(bits: int, group_size: int, fmt: int):
+    """out[o] = sum_e weights[e] * (down_e[o] . h[e]) for one token's k experts. Grid ceil(hidden / ROWS),
+    block (LANES, ROWS).
+
+    (b32, b16, dw, ds, db, stride32, stride_s, n_out, n_units, k, h [k * inter], weights [k], out [hidden])."""
+    qdot = _qdot(bits, group_size, fmt)
+
+    @cuda.jit
+    def kernel(b32, b16, dw, ds, db, stride32, stride_s, n_out, n_units, k, h, weights, out):
+        sh = cuda.shared.array((ROWS, LANES), float32)
+        lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+        o = cuda.blockIdx.x * ROWS + r
+        words, groups = n_units * bits, n_units * 32 // group_size
+        p = float32(0.0)
+        if o < n_out:
+            for e in range(k):
+                p += weights[e] * qdot(b32, b16, dw + e * stride32 + o * words, ds + e * stride_s + o * groups,
+                                       db + e * stride_s + o * groups, n_units, h, e * n_units * 32, lane)
+        total = _lane_sum(p, sh, lane, r)
+        if o < n_out and lane == 0:
+            out[o] = total
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def qembed(bits: int, group_size: int, fmt: int):
+    """out[t, i] = dequantised W[ids[t], i], one thread per element. Grid ceil(T * in / FLAT_BLOCK).
+
+    (b32, b16, w_off, s_off, b_off, n_in, ids [T], out [T * in])."""
+    load = _scale_loader(fmt)
+    mask = uint32((1 << bits) - 1)
+
+    @cuda.jit
+    def kernel(b32, b16, w_off, s_off, b_off, n_in, ids, out):
+        n = cuda.grid(1)
+        if n < out.shape[0]:
+            row, i = ids[n // n_in], n % n_in
+            bit = i * bits  # the row is one little-endian bit stream
+            k = w_off + row * (n_in * bits // 32) + (bit >> 5)
+            s = bit & 31
+            code = b32[k] >> uint32(s)
+            if s + bits > 32:
+                code |= b32[k + 1] << uint32(32 - s)
+            g = row * (n_in // group_size) + i // group_size
+            out[n] = load(b32, b16, s_off + g) * float32(code & mask) + load(b32, b16, b_off + g)
+
+    return kernel
+
+
+# -- float matrices -----------------------------------------------------------------------------------------
+@cuda.jit
+def flinear(w, n_in, x, out):
+    """out[t, o] = w[o] . x[t], w float32 flat [out * in]. Grid (ceil(n_out / ROWS), T), block (LANES, ROWS)."""
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+    n_out = w.shape[0] // n_in
+    o = cuda.blockIdx.x * ROWS + r
+    t = cuda.blockIdx.y
+    p = float32(0.0)
+    if o < n_out:
+        for i in range(lane, n_in, LANES):
+            p += w[o * n_in + i] * x[t * n_in + i]
+    total = _lane_sum(p, sh, lane, r)
+    if o < n_out and lane == 0:
+        out[t * n_out + o] = total
+
+
+@cuda.jit
+def gather_rows(src, n_cols, ids, out):
+    """out[t, :] = src[ids[t], :] on flat arrays. Grid ceil(T * n_cols / FLAT_BLOCK)."""
+    n = cuda.grid(1)
+    if n < out.shape[0]:
+        out[n] = src[ids[n // n_cols] * n_cols + n % n_cols]
+
+
+# -- normalisation, rotary, attention, recurrences ------------------------------------------------------------
+@cuda.jit
+def rms_norm(x, w, eps, out):
+    """Rows of n = w.shape[0]: out = x / sqrt(mean(x²) + eps) * w. Grid ceil(rows / ROWS), block (LANES, ROWS)."""
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+    n = w.shape[0]
+    row = cuda.blockIdx.x * ROWS + r
+    active = row * n < x.shape[0]
+    ss = float32(0.0)
+    if active:
+        for i in range(lane, n, LANES):
+            v = x[row * n + i]
+            ss += v * v
+    ss = _lane_sum(ss, sh, lane, r)
+    if active:
+        inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)
+        for i in range(lane, n, LANES):
+            out[row * n + i] = x[row * n + i] * inv * w[i]
+
+
+@cuda.jit
+def l2_normalize(x, n, eps, out):
+    """Rows of n: out = x / sqrt(sum(x²) + eps). Grid ceil(rows / ROWS), block (LANES, ROWS)."""
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+    row = cuda.blockIdx.x * ROWS + r
+    active = row * n < x.shape[0]
+    ss = float32(0.0)
+    if active:
+        for i in range(lane, n, LANES):
+            v = x[row * n + i]
+            ss += v * v
+    ss = _lane_sum(ss, sh, lane, r)
+    if active:
+        inv = float32(1.0) / math.sqrt(ss + eps)
+        for i in range(lane, n, LANES):
+            out[row * n + i] = x[row * n + i] * inv
+
+
+@cuda.jit
+def rope(x, heads, head_dim, cos, sin, out):
+    """Rotate-half RoPE on the first 2 * half features of each head (half = cos.shape[0] // T), the rest
+    copied. x, out flat [T * heads * head_dim]; cos, sin [T * half]. One thread per element."""
+    n = cuda.grid(1)
+    if n < x.shape[0]:
+        t = n // (heads * head_dim)
+        d = n % head_dim
+        half = cos.shape[0] // (x.shape[0] // (heads * head_dim))
+        if d < half:
+            c, s = cos[t * half + d], sin[t * half + d]
+            out[n] = x[n] * c - x[n + half] * s
+        elif d < 2 * half:
+            c, s = cos[t * half + d - half], sin[t * half + d - half]
+            out[n] = x[n] * c + x[n - half] * s
+        else:
+            out[n] = x[n]
+
+
+@cuda.jit
+def attention(q, k, v, q_positions, scale, n_heads, n_kv_heads, head_dim, scores, out):
+    """Causal GQA softmax attention; one row of LANES threads per (token, query head).
+
+    q, out flat [T * Hq * D]; k, v flat [S * Hkv * D]; scores scratch [T * Hq * S]. Lanes own keys j, j + 32,
+    ... for the scores and features d, d + 32, ... for the weighted sum of values. Grid
+    ceil(T * Hq / ROWS), block (LANES, ROWS)."""
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+    th = cuda.blockIdx.x * ROWS + r
+    S = k.shape[0] // (n_kv_heads * head_dim)
+    active = th < q_positions.shape[0] * n_heads
+    t, h = th // n_heads, th % n_heads
+    kh = h // (n_heads // n_kv_heads)
+    n = 0
+    if active:
+        n = q_positions[t] + 1
+    qo, so = th * head_dim, th * S
+    m = float32(-math.inf)
+    for j in range(lane, n, LANES):
+        acc = float32(0.0)
+        ko = (j * n_kv_heads + kh) * head_dim
+        for d in range(head_dim):
+            acc += q[qo + d] * k[ko + d]
+        acc *= scale
+        scores[so + j] = acc
+        m = max(m, acc)
+    m = _lane_max(m, sh, lane, r)
+    total = float32(0.0)
+    for j in range(lane, n, LANES):
+        e = math.exp(scores[so + j] - m)
+        scores[so + j] = e
+        total += e
+    total = _lane_sum(total, sh, lane, r)
+    cuda.syncthreads()  # every lane's scores are written before any lane reads them all
+    for d in range(lane, head_dim if active else 0, LANES):
+        acc = float32(0.0)
+        for j in range(n):
+            acc += scores[so + j] * v[(j * n_kv_heads + kh) * head_dim + d]
+        out[qo + d] = acc / total
+
+
+@cuda.jit
+def causal_conv1d(xs, w, kernel_size, y):
+    """y[t, c] = silu(sum_j w[c, j] * xs[t + j, c]); xs flat [(T + K - 1) * C], w [C * K], y [T * C]."""
+    n = cuda.grid(1)
+    if n < y.shape[0]:
+        C = w.shape[0] // kernel_size
+        t, c = n // C, n % C
+        acc = float32(0.0)
+        for j in range(kernel_size):
+            acc += w[c * kernel_size + j] * xs[(t + j) * C + c]
+        y[n] = _silu(acc)
+
+
+@cuda.jit
+def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state, o):
+    """Gated delta rule (Yang et al. 2024) in place on state [H * Dk * Dv]; one thread per (head h, value
+    feature j), owning column j of S_h: per token S = exp(g) S; delta = beta (v - Sᵀk); S += k ⊗ delta;
+    o = Sᵀq. q, k [T * Hk * Dk]; v, o [T * H * Dv]; g, beta [T * H]."""
+    n = cuda.grid(1)
+    H = g.shape[0] // n_tok
+    dv = v.shape[0] // (n_tok * H)
+    if n < H * dv:
+        h, j = n // dv, n % dv
+        kh = h // (H // k_heads)
+        base = h * dk * dv + j
+        for t in range(n_tok):
+            decay = math.exp(g[t * H + h])
+            kq = (t * k_heads + kh) * dk
+            kv = float32(0.0)
+            for i in range(dk):
+                s = state[base + i * dv] * decay
+                state[base + i * dv] = s
+                kv += s * k[kq + i]
+            delta = (v[(t * H + h) * dv + j] - kv) * beta[t * H + h]
+            acc = float32(0.0)
+            for i in range(dk):
+                s = state[base + i * dv] + k[kq + i] * delta
+                state[base + i * dv] = s
+                acc += s * q[kq + i]
+            o[(t * H + h) * dv + j] = acc
+
+
+# -- elementwise ----------------------------------------------------------------------------------------------
+SIGMOID, SILU, SOFTPLUS, ADD, SUB, MUL, RSUB = range(7)
+
+
+@cuda.jit(device=True, inline=True)
+def _sigmoid(a):
+    e = math.exp(-abs(a))  # never overflows
+    return float32(1.0) / (float32(1.0) + e) if a >= 0 else e / (float32(1.0) + e)
+
+
+@lru_cache(maxsize=None)
+def unary(op: int):
+    """out[i] = op(x[i]) for op in SIGMOID, SILU, SOFTPLUS. Grid ceil(n / FLAT_BLOCK)."""
+
+    @cuda.jit
+    def kernel(x, out):
+        n = cuda.grid(1)
+        if n < x.shape[0]:
+            a = x[n]
+            if op == SIGMOID:
+                out[n] = _sigmoid(a)
+            elif op == SILU:
+                out[n] = a * _sigmoid(a)
+            else:  # log(1 + exp(a)) = max(a, 0) + log1p(exp(-|a|)), overflow-free
+                out[n] = max(a, float32(0.0)) + math.log1p(math.exp(-abs(a)))
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def binary(op: int):
+    """out[i] = a[i] op b[i % len(b)] (b broadcast over a's leading axes) for ADD, SUB, MUL, RSUB (b - a)."""
+
+    @cuda.jit
+    def kernel(a, b, out):
+        n = cuda.grid(1)
+        if n < a.shape[0]:
+            x, y = a[n], b[n % b.shape[0]]
+            if op == ADD:
+                out[n] = x + y
+            elif op == SUB:
+                out[n] = x - y
+            elif op == RSUB:
+                out[n] = y - x
+            else:
+                out[n] = x * y
+
+    return kernel
+
+
+@cuda.jit
+def clip(x, limit, out):
+    """out = min(max(x, -limit), limit)."""
+    n = cuda.grid(1)
+    if n < x.shape[0]:
+        out[n] = min(max(x[n], -limit), limit)
+
+
+@lru_cache(maxsize=None)
+def copy_strided(ndim: int):
+    """out (flat, C order) = src, a view of ndim (1..3) dimensions with any strides (numba indexes it by
+    its strides). Grid ceil(n / FLAT_BLOCK)."""
+    if ndim == 1:
+
+        @cuda.jit
+        def kernel(src, out):
+            n = cuda.grid(1)
+            if n < out.shape[0]:
+                out[n] = src[n]
+
+    elif ndim == 2:
+
+        @cuda.jit
+        def kernel(src, out):
+            n = cuda.grid(1)
+            if n < out.shape[0]:
+                out[n] = src[n // src.shape[1], n % src.shape[1]]
+
+    else:
+
+        @cuda.jit
+        def kernel(src, out):
+            n = cuda.grid(1)
+            if n < out.shape[0]:
+                b, c = src.shape[1], src.shape[2]
+                out[n] = src[n // (b * c), (n // c) % b, n % c]
+
+    return kernel
