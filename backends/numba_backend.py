@@ -29,6 +29,8 @@ import numpy as np
 try:
     import numba
     from numba import literally, njit, prange
+    from numba.core import types
+    from numba.extending import intrinsic
 except ImportError as _e:  # the registry reports this through unavailable_reason
     numba = None
     _IMPORT_ERROR = str(_e)
@@ -160,40 +162,68 @@ if numba is not None:
             _dequant_rows_permuted(words, scales, biases, bits, r, r + 1, tile)
             out[i] = tile[0]
 
+    def _pointer_intrinsic(nbtype):
+        @intrinsic
+        def pointer(typingctx, address):
+            """An int64 address -> a typed C pointer, for ``numba.carray``."""
+            sig = types.CPointer(nbtype)(types.int64)
+
+            def codegen(context, builder, signature, args):
+                return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+            return sig, codegen
+
+        return pointer
+
+    _u32_pointer = _pointer_intrinsic(types.uint32)
+    _f32_pointer = _pointer_intrinsic(types.float32)
+
+    @njit(inline="always")
+    def _expert_weight(addresses, e, rows, n_words, n_groups):
+        """The e-th expert's (words, scales, biases) as arrays over the caller's memory (no copy)."""
+        words = numba.carray(_u32_pointer(addresses[e, 0]), (rows, n_words))
+        scales = numba.carray(_f32_pointer(addresses[e, 1]), (rows, n_groups))
+        biases = numba.carray(_f32_pointer(addresses[e, 2]), (rows, n_groups))
+        return words, scales, biases
+
     @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def _experts_gate_up(gw, gs, gb, g_bits, uw, us, ub, u_bits, xpg, xsg, xpu, xsu, h):
-        """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token."""
+    def _experts_gate_up(g_addr, g_bits, u_addr, u_bits, xpg, xsg, xpu, xsu, h):
+        """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token.
+
+        g_addr, u_addr: int64 [k, 3] addresses of each expert's words / float32 scales / float32 biases."""
         literally(g_bits)
         literally(u_bits)
         k, inter = h.shape
         nblk = (inter + _ROW_BLOCK - 1) // _ROW_BLOCK
         for c in prange(k * nblk):
             e = c // nblk
+            gw, gs, gb = _expert_weight(g_addr, e, inter, xpg.shape[2] * g_bits * xpg.shape[1] // 32, xsg.shape[1])
+            uw, us, ub = _expert_weight(u_addr, e, inter, xpu.shape[2] * u_bits * xpu.shape[1] // 32, xsu.shape[1])
             pwg = np.empty(xpg.shape[2], np.float32)
             pwu = np.empty(xpu.shape[2], np.float32)
-            gwe, gse, gbe = gw[e], gs[e], gb[e]
-            uwe, use, ube = uw[e], us[e], ub[e]
             i0 = (c % nblk) * _ROW_BLOCK
             for i in range(i0, min(inter, i0 + _ROW_BLOCK)):
-                _unit_dots(gwe[i], xpg[0], pwg, g_bits)
-                a = _fold_groups(pwg, gse[i], gbe[i], xsg[0])
-                _unit_dots(uwe[i], xpu[0], pwu, u_bits)
-                b = _fold_groups(pwu, use[i], ube[i], xsu[0])
+                _unit_dots(gw[i], xpg[0], pwg, g_bits)
+                a = _fold_groups(pwg, gs[i], gb[i], xsg[0])
+                _unit_dots(uw[i], xpu[0], pwu, u_bits)
+                b = _fold_groups(pwu, us[i], ub[i], xsu[0])
                 h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * b
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def _experts_down(dw, ds, db, bits, hp, hsum, weights, out):
+    def _experts_down(d_addr, bits, hp, hsum, weights, out):
         """out[o] = sum_e weights[e] * (down_e[o] . h_e): every hidden row reads all k experts' rows."""
         literally(bits)
         k = hp.shape[0]
         n_rows = out.shape[0]
+        n_words = hp.shape[2] * bits * hp.shape[1] // 32
         for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
             pw = np.empty(hp.shape[2], np.float32)
             for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
                 acc = np.float32(0.0)
                 for e in range(k):
-                    _unit_dots(dw[e][o], hp[e], pw, bits)
-                    acc += weights[e] * _fold_groups(pw, ds[e][o], db[e][o], hsum[e])
+                    dw, ds, db = _expert_weight(d_addr, e, n_rows, n_words, hsum.shape[1])
+                    _unit_dots(dw[o], hp[e], pw, bits)
+                    acc += weights[e] * _fold_groups(pw, ds[o], db[o], hsum[e])
                 out[o] = acc
 
     @njit(fastmath=_FASTMATH, cache=True)
@@ -402,17 +432,18 @@ class NumbaBackend(Backend):
             x, u[0].bits, u[0].group_size
         )
         h = np.empty((len(packed), g[0].out_features), np.float32)
-        _experts_gate_up(
-            *_stack(g), g[0].bits, *_stack(u), u[0].bits, xpg, xsg, xpu, xsu, h
-        )
+        _experts_gate_up(_addresses(g), g[0].bits, _addresses(u), u[0].bits, xpg, xsg, xpu, xsu, h)
         hp, hsum = permute_input(h, d[0].bits, d[0].group_size)
         out = np.empty(d[0].out_features, np.float32)
-        _experts_down(*_stack(d), d[0].bits, hp, hsum, weights, out)
+        _experts_down(_addresses(d), d[0].bits, hp, hsum, weights, out)
         return out
 
 
-def _stack(ws: list[PackedWeight]) -> tuple[tuple, tuple, tuple]:
-    return tuple(w.words for w in ws), tuple(w.scales for w in ws), tuple(w.biases for w in ws)
+def _addresses(ws: list[PackedWeight]) -> np.ndarray:
+    """int64 [k, 3]: addresses of each weight's words, scales and biases. The fused kernels take addresses
+    rather than a tuple of k arrays because numba compiles one specialisation per tuple length (and a
+    k-way branch per access); the caller keeps the arrays alive for the call."""
+    return np.array([[w.words.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data] for w in ws], np.int64)
 
 
 def _fusable(packed: list[dict]) -> bool:
@@ -422,6 +453,6 @@ def _fusable(packed: list[dict]) -> bool:
         ws = [e[name] for e in packed]
         if not all(isinstance(w, PackedWeight) for w in ws):
             return False
-        if len({(w.bits, w.group_size, w.words.shape, w.words.flags.writeable) for w in ws}) != 1:
+        if len({(w.bits, w.group_size, w.words.shape) for w in ws}) != 1:
             return False
     return True

@@ -1,0 +1,168 @@
+"""The conformance gate: a backend is used only after it has passed the quick suite on this machine.
+
+``ensure_conformant(name)`` runs the quick suite (conformance/op_cases.py: every operation, every bit width
+and scale dtype, against the NumPy reference) once and records a stamp; later calls find the stamp and
+return at once. The stamp is keyed by backend, flashmoe version, machine (host, CPU, numba/numpy versions)
+and a digest of the backend and conformance sources, so a changed kernel is checked again. Stamps live in
+``$FLASHMOE_CACHE_DIR/conformance`` (default ``~/.cache/flashmoe/conformance``).
+
+``main(backend, full)`` is ``flashmoe conformance``: it runs the quick (or full) suite for one backend or
+every available one and prints a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flashmoe import __version__
+from flashmoe.backends import available_backends, get_backend
+from flashmoe.backends.base import BackendError
+from flashmoe.conformance import op_cases
+from flashmoe.conformance.op_cases import QUICK_CASES, CaseResult, full_cases, run_cases
+from flashmoe.errors import ConformanceError
+
+#: The NumPy backend is the reference the suite compares with; it needs no gate.
+REFERENCE_BACKEND = "numpy"
+
+
+def cache_dir() -> Path:
+    """Where stamps are kept: ``$FLASHMOE_CACHE_DIR/conformance`` or ``~/.cache/flashmoe/conformance``."""
+    root = os.environ.get("FLASHMOE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashmoe"
+    return Path(root) / "conformance"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, str]:
+    """What identifies this machine and toolchain for the stamp."""
+    info = {"host": platform.node(), "cpu": _cpu_model(), "arch": platform.machine(), "cores": str(os.cpu_count()),
+            "python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import numba
+
+        info["numba"] = numba.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _source_digest(name: str) -> str:
+    """SHA-256 over the backend's module, the interface and the suite: editing any of them re-runs the gate."""
+    h = hashlib.sha256()
+    modules = [type(get_backend(name)), op_cases, sys.modules[__name__]]
+    for obj in modules:
+        h.update(Path(inspect.getfile(obj)).read_bytes())
+    h.update(Path(inspect.getfile(BackendError)).read_bytes())  # backends/base.py
+    return h.hexdigest()
+
+
+def stamp_path(name: str) -> Path:
+    """The stamp file of backend ``name`` for this flashmoe version, machine and source."""
+    key = json.dumps({"machine": machine(), "source": _source_digest(name)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / f"{name}-{__version__}-{digest}.json"
+
+
+def _write_stamp(path: Path, name: str, results: list[CaseResult], seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"backend": name, "flashmoe_version": __version__, "machine": machine(), "cases": len(results),
+              "max_error_over_tolerance": max(r.error / r.tolerance for r in results), "seconds": round(seconds, 2),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)  # atomic: concurrent first runs never leave a half-written stamp
+
+
+def ensure_conformant(name: str) -> None:
+    """Make sure backend ``name`` passed the quick suite on this machine; run it (seconds, plus numba's
+    one-time compilation) and stamp it if not.
+
+    Raises BackendError for an unknown or unavailable backend, ConformanceError listing the failing cases.
+    """
+    backend = get_backend(name)
+    if name == REFERENCE_BACKEND:
+        return
+    path = stamp_path(name)
+    if path.is_file():
+        return
+    start = time.perf_counter()
+    results = run_cases(backend, QUICK_CASES)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        shown = "\n  ".join(r.describe() for r in failed[:5])
+        more = f"\n  ... and {len(failed) - 5} more" if len(failed) > 5 else ""
+        raise ConformanceError(
+            f"backend {name!r} failed {len(failed)} of {len(results)} conformance cases against the NumPy "
+            f"reference and will not be used:\n  {shown}{more}\n(run `flashmoe conformance --backend {name}`)"
+        )
+    _write_stamp(path, name, results, time.perf_counter() - start)
+
+
+def _table(name: str, results: list[CaseResult]):
+    from rich.table import Table
+
+    table = Table(title=f"backend {name}: {sum(r.passed for r in results)}/{len(results)} cases pass")
+    for col, justify in [("operation", "left"), ("cases", "right"), ("failed", "right"),
+                         ("max rel. error", "right"), ("tolerance", "right"), ("seconds", "right")]:
+        table.add_column(col, justify=justify)
+    for op in dict.fromkeys(r.case.op for r in results):
+        rs = [r for r in results if r.case.op == op]
+        bad = sum(not r.passed for r in rs)
+        worst = max(r.error for r in rs)
+        table.add_row(op, str(len(rs)), f"[red]{bad}[/red]" if bad else "0", f"{worst:.2e}",
+                      f"{rs[0].tolerance:.0e}", f"{sum(r.seconds for r in rs):.2f}")
+    return table
+
+
+def main(backend: str | None = None, full: bool = False) -> int:
+    """Run the quick (or ``full``) suite for ``backend`` (default: every available backend but the
+    reference), print a table per backend and the failing cases; stamp the backends that pass the quick
+    suite. Returns 0 when every checked backend passes, 1 otherwise (2 for an unknown backend)."""
+    from rich.console import Console
+
+    console = Console()
+    available = available_backends()
+    if backend is not None and backend not in available:
+        console.print(f"[red]error:[/red] unknown backend {backend!r}; choose one of {', '.join(available)}")
+        return 2
+    names = [backend] if backend else [n for n, why in available.items() if why is None and n != REFERENCE_BACKEND]
+    for n, why in available.items():
+        if why is not None and (backend is None or n == backend):
+            console.print(f"backend {n}: not available ({why})")
+    status = 0
+    for name in names:
+        if available[name] is not None:
+            status = 1
+            continue
+        cases = full_cases() if full else QUICK_CASES
+        start = time.perf_counter()
+        with console.status(f"checking {name} ({len(cases)} cases; the first run compiles kernels)"):
+            results = run_cases(name, cases)
+        seconds = time.perf_counter() - start
+        console.print(_table(name, results))
+        failed = [r for r in results if not r.passed]
+        for r in failed:
+            console.print(f"[red]FAIL[/red] {r.describe()}")
+        if failed:
+            status = 1
+        elif name != REFERENCE_BACKEND:
+            _write_stamp(stamp_path(name), name, results, seconds)
+            console.print(f"{name}: conformant ({seconds:.1f} s); stamp {stamp_path(name)}")
+    return status
