@@ -108,12 +108,17 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print time to first token, tok/s, ms/layer, I/O and hit rate."),
     stats_json: Optional[Path] = typer.Option(None, help="Write the run's statistics as JSON to this file."),
+    trace: Optional[Path] = typer.Option(None, help="Write the routing trace (experts, hits, bytes, time per "
+                                         "token and layer; docs/formats.md) to this JSONL file."),
 ) -> None:
     """Generate text, streaming routed experts from disk. Ctrl-C stops and prints the statistics so far."""
+    from contextlib import nullcontext
+
     from flashmoe.generate import generate_steps
     from flashmoe.load import default_model_dir, load_engine
     from flashmoe.sampling import Sampler
     from flashmoe.tokenizer import Tokenizer
+    from flashmoe.trace import record_trace
 
     directory = model_dir or default_model_dir()
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -126,12 +131,13 @@ def generate(
                          cache_policy=cache_policy)
     if not chat:
         sys.stdout.write(prompt)
-    try:
-        for step in generate_steps(engine, tokenizer, prompt_ids, sampler, max_tokens):
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        typer.echo("\n[interrupted]", err=True)
+    with record_trace(engine, trace, str(directory)) if trace else nullcontext():
+        try:
+            for step in generate_steps(engine, tokenizer, prompt_ids, sampler, max_tokens):
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            typer.echo("\n[interrupted]", err=True)
     sys.stdout.write("\n")
     if stats:
         typer.echo(engine.stats.summary(), err=True)

@@ -27,6 +27,7 @@ from flashmoe.modeldir import ModelDir
 from flashmoe.reference.moe import route
 from flashmoe.stats import Stats
 from flashmoe.store import ExpertStore
+from flashmoe.trace import Tracer
 
 
 class KVCache:
@@ -89,13 +90,16 @@ class Engine:
         store: the ExpertStore serving this model's expert files.
         stats: where time and I/O are accounted (shared with the store).
         experts_per_token: overrides the model's num_experts_per_tok (Flash-MoE ran the 397B at 4 of 10).
+        tracer: records routing, hits, bytes and time per token and MoE layer (flashmoe.trace.Tracer);
+            may also be set later as `engine.tracer`.
 
     Raises FormatError/CheckpointError (from the model directory) when a resident tensor is missing.
     """
 
     def __init__(self, model: ModelDir, backend: Backend, store: ExpertStore, stats: Stats,
-                 experts_per_token: int | None = None):
+                 experts_per_token: int | None = None, tracer: Tracer | None = None):
         self.model = model
+        self.tracer = tracer
         self.cfg: ModelConfig = model.config
         self.backend = backend
         self.store = store
@@ -148,6 +152,8 @@ class Engine:
         be, cfg = self.backend, self.cfg
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         positions = np.arange(state.position, state.position + len(ids))
+        if self.tracer is not None:
+            self.tracer.begin(ids)
         h = be.embed(ids, self._w["embed_tokens.weight"])  # (T, hidden)
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
@@ -269,6 +275,8 @@ class Engine:
             experts = [layout.view(buf) for buf in buffers]
             y = be.experts_ffn(x[0], experts, weights)[None]
         self.store.release(request)
+        if self.tracer is not None:
+            self.tracer.layer(layer, ids[None], weights[None], [request])
         return y if shared is None else y + shared
 
     def _moe_prefill(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
@@ -285,9 +293,11 @@ class Engine:
         with self.stats.stage("shared_expert"):
             out = self._shared_expert(p, x)
         y = np.zeros((x.shape[0], self.cfg.hidden_size), np.float32)
+        fetches = []
         for n, batch in enumerate(batches):
             buffers = self.store.wait(pending)
             current = pending
+            fetches.append(current)
             if n + 1 < len(batches):
                 pending = self.store.fetch(layer, batches[n + 1])
             with self.stats.stage("experts"):
@@ -297,6 +307,8 @@ class Engine:
                     contrib = be.to_numpy(be.expert_ffn(x[tokens.tolist()], layout.view(buf)))
                     y[tokens] += contrib * weights[tokens, slot][:, None]
             self.store.release(current)
+        if self.tracer is not None:
+            self.tracer.layer(layer, ids, weights, fetches)
         y = be.asarray(y)
         return y if out is None else y + out
 
