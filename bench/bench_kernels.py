@@ -1,0 +1,185 @@
+"""The numba backend's 4-bit dequantising mat-vec against this machine's memory read bandwidth.
+
+Measured in one run, interleaved round by round so that both sides see the same machine load:
+
+- memory read bandwidth: ``np.add.reduce`` over a 1 GB float32 array (what issue 3 calls the machine's
+  memory read bandwidth);
+- the numba 4-bit mat-vec (``NumbaBackend.linear``, T = 1, group 64, bf16 scales/biases) on the 397B's
+  expert shapes 1024x4096 and 4096x1024 and on an lm_head-sized 248320x4096. Expert-sized weights are
+  cycled through a pool of distinct matrices larger than the last-level cache, so every call reads DRAM
+  (``cold``); ``hot`` repeats one matrix (L2/L3-resident, the upper bound of the kernel's arithmetic);
+- the fused k-expert SwiGLU (``experts_ffn``) for one decode token of the 397B (k = 10, hidden 4096,
+  moe_intermediate 1024: 70.8 MB of expert weights), experts cycled through a pool;
+- the NumPy backend on one expert matrix, for scale.
+
+Weight bytes are the stored bytes (uint32 words + bf16 scales and biases: 4.5 bits per weight); GB/s is
+1e9 bytes per second; every number is the median over ``--rounds`` rounds. Results print as a table and,
+with ``--docs``, replace the kernel section of docs/benchmarks.md. Run when the machine is otherwise idle:
+``python bench/bench_kernels.py --docs docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from flashmoe.backends import get_backend
+from flashmoe.quant import QuantizedTensor
+
+GB = 1e9
+HIDDEN, MOE_INTER, VOCAB = 4096, 1024, 248320  # Qwen3.5-397B-A17B (model-shapes.md)
+K = 10
+POOL_BYTES = 256 << 20  # > 8x a 32 MB L3: a cycled pool is read from DRAM
+SECTION_START = "<!-- bench_kernels:start -->"
+SECTION_END = "<!-- bench_kernels:end -->"
+
+
+def random_q4(rng: np.random.Generator, out: int, inp: int, group_size: int = 64) -> QuantizedTensor:
+    """Random 4-bit words with bf16 scales/biases of realistic size (codes are uniform, as in a real model)."""
+    words = rng.integers(0, 2**32, size=(out, inp // 8), dtype=np.uint32)
+    scales = rng.uniform(0.001, 0.003, (out, inp // group_size)).astype(ml_dtypes.bfloat16)
+    biases = (-7.5 * scales.astype(np.float32)).astype(ml_dtypes.bfloat16)
+    return QuantizedTensor(words, scales, biases, 4, group_size)
+
+
+def memory_read_seconds(a: np.ndarray) -> float:
+    start = time.perf_counter()
+    np.add.reduce(a)
+    return time.perf_counter() - start
+
+
+class Cycled:
+    """Calls ``fn(item)`` for the next item of a pool on each call; returns the seconds it took."""
+
+    def __init__(self, fn: Callable, items: list):
+        self.fn, self.items, self.i = fn, items, 0
+
+    def __call__(self) -> float:
+        item = self.items[self.i % len(self.items)]
+        self.i += 1
+        start = time.perf_counter()
+        self.fn(item)
+        return time.perf_counter() - start
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import numba
+
+    return (f"{cpu}, {os.cpu_count()} cores, numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads, "
+            f"{numba.threading_layer()} layer), numpy {np.__version__}, Python {platform.python_version()}")
+
+
+def run(rounds: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    numba_be, numpy_be = get_backend("numba"), get_backend("numpy")
+    x_hidden = rng.standard_normal((1, HIDDEN)).astype(np.float32)
+    x_inter = rng.standard_normal((1, MOE_INTER)).astype(np.float32)
+    big = np.ones(GB // 4, np.float32)
+
+    def pool(out: int, inp: int, each: int) -> list:
+        return [numba_be.prepare(random_q4(rng, out, inp)) for _ in range(max(1, POOL_BYTES // each))]
+
+    expert_bytes = HIDDEN * MOE_INTER * 9 // 16  # 4.5 bits per weight
+    lm_head = numba_be.prepare(random_q4(rng, VOCAB, HIDDEN))
+    lm_head_bytes = VOCAB * HIDDEN * 9 // 16
+    up_pool, down_pool = pool(MOE_INTER, HIDDEN, expert_bytes), pool(HIDDEN, MOE_INTER, expert_bytes)
+    experts = [{"gate_proj": random_q4(rng, MOE_INTER, HIDDEN), "up_proj": random_q4(rng, MOE_INTER, HIDDEN),
+                "down_proj": random_q4(rng, HIDDEN, MOE_INTER)} for _ in range(3 * K)]
+    weights = np.full(K, 1.0 / K, np.float32)
+    expert_sets = [experts[i * K:(i + 1) * K] for i in range(3)]
+    one_raw = random_q4(rng, MOE_INTER, HIDDEN)
+
+    # name -> (seconds-per-call measurer, bytes per call)
+    cases: dict[str, tuple[Callable[[], float], int]] = {
+        "memory read (np.add.reduce, 1 GB)": (lambda: memory_read_seconds(big), big.nbytes),
+        "numba mat-vec 1024x4096 cold": (Cycled(lambda w: numba_be.linear(x_hidden, w), up_pool), expert_bytes),
+        "numba mat-vec 4096x1024 cold": (Cycled(lambda w: numba_be.linear(x_inter, w), down_pool), expert_bytes),
+        "numba mat-vec 248320x4096 (lm_head)": (Cycled(lambda w: numba_be.linear(x_hidden, w), [lm_head]),
+                                                 lm_head_bytes),
+        "numba mat-vec 1024x4096 hot": (Cycled(lambda w: numba_be.linear(x_hidden, w), up_pool[:1]), expert_bytes),
+        "numba mat-vec 4096x1024 hot": (Cycled(lambda w: numba_be.linear(x_inter, w), down_pool[:1]), expert_bytes),
+        f"numba experts_ffn k={K} (397B layer)": (
+            Cycled(lambda es: numba_be.experts_ffn(x_hidden[0], es, weights), expert_sets), 3 * K * expert_bytes),
+        "numpy mat-vec 1024x4096 (reference)": (Cycled(lambda w: numpy_be.linear(x_hidden, w), [one_raw]),
+                                                 expert_bytes),
+    }
+    for measure, _ in cases.values():  # compile and fault every page in before timing
+        measure()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (measure, _) in cases.items():
+            reps = 1 if "lm_head" in name or "memory" in name or "numpy" in name else 20
+            times[name].append(statistics.median(measure() for _ in range(reps)))
+    rows = []
+    for name, (_, nbytes) in cases.items():
+        t = statistics.median(times[name])
+        rows.append({"name": name, "bytes": nbytes, "median_s": t, "gb_s": nbytes / t / GB})
+    mem = rows[0]["gb_s"]
+    for r in rows:
+        r["vs_memory"] = r["gb_s"] / mem
+    return {"machine": machine_line(), "rounds": rounds, "command": " ".join(["python"] + sys.argv),
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Command: `{result['command']}` ({result['when']}); median of {result['rounds']} interleaved rounds.",
+        f"Machine: {result['machine']}.",
+        "",
+        "| kernel | bytes per call | median time | GB/s | of memory read bandwidth |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        t = r["median_s"]
+        t_text = f"{t * 1e3:.1f} ms" if t >= 1e-3 else f"{t * 1e6:.0f} µs"
+        lines.append(f"| {r['name']} | {r['bytes'] / 1e6:.1f} MB | {t_text} | {r['gb_s']:.2f} | "
+                     f"{100 * r['vs_memory']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(path: Path, body: str) -> None:
+    """Replace the text between the kernel section's markers (add the section if absent)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{SECTION_START}\n{body}{SECTION_END}"
+    if SECTION_START in text and SECTION_END in text:
+        head, rest = text.split(SECTION_START, 1)
+        text = head + block + rest.split(SECTION_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Kernels (numba backend)\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported")
+    ap.add_argument("--json", type=Path, help="also write the result as JSON here")
+    ap.add_argument("--docs", type=Path, help="replace the kernel results in this Markdown file")
+    args = ap.parse_args(argv)
+    result = run(args.rounds)
+    text = markdown(result)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.docs:
+        write_docs(args.docs, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
