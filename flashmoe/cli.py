@@ -324,3 +324,19 @@ def backends() -> None:
             stamp = f"not checked yet: runs on first use (`flashmoe conformance --backend {name}`)"
         table.add_row(name, "yes" if why is None else f"no: {why}", device, stamp)
     Console().print(table)
+
+
+@app.command()
+@_user_errors
+def plot(
+    trace: Path = typer.Argument(..., help="Routing trace (JSONL) from `flashmoe generate --trace`."),
+    out: Path = typer.Option(..., "--out", help="Directory for the PNG figures (created if missing)."),
+    tokens: int = typer.Option(48, help="Tokens shown in the expert-choice map (the first ones)."),
+    model_dir: Optional[Path] = typer.Option(None, "--model", help="Model directory whose tokenizer labels the "
+                                             "map's tokens (default: positions)."),
+) -> None:
+    """Draw what the router and the expert store did: expert-choice map, popularity, reuse, ms/layer, hit rate vs cache."""
+    from flashmoe.plot import plot_trace
+
+    for name, result in plot_trace(trace, out, max_tokens=tokens, model_dir=model_dir).items():
+        typer.echo(f"{name}: {result if isinstance(result, Path) else 'skipped: ' + result}")
