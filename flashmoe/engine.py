@@ -210,10 +210,23 @@ class Engine:
         q = be.rope(q, positions, cfg.rope_theta, cfg.rotary_dim)
         k = be.rope(k, positions, cfg.rope_theta, cfg.rotary_dim)
         keys, values = cache.append(k, v)
-        out = be.attention(q, keys, values, positions, D ** -0.5).reshape(T, H * D)
+        out = self._attend(q, keys, values, positions, D ** -0.5).reshape(T, H * D)
         if gate is not None:
             out = out * be.sigmoid(gate)
         return self._linear(out, a + "o_proj")
+
+    def _attend(self, q, keys, values, positions: np.ndarray, scale: float):
+        """Causal attention of q [T, H, D] over the cache; with `sliding_window` w, the query at position p sees
+        only positions p-w+1 .. p (transformers' sliding-window mask, Mixtral)."""
+        be, w = self.backend, self.cfg.sliding_window
+        if w is None or positions[-1] < w:
+            return be.attention(q, keys, values, positions, scale)
+        rows = []
+        for t, pos in enumerate(positions):  # each query has its own window of the cache
+            start = max(0, pos - w + 1)
+            rows.append(be.to_numpy(be.attention(q[t : t + 1], keys[start : pos + 1], values[start : pos + 1],
+                                                 np.array([pos - start]), scale)))
+        return be.asarray(np.concatenate(rows))
 
     def _linear_attention(self, p: str, x, st: LinearAttentionState):
         """GatedDeltaNet: causal conv, gated delta rule, gated RMSNorm. x (T, hidden) -> (T, hidden).
