@@ -33,14 +33,16 @@ class TraceArrays:
     """A trace as arrays over its N tokens, L MoE layers and k experts per token.
 
     experts int32 (N, L, k); prefill bool (N,); tokens: input token ids (None entries where unknown);
-    hit bool (N, L, k), io_wait_ms and compute_ms float64 (N, L), bytes_read int64 (N, L): None when the
-    trace has no store side (a router-only recording) or, for hit, when the store could not tell.
+    weights float32 (N, L, k) or None; hit bool (N, L, k), io_wait_ms and compute_ms float64 (N, L),
+    bytes_read int64 (N, L): None when the trace has no store side (a router-only recording) or, for hit,
+    when the store could not tell.
     """
 
     header: TraceHeader
     experts: np.ndarray
     prefill: np.ndarray
     tokens: list
+    weights: np.ndarray | None
     hit: np.ndarray | None
     io_wait_ms: np.ndarray | None
     compute_ms: np.ndarray | None
@@ -61,7 +63,7 @@ def load_arrays(path: str | Path) -> TraceArrays:
         return None if any(v is None for v in values) else np.stack(values)
 
     return TraceArrays(header, np.stack([t.experts for t in tokens]), np.array([t.prefill for t in tokens]),
-                       [t.token for t in tokens], stacked("hit"), stacked("io_wait_ms"), stacked("compute_ms"),
+                       [t.token for t in tokens], stacked("weights"), stacked("hit"), stacked("io_wait_ms"), stacked("compute_ms"),
                        stacked("bytes_read"))
 
 

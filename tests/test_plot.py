@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -84,3 +86,31 @@ def test_token_labels_decode_each_token_with_visible_whitespace(tmp_path):
     ids = Tokenizer(model_dir).encode("a b\n")
     labels = token_labels([*ids, None], model_dir)
     assert "".join(labels[:-1]) == "a\u2423b\u23ce" and labels[-1] == "?"
+
+
+def test_make_figures_records_a_run_and_renders_the_document(tmp_path):
+    """tools/make_figures.py end to end on a tiny random model: every figure and number of the template."""
+    import importlib.util
+    from pathlib import Path
+
+    from chat_helpers import TINY_QWEN35, write_model_dir
+    from flashmoe.synth import synth_model
+
+    spec = importlib.util.spec_from_file_location("make_figures", Path(__file__).parents[1] / "tools" / "make_figures.py")
+    make_figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_figures)
+    model = tmp_path / "tiny"
+    synth_model(model, TINY_QWEN35, tokenizer=None)
+    write_model_dir(model, None)
+    docs = tmp_path / "docs"
+    make_figures.main(["--model", str(model), "--figures", str(docs / "figures"), "--doc", str(docs / "how.md"),
+                       "--backend", "numpy", "--tokens", "6", "--prompt", "hello world"])
+    text = (docs / "how.md").read_text()
+    for name in FIGURES:
+        assert f"(figures/{name}.png)" in text and (docs / "figures" / f"{name}.png").is_file()
+    assert "hello world" in text and "| 3 | full attention |" in text
+    links = re.findall(r"\[`([\w.]+)`\]\(([^)#]+)#L(\d+)\)", text)
+    assert {name for name, _, _ in links} >= {"ReferenceModel.forward", "gated_delta_rule", "route", "swiglu"}
+    for name, path, line in links:  # each link lands on the definition it names
+        source = (docs / path).resolve().read_text().splitlines()
+        assert f"def {name.split('.')[-1]}(" in source[int(line) - 1]

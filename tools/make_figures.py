@@ -1,0 +1,307 @@
+"""Regenerate docs/how-it-works.md and its figures from a recorded run of the bundled demo model.
+
+    python tools/make_figures.py            # record a run, then render (both steps)
+    python tools/make_figures.py record     # run the model: docs/figures/trace.jsonl and docs/figures/run.json
+    python tools/make_figures.py render     # figures and document from those two files (and the model's config)
+
+record: greedy decoding of a prompt on the demo model in direct mode (O_DIRECT reads into flashmoe's own LRU
+cache, sized to a quarter of all experts so that both hits and misses show), traced by the engine's
+Tracer (flashmoe/trace.py); the compute time of each stage over the decode tokens; and the store's read
+pattern measured on one expert file, one read at a time against k reads in flight (bench/bench_disk.py).
+render: flashmoe.plot's figures into docs/figures/, then the document from tools/how_it_works.md.j2 with
+the recorded numbers. The document is regenerated, never edited by hand: edit the template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PROMPT = "ROMEO:\nBut soft, what light"
+TEMPLATE = Path(__file__).with_name("how_it_works.md.j2")
+STAGE_NAMES = {"attention": "token mixers (attention, linear attention) and norms", "router": "routers",
+               "shared_expert": "shared experts", "experts": "routed experts (compute)",
+               "dense_mlp": "dense MLP layers", "lm_head": "final norm and LM head"}
+
+
+# ---- record ------------------------------------------------------------------------------------------
+
+def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: str, cache_fraction: float) -> dict:
+    """Run the model and write figures/trace.jsonl and figures/run.json; returns the run dict."""
+    from flashmoe.generate import generate_steps
+    from flashmoe.load import load_engine
+    from flashmoe.sampling import Sampler
+    from flashmoe.store import ExpertStore, slot_bytes
+    from flashmoe.tokenizer import Tokenizer
+    from flashmoe.trace import record_trace
+
+    figures.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(model_dir)
+    prompt_ids = tokenizer.encode(prompt)
+    engine = load_engine(model_dir, backend=backend, io="direct", context=len(prompt_ids) + tokens + 1)
+    md, cfg = engine.model, engine.cfg
+    # load_engine sizes the own cache from --max-memory, which also counts this process's RSS; the figures
+    # want a cache of a fixed share of the experts instead, so the store is rebuilt with that size.
+    threads = engine.store.threads
+    engine.store.close()
+    entries = max(1, round(cache_fraction * cfg.num_experts * len(md.moe_layers)))
+    engine.store = ExpertStore({layer: md.expert_path(layer) for layer in md.moe_layers}, cfg.num_experts,
+                               md.layout.stride, md.layout.nbytes, mode="direct",
+                               cache_bytes=entries * slot_bytes(md.layout.nbytes), policy="lru", threads=threads,
+                               stats=engine.stats)
+    stats = engine.stats
+    text, at_first = [], None
+    t0 = time.perf_counter()
+    with record_trace(engine, figures / "trace.jsonl", model=model_dir.name):
+        for step in generate_steps(engine, tokenizer, prompt_ids, Sampler(repetition_penalty=1.1), tokens):
+            if at_first is None:  # prefill done; what follows is decode
+                at_first = (dict(stats.stage_s), replace_counters(stats.totals), time.perf_counter())
+            text.append(step.text)
+    t_end = time.perf_counter()
+    engine.store.close()
+    stages0, totals0, t_first = at_first
+    n_decode = sum(1 for line in (figures / "trace.jsonl").read_text().splitlines()[1:]
+                   if '"prefill":true' not in line)
+    decode = stats.totals - totals0
+    run = {
+        "model": model_dir.name, "backend": backend, "io": "direct", "o_direct": engine.store.direct,
+        "cache_entries": entries, "cache_fraction": cache_fraction, "policy": "lru", "io_threads": threads,
+        "prompt": prompt, "prompt_tokens": len(prompt_ids), "generated": "".join(text), "decode_tokens": n_decode,
+        "ttft_s": t_first - t0,
+        "decode_ms_per_token": 1e3 * (t_end - t_first) / n_decode,
+        "stage_ms_per_decode_token": {s: 1e3 * (v - stages0.get(s, 0.0)) / n_decode for s, v in stats.stage_s.items()},
+        "io_wait_ms_per_decode_token": 1e3 * decode.io_wait_s / n_decode,
+        "decode_hits": decode.hits, "decode_misses": decode.misses,
+        "totals": {"bytes_read": stats.totals.bytes_read, "disk_bytes": stats.totals.disk_bytes,
+                   "reads": stats.totals.reads, "hits": stats.totals.hits, "misses": stats.totals.misses},
+        "read_pattern": read_pattern(md.expert_path(md.moe_layers[0]), cfg.num_experts, md.layout.stride,
+                                     md.layout.nbytes, engine.k),
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    (figures / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    return run
+
+
+def replace_counters(c):
+    """A copy of a flashmoe.stats.Counters."""
+    from dataclasses import replace
+
+    return replace(c)
+
+
+def read_pattern(path: Path, num_experts: int, stride: int, nbytes: int, k: int) -> dict:
+    """Cold O_DIRECT reads of every expert in one file through the store: fetches of 1 expert against
+    fetches of k with all k in flight (median GB/s of 5 passes each; bench/bench_disk.measure_store)."""
+    from flashmoe.bench.bench_disk import measure_store
+
+    one = measure_store(path, num_experts, stride, nbytes, "direct", threads=1, cold=True, repeats=5)
+    many = measure_store(path, num_experts, stride, nbytes, "direct", threads=k, cold=True, repeats=5)
+    return {"k": k, "expert_bytes": nbytes, "one_gb_s": one["gb_s"], "k_gb_s": many["gb_s"],
+            "o_direct": one["o_direct"]}
+
+
+# ---- render ------------------------------------------------------------------------------------------
+
+def render(model_dir: Path, figures: Path, doc: Path, disk_gbps: float) -> Path:
+    """Draw the figures and write the document from figures/trace.jsonl and figures/run.json."""
+    import jinja2
+
+    from flashmoe.plot import plot_trace
+
+    drawn = plot_trace(figures / "trace.jsonl", figures, max_tokens=40, model_dir=model_dir)
+    missing = {name: why for name, why in drawn.items() if isinstance(why, str)}
+    if missing:
+        raise SystemExit(f"figures not drawn: {missing}")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), trim_blocks=True,
+                             lstrip_blocks=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters.update(bytes=_bytes, count=_count, code=_code)
+    ctx = context(model_dir, figures, doc, disk_gbps)
+    doc.write_text(env.get_template(TEMPLATE.name).render(**ctx))
+    return doc
+
+
+def context(model_dir: Path, figures: Path, doc: Path, disk_gbps: float) -> dict:
+    """Every number and link the template uses."""
+    from flashmoe.bench.replay import replay
+    from flashmoe.info import model_stats
+    from flashmoe.modeldir import ModelDir
+    from flashmoe.plot import load_arrays, token_labels
+    from flashmoe.store import slot_bytes
+
+    run = json.loads((figures / "run.json").read_text())
+    t = load_arrays(figures / "trace.jsonl")
+    labels = token_labels(t.tokens, model_dir)
+    with ModelDir.open(model_dir) as md:
+        cfg, s = md.config, model_stats(md)
+        layout = md.layout
+        quant = {p: layout.quantization[p] for p in layout.quantization}
+        stride = layout.stride
+    n_prompt = int(t.prefill.sum())
+    walk = walk_token(t, n_prompt, labels)
+    layers = []
+    for j, layer in enumerate(t.header.moe_layers):
+        layers.append({
+            "index": layer, "type": cfg.layer_type(layer).replace("_", " "),
+            "experts": [(int(e), float(w), bool(h)) for e, w, h in zip(t.experts[walk, j], t.weights[walk, j],
+                                                                         t.hit[walk, j])],
+            "bytes_read": int(t.bytes_read[walk, j]), "io_wait_ms": float(t.io_wait_ms[walk, j]),
+            "compute_ms": float(t.compute_ms[walk, j]),
+        })
+    decode_rows = ~t.prefill
+    hits = int(t.hit[decode_rows].sum())
+    lookups = int(t.hit[decode_rows].size)
+    rep = replay(figures / "trace.jsonl", fractions=(run["cache_fraction"],))
+    big = big_model(disk_gbps)
+    rel = os.path.relpath(REPO, doc.parent)
+    stages = [(STAGE_NAMES.get(name, name), ms) for name, ms in run["stage_ms_per_decode_token"].items()]
+    q = quant.get("gate_proj")
+    return {
+        "run": run, "cfg": cfg, "s": s, "quant": quant, "stride": stride, "disk_gbps": disk_gbps,
+        "n_prompt": n_prompt, "n_tokens": len(t.experts), "walk_pos": walk, "walk_text": labels[walk],
+        "walk_next": labels[walk + 1] if walk + 1 < len(labels) else "",
+        "prompt_labels": labels[:n_prompt], "layers": layers,
+        "walk_bytes": sum(x["bytes_read"] for x in layers), "walk_io_ms": sum(x["io_wait_ms"] for x in layers),
+        "walk_compute_ms": sum(x["compute_ms"] for x in layers),
+        "walk_hits": sum(h for x in layers for _, _, h in x["experts"]),
+        "decode_hit_rate": hits / lookups if lookups else 0.0,
+        "replay_lru": rep["sizes"][0]["hit_rate"]["lru"], "replay_opt": rep["sizes"][0]["hit_rate"]["opt"],
+        "ceiling_tok_s": disk_gbps * 1e9 / s["expert_bytes_per_token"],
+        "big": big, "fig": os.path.relpath(figures, doc.parent), "ref": reference_links(rel),
+        "run_token": t.tokens[walk], "n_full": cfg.layer_types.count("full_attention"),
+        "n_linear": cfg.layer_types.count("linear_attention"),
+        "conv_dim": 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+        + cfg.linear_num_value_heads * cfg.linear_value_head_dim,
+        "quant_text": f"{q.bits}-bit, groups of {q.group_size}" if q else "float",
+        "read_bytes": slot_bytes(int(s["expert_bytes"])), "stages": stages,
+        "other_ms": run["decode_ms_per_token"] - sum(ms for _, ms in stages) - run["io_wait_ms_per_decode_token"],
+        "prompt_lookups": int(t.hit[t.prefill].size), "prompt_reads": int((~t.hit[t.prefill]).sum()),
+    }
+
+
+def walk_token(t, n_prompt: int, labels: list[str]) -> int:
+    """The token the document follows: past the first quarter of the decode tokens (the first ones carry
+    one-time costs such as JIT compilation), the first that decodes to some text on its own and whose
+    experts include both cache hits and misses (it shows both paths); else the first after that quarter."""
+    start = n_prompt + (len(t.experts) - n_prompt) // 4
+    for pos in range(start, len(t.experts)):
+        if labels[pos] and t.hit[pos].any() and not t.hit[pos].all():
+            return pos
+    return start
+
+
+def big_model(disk_gbps: float) -> dict:
+    """The same arithmetic for Qwen3.5-397B-A17B (flashmoe's preset) at 4 bits, group 64, for its own k = 10
+    and Flash-MoE's k = 4: parameters, resident and expert bytes, bytes per token and the ceiling."""
+    import math
+
+    from flashmoe.config import ModelConfig
+    from flashmoe.modeldir import resident_shapes
+    from flashmoe.presets import get_preset
+    from flashmoe.synth import expert_layout, planned_bytes
+
+    cfg = ModelConfig.from_dict(get_preset("qwen3.5-397b-a17b").config, source="preset qwen3.5-397b-a17b")
+    resident_params = sum(math.prod(shape) for shape in resident_shapes(cfg).values())
+    expert_params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    layers = len(cfg.moe_layers)
+    resident_bytes, expert_file_bytes = planned_bytes(cfg, 4, 64)
+    nbytes = expert_layout(cfg, 4, 64).nbytes
+    per_k = {k: {"active_params": resident_params + expert_params * k * layers,
+                 "bytes_per_token": k * layers * nbytes,
+                 "ceiling_tok_s": disk_gbps * 1e9 / (k * layers * nbytes)} for k in (cfg.num_experts_per_tok, 4)}
+    return {"cfg": cfg, "layers": layers, "total_params": resident_params + expert_params * cfg.num_experts * layers,
+            "resident_bytes": resident_bytes, "expert_file_bytes": expert_file_bytes, "expert_bytes": nbytes,
+            "k": per_k}
+
+
+def reference_links(rel: str) -> dict[str, str]:
+    """Markdown links `name` -> path#Lline to the reference's and the engine's functions (line numbers from
+    the source, so they stay right when the code moves)."""
+    import flashmoe.engine as engine
+    import flashmoe.reference.attention as attention
+    import flashmoe.reference.linear_attention as linear_attention
+    import flashmoe.reference.model as model
+    import flashmoe.reference.moe as moe
+    import flashmoe.reference.ops as ops
+    import flashmoe.store as store
+
+    objects = {
+        "ReferenceModel.forward": model.ReferenceModel.forward, "rms_norm": ops.rms_norm, "linear": ops.linear,
+        "gated_delta_net": linear_attention.gated_delta_net, "causal_conv1d": linear_attention.causal_conv1d,
+        "l2_normalize": ops.l2_normalize, "gated_delta_rule": linear_attention.gated_delta_rule,
+        "gated_rms_norm": linear_attention.gated_rms_norm, "attention": attention.attention,
+        "rope_cos_sin": attention.rope_cos_sin, "apply_rope": attention.apply_rope, "softmax": ops.softmax,
+        "moe_block": moe.moe_block, "route": moe.route, "swiglu": moe.swiglu, "silu": ops.silu,
+        "sigmoid": ops.sigmoid, "Engine.forward": engine.Engine.forward, "Engine._moe": engine.Engine._moe,
+        "Engine._moe_decode": engine.Engine._moe_decode, "Engine._moe_prefill": engine.Engine._moe_prefill,
+        "ExpertStore.fetch": store.ExpertStore.fetch, "ExpertStore.wait": store.ExpertStore.wait,
+    }
+    links = {}
+    for name, obj in objects.items():
+        path = Path(inspect.getsourcefile(obj)).resolve().relative_to(REPO)
+        links[name] = f"[`{name}`]({rel}/{path}#L{inspect.getsourcelines(obj)[1]})"
+    return links
+
+
+def _three_digits(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _bytes(n: float) -> str:
+    """Decimal units, as disk bandwidth is quoted: 41472 -> '41.5 kB'."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{_three_digits(n / size)} {unit}"
+    return f"{int(n)} B"
+
+
+def _count(n: float) -> str:
+    """396346350336 -> '396B'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return _three_digits(n / size) + unit
+    return f"{int(n)}"
+
+
+def _code(text: str) -> str:
+    """`text` as a Markdown code span, whatever backticks it holds (CommonMark: a fence longer than any
+    backtick run inside, padded with spaces when the text starts or ends with a backtick)."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", nargs="?", choices=("record", "render", "all"), default="all")
+    ap.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled demo model)")
+    ap.add_argument("--figures", type=Path, default=REPO / "docs" / "figures")
+    ap.add_argument("--doc", type=Path, default=REPO / "docs" / "how-it-works.md")
+    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
+    ap.add_argument("--tokens", type=int, default=32, help="tokens to generate")
+    ap.add_argument("--backend", default="numba")
+    ap.add_argument("--cache-fraction", type=float, default=0.25, help="own cache size, share of all experts")
+    ap.add_argument("--disk-gbps", type=float, default=2.0, help="disk bandwidth for the ceiling arithmetic")
+    a = ap.parse_args(argv)
+    from flashmoe.load import default_model_dir
+
+    model_dir = a.model or default_model_dir()
+    if a.step in ("record", "all"):
+        record(model_dir, a.figures, a.prompt, a.tokens, a.backend, a.cache_fraction)
+    if a.step in ("render", "all"):
+        print(render(model_dir, a.figures, a.doc, a.disk_gbps))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
