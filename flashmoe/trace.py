@@ -224,7 +224,8 @@ class Tracer:
     A prompt (T > 1) reads each expert once for all its tokens: that read's bytes and hit/miss go to the
     first token (in position, then top-k, order) that routed to it; later tokens of the prompt using the
     same expert count as hits with no bytes. The layer's I/O wait and compute are split evenly over the T
-    tokens. So every field summed over the trace equals the run's counters.
+    tokens. So every field summed over the trace equals the run's counter of the same name (compute: all
+    stages but the lm_head), up to the rounding of times to 0.1 µs.
     """
 
     def __init__(self, writer: TraceWriter, store: "ExpertStore", stats: "Stats"):
