@@ -115,6 +115,7 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
     from flashmoe.load import load_engine
 
     rss_before = current_rss_bytes()
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     engine = load_engine(model_dir, backend=backend, io=io, max_memory=max_memory, experts_per_token=k,
                          context=prompt_tokens + tokens + 1, cache_policy=cache_policy, threads=io_threads)
@@ -150,6 +151,8 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
         "expert_bytes": engine.model.layout.nbytes, "expert_stride": engine.model.layout.stride,
         "resident_bytes": engine.model.resident_nbytes, "load_s": load_s, "rss_before_load": rss_before,
         "peak_rss_bytes": peak_rss_bytes(), "passes": results,
+        # other processes compete for the same cores; the 1-minute load average shows how much
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
     }
 
 
