@@ -54,6 +54,7 @@ class BenchOptions:
     prompt_tokens: int = 8
     tokens: int = 16
     passes: tuple[str, ...] = ("cold", "warm")
+    reference_tokens: int | None = None  # decode tokens of the reference run (default: tokens)
     disk_experts: int = 64
     disk_repeats: int = 3
     cgroup: bool = False
@@ -85,11 +86,11 @@ def _cgroup(name: str, limit: int) -> Path:
 
 
 def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: str | None, out_json: Path,
-              passes: tuple[str, ...], trace: Path | None = None) -> dict:
+              passes: tuple[str, ...], tokens: int, trace: Path | None = None) -> dict:
     """One decode_run process; its result dict. Raises FlashMoeError with the child's last output lines
     when it fails (a MemoryBudgetError of a too-small budget included)."""
     cmd = [sys.executable, "-m", "flashmoe.bench.decode_run", "--model", str(opts.model_dir), "--backend",
-           opts.backend, "--io", io, "--prompt-tokens", str(opts.prompt_tokens), "--tokens", str(opts.tokens),
+           opts.backend, "--io", io, "--prompt-tokens", str(opts.prompt_tokens), "--tokens", str(tokens),
            "--seed", str(opts.seed), "--cache-policy", opts.cache_policy, "--passes", ",".join(passes),
            "--json", str(out_json)]
     for flag, value in (("--max-memory", budget), ("-k", k), ("--io-threads", opts.io_threads), ("--trace", trace)):
@@ -178,7 +179,8 @@ def run_bench(opts: BenchOptions) -> dict:
             for t in opts.threads:
                 log(f"reference: pagecache, no cap, k={k}, {t} compute threads (cold, then warm = all in memory)")
                 ref = run_child(opts, "pagecache", k, t, None, opts.out / f"run-ref-k{k}-t{t}.json",
-                                ("cold", "warm"), trace=synthetic_trace if not compute_ms else None)
+                                ("cold", "warm"), opts.reference_tokens or opts.tokens,
+                                trace=synthetic_trace if not compute_ms else None)
                 ref["reference"] = True
                 compute_ms[(k, t)] = ref["passes"]["warm"]["ms_per_token"]
                 add_ceiling(ref, disk_gb_s, compute_ms[(k, t)])
@@ -188,7 +190,7 @@ def run_bench(opts: BenchOptions) -> dict:
                     for budget in opts.budgets:
                         log(f"decode: {mode}, k={k}, {t} threads, --max-memory {budget}")
                         run = run_child(opts, mode, k, t, budget, opts.out / f"run-{mode}-k{k}-t{t}-{budget}.json",
-                                        opts.passes)
+                                        opts.passes, opts.tokens)
                         add_ceiling(run, disk_gb_s, compute_ms[(k, t)])
                         result["runs"].append(run)
                         _log_run(log, run)

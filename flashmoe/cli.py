@@ -189,6 +189,8 @@ def bench(
     tokens: int = typer.Option(16, help="Decode tokens per pass."),
     passes: str = typer.Option("cold,warm", help="Passes of each budgeted run: cold (page cache dropped first) "
                                "and/or warm (the same tokens again)."),
+    reference_tokens: Optional[int] = typer.Option(None, help="Decode tokens of the uncapped reference run whose "
+                                                   "warm pass gives the compute time (default: --tokens)."),
     disk_repeats: int = typer.Option(3, help="Cold passes per disk measurement (median reported)."),
     cgroup: bool = typer.Option(False, "--cgroup", help="Run each budgeted decode in a memory cgroup of that size "
                                 "(cgroup v1, root; caps the page cache too)."),
@@ -207,7 +209,8 @@ def bench(
         ks=tuple(int(x) for x in _csv(k)) or (None,),
         threads=tuple(int(x) for x in _csv(threads)) or (os.cpu_count() or 1,),
         budgets=tuple(_csv(budgets)), io_threads=io_threads, prompt_tokens=prompt_tokens, tokens=tokens,
-        passes=tuple(_csv(passes)), disk_repeats=disk_repeats, cgroup=cgroup, cache_policy=cache_policy, replays=tuple(replay_trace or ()),
+        passes=tuple(_csv(passes)), reference_tokens=reference_tokens, disk_repeats=disk_repeats, cgroup=cgroup,
+        cache_policy=cache_policy, replays=tuple(replay_trace or ()),
         figures=not no_figures, log=lambda line: typer.echo(line, err=True))
     run_bench(opts)
     typer.echo((out / "bench.md").read_text())
