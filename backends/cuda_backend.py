@@ -1,7 +1,7 @@
 """The CUDA backend: numba-cuda kernels (backends/cuda_kernels.py) on NVIDIA GPUs, activations in device memory.
 
 Every activation is a :class:`DeviceArray`, a float32 array in GPU memory with the glue the engine uses on
-backend arrays (``+``, ``-``, ``*`` with trailing-axis broadcasting, ``reshape``, slicing, row lists,
+backend arrays (``+``, ``-``, ``*`` with broadcasting, ``reshape``, slicing, row lists,
 ``len``); ``np.asarray`` on one copies it to the host (the engine's NumPy KV cache does that). Resident
 weights are prepared once into GPU memory: quantised ones as their packed words with their scales and
 biases in their own dtype (one buffer per weight, nothing dequantised), float ones as float32.
@@ -66,8 +66,8 @@ def _cdiv(a: int, b: int) -> int:
 class DeviceArray:
     """A C-contiguous float32 array in GPU memory (wrapping a numba device array) with NumPy-like glue.
 
-    Binary ops take another DeviceArray, a NumPy array or a Python number; the smaller operand's shape must
-    be a trailing part of the larger's (``[T, n] + [n]``), as in every use the engine makes of them.
+    Binary ops take another DeviceArray, a NumPy array or a Python number, with NumPy broadcasting (up to
+    4 dimensions).
     Indexing: basic slices (a non-contiguous result is copied), ``None`` for a new leading axis, and a list
     of row indices (gathered).
     """
@@ -93,6 +93,10 @@ class DeviceArray:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.size
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -130,42 +134,52 @@ class DeviceArray:
             return DeviceArray(view)
         return _contiguous(view)
 
-    def _binary(self, other: Any, op: int, reflected: int) -> "DeviceArray":
-        b = other if isinstance(other, DeviceArray) else _to_device(other)
-        a = self
-        if _broadcasts(b.shape, a.shape):
-            pass
-        elif _broadcasts(a.shape, b.shape):
-            a, b, op = b, a, reflected
-        else:
-            raise BackendError(f"cannot broadcast device arrays {self.shape} and {b.shape}")
-        out = cuda.device_array(a.shape, np.float32)
-        if a.size:
-            _flat_launch(K.binary(op), a.size, a.flat, b.flat, out.reshape(a.size))
+    def _binary(self, other: Any, op: int, reflected: bool = False) -> "DeviceArray":
+        a, b = self, _to_device(other)
+        if reflected:
+            a, b = b, a
+        try:
+            shape = np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise BackendError(f"cannot broadcast device arrays {a.shape} and {b.shape}") from None
+        if len(shape) > 4:
+            raise BackendError(f"device arrays of {len(shape)} dimensions: at most 4 are supported")
+        out = cuda.device_array(shape, np.float32)
+        dims = (1,) * (4 - len(shape)) + tuple(shape)
+        n = int(np.prod(shape, dtype=np.int64))
+        if n:
+            _flat_launch(K.binary(op), n, a.flat, b.flat, out.reshape(n), *dims[1:], *_broadcast_strides(a.shape, dims),
+                         *_broadcast_strides(b.shape, dims))
         return DeviceArray(out)
 
     def __add__(self, other: Any) -> "DeviceArray":
-        return self._binary(other, K.ADD, K.ADD)
+        return self._binary(other, K.ADD)
 
-    __radd__ = __add__
+    def __radd__(self, other: Any) -> "DeviceArray":
+        return self._binary(other, K.ADD, reflected=True)
 
     def __mul__(self, other: Any) -> "DeviceArray":
-        return self._binary(other, K.MUL, K.MUL)
+        return self._binary(other, K.MUL)
 
-    __rmul__ = __mul__
+    def __rmul__(self, other: Any) -> "DeviceArray":
+        return self._binary(other, K.MUL, reflected=True)
 
     def __sub__(self, other: Any) -> "DeviceArray":
-        return self._binary(other, K.SUB, K.RSUB)
+        return self._binary(other, K.SUB)
 
     def __rsub__(self, other: Any) -> "DeviceArray":
-        return self._binary(other, K.RSUB, K.SUB)
+        return self._binary(other, K.SUB, reflected=True)
 
 
-def _broadcasts(small: tuple[int, ...], big: tuple[int, ...]) -> bool:
-    """small (leading 1s dropped) is a trailing part of big, so small[i % len] lines up with big flattened."""
-    while small and small[0] == 1 and len(small) > 0:
-        small = small[1:]
-    return len(small) <= len(big) and tuple(big[len(big) - len(small):]) == small
+def _broadcast_strides(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous array of `shape` read as the 4-D broadcast shape `dims` (0 along
+    the axes it is broadcast over)."""
+    shape = (1,) * (4 - len(shape)) + tuple(shape)
+    strides, step = [], 1
+    for size, want in zip(reversed(shape), reversed(dims)):
+        strides.append(step if size == want and size != 1 else 0)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _expand_ellipsis(idx: Any, ndim: int) -> Any:

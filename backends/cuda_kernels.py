@@ -20,7 +20,8 @@ unroll.
 
 numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs the same kernels as Python threads: it has no
 warp shuffles and no libdevice, so there (and only there) the lane sum goes through shared memory and
-bits are reinterpreted as float32 with NumPy. Everything else is one code path.
+bits are reinterpreted as float32 with NumPy; and rows are 4 lanes wide instead of 32 (a thread costs a
+Python thread there; the code takes any power of two). Everything else is one code path.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 LANES = 32  # threads per output row: a warp
 ROWS = 4  # output rows per block of the row kernels
 FLAT_BLOCK = 128  # threads per block of the one-thread-per-element kernels
+if SIMULATOR:  # every simulated thread is a Python thread: narrower rows, same code (LANES is any power of 2)
+    LANES, ROWS, FLAT_BLOCK = 4, 2, 32
 
 # Scale/bias formats, decoded from raw bits in the kernels.
 F32, F16, BF16 = 0, 1, 2
@@ -465,7 +468,7 @@ def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state, o):
 
 
 # -- elementwise ----------------------------------------------------------------------------------------------
-SIGMOID, SILU, SOFTPLUS, ADD, SUB, MUL, RSUB = range(7)
+SIGMOID, SILU, SOFTPLUS, ADD, SUB, MUL = range(6)
 
 
 @cuda.jit(device=True, inline=True)
@@ -495,19 +498,23 @@ def unary(op: int):
 
 @lru_cache(maxsize=None)
 def binary(op: int):
-    """out[i] = a[i] op b[i % len(b)] (b broadcast over a's leading axes) for ADD, SUB, MUL, RSUB (b - a)."""
+    """out = a op b with NumPy broadcasting over 4-D shapes, for ADD, SUB, MUL: out flat C order with shape
+    (n0, d1, d2, d3); a and b read at element strides sa*, sb* (0 along a broadcast axis)."""
 
     @cuda.jit
-    def kernel(a, b, out):
+    def kernel(a, b, out, d1, d2, d3, sa0, sa1, sa2, sa3, sb0, sb1, sb2, sb3):
         n = cuda.grid(1)
-        if n < a.shape[0]:
-            x, y = a[n], b[n % b.shape[0]]
+        if n < out.shape[0]:
+            i3 = n % d3
+            i2 = (n // d3) % d2
+            i1 = (n // (d3 * d2)) % d1
+            i0 = n // (d3 * d2 * d1)
+            x = a[i0 * sa0 + i1 * sa1 + i2 * sa2 + i3 * sa3]
+            y = b[i0 * sb0 + i1 * sb1 + i2 * sb2 + i3 * sb3]
             if op == ADD:
                 out[n] = x + y
             elif op == SUB:
                 out[n] = x - y
-            elif op == RSUB:
-                out[n] = y - x
             else:
                 out[n] = x * y
 

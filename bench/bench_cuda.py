@@ -1,0 +1,171 @@
+"""Decode speed of the CUDA backend against its bound and against another backend, in one process.
+
+`python -m flashmoe.bench.bench_cuda --model DIR --backends cuda,numba --tokens 8 --json OUT.json`
+
+For each backend: build an engine (the CUDA backend's expert read buffers are pinned host memory), drop the
+expert files from the page cache, then two passes of the same greedy sequence: `cold` (experts from disk)
+and `warm` (the same experts again, now in the page cache: PCIe and the GPU set the pace). Each pass reports
+tok/s and ms per MoE layer (flashmoe.bench.decode_run.summarise_pass).
+
+The bound is measured in the same run, per decode token, from the bytes the pass moved:
+`max(disk, host->device copy, GPU compute)` with disk = disk bytes / cold read rate through the store,
+copy = expert bytes / pinned host->device rate, GPU = (resident + expert bytes) / device copy rate (each
+weight byte is read once per token; activations are negligible). The warm bound drops the disk term.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flashmoe.backends import get_backend
+from flashmoe.bench.decode_run import summarise_pass
+from flashmoe.engine import Engine
+from flashmoe.modeldir import ModelDir
+from flashmoe.stats import Stats
+from flashmoe.store import ExpertStore
+
+
+def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
+                 threads: int | None = None) -> Engine:
+    """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
+    themselves); read buffers come from the backend's ``allocate_buffer`` when it has one (pinned memory
+    for the CUDA backend)."""
+    model = ModelDir.open(model_dir)
+    be = get_backend(backend)
+    k = experts_per_token or model.config.num_experts_per_tok
+    stats = Stats(num_layers=len(model.moe_layers))
+    store = ExpertStore({layer: model.expert_path(layer) for layer in model.moe_layers},
+                        num_experts=model.config.num_experts, stride=model.layout.stride,
+                        nbytes=model.layout.nbytes, mode=io, threads=threads or max(4, k), stats=stats,
+                        allocate=getattr(be, "allocate_buffer", None))
+    return Engine(model, be, store, stats, experts_per_token=k)
+
+
+def run_passes(engine: Engine, passes: list[str], prompt_tokens: int, tokens: int, seed: int) -> dict[str, dict]:
+    """Evict the expert files from the page cache, then per pass: a fresh state, prefill a seeded prompt,
+    greedy-decode `tokens` tokens. -> pass name -> summarise_pass figures."""
+    engine.store.evict_page_cache()
+    stats = engine.stats
+    prompt = np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, prompt_tokens)
+    out = {}
+    for name in passes:
+        state = engine.new_state()
+        first = len(stats.tokens)
+        stats.start()
+        logits = engine.forward(prompt, state)
+        stats.token_done()
+        before = dict(stats.stage_s)
+        for _ in range(tokens):
+            logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+            stats.token_done()
+        stages = {s: v - before.get(s, 0.0) for s, v in stats.stage_s.items()}
+        out[name] = summarise_pass(stats.tokens[first:], stages, len(engine.model.moe_layers))
+    return out
+
+
+def _read_rate(store: ExpertStore, layers: list[int], n: int, k: int, seed: int) -> float:
+    """Bytes/s of reading n experts (k at a time, as decode does) through the store."""
+    rng = np.random.default_rng(seed)
+    t0, total = time.perf_counter(), 0
+    for i in range(0, n, k):
+        layer = layers[(i // k) % len(layers)]
+        f = store.fetch(layer, rng.choice(store.num_experts, k, replace=False).tolist())
+        total += len(store.wait(f)) * store.nbytes
+        store.release(f)
+    return total / (time.perf_counter() - t0)
+
+
+def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20) -> dict[str, float]:
+    """GB/s measured here: cold disk reads through the store, the same reads from the page cache, pinned
+    host -> device copies of k experts, and device memory (a 1 GiB device-to-device copy, read + write)."""
+    from numba import cuda
+
+    store, k = engine.store, engine.k
+    layers = list(engine.model.moe_layers)
+    store.evict_page_cache()
+    disk = _read_rate(store, layers, experts, k, seed=123)
+    host = _read_rate(store, layers, experts, k, seed=123)
+    be = engine.backend
+    pinned = be.allocate_buffer(k * store.nbytes)
+    pinned[:] = 1
+    dev = cuda.device_array(pinned.nbytes, np.uint8)
+    dev.copy_to_device(pinned)
+    cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dev.copy_to_device(pinned)
+    cuda.synchronize()
+    h2d = repeats * pinned.nbytes / (time.perf_counter() - t0)
+    a = cuda.device_array(1 << 30, np.uint8)
+    b = cuda.device_array(1 << 30, np.uint8)
+    b.copy_to_device(a)
+    cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        b.copy_to_device(a)
+    cuda.synchronize()
+    gpu = 5 * 2 * a.nbytes / (time.perf_counter() - t0)
+    return {"disk_gb_s": disk / 1e9, "host_cache_gb_s": host / 1e9, "h2d_gb_s": h2d / 1e9, "gpu_gb_s": gpu / 1e9}
+
+
+def bound_ms(p: dict[str, Any], resident_bytes: int, rates: dict[str, float]) -> dict[str, float]:
+    """Per-token floor of one pass from its bytes and the measured rates (ms)."""
+    disk = p["disk_bytes_per_token"] / rates["disk_gb_s"] / 1e6
+    h2d = p["bytes_read_per_token"] / rates["h2d_gb_s"] / 1e6
+    gpu = (resident_bytes + p["bytes_read_per_token"]) / rates["gpu_gb_s"] / 1e6
+    return {"disk_ms": disk, "h2d_ms": h2d, "gpu_ms": gpu, "bound_ms": max(disk, h2d, gpu)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--backends", default="cuda,numba")
+    ap.add_argument("-k", "--experts-per-token", type=int, default=None)
+    ap.add_argument("--prompt-tokens", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--cpu-tokens", type=int, default=3, help="decode tokens for backends other than cuda")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args(argv)
+    result: dict[str, Any] = {"model": str(a.model), "runs": []}
+    for name in a.backends.split(","):
+        t0 = time.perf_counter()
+        engine = build_engine(a.model, name, experts_per_token=a.experts_per_token)
+        load_s = time.perf_counter() - t0
+        run: dict[str, Any] = {"backend": name, "k": engine.k, "moe_layers": len(engine.model.moe_layers),
+                               "resident_bytes": engine.model.resident_nbytes, "expert_bytes": engine.store.nbytes,
+                               "load_s": load_s}
+        if hasattr(engine.backend, "device_description"):
+            run["device"] = engine.backend.device_description()
+        if name == "cuda":
+            run["rates"] = measure_rates(engine)
+        tokens = a.tokens if name == "cuda" else a.cpu_tokens
+        run["passes"] = run_passes(engine, ["cold", "warm"], a.prompt_tokens, tokens, a.seed)
+        if name == "cuda":
+            for label, p in run["passes"].items():
+                b = bound_ms(p, run["resident_bytes"], run["rates"])
+                if label == "warm":
+                    b["bound_ms"] = max(b["h2d_ms"], b["gpu_ms"])
+                p["bound"] = b
+        engine.store.close()
+        result["runs"].append(run)
+        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"| backend | pass | tok/s | ms/token | ms/layer | compute ms/layer | io wait ms/layer | bound ms/token |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in result["runs"]:
+        for label, p in run["passes"].items():
+            bound = f"{p['bound']['bound_ms']:.2f}" if "bound" in p else ""
+            print(f"| {run['backend']} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} | {p['ms_per_layer']:.2f} "
+                  f"| {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} | {bound} |")
+    if "rates" in result["runs"][0]:
+        print(json.dumps(result["runs"][0]["rates"]))
+
+
+if __name__ == "__main__":
+    main()
