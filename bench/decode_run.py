@@ -12,8 +12,8 @@ Greedy decoding of the same weights from the same prompt gives the same tokens i
 passes and the modes route to the same experts. Each pass reports tok/s over the decode tokens (the first
 token, which carries prefill, is excluded), time per token split into compute stages, I/O wait and
 the rest, expert bytes read and from disk per token, reads and hit rate per token. The process's peak RSS
-covers both passes. With --trace, the cold pass's routing (prefill and decode) is written as a routing
-trace (flashmoe/trace.py).
+covers both passes. With --trace, the first pass's routing and store activity (prefill and decode) is written
+as a routing trace (flashmoe.trace.record_trace).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 
 from flashmoe.memory import current_rss_bytes, peak_rss_bytes
 from flashmoe.stats import Counters, TokenRecord
+from flashmoe.trace import record_trace
 
 
 def _mean_counters(records: list[TokenRecord]) -> dict[str, float]:
@@ -75,39 +77,6 @@ def summarise_pass(records: list[TokenRecord], stage_s: dict[str, float], num_la
     }
 
 
-def record_routing(path: Path, engine, model: str):
-    """Write every routing decision of `engine` to a routing trace at `path` until the returned function is
-    called. Hooks the engine's `route` (flashmoe.engine imports it from reference.moe): its calls come one
-    per MoE layer in layer order, each with (T, k) ids and weights, so T tokens complete every
-    len(moe_layers) calls."""
-    import flashmoe.engine as engine_module
-    from flashmoe.trace import TraceHeader, TraceWriter
-
-    layers = engine.model.moe_layers
-    writer = TraceWriter(path, TraceHeader(engine.cfg.num_experts, engine.k, tuple(layers), model))
-    original = engine_module.route
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def recording_route(logits, k, norm_topk_prob):
-        ids, weights = original(logits, k, norm_topk_prob)
-        pending.append((ids, weights))
-        if len(pending) == len(layers):
-            prefill = pending[0][0].shape[0] > 1
-            for t in range(pending[0][0].shape[0]):
-                writer.write(np.stack([p[0][t] for p in pending]), np.stack([p[1][t] for p in pending]),
-                             prefill=prefill)
-            pending.clear()
-        return ids, weights
-
-    engine_module.route = recording_route
-
-    def stop() -> None:
-        engine_module.route = original
-        writer.close()
-
-    return stop
-
-
 def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int | None, io_threads: int | None,
         prompt_tokens: int, tokens: int, seed: int, cache_policy: str, passes: list[str],
         trace: Path | None = None) -> dict:
@@ -123,24 +92,21 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
     engine.store.evict_page_cache()
     stats = engine.stats
     prompt = np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, prompt_tokens)
-    stop_trace = record_routing(trace, engine, str(model_dir)) if trace else None
     results = {}
-    for name in passes:
+    for n, name in enumerate(passes):
         state = engine.new_state()
         first, stages_before = len(stats.tokens), dict(stats.stage_s)
-        stats.start()
-        logits = engine.forward(prompt, state)
-        stats.token_done()
-        stages_at_decode = dict(stats.stage_s)
-        for _ in range(tokens):
-            logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+        with record_trace(engine, trace, str(model_dir)) if trace and n == 0 else nullcontext():
+            stats.start()
+            logits = engine.forward(prompt, state)
             stats.token_done()
+            stages_at_decode = dict(stats.stage_s)
+            for _ in range(tokens):
+                logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+                stats.token_done()
         decode_stages = {s: v - stages_at_decode.get(s, 0.0) for s, v in stats.stage_s.items()}
         results[name] = summarise_pass(stats.tokens[first:], decode_stages, len(engine.model.moe_layers))
         results[name]["prefill_stage_s"] = {s: v - stages_before.get(s, 0.0) for s, v in stages_at_decode.items()}
-        if stop_trace:
-            stop_trace()
-            stop_trace = None
     store = engine.store
     return {
         "model": str(model_dir), "backend": backend, "io": io, "o_direct": getattr(store, "direct", None),
