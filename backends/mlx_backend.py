@@ -48,6 +48,7 @@ _PAGE = 4096
 _SHADER_DIRS = (Path(__file__).resolve().parent.parent / "shaders", Path(__file__).resolve().parent / "shaders")
 # Grow the RoPE cos/sin table to at least this many positions at a time.
 _ROPE_TABLE_MIN = 4096
+_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,8 @@ def _cuda_available() -> bool:
 
 def gpu_language() -> str | None:
     """The GPU MLX can run custom kernels on here: "metal" (Apple silicon), "cuda" (MLX's CUDA back-end)
-    or None. ``mx.fast.metal_kernel`` and
-    ``mx.fast.cuda_kernel`` exist in every build and raise "No Metal/CUDA back-end" when called without
-    one, so the device is asked, not the attribute."""
+    or None. ``mx.fast.metal_kernel`` and ``mx.fast.cuda_kernel`` exist in every build and raise "No
+    Metal/CUDA back-end" when called without one, so the device is asked, not the attribute."""
     if mx.default_device() != mx.gpu:  # custom kernels run only on the GPU stream
         return None
     if mx.metal.is_available():
@@ -375,14 +375,15 @@ class MlxBackend(Backend):
     def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> Any:
         x = _f32(x)
         w = mx.array(np.asarray(weights, dtype=np.float32))
-        projs = [[self._weight(e[p]) for p in ("gate_proj", "up_proj", "down_proj")] for e in experts]
+        projs = [[self._weight(e[p]) for p in _PROJS] for e in experts]
         if self.kernels is not None and self.kernels.supports(*(q for e in projs for q in e)):
             kern = self.kernels
             ys = mx.stack([kern.dequant_matvec_4bit(kern.swiglu_4bit(x, g, u), d) for g, u, d in projs])
+            # The engine adds the shared expert and the residual itself (the interface has no combine
+            # op), so both are zero here.
             zeros = mx.zeros(x.shape, dtype=mx.float32)
             y = kern.moe_combine(ys, w, zeros, mx.zeros((1,), dtype=mx.float32), zeros)
         else:
-            y = sum(w[i] * self._swiglu(x[None, :], dict(zip(("gate_proj", "up_proj", "down_proj"), e)))[0]
-                    for i, e in enumerate(projs))
+            y = sum(w[i] * self._swiglu(x[None, :], dict(zip(_PROJS, e)))[0] for i, e in enumerate(projs))
         mx.eval(y)  # as in expert_ffn: the read buffers are released after this call
         return y
