@@ -28,10 +28,10 @@ for (uint i = lane; i < words; i += 32) {
     for (uint j = 0; j < 8; ++j) {
         float xv = x[i * 8 + j];
         float q = float((packed >> (4 * j)) & 0xFu);
-        acc += fma(q, s * xv, b * xv);
+        acc += metal::fma(q, s * xv, b * xv);
     }
 }
-acc = simd_sum(acc);
+acc = metal::simd_sum(acc);
 if (lane == 0) {
     y[row] = acc;
 }

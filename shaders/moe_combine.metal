@@ -17,7 +17,7 @@ if (d >= D) {
 }
 float acc = 0.0f;
 for (uint e = 0; e < K; ++e) {
-    acc = fma(weights[e], expert_out[e * D + d], acc);
+    acc = metal::fma(weights[e], expert_out[e * D + d], acc);
 }
-acc = fma(shared_gate[0], shared[d], acc);
+acc = metal::fma(shared_gate[0], shared[d], acc);
 out[d] = acc + residual[d];

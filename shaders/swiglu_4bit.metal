@@ -29,12 +29,12 @@ for (uint i = lane; i < words; i += 32) {
     float us = float(up_scales[g]), ub = float(up_biases[g]);
     for (uint j = 0; j < 8; ++j) {
         float xv = x[i * 8 + j];
-        g_acc += fma(float((gp >> (4 * j)) & 0xFu), gs * xv, gb * xv);
-        u_acc += fma(float((upk >> (4 * j)) & 0xFu), us * xv, ub * xv);
+        g_acc += metal::fma(float((gp >> (4 * j)) & 0xFu), gs * xv, gb * xv);
+        u_acc += metal::fma(float((upk >> (4 * j)) & 0xFu), us * xv, ub * xv);
     }
 }
-g_acc = simd_sum(g_acc);
-u_acc = simd_sum(u_acc);
+g_acc = metal::simd_sum(g_acc);
+u_acc = metal::simd_sum(u_acc);
 if (lane == 0) {
     h[row] = g_acc / (1.0f + metal::exp(-g_acc)) * u_acc;
 }
