@@ -22,13 +22,15 @@ libm/IEEE. Threads: numba's default pool (one per core); ``NUMBA_NUM_THREADS`` o
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 try:
     import numba
-    from numba import literally, njit, prange
+    from numba import njit, prange
     from numba.core import types
     from numba.extending import intrinsic
 except ImportError as _e:  # the registry reports this through unavailable_reason
@@ -63,10 +65,6 @@ def permute_input(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray
 
 
 if numba is not None:
-
-    # Every kernel taking ``bits`` calls ``literally(bits)``: numba then compiles (and caches) one
-    # specialisation per bit width actually used, with the width a constant, so LLVM unrolls the code loop
-    # and folds every shift and mask.
 
     @njit(inline="always")
     def _code(wrow, u, j, bits):
@@ -118,50 +116,6 @@ if numba is not None:
                     q = np.float32(np.int32(_code(wrow, u, j, bits)))
                     tile[r - r0, j, u] = scales[r, g] * q + biases[r, g]
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def _qmatvec(words, scales, biases, bits, xp, xsum, out):
-        """out[t, o] = W[o] . x[t] for a few tokens (decode): fused, no dequantised weight."""
-        literally(bits)
-        n_rows = words.shape[0]
-        n_tok, _, nu = xp.shape
-        for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            pw = np.empty(nu, np.float32)
-            for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
-                for t in range(n_tok):
-                    _unit_dots(words[o], xp[t], pw, bits)
-                    out[t, o] = _fold_groups(pw, scales[o], biases[o], xsum[t])
-
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def _qmatmat(words, scales, biases, bits, xp, out):
-        """out[t, o] = W[o] . x[t] for many tokens (prefill): each block of rows is dequantised once into
-        a per-thread tile (permuted layout, so it meets xp directly) and used by every token."""
-        literally(bits)
-        n_rows = words.shape[0]
-        n_tok, cpu, nu = xp.shape
-        for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            r0 = c * _ROW_BLOCK
-            r1 = min(n_rows, r0 + _ROW_BLOCK)
-            tile = np.empty((_ROW_BLOCK, cpu, nu), np.float32)
-            _dequant_rows_permuted(words, scales, biases, bits, r0, r1, tile)
-            for t in range(n_tok):
-                xt = xp[t]
-                for r in range(r1 - r0):
-                    acc = np.float32(0.0)
-                    for j in range(cpu):
-                        for u in range(nu):
-                            acc += tile[r, j, u] * xt[j, u]
-                    out[t, r0 + r] = acc
-
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def _qrows(words, scales, biases, bits, ids, cpu, out):
-        """out[i] = dequantised row ids[i], permuted layout [n, cpu, nu] (embedding lookup)."""
-        literally(bits)
-        for i in prange(ids.shape[0]):
-            r = ids[i]
-            tile = np.empty((1, out.shape[1], out.shape[2]), np.float32)
-            _dequant_rows_permuted(words, scales, biases, bits, r, r + 1, tile)
-            out[i] = tile[0]
-
     def _pointer_intrinsic(nbtype):
         @intrinsic
         def pointer(typingctx, address):
@@ -186,45 +140,91 @@ if numba is not None:
         biases = numba.carray(_f32_pointer(addresses[e, 2]), (rows, n_groups))
         return words, scales, biases
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def _experts_gate_up(g_addr, g_bits, u_addr, u_bits, xpg, xsg, xpu, xsu, h):
-        """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token.
+    @functools.lru_cache(maxsize=None)
+    def kernels(bits: int) -> SimpleNamespace:
+        """The quantised kernels for one bit width. ``bits`` is a closure constant, so numba compiles (and
+        caches on disk) one copy per width actually used, with every shift and mask folded and the code
+        loop unrolled; passing the width as an argument would leave them to run time."""
 
-        g_addr, u_addr: int64 [k, 3] addresses of each expert's words / float32 scales / float32 biases."""
-        literally(g_bits)
-        literally(u_bits)
-        k, inter = h.shape
-        nblk = (inter + _ROW_BLOCK - 1) // _ROW_BLOCK
-        for c in prange(k * nblk):
-            e = c // nblk
-            gw, gs, gb = _expert_weight(g_addr, e, inter, xpg.shape[2] * g_bits * xpg.shape[1] // 32, xsg.shape[1])
-            uw, us, ub = _expert_weight(u_addr, e, inter, xpu.shape[2] * u_bits * xpu.shape[1] // 32, xsu.shape[1])
-            pwg = np.empty(xpg.shape[2], np.float32)
-            pwu = np.empty(xpu.shape[2], np.float32)
-            i0 = (c % nblk) * _ROW_BLOCK
-            for i in range(i0, min(inter, i0 + _ROW_BLOCK)):
-                _unit_dots(gw[i], xpg[0], pwg, g_bits)
-                a = _fold_groups(pwg, gs[i], gb[i], xsg[0])
-                _unit_dots(uw[i], xpu[0], pwu, u_bits)
-                b = _fold_groups(pwu, us[i], ub[i], xsu[0])
-                h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * b
+        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        def qmatvec(words, scales, biases, xp, xsum, out):
+            """out[t, o] = W[o] . x[t] for a few tokens (decode): fused, no dequantised weight."""
+            n_rows = words.shape[0]
+            n_tok, _, nu = xp.shape
+            for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+                pw = np.empty(nu, np.float32)
+                for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
+                    for t in range(n_tok):
+                        _unit_dots(words[o], xp[t], pw, bits)
+                        out[t, o] = _fold_groups(pw, scales[o], biases[o], xsum[t])
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def _experts_down(d_addr, bits, hp, hsum, weights, out):
-        """out[o] = sum_e weights[e] * (down_e[o] . h_e): every hidden row reads all k experts' rows."""
-        literally(bits)
-        k = hp.shape[0]
-        n_rows = out.shape[0]
-        n_words = hp.shape[2] * bits * hp.shape[1] // 32
-        for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            pw = np.empty(hp.shape[2], np.float32)
-            for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
-                acc = np.float32(0.0)
-                for e in range(k):
-                    dw, ds, db = _expert_weight(d_addr, e, n_rows, n_words, hsum.shape[1])
-                    _unit_dots(dw[o], hp[e], pw, bits)
-                    acc += weights[e] * _fold_groups(pw, ds[o], db[o], hsum[e])
-                out[o] = acc
+        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        def qmatmat(words, scales, biases, xp, out):
+            """out[t, o] = W[o] . x[t] for many tokens (prefill): each block of rows is dequantised once
+            into a per-thread tile (permuted layout, so it meets xp directly) and used by every token."""
+            n_rows = words.shape[0]
+            n_tok, cpu, nu = xp.shape
+            for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+                r0 = c * _ROW_BLOCK
+                r1 = min(n_rows, r0 + _ROW_BLOCK)
+                tile = np.empty((_ROW_BLOCK, cpu, nu), np.float32)
+                _dequant_rows_permuted(words, scales, biases, bits, r0, r1, tile)
+                for t in range(n_tok):
+                    xt = xp[t]
+                    for r in range(r1 - r0):
+                        acc = np.float32(0.0)
+                        for j in range(cpu):
+                            for u in range(nu):
+                                acc += tile[r, j, u] * xt[j, u]
+                        out[t, r0 + r] = acc
+
+        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        def qrows(words, scales, biases, ids, out):
+            """out[i] = dequantised row ids[i], permuted layout [n, cpu, nu] (embedding lookup)."""
+            for i in prange(ids.shape[0]):
+                tile = np.empty((1, out.shape[1], out.shape[2]), np.float32)
+                _dequant_rows_permuted(words, scales, biases, bits, ids[i], ids[i] + 1, tile)
+                out[i] = tile[0]
+
+        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        def experts_gate_up(g_addr, u_addr, xp, xsum, h):
+            """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token.
+
+            g_addr, u_addr: int64 [k, 3] addresses of each expert's words / float32 scales / biases."""
+            k, inter = h.shape
+            n_words = xp.shape[1] * xp.shape[2] * bits // 32
+            nblk = (inter + _ROW_BLOCK - 1) // _ROW_BLOCK
+            for c in prange(k * nblk):
+                e = c // nblk
+                gw, gs, gb = _expert_weight(g_addr, e, inter, n_words, xsum.shape[1])
+                uw, us, ub = _expert_weight(u_addr, e, inter, n_words, xsum.shape[1])
+                pw = np.empty(xp.shape[2], np.float32)
+                i0 = (c % nblk) * _ROW_BLOCK
+                for i in range(i0, min(inter, i0 + _ROW_BLOCK)):
+                    _unit_dots(gw[i], xp[0], pw, bits)
+                    a = _fold_groups(pw, gs[i], gb[i], xsum[0])
+                    _unit_dots(uw[i], xp[0], pw, bits)
+                    b = _fold_groups(pw, us[i], ub[i], xsum[0])
+                    h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * b
+
+        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        def experts_down(d_addr, hp, hsum, weights, out):
+            """out[o] = sum_e weights[e] * (down_e[o] . h_e): each hidden row reads all k experts' rows."""
+            k = hp.shape[0]
+            n_rows = out.shape[0]
+            n_words = hp.shape[1] * hp.shape[2] * bits // 32
+            for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+                pw = np.empty(hp.shape[2], np.float32)
+                for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
+                    acc = np.float32(0.0)
+                    for e in range(k):
+                        dw, ds, db = _expert_weight(d_addr, e, n_rows, n_words, hsum.shape[1])
+                        _unit_dots(dw[o], hp[e], pw, bits)
+                        acc += weights[e] * _fold_groups(pw, ds[o], db[o], hsum[e])
+                    out[o] = acc
+
+        return SimpleNamespace(qmatvec=qmatvec, qmatmat=qmatmat, qrows=qrows, experts_gate_up=experts_gate_up,
+                               experts_down=experts_down)
 
     @njit(fastmath=_FASTMATH, cache=True)
     def _rms_norm(x, w, eps, out):
@@ -357,9 +357,9 @@ class NumbaBackend(Backend):
         xp, xsum = permute_input(x, p.bits, p.group_size)
         out = np.empty((x.shape[0], p.out_features), np.float32)
         if x.shape[0] == 1:
-            _qmatvec(p.words, p.scales, p.biases, p.bits, xp, xsum, out)
+            kernels(p.bits).qmatvec(p.words, p.scales, p.biases, xp, xsum, out)
         else:
-            _qmatmat(p.words, p.scales, p.biases, p.bits, xp, out)
+            kernels(p.bits).qmatmat(p.words, p.scales, p.biases, xp, out)
         return out
 
     def embed(self, ids: np.ndarray, w: Any) -> np.ndarray:
@@ -369,7 +369,7 @@ class NumbaBackend(Backend):
             return p[ids]
         cpu = codes_per_unit(p.bits)
         rows = np.empty((len(ids), cpu, p.in_features // cpu), np.float32)
-        _qrows(p.words, p.scales, p.biases, p.bits, ids, cpu, rows)
+        kernels(p.bits).qrows(p.words, p.scales, p.biases, ids, rows)
         return np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(len(ids), p.in_features)
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> np.ndarray:
@@ -427,15 +427,12 @@ class NumbaBackend(Backend):
                 out += wgt * self.expert_ffn(x, e)[0]
             return out
         g, u, d = ([e[name] for e in packed] for name in ("gate_proj", "up_proj", "down_proj"))
-        xpg, xsg = permute_input(x, g[0].bits, g[0].group_size)
-        xpu, xsu = (xpg, xsg) if (u[0].bits, u[0].group_size) == (g[0].bits, g[0].group_size) else permute_input(
-            x, u[0].bits, u[0].group_size
-        )
+        xp, xsum = permute_input(x, g[0].bits, g[0].group_size)
         h = np.empty((len(packed), g[0].out_features), np.float32)
-        _experts_gate_up(_addresses(g), g[0].bits, _addresses(u), u[0].bits, xpg, xsg, xpu, xsu, h)
+        kernels(g[0].bits).experts_gate_up(_addresses(g), _addresses(u), xp, xsum, h)
         hp, hsum = permute_input(h, d[0].bits, d[0].group_size)
         out = np.empty(d[0].out_features, np.float32)
-        _experts_down(_addresses(d), d[0].bits, hp, hsum, weights, out)
+        kernels(d[0].bits).experts_down(_addresses(d), hp, hsum, weights, out)
         return out
 
 
@@ -447,12 +444,10 @@ def _addresses(ws: list[PackedWeight]) -> np.ndarray:
 
 
 def _fusable(packed: list[dict]) -> bool:
-    """The fused k-expert kernels need every projection quantised with one (bits, group_size, shape) per
-    projection across the k experts (true for every converted model); anything else runs expert by expert."""
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        ws = [e[name] for e in packed]
-        if not all(isinstance(w, PackedWeight) for w in ws):
-            return False
-        if len({(w.bits, w.group_size, w.words.shape) for w in ws}) != 1:
-            return False
-    return True
+    """The fused k-expert kernels need every projection quantised with one (bits, group_size, shape) across
+    the k experts, and gate and up alike (true for every converted model); anything else runs expert by
+    expert."""
+    gate_up = [e[n] for e in packed for n in ("gate_proj", "up_proj")]
+    down = [e["down_proj"] for e in packed]
+    return all(isinstance(w, PackedWeight) for w in gate_up + down) and all(
+        len({(w.bits, w.group_size, w.words.shape) for w in ws}) == 1 for ws in (gate_up, down))
