@@ -404,7 +404,7 @@ def demo():
 
 
 def _greedy_chat(client, messages, **kwargs):
-    kwargs = {"max_tokens": 12, **kwargs}
+    kwargs = {"max_tokens": 8, **kwargs}
     return client.chat.completions.create(model="demo-model", messages=messages, temperature=0, **kwargs)
 
 
@@ -437,7 +437,7 @@ def test_demo_model_second_turn_reuses_the_first_and_matches_a_fresh_prefill(dem
 
 def test_demo_model_concurrent_requests_each_get_their_sequential_reply(demo):
     _, client = demo
-    prompts = ["Explain pip.", "What is a wheel file?", "Describe virtual environments."]
+    prompts = ["Explain pip.", "What is a wheel file?"]
     sequential = [_greedy_chat(client, [{"role": "user", "content": p}]).choices[0].message.content for p in prompts]
     results: dict[int, str] = {}
     threads = [threading.Thread(target=lambda i=i, p=p: results.__setitem__(
