@@ -369,8 +369,8 @@ class CudaBackend(Backend):
         return f"gpu: {name}, {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free ({which})"
 
     def __init__(self) -> None:
-        self._stage = cuda.device_array(0, np.uint8)
-        self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
+        self._stage = None  # device staging buffer of streamed experts, grown on demand
+        self._stage_views = None
         #: host -> device bytes and copies of streamed experts since construction (statistics)
         self.expert_bytes_copied = 0
         self.expert_copies = 0
@@ -537,7 +537,7 @@ class CudaBackend(Backend):
                                                                            up.scales.dtype):
             return None
         stride = _cdiv(max(s.nbytes for s in spans), _STAGE_ALIGN) * _STAGE_ALIGN
-        if self._stage.size < stride * len(spans):
+        if self._stage is None or self._stage.size < stride * len(spans):
             self._stage = cuda.device_array(stride * len(spans), np.uint8)
             self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
         for i, span in enumerate(spans):

@@ -82,11 +82,11 @@ if SIMULATOR:
 else:
     from numba.cuda import libdevice
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _as_f32(u):
         return libdevice.int_as_float(int32(u))
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _lane_sum(v, sh, lane, r):
         """Sum of v over the 32 lanes of row r (one warp): butterfly shuffles, every lane gets the sum."""
         off = LANES // 2
@@ -95,7 +95,7 @@ else:
             off //= 2
         return v
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def _lane_max(v, sh, lane, r):
         off = LANES // 2
         while off > 0:
@@ -109,19 +109,19 @@ def _scale_loader(fmt: int):
     """Device function (b32, b16, i) -> float32 value of scale/bias element i in format fmt."""
     if fmt == F32:
 
-        @cuda.jit(device=True, inline=True)
+        @cuda.jit(device=True)
         def load(b32, b16, i):
             return _as_f32(b32[i])
 
     elif fmt == BF16:
 
-        @cuda.jit(device=True, inline=True)
+        @cuda.jit(device=True)
         def load(b32, b16, i):
             return _as_f32(uint32(b16[i]) << uint32(16))
 
     else:
 
-        @cuda.jit(device=True, inline=True)
+        @cuda.jit(device=True)
         def load(b32, b16, i):
             # IEEE half -> single from the bits: rebias the exponent; subnormal halves are m * 2^-24.
             h = uint32(b16[i])
@@ -185,7 +185,7 @@ def _qdot(bits: int, group_size: int, fmt: int):
     return qdot
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def _silu(a):
     return a / (float32(1.0) + math.exp(-a))
 
@@ -471,7 +471,7 @@ def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state, o):
 SIGMOID, SILU, SOFTPLUS, ADD, SUB, MUL = range(6)
 
 
-@cuda.jit(device=True, inline=True)
+@cuda.jit(device=True)
 def _sigmoid(a):
     e = math.exp(-abs(a))  # never overflows
     return float32(1.0) / (float32(1.0) + e) if a >= 0 else e / (float32(1.0) + e)

@@ -81,9 +81,11 @@ def _read_rate(store: ExpertStore, layers: list[int], n: int, k: int, seed: int)
     return total / (time.perf_counter() - t0)
 
 
-def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20) -> dict[str, float]:
+def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20, device_bytes: int = 1 << 30
+                  ) -> dict[str, float]:
     """GB/s measured here: cold disk reads through the store, the same reads from the page cache, pinned
-    host -> device copies of k experts, and device memory (a 1 GiB device-to-device copy, read + write)."""
+    host -> device copies of k experts, and device memory (a device-to-device copy of device_bytes, counting
+    read + write)."""
     from numba import cuda
 
     store, k = engine.store, engine.k
@@ -102,8 +104,8 @@ def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20) -> dict[
         dev.copy_to_device(pinned)
     cuda.synchronize()
     h2d = repeats * pinned.nbytes / (time.perf_counter() - t0)
-    a = cuda.device_array(1 << 30, np.uint8)
-    b = cuda.device_array(1 << 30, np.uint8)
+    a = cuda.device_array(device_bytes, np.uint8)
+    b = cuda.device_array(device_bytes, np.uint8)
     b.copy_to_device(a)
     cuda.synchronize()
     t0 = time.perf_counter()
@@ -114,8 +116,19 @@ def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20) -> dict[
     return {"disk_gb_s": disk / 1e9, "host_cache_gb_s": host / 1e9, "h2d_gb_s": h2d / 1e9, "gpu_gb_s": gpu / 1e9}
 
 
+def resident_read_bytes(engine: Engine) -> int:
+    """Resident bytes a decode token reads: all but the embedding table, of which it reads one row (unless
+    the embedding is also the lm_head)."""
+    model = engine.model
+    if model.config.tie_word_embeddings:
+        return model.resident_nbytes
+    embed = model.raw("embed_tokens.weight")
+    return model.resident_nbytes - int(getattr(embed, "nbytes", 0))
+
+
 def bound_ms(p: dict[str, Any], resident_bytes: int, rates: dict[str, float]) -> dict[str, float]:
-    """Per-token floor of one pass from its bytes and the measured rates (ms)."""
+    """Per-token floor of one pass from its bytes and the measured rates (ms); resident_bytes: those a
+    token reads (:func:`resident_read_bytes`)."""
     disk = p["disk_bytes_per_token"] / rates["disk_gb_s"] / 1e6
     h2d = p["bytes_read_per_token"] / rates["h2d_gb_s"] / 1e6
     gpu = (resident_bytes + p["bytes_read_per_token"]) / rates["gpu_gb_s"] / 1e6
@@ -124,7 +137,11 @@ def bound_ms(p: dict[str, Any], resident_bytes: int, rates: dict[str, float]) ->
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--model", type=Path, required=True, help="model directory (written first with --synth-like)")
+    ap.add_argument("--synth-like", default=None, help="first write a synthetic model of this preset's shapes "
+                    "(flashmoe synth's presets; no tokenizer) at --model")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the --synth-like model")
+    ap.add_argument("--device-bytes", type=int, default=1 << 30, help="size of the device-copy measurement")
     ap.add_argument("--backends", default="cuda,numba")
     ap.add_argument("-k", "--experts-per-token", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=4)
@@ -134,22 +151,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
     result: dict[str, Any] = {"model": str(a.model), "runs": []}
+    if a.synth_like:
+        from flashmoe.presets import get_preset
+        from flashmoe.synth import synth_model
+
+        t0 = time.perf_counter()
+        synth_model(a.model, get_preset(a.synth_like).config_dict(a.layers), tokenizer=None, force=True)
+        result["synth"] = {"like": a.synth_like, "layers": a.layers, "seconds": time.perf_counter() - t0}
     for name in a.backends.split(","):
         t0 = time.perf_counter()
         engine = build_engine(a.model, name, experts_per_token=a.experts_per_token)
         load_s = time.perf_counter() - t0
         run: dict[str, Any] = {"backend": name, "k": engine.k, "moe_layers": len(engine.model.moe_layers),
-                               "resident_bytes": engine.model.resident_nbytes, "expert_bytes": engine.store.nbytes,
+                               "resident_bytes": engine.model.resident_nbytes,
+                               "resident_read_bytes": resident_read_bytes(engine), "expert_bytes": engine.store.nbytes,
                                "load_s": load_s}
         if hasattr(engine.backend, "device_description"):
             run["device"] = engine.backend.device_description()
         if name == "cuda":
-            run["rates"] = measure_rates(engine)
+            run["rates"] = measure_rates(engine, device_bytes=a.device_bytes)
         tokens = a.tokens if name == "cuda" else a.cpu_tokens
         run["passes"] = run_passes(engine, ["cold", "warm"], a.prompt_tokens, tokens, a.seed)
         if name == "cuda":
             for label, p in run["passes"].items():
-                b = bound_ms(p, run["resident_bytes"], run["rates"])
+                b = bound_ms(p, run["resident_read_bytes"], run["rates"])
                 if label == "warm":
                     b["bound_ms"] = max(b["h2d_ms"], b["gpu_ms"])
                 p["bound"] = b
