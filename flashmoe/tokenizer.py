@@ -91,20 +91,24 @@ class StreamDecoder:
     """Turns a growing list of token ids into text pieces as they become printable.
 
     Byte-level BPE splits a multi-byte character across tokens; decoding such a prefix yields U+FFFD, so a
-    piece ending in U+FFFD is held back until the next token completes the character.
+    piece ending in U+FFFD is held back until the next token completes the character. Only a short window of
+    recent tokens is decoded per call (the offsets scheme of vLLM's incremental detokeniser), so the cost per
+    token stays constant however long the reply grows; the window keeps the previous token so decoders whose
+    output depends on the neighbour (leading-space rules) render it as a whole decode would.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = 0
+        self._prefix = 0  # window start
+        self._read = 0  # end of the part of the window already printed
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly printable text (possibly empty)."""
         self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):
+        printed = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        text = self._tokenizer.decode(self._ids[self._prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(printed):
             return ""
-        piece = text[self._emitted :]
-        self._emitted = len(text)
-        return piece
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(printed) :]

@@ -53,3 +53,17 @@ def test_chat_template_renders_generation_prompt(model_dir):
 def test_missing_tokenizer_file_names_the_path(tmp_path):
     with pytest.raises(FlashMoeError, match="tokenizer.json"):
         Tokenizer(tmp_path)
+
+
+def test_stream_decoder_matches_whole_decode_for_random_token_sequences(model_dir):
+    import random
+
+    tok = Tokenizer(model_dir)
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(3, tok.vocab_size) for _ in range(rng.randrange(1, 30))]
+        decoder = StreamDecoder(tok)
+        streamed = "".join(decoder.push(i) for i in ids)
+        whole = tok.decode(ids)
+        if not whole.endswith("\ufffd"):
+            assert streamed == whole
