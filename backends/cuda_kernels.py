@@ -35,6 +35,11 @@ from numba import cuda, float32, int32, uint32
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
+if not hasattr(np, "row_stack"):
+    # numba-cuda 0.30 registers an overload of np.row_stack when its CUDA target first compiles; NumPy 2.5
+    # removed that alias of np.vstack (seen on the H200 machine: AttributeError at the first kernel launch).
+    np.row_stack = np.vstack
+
 LANES = 32  # threads per output row: a warp
 ROWS = 4  # output rows per block of the row kernels
 FLAT_BLOCK = 128  # threads per block of the one-thread-per-element kernels
