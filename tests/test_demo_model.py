@@ -4,6 +4,7 @@ where the float training checkpoint is present, its float conversion matches tra
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,46 @@ def test_float_conversion_matches_transformers_within_1e4_relative(tmp_path):
     with torch.no_grad():
         hf = hf_model(input_ids=torch.from_numpy(ids)[None]).logits[0].numpy()
     assert np.linalg.norm(ref - hf) / np.linalg.norm(hf) < 1e-4
+
+
+# The build tools (tools/), on tiny inputs: what makes the demo model reproducible.
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def test_corpus_split_is_deterministic_and_loses_no_text():
+    import demo_corpus
+
+    text = "".join(f"line {i} of a long work\n" for i in range(40_000))
+    pieces = demo_corpus.pieces(text)
+    assert "".join(pieces) == text and all(len(p) >= demo_corpus.PIECE_CHARS for p in pieces[:-1])
+    train, heldout = demo_corpus.split_corpus([("a", text), ("b", text)])
+    assert (train, heldout) == demo_corpus.split_corpus([("a", text), ("b", text)])
+    # pieces 7 and 57 of the 2 x 52 are held out
+    assert len(heldout.split(demo_corpus.EOT)) == 2 and 0 < len(heldout) < 0.05 * len(train)
+
+
+def test_training_batches_depend_only_on_seed_and_step():
+    import train_demo
+
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a = train_demo.batch_at(tokens, step=7, seed=1, batch=3, seq=16)
+    assert a.shape == (3, 17) and (np.diff(a, axis=1) == 1).all()
+    np.testing.assert_array_equal(a, train_demo.batch_at(tokens, step=7, seed=1, batch=3, seq=16))
+    assert not np.array_equal(a, train_demo.batch_at(tokens, step=8, seed=1, batch=3, seq=16))
+
+
+def test_tokenizer_training_writes_chatml_tokenizer_files(tmp_path):
+    import json
+
+    import demo_tokenizer
+
+    (tmp_path / "train.txt").write_text("Now is the winter of our discontent.\n" * 50, encoding="utf-8")
+    tok = demo_tokenizer.train_tokenizer(tmp_path / "train.txt", vocab_size=300)
+    demo_tokenizer.write_tokenizer_files(tok, tmp_path / "tok", max_length=2048)
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    from jinja2 import Template
+
+    rendered = Template(config["chat_template"]).render(
+        messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).decode(tok.encode("winter").ids) == "winter"
