@@ -11,10 +11,11 @@ from flashmoe.conformance.runner import ensure_conformant
 from flashmoe.config import FULL_ATTENTION, ModelConfig
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoeError
+from flashmoe.eviction import POLICIES
 from flashmoe.memory import MemoryBudget, current_rss_bytes, parse_size
 from flashmoe.modeldir import ModelDir
 from flashmoe.stats import Stats
-from flashmoe.store import ExpertStore
+from flashmoe.store import MODES, ExpertStore
 
 #: The model flashmoe ships and runs when no model directory is given (see docs/demo-model.md).
 DEFAULT_MODEL = "demo-model"
@@ -64,6 +65,10 @@ def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io:
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
     MemoryBudgetError when the resident part alone exceeds max_memory, FlashMoeError for bad options.
     """
+    if io not in MODES:
+        raise FlashMoeError(f"--io {io!r} is not one of {', '.join(MODES)}")
+    if cache_policy.lower() not in POLICIES:
+        raise FlashMoeError(f"--cache-policy {cache_policy!r} is not one of {', '.join(POLICIES)}")
     model = ModelDir.open(default_model_dir() if model_dir is None else model_dir)
     cfg = model.config
     k = experts_per_token or cfg.num_experts_per_tok
