@@ -23,6 +23,7 @@ conformance tests on tiny shapes).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,8 @@ from flashmoe.backends.base import Backend, BackendError, Expert
 from flashmoe.quant import QuantizedTensor
 
 _PAGE = 4096
+# Freed device blocks up to this size are kept for reuse (activations, staging); larger ones are freed.
+_CACHE_MAX_BLOCK = 256 << 20
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Expert staging slots start on this boundary (bytes).
 _STAGE_ALIGN = 256
@@ -62,33 +65,66 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+if cuda is not None and not K.SIMULATOR:
+    import weakref
+
+    from numba.cuda.cudadrv import driver as _driver
+
+    class _CachingMemoryManager(_driver.NumbaCUDAMemoryManager):
+        """numba's device allocator (an External Memory Management plugin) keeping freed blocks by size for
+        reuse. Decode allocates the same few dozen activation sizes in every layer, and numba otherwise calls
+        cuMemAlloc per array and batches cuMemFree, which waits for the GPU. Every kernel runs on the one
+        default stream, in order, so a block freed on the host is never reused before the GPU is done with
+        it. Blocks over _CACHE_MAX_BLOCK take numba's own path."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._free: dict[int, list] = {}
+
+        def memalloc(self, size: int) -> Any:
+            if size > _CACHE_MAX_BLOCK:
+                return super().memalloc(size)
+            size = _cdiv(size, 512) * 512
+            free = self._free.setdefault(size, [])
+            ptr = free.pop() if free else self._attempt_allocation(lambda: _driver.driver.cuMemAlloc(size))
+            return _driver.MemoryPointer(weakref.proxy(self.context), ptr, size, finalizer=lambda: free.append(ptr))
+
+        def reset(self) -> None:
+            for blocks in self._free.values():
+                for ptr in blocks:
+                    _driver.driver.cuMemFree(ptr)
+            self._free.clear()
+            super().reset()
+
+    # Before any CUDA context exists: numba creates one with the manager set at that time.
+    cuda.set_memory_manager(_CachingMemoryManager)
+
+
 # -- arrays -----------------------------------------------------------------------------------------------------
 class DeviceArray:
-    """A C-contiguous float32 array in GPU memory (wrapping a numba device array) with NumPy-like glue.
+    """A C-contiguous float32 array in GPU memory with NumPy-like glue: a flat numba device array and a shape.
 
+    Keeping the flat array and the shape apart makes ``reshape`` and every kernel launch free of numba
+    device-array construction (tens of microseconds each, measured to dominate decode on the H200).
     Binary ops take another DeviceArray, a NumPy array or a Python number, with NumPy broadcasting (up to
-    4 dimensions).
-    Indexing: basic slices (a non-contiguous result is copied), ``None`` for a new leading axis, and a list
-    of row indices (gathered).
+    4 dimensions). Indexing: basic slices (a non-contiguous result is copied), ``None`` for a new leading
+    axis, and a list of row indices (gathered).
     """
 
-    __slots__ = ("a",)
+    __slots__ = ("flat", "shape")
     __array_ufunc__ = None  # numpy scalars/arrays defer to our reflected operators instead of converting us
 
-    def __init__(self, a: Any) -> None:
-        self.a = a
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.a.shape)
+    def __init__(self, flat: Any, shape: tuple[int, ...]) -> None:
+        self.flat = flat  # 1-D numba device array of exactly prod(shape) float32
+        self.shape = tuple(shape)
 
     @property
     def ndim(self) -> int:
-        return len(self.a.shape)
+        return len(self.shape)
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.a.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def dtype(self) -> np.dtype:
@@ -104,24 +140,19 @@ class DeviceArray:
     def __repr__(self) -> str:
         return f"DeviceArray(shape={self.shape}, float32)"
 
-    @property
-    def flat(self) -> Any:
-        """The 1-D device view of the same memory."""
-        return self.a.reshape(self.size)
-
     def reshape(self, *shape: Any) -> "DeviceArray":
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         shape = tuple(int(s) for s in shape)
         if -1 in shape:
-            known = int(np.prod([s for s in shape if s != -1], dtype=np.int64))
+            known = math.prod(s for s in shape if s != -1)
             shape = tuple(self.size // max(known, 1) if s == -1 else s for s in shape)
-        if int(np.prod(shape, dtype=np.int64)) != self.size:
+        if math.prod(shape) != self.size:
             raise ValueError(f"cannot reshape {self.shape} into {shape}")
-        return DeviceArray(self.a.reshape(*shape))
+        return DeviceArray(self.flat, shape)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        host = self.a.copy_to_host()
+        host = self.flat.copy_to_host().reshape(self.shape)
         return host if dtype is None else host.astype(dtype, copy=False)
 
     def __getitem__(self, idx: Any) -> "DeviceArray":
@@ -129,9 +160,9 @@ class DeviceArray:
             return self.reshape((1,) + self.shape)
         if isinstance(idx, (list, np.ndarray)):
             return _gather_rows(self, np.asarray(idx, np.int64).reshape(-1))
-        view = self.a[_expand_ellipsis(idx, self.ndim)]
+        view = self.flat.reshape(*self.shape)[_expand_ellipsis(idx, self.ndim)]
         if view.is_c_contiguous():
-            return DeviceArray(view)
+            return DeviceArray(view.reshape(view.size), view.shape)
         return _contiguous(view)
 
     def _binary(self, other: Any, op: int, reflected: bool = False) -> "DeviceArray":
@@ -144,13 +175,11 @@ class DeviceArray:
             raise BackendError(f"cannot broadcast device arrays {a.shape} and {b.shape}") from None
         if len(shape) > 4:
             raise BackendError(f"device arrays of {len(shape)} dimensions: at most 4 are supported")
-        out = cuda.device_array(shape, np.float32)
+        out = _empty(shape)
         dims = (1,) * (4 - len(shape)) + tuple(shape)
-        n = int(np.prod(shape, dtype=np.int64))
-        if n:
-            _flat_launch(K.binary(op), n, a.flat, b.flat, out.reshape(n), *dims[1:], *_broadcast_strides(a.shape, dims),
-                         *_broadcast_strides(b.shape, dims))
-        return DeviceArray(out)
+        _flat_launch(K.binary(op), out.size, a.flat, b.flat, out.flat, *dims[1:], *_broadcast_strides(a.shape, dims),
+                     *_broadcast_strides(b.shape, dims))
+        return out
 
     def __add__(self, other: Any) -> "DeviceArray":
         return self._binary(other, K.ADD)
@@ -192,10 +221,30 @@ def _expand_ellipsis(idx: Any, ndim: int) -> Any:
     return tuple(idx[:i]) + (slice(None),) * (ndim - len(rest)) + tuple(idx[i + 1:])
 
 
+def _empty(shape: tuple[int, ...]) -> DeviceArray:
+    """An uninitialised float32 DeviceArray (numba allocates at least one element)."""
+    return DeviceArray(cuda.device_array(max(math.prod(shape), 1), np.float32), shape)
+
+
 def _to_device(x: Any) -> DeviceArray:
+    """A DeviceArray as it is; a NumPy array or number copied to the GPU (numbers kept: the engine multiplies
+    by the same few constants every layer, and each upload from pageable memory waits for the GPU)."""
     if isinstance(x, DeviceArray):
         return x
-    return DeviceArray(cuda.to_device(np.ascontiguousarray(x, dtype=np.float32)))
+    if isinstance(x, (int, float, np.floating)):
+        key = float(x)
+        if key in _SCALARS:
+            return _SCALARS[key]
+        scalar = _to_device(np.array([key], np.float32)).reshape(())
+        if len(_SCALARS) < _MAX_SCALARS:
+            _SCALARS[key] = scalar
+        return scalar
+    a = np.asarray(x, dtype=np.float32)
+    return DeviceArray(cuda.to_device(np.ascontiguousarray(a).reshape(-1)), a.shape)
+
+
+_SCALARS: dict[float, DeviceArray] = {}
+_MAX_SCALARS = 64  # model constants; router weights multiplied one at a time (a fallback path) are not kept
 
 
 def _flat_launch(kernel: Any, n: int, *args: Any) -> None:
@@ -215,17 +264,16 @@ def _contiguous(view: Any) -> DeviceArray:
     shape = tuple(view.shape)
     if not 1 <= len(shape) <= 3:
         raise BackendError(f"cannot copy a non-contiguous device view of {len(shape)} dimensions")
-    n = int(np.prod(shape, dtype=np.int64))
-    out = cuda.device_array(n, np.float32)
-    _flat_launch(K.copy_strided(len(shape)), n, view, out)
-    return DeviceArray(out.reshape(*shape))
+    out = _empty(shape)
+    _flat_launch(K.copy_strided(len(shape)), out.size, view, out.flat)
+    return out
 
 
 def _gather_rows(x: DeviceArray, rows: np.ndarray) -> DeviceArray:
     cols = x.size // max(x.shape[0], 1)
-    out = cuda.device_array(len(rows) * cols, np.float32)
-    _flat_launch(K.gather_rows, len(rows) * cols, x.flat, cols, cuda.to_device(rows), out)
-    return DeviceArray(out.reshape(len(rows), *x.shape[1:]))
+    out = _empty((len(rows), *x.shape[1:]))
+    _flat_launch(K.gather_rows, out.size, x.flat, cols, cuda.to_device(rows), out.flat)
+    return out
 
 
 # -- weights ----------------------------------------------------------------------------------------------------
@@ -381,7 +429,7 @@ class CudaBackend(Backend):
 
     def to_numpy(self, x: Any) -> np.ndarray:
         if isinstance(x, DeviceArray):
-            return x.a.copy_to_host()
+            return np.asarray(x)
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def prepare(self, t: Any) -> DeviceQuantized | DeviceArray:
@@ -412,30 +460,30 @@ class CudaBackend(Backend):
     def _linear(self, x: DeviceArray, w: DeviceQuantized | DeviceArray) -> DeviceArray:
         T = x.shape[0]
         if isinstance(w, DeviceArray):
-            out = cuda.device_array((T, w.shape[0]), np.float32)
-            _row_launch(K.flinear, w.shape[0], T, w.flat, w.shape[1], x.flat, out.reshape(out.size))
-            return DeviceArray(out)
-        out = cuda.device_array((T, w.out_features), np.float32)
+            out = _empty((T, w.shape[0]))
+            _row_launch(K.flinear, w.shape[0], T, w.flat, w.shape[1], x.flat, out.flat)
+            return out
+        out = _empty((T, w.out_features))
         _row_launch(K.qlinear(w.bits, w.group_size, w.fmt), w.out_features, T, w.b32, w.b16, w.w_off, w.s_off,
-                    w.b_off, w.out_features, w.n_units, x.flat, out.reshape(out.size))
-        return DeviceArray(out)
+                    w.b_off, w.out_features, w.n_units, x.flat, out.flat)
+        return out
 
     def embed(self, ids: np.ndarray, w: Any) -> DeviceArray:
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         w = self.prepare(w)
         if isinstance(w, DeviceArray):
             return _gather_rows(w, ids)
-        out = cuda.device_array(len(ids) * w.in_features, np.float32)
+        out = _empty((len(ids), w.in_features))
         _flat_launch(K.qembed(w.bits, w.group_size, w.fmt), out.size, w.b32, w.b16, w.w_off, w.s_off, w.b_off,
-                     w.in_features, cuda.to_device(ids), out)
-        return DeviceArray(out.reshape(len(ids), w.in_features))
+                     w.in_features, cuda.to_device(ids), out.flat)
+        return out
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> DeviceArray:
         x, weight = _to_device(x), _to_device(weight)
-        out = cuda.device_array(x.shape, np.float32)
+        out = _empty(x.shape)
         rows = x.size // max(weight.size, 1)
-        _row_launch(K.rms_norm, rows, 1, x.flat, weight.flat, np.float32(eps), out.reshape(x.size))
-        return DeviceArray(out)
+        _row_launch(K.rms_norm, rows, 1, x.flat, weight.flat, np.float32(eps), out.flat)
+        return out
 
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> DeviceArray:
         x = _to_device(x)
@@ -445,9 +493,9 @@ class CudaBackend(Backend):
         angles = np.asarray(positions, np.float64).reshape(-1)[:, None] * inv_freq[None, :]
         cos = cuda.to_device(np.cos(angles).astype(np.float32).reshape(-1))
         sin = cuda.to_device(np.sin(angles).astype(np.float32).reshape(-1))
-        out = cuda.device_array(x.shape, np.float32)
-        _flat_launch(K.rope, x.size, x.flat, H, D, cos, sin, out.reshape(x.size))
-        return DeviceArray(out)
+        out = _empty(x.shape)
+        _flat_launch(K.rope, x.size, x.flat, H, D, cos, sin, out.flat)
+        return out
 
     def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> DeviceArray:
         q, k, v = _to_device(q), _to_device(k), _to_device(v)
@@ -457,10 +505,10 @@ class CudaBackend(Backend):
         if pos.size and pos.max() >= S:
             raise BackendError(f"attention: query position {pos.max()} is beyond the {S} cached keys")
         scores = cuda.device_array(max(T * Hq * S, 1), np.float32)
-        out = cuda.device_array(q.shape, np.float32)
+        out = _empty(q.shape)
         _row_launch(K.attention, T * Hq, 1, q.flat, k.flat, v.flat, cuda.to_device(pos), np.float32(scale), Hq,
-                    Hkv, D, scores, out.reshape(q.size))
-        return DeviceArray(out)
+                    Hkv, D, scores, out.flat)
+        return out
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[DeviceArray, DeviceArray]:
         x, state, weight = _to_device(x), _to_device(state), _to_device(weight)
@@ -470,9 +518,9 @@ class CudaBackend(Backend):
         if state.size:
             xs[: state.size].copy_to_device(state.flat)
         xs[state.size:].copy_to_device(x.flat)
-        y = cuda.device_array(T * C, np.float32)
-        _flat_launch(K.causal_conv1d, T * C, xs, weight.flat, Kw, y)
-        return DeviceArray(y.reshape(T, C)), DeviceArray(xs[T * C:].reshape(Kw - 1, C))
+        y = _empty((T, C))
+        _flat_launch(K.causal_conv1d, T * C, xs, weight.flat, Kw, y.flat)
+        return y, DeviceArray(xs[T * C:], (Kw - 1, C))
 
     def gated_delta_rule(self, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any
                          ) -> tuple[DeviceArray, DeviceArray]:
@@ -481,16 +529,17 @@ class CudaBackend(Backend):
         H, Dv = v.shape[1], v.shape[2]
         new_state = cuda.device_array(H * Dk * Dv, np.float32)
         new_state.copy_to_device(_to_device(state).flat)  # the kernel updates in place; the input stays
-        o = cuda.device_array(v.size, np.float32)
-        _flat_launch(K.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, new_state, o)
-        return DeviceArray(o.reshape(T, H, Dv)), DeviceArray(new_state.reshape(H, Dk, Dv))
+        o = _empty((T, H, Dv))
+        _flat_launch(K.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, new_state,
+                     o.flat)
+        return o, DeviceArray(new_state, (H, Dk, Dv))
 
     # -- elementwise glue -----------------------------------------------------------------------------------
     def _unary(self, x: Any, op: int) -> DeviceArray:
         x = _to_device(x)
-        out = cuda.device_array(x.shape, np.float32)
-        _flat_launch(K.unary(op), x.size, x.flat, out.reshape(x.size))
-        return DeviceArray(out)
+        out = _empty(x.shape)
+        _flat_launch(K.unary(op), x.size, x.flat, out.flat)
+        return out
 
     def sigmoid(self, x: Any) -> DeviceArray:
         return self._unary(x, K.SIGMOID)
@@ -504,15 +553,15 @@ class CudaBackend(Backend):
     def l2_normalize(self, x: Any, eps: float = 1e-6) -> DeviceArray:
         x = _to_device(x)
         n = x.shape[-1]
-        out = cuda.device_array(x.shape, np.float32)
-        _row_launch(K.l2_normalize, x.size // max(n, 1), 1, x.flat, n, np.float32(eps), out.reshape(x.size))
-        return DeviceArray(out)
+        out = _empty(x.shape)
+        _row_launch(K.l2_normalize, x.size // max(n, 1), 1, x.flat, n, np.float32(eps), out.flat)
+        return out
 
     def clip(self, x: Any, limit: float) -> DeviceArray:
         x = _to_device(x)
-        out = cuda.device_array(x.shape, np.float32)
-        _flat_launch(K.clip, x.size, x.flat, np.float32(limit), out.reshape(x.size))
-        return DeviceArray(out)
+        out = _empty(x.shape)
+        _flat_launch(K.clip, x.size, x.flat, np.float32(limit), out.flat)
+        return out
 
     # -- experts --------------------------------------------------------------------------------------------
     def _stage_experts(self, experts: list[Expert]) -> _StagedExperts | None:
@@ -562,11 +611,11 @@ class CudaBackend(Backend):
         """h [k * T, inter] = silu(gate_e x_t) * (up_e x_t) for every staged expert e and token t."""
         g, u = staged.parts["gate_proj"], staged.parts["up_proj"]
         T = x.shape[0]
-        h = cuda.device_array(staged.k * T * g.out_features, np.float32)
+        h = _empty((staged.k * T, g.out_features))
         _row_launch(K.qgate_up(g.bits, g.group_size, g.fmt), g.out_features, staged.k * T, g.b32, g.b16,
                     g.w_off, g.s_off, g.b_off, u.w_off, u.s_off, u.b_off, staged.stride // 4,
-                    _scale_offset(staged.stride, g.fmt), g.out_features, g.n_units, T, x.flat, h)
-        return DeviceArray(h.reshape(staged.k * T, g.out_features))
+                    _scale_offset(staged.stride, g.fmt), g.out_features, g.n_units, T, x.flat, h.flat)
+        return h
 
     def expert_ffn(self, x: Any, expert: Expert) -> DeviceArray:
         x = _to_device(x)
@@ -588,8 +637,8 @@ class CudaBackend(Backend):
             return out
         h = self._gate_up(x, staged)
         d = staged.parts["down_proj"]
-        out = cuda.device_array(d.out_features, np.float32)
+        out = _empty((d.out_features,))
         _row_launch(K.qdown_combine(d.bits, d.group_size, d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off,
                     d.s_off, d.b_off, staged.stride // 4, _scale_offset(staged.stride, d.fmt), d.out_features,
-                    d.n_units, staged.k, h.flat, cuda.to_device(weights), out)
-        return DeviceArray(out)
+                    d.n_units, staged.k, h.flat, cuda.to_device(weights), out.flat)
+        return out

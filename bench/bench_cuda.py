@@ -135,6 +135,20 @@ def bound_ms(p: dict[str, Any], resident_bytes: int, rates: dict[str, float]) ->
     return {"disk_ms": disk, "h2d_ms": h2d, "gpu_ms": gpu, "bound_ms": max(disk, h2d, gpu)}
 
 
+def _profile(engine: Engine, tokens: int, seed: int) -> None:
+    import cProfile
+    import pstats
+
+    state = engine.new_state()
+    logits = engine.forward(np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, 4), state)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(tokens):
+        logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="model directory (written first with --synth-like)")
@@ -148,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--cpu-tokens", type=int, default=3, help="decode tokens for backends other than cuda")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", type=int, default=0, help="then profile this many more warm decode tokens of "
+                    "the first backend with cProfile and print the top functions by own time")
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
     result: dict[str, Any] = {"model": str(a.model), "runs": []}
@@ -178,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
                 if label == "warm":
                     b["bound_ms"] = max(b["h2d_ms"], b["gpu_ms"])
                 p["bound"] = b
+        if a.profile and not result["runs"]:
+            _profile(engine, a.profile, a.seed)
         engine.store.close()
         result["runs"].append(run)
         a.json.write_text(json.dumps(result, indent=1) + "\n")
