@@ -66,9 +66,9 @@ def _decode_tables(result: dict) -> list[str]:
     lines += [
         "",
         "| run | pass | tok/s | ms/token | ms/layer (compute + I/O wait + other) | lm_head ms | expert GB read/token "
-        "(from disk) | achieved GB/s | hit rate | peak RSS GB | disk-bound tok/s | bound ms/token | time ÷ bound | "
-        "load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(from disk) | achieved GB/s | hit rate | peak RSS GiB | disk-bound tok/s | bound ms/token | time ÷ bound | "
+        "time ÷ reference bound | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         for name, p in run["passes"].items():
@@ -79,8 +79,9 @@ def _decode_tables(result: dict) -> list[str]:
                 f"{p['ms_per_layer']:.1f} ({p['compute_ms_per_layer']:.1f} + {p['io_wait_ms_per_layer']:.1f} + "
                 f"{other:.1f}) | {p['lm_head_ms_per_token']:.0f} | {p['bytes_read_per_token'] / GB:.3f} "
                 f"({p['disk_bytes_per_token'] / GB:.3f}) | {p['achieved_gb_s']:.2f} | "
-                f"{_f(p['hit_rate'], '.1%')} | {run['peak_rss_bytes'] / GB:.2f} | "
+                f"{_f(p['hit_rate'], '.1%')} | {run['peak_rss_bytes'] / 2**30:.2f} | "
                 f"{_f(c.get('disk_bound_tok_s'))} | {_f(c.get('bound_ms'), '.0f')} | {_f(c.get('time_over_bound'))} | "
+                f"{_f(c.get('time_over_reference_bound'))} | "
                 f"{'–'.join(f'{x:.1f}' for x in run.get('loadavg_1min', []))} |")
     return lines
 

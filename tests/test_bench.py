@@ -35,7 +35,7 @@ def test_bench_measures_every_mode_and_writes_json_markdown_and_figures(tiny_mod
         for p in run["passes"].values():
             assert p["decode_tokens"] == 3 and p["tok_s"] > 0
             assert p["ms_per_layer"] > 0 and p["compute_ms_per_layer"] > 0
-            assert p["ceiling"]["bound_ms"] >= p["ceiling"]["compute_ms_per_token"]
+            assert p["ceiling"]["bound_ms"] >= p["compute_ms_per_token"]
     direct_cold = result["runs"][2]["passes"]["cold"]
     # O_DIRECT reads whole 4096-byte blocks: nbytes rounded up, which for this model is the stride
     assert direct_cold["reads_per_token"] > 0 and direct_cold["bytes_read_per_token"] == pytest.approx(
@@ -52,12 +52,18 @@ def test_bench_measures_every_mode_and_writes_json_markdown_and_figures(tiny_mod
 
 def test_ceiling_is_disk_time_or_compute_time_whichever_is_larger():
     run = {"io": "direct", "k": 4, "moe_layers": 2,
-           "passes": {"cold": {"disk_bytes_per_token": 2e9, "ms_per_token": 2500.0, "tok_s": 0.4}}}
-    add_ceiling(run, {("direct", 4): 1.0}, compute_ms=500.0)
-    c = run["passes"]["cold"]["ceiling"]
-    assert c["disk_ms_per_token"] == pytest.approx(2000.0) and c["disk_ms_per_layer"] == pytest.approx(1000.0)
-    assert c["bound_ms"] == pytest.approx(2000.0) and c["time_over_bound"] == pytest.approx(1.25)
-    assert c["disk_bound_tok_s"] == pytest.approx(0.5)
+           "passes": {"cold": {"disk_bytes_per_token": 2e9, "ms_per_token": 2500.0, "tok_s": 0.4,
+                               "compute_ms_per_token": 500.0},
+                      "warm": {"disk_bytes_per_token": 0.5e9, "ms_per_token": 1500.0, "tok_s": 1 / 1.5,
+                               "compute_ms_per_token": 1200.0}}}
+    add_ceiling(run, {("direct", 4): 1.0}, reference_ms=1000.0)
+    cold, warm = run["passes"]["cold"]["ceiling"], run["passes"]["warm"]["ceiling"]
+    assert cold["disk_ms_per_token"] == pytest.approx(2000.0) and cold["disk_ms_per_layer"] == pytest.approx(1000.0)
+    assert cold["bound_ms"] == pytest.approx(2000.0) and cold["time_over_bound"] == pytest.approx(1.25)
+    assert cold["disk_bound_tok_s"] == pytest.approx(0.5)
+    assert warm["bound_ms"] == pytest.approx(1200.0) and warm["time_over_bound"] == pytest.approx(1.25)
+    assert warm["reference_bound_ms"] == pytest.approx(1000.0)
+    assert warm["time_over_reference_bound"] == pytest.approx(1.5)
 
 
 def test_bench_command_replays_a_trace_without_a_model(tiny_model, tmp_path):
