@@ -67,6 +67,22 @@ def scales_to_f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def check_quantized(t: QuantizedTensor | PackedWeight, name: str = "weight") -> None:
+    """Raise BackendError naming ``name`` unless t is a 2-D quantised weight whose shapes agree with its bits:
+    words ``[out, in*bits/32]``, scales and biases ``[out, in/group_size]``."""
+    words = t.words if isinstance(t, PackedWeight) else t.weight
+    if words.ndim != 2 or t.scales.shape != t.biases.shape or t.scales.shape[0] != words.shape[0]:
+        raise BackendError(
+            f"{name}: expected weight [out, in*bits/32] with scales/biases [out, in/group_size], got "
+            f"weight {words.shape}, scales {t.scales.shape}, biases {t.biases.shape}"
+        )
+    if words.shape[1] * 32 != t.scales.shape[1] * t.group_size * t.bits:
+        raise BackendError(
+            f"{name}: weight {words.shape} does not hold {t.bits}-bit values for scales {t.scales.shape} "
+            f"with group_size {t.group_size}"
+        )
+
+
 def pack_weight(t: QuantizedTensor | PackedWeight, name: str = "weight") -> PackedWeight:
     """View a 2-D QuantizedTensor as a PackedWeight (no copy of the words unless they are not contiguous).
 
@@ -74,16 +90,7 @@ def pack_weight(t: QuantizedTensor | PackedWeight, name: str = "weight") -> Pack
     """
     if isinstance(t, PackedWeight):
         return t
-    if t.weight.ndim != 2 or t.scales.shape != t.biases.shape or t.scales.shape[0] != t.weight.shape[0]:
-        raise BackendError(
-            f"{name}: expected weight [out, in*bits/32] with scales/biases [out, in/group_size], got "
-            f"weight {t.weight.shape}, scales {t.scales.shape}, biases {t.biases.shape}"
-        )
-    if t.weight.shape[1] * 32 != t.scales.shape[1] * t.group_size * t.bits:
-        raise BackendError(
-            f"{name}: weight {t.weight.shape} does not hold {t.bits}-bit values for scales {t.scales.shape} "
-            f"with group_size {t.group_size}"
-        )
+    check_quantized(t, name)
     return PackedWeight(
         words=np.ascontiguousarray(t.weight, dtype=np.uint32),
         scales=scales_to_f32(t.scales),

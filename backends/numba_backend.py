@@ -23,6 +23,7 @@ libm/IEEE. Threads: numba's default pool (one per core); ``NUMBA_NUM_THREADS`` o
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,15 +32,16 @@ import numpy as np
 try:
     import numba
     from numba import njit, prange
+    from llvmlite import ir as llvm_ir
     from numba.core import types
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic, overload
 except ImportError as _e:  # the registry reports this through unavailable_reason
     numba = None
     _IMPORT_ERROR = str(_e)
 else:
     _IMPORT_ERROR = None
 
-from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight, pack_weight
+from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight, check_quantized
 from flashmoe.quant import QuantizedTensor
 
 _FASTMATH = {"contract", "reassoc"}
@@ -65,6 +67,28 @@ def permute_input(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray
 
 
 if numba is not None:
+
+    @intrinsic
+    def _u32_as_f32(typingctx, bits):
+        """Reinterpret a uint32's bits as a float32 (a bitcast; numba has no scalar view)."""
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    def _widen(v):
+        """A scale or bias as float32: float32 as it is, uint16 as the bfloat16 it holds (its bits become the
+        high half of a float32: exact)."""
+        raise NotImplementedError("only callable from numba-compiled code")
+
+    @overload(_widen, inline="always")
+    def _widen_impl(v):
+        if isinstance(v, types.Float):
+            return lambda v: np.float32(v)
+        if v == types.uint16:
+            return lambda v: _u32_as_f32(np.uint32(v) << np.uint32(16))
+        return None
 
     @njit(inline="always")
     def _code(wrow, u, j, bits):
@@ -99,7 +123,7 @@ if numba is not None:
             d = np.float32(0.0)
             for i in range(g * upg, g * upg + upg):
                 d += pw[i]
-            acc += srow[g] * d + brow[g] * xsum[g]
+            acc += _widen(srow[g]) * d + _widen(brow[g]) * xsum[g]
         return acc
 
     @njit(fastmath=_FASTMATH, inline="always")
@@ -114,7 +138,7 @@ if numba is not None:
                 for u in range(nu):
                     g = u // upg
                     q = np.float32(np.int32(_code(wrow, u, j, bits)))
-                    tile[r - r0, j, u] = scales[r, g] * q + biases[r, g]
+                    tile[r - r0, j, u] = _widen(scales[r, g]) * q + _widen(biases[r, g])
 
     def _pointer_intrinsic(nbtype):
         @intrinsic
@@ -130,21 +154,28 @@ if numba is not None:
         return pointer
 
     _u32_pointer = _pointer_intrinsic(types.uint32)
-    _f32_pointer = _pointer_intrinsic(types.float32)
 
-    @njit(inline="always")
-    def _expert_weight(addresses, e, rows, n_words, n_groups):
-        """The e-th expert's (words, scales, biases) as arrays over the caller's memory (no copy)."""
-        words = numba.carray(_u32_pointer(addresses[e, 0]), (rows, n_words))
-        scales = numba.carray(_f32_pointer(addresses[e, 1]), (rows, n_groups))
-        biases = numba.carray(_f32_pointer(addresses[e, 2]), (rows, n_groups))
-        return words, scales, biases
+    def _expert_view(scale_pointer):
+        @njit(inline="always")
+        def view(addresses, e, rows, n_words, n_groups):
+            """The e-th expert's (words, scales, biases) as arrays over the caller's memory (no copy)."""
+            words = numba.carray(_u32_pointer(addresses[e, 0]), (rows, n_words))
+            scales = numba.carray(scale_pointer(addresses[e, 1]), (rows, n_groups))
+            biases = numba.carray(scale_pointer(addresses[e, 2]), (rows, n_groups))
+            return words, scales, biases
+
+        return view
+
+    _EXPERT_VIEWS = {False: _expert_view(_pointer_intrinsic(types.float32)),
+                     True: _expert_view(_pointer_intrinsic(types.uint16))}
 
     @functools.lru_cache(maxsize=None)
-    def kernels(bits: int) -> SimpleNamespace:
-        """The quantised kernels for one bit width. ``bits`` is a closure constant, so numba compiles (and
-        caches on disk) one copy per width actually used, with every shift and mask folded and the code
-        loop unrolled; passing the width as an argument would leave them to run time."""
+    def kernels(bits: int, bf16: bool) -> SimpleNamespace:
+        """The quantised kernels for one bit width and scale dtype (bf16 bits in uint16, or float32).
+        ``bits`` is a closure constant, so numba compiles (and caches on disk) one copy per width actually
+        used, with every shift and mask folded and the code loop unrolled; passing the width as an argument
+        would leave them to run time."""
+        _expert_weight = _EXPERT_VIEWS[bf16]
 
         @njit(parallel=True, fastmath=_FASTMATH, cache=True)
         def qmatvec(words, scales, biases, xp, xsum, out):
@@ -190,7 +221,7 @@ if numba is not None:
         def experts_gate_up(g_addr, u_addr, xp, xsum, h):
             """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token.
 
-            g_addr, u_addr: int64 [k, 3] addresses of each expert's words / float32 scales / biases."""
+            g_addr, u_addr: int64 [k, 3] addresses of each expert's words / scales / biases."""
             k, inter = h.shape
             n_words = xp.shape[1] * xp.shape[2] * bits // 32
             nblk = (inter + _ROW_BLOCK - 1) // _ROW_BLOCK
@@ -321,16 +352,57 @@ def _f32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _as_packed_or_float(w: Any, name: str) -> PackedWeight | np.ndarray:
+@dataclass(frozen=True)
+class KernelWeight:
+    """A quantised weight as the kernels read it: the caller's packed words untouched, and scales/biases
+    either float32 or, for bfloat16 ones, their bits as uint16 (a zero-copy view, widened inside the
+    kernels), so a streamed expert is used without copying or converting anything but float16 scales."""
+
+    words: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    bits: int
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.scales.shape[1] * self.group_size
+
+    @property
+    def bf16(self) -> bool:
+        return self.scales.dtype == np.uint16
+
+    @property
+    def kernels(self) -> SimpleNamespace:
+        return kernels(self.bits, self.bf16)
+
+
+def _scales_for_kernels(a: np.ndarray) -> np.ndarray:
+    if a.dtype.name == "bfloat16":
+        return np.ascontiguousarray(a).view(np.uint16)
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _as_weight(w: Any, name: str) -> KernelWeight | np.ndarray:
+    """A float32 [out, in] array, or a KernelWeight for any quantised form (QuantizedTensor, PackedWeight)."""
+    if isinstance(w, KernelWeight):
+        return w
     if isinstance(w, (QuantizedTensor, PackedWeight)):
-        return pack_weight(w, name)
+        check_quantized(w, name)
+        words = w.words if isinstance(w, PackedWeight) else w.weight
+        return KernelWeight(np.ascontiguousarray(words, dtype=np.uint32), _scales_for_kernels(w.scales),
+                            _scales_for_kernels(w.biases), int(w.bits), int(w.group_size))
     if isinstance(w, np.ndarray):
         return _f32(w)
     raise BackendError(f"{name}: expected a float array or QuantizedTensor, got {type(w).__name__}")
 
 
 class NumbaBackend(Backend):
-    """numba ``@njit(parallel=True)`` kernels on NumPy float32 arrays (handles: PackedWeight / float32)."""
+    """numba ``@njit(parallel=True)`` kernels on NumPy float32 arrays (handles: KernelWeight / float32)."""
 
     name = "numba"
 
@@ -344,12 +416,12 @@ class NumbaBackend(Backend):
     def to_numpy(self, x: Any) -> np.ndarray:
         return _f32(x)
 
-    def prepare(self, t: Any) -> PackedWeight | np.ndarray:
-        return _as_packed_or_float(t, "weight")
+    def prepare(self, t: Any) -> KernelWeight | np.ndarray:
+        return _as_weight(t, "weight")
 
     def linear(self, x: Any, w: Any) -> np.ndarray:
         x = _f32(x)
-        p = _as_packed_or_float(w, "linear weight")
+        p = _as_weight(w, "linear weight")
         if isinstance(p, np.ndarray):
             return x @ p.T
         if x.shape[1] != p.in_features:
@@ -357,19 +429,19 @@ class NumbaBackend(Backend):
         xp, xsum = permute_input(x, p.bits, p.group_size)
         out = np.empty((x.shape[0], p.out_features), np.float32)
         if x.shape[0] == 1:
-            kernels(p.bits).qmatvec(p.words, p.scales, p.biases, xp, xsum, out)
+            p.kernels.qmatvec(p.words, p.scales, p.biases, xp, xsum, out)
         else:
-            kernels(p.bits).qmatmat(p.words, p.scales, p.biases, xp, out)
+            p.kernels.qmatmat(p.words, p.scales, p.biases, xp, out)
         return out
 
     def embed(self, ids: np.ndarray, w: Any) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        p = _as_packed_or_float(w, "embedding")
+        p = _as_weight(w, "embedding")
         if isinstance(p, np.ndarray):
             return p[ids]
         cpu = codes_per_unit(p.bits)
         rows = np.empty((len(ids), cpu, p.in_features // cpu), np.float32)
-        kernels(p.bits).qrows(p.words, p.scales, p.biases, ids, rows)
+        p.kernels.qrows(p.words, p.scales, p.biases, ids, rows)
         return np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(len(ids), p.in_features)
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> np.ndarray:
@@ -418,7 +490,7 @@ class NumbaBackend(Backend):
         x = _f32(x).reshape(1, -1)
         weights = _f32(weights)
         packed = [
-            {name: _as_packed_or_float(e[name], f"expert {i} {name}") for name in ("gate_proj", "up_proj", "down_proj")}
+            {name: _as_weight(e[name], f"expert {i} {name}") for name in ("gate_proj", "up_proj", "down_proj")}
             for i, e in enumerate(experts)
         ]
         if not _fusable(packed):
@@ -429,14 +501,14 @@ class NumbaBackend(Backend):
         g, u, d = ([e[name] for e in packed] for name in ("gate_proj", "up_proj", "down_proj"))
         xp, xsum = permute_input(x, g[0].bits, g[0].group_size)
         h = np.empty((len(packed), g[0].out_features), np.float32)
-        kernels(g[0].bits).experts_gate_up(_addresses(g), _addresses(u), xp, xsum, h)
+        g[0].kernels.experts_gate_up(_addresses(g), _addresses(u), xp, xsum, h)
         hp, hsum = permute_input(h, d[0].bits, d[0].group_size)
         out = np.empty(d[0].out_features, np.float32)
-        kernels(d[0].bits).experts_down(_addresses(d), hp, hsum, weights, out)
+        d[0].kernels.experts_down(_addresses(d), hp, hsum, weights, out)
         return out
 
 
-def _addresses(ws: list[PackedWeight]) -> np.ndarray:
+def _addresses(ws: list[KernelWeight]) -> np.ndarray:
     """int64 [k, 3]: addresses of each weight's words, scales and biases. The fused kernels take addresses
     rather than a tuple of k arrays because numba compiles one specialisation per tuple length (and a
     k-way branch per access); the caller keeps the arrays alive for the call."""
@@ -444,10 +516,10 @@ def _addresses(ws: list[PackedWeight]) -> np.ndarray:
 
 
 def _fusable(packed: list[dict]) -> bool:
-    """The fused k-expert kernels need every projection quantised with one (bits, group_size, shape) across
-    the k experts, and gate and up alike (true for every converted model); anything else runs expert by
-    expert."""
+    """The fused k-expert kernels need every projection quantised with one (bits, group_size, shape, scale
+    dtype) across the k experts, and gate and up alike (true for every converted model); anything else runs
+    expert by expert."""
     gate_up = [e[n] for e in packed for n in ("gate_proj", "up_proj")]
     down = [e["down_proj"] for e in packed]
-    return all(isinstance(w, PackedWeight) for w in gate_up + down) and all(
-        len({(w.bits, w.group_size, w.words.shape) for w in ws}) == 1 for ws in (gate_up, down))
+    return all(isinstance(w, KernelWeight) for w in gate_up + down) and all(
+        len({(w.bits, w.group_size, w.words.shape, w.scales.dtype) for w in ws}) == 1 for ws in (gate_up, down))
