@@ -12,7 +12,10 @@ layout). ``xp[j, u] = x[u * codes_per_unit + j]``, so for each code position j t
 contiguous and LLVM vectorises it across words (shift, mask, int->float, fused multiply-add).
 Per row: pass 1 writes one partial dot per unit into a small scratch (L1); pass 2 folds units into groups
 with their scale and bias. The mat-mat (prefill) dequantises one block of rows at a time into a per-thread
-tile in the same permuted layout and reuses it for every token.
+tile in the same permuted layout and reuses it for every token. Scales and biases are read where they lie:
+bfloat16 ones through a uint16 view, widened in the kernel (float16 ones are converted per call, float32
+ones used as they are). The fused k-expert kernels receive the experts' arrays as an address table, so one
+compiled kernel serves every k. Measurements and the variants that lost: docs/benchmarks.md.
 
 fastmath: kernels use only ``contract`` (fused multiply-add) and ``reassoc`` (reordering float sums so
 reductions vectorise). Both change results only by float32 rounding, well inside the conformance tolerance;
