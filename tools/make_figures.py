@@ -192,11 +192,12 @@ def context(model_dir: Path, figures: Path, doc: Path, disk_gbps: float) -> dict
 
 def walk_token(t, n_prompt: int, labels: list[str]) -> int:
     """The token the document follows: past the first quarter of the decode tokens (the first ones carry
-    one-time costs such as JIT compilation), the first that decodes to some text on its own and whose
-    experts include both cache hits and misses (it shows both paths); else the first after that quarter."""
+    one-time costs such as JIT compilation), the first that decodes to a word (a letter or digit) on its
+    own and whose experts include both cache hits and misses (it shows both paths); else the first after
+    that quarter."""
     start = n_prompt + (len(t.experts) - n_prompt) // 4
     for pos in range(start, len(t.experts)):
-        if labels[pos] and t.hit[pos].any() and not t.hit[pos].all():
+        if any(c.isalnum() for c in labels[pos]) and t.hit[pos].any() and not t.hit[pos].all():
             return pos
     return start
 
