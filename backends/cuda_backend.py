@@ -14,8 +14,11 @@ into a device staging buffer and the kernels address each tensor by its offset t
 f16 / f32 scales from their raw bits. The k experts of a decode token then run in two launches: gate+up
 with SwiGLU for all k experts, and down with the router-weighted sum.
 
-Not here (yet): a VRAM expert cache under ``--gpu-memory`` and copies on a separate stream overlapping
-compute; both need the engine to pass each expert's (layer, expert) key to the backend (see docs/benchmarks.md).
+VRAM tier: :meth:`CudaBackend.configure_expert_cache` keeps up to a byte budget of streamed experts in GPU
+memory by (layer, expert) key, evicted by a flashmoe/eviction.py policy; ``experts_ffn`` / ``expert_ffn``
+take the keys, and an expert already there (:meth:`CudaBackend.has_expert`) may be passed as None, so its
+read can be skipped. The engine does not pass keys yet (issue 9's report gives the change), so by default
+every expert is staged. Not here: copies on their own stream overlapping compute.
 
 Without a GPU, ``NUMBA_ENABLE_CUDASIM=1`` runs the same kernels in numba's CUDA simulator (slow: for the
 conformance tests on tiny shapes).
@@ -24,7 +27,7 @@ conformance tests on tiny shapes).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ml_dtypes
@@ -41,6 +44,7 @@ else:
     _IMPORT_ERROR = None
 
 from flashmoe.backends.base import Backend, BackendError, Expert
+from flashmoe.eviction import make_policy
 from flashmoe.quant import QuantizedTensor
 
 _PAGE = 4096
@@ -334,13 +338,101 @@ def _upload_quantized(t: QuantizedTensor, name: str) -> DeviceQuantized:
 
 
 @dataclass(frozen=True)
+class _ExpertLayout:
+    """Where an expert's tensors lie in its byte span (every streamed expert of a model alike):
+    ``tensors[name] = ((words, scales, biases) byte offsets, out, in, bits, group_size, scale format)``."""
+
+    tensors: tuple
+    span_bytes: int
+
+    @property
+    def stride(self) -> int:
+        """Bytes between experts in device memory."""
+        return _cdiv(self.span_bytes, _STAGE_ALIGN) * _STAGE_ALIGN
+
+    def parts(self, b32: Any, b16: Any) -> dict[str, DeviceQuantized]:
+        """The projections of the expert at the start of the buffer viewed as b32 / b16."""
+        out = {}
+        for name, ((w_at, s_at, b_at), out_f, in_f, bits, group_size, fmt) in zip(_PROJECTIONS, self.tensors):
+            out[name] = DeviceQuantized(b32, b16, w_at // 4, _scale_offset(s_at, fmt), _scale_offset(b_at, fmt),
+                                        out_f, in_f, bits, group_size, fmt)
+        return out
+
+
+def _expert_layout(expert: Expert, arrays: list[np.ndarray], lo: int) -> _ExpertLayout | None:
+    """The layout of one quantised expert whose arrays start at address lo; None when the kernels cannot
+    address it in place (misaligned tensor, group size not a multiple of 32, gate and up quantised apart)."""
+    tensors, end = [], 0
+    for j, name in enumerate(_PROJECTIONS):
+        t = expert[name]
+        fmt = _scale_format(t.scales.dtype, f"expert {name}")
+        at = tuple(a.ctypes.data - lo for a in arrays[3 * j:3 * j + 3])
+        scale_align = 4 if fmt == K.F32 else 2
+        if at[0] % 4 or at[1] % scale_align or at[2] % scale_align or t.group_size % 32:
+            return None
+        tensors.append((at, *t.shape, int(t.bits), int(t.group_size), fmt))
+        end = max([end] + [o + a.nbytes for o, a in zip(at, arrays[3 * j:3 * j + 3])])
+    if tensors[0][1:] != tensors[1][1:]:
+        return None
+    return _ExpertLayout(tuple(tensors), end)
+
+
+@dataclass(frozen=True)
 class _StagedExperts:
-    """k experts' bytes in the staging buffer, ``stride`` bytes apart, each tensor at the same offset in every
-    expert: ``parts[name]`` is (DeviceQuantized of expert 0, that tensor's shapes)."""
+    """k experts in device memory: expert e in slot ``slots[e]`` of a buffer of ``stride``-byte slots;
+    ``parts`` address slot 0 (the kernels add ``slots[e] * stride``)."""
 
     parts: dict[str, DeviceQuantized]
     stride: int
-    k: int
+    slots: Any  # int64 device array [k]
+    first_slot: int
+
+    @property
+    def k(self) -> int:
+        return self.slots.shape[0]
+
+
+class _VramCache:
+    """The VRAM tier: slots of GPU memory holding streamed experts by (layer, expert) key, evicted by a
+    flashmoe/eviction.py policy. The slab is allocated when the first expert's size is known."""
+
+    def __init__(self, nbytes: int, policy: str) -> None:
+        self.nbytes, self.policy_name = nbytes, policy
+        self.layout: _ExpertLayout | None = None
+        self.hits = self.misses = 0
+
+    def prepare(self, layout: _ExpertLayout, k: int) -> None:
+        """Make room for k experts of `layout` (a new layout empties the cache). Raises BackendError when
+        fewer than k fit."""
+        n = self.nbytes // layout.stride
+        if n < k:
+            raise BackendError(f"GPU expert cache of {self.nbytes} bytes holds {n} experts of {layout.stride} "
+                               f"bytes; one token needs {k}")
+        if layout == self.layout:
+            return
+        self.layout = layout
+        self.slab = cuda.device_array(n * layout.stride, np.uint8)
+        self.views = (self.slab.view(np.uint32), self.slab.view(np.uint16))
+        self.policy = make_policy(self.policy_name)
+        self.slot_of: dict = {}
+        self.free = list(range(n - 1, -1, -1))
+
+    def slot(self, key: Any, pinned: set) -> tuple[int, bool]:
+        """(slot of key, whether it was there); a missing key gets a free or evicted slot (never one of
+        `pinned`, the keys of the current call)."""
+        if key in self.slot_of:
+            self.hits += 1
+            self.policy.touch(key)
+            return self.slot_of[key], True
+        self.misses += 1
+        if not self.free:
+            victim = self.policy.victim(lambda k: k not in pinned)
+            self.policy.remove(victim)
+            self.free.append(self.slot_of.pop(victim))
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.policy.insert(key)
+        return slot, False
 
 
 def _root(a: np.ndarray) -> np.ndarray:
@@ -419,6 +511,7 @@ class CudaBackend(Backend):
     def __init__(self) -> None:
         self._stage = None  # device staging buffer of streamed experts, grown on demand
         self._stage_views = None
+        self._cache: _VramCache | None = None
         #: host -> device bytes and copies of streamed experts since construction (statistics)
         self.expert_bytes_copied = 0
         self.expert_copies = 0
@@ -564,48 +657,73 @@ class CudaBackend(Backend):
         return out
 
     # -- experts --------------------------------------------------------------------------------------------
-    def _stage_experts(self, experts: list[Expert]) -> _StagedExperts | None:
-        """Copy each expert's byte span into the staging buffer (one host -> device copy per expert).
+    def configure_expert_cache(self, nbytes: int, policy: str = "lru") -> None:
+        """Keep up to `nbytes` of streamed experts in GPU memory (the VRAM tier in front of the host's), keyed
+        by the ``keys`` given to :meth:`experts_ffn` / :meth:`expert_ffn` and evicted by `policy` ("lru",
+        "lfu", "fifo"; flashmoe/eviction.py). 0 turns it off. Raises FlashMoeError for an unknown policy."""
+        make_policy(policy)  # fail now, not at the first expert
+        self._cache = _VramCache(nbytes, policy) if nbytes > 0 else None
 
-        None when the fused kernels cannot address them: a float projection, gate and up quantised
-        differently, or experts whose tensors are not at the same relative offsets."""
+    def has_expert(self, key: Any) -> bool:
+        """Whether expert `key` is in the GPU expert cache (its bytes need not be read or passed again)."""
+        return self._cache is not None and self._cache.layout is not None and key in self._cache.slot_of
+
+    @property
+    def expert_cache_stats(self) -> dict[str, int]:
+        """The VRAM tier's hits and misses and the host -> device expert bytes and copies so far."""
+        c = self._cache
+        return {"gpu_hits": c.hits if c else 0, "gpu_misses": c.misses if c else 0,
+                "bytes_copied": self.expert_bytes_copied, "copies": self.expert_copies}
+
+    def _stage_experts(self, experts: list[Expert | None], keys: list | None = None) -> _StagedExperts | None:
+        """Put the k experts in device memory: each given expert's byte span in one host -> device copy,
+        into the GPU expert cache when keys are given and it is configured (an expert already there is
+        not copied, and may be given as None), else into slots 0..k-1 of the staging buffer.
+
+        None when the fused kernels cannot address them in place: a float projection, gate and up quantised
+        differently, misaligned tensors, or experts laid out differently."""
         spans, layout = [], None
         for e in experts:
+            if e is None:
+                spans.append(None)
+                continue
             arrays = _expert_arrays(e)
             if arrays is None:
                 return None
             span, lo = _host_span(arrays)
-            sig = tuple((a.ctypes.data - lo, a.shape, a.dtype.str) for a in arrays)
-            sig += tuple((e[n].bits, e[n].group_size) for n in _PROJECTIONS)
-            if layout is not None and sig != layout:
+            this = _expert_layout(e, arrays, lo)
+            if this is None or (layout is not None and this != layout):
                 return None
-            layout = sig
+            layout = layout or this
             spans.append(span)
-        gate, up = experts[0]["gate_proj"], experts[0]["up_proj"]
-        if (gate.shape, gate.bits, gate.group_size, gate.scales.dtype) != (up.shape, up.bits, up.group_size,
-                                                                           up.scales.dtype):
-            return None
-        stride = _cdiv(max(s.nbytes for s in spans), _STAGE_ALIGN) * _STAGE_ALIGN
-        if self._stage is None or self._stage.size < stride * len(spans):
-            self._stage = cuda.device_array(stride * len(spans), np.uint8)
-            self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
-        for i, span in enumerate(spans):
-            self._stage[i * stride:i * stride + span.nbytes].copy_to_device(span)
+        cache = self._cache if keys is not None else None
+        if cache is not None:
+            if layout is None:
+                layout = cache.layout
+            if layout is None:
+                raise BackendError("experts_ffn: every expert was passed as None but the GPU cache holds none")
+            cache.prepare(layout, len(experts))
+            pinned = set(keys)
+            slots, hits = zip(*(cache.slot(key, pinned) for key in keys))
+            buffer, views = cache.slab, cache.views
+        else:
+            if layout is None:
+                raise BackendError("experts_ffn: an expert passed as None needs keys and a GPU expert cache")
+            slots, hits = tuple(range(len(experts))), (False,) * len(experts)
+            if self._stage is None or self._stage.size < layout.stride * len(experts):
+                self._stage = cuda.device_array(layout.stride * len(experts), np.uint8)
+                self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
+            buffer, views = self._stage, self._stage_views
+        for slot, hit, span, key in zip(slots, hits, spans, keys or [None] * len(spans)):
+            if hit:
+                continue
+            if span is None:
+                raise BackendError(f"expert {key}: not in the GPU expert cache and not given")
+            buffer[slot * layout.stride:slot * layout.stride + span.nbytes].copy_to_device(span)
             self.expert_bytes_copied += span.nbytes
             self.expert_copies += 1
-        b32, b16 = self._stage_views
-        parts = {}
-        for j, name in enumerate(_PROJECTIONS):
-            t = experts[0][name]
-            fmt = _scale_format(t.scales.dtype, f"expert {name}")
-            (w_at, *_), (s_at, *_), (b_at, *_) = layout[3 * j:3 * j + 3]
-            if w_at % 4 or s_at % (4 if fmt == K.F32 else 2) or b_at % (4 if fmt == K.F32 else 2) or \
-                    t.group_size % 32:
-                return None
-            out_f, in_f = t.shape
-            parts[name] = DeviceQuantized(b32, b16, w_at // 4, _scale_offset(s_at, fmt), _scale_offset(b_at, fmt),
-                                          out_f, in_f, int(t.bits), int(t.group_size), fmt)
-        return _StagedExperts(parts, stride, len(spans))
+        return _StagedExperts(layout.parts(*views), layout.stride, cuda.to_device(np.array(slots, np.int64)),
+                              slots[0])
 
     def _gate_up(self, x: DeviceArray, staged: _StagedExperts) -> DeviceArray:
         """h [k * T, inter] = silu(gate_e x_t) * (up_e x_t) for every staged expert e and token t."""
@@ -614,21 +732,31 @@ class CudaBackend(Backend):
         h = _empty((staged.k * T, g.out_features))
         _row_launch(K.qgate_up(g.bits, g.group_size, g.fmt), g.out_features, staged.k * T, g.b32, g.b16,
                     g.w_off, g.s_off, g.b_off, u.w_off, u.s_off, u.b_off, staged.stride // 4,
-                    _scale_offset(staged.stride, g.fmt), g.out_features, g.n_units, T, x.flat, h.flat)
+                    _scale_offset(staged.stride, g.fmt), staged.slots, g.out_features, g.n_units, T, x.flat,
+                    h.flat)
         return h
 
-    def expert_ffn(self, x: Any, expert: Expert) -> DeviceArray:
+    def expert_ffn(self, x: Any, expert: Expert | None, key: Any = None) -> DeviceArray:
+        """As :meth:`Backend.expert_ffn`; with `key` ((layer, expert)) and a GPU expert cache configured,
+        the expert is kept there and may be passed as None once it is (:meth:`has_expert`)."""
         x = _to_device(x)
-        staged = self._stage_experts([expert])
+        staged = self._stage_experts([expert], None if key is None else [key])
         if staged is None:
             h = self.silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
             return self.linear(h, expert["down_proj"])
-        return self._linear(self._gate_up(x, staged), staged.parts["down_proj"])
+        d = staged.parts["down_proj"]
+        at = staged.first_slot * staged.stride
+        down = replace(d, w_off=d.w_off + at // 4, s_off=d.s_off + _scale_offset(at, d.fmt),
+                       b_off=d.b_off + _scale_offset(at, d.fmt))
+        return self._linear(self._gate_up(x, staged), down)
 
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> DeviceArray:
+    def experts_ffn(self, x: Any, experts: list[Expert | None], weights: np.ndarray, keys: list | None = None
+                    ) -> DeviceArray:
+        """As :meth:`Backend.experts_ffn`; with `keys` (one (layer, expert) per expert) and a GPU expert cache
+        configured, experts are kept there and those already there may be passed as None."""
         x = _to_device(x).reshape(1, -1)
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
-        staged = self._stage_experts(experts)
+        staged = self._stage_experts(experts, keys)
         if staged is None:
             out = None
             for e, w in zip(experts, weights):
@@ -639,6 +767,6 @@ class CudaBackend(Backend):
         d = staged.parts["down_proj"]
         out = _empty((d.out_features,))
         _row_launch(K.qdown_combine(d.bits, d.group_size, d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off,
-                    d.s_off, d.b_off, staged.stride // 4, _scale_offset(staged.stride, d.fmt), d.out_features,
-                    d.n_units, staged.k, h.flat, cuda.to_device(weights), out.flat)
+                    d.s_off, d.b_off, staged.stride // 4, _scale_offset(staged.stride, d.fmt), staged.slots,
+                    d.out_features, d.n_units, h.flat, cuda.to_device(weights), out.flat)
         return out

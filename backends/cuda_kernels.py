@@ -223,22 +223,22 @@ def qlinear(bits: int, group_size: int, fmt: int):
 
 @lru_cache(maxsize=None)
 def qgate_up(bits: int, group_size: int, fmt: int):
-    """h[e, t, i] = silu(gate_e[i] . x[t]) * (up_e[i] . x[t]) for k experts laid out ``stride32`` words
-    (``stride_s`` scale elements) apart. Grid (ceil(inter / ROWS), k * T), block (LANES, ROWS).
+    """h[e, t, i] = silu(gate_e[i] . x[t]) * (up_e[i] . x[t]) for k experts, expert e in slot slots[e] of
+    ``stride32`` words (``stride_s`` scale elements). Grid (ceil(inter / ROWS), k * T), block (LANES, ROWS).
 
-    (b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, n_inter, n_units, n_tok, x [T * hidden],
-    h [k * T * inter])."""
+    (b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, slots [k], n_inter, n_units, n_tok,
+    x [T * hidden], h [k * T * inter])."""
     qdot = _qdot(bits, group_size, fmt)
 
     @cuda.jit
-    def kernel(b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, n_inter, n_units, n_tok, x, h):
+    def kernel(b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, slots, n_inter, n_units, n_tok, x, h):
         sh = cuda.shared.array((ROWS, LANES), float32)
         lane, r = cuda.threadIdx.x, cuda.threadIdx.y
         i = cuda.blockIdx.x * ROWS + r
         e = cuda.blockIdx.y // n_tok
         t = cuda.blockIdx.y % n_tok
         words, groups = n_units * bits, n_units * 32 // group_size
-        ew, es = e * stride32 + i * words, e * stride_s + i * groups
+        ew, es = slots[e] * stride32 + i * words, slots[e] * stride_s + i * groups
         a = float32(0.0)
         b = float32(0.0)
         if i < n_inter:
@@ -257,20 +257,21 @@ def qdown_combine(bits: int, group_size: int, fmt: int):
     """out[o] = sum_e weights[e] * (down_e[o] . h[e]) for one token's k experts. Grid ceil(hidden / ROWS),
     block (LANES, ROWS).
 
-    (b32, b16, dw, ds, db, stride32, stride_s, n_out, n_units, k, h [k * inter], weights [k], out [hidden])."""
+    (b32, b16, dw, ds, db, stride32, stride_s, slots [k], n_out, n_units, h [k * inter], weights [k],
+    out [hidden]); expert e in slot slots[e] as in :func:`qgate_up`."""
     qdot = _qdot(bits, group_size, fmt)
 
     @cuda.jit
-    def kernel(b32, b16, dw, ds, db, stride32, stride_s, n_out, n_units, k, h, weights, out):
+    def kernel(b32, b16, dw, ds, db, stride32, stride_s, slots, n_out, n_units, h, weights, out):
         sh = cuda.shared.array((ROWS, LANES), float32)
         lane, r = cuda.threadIdx.x, cuda.threadIdx.y
         o = cuda.blockIdx.x * ROWS + r
         words, groups = n_units * bits, n_units * 32 // group_size
         p = float32(0.0)
         if o < n_out:
-            for e in range(k):
-                p += weights[e] * qdot(b32, b16, dw + e * stride32 + o * words, ds + e * stride_s + o * groups,
-                                       db + e * stride_s + o * groups, n_units, h, e * n_units * 32, lane)
+            for e in range(slots.shape[0]):
+                ew, es = slots[e] * stride32 + o * words, slots[e] * stride_s + o * groups
+                p += weights[e] * qdot(b32, b16, dw + ew, ds + es, db + es, n_units, h, e * n_units * 32, lane)
         total = _lane_sum(p, sh, lane, r)
         if o < n_out and lane == 0:
             out[o] = total

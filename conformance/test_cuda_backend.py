@@ -142,6 +142,42 @@ def test_experts_in_one_pinned_buffer_cross_in_one_copy_each(be):
 
 
 @HERE
+def test_gpu_expert_cache_keeps_experts_by_key_and_evicts_by_policy(be):
+    from flashmoe.backends.base import BackendError
+
+    rng = np.random.default_rng(2)
+    hidden, inter = 64, 32
+    experts = {e: make_expert_views(rng, hidden, inter, 4, 32, "bfloat16") for e in range(4)}
+    x = rng.standard_normal(hidden).astype(np.float32)
+    ref = get_backend("numpy")
+
+    def check(ids, given, weights):
+        got = be.to_numpy(be.experts_ffn(x, [experts[e] if e in given else None for e in ids], weights,
+                                         keys=[(7, e) for e in ids]))
+        want = ref.experts_ffn(x, [experts[e] for e in ids], weights)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    stride = -(-sum(t.nbytes + 3 * 64 for t in experts[0].values()) // 256) * 256  # an upper bound
+    be.configure_expert_cache(2 * stride, "lru")  # room for 2 experts (the views are 64-byte aligned)
+    try:
+        w = np.array([0.7, 0.3], np.float32)
+        before = dict(be.expert_cache_stats)
+        check([0, 1], {0, 1}, w)  # two misses: both copied
+        assert be.has_expert((7, 0)) and be.has_expert((7, 1)) and not be.has_expert((7, 2))
+        check([1, 0], set(), w)  # two hits: passed as None, nothing copied
+        check([2, 1], {2}, w)  # expert 2 evicts the least recently used, 0
+        assert not be.has_expert((7, 0)) and be.has_expert((7, 2))
+        stats = {k: v - before[k] for k, v in be.expert_cache_stats.items()}
+        assert stats == {"gpu_hits": 3, "gpu_misses": 3, "bytes_copied": stats["bytes_copied"], "copies": 3}
+        got = be.to_numpy(be.expert_ffn(x[None], None, key=(7, 2)))  # one expert, from the cache
+        np.testing.assert_allclose(got, ref.expert_ffn(x[None], experts[2]), rtol=1e-4, atol=1e-5)
+        with pytest.raises(BackendError, match="one token needs 3"):
+            check([0, 1, 3], {0, 1, 3}, np.array([0.5, 0.3, 0.2], np.float32))
+    finally:
+        be.configure_expert_cache(0)
+
+
+@HERE
 def test_engine_forward_matches_the_numpy_backend(tmp_path):
     from flashmoe.bench.bench_cuda import build_engine
     from flashmoe.synth import synth_model
