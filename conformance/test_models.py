@@ -1,0 +1,91 @@
+"""Model-level conformance: the streaming engine on each backend vs the NumPy reference forward pass.
+
+For every tiny checkpoint of tests/checkpoints.py (every supported architecture and its variants), built
+with transformers and converted at 4 bits (group 32, so every linear is quantised) and, for one variant per
+architecture, with mixed widths (8-bit resident, 3-bit experts): a prompt's logits (batched prefill) and 64
+greedy decode steps must match ``ReferenceModel`` within 1e-3 of the logits' scale
+(max|Δ| / max|reference|), and greedy decoding must pick the same tokens.
+
+numba, the default backend, runs every case; other backends run one variant per architecture at 4 bits
+(the NumPy backend's engine is also checked on every variant by the engine's own tests).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers", reason="tiny checkpoints are built with transformers (pip install .[test])")
+pytest.importorskip("torch", reason="tiny checkpoints are built with torch (pip install .[test])")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the architecture owner's builders
+from checkpoints import VARIANTS, build_hf_checkpoint, prompt_tokens  # noqa: E402
+
+from flashmoe.backends import available_backends  # noqa: E402
+from flashmoe.convert import convert_checkpoint  # noqa: E402
+from flashmoe.load import load_engine  # noqa: E402
+from flashmoe.reference import ReferenceModel  # noqa: E402
+
+TOLERANCE = 1e-3
+PROMPT = 12
+DECODE_STEPS = 64
+BACKENDS = [name for name, why in available_backends().items() if why is None]
+UNAVAILABLE = {name: why for name, why in available_backends().items() if why is not None}
+#: (bits, expert_bits): the default, and mixed widths on the first variant of each architecture.
+QUANTS = {"q4": ("4", "4"), "q8-experts-q3": ("8", "3")}
+FIRST_VARIANT = {arch: variant for arch, variant in reversed(VARIANTS)}
+CASES = [(arch, variant, q) for arch, variant in VARIANTS for q in QUANTS
+         if q == "q4" or FIRST_VARIANT[arch] == variant]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conformance_models")
+    built: dict[tuple[str, str, str], Path] = {}
+
+    def get(arch: str, variant: str, quant: str) -> Path:
+        key = (arch, variant, quant)
+        if key not in built:
+            hf = root / f"{arch}-{variant}-hf"
+            if not hf.exists():
+                build_hf_checkpoint(arch, variant, hf)
+            bits, expert_bits = QUANTS[quant]
+            built[key] = convert_checkpoint(hf, root / f"{arch}-{variant}-{quant}", bits=bits,
+                                            expert_bits=expert_bits, group_size=32, progress=False)
+        return built[key]
+
+    return get
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+FULL_BACKEND = "numba"
+PARAMS = [(b, *c) for b in sorted(set(BACKENDS) | set(UNAVAILABLE)) for c in CASES
+          if b == FULL_BACKEND or (c[2] == "q4" and FIRST_VARIANT[c[0]] == c[1])]
+
+
+@pytest.mark.parametrize("backend,arch,variant,quant", PARAMS, ids=["-".join(p) for p in PARAMS])
+def test_engine_logits_and_greedy_tokens_match_reference(model_dir, backend, arch, variant, quant):
+    if backend in UNAVAILABLE:
+        pytest.skip(f"backend {backend} unavailable here: {UNAVAILABLE[backend]}")
+    path = model_dir(arch, variant, quant)
+    reference = ReferenceModel.from_dir(path)
+    engine = load_engine(path, backend=backend, context=PROMPT + DECODE_STEPS + 1)
+
+    cache, state = reference.new_cache(), engine.new_state()
+    want = reference.forward(prompt_tokens(PROMPT), cache)
+    got = engine.forward(prompt_tokens(PROMPT), state, all_logits=True)
+    assert _rel(got, want) <= TOLERANCE, f"prefill logits off by {_rel(got, want):.2e}"
+
+    token = int(np.argmax(want[-1]))
+    for step in range(DECODE_STEPS):
+        assert int(np.argmax(got[-1])) == token, f"greedy token differs at decode step {step}"
+        want = reference.forward(np.array([token]), cache)
+        got = engine.forward(np.array([token]), state)
+        assert _rel(got, want) <= TOLERANCE, f"decode step {step}: logits off by {_rel(got, want):.2e}"
+        token = int(np.argmax(want[-1]))
