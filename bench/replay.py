@@ -6,6 +6,13 @@ offers, at cache sizes given as fractions of all experts of the model (every MoE
 optimal policy (`opt`: evict the entry whose next use is farthest away; Belady 1966) is replayed too: it
 needs the future, so no cache can run it, but it bounds what any policy could reach on the trace.
 
+Two candidates that the store does not (yet) offer are replayed as well, because a decode token visits the
+MoE layers in a fixed cycle (L layers x k experts per token) and a cache smaller than that cycle is the
+textbook loop that defeats LRU, LFU and FIFO alike:
+- `mru` (evict the most recently used entry), the classic answer to a loop larger than the cache;
+- `lru/layer` (the capacity split evenly over the MoE layers, LRU inside each share), so one layer's
+  reads can never evict another layer's experts.
+
 A trace of a model with random weights routes close to uniformly, the worst case for any cache; a trained
 model's trace (`flashmoe generate --trace`) shows what real routing allows. Reports say which one a figure is.
 """
@@ -13,6 +20,7 @@ model's trace (`flashmoe generate --trace`) shows what real routing allows. Repo
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from pathlib import Path
 from typing import Hashable, Sequence
 
@@ -21,6 +29,38 @@ from flashmoe.trace import lookup_keys, read_trace
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 OPT = "opt"
+MRU = "mru"
+LAYER_LRU = "lru/layer"
+CANDIDATES = (MRU, LAYER_LRU)
+
+
+class MostRecentlyUsed:
+    """Eviction policy (flashmoe.eviction.EvictionPolicy protocol): the victim is the most recently used key."""
+
+    def __init__(self) -> None:
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def insert(self, key: Hashable) -> None:
+        self._order[key] = None
+
+    def touch(self, key: Hashable) -> None:
+        self._order.move_to_end(key)
+
+    def remove(self, key: Hashable) -> None:
+        del self._order[key]
+
+    def victim(self, can_evict) -> Hashable | None:
+        return next((k for k in reversed(self._order) if can_evict(k)), None)
+
+
+def layer_partitioned_lru_hit_rate(keys: Sequence[tuple[int, int]], capacity: int) -> float:
+    """Hit rate of LRU with `capacity` split evenly over the layers seen in `keys` ((layer, expert) pairs;
+    the remainder goes to the first layers)."""
+    layers = sorted({layer for layer, _ in keys})
+    share, extra = divmod(capacity, len(layers)) if layers else (0, 0)
+    quota = {layer: share + (i < extra) for i, layer in enumerate(layers)}
+    return sum(simulate_hit_rate([k for k in keys if k[0] == layer], quota[layer], "lru")
+               * sum(1 for k in keys if k[0] == layer) for layer in layers) / len(keys) if keys else 0.0
 
 
 def belady_hit_rate(keys: Sequence[Hashable], capacity: int) -> float:
@@ -56,9 +96,18 @@ def belady_hit_rate(keys: Sequence[Hashable], capacity: int) -> float:
     return hits / n
 
 
+def _hit_rate(name: str, keys: list[tuple[int, int]], entries: int) -> float:
+    if name == OPT:
+        return belady_hit_rate(keys, entries)
+    if name == LAYER_LRU:
+        return layer_partitioned_lru_hit_rate(keys, entries)
+    return simulate_hit_rate(keys, entries, MostRecentlyUsed() if name == MRU else name)
+
+
 def replay(trace: str | Path, fractions: Sequence[float] = DEFAULT_FRACTIONS,
            policies: Sequence[str] | None = None) -> dict:
-    """Hit rates of `trace` for each policy (default: every store policy plus 'opt') at each cache size.
+    """Hit rates of `trace` for each policy (default: every store policy, the candidates and 'opt') at each
+    cache size.
 
     Returns {"trace", "model", "num_experts", "moe_layers", "experts_per_token", "tokens", "lookups",
     "distinct_experts", "sizes": [{"fraction", "entries", "hit_rate": {policy: rate}}]}; `entries` =
@@ -67,12 +116,11 @@ def replay(trace: str | Path, fractions: Sequence[float] = DEFAULT_FRACTIONS,
     header, tokens = read_trace(trace)
     keys = lookup_keys(header, tokens)
     total = header.num_experts * len(header.moe_layers)
-    names = list(policies) if policies else [*POLICIES, OPT]
+    names = list(policies) if policies else [*POLICIES, *CANDIDATES, OPT]
     sizes = []
     for fraction in fractions:
         entries = max(1, round(fraction * total))
-        rates = {name: belady_hit_rate(keys, entries) if name == OPT else simulate_hit_rate(keys, entries, name)
-                 for name in names}
+        rates = {name: _hit_rate(name, keys, entries) for name in names}
         sizes.append({"fraction": fraction, "entries": entries, "hit_rate": rates})
     return {
         "trace": str(trace), "model": header.model, "num_experts": header.num_experts,
