@@ -158,7 +158,7 @@ def run_bench(opts: BenchOptions) -> dict:
     opts.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
                     "options": {k: v for k, v in vars(opts).items() if k != "log"}, "runs": [], "replays": []}
-    traces = [(Path(t), "replayed trace") for t in opts.replays]
+    traces: list[tuple[Path, str | None]] = [(Path(t), None) for t in opts.replays]
     if opts.model_dir is not None:
         md = ModelDir.open(opts.model_dir)
         cfg, layout = md.config, md.layout
@@ -212,7 +212,7 @@ def run_bench(opts: BenchOptions) -> dict:
     for path, kind in traces:
         log(f"replay: {path}")
         r = replay(path, opts.fractions)
-        r["kind"] = kind
+        r["kind"] = kind or f"recorded routing of {Path(r['model']).name or 'an unnamed model'}"
         result["replays"].append(r)
     if opts.model_dir is None and not traces:
         raise FlashMoeError("nothing to measure: give a model directory and/or --replay TRACE")
