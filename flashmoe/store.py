@@ -249,6 +249,9 @@ class ExpertStore:
                 if self.mode == "direct":
                     fallback.append(path)
                 fd = os.open(path, os.O_RDONLY)
+                # Experts are read whole and at random: kernel readahead past one would spend disk bandwidth
+                # on a neighbour the router may never pick.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[layer] = fd
         self.direct = self.mode == "direct" and not fallback
         if fallback:
