@@ -27,16 +27,40 @@ import numpy as np
 from flashmoe.backends import get_backend
 from flashmoe.bench.decode_run import summarise_pass
 from flashmoe.engine import Engine
+from flashmoe.memory import parse_size
 from flashmoe.modeldir import ModelDir
 from flashmoe.stats import Stats
 from flashmoe.store import ExpertStore
 
 
+class KeyedEngine(Engine):
+    """The Engine with a decode MoE step that reads only the experts the backend does not already hold in
+    GPU memory and passes every expert's (layer, expert) key to it: the engine change issue 9 proposes
+    for the VRAM tier, here so that tier can be measured before the engine has it."""
+
+    def _moe_decode(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
+        be = self.backend
+        keys = [(layer, int(e)) for e in ids]
+        missing = [int(e) for e, key in zip(ids, keys) if not be.has_expert(key)]
+        request = self.store.fetch(layer, missing) if missing else None
+        with self.stats.stage("shared_expert"):
+            shared = self._shared_expert(p, x)
+        buffers = dict(zip(missing, self.store.wait(request))) if request else {}
+        with self.stats.stage("experts"):
+            layout = self.model.layer_layout(layer)
+            experts = [layout.view(buffers[e]) if e in buffers else None for _, e in keys]
+            y = be.experts_ffn(x[0], experts, weights, keys=keys)[None]
+        if request:
+            self.store.release(request)
+        return y if shared is None else y + shared
+
+
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
-                 threads: int | None = None) -> Engine:
+                 threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = "lru") -> Engine:
     """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
     themselves); read buffers come from the backend's ``allocate_buffer`` when it has one (pinned memory
-    for the CUDA backend)."""
+    for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes, used
+    through :class:`KeyedEngine`."""
     model = ModelDir.open(model_dir)
     be = get_backend(backend)
     k = experts_per_token or model.config.num_experts_per_tok
@@ -45,7 +69,11 @@ def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", exp
                         num_experts=model.config.num_experts, stride=model.layout.stride,
                         nbytes=model.layout.nbytes, mode=io, threads=threads or max(4, k), stats=stats,
                         allocate=getattr(be, "allocate_buffer", None))
-    return Engine(model, be, store, stats, experts_per_token=k)
+    if hasattr(be, "configure_expert_cache"):
+        be.configure_expert_cache(gpu_memory, gpu_policy)
+    elif gpu_memory:
+        raise ValueError(f"backend {backend!r} has no GPU expert cache")
+    return (KeyedEngine if gpu_memory else Engine)(model, be, store, stats, experts_per_token=k)
 
 
 def run_passes(engine: Engine, passes: list[str], prompt_tokens: int, tokens: int, seed: int) -> dict[str, dict]:
@@ -62,11 +90,15 @@ def run_passes(engine: Engine, passes: list[str], prompt_tokens: int, tokens: in
         logits = engine.forward(prompt, state)
         stats.token_done()
         before = dict(stats.stage_s)
+        tier_before = dict(getattr(engine.backend, "expert_cache_stats", {}))
         for _ in range(tokens):
             logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
             stats.token_done()
         stages = {s: v - before.get(s, 0.0) for s, v in stats.stage_s.items()}
         out[name] = summarise_pass(stats.tokens[first:], stages, len(engine.model.moe_layers))
+        if tier_before:  # the GPU tier's hits, misses and host -> device bytes per decode token
+            out[name]["gpu_tier_per_token"] = {k: (v - tier_before[k]) / tokens
+                                               for k, v in engine.backend.expert_cache_stats.items()}
     return out
 
 
@@ -159,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the --synth-like model")
     ap.add_argument("--device-bytes", type=int, default=1 << 30, help="size of the device-copy measurement")
     ap.add_argument("--backends", default="cuda,numba")
+    ap.add_argument("--gpu-memory", default="0", help="comma-separated VRAM expert cache sizes ('16G'); the "
+                    "cuda backend runs once per size (0: no cache)")
+    ap.add_argument("--gpu-policy", default="lru", help="eviction policy of the VRAM expert cache")
     ap.add_argument("-k", "--experts-per-token", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=8)
@@ -176,11 +211,15 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         synth_model(a.model, get_preset(a.synth_like).config_dict(a.layers), tokenizer=None, force=True)
         result["synth"] = {"like": a.synth_like, "layers": a.layers, "seconds": time.perf_counter() - t0}
-    for name in a.backends.split(","):
+    configs = [(name, size) for name in a.backends.split(",")
+               for size in (a.gpu_memory.split(",") if name == "cuda" else ["0"])]
+    for name, size in configs:
         t0 = time.perf_counter()
-        engine = build_engine(a.model, name, experts_per_token=a.experts_per_token)
+        engine = build_engine(a.model, name, experts_per_token=a.experts_per_token, gpu_memory=parse_size(size),
+                              gpu_policy=a.gpu_policy)
         load_s = time.perf_counter() - t0
-        run: dict[str, Any] = {"backend": name, "k": engine.k, "moe_layers": len(engine.model.moe_layers),
+        run: dict[str, Any] = {"backend": name, "gpu_memory": size, "k": engine.k,
+                               "moe_layers": len(engine.model.moe_layers),
                                "resident_bytes": engine.model.resident_nbytes,
                                "resident_read_bytes": resident_read_bytes(engine), "expert_bytes": engine.store.nbytes,
                                "load_s": load_s}
@@ -198,13 +237,16 @@ def main(argv: list[str] | None = None) -> None:
         engine.store.close()
         result["runs"].append(run)
         a.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| backend | pass | tok/s | ms/token | ms/layer | compute ms/layer | io wait ms/layer | bound ms/token |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| backend | gpu memory | pass | tok/s | ms/token | ms/layer | compute ms/layer | io wait ms/layer "
+          "| GPU hits/token | bound ms/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for run in result["runs"]:
         for label, p in run["passes"].items():
             bound = f"{p['bound']['bound_ms']:.2f}" if "bound" in p else ""
-            print(f"| {run['backend']} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} | {p['ms_per_layer']:.2f} "
-                  f"| {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} | {bound} |")
+            hits = f"{p['gpu_tier_per_token']['gpu_hits']:.1f}" if "gpu_tier_per_token" in p else ""
+            print(f"| {run['backend']} | {run['gpu_memory']} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} "
+                  f"| {p['ms_per_layer']:.2f} | {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} "
+                  f"| {hits} | {bound} |")
     if "rates" in result["runs"][0]:
         print(json.dumps(result["runs"][0]["rates"]))
 
