@@ -51,6 +51,9 @@ _FASTMATH = {"contract", "reassoc"}
 # Rows handled per scheduling chunk: amortises the per-chunk scratch allocation and keeps a chunk's
 # dequantised tile (ROW_BLOCK x in floats) inside L2.
 _ROW_BLOCK = 16
+# Up to this many tokens, unpacking the codes once per token (mat-vec) beats dequantising rows once into a
+# tile and then taking float dot products (mat-mat); measured crossover 2-4 tokens (docs/benchmarks.md).
+_MATVEC_TOKENS = 3
 
 
 def codes_per_unit(bits: int) -> int:
@@ -135,13 +138,18 @@ if numba is not None:
         cpu = tile.shape[1]
         nu = tile.shape[2]
         upg = nu // scales.shape[1]
+        su = np.empty(nu, np.float32)  # each unit's scale and bias, so the loop over units vectorises
+        bu = np.empty(nu, np.float32)
         for r in range(r0, r1):
+            for g in range(scales.shape[1]):
+                s, b = _widen(scales[r, g]), _widen(biases[r, g])
+                for u in range(g * upg, g * upg + upg):
+                    su[u] = s
+                    bu[u] = b
             wrow = words[r]
             for j in range(cpu):
                 for u in range(nu):
-                    g = u // upg
-                    q = np.float32(np.int32(_code(wrow, u, j, bits)))
-                    tile[r - r0, j, u] = _widen(scales[r, g]) * q + _widen(biases[r, g])
+                    tile[r - r0, j, u] = su[u] * np.float32(np.int32(_code(wrow, u, j, bits))) + bu[u]
 
     def _pointer_intrinsic(nbtype):
         @intrinsic
@@ -431,7 +439,7 @@ class NumbaBackend(Backend):
             raise BackendError(f"linear: input has {x.shape[1]} features, weight expects {p.in_features}")
         xp, xsum = permute_input(x, p.bits, p.group_size)
         out = np.empty((x.shape[0], p.out_features), np.float32)
-        if x.shape[0] == 1:
+        if x.shape[0] <= _MATVEC_TOKENS:
             p.kernels.qmatvec(p.words, p.scales, p.biases, xp, xsum, out)
         else:
             p.kernels.qmatmat(p.words, p.scales, p.biases, xp, out)
