@@ -1,0 +1,80 @@
+"""The conformance gate itself: stamps, refusal of a wrong backend with the failing case shown, the table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashmoe.backends import base
+from flashmoe.backends.numpy_backend import NumpyBackend
+from flashmoe.conformance import runner
+from flashmoe.errors import ConformanceError
+
+
+class ExactBackend(NumpyBackend):
+    """The reference's arithmetic under another name: must pass."""
+
+    name = "exact-test"
+
+
+class OffByOnePercentLinear(NumpyBackend):
+    """A backend whose linear is 1% off (as a wrong scale or bias handling would be): must be refused."""
+
+    name = "broken-test"
+
+    def linear(self, x, w):
+        return super().linear(x, w) * np.float32(1.01)
+
+
+@pytest.fixture
+def backends(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path))
+    for cls in (ExactBackend, OffByOnePercentLinear):
+        monkeypatch.setitem(base._REGISTRY, cls.name, lambda cls=cls: cls)
+        monkeypatch.delitem(base._INSTANCES, cls.name, raising=False)
+    return tmp_path
+
+
+def test_ensure_conformant_stamps_once_and_then_skips_the_suite(backends, monkeypatch):
+    runner.ensure_conformant("exact-test")
+    stamp = runner.stamp_path("exact-test")
+    assert stamp.is_file() and stamp.parent == backends / "conformance"
+    assert '"cases": %d' % len(runner.QUICK_CASES) in stamp.read_text()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the quick suite ran again despite a stamp")
+
+    monkeypatch.setattr(runner, "run_cases", must_not_run)
+    runner.ensure_conformant("exact-test")
+
+
+def test_stamp_key_changes_with_the_machine(backends, monkeypatch):
+    before = runner.stamp_path("exact-test")
+    monkeypatch.setattr(runner, "machine", lambda: {"host": "another"})
+    assert runner.stamp_path("exact-test") != before
+
+
+def test_wrong_backend_is_refused_naming_the_failing_case(backends):
+    with pytest.raises(ConformanceError) as err:
+        runner.ensure_conformant("broken-test")
+    message = str(err.value)
+    assert "backend 'broken-test' failed" in message
+    assert "linear(" in message and "relative error 0.01" in message and "> tolerance 1e-04" in message
+    assert not runner.stamp_path("broken-test").exists()
+
+
+def test_reference_backend_needs_no_stamp(backends):
+    runner.ensure_conformant("numpy")
+    assert not (backends / "conformance").exists()
+
+
+def test_main_prints_a_table_and_returns_the_verdict(backends, capsys):
+    assert runner.main("exact-test") == 0
+    out = capsys.readouterr().out
+    n = len(runner.QUICK_CASES)
+    assert f"backend exact-test: {n}/{n} cases pass" in out
+    assert "experts_ffn" in out and "conformant" in out
+    assert runner.main("broken-test") == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "linear(" in out
+    assert runner.main("no-such-backend") == 2
