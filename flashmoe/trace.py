@@ -223,8 +223,9 @@ class Tracer:
 
     A prompt (T > 1) reads each expert once for all its tokens: that read's bytes and hit/miss go to the
     first token (in position, then top-k, order) that routed to it; later tokens of the prompt using the
-    same expert count as hits with no bytes. The layer's I/O wait and compute are split evenly over the T
-    tokens. So every field summed over the trace equals the run's counter of the same name (compute: all
+    same expert count as hits with no bytes, as do experts no fetch asked for (a backend that keeps experts
+    in its own memory, such as a GPU expert cache, computes them without the store). The layer's I/O wait
+    and compute are split evenly over the T tokens. So every field summed over the trace equals the run's counter of the same name (compute: all
     stages but the lm_head), up to the rounding of times to 0.1 µs.
     """
 
@@ -242,7 +243,8 @@ class Tracer:
 
     def layer(self, layer: int, ids: np.ndarray, weights: np.ndarray, fetches: Sequence["Fetch"]) -> None:
         """MoE layer `layer` is done for the forward's T tokens: `ids` int (T, k) and `weights` (T, k) as routed,
-        `fetches` every store fetch it waited for. Raises ValueError when layers arrive out of order."""
+        `fetches` every store fetch it waited for (none when the backend held every expert). Raises ValueError
+        when layers arrive out of order."""
         expected = self.writer.header.moe_layers[len(self._layers)]
         if layer != expected:
             raise ValueError(f"tracer expected MoE layer {expected}, got layer {layer}")
@@ -268,7 +270,9 @@ class Tracer:
                     if e in charged:
                         continue  # read once for the prompt, by an earlier token
                     charged.add(e)
-                    r = rec.reads[e]
+                    r = rec.reads.get(e)
+                    if r is None:
+                        continue  # no fetch asked for it: the backend holds it (a GPU expert cache), a hit
                     known = known and r.hit is not None
                     hit[t, j, slot] = bool(r.hit)
                     nbytes[:, t, j] += (r.bytes_read, r.disk_bytes)

@@ -145,3 +145,28 @@ def test_a_failed_run_leaves_no_trace_file(tmp_path):
         w.write([[0, 1]])
         raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prompts_reads_go_to_the_first_token_using_each_expert_and_backend_held_experts_are_hits(tmp_path):
+    from types import SimpleNamespace
+
+    from flashmoe.stats import Stats
+    from flashmoe.store import ExpertRead
+    from flashmoe.trace import Tracer
+
+    reads = {"f": [ExpertRead(1, False, 100, 100), ExpertRead(2, True, 100, 0), ExpertRead(3, False, 100, 100)]}
+    store = SimpleNamespace(report=lambda f: reads[f])  # expert 4 is in no fetch: the backend holds it
+    stats = Stats()
+    path = tmp_path / "t.jsonl"
+    with TraceWriter(path, TraceHeader(8, 2, (0,))) as writer:
+        tracer = Tracer(writer, store, stats)
+        tracer.begin(np.array([5, 6, 7]))
+        stats.add_stage_time("experts", 0.003)
+        stats.record_io_wait(0.0006)
+        tracer.layer(0, np.array([[1, 2], [2, 3], [4, 1]]), np.full((3, 2), 0.5), ["f"])
+    _, tokens = read_trace(path)
+    assert [t.token for t in tokens] == [5, 6, 7] and all(t.prefill for t in tokens)
+    assert [t.hit.tolist() for t in tokens] == [[[False, True]], [[True, False]], [[True, True]]]
+    assert [t.bytes_read.tolist() for t in tokens] == [[200], [100], [0]]
+    assert [t.disk_bytes.tolist() for t in tokens] == [[100], [100], [0]]
+    assert [t.compute_ms.tolist() for t in tokens] == [[1.0]] * 3 and [t.io_wait_ms.tolist() for t in tokens] == [[0.2]] * 3

@@ -22,13 +22,14 @@ import platform
 import re
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_PROMPT = "ROMEO:\nBut soft, what light"
+DEFAULT_PROMPT = "To be, or not to be,"
 TEMPLATE = Path(__file__).with_name("how_it_works.md.j2")
 STAGE_NAMES = {"attention": "token mixers (attention, linear attention) and norms", "router": "routers",
                "shared_expert": "shared experts", "experts": "routed experts (compute)",
@@ -38,11 +39,14 @@ STAGE_NAMES = {"attention": "token mixers (attention, linear attention) and norm
 # ---- record ------------------------------------------------------------------------------------------
 
 def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: str, cache_fraction: float) -> dict:
-    """Run the model and write figures/trace.jsonl and figures/run.json; returns the run dict."""
+    """Run the model and write figures/trace.jsonl and figures/run.json; returns the run dict.
+
+    The prompt is generated once untraced first, so that one-time costs (a JIT backend compiling its kernels)
+    stay out of the recorded run; the recorded one starts with an empty cache and fresh statistics. Times
+    per decode token are medians over the decode tokens, which a machine shared with other work needs."""
     from flashmoe.generate import generate_steps
     from flashmoe.load import load_engine
     from flashmoe.sampling import Sampler
-    from flashmoe.store import ExpertStore, slot_bytes
     from flashmoe.tokenizer import Tokenizer
     from flashmoe.trace import record_trace
 
@@ -51,65 +55,84 @@ def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: st
     prompt_ids = tokenizer.encode(prompt)
     engine = load_engine(model_dir, backend=backend, io="direct", context=len(prompt_ids) + tokens + 1)
     md, cfg = engine.model, engine.cfg
-    # load_engine sizes the own cache from --max-memory, which also counts this process's RSS; the figures
-    # want a cache of a fixed share of the experts instead, so the store is rebuilt with that size.
-    threads = engine.store.threads
-    engine.store.close()
     entries = max(1, round(cache_fraction * cfg.num_experts * len(md.moe_layers)))
-    engine.store = ExpertStore({layer: md.expert_path(layer) for layer in md.moe_layers}, cfg.num_experts,
-                               md.layout.stride, md.layout.nbytes, mode="direct",
-                               cache_bytes=entries * slot_bytes(md.layout.nbytes), policy="lru", threads=threads,
-                               stats=engine.stats)
+    for _ in generate_steps(engine, tokenizer, prompt_ids, Sampler(), tokens):
+        pass
+    _fresh_store(engine, entries)
     stats = engine.stats
-    text, at_first = [], None
+    text, marks = [], []  # marks: (stage seconds, counters, time) after prefill and after each decode forward
+
+    def mark() -> None:
+        marks.append((dict(stats.stage_s), replace(stats.totals), time.perf_counter()))
+
+    load_average = os.getloadavg()[1]  # over the last 5 minutes: how busy the machine was
     t0 = time.perf_counter()
     with record_trace(engine, figures / "trace.jsonl", model=model_dir.name):
-        for step in generate_steps(engine, tokenizer, prompt_ids, Sampler(repetition_penalty=1.1), tokens):
-            if at_first is None:  # prefill done; what follows is decode
-                at_first = (dict(stats.stage_s), replace_counters(stats.totals), time.perf_counter())
+        for step in generate_steps(engine, tokenizer, prompt_ids, Sampler(), tokens):
+            mark()
             text.append(step.text)
-    t_end = time.perf_counter()
+        mark()
     engine.store.close()
-    stages0, totals0, t_first = at_first
-    n_decode = sum(1 for line in (figures / "trace.jsonl").read_text().splitlines()[1:]
-                   if '"prefill":true' not in line)
-    decode = stats.totals - totals0
+    # Between two marks runs one decode forward, except after the last token when it was an end-of-sequence
+    # token (generation stops without one): the trace's decode lines count the forwards.
+    n_decode = sum('"prefill":true' not in line for line in (figures / "trace.jsonl").read_text().splitlines()[1:])
+    decode = [(b[2] - a[2], {k: v - a[0].get(k, 0.0) for k, v in b[0].items()}, b[1] - a[1])
+              for a, b in list(zip(marks, marks[1:]))[:n_decode]]
+    totals = stats.totals - marks[0][1]
     run = {
         "model": model_dir.name, "backend": backend, "io": "direct", "o_direct": engine.store.direct,
-        "cache_entries": entries, "cache_fraction": cache_fraction, "policy": "lru", "io_threads": threads,
+        "cache_entries": entries, "cache_fraction": cache_fraction, "policy": "lru", "io_threads": engine.store.threads,
         "prompt": prompt, "prompt_tokens": len(prompt_ids), "generated": "".join(text), "decode_tokens": n_decode,
-        "ttft_s": t_first - t0,
-        "decode_ms_per_token": 1e3 * (t_end - t_first) / n_decode,
-        "stage_ms_per_decode_token": {s: 1e3 * (v - stages0.get(s, 0.0)) / n_decode for s, v in stats.stage_s.items()},
-        "io_wait_ms_per_decode_token": 1e3 * decode.io_wait_s / n_decode,
-        "decode_hits": decode.hits, "decode_misses": decode.misses,
+        "ttft_s": marks[0][2] - t0,
+        "decode_ms_per_token": 1e3 * float(np.median([w for w, _, _ in decode])),
+        "decode_ms_per_token_mean": 1e3 * float(np.mean([w for w, _, _ in decode])),
+        "stage_ms_per_decode_token": {name: 1e3 * float(np.median([st.get(name, 0.0) for _, st, _ in decode]))
+                                      for name in stats.stage_s},
+        "io_wait_ms_per_decode_token": 1e3 * float(np.median([c.io_wait_s for _, _, c in decode])),
+        "other_ms_per_decode_token": 1e3 * float(np.median([w - c.compute_s - c.io_wait_s for w, _, c in decode])),
+        "decode_hits": totals.hits, "decode_misses": totals.misses,
         "totals": {"bytes_read": stats.totals.bytes_read, "disk_bytes": stats.totals.disk_bytes,
                    "reads": stats.totals.reads, "hits": stats.totals.hits, "misses": stats.totals.misses},
-        "read_pattern": read_pattern(md.expert_path(md.moe_layers[0]), cfg.num_experts, md.layout.stride,
-                                     md.layout.nbytes, engine.k),
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "read_pattern": read_pattern([md.expert_path(layer) for layer in md.moe_layers], cfg.num_experts,
+                                     md.layout.stride, md.layout.nbytes, engine.k),
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                    "compute_threads": os.environ.get("NUMBA_NUM_THREADS"), "load_average": load_average},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     (figures / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     return run
 
 
-def replace_counters(c):
-    """A copy of a flashmoe.stats.Counters."""
-    from dataclasses import replace
+def _fresh_store(engine, entries: int) -> None:
+    """Give `engine` an empty direct-mode LRU cache of `entries` experts and fresh statistics.
 
-    return replace(c)
+    load_engine sizes the own cache from --max-memory, which also counts this process's RSS; the figures
+    want a cache of a fixed share of the experts instead."""
+    from flashmoe.stats import Stats
+    from flashmoe.store import ExpertStore, slot_bytes
+
+    md, threads = engine.model, engine.store.threads
+    engine.store.close()
+    engine.stats = Stats(num_layers=len(md.moe_layers))
+    engine.store = ExpertStore({layer: md.expert_path(layer) for layer in md.moe_layers}, engine.cfg.num_experts,
+                               md.layout.stride, md.layout.nbytes, mode="direct",
+                               cache_bytes=entries * slot_bytes(md.layout.nbytes), policy="lru", threads=threads,
+                               stats=engine.stats)
 
 
-def read_pattern(path: Path, num_experts: int, stride: int, nbytes: int, k: int) -> dict:
-    """Cold O_DIRECT reads of every expert in one file through the store: fetches of 1 expert against
-    fetches of k with all k in flight (median GB/s of 5 passes each; bench/bench_disk.measure_store)."""
+def read_pattern(paths: list[Path], num_experts: int, stride: int, nbytes: int, k: int) -> dict:
+    """Cold O_DIRECT reads of every expert of each file through the store: fetches of 1 expert against
+    fetches of k with all k in flight, alternating (bench/bench_disk.measure_store, 5 passes per file and
+    pattern); the median GB/s over all passes of each pattern."""
     from flashmoe.bench.bench_disk import measure_store
 
-    one = measure_store(path, num_experts, stride, nbytes, "direct", threads=1, cold=True, repeats=5)
-    many = measure_store(path, num_experts, stride, nbytes, "direct", threads=k, cold=True, repeats=5)
-    return {"k": k, "expert_bytes": nbytes, "one_gb_s": one["gb_s"], "k_gb_s": many["gb_s"],
-            "o_direct": one["o_direct"]}
+    runs: dict[int, list[float]] = {1: [], k: []}
+    for path in paths:
+        for threads in runs:
+            runs[threads] += measure_store(path, num_experts, stride, nbytes, "direct", threads=threads, cold=True,
+                                           repeats=5)["gb_s_runs"]
+    return {"k": k, "expert_bytes": nbytes, "passes": len(runs[k]), "one_gb_s": float(np.median(runs[1])),
+            "k_gb_s": float(np.median(runs[k]))}
 
 
 # ---- render ------------------------------------------------------------------------------------------
@@ -185,19 +208,21 @@ def context(model_dir: Path, figures: Path, doc: Path, disk_gbps: float) -> dict
         + cfg.linear_num_value_heads * cfg.linear_value_head_dim,
         "quant_text": f"{q.bits}-bit, groups of {q.group_size}" if q else "float",
         "read_bytes": slot_bytes(int(s["expert_bytes"])), "stages": stages,
-        "other_ms": run["decode_ms_per_token"] - sum(ms for _, ms in stages) - run["io_wait_ms_per_decode_token"],
         "prompt_lookups": int(t.hit[t.prefill].size), "prompt_reads": int((~t.hit[t.prefill]).sum()),
     }
 
 
 def walk_token(t, n_prompt: int, labels: list[str]) -> int:
-    """The token the document follows: past the first quarter of the decode tokens (the first ones carry
-    one-time costs such as JIT compilation), the first that decodes to a word (a letter or digit) on its
-    own and whose experts include both cache hits and misses (it shows both paths); else the first after
-    that quarter."""
+    """The token the document follows: past the first quarter of the decode tokens, the first that decodes
+    to a word (a letter or digit) on its own, whose experts include both cache hits and misses (it shows
+    both paths) and whose time is typical (at most 1.5 times the median decode token's, so not one that
+    another process on the machine delayed); else the first after that quarter."""
     start = n_prompt + (len(t.experts) - n_prompt) // 4
+    spent = t.compute_ms.sum(axis=1) + t.io_wait_ms.sum(axis=1)
+    typical = 1.5 * np.median(spent[n_prompt:])
     for pos in range(start, len(t.experts)):
-        if any(c.isalnum() for c in labels[pos]) and t.hit[pos].any() and not t.hit[pos].all():
+        if (any(c.isalnum() for c in labels[pos]) and t.hit[pos].any() and not t.hit[pos].all()
+                and spent[pos] <= typical):
             return pos
     return start
 
@@ -294,7 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--cache-fraction", type=float, default=0.25, help="own cache size, share of all experts")
     ap.add_argument("--disk-gbps", type=float, default=2.0, help="disk bandwidth for the ceiling arithmetic")
+    ap.add_argument("--threads", type=int, default=1, help="compute threads (NUMBA_NUM_THREADS); 1 keeps the "
+                    "timings steady on a machine shared with other work")
     a = ap.parse_args(argv)
+    os.environ["NUMBA_NUM_THREADS"] = str(a.threads)  # read when numba is first imported, below
     from flashmoe.load import default_model_dir
 
     model_dir = a.model or default_model_dir()
