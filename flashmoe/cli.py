@@ -338,7 +338,7 @@ def plot(
     model_dir: Optional[Path] = typer.Option(None, "--model", help="Model directory whose tokenizer labels the "
                                              "map's tokens (default: positions)."),
 ) -> None:
-    """Draw what the router and the expert store did: expert-choice map, popularity, reuse, ms/layer, hit rate vs cache."""
+    """Draw what the router and the expert store did: expert choices, popularity, reuse, ms/layer, hit rate vs cache."""
     from flashmoe.plot import plot_trace
 
     for name, result in plot_trace(trace, out, max_tokens=tokens, model_dir=model_dir).items():

@@ -63,7 +63,8 @@ def load_arrays(path: str | Path) -> TraceArrays:
         return None if any(v is None for v in values) else np.stack(values)
 
     return TraceArrays(header, np.stack([t.experts for t in tokens]), np.array([t.prefill for t in tokens]),
-                       [t.token for t in tokens], stacked("weights"), stacked("hit"), stacked("io_wait_ms"), stacked("compute_ms"),
+                       [t.token for t in tokens], stacked("weights"), stacked("hit"), stacked("io_wait_ms"),
+                       stacked("compute_ms"),
                        stacked("bytes_read"))
 
 

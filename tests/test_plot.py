@@ -96,7 +96,8 @@ def test_make_figures_records_a_run_and_renders_the_document(tmp_path):
     from chat_helpers import TINY_QWEN35, write_model_dir
     from flashmoe.synth import synth_model
 
-    spec = importlib.util.spec_from_file_location("make_figures", Path(__file__).parents[1] / "tools" / "make_figures.py")
+    script = Path(__file__).parents[1] / "tools" / "make_figures.py"
+    spec = importlib.util.spec_from_file_location("make_figures", script)
     make_figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_figures)
     model = tmp_path / "tiny"

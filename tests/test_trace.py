@@ -130,12 +130,14 @@ def test_store_fields_round_trip_and_router_only_lines_still_read(tmp_path):
 
 def test_store_fields_of_the_wrong_shape_are_refused(tmp_path):
     header = TraceHeader(8, 2, (1, 3))
-    with TraceWriter(tmp_path / "ok.jsonl", header) as w, pytest.raises(ValueError, match=r"bytes_read needs shape \[2\]"):
+    with TraceWriter(tmp_path / "ok.jsonl", header) as w, pytest.raises(ValueError,
+                                                                      match=r"bytes_read needs shape \[2\]"):
         w.write([[0, 1], [2, 3]], bytes_read=[1, 2, 3])
     path = tmp_path / "bad.jsonl"
     line = {"pos": 0, "experts": [[0, 1], [2, 3]], "hit": [[True], [False]]}
     path.write_text(json.dumps(header.to_dict()) + "\n" + json.dumps(line) + "\n")
-    with pytest.raises(FormatError, match=r"bad.jsonl:2: malformed trace token: trace token field hit needs shape \[2, 2\]"):
+    with pytest.raises(FormatError, match=r"bad.jsonl:2: malformed trace token: "
+                                          r"trace token field hit needs shape \[2, 2\]"):
         read_trace(path)
 
 
@@ -169,4 +171,5 @@ def test_a_prompts_reads_go_to_the_first_token_using_each_expert_and_backend_hel
     assert [t.hit.tolist() for t in tokens] == [[[False, True]], [[True, False]], [[True, True]]]
     assert [t.bytes_read.tolist() for t in tokens] == [[200], [100], [0]]
     assert [t.disk_bytes.tolist() for t in tokens] == [[100], [100], [0]]
-    assert [t.compute_ms.tolist() for t in tokens] == [[1.0]] * 3 and [t.io_wait_ms.tolist() for t in tokens] == [[0.2]] * 3
+    assert [t.compute_ms.tolist() for t in tokens] == [[1.0]] * 3
+    assert [t.io_wait_ms.tolist() for t in tokens] == [[0.2]] * 3
