@@ -60,7 +60,7 @@ def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: st
         pass
     _fresh_store(engine, entries)
     stats = engine.stats
-    text, marks = [], []  # marks: (stage seconds, counters, time) after prefill and after each decode forward
+    text, ids, marks = [], [], []  # marks: (stage seconds, counters, time) after prefill and each decode forward
 
     def mark() -> None:
         marks.append((dict(stats.stage_s), replace(stats.totals), time.perf_counter()))
@@ -71,6 +71,7 @@ def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: st
         for step in generate_steps(engine, tokenizer, prompt_ids, Sampler(), tokens):
             mark()
             text.append(step.text)
+            ids.append(step.token_id)
         mark()
     engine.store.close()
     # Between two marks runs one decode forward, except after the last token when it was an end-of-sequence
@@ -83,6 +84,7 @@ def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: st
         "model": model_dir.name, "backend": backend, "io": "direct", "o_direct": engine.store.direct,
         "cache_entries": entries, "cache_fraction": cache_fraction, "policy": "lru", "io_threads": engine.store.threads,
         "prompt": prompt, "prompt_tokens": len(prompt_ids), "generated": "".join(text), "decode_tokens": n_decode,
+        "generated_tokens": len(ids), "reference_agrees": reference_agreement(model_dir, prompt_ids, ids),
         "ttft_s": marks[0][2] - t0,
         "decode_ms_per_token": 1e3 * float(np.median([w for w, _, _ in decode])),
         "decode_ms_per_token_mean": 1e3 * float(np.mean([w for w, _, _ in decode])),
@@ -101,6 +103,21 @@ def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: st
     }
     (figures / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     return run
+
+
+def reference_agreement(model_dir: Path, prompt_ids: list[int], generated: list[int]) -> int:
+    """How many of the `generated` greedy tokens flashmoe's NumPy reference (flashmoe.reference.ReferenceModel,
+    float32, no expert store) produces too from the same prompt, before the first difference."""
+    from flashmoe.reference.model import ReferenceModel
+
+    ref = ReferenceModel.from_dir(model_dir)
+    cache = ref.new_cache()
+    logits = ref.forward(np.asarray(prompt_ids), cache)
+    for n, token in enumerate(generated):
+        if int(np.argmax(logits[-1])) != token:
+            return n
+        logits = ref.forward(np.array([token]), cache)
+    return len(generated)
 
 
 def _fresh_store(engine, entries: int) -> None:
