@@ -90,7 +90,7 @@ def run(rounds: int, seed: int = 0) -> dict:
     numba_be, numpy_be = get_backend("numba"), get_backend("numpy")
     x_hidden = rng.standard_normal((1, HIDDEN)).astype(np.float32)
     x_inter = rng.standard_normal((1, MOE_INTER)).astype(np.float32)
-    big = np.ones(GB // 4, np.float32)
+    big = np.ones(10**9 // 4, np.float32)
 
     def pool(out: int, inp: int, each: int) -> list:
         return [numba_be.prepare(random_q4(rng, out, inp)) for _ in range(max(1, POOL_BYTES // each))]

@@ -7,7 +7,8 @@ and a digest of the backend and conformance sources, so a changed kernel is chec
 ``$FLASHMOE_CACHE_DIR/conformance`` (default ``~/.cache/flashmoe/conformance``).
 
 ``main(backend, full)`` is ``flashmoe conformance``: it runs the quick (or full) suite for one backend or
-every available one and prints a table.
+every available one and prints a table. The full suite adds more op cases and the model-level check
+(conformance/model_cases.py: the engine vs the reference on a tiny model of every architecture).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import numpy as np
 from flashmoe import __version__
 from flashmoe.backends import available_backends, get_backend
 from flashmoe.backends.base import BackendError
-from flashmoe.conformance import op_cases
+from flashmoe.conformance import model_cases, op_cases
+from flashmoe.conformance.model_cases import ModelResult
 from flashmoe.conformance.op_cases import QUICK_CASES, CaseResult, full_cases, run_cases
 from flashmoe.errors import ConformanceError
 
@@ -131,10 +133,22 @@ def _table(name: str, results: list[CaseResult]):
     return table
 
 
+def _model_table(name: str, results: list[ModelResult]):
+    from rich.table import Table
+
+    table = Table(title=f"backend {name}, model level: {sum(r.passed for r in results)}/{len(results)} pass")
+    for col in ("architecture", "max rel. error", "tolerance", "greedy tokens", "seconds"):
+        table.add_column(col, justify="left" if col == "architecture" else "right")
+    for r in results:
+        tokens = "same" if r.tokens_agree else "[red]differ[/red]"
+        table.add_row(r.arch, f"{r.error:.2e}", f"{model_cases.TOLERANCE:.0e}", tokens, f"{r.seconds:.1f}")
+    return table
+
+
 def main(backend: str | None = None, full: bool = False) -> int:
     """Run the quick (or ``full``) suite for ``backend`` (default: every available backend but the
-    reference), print a table per backend and the failing cases; stamp the backends that pass the quick
-    suite. Returns 0 when every checked backend passes, 1 otherwise (2 for an unknown backend)."""
+    reference), print a table per backend and the failing cases; stamp the backends that pass the op
+    cases. Returns 0 when every checked backend passes, 1 otherwise (2 for an unknown backend)."""
     from rich.console import Console
 
     console = Console()
@@ -162,7 +176,16 @@ def main(backend: str | None = None, full: bool = False) -> int:
             console.print(f"[red]FAIL[/red] {r.describe()}")
         if failed:
             status = 1
-        elif name != REFERENCE_BACKEND:
+            continue
+        if name != REFERENCE_BACKEND:
             _write_stamp(stamp_path(name), name, results, seconds)
             console.print(f"{name}: conformant ({seconds:.1f} s); stamp {stamp_path(name)}")
+        if full:
+            with console.status(f"checking {name} on a tiny model of every architecture"):
+                models = model_cases.run_models(name)
+            console.print(_model_table(name, models))
+            for r in models:
+                if not r.passed:
+                    console.print(f"[red]FAIL[/red] {r.describe()}")
+                    status = 1
     return status
