@@ -264,6 +264,8 @@ def big_model(disk_gbps: float) -> dict:
                  "bytes_per_token": k * layers * nbytes,
                  "ceiling_tok_s": disk_gbps * 1e9 / (k * layers * nbytes)} for k in (cfg.num_experts_per_tok, 4)}
     return {"cfg": cfg, "layers": layers, "total_params": resident_params + expert_params * cfg.num_experts * layers,
+            "expert_params_all": expert_params * cfg.num_experts * layers, "resident_params": resident_params,
+            "expert_params": expert_params,
             "resident_bytes": resident_bytes, "expert_file_bytes": expert_file_bytes, "expert_bytes": nbytes,
             "k": per_k}
 
