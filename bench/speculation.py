@@ -23,8 +23,8 @@ every layer's routing close to uniform and independent of the previous token; wh
 still lets the router guess ahead is exactly what the number shows. A trained model's figure (the bundled
 demo model) is the one that says whether speculation is worth building.
 
-Run: `python -m flashmoe.bench.speculation MODEL_DIR [-k 4] [--tokens 32] [--net --io direct --max-memory 4G]
-[--json OUT]`.
+Run: `python -m flashmoe.bench.speculation MODEL_DIR [-k 4] [--tokens 32] [--random-inputs]
+[--net --io direct --max-memory 4G] [--json OUT]`.
 """
 
 from __future__ import annotations
@@ -57,19 +57,22 @@ def _guesser(engine, sink):
     return moe
 
 
-def _decode(engine, prompt: np.ndarray, tokens: int, before_token=None) -> None:
+def _decode(engine, prompt: np.ndarray, tokens: int | np.ndarray, before_token=None) -> None:
+    """Prefill `prompt`, then decode: greedy for `tokens` steps (an int), or feeding the given token ids."""
     state = engine.new_state()
     engine.stats.start()
     logits = engine.forward(prompt, state)
     engine.stats.token_done()
-    for _ in range(tokens):
+    forced = None if isinstance(tokens, int) else tokens
+    for i in range(tokens if forced is None else len(forced)):
         if before_token:
             before_token()
-        logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+        token = int(np.argmax(logits[-1])) if forced is None else int(forced[i])
+        logits = engine.forward(np.array([token]), state)
         engine.stats.token_done()
 
 
-def accuracy(engine, prompt: np.ndarray, tokens: int) -> dict:
+def accuracy(engine, prompt: np.ndarray, tokens: int | np.ndarray) -> dict:
     """Overlap and waste of the early-router guess and of the previous-token guess (module docstring)."""
     k, original = engine.k, engine._moe
     guesses: list[dict[int, np.ndarray]] = []  # per decode token: next layer -> guessed ids
@@ -102,7 +105,7 @@ def accuracy(engine, prompt: np.ndarray, tokens: int) -> dict:
             "early_router": summary(early), "previous_token": summary(reuse)}
 
 
-def net_effect(engine, prompt: np.ndarray, tokens: int, repeats: int = 2) -> dict:
+def net_effect(engine, prompt: np.ndarray, tokens: int | np.ndarray, repeats: int = 2) -> dict:
     """Cold decode without (A) and with (B) speculative prefetch, alternated A, B, A, B; per variant the
     median tok/s and the mean I/O wait and disk bytes per decode token (bench/decode_run.summarise_pass)."""
     from flashmoe.bench.decode_run import summarise_pass
@@ -135,15 +138,20 @@ def net_effect(engine, prompt: np.ndarray, tokens: int, repeats: int = 2) -> dic
 
 def measure(model_dir: str | Path | None, backend: str = "numba", k: int | None = None, prompt_tokens: int = 8,
             tokens: int = 32, seed: int = 0, net: bool = False, io: str = "pagecache",
-            max_memory: str | None = None) -> dict:
-    """Guess accuracy and, with `net`, the net effect of speculative prefetch, over `tokens` greedy decode
-    tokens after a seeded random prompt. model_dir None: the bundled demo model."""
+            max_memory: str | None = None, random_inputs: bool = False) -> dict:
+    """Guess accuracy and, with `net`, the net effect of speculative prefetch, over `tokens` decode tokens
+    after a seeded random prompt: greedy (a trained model's own text), or with `random_inputs` seeded random
+    token ids (random weights: greedy decoding collapses into one repeated token, see bench/decode_run.py).
+    model_dir None: the bundled demo model."""
     from flashmoe.load import load_engine
 
     engine = load_engine(model_dir, backend=backend, io=io, max_memory=max_memory, experts_per_token=k,
                          context=prompt_tokens + tokens + 1)
-    prompt = np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, prompt_tokens)
+    ids = np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, prompt_tokens + tokens)
+    prompt = ids[:prompt_tokens]
+    tokens = ids[prompt_tokens:] if random_inputs else tokens
     result = {"model": str(model_dir or "demo model"), "k": engine.k, "num_experts": engine.cfg.num_experts,
+              "inputs": "random" if random_inputs else "greedy",
               "moe_layers": len(engine.model.moe_layers), "expert_bytes": engine.model.layout.nbytes,
               "io": io, "max_memory": max_memory, **accuracy(engine, prompt, tokens)}
     if net:
@@ -161,10 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--net", action="store_true", help="also time cold decode without and with prefetch")
     ap.add_argument("--io", default="pagecache", choices=("pagecache", "direct"))
     ap.add_argument("--max-memory", default=None)
+    ap.add_argument("--random-inputs", action="store_true", help="decode seeded random ids, not greedy")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     result = measure(a.model, a.backend, a.k, a.prompt_tokens, a.tokens, net=a.net, io=a.io,
-                     max_memory=a.max_memory)
+                     max_memory=a.max_memory, random_inputs=a.random_inputs)
     text = json.dumps(result, indent=1)
     print(text)
     if a.json:
