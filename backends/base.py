@@ -222,11 +222,24 @@ class Backend(ABC):
         (Shazeer 2020, "GLU Variants Improve Transformer".)"""
 
     @abstractmethod
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> Any:
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> Any:
         """One decode token through its k routed experts: ``sum_e weights[e] * expert_ffn(x, experts[e])``.
 
         x ``[hidden]``; experts: k dicts as in :meth:`expert_ffn`; weights float ``[k]`` (router
-        probabilities after top-k and optional renormalisation). -> ``[hidden]``."""
+        probabilities after top-k and optional renormalisation). -> ``[hidden]``.
+        keys: the (layer, expert) of each expert, for a backend with an expert tier of its own (see
+        has_expert; an expert it holds arrives as None); other backends ignore them."""
+
+    # -- an expert tier in the backend's own memory (GPU memory); backends without one keep these --------
+    def has_expert(self, key: tuple[int, int]) -> bool:
+        """True when this backend already holds expert ``key`` = (layer, expert) in its own memory, so the
+        engine need not read it from the store."""
+        return False
+
+    def configure_expert_cache(self, nbytes: int, policy: str = "lru") -> None:
+        """Size the backend's own expert cache (``--gpu-memory``). Raises BackendError for a backend
+        without one."""
+        raise BackendError(f"backend {self.name!r} has no expert cache of its own (--gpu-memory needs cuda)")
 
 
 _REGISTRY: dict[str, Callable[[], type[Backend]]] = {}

@@ -17,8 +17,8 @@ with SwiGLU for all k experts, and down with the router-weighted sum.
 VRAM tier: :meth:`CudaBackend.configure_expert_cache` keeps up to a byte budget of streamed experts in GPU
 memory by (layer, expert) key, evicted by a flashmoe/eviction.py policy; ``experts_ffn`` / ``expert_ffn``
 take the keys, and an expert already there (:meth:`CudaBackend.has_expert`) may be passed as None, so its
-read can be skipped. The engine does not pass keys yet (issue 9's report gives the change), so by default
-every expert is staged. Not here: copies on their own stream overlapping compute.
+read can be skipped: the engine's decode step reads only the experts the GPU does not hold (``--gpu-memory``);
+prefill stages every expert it uses. Not here: copies on their own stream overlapping compute.
 
 Without a GPU, ``NUMBA_ENABLE_CUDASIM=1`` runs the same kernels in numba's CUDA simulator (slow: for the
 conformance tests on tiny shapes).

@@ -372,7 +372,7 @@ class MlxBackend(Backend):
         mx.eval(y)
         return y
 
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> Any:
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> Any:
         x = _f32(x)
         w = mx.array(np.asarray(weights, dtype=np.float32))
         projs = [[self._weight(e[p]) for p in _PROJS] for e in experts]

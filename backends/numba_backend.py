@@ -497,7 +497,7 @@ class NumbaBackend(Backend):
         h = self.silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
         return self.linear(h, expert["down_proj"])
 
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> np.ndarray:
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> np.ndarray:
         x = _f32(x).reshape(1, -1)
         weights = _f32(weights)
         packed = [

@@ -108,7 +108,7 @@ class NumpyBackend(Backend):
         h = ref_ops.silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
         return self.linear(h, expert["down_proj"])
 
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray) -> np.ndarray:
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> np.ndarray:
         x = _f32(x)[None, :]
         out = np.zeros(x.shape[1], np.float32)
         for e, wgt in zip(experts, np.asarray(weights, np.float32)):

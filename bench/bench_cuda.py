@@ -33,34 +33,12 @@ from flashmoe.stats import Stats
 from flashmoe.store import ExpertStore
 
 
-class KeyedEngine(Engine):
-    """The Engine with a decode MoE step that reads only the experts the backend does not already hold in
-    GPU memory and passes every expert's (layer, expert) key to it: the engine change issue 9 proposes
-    for the VRAM tier, here so that tier can be measured before the engine has it."""
-
-    def _moe_decode(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
-        be = self.backend
-        keys = [(layer, int(e)) for e in ids]
-        missing = [int(e) for e, key in zip(ids, keys) if not be.has_expert(key)]
-        request = self.store.fetch(layer, missing) if missing else None
-        with self.stats.stage("shared_expert"):
-            shared = self._shared_expert(p, x)
-        buffers = dict(zip(missing, self.store.wait(request))) if request else {}
-        with self.stats.stage("experts"):
-            layout = self.model.layer_layout(layer)
-            experts = [layout.view(buffers[e]) if e in buffers else None for _, e in keys]
-            y = be.experts_ffn(x[0], experts, weights, keys=keys)[None]
-        if request:
-            self.store.release(request)
-        return y if shared is None else y + shared
-
-
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
                  threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = "lru") -> Engine:
     """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
     themselves); read buffers come from the backend's ``allocate_buffer`` when it has one (pinned memory
-    for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes, used
-    through :class:`KeyedEngine`."""
+    for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes (the engine
+    then reads only the experts the GPU does not hold)."""
     model = ModelDir.open(model_dir)
     be = get_backend(backend)
     k = experts_per_token or model.config.num_experts_per_tok
@@ -69,11 +47,9 @@ def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", exp
                         num_experts=model.config.num_experts, stride=model.layout.stride,
                         nbytes=model.layout.nbytes, mode=io, threads=threads or max(4, k), stats=stats,
                         allocate=getattr(be, "allocate_buffer", None))
-    if hasattr(be, "configure_expert_cache"):
+    if gpu_memory:
         be.configure_expert_cache(gpu_memory, gpu_policy)
-    elif gpu_memory:
-        raise ValueError(f"backend {backend!r} has no GPU expert cache")
-    return (KeyedEngine if gpu_memory else Engine)(model, be, store, stats, experts_per_token=k)
+    return Engine(model, be, store, stats, experts_per_token=k)
 
 
 def run_passes(engine: Engine, passes: list[str], prompt_tokens: int, tokens: int, seed: int) -> dict[str, dict]:

@@ -104,7 +104,8 @@ def generate(
     io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' (OS caches hot experts) or 'direct' (O_DIRECT + own cache)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G: resident weights + KV cache + buffers + expert cache."),
     experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
-    cache_policy: str = typer.Option("lru", help="Eviction policy of the direct-mode expert cache."),
+    cache_policy: str = typer.Option("lru", help="Eviction policy of the expert caches (lru, lfu, fifo)."),
+    gpu_memory: Optional[str] = typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print time to first token, tok/s, ms/layer, I/O and hit rate."),
     stats_json: Optional[Path] = typer.Option(None, help="Write the run's statistics as JSON to this file."),
@@ -128,7 +129,7 @@ def generate(
     prompt_ids = tokenizer.encode(text)
     engine = load_engine(directory, backend=backend, io=io, max_memory=max_memory,
                          experts_per_token=experts_per_token, context=len(prompt_ids) + max_tokens,
-                         cache_policy=cache_policy)
+                         cache_policy=cache_policy, gpu_memory=gpu_memory)
     if not chat:
         sys.stdout.write(prompt)
     with record_trace(engine, trace, str(directory)) if trace else nullcontext():
@@ -265,7 +266,8 @@ def serve(
     io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),
     experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
-    cache_policy: str = typer.Option("lru", help="Eviction policy of the direct-mode expert cache."),
+    cache_policy: str = typer.Option("lru", help="Eviction policy of the expert caches (lru, lfu, fifo)."),
+    gpu_memory: Optional[str] = typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
     from flashmoe.server import serve as run_server

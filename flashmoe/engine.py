@@ -277,19 +277,23 @@ class Engine:
         return self._moe_prefill(layer, p, x, ids, weights)
 
     def _moe_decode(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
-        """One token: read its k experts concurrently while the shared expert computes."""
+        """One token: read its k experts concurrently while the shared expert computes. Experts the backend
+        already holds in its own memory (a GPU expert cache) are not read; they reach it as None."""
         be = self.backend
-        request = self.store.fetch(layer, ids)
+        keys = [(layer, int(e)) for e in ids]
+        held = [be.has_expert(key) for key in keys]
+        request = self.store.fetch(layer, ids[np.logical_not(held)]) if not all(held) else None
         with self.stats.stage("shared_expert"):
             shared = self._shared_expert(p, x)
-        buffers = self.store.wait(request)
+        buffers = iter(self.store.wait(request) if request else ())
         with self.stats.stage("experts"):
             layout = self.model.layer_layout(layer)
-            experts = [layout.view(buf) for buf in buffers]
-            y = be.experts_ffn(x[0], experts, weights)[None]
-        self.store.release(request)
+            experts = [None if h else layout.view(next(buffers)) for h in held]
+            y = be.experts_ffn(x[0], experts, weights, keys)[None]
+        if request:
+            self.store.release(request)
         if self.tracer is not None:
-            self.tracer.layer(layer, ids[None], weights[None], [request])
+            self.tracer.layer(layer, ids[None], weights[None], [request] if request else [])
         return y if shared is None else y + shared
 
     def _moe_prefill(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):

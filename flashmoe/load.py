@@ -46,7 +46,8 @@ def state_bytes(cfg: ModelConfig, context: int) -> int:
 
 def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io: str = "pagecache",
                 max_memory: str | int | None = None, experts_per_token: int | None = None,
-                context: int = 4096, cache_policy: str = "lru", threads: int | None = None) -> Engine:
+                context: int = 4096, cache_policy: str = "lru", threads: int | None = None,
+                gpu_memory: str | int | None = None) -> Engine:
     """Open a model directory and return an Engine ready to generate.
 
     Args:
@@ -61,6 +62,7 @@ def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io:
         context: longest sequence to plan the KV cache for, in tokens.
         cache_policy: eviction policy of the direct-mode cache ('lru', 'lfu', ...).
         threads: read threads (default max(4, k), so a token's k reads run in one round).
+        gpu_memory: size of the backend's own expert cache ('16G'; cuda only), filled as experts stream.
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
     MemoryBudgetError when the resident part alone exceeds max_memory, FlashMoeError for bad options.
@@ -92,6 +94,10 @@ def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io:
         )
         left = budget.check()
         cache_bytes = left if io == "direct" else 0
+    if gpu_memory is not None:
+        be.configure_expert_cache(parse_size(gpu_memory), cache_policy)
+    # Read buffers from the backend where it has its own (pinned host memory for cuda: one DMA per expert).
     store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
-                        mode=io, cache_bytes=cache_bytes, policy=cache_policy, threads=threads, stats=stats)
+                        mode=io, cache_bytes=cache_bytes, policy=cache_policy, threads=threads, stats=stats,
+                        allocate=getattr(be, "allocate_buffer", None))
     return Engine(model, be, store, stats, experts_per_token=k)

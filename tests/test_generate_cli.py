@@ -46,6 +46,7 @@ def test_experts_per_token_changes_the_experts_read_per_token(tmp_path):
     (["--top-p", "0"], "top_p"),
     (["--io", "bogus"], "--io"),
     (["--cache-policy", "random"], "--cache-policy"),
+    (["--gpu-memory", "1G"], "no expert cache of its own"),
 ])
 def test_bad_options_give_one_clear_error_line_and_exit_code_2(args, message):
     result = runner.invoke(app, ["generate", "--prompt", "hi", *GREEDY[:4], *args])
