@@ -71,16 +71,18 @@ def test_trace_bytes_hits_and_times_add_up_to_the_store_counters(tiny_model, tmp
         assert all(int(t.bytes_read.sum()) == slot_bytes(engine.store.nbytes) * int((~t.hit).sum()) for t in tokens)
 
 
-def test_traced_experts_are_the_reference_routers_top_k(hf_checkpoint, tmp_path, monkeypatch):
-    from flashmoe.convert import convert_checkpoint
+def test_traced_experts_are_the_reference_routers_top_k(tmp_path, monkeypatch):
+    """On the bundled trained model (real, skewed routing), prompt and greedy decode tokens."""
+    from flashmoe.load import default_model_dir
     from flashmoe.reference import moe
     from flashmoe.reference.model import ReferenceModel
 
-    model_dir = tmp_path / "model"
-    convert_checkpoint(hf_checkpoint("qwen3_5_moe", "shared_k2"), model_dir)
-    engine = load_engine(model_dir, backend="numpy", context=64)
+    from flashmoe.tokenizer import Tokenizer
+
+    engine = load_engine(None, backend="numpy", context=64)
+    prompt = Tokenizer(default_model_dir()).encode("And God said,")
     with record_trace(engine, tmp_path / "t.jsonl"):
-        seq = _greedy_run(engine, prompt_tokens(7, seed=5), tokens=4)
+        seq = _greedy_run(engine, np.array(prompt), tokens=6)
     header, tokens = read_trace(tmp_path / "t.jsonl")
 
     routed = []  # the reference's (T, k) ids and weights, one call per MoE layer in order
@@ -91,8 +93,8 @@ def test_traced_experts_are_the_reference_routers_top_k(hf_checkpoint, tmp_path,
         return routed[-1]
 
     monkeypatch.setattr(moe, "route", recording_route)
-    ReferenceModel.from_dir(model_dir).forward(np.array(seq))
-    assert len(routed) == len(header.moe_layers) == 4
+    ReferenceModel.from_dir(default_model_dir()).forward(np.array(seq))
+    assert len(routed) == len(header.moe_layers) == 8
     for j, (ids, weights) in enumerate(routed):
         np.testing.assert_array_equal(np.stack([t.experts[j] for t in tokens]), ids)
         np.testing.assert_allclose(np.stack([t.weights[j] for t in tokens]), weights, atol=1e-4)
