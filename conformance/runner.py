@@ -104,8 +104,13 @@ def ensure_conformant(name: str) -> None:
     path = stamp_path(name)
     if path.is_file():
         return
+    from rich.console import Console
+
     start = time.perf_counter()
-    results = run_cases(backend, QUICK_CASES)
+    # The first use on a machine compiles the backend's kernels too: say why the wait, on stderr.
+    with Console(stderr=True).status(f"first use of backend {name} here: checking it against the reference "
+                                     f"({len(QUICK_CASES)} cases; compiles its kernels once)"):
+        results = run_cases(backend, QUICK_CASES)
     failed = [r for r in results if not r.passed]
     if failed:
         shown = "\n  ".join(r.describe() for r in failed[:5])
