@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flashmoe.errors import FlashMoeError
 from flashmoe.trace import TraceHeader, read_trace
 
 #: Figure names, in the order `plot_trace` draws them.
@@ -75,9 +76,12 @@ def plot_trace(trace: str | Path, out: str | Path, max_tokens: int = 48,
     max_tokens: tokens shown in the expert-choice map (the first ones; the map needs a column per token).
     model_dir: a model directory whose tokenizer turns the map's token ids into text (else positions).
     Returns {figure name: path written, or the reason it was skipped}. Raises FormatError for a malformed
-    trace or tokenizer.
+    trace or tokenizer, FlashMoeError when matplotlib is not installed.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise FlashMoeError("flashmoe plot needs matplotlib: pip install 'flashmoe[bench]' (or matplotlib)") from None
 
     matplotlib.use("Agg")
     out = Path(out)

@@ -115,3 +115,14 @@ def test_make_figures_records_a_run_and_renders_the_document(tmp_path):
     for name, path, line in links:  # each link lands on the definition it names
         source = (docs / path).resolve().read_text().splitlines()
         assert f"def {name.split('.')[-1]}(" in source[int(line) - 1]
+
+
+def test_without_matplotlib_the_error_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from flashmoe.errors import FlashMoeError
+
+    trace = _write_trace(tmp_path / "t.jsonl", store_side=True)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(FlashMoeError, match=r"flashmoe plot needs matplotlib: pip install 'flashmoe\[bench\]'"):
+        plot_trace(trace, tmp_path / "figs")
