@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe.errors import FlashMoeError
+from flashmoe.errors import FlashMoeError, FormatError
 from flashmoe.trace import TraceHeader, read_trace
 
 #: Figure names, in the order `plot_trace` draws them.
@@ -53,8 +53,6 @@ class TraceArrays:
 def load_arrays(path: str | Path) -> TraceArrays:
     """Read a trace into TraceArrays. Raises FormatError (flashmoe.trace.read_trace) for a malformed file,
     and for a trace without tokens."""
-    from flashmoe.errors import FormatError
-
     header, tokens = read_trace(path)
     if not tokens:
         raise FormatError(f"{path}: the trace has a header but no tokens")
@@ -65,8 +63,7 @@ def load_arrays(path: str | Path) -> TraceArrays:
 
     return TraceArrays(header, np.stack([t.experts for t in tokens]), np.array([t.prefill for t in tokens]),
                        [t.token for t in tokens], stacked("weights"), stacked("hit"), stacked("io_wait_ms"),
-                       stacked("compute_ms"),
-                       stacked("bytes_read"))
+                       stacked("compute_ms"), stacked("bytes_read"))
 
 
 def plot_trace(trace: str | Path, out: str | Path, max_tokens: int = 48,
@@ -133,14 +130,13 @@ def expert_choice(t: TraceArrays, max_tokens: int = 48, token_text: list[str] | 
     status = np.full((n, L, k), 2) if t.hit is None else t.hit[:n].astype(int)  # 1 hit, 0 miss, 2 unknown
     for value, color in ((1, _HIT), (0, _MISS), (2, _UNKNOWN)):
         colors[(status == value).transpose(1, 2, 0).reshape(L * k, n)] = to_rgb(color)
-    fig, ax = plt.subplots(figsize=(min(2.5 + 0.32 * n, 18), 1.2 + 0.22 * L * k))
+    fig, ax = plt.subplots(figsize=(min(2.5 + 0.32 * n, 18), min(1.2 + 0.22 * L * k, 24)))
     ax.imshow(colors, aspect="auto", interpolation="nearest")
-    font = 6 if n <= 64 else 0
-    if font:
+    if n <= 64 and L * k <= 96:  # room for the ids in the cells
         for j in range(L):
             for s in range(k):
                 for i in range(n):
-                    ax.text(i, j * k + s, str(t.experts[i, j, s]), ha="center", va="center", fontsize=font)
+                    ax.text(i, j * k + s, str(t.experts[i, j, s]), ha="center", va="center", fontsize=6)
     for j in range(1, L):
         ax.axhline(j * k - 0.5, color="white", lw=2.5)
     ax.set_yticks([j * k + (k - 1) / 2 for j in range(L)], _layer_labels(t), fontsize=7)
