@@ -90,6 +90,21 @@ def measure(directory: Path, backend: str, prompt_tokens: int, decode_tokens: in
     }
 
 
+def _commit() -> str:
+    """The checkout's commit, with "+dirty" when backends/ has uncommitted edits (what was measured)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "backends"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default="numba,mlx", help="comma-separated backend names")
@@ -110,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     import mlx.core as mx  # only for the record of what ran
 
     run = {
+        "flashmoe_commit": _commit(),
+        "numba_threads": os.environ.get("NUMBA_NUM_THREADS", "default"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "python": sys.version.split()[0], "mlx": mx.__version__,
                     "mlx_device": str(mx.default_device()),
