@@ -392,10 +392,20 @@ class KernelWeight:
         return kernels(self.bits, self.bf16)
 
 
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: numba compiles separately for writable and read-only arrays, and resident weights
+    are read-only (memory-mapped) while streamed experts sit in writable buffers, so every weight is handed
+    to the kernels read-only and each kernel is compiled once."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 def _scales_for_kernels(a: np.ndarray) -> np.ndarray:
     if a.dtype.name == "bfloat16":
-        return np.ascontiguousarray(a).view(np.uint16)
-    return np.ascontiguousarray(a, dtype=np.float32)
+        return _readonly(np.ascontiguousarray(a).view(np.uint16))
+    return _readonly(np.ascontiguousarray(a, dtype=np.float32))
 
 
 def _as_weight(w: Any, name: str) -> KernelWeight | np.ndarray:
@@ -405,7 +415,7 @@ def _as_weight(w: Any, name: str) -> KernelWeight | np.ndarray:
     if isinstance(w, (QuantizedTensor, PackedWeight)):
         check_quantized(w, name)
         words = w.words if isinstance(w, PackedWeight) else w.weight
-        return KernelWeight(np.ascontiguousarray(words, dtype=np.uint32), _scales_for_kernels(w.scales),
+        return KernelWeight(_readonly(np.ascontiguousarray(words, dtype=np.uint32)), _scales_for_kernels(w.scales),
                             _scales_for_kernels(w.biases), int(w.bits), int(w.group_size))
     if isinstance(w, np.ndarray):
         return _f32(w)
@@ -459,7 +469,7 @@ class NumbaBackend(Backend):
         x = _f32(x)
         flat = x.reshape(-1, x.shape[-1])
         out = np.empty_like(flat)
-        _rms_norm(flat, _f32(weight), np.float32(eps), out)
+        _rms_norm(flat, _readonly(_f32(weight)), np.float32(eps), out)
         return out.reshape(x.shape)
 
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
@@ -480,7 +490,7 @@ class NumbaBackend(Backend):
         x = _f32(x)
         xs = np.concatenate([_f32(state), x], axis=0)
         y = np.empty_like(x)
-        _causal_conv1d(xs, _f32(weight), y)
+        _causal_conv1d(xs, _readonly(_f32(weight)), y)
         return y, xs[x.shape[0] :].copy()
 
     def gated_delta_rule(
