@@ -72,6 +72,10 @@ def _source_digest(name: str) -> str:
     for obj in modules:
         h.update(Path(inspect.getfile(obj)).read_bytes())
     h.update(Path(inspect.getfile(BackendError)).read_bytes())  # backends/base.py
+    import flashmoe.shaders  # kernel sources some backends compile at run time
+
+    for source in sorted(Path(flashmoe.shaders.__file__).parent.glob("*.[cm]*")):
+        h.update(source.read_bytes())
     return h.hexdigest()
 
 
