@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe import __version__
+from flashmoe import __version__, shaders
 from flashmoe.backends import available_backends, get_backend
 from flashmoe.backends.base import BackendError
 from flashmoe.conformance import model_cases, op_cases
@@ -72,9 +72,7 @@ def _source_digest(name: str) -> str:
     for obj in modules:
         h.update(Path(inspect.getfile(obj)).read_bytes())
     h.update(Path(inspect.getfile(BackendError)).read_bytes())  # backends/base.py
-    import flashmoe.shaders  # kernel sources some backends compile at run time
-
-    for source in sorted(Path(flashmoe.shaders.__file__).parent.glob("*.[cm]*")):
+    for source in sorted(Path(shaders.__file__).parent.glob("*.[cm]*")):  # kernels compiled at run time
         h.update(source.read_bytes())
     return h.hexdigest()
 
