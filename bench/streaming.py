@@ -75,7 +75,7 @@ def describe_model(md: ModelDir) -> str:
     if "truncated_to_layers" in src:
         layers += " (truncated)"
     kind = "random weights" if src.get("synthetic") else "converted"
-    return (f"{name} ({kind}), {layers}, {cfg.num_experts} experts, k={cfg.num_experts_per_tok}, "
+    return (f"{name} ({kind}), {layers}, {cfg.num_experts} experts, config k={cfg.num_experts_per_tok}, "
             f"{md.layout.nbytes / 1e6:.2f} MB per expert")
 
 
