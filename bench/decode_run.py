@@ -13,7 +13,10 @@ The decode inputs are seeded random token ids, not the model's own greedy choice
 random weights falls into repeating one token within a few steps, after which every layer routes to the
 same experts and any cache looks perfect (measured: 99% hits on Qwen3-30B shapes). Random inputs keep the
 routing near uniform, as random weights should, and are the same in every pass and mode, so the passes and
-the modes route to the same experts. Each pass reports tok/s over the decode tokens (the first
+the modes route to the same experts. Deep random-weight models route most tokens to the same few experts
+anyway (their token representations converge with depth: 99% hits on the 48-layer Qwen3-30B shapes), so
+`--routing uniform` replaces the router's picks by seeded uniform random ones: the worst case for every
+cache, the disk-bound regime. Each pass reports tok/s over the decode tokens (the first
 token, which carries prefill, is excluded), time per token split into compute stages, I/O wait and
 the rest, expert bytes read and from disk per token, reads and hit rate per token. The process's peak RSS
 covers both passes. With --trace, the first pass's routing and store activity (prefill and decode) is written
@@ -82,10 +85,28 @@ def summarise_pass(records: list[TokenRecord], stage_s: dict[str, float], num_la
     }
 
 
+def force_uniform_routing(seed: int) -> None:
+    """Replace the engine's router decision with seeded uniformly random top-k picks (weights 1/k), the same
+    sequence in every process with the same seed. Hooks `flashmoe.engine.route` (the engine's name for
+    reference.moe.route): a benchmark workload, never a model's behaviour."""
+    import flashmoe.engine as engine_module
+
+    rng = np.random.default_rng([seed, 1])
+
+    def uniform_route(logits: np.ndarray, k: int, norm_topk_prob: bool) -> tuple[np.ndarray, np.ndarray]:
+        t, e = logits.shape
+        ids = np.argsort(rng.random((t, e)), axis=-1)[:, :k].astype(np.int64)
+        return ids, np.full((t, k), 1.0 / k, dtype=np.float32)
+
+    engine_module.route = uniform_route
+
+
 def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int | None, io_threads: int | None,
         prompt_tokens: int, tokens: int, seed: int, cache_policy: str, passes: list[str],
-        trace: Path | None = None) -> dict:
-    """Load, evict the expert files from the page cache, run the passes; the result dict (see module doc)."""
+        trace: Path | None = None, routing: str = "model") -> dict:
+    """Load, evict the expert files from the page cache, run the passes; the result dict (see module doc).
+    routing 'uniform' replaces the router's picks by force_uniform_routing (the warm pass then repeats the
+    cold pass's picks, as it would with the model's router)."""
     from flashmoe.load import load_engine
 
     rss_before = current_rss_bytes()
@@ -106,6 +127,8 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
                                                                           prompt_tokens + tokens), [prompt_tokens])
     results = {}
     for n, name in enumerate(passes):
+        if routing == "uniform":
+            force_uniform_routing(seed)
         state = engine.new_state()
         first, stages_before = len(stats.tokens), dict(stats.stage_s)
         with record_trace(engine, trace, str(model_dir)) if trace and n == 0 else nullcontext():
@@ -125,6 +148,7 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
         "max_memory": max_memory, "k": engine.k, "io_threads": store.threads,
         "compute_threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)),
         "cache_policy": cache_policy, "prompt_tokens": prompt_tokens, "tokens": tokens, "seed": seed,
+        "routing": routing,
         "moe_layers": len(engine.model.moe_layers), "num_hidden_layers": engine.cfg.num_hidden_layers,
         "expert_bytes": engine.model.layout.nbytes, "expert_stride": engine.model.layout.stride,
         "resident_bytes": engine.model.resident_nbytes, "load_s": load_s, "rss_before_load": rss_before,
@@ -148,10 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-policy", default="lru")
     ap.add_argument("--passes", default="cold,warm")
     ap.add_argument("--trace", type=Path, default=None)
+    ap.add_argument("--routing", default="model", choices=("model", "uniform"))
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
     result = run(a.model, a.backend, a.io, a.max_memory, a.experts_per_token, a.io_threads, a.prompt_tokens,
-                 a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace)
+                 a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace, a.routing)
     a.json.write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -64,6 +64,7 @@ class BenchOptions:
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     figures: bool = True
     seed: int = 0
+    routing: str = "model"  # or "uniform": seeded uniform random router picks (bench/decode_run.py)
     log: object = field(default=print, repr=False)
 
 
@@ -93,6 +94,7 @@ def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: 
     cmd = [sys.executable, "-m", "flashmoe.bench.decode_run", "--model", str(opts.model_dir), "--backend",
            opts.backend, "--io", io, "--prompt-tokens", str(opts.prompt_tokens), "--tokens", str(tokens),
            "--seed", str(opts.seed), "--cache-policy", opts.cache_policy, "--passes", ",".join(passes),
+           "--routing", opts.routing,
            "--json", str(out_json)]
     for flag, value in (("--max-memory", budget), ("-k", k), ("--io-threads", opts.io_threads), ("--trace", trace)):
         if value is not None:
@@ -208,7 +210,8 @@ def run_bench(opts: BenchOptions) -> dict:
                         result["runs"].append(run)
                         _log_run(log, run)
         if synthetic_trace.exists():
-            traces.insert(0, (synthetic_trace, "random weights: near-uniform routing, the worst case for a cache"))
+            traces.insert(0, (synthetic_trace, "forced uniform routing (worst case for a cache)"
+                              if opts.routing == "uniform" else "routing of the random-weight model"))
     for path, kind in traces:
         log(f"replay: {path}")
         r = replay(path, opts.fractions)

@@ -196,6 +196,8 @@ def bench(
     cgroup: bool = typer.Option(False, "--cgroup", help="Run each budgeted decode in a memory cgroup of that size "
                                 "(cgroup v1, root; caps the page cache too)."),
     cache_policy: str = typer.Option("lru", help="Eviction policy of the direct-mode cache."),
+    routing: str = typer.Option("model", help="'model' (the router's picks) or 'uniform' (seeded uniform random "
+                                "picks: the worst case for a cache, a benchmark workload)."),
     replay_trace: Optional[list[Path]] = typer.Option(None, "--replay", help="Routing trace to replay through "
                                                       "every eviction policy (repeatable)."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the matplotlib figures."),
@@ -211,7 +213,7 @@ def bench(
         threads=tuple(int(x) for x in _csv(threads)) or (os.cpu_count() or 1,),
         budgets=tuple(_csv(budgets)), io_threads=io_threads, prompt_tokens=prompt_tokens, tokens=tokens,
         passes=tuple(_csv(passes)), reference_tokens=reference_tokens, disk_repeats=disk_repeats, cgroup=cgroup,
-        cache_policy=cache_policy, replays=tuple(replay_trace or ()),
+        cache_policy=cache_policy, routing=routing, replays=tuple(replay_trace or ()),
         figures=not no_figures, log=lambda line: typer.echo(line, err=True))
     run_bench(opts)
     typer.echo((out / "bench.md").read_text())

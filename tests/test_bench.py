@@ -77,3 +77,22 @@ def test_bench_command_replays_a_trace_without_a_model(tiny_model, tmp_path):
     assert "| cache (% of experts) | entries | lru | lfu | fifo | mru | lru/layer | opt |" in result.output
     empty = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "e")])
     assert empty.exit_code == 2 and "nothing to measure" in empty.output
+
+
+def test_forced_uniform_routing_is_seeded_and_covers_the_experts(monkeypatch):
+    import numpy as np
+
+    import flashmoe.engine as engine_module
+    from flashmoe.bench.decode_run import force_uniform_routing
+
+    monkeypatch.setattr(engine_module, "route", engine_module.route)  # restored after the test
+    picks = []
+    for _ in range(2):
+        force_uniform_routing(seed=3)
+        ids, weights = engine_module.route(np.zeros((400, 16), np.float32), 4, True)
+        picks.append(ids)
+    np.testing.assert_array_equal(picks[0], picks[1])
+    assert all(len(set(row)) == 4 for row in picks[0].tolist())
+    counts = np.bincount(picks[0].ravel(), minlength=16)
+    assert counts.min() > 70 and counts.max() < 130  # 100 expected per expert
+    np.testing.assert_allclose(weights, 0.25)
