@@ -131,7 +131,8 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
             force_uniform_routing(seed)
         state = engine.new_state()
         first, stages_before = len(stats.tokens), dict(stats.stage_s)
-        with record_trace(engine, trace, str(model_dir)) if trace and n == 0 else nullcontext():
+        label = f"{model_dir} (uniform routing)" if routing == "uniform" else str(model_dir)
+        with record_trace(engine, trace, label) if trace and n == 0 else nullcontext():
             stats.start()
             engine.forward(prompt, state)
             stats.token_done()
