@@ -54,6 +54,8 @@ _ROW_BLOCK = 16
 # Up to this many tokens, unpacking the codes once per token (mat-vec) beats dequantising rows once into a
 # tile and then taking float dot products (mat-mat); measured crossover 2-4 tokens (docs/benchmarks.md).
 _MATVEC_TOKENS = 3
+# Rows per chunk of the fused expert kernels: each matrix's rows of a chunk are read in one run.
+_EXPERT_ROW_BLOCK = 64
 
 
 def codes_per_unit(bits: int) -> int:
@@ -252,35 +254,41 @@ if numba is not None:
             g_addr, u_addr: int64 [k, 3] addresses of each expert's words / scales / biases."""
             k, inter = h.shape
             n_words = xp.shape[1] * xp.shape[2] * bits // 32
-            nblk = (inter + _ROW_BLOCK - 1) // _ROW_BLOCK
+            nblk = (inter + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK
             for c in prange(k * nblk):
                 e = c // nblk
                 gw, gs, gb = _expert_weight(g_addr, e, inter, n_words, xsum.shape[1])
                 uw, us, ub = _expert_weight(u_addr, e, inter, n_words, xsum.shape[1])
                 pw = np.empty(xp.shape[2], np.float32)
-                i0 = (c % nblk) * _ROW_BLOCK
-                for i in range(i0, min(inter, i0 + _ROW_BLOCK)):
+                gate = np.empty(_EXPERT_ROW_BLOCK, np.float32)
+                i0 = (c % nblk) * _EXPERT_ROW_BLOCK
+                i1 = min(inter, i0 + _EXPERT_ROW_BLOCK)
+                for i in range(i0, i1):  # the chunk's gate rows, then its up rows: two contiguous runs
                     _unit_dots(gw[i], xp[0], pw, bits)
-                    a = _fold_groups(pw, gs[i], gb[i], xsum[0])
+                    gate[i - i0] = _fold_groups(pw, gs[i], gb[i], xsum[0])
+                for i in range(i0, i1):
                     _unit_dots(uw[i], xp[0], pw, bits)
-                    b = _fold_groups(pw, us[i], ub[i], xsum[0])
-                    h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * b
+                    a = gate[i - i0]
+                    h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * _fold_groups(pw, us[i], ub[i], xsum[0])
 
         @njit(parallel=True, fastmath=_FASTMATH, cache=True)
         def experts_down(d_addr, hp, hsum, weights, out):
-            """out[o] = sum_e weights[e] * (down_e[o] . h_e): each hidden row reads all k experts' rows."""
+            """out[o] = sum_e weights[e] * (down_e[o] . h_e). A chunk of hidden rows reads one expert's
+            rows for the whole chunk before the next expert's (contiguous reads, not k interleaved ones)."""
             k = hp.shape[0]
             n_rows = out.shape[0]
             n_words = hp.shape[1] * hp.shape[2] * bits // 32
-            for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            for c in prange((n_rows + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK):
+                o0 = c * _EXPERT_ROW_BLOCK
+                o1 = min(n_rows, o0 + _EXPERT_ROW_BLOCK)
                 pw = np.empty(hp.shape[2], np.float32)
-                for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
-                    acc = np.float32(0.0)
-                    for e in range(k):
-                        dw, ds, db = _expert_weight(d_addr, e, n_rows, n_words, hsum.shape[1])
+                acc = np.zeros(_EXPERT_ROW_BLOCK, np.float32)
+                for e in range(k):
+                    dw, ds, db = _expert_weight(d_addr, e, n_rows, n_words, hsum.shape[1])
+                    for o in range(o0, o1):
                         _unit_dots(dw[o], hp[e], pw, bits)
-                        acc += weights[e] * _fold_groups(pw, ds[o], db[o], hsum[e])
-                    out[o] = acc
+                        acc[o - o0] += weights[e] * _fold_groups(pw, ds[o], db[o], hsum[e])
+                out[o0:o1] = acc[: o1 - o0]
 
         return SimpleNamespace(qmatvec=qmatvec, qmatmat=qmatmat, qrows=qrows, experts_gate_up=experts_gate_up,
                                experts_down=experts_down)
