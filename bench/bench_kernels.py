@@ -10,11 +10,14 @@ Measured in one run, interleaved round by round so that both sides see the same 
   (``cold``); ``hot`` repeats one matrix (L2/L3-resident, the upper bound of the kernel's arithmetic);
 - the fused k-expert SwiGLU (``experts_ffn``) for one decode token of the 397B (k = 10, hidden 4096,
   moe_intermediate 1024: 70.8 MB of expert weights), experts cycled through a pool;
+- each numba kernel with one thread and with numba's default thread count (``numba.set_num_threads``);
 - the NumPy backend on one expert matrix, for scale.
 
 Weight bytes are the stored bytes (uint32 words + bf16 scales and biases: 4.5 bits per weight); GB/s is
-1e9 bytes per second; every number is the median over ``--rounds`` rounds. Results print as a table and,
-with ``--docs``, replace the kernel section of docs/benchmarks.md. Run when the machine is otherwise idle:
+1e9 bytes per second. Each row gives the median over every call of every round and the best call (on a
+shared machine the best call approximates the idle machine; the median is the number to quote). Results
+print as a table and, with ``--docs``, replace the generated block of the kernel section of
+docs/benchmarks.md. Run when the machine is otherwise idle:
 ``python bench/bench_kernels.py --docs docs/benchmarks.md``.
 """
 
