@@ -18,7 +18,7 @@ from flashmoe.conformance.op_cases import BITS, GROUP_SIZES, QUICK_CASES, SCALE_
 CHECKED = [name for name in available_backends() if name != "numpy"]
 UNAVAILABLE = {name: why for name, why in available_backends().items() if why is not None}
 
-EXAMPLES = settings(max_examples=12, deadline=None,
+EXAMPLES = settings(max_examples=8, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
                     derandomize=True)
 
