@@ -6,11 +6,18 @@ raw logits, then temperature, then top-k, top-p and min-p on the resulting distr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from flashmoe.errors import FlashMoeError
+
+#: generation_config.json keys that set sampling (Hugging Face names).
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+#: Used where neither the command line nor generation_config.json sets a value (llama.cpp's defaults).
+FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -73,3 +80,23 @@ class Sampler:
         kept = np.where(keep, sorted_probs, 0.0)
         kept /= kept.sum()
         return int(order[self._rng.choice(len(kept), p=kept)])
+
+
+def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
+    """The sampling settings of the model's generation_config.json (only the keys it sets).
+
+    Raises FlashMoeError naming the file when it exists but cannot be read.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError) as e:
+        raise FlashMoeError(f"{path}: cannot read ({e})") from e
+    return {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}
+
+
+def sampler_for(model_dir: str | Path, seed: int | None = None, **given: float | None) -> Sampler:
+    """A Sampler whose settings come from `given` (None = not given), else the model's
+    generation_config.json, else FALLBACK — the order transformers' generate and llama.cpp use."""
+    settings = {**FALLBACK, **sampling_defaults(model_dir), **{k: v for k, v in given.items() if v is not None}}
+    return Sampler(seed=seed, **settings)

@@ -40,15 +40,12 @@ from starlette.routing import Route
 from flashmoe.chat_template import select_template
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoeError
-from flashmoe.sampling import Sampler
+from flashmoe.sampling import SAMPLING_KEYS, Sampler, sampling_defaults
 from flashmoe.session import ContextError, RunInfo, Session, history_boundary
 from flashmoe.tokenizer import Tokenizer
 from flashmoe.toolcalls import OutputParser, ParsedOutput, forced_call_prefix, opens_reasoning, tool_call_format
 
 log = logging.getLogger("flashmoe.server")
-
-#: Sampling settings a request may give; the model's generation_config.json supplies the ones it omits.
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -156,16 +153,6 @@ _END = object()
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
-
-
-def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
-    """The sampling settings of generation_config.json that requests fall back to (missing: none)."""
-    path = Path(model_dir) / "generation_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, ValueError) as e:
-        raise FlashMoeError(f"{path}: cannot read ({e})") from e
-    return {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}
 
 
 class FlashMoeServer:
