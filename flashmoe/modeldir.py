@@ -343,6 +343,13 @@ class ModelDir:
         except FileNotFoundError:
             raise FormatError(f"{mpath}: missing (not a flashmoe model directory; run `flashmoe convert`)") from None
         config = ModelConfig.from_file(path / "config.json")
+        if manifest.model_type != config.model_type:
+            raise FormatError(f"{mpath}: model_type {manifest.model_type!r} disagrees with "
+                              f"{path / 'config.json'} model_type {config.model_type!r}")
+        for ef in manifest.experts:
+            _check_inside(ef.path, f"{mpath}: experts[layer {ef.layer}].path")
+        for rel in manifest.files:
+            _check_inside(rel, f"{mpath}: files key")
         for rel, entry in manifest.files.items():
             f = path / rel
             if not f.is_file():
@@ -541,6 +548,16 @@ def _check_resident_shapes(resident: SafetensorsFile, manifest: Manifest, logica
     extra = sorted(set(logical) - set(expected))
     if extra:
         raise FormatError(f"{where}: unexpected tensor {extra[0]!r} for this config.json")
+
+
+def _check_inside(rel: str, where: str) -> None:
+    """FormatError unless `rel` is a relative path that stays inside the model directory.
+
+    Checked lexically (not with resolve()) so a model directory may still hold symlinks to another disk;
+    what a manifest must not do is make flashmoe read an arbitrary file such as ../../etc/passwd.
+    """
+    if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == os.pardir:
+        raise FormatError(f"{where} = {rel!r} is outside the model directory (must be a relative path inside it)")
 
 
 def _check_experts(manifest: Manifest, config: ModelConfig, path: Path) -> None:

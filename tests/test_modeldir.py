@@ -124,6 +124,23 @@ def test_open_rejects_inconsistent_directories(model, tmp_path, edit, expected):
     assert expected in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("bad_path", ["../../../etc/passwd", "/etc/passwd", "experts/../../layer_001.bin"])
+def test_open_rejects_expert_path_outside_the_directory(model, tmp_path, bad_path):
+    bad = _corrupt(model, tmp_path, _edit_manifest(lambda m: m["experts"][1].update(path=bad_path)))
+    with pytest.raises(FormatError) as err:
+        ModelDir.open(bad)
+    assert f"experts[layer 1].path = {bad_path!r} is outside the model directory" in str(err.value)
+
+
+def test_open_rejects_model_type_disagreeing_with_config(model, tmp_path):
+    bad = _corrupt(model, tmp_path, _edit_manifest(lambda m: m.update(model_type="mixtral")))
+    with pytest.raises(FormatError) as err:
+        ModelDir.open(bad)
+    msg = str(err.value)
+    assert "model_type 'mixtral'" in msg and "'qwen3_moe'" in msg, msg
+    assert str(bad / MANIFEST) in msg and str(bad / "config.json") in msg, msg
+
+
 def test_short_expert_file_names_size_even_without_files_entry(model, tmp_path):
     def edit(d: Path):
         _edit_manifest(lambda m: m["files"].pop("experts/layer_001.bin"))(d)
