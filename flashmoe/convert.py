@@ -137,6 +137,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     experts = sum(f.size for rel, f in manifest.files.items() if rel.startswith("experts/"))
     log(f"wrote {dst}: {manifest.files[RESIDENT].size:,} B resident, {experts:,} B of experts in "
         f"{len(manifest.experts)} layer files")
+    if not (dst / "tokenizer.json").is_file():
+        log(f"note: {src_dir} has no tokenizer.json, so none was copied; `flashmoe generate/chat/serve` need "
+            f"a tokenizer.json in {dst} (copy the model's tokenizer.json there)")
     return dst
 
 

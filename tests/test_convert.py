@@ -146,6 +146,23 @@ def test_force_replaces_an_existing_directory_and_leaves_no_temporary(per_expert
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_missing_tokenizer_converts_with_a_note_naming_dst(per_expert, tmp_path, capsys):
+    assert not (per_expert / "tokenizer.json").exists()
+    dst = convert_checkpoint(per_expert, tmp_path / "out", bits="none", progress=False)  # default log: stderr
+    assert (dst / MANIFEST).exists()
+    [note] = [n for n in capsys.readouterr().err.splitlines() if "tokenizer.json" in n]
+    assert "`flashmoe generate/chat/serve` need a tokenizer.json in " + str(dst) in note, note
+
+    notes: list[str] = []
+
+    with_tok = shutil.copytree(per_expert, tmp_path / "with_tok")
+    (with_tok / "tokenizer.json").write_text("{}")
+    notes.clear()
+    dst = convert_checkpoint(with_tok, tmp_path / "out2", bits="none", progress=False, log=notes.append)
+    assert (dst / "tokenizer.json").read_text() == "{}"
+    assert not [n for n in notes if "tokenizer.json" in n], notes
+
+
 def test_bfloat16_source_keeps_bfloat16_scales_like_mlx(per_expert, tmp_path):
     import ml_dtypes
 
