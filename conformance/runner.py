@@ -110,8 +110,12 @@ def ensure_conformant(name: str) -> None:
 
     start = time.perf_counter()
     # The first use on a machine compiles the backend's kernels too: say why the wait, on stderr.
-    with Console(stderr=True).status(f"first use of backend {name} here: checking it against the reference "
-                                     f"({len(QUICK_CASES)} cases; compiles its kernels once)"):
+    console = Console(stderr=True)
+    message = (f"first use of backend {name} here: checking it against the reference "
+               f"({len(QUICK_CASES)} cases; compiles its kernels once)")
+    if not console.is_terminal:  # a spinner draws nothing into a log, CI or a pipe: say it once, plainly
+        print(message, file=sys.stderr, flush=True)
+    with console.status(message):
         results = run_cases(backend, QUICK_CASES)
     failed = [r for r in results if not r.passed]
     if failed:

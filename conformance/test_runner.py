@@ -35,8 +35,11 @@ def backends(monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_ensure_conformant_stamps_once_and_then_skips_the_suite(backends, monkeypatch):
+def test_ensure_conformant_stamps_once_and_then_skips_the_suite(backends, monkeypatch, capsys):
     runner.ensure_conformant("exact-test")
+    # stderr is not a terminal under capsys, so the spinner draws nothing: the message must appear once, plainly.
+    err = capsys.readouterr().err
+    assert err.count("first use of backend exact-test here: checking it against the reference") == 1, err
     stamp = runner.stamp_path("exact-test")
     assert stamp.is_file() and stamp.parent == backends / "conformance"
     assert '"cases": %d' % len(runner.QUICK_CASES) in stamp.read_text()
