@@ -366,6 +366,6 @@ def synth_like(out: str | Path, like: str | None = None, config_path: str | Path
                            seed=seed, source=source, force=force)
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"synth {Path(out).name}") as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"writing {Path(out).name}") as bar:
         return synth_model(out, config, tokenizer=tok, generation_config=gen, bits=bits, group_size=group_size,
                            seed=seed, source=source, force=force, progress=bar.update)

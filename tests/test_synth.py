@@ -15,7 +15,7 @@ from flashmoe.errors import ConfigError, FlashMoeError
 from flashmoe.modeldir import ModelDir
 from flashmoe.presets import PRESETS, get_preset, truncate
 from flashmoe.reference.model import ReferenceModel
-from flashmoe.synth import expert_layout, planned_bytes, random_quantized, synth_model
+from flashmoe.synth import expert_layout, planned_bytes, random_quantized, synth_like, synth_model
 
 TINY = {
     "qwen3_5_moe_text": dict(
@@ -177,3 +177,11 @@ def test_synth_command_truncates_a_config_file(tmp_path):
     assert md.config.layer_types == (LINEAR_ATTENTION,) * 3
     bad = CliRunner().invoke(app, ["synth", "--like", "nope", "--out", str(tmp_path / "n")])
     assert bad.exit_code == 2 and "unknown preset 'nope'" in bad.output
+
+
+def test_synth_progress_bar_names_the_output_once(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY["qwen3_5_moe_text"]))
+    synth_like(tmp_path / "synth", config_path=config, layers=1, show_progress=True)
+    err = capsys.readouterr().err
+    assert "writing synth:" in err and "synth synth" not in err, err
