@@ -11,8 +11,8 @@ prompt starts from a fresh state, so nothing leaks between requests. A client th
 job: a queued job never starts, a running one stops after the current token.
 
 Errors are OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`): malformed JSON is 400, a
-field of the wrong type or range 422, a prompt that does not fit the context with max_tokens 400; the server
-keeps serving after each.
+field of the wrong type or range 422, a prompt that does not fit the context with max_tokens 400, an unknown route
+404, a wrong method 405; the server keeps serving after each.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -189,7 +190,7 @@ class FlashMoeServer:
             Route("/v1/stats", self.stats, methods=["GET"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
-        ], exception_handlers={APIError: _error_response})
+        ], exception_handlers={APIError: _error_response, HTTPException: _http_error_response})
 
     def close(self) -> None:
         """Stop the worker thread after the current job; queued jobs are dropped."""
@@ -236,8 +237,8 @@ class FlashMoeServer:
             raise APIError(422, f"{where}: {first['msg']} ({e.error_count()} error(s) in the request)",
                            param=where) from None
         if names := parsed.unsupported():
-            raise APIError(400, f"not supported by flashmoe: {', '.join(names)} (for repetition use "
-                           "repetition_penalty)", param=names[0])
+            hint = " (for repetition use repetition_penalty)" if any(n.endswith("_penalty") for n in names) else ""
+            raise APIError(400, f"not supported by flashmoe: {', '.join(names)}{hint}", param=names[0])
         return parsed
 
     def _sampler(self, body: _Body) -> Sampler:
@@ -258,11 +259,13 @@ class FlashMoeServer:
     async def _encode(self, text: str) -> list[int]:
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
-    def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
+    def _budget(self, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
+        """The completion budget (Session.check_fits); APIError naming `prompt_param` (the request field that
+        holds the prompt) for an empty prompt, else max_tokens."""
         try:
             return self.session.check_fits(n_prompt, max_tokens)
         except ContextError as e:
-            raise APIError(400, str(e), param="max_tokens") from None
+            raise APIError(400, str(e), param=prompt_param if n_prompt == 0 else "max_tokens") from None
 
     # ---- running jobs ------------------------------------------------------------------------
 
@@ -387,8 +390,8 @@ class FlashMoeServer:
         prompt, parser, boundary = self._chat_prompt(body)
         prompt_ids = await self._encode(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = Job(prompt_ids, self._sampler(body), self._budget(len(prompt_ids), max_tokens), self._stops(body),
-                  parser, checkpoint_at=await asyncio.to_thread(boundary, prompt_ids))
+        job = Job(prompt_ids, self._sampler(body), self._budget(len(prompt_ids), max_tokens, "messages"),
+                  self._stops(body), parser, checkpoint_at=await asyncio.to_thread(boundary, prompt_ids))
         rid, created = _new_id("chatcmpl-"), int(time.time())
         base = {"id": rid, "created": created, "model": self.model_id}
         if body.stream:
@@ -464,7 +467,7 @@ class FlashMoeServer:
             if isinstance(prompt, list) and len(prompt) != 1:
                 raise APIError(422, "prompt: give one prompt per request", param="prompt")
             prompt_ids = await self._encode(prompt if isinstance(prompt, str) else prompt[0])
-        job = Job(prompt_ids, self._sampler(body), self._budget(len(prompt_ids), body.max_tokens),
+        job = Job(prompt_ids, self._sampler(body), self._budget(len(prompt_ids), body.max_tokens, "prompt"),
                   self._stops(body), None)
         base = {"id": _new_id("cmpl-"), "created": int(time.time()), "model": self.model_id}
         if body.stream:
@@ -523,6 +526,14 @@ def _template_message(message: Message, index: int) -> dict:
 
 async def _error_response(request: Request, error: APIError) -> Response:
     return error.response()
+
+
+async def _http_error_response(request: Request, error: HTTPException) -> Response:
+    """Starlette's own errors (404 unknown route, 405 wrong method) in OpenAI's shape, keeping its headers
+    (405's Allow)."""
+    body = APIError(error.status_code, f"{error.detail}: {request.method} {request.url.path}").response()
+    body.headers.update(error.headers or {})
+    return body
 
 
 

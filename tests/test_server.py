@@ -235,6 +235,37 @@ def test_malformed_requests_get_openai_shaped_errors(served, body, status, fragm
     assert fragment in payload["error"]["message"]
 
 
+def test_refusals_name_the_right_field_and_hint_only_where_it_helps(served):
+    url = served[2].url
+    code, payload = _post(url + "/v1/chat/completions",
+                          b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true}')
+    assert (code, payload["error"]["message"], payload["error"]["param"]) == (
+        400, "not supported by flashmoe: logprobs", "logprobs")
+    code, payload = _post(url + "/v1/chat/completions",
+                          b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}')
+    assert payload["error"]["message"] == ("not supported by flashmoe: presence_penalty "
+                                           "(for repetition use repetition_penalty)")
+    code, payload = _post(url + "/v1/completions", b'{"prompt": ""}')
+    assert (code, payload["error"]["param"]) == (400, "prompt")
+    assert "the prompt is empty" in payload["error"]["message"]
+
+
+def test_unknown_route_and_wrong_method_get_openai_shaped_errors(served):
+    url = served[2].url
+    code, payload = _post(url + "/v1/nope", b"{}")
+    assert code == 404
+    assert payload == {"error": {"message": "Not Found: POST /v1/nope", "type": "invalid_request_error",
+                                 "param": None, "code": None}}
+    try:
+        urllib.request.urlopen(url + "/v1/chat/completions", timeout=10)
+    except urllib.error.HTTPError as e:
+        assert (e.code, e.headers["Allow"]) == (405, "POST")
+        assert json.load(e)["error"]["message"] == "Method Not Allowed: GET /v1/chat/completions"
+    else:
+        raise AssertionError("GET /v1/chat/completions did not fail")
+    assert json.load(urllib.request.urlopen(url + "/health"))["status"] == "ok"
+
+
 def test_concurrent_requests_are_queued_and_each_gets_its_own_reply(served, client):
     served[1].delay_s = 0.002
     results, errors = {}, []
