@@ -9,6 +9,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flashmoe.errors import FlashMoeError
+
+
+def check_writable(target: str | Path) -> None:
+    """Raise FlashMoeError, before any work is done, when target cannot be written: its folder is missing
+    or it is a directory."""
+    target = Path(target)
+    if target.is_dir():
+        raise FlashMoeError(f"{target}: is a directory, not a file to write")
+    if not target.parent.is_dir():
+        raise FlashMoeError(f"{target}: folder {target.parent} does not exist")
+
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -18,6 +30,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as e:
+        raise FlashMoeError(f"{target}: cannot write ({e.strerror or e})") from e
     finally:
         if tmp.exists():
             tmp.unlink()

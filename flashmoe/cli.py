@@ -93,17 +93,17 @@ def conformance(
 def generate(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
-    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Maximum number of tokens to generate."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 for greedy."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling: keep the smallest set of tokens with this mass."),
-    top_k: int = typer.Option(40, help="Keep only the k most likely tokens (0 disables)."),
-    min_p: float = typer.Option(0.05, help="Drop tokens below min_p times the top token's probability."),
-    repetition_penalty: float = typer.Option(1.1, help="Penalise tokens already in the context (1.0 disables)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Maximum number of tokens to generate."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 for greedy (default: the model's generation_config.json, else 0.8)."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: keep the smallest set of tokens with this mass (default: generation_config.json, else 0.95)."),
+    top_k: Optional[int] = typer.Option(None, help="Keep only the k most likely tokens; 0 disables (default: generation_config.json, else 40)."),
+    min_p: Optional[float] = typer.Option(None, help="Drop tokens below min_p times the top token's probability (default: generation_config.json, else 0.05)."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="Penalise tokens already in the context; 1.0 disables (default: generation_config.json, else 1.0)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
-    backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
+    backend: str = typer.Option("numba", help="Compute backend: numba, numpy (reference arithmetic), mlx, cuda (`flashmoe backends`)."),
     io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' (OS caches hot experts) or 'direct' (O_DIRECT + own cache)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G: resident weights + KV cache + buffers + expert cache."),
-    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
+    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", min=1, help="Override the model's num_experts_per_tok."),
     cache_policy: str = typer.Option("lru", help="Eviction policy of the expert caches (lru, lfu, fifo)."),
     gpu_memory: Optional[str] = typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
@@ -112,40 +112,46 @@ def generate(
     trace: Optional[Path] = typer.Option(None, help="Write the routing trace (experts, hits, bytes, time per "
                                          "token and layer; docs/formats.md) to this JSONL file."),
 ) -> None:
-    """Generate text, streaming routed experts from disk. Ctrl-C stops and prints the statistics so far."""
+    """Generate text, streaming routed experts from disk. Ctrl-C stops, prints the statistics so far, exits 130."""
     from contextlib import nullcontext
 
+    from flashmoe.atomic import check_writable, write_json_atomic
     from flashmoe.generate import generate_steps
     from flashmoe.load import default_model_dir, load_engine
-    from flashmoe.sampling import Sampler
+    from flashmoe.modeldir import ModelDir
+    from flashmoe.sampling import sampler_for
     from flashmoe.tokenizer import Tokenizer
     from flashmoe.trace import record_trace
 
-    directory = model_dir or default_model_dir()
-    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                      repetition_penalty=repetition_penalty, seed=seed)
-    tokenizer = Tokenizer(directory)
+    for path in (stats_json, trace):
+        if path is not None:
+            check_writable(path)
+    model = ModelDir.open(model_dir or default_model_dir())
+    sampler = sampler_for(model.path, seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty)
+    tokenizer = Tokenizer(model.path)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     prompt_ids = tokenizer.encode(text)
-    engine = load_engine(directory, backend=backend, io=io, max_memory=max_memory,
-                         experts_per_token=experts_per_token, context=len(prompt_ids) + max_tokens,
-                         cache_policy=cache_policy, gpu_memory=gpu_memory)
+    engine = load_engine(model, backend=backend, io=io, max_memory=max_memory, experts_per_token=experts_per_token,
+                         context=len(prompt_ids) + max_tokens, cache_policy=cache_policy, gpu_memory=gpu_memory)
     if not chat:
         sys.stdout.write(prompt)
-    with record_trace(engine, trace, str(directory)) if trace else nullcontext():
+    interrupted = False
+    with record_trace(engine, trace, str(model.path)) if trace else nullcontext():
         try:
             for step in generate_steps(engine, tokenizer, prompt_ids, sampler, max_tokens):
                 sys.stdout.write(step.text)
                 sys.stdout.flush()
         except KeyboardInterrupt:
+            interrupted = True
             typer.echo("\n[interrupted]", err=True)
     sys.stdout.write("\n")
     if stats:
         typer.echo(engine.stats.summary(), err=True)
     if stats_json:
-        from flashmoe.atomic import write_json_atomic
-
-        write_json_atomic(stats_json, engine.stats.to_dict())
+        write_json_atomic(stats_json, {**engine.stats.to_dict(), "interrupted": interrupted})
+    if interrupted:
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -224,15 +230,15 @@ def bench(
 def chat(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Longest reply in tokens."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: generation_config.json, else 0.7); 0 for greedy."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Longest reply in tokens."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: generation_config.json, else 0.8); 0 for greedy."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass (default: generation_config.json, else 0.95)."),
     top_k: Optional[int] = typer.Option(None, help="Keep only the k most likely tokens (default: generation_config.json, else 40)."),
     min_p: Optional[float] = typer.Option(None, help="Drop tokens below min_p times the top token's probability."),
     repetition_penalty: Optional[float] = typer.Option(None, help="Penalise tokens already in the context (1.0 disables)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
     think: bool = typer.Option(True, "--think/--no-think", help="Let thinking models reason first (enable_thinking)."),
-    context: int = typer.Option(4096, help="Longest conversation in tokens (capped by the model's context)."),
+    context: int = typer.Option(4096, min=1, help="Longest conversation in tokens (capped by the model's context)."),
     backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
     io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),
@@ -241,18 +247,16 @@ def chat(
     """Chat in the terminal. The model state is kept between turns: each turn prefills only its new tokens."""
     from flashmoe.chat import ChatSession, run_repl
     from flashmoe.load import default_model_dir, load_engine
-    from flashmoe.sampling import Sampler
-    from flashmoe.server import sampling_defaults
+    from flashmoe.sampling import sampler_for
     from flashmoe.tokenizer import Tokenizer
 
     directory = model_dir or default_model_dir()
     tokenizer = Tokenizer(directory)
-    given = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty)
-    settings = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, **sampling_defaults(directory),
-                **{k: v for k, v in given.items() if v is not None}}
+    sampler = sampler_for(directory, seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                          repetition_penalty=repetition_penalty)
     engine = load_engine(directory, backend=backend, io=io, max_memory=max_memory,
                          experts_per_token=experts_per_token, context=context)
-    session = ChatSession(engine, tokenizer, Sampler(seed=seed, **settings), max_tokens=max_tokens, system=system,
+    session = ChatSession(engine, tokenizer, sampler, max_tokens=max_tokens, system=system,
                           context=context, template_kwargs={} if think else {"enable_thinking": False})
     run_repl(session)
 
@@ -262,8 +266,8 @@ def chat(
 def serve(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="TCP port."),
-    context: int = typer.Option(4096, help="Longest prompt + completion in tokens (capped by the model's context); sizes the KV-cache budget."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free port)."),
+    context: int = typer.Option(4096, min=1, help="Longest prompt + completion in tokens (capped by the model's context); sizes the KV-cache budget."),
     backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
     io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),

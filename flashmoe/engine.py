@@ -104,7 +104,7 @@ class Engine:
         self.backend = backend
         self.store = store
         self.stats = stats
-        self.k = experts_per_token or self.cfg.num_experts_per_tok
+        self.k = self.cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
         self._w = {name: backend.prepare(_resident(model, name)) for name in model.resident_names()}
         # -exp(A_log) per linear-attention layer, computed once: the decay rate of g = -exp(A_log)·softplus(a + dt_bias)
         self._decay_rate = {

@@ -44,14 +44,14 @@ def state_bytes(cfg: ModelConfig, context: int) -> int:
     return total
 
 
-def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io: str = "pagecache",
+def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "numba", io: str = "pagecache",
                 max_memory: str | int | None = None, experts_per_token: int | None = None,
                 context: int = 4096, cache_policy: str = "lru", threads: int | None = None,
                 gpu_memory: str | int | None = None) -> Engine:
     """Open a model directory and return an Engine ready to generate.
 
     Args:
-        model_dir: flashmoe model directory; None for the bundled demo model.
+        model_dir: flashmoe model directory (path, or already opened); None for the bundled demo model.
         backend: registered backend name (`flashmoe backends` lists them). It must pass the quick
             conformance suite on this machine first (run once, then stamped).
         io: 'pagecache' (buffered pread, the OS caches hot experts) or 'direct' (O_DIRECT plus flashmoe's
@@ -71,9 +71,12 @@ def load_engine(model_dir: str | Path | None = None, backend: str = "numba", io:
         raise FlashMoeError(f"--io {io!r} is not one of {', '.join(MODES)}")
     if cache_policy.lower() not in POLICIES:
         raise FlashMoeError(f"--cache-policy {cache_policy!r} is not one of {', '.join(POLICIES)}")
-    model = ModelDir.open(default_model_dir() if model_dir is None else model_dir)
+    if isinstance(model_dir, ModelDir):
+        model = model_dir
+    else:
+        model = ModelDir.open(default_model_dir() if model_dir is None else model_dir)
     cfg = model.config
-    k = experts_per_token or cfg.num_experts_per_tok
+    k = cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
     if not 1 <= k <= cfg.num_experts:
         raise FlashMoeError(f"--experts-per-token {k} is outside 1..{cfg.num_experts} (num_experts)")
     ensure_conformant(backend)

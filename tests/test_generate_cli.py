@@ -47,6 +47,10 @@ def test_experts_per_token_changes_the_experts_read_per_token(tmp_path):
     (["--io", "bogus"], "--io"),
     (["--cache-policy", "random"], "--cache-policy"),
     (["--gpu-memory", "1G"], "no expert cache of its own"),
+    (["--experts-per-token", "0"], "experts-per-token"),
+    (["--max-tokens", "0"], "max-tokens"),
+    (["--stats-json", "/nonexistent-folder/s.json"], "does not exist"),
+    (["--trace", "/tmp"], "is a directory"),
 ])
 def test_bad_options_give_one_clear_error_line_and_exit_code_2(args, message):
     result = runner.invoke(app, ["generate", "--prompt", "hi", *GREEDY[:4], *args])
@@ -59,6 +63,22 @@ def test_missing_model_directory_is_named(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "nope"), "--prompt", "hi"])
     assert result.exit_code == 2
     assert "nope" in result.stderr
+
+
+def test_a_directory_that_is_not_a_converted_model_points_to_convert(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    result = runner.invoke(app, ["generate", str(tmp_path), "--prompt", "hi"])
+    assert result.exit_code == 2
+    assert "flashmoe.json" in result.stderr
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    from flashmoe.load import default_model_dir
+    from flashmoe.sampling import sampler_for
+
+    sampler = sampler_for(default_model_dir(), temperature=0.0)
+    # the demo model's generation_config.json sets top-k 40 and top-p 0.95; repetition penalty falls back to 1
+    assert (sampler.temperature, sampler.top_k, sampler.top_p, sampler.repetition_penalty) == (0.0, 40, 0.95, 1.0)
 
 
 def test_prompt_longer_than_the_context_is_refused(tmp_path):
