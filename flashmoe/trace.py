@@ -225,8 +225,10 @@ class Tracer:
     first token (in position, then top-k, order) that routed to it; later tokens of the prompt using the
     same expert count as hits with no bytes, as do experts no fetch asked for (a backend that keeps experts
     in its own memory, such as a GPU expert cache, computes them without the store). The layer's I/O wait
-    and compute are split evenly over the T tokens. So every field summed over the trace equals the run's
-    counter of the same name (compute: all stages but the lm_head), up to the rounding of times to 0.1 µs.
+    and compute are split evenly over the T tokens. So bytes, disk bytes, I/O wait, compute (all stages but
+    the lm_head) and the count of misses summed over the trace equal the run's counters, up to the rounding
+    of times to 0.1 µs; hits do not, since the run counts one lookup per distinct expert fetched and the
+    trace one per routed (token, expert) pair (docs/formats.md, "Routing trace").
     """
 
     def __init__(self, writer: TraceWriter, store: "ExpertStore", stats: "Stats"):
