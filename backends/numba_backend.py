@@ -132,7 +132,7 @@ if numba is not None:
             acc += _widen(srow[g]) * d + _widen(brow[g]) * xsum[g]
         return acc
 
-    @njit(fastmath=_FASTMATH, inline="always")
+    @njit(fastmath=_FASTMATH, cache=True)
     def _fold_groups(pw, srow, brow, xsum):
         """Pass 2: sum_g scale_g * (sum of the group's unit dots) + bias_g * xsum_g.
 
@@ -196,8 +196,10 @@ if numba is not None:
 
         return view
 
-    _EXPERT_VIEWS = {False: _expert_view(_pointer_intrinsic(types.float32)),
-                     True: _expert_view(_pointer_intrinsic(types.uint16))}
+    # Module globals, not closure cells: numba keys its disk cache on the pickled closure cells, and a
+    # dispatcher pickles differently in every process, so a kernel capturing one would recompile each run.
+    _f32_expert_view = _expert_view(_pointer_intrinsic(types.float32))
+    _bf16_expert_view = _expert_view(_pointer_intrinsic(types.uint16))
 
     @functools.lru_cache(maxsize=None)
     def kernels(bits: int, bf16: bool) -> SimpleNamespace:
@@ -205,7 +207,6 @@ if numba is not None:
         ``bits`` is a closure constant, so numba compiles (and caches on disk) one copy per width actually
         used, with every shift and mask folded and the code loop unrolled; passing the width as an argument
         would leave them to run time."""
-        _expert_weight = _EXPERT_VIEWS[bf16]
 
         @njit(parallel=True, fastmath=_FASTMATH, cache=True)
         def qmatvec(words, scales, biases, xp, xsum, out):
@@ -257,8 +258,12 @@ if numba is not None:
             nblk = (inter + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK
             for c in prange(k * nblk):
                 e = c // nblk
-                gw, gs, gb = _expert_weight(g_addr, e, inter, n_words, xsum.shape[1])
-                uw, us, ub = _expert_weight(u_addr, e, inter, n_words, xsum.shape[1])
+                if bf16:  # a closure constant: numba keeps one branch
+                    gw, gs, gb = _bf16_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
+                    uw, us, ub = _bf16_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
+                else:
+                    gw, gs, gb = _f32_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
+                    uw, us, ub = _f32_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
                 pw = np.empty(xp.shape[2], np.float32)
                 gate = np.empty(_EXPERT_ROW_BLOCK, np.float32)
                 i0 = (c % nblk) * _EXPERT_ROW_BLOCK
@@ -284,7 +289,10 @@ if numba is not None:
                 pw = np.empty(hp.shape[2], np.float32)
                 acc = np.zeros(_EXPERT_ROW_BLOCK, np.float32)
                 for e in range(k):
-                    dw, ds, db = _expert_weight(d_addr, e, n_rows, n_words, hsum.shape[1])
+                    if bf16:
+                        dw, ds, db = _bf16_expert_view(d_addr, e, n_rows, n_words, hsum.shape[1])
+                    else:
+                        dw, ds, db = _f32_expert_view(d_addr, e, n_rows, n_words, hsum.shape[1])
                     for o in range(o0, o1):
                         _unit_dots(dw[o], hp[e], pw, bits)
                         acc[o - o0] += weights[e] * _fold_groups(pw, ds[o], db[o], hsum[e])
@@ -485,6 +493,8 @@ class NumbaBackend(Backend):
         p = _as_weight(w, "embedding")
         if isinstance(p, np.ndarray):
             return p[ids]
+        if len(ids) and not 0 <= ids.min() <= ids.max() < p.out_features:  # the kernel does not bounds-check
+            raise BackendError(f"embed: token ids {ids.min()}..{ids.max()} outside 0..{p.out_features - 1}")
         cpu = codes_per_unit(p.bits)
         rows = np.empty((len(ids), cpu, p.in_features // cpu), np.float32)
         p.kernels.qrows(p.words, p.scales, p.biases, ids, rows)
@@ -507,8 +517,12 @@ class NumbaBackend(Backend):
 
     def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> np.ndarray:
         q, k, v = _f32(q), _f32(k), _f32(v)
+        q_positions = np.ascontiguousarray(q_positions, dtype=np.int64)
+        if len(q_positions) and not 0 <= q_positions.min() <= q_positions.max() < k.shape[0]:
+            raise BackendError(f"attention: query positions {q_positions.min()}..{q_positions.max()} outside "
+                               f"the {k.shape[0]} cached keys")  # the kernel does not bounds-check
         out = np.empty_like(q)
-        _attention(q, k, v, np.ascontiguousarray(q_positions, dtype=np.int64), np.float32(scale), out)
+        _attention(q, k, v, q_positions, np.float32(scale), out)
         return out
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[np.ndarray, np.ndarray]:
