@@ -1,0 +1,38 @@
+"""The numba backend's compiled kernels come from numba's disk cache in a second process: no kernel of a
+decode step is compiled again (a kernel whose closure captures a dispatcher would be: numba keys its cache on
+the pickled closure cells, and a dispatcher pickles differently in every process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("numba", reason="the numba backend needs numba")
+
+DECODE_STEP = """
+import numpy as np
+from flashmoe.generate import generate_steps
+from flashmoe.load import load_engine
+from flashmoe.sampling import Sampler
+from flashmoe.tokenizer import Tokenizer
+from flashmoe.load import default_model_dir
+engine = load_engine(None, backend="numba")
+tok = Tokenizer(default_model_dir())
+for _ in generate_steps(engine, tok, tok.encode("O Romeo"), Sampler(), 3):
+    pass
+"""
+
+
+def test_a_second_process_loads_every_decode_kernel_from_the_cache(tmp_path):
+    env = {**os.environ, "NUMBA_DEBUG_CACHE": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+           "FLASHMOE_CACHE_DIR": str(tmp_path / "flashmoe")}
+    runs = [subprocess.run([sys.executable, "-c", DECODE_STEP], env=env, capture_output=True, text=True,
+                           timeout=1200) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    assert "data saved" in runs[0].stdout  # the first process compiled and stored the kernels
+    recompiled = [line for line in runs[1].stdout.splitlines() if "data saved" in line]
+    assert recompiled == []
