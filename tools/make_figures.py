@@ -26,6 +26,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numba
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +99,7 @@ def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: st
         "read_pattern": read_pattern([md.expert_path(layer) for layer in md.moe_layers], cfg.num_experts,
                                      md.layout.stride, md.layout.nbytes, engine.k),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-                    "compute_threads": os.environ.get("NUMBA_NUM_THREADS"), "load_average": load_average},
+                    "compute_threads": numba.get_num_threads(), "load_average": load_average},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     (figures / "run.json").write_text(json.dumps(run, indent=1) + "\n")
@@ -341,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="compute threads (NUMBA_NUM_THREADS); 1 keeps the "
                     "timings steady on a machine shared with other work")
     a = ap.parse_args(argv)
-    os.environ["NUMBA_NUM_THREADS"] = str(a.threads)  # read when numba is first imported, below
+    # Threads of this (main) thread's parallel regions: setting NUMBA_NUM_THREADS here instead would make
+    # numba raise at its next compilation in a process that has already started its pool (the tests).
+    numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
     from flashmoe.load import default_model_dir
 
     model_dir = a.model or default_model_dir()
