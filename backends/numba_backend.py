@@ -397,24 +397,10 @@ def _f32(x: Any) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class KernelWeight:
+class KernelWeight(PackedWeight):
     """A quantised weight as the kernels read it: the caller's packed words untouched, and scales/biases
     either float32 or, for bfloat16 ones, their bits as uint16 (a zero-copy view, widened inside the
     kernels), so a streamed expert is used without copying or converting anything but float16 scales."""
-
-    words: np.ndarray
-    scales: np.ndarray
-    biases: np.ndarray
-    bits: int
-    group_size: int
-
-    @property
-    def out_features(self) -> int:
-        return self.words.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.scales.shape[1] * self.group_size
 
     @property
     def bf16(self) -> bool:
