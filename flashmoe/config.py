@@ -278,6 +278,12 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
+    def linear_conv_dim(self) -> int:
+        """Channels of GatedDeltaNet's causal conv: q and k (2·Hk·Dk) and v (Hv·Dv), the width of in_proj_qkv."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + (
+            self.linear_num_value_heads * self.linear_value_head_dim)
+
+    @property
     def has_shared_expert(self) -> bool:
         """True when MoE layers add a sigmoid-gated shared expert (Qwen3.5-MoE, Qwen3-Next)."""
         return self.family in _SHARED_EXPERT and self.shared_expert_intermediate_size > 0

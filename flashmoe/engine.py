@@ -52,10 +52,6 @@ class KVCache:
         self.length = end
         return self.k[:end], self.v[:end]
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 @dataclass
 class LinearAttentionState:
@@ -72,13 +68,6 @@ class State:
 
     layers: list
     position: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            total += layer.nbytes if isinstance(layer, KVCache) else layer.conv.nbytes + layer.recurrent.nbytes
-        return total
 
 
 class Engine:
@@ -126,16 +115,11 @@ class Engine:
             if cfg.layer_type(i) == FULL_ATTENTION:
                 layers.append(KVCache(cfg.num_key_value_heads, cfg.head_dim))
             else:
-                conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + self._value_dim
                 layers.append(LinearAttentionState(
-                    conv=np.zeros((cfg.linear_conv_kernel_dim - 1, conv_dim), np.float32),
+                    conv=np.zeros((cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), np.float32),
                     recurrent=np.zeros((cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                         cfg.linear_value_head_dim), np.float32)))
         return State(layers=layers)
-
-    @property
-    def _value_dim(self) -> int:
-        return self.cfg.linear_num_value_heads * self.cfg.linear_value_head_dim
 
     # ---- forward -------------------------------------------------------------------------------
 

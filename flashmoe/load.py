@@ -37,9 +37,7 @@ def state_bytes(cfg: ModelConfig, context: int) -> int:
         if cfg.layer_type(i) == FULL_ATTENTION:
             total += 2 * capacity * cfg.num_key_value_heads * cfg.head_dim * 4
         else:
-            conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
-                cfg.linear_num_value_heads * cfg.linear_value_head_dim)
-            total += 4 * ((cfg.linear_conv_kernel_dim - 1) * conv_dim + cfg.linear_num_value_heads
+            total += 4 * ((cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim + cfg.linear_num_value_heads
                           * cfg.linear_key_head_dim * cfg.linear_value_head_dim)
     return total
 

@@ -635,9 +635,8 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
         if cfg.layer_type(i) == "linear_attention":
-            hk, dk = cfg.linear_num_key_heads, cfg.linear_key_head_dim
             hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
-            conv_dim = 2 * hk * dk + hv * dv
+            conv_dim = cfg.linear_conv_dim
             a = p + "linear_attn."
             shapes.update({
                 a + "in_proj_qkv.weight": (conv_dim, h), a + "in_proj_z.weight": (hv * dv, h),

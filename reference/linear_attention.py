@@ -28,9 +28,7 @@ class LinearAttentionState:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, dtype: type = np.float32) -> "LinearAttentionState":
-        conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim \
-            + cfg.linear_num_value_heads * cfg.linear_value_head_dim
-        return cls(np.zeros((conv_dim, cfg.linear_conv_kernel_dim - 1), dtype),
+        return cls(np.zeros((cfg.linear_conv_dim, cfg.linear_conv_kernel_dim - 1), dtype),
                    np.zeros((cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim),
                             dtype))
 
