@@ -3,7 +3,7 @@ token limit, streaming text as it becomes printable."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,7 @@ class Step:
     text: str
 
 
-def check_context(engine: Engine, n_prompt: int, max_tokens: int) -> None:
+def check_context(engine: Engine, n_prompt: int) -> None:
     """Raise FlashMoeError when the prompt alone exceeds the model's context (max_position_embeddings)."""
     limit = engine.cfg.max_position_embeddings
     if n_prompt == 0:
@@ -42,7 +42,7 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
 
     Raises FlashMoeError when the prompt does not fit the context.
     """
-    check_context(engine, len(prompt_ids), max_tokens)
+    check_context(engine, len(prompt_ids))
     state = state or engine.new_state()
     stats = engine.stats
     history = list(prompt_ids)
@@ -64,17 +64,3 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
         # An interrupt between a fetch and its release must not leave read buffers pinned.
         engine.store.release_all()
 
-
-def generate(engine: Engine, tokenizer: Tokenizer, prompt: str, sampler: Sampler, max_tokens: int,
-             on_text: Callable[[str], None] | None = None) -> str:
-    """Generate a completion of `prompt` (plain text, tokenised without special tokens) and return it.
-
-    on_text receives each printable piece as soon as it is decoded.
-    """
-    pieces = []
-    for step in generate_steps(engine, tokenizer, tokenizer.encode(prompt), sampler, max_tokens):
-        if step.text:
-            pieces.append(step.text)
-            if on_text:
-                on_text(step.text)
-    return "".join(pieces)
