@@ -1,7 +1,7 @@
 """The Backend interface: the arithmetic the streaming forward pass needs, and the registry of backends.
 
-The engine (flashmoe/engine.py) owns the token loop, the KV cache and the linear-attention states; a backend
-owns only arithmetic on its own arrays. Every operation takes and returns float32 activations (``asarray``
+The engine (flashmoe/engine.py) owns the token loop and the linear-attention states; a backend owns the
+arithmetic on its own arrays and the memory of the KV caches (:meth:`Backend.new_kv_cache`). Every operation takes and returns float32 activations (``asarray``
 / ``to_numpy`` convert at the edges). Weights are either float arrays ``[out, in]`` or
 :class:`flashmoe.quant.QuantizedTensor` (MLX layout); resident weights go through :meth:`Backend.prepare`
 once, routed experts arrive as zero-copy views into the expert store's read buffers and are used as they are.
@@ -107,6 +107,34 @@ def weight_shape(w: Any) -> tuple[int, int]:
     return tuple(w.shape)  # QuantizedTensor.shape is the float shape
 
 
+class KVCache:
+    """Keys and values of one full-attention layer: NumPy float32 ``[capacity, kv_heads, head_dim]`` each,
+    grown by doubling. A backend with its own memory returns a subclass from :meth:`Backend.new_kv_cache`.
+
+    ``length`` is the number of cached positions; lowering it cuts the cache back to its first ``length``
+    positions (a chat session rewinding to a common prefix)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256):
+        self.k = np.zeros((capacity, kv_heads, head_dim), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: Any, v: Any) -> tuple[Any, Any]:
+        """Store k, v ``[T, kv_heads, head_dim]`` (backend arrays) after the cached ones; return all keys and
+        values so far, ``[length, kv_heads, head_dim]`` each, as arrays the backend's ``attention`` takes."""
+        end = self.length + k.shape[0]
+        if end > self.k.shape[0]:
+            capacity = max(end, 2 * self.k.shape[0])
+            for name in ("k", "v"):
+                grown = np.zeros((capacity, *self.k.shape[1:]), np.float32)
+                grown[: self.length] = getattr(self, name)[: self.length]
+                setattr(self, name, grown)
+        self.k[self.length : end] = k
+        self.v[self.length : end] = v
+        self.length = end
+        return self.k[:end], self.v[:end]
+
+
 class Backend(ABC):
     """The arithmetic of one forward pass. Subclasses set ``name`` and implement every operation.
 
@@ -136,6 +164,11 @@ class Backend(ABC):
         """A resident weight (float ``[out, in]`` / ``[vocab, hidden]``, or a 2-D QuantizedTensor) -> the
         handle every other operation accepts for it. Quantised words are kept as they are, never
         dequantised."""
+
+    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCache:
+        """An empty KV cache of one full-attention layer, in this backend's memory (the NumPy
+        :class:`KVCache` unless the backend has its own)."""
+        return KVCache(kv_heads, head_dim)
 
     # -- dense ops ---------------------------------------------------------------------------------------
     @abstractmethod

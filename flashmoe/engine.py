@@ -1,7 +1,8 @@
 """The streaming forward pass: the decoder stack written once against the Backend interface.
 
-The engine owns the loop and the state (KV cache, GatedDeltaNet conv and recurrent state, position);
-the backend owns the arithmetic; the ExpertStore owns the routed experts, which are never resident.
+The engine owns the loop and the state (KV caches, which the backend keeps in its own memory; GatedDeltaNet
+conv and recurrent state; position); the backend owns the arithmetic; the ExpertStore owns the routed
+experts, which are never resident.
 Per MoE layer and token (DESIGN.md, "Data flow"):
 
     router logits -> top-k -> store.fetch(layer, ids)   (all k reads in flight at once)
@@ -21,36 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmoe.backends.base import Backend
+from flashmoe.backends.base import Backend, KVCache
 from flashmoe.config import FULL_ATTENTION, ModelConfig
 from flashmoe.modeldir import ModelDir
 from flashmoe.reference.moe import route
 from flashmoe.stats import Stats
 from flashmoe.store import ExpertStore
 from flashmoe.trace import Tracer
-
-
-class KVCache:
-    """Keys and values of one full-attention layer, [capacity, kv_heads, head_dim] float32, grown by doubling."""
-
-    def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256):
-        self.k = np.zeros((capacity, kv_heads, head_dim), np.float32)
-        self.v = np.zeros_like(self.k)
-        self.length = 0
-
-    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Store k, v [T, kv_heads, head_dim] after the cached ones; return all keys and values so far."""
-        end = self.length + k.shape[0]
-        if end > self.k.shape[0]:
-            capacity = max(end, 2 * self.k.shape[0])
-            for name in ("k", "v"):
-                grown = np.zeros((capacity, *self.k.shape[1:]), np.float32)
-                grown[: self.length] = getattr(self, name)[: self.length]
-                setattr(self, name, grown)
-        self.k[self.length : end] = k
-        self.v[self.length : end] = v
-        self.length = end
-        return self.k[:end], self.v[:end]
 
 
 @dataclass
@@ -113,7 +91,7 @@ class Engine:
         layers = []
         for i in range(cfg.num_hidden_layers):
             if cfg.layer_type(i) == FULL_ATTENTION:
-                layers.append(KVCache(cfg.num_key_value_heads, cfg.head_dim))
+                layers.append(self.backend.new_kv_cache(cfg.num_key_value_heads, cfg.head_dim))
             else:
                 layers.append(LinearAttentionState(
                     conv=np.zeros((cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), np.float32),
