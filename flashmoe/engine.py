@@ -6,8 +6,13 @@ experts, which are never resident.
 Per MoE layer and token (DESIGN.md, "Data flow"):
 
     router logits -> top-k -> store.fetch(layer, ids)   (all k reads in flight at once)
+                           -> guess the next MoE layer's experts; store.speculate  (when enabled)
                            -> shared expert              (computed while the reads run)
                            -> store.wait -> backend expert FFN -> weighted sum + shared expert
+
+Speculation (the store's `guess_slots` > 0) applies the next MoE layer's router to this layer's MoE input, as
+pre-gated MoE does (Hwang et al., ISCA 2024), and reads its top experts behind this layer's reads, so the disk
+keeps working while this layer's experts and the next layer's attention compute.
 
 A prompt goes through each layer as one matrix (batched prefill); in its MoE layers the tokens are grouped by
 expert, so each expert any prompt token routed to is read once and applied to all its tokens as a mat-mat.
@@ -18,6 +23,7 @@ in where weights come from and which arrays hold them.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +84,8 @@ class Engine:
             f"layers.{i}.linear_attn.": backend.asarray(-np.exp(model.tensor(f"layers.{i}.linear_attn.A_log")))
             for i in range(self.cfg.num_hidden_layers) if self.cfg.layer_type(i) != FULL_ATTENTION
         }
+        layers = model.moe_layers
+        self._next_moe = dict(zip(layers, layers[1:]))
         if not self.cfg.tie_word_embeddings:
             self._lm_head = self._w["lm_head.weight"]
         else:
@@ -245,6 +253,8 @@ class Engine:
         keys = [(layer, int(e)) for e in ids]
         held = [be.has_expert(key) for key in keys]
         request = self.store.fetch(layer, ids[np.logical_not(held)]) if not all(held) else None
+        if self.store.guess_slots and layer in self._next_moe:
+            self._speculate(self._next_moe[layer], x, request)
         with self.stats.stage("shared_expert"):
             shared = self._shared_expert(p, x)
         buffers = iter(self.store.wait(request) if request else ())
@@ -257,6 +267,17 @@ class Engine:
         if self.tracer is not None:
             self.tracer.layer(layer, ids[None], weights[None], [request] if request else [])
         return y if shared is None else y + shared
+
+    def _speculate(self, layer: int, x, after):
+        """Guess MoE layer `layer`'s experts from the current layer's MoE input x (1, hidden) and its own
+        router weights, and have the store read the top guesses, not already held by the backend, once the
+        reads of `after` (the current layer's fetch) are done."""
+        with self.stats.stage("router"):
+            logits = self.backend.to_numpy(self.backend.linear(x, self._w[f"layers.{layer}.mlp.gate.weight"]))
+        ranked = (int(e) for e in np.argsort(-logits[0], kind="stable"))
+        guess = itertools.islice((e for e in ranked if not self.backend.has_expert((layer, e))),
+                                 self.store.guess_slots)
+        self.store.speculate(layer, list(guess), after)
 
     def _moe_prefill(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
         """T tokens: each expert any token routed to is read once and applied to all of its tokens.

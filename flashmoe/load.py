@@ -45,7 +45,7 @@ def state_bytes(cfg: ModelConfig, context: int) -> int:
 def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "numba", io: str = "pagecache",
                 max_memory: str | int | None = None, experts_per_token: int | None = None,
                 context: int = 4096, cache_policy: str = "lru", threads: int | None = None,
-                gpu_memory: str | int | None = None) -> Engine:
+                gpu_memory: str | int | None = None, speculate: bool = False) -> Engine:
     """Open a model directory and return an Engine ready to generate.
 
     Args:
@@ -61,6 +61,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         cache_policy: eviction policy of the direct-mode cache ('lru', 'lfu', ...).
         threads: read threads (default max(4, k), so a token's k reads run in one round).
         gpu_memory: size of the backend's own expert cache ('16G'; cuda only), filled as experts stream.
+        speculate: during each MoE layer, guess the next one's k experts with its router and read them
+            behind this layer's reads (flashmoe.engine; k more read buffers count against max_memory).
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
     MemoryBudgetError when the resident part alone exceeds max_memory, FlashMoeError for bad options.
@@ -83,7 +85,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     layout = model.layout
     files = {layer: model.expert_path(layer) for layer in model.moe_layers}
     threads = threads or max(4, k)  # all k reads of a decode token in flight at once
-    read_buffers = ExpertStore.read_buffer_bytes(k, layout.nbytes, threads)
+    guess_slots = k if speculate else 0
+    read_buffers = ExpertStore.read_buffer_bytes(k, layout.nbytes, threads, guess_slots)
     cache_bytes = 0
     if max_memory is not None:
         budget = MemoryBudget(
@@ -100,5 +103,5 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     # Read buffers from the backend where it has its own (pinned host memory for cuda: one DMA per expert).
     store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
                         mode=io, cache_bytes=cache_bytes, policy=cache_policy, threads=threads, stats=stats,
-                        allocate=getattr(be, "allocate_buffer", None))
+                        allocate=getattr(be, "allocate_buffer", None), guess_slots=guess_slots)
     return Engine(model, be, store, stats, experts_per_token=k)

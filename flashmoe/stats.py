@@ -16,6 +16,9 @@ Definitions (units are bytes and seconds unless a name says otherwise):
   OS page cache (a hit is an expert whose every byte was already cached; not counted where RWF_NOWAIT is
   unavailable, so the hit rate is then n/a).
 - `io_wait_s`: time the engine was blocked in `ExpertStore.wait()` — I/O that compute did not hide.
+- `guesses` / `guesses_used`: speculative expert reads started (`ExpertStore.speculate`, the next layer's
+  experts guessed during this one) and those a fetch then took over; `guess_wasted_bytes`: bytes the other
+  guesses read before they were stopped. Speculative reads count in `reads`, `bytes_read` and `disk_bytes`.
 - stage times: compute time the engine attributes to named stages (`attention`, `experts`, ...).
 """
 
@@ -40,6 +43,9 @@ class Counters:
     misses: int = 0
     io_wait_s: float = 0.0
     compute_s: float = 0.0
+    guesses: int = 0
+    guesses_used: int = 0
+    guess_wasted_bytes: int = 0
 
     def __sub__(self, other: "Counters") -> "Counters":
         return Counters(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
@@ -82,6 +88,15 @@ class Stats:
         self.totals.reads += 1
         self.totals.bytes_read += nbytes
         self.totals.disk_bytes += disk_bytes
+
+    def record_guesses(self, started: int, used: int) -> None:
+        """Count speculative reads started and guesses taken over by a fetch."""
+        self.totals.guesses += started
+        self.totals.guesses_used += used
+
+    def record_guess_waste(self, nbytes: int) -> None:
+        """Count bytes a stopped (wrong) guess read."""
+        self.totals.guess_wasted_bytes += nbytes
 
     def record_io_wait(self, seconds: float) -> None:
         """Add time the engine spent blocked waiting for expert reads."""
@@ -193,6 +208,11 @@ class Stats:
             f"expert reads: {t.reads} ({format_size(t.bytes_read)}, {format_size(t.disk_bytes)} from disk); "
             f"hit rate: {'n/a' if hr is None else f'{100 * hr:.1f}%'}; I/O wait {t.io_wait_s:.3f} s"
         )
+        if t.guesses:
+            lines.append(
+                f"speculation: {t.guesses} guesses, {t.guesses_used} used "
+                f"({100 * t.guesses_used / t.guesses:.0f}%), {format_size(t.guess_wasted_bytes)} read in vain"
+            )
         if self.stage_s:
             lines.append("compute: " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(self.stage_s.items())))
         lines.append(f"peak RSS: {format_size(peak_rss_bytes())}")

@@ -38,6 +38,7 @@ import collections
 import errno
 import mmap
 import os
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +56,11 @@ from flashmoe.stats import Stats
 ALIGN = 4096  # page size and the O_DIRECT alignment used for offsets, lengths and buffer addresses
 DEFAULT_THREADS = 8
 MODES = ("pagecache", "direct")
+# Speculative reads (ExpertStore.speculate) go in pieces of this size, so a guess found wrong stops within
+# one piece, and run this many at a time, most likely guess first: a guess ranked lower gets the disk only
+# when the ones above it are done.
+GUESS_CHUNK = 1 << 20
+GUESS_READERS = 2
 
 
 def slot_bytes(nbytes: int) -> int:
@@ -129,6 +135,16 @@ class _Slot:
     hit: bool = False
 
 
+@dataclass
+class _Guess:
+    """A speculative read (`ExpertStore.speculate`): a pool buffer, the read filling it, and the flag that
+    stops the read between two pieces once the guess is known to be wrong."""
+
+    buf: np.ndarray
+    stop: threading.Event
+    read: Future | None = None
+
+
 @dataclass(frozen=True)
 class ExpertRead:
     """What one fetch did for one distinct expert (`ExpertStore.report`).
@@ -172,6 +188,7 @@ class ExpertStore:
             length starting on a page boundary (checked). Default `aligned_buffer`; a backend passes its
             own (e.g. MLX-owned memory) so experts reach it without a copy. Cache buffers are carved
             from allocations of up to 64 MiB.
+        guess_slots: read buffers kept for speculative reads (`speculate`); 0 turns speculation off.
 
     Raises FormatError if a file is missing or too short to hold `num_experts` experts, ValueError for
     inconsistent parameters.
@@ -189,6 +206,7 @@ class ExpertStore:
         threads: int | None = None,
         stats: Stats | None = None,
         allocate: Callable[[int], np.ndarray] | None = None,
+        guess_slots: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown I/O mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -224,10 +242,14 @@ class ExpertStore:
         self._policy = make_policy(policy)
         self.policy = policy
         self._live: dict[int, Fetch] = {}  # id(fetch) -> fetch, for release_all
-        # Worker threads append (bytes_read, disk_bytes) per completed read; the engine's thread moves
-        # them into stats (deque append/popleft are thread-safe), so Stats needs no lock.
-        self._done: collections.deque[tuple[int, int]] = collections.deque()
+        # Worker threads append (bytes_read, disk_bytes, demand read?) per finished read; the engine's thread
+        # moves them into stats (deque append/popleft are thread-safe), so Stats needs no lock.
+        self._done: collections.deque[tuple[int, int, bool]] = collections.deque()
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="flashmoe-read")
+        self.guess_slots = guess_slots
+        self._guesses: dict[tuple[int, int], _Guess] = {}  # outstanding speculative reads
+        self._stopped: list[_Guess] = []  # wrong guesses whose read may still be finishing a piece
+        self._guess_executor = ThreadPoolExecutor(GUESS_READERS, thread_name_prefix="flashmoe-guess")
 
     # --- files -----------------------------------------------------------------------------------
     def _open_files(self) -> None:
@@ -292,11 +314,13 @@ class ExpertStore:
         self._fds.clear()
 
     # --- reading ---------------------------------------------------------------------------------
-    def _read(self, layer: int, expert: int, buf: np.ndarray) -> tuple[int, int]:
+    def _read(self, layer: int, expert: int, buf: np.ndarray, stop: threading.Event | None = None) -> tuple[int, int]:
         """Worker: read one expert into `buf` (runs in the pool; preadv releases the GIL). Returns
-        (bytes read, of them from disk), also queued for the stats."""
+        (bytes read, of them from disk), also queued for the stats. With `stop` (a speculative read) the
+        read goes in GUESS_CHUNK pieces and ends early, incomplete, once `stop` is set."""
         fd, off, length = self._fds[layer], expert * self.stride, self.read_bytes
         view = memoryview(buf)[:length]
+        piece = length if stop is None else GUESS_CHUNK
         done = 0
         try:
             if self._nowait:
@@ -310,7 +334,11 @@ class ExpertStore:
                     self._nowait = False  # the filesystem cannot tell; count every byte as from disk
             cached = done
             while done < self.nbytes:
-                n = os.preadv(fd, [view[done:]], off + done)
+                if stop is not None and stop.is_set():
+                    if done:
+                        self._done.append((done, done - cached, False))
+                    return done, done - cached
+                n = os.preadv(fd, [view[done : done + piece]], off + done)
                 # O_DIRECT only returns a partial block at the end of the file.
                 if n == 0 or (self.direct and n % ALIGN):
                     done += n
@@ -325,15 +353,16 @@ class ExpertStore:
                 f"{self._paths[layer]}: expert {expert} of layer {layer} needs bytes [{off}, "
                 f"{off + self.nbytes}) but the file ends at byte {off + done}"
             )
-        self._done.append((done, done - cached))
+        self._done.append((done, done - cached, stop is None))
         return done, done - cached
 
     def _drain_done(self) -> None:
         """Move completed reads' counters into stats (engine thread only)."""
         while self._done:
-            nread, disk = self._done.popleft()
+            nread, disk, demand = self._done.popleft()
             self.stats.record_read(nread, disk)
-            if self.mode == "pagecache" and self._nowait:
+            # A speculative read is not a lookup; the fetch that uses it counts one (a miss).
+            if demand and self.mode == "pagecache" and self._nowait:
                 self.stats.record_lookups(int(disk == 0), int(disk > 0))
 
     def _evictable(self, key: tuple[int, int]) -> bool:
@@ -374,41 +403,56 @@ class ExpertStore:
         return self.threads
 
     @staticmethod
-    def read_buffer_bytes(k: int, nbytes: int, threads: int | None = None) -> int:
+    def read_buffer_bytes(k: int, nbytes: int, threads: int | None = None, guess_slots: int = 0) -> int:
         """Upper bound of read-buffer memory, for the memory budget: decode keeps one fetch of k experts
-        alive, prefill two batches of `threads` (default 8); each buffer is `slot_bytes(nbytes)`. Passing
-        the stride for `nbytes` gives a bound at least as large."""
-        return max(k, 2 * (threads or DEFAULT_THREADS)) * slot_bytes(nbytes)
+        alive, prefill two batches of `threads` (default 8), speculation `guess_slots` more; each buffer is
+        `slot_bytes(nbytes)`. Passing the stride for `nbytes` gives a bound at least as large."""
+        return (max(k, 2 * (threads or DEFAULT_THREADS)) + guess_slots) * slot_bytes(nbytes)
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Fetch:
         """Start reading experts `expert_ids` of `layer` (ints or an integer array; repeats share one
         read) and return at once. The buffers stay valid until `release` (see buffer lifetime).
 
         Direct mode: cached experts are hits and are not read; misses are read into cache entries
-        (evicting by the policy) or, when no entry can be freed, into pool buffers.
+        (evicting by the policy) or, when no entry can be freed, into pool buffers. Experts guessed by
+        `speculate` are taken over with the read already under way (they count as misses); the other
+        guesses are stopped.
         Raises ValueError for an unknown layer or an expert id outside [0, num_experts)."""
         ids = self._check_ids(layer, expert_ids)
+        guessed = self._settle_guesses(layer, ids)
+        taken = len(guessed)
         f = Fetch(layer, ids)
         hits = 0
         for e in dict.fromkeys(ids):
             key = (layer, e)
             entry = self._cache.get(key)
+            guess = guessed.pop(e, None)
             hit = entry is not None
             if hit:
                 hits += 1
                 self._policy.touch(key)
             elif self.mode == "direct" and (buf := self._cache_buffer()) is not None:
-                entry = _Entry(buf, self._executor.submit(self._read, layer, e, buf))
+                if guess is None:
+                    entry = _Entry(buf, self._executor.submit(self._read, layer, e, buf))
+                else:  # the guess's buffer becomes the cache entry; the entry's buffer joins the pool
+                    entry = _Entry(guess.buf, guess.read)
+                    self._pool.give(buf)
                 self._cache[key] = entry
                 self._policy.insert(key)
             if entry is not None:
                 entry.pins += 1
                 f._slots[e] = _Slot(e, entry.buf, entry.read, entry, hit)
+            elif guess is not None:
+                f._slots[e] = _Slot(e, guess.buf, guess.read)
             else:
                 buf = self._pool.take()
                 f._slots[e] = _Slot(e, buf, self._executor.submit(self._read, layer, e, buf))
         if self.mode == "direct":
             self.stats.record_lookups(hits, len(f._slots) - hits)
+        elif self._nowait:
+            # Pagecache mode counts a demand read's lookup when the read finishes (_drain_done); a guess
+            # taken over was read speculatively, so it is counted here, as a miss.
+            self.stats.record_lookups(0, taken)
         self._live[id(f)] = f
         return f
 
@@ -475,28 +519,88 @@ class ExpertStore:
                 self._drop(key)
         self._drain_done()
 
-    def prefetch(self, layer: int, expert_ids: Sequence[int]) -> None:
-        """Hint that `expert_ids` of `layer` will be fetched soon (e.g. from an early routing guess);
-        returns at once and never blocks the engine.
+    def speculate(self, layer: int, expert_ids: Sequence[int], after: Fetch | None = None) -> None:
+        """Start reading a guess of the experts `layer` will fetch next (most likely first), into up to
+        `guess_slots` read buffers, and return at once; does nothing when `guess_slots` is 0.
 
-        Pagecache mode: asks the kernel to read the experts into the page cache (POSIX_FADV_WILLNEED).
-        Direct mode: starts reads into cache entries (evicting by the policy) for the ids not cached, so a
-        later `fetch` hits them; does nothing for ids that find no free entry. Prefetched reads count in
-        `reads` and `bytes_read` but are not lookups."""
+        The reads start only once `after`'s reads are done (the engine passes the current layer's fetch,
+        so a guess never slows the reads it is waiting for) and go GUESS_READERS at a time, in order. The
+        next `fetch` of `layer` takes over the guessed experts it asks for, read or still reading, and
+        stops the others within one GUESS_CHUNK: a wrong guess costs disk time the demand reads were not
+        using, and no cache entry. Ids already cached are skipped; earlier guesses are stopped.
+        Raises ValueError like `fetch`."""
+        if not self.guess_slots:
+            return
         ids = self._check_ids(layer, expert_ids)
-        fd = self._fds[layer]
+        self._stop_guesses()
+        after_reads = [s.read for s in after._slots.values()] if after is not None else []
+        started = 0
         for e in dict.fromkeys(ids):
-            key = (layer, e)
-            if self.mode == "pagecache":
-                os.posix_fadvise(fd, e * self.stride, self.nbytes, os.POSIX_FADV_WILLNEED)
-            elif key not in self._cache and (buf := self._cache_buffer()) is not None:
-                self._cache[key] = _Entry(buf, self._executor.submit(self._read, layer, e, buf))
-                self._policy.insert(key)
+            if started + len(self._stopped) >= self.guess_slots:
+                break
+            if (layer, e) in self._cache:
+                continue
+            g = _Guess(self._pool.take(), threading.Event())
+            g.read = self._guess_executor.submit(self._guess_read, layer, e, g.buf, g.stop, after_reads)
+            self._guesses[(layer, e)] = g
+            started += 1
+        self.stats.record_guesses(started, 0)
+
+    def _guess_read(self, layer: int, expert: int, buf: np.ndarray, stop: threading.Event,
+                    after: list[Future]) -> tuple[int, int]:
+        """Worker: a speculative read, started once the demand reads `after` are done."""
+        wait_futures(after)
+        return self._read(layer, expert, buf, stop)
+
+    def _settle_guesses(self, layer: int, ids: tuple[int, ...]) -> dict[int, _Guess]:
+        """Take the outstanding guesses of `layer` that `ids` asks for; stop every other one."""
+        taken = {}
+        for (guess_layer, e), g in self._guesses.items():
+            if guess_layer == layer and e in ids:
+                taken[e] = g
+            else:
+                self._stop(g)
+        self._guesses.clear()
+        if taken:
+            self.stats.record_guesses(0, len(taken))
+        self._reap_stopped()
+        return taken
+
+    def _stop(self, g: _Guess) -> None:
+        g.stop.set()
+        if g.read.cancel():  # never started: nothing was read
+            self._pool.give(g.buf)
+        else:
+            self._stopped.append(g)
+
+    def _stop_guesses(self) -> None:
+        for g in self._guesses.values():
+            self._stop(g)
+        self._guesses.clear()
+        self._reap_stopped()
+
+    def _reap_stopped(self, wait: bool = False) -> None:
+        """Return the buffers of stopped guesses whose read has ended (all of them, with `wait`) to the
+        pool, counting what they read as wasted."""
+        if wait:
+            wait_futures([g.read for g in self._stopped])
+        running = []
+        for g in self._stopped:
+            if not g.read.done():
+                running.append(g)
+                continue
+            self._pool.give(g.buf)
+            if g.read.exception() is None:
+                self.stats.record_guess_waste(g.read.result()[0])
+        self._stopped = running
+        self._drain_done()
 
     def release_all(self) -> None:
-        """Release every fetch not yet released (after an interrupted token, or at the end of a run)."""
+        """Release every fetch not yet released and stop every guess (after an interrupted token, or at
+        the end of a run)."""
         for f in list(self._live.values()):
             self.release(f)
+        self._stop_guesses()
 
     # --- cache control, accounting, lifetime -----------------------------------------------------
     def cached_experts(self) -> list[tuple[int, int]]:
@@ -521,7 +625,9 @@ class ExpertStore:
 
     def clear_cache(self) -> None:
         """Empty the direct-mode cache, after waiting for reads still running into entries no fetch
-        holds (e.g. prefetches). Entries held by a live fetch stay."""
+        holds, and stopping every guess. Entries held by a live fetch stay."""
+        self._stop_guesses()
+        self._reap_stopped(wait=True)
         wait_futures([e.read for e in self._cache.values() if e.pins == 0])
         self._drain_done()
         for key in [k for k in self._cache if self._evictable(k)]:
@@ -536,6 +642,8 @@ class ExpertStore:
     def close(self) -> None:
         """Release every fetch, stop the threads and close the files. Idempotent."""
         self.release_all()
+        self._guess_executor.shutdown(wait=True)
+        self._reap_stopped()
         self._executor.shutdown(wait=True)
         self._close_files()
         self._drain_done()

@@ -220,15 +220,68 @@ def test_pagecache_mode_tells_page_cache_hits_from_disk_reads(layers):
         assert (warm.misses, warm.hits, warm.disk_bytes, warm.bytes_read) == (1, 1, NBYTES, 2 * NBYTES)
 
 
-def test_prefetch_fills_the_direct_cache_so_the_fetch_hits(layers):
+@pytest.mark.parametrize("mode,cache_bytes", [("pagecache", 0), ("direct", 0), ("direct", 4 * SLOT)])
+def test_a_fetch_takes_over_the_right_guesses_and_stops_the_wrong_ones(layers, mode, cache_bytes):
     files, data = layers
-    with make_store(files, "direct", cache_bytes=4 * SLOT) as store:
-        store.prefetch(3, [6, 7])
-        f = store.fetch(3, [7, 6])
+    with make_store(files, mode, cache_bytes=cache_bytes, guess_slots=2) as store:
+        current = store.fetch(1, [0])
+        store.speculate(3, [6, 7, 5], after=current)  # two slots: 5 is not read
+        store.wait(current)
+        store.release(current)
+        f = store.fetch(3, [7, 2])
         bufs = store.wait(f)
         np.testing.assert_array_equal(bufs[0], expert_bytes(data, 3, 7))
+        np.testing.assert_array_equal(bufs[1], expert_bytes(data, 3, 2))
+        store.release(f)
+        assert ((3, 7) in store.cached_experts()) == (cache_bytes > 0)  # a used guess is cached like a read
+        store.clear_cache()  # waits for the stopped guess, so its bytes are counted
         t = store.stats.totals
-        assert (t.reads, t.hits, t.misses) == (2, 2, 0)
+        assert (t.guesses, t.guesses_used) == (2, 1)
+        assert 0 <= t.guess_wasted_bytes <= SLOT
+        assert t.hits + t.misses == 3  # experts 0, 7 and 2 of two layers; the taken-over guess is a lookup
+        assert store.allocated_buffer_bytes <= 4 * SLOT
+
+
+def test_guesses_start_after_the_reads_they_follow_and_stop_within_one_piece(layers, monkeypatch):
+    files, _ = layers
+    import flashmoe.store as store_module
+
+    monkeypatch.setattr(store_module, "GUESS_CHUNK", ALIGN)
+    events, lock = [], threading.Lock()
+    real_preadv = os.preadv
+    fds = {}
+
+    def slow_preadv(fd, buffers, offset, flags=0):
+        time.sleep(0.05)
+        n = real_preadv(fd, buffers, offset, flags)
+        with lock:
+            events.append((fds.get(fd), time.perf_counter(), n))
+        return n
+
+    with make_store(files, "direct", guess_slots=2) as store:
+        fds.update({fd: layer for layer, fd in store._fds.items()})
+        monkeypatch.setattr(os, "preadv", slow_preadv)
+        current = store.fetch(1, [0, 1])
+        store.speculate(3, [6], after=current)
+        store.wait(current)
+        demand_end = max(t for layer, t, _ in events if layer == 1)
+        time.sleep(0.03)  # the guess has read at most its first piece
+        f = store.fetch(3, [2])  # 6 was wrong: stopped after the piece being read
+        store.wait(f)
+        store.release(f)
+        store.release(current)
+        store.clear_cache()
+    guess_reads = [(t, n) for layer, t, n in events if layer == 3][:-1]  # the last is expert 2's read
+    assert guess_reads and min(t for t, _ in guess_reads) > demand_end
+    assert sum(n for _, n in guess_reads) <= 2 * ALIGN < NBYTES
+    assert store.stats.totals.guess_wasted_bytes == sum(n for _, n in guess_reads)
+
+
+def test_speculation_is_off_without_guess_slots(layers):
+    files, _ = layers
+    with make_store(files, "direct") as store:
+        store.speculate(3, [6, 7])
+        assert store.stats.totals.guesses == 0 and store.allocated_buffer_bytes == 0
 
 
 @pytest.mark.parametrize("mode", ["pagecache", "direct"])
