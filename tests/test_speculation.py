@@ -21,7 +21,7 @@ def _decode(engine) -> np.ndarray:
 @pytest.mark.parametrize("io", ["pagecache", "direct"])
 def test_speculation_changes_no_logit_and_guesses_k_experts_per_layer_after_the_first(io):
     """The bundled trained model: with speculation every logit is bit-identical, each decode token guesses
-    k experts for every MoE layer but the first, and a trained router guesses well above chance (k / E)."""
+    up to k experts for every MoE layer but the first, and a trained router guesses well above chance (k / E)."""
     plain = load_engine(None, backend="numpy", io=io, context=64)
     want = _decode(plain)
     engine = load_engine(None, backend="numpy", io=io, context=64, speculate=True)
@@ -31,7 +31,9 @@ def test_speculation_changes_no_logit_and_guesses_k_experts_per_layer_after_the_
     t, cfg = engine.stats.totals, engine.cfg
     decode_tokens = len(TOKENS) - 3
     assert engine.store.guess_slots == cfg.num_experts_per_tok
-    assert t.guesses == decode_tokens * (len(engine.model.moe_layers) - 1) * cfg.num_experts_per_tok
+    # At most k per layer after the first; fewer while stopped guesses still finish a piece in their slots.
+    most = decode_tokens * (len(engine.model.moe_layers) - 1) * cfg.num_experts_per_tok
+    assert most // 2 <= t.guesses <= most
     assert t.guesses_used / t.guesses > 2 * cfg.num_experts_per_tok / cfg.num_experts
     assert plain.stats.totals.guesses == 0
     # Guesses are real reads on top of the demand ones; a used guess replaces a demand read.
