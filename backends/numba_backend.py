@@ -20,7 +20,14 @@ compiled kernel serves every k. Measurements and the variants that lost: docs/be
 fastmath: kernels use only ``contract`` (fused multiply-add) and ``reassoc`` (reordering float sums so
 reductions vectorise). Both change results only by float32 rounding, well inside the conformance tolerance;
 ``nnan``/``ninf``/``nsz``/``arcp``/``afn`` stay off, so NaN and inf propagate and exp/division are exact
-libm/IEEE. Threads: numba's default pool (one per core); ``NUMBA_NUM_THREADS`` overrides.
+libm/IEEE.
+
+Threads: numba's default pool (one per core; ``NUMBA_NUM_THREADS`` overrides), but a kernel call whose work
+is below ``PARALLEL_MIN_WORK`` multiply-adds runs its parallel loop on the calling thread alone (the same
+compiled kernel under ``numba.set_num_threads(1)``, so nothing is compiled twice). Starting a parallel region
+wakes the other workers and waits for all of them; on a machine with more runnable threads than cores a
+descheduled worker costs up to a scheduler slice (milliseconds) per region whatever its size, which made a
+small model decode 60x slower with two threads than with one (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -56,6 +63,10 @@ _ROW_BLOCK = 16
 _MATVEC_TOKENS = 3
 # Rows per chunk of the fused expert kernels: each matrix's rows of a chunk are read in one run.
 _EXPERT_ROW_BLOCK = 64
+# Multiply-adds (or comparable inner-loop steps) per kernel call below which the call runs on one thread:
+# a parallel region's start-up (waking the pool's workers, ~20-50 us on an idle core and milliseconds on a
+# busy machine) outweighs halving such a call. Measured crossover: docs/benchmarks.md, numba experiments.
+PARALLEL_MIN_WORK = 1 << 21
 
 
 def codes_per_unit(bits: int) -> int:
@@ -392,6 +403,21 @@ if numba is not None:
                         o[t, h, j] += S[i, j] * qi
 
 
+def _call(kernel: Any, work: int, *args: Any) -> None:
+    """kernel(*args), on the calling thread alone when ``work`` (multiply-adds, or comparable inner-loop
+    steps) is below PARALLEL_MIN_WORK. numba's thread count is per calling thread, so a server's worker
+    thread changing it affects no other thread."""
+    threads = numba.get_num_threads()
+    if work >= PARALLEL_MIN_WORK or threads == 1:
+        kernel(*args)
+        return
+    numba.set_num_threads(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _f32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -468,10 +494,11 @@ class NumbaBackend(Backend):
             raise BackendError(f"linear: input has {x.shape[1]} features, weight expects {p.in_features}")
         xp, xsum = permute_input(x, p.bits, p.group_size)
         out = np.empty((x.shape[0], p.out_features), np.float32)
+        work = x.shape[0] * p.out_features * p.in_features
         if x.shape[0] <= _MATVEC_TOKENS:
-            p.kernels.qmatvec(p.words, p.scales, p.biases, xp, xsum, out)
+            _call(p.kernels.qmatvec, work, p.words, p.scales, p.biases, xp, xsum, out)
         else:
-            p.kernels.qmatmat(p.words, p.scales, p.biases, xp, out)
+            _call(p.kernels.qmatmat, work, p.words, p.scales, p.biases, xp, out)
         return out
 
     def embed(self, ids: np.ndarray, w: Any) -> np.ndarray:
@@ -483,7 +510,7 @@ class NumbaBackend(Backend):
             raise BackendError(f"embed: token ids {ids.min()}..{ids.max()} outside 0..{p.out_features - 1}")
         cpu = codes_per_unit(p.bits)
         rows = np.empty((len(ids), cpu, p.in_features // cpu), np.float32)
-        p.kernels.qrows(p.words, p.scales, p.biases, ids, rows)
+        _call(p.kernels.qrows, len(ids) * p.in_features, p.words, p.scales, p.biases, ids, rows)
         return np.ascontiguousarray(rows.transpose(0, 2, 1)).reshape(len(ids), p.in_features)
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> np.ndarray:
@@ -508,7 +535,8 @@ class NumbaBackend(Backend):
             raise BackendError(f"attention: query positions {q_positions.min()}..{q_positions.max()} outside "
                                f"the {k.shape[0]} cached keys")  # the kernel does not bounds-check
         out = np.empty_like(q)
-        _attention(q, k, v, q_positions, np.float32(scale), out)
+        work = q.shape[0] * q.shape[1] * q.shape[2] * (int(q_positions.max()) + 1 if len(q_positions) else 0)
+        _call(_attention, 2 * work, q, k, v, q_positions, np.float32(scale), out)
         return out
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -524,7 +552,8 @@ class NumbaBackend(Backend):
         v = _f32(v)
         new_state = np.array(state, dtype=np.float32, order="C", copy=True)
         o = np.empty_like(v)
-        _gated_delta_rule(_f32(q), _f32(k), v, _f32(g), _f32(beta), new_state, o)
+        _call(_gated_delta_rule, 4 * new_state.size * v.shape[0], _f32(q), _f32(k), v, _f32(g), _f32(beta),
+              new_state, o)
         return o, new_state
 
     def expert_ffn(self, x: Any, expert: Expert) -> np.ndarray:
@@ -547,10 +576,11 @@ class NumbaBackend(Backend):
         g, u, d = ([e[name] for e in packed] for name in ("gate_proj", "up_proj", "down_proj"))
         xp, xsum = permute_input(x, g[0].bits, g[0].group_size)
         h = np.empty((len(packed), g[0].out_features), np.float32)
-        g[0].kernels.experts_gate_up(_addresses(g), _addresses(u), xp, xsum, h)
+        work = len(packed) * g[0].out_features * g[0].in_features  # per projection: gate, up and down alike
+        _call(g[0].kernels.experts_gate_up, 2 * work, _addresses(g), _addresses(u), xp, xsum, h)
         hp, hsum = permute_input(h, d[0].bits, d[0].group_size)
         out = np.empty(d[0].out_features, np.float32)
-        d[0].kernels.experts_down(_addresses(d), hp, hsum, weights, out)
+        _call(d[0].kernels.experts_down, work, _addresses(d), hp, hsum, weights, out)
         return out
 
 

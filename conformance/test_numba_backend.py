@@ -51,3 +51,44 @@ def test_float16_scales_are_widened_exactly():
     w = make_weight(np.random.default_rng(2), 8, 64, 4, 32, "float16")
     kw = _as_weight(w, "w")
     assert kw.scales.dtype == np.float32 and np.array_equal(kw.scales, w.scales.astype(np.float32))
+
+
+def test_a_kernel_call_below_the_work_threshold_runs_on_the_calling_thread_alone():
+    import numba
+
+    from flashmoe.backends.numba_backend import PARALLEL_MIN_WORK, _call
+
+    seen = []
+    threads = numba.get_num_threads()
+    _call(lambda: seen.append(numba.get_num_threads()), PARALLEL_MIN_WORK - 1)
+    _call(lambda: seen.append(numba.get_num_threads()), PARALLEL_MIN_WORK)
+    assert seen == [1, threads]
+    assert numba.get_num_threads() == threads  # restored for the next call
+
+
+def test_every_parallel_kernel_gives_the_same_bits_on_one_thread_and_on_the_pool(monkeypatch):
+    """Each parallel loop's iterations are independent (a row, a head, a chunk of rows), so the serial path
+    that small calls take must match the pool's result exactly."""
+    import flashmoe.backends.numba_backend as nb
+
+    rng = np.random.default_rng(3)
+    be = get_backend("numba")
+    w = make_weight(rng, 96, 128, 4, 64, "bfloat16")
+    experts = [make_expert_views(rng, 128, 64, 4, 64, "bfloat16") for _ in range(3)]
+    x1, x5 = rng.standard_normal((1, 128)).astype(np.float32), rng.standard_normal((5, 128)).astype(np.float32)
+    q, kv = rng.standard_normal((3, 4, 16)).astype(np.float32), rng.standard_normal((6, 2, 16)).astype(np.float32)
+    dq, dv = rng.standard_normal((4, 2, 8)).astype(np.float32), rng.standard_normal((4, 4, 8)).astype(np.float32)
+    g, beta = -rng.random((4, 4)).astype(np.float32), rng.random((4, 4)).astype(np.float32)
+    state = rng.standard_normal((4, 8, 8)).astype(np.float32)
+
+    def run_all():
+        return [be.linear(x1, w), be.linear(x5, w), be.embed(np.array([0, 95, 7]), w),
+                be.attention(q, kv, kv, np.array([3, 4, 5]), 0.25),
+                *be.gated_delta_rule(dq, dq, dv, g, beta, state),
+                be.experts_ffn(x1[0], experts, np.array([0.5, 0.3, 0.2], np.float32))]
+
+    monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
+    pooled = run_all()
+    monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 1 << 62)
+    for got, want in zip(run_all(), pooled):
+        np.testing.assert_array_equal(got, want)
