@@ -78,6 +78,9 @@ def summarise_pass(records: list[TokenRecord], stage_s: dict[str, float], num_la
         "bytes_read_per_token": mean["bytes_read"],
         "disk_bytes_per_token": mean["disk_bytes"],
         "reads_per_token": mean["reads"],
+        "guesses_per_token": mean["guesses"],
+        "guesses_used_per_token": mean["guesses_used"],
+        "guess_wasted_bytes_per_token": mean["guess_wasted_bytes"],
         "hit_rate": mean["hits"] / lookups if lookups else None,
         "decode_token_ms": [1e3 * r.wall_s for r in decode],
         "achieved_gb_s": mean["bytes_read"] / (wall / n) / 1e9,
@@ -103,17 +106,19 @@ def force_uniform_routing(seed: int) -> None:
 
 def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int | None, io_threads: int | None,
         prompt_tokens: int, tokens: int, seed: int, cache_policy: str, passes: list[str],
-        trace: Path | None = None, routing: str = "model") -> dict:
+        trace: Path | None = None, routing: str = "model", speculate: bool = False) -> dict:
     """Load, evict the expert files from the page cache, run the passes; the result dict (see module doc).
     routing 'uniform' replaces the router's picks by force_uniform_routing (the warm pass then repeats the
-    cold pass's picks, as it would with the model's router)."""
+    cold pass's picks, as it would with the model's router). speculate: load_engine's speculative reads of
+    the next layer's experts."""
     from flashmoe.load import load_engine
 
     rss_before = current_rss_bytes()
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     engine = load_engine(model_dir, backend=backend, io=io, max_memory=max_memory, experts_per_token=k,
-                         context=prompt_tokens + tokens + 1, cache_policy=cache_policy, threads=io_threads)
+                         context=prompt_tokens + tokens + 1, cache_policy=cache_policy, threads=io_threads,
+                         speculate=speculate)
     load_s = time.perf_counter() - t0
     # One throwaway prefill + decode step first, so one-time costs (numba loading or compiling kernels for
     # these shapes, first-touch of buffers) do not land in the cold pass, which measures the cold disk.
@@ -149,7 +154,7 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
         "max_memory": max_memory, "k": engine.k, "io_threads": store.threads,
         "compute_threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)),
         "cache_policy": cache_policy, "prompt_tokens": prompt_tokens, "tokens": tokens, "seed": seed,
-        "routing": routing,
+        "routing": routing, "speculate": speculate,
         "moe_layers": len(engine.model.moe_layers), "num_hidden_layers": engine.cfg.num_hidden_layers,
         "expert_bytes": engine.model.layout.nbytes, "expert_stride": engine.model.layout.stride,
         "resident_bytes": engine.model.resident_nbytes, "load_s": load_s, "rss_before_load": rss_before,
@@ -174,10 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--passes", default="cold,warm")
     ap.add_argument("--trace", type=Path, default=None)
     ap.add_argument("--routing", default="model", choices=("model", "uniform"))
+    ap.add_argument("--speculate", action="store_true", help="read a guess of the next layer's experts early")
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
     result = run(a.model, a.backend, a.io, a.max_memory, a.experts_per_token, a.io_threads, a.prompt_tokens,
-                 a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace, a.routing)
+                 a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace, a.routing, a.speculate)
     a.json.write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -18,8 +18,9 @@ _STAGE_COLORS = {"attention": "tab:blue", "router": "tab:orange", "shared_expert
 
 
 def run_label(run: dict) -> str:
-    """Short name of a run: mode, k, compute threads and budget, e.g. 'direct k=4 t=2 4G'."""
-    return f"{run['io']} k={run['k']} t={run['compute_threads']} {run['max_memory'] or 'no cap'}"
+    """Short name of a run: mode, k, compute threads, budget and speculation, e.g. 'direct k=4 t=2 4G spec'."""
+    spec = " spec" if run.get("speculate") else ""
+    return f"{run['io']} k={run['k']} t={run['compute_threads']} {run['max_memory'] or 'no cap'}{spec}"
 
 
 def _f(x: float | None, fmt: str = ".2f") -> str:
@@ -135,13 +136,13 @@ def figures(result: dict, out_dir: Path) -> list[Path]:
             fig, ax = plt.subplots(figsize=(6.5, 4.5))
             groups: dict[tuple, list[dict]] = {}
             for r in budgets:
-                groups.setdefault((r["io"], r["k"], r["compute_threads"]), []).append(r)
-            for (io, k, t), rs in sorted(groups.items()):
+                groups.setdefault((r["io"], r["k"], r["compute_threads"], bool(r.get("speculate"))), []).append(r)
+            for (io, k, t, spec), rs in sorted(groups.items()):
                 rs.sort(key=lambda r: r["max_memory_bytes"])
                 xs = [r["max_memory_bytes"] / 2**30 for r in rs]
                 for name, style in (("cold", "-o"), ("warm", "--s")):
                     if all(name in r["passes"] for r in rs):
-                        ax.plot(xs, [r["passes"][name]["tok_s"] for r in rs], style, label=f"{io} k={k} t={t} {name}")
+                        ax.plot(xs, [r["passes"][name]["tok_s"] for r in rs], style, label=f"{io} k={k} t={t}{' spec' if spec else ''} {name}")
                 ceiling = [r["passes"]["cold"].get("ceiling", {}).get("disk_bound_tok_s") for r in rs]
                 if all(c is not None for c in ceiling):
                     ax.plot(xs, ceiling, ":", color="gray", label=f"disk-bound ceiling {io} k={k}")

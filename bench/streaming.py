@@ -65,6 +65,7 @@ class BenchOptions:
     figures: bool = True
     seed: int = 0
     routing: str = "model"  # or "uniform": seeded uniform random router picks (bench/decode_run.py)
+    speculate: tuple[bool, ...] = (False,)  # budgeted runs without and/or with speculative reads
     log: object = field(default=print, repr=False)
 
 
@@ -88,14 +89,14 @@ def _cgroup(name: str, limit: int) -> Path:
 
 
 def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: str | None, out_json: Path,
-              passes: tuple[str, ...], tokens: int, trace: Path | None = None) -> dict:
+              passes: tuple[str, ...], tokens: int, trace: Path | None = None, speculate: bool = False) -> dict:
     """One decode_run process; its result dict. Raises FlashMoeError with the child's last output lines
     when it fails (a MemoryBudgetError of a too-small budget included)."""
     cmd = [sys.executable, "-m", "flashmoe.bench.decode_run", "--model", str(opts.model_dir), "--backend",
            opts.backend, "--io", io, "--prompt-tokens", str(opts.prompt_tokens), "--tokens", str(tokens),
            "--seed", str(opts.seed), "--cache-policy", opts.cache_policy, "--passes", ",".join(passes),
            "--routing", opts.routing,
-           "--json", str(out_json)]
+           "--json", str(out_json)] + (["--speculate"] if speculate else [])
     for flag, value in (("--max-memory", budget), ("-k", k), ("--io-threads", opts.io_threads), ("--trace", trace)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -126,7 +127,8 @@ def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: 
 def add_ceiling(run: dict, disk_gb_s: dict[tuple[str, int], float], reference_ms: float | None) -> None:
     """Attach to each pass of `run` its ceiling figures:
 
-    - disk time per token: bytes from disk ÷ the disk's bandwidth for this mode and k;
+    - disk time per token: bytes from disk that the token used ÷ the disk's bandwidth for this mode and k
+      (wrong guesses of speculative reads are excluded: they are a cost of the method, not of the token);
     - `bound_ms` = max(disk time, this pass's own compute time): compute measured in the same pass (stage
       times, I/O wait excluded) is immune to the load changing between runs on a shared machine; the ratio
       time ÷ bound is then 1 only when I/O is fully hidden behind compute or compute behind I/O;
@@ -137,7 +139,7 @@ def add_ceiling(run: dict, disk_gb_s: dict[tuple[str, int], float], reference_ms
     for p in run["passes"].values():
         if bw is None:
             continue
-        disk_ms = 1e3 * p["disk_bytes_per_token"] / (bw * 1e9)
+        disk_ms = 1e3 * (p["disk_bytes_per_token"] - p.get("guess_wasted_bytes_per_token", 0)) / (bw * 1e9)
         bound = max(disk_ms, p["compute_ms_per_token"])
         reference_bound = max(disk_ms, reference_ms or 0.0)
         p["ceiling"] = {
@@ -202,13 +204,16 @@ def run_bench(opts: BenchOptions) -> dict:
                 _log_run(log, ref)
                 for mode in opts.modes:
                     for budget in opts.budgets:
-                        log(f"decode: {mode}, k={k}, {t} threads, --max-memory {budget}")
-                        run = run_child(opts, mode, k, t, budget, opts.out / f"run-{mode}-k{k}-t{t}-{budget}.json",
-                                        opts.passes, opts.tokens,
-                                        trace=None if synthetic_trace.exists() else synthetic_trace)
-                        add_ceiling(run, disk_gb_s, compute_ms[(k, t)])
-                        result["runs"].append(run)
-                        _log_run(log, run)
+                        for spec in opts.speculate:
+                            log(f"decode: {mode}, k={k}, {t} threads, --max-memory {budget}"
+                                + (", speculative reads" if spec else ""))
+                            name = f"run-{mode}-k{k}-t{t}-{budget}" + ("-speculate" if spec else "")
+                            run = run_child(opts, mode, k, t, budget, opts.out / f"{name}.json", opts.passes,
+                                            opts.tokens, trace=None if synthetic_trace.exists() else synthetic_trace,
+                                            speculate=spec)
+                            add_ceiling(run, disk_gb_s, compute_ms[(k, t)])
+                            result["runs"].append(run)
+                            _log_run(log, run)
         if synthetic_trace.exists():
             traces.insert(0, (synthetic_trace, "forced uniform routing (worst case for a cache)"
                               if opts.routing == "uniform" else "routing of the random-weight model"))

@@ -106,6 +106,9 @@ def generate(
     experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", min=1, help="Override the model's num_experts_per_tok."),
     cache_policy: str = typer.Option("lru", help="Eviction policy of the expert caches (lru, lfu, fifo)."),
     gpu_memory: Optional[str] = typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda)."),
+    speculate: bool = typer.Option(False, "--speculate/--no-speculate", help="During each MoE layer, guess the next "
+                                   "layer's experts with its router and read them early (pays when reads, not "
+                                   "compute, set the pace: docs/benchmarks.md)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print time to first token, tok/s, ms/layer, I/O and hit rate."),
     stats_json: Optional[Path] = typer.Option(None, help="Write the run's statistics as JSON to this file."),
@@ -133,7 +136,8 @@ def generate(
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     prompt_ids = tokenizer.encode(text)
     engine = load_engine(model, backend=backend, io=io, max_memory=max_memory, experts_per_token=experts_per_token,
-                         context=len(prompt_ids) + max_tokens, cache_policy=cache_policy, gpu_memory=gpu_memory)
+                         context=len(prompt_ids) + max_tokens, cache_policy=cache_policy, gpu_memory=gpu_memory,
+                         speculate=speculate)
     if not chat:
         sys.stdout.write(prompt)
     interrupted = False
@@ -181,6 +185,12 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _on_off(text: str, option: str) -> bool:
+    if text not in ("on", "off"):
+        raise FlashMoeError(f"{option}: {text!r} is neither 'on' nor 'off'")
+    return text == "on"
+
+
 @app.command()
 @_user_errors
 def bench(
@@ -204,6 +214,8 @@ def bench(
     cache_policy: str = typer.Option("lru", help="Eviction policy of the direct-mode cache."),
     routing: str = typer.Option("model", help="'model' (the router's picks) or 'uniform' (seeded uniform random "
                                 "picks: the worst case for a cache, a benchmark workload)."),
+    speculate: str = typer.Option("off", help="Budgeted runs without ('off') and/or with ('on') speculative reads "
+                                  "of the next layer's experts, e.g. off,on."),
     replay_trace: Optional[list[Path]] = typer.Option(None, "--replay", help="Routing trace to replay through "
                                                       "every eviction policy (repeatable)."),
     no_figures: bool = typer.Option(False, "--no-figures", help="Skip the matplotlib figures."),
@@ -219,7 +231,8 @@ def bench(
         threads=tuple(int(x) for x in _csv(threads)) or (os.cpu_count() or 1,),
         budgets=tuple(_csv(budgets)), io_threads=io_threads, prompt_tokens=prompt_tokens, tokens=tokens,
         passes=tuple(_csv(passes)), reference_tokens=reference_tokens, disk_repeats=disk_repeats, cgroup=cgroup,
-        cache_policy=cache_policy, routing=routing, replays=tuple(replay_trace or ()),
+        cache_policy=cache_policy, routing=routing, speculate=tuple(_on_off(x, "--speculate") for x in _csv(speculate)),
+        replays=tuple(replay_trace or ()),
         figures=not no_figures, log=lambda line: typer.echo(line, err=True))
     run_bench(opts)
     typer.echo((out / "bench.md").read_text())
