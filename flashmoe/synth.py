@@ -14,8 +14,16 @@ has mean ≈ 0 and standard deviation ≈ `std` (0.02, transformers' initializer
 quantised and at which width follows flashmoe.families.quant_class (as the converter does: router and
 shared-expert gate at 8 bits, norms/conv/A_log/dt_bias float). Float tensors: RMSNorm weights 1 (the
 canonical x·w form), `A_log = log(U(1, 16))` and `dt_bias = 1` (transformers' Qwen3-Next init), conv1d
-`U(±1/sqrt(kernel))` (PyTorch's Conv1d default), attention biases 0. Routing of such weights is close to
-uniform over the experts, the worst case for any expert cache.
+`U(±1/sqrt(kernel))` (PyTorch's Conv1d default), attention biases 0.
+
+Routing: the output projections of attention and GatedDeltaNet (`self_attn.o_proj`, `linear_attn.out_proj`)
+get `RESIDUAL_BRANCH_STD`, 100× below the others. At std 0.02 random attention, which averages its
+prefix, adds to every token's residual stream the same vector, ~30× the 0.02 of the token embedding;
+from the second layer on the routers of the 48-layer Qwen3-30B shapes then sent 91–100% of the tokens to
+the same top expert. With the smaller projections each token's embedding and its own routed experts'
+outputs dominate the residual stream, and routing stays near uniform over the experts at every depth
+(docs/benchmarks.md, "llama.cpp side by side", has the per-layer figures): the worst case for any expert
+cache, and one that any engine running these weights (llama.cpp on their GGUF export) follows too.
 
 Randomness: numpy's SFC64 (about 3 GB/s per core), one stream per tensor group keyed by (seed, layer), so
 a layer's bytes do not depend on which other layers are written.
@@ -48,6 +56,10 @@ from flashmoe.quant import GROUP_SIZES, QuantizedTensor
 from flashmoe.safetensors_io import SafetensorsWriter
 
 INIT_STD = 0.02
+# Weight std of the projections that write attention/GatedDeltaNet outputs into the residual stream
+# (module docstring: keeps random-weight routing near uniform at depth).
+RESIDUAL_BRANCH_STD = INIT_STD / 100
+_RESIDUAL_BRANCH_TENSORS = ("self_attn.o_proj.weight", "linear_attn.out_proj.weight")
 SCALE_DTYPE = ml_dtypes.bfloat16
 FLOAT_DTYPE = ml_dtypes.bfloat16
 ROUTER_QUANT = QuantSpec(8, 64)  # quant_class's QUANT_8BIT (mlx-lm keeps router and shared-expert gate at 8 bits)
@@ -89,6 +101,12 @@ def random_quantized(rng: np.random.Generator, shape: tuple[int, ...], bits: int
     return QuantizedTensor(words, scales, biases, bits, group_size)
 
 
+def init_std(name: str) -> float:
+    """Weight standard deviation of the linear (or embedding) weight `name`: RESIDUAL_BRANCH_STD for the
+    attention and GatedDeltaNet output projections, INIT_STD for every other one."""
+    return RESIDUAL_BRANCH_STD if name.endswith(_RESIDUAL_BRANCH_TENSORS) else INIT_STD
+
+
 def _random_float(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Initial value of a float (unquantised) resident tensor, chosen by its role (module docstring)."""
     if name.endswith("A_log"):
@@ -100,7 +118,7 @@ def _random_float(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
         return np.zeros(shape, FLOAT_DTYPE)
     if name.endswith(("norm.weight", "dt_bias")):
         return np.ones(shape, FLOAT_DTYPE)
-    return (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE)
+    return (rng.standard_normal(shape, dtype=np.float32) * init_std(name)).astype(FLOAT_DTYPE)
 
 
 def _resident_quant(name: str, shape: tuple[int, ...], bits: int | None, group_size: int) -> QuantSpec | None:
@@ -128,7 +146,7 @@ def resident_tensors(cfg: ModelConfig, bits: int | None, group_size: int,
         rng = streams.setdefault(layer, _rng(seed, 0, layer))
         q = _resident_quant(name, shape, bits, group_size)
         yield name, (_random_float(name, shape, rng) if q is None else
-                     random_quantized(rng, shape, q.bits, q.group_size))
+                     random_quantized(rng, shape, q.bits, q.group_size, init_std(name)))
 
 
 def _expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
