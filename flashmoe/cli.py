@@ -20,6 +20,23 @@ app = typer.Typer(
 )
 
 
+class _Command(typer.core.TyperCommand):
+    """A command whose help shows flags as flags: typer's rich help prints a flag's type after it
+    (`--stats <bool>`), which reads as if the flag took a value."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+def _command(**kwargs):
+    """`app.command` for a `_Command`."""
+    return app.command(cls=_Command, **kwargs)
+
+
 def _user_errors(fn):
     """Turn FlashMoeError into a one-line message and exit code 2 instead of a traceback."""
 
@@ -34,7 +51,7 @@ def _user_errors(fn):
     return wrapper
 
 
-@app.command()
+@_command()
 @_user_errors
 def convert(
     src: str = typer.Argument(..., help="Hugging Face or MLX checkpoint: a local directory or a Hub id."),
@@ -50,7 +67,7 @@ def convert(
     convert_checkpoint(src, dst, bits=bits, group_size=group_size, expert_bits=expert_bits, force=force)
 
 
-@app.command()
+@_command()
 @_user_errors
 def info(
     model_dir: Path = typer.Argument(..., help="flashmoe model directory."),
@@ -62,7 +79,28 @@ def info(
     typer.echo(describe(model_dir, disk_gbps=disk_gbps))
 
 
-@app.command()
+@_command()
+@_user_errors
+def verify(
+    model_dir: Path = typer.Argument(..., help="flashmoe model directory."),
+) -> None:
+    """Recompute every file's SHA-256 and compare it with flashmoe.json (reads the whole model; loading a
+    model checks only file sizes). Exits 2 naming the first file that differs."""
+    from tqdm import tqdm
+
+    from flashmoe.memory import format_size
+    from flashmoe.modeldir import ModelDir
+
+    with ModelDir.open(model_dir) as model:
+        files = model.manifest.files
+        total = sum(entry.size for entry in files.values())
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"verifying {model.path.name}",
+                  disable=None) as bar:  # None: a bar only on a terminal
+            model.verify_checksums(progress=bar.update)
+    typer.echo(f"ok: {len(files)} files ({format_size(total)}) match the SHA-256 sums in flashmoe.json")
+
+
+@_command()
 @_user_errors
 def logits(
     model_dir: Path = typer.Argument(..., help="flashmoe model directory."),
@@ -76,7 +114,7 @@ def logits(
     write_logits(model_dir, tokens, out, backend=backend)
 
 
-@app.command()
+@_command()
 @_user_errors
 def conformance(
     backend: Optional[str] = typer.Option(None, help="Backend to check (default: every available backend)."),
@@ -88,7 +126,7 @@ def conformance(
     raise typer.Exit(conformance_main(backend=backend, full=full))
 
 
-@app.command()
+@_command()
 @_user_errors
 def generate(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
@@ -158,7 +196,7 @@ def generate(
         raise typer.Exit(130)
 
 
-@app.command()
+@_command()
 @_user_errors
 def synth(
     out: Path = typer.Option(..., "--out", help="Output model directory (must not exist unless --force)."),
@@ -191,7 +229,7 @@ def _on_off(text: str, option: str) -> bool:
     return text == "on"
 
 
-@app.command()
+@_command()
 @_user_errors
 def bench(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (e.g. from `flashmoe synth`)."),
@@ -218,7 +256,7 @@ def bench(
                                   "of the next layer's experts, e.g. off,on."),
     replay_trace: Optional[list[Path]] = typer.Option(None, "--replay", help="Routing trace to replay through "
                                                       "every eviction policy (repeatable)."),
-    no_figures: bool = typer.Option(False, "--no-figures", help="Skip the matplotlib figures."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the matplotlib figures."),
 ) -> None:
     """Decode speed against the disk-bound ceiling (cold/warm, pagecache/direct, budgets), and cache replays."""
     import os
@@ -233,12 +271,12 @@ def bench(
         passes=tuple(_csv(passes)), reference_tokens=reference_tokens, disk_repeats=disk_repeats, cgroup=cgroup,
         cache_policy=cache_policy, routing=routing, speculate=tuple(_on_off(x, "--speculate") for x in _csv(speculate)),
         replays=tuple(replay_trace or ()),
-        figures=not no_figures, log=lambda line: typer.echo(line, err=True))
+        figures=figures, log=lambda line: typer.echo(line, err=True))
     run_bench(opts)
     typer.echo((out / "bench.md").read_text())
 
 
-@app.command()
+@_command()
 @_user_errors
 def chat(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
@@ -274,7 +312,7 @@ def chat(
     run_repl(session)
 
 
-@app.command()
+@_command()
 @_user_errors
 def serve(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
@@ -311,7 +349,7 @@ def _nvidia_gpus() -> str | None:
     return "; ".join(line.strip() for line in out.splitlines() if line.strip()) or None
 
 
-@app.command()
+@_command()
 @_user_errors
 def backends() -> None:
     """List every backend: available here or why not, the device it computes on, its conformance stamp."""
@@ -329,7 +367,7 @@ def backends() -> None:
         reasons["cuda"] = "not in this flashmoe version"
     table = Table(title="flashmoe backends")
     for col in ("backend", "available", "device", "conformance"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a word wider than its column breaks instead of ending in "…"
     for name, why in sorted(reasons.items()):
         if name == "cuda":
             device = gpus or "no NVIDIA GPU found"
@@ -350,7 +388,7 @@ def backends() -> None:
     Console().print(table)
 
 
-@app.command()
+@_command()
 @_user_errors
 def plot(
     trace: Path = typer.Argument(..., help="Routing trace (JSONL) from `flashmoe generate --trace`."),

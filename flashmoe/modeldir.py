@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -295,14 +295,17 @@ def _field(d: Any, key: str, typ: type, where: str) -> Any:
     return v
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+def sha256_file(path: str | Path, chunk: int = 1 << 20, progress: Callable[[int], None] | None = None) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks; progress (if given) is called with the bytes of
+    each chunk hashed."""
     h = hashlib.sha256()
     buf = bytearray(chunk)  # one reused buffer: hashing a 200 GB model allocates 1 MiB
     view = memoryview(buf)
     with open(path, "rb") as f:
         while n := f.readinto(buf):
             h.update(view[:n])
+            if progress:
+                progress(n)
     return h.hexdigest()
 
 
@@ -453,10 +456,13 @@ class ModelDir:
 
     # -- maintenance --
 
-    def verify_checksums(self) -> None:
-        """Recompute every file's SHA-256 and compare with the manifest (reads the whole model)."""
+    def verify_checksums(self, progress: Callable[[int], None] | None = None) -> None:
+        """Recompute every file's SHA-256 and compare with the manifest (reads the whole model: the sum of
+        `manifest.files` sizes). progress (if given) is called with the bytes hashed, 1 MiB at a time.
+
+        Raises FormatError naming the first file whose digest differs."""
         for rel, entry in self.manifest.files.items():
-            digest = sha256_file(self.path / rel)
+            digest = sha256_file(self.path / rel, progress=progress)
             if digest != entry.sha256:
                 raise FormatError(f"{self.path / rel}: sha256 {digest} does not match {MANIFEST} ({entry.sha256})")
 

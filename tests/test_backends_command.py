@@ -16,3 +16,15 @@ def test_backends_lists_every_backend_with_device_and_stamp(tmp_path, monkeypatc
     assert "the reference (not gated)" in rows["numpy"]
     assert "cpu (mlx " in rows["mlx"] and "not checked yet" in rows["mlx"]
     assert "no: " in rows["cuda"] or "yes" in rows["cuda"]
+
+
+def test_backends_table_fits_80_columns_and_wraps_instead_of_cutting(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["backends"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in result.output
+    # the mlx row's conformance cell, folded over several lines, reads whole when its pieces are joined
+    cells = "".join(line.split("│")[4].strip() for line in lines if line.count("│") == 5)
+    assert "(`flashmoeconformance--backendmlx`)" in cells.replace(" ", "")

@@ -85,3 +85,20 @@ def test_prompt_longer_than_the_context_is_refused(tmp_path):
     result = runner.invoke(app, ["generate", "--prompt", "the " * 3000, *GREEDY])
     assert result.exit_code == 2
     assert "context" in result.stderr
+
+
+def test_every_boolean_option_is_a_flag_and_help_shows_no_value_for_it():
+    import typer
+
+    from flashmoe.cli import app as cli_app
+
+    group = typer.main.get_command(cli_app)
+    for name, command in group.commands.items():
+        ctx = command.make_context(name, [], resilient_parsing=True)
+        bools = [p for p in command.get_params(ctx) if p.type_descriptor.annotation is bool]
+        assert all(p.is_flag for p in bools), (name, [p.name for p in bools if not p.is_flag])
+        result = runner.invoke(cli_app, [name, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output, name
+    help_text = runner.invoke(cli_app, ["bench", "--help"], env={"COLUMNS": "200"}).output
+    assert "--figures" in help_text and "--no-figures" in help_text

@@ -75,3 +75,27 @@ def test_logits_command_runs_an_engine_backend(model, tmp_path):
     want, got = np.load(ref), np.load(eng)
     assert got.shape == want.shape == (4, 256)
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
+
+
+def test_verify_checks_every_file_and_reports_the_bytes_hashed(model):
+    with ModelDir.open(model) as md:
+        total = sum(e.size for e in md.manifest.files.values())
+        hashed = []
+        md.verify_checksums(progress=hashed.append)
+    assert sum(hashed) == total
+    result = CliRunner().invoke(app, ["verify", str(model)])
+    assert result.exit_code == 0, result.output
+    assert f"ok: {len(md.manifest.files)} files" in result.stdout
+
+
+def test_verify_names_a_corrupted_expert_file_and_exits_2(model, tmp_path):
+    import shutil
+
+    copy = Path(shutil.copytree(model, tmp_path / "copy"))
+    expert = sorted((copy / "experts").iterdir())[0]
+    data = bytearray(expert.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: opening the model still succeeds
+    expert.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 2
+    assert f"{expert}: sha256" in result.stderr and "does not match flashmoe.json" in result.stderr

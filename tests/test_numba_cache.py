@@ -1,6 +1,13 @@
 """The numba backend's compiled kernels come from numba's disk cache in a second process: no kernel of a
-decode step is compiled again (a kernel whose closure captures a dispatcher would be: numba keys its cache on
-the pickled closure cells, and a dispatcher pickles differently in every process)."""
+decode step is compiled again.
+
+Why the kernels' closures capture only constants (the bit width, whether scales are bf16): numba keys a
+cached kernel on its bytecode and on the pickled values of its closure cells. An int or a bool pickles the
+same in every process; a dispatcher (another @njit function) or an intrinsic does not, so a kernel whose
+closure captured one would miss the cache and be compiled again in every process (6-8 s before the first
+token). Helpers a kernel calls are therefore module globals, which are not part of the key. The small-call
+serial path (PARALLEL_MIN_WORK) reuses the same compiled kernels under numba.set_num_threads(1), so it adds
+nothing to compile or cache (this test's decode of the demo model takes that path for most calls)."""
 
 from __future__ import annotations
 
