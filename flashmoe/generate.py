@@ -33,12 +33,14 @@ def check_context(engine: Engine, n_prompt: int) -> None:
 
 
 def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], sampler: Sampler,
-                   max_tokens: int, state: State | None = None) -> Iterator[Step]:
+                   max_tokens: int, state: State | None = None, started: bool = False) -> Iterator[Step]:
     """Yield generated tokens one at a time.
 
     Prefill runs the whole prompt as one batch; decode stops at any of tokenizer.eos_token_ids (the EOS token
     is yielded with empty text), after max_tokens tokens, or at the end of the model's context. Time to first
-    token and per-token decode times are recorded in engine.stats.
+    token and per-token decode times are recorded in engine.stats; `started` says the caller already called
+    engine.stats.start() for this run, before prefill work of its own (Session's split prefill), so time to
+    first token counts from there.
 
     Raises FlashMoeError when the prompt does not fit the context.
     """
@@ -48,7 +50,8 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
     history = list(prompt_ids)
     decoder = StreamDecoder(tokenizer)
     limit = min(max_tokens, engine.cfg.max_position_embeddings - len(prompt_ids))
-    stats.start()
+    if not started:
+        stats.start()
     try:
         logits = engine.forward(np.asarray(prompt_ids), state)
         for _ in range(limit):

@@ -208,7 +208,7 @@ class FlashMoeServer:
 
     async def stats(self, request: Request) -> Response:
         engine_stats = self.engine.stats.to_dict()
-        engine_stats.pop("per_token", None)  # grows with every token served; the totals carry it
+        engine_stats.pop("per_token", None)  # up to 2 x TOKEN_WINDOW token records; the totals carry them
         with self._lock:
             server = dict(self.counters, last_run=self.last_run)
         return JSONResponse({"model": self.model_id, "context": self.session.context, "server": server,

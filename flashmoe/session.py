@@ -200,6 +200,7 @@ class Session:
         """
         max_tokens = self.check_fits(len(prompt_ids), max_tokens)
         t0 = t_first = time.perf_counter()
+        self.engine.stats.start()  # the engine's time to first token counts from here too: rewind and split prefill
         reused = self._rewind(prompt_ids)
         state = self.state
         consumed = list(prompt_ids)
@@ -218,7 +219,8 @@ class Session:
                 raise
             self.tokens, start = list(prompt_ids[:checkpoint_at]), checkpoint_at
             self._save_checkpoint()
-        steps = generate_steps(self.engine, self.tokenizer, list(prompt_ids[start:]), sampler, max_tokens, state)
+        steps = generate_steps(self.engine, self.tokenizer, list(prompt_ids[start:]), sampler, max_tokens, state,
+                               started=True)
         info.finish_reason = "length"
         try:
             for step in steps:

@@ -1,9 +1,12 @@
 """Run statistics shared by the expert store and the engine: I/O counters, compute time per stage,
 per-token records, tok/s, time to first token and peak RSS.
 
-One `Stats` object lives for one generation run. The ExpertStore adds I/O counters to it (all from the
-engine's thread, so no locking is needed); the engine adds compute time per stage and marks each emitted
-token. `summary()` is what `--stats` prints, `to_dict()` what `--stats-json` writes.
+One `Stats` object lives as long as its engine: one run for `flashmoe generate`, every request for a server.
+The ExpertStore adds I/O counters to it (all from the engine's thread, so no locking is needed); the engine
+adds compute time per stage and marks each emitted token. A run starts with `start()` and its first
+`token_done()` gives its time to first token; the figures over all runs come from running sums, and only
+the most recent token records are kept (`window`), so a long-running server's statistics stay bounded.
+`summary()` is what `--stats` prints, `to_dict()` what `--stats-json` writes.
 
 Definitions (units are bytes and seconds unless a name says otherwise):
 - `bytes_read`: bytes copied into read buffers by `preadv` (page cache or disk).
@@ -31,6 +34,9 @@ from typing import Iterator
 
 from flashmoe.memory import current_rss_bytes, format_size, peak_rss_bytes
 
+# Token records a Stats keeps (at most twice this many between trims): ~0.5 KB each.
+TOKEN_WINDOW = 8192
+
 
 @dataclass
 class Counters:
@@ -50,6 +56,12 @@ class Counters:
     def __sub__(self, other: "Counters") -> "Counters":
         return Counters(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
 
+    def __add__(self, other: "Counters") -> "Counters":
+        return Counters(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    def __truediv__(self, n: float) -> "Counters":
+        return Counters(**{k: v / n for k, v in asdict(self).items()})
+
     @property
     def hit_rate(self) -> float | None:
         """Fraction of expert lookups served from memory; None before any lookup."""
@@ -60,22 +72,35 @@ class Counters:
 @dataclass
 class TokenRecord:
     """One emitted token: the counters spent on it and its wall time since the previous token (or since
-    the run started, for the first token, which includes prefill)."""
+    the run started, for a run's first token, which includes prefill: `first`)."""
 
     wall_s: float
     counters: Counters
+    first: bool = False
 
 
 @dataclass
 class Stats:
-    """Statistics for one run. `num_layers` (MoE layers per token) turns totals into ms per layer."""
+    """Statistics of an engine's runs. `num_layers` (MoE layers per token) turns totals into ms per layer.
+
+    `tokens` holds the most recent token records: between `window` and twice `window` once that many were
+    recorded (trimmed in batches, so appending stays O(1)); `token_count` counts every token."""
 
     num_layers: int = 0
     totals: Counters = field(default_factory=Counters)
     stage_s: dict[str, float] = field(default_factory=dict)
     tokens: list[TokenRecord] = field(default_factory=list)
+    window: int = TOKEN_WINDOW
+    token_count: int = field(default=0, init=False)
+    runs: int = field(default=0, init=False)  # runs that emitted a first token
+    last_ttft_s: float | None = field(default=None, init=False)
+    ttft_sum_s: float = field(default=0.0, init=False)
+    decode_tokens: int = field(default=0, init=False)  # tokens after a run's first
+    decode_wall_s: float = field(default=0.0, init=False)
+    decode_counters: Counters = field(default_factory=Counters, init=False)
     _t_last: float | None = field(default=None, init=False, repr=False)
     _at_last_token: Counters = field(default_factory=Counters, init=False, repr=False)
+    _first_pending: bool = field(default=True, init=False, repr=False)
 
     # --- recorded by the ExpertStore -------------------------------------------------------------
     def record_lookups(self, hits: int, misses: int) -> None:
@@ -104,9 +129,11 @@ class Stats:
 
     # --- recorded by the engine ------------------------------------------------------------------
     def start(self) -> None:
-        """Mark the start of the run (the prompt was submitted); time to first token counts from here."""
+        """Mark the start of a run (the prompt was submitted, before any of its prefill); its time to first
+        token counts from here."""
         self._t_last = time.perf_counter()
         self._at_last_token = Counters(**asdict(self.totals))
+        self._first_pending = True
 
     def add_stage_time(self, name: str, seconds: float) -> None:
         """Add compute time to stage `name`."""
@@ -124,38 +151,46 @@ class Stats:
 
     def token_done(self) -> None:
         """Mark one emitted token: records its counters and wall time. The first call after `start()` is
-        the time to first token (prefill included)."""
+        the run's time to first token (prefill included)."""
         now = time.perf_counter()
         if self._t_last is None:
             self.start()
         snapshot = Counters(**asdict(self.totals))
-        self.tokens.append(TokenRecord(now - self._t_last, snapshot - self._at_last_token))
-        self._t_last, self._at_last_token = now, snapshot
+        record = TokenRecord(now - self._t_last, snapshot - self._at_last_token, first=self._first_pending)
+        self._t_last, self._at_last_token, self._first_pending = now, snapshot, False
+        self.token_count += 1
+        if record.first:
+            self.runs += 1
+            self.last_ttft_s = record.wall_s
+            self.ttft_sum_s += record.wall_s
+        else:
+            self.decode_tokens += 1
+            self.decode_wall_s += record.wall_s
+            self.decode_counters = self.decode_counters + record.counters
+        self.tokens.append(record)
+        if len(self.tokens) > 2 * self.window:
+            del self.tokens[: len(self.tokens) - self.window]
 
     # --- derived figures -------------------------------------------------------------------------
     @property
     def ttft_s(self) -> float | None:
-        """Time to first token in seconds, None before the first token."""
-        return self.tokens[0].wall_s if self.tokens else None
+        """The latest run's time to first token in seconds (prefill included), None before a first token."""
+        return self.last_ttft_s
+
+    @property
+    def mean_ttft_s(self) -> float | None:
+        """Mean time to first token over every run, None before a first token."""
+        return self.ttft_sum_s / self.runs if self.runs else None
 
     @property
     def decode_tok_s(self) -> float | None:
-        """Decode speed in tokens per second over tokens 2..n (the first token carries prefill)."""
-        decode = self.tokens[1:]
-        wall = sum(t.wall_s for t in decode)
-        return len(decode) / wall if decode and wall > 0 else None
+        """Decode speed in tokens per second over every run's tokens after its first (which carries
+        prefill)."""
+        return self.decode_tokens / self.decode_wall_s if self.decode_tokens and self.decode_wall_s > 0 else None
 
-    def per_token_mean(self, tokens: list[TokenRecord] | None = None) -> Counters | None:
-        """Mean counters per decode token (tokens 2..n unless `tokens` is given); None if there are none."""
-        recs = self.tokens[1:] if tokens is None else tokens
-        if not recs:
-            return None
-        total = Counters()
-        for r in recs:
-            for k, v in asdict(r.counters).items():
-                setattr(total, k, getattr(total, k) + v)
-        n = len(recs)
-        return Counters(**{k: v / n for k, v in asdict(total).items()})
+    def per_token_mean(self) -> Counters | None:
+        """Mean counters per decode token (every run's tokens after its first); None if there are none."""
+        return self.decode_counters / self.decode_tokens if self.decode_tokens else None
 
     def ms_per_layer(self) -> dict[str, float] | None:
         """Decode ms per MoE layer per token split into compute and I/O wait; None without decode tokens
@@ -169,11 +204,14 @@ class Stats:
         }
 
     def to_dict(self) -> dict:
-        """JSON-ready dictionary: run totals, derived figures, stage times and every token's record."""
+        """JSON-ready dictionary: totals, derived figures, stage times and the kept token records
+        (`per_token`: the last `len(self.tokens)` of `tokens`; `first` marks a run's first token)."""
         mean = self.per_token_mean()
         return {
-            "tokens": len(self.tokens),
+            "tokens": self.token_count,
+            "runs": self.runs,
             "ttft_s": self.ttft_s,
+            "mean_ttft_s": self.mean_ttft_s,
             "decode_tok_s": self.decode_tok_s,
             "num_layers": self.num_layers,
             "ms_per_layer": self.ms_per_layer(),
@@ -183,15 +221,16 @@ class Stats:
             "stage_s": dict(self.stage_s),
             "peak_rss_bytes": peak_rss_bytes(),
             "current_rss_bytes": current_rss_bytes(),
-            "per_token": [{"wall_s": t.wall_s, **asdict(t.counters)} for t in self.tokens],
+            "per_token": [{"wall_s": t.wall_s, "first": t.first, **asdict(t.counters)} for t in self.tokens],
         }
 
     def summary(self) -> str:
         """A few human-readable lines for `--stats`."""
         t = self.totals
-        lines = [f"tokens: {len(self.tokens)}"]
+        lines = [f"tokens: {self.token_count}" + (f" in {self.runs} runs" if self.runs > 1 else "")]
         if self.ttft_s is not None:
-            lines.append(f"time to first token: {self.ttft_s:.3f} s")
+            over = f" (last run; mean {self.mean_ttft_s:.3f} s over {self.runs})" if self.runs > 1 else ""
+            lines.append(f"time to first token: {self.ttft_s:.3f} s{over}")
         if self.decode_tok_s is not None:
             lines.append(f"decode: {self.decode_tok_s:.2f} tok/s")
         ms = self.ms_per_layer()

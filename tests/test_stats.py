@@ -1,0 +1,84 @@
+"""Run statistics over many runs (a server's lifetime): bounded token records, exact running figures, and
+time to first token counted from the start of a run's first prefill."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+import flashmoe.stats as stats_module
+from flashmoe.stats import Stats
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake perf_counter the test advances by hand."""
+    now = SimpleNamespace(t=0.0)
+    monkeypatch.setattr(stats_module, "time", SimpleNamespace(perf_counter=lambda: now.t))
+    return now
+
+
+def test_token_records_stay_bounded_while_the_figures_cover_every_run(clock):
+    stats = Stats(num_layers=2, window=4)
+    for run in range(3):  # each run: prefill 1.0 s, then 9 decode tokens of 0.1 s and 2 reads each
+        stats.start()
+        clock.t += 1.0 + run
+        stats.record_read(100, 10)
+        stats.token_done()
+        for _ in range(9):
+            clock.t += 0.1
+            stats.record_read(100, 10)
+            stats.record_read(100, 0)
+            stats.token_done()
+    assert stats.token_count == 30 and stats.runs == 3
+    assert 4 <= len(stats.tokens) <= 8  # the most recent records only
+    assert stats.tokens[-1].counters.reads == 2 and not stats.tokens[-1].first
+    assert stats.ttft_s == pytest.approx(3.0)  # the latest run's
+    assert stats.mean_ttft_s == pytest.approx(2.0)
+    assert stats.decode_tok_s == pytest.approx(10.0)  # 27 decode tokens in 2.7 s; first tokens left out
+    mean = stats.per_token_mean()
+    assert (mean.reads, mean.bytes_read, mean.disk_bytes) == pytest.approx((2, 200, 10))
+    d = stats.to_dict()
+    assert (d["tokens"], d["runs"], len(d["per_token"])) == (30, 3, len(stats.tokens))
+    assert d["ttft_s"] == pytest.approx(3.0) and d["mean_ttft_s"] == pytest.approx(2.0)
+    assert "tokens: 30 in 3 runs" in stats.summary()
+    assert "time to first token: 3.000 s (last run; mean 2.000 s over 3)" in stats.summary()
+
+
+def test_a_run_that_ends_before_its_first_token_leaves_the_next_runs_figures_alone(clock):
+    stats = Stats()
+    stats.start()  # e.g. a request whose prefill failed
+    clock.t += 50.0
+    stats.start()
+    clock.t += 0.5
+    stats.token_done()
+    assert stats.runs == 1 and stats.ttft_s == pytest.approx(0.5)
+
+
+def test_split_prefill_counts_in_the_engines_time_to_first_token(tmp_path, monkeypatch):
+    """A hybrid model's chat request prefills up to the history checkpoint, then the rest: both parts are
+    the request's time to first token, in the engine's statistics as in the Session's own."""
+    from chat_helpers import tiny_engine
+
+    from flashmoe.sampling import Sampler
+    from flashmoe.session import Session, history_boundary
+
+    engine, tok = tiny_engine(tmp_path / "tiny")
+    forward = engine.forward
+    slow = 0.3
+
+    def slow_prefill(ids, state, *args, **kwargs):
+        if len(ids) > 1:  # each prefill part, not the decode steps
+            time.sleep(slow)
+        return forward(ids, state, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward", slow_prefill)
+    messages = [{"role": "user", "content": "hello there"}]
+    prompt = tok.encode(tok.apply_chat_template(messages))
+    boundary = history_boundary(tok, messages, prompt)
+    session = Session(engine, tok)
+    steps = list(session.generate(prompt, Sampler(temperature=0), 3, checkpoint_at=boundary))
+    assert steps and session.last.ttft_s >= 2 * slow  # two prefill parts
+    assert engine.stats.ttft_s == pytest.approx(session.last.ttft_s, abs=0.1)
