@@ -324,6 +324,18 @@ def test_completions_models_and_health(served, client):
     assert [m.id for m in client.models.list()] == ["fake-qwen3"]
 
 
+def test_engine_stats_cover_every_request_and_keep_a_bounded_window_of_token_records(served, client, monkeypatch):
+    stats = served[1].stats
+    monkeypatch.setattr(stats, "window", 3)
+    before = json.load(urllib.request.urlopen(served[2].url + "/v1/stats"))["engine"]
+    replies = [_chat(client, f"echo: {word} a b c d e") for word in ("one", "two", "three")]
+    after = json.load(urllib.request.urlopen(served[2].url + "/v1/stats"))["engine"]
+    tokens = sum(r.usage.completion_tokens for r in replies)
+    assert (after["runs"] - before["runs"], after["tokens"] - before["tokens"]) == (3, tokens)
+    assert len(stats.tokens) <= 6 and "per_token" not in after
+    assert after["ttft_s"] > 0 and after["decode_tok_s"] > 0
+
+
 @pytest.fixture(scope="module")
 def served_xml(tmp_path_factory):
     app, engine, running = _server(tmp_path_factory, QWEN35_XML, "qwen35", max_position_embeddings=512)
