@@ -88,6 +88,13 @@ def summarise_pass(records: list[TokenRecord], stage_s: dict[str, float], num_la
     }
 
 
+def decode_inputs(vocab_size: int, prompt_tokens: int, tokens: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids [prompt_tokens], decode ids [tokens]), int64: seeded uniform random token ids, the same
+    for every pass, mode and engine (bench/llama_cpp.py feeds llama.cpp these too)."""
+    ids = np.random.default_rng(seed).integers(0, vocab_size, prompt_tokens + tokens)
+    return ids[:prompt_tokens], ids[prompt_tokens:]
+
+
 def force_uniform_routing(seed: int) -> None:
     """Replace the engine's router decision with seeded uniformly random top-k picks (weights 1/k), the same
     sequence in every process with the same seed. Hooks `flashmoe.engine.route` (the engine's name for
@@ -128,8 +135,7 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
     engine.store.clear_cache()
     engine.store.evict_page_cache()
     stats = engine.stats
-    prompt, decode_ids = np.split(np.random.default_rng(seed).integers(0, engine.cfg.vocab_size,
-                                                                          prompt_tokens + tokens), [prompt_tokens])
+    prompt, decode_ids = decode_inputs(engine.cfg.vocab_size, prompt_tokens, tokens, seed)
     results = {}
     for n, name in enumerate(passes):
         if routing == "uniform":

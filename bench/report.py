@@ -33,6 +33,8 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {m['cpus']} CPUs, {m['memory_bytes'] / 2**30:.0f} GiB RAM, kernel {m['kernel']}."]
     if "model" in result:
         lines += _decode_tables(result)
+    if result.get("peer_runs"):
+        lines += _peer_tables(result)
     for r in result.get("replays", []):
         policies = list(r["sizes"][0]["hit_rate"])
         lines += [
@@ -84,6 +86,31 @@ def _decode_tables(result: dict) -> list[str]:
                 f"{_f(c.get('disk_bound_tok_s'))} | {_f(c.get('bound_ms'), '.0f')} | {_f(c.get('time_over_bound'))} | "
                 f"{_f(c.get('time_over_reference_bound'))} | "
                 f"{'–'.join(f'{x:.1f}' for x in run.get('loadavg_1min', []))} |")
+    return lines
+
+
+def _peer_tables(result: dict) -> list[str]:
+    peer = result["peer"]
+    lines = [
+        "",
+        f"Peer: {peer['engine']} (`{peer['runner']}`) on `{peer['gguf']}` ({peer['gguf_bytes'] / GB:.2f} GB), the same "
+        "prompt and decode token ids, k, compute threads and memory cap.",
+        "",
+        "| llama.cpp run | pass | tok/s | ms/token | peak RSS GiB | cgroup peak GiB | GB read from disk (whole run) | load avg |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result["peer_runs"]:
+        cap = run.get("cgroup_max_usage_bytes")
+        for name, p in run["passes"].items():
+            lines.append(
+                f"| k={run['k']} t={run['compute_threads']} {run['max_memory'] or 'no cap'} | {name} | "
+                f"{_f(p['tok_s'], '.3f')} | {_f(p['ms_per_token'], '.0f')} | {run['peak_rss_bytes'] / 2**30:.2f} | "
+                f"{_f(cap and cap / 2**30)} | {run['disk_read_bytes'] / GB:.2f} | "
+                f"{'–'.join(f'{x:.1f}' for x in run['loadavg_1min'])} |")
+    lines += ["", "| flashmoe run | pass | flashmoe tok/s | llama.cpp tok/s | flashmoe ÷ llama.cpp |", "|---|---|---|---|---|"]
+    for row in result["side_by_side"]:
+        lines.append(f"| {row['flashmoe']} | {row['pass']} | {row['flashmoe_tok_s']:.3f} | {row['llama_cpp_tok_s']:.3f} | "
+                     f"{row['ratio']:.2f}× |")
     return lines
 
 

@@ -13,7 +13,12 @@ For a model directory (typically from `flashmoe synth`), in this order:
    cache, so `pagecache` mode is capped for real.
 4. Ceiling, per pass (add_ceiling): disk time = expert bytes from disk per token ÷ the disk's bandwidth
    (same mode, same k); bound = max(disk time, compute time); reported as disk-bound tok/s and time ÷ bound.
-5. Replays (bench/replay.py): the routing trace recorded during the first pass of the first budgeted run
+5. Peer (`--peer llama.cpp`, bench/llama_cpp.py): llama.cpp on the same weights exported to GGUF
+   (bench/gguf_export.py, Q4_0; written beside the model directory on first use), the same prompt and
+   decode token ids, the same k and compute threads, once without a cap (beside the reference run) and once
+   per budget in the same cgroup memory cap; `side_by_side` pairs each flashmoe pass with llama.cpp's
+   (tok/s and their ratio). llama.cpp follows its own router, so the peer needs `--routing model`.
+6. Replays (bench/replay.py): the routing trace recorded during the first pass of the first budgeted run
    (the reference's when there is none; random weights: near-uniform routing) and every --replay TRACE,
    through each eviction policy.
 
@@ -27,12 +32,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashmoe.bench.bench_disk import block_device_info, filesystem_of, machine_info, measure_store
+from flashmoe.bench.decode_run import decode_inputs
 from flashmoe.bench.replay import DEFAULT_FRACTIONS, replay
-from flashmoe.bench.report import figures, markdown
+from flashmoe.bench.report import figures, markdown, run_label
 from flashmoe.errors import FlashMoeError
 from flashmoe.memory import parse_size
 from flashmoe.modeldir import ModelDir
@@ -66,6 +74,8 @@ class BenchOptions:
     seed: int = 0
     routing: str = "model"  # or "uniform": seeded uniform random router picks (bench/decode_run.py)
     speculate: tuple[bool, ...] = (False,)  # budgeted runs without and/or with speculative reads
+    peer: str | None = None  # "llama.cpp": run it beside flashmoe (bench/llama_cpp.py)
+    peer_gguf: Path | None = None  # its GGUF (default: MODEL_DIR.q4_0.gguf beside the model, exported if absent)
     log: object = field(default=print, repr=False)
 
 
@@ -88,6 +98,29 @@ def _cgroup(name: str, limit: int) -> Path:
     return path
 
 
+@contextmanager
+def memory_cap(opts: BenchOptions, budget: str | None) -> Iterator[tuple[Callable[[], None] | None, dict]]:
+    """(preexec_fn, info) for one child process: with --cgroup and a budget, the preexec_fn moves the child
+    (between fork and exec) into a fresh cgroup-v1 memory group limited to the budget, which charges its page
+    cache too; the group is removed afterwards and info['cgroup_max_usage_bytes'] holds its peak usage.
+    Without them: (None, {})."""
+    info: dict = {}
+    if not (opts.cgroup and budget is not None):
+        yield None, info
+        return
+    group = _cgroup(f"flashmoe-bench-{os.getpid()}", parse_size(budget))
+    procs = group / "cgroup.procs"
+
+    def enter_cgroup() -> None:
+        procs.write_text(str(os.getpid()))
+
+    try:
+        yield enter_cgroup, info
+    finally:
+        info["cgroup_max_usage_bytes"] = int((group / "memory.max_usage_in_bytes").read_text())
+        group.rmdir()
+
+
 def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: str | None, out_json: Path,
               passes: tuple[str, ...], tokens: int, trace: Path | None = None, speculate: bool = False) -> dict:
     """One decode_run process; its result dict. Raises FlashMoeError with the child's last output lines
@@ -101,18 +134,9 @@ def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: 
         if value is not None:
             cmd += [flag, str(value)]
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
-    group = None
-    if opts.cgroup and budget is not None:
-        group = _cgroup(f"flashmoe-bench-{os.getpid()}", parse_size(budget))
-        procs = group / "cgroup.procs"
-
-        def enter_cgroup() -> None:  # runs in the child between fork and exec
-            procs.write_text(str(os.getpid()))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                          preexec_fn=enter_cgroup if group else None)
-    if group is not None:
-        group.rmdir()
+    with memory_cap(opts, budget) as (preexec, cap):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=preexec)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
         raise FlashMoeError(f"decode run {io} k={k} threads={threads} budget={budget} failed "
@@ -120,8 +144,58 @@ def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: 
     result = json.loads(out_json.read_text())
     result["wall_s"] = time.perf_counter() - t0
     result["max_memory_bytes"] = parse_size(budget) if budget else None
-    result["cgroup_limit_bytes"] = parse_size(budget) if group is not None else None
+    result["cgroup_limit_bytes"] = parse_size(budget) if preexec is not None else None
+    result.update(cap)
     return result
+
+
+def run_peer(opts: BenchOptions, runner: Path, gguf: Path, md: ModelDir, k: int, threads: int, budget: str | None,
+             passes: tuple[str, ...], tokens: int) -> dict:
+    """llama.cpp (bench/llama_cpp.run_llama) on the GGUF export of the model: decode_run's prompt and decode
+    ids for this seed, k and threads, in the same memory cap as run_child; its result dict with the budget."""
+    from flashmoe.bench.gguf_export import llama_arch
+    from flashmoe.bench.llama_cpp import run_llama
+
+    prompt, decode = decode_inputs(md.config.vocab_size, opts.prompt_tokens, tokens, opts.seed)
+    override = None if k == md.config.num_experts_per_tok else f"{llama_arch(md.config.model_type)}.expert_used_count={k}"
+    with memory_cap(opts, budget) as (preexec, cap):
+        run = run_llama(runner, gguf, threads, prompt, decode, passes, override=override, preexec=preexec)
+    run.update(cap, k=k, compute_threads=threads, max_memory=budget,
+               max_memory_bytes=parse_size(budget) if budget else None,
+               cgroup_limit_bytes=parse_size(budget) if preexec is not None else None)
+    return run
+
+
+def side_by_side(flashmoe_run: dict, peer_run: dict) -> list[dict]:
+    """One row per pass both runs have: flashmoe's and llama.cpp's tok/s and their ratio (flashmoe ÷ llama.cpp)."""
+    rows = []
+    for name, p in flashmoe_run["passes"].items():
+        q = peer_run["passes"].get(name)
+        if q is None or not q["tok_s"]:
+            continue
+        rows.append({"flashmoe": run_label(flashmoe_run), "pass": name, "k": flashmoe_run["k"],
+                     "threads": flashmoe_run["compute_threads"], "max_memory": flashmoe_run["max_memory"],
+                     "cgroup": flashmoe_run.get("cgroup_limit_bytes") is not None,
+                     "flashmoe_tok_s": p["tok_s"], "llama_cpp_tok_s": q["tok_s"], "ratio": p["tok_s"] / q["tok_s"]})
+    return rows
+
+
+def _peer_setup(opts: BenchOptions, md: ModelDir) -> tuple[Path, Path]:
+    """(llama.cpp runner, GGUF path): built or found, exported if absent. Raises FlashMoeError for an unknown
+    peer or forced uniform routing (llama.cpp follows its own router)."""
+    from flashmoe.bench.gguf_export import export_gguf
+    from flashmoe.bench.llama_cpp import find_or_build
+
+    if opts.peer != "llama.cpp":
+        raise FlashMoeError(f"--peer {opts.peer!r}: the only peer is 'llama.cpp'")
+    if opts.routing != "model":
+        raise FlashMoeError("--peer llama.cpp needs --routing model: llama.cpp follows its own router")
+    runner = find_or_build(log=opts.log)
+    gguf = opts.peer_gguf or md.path.with_name(md.path.name + ".q4_0.gguf")
+    if not gguf.exists():
+        opts.log(f"peer: exporting {md.path} to {gguf} (Q4_0)")
+        export_gguf(md.path, gguf)
+    return runner, gguf
 
 
 def add_ceiling(run: dict, disk_gb_s: dict[tuple[str, int], float], reference_ms: float | None) -> None:
@@ -190,6 +264,21 @@ def run_bench(opts: BenchOptions) -> dict:
 
         synthetic_trace = opts.out / "routing-trace.jsonl"
         compute_ms: dict[tuple[int, int], float] = {}
+        if opts.peer:
+            runner, gguf = _peer_setup(opts, md)
+            result.update(peer={"engine": opts.peer, "runner": str(runner), "gguf": str(gguf),
+                                "gguf_bytes": gguf.stat().st_size}, peer_runs=[], side_by_side=[])
+
+        def peer_beside(runs: list[dict], budget: str | None, passes: tuple[str, ...], tokens: int) -> None:
+            k, t = runs[0]["k"], runs[0]["compute_threads"]
+            log(f"peer: llama.cpp, k={k}, {t} threads, " + (f"cap {budget}" if budget else "no cap"))
+            peer = run_peer(opts, runner, gguf, md, k, t, budget, passes, tokens)
+            result["peer_runs"].append(peer)
+            for run in runs:
+                result["side_by_side"] += side_by_side(run, peer)
+            for name, p in peer["passes"].items():
+                log(f"  {name}: {p['tok_s']:.3f} tok/s, peak RSS {peer['peak_rss_bytes'] / 2**30:.2f} GiB, "
+                    f"{peer['disk_read_bytes'] / 1e9:.2f} GB read from disk in the run")
         for k in ks:
             for t in opts.threads:
                 log(f"reference: pagecache, no cap, k={k}, {t} compute threads (cold, then warm = all in memory)")
@@ -202,6 +291,8 @@ def run_bench(opts: BenchOptions) -> dict:
                 add_ceiling(ref, disk_gb_s, compute_ms[(k, t)])
                 result["runs"].append(ref)
                 _log_run(log, ref)
+                if opts.peer:
+                    peer_beside([ref], None, ("cold", "warm"), opts.reference_tokens or opts.tokens)
                 for mode in opts.modes:
                     for budget in opts.budgets:
                         for spec in opts.speculate:
@@ -214,6 +305,9 @@ def run_bench(opts: BenchOptions) -> dict:
                             add_ceiling(run, disk_gb_s, compute_ms[(k, t)])
                             result["runs"].append(run)
                             _log_run(log, run)
+                for budget in opts.budgets if opts.peer else ():
+                    peer_beside([r for r in result["runs"] if r["max_memory"] == budget and r["k"] == k
+                                 and r["compute_threads"] == t], budget, opts.passes, opts.tokens)
         if synthetic_trace.exists():
             traces.insert(0, (synthetic_trace, "forced uniform routing (worst case for a cache)"
                               if opts.routing == "uniform" else "routing of the random-weight model"))

@@ -257,6 +257,10 @@ def bench(
     replay_trace: Optional[list[Path]] = typer.Option(None, "--replay", help="Routing trace to replay through "
                                                       "every eviction policy (repeatable)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the matplotlib figures."),
+    peer: Optional[str] = typer.Option(None, help="'llama.cpp': run it beside flashmoe on the same weights (GGUF "
+                                       "export), tokens, k, threads and cap; built and cached on first use."),
+    peer_gguf: Optional[Path] = typer.Option(None, help="The peer's GGUF file (default: MODEL_DIR.q4_0.gguf beside "
+                                             "the model, exported when absent)."),
 ) -> None:
     """Decode speed against the disk-bound ceiling (cold/warm, pagecache/direct, budgets), and cache replays."""
     import os
@@ -270,7 +274,7 @@ def bench(
         budgets=tuple(_csv(budgets)), io_threads=io_threads, prompt_tokens=prompt_tokens, tokens=tokens,
         passes=tuple(_csv(passes)), reference_tokens=reference_tokens, disk_repeats=disk_repeats, cgroup=cgroup,
         cache_policy=cache_policy, routing=routing, speculate=tuple(_on_off(x, "--speculate") for x in _csv(speculate)),
-        replays=tuple(replay_trace or ()),
+        replays=tuple(replay_trace or ()), peer=peer, peer_gguf=peer_gguf,
         figures=figures, log=lambda line: typer.echo(line, err=True))
     run_bench(opts)
     typer.echo((out / "bench.md").read_text())
