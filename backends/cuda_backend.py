@@ -2,9 +2,15 @@
 
 Every activation is a :class:`DeviceArray`, a float32 array in GPU memory with the glue the engine uses on
 backend arrays (``+``, ``-``, ``*`` with broadcasting, ``reshape``, slicing, row lists,
-``len``); ``np.asarray`` on one copies it to the host (the engine's NumPy KV cache does that). Resident
-weights are prepared once into GPU memory: quantised ones as their packed words with their scales and
-biases in their own dtype (one buffer per weight, nothing dequantised), float ones as float32.
+``len``); ``np.asarray`` on one copies it to the host. Resident weights are prepared once into GPU memory:
+quantised ones as their packed words with their scales and biases in their own dtype (one buffer per
+weight, nothing dequantised), float ones as float32. The KV caches live in GPU memory too
+(:meth:`CudaBackend.new_kv_cache`).
+
+Host overhead: a decode token is ~130 launches of small kernels, so the host's cost per launch sets the
+pace (the GPU's share of a token is a fraction of a millisecond). Kernels are launched through cached
+plans that bypass numba's dispatcher (:func:`_launch`), output arrays of a known size skip numba's array
+constructor (:func:`_empty`), and the backend keeps the CUDA context attached to its thread.
 
 Streamed experts: the expert store reads each expert into a host buffer; :meth:`CudaBackend.allocate_buffer`
 makes those buffers page-aligned *pinned* memory, so each expert's bytes cross PCIe in one DMA copy at full
@@ -12,13 +18,15 @@ speed (pageable memory goes through a driver bounce buffer). One copy per expert
 the tensors are views into the expert's buffer, so the backend copies the byte span holding all of them
 into a device staging buffer and the kernels address each tensor by its offset there, reading the bf16 /
 f16 / f32 scales from their raw bits. The k experts of a decode token then run in two launches: gate+up
-with SwiGLU for all k experts, and down with the router-weighted sum.
+with SwiGLU for all k experts, and down with the router-weighted sum. The copies go on a stream of their
+own and the kernels wait for them through an event, so kernels already queued (the shared expert) overlap
+them; the call returns once its copies are done, as the store may then reuse the host buffers.
 
 VRAM tier: :meth:`CudaBackend.configure_expert_cache` keeps up to a byte budget of streamed experts in GPU
 memory by (layer, expert) key, evicted by a flashmoe/eviction.py policy; ``experts_ffn`` / ``expert_ffn``
 take the keys, and an expert already there (:meth:`CudaBackend.has_expert`) may be passed as None, so its
 read can be skipped: the engine's decode step reads only the experts the GPU does not hold (``--gpu-memory``);
-prefill stages every expert it uses. Not here: copies on their own stream overlapping compute.
+prefill stages every expert it uses.
 
 Without a GPU, ``NUMBA_ENABLE_CUDASIM=1`` runs the same kernels in numba's CUDA simulator (slow: for the
 conformance tests on tiny shapes).
@@ -26,8 +34,10 @@ conformance tests on tiny shapes).
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import ml_dtypes
@@ -43,7 +53,7 @@ except ImportError as _e:  # the registry reports this through unavailable_reaso
 else:
     _IMPORT_ERROR = None
 
-from flashmoe.backends.base import Backend, BackendError, Expert
+from flashmoe.backends.base import Backend, BackendError, Expert, KVCache
 from flashmoe.eviction import make_policy
 from flashmoe.quant import QuantizedTensor
 
@@ -79,7 +89,8 @@ if cuda is not None and not K.SIMULATOR:
         reuse. Decode allocates the same few dozen activation sizes in every layer, and numba otherwise calls
         cuMemAlloc per array and batches cuMemFree, which waits for the GPU. Every kernel runs on the one
         default stream, in order, so a block freed on the host is never reused before the GPU is done with
-        it. Blocks over _CACHE_MAX_BLOCK take numba's own path."""
+        it (the expert copy stream writes only into the staging buffer, and each call waits for its copies).
+        Blocks over _CACHE_MAX_BLOCK take numba's own path."""
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -102,6 +113,21 @@ if cuda is not None and not K.SIMULATOR:
 
     # Before any CUDA context exists: numba creates one with the manager set at that time.
     cuda.set_memory_manager(_CachingMemoryManager)
+
+    import types as _pytypes
+
+    from cuda.core import LaunchConfig as _LaunchConfig
+    from cuda.core import launch as _core_launch
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DEVICE_NDARRAY
+
+    # cuda.core's launch and LaunchConfig for _launch, and the legacy default stream (numba's stream 0) as
+    # cuda.core sees it, made at the first plan (once a context exists).
+    # The context's memory manager, for _empty, is found at the first allocation.
+    _DIRECT: Any = _pytypes.SimpleNamespace(launch=_core_launch, LaunchConfig=_LaunchConfig, stream=None,
+                                            memory=None)
+else:
+    _DIRECT = None
+    _DEVICE_NDARRAY = None
 
 
 # -- arrays -----------------------------------------------------------------------------------------------------
@@ -164,7 +190,12 @@ class DeviceArray:
             return self.reshape((1,) + self.shape)
         if isinstance(idx, (list, np.ndarray)):
             return _gather_rows(self, np.asarray(idx, np.int64).reshape(-1))
-        view = self.flat.reshape(*self.shape)[_expand_ellipsis(idx, self.ndim)]
+        idx = _expand_ellipsis(idx, self.ndim)
+        block = _contiguous_block(self.shape, idx)
+        if block is not None:
+            start, shape = block
+            return DeviceArray(self.flat[start:start + math.prod(shape)], shape)
+        view = self.flat.reshape(*self.shape)[idx]
         if view.is_c_contiguous():
             return DeviceArray(view.reshape(view.size), view.shape)
         return _contiguous(view)
@@ -173,16 +204,9 @@ class DeviceArray:
         a, b = self, _to_device(other)
         if reflected:
             a, b = b, a
-        try:
-            shape = np.broadcast_shapes(a.shape, b.shape)
-        except ValueError:
-            raise BackendError(f"cannot broadcast device arrays {a.shape} and {b.shape}") from None
-        if len(shape) > 4:
-            raise BackendError(f"device arrays of {len(shape)} dimensions: at most 4 are supported")
+        shape, dims = _broadcast(a.shape, b.shape)
         out = _empty(shape)
-        dims = (1,) * (4 - len(shape)) + tuple(shape)
-        _flat_launch(K.binary(op), out.size, a.flat, b.flat, out.flat, *dims[1:], *_broadcast_strides(a.shape, dims),
-                     *_broadcast_strides(b.shape, dims))
+        _flat_launch(K.binary(op), out.size, a.flat, b.flat, out.flat, *dims)
         return out
 
     def __add__(self, other: Any) -> "DeviceArray":
@@ -204,6 +228,20 @@ class DeviceArray:
         return self._binary(other, K.SUB, reflected=True)
 
 
+@lru_cache(maxsize=1024)
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(broadcast shape, the binary kernel's shape and stride arguments) of a op b, computed once per pair of
+    shapes (the engine repeats the same few every layer)."""
+    try:
+        shape = np.broadcast_shapes(a, b)
+    except ValueError:
+        raise BackendError(f"cannot broadcast device arrays {a} and {b}") from None
+    if len(shape) > 4:
+        raise BackendError(f"device arrays of {len(shape)} dimensions: at most 4 are supported")
+    dims = (1,) * (4 - len(shape)) + tuple(shape)
+    return shape, (*dims[1:], *_broadcast_strides(a, dims), *_broadcast_strides(b, dims))
+
+
 def _broadcast_strides(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[int, ...]:
     """Element strides of a C-contiguous array of `shape` read as the 4-D broadcast shape `dims` (0 along
     the axes it is broadcast over)."""
@@ -213,6 +251,35 @@ def _broadcast_strides(shape: tuple[int, ...], dims: tuple[int, ...]) -> tuple[i
         strides.append(step if size == want and size != 1 else 0)
         step *= size
     return tuple(reversed(strides))
+
+
+def _contiguous_block(shape: tuple[int, ...], idx: tuple) -> tuple[int, tuple[int, ...]] | None:
+    """(first flat element, shape) of ``a[idx]`` for a C-contiguous ``a`` of `shape` when idx (integers and
+    step-1 slices) selects a contiguous block: after the first axis that keeps more than one index, every
+    axis is taken whole. None otherwise (numba's strided view path then copies it)."""
+    if len(idx) > len(shape):
+        return None
+    start, out, stride, spread = 0, [], math.prod(shape), False
+    for axis, n in enumerate(shape):
+        stride //= max(n, 1)
+        i = idx[axis] if axis < len(idx) else slice(None)
+        if isinstance(i, slice):
+            a, b, step = i.indices(n)
+            if step != 1:
+                return None
+            m = max(b - a, 0)
+            out.append(m)
+        elif isinstance(i, (int, np.integer)):
+            a, m = (int(i) + n if i < 0 else int(i)), 1
+            if not 0 <= a < n:
+                raise IndexError(f"index {int(i)} is out of bounds for axis {axis} with size {n}")
+        else:
+            return None
+        if spread and m != n:
+            return None
+        spread = spread or m > 1
+        start += a * stride
+    return start, tuple(out)
 
 
 def _expand_ellipsis(idx: Any, ndim: int) -> Any:
@@ -226,8 +293,33 @@ def _expand_ellipsis(idx: Any, ndim: int) -> Any:
 
 
 def _empty(shape: tuple[int, ...]) -> DeviceArray:
-    """An uninitialised float32 DeviceArray (numba allocates at least one element)."""
-    return DeviceArray(cuda.device_array(max(math.prod(shape), 1), np.float32), shape)
+    """An uninitialised float32 DeviceArray (at least one element is allocated)."""
+    return DeviceArray(_device_empty(max(math.prod(shape), 1), np.dtype(np.float32)), shape)
+
+
+def _device_empty(n: int, dtype: np.dtype) -> Any:
+    """An uninitialised flat numba device array of n elements of dtype.
+
+    On a GPU, the array for a (size, dtype) seen before is built from that pair's saved attributes and a
+    block from the context's (caching) allocator: numba's constructor derives shape, strides and a layout
+    descriptor in Python every time, measured at about a fifth of decode's host time."""
+    key = (n, dtype.char)
+    fields = _ARRAY_FIELDS.get(key)
+    if fields is None or _DIRECT is None:
+        flat = cuda.device_array(n, dtype)
+        if _DIRECT is not None and len(_ARRAY_FIELDS) < _MAX_ARRAY_FIELDS:
+            _ARRAY_FIELDS[key] = {k: v for k, v in vars(flat).items() if k != "gpu_data"}
+            _DIRECT.memory = flat.gpu_data.context.memory_manager if _DIRECT.memory is None else _DIRECT.memory
+        return flat
+    flat = _DEVICE_NDARRAY.__new__(_DEVICE_NDARRAY)
+    flat.__dict__.update(fields)
+    flat.gpu_data = _DIRECT.memory.memalloc(n * dtype.itemsize)
+    return flat
+
+
+# (element count, dtype char) -> the attributes of a numba device array of that shape, less its memory.
+_ARRAY_FIELDS: dict[int, dict] = {}
+_MAX_ARRAY_FIELDS = 4096
 
 
 def _to_device(x: Any) -> DeviceArray:
@@ -251,16 +343,165 @@ _SCALARS: dict[float, DeviceArray] = {}
 _MAX_SCALARS = 64  # model constants; router weights multiplied one at a time (a fallback path) are not kept
 
 
+class _Uploads:
+    """Small host arrays (token ids, positions, expert slots, router weights) to the GPU without waiting for
+    it. A copy from pageable memory first waits for the default stream to drain, which stops the host from
+    running ahead of the GPU several times a layer; these are staged in a pinned ring instead and copied
+    asynchronously on the default stream, ahead of the kernels that read them. Before the ring is
+    reused from its start, the copies of its previous lap are waited for."""
+
+    def __init__(self, nbytes: int = 1 << 20) -> None:
+        self.ring = cuda.pinned_array(nbytes, np.uint8)
+        self.at = 0
+        self.lap = _new_event()
+        self.stream = cuda.legacy_default_stream()  # the default stream of the launches, as a stream object
+
+    def __call__(self, a: np.ndarray) -> Any:
+        raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+        n = raw.nbytes
+        if not n or 4 * n > self.ring.nbytes:
+            return cuda.to_device(np.ascontiguousarray(a).reshape(-1))
+        if self.at + n > self.ring.nbytes:
+            self.lap.record(0)
+            self.lap.synchronize()
+            self.at = 0
+        src = self.ring[self.at:self.at + n]
+        src[:] = raw
+        self.at += _cdiv(n, 64) * 64
+        dst = _device_empty(a.size, a.dtype)
+        dst.copy_to_device(src.view(a.dtype), stream=self.stream)
+        return dst
+
+
+def _upload(a: np.ndarray) -> Any:
+    """A small host array as a flat numba device array, through the pinned ring."""
+    if not _UPLOADS:
+        _UPLOADS.append(_Uploads())
+    return _UPLOADS[0](a)
+
+
+_UPLOADS: list[_Uploads] = []
+
+
+def _positions(positions: np.ndarray) -> Any:
+    """Token positions as an int64 device array, uploaded once per forward call: rope (q and k) and attention
+    of every full-attention layer use the same positions."""
+    pos = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+    key = pos.tobytes()
+    if _LAST_POSITIONS and _LAST_POSITIONS[0] == key:
+        return _LAST_POSITIONS[1]
+    _LAST_POSITIONS[:] = [key, _upload(pos)]
+    return _LAST_POSITIONS[1]
+
+
+_LAST_POSITIONS: list = []
+
+
+@lru_cache(maxsize=16)
+def _inv_freq(theta: float, rotary_dim: int) -> Any:
+    """RoPE's inverse frequencies ``theta ** -(arange(0, rotary_dim, 2) / rotary_dim)``, float64 on the device."""
+    return cuda.to_device(1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
+
+
 def _flat_launch(kernel: Any, n: int, *args: Any) -> None:
     """One thread per element for n elements."""
     if n:
-        kernel[_cdiv(n, K.FLAT_BLOCK), K.FLAT_BLOCK](*args)
+        _launch(kernel, _cdiv(n, K.FLAT_BLOCK), K.FLAT_BLOCK, args)
 
 
 def _row_launch(kernel: Any, n_rows: int, grid_y: int, *args: Any) -> None:
     """One row of LANES threads per output row, ROWS rows per block, grid_y along the second axis."""
     if n_rows and grid_y:
-        kernel[(_cdiv(n_rows, K.ROWS), grid_y), (K.LANES, K.ROWS)](*args)
+        _launch(kernel, (_cdiv(n_rows, K.ROWS), grid_y), (K.LANES, K.ROWS), args)
+
+
+class _Plan:
+    """How to launch one compiled kernel without numba's dispatcher: the driver-level kernel and, per
+    argument, 0 for an int64 scalar, 1 for a float32 scalar or the item size of a 1-D array."""
+
+    __slots__ = ("kernel", "codes")
+
+    def __init__(self, kernel: Any, codes: tuple[int, ...]) -> None:
+        self.kernel, self.codes = kernel, codes
+
+
+# (dispatcher, argument kinds) -> _Plan, or None where the dispatcher's own path must be taken.
+_PLANS: dict[tuple, _Plan | None] = {}
+_CONFIGS: dict[tuple, Any] = {}
+_MAX_CONFIGS = 4096
+
+
+def _arg_kind(a: Any) -> Any:
+    """A cheap key that fixes the numba type of a kernel argument, or None for a type _Plan does not pack."""
+    t = type(a)
+    if t is int:
+        return 0
+    if t is np.float32:
+        return 1
+    if t is _DEVICE_NDARRAY and a.ndim == 1:
+        return a.dtype.char, a.strides[0]  # a strided 1-D view is typed apart from a contiguous one
+    return None
+
+
+def _launch(kernel: Any, grid: Any, block: Any, args: tuple) -> None:
+    """kernel[grid, block](*args) on the default stream, through a cached plan where one applies.
+
+    numba's launch path (typing every argument, a launch-configuration object with an occupancy check,
+    per-argument marshalling through a strided-memory shim) costs tens of microseconds per launch, and a
+    decode token makes over a hundred launches of small kernels: measured to be most of the time on the
+    H200. Once a kernel is compiled for its argument types, a plan packs them as numba's ABI does (an array
+    as meminfo, parent, size, itemsize, data pointer, shape, strides) and hands them to cuda.core's launch
+    directly. Other arguments (multi-dimensional arrays) and the simulator take numba's path."""
+    if _DIRECT is None:
+        kernel[grid, block](*args)
+        return
+    key = (kernel, *map(_arg_kind, args))
+    plan = _PLANS.get(key, False)
+    if plan is False:
+        kernel[grid, block](*args)  # compiles on first use
+        _PLANS[key] = _make_plan(kernel, args) if None not in key else None
+        return
+    if plan is None:
+        kernel[grid, block](*args)
+        return
+    values: list = []
+    for code, a in zip(plan.codes, args):
+        if code == 0:
+            values.append(a)
+        elif code == 1:
+            values.append(ctypes.c_float(a))
+        else:
+            n = a.size
+            values += (0, 0, n, code, int(a.gpu_data.device_pointer) if n else 0, n, code)
+    config = _CONFIGS.get((grid, block))
+    if config is None:
+        config = _DIRECT.LaunchConfig(grid=grid, block=block)
+        if len(_CONFIGS) < _MAX_CONFIGS:
+            _CONFIGS[(grid, block)] = config
+    _DIRECT.launch(_DIRECT.stream, config, plan.kernel, *values)
+
+
+def _make_plan(kernel: Any, args: tuple) -> _Plan | None:
+    """The plan of `kernel` for the types of `args` (already compiled for them), or None when one of its
+    arguments is of a type a plan does not pack or the kernel needs numba's launch (debug, extensions)."""
+    from numba.cuda import types as nbtypes
+
+    compiled = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+    if compiled.debug or compiled.extensions or getattr(compiled, "cooperative", False):
+        return None
+    codes = []
+    for ty in compiled.argument_types:
+        if ty == nbtypes.int64:
+            codes.append(0)
+        elif ty == nbtypes.float32:
+            codes.append(1)
+        elif isinstance(ty, nbtypes.Array) and ty.ndim == 1 and ty.layout == "C":
+            codes.append(ty.dtype.bitwidth // 8)
+        else:
+            return None
+    if _DIRECT.stream is None:
+        _DIRECT.stream = _driver._to_core_stream(0)
+    return _Plan(compiled._codelibrary.get_cufunc().kernel, tuple(codes))
 
 
 def _contiguous(view: Any) -> DeviceArray:
@@ -276,8 +517,31 @@ def _contiguous(view: Any) -> DeviceArray:
 def _gather_rows(x: DeviceArray, rows: np.ndarray) -> DeviceArray:
     cols = x.size // max(x.shape[0], 1)
     out = _empty((len(rows), *x.shape[1:]))
-    _flat_launch(K.gather_rows, out.size, x.flat, cols, cuda.to_device(rows), out.flat)
+    _flat_launch(K.gather_rows, out.size, x.flat, cols, _upload(rows), out.flat)
     return out
+
+
+def _new_copy_stream() -> Any:
+    """A stream for host -> device expert copies that does not synchronise with the default stream (a
+    numba stream would: every copy would wait for all queued kernels, and they for it)."""
+    if K.SIMULATOR:
+        return cuda.stream()
+    flags = _driver.binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value
+    return _driver.Stream(_driver.driver.cuStreamCreate(flags))
+
+
+def _new_event() -> Any:
+    """An event without timing (cheaper to record and wait on); the simulator's events take no arguments."""
+    return cuda.event() if K.SIMULATOR else cuda.event(timing=False)
+
+
+def _host_to_device(buffer: Any, offset: int, span: np.ndarray, stream: Any) -> None:
+    """Copy host bytes `span` (pinned memory: the copy is asynchronous) into the device byte buffer at
+    `offset` on `stream`, without building a numba device array for the destination."""
+    if K.SIMULATOR:
+        buffer[offset:offset + span.nbytes].copy_to_device(span, stream=stream)
+    else:
+        _driver.host_to_device(buffer.gpu_data.view(offset, offset + span.nbytes), span, span.nbytes, stream=stream)
 
 
 # -- weights ----------------------------------------------------------------------------------------------------
@@ -359,14 +623,15 @@ class _ExpertLayout:
         return out
 
 
-def _expert_layout(expert: Expert, arrays: list[np.ndarray], lo: int) -> _ExpertLayout | None:
-    """The layout of one quantised expert whose arrays start at address lo; None when the kernels cannot
-    address it in place (misaligned tensor, group size not a multiple of 32, gate and up quantised apart)."""
+def _expert_layout(expert: Expert, arrays: list[np.ndarray], offsets: tuple[int, ...]) -> _ExpertLayout | None:
+    """The layout of one quantised expert whose nine arrays lie at byte `offsets` from the start of its span;
+    None when the kernels cannot address it in place (misaligned tensor, group size not a multiple of 32,
+    gate and up quantised apart)."""
     tensors, end = [], 0
     for j, name in enumerate(_PROJECTIONS):
         t = expert[name]
         fmt = _scale_format(t.scales.dtype, f"expert {name}")
-        at = tuple(a.ctypes.data - lo for a in arrays[3 * j:3 * j + 3])
+        at = offsets[3 * j:3 * j + 3]
         scale_align = 4 if fmt == K.F32 else 2
         if at[0] % 4 or at[1] % scale_align or at[2] % scale_align or t.group_size % 32:
             return None
@@ -386,6 +651,7 @@ class _StagedExperts:
     stride: int
     slots: Any  # int64 device array [k]
     first_slot: int
+    copied: bool  # whether any expert was copied from the host for this call (on the copy stream)
 
     @property
     def k(self) -> int:
@@ -453,24 +719,74 @@ def _expert_arrays(expert: Expert) -> list[np.ndarray] | None:
     return arrays
 
 
-def _host_span(arrays: list[np.ndarray]) -> tuple[np.ndarray, int]:
-    """(bytes holding every array, the address they start at), the address a multiple of 4.
+def _expert_span(expert: Expert) -> tuple[np.ndarray, _ExpertLayout] | None:
+    """(the host bytes holding a quantised expert's nine arrays, starting at a multiple of 4 bytes, and where
+    each array lies in them), or None when the fused kernels cannot address it in place (a float projection,
+    a non-contiguous array, see also _expert_layout).
 
     Views into one buffer (the store's read buffers) give a view of that buffer: no host copy. Anything else
-    is packed into a fresh array at the same relative offsets."""
+    is packed into a fresh array at the same relative offsets. Every expert of a model has the same layout,
+    so it is computed once per distinct arrangement (a decode token stages tens of experts)."""
+    arrays = _expert_arrays(expert)
+    if arrays is None or not all(a.flags.c_contiguous for a in arrays):
+        return None
     ptrs = [a.ctypes.data for a in arrays]
     lo = min(ptrs) & ~3
-    hi = max(p + a.nbytes for p, a in zip(ptrs, arrays))
+    offsets = tuple(p - lo for p in ptrs)
+    key = (offsets, *((a.shape, a.dtype) for a in arrays),
+           *((expert[n].bits, expert[n].group_size) for n in _PROJECTIONS))
+    layout = _LAYOUTS.get(key, False)
+    if layout is False:
+        layout = _expert_layout(expert, arrays, offsets)
+        if len(_LAYOUTS) < _MAX_LAYOUTS:
+            _LAYOUTS[key] = layout
+    if layout is None:
+        return None
+    hi = lo + layout.span_bytes
     root = _root(arrays[0])
-    if all(_root(a) is root for a in arrays) and root.flags.c_contiguous:
-        base = root.ctypes.data
-        if base <= lo and hi <= base + root.nbytes:
-            flat = root.reshape(-1).view(np.uint8)
-            return flat[lo - base:hi - base], lo
+    base = root.ctypes.data
+    if root.flags.c_contiguous and base <= lo and hi <= base + root.nbytes:
+        # Every array lies inside root's memory, so these bytes are theirs, whichever object owns them.
+        return root.reshape(-1).view(np.uint8)[lo - base:hi - base], layout
     span = np.zeros(hi - lo, np.uint8)
-    for p, a in zip(ptrs, arrays):
-        span[p - lo:p - lo + a.nbytes] = _raw_bytes(a)
-    return span, lo
+    for offset, a in zip(offsets, arrays):
+        span[offset:offset + a.nbytes] = _raw_bytes(a)
+    return span, layout
+
+
+_LAYOUTS: dict[tuple, _ExpertLayout | None] = {}
+_MAX_LAYOUTS = 256
+
+
+class _DeviceKVCache(KVCache):
+    """A KV cache in GPU memory: keys and values flat float32 ``[capacity * kv_heads * head_dim]`` each, grown
+    by doubling on the device. ``append`` copies the new positions in one launch and returns device views of
+    all cached positions, so attention reads them where they are (the NumPy cache cost two copies to the
+    host and two back per token and full-attention layer)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256):
+        self.row = (kv_heads, head_dim)
+        self.k = cuda.device_array(capacity * kv_heads * head_dim, np.float32)
+        self.v = cuda.device_array(capacity * kv_heads * head_dim, np.float32)
+        self.length = 0
+
+    def append(self, k: Any, v: Any) -> tuple[DeviceArray, DeviceArray]:
+        k, v = _to_device(k), _to_device(v)
+        if k.shape[1:] != self.row or v.shape != k.shape:
+            raise BackendError(f"KV cache of {self.row} per position: got keys {k.shape}, values {v.shape}")
+        row = math.prod(self.row)
+        end = self.length + k.shape[0]
+        if end * row > self.k.size:
+            capacity = max(end, 2 * self.k.size // row)
+            grown_k = cuda.device_array(capacity * row, np.float32)
+            grown_v = cuda.device_array(capacity * row, np.float32)
+            if self.length:
+                _flat_launch(K.kv_append, self.length * row, self.k[:self.length * row],
+                             self.v[:self.length * row], grown_k, grown_v, 0)
+            self.k, self.v = grown_k, grown_v
+        _flat_launch(K.kv_append, k.size, k.flat, v.flat, self.k, self.v, self.length * row)
+        self.length = end
+        return (DeviceArray(self.k[:end * row], (end, *self.row)), DeviceArray(self.v[:end * row], (end, *self.row)))
 
 
 class CudaBackend(Backend):
@@ -512,6 +828,16 @@ class CudaBackend(Backend):
         self._stage = None  # device staging buffer of streamed experts, grown on demand
         self._stage_views = None
         self._cache: _VramCache | None = None
+        # The copy stream and its events, made at the first expert copy (they need the CUDA context).
+        self._copy_stream = self._copied = self._slots_free = None
+        if not K.SIMULATOR:
+            # Every numba call that needs the context (allocations, copies) otherwise asks the driver for the
+            # current context and device again (~4 driver calls and a lock each, hundreds per token) unless an
+            # enclosing scope attached it; this scope stays open for the thread that made the backend.
+            from numba.cuda.cudadrv.devices import _runtime
+
+            self._context_scope = _runtime.ensure_context()
+            self._context_scope.__enter__()
         #: host -> device bytes and copies of streamed experts since construction (statistics)
         self.expert_bytes_copied = 0
         self.expert_copies = 0
@@ -541,6 +867,10 @@ class CudaBackend(Backend):
         start = (-raw.ctypes.data) % _PAGE
         return raw[start:start + nbytes]
 
+    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCache:
+        """A KV cache in GPU memory (:class:`_DeviceKVCache`)."""
+        return _DeviceKVCache(kv_heads, head_dim)
+
     # -- dense ops ------------------------------------------------------------------------------------------
     def linear(self, x: Any, w: Any) -> DeviceArray:
         x = _to_device(x)
@@ -568,7 +898,7 @@ class CudaBackend(Backend):
             return _gather_rows(w, ids)
         out = _empty((len(ids), w.in_features))
         _flat_launch(K.qembed(w.bits, w.group_size, w.fmt), out.size, w.b32, w.b16, w.w_off, w.s_off, w.b_off,
-                     w.in_features, cuda.to_device(ids), out.flat)
+                     w.in_features, _upload(ids), out.flat)
         return out
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> DeviceArray:
@@ -581,25 +911,21 @@ class CudaBackend(Backend):
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> DeviceArray:
         x = _to_device(x)
         T, H, D = x.shape
-        # Angles in float64 on the host, like the reference: position * inv_freq in float32 is 1e-4 off at 32k.
-        inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
-        angles = np.asarray(positions, np.float64).reshape(-1)[:, None] * inv_freq[None, :]
-        cos = cuda.to_device(np.cos(angles).astype(np.float32).reshape(-1))
-        sin = cuda.to_device(np.sin(angles).astype(np.float32).reshape(-1))
         out = _empty(x.shape)
-        _flat_launch(K.rope, x.size, x.flat, H, D, cos, sin, out.flat)
+        _flat_launch(K.rope, x.size, x.flat, H, D, rotary_dim // 2, _positions(positions),
+                     _inv_freq(float(theta), int(rotary_dim)), out.flat)
         return out
 
     def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> DeviceArray:
         q, k, v = _to_device(q), _to_device(k), _to_device(v)
         T, Hq, D = q.shape
         S, Hkv = k.shape[0], k.shape[1]
-        pos = np.ascontiguousarray(q_positions, dtype=np.int64).reshape(-1)
+        pos = np.asarray(q_positions).reshape(-1)
         if pos.size and pos.max() >= S:
             raise BackendError(f"attention: query position {pos.max()} is beyond the {S} cached keys")
-        scores = cuda.device_array(max(T * Hq * S, 1), np.float32)
+        scores = _empty((T * Hq * S,)).flat
         out = _empty(q.shape)
-        _row_launch(K.attention, T * Hq, 1, q.flat, k.flat, v.flat, cuda.to_device(pos), np.float32(scale), Hq,
+        _row_launch(K.attention, T * Hq, 1, q.flat, k.flat, v.flat, _positions(pos), np.float32(scale), Hq,
                     Hkv, D, scores, out.flat)
         return out
 
@@ -607,25 +933,19 @@ class CudaBackend(Backend):
         x, state, weight = _to_device(x), _to_device(state), _to_device(weight)
         T, C = x.shape
         Kw = weight.shape[1]
-        xs = cuda.device_array(((Kw - 1) + T) * C, np.float32)
-        if state.size:
-            xs[: state.size].copy_to_device(state.flat)
-        xs[state.size:].copy_to_device(x.flat)
-        y = _empty((T, C))
-        _flat_launch(K.causal_conv1d, T * C, xs, weight.flat, Kw, y.flat)
-        return y, DeviceArray(xs[T * C:], (Kw - 1, C))
+        y, new_state = _empty((T, C)), _empty((Kw - 1, C))
+        _flat_launch(K.causal_conv1d, (T + Kw - 1) * C, state.flat, x.flat, weight.flat, Kw, y.flat, new_state.flat)
+        return y, new_state
 
     def gated_delta_rule(self, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any
                          ) -> tuple[DeviceArray, DeviceArray]:
-        q, k, v, g, beta = (_to_device(a) for a in (q, k, v, g, beta))
+        q, k, v, g, beta, state = (_to_device(a) for a in (q, k, v, g, beta, state))
         T, Hk, Dk = q.shape
         H, Dv = v.shape[1], v.shape[2]
-        new_state = cuda.device_array(H * Dk * Dv, np.float32)
-        new_state.copy_to_device(_to_device(state).flat)  # the kernel updates in place; the input stays
-        o = _empty((T, H, Dv))
-        _flat_launch(K.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, new_state,
-                     o.flat)
-        return o, DeviceArray(new_state, (H, Dk, Dv))
+        new_state, o = _empty((H, Dk, Dv)), _empty((T, H, Dv))
+        _flat_launch(K.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, state.flat,
+                     new_state.flat, o.flat)
+        return o, new_state
 
     # -- elementwise glue -----------------------------------------------------------------------------------
     def _unary(self, x: Any, op: int) -> DeviceArray:
@@ -687,12 +1007,11 @@ class CudaBackend(Backend):
             if e is None:
                 spans.append(None)
                 continue
-            arrays = _expert_arrays(e)
-            if arrays is None:
+            found = _expert_span(e)
+            if found is None:
                 return None
-            span, lo = _host_span(arrays)
-            this = _expert_layout(e, arrays, lo)
-            if this is None or (layout is not None and this != layout):
+            span, this = found
+            if layout is not None and this != layout:
                 return None
             layout = layout or this
             spans.append(span)
@@ -714,16 +1033,41 @@ class CudaBackend(Backend):
                 self._stage = cuda.device_array(layout.stride * len(experts), np.uint8)
                 self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
             buffer, views = self._stage, self._stage_views
+        copies = []
         for slot, hit, span, key in zip(slots, hits, spans, keys or [None] * len(spans)):
             if hit:
                 continue
             if span is None:
                 raise BackendError(f"expert {key}: not in the GPU expert cache and not given")
-            buffer[slot * layout.stride:slot * layout.stride + span.nbytes].copy_to_device(span)
+            copies.append((slot * layout.stride, span))
+        if copies:
+            self._copy(buffer, copies)
+        return _StagedExperts(layout.parts(*views), layout.stride, _upload(np.array(slots, np.int64)),
+                              slots[0], bool(copies))
+
+    def _copy(self, buffer: Any, copies: list[tuple[int, np.ndarray]]) -> None:
+        """Copy each (byte offset, host span) into `buffer` on the copy stream, after the expert kernels
+        launched so far (they may read the slots being overwritten); the default stream, where every kernel
+        runs, waits for the copies before its next kernel. Work already queued there (the shared expert)
+        overlaps them."""
+        if self._copy_stream is None:
+            self._copy_stream = _new_copy_stream()
+            self._copied, self._slots_free = _new_event(), _new_event()
+        self._slots_free.wait(self._copy_stream)  # an event never recorded does not hold the stream
+        for offset, span in copies:
+            _host_to_device(buffer, offset, span, self._copy_stream)
             self.expert_bytes_copied += span.nbytes
             self.expert_copies += 1
-        return _StagedExperts(layout.parts(*views), layout.stride, cuda.to_device(np.array(slots, np.int64)),
-                              slots[0])
+        self._copied.record(self._copy_stream)
+        self._copied.wait(0)
+
+    def _experts_launched(self, staged: _StagedExperts) -> None:
+        """After the kernels reading `staged`: later copies may overwrite its slots once these kernels are
+        done, and the host buffers the copies read are free again once this returns (the expert store may
+        reuse them for the next reads)."""
+        self._slots_free.record(0)
+        if staged.copied:
+            self._copied.synchronize()
 
     def _gate_up(self, x: DeviceArray, staged: _StagedExperts) -> DeviceArray:
         """h [k * T, inter] = silu(gate_e x_t) * (up_e x_t) for every staged expert e and token t."""
@@ -748,7 +1092,9 @@ class CudaBackend(Backend):
         at = staged.first_slot * staged.stride
         down = replace(d, w_off=d.w_off + at // 4, s_off=d.s_off + _scale_offset(at, d.fmt),
                        b_off=d.b_off + _scale_offset(at, d.fmt))
-        return self._linear(self._gate_up(x, staged), down)
+        y = self._linear(self._gate_up(x, staged), down)
+        self._experts_launched(staged)
+        return y
 
     def experts_ffn(self, x: Any, experts: list[Expert | None], weights: np.ndarray, keys: list | None = None
                     ) -> DeviceArray:
@@ -768,5 +1114,6 @@ class CudaBackend(Backend):
         out = _empty((d.out_features,))
         _row_launch(K.qdown_combine(d.bits, d.group_size, d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off,
                     d.s_off, d.b_off, staged.stride // 4, _scale_offset(staged.stride, d.fmt), staged.slots,
-                    d.out_features, d.n_units, h.flat, cuda.to_device(weights), out.flat)
+                    d.out_features, d.n_units, h.flat, _upload(weights), out.flat)
+        self._experts_launched(staged)
         return out

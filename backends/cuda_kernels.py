@@ -31,7 +31,7 @@ from functools import lru_cache
 
 import numba
 import numpy as np
-from numba import cuda, float32, int32, uint32
+from numba import cuda, float32, float64, int32, uint32
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -371,20 +371,23 @@ def l2_normalize(x, n, eps, out):
 
 
 @cuda.jit
-def rope(x, heads, head_dim, cos, sin, out):
-    """Rotate-half RoPE on the first 2 * half features of each head (half = cos.shape[0] // T), the rest
-    copied. x, out flat [T * heads * head_dim]; cos, sin [T * half]. One thread per element."""
+def rope(x, heads, head_dim, half, positions, inv_freq, out):
+    """Rotate-half RoPE on the first 2 * half features of each head, the rest copied. x, out flat
+    [T * heads * head_dim]; positions int [T]; inv_freq float64 [half]. The angle position * inv_freq and its
+    cosine and sine are float64, as in the reference (in float32 the angle is 1e-4 off at 32k positions).
+    One thread per element."""
     n = cuda.grid(1)
     if n < x.shape[0]:
         t = n // (heads * head_dim)
         d = n % head_dim
-        half = cos.shape[0] // (x.shape[0] // (heads * head_dim))
-        if d < half:
-            c, s = cos[t * half + d], sin[t * half + d]
-            out[n] = x[n] * c - x[n + half] * s
-        elif d < 2 * half:
-            c, s = cos[t * half + d - half], sin[t * half + d - half]
-            out[n] = x[n] * c + x[n - half] * s
+        if d < 2 * half:
+            f = d if d < half else d - half
+            angle = float64(positions[t]) * inv_freq[f]
+            c, s = float32(math.cos(angle)), float32(math.sin(angle))
+            if d < half:
+                out[n] = x[n] * c - x[n + half] * s
+            else:
+                out[n] = x[n] * c + x[n - half] * s
         else:
             out[n] = x[n]
 
@@ -432,23 +435,32 @@ def attention(q, k, v, q_positions, scale, n_heads, n_kv_heads, head_dim, scores
 
 
 @cuda.jit
-def causal_conv1d(xs, w, kernel_size, y):
-    """y[t, c] = silu(sum_j w[c, j] * xs[t + j, c]); xs flat [(T + K - 1) * C], w [C * K], y [T * C]."""
+def causal_conv1d(state, x, w, kernel_size, y, new_state):
+    """Depthwise causal conv with SiLU over xs = concat(state, x) read in place: y[t, c] = silu(sum_j
+    w[c, j] * xs[t + j, c]) and new_state = the last K-1 rows of xs. state, new_state flat [(K-1) * C], x, y
+    [T * C], w [C * K]. One thread per element of y and of new_state."""
     n = cuda.grid(1)
+    C = w.shape[0] // kernel_size
+    keep = state.shape[0] // C  # K - 1
     if n < y.shape[0]:
-        C = w.shape[0] // kernel_size
         t, c = n // C, n % C
         acc = float32(0.0)
         for j in range(kernel_size):
-            acc += w[c * kernel_size + j] * xs[(t + j) * C + c]
+            r = t + j
+            xv = state[r * C + c] if r < keep else x[(r - keep) * C + c]
+            acc += w[c * kernel_size + j] * xv
         y[n] = _silu(acc)
+    elif n < y.shape[0] + new_state.shape[0]:
+        m = n - y.shape[0]
+        r = m // C + y.shape[0] // C  # row of xs
+        new_state[m] = state[r * C + m % C] if r < keep else x[(r - keep) * C + m % C]
 
 
 @cuda.jit
-def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state, o):
-    """Gated delta rule (Yang et al. 2024) in place on state [H * Dk * Dv]; one thread per (head h, value
-    feature j), owning column j of S_h: per token S = exp(g) S; delta = beta (v - Sᵀk); S += k ⊗ delta;
-    o = Sᵀq. q, k [T * Hk * Dk]; v, o [T * H * Dv]; g, beta [T * H]."""
+def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state_in, state, o):
+    """Gated delta rule (Yang et al. 2024) from state_in into state [H * Dk * Dv] (state_in is only read);
+    one thread per (head h, value feature j), owning column j of S_h: per token S = exp(g) S; delta =
+    beta (v - Sᵀk); S += k ⊗ delta; o = Sᵀq. q, k [T * Hk * Dk]; v, o [T * H * Dv]; g, beta [T * H]."""
     n = cuda.grid(1)
     H = g.shape[0] // n_tok
     dv = v.shape[0] // (n_tok * H)
@@ -456,6 +468,8 @@ def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state, o):
         h, j = n // dv, n % dv
         kh = h // (H // k_heads)
         base = h * dk * dv + j
+        for i in range(dk):
+            state[base + i * dv] = state_in[base + i * dv]
         for t in range(n_tok):
             decay = math.exp(g[t * H + h])
             kq = (t * k_heads + kh) * dk
@@ -471,6 +485,16 @@ def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state, o):
                 state[base + i * dv] = s
                 acc += s * q[kq + i]
             o[(t * H + h) * dv + j] = acc
+
+
+@cuda.jit
+def kv_append(k, v, k_cache, v_cache, offset):
+    """k_cache[offset + i] = k[i] and v_cache[offset + i] = v[i] (flat): one launch appends a token's keys
+    and values to a device KV cache."""
+    n = cuda.grid(1)
+    if n < k.shape[0]:
+        k_cache[offset + n] = k[n]
+        v_cache[offset + n] = v[n]
 
 
 # -- elementwise ----------------------------------------------------------------------------------------------

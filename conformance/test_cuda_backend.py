@@ -101,6 +101,12 @@ def test_device_arrays_carry_the_engine_glue(be):
         "last row": (d[-1:], x[-1:]),
         "new axis": (d[1][None], x[1][None]),
         "reshape -1": (d.reshape(12, -1), x.reshape(12, -1)),
+        "one row": (d[1], x[1]),
+        "row, column range": (d[2, 1:3], x[2, 1:3]),
+        "row, column, feature range": (d[0, 3, 2:5], x[0, 3, 2:5]),
+        "negative row": (d[-1, :, :], x[-1, :, :]),
+        "strided rows": (d[::2], x[::2]),
+        "middle range of every row": (d[:, 1:3], x[:, 1:3]),
         "gate column times rows": (d[:, :, :1] * d, x[:, :, :1] * x),
     }
     for name, (dev, want) in got.items():
@@ -108,9 +114,60 @@ def test_device_arrays_carry_the_engine_glue(be):
         assert dev.shape == want.shape, name
         np.testing.assert_allclose(np.asarray(dev), want, rtol=1e-6, err_msg=name)
     kv = np.zeros((5, 4, 6), np.float32)
-    kv[1:4] = d  # the engine's NumPy KV cache takes device arrays by assignment
+    kv[1:4] = d  # NumPy arrays take device arrays by assignment (the session's checkpoint of the GDN state)
     np.testing.assert_array_equal(kv[1:4], x)
     assert len(d) == 3 and d.ndim == 3
+
+
+@HERE
+def test_kv_cache_lives_on_the_device_and_grows_and_cuts_like_the_numpy_one(be):
+    from flashmoe.backends.base import BackendError, KVCache
+    from flashmoe.backends.cuda_backend import DeviceArray, _DeviceKVCache
+
+    rng = np.random.default_rng(4)
+    assert isinstance(be.new_kv_cache(2, 4), _DeviceKVCache)
+    dev, ref = _DeviceKVCache(2, 4, capacity=2), KVCache(2, 4, capacity=2)
+    for step, T in enumerate([3, 1, 1, 2, 1]):  # grows from 2 positions past 8
+        if step == 3:
+            dev.length = ref.length = 3  # a chat session rewinding to a common prefix
+        k, v = (rng.standard_normal((T, 2, 4)).astype(np.float32) for _ in range(2))
+        got, want = dev.append(be.asarray(k), be.asarray(v)), ref.append(k, v)
+        assert dev.length == ref.length
+        for g, w in zip(got, want):
+            assert isinstance(g, DeviceArray) and g.shape == w.shape
+            np.testing.assert_array_equal(np.asarray(g), w)
+    with pytest.raises(BackendError, match="per position"):
+        dev.append(be.asarray(np.zeros((1, 3, 4), np.float32)), be.asarray(np.zeros((1, 3, 4), np.float32)))
+
+
+@HERE
+def test_launches_after_the_first_skip_numbas_dispatcher(be):
+    from flashmoe.backends import cuda_backend
+
+    x = np.random.default_rng(5).standard_normal((3, 40)).astype(np.float32)
+    w = np.linspace(0.5, 1.5, 40, dtype=np.float32)
+    want = be.to_numpy(be.rms_norm(x, w, 1e-6))  # first launch: numba compiles; the plan is made
+    plans = [p for key, p in cuda_backend._PLANS.items() if key[0] is cuda_backend.K.rms_norm]
+    if _simulator():  # simulated kernels have no driver function to launch: numba's own path, no plans
+        assert cuda_backend._DIRECT is None and not plans
+    else:
+        assert plans and all(p is not None for p in plans)
+    np.testing.assert_array_equal(be.to_numpy(be.rms_norm(x, w, 1e-6)), want)  # through the plan on a GPU
+
+
+@HERE
+def test_small_uploads_through_the_pinned_ring_survive_its_wrapping(be):
+    from flashmoe.backends.cuda_backend import _Uploads
+
+    uploads = _Uploads(nbytes=1024)
+    rng = np.random.default_rng(6)
+    sent = [rng.standard_normal(n).astype(np.float32) for n in (40, 60, 7, 64, 50, 3, 64, 30)]
+    sent.append(np.arange(5, dtype=np.int64))
+    got = [uploads(a) for a in sent]
+    assert uploads.at < sum(-(-a.nbytes // 64) * 64 for a in sent)  # the ring was reused from its start
+    for a, d in zip(sent, got):
+        assert d.dtype == a.dtype
+        np.testing.assert_array_equal(d.copy_to_host(), a)
 
 
 @HERE
