@@ -124,16 +124,21 @@ def drop_page_cache(path: Path) -> None:
 
 def run_llama(runner: Path, gguf: Path, threads: int, prompt: np.ndarray, decode: np.ndarray,
               passes: Sequence[str] = ("cold", "warm"), logits_out: Path | None = None,
-              override: str | None = None, preexec: Callable[[], None] | None = None) -> dict:
+              override: str | None = None, repack: bool = True,
+              preexec: Callable[[], None] | None = None) -> dict:
     """Run flashmoe-llama-run once (module docstring); a result dict shaped like decode_run's for the
     fields both have: per pass `tok_s` (decode tokens ÷ their time; the prefill is excluded as in
     decode_run), `ms_per_token`, `ttft_s` (prefill), `decode_token_ms`; for the process `peak_rss_bytes`,
     `disk_read_bytes` (ru_inblock × 512, load and all passes), `wall_s`, `loadavg_1min` before/after.
     override: 'KEY=INT' metadata override (e.g. 'qwen3moe.expert_used_count=4').
+    repack: llama.cpp's default, copying the Q4_0 weights into its repacked (interleaved) layout in
+    anonymous memory at load — its fastest kernels, but memory for the whole model; False keeps every
+    weight in the mmap'd file (llama-cli --no-repack), the only way it runs under a cap smaller than the model.
     Raises FlashMoeError with the runner's last output lines when it fails."""
     drop_page_cache(gguf)
     cmd = [str(runner), str(gguf), str(threads), str(len(passes)), str(logits_out or "-"),
-           ",".join(map(str, prompt)), ",".join(map(str, decode))] + ([override] if override else [])
+           ",".join(map(str, prompt)), ",".join(map(str, decode))]
+    cmd += ([] if repack else ["--no-repack"]) + ([override] if override else [])
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -149,7 +154,7 @@ def run_llama(runner: Path, gguf: Path, threads: int, prompt: np.ndarray, decode
         raise FlashMoeError(f"llama.cpp run on {gguf} failed (exit {proc.returncode}):\n{tail}")
     records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     result = {"engine": "llama.cpp", "gguf": str(gguf), "threads": threads, "prompt_tokens": len(prompt),
-              "tokens": len(decode), "override": override, "passes": {}, "wall_s": wall,
+              "tokens": len(decode), "override": override, "repack": repack, "passes": {}, "wall_s": wall,
               "peak_rss_bytes": usage.ru_maxrss * 1024, "disk_read_bytes": usage.ru_inblock * 512,
               "loadavg_1min": [load_before, os.getloadavg()[0]]}
     for name, rec in zip(passes, records):

@@ -1,11 +1,13 @@
 // flashmoe-llama-run: llama.cpp's forward over given token ids, timed per token, for bench/llama_cpp.py.
 //
-// usage: flashmoe-llama-run MODEL.gguf THREADS PASSES LOGITS_OUT PROMPT_IDS DECODE_IDS [KEY=INT]
+// usage: flashmoe-llama-run MODEL.gguf THREADS PASSES LOGITS_OUT PROMPT_IDS DECODE_IDS [--no-repack] [KEY=INT]
 //   PROMPT_IDS, DECODE_IDS: comma-separated token ids. Each pass clears the KV cache, prefills the prompt in
 //   one batch, then decodes DECODE_IDS one token per llama_decode (teacher-forced: the given ids, not
 //   sampled ones), exactly the work bench/decode_run.py times for flashmoe.
 //   LOGITS_OUT: '-' or a file that receives, from the first pass, the float32 logits of every position
 //   ([prompt + decode tokens, n_vocab], row-major) for comparing with flashmoe's.
+//   --no-repack: leave the weights in the mmap'd file (llama-cli's --no-repack); by default llama.cpp
+//   copies Q4_0 weights into repacked anonymous buffers, which needs memory for the whole model.
 //   KEY=INT: an integer metadata override, e.g. qwen3moe.expert_used_count=4 to run with another k.
 // Prints one JSON object per pass on stdout: {"pass": i, "prefill_ms": x, "token_ms": [...]}.
 // The model is loaded with llama.cpp's default parameters (mmap, what llama-cli does).
@@ -42,8 +44,9 @@ static double now_ms() {
 }
 
 int main(int argc, char ** argv) {
-    if (argc != 7 && argc != 8) {
-        fprintf(stderr, "usage: %s MODEL.gguf THREADS PASSES LOGITS_OUT PROMPT_IDS DECODE_IDS [KEY=INT]\n", argv[0]);
+    if (argc < 7) {
+        fprintf(stderr, "usage: %s MODEL.gguf THREADS PASSES LOGITS_OUT PROMPT_IDS DECODE_IDS [--no-repack] [KEY=INT]\n",
+                argv[0]);
         return 2;
     }
     const int threads = atoi(argv[2]);
@@ -60,13 +63,17 @@ int main(int argc, char ** argv) {
 
     llama_model_params mp = llama_model_default_params();
     llama_model_kv_override overrides[2] = {};
-    if (argc == 8) {
-        const char * eq = strchr(argv[7], '=');
-        if (!eq || eq - argv[7] >= (long) sizeof(overrides[0].key)) {
-            fprintf(stderr, "bad override %s (KEY=INT)\n", argv[7]);
+    for (int i = 7; i < argc; ++i) {
+        if (strcmp(argv[i], "--no-repack") == 0) {
+            mp.use_extra_bufts = false;
+            continue;
+        }
+        const char * eq = strchr(argv[i], '=');
+        if (!eq || eq - argv[i] >= (long) sizeof(overrides[0].key)) {
+            fprintf(stderr, "bad option %s (--no-repack or KEY=INT)\n", argv[i]);
             return 2;
         }
-        memcpy(overrides[0].key, argv[7], eq - argv[7]);
+        memcpy(overrides[0].key, argv[i], eq - argv[i]);
         overrides[0].tag = LLAMA_KV_OVERRIDE_TYPE_INT;
         overrides[0].val_i64 = strtoll(eq + 1, nullptr, 10);
         mp.kv_overrides = overrides;

@@ -103,7 +103,8 @@ def _peer_tables(result: dict) -> list[str]:
         cap = run.get("cgroup_max_usage_bytes")
         for name, p in run["passes"].items():
             lines.append(
-                f"| k={run['k']} t={run['compute_threads']} {run['max_memory'] or 'no cap'} | {name} | "
+                f"| k={run['k']} t={run['compute_threads']} {run['max_memory'] or 'no cap'}"
+                f"{'' if run.get('repack', True) else ' no-repack'} | {name} | "
                 f"{_f(p['tok_s'], '.3f')} | {_f(p['ms_per_token'], '.0f')} | {run['peak_rss_bytes'] / 2**30:.2f} | "
                 f"{_f(cap and cap / 2**30)} | {run['disk_read_bytes'] / GB:.2f} | "
                 f"{'–'.join(f'{x:.1f}' for x in run['loadavg_1min'])} |")

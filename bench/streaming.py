@@ -16,7 +16,8 @@ For a model directory (typically from `flashmoe synth`), in this order:
 5. Peer (`--peer llama.cpp`, bench/llama_cpp.py): llama.cpp on the same weights exported to GGUF
    (bench/gguf_export.py, Q4_0; written beside the model directory on first use), the same prompt and
    decode token ids, the same k and compute threads, once without a cap (beside the reference run) and once
-   per budget in the same cgroup memory cap; `side_by_side` pairs each flashmoe pass with llama.cpp's
+   per budget in the same cgroup memory cap (there with its weights left in the mmap'd file: llama.cpp's
+   default repacking copies the whole model into memory); `side_by_side` pairs each flashmoe pass with llama.cpp's
    (tok/s and their ratio). llama.cpp follows its own router, so the peer needs `--routing model`.
 6. Replays (bench/replay.py): the routing trace recorded during the first pass of the first budgeted run
    (the reference's when there is none; random weights: near-uniform routing) and every --replay TRACE,
@@ -152,14 +153,17 @@ def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: 
 def run_peer(opts: BenchOptions, runner: Path, gguf: Path, md: ModelDir, k: int, threads: int, budget: str | None,
              passes: tuple[str, ...], tokens: int) -> dict:
     """llama.cpp (bench/llama_cpp.run_llama) on the GGUF export of the model: decode_run's prompt and decode
-    ids for this seed, k and threads, in the same memory cap as run_child; its result dict with the budget."""
+    ids for this seed, k and threads, in the same memory cap as run_child; its result dict with the budget.
+    Without a budget llama.cpp runs with its defaults (weights repacked into memory: its fastest); with one,
+    with --no-repack (weights left in the mmap'd file), since repacking needs memory for the whole model."""
     from flashmoe.bench.gguf_export import llama_arch
     from flashmoe.bench.llama_cpp import run_llama
 
     prompt, decode = decode_inputs(md.config.vocab_size, opts.prompt_tokens, tokens, opts.seed)
     override = None if k == md.config.num_experts_per_tok else f"{llama_arch(md.config.model_type)}.expert_used_count={k}"
     with memory_cap(opts, budget) as (preexec, cap):
-        run = run_llama(runner, gguf, threads, prompt, decode, passes, override=override, preexec=preexec)
+        run = run_llama(runner, gguf, threads, prompt, decode, passes, override=override, repack=budget is None,
+                        preexec=preexec)
     run.update(cap, k=k, compute_threads=threads, max_memory=budget,
                max_memory_bytes=parse_size(budget) if budget else None,
                cgroup_limit_bytes=parse_size(budget) if preexec is not None else None)

@@ -125,6 +125,9 @@ def test_llama_cpp_runs_the_export_with_flashmoes_logits(tiny, tmp_path):
     run_llama(RUNNER, q4, 1, prompt, decode, ("cold",), logits_out=logits)
     q = np.fromfile(logits, np.float32).reshape(len(IDS), -1)
     assert np.corrcoef(q.ravel(), ours.ravel())[0, 1] > 0.98  # Q4_0 requantisation: close, not equal
+    mapped = run_llama(RUNNER, q4, 1, prompt, decode, ("cold",), logits_out=logits, repack=False)
+    assert mapped["repack"] is False  # weights read from the mmap'd file, not a repacked copy: the same logits
+    np.testing.assert_allclose(np.fromfile(logits, np.float32).reshape(len(IDS), -1), q, atol=1e-3 * np.abs(q).max())
     run_llama(RUNNER, f32, 1, prompt, decode, ("cold",), logits_out=logits, override="qwen3moe.expert_used_count=3")
     k3 = np.fromfile(logits, np.float32).reshape(len(IDS), -1)
     md = ModelDir.open(model)
@@ -141,7 +144,7 @@ def test_bench_runs_llama_cpp_beside_flashmoe(tiny, tmp_path):
     result = run_bench(BenchOptions(model_dir=model, out=out, backend="numpy", modes=("direct",), threads=(1,),
                                     budgets=("1G",), tokens=3, prompt_tokens=4, disk_repeats=1, disk_experts=8,
                                     peer="llama.cpp", peer_gguf=q4, figures=False, log=lambda line: None))
-    assert [(r["max_memory"], r["k"]) for r in result["peer_runs"]] == [(None, 2), ("1G", 2)]
+    assert [(r["max_memory"], r["k"], r["repack"]) for r in result["peer_runs"]] == [(None, 2, True), ("1G", 2, False)]
     rows = {(row["max_memory"], row["pass"]): row for row in result["side_by_side"]}
     assert set(rows) == {(None, "cold"), (None, "warm"), ("1G", "cold"), ("1G", "warm")}
     for row in rows.values():
