@@ -15,7 +15,8 @@ For a model directory (typically from `flashmoe synth`), in this order:
    (same mode, same k); bound = max(disk time, compute time); reported as disk-bound tok/s and time ÷ bound.
 5. Peer (`--peer llama.cpp`, bench/llama_cpp.py): llama.cpp on the same weights exported to GGUF
    (bench/gguf_export.py, Q4_0; written beside the model directory on first use), the same prompt and
-   decode token ids, the same k and compute threads, once without a cap (beside the reference run) and once
+   decode token ids, the same k and compute threads: beside the uncapped reference run when no --budgets
+   are given (the model fits in memory: llama.cpp's defaults hold all of it in anonymous memory), else once
    per budget in the same cgroup memory cap (there with its weights left in the mmap'd file: llama.cpp's
    default repacking copies the whole model into memory); `side_by_side` pairs each flashmoe pass with llama.cpp's
    (tok/s and their ratio). llama.cpp follows its own router, so the peer needs `--routing model`.
@@ -295,7 +296,7 @@ def run_bench(opts: BenchOptions) -> dict:
                 add_ceiling(ref, disk_gb_s, compute_ms[(k, t)])
                 result["runs"].append(ref)
                 _log_run(log, ref)
-                if opts.peer:
+                if opts.peer and not opts.budgets:
                     peer_beside([ref], None, ("cold", "warm"), opts.reference_tokens or opts.tokens)
                 for mode in opts.modes:
                     for budget in opts.budgets:
