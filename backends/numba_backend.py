@@ -22,17 +22,21 @@ reductions vectorise). Both change results only by float32 rounding, well inside
 ``nnan``/``ninf``/``nsz``/``arcp``/``afn`` stay off, so NaN and inf propagate and exp/division are exact
 libm/IEEE.
 
-Threads: numba's default pool (one per core; ``NUMBA_NUM_THREADS`` overrides), but a kernel call whose work
-is below ``PARALLEL_MIN_WORK`` multiply-adds runs its parallel loop on the calling thread alone (the same
-compiled kernel under ``numba.set_num_threads(1)``, so nothing is compiled twice). Starting a parallel region
-wakes the other workers and waits for all of them; on a machine with more runnable threads than cores a
-descheduled worker costs up to a scheduler slice (milliseconds) per region whatever its size, which made a
-small model decode 60x slower with two threads than with one (docs/benchmarks.md).
+Threads: numba's pool (one thread per core; ``NUMBA_NUM_THREADS`` overrides) or the calling thread alone,
+per call: the same compiled kernel under ``numba.set_num_threads(1)``, so nothing is compiled twice.
+Starting a parallel region wakes the pool's workers and waits for all of them; on a machine with more
+runnable threads than cores a descheduled worker costs up to a scheduler slice (milliseconds) per region
+whatever its size, which made a small model decode 60x slower with two threads than with one. So a call
+below ``PARALLEL_MIN_WORK`` multiply-adds always runs alone, and larger ones take whichever way their recent
+calls of that size measured faster (``_ThreadChoice``): the pool on an idle machine, one thread on a busy one
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import functools
+import time
+from collections import deque
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -403,19 +407,72 @@ if numba is not None:
                         o[t, h, j] += S[i, j] * qi
 
 
+class _ThreadChoice:
+    """Whether one kernel's large calls run on numba's pool or on the calling thread alone, chosen by their
+    measured seconds per unit of work: the mean of each way's last RECENT calls. The way that loses is
+    tried again once every RETRY_S seconds, so the choice follows the machine's load. On an idle machine
+    the pool wins; on one with more runnable threads than cores, each parallel region waits for a worker
+    that shares its core with other work (milliseconds, whatever the region's size) and one thread wins
+    (docs/benchmarks.md). The kernel's first call is not timed (it compiles or loads the kernel)."""
+
+    RECENT = 5
+    RETRY_S = 1.0
+
+    def __init__(self) -> None:
+        self.timed: dict[bool, deque] = {True: deque(maxlen=self.RECENT), False: deque(maxlen=self.RECENT)}
+        self.last_run = {True: float("-inf"), False: float("-inf")}
+        self.calls = 0
+
+    def faster(self) -> bool | None:
+        """True: the pool is faster; None until both ways have two timed calls."""
+        pool, alone = self.timed[True], self.timed[False]
+        if len(pool) < 2 or len(alone) < 2:
+            return None
+        return sum(pool) / len(pool) <= sum(alone) / len(alone)
+
+    def pick(self, now: float) -> bool:
+        """True: run on the pool."""
+        best = self.faster()
+        if best is None:  # measure both ways first, in turn
+            return len(self.timed[True]) <= len(self.timed[False])
+        return best if now - self.last_run[not best] < self.RETRY_S else not best
+
+    def record(self, parallel: bool, now: float, seconds_per_work: float) -> None:
+        self.calls += 1
+        self.last_run[parallel] = now
+        if self.calls > 1:
+            self.timed[parallel].append(seconds_per_work)
+
+
+_choices: dict[tuple[Any, int], _ThreadChoice] = {}  # by (kernel, bit length of the call's work)
+
+
 def _call(kernel: Any, work: int, *args: Any) -> None:
     """kernel(*args), on the calling thread alone when ``work`` (multiply-adds, or comparable inner-loop
-    steps) is below PARALLEL_MIN_WORK. numba's thread count is per calling thread, so a server's worker
-    thread changing it affects no other thread."""
+    steps) is below PARALLEL_MIN_WORK, else on the pool or alone as the _ThreadChoice of the kernel and size
+    measured to be faster. numba's thread count is per calling thread, so a server's worker thread changing
+    it affects no other thread."""
     threads = numba.get_num_threads()
-    if work >= PARALLEL_MIN_WORK or threads == 1:
+    if threads == 1:
         kernel(*args)
         return
-    numba.set_num_threads(1)
-    try:
+    # Calls of one kernel within a factor of two of work share a choice: an lm_head-sized mat-vec gains
+    # from the pool on a machine where an expert-sized one does not.
+    choice = None if work < PARALLEL_MIN_WORK else _choices.setdefault((kernel, work.bit_length()),
+                                                                        _ThreadChoice())
+    now = time.monotonic()
+    parallel = choice is not None and choice.pick(now)
+    t0 = time.perf_counter()
+    if parallel:
         kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
+    else:
+        numba.set_num_threads(1)
+        try:
+            kernel(*args)
+        finally:
+            numba.set_num_threads(threads)
+    if choice is not None:
+        choice.record(parallel, now, (time.perf_counter() - t0) / work)
 
 
 def _f32(x: Any) -> np.ndarray:

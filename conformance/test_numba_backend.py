@@ -88,7 +88,30 @@ def test_every_parallel_kernel_gives_the_same_bits_on_one_thread_and_on_the_pool
                 be.experts_ffn(x1[0], experts, np.array([0.5, 0.3, 0.2], np.float32))]
 
     monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(nb._ThreadChoice, "pick", lambda self, now: True)
     pooled = run_all()
     monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 1 << 62)
     for got, want in zip(run_all(), pooled):
         np.testing.assert_array_equal(got, want)
+
+
+def test_large_calls_take_the_way_measured_faster_and_retry_the_other_each_second():
+    from flashmoe.backends.numba_backend import _ThreadChoice
+
+    choice = _ThreadChoice()
+    picks = []
+    for t, pool_s, alone_s in [(0.0, 9.0, 9.0)] + [(0.01 * i, 8e-9, 1e-9) for i in range(1, 5)]:
+        parallel = choice.pick(t)
+        picks.append(parallel)
+        choice.record(parallel, t, pool_s if parallel else alone_s)
+    assert picks == [True, True, False, True, False]  # the first call (compiling) is not timed; then in turn
+    assert choice.faster() is False and [choice.pick(t) for t in (0.5, 0.9)] == [False, False]  # pool 8x slower
+    # The machine goes idle: the pool, tried again each second after it last ran, is now 10x faster; it
+    # becomes the faster way once its slow calls have left its RECENT last ones.
+    t, retries = 1.05, 0
+    while not choice.faster():
+        assert choice.pick(t)
+        choice.record(True, t, 1e-10)
+        t, retries = t + 1.05, retries + 1
+    assert retries == choice.RECENT
+    assert choice.pick(t) is False  # one thread has not run for a second: tried again in turn
