@@ -185,3 +185,37 @@ def test_synth_progress_bar_names_the_output_once(tmp_path, capsys):
     synth_like(tmp_path / "synth", config_path=config, layers=1, show_progress=True)
     err = capsys.readouterr().err
     assert "writing synth:" in err and "synth synth" not in err, err
+
+
+def _top_expert_shares(tmp_path, monkeypatch, name: str) -> list[float]:
+    """Per MoE layer, the share of 64 random tokens whose top expert is that layer's most common one, on a
+    12-layer tiny Qwen3-MoE written by synth (16 experts: uniform routing gives about 0.1)."""
+    import flashmoe.reference.moe as moe
+
+    config = dict(TINY["qwen3_moe"], num_hidden_layers=12, num_experts=16)
+    out = synth_model(tmp_path / name, config, seed=0)
+    shares, route = [], moe.route
+
+    def recording_route(logits, k, norm_topk_prob):
+        ids, weights = route(logits, k, norm_topk_prob)
+        shares.append(float(np.bincount(ids[:, 0], minlength=16).max()) / len(ids))
+        return ids, weights
+
+    monkeypatch.setattr(moe, "route", recording_route)
+    ReferenceModel.from_dir(out).forward(np.random.default_rng(0).integers(0, config["vocab_size"], 64))
+    return shares
+
+
+def test_synthetic_routing_stays_near_uniform_at_depth(tmp_path, monkeypatch):
+    """The small attention output projections keep every token's own embedding in charge of the residual
+    stream, so no layer sends most tokens to one expert; at the usual std the deep layers do."""
+    import flashmoe.synth as synth
+
+    md = ModelDir.open(synth_model(tmp_path / "m", TINY["qwen3_moe"], seed=0))
+    assert 0.00018 < float(md.tensor("layers.1.self_attn.o_proj.weight").std()) < 0.00022
+    assert 0.018 < float(md.tensor("layers.1.self_attn.q_proj.weight").std()) < 0.022
+    with monkeypatch.context() as m:
+        assert max(_top_expert_shares(tmp_path, m, "small")) <= 0.25
+    with monkeypatch.context() as m:
+        m.setattr(synth, "RESIDUAL_BRANCH_STD", synth.INIT_STD)
+        assert max(_top_expert_shares(tmp_path, m, "usual")[-4:]) >= 0.5
