@@ -408,40 +408,62 @@ if numba is not None:
 
 
 class _ThreadChoice:
-    """Whether one kernel's large calls run on numba's pool or on the calling thread alone, chosen by their
-    measured seconds per unit of work: the mean of each way's last RECENT calls. The way that loses is
-    tried again once every RETRY_S seconds, so the choice follows the machine's load. On an idle machine
-    the pool wins; on one with more runnable threads than cores, each parallel region waits for a worker
-    that shares its core with other work (milliseconds, whatever the region's size) and one thread wins
-    (docs/benchmarks.md). The kernel's first call is not timed (it compiles or loads the kernel)."""
+    """Whether one kernel's large calls run on numba's pool or on the calling thread alone, chosen by measured
+    seconds per unit of work. The way in use is judged on its calls of the last WINDOW_S seconds (so a rare
+    stall weighs what it costs, and frequent ones make it lose); the other way is tried again in a burst of
+    BURST calls every RETRY_S seconds, and judged on its latest calls. So the choice follows the machine's
+    load: on an idle machine the pool wins; on one with more runnable threads than cores, each parallel region
+    waits for a worker that shares its core with other work (milliseconds, whatever the region's size) and
+    one thread wins (docs/benchmarks.md). The kernel's first call is not timed (it compiles or loads it)."""
 
-    RECENT = 5
-    RETRY_S = 1.0
+    WINDOW_S = 2.0
+    BURST = 3
+    RETRY_S = 2.0
 
     def __init__(self) -> None:
-        self.timed: dict[bool, deque] = {True: deque(maxlen=self.RECENT), False: deque(maxlen=self.RECENT)}
-        self.last_run = {True: float("-inf"), False: float("-inf")}
-        self.calls = 0
+        self.calls: dict[bool, deque] = {True: deque(), False: deque()}  # (when, seconds, work), oldest first
+        self.sums = {True: [0.0, 0], False: [0.0, 0]}  # seconds and work of those calls
+        self.burst_start = {True: float("-inf"), False: float("-inf")}
+        self.burst_way, self.burst_left = True, 0
+        self.untimed = True
+
+    def rate(self, parallel: bool) -> float | None:
+        """Seconds per unit of work of this way's kept calls; None before BURST of them."""
+        seconds, work = self.sums[parallel]
+        return seconds / work if len(self.calls[parallel]) >= self.BURST else None
 
     def faster(self) -> bool | None:
-        """True: the pool is faster; None until both ways have two timed calls."""
-        pool, alone = self.timed[True], self.timed[False]
-        if len(pool) < 2 or len(alone) < 2:
-            return None
-        return sum(pool) / len(pool) <= sum(alone) / len(alone)
+        """True: the pool is faster; None until both ways have BURST timed calls."""
+        pool, alone = self.rate(True), self.rate(False)
+        return None if pool is None or alone is None else pool <= alone
 
     def pick(self, now: float) -> bool:
         """True: run on the pool."""
         best = self.faster()
-        if best is None:  # measure both ways first, in turn
-            return len(self.timed[True]) <= len(self.timed[False])
-        return best if now - self.last_run[not best] < self.RETRY_S else not best
+        if best is None:  # measure both ways first, in turn (their first bursts)
+            way = len(self.calls[True]) <= len(self.calls[False])
+            self.burst_start[way] = now
+            return way
+        if self.burst_left == 0 and now - self.burst_start[not best] >= self.RETRY_S:
+            self.burst_way, self.burst_left = not best, self.BURST
+            self.burst_start[not best] = now
+        if self.burst_left:
+            self.burst_left -= 1
+            return self.burst_way
+        return best
 
-    def record(self, parallel: bool, now: float, seconds_per_work: float) -> None:
-        self.calls += 1
-        self.last_run[parallel] = now
-        if self.calls > 1:
-            self.timed[parallel].append(seconds_per_work)
+    def record(self, parallel: bool, now: float, seconds: float, work: int) -> None:
+        if self.untimed:
+            self.untimed = False
+            return
+        calls, sums = self.calls[parallel], self.sums[parallel]
+        calls.append((now, seconds, work))
+        sums[0] += seconds
+        sums[1] += work
+        while len(calls) > self.BURST and now - calls[0][0] > self.WINDOW_S:
+            _, old_seconds, old_work = calls.popleft()
+            sums[0] -= old_seconds
+            sums[1] -= old_work
 
 
 _choices: dict[tuple[Any, int], _ThreadChoice] = {}  # by (kernel, bit length of the call's work)
@@ -472,7 +494,7 @@ def _call(kernel: Any, work: int, *args: Any) -> None:
         finally:
             numba.set_num_threads(threads)
     if choice is not None:
-        choice.record(parallel, now, (time.perf_counter() - t0) / work)
+        choice.record(parallel, now, time.perf_counter() - t0, work)
 
 
 def _f32(x: Any) -> np.ndarray:

@@ -95,23 +95,32 @@ def test_every_parallel_kernel_gives_the_same_bits_on_one_thread_and_on_the_pool
         np.testing.assert_array_equal(got, want)
 
 
-def test_large_calls_take_the_way_measured_faster_and_retry_the_other_each_second():
+def test_large_calls_take_the_way_measured_faster_and_retry_the_other_in_bursts():
     from flashmoe.backends.numba_backend import _ThreadChoice
 
     choice = _ThreadChoice()
-    picks = []
-    for t, pool_s, alone_s in [(0.0, 9.0, 9.0)] + [(0.01 * i, 8e-9, 1e-9) for i in range(1, 5)]:
-        parallel = choice.pick(t)
-        picks.append(parallel)
-        choice.record(parallel, t, pool_s if parallel else alone_s)
-    assert picks == [True, True, False, True, False]  # the first call (compiling) is not timed; then in turn
-    assert choice.faster() is False and [choice.pick(t) for t in (0.5, 0.9)] == [False, False]  # pool 8x slower
-    # The machine goes idle: the pool, tried again each second after it last ran, is now 10x faster; it
-    # becomes the faster way once its slow calls have left its RECENT last ones.
-    t, retries = 1.05, 0
-    while not choice.faster():
-        assert choice.pick(t)
-        choice.record(True, t, 1e-10)
-        t, retries = t + 1.05, retries + 1
-    assert retries == choice.RECENT
-    assert choice.pick(t) is False  # one thread has not run for a second: tried again in turn
+    n = choice.BURST
+
+    def call(now: float, pool_s: float, alone_s: float) -> bool:
+        parallel = choice.pick(now)
+        choice.record(parallel, now, pool_s if parallel else alone_s, 1)
+        return parallel
+
+    assert call(0.0, 9.0, 9.0)  # the first call (it compiles) is not timed
+    assert [call(0.01 * i, 8e-3, 1e-3) for i in range(1, 2 * n + 1)] == [True, False] * n  # both ways, in turn
+    assert choice.faster() is False  # the pool was 8x slower
+    assert not any(call(0.1 + 0.01 * i, 8e-3, 1e-3) for i in range(100))  # one thread for RETRY_S
+    t = 0.01 * 2 * n + choice.RETRY_S  # RETRY_S after the pool's last call, at 0.01 * (2n - 1)
+    # The machine goes idle: the pool's retry burst is 10x faster than one thread, so it takes over, and
+    # one thread is retried in a burst of its own (its last burst was RETRY_S ago).
+    assert [call(t + 0.01 * i, 1e-4, 1e-3) for i in range(n)] == [True] * n
+    assert choice.faster() is True
+    assert [call(t + 0.1 + 0.001 * i, 1e-4, 1e-3) for i in range(100)] == [False] * n + [True] * (100 - n)
+    # One stall of the pool among its calls of the last WINDOW_S seconds costs what it weighs on average.
+    assert all(call(t + 0.2 + 0.001 * i, 5e-3 if i == 50 else 1e-4, 1e-3) for i in range(100))
+    assert choice.faster() is True
+    # The machine gets busy: every other parallel region stalls; one thread takes over.
+    t += 3.0
+    for i in range(50):
+        call(t + 0.001 * i, 5e-3 if i % 2 else 1e-4, 1e-3)
+    assert choice.faster() is False
