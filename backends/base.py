@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Union
 import numpy as np
 
 from flashmoe.errors import FlashMoeError
+from flashmoe.eviction import DEFAULT_POLICY
 from flashmoe.quant import QuantizedTensor
 from flashmoe.reference import ops as ref_ops
 
@@ -269,7 +270,7 @@ class Backend(ABC):
         engine need not read it from the store."""
         return False
 
-    def configure_expert_cache(self, nbytes: int, policy: str = "lru") -> None:
+    def configure_expert_cache(self, nbytes: int, policy: str = DEFAULT_POLICY) -> None:
         """Size the backend's own expert cache (``--gpu-memory``). Raises BackendError for a backend
         without one."""
         raise BackendError(f"backend {self.name!r} has no expert cache of its own (--gpu-memory needs cuda)")

@@ -54,7 +54,7 @@ else:
     _IMPORT_ERROR = None
 
 from flashmoe.backends.base import Backend, BackendError, Expert, KVCache
-from flashmoe.eviction import make_policy
+from flashmoe.eviction import DEFAULT_POLICY, make_policy
 from flashmoe.quant import QuantizedTensor
 
 _PAGE = 4096
@@ -679,7 +679,7 @@ class _VramCache:
         self.layout = layout
         self.slab = cuda.device_array(n * layout.stride, np.uint8)
         self.views = (self.slab.view(np.uint32), self.slab.view(np.uint16))
-        self.policy = make_policy(self.policy_name)
+        self.policy = make_policy(self.policy_name, n)
         self.slot_of: dict = {}
         self.free = list(range(n - 1, -1, -1))
 
@@ -692,7 +692,7 @@ class _VramCache:
             return self.slot_of[key], True
         self.misses += 1
         if not self.free:
-            victim = self.policy.victim(lambda k: k not in pinned)
+            victim = self.policy.victim(lambda k: k not in pinned, key)
             self.policy.remove(victim)
             self.free.append(self.slot_of.pop(victim))
         slot = self.free.pop()
@@ -977,7 +977,7 @@ class CudaBackend(Backend):
         return out
 
     # -- experts --------------------------------------------------------------------------------------------
-    def configure_expert_cache(self, nbytes: int, policy: str = "lru") -> None:
+    def configure_expert_cache(self, nbytes: int, policy: str = DEFAULT_POLICY) -> None:
         """Keep up to `nbytes` of streamed experts in GPU memory (the VRAM tier in front of the host's), keyed
         by the ``keys`` given to :meth:`experts_ffn` / :meth:`expert_ffn` and evicted by `policy` ("lru",
         "lfu", "fifo"; flashmoe/eviction.py). 0 turns it off. Raises FlashMoeError for an unknown policy."""

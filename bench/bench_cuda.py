@@ -27,6 +27,7 @@ import numpy as np
 from flashmoe.backends import get_backend
 from flashmoe.bench.decode_run import summarise_pass
 from flashmoe.engine import Engine
+from flashmoe.eviction import DEFAULT_POLICY
 from flashmoe.memory import parse_size
 from flashmoe.modeldir import ModelDir
 from flashmoe.stats import Stats
@@ -34,7 +35,7 @@ from flashmoe.store import ExpertStore
 
 
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
-                 threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = "lru") -> Engine:
+                 threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = DEFAULT_POLICY) -> Engine:
     """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
     themselves); read buffers come from the backend's ``allocate_buffer`` when it has one (pinned memory
     for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes (the engine
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", default="cuda,numba")
     ap.add_argument("--gpu-memory", default="0", help="comma-separated VRAM expert cache sizes ('16G'); the "
                     "cuda backend runs once per size (0: no cache)")
-    ap.add_argument("--gpu-policy", default="lru", help="eviction policy of the VRAM expert cache")
+    ap.add_argument("--gpu-policy", default=DEFAULT_POLICY, help="eviction policy of the VRAM expert cache")
     ap.add_argument("-k", "--experts-per-token", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=8)

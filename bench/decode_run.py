@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flashmoe.eviction import DEFAULT_POLICY
 from flashmoe.memory import current_rss_bytes, peak_rss_bytes
 from flashmoe.stats import Counters, TokenRecord
 from flashmoe.trace import record_trace
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-policy", default="lru")
+    ap.add_argument("--cache-policy", default=DEFAULT_POLICY)
     ap.add_argument("--passes", default="cold,warm")
     ap.add_argument("--trace", type=Path, default=None)
     ap.add_argument("--routing", default="model", choices=("model", "uniform"))

@@ -6,12 +6,10 @@ offers, at cache sizes given as fractions of all experts of the model (every MoE
 optimal policy (`opt`: evict the entry whose next use is farthest away; Belady 1966) is replayed too: it
 needs the future, so no cache can run it, but it bounds what any policy could reach on the trace.
 
-Two candidates that the store does not (yet) offer are replayed as well, because a decode token visits the
-MoE layers in a fixed cycle (L layers x k experts per token) and a cache smaller than that cycle is the
-textbook loop that defeats LRU, LFU and FIFO alike:
-- `mru` (evict the most recently used entry), the classic answer to a loop larger than the cache;
-- `lru/layer` (the capacity split evenly over the MoE layers, LRU inside each share), so one layer's
-  reads can never evict another layer's experts.
+A decode token visits the MoE layers in a fixed cycle (L layers x k experts per token), and a cache smaller
+than that cycle is the textbook loop that defeats LRU, LFU and FIFO alike; the store's `lru-layer` (an
+equal share per layer) is one answer, and `mru` (evict the most recently used entry, the classic answer to
+a loop larger than the cache, which the store does not offer) is replayed beside it.
 
 A trace of a model with random weights routes close to uniformly, the worst case for any cache; a trained
 model's trace (`flashmoe generate --trace`) shows what real routing allows. Reports say which one a figure is.
@@ -30,8 +28,6 @@ from flashmoe.trace import lookup_keys, read_trace
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 OPT = "opt"
 MRU = "mru"
-LAYER_LRU = "lru/layer"
-CANDIDATES = (MRU, LAYER_LRU)
 
 
 class MostRecentlyUsed:
@@ -49,18 +45,8 @@ class MostRecentlyUsed:
     def remove(self, key: Hashable) -> None:
         del self._order[key]
 
-    def victim(self, can_evict) -> Hashable | None:
+    def victim(self, can_evict, incoming: Hashable | None = None) -> Hashable | None:
         return next((k for k in reversed(self._order) if can_evict(k)), None)
-
-
-def layer_partitioned_lru_hit_rate(keys: Sequence[tuple[int, int]], capacity: int) -> float:
-    """Hit rate of LRU with `capacity` split evenly over the layers seen in `keys` ((layer, expert) pairs;
-    the remainder goes to the first layers)."""
-    layers = sorted({layer for layer, _ in keys})
-    share, extra = divmod(capacity, len(layers)) if layers else (0, 0)
-    quota = {layer: share + (i < extra) for i, layer in enumerate(layers)}
-    return sum(simulate_hit_rate([k for k in keys if k[0] == layer], quota[layer], "lru")
-               * sum(1 for k in keys if k[0] == layer) for layer in layers) / len(keys) if keys else 0.0
 
 
 def belady_hit_rate(keys: Sequence[Hashable], capacity: int) -> float:
@@ -99,8 +85,6 @@ def belady_hit_rate(keys: Sequence[Hashable], capacity: int) -> float:
 def _hit_rate(name: str, keys: list[tuple[int, int]], entries: int) -> float:
     if name == OPT:
         return belady_hit_rate(keys, entries)
-    if name == LAYER_LRU:
-        return layer_partitioned_lru_hit_rate(keys, entries)
     return simulate_hit_rate(keys, entries, MostRecentlyUsed() if name == MRU else name)
 
 
@@ -116,7 +100,7 @@ def replay(trace: str | Path, fractions: Sequence[float] = DEFAULT_FRACTIONS,
     header, tokens = read_trace(trace)
     keys = lookup_keys(header, tokens)
     total = header.num_experts * len(header.moe_layers)
-    names = list(policies) if policies else [*POLICIES, *CANDIDATES, OPT]
+    names = list(policies) if policies else [*POLICIES, MRU, OPT]
     sizes = []
     for fraction in fractions:
         entries = max(1, round(fraction * total))

@@ -44,6 +44,7 @@ from flashmoe.bench.decode_run import decode_inputs
 from flashmoe.bench.replay import DEFAULT_FRACTIONS, replay
 from flashmoe.bench.report import figures, markdown, run_label
 from flashmoe.errors import FlashMoeError
+from flashmoe.eviction import DEFAULT_POLICY
 from flashmoe.memory import parse_size
 from flashmoe.modeldir import ModelDir
 
@@ -69,7 +70,7 @@ class BenchOptions:
     disk_experts: int = 64
     disk_repeats: int = 3
     cgroup: bool = False
-    cache_policy: str = "lru"
+    cache_policy: str = DEFAULT_POLICY
     replays: tuple[Path, ...] = ()
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     figures: bool = True

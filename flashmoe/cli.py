@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from flashmoe.errors import FlashMoeError
+from flashmoe.eviction import DEFAULT_POLICY, POLICIES
 
 app = typer.Typer(
     help="Run Mixture-of-Experts models larger than memory by streaming routed experts from SSD.",
@@ -142,7 +143,7 @@ def generate(
     io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' (OS caches hot experts) or 'direct' (O_DIRECT + own cache)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G: resident weights + KV cache + buffers + expert cache."),
     experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", min=1, help="Override the model's num_experts_per_tok."),
-    cache_policy: str = typer.Option("lru", help="Eviction policy of the expert caches (lru, lfu, fifo)."),
+    cache_policy: str = typer.Option(DEFAULT_POLICY, help=f"Eviction policy of the expert caches ({', '.join(POLICIES)})."),
     gpu_memory: Optional[str] = typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda)."),
     speculate: bool = typer.Option(False, "--speculate/--no-speculate", help="During each MoE layer, guess the next "
                                    "layer's experts with its router and read them early (pays when reads, not "
@@ -249,7 +250,7 @@ def bench(
     disk_repeats: int = typer.Option(3, help="Cold passes per disk measurement (median reported)."),
     cgroup: bool = typer.Option(False, "--cgroup", help="Run each budgeted decode in a memory cgroup of that size "
                                 "(cgroup v1, root; caps the page cache too)."),
-    cache_policy: str = typer.Option("lru", help="Eviction policy of the direct-mode cache."),
+    cache_policy: str = typer.Option(DEFAULT_POLICY, help=f"Eviction policy of the direct-mode cache ({', '.join(POLICIES)})."),
     routing: str = typer.Option("model", help="'model' (the router's picks) or 'uniform' (seeded uniform random "
                                 "picks: the worst case for a cache, a benchmark workload)."),
     speculate: str = typer.Option("off", help="Budgeted runs without ('off') and/or with ('on') speculative reads "
@@ -327,7 +328,7 @@ def serve(
     io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),
     experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
-    cache_policy: str = typer.Option("lru", help="Eviction policy of the expert caches (lru, lfu, fifo)."),
+    cache_policy: str = typer.Option(DEFAULT_POLICY, help=f"Eviction policy of the expert caches ({', '.join(POLICIES)})."),
     gpu_memory: Optional[str] = typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""

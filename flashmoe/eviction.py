@@ -8,8 +8,10 @@ Policies (select by name with `make_policy`):
 - `lru`  least recently used (the default).
 - `lfu`  least frequently used while resident; ties broken by least recent use.
 - `fifo` first in, first out: hits do not refresh an entry.
-Which one wins depends on the routing; issue 8 measures them on real and synthetic traces
-(`simulate_hit_rate` replays a trace without any I/O).
+- `lru-layer` LRU within an equal share of the capacity per MoE layer (keys must be `(layer, expert)`).
+Which one wins depends on the routing and the cache's size; docs/benchmarks.md measures them on real and
+synthetic traces (`simulate_hit_rate` replays a trace without any I/O): LRU is the default; `lru-layer`
+wins when the cache holds less than about a fifth of the experts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from typing import Callable, Hashable, Iterable, Protocol
+from typing import Callable, Hashable, Protocol, Sequence
 
 Key = Hashable
 
@@ -35,9 +37,9 @@ class EvictionPolicy(Protocol):
     def remove(self, key: Key) -> None:
         """A key left the cache (evicted by the cache, or dropped after a failed read)."""
 
-    def victim(self, can_evict: Callable[[Key], bool]) -> Key | None:
-        """The key to evict next among those for which `can_evict(key)` is true; None if there is none.
-        Does not remove it (the cache calls `remove`)."""
+    def victim(self, can_evict: Callable[[Key], bool], incoming: Key | None = None) -> Key | None:
+        """The key to evict next, to make room for `incoming`, among those for which `can_evict(key)` is
+        true; None if there is none. Does not remove it (the cache calls `remove`)."""
 
 
 class LRU:
@@ -55,7 +57,7 @@ class LRU:
     def remove(self, key: Key) -> None:
         del self._order[key]
 
-    def victim(self, can_evict: Callable[[Key], bool]) -> Key | None:
+    def victim(self, can_evict: Callable[[Key], bool], incoming: Key | None = None) -> Key | None:
         return next((k for k in self._order if can_evict(k)), None)
 
 
@@ -97,7 +99,7 @@ class LFU:
     def remove(self, key: Key) -> None:
         del self._state[key]
 
-    def victim(self, can_evict: Callable[[Key], bool]) -> Key | None:
+    def victim(self, can_evict: Callable[[Key], bool], incoming: Key | None = None) -> Key | None:
         skipped = []
         found = None
         while self._heap:
@@ -114,35 +116,87 @@ class LFU:
         return found
 
 
-POLICIES: dict[str, type] = {"lru": LRU, "lfu": LFU, "fifo": FIFO}
+class LayerLRU:
+    """LRU within an equal share of the capacity per MoE layer; keys are `(layer, expert)`.
+
+    A decode token looks up its experts layer by layer in a fixed cycle of L x k lookups. A cache smaller
+    than that cycle is a loop larger than the cache: plain LRU evicts every entry before its layer comes
+    round again and hits nothing, while a share per layer keeps part of every layer's experts (measured in
+    docs/benchmarks.md). The share is the capacity over the layers seen so far (all MoE layers after one
+    token). A layer may use room the others leave free; once the cache is full, a miss evicts its own
+    layer's least recently used entry if the layer holds its share, else the least recently used entry of
+    the layer furthest above its share.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._orders: dict[Hashable, OrderedDict[Key, None]] = {}
+
+    def insert(self, key: Key) -> None:
+        self._orders.setdefault(key[0], OrderedDict())[key] = None
+
+    def touch(self, key: Key) -> None:
+        self._orders[key[0]].move_to_end(key)
+
+    def remove(self, key: Key) -> None:
+        del self._orders[key[0]][key]
+
+    def victim(self, can_evict: Callable[[Key], bool], incoming: Key | None = None) -> Key | None:
+        layers = len(self._orders) + (incoming is not None and incoming[0] not in self._orders)
+        share = max(1, self._capacity // max(1, layers))
+        own = self._orders.get(incoming[0]) if incoming is not None else None
+        if own is not None and len(own) >= share:
+            orders = [own]
+        else:
+            orders = sorted(self._orders.values(), key=len, reverse=True)
+        for order in orders:
+            key = next((k for k in order if can_evict(k)), None)
+            if key is not None:
+                return key
+        return None
 
 
-def make_policy(name: str) -> EvictionPolicy:
-    """A fresh policy by name ('lru', 'lfu', 'fifo'); ValueError listing the names for any other."""
+#: The default: on the trained model's trace it matches or beats LRU whenever the cache holds under a third
+#: of the experts, the regime flashmoe exists for, and trails it by 3-4 points above half (docs/benchmarks.md).
+DEFAULT_POLICY = "lru-layer"
+
+# name -> factory(capacity in entries)
+POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
+    "lru": lambda capacity: LRU(),
+    "lfu": lambda capacity: LFU(),
+    "fifo": lambda capacity: FIFO(),
+    "lru-layer": LayerLRU,
+}
+
+
+def make_policy(name: str, capacity: int = 0) -> EvictionPolicy:
+    """A fresh policy by name (see the module docstring) for a cache of `capacity` entries (only
+    `lru-layer` uses it); ValueError listing the names for any other."""
     try:
-        return POLICIES[name.lower()]()
+        factory = POLICIES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown eviction policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+    return factory(capacity)
 
 
-def simulate_hit_rate(keys: Iterable[Key], capacity: int, policy: str | EvictionPolicy = "lru") -> float:
+def simulate_hit_rate(keys: Sequence[Key], capacity: int, policy: str | EvictionPolicy = "lru") -> float:
     """Replay a stream of key lookups against a cache of `capacity` entries (no pinning) and return the
     fraction that hit. 0.0 for an empty stream. Used to compare policies on routing traces without I/O."""
-    pol = make_policy(policy) if isinstance(policy, str) else policy
+    if isinstance(policy, str):
+        policy = make_policy(policy, capacity)
     cached: set[Key] = set()
-    hits = lookups = 0
+    hits = 0
     for key in keys:
-        lookups += 1
         if key in cached:
             hits += 1
-            pol.touch(key)
+            policy.touch(key)
             continue
         if capacity <= 0:
             continue
         if len(cached) >= capacity:
-            old = pol.victim(lambda k: True)
-            pol.remove(old)
+            old = policy.victim(lambda k: True, key)
+            policy.remove(old)
             cached.discard(old)
         cached.add(key)
-        pol.insert(key)
-    return hits / lookups if lookups else 0.0
+        policy.insert(key)
+    return hits / len(keys) if keys else 0.0

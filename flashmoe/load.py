@@ -11,7 +11,7 @@ from flashmoe.conformance.runner import ensure_conformant
 from flashmoe.config import FULL_ATTENTION, ModelConfig
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoeError
-from flashmoe.eviction import POLICIES
+from flashmoe.eviction import DEFAULT_POLICY, POLICIES
 from flashmoe.memory import MemoryBudget, current_rss_bytes, parse_size
 from flashmoe.modeldir import ModelDir
 from flashmoe.stats import Stats
@@ -44,7 +44,7 @@ def state_bytes(cfg: ModelConfig, context: int) -> int:
 
 def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "numba", io: str = "pagecache",
                 max_memory: str | int | None = None, experts_per_token: int | None = None,
-                context: int = 4096, cache_policy: str = "lru", threads: int | None = None,
+                context: int = 4096, cache_policy: str = DEFAULT_POLICY, threads: int | None = None,
                 gpu_memory: str | int | None = None, speculate: bool = False) -> Engine:
     """Open a model directory and return an Engine ready to generate.
 

@@ -41,6 +41,7 @@ from starlette.routing import Route
 from flashmoe.chat_template import select_template
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoeError
+from flashmoe.eviction import DEFAULT_POLICY
 from flashmoe.sampling import SAMPLING_KEYS, Sampler, sampling_defaults
 from flashmoe.session import ContextError, RunInfo, Session, history_boundary
 from flashmoe.tokenizer import Tokenizer
@@ -607,7 +608,7 @@ class RunningServer:
 
 def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, backend: str = "numba",
           io: str = "pagecache", max_memory: str | None = None, experts_per_token: int | None = None,
-          context: int = 4096, cache_policy: str = "lru", log_level: str = "info") -> None:
+          context: int = 4096, cache_policy: str = DEFAULT_POLICY, log_level: str = "info") -> None:
     """Load a model and serve it until interrupted (flashmoe serve). `context` (tokens, capped by the
     model's max_position_embeddings) bounds prompt + completion and sizes the KV cache in the memory budget.
 

@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from flashmoe.errors import FlashMoeError, FormatError
-from flashmoe.eviction import make_policy
+from flashmoe.eviction import DEFAULT_POLICY, make_policy
 from flashmoe.stats import Stats
 
 ALIGN = 4096  # page size and the O_DIRECT alignment used for offsets, lengths and buffer addresses
@@ -181,7 +181,7 @@ class ExpertStore:
         nbytes: bytes of one expert (<= stride).
         mode: "pagecache" or "direct".
         cache_bytes: direct mode: bytes of flashmoe's own expert cache (0: no cache); ignored in pagecache.
-        policy: direct mode: eviction policy name ("lru", "lfu", "fifo").
+        policy: direct mode: eviction policy name (flashmoe.eviction.POLICIES: "lru", "lfu", "fifo", "lru-layer").
         threads: reader threads (default 8); pass max(4, k) so one layer's k reads run together.
         stats: where counters go; default a fresh Stats (`store.stats`).
         allocate: makes read and cache buffers: nbytes -> writable, C-contiguous np.uint8 array of that
@@ -202,7 +202,7 @@ class ExpertStore:
         nbytes: int,
         mode: str = "pagecache",
         cache_bytes: int = 0,
-        policy: str = "lru",
+        policy: str = DEFAULT_POLICY,
         threads: int | None = None,
         stats: Stats | None = None,
         allocate: Callable[[int], np.ndarray] | None = None,
@@ -239,7 +239,7 @@ class ExpertStore:
             self._capacity = min(cache_bytes // self.slot_bytes, num_experts * len(files))
         self._spare: list[np.ndarray] = []  # allocated cache buffers not holding an expert
         self._cache_slots = 0  # cache buffers allocated (<= _capacity)
-        self._policy = make_policy(policy)
+        self._policy = make_policy(policy, self._capacity)
         self.policy = policy
         self._live: dict[int, Fetch] = {}  # id(fetch) -> fetch, for release_all
         # Worker threads append (bytes_read, disk_bytes, demand read?) per finished read; the engine's thread
@@ -369,9 +369,9 @@ class ExpertStore:
         entry = self._cache[key]
         return entry.pins == 0 and entry.read.done()
 
-    def _cache_buffer(self) -> np.ndarray | None:
-        """A buffer for a new cache entry: a spare one, a new one while the cache has room, else the
-        victim's; None when the cache has no room and every entry is in use.
+    def _cache_buffer(self, key: tuple[int, int]) -> np.ndarray | None:
+        """A buffer for `key`'s new cache entry: a spare one, a new one while the cache has room, else the
+        policy's victim's; None when the cache has no room and every entry is in use.
 
         New buffers come in slabs of up to 64 MiB (one mmap each): one mapping per entry would exceed
         the kernel's mapping limit (vm.max_map_count, 65530) for small experts and a large budget."""
@@ -382,11 +382,11 @@ class ExpertStore:
             self._cache_slots += n
         if self._spare:
             return self._spare.pop()
-        key = self._policy.victim(self._evictable) if self._cache else None
-        if key is None:
+        victim = self._policy.victim(self._evictable, key) if self._cache else None
+        if victim is None:
             return None
-        self._policy.remove(key)
-        return self._cache.pop(key).buf
+        self._policy.remove(victim)
+        return self._cache.pop(victim).buf
 
     def _check_ids(self, layer: int, expert_ids: Iterable[int]) -> tuple[int, ...]:
         if layer not in self._fds:
@@ -431,7 +431,7 @@ class ExpertStore:
             if hit:
                 hits += 1
                 self._policy.touch(key)
-            elif self.mode == "direct" and (buf := self._cache_buffer()) is not None:
+            elif self.mode == "direct" and (buf := self._cache_buffer(key)) is not None:
                 if guess is None:
                     entry = _Entry(buf, self._executor.submit(self._read, layer, e, buf))
                 else:  # the guess's buffer becomes the cache entry; the entry's buffer joins the pool

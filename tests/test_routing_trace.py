@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from flashmoe.bench.replay import (LAYER_LRU, MRU, OPT, MostRecentlyUsed, belady_hit_rate,
-                                   layer_partitioned_lru_hit_rate, replay)
+from flashmoe.bench.replay import MRU, OPT, MostRecentlyUsed, belady_hit_rate, replay
 from flashmoe.errors import FormatError
 from flashmoe.eviction import simulate_hit_rate
 from flashmoe.trace import TraceHeader, TraceWriter, lookup_keys, read_trace
@@ -94,7 +93,7 @@ def test_replay_gives_every_policy_at_every_size(tmp_path):
     assert r["lookups"] == 200 * 2 * 2 and r["num_experts"] == 8 and r["moe_layers"] == 2
     assert [s["entries"] for s in r["sizes"]] == [4, 16]
     for s in r["sizes"]:
-        assert set(s["hit_rate"]) == {"lru", "lfu", "fifo", MRU, LAYER_LRU, OPT}
+        assert set(s["hit_rate"]) == {"lru", "lfu", "fifo", "lru-layer", MRU, OPT}
         assert all(s["hit_rate"][OPT] >= v for v in s["hit_rate"].values())
     full = r["sizes"][1]["hit_rate"]
     assert full["lru"] == pytest.approx(1 - r["distinct_experts"] / r["lookups"])  # only compulsory misses
@@ -106,6 +105,6 @@ def test_a_loop_larger_than_the_cache_defeats_lru_but_not_mru_or_a_per_layer_spl
     keys = [(layer, e) for _ in range(50) for layer in (0, 1) for e in (0, 1, 2)]
     assert simulate_hit_rate(keys, 4, "lru") == 0.0
     assert simulate_hit_rate(keys, 4, MostRecentlyUsed()) > 0.4
-    assert layer_partitioned_lru_hit_rate(keys, 4) == 0.0  # 2 slots per layer still loop over 3 experts
-    assert layer_partitioned_lru_hit_rate(keys, 6) == pytest.approx(1 - 6 / len(keys))
+    assert simulate_hit_rate(keys, 4, "lru-layer") == 0.0  # 2 slots per layer still loop over 3 experts
+    assert simulate_hit_rate(keys, 6, "lru-layer") == pytest.approx(1 - 6 / len(keys))
     assert belady_hit_rate(keys, 4) >= simulate_hit_rate(keys, 4, MostRecentlyUsed())

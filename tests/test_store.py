@@ -220,6 +220,21 @@ def test_pagecache_mode_tells_page_cache_hits_from_disk_reads(layers):
         assert (warm.misses, warm.hits, warm.disk_bytes, warm.bytes_read) == (1, 1, NBYTES, 2 * NBYTES)
 
 
+@pytest.mark.parametrize("policy,hits", [("lru", 0), ("lru-layer", 2 * 9)])
+def test_lru_layer_keeps_a_share_per_layer_where_lru_loops(layers, policy, hits):
+    """4 entries, 2 layers: layer 1 reuses 2 experts, layer 3 cycles through 3. The 5-expert cycle defeats
+    global LRU; with a share of 2 per layer, layer 3's misses evict only layer 3's entries."""
+    files, _ = layers
+    with make_store(files, "direct", cache_bytes=4 * SLOT, policy=policy) as store:
+        for _ in range(10):
+            for layer, ids in ((1, [0, 1]), (3, [0, 1, 2])):
+                for e in ids:
+                    f = store.fetch(layer, [e])
+                    store.wait(f)
+                    store.release(f)
+        assert store.stats.totals.hits == hits  # lru-layer: layer 1's two experts hit after the first round
+
+
 @pytest.mark.parametrize("mode,cache_bytes", [("pagecache", 0), ("direct", 0), ("direct", 4 * SLOT)])
 def test_a_fetch_takes_over_the_right_guesses_and_stops_the_wrong_ones(layers, mode, cache_bytes):
     files, data = layers
