@@ -418,7 +418,7 @@ class _ThreadChoice:
 
     WINDOW_S = 2.0
     BURST = 3
-    RETRY_S = 2.0
+    RETRY_S = 5.0
 
     def __init__(self) -> None:
         self.calls: dict[bool, deque] = {True: deque(), False: deque()}  # (when, seconds, work), oldest first
