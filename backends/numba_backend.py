@@ -453,6 +453,7 @@ class _ThreadChoice:
         return best
 
     def record(self, parallel: bool, now: float, seconds: float, work: int) -> None:
+        """A call made at `now` (the `pick` time) that took `seconds` for `work` multiply-adds."""
         if self.untimed:
             self.untimed = False
             return
@@ -480,10 +481,13 @@ def _call(kernel: Any, work: int, *args: Any) -> None:
         return
     # Calls of one kernel within a factor of two of work share a choice: an lm_head-sized mat-vec gains
     # from the pool on a machine where an expert-sized one does not.
-    choice = None if work < PARALLEL_MIN_WORK else _choices.setdefault((kernel, work.bit_length()),
-                                                                        _ThreadChoice())
-    now = time.monotonic()
-    parallel = choice is not None and choice.pick(now)
+    if work >= PARALLEL_MIN_WORK:
+        key = (kernel, work.bit_length())
+        choice = _choices.get(key) or _choices.setdefault(key, _ThreadChoice())
+        now = time.monotonic()
+        parallel = choice.pick(now)
+    else:
+        choice, parallel = None, False
     t0 = time.perf_counter()
     if parallel:
         kernel(*args)
