@@ -27,16 +27,14 @@ per call: the same compiled kernel under ``numba.set_num_threads(1)``, so nothin
 Starting a parallel region wakes the pool's workers and waits for all of them; on a machine with more
 runnable threads than cores a descheduled worker costs up to a scheduler slice (milliseconds) per region
 whatever its size, which made a small model decode 60x slower with two threads than with one. So a call
-below ``PARALLEL_MIN_WORK`` multiply-adds always runs alone, and larger ones take whichever way their recent
-calls of that size measured faster (``_ThreadChoice``): the pool on an idle machine, one thread on a busy one
-(docs/benchmarks.md).
+below ``PARALLEL_MIN_WORK`` multiply-adds runs alone. Larger calls use the pool: on an idle machine it is
+faster, and choosing per call by measured speed lost 35-45% on an idle 16-core machine (docs/benchmarks.md);
+on a machine busy with other work, ``NUMBA_NUM_THREADS=1`` avoids the stalls.
 """
 
 from __future__ import annotations
 
 import functools
-import time
-from collections import deque
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -407,98 +405,19 @@ if numba is not None:
                         o[t, h, j] += S[i, j] * qi
 
 
-class _ThreadChoice:
-    """Whether one kernel's large calls run on numba's pool or on the calling thread alone, chosen by measured
-    seconds per unit of work. The way in use is judged on its calls of the last WINDOW_S seconds (so a rare
-    stall weighs what it costs, and frequent ones make it lose); the other way is tried again in a burst of
-    BURST calls every RETRY_S seconds, and judged on its latest calls. So the choice follows the machine's
-    load: on an idle machine the pool wins; on one with more runnable threads than cores, each parallel region
-    waits for a worker that shares its core with other work (milliseconds, whatever the region's size) and
-    one thread wins (docs/benchmarks.md). The kernel's first call is not timed (it compiles or loads it)."""
-
-    WINDOW_S = 2.0
-    BURST = 3
-    RETRY_S = 5.0
-
-    def __init__(self) -> None:
-        self.calls: dict[bool, deque] = {True: deque(), False: deque()}  # (when, seconds, work), oldest first
-        self.sums = {True: [0.0, 0], False: [0.0, 0]}  # seconds and work of those calls
-        self.burst_start = {True: float("-inf"), False: float("-inf")}
-        self.burst_way, self.burst_left = True, 0
-        self.untimed = True
-
-    def rate(self, parallel: bool) -> float | None:
-        """Seconds per unit of work of this way's kept calls; None before BURST of them."""
-        seconds, work = self.sums[parallel]
-        return seconds / work if len(self.calls[parallel]) >= self.BURST else None
-
-    def faster(self) -> bool | None:
-        """True: the pool is faster; None until both ways have BURST timed calls."""
-        pool, alone = self.rate(True), self.rate(False)
-        return None if pool is None or alone is None else pool <= alone
-
-    def pick(self, now: float) -> bool:
-        """True: run on the pool."""
-        best = self.faster()
-        if best is None:  # measure both ways first, in turn (their first bursts)
-            way = len(self.calls[True]) <= len(self.calls[False])
-            self.burst_start[way] = now
-            return way
-        if self.burst_left == 0 and now - self.burst_start[not best] >= self.RETRY_S:
-            self.burst_way, self.burst_left = not best, self.BURST
-            self.burst_start[not best] = now
-        if self.burst_left:
-            self.burst_left -= 1
-            return self.burst_way
-        return best
-
-    def record(self, parallel: bool, now: float, seconds: float, work: int) -> None:
-        """A call made at `now` (the `pick` time) that took `seconds` for `work` multiply-adds."""
-        if self.untimed:
-            self.untimed = False
-            return
-        calls, sums = self.calls[parallel], self.sums[parallel]
-        calls.append((now, seconds, work))
-        sums[0] += seconds
-        sums[1] += work
-        while len(calls) > self.BURST and now - calls[0][0] > self.WINDOW_S:
-            _, old_seconds, old_work = calls.popleft()
-            sums[0] -= old_seconds
-            sums[1] -= old_work
-
-
-_choices: dict[tuple[Any, int], _ThreadChoice] = {}  # by (kernel, bit length of the call's work)
-
-
 def _call(kernel: Any, work: int, *args: Any) -> None:
-    """kernel(*args), on the calling thread alone when ``work`` (multiply-adds, or comparable inner-loop
-    steps) is below PARALLEL_MIN_WORK, else on the pool or alone as the _ThreadChoice of the kernel and size
-    measured to be faster. numba's thread count is per calling thread, so a server's worker thread changing
-    it affects no other thread."""
+    """kernel(*args) on numba's pool, or on the calling thread alone when ``work`` (multiply-adds, or
+    comparable inner-loop steps) is below PARALLEL_MIN_WORK. numba's thread count is per calling thread,
+    so a server's worker thread changing it affects no other thread."""
     threads = numba.get_num_threads()
-    if threads == 1:
+    if threads == 1 or work >= PARALLEL_MIN_WORK:
         kernel(*args)
         return
-    # Calls of one kernel within a factor of two of work share a choice: an lm_head-sized mat-vec gains
-    # from the pool on a machine where an expert-sized one does not.
-    if work >= PARALLEL_MIN_WORK:
-        key = (kernel, work.bit_length())
-        choice = _choices.get(key) or _choices.setdefault(key, _ThreadChoice())
-        now = time.monotonic()
-        parallel = choice.pick(now)
-    else:
-        choice, parallel = None, False
-    t0 = time.perf_counter()
-    if parallel:
+    numba.set_num_threads(1)
+    try:
         kernel(*args)
-    else:
-        numba.set_num_threads(1)
-        try:
-            kernel(*args)
-        finally:
-            numba.set_num_threads(threads)
-    if choice is not None:
-        choice.record(parallel, now, time.perf_counter() - t0, work)
+    finally:
+        numba.set_num_threads(threads)
 
 
 def _f32(x: Any) -> np.ndarray:

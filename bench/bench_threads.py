@@ -1,18 +1,16 @@
-"""The numba backend's per-call thread choice against always the pool and always one thread.
+"""numba's pool against one thread, on a decode-shaped loop: which to use on this machine, as it is loaded now.
 
 A decode-shaped loop on the Qwen3.5-397B expert shapes (model-shapes.md): each step makes four 1024x4096 and
 four 4096x1024 4-bit mat-vecs (``NumbaBackend.linear``, T = 1, weights cycled through a pool of 64 each) and
 one fused k = 10 expert call (``experts_ffn``), each after 50 us of Python (a decode step's interpreter work
-between kernels, during which the pool's workers go idle). Three ways, interleaved round by round, each for
-``--seconds`` per round so that the choice retries the losing way at its real rate:
+between kernels, during which the pool's workers go idle). Two ways, interleaved round by round, each for
+``--seconds`` per round:
 
-- ``pool``: every call of at least PARALLEL_MIN_WORK multiply-adds on numba's pool (the backend before
-  5833c70);
-- ``choice``: the backend as it is (_ThreadChoice);
-- ``one thread``: ``numba.set_num_threads(1)``.
+- ``pool``: the backend as it is (calls of at least PARALLEL_MIN_WORK multiply-adds on numba's pool);
+- ``one thread``: ``numba.set_num_threads(1)``, what ``NUMBA_NUM_THREADS=1`` gives.
 
 Prints milliseconds per step (median, mean, best) and the 1-minute load average; on a shared machine the
-mean is the number that decides throughput. ``python bench/bench_threads.py --rounds 3 --seconds 3``.
+mean is the number that decides throughput. If one thread wins, run flashmoe with ``NUMBA_NUM_THREADS=1``. ``python bench/bench_threads.py --rounds 3 --seconds 3``.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import HIDDEN, K, MOE_INTER, random_q4  # noqa: E402
 
 from flashmoe.backends import get_backend  # noqa: E402
-from flashmoe.backends import numba_backend  # noqa: E402
 
 
 def _python_work(seconds: float = 50e-6) -> None:
@@ -63,18 +60,15 @@ def run(rounds: int, seconds: float, seed: int = 0) -> dict[str, list[float]]:
         _python_work()
         be.experts_ffn(x_hidden[0], experts[(count[0] % 2) * K:(count[0] % 2 + 1) * K], weights)
 
-    choose = numba_backend._ThreadChoice.pick
     threads = numba.get_num_threads()
-    ways = {"pool": (lambda self, now: True, threads), "choice": (choose, threads), "one thread": (choose, 1)}
+    ways = {"pool": threads, "one thread": 1}
     times: dict[str, list[float]] = {name: [] for name in ways}
     try:
-        for pick, n in ways.values():  # compile before timing
-            numba_backend._ThreadChoice.pick = pick
+        for n in ways.values():  # compile before timing
             numba.set_num_threads(n)
             step()
         for _ in range(rounds):
-            for name, (pick, n) in ways.items():
-                numba_backend._ThreadChoice.pick = pick
+            for name, n in ways.items():
                 numba.set_num_threads(n)
                 end = time.perf_counter() + seconds
                 while time.perf_counter() < end:
@@ -82,7 +76,6 @@ def run(rounds: int, seconds: float, seed: int = 0) -> dict[str, list[float]]:
                     step()
                     times[name].append(time.perf_counter() - t0)
     finally:
-        numba_backend._ThreadChoice.pick = choose
         numba.set_num_threads(threads)
     return times
 

@@ -88,39 +88,9 @@ def test_every_parallel_kernel_gives_the_same_bits_on_one_thread_and_on_the_pool
                 be.experts_ffn(x1[0], experts, np.array([0.5, 0.3, 0.2], np.float32))]
 
     monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
-    monkeypatch.setattr(nb._ThreadChoice, "pick", lambda self, now: True)
     pooled = run_all()
     monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 1 << 62)
     for got, want in zip(run_all(), pooled):
         np.testing.assert_array_equal(got, want)
 
 
-def test_large_calls_take_the_way_measured_faster_and_retry_the_other_in_bursts():
-    from flashmoe.backends.numba_backend import _ThreadChoice
-
-    choice = _ThreadChoice()
-    n = choice.BURST
-
-    def call(now: float, pool_s: float, alone_s: float) -> bool:
-        parallel = choice.pick(now)
-        choice.record(parallel, now, pool_s if parallel else alone_s, 1)
-        return parallel
-
-    assert call(0.0, 9.0, 9.0)  # the first call (it compiles) is not timed
-    assert [call(0.01 * i, 8e-3, 1e-3) for i in range(1, 2 * n + 1)] == [True, False] * n  # both ways, in turn
-    assert choice.faster() is False  # the pool was 8x slower
-    assert not any(call(0.1 + 0.01 * i, 8e-3, 1e-3) for i in range(100))  # one thread for RETRY_S
-    t = 0.01 * 2 * n + choice.RETRY_S  # RETRY_S after the pool's last call, at 0.01 * (2n - 1)
-    # The machine goes idle: the pool's retry burst is 10x faster than one thread, so it takes over, and
-    # one thread is retried in a burst of its own (its last burst was RETRY_S ago).
-    assert [call(t + 0.01 * i, 1e-4, 1e-3) for i in range(n)] == [True] * n
-    assert choice.faster() is True
-    assert [call(t + 0.1 + 0.001 * i, 1e-4, 1e-3) for i in range(100)] == [False] * n + [True] * (100 - n)
-    # One stall of the pool among its calls of the last WINDOW_S seconds costs what it weighs on average.
-    assert all(call(t + 0.2 + 0.001 * i, 5e-3 if i == 50 else 1e-4, 1e-3) for i in range(100))
-    assert choice.faster() is True
-    # The machine gets busy: every other parallel region stalls; one thread takes over.
-    t += 3.0
-    for i in range(50):
-        call(t + 0.001 * i, 5e-3 if i % 2 else 1e-4, 1e-3)
-    assert choice.faster() is False
