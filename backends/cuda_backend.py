@@ -10,7 +10,8 @@ weight, nothing dequantised), float ones as float32. The KV caches live in GPU m
 Host overhead: a decode token is ~130 launches of small kernels, so the host's cost per launch sets the
 pace (the GPU's share of a token is a fraction of a millisecond). Kernels are launched through cached
 plans that bypass numba's dispatcher (:func:`_launch`), output arrays of a known size skip numba's array
-constructor (:func:`_empty`), and the backend keeps the CUDA context attached to its thread.
+constructor (:func:`_device_empty`), small host arrays go up through a pinned ring (:class:`_Uploads`), and
+the backend keeps the CUDA context attached to its thread.
 
 Streamed experts: the expert store reads each expert into a host buffer; :meth:`CudaBackend.allocate_buffer`
 makes those buffers page-aligned *pinned* memory, so each expert's bytes cross PCIe in one DMA copy at full
@@ -120,9 +121,9 @@ if cuda is not None and not K.SIMULATOR:
     from cuda.core import launch as _core_launch
     from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DEVICE_NDARRAY
 
-    # cuda.core's launch and LaunchConfig for _launch, and the legacy default stream (numba's stream 0) as
-    # cuda.core sees it, made at the first plan (once a context exists).
-    # The context's memory manager, for _empty, is found at the first allocation.
+    # cuda.core's launch and LaunchConfig for _launch; the legacy default stream (numba's stream 0) as
+    # cuda.core sees it, made at the first plan, and the context's memory manager, found at the first
+    # allocation of _device_empty (both need the context).
     _DIRECT: Any = _pytypes.SimpleNamespace(launch=_core_launch, LaunchConfig=_LaunchConfig, stream=None,
                                             memory=None)
 else:
@@ -309,7 +310,8 @@ def _device_empty(n: int, dtype: np.dtype) -> Any:
         flat = cuda.device_array(n, dtype)
         if _DIRECT is not None and len(_ARRAY_FIELDS) < _MAX_ARRAY_FIELDS:
             _ARRAY_FIELDS[key] = {k: v for k, v in vars(flat).items() if k != "gpu_data"}
-            _DIRECT.memory = flat.gpu_data.context.memory_manager if _DIRECT.memory is None else _DIRECT.memory
+            if _DIRECT.memory is None:
+                _DIRECT.memory = flat.gpu_data.context.memory_manager
         return flat
     flat = _DEVICE_NDARRAY.__new__(_DEVICE_NDARRAY)
     flat.__dict__.update(fields)
@@ -318,7 +320,7 @@ def _device_empty(n: int, dtype: np.dtype) -> Any:
 
 
 # (element count, dtype char) -> the attributes of a numba device array of that shape, less its memory.
-_ARRAY_FIELDS: dict[int, dict] = {}
+_ARRAY_FIELDS: dict[tuple[int, str], dict] = {}
 _MAX_ARRAY_FIELDS = 4096
 
 
