@@ -12,15 +12,18 @@ scale and bias, so both engines read the same number of expert bytes), wider one
 Q8_0; float tensors (norms) stay F32. `--type f32` writes every tensor as F32 (no requantisation error:
 for checking llama.cpp's forward against flashmoe's).
 
-Architectures: `qwen3moe` (flashmoe `qwen3_moe`: Qwen3-30B-A3B, Qwen3-235B-A22B). Names and metadata keys
-follow gguf's constants.py (MODEL_TENSORS, Keys) and llama.cpp's src/models/qwen3moe.cpp, which reads
-separate attn_q/k/v, q/k RMSNorm weights, the router `ffn_gate_inp` and stacked experts
-`ffn_{gate,up,down}_exps` [E, out, in]. Qwen3's RMSNorms are plain `x·w` in both, and llama.cpp's NEOX
-rope is the rotate-half rope of the Hugging Face checkpoint, so no tensor is permuted.
+Architectures: `qwen3moe` (flashmoe `qwen3_moe`: Qwen3-30B-A3B, Qwen3-235B-A22B) and `qwen35moe`
+(`qwen3_5_moe_text`: Qwen3.5-35B-A3B, -397B-A17B). Names and metadata keys follow gguf's constants.py
+(MODEL_TENSORS, Keys) and llama.cpp's src/models/qwen3moe.cpp and qwen35moe.cpp; tensor values follow
+its converter (conversion/qwen.py): no permutation for Qwen3 (llama.cpp's NEOX rope is the checkpoint's
+rotate-half rope, its RMSNorms plain `x·w` as flashmoe's canonical ones); for Qwen3.5 the GatedDeltaNet
+tensors as _qwen35moe_transform says. Verified by running the export in llama.cpp: its logits equal
+flashmoe's reference forward on an F32 export (tests/test_gguf_export.py).
 
 Streaming: the tensor table (names, shapes, types, offsets) is written first; then each tensor is
 dequantised, requantised and written at its offset with os.pwrite, an expert at a time for the stacked
-expert tensors (each expert read once), so memory stays at a few experts whatever the model's size. Written
+expert tensors (each expert read once; a tensor whose rows a transform permutes, whole), so memory stays at a
+few experts whatever the model's size. Written
 bytes are synced and dropped from the page cache every 512 MB, and each expert file after its layer, so an
 export of 17 GB does not evict other processes' pages. The file is written under a temporary name and
 renamed when complete (flashmoe.atomic).
@@ -46,12 +49,11 @@ from flashmoe.quant import QuantizedTensor
 QUANT_TYPES = ("q4_0", "f32")
 _FLUSH_BYTES = 512 << 20
 _CHUNK_ELEMENTS = 1 << 22  # resident tensors are converted this many weights at a time
-# keep this much disk free beyond the file itself (a full disk breaks everyone's runs on a shared machine)
+# keep this much disk free beyond the file itself, or the file's own size when smaller (a full disk breaks
+# everyone's runs on a shared machine; a tiny export need not insist on gigabytes)
 FREE_MARGIN_BYTES = 5 << 30
 # llama.cpp's tokenizer.ggml.token_type values (gguf.TokenType)
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
-# pre-tokenizer names llama.cpp knows (src/llama-vocab.cpp) for the Qwen vocabularies' split regex
-_QWEN_PRE = {"qwen3_moe": "qwen2"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Planned:
     shape: tuple[int, ...]
     qtype: int
     source: str | tuple[int, str]
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # on the float32 tensor, before quantising
 
     @property
     def nbytes(self) -> int:
@@ -72,23 +75,101 @@ class Planned:
         return int(np.prod(self.shape)) // block * size
 
 
-def _qwen3moe_names(cfg) -> dict[str, str]:
-    """Canonical resident name -> llama.cpp tensor name for qwen3moe."""
-    names = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    per_layer = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-                 "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-                 "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-                 "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-                 "mlp.gate.weight": "ffn_gate_inp.weight"}
-    for i in range(cfg.num_hidden_layers):
-        names.update({f"layers.{i}.{ours}": f"blk.{i}.{theirs}" for ours, theirs in per_layer.items()})
-    return names
+_COMMON_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}
+_ATTENTION_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+                    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+                    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+                    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight"}
+_QWEN3MOE_NAMES = {**_ATTENTION_NAMES, "post_attention_layernorm.weight": "ffn_norm.weight"}
+# qwen35moe: src/models/qwen35moe.cpp (GatedDeltaNet layers as llama.cpp's ssm_* tensors)
+_QWEN35MOE_NAMES = {
+    **_ATTENTION_NAMES, "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
+    "linear_attn.in_proj_b.weight": "ssm_beta.weight", "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.A_log": "ssm_a", "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
 
 
-_ARCHES = {"qwen3_moe": ("qwen3moe", _qwen3moe_names)}
+def _qwen35moe_transform(cfg, name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """What llama.cpp's converter does to a Qwen3.5 GatedDeltaNet tensor (conversion/qwen.py,
+    Qwen3NextModel and _LinearAttentionVReorderBase): A_log -> -exp(A_log); conv1d [C, 1, K] -> [C, K];
+    the shared-expert gate [1, H] -> [H]; and every value-head axis from grouped by key head
+    (v0..v{r-1} of key head 0, then of key head 1, ...) to tiled order (value head j of every key head, then
+    j + 1), which ggml's broadcast expects. Norm weights need nothing: flashmoe's canonical norms already
+    hold 1 + w, as llama.cpp's converter writes them."""
+    kh, vh, dk, dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                      cfg.linear_value_head_dim)
+
+    def tiled(w: np.ndarray, head_dim: int, start: int = 0, axis: int = 0) -> np.ndarray:
+        w = np.moveaxis(w, axis, 0)
+        v = w[start:]
+        v = v.reshape(kh, vh // kh, head_dim, *v.shape[1:]).swapaxes(0, 1).reshape(v.shape)
+        return np.moveaxis(np.concatenate([w[:start], v]), 0, axis)
+
+    qk = 2 * kh * dk
+    return {
+        "linear_attn.in_proj_qkv.weight": lambda w: tiled(w, dv, start=qk),
+        "linear_attn.in_proj_z.weight": lambda w: tiled(w, dv),
+        "linear_attn.in_proj_b.weight": lambda w: tiled(w, 1),
+        "linear_attn.in_proj_a.weight": lambda w: tiled(w, 1),
+        "linear_attn.dt_bias": lambda w: tiled(w, 1),
+        "linear_attn.A_log": lambda w: -np.exp(tiled(w, 1)),
+        "linear_attn.conv1d.weight": lambda w: tiled(w.reshape(w.shape[0], w.shape[-1]), dv, start=qk),
+        "linear_attn.out_proj.weight": lambda w: tiled(w, dv, axis=1),
+        "mlp.shared_expert_gate.weight": lambda w: w.reshape(-1),
+    }.get(name.split(".", 2)[2] if name.startswith("layers.") else name)
+
+
+def _qwen35moe_metadata(cfg, arch: str) -> dict[str, object]:
+    """qwen35moe's keys beyond the common ones (llama.cpp's load_arch_hparams for qwen35moe). Raises
+    FlashMoeError for a layer pattern other than every 4th layer full attention, or unequal key and value
+    head widths (llama.cpp sizes both by ssm.state_size)."""
+    from flashmoe.presets import hybrid_layer_types
+
+    if tuple(cfg.layer_types) != tuple(hybrid_layer_types(cfg.num_hidden_layers)):
+        raise FlashMoeError("qwen35moe export: layer_types must be every 4th layer full attention")
+    if cfg.linear_key_head_dim != cfg.linear_value_head_dim:
+        raise FlashMoeError("qwen35moe export: linear_key_head_dim != linear_value_head_dim")
+    rot_pairs = int(cfg.head_dim * cfg.partial_rotary_factor) // 2
+    side = round(rot_pairs * 11 / 32)  # Qwen3.5's mrope_section [11, 11, 10] of 32 pairs, scaled
+    return {f"{arch}.expert_shared_feed_forward_length": cfg.shared_expert_intermediate_size,
+            f"{arch}.rope.dimension_count": 2 * rot_pairs,
+            # text positions are equal in every section, so the split only has to add up
+            f"{arch}.rope.dimension_sections": [side, side, rot_pairs - 2 * side, 0],
+            f"{arch}.full_attention_interval": 4,
+            f"{arch}.ssm.conv_kernel": cfg.linear_conv_kernel_dim,
+            f"{arch}.ssm.state_size": cfg.linear_key_head_dim,
+            f"{arch}.ssm.group_count": cfg.linear_num_key_heads,
+            f"{arch}.ssm.time_step_rank": cfg.linear_num_value_heads,
+            f"{arch}.ssm.inner_size": cfg.linear_value_head_dim * cfg.linear_num_value_heads}
+
+
+@dataclass(frozen=True)
+class _Arch:
+    name: str  # llama.cpp's
+    layer_names: dict[str, str]  # canonical name after `layers.{i}.` -> GGUF name after `blk.{i}.`
+    pre_tokenizer: str  # tokenizer.ggml.pre: a name llama.cpp knows (src/llama-vocab.cpp) for this vocabulary
+    transform: Callable = lambda cfg, name: None
+    metadata: Callable = lambda cfg, arch: {}
+
+
+_ARCHES = {"qwen3_moe": _Arch("qwen3moe", _QWEN3MOE_NAMES, "qwen2"),
+           "qwen3_5_moe_text": _Arch("qwen35moe", _QWEN35MOE_NAMES, "qwen35", _qwen35moe_transform,
+                                     _qwen35moe_metadata)}
 _EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight",
                  "down_proj": "ffn_down_exps.weight"}
+
+
+def _gguf_name(name: str, arch: _Arch) -> str | None:
+    if name in _COMMON_NAMES:
+        return _COMMON_NAMES[name]
+    _, layer, rest = name.split(".", 2) if name.startswith("layers.") else (None, None, None)
+    return f"blk.{layer}.{arch.layer_names[rest]}" if rest in arch.layer_names else None
 
 
 def llama_arch(model_type: str) -> str:
@@ -96,15 +177,16 @@ def llama_arch(model_type: str) -> str:
     the exporter does not map it."""
     if model_type not in _ARCHES:
         raise FlashMoeError(f"model_type {model_type!r} has no GGUF export (supported: {', '.join(_ARCHES)})")
-    return _ARCHES[model_type][0]
+    return _ARCHES[model_type].name
 
 
 def _qtype(stored: QuantizedTensor | np.ndarray, shape: tuple[int, ...], quant: str) -> int:
-    """GGML type a tensor is written as (module docstring): Q4_0 for <= 4 bits, Q8_0 wider, F32 floats."""
+    """GGML type a tensor is written as (module docstring): Q4_0 for <= 4 bits, Q8_0 wider, F32 floats and
+    vectors."""
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if quant == "f32" or not isinstance(stored, QuantizedTensor) or shape[-1] % 32:
+    if quant == "f32" or not isinstance(stored, QuantizedTensor) or len(shape) == 1 or shape[-1] % 32:
         return T.F32
     return T.Q4_0 if stored.bits <= 4 else T.Q8_0
 
@@ -116,19 +198,22 @@ def plan(md: ModelDir, quant: str = "q4_0") -> tuple[str, list[Planned]]:
     cfg = md.config
     if quant not in QUANT_TYPES:
         raise FlashMoeError(f"--type {quant!r} is not one of {', '.join(QUANT_TYPES)}")
-    arch = llama_arch(cfg.model_type)
+    llama_arch(cfg.model_type)
+    arch = _ARCHES[cfg.model_type]
     if not cfg.norm_topk_prob:
-        raise FlashMoeError(f"{md.path}: norm_topk_prob is false; llama.cpp's {cfg.model_type} always "
+        raise FlashMoeError(f"{md.path}: norm_topk_prob is false; llama.cpp's {arch.name} always "
                             f"renormalises the top-k weights")
-    names = _ARCHES[cfg.model_type][1](cfg)
     by_layer: dict[int, list[Planned]] = {}
     for ours in md.resident_names():
-        if ours not in names:
-            raise FlashMoeError(f"{md.path}: tensor {ours!r} has no {arch} GGUF name")
+        gguf_name = _gguf_name(ours, arch)
+        if gguf_name is None:
+            raise FlashMoeError(f"{md.path}: tensor {ours!r} has no {arch.name} GGUF name")
         stored = md.raw(ours)
-        shape = stored.shape
+        transform = arch.transform(cfg, ours)
+        shape = stored.shape if transform is None else transform(np.zeros(stored.shape, np.float32)).shape
         layer = int(ours.split(".")[1]) if ours.startswith("layers.") else -1
-        by_layer.setdefault(layer, []).append(Planned(names[ours], shape, _qtype(stored, shape, quant), ours))
+        by_layer.setdefault(layer, []).append(
+            Planned(gguf_name, shape, _qtype(stored, shape, quant), ours, transform))
     for layer in md.moe_layers:
         parts = md.layer_layout(layer).view(np.zeros(md.layer_layout(layer).nbytes, np.uint8))
         for proj, gguf_name in _EXPERT_NAMES.items():
@@ -138,22 +223,27 @@ def plan(md: ModelDir, quant: str = "q4_0") -> tuple[str, list[Planned]]:
                 Planned(f"blk.{layer}.{gguf_name}", shape, _qtype(part, shape, quant), (layer, proj)))
     head = by_layer.pop(-1, [])
     first = [p for p in head if p.name == "token_embd.weight"]
-    return arch, first + [p for layer in sorted(by_layer) for p in by_layer[layer]] + \
+    return arch.name, first + [p for layer in sorted(by_layer) for p in by_layer[layer]] + \
         [p for p in head if p.name != "token_embd.weight"]
 
 
-def _to_gguf(stored: QuantizedTensor | np.ndarray, qtype: int) -> np.ndarray:
-    """Dequantise with flashmoe.quant (float32) and quantise with gguf.quants; uint8 bytes (or float32)."""
+def _to_gguf(stored: QuantizedTensor | np.ndarray, qtype: int,
+             transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Dequantise with flashmoe.quant (float32), apply `transform`, quantise with gguf.quants; uint8 bytes
+    (or float32)."""
     import gguf
 
     w = stored.dequantize(np.float32) if isinstance(stored, QuantizedTensor) else np.asarray(stored, np.float32)
-    return gguf.quants.quantize(w, gguf.GGMLQuantizationType(qtype))
+    if transform is not None:
+        w = transform(w)
+    return gguf.quants.quantize(np.ascontiguousarray(w), gguf.GGMLQuantizationType(qtype))
 
 
 def tokenizer_metadata(md: ModelDir) -> dict[str, object]:
     """tokenizer.ggml.* keys from the directory's tokenizer.json (a byte-level BPE: model `gpt2`), with the
     token list padded to vocab_size by `[PADn]` tokens of type unused, as llama.cpp's converter does.
     Raises FlashMoeError when the directory has no tokenizer.json or it is not BPE."""
+    pre_tokenizer = _ARCHES[md.config.model_type].pre_tokenizer if md.config.model_type in _ARCHES else "default"
     path = md.path / "tokenizer.json"
     if not path.exists():
         raise FlashMoeError(f"{path}: missing; a GGUF needs the model's tokenizer")
@@ -176,7 +266,7 @@ def tokenizer_metadata(md: ModelDir) -> dict[str, object]:
             tokens[i], types[i] = f"[PAD{i}]", _UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     meta: dict[str, object] = {"tokenizer.ggml.model": "gpt2",
-                               "tokenizer.ggml.pre": _QWEN_PRE.get(md.config.model_type, "default"),
+                               "tokenizer.ggml.pre": pre_tokenizer,
                                "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
                                "tokenizer.ggml.merges": merges, "tokenizer.ggml.add_bos_token": False}
     cfg = md.config
@@ -212,7 +302,7 @@ def _model_metadata(md: ModelDir, arch: str, quant: str) -> dict[str, object]:
         f"{arch}.expert_used_count": cfg.num_experts_per_tok,
         f"{arch}.expert_feed_forward_length": cfg.moe_intermediate_size,
     }
-    return meta
+    return {**meta, **_ARCHES[cfg.model_type].metadata(cfg, arch)}
 
 
 class _Output:
@@ -243,7 +333,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "q4_0",
     quant: 'q4_0' (quantised tensors to Q4_0/Q8_0, floats F32) or 'f32' (everything F32).
     progress: called with the bytes written after each tensor (or expert).
     Raises FlashMoeError for an unsupported architecture or tokenizer, an unwritable `out`, or a disk that
-    would keep less than FREE_MARGIN_BYTES free; FormatError for an invalid directory. Nothing is left at
+    would keep less than min(FREE_MARGIN_BYTES, the file's size) free; FormatError for an invalid directory. Nothing is left at
     `out` on failure.
     """
     import gguf
@@ -255,9 +345,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "q4_0",
     meta = {**_model_metadata(md, arch, quant), **tokenizer_metadata(md)}
     total = sum(t.nbytes for t in tensors)
     free = shutil.disk_usage(out.parent).free
-    if total + FREE_MARGIN_BYTES > free:
+    margin = min(FREE_MARGIN_BYTES, total)
+    if total + margin > free:
         raise FlashMoeError(f"{out}: {total / 1e9:.1f} GB to write would leave less than "
-                            f"{FREE_MARGIN_BYTES / 2**30:.0f} GiB of the {free / 1e9:.1f} GB free on its disk")
+                            f"{margin / 1e9:.1f} GB of the {free / 1e9:.1f} GB free on its disk")
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         for key, value in meta.items():
@@ -297,8 +388,8 @@ def _tensor_pieces(md: ModelDir, t: Planned, offset: int) -> Iterator[tuple[np.n
     151,936-row embedding alone would be 1.2 GB), a stacked expert tensor one expert at a time."""
     if isinstance(t.source, str):
         stored = md.raw(t.source)
-        if len(t.shape) == 1:
-            yield _to_gguf(stored, t.qtype), offset
+        if len(t.shape) == 1 or t.transform is not None:  # transforms permute rows: the whole tensor at once
+            yield _to_gguf(stored, t.qtype, t.transform), offset
             return
         rows = t.shape[0]
         step = max(1, _CHUNK_ELEMENTS // t.shape[-1])

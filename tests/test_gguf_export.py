@@ -18,26 +18,64 @@ from flashmoe.bench.gguf_export import export_gguf, plan
 from flashmoe.bench.llama_cpp import find_runner, run_llama
 from flashmoe.errors import FlashMoeError
 from flashmoe.modeldir import ModelDir
+from flashmoe import synth
+from flashmoe.presets import get_preset
 from flashmoe.reference.model import ReferenceModel
 from flashmoe.synth import synth_model
 
-# Qwen3-MoE shapes, tiny except for the real Qwen3 vocabulary (the GGUF carries the real tokenizer)
+VOCAB = 320  # 256 byte tokens, 2 merges, 2 special tokens, padding
 TINY_QWEN3 = dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-                  intermediate_size=256, norm_topk_prob=True, vocab_size=151936, bos_token_id=151643,
-                  eos_token_id=151645, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096)
-IDS = np.array([9707, 11, 1879, 0, 151644, 42, 7, 100000])
+                  intermediate_size=256, norm_topk_prob=True, vocab_size=VOCAB, bos_token_id=258, eos_token_id=259,
+                  rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096)
+TINY_QWEN35 = dict(get_preset("qwen3.5-35b-a3b").config_dict(4), hidden_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, linear_key_head_dim=32, linear_value_head_dim=32,
+                   linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                   moe_intermediate_size=64, shared_expert_intermediate_size=64, vocab_size=VOCAB, eos_token_id=258)
+IDS = np.array([71, 11, 256, 0, 259, 42, 7, 300])
 
 RUNNER = find_runner()
 needs_llama_cpp = pytest.mark.skipif(RUNNER is None, reason="llama.cpp is not built in the cache (bench/llama_cpp.py "
                                      "builds it in ~15 min; CI does not)")
 
 
+def _byte_level_tokenizer() -> dict:
+    """A minimal byte-level BPE tokenizer.json (GPT-2's byte-to-character map, as Qwen's): ids 0-255 the
+    bytes, 256 'Ġt' and 257 'he' from two merges, 258-259 special tokens. Real vocabularies (151,936 or
+    248,320 tokens) take GGUFReader ~15 s to parse, so the tests use this one."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    chars.update({b: chr(256 + n) for n, b in enumerate(b for b in range(256) if b not in chars)})
+    vocab = {chars[b]: b for b in range(256)} | {"Ġt": 256, "he": 257}
+    specials = [{"id": 258, "content": "<|endoftext|>", "special": True},
+                {"id": 259, "content": "<|im_start|>", "special": True}]
+    return {"version": "1.0", "added_tokens": specials, "model": {"type": "BPE", "vocab": vocab,
+                                                                   "merges": [["Ġ", "t"], ["h", "e"]]}}
+
+
+def _tiny_model(out, config):
+    """synth_model with the byte-level tokenizer, and attention and GatedDeltaNet output projections at the
+    usual std, so that a wrong export of those tensors would show in the logits (synth's small ones keep
+    routing uniform instead)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(synth, "RESIDUAL_BRANCH_STD", synth.INIT_STD)
+        model = synth_model(out, config, seed=2)
+    (model / "tokenizer.json").write_text(json.dumps(_byte_level_tokenizer()))
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
-    model = synth_model(root / "tiny", TINY_QWEN3, tokenizer="qwen3", seed=2)
+    model = _tiny_model(root / "tiny", TINY_QWEN3)
     return model, export_gguf(model, root / "tiny.q4_0.gguf"), export_gguf(model, root / "tiny.f32.gguf", "f32")
+
+
+@pytest.fixture(scope="module")
+def tiny35(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf35")
+    model = _tiny_model(root / "tiny35", TINY_QWEN35)
+    return model, export_gguf(model, root / "tiny35.f32.gguf", "f32")
 
 
 def _q4_0_bound(w: np.ndarray) -> np.ndarray:
@@ -58,13 +96,14 @@ def test_gguf_has_the_models_shapes_metadata_and_tokenizer(tiny):
     assert field["qwen3moe.expert_feed_forward_length"] == 64 and field["qwen3moe.attention.key_length"] == 32
     assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "qwen2"
     tokens, types = field["tokenizer.ggml.tokens"], field["tokenizer.ggml.token_type"]
-    assert len(tokens) == 151936 == len(types)
-    vocab = json.loads((model / "tokenizer.json").read_text())["model"]["vocab"]
-    assert tokens[vocab["Hello"]] == "Hello" and tokens[151644] == "<|im_start|>" and types[151644] == 3
-    assert tokens[151935] == "[PAD151935]" and types[151935] == 5
-    assert field["tokenizer.ggml.eos_token_id"] == 151645
+    assert len(tokens) == VOCAB == len(types)
+    assert tokens[ord("A")] == "A" and tokens[32] == "Ġ" and tokens[256] == "Ġt" and types[256] == 1
+    assert tokens[259] == "<|im_start|>" and types[259] == 3
+    assert tokens[319] == "[PAD319]" and types[319] == 5
+    assert field["tokenizer.ggml.merges"] == ["Ġ t", "h e"]
+    assert field["tokenizer.ggml.bos_token_id"] == 258 and field["tokenizer.ggml.eos_token_id"] == 259
     shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
-    assert shapes["token_embd.weight"] == (151936, 128) and shapes["output.weight"] == (151936, 128)
+    assert shapes["token_embd.weight"] == (VOCAB, 128) and shapes["output.weight"] == (VOCAB, 128)
     assert shapes["blk.1.ffn_gate_exps.weight"] == (8, 64, 128) and shapes["blk.1.ffn_down_exps.weight"] == (8, 128, 64)
     assert shapes["blk.0.attn_q.weight"] == (128, 128) and shapes["blk.0.ffn_gate_inp.weight"] == (8, 128)
     assert len(shapes) == 3 + 2 * 12 == len(plan(md)[1])  # 9 resident + 3 stacked expert tensors per layer
@@ -96,14 +135,13 @@ def test_q4_0_weights_are_ours_within_q4_0_error_and_f32_ones_exactly(tiny):
 
 
 def test_export_refuses_what_it_cannot_map_and_leaves_nothing(tmp_path):
-    qwen35 = dict(model_type="qwen3_5_moe_text", hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=32,
-                  linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, num_experts=4,
-                  num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64, vocab_size=300)
-    model = synth_model(tmp_path / "m", qwen35)
-    with pytest.raises(FlashMoeError, match="'qwen3_5_moe_text' has no GGUF export"):
+    mixtral = dict(model_type="mixtral", hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+                   num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
+                   vocab_size=300)
+    model = synth_model(tmp_path / "m", mixtral)
+    with pytest.raises(FlashMoeError, match="'mixtral' has no GGUF export"):
         export_gguf(model, tmp_path / "m.gguf")
-    no_tokenizer = synth_model(tmp_path / "n", dict(TINY_QWEN3, vocab_size=512))
+    no_tokenizer = synth_model(tmp_path / "n", TINY_QWEN3)
     with pytest.raises(FlashMoeError, match="tokenizer.json: missing"):
         export_gguf(no_tokenizer, tmp_path / "n.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "n"]
@@ -118,13 +156,13 @@ def test_llama_cpp_runs_the_export_with_flashmoes_logits(tiny, tmp_path):
     run = run_llama(RUNNER, f32, 1, prompt, decode, ("cold", "warm"), logits_out=logits)
     theirs = np.fromfile(logits, np.float32).reshape(len(IDS), -1)
     # the same weights in float32: llama.cpp's forward is flashmoe's reference forward up to rounding
-    np.testing.assert_allclose(theirs, ours, atol=2e-4 * np.abs(ours).max())
+    np.testing.assert_allclose(theirs, ours, atol=1e-3 * np.abs(ours).max())
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()  # the greedy next tokens agree
     assert set(run["passes"]) == {"cold", "warm"} and run["passes"]["warm"]["decode_tokens"] == 3
     assert run["passes"]["cold"]["tok_s"] > 0 and run["peak_rss_bytes"] > 0
     run_llama(RUNNER, q4, 1, prompt, decode, ("cold",), logits_out=logits)
     q = np.fromfile(logits, np.float32).reshape(len(IDS), -1)
-    assert np.corrcoef(q.ravel(), ours.ravel())[0, 1] > 0.98  # Q4_0 requantisation: close, not equal
+    assert np.corrcoef(q.ravel(), ours.ravel())[0, 1] > 0.95  # Q4_0 requantisation: close, not equal (0.98)
     mapped = run_llama(RUNNER, q4, 1, prompt, decode, ("cold",), logits_out=logits, repack=False)
     assert mapped["repack"] is False  # weights read from the mmap'd file, not a repacked copy: the same logits
     np.testing.assert_allclose(np.fromfile(logits, np.float32).reshape(len(IDS), -1), q, atol=1e-3 * np.abs(q).max())
@@ -132,7 +170,37 @@ def test_llama_cpp_runs_the_export_with_flashmoes_logits(tiny, tmp_path):
     k3 = np.fromfile(logits, np.float32).reshape(len(IDS), -1)
     md = ModelDir.open(model)
     reference_k3 = ReferenceModel(dataclasses.replace(md.config, num_experts_per_tok=3), md).forward(IDS)
-    np.testing.assert_allclose(k3, reference_k3, atol=2e-4 * np.abs(ours).max())
+    np.testing.assert_allclose(k3, reference_k3, atol=1e-3 * np.abs(ours).max())
+
+
+def test_qwen35moe_export_reorders_the_value_heads_as_llama_cpp_expects(tiny35):
+    model, f32 = tiny35
+    md = ModelDir.open(model)
+    reader = gguf.GGUFReader(f32)
+    field = {k: f.contents() for k, f in reader.fields.items()}
+    assert field["general.architecture"] == "qwen35moe" and field["tokenizer.ggml.pre"] == "qwen35"
+    assert field["qwen35moe.ssm.group_count"] == 2 and field["qwen35moe.ssm.time_step_rank"] == 4
+    assert field["qwen35moe.rope.dimension_count"] == 16 and sum(field["qwen35moe.rope.dimension_sections"]) == 8
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    a_log = md.tensor("layers.0.linear_attn.A_log")  # value heads [k0v0, k0v1, k1v0, k1v1] -> [k0v0, k1v0, k0v1, k1v1]
+    np.testing.assert_array_equal(tensors["blk.0.ssm_a"], -np.exp(a_log[[0, 2, 1, 3]]))
+    out = md.tensor("layers.0.linear_attn.out_proj.weight")  # columns of 4 value heads of 32
+    tiled = out.reshape(128, 2, 2, 32).swapaxes(1, 2).reshape(128, 128)
+    np.testing.assert_array_equal(tensors["blk.0.ssm_out.weight"].reshape(128, 128), tiled)
+    assert tensors["blk.1.ssm_conv1d.weight"].reshape(-1).size == (2 * 2 * 32 + 4 * 32) * 4
+    assert "blk.3.attn_q.weight" in tensors and "blk.3.ssm_a" not in tensors  # layer 3: full attention
+    assert tensors["blk.2.ffn_gate_inp_shexp.weight"].shape == (128,)
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_the_qwen35moe_export_with_flashmoes_logits(tiny35, tmp_path):
+    model, f32 = tiny35
+    logits = tmp_path / "logits.f32"
+    run_llama(RUNNER, f32, 1, IDS[:5], IDS[5:], ("cold",), logits_out=logits)
+    ours = ReferenceModel.from_dir(model).forward(IDS)
+    theirs = np.fromfile(logits, np.float32).reshape(len(IDS), -1)
+    np.testing.assert_allclose(theirs, ours, atol=1e-3 * np.abs(ours).max())
+    assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
 
 @needs_llama_cpp
@@ -155,3 +223,18 @@ def test_bench_runs_llama_cpp_beside_flashmoe(tiny, tmp_path):
                                   peer="llama.cpp", peer_gguf=q4, figures=False, log=lambda line: None))
     assert [(r["max_memory"], r["repack"]) for r in fits["peer_runs"]] == [(None, True)]  # beside the reference
     assert [row["pass"] for row in fits["side_by_side"]] == ["cold", "warm"]
+
+
+def test_tokenizer_metadata_carries_the_real_qwen3_vocabulary(tmp_path):
+    from flashmoe.bench.gguf_export import tokenizer_metadata
+    from flashmoe.synth_tokenizer import write_tokenizer
+
+    model = synth_model(tmp_path / "m", dict(TINY_QWEN3, vocab_size=151936, bos_token_id=151643, eos_token_id=151645))
+    write_tokenizer("qwen3", model)
+    meta = tokenizer_metadata(ModelDir.open(model))
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    vocab = json.loads((model / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(tokens) == 151936 and tokens[vocab["Hello"]] == "Hello" and tokens[151644] == "<|im_start|>"
+    assert types[151644] == 3 and tokens[151935] == "[PAD151935]" and types[151935] == 5
+    assert meta["tokenizer.ggml.pre"] == "qwen2" and meta["tokenizer.ggml.eos_token_id"] == 151645
+    assert len(meta["tokenizer.ggml.merges"]) > 150_000 and meta["tokenizer.ggml.merges"][0] == "Ġ Ġ"
