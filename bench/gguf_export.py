@@ -21,11 +21,11 @@ tensors as _qwen35moe_transform says. Verified by running the export in llama.cp
 flashmoe's reference forward on an F32 export (tests/test_gguf_export.py).
 
 Streaming: the tensor table (names, shapes, types, offsets) is written first; then each tensor is
-dequantised, requantised and written at its offset with os.pwrite, an expert at a time for the stacked
-expert tensors (each expert read once; a tensor whose rows a transform permutes, whole), so memory stays at a
-few experts whatever the model's size. Written
-bytes are synced and dropped from the page cache every 512 MB, and each expert file after its layer, so an
-export of 17 GB does not evict other processes' pages. The file is written under a temporary name and
+dequantised, requantised and written at its offset with os.pwrite: the stacked expert tensors an expert at a
+time (each expert read once), large resident ones in blocks of rows, one whose rows a transform permutes
+whole, so memory stays at a few experts whatever the model's size. Written bytes are synced and dropped
+from the page cache every 512 MB, and each expert file after its layer, so an export of 17 GB does not
+evict other processes' pages. The file is written under a temporary name and
 renamed when complete (flashmoe.atomic).
 """
 
