@@ -1,8 +1,8 @@
 """The Backend interface: the arithmetic the streaming forward pass needs, and the registry of backends.
 
 The engine (flashmoe/engine.py) owns the token loop and the linear-attention states; a backend owns the
-arithmetic on its own arrays and the memory of the KV caches (:meth:`Backend.new_kv_cache`). Every operation takes and returns float32 activations (``asarray``
-/ ``to_numpy`` convert at the edges). Weights are either float arrays ``[out, in]`` or
+arithmetic on its own arrays and the memory of the KV caches (:meth:`Backend.new_kv_cache`). Every
+operation takes and returns float32 activations (``asarray`` / ``to_numpy`` convert at the edges). Weights are either float arrays ``[out, in]`` or
 :class:`flashmoe.quant.QuantizedTensor` (MLX layout); resident weights go through :meth:`Backend.prepare`
 once, routed experts arrive as zero-copy views into the expert store's read buffers and are used as they are.
 

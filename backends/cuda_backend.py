@@ -421,7 +421,7 @@ class _Plan:
     """How to launch one compiled kernel without numba's dispatcher: the driver-level kernel and, per
     argument, 0 for an int64 scalar, 1 for a float32 scalar or the item size of a 1-D array."""
 
-    __slots__ = ("kernel", "codes")
+    __slots__ = ("codes", "kernel")
 
     def __init__(self, kernel: Any, codes: tuple[int, ...]) -> None:
         self.kernel, self.codes = kernel, codes
@@ -912,7 +912,7 @@ class CudaBackend(Backend):
 
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> DeviceArray:
         x = _to_device(x)
-        T, H, D = x.shape
+        _, H, D = x.shape
         out = _empty(x.shape)
         _flat_launch(K.rope, x.size, x.flat, H, D, rotary_dim // 2, _positions(positions),
                      _inv_freq(float(theta), int(rotary_dim)), out.flat)
