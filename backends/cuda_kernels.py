@@ -13,8 +13,9 @@ factoring of an affine-quantised dot product (DESIGN.md, "Performance leads")
     y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
 
 a unit's partial dot needs only integer codes and x. A block is ``(32, ROWS)`` threads: each row of 32
-threads (a warp on a GPU) owns one output row; lane l reads units l, l + 32, ... (for 4 bits, 16 bytes per
-lane and 512 contiguous bytes per warp: coalesced), then the row's lanes are summed. Kernels are built per
+threads (a warp on a GPU) owns one output row; its lanes walk the row's units together, lane l taking code
+l of each (the warp reads 32 consecutive inputs and the unit's words in one transaction each), then the
+row's lanes are summed. Kernels are built per
 (bits, group_size, scale format) by factories so those are compile-time constants and the code loops
 unroll.
 
@@ -45,6 +46,7 @@ ROWS = 4  # output rows per block of the row kernels
 FLAT_BLOCK = 128  # threads per block of the one-thread-per-element kernels
 if SIMULATOR:  # every simulated thread is a Python thread: narrower rows, same code (LANES is any power of 2)
     LANES, ROWS, FLAT_BLOCK = 4, 2, 32
+CODES_PER_LANE = 32 // LANES  # codes of a 32-code unit each lane of a row takes in the mat-vec
 
 # Scale/bias formats, decoded from raw bits in the kernels.
 F32, F16, BF16 = 0, 1, 2
@@ -147,6 +149,11 @@ def _scale_loader(fmt: int):
 def _qdot(bits: int, group_size: int, fmt: int):
     """Device function: this lane's part of one quantised row . x (bias factored per group).
 
+    The row's lanes walk its units together, lane l taking code l of each (``LANES`` apart in the
+    simulator): a warp then reads 32 consecutive inputs, the unit's ``bits`` words and one scale and bias
+    per group, each in one transaction. (Lane l owning whole units l, l + 32, ... instead made every read of
+    x touch 32 sectors 128 bytes apart: n_in sector reads per output row.)
+
     (b32, b16, wrow, srow, brow, n_units, x, xoff, lane): wrow/srow/brow index the row's first word /
     scale / bias; x[xoff : xoff + 32 * n_units] is the input.
     """
@@ -158,33 +165,25 @@ def _qdot(bits: int, group_size: int, fmt: int):
     @cuda.jit(device=True)
     def qdot(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
         acc = float32(0.0)
-        u = lane
-        while u < n_units:
-            w0 = wrow + u * bits
-            x0 = xoff + u * 32
+        for g in range(n_units // units_per_group):
             dot = float32(0.0)
             xs = float32(0.0)
-            if per_word:
-                for wi in range(bits):
-                    w = b32[w0 + wi]
-                    for c in range(per_word):
-                        xv = x[x0 + wi * per_word + c]
-                        dot += float32((w >> uint32(c * bits)) & mask) * xv
-                        xs += xv
-            else:
-                for j in range(32):
-                    bit = j * bits
+            for uu in range(units_per_group):
+                u = g * units_per_group + uu
+                w0 = wrow + u * bits
+                x0 = xoff + u * 32
+                for i in range(CODES_PER_LANE):  # one on a GPU: the warp reads 32 inputs in a row
+                    c = lane + i * LANES
+                    bit = c * bits
                     k = w0 + (bit >> 5)
                     s = bit & 31
                     code = b32[k] >> uint32(s)
-                    if s + bits > 32:
+                    if not per_word and s + bits > 32:
                         code |= b32[k + 1] << uint32(32 - s)
-                    xv = x[x0 + j]
+                    xv = x[x0 + c]
                     dot += float32(code & mask) * xv
                     xs += xv
-            g = u // units_per_group
             acc += load(b32, b16, srow + g) * dot + load(b32, b16, brow + g) * xs
-            u += LANES
         return acc
 
     return qdot
