@@ -49,9 +49,9 @@ from flashmoe.quant import QuantizedTensor
 QUANT_TYPES = ("q4_0", "f32")
 _FLUSH_BYTES = 512 << 20
 _CHUNK_ELEMENTS = 1 << 22  # resident tensors are converted this many weights at a time
-# keep this much disk free beyond the file itself, or the file's own size when smaller (a full disk breaks
-# everyone's runs on a shared machine; a tiny export need not insist on gigabytes)
-FREE_MARGIN_BYTES = 5 << 30
+# an export must fit with the smaller of this and a tenth of the file to spare (a disk filled to the last
+# byte breaks everyone's runs on a shared machine; a tiny export needs little more than room for itself)
+FREE_MARGIN_BYTES = 1 << 30
 # llama.cpp's tokenizer.ggml.token_type values (gguf.TokenType)
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
@@ -332,9 +332,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "q4_0",
 
     quant: 'q4_0' (quantised tensors to Q4_0/Q8_0, floats F32) or 'f32' (everything F32).
     progress: called with the bytes written after each tensor (or expert).
-    Raises FlashMoeError for an unsupported architecture or tokenizer, an unwritable `out`, or a disk that
-    would keep less than min(FREE_MARGIN_BYTES, the file's size) free; FormatError for an invalid directory. Nothing is left at
-    `out` on failure.
+    Raises FlashMoeError for an unsupported architecture or tokenizer, an unwritable `out`, or a disk without
+    room for the file plus min(FREE_MARGIN_BYTES, a tenth of it); FormatError for an invalid
+    directory. Nothing is left at `out` on failure.
     """
     import gguf
 
@@ -345,10 +345,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, quant: str = "q4_0",
     meta = {**_model_metadata(md, arch, quant), **tokenizer_metadata(md)}
     total = sum(t.nbytes for t in tensors)
     free = shutil.disk_usage(out.parent).free
-    margin = min(FREE_MARGIN_BYTES, total)
+    margin = min(FREE_MARGIN_BYTES, total // 10)
     if total + margin > free:
-        raise FlashMoeError(f"{out}: {total / 1e9:.1f} GB to write would leave less than "
-                            f"{margin / 1e9:.1f} GB of the {free / 1e9:.1f} GB free on its disk")
+        raise FlashMoeError(f"{out}: the export needs {(total + margin) / 1e9:.2f} GB ({total / 1e9:.2f} GB "
+                            f"and a {margin / 1e9:.2f} GB margin) but its disk has {free / 1e9:.2f} GB free")
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         for key, value in meta.items():

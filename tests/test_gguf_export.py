@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import gguf
 import numpy as np
 import pytest
 
+from flashmoe.bench import gguf_export
 from flashmoe.bench.gguf_export import export_gguf, plan
 from flashmoe.bench.llama_cpp import find_runner, run_llama
 from flashmoe.errors import FlashMoeError
@@ -145,6 +147,22 @@ def test_export_refuses_what_it_cannot_map_and_leaves_nothing(tmp_path):
     with pytest.raises(FlashMoeError, match="tokenizer.json: missing"):
         export_gguf(no_tokenizer, tmp_path / "n.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "n"]
+
+
+
+def test_export_needs_room_for_the_file_and_a_tenth_of_it_not_gigabytes(tiny, tmp_path, monkeypatch):
+    """A fixture's tiny export must not fail on a machine whose disk is nearly full: the margin is
+    proportionate to the file (10%, at most 1 GiB)."""
+    model = tiny[0]
+    total = sum(t.nbytes for t in plan(ModelDir.open(model), "q4_0")[1])
+    usage = shutil.disk_usage(tmp_path)
+    with_free = lambda free: lambda path: usage._replace(free=free)  # noqa: E731
+    monkeypatch.setattr(gguf_export.shutil, "disk_usage", with_free(total + total // 10 + 1))
+    assert export_gguf(model, tmp_path / "fits.gguf").stat().st_size > total
+    monkeypatch.setattr(gguf_export.shutil, "disk_usage", with_free(total + total // 10 - 1))
+    with pytest.raises(FlashMoeError, match=r"needs .* GB free"):
+        export_gguf(model, tmp_path / "full.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fits.gguf"]
 
 
 @needs_llama_cpp
