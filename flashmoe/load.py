@@ -6,6 +6,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from flashmoe.backends.base import get_backend
 from flashmoe.conformance.runner import ensure_conformant
 from flashmoe.config import FULL_ATTENTION, ModelConfig
@@ -16,6 +18,10 @@ from flashmoe.memory import MemoryBudget, current_rss_bytes, parse_size
 from flashmoe.modeldir import ModelDir
 from flashmoe.stats import Stats
 from flashmoe.store import MODES, ExpertStore
+
+#: What generation allocates after loading (sampler, detokenizer, statistics): 2-3 MiB measured on the demo
+#: model, whose peak RSS otherwise ended that much above a tight --max-memory.
+GENERATION_SCRATCH = 8 << 20
 
 #: The model flashmoe ships and runs when no model directory is given (see docs/demo-model.md).
 DEFAULT_MODEL = "demo-model"
@@ -65,7 +71,9 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
             behind this layer's reads (flashmoe.engine; k more read buffers count against max_memory).
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
-    MemoryBudgetError when the resident part alone exceeds max_memory, FlashMoeError for bad options.
+    MemoryBudgetError when max_memory cannot hold the model (checked before loading with the manifest's
+    resident size, and after a throwaway forward with the process's measured RSS), FlashMoeError for bad
+    options.
     """
     if io not in MODES:
         raise FlashMoeError(f"--io {io!r} is not one of {', '.join(MODES)}")
@@ -87,21 +95,35 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     threads = threads or max(4, k)  # all k reads of a decode token in flight at once
     guess_slots = k if speculate else 0
     read_buffers = ExpertStore.read_buffer_bytes(k, layout.nbytes, threads, guess_slots)
-    cache_bytes = 0
-    if max_memory is not None:
-        budget = MemoryBudget(
-            max_bytes=parse_size(max_memory),
-            resident_bytes=model.resident_nbytes,
-            kv_cache_bytes=state_bytes(cfg, context),
-            read_buffer_bytes=read_buffers,
-            runtime_bytes=current_rss_bytes(),
-        )
-        left = budget.check()
-        cache_bytes = left if io == "direct" else 0
+    kv_bytes = state_bytes(cfg, context)
+    if max_memory is not None:  # refuse a budget the resident weights alone exceed before loading anything
+        MemoryBudget(parse_size(max_memory), model.resident_nbytes, kv_bytes, read_buffers).check()
     if gpu_memory is not None:
         be.configure_expert_cache(parse_size(gpu_memory), cache_policy)
     # Read buffers from the backend where it has its own (pinned host memory for cuda: one DMA per expert).
     store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
-                        mode=io, cache_bytes=cache_bytes, policy=cache_policy, threads=threads, stats=stats,
+                        mode=io, policy=cache_policy, threads=threads, stats=stats,
                         allocate=getattr(be, "allocate_buffer", None), guess_slots=guess_slots)
-    return Engine(model, be, store, stats, experts_per_token=k)
+    engine = Engine(model, be, store, stats, experts_per_token=k)
+    if max_memory is not None:
+        store.set_cache_bytes(_measured_room(engine, parse_size(max_memory), kv_bytes, read_buffers))
+    return engine
+
+
+def _measured_room(engine: Engine, max_bytes: int, kv_bytes: int, read_buffers: int) -> int:
+    """Bytes the budget leaves for the expert cache, from the process's RSS after a throwaway 2-token prefill
+    and decode step.
+
+    They touch every resident weight the backend reads and load (or compile) its prefill and decode
+    kernels, so what a backend keeps besides the model's file (MLX's or the GPU's own copies, numba's code)
+    is counted as it is, not estimated. The KV cache at full length and the read buffers come on top. The step's statistics
+    are dropped. Raises MemoryBudgetError when nothing is left."""
+    state = engine.new_state()
+    engine.forward(np.zeros(2, np.int64), state)
+    engine.forward(np.zeros(1, np.int64), state)
+    engine.store.release_all()
+    del state
+    engine.stats = engine.store.stats = Stats(num_layers=engine.stats.num_layers)
+    budget = MemoryBudget(max_bytes, 0, kv_bytes, read_buffers, scratch_bytes=GENERATION_SCRATCH,
+                          runtime_bytes=current_rss_bytes())
+    return budget.check()

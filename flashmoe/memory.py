@@ -61,7 +61,9 @@ class MemoryBudget:
     The fixed part is everything except the expert cache: resident (non-expert) weights, the KV cache
     (and linear-attention state) at the run's maximum length, the expert read buffers
     (`ExpertStore.read_buffer_bytes`), scratch activations, and `runtime_bytes` — the process's own
-    footprint before weights load (interpreter, NumPy, numba; `current_rss_bytes()` at start-up).
+    footprint (`current_rss_bytes()`). load_engine checks twice: before loading, with the resident weights
+    from the manifest (a lower bound, to refuse a hopeless budget at once), and after one throwaway
+    forward, with the process as measured then (weights touched, kernels loaded) in `runtime_bytes`.
     The expert cache (direct mode) gets whatever is left.
     """
 
@@ -92,15 +94,17 @@ class MemoryBudget:
         return left
 
     def describe(self) -> str:
-        """One line listing the fixed parts, e.g. 'resident weights 5.50 GiB + KV cache 64.00 MiB + ...'."""
+        """One line listing the fixed parts that are not zero, e.g. 'resident weights 5.50 GiB + KV cache
+        64.00 MiB + ...'."""
         names = {
             "resident_bytes": "resident weights",
             "kv_cache_bytes": "KV cache",
             "read_buffer_bytes": "read buffers",
             "scratch_bytes": "scratch",
-            "runtime_bytes": "runtime",
+            "runtime_bytes": "process (measured)",
         }
-        return " + ".join(f"{label} {format_size(getattr(self, name))}" for name, label in names.items())
+        return " + ".join(f"{label} {format_size(getattr(self, name))}" for name, label in names.items()
+                          if getattr(self, name))
 
 
 def peak_rss_bytes() -> int:

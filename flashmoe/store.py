@@ -233,14 +233,10 @@ class ExpertStore:
         self._allocate = _checked_allocator(allocate or aligned_buffer)
         self._pool = _BufferPool(self.slot_bytes, self._allocate)
         self._cache: dict[tuple[int, int], _Entry] = {}
-        # More entries than experts on disk would never be used.
-        self._capacity = 0
-        if mode == "direct":
-            self._capacity = min(cache_bytes // self.slot_bytes, num_experts * len(files))
         self._spare: list[np.ndarray] = []  # allocated cache buffers not holding an expert
         self._cache_slots = 0  # cache buffers allocated (<= _capacity)
-        self._policy = make_policy(policy, self._capacity)
         self.policy = policy
+        self.set_cache_bytes(cache_bytes)
         self._live: dict[int, Fetch] = {}  # id(fetch) -> fetch, for release_all
         # Worker threads append (bytes_read, disk_bytes, demand read?) per finished read; the engine's thread
         # moves them into stats (deque append/popleft are thread-safe), so Stats needs no lock.
@@ -603,9 +599,25 @@ class ExpertStore:
         self._stop_guesses()
 
     # --- cache control, accounting, lifetime -----------------------------------------------------
+    def set_cache_bytes(self, nbytes: int) -> None:
+        """Size the direct-mode cache to `nbytes` (whole entries; pagecache mode has none). load_engine sizes
+        it once it has measured what the loaded model takes. Raises ValueError once the cache holds or has
+        allocated entries."""
+        if self._cache_slots:
+            raise ValueError("the expert cache can only be sized before it is first used")
+        # More entries than experts on disk would never be used.
+        entries = min(nbytes // self.slot_bytes, self.num_experts * len(self._fds)) if self.mode == "direct" else 0
+        self._capacity = entries
+        self._policy = make_policy(self.policy, entries)
+
     def cached_experts(self) -> list[tuple[int, int]]:
         """(layer, expert) keys now in the direct-mode cache, in insertion order."""
         return list(self._cache)
+
+    @property
+    def cache_capacity_bytes(self) -> int:
+        """Bytes the direct-mode cache may grow to (whole entries; 0 in pagecache mode)."""
+        return self._capacity * self.slot_bytes
 
     @property
     def cache_bytes(self) -> int:

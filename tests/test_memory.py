@@ -75,3 +75,20 @@ def test_rss_grows_when_pages_are_touched():
     after = current_rss_bytes()
     assert after - before >= 60 << 20
     assert peak_rss_bytes() >= after
+
+
+def test_load_engine_sizes_the_expert_cache_from_the_measured_process():
+    """The direct-mode cache gets the budget minus what the loaded process measures (after a throwaway
+    forward), the KV cache at full length and the read buffers; the throwaway forward leaves no statistics."""
+    from flashmoe.load import load_engine
+    from flashmoe.store import ExpertStore
+
+    rss = current_rss_bytes()
+    budget = rss + (64 << 20)
+    engine = load_engine(None, backend="numpy", io="direct", max_memory=budget, context=64)
+    store, layout = engine.store, engine.model.layout
+    room = budget - current_rss_bytes() - ExpertStore.read_buffer_bytes(engine.k, layout.nbytes, store.threads)
+    assert 0 < store.cache_capacity_bytes <= room
+    assert engine.stats.totals.reads == 0 and not engine.stats.tokens
+    with pytest.raises(MemoryBudgetError, match="process \\(measured\\)"):
+        load_engine(None, backend="numpy", io="direct", max_memory=rss // 2, context=64)
