@@ -44,11 +44,15 @@ from flashmoe.bench.decode_run import decode_inputs
 from flashmoe.bench.replay import DEFAULT_FRACTIONS, replay
 from flashmoe.bench.report import figures, markdown, run_label
 from flashmoe.errors import FlashMoeError
-from flashmoe.eviction import DEFAULT_POLICY
+from flashmoe.eviction import DEFAULT_POLICY, POLICIES
 from flashmoe.memory import parse_size
 from flashmoe.modeldir import ModelDir
+from flashmoe.store import MODES
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+PASSES = ("cold", "warm")
+ROUTINGS = ("model", "uniform")
+PEERS = ("llama.cpp",)
 
 
 @dataclass
@@ -80,6 +84,63 @@ class BenchOptions:
     peer: str | None = None  # "llama.cpp": run it beside flashmoe (bench/llama_cpp.py)
     peer_gguf: Path | None = None  # its GGUF (default: MODEL_DIR.q4_0.gguf beside the model, exported if absent)
     log: object = field(default=print, repr=False)
+
+    def check(self) -> None:
+        """Check every option before any work (run_bench's first step). Raises FlashMoeError naming the
+        command-line option (`--tokens`, `--modes`, ...) and the offending value."""
+        from flashmoe.backends import get_backend
+
+        def one_of(option: str, values: tuple, allowed: tuple) -> None:
+            if not values:
+                raise FlashMoeError(f"{option}: nothing given; choose from {', '.join(allowed)}")
+            for v in values:
+                if v not in allowed:
+                    raise FlashMoeError(f"{option}: {v!r} is not one of {', '.join(allowed)}")
+            if len(set(values)) < len(values):
+                raise FlashMoeError(f"{option}: {','.join(values)} names a value twice")
+
+        def positive(option: str, *values: int | None) -> None:
+            for v in values:
+                if v is not None and v < 1:
+                    raise FlashMoeError(f"{option}: {v} is not a positive number")
+
+        one_of("--modes", self.modes, MODES)
+        one_of("--passes", self.passes, PASSES)
+        one_of("--routing", (self.routing,), ROUTINGS)
+        one_of("--cache-policy", (self.cache_policy.lower(),), tuple(POLICIES))
+        if self.peer is not None:
+            one_of("--peer", (self.peer,), PEERS)
+            if self.model_dir is None:
+                raise FlashMoeError(f"--peer {self.peer}: needs a model directory to run beside")
+            if self.routing != "model":
+                raise FlashMoeError(f"--peer {self.peer} needs --routing model: llama.cpp follows its own router")
+        positive("-k/--experts-per-token", *self.ks)
+        positive("--threads", *self.threads)
+        positive("--io-threads", self.io_threads)
+        positive("--prompt-tokens", self.prompt_tokens)
+        positive("--tokens", self.tokens)
+        positive("--reference-tokens", self.reference_tokens)
+        positive("--disk-repeats", self.disk_repeats)
+        positive("disk_experts", self.disk_experts)
+        for budget in self.budgets:
+            try:
+                parse_size(budget)
+            except FlashMoeError as e:
+                raise FlashMoeError(f"--budgets: {e}") from None
+        if not self.speculate:
+            raise FlashMoeError("--speculate: nothing given; 'off', 'on' or 'off,on'")
+        if self.cgroup and not self.budgets:
+            raise FlashMoeError("--cgroup: caps each budgeted run, but no --budgets are given")
+        if self.cgroup and not CGROUP_ROOT.is_dir():
+            raise FlashMoeError(f"--cgroup: needs cgroup v1's memory controller at {CGROUP_ROOT} (and root)")
+        for trace in self.replays:
+            if not Path(trace).is_file():
+                raise FlashMoeError(f"--replay {trace}: no such file")
+        if self.model_dir is not None:
+            try:
+                get_backend(self.backend)
+            except FlashMoeError as e:
+                raise FlashMoeError(f"--backend: {e}") from None
 
 
 def describe_model(md: ModelDir) -> str:
@@ -187,15 +248,11 @@ def side_by_side(flashmoe_run: dict, peer_run: dict) -> list[dict]:
 
 
 def _peer_setup(opts: BenchOptions, md: ModelDir) -> tuple[Path, Path]:
-    """(llama.cpp runner, GGUF path): built or found, exported if absent. Raises FlashMoeError for an unknown
-    peer or forced uniform routing (llama.cpp follows its own router)."""
+    """(llama.cpp runner, GGUF path): built or found, exported if absent (the peer and routing were checked by
+    BenchOptions.check)."""
     from flashmoe.bench.gguf_export import export_gguf
     from flashmoe.bench.llama_cpp import find_or_build
 
-    if opts.peer != "llama.cpp":
-        raise FlashMoeError(f"--peer {opts.peer!r}: the only peer is 'llama.cpp'")
-    if opts.routing != "model":
-        raise FlashMoeError("--peer llama.cpp needs --routing model: llama.cpp follows its own router")
     runner = find_or_build(log=opts.log)
     gguf = opts.peer_gguf or md.path.with_name(md.path.name + ".q4_0.gguf")
     if not gguf.exists():
@@ -237,16 +294,25 @@ def add_ceiling(run: dict, disk_gb_s: dict[tuple[str, int], float], reference_ms
 
 
 def run_bench(opts: BenchOptions) -> dict:
-    """Everything the module docstring lists; returns the result dict (also written to opts.out)."""
+    """Everything the module docstring lists; returns the result dict (also written to opts.out).
+    Raises FlashMoeError for an invalid option (BenchOptions.check) before anything runs."""
+    opts.check()
+    if opts.model_dir is None and not opts.replays:
+        raise FlashMoeError("nothing to measure: give a model directory and/or --replay TRACE")
+    md = ModelDir.open(opts.model_dir) if opts.model_dir is not None else None
+    if md is not None:
+        for k in opts.ks:
+            if k is not None and k > md.config.num_experts:
+                raise FlashMoeError(f"-k/--experts-per-token: {k} is more than the model's "
+                                    f"{md.config.num_experts} experts")
     log = opts.log
     opts.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
                     "options": {k: v for k, v in vars(opts).items() if k != "log"}, "runs": [], "replays": []}
     traces: list[tuple[Path, str | None]] = [(Path(t), None) for t in opts.replays]
-    if opts.model_dir is not None:
-        md = ModelDir.open(opts.model_dir)
+    if md is not None:
         cfg, layout = md.config, md.layout
-        ks = [k or cfg.num_experts_per_tok for k in opts.ks]
+        ks = [cfg.num_experts_per_tok if k is None else k for k in opts.ks]
         first = md.expert_path(md.moe_layers[0])
         result["model"] = {"dir": str(opts.model_dir), "description": describe_model(md),
                            "source": md.manifest.source, "moe_layers": len(md.moe_layers),
@@ -322,8 +388,6 @@ def run_bench(opts: BenchOptions) -> dict:
         r = replay(path, opts.fractions)
         r["kind"] = kind or f"recorded routing of {Path(r['model']).name or 'an unnamed model'}"
         result["replays"].append(r)
-    if opts.model_dir is None and not traces:
-        raise FlashMoeError("nothing to measure: give a model directory and/or --replay TRACE")
     (opts.out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     (opts.out / "bench.md").write_text(markdown(result))
     if opts.figures:

@@ -224,6 +224,13 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _csv_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in _csv(text))
+    except ValueError:
+        raise FlashMoeError(f"{option}: {text!r} is not a comma-separated list of whole numbers") from None
+
+
 def _on_off(text: str, option: str) -> bool:
     if text not in ("on", "off"):
         raise FlashMoeError(f"{option}: {text!r} is neither 'on' nor 'off'")
@@ -270,8 +277,8 @@ def bench(
 
     opts = BenchOptions(
         model_dir=model_dir, out=out, backend=backend, modes=tuple(_csv(modes)),
-        ks=tuple(int(x) for x in _csv(k)) or (None,),
-        threads=tuple(int(x) for x in _csv(threads)) or (os.cpu_count() or 1,),
+        ks=_csv_ints(k, "-k/--experts-per-token") or (None,),
+        threads=_csv_ints(threads, "--threads") or (os.cpu_count() or 1,),
         budgets=tuple(_csv(budgets)), io_threads=io_threads, prompt_tokens=prompt_tokens, tokens=tokens,
         passes=tuple(_csv(passes)), reference_tokens=reference_tokens, disk_repeats=disk_repeats, cgroup=cgroup,
         cache_policy=cache_policy, routing=routing, speculate=tuple(_on_off(x, "--speculate") for x in _csv(speculate)),

@@ -79,6 +79,33 @@ def test_bench_command_replays_a_trace_without_a_model(tiny_model, tmp_path):
     assert empty.exit_code == 2 and "nothing to measure" in empty.output
 
 
+
+@pytest.mark.parametrize("args, message", [
+    (["--tokens", "0"], "--tokens: 0 is not a positive number"),
+    (["--tokens", "-4"], "--tokens: -4 is not a positive number"),
+    (["--prompt-tokens", "0"], "--prompt-tokens: 0 is not a positive number"),
+    (["--modes", "foo"], "--modes: 'foo' is not one of pagecache, direct"),
+    (["--threads", "0"], "--threads: 0 is not a positive number"),
+    (["--threads", "two"], "--threads: 'two' is not a comma-separated list of whole numbers"),
+    (["--budgets", "abc"], "--budgets: invalid memory size 'abc'"),
+    (["--routing", "nope"], "--routing: 'nope' is not one of model, uniform"),
+    (["-k", "0"], "-k/--experts-per-token: 0 is not a positive number"),
+    (["-k", "17"], "-k/--experts-per-token: 17 is more than the model's 16 experts"),
+    (["--passes", "bogus"], "--passes: 'bogus' is not one of cold, warm"),
+    (["--cache-policy", "random"], "--cache-policy: 'random' is not one of lru"),
+    (["--speculate", "maybe"], "--speculate: 'maybe' is neither 'on' nor 'off'"),
+    (["--backend", "nope"], "--backend: unknown backend 'nope'"),
+    (["--peer", "llama.cpp", "--routing", "uniform"], "--peer llama.cpp needs --routing model"),
+    (["--replay", "missing.jsonl"], "--replay missing.jsonl: no such file"),
+])
+def test_bench_command_rejects_a_bad_option_in_one_line_before_any_work(tiny_model, tmp_path, args, message):
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["bench", str(tiny_model), "--out", str(out), *args])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: " + message) and result.output.count("\n") == 1, result.output
+    assert not out.exists()  # nothing ran: not even the results directory was made
+
+
 def test_forced_uniform_routing_is_seeded_and_covers_the_experts(monkeypatch):
     import numpy as np
 
