@@ -799,7 +799,8 @@ class CudaBackend(Backend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         if _IMPORT_ERROR is not None:
-            return f"numba's CUDA target cannot be imported: {_IMPORT_ERROR} (pip install numba-cuda)"
+            return (f"needs numba-cuda (pip install -e '.[cuda]') and an NVIDIA GPU with its driver; numba's "
+                    f"CUDA target cannot be imported: {_IMPORT_ERROR}")
         if K.SIMULATOR:
             return None
         try:
@@ -807,8 +808,8 @@ class CudaBackend(Backend):
                 return None
         except Exception as e:  # a broken driver install raises instead of answering False
             return f"no usable CUDA GPU: {e}"
-        return ("no CUDA GPU or driver found (numba.cuda.is_available() is False); NUMBA_ENABLE_CUDASIM=1 runs "
-                "the kernels in numba's CPU simulator instead")
+        return ("needs an NVIDIA GPU with its driver: none found (numba.cuda.is_available() is False); "
+                "NUMBA_ENABLE_CUDASIM=1 runs the kernels in numba's CPU simulator instead")
 
     @staticmethod
     def device_description() -> str:

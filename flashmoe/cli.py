@@ -368,6 +368,7 @@ def backends() -> None:
     import json
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from flashmoe.backends import available_backends, get_backend
@@ -396,7 +397,8 @@ def backends() -> None:
             stamp = f"passed {record['when']} ({record['cases']} cases)"
         else:
             stamp = f"not checked yet: runs on first use (`flashmoe conformance --backend {name}`)"
-        table.add_row(name, "yes" if why is None else f"no: {why}", device, stamp)
+        # escaped: a reason's "pip install 'mlx[cpu]'" is not Rich markup
+        table.add_row(*map(escape, (name, "yes" if why is None else f"no: {why}", device, stamp)))
     Console().print(table)
 
 
