@@ -30,6 +30,7 @@ import numpy as np
 
 from flashmoe.backends.base import Backend, KVCache
 from flashmoe.config import FULL_ATTENTION, ModelConfig
+from flashmoe.errors import FlashMoeError
 from flashmoe.modeldir import ModelDir
 from flashmoe.reference.moe import route
 from flashmoe.stats import Stats
@@ -117,7 +118,8 @@ class Engine:
             state: from new_state(); updated in place.
             all_logits: return logits for every position instead of the last one only.
 
-        Returns float32 [T, vocab_size] (all_logits) or [1, vocab_size].
+        Returns float32 [T, vocab_size] (all_logits) or [1, vocab_size]. Raises FlashMoeError when they are
+        not all finite (corrupt weights; see check_finite).
         """
         be, cfg = self.backend, self.cfg
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
@@ -144,7 +146,8 @@ class Engine:
             h = h[-1:]
         with self.stats.stage("lm_head"):
             h = be.rms_norm(h, self._w["norm.weight"], cfg.rms_norm_eps)
-            return be.to_numpy(be.linear(h, self._lm_head))
+            logits = be.to_numpy(be.linear(h, self._lm_head))
+        return check_finite(logits, self.model.path, state.position - len(logits))
 
     def _linear(self, x, name: str):
         """x @ W.T (+ bias when the checkpoint has one) for the resident linear `name` (without '.weight')."""
@@ -311,6 +314,19 @@ class Engine:
             self.tracer.layer(layer, ids, weights, fetches)
         y = be.asarray(y)
         return y if out is None else y + out
+
+
+def check_finite(logits: np.ndarray, model_dir, first_position: int) -> np.ndarray:
+    """`logits` [T, vocab] unchanged, or FlashMoeError naming the first position whose logits are NaN or
+    infinite: a finite model on finite inputs gives finite logits, so the weights (often a damaged expert
+    file, whose size still checks out) are to blame; `flashmoe verify` finds which file."""
+    bad = ~np.isfinite(logits).all(axis=-1)
+    if bad.any():
+        raise FlashMoeError(
+            f"{model_dir}: non-finite logits at position {first_position + int(np.argmax(bad))}; the weights "
+            f"may be damaged: run `flashmoe verify {model_dir}`"
+        )
+    return logits
 
 
 def _resident(model: ModelDir, name: str):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flashmoe.engine import check_finite
 from flashmoe.errors import FlashMoeError
 from flashmoe.modeldir import EXPERT_PROJS, ModelDir
 
@@ -135,7 +136,7 @@ def write_logits(model_dir: str | Path, tokens: str, out: str | Path, backend: s
     out = Path(out)
     with ModelDir.open(model_dir) as md:
         ids = parse_tokens(tokens, md.config.vocab_size)
-    logits = compute_logits(model_dir, ids, backend)
+    logits = check_finite(compute_logits(model_dir, ids, backend), model_dir, 0)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
