@@ -1,15 +1,21 @@
 """Atomic output: write to a temporary name beside the target, rename only when complete, so a failed or
-interrupted run never leaves a partial file that looks finished."""
+interrupted run never leaves a partial file (or model directory) that looks finished."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from flashmoe.errors import FlashMoeError
+
+#: The file that marks a flashmoe model directory (modeldir.MANIFEST; not imported to keep this module light).
+_MODEL_MARKER = "flashmoe.json"
 
 
 def check_writable(target: str | Path) -> None:
@@ -41,3 +47,66 @@ def write_json_atomic(target: str | Path, data) -> None:
     """Write data as indented JSON to target atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def check_output_dir(dst: str | Path, force: bool, source: str | Path | None = None) -> None:
+    """Raise FlashMoeError, before any work is done, unless model directory `dst` may be written.
+
+    dst may be absent; with force it may also be an empty directory or a flashmoe model directory (it holds
+    flashmoe.json), which is then replaced. Refused even with force: dst is `source` or contains it, dst is
+    the current directory or contains it, dst is a file or a directory holding anything else, since --force
+    would delete what the user meant to keep.
+    """
+    dst = Path(dst)
+    if not dst.exists() and not dst.is_symlink():
+        return
+    where = dst.resolve()
+    guarded = [(Path.cwd().resolve(), "the current directory")]
+    if source is not None:
+        guarded.insert(0, (Path(source).resolve(), f"the source {source}"))
+    for path, what in guarded:
+        if where == path or where in path.parents:
+            raise FlashMoeError(f"{dst}: {'is' if where == path else 'contains'} {what}; choose another output "
+                                "directory")
+    if not force:
+        raise FlashMoeError(f"{dst}: already exists (use --force to replace it)")
+    if dst.is_symlink() or not dst.is_dir():
+        raise FlashMoeError(f"{dst}: exists and is not a directory; --force replaces only an empty directory "
+                            "or a flashmoe model directory")
+    if not (dst / _MODEL_MARKER).is_file() and any(dst.iterdir()):
+        raise FlashMoeError(f"{dst}: holds files but is not a flashmoe model directory (no {_MODEL_MARKER}); "
+                            "--force replaces only an empty directory or a flashmoe model directory")
+
+
+@contextmanager
+def atomic_dir(dst: str | Path) -> Iterator[Path]:
+    """Yield a new empty temporary directory beside `dst`; on normal exit put it in dst's place, else delete
+    it. An existing dst (a directory that check_output_dir allowed) is moved aside and removed only once the
+    new one is in place, so dst is always either the old directory or the complete new one.
+
+    An OSError (a full disk above all) becomes one FlashMoeError line naming the file by its final path
+    under dst.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        try:
+            yield tmp
+            if dst.exists() or dst.is_symlink():
+                old = tmp.with_name(tmp.name.replace(".tmp-", ".old-", 1))
+                os.rename(dst, old)
+                try:
+                    os.rename(tmp, dst)
+                except OSError:
+                    os.rename(old, dst)
+                    raise
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, dst)
+        except OSError as e:
+            what = str(e.filename or tmp).replace(str(tmp), str(dst))
+            reason = "disk full (No space left on device)" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise FlashMoeError(f"writing {what}: {reason}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

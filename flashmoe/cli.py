@@ -60,7 +60,8 @@ def convert(
     bits: str = typer.Option("4", help="Bits for resident linear weights: 2, 3, 4, 6, 8, or 'none' for float."),
     group_size: int = typer.Option(64, help="Quantisation group size (32, 64 or 128)."),
     expert_bits: Optional[str] = typer.Option(None, help="Bits for routed experts (default: --bits)."),
-    force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace DST if it is a flashmoe model directory or "
+                               "empty (never the source, the current directory or other files)."),
 ) -> None:
     """Convert a checkpoint into a flashmoe model directory (resident.safetensors + experts/*.bin)."""
     from flashmoe.convert import convert_checkpoint
@@ -209,7 +210,8 @@ def synth(
     bits: str = typer.Option("4", help="Bits of quantised weights: 2, 3, 4, 6, 8, or 'none' for bf16 floats."),
     group_size: int = typer.Option(64, help="Quantisation group size (32, 64 or 128)."),
     seed: int = typer.Option(0, help="Random seed of the weights."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a flashmoe model directory or "
+                               "empty (never the current directory or other files)."),
 ) -> None:
     """Write a synthetic model: a real model's exact shapes, random quantised weights, real tokenizer."""
     from flashmoe.convert import parse_bits

@@ -6,8 +6,9 @@ and written at its place in experts/layer_NNN.bin at once; stacked experts ([E, 
 `switch_mlp`) are written expert by expert from their memory map when the layer is complete. Peak memory is
 therefore about the largest single source tensor (its float32 working copy while quantising, in chunks of
 16M elements), independent of the model's size.
-Everything is written into `DST.tmp-XXXX` beside DST and renamed at the end; on any error the temporary
-directory is removed, so DST is either complete or absent.
+Everything is written into `.DST.tmp-XXXX` beside DST and renamed at the end (flashmoe.atomic.atomic_dir);
+on any error the temporary directory is removed, so DST is either complete or absent (or, with --force, the
+model directory it replaces).
 
 Which tensors are quantised follows mlx-lm's convert (`mlx_lm.utils.quantize_model` and the models'
 `quant_predicate`): 2-D linear and embedding weights whose input width is a multiple of group_size, at the
@@ -18,23 +19,21 @@ as they are: their quantised tensors byte for byte, never re-quantised.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
 import flashmoe
+from flashmoe.atomic import atomic_dir, check_output_dir
 from flashmoe.config import ModelConfig
 from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.families import (
@@ -105,8 +104,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     progress: show a tqdm bar (None: only on a terminal). log: where notes go (default: stderr).
 
     Raises ConfigError (config.json), CheckpointError (missing/truncated/mis-shaped tensor) or FlashMoeError
-    (bad option, DST exists without force, a write failure such as a full disk); DST is then left untouched
-    and no temporary directory remains.
+    (bad option, DST exists without force, DST that force may not replace: see atomic.check_output_dir, a
+    write failure such as a full disk); DST is then left untouched and no temporary directory remains.
     """
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     res_bits = parse_bits(bits, "--bits")
@@ -114,25 +113,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     if group_size not in GROUP_SIZES:
         raise FlashMoeError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
     dst = Path(dst)
-    if dst.exists() and not force:
-        raise FlashMoeError(f"{dst}: already exists (use --force to replace it)")
+    check_output_dir(dst, force, source=src)
     src_dir = _resolve_source(src)
     cfg = ModelConfig.from_file(src_dir / "config.json")
     ckpt = _Checkpoint(src_dir)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{dst.name}.tmp-", dir=dst.parent))
-    try:
-        job = _Conversion(cfg, ckpt, tmp, res_bits, exp_bits, group_size, log, progress)
-        with _write_errors(tmp, dst):
-            job.run(str(src))
-            if dst.is_dir() and not dst.is_symlink():
-                shutil.rmtree(dst)
-            elif dst.exists() or dst.is_symlink():
-                dst.unlink()
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(dst) as tmp:
+        _Conversion(cfg, ckpt, tmp, res_bits, exp_bits, group_size, log, progress).run(str(src))
     manifest = Manifest.from_json((dst / MANIFEST).read_text())
     experts = sum(f.size for rel, f in manifest.files.items() if rel.startswith("experts/"))
     log(f"wrote {dst}: {manifest.files[RESIDENT].size:,} B resident, {experts:,} B of experts in "
@@ -141,18 +127,6 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
         log(f"note: {src_dir} has no tokenizer.json, so none was copied; `flashmoe generate/chat/serve` need "
             f"a tokenizer.json in {dst} (copy the model's tokenizer.json there)")
     return dst
-
-
-@contextmanager
-def _write_errors(tmp: Path, dst: Path) -> Iterator[None]:
-    """Report an OSError while writing (ENOSPC above all) as one FlashMoeError line naming the file (by its
-    final name under dst)."""
-    try:
-        yield
-    except OSError as e:
-        what = str(e.filename or tmp).replace(str(tmp), str(dst))
-        reason = "disk full (No space left on device)" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise FlashMoeError(f"writing {what}: {reason}") from None
 
 
 def _resolve_source(src: str | Path) -> Path:

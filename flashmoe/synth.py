@@ -45,9 +45,11 @@ import ml_dtypes
 import numpy as np
 
 from flashmoe import __version__
+from flashmoe.atomic import atomic_dir, check_output_dir
 from flashmoe.config import ModelConfig
 from flashmoe.errors import ConfigError, FlashMoeError
 from flashmoe.families import QUANT_8BIT, QUANT_FLOAT, quant_class
+from flashmoe.memory import format_size
 from flashmoe.modeldir import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest,
                                QuantSpec, expert_file_name, resident_shapes, sha256_file)
 from flashmoe.presets import (MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER, get_preset,
@@ -278,27 +280,16 @@ def synth_model(out: str | Path, config: dict[str, Any], *, tokenizer: str | Non
     bits: width of quantised tensors (2, 3, 4, 6, 8) or None for bfloat16 floats; group_size 32/64/128.
     tokenizer: 'qwen3.5', 'qwen3', 'mixtral-standin' or None (no tokenizer files).
     progress: called with the number of bytes written after each piece (for a progress bar).
-    Raises FlashMoeError when `out` exists (without force) or the disk lacks the space, ConfigError for a bad
-    config. Nothing is left at `out` on failure; the temporary directory beside it is removed.
+    Raises FlashMoeError when `out` may not be written (exists without force; see atomic.check_output_dir) or
+    the disk lacks the space, ConfigError for a bad config. On failure `out` is as it was and the temporary
+    directory beside it is removed.
     """
     from flashmoe.synth_tokenizer import write_tokenizer
 
     out = Path(out)
-    if group_size not in GROUP_SIZES:
-        raise ConfigError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
-    cfg = ModelConfig.from_dict(config, source="synth config")
-    if out.exists() and not force:
-        raise FlashMoeError(f"{out}: already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    resident_bytes, expert_bytes = planned_bytes(cfg, bits, group_size)
-    free = shutil.disk_usage(out.parent).free
-    if resident_bytes + expert_bytes > free:
-        raise FlashMoeError(f"{out.parent}: {(resident_bytes + expert_bytes) / 1e9:.1f} GB needed, "
-                            f"{free / 1e9:.1f} GB free (use --layers to write fewer layers)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "experts").mkdir(parents=True)
-    try:
+    cfg = check_synth(out, config, bits, group_size, force)
+    with atomic_dir(out) as tmp:
+        (tmp / "experts").mkdir()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if generation_config is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
@@ -340,13 +331,28 @@ def synth_model(out: str | Path, config: dict[str, Any], *, tokenizer: str | Non
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(source or {})},
             quantization=quantization, experts=experts, files=files, flashmoe_version=__version__)
         (tmp / MANIFEST).write_text(manifest.to_json())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def check_synth(out: Path, config: dict[str, Any], bits: int | None, group_size: int, force: bool,
+                config_name: str = "synth config") -> ModelConfig:
+    """Everything synth_model checks before it writes a byte; returns the parsed config (errors name it
+    `config_name`).
+
+    Raises ConfigError (group_size, config) or FlashMoeError: `out` may not be written
+    (atomic.check_output_dir) or its disk lacks the space for the planned bytes.
+    """
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(f"--group-size {group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+    cfg = ModelConfig.from_dict(config, source=config_name)
+    check_output_dir(out, force)
+    needed = sum(planned_bytes(cfg, bits, group_size))
+    folder = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise FlashMoeError(f"{folder}: {format_size(needed)} needed, {format_size(free)} free (use --layers to "
+                            "write fewer layers)")
+    return cfg
 
 
 def synth_like(out: str | Path, like: str | None = None, config_path: str | Path | None = None,
@@ -377,7 +383,8 @@ def synth_like(out: str | Path, like: str | None = None, config_path: str | Path
     if layers is not None:
         source["truncated_to_layers"] = layers
 
-    cfg = ModelConfig.from_dict(config, source=str(config_path or like))
+    # Checked before the progress bar is drawn, so a run that cannot start prints only its error.
+    cfg = check_synth(Path(out), config, bits, group_size, force, config_name=str(config_path or like))
     total = sum(planned_bytes(cfg, bits, group_size))
     if not show_progress:
         return synth_model(out, config, tokenizer=tok, generation_config=gen, bits=bits, group_size=group_size,

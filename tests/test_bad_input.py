@@ -4,6 +4,7 @@ behind (nor a temporary directory beside it)."""
 from __future__ import annotations
 
 import errno
+import os
 import json
 import shutil
 from pathlib import Path
@@ -148,3 +149,31 @@ def test_hub_id_that_cannot_be_downloaded(tmp_path, monkeypatch):
 def test_source_directory_that_does_not_exist(tmp_path):
     (tmp_path / "out").mkdir()
     _convert_fails(tmp_path / "nowhere", tmp_path / "out", "nowhere", "no such directory")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("cwd, dst, message", [
+    ("work", "precious", "not a flashmoe model directory"),  # a directory of the user's files
+    ("work/precious", ".", "is the current directory"),
+    ("work/precious/inner", "..", "contains the current directory"),
+    ("work", "src", "is the source"),
+    ("work/precious", "../src", "is the source"),
+    ("work", ".", "contains the source"),
+])
+def test_force_refuses_a_destination_it_would_destroy(source, tmp_path, monkeypatch, cwd, dst, message):
+    """--force replaces only an empty directory or a flashmoe model directory; it never deletes the source,
+    the current directory (or a folder above it) or a folder of other files."""
+    work = tmp_path / "work"
+    _copy(source, work / "src")
+    (work / "precious" / "inner").mkdir(parents=True)
+    (work / "precious" / "thesis.txt").write_text("years of work")
+    before = _tree(tmp_path)
+    monkeypatch.chdir(tmp_path / cwd)
+    result = CliRunner().invoke(app, ["convert", str(Path(os.path.relpath(work / "src"))), dst, "--force"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert _tree(tmp_path) == before

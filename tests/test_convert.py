@@ -137,12 +137,14 @@ def test_sharded_checkpoint_with_index_converts_like_single_file(per_expert, tmp
     assert (a / "experts" / "layer_000.bin").read_bytes() == (b / "experts" / "layer_000.bin").read_bytes()
 
 
-def test_force_replaces_an_existing_directory_and_leaves_no_temporary(per_expert, tmp_path):
+def test_force_replaces_a_model_directory_or_an_empty_one_and_leaves_no_temporary(per_expert, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "stale.txt").write_text("old")
     convert_checkpoint(per_expert, dst, bits="none", force=True, progress=False)
+    (dst / "stale.txt").write_text("old")
+    convert_checkpoint(per_expert, dst, bits="4", force=True, progress=False)
     assert not (dst / "stale.txt").exists() and (dst / MANIFEST).exists()
+    assert ModelDir.open(dst).quantization("embed_tokens.weight").bits == 4
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -166,6 +166,40 @@ def test_synth_refuses_an_existing_directory_and_leaves_nothing_on_error(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def test_synth_force_replaces_a_synth_model_but_refuses_other_directories(tmp_path, monkeypatch):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY["mixtral"]))
+    synth = ["synth", "--config", str(config), "--layers", "1", "--force", "--out"]
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.txt").write_text("years of work")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for out, message in (("../precious", "not a flashmoe model directory"),
+                         (".", "is the current directory"),  # even though it is empty
+                         ("..", "contains the current directory")):
+        result = CliRunner().invoke(app, [*synth, out])
+        assert result.exit_code == 2 and result.stderr.startswith("error: "), (out, result.output)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr  # no progress bar
+    assert (tmp_path / "precious" / "thesis.txt").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "precious", "work"]
+    for seed in ("1", "2"):  # the second run replaces the first one's model
+        assert CliRunner().invoke(app, [*synth, "../m", "--seed", seed]).exit_code == 0
+    assert json.loads((tmp_path / "m" / "flashmoe.json").read_text())["source"]["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "m", "precious", "work"]
+
+
+def test_synth_without_the_space_fails_before_drawing_in_binary_units(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 0, 3 << 20))
+    result = CliRunner().invoke(app, ["synth", "--like", "qwen3-30b-a3b", "--out", str(tmp_path / "big")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "GiB needed, 3.00 MiB free" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_synth_command_truncates_a_config_file(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY["qwen3_5_moe_text"]))
