@@ -4,7 +4,9 @@ every FlashMoeError becomes one `error: ...` line on stderr and exit code 2."""
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +51,56 @@ def _user_errors(fn):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
 
+    return wrapper
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The load_engine options that generate, chat and serve share (`_engine_options` makes them command-line
+    options); `**asdict(options)` passes them on."""
+
+    backend: str
+    io: str
+    max_memory: str | None
+    experts_per_token: int | None
+    cache_policy: str
+    gpu_memory: str | None
+    speculate: bool
+
+
+# EngineOptions' fields as typer options: name -> (type, option)
+_ENGINE_OPTIONS = {
+    "backend": (str, typer.Option("numba", help="Compute backend: numba, numpy (reference arithmetic), mlx, cuda "
+                                  "(`flashmoe backends`).")),
+    "io": (str, typer.Option("pagecache", help="Expert reads: 'pagecache' (OS caches hot experts) or 'direct' "
+                             "(O_DIRECT + own cache).")),
+    "max_memory": (Optional[str], typer.Option(None, help="Memory budget, e.g. 4G: resident weights + KV cache + "
+                                               "buffers + expert cache.")),
+    "experts_per_token": (Optional[int], typer.Option(None, "--experts-per-token", "-k", min=1,
+                                                      help="Override the model's num_experts_per_tok.")),
+    "cache_policy": (str, typer.Option(DEFAULT_POLICY, help="Eviction policy of the expert caches "
+                                       f"({', '.join(POLICIES)}).")),
+    "gpu_memory": (Optional[str], typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda).")),
+    "speculate": (bool, typer.Option(False, "--speculate/--no-speculate", help="During each MoE layer, guess the "
+                                     "next layer's experts with its router and read them early (pays when reads, "
+                                     "not compute, set the pace: docs/benchmarks.md).")),
+}
+
+
+def _engine_options(fn):
+    """Give a command the shared engine options (after its own in --help); they reach it as one
+    `engine_options: EngineOptions` argument."""
+    signature = inspect.signature(fn, eval_str=True)
+    own = [p for name, p in signature.parameters.items() if name != "engine_options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in _ENGINE_OPTIONS.items()]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        options = EngineOptions(**{name: kwargs.pop(name) for name in _ENGINE_OPTIONS})
+        return fn(*args, engine_options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
     return wrapper
 
 
@@ -130,6 +182,7 @@ def conformance(
 
 @_command()
 @_user_errors
+@_engine_options
 def generate(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
@@ -140,20 +193,13 @@ def generate(
     min_p: Optional[float] = typer.Option(None, help="Drop tokens below min_p times the top token's probability (default: generation_config.json, else 0.05)."),
     repetition_penalty: Optional[float] = typer.Option(None, help="Penalise tokens already in the context; 1.0 disables (default: generation_config.json, else 1.0)."),
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
-    backend: str = typer.Option("numba", help="Compute backend: numba, numpy (reference arithmetic), mlx, cuda (`flashmoe backends`)."),
-    io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' (OS caches hot experts) or 'direct' (O_DIRECT + own cache)."),
-    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G: resident weights + KV cache + buffers + expert cache."),
-    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", min=1, help="Override the model's num_experts_per_tok."),
-    cache_policy: str = typer.Option(DEFAULT_POLICY, help=f"Eviction policy of the expert caches ({', '.join(POLICIES)})."),
-    gpu_memory: Optional[str] = typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda)."),
-    speculate: bool = typer.Option(False, "--speculate/--no-speculate", help="During each MoE layer, guess the next "
-                                   "layer's experts with its router and read them early (pays when reads, not "
-                                   "compute, set the pace: docs/benchmarks.md)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print time to first token, tok/s, ms/layer, I/O and hit rate."),
     stats_json: Optional[Path] = typer.Option(None, help="Write the run's statistics as JSON to this file."),
     trace: Optional[Path] = typer.Option(None, help="Write the routing trace (experts, hits, bytes, time per "
                                          "token and layer; docs/formats.md) to this JSONL file."),
+    *,
+    engine_options: EngineOptions,
 ) -> None:
     """Generate text, streaming routed experts from disk. Ctrl-C stops, prints the statistics so far, exits 130."""
     from contextlib import nullcontext
@@ -175,9 +221,7 @@ def generate(
     tokenizer = Tokenizer(model.path)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     prompt_ids = tokenizer.encode(text)
-    engine = load_engine(model, backend=backend, io=io, max_memory=max_memory, experts_per_token=experts_per_token,
-                         context=len(prompt_ids) + max_tokens, cache_policy=cache_policy, gpu_memory=gpu_memory,
-                         speculate=speculate)
+    engine = load_engine(model, context=len(prompt_ids) + max_tokens, **asdict(engine_options))
     if not chat:
         sys.stdout.write(prompt)
     interrupted = False
@@ -292,6 +336,7 @@ def bench(
 
 @_command()
 @_user_errors
+@_engine_options
 def chat(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
@@ -304,23 +349,21 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
     think: bool = typer.Option(True, "--think/--no-think", help="Let thinking models reason first (enable_thinking)."),
     context: int = typer.Option(4096, min=1, help="Longest conversation in tokens (capped by the model's context)."),
-    backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
-    io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
-    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),
-    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
+    *,
+    engine_options: EngineOptions,
 ) -> None:
     """Chat in the terminal. The model state is kept between turns: each turn prefills only its new tokens."""
     from flashmoe.chat import ChatSession, run_repl
     from flashmoe.load import default_model_dir, load_engine
+    from flashmoe.modeldir import ModelDir
     from flashmoe.sampling import sampler_for
     from flashmoe.tokenizer import Tokenizer
 
-    directory = model_dir or default_model_dir()
-    tokenizer = Tokenizer(directory)
-    sampler = sampler_for(directory, seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+    model = ModelDir.open(model_dir or default_model_dir())
+    tokenizer = Tokenizer(model.path)
+    sampler = sampler_for(model.path, seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                           repetition_penalty=repetition_penalty)
-    engine = load_engine(directory, backend=backend, io=io, max_memory=max_memory,
-                         experts_per_token=experts_per_token, context=context)
+    engine = load_engine(model, context=context, **asdict(engine_options))
     session = ChatSession(engine, tokenizer, sampler, max_tokens=max_tokens, system=system,
                           context=context, template_kwargs={} if think else {"enable_thinking": False})
     run_repl(session)
@@ -328,23 +371,19 @@ def chat(
 
 @_command()
 @_user_errors
+@_engine_options
 def serve(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free port)."),
     context: int = typer.Option(4096, min=1, help="Longest prompt + completion in tokens (capped by the model's context); sizes the KV-cache budget."),
-    backend: str = typer.Option("numba", help="Compute backend: numpy (reference arithmetic), numba, ..."),
-    io: str = typer.Option("pagecache", help="Expert reads: 'pagecache' or 'direct' (O_DIRECT + own cache)."),
-    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 4G."),
-    experts_per_token: Optional[int] = typer.Option(None, "--experts-per-token", "-k", help="Override the model's num_experts_per_tok."),
-    cache_policy: str = typer.Option(DEFAULT_POLICY, help=f"Eviction policy of the expert caches ({', '.join(POLICIES)})."),
-    gpu_memory: Optional[str] = typer.Option(None, help="GPU expert cache size, e.g. 16G (--backend cuda)."),
+    *,
+    engine_options: EngineOptions,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
     from flashmoe.server import serve as run_server
 
-    run_server(model_dir, host=host, port=port, backend=backend, io=io, max_memory=max_memory,
-               experts_per_token=experts_per_token, context=context, cache_policy=cache_policy)
+    run_server(model_dir, host=host, port=port, context=context, **asdict(engine_options))
 
 
 def _nvidia_gpus() -> str | None:

@@ -41,7 +41,6 @@ from starlette.routing import Route
 from flashmoe.chat_template import select_template
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoeError
-from flashmoe.eviction import DEFAULT_POLICY
 from flashmoe.sampling import SAMPLING_KEYS, Sampler, sampling_defaults
 from flashmoe.session import ContextError, RunInfo, Session, history_boundary
 from flashmoe.tokenizer import Tokenizer
@@ -606,25 +605,25 @@ class RunningServer:
         self.stop()
 
 
-def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, backend: str = "numba",
-          io: str = "pagecache", max_memory: str | None = None, experts_per_token: int | None = None,
-          context: int = 4096, cache_policy: str = DEFAULT_POLICY, log_level: str = "info") -> None:
+def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, context: int = 4096,
+          log_level: str = "info", **load_options: Any) -> None:
     """Load a model and serve it until interrupted (flashmoe serve). `context` (tokens, capped by the
-    model's max_position_embeddings) bounds prompt + completion and sizes the KV cache in the memory budget.
+    model's max_position_embeddings) bounds prompt + completion and sizes the KV cache in the memory budget;
+    `load_options` are load_engine's (backend, io, max_memory, experts_per_token, cache_policy, ...).
 
-    Raises FlashMoeError when the model cannot be loaded.
+    Raises FlashMoeError when the model cannot be loaded (FormatError naming a missing directory).
     """
     import uvicorn
 
     from flashmoe.load import default_model_dir, load_engine
+    from flashmoe.modeldir import ModelDir
 
-    directory = Path(model_dir) if model_dir is not None else default_model_dir()
-    tokenizer = Tokenizer(directory)
-    engine = load_engine(directory, backend=backend, io=io, max_memory=max_memory,
-                         experts_per_token=experts_per_token, context=context, cache_policy=cache_policy)
-    server = FlashMoeServer(engine, tokenizer, directory.name, context=context,
-                            defaults=sampling_defaults(directory))
-    log.info("serving %s on http://%s:%d (context %d tokens)", directory, host, port, server.session.context)
+    model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
+    tokenizer = Tokenizer(model.path)
+    engine = load_engine(model, context=context, **load_options)
+    server = FlashMoeServer(engine, tokenizer, model.path.name, context=context,
+                            defaults=sampling_defaults(model.path))
+    log.info("serving %s on http://%s:%d (context %d tokens)", model.path, host, port, server.session.context)
     try:
         uvicorn.run(server.app, host=host, port=port, log_level=log_level, lifespan="off")
     finally:

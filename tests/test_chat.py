@@ -166,3 +166,41 @@ def test_attention_only_model_rewinds_to_any_common_prefix(tmp_path):
     assert _greedy(Session(engine, tok), other) == second
     _greedy(session, other)  # the same prompt again: all but its last token are reused
     assert session.last.reused_tokens == len(other) - 1
+
+
+ENGINE_ARGS = ["--backend", "numpy", "--io", "direct", "--max-memory", "3G", "-k", "2", "--cache-policy", "lru",
+               "--gpu-memory", "1G", "--speculate"]
+
+
+@pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["chat"], ["serve"]])
+def test_generate_chat_and_serve_take_the_same_engine_options_to_load_engine(command, monkeypatch):
+    """The three commands share one definition of the engine options (flashmoe.cli._engine_options)."""
+    from typer.testing import CliRunner
+
+    import flashmoe.load
+    from flashmoe.cli import app
+    from flashmoe.errors import FlashMoeError
+
+    seen = {}
+
+    def load_engine(model, **kwargs):
+        seen.update(kwargs)
+        raise FlashMoeError("stop before loading")
+
+    monkeypatch.setattr(flashmoe.load, "load_engine", load_engine)
+    result = CliRunner().invoke(app, [*command, *ENGINE_ARGS])  # the bundled demo model
+    assert result.exit_code == 2 and "error: stop before loading" in result.output, result.output
+    assert {k: v for k, v in seen.items() if k != "context"} == dict(
+        backend="numpy", io="direct", max_memory="3G", experts_per_token=2, cache_policy="lru", gpu_memory="1G",
+        speculate=True)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_a_missing_model_directory_is_named_as_missing(command, tmp_path):
+    from typer.testing import CliRunner
+
+    from flashmoe.cli import app
+
+    missing = tmp_path / "nonexistent"
+    result = CliRunner().invoke(app, [command, str(missing), *(["-p", "hi"] if command == "generate" else [])])
+    assert result.exit_code == 2 and result.output == f"error: {missing}: not a directory\n"
