@@ -101,7 +101,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     with huggingface_hub.snapshot_download). bits: resident linear weights, 2/3/4/6/8 or 'none' (keep every
     weight float, in the source dtype). expert_bits: routed experts (default: bits). group_size: 32/64/128.
     bits/expert_bits/group_size do not apply to a quantised (MLX) source, which is kept as it is.
-    progress: show a tqdm bar (None: only on a terminal). log: where notes go (default: stderr).
+    progress: show a tqdm bar (None: only on a terminal). log: where notes go (default: stderr). A weight
+    whose input width is not a multiple of its group size stays float (as in mlx-lm); the converter then logs
+    one warning naming how many, which, and a --group-size that fits them.
 
     Raises ConfigError (config.json), CheckpointError (missing/truncated/mis-shaped tensor) or FlashMoeError
     (bad option, DST exists without force, DST that force may not replace: see atomic.check_output_dir, a
@@ -118,11 +120,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     cfg = ModelConfig.from_file(src_dir / "config.json")
     ckpt = _Checkpoint(src_dir)
     with atomic_dir(dst) as tmp:
-        _Conversion(cfg, ckpt, tmp, res_bits, exp_bits, group_size, log, progress).run(str(src))
+        job = _Conversion(cfg, ckpt, tmp, res_bits, exp_bits, group_size, log, progress)
+        job.run(str(src))
     manifest = Manifest.from_json((dst / MANIFEST).read_text())
     experts = sum(f.size for rel, f in manifest.files.items() if rel.startswith("experts/"))
     log(f"wrote {dst}: {manifest.files[RESIDENT].size:,} B resident, {experts:,} B of experts in "
         f"{len(manifest.experts)} layer files")
+    if warning := job.unquantised_warning():
+        log(warning)
     if not (dst / "tokenizer.json").is_file():
         log(f"note: {src_dir} has no tokenizer.json, so none was copied; `flashmoe generate/chat/serve` need "
             f"a tokenizer.json in {dst} (copy the model's tokenizer.json there)")
@@ -289,6 +294,36 @@ class _Conversion:
             flashmoe_version=flashmoe.__version__,
         )
         (self.out / MANIFEST).write_text(manifest.to_json())
+
+    def unquantised_warning(self) -> str | None:
+        """A warning naming the weights that --bits/--expert-bits ask to quantise but that stay float because
+        their input width is not a multiple of the group size (None when there are none). Routed experts count
+        once per projection."""
+        if self.keep_source:
+            return None
+        skipped: dict[str, tuple[int, bool]] = {}  # name -> (input width, quantised at --group-size)
+        if self.res_bits is not None:
+            for name, shape in self.expected.items():
+                cls = quant_class(name, shape)
+                if cls != QUANT_FLOAT and self._resident_quant(name, shape) is None:
+                    skipped[name] = (shape[-1], cls != QUANT_8BIT)
+        if self.exp_bits is not None:
+            for proj in EXPERT_PROJS:
+                if (width := self._expert_shape(proj)[-1]) % self.group_size:
+                    skipped[f"layers.*.mlp.experts.*.{proj}.weight"] = (width, True)
+        if not skipped:
+            return None
+        names = [f"{name} (width {width})" for name, (width, _) in skipped.items()]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        widths = [width for width, own_group in skipped.values() if own_group]
+        fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+        routers = len(widths) < len(skipped)
+        hint = (f"; --group-size {max(fits)} fits {'all but the routers' if routers else 'all'}"
+                if widths and fits else "")
+        n = len(skipped)
+        return (f"warning: {n} weight{'s stay' if n > 1 else ' stays'} float, not quantised, because the input "
+                f"width is not a multiple of the group size (--group-size {self.group_size}"
+                f"{f', {_ROUTER_QUANT.group_size} for the 8-bit routers' if routers else ''}): {shown}{hint}")
 
     def _convert_all(self, groups: dict[int, list[str]], writer: SafetensorsWriter) -> None:
         """Every tensor, layer by layer (non-layer tensors first), then the completeness checks."""

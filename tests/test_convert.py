@@ -148,6 +148,19 @@ def test_force_replaces_a_model_directory_or_an_empty_one_and_leaves_no_temporar
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_weights_left_float_by_the_group_size_are_named_in_one_warning(per_expert, tmp_path):
+    notes: list[str] = []
+    dst = convert_checkpoint(per_expert, tmp_path / "out", bits="4", group_size=128, progress=False,
+                             log=notes.append)
+    assert ModelDir.open(dst).quantization("embed_tokens.weight") is None  # width 64: no group of 128
+    [warning] = [n for n in notes if n.startswith("warning:")]
+    assert "17 weights stay float" in warning and "(--group-size 128)" in warning, warning
+    assert "embed_tokens.weight (width 64)" in warning and warning.endswith("--group-size 32 fits all"), warning
+    notes.clear()
+    convert_checkpoint(per_expert, tmp_path / "fits", bits="4", group_size=32, progress=False, log=notes.append)
+    assert not [n for n in notes if n.startswith("warning:")], notes
+
+
 def test_missing_tokenizer_converts_with_a_note_naming_dst(per_expert, tmp_path, capsys):
     assert not (per_expert / "tokenizer.json").exists()
     dst = convert_checkpoint(per_expert, tmp_path / "out", bits="none", progress=False)  # default log: stderr
