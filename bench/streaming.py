@@ -155,6 +155,16 @@ def describe_model(md: ModelDir) -> str:
             f"{md.layout.nbytes / 1e6:.2f} MB per expert")
 
 
+def recorded_trace_kind(md: ModelDir, routing: str) -> str:
+    """What the routing trace recorded during the bench's decode runs shows, for the replay table: its
+    inputs are seeded random token ids; routing 'uniform' forces the picks."""
+    if routing == "uniform":
+        return "forced uniform routing (worst case for a cache)"
+    if md.manifest.source.get("synthetic"):
+        return "routing of the random-weight model"
+    return f"recorded routing of {md.path.name} (random token ids)"
+
+
 def _cgroup(name: str, limit: int) -> Path:
     path = CGROUP_ROOT / name
     path.mkdir(exist_ok=True)
@@ -334,7 +344,7 @@ def run_bench(opts: BenchOptions) -> dict:
                 disk_gb_s[(mode, k)] = d["gb_s"]
         result["disk_gb_s"] = {f"{m} k={k}": v for (m, k), v in disk_gb_s.items()}
 
-        synthetic_trace = opts.out / "routing-trace.jsonl"
+        recorded_trace = opts.out / "routing-trace.jsonl"
         compute_ms: dict[tuple[int, int], float] = {}
         if opts.peer:
             runner, gguf = _peer_setup(opts, md)
@@ -354,10 +364,10 @@ def run_bench(opts: BenchOptions) -> dict:
         for k in ks:
             for t in opts.threads:
                 log(f"reference: pagecache, no cap, k={k}, {t} compute threads (cold, then warm = all in memory)")
-                trace_here = not synthetic_trace.exists() and not opts.budgets
+                trace_here = not recorded_trace.exists() and not opts.budgets
                 ref = run_child(opts, "pagecache", k, t, None, opts.out / f"run-ref-k{k}-t{t}.json",
                                 ("cold", "warm"), opts.reference_tokens or opts.tokens,
-                                trace=synthetic_trace if trace_here else None)
+                                trace=recorded_trace if trace_here else None)
                 ref["reference"] = True
                 compute_ms[(k, t)] = ref["passes"]["warm"]["ms_per_token"]
                 add_ceiling(ref, disk_gb_s, compute_ms[(k, t)])
@@ -372,7 +382,7 @@ def run_bench(opts: BenchOptions) -> dict:
                                 + (", speculative reads" if spec else ""))
                             name = f"run-{mode}-k{k}-t{t}-{budget}" + ("-speculate" if spec else "")
                             run = run_child(opts, mode, k, t, budget, opts.out / f"{name}.json", opts.passes,
-                                            opts.tokens, trace=None if synthetic_trace.exists() else synthetic_trace,
+                                            opts.tokens, trace=None if recorded_trace.exists() else recorded_trace,
                                             speculate=spec)
                             add_ceiling(run, disk_gb_s, compute_ms[(k, t)])
                             result["runs"].append(run)
@@ -380,9 +390,8 @@ def run_bench(opts: BenchOptions) -> dict:
                 for budget in opts.budgets if opts.peer else ():
                     peer_beside([r for r in result["runs"] if r["max_memory"] == budget and r["k"] == k
                                  and r["compute_threads"] == t], budget, opts.passes, opts.tokens)
-        if synthetic_trace.exists():
-            traces.insert(0, (synthetic_trace, "forced uniform routing (worst case for a cache)"
-                              if opts.routing == "uniform" else "routing of the random-weight model"))
+        if recorded_trace.exists():
+            traces.insert(0, (recorded_trace, recorded_trace_kind(md, opts.routing)))
     for path, kind in traces:
         log(f"replay: {path}")
         r = replay(path, opts.fractions)

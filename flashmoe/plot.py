@@ -81,10 +81,10 @@ def plot_trace(trace: str | Path, out: str | Path, max_tokens: int = 48,
         raise FlashMoeError("flashmoe plot needs matplotlib: pip install 'flashmoe[bench]' (or matplotlib)") from None
 
     matplotlib.use("Agg")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t = load_arrays(trace)
     token_text = None if model_dir is None else token_labels(t.tokens, model_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad trace or tokenizer leaves no empty directory
     done: dict[str, Path | str] = {
         "expert_choice": _save(expert_choice(t, max_tokens, token_text), out / "expert_choice.png"),
         "popularity": _save(popularity(t), out / "popularity.png"),

@@ -7,8 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flashmoe.bench.streaming import BenchOptions, add_ceiling, run_bench
+from flashmoe.bench.streaming import BenchOptions, add_ceiling, recorded_trace_kind, run_bench
 from flashmoe.cli import app
+from flashmoe.load import default_model_dir
+from flashmoe.modeldir import ModelDir
 from flashmoe.synth import synth_model
 
 TINY_QWEN35 = dict(
@@ -43,6 +45,7 @@ def test_bench_measures_every_mode_and_writes_json_markdown_and_figures(tiny_mod
     assert result["runs"][2]["passes"]["warm"]["hit_rate"] == 1.0  # 512M holds all 64 tiny experts
     assert {d["mode"] for d in result["disk"]["store"]} == {"pagecache", "direct"}
     (replay,) = result["replays"]
+    assert replay["kind"] == "routing of the random-weight model"
     assert replay["tokens"] == 4 + 3 and set(replay["sizes"][0]["hit_rate"]) == {"lru", "lfu", "fifo", "lru-layer",
                                                                                  "mru", "opt"}
     assert json.loads((out / "bench.json").read_text())["runs"][0]["reference"] is True
@@ -123,3 +126,10 @@ def test_forced_uniform_routing_is_seeded_and_covers_the_experts(monkeypatch):
     counts = np.bincount(picks[0].ravel(), minlength=16)
     assert counts.min() > 70 and counts.max() < 130  # 100 expected per expert
     np.testing.assert_allclose(weights, 0.25)
+
+
+def test_the_replay_table_calls_a_trained_models_trace_by_its_name(tiny_model):
+    demo = ModelDir.open(default_model_dir())  # converted from a trained checkpoint
+    assert recorded_trace_kind(demo, "model") == "recorded routing of demo-model (random token ids)"
+    assert recorded_trace_kind(ModelDir.open(tiny_model), "model") == "routing of the random-weight model"
+    assert recorded_trace_kind(demo, "uniform") == "forced uniform routing (worst case for a cache)"

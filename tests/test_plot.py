@@ -51,8 +51,9 @@ def test_plot_command_lists_what_it_wrote_and_refuses_a_bad_trace(tmp_path):
     assert result.output.splitlines() == [f"{name}: {tmp_path / 'out' / name}.png" for name in FIGURES]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"format": "other"}\n')
-    result = CliRunner().invoke(app, ["plot", str(bad), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["plot", str(bad), "--out", str(tmp_path / "f2")])
     assert result.exit_code == 2 and "bad.jsonl:1: not a flashmoe-routing-trace version 1 header" in result.output
+    assert not (tmp_path / "f2").exists()  # no empty output directory left behind
 
 
 def test_a_trace_without_tokens_is_refused(tmp_path):
