@@ -104,6 +104,8 @@ class BenchOptions:
                 if v is not None and v < 1:
                     raise FlashMoeError(f"{option}: {v} is not a positive number")
 
+        if self.out.exists() and not self.out.is_dir():
+            raise FlashMoeError(f"--out {self.out}: exists and is not a directory")
         one_of("--modes", self.modes, MODES)
         one_of("--passes", self.passes, PASSES)
         one_of("--routing", (self.routing,), ROUTINGS)

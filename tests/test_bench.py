@@ -109,6 +109,12 @@ def test_bench_command_rejects_a_bad_option_in_one_line_before_any_work(tiny_mod
     assert not out.exists()  # nothing ran: not even the results directory was made
 
 
+def test_bench_command_refuses_an_out_that_is_a_file(tiny_model, tmp_path):
+    (tmp_path / "f").touch()
+    result = CliRunner().invoke(app, ["bench", str(tiny_model), "--out", str(tmp_path / "f")])
+    assert result.exit_code == 2 and result.output == f"error: --out {tmp_path / 'f'}: exists and is not a directory\n"
+
+
 def test_forced_uniform_routing_is_seeded_and_covers_the_experts(monkeypatch):
     import numpy as np
 
