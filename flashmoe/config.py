@@ -60,6 +60,11 @@ _SPARSE_STEP = {"qwen3_moe", "qwen3_next"}
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok")
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is not None (a 0 given in config.json is kept, not replaced by a default)."""
+    return next(v for v in values if v is not None)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A validated text-model config. Field names are config.json keys.
@@ -141,7 +146,7 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type is None:
             raise ConfigError(f"{source}: missing required field 'model_type'")
-        family = MODEL_TYPES.get(model_type)
+        family = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
         if family is None:
             raise ConfigError(f"{source}: unknown model_type {model_type!r} "
                               f"(supported: {', '.join(sorted(MODEL_TYPES))})")
@@ -157,49 +162,82 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing required field {key!r} (model_type {model_type})")
             return None
 
+        def integer(key: str, value: Any, minimum: int = 1) -> int:
+            # JSON has one number type: 4096.0 is 4096, but a string, a bool or 4096.5 is no size.
+            whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+            if isinstance(value, bool) or not whole:
+                raise ConfigError(f"{source}: field {key!r} must be an integer, got {value!r}")
+            if value < minimum:
+                raise ConfigError(f"{source}: field {key!r} must be "
+                                  f"{'positive' if minimum == 1 else f'at least {minimum}'}, got {value!r}")
+            return int(value)
+
+        def number(key: str, value: Any, positive: bool = False) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{source}: field {key!r} must be a number, got {value!r}")
+            if positive and not value > 0:
+                raise ConfigError(f"{source}: field {key!r} must be positive, got {value!r}")
+            return float(value)
+
+        def flag(key: str, value: Any) -> bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source}: field {key!r} must be true or false, got {value!r}")
+            return value
+
+        def integers(key: str, value: Any, minimum: int = 0) -> tuple[int, ...]:
+            """A list of integers (a single one for eos_token_id, as transformers allows)."""
+            if not isinstance(value, list):
+                value = [value]
+            return tuple(integer(key, v, minimum) for v in value)
+
         for key in _REQUIRED:
             get(key)
-        hidden = int(get("hidden_size"))
-        n_layers = int(get("num_hidden_layers"))
-        n_heads = int(get("num_attention_heads"))
-        n_kv = int(d.get("num_key_value_heads") or n_heads)
-        head_dim = int(d.get("head_dim") or hidden // n_heads)
+        hidden = integer("hidden_size", get("hidden_size"))
+        n_layers = integer("num_hidden_layers", get("num_hidden_layers"))
+        n_heads = integer("num_attention_heads", get("num_attention_heads"))
+        n_kv = integer("num_key_value_heads", get("num_key_value_heads", required=False) or n_heads)
+        head_dim = integer("head_dim", get("head_dim", required=False) or hidden // n_heads)
 
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ConfigError(f"{source}: field 'rope_parameters.rope_type' = {rope_type!r} is not supported "
                               "(only 'default')")
-        rope_theta = float(rope.get("rope_theta") or d.get("rope_theta") or defaults["rope_theta"])
-        prf = float(rope.get("partial_rotary_factor") or d.get("partial_rotary_factor")
-                    or defaults.get("partial_rotary_factor", 1.0))
+        rope_theta = number("rope_theta", _first(rope.get("rope_theta"), d.get("rope_theta"), defaults["rope_theta"]),
+                            positive=True)
+        prf = number("partial_rotary_factor", _first(rope.get("partial_rotary_factor"), d.get("partial_rotary_factor"),
+                                                     defaults.get("partial_rotary_factor", 1.0)))
 
         if family in ("mixtral", "olmoe"):
             # every layer is MoE and intermediate_size is the expert width (moe_intermediate_size: to_dict's)
-            num_experts = int(get("num_local_experts", "num_experts"))
-            moe_inter = int(get("intermediate_size", "moe_intermediate_size"))
+            num_experts = integer("num_local_experts", get("num_local_experts", "num_experts"))
+            moe_inter = integer("intermediate_size", get("intermediate_size", "moe_intermediate_size"))
             dense_inter = None
         else:
             # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (attribute_map)
-            num_experts = int(get("num_experts", "num_local_experts"))
-            moe_inter = int(get("moe_intermediate_size"))
+            num_experts = integer("num_experts", get("num_experts", "num_local_experts"))
+            moe_inter = integer("moe_intermediate_size", get("moe_intermediate_size"))
             dense_inter = d.get("intermediate_size")
 
         if family in _ALWAYS_NORM_TOPK:
             norm_topk = True
         else:
-            norm_topk = bool(get("norm_topk_prob"))
+            norm_topk = flag("norm_topk_prob", get("norm_topk_prob"))
 
         if family in _HYBRID:
             layer_types = d.get("layer_types")
             if layer_types is None:
-                interval = int(get("full_attention_interval"))
+                interval = integer("full_attention_interval", get("full_attention_interval"))
                 layer_types = [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION
                                for i in range(n_layers)]
-            linear = {k: int(get(k)) for k in ("linear_conv_kernel_dim", "linear_key_head_dim",
-                                                 "linear_value_head_dim", "linear_num_key_heads",
-                                                 "linear_num_value_heads")}
-            shared = int(get("shared_expert_intermediate_size"))
+            elif not isinstance(layer_types, list):
+                raise ConfigError(f"{source}: field 'layer_types' must be a list, got {layer_types!r}")
+            linear = {k: integer(k, get(k), minimum=0) for k in (
+                "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                "linear_num_value_heads")}
+            shared = integer("shared_expert_intermediate_size", get("shared_expert_intermediate_size"), minimum=0)
         else:
             layer_types = [FULL_ATTENTION] * n_layers
             linear = {}
@@ -209,30 +247,31 @@ class ModelConfig:
         sliding = d.get("sliding_window")
         if family == "qwen3_moe" and not d.get("use_sliding_window", False):
             sliding = None  # transformers' Qwen3MoeConfig ignores sliding_window unless use_sliding_window
-        eos = d.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        eos, bos = d.get("eos_token_id"), d.get("bos_token_id")
 
-        try:
-            cfg = cls(
-                model_type=model_type, family=family, hidden_size=hidden, num_hidden_layers=n_layers,
-                num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
-                vocab_size=int(get("vocab_size")), rms_norm_eps=float(get("rms_norm_eps")),
-                rope_theta=rope_theta, partial_rotary_factor=prf, num_experts=num_experts,
-                num_experts_per_tok=int(get("num_experts_per_tok")), moe_intermediate_size=moe_inter,
-                norm_topk_prob=norm_topk, tie_word_embeddings=bool(get("tie_word_embeddings")),
-                layer_types=tuple(layer_types), max_position_embeddings=int(get("max_position_embeddings")),
-                intermediate_size=None if dense_inter is None else int(dense_inter),
-                shared_expert_intermediate_size=shared,
-                attention_bias=bool(d.get("attention_bias", defaults.get("attention_bias", False))),
-                mlp_only_layers=tuple(int(i) for i in (d.get("mlp_only_layers") or ())) if sparse_keys else (),
-                decoder_sparse_step=int(get("decoder_sparse_step")) if sparse_keys else 1,
-                clip_qkv=None if d.get("clip_qkv") is None else float(d["clip_qkv"]),
-                sliding_window=None if sliding is None else int(sliding),
-                hidden_act=str(d.get("hidden_act", "silu")),
-                eos_token_id=eos, bos_token_id=d.get("bos_token_id"), source=source, **linear,
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{source}: invalid field value: {e}") from None
+        cfg = cls(
+            model_type=model_type, family=family, hidden_size=hidden, num_hidden_layers=n_layers,
+            num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
+            vocab_size=integer("vocab_size", get("vocab_size")),
+            rms_norm_eps=number("rms_norm_eps", get("rms_norm_eps")),
+            rope_theta=rope_theta, partial_rotary_factor=prf, num_experts=num_experts,
+            num_experts_per_tok=integer("num_experts_per_tok", get("num_experts_per_tok")),
+            moe_intermediate_size=moe_inter, norm_topk_prob=norm_topk,
+            tie_word_embeddings=flag("tie_word_embeddings", get("tie_word_embeddings")),
+            layer_types=tuple(layer_types),
+            max_position_embeddings=integer("max_position_embeddings", get("max_position_embeddings")),
+            intermediate_size=None if dense_inter is None else integer("intermediate_size", dense_inter),
+            shared_expert_intermediate_size=shared,
+            attention_bias=flag("attention_bias", d.get("attention_bias", defaults.get("attention_bias", False))),
+            mlp_only_layers=integers("mlp_only_layers", d.get("mlp_only_layers") or []) if sparse_keys else (),
+            decoder_sparse_step=integer("decoder_sparse_step", get("decoder_sparse_step")) if sparse_keys else 1,
+            clip_qkv=None if d.get("clip_qkv") is None else number("clip_qkv", d["clip_qkv"], positive=True),
+            sliding_window=None if sliding is None else integer("sliding_window", sliding),
+            hidden_act=str(d.get("hidden_act", "silu")),
+            eos_token_id=() if eos is None else integers("eos_token_id", eos),
+            bos_token_id=None if bos is None else integer("bos_token_id", bos, minimum=0),
+            source=source, **linear,
+        )
         cfg._validate()
         return cfg
 
@@ -245,7 +284,8 @@ class ModelConfig:
                 raise ConfigError(f"{src}: field {fieldname!r} {why}")
 
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                     "head_dim", "vocab_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+                     "head_dim", "vocab_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                     "max_position_embeddings"):
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})")

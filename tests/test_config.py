@@ -100,6 +100,33 @@ def test_missing_required_field_is_named_with_the_file(tmp_path, field):
         ModelConfig.from_file(path)
 
 
+@pytest.mark.parametrize("field,value,why", [
+    ("hidden_size", "big", "must be an integer, got 'big'"),
+    ("hidden_size", 4096.5, "must be an integer"),
+    ("num_key_value_heads", True, "must be an integer"),
+    ("eos_token_id", "", "must be an integer, got ''"),
+    ("eos_token_id", [2, "x"], "must be an integer, got 'x'"),
+    ("bos_token_id", -1, "must be at least 0"),
+    ("rms_norm_eps", "abc", "must be a number, got 'abc'"),
+    ("rope_theta", 0.0, "must be positive"),
+    ("tie_word_embeddings", "false", "must be true or false"),
+    ("max_position_embeddings", -100, "must be positive, got -100"),
+    ("max_position_embeddings", 0, "must be positive"),
+    ("num_attention_heads", 0, "must be positive"),
+    ("num_local_experts", [8], "must be an integer"),
+])
+def test_a_value_of_the_wrong_type_or_range_names_the_file_and_field(tmp_path, field, value, why):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(MIXTRAL, **{field: value})))
+    with pytest.raises(ConfigError, match=rf"^{path}: field '{field}' {why}"):
+        ModelConfig.from_file(path)
+
+
+def test_whole_floats_are_sizes_and_one_eos_id_is_a_tuple():
+    cfg = ModelConfig.from_dict(dict(MIXTRAL, hidden_size=4096.0, eos_token_id=2))
+    assert cfg.hidden_size == 4096 and isinstance(cfg.hidden_size, int) and cfg.eos_token_id == (2,)
+
+
 def test_missing_linear_attention_field_is_named():
     d = {k: v for k, v in QWEN35_397B.items() if k != "linear_value_head_dim"}
     with pytest.raises(ConfigError, match="'linear_value_head_dim'"):
