@@ -205,7 +205,7 @@ def generate(
     from contextlib import nullcontext
 
     from flashmoe.atomic import check_writable, write_json_atomic
-    from flashmoe.generate import generate_steps
+    from flashmoe.generate import check_context, generate_steps
     from flashmoe.load import default_model_dir, load_engine
     from flashmoe.modeldir import ModelDir
     from flashmoe.sampling import sampler_for
@@ -221,24 +221,30 @@ def generate(
     tokenizer = Tokenizer(model.path)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     prompt_ids = tokenizer.encode(text)
+    check_context(model.config, len(prompt_ids))  # before anything is printed
     engine = load_engine(model, context=len(prompt_ids) + max_tokens, **asdict(engine_options))
     if not chat:
         sys.stdout.write(prompt)
-    interrupted = False
+    stop = None
     with record_trace(engine, trace, str(model.path)) if trace else nullcontext():
         try:
             for step in generate_steps(engine, tokenizer, prompt_ids, sampler, max_tokens):
                 sys.stdout.write(step.text)
                 sys.stdout.flush()
+                stop = step.stop
         except KeyboardInterrupt:
-            interrupted = True
+            stop = "interrupted"
             typer.echo("\n[interrupted]", err=True)
     sys.stdout.write("\n")
+    if stop == "context":
+        typer.echo(f"[stopped: the model's context of {model.config.max_position_embeddings} tokens is full]",
+                   err=True)
     if stats:
-        typer.echo(engine.stats.summary(), err=True)
+        typer.echo(f"{engine.stats.summary()}\nstop: {stop}", err=True)
     if stats_json:
-        write_json_atomic(stats_json, {**engine.stats.to_dict(), "interrupted": interrupted})
-    if interrupted:
+        write_json_atomic(stats_json, {**engine.stats.to_dict(), "interrupted": stop == "interrupted",
+                                       "stop_reason": stop})
+    if stop == "interrupted":
         raise typer.Exit(130)
 
 

@@ -1,5 +1,5 @@
-"""The generation loop: prefill the prompt, then decode token by token until an end-of-sequence id or the
-token limit, streaming text as it becomes printable."""
+"""The generation loop: prefill the prompt, then decode token by token until an end-of-sequence id, the
+token limit or the end of the model's context, streaming text as it becomes printable."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flashmoe.config import ModelConfig
 from flashmoe.engine import Engine, State
 from flashmoe.errors import FlashMoeError
 from flashmoe.sampling import Sampler
@@ -16,20 +17,25 @@ from flashmoe.tokenizer import StreamDecoder, Tokenizer
 
 @dataclass
 class Step:
-    """One generated token: its id and the text it made printable (may be empty)."""
+    """One generated token: its id, the text it made printable (may be empty) and, on the last step only,
+    why generation stopped: 'eos' (an end-of-sequence token, this one), 'length' (max_tokens reached) or
+    'context' (the model's context, max_position_embeddings, is full)."""
 
     token_id: int
     text: str
+    stop: str | None = None
 
 
-def check_context(engine: Engine, n_prompt: int) -> None:
-    """Raise FlashMoeError when the prompt alone exceeds the model's context (max_position_embeddings)."""
-    limit = engine.cfg.max_position_embeddings
+def check_context(cfg: ModelConfig, n_prompt: int) -> None:
+    """Raise FlashMoeError when the prompt is empty or leaves no room in the model's context
+    (max_position_embeddings) for even one generated token."""
+    limit = cfg.max_position_embeddings
     if n_prompt == 0:
         raise FlashMoeError("the prompt is empty after tokenisation")
     if n_prompt >= limit:
-        raise FlashMoeError(f"the prompt has {n_prompt} tokens but the model's context is {limit} "
-                            "(max_position_embeddings in config.json)")
+        fits = "fills" if n_prompt == limit else "is longer than"
+        raise FlashMoeError(f"the prompt has {n_prompt} tokens, which {fits} the model's context of {limit} "
+                            "(max_position_embeddings in config.json) and leaves no room to generate")
 
 
 def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], sampler: Sampler,
@@ -37,14 +43,15 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
     """Yield generated tokens one at a time.
 
     Prefill runs the whole prompt as one batch; decode stops at any of tokenizer.eos_token_ids (the EOS token
-    is yielded with empty text), after max_tokens tokens, or at the end of the model's context. Time to first
+    is yielded with empty text), after max_tokens tokens, or at the end of the model's context; the last Step
+    says which (Step.stop). Time to first
     token and per-token decode times are recorded in engine.stats; `started` says the caller already called
     engine.stats.start() for this run, before prefill work of its own (Session's split prefill), so time to
     first token counts from there.
 
     Raises FlashMoeError when the prompt does not fit the context.
     """
-    check_context(engine, len(prompt_ids))
+    check_context(engine.cfg, len(prompt_ids))
     state = state or engine.new_state()
     stats = engine.stats
     history = list(prompt_ids)
@@ -54,14 +61,15 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
         stats.start()
     try:
         logits = engine.forward(np.asarray(prompt_ids), state)
-        for _ in range(limit):
+        for i in range(limit):
             token = sampler(logits[-1], history)
             history.append(token)
             stats.token_done()
             if token in tokenizer.eos_token_ids:
-                yield Step(token, "")
+                yield Step(token, "", "eos")
                 return
-            yield Step(token, decoder.push(token))
+            stop = None if i < limit - 1 else "length" if limit == max_tokens else "context"
+            yield Step(token, decoder.push(token), stop)
             logits = engine.forward(np.asarray([token]), state)
     finally:
         # An interrupt between a fetch and its release must not leave read buffers pinned.

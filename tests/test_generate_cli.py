@@ -22,11 +22,11 @@ def test_generate_with_no_model_runs_the_bundled_model_and_prints_its_greedy_tex
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(PIN_PROMPT + PIN_GREEDY_TEXT[:20])
     stats = json.loads(stats_file.read_text())
-    assert stats["tokens"] == 12
+    assert stats["tokens"] == 12 and stats["stop_reason"] == "length"
     # 8 MoE layers x 4 experts per decode token, each one read of a whole expert
     per_token = stats["per_decode_token"]
     assert per_token["hits"] + per_token["misses"] == pytest.approx(32)
-    assert "time to first token" in result.stderr
+    assert "time to first token" in result.stderr and "stop: length" in result.stderr
 
 
 def test_experts_per_token_changes_the_experts_read_per_token(tmp_path):
@@ -81,10 +81,29 @@ def test_sampling_defaults_come_from_generation_config(tmp_path):
     assert (sampler.temperature, sampler.top_k, sampler.top_p, sampler.repetition_penalty) == (0.0, 40, 0.95, 1.0)
 
 
-def test_prompt_longer_than_the_context_is_refused(tmp_path):
-    result = runner.invoke(app, ["generate", "--prompt", "the " * 3000, *GREEDY])
+def _prompt_of(n_tokens: int) -> str:
+    """A prompt of exactly n_tokens tokens in the demo model's tokenizer."""
+    return "the" + " the" * (n_tokens - 1)
+
+
+@pytest.mark.parametrize("n_prompt, message", [(3000, "is longer than the model's context of 2048"),
+                                               (2048, "fills the model's context of 2048")])
+def test_prompt_that_leaves_no_room_is_refused_before_anything_is_printed(n_prompt, message):
+    result = runner.invoke(app, ["generate", "--prompt", _prompt_of(n_prompt), *GREEDY])
     assert result.exit_code == 2
-    assert "context" in result.stderr
+    assert result.stdout == ""
+    assert message in result.stderr and "leaves no room to generate" in result.stderr, result.stderr
+
+
+def test_generation_that_reaches_the_end_of_the_context_says_so(tmp_path):
+    stats_file = tmp_path / "stats.json"
+    result = runner.invoke(app, ["generate", "--prompt", _prompt_of(2045), "-n", "10", *GREEDY, "--stats",
+                                 "--stats-json", str(stats_file)])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(stats_file.read_text())
+    assert (stats["tokens"], stats["stop_reason"]) == (3, "context")
+    assert "[stopped: the model's context of 2048 tokens is full]" in result.stderr
+    assert "stop: context" in result.stderr
 
 
 def test_every_boolean_option_is_a_flag_and_help_shows_no_value_for_it():
