@@ -71,8 +71,8 @@ def check_output_dir(dst: str | Path, force: bool, source: str | Path | None = N
     if not force:
         raise FlashMoeError(f"{dst}: already exists (use --force to replace it)")
     if dst.is_symlink() or not dst.is_dir():
-        raise FlashMoeError(f"{dst}: exists and is not a directory; --force replaces only an empty directory "
-                            "or a flashmoe model directory")
+        raise FlashMoeError(f"{dst}: is {'a symbolic link' if dst.is_symlink() else 'a file'}; --force replaces "
+                            "only an empty directory or a flashmoe model directory")
     if not (dst / _MODEL_MARKER).is_file() and any(dst.iterdir()):
         raise FlashMoeError(f"{dst}: holds files but is not a flashmoe model directory (no {_MODEL_MARKER}); "
                             "--force replaces only an empty directory or a flashmoe model directory")
