@@ -427,6 +427,9 @@ class ExpertStore:
             if hit:
                 hits += 1
                 self._policy.touch(key)
+                if guess is not None:  # cached since it was guessed (prefill batches): the read is not needed
+                    self._stop(guess)
+                    taken -= 1
             elif self.mode == "direct" and (buf := self._cache_buffer(key)) is not None:
                 if guess is None:
                     entry = _Entry(buf, self._executor.submit(self._read, layer, e, buf))
