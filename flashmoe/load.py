@@ -14,7 +14,7 @@ from flashmoe.config import FULL_ATTENTION, ModelConfig
 from flashmoe.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.eviction import DEFAULT_POLICY, POLICIES
-from flashmoe.memory import MemoryBudget, current_rss_bytes, parse_size
+from flashmoe.memory import MemoryBudget, current_rss_bytes, parse_size, reset_peak_rss, window_peak_rss_bytes
 from flashmoe.modeldir import ModelDir
 from flashmoe.stats import Stats
 from flashmoe.store import MODES, ExpertStore
@@ -96,8 +96,9 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     guess_slots = k if speculate else 0
     read_buffers = ExpertStore.read_buffer_bytes(k, layout.nbytes, threads, guess_slots)
     kv_bytes = state_bytes(cfg, context)
-    if max_memory is not None:  # refuse a budget the resident weights alone exceed before loading anything
-        MemoryBudget(parse_size(max_memory), model.resident_nbytes, kv_bytes, read_buffers).check()
+    if max_memory is not None:  # refuse a budget that cannot hold even this estimate before loading anything
+        MemoryBudget(parse_size(max_memory), model.resident_nbytes, kv_bytes, read_buffers,
+                     runtime_bytes=current_rss_bytes()).check()
     if gpu_memory is not None:
         be.configure_expert_cache(parse_size(gpu_memory), cache_policy)
     # Read buffers from the backend where it has its own (pinned host memory for cuda: one DMA per expert).
@@ -111,19 +112,22 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
 
 
 def _measured_room(engine: Engine, max_bytes: int, kv_bytes: int, read_buffers: int) -> int:
-    """Bytes the budget leaves for the expert cache, from the process's RSS after a throwaway 2-token prefill
-    and decode step.
+    """Bytes the budget leaves for the expert cache, from the process's peak RSS during a throwaway 2-token
+    prefill and decode step.
 
     They touch every resident weight the backend reads and load (or compile) its prefill and decode
     kernels, so what a backend keeps besides the model's file (MLX's or the GPU's own copies, numba's code)
     is counted as it is, not estimated. The KV cache at full length and the read buffers come on top. The step's statistics
     are dropped. Raises MemoryBudgetError when nothing is left."""
+    reset_peak_rss()  # the conformance gate may have run in this process: its peak is not this model's
     state = engine.new_state()
     engine.forward(np.zeros(2, np.int64), state)
     engine.forward(np.zeros(1, np.int64), state)
     engine.store.release_all()
     del state
     engine.stats = engine.store.stats = Stats(num_layers=engine.stats.num_layers)
+    # The peak, not the RSS after the step: a backend's transient arrays (the NumPy backend dequantises each
+    # weight to float32 per call, the lm_head included) come back at every token.
     budget = MemoryBudget(max_bytes, 0, kv_bytes, read_buffers, scratch_bytes=GENERATION_SCRATCH,
-                          runtime_bytes=current_rss_bytes())
+                          runtime_bytes=window_peak_rss_bytes())
     return budget.check()
