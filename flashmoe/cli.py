@@ -236,7 +236,9 @@ def generate(
         except KeyboardInterrupt:
             stop = "interrupted"
             typer.echo("\n[interrupted]", err=True)
-    sys.stdout.write("\n")
+        finally:  # the text ends its line, also when an error line follows it
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     if stop == "context":
         typer.echo(f"[stopped: the model's context of {model.config.max_position_embeddings} tokens is full]",
                    err=True)

@@ -121,6 +121,13 @@ class Engine:
         Returns float32 [T, vocab_size] (all_logits) or [1, vocab_size]. Raises FlashMoeError when they are
         not all finite (corrupt weights; see check_finite).
         """
+        # Damaged weights become NaN or inf on the way; check_finite reports that as one error, so NumPy's
+        # warnings about it would only repeat it.
+        with np.errstate(all="ignore"):
+            logits = self._forward(token_ids, state, all_logits)
+        return check_finite(logits, self.model.path, state.position - len(logits))
+
+    def _forward(self, token_ids: np.ndarray, state: State, all_logits: bool) -> np.ndarray:
         be, cfg = self.backend, self.cfg
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         positions = np.arange(state.position, state.position + len(ids))
@@ -146,8 +153,7 @@ class Engine:
             h = h[-1:]
         with self.stats.stage("lm_head"):
             h = be.rms_norm(h, self._w["norm.weight"], cfg.rms_norm_eps)
-            logits = be.to_numpy(be.linear(h, self._lm_head))
-        return check_finite(logits, self.model.path, state.position - len(logits))
+            return be.to_numpy(be.linear(h, self._lm_head))
 
     def _linear(self, x, name: str):
         """x @ W.T (+ bias when the checkpoint has one) for the resident linear `name` (without '.weight')."""

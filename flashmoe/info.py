@@ -136,7 +136,8 @@ def write_logits(model_dir: str | Path, tokens: str, out: str | Path, backend: s
     out = Path(out)
     with ModelDir.open(model_dir) as md:
         ids = parse_tokens(tokens, md.config.vocab_size)
-    logits = check_finite(compute_logits(model_dir, ids, backend), model_dir, 0)
+    with np.errstate(all="ignore"):  # non-finite values are reported by check_finite, once
+        logits = check_finite(compute_logits(model_dir, ids, backend), model_dir, 0)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

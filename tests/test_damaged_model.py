@@ -26,4 +26,5 @@ def test_damaged_expert_bytes_give_one_line_naming_verify_not_nan_text(tmp_path)
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "non-finite logits at position" in result.output and "flashmoe verify" in result.output
+        assert "Warning" not in result.output  # the one error line, not NumPy's warnings before it
     assert not (tmp_path / "x.npy").exists()
