@@ -86,6 +86,16 @@ def _decode_tables(result: dict) -> list[str]:
                 f"{_f(c.get('disk_bound_tok_s'))} | {_f(c.get('bound_ms'), '.0f')} | {_f(c.get('time_over_bound'))} | "
                 f"{_f(c.get('time_over_reference_bound'))} | "
                 f"{'–'.join(f'{x:.1f}' for x in run.get('loadavg_1min', []))} |")
+    lines += [
+        "",
+        "Reading the table: runs labelled `no cap` are the uncapped pagecache reference (its warm pass has every "
+        "expert in memory: the compute-only time); the others run under `--max-memory` (in a cgroup of that size "
+        "with `--cgroup`). A `warm` pass repeats the cold pass's tokens: it finds what the budget kept (direct: "
+        "flashmoe's own cache; pagecache: the page cache). disk-bound tok/s = 1 / (expert bytes from disk per "
+        "token ÷ the disk's measured bandwidth); bound ms/token = max(that disk time, this pass's own compute "
+        "time); time ÷ bound = 1.00 when I/O and compute fully overlap. time ÷ reference bound uses the reference's "
+        "warm time instead of the pass's own compute (below 1 when the load changed between the runs).",
+    ]
     return lines
 
 

@@ -340,7 +340,10 @@ class ModelDir:
         path = Path(path)
         mpath = path / MANIFEST
         if not path.is_dir():
-            raise FormatError(f"{path}: not a directory")
+            hint = ("a GGUF file is not a flashmoe model; convert the Hugging Face or MLX checkpoint instead"
+                    if path.suffix.lower() == ".gguf" else "give a model directory made by `flashmoe convert` "
+                    "(or `flashmoe synth`)")
+            raise FormatError(f"{path}: not a directory ({hint})")
         try:
             manifest = Manifest.from_json(mpath.read_text(), str(mpath))
         except FileNotFoundError:
@@ -358,7 +361,8 @@ class ModelDir:
             if not f.is_file():
                 raise FormatError(f"{f}: listed in {MANIFEST} but missing")
             if f.stat().st_size != entry.size:
-                raise FormatError(f"{f}: {f.stat().st_size} bytes, {MANIFEST} files[{rel!r}].size says {entry.size}")
+                raise FormatError(f"{f}: {f.stat().st_size} bytes, {MANIFEST} files[{rel!r}].size says {entry.size}: "
+                                  "the file changed after the model was written (restore it, or convert again)")
         try:
             resident = SafetensorsFile(path / RESIDENT)
         except CheckpointError as e:
