@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flashmoe.errors import FlashMoeError
 from flashmoe.eviction import DEFAULT_POLICY
 from flashmoe.memory import current_rss_bytes, peak_rss_bytes
 from flashmoe.stats import Counters, TokenRecord
@@ -189,8 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--speculate", action="store_true", help="read a guess of the next layer's experts early")
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
-    result = run(a.model, a.backend, a.io, a.max_memory, a.experts_per_token, a.io_threads, a.prompt_tokens,
-                 a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace, a.routing, a.speculate)
+    try:
+        result = run(a.model, a.backend, a.io, a.max_memory, a.experts_per_token, a.io_threads, a.prompt_tokens,
+                     a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace, a.routing, a.speculate)
+    except FlashMoeError as e:  # e.g. a budget too small for the model: the parent shows this one line
+        sys.exit(f"error: {e}")
     a.json.write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -186,7 +186,7 @@ def conformance(
 @_engine_options
 def generate(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; '-' reads it from standard input."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Maximum number of tokens to generate."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 for greedy (default: the model's generation_config.json, else 0.8)."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: keep the smallest set of tokens with this mass (default: generation_config.json, else 0.95)."),
@@ -216,6 +216,8 @@ def generate(
     for path in (stats_json, trace):
         if path is not None:
             check_writable(path)
+    if prompt == "-":
+        prompt = sys.stdin.read().removesuffix("\n")
     model = ModelDir.open(model_dir or default_model_dir())
     sampler = sampler_for(model.path, seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                           repetition_penalty=repetition_penalty)

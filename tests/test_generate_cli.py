@@ -121,3 +121,9 @@ def test_every_boolean_option_is_a_flag_and_help_shows_no_value_for_it():
         assert "<bool>" not in result.output, name
     help_text = runner.invoke(cli_app, ["bench", "--help"], env={"COLUMNS": "200"}).output
     assert "--figures" in help_text and "--no-figures" in help_text
+
+
+def test_prompt_dash_reads_the_prompt_from_standard_input():
+    result = runner.invoke(app, ["generate", "--prompt", "-", "--max-tokens", "12", *GREEDY], input=PIN_PROMPT + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(PIN_PROMPT + PIN_GREEDY_TEXT[:20])
