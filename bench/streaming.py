@@ -346,6 +346,9 @@ def run_bench(opts: BenchOptions) -> dict:
                 disk_gb_s[(mode, k)] = d["gb_s"]
         result["disk_gb_s"] = {f"{m} k={k}": v for (m, k), v in disk_gb_s.items()}
 
+        if not opts.budgets:
+            log("no --budgets: only the uncapped pagecache reference runs (give e.g. --budgets 4G to decode in "
+                f"{', '.join(opts.modes)} mode under a memory budget)")
         recorded_trace = opts.out / "routing-trace.jsonl"
         compute_ms: dict[tuple[int, int], float] = {}
         if opts.peer:

@@ -125,28 +125,32 @@ def convert(
 @_command()
 @_user_errors
 def info(
-    model_dir: Path = typer.Argument(..., help="flashmoe model directory."),
+    model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo "
+                                                "model)."),
     disk_gbps: float = typer.Option(2.0, help="Disk read bandwidth in GB/s used for the decode ceiling."),
 ) -> None:
     """Architecture, total/active parameters, resident bytes, expert bytes per token, decode ceiling."""
     from flashmoe.info import describe
+    from flashmoe.load import default_model_dir
 
-    typer.echo(describe(model_dir, disk_gbps=disk_gbps))
+    typer.echo(describe(model_dir or default_model_dir(), disk_gbps=disk_gbps))
 
 
 @_command()
 @_user_errors
 def verify(
-    model_dir: Path = typer.Argument(..., help="flashmoe model directory."),
+    model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo "
+                                                "model)."),
 ) -> None:
     """Recompute every file's SHA-256 and compare it with flashmoe.json (reads the whole model; loading a
     model checks only file sizes). Exits 2 naming the first file that differs."""
     from tqdm import tqdm
 
+    from flashmoe.load import default_model_dir
     from flashmoe.memory import format_size
     from flashmoe.modeldir import ModelDir
 
-    with ModelDir.open(model_dir) as model:
+    with ModelDir.open(model_dir or default_model_dir()) as model:
         files = model.manifest.files
         total = sum(entry.size for entry in files.values())
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"verifying {model.path.name}",

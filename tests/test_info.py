@@ -99,3 +99,15 @@ def test_verify_names_a_corrupted_expert_file_and_exits_2(model, tmp_path):
     result = CliRunner().invoke(app, ["verify", str(copy)])
     assert result.exit_code == 2
     assert f"{expert}: sha256" in result.stderr and "does not match flashmoe.json" in result.stderr
+
+
+def test_info_and_verify_default_to_the_bundled_model():
+    from typer.testing import CliRunner
+
+    from flashmoe.cli import app
+
+    runner = CliRunner()
+    info = runner.invoke(app, ["info"])
+    assert info.exit_code == 0 and "demo-model" in info.output and "k = 4" in info.output
+    verify = runner.invoke(app, ["verify"])
+    assert verify.exit_code == 0 and verify.output.startswith("ok: ")
