@@ -42,15 +42,16 @@ class Sampler:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise FlashMoeError(message)
+        for name, ok, allowed in checks:
+            if not ok:  # the setting's name in generation_config.json and the API, and its command-line flag
+                raise FlashMoeError(f"{name} (--{name.replace('_', '-')}) must be {allowed}, got "
+                                    f"{getattr(self, name)}")
         self._rng = np.random.default_rng(self.seed)
 
     def __call__(self, logits: np.ndarray, history: np.ndarray | list[int] = ()) -> int:
