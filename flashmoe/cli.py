@@ -20,6 +20,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help wraps every column to the terminal; typer's Rich tables cut long option names and
+    # words with "…" at 80 columns.
+    rich_markup_mode=None,
 )
 
 
