@@ -91,21 +91,58 @@ _ENGINE_OPTIONS = {
 }
 
 
-def _engine_options(fn):
-    """Give a command the shared engine options (after its own in --help); they reach it as one
-    `engine_options: EngineOptions` argument."""
-    signature = inspect.signature(fn, eval_str=True)
-    own = [p for name, p in signature.parameters.items() if name != "engine_options"]
-    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-              for name, (kind, option) in _ENGINE_OPTIONS.items()]
+def _shared_options(fields: type, options: dict, argument: str):
+    """A decorator giving a command the typer `options` (name -> (type, typer.Option)) after its own in --help;
+    they reach the command as one keyword `argument`, an instance of the dataclass `fields`."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        options = EngineOptions(**{name: kwargs.pop(name) for name in _ENGINE_OPTIONS})
-        return fn(*args, engine_options=options, **kwargs)
+    def decorate(fn):
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for name, p in signature.parameters.items() if name != argument]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+                  for name, (kind, option) in options.items()]
 
-    wrapper.__signature__ = signature.replace(parameters=own + shared)
-    return wrapper
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            values = fields(**{name: kwargs.pop(name) for name in options})
+            return fn(*args, **{argument: values}, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + shared)
+        return wrapper
+
+    return decorate
+
+
+_engine_options = _shared_options(EngineOptions, _ENGINE_OPTIONS, "engine_options")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The sampling settings that generate and chat share (`_sampling_options`); None means the model's
+    generation_config.json, else flashmoe.sampling.FALLBACK. `sampler_for(model_dir, **asdict(options))`."""
+
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    seed: int | None
+
+
+_SAMPLING_OPTIONS = {
+    "temperature": (Optional[float], typer.Option(None, help="Sampling temperature; 0 for greedy (default: the "
+                                                  "model's generation_config.json, else 0.8).")),
+    "top_p": (Optional[float], typer.Option(None, help="Nucleus sampling: keep the smallest set of tokens with "
+                                            "this mass (default: generation_config.json, else 0.95).")),
+    "top_k": (Optional[int], typer.Option(None, help="Keep only the k most likely tokens; 0 disables (default: "
+                                          "generation_config.json, else 40).")),
+    "min_p": (Optional[float], typer.Option(None, help="Drop tokens below min_p times the top token's "
+                                            "probability (default: generation_config.json, else 0.05).")),
+    "repetition_penalty": (Optional[float], typer.Option(None, help="Penalise tokens already in the context; "
+                                                         "1.0 disables (default: generation_config.json, else "
+                                                         "1.0).")),
+    "seed": (Optional[int], typer.Option(None, help="Random seed for reproducible sampling.")),
+}
+_sampling_options = _shared_options(SamplingOptions, _SAMPLING_OPTIONS, "sampling")
 
 
 @_command()
@@ -191,22 +228,18 @@ def conformance(
 @_command()
 @_user_errors
 @_engine_options
+@_sampling_options
 def generate(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text; '-' reads it from standard input."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Maximum number of tokens to generate."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 for greedy (default: the model's generation_config.json, else 0.8)."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: keep the smallest set of tokens with this mass (default: generation_config.json, else 0.95)."),
-    top_k: Optional[int] = typer.Option(None, help="Keep only the k most likely tokens; 0 disables (default: generation_config.json, else 40)."),
-    min_p: Optional[float] = typer.Option(None, help="Drop tokens below min_p times the top token's probability (default: generation_config.json, else 0.05)."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="Penalise tokens already in the context; 1.0 disables (default: generation_config.json, else 1.0)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     stats: bool = typer.Option(False, "--stats", help="Print time to first token, tok/s, ms/layer, I/O and hit rate."),
     stats_json: Optional[Path] = typer.Option(None, help="Write the run's statistics as JSON to this file."),
     trace: Optional[Path] = typer.Option(None, help="Write the routing trace (experts, hits, bytes, time per "
                                          "token and layer; docs/formats.md) to this JSONL file."),
     *,
+    sampling: SamplingOptions,
     engine_options: EngineOptions,
 ) -> None:
     """Generate text, streaming routed experts from disk. Ctrl-C stops, prints the statistics so far, exits 130."""
@@ -226,8 +259,7 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read().removesuffix("\n")
     model = ModelDir.open(model_dir or default_model_dir())
-    sampler = sampler_for(model.path, seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                          repetition_penalty=repetition_penalty)
+    sampler = sampler_for(model.path, **asdict(sampling))
     tokenizer = Tokenizer(model.path)
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     prompt_ids = tokenizer.encode(text)
@@ -355,19 +387,15 @@ def bench(
 @_command()
 @_user_errors
 @_engine_options
+@_sampling_options
 def chat(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", min=1, help="Longest reply in tokens."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (default: generation_config.json, else 0.8); 0 for greedy."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass (default: generation_config.json, else 0.95)."),
-    top_k: Optional[int] = typer.Option(None, help="Keep only the k most likely tokens (default: generation_config.json, else 40)."),
-    min_p: Optional[float] = typer.Option(None, help="Drop tokens below min_p times the top token's probability."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="Penalise tokens already in the context (1.0 disables)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for reproducible sampling."),
     think: bool = typer.Option(True, "--think/--no-think", help="Let thinking models reason first (enable_thinking)."),
     context: int = typer.Option(4096, min=1, help="Longest conversation in tokens (capped by the model's context)."),
     *,
+    sampling: SamplingOptions,
     engine_options: EngineOptions,
 ) -> None:
     """Chat in the terminal. The model state is kept between turns: each turn prefills only its new tokens."""
@@ -379,8 +407,7 @@ def chat(
 
     model = ModelDir.open(model_dir or default_model_dir())
     tokenizer = Tokenizer(model.path)
-    sampler = sampler_for(model.path, seed, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                          repetition_penalty=repetition_penalty)
+    sampler = sampler_for(model.path, **asdict(sampling))
     engine = load_engine(model, context=context, **asdict(engine_options))
     session = ChatSession(engine, tokenizer, sampler, max_tokens=max_tokens, system=system,
                           context=context, template_kwargs={} if think else {"enable_thinking": False})
