@@ -18,11 +18,10 @@ model's trace (`flashmoe generate --trace`) shows what real routing allows. Repo
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 from pathlib import Path
 from typing import Hashable, Sequence
 
-from flashmoe.eviction import POLICIES, simulate_hit_rate
+from flashmoe.eviction import LRU, POLICIES, simulate_hit_rate
 from flashmoe.trace import lookup_keys, read_trace
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
@@ -30,20 +29,8 @@ OPT = "opt"
 MRU = "mru"
 
 
-class MostRecentlyUsed:
-    """Eviction policy (flashmoe.eviction.EvictionPolicy protocol): the victim is the most recently used key."""
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
-
-    def insert(self, key: Hashable) -> None:
-        self._order[key] = None
-
-    def touch(self, key: Hashable) -> None:
-        self._order.move_to_end(key)
-
-    def remove(self, key: Hashable) -> None:
-        del self._order[key]
+class MostRecentlyUsed(LRU):
+    """LRU's order with the opposite victim: the most recently used key."""
 
     def victim(self, can_evict, incoming: Hashable | None = None) -> Hashable | None:
         return next((k for k in reversed(self._order) if can_evict(k)), None)
