@@ -446,6 +446,7 @@ class ExpertStore:
             else:
                 buf = self._pool.take()
                 f._slots[e] = _Slot(e, buf, self._executor.submit(self._read, layer, e, buf))
+        self.stats.record_guesses(0, taken)
         if self.mode == "direct":
             self.stats.record_lookups(hits, len(f._slots) - hits)
         elif self._nowait:
@@ -560,8 +561,6 @@ class ExpertStore:
             else:
                 self._stop(g)
         self._guesses.clear()
-        if taken:
-            self.stats.record_guesses(0, len(taken))
         self._reap_stopped()
         return taken
 
