@@ -1,9 +1,9 @@
 """The Backend interface: the arithmetic the streaming forward pass needs, and the registry of backends.
 
-The engine (flashmoe/engine.py) owns the token loop and the linear-attention states; a backend owns the
+The engine (flashmoe/runtime/engine.py) owns the token loop and the linear-attention states; a backend owns the
 arithmetic on its own arrays and the memory of the KV caches (:meth:`Backend.new_kv_cache`). Every
 operation takes and returns float32 activations (``asarray`` / ``to_numpy`` convert at the edges). Weights are either float arrays ``[out, in]`` or
-:class:`flashmoe.quant.QuantizedTensor` (MLX layout); resident weights go through :meth:`Backend.prepare`
+:class:`flashmoe.format.quant.QuantizedTensor` (MLX layout); resident weights go through :meth:`Backend.prepare`
 once, routed experts arrive as zero-copy views into the expert store's read buffers and are used as they are.
 
 Each operation's definition is the NumPy reference (``flashmoe.reference``); the conformance suite
@@ -19,8 +19,8 @@ from typing import Any, Callable, ClassVar, Union
 import numpy as np
 
 from flashmoe.errors import FlashMoeError
-from flashmoe.eviction import DEFAULT_POLICY
-from flashmoe.quant import QuantizedTensor
+from flashmoe.runtime.eviction import DEFAULT_POLICY
+from flashmoe.format.quant import QuantizedTensor
 from flashmoe.reference import ops as ref_ops
 
 #: A weight as the engine hands it over: float ``[out, in]`` or quantised.

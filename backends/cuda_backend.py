@@ -24,7 +24,7 @@ own and the kernels wait for them through an event, so kernels already queued (t
 them; the call returns once its copies are done, as the store may then reuse the host buffers.
 
 VRAM tier: :meth:`CudaBackend.configure_expert_cache` keeps up to a byte budget of streamed experts in GPU
-memory by (layer, expert) key, evicted by a flashmoe/eviction.py policy; ``experts_ffn`` / ``expert_ffn``
+memory by (layer, expert) key, evicted by a flashmoe/runtime/eviction.py policy; ``experts_ffn`` / ``expert_ffn``
 take the keys, and an expert already there (:meth:`CudaBackend.has_expert`) may be passed as None, so its
 read can be skipped: the engine's decode step reads only the experts the GPU does not hold (``--gpu-memory``);
 prefill stages every expert it uses.
@@ -55,8 +55,8 @@ else:
     _IMPORT_ERROR = None
 
 from flashmoe.backends.base import Backend, BackendError, Expert, KVCache
-from flashmoe.eviction import DEFAULT_POLICY, make_policy
-from flashmoe.quant import QuantizedTensor
+from flashmoe.runtime.eviction import DEFAULT_POLICY, make_policy
+from flashmoe.format.quant import QuantizedTensor
 
 _PAGE = 4096
 # Freed device blocks up to this size are kept for reuse (activations, staging); larger ones are freed.
@@ -662,7 +662,7 @@ class _StagedExperts:
 
 class _VramCache:
     """The VRAM tier: slots of GPU memory holding streamed experts by (layer, expert) key, evicted by a
-    flashmoe/eviction.py policy. The slab is allocated when the first expert's size is known."""
+    flashmoe/runtime/eviction.py policy. The slab is allocated when the first expert's size is known."""
 
     def __init__(self, nbytes: int, policy: str) -> None:
         self.nbytes, self.policy_name = nbytes, policy
@@ -983,7 +983,7 @@ class CudaBackend(Backend):
     def configure_expert_cache(self, nbytes: int, policy: str = DEFAULT_POLICY) -> None:
         """Keep up to `nbytes` of streamed experts in GPU memory (the VRAM tier in front of the host's), keyed
         by the ``keys`` given to :meth:`experts_ffn` / :meth:`expert_ffn` and evicted by `policy` ("lru",
-        "lfu", "fifo"; flashmoe/eviction.py). 0 turns it off. Raises FlashMoeError for an unknown policy."""
+        "lfu", "fifo"; flashmoe/runtime/eviction.py). 0 turns it off. Raises FlashMoeError for an unknown policy."""
         make_policy(policy)  # fail now, not at the first expert
         self._cache = _VramCache(nbytes, policy) if nbytes > 0 else None
 

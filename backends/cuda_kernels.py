@@ -1,6 +1,6 @@
 """numba-cuda kernels of the CUDA backend (backends/cuda_backend.py), on flat float32 device arrays.
 
-Quantised weights stay packed on the GPU in the MLX layout (flashmoe/quant.py) inside one flat buffer
+Quantised weights stay packed on the GPU in the MLX layout (flashmoe/format/quant.py) inside one flat buffer
 viewed twice, as uint32 and as uint16: the words at ``w_off`` (uint32 index), the scales and biases at
 ``s_off`` / ``b_off`` in their own element's units (uint32 index for float32 scales, uint16 index for
 float16 / bfloat16). The scale format is decoded in the kernel from the raw bits, so a streamed expert is

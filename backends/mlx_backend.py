@@ -2,7 +2,7 @@
 
 Every activation stays an ``mx.array`` (float32) from the embedding to the logits; the engine's glue
 (``+``, ``*``, ``reshape``, slicing) works on them as on NumPy arrays. Quantised linears are
-``mx.quantized_matmul`` on the MLX-layout words as they are (flashmoe.quant is bit-exact with
+``mx.quantized_matmul`` on the MLX-layout words as they are (flashmoe.format.quant is bit-exact with
 ``mx.quantize``); RMSNorm is ``mx.fast.rms_norm``; attention is ``mx.fast.scaled_dot_product_attention``
 (grouped-query natively, causal mask from the query positions).
 
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight
-from flashmoe.quant import QuantizedTensor
+from flashmoe.format.quant import QuantizedTensor
 
 # Full float32 matrix products: MLX runs float32 GEMMs as TF32 on NVIDIA GPUs and M5-class Apple GPUs unless
 # told otherwise (measured on an H200: 2.5e-4 relative error on a float linear), outside the reference's tolerance.

@@ -54,7 +54,7 @@ else:
     _IMPORT_ERROR = None
 
 from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight, check_quantized
-from flashmoe.quant import QuantizedTensor
+from flashmoe.format.quant import QuantizedTensor
 
 _FASTMATH = {"contract", "reassoc"}
 # Rows handled per scheduling chunk: amortises the per-chunk scratch allocation and keeps a chunk's

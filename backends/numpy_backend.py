@@ -2,7 +2,7 @@
 
 It is the slow, obviously-correct backend: each operation calls the reference's own function
 (``flashmoe.reference``) after adapting shapes, so every other backend is measured against the reference
-itself. Quantised weights are dequantised a block of rows at a time (flashmoe.quant.dequantize), so even a
+itself. Quantised weights are dequantised a block of rows at a time (flashmoe.format.quant.dequantize), so even a
 248k-row lm_head never exists as one float copy.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from flashmoe.backends.base import Backend, Expert, PackedWeight, pack_weight
-from flashmoe.quant import QuantizedTensor, dequantize
+from flashmoe.format.quant import QuantizedTensor, dequantize
 from flashmoe.reference import attention as ref_attention
 from flashmoe.reference import linear_attention as ref_linear_attention
 from flashmoe.reference import ops as ref_ops

@@ -26,12 +26,12 @@ import numpy as np
 
 from flashmoe.backends import get_backend
 from flashmoe.bench.decode_run import summarise_pass
-from flashmoe.engine import Engine
-from flashmoe.eviction import DEFAULT_POLICY
-from flashmoe.memory import parse_size
-from flashmoe.modeldir import ModelDir
-from flashmoe.stats import Stats
-from flashmoe.store import ExpertStore
+from flashmoe.runtime.engine import Engine
+from flashmoe.runtime.eviction import DEFAULT_POLICY
+from flashmoe.runtime.memory import parse_size
+from flashmoe.format.modeldir import ModelDir
+from flashmoe.runtime.stats import Stats
+from flashmoe.runtime.store import ExpertStore
 
 
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     result: dict[str, Any] = {"model": str(a.model), "runs": []}
     if a.synth_like:
-        from flashmoe.presets import get_preset
-        from flashmoe.synth import synth_model
+        from flashmoe.arch.presets import get_preset
+        from flashmoe.convert.synth import synth_model
 
         t0 = time.perf_counter()
         synth_model(a.model, get_preset(a.synth_like).config_dict(a.layers), tokenizer=None, force=True)

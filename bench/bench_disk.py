@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe.memory import format_size
-from flashmoe.store import ALIGN, ExpertStore, aligned_buffer, slot_bytes
+from flashmoe.runtime.memory import format_size
+from flashmoe.runtime.store import ALIGN, ExpertStore, aligned_buffer, slot_bytes
 
 QWEN35_397B_EXPERT_BYTES = 7_077_888  # 4-bit, group 64 (docs: model-shapes.md)
 

@@ -40,7 +40,7 @@ import numpy as np
 import numba
 
 from flashmoe.backends import get_backend
-from flashmoe.quant import QuantizedTensor
+from flashmoe.format.quant import QuantizedTensor
 
 GB = 1e9
 HIDDEN, MOE_INTER, VOCAB = 4096, 1024, 248320  # Qwen3.5-397B-A17B (model-shapes.md)

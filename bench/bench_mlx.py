@@ -1,6 +1,6 @@
 """MLX (CPU here) against numba on the same synthetic model, in one run: prefill tok/s and decode ms/layer.
 
-The model is a synthetic flashmoe directory (flashmoe.synth) with a real model's layer shapes — by default
+The model is a synthetic flashmoe directory (flashmoe.convert.synth) with a real model's layer shapes — by default
 Qwen3.5-35B-A3B's (hidden 2048, 16 q heads / 2 kv heads × 256, GatedDeltaNet 16 k-heads / 32 v-heads ×
 128, moe_intermediate 512, k = 8, 4-bit group 64, bf16 scales) — cut to `--layers` layers and `--experts`
 experts per layer so it fits any disk. Expert files are read once before timing, so every expert read is
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe.load import load_engine
-from flashmoe.presets import get_preset
-from flashmoe.synth import synth_model
+from flashmoe.runtime.load import load_engine
+from flashmoe.arch.presets import get_preset
+from flashmoe.convert.synth import synth_model
 
 
 def build_model(directory: Path, preset: str, layers: int, experts: int) -> Path:

@@ -20,7 +20,7 @@ cache, the disk-bound regime. Each pass reports tok/s over the decode tokens (th
 token, which carries prefill, is excluded), time per token split into compute stages, I/O wait and
 the rest, expert bytes read and from disk per token, reads and hit rate per token. The process's peak RSS
 covers both passes. With --trace, the first pass's routing and store activity (prefill and decode) is written
-as a routing trace (flashmoe.trace.record_trace).
+as a routing trace (flashmoe.runtime.trace.record_trace).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.errors import FlashMoeError
-from flashmoe.eviction import DEFAULT_POLICY
-from flashmoe.memory import current_rss_bytes, peak_rss_bytes
-from flashmoe.stats import Counters, TokenRecord
-from flashmoe.trace import record_trace
+from flashmoe.runtime.eviction import DEFAULT_POLICY
+from flashmoe.runtime.memory import current_rss_bytes, peak_rss_bytes
+from flashmoe.runtime.stats import Counters, TokenRecord
+from flashmoe.runtime.trace import record_trace
 
 
 def _mean_counters(records: list[TokenRecord]) -> dict[str, float]:
@@ -100,9 +100,9 @@ def decode_inputs(vocab_size: int, prompt_tokens: int, tokens: int, seed: int) -
 
 def force_uniform_routing(seed: int) -> None:
     """Replace the engine's router decision with seeded uniformly random top-k picks (weights 1/k), the same
-    sequence in every process with the same seed. Hooks `flashmoe.engine.route` (the engine's name for
+    sequence in every process with the same seed. Hooks `flashmoe.runtime.engine.route` (the engine's name for
     reference.moe.route): a benchmark workload, never a model's behaviour."""
-    import flashmoe.engine as engine_module
+    import flashmoe.runtime.engine as engine_module
 
     rng = np.random.default_rng([seed, 1])
 
@@ -121,7 +121,7 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
     routing 'uniform' replaces the router's picks by force_uniform_routing (the warm pass then repeats the
     cold pass's picks, as it would with the model's router). speculate: load_engine's speculative reads of
     the next layer's experts."""
-    from flashmoe.load import load_engine
+    from flashmoe.runtime.load import load_engine
 
     rss_before = current_rss_bytes()
     load_before = os.getloadavg()[0]

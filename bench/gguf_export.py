@@ -1,11 +1,11 @@
 """Export a flashmoe model directory to one GGUF file, for llama.cpp to run the same weights.
 
 `python -m flashmoe.bench.gguf_export MODEL_DIR OUT.gguf [--type q4_0|f32]` (or export_gguf): every tensor
-of the model directory (docs/formats.md, read through flashmoe.modeldir.ModelDir) under llama.cpp's name
+of the model directory (docs/formats.md, read through flashmoe.format.modeldir.ModelDir) under llama.cpp's name
 and layout for the architecture, the same shapes, the same tokenizer (the directory's tokenizer.json: BPE
 tokens, merges, special tokens) and the same k (`expert_used_count` = the config's num_experts_per_tok).
 
-Weights: flashmoe's group-wise affine tensors are dequantised with flashmoe.quant (float32) and requantised
+Weights: flashmoe's group-wise affine tensors are dequantised with flashmoe.format.quant (float32) and requantised
 with the `gguf` package's own quantiser (gguf.quants): 4-bit (and narrower) tensors to Q4_0 (block 32,
 one float16 scale: 4.5 bits per weight, the same bytes per weight as flashmoe's 4-bit group 64 with bf16
 scale and bias, so both engines read the same number of expert bytes), wider ones (the 8-bit router) to
@@ -26,7 +26,7 @@ time (each expert read once), large resident ones in blocks of rows, one whose r
 whole, so memory stays at a few experts whatever the model's size. Written bytes are synced and dropped
 from the page cache every 512 MB, and each expert file after its layer, so an export of 17 GB does not
 evict other processes' pages. The file is written under a temporary name and
-renamed when complete (flashmoe.atomic).
+renamed when complete (flashmoe.format.atomic).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from flashmoe.atomic import atomic_path, check_writable
+from flashmoe.format.atomic import atomic_path, check_writable
 from flashmoe.errors import FlashMoeError
-from flashmoe.modeldir import ModelDir
-from flashmoe.quant import QuantizedTensor
+from flashmoe.format.modeldir import ModelDir
+from flashmoe.format.quant import QuantizedTensor
 
 QUANT_TYPES = ("q4_0", "f32")
 _FLUSH_BYTES = 512 << 20
@@ -129,7 +129,7 @@ def _qwen35moe_metadata(cfg, arch: str) -> dict[str, object]:
     """qwen35moe's keys beyond the common ones (llama.cpp's load_arch_hparams for qwen35moe). Raises
     FlashMoeError for a layer pattern other than every 4th layer full attention, or unequal key and value
     head widths (llama.cpp sizes both by ssm.state_size)."""
-    from flashmoe.presets import hybrid_layer_types
+    from flashmoe.arch.presets import hybrid_layer_types
 
     if tuple(cfg.layer_types) != tuple(hybrid_layer_types(cfg.num_hidden_layers)):
         raise FlashMoeError("qwen35moe export: layer_types must be every 4th layer full attention")
@@ -229,7 +229,7 @@ def plan(md: ModelDir, quant: str = "q4_0") -> tuple[str, list[Planned]]:
 
 def _to_gguf(stored: QuantizedTensor | np.ndarray, qtype: int,
              transform: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-    """Dequantise with flashmoe.quant (float32), apply `transform`, quantise with gguf.quants; uint8 bytes
+    """Dequantise with flashmoe.format.quant (float32), apply `transform`, quantise with gguf.quants; uint8 bytes
     (or float32)."""
     import gguf
 

@@ -1,7 +1,7 @@
 """Replay routing traces through the expert-cache eviction policies: hit rate against cache size.
 
 Each trace (docs/formats.md, "Routing trace") becomes its stream of `(layer, expert)` lookups
-(flashmoe.trace.lookup_keys), replayed by flashmoe.eviction.simulate_hit_rate for every policy the store
+(flashmoe.runtime.trace.lookup_keys), replayed by flashmoe.runtime.eviction.simulate_hit_rate for every policy the store
 offers, at cache sizes given as fractions of all experts of the model (every MoE layer's). Belady's
 optimal policy (`opt`: evict the entry whose next use is farthest away; Belady 1966) is replayed too: it
 needs the future, so no cache can run it, but it bounds what any policy could reach on the trace.
@@ -21,8 +21,8 @@ import heapq
 from pathlib import Path
 from typing import Hashable, Sequence
 
-from flashmoe.eviction import LRU, POLICIES, simulate_hit_rate
-from flashmoe.trace import lookup_keys, read_trace
+from flashmoe.runtime.eviction import LRU, POLICIES, simulate_hit_rate
+from flashmoe.runtime.trace import lookup_keys, read_trace
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75)
 OPT = "opt"

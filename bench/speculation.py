@@ -4,7 +4,7 @@ Reaching the bound max(disk time, compute time) needs layer L+1's reads to run w
 attention compute. With `load_engine(..., speculate=True)` the engine applies layer L+1's router to layer L's
 MoE input (pre-gated MoE, Hwang et al., ISCA 2024) and the store reads the top-k guesses behind layer L's own
 reads, two at a time, in 1 MiB pieces that stop as soon as layer L+1's real routing shows a guess wrong
-(flashmoe/engine.py, ExpertStore.speculate). Flash-MoE measured a simpler prefetch as a net loss on Apple
+(flashmoe/runtime/engine.py, ExpertStore.speculate). Flash-MoE measured a simpler prefetch as a net loss on Apple
 silicon (-18% to -38%). This measures, in one process, over the same tokens:
 
 - accuracy: the share of guesses a fetch then used (`guesses_used / guesses`; uniform routing would give
@@ -81,7 +81,7 @@ def measure(model_dir: str | Path | None, backend: str = "numba", k: int | None 
     """`compare` over `tokens` decode tokens after a seeded random prompt: greedy (a trained model's own
     text), or with `random_inputs` seeded random token ids (random weights: greedy decoding collapses into
     one repeated token, see bench/decode_run.py). model_dir None: the bundled demo model."""
-    from flashmoe.load import load_engine
+    from flashmoe.runtime.load import load_engine
 
     engine = load_engine(model_dir, backend=backend, io=io, max_memory=max_memory, experts_per_token=k,
                          context=prompt_tokens + tokens + 1, speculate=True)

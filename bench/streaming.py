@@ -44,10 +44,10 @@ from flashmoe.bench.decode_run import decode_inputs
 from flashmoe.bench.replay import DEFAULT_FRACTIONS, replay
 from flashmoe.bench.report import figures, markdown, run_label
 from flashmoe.errors import FlashMoeError
-from flashmoe.eviction import DEFAULT_POLICY, POLICIES
-from flashmoe.memory import parse_size
-from flashmoe.modeldir import ModelDir
-from flashmoe.store import MODES
+from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
+from flashmoe.runtime.memory import parse_size
+from flashmoe.format.modeldir import ModelDir
+from flashmoe.runtime.store import MODES
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 PASSES = ("cold", "warm")

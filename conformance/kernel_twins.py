@@ -3,7 +3,7 @@ element by element, so the Metal (or CUDA) code can be checked against it on any
 
 The kernels take one token (a vector x) and 4-bit MLX-layout weights: words uint32 ``[out, in/8]`` holding
 8 values each, least significant nibble first; scales and biases ``[out, in/group_size]``; ``w ≈ scale*q +
-bias`` (flashmoe.quant). All arithmetic is float32, as on the GPU; the only freedom a kernel has is the
+bias`` (flashmoe.format.quant). All arithmetic is float32, as on the GPU; the only freedom a kernel has is the
 order of its float32 sums, so kernels are compared to the twins with a tolerance, and the twins are
 compared to the reference (flashmoe.backends.numpy_backend) the same way.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from flashmoe.backends.base import scales_to_f32
-from flashmoe.quant import unpack
+from flashmoe.format.quant import unpack
 
 
 def _fma_terms(x: np.ndarray, words: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Model-level conformance for ``flashmoe conformance --full``: the engine on a backend vs the reference
-forward pass, on tiny synthetic model directories of every supported architecture (flashmoe.synth: random
+forward pass, on tiny synthetic model directories of every supported architecture (flashmoe.convert.synth: random
 valid 4-bit weights, no transformers needed).
 
 Per architecture: the logits of a 12-token prompt (batched prefill) and of 64 greedy decode steps must be
@@ -71,7 +71,7 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
 
 def compare(backend: str, model_dir: Path, arch: str) -> ModelResult:
     """Prefill + greedy decode on the engine (backend) and the reference; the worst error and agreement."""
-    from flashmoe.load import load_engine
+    from flashmoe.runtime.load import load_engine
     from flashmoe.reference import ReferenceModel
 
     start = time.perf_counter()
@@ -98,7 +98,7 @@ def compare(backend: str, model_dir: Path, arch: str) -> ModelResult:
 
 def run_models(backend: str) -> list[ModelResult]:
     """Every architecture's tiny synthetic model (written to a temporary directory) on ``backend``."""
-    from flashmoe.synth import synth_model
+    from flashmoe.convert.synth import synth_model
 
     results = []
     with tempfile.TemporaryDirectory(prefix="flashmoe-conformance-") as tmp:

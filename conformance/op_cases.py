@@ -26,7 +26,7 @@ import numpy as np
 
 from flashmoe.backends import get_backend
 from flashmoe.backends.base import Backend
-from flashmoe.quant import QuantizedTensor
+from flashmoe.format.quant import QuantizedTensor
 
 #: Bound on max|got - want| / max|want| for float32 activations: elementwise ops round once or twice;
 #: reductions (dot products, softmax sums, recurrences) reorder up to thousands of float32 additions.

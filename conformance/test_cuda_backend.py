@@ -237,7 +237,7 @@ def test_gpu_expert_cache_keeps_experts_by_key_and_evicts_by_policy(be):
 @HERE
 def test_engine_forward_matches_the_numpy_backend(tmp_path):
     from flashmoe.bench.bench_cuda import build_engine
-    from flashmoe.synth import synth_model
+    from flashmoe.convert.synth import synth_model
 
     config = dict(model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,

@@ -16,7 +16,7 @@ import pytest
 from flashmoe.backends.mlx_backend import MlxBackend, gpu_language
 from flashmoe.backends.numpy_backend import NumpyBackend
 from flashmoe.conformance.kernel_twins import dequant_matvec_4bit_twin, moe_combine_twin, swiglu_4bit_twin
-from flashmoe.quant import QuantizedTensor, quantize
+from flashmoe.format.quant import QuantizedTensor, quantize
 
 HIDDEN, INTER, GROUP = 256, 128, 64
 NO_GPU = ("no GPU for MLX custom kernels here: mx.metal.is_available() and mx.cuda.is_available() are "

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the ar
 from checkpoints import VARIANTS, build_hf_checkpoint, prompt_tokens  # noqa: E402
 
 from flashmoe.backends import available_backends  # noqa: E402
-from flashmoe.convert import convert_checkpoint  # noqa: E402
-from flashmoe.load import load_engine  # noqa: E402
+from flashmoe.convert.checkpoint import convert_checkpoint  # noqa: E402
+from flashmoe.runtime.load import load_engine  # noqa: E402
 from flashmoe.reference import ReferenceModel  # noqa: E402
 
 TOLERANCE = 1e-3

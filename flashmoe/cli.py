@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from flashmoe.errors import FlashMoeError
-from flashmoe.eviction import DEFAULT_POLICY, POLICIES
+from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
 
 app = typer.Typer(
     help="Run Mixture-of-Experts models larger than memory by streaming routed experts from SSD.",
@@ -118,7 +118,7 @@ _engine_options = _shared_options(EngineOptions, _ENGINE_OPTIONS, "engine_option
 @dataclass(frozen=True)
 class SamplingOptions:
     """The sampling settings that generate and chat share (`_sampling_options`); None means the model's
-    generation_config.json, else flashmoe.sampling.FALLBACK. `sampler_for(model_dir, **asdict(options))`."""
+    generation_config.json, else flashmoe.serve.sampling.FALLBACK. `sampler_for(model_dir, **asdict(options))`."""
 
     temperature: float | None
     top_p: float | None
@@ -157,7 +157,7 @@ def convert(
                                "empty (never the source, the current directory or other files)."),
 ) -> None:
     """Convert a checkpoint into a flashmoe model directory (resident.safetensors + experts/*.bin)."""
-    from flashmoe.convert import convert_checkpoint
+    from flashmoe.convert.checkpoint import convert_checkpoint
 
     convert_checkpoint(src, dst, bits=bits, group_size=group_size, expert_bits=expert_bits, force=force)
 
@@ -171,7 +171,7 @@ def info(
 ) -> None:
     """Architecture, total/active parameters, resident bytes, expert bytes per token, decode ceiling."""
     from flashmoe.info import describe
-    from flashmoe.load import default_model_dir
+    from flashmoe.runtime.load import default_model_dir
 
     typer.echo(describe(model_dir or default_model_dir(), disk_gbps=disk_gbps))
 
@@ -186,9 +186,9 @@ def verify(
     model checks only file sizes). Exits 2 naming the first file that differs."""
     from tqdm import tqdm
 
-    from flashmoe.load import default_model_dir
-    from flashmoe.memory import format_size
-    from flashmoe.modeldir import ModelDir
+    from flashmoe.runtime.load import default_model_dir
+    from flashmoe.runtime.memory import format_size
+    from flashmoe.format.modeldir import ModelDir
 
     with ModelDir.open(model_dir or default_model_dir()) as model:
         files = model.manifest.files
@@ -245,13 +245,13 @@ def generate(
     """Generate text, streaming routed experts from disk. Ctrl-C stops, prints the statistics so far, exits 130."""
     from contextlib import nullcontext
 
-    from flashmoe.atomic import check_writable, write_json_atomic
-    from flashmoe.generate import check_context, generate_steps
-    from flashmoe.load import default_model_dir, load_engine
-    from flashmoe.modeldir import ModelDir
-    from flashmoe.sampling import sampler_for
-    from flashmoe.tokenizer import Tokenizer
-    from flashmoe.trace import record_trace
+    from flashmoe.format.atomic import check_writable, write_json_atomic
+    from flashmoe.serve.generate import check_context, generate_steps
+    from flashmoe.runtime.load import default_model_dir, load_engine
+    from flashmoe.format.modeldir import ModelDir
+    from flashmoe.serve.sampling import sampler_for
+    from flashmoe.serve.tokenizer import Tokenizer
+    from flashmoe.runtime.trace import record_trace
 
     for path in (stats_json, trace):
         if path is not None:
@@ -308,8 +308,8 @@ def synth(
                                "empty (never the current directory or other files)."),
 ) -> None:
     """Write a synthetic model: a real model's exact shapes, random quantised weights, real tokenizer."""
-    from flashmoe.convert import parse_bits
-    from flashmoe.synth import synth_like
+    from flashmoe.convert.checkpoint import parse_bits
+    from flashmoe.convert.synth import synth_like
 
     path = synth_like(out, like=like, config_path=config, layers=layers, bits=parse_bits(bits),
                       group_size=group_size, seed=seed, force=force)
@@ -399,11 +399,11 @@ def chat(
     engine_options: EngineOptions,
 ) -> None:
     """Chat in the terminal. The model state is kept between turns: each turn prefills only its new tokens."""
-    from flashmoe.chat import ChatSession, run_repl
-    from flashmoe.load import default_model_dir, load_engine
-    from flashmoe.modeldir import ModelDir
-    from flashmoe.sampling import sampler_for
-    from flashmoe.tokenizer import Tokenizer
+    from flashmoe.serve.chat import ChatSession, run_repl
+    from flashmoe.runtime.load import default_model_dir, load_engine
+    from flashmoe.format.modeldir import ModelDir
+    from flashmoe.serve.sampling import sampler_for
+    from flashmoe.serve.tokenizer import Tokenizer
 
     model = ModelDir.open(model_dir or default_model_dir())
     tokenizer = Tokenizer(model.path)
@@ -426,7 +426,7 @@ def serve(
     engine_options: EngineOptions,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
-    from flashmoe.server import serve as run_server
+    from flashmoe.serve.server import serve as run_server
 
     run_server(model_dir, host=host, port=port, context=context, **asdict(engine_options))
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe.engine import check_finite
+from flashmoe.runtime.engine import check_finite
 from flashmoe.errors import FlashMoeError
-from flashmoe.modeldir import EXPERT_PROJS, ModelDir
+from flashmoe.format.modeldir import EXPERT_PROJS, ModelDir
 
 
 def _bytes(n: float) -> str:
@@ -115,13 +115,13 @@ def compute_logits(model_dir: str | Path, ids: np.ndarray, backend: str = "refer
     """float32 [len(ids), vocab_size] logits of the model for the sequence `ids`, every position.
 
     backend 'reference' runs flashmoe.reference (NumPy); any other name runs the engine with that backend
-    (flashmoe.load.load_engine; raises BackendError, a FlashMoeError, for an unknown or unavailable one).
+    (flashmoe.runtime.load.load_engine; raises BackendError, a FlashMoeError, for an unknown or unavailable one).
     """
     if backend == "reference":
         from flashmoe.reference import ReferenceModel
 
         return np.asarray(ReferenceModel.from_dir(model_dir).forward(ids), dtype=np.float32)
-    from flashmoe.load import load_engine
+    from flashmoe.runtime.load import load_engine
 
     engine = load_engine(model_dir, backend=backend, context=len(ids))
     return np.asarray(engine.forward(ids, engine.new_state(), all_logits=True), dtype=np.float32)

@@ -9,7 +9,7 @@ Figures (PNG, matplotlib's Agg backend, so no display is needed):
   previous 8) also used, against what uniform random routing would give.
 - `ms_per_layer.png`: per MoE layer, mean compute and I/O wait per decode token.
 - `hit_rate_vs_cache.png`: the trace replayed through every eviction policy at a range of cache sizes
-  (bench/replay.py: flashmoe.eviction.simulate_hit_rate, and Belady's optimum as the bound).
+  (bench/replay.py: flashmoe.runtime.eviction.simulate_hit_rate, and Belady's optimum as the bound).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.errors import FlashMoeError, FormatError
-from flashmoe.trace import TraceHeader, read_trace
+from flashmoe.runtime.trace import TraceHeader, read_trace
 
 #: Figure names, in the order `plot_trace` draws them.
 FIGURES = ("expert_choice", "popularity", "reuse", "ms_per_layer", "hit_rate_vs_cache")
@@ -51,7 +51,7 @@ class TraceArrays:
 
 
 def load_arrays(path: str | Path) -> TraceArrays:
-    """Read a trace into TraceArrays. Raises FormatError (flashmoe.trace.read_trace) for a malformed file,
+    """Read a trace into TraceArrays. Raises FormatError (flashmoe.runtime.trace.read_trace) for a malformed file,
     and for a trace without tokens."""
     header, tokens = read_trace(path)
     if not tokens:
@@ -101,7 +101,7 @@ def plot_trace(trace: str | Path, out: str | Path, max_tokens: int = 48,
 def token_labels(token_ids: list, model_dir: str | Path) -> list[str]:
     """Each token id decoded alone by the model's tokenizer, with whitespace made visible (space ␣,
     newline ⏎) and other control characters escaped; "?" for an unknown id."""
-    from flashmoe.tokenizer import Tokenizer
+    from flashmoe.serve.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(model_dir)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmoe.config import ModelConfig
+from flashmoe.arch.config import ModelConfig
 from flashmoe.reference.ops import l2_normalize, linear, rms_norm, sigmoid, silu, softplus
 
 

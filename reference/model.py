@@ -14,12 +14,12 @@ from typing import Union
 
 import numpy as np
 
-from flashmoe.config import FULL_ATTENTION, ModelConfig
+from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
 from flashmoe.reference.attention import AttentionWeights, KVCache, attention
 from flashmoe.reference.linear_attention import LinearAttentionState, LinearAttentionWeights, gated_delta_net
 from flashmoe.reference.moe import dense_mlp, moe_block
 from flashmoe.reference.ops import linear, rms_norm
-from flashmoe.weights import WeightSource
+from flashmoe.arch.tensors import WeightSource
 
 LayerCache = Union[KVCache, LinearAttentionState]
 
@@ -36,7 +36,7 @@ class Cache:
 class ReferenceModel:
     """The NumPy reference forward pass of any supported MoE model.
 
-    cfg: the model config; weights: canonical tensors (flashmoe.weights.WeightSource: a DictWeights, or a
+    cfg: the model config; weights: canonical tensors (flashmoe.arch.tensors.WeightSource: a DictWeights, or a
     ModelDir that dequantises on read); dtype: np.float32 (default) or np.float64 for all arithmetic.
     Routed experts are read through weights.expert() on every forward; token-mixer weights are kept.
     """
@@ -50,8 +50,8 @@ class ReferenceModel:
     @classmethod
     def from_dir(cls, path: str | Path, dtype: type = np.float32) -> "ReferenceModel":
         """A reference model over a flashmoe model directory (quantised tensors are dequantised on read).
-        Raises FormatError/ConfigError from flashmoe.modeldir for an invalid directory."""
-        from flashmoe.modeldir import ModelDir
+        Raises FormatError/ConfigError from flashmoe.format.modeldir for an invalid directory."""
+        from flashmoe.format.modeldir import ModelDir
 
         md = ModelDir.open(path)
         return cls(md.config, md, dtype)

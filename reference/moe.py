@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashmoe.config import ModelConfig
+from flashmoe.arch.config import ModelConfig
 from flashmoe.reference.ops import linear, sigmoid, silu, softmax
-from flashmoe.weights import WeightSource
+from flashmoe.arch.tensors import WeightSource
 
 
 def route(logits: np.ndarray, k: int, norm_topk_prob: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     LlamaRMSNorm). x: (..., D); w: (D,).
 
     The single RMSNorm of flashmoe: checkpoints whose norms compute x·(1+w) (Qwen3-Next, Qwen3.5) have 1
-    added to those weights at conversion (flashmoe.families).
+    added to those weights at conversion (flashmoe.arch.families).
     """
     inv_rms = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
     return x * inv_rms * w

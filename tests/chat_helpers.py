@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from flashmoe.engine import State
-from flashmoe.stats import Stats
+from flashmoe.runtime.engine import State
+from flashmoe.runtime.stats import Stats
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<unk>"]
 PLAIN_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -296,7 +296,7 @@ def write_model_dir(out: Path, template: str | list | None, *, as_jinja_file: bo
 
 
 class FakeEngine:
-    """Stands in for flashmoe.engine.Engine in chat and server tests: a "model" whose reply is scripted.
+    """Stands in for flashmoe.runtime.engine.Engine in chat and server tests: a "model" whose reply is scripted.
 
     On a prompt (any forward call that is not the expected next reply token) it decodes everything the
     state holds, asks `reply(text)` for the reply, and then emits that reply's tokens and an end-of-sequence
@@ -365,9 +365,9 @@ TINY_QWEN3_MOE = dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers
 def tiny_engine(out: Path, template: str = QWEN3, config: dict = TINY_QWEN35):
     """A random model directory (TINY_QWEN35 unless `config` says otherwise) with the test tokenizer at
     `out`, loaded on the NumPy backend. Returns (engine, tokenizer)."""
-    from flashmoe.load import load_engine
-    from flashmoe.synth import synth_model
-    from flashmoe.tokenizer import Tokenizer as FlashMoeTokenizer
+    from flashmoe.runtime.load import load_engine
+    from flashmoe.convert.synth import synth_model
+    from flashmoe.serve.tokenizer import Tokenizer as FlashMoeTokenizer
 
     synth_model(out, config, tokenizer=None)
     write_model_dir(out, template)

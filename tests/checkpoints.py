@@ -145,12 +145,12 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 def canonical_weights(path: str | Path):
     """(ModelConfig, DictWeights) of an HF checkpoint directory, every tensor mapped through
-    flashmoe.families.to_canonical (the in-memory equivalent of `flashmoe convert --bits none`)."""
+    flashmoe.arch.families.to_canonical (the in-memory equivalent of `flashmoe convert --bits none`)."""
     from safetensors.numpy import load_file
 
-    from flashmoe.config import ModelConfig
-    from flashmoe.families import detect_layout, to_canonical
-    from flashmoe.weights import DictWeights
+    from flashmoe.arch.config import ModelConfig
+    from flashmoe.arch.families import detect_layout, to_canonical
+    from flashmoe.arch.tensors import DictWeights
 
     path = Path(path)
     cfg = ModelConfig.from_file(path / "config.json")

@@ -125,7 +125,7 @@ def test_destination_exists_without_force(source, tmp_path):
 
 
 def test_disk_full_during_conversion(source, tmp_path, monkeypatch):
-    import flashmoe.convert as convert
+    import flashmoe.convert.checkpoint as convert
 
     def full(fd, data, offset, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from flashmoe.bench.streaming import BenchOptions, add_ceiling, recorded_trace_kind, run_bench
 from flashmoe.cli import app
-from flashmoe.load import default_model_dir
-from flashmoe.modeldir import ModelDir
-from flashmoe.synth import synth_model
+from flashmoe.runtime.load import default_model_dir
+from flashmoe.format.modeldir import ModelDir
+from flashmoe.convert.synth import synth_model
 
 TINY_QWEN35 = dict(
     model_type="qwen3_5_moe_text", hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -118,7 +118,7 @@ def test_bench_command_refuses_an_out_that_is_a_file(tiny_model, tmp_path):
 def test_forced_uniform_routing_is_seeded_and_covers_the_experts(monkeypatch):
     import numpy as np
 
-    import flashmoe.engine as engine_module
+    import flashmoe.runtime.engine as engine_module
     from flashmoe.bench.decode_run import force_uniform_routing
 
     monkeypatch.setattr(engine_module, "route", engine_module.route)  # restored after the test

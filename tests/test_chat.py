@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from chat_helpers import QWEN3, QWEN35_XML, FakeEngine, write_model_dir
 
-from flashmoe.chat import ChatSession, read_message, run_repl
-from flashmoe.sampling import Sampler
-from flashmoe.session import ContextError
-from flashmoe.tokenizer import Tokenizer
+from flashmoe.serve.chat import ChatSession, read_message, run_repl
+from flashmoe.serve.sampling import Sampler
+from flashmoe.serve.session import ContextError
+from flashmoe.serve.tokenizer import Tokenizer
 
 
 def echo(prompt: str) -> str:
@@ -88,7 +88,7 @@ def test_prefix_reuse_on_a_real_hybrid_model_matches_a_fresh_prefill(tmp_path):
     prefilling the whole conversation again."""
     from chat_helpers import tiny_engine
 
-    from flashmoe.session import Session
+    from flashmoe.serve.session import Session
 
     engine, tok = tiny_engine(tmp_path / "tiny")
     reused = Session(engine, tok)
@@ -109,7 +109,7 @@ def test_flashmoe_chat_command_reads_stdin(tmp_path):
 
     from chat_helpers import TINY_QWEN35
 
-    from flashmoe.synth import synth_model
+    from flashmoe.convert.synth import synth_model
 
     model = tmp_path / "model"
     synth_model(model, TINY_QWEN35, tokenizer=None)
@@ -131,7 +131,7 @@ def test_hybrid_model_returns_to_the_checkpoint_where_the_history_ended(tmp_path
     reply without its reasoning): the linear-attention checkpoint is restored, the KV caches cut back."""
     from chat_helpers import tiny_engine
 
-    from flashmoe.session import Session, history_boundary
+    from flashmoe.serve.session import Session, history_boundary
 
     engine, tok = tiny_engine(tmp_path / "tiny")
     session = Session(engine, tok)
@@ -154,7 +154,7 @@ def test_hybrid_model_returns_to_the_checkpoint_where_the_history_ended(tmp_path
 def test_attention_only_model_rewinds_to_any_common_prefix(tmp_path):
     from chat_helpers import TINY_QWEN3_MOE, tiny_engine
 
-    from flashmoe.session import Session
+    from flashmoe.serve.session import Session
 
     engine, tok = tiny_engine(tmp_path / "tiny", config=TINY_QWEN3_MOE)
     session = Session(engine, tok)
@@ -177,7 +177,7 @@ def test_generate_chat_and_serve_take_the_same_engine_options_to_load_engine(com
     """The three commands share one definition of the engine options (flashmoe.cli._engine_options)."""
     from typer.testing import CliRunner
 
-    import flashmoe.load
+    import flashmoe.runtime.load
     from flashmoe.cli import app
     from flashmoe.errors import FlashMoeError
 
@@ -187,7 +187,7 @@ def test_generate_chat_and_serve_take_the_same_engine_options_to_load_engine(com
         seen.update(kwargs)
         raise FlashMoeError("stop before loading")
 
-    monkeypatch.setattr(flashmoe.load, "load_engine", load_engine)
+    monkeypatch.setattr(flashmoe.runtime.load, "load_engine", load_engine)
     result = CliRunner().invoke(app, [*command, *ENGINE_ARGS])  # the bundled demo model
     assert result.exit_code == 2 and "error: stop before loading" in result.output, result.output
     assert {k: v for k, v in seen.items() if k != "context"} == dict(

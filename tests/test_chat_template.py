@@ -8,9 +8,9 @@ import json
 import pytest
 from chat_helpers import LLAMA_TOOLS, MIXTRAL, QWEN3, QWEN35_XML, TEMPLATES, write_model_dir
 
-from flashmoe.chat_template import render_chat
+from flashmoe.serve.chat_template import render_chat
 from flashmoe.errors import FlashMoeError
-from flashmoe.tokenizer import Tokenizer
+from flashmoe.serve.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is the oracle for chat templates")
 

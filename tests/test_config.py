@@ -8,7 +8,7 @@ import json
 import pytest
 
 from checkpoints import VARIANTS
-from flashmoe.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
+from flashmoe.arch.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
 from flashmoe.errors import ConfigError
 
 QWEN35_397B = {  # the published Qwen3.5-397B-A17B text config, abridged to the keys flashmoe reads

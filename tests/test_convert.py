@@ -11,9 +11,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from checkpoints import VARIANTS, canonical_weights
-from flashmoe.convert import convert_checkpoint
-from flashmoe.modeldir import MANIFEST, ModelDir
-from flashmoe.quant import QuantizedTensor, quantize
+from flashmoe.convert.checkpoint import convert_checkpoint
+from flashmoe.format.modeldir import MANIFEST, ModelDir
+from flashmoe.format.quant import QuantizedTensor, quantize
 
 ARCH, VARIANT = "qwen3_moe", "no_norm_topk_k2"
 
@@ -212,8 +212,8 @@ def test_conversion_streams_tensor_by_tensor(tmp_path):
     are quantised and written one at a time (the source itself is memory-mapped, not allocated)."""
     import tracemalloc
 
-    from flashmoe.config import ModelConfig
-    from flashmoe.modeldir import resident_shapes
+    from flashmoe.arch.config import ModelConfig
+    from flashmoe.format.modeldir import resident_shapes
 
     config = dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, vocab_size=256, num_experts=64, num_experts_per_tok=2,

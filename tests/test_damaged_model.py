@@ -11,7 +11,7 @@ def test_damaged_expert_bytes_give_one_line_naming_verify_not_nan_text(tmp_path)
     from typer.testing import CliRunner
 
     from flashmoe.cli import app
-    from flashmoe.load import default_model_dir
+    from flashmoe.runtime.load import default_model_dir
 
     model = tmp_path / "damaged"
     shutil.copytree(default_model_dir(), model)

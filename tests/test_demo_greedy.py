@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from flashmoe.load import load_engine
-from flashmoe.sampling import Sampler
-from flashmoe.generate import generate_steps
-from flashmoe.tokenizer import Tokenizer
+from flashmoe.runtime.load import load_engine
+from flashmoe.serve.sampling import Sampler
+from flashmoe.serve.generate import generate_steps
+from flashmoe.serve.tokenizer import Tokenizer
 
 GOLDEN = Path(__file__).parent / "data" / "demo-greedy.json"
 PROMPTS = ["The old house stood", "And God said,", "KING HENRY.\n"]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from flashmoe.convert import convert_checkpoint
-from flashmoe.load import default_model_dir
-from flashmoe.modeldir import ModelDir
+from flashmoe.convert.checkpoint import convert_checkpoint
+from flashmoe.runtime.load import default_model_dir
+from flashmoe.format.modeldir import ModelDir
 from flashmoe.reference import ReferenceModel
 
 REPO = Path(__file__).resolve().parent.parent

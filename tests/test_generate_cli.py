@@ -73,8 +73,8 @@ def test_a_directory_that_is_not_a_converted_model_points_to_convert(tmp_path):
 
 
 def test_sampling_defaults_come_from_generation_config(tmp_path):
-    from flashmoe.load import default_model_dir
-    from flashmoe.sampling import sampler_for
+    from flashmoe.runtime.load import default_model_dir
+    from flashmoe.serve.sampling import sampler_for
 
     sampler = sampler_for(default_model_dir(), temperature=0.0)
     # the demo model's generation_config.json sets top-k 40 and top-p 0.95; repetition penalty falls back to 1

@@ -19,11 +19,11 @@ from flashmoe.bench import gguf_export
 from flashmoe.bench.gguf_export import export_gguf, plan
 from flashmoe.bench.llama_cpp import find_runner, run_llama
 from flashmoe.errors import FlashMoeError
-from flashmoe.modeldir import ModelDir
-from flashmoe import synth
-from flashmoe.presets import get_preset
+from flashmoe.format.modeldir import ModelDir
+from flashmoe.convert import synth
+from flashmoe.arch.presets import get_preset
 from flashmoe.reference.model import ReferenceModel
-from flashmoe.synth import synth_model
+from flashmoe.convert.synth import synth_model
 
 VOCAB = 320  # 256 byte tokens, 2 merges, 2 special tokens, padding
 TINY_QWEN3 = dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -245,7 +245,7 @@ def test_bench_runs_llama_cpp_beside_flashmoe(tiny, tmp_path):
 
 def test_tokenizer_metadata_carries_the_real_qwen3_vocabulary(tmp_path):
     from flashmoe.bench.gguf_export import tokenizer_metadata
-    from flashmoe.synth_tokenizer import write_tokenizer
+    from flashmoe.convert.synth_tokenizer import write_tokenizer
 
     model = synth_model(tmp_path / "m", dict(TINY_QWEN3, vocab_size=151936, bos_token_id=151643, eos_token_id=151645))
     write_tokenizer("qwen3", model)

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from flashmoe.cli import app
-from flashmoe.convert import convert_checkpoint
+from flashmoe.convert.checkpoint import convert_checkpoint
 from flashmoe.info import model_stats
-from flashmoe.modeldir import ModelDir
+from flashmoe.format.modeldir import ModelDir
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flashmoe.errors import FlashMoeError, MemoryBudgetError
-from flashmoe.memory import MemoryBudget, current_rss_bytes, format_size, parse_size, peak_rss_bytes
-from flashmoe.store import aligned_buffer
+from flashmoe.runtime.memory import MemoryBudget, current_rss_bytes, format_size, parse_size, peak_rss_bytes
+from flashmoe.runtime.store import aligned_buffer
 
 
 @pytest.mark.parametrize(
@@ -80,8 +80,8 @@ def test_rss_grows_when_pages_are_touched():
 def test_load_engine_sizes_the_expert_cache_from_the_measured_process():
     """The direct-mode cache gets the budget minus what the loaded process measures (after a throwaway
     forward), the KV cache at full length and the read buffers; the throwaway forward leaves no statistics."""
-    from flashmoe.load import load_engine
-    from flashmoe.store import ExpertStore
+    from flashmoe.runtime.load import load_engine
+    from flashmoe.runtime.store import ExpertStore
 
     rss = current_rss_bytes()
     budget = rss + (64 << 20)

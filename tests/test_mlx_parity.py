@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from checkpoints import prompt_tokens
-from flashmoe.convert import convert_checkpoint
-from flashmoe.modeldir import ModelDir
+from flashmoe.convert.checkpoint import convert_checkpoint
+from flashmoe.format.modeldir import ModelDir
 
 mx = pytest.importorskip("mlx.core", reason="mlx[cpu] and mlx-lm are the oracle here")
 mlx_lm_utils = pytest.importorskip("mlx_lm.utils", reason="mlx-lm builds the MLX checkpoints")

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flashmoe.convert import convert_checkpoint
+from flashmoe.convert.checkpoint import convert_checkpoint
 from flashmoe.errors import FormatError
-from flashmoe.modeldir import MANIFEST, ExpertLayout, Manifest, ModelDir
-from flashmoe.quant import QuantizedTensor, quantize
-from flashmoe.weights import WeightSource
+from flashmoe.format.modeldir import MANIFEST, ExpertLayout, Manifest, ModelDir
+from flashmoe.format.quant import QuantizedTensor, quantize
+from flashmoe.arch.tensors import WeightSource
 
 
 @pytest.fixture(scope="module")

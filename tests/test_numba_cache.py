@@ -21,11 +21,11 @@ pytest.importorskip("numba", reason="the numba backend needs numba")
 
 DECODE_STEP = """
 import numpy as np
-from flashmoe.generate import generate_steps
-from flashmoe.load import load_engine
-from flashmoe.sampling import Sampler
-from flashmoe.tokenizer import Tokenizer
-from flashmoe.load import default_model_dir
+from flashmoe.serve.generate import generate_steps
+from flashmoe.runtime.load import load_engine
+from flashmoe.serve.sampling import Sampler
+from flashmoe.serve.tokenizer import Tokenizer
+from flashmoe.runtime.load import default_model_dir
 engine = load_engine(None, backend="numba")
 tok = Tokenizer(default_model_dir())
 for _ in generate_steps(engine, tok, tok.encode("O Romeo"), Sampler(), 3):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from flashmoe.cli import app
 from flashmoe.errors import FormatError
 from flashmoe.plot import FIGURES, expert_shares, plot_trace, reuse_shares, uniform_reuse
-from flashmoe.trace import TraceHeader, TraceWriter
+from flashmoe.runtime.trace import TraceHeader, TraceWriter
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -81,7 +81,7 @@ def test_reuse_share_is_the_overlap_with_the_previous_tokens():
 def test_token_labels_decode_each_token_with_visible_whitespace(tmp_path):
     from chat_helpers import write_model_dir
     from flashmoe.plot import token_labels
-    from flashmoe.tokenizer import Tokenizer
+    from flashmoe.serve.tokenizer import Tokenizer
 
     model_dir = write_model_dir(tmp_path / "tok", None)
     ids = Tokenizer(model_dir).encode("a b\n")
@@ -95,7 +95,7 @@ def test_make_figures_records_a_run_and_renders_the_document(tmp_path):
     from pathlib import Path
 
     from chat_helpers import TINY_QWEN35, write_model_dir
-    from flashmoe.synth import synth_model
+    from flashmoe.convert.synth import synth_model
 
     script = Path(__file__).parents[1] / "tools" / "make_figures.py"
     spec = importlib.util.spec_from_file_location("make_figures", script)

@@ -1,4 +1,4 @@
-"""flashmoe.quant against mlx.core.quantize, bit for bit (weights, scales and biases)."""
+"""flashmoe.format.quant against mlx.core.quantize, bit for bit (weights, scales and biases)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from flashmoe.quant import BITS, GROUP_SIZES, QuantizedTensor, dequantize, infer_bits, pack, quantize, unpack
+from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor, dequantize, infer_bits, pack, quantize, unpack
 
 mx = pytest.importorskip("mlx.core", reason="mlx[cpu] is the oracle for the MLX layout")
 

@@ -1,4 +1,4 @@
-"""flashmoe.families: checkpoint names and layouts -> canonical tensors (the end-to-end proofs are in
+"""flashmoe.arch.families: checkpoint names and layouts -> canonical tensors (the end-to-end proofs are in
 test_reference_hf.py and test_reference_mlx.py; these pin the edges)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashmoe.config import ModelConfig
+from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError
-from flashmoe.families import (HF, MLX, QUANT_8BIT, QUANT_DEFAULT, QUANT_FLOAT, detect_layout, drop_reason,
+from flashmoe.arch.families import (HF, MLX, QUANT_8BIT, QUANT_DEFAULT, QUANT_FLOAT, detect_layout, drop_reason,
                                is_expert_tensor, quant_class, to_canonical)
 
 TINY = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=4,

@@ -9,11 +9,11 @@ import pytest
 
 from checkpoints import (LONG_VARIANTS, VARIANTS, canonical_weights, hf_logits, load_hf_model,
                          prompt_tokens)
-from flashmoe.config import ModelConfig
-from flashmoe.convert import convert_checkpoint
-from flashmoe.families import to_canonical
+from flashmoe.arch.config import ModelConfig
+from flashmoe.convert.checkpoint import convert_checkpoint
+from flashmoe.arch.families import to_canonical
 from flashmoe.reference import ReferenceModel
-from flashmoe.weights import DictWeights
+from flashmoe.arch.tensors import DictWeights
 
 TOL = 1e-4
 PROMPT = 32

@@ -9,11 +9,11 @@ import pytest
 
 from checkpoints import (VARIANTS, build_mlx_checkpoint, canonical_weights, mlx_lm_logits, mlx_lm_model,
                          prompt_tokens)
-from flashmoe.config import ModelConfig
-from flashmoe.convert import convert_checkpoint
-from flashmoe.families import MLX, detect_layout, is_expert_tensor, to_canonical
+from flashmoe.arch.config import ModelConfig
+from flashmoe.convert.checkpoint import convert_checkpoint
+from flashmoe.arch.families import MLX, detect_layout, is_expert_tensor, to_canonical
 from flashmoe.reference import ReferenceModel
-from flashmoe.weights import DictWeights
+from flashmoe.arch.tensors import DictWeights
 
 pytest.importorskip("mlx_lm", reason="mlx-lm is needed to write MLX checkpoints (pip install 'mlx[cpu]' mlx-lm)")
 

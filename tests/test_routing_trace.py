@@ -1,4 +1,4 @@
-"""Routing traces (flashmoe/trace.py) and their replay through eviction policies (bench/replay.py)."""
+"""Routing traces (flashmoe/runtime/trace.py) and their replay through eviction policies (bench/replay.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from flashmoe.bench.replay import MRU, OPT, MostRecentlyUsed, belady_hit_rate, replay
 from flashmoe.errors import FormatError
-from flashmoe.eviction import simulate_hit_rate
-from flashmoe.trace import TraceHeader, TraceWriter, lookup_keys, read_trace
+from flashmoe.runtime.eviction import simulate_hit_rate
+from flashmoe.runtime.trace import TraceHeader, TraceWriter, lookup_keys, read_trace
 
 HEADER = TraceHeader(num_experts=8, experts_per_token=2, moe_layers=(1, 3), model="tiny")
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from flashmoe.errors import FlashMoeError
-from flashmoe.sampling import Sampler
+from flashmoe.serve.sampling import Sampler
 
 
 def test_greedy_picks_argmax():

@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 from chat_helpers import QWEN3, QWEN35_XML, FakeEngine, write_model_dir
 
-from flashmoe.server import FlashMoeServer, RunningServer
-from flashmoe.tokenizer import Tokenizer
+from flashmoe.serve.server import FlashMoeServer, RunningServer
+from flashmoe.serve.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai", reason="the official client is the test's oracle of the API")
 
@@ -397,7 +397,7 @@ def test_flashmoe_serve_command_serves_until_terminated(tmp_path):
 
     from chat_helpers import TINY_QWEN35
 
-    from flashmoe.synth import synth_model
+    from flashmoe.convert.synth import synth_model
 
     model = tmp_path / "model"
     synth_model(model, TINY_QWEN35, tokenizer=None)
@@ -433,7 +433,7 @@ def test_flashmoe_serve_command_serves_until_terminated(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo():
-    from flashmoe.load import default_model_dir, load_engine
+    from flashmoe.runtime.load import default_model_dir, load_engine
 
     directory = default_model_dir()
     if not (directory / "config.json").exists():

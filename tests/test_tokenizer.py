@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from flashmoe.errors import FlashMoeError
-from flashmoe.tokenizer import StreamDecoder, Tokenizer
+from flashmoe.serve.tokenizer import StreamDecoder, Tokenizer
 
 
 @pytest.fixture

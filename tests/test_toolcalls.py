@@ -7,7 +7,7 @@ import json
 
 from hypothesis import assume, given, settings, strategies as st
 
-from flashmoe.toolcalls import (OutputParser, ParsedOutput, ToolCall, forced_call_prefix, opens_reasoning,
+from flashmoe.serve.toolcalls import (OutputParser, ParsedOutput, ToolCall, forced_call_prefix, opens_reasoning,
                                 parse_output, tool_call_format)
 
 FRAGMENTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<function=f>", "<parameter=a>", "</parameter>",

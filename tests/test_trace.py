@@ -1,4 +1,4 @@
-"""The engine's trace (flashmoe.trace.Tracer, `flashmoe generate --trace`) against independent counts: the
+"""The engine's trace (flashmoe.runtime.trace.Tracer, `flashmoe generate --trace`) against independent counts: the
 store's counters for bytes, hits and time, the reference model's router for the experts."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from checkpoints import prompt_tokens
 from flashmoe.bench.replay import replay
 from flashmoe.cli import app
 from flashmoe.errors import FormatError
-from flashmoe.load import load_engine
-from flashmoe.store import slot_bytes
-from flashmoe.synth import synth_model
-from flashmoe.trace import TraceHeader, TraceWriter, read_trace, record_trace
+from flashmoe.runtime.load import load_engine
+from flashmoe.runtime.store import slot_bytes
+from flashmoe.convert.synth import synth_model
+from flashmoe.runtime.trace import TraceHeader, TraceWriter, read_trace, record_trace
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +73,11 @@ def test_trace_bytes_hits_and_times_add_up_to_the_store_counters(tiny_model, tmp
 
 def test_traced_experts_are_the_reference_routers_top_k(tmp_path, monkeypatch):
     """On the bundled trained model (real, skewed routing), prompt and greedy decode tokens."""
-    from flashmoe.load import default_model_dir
+    from flashmoe.runtime.load import default_model_dir
     from flashmoe.reference import moe
     from flashmoe.reference.model import ReferenceModel
 
-    from flashmoe.tokenizer import Tokenizer
+    from flashmoe.serve.tokenizer import Tokenizer
 
     engine = load_engine(None, backend="numpy", context=64)
     prompt = Tokenizer(default_model_dir()).encode("And God said,")
@@ -154,9 +154,9 @@ def test_a_failed_run_leaves_no_trace_file(tmp_path):
 def test_a_prompts_reads_go_to_the_first_token_using_each_expert_and_backend_held_experts_are_hits(tmp_path):
     from types import SimpleNamespace
 
-    from flashmoe.stats import Stats
-    from flashmoe.store import ExpertRead
-    from flashmoe.trace import Tracer
+    from flashmoe.runtime.stats import Stats
+    from flashmoe.runtime.store import ExpertRead
+    from flashmoe.runtime.trace import Tracer
 
     reads = {"f": [ExpertRead(1, False, 100, 100), ExpertRead(2, True, 100, 0), ExpertRead(3, False, 100, 100)]}
     store = SimpleNamespace(report=lambda f: reads[f])  # expert 4 is in no fetch: the backend holds it

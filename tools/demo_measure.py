@@ -38,7 +38,7 @@ def hf_model_from_dir(model_dir: Path):
     import torch
     from transformers import Qwen3_5MoeForCausalLM
 
-    from flashmoe.modeldir import ModelDir
+    from flashmoe.format.modeldir import ModelDir
 
     md = ModelDir.open(model_dir)
     model = Qwen3_5MoeForCausalLM(train_demo.build_config()).eval()

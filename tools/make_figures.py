@@ -6,7 +6,7 @@
 
 record: greedy decoding of a prompt on the demo model in direct mode (O_DIRECT reads into flashmoe's own LRU
 cache, sized to a quarter of all experts so that both hits and misses show), traced by the engine's
-Tracer (flashmoe/trace.py); the compute time of each stage over the decode tokens; and the store's read
+Tracer (flashmoe/runtime/trace.py); the compute time of each stage over the decode tokens; and the store's read
 pattern measured on one expert file, one read at a time against k reads in flight (bench/bench_disk.py).
 render: flashmoe.plot's figures into docs/figures/, then the document from tools/how_it_works.md.j2 with
 the recorded numbers. The document is regenerated, never edited by hand: edit the template.
@@ -45,11 +45,11 @@ def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: st
     The prompt is generated once untraced first, so that one-time costs (a JIT backend compiling its kernels)
     stay out of the recorded run; the recorded one starts with an empty cache and fresh statistics. Times
     per decode token are medians over the decode tokens, which a machine shared with other work needs."""
-    from flashmoe.generate import generate_steps
-    from flashmoe.load import load_engine
-    from flashmoe.sampling import Sampler
-    from flashmoe.tokenizer import Tokenizer
-    from flashmoe.trace import record_trace
+    from flashmoe.serve.generate import generate_steps
+    from flashmoe.runtime.load import load_engine
+    from flashmoe.serve.sampling import Sampler
+    from flashmoe.serve.tokenizer import Tokenizer
+    from flashmoe.runtime.trace import record_trace
 
     figures.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(model_dir)
@@ -126,8 +126,8 @@ def _fresh_store(engine, entries: int) -> None:
 
     load_engine sizes the own cache from --max-memory, which also counts this process's RSS; the figures
     want a cache of a fixed share of the experts instead."""
-    from flashmoe.stats import Stats
-    from flashmoe.store import ExpertStore, slot_bytes
+    from flashmoe.runtime.stats import Stats
+    from flashmoe.runtime.store import ExpertStore, slot_bytes
 
     md, threads = engine.model, engine.store.threads
     engine.store.close()
@@ -177,9 +177,9 @@ def context(model_dir: Path, figures: Path, doc: Path, disk_gbps: float) -> dict
     """Every number and link the template uses."""
     from flashmoe.bench.replay import replay
     from flashmoe.info import model_stats
-    from flashmoe.modeldir import ModelDir
+    from flashmoe.format.modeldir import ModelDir
     from flashmoe.plot import load_arrays, token_labels
-    from flashmoe.store import slot_bytes
+    from flashmoe.runtime.store import slot_bytes
 
     run = json.loads((figures / "run.json").read_text())
     t = load_arrays(figures / "trace.jsonl")
@@ -250,10 +250,10 @@ def big_model(disk_gbps: float) -> dict:
     and Flash-MoE's k = 4: parameters, resident and expert bytes, bytes per token and the ceiling."""
     import math
 
-    from flashmoe.config import ModelConfig
-    from flashmoe.modeldir import resident_shapes
-    from flashmoe.presets import get_preset
-    from flashmoe.synth import expert_layout, planned_bytes
+    from flashmoe.arch.config import ModelConfig
+    from flashmoe.format.modeldir import resident_shapes
+    from flashmoe.arch.presets import get_preset
+    from flashmoe.convert.synth import expert_layout, planned_bytes
 
     cfg = ModelConfig.from_dict(get_preset("qwen3.5-397b-a17b").config, source="preset qwen3.5-397b-a17b")
     resident_params = sum(math.prod(shape) for shape in resident_shapes(cfg).values())
@@ -274,13 +274,13 @@ def big_model(disk_gbps: float) -> dict:
 def reference_links(rel: str) -> dict[str, str]:
     """Markdown links `name` -> path#Lline to the reference's and the engine's functions (line numbers from
     the source, so they stay right when the code moves)."""
-    import flashmoe.engine as engine
+    import flashmoe.runtime.engine as engine
     import flashmoe.reference.attention as attention
     import flashmoe.reference.linear_attention as linear_attention
     import flashmoe.reference.model as model
     import flashmoe.reference.moe as moe
     import flashmoe.reference.ops as ops
-    import flashmoe.store as store
+    import flashmoe.runtime.store as store
 
     objects = {
         "ReferenceModel.forward": model.ReferenceModel.forward, "rms_norm": ops.rms_norm, "linear": ops.linear,
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     # Threads of this (main) thread's parallel regions: setting NUMBA_NUM_THREADS here instead would make
     # numba raise at its next compilation in a process that has already started its pool (the tests).
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
-    from flashmoe.load import default_model_dir
+    from flashmoe.runtime.load import default_model_dir
 
     model_dir = a.model or default_model_dir()
     if a.step in ("record", "all"):

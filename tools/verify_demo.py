@@ -30,7 +30,7 @@ PIN_PROMPT, PIN_TOKENS = "O Romeo, Romeo!", 24
 
 def convert(dst: Path, bits: str, expert_bits: str | None = None) -> Path:
     """``flashmoe convert`` the float checkpoint into ``dst`` (replaced); returns ``dst``."""
-    from flashmoe.convert import convert_checkpoint
+    from flashmoe.convert.checkpoint import convert_checkpoint
 
     return convert_checkpoint(CHECKPOINT, dst, bits=bits, expert_bits=expert_bits, force=True, progress=False)
 

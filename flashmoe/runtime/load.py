@@ -10,14 +10,14 @@ import numpy as np
 
 from flashmoe.backends.base import get_backend
 from flashmoe.conformance.runner import ensure_conformant
-from flashmoe.config import FULL_ATTENTION, ModelConfig
-from flashmoe.engine import Engine
+from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
+from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
-from flashmoe.eviction import DEFAULT_POLICY, POLICIES
-from flashmoe.memory import MemoryBudget, current_rss_bytes, parse_size, reset_peak_rss, window_peak_rss_bytes
-from flashmoe.modeldir import ModelDir
-from flashmoe.stats import Stats
-from flashmoe.store import MODES, ExpertStore
+from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
+from flashmoe.runtime.memory import MemoryBudget, current_rss_bytes, parse_size, reset_peak_rss, window_peak_rss_bytes
+from flashmoe.format.modeldir import ModelDir
+from flashmoe.runtime.stats import Stats
+from flashmoe.runtime.store import MODES, ExpertStore
 
 #: What generation allocates after loading (sampler, detokenizer, statistics): 2-3 MiB measured on the demo
 #: model, whose peak RSS otherwise ended that much above a tight --max-memory.
@@ -68,7 +68,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         threads: read threads (default max(4, k), so a token's k reads run in one round).
         gpu_memory: size of the backend's own expert cache ('16G'; cuda only), filled as experts stream.
         speculate: during each MoE layer, guess the next one's k experts with its router and read them
-            behind this layer's reads (flashmoe.engine; k more read buffers count against max_memory).
+            behind this layer's reads (flashmoe.runtime.engine; k more read buffers count against max_memory).
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
     MemoryBudgetError when max_memory cannot hold the model (checked before loading with the manifest's

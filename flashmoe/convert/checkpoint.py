@@ -6,7 +6,7 @@ and written at its place in experts/layer_NNN.bin at once; stacked experts ([E, 
 `switch_mlp`) are written expert by expert from their memory map when the layer is complete. Peak memory is
 therefore about the largest single source tensor (its float32 working copy while quantising, in chunks of
 16M elements), independent of the model's size.
-Everything is written into `.DST.tmp-XXXX` beside DST and renamed at the end (flashmoe.atomic.atomic_dir);
+Everything is written into `.DST.tmp-XXXX` beside DST and renamed at the end (flashmoe.format.atomic.atomic_dir);
 on any error the temporary directory is removed, so DST is either complete or absent (or, with --force, the
 model directory it replaces).
 
@@ -33,10 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 import flashmoe
-from flashmoe.atomic import atomic_dir, check_output_dir
-from flashmoe.config import ModelConfig
+from flashmoe.format.atomic import atomic_dir, check_output_dir
+from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError, FlashMoeError
-from flashmoe.families import (
+from flashmoe.arch.families import (
     HF,
     MLX,
     QUANT_8BIT,
@@ -47,7 +47,7 @@ from flashmoe.families import (
     quant_class,
     to_canonical,
 )
-from flashmoe.modeldir import (
+from flashmoe.format.modeldir import (
     DTYPES,
     EXPERT_PROJS,
     MANIFEST,
@@ -61,8 +61,8 @@ from flashmoe.modeldir import (
     resident_shapes,
     sha256_file,
 )
-from flashmoe.quant import BITS, GROUP_SIZES, QuantizedTensor, quantize
-from flashmoe.safetensors_io import SafetensorsFile, SafetensorsWriter
+from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor, quantize
+from flashmoe.format.safetensors_io import SafetensorsFile, SafetensorsWriter
 
 #: Files copied from the source when present (tokenizer and generation settings).
 COPIED_FILES = (

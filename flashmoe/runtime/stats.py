@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from flashmoe.memory import current_rss_bytes, format_size, peak_rss_bytes
+from flashmoe.runtime.memory import current_rss_bytes, format_size, peak_rss_bytes
 
 # Token records a Stats keeps (at most twice this many between trims): ~0.5 KB each.
 TOKEN_WINDOW = 8192

@@ -31,13 +31,13 @@ from typing import IO, TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from flashmoe.atomic import atomic_path
+from flashmoe.format.atomic import atomic_path
 from flashmoe.errors import FormatError
 
 if TYPE_CHECKING:
-    from flashmoe.engine import Engine
-    from flashmoe.stats import Stats
-    from flashmoe.store import ExpertRead, ExpertStore, Fetch
+    from flashmoe.runtime.engine import Engine
+    from flashmoe.runtime.stats import Stats
+    from flashmoe.runtime.store import ExpertRead, ExpertStore, Fetch
 
 FORMAT = "flashmoe-routing-trace"
 VERSION = 1
@@ -93,7 +93,7 @@ class TraceToken:
 class TraceWriter:
     """Append tokens to a JSONL routing trace. Use as a context manager or call close().
 
-    The lines go to a temporary file beside `path` (flashmoe.atomic), renamed to `path` by close(); leaving
+    The lines go to a temporary file beside `path` (flashmoe.format.atomic), renamed to `path` by close(); leaving
     the context manager with an exception removes it instead, so a failed run leaves no trace that looks
     complete."""
 
@@ -197,7 +197,7 @@ def _tokens(path: Path, header: TraceHeader, lines: list[str]) -> Iterator[Trace
 
 def lookup_keys(header: TraceHeader, tokens: Sequence[TraceToken]) -> list[tuple[int, int]]:
     """The expert-cache lookups the trace implies, in order: (layer, expert) for each token, each MoE layer,
-    each routed expert — what the direct-mode cache sees (flashmoe.eviction.simulate_hit_rate replays it)."""
+    each routed expert — what the direct-mode cache sees (flashmoe.runtime.eviction.simulate_hit_rate replays it)."""
     return [(layer, int(e)) for t in tokens for layer, row in zip(header.moe_layers, t.experts) for e in row]
 
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmoe.config import ModelConfig
-from flashmoe.engine import Engine, State
+from flashmoe.arch.config import ModelConfig
+from flashmoe.runtime.engine import Engine, State
 from flashmoe.errors import FlashMoeError
-from flashmoe.sampling import Sampler
-from flashmoe.tokenizer import StreamDecoder, Tokenizer
+from flashmoe.serve.sampling import Sampler
+from flashmoe.serve.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass

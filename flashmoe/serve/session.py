@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashmoe.engine import Engine, KVCache, LinearAttentionState, State
+from flashmoe.runtime.engine import Engine, KVCache, LinearAttentionState, State
 from flashmoe.errors import FlashMoeError
-from flashmoe.generate import Step, generate_steps
-from flashmoe.sampling import Sampler
-from flashmoe.tokenizer import Tokenizer
+from flashmoe.serve.generate import Step, generate_steps
+from flashmoe.serve.sampling import Sampler
+from flashmoe.serve.tokenizer import Tokenizer
 
 
 class ContextError(FlashMoeError):

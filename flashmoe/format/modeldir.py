@@ -19,10 +19,10 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from flashmoe.config import ModelConfig
+from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError, FlashMoeError, FormatError
-from flashmoe.quant import BITS, GROUP_SIZES, QuantizedTensor
-from flashmoe.safetensors_io import SafetensorsFile
+from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
+from flashmoe.format.safetensors_io import SafetensorsFile
 
 FORMAT_VERSION = 1
 MANIFEST = "flashmoe.json"
@@ -65,7 +65,7 @@ def _round_up(n: int, align: int) -> int:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """bits and group_size of one quantised tensor (MLX affine layout, flashmoe.quant)."""
+    """bits and group_size of one quantised tensor (MLX affine layout, flashmoe.format.quant)."""
 
     bits: int
     group_size: int

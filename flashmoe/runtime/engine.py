@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashmoe.backends.base import Backend, KVCache
-from flashmoe.config import FULL_ATTENTION, ModelConfig
+from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
 from flashmoe.errors import FlashMoeError
-from flashmoe.modeldir import ModelDir
+from flashmoe.format.modeldir import ModelDir
 from flashmoe.reference.moe import route
-from flashmoe.stats import Stats
-from flashmoe.store import ExpertStore
-from flashmoe.trace import Tracer
+from flashmoe.runtime.stats import Stats
+from flashmoe.runtime.store import ExpertStore
+from flashmoe.runtime.trace import Tracer
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Engine:
         store: the ExpertStore serving this model's expert files.
         stats: where time and I/O are accounted (shared with the store).
         experts_per_token: overrides the model's num_experts_per_tok (Flash-MoE ran the 397B at 4 of 10).
-        tracer: records routing, hits, bytes and time per token and MoE layer (flashmoe.trace.Tracer);
+        tracer: records routing, hits, bytes and time per token and MoE layer (flashmoe.runtime.trace.Tracer);
             may also be set later as `engine.tracer`.
 
     Raises FormatError/CheckpointError (from the model directory) when a resident tensor is missing.

@@ -3,7 +3,7 @@
 `flashmoe synth --like qwen3.5-397b-a17b --out DIR --layers 4` writes, at disk speed and without any
 Hugging Face detour, a flashmoe model directory (docs/formats.md) that loads and runs like a converted
 one: config.json (the preset's, truncated to `--layers`), generation_config.json, the real tokenizer
-(flashmoe/synth_tokenizer.py), resident.safetensors and experts/layer_NNN.bin, plus flashmoe.json with
+(flashmoe/convert/synth_tokenizer.py), resident.safetensors and experts/layer_NNN.bin, plus flashmoe.json with
 sizes and SHA-256 checksums. Files are written through the format's own pieces (modeldir.ExpertLayout
 plans and packs experts, safetensors_io.SafetensorsWriter writes the resident file, modeldir.Manifest
 the manifest) into a temporary directory beside DIR that is renamed to DIR only when complete.
@@ -11,7 +11,7 @@ the manifest) into a temporary directory beside DIR that is renamed to DIR only 
 Weights: a quantised tensor is random uint32 words (every 4-bit code equally likely) with per-group
 scales around `std / sd(q)` (±12.5% jitter) and biases `-scale * (2**bits - 1) / 2`, so each weight
 has mean ≈ 0 and standard deviation ≈ `std` (0.02, transformers' initializer_range). Which tensors are
-quantised and at which width follows flashmoe.families.quant_class (as the converter does: router and
+quantised and at which width follows flashmoe.arch.families.quant_class (as the converter does: router and
 shared-expert gate at 8 bits, norms/conv/A_log/dt_bias float). Float tensors: RMSNorm weights 1 (the
 canonical x·w form), `A_log = log(U(1, 16))` and `dt_bias = 1` (transformers' Qwen3-Next init), conv1d
 `U(±1/sqrt(kernel))` (PyTorch's Conv1d default), attention biases 0.
@@ -45,17 +45,17 @@ import ml_dtypes
 import numpy as np
 
 from flashmoe import __version__
-from flashmoe.atomic import atomic_dir, check_output_dir
-from flashmoe.config import ModelConfig
+from flashmoe.format.atomic import atomic_dir, check_output_dir
+from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import ConfigError, FlashMoeError
-from flashmoe.families import QUANT_8BIT, QUANT_FLOAT, quant_class
-from flashmoe.memory import format_size
-from flashmoe.modeldir import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest,
+from flashmoe.arch.families import QUANT_8BIT, QUANT_FLOAT, quant_class
+from flashmoe.runtime.memory import format_size
+from flashmoe.format.modeldir import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest,
                                QuantSpec, expert_file_name, resident_shapes, sha256_file)
-from flashmoe.presets import (MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER, get_preset,
+from flashmoe.arch.presets import (MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER, get_preset,
                               truncate)
-from flashmoe.quant import GROUP_SIZES, QuantizedTensor
-from flashmoe.safetensors_io import SafetensorsWriter
+from flashmoe.format.quant import GROUP_SIZES, QuantizedTensor
+from flashmoe.format.safetensors_io import SafetensorsWriter
 
 INIT_STD = 0.02
 # Weight std of the projections that write attention/GatedDeltaNet outputs into the residual stream
@@ -284,7 +284,7 @@ def synth_model(out: str | Path, config: dict[str, Any], *, tokenizer: str | Non
     the disk lacks the space, ConfigError for a bad config. On failure `out` is as it was and the temporary
     directory beside it is removed.
     """
-    from flashmoe.synth_tokenizer import write_tokenizer
+    from flashmoe.convert.synth_tokenizer import write_tokenizer
 
     out = Path(out)
     cfg = check_synth(out, config, bits, group_size, force)
@@ -386,7 +386,7 @@ def synth_like(out: str | Path, like: str | None = None, config_path: str | Path
     # Checked before the progress bar is drawn, so a run that cannot start prints only its error.
     cfg = check_synth(Path(out), config, bits, group_size, force, config_name=str(config_path or like))
     if tok is not None:
-        from flashmoe import synth_tokenizer
+        from flashmoe.convert import synth_tokenizer
 
         synth_tokenizer.build_tokenizer_json(tok)  # cached for write_tokenizer; fails early without its packages
     total = sum(planned_bytes(cfg, bits, group_size))

@@ -8,7 +8,7 @@ Two modes (DESIGN.md, "The expert store"):
   and the process stays small. Each read first tries `RWF_NOWAIT`, which only copies what the page cache
   already holds, so the store can count page-cache hits and the bytes that really came from disk.
 - `direct`: `O_DIRECT` reads (page-aligned buffer, length rounded up to 4096) into flashmoe's own cache of
-  `cache_bytes`, evicted by a pluggable policy (flashmoe/eviction.py). A hit returns the cached buffer
+  `cache_bytes`, evicted by a pluggable policy (flashmoe/runtime/eviction.py). A hit returns the cached buffer
   without a read. Where the filesystem refuses O_DIRECT (tmpfs), the store warns once and reads buffered.
 
 Usage by the engine, per MoE layer per token (or per prefill batch of `store.batch_size` experts)::
@@ -29,7 +29,7 @@ around a generation, for Ctrl-C) releases whatever is left. Read-buffer memory i
 most two batches of `batch_size` alive.
 
 The store is used from one thread (the engine's); its worker threads only read into buffers they were
-handed. Statistics go to a `flashmoe.stats.Stats` (the engine's, or the store's own).
+handed. Statistics go to a `flashmoe.runtime.stats.Stats` (the engine's, or the store's own).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from flashmoe.errors import FlashMoeError, FormatError
-from flashmoe.eviction import DEFAULT_POLICY, make_policy
-from flashmoe.stats import Stats
+from flashmoe.runtime.eviction import DEFAULT_POLICY, make_policy
+from flashmoe.runtime.stats import Stats
 
 ALIGN = 4096  # page size and the O_DIRECT alignment used for offsets, lengths and buffer addresses
 DEFAULT_THREADS = 8
@@ -181,7 +181,7 @@ class ExpertStore:
         nbytes: bytes of one expert (<= stride).
         mode: "pagecache" or "direct".
         cache_bytes: direct mode: bytes of flashmoe's own expert cache (0: no cache); ignored in pagecache.
-        policy: direct mode: eviction policy name (flashmoe.eviction.POLICIES: "lru", "lfu", "fifo", "lru-layer").
+        policy: direct mode: eviction policy name (flashmoe.runtime.eviction.POLICIES: "lru", "lfu", "fifo", "lru-layer").
         threads: reader threads (default 8); pass max(4, k) so one layer's k reads run together.
         stats: where counters go; default a fresh Stats (`store.stats`).
         allocate: makes read and cache buffers: nbytes -> writable, C-contiguous np.uint8 array of that

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from flashmoe.config import ModelConfig
+from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError
 
 HF = "hf"

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from flashmoe.errors import FlashMoeError
-from flashmoe.presets import MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER
+from flashmoe.arch.presets import MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER
 
 _QWEN3_SPECIALS = 26
 _MIXTRAL_SPECIALS = ("<unk>", "<s>", "</s>")

@@ -17,12 +17,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flashmoe.engine import Engine
+from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
-from flashmoe.sampling import Sampler
-from flashmoe.session import ContextError, Session, history_boundary
-from flashmoe.tokenizer import Tokenizer
-from flashmoe.toolcalls import OutputParser, ParsedOutput, opens_reasoning
+from flashmoe.serve.sampling import Sampler
+from flashmoe.serve.session import ContextError, Session, history_boundary
+from flashmoe.serve.tokenizer import Tokenizer
+from flashmoe.serve.toolcalls import OutputParser, ParsedOutput, opens_reasoning
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)

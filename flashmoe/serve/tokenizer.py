@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from flashmoe.chat_template import load_chat_template, render_chat, special_tokens_of
+from flashmoe.serve.chat_template import load_chat_template, render_chat, special_tokens_of
 from flashmoe.errors import FlashMoeError
 
 
@@ -79,7 +79,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **kwargs) -> str:
         """Render the model's chat template exactly as transformers' apply_chat_template(tokenize=False) does
-        (flashmoe.chat_template.render_chat); kwargs are template variables such as enable_thinking.
+        (flashmoe.serve.chat_template.render_chat); kwargs are template variables such as enable_thinking.
 
         Raises FlashMoeError when the model has no chat template or the template raises.
         """

@@ -4,7 +4,7 @@ Endpoints: POST /v1/chat/completions and POST /v1/completions (streamed as serve
 GET /v1/models, GET /health, GET /v1/stats (the engine's I/O and time statistics plus the server's).
 
 One model generates one sequence at a time: every request becomes a job for a single worker thread, so jobs
-run in arrival order and never overlap. The worker keeps one Session (flashmoe.session): a request whose
+run in arrival order and never overlap. The worker keeps one Session (flashmoe.serve.session): a request whose
 prompt extends the previous request's prompt + reply (a chat client sending the conversation back) prefills
 only the new tokens, one that shares a shorter prefix reuses what the Session can rewind to, and any other
 prompt starts from a fresh state, so nothing leaks between requests. A client that disconnects cancels its
@@ -38,15 +38,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from flashmoe.chat_template import select_template
-from flashmoe.engine import Engine
+from flashmoe.serve.chat_template import select_template
+from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
-from flashmoe.sampling import SAMPLING_KEYS, Sampler, sampling_defaults
-from flashmoe.session import ContextError, RunInfo, Session, history_boundary
-from flashmoe.tokenizer import Tokenizer
-from flashmoe.toolcalls import OutputParser, ParsedOutput, forced_call_prefix, opens_reasoning, tool_call_format
+from flashmoe.serve.sampling import SAMPLING_KEYS, Sampler, sampling_defaults
+from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
+from flashmoe.serve.tokenizer import Tokenizer
+from flashmoe.serve.toolcalls import OutputParser, ParsedOutput, forced_call_prefix, opens_reasoning, tool_call_format
 
-log = logging.getLogger("flashmoe.server")
+log = logging.getLogger("flashmoe.serve.server")
 
 
 # ---- request bodies ------------------------------------------------------------------------------
@@ -615,8 +615,8 @@ def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     """
     import uvicorn
 
-    from flashmoe.load import default_model_dir, load_engine
-    from flashmoe.modeldir import ModelDir
+    from flashmoe.runtime.load import default_model_dir, load_engine
+    from flashmoe.format.modeldir import ModelDir
 
     model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
     tokenizer = Tokenizer(model.path)
