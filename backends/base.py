@@ -108,7 +108,7 @@ def weight_shape(w: Any) -> tuple[int, int]:
     return tuple(w.shape)  # QuantizedTensor.shape is the float shape
 
 
-class KVCache:
+class KVCacheBuffer:
     """Keys and values of one full-attention layer: NumPy float32 ``[capacity, kv_heads, head_dim]`` each,
     grown by doubling. A backend with its own memory returns a subclass from :meth:`Backend.new_kv_cache`.
 
@@ -166,10 +166,10 @@ class Backend(ABC):
         handle every other operation accepts for it. Quantised words are kept as they are, never
         dequantised."""
 
-    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCache:
+    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCacheBuffer:
         """An empty KV cache of one full-attention layer, in this backend's memory (the NumPy
-        :class:`KVCache` unless the backend has its own)."""
-        return KVCache(kv_heads, head_dim)
+        :class:`KVCacheBuffer` unless the backend has its own)."""
+        return KVCacheBuffer(kv_heads, head_dim)
 
     # -- dense ops ---------------------------------------------------------------------------------------
     @abstractmethod

@@ -54,7 +54,7 @@ except ImportError as _e:  # the registry reports this through unavailable_reaso
 else:
     _IMPORT_ERROR = None
 
-from flashmoe.backends.base import Backend, BackendError, Expert, KVCache
+from flashmoe.backends.base import Backend, BackendError, Expert, KVCacheBuffer
 from flashmoe.runtime.eviction import DEFAULT_POLICY, make_policy
 from flashmoe.format.quant import QuantizedTensor
 
@@ -760,7 +760,7 @@ _LAYOUTS: dict[tuple, _ExpertLayout | None] = {}
 _MAX_LAYOUTS = 256
 
 
-class _DeviceKVCache(KVCache):
+class _DeviceKVCacheBuffer(KVCacheBuffer):
     """A KV cache in GPU memory: keys and values flat float32 ``[capacity * kv_heads * head_dim]`` each, grown
     by doubling on the device. ``append`` copies the new positions in one launch and returns device views of
     all cached positions, so attention reads them where they are (the NumPy cache cost two copies to the
@@ -870,9 +870,9 @@ class CudaBackend(Backend):
         start = (-raw.ctypes.data) % _PAGE
         return raw[start:start + nbytes]
 
-    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCache:
-        """A KV cache in GPU memory (:class:`_DeviceKVCache`)."""
-        return _DeviceKVCache(kv_heads, head_dim)
+    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCacheBuffer:
+        """A KV cache in GPU memory (:class:`_DeviceKVCacheBuffer`)."""
+        return _DeviceKVCacheBuffer(kv_heads, head_dim)
 
     # -- dense ops ------------------------------------------------------------------------------------------
     def linear(self, x: Any, w: Any) -> DeviceArray:

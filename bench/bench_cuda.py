@@ -72,7 +72,7 @@ def run_passes(engine: Engine, passes: list[str], prompt_tokens: int, tokens: in
             logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
             stats.token_done()
         stages = {s: v - before.get(s, 0.0) for s, v in stats.stage_s.items()}
-        out[name] = summarise_pass(stats.tokens[first:], stages, len(engine.model.moe_layers))
+        out[name] = summarise_pass(stats.tokens[first:], stages, len(engine.model_dir.moe_layers))
         if tier_before:  # the GPU tier's hits, misses and host -> device bytes per decode token
             out[name]["gpu_tier_per_token"] = {k: (v - tier_before[k]) / tokens
                                                for k, v in engine.backend.expert_cache_stats.items()}
@@ -99,7 +99,7 @@ def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20, device_b
     from numba import cuda
 
     store, k = engine.store, engine.k
-    layers = list(engine.model.moe_layers)
+    layers = list(engine.model_dir.moe_layers)
     store.evict_page_cache()
     disk = _read_rate(store, layers, experts, k, seed=123)
     host = _read_rate(store, layers, experts, k, seed=123)
@@ -129,7 +129,7 @@ def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20, device_b
 def resident_read_bytes(engine: Engine) -> int:
     """Resident bytes a decode token reads: all but the embedding table, of which it reads one row (unless
     the embedding is also the lm_head)."""
-    model = engine.model
+    model = engine.model_dir
     if model.config.tie_word_embeddings:
         return model.resident_nbytes
     embed = model.raw("embed_tokens.weight")
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                               gpu_policy=a.gpu_policy)
         load_s = time.perf_counter() - t0
         run: dict[str, Any] = {"backend": name, "gpu_memory": size, "k": engine.k,
-                               "moe_layers": len(engine.model.moe_layers),
-                               "resident_bytes": engine.model.resident_nbytes,
+                               "moe_layers": len(engine.model_dir.moe_layers),
+                               "resident_bytes": engine.model_dir.resident_nbytes,
                                "resident_read_bytes": resident_read_bytes(engine), "expert_bytes": engine.store.nbytes,
                                "load_s": load_s}
         if hasattr(engine.backend, "device_description"):

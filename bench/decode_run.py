@@ -155,7 +155,7 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
                 engine.forward(token[None], state)
                 stats.token_done()
         decode_stages = {s: v - stages_at_decode.get(s, 0.0) for s, v in stats.stage_s.items()}
-        results[name] = summarise_pass(stats.tokens[first:], decode_stages, len(engine.model.moe_layers))
+        results[name] = summarise_pass(stats.tokens[first:], decode_stages, len(engine.model_dir.moe_layers))
         results[name]["prefill_stage_s"] = {s: v - stages_before.get(s, 0.0) for s, v in stages_at_decode.items()}
     store = engine.store
     return {
@@ -164,9 +164,9 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
         "compute_threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)),
         "cache_policy": cache_policy, "prompt_tokens": prompt_tokens, "tokens": tokens, "seed": seed,
         "routing": routing, "speculate": speculate,
-        "moe_layers": len(engine.model.moe_layers), "num_hidden_layers": engine.cfg.num_hidden_layers,
-        "expert_bytes": engine.model.layout.nbytes, "expert_stride": engine.model.layout.stride,
-        "resident_bytes": engine.model.resident_nbytes, "load_s": load_s, "rss_before_load": rss_before,
+        "moe_layers": len(engine.model_dir.moe_layers), "num_hidden_layers": engine.cfg.num_hidden_layers,
+        "expert_bytes": engine.model_dir.layout.nbytes, "expert_stride": engine.model_dir.layout.stride,
+        "resident_bytes": engine.model_dir.resident_nbytes, "load_s": load_s, "rss_before_load": rss_before,
         "peak_rss_bytes": peak_rss_bytes(), "passes": results,
         # other processes compete for the same cores; the 1-minute load average shows how much
         "loadavg_1min": [load_before, os.getloadavg()[0]],

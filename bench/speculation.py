@@ -56,7 +56,7 @@ def compare(engine, prompt: np.ndarray, tokens: int | np.ndarray, repeats: int =
             _decode(engine, prompt, tokens)
             store.clear_cache()  # stops the last guesses and counts what they read
             decode_stages = {s: v - stages.get(s, 0.0) for s, v in stats.stage_s.items()}
-            summary = summarise_pass(stats.tokens[first:], decode_stages, len(engine.model.moe_layers))
+            summary = summarise_pass(stats.tokens[first:], decode_stages, len(engine.model_dir.moe_layers))
             spent = stats.totals - before
             summary["guesses"], summary["guesses_used"] = spent.guesses, spent.guesses_used
             summary["guess_wasted_bytes"] = spent.guess_wasted_bytes
@@ -90,8 +90,8 @@ def measure(model_dir: str | Path | None, backend: str = "numba", k: int | None 
     _decode(engine, prompt[:2], 1)  # one-time kernel loading stays out of the timed passes
     result = {"model": str(model_dir or "demo model"), "backend": backend, "k": engine.k,
               "num_experts": engine.cfg.num_experts, "uniform_accuracy": engine.k / engine.cfg.num_experts,
-              "inputs": "random" if random_inputs else "greedy", "moe_layers": len(engine.model.moe_layers),
-              "expert_bytes": engine.model.layout.nbytes, "io": io, "max_memory": max_memory}
+              "inputs": "random" if random_inputs else "greedy", "moe_layers": len(engine.model_dir.moe_layers),
+              "expert_bytes": engine.model_dir.layout.nbytes, "io": io, "max_memory": max_memory}
     result.update(compare(engine, prompt, ids[prompt_tokens:] if random_inputs else tokens, repeats))
     return result
 

@@ -121,12 +121,12 @@ def test_device_arrays_carry_the_engine_glue(be):
 
 @HERE
 def test_kv_cache_lives_on_the_device_and_grows_and_cuts_like_the_numpy_one(be):
-    from flashmoe.backends.base import BackendError, KVCache
-    from flashmoe.backends.cuda_backend import DeviceArray, _DeviceKVCache
+    from flashmoe.backends.base import BackendError, KVCacheBuffer
+    from flashmoe.backends.cuda_backend import DeviceArray, _DeviceKVCacheBuffer
 
     rng = np.random.default_rng(4)
-    assert isinstance(be.new_kv_cache(2, 4), _DeviceKVCache)
-    dev, ref = _DeviceKVCache(2, 4, capacity=2), KVCache(2, 4, capacity=2)
+    assert isinstance(be.new_kv_cache(2, 4), _DeviceKVCacheBuffer)
+    dev, ref = _DeviceKVCacheBuffer(2, 4, capacity=2), KVCacheBuffer(2, 4, capacity=2)
     for step, T in enumerate([3, 1, 1, 2, 1]):  # grows from 2 positions past 8
         if step == 3:
             dev.length = ref.length = 3  # a chat session rewinding to a common prefix

@@ -26,7 +26,7 @@ BACKENDS = ["numpy", "numba"]
 
 def greedy(backend: str, prompt: str) -> str:
     engine = load_engine(None, backend=backend)
-    tok = Tokenizer(engine.model.path)
+    tok = Tokenizer(engine.model_dir.path)
     steps = generate_steps(engine, tok, tok.encode(prompt), Sampler(temperature=0.0), TOKENS)
     return "".join(s.text for s in steps)
 

@@ -86,7 +86,7 @@ def test_load_engine_sizes_the_expert_cache_from_the_measured_process():
     rss = current_rss_bytes()
     budget = rss + (64 << 20)
     engine = load_engine(None, backend="numpy", io="direct", max_memory=budget, context=64)
-    store, layout = engine.store, engine.model.layout
+    store, layout = engine.store, engine.model_dir.layout
     room = budget - current_rss_bytes() - ExpertStore.read_buffer_bytes(engine.k, layout.nbytes, store.threads)
     assert 0 < store.cache_capacity_bytes <= room
     assert engine.stats.totals.reads == 0 and not engine.stats.tokens

@@ -32,7 +32,7 @@ def test_speculation_changes_no_logit_and_guesses_k_experts_per_layer_after_the_
     decode_tokens = len(TOKENS) - 3
     assert engine.store.guess_slots == cfg.num_experts_per_tok
     # At most k per layer after the first; fewer while stopped guesses still finish a piece in their slots.
-    most = decode_tokens * (len(engine.model.moe_layers) - 1) * cfg.num_experts_per_tok
+    most = decode_tokens * (len(engine.model_dir.moe_layers) - 1) * cfg.num_experts_per_tok
     assert most // 2 <= t.guesses <= most
     assert t.guesses_used / t.guesses > 2 * cfg.num_experts_per_tok / cfg.num_experts
     assert plain.stats.totals.guesses == 0

@@ -55,7 +55,7 @@ def record(model_dir: Path, figures: Path, prompt: str, tokens: int, backend: st
     tokenizer = Tokenizer(model_dir)
     prompt_ids = tokenizer.encode(prompt)
     engine = load_engine(model_dir, backend=backend, io="direct", context=len(prompt_ids) + tokens + 1)
-    md, cfg = engine.model, engine.cfg
+    md, cfg = engine.model_dir, engine.cfg
     entries = max(1, round(cache_fraction * cfg.num_experts * len(md.moe_layers)))
     for _ in generate_steps(engine, tokenizer, prompt_ids, Sampler(), tokens):
         pass
@@ -129,7 +129,7 @@ def _fresh_store(engine, entries: int) -> None:
     from flashmoe.runtime.stats import Stats
     from flashmoe.runtime.store import ExpertStore, slot_bytes
 
-    md, threads = engine.model, engine.store.threads
+    md, threads = engine.model_dir, engine.store.threads
     engine.store.close()
     engine.stats = Stats(num_layers=len(md.moe_layers))
     engine.store = ExpertStore({layer: md.expert_path(layer) for layer in md.moe_layers}, engine.cfg.num_experts,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmoe.backends.base import Backend, KVCache
+from flashmoe.backends.base import Backend, KVCacheBuffer
 from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
 from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
@@ -39,7 +39,7 @@ from flashmoe.runtime.trace import Tracer
 
 
 @dataclass
-class LinearAttentionState:
+class LinearAttentionBuffer:
     """GatedDeltaNet state of one layer: the last conv_kernel-1 inputs of the causal conv, [K-1, conv_dim],
     and the recurrent state [Hv, Dk, Dv] (Yang et al. 2024, Gated Delta Networks, eq. 10)."""
 
@@ -72,7 +72,7 @@ class Engine:
 
     def __init__(self, model: ModelDir, backend: Backend, store: ExpertStore, stats: Stats,
                  experts_per_token: int | None = None, tracer: Tracer | None = None):
-        self.model = model
+        self.model_dir = model
         self.tracer = tracer
         self.cfg: ModelConfig = model.config
         self.backend = backend
@@ -102,7 +102,7 @@ class Engine:
             if cfg.layer_type(i) == FULL_ATTENTION:
                 layers.append(self.backend.new_kv_cache(cfg.num_key_value_heads, cfg.head_dim))
             else:
-                layers.append(LinearAttentionState(
+                layers.append(LinearAttentionBuffer(
                     conv=np.zeros((cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), np.float32),
                     recurrent=np.zeros((cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                         cfg.linear_value_head_dim), np.float32)))
@@ -125,7 +125,7 @@ class Engine:
         # warnings about it would only repeat it.
         with np.errstate(all="ignore"):
             logits = self._forward(token_ids, state, all_logits)
-        return check_finite(logits, self.model.path, state.position - len(logits))
+        return check_finite(logits, self.model_dir.path, state.position - len(logits))
 
     def _forward(self, token_ids: np.ndarray, state: State, all_logits: bool) -> np.ndarray:
         be, cfg = self.backend, self.cfg
@@ -161,7 +161,7 @@ class Engine:
         bias = self._w.get(name + ".bias")
         return y if bias is None else y + bias
 
-    def _attention(self, p: str, x, positions: np.ndarray, cache: KVCache):
+    def _attention(self, p: str, x, positions: np.ndarray, cache: KVCacheBuffer):
         """Grouped-query attention with RoPE, optional q/k RMSNorm and optional sigmoid output gate.
 
         Shapes: x (T, hidden) -> (T, hidden). Source: transformers Qwen3_5MoeAttention, Qwen3MoeAttention,
@@ -207,7 +207,7 @@ class Engine:
                                                  np.array([pos - start]), scale)))
         return be.asarray(np.concatenate(rows))
 
-    def _linear_attention(self, p: str, x, st: LinearAttentionState):
+    def _linear_attention(self, p: str, x, st: LinearAttentionBuffer):
         """GatedDeltaNet: causal conv, gated delta rule, gated RMSNorm. x (T, hidden) -> (T, hidden).
 
         Source: Yang et al. 2024 (Gated Delta Networks); transformers Qwen3_5MoeGatedDeltaNet.
@@ -268,7 +268,7 @@ class Engine:
             shared = self._shared_expert(p, x)
         buffers = iter(self.store.wait(request) if request else ())
         with self.stats.stage("experts"):
-            layout = self.model.layer_layout(layer)
+            layout = self.model_dir.layer_layout(layer)
             experts = [None if h else layout.view(next(buffers)) for h in held]
             y = be.experts_ffn(x[0], experts, weights, keys)[None]
         if request:
@@ -295,7 +295,7 @@ class Engine:
         while the current batch computes.
         """
         be = self.backend
-        layout = self.model.layer_layout(layer)
+        layout = self.model_dir.layer_layout(layer)
         unique = np.unique(ids)
         batches = [unique[s : s + self.store.batch_size] for s in range(0, len(unique), self.store.batch_size)]
         pending = self.store.fetch(layer, batches[0])

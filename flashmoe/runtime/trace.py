@@ -292,7 +292,7 @@ class Tracer:
 def record_trace(engine: "Engine", path: str | Path, model: str = "") -> Iterator[Tracer]:
     """Trace every forward of `engine` inside the block to `path` (atomically: the file appears when the
     block ends normally, and not at all when it raises). `model` names the model in the header."""
-    header = TraceHeader(engine.cfg.num_experts, engine.k, tuple(engine.model.moe_layers), model,
+    header = TraceHeader(engine.cfg.num_experts, engine.k, tuple(engine.model_dir.moe_layers), model,
                          io=engine.store.mode, expert_bytes=engine.store.nbytes)
     with TraceWriter(path, header) as writer:
         engine.tracer = Tracer(writer, engine.store, engine.stats)

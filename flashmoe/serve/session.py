@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashmoe.runtime.engine import Engine, KVCache, LinearAttentionState, State
+from flashmoe.runtime.engine import Engine, KVCacheBuffer, LinearAttentionBuffer, State
 from flashmoe.errors import FlashMoeError
 from flashmoe.serve.generate import Step, generate_steps
 from flashmoe.serve.sampling import Sampler
@@ -147,7 +147,7 @@ class Session:
         state, n = self.state, len(self.tokens)
         if state is not None and 0 < n < len(prompt_ids) and list(prompt_ids[:n]) == self.tokens:
             return n
-        if state is not None and all(isinstance(layer, KVCache) for layer in state.layers):
+        if state is not None and all(isinstance(layer, KVCacheBuffer) for layer in state.layers):
             common = _common_prefix(self.tokens, prompt_ids, len(prompt_ids) - 1)
             if common:
                 self._cut(common)
@@ -167,7 +167,7 @@ class Session:
     def _cut(self, n: int) -> None:
         """Cut the KV caches and token list back to the first n positions."""
         for layer in self.state.layers:
-            if isinstance(layer, KVCache):
+            if isinstance(layer, KVCacheBuffer):
                 layer.length = n
         self.state.position = n
         self.tokens = self.tokens[:n]
@@ -175,8 +175,8 @@ class Session:
     def _save_checkpoint(self) -> None:
         """Remember the linear-attention states at the current position (hybrid models only)."""
         linear = {i: (np.array(layer.conv, copy=True), np.array(layer.recurrent, copy=True))
-                  for i, layer in enumerate(self.state.layers) if isinstance(layer, LinearAttentionState)}
-        if linear and all(isinstance(layer, (KVCache, LinearAttentionState)) for layer in self.state.layers):
+                  for i, layer in enumerate(self.state.layers) if isinstance(layer, LinearAttentionBuffer)}
+        if linear and all(isinstance(layer, (KVCacheBuffer, LinearAttentionBuffer)) for layer in self.state.layers):
             self._checkpoint = _Checkpoint(list(self.tokens), linear)
 
     def generate(self, prompt_ids: Sequence[int], sampler: Sampler, max_tokens: int | None,
@@ -208,7 +208,7 @@ class Session:
         self.last = info
         stopper = StopMatcher(stop)
         start = reused
-        hybrid = any(isinstance(layer, LinearAttentionState) for layer in state.layers)
+        hybrid = any(isinstance(layer, LinearAttentionBuffer) for layer in state.layers)
         if hybrid and checkpoint_at is not None and reused <= checkpoint_at < len(prompt_ids):
             try:
                 if checkpoint_at > reused:
