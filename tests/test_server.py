@@ -386,7 +386,7 @@ def test_real_engine_seeded_sampling_is_reproducible_streamed_or_not(served_tiny
     assert text == (message.content or "") + (message.model_extra.get("reasoning_content") or "")
     assert streamed[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert whole.usage.completion_tokens > 0
-    stats = app.engine.stats.to_dict()
+    stats = app.worker.engine.stats.to_dict()
     assert stats["tokens"] >= 2 * whole.usage.completion_tokens and stats["totals"]["reads"] > 0
 
 
@@ -466,7 +466,7 @@ def test_demo_model_second_turn_reuses_the_first_and_matches_a_fresh_prefill(dem
     app, client = demo
     messages = [{"role": "user", "content": "What does the requests library do?"}]
     first = _greedy_chat(client, messages)
-    history = len(app.tokenizer.encode(app.tokenizer.apply_chat_template(messages, add_generation_prompt=False)))
+    history = len(app.worker.tokenizer.encode(app.worker.tokenizer.apply_chat_template(messages, add_generation_prompt=False)))
     messages += [{"role": "assistant", "content": first.choices[0].message.content},
                  {"role": "user", "content": "Show an example."}]
     reused = _greedy_chat(client, messages)

@@ -1,0 +1,304 @@
+"""The one thread that generates, and what the server's wire formats share (flashmoe.serve.openai_api, ...).
+
+One model generates one sequence at a time: every request becomes a Job for a single worker thread, so jobs
+run in arrival order and never overlap. The worker keeps one Session (flashmoe.serve.session): a request whose
+prompt extends the previous request's prompt + reply (a chat client sending the conversation back) prefills
+only the new tokens, one that shares a shorter prefix reuses what the Session can rewind to, and any other
+prompt starts from a fresh state, so nothing leaks between requests. A client that disconnects cancels its
+job: a queued job never starts, a running one stops after the current token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from flashmoe.errors import FlashMoeError
+from flashmoe.runtime.engine import Engine
+from flashmoe.serve.chat_template import select_template
+from flashmoe.serve.sampling import SAMPLING_KEYS, Sampler
+from flashmoe.serve.schemas import APIError, SamplingBody
+from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
+from flashmoe.serve.tokenizer import Tokenizer
+from flashmoe.serve.toolcalls import OutputParser, ParsedOutput, forced_call_prefix, opens_reasoning, tool_call_format
+
+log = logging.getLogger("flashmoe.serve")
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One generation: what to run and how its output is routed. Built on the event loop, run by the
+    worker thread."""
+
+    prompt_ids: list[int]
+    sampler: Sampler
+    max_tokens: int | None
+    stop: list[str]
+    parser: OutputParser | None  # None: plain completion text
+    checkpoint_at: int | None = None  # where the chat history ends (Session.generate)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+_END = object()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+class Worker:
+    """Generation for the server: the Session, the worker thread, the counters /v1/stats reports.
+
+    Args:
+        engine: the loaded model.
+        tokenizer: its tokenizer (chat template included).
+        context: longest prompt + completion in tokens (default: the model's max_position_embeddings).
+        defaults: sampling settings used when a request omits them (sampling_defaults(model_dir)).
+    """
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, context: int | None = None,
+                 defaults: dict[str, float] | None = None):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.session = Session(engine, tokenizer, context)
+        self.defaults = {"temperature": 1.0, "top_p": 1.0, **(defaults or {})}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashmoe-generate")
+        self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "queued": 0,
+                         "prefix_reuse_hits": 0, "reused_prompt_tokens": 0, "prefilled_prompt_tokens": 0,
+                         "completion_tokens": 0}
+        self.last_run: dict | None = None
+        # Reasoning of recent replies that called tools, by call id: clients send the assistant turn back
+        # without it, and templates that render the current turn's reasoning (Qwen3, Qwen3.5) would then
+        # no longer match the generated tokens, defeating prefix reuse in agent loops. Call ids are random,
+        # so only the client that received a reply can refer to it.
+        self._reasoning_by_call: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()  # counters are updated from the event loop and the worker thread
+
+    def close(self) -> None:
+        """Stop the worker thread after the current job; queued jobs are dropped."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def server_stats(self) -> dict:
+        """The counters and the last run's RunInfo, as /v1/stats reports them."""
+        with self._lock:
+            return dict(self.counters, last_run=self.last_run)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for key, n in deltas.items():
+                self.counters[key] += n
+
+    # ---- what both wire formats share: parsing, sampling, prompts ----------------------------
+
+    @staticmethod
+    async def parse(request: Request, model: type[SamplingBody]) -> Any:
+        """The request body validated as `model`. Raises APIError: 400 for malformed JSON or an option
+        flashmoe does not implement, 422 for a field of the wrong type or range."""
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            parsed = model.model_validate(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise APIError(422, f"{where}: {first['msg']} ({e.error_count()} error(s) in the request)",
+                           param=where) from None
+        if names := parsed.unsupported():
+            hint = " (for repetition use repetition_penalty)" if any(n.endswith("_penalty") for n in names) else ""
+            raise APIError(400, f"not supported by flashmoe: {', '.join(names)}{hint}", param=names[0])
+        return parsed
+
+    def sampler(self, body: SamplingBody) -> Sampler:
+        """The request's sampler; settings it omits come from the model's defaults."""
+        settings = {k: getattr(body, k) if getattr(body, k) is not None else self.defaults.get(k)
+                    for k in SAMPLING_KEYS}
+        try:
+            return Sampler(seed=body.seed, **{k: v for k, v in settings.items() if v is not None})
+        except FlashMoeError as e:
+            raise APIError(422, str(e)) from None
+
+    async def encode(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    def budget(self, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
+        """The completion budget (Session.check_fits); APIError naming `prompt_param` (the request field that
+        holds the prompt) for an empty prompt, else max_tokens."""
+        try:
+            return self.session.check_fits(n_prompt, max_tokens)
+        except ContextError as e:
+            raise APIError(400, str(e), param=prompt_param if n_prompt == 0 else "max_tokens") from None
+
+    async def chat_job(self, messages: list[dict], tools: list[dict] | None, choice: str, forced_name: str | None,
+                       template_kwargs: dict, body: SamplingBody, max_tokens: int | None, stops: list[str],
+                       prompt_param: str = "messages") -> Job:
+        """A job for a conversation, in either wire format.
+
+        Args:
+            messages: the conversation as chat templates expect it (role, content text, tool_calls with
+                arguments as objects, tool results as role 'tool').
+            tools: OpenAI-form tool schemas ({"type": "function", "function": {...}}), or None.
+            choice: 'auto', 'none' or 'required'; forced_name: the one function the reply must call, or None.
+            template_kwargs: extra chat-template variables (enable_thinking, ...).
+
+        Raises APIError (400) for a tool choice without tools, a forced name not among them, a conversation
+        the template refuses, or a prompt that does not fit the context.
+        """
+        if not tools:
+            if choice not in ("auto", "none") or forced_name:
+                raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
+            choice = "none"
+        if forced_name and forced_name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names {forced_name!r}, which is not among the tools",
+                           param="tool_choice")
+        messages = [self.with_reasoning(m) for m in messages]
+        kwargs = dict(template_kwargs, tools=tools if choice != "none" else None)
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        except FlashMoeError as e:
+            raise APIError(400, str(e), param=prompt_param) from None
+        prefix = ""
+        if choice == "required" or forced_name:
+            template = select_template(self.tokenizer.chat_template, tools=tools)
+            prefix = ("\n</think>\n\n" if opens_reasoning(prompt) else "") + forced_call_prefix(
+                tool_call_format(template) or "json", forced_name)
+            prompt += prefix
+            prefix = prefix[prefix.index("<tool_call>"):]
+        parser = OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=choice != "none", tools=tools,
+                              prefix=prefix)
+        prompt_ids = await self.encode(prompt)
+        checkpoint_at = await asyncio.to_thread(history_boundary, self.tokenizer, messages, prompt_ids, **kwargs)
+        return Job(prompt_ids, self.sampler(body), self.budget(len(prompt_ids), max_tokens, prompt_param), stops,
+                   parser, checkpoint_at=checkpoint_at)
+
+    def call_id(self, prefix: str, reasoning: str) -> str:
+        """A new tool-call id that remembers the reply's reasoning (see with_reasoning)."""
+        call_id = new_id(prefix)
+        if reasoning:
+            with self._lock:
+                self._reasoning_by_call[call_id] = reasoning
+                while len(self._reasoning_by_call) > 256:
+                    self._reasoning_by_call.popitem(last=False)
+        return call_id
+
+    def with_reasoning(self, message: dict) -> dict:
+        """An assistant message sent back without its reasoning gets it again when one of its tool-call ids
+        is one this server issued."""
+        if message["role"] != "assistant" or message.get("reasoning_content") is not None:
+            return message
+        with self._lock:
+            found = [self._reasoning_by_call.get(c.get("id")) for c in message.get("tool_calls") or []
+                     if isinstance(c, dict)]
+        reasoning = next((r for r in found if r), None)
+        return message if reasoning is None else {**message, "reasoning_content": reasoning}
+
+    # ---- running jobs ------------------------------------------------------------------------
+
+    async def events(self, job: Job) -> AsyncIterator[tuple]:
+        """Queue job on the worker and yield its events: ('delta', ParsedOutput), ('done', RunInfo) or
+        ('error', message). Leaving early (a disconnect) cancels the job."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._count(requests=1, queued=1)
+
+        def emit(event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        future: Future = self._executor.submit(self._work, job, emit)
+        finished = False  # a 'done' or 'error' event was delivered: leaving after it is no cancellation
+        try:
+            while (event := await queue.get()) is not _END:
+                finished = event[0] != "delta"
+                yield event
+        finally:
+            if not finished:
+                job.cancel.set()
+                self._count(cancelled=1, queued=-int(future.cancel()))
+
+    def _work(self, job: Job, emit: Callable[[object], None]) -> None:
+        """Run one job on the worker thread, reporting through emit (thread-safe)."""
+        self._count(queued=-1)
+        try:
+            if job.cancel.is_set():
+                return
+            for step in self.session.generate(job.prompt_ids, job.sampler, job.max_tokens, job.stop, job.cancel,
+                                              job.checkpoint_at):
+                delta = job.parser.feed(step.text) if job.parser else ParsedOutput(content=step.text)
+                if delta:
+                    emit(("delta", delta))
+            if job.parser:
+                delta = job.parser.finish()
+                if delta:
+                    emit(("delta", delta))
+            info = self.session.last
+            self._account(info)
+            emit(("done", info))
+        except FlashMoeError as e:
+            self._count(errors=1)
+            emit(("error", str(e)))
+        except Exception as e:  # the server must outlive any one request
+            log.exception("generation failed")
+            self._count(errors=1)
+            emit(("error", f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            emit(_END)
+
+    def _account(self, info: RunInfo) -> None:
+        self._count(completed=int(info.finish_reason != "cancelled"), prefix_reuse_hits=int(info.reused_tokens > 0),
+                    reused_prompt_tokens=info.reused_tokens,
+                    prefilled_prompt_tokens=info.prompt_tokens - info.reused_tokens,
+                    completion_tokens=info.completion_tokens)
+        with self._lock:
+            self.last_run = info.to_dict()
+
+    async def collect(self, request: Request, job: Job) -> tuple[ParsedOutput, RunInfo]:
+        """Run a job to the end for a non-streamed reply; a client that goes away cancels it."""
+        out = ParsedOutput()
+        result: dict = {}
+
+        async def consume() -> None:
+            async for event in self.events(job):
+                if event[0] == "delta":
+                    out.extend(event[1])
+                else:
+                    result[event[0]] = event[1]
+
+        task = asyncio.ensure_future(consume())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+        task.result()
+        if "error" in result:
+            raise APIError(500, result["error"], type="server_error")
+        return out, result["done"]
+
+
+def sse(events: AsyncIterator[dict], done: str | None = "[DONE]") -> StreamingResponse:
+    """A server-sent event stream of JSON events (`data: {...}`), ended by `data: [DONE]` unless done is None."""
+    async def body() -> AsyncIterator[str]:
+        async for event in events:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        if done is not None:
+            yield f"data: {done}\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
