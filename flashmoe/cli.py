@@ -425,7 +425,7 @@ def serve(
     *,
     engine_options: EngineOptions,
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, ...)."""
+    """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs (/v1/chat/completions, /v1/messages, ...)."""
     from flashmoe.serve.server import serve as run_server
 
     run_server(model_dir, host=host, port=port, context=context, **asdict(engine_options))

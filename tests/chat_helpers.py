@@ -372,3 +372,47 @@ def tiny_engine(out: Path, template: str = QWEN3, config: dict = TINY_QWEN35):
     synth_model(out, config, tokenizer=None)
     write_model_dir(out, template)
     return load_engine(out, backend="numpy", context=1024), FlashMoeTokenizer(out)
+
+
+# ---- the servers' scripted model -----------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}, "days": {"type": "integer"}}}}}
+LONG_REPLY = " ".join(f"word{i}" for i in range(150))
+
+
+def _last_user(prompt: str) -> str:
+    return prompt.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+
+
+def scripted_reply(prompt: str) -> str:
+    """The fake model's behaviour in the server tests, chosen by the last user message."""
+    user = _last_user(prompt)
+    if "<|im_start|>" not in prompt:
+        return " and that is the completion."
+    if user.startswith("echo:"):
+        return user[len("echo:"):].strip()
+    if user == "weather json":
+        return ('<think>\nThe user wants weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", '
+                '"arguments": {"city": "Paris", "note": "</tool_call> inside"}}\n</tool_call>')
+    if user == "weather xml":
+        return ("Checking.\n</think>\n\nLet me look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n"
+                "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    if user == "long":
+        return LONG_REPLY
+    if user.startswith("<tool_response>\n"):
+        return "The tool said: " + user.split("\n")[1]
+    return "Hello! I am fine."
+
+
+def fake_server(tmp_path_factory, template, name, **engine_kwargs):
+    """A FlashMoeServer over a FakeEngine replying with scripted_reply, running on loopback.
+    Returns (server, engine, running); stop `running`, then close `server`."""
+    from flashmoe.serve.server import FlashMoeServer, RunningServer
+    from flashmoe.serve.tokenizer import Tokenizer as FlashMoeTokenizer
+
+    tokenizer = FlashMoeTokenizer(write_model_dir(tmp_path_factory.mktemp(name), template))
+    engine = FakeEngine(tokenizer, scripted_reply, **engine_kwargs)
+    app = FlashMoeServer(engine, tokenizer, "fake-" + name, context=engine_kwargs.get("max_position_embeddings"))
+    return app, engine, RunningServer(app.app).start()

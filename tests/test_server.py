@@ -13,52 +13,16 @@ import urllib.error
 import urllib.request
 
 import pytest
-from chat_helpers import QWEN3, QWEN35_XML, FakeEngine, write_model_dir
+from chat_helpers import LONG_REPLY, QWEN3, QWEN35_XML, WEATHER, fake_server, write_model_dir
 
 from flashmoe.serve.server import FlashMoeServer, RunningServer
 from flashmoe.serve.tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai", reason="the official client is the test's oracle of the API")
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
-                                            "parameters": {"type": "object", "properties": {
-                                                "city": {"type": "string"}, "days": {"type": "integer"}}}}}
-LONG_REPLY = " ".join(f"word{i}" for i in range(150))
-
-
-def _last_user(prompt: str) -> str:
-    return prompt.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
-
-
-def scripted_reply(prompt: str) -> str:
-    """The fake model's behaviour, chosen by the last user message."""
-    user = _last_user(prompt)
-    if "<|im_start|>" not in prompt:
-        return " and that is the completion."
-    if user.startswith("echo:"):
-        return user[len("echo:"):].strip()
-    if user == "weather json":
-        return ('<think>\nThe user wants weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", '
-                '"arguments": {"city": "Paris", "note": "</tool_call> inside"}}\n</tool_call>')
-    if user == "weather xml":
-        return ("Checking.\n</think>\n\nLet me look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n"
-                "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
-    if user == "long":
-        return LONG_REPLY
-    return "Hello! I am fine."
-
-
-def _server(tmp_path_factory, template, name, **engine_kwargs):
-    tokenizer = Tokenizer(write_model_dir(tmp_path_factory.mktemp(name), template))
-    engine = FakeEngine(tokenizer, scripted_reply, **engine_kwargs)
-    app = FlashMoeServer(engine, tokenizer, "fake-" + name, context=engine_kwargs.get("max_position_embeddings"))
-    running = RunningServer(app.app).start()
-    return app, engine, running
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    app, engine, running = _server(tmp_path_factory, QWEN3, "qwen3", max_position_embeddings=512)
+    app, engine, running = fake_server(tmp_path_factory, QWEN3, "qwen3", max_position_embeddings=512)
     yield app, engine, running
     running.stop()
     app.close()
@@ -338,7 +302,7 @@ def test_engine_stats_cover_every_request_and_keep_a_bounded_window_of_token_rec
 
 @pytest.fixture(scope="module")
 def served_xml(tmp_path_factory):
-    app, engine, running = _server(tmp_path_factory, QWEN35_XML, "qwen35", max_position_embeddings=512)
+    app, engine, running = fake_server(tmp_path_factory, QWEN35_XML, "qwen35", max_position_embeddings=512)
     yield app, engine, running
     running.stop()
     app.close()

@@ -17,7 +17,7 @@ from starlette.routing import Route
 from flashmoe.serve.schemas import APIError, ChatRequest, CompletionRequest, Message, NamedToolChoice, OpenAIBody
 from flashmoe.serve.session import RunInfo
 from flashmoe.serve.toolcalls import ToolCall
-from flashmoe.serve.worker import Job, Worker, new_id, sse
+from flashmoe.serve.worker import Conversation, Job, Worker, new_id, sse
 
 
 def routes(worker: Worker, model_id: str) -> list[Route]:
@@ -45,9 +45,9 @@ class OpenAIAPI:
             if not forced_name:
                 raise APIError(400, "tool_choice.function.name is missing", param="tool_choice")
             choice = "auto"
-        messages = [_template_message(m, i) for i, m in enumerate(body.messages)]
-        job = await worker.chat_job(messages, tools, choice, forced_name, body.chat_template_kwargs or {}, body,
-                                    body.max_completion_tokens or body.max_tokens, _stops(body))
+        chat = Conversation([_template_message(m, i) for i, m in enumerate(body.messages)], tools, choice,
+                            forced_name, body.chat_template_kwargs or {})
+        job = await worker.chat_job(chat, body, body.max_completion_tokens or body.max_tokens, _stops(body))
         base = {"id": new_id("chatcmpl-"), "created": int(time.time()), "model": self.model_id}
         if body.stream:
             return sse(self._chat_stream(job, base, _include_usage(body)))

@@ -1,4 +1,4 @@
-"""Request bodies of the OpenAI-compatible endpoints (pydantic models) and the error a request can end in.
+"""Request bodies of the OpenAI and Anthropic endpoints (pydantic models) and the error a request can end in.
 
 The models validate types and ranges only; what a value means for generation (the context check, the tool
 choice, the prompt) is decided by the server. Fields clients send by default but flashmoe does not implement
@@ -90,6 +90,54 @@ class CompletionRequest(OpenAIBody):
         return super().unsupported() + extra
 
 
+# ---- the Anthropic Messages API ------------------------------------------------------------------
+
+class AnthropicMessage(BaseModel):
+    """One turn; content is a string or a list of content blocks (text, tool_use, tool_result, thinking), read
+    by flashmoe.serve.anthropic_api."""
+
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class AnthropicTool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    input_schema: dict[str, Any]
+    type: Literal["custom"] | None = None
+
+
+class AnthropicToolChoice(BaseModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class ThinkingConfig(BaseModel):
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1)
+
+
+class CountTokensRequest(SamplingBody):
+    """POST /v1/messages/count_tokens: everything that makes the prompt."""
+
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
+    thinking: ThinkingConfig | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    """POST /v1/messages. temperature is 0..1 in Anthropic's API; flashmoe accepts OpenAI's 0..2."""
+
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+
+
 class APIError(Exception):
     """An error reported to the client with an HTTP status; each API writes it in its own shape.
 
@@ -107,3 +155,18 @@ class APIError(Exception):
 
     def openai_body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+
+    def anthropic_body(self) -> dict:
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                           "message": self.message}}
+
+    @property
+    def anthropic_status(self) -> int:
+        """Anthropic reports a field of the wrong type or range as 400, not 422."""
+        return 400 if self.status == 422 else self.status
+
+
+# Anthropic's error type for each HTTP status (https://docs.anthropic.com/en/api/errors).
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    422: "invalid_request_error", 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}

@@ -1,12 +1,16 @@
 """The HTTP server over one loaded model (starlette + uvicorn): one implementation of generation
-(flashmoe.serve.worker), served in the OpenAI wire format (flashmoe.serve.openai_api).
+(flashmoe.serve.worker), two wire formats: OpenAI's (flashmoe.serve.openai_api) and Anthropic's
+(flashmoe.serve.anthropic_api).
 
-Endpoints: POST /v1/chat/completions and POST /v1/completions (streamed as server-sent events or not),
-GET /v1/models, GET /health, GET /v1/stats (the engine's I/O and time statistics plus the server's).
+Endpoints: POST /v1/chat/completions and POST /v1/completions (OpenAI), POST /v1/messages and
+POST /v1/messages/count_tokens (Anthropic), each streamed as server-sent events or not; GET /v1/models,
+GET /health, GET /v1/stats (the engine's I/O and time statistics plus the server's).
 
-Errors are OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`): malformed JSON is 400, a
-field of the wrong type or range 422, a prompt that does not fit the context with max_tokens 400, an unknown route
-404, a wrong method 405; the server keeps serving after each.
+Errors are in the shape of the API the path belongs to: OpenAI's `{"error": {"message", "type", "param",
+"code"}}` (malformed JSON 400, a field of the wrong type or range 422, a prompt that does not fit the context
+with max_tokens 400, an unknown route 404, a wrong method 405) or, under /v1/messages, Anthropic's
+`{"type": "error", "error": {"type", "message"}}` (the same statuses, 422 reported as 400); the server keeps
+serving after each.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from starlette.routing import Route
 
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.engine import Engine
-from flashmoe.serve import openai_api
+from flashmoe.serve import anthropic_api, openai_api
 from flashmoe.serve.sampling import sampling_defaults
 from flashmoe.serve.schemas import APIError
 from flashmoe.serve.tokenizer import Tokenizer
@@ -56,6 +60,7 @@ class FlashMoeServer:
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/stats", self.stats, methods=["GET"]),
             *openai_api.routes(self.worker, model_id),
+            *anthropic_api.routes(self.worker, model_id),
         ], exception_handlers={APIError: _error_response, HTTPException: _http_error_response})
 
     def close(self) -> None:
@@ -78,11 +83,14 @@ class FlashMoeServer:
 
 
 async def _error_response(request: Request, error: APIError) -> Response:
+    """An error in the shape of the API the path belongs to: Anthropic's under /v1/messages, else OpenAI's."""
+    if request.url.path.startswith("/v1/messages"):
+        return JSONResponse(error.anthropic_body(), status_code=error.anthropic_status)
     return JSONResponse(error.openai_body(), status_code=error.status)
 
 
 async def _http_error_response(request: Request, error: HTTPException) -> Response:
-    """Starlette's own errors (404 unknown route, 405 wrong method) in OpenAI's shape, keeping its headers
+    """Starlette's own errors (404 unknown route, 405 wrong method) in the API's shape, keeping its headers
     (405's Allow)."""
     response = await _error_response(request, APIError(error.status_code,
                                                        f"{error.detail}: {request.method} {request.url.path}"))

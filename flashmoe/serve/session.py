@@ -44,6 +44,7 @@ class RunInfo:
     reused_tokens: int = 0  # prompt tokens already in the state (not prefilled again)
     completion_tokens: int = 0
     finish_reason: str = "stop"  # 'stop' (end of sequence or a stop string), 'length', 'cancelled'
+    stop_sequence: str | None = None  # the stop string that ended the reply, if one did
     ttft_s: float | None = None
     decode_s: float = 0.0
 
@@ -68,18 +69,19 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]):
         self._stops = [s for s in stops if s]
         self._held = ""
-        self.stopped = False
+        self.stopped: str | None = None  # the stop string found, once one is
 
     def feed(self, text: str) -> str:
-        """Add generated text; return what can be released. After a stop string, `stopped` is True and
-        nothing more is released."""
+        """Add generated text; return what can be released. After a stop string, `stopped` is that string
+        and nothing more is released."""
         if self.stopped:
             return ""
         text = self._held + text
-        hits = [i for s in self._stops if (i := text.find(s)) >= 0]
+        hits = [(i, s) for s in self._stops if (i := text.find(s)) >= 0]
         if hits:
-            self.stopped, self._held = True, ""
-            return text[: min(hits)]
+            at, self.stopped = min(hits)
+            self._held = ""
+            return text[:at]
         keep = 0
         for s in self._stops:
             for n in range(min(len(s) - 1, len(text)), keep, -1):
@@ -237,7 +239,7 @@ class Session:
                 if text or not stopper.stopped:
                     yield Step(step.token_id, text)
                 if stopper.stopped:
-                    info.finish_reason = "stop"
+                    info.finish_reason, info.stop_sequence = "stop", stopper.stopped
                     break
                 if cancel is not None and cancel.is_set():
                     info.finish_reason = "cancelled"

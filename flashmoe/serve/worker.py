@@ -54,6 +54,24 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class Conversation:
+    """A chat request as every wire format reduces it.
+
+    messages: the conversation as chat templates expect it (role, content text, reasoning_content, tool_calls
+    with arguments as objects, tool results as role 'tool' with tool_call_id). tools: OpenAI-form schemas
+    ({"type": "function", "function": {"name", "description", "parameters"}}) or None. choice: 'auto', 'none'
+    or 'required'; forced_name: the one function the reply must call, or None. template_kwargs: extra
+    chat-template variables (enable_thinking, ...).
+    """
+
+    messages: list[dict]
+    tools: list[dict] | None = None
+    choice: str = "auto"
+    forced_name: str | None = None
+    template_kwargs: dict = field(default_factory=dict)
+
+
 _END = object()
 
 
@@ -146,21 +164,14 @@ class Worker:
         except ContextError as e:
             raise APIError(400, str(e), param=prompt_param if n_prompt == 0 else "max_tokens") from None
 
-    async def chat_job(self, messages: list[dict], tools: list[dict] | None, choice: str, forced_name: str | None,
-                       template_kwargs: dict, body: SamplingBody, max_tokens: int | None, stops: list[str],
-                       prompt_param: str = "messages") -> Job:
-        """A job for a conversation, in either wire format.
+    def render(self, chat: Conversation) -> tuple[str, OutputParser, Callable[[list[int]], int | None]]:
+        """The prompt text for a conversation, the parser for its reply (the tool choice decides both), and
+        boundary(prompt_ids): where the history ends in the prompt's tokens (history_boundary).
 
-        Args:
-            messages: the conversation as chat templates expect it (role, content text, tool_calls with
-                arguments as objects, tool results as role 'tool').
-            tools: OpenAI-form tool schemas ({"type": "function", "function": {...}}), or None.
-            choice: 'auto', 'none' or 'required'; forced_name: the one function the reply must call, or None.
-            template_kwargs: extra chat-template variables (enable_thinking, ...).
-
-        Raises APIError (400) for a tool choice without tools, a forced name not among them, a conversation
-        the template refuses, or a prompt that does not fit the context.
+        Raises APIError (400) for a tool choice without tools, a forced name not among them, or a
+        conversation the template refuses.
         """
+        tools, choice, forced_name = chat.tools, chat.choice, chat.forced_name
         if not tools:
             if choice not in ("auto", "none") or forced_name:
                 raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
@@ -168,12 +179,12 @@ class Worker:
         if forced_name and forced_name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {forced_name!r}, which is not among the tools",
                            param="tool_choice")
-        messages = [self.with_reasoning(m) for m in messages]
-        kwargs = dict(template_kwargs, tools=tools if choice != "none" else None)
+        messages = [self.with_reasoning(m) for m in chat.messages]
+        kwargs = dict(chat.template_kwargs, tools=tools if choice != "none" else None)
         try:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         except FlashMoeError as e:
-            raise APIError(400, str(e), param=prompt_param) from None
+            raise APIError(400, str(e), param="messages") from None
         prefix = ""
         if choice == "required" or forced_name:
             template = select_template(self.tokenizer.chat_template, tools=tools)
@@ -183,10 +194,16 @@ class Worker:
             prefix = prefix[prefix.index("<tool_call>"):]
         parser = OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=choice != "none", tools=tools,
                               prefix=prefix)
+        return prompt, parser, lambda ids: history_boundary(self.tokenizer, messages, ids, **kwargs)
+
+    async def chat_job(self, chat: Conversation, body: SamplingBody, max_tokens: int | None,
+                       stops: list[str]) -> Job:
+        """A job for a conversation, in either wire format. Raises APIError as render() does, and (400) for
+        a prompt that does not fit the context with max_tokens."""
+        prompt, parser, boundary = self.render(chat)
         prompt_ids = await self.encode(prompt)
-        checkpoint_at = await asyncio.to_thread(history_boundary, self.tokenizer, messages, prompt_ids, **kwargs)
-        return Job(prompt_ids, self.sampler(body), self.budget(len(prompt_ids), max_tokens, prompt_param), stops,
-                   parser, checkpoint_at=checkpoint_at)
+        return Job(prompt_ids, self.sampler(body), self.budget(len(prompt_ids), max_tokens, "messages"), stops,
+                   parser, checkpoint_at=await asyncio.to_thread(boundary, prompt_ids))
 
     def call_id(self, prefix: str, reasoning: str) -> str:
         """A new tool-call id that remembers the reply's reasoning (see with_reasoning)."""
@@ -292,13 +309,15 @@ class Worker:
         return out, result["done"]
 
 
-def sse(events: AsyncIterator[dict], done: str | None = "[DONE]") -> StreamingResponse:
-    """A server-sent event stream of JSON events (`data: {...}`), ended by `data: [DONE]` unless done is None."""
+def sse(events: AsyncIterator[dict], named: bool = False) -> StreamingResponse:
+    """A server-sent event stream of JSON events: OpenAI's form (`data: {...}` lines ended by `data: [DONE]`) or,
+    when `named`, Anthropic's (each event's "type" in an `event:` line before its data; no end marker)."""
     async def body() -> AsyncIterator[str]:
         async for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-        if done is not None:
-            yield f"data: {done}\n\n"
+            name = f"event: {event['type']}\n" if named else ""
+            yield f"{name}data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        if not named:
+            yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
