@@ -101,12 +101,12 @@ def decode_inputs(vocab_size: int, prompt_tokens: int, tokens: int, seed: int) -
 def force_uniform_routing(seed: int) -> None:
     """Replace the engine's router decision with seeded uniformly random top-k picks (weights 1/k), the same
     sequence in every process with the same seed. Hooks `flashmoe.runtime.engine.route` (the engine's name for
-    reference.moe.route): a benchmark workload, never a model's behaviour."""
+    reference.routing.route): a benchmark workload, never a model's behaviour."""
     import flashmoe.runtime.engine as engine_module
 
     rng = np.random.default_rng([seed, 1])
 
-    def uniform_route(logits: np.ndarray, k: int, norm_topk_prob: bool) -> tuple[np.ndarray, np.ndarray]:
+    def uniform_route(logits: np.ndarray, cfg, k: int) -> tuple[np.ndarray, np.ndarray]:
         t, e = logits.shape
         ids = np.argsort(rng.random((t, e)), axis=-1)[:, :k].astype(np.int64)
         return ids, np.full((t, k), 1.0 / k, dtype=np.float32)

@@ -244,8 +244,8 @@ def _top_expert_shares(tmp_path, monkeypatch, name: str) -> list[float]:
     out = synth_model(tmp_path / name, config, seed=0)
     shares, route = [], moe.route
 
-    def recording_route(logits, k, norm_topk_prob):
-        ids, weights = route(logits, k, norm_topk_prob)
+    def recording_route(logits, cfg, k=None):
+        ids, weights = route(logits, cfg, k)
         shares.append(float(np.bincount(ids[:, 0], minlength=16).max()) / len(ids))
         return ids, weights
 

@@ -88,8 +88,8 @@ def test_traced_experts_are_the_reference_routers_top_k(tmp_path, monkeypatch):
     routed = []  # the reference's (T, k) ids and weights, one call per MoE layer in order
     original = moe.route
 
-    def recording_route(logits, k, norm_topk_prob):
-        routed.append(original(logits, k, norm_topk_prob))
+    def recording_route(logits, cfg, k=None):
+        routed.append(original(logits, cfg, k))
         return routed[-1]
 
     monkeypatch.setattr(moe, "route", recording_route)

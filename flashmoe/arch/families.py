@@ -39,6 +39,7 @@ QUANT_DEFAULT = "default"
 class Family:
     """The differences of one architecture family from the canonical layout."""
 
+    router: str = "softmax_topk"  # a name in reference/routing.py's ROUTERS
     renames: tuple[tuple[str, str], ...] = ()
     plus_one_norms: bool = False
     fused_linear_attn: bool = False

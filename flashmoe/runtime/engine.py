@@ -32,7 +32,7 @@ from flashmoe.backends.base import Backend, KVCacheBuffer
 from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
 from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
-from flashmoe.reference.moe import route
+from flashmoe.reference.routing import route
 from flashmoe.runtime.stats import Stats
 from flashmoe.runtime.store import ExpertStore
 from flashmoe.runtime.trace import Tracer
@@ -250,7 +250,7 @@ class Engine:
         p = f"layers.{layer}.mlp."
         with self.stats.stage("router"):
             logits = be.to_numpy(be.linear(x, self._w[p + "gate.weight"]))  # router logits (T, num_experts)
-            ids, weights = route(logits, self.k, self.cfg.norm_topk_prob)  # (T, k) int, (T, k) float32
+            ids, weights = route(logits, self.cfg, self.k)  # (T, k) int, (T, k) float32
         if x.shape[0] == 1:
             return self._moe_decode(layer, p, x, ids[0], weights[0])
         return self._moe_prefill(layer, p, x, ids, weights)
