@@ -1,0 +1,346 @@
+"""q8 kernels of the numba backend: int8 activations against the packed weight codes, int32 dot products.
+
+The numerics are those of flashmoe.reference.q8 (read its docstring first): the input vector is quantised
+once per call to int8 in blocks of 32 with a float32 scale ``d_b``; each block's dot product with the
+weight codes is exact in int32; a row is
+
+    y = sum_b c_b * (q_b . xq_b) + sum_g bias_g * xsum_g,      c_b = d_b * scale_g(b)
+
+where xsum are the float group sums of x. ``c_b`` is formed per row in a small scratch, so the integer dot
+needs no knowledge of the group size.
+
+4-bit weights on x86 with AVX2 (the default format on the usual CPU) take an LLVM-intrinsic row kernel,
+because LLVM's vectoriser does not find the integer multiply-add instructions from plain loops (checked with
+``inspect_asm``: plain loops give zero-extends and vpmulld): per 64 inputs it loads 32 bytes of codes,
+splits low and high nibbles, and multiplies them with the int8 inputs by ``vpdpbusd`` (AVX-512 VNNI, where
+the CPU has it) or ``vpmaddubsw`` + ``vpmaddwd`` (AVX2), giving 8 int32 lanes = 2 blocks x 4; those are
+converted to float and accumulated with ``c_b`` by one FMA, and the 8 lanes are summed once per row
+(llama.cpp's Q4_0 x Q8_0 scheme). For that kernel the int8 inputs are stored in *paired* order: in each run
+of 64, the 32 even positions then the 32 odd ones, matching the low/high nibbles of 32 consecutive code
+bytes (code 2i is byte i's low nibble, code 2i+1 its high one; MLX packs least significant bits first).
+Every other width, and every CPU without AVX2, runs the portable loop (natural order), which unpacks each
+code with the float kernels' ``_code``; the results are the same up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+
+try:
+    import llvmlite.binding as llvm_binding
+    import numba
+    from llvmlite import ir as llvm_ir
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic, overload
+except ImportError:  # the numba backend reports it (numba_backend.unavailable_reason)
+    numba = None
+
+from flashmoe.reference.q8 import q8_block
+
+if numba is not None:
+    from flashmoe.backends.numba_backend import (
+        _EXPERT_ROW_BLOCK, _FASTMATH, _ROW_BLOCK, _bf16_expert_view, _code, _f32_expert_view, _widen)
+
+
+def int8_instructions() -> str | None:
+    """What the 4-bit q8 row kernel uses on this CPU: 'avx512-vnni' (vpdpbusd), 'avx2' (vpmaddubsw +
+    vpmaddwd), or None (the portable loop)."""
+    if numba is None:
+        return None
+    features = llvm_binding.get_host_cpu_features()
+    if features.get("avx512vnni") and features.get("avx512vl"):
+        return "avx512-vnni"
+    if features.get("avx2"):
+        return "avx2"
+    return None
+
+
+INT8_INSTRUCTIONS = int8_instructions()
+
+
+def paired_layout(bits: int, in_features: int) -> bool:
+    """True when the x86 4-bit row kernel applies, so x is quantised in paired order (module docstring)."""
+    return INT8_INSTRUCTIONS is not None and bits == 4 and in_features % 64 == 0
+
+
+if numba is not None:
+    _i8, _i16, _i32, _f32 = llvm_ir.IntType(8), llvm_ir.IntType(16), llvm_ir.IntType(32), llvm_ir.FloatType()
+    _v32i8, _v16i16 = llvm_ir.VectorType(_i8, 32), llvm_ir.VectorType(_i16, 16)
+    _v8i32, _v8f32, _v2f32 = llvm_ir.VectorType(_i32, 8), llvm_ir.VectorType(_f32, 8), llvm_ir.VectorType(_f32, 2)
+
+    def _lanes(*idx):
+        return llvm_ir.Constant(llvm_ir.VectorType(_i32, len(idx)), list(idx))
+
+    def _pair_dot(builder, w, xl, xh):
+        """<8 x i32>: lanes 0-3 sum block 0's code·x products, lanes 4-7 block 1's (32 code bytes w)."""
+        lo = builder.and_(w, llvm_ir.Constant(_v32i8, [15] * 32))
+        hi = builder.lshr(w, llvm_ir.Constant(_v32i8, [4] * 32))
+        mod = builder.module
+        if INT8_INSTRUCTIONS == "avx512-vnni":
+            fn = cgutils.get_or_insert_function(mod, llvm_ir.FunctionType(_v8i32, [_v8i32] * 3),
+                                                "llvm.x86.avx512.vpdpbusd.256")
+            s = builder.call(fn, [llvm_ir.Constant(_v8i32, [0] * 8), builder.bitcast(lo, _v8i32),
+                                  builder.bitcast(xl, _v8i32)])
+            return builder.call(fn, [s, builder.bitcast(hi, _v8i32), builder.bitcast(xh, _v8i32)])
+        ubsw = cgutils.get_or_insert_function(mod, llvm_ir.FunctionType(_v16i16, [_v32i8] * 2),
+                                              "llvm.x86.avx2.pmadd.ub.sw")
+        wd = cgutils.get_or_insert_function(mod, llvm_ir.FunctionType(_v8i32, [_v16i16] * 2),
+                                            "llvm.x86.avx2.pmadd.wd")
+        # Each int16 lane is at most 2 * 15 * 127 per call, so neither the add nor vpmaddubsw saturates.
+        t = builder.add(builder.call(ubsw, [lo, xl]), builder.call(ubsw, [hi, xh]))
+        return builder.call(wd, [t, llvm_ir.Constant(_v16i16, [1] * 16)])
+
+    def _load_scale(builder, pointer, index, bf16):
+        """One weight scale as a float: bf16 bits (uint16) widened to the high half of a float32, or float32."""
+        v = builder.load(builder.gep(pointer, [index]))
+        if not bf16:
+            return v
+        return builder.bitcast(builder.shl(builder.zext(v, _i32), llvm_ir.Constant(_i32, 16)), _f32)
+
+    @intrinsic
+    def _q4_row_dot(typingctx, words, xq, d, srow, shift):
+        """sum_b d[b] * srow[b >> shift] * (codes_b . xq_b) for one row: 4-bit codes (uint32 words
+        [in / 8]), xq int8 [in] in paired order, d float32 [in / 32], srow the row's scales (float32, or
+        bf16 bits as uint16), shift = log2(blocks per group); returns float32. Two accumulators hide the
+        FMA latency."""
+        sig = types.float32(words, xq, d, srow, shift)
+        bf16 = srow.dtype == types.uint16
+
+        def codegen(context, builder, signature, args):
+            wa, xa, da, sa = (context.make_array(t)(context, builder, value=v)
+                              for t, v in zip(signature.args[:4], args[:4]))
+            i64 = llvm_ir.IntType(64)
+            one = llvm_ir.Constant(i64, 1)
+            n_pairs = builder.lshr(cgutils.unpack_tuple(builder, da.shape)[0], one)
+            wp = builder.bitcast(wa.data, _v32i8.as_pointer())
+            xp = builder.bitcast(xa.data, _v32i8.as_pointer())
+            dp = builder.bitcast(da.data, _v2f32.as_pointer())
+            fma = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v8f32, [_v8f32] * 3),
+                                                 "llvm.fma.v8f32")
+            accs = [cgutils.alloca_once_value(builder, llvm_ir.Constant(_v8f32, [0.0] * 8)) for _ in range(2)]
+
+            def step(p, acc):
+                w = builder.load(builder.gep(wp, [p]), align=1)
+                xl = builder.load(builder.gep(xp, [builder.shl(p, one)]), align=1)
+                xh = builder.load(builder.gep(xp, [builder.add(builder.shl(p, one), one)]), align=1)
+                b0 = builder.shl(p, one)
+                s2 = llvm_ir.Constant(_v2f32, None)
+                for lane, b in enumerate((b0, builder.add(b0, one))):
+                    s2 = builder.insert_element(s2, _load_scale(builder, sa.data, builder.lshr(b, args[4]), bf16),
+                                                llvm_ir.Constant(_i32, lane))
+                c2 = builder.fmul(builder.load(builder.gep(dp, [p]), align=4), s2)
+                c8 = builder.shuffle_vector(c2, c2, _lanes(0, 0, 0, 0, 1, 1, 1, 1))
+                f = builder.sitofp(_pair_dot(builder, w, xl, xh), _v8f32)
+                builder.store(builder.call(fma, [f, c8, builder.load(acc)]), acc)
+
+            with cgutils.for_range(builder, builder.lshr(n_pairs, one)) as loop:  # two pairs per step
+                step(builder.shl(loop.index, one), accs[0])
+                step(builder.add(builder.shl(loop.index, one), one), accs[1])
+            with builder.if_then(builder.trunc(n_pairs, llvm_ir.IntType(1))):  # an odd pair left
+                step(builder.sub(n_pairs, one), accs[0])
+            v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+            v4 = builder.fadd(builder.shuffle_vector(v, v, _lanes(0, 1, 2, 3)),
+                              builder.shuffle_vector(v, v, _lanes(4, 5, 6, 7)))
+            v2 = builder.fadd(builder.shuffle_vector(v4, v4, _lanes(0, 1)), builder.shuffle_vector(v4, v4, _lanes(2, 3)))
+            return builder.fadd(builder.extract_element(v2, llvm_ir.Constant(_i32, 0)),
+                                builder.extract_element(v2, llvm_ir.Constant(_i32, 1)))
+
+        return sig, codegen
+
+    @njit(inline="always")
+    def _q8_code(v, inv):
+        """roundf(v * inv) clipped to +-127, as flashmoe.reference.q8.round_half_away rounds."""
+        a = abs(v * inv)
+        whole = np.floor(a)
+        r = min(whole + np.floor(np.float32(2.0) * (a - whole)), np.float32(127.0))
+        return np.int8(r) if v * inv >= 0 else -np.int8(r)
+
+    @njit(fastmath=_FASTMATH, cache=True)
+    def quantize_q8(x, block, paired, xq, d, xsum):
+        """x float32 [T, n] -> xq int8 [T, n] (natural or paired order), d float32 [T, n / block] and the
+        group sums of the dequantised activations xsum [T, n / group_size] (sum_b d_b * sum(xq_b)), rounding
+        exactly as flashmoe.reference.q8.quantize_q8."""
+        T, n = x.shape
+        bpg = d.shape[1] // xsum.shape[1]
+        inv = np.empty(n // block, np.float32)
+        codes = np.empty(block, np.int8)
+        for t in range(T):
+            xsum[t, :] = 0.0
+            for b in range(n // block):
+                m = np.float32(0.0)
+                for i in range(block):
+                    m = max(m, abs(x[t, b * block + i]))
+                d[t, b] = m / np.float32(127.0)
+                inv[b] = np.float32(1.0) / d[t, b] if m > 0 else np.float32(0.0)
+                total = 0
+                for i in range(block):
+                    codes[i] = _q8_code(x[t, b * block + i], inv[b])
+                    total += np.int32(codes[i])
+                xsum[t, b // bpg] += d[t, b] * np.float32(total)
+                for i in range(block):
+                    j = b * block + i
+                    if paired:  # in each run of 64: its 32 even positions, then its 32 odd ones
+                        j = (j & ~63) + (j & 1) * 32 + ((j & 63) >> 1)
+                    xq[t, j] = codes[i]
+
+    @njit(inline="always")
+    def _plain_row_dot(wrow, xq, cb, bits):
+        """The portable q8 row dot: sum_b cb[b] * sum_{i in b} code_i * xq_i (natural order)."""
+        cpu = 32 // bits if 32 % bits == 0 else 32
+        block = xq.shape[0] // cb.shape[0]
+        acc = np.float32(0.0)
+        for b in range(cb.shape[0]):
+            s = np.int32(0)
+            for i in range(b * block, b * block + block):
+                s += np.int32(_code(wrow, i // cpu, i % cpu, bits)) * np.int32(xq[i])
+            acc += cb[b] * np.float32(s)
+        return acc
+
+    def _expert(addresses, e, rows, n_words, n_groups, bf16):
+        """The e-th expert's (words, scales, biases) from an address table; bf16 a compile-time constant."""
+        raise NotImplementedError("only callable from numba-compiled code")
+
+    @overload(_expert, inline="always")
+    def _expert_impl(addresses, e, rows, n_words, n_groups, bf16):
+        if not isinstance(bf16, types.BooleanLiteral):
+            return None  # numba retries with the closure constant as a literal
+        view = _bf16_expert_view if bf16.literal_value else _f32_expert_view
+        return lambda addresses, e, rows, n_words, n_groups, bf16: view(addresses, e, rows, n_words, n_groups)
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def _row_scales_fixed(srow, brow, d, xsum, cb, bpg):
+        bias = np.float32(0.0)
+        for g in range(srow.shape[0]):
+            s = _widen(srow[g])
+            for i in range(bpg):
+                cb[g * bpg + i] = d[g * bpg + i] * s
+            bias += _widen(brow[g]) * xsum[g]
+        return bias
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def _row_scales(srow, brow, d, xsum, cb):
+        """cb[b] = d_b * scale_g(b) for one row; returns its bias term sum_g bias_g * xsum_g. Blocks per
+        group as a literal (group 32, 64, 128), so the loops vectorise."""
+        bpg = cb.shape[0] // srow.shape[0]
+        if bpg == 2:
+            return _row_scales_fixed(srow, brow, d, xsum, cb, 2)
+        if bpg == 1:
+            return _row_scales_fixed(srow, brow, d, xsum, cb, 1)
+        if bpg == 4:
+            return _row_scales_fixed(srow, brow, d, xsum, cb, 4)
+        return _row_scales_fixed(srow, brow, d, xsum, cb, bpg)
+
+    @njit(fastmath=_FASTMATH, inline="always")
+    def _row(wrow, srow, brow, xq, d, xsum, cb, bits, paired):
+        """One output row: the integer block dots scaled by d_b * scale_g, plus the bias term."""
+        if paired:
+            bias = np.float32(0.0)
+            for g in range(brow.shape[0]):
+                bias += _widen(brow[g]) * xsum[g]
+            shift = 0
+            while (1 << shift) * srow.shape[0] < d.shape[0]:
+                shift += 1
+            return _q4_row_dot(wrow, xq, d, srow, shift) + bias
+        bias = _row_scales(srow, brow, d, xsum, cb)
+        return _plain_row_dot(wrow, xq, cb, bits) + bias
+
+    @functools.lru_cache(maxsize=None)
+    def q8_kernels(bits: int, bf16: bool, paired: bool) -> SimpleNamespace:
+        """The q8 decode kernels for one bit width, scale dtype and input order; the three are closure
+        constants, so numba keeps only the row kernel that applies (paired: the x86 4-bit one)."""
+
+        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        def matvec(words, scales, biases, xq, d, xsum, out):
+            """out[t, o] = W[o] . x[t] for a few tokens (decode), x given quantised (quantize_q8)."""
+            n_rows = words.shape[0]
+            for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+                cb = np.empty(d.shape[1], np.float32)
+                for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
+                    for t in range(xq.shape[0]):
+                        out[t, o] = _row(words[o], scales[o], biases[o], xq[t], d[t], xsum[t], cb, bits, paired)
+
+        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        def experts_gate_up(g_addr, u_addr, xq, d, xsum, h):
+            """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token (x quantised)."""
+            k, inter = h.shape
+            n_words = xq.shape[1] * bits // 32
+            nblk = (inter + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK
+            for c in prange(k * nblk):
+                e = c // nblk
+                cb = np.empty(d.shape[1], np.float32)
+                gate = np.empty(_EXPERT_ROW_BLOCK, np.float32)
+                i0 = (c % nblk) * _EXPERT_ROW_BLOCK
+                i1 = min(inter, i0 + _EXPERT_ROW_BLOCK)
+                for up in range(2):  # the chunk's gate rows, then its up rows: two contiguous runs
+                    w, s, b = _expert(u_addr if up else g_addr, e, inter, n_words, xsum.shape[1], bf16)
+                    for i in range(i0, i1):
+                        v = _row(w[i], s[i], b[i], xq[0], d[0], xsum[0], cb, bits, paired)
+                        if up:
+                            a = gate[i - i0]
+                            h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * v
+                        else:
+                            gate[i - i0] = v
+
+        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        def experts_down(d_addr, hq, hd, hsum, weights, out):
+            """out[o] = sum_e weights[e] * (down_e[o] . h_e), h_e given quantised; a chunk of hidden rows
+            reads one expert's rows for the whole chunk before the next expert's."""
+            k = hq.shape[0]
+            n_rows = out.shape[0]
+            n_words = hq.shape[1] * bits // 32
+            for c in prange((n_rows + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK):
+                o0 = c * _EXPERT_ROW_BLOCK
+                o1 = min(n_rows, o0 + _EXPERT_ROW_BLOCK)
+                cb = np.empty(hd.shape[1], np.float32)
+                acc = np.zeros(_EXPERT_ROW_BLOCK, np.float32)
+                for e in range(k):
+                    w, s, b = _expert(d_addr, e, n_rows, n_words, hsum.shape[1], bf16)
+                    for o in range(o0, o1):
+                        acc[o - o0] += weights[e] * _row(w[o], s[o], b[o], hq[e], hd[e], hsum[e], cb, bits, paired)
+                out[o0:o1] = acc[: o1 - o0]
+
+        return SimpleNamespace(matvec=matvec, experts_gate_up=experts_gate_up, experts_down=experts_down)
+
+
+def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """x float32 [T, n] -> (xq int8 [T, n], d float32 [T, n / block], xsum float32 [T, n / group_size],
+    paired): the q8 activations in the order the kernels for `bits` read (paired_layout)."""
+    T, n = x.shape
+    block = q8_block(group_size)
+    paired = paired_layout(bits, n)
+    xq = np.empty((T, n), np.int8)
+    d = np.empty((T, n // block), np.float32)
+    xsum = np.empty((T, n // group_size), np.float32)
+    quantize_q8(x, block, paired, xq, d, xsum)
+    return xq, d, xsum, paired
+
+
+def linear(x: np.ndarray, w, call) -> np.ndarray:
+    """x float32 [T, in] · W^T with q8 activations for a KernelWeight ``w`` (numba_backend); ``call`` runs a
+    kernel with its work count (numba_backend._call: one thread below the parallel threshold)."""
+    xq, d, xsum, paired = quantize(x, w.bits, w.group_size)
+    out = np.empty((x.shape[0], w.out_features), np.float32)
+    call(q8_kernels(w.bits, w.bf16, paired).matvec, x.shape[0] * w.out_features * w.in_features,
+         w.words, w.scales, w.biases, xq, d, xsum, out)
+    return out
+
+
+def experts_ffn(x: np.ndarray, gate: list, up: list, down: list, addresses, weights: np.ndarray, call) -> np.ndarray:
+    """sum_e weights[e] * SwiGLU_e(x) for one token x float32 [1, hidden] with q8 activations: gate/up of all
+    k experts in one parallel region, their down projections and the weighted sum in a second.
+    gate, up, down: the k experts' KernelWeights (one bits/group/shape across them); addresses: their
+    int64 [k, 3] address table builder (numba_backend._addresses)."""
+    g, dn = gate[0], down[0]
+    xq, xd, xsum, paired = quantize(x, g.bits, g.group_size)
+    h = np.empty((len(gate), g.out_features), np.float32)
+    work = len(gate) * g.out_features * g.in_features
+    call(q8_kernels(g.bits, g.bf16, paired).experts_gate_up, 2 * work, addresses(gate), addresses(up), xq, xd,
+         xsum, h)
+    hq, hd, hsum, paired = quantize(h, dn.bits, dn.group_size)
+    out = np.empty(dn.out_features, np.float32)
+    call(q8_kernels(dn.bits, dn.bf16, paired).experts_down, work, addresses(down), hq, hd, hsum, weights, out)
+    return out

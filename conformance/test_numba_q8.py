@@ -1,0 +1,77 @@
+"""The numba backend's q8 kernels (backends/numba_q8.py) against the q8 reference (flashmoe.reference.q8):
+the same activation codes bit for bit, and outputs equal up to the order of float32 sums."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashmoe.backends.numba_backend import _addresses, _as_weight, _call
+from flashmoe.conformance.op_cases import SCALE_DTYPES, make_expert_views, make_weight
+from flashmoe.reference import q8 as ref
+
+q8 = pytest.importorskip("flashmoe.backends.numba_q8", reason="numba is not installed")
+pytestmark = pytest.mark.skipif(q8.numba is None, reason="numba is not installed")
+
+#: Bound on max|numba - reference| / max|reference| for q8: the codes and int32 sums are identical, so
+#: only the order of float32 sums differs.
+Q8_KERNEL_TOLERANCE = 1e-5
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_quantize_gives_the_reference_codes_scales_and_sums(paired):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((3, 256)) * 3).astype(np.float32)
+    x[1, :32] = 0
+    xq, d, xsum = np.empty((3, 256), np.int8), np.empty((3, 8), np.float32), np.empty((3, 4), np.float32)
+    q8.quantize_q8(x, 32, paired, xq, d, xsum)
+    want_q, want_d = ref.quantize_q8(x)
+    if paired:
+        want_q = want_q.reshape(3, 4, 32, 2).transpose(0, 1, 3, 2).reshape(3, 256)
+    np.testing.assert_array_equal(xq, want_q)
+    np.testing.assert_array_equal(d, want_d)
+    x_hat = ref.quantize_q8(x)[0].reshape(3, 8, 32).sum(-1) * want_d
+    np.testing.assert_allclose(xsum, x_hat.reshape(3, 4, 2).sum(-1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits,group_size,sdtype,inp", [  # x86: paired 4-bit; 4-bit whose 96 inputs are not
+    (4, 64, "bfloat16", 512), (4, 128, "bfloat16", 384), (4, 32, "bfloat16", 96),  # runs of 64; the portable loop
+    (2, 64, "float16", 256), (3, 32, "float16", 128), (6, 128, "float16", 256), (8, 32, "float16", 128)])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_q8_linear_matches_the_q8_reference(bits, group_size, sdtype, inp, tokens):
+    rng = np.random.default_rng(bits + inp)
+    qt = make_weight(rng, 72, inp, bits, group_size, sdtype)
+    x = rng.standard_normal((tokens, inp)).astype(np.float32)
+    assert _rel(q8.linear(x, _as_weight(qt, "w"), _call), ref.linear_q8(x, qt)) <= Q8_KERNEL_TOLERANCE
+
+
+@pytest.mark.parametrize("bits,group_size,sdtype", [(4, 32, "bfloat16"), (3, 64, "float16")])
+def test_q8_experts_match_the_q8_reference_weighted_sum(bits, group_size, sdtype):
+    rng = np.random.default_rng(7)
+    k, hidden, inter = 4, 256, 192
+    experts = [make_expert_views(rng, hidden, inter, bits, group_size, sdtype, 64 * e) for e in range(k)]
+    weights = rng.dirichlet(np.ones(k)).astype(np.float32)
+    x = rng.standard_normal((1, hidden)).astype(np.float32)
+    want = sum(w * ref.swiglu_q8(x, e)[0] for w, e in zip(weights, experts))
+    packed = {n: [_as_weight(e[n], n) for e in experts] for n in ("gate_proj", "up_proj", "down_proj")}
+    got = q8.experts_ffn(x, packed["gate_proj"], packed["up_proj"], packed["down_proj"], _addresses, weights, _call)
+    assert _rel(got, want) <= Q8_KERNEL_TOLERANCE
+
+
+def test_the_x86_row_kernel_uses_the_integer_multiply_add_instructions():
+    """The paired (x86 4-bit) mat-vec compiles to vpdpbusd (AVX-512 VNNI) or vpmaddubsw + vpmaddwd (AVX2).
+    numba shows no assembly for a kernel loaded from its disk cache, so the test compiles a fresh copy."""
+    if q8.INT8_INSTRUCTIONS is None:
+        pytest.skip("this CPU has no AVX2: the portable loop runs")
+    rng = np.random.default_rng(0)
+    w = _as_weight(make_weight(rng, 64, 256, 4, 64, "bfloat16"), "w")
+    xq, d, xsum, paired = q8.quantize(rng.standard_normal((1, 256)).astype(np.float32), 4, 64)
+    fresh = q8.numba.njit(q8.q8_kernels(4, True, True).matvec.py_func)
+    fresh(w.words, w.scales, w.biases, xq, d, xsum, np.empty((1, 64), np.float32))
+    asm = fresh.inspect_asm(fresh.signatures[0])
+    want = ["vpdpbusd"] if q8.INT8_INSTRUCTIONS == "avx512-vnni" else ["vpmaddubsw", "vpmaddwd"]
+    assert paired and all(ins in asm for ins in want), want
