@@ -14,6 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,6 +47,13 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
+#: How the caller builds the engine under test: ``make_engine(model_dir, backend=name, context=tokens)``
+#: returns an object with ``new_state()`` and ``forward(tokens, state, all_logits=...)``.
+#: `flashmoe conformance --full` passes flashmoe.runtime.load.load_engine; conformance itself does not import
+#: the runtime, which imports conformance for its gate.
+EngineFactory = Callable[..., Any]
+
+
 @dataclass
 class ModelResult:
     arch: str
@@ -69,15 +77,15 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-30))
 
 
-def compare(backend: str, model_dir: Path, arch: str) -> ModelResult:
-    """Prefill + greedy decode on the engine (backend) and the reference; the worst error and agreement."""
-    from flashmoe.runtime.load import load_engine
+def compare(make_engine: EngineFactory, backend: str, model_dir: Path, arch: str) -> ModelResult:
+    """Prefill + greedy decode on the engine (built by make_engine on backend) and the reference; the worst
+    error and agreement."""
     from flashmoe.reference import ReferenceModel
 
     start = time.perf_counter()
     try:
         reference = ReferenceModel.from_dir(model_dir)
-        engine = load_engine(model_dir, backend=backend, context=PROMPT + DECODE_STEPS + 1)
+        engine = make_engine(model_dir, backend=backend, context=PROMPT + DECODE_STEPS + 1)
         prompt = np.random.default_rng(0).integers(3, 256, PROMPT)
         cache, state = reference.new_cache(), engine.new_state()
         want = reference.forward(prompt, cache)
@@ -96,13 +104,14 @@ def compare(backend: str, model_dir: Path, arch: str) -> ModelResult:
                            f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
 
 
-def run_models(backend: str) -> list[ModelResult]:
-    """Every architecture's tiny synthetic model (written to a temporary directory) on ``backend``."""
+def run_models(backend: str, make_engine: EngineFactory) -> list[ModelResult]:
+    """Every architecture's tiny synthetic model (written to a temporary directory) on ``backend``, each
+    engine built by ``make_engine``."""
     from flashmoe.convert.synth import synth_model
 
     results = []
     with tempfile.TemporaryDirectory(prefix="flashmoe-conformance-") as tmp:
         for arch, config in TINY_CONFIGS.items():
             path = synth_model(Path(tmp) / arch, config, tokenizer=None, bits=4, group_size=32, seed=1)
-            results.append(compare(backend, path, arch))
+            results.append(compare(make_engine, backend, path, arch))
     return results

@@ -6,9 +6,11 @@ return at once. The stamp is keyed by backend, flashmoe version, machine (host, 
 and a digest of the backend and conformance sources, so a changed kernel is checked again. Stamps live in
 ``$FLASHMOE_CACHE_DIR/conformance`` (default ``~/.cache/flashmoe/conformance``).
 
-``main(backend, full)`` is ``flashmoe conformance``: it runs the quick (or full) suite for one backend or
-every available one and prints a table. The full suite adds more op cases and the model-level check
-(conformance/model_cases.py: the engine vs the reference on a tiny model of every architecture).
+``main(backend, full, make_engine)`` is ``flashmoe conformance``: it runs the quick (or full) suite for one
+backend or every available one and prints a table. The full suite adds more op cases and the model-level check
+(conformance/model_cases.py: the engine vs the reference on a tiny model of every architecture), whose
+engines the caller builds (the CLI passes flashmoe.runtime.load.load_engine): the runtime imports this
+module for its gate, so this module imports nothing of the runtime.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from flashmoe import __version__, shaders
 from flashmoe.backends import available_backends, get_backend
 from flashmoe.backends.base import BackendError
 from flashmoe.conformance import model_cases, op_cases
-from flashmoe.conformance.model_cases import ModelResult
+from flashmoe.conformance.model_cases import EngineFactory, ModelResult
 from flashmoe.conformance.op_cases import QUICK_CASES, CaseResult, full_cases, run_cases
 from flashmoe.errors import ConformanceError
 
@@ -156,10 +158,13 @@ def _model_table(name: str, results: list[ModelResult]):
     return table
 
 
-def main(backend: str | None = None, full: bool = False) -> int:
+def main(backend: str | None = None, full: bool = False, make_engine: EngineFactory | None = None) -> int:
     """Run the quick (or ``full``) suite for ``backend`` (default: every available backend but the
     reference), print a table per backend and the failing cases; stamp the backends that pass the op
-    cases. Returns 0 when every checked backend passes, 1 otherwise (2 for an unknown backend)."""
+    cases. ``full`` needs ``make_engine``, which builds the engines of the model-level cases. Returns 0 when
+    every checked backend passes, 1 otherwise (2 for an unknown backend)."""
+    if full and make_engine is None:
+        raise TypeError("the full conformance suite needs make_engine (e.g. flashmoe.runtime.load.load_engine)")
     from rich.console import Console
 
     console = Console()
@@ -193,7 +198,7 @@ def main(backend: str | None = None, full: bool = False) -> int:
             console.print(f"{name}: conformant ({seconds:.1f} s); stamp {stamp_path(name)}")
         if full:
             with console.status(f"checking {name} on a tiny model of every architecture"):
-                models = model_cases.run_models(name)
+                models = model_cases.run_models(name, make_engine)
             console.print(_model_table(name, models))
             for r in models:
                 if not r.passed:

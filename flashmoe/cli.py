@@ -221,8 +221,9 @@ def conformance(
 ) -> None:
     """Check backends against the NumPy reference and print a table; records a stamp on success."""
     from flashmoe.conformance.runner import main as conformance_main
+    from flashmoe.runtime.load import load_engine
 
-    raise typer.Exit(conformance_main(backend=backend, full=full))
+    raise typer.Exit(conformance_main(backend=backend, full=full, make_engine=load_engine))
 
 
 @_command()
