@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flashmoe.plot import hit_rate_figure
+
 GB = 1e9
 _STAGE_COLORS = {"attention": "tab:blue", "router": "tab:orange", "shared_expert": "tab:green",
                  "experts": "tab:purple", "dense_mlp": "tab:olive"}
@@ -191,21 +193,8 @@ def figures(result: dict, out_dir: Path) -> list[Path]:
             fig.tight_layout()
             written.append(_save(fig, out_dir / "tok_s_vs_budget.png"))
 
-    replays = result.get("replays", [])
-    if replays:
-        fig, axes = plt.subplots(1, len(replays), figsize=(5.5 * len(replays), 4.2), squeeze=False)
-        for ax, r in zip(axes[0], replays):
-            xs = [100 * s["fraction"] for s in r["sizes"]]
-            for policy in r["sizes"][0]["hit_rate"]:
-                ax.plot(xs, [100 * s["hit_rate"][policy] for s in r["sizes"]], "-o", ms=3, label=policy)
-            ax.plot(xs, xs, ":", color="gray", label="uniform routing (size = hit rate)")
-            ax.set_xlabel("cache size (% of all experts)")
-            ax.set_ylabel("hit rate (%)")
-            ax.set_title(f"{r['kind']}: {Path(r['trace']).name}\n{r['tokens']} tokens, k={r['experts_per_token']}",
-                         fontsize=9)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / "hit_rate_vs_cache.png"))
+    if result.get("replays"):
+        written.append(_save(hit_rate_figure(result["replays"]), out_dir / "hit_rate_vs_cache.png"))
     return written
 
 

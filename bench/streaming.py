@@ -20,7 +20,7 @@ For a model directory (typically from `flashmoe synth`), in this order:
    per budget in the same cgroup memory cap (there with its weights left in the mmap'd file: llama.cpp's
    default repacking copies the whole model into memory); `side_by_side` pairs each flashmoe pass with llama.cpp's
    (tok/s and their ratio). llama.cpp follows its own router, so the peer needs `--routing model`.
-6. Replays (bench/replay.py): the routing trace recorded during the first pass of the first budgeted run
+6. Replays (flashmoe/runtime/replay.py): the routing trace recorded during the first pass of the first budgeted run
    (the reference's when there is none; random weights: near-uniform routing) and every --replay TRACE,
    through each eviction policy.
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from flashmoe.bench.bench_disk import block_device_info, filesystem_of, machine_info, measure_store
 from flashmoe.bench.decode_run import decode_inputs
-from flashmoe.bench.replay import DEFAULT_FRACTIONS, replay
+from flashmoe.runtime.replay import DEFAULT_FRACTIONS, replay
 from flashmoe.bench.report import figures, markdown, run_label
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES

@@ -9,7 +9,7 @@ Figures (PNG, matplotlib's Agg backend, so no display is needed):
   previous 8) also used, against what uniform random routing would give.
 - `ms_per_layer.png`: per MoE layer, mean compute and I/O wait per decode token.
 - `hit_rate_vs_cache.png`: the trace replayed through every eviction policy at a range of cache sizes
-  (bench/replay.py: flashmoe.runtime.eviction.simulate_hit_rate, and Belady's optimum as the bound).
+  (flashmoe.runtime.replay: flashmoe.runtime.eviction.simulate_hit_rate, and Belady's optimum as the bound).
 """
 
 from __future__ import annotations
@@ -254,15 +254,34 @@ def ms_per_layer(t: TraceArrays):
 
 def hit_rate_vs_cache(trace: str | Path, out: Path) -> Path:
     """Replay the trace through each eviction policy (and Belady's optimum) at cache sizes from 1% to 75%
-    of all experts and draw hit rate against cache size: the benchmark's replay and figure
-    (bench/replay.py, bench/report.py), so `flashmoe bench --replay` and `flashmoe plot` agree."""
-    from flashmoe.bench.replay import replay
-    from flashmoe.bench.report import figures
+    of all experts (flashmoe.runtime.replay) and draw `hit_rate_figure` into out/hit_rate_vs_cache.png: the
+    same replay and figure as `flashmoe bench --replay`."""
+    from flashmoe.runtime.replay import replay
 
     r = replay(trace)
     kind = "routing trace" if not r["model"] else f"routing trace of {Path(r['model']).name}"
-    (path,) = figures({"runs": [], "replays": [dict(r, kind=kind)]}, out)
-    return path
+    return _save(hit_rate_figure([dict(r, kind=kind)]), out / "hit_rate_vs_cache.png")
+
+
+def hit_rate_figure(replays: list[dict]):
+    """Hit rate (%) against cache size (% of all experts), one line per eviction policy and one panel per
+    replay (the dicts of flashmoe.runtime.replay.replay, each with a "kind" naming its trace), beside the
+    line uniform routing would give (hit rate = cache size); a matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(replays), figsize=(5.5 * len(replays), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], replays):
+        xs = [100 * s["fraction"] for s in r["sizes"]]
+        for policy in r["sizes"][0]["hit_rate"]:
+            ax.plot(xs, [100 * s["hit_rate"][policy] for s in r["sizes"]], "-o", ms=3, label=policy)
+        ax.plot(xs, xs, ":", color="gray", label="uniform routing (size = hit rate)")
+        ax.set_xlabel("cache size (% of all experts)")
+        ax.set_ylabel("hit rate (%)")
+        ax.set_title(f"{r['kind']}: {Path(r['trace']).name}\n{r['tokens']} tokens, k={r['experts_per_token']}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def _save(fig, path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Routing traces (flashmoe/runtime/trace.py) and their replay through eviction policies (bench/replay.py)."""
+"""Routing traces (flashmoe/runtime/trace.py) and their replay through eviction policies (flashmoe/runtime/replay.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from flashmoe.bench.replay import MRU, OPT, MostRecentlyUsed, belady_hit_rate, replay
+from flashmoe.runtime.replay import MRU, OPT, MostRecentlyUsed, belady_hit_rate, replay
 from flashmoe.errors import FormatError
 from flashmoe.runtime.eviction import simulate_hit_rate
 from flashmoe.runtime.trace import TraceHeader, TraceWriter, lookup_keys, read_trace

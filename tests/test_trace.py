@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from chat_helpers import TINY_QWEN35, write_model_dir
 from checkpoints import prompt_tokens
-from flashmoe.bench.replay import replay
+from flashmoe.runtime.replay import replay
 from flashmoe.cli import app
 from flashmoe.errors import FormatError
 from flashmoe.runtime.load import load_engine

@@ -175,7 +175,7 @@ def render(model_dir: Path, figures: Path, doc: Path, disk_gbps: float) -> Path:
 
 def context(model_dir: Path, figures: Path, doc: Path, disk_gbps: float) -> dict:
     """Every number and link the template uses."""
-    from flashmoe.bench.replay import replay
+    from flashmoe.runtime.replay import replay
     from flashmoe.info import model_stats
     from flashmoe.format.modeldir import ModelDir
     from flashmoe.plot import load_arrays, token_labels

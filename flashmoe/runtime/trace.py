@@ -17,7 +17,7 @@ recorded too (`"prefill": true`), since they touch the expert cache as well. The
 recorder that sees only the router leaves it out.
 
 Writers: `Tracer` through `record_trace` (`flashmoe generate --trace FILE`) and the benchmark's route hook
-(bench/decode_run.py); reader: `read_trace`; consumers: `flashmoe bench --replay FILE` (bench/replay.py) and
+(bench/decode_run.py); reader: `read_trace`; consumers: `flashmoe bench --replay FILE` (flashmoe/runtime/replay.py) and
 `flashmoe plot` (flashmoe/plot.py).
 """
 
