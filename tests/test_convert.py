@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 from checkpoints import VARIANTS, canonical_weights
 from flashmoe.convert.checkpoint import convert_checkpoint
-from flashmoe.format.modeldir import MANIFEST, ModelDir
+from flashmoe.format.manifest import MANIFEST
+from flashmoe.format.modeldir import ModelDir
 from flashmoe.format.quant import QuantizedTensor, quantize
 
 ARCH, VARIANT = "qwen3_moe", "no_norm_topk_k2"

@@ -12,7 +12,8 @@ import pytest
 
 from flashmoe.convert.checkpoint import convert_checkpoint
 from flashmoe.errors import FormatError
-from flashmoe.format.modeldir import MANIFEST, ExpertLayout, Manifest, ModelDir
+from flashmoe.format.manifest import MANIFEST, ExpertLayout, Manifest
+from flashmoe.format.modeldir import ModelDir
 from flashmoe.format.quant import QuantizedTensor, quantize
 from flashmoe.arch.tensors import WeightSource
 

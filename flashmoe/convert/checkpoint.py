@@ -47,9 +47,8 @@ from flashmoe.arch.families import (
     quant_class,
     to_canonical,
 )
-from flashmoe.format.modeldir import (
+from flashmoe.format.manifest import (
     DTYPES,
-    EXPERT_PROJS,
     MANIFEST,
     RESIDENT,
     ExpertFile,
@@ -58,9 +57,9 @@ from flashmoe.format.modeldir import (
     Manifest,
     QuantSpec,
     expert_file_name,
-    resident_shapes,
     sha256_file,
 )
+from flashmoe.format.modeldir import EXPERT_PROJS, resident_shapes
 from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor, quantize
 from flashmoe.format.safetensors_io import SafetensorsFile, SafetensorsWriter
 

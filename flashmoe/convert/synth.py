@@ -50,8 +50,9 @@ from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import ConfigError, FlashMoeError
 from flashmoe.arch.families import QUANT_8BIT, QUANT_FLOAT, quant_class
 from flashmoe.runtime.memory import format_size
-from flashmoe.format.modeldir import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest,
-                               QuantSpec, expert_file_name, resident_shapes, sha256_file)
+from flashmoe.format.manifest import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest, QuantSpec,
+                                      expert_file_name, sha256_file)
+from flashmoe.format.modeldir import resident_shapes
 from flashmoe.arch.presets import (MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER, get_preset,
                               truncate)
 from flashmoe.format.quant import GROUP_SIZES, QuantizedTensor

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flashmoe.errors import FlashMoeError
 
-#: The file that marks a flashmoe model directory (modeldir.MANIFEST; not imported to keep this module light).
+#: The file that marks a flashmoe model directory (manifest.MANIFEST; not imported to keep this module light).
 _MODEL_MARKER = "flashmoe.json"
 
 

@@ -1,315 +1,29 @@
-"""The flashmoe model directory (docs/formats.md): manifest dataclasses, expert layout, validated reader.
+"""The flashmoe model directory (docs/formats.md): the validated reader.
 
-A model directory holds config.json, flashmoe.json (the manifest), resident.safetensors (every non-expert
-tensor under its canonical name, quantised ones as `X.weight`/`X.scales`/`X.biases`) and one
-`experts/layer_NNN.bin` per MoE layer, where expert e occupies bytes [e*stride, e*stride + nbytes) and its
-components sit at the manifest's offsets. `ModelDir.open` checks every size and offset against the files
-before anything is read, so later code can trust them.
+A model directory holds config.json, flashmoe.json (the manifest, flashmoe.format.manifest),
+resident.safetensors (every non-expert tensor under its canonical name, quantised ones as
+`X.weight`/`X.scales`/`X.biases`) and one `experts/layer_NNN.bin` per MoE layer, where expert e occupies bytes
+[e*stride, e*stride + nbytes) and its components sit at the manifest's offsets. `ModelDir.open` checks every
+size and offset against the files before anything is read, so later code can trust them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import ml_dtypes
 import numpy as np
 
 from flashmoe.arch.config import ModelConfig
-from flashmoe.errors import CheckpointError, FlashMoeError, FormatError
-from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
+from flashmoe.errors import CheckpointError, FormatError
+from flashmoe.format.manifest import (ALIGN, COMPONENT_ALIGN, DTYPES, MANIFEST, RESIDENT, ExpertFile, ExpertLayout,
+                                      Manifest, QuantSpec, sha256_file)
+from flashmoe.format.quant import QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsFile
 
-FORMAT_VERSION = 1
-MANIFEST = "flashmoe.json"
-RESIDENT = "resident.safetensors"
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-#: Expert stride alignment: O_DIRECT needs file offsets (and lengths) aligned to the logical block size.
-STRIDE_ALIGN = 4096
-#: Alignment of every component inside an expert (cache line; SIMD loads).
-COMPONENT_ALIGN = 64
-
-#: Manifest dtype names -> numpy dtypes (all little-endian).
-DTYPES: dict[str, np.dtype] = {
-    "uint32": np.dtype("<u4"),
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<f2"),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def dtype_name(dtype: np.dtype) -> str:
-    """Manifest name of a numpy dtype; FormatError when the format has no such dtype."""
-    try:
-        return _DTYPE_NAMES[np.dtype(dtype)]
-    except KeyError:
-        raise FormatError(f"dtype {dtype} cannot be stored in a flashmoe model directory") from None
-
-
-def expert_file_name(layer: int) -> str:
-    """Relative path of the expert file of decoder layer `layer`: experts/layer_NNN.bin."""
-    return f"experts/layer_{layer:03d}.bin"
-
-
-def _round_up(n: int, align: int) -> int:
-    return -(-n // align) * align
-
-
-# ---- manifest ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """bits and group_size of one quantised tensor (MLX affine layout, flashmoe.format.quant)."""
-
-    bits: int
-    group_size: int
-
-    def to_dict(self) -> dict[str, int]:
-        return {"bits": self.bits, "group_size": self.group_size}
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> "QuantSpec":
-        bits = _field(d, "bits", int, where)
-        group_size = _field(d, "group_size", int, where)
-        if bits not in BITS:
-            raise FormatError(f"{where}.bits = {bits} is not one of {BITS}")
-        if group_size not in GROUP_SIZES:
-            raise FormatError(f"{where}.group_size = {group_size} is not one of {GROUP_SIZES}")
-        return cls(bits, group_size)
-
-
-@dataclass(frozen=True)
-class ExpertComponent:
-    """One array inside an expert: `name` (`gate_proj.weight`, `gate_proj.scales`, ...), byte `offset` from the
-    start of the expert, `dtype` (a DTYPES name) and row-major `shape`."""
-
-    name: str
-    offset: int
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "offset": self.offset, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> "ExpertComponent":
-        dtype = _field(d, "dtype", str, where)
-        if dtype not in DTYPES:
-            raise FormatError(f"{where}.dtype = {dtype!r} is not one of {sorted(DTYPES)}")
-        shape = _field(d, "shape", list, where)
-        if not all(isinstance(s, int) and s > 0 for s in shape):
-            raise FormatError(f"{where}.shape = {shape} must be positive integers")
-        return cls(_field(d, "name", str, where), _field(d, "offset", int, where), dtype, tuple(shape))
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Where one expert's components lie inside its `nbytes`-byte block; blocks repeat every `stride` bytes.
-
-    `quantization` maps each quantised projection (`gate_proj`, ...) to its QuantSpec; a projection absent from
-    it is stored as a float `X.weight` [out, in].
-    """
-
-    stride: int
-    nbytes: int
-    components: tuple[ExpertComponent, ...]
-    quantization: Mapping[str, QuantSpec] = field(default_factory=dict)
-
-    @classmethod
-    def plan(cls, parts: Mapping[str, QuantizedTensor | np.ndarray]) -> "ExpertLayout":
-        """Layout for experts shaped like `parts` (proj -> QuantizedTensor or float [out, in] array of ONE
-        expert): components in EXPERT_PROJS order, weight/scales/biases, each at a multiple of 64 bytes;
-        stride = nbytes rounded up to 4096."""
-        comps, quant, offset = [], {}, 0
-        for proj in EXPERT_PROJS:
-            part = parts[proj]
-            if isinstance(part, QuantizedTensor):
-                quant[proj] = QuantSpec(part.bits, part.group_size)
-                arrays = {"weight": part.weight, "scales": part.scales, "biases": part.biases}
-            else:
-                arrays = {"weight": part}
-            for kind, a in arrays.items():
-                offset = _round_up(offset, COMPONENT_ALIGN)
-                comps.append(ExpertComponent(f"{proj}.{kind}", offset, dtype_name(a.dtype), tuple(a.shape)))
-                offset += a.nbytes
-        return cls(_round_up(offset, STRIDE_ALIGN), offset, tuple(comps), quant)
-
-    def pack(self, parts: Mapping[str, QuantizedTensor | np.ndarray], out: np.ndarray) -> None:
-        """Write one expert's `parts` (as given to plan) into `out` (uint8, >= nbytes; all other bytes zeroed)."""
-        out[:] = 0
-        for c in self.components:
-            proj, kind = c.name.split(".")
-            part = parts[proj]
-            a = getattr(part, kind) if isinstance(part, QuantizedTensor) else part
-            if tuple(a.shape) != c.shape or dtype_name(a.dtype) != c.dtype:
-                raise FormatError(f"expert component {c.name}: got {a.dtype} {tuple(a.shape)}, layout has "
-                                  f"{c.dtype} {list(c.shape)}")
-            out[c.offset : c.offset + c.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-
-    def view(self, buf: np.ndarray) -> dict[str, QuantizedTensor | np.ndarray]:
-        """Zero-copy views of one expert inside `buf` (uint8, >= nbytes, e.g. a pread buffer):
-        {'gate_proj', 'up_proj', 'down_proj'} -> QuantizedTensor, or a float [out, in] array when unquantised."""
-        arrays = {c.name: buf[c.offset : c.offset + c.nbytes].view(DTYPES[c.dtype]).reshape(c.shape)
-                  for c in self.components}
-        out: dict[str, QuantizedTensor | np.ndarray] = {}
-        for proj in EXPERT_PROJS:
-            q = self.quantization.get(proj)
-            if q is None:
-                out[proj] = arrays[f"{proj}.weight"]
-            else:
-                out[proj] = QuantizedTensor(arrays[f"{proj}.weight"], arrays[f"{proj}.scales"],
-                                            arrays[f"{proj}.biases"], q.bits, q.group_size)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stride": self.stride,
-            "nbytes": self.nbytes,
-            "quantization": {p: q.to_dict() for p, q in self.quantization.items()},
-            "components": [c.to_dict() for c in self.components],
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> "ExpertLayout":
-        quant = {}
-        for proj, q in _field(d, "quantization", dict, where).items():
-            if proj not in EXPERT_PROJS:
-                raise FormatError(f"{where}.quantization has unknown projection {proj!r}")
-            quant[proj] = QuantSpec.from_dict(q, f"{where}.quantization.{proj}")
-        comps = tuple(ExpertComponent.from_dict(c, f"{where}.components[{i}]")
-                      for i, c in enumerate(_field(d, "components", list, where)))
-        return cls(_field(d, "stride", int, where), _field(d, "nbytes", int, where), comps, quant)
-
-
-@dataclass(frozen=True)
-class ExpertFile:
-    """The routed experts of one MoE decoder layer: `path` (relative to the model directory)."""
-
-    layer: int
-    path: str
-    num_experts: int
-    layout: ExpertLayout
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "path": self.path, "num_experts": self.num_experts, **self.layout.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> "ExpertFile":
-        return cls(_field(d, "layer", int, where), _field(d, "path", str, where),
-                   _field(d, "num_experts", int, where), ExpertLayout.from_dict(d, where))
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """Size in bytes and SHA-256 (lowercase hex) of one file of the directory."""
-
-    size: int
-    sha256: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "sha256": self.sha256}
-
-
-@dataclass
-class Manifest:
-    """flashmoe.json. `quantization` covers resident tensors (key: `X.weight`); expert quantisation is in
-    each ExpertFile's layout. `files` covers every file except flashmoe.json itself."""
-
-    model_type: str
-    source: dict[str, Any]
-    quantization: dict[str, QuantSpec]
-    experts: list[ExpertFile]
-    files: dict[str, FileEntry]
-    format_version: int = FORMAT_VERSION
-    flashmoe_version: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
-            "flashmoe_version": self.flashmoe_version,
-            "model_type": self.model_type,
-            "source": self.source,
-            "quantization": {k: v.to_dict() for k, v in sorted(self.quantization.items())},
-            "experts": [e.to_dict() for e in self.experts],
-            "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1) + "\n"
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = MANIFEST) -> "Manifest":
-        """Parse and type-check a manifest dict; FormatError naming the field on any problem."""
-        if not isinstance(d, dict):
-            raise FormatError(f"{where}: not a JSON object")
-        version = _field(d, "format_version", int, where)
-        if version != FORMAT_VERSION:
-            raise FormatError(f"{where}: format_version {version} is not supported (this flashmoe reads "
-                              f"{FORMAT_VERSION}); convert the model again")
-        quant = {k: QuantSpec.from_dict(v, f"{where}: quantization[{k!r}]")
-                 for k, v in _field(d, "quantization", dict, where).items()}
-        experts = [ExpertFile.from_dict(e, f"{where}: experts[{i}]")
-                   for i, e in enumerate(_field(d, "experts", list, where))]
-        files = {}
-        for k, v in _field(d, "files", dict, where).items():
-            fw = f"{where}: files[{k!r}]"
-            files[k] = FileEntry(_field(v, "size", int, fw), _field(v, "sha256", str, fw))
-        return cls(
-            model_type=_field(d, "model_type", str, where),
-            source=_field(d, "source", dict, where),
-            quantization=quant,
-            experts=experts,
-            files=files,
-            format_version=version,
-            flashmoe_version=str(d.get("flashmoe_version", "")),
-        )
-
-    @classmethod
-    def from_json(cls, text: str, where: str = MANIFEST) -> "Manifest":
-        try:
-            return cls.from_dict(json.loads(text), where)
-        except ValueError as e:
-            if isinstance(e, FlashMoeError):
-                raise
-            raise FormatError(f"{where}: not valid JSON: {e}") from None
-
-
-def _field(d: Any, key: str, typ: type, where: str) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise FormatError(f"{where}: missing field {key!r}")
-    v = d[key]
-    if typ is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise FormatError(f"{where}.{key} must be an integer, got {v!r}")
-    if not isinstance(v, typ):
-        raise FormatError(f"{where}.{key} must be {typ.__name__}, got {type(v).__name__}")
-    return v
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20, progress: Callable[[int], None] | None = None) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks; progress (if given) is called with the bytes of
-    each chunk hashed."""
-    h = hashlib.sha256()
-    buf = bytearray(chunk)  # one reused buffer: hashing a 200 GB model allocates 1 MiB
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            if progress:
-                progress(n)
-    return h.hexdigest()
-
-
-# ---- reader --------------------------------------------------------------------------------------
 
 
 class ModelDir:
@@ -583,8 +297,8 @@ def _check_experts(manifest: Manifest, config: ModelConfig, path: Path) -> None:
         lay = ef.layout
         if ef.num_experts != config.num_experts:
             raise FormatError(f"{where}.num_experts = {ef.num_experts}, config.json num_experts = {config.num_experts}")
-        if lay.stride <= 0 or lay.stride % STRIDE_ALIGN:
-            raise FormatError(f"{where}.stride = {lay.stride} is not a positive multiple of {STRIDE_ALIGN}")
+        if lay.stride <= 0 or lay.stride % ALIGN:
+            raise FormatError(f"{where}.stride = {lay.stride} is not a positive multiple of {ALIGN}")
         if not 0 < lay.nbytes <= lay.stride:
             raise FormatError(f"{where}.nbytes = {lay.nbytes} is not in 1..stride ({lay.stride})")
         comps = {c.name: c for c in lay.components}

@@ -15,7 +15,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -127,11 +127,6 @@ class SafetensorsFile:
         """Shape of tensor `name`."""
         return self._entry(name)[1]
 
-    def byte_range(self, name: str) -> tuple[int, int]:
-        """Absolute [begin, end) byte range of tensor `name` in the file."""
-        _, _, b, e = self._entry(name)
-        return self._data_start + b, self._data_start + e
-
     def get(self, name: str) -> np.ndarray:
         """Tensor `name` as a read-only zero-copy view of the file (np.memmap slice)."""
         dt, shape, b, e = self._entry(name)
@@ -196,14 +191,3 @@ class SafetensorsWriter:
         self._data.close()
         self._data_path.unlink(missing_ok=True)
 
-
-def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], metadata=None) -> None:
-    """Write (name, array) pairs to `path` as one safetensors file."""
-    w = SafetensorsWriter(path, metadata)
-    try:
-        for name, a in tensors:
-            w.add(name, a)
-    except BaseException:
-        w.abort()
-        raise
-    w.close()

@@ -50,10 +50,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from flashmoe.errors import FlashMoeError, FormatError
+from flashmoe.format.manifest import ALIGN
 from flashmoe.runtime.eviction import DEFAULT_POLICY, make_policy
 from flashmoe.runtime.stats import Stats
 
-ALIGN = 4096  # page size and the O_DIRECT alignment used for offsets, lengths and buffer addresses
 DEFAULT_THREADS = 8
 MODES = ("pagecache", "direct")
 # Speculative reads (ExpertStore.speculate) go in pieces of this size, so a guess found wrong stops within
