@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, Sequence, Union
 
 import numpy as np
 
+from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.eviction import DEFAULT_POLICY
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.reference import ops as ref_ops
+from flashmoe.reference.attention import rope_inv_freq
+from flashmoe.runtime.store import aligned_buffer
 
 #: A weight as the engine hands it over: float ``[out, in]`` or quantised.
 Weight = Union[QuantizedTensor, np.ndarray]
@@ -137,11 +140,20 @@ class KVCacheBuffer:
 
 
 class Backend(ABC):
-    """The arithmetic of one forward pass. Subclasses set ``name`` and implement every operation.
+    """The arithmetic of one forward pass. Subclasses set ``name`` and implement every abstract operation.
 
     Conventions: ``T`` tokens in this call, ``S`` cached positions, ``H`` heads, ``D`` head dim; every
     activation in and out is float32 (backend arrays; ``to_numpy`` gives NumPy). Weights may be prepared
     handles (from :meth:`prepare`), float arrays or QuantizedTensors.
+
+    The engine touches a backend array only through this class's methods and its ``shape`` (a tuple of
+    ints): the array glue (:meth:`add`, :meth:`multiply`, :meth:`reshape`, :meth:`split`, :meth:`rows`,
+    :meth:`gather_rows`) defaults to the array type's own operators, which NumPy and MLX arrays have; a
+    backend whose arrays have none (cuda) overrides it. Composite ops (:meth:`swiglu`, :meth:`expert_ffn`,
+    :meth:`experts_ffn`, :meth:`rope_angles`) are written once here from the primitives; a backend overrides
+    them only to be faster. Optional capabilities (:meth:`allocate_buffer`, the expert cache of
+    :meth:`has_expert` / :meth:`configure_expert_cache` / :attr:`expert_cache_stats`,
+    :meth:`device_description`) have defaults for a backend without them.
     """
 
     name: ClassVar[str]
@@ -224,6 +236,36 @@ class Backend(ABC):
         ``S = exp(g) S;  S += k ⊗ (beta (v - Sᵀk));  o = Sᵀ q``. -> (o ``[T, H, Dv]``, new state).
         (HF ``torch_recurrent_gated_delta_rule``.)"""
 
+    # -- array glue: the only operations the engine applies to backend arrays besides the ops here ---------
+    def add(self, a: Any, b: Any) -> Any:
+        """``a + b`` with NumPy broadcasting; either may also be a NumPy array or a Python number."""
+        return a + b
+
+    def multiply(self, a: Any, b: Any) -> Any:
+        """``a * b`` with NumPy broadcasting; either may also be a NumPy array or a Python number."""
+        return a * b
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any:
+        """x with the same elements in C order and a new ``shape`` of the same size."""
+        return x.reshape(shape)
+
+    def split(self, x: Any, sizes: Sequence[int]) -> list[Any]:
+        """Consecutive pieces of the last axis: piece i has ``sizes[i]`` features (their sum is
+        ``x.shape[-1]``), e.g. GatedDeltaNet's q, k, v out of one projection."""
+        pieces, start = [], 0
+        for n in sizes:
+            pieces.append(x[..., start : start + n])
+            start += n
+        return pieces
+
+    def rows(self, x: Any, start: int, stop: int) -> Any:
+        """``x[start:stop]`` along the first axis (0 <= start <= stop <= len)."""
+        return x[start:stop]
+
+    def gather_rows(self, x: Any, ids: list[int]) -> Any:
+        """Rows ``ids`` of x along the first axis, in that order -> ``[len(ids), *x.shape[1:]]``."""
+        return x[ids]  # a list indexes NumPy and MLX arrays alike (MLX rejects NumPy index arrays)
+
     # -- elementwise glue between the ops above: the reference's NumPy functions on float32 arrays; a
     # backend with its own array type overrides them ------------------------------------------------------
     def sigmoid(self, x: Any) -> Any:
@@ -246,34 +288,68 @@ class Backend(ABC):
         """Clamp to ``[-limit, limit]`` (OLMoE's ``clip_qkv``)."""
         return np.clip(np.asarray(x, np.float32), np.float32(-limit), np.float32(limit))
 
-    # -- experts -----------------------------------------------------------------------------------------
-    @abstractmethod
+    # -- composites: written once from the ops above; a backend overrides them only to be faster ----------
+    @staticmethod
+    def rope_angles(positions: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
+        """RoPE's angles ``position * inv_freq``: float64 ``[T, rotary_dim / 2]`` for int positions ``[T]``
+        (inv_freq from the reference, ``flashmoe.reference.attention.rope_inv_freq``)."""
+        return np.asarray(positions, np.float64)[:, None] * rope_inv_freq(rotary_dim, theta)[None, :]
+
+    def swiglu(self, x: Any, gate: Any, up: Any, down: Any) -> Any:
+        """``down(silu(gate x) * up x)``: x ``[n, hidden]``, gate and up ``[I, hidden]``, down ``[hidden, I]``
+        -> ``[n, hidden]``. (Shazeer 2020, "GLU Variants Improve Transformer".)"""
+        h = self.multiply(self.silu(self.linear(x, gate)), self.linear(x, up))
+        return self.linear(h, down)
+
     def expert_ffn(self, x: Any, expert: Expert) -> Any:
         """SwiGLU of ONE expert on the ``n`` tokens routed to it: ``down(silu(gate x) * up x)``.
 
         x ``[n, hidden]``; expert ``{"gate_proj": [I, hidden], "up_proj": [I, hidden], "down_proj":
         [hidden, I]}`` (QuantizedTensor views or float arrays; never copied whole). -> ``[n, hidden]``.
-        (Shazeer 2020, "GLU Variants Improve Transformer".)"""
+        The weights may be views into the store's read buffers, which are reused once this returns."""
+        return self.swiglu(self.asarray(x), *(expert[p] for p in EXPERT_PROJS))
 
-    @abstractmethod
     def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> Any:
         """One decode token through its k routed experts: ``sum_e weights[e] * expert_ffn(x, experts[e])``.
 
         x ``[hidden]``; experts: k dicts as in :meth:`expert_ffn`; weights float ``[k]`` (router
         probabilities after top-k and optional renormalisation). -> ``[hidden]``.
-        keys: the (layer, expert) of each expert, for a backend with an expert tier of its own (see
-        has_expert; an expert it holds arrives as None); other backends ignore them."""
+        keys: the (layer, expert) of each expert, for a backend with an expert cache of its own (see
+        :meth:`has_expert`; an expert it holds arrives as None); other backends ignore them."""
+        x = self.asarray(x)
+        hidden = x.shape[-1]
+        x = self.reshape(x, (1, hidden))
+        out = None
+        for e, w in zip(experts, np.asarray(weights, np.float32)):
+            y = self.multiply(self.swiglu(x, *(e[p] for p in EXPERT_PROJS)), float(w))
+            out = y if out is None else self.add(out, y)
+        return self.reshape(out, (hidden,))
 
-    # -- an expert tier in the backend's own memory (GPU memory); backends without one keep these --------
+    # -- optional capabilities: a backend that has one overrides its default ------------------------------
+    def device_description(self) -> str:
+        """Where this backend computes, for ``flashmoe backends`` (e.g. "cpu", "gpu: NVIDIA H200, ...")."""
+        return "cpu"
+
+    def allocate_buffer(self, nbytes: int) -> np.ndarray:
+        """A zeroed, writable, page-aligned np.uint8 ``[nbytes]`` for the expert store to read experts into.
+        A backend overrides it when memory of its own kind saves a copy (pinned memory for cuda, memory
+        MLX owns); the default is the store's own (:func:`flashmoe.runtime.store.aligned_buffer`)."""
+        return aligned_buffer(nbytes)
+
     def has_expert(self, key: tuple[int, int]) -> bool:
-        """True when this backend already holds expert ``key`` = (layer, expert) in its own memory, so the
-        engine need not read it from the store."""
+        """True when this backend already holds expert ``key`` = (layer, expert) in its own memory (a GPU
+        expert cache), so the engine need not read it from the store."""
         return False
 
     def configure_expert_cache(self, nbytes: int, policy: str = DEFAULT_POLICY) -> None:
         """Size the backend's own expert cache (``--gpu-memory``). Raises BackendError for a backend
         without one."""
         raise BackendError(f"backend {self.name!r} has no expert cache of its own (--gpu-memory needs cuda)")
+
+    @property
+    def expert_cache_stats(self) -> dict[str, int]:
+        """Counters of the backend's own expert cache (hits, misses, bytes copied); empty without one."""
+        return {}
 
 
 _REGISTRY: dict[str, Callable[[], type[Backend]]] = {}

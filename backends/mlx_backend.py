@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight
 from flashmoe.format.quant import QuantizedTensor
 
@@ -48,7 +49,6 @@ _PAGE = 4096
 _SHADER_DIRS = (Path(__file__).resolve().parent.parent / "shaders", Path(__file__).resolve().parent / "shaders")
 # Grow the RoPE cos/sin table to at least this many positions at a time.
 _ROPE_TABLE_MIN = 4096
-_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -290,8 +290,7 @@ class MlxBackend(Backend):
         cached = self._rope_tables.get(key)
         if cached is None or cached[0].shape[0] < end:
             n = max(end, _ROPE_TABLE_MIN, 2 * (cached[0].shape[0] if cached else 0))
-            inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
-            angles = np.arange(n, dtype=np.float64)[:, None] * inv_freq[None, :]
+            angles = self.rope_angles(np.arange(n), theta, rotary_dim)
             cached = (mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32)))
             self._rope_tables[key] = cached
         return cached
@@ -362,12 +361,8 @@ class MlxBackend(Backend):
         return mx.clip(_f32(x), -limit, limit)
 
     # -- experts -----------------------------------------------------------------------------------------
-    def _swiglu(self, x: Any, expert: Expert) -> Any:
-        h = self.silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
-        return self.linear(h, expert["down_proj"])
-
     def expert_ffn(self, x: Any, expert: Expert) -> Any:
-        y = self._swiglu(_f32(x), expert)
+        y = super().expert_ffn(x, expert)
         # Evaluate now: the expert may live in a read buffer the store reuses as soon as this returns.
         mx.eval(y)
         return y
@@ -375,7 +370,7 @@ class MlxBackend(Backend):
     def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> Any:
         x = _f32(x)
         w = mx.array(np.asarray(weights, dtype=np.float32))
-        projs = [[self._weight(e[p]) for p in _PROJS] for e in experts]
+        projs = [[self._weight(e[p]) for p in EXPERT_PROJS] for e in experts]
         if self.kernels is not None and self.kernels.supports(*(q for e in projs for q in e)):
             kern = self.kernels
             ys = mx.stack([kern.dequant_matvec_4bit(kern.swiglu_4bit(x, g, u), d) for g, u, d in projs])
@@ -384,6 +379,6 @@ class MlxBackend(Backend):
             zeros = mx.zeros(x.shape, dtype=mx.float32)
             y = kern.moe_combine(ys, w, zeros, mx.zeros((1,), dtype=mx.float32), zeros)
         else:
-            y = sum(w[i] * self._swiglu(x[None, :], dict(zip(_PROJS, e)))[0] for i, e in enumerate(projs))
+            y = super().experts_ffn(x, [dict(zip(EXPERT_PROJS, e)) for e in projs], weights)
         mx.eval(y)  # as in expert_ffn: the read buffers are released after this call
         return y

@@ -53,6 +53,7 @@ except ImportError as _e:  # the registry reports this through unavailable_reaso
 else:
     _IMPORT_ERROR = None
 
+from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight, check_quantized
 from flashmoe.format.quant import QuantizedTensor
 
@@ -524,8 +525,7 @@ class NumbaBackend(Backend):
 
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
         x = _f32(x)
-        inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
-        angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+        angles = self.rope_angles(positions, theta, rotary_dim)
         out = x.copy()
         _rope(x, _f32(np.cos(angles)), _f32(np.sin(angles)), out)
         return out
@@ -558,24 +558,16 @@ class NumbaBackend(Backend):
               new_state, o)
         return o, new_state
 
-    def expert_ffn(self, x: Any, expert: Expert) -> np.ndarray:
-        x = _f32(x)
-        h = self.silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
-        return self.linear(h, expert["down_proj"])
-
     def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> np.ndarray:
         x = _f32(x).reshape(1, -1)
         weights = _f32(weights)
         packed = [
-            {name: _as_weight(e[name], f"expert {i} {name}") for name in ("gate_proj", "up_proj", "down_proj")}
+            {name: _as_weight(e[name], f"expert {i} {name}") for name in EXPERT_PROJS}
             for i, e in enumerate(experts)
         ]
         if not _fusable(packed):
-            out = np.zeros(x.shape[1], np.float32)
-            for e, wgt in zip(experts, weights):
-                out += wgt * self.expert_ffn(x, e)[0]
-            return out
-        g, u, d = ([e[name] for e in packed] for name in ("gate_proj", "up_proj", "down_proj"))
+            return super().experts_ffn(x[0], experts, weights)
+        g, u, d = ([e[name] for e in packed] for name in EXPERT_PROJS)
         xp, xsum = permute_input(x, g[0].bits, g[0].group_size)
         h = np.empty((len(packed), g[0].out_features), np.float32)
         work = len(packed) * g[0].out_features * g[0].in_features  # per projection: gate, up and down alike

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmoe.backends.base import Backend, Expert, PackedWeight, pack_weight
+from flashmoe.backends.base import Backend, PackedWeight, pack_weight
 from flashmoe.format.quant import QuantizedTensor, dequantize
 from flashmoe.reference import attention as ref_attention
 from flashmoe.reference import linear_attention as ref_linear_attention
@@ -102,15 +102,3 @@ class NumpyBackend(Backend):
         rep = v.shape[1] // _f32(q).shape[1]  # the reference takes q, k already repeated to the value heads
         q, k = np.repeat(_f32(q), rep, axis=1), np.repeat(_f32(k), rep, axis=1)
         return ref_linear_attention.gated_delta_rule(q, k, v, _f32(g), _f32(beta), _f32(state))
-
-    def expert_ffn(self, x: Any, expert: Expert) -> np.ndarray:
-        x = _f32(x)
-        h = ref_ops.silu(self.linear(x, expert["gate_proj"])) * self.linear(x, expert["up_proj"])
-        return self.linear(h, expert["down_proj"])
-
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> np.ndarray:
-        x = _f32(x)[None, :]
-        out = np.zeros(x.shape[1], np.float32)
-        for e, wgt in zip(experts, np.asarray(weights, np.float32)):
-            out += wgt * self.expert_ffn(x, e)[0]
-        return out

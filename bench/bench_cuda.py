@@ -37,7 +37,7 @@ from flashmoe.runtime.store import ExpertStore
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
                  threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = DEFAULT_POLICY) -> Engine:
     """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
-    themselves); read buffers come from the backend's ``allocate_buffer`` when it has one (pinned memory
+    themselves); read buffers come from the backend's ``allocate_buffer`` (pinned memory
     for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes (the engine
     then reads only the experts the GPU does not hold)."""
     model = ModelDir.open(model_dir)
@@ -47,7 +47,7 @@ def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", exp
     store = ExpertStore({layer: model.expert_path(layer) for layer in model.moe_layers},
                         num_experts=model.config.num_experts, stride=model.layout.stride,
                         nbytes=model.layout.nbytes, mode=io, threads=threads or max(4, k), stats=stats,
-                        allocate=getattr(be, "allocate_buffer", None))
+                        allocate=be.allocate_buffer)
     if gpu_memory:
         be.configure_expert_cache(gpu_memory, gpu_policy)
     return Engine(model, be, store, stats, experts_per_token=k)
@@ -67,7 +67,7 @@ def run_passes(engine: Engine, passes: list[str], prompt_tokens: int, tokens: in
         logits = engine.forward(prompt, state)
         stats.token_done()
         before = dict(stats.stage_s)
-        tier_before = dict(getattr(engine.backend, "expert_cache_stats", {}))
+        tier_before = dict(engine.backend.expert_cache_stats)
         for _ in range(tokens):
             logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
             stats.token_done()

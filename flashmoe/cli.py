@@ -471,7 +471,7 @@ def backends() -> None:
     for name, why in sorted(reasons.items()):
         if name == "cuda":
             device = gpus or "no NVIDIA GPU found"
-        elif why is None and hasattr(get_backend(name), "device_description"):
+        elif why is None:
             device = get_backend(name).device_description()
         else:
             device = "cpu"

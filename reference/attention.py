@@ -42,14 +42,19 @@ class AttentionWeights:
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # q_proj/k_proj/v_proj/o_proj when attention_bias
 
 
+def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
+    """RoPE's inverse frequencies, float64 (rotary_dim/2,): inv_freq_j = theta^(-2j / rotary_dim)
+    (Su et al. 2021; transformers' `compute_default_rope_parameters`)."""
+    return 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+
+
 def rope_cos_sin(positions: np.ndarray, rotary_dim: int, theta: float, dtype: type) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin tables (T, rotary_dim) for absolute `positions` (T,).
 
-    inv_freq_j = theta^(-2j / rotary_dim), j < rotary_dim/2; angles are duplicated to both halves
-    (transformers' `compute_default_rope_parameters` + `rotate_half` layout). Angles are computed in float64.
+    angle = position * inv_freq_j (rope_inv_freq), j < rotary_dim/2; angles are duplicated to both halves
+    (transformers' `rotate_half` layout). Angles are computed in float64.
     """
-    inv_freq = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)  # (rd/2,)
-    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (T, rd/2)
+    angles = positions.astype(np.float64)[:, None] * rope_inv_freq(rotary_dim, theta)[None, :]  # (T, rd/2)
     angles = np.concatenate([angles, angles], axis=-1)  # (T, rd)
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 

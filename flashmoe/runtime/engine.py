@@ -139,18 +139,18 @@ class Engine:
             with self.stats.stage("attention"):
                 x = be.rms_norm(h, self._w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
                 if cfg.layer_type(i) == FULL_ATTENTION:
-                    h = h + self._attention(p, x, positions, state.layers[i])
+                    h = be.add(h, self._attention(p, x, positions, state.layers[i]))
                 else:
-                    h = h + self._linear_attention(p, x, state.layers[i])
+                    h = be.add(h, self._linear_attention(p, x, state.layers[i]))
                 x = be.rms_norm(h, self._w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
             if cfg.is_moe_layer(i):
-                h = h + self._moe(i, x)
+                h = be.add(h, self._moe(i, x))
             else:
                 with self.stats.stage("dense_mlp"):
-                    h = h + self._mlp(p + "mlp.", x)
+                    h = be.add(h, self._mlp(p + "mlp.", x))
         state.position += len(ids)
         if not all_logits:
-            h = h[-1:]
+            h = be.rows(h, len(ids) - 1, len(ids))
         with self.stats.stage("lm_head"):
             h = be.rms_norm(h, self._w["norm.weight"], cfg.rms_norm_eps)
             return be.to_numpy(be.linear(h, self._lm_head))
@@ -159,7 +159,7 @@ class Engine:
         """x @ W.T (+ bias when the checkpoint has one) for the resident linear `name` (without '.weight')."""
         y = self.backend.linear(x, self._w[name + ".weight"])
         bias = self._w.get(name + ".bias")
-        return y if bias is None else y + bias
+        return y if bias is None else self.backend.add(y, bias)
 
     def _attention(self, p: str, x, positions: np.ndarray, cache: KVCacheBuffer):
         """Grouped-query attention with RoPE, optional q/k RMSNorm and optional sigmoid output gate.
@@ -173,25 +173,25 @@ class Engine:
         q = self._linear(x, a + "q_proj")
         gate = None
         if cfg.has_attention_output_gate:
-            q = q.reshape(T, H, 2 * D)  # per head: [query | gate]
-            q, gate = q[..., :D], q[..., D:].reshape(T, H * D)
+            q, gate = be.split(be.reshape(q, (T, H, 2 * D)), (D, D))  # per head: [query | gate]
+            gate = be.reshape(gate, (T, H * D))
         k = self._linear(x, a + "k_proj")
         v = self._linear(x, a + "v_proj")
         if cfg.qk_norm == "full":
-            q = be.rms_norm(q.reshape(T, H * D), self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
+            q = be.rms_norm(be.reshape(q, (T, H * D)), self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
             k = be.rms_norm(k, self._w[a + "k_norm.weight"], cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             q, k, v = (be.clip(t, cfg.clip_qkv) for t in (q, k, v))
-        q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+        q, k, v = be.reshape(q, (T, H, D)), be.reshape(k, (T, Hkv, D)), be.reshape(v, (T, Hkv, D))
         if cfg.qk_norm == "head":
             q = be.rms_norm(q, self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
             k = be.rms_norm(k, self._w[a + "k_norm.weight"], cfg.rms_norm_eps)
         q = be.rope(q, positions, cfg.rope_theta, cfg.rotary_dim)
         k = be.rope(k, positions, cfg.rope_theta, cfg.rotary_dim)
         keys, values = cache.append(k, v)
-        out = self._attend(q, keys, values, positions, D ** -0.5).reshape(T, H * D)
+        out = be.reshape(self._attend(q, keys, values, positions, D ** -0.5), (T, H * D))
         if gate is not None:
-            out = out * be.sigmoid(gate)
+            out = be.multiply(out, be.sigmoid(gate))
         return self._linear(out, a + "o_proj")
 
     def _attend(self, q, keys, values, positions: np.ndarray, scale: float):
@@ -203,8 +203,8 @@ class Engine:
         rows = []
         for t, pos in enumerate(positions):  # each query has its own window of the cache
             start = max(0, pos - w + 1)
-            rows.append(be.to_numpy(be.attention(q[t : t + 1], keys[start : pos + 1], values[start : pos + 1],
-                                                 np.array([pos - start]), scale)))
+            rows.append(be.to_numpy(be.attention(be.rows(q, t, t + 1), be.rows(keys, start, pos + 1),
+                                                 be.rows(values, start, pos + 1), np.array([pos - start]), scale)))
         return be.asarray(np.concatenate(rows))
 
     def _linear_attention(self, p: str, x, st: LinearAttentionBuffer):
@@ -218,31 +218,33 @@ class Engine:
                           cfg.linear_value_head_dim)
         a = p + "linear_attn."
         qkv = self._linear(x, a + "in_proj_qkv")  # (T, 2·Hk·Dk + Hv·Dv)
-        z = self._linear(x, a + "in_proj_z").reshape(T, Hv, Dv)
+        z = be.reshape(self._linear(x, a + "in_proj_z"), (T, Hv, Dv))
         b = self._linear(x, a + "in_proj_b")  # (T, Hv)
         alpha = self._linear(x, a + "in_proj_a")  # (T, Hv)
         qkv, st.conv = be.causal_conv1d(qkv, st.conv, self._w[a + "conv1d.weight"])
-        q = qkv[:, : Hk * Dk].reshape(T, Hk, Dk)
-        k = qkv[:, Hk * Dk : 2 * Hk * Dk].reshape(T, Hk, Dk)
-        v = qkv[:, 2 * Hk * Dk :].reshape(T, Hv, Dv)
-        q = be.l2_normalize(q) * Dk ** -0.5
+        q, k, v = be.split(qkv, (Hk * Dk, Hk * Dk, Hv * Dv))
+        q, k, v = be.reshape(q, (T, Hk, Dk)), be.reshape(k, (T, Hk, Dk)), be.reshape(v, (T, Hv, Dv))
+        q = be.multiply(be.l2_normalize(q), Dk ** -0.5)
         k = be.l2_normalize(k)
         beta = be.sigmoid(b)
-        g = self._decay_rate[a] * be.softplus(alpha + self._w[a + "dt_bias"])  # log decay ≤ 0, (T, Hv)
+        # log decay ≤ 0, (T, Hv)
+        g = be.multiply(self._decay_rate[a], be.softplus(be.add(alpha, self._w[a + "dt_bias"])))
         o, st.recurrent = be.gated_delta_rule(q, k, v, g, beta, st.recurrent)  # (T, Hv, Dv)
-        o = be.rms_norm(o, self._w[a + "norm.weight"], cfg.rms_norm_eps) * be.silu(z)
-        return self._linear(o.reshape(T, Hv * Dv), a + "out_proj")
+        o = be.multiply(be.rms_norm(o, self._w[a + "norm.weight"], cfg.rms_norm_eps), be.silu(z))
+        return self._linear(be.reshape(o, (T, Hv * Dv)), a + "out_proj")
 
     def _mlp(self, p: str, x):
         """Dense SwiGLU MLP (also the shared expert): down(silu(gate x) * up x)."""
-        gate = self.backend.silu(self._linear(x, p + "gate_proj"))
-        return self._linear(gate * self._linear(x, p + "up_proj"), p + "down_proj")
+        be = self.backend
+        gate = be.silu(self._linear(x, p + "gate_proj"))
+        return self._linear(be.multiply(gate, self._linear(x, p + "up_proj")), p + "down_proj")
 
     def _shared_expert(self, p: str, x):
         """The shared expert scaled by its sigmoid gate, or None when the model has none."""
         if not self.cfg.has_shared_expert:
             return None
-        return self.backend.sigmoid(self._linear(x, p + "shared_expert_gate")) * self._mlp(p + "shared_expert.", x)
+        be = self.backend
+        return be.multiply(be.sigmoid(self._linear(x, p + "shared_expert_gate")), self._mlp(p + "shared_expert.", x))
 
     def _moe(self, layer: int, x):
         """Routed experts (from the store) plus the shared expert. x (T, hidden) -> (T, hidden)."""
@@ -270,12 +272,13 @@ class Engine:
         with self.stats.stage("experts"):
             layout = self.model_dir.layer_layout(layer)
             experts = [None if h else layout.view(next(buffers)) for h in held]
-            y = be.experts_ffn(x[0], experts, weights, keys)[None]
+            hidden = self.cfg.hidden_size
+            y = be.reshape(be.experts_ffn(be.reshape(x, (hidden,)), experts, weights, keys), (1, hidden))
         if request:
             self.store.release(request)
         if self.tracer is not None:
             self.tracer.layer(layer, ids[None], weights[None], [request] if request else [])
-        return y if shared is None else y + shared
+        return y if shared is None else be.add(y, shared)
 
     def _speculate(self, layer: int, x, after):
         """Guess MoE layer `layer`'s experts from the current layer's MoE input x (1, hidden) and its own
@@ -312,14 +315,13 @@ class Engine:
             with self.stats.stage("experts"):
                 for e, buf in zip(batch, buffers):
                     tokens, slot = np.nonzero(ids == e)
-                    # A list indexes NumPy and MLX arrays alike (MLX rejects NumPy index arrays).
-                    contrib = be.to_numpy(be.expert_ffn(x[tokens.tolist()], layout.view(buf)))
+                    contrib = be.to_numpy(be.expert_ffn(be.gather_rows(x, tokens.tolist()), layout.view(buf)))
                     y[tokens] += contrib * weights[tokens, slot][:, None]
             self.store.release(current)
         if self.tracer is not None:
             self.tracer.layer(layer, ids, weights, fetches)
         y = be.asarray(y)
-        return y if out is None else y + out
+        return y if out is None else be.add(y, out)
 
 
 def check_finite(logits: np.ndarray, model_dir, first_position: int) -> np.ndarray:

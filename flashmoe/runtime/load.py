@@ -101,10 +101,10 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
                      runtime_bytes=current_rss_bytes()).check()
     if gpu_memory is not None:
         be.configure_expert_cache(parse_size(gpu_memory), cache_policy)
-    # Read buffers from the backend where it has its own (pinned host memory for cuda: one DMA per expert).
+    # Read buffers from the backend (pinned host memory for cuda: one DMA per expert).
     store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
                         mode=io, policy=cache_policy, threads=threads, stats=stats,
-                        allocate=getattr(be, "allocate_buffer", None), guess_slots=guess_slots)
+                        allocate=be.allocate_buffer, guess_slots=guess_slots)
     engine = Engine(model, be, store, stats, experts_per_token=k)
     if max_memory is not None:
         store.set_cache_bytes(_measured_room(engine, parse_size(max_memory), kv_bytes, read_buffers))

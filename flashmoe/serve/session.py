@@ -176,7 +176,8 @@ class Session:
 
     def _save_checkpoint(self) -> None:
         """Remember the linear-attention states at the current position (hybrid models only)."""
-        linear = {i: (np.array(layer.conv, copy=True), np.array(layer.recurrent, copy=True))
+        to_numpy = self.engine.backend.to_numpy
+        linear = {i: (np.array(to_numpy(layer.conv)), np.array(to_numpy(layer.recurrent)))
                   for i, layer in enumerate(self.state.layers) if isinstance(layer, LinearAttentionBuffer)}
         if linear and all(isinstance(layer, (KVCacheBuffer, LinearAttentionBuffer)) for layer in self.state.layers):
             self._checkpoint = _Checkpoint(list(self.tokens), linear)
