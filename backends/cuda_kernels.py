@@ -8,7 +8,7 @@ used exactly as its bytes arrive from the expert file: one copy of its bytes, no
 
 The mat-vec works in *units* of 32 codes (``bits`` consecutive words: 32 codes for every bit width, also
 3 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units, so with the bias
-factoring of an affine-quantised dot product (DESIGN.md, "Performance leads")
+factoring of an affine-quantised dot product (docs/design.md)
 
     y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
 
@@ -497,7 +497,7 @@ def kv_append(k, v, k_cache, v_cache, offset):
 
 
 # -- elementwise ----------------------------------------------------------------------------------------------
-SIGMOID, SILU, SOFTPLUS, ADD, SUB, MUL = range(6)
+SIGMOID, SILU, SOFTPLUS, ADD, MUL = range(5)
 
 
 @cuda.jit(device=True)
@@ -527,7 +527,7 @@ def unary(op: int):
 
 @lru_cache(maxsize=None)
 def binary(op: int):
-    """out = a op b with NumPy broadcasting over 4-D shapes, for ADD, SUB, MUL: out flat C order with shape
+    """out = a op b with NumPy broadcasting over 4-D shapes, for ADD, MUL: out flat C order with shape
     (n0, d1, d2, d3); a and b read at element strides sa*, sb* (0 along a broadcast axis)."""
 
     @cuda.jit
@@ -542,8 +542,6 @@ def binary(op: int):
             y = b[i0 * sb0 + i1 * sb1 + i2 * sb2 + i3 * sb3]
             if op == ADD:
                 out[n] = x + y
-            elif op == SUB:
-                out[n] = x - y
             else:
                 out[n] = x * y
 
@@ -558,33 +556,10 @@ def clip(x, limit, out):
         out[n] = min(max(x[n], -limit), limit)
 
 
-@lru_cache(maxsize=None)
-def copy_strided(ndim: int):
-    """out (flat, C order) = src, a view of ndim (1..3) dimensions with any strides (numba indexes it by
-    its strides). Grid ceil(n / FLAT_BLOCK)."""
-    if ndim == 1:
-
-        @cuda.jit
-        def kernel(src, out):
-            n = cuda.grid(1)
-            if n < out.shape[0]:
-                out[n] = src[n]
-
-    elif ndim == 2:
-
-        @cuda.jit
-        def kernel(src, out):
-            n = cuda.grid(1)
-            if n < out.shape[0]:
-                out[n] = src[n // src.shape[1], n % src.shape[1]]
-
-    else:
-
-        @cuda.jit
-        def kernel(src, out):
-            n = cuda.grid(1)
-            if n < out.shape[0]:
-                b, c = src.shape[1], src.shape[2]
-                out[n] = src[n // (b * c), (n // c) % b, n % c]
-
-    return kernel
+@cuda.jit
+def copy_columns(src, n_cols, start, width, out):
+    """out (flat [rows, width]) = columns start .. start + width of src (flat [rows, n_cols]): one piece of
+    a split of the last axis. Grid ceil(rows * width / FLAT_BLOCK)."""
+    n = cuda.grid(1)
+    if n < out.shape[0]:
+        out[n] = src[(n // width) * n_cols + start + n % width]

@@ -1,7 +1,7 @@
 """The numba CPU backend: dequantising kernels that read the packed uint32 words directly.
 
 The quantised mat-vec (decode) never materialises a dequantised weight. It uses the bias factoring of an
-affine-quantised dot product (DESIGN.md, "Performance leads"): for one output row,
+affine-quantised dot product (docs/design.md): for one output row,
 
     y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
 
@@ -15,21 +15,17 @@ with their scale and bias. The mat-mat (prefill) dequantises one block of rows a
 tile in the same permuted layout and reuses it for every token. Scales and biases are read where they lie:
 bfloat16 ones through a uint16 view, widened in the kernel (float16 ones are converted per call, float32
 ones used as they are). The fused k-expert kernels receive the experts' arrays as an address table, so one
-compiled kernel serves every k. Measurements and the variants that lost: docs/benchmarks.md.
+compiled kernel serves every k.
 
 fastmath: kernels use only ``contract`` (fused multiply-add) and ``reassoc`` (reordering float sums so
-reductions vectorise). Both change results only by float32 rounding, well inside the conformance tolerance;
-``nnan``/``ninf``/``nsz``/``arcp``/``afn`` stay off, so NaN and inf propagate and exp/division are exact
-libm/IEEE.
+reductions vectorise), which change results only by float32 rounding; NaN and inf propagate and exp/division
+are exact libm/IEEE.
 
-Threads: numba's pool (one thread per core; ``NUMBA_NUM_THREADS`` overrides) or the calling thread alone,
-per call: the same compiled kernel under ``numba.set_num_threads(1)``, so nothing is compiled twice.
-Starting a parallel region wakes the pool's workers and waits for all of them; on a machine with more
-runnable threads than cores a descheduled worker costs up to a scheduler slice (milliseconds) per region
-whatever its size, which made a small model decode 60x slower with two threads than with one. So a call
-below ``PARALLEL_MIN_WORK`` multiply-adds runs alone. Larger calls use the pool: on an idle machine it is
-faster, and choosing per call by measured speed lost 35-45% on an idle 16-core machine (docs/benchmarks.md);
-on a machine busy with other work, ``NUMBA_NUM_THREADS=1`` avoids the stalls.
+Threads: a call of at least ``PARALLEL_MIN_WORK`` multiply-adds runs on numba's pool (one thread per core;
+``NUMBA_NUM_THREADS`` overrides), a smaller one on the calling thread alone (the same compiled kernel under
+``numba.set_num_threads(1)``), since a parallel region's start-up outweighs splitting a small call. On a
+machine busy with other work, ``NUMBA_NUM_THREADS=1`` avoids waiting for descheduled workers. Measurements,
+and the variants that lost: docs/benchmarks.md, "numba kernels".
 """
 
 from __future__ import annotations

@@ -258,3 +258,33 @@ def run_cases(backend: Backend | str, cases: list[OpCase],
         if progress is not None:
             progress(results[-1])
     return results
+
+
+def array_glue_mismatches(backend: Backend | str) -> list[str]:
+    """The Backend's array glue (add, multiply with broadcasting and numbers, reshape, split, rows,
+    gather_rows) on the shapes the engine uses, against NumPy: the names of the calls whose result differs in
+    shape or value (these are exact float32 operations, so the comparison is exact)."""
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 4, 6)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    d = be.asarray(x)
+    flat = be.reshape(d, (3, 24))
+    calls = {
+        "add bias": (be.add(d, be.asarray(bias)), x + bias),
+        "add numpy": (be.add(be.asarray(bias), x), bias + x),
+        "multiply float": (be.multiply(d, 0.5), x * np.float32(0.5)),
+        "multiply gate column": (be.multiply(be.split(d, (1, 5))[0], d), x[..., :1] * x),
+        "reshape": (flat, x.reshape(3, 24)),
+        "rows": (be.rows(d, 1, 3), x[1:3]),
+        "last row": (be.rows(flat, 2, 3), x.reshape(3, 24)[2:3]),
+        "gather rows": (be.gather_rows(d, [2, 0, 2]), x[[2, 0, 2]]),
+        **{f"split 3-D {i}": (p, w) for i, (p, w) in
+           enumerate(zip(be.split(d, (2, 3, 1)), (x[..., :2], x[..., 2:5], x[..., 5:])))},
+        **{f"split columns {i}": (p, w) for i, (p, w) in
+           enumerate(zip(be.split(flat, (5, 6, 13)), np.split(x.reshape(3, 24), [5, 11], axis=-1)))},
+        **{f"split one row {i}": (p, w) for i, (p, w) in
+           enumerate(zip(be.split(be.rows(flat, 0, 1), (7, 17)), np.split(x.reshape(3, 24)[:1], [7], axis=-1)))},
+    }
+    return [name for name, (got, want) in calls.items()
+            if tuple(got.shape) != want.shape or not np.array_equal(be.to_numpy(got), want)]

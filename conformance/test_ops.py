@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashmoe.backends import available_backends
-from flashmoe.conformance.op_cases import BITS, GROUP_SIZES, QUICK_CASES, SCALE_DTYPES, OpCase, run_case
+from flashmoe.conformance.op_cases import (BITS, GROUP_SIZES, QUICK_CASES, SCALE_DTYPES, OpCase, array_glue_mismatches,
+                                           run_case)
 
 # The NumPy backend is the reference these are compared with; every other registered backend is checked.
 CHECKED = [name for name in available_backends() if name != "numpy"]
@@ -39,6 +40,10 @@ quantised = st.one_of(st.none(), st.sampled_from(BITS))
 group_sizes = st.sampled_from(GROUP_SIZES)
 sdtypes = st.sampled_from(sorted(SCALE_DTYPES))
 seeds = st.integers(0, 2**16)
+
+
+def test_array_glue_matches_numpy_exactly(backend):
+    assert array_glue_mismatches(backend) == []
 
 
 @pytest.mark.parametrize("case", QUICK_CASES, ids=str)

@@ -1,0 +1,399 @@
+"""Streamed experts on the GPU: quantised weights in device memory, host -> device copies of experts and
+the VRAM tier that keeps them.
+
+The expert store reads each expert into a host buffer (page-aligned pinned memory from
+:meth:`flashmoe.backends.cuda_backend.CudaBackend.allocate_buffer`, so each expert crosses PCIe in one DMA
+copy at full speed). One copy per expert covers its nine tensors: the tensors are views into the expert's
+buffer, so the byte span holding all of them is copied into a device slot and the kernels address each
+tensor by its offset there, reading the bf16 / f16 / f32 scales from their raw bits. The copies go on a
+stream of their own and the kernels wait for them through an event, so kernels already queued (the shared
+expert) overlap them; a call returns once its copies are done, as the store may then reuse the host buffers.
+
+VRAM tier: :class:`ExpertStaging` can keep up to a byte budget of streamed experts in GPU memory by (layer,
+expert) key, evicted by a flashmoe/runtime/eviction.py policy; an expert already there need not be read or
+copied again (``--gpu-memory``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from numba import cuda
+
+from flashmoe.arch.tensors import EXPERT_PROJS
+from flashmoe.backends import cuda_kernels as K
+from flashmoe.backends.base import BackendError, Expert
+from flashmoe.backends.cuda_arrays import cdiv, new_event, upload
+from flashmoe.format.quant import QuantizedTensor
+from flashmoe.runtime.eviction import make_policy
+
+if not K.SIMULATOR:
+    from numba.cuda.cudadrv import driver as _driver
+
+# Expert staging slots start on this boundary (bytes).
+_STAGE_ALIGN = 256
+
+
+def _scale_format(dtype: np.dtype, name: str) -> int:
+    if dtype == np.float32:
+        return K.F32
+    if dtype == np.float16:
+        return K.F16
+    if dtype == ml_dtypes.bfloat16:
+        return K.BF16
+    raise BackendError(f"{name}: scales/biases must be float32, float16 or bfloat16, got {dtype}")
+
+
+# -- weights ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceQuantized:
+    """A quantised matrix in GPU memory, MLX layout, as the kernels address it.
+
+    b32 / b16: the same device buffer viewed as uint32 / uint16; the words ``[out, in * bits / 32]`` start at
+    b32[w_off]; scales and biases ``[out, in / group_size]`` at s_off / b_off, counted in b32 elements for
+    float32 scales (fmt F32) and in b16 elements for float16 / bfloat16."""
+
+    b32: Any
+    b16: Any
+    w_off: int
+    s_off: int
+    b_off: int
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int
+    fmt: int
+
+    @property
+    def n_units(self) -> int:
+        """32-code units per row."""
+        return self.in_features // 32
+
+
+def _raw_bytes(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def scale_offset(byte_offset: int, fmt: int) -> int:
+    return byte_offset // (4 if fmt == K.F32 else 2)
+
+
+def upload_quantized(t: QuantizedTensor, name: str) -> DeviceQuantized:
+    """Words, scales and biases of a 2-D QuantizedTensor into one device buffer, each 4-byte aligned."""
+    if t.weight.ndim != 2 or t.scales.shape != t.biases.shape or t.scales.shape[0] != t.weight.shape[0]:
+        raise BackendError(f"{name}: expected weight [out, in*bits/32] with scales/biases [out, in/group_size], "
+                           f"got weight {t.weight.shape}, scales {t.scales.shape}, biases {t.biases.shape}")
+    out_f, in_f = t.shape
+    if t.weight.shape[1] * 32 != in_f * t.bits or in_f % t.group_size or t.group_size % 32:
+        raise BackendError(f"{name}: weight {t.weight.shape} does not hold {t.bits}-bit values for scales "
+                           f"{t.scales.shape} with group_size {t.group_size}")
+    fmt = _scale_format(t.scales.dtype, name)
+    parts = [_raw_bytes(np.asarray(t.weight, np.uint32)), _raw_bytes(t.scales), _raw_bytes(t.biases)]
+    offsets, pos = [], 0
+    for p in parts:
+        offsets.append(pos)
+        pos += cdiv(p.nbytes, 4) * 4
+    host = np.zeros(pos, np.uint8)
+    for p, off in zip(parts, offsets):
+        host[off:off + p.nbytes] = p
+    buf = cuda.to_device(host)
+    return DeviceQuantized(buf.view(np.uint32), buf.view(np.uint16), 0, scale_offset(offsets[1], fmt),
+                           scale_offset(offsets[2], fmt), out_f, in_f, int(t.bits), int(t.group_size), fmt)
+
+
+@dataclass(frozen=True)
+class _ExpertLayout:
+    """Where an expert's tensors lie in its byte span (every streamed expert of a model alike):
+    ``tensors[name] = ((words, scales, biases) byte offsets, out, in, bits, group_size, scale format)``."""
+
+    tensors: tuple
+    span_bytes: int
+
+    @property
+    def stride(self) -> int:
+        """Bytes between experts in device memory."""
+        return cdiv(self.span_bytes, _STAGE_ALIGN) * _STAGE_ALIGN
+
+    def parts(self, b32: Any, b16: Any) -> dict[str, DeviceQuantized]:
+        """The projections of the expert at the start of the buffer viewed as b32 / b16."""
+        out = {}
+        for name, ((w_at, s_at, b_at), out_f, in_f, bits, group_size, fmt) in zip(EXPERT_PROJS, self.tensors):
+            out[name] = DeviceQuantized(b32, b16, w_at // 4, scale_offset(s_at, fmt), scale_offset(b_at, fmt),
+                                        out_f, in_f, bits, group_size, fmt)
+        return out
+
+
+def _expert_layout(expert: Expert, arrays: list[np.ndarray], offsets: tuple[int, ...]) -> _ExpertLayout | None:
+    """The layout of one quantised expert whose nine arrays lie at byte `offsets` from the start of its span;
+    None when the kernels cannot address it in place (misaligned tensor, group size not a multiple of 32,
+    gate and up quantised apart)."""
+    tensors, end = [], 0
+    for j, name in enumerate(EXPERT_PROJS):
+        t = expert[name]
+        fmt = _scale_format(t.scales.dtype, f"expert {name}")
+        at = offsets[3 * j:3 * j + 3]
+        scale_align = 4 if fmt == K.F32 else 2
+        if at[0] % 4 or at[1] % scale_align or at[2] % scale_align or t.group_size % 32:
+            return None
+        tensors.append((at, *t.shape, int(t.bits), int(t.group_size), fmt))
+        end = max([end] + [o + a.nbytes for o, a in zip(at, arrays[3 * j:3 * j + 3])])
+    if tensors[0][1:] != tensors[1][1:]:
+        return None
+    return _ExpertLayout(tuple(tensors), end)
+
+
+@dataclass(frozen=True)
+class StagedExperts:
+    """k experts in device memory: expert e in slot ``slots[e]`` of a buffer of ``stride``-byte slots;
+    ``parts`` address slot 0 (the kernels add ``slots[e] * stride``)."""
+
+    parts: dict[str, DeviceQuantized]
+    stride: int
+    slots: Any  # int64 device array [k]
+    first_slot: int
+    copied: bool  # whether any expert was copied from the host for this call (on the copy stream)
+
+    @property
+    def k(self) -> int:
+        return self.slots.shape[0]
+
+
+class _VramCache:
+    """The VRAM tier: slots of GPU memory holding streamed experts by (layer, expert) key, evicted by a
+    flashmoe/runtime/eviction.py policy. The slab is allocated when the first expert's size is known."""
+
+    def __init__(self, nbytes: int, policy: str) -> None:
+        self.nbytes, self.policy_name = nbytes, policy
+        self.layout: _ExpertLayout | None = None
+        self.hits = self.misses = 0
+
+    def prepare(self, layout: _ExpertLayout, k: int) -> None:
+        """Make room for k experts of `layout` (a new layout empties the cache). Raises BackendError when
+        fewer than k fit."""
+        n = self.nbytes // layout.stride
+        if n < k:
+            raise BackendError(f"GPU expert cache of {self.nbytes} bytes holds {n} experts of {layout.stride} "
+                               f"bytes; one token needs {k}")
+        if layout == self.layout:
+            return
+        self.layout = layout
+        self.slab = cuda.device_array(n * layout.stride, np.uint8)
+        self.views = (self.slab.view(np.uint32), self.slab.view(np.uint16))
+        self.policy = make_policy(self.policy_name, n)
+        self.slot_of: dict = {}
+        self.free = list(range(n - 1, -1, -1))
+
+    def slot(self, key: Any, pinned: set) -> tuple[int, bool]:
+        """(slot of key, whether it was there); a missing key gets a free or evicted slot (never one of
+        `pinned`, the keys of the current call)."""
+        if key in self.slot_of:
+            self.hits += 1
+            self.policy.touch(key)
+            return self.slot_of[key], True
+        self.misses += 1
+        if not self.free:
+            victim = self.policy.victim(lambda k: k not in pinned, key)
+            self.policy.remove(victim)
+            self.free.append(self.slot_of.pop(victim))
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.policy.insert(key)
+        return slot, False
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _expert_arrays(expert: Expert) -> list[np.ndarray] | None:
+    """The nine arrays of a quantised expert (words, scales, biases per projection) or None if any
+    projection is a float array."""
+    arrays = []
+    for name in EXPERT_PROJS:
+        t = expert[name]
+        if not isinstance(t, QuantizedTensor):
+            return None
+        arrays += [t.weight, t.scales, t.biases]
+    return arrays
+
+
+def _expert_span(expert: Expert) -> tuple[np.ndarray, _ExpertLayout] | None:
+    """(the host bytes holding a quantised expert's nine arrays, starting at a multiple of 4 bytes, and where
+    each array lies in them), or None when the fused kernels cannot address it in place (a float projection,
+    a non-contiguous array, see also _expert_layout).
+
+    Views into one buffer (the store's read buffers) give a view of that buffer: no host copy. Anything else
+    is packed into a fresh array at the same relative offsets. Every expert of a model has the same layout,
+    so it is computed once per distinct arrangement (a decode token stages tens of experts)."""
+    arrays = _expert_arrays(expert)
+    if arrays is None or not all(a.flags.c_contiguous for a in arrays):
+        return None
+    ptrs = [a.ctypes.data for a in arrays]
+    lo = min(ptrs) & ~3
+    offsets = tuple(p - lo for p in ptrs)
+    key = (offsets, *((a.shape, a.dtype) for a in arrays),
+           *((expert[n].bits, expert[n].group_size) for n in EXPERT_PROJS))
+    layout = _LAYOUTS.get(key, False)
+    if layout is False:
+        layout = _expert_layout(expert, arrays, offsets)
+        if len(_LAYOUTS) < _MAX_LAYOUTS:
+            _LAYOUTS[key] = layout
+    if layout is None:
+        return None
+    hi = lo + layout.span_bytes
+    root = _root(arrays[0])
+    base = root.ctypes.data
+    if root.flags.c_contiguous and base <= lo and hi <= base + root.nbytes:
+        # Every array lies inside root's memory, so these bytes are theirs, whichever object owns them.
+        return root.reshape(-1).view(np.uint8)[lo - base:hi - base], layout
+    span = np.zeros(hi - lo, np.uint8)
+    for offset, a in zip(offsets, arrays):
+        span[offset:offset + a.nbytes] = _raw_bytes(a)
+    return span, layout
+
+
+_LAYOUTS: dict[tuple, _ExpertLayout | None] = {}
+_MAX_LAYOUTS = 256
+
+
+def _new_copy_stream() -> Any:
+    """A stream for host -> device expert copies that does not synchronise with the default stream (a
+    numba stream would: every copy would wait for all queued kernels, and they for it)."""
+    if K.SIMULATOR:
+        return cuda.stream()
+    flags = _driver.binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value
+    return _driver.Stream(_driver.driver.cuStreamCreate(flags))
+
+
+
+
+def _host_to_device(buffer: Any, offset: int, span: np.ndarray, stream: Any) -> None:
+    """Copy host bytes `span` (pinned memory: the copy is asynchronous) into the device byte buffer at
+    `offset` on `stream`, without building a numba device array for the destination."""
+    if K.SIMULATOR:
+        buffer[offset:offset + span.nbytes].copy_to_device(span, stream=stream)
+    else:
+        _driver.host_to_device(buffer.gpu_data.view(offset, offset + span.nbytes), span, span.nbytes, stream=stream)
+
+
+
+class ExpertStaging:
+    """Where a call's experts are in device memory: the staging buffer (slots 0..k-1, reused every call) or,
+    once :meth:`configure_cache` gave it a budget, the VRAM tier; the copy stream and its events; counters of
+    host -> device expert bytes and copies."""
+
+    def __init__(self) -> None:
+        self._stage = None  # device staging buffer of streamed experts, grown on demand
+        self._stage_views = None
+        self.cache: _VramCache | None = None
+        # The copy stream and its events, made at the first expert copy (they need the CUDA context).
+        self._copy_stream = self._copied = self._slots_free = None
+        #: host -> device bytes and copies of streamed experts since construction (statistics)
+        self.bytes_copied = 0
+        self.copies = 0
+
+    def configure_cache(self, nbytes: int, policy: str) -> None:
+        """A VRAM tier of `nbytes` evicted by `policy`; 0 turns it off. Raises FlashMoeError for an unknown
+        policy (now, not at the first expert)."""
+        make_policy(policy)
+        self.cache = _VramCache(nbytes, policy) if nbytes > 0 else None
+
+    def holds(self, key: Any) -> bool:
+        """Whether expert `key` is in the VRAM tier."""
+        c = self.cache
+        return c is not None and c.layout is not None and key in c.slot_of
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The VRAM tier's hits and misses and the host -> device expert bytes and copies so far."""
+        c = self.cache
+        return {"gpu_hits": c.hits if c else 0, "gpu_misses": c.misses if c else 0,
+                "bytes_copied": self.bytes_copied, "copies": self.copies}
+
+    def stage(self, experts: list[Expert | None], keys: list | None = None) -> StagedExperts | None:
+        """Put the k experts in device memory: each given expert's byte span in one host -> device copy,
+        into the VRAM tier when keys are given and it is configured (an expert already there is not copied,
+        and may be given as None), else into slots 0..k-1 of the staging buffer.
+
+        None when the fused kernels cannot address them in place: a float projection, gate and up quantised
+        differently, misaligned tensors, or experts laid out differently."""
+        found = _spans(experts)
+        if found is None:
+            return None
+        spans, layout = found
+        cache = self.cache if keys is not None else None
+        if cache is not None:
+            layout = layout or cache.layout
+            if layout is None:
+                raise BackendError("experts_ffn: every expert was passed as None but the GPU cache holds none")
+            cache.prepare(layout, len(experts))
+            pinned = set(keys)
+            slots, hits = zip(*(cache.slot(key, pinned) for key in keys))
+            buffer, views = cache.slab, cache.views
+        else:
+            if layout is None:
+                raise BackendError("experts_ffn: an expert passed as None needs keys and a GPU expert cache")
+            slots, hits = tuple(range(len(experts))), (False,) * len(experts)
+            if self._stage is None or self._stage.size < layout.stride * len(experts):
+                self._stage = cuda.device_array(layout.stride * len(experts), np.uint8)
+                self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
+            buffer, views = self._stage, self._stage_views
+        copies = []
+        for slot, hit, span, key in zip(slots, hits, spans, keys or [None] * len(spans)):
+            if hit:
+                continue
+            if span is None:
+                raise BackendError(f"expert {key}: not in the GPU expert cache and not given")
+            copies.append((slot * layout.stride, span))
+        if copies:
+            self._copy(buffer, copies)
+        return StagedExperts(layout.parts(*views), layout.stride, upload(np.array(slots, np.int64)),
+                             slots[0], bool(copies))
+
+    def _copy(self, buffer: Any, copies: list[tuple[int, np.ndarray]]) -> None:
+        """Copy each (byte offset, host span) into `buffer` on the copy stream, after the expert kernels
+        launched so far (they may read the slots being overwritten); the default stream, where every kernel
+        runs, waits for the copies before its next kernel. Work already queued there (the shared expert)
+        overlaps them."""
+        if self._copy_stream is None:
+            self._copy_stream = _new_copy_stream()
+            self._copied, self._slots_free = new_event(), new_event()
+        self._slots_free.wait(self._copy_stream)  # an event never recorded does not hold the stream
+        for offset, span in copies:
+            _host_to_device(buffer, offset, span, self._copy_stream)
+            self.bytes_copied += span.nbytes
+            self.copies += 1
+        self._copied.record(self._copy_stream)
+        self._copied.wait(0)
+
+    def launched(self, staged: StagedExperts) -> None:
+        """After the kernels reading `staged`: later copies may overwrite its slots once these kernels are
+        done, and the host buffers the copies read are free again once this returns (the expert store may
+        reuse them for the next reads)."""
+        self._slots_free.record(0)
+        if staged.copied:
+            self._copied.synchronize()
+
+
+def _spans(experts: list[Expert | None]) -> tuple[list, _ExpertLayout | None] | None:
+    """(each expert's host byte span, or None where the expert is None; their common layout, None when every
+    expert is None), or None when the fused kernels cannot address them in place."""
+    spans, layout = [], None
+    for e in experts:
+        if e is None:
+            spans.append(None)
+            continue
+        found = _expert_span(e)
+        if found is None:
+            return None
+        span, this = found
+        if layout is not None and this != layout:
+            return None
+        layout = layout or this
+        spans.append(span)
+    return spans, layout
