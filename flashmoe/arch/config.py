@@ -2,8 +2,9 @@
 
 Every dimension and flag of a model comes from here; nothing about a model is hard-coded elsewhere.
 Field names are the config.json keys of the text model (`text_config` of a multimodal checkpoint).
-Family defaults are those of transformers' `configuration_<model_type>.py` (5.x) — where transformers
-ignores a key (Mixtral and Qwen3.5-MoE always renormalise the top-k weights), the fixed behaviour is used.
+What differs between families (defaults, which keys hold the expert count and width, which keys a family
+honours or ignores, its fixed behaviours) is its Family record (flashmoe/arch/families.py); the properties
+below (has_shared_expert, qk_norm, ...) read it, so no other module needs a family's name.
 """
 
 from __future__ import annotations
@@ -12,52 +13,17 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, NoReturn
 
+from flashmoe.arch.families import FAMILIES, MODEL_TYPES, NO_SHARED_EXPERT, Family, family_of
 from flashmoe.errors import ConfigError
 
 FULL_ATTENTION = "full_attention"
 LINEAR_ATTENTION = "linear_attention"
 
-#: model_type -> family name (the text model type of a multimodal checkpoint maps to the same family).
-MODEL_TYPES = {
-    "qwen3_5_moe": "qwen3_5_moe",
-    "qwen3_5_moe_text": "qwen3_5_moe",
-    "qwen3_next": "qwen3_next",
-    "qwen3_moe": "qwen3_moe",
-    "mixtral": "mixtral",
-    "olmoe": "olmoe",
-}
-
-#: Per family: keys whose value transformers supplies when config.json omits them.
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "qwen3_5_moe": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
-                        partial_rotary_factor=0.25, rope_theta=10000.0, linear_conv_kernel_dim=4,
-                        full_attention_interval=4, max_position_embeddings=32768),
-    "qwen3_next": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
-                       partial_rotary_factor=0.25, rope_theta=10000.0, linear_conv_kernel_dim=4,
-                       full_attention_interval=4, decoder_sparse_step=1, norm_topk_prob=True,
-                       max_position_embeddings=32768),
-    "qwen3_moe": dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
-                      rope_theta=10000.0, decoder_sparse_step=1, norm_topk_prob=False,
-                      max_position_embeddings=32768),
-    "mixtral": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=1e6,
-                    max_position_embeddings=4096 * 32),
-    "olmoe": dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, rope_theta=10000.0,
-                  norm_topk_prob=False, max_position_embeddings=4096),
-}
-
-#: Families whose transformers router always renormalises the top-k weights (no config key).
-_ALWAYS_NORM_TOPK = {"qwen3_5_moe", "mixtral"}
-#: Families with a shared expert scaled by a sigmoid gate.
-_SHARED_EXPERT = {"qwen3_5_moe", "qwen3_next"}
-#: Families with GatedDeltaNet linear-attention layers (`layer_types`).
-_HYBRID = {"qwen3_5_moe", "qwen3_next"}
-
-#: Families whose transformers code honours mlp_only_layers / decoder_sparse_step.
-_SPARSE_STEP = {"qwen3_moe", "qwen3_next"}
-
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok")
+_LINEAR_KEYS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                "linear_num_value_heads")
 
 
 def _first(*values: Any) -> Any:
@@ -134,144 +100,18 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
         """Build from a config.json dict (a multimodal config is read through its `text_config`).
 
+        Each family's keys and defaults come from its Family record (flashmoe/arch/families.py).
         Raises ConfigError("<source>: ...") naming the field for a missing/invalid field or unknown model_type.
         """
-        if "text_config" in d and isinstance(d["text_config"], dict):
-            outer = d
-            d = dict(d["text_config"])
-            if d.get("model_type") is None and outer.get("model_type") is not None:
-                d["model_type"] = f"{outer['model_type']}_text"
-            if "tie_word_embeddings" in outer:  # the multimodal model owns the lm_head, so its flag governs
-                d["tie_word_embeddings"] = outer["tie_word_embeddings"]
-        model_type = d.get("model_type")
-        if model_type is None:
-            raise ConfigError(f"{source}: missing required field 'model_type'")
-        family = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
-        if family is None:
-            raise ConfigError(f"{source}: unknown model_type {model_type!r} "
-                              f"(supported: {', '.join(sorted(MODEL_TYPES))})")
-        defaults = _DEFAULTS[family]
-
-        def get(key: str, *alts: str, required: bool = True) -> Any:
-            for k in (key, *alts):
-                if d.get(k) is not None:
-                    return d[k]
-            if key in defaults:
-                return defaults[key]
-            if required:
-                raise ConfigError(f"{source}: missing required field {key!r} (model_type {model_type})")
-            return None
-
-        def integer(key: str, value: Any, minimum: int = 1) -> int:
-            # JSON has one number type: 4096.0 is 4096, but a string, a bool or 4096.5 is no size.
-            whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
-            if isinstance(value, bool) or not whole:
-                raise ConfigError(f"{source}: field {key!r} must be an integer, got {value!r}")
-            if value < minimum:
-                raise ConfigError(f"{source}: field {key!r} must be "
-                                  f"{'positive' if minimum == 1 else f'at least {minimum}'}, got {value!r}")
-            return int(value)
-
-        def number(key: str, value: Any, positive: bool = False) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{source}: field {key!r} must be a number, got {value!r}")
-            if positive and not value > 0:
-                raise ConfigError(f"{source}: field {key!r} must be positive, got {value!r}")
-            return float(value)
-
-        def flag(key: str, value: Any) -> bool:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{source}: field {key!r} must be true or false, got {value!r}")
-            return value
-
-        def integers(key: str, value: Any, minimum: int = 0) -> tuple[int, ...]:
-            """A list of integers (a single one for eos_token_id, as transformers allows)."""
-            if not isinstance(value, list):
-                value = [value]
-            return tuple(integer(key, v, minimum) for v in value)
-
+        d = _text_config(d)
+        fam = _family(d.get("model_type"), source)
+        r = _Reader(d, source, fam.defaults)
         for key in _REQUIRED:
-            get(key)
-        hidden = integer("hidden_size", get("hidden_size"))
-        n_layers = integer("num_hidden_layers", get("num_hidden_layers"))
-        n_heads = integer("num_attention_heads", get("num_attention_heads"))
-        n_kv = integer("num_key_value_heads", get("num_key_value_heads", required=False) or n_heads)
-        head_dim = integer("head_dim", get("head_dim", required=False) or hidden // n_heads)
-
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"{source}: field 'rope_parameters.rope_type' = {rope_type!r} is not supported "
-                              "(only 'default')")
-        rope_theta = number("rope_theta", _first(rope.get("rope_theta"), d.get("rope_theta"), defaults["rope_theta"]),
-                            positive=True)
-        prf = number("partial_rotary_factor", _first(rope.get("partial_rotary_factor"), d.get("partial_rotary_factor"),
-                                                     defaults.get("partial_rotary_factor", 1.0)))
-
-        if family in ("mixtral", "olmoe"):
-            # every layer is MoE and intermediate_size is the expert width (moe_intermediate_size: to_dict's)
-            num_experts = integer("num_local_experts", get("num_local_experts", "num_experts"))
-            moe_inter = integer("intermediate_size", get("intermediate_size", "moe_intermediate_size"))
-            dense_inter = None
-        else:
-            # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (attribute_map)
-            num_experts = integer("num_experts", get("num_experts", "num_local_experts"))
-            moe_inter = integer("moe_intermediate_size", get("moe_intermediate_size"))
-            dense_inter = d.get("intermediate_size")
-
-        if family in _ALWAYS_NORM_TOPK:
-            norm_topk = True
-        else:
-            norm_topk = flag("norm_topk_prob", get("norm_topk_prob"))
-
-        if family in _HYBRID:
-            layer_types = d.get("layer_types")
-            if layer_types is None:
-                interval = integer("full_attention_interval", get("full_attention_interval"))
-                layer_types = [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION
-                               for i in range(n_layers)]
-            elif not isinstance(layer_types, list):
-                raise ConfigError(f"{source}: field 'layer_types' must be a list, got {layer_types!r}")
-            linear = {k: integer(k, get(k), minimum=0) for k in (
-                "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
-                "linear_num_value_heads")}
-            shared = integer("shared_expert_intermediate_size", get("shared_expert_intermediate_size"), minimum=0)
-        else:
-            layer_types = [FULL_ATTENTION] * n_layers
-            linear = {}
-            shared = 0
-
-        sparse_keys = family in _SPARSE_STEP  # other families' transformers code ignores these keys
-        sliding = d.get("sliding_window")
-        if family == "qwen3_moe" and not d.get("use_sliding_window", False):
-            sliding = None  # transformers' Qwen3MoeConfig ignores sliding_window unless use_sliding_window
-        eos, bos = d.get("eos_token_id"), d.get("bos_token_id")
-
-        cfg = cls(
-            model_type=model_type, family=family, hidden_size=hidden, num_hidden_layers=n_layers,
-            num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
-            vocab_size=integer("vocab_size", get("vocab_size")),
-            rms_norm_eps=number("rms_norm_eps", get("rms_norm_eps")),
-            rope_theta=rope_theta, partial_rotary_factor=prf, num_experts=num_experts,
-            num_experts_per_tok=integer("num_experts_per_tok", get("num_experts_per_tok")),
-            moe_intermediate_size=moe_inter, norm_topk_prob=norm_topk,
-            tie_word_embeddings=flag("tie_word_embeddings", get("tie_word_embeddings")),
-            layer_types=tuple(layer_types),
-            max_position_embeddings=integer("max_position_embeddings", get("max_position_embeddings")),
-            intermediate_size=None if dense_inter is None else integer("intermediate_size", dense_inter),
-            shared_expert_intermediate_size=shared,
-            attention_bias=flag("attention_bias", d.get("attention_bias", defaults.get("attention_bias", False))),
-            mlp_only_layers=integers("mlp_only_layers", d.get("mlp_only_layers") or []) if sparse_keys else (),
-            decoder_sparse_step=integer("decoder_sparse_step", get("decoder_sparse_step")) if sparse_keys else 1,
-            clip_qkv=None if d.get("clip_qkv") is None else number("clip_qkv", d["clip_qkv"], positive=True),
-            sliding_window=None if sliding is None else integer("sliding_window", sliding),
-            hidden_act=str(d.get("hidden_act", "silu")),
-            eos_token_id=() if eos is None else integers("eos_token_id", eos),
-            bos_token_id=None if bos is None else integer("bos_token_id", bos, minimum=0),
-            source=source, **linear,
-        )
+            r.get(key)
+        n_layers = r.integer("num_hidden_layers", r.get("num_hidden_layers"))
+        cfg = cls(model_type=d["model_type"], family=fam.name, num_hidden_layers=n_layers, **_attention_fields(r),
+                  **_rope_fields(r), **_expert_fields(r, fam), **_layer_fields(r, fam, n_layers),
+                  **_token_fields(r), source=source)
         cfg._validate()
         return cfg
 
@@ -300,8 +140,7 @@ class ModelConfig:
         for t in self.layer_types:
             need(t in (FULL_ATTENTION, LINEAR_ATTENTION), "layer_types", f"has unknown entry {t!r}")
         if LINEAR_ATTENTION in self.layer_types:
-            for name in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
-                         "linear_num_key_heads", "linear_num_value_heads"):
+            for name in _LINEAR_KEYS:
                 need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
             need(self.linear_num_value_heads % self.linear_num_key_heads == 0, "linear_num_key_heads",
                  "must divide linear_num_value_heads")
@@ -326,17 +165,17 @@ class ModelConfig:
     @property
     def has_shared_expert(self) -> bool:
         """True when MoE layers add a sigmoid-gated shared expert (Qwen3.5-MoE, Qwen3-Next)."""
-        return self.family in _SHARED_EXPERT and self.shared_expert_intermediate_size > 0
+        return family_of(self).shared_expert != NO_SHARED_EXPERT and self.shared_expert_intermediate_size > 0
 
     @property
     def has_attention_output_gate(self) -> bool:
         """True when q_proj also produces a per-head sigmoid output gate (Qwen3.5-MoE, Qwen3-Next)."""
-        return self.family in _HYBRID
+        return family_of(self).attention_output_gate
 
     @property
     def qk_norm(self) -> str:
         """Where q/k RMSNorm applies: 'head' (per head, Qwen3*), 'full' (whole projection, OLMoE), 'none'."""
-        return {"olmoe": "full", "mixtral": "none"}.get(self.family, "head")
+        return family_of(self).qk_norm
 
     def layer_type(self, i: int) -> str:
         """'full_attention' or 'linear_attention' for decoder layer i."""
@@ -362,3 +201,159 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d.pop("source")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ---- reading config.json (ModelConfig.from_dict's parts) ---------------------------------------------------
+
+
+def _text_config(d: dict[str, Any]) -> dict[str, Any]:
+    """The text model's keys: `text_config` of a multimodal config (model_type `<outer>_text`, the outer
+    tie_word_embeddings), else d itself."""
+    if not ("text_config" in d and isinstance(d["text_config"], dict)):
+        return d
+    outer, d = d, dict(d["text_config"])
+    if d.get("model_type") is None and outer.get("model_type") is not None:
+        d["model_type"] = f"{outer['model_type']}_text"
+    if "tie_word_embeddings" in outer:  # the multimodal model owns the lm_head, so its flag governs
+        d["tie_word_embeddings"] = outer["tie_word_embeddings"]
+    return d
+
+
+def _family(model_type: Any, source: str) -> Family:
+    """The Family record of a model_type; ConfigError when it is missing or unknown."""
+    if model_type is None:
+        raise ConfigError(f"{source}: missing required field 'model_type'")
+    family = MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise ConfigError(f"{source}: unknown model_type {model_type!r} "
+                          f"(supported: {', '.join(sorted(MODEL_TYPES))})")
+    return FAMILIES[family]
+
+
+class _Reader:
+    """Typed reads of one config dict, falling back to the family's defaults; every error names the file
+    (`source`) and the field."""
+
+    def __init__(self, d: dict[str, Any], source: str, defaults: Mapping[str, Any]):
+        self.d, self.source, self.defaults = d, source, defaults
+
+    def get(self, key: str, *alts: str, required: bool = True) -> Any:
+        """The first of key, *alts that config.json sets, else the family default of key, else None (or a
+        ConfigError when required)."""
+        for k in (key, *alts):
+            if self.d.get(k) is not None:
+                return self.d[k]
+        if key in self.defaults:
+            return self.defaults[key]
+        if required:
+            raise ConfigError(f"{self.source}: missing required field {key!r} (model_type {self.d['model_type']})")
+        return None
+
+    def fail(self, key: str, why: str) -> NoReturn:
+        raise ConfigError(f"{self.source}: field {key!r} {why}")
+
+    def integer(self, key: str, value: Any, minimum: int = 1) -> int:
+        # JSON has one number type: 4096.0 is 4096, but a string, a bool or 4096.5 is no size.
+        whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or not whole:
+            self.fail(key, f"must be an integer, got {value!r}")
+        if value < minimum:
+            self.fail(key, f"must be {'positive' if minimum == 1 else f'at least {minimum}'}, got {value!r}")
+        return int(value)
+
+    def integers(self, key: str, value: Any, minimum: int = 0) -> tuple[int, ...]:
+        """A list of integers (a single one for eos_token_id, as transformers allows)."""
+        return tuple(self.integer(key, v, minimum) for v in (value if isinstance(value, list) else [value]))
+
+    def number(self, key: str, value: Any, positive: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"must be a number, got {value!r}")
+        if positive and not value > 0:
+            self.fail(key, f"must be positive, got {value!r}")
+        return float(value)
+
+    def flag(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+
+def _attention_fields(r: _Reader) -> dict[str, Any]:
+    """Widths, heads and the attention options shared by every family."""
+    d, hidden = r.d, r.integer("hidden_size", r.get("hidden_size"))
+    n_heads = r.integer("num_attention_heads", r.get("num_attention_heads"))
+    return dict(
+        hidden_size=hidden, num_attention_heads=n_heads,
+        num_key_value_heads=r.integer("num_key_value_heads", r.get("num_key_value_heads", required=False) or n_heads),
+        head_dim=r.integer("head_dim", r.get("head_dim", required=False) or hidden // n_heads),
+        vocab_size=r.integer("vocab_size", r.get("vocab_size")),
+        rms_norm_eps=r.number("rms_norm_eps", r.get("rms_norm_eps")),
+        max_position_embeddings=r.integer("max_position_embeddings", r.get("max_position_embeddings")),
+        attention_bias=r.flag("attention_bias", d.get("attention_bias", r.defaults.get("attention_bias", False))),
+        clip_qkv=None if d.get("clip_qkv") is None else r.number("clip_qkv", d["clip_qkv"], positive=True),
+        hidden_act=str(d.get("hidden_act", "silu")),
+    )
+
+
+def _rope_fields(r: _Reader) -> dict[str, Any]:
+    """rope_theta and partial_rotary_factor, from rope_parameters (transformers 5), rope_scaling or the top level."""
+    d = r.d
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        r.fail("rope_parameters", f"must be an object, got {rope!r}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{r.source}: field 'rope_parameters.rope_type' = {rope_type!r} is not supported "
+                          "(only 'default')")
+    theta = _first(rope.get("rope_theta"), d.get("rope_theta"), r.defaults["rope_theta"])
+    prf = _first(rope.get("partial_rotary_factor"), d.get("partial_rotary_factor"),
+                 r.defaults.get("partial_rotary_factor", 1.0))
+    return dict(rope_theta=r.number("rope_theta", theta, positive=True),
+                partial_rotary_factor=r.number("partial_rotary_factor", prf))
+
+
+def _expert_fields(r: _Reader, fam: Family) -> dict[str, Any]:
+    """Expert count and widths under the family's key names, top-k normalisation, the shared expert."""
+    experts_key, width_key = fam.num_experts_keys[0], fam.moe_intermediate_keys[0]
+    dense = None if "intermediate_size" in fam.moe_intermediate_keys else r.d.get("intermediate_size")
+    shared = 0
+    if fam.shared_expert != NO_SHARED_EXPERT:  # whatever else the family has
+        shared = r.integer("shared_expert_intermediate_size", r.get("shared_expert_intermediate_size"), minimum=0)
+    return dict(
+        num_experts=r.integer(experts_key, r.get(*fam.num_experts_keys)),
+        moe_intermediate_size=r.integer(width_key, r.get(*fam.moe_intermediate_keys)),
+        intermediate_size=None if dense is None else r.integer("intermediate_size", dense),
+        num_experts_per_tok=r.integer("num_experts_per_tok", r.get("num_experts_per_tok")),
+        norm_topk_prob=fam.always_norm_topk or r.flag("norm_topk_prob", r.get("norm_topk_prob")),
+        shared_expert_intermediate_size=shared,
+    )
+
+
+def _layer_fields(r: _Reader, fam: Family, n_layers: int) -> dict[str, Any]:
+    """Which layers are linear attention (and its sizes), which are dense, and the sliding window."""
+    d, out = r.d, {}
+    layer_types = [FULL_ATTENTION] * n_layers
+    if fam.linear_attention:
+        layer_types = d.get("layer_types")
+        if layer_types is None:
+            interval = r.integer("full_attention_interval", r.get("full_attention_interval"))
+            layer_types = [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION for i in range(n_layers)]
+        elif not isinstance(layer_types, list):
+            r.fail("layer_types", f"must be a list, got {layer_types!r}")
+        out.update({k: r.integer(k, r.get(k), minimum=0) for k in _LINEAR_KEYS})
+    if fam.sparse_step_keys:  # other families' transformers code ignores these keys
+        out.update(mlp_only_layers=r.integers("mlp_only_layers", d.get("mlp_only_layers") or []),
+                   decoder_sparse_step=r.integer("decoder_sparse_step", r.get("decoder_sparse_step")))
+    sliding = d.get("sliding_window")
+    if fam.sliding_window_switch and not d.get(fam.sliding_window_switch, False):
+        sliding = None  # e.g. transformers' Qwen3MoeConfig ignores sliding_window unless use_sliding_window
+    return dict(out, layer_types=tuple(layer_types),
+                sliding_window=None if sliding is None else r.integer("sliding_window", sliding))
+
+
+def _token_fields(r: _Reader) -> dict[str, Any]:
+    """Special token ids and the tied embedding flag."""
+    eos, bos = r.d.get("eos_token_id"), r.d.get("bos_token_id")
+    return dict(tie_word_embeddings=r.flag("tie_word_embeddings", r.get("tie_word_embeddings")),
+                eos_token_id=() if eos is None else r.integers("eos_token_id", eos),
+                bos_token_id=None if bos is None else r.integer("bos_token_id", bos, minimum=0))

@@ -1,6 +1,12 @@
-"""Checkpoint tensor names and layouts per architecture family -> the canonical names of docs/formats.md.
+"""One Family record per architecture family: everything that differs between the supported MoE models.
 
-This is the only module that knows how checkpoints differ. A family is a small table of differences:
+A family is a small table of differences, not a copy of the model: the reference, the engine, convert and
+the backends read these facts through ModelConfig (whose properties come from here) and never test a
+family's name. `MODEL_TYPES` maps each config.json `model_type` to its family. docs/adding-an-architecture.md
+says what to add for a new one.
+
+The checkpoint differences (the second half of this module) map each checkpoint tensor to the canonical
+names of docs/formats.md (flashmoe/arch/tensors.py):
 
 - `renames`: regex substitutions on the layer-relative name (Mixtral's `block_sparse_moe`, `w1/w3/w2`);
 - `plus_one_norms`: the family's RMSNorm computes x·(1+w) (transformers Qwen3NextRMSNorm /
@@ -18,13 +24,15 @@ Splits are by rows (the output dimension), so they apply unchanged to MLX `.scal
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 
-from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError
+
+if TYPE_CHECKING:  # config.py imports this module for the records
+    from flashmoe.arch.config import ModelConfig
 
 HF = "hf"
 MLX = "mlx"
@@ -34,29 +42,108 @@ QUANT_FLOAT = "float"
 QUANT_8BIT = "8bit"
 QUANT_DEFAULT = "default"
 
+# Family.shared_expert
+NO_SHARED_EXPERT = "none"
+SIGMOID_GATED = "sigmoid_gated"  # y += σ(x·W_sgᵀ)·SwiGLU_shared(x) (transformers Qwen3_5MoeSparseMoeBlock)
+# Family.qk_norm: RMSNorm of q and k per head ('head', Qwen3*), over the whole projection ('full', OLMoE), none
+QK_NORMS = ("head", "full", "none")
+
 
 @dataclass(frozen=True)
 class Family:
-    """The differences of one architecture family from the canonical layout."""
+    """What one architecture family does differently. Defaults describe a plain softmax-attention MoE.
 
-    router: str = "softmax_topk"  # a name in reference/routing.py's ROUTERS
+    Config keys (ModelConfig.from_dict):
+      defaults: values transformers' `configuration_<model_type>.py` (5.x) supplies when config.json omits a key.
+      num_experts_keys, moe_intermediate_keys: where the expert count and width are read, first key first
+        (the first names the field in errors). When "intermediate_size" is not among moe_intermediate_keys it
+        is the dense MLP width.
+      sparse_step_keys: transformers honours mlp_only_layers / decoder_sparse_step (else every layer is MoE).
+      sliding_window_switch: a key that must be true for sliding_window to apply (None: sliding_window alone).
+    Routing:
+      router: a name in reference/routing.py's ROUTERS.
+      always_norm_topk: the top-k weights are always renormalised (transformers has no norm_topk_prob key);
+        else norm_topk_prob is read from the config. Routers with groups, a correction bias or a scaling
+        factor add their config keys here.
+    Blocks:
+      shared_expert: NO_SHARED_EXPERT or SIGMOID_GATED (read from shared_expert_intermediate_size).
+      linear_attention: GatedDeltaNet layers (`layer_types`, or every full_attention_interval-th layer full).
+      attention_output_gate: q_proj also produces a per-head sigmoid gate on the attention output.
+      qk_norm: one of QK_NORMS.
+    Checkpoints: renames, plus_one_norms, fused_linear_attn (module doc).
+    GGUF: gguf_arch is llama.cpp's architecture name (gguf-py MODEL_ARCH_NAMES; flashmoe/arch/gguf_names.py
+      holds the tensor names), gguf_pre_tokenizer its `tokenizer.ggml.pre` for the family's vocabulary.
+    """
+
+    name: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    moe_intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
+    sparse_step_keys: bool = False
+    sliding_window_switch: str | None = None
+    router: str = "softmax_topk"
+    always_norm_topk: bool = False
+    shared_expert: str = NO_SHARED_EXPERT
+    linear_attention: bool = False
+    attention_output_gate: bool = False
+    qk_norm: str = "head"
     renames: tuple[tuple[str, str], ...] = ()
     plus_one_norms: bool = False
     fused_linear_attn: bool = False
+    gguf_arch: str | None = None
+    gguf_pre_tokenizer: str | None = None
 
 
-FAMILIES: dict[str, Family] = {
-    "qwen3_5_moe": Family(plus_one_norms=True),
-    "qwen3_next": Family(plus_one_norms=True, fused_linear_attn=True),
-    "qwen3_moe": Family(),
-    "olmoe": Family(),
-    "mixtral": Family(renames=(
-        (r"\.block_sparse_moe\.", ".mlp."),
-        (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
-        (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
-        (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
-    )),
+_QWEN3_NEXT_DEFAULTS = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+                            partial_rotary_factor=0.25, rope_theta=10000.0, linear_conv_kernel_dim=4,
+                            full_attention_interval=4, max_position_embeddings=32768)
+# Mixtral and OLMoE: every layer is MoE and intermediate_size is the expert width (moe_intermediate_size is
+# the name transformers' to_dict writes); transformers 5 writes Qwen3-MoE's num_experts as num_local_experts.
+_EXPERT_WIDTH_IS_INTERMEDIATE = ("intermediate_size", "moe_intermediate_size")
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("qwen3_5_moe", _QWEN3_NEXT_DEFAULTS, always_norm_topk=True, shared_expert=SIGMOID_GATED,
+           linear_attention=True, attention_output_gate=True, plus_one_norms=True,
+           gguf_arch="qwen35moe", gguf_pre_tokenizer="qwen35"),
+    Family("qwen3_next", dict(_QWEN3_NEXT_DEFAULTS, decoder_sparse_step=1, norm_topk_prob=True),
+           sparse_step_keys=True, shared_expert=SIGMOID_GATED, linear_attention=True,
+           attention_output_gate=True, plus_one_norms=True, fused_linear_attn=True, gguf_arch="qwen3next",
+           gguf_pre_tokenizer="qwen2"),
+    Family("qwen3_moe", dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+                             rope_theta=10000.0, decoder_sparse_step=1, norm_topk_prob=False,
+                             max_position_embeddings=32768),
+           sparse_step_keys=True, sliding_window_switch="use_sliding_window", gguf_arch="qwen3moe",
+           gguf_pre_tokenizer="qwen2"),
+    Family("mixtral", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=1e6,
+                           max_position_embeddings=4096 * 32),
+           num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
+           always_norm_topk=True, qk_norm="none", gguf_arch="llama", renames=(
+               (r"\.block_sparse_moe\.", ".mlp."),
+               (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
+               (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
+               (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
+           )),
+    Family("olmoe", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, rope_theta=10000.0,
+                         norm_topk_prob=False, max_position_embeddings=4096),
+           num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
+           qk_norm="full", gguf_arch="olmoe"),
+)}
+
+#: config.json model_type -> family name (the text model type of a multimodal checkpoint maps to the same family).
+MODEL_TYPES = {
+    "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+    "qwen3_next": "qwen3_next",
+    "qwen3_moe": "qwen3_moe",
+    "mixtral": "mixtral",
+    "olmoe": "olmoe",
 }
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    """The Family record of cfg (cfg.family is its name)."""
+    return FAMILIES[cfg.family]
+
 
 # Prefixes of the text model in HF (plain and multimodal) and MLX checkpoints, longest first.
 _PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
@@ -75,11 +162,6 @@ _FUSED_GATE_UP = re.compile(r"^(layers\.\d+\.mlp\.experts)\.gate_up_proj(\.weigh
 _FUSED_DOWN = re.compile(r"^(layers\.\d+\.mlp\.experts)\.down_proj$")
 _QKVZ = re.compile(r"^(layers\.\d+\.linear_attn)\.in_proj_(qkvz|ba)\.(weight|scales|biases)$")
 _CONV = re.compile(r"^layers\.\d+\.linear_attn\.conv1d\.weight$")
-
-
-def family_of(cfg: ModelConfig) -> Family:
-    """The Family table for cfg.family."""
-    return FAMILIES[cfg.family]
 
 
 def detect_layout(names: Iterable[str]) -> str:
