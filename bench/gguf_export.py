@@ -17,7 +17,7 @@ Architectures: `qwen3moe` (flashmoe `qwen3_moe`: Qwen3-30B-A3B, Qwen3-235B-A22B)
 (MODEL_TENSORS, Keys) and llama.cpp's src/models/qwen3moe.cpp and qwen35moe.cpp; tensor values follow
 its converter (conversion/qwen.py): no permutation for Qwen3 (llama.cpp's NEOX rope is the checkpoint's
 rotate-half rope, its RMSNorms plain `x·w` as flashmoe's canonical ones); for Qwen3.5 the GatedDeltaNet
-tensors as _qwen35moe_transform says. Verified by running the export in llama.cpp: its logits equal
+tensors as _linear_attention_transform says. Verified by running the export in llama.cpp: its logits equal
 flashmoe's reference forward on an F32 export (tests/test_gguf_export.py).
 
 Streaming: the tensor table (names, shapes, types, offsets) is written first; then each tensor is
@@ -41,6 +41,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from flashmoe.arch.config import ModelConfig
+from flashmoe.arch.families import FAMILIES, MODEL_TYPES, family_of
+from flashmoe.arch.gguf_names import EXPERT_NAMES, LAYER_NAMES, gguf_tensor_name
 from flashmoe.format.atomic import atomic_path, check_writable
 from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
@@ -75,27 +78,7 @@ class Planned:
         return int(np.prod(self.shape)) // block * size
 
 
-_COMMON_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
-_ATTENTION_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-                    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-                    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
-                    "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight"}
-_QWEN3MOE_NAMES = {**_ATTENTION_NAMES, "post_attention_layernorm.weight": "ffn_norm.weight"}
-# qwen35moe: src/models/qwen35moe.cpp (GatedDeltaNet layers as llama.cpp's ssm_* tensors)
-_QWEN35MOE_NAMES = {
-    **_ATTENTION_NAMES, "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
-    "linear_attn.in_proj_b.weight": "ssm_beta.weight", "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
-    "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.dt_bias": "ssm_dt.bias",
-    "linear_attn.A_log": "ssm_a", "linear_attn.norm.weight": "ssm_norm.weight",
-    "linear_attn.out_proj.weight": "ssm_out.weight",
-    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight", "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
-    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
-
-
-def _qwen35moe_transform(cfg, name: str) -> Callable[[np.ndarray], np.ndarray] | None:
+def _linear_attention_transform(cfg: ModelConfig, name: str) -> Callable[[np.ndarray], np.ndarray] | None:
     """What llama.cpp's converter does to a Qwen3.5 GatedDeltaNet tensor (conversion/qwen.py,
     Qwen3NextModel and _LinearAttentionVReorderBase): A_log -> -exp(A_log); conv1d [C, 1, K] -> [C, K];
     the shared-expert gate [1, H] -> [H]; and every value-head axis from grouped by key head
@@ -125,16 +108,16 @@ def _qwen35moe_transform(cfg, name: str) -> Callable[[np.ndarray], np.ndarray] |
     }.get(name.split(".", 2)[2] if name.startswith("layers.") else name)
 
 
-def _qwen35moe_metadata(cfg, arch: str) -> dict[str, object]:
-    """qwen35moe's keys beyond the common ones (llama.cpp's load_arch_hparams for qwen35moe). Raises
-    FlashMoeError for a layer pattern other than every 4th layer full attention, or unequal key and value
-    head widths (llama.cpp sizes both by ssm.state_size)."""
+def _linear_attention_metadata(cfg: ModelConfig, arch: str) -> dict[str, object]:
+    """The keys of a model with GatedDeltaNet layers beyond the common ones (llama.cpp's load_arch_hparams for
+    qwen35moe). Raises FlashMoeError for a layer pattern other than every 4th layer full attention, or unequal
+    key and value head widths (llama.cpp sizes both by ssm.state_size)."""
     from flashmoe.arch.presets import hybrid_layer_types
 
     if tuple(cfg.layer_types) != tuple(hybrid_layer_types(cfg.num_hidden_layers)):
-        raise FlashMoeError("qwen35moe export: layer_types must be every 4th layer full attention")
+        raise FlashMoeError(f"{arch} export: layer_types must be every 4th layer full attention")
     if cfg.linear_key_head_dim != cfg.linear_value_head_dim:
-        raise FlashMoeError("qwen35moe export: linear_key_head_dim != linear_value_head_dim")
+        raise FlashMoeError(f"{arch} export: linear_key_head_dim != linear_value_head_dim")
     rot_pairs = int(cfg.head_dim * cfg.partial_rotary_factor) // 2
     side = round(rot_pairs * 11 / 32)  # Qwen3.5's mrope_section [11, 11, 10] of 32 pairs, scaled
     return {f"{arch}.expert_shared_feed_forward_length": cfg.shared_expert_intermediate_size,
@@ -149,35 +132,14 @@ def _qwen35moe_metadata(cfg, arch: str) -> dict[str, object]:
             f"{arch}.ssm.inner_size": cfg.linear_value_head_dim * cfg.linear_num_value_heads}
 
 
-@dataclass(frozen=True)
-class _Arch:
-    name: str  # llama.cpp's
-    layer_names: dict[str, str]  # canonical name after `layers.{i}.` -> GGUF name after `blk.{i}.`
-    pre_tokenizer: str  # tokenizer.ggml.pre: a name llama.cpp knows (src/llama-vocab.cpp) for this vocabulary
-    transform: Callable = lambda cfg, name: None
-    metadata: Callable = lambda cfg, arch: {}
-
-
-_ARCHES = {"qwen3_moe": _Arch("qwen3moe", _QWEN3MOE_NAMES, "qwen2"),
-           "qwen3_5_moe_text": _Arch("qwen35moe", _QWEN35MOE_NAMES, "qwen35", _qwen35moe_transform,
-                                     _qwen35moe_metadata)}
-_EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight",
-                 "down_proj": "ffn_down_exps.weight"}
-
-
-def _gguf_name(name: str, arch: _Arch) -> str | None:
-    if name in _COMMON_NAMES:
-        return _COMMON_NAMES[name]
-    _, layer, rest = name.split(".", 2) if name.startswith("layers.") else (None, None, None)
-    return f"blk.{layer}.{arch.layer_names[rest]}" if rest in arch.layer_names else None
-
-
-def llama_arch(model_type: str) -> str:
-    """llama.cpp's architecture name for a flashmoe model_type ('qwen3_moe' -> 'qwen3moe'); FlashMoeError when
+def llama_arch(cfg: ModelConfig) -> str:
+    """llama.cpp's architecture name for a model (its Family's gguf_arch, e.g. 'qwen3moe'); FlashMoeError when
     the exporter does not map it."""
-    if model_type not in _ARCHES:
-        raise FlashMoeError(f"model_type {model_type!r} has no GGUF export (supported: {', '.join(_ARCHES)})")
-    return _ARCHES[model_type].name
+    arch = family_of(cfg).gguf_arch
+    if arch not in LAYER_NAMES:
+        supported = sorted(t for t, f in MODEL_TYPES.items() if FAMILIES[f].gguf_arch in LAYER_NAMES)
+        raise FlashMoeError(f"model_type {cfg.model_type!r} has no GGUF export (supported: {', '.join(supported)})")
+    return arch
 
 
 def _qtype(stored: QuantizedTensor | np.ndarray, shape: tuple[int, ...], quant: str) -> int:
@@ -198,32 +160,31 @@ def plan(md: ModelDir, quant: str = "q4_0") -> tuple[str, list[Planned]]:
     cfg = md.config
     if quant not in QUANT_TYPES:
         raise FlashMoeError(f"--type {quant!r} is not one of {', '.join(QUANT_TYPES)}")
-    llama_arch(cfg.model_type)
-    arch = _ARCHES[cfg.model_type]
+    arch = llama_arch(cfg)
     if not cfg.norm_topk_prob:
-        raise FlashMoeError(f"{md.path}: norm_topk_prob is false; llama.cpp's {arch.name} always "
+        raise FlashMoeError(f"{md.path}: norm_topk_prob is false; llama.cpp's {arch} always "
                             f"renormalises the top-k weights")
     by_layer: dict[int, list[Planned]] = {}
     for ours in md.resident_names():
-        gguf_name = _gguf_name(ours, arch)
+        gguf_name = gguf_tensor_name(ours, arch)
         if gguf_name is None:
-            raise FlashMoeError(f"{md.path}: tensor {ours!r} has no {arch.name} GGUF name")
+            raise FlashMoeError(f"{md.path}: tensor {ours!r} has no {arch} GGUF name")
         stored = md.raw(ours)
-        transform = arch.transform(cfg, ours)
+        transform = _linear_attention_transform(cfg, ours)
         shape = stored.shape if transform is None else transform(np.zeros(stored.shape, np.float32)).shape
         layer = int(ours.split(".")[1]) if ours.startswith("layers.") else -1
         by_layer.setdefault(layer, []).append(
             Planned(gguf_name, shape, _qtype(stored, shape, quant), ours, transform))
     for layer in md.moe_layers:
         parts = md.layer_layout(layer).view(np.zeros(md.layer_layout(layer).nbytes, np.uint8))
-        for proj, gguf_name in _EXPERT_NAMES.items():
+        for proj, gguf_name in EXPERT_NAMES.items():
             part = parts[proj]
             shape = (md.num_experts(layer), *part.shape)
             by_layer.setdefault(layer, []).append(
                 Planned(f"blk.{layer}.{gguf_name}", shape, _qtype(part, shape, quant), (layer, proj)))
     head = by_layer.pop(-1, [])
     first = [p for p in head if p.name == "token_embd.weight"]
-    return arch.name, first + [p for layer in sorted(by_layer) for p in by_layer[layer]] + \
+    return arch, first + [p for layer in sorted(by_layer) for p in by_layer[layer]] + \
         [p for p in head if p.name != "token_embd.weight"]
 
 
@@ -243,7 +204,7 @@ def tokenizer_metadata(md: ModelDir) -> dict[str, object]:
     """tokenizer.ggml.* keys from the directory's tokenizer.json (a byte-level BPE: model `gpt2`), with the
     token list padded to vocab_size by `[PADn]` tokens of type unused, as llama.cpp's converter does.
     Raises FlashMoeError when the directory has no tokenizer.json or it is not BPE."""
-    pre_tokenizer = _ARCHES[md.config.model_type].pre_tokenizer if md.config.model_type in _ARCHES else "default"
+    pre_tokenizer = family_of(md.config).gguf_pre_tokenizer or "default"
     path = md.path / "tokenizer.json"
     if not path.exists():
         raise FlashMoeError(f"{path}: missing; a GGUF needs the model's tokenizer")
@@ -302,7 +263,7 @@ def _model_metadata(md: ModelDir, arch: str, quant: str) -> dict[str, object]:
         f"{arch}.expert_used_count": cfg.num_experts_per_tok,
         f"{arch}.expert_feed_forward_length": cfg.moe_intermediate_size,
     }
-    return {**meta, **_ARCHES[cfg.model_type].metadata(cfg, arch)}
+    return {**meta, **(_linear_attention_metadata(cfg, arch) if family_of(cfg).linear_attention else {})}
 
 
 class _Output:

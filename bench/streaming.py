@@ -235,7 +235,7 @@ def run_peer(opts: BenchOptions, runner: Path, gguf: Path, md: ModelDir, k: int,
     from flashmoe.bench.llama_cpp import run_llama
 
     prompt, decode = decode_inputs(md.config.vocab_size, opts.prompt_tokens, tokens, opts.seed)
-    override = None if k == md.config.num_experts_per_tok else f"{llama_arch(md.config.model_type)}.expert_used_count={k}"
+    override = None if k == md.config.num_experts_per_tok else f"{llama_arch(md.config)}.expert_used_count={k}"
     with memory_cap(opts, budget) as (preexec, cap):
         run = run_llama(runner, gguf, threads, prompt, decode, passes, override=override, repack=budget is None,
                         preexec=preexec)

@@ -13,7 +13,8 @@ import numpy as np
 
 from flashmoe.runtime.engine import check_finite
 from flashmoe.errors import FlashMoeError
-from flashmoe.format.modeldir import EXPERT_PROJS, ModelDir
+from flashmoe.arch.tensors import EXPERT_PROJS
+from flashmoe.format.modeldir import ModelDir
 
 
 def _bytes(n: float) -> str:

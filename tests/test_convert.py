@@ -214,7 +214,7 @@ def test_conversion_streams_tensor_by_tensor(tmp_path):
     import tracemalloc
 
     from flashmoe.arch.config import ModelConfig
-    from flashmoe.format.modeldir import resident_shapes
+    from flashmoe.arch.tensors import resident_shapes
 
     config = dict(model_type="qwen3_moe", hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, vocab_size=256, num_experts=64, num_experts_per_tok=2,

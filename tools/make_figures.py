@@ -251,7 +251,7 @@ def big_model(disk_gbps: float) -> dict:
     import math
 
     from flashmoe.arch.config import ModelConfig
-    from flashmoe.format.modeldir import resident_shapes
+    from flashmoe.arch.tensors import resident_shapes
     from flashmoe.arch.presets import get_preset
     from flashmoe.convert.synth import expert_layout, planned_bytes
 

@@ -1,8 +1,12 @@
-"""The weight-source protocol the reference model reads, and an in-memory implementation.
+"""The canonical tensor names of docs/formats.md, their shapes, and the weight sources that hold them.
 
-Tensor names are the canonical names of docs/formats.md. A source returns float arrays (dequantised
-when stored quantised); routed experts are fetched one at a time through `expert(layer, e)`, so a
-source backed by disk reads only the experts a token routes to.
+resident_shapes is the table of every resident tensor a model has (name -> logical shape); the routed experts
+are `layers.{i}.mlp.experts.{e}.{proj}.weight` per expert (expert_tensor_name) or stacked `[E, out, in]`
+(stacked_expert_name), proj in EXPERT_PROJS. Checkpoint names become these at conversion
+(flashmoe/arch/families.py); llama.cpp's names for them are in flashmoe/arch/gguf_names.py.
+
+A WeightSource returns float arrays (dequantised when stored quantised); routed experts are fetched one at a
+time through `expert(layer, e)`, so a source backed by disk reads only the experts a token routes to.
 """
 
 from __future__ import annotations
@@ -11,14 +15,78 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
+from flashmoe.arch.config import LINEAR_ATTENTION, ModelConfig
 from flashmoe.errors import CheckpointError
 
+EMBED_TOKENS = "embed_tokens.weight"
+FINAL_NORM = "norm.weight"
+LM_HEAD = "lm_head.weight"  # absent when tie_word_embeddings (the head is EMBED_TOKENS)
+#: The routed (and shared) expert's projections, in the order an expert file stores them.
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 def expert_tensor_name(layer: int, expert: int, proj: str) -> str:
     """Canonical name of one routed expert's projection: `layers.{i}.mlp.experts.{e}.{proj}.weight`."""
     return f"layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def stacked_expert_name(layer: int, proj: str) -> str:
+    """Canonical name of one projection of all routed experts of a layer, [E, out, in]:
+    `layers.{i}.mlp.experts.{proj}.weight`."""
+    return f"layers.{layer}.mlp.experts.{proj}.weight"
+
+
+def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> logical shape of every resident tensor a `cfg` model has (docs/formats.md table).
+
+    Linear weights are [out, in] (quantised ones are stored packed; this is their float shape).
+    """
+    h, v = cfg.hidden_size, cfg.vocab_size
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {EMBED_TOKENS: (v, h), FINAL_NORM: (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes[LM_HEAD] = (v, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if cfg.layer_type(i) == LINEAR_ATTENTION:
+            hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+            conv_dim = cfg.linear_conv_dim
+            a = p + "linear_attn."
+            shapes.update({
+                a + "in_proj_qkv.weight": (conv_dim, h), a + "in_proj_z.weight": (hv * dv, h),
+                a + "in_proj_b.weight": (hv, h), a + "in_proj_a.weight": (hv, h),
+                a + "conv1d.weight": (conv_dim, 1, cfg.linear_conv_kernel_dim),
+                a + "dt_bias": (hv,), a + "A_log": (hv,), a + "norm.weight": (dv,),
+                a + "out_proj.weight": (h, hv * dv),
+            })
+        else:
+            a = p + "self_attn."
+            q_out = nh * hd * (2 if cfg.has_attention_output_gate else 1)
+            outs = {"q_proj": (q_out, h), "k_proj": (nkv * hd, h), "v_proj": (nkv * hd, h), "o_proj": (h, nh * hd)}
+            for name, shape in outs.items():
+                shapes[f"{a}{name}.weight"] = shape
+                if cfg.attention_bias:
+                    shapes[f"{a}{name}.bias"] = (shape[0],)
+            if cfg.qk_norm == "head":
+                shapes[a + "q_norm.weight"] = (hd,)
+                shapes[a + "k_norm.weight"] = (hd,)
+            elif cfg.qk_norm == "full":
+                shapes[a + "q_norm.weight"] = (nh * hd,)
+                shapes[a + "k_norm.weight"] = (nkv * hd,)
+        m = p + "mlp."
+        if cfg.is_moe_layer(i):
+            shapes[m + "gate.weight"] = (cfg.num_experts, h)
+            if cfg.has_shared_expert:
+                s = cfg.shared_expert_intermediate_size
+                shapes.update({m + "shared_expert.gate_proj.weight": (s, h), m + "shared_expert.up_proj.weight": (s, h),
+                               m + "shared_expert.down_proj.weight": (h, s), m + "shared_expert_gate.weight": (1, h)})
+        else:
+            d = cfg.intermediate_size
+            shapes.update({m + "gate_proj.weight": (d, h), m + "up_proj.weight": (d, h), m + "down_proj.weight": (h, d)})
+    return shapes
+
 
 
 @runtime_checkable
@@ -68,7 +136,7 @@ class DictWeights:
             if name in self._t:
                 out[proj] = self._t[name]
                 continue
-            stacked = f"layers.{layer}.mlp.experts.{proj}.weight"
+            stacked = stacked_expert_name(layer, proj)
             if stacked not in self._t:
                 raise CheckpointError(f"missing tensor {name!r} (nor stacked {stacked!r})")
             out[proj] = self._t[stacked][e]

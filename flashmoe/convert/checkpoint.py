@@ -47,6 +47,7 @@ from flashmoe.arch.families import (
     quant_class,
     to_canonical,
 )
+from flashmoe.arch.tensors import EXPERT_PROJS, resident_shapes
 from flashmoe.format.manifest import (
     DTYPES,
     MANIFEST,
@@ -59,7 +60,6 @@ from flashmoe.format.manifest import (
     expert_file_name,
     sha256_file,
 )
-from flashmoe.format.modeldir import EXPERT_PROJS, resident_shapes
 from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor, quantize
 from flashmoe.format.safetensors_io import SafetensorsFile, SafetensorsWriter
 

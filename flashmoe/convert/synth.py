@@ -52,7 +52,7 @@ from flashmoe.arch.families import QUANT_8BIT, QUANT_FLOAT, quant_class
 from flashmoe.runtime.memory import format_size
 from flashmoe.format.manifest import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest, QuantSpec,
                                       expert_file_name, sha256_file)
-from flashmoe.format.modeldir import resident_shapes
+from flashmoe.arch.tensors import resident_shapes
 from flashmoe.arch.presets import (MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER, get_preset,
                               truncate)
 from flashmoe.format.quant import GROUP_SIZES, QuantizedTensor
@@ -141,7 +141,7 @@ def _layer_of(name: str) -> int:
 
 def resident_tensors(cfg: ModelConfig, bits: int | None, group_size: int,
                      seed: int) -> Iterator[tuple[str, QuantizedTensor | np.ndarray]]:
-    """Every resident tensor of a `cfg` model (modeldir.resident_shapes), generated lazily one at a time:
+    """Every resident tensor of a `cfg` model (arch.tensors.resident_shapes), generated lazily one at a time:
     (canonical name, QuantizedTensor or float array)."""
     streams: dict[int, np.random.Generator] = {}
     for name, shape in resident_shapes(cfg).items():

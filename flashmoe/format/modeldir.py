@@ -17,13 +17,12 @@ import ml_dtypes
 import numpy as np
 
 from flashmoe.arch.config import ModelConfig
+from flashmoe.arch.tensors import resident_shapes
 from flashmoe.errors import CheckpointError, FormatError
 from flashmoe.format.manifest import (ALIGN, COMPONENT_ALIGN, DTYPES, MANIFEST, RESIDENT, ExpertFile, ExpertLayout,
                                       Manifest, QuantSpec, sha256_file)
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsFile
-
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 class ModelDir:
@@ -342,55 +341,3 @@ def _check_experts(manifest: Manifest, config: ModelConfig, path: Path) -> None:
         if size != expected:
             raise FormatError(f"{f}: {size} bytes, expected num_experts {ef.num_experts} x stride {lay.stride} "
                               f"= {expected}")
-
-
-def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> logical shape of every resident tensor a `cfg` model has (docs/formats.md table).
-
-    Linear weights are [out, in] (quantised ones are stored packed; this is their float shape).
-    """
-    h, v = cfg.hidden_size, cfg.vocab_size
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (v, h), "norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if cfg.layer_type(i) == "linear_attention":
-            hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
-            conv_dim = cfg.linear_conv_dim
-            a = p + "linear_attn."
-            shapes.update({
-                a + "in_proj_qkv.weight": (conv_dim, h), a + "in_proj_z.weight": (hv * dv, h),
-                a + "in_proj_b.weight": (hv, h), a + "in_proj_a.weight": (hv, h),
-                a + "conv1d.weight": (conv_dim, 1, cfg.linear_conv_kernel_dim),
-                a + "dt_bias": (hv,), a + "A_log": (hv,), a + "norm.weight": (dv,),
-                a + "out_proj.weight": (h, hv * dv),
-            })
-        else:
-            a = p + "self_attn."
-            q_out = nh * hd * (2 if cfg.has_attention_output_gate else 1)
-            outs = {"q_proj": (q_out, h), "k_proj": (nkv * hd, h), "v_proj": (nkv * hd, h), "o_proj": (h, nh * hd)}
-            for name, shape in outs.items():
-                shapes[f"{a}{name}.weight"] = shape
-                if cfg.attention_bias:
-                    shapes[f"{a}{name}.bias"] = (shape[0],)
-            if cfg.qk_norm == "head":
-                shapes[a + "q_norm.weight"] = (hd,)
-                shapes[a + "k_norm.weight"] = (hd,)
-            elif cfg.qk_norm == "full":
-                shapes[a + "q_norm.weight"] = (nh * hd,)
-                shapes[a + "k_norm.weight"] = (nkv * hd,)
-        m = p + "mlp."
-        if cfg.is_moe_layer(i):
-            shapes[m + "gate.weight"] = (cfg.num_experts, h)
-            if cfg.has_shared_expert:
-                s = cfg.shared_expert_intermediate_size
-                shapes.update({m + "shared_expert.gate_proj.weight": (s, h), m + "shared_expert.up_proj.weight": (s, h),
-                               m + "shared_expert.down_proj.weight": (h, s), m + "shared_expert_gate.weight": (1, h)})
-        else:
-            d = cfg.intermediate_size
-            shapes.update({m + "gate_proj.weight": (d, h), m + "up_proj.weight": (d, h), m + "down_proj.weight": (h, d)})
-    return shapes

@@ -1,0 +1,45 @@
+"""llama.cpp's GGUF tensor names for flashmoe's canonical tensors, per GGUF architecture (Family.gguf_arch).
+
+Names follow gguf-py's constants.py (MODEL_TENSORS, TENSOR_NAMES) and llama.cpp's src/models/<arch>.cpp.
+A layer table maps a canonical name after `layers.{i}.` to the GGUF name after `blk.{i}.`; GLOBAL_NAMES maps
+the tensors outside the layers and EXPERT_NAMES the stacked routed experts `[E, out, in]`. The exporter
+(bench/gguf_export.py) reads them forwards; a GGUF importer reads them backwards.
+"""
+
+from __future__ import annotations
+
+from flashmoe.arch.tensors import EMBED_TOKENS, FINAL_NORM, LM_HEAD
+
+GLOBAL_NAMES = {EMBED_TOKENS: "token_embd.weight", FINAL_NORM: "output_norm.weight", LM_HEAD: "output.weight"}
+EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight",
+                "down_proj": "ffn_down_exps.weight"}
+_ATTENTION = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+              "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+              "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight"}
+
+#: GGUF architecture -> {canonical name after `layers.{i}.` -> GGUF name after `blk.{i}.`}
+LAYER_NAMES: dict[str, dict[str, str]] = {
+    "qwen3moe": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
+    # src/models/qwen35moe.cpp: GatedDeltaNet layers as llama.cpp's ssm_* tensors
+    "qwen35moe": {
+        **_ATTENTION, "post_attention_layernorm.weight": "post_attention_norm.weight",
+        "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
+        "linear_attn.in_proj_b.weight": "ssm_beta.weight", "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+        "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.dt_bias": "ssm_dt.bias",
+        "linear_attn.A_log": "ssm_a", "linear_attn.norm.weight": "ssm_norm.weight",
+        "linear_attn.out_proj.weight": "ssm_out.weight",
+        "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"},
+}
+
+
+def gguf_tensor_name(name: str, gguf_arch: str) -> str | None:
+    """The GGUF name of resident canonical tensor `name` in a `gguf_arch` file, or None when it has none."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    _, layer, rest = name.split(".", 2) if name.startswith("layers.") else (None, None, None)
+    table = LAYER_NAMES.get(gguf_arch, {})
+    return f"blk.{layer}.{table[rest]}" if rest in table else None
