@@ -32,7 +32,7 @@ import numpy as np
 from flashmoe.runtime.memory import format_size
 from flashmoe.runtime.store import ALIGN, ExpertStore, aligned_buffer, slot_bytes
 
-QWEN35_397B_EXPERT_BYTES = 7_077_888  # 4-bit, group 64 (docs: model-shapes.md)
+DEFAULT_EXPERT_BYTES = 7_077_888  # one Qwen3.5-397B-A17B expert at 4 bits, group 64 (docs: model-shapes.md)
 
 
 def filesystem_of(path: Path) -> dict[str, str]:
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", type=Path, default=Path("/var/tmp/flashmoe-bench"),
                     help="scratch directory on the disk under test (default /var/tmp/flashmoe-bench)")
-    ap.add_argument("--expert-bytes", type=int, default=QWEN35_397B_EXPERT_BYTES,
+    ap.add_argument("--expert-bytes", type=int, default=DEFAULT_EXPERT_BYTES,
                     help="bytes per expert (default: Qwen3.5-397B-A17B at 4 bits, 7077888)")
     ap.add_argument("--experts", type=int, default=128, help="experts in the scratch file (default 128)")
     ap.add_argument("--threads", default="1,4,10,16",

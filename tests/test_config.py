@@ -166,3 +166,25 @@ def test_transformers_written_configs_load_and_round_trip_through_to_dict(hf_che
     cfg = ModelConfig.from_file(hf_checkpoint(arch, variant))
     assert cfg.family == arch and cfg.vocab_size == 256
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_a_shared_expert_is_read_for_any_family_whose_record_has_one(monkeypatch):
+    """The shared expert is its own Family fact, not a consequence of linear-attention layers."""
+    import dataclasses
+
+    from flashmoe.arch.families import FAMILIES, SIGMOID_GATED
+
+    d = dict(QWEN35_397B, model_type="qwen3_moe", shared_expert_intermediate_size=768)
+    assert ModelConfig.from_dict(d).shared_expert_intermediate_size == 0  # the record has none
+    monkeypatch.setitem(FAMILIES, "qwen3_moe", dataclasses.replace(FAMILIES["qwen3_moe"], shared_expert=SIGMOID_GATED))
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.has_shared_expert and cfg.shared_expert_intermediate_size == 768
+    assert cfg.layer_types == (FULL_ATTENTION,) * 60 and not cfg.has_attention_output_gate
+
+
+def test_every_model_type_maps_to_a_family_record_with_its_defaults():
+    from flashmoe.arch.families import FAMILIES, MODEL_TYPES, QK_NORMS
+
+    assert set(MODEL_TYPES.values()) == set(FAMILIES)
+    for name, fam in FAMILIES.items():
+        assert fam.name == name and fam.qk_norm in QK_NORMS and "rope_theta" in fam.defaults

@@ -175,3 +175,14 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name.lower()]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})") from None
+
+
+def tokenizer_for_vocab(vocab_size: int) -> str | None:
+    """The real tokenizer that fits a vocabulary of vocab_size ids, for a config without a preset: Qwen3.5's
+    (248,077 tokens) when vocab_size allows it, else Qwen3's (151,669), else the Mixtral stand-in for a 32,000
+    vocabulary; None when nothing fits."""
+    if vocab_size >= 248077:
+        return QWEN3_5_TOKENIZER
+    if vocab_size >= 151669:
+        return QWEN3_TOKENIZER
+    return MIXTRAL_STANDIN_TOKENIZER if vocab_size == 32000 else None
