@@ -88,7 +88,6 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-
 @runtime_checkable
 class WeightSource(Protocol):
     """What the reference (and backends' loaders) read weights through."""
