@@ -53,8 +53,7 @@ from flashmoe.runtime.memory import format_size
 from flashmoe.format.manifest import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest, QuantSpec,
                                       expert_file_name, sha256_file)
 from flashmoe.arch.tensors import resident_shapes
-from flashmoe.arch.presets import (MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER, get_preset,
-                              truncate)
+from flashmoe.arch.presets import get_preset, tokenizer_for_vocab, truncate
 from flashmoe.format.quant import GROUP_SIZES, QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsWriter
 
@@ -261,15 +260,9 @@ def write_expert_file(path: Path, cfg: ModelConfig, layer: int, layout: ExpertLa
 
 
 def choose_tokenizer(config: dict[str, Any]) -> str | None:
-    """The real tokenizer that fits a config's vocabulary, for `--config` models without a preset:
-    Qwen3.5's (248,077 tokens) when vocab_size allows it, else Qwen3's (151,669), else the Mixtral stand-in
-    for a 32,000 vocabulary; None when nothing fits (the directory then has no tokenizer)."""
-    vocab = int(config.get("text_config", config).get("vocab_size", 0))
-    if vocab >= 248077:
-        return QWEN3_5_TOKENIZER
-    if vocab >= 151669:
-        return QWEN3_TOKENIZER
-    return MIXTRAL_STANDIN_TOKENIZER if vocab == 32000 else None
+    """The real tokenizer that fits a config's vocabulary, for `--config` models without a preset
+    (presets.tokenizer_for_vocab); None when nothing fits (the directory then has no tokenizer)."""
+    return tokenizer_for_vocab(int(config.get("text_config", config).get("vocab_size", 0)))
 
 
 def synth_model(out: str | Path, config: dict[str, Any], *, tokenizer: str | None = None,
