@@ -125,12 +125,12 @@ def test_destination_exists_without_force(source, tmp_path):
 
 
 def test_disk_full_during_conversion(source, tmp_path, monkeypatch):
-    import flashmoe.convert.checkpoint as convert
+    import flashmoe.format.writer as writer
 
     def full(fd, data, offset, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(convert, "_write_at", full)
+    monkeypatch.setattr(writer, "_write_at", full)
     (tmp_path / "out").mkdir()
     _convert_fails(source, tmp_path / "out", "disk full", "layer_")
 

@@ -8,8 +8,8 @@ import pytest
 
 from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError
-from flashmoe.arch.families import (HF, MLX, QUANT_8BIT, QUANT_DEFAULT, QUANT_FLOAT, detect_layout, drop_reason,
-                               is_expert_tensor, quant_class, to_canonical)
+from flashmoe.arch.families import HF, MLX, detect_layout, drop_reason, is_expert_tensor, to_canonical
+from flashmoe.format.policy import QUANT_8BIT, QUANT_DEFAULT, QUANT_FLOAT, quant_class
 
 TINY = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
             vocab_size=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=6, partial_rotary_factor=0.5,

@@ -37,11 +37,6 @@ if TYPE_CHECKING:  # config.py imports this module for the records
 HF = "hf"
 MLX = "mlx"
 
-# Quantisation classes (see quant_class).
-QUANT_FLOAT = "float"
-QUANT_8BIT = "8bit"
-QUANT_DEFAULT = "default"
-
 # Family.shared_expert
 NO_SHARED_EXPERT = "none"
 SIGMOID_GATED = "sigmoid_gated"  # y += σ(x·W_sgᵀ)·SwiGLU_shared(x) (transformers Qwen3_5MoeSparseMoeBlock)
@@ -225,23 +220,6 @@ def is_expert_tensor(canonical_name: str) -> bool:
     """True for routed-expert tensors (per-expert or stacked `layers.{i}.mlp.experts.…`), which live in the
     expert files rather than resident.safetensors. The shared expert is resident."""
     return bool(_EXPERT.match(canonical_name))
-
-
-def quant_class(canonical_name: str, shape: tuple[int, ...]) -> str:
-    """How a tensor is stored when quantising, following mlx-lm's convert:
-
-    QUANT_FLOAT for everything that is not a 2-D linear/embedding weight (norms, biases, conv1d, A_log,
-    dt_bias); QUANT_8BIT for the router `mlp.gate` and `mlp.shared_expert_gate` (mlx-lm's quant_predicate for
-    the Qwen3.5/Next families keeps them at 8 bits, group 64); QUANT_DEFAULT (the requested bits) otherwise.
-    Whether an input width is divisible by the group size is the quantiser's check, not decided here.
-    """
-    is_matrix = canonical_name.endswith(".weight") and (len(shape) == 2 or (len(shape) == 3 and
-                                                                           is_expert_tensor(canonical_name)))
-    if not is_matrix or ".conv1d." in canonical_name:
-        return QUANT_FLOAT
-    if canonical_name.endswith((".mlp.gate.weight", ".mlp.shared_expert_gate.weight")):
-        return QUANT_8BIT
-    return QUANT_DEFAULT
 
 
 def _strip_prefix(name: str) -> str:

@@ -6,23 +6,19 @@ and written at its place in experts/layer_NNN.bin at once; stacked experts ([E, 
 `switch_mlp`) are written expert by expert from their memory map when the layer is complete. Peak memory is
 therefore about the largest single source tensor (its float32 working copy while quantising, in chunks of
 16M elements), independent of the model's size.
-Everything is written into `.DST.tmp-XXXX` beside DST and renamed at the end (flashmoe.format.atomic.atomic_dir);
-on any error the temporary directory is removed, so DST is either complete or absent (or, with --force, the
-model directory it replaces).
+Everything goes through the format's one writer (flashmoe.format.writer), into `.DST.tmp-XXXX` beside DST
+renamed at the end; on any error the temporary directory is removed, so DST is either complete or absent (or,
+with --force, the model directory it replaces).
 
-Which tensors are quantised follows mlx-lm's convert (`mlx_lm.utils.quantize_model` and the models'
-`quant_predicate`): 2-D linear and embedding weights whose input width is a multiple of group_size, at the
-requested bits; the router (`mlp.gate`) and `shared_expert_gate` at 8 bits, group 64; everything else
-(norms, conv1d, A_log, dt_bias, biases) stays float in the source dtype. MLX-quantised sources are copied
-as they are: their quantised tensors byte for byte, never re-quantised.
+Which tensors are quantised is flashmoe.format.policy's (mlx-lm's choices; float tensors keep the source
+dtype). MLX-quantised sources are copied as they are: their quantised tensors byte for byte, never
+re-quantised, their float tensors float.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,36 +28,23 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-import flashmoe
-from flashmoe.format.atomic import atomic_dir, check_output_dir
+from flashmoe.format.atomic import check_output_dir
 from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.arch.families import (
     HF,
     MLX,
-    QUANT_8BIT,
-    QUANT_FLOAT,
     detect_layout,
     drop_reason,
     is_expert_tensor,
-    quant_class,
     to_canonical,
 )
 from flashmoe.arch.tensors import EXPERT_PROJS, resident_shapes
-from flashmoe.format.manifest import (
-    DTYPES,
-    MANIFEST,
-    RESIDENT,
-    ExpertFile,
-    ExpertLayout,
-    FileEntry,
-    Manifest,
-    QuantSpec,
-    expert_file_name,
-    sha256_file,
-)
-from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor, quantize
-from flashmoe.format.safetensors_io import SafetensorsFile, SafetensorsWriter
+from flashmoe.format.manifest import MANIFEST, RESIDENT, ExpertLayout, Manifest, QuantSpec
+from flashmoe.format.policy import KEEP, QUANT_8BIT, QUANT_FLOAT, ROUTER_QUANT, QuantPolicy, quant_class
+from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
+from flashmoe.format.safetensors_io import SafetensorsFile
+from flashmoe.format.writer import ExpertFileWriter, ModelDirWriter, write_model_dir
 
 #: Files copied from the source when present (tokenizer and generation settings).
 COPIED_FILES = (
@@ -70,7 +53,6 @@ COPIED_FILES = (
     "chat_template.jinja", "chat_template.json",
 )
 _FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
-_ROUTER_QUANT = QuantSpec(8, 64)  # mlx-lm quant_predicate for mlp.gate / shared_expert_gate
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
@@ -118,9 +100,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     src_dir = _resolve_source(src)
     cfg = ModelConfig.from_file(src_dir / "config.json")
     ckpt = _Checkpoint(src_dir)
-    with atomic_dir(dst) as tmp:
-        job = _Conversion(cfg, ckpt, tmp, res_bits, exp_bits, group_size, log, progress)
-        job.run(str(src))
+    job = _Conversion(cfg, ckpt, res_bits, exp_bits, group_size, log, progress)
+    with write_model_dir(dst, cfg.model_type, job.source_record(str(src)), job.policy) as out:
+        job.run(out)
     manifest = Manifest.from_json((dst / MANIFEST).read_text())
     experts = sum(f.size for rel, f in manifest.files.items() if rel.startswith("experts/"))
     log(f"wrote {dst}: {manifest.files[RESIDENT].size:,} B resident, {experts:,} B of experts in "
@@ -192,68 +174,43 @@ class _Checkpoint:
         return f"{self.where[name].path}: tensor {name!r}"
 
 
-class _ExpertFileWriter:
-    """Writes one MoE layer's expert file: expert e's components land at e*stride + offset (os.pwrite), in
-    any order, so per-expert checkpoints stream one tensor at a time. The file is pre-sized to E*stride
-    (unwritten bytes, the padding, read as zeros)."""
-
-    def __init__(self, path: Path, layout: ExpertLayout, num_experts: int):
-        self.path, self.layout, self.num_experts = path, layout, num_experts
-        self.done: set[tuple[int, str]] = set()
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, num_experts * layout.stride)
-
-    def write(self, e: int, proj: str, part: QuantizedTensor | np.ndarray, where: str) -> None:
-        """Store projection `proj` of expert e; CheckpointError (naming `where`) if it does not fit the layout
-        planned from the layer's first expert (another dtype or shape)."""
-        for c in self.layout.components:
-            name, kind = c.name.split(".")
-            if name != proj:
-                continue
-            a = getattr(part, kind) if isinstance(part, QuantizedTensor) else part
-            if isinstance(part, QuantizedTensor) != (proj in self.layout.quantization) or \
-                    tuple(a.shape) != c.shape or a.dtype != DTYPES[c.dtype]:
-                raise CheckpointError(f"{where}: expert {e} {c.name} is {a.dtype} {list(a.shape)}, unlike expert 0 "
-                                      f"of the layer ({c.dtype} {list(c.shape)})")
-            _write_at(self.fd, np.ascontiguousarray(a).reshape(-1).view(np.uint8), e * self.layout.stride + c.offset,
-                      self.path)
-        self.done.add((e, proj))
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 @dataclass
 class _LayerExperts:
     """One MoE layer's routed experts: per-expert tensors go straight to `writer`; stacked ones ([E, ...],
     memory-mapped) wait in `stacked` until the layer is complete."""
 
-    writer: _ExpertFileWriter | None = None
+    writer: ExpertFileWriter | None = None
     stacked: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # proj -> {weight, scales, biases}
     sources: dict[str, str] = field(default_factory=dict)  # proj -> a source tensor, for messages
 
 
 class _Conversion:
-    """One conversion run into the temporary directory `out`."""
+    """One conversion run: the checkpoint's tensors, layer by layer, into a ModelDirWriter."""
 
-    def __init__(self, cfg: ModelConfig, ckpt: _Checkpoint, out: Path, res_bits: int | None,
-                 exp_bits: int | None, group_size: int, log: Callable[[str], None], progress: bool | None):
-        self.cfg, self.ckpt, self.out = cfg, ckpt, out
+    def __init__(self, cfg: ModelConfig, ckpt: _Checkpoint, res_bits: int | None, exp_bits: int | None,
+                 group_size: int, log: Callable[[str], None], progress: bool | None):
+        self.cfg, self.ckpt = cfg, ckpt
         self.res_bits, self.exp_bits, self.group_size = res_bits, exp_bits, group_size
         self.log, self.progress = log, progress
         self.layout = detect_layout(ckpt.names())
         # A quantised source keeps every tensor as stored (float ones were left float on purpose by mlx-lm).
         self.keep_source = any(n.endswith(".scales") for n in ckpt.names())
+        self.policy = KEEP if self.keep_source else QuantPolicy(res_bits, group_size, exp_bits)
         self.expected = resident_shapes(cfg)
-        self.quantization: dict[str, QuantSpec] = {}
         self.written: set[str] = set()
-        self.experts: list[ExpertFile] = []
-        self.hashes: dict[str, FileEntry] = {}
+        self.expert_layers: list[int] = []
         self.pending: dict[str, dict[str, tuple[str, np.ndarray]]] = {}  # MLX quantised triples being gathered
+        self.out: ModelDirWriter | None = None
+
+    def source_record(self, source: str) -> dict[str, object]:
+        """The manifest's `source`: what was converted, its layout and its safetensors files."""
+        return {"checkpoint": source, "layout": self.layout,
+                "files": sorted(p.name for p in {f.path for f in self.ckpt.files.values()})}
 
     # -- driver --
 
-    def run(self, source: str) -> None:
+    def run(self, out: ModelDirWriter) -> None:
+        self.out = out
         groups: dict[int, list[str]] = {}
         dropped: dict[str, int] = {}
         for name in self.ckpt.names():
@@ -273,26 +230,10 @@ class _Conversion:
             name = groups[bad_layers[0]][0]
             raise CheckpointError(f"{self.ckpt.describe(name)}: layer {bad_layers[0]} is beyond "
                                   f"num_hidden_layers ({self.cfg.num_hidden_layers})")
-        (self.out / "experts").mkdir()
-        writer = SafetensorsWriter(self.out / RESIDENT, {"format": "flashmoe"})
-        try:
-            self._convert_all(groups, writer)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        self._copy_side_files()
-        self._record_hashes()
-        manifest = Manifest(
-            model_type=self.cfg.model_type,
-            source={"checkpoint": source, "layout": self.layout,
-                    "files": sorted(p.name for p in {f.path for f in self.ckpt.files.values()})},
-            quantization=self.quantization,
-            experts=self.experts,
-            files=self.hashes,
-            flashmoe_version=flashmoe.__version__,
-        )
-        (self.out / MANIFEST).write_text(manifest.to_json())
+        self._convert_all(groups)
+        for name in COPIED_FILES:
+            if (self.ckpt.root / name).is_file():
+                out.add_file(name, self.ckpt.root / name)
 
     def unquantised_warning(self) -> str | None:
         """A warning naming the weights that --bits/--expert-bits ask to quantise but that stay float because
@@ -304,7 +245,7 @@ class _Conversion:
         if self.res_bits is not None:
             for name, shape in self.expected.items():
                 cls = quant_class(name, shape)
-                if cls != QUANT_FLOAT and self._resident_quant(name, shape) is None:
+                if cls != QUANT_FLOAT and self.policy.resident(name, shape) is None:
                     skipped[name] = (shape[-1], cls != QUANT_8BIT)
         if self.exp_bits is not None:
             for proj in EXPERT_PROJS:
@@ -322,29 +263,25 @@ class _Conversion:
         n = len(skipped)
         return (f"warning: {n} weight{'s stay' if n > 1 else ' stays'} float, not quantised, because the input "
                 f"width is not a multiple of the group size (--group-size {self.group_size}"
-                f"{f', {_ROUTER_QUANT.group_size} for the 8-bit routers' if routers else ''}): {shown}{hint}")
+                f"{f', {ROUTER_QUANT.group_size} for the 8-bit routers' if routers else ''}): {shown}{hint}")
 
-    def _convert_all(self, groups: dict[int, list[str]], writer: SafetensorsWriter) -> None:
+    def _convert_all(self, groups: dict[int, list[str]]) -> None:
         """Every tensor, layer by layer (non-layer tensors first), then the completeness checks."""
         total = sum(len(v) for v in groups.values())
         with tqdm(total=total, unit="tensor", desc="convert", disable=None if self.progress is None
                   else not self.progress, file=sys.stderr) as bar:
             for layer in sorted(groups):
                 experts = _LayerExperts()
-                try:
-                    for name in sorted(groups[layer]):
-                        self._convert_tensor(name, layer, writer, experts)
-                        bar.update(1)
-                    self._flush_pending(writer)
-                    if experts.sources:
-                        self._finish_experts(layer, experts)
-                finally:
-                    if experts.writer is not None:
-                        experts.writer.close()
+                for name in sorted(groups[layer]):
+                    self._convert_tensor(name, layer, experts)
+                    bar.update(1)
+                self._flush_pending()
+                if experts.sources:
+                    self._finish_experts(layer, experts)
                 if experts.writer is not None:
-                    rel = experts.writer.path.relative_to(self.out).as_posix()
-                    self.experts.append(ExpertFile(layer, rel, self.cfg.num_experts, experts.writer.layout))
-        missing_layers = sorted(set(self.cfg.moe_layers) - {e.layer for e in self.experts})
+                    experts.writer.close()  # hashed now, while the file is likely still in the page cache
+                    self.expert_layers.append(layer)
+        missing_layers = sorted(set(self.cfg.moe_layers) - set(self.expert_layers))
         if missing_layers:
             raise CheckpointError(f"{self.ckpt.root}: missing routed-expert tensors of layer {missing_layers[0]}")
         missing = sorted(set(self.expected) - self.written)
@@ -354,7 +291,7 @@ class _Conversion:
 
     # -- one source tensor --
 
-    def _convert_tensor(self, name: str, layer: int, writer: SafetensorsWriter, experts: _LayerExperts) -> None:
+    def _convert_tensor(self, name: str, layer: int, experts: _LayerExperts) -> None:
         array = self.ckpt.get(name)
         where = self.ckpt.describe(name)
         is_quant_part = array.dtype == np.uint32 or _QUANT_PART.match(name) is not None
@@ -372,9 +309,9 @@ class _Conversion:
                 base = cname.rsplit(".", 1)[0]
                 self.pending.setdefault(base, {})[kind] = (name, a)
                 if len(self.pending[base]) == 3:
-                    self._write_mlx_quantized(base, self.pending.pop(base), writer)
+                    self._write_mlx_quantized(base, self.pending.pop(base))
             else:
-                self._write_resident(cname, a, name, writer)
+                self._write_resident(cname, a, name)
 
     def _check_shape(self, cname: str, shape: tuple[int, ...], source: str) -> None:
         if cname == "lm_head.weight" and self.cfg.tie_word_embeddings:
@@ -389,34 +326,14 @@ class _Conversion:
             raise CheckpointError(f"{self.ckpt.describe(source)}: shape {list(shape)}, expected {list(expected)} "
                                   f"from config.json")
 
-    def _write_resident(self, cname: str, a: np.ndarray, source: str, writer: SafetensorsWriter) -> None:
+    def _write_resident(self, cname: str, a: np.ndarray, source: str) -> None:
         self._check_shape(cname, a.shape, source)
         if cname == "lm_head.weight" and self.cfg.tie_word_embeddings:
             return  # tied: the embedding is the head
-        spec = self._resident_quant(cname, a.shape)
-        if spec is None:
-            writer.add(cname, a)
-        else:
-            qt = quantize(a, spec.bits, spec.group_size)
-            base = cname[: -len("weight")]
-            writer.add(cname, qt.weight)
-            writer.add(base + "scales", qt.scales)
-            writer.add(base + "biases", qt.biases)
-            self.quantization[cname] = spec
+        self.out.add_resident(cname, a)
         self.written.add(cname)
 
-    def _resident_quant(self, cname: str, shape: tuple[int, ...]) -> QuantSpec | None:
-        """How a float resident tensor is stored: None (float) or its QuantSpec (mlx-lm's choices)."""
-        if self.res_bits is None or self.keep_source:
-            return None
-        cls = quant_class(cname, shape)
-        if cls == QUANT_FLOAT:
-            return None
-        spec = _ROUTER_QUANT if cls == QUANT_8BIT else QuantSpec(self.res_bits, self.group_size)
-        return spec if shape[-1] % spec.group_size == 0 else None
-
-    def _write_mlx_quantized(self, base: str, parts: dict[str, tuple[str, np.ndarray]],
-                             writer: SafetensorsWriter) -> None:
+    def _write_mlx_quantized(self, base: str, parts: dict[str, tuple[str, np.ndarray]]) -> None:
         """Copy an MLX quantised triple as it is, after checking it against the config's logical shape."""
         cname = base + ".weight"
         source = parts["weight"][0]
@@ -425,10 +342,7 @@ class _Conversion:
         self._check_shape(cname, s.shape[:-1] + (s.shape[-1] * spec.group_size,), source)
         if cname == "lm_head.weight" and self.cfg.tie_word_embeddings:
             return
-        writer.add(cname, w)
-        writer.add(base + ".scales", s)
-        writer.add(base + ".biases", b)
-        self.quantization[cname] = spec
+        self.out.add_resident(cname, QuantizedTensor(w, s, b, spec.bits, spec.group_size))
         self.written.add(cname)
 
     def _mlx_spec(self, cname: str, w: np.ndarray, s: np.ndarray, b: np.ndarray, source: str) -> QuantSpec:
@@ -455,7 +369,7 @@ class _Conversion:
                                   f"input width of {in_dim} at any supported bits/group_size")
         return QuantSpec(bits, gs)
 
-    def _flush_pending(self, writer: SafetensorsWriter) -> None:
+    def _flush_pending(self) -> None:
         if self.pending:
             base, parts = next(iter(self.pending.items()))
             missing = sorted({"weight", "scales", "biases"} - set(parts))
@@ -477,9 +391,9 @@ class _Conversion:
                                       "from config.json")
             if experts.writer is None:
                 # Every expert is stored like one of zeros of this dtype; the writer rejects any that differ.
-                template = {p: self._expert_final(np.zeros(self._expert_shape(p), a.dtype)) for p in EXPERT_PROJS}
+                template = {p: self.out.expert_part(np.zeros(self._expert_shape(p), a.dtype)) for p in EXPERT_PROJS}
                 experts.writer = self._open_expert_file(layer, ExpertLayout.plan(template))
-            experts.writer.write(e, proj, self._expert_final(a), where)
+            experts.writer.write(e, proj, self.out.expert_part(a), where)
         elif m := _STACKED.match(cname):
             proj, kind = m[2], m[3]
             if a.shape[0] != n_exp:
@@ -493,14 +407,8 @@ class _Conversion:
         h, inter = self.cfg.hidden_size, self.cfg.moe_intermediate_size
         return (h, inter) if proj == "down_proj" else (inter, h)
 
-    def _expert_final(self, w: np.ndarray) -> QuantizedTensor | np.ndarray:
-        """One float expert projection [out, in] in its stored form (a quantised source's float stays float)."""
-        if self.exp_bits is None or self.keep_source or w.shape[-1] % self.group_size:
-            return np.ascontiguousarray(w)
-        return quantize(w, self.exp_bits, self.group_size)
-
-    def _open_expert_file(self, layer: int, layout: ExpertLayout) -> _ExpertFileWriter:
-        return _ExpertFileWriter(self.out / expert_file_name(layer), layout, self.cfg.num_experts)
+    def _open_expert_file(self, layer: int, layout: ExpertLayout) -> ExpertFileWriter:
+        return self.out.open_experts(layer, layout, self.cfg.num_experts)
 
     def _stacked_getters(self, layer: int, experts: _LayerExperts) -> dict[str, Callable[[int], object]]:
         """proj -> function giving expert e's stored form, from the stacked tensors of the layer."""
@@ -515,7 +423,7 @@ class _Conversion:
                 if tuple(w.shape[1:]) != logical:
                     raise CheckpointError(f"{where}: expert shape {list(w.shape[1:])}, expected {list(logical)} "
                                           "from config.json")
-                getters[proj] = lambda e, w=w: self._expert_final(w[e])
+                getters[proj] = lambda e, w=w: self.out.expert_part(w[e])
             elif set(parts) == {"weight", "scales", "biases"}:
                 cname = f"layers.{layer}.mlp.experts.{proj}.weight"
                 spec = self._mlx_spec(cname, parts["weight"], parts["scales"], parts["biases"],
@@ -544,25 +452,9 @@ class _Conversion:
             for proj, get in getters.items():
                 for e in range(self.cfg.num_experts):
                     experts.writer.write(e, proj, get(e), self.ckpt.describe(experts.sources[proj]))
-        for e in range(self.cfg.num_experts):
-            for proj in EXPERT_PROJS:
-                if (e, proj) not in experts.writer.done:
-                    raise CheckpointError(f"{self.ckpt.root}: missing tensor for "
-                                          f"layers.{layer}.mlp.experts.{e}.{proj}.weight (canonical name)")
-
-    # -- side files --
-
-    def _copy_side_files(self) -> None:
-        root = self.ckpt.root
-        for name in COPIED_FILES:
-            if (root / name).is_file():
-                shutil.copyfile(root / name, self.out / name)
-
-    def _record_hashes(self) -> None:
-        for path in sorted(self.out.rglob("*")):
-            rel = path.relative_to(self.out).as_posix()
-            if path.is_file() and rel not in self.hashes:
-                self.hashes[rel] = FileEntry(path.stat().st_size, sha256_file(path))
+        if (missing := experts.writer.first_missing()) is not None:
+            raise CheckpointError(f"{self.ckpt.root}: missing tensor for "
+                                  f"layers.{layer}.mlp.experts.{missing[0]}.{missing[1]}.weight (canonical name)")
 
 
 def _mlx_quant_part(cname: str, a: np.ndarray) -> str | None:
@@ -571,14 +463,3 @@ def _mlx_quant_part(cname: str, a: np.ndarray) -> str | None:
         return m[2]
     return "weight" if cname.endswith(".weight") and a.dtype == np.uint32 else None
 
-
-def _write_at(fd: int, data: np.ndarray, offset: int, path: Path) -> None:
-    """pwrite all of `data` at `offset`; the single place expert bytes reach the disk (tests simulate ENOSPC
-    here). OSError carries `path` so the error line names the file."""
-    view = memoryview(data)
-    try:
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None

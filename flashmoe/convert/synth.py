@@ -4,15 +4,15 @@
 Hugging Face detour, a flashmoe model directory (docs/formats.md) that loads and runs like a converted
 one: config.json (the preset's, truncated to `--layers`), generation_config.json, the real tokenizer
 (flashmoe/convert/synth_tokenizer.py), resident.safetensors and experts/layer_NNN.bin, plus flashmoe.json with
-sizes and SHA-256 checksums. Files are written through the format's own pieces (modeldir.ExpertLayout
-plans and packs experts, safetensors_io.SafetensorsWriter writes the resident file, modeldir.Manifest
-the manifest) into a temporary directory beside DIR that is renamed to DIR only when complete.
+sizes and SHA-256 checksums. Files are written through the format's one writer (flashmoe.format.writer:
+ExpertLayout plans and packs experts, the writer streams them and builds the manifest) into a temporary
+directory beside DIR that is renamed to DIR only when complete.
 
 Weights: a quantised tensor is random uint32 words (every 4-bit code equally likely) with per-group
 scales around `std / sd(q)` (±12.5% jitter) and biases `-scale * (2**bits - 1) / 2`, so each weight
 has mean ≈ 0 and standard deviation ≈ `std` (0.02, transformers' initializer_range). Which tensors are
-quantised and at which width follows flashmoe.arch.families.quant_class (as the converter does: router and
-shared-expert gate at 8 bits, norms/conv/A_log/dt_bias float). Float tensors: RMSNorm weights 1 (the
+quantised and at which width is flashmoe.format.policy's, as for the converter (router and shared-expert
+gate at 8 bits, norms/conv/A_log/dt_bias float). Float tensors: RMSNorm weights 1 (the
 canonical x·w form), `A_log = log(U(1, 16))` and `dt_bias = 1` (transformers' Qwen3-Next init), conv1d
 `U(±1/sqrt(kernel))` (PyTorch's Conv1d default), attention biases 0.
 
@@ -31,31 +31,26 @@ a layer's bytes do not depend on which other layers are written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ml_dtypes
 import numpy as np
 
-from flashmoe import __version__
-from flashmoe.format.atomic import atomic_dir, check_output_dir
+from flashmoe.format.atomic import check_output_dir
 from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import ConfigError, FlashMoeError
-from flashmoe.arch.families import QUANT_8BIT, QUANT_FLOAT, quant_class
 from flashmoe.runtime.memory import format_size
-from flashmoe.format.manifest import (MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest, QuantSpec,
-                                      expert_file_name, sha256_file)
+from flashmoe.format.manifest import ExpertLayout, QuantSpec
+from flashmoe.format.policy import QuantPolicy
 from flashmoe.arch.tensors import resident_shapes
 from flashmoe.arch.presets import get_preset, tokenizer_for_vocab, truncate
 from flashmoe.format.quant import GROUP_SIZES, QuantizedTensor
-from flashmoe.format.safetensors_io import SafetensorsWriter
+from flashmoe.format.writer import ExpertFileWriter, write_model_dir
 
 INIT_STD = 0.02
 # Weight std of the projections that write attention/GatedDeltaNet outputs into the residual stream
@@ -64,9 +59,7 @@ RESIDUAL_BRANCH_STD = INIT_STD / 100
 _RESIDUAL_BRANCH_TENSORS = ("self_attn.o_proj.weight", "linear_attn.out_proj.weight")
 SCALE_DTYPE = ml_dtypes.bfloat16
 FLOAT_DTYPE = ml_dtypes.bfloat16
-ROUTER_QUANT = QuantSpec(8, 64)  # quant_class's QUANT_8BIT (mlx-lm keeps router and shared-expert gate at 8 bits)
 _CHUNK_BYTES = 64 << 20  # experts are generated and written this many bytes at a time
-_FLUSH_BYTES = 512 << 20  # written expert bytes are synced and dropped from the page cache this often
 _RESIDENT_STREAM = 1 << 20  # stream id of the non-layer resident tensors (embedding, lm_head, final norm)
 
 Progress = Callable[[int], None]
@@ -123,15 +116,9 @@ def _random_float(name: str, shape: tuple[int, ...], rng: np.random.Generator) -
     return (rng.standard_normal(shape, dtype=np.float32) * init_std(name)).astype(FLOAT_DTYPE)
 
 
-def _resident_quant(name: str, shape: tuple[int, ...], bits: int | None, group_size: int) -> QuantSpec | None:
-    """How a resident tensor is stored, as flashmoe convert decides it: None (float: quant_class says so,
-    --bits none, or an input width that is not a multiple of the group size) or its QuantSpec (router and
-    shared-expert gate always 8 bits, group 64)."""
-    cls = quant_class(name, shape)
-    if cls == QUANT_FLOAT or bits is None:
-        return None
-    spec = ROUTER_QUANT if cls == QUANT_8BIT else QuantSpec(bits, group_size)
-    return spec if shape[-1] % spec.group_size == 0 else None
+def _policy(bits: int | None, group_size: int) -> QuantPolicy:
+    """synth's quantisation: `bits` for resident weights and experts alike (None: bfloat16 floats)."""
+    return QuantPolicy(bits, group_size, bits)
 
 
 def _layer_of(name: str) -> int:
@@ -143,10 +130,11 @@ def resident_tensors(cfg: ModelConfig, bits: int | None, group_size: int,
     """Every resident tensor of a `cfg` model (arch.tensors.resident_shapes), generated lazily one at a time:
     (canonical name, QuantizedTensor or float array)."""
     streams: dict[int, np.random.Generator] = {}
+    policy = _policy(bits, group_size)
     for name, shape in resident_shapes(cfg).items():
         layer = _layer_of(name)
         rng = streams.setdefault(layer, _rng(seed, 0, layer))
-        q = _resident_quant(name, shape, bits, group_size)
+        q = policy.resident(name, shape)
         yield name, (_random_float(name, shape, rng) if q is None else
                      random_quantized(rng, shape, q.bits, q.group_size, init_std(name)))
 
@@ -159,7 +147,9 @@ def _expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 def random_expert(cfg: ModelConfig, rng: np.random.Generator, bits: int | None,
                   group_size: int) -> dict[str, QuantizedTensor | np.ndarray]:
     """One routed expert: {'gate_proj' [I, H], 'up_proj' [I, H], 'down_proj' [H, I]} (quantised unless bits
-    is None, then bfloat16 floats)."""
+    is None, then bfloat16 floats). Unlike the policy, which would leave a projection whose input width does not
+    divide by group_size float, this raises ConfigError (random_quantized): a synthetic model exists for its
+    quantised expert bytes."""
     return {proj: (random_quantized(rng, shape, bits, group_size) if bits is not None else
                    (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE))
             for proj, shape in _expert_shapes(cfg).items()}
@@ -179,84 +169,29 @@ def _stored_bytes(shape: tuple[int, ...], q: QuantSpec | None) -> int:
 
 def planned_bytes(cfg: ModelConfig, bits: int | None, group_size: int) -> tuple[int, int]:
     """(resident bytes, expert-file bytes) that synth_model writes for `cfg`, without writing anything."""
-    resident = sum(_stored_bytes(shape, _resident_quant(name, shape, bits, group_size))
-                   for name, shape in resident_shapes(cfg).items())
+    policy = _policy(bits, group_size)
+    resident = sum(_stored_bytes(shape, policy.resident(name, shape)) for name, shape in resident_shapes(cfg).items())
     experts = len(cfg.moe_layers) * cfg.num_experts * expert_layout(cfg, bits, group_size).stride
     return resident, experts
 
 
-class _ExpertFileWriter:
-    """Writes one expert file from a background thread (hash + write + periodic sync/drop) while the
-    caller generates the next chunk; the page cache is kept clean so a multi-GB synth does not evict
-    everyone else's pages."""
-
-    def __init__(self, path: Path):
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._hash = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="synth-write")
-        self._pending: Future | None = None
-        self._written = 0
-        self._synced = 0
-
-    def submit(self, chunk: np.ndarray) -> None:
-        """Queue `chunk` (uint8) for writing; waits for the previous chunk, so at most one is in flight."""
-        self.wait()
-        self._pending = self._pool.submit(self._write, chunk)
-
-    def wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-
-    def _write(self, chunk: np.ndarray) -> None:
-        view = memoryview(chunk)
-        self._hash.update(view)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        self._written += len(chunk)
-        if self._written - self._synced >= _FLUSH_BYTES:
-            self._drop()
-
-    def _drop(self) -> None:
-        os.fdatasync(self._fd)
-        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        self._synced = self._written
-
-    def close(self) -> FileEntry:
-        """Finish writing; (size, sha256) of the file."""
-        self.wait()
-        self._pool.shutdown()
-        self._drop()
-        os.close(self._fd)
-        return FileEntry(self._written, self._hash.hexdigest())
-
-    def abort(self) -> None:
-        self._pool.shutdown(cancel_futures=True)
-        os.close(self._fd)
-
-
-def write_expert_file(path: Path, cfg: ModelConfig, layer: int, layout: ExpertLayout, bits: int | None,
-                      group_size: int, seed: int, progress: Progress | None = None) -> FileEntry:
-    """Write experts/layer_NNN.bin of MoE layer `layer`: num_experts random experts packed by `layout`
-    (expert e at e*stride). Returns the file's size and SHA-256."""
+def write_random_experts(writer: ExpertFileWriter, cfg: ModelConfig, layer: int, bits: int | None,
+                         group_size: int, seed: int, progress: Progress | None = None) -> None:
+    """Fill experts/layer_NNN.bin of MoE layer `layer` (`writer`) with num_experts random experts, packed by the
+    writer's layout in chunks of about 64 MiB: one chunk is generated while the previous one is written."""
     rng = _rng(seed, 1, layer)
-    per_chunk = max(1, _CHUNK_BYTES // layout.stride)
-    buffers = [np.empty(per_chunk * layout.stride, np.uint8) for _ in range(2)]  # one filling, one writing
-    writer = _ExpertFileWriter(path)
-    try:
-        for n_chunk, first in enumerate(range(0, cfg.num_experts, per_chunk)):
-            count = min(per_chunk, cfg.num_experts - first)
-            buf = buffers[n_chunk % 2]  # free: submit() waited for the write of chunk n_chunk - 2
-            for j in range(count):
-                layout.pack(random_expert(cfg, rng, bits, group_size), buf[j * layout.stride:(j + 1) * layout.stride])
-            writer.submit(buf[: count * layout.stride])
-            if progress:
-                progress(count * layout.stride)
-        return writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    stride = writer.layout.stride
+    per_chunk = max(1, _CHUNK_BYTES // stride)
+    buffers = [np.empty(per_chunk * stride, np.uint8) for _ in range(2)]  # one filling, one writing
+    for n_chunk, first in enumerate(range(0, cfg.num_experts, per_chunk)):
+        count = min(per_chunk, cfg.num_experts - first)
+        buf = buffers[n_chunk % 2]  # free: write_experts waited for the write of chunk n_chunk - 2
+        for j in range(count):
+            writer.layout.pack(random_expert(cfg, rng, bits, group_size), buf[j * stride:(j + 1) * stride])
+        writer.write_experts(first, buf[: count * stride])
+        if progress:
+            progress(count * stride)
+    writer.close()
 
 
 def choose_tokenizer(config: dict[str, Any]) -> str | None:
@@ -282,49 +217,22 @@ def synth_model(out: str | Path, config: dict[str, Any], *, tokenizer: str | Non
 
     out = Path(out)
     cfg = check_synth(out, config, bits, group_size, force)
-    with atomic_dir(out) as tmp:
-        (tmp / "experts").mkdir()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    record = {"synthetic": True, "seed": seed, "bits": bits, "group_size": group_size,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(source or {})}
+    with write_model_dir(out, cfg.model_type, record, _policy(bits, group_size), {"synthetic": "true"}) as writer:
+        writer.add_file("config.json", json.dumps(config, indent=2) + "\n")
         if generation_config is not None:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+            writer.add_file("generation_config.json", json.dumps(generation_config, indent=2) + "\n")
         if tokenizer is not None:
-            write_tokenizer(tokenizer, tmp)
-
-        quantization: dict[str, QuantSpec] = {}
-        writer = SafetensorsWriter(tmp / RESIDENT, metadata={"format": "flashmoe", "synthetic": "true"})
-        try:
-            for name, t in resident_tensors(cfg, bits, group_size, seed):
-                if isinstance(t, QuantizedTensor):
-                    base = name[: -len("weight")]
-                    writer.add(name, t.weight)
-                    writer.add(base + "scales", t.scales)
-                    writer.add(base + "biases", t.biases)
-                    quantization[name] = QuantSpec(t.bits, t.group_size)
-                else:
-                    writer.add(name, t)
-                if progress:
-                    progress(t.nbytes)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-
+            write_tokenizer(tokenizer, writer.root)
+        for name, t in resident_tensors(cfg, bits, group_size, seed):
+            writer.add_resident(name, t)
+            if progress:
+                progress(t.nbytes)
         layout = expert_layout(cfg, bits, group_size)
-        files = {RESIDENT: FileEntry((tmp / RESIDENT).stat().st_size, sha256_file(tmp / RESIDENT))}
-        experts = []
         for layer in cfg.moe_layers:
-            rel = expert_file_name(layer)
-            files[rel] = write_expert_file(tmp / rel, cfg, layer, layout, bits, group_size, seed, progress)
-            experts.append(ExpertFile(layer, rel, cfg.num_experts, layout))
-        for extra in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-            if (tmp / extra).exists():
-                files[extra] = FileEntry((tmp / extra).stat().st_size, sha256_file(tmp / extra))
-        manifest = Manifest(
-            model_type=cfg.model_type,
-            source={"synthetic": True, "seed": seed, "bits": bits, "group_size": group_size,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(source or {})},
-            quantization=quantization, experts=experts, files=files, flashmoe_version=__version__)
-        (tmp / MANIFEST).write_text(manifest.to_json())
+            write_random_experts(writer.open_experts(layer, layout, cfg.num_experts), cfg, layer, bits, group_size,
+                                 seed, progress)
     return out
 
 
