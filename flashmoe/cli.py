@@ -183,7 +183,8 @@ def verify(
                                                 "model)."),
 ) -> None:
     """Recompute every file's SHA-256 and compare it with flashmoe.json (reads the whole model; loading a
-    model checks only file sizes). Exits 2 naming the first file that differs."""
+    model checks only file sizes). Exits 2 naming the first weight file that differs; settings files that
+    changed (config.json, generation_config.json, tokenizer files: users may edit them) are named, not refused."""
     from tqdm import tqdm
 
     from flashmoe.runtime.load import default_model_dir
@@ -195,8 +196,13 @@ def verify(
         total = sum(entry.size for entry in files.values())
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"verifying {model.path.name}",
                   disable=None) as bar:  # None: a bar only on a terminal
-            model.verify_checksums(progress=bar.update)
-    typer.echo(f"ok: {len(files)} files ({format_size(total)}) match the SHA-256 sums in flashmoe.json")
+            changed = model.verify_checksums(progress=bar.update)
+    matched = {rel: entry.size for rel, entry in files.items() if rel not in changed}
+    typer.echo(f"ok: {len(matched)} files ({format_size(sum(matched.values()))}) match the SHA-256 sums in "
+               "flashmoe.json")
+    if changed:
+        typer.echo(f"changed since the model was written (settings, not weights; flashmoe reads them as they are "
+                   f"now): {', '.join(changed)}")
 
 
 @_command()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,18 @@ def test_force_replaces_a_model_directory_or_an_empty_one_and_leaves_no_temporar
     assert not (dst / "stale.txt").exists() and (dst / MANIFEST).exists()
     assert ModelDir.open(dst).quantization("embed_tokens.weight").bits == 4
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_model_directory_and_files_get_the_umask_modes_like_any_other(per_expert, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        dst = convert_checkpoint(per_expert, tmp_path / "out", bits="4", progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(dst).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [dst, *dst.rglob("*")]}
+    assert modes.pop(".") == modes.pop("experts") == 0o777 & ~umask
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # config.json, manifest, resident, expert files
 
 
 def test_weights_left_float_by_the_group_size_are_named_in_one_warning(per_expert, tmp_path):

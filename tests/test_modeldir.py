@@ -160,3 +160,29 @@ def test_verify_checksums_finds_a_flipped_byte(model, tmp_path):
     with pytest.raises(FormatError, match="layer_002.bin: sha256"):
         md.verify_checksums()
     md.close()
+
+
+def test_edited_settings_files_open_and_verify_names_them(model, tmp_path):
+    """Users edit generation_config.json and config.json (EOS tokens, sampling defaults) as in Hugging Face
+    models: the model still opens, and verify passes the weights and names the edited files."""
+    from typer.testing import CliRunner
+
+    from flashmoe.cli import app
+
+    def edit(d: Path):
+        gen = json.loads((d / "generation_config.json").read_text())
+        (d / "generation_config.json").write_text(json.dumps(dict(gen, temperature=0.25), indent=4))
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=[2, 3])))
+    edited = _corrupt(model, tmp_path, edit)
+    with ModelDir.open(edited) as md:
+        assert md.verify_checksums() == ["config.json", "generation_config.json"]
+    result = CliRunner().invoke(app, ["verify", str(edited)])
+    assert result.exit_code == 0, result.output
+    assert "config.json, generation_config.json" in result.stdout and "not weights" in result.stdout
+
+
+def test_settings_file_that_is_not_json_is_named_on_open(model, tmp_path):
+    bad = _corrupt(model, tmp_path, lambda d: (d / "generation_config.json").write_text('{"temperature": 0.7,'))
+    with pytest.raises(FormatError, match=r"generation_config.json: not valid JSON \(.*\); fix the edit"):
+        ModelDir.open(bad)

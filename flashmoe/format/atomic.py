@@ -6,8 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,7 +89,7 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = _new_dir_beside(dst)
     try:
         try:
             yield tmp
@@ -110,3 +110,16 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
             raise FlashMoeError(f"writing {what}: {reason}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_dir_beside(dst: Path) -> Path:
+    """A new empty directory `.NAME.tmp-XXXXXXXX` beside dst, with the mode any directory gets (0o777 less the
+    umask): it becomes dst, which others may then read where the umask allows (tempfile.mkdtemp's 0o700 would
+    keep the model to its owner)."""
+    while True:
+        tmp = dst.with_name(f".{dst.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue

@@ -240,6 +240,12 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1) + "\n"
 
+    def weight_files(self) -> set[str]:
+        """Paths of the weight files (resident.safetensors and the expert files), which readers address by
+        offset: they must keep the size and checksum written. The other files (config.json, generation_config.json,
+        tokenizer files) are settings that users may edit."""
+        return {RESIDENT} | {e.path for e in self.experts}
+
     @classmethod
     def from_dict(cls, d: Any, where: str = MANIFEST) -> "Manifest":
         """Parse and type-check a manifest dict; FormatError naming the field on any problem."""

@@ -9,6 +9,7 @@ size and offset against the files before anything is read, so later code can tru
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,10 @@ from flashmoe.format.manifest import (ALIGN, COMPONENT_ALIGN, DTYPES, MANIFEST, 
                                       Manifest, QuantSpec, sha256_file)
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsFile
+
+# JSON side files up to this size are parsed on open; larger ones (a tokenizer.json of 15 MB takes longer to
+# parse than opening the model) are left to their readers, which report a broken file themselves.
+_SMALL_JSON = 1 << 20
 
 
 class ModelDir:
@@ -69,13 +74,7 @@ class ModelDir:
             _check_inside(ef.path, f"{mpath}: experts[layer {ef.layer}].path")
         for rel in manifest.files:
             _check_inside(rel, f"{mpath}: files key")
-        for rel, entry in manifest.files.items():
-            f = path / rel
-            if not f.is_file():
-                raise FormatError(f"{f}: listed in {MANIFEST} but missing")
-            if f.stat().st_size != entry.size:
-                raise FormatError(f"{f}: {f.stat().st_size} bytes, {MANIFEST} files[{rel!r}].size says {entry.size}: "
-                                  "the file changed after the model was written (restore it, or convert again)")
+        _check_files(manifest, path)
         try:
             resident = SafetensorsFile(path / RESIDENT)
         except CheckpointError as e:
@@ -173,15 +172,22 @@ class ModelDir:
 
     # -- maintenance --
 
-    def verify_checksums(self, progress: Callable[[int], None] | None = None) -> None:
+    def verify_checksums(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Recompute every file's SHA-256 and compare with the manifest (reads the whole model: the sum of
         `manifest.files` sizes). progress (if given) is called with the bytes hashed, 1 MiB at a time.
 
-        Raises FormatError naming the first file whose digest differs."""
+        Returns the settings files (Manifest.weight_files: not weights) whose contents changed since the model
+        was written, which users may edit. Raises FormatError naming the first weight file whose digest differs."""
+        changed, weights = [], self.manifest.weight_files()
         for rel, entry in self.manifest.files.items():
             digest = sha256_file(self.path / rel, progress=progress)
-            if digest != entry.sha256:
-                raise FormatError(f"{self.path / rel}: sha256 {digest} does not match {MANIFEST} ({entry.sha256})")
+            if digest == entry.sha256:
+                continue
+            if rel not in weights:
+                changed.append(rel)
+                continue
+            raise FormatError(f"{self.path / rel}: sha256 {digest} does not match {MANIFEST} ({entry.sha256})")
+        return changed
 
     def close(self) -> None:
         """Close the expert file descriptors."""
@@ -271,6 +277,26 @@ def _check_resident_shapes(resident: SafetensorsFile, manifest: Manifest, logica
     extra = sorted(set(logical) - set(expected))
     if extra:
         raise FormatError(f"{where}: unexpected tensor {extra[0]!r} for this config.json")
+
+
+def _check_files(manifest: Manifest, path: Path) -> None:
+    """Every listed file exists; weight files have the size the manifest records (another size means they
+    changed after writing); small JSON settings files parse, at any size (users edit
+    generation_config.json and config.json, as they do in Hugging Face models)."""
+    weights = manifest.weight_files()
+    for rel, entry in manifest.files.items():
+        f = path / rel
+        if not f.is_file():
+            raise FormatError(f"{f}: listed in {MANIFEST} but missing")
+        size = f.stat().st_size
+        if rel in weights and size != entry.size:
+            raise FormatError(f"{f}: {size} bytes, {MANIFEST} files[{rel!r}].size says {entry.size}: the weight "
+                              "file changed after the model was written (restore it, or convert again)")
+        if rel not in weights and rel.endswith(".json") and size <= _SMALL_JSON:
+            try:
+                json.loads(f.read_bytes())
+            except ValueError as e:
+                raise FormatError(f"{f}: not valid JSON ({e}); fix the edit or restore the file") from None
 
 
 def _check_inside(rel: str, where: str) -> None:

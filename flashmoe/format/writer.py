@@ -144,7 +144,7 @@ class ExpertFileWriter:
     def __init__(self, path: Path, layout: ExpertLayout, num_experts: int):
         self.path, self.layout, self.num_experts = path, layout, num_experts
         self._done = np.zeros((num_experts, len(EXPERT_PROJS)), bool)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, like any file
         os.ftruncate(self._fd, num_experts * layout.stride)
         self._hash = hashlib.sha256()
         self._hashed = 0  # bytes [0, _hashed) are in _hash; -1 once a write came out of order
