@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.runtime.memory import format_size
-from flashmoe.runtime.store import ALIGN, ExpertStore, aligned_buffer, slot_bytes
+from flashmoe.runtime.expert_files import ALIGN, aligned_buffer, slot_bytes
+from flashmoe.runtime.store import ExpertStore
 
 DEFAULT_EXPERT_BYTES = 7_077_888  # one Qwen3.5-397B-A17B expert at 4 bits, group 64 (docs: model-shapes.md)
 
@@ -120,7 +121,7 @@ def measure_store(path: Path, experts: int, stride: int, nbytes: int, mode: str,
         disk_bytes = store.stats.totals.disk_bytes
         bytes_read = store.stats.totals.bytes_read
     return {
-        "mode": mode, "o_direct": direct, "cold": cold, "threads": threads, "read_bytes": store.read_bytes,
+        "mode": mode, "o_direct": direct, "cold": cold, "threads": threads, "read_bytes": store.files.read_bytes,
         "reads_per_pass": experts, "gb_s": statistics.median(runs), "gb_s_runs": runs,
         # in pagecache mode: the share of bytes that RWF_NOWAIT could not find in the page cache
         "disk_fraction": disk_bytes / bytes_read if bytes_read else None,

@@ -6,7 +6,7 @@ import pytest
 
 from flashmoe.errors import FlashMoeError, MemoryBudgetError
 from flashmoe.runtime.memory import MemoryBudget, current_rss_bytes, format_size, parse_size, peak_rss_bytes
-from flashmoe.runtime.store import aligned_buffer
+from flashmoe.runtime.expert_files import aligned_buffer
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ import pytest
 
 from flashmoe.errors import FormatError
 from flashmoe.runtime.eviction import simulate_hit_rate
+from flashmoe.runtime.expert_files import ALIGN
 from flashmoe.runtime.stats import Stats
-from flashmoe.runtime.store import ALIGN, ExpertStore
+from flashmoe.runtime.store import ExpertStore
 
 NUM_EXPERTS = 8
 STRIDE = 3 * ALIGN
@@ -259,9 +260,9 @@ def test_a_fetch_takes_over_the_right_guesses_and_stops_the_wrong_ones(layers, m
 
 def test_guesses_start_after_the_reads_they_follow_and_stop_within_one_piece(layers, monkeypatch):
     files, _ = layers
-    import flashmoe.runtime.store as store_module
+    import flashmoe.runtime.expert_files as expert_files
 
-    monkeypatch.setattr(store_module, "GUESS_CHUNK", ALIGN)
+    monkeypatch.setattr(expert_files, "GUESS_CHUNK", ALIGN)
     events, lock = [], threading.Lock()
     real_preadv = os.preadv
     fds = {}
@@ -274,7 +275,7 @@ def test_guesses_start_after_the_reads_they_follow_and_stop_within_one_piece(lay
         return n
 
     with make_store(files, "direct", guess_slots=2) as store:
-        fds.update({fd: layer for layer, fd in store._fds.items()})
+        fds.update({fd: layer for layer, fd in store.files._fds.items()})
         monkeypatch.setattr(os, "preadv", slow_preadv)
         current = store.fetch(1, [0, 1])
         store.speculate(3, [6], after=current)

@@ -15,7 +15,7 @@ from flashmoe.runtime.replay import replay
 from flashmoe.cli import app
 from flashmoe.errors import FormatError
 from flashmoe.runtime.load import load_engine
-from flashmoe.runtime.store import slot_bytes
+from flashmoe.runtime.expert_files import slot_bytes
 from flashmoe.convert.synth import synth_model
 from flashmoe.runtime.trace import TraceHeader, TraceWriter, read_trace, record_trace
 

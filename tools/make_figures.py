@@ -127,7 +127,8 @@ def _fresh_store(engine, entries: int) -> None:
     load_engine sizes the own cache from --max-memory, which also counts this process's RSS; the figures
     want a cache of a fixed share of the experts instead."""
     from flashmoe.runtime.stats import Stats
-    from flashmoe.runtime.store import ExpertStore, slot_bytes
+    from flashmoe.runtime.expert_files import slot_bytes
+    from flashmoe.runtime.store import ExpertStore
 
     md, threads = engine.model_dir, engine.store.threads
     engine.store.close()
@@ -179,7 +180,7 @@ def context(model_dir: Path, figures: Path, doc: Path, disk_gbps: float) -> dict
     from flashmoe.info import model_stats
     from flashmoe.format.modeldir import ModelDir
     from flashmoe.plot import load_arrays, token_labels
-    from flashmoe.runtime.store import slot_bytes
+    from flashmoe.runtime.expert_files import slot_bytes
 
     run = json.loads((figures / "run.json").read_text())
     t = load_arrays(figures / "trace.jsonl")

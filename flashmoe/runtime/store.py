@@ -3,7 +3,7 @@
 Expert `e` of a layer occupies bytes `[e*stride, e*stride + nbytes)` of that layer's file (docs/formats.md);
 `stride` is a multiple of 4096, so one read fetches one whole expert and O_DIRECT reads stay aligned.
 
-Two modes (DESIGN.md, "The expert store"):
+Two modes (docs/design.md, "The expert store"):
 - `pagecache`: buffered reads into reusable page-aligned buffers; the kernel's page cache holds hot experts
   and the process stays small. Each read first tries `RWF_NOWAIT`, which only copies what the page cache
   already holds, so the store can count page-cache hits and the bytes that really came from disk.
@@ -34,13 +34,8 @@ handed. Statistics go to a `flashmoe.runtime.stats.Stats` (the engine's, or the 
 
 from __future__ import annotations
 
-import collections
-import errno
-import mmap
-import os
 import threading
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -49,68 +44,16 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from flashmoe.errors import FlashMoeError, FormatError
 from flashmoe.format.manifest import ALIGN
 from flashmoe.runtime.eviction import DEFAULT_POLICY, make_policy
+from flashmoe.runtime.expert_files import BufferPool, ExpertFiles, aligned_buffer, checked_allocator, slot_bytes
 from flashmoe.runtime.stats import Stats
 
 DEFAULT_THREADS = 8
 MODES = ("pagecache", "direct")
-# Speculative reads (ExpertStore.speculate) go in pieces of this size, so a guess found wrong stops within
-# one piece, and run this many at a time, most likely guess first: a guess ranked lower gets the disk only
-# when the ones above it are done.
-GUESS_CHUNK = 1 << 20
+# Speculative reads (ExpertStore.speculate) run this many at a time, most likely guess first (each in pieces
+# of expert_files.GUESS_CHUNK): a guess ranked lower gets the disk only when the ones above it are done.
 GUESS_READERS = 2
-
-
-def slot_bytes(nbytes: int) -> int:
-    """Bytes one read buffer or cache entry takes for an expert of `nbytes`: rounded up to 4096."""
-    return -(-nbytes // ALIGN) * ALIGN
-
-
-def aligned_buffer(nbytes: int) -> np.ndarray:
-    """A zeroed, writable np.uint8 array of `nbytes` that starts on a page boundary.
-
-    Anonymous mmap is page-aligned by construction; np.empty puts large arrays at page offset 16, where
-    preadv from the page cache measured 4x slower (issue 3). Pages are committed on first write."""
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
-
-
-def _checked_allocator(allocate: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
-    """Wrap `allocate` so that a buffer O_DIRECT or the alignment measurement would reject fails loudly."""
-
-    def checked(nbytes: int) -> np.ndarray:
-        buf = allocate(nbytes)
-        if (buf.dtype != np.uint8 or buf.shape != (nbytes,) or not buf.flags.c_contiguous
-                or not buf.flags.writeable or buf.ctypes.data % ALIGN):
-            raise ValueError(
-                f"buffer allocator returned {buf.dtype} {buf.shape} at page offset "
-                f"{buf.ctypes.data % ALIGN}; needs a writable contiguous uint8 ({nbytes},) array on a page "
-                "boundary"
-            )
-        return buf
-
-    return checked
-
-
-class _BufferPool:
-    """Reusable page-aligned buffers of one size. Buffers are kept for reuse, never unmapped: a fresh
-    mapping faults in every page during the copy, which made a warm read ~10x slower (bench_disk.py), and
-    the engine's fetch pattern bounds how many ever exist."""
-
-    def __init__(self, size: int, allocate: Callable[[int], np.ndarray]) -> None:
-        self.size, self._allocate = size, allocate
-        self._free: list[np.ndarray] = []
-        self.allocated = 0  # buffers alive (free or handed out)
-
-    def take(self) -> np.ndarray:
-        if self._free:
-            return self._free.pop()
-        self.allocated += 1
-        return self._allocate(self.size)
-
-    def give(self, buf: np.ndarray) -> None:
-        self._free.append(buf)
 
 
 @dataclass
@@ -218,147 +161,29 @@ class ExpertStore:
         self.stats = stats if stats is not None else Stats()
         self.threads = threads or DEFAULT_THREADS
         self.slot_bytes = slot_bytes(nbytes)
-        # Bytes asked of one read. Buffered reads need only the expert; O_DIRECT needs an aligned length
-        # (the file's end may cut the last expert's read short, which is fine as long as nbytes arrive).
-        self.read_bytes = self.slot_bytes if mode == "direct" else nbytes
-        self._paths = {layer: Path(p) for layer, p in files.items()}
-        self._fds: dict[int, int] = {}
-        self.direct = False  # O_DIRECT really in use (False after a fallback)
-        self._nowait = mode == "pagecache" and hasattr(os, "RWF_NOWAIT")
-        try:
-            self._open_files()
-        except BaseException:
-            self._close_files()
-            raise
-        self._allocate = _checked_allocator(allocate or aligned_buffer)
-        self._pool = _BufferPool(self.slot_bytes, self._allocate)
+        self.files = ExpertFiles(files, num_experts, stride, nbytes, mode)
+        self._allocate = checked_allocator(allocate or aligned_buffer)
+        self._pool = BufferPool(self.slot_bytes, self._allocate)
         self._cache: dict[tuple[int, int], _Entry] = {}
         self._spare: list[np.ndarray] = []  # allocated cache buffers not holding an expert
         self._cache_slots = 0  # cache buffers allocated (<= _capacity)
         self.policy = policy
         self.set_cache_bytes(cache_bytes)
         self._live: dict[int, Fetch] = {}  # id(fetch) -> fetch, for release_all
-        # Worker threads append (bytes_read, disk_bytes, demand read?) per finished read; the engine's thread
-        # moves them into stats (deque append/popleft are thread-safe), so Stats needs no lock.
-        self._done: collections.deque[tuple[int, int, bool]] = collections.deque()
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="flashmoe-read")
         self.guess_slots = guess_slots
         self._guesses: dict[tuple[int, int], _Guess] = {}  # outstanding speculative reads
         self._stopped: list[_Guess] = []  # wrong guesses whose read may still be finishing a piece
         self._guess_executor = ThreadPoolExecutor(GUESS_READERS, thread_name_prefix="flashmoe-guess")
 
-    # --- files -----------------------------------------------------------------------------------
-    def _open_files(self) -> None:
-        need = (self.num_experts - 1) * self.stride + self.nbytes
-        fallback = []
-        for layer, path in sorted(self._paths.items()):
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise FormatError(f"{path}: expert file of layer {layer} is missing") from None
-            if size < need:
-                first_short = max(0, (size - self.nbytes) // self.stride + 1)
-                raise FormatError(
-                    f"{path}: {size} bytes is too short for {self.num_experts} experts of {self.nbytes} "
-                    f"bytes at stride {self.stride} (needs {need}); expert {first_short} is cut off"
-                )
-            fd = self._open_direct(path) if self.mode == "direct" else None
-            if fd is None:
-                if self.mode == "direct":
-                    fallback.append(path)
-                fd = os.open(path, os.O_RDONLY)
-                # Experts are read whole and at random: kernel readahead past one would spend disk bandwidth
-                # on a neighbour the router may never pick.
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            self._fds[layer] = fd
-        self.direct = self.mode == "direct" and not fallback
-        if fallback:
-            warnings.warn(
-                f"O_DIRECT is not supported for {fallback[0]}"
-                + (f" and {len(fallback) - 1} other expert files" if len(fallback) > 1 else "")
-                + "; direct mode reads them through the page cache instead (flashmoe's own cache still "
-                "applies, but the page cache will also hold experts)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-
-    @staticmethod
-    def _open_direct(path: Path) -> int | None:
-        """An O_DIRECT descriptor for `path`, or None where the filesystem refuses O_DIRECT (EINVAL at
-        open on tmpfs; some filesystems accept the flag and refuse the first read, hence the probe)."""
-        flag = getattr(os, "O_DIRECT", 0)
-        if not flag:
-            return None
-        try:
-            fd = os.open(path, os.O_RDONLY | flag)
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                return None
-            raise
-        try:
-            os.preadv(fd, [aligned_buffer(ALIGN)], 0)
-        except OSError as e:
-            os.close(fd)
-            if e.errno == errno.EINVAL:
-                return None
-            raise
-        return fd
-
-    def _close_files(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    # --- reading ---------------------------------------------------------------------------------
-    def _read(self, layer: int, expert: int, buf: np.ndarray, stop: threading.Event | None = None) -> tuple[int, int]:
-        """Worker: read one expert into `buf` (runs in the pool; preadv releases the GIL). Returns
-        (bytes read, of them from disk), also queued for the stats. With `stop` (a speculative read) the
-        read goes in GUESS_CHUNK pieces and ends early, incomplete, once `stop` is set."""
-        fd, off, length = self._fds[layer], expert * self.stride, self.read_bytes
-        view = memoryview(buf)[:length]
-        piece = length if stop is None else GUESS_CHUNK
-        done = 0
-        try:
-            if self._nowait:
-                try:
-                    done = os.preadv(fd, [view], off, os.RWF_NOWAIT)
-                except BlockingIOError:
-                    pass  # nothing of it is in the page cache
-                except OSError as e:
-                    if e.errno != errno.EOPNOTSUPP:
-                        raise
-                    self._nowait = False  # the filesystem cannot tell; count every byte as from disk
-            cached = done
-            while done < self.nbytes:
-                if stop is not None and stop.is_set():
-                    if done:
-                        self._done.append((done, done - cached, False))
-                    return done, done - cached
-                n = os.preadv(fd, [view[done : done + piece]], off + done)
-                # O_DIRECT only returns a partial block at the end of the file.
-                if n == 0 or (self.direct and n % ALIGN):
-                    done += n
-                    break
-                done += n
-        except OSError as e:
-            raise FlashMoeError(
-                f"{self._paths[layer]}: reading expert {expert} of layer {layer} failed: {e}"
-            ) from e
-        if done < self.nbytes:
-            raise FormatError(
-                f"{self._paths[layer]}: expert {expert} of layer {layer} needs bytes [{off}, "
-                f"{off + self.nbytes}) but the file ends at byte {off + done}"
-            )
-        self._done.append((done, done - cached, stop is None))
-        return done, done - cached
-
     def _drain_done(self) -> None:
-        """Move completed reads' counters into stats (engine thread only)."""
-        while self._done:
-            nread, disk, demand = self._done.popleft()
+        """Move completed reads' counters into stats (engine thread only; the reader threads append them to
+        files.finished, and deque append/popleft are thread-safe, so Stats needs no lock)."""
+        while self.files.finished:
+            nread, disk, demand = self.files.finished.popleft()
             self.stats.record_read(nread, disk)
             # A speculative read is not a lookup; the fetch that uses it counts one (a miss).
-            if demand and self.mode == "pagecache" and self._nowait:
+            if demand and self.mode == "pagecache" and self.files.nowait:
                 self.stats.record_lookups(int(disk == 0), int(disk > 0))
 
     def _evictable(self, key: tuple[int, int]) -> bool:
@@ -385,8 +210,8 @@ class ExpertStore:
         return self._cache.pop(victim).buf
 
     def _check_ids(self, layer: int, expert_ids: Iterable[int]) -> tuple[int, ...]:
-        if layer not in self._fds:
-            raise ValueError(f"layer {layer} has no expert file (MoE layers: {sorted(self._fds)})")
+        if layer not in self.files.layers:
+            raise ValueError(f"layer {layer} has no expert file (MoE layers: {self.files.layers})")
         ids = tuple(int(e) for e in expert_ids)
         bad = [e for e in ids if not 0 <= e < self.num_experts]
         if bad:
@@ -432,7 +257,7 @@ class ExpertStore:
                     taken -= 1
             elif self.mode == "direct" and (buf := self._cache_buffer(key)) is not None:
                 if guess is None:
-                    entry = _Entry(buf, self._executor.submit(self._read, layer, e, buf))
+                    entry = _Entry(buf, self._executor.submit(self.files.read, layer, e, buf))
                 else:  # the guess's buffer becomes the cache entry; the entry's buffer joins the pool
                     entry = _Entry(guess.buf, guess.read)
                     self._pool.give(buf)
@@ -445,11 +270,11 @@ class ExpertStore:
                 f._slots[e] = _Slot(e, guess.buf, guess.read)
             else:
                 buf = self._pool.take()
-                f._slots[e] = _Slot(e, buf, self._executor.submit(self._read, layer, e, buf))
+                f._slots[e] = _Slot(e, buf, self._executor.submit(self.files.read, layer, e, buf))
         self.stats.record_guesses(0, taken)
         if self.mode == "direct":
             self.stats.record_lookups(hits, len(f._slots) - hits)
-        elif self._nowait:
+        elif self.files.nowait:
             # Pagecache mode counts a demand read's lookup when the read finishes (_drain_done); a guess
             # taken over was read speculatively, so it is counted here, as a miss.
             self.stats.record_lookups(0, taken)
@@ -497,7 +322,7 @@ class ExpertStore:
             if self.mode == "direct":
                 out.append(ExpertRead(e, False, nread, disk))
             else:
-                out.append(ExpertRead(e, disk == 0 if self._nowait else None, nread, disk))
+                out.append(ExpertRead(e, disk == 0 if self.files.nowait else None, nread, disk))
         return out
 
     def release(self, f: Fetch) -> None:
@@ -550,7 +375,7 @@ class ExpertStore:
                     after: list[Future]) -> tuple[int, int]:
         """Worker: a speculative read, started once the demand reads `after` are done."""
         wait_futures(after)
-        return self._read(layer, expert, buf, stop)
+        return self.files.read(layer, expert, buf, stop)
 
     def _settle_guesses(self, layer: int, ids: tuple[int, ...]) -> dict[int, _Guess]:
         """Take the outstanding guesses of `layer` that `ids` asks for; stop every other one."""
@@ -600,6 +425,11 @@ class ExpertStore:
             self.release(f)
         self._stop_guesses()
 
+    @property
+    def direct(self) -> bool:
+        """O_DIRECT really in use (False in pagecache mode, and in direct mode after a fallback)."""
+        return self.files.direct
+
     # --- cache control, accounting, lifetime -----------------------------------------------------
     def set_cache_bytes(self, nbytes: int) -> None:
         """Size the direct-mode cache to `nbytes` (whole entries; pagecache mode has none). load_engine sizes
@@ -608,7 +438,7 @@ class ExpertStore:
         if self._cache_slots:
             raise ValueError("the expert cache can only be sized before it is first used")
         # More entries than experts on disk would never be used.
-        entries = min(nbytes // self.slot_bytes, self.num_experts * len(self._fds)) if self.mode == "direct" else 0
+        entries = min(nbytes // self.slot_bytes, self.num_experts * len(self.files.layers)) if self.mode == "direct" else 0
         self._capacity = entries
         self._policy = make_policy(self.policy, entries)
 
@@ -650,8 +480,7 @@ class ExpertStore:
     def evict_page_cache(self) -> None:
         """Drop every expert file's pages from the OS page cache (POSIX_FADV_DONTNEED), for cold-start
         measurements. Clean pages only; the files are never written, so that is all of them."""
-        for fd in self._fds.values():
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        self.files.evict_page_cache()
 
     def close(self) -> None:
         """Release every fetch, stop the threads and close the files. Idempotent."""
@@ -659,7 +488,7 @@ class ExpertStore:
         self._guess_executor.shutdown(wait=True)
         self._reap_stopped()
         self._executor.shutdown(wait=True)
-        self._close_files()
+        self.files.close()
         self._drain_done()
 
     def __enter__(self) -> "ExpertStore":

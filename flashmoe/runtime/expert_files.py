@@ -1,0 +1,228 @@
+"""The expert files and the reads into buffers: each MoE layer's `experts/layer_NNN.bin` opened for reading
+(buffered, or with O_DIRECT), one whole expert read with `preadv`, and the page-aligned buffers reads land in.
+
+Expert `e` of a layer occupies bytes `[e*stride, e*stride + nbytes)` of that layer's file (docs/formats.md);
+`stride` is a multiple of 4096, so one read fetches one whole expert and O_DIRECT reads stay aligned.
+flashmoe/runtime/store.py decides what to read and where it goes (its cache, its pool, its guesses); this
+module only reads (docs/design.md, "The expert store").
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import mmap
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from flashmoe.errors import FlashMoeError, FormatError
+from flashmoe.format.manifest import ALIGN  # page size and the O_DIRECT alignment of offsets, lengths, buffers
+
+# Speculative reads (ExpertStore.speculate) go in pieces of this size, so a guess found wrong stops within
+# one piece.
+GUESS_CHUNK = 1 << 20
+
+
+def slot_bytes(nbytes: int) -> int:
+    """Bytes one read buffer or cache entry takes for an expert of `nbytes`: rounded up to 4096."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed, writable np.uint8 array of `nbytes` that starts on a page boundary.
+
+    Anonymous mmap is page-aligned by construction; np.empty puts large arrays at page offset 16, where
+    preadv from the page cache measured 4x slower (issue 3). Pages are committed on first write."""
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+
+
+def checked_allocator(allocate: Callable[[int], np.ndarray]) -> Callable[[int], np.ndarray]:
+    """Wrap `allocate` so that a buffer O_DIRECT or the alignment measurement would reject fails loudly."""
+
+    def checked(nbytes: int) -> np.ndarray:
+        buf = allocate(nbytes)
+        if (buf.dtype != np.uint8 or buf.shape != (nbytes,) or not buf.flags.c_contiguous
+                or not buf.flags.writeable or buf.ctypes.data % ALIGN):
+            raise ValueError(
+                f"buffer allocator returned {buf.dtype} {buf.shape} at page offset "
+                f"{buf.ctypes.data % ALIGN}; needs a writable contiguous uint8 ({nbytes},) array on a page "
+                "boundary"
+            )
+        return buf
+
+    return checked
+
+
+class BufferPool:
+    """Reusable page-aligned buffers of one size. Buffers are kept for reuse, never unmapped: a fresh
+    mapping faults in every page during the copy, which made a warm read ~10x slower (bench_disk.py), and
+    the engine's fetch pattern bounds how many ever exist."""
+
+    def __init__(self, size: int, allocate: Callable[[int], np.ndarray]) -> None:
+        self.size, self._allocate = size, allocate
+        self._free: list[np.ndarray] = []
+        self.allocated = 0  # buffers alive (free or handed out)
+
+    def take(self) -> np.ndarray:
+        if self._free:
+            return self._free.pop()
+        self.allocated += 1
+        return self._allocate(self.size)
+
+    def give(self, buf: np.ndarray) -> None:
+        self._free.append(buf)
+
+
+class ExpertFiles:
+    """The expert files of every MoE layer, open for reading whole experts.
+
+    Args:
+        paths: MoE layer index -> path of its `experts/layer_NNN.bin`.
+        num_experts, stride, nbytes: as ExpertStore's (a file must hold `num_experts` experts).
+        mode: "pagecache" (buffered reads, first tried with `RWF_NOWAIT`, which copies only what the page
+            cache holds, so a read can tell the bytes that came from disk) or "direct" (`O_DIRECT`; where
+            the filesystem refuses it, e.g. tmpfs, buffered reads with one warning).
+
+    Attributes: `direct` (O_DIRECT really in use), `nowait` (RWF_NOWAIT in use: page-cache hits can be told),
+    `read_bytes` (bytes asked of one read: nbytes, or rounded up to 4096 for O_DIRECT), `finished` (a deque
+    of (bytes read, of them from disk, demand read?) per finished read: reader threads append, the store's
+    thread drains it into its Stats, so Stats needs no lock).
+
+    Raises FormatError if a file is missing or too short to hold `num_experts` experts.
+    """
+
+    def __init__(self, paths: dict[int, Path], num_experts: int, stride: int, nbytes: int, mode: str) -> None:
+        self.num_experts, self.stride, self.nbytes, self.mode = num_experts, stride, nbytes, mode
+        # Buffered reads need only the expert; O_DIRECT needs an aligned length (the file's end may cut the
+        # last expert's read short, which is fine as long as nbytes arrive).
+        self.read_bytes = slot_bytes(nbytes) if mode == "direct" else nbytes
+        self._paths = {layer: Path(p) for layer, p in paths.items()}
+        self._fds: dict[int, int] = {}
+        self.direct = False  # O_DIRECT really in use (False after a fallback)
+        self.nowait = mode == "pagecache" and hasattr(os, "RWF_NOWAIT")
+        self.finished: collections.deque[tuple[int, int, bool]] = collections.deque()
+        try:
+            self._open_files()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def layers(self) -> list[int]:
+        """The MoE layers with an expert file, ascending."""
+        return sorted(self._fds)
+
+    def _open_files(self) -> None:
+        need = (self.num_experts - 1) * self.stride + self.nbytes
+        fallback = []
+        for layer, path in sorted(self._paths.items()):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise FormatError(f"{path}: expert file of layer {layer} is missing") from None
+            if size < need:
+                first_short = max(0, (size - self.nbytes) // self.stride + 1)
+                raise FormatError(
+                    f"{path}: {size} bytes is too short for {self.num_experts} experts of {self.nbytes} "
+                    f"bytes at stride {self.stride} (needs {need}); expert {first_short} is cut off"
+                )
+            fd = self._open_direct(path) if self.mode == "direct" else None
+            if fd is None:
+                if self.mode == "direct":
+                    fallback.append(path)
+                fd = os.open(path, os.O_RDONLY)
+                # Experts are read whole and at random: kernel readahead past one would spend disk bandwidth
+                # on a neighbour the router may never pick.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self._fds[layer] = fd
+        self.direct = self.mode == "direct" and not fallback
+        if fallback:
+            warnings.warn(
+                f"O_DIRECT is not supported for {fallback[0]}"
+                + (f" and {len(fallback) - 1} other expert files" if len(fallback) > 1 else "")
+                + "; direct mode reads them through the page cache instead (flashmoe's own cache still "
+                "applies, but the page cache will also hold experts)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    @staticmethod
+    def _open_direct(path: Path) -> int | None:
+        """An O_DIRECT descriptor for `path`, or None where the filesystem refuses O_DIRECT (EINVAL at
+        open on tmpfs; some filesystems accept the flag and refuse the first read, hence the probe)."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | flag)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return None
+            raise
+        try:
+            os.preadv(fd, [aligned_buffer(ALIGN)], 0)
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EINVAL:
+                return None
+            raise
+        return fd
+
+    def close(self) -> None:
+        """Close every file. Idempotent."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def read(self, layer: int, expert: int, buf: np.ndarray, stop: threading.Event | None = None) -> tuple[int, int]:
+        """Read one expert into `buf` (from a reader thread; preadv releases the GIL). Returns
+        (bytes read, of them from disk), also queued in `finished`. With `stop` (a speculative read) the
+        read goes in GUESS_CHUNK pieces and ends early, incomplete, once `stop` is set."""
+        fd, off, length = self._fds[layer], expert * self.stride, self.read_bytes
+        view = memoryview(buf)[:length]
+        piece = length if stop is None else GUESS_CHUNK
+        done = 0
+        try:
+            if self.nowait:
+                try:
+                    done = os.preadv(fd, [view], off, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    pass  # nothing of it is in the page cache
+                except OSError as e:
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
+                    self.nowait = False  # the filesystem cannot tell; count every byte as from disk
+            cached = done
+            while done < self.nbytes:
+                if stop is not None and stop.is_set():
+                    if done:
+                        self.finished.append((done, done - cached, False))
+                    return done, done - cached
+                n = os.preadv(fd, [view[done : done + piece]], off + done)
+                # O_DIRECT only returns a partial block at the end of the file.
+                if n == 0 or (self.direct and n % ALIGN):
+                    done += n
+                    break
+                done += n
+        except OSError as e:
+            raise FlashMoeError(
+                f"{self._paths[layer]}: reading expert {expert} of layer {layer} failed: {e}"
+            ) from e
+        if done < self.nbytes:
+            raise FormatError(
+                f"{self._paths[layer]}: expert {expert} of layer {layer} needs bytes [{off}, "
+                f"{off + self.nbytes}) but the file ends at byte {off + done}"
+            )
+        self.finished.append((done, done - cached, stop is None))
+        return done, done - cached
+
+    def evict_page_cache(self) -> None:
+        """Drop every expert file's pages from the OS page cache (POSIX_FADV_DONTNEED), for cold-start
+        measurements. Clean pages only; the files are never written, so that is all of them."""
+        for fd in self._fds.values():
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
