@@ -311,94 +311,20 @@ def run_bench(opts: BenchOptions) -> dict:
     opts.check()
     if opts.model_dir is None and not opts.replays:
         raise FlashMoeError("nothing to measure: give a model directory and/or --replay TRACE")
-    md = ModelDir.open(opts.model_dir) if opts.model_dir is not None else None
-    if md is not None:
-        for k in opts.ks:
-            if k is not None and k > md.config.num_experts:
-                raise FlashMoeError(f"-k/--experts-per-token: {k} is more than the model's "
-                                    f"{md.config.num_experts} experts")
-    log = opts.log
+    md = _open_model(opts) if opts.model_dir is not None else None
     opts.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine_info(),
                     "options": {k: v for k, v in vars(opts).items() if k != "log"}, "runs": [], "replays": []}
     traces: list[tuple[Path, str | None]] = [(Path(t), None) for t in opts.replays]
     if md is not None:
-        cfg, layout = md.config, md.layout
-        ks = [cfg.num_experts_per_tok if k is None else k for k in opts.ks]
-        first = md.expert_path(md.moe_layers[0])
-        result["model"] = {"dir": str(opts.model_dir), "description": describe_model(md),
-                           "source": md.manifest.source, "moe_layers": len(md.moe_layers),
-                           "num_hidden_layers": cfg.num_hidden_layers, "num_experts": cfg.num_experts,
-                           "expert_bytes": layout.nbytes, "expert_stride": layout.stride,
-                           "expert_file_bytes": len(md.moe_layers) * cfg.num_experts * layout.stride,
-                           "resident_bytes": md.resident_nbytes}
-        fs = filesystem_of(first)
-        result["disk"] = {"file": str(first), "filesystem": fs, "device": block_device_info(fs["device"]),
-                          "store": []}
-        disk_gb_s: dict[tuple[str, int], float] = {}
-        for mode in opts.modes:
-            for k in sorted(set(ks)):
-                log(f"disk: {mode}, {k} reads in flight, {opts.disk_repeats} cold passes over "
-                    f"{min(opts.disk_experts, cfg.num_experts)} experts of {first.name}")
-                d = measure_store(first, min(opts.disk_experts, cfg.num_experts), layout.stride, layout.nbytes,
-                                  mode, k, cold=True, repeats=opts.disk_repeats)
-                result["disk"]["store"].append(d)
-                disk_gb_s[(mode, k)] = d["gb_s"]
-        result["disk_gb_s"] = {f"{m} k={k}": v for (m, k), v in disk_gb_s.items()}
-
-        if not opts.budgets:
-            log("no --budgets: only the uncapped pagecache reference runs (give e.g. --budgets 4G to decode in "
-                f"{', '.join(opts.modes)} mode under a memory budget)")
-        recorded_trace = opts.out / "routing-trace.jsonl"
-        compute_ms: dict[tuple[int, int], float] = {}
-        if opts.peer:
-            runner, gguf = _peer_setup(opts, md)
-            result.update(peer={"engine": opts.peer, "runner": str(runner), "gguf": str(gguf),
-                                "gguf_bytes": gguf.stat().st_size}, peer_runs=[], side_by_side=[])
-
-        def peer_beside(runs: list[dict], budget: str | None, passes: tuple[str, ...], tokens: int) -> None:
-            k, t = runs[0]["k"], runs[0]["compute_threads"]
-            log(f"peer: llama.cpp, k={k}, {t} threads, " + (f"cap {budget}" if budget else "no cap"))
-            peer = run_peer(opts, runner, gguf, md, k, t, budget, passes, tokens)
-            result["peer_runs"].append(peer)
-            for run in runs:
-                result["side_by_side"] += side_by_side(run, peer)
-            for name, p in peer["passes"].items():
-                log(f"  {name}: {p['tok_s']:.3f} tok/s, peak RSS {peer['peak_rss_bytes'] / 2**30:.2f} GiB, "
-                    f"{peer['disk_read_bytes'] / 1e9:.2f} GB read from disk in the run")
-        for k in ks:
-            for t in opts.threads:
-                log(f"reference: pagecache, no cap, k={k}, {t} compute threads (cold, then warm = all in memory)")
-                trace_here = not recorded_trace.exists() and not opts.budgets
-                ref = run_child(opts, "pagecache", k, t, None, opts.out / f"run-ref-k{k}-t{t}.json",
-                                ("cold", "warm"), opts.reference_tokens or opts.tokens,
-                                trace=recorded_trace if trace_here else None)
-                ref["reference"] = True
-                compute_ms[(k, t)] = ref["passes"]["warm"]["ms_per_token"]
-                add_ceiling(ref, disk_gb_s, compute_ms[(k, t)])
-                result["runs"].append(ref)
-                _log_run(log, ref)
-                if opts.peer and not opts.budgets:
-                    peer_beside([ref], None, ("cold", "warm"), opts.reference_tokens or opts.tokens)
-                for mode in opts.modes:
-                    for budget in opts.budgets:
-                        for spec in opts.speculate:
-                            log(f"decode: {mode}, k={k}, {t} threads, --max-memory {budget}"
-                                + (", speculative reads" if spec else ""))
-                            name = f"run-{mode}-k{k}-t{t}-{budget}" + ("-speculate" if spec else "")
-                            run = run_child(opts, mode, k, t, budget, opts.out / f"{name}.json", opts.passes,
-                                            opts.tokens, trace=None if recorded_trace.exists() else recorded_trace,
-                                            speculate=spec)
-                            add_ceiling(run, disk_gb_s, compute_ms[(k, t)])
-                            result["runs"].append(run)
-                            _log_run(log, run)
-                for budget in opts.budgets if opts.peer else ():
-                    peer_beside([r for r in result["runs"] if r["max_memory"] == budget and r["k"] == k
-                                 and r["compute_threads"] == t], budget, opts.passes, opts.tokens)
+        ks = [md.config.num_experts_per_tok if k is None else k for k in opts.ks]
+        result["model"] = _model_facts(opts, md)
+        disk_gb_s = _measure_disk(opts, md, ks, result)
+        recorded_trace = _decode_runs(opts, md, ks, disk_gb_s, result)
         if recorded_trace.exists():
             traces.insert(0, (recorded_trace, recorded_trace_kind(md, opts.routing)))
     for path, kind in traces:
-        log(f"replay: {path}")
+        opts.log(f"replay: {path}")
         r = replay(path, opts.fractions)
         r["kind"] = kind or f"recorded routing of {Path(r['model']).name or 'an unnamed model'}"
         result["replays"].append(r)
@@ -408,6 +334,111 @@ def run_bench(opts: BenchOptions) -> dict:
         result["figures"] = [str(p) for p in figures(result, opts.out)]
         (opts.out / "bench.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
+
+
+def _open_model(opts: BenchOptions) -> ModelDir:
+    """The model directory, opened and checked against the -k values asked for (FlashMoeError if not)."""
+    md = ModelDir.open(opts.model_dir)
+    for k in opts.ks:
+        if k is not None and k > md.config.num_experts:
+            raise FlashMoeError(f"-k/--experts-per-token: {k} is more than the model's "
+                                f"{md.config.num_experts} experts")
+    return md
+
+
+def _model_facts(opts: BenchOptions, md: ModelDir) -> dict:
+    """The result's "model" entry: what was measured, with the sizes the ceilings use."""
+    cfg, layout = md.config, md.layout
+    return {"dir": str(opts.model_dir), "description": describe_model(md), "source": md.manifest.source,
+            "moe_layers": len(md.moe_layers), "num_hidden_layers": cfg.num_hidden_layers,
+            "num_experts": cfg.num_experts, "expert_bytes": layout.nbytes, "expert_stride": layout.stride,
+            "expert_file_bytes": len(md.moe_layers) * cfg.num_experts * layout.stride,
+            "resident_bytes": md.resident_nbytes}
+
+
+def _measure_disk(opts: BenchOptions, md: ModelDir, ks: list[int], result: dict) -> dict[tuple[str, int], float]:
+    """Cold reads of the first expert file through the store, per mode and k in flight, into result["disk"];
+    returns GB/s per (mode, k) for the ceilings."""
+    cfg, layout = md.config, md.layout
+    first = md.expert_path(md.moe_layers[0])
+    fs = filesystem_of(first)
+    result["disk"] = {"file": str(first), "filesystem": fs, "device": block_device_info(fs["device"]),
+                      "store": []}
+    disk_gb_s: dict[tuple[str, int], float] = {}
+    for mode in opts.modes:
+        for k in sorted(set(ks)):
+            opts.log(f"disk: {mode}, {k} reads in flight, {opts.disk_repeats} cold passes over "
+                     f"{min(opts.disk_experts, cfg.num_experts)} experts of {first.name}")
+            d = measure_store(first, min(opts.disk_experts, cfg.num_experts), layout.stride, layout.nbytes,
+                              mode, k, cold=True, repeats=opts.disk_repeats)
+            result["disk"]["store"].append(d)
+            disk_gb_s[(mode, k)] = d["gb_s"]
+    result["disk_gb_s"] = {f"{m} k={k}": v for (m, k), v in disk_gb_s.items()}
+    return disk_gb_s
+
+
+def _decode_runs(opts: BenchOptions, md: ModelDir, ks: list[int], disk_gb_s: dict[tuple[str, int], float],
+                 result: dict) -> Path:
+    """Per k and thread count: the uncapped reference run, then every mode x budget x speculation, each
+    with its ceilings, and llama.cpp beside them with --peer; appended to result. Returns the path where
+    the first budgeted run (or the reference, without budgets) recorded its routing trace."""
+    log = opts.log
+    if not opts.budgets:
+        log("no --budgets: only the uncapped pagecache reference runs (give e.g. --budgets 4G to decode in "
+            f"{', '.join(opts.modes)} mode under a memory budget)")
+    recorded_trace = opts.out / "routing-trace.jsonl"
+    peer = None
+    if opts.peer:
+        runner, gguf = peer = _peer_setup(opts, md)
+        result.update(peer={"engine": opts.peer, "runner": str(runner), "gguf": str(gguf),
+                            "gguf_bytes": gguf.stat().st_size}, peer_runs=[], side_by_side=[])
+    for k in ks:
+        for t in opts.threads:
+            log(f"reference: pagecache, no cap, k={k}, {t} compute threads (cold, then warm = all in memory)")
+            trace_here = not recorded_trace.exists() and not opts.budgets
+            ref = run_child(opts, "pagecache", k, t, None, opts.out / f"run-ref-k{k}-t{t}.json",
+                            ("cold", "warm"), opts.reference_tokens or opts.tokens,
+                            trace=recorded_trace if trace_here else None)
+            ref["reference"] = True
+            compute_ms = ref["passes"]["warm"]["ms_per_token"]
+            add_ceiling(ref, disk_gb_s, compute_ms)
+            result["runs"].append(ref)
+            _log_run(log, ref)
+            if peer and not opts.budgets:
+                _peer_beside(opts, peer, md, result, [ref], None, ("cold", "warm"),
+                             opts.reference_tokens or opts.tokens)
+            for mode in opts.modes:
+                for budget in opts.budgets:
+                    for spec in opts.speculate:
+                        log(f"decode: {mode}, k={k}, {t} threads, --max-memory {budget}"
+                            + (", speculative reads" if spec else ""))
+                        name = f"run-{mode}-k{k}-t{t}-{budget}" + ("-speculate" if spec else "")
+                        run = run_child(opts, mode, k, t, budget, opts.out / f"{name}.json", opts.passes,
+                                        opts.tokens, trace=None if recorded_trace.exists() else recorded_trace,
+                                        speculate=spec)
+                        add_ceiling(run, disk_gb_s, compute_ms)
+                        result["runs"].append(run)
+                        _log_run(log, run)
+            for budget in opts.budgets if peer else ():
+                _peer_beside(opts, peer, md, result, [r for r in result["runs"] if r["max_memory"] == budget
+                             and r["k"] == k and r["compute_threads"] == t], budget, opts.passes, opts.tokens)
+    return recorded_trace
+
+
+def _peer_beside(opts: BenchOptions, peer: tuple[Path, Path], md: ModelDir, result: dict, runs: list[dict],
+                 budget: str | None, passes: tuple[str, ...], tokens: int) -> None:
+    """llama.cpp (peer = its runner and the GGUF file) under the same k, threads and budget as `runs`,
+    and each run side by side with it, appended to result."""
+    k, t = runs[0]["k"], runs[0]["compute_threads"]
+    opts.log(f"peer: llama.cpp, k={k}, {t} threads, " + (f"cap {budget}" if budget else "no cap"))
+    runner, gguf = peer
+    peer_run = run_peer(opts, runner, gguf, md, k, t, budget, passes, tokens)
+    result["peer_runs"].append(peer_run)
+    for run in runs:
+        result["side_by_side"] += side_by_side(run, peer_run)
+    for name, p in peer_run["passes"].items():
+        opts.log(f"  {name}: {p['tok_s']:.3f} tok/s, peak RSS {peer_run['peak_rss_bytes'] / 2**30:.2f} GiB, "
+                 f"{peer_run['disk_read_bytes'] / 1e9:.2f} GB read from disk in the run")
 
 
 def _log_run(log, run: dict) -> None:
