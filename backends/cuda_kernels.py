@@ -8,7 +8,7 @@ used exactly as its bytes arrive from the expert file: one copy of its bytes, no
 
 The mat-vec works in *units* of 32 codes (``bits`` consecutive words: 32 codes for every bit width, also
 3 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units, so with the bias
-factoring of an affine-quantised dot product (docs/design.md)
+factoring of an affine-quantised dot product (docs/design.md, "Speed")
 
     y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
 

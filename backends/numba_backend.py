@@ -1,7 +1,7 @@
 """The numba CPU backend: dequantising kernels that read the packed uint32 words directly.
 
 The quantised mat-vec (decode) never materialises a dequantised weight. It uses the bias factoring of an
-affine-quantised dot product (docs/design.md): for one output row,
+affine-quantised dot product (docs/design.md, "Speed"): for one output row,
 
     y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
 

@@ -1,6 +1,6 @@
 """`flashmoe info` and `flashmoe logits`: what a model directory costs to run, and its logits for checks.
 
-The decode ceiling is the streaming bound of DESIGN.md: with no expert cache hits, every token reads k
+The decode ceiling is the streaming bound of docs/design.md ("The idea"): with no expert cache hits, every token reads k
 experts in every MoE layer from disk, so tokens/s ≤ disk bandwidth / expert bytes per token.
 """
 

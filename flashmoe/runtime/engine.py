@@ -3,7 +3,7 @@
 The engine owns the loop and the state (KV caches, which the backend keeps in its own memory; GatedDeltaNet
 conv and recurrent state; position); the backend owns the arithmetic; the ExpertStore owns the routed
 experts, which are never resident.
-Per MoE layer and token (DESIGN.md, "Data flow"):
+Per MoE layer and token (docs/design.md, "Data flow"):
 
     router logits -> top-k -> store.fetch(layer, ids)   (all k reads in flight at once)
                            -> guess the next MoE layer's experts; store.speculate  (when enabled)
