@@ -253,7 +253,7 @@ def generate(
     from contextlib import nullcontext
 
     from flashmoe.format.atomic import check_writable, write_json_atomic
-    from flashmoe.serve.generate import check_context, generate_steps
+    from flashmoe.serve.generate import CANCELLED, CONTEXT, check_context, generate_steps
     from flashmoe.runtime.load import default_model_dir, load_engine
     from flashmoe.format.modeldir import ModelDir
     from flashmoe.serve.sampling import sampler_for
@@ -282,20 +282,20 @@ def generate(
                 sys.stdout.flush()
                 stop = step.stop
         except KeyboardInterrupt:
-            stop = "interrupted"
+            stop = CANCELLED
             typer.echo("\n[interrupted]", err=True)
         finally:  # the text ends its line, also when an error line follows it
             sys.stdout.write("\n")
             sys.stdout.flush()
-    if stop == "context":
+    if stop == CONTEXT:
         typer.echo(f"[stopped: the model's context of {model.config.max_position_embeddings} tokens is full]",
                    err=True)
     if stats:
         typer.echo(f"{engine.stats.summary()}\nstop: {stop}", err=True)
     if stats_json:
-        write_json_atomic(stats_json, {**engine.stats.to_dict(), "interrupted": stop == "interrupted",
+        write_json_atomic(stats_json, {**engine.stats.to_dict(), "interrupted": stop == CANCELLED,
                                        "stop_reason": stop})
-    if stop == "interrupted":
+    if stop == CANCELLED:
         raise typer.Exit(130)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from chat_helpers import QWEN3, QWEN35_XML, FakeEngine, write_model_dir
 
 from flashmoe.serve.chat import ChatSession, read_message, run_repl
+from flashmoe.serve.generate import CANCELLED, EOS, LENGTH, STOP_STRING
 from flashmoe.serve.sampling import Sampler
-from flashmoe.serve.session import ContextError
+from flashmoe.serve.session import ContextError, Session
 from flashmoe.serve.tokenizer import Tokenizer
 
 
@@ -205,3 +208,20 @@ def test_a_missing_model_directory_is_named_as_missing(command, tmp_path):
     result = CliRunner().invoke(app, [command, str(missing), *(["-p", "hi"] if command == "generate" else [])])
     assert result.exit_code == 2 and result.output.startswith(f"error: {missing}: not a directory (give a model ")
     assert result.output.count("\n") == 1
+
+
+def test_a_run_says_why_it_stopped_in_the_one_vocabulary(tokenizer):
+    engine = FakeEngine(tokenizer, lambda prompt: "alpha beta gamma")
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "x"}]))
+
+    def run(**kwargs) -> str:
+        session = Session(engine, tokenizer)
+        list(session.generate(prompt, Sampler(temperature=0.0), **kwargs))
+        return session.last.stop
+
+    assert run(max_tokens=100) == EOS
+    assert run(max_tokens=100, stop=["beta"]) == STOP_STRING
+    assert run(max_tokens=2) == LENGTH
+    cancel = threading.Event()
+    cancel.set()
+    assert run(max_tokens=100, cancel=cancel) == CANCELLED

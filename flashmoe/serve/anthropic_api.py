@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flashmoe.serve.generate import CONTEXT, LENGTH, STOP_STRING
 from flashmoe.serve.schemas import APIError, CountTokensRequest, MessagesRequest
 from flashmoe.serve.session import RunInfo
 from flashmoe.serve.toolcalls import ToolCall
@@ -208,12 +209,14 @@ def _text(value: str | list[dict], where: str, also: str = "") -> str:
 
 
 def _stop(info: RunInfo, tool_calls) -> dict:
+    """Anthropic's stop_reason for a run: 'tool_use', 'max_tokens' (max_tokens or the context),
+    'stop_sequence' (with the string) or 'end_turn'."""
     if tool_calls:
         reason = "tool_use"
-    elif info.finish_reason == "length":
+    elif info.stop in (LENGTH, CONTEXT):
         reason = "max_tokens"
     else:
-        reason = "stop_sequence" if info.stop_sequence is not None else "end_turn"
+        reason = "stop_sequence" if info.stop == STOP_STRING else "end_turn"
     return {"stop_reason": reason, "stop_sequence": info.stop_sequence if reason == "stop_sequence" else None}
 
 

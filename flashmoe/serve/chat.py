@@ -109,7 +109,7 @@ class ChatSession:
         """The last turn's figures and the run's engine statistics."""
         last = self.session.last
         lines = [f"last turn: {last.prompt_tokens} prompt tokens ({last.reused_tokens} reused from the cache), "
-                 f"{last.completion_tokens} generated, finish: {last.finish_reason}"]
+                 f"{last.completion_tokens} generated, stop: {last.stop}"]
         if last.ttft_s is not None:
             speed = f"{last.decode_tok_s:.2f} tok/s" if last.decode_tok_s else "n/a"
             lines.append(f"last turn: time to first token {last.ttft_s:.3f} s, decode {speed}")

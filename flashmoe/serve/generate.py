@@ -14,12 +14,22 @@ from flashmoe.errors import FlashMoeError
 from flashmoe.serve.sampling import Sampler
 from flashmoe.serve.tokenizer import StreamDecoder, Tokenizer
 
+# Why generation stopped: one vocabulary from this loop to sessions, chat, the CLI and statistics
+# (docs/design.md, "Why generation stops"). The servers translate it into their wire's words (OpenAI's
+# finish_reason, Anthropic's stop_reason) only where they write a response.
+EOS = "eos"  # an end-of-sequence token
+STOP_STRING = "stop_string"  # a stop string the caller gave (sessions)
+LENGTH = "length"  # max_tokens reached
+CONTEXT = "context"  # the model's context (max_position_embeddings) is full
+CANCELLED = "cancelled"  # the consumer stopped early: a client went away, Ctrl-C
+STOP_REASONS = (EOS, STOP_STRING, LENGTH, CONTEXT, CANCELLED)
+
 
 @dataclass
 class Step:
     """One generated token: its id, the text it made printable (may be empty) and, on the last step only,
-    why generation stopped: 'eos' (an end-of-sequence token, this one), 'length' (max_tokens reached) or
-    'context' (the model's context, max_position_embeddings, is full)."""
+    why generation stopped: EOS (an end-of-sequence token, this one), LENGTH (max_tokens reached) or
+    CONTEXT (the model's context, max_position_embeddings, is full)."""
 
     token_id: int
     text: str
@@ -66,9 +76,9 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
             history.append(token)
             stats.token_done()
             if token in tokenizer.eos_token_ids:
-                yield Step(token, "", "eos")
+                yield Step(token, "", EOS)
                 return
-            stop = None if i < limit - 1 else "length" if limit == max_tokens else "context"
+            stop = None if i < limit - 1 else LENGTH if limit == max_tokens else CONTEXT
             yield Step(token, decoder.push(token), stop)
             logits = engine.forward(np.asarray([token]), state)
     finally:

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flashmoe.serve.generate import CONTEXT, LENGTH
 from flashmoe.serve.schemas import APIError, ChatRequest, CompletionRequest, Message, NamedToolChoice, OpenAIBody
 from flashmoe.serve.session import RunInfo
 from flashmoe.serve.toolcalls import ToolCall
@@ -174,9 +175,10 @@ def _include_usage(body: OpenAIBody) -> bool:
 
 
 def _finish(info: RunInfo, tool_calls) -> str:
+    """OpenAI's finish_reason for a run: 'tool_calls', 'length' (max_tokens or the context) or 'stop'."""
     if tool_calls:
         return "tool_calls"
-    return "length" if info.finish_reason == "length" else "stop"
+    return "length" if info.stop in (LENGTH, CONTEXT) else "stop"
 
 
 def _usage(info: RunInfo) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 
 from flashmoe.runtime.engine import Engine, KVCacheBuffer, LinearAttentionBuffer, State
 from flashmoe.errors import FlashMoeError
-from flashmoe.serve.generate import Step, generate_steps
+from flashmoe.serve.generate import CANCELLED, EOS, LENGTH, STOP_STRING, Step, generate_steps
 from flashmoe.serve.sampling import Sampler
 from flashmoe.serve.tokenizer import Tokenizer
 
@@ -43,7 +43,7 @@ class RunInfo:
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens already in the state (not prefilled again)
     completion_tokens: int = 0
-    finish_reason: str = "stop"  # 'stop' (end of sequence or a stop string), 'length', 'cancelled'
+    stop: str | None = None  # why the run ended (serve.generate.STOP_REASONS); None until it has
     stop_sequence: str | None = None  # the stop string that ended the reply, if one did
     ttft_s: float | None = None
     decode_s: float = 0.0
@@ -56,7 +56,7 @@ class RunInfo:
 
     def to_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
-                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason,
+                "completion_tokens": self.completion_tokens, "stop": self.stop,
                 "ttft_s": self.ttft_s, "decode_tok_s": self.decode_tok_s}
 
 
@@ -224,7 +224,7 @@ class Session:
             self._save_checkpoint()
         steps = generate_steps(self.engine, self.tokenizer, list(prompt_ids[start:]), sampler, max_tokens, state,
                                started=True)
-        info.finish_reason = "length"
+        info.stop = LENGTH
         try:
             for step in steps:
                 now = time.perf_counter()
@@ -233,23 +233,24 @@ class Session:
                 info.decode_s = now - t_first
                 info.completion_tokens += 1
                 consumed.append(step.token_id)
-                if step.token_id in self.tokenizer.eos_token_ids:
-                    info.finish_reason = "stop"
+                if step.stop is not None:  # the loop's last step: EOS, LENGTH or CONTEXT
+                    info.stop = step.stop
+                if step.stop == EOS:
                     break
                 text = stopper.feed(step.text)
                 if text or not stopper.stopped:
                     yield Step(step.token_id, text)
                 if stopper.stopped:
-                    info.finish_reason, info.stop_sequence = "stop", stopper.stopped
+                    info.stop, info.stop_sequence = STOP_STRING, stopper.stopped
                     break
                 if cancel is not None and cancel.is_set():
-                    info.finish_reason = "cancelled"
+                    info.stop = CANCELLED
                     break
             tail = stopper.flush()  # text held as a possible stop string that the reply ended inside
             if tail:
                 yield Step(consumed[-1], tail)
         except GeneratorExit:  # the consumer stopped between tokens: the state is consistent
-            info.finish_reason = "cancelled"
+            info.stop = CANCELLED
             raise
         except BaseException:  # inside forward (an error, Ctrl-C): layers may be half-updated
             self.reset()

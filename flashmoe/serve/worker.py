@@ -29,6 +29,7 @@ from starlette.responses import StreamingResponse
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.engine import Engine
 from flashmoe.serve.chat_template import select_template
+from flashmoe.serve.generate import CANCELLED
 from flashmoe.serve.sampling import SAMPLING_KEYS, Sampler
 from flashmoe.serve.schemas import APIError, SamplingBody
 from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
@@ -278,7 +279,7 @@ class Worker:
             emit(_END)
 
     def _account(self, info: RunInfo) -> None:
-        self._count(completed=int(info.finish_reason != "cancelled"), prefix_reuse_hits=int(info.reused_tokens > 0),
+        self._count(completed=int(info.stop != CANCELLED), prefix_reuse_hits=int(info.reused_tokens > 0),
                     reused_prompt_tokens=info.reused_tokens,
                     prefilled_prompt_tokens=info.prompt_tokens - info.reused_tokens,
                     completion_tokens=info.completion_tokens)
