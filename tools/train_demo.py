@@ -182,6 +182,19 @@ def _autocast(device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _optimizer(model, args, device):
+    """AdamW with weight decay on the matrices only (not on norms' gains or biases)."""
+    import torch
+
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
+    )
+
+
 def train(args, log: dict) -> None:
     """Stage 4: train from scratch or resume ``WORK/ckpt/state.pt``; returns when ``args.steps`` are done
     or ``args.time_budget`` seconds have passed (after saving the state)."""
@@ -201,13 +214,7 @@ def train(args, log: dict) -> None:
     torch.manual_seed(args.seed)
     config = build_config(output_router_logits=True, experts_implementation=args.experts_implementation)
     model = Qwen3_5MoeForCausalLM(config).to(device)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": args.weight_decay},
-            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda",
-    )
+    optimizer = _optimizer(model, args, device)
     step = 0
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
