@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.runtime.memory import format_size
-from flashmoe.runtime.expert_files import ALIGN, aligned_buffer, slot_bytes
+from flashmoe.format.manifest import ALIGN
+from flashmoe.runtime.expert_files import aligned_buffer, slot_bytes
 from flashmoe.runtime.store import ExpertStore
 
 DEFAULT_EXPERT_BYTES = 7_077_888  # one Qwen3.5-397B-A17B expert at 4 bits, group 64 (docs: model-shapes.md)

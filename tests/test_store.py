@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from flashmoe.errors import FormatError
+from flashmoe.format.manifest import ALIGN
 from flashmoe.runtime.eviction import simulate_hit_rate
-from flashmoe.runtime.expert_files import ALIGN
 from flashmoe.runtime.stats import Stats
 from flashmoe.runtime.store import ExpertStore
 
