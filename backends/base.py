@@ -24,7 +24,7 @@ from flashmoe.runtime.eviction import DEFAULT_POLICY
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.reference import ops as ref_ops
 from flashmoe.reference.attention import rope_inv_freq
-from flashmoe.runtime.store import aligned_buffer
+from flashmoe.runtime.expert_files import aligned_buffer
 
 #: A weight as the engine hands it over: float ``[out, in]`` or quantised.
 Weight = Union[QuantizedTensor, np.ndarray]
@@ -333,7 +333,7 @@ class Backend(ABC):
     def allocate_buffer(self, nbytes: int) -> np.ndarray:
         """A zeroed, writable, page-aligned np.uint8 ``[nbytes]`` for the expert store to read experts into.
         A backend overrides it when memory of its own kind saves a copy (pinned memory for cuda, memory
-        MLX owns); the default is the store's own (:func:`flashmoe.runtime.store.aligned_buffer`)."""
+        MLX owns); the default is the store's own (:func:`flashmoe.runtime.expert_files.aligned_buffer`)."""
         return aligned_buffer(nbytes)
 
     def has_expert(self, key: tuple[int, int]) -> bool:
