@@ -429,13 +429,17 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free port)."),
     context: int = typer.Option(4096, min=1, help="Longest prompt + completion in tokens (capped by the model's context); sizes the KV-cache budget."),
+    api_key: Optional[str] = typer.Option(None, envvar="FLASHMOE_API_KEY", help="Require this key (Authorization: Bearer KEY or x-api-key: KEY) on every endpoint but /health."),
+    max_request_bytes: int = typer.Option(4 * 1024 * 1024, min=1, help="Refuse request bodies longer than this (413)."),
     *,
     engine_options: EngineOptions,
 ) -> None:
     """Serve the model over OpenAI- and Anthropic-compatible HTTP APIs (/v1/chat/completions, /v1/messages, ...)."""
     from flashmoe.serve.server import serve as run_server
 
-    run_server(model_dir, host=host, port=port, context=context, **asdict(engine_options))
+    run_server(model_dir, host=host, port=port, context=context, api_key=api_key,
+               max_request_bytes=max_request_bytes, echo=lambda line: typer.echo(line, err=True),
+               **asdict(engine_options))
 
 
 def _nvidia_gpus() -> str | None:

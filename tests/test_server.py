@@ -370,7 +370,7 @@ def test_flashmoe_serve_command_serves_until_terminated(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-c", "from flashmoe.cli import app; app()", "serve", str(model), "--port", str(port),
-                             "--backend", "numpy", "--context", "256"],
+                             "--backend", "numpy", "--context", "2048", "--host", "0.0.0.0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -386,11 +386,15 @@ def test_flashmoe_serve_command_serves_until_terminated(tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         r = client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         assert r.usage.completion_tokens >= 1
-        with pytest.raises(openai.BadRequestError, match="context is 256 tokens"):
-            client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}], max_tokens=300)
+        with pytest.raises(openai.BadRequestError, match="context is 1024 tokens"):
+            client.chat.completions.create(model="model", messages=[{"role": "user", "content": "hi"}], max_tokens=1100)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    output = proc.stdout.read()
+    assert (f"flashmoe serve: {model} on the numpy backend, context 1024 tokens (--context 2048 capped by the "
+            f"model's 1024), http://0.0.0.0:{port}/ (API key not required)") in output
+    assert "warning: 0.0.0.0 is reachable from other machines and no --api-key is set" in output
 
 
 # ---- the bundled demo model ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
 
 class SamplingBody(BaseModel):
@@ -160,10 +161,13 @@ class APIError(Exception):
         return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
                                            "message": self.message}}
 
-    @property
-    def anthropic_status(self) -> int:
-        """Anthropic reports a field of the wrong type or range as 400, not 422."""
-        return 400 if self.status == 422 else self.status
+    def response(self, path: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The error in the shape of the API `path` belongs to: Anthropic's under /v1/messages (where a field
+        of the wrong type or range is 400, not 422), else OpenAI's."""
+        if path.startswith("/v1/messages"):
+            return JSONResponse(self.anthropic_body(), status_code=400 if self.status == 422 else self.status,
+                                headers=headers)
+        return JSONResponse(self.openai_body(), status_code=self.status, headers=headers)
 
 
 # Anthropic's error type for each HTTP status (https://docs.anthropic.com/en/api/errors).

@@ -15,15 +15,17 @@ serving after each.
 
 from __future__ import annotations
 
-import logging
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -31,12 +33,11 @@ from starlette.routing import Route
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.engine import Engine
 from flashmoe.serve import anthropic_api, openai_api
+from flashmoe.serve.access import DEFAULT_MAX_REQUEST_BYTES, AccessGuard, is_loopback
 from flashmoe.serve.sampling import sampling_defaults
 from flashmoe.serve.schemas import APIError
 from flashmoe.serve.tokenizer import Tokenizer
 from flashmoe.serve.worker import Worker
-
-log = logging.getLogger("flashmoe.serve")
 
 
 class FlashMoeServer:
@@ -48,10 +49,13 @@ class FlashMoeServer:
         model_id: the name /v1/models reports (requests may name any model; there is one).
         context: longest prompt + completion in tokens (default: the model's max_position_embeddings).
         defaults: sampling settings used when a request omits them (sampling_defaults(model_dir)).
+        api_key: the key every request but /health must carry (flashmoe.serve.access), or None.
+        max_request_bytes: the longest request body accepted (413 beyond).
     """
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_id: str, context: int | None = None,
-                 defaults: dict[str, float] | None = None):
+                 defaults: dict[str, float] | None = None, api_key: str | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.model_id = model_id
         self.worker = Worker(engine, tokenizer, context, defaults)
         self.created = int(time.time())
@@ -61,7 +65,8 @@ class FlashMoeServer:
             Route("/v1/stats", self.stats, methods=["GET"]),
             *openai_api.routes(self.worker, model_id),
             *anthropic_api.routes(self.worker, model_id),
-        ], exception_handlers={APIError: _error_response, HTTPException: _http_error_response})
+        ], exception_handlers={APIError: _error_response, HTTPException: _http_error_response},
+            middleware=[Middleware(AccessGuard, api_key=api_key, max_request_bytes=max_request_bytes)])
 
     def close(self) -> None:
         """Stop the worker thread after the current job; queued jobs are dropped."""
@@ -83,19 +88,14 @@ class FlashMoeServer:
 
 
 async def _error_response(request: Request, error: APIError) -> Response:
-    """An error in the shape of the API the path belongs to: Anthropic's under /v1/messages, else OpenAI's."""
-    if request.url.path.startswith("/v1/messages"):
-        return JSONResponse(error.anthropic_body(), status_code=error.anthropic_status)
-    return JSONResponse(error.openai_body(), status_code=error.status)
+    return error.response(request.url.path)
 
 
 async def _http_error_response(request: Request, error: HTTPException) -> Response:
     """Starlette's own errors (404 unknown route, 405 wrong method) in the API's shape, keeping its headers
     (405's Allow)."""
-    response = await _error_response(request, APIError(error.status_code,
-                                                       f"{error.detail}: {request.method} {request.url.path}"))
-    response.headers.update(error.headers or {})
-    return response
+    message = f"{error.detail}: {request.method} {request.url.path}"
+    return APIError(error.status_code, message).response(request.url.path, error.headers)
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -144,24 +144,36 @@ class RunningServer:
 
 
 def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, context: int = 4096,
-          log_level: str = "info", **load_options: Any) -> None:
+          log_level: str = "info", api_key: str | None = None,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, echo: Callable[[str], None] | None = None,
+          **load_options: Any) -> None:
     """Load a model and serve it until interrupted (flashmoe serve). `context` (tokens, capped by the
     model's max_position_embeddings) bounds prompt + completion and sizes the KV cache in the memory budget;
-    `load_options` are load_engine's (backend, io, max_memory, experts_per_token, cache_policy, ...).
+    `api_key` and `max_request_bytes` are AccessGuard's; `load_options` are load_engine's (backend, io,
+    max_memory, experts_per_token, cache_policy, ...). What is served, and a warning when a non-loopback
+    address is bound without a key, go to `echo` (default: standard error).
 
     Raises FlashMoeError when the model cannot be loaded (FormatError naming a missing directory).
     """
     import uvicorn
 
-    from flashmoe.runtime.load import default_model_dir, load_engine
     from flashmoe.format.modeldir import ModelDir
+    from flashmoe.runtime.load import default_model_dir, load_engine
 
+    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
     tokenizer = Tokenizer(model.path)
     engine = load_engine(model, context=context, **load_options)
     server = FlashMoeServer(engine, tokenizer, model.path.name, context=context,
-                            defaults=sampling_defaults(model.path))
-    log.info("serving %s on http://%s:%d (context %d tokens)", model.path, host, port, server.worker.session.context)
+                            defaults=sampling_defaults(model.path), api_key=api_key,
+                            max_request_bytes=max_request_bytes)
+    served = server.worker.session.context
+    capped = f" (--context {context} capped by the model's {served})" if served < context else ""
+    echo(f"flashmoe serve: {model.path} on the {load_options.get('backend', 'numba')} backend, context {served} "
+         f"tokens{capped}, http://{host}:{port}/ (API key {'required' if api_key else 'not required'})")
+    if not api_key and not is_loopback(host):
+        echo(f"warning: {host} is reachable from other machines and no --api-key is set: anyone who can reach "
+             "this port can use the model")
     try:
         uvicorn.run(server.app, host=host, port=port, log_level=log_level, lifespan="off")
     finally:

@@ -1,0 +1,87 @@
+"""Who may call the server and how much they may send (flashmoe.serve.access), with both official clients."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from chat_helpers import QWEN3, FakeEngine, scripted_reply, write_model_dir
+
+from flashmoe.serve.access import is_loopback
+from flashmoe.serve.server import FlashMoeServer, RunningServer
+from flashmoe.serve.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai", reason="the official clients are the test's oracles of the APIs")
+anthropic = pytest.importorskip("anthropic", reason="the official clients are the test's oracles of the APIs")
+
+KEY, LIMIT = "sk-test-0123456789", 4096
+HI = [{"role": "user", "content": "echo: hi"}]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    tokenizer = Tokenizer(write_model_dir(tmp_path_factory.mktemp("access"), QWEN3))
+    app = FlashMoeServer(FakeEngine(tokenizer, scripted_reply), tokenizer, "fake", api_key=KEY,
+                         max_request_bytes=LIMIT)
+    with RunningServer(app.app) as running:
+        yield running.url
+    app.close()
+
+
+def _openai(url, key):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def _anthropic(url, key):
+    return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0, timeout=30)
+
+
+def test_both_clients_succeed_with_the_key(url):
+    assert _openai(url, KEY).chat.completions.create(model="m", messages=HI).choices[0].message.content == "hi"
+    assert _anthropic(url, KEY).messages.create(model="m", max_tokens=20, messages=HI).content[0].text == "hi"
+
+
+@pytest.mark.parametrize("key", ["wrong", KEY[:-1], KEY + "0"])
+def test_a_wrong_key_is_401_in_each_apis_shape(url, key):
+    with pytest.raises(openai.AuthenticationError) as e:
+        _openai(url, key).chat.completions.create(model="m", messages=HI)
+    assert e.value.body["message"].startswith("a valid API key is required")
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        _anthropic(url, key).messages.create(model="m", max_tokens=20, messages=HI)
+    assert e.value.body["error"]["type"] == "authentication_error"
+
+
+def test_a_missing_key_is_401_and_health_stays_open(url):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/v1/models")
+    assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == "Bearer"
+    assert json.load(e.value)["error"]["type"] == "invalid_request_error"
+    assert json.load(urllib.request.urlopen(url + "/health"))["status"] == "ok"
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read_and_the_server_keeps_serving(url):
+    big = [{"role": "user", "content": "x" * LIMIT}]
+    with pytest.raises(openai.APIStatusError) as e:
+        _openai(url, KEY).chat.completions.create(model="m", messages=big)
+    assert e.value.status_code == 413 and "limit of 4096 bytes" in e.value.body["message"]
+    with pytest.raises(anthropic.APIStatusError) as e:
+        _anthropic(url, KEY).messages.create(model="m", max_tokens=20, messages=big)
+    assert e.value.status_code == 413 and e.value.body["error"]["type"] == "request_too_large"
+    # A chunked body (no Content-Length) is cut off once it passes the limit, not buffered whole.
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  "Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n".encode())
+        chunk = b"x" * 1000
+        for _ in range(5):
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        assert s.recv(4096).startswith(b"HTTP/1.1 413")
+    assert _openai(url, KEY).chat.completions.create(model="m", messages=HI).choices[0].message.content == "hi"
+
+
+def test_loopback_addresses():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
