@@ -74,7 +74,8 @@ def test_multi_line_input():
 
 def test_repl_commands(tokenizer):
     chat = _chat(tokenizer)
-    lines = iter(["hi", "/stats", "/system a cat", "/system", "meow \\", "purr", "/bogus", "/reset", "/quit", "never"])
+    lines = iter(["hi", "/stats", "/system a cat", "/system", "meow \\", "purr", "/bogus", "/reset", "/stats", "/quit",
+                  "never"])
     out = []
     run_repl(chat, read_line=lambda prompt: next(lines), write=out.append, color=False)
     text = "".join(out)
@@ -83,6 +84,7 @@ def test_repl_commands(tokenizer):
     assert "[system prompt: 'a cat']" in text
     assert "You said 'meow \\npurr' as 'a cat'" in text
     assert "unknown command /bogus" in text and "[conversation cleared]" in text
+    assert text.split("[conversation cleared]")[1].lstrip().startswith("last turn: none since the conversation started")
     assert chat.messages == []
 
 
@@ -97,10 +99,12 @@ def test_prefix_reuse_on_a_real_hybrid_model_matches_a_fresh_prefill(tmp_path):
     reused = Session(engine, tok)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "hello there"}]))
     first = [s.token_id for s in reused.generate(prompt, Sampler(), 6)]
-    assert len(first) == 6 and reused.tokens == prompt + first
+    # The state holds every token but the last generated one: its logits would never be used, so it is not
+    # forwarded until the next turn's prefill (with the new tokens, as one batch).
+    assert len(first) == 6 and reused.tokens == prompt + first[:-1]
     follow = prompt + first + tok.encode("<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n<|im_start|>assistant\n")
     second = [s.token_id for s in reused.generate(follow, Sampler(), 6)]
-    assert reused.last.reused_tokens == len(prompt) + 6
+    assert reused.last.reused_tokens == len(prompt) + 5
     fresh = Session(engine, tok)
     assert [s.token_id for s in fresh.generate(follow, Sampler(), 6)] == second
     assert fresh.last.reused_tokens == 0

@@ -54,12 +54,16 @@ def test_a_wrong_key_is_401_in_each_apis_shape(url, key):
     assert e.value.body["error"]["type"] == "authentication_error"
 
 
-def test_a_missing_key_is_401_and_health_stays_open(url):
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/stats", "/v1/trace"])
+def test_a_missing_key_is_401_while_health_and_the_pages_files_stay_open(url, path):
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(url + "/v1/models")
+        urllib.request.urlopen(url + path)
     assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == "Bearer"
     assert json.load(e.value)["error"]["type"] == "invalid_request_error"
     assert json.load(urllib.request.urlopen(url + "/health"))["status"] == "ok"
+    page = urllib.request.urlopen(url + "/").read().decode()
+    assert '<script src="/static/app.js">' in page
+    assert b"readEvents" in urllib.request.urlopen(url + "/static/app.js").read()
 
 
 def test_a_body_over_the_limit_is_413_before_it_is_read_and_the_server_keeps_serving(url):

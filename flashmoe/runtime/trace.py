@@ -18,7 +18,8 @@ recorder that sees only the router leaves it out.
 
 Writers: `Tracer` through `record_trace` (`flashmoe generate --trace FILE`) and the benchmark's route hook
 (bench/decode_run.py); reader: `read_trace`; consumers: `flashmoe bench --replay FILE` (flashmoe/runtime/replay.py) and
-`flashmoe plot` (flashmoe/plot.py).
+`flashmoe plot` (flashmoe/plot.py). The server streams the same lines live (`GET /v1/trace`,
+flashmoe/serve/live_trace.py), for its web page.
 """
 
 from __future__ import annotations
@@ -90,20 +91,12 @@ class TraceToken:
     compute_ms: np.ndarray | None = None
 
 
-class TraceWriter:
-    """Append tokens to a JSONL routing trace. Use as a context manager or call close().
+class TraceSink:
+    """Formats a trace's token lines for one header (`write`); a subclass puts each line somewhere (`put`):
+    a file (TraceWriter) or, in the server, the live stream of /v1/trace (flashmoe.serve.live_trace)."""
 
-    The lines go to a temporary file beside `path` (flashmoe.format.atomic), renamed to `path` by close(); leaving
-    the context manager with an exception removes it instead, so a failed run leaves no trace that looks
-    complete."""
-
-    def __init__(self, path: str | Path, header: TraceHeader):
-        self.path = Path(path)
+    def __init__(self, header: TraceHeader):
         self.header = header
-        self._stack = ExitStack()
-        tmp = self._stack.enter_context(atomic_path(self.path))
-        self._f: IO[str] = self._stack.enter_context(open(tmp, "w", encoding="utf-8"))
-        self._f.write(json.dumps(header.to_dict()) + "\n")
         self._pos = 0
 
     def write(self, experts: np.ndarray | Sequence[Sequence[int]], weights: np.ndarray | None = None,
@@ -128,8 +121,31 @@ class TraceWriter:
             if given[name] is not None:
                 a = _checked(name, given[name], dtype, (n,))
                 line[name] = (np.round(a, 4) if dtype is np.float64 else a).tolist()
-        self._f.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.put(line)
         self._pos += 1
+
+    def put(self, line: dict) -> None:
+        """Deliver one token line (a JSON-ready dict)."""
+        raise NotImplementedError
+
+
+class TraceWriter(TraceSink):
+    """Append tokens to a JSONL routing trace. Use as a context manager or call close().
+
+    The lines go to a temporary file beside `path` (flashmoe.format.atomic), renamed to `path` by close(); leaving
+    the context manager with an exception removes it instead, so a failed run leaves no trace that looks
+    complete."""
+
+    def __init__(self, path: str | Path, header: TraceHeader):
+        super().__init__(header)
+        self.path = Path(path)
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._f: IO[str] = self._stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        self._f.write(json.dumps(header.to_dict()) + "\n")
+
+    def put(self, line: dict) -> None:
+        self._f.write(json.dumps(line, separators=(",", ":")) + "\n")
 
     def close(self) -> None:
         """Finish the file: rename it to `path`."""
@@ -211,7 +227,7 @@ class _LayerRecord:
 
 
 class Tracer:
-    """Writes what an Engine does to a TraceWriter, one line per token (`Engine(..., tracer=...)`; or use
+    """Writes what an Engine does to a TraceSink (a TraceWriter's file, the server's live stream), one line per token (`Engine(..., tracer=...)`; or use
     `record_trace`).
 
     The engine calls `begin(token_ids)` as each forward starts and `layer(...)` as each MoE layer ends;
@@ -231,7 +247,7 @@ class Tracer:
     trace one per routed (token, expert) pair (docs/formats.md, "Routing trace").
     """
 
-    def __init__(self, writer: TraceWriter, store: "ExpertStore", stats: "Stats"):
+    def __init__(self, writer: TraceSink, store: "ExpertStore", stats: "Stats"):
         self.writer, self._store, self._stats = writer, store, stats
         self._token_ids = np.zeros(0, np.int64)
         self._layers: list[_LayerRecord] = []
@@ -292,11 +308,15 @@ class Tracer:
 def record_trace(engine: "Engine", path: str | Path, model: str = "") -> Iterator[Tracer]:
     """Trace every forward of `engine` inside the block to `path` (atomically: the file appears when the
     block ends normally, and not at all when it raises). `model` names the model in the header."""
-    header = TraceHeader(engine.cfg.num_experts, engine.k, tuple(engine.model_dir.moe_layers), model,
-                         io=engine.store.mode, expert_bytes=engine.store.nbytes)
-    with TraceWriter(path, header) as writer:
+    with TraceWriter(path, trace_header(engine, model)) as writer:
         engine.tracer = Tracer(writer, engine.store, engine.stats)
         try:
             yield engine.tracer
         finally:
             engine.tracer = None
+
+
+def trace_header(engine: "Engine", model: str = "") -> TraceHeader:
+    """The header of a trace of `engine`'s forwards; `model` names the model."""
+    return TraceHeader(engine.cfg.num_experts, engine.k, tuple(engine.model_dir.moe_layers), model,
+                       io=engine.store.mode, expert_bytes=engine.store.nbytes)

@@ -30,16 +30,18 @@ class AccessGuard:
         app: the application it guards.
         api_key: the key every non-public request must carry, or None for none.
         max_request_bytes: the longest request body accepted, in bytes.
-        public: paths that need no key (exact), and prefixes ending in '/' under which none is needed.
+        public: paths that need no key (exact).
+        public_under: prefixes under which no key is needed (a folder of static files: '/static/').
     """
 
     def __init__(self, app: ASGIApp, api_key: str | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, public: Collection[str] = ("/health",)):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, public: Collection[str] = ("/health",),
+                 public_under: Collection[str] = ()):
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be at least 1, got {max_request_bytes}")
         self.app, self.max_request_bytes = app, max_request_bytes
         self._key = api_key.encode() if api_key else None
-        self._public = tuple(public)
+        self._public, self._public_under = frozenset(public), tuple(public_under)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,7 +57,7 @@ class AccessGuard:
         await self.app(scope, self._counted(receive), send)
 
     def _is_public(self, path: str) -> bool:
-        return any(path == p or (p.endswith("/") and path.startswith(p)) for p in self._public)
+        return path in self._public or path.startswith(self._public_under)
 
     def _authorized(self, headers: Headers) -> bool:
         scheme, _, bearer = headers.get("authorization", "").partition(" ")

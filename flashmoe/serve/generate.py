@@ -80,7 +80,8 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
                 return
             stop = None if i < limit - 1 else LENGTH if limit == max_tokens else CONTEXT
             yield Step(token, decoder.push(token), stop)
-            logits = engine.forward(np.asarray([token]), state)
+            if stop is None:  # the last token's logits would never be used: no forward (its expert reads) for it
+                logits = engine.forward(np.asarray([token]), state)
     finally:
         # An interrupt between a fetch and its release must not leave read buffers pinned.
         engine.store.release_all()

@@ -4,7 +4,8 @@
 
 Endpoints: POST /v1/chat/completions and POST /v1/completions (OpenAI), POST /v1/messages and
 POST /v1/messages/count_tokens (Anthropic), each streamed as server-sent events or not; GET /v1/models,
-GET /health, GET /v1/stats (the engine's I/O and time statistics plus the server's).
+GET /health, GET /v1/stats (the engine's I/O and time statistics plus the server's), GET /v1/trace (the
+routing trace, live: flashmoe.serve.live_trace) and the web page at / (files in flashmoe/serve/static).
 
 Errors are in the shape of the API the path belongs to: OpenAI's `{"error": {"message", "type", "param",
 "code"}}` (malformed JSON 400, a field of the wrong type or range 422, a prompt that does not fit the context
@@ -27,8 +28,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.engine import Engine
@@ -37,7 +39,9 @@ from flashmoe.serve.access import DEFAULT_MAX_REQUEST_BYTES, AccessGuard, is_loo
 from flashmoe.serve.sampling import sampling_defaults
 from flashmoe.serve.schemas import APIError
 from flashmoe.serve.tokenizer import Tokenizer
-from flashmoe.serve.worker import Worker
+from flashmoe.serve.worker import Worker, sse
+
+STATIC = Path(__file__).parent / "static"  # the web page: plain HTML, CSS and JavaScript, no build step
 
 
 class FlashMoeServer:
@@ -63,14 +67,24 @@ class FlashMoeServer:
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/stats", self.stats, methods=["GET"]),
+            Route("/v1/trace", self.trace, methods=["GET"]),
+            Route("/", self.page, methods=["GET"]),
+            Mount("/static", StaticFiles(directory=STATIC)),
             *openai_api.routes(self.worker, model_id),
             *anthropic_api.routes(self.worker, model_id),
         ], exception_handlers={APIError: _error_response, HTTPException: _http_error_response},
-            middleware=[Middleware(AccessGuard, api_key=api_key, max_request_bytes=max_request_bytes)])
+            middleware=[Middleware(AccessGuard, api_key=api_key, max_request_bytes=max_request_bytes,
+                                   public=("/health", "/"), public_under=("/static/",))])
 
     def close(self) -> None:
         """Stop the worker thread after the current job; queued jobs are dropped."""
         self.worker.close()
+
+    async def page(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+    async def trace(self, request: Request) -> Response:
+        return sse(self.worker.live_trace(self.model_id).events(), named=True)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model_id})
@@ -110,7 +124,9 @@ class RunningServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = host, self._sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
+        # An open /v1/trace stream never ends by itself: stop() gives connections 5 s, then closes them.
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
+                                                     timeout_graceful_shutdown=5))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="flashmoe-server", daemon=True)
 

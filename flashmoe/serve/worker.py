@@ -30,6 +30,7 @@ from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.engine import Engine
 from flashmoe.serve.chat_template import select_template
 from flashmoe.serve.generate import CANCELLED
+from flashmoe.serve.live_trace import LiveTrace
 from flashmoe.serve.sampling import SAMPLING_KEYS, Sampler
 from flashmoe.serve.schemas import APIError, SamplingBody
 from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
@@ -106,6 +107,13 @@ class Worker:
         # so only the client that received a reply can refer to it.
         self._reasoning_by_call: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()  # counters are updated from the event loop and the worker thread
+        self.live: LiveTrace | None = None  # made by the first /v1/trace subscriber
+
+    def live_trace(self, model: str) -> LiveTrace:
+        """The engine's live trace (flashmoe.serve.live_trace), made on first use."""
+        if self.live is None:
+            self.live = LiveTrace(self.engine, model)
+        return self.live
 
     def close(self) -> None:
         """Stop the worker thread after the current job; queued jobs are dropped."""
@@ -253,6 +261,8 @@ class Worker:
     def _work(self, job: Job, emit: Callable[[object], None]) -> None:
         """Run one job on the worker thread, reporting through emit (thread-safe)."""
         self._count(queued=-1)
+        if self.live is not None:  # between forwards: a forward is traced whole or not at all
+            self.engine.tracer = self.live.tracer if self.live.listened else None
         try:
             if job.cancel.is_set():
                 return
