@@ -475,9 +475,17 @@ def backends() -> None:
     gpus = _nvidia_gpus()
     if "cuda" not in reasons:
         reasons["cuda"] = "not in this flashmoe version"
+    # Cells stay short; the long reasons go below the table as notes, wrapped between words (a table column
+    # of 80-column terminals would break them inside words: "numba.cuda.is_avail / able()").
     table = Table(title="flashmoe backends")
     for col in ("backend", "available", "device", "conformance"):
-        table.add_column(col, overflow="fold")  # a word wider than its column breaks instead of ending in "…"
+        table.add_column(col, overflow="fold")
+    notes: list[str] = []
+
+    def note(text: str) -> str:
+        notes.append(text)
+        return f"({len(notes)})"
+
     for name, why in sorted(reasons.items()):
         if name == "cuda":
             device = gpus or "no NVIDIA GPU found"
@@ -485,18 +493,22 @@ def backends() -> None:
             device = get_backend(name).device_description()
         else:
             device = "cpu"
+        available = "yes" if why is None else "no " + note(f"{name}: {why}")
         if name == REFERENCE_BACKEND:
             stamp = "the reference (not gated)"
         elif why is not None:
             stamp = "-"
         elif stamp_path(name).is_file():
             record = json.loads(stamp_path(name).read_text())
-            stamp = f"passed {record['when']} ({record['cases']} cases)"
+            stamp = f"passed {record['when'][:10]} ({record['cases']} cases)"
         else:
-            stamp = f"not checked yet: runs on first use (`flashmoe conformance --backend {name}`)"
-        # escaped: a reason's "pip install 'mlx[cpu]'" is not Rich markup
-        table.add_row(*map(escape, (name, "yes" if why is None else f"no: {why}", device, stamp)))
-    Console().print(table)
+            stamp = "not checked yet " + note(f"{name}: checked on first use, or now with "
+                                              f"`flashmoe conformance --backend {name}`")
+        table.add_row(*map(escape, (name, available, device, stamp)))
+    console = Console()
+    console.print(table)
+    for i, text in enumerate(notes, 1):
+        console.print(escape(f"({i}) {text}"))  # escaped: "pip install 'mlx[cpu]'" is not Rich markup
 
 
 @_command()

@@ -100,6 +100,17 @@ def test_tag_like_text_inside_argument_values_is_kept():
     assert out.tool_calls[1].arguments_dict() == {"body": "close with </parameter> then </tool_call>"}
 
 
+def test_an_xml_value_holding_function_and_tool_call_closing_tags_on_their_own_lines():
+    """The string parameter ends with </function>, and </tool_call> follows on the next line: still one value."""
+    code = 'html = """\n</function>\n</tool_call>\n"""'
+    text = (f"Writing it.\n<tool_call>\n<function=write_file>\n<parameter=path>\na.py\n</parameter>\n"
+            f"<parameter=content>\n{code}\n</parameter>\n</function>\n</tool_call>")
+    expected = ParsedOutput(content="Writing it.", tool_calls=[ToolCall("write_file", json.dumps(
+        {"path": "a.py", "content": code}))])
+    assert parse_output(text) == expected
+    assert _parse_in_pieces(text, list(range(len(text)))) == expected
+
+
 def test_malformed_calls_are_returned_as_text():
     cases = [
         "<tool_call>\n{not json}\n</tool_call>",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.serve.sampling import Sampler
-from flashmoe.serve.session import ContextError, Session, history_boundary
+from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
 from flashmoe.serve.tokenizer import Tokenizer
 from flashmoe.serve.toolcalls import OutputParser, ParsedOutput, opens_reasoning
 
@@ -59,9 +59,10 @@ class ChatSession:
         self.session = Session(self.engine, self.tokenizer, self.context)
 
     def reset(self) -> None:
-        """Forget the conversation and the cached state."""
+        """Forget the conversation, the cached state and the last turn's figures."""
         self.messages = []
         self.session.reset()
+        self.session.last = RunInfo()
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt; the conversation starts over."""
@@ -108,6 +109,8 @@ class ChatSession:
     def stats_text(self) -> str:
         """The last turn's figures and the run's engine statistics."""
         last = self.session.last
+        if last.prompt_tokens == 0:
+            return "last turn: none since the conversation started\n" + self.engine.stats.summary()
         lines = [f"last turn: {last.prompt_tokens} prompt tokens ({last.reused_tokens} reused from the cache), "
                  f"{last.completion_tokens} generated, stop: {last.stop}"]
         if last.ttft_s is not None:

@@ -15,7 +15,8 @@ templates open `<think>` in the prompt itself; `opens_reasoning(prompt)` tells t
 Robustness rules:
 - A closing tag inside an argument value is not the end of the call: a call ends at the first
   `</tool_call>` at which the text so far is a complete call (for JSON: at which the text is not inside a
-  string); `</parameter>` ends a value only when followed by the next `<parameter=...>` or `</function>`.
+  string; for XML: not inside a parameter value, which may hold `</function>` and `</tool_call>` too);
+  `</parameter>` ends a value only when followed by the next `<parameter=...>` or `</function>`.
 - Anything that turns out not to be a well-formed call (bad JSON, no name, prose after `<tool_call>`, output
   cut off inside a call) is returned as content, with the tags, exactly as generated; parsing never raises.
 - Whitespace that templates put around blocks (newlines after `<think>`, before `</think>`, between content
@@ -109,6 +110,15 @@ def _json_open_string(text: str) -> bool:
         elif ch == '"':
             inside = not inside
     return inside
+
+
+def _xml_open_value(text: str) -> bool:
+    """Whether `text` (an XML call's body so far) ends inside a parameter value: its last `<parameter=...>`
+    has no `</parameter>` after it."""
+    last = None
+    for last in _PARAMETER.finditer(text):
+        pass
+    return last is not None and text.find(_PARAMETER_CLOSE, last.end()) < 0
 
 
 def _convert(value: str, schema: dict | None):
@@ -261,8 +271,9 @@ class OutputParser:
             if kind == "json" and _json_open_string(self._buf[:i]):
                 self._scan_from = i + 1  # the tag is inside a string value
                 continue
-            if kind == "xml" and not self._buf[:i].rstrip().endswith(_FUNCTION_CLOSE):
-                self._scan_from = i + 1  # the tag is inside a parameter value
+            if kind == "xml" and (not self._buf[:i].rstrip().endswith(_FUNCTION_CLOSE)
+                                  or _xml_open_value(self._buf[:i])):
+                self._scan_from = i + 1  # the tag is inside a parameter value (which may hold </function> too)
                 continue
             end = i + len(CALL_CLOSE)
             text = CALL_OPEN + self._buf[:end]
