@@ -109,16 +109,18 @@ def ensure_conformant(name: str) -> None:
     if path.is_file():
         return
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     start = time.perf_counter()
-    # The first use on a machine compiles the backend's kernels too: say why the wait, on stderr.
-    console = Console(stderr=True)
-    message = (f"first use of backend {name} here: checking it against the reference "
-               f"({len(QUICK_CASES)} cases; compiles its kernels once)")
-    if not console.is_terminal:  # a spinner draws nothing into a log, CI or a pipe: say it once, plainly
-        print(message, file=sys.stderr, flush=True)
-    with console.status(message):
-        results = run_cases(backend, QUICK_CASES)
+    # The first use on a machine compiles the backend's kernels too (about a minute for numba): say why the
+    # wait, that it happens once, and how far it is, on stderr.
+    console = Console(stderr=True, highlight=False)
+    console.print(f"First use of backend {name} on this machine (and flashmoe version): checking it against the "
+                  "reference and compiling its kernels. This happens once; later runs skip it.", markup=False)
+    with Progress(TextColumn("  conformance cases"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=console.is_terminal) as progress:
+        task = progress.add_task("cases", total=len(QUICK_CASES))
+        results = run_cases(backend, QUICK_CASES, progress=lambda result: progress.advance(task))
     failed = [r for r in results if not r.passed]
     if failed:
         shown = "\n  ".join(r.describe() for r in failed[:5])
@@ -127,7 +129,9 @@ def ensure_conformant(name: str) -> None:
             f"backend {name!r} failed {len(failed)} of {len(results)} conformance cases against the NumPy "
             f"reference and will not be used:\n  {shown}{more}\n(run `flashmoe conformance --backend {name}`)"
         )
-    _write_stamp(path, name, results, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    _write_stamp(path, name, results, seconds)
+    console.print(f"backend {name}: all {len(results)} cases pass ({seconds:.0f} s); stamped in {path}", markup=False)
 
 
 def _table(name: str, results: list[CaseResult]):

@@ -26,5 +26,6 @@ def test_damaged_expert_bytes_give_one_line_naming_verify_not_nan_text(tmp_path)
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "non-finite logits at position" in result.output and "flashmoe verify" in result.output
+        assert "intact but their activations overflow float32" in result.output  # the other cause, named too
         assert "Warning" not in result.output  # the one error line, not NumPy's warnings before it
     assert not (tmp_path / "x.npy").exists()

@@ -22,7 +22,8 @@ def _modules() -> dict[str, Path]:
     modules = {}
     for package in packages:
         spec = importlib.util.find_spec(package)
-        modules[package] = Path(spec.origin)
+        if spec.origin is not None:  # None: a folder of data files (flashmoe.data), listed only to ship them
+            modules[package] = Path(spec.origin)
         for folder in spec.submodule_search_locations:
             for path in Path(folder).glob("*.py"):
                 if path.stem != "__init__":

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from chat_helpers import LONG_REPLY, QWEN3, QWEN35_XML, WEATHER, fake_server, write_model_dir
+from chat_helpers import LONG_REPLY, MIXTRAL, QWEN3, QWEN35_XML, WEATHER, fake_server, write_model_dir
 
 from flashmoe.serve.server import FlashMoeServer, RunningServer
 from flashmoe.serve.tokenizer import Tokenizer
@@ -94,6 +94,26 @@ def test_named_tool_choice_forces_the_call_prefix(served, client):
     _chat(client, "echo: ignored", tools=[WEATHER],
           tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert served[1].prompts[-1].endswith('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+
+
+def test_tools_for_a_template_that_does_not_render_them_are_refused_in_both_apis(tmp_path_factory):
+    """Silently dropped tools would leave `required` producing the forced call prefix and then prose."""
+    import anthropic
+
+    app, engine, running = fake_server(tmp_path_factory, MIXTRAL, "no-tools")
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.BadRequestError, match="does not render tools") as e:
+            _chat(client, "echo: hi", tools=[WEATHER], tool_choice="required")
+        assert e.value.body["param"] == "tools"
+        assert _chat(client, "echo: hi", tools=[WEATHER], tool_choice="none").choices[0].finish_reason == "stop"
+        claude = anthropic.Anthropic(base_url=running.url, api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(anthropic.BadRequestError, match="does not render tools"):
+            claude.messages.create(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+                                   tools=[{"name": "f", "input_schema": {"type": "object"}}])
+    finally:
+        running.stop()
+        app.close()
 
 
 def test_a_conversation_that_extends_the_last_one_prefills_only_the_new_tokens(served, client):

@@ -326,13 +326,16 @@ class Engine:
 
 def check_finite(logits: np.ndarray, model_dir, first_position: int) -> np.ndarray:
     """`logits` [T, vocab] unchanged, or FlashMoeError naming the first position whose logits are NaN or
-    infinite: a finite model on finite inputs gives finite logits, so the weights (often a damaged expert
-    file, whose size still checks out) are to blame; `flashmoe verify` finds which file."""
+    infinite. Two causes give that: damaged weights (often an expert file whose size still checks out;
+    `flashmoe verify` finds which), or intact weights whose activations overflow float32 on this input (a
+    checkpoint whose values exceed float32's range once multiplied out); the message names both."""
     bad = ~np.isfinite(logits).all(axis=-1)
     if bad.any():
         raise FlashMoeError(
-            f"{model_dir}: non-finite logits at position {first_position + int(np.argmax(bad))}; the weights "
-            f"may be damaged: run `flashmoe verify {model_dir}`"
+            f"{model_dir}: non-finite logits at position {first_position + int(np.argmax(bad))}. Either the "
+            f"weights are damaged (`flashmoe verify {model_dir}` checks every file against its checksum) or "
+            "they are intact but their activations overflow float32 on this input (when verify finds every "
+            "file intact: the checkpoint's values are too large for float32 arithmetic)"
         )
     return logits
 

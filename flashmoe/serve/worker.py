@@ -177,8 +177,8 @@ class Worker:
         """The prompt text for a conversation, the parser for its reply (the tool choice decides both), and
         boundary(prompt_ids): where the history ends in the prompt's tokens (history_boundary).
 
-        Raises APIError (400) for a tool choice without tools, a forced name not among them, or a
-        conversation the template refuses.
+        Raises APIError (400) for a tool choice without tools, a forced name not among them, tools offered to
+        a template that does not render them, or a conversation the template refuses.
         """
         tools, choice, forced_name = chat.tools, chat.choice, chat.forced_name
         if not tools:
@@ -192,8 +192,13 @@ class Worker:
         kwargs = dict(chat.template_kwargs, tools=tools if choice != "none" else None)
         try:
             prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+            ignored = bool(kwargs["tools"]) and prompt == self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, **dict(kwargs, tools=None))
         except FlashMoeError as e:
             raise APIError(400, str(e), param="messages") from None
+        if ignored:  # refused, not warned: the model would never see the tools, and clients do not read warnings
+            raise APIError(400, "this model's chat template does not render tools, so the model would not see "
+                                "them: send the request without tools (or with tool_choice 'none')", param="tools")
         prefix = ""
         if choice == "required" or forced_name:
             template = select_template(self.tokenizer.chat_template, tools=tools)
