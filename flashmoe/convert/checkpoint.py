@@ -40,6 +40,7 @@ from flashmoe.arch.families import (
     to_canonical,
 )
 from flashmoe.arch.tensors import EXPERT_PROJS, resident_shapes
+from flashmoe.convert import fp8
 from flashmoe.format.manifest import MANIFEST, RESIDENT, ExpertLayout, Manifest, QuantSpec
 from flashmoe.format.policy import KEEP, QUANT_8BIT, QUANT_FLOAT, ROUTER_QUANT, QuantPolicy, quant_class
 from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
@@ -99,7 +100,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     check_output_dir(dst, force, source=src)
     src_dir = _resolve_source(src)
     cfg = ModelConfig.from_file(src_dir / "config.json")
-    ckpt = _Checkpoint(src_dir)
+    config_json = src_dir / "config.json"  # valid JSON: ModelConfig read it
+    ckpt = _Checkpoint(src_dir, fp8.block_size(json.loads(config_json.read_text()), str(config_json)))
     job = _Conversion(cfg, ckpt, res_bits, exp_bits, group_size, log, progress)
     with write_model_dir(dst, cfg.model_type, job.source_record(str(src)), job.policy) as out:
         job.run(out)
@@ -135,10 +137,15 @@ def _resolve_source(src: str | Path) -> Path:
 
 
 class _Checkpoint:
-    """All tensors of a safetensors checkpoint by name, every shard validated before conversion starts."""
+    """All tensors of a safetensors checkpoint by name, every shard validated before conversion starts.
 
-    def __init__(self, root: Path):
+    FP8 block-scaled weights (flashmoe.convert.fp8) are read as their float32 dequantisation; their
+    `<name>_scale_inv` companions are not listed as tensors of their own.
+    """
+
+    def __init__(self, root: Path, block: tuple[int, int] = fp8.DEFAULT_BLOCK):
         self.root = root
+        self.block = block
         index = root / "model.safetensors.index.json"
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
@@ -165,10 +172,17 @@ class _Checkpoint:
                     self.where[name] = f
 
     def names(self) -> list[str]:
-        return list(self.where)
+        return [n for n in self.where if not (n.endswith(fp8.SCALE_SUFFIX) and n[: -len(fp8.SCALE_SUFFIX)]
+                                               in self.where)]
 
     def get(self, name: str) -> np.ndarray:
-        return self.where[name].get(name)
+        array = self.where[name].get(name)
+        if not fp8.is_fp8(array):
+            return array
+        scale = name + fp8.SCALE_SUFFIX
+        if scale not in self.where:
+            raise CheckpointError(f"{self.describe(name)}: FP8 weight without its {scale!r} block scales")
+        return fp8.dequantize_fp8_blocks(array, self.where[scale].get(scale), self.block, name)
 
     def describe(self, name: str) -> str:
         return f"{self.where[name].path}: tensor {name!r}"
