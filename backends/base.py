@@ -301,6 +301,17 @@ class Backend(ABC):
         h = self.multiply(self.silu(self.linear(x, gate)), self.linear(x, up))
         return self.linear(h, down)
 
+    def heads_linear(self, x: Any, weights: list) -> Any:
+        """One linear per head: ``y[:, h] = x[:, h] @ weights[h].T``. x ``[T, H, in]``; weights: H prepared
+        weights ``[out, in]`` -> ``[T, H, out]`` (MLA's absorbed up-projections, quantised per head)."""
+        T, H, n = x.shape
+        heads = self.split(self.reshape(x, (T, H * n)), [n] * H)  # H × [T, in]
+        return self.concat([self.reshape(self.linear(xh, w), (T, 1, -1)) for xh, w in zip(heads, weights)], axis=1)
+
+    def concat(self, arrays: list, axis: int = -1) -> Any:
+        """Arrays joined along ``axis`` (shapes equal elsewhere)."""
+        return self.asarray(np.concatenate([self.to_numpy(a) for a in arrays], axis=axis))
+
     def expert_ffn(self, x: Any, expert: Expert) -> Any:
         """SwiGLU of ONE expert on the ``n`` tokens routed to it: ``down(silu(gate x) * up x)``.
 

@@ -44,6 +44,18 @@ TINY_CONFIGS: dict[str, dict] = {
                     num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6),
     "olmoe": dict(_COMMON, model_type="olmoe", num_hidden_layers=3, intermediate_size=32, num_experts=16,
                   num_experts_per_tok=8, norm_topk_prob=False, rope_theta=1e4),
+    # MLA (absorbed in the engine, expanded in the reference), YaRN, sigmoid routing in 4 groups, a dense layer
+    "deepseek_v3": dict(_COMMON, model_type="deepseek_v3", num_key_value_heads=4, num_hidden_layers=3,
+                        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                        n_group=4, topk_group=2, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=32,
+                        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                        n_shared_experts=1, rope_scaling=dict(type="yarn", factor=32.0,
+                                                              original_max_position_embeddings=128, mscale=1.0,
+                                                              mscale_all_dim=1.0), rope_theta=1e4),
+    "glm4_moe": dict(_COMMON, model_type="glm4_moe", head_dim=16, num_hidden_layers=3, intermediate_size=64,
+                     moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1,
+                     routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1, use_qk_norm=True,
+                     attention_bias=True, partial_rotary_factor=0.5, rope_theta=1e6),
 }
 
 

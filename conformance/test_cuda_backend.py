@@ -205,16 +205,22 @@ def test_gpu_expert_cache_keeps_experts_by_key_and_evicts_by_policy(be):
         be.configure_expert_cache(0)
 
 
+_HYBRID_TINY = dict(model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                    linear_value_head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2, num_experts=4,
+                    num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                    vocab_size=48, full_attention_interval=2)
+
+
 @HERE
-def test_engine_forward_matches_the_numpy_backend(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "deepseek_v3"])
+def test_engine_forward_matches_the_numpy_backend(tmp_path, arch):
+    """Hybrid attention; MLA (absorbed, latent cache) with sigmoid group routing."""
     from flashmoe.bench.bench_cuda import build_engine
+    from flashmoe.conformance.model_cases import TINY_CONFIGS
     from flashmoe.convert.synth import synth_model
 
-    config = dict(model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
-                  linear_value_head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2, num_experts=4,
-                  num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-                  vocab_size=48, full_attention_interval=2)
+    config = _HYBRID_TINY if arch == "qwen3_5_moe" else TINY_CONFIGS[arch]
     model = synth_model(tmp_path / "tiny", config, bits=4, group_size=32, seed=3)
     tokens = np.array([5, 17])
     logits = {}

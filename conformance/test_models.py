@@ -22,7 +22,7 @@ pytest.importorskip("transformers", reason="tiny checkpoints are built with tran
 pytest.importorskip("torch", reason="tiny checkpoints are built with torch (pip install .[test])")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the architecture owner's builders
-from checkpoints import VARIANTS, build_hf_checkpoint, prompt_tokens  # noqa: E402
+from checkpoints import NOAUX_VARIANTS, VARIANTS, build_hf_checkpoint, prompt_tokens  # noqa: E402
 
 from flashmoe.backends import available_backends  # noqa: E402
 from flashmoe.convert.checkpoint import convert_checkpoint  # noqa: E402
@@ -36,9 +36,11 @@ BACKENDS = [name for name, why in available_backends().items() if why is None]
 UNAVAILABLE = {name: why for name, why in available_backends().items() if why is not None}
 #: (bits, expert_bits): the default, and mixed widths on the first variant of each architecture.
 QUANTS = {"q4": ("4", "4"), "q8-experts-q3": ("8", "3")}
-FIRST_VARIANT = {arch: variant for arch, variant in reversed(VARIANTS)}
+FIRST_VARIANT = {arch: variant for arch, variant in reversed(VARIANTS + NOAUX_VARIANTS)}
 CASES = [(arch, variant, q) for arch, variant in VARIANTS for q in QUANTS
          if q == "q4" or FIRST_VARIANT[arch] == variant]
+# DeepSeek-V3 / Kimi K2 (absorbed MLA) and GLM-4.5: every variant at 4 bits
+CASES += [(arch, variant, "q4") for arch, variant in NOAUX_VARIANTS]
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,12 @@ import numpy as np
 from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
 from flashmoe.reference.attention import AttentionWeights, KVCache, attention
 from flashmoe.reference.linear_attention import LinearAttentionState, LinearAttentionWeights, gated_delta_net
+from flashmoe.reference.mla import LatentKVCache, MLAWeights, mla_attention
 from flashmoe.reference.moe import dense_mlp, moe_block
 from flashmoe.reference.ops import linear, rms_norm
 from flashmoe.arch.tensors import WeightSource
 
-LayerCache = Union[KVCache, LinearAttentionState]
+LayerCache = Union[KVCache, LinearAttentionState, LatentKVCache]
 
 
 @dataclass
@@ -57,7 +58,9 @@ class ReferenceModel:
         return cls(md.config, md, dtype)
 
     def new_cache(self) -> Cache:
-        """An empty cache: position 0, empty KV caches, zero conv and recurrent states."""
+        """An empty cache: position 0, empty KV (or MLA latent) caches, zero conv and recurrent states."""
+        if self.cfg.is_mla:
+            return Cache([LatentKVCache.empty(self.cfg, self.dtype) for _ in self.cfg.layer_types])
         return Cache([KVCache.empty(self.cfg, self.dtype) if t == FULL_ATTENTION
                       else LinearAttentionState.empty(self.cfg, self.dtype) for t in self.cfg.layer_types])
 
@@ -88,22 +91,30 @@ class ReferenceModel:
         return linear(h, head).astype(np.float32)  # (T, vocab)
 
     def _mixer(self, i: int, x: np.ndarray, positions: np.ndarray, state: LayerCache) -> np.ndarray:
-        """Layer i's token mixer: softmax attention or GatedDeltaNet. x: (T, hidden) -> (T, hidden)."""
+        """Layer i's token mixer: softmax attention, MLA or GatedDeltaNet. x: (T, hidden) -> (T, hidden)."""
         w = self._mixer_weights(i)
         if isinstance(w, AttentionWeights):
             return attention(x, positions, w, self.cfg, state)
+        if isinstance(w, MLAWeights):
+            return mla_attention(x, positions, w, self.cfg, state)
         return gated_delta_net(x, w, self.cfg, state)
 
-    def _mixer_weights(self, i: int) -> AttentionWeights | LinearAttentionWeights:
+    def _mixer_weights(self, i: int) -> AttentionWeights | LinearAttentionWeights | MLAWeights:
         if i not in self._mixers:
-            if self.cfg.layer_type(i) == FULL_ATTENTION:
+            if self.cfg.is_mla:
+                p = f"layers.{i}.self_attn."
+                names = ("kv_a_proj_with_mqa", "kv_a_layernorm", "embed_q", "unembed_out", "o_proj") + (
+                    ("q_proj",) if self.cfg.q_lora_rank is None else ("q_a_proj", "q_a_layernorm", "q_b_proj"))
+                self._mixers[i] = MLAWeights(**{n: self._w(f"{p}{n}.weight") for n in names},
+                                             biases={n: self._w(f"{p}{n}.bias") for n in self.cfg.attention_bias_projs})
+            elif self.cfg.layer_type(i) == FULL_ATTENTION:
                 p = f"layers.{i}.self_attn."
                 opt = lambda n: self._w(p + n) if self.weights.has(p + n) else None  # noqa: E731
                 projs = ("q_proj", "k_proj", "v_proj", "o_proj")
                 self._mixers[i] = AttentionWeights(
                     *(self._w(f"{p}{n}.weight") for n in projs),
                     q_norm=opt("q_norm.weight"), k_norm=opt("k_norm.weight"),
-                    biases={n: b for n in projs if (b := opt(f"{n}.bias")) is not None})
+                    biases={n: self._w(f"{p}{n}.bias") for n in self.cfg.attention_bias_projs})
             else:
                 p = f"layers.{i}.linear_attn."
                 self._mixers[i] = LinearAttentionWeights(

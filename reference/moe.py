@@ -26,12 +26,13 @@ def moe_block(x: np.ndarray, layer: int, weights: WeightSource, cfg: ModelConfig
 
       ids, p = route(x·W_routerᵀ)                         (the family's router, reference/routing.py)
       y_t = Σ_j p_tj · SwiGLU_{ids_tj}(x_t)
-      y_t += σ(x_t·W_sgᵀ) · SwiGLU_shared(x_t)            (shared expert, Qwen3.5/Next)
+      y_t += σ(x_t·W_sgᵀ) · SwiGLU_shared(x_t)            (shared expert, Qwen3.5/Next; ungated: DeepSeek-V3, GLM)
     Each routed expert is fetched once and applied to all tokens routed to it.
     """
     p = f"layers.{layer}.mlp."
     get = lambda name: np.asarray(weights.tensor(p + name), dtype)  # noqa: E731
-    ids, probs = route(linear(x, get("gate.weight")), cfg)  # (T, k)
+    router_tensors = {n: get(f"gate.{n}") for n in cfg.router_tensors}  # e.g. a correction bias
+    ids, probs = route(linear(x, get("gate.weight")), cfg, **router_tensors)  # (T, k)
     y = np.zeros_like(x)  # (T, hidden)
     for e in np.unique(ids):
         tokens, slot = np.nonzero(ids == e)  # tokens routed to e, and where e sits in their top-k
@@ -40,7 +41,9 @@ def moe_block(x: np.ndarray, layer: int, weights: WeightSource, cfg: ModelConfig
     if cfg.has_shared_expert:
         shared = swiglu(x, get("shared_expert.gate_proj.weight"), get("shared_expert.up_proj.weight"),
                         get("shared_expert.down_proj.weight"))
-        y += sigmoid(linear(x, get("shared_expert_gate.weight"))) * shared  # gate: (T, 1)
+        if cfg.has_shared_expert_gate:
+            shared = sigmoid(linear(x, get("shared_expert_gate.weight"))) * shared  # gate: (T, 1)
+        y += shared
     return y
 
 

@@ -19,6 +19,7 @@ VOCAB = 256
 SEED = 1234
 WEIGHT_STD = 0.15  # matrices and embeddings
 NORM_STD = 0.1  # perturbation of norm weights, A_log, dt_bias (so x·w vs x·(1+w) mistakes show)
+BIAS_STD = 0.3  # DeepSeek-V3's e_score_correction_bias: large enough to change which experts are chosen
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
@@ -35,6 +36,19 @@ _MIXTRAL = dict(_COMMON, num_hidden_layers=3, intermediate_size=32, num_local_ex
                 rope_parameters=dict(rope_type="default", rope_theta=1e6))
 _OLMOE = dict(_COMMON, num_hidden_layers=3, intermediate_size=32, num_experts=16,
               rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+# DeepSeek-V3 / GLM-4.5: 16 experts in 4 groups, dense first layer(s), shared experts; MLA ranks unequal so a
+# transposed or swapped projection fails on shape
+_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=32.0, original_max_position_embeddings=128,
+             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+_DEEPSEEK = dict(_COMMON, num_key_value_heads=4, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+                 n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                 kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=20,
+                 first_k_dense_replace=1, n_shared_experts=1, num_nextn_predict_layers=0,
+                 rope_parameters=dict(rope_type="default", rope_theta=10000.0))
+_GLM = dict(_COMMON, head_dim=16, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+            n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1, routed_scaling_factor=2.5,
+            first_k_dense_replace=1, n_shared_experts=1, num_nextn_predict_layers=0,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
 
 #: (arch, variant) -> (transformers config class name, model class name, config kwargs)
 _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
@@ -81,10 +95,36 @@ _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
                                 dict(_OLMOE, num_experts_per_tok=8, norm_topk_prob=True)),
     ("olmoe", "tied_k1_clip_qkv"): ("OlmoeConfig", "OlmoeForCausalLM",
                                     dict(_OLMOE, num_experts_per_tok=1, tie_word_embeddings=True, clip_qkv=2.0)),
+    ("deepseek_v3", "groups_yarn_q_lora"): ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                                             dict(_DEEPSEEK, rope_parameters=_YARN)),
+    ("deepseek_v3", "no_q_lora_no_norm_topk_all_moe"): ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                                                        dict(_DEEPSEEK, q_lora_rank=None, norm_topk_prob=False,
+                                                             first_k_dense_replace=0, n_group=1, topk_group=1,
+                                                             rope_interleave=False)),
+    ("deepseek_v3", "tied_attn_bias_k8_shared2"): ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                                                   dict(_DEEPSEEK, tie_word_embeddings=True, attention_bias=True,
+                                                        num_experts_per_tok=8, n_group=2, topk_group=1,
+                                                        n_shared_experts=2, routed_scaling_factor=1.0)),
+    ("kimi_k2", "one_group_k2"): ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                                  dict(_DEEPSEEK, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                       routed_scaling_factor=2.827, rope_parameters=_YARN)),
+    ("glm4_moe", "qk_norm_attn_bias"): ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                                        dict(_GLM, use_qk_norm=True, attention_bias=True)),
+    ("glm4_moe", "groups_no_norm_topk_all_moe"): ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                                                  dict(_GLM, n_group=4, topk_group=2, norm_topk_prob=False,
+                                                       first_k_dense_replace=0)),
+    ("glm4_moe", "tied_k8_dense2_shared2"): ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                                             dict(_GLM, tie_word_embeddings=True, num_experts_per_tok=8,
+                                                  first_k_dense_replace=2, n_shared_experts=2,
+                                                  routed_scaling_factor=1.0)),
 }
 
-#: Every (arch, variant) that build_hf_checkpoint accepts.
-VARIANTS: list[tuple[str, str]] = list(_SPECS)
+#: Architectures routed by sigmoid scores with a correction bias (not yet run by the engine and backends).
+NOAUX_ARCHS = ("deepseek_v3", "kimi_k2", "glm4_moe")
+#: Every (arch, variant) that build_hf_checkpoint accepts, except the sigmoid-routed families.
+VARIANTS: list[tuple[str, str]] = [key for key in _SPECS if key[0] not in NOAUX_ARCHS]
+#: The sigmoid-routed families' variants (DeepSeek-V3, Kimi K2, GLM-4.5).
+NOAUX_VARIANTS: list[tuple[str, str]] = [key for key in _SPECS if key[0] in NOAUX_ARCHS]
 
 #: A tiny config per arch for long-position tests (same shapes as the first variant).
 LONG_VARIANTS: list[tuple[str, str]] = [("qwen3_5_moe", "shared_k2"), ("qwen3_moe", "no_norm_topk_k2"),
@@ -110,13 +150,22 @@ def make_hf_model(arch: str, variant: str, seed: int = SEED):
                 p.copy_(torch.randn(p.shape, generator=gen) * WEIGHT_STD)
             else:
                 p.add_(torch.randn(p.shape, generator=gen) * NORM_STD)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * BIAS_STD)
     return model
 
 
 def build_hf_checkpoint(arch: str, variant: str, out_dir: str | Path) -> Path:
-    """Write config.json + model.safetensors of (arch, variant) to out_dir via save_pretrained; return out_dir."""
+    """Write config.json + model.safetensors of (arch, variant) to out_dir via save_pretrained; return out_dir.
+    Kimi K2 runs DeepSeek-V3's code under its own model_type, which its config.json declares."""
+    import json
+
     out = Path(out_dir)
     make_hf_model(arch, variant).save_pretrained(out)
+    if arch == "kimi_k2":
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps(dict(config, model_type="kimi_k2"), indent=2))
     return out
 
 
@@ -130,8 +179,10 @@ def load_hf_model(arch: str, variant: str, path: str | Path):
     import torch
     import transformers
 
-    model_cls = getattr(transformers, _SPECS[(arch, variant)][1])
-    return model_cls.from_pretrained(path, dtype=torch.float32).eval()
+    cfg_cls, model_cls, _ = _SPECS[(arch, variant)]
+    config = getattr(transformers, cfg_cls).from_pretrained(path)
+    config.model_type = config.__class__.model_type  # Kimi K2's is not transformers' (it picks the key mapping)
+    return getattr(transformers, model_cls).from_pretrained(path, config=config, dtype=torch.float32).eval()
 
 
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
@@ -177,6 +228,9 @@ def _mlx_lm_config(hf_dir: Path) -> dict[str, Any]:
             text.setdefault(key, rope[key])
     if "num_local_experts" in text and text["model_type"] != "mixtral":
         text.setdefault("num_experts", text["num_local_experts"])
+    # mlx-lm reads YaRN's parameters from rope_scaling (and some of its ModelArgs require the key)
+    text.setdefault("rope_scaling", dict(rope, type=rope["rope_type"]) if rope.get("rope_type", "default")
+                    != "default" else None)
     if "layer_types" in text:
         text["full_attention_interval"] = text["layer_types"].index("full_attention") + 1
     if config["model_type"] == "qwen3_5_moe_text":

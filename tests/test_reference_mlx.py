@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from checkpoints import (VARIANTS, build_mlx_checkpoint, canonical_weights, mlx_lm_logits, mlx_lm_model,
+from checkpoints import (NOAUX_VARIANTS, VARIANTS, build_mlx_checkpoint, canonical_weights, mlx_lm_logits, mlx_lm_model,
                          prompt_tokens)
-from flashmoe.arch.config import ModelConfig
+from flashmoe.arch.config import MODEL_TYPES, ModelConfig
 from flashmoe.convert.checkpoint import convert_checkpoint
 from flashmoe.arch.families import MLX, detect_layout, is_expert_tensor, to_canonical
 from flashmoe.reference import ReferenceModel
@@ -18,13 +18,18 @@ from flashmoe.arch.tensors import DictWeights
 pytest.importorskip("mlx_lm", reason="mlx-lm is needed to write MLX checkpoints (pip install 'mlx[cpu]' mlx-lm)")
 
 # Variants using what mlx-lm's model classes lack: Qwen3.5 with shared_expert_intermediate_size 0 (its MLP
-# init divides by the width) and Qwen3-MoE attention biases (its q/k/v/o have none) cannot be built at all.
-MLX_VARIANTS = [v for v in VARIANTS if v not in {("qwen3_5_moe", "no_shared_k8"),
-                                                 ("qwen3_moe", "norm_topk_k8_attn_bias")}]
+# init divides by the width), Qwen3-MoE attention biases (its q/k/v/o have none) and DeepSeek-V3 or GLM-4.5
+# with tied embeddings (their lm_head is always separate) cannot be built at all.
+MLX_VARIANTS = [v for v in VARIANTS + NOAUX_VARIANTS if v not in {("qwen3_5_moe", "no_shared_k8"),
+                                                                  ("qwen3_moe", "norm_topk_k8_attn_bias"),
+                                                                  ("deepseek_v3", "tied_attn_bias_k8_shared2"),
+                                                                  ("glm4_moe", "tied_k8_dense2_shared2")}]
 # mlx-lm's OLMoE ignores clip_qkv and its Mixtral the sliding window; transformers and the reference apply
 # them, so only the tensor mapping is compared for those.
+# mlx-lm's DeepSeek-V3 always pairs RoPE dimensions interleaved, ignoring rope_interleave false.
 MLX_LOGIT_VARIANTS = [v for v in MLX_VARIANTS if v not in {("olmoe", "tied_k1_clip_qkv"),
-                                                           ("mixtral", "tied_k1_window16")}]
+                                                           ("mixtral", "tied_k1_window16"),
+                                                           ("deepseek_v3", "no_q_lora_no_norm_topk_all_moe")}]
 
 
 def _ids(variants):
@@ -66,5 +71,5 @@ def test_mlx_4bit_checkpoint_in_the_reference_matches_mlx_lm(hf_checkpoint, tmp_
     tokens = prompt_tokens(32)
     want = mlx_lm_logits(mlx_dir, tokens)
     got = ReferenceModel.from_dir(model_dir).forward(tokens)
-    assert ModelConfig.from_file(mlx_dir).family == arch
+    assert ModelConfig.from_file(mlx_dir).family == MODEL_TYPES[arch]
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-3

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NoReturn
 
-from flashmoe.arch.families import FAMILIES, MODEL_TYPES, NO_SHARED_EXPERT, Family, family_of
+from flashmoe.arch.families import FAMILIES, MODEL_TYPES, NO_SHARED_EXPERT, SIGMOID_GATED, UNGATED, Family, family_of
 from flashmoe.errors import ConfigError
 
 FULL_ATTENTION = "full_attention"
@@ -24,6 +24,22 @@ LINEAR_ATTENTION = "linear_attention"
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok")
 _LINEAR_KEYS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
                 "linear_num_value_heads")
+
+
+@dataclass(frozen=True)
+class YarnRope:
+    """YaRN's RoPE scaling (Peng et al. 2023, "YaRN: Efficient Context Window Extension"), as config.json's
+    `rope_scaling` / `rope_parameters` with rope_type "yarn" gives it (DeepSeek-V3: factor 40 over 4096).
+    The arithmetic is reference/mla.py's; field names are the config keys."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
 
 
 def _first(*values: Any) -> Any:
@@ -70,6 +86,20 @@ class ModelConfig:
     linear_num_value_heads: int = 0
     clip_qkv: float | None = None  # olmoe: clamp q, k, v projections to [-clip_qkv, clip_qkv]
     sliding_window: int | None = None
+    # sigmoid routing with a correction bias ("noaux_tc", DeepSeek-V3 / GLM-4.5): expert groups and scaling
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    use_qk_norm: bool = False  # read where the family's q/k norm has a switch (GLM-4.5)
+    num_nextn_predict_layers: int = 0  # multi-token-prediction layers after the decoder (dropped at conversion)
+    # Multi-head Latent Attention (DeepSeek-V2/V3); head_dim is then qk_rope_head_dim, the part RoPE rotates
+    q_lora_rank: int | None = None  # None: q_proj straight from the hidden state
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # checkpoint's RoPE pairs (x0, x1), (x2, x3)…; de-interleaved at conversion
+    rope_yarn: YarnRope | None = None
     hidden_act: str = "silu"
     eos_token_id: tuple[int, ...] = ()
     bos_token_id: int | None = None
@@ -109,9 +139,10 @@ class ModelConfig:
         for key in _REQUIRED:
             r.get(key)
         n_layers = r.integer("num_hidden_layers", r.get("num_hidden_layers"))
-        cfg = cls(model_type=d["model_type"], family=fam.name, num_hidden_layers=n_layers, **_attention_fields(r),
-                  **_rope_fields(r), **_expert_fields(r, fam), **_layer_fields(r, fam, n_layers),
-                  **_token_fields(r), source=source)
+        mla = _mla_fields(r) if fam.mla else {}
+        cfg = cls(model_type=d["model_type"], family=fam.name, num_hidden_layers=n_layers,
+                  **_attention_fields(r, fam, mla), **_rope_fields(r, fam), **_expert_fields(r, fam),
+                  **_layer_fields(r, fam, n_layers), **_token_fields(r), **mla, source=source)
         cfg._validate()
         return cfg
 
@@ -164,8 +195,33 @@ class ModelConfig:
 
     @property
     def has_shared_expert(self) -> bool:
-        """True when MoE layers add a sigmoid-gated shared expert (Qwen3.5-MoE, Qwen3-Next)."""
+        """True when MoE layers add a shared expert (Qwen3.5-MoE, Qwen3-Next, DeepSeek-V3, GLM-4.5)."""
         return family_of(self).shared_expert != NO_SHARED_EXPERT and self.shared_expert_intermediate_size > 0
+
+    @property
+    def has_shared_expert_gate(self) -> bool:
+        """True when the shared expert is scaled by a sigmoid gate (Family.shared_expert SIGMOID_GATED)."""
+        return self.has_shared_expert and family_of(self).shared_expert == SIGMOID_GATED
+
+    @property
+    def router_tensors(self) -> tuple[str, ...]:
+        """The per-layer `mlp.gate.{name}` tensors [num_experts] the family's router takes."""
+        return family_of(self).router_tensors
+
+    @property
+    def is_mla(self) -> bool:
+        """True for Multi-head Latent Attention (DeepSeek-V3, Kimi K2): reference/mla.py."""
+        return family_of(self).mla
+
+    @property
+    def attention_bias_projs(self) -> tuple[str, ...]:
+        """The attention projections with a bias: none without attention_bias; MLA's down-projections and
+        o_proj (transformers DeepseekV3Attention); else the family's (all four in Qwen3*, q/k/v in GLM-4.5)."""
+        if not self.attention_bias:
+            return ()
+        if self.is_mla:
+            return ("q_proj" if self.q_lora_rank is None else "q_a_proj", "kv_a_proj_with_mqa", "o_proj")
+        return family_of(self).attention_bias_projs
 
     @property
     def has_attention_output_gate(self) -> bool:
@@ -174,8 +230,10 @@ class ModelConfig:
 
     @property
     def qk_norm(self) -> str:
-        """Where q/k RMSNorm applies: 'head' (per head, Qwen3*), 'full' (whole projection, OLMoE), 'none'."""
-        return family_of(self).qk_norm
+        """Where q/k RMSNorm applies: 'head' (per head, Qwen3*; GLM-4.5 with use_qk_norm), 'full' (whole
+        projection, OLMoE), 'none'."""
+        fam = family_of(self)
+        return fam.qk_norm if fam.qk_norm_switch is None or self.use_qk_norm else "none"
 
     def layer_type(self, i: int) -> str:
         """'full_attention' or 'linear_attention' for decoder layer i."""
@@ -278,14 +336,18 @@ class _Reader:
         return value
 
 
-def _attention_fields(r: _Reader) -> dict[str, Any]:
-    """Widths, heads and the attention options shared by every family."""
+def _attention_fields(r: _Reader, fam: Family, mla: dict[str, Any]) -> dict[str, Any]:
+    """Widths, heads and the attention options shared by every family (MLA's head_dim is its RoPE part, as in
+    transformers' DeepseekV3Config)."""
     d, hidden = r.d, r.integer("hidden_size", r.get("hidden_size"))
     n_heads = r.integer("num_attention_heads", r.get("num_attention_heads"))
+    head_dim = mla.get("qk_rope_head_dim") or r.integer("head_dim", r.get("head_dim", required=False) or
+                                                        hidden // n_heads)
     return dict(
         hidden_size=hidden, num_attention_heads=n_heads,
         num_key_value_heads=r.integer("num_key_value_heads", r.get("num_key_value_heads", required=False) or n_heads),
-        head_dim=r.integer("head_dim", r.get("head_dim", required=False) or hidden // n_heads),
+        head_dim=head_dim,
+        use_qk_norm=bool(fam.qk_norm_switch) and r.flag(fam.qk_norm_switch, r.get(fam.qk_norm_switch)),
         vocab_size=r.integer("vocab_size", r.get("vocab_size")),
         rms_norm_eps=r.number("rms_norm_eps", r.get("rms_norm_eps")),
         max_position_embeddings=r.integer("max_position_embeddings", r.get("max_position_embeddings")),
@@ -295,33 +357,66 @@ def _attention_fields(r: _Reader) -> dict[str, Any]:
     )
 
 
-def _rope_fields(r: _Reader) -> dict[str, Any]:
-    """rope_theta and partial_rotary_factor, from rope_parameters (transformers 5), rope_scaling or the top level."""
+def _rope_fields(r: _Reader, fam: Family) -> dict[str, Any]:
+    """rope_theta and partial_rotary_factor, from rope_parameters (transformers 5), rope_scaling or the top level;
+    YaRN's parameters where the family supports it (MLA)."""
     d = r.d
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         r.fail("rope_parameters", f"must be an object, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    yarn = _yarn(r, rope) if rope_type == "yarn" and fam.mla else None
+    if rope_type != "default" and yarn is None:
         raise ConfigError(f"{r.source}: field 'rope_parameters.rope_type' = {rope_type!r} is not supported "
-                          "(only 'default')")
+                          f"(only 'default'{', yarn' if fam.mla else ''} for {d['model_type']})")
     theta = _first(rope.get("rope_theta"), d.get("rope_theta"), r.defaults["rope_theta"])
     prf = _first(rope.get("partial_rotary_factor"), d.get("partial_rotary_factor"),
                  r.defaults.get("partial_rotary_factor", 1.0))
     return dict(rope_theta=r.number("rope_theta", theta, positive=True),
-                partial_rotary_factor=r.number("partial_rotary_factor", prf))
+                partial_rotary_factor=r.number("partial_rotary_factor", prf), rope_yarn=yarn)
+
+
+def _yarn(r: _Reader, rope: dict[str, Any]) -> YarnRope:
+    """YaRN's keys of the rope dict (transformers `_compute_yarn_parameters`: a missing factor is the ratio of
+    max_position_embeddings to original_max_position_embeddings)."""
+    def num(key: str, default: float | None = None) -> float | None:
+        return default if rope.get(key) is None else r.number(f"rope_scaling.{key}", rope[key], positive=True)
+
+    original = r.integer("rope_scaling.original_max_position_embeddings", rope.get("original_max_position_embeddings"))
+    factor = num("factor") or r.number("max_position_embeddings", r.get("max_position_embeddings")) / original
+    return YarnRope(factor=factor, original_max_position_embeddings=original, beta_fast=num("beta_fast", 32.0),
+                    beta_slow=num("beta_slow", 1.0), mscale=num("mscale"), mscale_all_dim=num("mscale_all_dim"),
+                    attention_factor=num("attention_factor"), truncate=bool(rope.get("truncate", True)))
+
+
+def _mla_fields(r: _Reader) -> dict[str, Any]:
+    """Multi-head Latent Attention's keys (transformers DeepseekV3Config). q_lora_rank null (written as such)
+    means no query compression; absent, the family default applies."""
+    q_lora = r.d["q_lora_rank"] if "q_lora_rank" in r.d else r.get("q_lora_rank")
+    return dict(q_lora_rank=None if q_lora is None else r.integer("q_lora_rank", q_lora),
+                **{k: r.integer(k, r.get(k)) for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                                        "v_head_dim")},
+                rope_interleave=r.flag("rope_interleave", r.get("rope_interleave")))
 
 
 def _expert_fields(r: _Reader, fam: Family) -> dict[str, Any]:
     """Expert count and widths under the family's key names, top-k normalisation, the shared expert."""
     experts_key, width_key = fam.num_experts_keys[0], fam.moe_intermediate_keys[0]
     dense = None if "intermediate_size" in fam.moe_intermediate_keys else r.d.get("intermediate_size")
-    shared = 0
-    if fam.shared_expert != NO_SHARED_EXPERT:  # whatever else the family has
+    shared, moe_width = 0, r.integer(width_key, r.get(*fam.moe_intermediate_keys))
+    if fam.shared_expert == UNGATED:  # n_shared_experts experts of the routed width, as one wider MLP
+        shared = moe_width * r.integer("n_shared_experts", r.get("n_shared_experts"), minimum=0)
+    elif fam.shared_expert != NO_SHARED_EXPERT:  # whatever else the family has
         shared = r.integer("shared_expert_intermediate_size", r.get("shared_expert_intermediate_size"), minimum=0)
-    return dict(
+    routing = {}
+    if fam.group_routing_keys:
+        routing = dict(n_group=r.integer("n_group", r.get("n_group")),
+                       topk_group=r.integer("topk_group", r.get("topk_group")),
+                       routed_scaling_factor=r.number("routed_scaling_factor", r.get("routed_scaling_factor"),
+                                                      positive=True))
+    return dict(**routing,
         num_experts=r.integer(experts_key, r.get(*fam.num_experts_keys)),
-        moe_intermediate_size=r.integer(width_key, r.get(*fam.moe_intermediate_keys)),
+        moe_intermediate_size=moe_width,
         intermediate_size=None if dense is None else r.integer("intermediate_size", dense),
         num_experts_per_tok=r.integer("num_experts_per_tok", r.get("num_experts_per_tok")),
         norm_topk_prob=fam.always_norm_topk or r.flag("norm_topk_prob", r.get("norm_topk_prob")),
@@ -344,6 +439,13 @@ def _layer_fields(r: _Reader, fam: Family, n_layers: int) -> dict[str, Any]:
     if fam.sparse_step_keys:  # other families' transformers code ignores these keys
         out.update(mlp_only_layers=r.integers("mlp_only_layers", d.get("mlp_only_layers") or []),
                    decoder_sparse_step=r.integer("decoder_sparse_step", r.get("decoder_sparse_step")))
+    if fam.group_routing_keys:  # DeepSeek: MoE where layer >= first_k_dense_replace and layer % moe_layer_freq == 0
+        first = r.integer("first_k_dense_replace", r.get("first_k_dense_replace"), minimum=0)
+        freq = r.integer("moe_layer_freq", r.get("moe_layer_freq"))
+        out.update(mlp_only_layers=tuple(i for i in range(n_layers) if i < first or i % freq))
+    mtp = r.get("num_nextn_predict_layers", "num_mtp_layers", required=False)
+    if mtp is not None:
+        out.update(num_nextn_predict_layers=r.integer("num_nextn_predict_layers", mtp, minimum=0))
     sliding = d.get("sliding_window")
     if fam.sliding_window_switch and not d.get(fam.sliding_window_switch, False):
         sliding = None  # e.g. transformers' Qwen3MoeConfig ignores sliding_window unless use_sliding_window

@@ -15,7 +15,16 @@ names of docs/formats.md (flashmoe/arch/tensors.py):
   mlx-lm's `sanitize` already adds the 1, so MLX checkpoints are not shifted again;
 - `fused_linear_attn`: Qwen3-Next's `in_proj_qkvz`/`in_proj_ba` are split into the Qwen3.5 layout
   (`in_proj_qkv`, `in_proj_z`, `in_proj_b`, `in_proj_a`) following transformers'
-  `Qwen3NextGatedDeltaNet.fix_query_key_value_ordering`.
+  `Qwen3NextGatedDeltaNet.fix_query_key_value_ordering`;
+- `rope_deinterleave`: DeepSeek-V3's RoPE pairs dimensions (x0, x1), (x2, x3), … (config `rope_interleave`);
+  the rows that produce the rotary part (of q_proj / q_b_proj per head, of kv_a_proj_with_mqa after the latent)
+  are permuted to the rotate-half order (0, 2, 4, …, 1, 3, 5, …) that every backend's RoPE uses (q·k is the
+  same in either order);
+- `mla`: kv_b_proj [H·(qk_nope + v_head), kv_lora] is stored as the per-head matrices attention applies,
+  mlx-lm's `embed_q` (W_UKᵀ, [H, kv_lora, qk_nope]) and `unembed_out` (W_UV, [H, v_head, kv_lora]), each
+  quantised along its own input (mlx-lm's `sanitize` writes MLX checkpoints so; they are kept byte for byte).
+The multi-token-prediction layers DeepSeek-V3 and GLM-4.5 store after the decoder (`layers.{num_hidden_layers}`)
+are dropped with a message.
 
 Everything else (checkpoint prefixes, the three expert storages, MLX's conv1d layout) is shared.
 Splits are by rows (the output dimension), so they apply unchanged to MLX `.scales`/`.biases`.
@@ -40,6 +49,7 @@ MLX = "mlx"
 # Family.shared_expert
 NO_SHARED_EXPERT = "none"
 SIGMOID_GATED = "sigmoid_gated"  # y += σ(x·W_sgᵀ)·SwiGLU_shared(x) (transformers Qwen3_5MoeSparseMoeBlock)
+UNGATED = "ungated"  # y += SwiGLU_shared(x), n_shared_experts × moe_intermediate_size wide (DeepseekV3MoE)
 # Family.qk_norm: RMSNorm of q and k per head ('head', Qwen3*), over the whole projection ('full', OLMoE), none
 QK_NORMS = ("head", "full", "none")
 
@@ -58,14 +68,20 @@ class Family:
     Routing:
       router: a name in reference/routing.py's ROUTERS.
       always_norm_topk: the top-k weights are always renormalised (transformers has no norm_topk_prob key);
-        else norm_topk_prob is read from the config. Routers with groups, a correction bias or a scaling
-        factor add their config keys here.
+        else norm_topk_prob is read from the config.
+      router_tensors: per-layer `mlp.gate.{name}` tensors [E] the router takes (DeepSeek's correction bias).
+      group_routing_keys: n_group, topk_group and routed_scaling_factor are read (sigmoid "noaux_tc" routing),
+        and first_k_dense_replace / moe_layer_freq decide the dense layers.
     Blocks:
-      shared_expert: NO_SHARED_EXPERT or SIGMOID_GATED (read from shared_expert_intermediate_size).
+      shared_expert: NO_SHARED_EXPERT, SIGMOID_GATED (read from shared_expert_intermediate_size) or UNGATED
+        (n_shared_experts × moe_intermediate_size).
       linear_attention: GatedDeltaNet layers (`layer_types`, or every full_attention_interval-th layer full).
       attention_output_gate: q_proj also produces a per-head sigmoid gate on the attention output.
-      qk_norm: one of QK_NORMS.
-    Checkpoints: renames, plus_one_norms, fused_linear_attn (module doc).
+      qk_norm: one of QK_NORMS; qk_norm_switch: a key that must be true for it to apply (GLM's use_qk_norm).
+      attention_bias_projs: the projections attention_bias gives a bias (MLA: its own, see ModelConfig).
+      mla: Multi-head Latent Attention (DeepSeek-V2/V3) instead of grouped-query attention; its config keys,
+        YaRN RoPE and kv_b_proj's per-head split (module doc).
+    Checkpoints: renames, plus_one_norms, fused_linear_attn, rope_deinterleave (module doc).
     GGUF: gguf_arch is llama.cpp's architecture name (gguf-py MODEL_ARCH_NAMES; flashmoe/arch/gguf_names.py
       holds the tensor names), gguf_pre_tokenizer its `tokenizer.ggml.pre` for the family's vocabulary.
     """
@@ -78,13 +94,19 @@ class Family:
     sliding_window_switch: str | None = None
     router: str = "softmax_topk"
     always_norm_topk: bool = False
+    router_tensors: tuple[str, ...] = ()
+    group_routing_keys: bool = False
     shared_expert: str = NO_SHARED_EXPERT
     linear_attention: bool = False
     attention_output_gate: bool = False
     qk_norm: str = "head"
+    qk_norm_switch: str | None = None
+    attention_bias_projs: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mla: bool = False
     renames: tuple[tuple[str, str], ...] = ()
     plus_one_norms: bool = False
     fused_linear_attn: bool = False
+    rope_deinterleave: bool = False
     gguf_arch: str | None = None
     gguf_pre_tokenizer: str | None = None
 
@@ -95,6 +117,7 @@ _QWEN3_NEXT_DEFAULTS = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attent
 # Mixtral and OLMoE: every layer is MoE and intermediate_size is the expert width (moe_intermediate_size is
 # the name transformers' to_dict writes); transformers 5 writes Qwen3-MoE's num_experts as num_local_experts.
 _EXPERT_WIDTH_IS_INTERMEDIATE = ("intermediate_size", "moe_intermediate_size")
+_SHARED_EXPERTS = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)  # DeepSeek's plural
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3_5_moe", _QWEN3_NEXT_DEFAULTS, always_norm_topk=True, shared_expert=SIGMOID_GATED,
@@ -122,6 +145,23 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                          norm_topk_prob=False, max_position_embeddings=4096),
            num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
            qk_norm="full", gguf_arch="olmoe"),
+    # transformers DeepseekV3Config / Glm4MoeConfig defaults (DeepSeek-V3 671B; GLM-4.5-Air)
+    Family("deepseek_v3", dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, rope_theta=10000.0,
+                               norm_topk_prob=True, max_position_embeddings=4096, n_group=8, topk_group=4,
+                               routed_scaling_factor=2.5, n_shared_experts=1, first_k_dense_replace=3,
+                               moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+                               qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True),
+           num_experts_keys=("n_routed_experts", "num_local_experts", "num_experts"), router="noaux_tc",
+           router_tensors=("e_score_correction_bias",), group_routing_keys=True, shared_expert=UNGATED,
+           qk_norm="none", mla=True, rope_deinterleave=True, renames=_SHARED_EXPERTS),
+    Family("glm4_moe", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, rope_theta=10000.0,
+                            partial_rotary_factor=0.5, norm_topk_prob=True, max_position_embeddings=131072,
+                            n_group=1, topk_group=1, routed_scaling_factor=1.0, n_shared_experts=1,
+                            first_k_dense_replace=1, moe_layer_freq=1, use_qk_norm=False),
+           num_experts_keys=("n_routed_experts", "num_local_experts", "num_experts"), router="noaux_tc",
+           router_tensors=("e_score_correction_bias",), group_routing_keys=True, shared_expert=UNGATED,
+           qk_norm_switch="use_qk_norm", attention_bias_projs=("q_proj", "k_proj", "v_proj"),
+           renames=_SHARED_EXPERTS),
 )}
 
 #: config.json model_type -> family name (the text model type of a multimodal checkpoint maps to the same family).
@@ -132,6 +172,9 @@ MODEL_TYPES = {
     "qwen3_moe": "qwen3_moe",
     "mixtral": "mixtral",
     "olmoe": "olmoe",
+    "deepseek_v3": "deepseek_v3",
+    "kimi_k2": "deepseek_v3",  # Kimi K2 declares its own model_type and runs DeepSeek-V3's code
+    "glm4_moe": "glm4_moe",
 }
 
 
@@ -157,6 +200,11 @@ _FUSED_GATE_UP = re.compile(r"^(layers\.\d+\.mlp\.experts)\.gate_up_proj(\.weigh
 _FUSED_DOWN = re.compile(r"^(layers\.\d+\.mlp\.experts)\.down_proj$")
 _QKVZ = re.compile(r"^(layers\.\d+\.linear_attn)\.in_proj_(qkvz|ba)\.(weight|scales|biases)$")
 _CONV = re.compile(r"^layers\.\d+\.linear_attn\.conv1d\.weight$")
+_ROPE_ROWS = re.compile(r"^layers\.\d+\.self_attn\.(q_proj|q_b_proj|kv_a_proj_with_mqa)\.(weight|scales|biases|bias)$")
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_KV_B = re.compile(r"^(layers\.\d+\.self_attn)\.kv_b_proj\.weight$")
+#: MLA's per-head matrices [H, out, in] (quantised along `in` like any linear weight).
+PER_HEAD = re.compile(r"^layers\.\d+\.self_attn\.(embed_q|unembed_out)\.weight$")
 
 
 def detect_layout(names: Iterable[str]) -> str:
@@ -165,12 +213,16 @@ def detect_layout(names: Iterable[str]) -> str:
     return MLX if any(".switch_mlp." in n for n in names) else HF
 
 
-def drop_reason(name: str) -> str | None:
+def drop_reason(name: str, cfg: ModelConfig | None = None) -> str | None:
     """Why checkpoint tensor `name` is not converted (vision tower, MTP head, rotary cache), or None when it is.
-    Converters print one message per reason."""
+    With cfg, the num_nextn_predict_layers layers stored after the decoder (`model.layers.{num_hidden_layers}.…`,
+    DeepSeek-V3, GLM-4.5) are multi-token-prediction layers too. Converters print one message per reason."""
     for pattern, reason in _DROPPED:
         if pattern.search(name):
             return reason
+    if cfg is not None and cfg.num_nextn_predict_layers and (m := _LAYER_INDEX.search(name)):
+        if cfg.num_hidden_layers <= int(m[1]) < cfg.num_hidden_layers + cfg.num_nextn_predict_layers:
+            return "multi-token-prediction layer (not used for decoding)"
     return None
 
 
@@ -186,7 +238,7 @@ def to_canonical(name: str, array: np.ndarray, cfg: ModelConfig,
     (`switch_mlp.*` [E, out, …]) become stacked `layers.{i}.mlp.experts.{proj}.{weight,scales,biases}`.
     Raises CheckpointError naming the tensor when its shape does not fit the config. See drop_reason.
     """
-    if drop_reason(name) is not None:
+    if drop_reason(name, cfg) is not None:
         return []
     fam = family_of(cfg)
     canon = _strip_prefix(name)
@@ -210,6 +262,10 @@ def to_canonical(name: str, array: np.ndarray, cfg: ModelConfig,
         return _split_qkvz(name, m[1], m[2], m[3], array, cfg)
     if _CONV.match(canon) and array.ndim == 3 and array.shape[1] != 1:
         array = np.ascontiguousarray(array.transpose(0, 2, 1))  # MLX Conv1d [C, K, 1] -> HF [C, 1, K]
+    if fam.mla and (m := _KV_B.match(canon)):
+        return _split_kv_b(name, m[1], array, cfg)
+    if fam.rope_deinterleave and cfg.rope_interleave and (m := _ROPE_ROWS.match(canon)):
+        array = _deinterleave_rope_rows(name, m[1], array, cfg)
     if fam.plus_one_norms and layout == HF and _PLUS_ONE.match(canon):
         # float32 result: 1 + w rounded back to bf16 would lose w's low bits (transformers adds in float32)
         array = array.astype(np.float32) + np.float32(1.0)
@@ -220,6 +276,36 @@ def is_expert_tensor(canonical_name: str) -> bool:
     """True for routed-expert tensors (per-expert or stacked `layers.{i}.mlp.experts.…`), which live in the
     expert files rather than resident.safetensors. The shared expert is resident."""
     return bool(_EXPERT.match(canonical_name))
+
+
+def _deinterleave_rope_rows(name: str, proj: str, array: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Permute the rows producing RoPE dimensions from pairs (2j, 2j+1) to (j, j + r/2): transformers'
+    `apply_rotary_pos_emb_interleave`, done once on the weights. q_proj/q_b_proj: the last
+    qk_rope_head_dim rows of each head; kv_a_proj_with_mqa: the qk_rope_head_dim rows after the latent."""
+    r = cfg.qk_rope_head_dim
+    order = np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2)])  # (r,)
+    if proj == "kv_a_proj_with_mqa":
+        rows = np.concatenate([np.arange(cfg.kv_lora_rank), cfg.kv_lora_rank + order])
+    else:
+        head = cfg.qk_nope_head_dim + r
+        one = np.concatenate([np.arange(cfg.qk_nope_head_dim), cfg.qk_nope_head_dim + order])
+        rows = (np.arange(cfg.num_attention_heads)[:, None] * head + one[None, :]).reshape(-1)
+    if array.shape[0] != rows.size:
+        raise CheckpointError(f"tensor {name!r}: {array.shape[0]} rows, expected {rows.size} from the MLA fields "
+                              "of the config")
+    return np.ascontiguousarray(array[rows])
+
+
+def _split_kv_b(name: str, prefix: str, array: np.ndarray, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
+    """kv_b_proj [H·(n + v), c] -> embed_q = W_UKᵀ [H, c, n] and unembed_out = W_UV [H, v, c] (mlx-lm's
+    DeepseekV3Model.sanitize; n = qk_nope_head_dim, v = v_head_dim, c = kv_lora_rank)."""
+    H, n, v, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if array.shape != (H * (n + v), c):
+        raise CheckpointError(f"tensor {name!r}: shape {list(array.shape)}, expected {[H * (n + v), c]} from the "
+                              "MLA fields of the config")
+    w = array.reshape(H, n + v, c)
+    return [(f"{prefix}.embed_q.weight", np.ascontiguousarray(w[:, :n].transpose(0, 2, 1))),
+            (f"{prefix}.unembed_out.weight", np.ascontiguousarray(w[:, n:]))]
 
 
 def _strip_prefix(name: str) -> str:

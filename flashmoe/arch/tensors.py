@@ -61,13 +61,15 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 a + "dt_bias": (hv,), a + "A_log": (hv,), a + "norm.weight": (dv,),
                 a + "out_proj.weight": (h, hv * dv),
             })
+        elif cfg.is_mla:
+            shapes.update(_mla_shapes(cfg, p + "self_attn."))
         else:
             a = p + "self_attn."
             q_out = nh * hd * (2 if cfg.has_attention_output_gate else 1)
             outs = {"q_proj": (q_out, h), "k_proj": (nkv * hd, h), "v_proj": (nkv * hd, h), "o_proj": (h, nh * hd)}
             for name, shape in outs.items():
                 shapes[f"{a}{name}.weight"] = shape
-                if cfg.attention_bias:
+                if name in cfg.attention_bias_projs:
                     shapes[f"{a}{name}.bias"] = (shape[0],)
             if cfg.qk_norm == "head":
                 shapes[a + "q_norm.weight"] = (hd,)
@@ -78,13 +80,37 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         m = p + "mlp."
         if cfg.is_moe_layer(i):
             shapes[m + "gate.weight"] = (cfg.num_experts, h)
+            for name in cfg.router_tensors:
+                shapes[m + f"gate.{name}"] = (cfg.num_experts,)
             if cfg.has_shared_expert:
                 s = cfg.shared_expert_intermediate_size
                 shapes.update({m + "shared_expert.gate_proj.weight": (s, h), m + "shared_expert.up_proj.weight": (s, h),
-                               m + "shared_expert.down_proj.weight": (h, s), m + "shared_expert_gate.weight": (1, h)})
+                               m + "shared_expert.down_proj.weight": (h, s)})
+                if cfg.has_shared_expert_gate:
+                    shapes[m + "shared_expert_gate.weight"] = (1, h)
         else:
             d = cfg.intermediate_size
             shapes.update({m + "gate_proj.weight": (d, h), m + "up_proj.weight": (d, h), m + "down_proj.weight": (h, d)})
+    return shapes
+
+
+def _mla_shapes(cfg: ModelConfig, a: str) -> dict[str, tuple[int, ...]]:
+    """Multi-head Latent Attention's tensors under prefix `a` (transformers DeepseekV3Attention; kv_b_proj as
+    its per-head halves embed_q = W_UKᵀ and unembed_out = W_UV, mlx-lm's names and layout)."""
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    shapes = {a + "kv_a_proj_with_mqa.weight": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+              a + "kv_a_layernorm.weight": (cfg.kv_lora_rank,),
+              a + "embed_q.weight": (nh, cfg.kv_lora_rank, cfg.qk_nope_head_dim),
+              a + "unembed_out.weight": (nh, cfg.v_head_dim, cfg.kv_lora_rank),
+              a + "o_proj.weight": (h, nh * cfg.v_head_dim)}
+    if cfg.q_lora_rank is None:
+        shapes[a + "q_proj.weight"] = (nh * qk, h)
+    else:
+        shapes.update({a + "q_a_proj.weight": (cfg.q_lora_rank, h), a + "q_a_layernorm.weight": (cfg.q_lora_rank,),
+                       a + "q_b_proj.weight": (nh * qk, cfg.q_lora_rank)})
+    for name in cfg.attention_bias_projs:
+        shapes[f"{a}{name}.bias"] = (shapes[f"{a}{name}.weight"][0],)
     return shapes
 
 

@@ -228,7 +228,7 @@ class _Conversion:
         groups: dict[int, list[str]] = {}
         dropped: dict[str, int] = {}
         for name in self.ckpt.names():
-            reason = drop_reason(name)
+            reason = drop_reason(name, self.cfg)
             if reason is not None:
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue

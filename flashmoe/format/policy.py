@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmoe.arch.families import is_expert_tensor
+from flashmoe.arch.families import PER_HEAD, is_expert_tensor
 from flashmoe.format.manifest import QuantSpec
 from flashmoe.format.quant import QuantizedTensor, quantize
 
@@ -30,11 +30,11 @@ ROUTER_QUANT = QuantSpec(8, 64)
 
 def quant_class(canonical_name: str, shape: tuple[int, ...]) -> str:
     """How a tensor is stored when quantising: QUANT_FLOAT for everything that is not a 2-D linear/embedding
-    weight (or a stacked [E, out, in] expert weight), and for conv1d; QUANT_8BIT for the router `mlp.gate` and
+    weight (or a stacked [E, out, in] expert weight, or MLA's per-head [H, out, in]), and for conv1d; QUANT_8BIT for the router `mlp.gate` and
     `mlp.shared_expert_gate`; QUANT_DEFAULT (the requested bits) otherwise. Whether an input width is divisible
     by the group size is QuantPolicy's check, not decided here."""
-    is_matrix = canonical_name.endswith(".weight") and (len(shape) == 2 or (len(shape) == 3 and
-                                                                           is_expert_tensor(canonical_name)))
+    is_matrix = canonical_name.endswith(".weight") and (len(shape) == 2 or (len(shape) == 3 and (
+        is_expert_tensor(canonical_name) or PER_HEAD.match(canonical_name) is not None)))
     if not is_matrix or ".conv1d." in canonical_name:
         return QUANT_FLOAT
     if canonical_name.endswith((".mlp.gate.weight", ".mlp.shared_expert_gate.weight")):

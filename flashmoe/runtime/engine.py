@@ -32,7 +32,9 @@ from flashmoe.backends.base import Backend, KVCacheBuffer
 from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
 from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
+from flashmoe.arch.families import PER_HEAD
 from flashmoe.reference.routing import route
+from flashmoe.runtime.mla import AbsorbedMLA
 from flashmoe.runtime.stats import Stats
 from flashmoe.runtime.store import ExpertStore
 from flashmoe.runtime.trace import Tracer
@@ -79,7 +81,8 @@ class Engine:
         self.store = store
         self.stats = stats
         self.k = self.cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
-        self._w = {name: backend.prepare(_resident(model, name)) for name in model.resident_names()}
+        self._w = {name: backend.prepare(_resident(model, name)) for name in model.resident_names()
+                   if not PER_HEAD.match(name)}  # MLA's per-head matrices: prepared head by head (AbsorbedMLA)
         # -exp(A_log) per linear-attention layer, computed once: the decay rate of g = -exp(A_log)·softplus(a + dt_bias)
         self._decay_rate = {
             f"layers.{i}.linear_attn.": backend.asarray(-np.exp(model.tensor(f"layers.{i}.linear_attn.A_log")))
@@ -87,6 +90,12 @@ class Engine:
         }
         layers = model.moe_layers
         self._next_moe = dict(zip(layers, layers[1:]))
+        # the router's own per-layer tensors (a score-correction bias), on the host with the router
+        self._router_tensors = {i: {n: model.tensor(f"layers.{i}.mlp.gate.{n}")
+                                    for n in self.cfg.router_tensors} for i in layers}
+        self._mla = AbsorbedMLA(self.cfg, backend, lambda i: model.raw(f"layers.{i}.self_attn.embed_q.weight"),
+                                lambda i: model.raw(f"layers.{i}.self_attn.unembed_out.weight"),
+                                self._linear, self._w.__getitem__) if self.cfg.is_mla else None
         if not self.cfg.tie_word_embeddings:
             self._lm_head = self._w["lm_head.weight"]
         else:
@@ -99,7 +108,9 @@ class Engine:
         cfg = self.cfg
         layers = []
         for i in range(cfg.num_hidden_layers):
-            if cfg.layer_type(i) == FULL_ATTENTION:
+            if self._mla is not None:
+                layers.append(self._mla.new_cache())
+            elif cfg.layer_type(i) == FULL_ATTENTION:
                 layers.append(self.backend.new_kv_cache(cfg.num_key_value_heads, cfg.head_dim))
             else:
                 layers.append(LinearAttentionBuffer(
@@ -138,7 +149,9 @@ class Engine:
             p = f"layers.{i}."
             with self.stats.stage("attention"):
                 x = be.rms_norm(h, self._w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-                if cfg.layer_type(i) == FULL_ATTENTION:
+                if self._mla is not None:
+                    h = be.add(h, self._mla(i, x, positions, state.layers[i]))
+                elif cfg.layer_type(i) == FULL_ATTENTION:
                     h = be.add(h, self._attention(p, x, positions, state.layers[i]))
                 else:
                     h = be.add(h, self._linear_attention(p, x, state.layers[i]))
@@ -243,8 +256,10 @@ class Engine:
         """The shared expert scaled by its sigmoid gate, or None when the model has none."""
         if not self.cfg.has_shared_expert:
             return None
-        be = self.backend
-        return be.multiply(be.sigmoid(self._linear(x, p + "shared_expert_gate")), self._mlp(p + "shared_expert.", x))
+        be, shared = self.backend, self._mlp(p + "shared_expert.", x)
+        if not self.cfg.has_shared_expert_gate:
+            return shared
+        return be.multiply(be.sigmoid(self._linear(x, p + "shared_expert_gate")), shared)
 
     def _moe(self, layer: int, x):
         """Routed experts (from the store) plus the shared expert. x (T, hidden) -> (T, hidden)."""
@@ -252,7 +267,7 @@ class Engine:
         p = f"layers.{layer}.mlp."
         with self.stats.stage("router"):
             logits = be.to_numpy(be.linear(x, self._w[p + "gate.weight"]))  # router logits (T, num_experts)
-            ids, weights = route(logits, self.cfg, self.k)  # (T, k) int, (T, k) float32
+            ids, weights = route(logits, self.cfg, self.k, **self._router_tensors[layer])  # (T, k) int, (T, k) f32
         if x.shape[0] == 1:
             return self._moe_decode(layer, p, x, ids[0], weights[0])
         return self._moe_prefill(layer, p, x, ids, weights)
