@@ -128,7 +128,8 @@ NOAUX_VARIANTS: list[tuple[str, str]] = [key for key in _SPECS if key[0] in NOAU
 
 #: A tiny config per arch for long-position tests (same shapes as the first variant).
 LONG_VARIANTS: list[tuple[str, str]] = [("qwen3_5_moe", "shared_k2"), ("qwen3_moe", "no_norm_topk_k2"),
-                                        ("mixtral", "k2")]
+                                        ("mixtral", "k2"), ("deepseek_v3", "groups_yarn_q_lora"),
+                                        ("glm4_moe", "qk_norm_attn_bias")]
 
 
 def make_hf_model(arch: str, variant: str, seed: int = SEED):
