@@ -40,7 +40,9 @@ TINY = {
 def test_preset_reads_the_same_in_transformers_and_flashmoe(name):
     config = get_preset(name).config_dict()
     ours = ModelConfig.from_dict(config, source=name)
-    theirs = transformers.AutoConfig.for_model(**config)
+    # Kimi K2's model_type is its own; transformers reads its config with DeepSeek-V3's class
+    model_type = config["model_type"] if config["model_type"] in transformers.CONFIG_MAPPING else ours.family
+    theirs = transformers.AutoConfig.for_model(**dict(config, model_type=model_type))
     assert ours.num_hidden_layers == theirs.num_hidden_layers
     assert ours.hidden_size == theirs.hidden_size
     assert ours.num_experts == getattr(theirs, "num_experts", getattr(theirs, "num_local_experts", None))
@@ -59,6 +61,18 @@ def test_qwen35_397b_expert_bytes_match_the_published_layout():
     assert offsets["up_proj.weight"] == 2_359_296 and offsets["down_proj.biases"] == 6_946_816
     full = ModelConfig.from_dict(get_preset("qwen3.5-397b-a17b").config_dict())
     assert planned_bytes(full, 4, 64)[1] == 60 * 512 * 7_077_888  # 217 GB of experts
+
+
+@pytest.mark.parametrize("name,moe_layers,expert_bytes", [("deepseek-v3", 58, 24_772_608),
+                                                         ("kimi-k2", 60, 24_772_608),
+                                                         ("glm-4.5", 89, 13_271_040),
+                                                         ("glm-4.5-air", 45, 9_732_096)])
+def test_sigmoid_routed_presets_have_the_published_expert_sizes(name, moe_layers, expert_bytes):
+    """shared/model-shapes.md: 24.8 MB per DeepSeek-V3 expert, 368 GB of experts; GLM-4.5 13.3 MB, 189 GB;
+    GLM-4.5-Air 9.7 MB, 56 GB (4-bit, group 64: 4.5 bits per weight); the dense first layers hold none."""
+    cfg = ModelConfig.from_dict(get_preset(name).config_dict())
+    assert len(cfg.moe_layers) == moe_layers and expert_layout(cfg, 4, 64).nbytes == expert_bytes
+    assert planned_bytes(cfg, 4, 64)[1] == moe_layers * cfg.num_experts * expert_bytes
 
 
 def test_qwen3_30b_has_16_gb_of_experts():

