@@ -92,3 +92,32 @@ def test_load_engine_sizes_the_expert_cache_from_the_measured_process():
     assert engine.stats.totals.reads == 0 and not engine.stats.tokens
     with pytest.raises(MemoryBudgetError, match="process \\(measured\\)"):
         load_engine(None, backend="numpy", io="direct", max_memory=rss // 2, context=64)
+
+
+def test_the_first_refusal_names_a_budget_that_then_works():
+    """A budget below the estimate is not refused before loading when this machine can load the model: the
+    refusal comes from the loaded process's measurement, so a user who follows it (a new process, as from the
+    shell) is accepted."""
+    import math
+    import re
+    import subprocess
+    import sys
+
+    def generate(budget: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flashmoe", "generate", "--backend", "numpy", "--io", "direct",
+                               "--max-memory", budget, "-n", "2", "--prompt", "Hi"], capture_output=True, text=True,
+                              timeout=300)
+
+    refused = generate("20M")
+    assert refused.returncode != 0 and "process (measured)" in refused.stderr, refused.stderr
+    needed = float(re.search(r"at least ([\d.]+) MiB", refused.stderr).group(1))
+    accepted = generate(f"{math.ceil(needed) + 1}M")
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def test_a_model_this_machine_cannot_hold_is_refused_before_loading(monkeypatch):
+    import flashmoe.runtime.load as load
+
+    monkeypatch.setattr(load, "available_memory_bytes", lambda: 1 << 20)
+    with pytest.raises(MemoryBudgetError, match="an estimate before loading: the loaded process needs more"):
+        load.load_engine(None, backend="numpy", io="direct", max_memory="20M", context=64)

@@ -14,7 +14,8 @@ from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
 from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
-from flashmoe.runtime.memory import MemoryBudget, current_rss_bytes, parse_size, reset_peak_rss, window_peak_rss_bytes
+from flashmoe.runtime.memory import (MemoryBudget, available_memory_bytes, current_rss_bytes, parse_size,
+                                     reset_peak_rss, window_peak_rss_bytes)
 from flashmoe.format.modeldir import ModelDir
 from flashmoe.runtime.stats import Stats
 from flashmoe.runtime.store import MODES, ExpertStore
@@ -96,9 +97,14 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     guess_slots = k if speculate else 0
     read_buffers = ExpertStore.read_buffer_bytes(k, layout.nbytes, threads, guess_slots)
     kv_bytes = state_bytes(cfg, context)
-    if max_memory is not None:  # refuse a budget that cannot hold even this estimate before loading anything
-        MemoryBudget(parse_size(max_memory), model.resident_nbytes, kv_bytes, read_buffers,
-                     runtime_bytes=current_rss_bytes()).check()
+    if max_memory is not None:
+        # An estimate before loading (the weights' bytes, the process as it is) is lower than what the loaded
+        # process measures. Refuse at once only a model this machine could not load anyway; otherwise load it
+        # and measure, so that a refusal names the figure that works, not one refused again.
+        estimate = MemoryBudget(parse_size(max_memory), model.resident_nbytes, kv_bytes, read_buffers,
+                                runtime_bytes=current_rss_bytes())
+        if estimate.fixed_bytes > available_memory_bytes():
+            estimate.check(lower_bound=True)
     if gpu_memory is not None:
         be.configure_expert_cache(parse_size(gpu_memory), cache_policy)
     # Read buffers from the backend (pinned host memory for cuda: one DMA per expert).

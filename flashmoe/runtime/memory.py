@@ -61,9 +61,10 @@ class MemoryBudget:
     The fixed part is everything except the expert cache: resident (non-expert) weights, the KV cache
     (and linear-attention state) at the run's maximum length, the expert read buffers
     (`ExpertStore.read_buffer_bytes`), scratch activations, and `runtime_bytes` — the process's own
-    footprint (`current_rss_bytes()`). load_engine checks twice: before loading, with the resident weights
-    from the manifest (a lower bound, to refuse a hopeless budget at once), and after one throwaway
-    forward, with the process as measured then (weights touched, kernels loaded) in `runtime_bytes`.
+    footprint (`current_rss_bytes()`). load_engine estimates it before loading, with the resident weights
+    from the manifest (a lower bound, used to refuse at once only a model this machine could not load), and
+    checks it after one throwaway forward, with the process as measured then (weights touched, kernels
+    loaded) in `runtime_bytes`, so that a refusal names the budget that works.
     The expert cache (direct mode) gets whatever is left.
     """
 
@@ -79,17 +80,19 @@ class MemoryBudget:
         """Bytes that must be resident whatever the expert cache size."""
         return sum(getattr(self, f.name) for f in fields(self) if f.name != "max_bytes")
 
-    def check(self) -> int:
+    def check(self, lower_bound: bool = False) -> int:
         """Return the bytes left for the expert cache (>= 0).
 
-        Raises MemoryBudgetError, with every part listed, when the fixed part alone exceeds `max_bytes`.
+        Raises MemoryBudgetError, with every part listed, when the fixed part alone exceeds `max_bytes`;
+        `lower_bound` says the parts are an estimate made before loading, which the loaded process exceeds.
         """
         left = self.max_bytes - self.fixed_bytes
         if left < 0:
+            more = " (an estimate before loading: the loaded process needs more)" if lower_bound else ""
             raise MemoryBudgetError(
                 f"--max-memory {format_size(self.max_bytes)} cannot hold what must stay resident "
                 f"({format_size(self.fixed_bytes)}: {self.describe()}); "
-                f"raise --max-memory to at least {format_size(self.fixed_bytes)}"
+                f"raise --max-memory to at least {format_size(self.fixed_bytes)}{more}"
             )
         return left
 
@@ -105,6 +108,19 @@ class MemoryBudget:
         }
         return " + ".join(f"{label} {format_size(getattr(self, name))}" for name, label in names.items()
                           if getattr(self, name))
+
+
+def available_memory_bytes() -> int:
+    """Memory this machine can give a process now, in bytes: Linux's MemAvailable (/proc/meminfo), else the
+    physical memory (sysconf), which bounds it from above."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_rss_bytes() -> int:
