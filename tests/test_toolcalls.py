@@ -11,7 +11,8 @@ from flashmoe.serve.toolcalls import (OutputParser, ParsedOutput, ToolCall, forc
                                 parse_output, tool_call_format)
 
 FRAGMENTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<function=f>", "<parameter=a>", "</parameter>",
-             "</function>", "<function=", "<parameter=", "{", "}", '"', "\\", ":", ",", '"name"', '"arguments"',
+             "</function>", "<function=", "<parameter=", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+             "f\n", "{", "}", '"', "\\", ":", ",", '"name"', '"arguments"',
              "\n", " ", "x", "é", "🦊", "<", "/", ">", "<tool", "</thi", '{"name": "f", "arguments": {}}']
 soup = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=40).map("".join)
 value_text = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=12).map("".join)
@@ -56,6 +57,39 @@ def _xml_value_ok(value: str) -> bool:
     return not re.search(r"</parameter>\s*(<parameter=[^>\n]+>|$)", value + "\n")
 
 
+def _glm_value_ok(value: str) -> bool:
+    """GLM's ambiguities: a raw string that is also JSON reads back as JSON, and a value holding an
+    </arg_value> followed by the next <arg_key> or the end cannot be told from the value's end."""
+    import re
+
+    try:
+        json.loads(value)
+        return False
+    except ValueError:
+        return not re.search(r"</arg_value>\s*(<arg_key>|$)", value)
+
+
+def _render_call(draw, name: str) -> tuple[str, dict]:
+    """One call in the JSON, XML or GLM-4.5 format, as the templates write them, and its arguments."""
+    fmt = draw(st.sampled_from(["json", "xml", "glm"]))
+    if fmt == "json":
+        args = draw(st.dictionaries(st.sampled_from(["city", "code", "n"]),
+                                    value_text | st.integers() | st.booleans() | st.lists(st.integers(), max_size=3),
+                                    max_size=3))
+        return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "\n</tool_call>", args
+    if fmt == "xml":
+        args = draw(st.dictionaries(st.sampled_from(["city", "code"]), value_text, max_size=3))
+        assume(all(_xml_value_ok(v) for v in args.values()))
+        params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
+        return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>", args
+    args = draw(st.dictionaries(st.sampled_from(["city", "code", "n"]),
+                                value_text | st.integers() | st.lists(st.integers(), max_size=3), max_size=3))
+    assume(all(_glm_value_ok(v) for v in args.values() if isinstance(v, str)))
+    pairs = "".join(f"<arg_key>{k}</arg_key>\n<arg_value>{v if isinstance(v, str) else json.dumps(v)}</arg_value>\n"
+                    for k, v in args.items())
+    return f"<tool_call>{name}\n{pairs}</tool_call>", args
+
+
 @st.composite
 def conversations(draw):
     reasoning = draw(plain_text).strip()
@@ -64,17 +98,8 @@ def conversations(draw):
     calls, rendered = [], []
     for _ in range(draw(st.integers(0, 3))):
         name = draw(st.sampled_from(["get_weather", "run_code", "f"]))
-        if draw(st.booleans()):
-            args = draw(st.dictionaries(st.sampled_from(["city", "code", "n"]),
-                                        value_text | st.integers() | st.booleans() | st.lists(st.integers(), max_size=3),
-                                        max_size=3))
-            rendered.append("<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
-                            + "\n</tool_call>")
-        else:
-            args = draw(st.dictionaries(st.sampled_from(["city", "code"]), value_text, max_size=3))
-            assume(all(_xml_value_ok(v) for v in args.values()))
-            params = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in args.items())
-            rendered.append(f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>")
+        text, args = _render_call(draw, name)
+        rendered.append(text)
         calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
     text = (f"<think>\n{reasoning}\n</think>\n\n" if reasoning else "") + content
     text += ("\n" if content and rendered else "") + "\n".join(rendered)
@@ -171,6 +196,37 @@ def test_tool_call_format_is_read_from_the_template():
     assert tool_call_format(QWEN3) == "json"
     assert tool_call_format(QWEN35_XML) == "xml"
     assert tool_call_format(MIXTRAL) is None
+    assert tool_call_format(GLM45_TOOL_CALLS) == "glm"
+
+
+# The tool-call part of GLM-4.5's chat template (zai-org/GLM-4.5 tokenizer_config.json / chat_template.jinja).
+GLM45_TOOL_CALLS = """{%- for tc in m.tool_calls -%}
+{%- if tc.function %}{%- set tc = tc.function %}{%- endif %}
+{{ '\n<tool_call>' + tc.name }}
+{% set _args = tc.arguments %}
+{% for k, v in _args.items() %}
+<arg_key>{{ k }}</arg_key>
+<arg_value>{{ v | tojson(ensure_ascii=False) if v is not string else v }}</arg_value>
+{% endfor %}
+</tool_call>{% endfor %}"""
+
+
+def test_glm45_calls_rendered_by_its_template_parse_back_with_reasoning_apart():
+    from flashmoe.serve.chat_template import compile_template
+
+    calls = [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3, "units": ["C"]}}},
+             {"function": {"name": "get_time", "arguments": {}}}]
+    rendered = compile_template(GLM45_TOOL_CALLS).render(m={"tool_calls": calls})  # transformers' environment
+    out = parse_output("<think>Weather, then time.</think>\nChecking." + rendered)
+    assert out.reasoning == "Weather, then time." and out.content == "Checking."
+    assert out.tool_calls == [ToolCall("get_weather", '{"city": "Paris", "days": 3, "units": ["C"]}'),
+                              ToolCall("get_time", "{}")]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"n": {"type": "string"}}}}}]
+    typed = parse_output("<tool_call>f\n<arg_key>n</arg_key>\n<arg_value>42</arg_value>\n</tool_call>", tools=tools)
+    assert typed.tool_calls == [ToolCall("f", '{"n": "42"}')]  # the schema keeps a string a string
+    forced = parse_output("<arg_key>city</arg_key>\n<arg_value>Oslo</arg_value>\n</tool_call>",
+                          prefix=forced_call_prefix("glm", "get_weather"))
+    assert forced == ParsedOutput(tool_calls=[ToolCall("get_weather", '{"city": "Oslo"}')])
 
 
 def test_streamed_deltas_hold_back_partial_tags_only():

@@ -1,6 +1,6 @@
 """Incremental parsing of model output into content, reasoning and tool calls.
 
-Two tool-call formats, told apart by the first characters after `<tool_call>`:
+Three tool-call formats, told apart by the first characters after `<tool_call>`:
 
 - Qwen3 / Qwen3.5 JSON (Hermes style), as Qwen3's chat template writes it:
   `<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>`
@@ -8,6 +8,10 @@ Two tool-call formats, told apart by the first characters after `<tool_call>`:
   `<tool_call>\\n<function=get_weather>\\n<parameter=city>\\nParis\\n</parameter>\\n</function>\\n</tool_call>`
   (parameter values are raw text; they are converted with the tool's JSON schema when it gives a type, as
   vLLM's qwen3_coder parser does).
+- GLM-4.5 key/value, as GLM-4.5's template writes it (the function name right after the tag):
+  `<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>`
+  (values are raw text for strings and JSON otherwise: typed by the schema like XML values, else parsed as
+  JSON when they are JSON, as vLLM's glm45 parser does).
 
 `<think>...</think>` is reasoning (reasoning_content in the OpenAI API), never content. Qwen3.5-style
 templates open `<think>` in the prompt itself; `opens_reasoning(prompt)` tells the parser to start inside it.
@@ -37,6 +41,9 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>")
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>")
 _PARAMETER_CLOSE, _FUNCTION_CLOSE = "</parameter>", "</function>"
+_GLM_NAME = re.compile(r"[\w.\-]+")
+_ARG_KEY = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>", re.S)
+_ARG_VALUE_CLOSE = "</arg_value>"
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,10 @@ def opens_reasoning(prompt: str) -> bool:
 
 
 def tool_call_format(template: str | None) -> str | None:
-    """'xml' or 'json' for a chat template that renders tool calls in that format, else None."""
+    """'xml', 'glm' or 'json' for a chat template that renders tool calls in that format, else None."""
     if not template or CALL_OPEN not in template:
         return None
-    return "xml" if "<function=" in template else "json"
+    return "xml" if "<function=" in template else "glm" if "<arg_key>" in template else "json"
 
 
 def forced_call_prefix(fmt: str | None, name: str | None = None) -> str:
@@ -85,6 +92,8 @@ def forced_call_prefix(fmt: str | None, name: str | None = None) -> str:
     or a named function). The parser must be fed the same text first (OutputParser(prefix=...))."""
     if fmt == "xml":
         return f"{CALL_OPEN}\n<function={name}>\n" if name else f"{CALL_OPEN}\n<function="
+    if fmt == "glm":
+        return f"{CALL_OPEN}{name}\n" if name else CALL_OPEN
     return f'{CALL_OPEN}\n{{"name": "{name}", "arguments": ' if name else f"{CALL_OPEN}\n"
 
 
@@ -119,6 +128,44 @@ def _xml_open_value(text: str) -> bool:
     for last in _PARAMETER.finditer(text):
         pass
     return last is not None and text.find(_PARAMETER_CLOSE, last.end()) < 0
+
+
+def _key_values(body: str, opener: re.Pattern, close: str) -> list[tuple[str, str]] | None:
+    """The (key, raw value) pairs of a call body made only of `opener` (group 1: the key) value `close`
+    blocks and whitespace (XML's <parameter=k>v</parameter>, GLM's <arg_key>k</arg_key><arg_value>v</arg_value>);
+    None when anything else is there. A value ends at the `close` followed by the next opener or the end, so
+    values may hold the closing tag themselves."""
+    pairs, pos = [], 0
+    while True:
+        while pos < len(body) and body[pos].isspace():
+            pos += 1
+        if pos == len(body):
+            return pairs
+        key = opener.match(body, pos)
+        if not key:
+            return None
+        end = body.find(close, key.end())
+        while end >= 0 and (after := body[end + len(close):].lstrip()) and not opener.match(after):
+            end = body.find(close, end + 1)
+        if end < 0:
+            return None
+        pairs.append((key.group(1).strip(), body[key.end():end]))
+        pos = end + len(close)
+
+
+def _json_or_text(value: str):
+    """A GLM value without a schema type: its template writes non-strings as JSON, strings raw."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _glm_open_value(text: str) -> bool:
+    """Whether a GLM call body ends inside an <arg_value> (its last value not closed by a </arg_value> that
+    ends the call)."""
+    opened = text.rfind("<arg_value>")
+    return opened >= 0 and not text[opened:].rstrip().endswith(_ARG_VALUE_CLOSE)
 
 
 def _convert(value: str, schema: dict | None):
@@ -275,6 +322,9 @@ class OutputParser:
                                   or _xml_open_value(self._buf[:i])):
                 self._scan_from = i + 1  # the tag is inside a parameter value (which may hold </function> too)
                 continue
+            if kind == "glm" and _glm_open_value(self._buf[:i]):
+                self._scan_from = i + 1  # the tag is inside an <arg_value>
+                continue
             end = i + len(CALL_CLOSE)
             text = CALL_OPEN + self._buf[:end]
             self._leave_call(end, strip_after=False)
@@ -299,10 +349,29 @@ class OutputParser:
             return "json"
         if "<function=".startswith(stripped[:10]):
             return "xml" if len(stripped) >= 10 else None
-        return "text"
+        name = _GLM_NAME.match(stripped)  # GLM-4.5: a function name, then its arguments or the closing tag
+        if name is None:
+            return "text"
+        if name.end() == len(stripped):
+            return None
+        return "glm" if stripped[name.end()] in "\n<" else "text"
 
     def _parse(self, kind: str, body: str) -> ToolCall | None:
-        return self._parse_json(body) if kind == "json" else self._parse_xml(body)
+        return {"json": self._parse_json, "xml": self._parse_xml, "glm": self._parse_glm}[kind](body)
+
+    def _parse_glm(self, body: str) -> ToolCall | None:
+        body = body.strip()
+        name = _GLM_NAME.match(body)
+        if name is None:
+            return None
+        pairs = _key_values(body[name.end():], _ARG_KEY, _ARG_VALUE_CLOSE)
+        if pairs is None:
+            return None
+        schema, args = self._schemas.get(name.group(0), {}), {}
+        for param, value in pairs:
+            typed = schema.get(param) if isinstance(schema.get(param), dict) else None
+            args[param] = _convert(value, typed) if typed else _json_or_text(value)
+        return ToolCall(name.group(0), json.dumps(args, ensure_ascii=False))
 
     @staticmethod
     def _parse_json(body: str) -> ToolCall | None:
@@ -329,31 +398,14 @@ class OutputParser:
             return None
         name = m.group(1).strip()
         schema = self._schemas.get(name, {})
-        inner = inner[: -len(_FUNCTION_CLOSE)]
-        args, pos = {}, 0
-        while True:
-            while pos < len(inner) and inner[pos].isspace():
-                pos += 1
-            if pos == len(inner):
-                break
-            p = _PARAMETER.match(inner, pos)
-            if not p:
-                return None
-            end = inner.find(_PARAMETER_CLOSE, p.end())
-            # A value ends at the </parameter> that is followed by the next parameter or the end.
-            while end >= 0:
-                after = inner[end + len(_PARAMETER_CLOSE) :].lstrip()
-                if not after or _PARAMETER.match(after):
-                    break
-                end = inner.find(_PARAMETER_CLOSE, end + 1)
-            if end < 0:
-                return None
-            value = inner[p.end() : end]
+        pairs = _key_values(inner[: -len(_FUNCTION_CLOSE)], _PARAMETER, _PARAMETER_CLOSE)
+        if pairs is None:
+            return None
+        args = {}
+        for param, value in pairs:
             value = value[1:] if value.startswith("\n") else value
             value = value[:-1] if value.endswith("\n") else value
-            param = p.group(1).strip()
             args[param] = _convert(value, schema.get(param) if isinstance(schema.get(param), dict) else None)
-            pos = end + len(_PARAMETER_CLOSE)
         return ToolCall(name, json.dumps(args, ensure_ascii=False))
 
 
