@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flashmoe.arch.config import ModelConfig
 from flashmoe.runtime.engine import check_finite
 from flashmoe.errors import FlashMoeError
 from flashmoe.arch.tensors import EXPERT_PROJS
@@ -59,6 +60,60 @@ def model_stats(md: ModelDir) -> dict[str, float]:
     }
 
 
+def describe_preset(name: str, disk_gbps: float = 2.0, bits: int = 4, group_size: int = 64) -> str:
+    """The `flashmoe info --like NAME` summary: a preset's full-depth sizes at `bits`/`group_size` (synth's
+    quantisation), bytes read per token and decode ceiling, computed from its config without writing anything.
+    Raises ConfigError for an unknown preset, FlashMoeError for a non-positive disk_gbps."""
+    from flashmoe.arch.presets import get_preset
+    from flashmoe.arch.tensors import resident_shapes
+    from flashmoe.convert.synth import expert_layout, planned_bytes
+
+    if not disk_gbps > 0:
+        raise FlashMoeError(f"--disk-gbps must be positive, got {disk_gbps}")
+    cfg = ModelConfig.from_dict(get_preset(name).config_dict(), source=name)
+    resident_bytes, expert_file_bytes = planned_bytes(cfg, bits, group_size)
+    expert_bytes = expert_layout(cfg, bits, group_size).nbytes
+    resident_params = sum(int(np.prod(shape)) for shape in resident_shapes(cfg).values())
+    expert_params = len(EXPERT_PROJS) * cfg.hidden_size * cfg.moe_intermediate_size
+    n, k = len(cfg.moe_layers), cfg.num_experts_per_tok
+    return "\n".join([
+        f"preset:           {name} ({bits}-bit, group {group_size}, as `flashmoe synth --like {name}` writes it)",
+        _architecture(cfg),
+        _experts(cfg, n, k),
+        f"parameters:       {_count(resident_params + expert_params * cfg.num_experts * n)} total, "
+        f"{_count(resident_params + expert_params * k * n)} active per token",
+        f"resident:         {_bytes(resident_bytes)}",
+        f"per expert:       {_bytes(expert_bytes)}",
+        f"experts on disk:  {_bytes(expert_file_bytes)}",
+        _read_per_token(k * n * expert_bytes, k, n),
+        _ceiling(k * n * expert_bytes, disk_gbps),
+    ])
+
+
+def _architecture(cfg: ModelConfig) -> str:
+    attn = {t: cfg.layer_types.count(t) for t in dict.fromkeys(cfg.layer_types)}
+    dense = cfg.num_hidden_layers - len(cfg.moe_layers)
+    return (f"architecture:     {cfg.model_type} ({cfg.num_hidden_layers} layers: "
+            + ", ".join(f"{n} {t.replace('_', ' ')}" for t, n in attn.items())
+            + (", multi-head latent attention" if cfg.is_mla else "") + (f"; {dense} dense" if dense else "")
+            + f"; hidden {cfg.hidden_size}; vocab {cfg.vocab_size})")
+
+
+def _experts(cfg: ModelConfig, moe_layers: int, k: int) -> str:
+    return (f"experts:          {cfg.num_experts} per MoE layer in {moe_layers} layers, k = {k}, "
+            f"moe_intermediate_size {cfg.moe_intermediate_size}"
+            + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""))
+
+
+def _read_per_token(nbytes: float, k: int, moe_layers: int) -> str:
+    return f"read per token:   {_bytes(nbytes)} (k = {k} experts x {moe_layers} MoE layers, no cache hits)"
+
+
+def _ceiling(nbytes: float, disk_gbps: float) -> str:
+    return (f"decode ceiling:   {disk_gbps * 1e9 / nbytes:.3g} tok/s at {disk_gbps:g} GB/s "
+            "(disk bandwidth / expert bytes per token)")
+
+
 def describe(model_dir: str | Path, disk_gbps: float = 2.0) -> str:
     """A human-readable summary of a model directory (the output of `flashmoe info`).
 
@@ -73,24 +128,17 @@ def describe(model_dir: str | Path, disk_gbps: float = 2.0) -> str:
         quant = md.layer_layout(md.moe_layers[0]).quantization
         expert_q = ", ".join(f"{p} {quant[p].bits}-bit g{quant[p].group_size}" if p in quant else f"{p} float"
                              for p in EXPERT_PROJS)
-        attn = {t: cfg.layer_types.count(t) for t in dict.fromkeys(cfg.layer_types)}
         lines = [
             f"model:            {Path(model_dir)}",
-            f"architecture:     {cfg.model_type} ({cfg.num_hidden_layers} layers: "
-            + ", ".join(f"{n} {t.replace('_', ' ')}" for t, n in attn.items())
-            + f"; hidden {cfg.hidden_size}; vocab {cfg.vocab_size})",
-            f"experts:          {cfg.num_experts} per MoE layer in {s['moe_layers']} layers, k = {s['k']}, "
-            f"moe_intermediate_size {cfg.moe_intermediate_size}"
-            + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""),
+            _architecture(cfg),
+            _experts(cfg, s["moe_layers"], s["k"]),
             f"parameters:       {_count(s['total_params'])} total, {_count(s['active_params'])} active per token",
             f"resident:         {_bytes(s['resident_bytes'])} "
             f"({len(md.manifest.quantization)} of {len(md.resident_names())} tensors quantised)",
             f"per expert:       {_bytes(s['expert_bytes'])} ({expert_q}; stride {md.layer_layout(md.moe_layers[0]).stride:,} B)",
             f"experts on disk:  {_bytes(sum(os.path.getsize(md.expert_path(i)) for i in md.moe_layers))}",
-            f"read per token:   {_bytes(s['expert_bytes_per_token'])} "
-            f"(k = {s['k']} experts x {s['moe_layers']} MoE layers, no cache hits)",
-            f"decode ceiling:   {disk_gbps * 1e9 / s['expert_bytes_per_token']:.1f} tok/s at {disk_gbps:g} GB/s "
-            "(disk bandwidth / expert bytes per token)",
+            _read_per_token(s["expert_bytes_per_token"], s["k"], s["moe_layers"]),
+            _ceiling(s["expert_bytes_per_token"], disk_gbps),
         ]
     return "\n".join(lines)
 

@@ -35,8 +35,18 @@ def test_info_reports_expert_bytes_per_token_and_decode_ceiling(model):
     result = CliRunner().invoke(app, ["info", str(model), "--disk-gbps", "5"])
     assert result.exit_code == 0, result.output
     assert f"{per_token:,} B" in result.stdout
-    assert f"{5e9 / per_token:.1f} tok/s at 5 GB/s" in result.stdout
+    assert f"{5e9 / per_token:.3g} tok/s at 5 GB/s" in result.stdout
     assert f"{nbytes:,} B" in result.stdout and "qwen3_5_moe" in result.stdout
+
+
+def test_info_like_a_preset_gives_the_full_depth_figures_without_files():
+    """shared/model-shapes.md: DeepSeek-V3 671B with 37B active, 368 GB of experts, 11.5 GB read per token."""
+    result = CliRunner().invoke(app, ["info", "--like", "deepseek-v3", "--disk-gbps", "7"])
+    assert result.exit_code == 0, result.output
+    assert "671.03B) total, 37,552,297,472 (37.55B) active" in result.stdout
+    assert "367,823,683,584 B" in result.stdout and "11,494,490,112 B" in result.stdout
+    assert "0.609 tok/s at 7 GB/s" in result.stdout and "multi-head latent attention; 3 dense" in result.stdout
+    assert "unknown preset 'nope'" in CliRunner().invoke(app, ["info", "--like", "nope"]).output
 
 
 def test_logits_command_writes_reference_logits(model, tmp_path):
