@@ -116,7 +116,8 @@ def ensure_conformant(name: str) -> None:
     # wait, that it happens once, and how far it is, on stderr.
     console = Console(stderr=True, highlight=False)
     console.print(f"First use of backend {name} on this machine (and flashmoe version): checking it against the "
-                  "reference and compiling its kernels. This happens once; later runs skip it.", markup=False)
+                  "reference and compiling its kernels. This happens once; later runs skip it.", markup=False,
+                  soft_wrap=True)
     with Progress(TextColumn("  conformance cases"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=console.is_terminal) as progress:
         task = progress.add_task("cases", total=len(QUICK_CASES))
@@ -131,7 +132,8 @@ def ensure_conformant(name: str) -> None:
         )
     seconds = time.perf_counter() - start
     _write_stamp(path, name, results, seconds)
-    console.print(f"backend {name}: all {len(results)} cases pass ({seconds:.0f} s); stamped in {path}", markup=False)
+    console.print(f"backend {name}: all {len(results)} cases pass ({seconds:.0f} s); stamped in {path}", markup=False,
+                  soft_wrap=True)
 
 
 def _table(name: str, results: list[CaseResult]):

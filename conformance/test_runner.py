@@ -37,9 +37,12 @@ def backends(monkeypatch, tmp_path):
 
 def test_ensure_conformant_stamps_once_and_then_skips_the_suite(backends, monkeypatch, capsys):
     runner.ensure_conformant("exact-test")
-    # stderr is not a terminal under capsys, so the spinner draws nothing: the message must appear once, plainly.
+    # stderr is not a terminal under capsys: the message appears once, plainly, then the bar's final state.
     err = capsys.readouterr().err
-    assert err.count("first use of backend exact-test here: checking it against the reference") == 1, err
+    assert err.count("First use of backend exact-test on this machine (and flashmoe version): checking it against "
+                     "the reference and compiling its kernels. This happens once; later runs skip it.") == 1, err
+    n = len(runner.QUICK_CASES)
+    assert "conformance cases" in err and f"{n}/{n}" in err and f"all {n} cases pass" in err, err
     stamp = runner.stamp_path("exact-test")
     assert stamp.is_file() and stamp.parent == backends / "conformance"
     assert '"cases": %d' % len(runner.QUICK_CASES) in stamp.read_text()
