@@ -306,7 +306,8 @@ class Backend(ABC):
         weights ``[out, in]`` -> ``[T, H, out]`` (MLA's absorbed up-projections, quantised per head)."""
         T, H, n = x.shape
         heads = self.split(self.reshape(x, (T, H * n)), [n] * H)  # H × [T, in]
-        return self.concat([self.reshape(self.linear(xh, w), (T, 1, -1)) for xh, w in zip(heads, weights)], axis=1)
+        outs = [self.linear(xh, w) for xh, w in zip(heads, weights)]  # H × [T, out]
+        return self.concat([self.reshape(y, (T, 1, y.shape[-1])) for y in outs], axis=1)
 
     def concat(self, arrays: list, axis: int = -1) -> Any:
         """Arrays joined along ``axis`` (shapes equal elsewhere)."""
