@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from flashmoe.arch.presets import PRESETS
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
 
@@ -308,8 +309,7 @@ def generate(
 @_user_errors
 def synth(
     out: Path = typer.Option(..., "--out", help="Output model directory (must not exist unless --force)."),
-    like: Optional[str] = typer.Option(None, "--like", help="A real model's shapes: qwen3.5-397b-a17b, "
-                                       "qwen3.5-35b-a3b, qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b."),
+    like: Optional[str] = typer.Option(None, "--like", help=f"A real model's shapes: {', '.join(PRESETS)}."),
     config: Optional[Path] = typer.Option(None, "--config", help="A Hugging Face config.json instead of --like."),
     layers: Optional[int] = typer.Option(None, help="Keep only the first N decoder layers (figures from such a "
                                          "model are per layer)."),

@@ -113,6 +113,7 @@ def test_missing_required_field_is_named_with_the_file(tmp_path, field):
     ("max_position_embeddings", -100, "must be positive, got -100"),
     ("max_position_embeddings", 0, "must be positive"),
     ("num_attention_heads", 0, "must be positive"),
+    ("head_dim", 0, "must be positive"),
     ("num_local_experts", [8], "must be an integer"),
 ])
 def test_a_value_of_the_wrong_type_or_range_names_the_file_and_field(tmp_path, field, value, why):

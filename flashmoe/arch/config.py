@@ -341,8 +341,9 @@ def _attention_fields(r: _Reader, fam: Family, mla: dict[str, Any]) -> dict[str,
     transformers' DeepseekV3Config)."""
     d, hidden = r.d, r.integer("hidden_size", r.get("hidden_size"))
     n_heads = r.integer("num_attention_heads", r.get("num_attention_heads"))
-    head_dim = mla.get("qk_rope_head_dim") or r.integer("head_dim", r.get("head_dim", required=False) or
-                                                        hidden // n_heads)
+    given_head_dim = r.get("head_dim", required=False)  # an explicit 0 is refused, not replaced
+    head_dim = mla.get("qk_rope_head_dim") or r.integer(
+        "head_dim", hidden // n_heads if given_head_dim is None else given_head_dim)
     return dict(
         hidden_size=hidden, num_attention_heads=n_heads,
         num_key_value_heads=r.integer("num_key_value_heads", r.get("num_key_value_heads", required=False) or n_heads),

@@ -86,14 +86,23 @@ class Sampler:
 def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
     """The sampling settings of the model's generation_config.json (only the keys it sets).
 
-    Raises FlashMoeError naming the file when it exists but cannot be read.
+    Raises FlashMoeError naming the file when it exists but cannot be read, and naming the field when a
+    setting is not a number (top_k: not a whole number).
     """
     path = Path(model_dir) / "generation_config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     except (OSError, ValueError) as e:
         raise FlashMoeError(f"{path}: cannot read ({e})") from e
-    return {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}
+    if not isinstance(config, dict):
+        raise FlashMoeError(f"{path}: not a JSON object")
+    settings = {k: config[k] for k in SAMPLING_KEYS if config.get(k) is not None}
+    for key, value in settings.items():
+        whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or key == "top_k" and not whole:
+            kind = "a whole number" if key == "top_k" else "a number"
+            raise FlashMoeError(f"{path}: field {key!r} must be {kind}, got {value!r}")
+    return {k: int(v) if k == "top_k" else float(v) for k, v in settings.items()}
 
 
 def sampler_for(model_dir: str | Path, seed: int | None = None, **given: float | None) -> Sampler:

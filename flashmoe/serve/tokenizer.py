@@ -27,6 +27,14 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _token_ids(path: Path, value) -> set[int]:
+    """The token id(s) of an `eos_token_id` field (one id or a list); FlashMoeError naming the file otherwise."""
+    ids = _as_list(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise FlashMoeError(f"{path}: field 'eos_token_id' must be a token id or a list of them, got {value!r}")
+    return set(ids)
+
+
 def _token_text(value) -> str | None:
     """tokenizer_config.json writes special tokens either as strings or as AddedToken dicts."""
     if isinstance(value, dict):
@@ -56,13 +64,13 @@ class Tokenizer:
         self.config = _read_json(model_dir / "tokenizer_config.json")
         model_config = _read_json(model_dir / "config.json")
         generation_config = _read_json(model_dir / "generation_config.json")
-        ids = set(_as_list(model_config.get("eos_token_id")))
-        ids |= set(_as_list(model_config.get("text_config", {}).get("eos_token_id")))
-        ids |= set(_as_list(generation_config.get("eos_token_id")))
+        ids = _token_ids(model_dir / "config.json", model_config.get("eos_token_id"))
+        ids |= _token_ids(model_dir / "config.json", model_config.get("text_config", {}).get("eos_token_id"))
+        ids |= _token_ids(model_dir / "generation_config.json", generation_config.get("eos_token_id"))
         eos_text = _token_text(self.config.get("eos_token"))
         if eos_text is not None and self._tok.token_to_id(eos_text) is not None:
             ids.add(self._tok.token_to_id(eos_text))
-        self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
+        self.eos_token_ids: frozenset[int] = frozenset(ids)
         self.chat_template: str | dict[str, str] | None = load_chat_template(model_dir, self.config)
 
     @property
