@@ -229,3 +229,21 @@ def test_a_run_says_why_it_stopped_in_the_one_vocabulary(tokenizer):
     cancel = threading.Event()
     cancel.set()
     assert run(max_tokens=100, cancel=cancel) == CANCELLED
+
+
+def test_ctrl_c_inside_the_forward_pass_is_reported_as_cancelled(tokenizer):
+    chat = _chat(tokenizer)
+    chat.send("hello")
+    real_forward, calls = chat.engine.forward, []
+
+    def interrupted(token_ids, state, all_logits=False):
+        calls.append(1)
+        if len(calls) == 3:  # the prompt, one decode step, then Ctrl-C
+            raise KeyboardInterrupt
+        return real_forward(token_ids, state, all_logits)
+
+    chat.engine.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        chat.send("tell me more")
+    assert chat.session.last.stop == CANCELLED
+    assert "stop: cancelled" in chat.stats_text()

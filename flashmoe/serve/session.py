@@ -252,7 +252,9 @@ class Session:
         except GeneratorExit:  # the consumer stopped between tokens: the state is consistent
             info.stop = CANCELLED
             raise
-        except BaseException:  # inside forward (an error, Ctrl-C): layers may be half-updated
+        except BaseException as e:  # inside forward (an error, Ctrl-C): layers may be half-updated
+            if isinstance(e, KeyboardInterrupt):
+                info.stop = CANCELLED
             self.reset()
             raise
         finally:
