@@ -157,6 +157,15 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    #: The activation modes this backend computes (flashmoe.reference.q8.ACTIVATIONS); the instance's
+    #: ``activations`` is the one it uses (get_backend sets it).
+    activation_modes: ClassVar[tuple[str, ...]] = ("float",)
+    activations: str = "float"
+
+    @classmethod
+    def default_activations(cls) -> str:
+        """The activation mode used when none is asked for: the measured faster one on this machine."""
+        return "float"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -393,17 +402,25 @@ def available_backends() -> dict[str, str | None]:
     return out
 
 
-_INSTANCES: dict[str, Backend] = {}
+_INSTANCES: dict[tuple[str, str], Backend] = {}
 
 
-def get_backend(name: str) -> Backend:
-    """The (shared) instance of backend ``name``. Raises BackendError if unknown or unavailable here.
+def get_backend(name: str, activations: str | None = None) -> Backend:
+    """The (shared) instance of backend ``name`` computing with ``activations`` ('float' or 'q8'; None: the
+    backend's default, :meth:`Backend.default_activations`). Raises BackendError if the backend is unknown or
+    unavailable here, or does not compute that activation mode.
 
     This does not run the conformance gate; ``flashmoe.conformance.runner.ensure_conformant`` does."""
-    if name not in _INSTANCES:
-        cls = _load(name)
+    cls = _load(name)
+    mode = cls.default_activations() if activations is None else activations
+    if (name, mode) not in _INSTANCES:
         reason = cls.unavailable_reason()
         if reason is not None:
             raise BackendError(f"backend {name!r} is not available: {reason}")
-        _INSTANCES[name] = cls()
-    return _INSTANCES[name]
+        if mode not in cls.activation_modes:
+            raise BackendError(f"--activations {mode}: backend {name!r} computes {' or '.join(cls.activation_modes)} "
+                               "activations")
+        instance = cls()
+        instance.activations = mode
+        _INSTANCES[(name, mode)] = instance
+    return _INSTANCES[(name, mode)]

@@ -51,17 +51,15 @@ else:
 
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight, check_quantized
+from flashmoe.backends import numba_q8
+from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, bf16_expert_view, code,
+                                            f32_expert_view, widen)
 from flashmoe.format.quant import QuantizedTensor
+from flashmoe.reference.q8 import ACTIVATIONS, Q8_MAX_TOKENS
 
-_FASTMATH = {"contract", "reassoc"}
-# Rows handled per scheduling chunk: amortises the per-chunk scratch allocation and keeps a chunk's
-# dequantised tile (ROW_BLOCK x in floats) inside L2.
-_ROW_BLOCK = 16
 # Up to this many tokens, unpacking the codes once per token (mat-vec) beats dequantising rows once into a
 # tile and then taking float dot products (mat-mat); measured crossover 2-4 tokens (docs/benchmarks.md).
 _MATVEC_TOKENS = 3
-# Rows per chunk of the fused expert kernels: each matrix's rows of a chunk are read in one run.
-_EXPERT_ROW_BLOCK = 64
 # Multiply-adds (or comparable inner-loop steps) per kernel call below which the call runs on one thread:
 # a parallel region's start-up (waking the pool's workers, ~20-50 us on an idle core and milliseconds on a
 # busy machine) outweighs halving such a call. Measured crossover: docs/benchmarks.md, numba experiments.
@@ -86,42 +84,6 @@ def permute_input(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray
 
 if numba is not None:
 
-    @intrinsic
-    def _u32_as_f32(typingctx, bits):
-        """Reinterpret a uint32's bits as a float32 (a bitcast; numba has no scalar view)."""
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], llvm_ir.FloatType())
-
-        return types.float32(types.uint32), codegen
-
-    def _widen(v):
-        """A scale or bias as float32: float32 as it is, uint16 as the bfloat16 it holds (its bits become the
-        high half of a float32: exact)."""
-        raise NotImplementedError("only callable from numba-compiled code")
-
-    @overload(_widen, inline="always")
-    def _widen_impl(v):
-        if isinstance(v, types.Float):
-            return lambda v: np.float32(v)
-        if v == types.uint16:
-            return lambda v: _u32_as_f32(np.uint32(v) << np.uint32(16))
-        return None
-
-    @njit(inline="always")
-    def _code(wrow, u, j, bits):
-        """Code j (0-based) of packing unit u of one packed row, as uint32."""
-        mask = np.uint32((1 << bits) - 1)
-        if 32 % bits == 0:
-            return (wrow[u] >> np.uint32(j * bits)) & mask
-        bit = j * bits
-        k = u * bits + (bit >> 5)
-        s = bit & 31
-        c = wrow[k] >> np.uint32(s)
-        if s + bits > 32:
-            c |= wrow[k + 1] << np.uint32(32 - s)
-        return c & mask
-
     @njit(inline="always")
     def _unit_dots(wrow, xp, pw, bits):
         """pw[u] = sum_j code(u, j) * xp[j, u]: pass 1 of the factored dot product."""
@@ -129,20 +91,20 @@ if numba is not None:
         for u in range(pw.shape[0]):
             t = np.float32(0.0)
             for j in range(cpu):
-                t += np.float32(np.int32(_code(wrow, u, j, bits))) * xp[j, u]
+                t += np.float32(np.int32(code(wrow, u, j, bits))) * xp[j, u]
             pw[u] = t
 
-    @njit(fastmath=_FASTMATH, inline="always")
+    @njit(fastmath=FASTMATH, inline="always")
     def _fold_fixed(pw, srow, brow, xsum, upg):
         acc = np.float32(0.0)
         for g in range(srow.shape[0]):
             d = np.float32(0.0)
             for i in range(upg):
                 d += pw[g * upg + i]
-            acc += _widen(srow[g]) * d + _widen(brow[g]) * xsum[g]
+            acc += widen(srow[g]) * d + widen(brow[g]) * xsum[g]
         return acc
 
-    @njit(fastmath=_FASTMATH, cache=True)
+    @njit(fastmath=FASTMATH, cache=True)
     def _fold_groups(pw, srow, brow, xsum):
         """Pass 2: sum_g scale_g * (sum of the group's unit dots) + bias_g * xsum_g.
 
@@ -161,7 +123,7 @@ if numba is not None:
             return _fold_fixed(pw, srow, brow, xsum, 1)
         return _fold_fixed(pw, srow, brow, xsum, upg)
 
-    @njit(fastmath=_FASTMATH, inline="always")
+    @njit(fastmath=FASTMATH, inline="always")
     def _dequant_rows_permuted(words, scales, biases, bits, r0, r1, tile):
         """tile[r - r0, j, u] = scale * code(r, u, j) + bias: rows r0..r1 in the permuted layout."""
         cpu = tile.shape[1]
@@ -171,45 +133,14 @@ if numba is not None:
         bu = np.empty(nu, np.float32)
         for r in range(r0, r1):
             for g in range(scales.shape[1]):
-                s, b = _widen(scales[r, g]), _widen(biases[r, g])
+                s, b = widen(scales[r, g]), widen(biases[r, g])
                 for u in range(g * upg, g * upg + upg):
                     su[u] = s
                     bu[u] = b
             wrow = words[r]
             for j in range(cpu):
                 for u in range(nu):
-                    tile[r - r0, j, u] = su[u] * np.float32(np.int32(_code(wrow, u, j, bits))) + bu[u]
-
-    def _pointer_intrinsic(nbtype):
-        @intrinsic
-        def pointer(typingctx, address):
-            """An int64 address -> a typed C pointer, for ``numba.carray``."""
-            sig = types.CPointer(nbtype)(types.int64)
-
-            def codegen(context, builder, signature, args):
-                return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-            return sig, codegen
-
-        return pointer
-
-    _u32_pointer = _pointer_intrinsic(types.uint32)
-
-    def _expert_view(scale_pointer):
-        @njit(inline="always")
-        def view(addresses, e, rows, n_words, n_groups):
-            """The e-th expert's (words, scales, biases) as arrays over the caller's memory (no copy)."""
-            words = numba.carray(_u32_pointer(addresses[e, 0]), (rows, n_words))
-            scales = numba.carray(scale_pointer(addresses[e, 1]), (rows, n_groups))
-            biases = numba.carray(scale_pointer(addresses[e, 2]), (rows, n_groups))
-            return words, scales, biases
-
-        return view
-
-    # Module globals, not closure cells: numba keys its disk cache on the pickled closure cells, and a
-    # dispatcher pickles differently in every process, so a kernel capturing one would recompile each run.
-    _f32_expert_view = _expert_view(_pointer_intrinsic(types.float32))
-    _bf16_expert_view = _expert_view(_pointer_intrinsic(types.uint16))
+                    tile[r - r0, j, u] = su[u] * np.float32(np.int32(code(wrow, u, j, bits))) + bu[u]
 
     @functools.lru_cache(maxsize=None)
     def kernels(bits: int, bf16: bool) -> SimpleNamespace:
@@ -218,28 +149,28 @@ if numba is not None:
         used, with every shift and mask folded and the code loop unrolled; passing the width as an argument
         would leave them to run time."""
 
-        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def qmatvec(words, scales, biases, xp, xsum, out):
             """out[t, o] = W[o] . x[t] for a few tokens (decode): fused, no dequantised weight."""
             n_rows = words.shape[0]
             n_tok, _, nu = xp.shape
-            for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
                 pw = np.empty(nu, np.float32)
-                for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
+                for o in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
                     for t in range(n_tok):
                         _unit_dots(words[o], xp[t], pw, bits)
                         out[t, o] = _fold_groups(pw, scales[o], biases[o], xsum[t])
 
-        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def qmatmat(words, scales, biases, xp, out):
             """out[t, o] = W[o] . x[t] for many tokens (prefill): each block of rows is dequantised once
             into a per-thread tile (permuted layout, so it meets xp directly) and used by every token."""
             n_rows = words.shape[0]
             n_tok, cpu, nu = xp.shape
-            for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
-                r0 = c * _ROW_BLOCK
-                r1 = min(n_rows, r0 + _ROW_BLOCK)
-                tile = np.empty((_ROW_BLOCK, cpu, nu), np.float32)
+            for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+                r0 = c * ROW_BLOCK
+                r1 = min(n_rows, r0 + ROW_BLOCK)
+                tile = np.empty((ROW_BLOCK, cpu, nu), np.float32)
                 _dequant_rows_permuted(words, scales, biases, bits, r0, r1, tile)
                 for t in range(n_tok):
                     xt = xp[t]
@@ -250,7 +181,7 @@ if numba is not None:
                                 acc += tile[r, j, u] * xt[j, u]
                         out[t, r0 + r] = acc
 
-        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def qrows(words, scales, biases, ids, out):
             """out[i] = dequantised row ids[i], permuted layout [n, cpu, nu] (embedding lookup)."""
             for i in prange(ids.shape[0]):
@@ -258,26 +189,26 @@ if numba is not None:
                 _dequant_rows_permuted(words, scales, biases, bits, ids[i], ids[i] + 1, tile)
                 out[i] = tile[0]
 
-        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def experts_gate_up(g_addr, u_addr, xp, xsum, h):
             """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token.
 
             g_addr, u_addr: int64 [k, 3] addresses of each expert's words / scales / biases."""
             k, inter = h.shape
             n_words = xp.shape[1] * xp.shape[2] * bits // 32
-            nblk = (inter + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK
+            nblk = (inter + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK
             for c in prange(k * nblk):
                 e = c // nblk
                 if bf16:  # a closure constant: numba keeps one branch
-                    gw, gs, gb = _bf16_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
-                    uw, us, ub = _bf16_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
+                    gw, gs, gb = bf16_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
+                    uw, us, ub = bf16_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
                 else:
-                    gw, gs, gb = _f32_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
-                    uw, us, ub = _f32_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
+                    gw, gs, gb = f32_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
+                    uw, us, ub = f32_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
                 pw = np.empty(xp.shape[2], np.float32)
-                gate = np.empty(_EXPERT_ROW_BLOCK, np.float32)
-                i0 = (c % nblk) * _EXPERT_ROW_BLOCK
-                i1 = min(inter, i0 + _EXPERT_ROW_BLOCK)
+                gate = np.empty(EXPERT_ROW_BLOCK, np.float32)
+                i0 = (c % nblk) * EXPERT_ROW_BLOCK
+                i1 = min(inter, i0 + EXPERT_ROW_BLOCK)
                 for i in range(i0, i1):  # the chunk's gate rows, then its up rows: two contiguous runs
                     _unit_dots(gw[i], xp[0], pw, bits)
                     gate[i - i0] = _fold_groups(pw, gs[i], gb[i], xsum[0])
@@ -286,23 +217,23 @@ if numba is not None:
                     a = gate[i - i0]
                     h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * _fold_groups(pw, us[i], ub[i], xsum[0])
 
-        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def experts_down(d_addr, hp, hsum, weights, out):
             """out[o] = sum_e weights[e] * (down_e[o] . h_e). A chunk of hidden rows reads one expert's
             rows for the whole chunk before the next expert's (contiguous reads, not k interleaved ones)."""
             k = hp.shape[0]
             n_rows = out.shape[0]
             n_words = hp.shape[1] * hp.shape[2] * bits // 32
-            for c in prange((n_rows + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK):
-                o0 = c * _EXPERT_ROW_BLOCK
-                o1 = min(n_rows, o0 + _EXPERT_ROW_BLOCK)
+            for c in prange((n_rows + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK):
+                o0 = c * EXPERT_ROW_BLOCK
+                o1 = min(n_rows, o0 + EXPERT_ROW_BLOCK)
                 pw = np.empty(hp.shape[2], np.float32)
-                acc = np.zeros(_EXPERT_ROW_BLOCK, np.float32)
+                acc = np.zeros(EXPERT_ROW_BLOCK, np.float32)
                 for e in range(k):
                     if bf16:
-                        dw, ds, db = _bf16_expert_view(d_addr, e, n_rows, n_words, hsum.shape[1])
+                        dw, ds, db = bf16_expert_view(d_addr, e, n_rows, n_words, hsum.shape[1])
                     else:
-                        dw, ds, db = _f32_expert_view(d_addr, e, n_rows, n_words, hsum.shape[1])
+                        dw, ds, db = f32_expert_view(d_addr, e, n_rows, n_words, hsum.shape[1])
                     for o in range(o0, o1):
                         _unit_dots(dw[o], hp[e], pw, bits)
                         acc[o - o0] += weights[e] * _fold_groups(pw, ds[o], db[o], hsum[e])
@@ -311,7 +242,7 @@ if numba is not None:
         return SimpleNamespace(qmatvec=qmatvec, qmatmat=qmatmat, qrows=qrows, experts_gate_up=experts_gate_up,
                                experts_down=experts_down)
 
-    @njit(fastmath=_FASTMATH, cache=True)
+    @njit(fastmath=FASTMATH, cache=True)
     def _rms_norm(x, w, eps, out):
         for t in range(x.shape[0]):
             ss = np.float32(0.0)
@@ -333,7 +264,7 @@ if numba is not None:
                     out[t, h, i] = a * cos[t, i] - b * sin[t, i]
                     out[t, h, i + half] = b * cos[t, i] + a * sin[t, i]
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def _attention(q, k, v, q_positions, scale, out):
         T, Hq, D = q.shape
         Hkv = k.shape[1]
@@ -362,7 +293,7 @@ if numba is not None:
                 for d in range(D):
                     out[t, h, d] += p * v[j, kh, d]
 
-    @njit(fastmath=_FASTMATH, cache=True)
+    @njit(fastmath=FASTMATH, cache=True)
     def _causal_conv1d(xs, weight, y):
         T, C = y.shape
         K = weight.shape[1]
@@ -373,7 +304,7 @@ if numba is not None:
                     acc += weight[c, j] * xs[t + j, c]
                 y[t, c] = acc / (np.float32(1.0) + np.exp(-acc))
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def _gated_delta_rule(q, k, v, g, beta, state, o):
         T, H, Dv = v.shape
         Dk = q.shape[2]
@@ -470,6 +401,12 @@ class NumbaBackend(Backend):
     """numba ``@njit(parallel=True)`` kernels on NumPy float32 arrays (handles: KernelWeight / float32)."""
 
     name = "numba"
+    activation_modes = ACTIVATIONS
+
+    @classmethod
+    def default_activations(cls) -> str:
+        """q8 where the CPU has the int8 multiply-add instructions of its row kernel (numba_q8), else float."""
+        return "q8" if _IMPORT_ERROR is None and numba_q8.INT8_INSTRUCTIONS is not None else "float"
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -491,6 +428,8 @@ class NumbaBackend(Backend):
             return x @ p.T
         if x.shape[1] != p.in_features:
             raise BackendError(f"linear: input has {x.shape[1]} features, weight expects {p.in_features}")
+        if self.activations == "q8" and x.shape[0] <= Q8_MAX_TOKENS:
+            return numba_q8.linear(x, p, _call)
         xp, xsum = permute_input(x, p.bits, p.group_size)
         out = np.empty((x.shape[0], p.out_features), np.float32)
         work = x.shape[0] * p.out_features * p.in_features
@@ -564,6 +503,8 @@ class NumbaBackend(Backend):
         if not _fusable(packed):
             return super().experts_ffn(x[0], experts, weights)
         g, u, d = ([e[name] for e in packed] for name in EXPERT_PROJS)
+        if self.activations == "q8":
+            return numba_q8.experts_ffn(x, g, u, d, _addresses, weights, _call)
         xp, xsum = permute_input(x, g[0].bits, g[0].group_size)
         h = np.empty((len(packed), g[0].out_features), np.float32)
         work = len(packed) * g[0].out_features * g[0].in_features  # per projection: gate, up and down alike
@@ -589,3 +530,4 @@ def _fusable(packed: list[dict]) -> bool:
     down = [e["down_proj"] for e in packed]
     return all(isinstance(w, KernelWeight) for w in gate_up + down) and all(
         len({(w.bits, w.group_size, w.words.shape, w.scales.dtype) for w in ws}) == 1 for ws in (gate_up, down))
+

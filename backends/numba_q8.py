@@ -19,7 +19,7 @@ converted to float and accumulated with ``c_b`` by one FMA, and the 8 lanes are 
 of 64, the 32 even positions then the 32 odd ones, matching the low/high nibbles of 32 consecutive code
 bytes (code 2i is byte i's low nibble, code 2i+1 its high one; MLX packs least significant bits first).
 Every other width, and every CPU without AVX2, runs the portable loop (natural order), which unpacks each
-code with the float kernels' ``_code``; the results are the same up to float32 rounding.
+code with numba_packed's ``code``; the results are the same up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ except ImportError:  # the numba backend reports it (numba_backend.unavailable_r
 
 from flashmoe.reference.q8 import q8_block
 
-if numba is not None:
-    from flashmoe.backends.numba_backend import (
-        _EXPERT_ROW_BLOCK, _FASTMATH, _ROW_BLOCK, _bf16_expert_view, _code, _f32_expert_view, _widen)
+from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, bf16_expert_view, code,
+                                            f32_expert_view, widen)
 
 
 def int8_instructions() -> str | None:
@@ -159,7 +158,7 @@ if numba is not None:
         r = min(whole + np.floor(np.float32(2.0) * (a - whole)), np.float32(127.0))
         return np.int8(r) if v * inv >= 0 else -np.int8(r)
 
-    @njit(fastmath=_FASTMATH, cache=True)
+    @njit(fastmath=FASTMATH, cache=True)
     def quantize_q8(x, block, paired, xq, d, xsum):
         """x float32 [T, n] -> xq int8 [T, n] (natural or paired order), d float32 [T, n / block] and the
         group sums of the dequantised activations xsum [T, n / group_size] (sum_b d_b * sum(xq_b)), rounding
@@ -196,7 +195,7 @@ if numba is not None:
         for b in range(cb.shape[0]):
             s = np.int32(0)
             for i in range(b * block, b * block + block):
-                s += np.int32(_code(wrow, i // cpu, i % cpu, bits)) * np.int32(xq[i])
+                s += np.int32(code(wrow, i // cpu, i % cpu, bits)) * np.int32(xq[i])
             acc += cb[b] * np.float32(s)
         return acc
 
@@ -208,20 +207,20 @@ if numba is not None:
     def _expert_impl(addresses, e, rows, n_words, n_groups, bf16):
         if not isinstance(bf16, types.BooleanLiteral):
             return None  # numba retries with the closure constant as a literal
-        view = _bf16_expert_view if bf16.literal_value else _f32_expert_view
+        view = bf16_expert_view if bf16.literal_value else f32_expert_view
         return lambda addresses, e, rows, n_words, n_groups, bf16: view(addresses, e, rows, n_words, n_groups)
 
-    @njit(fastmath=_FASTMATH, inline="always")
+    @njit(fastmath=FASTMATH, inline="always")
     def _row_scales_fixed(srow, brow, d, xsum, cb, bpg):
         bias = np.float32(0.0)
         for g in range(srow.shape[0]):
-            s = _widen(srow[g])
+            s = widen(srow[g])
             for i in range(bpg):
                 cb[g * bpg + i] = d[g * bpg + i] * s
-            bias += _widen(brow[g]) * xsum[g]
+            bias += widen(brow[g]) * xsum[g]
         return bias
 
-    @njit(fastmath=_FASTMATH, inline="always")
+    @njit(fastmath=FASTMATH, inline="always")
     def _row_scales(srow, brow, d, xsum, cb):
         """cb[b] = d_b * scale_g(b) for one row; returns its bias term sum_g bias_g * xsum_g. Blocks per
         group as a literal (group 32, 64, 128), so the loops vectorise."""
@@ -234,13 +233,13 @@ if numba is not None:
             return _row_scales_fixed(srow, brow, d, xsum, cb, 4)
         return _row_scales_fixed(srow, brow, d, xsum, cb, bpg)
 
-    @njit(fastmath=_FASTMATH, inline="always")
+    @njit(fastmath=FASTMATH, inline="always")
     def _row(wrow, srow, brow, xq, d, xsum, cb, bits, paired):
         """One output row: the integer block dots scaled by d_b * scale_g, plus the bias term."""
         if paired:
             bias = np.float32(0.0)
             for g in range(brow.shape[0]):
-                bias += _widen(brow[g]) * xsum[g]
+                bias += widen(brow[g]) * xsum[g]
             shift = 0
             while (1 << shift) * srow.shape[0] < d.shape[0]:
                 shift += 1
@@ -253,28 +252,28 @@ if numba is not None:
         """The q8 decode kernels for one bit width, scale dtype and input order; the three are closure
         constants, so numba keeps only the row kernel that applies (paired: the x86 4-bit one)."""
 
-        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def matvec(words, scales, biases, xq, d, xsum, out):
             """out[t, o] = W[o] . x[t] for a few tokens (decode), x given quantised (quantize_q8)."""
             n_rows = words.shape[0]
-            for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+            for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
                 cb = np.empty(d.shape[1], np.float32)
-                for o in range(c * _ROW_BLOCK, min(n_rows, c * _ROW_BLOCK + _ROW_BLOCK)):
+                for o in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
                     for t in range(xq.shape[0]):
                         out[t, o] = _row(words[o], scales[o], biases[o], xq[t], d[t], xsum[t], cb, bits, paired)
 
-        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def experts_gate_up(g_addr, u_addr, xq, d, xsum, h):
             """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token (x quantised)."""
             k, inter = h.shape
             n_words = xq.shape[1] * bits // 32
-            nblk = (inter + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK
+            nblk = (inter + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK
             for c in prange(k * nblk):
                 e = c // nblk
                 cb = np.empty(d.shape[1], np.float32)
-                gate = np.empty(_EXPERT_ROW_BLOCK, np.float32)
-                i0 = (c % nblk) * _EXPERT_ROW_BLOCK
-                i1 = min(inter, i0 + _EXPERT_ROW_BLOCK)
+                gate = np.empty(EXPERT_ROW_BLOCK, np.float32)
+                i0 = (c % nblk) * EXPERT_ROW_BLOCK
+                i1 = min(inter, i0 + EXPERT_ROW_BLOCK)
                 for up in range(2):  # the chunk's gate rows, then its up rows: two contiguous runs
                     w, s, b = _expert(u_addr if up else g_addr, e, inter, n_words, xsum.shape[1], bf16)
                     for i in range(i0, i1):
@@ -285,18 +284,18 @@ if numba is not None:
                         else:
                             gate[i - i0] = v
 
-        @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+        @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def experts_down(d_addr, hq, hd, hsum, weights, out):
             """out[o] = sum_e weights[e] * (down_e[o] . h_e), h_e given quantised; a chunk of hidden rows
             reads one expert's rows for the whole chunk before the next expert's."""
             k = hq.shape[0]
             n_rows = out.shape[0]
             n_words = hq.shape[1] * bits // 32
-            for c in prange((n_rows + _EXPERT_ROW_BLOCK - 1) // _EXPERT_ROW_BLOCK):
-                o0 = c * _EXPERT_ROW_BLOCK
-                o1 = min(n_rows, o0 + _EXPERT_ROW_BLOCK)
+            for c in prange((n_rows + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK):
+                o0 = c * EXPERT_ROW_BLOCK
+                o1 = min(n_rows, o0 + EXPERT_ROW_BLOCK)
                 cb = np.empty(hd.shape[1], np.float32)
-                acc = np.zeros(_EXPERT_ROW_BLOCK, np.float32)
+                acc = np.zeros(EXPERT_ROW_BLOCK, np.float32)
                 for e in range(k):
                     w, s, b = _expert(d_addr, e, n_rows, n_words, hsum.shape[1], bf16)
                     for o in range(o0, o1):

@@ -17,6 +17,7 @@ from flashmoe.format.quant import QuantizedTensor, dequantize
 from flashmoe.reference import attention as ref_attention
 from flashmoe.reference import linear_attention as ref_linear_attention
 from flashmoe.reference import ops as ref_ops
+from flashmoe.reference import q8 as ref_q8
 
 # Dequantise this many weight elements at a time (16 M float32 = 64 MB of temporary).
 _BLOCK_ELEMENTS = 1 << 24
@@ -41,6 +42,7 @@ class NumpyBackend(Backend):
     """Plain NumPy, float32. Handles: float32 arrays for float weights, PackedWeight for quantised ones."""
 
     name = "numpy"
+    activation_modes = ref_q8.ACTIVATIONS
 
     def asarray(self, x: Any) -> np.ndarray:
         return _f32(x)
@@ -59,6 +61,13 @@ class NumpyBackend(Backend):
             return x @ _f32(w).T
         p = pack_weight(w)
         y = np.empty((x.shape[0], p.out_features), np.float32)
+        if self.activations == "q8" and x.shape[0] <= ref_q8.Q8_MAX_TOKENS:
+            step = max(1, _BLOCK_ELEMENTS // 8 // p.in_features)  # linear_q8's int32 temporaries: 8 bytes a weight
+            for r in range(0, p.out_features, step):
+                sel = slice(r, r + step)
+                y[:, sel] = ref_q8.linear_q8(x, QuantizedTensor(p.words[sel], p.scales[sel], p.biases[sel], p.bits,
+                                                                p.group_size))
+            return y
         for sel, rows in _row_blocks(p):
             y[:, sel] = x @ rows.T
         return y

@@ -10,7 +10,9 @@ Measured in one run, interleaved round by round so that both sides see the same 
   (``cold``); ``hot`` repeats one matrix (L2/L3-resident, the upper bound of the kernel's arithmetic);
 - the fused k-expert SwiGLU (``experts_ffn``) for one decode token of the 397B (k = 10, hidden 4096,
   moe_intermediate 1024: 70.8 MB of expert weights), experts cycled through a pool;
-- each numba kernel with one thread and with numba's default thread count (``numba.set_num_threads``);
+- each numba kernel with float and with q8 activations (flashmoe.reference.q8: the input quantised to int8
+  per 32 values, integer dot products), with one thread and with numba's default thread count
+  (``numba.set_num_threads``);
 - the NumPy backend on one expert matrix, for scale.
 
 Weight bytes are the stored bytes (uint32 words + bf16 scales and biases: 4.5 bits per weight); GB/s is
@@ -89,9 +91,10 @@ def machine_line() -> str:
             f"{numba.threading_layer()} layer), numpy {np.__version__}, Python {platform.python_version()}")
 
 
-def run(rounds: int, seed: int = 0) -> dict:
+def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
     rng = np.random.default_rng(seed)
-    numba_be, numpy_be = get_backend("numba"), get_backend("numpy")
+    numba_be, numpy_be = get_backend("numba", "float"), get_backend("numpy")
+    numba_q8 = get_backend("numba", "q8")
     x_hidden = rng.standard_normal((1, HIDDEN)).astype(np.float32)
     x_inter = rng.standard_normal((1, MOE_INTER)).astype(np.float32)
     big = np.ones(10**9 // 4, np.float32)
@@ -110,25 +113,29 @@ def run(rounds: int, seed: int = 0) -> dict:
     one_raw = random_q4(rng, MOE_INTER, HIDDEN)
 
     # name -> (seconds-per-call measurer, bytes per call)
-    numba_cases: dict[str, tuple[Cycled, int]] = {
-        "mat-vec 1024x4096 cold": (Cycled(lambda w: numba_be.linear(x_hidden, w), up_pool), expert_bytes),
-        "mat-vec 4096x1024 cold": (Cycled(lambda w: numba_be.linear(x_inter, w), down_pool), expert_bytes),
-        "mat-vec 248320x4096 (lm_head)": (Cycled(lambda w: numba_be.linear(x_hidden, w), [lm_head]), lm_head_bytes),
-        "mat-vec 1024x4096 hot": (Cycled(lambda w: numba_be.linear(x_hidden, w), up_pool[:1]), expert_bytes),
-        "mat-vec 4096x1024 hot": (Cycled(lambda w: numba_be.linear(x_inter, w), down_pool[:1]), expert_bytes),
-        f"experts_ffn k={K} (397B layer)": (
-            Cycled(lambda es: numba_be.experts_ffn(x_hidden[0], es, weights), expert_sets), 3 * K * expert_bytes),
-    }
+    numba_cases: dict[str, tuple[Cycled, int]] = {}
+    for be in (numba_be, numba_q8):
+        a = be.activations
+        numba_cases.update({
+            f"{a} mat-vec 1024x4096 cold": (Cycled(lambda w, be=be: be.linear(x_hidden, w), up_pool), expert_bytes),
+            f"{a} mat-vec 4096x1024 cold": (Cycled(lambda w, be=be: be.linear(x_inter, w), down_pool), expert_bytes),
+            f"{a} mat-vec 248320x4096 (lm_head)": (Cycled(lambda w, be=be: be.linear(x_hidden, w), [lm_head]),
+                                                   lm_head_bytes),
+            f"{a} mat-vec 1024x4096 hot": (Cycled(lambda w, be=be: be.linear(x_hidden, w), up_pool[:1]), expert_bytes),
+            f"{a} mat-vec 4096x1024 hot": (Cycled(lambda w, be=be: be.linear(x_inter, w), down_pool[:1]), expert_bytes),
+            f"{a} experts_ffn k={K} (397B layer)": (
+                Cycled(lambda es, be=be: be.experts_ffn(x_hidden[0], es, weights), expert_sets), 3 * K * expert_bytes),
+        })
     cases: dict[str, tuple[Callable[[], float], int, int]] = {  # name -> (measure, bytes, calls per round)
         "memory read (np.add.reduce, 1 GB)": (lambda: memory_read_seconds(big), big.nbytes, 1),
         "numpy backend mat-vec 1024x4096": (Cycled(lambda w: numpy_be.linear(x_hidden, w), [one_raw]),
                                             expert_bytes, 1),
     }
-    for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+    for t in sorted({1, threads or numba.config.NUMBA_NUM_THREADS}):
         for name, (measure, nbytes) in numba_cases.items():
             calls = 1 if "lm_head" in name else 20
-            cases[f"numba {name}, {threads} thread{'s' * (threads > 1)}"] = (
-                functools.partial(_with_threads, threads, measure), nbytes, calls)
+            cases[f"numba {name}, {t} thread{'s' * (t > 1)}"] = (
+                functools.partial(_with_threads, t, measure), nbytes, calls)
     for measure, _, _ in cases.values():  # compile and fault every page in before timing
         measure()
     load_before = os.getloadavg()[0]
@@ -191,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds; medians are reported")
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
     ap.add_argument("--docs", type=Path, help="replace the kernel results in this Markdown file")
+    ap.add_argument("--threads", type=int, default=None, help="the many-thread rows' count (default: numba's)")
     args = ap.parse_args(argv)
-    result = run(args.rounds)
+    result = run(args.rounds, threads=args.threads)
     text = markdown(result)
     print(text)
     if args.json:

@@ -116,11 +116,12 @@ def force_uniform_routing(seed: int) -> None:
 
 def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int | None, io_threads: int | None,
         prompt_tokens: int, tokens: int, seed: int, cache_policy: str, passes: list[str],
-        trace: Path | None = None, routing: str = "model", speculate: bool = False) -> dict:
+        trace: Path | None = None, routing: str = "model", speculate: bool = False,
+        activations: str | None = None) -> dict:
     """Load, evict the expert files from the page cache, run the passes; the result dict (see module doc).
     routing 'uniform' replaces the router's picks by force_uniform_routing (the warm pass then repeats the
     cold pass's picks, as it would with the model's router). speculate: load_engine's speculative reads of
-    the next layer's experts."""
+    the next layer's experts. activations: load_engine's ('float', 'q8', None for the backend's default)."""
     from flashmoe.runtime.load import load_engine
 
     rss_before = current_rss_bytes()
@@ -128,7 +129,7 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
     t0 = time.perf_counter()
     engine = load_engine(model_dir, backend=backend, io=io, max_memory=max_memory, experts_per_token=k,
                          context=prompt_tokens + tokens + 1, cache_policy=cache_policy, threads=io_threads,
-                         speculate=speculate)
+                         speculate=speculate, activations=activations)
     load_s = time.perf_counter() - t0
     # One throwaway prefill + decode step first, so one-time costs (numba loading or compiling kernels for
     # these shapes, first-touch of buffers) do not land in the cold pass, which measures the cold disk.
@@ -159,7 +160,7 @@ def run(model_dir: Path, backend: str, io: str, max_memory: str | None, k: int |
         results[name]["prefill_stage_s"] = {s: v - stages_before.get(s, 0.0) for s, v in stages_at_decode.items()}
     store = engine.store
     return {
-        "model": str(model_dir), "backend": backend, "io": io, "o_direct": getattr(store, "direct", None),
+        "model": str(model_dir), "backend": backend, "activations": engine.backend.activations, "io": io, "o_direct": getattr(store, "direct", None),
         "max_memory": max_memory, "k": engine.k, "io_threads": store.threads,
         "compute_threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count() or 1)),
         "cache_policy": cache_policy, "prompt_tokens": prompt_tokens, "tokens": tokens, "seed": seed,
@@ -189,11 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace", type=Path, default=None)
     ap.add_argument("--routing", default="model", choices=("model", "uniform"))
     ap.add_argument("--speculate", action="store_true", help="read a guess of the next layer's experts early")
+    ap.add_argument("--activations", default=None, choices=("float", "q8"))
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
     try:
         result = run(a.model, a.backend, a.io, a.max_memory, a.experts_per_token, a.io_threads, a.prompt_tokens,
-                     a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace, a.routing, a.speculate)
+                     a.tokens, a.seed, a.cache_policy, a.passes.split(","), a.trace, a.routing, a.speculate,
+                     a.activations)
     except FlashMoeError as e:  # e.g. a budget too small for the model: the parent shows this one line
         sys.exit(f"error: {e}")
     a.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -62,6 +62,7 @@ class BenchOptions:
     model_dir: Path | None
     out: Path
     backend: str = "numba"
+    activations: str | None = None  # None: the backend's default (flashmoe.reference.q8)
     modes: tuple[str, ...] = ("pagecache", "direct")
     ks: tuple[int | None, ...] = (None,)
     threads: tuple[int, ...] = (os.cpu_count() or 1,)
@@ -206,7 +207,8 @@ def run_child(opts: BenchOptions, io: str, k: int | None, threads: int, budget: 
            "--seed", str(opts.seed), "--cache-policy", opts.cache_policy, "--passes", ",".join(passes),
            "--routing", opts.routing,
            "--json", str(out_json)] + (["--speculate"] if speculate else [])
-    for flag, value in (("--max-memory", budget), ("-k", k), ("--io-threads", opts.io_threads), ("--trace", trace)):
+    for flag, value in (("--max-memory", budget), ("-k", k), ("--io-threads", opts.io_threads), ("--trace", trace),
+                        ("--activations", opts.activations)):
         if value is not None:
             cmd += [flag, str(value)]
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))

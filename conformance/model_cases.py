@@ -4,7 +4,9 @@ valid 4-bit weights, no transformers needed).
 
 Per architecture: the logits of a 12-token prompt (batched prefill) and of 64 greedy decode steps must be
 within 1e-3 of the reference's scale (max|Δ| / max|reference|), and greedy decoding must choose the same
-tokens. (conformance/test_models.py runs the same check on transformers-built checkpoints under pytest.)
+tokens. The engine runs float activations, the exact path; q8 is checked per operation (op_cases), and by
+conformance/test_models.py against the NumPy backend's q8 engine. (conformance/test_models.py runs the
+same check on transformers-built checkpoints under pytest.)
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def compare(make_engine: EngineFactory, backend: str, model_dir: Path, arch: str
     start = time.perf_counter()
     try:
         reference = ReferenceModel.from_dir(model_dir)
-        engine = make_engine(model_dir, backend=backend, context=PROMPT + DECODE_STEPS + 1)
+        engine = make_engine(model_dir, backend=backend, context=PROMPT + DECODE_STEPS + 1, activations="float")
         prompt = np.random.default_rng(0).integers(3, 256, PROMPT)
         cache, state = reference.new_cache(), engine.new_state()
         want = reference.forward(prompt, cache)

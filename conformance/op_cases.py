@@ -11,7 +11,9 @@ byte buffer, like the expert store's read buffers.
 
 Tolerance: activations are float32 everywhere, so an operation may differ from the reference only by the
 order of its float32 sums. The error is ``max|got - want| / max|want|`` (relative to the output's scale,
-so near-zero elements do not dominate); :data:`TOLERANCE` gives the bound per kind of operation.
+so near-zero elements do not dominate); :data:`TOLERANCE` gives the bound per kind of operation. A case
+with ``activations="q8"`` runs both backends in q8 mode (flashmoe.reference.q8): both quantise the same input
+to the same int8 codes, so again only the order of float32 sums differs.
 """
 
 from __future__ import annotations
@@ -177,10 +179,12 @@ def _max_rel_error(got: Any, want: Any, backend: Backend) -> float:
 
 
 def run_case(backend: Backend | str, case: OpCase) -> CaseResult:
-    """Run one case on ``backend`` and on the NumPy reference backend; never raises for a backend failure
-    (the exception is recorded in the result)."""
-    backend = get_backend(backend) if isinstance(backend, str) else backend
-    reference = get_backend("numpy")
+    """Run one case on ``backend`` and on the NumPy reference backend, both in the case's activation mode
+    (param ``activations``, default float: flashmoe.reference.q8); never raises for a backend failure (the
+    exception is recorded in the result)."""
+    mode = case.p.get("activations", "float")
+    backend = get_backend(backend if isinstance(backend, str) else backend.name, mode)
+    reference = get_backend("numpy", mode)
     method, args, kind = _inputs(case)
     want = getattr(reference, method)(*args)
     start = time.perf_counter()
@@ -219,6 +223,12 @@ def _quick() -> list[OpCase]:
               for k, b, g, s in [(4, 4, 64, "bfloat16"), (1, 8, 32, "float16"), (3, 3, 32, "float32"),
                                  (2, 6, 64, "bfloat16"), (2, 2, 128, "bfloat16")]]
     cases += [c("experts_ffn", k=2, hidden=64, inter=32, bits=None)]
+    # q8 activations (decode-sized calls): the x86 4-bit kernel (runs of 64 inputs) and the portable loop
+    cases += [c("linear", tokens=t, out=72, inp=i, bits=b, group_size=g, sdtype=s, activations="q8")
+              for t, i, b, g, s in [(1, 256, 4, 64, "bfloat16"), (3, 96, 4, 32, "float16"), (1, 256, 3, 128, "bfloat16")]]
+    cases += [c("expert_ffn", tokens=1, hidden=128, inter=64, bits=4, group_size=64, sdtype="bfloat16", activations="q8")]
+    cases += [c("experts_ffn", k=k, hidden=128, inter=64, bits=b, group_size=g, sdtype=s, activations="q8")
+              for k, b, g, s in [(4, 4, 64, "bfloat16"), (2, 2, 32, "float32")]]
     cases += [c(op, tokens=3, n=40) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
     cases += [c("clip", tokens=3, n=40, limit=2.0)]
     return cases
@@ -238,6 +248,10 @@ def full_cases(seeds: int = 3) -> list[OpCase]:
             cases.append(c("linear", tokens=1, out=65, inp=384, bits=b, group_size=g, sdtype="bfloat16"))
             cases.append(c("linear", tokens=9, out=31, inp=384, bits=b, group_size=g, sdtype="float16"))
             cases.append(c("experts_ffn", k=3, hidden=128, inter=128, bits=b, group_size=g, sdtype="bfloat16"))
+            cases.append(c("linear", tokens=1, out=65, inp=384, bits=b, group_size=g, sdtype="bfloat16",
+                           activations="q8"))
+            cases.append(c("experts_ffn", k=3, hidden=128, inter=128, bits=b, group_size=g, sdtype="float16",
+                           activations="q8"))
     cases += [c("linear", tokens=1, out=1024, inp=4096, bits=4, group_size=64, sdtype="bfloat16"),
               c("linear", tokens=1, out=4096, inp=1024, bits=4, group_size=64, sdtype="bfloat16"),
               c("experts_ffn", k=10, hidden=1024, inter=256, bits=4, group_size=64, sdtype="bfloat16"),
@@ -251,9 +265,10 @@ OPS: tuple[str, ...] = tuple(dict.fromkeys(q.op for q in QUICK_CASES))
 
 def run_cases(backend: Backend | str, cases: list[OpCase],
               progress: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
-    """Run every case; ``progress`` is called after each."""
+    """Run every case whose activation mode the backend computes; ``progress`` is called after each."""
+    modes = (get_backend(backend) if isinstance(backend, str) else backend).activation_modes
     results = []
-    for case in cases:
+    for case in (c for c in cases if c.p.get("activations", "float") in modes):
         results.append(run_case(backend, case))
         if progress is not None:
             progress(results[-1])

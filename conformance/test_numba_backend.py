@@ -37,13 +37,14 @@ def test_attention_refuses_query_positions_beyond_the_cache():
         get_backend("numba").attention(q, kv, kv, np.array([4]), 1.0)
 
 
-def test_experts_of_mixed_widths_run_one_by_one_and_match_the_reference():
+@pytest.mark.parametrize("activations", ["float", "q8"])
+def test_experts_of_mixed_widths_run_one_by_one_and_match_the_reference(activations):
     rng = np.random.default_rng(1)
     experts = [make_expert_views(rng, 128, 64, bits, 64, "bfloat16") for bits in (4, 8)]
     x = rng.standard_normal(128).astype(np.float32)
     weights = np.array([0.7, 0.3], np.float32)
-    got = get_backend("numba").experts_ffn(x, experts, weights)
-    want = get_backend("numpy").experts_ffn(x, experts, weights)
+    got = get_backend("numba", activations).experts_ffn(x, experts, weights)
+    want = get_backend("numpy", activations).experts_ffn(x, experts, weights)
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 
 

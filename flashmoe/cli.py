@@ -70,6 +70,7 @@ class EngineOptions:
     cache_policy: str
     gpu_memory: str | None
     speculate: bool
+    activations: str | None
 
 
 # EngineOptions' fields as typer options: name -> (type, option)
@@ -89,6 +90,9 @@ _ENGINE_OPTIONS = {
     "speculate": (bool, typer.Option(False, "--speculate/--no-speculate", help="During each MoE layer, guess the "
                                      "next layer's experts with its router and read them early (pays when reads, "
                                      "not compute, set the pace: docs/benchmarks.md).")),
+    "activations": (Optional[str], typer.Option(None, help="'q8' (int8 activations in the quantised mat-vecs, "
+                                                "faster) or 'float' (exact float32); default: q8 where the backend "
+                                                "and CPU have it.")),
 }
 
 
@@ -351,6 +355,7 @@ def bench(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (e.g. from `flashmoe synth`)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Directory for bench.json, bench.md, figures."),
     backend: str = typer.Option("numba", help="Compute backend."),
+    activations: Optional[str] = typer.Option(None, help="'q8' or 'float' (default: the backend's)."),
     modes: str = typer.Option("pagecache,direct", help="Comma-separated expert store modes."),
     k: str = typer.Option("", "-k", "--experts-per-token", help="Comma-separated k values (default: the model's)."),
     threads: str = typer.Option("", help="Comma-separated compute thread counts (default: all cores)."),
@@ -384,7 +389,7 @@ def bench(
     from flashmoe.bench.streaming import BenchOptions, run_bench
 
     opts = BenchOptions(
-        model_dir=model_dir, out=out, backend=backend, modes=tuple(_csv(modes)),
+        model_dir=model_dir, out=out, backend=backend, activations=activations, modes=tuple(_csv(modes)),
         ks=_csv_ints(k, "-k/--experts-per-token") or (None,),
         threads=_csv_ints(threads, "--threads") or (os.cpu_count() or 1,),
         budgets=tuple(_csv(budgets)), io_threads=io_threads, prompt_tokens=prompt_tokens, tokens=tokens,

@@ -33,8 +33,13 @@ import numpy as np
 from flashmoe.format.quant import QuantizedTensor, unpack
 from flashmoe.reference.ops import silu
 
+#: The activation modes of the CPU backends: float32 throughout, or q8 for the quantised mat-vecs.
+ACTIVATIONS = ("float", "q8")
 #: Values per activation block (one float32 scale each): llama.cpp's QK8_0.
 Q8_BLOCK = 32
+#: In q8 mode, a quantised linear of at most this many tokens (decode, speculation) takes q8 activations;
+#: longer calls (prefill) stay float, whose mat-mat reuses each dequantised row for every token.
+Q8_MAX_TOKENS = 3
 #: Bound on |q8 - float| / |float| (Euclidean norms over the output) of a SwiGLU expert on Gaussian inputs
 #: and weights, every bit width (tests/test_q8.py; the module docstring gives the expected size per layer).
 Q8_VS_FLOAT_TOLERANCE = 1.5e-2

@@ -52,7 +52,8 @@ def state_bytes(cfg: ModelConfig, context: int) -> int:
 def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "numba", io: str = "pagecache",
                 max_memory: str | int | None = None, experts_per_token: int | None = None,
                 context: int = 4096, cache_policy: str = DEFAULT_POLICY, threads: int | None = None,
-                gpu_memory: str | int | None = None, speculate: bool = False) -> Engine:
+                gpu_memory: str | int | None = None, speculate: bool = False,
+                activations: str | None = None) -> Engine:
     """Open a model directory and return an Engine ready to generate.
 
     Args:
@@ -70,6 +71,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         gpu_memory: size of the backend's own expert cache ('16G'; cuda only), filled as experts stream.
         speculate: during each MoE layer, guess the next one's k experts with its router and read them
             behind this layer's reads (flashmoe.runtime.engine; k more read buffers count against max_memory).
+        activations: 'float' or 'q8' (int8 activations in the quantised mat-vecs, flashmoe.reference.q8);
+            None: the backend's default (q8 for numba where the CPU has the int8 instructions, else float).
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
     MemoryBudgetError when max_memory cannot hold the model (checked before loading with the manifest's
@@ -89,7 +92,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     if not 1 <= k <= cfg.num_experts:
         raise FlashMoeError(f"--experts-per-token {k} is outside 1..{cfg.num_experts} (num_experts)")
     ensure_conformant(backend)
-    be = get_backend(backend)
+    be = get_backend(backend, activations)
     stats = Stats(num_layers=len(model.moe_layers))
     layout = model.layout
     files = {layer: model.expert_path(layer) for layer in model.moe_layers}
