@@ -27,7 +27,7 @@ EXPERT_ROW_BLOCK = 64
 if numba is not None:
 
     @intrinsic
-    def _u32_as_f32(typingctx, bits):
+    def u32_as_f32(typingctx, bits):
         """Reinterpret a uint32's bits as a float32 (a bitcast; numba has no scalar view)."""
 
         def codegen(context, builder, signature, args):
@@ -45,7 +45,7 @@ if numba is not None:
         if isinstance(v, types.Float):
             return lambda v: np.float32(v)
         if v == types.uint16:
-            return lambda v: _u32_as_f32(np.uint32(v) << np.uint32(16))
+            return lambda v: u32_as_f32(np.uint32(v) << np.uint32(16))
         return None
 
     @njit(inline="always")

@@ -42,7 +42,7 @@ except ImportError:  # the numba backend reports it (numba_backend.unavailable_r
 from flashmoe.reference.q8 import q8_block
 
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, bf16_expert_view, code,
-                                            f32_expert_view, widen)
+                                            f32_expert_view, u32_as_f32, widen)
 
 
 def int8_instructions() -> str | None:
@@ -152,39 +152,48 @@ if numba is not None:
 
     @njit(inline="always")
     def _q8_code(v, inv):
-        """roundf(v * inv) clipped to +-127, as flashmoe.reference.q8.round_half_away rounds."""
-        a = abs(v * inv)
+        """roundf(v * inv) clipped to +-127, as int32 (flashmoe.reference.q8.round_half_away); branch-free
+        but for a select, so the loops calling it vectorise."""
+        s = v * inv
+        a = abs(s)
         whole = np.floor(a)
-        r = min(whole + np.floor(np.float32(2.0) * (a - whole)), np.float32(127.0))
-        return np.int8(r) if v * inv >= 0 else -np.int8(r)
+        r = np.int32(min(whole + np.floor(np.float32(2.0) * (a - whole)), np.float32(127.0)))
+        return r if s >= 0 else -r
 
     @njit(fastmath=FASTMATH, cache=True)
     def quantize_q8(x, block, paired, xq, d, xsum):
         """x float32 [T, n] -> xq int8 [T, n] (natural or paired order), d float32 [T, n / block] and the
         group sums of the dequantised activations xsum [T, n / group_size] (sum_b d_b * sum(xq_b)), rounding
-        exactly as flashmoe.reference.q8.quantize_q8."""
+        exactly as flashmoe.reference.q8.quantize_q8. Block maxima are taken on the bits (|x| as uint32
+        orders like the float, and a NaN stays the largest), so that loop vectorises too."""
         T, n = x.shape
-        bpg = d.shape[1] // xsum.shape[1]
-        inv = np.empty(n // block, np.float32)
-        codes = np.empty(block, np.int8)
+        nb = n // block
+        bpg = nb // xsum.shape[1]
+        inv = np.empty(nb, np.float32)
+        codes = np.empty(n, np.int8)
         for t in range(T):
+            bits = x[t].view(np.uint32)
             xsum[t, :] = 0.0
-            for b in range(n // block):
-                m = np.float32(0.0)
-                for i in range(block):
-                    m = max(m, abs(x[t, b * block + i]))
-                d[t, b] = m / np.float32(127.0)
-                inv[b] = np.float32(1.0) / d[t, b] if m > 0 else np.float32(0.0)
-                total = 0
-                for i in range(block):
-                    codes[i] = _q8_code(x[t, b * block + i], inv[b])
-                    total += np.int32(codes[i])
+            for b in range(nb):
+                m = np.uint32(0)
+                for i in range(b * block, b * block + block):
+                    m = max(m, bits[i] & np.uint32(0x7FFFFFFF))
+                d[t, b] = u32_as_f32(m) / np.float32(127.0)
+                inv[b] = np.float32(1.0) / d[t, b] if m != 0 else np.float32(0.0)
+            for b in range(nb):
+                total = np.int32(0)
+                for i in range(b * block, b * block + block):
+                    c = _q8_code(x[t, i], inv[b])
+                    codes[i] = np.int8(c)
+                    total += c
                 xsum[t, b // bpg] += d[t, b] * np.float32(total)
-                for i in range(block):
-                    j = b * block + i
-                    if paired:  # in each run of 64: its 32 even positions, then its 32 odd ones
-                        j = (j & ~63) + (j & 1) * 32 + ((j & 63) >> 1)
-                    xq[t, j] = codes[i]
+            if paired:  # in each run of 64: its 32 even positions, then its 32 odd ones
+                for r in range(0, n, 64):
+                    for i in range(32):
+                        xq[t, r + i] = codes[r + 2 * i]
+                        xq[t, r + 32 + i] = codes[r + 2 * i + 1]
+            else:
+                xq[t, :] = codes
 
     @njit(inline="always")
     def _plain_row_dot(wrow, xq, cb, bits):
