@@ -7,7 +7,7 @@ float16 / bfloat16). The scale format is decoded in the kernel from the raw bits
 used exactly as its bytes arrive from the expert file: one copy of its bytes, no conversion pass.
 
 The mat-vec works in *units* of 32 codes (``bits`` consecutive words: 32 codes for every bit width, also
-3 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units, so with the bias
+3, 5 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units, so with the bias
 factoring of an affine-quantised dot product (docs/design.md, "Speed")
 
     y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
@@ -159,7 +159,7 @@ def _qdot(bits: int, group_size: int, fmt: int):
     """
     load = _scale_loader(fmt)
     mask = uint32((1 << bits) - 1)
-    per_word = 32 // bits if 32 % bits == 0 else 0  # 0: codes straddle words (3 and 6 bits)
+    per_word = 32 // bits if 32 % bits == 0 else 0  # 0: codes straddle words (3, 5 and 6 bits)
     units_per_group = group_size // 32
 
     @cuda.jit(device=True)

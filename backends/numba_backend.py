@@ -7,7 +7,7 @@ affine-quantised dot product (docs/design.md, "Speed"): for one output row,
 
 so only the integer codes q meet x, and the group sums of x are computed once per input vector. The input is
 first permuted to match the packing: a *unit* is one uint32 word when ``bits`` divides 32 (2/4/8 bits: 16/8/4
-codes per word), or a 32-code block of ``bits`` words otherwise (3/6 bits pack codes across words, MLX
+codes per word), or a 32-code block of ``bits`` words otherwise (3/5/6 bits pack codes across words, MLX
 layout). ``xp[j, u] = x[u * codes_per_unit + j]``, so for each code position j the loop over units is
 contiguous and LLVM vectorises it across words (shift, mask, int->float, fused multiply-add).
 Per row: pass 1 writes one partial dot per unit into a small scratch (L1); pass 2 folds units into groups
@@ -67,7 +67,7 @@ PARALLEL_MIN_WORK = 1 << 21
 
 
 def codes_per_unit(bits: int) -> int:
-    """Codes in one packing unit: a word for 2/4/8 bits, a 32-code block of ``bits`` words for 3/6."""
+    """Codes in one packing unit: a word for 2/4/8 bits, a 32-code block of ``bits`` words for 3/5/6."""
     return 32 // bits if 32 % bits == 0 else 32
 
 

@@ -35,7 +35,7 @@ from flashmoe.format.quant import QuantizedTensor
 TOLERANCE = {"elementwise": 1e-5, "reduction": 1e-4}
 
 SCALE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-BITS = (2, 3, 4, 6, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -203,7 +203,8 @@ def _quick() -> list[OpCase]:
     cases = [c("linear", tokens=t, out=72, inp=256, bits=b, group_size=g, sdtype=s)
              for b, g, s, t in [(2, 32, "bfloat16", 1), (3, 64, "float16", 1), (4, 64, "bfloat16", 1),
                                 (6, 128, "float32", 1), (8, 64, "bfloat16", 1), (4, 32, "float16", 5),
-                                (3, 32, "bfloat16", 3), (8, 128, "float32", 4)]]
+                                (3, 32, "bfloat16", 3), (8, 128, "float32", 4), (5, 32, "float32", 1),
+                                (5, 64, "bfloat16", 3)]]
     cases += [c("linear", tokens=3, out=40, inp=96, bits=None), c("linear", tokens=1, out=33, inp=64, bits=None)]
     cases += [c("embed", tokens=5, vocab=300, hidden=128, bits=b, group_size=64, sdtype="bfloat16") for b in (4, 6)]
     cases += [c("embed", tokens=3, vocab=50, hidden=64, bits=None)]
@@ -221,7 +222,7 @@ def _quick() -> list[OpCase]:
     cases += [c("expert_ffn", tokens=2, hidden=64, inter=32, bits=None)]
     cases += [c("experts_ffn", k=k, hidden=128, inter=max(64, g), bits=b, group_size=g, sdtype=s)
               for k, b, g, s in [(4, 4, 64, "bfloat16"), (1, 8, 32, "float16"), (3, 3, 32, "float32"),
-                                 (2, 6, 64, "bfloat16"), (2, 2, 128, "bfloat16")]]
+                                 (2, 6, 64, "bfloat16"), (2, 2, 128, "bfloat16"), (2, 5, 32, "float32")]]
     cases += [c("experts_ffn", k=2, hidden=64, inter=32, bits=None)]
     # q8 activations (decode-sized calls): the x86 4-bit kernel (runs of 64 inputs) and the portable loop
     cases += [c("linear", tokens=t, out=72, inp=i, bits=b, group_size=g, sdtype=s, activations="q8")

@@ -155,7 +155,7 @@ _sampling_options = _shared_options(SamplingOptions, _SAMPLING_OPTIONS, "samplin
 def convert(
     src: str = typer.Argument(..., help="Hugging Face or MLX checkpoint: a local directory or a Hub id."),
     dst: Path = typer.Argument(..., help="Output flashmoe model directory (must not exist unless --force)."),
-    bits: str = typer.Option("4", help="Bits for resident linear weights: 2, 3, 4, 6, 8, or 'none' for float."),
+    bits: str = typer.Option("4", help="Bits for resident linear weights: 2, 3, 4, 5, 6, 8, or 'none' for float."),
     group_size: int = typer.Option(64, help="Quantisation group size (32, 64 or 128)."),
     expert_bits: Optional[str] = typer.Option(None, help="Bits for routed experts (default: --bits)."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it is a flashmoe model directory or "
@@ -317,7 +317,7 @@ def synth(
     config: Optional[Path] = typer.Option(None, "--config", help="A Hugging Face config.json instead of --like."),
     layers: Optional[int] = typer.Option(None, help="Keep only the first N decoder layers (figures from such a "
                                          "model are per layer)."),
-    bits: str = typer.Option("4", help="Bits of quantised weights: 2, 3, 4, 6, 8, or 'none' for bf16 floats."),
+    bits: str = typer.Option("4", help="Bits of quantised weights: 2, 3, 4, 5, 6, 8, or 'none' for bf16 floats."),
     group_size: int = typer.Option(64, help="Quantisation group size (32, 64 or 128)."),
     seed: int = typer.Option(0, help="Random seed of the weights."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is a flashmoe model directory or "

@@ -206,7 +206,7 @@ def synth_model(out: str | Path, config: dict[str, Any], *, tokenizer: str | Non
                 progress: Progress | None = None) -> Path:
     """Write a synthetic flashmoe model directory for `config` (a Hugging Face config.json dict) at `out`.
 
-    bits: width of quantised tensors (2, 3, 4, 6, 8) or None for bfloat16 floats; group_size 32/64/128.
+    bits: width of quantised tensors (2, 3, 4, 5, 6, 8) or None for bfloat16 floats; group_size 32/64/128.
     tokenizer: 'qwen3.5', 'qwen3', 'mixtral-standin' or None (no tokenizer files).
     progress: called with the number of bytes written after each piece (for a progress bar).
     Raises FlashMoeError when `out` may not be written (exists without force; see atomic.check_output_dir) or

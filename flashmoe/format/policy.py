@@ -45,7 +45,7 @@ def quant_class(canonical_name: str, shape: tuple[int, ...]) -> str:
 @dataclass(frozen=True)
 class QuantPolicy:
     """How float tensors are stored: `bits` for resident linear and embedding weights, `expert_bits` for routed
-    experts (2, 3, 4, 6, 8; None keeps them float in their own dtype), groups of `group_size` (32, 64, 128).
+    experts (2, 3, 4, 5, 6, 8; None keeps them float in their own dtype), groups of `group_size` (32, 64, 128).
     KEEP stores every float tensor as given (for an already-quantised source)."""
 
     bits: int | None = 4

@@ -4,7 +4,7 @@ A weight ``w [.., out, in]`` is split into groups of ``group_size`` consecutive 
 ``scale`` and ``bias`` (the input's float dtype) and ``q = clip(rint((w - bias) / scale), 0, 2**bits - 1)``;
 ``w ≈ scale * q + bias``. The ``q`` values of a row form one little-endian bit stream, least significant bits
 first, viewed as uint32 words ``[.., out, in * bits / 32]``. For 2, 4 and 8 bits every word holds
-``32 / bits`` whole values; 3 and 6 bits pack 8 (resp. 4) values into every 3 bytes, so values straddle word
+``32 / bits`` whole values; 3, 5 and 6 bits pack 8 values into every 3, 5 and 6 bytes, so values straddle word
 boundaries — the same bytes a bit stream gives.
 
 Source of the arithmetic: ``mlx/backend/cpu/quantized.cpp`` (``quantize``), MLX 0.32; checked bit for bit
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-BITS = (2, 3, 4, 6, 8)
+BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 _EPS = np.float32(1e-7)
 # Quantise this many input elements at a time so float32 temporaries stay small for huge embeddings.
@@ -63,9 +63,9 @@ def _check_params(bits: int, group_size: int) -> None:
 
 
 def _chunk_layout(bits: int) -> tuple[int, int]:
-    """(values per chunk, bytes per chunk): whole bytes holding whole values, at most one uint32."""
-    chunk_bits = 32 if 32 % bits == 0 else 24
-    return chunk_bits // bits, chunk_bits // 8
+    """(values per chunk, bytes per chunk): a uint32 of whole values for 2/4/8 bits; for 3, 5 and 6 bits, whose
+    values straddle words, 8 values in `bits` bytes (handled as the low bytes of a uint64)."""
+    return (32 // bits, 4) if 32 % bits == 0 else (8, bits)
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
@@ -75,15 +75,16 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """
     per_chunk, chunk_bytes = _chunk_layout(bits)
     n = q.shape[-1]
-    if (n * bits) % 32:
+    if (n * bits) % 32 or n % per_chunk:
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole uint32 words")
     lead = q.shape[:-1]
-    q = q.astype(np.uint32).reshape(lead + (n // per_chunk, per_chunk))
-    shifts = (np.arange(per_chunk, dtype=np.uint32) * np.uint32(bits))
-    words = np.bitwise_or.reduce(q << shifts, axis=-1).astype("<u4")
+    word = np.dtype("<u4" if chunk_bytes == 4 else "<u8")
+    q = q.astype(word).reshape(lead + (n // per_chunk, per_chunk))
+    shifts = np.arange(per_chunk, dtype=word) * word.type(bits)
+    words = np.bitwise_or.reduce(q << shifts, axis=-1).astype(word)
     if chunk_bytes == 4:
         return words
-    stream = words.view(np.uint8).reshape(lead + (n // per_chunk, 4))[..., :chunk_bytes]
+    stream = words.view(np.uint8).reshape(lead + (n // per_chunk, 8))[..., :chunk_bytes]
     return np.ascontiguousarray(stream).reshape(lead + (-1,)).view("<u4")
 
 
@@ -91,13 +92,15 @@ def unpack(words: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`pack`: uint32 ``[..., m]`` -> uint8 codes ``[..., m * 32 / bits]``."""
     per_chunk, chunk_bytes = _chunk_layout(bits)
     lead = words.shape[:-1]
+    word = np.dtype("<u4" if chunk_bytes == 4 else "<u8")
     stream = np.ascontiguousarray(words).astype("<u4", copy=False).view(np.uint8)
     chunks = stream.reshape(lead + (-1, chunk_bytes))
-    if chunk_bytes != 4:
-        chunks = np.concatenate([chunks, np.zeros(chunks.shape[:-1] + (4 - chunk_bytes,), np.uint8)], -1)
-    chunk_words = np.ascontiguousarray(chunks).view("<u4")  # [..., n_chunks, 1]
-    shifts = np.arange(per_chunk, dtype=np.uint32) * np.uint32(bits)
-    q = (chunk_words >> shifts) & np.uint32((1 << bits) - 1)
+    if chunk_bytes != word.itemsize:
+        chunks = np.concatenate([chunks, np.zeros(chunks.shape[:-1] + (word.itemsize - chunk_bytes,), np.uint8)],
+                                -1)
+    chunk_words = np.ascontiguousarray(chunks).view(word)  # [..., n_chunks, 1]
+    shifts = np.arange(per_chunk, dtype=word) * word.type(bits)
+    q = (chunk_words >> shifts) & word.type((1 << bits) - 1)
     return q.astype(np.uint8).reshape(lead + (-1,))
 
 
