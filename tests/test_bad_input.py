@@ -137,7 +137,7 @@ def test_disk_full_during_conversion(source, tmp_path, monkeypatch):
 
 def test_bad_bits_option(source, tmp_path):
     (tmp_path / "out").mkdir()
-    _convert_fails(source, tmp_path / "out", "--expert-bits", "5", extra=("--expert-bits", "5"))
+    _convert_fails(source, tmp_path / "out", "--expert-bits", "7", extra=("--expert-bits", "7"))
 
 
 def test_hub_id_that_cannot_be_downloaded(tmp_path, monkeypatch):
