@@ -153,7 +153,8 @@ _sampling_options = _shared_options(SamplingOptions, _SAMPLING_OPTIONS, "samplin
 @_command()
 @_user_errors
 def convert(
-    src: str = typer.Argument(..., help="Hugging Face or MLX checkpoint: a local directory or a Hub id."),
+    src: str = typer.Argument(..., help="Hugging Face or MLX checkpoint (a local directory or a Hub id), or a "
+                              "llama.cpp GGUF file (the first of its splits); a GGUF keeps its own quantisation."),
     dst: Path = typer.Argument(..., help="Output flashmoe model directory (must not exist unless --force)."),
     bits: str = typer.Option("4", help="Bits for resident linear weights: 2, 3, 4, 5, 6, 8, or 'none' for float."),
     group_size: int = typer.Option(64, help="Quantisation group size (32, 64 or 128)."),
@@ -162,6 +163,11 @@ def convert(
                                "empty (never the source, the current directory or other files)."),
 ) -> None:
     """Convert a checkpoint into a flashmoe model directory (resident.safetensors + experts/*.bin)."""
+    if src.endswith(".gguf"):
+        from flashmoe.convert.gguf_model import convert_gguf
+
+        convert_gguf(src, dst, force=force)
+        return
     from flashmoe.convert.checkpoint import convert_checkpoint
 
     convert_checkpoint(src, dst, bits=bits, group_size=group_size, expert_bits=expert_bits, force=force)

@@ -21,6 +21,8 @@ _ATTENTION = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.we
 #: GGUF architecture -> {canonical name after `layers.{i}.` -> GGUF name after `blk.{i}.`}
 LAYER_NAMES: dict[str, dict[str, str]] = {
     "qwen3moe": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
+    # src/models/olmoe.cpp: q/k norms over the whole projection, under the same names
+    "olmoe": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
     # src/models/qwen35moe.cpp: GatedDeltaNet layers as llama.cpp's ssm_* tensors
     "qwen35moe": {
         **_ATTENTION, "post_attention_layernorm.weight": "post_attention_norm.weight",
@@ -34,6 +36,11 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
         "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
         "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"},
 }
+
+#: GGUF architectures the importer (flashmoe/convert/gguf_model.py) reads -> whether llama.cpp renormalises the
+#: top-k router weights when the file has no `{arch}.expert_weights_norm` key (build_moe_ffn's norm_w in
+#: src/models/<arch>.cpp): it is the config's norm_topk_prob.
+NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False}
 
 
 def gguf_tensor_name(name: str, gguf_arch: str) -> str | None:

