@@ -256,3 +256,23 @@ def test_tokenizer_metadata_carries_the_real_qwen3_vocabulary(tmp_path):
     assert types[151644] == 3 and tokens[151935] == "[PAD151935]" and types[151935] == 5
     assert meta["tokenizer.ggml.pre"] == "qwen2" and meta["tokenizer.ggml.eos_token_id"] == 151645
     assert len(meta["tokenizer.ggml.merges"]) > 150_000 and meta["tokenizer.ggml.merges"][0] == "Ġ Ġ"
+
+
+def test_export_round_trips_through_the_gguf_importer(tiny, tmp_path):
+    from tokenizers import Tokenizer
+
+    from flashmoe.convert.gguf_model import convert_gguf
+
+    model, q4_0, f32 = tiny
+    back = convert_gguf(f32, tmp_path / "back", log=lambda _: None)
+    np.testing.assert_array_equal(ReferenceModel.from_dir(back).forward(IDS),
+                                  ReferenceModel.from_dir(model).forward(IDS))
+    # _byte_level_tokenizer's ids: the bytes, then the merges 'Ġt' (256) and 'he' (257), then <|im_start|>
+    assert Tokenizer.from_file(str(back / "tokenizer.json")).encode("the the<|im_start|>").ids == \
+        [ord("t"), 257, 256, 257, 259]
+    back4 = ModelDir.open(convert_gguf(q4_0, tmp_path / "back4", log=lambda _: None))
+    reader = gguf.GGUFReader(q4_0)
+    for t in reader.tensors:
+        if t.name in ("token_embd.weight", "blk.1.attn_q.weight"):
+            name = "embed_tokens.weight" if t.name == "token_embd.weight" else "layers.1.self_attn.q_proj.weight"
+            np.testing.assert_array_equal(back4.tensor(name), gguf.quants.dequantize(t.data, t.tensor_type))
