@@ -143,6 +143,40 @@ def describe(model_dir: str | Path, disk_gbps: float = 2.0) -> str:
     return "\n".join(lines)
 
 
+def describe_gguf(path: str | Path, disk_gbps: float = 2.0) -> str:
+    """`flashmoe info MODEL.gguf`: a GGUF before converting it: its architecture (and whether flashmoe imports
+    it), the tensors and bytes of each GGML type with how the import stores them (exact, requantised, refused:
+    flashmoe/convert/gguf_model.py), the routed experts' bytes per token and the decode ceiling as GGUF stores
+    them. Raises CheckpointError for an unreadable GGUF, FlashMoeError for a non-positive disk_gbps."""
+    from flashmoe.arch.gguf_names import NORM_TOPK
+    from flashmoe.convert.gguf import GGUFModel
+    from flashmoe.convert.gguf_model import import_kind
+
+    if not disk_gbps > 0:
+        raise FlashMoeError(f"--disk-gbps must be positive, got {disk_gbps}")
+    with GGUFModel(path) as g:
+        arch, meta = g.architecture, g.metadata
+        types: dict[str, list[int]] = {}
+        for t in g.tensors.values():
+            types.setdefault(t.type.name, [0, 0])
+            types[t.type.name][0] += 1
+            types[t.type.name][1] += t.nbytes
+        experts = [t for t in g.tensors.values() if t.name.endswith("_exps.weight")]
+        k = meta.get(f"{arch}.expert_used_count", 0)
+        per_token = k * sum(t.nbytes // t.shape[0] for t in experts)
+        lines = [f"model:            {Path(path)} ({len(g.files)} file{'s' if len(g.files) > 1 else ''})",
+                 f"architecture:     {arch} ({'imported by flashmoe convert' if arch in NORM_TOPK else 'not supported'}"
+                 f"; {meta.get(f'{arch}.block_count', '?')} layers, {meta.get(f'{arch}.expert_count', '?')} experts, "
+                 f"k = {k})"]
+        lines += [f"  {name:<8} {n:>5} tensors {_bytes(nbytes):>28}  {import_kind(name)}"
+                  for name, (n, nbytes) in sorted(types.items(), key=lambda kv: -kv[1][1])]
+        if per_token:
+            lines += [f"read per token:   {_bytes(per_token)} (k = {k} experts x {len(experts) // 3} MoE layers, "
+                      "as GGUF stores them)",
+                      f"decode ceiling:   {disk_gbps * 1e9 / per_token:.1f} tok/s at {disk_gbps:g} GB/s"]
+    return "\n".join(lines)
+
+
 def parse_tokens(tokens: str, vocab_size: int) -> np.ndarray:
     """'1,2,3' -> int64 [3]; FlashMoeError naming --tokens for an empty list, a non-integer or an id outside
     [0, vocab_size)."""

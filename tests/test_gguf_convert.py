@@ -151,3 +151,19 @@ def test_bpe_tokenizer_encodes_the_same_ids(tmp_path):
     assert ours.encode(text).ids == theirs.encode(text).ids and len(ours.encode(text).ids) > 20
     config = json.loads(files["tokenizer_config.json"])
     assert config["chat_template"] == "{{ messages }}" and config["eos_token"] == tokens[-1]
+
+
+def test_info_describes_a_gguf_before_converting(tmp_path):
+    from typer.testing import CliRunner
+
+    write_tiny_gguf(tmp_path / "m.gguf", six_k=True)
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "m.gguf"), "--disk-gbps", "1"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "qwen3moe (imported by flashmoe convert; 2 layers, 4 experts, k = 2)" in out
+    assert "Q6_K         1 tensors" in out and "requantised (8-bit, group 32; sub-blocks of 16)" in out
+    assert "exact (5-bit, group 32, float32 scales/biases)" in out
+    # k = 2 experts of each of the 2 MoE layers: a quarter of the stacked tensors' bytes, twice
+    per_token = 2 * sum(int(t.n_bytes) // 4 for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors
+                        if t.name.endswith("_exps.weight"))
+    assert f"read per token:   {per_token:,} B" in out and f"{1e9 / per_token:.1f} tok/s at 1 GB/s" in out

@@ -115,6 +115,19 @@ def convert_gguf(src: str | Path, dst: str | Path, force: bool = False, progress
     return dst
 
 
+def import_kind(type_name: str) -> str:
+    """How the import stores a tensor of GGML type `type_name`: 'float', 'exact (N-bit, group G)',
+    'requantised (8-bit, group 32)' or 'refused'."""
+    if type_name in FLOATS:
+        return "float"
+    if type_name not in AFFINE:
+        return "refused (not affine)"
+    bits, group = AFFINE[type_name][:2]
+    if group in GROUP_SIZES:
+        return f"exact ({bits}-bit, group {group}, float32 scales/biases)"
+    return f"requantised ({REQUANT_BITS}-bit, group {REQUANT_GROUP}; sub-blocks of {group})"
+
+
 class _Import:
     """One import run: the GGUF's tensors, resident then expert layer by expert layer, into a ModelDirWriter."""
 
