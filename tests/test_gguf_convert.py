@@ -167,3 +167,24 @@ def test_info_describes_a_gguf_before_converting(tmp_path):
     per_token = 2 * sum(int(t.n_bytes) // 4 for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors
                         if t.name.endswith("_exps.weight"))
     assert f"read per token:   {per_token:,} B" in out and f"{1e9 / per_token:.1f} tok/s at 1 GB/s" in out
+
+
+def test_value_head_reorder_moves_whole_quantised_rows_and_groups():
+    from flashmoe.convert.gguf_layouts import linear_attention_layout
+    from flashmoe.format.quant import quantize
+
+    cfg = ModelConfig.from_dict(dict(_CONFIG, model_type="qwen3_5_moe", linear_num_key_heads=2,
+                                     linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+                                     shared_expert_intermediate_size=64))
+    rng = np.random.default_rng(0)
+    for name, shape, axis in (("layers.0.linear_attn.out_proj.weight", (8, 128), 1),
+                              ("layers.0.linear_attn.in_proj_z.weight", (128, 64), 0)):
+        w = rng.standard_normal(shape).astype(np.float32)
+        undo = linear_attention_layout(cfg, name)
+        qt = quantize(w, 5, 32)
+        expected = undo(qt.dequantize(), "t")  # the float path: a plain index permutation
+        np.testing.assert_array_equal(undo(qt, "t").dequantize(), expected)
+        # tiled (value head j of each key head) back to grouped: key head 0's value heads first
+        heads = np.moveaxis(expected, axis, 0).reshape(4, 32, -1)
+        tiled = np.moveaxis(qt.dequantize(), axis, 0).reshape(4, 32, -1)
+        np.testing.assert_array_equal(heads[[0, 1, 2, 3]], tiled[[0, 2, 1, 3]])

@@ -40,7 +40,7 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
 #: GGUF architectures the importer (flashmoe/convert/gguf_model.py) reads -> whether llama.cpp renormalises the
 #: top-k router weights when the file has no `{arch}.expert_weights_norm` key (build_moe_ffn's norm_w in
 #: src/models/<arch>.cpp): it is the config's norm_topk_prob.
-NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False}
+NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False, "qwen35moe": True}
 
 
 def gguf_tensor_name(name: str, gguf_arch: str) -> str | None:

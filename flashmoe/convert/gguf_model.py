@@ -31,6 +31,7 @@ from flashmoe.arch.families import FAMILIES, Family
 from flashmoe.arch.gguf_names import EXPERT_NAMES, NORM_TOPK, gguf_tensor_name
 from flashmoe.arch.tensors import EXPERT_PROJS, LM_HEAD, resident_shapes
 from flashmoe.convert.gguf import GGUFModel, GGUFTensor
+from flashmoe.convert.gguf_layouts import linear_attention_layout
 from flashmoe.convert.gguf_quants import AFFINE, FLOATS, affine_tensor, float_tensor
 from flashmoe.convert.gguf_tokenizer import tokenizer_files
 from flashmoe.errors import CheckpointError
@@ -48,6 +49,14 @@ CONFIG_KEYS = {
     "rope_theta": "rope.freq_base", "max_position_embeddings": "context_length",
     "num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
     "moe_intermediate_size": "expert_feed_forward_length", "intermediate_size": "feed_forward_length",
+}
+#: The same for GatedDeltaNet models (llama.cpp's qwen35moe/qwen3next hparams); linear_value_head_dim and
+#: partial_rotary_factor are derived (config_dict).
+LINEAR_ATTENTION_KEYS = {
+    "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+    "full_attention_interval": "full_attention_interval", "linear_conv_kernel_dim": "ssm.conv_kernel",
+    "linear_key_head_dim": "ssm.state_size", "linear_num_key_heads": "ssm.group_count",
+    "linear_num_value_heads": "ssm.time_step_rank",
 }
 #: Bits and group size a group-16 type is requantised to (the kernels take groups of 32 and more).
 REQUANT_BITS, REQUANT_GROUP = 8, 32
@@ -69,7 +78,12 @@ def config_dict(model: GGUFModel, fam: Family) -> dict[str, Any]:
     missing (its rows are the vocabulary size)."""
     arch, meta = fam.gguf_arch, model.metadata
     cfg: dict[str, Any] = {"model_type": fam.name, "architectures": [f"GGUF:{arch}"]}
-    cfg.update({key: meta[f"{arch}.{g}"] for key, g in CONFIG_KEYS.items() if f"{arch}.{g}" in meta})
+    keys = {**CONFIG_KEYS, **LINEAR_ATTENTION_KEYS}
+    cfg.update({key: meta[f"{arch}.{g}"] for key, g in keys.items() if f"{arch}.{g}" in meta})
+    if f"{arch}.ssm.inner_size" in meta:
+        cfg["linear_value_head_dim"] = meta[f"{arch}.ssm.inner_size"] // meta[f"{arch}.ssm.time_step_rank"]
+    if f"{arch}.rope.dimension_count" in meta and "head_dim" in cfg:
+        cfg["partial_rotary_factor"] = meta[f"{arch}.rope.dimension_count"] / cfg["head_dim"]
     if "token_embd.weight" not in model.tensors:
         raise CheckpointError(f"{model.path}: no token_embd.weight")
     cfg["vocab_size"] = model.tensors["token_embd.weight"].shape[0]
@@ -142,19 +156,25 @@ class _Import:
         with tqdm(total=len(shapes) + len(self.cfg.moe_layers), unit="tensor", desc="convert",
                   disable=None if self.progress is None else not self.progress, file=sys.stderr) as bar:
             for name, shape in shapes.items():
-                gname = gguf_tensor_name(name, self.arch)
-                t = self._tensor(gname, shape, name)
-                out.add_resident(name, self._stored(t, self.model.raw(t.name)))
+                t = self._tensor(gguf_tensor_name(name, self.arch), None, name)
+                stored = self._stored(t, self.model.raw(t.name))
+                if (undo := linear_attention_layout(self.cfg, name)) is not None:
+                    stored = undo(stored, f"{t.path}: tensor {t.name!r}")
+                if tuple(stored.shape) != tuple(shape):
+                    raise CheckpointError(f"{t.path}: tensor {t.name!r} has shape {list(t.shape)}, the metadata "
+                                          f"make {name} {list(shape)}")
+                out.add_resident(name, stored)
                 bar.update(1)
             for layer in self.cfg.moe_layers:
                 self._experts(out, layer)
                 bar.update(1)
 
-    def _tensor(self, gname: str | None, shape: tuple[int, ...], canonical: str) -> GGUFTensor:
+    def _tensor(self, gname: str | None, shape: tuple[int, ...] | None, canonical: str) -> GGUFTensor:
+        """GGUF tensor `gname` of `shape` (None: checked by the caller) for canonical tensor `canonical`."""
         if gname is None or gname not in self.model.tensors:
             raise CheckpointError(f"{self.model.path}: missing tensor {gname or '?'} (flashmoe's {canonical})")
         t = self.model.tensors[gname]
-        if tuple(t.shape) != tuple(shape):
+        if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{t.path}: tensor {gname!r} has shape {list(t.shape)}, the metadata make it "
                                   f"{list(shape)}")
         self.done.add(gname)
