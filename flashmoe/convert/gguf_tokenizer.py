@@ -3,9 +3,9 @@
 llama.cpp's `gpt2` tokenizer model is a byte-level BPE: `tokens` (id order), `merges` ("a b", rank order),
 `token_type` (1 normal, 3 control, 4 user-defined, 5 unused) and `pre`, the name of its pre-tokenizer regex
 (llama-vocab.cpp). The `tokenizers` library builds the same BPE: control tokens become special added
-tokens, user-defined ones plain added tokens, and `pre` picks the split regex (PRE_TOKENIZERS; Qwen's
-vocabularies also NFC-normalise, as their Hugging Face tokenizers do). Other tokenizer models (SentencePiece
-`llama`) are not converted: a note says so and no tokenizer.json is written.
+tokens, user-defined ones plain added tokens, and `pre` picks the split regex and NFC normalisation
+(PRE_TOKENIZERS in flashmoe/arch/gguf_names.py, as the vocabulary's Hugging Face tokenizer does). Other
+tokenizer models (SentencePiece `llama`) are not converted: a note says so and no tokenizer.json is written.
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+from flashmoe.arch.gguf_names import PRE_TOKENIZERS
 from flashmoe.convert.gguf import GGUFModel
 
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-          r"\s+(?!\S)|\s+")
-_QWEN35 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
-           r"\s*[\r\n]+|\s+(?!\S)|\s+")
-#: tokenizer.ggml.pre -> (split regex, NFC normalisation); any other name: GPT-2's byte-level regex, no normaliser
-PRE_TOKENIZERS = {"qwen2": (_QWEN2, True), "qwen35": (_QWEN35, True)}
 _CONTROL, _USER_DEFINED = 3, 4
 
 
