@@ -171,9 +171,7 @@ def describe_gguf(path: str | Path, disk_gbps: float = 2.0) -> str:
         lines += [f"  {name:<8} {n:>5} tensors {_bytes(nbytes):>28}  {import_kind(name)}"
                   for name, (n, nbytes) in sorted(types.items(), key=lambda kv: -kv[1][1])]
         if per_token:
-            lines += [f"read per token:   {_bytes(per_token)} (k = {k} experts x {len(experts) // 3} MoE layers, "
-                      "as GGUF stores them)",
-                      f"decode ceiling:   {disk_gbps * 1e9 / per_token:.1f} tok/s at {disk_gbps:g} GB/s"]
+            lines += [_read_per_token(per_token, k, len(experts) // 3), _ceiling(per_token, disk_gbps)]
     return "\n".join(lines)
 
 
