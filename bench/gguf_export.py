@@ -43,7 +43,7 @@ import numpy as np
 
 from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import FAMILIES, MODEL_TYPES, family_of
-from flashmoe.arch.gguf_names import EXPERT_NAMES, LAYER_NAMES, gguf_tensor_name
+from flashmoe.arch.gguf_names import EXPERT_NAMES, LAYER_NAMES, ROPE_PERMUTED, gguf_tensor_name
 from flashmoe.format.atomic import atomic_path, check_writable
 from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
@@ -136,8 +136,9 @@ def llama_arch(cfg: ModelConfig) -> str:
     """llama.cpp's architecture name for a model (its Family's gguf_arch, e.g. 'qwen3moe'); FlashMoeError when
     the exporter does not map it."""
     arch = family_of(cfg).gguf_arch
-    if arch not in LAYER_NAMES:
-        supported = sorted(t for t, f in MODEL_TYPES.items() if FAMILIES[f].gguf_arch in LAYER_NAMES)
+    if arch not in LAYER_NAMES or arch in ROPE_PERMUTED:  # the exporter does not permute q/k rows
+        supported = sorted(t for t, f in MODEL_TYPES.items()
+                           if FAMILIES[f].gguf_arch in LAYER_NAMES and FAMILIES[f].gguf_arch not in ROPE_PERMUTED)
         raise FlashMoeError(f"model_type {cfg.model_type!r} has no GGUF export (supported: {', '.join(supported)})")
     return arch
 

@@ -20,7 +20,7 @@ from flashmoe.reference.model import ReferenceModel
 
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the GGUF and is the independent dequantiser")
 QT = gguf.GGMLQuantizationType
-ARCH = {"qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+ARCH = {"qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama"}
 # rows of 256 so the K-quants fit; 2 layers, 4 experts, k = 2
 _CONFIG = dict(vocab_size=256, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
@@ -71,6 +71,11 @@ def write_tiny_gguf(path, model_type: str = "qwen3_moe", six_k: bool = False) ->
         data = _quantised(rng, gname, shape, qtype)
         w.add_tensor(gname, data, raw_dtype=qtype)
         values = gguf.quants.dequantize(data, qtype)
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+            # llama.cpp's converter (LlamaModel.permute) stored canonical row perm[k] as row k
+            heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
+            perm = np.arange(shape[0]).reshape(heads, 2, -1).swapaxes(1, 2).reshape(-1)
+            values = values[np.argsort(perm)]
         if isinstance(name, tuple):
             truth.update({expert_tensor_name(name[0], e, name[1]): values[e] for e in range(shape[0])})
         else:

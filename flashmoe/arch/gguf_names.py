@@ -23,6 +23,8 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
     "qwen3moe": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
     # src/models/olmoe.cpp: q/k norms over the whole projection, under the same names
     "olmoe": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
+    # src/models/llama.cpp with experts (Mixtral): q and k rows permuted for its interleaved RoPE (ROPE_PERMUTED)
+    "llama": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
     # src/models/qwen35moe.cpp: GatedDeltaNet layers as llama.cpp's ssm_* tensors
     "qwen35moe": {
         **_ATTENTION, "post_attention_layernorm.weight": "post_attention_norm.weight",
@@ -40,7 +42,10 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
 #: GGUF architectures the importer (flashmoe/convert/gguf_model.py) reads -> whether llama.cpp renormalises the
 #: top-k router weights when the file has no `{arch}.expert_weights_norm` key (build_moe_ffn's norm_w in
 #: src/models/<arch>.cpp): it is the config's norm_topk_prob.
-NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False, "qwen35moe": True}
+NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False, "qwen35moe": True, "llama": True}
+#: GGUF architectures whose attn_q/attn_k rows llama.cpp's converter permutes (LlamaModel.permute: per head, the
+#: rotate-half pairs (i, i + d/2) of the checkpoint become adjacent rows (2i, 2i + 1) for its interleaved RoPE).
+ROPE_PERMUTED = frozenset({"llama"})
 
 
 def gguf_tensor_name(name: str, gguf_arch: str) -> str | None:

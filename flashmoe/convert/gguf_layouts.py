@@ -1,5 +1,7 @@
-"""The inverse of what llama.cpp's converter does to GatedDeltaNet tensors (conversion/qwen.py, Qwen3NextModel
-and _LinearAttentionVReorderBase; bench/gguf_export.py's _linear_attention_transform does it forwards).
+"""The inverse of what llama.cpp's converter does to tensor layouts: the q/k rows of `llama` models (Mixtral),
+permuted for its interleaved RoPE (convert_hf_to_gguf.py, LlamaModel.permute), and the GatedDeltaNet tensors
+(conversion/qwen.py, Qwen3NextModel and _LinearAttentionVReorderBase; bench/gguf_export.py's
+_linear_attention_transform does it forwards).
 
 llama.cpp stores every value-head axis in tiled order (value head j of every key head, then j + 1), which
 ggml's broadcast expects; the checkpoints, and flashmoe's canonical tensors, group the value heads by key
@@ -15,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from flashmoe.arch.config import ModelConfig
+from flashmoe.arch.gguf_names import ROPE_PERMUTED
 from flashmoe.errors import CheckpointError
 from flashmoe.format.quant import QuantizedTensor
 
@@ -45,6 +48,21 @@ def _columns(w: Stored, order: np.ndarray, where: str) -> Stored:
     per = g * w.bits // 32  # uint32 words per group
     words = (gidx[:, None] * per + np.arange(per)).reshape(-1)
     return QuantizedTensor(w.weight[:, words], w.scales[:, gidx], w.biases[:, gidx], w.bits, g)
+
+
+def gguf_layout(cfg: ModelConfig, arch: str, name: str) -> Callable[[Stored, str], Stored] | None:
+    """For canonical tensor `name` of a `cfg` model read from a GGUF of architecture `arch`, the function
+    (stored tensor, where) -> its canonical layout; None when llama.cpp stores it as flashmoe does."""
+    if arch in ROPE_PERMUTED and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+        return lambda w, where: _rows(w, _rotate_half_order(w.shape[0], heads))
+    return linear_attention_layout(cfg, name)
+
+
+def _rotate_half_order(n: int, heads: int) -> np.ndarray:
+    """Indices that take llama.cpp's interleaved q/k rows (pairs adjacent) back to rotate-half order: the
+    inverse of LlamaModel.permute, `w.reshape(heads, 2, d/2, ...).swapaxes(1, 2)`."""
+    return np.arange(n).reshape(heads, -1, 2).swapaxes(1, 2).reshape(-1)
 
 
 def linear_attention_layout(cfg: ModelConfig, name: str) -> Callable[[Stored, str], Stored] | None:
