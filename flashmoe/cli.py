@@ -166,6 +166,9 @@ def convert(
     if src.endswith(".gguf"):
         from flashmoe.convert.gguf_model import convert_gguf
 
+        if (bits, group_size, expert_bits) != ("4", 64, None):
+            typer.echo("note: a GGUF keeps its own quantisation; --bits/--group-size/--expert-bits do not apply",
+                       err=True)
         convert_gguf(src, dst, force=force)
         return
     from flashmoe.convert.checkpoint import convert_checkpoint
