@@ -22,14 +22,26 @@ from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.eviction import DEFAULT_POLICY
 from flashmoe.format.quant import QuantizedTensor
+from flashmoe.arch.config import YarnRope
 from flashmoe.reference import ops as ref_ops
-from flashmoe.reference.attention import rope_inv_freq
+from flashmoe.reference.moe import clamped_swiglu
+from flashmoe.reference.rope import rope_inv_freq
 from flashmoe.runtime.expert_files import aligned_buffer
 
 #: A weight as the engine hands it over: float ``[out, in]`` or quantised.
 Weight = Union[QuantizedTensor, np.ndarray]
 #: One routed expert: ``{"gate_proj": W [I, H], "up_proj": W [I, H], "down_proj": W [H, I]}``.
 Expert = dict
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's expert activation (flashmoe.reference.moe.clamped_swiglu): ``limit`` = swiglu_limit,
+    ``alpha`` = swiglu_alpha. Passed as ``act`` to :meth:`Backend.expert_ffn` / :meth:`Backend.experts_ffn`;
+    None there means plain SwiGLU."""
+
+    limit: float
+    alpha: float
 
 
 class BackendError(FlashMoeError):
@@ -210,20 +222,23 @@ class Backend(ABC):
         convention; conversion folds ``(1 + w)`` families into w. (Zhang & Sennrich 2019; HF Qwen3RMSNorm.)"""
 
     @abstractmethod
-    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> Any:
+    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None) -> Any:
         """Rotary embedding, HF rotate-half layout, on the first ``rotary_dim`` features of each head.
 
-        x ``[T, H, D]``, positions int ``[T]``; ``inv_freq = theta ** -(arange(0, rotary_dim, 2) / rotary_dim)``,
-        angle = position * inv_freq; features ``rotary_dim:`` pass through (partial rotary). -> ``[T, H, D]``.
+        x ``[T, H, D]``, positions int ``[T]``; angle = position * inv_freq with the reference's
+        ``rope_inv_freq(rotary_dim, theta, yarn)`` (see :meth:`rope_angles`; YaRN's attention factor is the
+        caller's); features ``rotary_dim:`` pass through (partial rotary). -> ``[T, H, D]``.
         (Su et al. 2021; HF ``apply_rotary_pos_emb``.)"""
 
     @abstractmethod
-    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> Any:
+    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float, sinks: Any = None) -> Any:
         """Causal grouped-query softmax attention over a KV cache.
 
         q ``[T, Hq, D]``; k, v ``[S, Hkv, D]`` holding positions ``0 .. S-1``; q_positions int ``[T]``
         (each < S); query head h reads kv head ``h // (Hq // Hkv)``; query at position p sees keys
-        ``0 .. p``. Scores ``scale * q·k``, softmax in float32. -> ``[T, Hq, D]``."""
+        ``0 .. p``. Scores ``scale * q·k``, softmax in float32. sinks: None, or float ``[Hq]`` logits that
+        join each head's softmax denominator with no value (gpt-oss; reference/attention.py).
+        -> ``[T, Hq, D]``."""
 
     @abstractmethod
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[Any, Any]:
@@ -297,12 +312,16 @@ class Backend(ABC):
         """Clamp to ``[-limit, limit]`` (OLMoE's ``clip_qkv``)."""
         return np.clip(np.asarray(x, np.float32), np.float32(-limit), np.float32(limit))
 
+    def clamped_swiglu(self, gate: Any, up: Any, act: ClampedSwiGLU) -> Any:
+        """gpt-oss's ``(clip(up, ±limit) + 1) · g · σ(alpha · g)``, ``g = min(gate, limit)``, elementwise."""
+        return clamped_swiglu(np.asarray(gate, np.float32), np.asarray(up, np.float32), act.limit, act.alpha)
+
     # -- composites: written once from the ops above; a backend overrides them only to be faster ----------
     @staticmethod
-    def rope_angles(positions: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
+    def rope_angles(positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None) -> np.ndarray:
         """RoPE's angles ``position * inv_freq``: float64 ``[T, rotary_dim / 2]`` for int positions ``[T]``
-        (inv_freq from the reference, ``flashmoe.reference.attention.rope_inv_freq``)."""
-        return np.asarray(positions, np.float64)[:, None] * rope_inv_freq(rotary_dim, theta)[None, :]
+        (inv_freq from the reference, ``flashmoe.reference.rope.rope_inv_freq``, YaRN's when given)."""
+        return np.asarray(positions, np.float64)[:, None] * rope_inv_freq(rotary_dim, theta, yarn)[None, :]
 
     def swiglu(self, x: Any, gate: Any, up: Any, down: Any) -> Any:
         """``down(silu(gate x) * up x)``: x ``[n, hidden]``, gate and up ``[I, hidden]``, down ``[hidden, I]``
@@ -322,16 +341,27 @@ class Backend(ABC):
         """Arrays joined along ``axis`` (shapes equal elsewhere)."""
         return self.asarray(np.concatenate([self.to_numpy(a) for a in arrays], axis=axis))
 
-    def expert_ffn(self, x: Any, expert: Expert) -> Any:
-        """SwiGLU of ONE expert on the ``n`` tokens routed to it: ``down(silu(gate x) * up x)``.
+    def expert_ffn(self, x: Any, expert: Expert, act: ClampedSwiGLU | None = None) -> Any:
+        """SwiGLU of ONE expert on the ``n`` tokens routed to it: ``down(silu(gate x) * up x)``, or with
+        ``act`` gpt-oss's ``down(clamped_swiglu(gate x + b_gate, up x + b_up)) + b_down``.
 
         x ``[n, hidden]``; expert ``{"gate_proj": [I, hidden], "up_proj": [I, hidden], "down_proj":
-        [hidden, I]}`` (QuantizedTensor views or float arrays; never copied whole). -> ``[n, hidden]``.
+        [hidden, I]}`` (QuantizedTensor or Mxfp4Tensor views, or float arrays; never copied whole), and
+        ``"{proj}.bias"`` float ``[out]`` where the experts have biases. -> ``[n, hidden]``.
         The weights may be views into the store's read buffers, which are reused once this returns."""
-        return self.swiglu(self.asarray(x), *(expert[p] for p in EXPERT_PROJS))
+        x = self.asarray(x)
+        if act is None:
+            return self.swiglu(x, *(expert[p] for p in EXPERT_PROJS))
+        gate, up = (self._biased(self.linear(x, expert[p]), expert.get(f"{p}.bias")) for p in ("gate_proj", "up_proj"))
+        return self._biased(self.linear(self.clamped_swiglu(gate, up, act), expert["down_proj"]),
+                            expert.get("down_proj.bias"))
 
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> Any:
-        """One decode token through its k routed experts: ``sum_e weights[e] * expert_ffn(x, experts[e])``.
+    def _biased(self, y: Any, bias: np.ndarray | None) -> Any:
+        return y if bias is None else self.add(y, self.asarray(bias))
+
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None,
+                    act: ClampedSwiGLU | None = None) -> Any:
+        """One decode token through its k routed experts: ``sum_e weights[e] * expert_ffn(x, experts[e], act)``.
 
         x ``[hidden]``; experts: k dicts as in :meth:`expert_ffn`; weights float ``[k]`` (router
         probabilities after top-k and optional renormalisation). -> ``[hidden]``.
@@ -342,7 +372,7 @@ class Backend(ABC):
         x = self.reshape(x, (1, hidden))
         out = None
         for e, w in zip(experts, np.asarray(weights, np.float32)):
-            y = self.multiply(self.swiglu(x, *(e[p] for p in EXPERT_PROJS)), float(w))
+            y = self.multiply(self.expert_ffn(x, e, act=act), float(w))
             out = y if out is None else self.add(out, y)
         return self.reshape(out, (hidden,))
 

@@ -39,18 +39,20 @@ except ImportError as _e:  # the registry reports this through unavailable_reaso
 else:
     _IMPORT_ERROR = None
 
-from flashmoe.backends.base import Backend, BackendError, Expert, KVCacheBuffer
+from flashmoe.arch.config import YarnRope
+from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, KVCacheBuffer
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
-from flashmoe.reference.attention import rope_inv_freq
+from flashmoe.reference.rope import rope_inv_freq
 from flashmoe.runtime.eviction import DEFAULT_POLICY
 
 _PAGE = 4096
 
 
 @lru_cache(maxsize=16)
-def _inv_freq(theta: float, rotary_dim: int) -> Any:
+def _inv_freq(theta: float, rotary_dim: int, yarn: YarnRope | None) -> Any:
     """RoPE's inverse frequencies (the reference's ``rope_inv_freq``), float64 on the device."""
-    return cuda.to_device(rope_inv_freq(rotary_dim, theta))
+    return cuda.to_device(rope_inv_freq(rotary_dim, theta, yarn))
 
 
 class CudaBackend(Backend):
@@ -132,6 +134,8 @@ class CudaBackend(Backend):
     # -- dense ops ------------------------------------------------------------------------------------------
     def linear(self, x: Any, w: Any) -> DeviceArray:
         x = to_device(x)
+        if isinstance(w, Mxfp4Tensor):  # no MXFP4 kernel yet: decoded on the host, multiplied as float
+            w = to_device(w.dequantize())
         w = self.prepare(w)
         in_f = w.in_features if isinstance(w, DeviceQuantized) else w.shape[1]
         if len(x.shape) != 2 or x.shape[1] != in_f:
@@ -166,15 +170,17 @@ class CudaBackend(Backend):
         row_launch(K.rms_norm, rows, 1, x.flat, weight.flat, np.float32(eps), out.flat)
         return out
 
-    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> DeviceArray:
+    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None
+             ) -> DeviceArray:
         x = to_device(x)
         _, H, D = x.shape
         out = empty(x.shape)
         flat_launch(K.rope, x.size, x.flat, H, D, rotary_dim // 2, A.device_positions(positions),
-                    _inv_freq(float(theta), int(rotary_dim)), out.flat)
+                    _inv_freq(float(theta), int(rotary_dim), yarn), out.flat)
         return out
 
-    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> DeviceArray:
+    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float, sinks: Any = None
+                  ) -> DeviceArray:
         q, k, v = to_device(q), to_device(k), to_device(v)
         T, Hq, D = q.shape
         S, Hkv = k.shape[0], k.shape[1]
@@ -183,8 +189,9 @@ class CudaBackend(Backend):
             raise BackendError(f"attention: query position {pos.max()} is beyond the {S} cached keys")
         scores = empty((T * Hq * S,)).flat
         out = empty(q.shape)
-        row_launch(K.attention, T * Hq, 1, q.flat, k.flat, v.flat, A.device_positions(pos), np.float32(scale), Hq,
-                   Hkv, D, scores, out.flat)
+        sinks = to_device(np.full(Hq, -np.inf, np.float32) if sinks is None else sinks)
+        row_launch(K.attention, T * Hq, 1, q.flat, k.flat, v.flat, A.device_positions(pos), np.float32(scale),
+                   sinks.flat, Hq, Hkv, D, scores, out.flat)
         return out
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[DeviceArray, DeviceArray]:
@@ -247,6 +254,13 @@ class CudaBackend(Backend):
         row_launch(K.l2_normalize, x.size // max(n, 1), 1, x.flat, n, np.float32(eps), out.flat)
         return out
 
+    def clamped_swiglu(self, gate: Any, up: Any, act: ClampedSwiGLU) -> DeviceArray:
+        gate, up = to_device(gate), to_device(up)
+        out = empty(gate.shape)
+        flat_launch(K.clamped_swiglu, out.size, gate.flat, up.flat, np.float32(act.limit), np.float32(act.alpha),
+                    out.flat)
+        return out
+
     def clip(self, x: Any, limit: float) -> DeviceArray:
         x = to_device(x)
         out = empty(x.shape)
@@ -281,10 +295,13 @@ class CudaBackend(Backend):
                    h.flat)
         return h
 
-    def expert_ffn(self, x: Any, expert: Expert | None, key: Any = None) -> DeviceArray:
+    def expert_ffn(self, x: Any, expert: Expert | None, key: Any = None, act: ClampedSwiGLU | None = None
+                   ) -> DeviceArray:
         """As :meth:`Backend.expert_ffn`; with `key` ((layer, expert)) and a GPU expert cache configured,
         the expert is kept there and may be passed as None once it is (:meth:`has_expert`)."""
         x = to_device(x)
+        if act is not None:  # gpt-oss: biases, the clamped SwiGLU, MXFP4: the composite of base.py
+            return super().expert_ffn(x, expert, act)
         staged = self._experts.stage([expert], None if key is None else [key])
         if staged is None:
             return super().expert_ffn(x, expert)
@@ -296,11 +313,13 @@ class CudaBackend(Backend):
         self._experts.launched(staged)
         return y
 
-    def experts_ffn(self, x: Any, experts: list[Expert | None], weights: np.ndarray, keys: list | None = None
-                    ) -> DeviceArray:
+    def experts_ffn(self, x: Any, experts: list[Expert | None], weights: np.ndarray, keys: list | None = None,
+                    act: ClampedSwiGLU | None = None) -> DeviceArray:
         """As :meth:`Backend.experts_ffn`; with `keys` (one (layer, expert) per expert) and a GPU expert cache
         configured, experts are kept there and those already there may be passed as None."""
         x = to_device(x)
+        if act is not None:
+            return super().experts_ffn(x, experts, weights, keys, act)
         staged = self._experts.stage(experts, keys)
         if staged is None:
             return super().experts_ffn(x, experts, weights)

@@ -392,8 +392,9 @@ def rope(x, heads, head_dim, half, positions, inv_freq, out):
 
 
 @cuda.jit
-def attention(q, k, v, q_positions, scale, n_heads, n_kv_heads, head_dim, scores, out):
-    """Causal GQA softmax attention; one row of LANES threads per (token, query head).
+def attention(q, k, v, q_positions, scale, sinks, n_heads, n_kv_heads, head_dim, scores, out):
+    """Causal GQA softmax attention; one row of LANES threads per (token, query head). sinks [Hq]: a logit
+    per head joining the softmax denominator with no value (gpt-oss), -inf for none.
 
     q, out flat [T * Hq * D]; k, v flat [S * Hkv * D]; scores scratch [T * Hq * S]. Lanes own keys j, j + 32,
     ... for the scores and features d, d + 32, ... for the weighted sum of values. Grid
@@ -419,12 +420,16 @@ def attention(q, k, v, q_positions, scale, n_heads, n_kv_heads, head_dim, scores
         scores[so + j] = acc
         m = max(m, acc)
     m = _lane_max(m, sh, lane, r)
+    sink = sinks[h] if active else float32(-math.inf)
+    m = max(m, sink)
     total = float32(0.0)
     for j in range(lane, n, LANES):
         e = math.exp(scores[so + j] - m)
         scores[so + j] = e
         total += e
     total = _lane_sum(total, sh, lane, r)
+    if sink > float32(-math.inf):
+        total += math.exp(sink - m)
     cuda.syncthreads()  # every lane's scores are written before any lane reads them all
     for d in range(lane, head_dim if active else 0, LANES):
         acc = float32(0.0)
@@ -554,6 +559,15 @@ def clip(x, limit, out):
     n = cuda.grid(1)
     if n < x.shape[0]:
         out[n] = min(max(x[n], -limit), limit)
+
+
+@cuda.jit
+def clamped_swiglu(gate, up, limit, alpha, out):
+    """gpt-oss: out = (clip(up, ±limit) + 1) · g · sigmoid(alpha · g), g = min(gate, limit)."""
+    n = cuda.grid(1)
+    if n < out.shape[0]:
+        g = min(gate[n], limit)
+        out[n] = (min(max(up[n], -limit), limit) + float32(1.0)) * g * _sigmoid(alpha * g)
 
 
 @cuda.jit

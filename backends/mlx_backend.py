@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from flashmoe.arch.config import YarnRope
 from flashmoe.arch.tensors import EXPERT_PROJS
-from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight
+from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, PackedWeight
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 
 # Full float32 matrix products: MLX runs float32 GEMMs as TF32 on NVIDIA GPUs and M5-class Apple GPUs unless
@@ -264,6 +266,10 @@ class MlxBackend(Backend):
 
     # -- dense ops ---------------------------------------------------------------------------------------
     def linear(self, x: Any, w: Any) -> Any:
+        if isinstance(w, Mxfp4Tensor):  # MLX's own mxfp4 mode decodes the same bytes bit for bit
+            blocks = _from_numpy(np.ascontiguousarray(w.blocks).view(np.uint32))
+            return mx.quantized_matmul(_f32(x), blocks, _from_numpy(np.ascontiguousarray(w.scales)),
+                                       transpose=True, group_size=32, bits=4, mode="mxfp4")
         x, w = _f32(x), self._weight(w)
         if isinstance(w, MxQuantized):
             if self._cuda_small_k_qmm_broken and x.shape[0] > 1 and w.shape[1] < 128:
@@ -284,21 +290,21 @@ class MlxBackend(Backend):
     def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
         return mx.fast.rms_norm(_f32(x), _f32(weight), eps)
 
-    def _rope_table(self, theta: float, rotary_dim: int, end: int) -> tuple[Any, Any]:
+    def _rope_table(self, theta: float, rotary_dim: int, end: int, yarn: YarnRope | None) -> tuple[Any, Any]:
         """cos, sin ``[>= end, rotary_dim/2]`` float32 for positions 0.., angles in float64."""
-        key = (float(theta), int(rotary_dim))
+        key = (float(theta), int(rotary_dim), yarn)
         cached = self._rope_tables.get(key)
         if cached is None or cached[0].shape[0] < end:
             n = max(end, _ROPE_TABLE_MIN, 2 * (cached[0].shape[0] if cached else 0))
-            angles = self.rope_angles(np.arange(n), theta, rotary_dim)
+            angles = self.rope_angles(np.arange(n), theta, rotary_dim, yarn)
             cached = (mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32)))
             self._rope_tables[key] = cached
         return cached
 
-    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> Any:
+    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None) -> Any:
         x = _f32(x)
         positions = np.asarray(positions, dtype=np.int64)
-        cos, sin = self._rope_table(theta, rotary_dim, int(positions.max()) + 1)
+        cos, sin = self._rope_table(theta, rotary_dim, int(positions.max()) + 1, yarn)
         idx = mx.array(positions.astype(np.int32))
         cos, sin = cos[idx][:, None, :], sin[idx][:, None, :]  # [T, 1, rotary_dim/2]
         half = rotary_dim // 2
@@ -308,7 +314,7 @@ class MlxBackend(Backend):
             rotated.append(x[..., rotary_dim:])
         return mx.concatenate(rotated, axis=-1)
 
-    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> Any:
+    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float, sinks: Any = None) -> Any:
         q, k, v = (_f32(t).transpose(1, 0, 2)[None] for t in (q, k, v))  # [1, heads, T or S, D]
         T, S = q.shape[2], k.shape[2]
         q_positions = np.asarray(q_positions, dtype=np.int64)
@@ -316,7 +322,8 @@ class MlxBackend(Backend):
             mask = "causal" if T > 1 else None  # MLX aligns the causal mask to the last key
         else:
             mask = mx.array(np.arange(S)[None, :] <= q_positions[:, None])  # [T, S] visible
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask,
+                                                   sinks=None if sinks is None else _f32(sinks))
         return out[0].transpose(1, 0, 2)
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[Any, Any]:
@@ -361,14 +368,23 @@ class MlxBackend(Backend):
         return mx.clip(_f32(x), -limit, limit)
 
     # -- experts -----------------------------------------------------------------------------------------
-    def expert_ffn(self, x: Any, expert: Expert) -> Any:
-        y = super().expert_ffn(x, expert)
+    def clamped_swiglu(self, gate: Any, up: Any, act: ClampedSwiGLU) -> Any:
+        g = mx.minimum(_f32(gate), act.limit)
+        return (mx.clip(_f32(up), -act.limit, act.limit) + 1) * g * mx.sigmoid(act.alpha * g)
+
+    def expert_ffn(self, x: Any, expert: Expert, act: ClampedSwiGLU | None = None) -> Any:
+        y = super().expert_ffn(x, expert, act)
         # Evaluate now: the expert may live in a read buffer the store reuses as soon as this returns.
         mx.eval(y)
         return y
 
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> Any:
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None,
+                    act: ClampedSwiGLU | None = None) -> Any:
         x = _f32(x)
+        if act is not None:  # gpt-oss: biases and the clamped SwiGLU, expert by expert
+            y = super().experts_ffn(x, experts, weights, keys, act)
+            mx.eval(y)
+            return y
         w = mx.array(np.asarray(weights, dtype=np.float32))
         projs = [[self._weight(e[p]) for p in EXPERT_PROJS] for e in experts]
         if self.kernels is not None and self.kernels.supports(*(q for e in projs for q in e)):

@@ -50,10 +50,13 @@ else:
     _IMPORT_ERROR = None
 
 from flashmoe.arch.tensors import EXPERT_PROJS
-from flashmoe.backends.base import Backend, BackendError, Expert, PackedWeight, check_quantized
+from flashmoe.arch.config import YarnRope
+from flashmoe.backends import numba_mxfp4
+from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, PackedWeight, check_quantized
 from flashmoe.backends import numba_q8
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, bf16_expert_view, code,
                                             f32_expert_view, widen)
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.reference.q8 import ACTIVATIONS, Q8_MAX_TOKENS
 
@@ -265,7 +268,7 @@ if numba is not None:
                     out[t, h, i + half] = b * cos[t, i] + a * sin[t, i]
 
     @njit(parallel=True, fastmath=FASTMATH, cache=True)
-    def _attention(q, k, v, q_positions, scale, out):
+    def _attention(q, k, v, q_positions, scale, sinks, out):
         T, Hq, D = q.shape
         Hkv = k.shape[1]
         group = Hq // Hkv
@@ -275,14 +278,14 @@ if numba is not None:
             kh = h // group
             n = q_positions[t] + 1
             s = np.empty(n, np.float32)
-            m = np.float32(-np.inf)
+            m = sinks[h]  # -inf without sinks: then it adds nothing to the denominator
             for j in range(n):
                 acc = np.float32(0.0)
                 for d in range(D):
                     acc += q[t, h, d] * k[j, kh, d]
                 s[j] = acc * scale
                 m = max(m, s[j])
-            total = np.float32(0.0)
+            total = np.exp(sinks[h] - m)
             for j in range(n):
                 s[j] = np.exp(s[j] - m)
                 total += s[j]
@@ -423,6 +426,8 @@ class NumbaBackend(Backend):
 
     def linear(self, x: Any, w: Any) -> np.ndarray:
         x = _f32(x)
+        if isinstance(w, Mxfp4Tensor):
+            return numba_mxfp4.linear(x, w, _call)
         p = _as_weight(w, "linear weight")
         if isinstance(p, np.ndarray):
             return x @ p.T
@@ -458,22 +463,25 @@ class NumbaBackend(Backend):
         _rms_norm(flat, _readonly(_f32(weight)), np.float32(eps), out)
         return out.reshape(x.shape)
 
-    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
+    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None
+             ) -> np.ndarray:
         x = _f32(x)
-        angles = self.rope_angles(positions, theta, rotary_dim)
+        angles = self.rope_angles(positions, theta, rotary_dim, yarn)
         out = x.copy()
         _rope(x, _f32(np.cos(angles)), _f32(np.sin(angles)), out)
         return out
 
-    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> np.ndarray:
+    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float, sinks: Any = None
+                  ) -> np.ndarray:
         q, k, v = _f32(q), _f32(k), _f32(v)
+        sinks = np.full(q.shape[1], -np.inf, np.float32) if sinks is None else _f32(sinks)
         q_positions = np.ascontiguousarray(q_positions, dtype=np.int64)
         if len(q_positions) and not 0 <= q_positions.min() <= q_positions.max() < k.shape[0]:
             raise BackendError(f"attention: query positions {q_positions.min()}..{q_positions.max()} outside "
                                f"the {k.shape[0]} cached keys")  # the kernel does not bounds-check
         out = np.empty_like(q)
         work = q.shape[0] * q.shape[1] * q.shape[2] * (int(q_positions.max()) + 1 if len(q_positions) else 0)
-        _call(_attention, 2 * work, q, k, v, q_positions, np.float32(scale), out)
+        _call(_attention, 2 * work, q, k, v, q_positions, np.float32(scale), sinks, out)
         return out
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -493,9 +501,12 @@ class NumbaBackend(Backend):
               new_state, o)
         return o, new_state
 
-    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None) -> np.ndarray:
+    def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None,
+                    act: ClampedSwiGLU | None = None) -> np.ndarray:
         x = _f32(x).reshape(1, -1)
         weights = _f32(weights)
+        if act is not None or any(isinstance(e[p], Mxfp4Tensor) for e in experts for p in EXPERT_PROJS):
+            return super().experts_ffn(x[0], experts, weights, keys, act)  # expert by expert (gpt-oss)
         packed = [
             {name: _as_weight(e[name], f"expert {i} {name}") for name in EXPERT_PROJS}
             for i, e in enumerate(experts)

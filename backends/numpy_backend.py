@@ -13,11 +13,14 @@ from typing import Any
 import numpy as np
 
 from flashmoe.backends.base import Backend, PackedWeight, pack_weight
+from flashmoe.arch.config import YarnRope
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor, dequantize
 from flashmoe.reference import attention as ref_attention
 from flashmoe.reference import linear_attention as ref_linear_attention
 from flashmoe.reference import ops as ref_ops
 from flashmoe.reference import q8 as ref_q8
+from flashmoe.reference import rope as ref_rope
 
 # Dequantise this many weight elements at a time (16 M float32 = 64 MB of temporary).
 _BLOCK_ELEMENTS = 1 << 24
@@ -59,6 +62,8 @@ class NumpyBackend(Backend):
         x = _f32(x)
         if isinstance(w, np.ndarray):
             return x @ _f32(w).T
+        if isinstance(w, Mxfp4Tensor):  # routed experts only: one expert's rows are few enough to decode at once
+            return x @ w.dequantize().T
         p = pack_weight(w)
         y = np.empty((x.shape[0], p.out_features), np.float32)
         if self.activations == "q8" and x.shape[0] <= ref_q8.Q8_MAX_TOKENS:
@@ -85,19 +90,18 @@ class NumpyBackend(Backend):
     def rms_norm(self, x: Any, weight: Any, eps: float) -> np.ndarray:
         return ref_ops.rms_norm(_f32(x), _f32(weight), np.float32(eps))
 
-    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
-        cos, sin = ref_attention.rope_cos_sin(np.asarray(positions), rotary_dim, theta, np.float32)  # [T, rd]
-        return ref_attention.apply_rope(_f32(x), cos[:, None, :], sin[:, None, :])  # heads broadcast
+    def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None
+             ) -> np.ndarray:
+        inv_freq = ref_rope.rope_inv_freq(rotary_dim, theta, yarn)
+        cos, sin = ref_rope.rope_cos_sin(np.asarray(positions), inv_freq, 1.0, np.float32)  # [T, rd]
+        return ref_rope.apply_rope(_f32(x), cos[:, None, :], sin[:, None, :])  # heads broadcast
 
-    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float) -> np.ndarray:
-        # The reference's attention core (reference/attention.py), on [heads, T, D] layouts.
+    def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float, sinks: Any = None
+                  ) -> np.ndarray:
         q, k, v = (_f32(t).transpose(1, 0, 2) for t in (q, k, v))  # [H, T or S, D]
-        group = q.shape[0] // k.shape[0]
-        keys, values = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)  # [Hq, S, D]
-        scores = q @ keys.transpose(0, 2, 1) * np.float32(scale)  # [Hq, T, S]
         visible = np.arange(k.shape[1])[None, :] <= np.asarray(q_positions)[:, None]  # [T, S] causal
-        scores = np.where(visible[None], scores, -np.inf)
-        return (ref_ops.softmax(scores) @ values).transpose(1, 0, 2)  # [T, Hq, D]
+        sinks = None if sinks is None else _f32(sinks)
+        return ref_attention.softmax_attention(q, k, v, visible, np.float32(scale), sinks).transpose(1, 0, 2)
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[np.ndarray, np.ndarray]:
         # The reference keeps state as [C, K-1] and the kernel as [C, 1, K].

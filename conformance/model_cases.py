@@ -58,6 +58,12 @@ TINY_CONFIGS: dict[str, dict] = {
                      moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1,
                      routed_scaling_factor=2.5, first_k_dense_replace=1, n_shared_experts=1, use_qk_norm=True,
                      attention_bias=True, partial_rotary_factor=0.5, rope_theta=1e6),
+    # a sliding window shorter than prompt + decode, YaRN over a short original context
+    "gpt_oss": dict(_COMMON, model_type="gpt_oss", head_dim=16, num_hidden_layers=4, intermediate_size=32,
+                    num_local_experts=8, num_experts_per_tok=4, sliding_window=8,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0,
+                                         original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
+                                         truncate=False)),
 }
 
 

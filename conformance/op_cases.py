@@ -27,7 +27,10 @@ import ml_dtypes
 import numpy as np
 
 from flashmoe.backends import get_backend
-from flashmoe.backends.base import Backend
+from flashmoe.arch.config import YarnRope
+from flashmoe.backends.base import Backend, ClampedSwiGLU
+from flashmoe.format.manifest import MXFP4
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 
 #: Bound on max|got - want| / max|want| for float32 activations: elementwise ops round once or twice;
@@ -91,19 +94,25 @@ def _quantized_parts(rng, out: int, inp: int, bits: int, group_size: int, sdtype
     return words, scales.astype(dt), biases.astype(dt)
 
 
-def make_weight(rng, out: int, inp: int, bits: int | None, group_size: int, sdtype: str) -> Any:
-    """A float32 ``[out, in]`` weight (bits None) or a QuantizedTensor with random codes."""
+def make_weight(rng, out: int, inp: int, bits: int | str | None, group_size: int, sdtype: str) -> Any:
+    """A float32 ``[out, in]`` weight (bits None), an Mxfp4Tensor (bits "mxfp4": random bytes, so every E2M1
+    code, and E8M0 scales 2^-8 .. 2^-3) or a QuantizedTensor with random codes."""
     if bits is None:
         return _normal(rng, out, inp, scale=inp**-0.5)
+    if bits == MXFP4:
+        return Mxfp4Tensor(rng.integers(0, 256, (out, inp // 2), dtype=np.uint8),
+                           rng.integers(127 - 8, 127 - 2, (out, inp // 32), dtype=np.uint8))
     return QuantizedTensor(*_quantized_parts(rng, out, inp, bits, group_size, sdtype), bits, group_size)
 
 
-def make_expert_views(rng, hidden: int, inter: int, bits: int | None, group_size: int, sdtype: str,
-                      buffer_offset: int = 0) -> dict[str, Any]:
+def make_expert_views(rng, hidden: int, inter: int, bits: int | str | None, group_size: int, sdtype: str,
+                      buffer_offset: int = 0, biases: bool = False) -> dict[str, Any]:
     """One expert as the store hands it over: gate/up/down views into a single uint8 buffer (no copies),
-    the first starting ``buffer_offset`` bytes in."""
+    the first starting ``buffer_offset`` bytes in; with ``biases`` also '{proj}.bias' (gpt-oss)."""
     shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
     parts = {n: make_weight(rng, o, i, bits, group_size, sdtype) for n, (o, i) in shapes.items()}
+    if biases:
+        parts.update({f"{n}.bias": _normal(rng, o) for n, (o, _) in shapes.items()})
     buf = np.zeros(buffer_offset + sum(3 * (w.nbytes + 64) for w in parts.values()), np.uint8)
     pos = buffer_offset
 
@@ -114,12 +123,37 @@ def make_expert_views(rng, hidden: int, inter: int, bits: int | None, group_size
         pos += -(-a.nbytes // 64) * 64
         return view
 
-    return {n: place(w) if isinstance(w, np.ndarray)
-            else QuantizedTensor(place(w.weight), place(w.scales), place(w.biases), w.bits, w.group_size)
-            for n, w in parts.items()}
+    def view(w: Any) -> Any:
+        if isinstance(w, np.ndarray):
+            return place(w)
+        if isinstance(w, Mxfp4Tensor):
+            return Mxfp4Tensor(place(w.blocks), place(w.scales))
+        return QuantizedTensor(place(w.weight), place(w.scales), place(w.biases), w.bits, w.group_size)
+
+    return {n: view(w) for n, w in parts.items()}
 
 
-def _inputs(case: OpCase) -> tuple[str, tuple, str]:
+#: The activation of the clamped-SwiGLU expert cases (gpt-oss): a limit the gate pre-activations exceed.
+CLAMPED_ACT = ClampedSwiGLU(limit=1.0, alpha=1.702)
+#: YaRN of the rope cases that use it (gpt-oss's parameters, a short original context so every band shows).
+YARN = YarnRope(factor=32.0, original_max_position_embeddings=256, beta_fast=32.0, beta_slow=1.0, truncate=False)
+
+
+def _inputs(case: OpCase) -> tuple[str, tuple, dict, str]:
+    """(method name, positional args, keyword args, tolerance kind) for a case, drawn from its seed."""
+    method, args, kind = _positional(case)
+    p, rng = case.p, np.random.default_rng(case.seed + 1)
+    kwargs: dict[str, Any] = {}
+    if p.get("yarn"):
+        kwargs["yarn"] = YARN
+    if p.get("sinks"):
+        kwargs["sinks"] = _normal(rng, p["heads"], scale=2.0)
+    if p.get("act"):
+        kwargs["act"] = CLAMPED_ACT
+    return method, args, kwargs, kind
+
+
+def _positional(case: OpCase) -> tuple[str, tuple, str]:
     """(method name, positional args, tolerance kind) for a case, drawn from its seed."""
     p, rng = case.p, np.random.default_rng(case.seed)
     op = case.op
@@ -155,11 +189,12 @@ def _inputs(case: OpCase) -> tuple[str, tuple, str]:
     if op in ("expert_ffn", "experts_ffn"):
         n_exp = p.get("k", 1)
         experts = [make_expert_views(rng, p["hidden"], p["inter"], p.get("bits"), p.get("group_size", 64),
-                                     p.get("sdtype", "float32"), buffer_offset=64 * e) for e in range(n_exp)]
+                                     p.get("sdtype", "float32"), buffer_offset=64 * e, biases=p.get("act", False))
+                   for e in range(n_exp)]
         if op == "expert_ffn":
             return "expert_ffn", (_normal(rng, p["tokens"], p["hidden"]), experts[0]), "reduction"
         weights = rng.dirichlet(np.ones(n_exp)).astype(np.float32)
-        return "experts_ffn", (_normal(rng, p["hidden"]), experts, weights), "reduction"
+        return "experts_ffn", (_normal(rng, p["hidden"]), experts, weights, None), "reduction"
     if op in ("sigmoid", "silu", "softplus", "l2_normalize"):
         return op, (_normal(rng, p["tokens"], p["n"], scale=p.get("scale", 4.0)),), "elementwise"
     if op == "clip":
@@ -185,11 +220,11 @@ def run_case(backend: Backend | str, case: OpCase) -> CaseResult:
     mode = case.p.get("activations", "float")
     backend = get_backend(backend if isinstance(backend, str) else backend.name, mode)
     reference = get_backend("numpy", mode)
-    method, args, kind = _inputs(case)
-    want = getattr(reference, method)(*args)
+    method, args, kwargs, kind = _inputs(case)
+    want = getattr(reference, method)(*args, **kwargs)
     start = time.perf_counter()
     try:
-        got = getattr(backend, method)(*args)
+        got = getattr(backend, method)(*args, **kwargs)
         error = _max_rel_error(got, want, backend)
         exc = None
     except Exception as e:  # a conformance report shows any failure of the backend as a failing case
@@ -232,6 +267,13 @@ def _quick() -> list[OpCase]:
               for k, b, g, s in [(4, 4, 64, "bfloat16"), (2, 2, 32, "float32")]]
     cases += [c(op, tokens=3, n=40) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
     cases += [c("clip", tokens=3, n=40, limit=2.0)]
+    # gpt-oss: MXFP4 weights, YaRN, sinks, experts with biases and the clamped SwiGLU
+    cases += [c("linear", tokens=t, out=40, inp=192, bits=MXFP4) for t in (1, 5)]
+    cases += [c("rope", tokens=5, heads=2, head_dim=64, rotary_dim=64, theta=150000.0, max_position=3000, yarn=True)]
+    cases += [c("attention", tokens=t, cached=n, heads=4, kv_heads=2, head_dim=32, sinks=True) for t, n in ((1, 20), (5, 3))]
+    cases += [c("expert_ffn", tokens=3, hidden=64, inter=64, bits=MXFP4, act=True),
+              c("experts_ffn", k=4, hidden=64, inter=64, bits=MXFP4, act=True),
+              c("experts_ffn", k=2, hidden=64, inter=64, bits=4, group_size=32, sdtype="bfloat16", act=True)]
     return cases
 
 

@@ -158,7 +158,8 @@ def convert(
     dst: Path = typer.Argument(..., help="Output flashmoe model directory (must not exist unless --force)."),
     bits: str = typer.Option("4", help="Bits for resident linear weights: 2, 3, 4, 5, 6, 8, or 'none' for float."),
     group_size: int = typer.Option(64, help="Quantisation group size (32, 64 or 128)."),
-    expert_bits: Optional[str] = typer.Option(None, help="Bits for routed experts (default: --bits)."),
+    expert_bits: Optional[str] = typer.Option(None, help="Bits for routed experts (default: --bits; MXFP4 "
+                                              "experts, as gpt-oss publishes them, are kept unless given)."),
     force: bool = typer.Option(False, "--force", help="Replace DST if it is a flashmoe model directory or "
                                "empty (never the source, the current directory or other files)."),
 ) -> None:

@@ -1,9 +1,11 @@
-"""Grouped-query softmax attention with a KV cache, partial rotary position embedding, q/k norms and the
-Qwen3.5/Qwen3-Next output gate.
+"""Grouped-query softmax attention with a KV cache, partial rotary position embedding (reference/rope.py),
+q/k norms, the Qwen3.5/Qwen3-Next output gate, sliding windows and gpt-oss's attention sinks.
 
-Sources: Vaswani et al. 2017 (attention), Su et al. 2021 (RoPE, in transformers' rotate-half convention),
-Ainslie et al. 2023 (grouped-query attention); transformers `Qwen3MoeAttention`, `OlmoeAttention`,
-`MixtralAttention`, `Qwen3_5MoeAttention`, `Qwen3NextAttention`.
+Sources: Vaswani et al. 2017 (attention), Ainslie et al. 2023 (grouped-query attention), Beltagy et al. 2020
+(sliding-window attention), Xiao et al. 2024 "Efficient Streaming Language Models with Attention Sinks" (a
+sink absorbs attention mass; gpt-oss learns one logit per head); transformers `Qwen3MoeAttention`,
+`OlmoeAttention`, `MixtralAttention`, `Qwen3_5MoeAttention`, `Qwen3NextAttention`, `GptOssAttention` with
+its `eager_attention_forward`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from flashmoe.arch.config import ModelConfig
 from flashmoe.reference.ops import linear, rms_norm, sigmoid, softmax
+from flashmoe.reference.rope import apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -40,50 +43,42 @@ class AttentionWeights:
     q_norm: np.ndarray | None = None  # (D,) per head, or (H·D,) OLMoE
     k_norm: np.ndarray | None = None
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # q_proj/k_proj/v_proj/o_proj when attention_bias
+    sinks: np.ndarray | None = None  # (H,) learned sink logit per head (gpt-oss)
 
 
-def rope_inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
-    """RoPE's inverse frequencies, float64 (rotary_dim/2,): inv_freq_j = theta^(-2j / rotary_dim)
-    (Su et al. 2021; transformers' `compute_default_rope_parameters`)."""
-    return 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+def softmax_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, visible: np.ndarray, scale: float,
+                      sinks: np.ndarray | None = None) -> np.ndarray:
+    """softmax(scale·q·kᵀ where visible, −∞ elsewhere)·v, grouped-query: kv head h // (H/Hkv) serves query
+    head h. With sinks s (H,): each head's softmax gets one more logit s_h whose share is dropped (it has
+    no value), so the weights of the keys sum to less than 1 (transformers `GptOss eager_attention_forward`).
 
-
-def rope_cos_sin(positions: np.ndarray, rotary_dim: int, theta: float, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin tables (T, rotary_dim) for absolute `positions` (T,).
-
-    angle = position * inv_freq_j (rope_inv_freq), j < rotary_dim/2; angles are duplicated to both halves
-    (transformers' `rotate_half` layout). Angles are computed in float64.
+    q: (H, T, D); k, v: (Hkv, S, D); visible: (T, S) bool. Returns (H, T, D).
     """
-    angles = positions.astype(np.float64)[:, None] * rope_inv_freq(rotary_dim, theta)[None, :]  # (T, rd/2)
-    angles = np.concatenate([angles, angles], axis=-1)  # (T, rd)
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
-
-
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate the first rotary_dim = cos.shape[-1] features of each head; the rest pass through
-    (partial rotary: Qwen3.5/Qwen3-Next `partial_rotary_factor`).
-
-    x: (heads, T, D); cos, sin: (T, rotary_dim). x_rot·cos + rotate_half(x_rot)·sin, where
-    rotate_half([a, b]) = [-b, a] on the two halves of x_rot.
-    """
-    rd = cos.shape[-1]
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    half = rd // 2
-    rotated = np.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    return np.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+    H, T, _ = q.shape
+    S = k.shape[1]
+    group = H // k.shape[0]
+    keys, values = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)  # (H, S, D)
+    scores = np.where(visible[None], q @ keys.transpose(0, 2, 1) * scale, -np.inf)  # (H, T, S)
+    if sinks is None:
+        return softmax(scores) @ values
+    sink_logits = np.broadcast_to(np.asarray(sinks, scores.dtype)[:, None, None], (H, T, 1))
+    return softmax(np.concatenate([scores, sink_logits], axis=-1))[..., :S] @ values
 
 
 def attention(x: np.ndarray, positions: np.ndarray, w: AttentionWeights, cfg: ModelConfig,
-              cache: KVCache) -> np.ndarray:
+              cache: KVCache, window: int | None = None) -> np.ndarray:
     """Causal grouped-query attention of T new tokens over the cache plus themselves; appends to `cache`.
 
-    x: (T, hidden) normed hidden states; positions: (T,) absolute positions (cache length + arange(T)).
+    x: (T, hidden) normed hidden states; positions: (T,) absolute positions (cache length + arange(T));
+    window: the layer's sliding window (ModelConfig.attention_window), None for all positions.
     Returns (T, hidden). Steps (transformers Qwen3_5MoeAttention.forward and friends):
       q [, gate] = split(x·Wqᵀ) per head       (Qwen3.5/Next: each head's 2D outputs are [query, gate])
       q, k = q_norm(q), k_norm(k)              (per head: Qwen3*; over the whole projection: OLMoE)
       q, k, v clamped to ±clip_qkv             (OLMoE, when set)
-      q, k = RoPE(q), RoPE(k)
-      o = softmax(q·kᵀ/√D + causal mask)·v     (kv head h//(H/Hkv) serves query head h)
+      q, k = RoPE(q), RoPE(k)                  (YaRN also scales both by its attention factor)
+      o = softmax(q·kᵀ/√D + mask)·v            (kv head h//(H/Hkv) serves query head h; the mask is causal,
+                                                and keys older than `window` positions are hidden)
+      with sinks s_h: o = softmax([q·kᵀ/√D + mask, s_h])[:-1]·v   (an extra logit per head, no value)
       o = o·σ(gate)                            (output gate, Qwen3.5/Next)
       out = o·Woᵀ
     """
@@ -108,22 +103,17 @@ def attention(x: np.ndarray, positions: np.ndarray, w: AttentionWeights, cfg: Mo
     if cfg.qk_norm == "head":
         q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
 
-    cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, x.dtype)  # (T, rd)
+    inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_yarn)  # (rd/2,)
+    cos, sin = rope_cos_sin(positions, inv_freq, rope_attention_factor(cfg.rope_yarn), x.dtype)  # (T, rd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     cache.k = np.concatenate([cache.k, k], axis=1)  # (Hkv, S, D), S = all positions so far
     cache.v = np.concatenate([cache.v, v], axis=1)
-    S = cache.k.shape[1]
 
-    group = H // Hkv
-    keys = np.repeat(cache.k, group, axis=0)  # (H, S, D)
-    values = np.repeat(cache.v, group, axis=0)  # (H, S, D)
-    scores = q @ keys.transpose(0, 2, 1) / np.sqrt(D).astype(x.dtype)  # (H, T, S)
-    key_pos = np.arange(S)[None, :]
+    key_pos = np.arange(cache.k.shape[1])[None, :]
     visible = key_pos <= positions[:, None]  # (T, S) causal
-    if cfg.sliding_window is not None:
-        visible &= key_pos > positions[:, None] - cfg.sliding_window
-    scores = np.where(visible[None], scores, -np.inf)
-    o = softmax(scores) @ values  # (H, T, D)
+    if window is not None:
+        visible &= key_pos > positions[:, None] - window
+    o = softmax_attention(q, cache.k, cache.v, visible, 1 / np.sqrt(D).astype(x.dtype), w.sinks)  # (H, T, D)
     o = o.transpose(1, 0, 2).reshape(T, H * D)  # (T, H·D)
     if gate is not None:
         o = o * sigmoid(gate)

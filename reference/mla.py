@@ -20,13 +20,12 @@ so the rotation here is the one of reference/attention.py. q·k is unchanged by 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from flashmoe.arch.config import ModelConfig, YarnRope
-from flashmoe.reference.attention import apply_rope
+from flashmoe.arch.config import ModelConfig
+from flashmoe.reference.rope import apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq, yarn_get_mscale
 from flashmoe.reference.ops import linear, rms_norm, softmax
 
 
@@ -59,54 +58,13 @@ class MLAWeights:
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # cfg.attention_bias_projs
 
 
-# ---- RoPE with YaRN ------------------------------------------------------------------------------
-
-def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention temperature, 0.1·mscale·ln(scale) + 1 (eq. 22; 1 for scale ≤ 1)."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def rope_inv_freq_yarn(dim: int, theta: float, y: YarnRope) -> np.ndarray:
-    """YaRN's inverse frequencies (dim/2,), float64: wavelengths shorter than the pretraining context by
-    more than beta_fast rotations keep theta^(-2j/dim) (extrapolation); longer than beta_slow rotations are
-    divided by `factor` (interpolation); a linear ramp blends the band between (YaRN eqs. 17–20; transformers
-    `_compute_yarn_parameters`, truncating the band to whole dimensions when `truncate`)."""
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = correction_dim(y.beta_fast), correction_dim(y.beta_slow)
-    if y.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # transformers: avoid a zero-width ramp
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)  # 0: extrapolate
-    extrapolation = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    return extrapolation / y.factor * ramp + extrapolation * (1 - ramp)
-
-
-def yarn_attention_factor(y: YarnRope) -> float:
-    """The factor YaRN multiplies cos and sin by: attention_factor when given, else
-    mscale(factor, mscale) / mscale(factor, mscale_all_dim) (1 for DeepSeek-V3, where both are 1)."""
-    if y.attention_factor is not None:
-        return y.attention_factor
-    if y.mscale and y.mscale_all_dim:
-        return yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
-    return yarn_get_mscale(y.factor)
-
+# ---- RoPE with YaRN (reference/rope.py) ------------------------------------------------------------
 
 def mla_rope_cos_sin(cfg: ModelConfig, positions: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (T, qk_rope_head_dim) in rotate-half layout for `positions` (T,), with YaRN when configured.
-    Angles in float64."""
-    dim = cfg.qk_rope_head_dim
-    y = cfg.rope_yarn
-    if y is None:
-        inv_freq, scale = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim), 1.0
-    else:
-        inv_freq, scale = rope_inv_freq_yarn(dim, cfg.rope_theta, y), yarn_attention_factor(y)
-    angles = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (T, dim/2)
-    angles = np.concatenate([angles, angles], axis=-1)  # (T, dim)
-    return (np.cos(angles) * scale).astype(dtype), (np.sin(angles) * scale).astype(dtype)
+    """cos, sin (T, qk_rope_head_dim) in rotate-half layout for `positions` (T,), with YaRN when configured
+    (reference/rope.py). Angles in float64."""
+    inv_freq = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_yarn)  # (dim/2,)
+    return rope_cos_sin(positions, inv_freq, rope_attention_factor(cfg.rope_yarn), dtype)
 
 
 def mla_softmax_scale(cfg: ModelConfig) -> float:

@@ -14,7 +14,7 @@ from typing import Union
 
 import numpy as np
 
-from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
+from flashmoe.arch.config import ModelConfig
 from flashmoe.reference.attention import AttentionWeights, KVCache, attention
 from flashmoe.reference.linear_attention import LinearAttentionState, LinearAttentionWeights, gated_delta_net
 from flashmoe.reference.mla import LatentKVCache, MLAWeights, mla_attention
@@ -61,8 +61,8 @@ class ReferenceModel:
         """An empty cache: position 0, empty KV (or MLA latent) caches, zero conv and recurrent states."""
         if self.cfg.is_mla:
             return Cache([LatentKVCache.empty(self.cfg, self.dtype) for _ in self.cfg.layer_types])
-        return Cache([KVCache.empty(self.cfg, self.dtype) if t == FULL_ATTENTION
-                      else LinearAttentionState.empty(self.cfg, self.dtype) for t in self.cfg.layer_types])
+        return Cache([KVCache.empty(self.cfg, self.dtype) if self.cfg.is_attention_layer(i)
+                      else LinearAttentionState.empty(self.cfg, self.dtype) for i in range(self.cfg.num_hidden_layers)])
 
     def forward(self, token_ids: np.ndarray, cache: Cache | None = None) -> np.ndarray:
         """Logits for T new tokens following what `cache` has seen; appends them to `cache`.
@@ -94,7 +94,7 @@ class ReferenceModel:
         """Layer i's token mixer: softmax attention, MLA or GatedDeltaNet. x: (T, hidden) -> (T, hidden)."""
         w = self._mixer_weights(i)
         if isinstance(w, AttentionWeights):
-            return attention(x, positions, w, self.cfg, state)
+            return attention(x, positions, w, self.cfg, state, self.cfg.attention_window(i))
         if isinstance(w, MLAWeights):
             return mla_attention(x, positions, w, self.cfg, state)
         return gated_delta_net(x, w, self.cfg, state)
@@ -107,13 +107,13 @@ class ReferenceModel:
                     ("q_proj",) if self.cfg.q_lora_rank is None else ("q_a_proj", "q_a_layernorm", "q_b_proj"))
                 self._mixers[i] = MLAWeights(**{n: self._w(f"{p}{n}.weight") for n in names},
                                              biases={n: self._w(f"{p}{n}.bias") for n in self.cfg.attention_bias_projs})
-            elif self.cfg.layer_type(i) == FULL_ATTENTION:
+            elif self.cfg.is_attention_layer(i):
                 p = f"layers.{i}.self_attn."
                 opt = lambda n: self._w(p + n) if self.weights.has(p + n) else None  # noqa: E731
                 projs = ("q_proj", "k_proj", "v_proj", "o_proj")
                 self._mixers[i] = AttentionWeights(
                     *(self._w(f"{p}{n}.weight") for n in projs),
-                    q_norm=opt("q_norm.weight"), k_norm=opt("k_norm.weight"),
+                    q_norm=opt("q_norm.weight"), k_norm=opt("k_norm.weight"), sinks=opt("sinks"),
                     biases={n: self._w(f"{p}{n}.bias") for n in self.cfg.attention_bias_projs})
             else:
                 p = f"layers.{i}.linear_attn."

@@ -21,6 +21,30 @@ def swiglu(x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj:
     return linear(silu(linear(x, gate_proj)) * linear(x, up_proj), down_proj)
 
 
+def clamped_swiglu(gate: np.ndarray, up: np.ndarray, limit: float, alpha: float) -> np.ndarray:
+    """gpt-oss's gated activation (transformers `GptOssExperts._apply_gate`), elementwise on (T, I):
+      gate = min(gate, limit);  up = clip(up, −limit, limit)
+      out  = (up + 1) · gate · σ(alpha · gate)
+    """
+    gate = np.minimum(gate, np.asarray(limit, gate.dtype))
+    up = np.clip(up, np.asarray(-limit, up.dtype), np.asarray(limit, up.dtype))
+    return (up + 1) * gate * sigmoid(np.asarray(alpha, gate.dtype) * gate)
+
+
+def expert_ffn(x: np.ndarray, ex: dict[str, np.ndarray], cfg: ModelConfig) -> np.ndarray:
+    """One routed expert on the tokens routed to it. x: (n, hidden) -> (n, hidden).
+
+    ex: 'gate_proj', 'up_proj' (I, hidden), 'down_proj' (hidden, I) and, for gpt-oss, their biases
+    '{proj}.bias'. SwiGLU, or gpt-oss's clamped SwiGLU when cfg.swiglu_limit is set.
+    """
+    if cfg.swiglu_limit is None:
+        return swiglu(x, ex["gate_proj"], ex["up_proj"], ex["down_proj"])
+    gate = linear(x, ex["gate_proj"], ex.get("gate_proj.bias"))  # (n, I)
+    up = linear(x, ex["up_proj"], ex.get("up_proj.bias"))  # (n, I)
+    return linear(clamped_swiglu(gate, up, cfg.swiglu_limit, cfg.swiglu_alpha), ex["down_proj"],
+                  ex.get("down_proj.bias"))
+
+
 def moe_block(x: np.ndarray, layer: int, weights: WeightSource, cfg: ModelConfig, dtype: type) -> np.ndarray:
     """The sparse MoE feed-forward of decoder layer `layer`. x: (T, hidden) normed -> (T, hidden).
 
@@ -37,7 +61,7 @@ def moe_block(x: np.ndarray, layer: int, weights: WeightSource, cfg: ModelConfig
     for e in np.unique(ids):
         tokens, slot = np.nonzero(ids == e)  # tokens routed to e, and where e sits in their top-k
         ex = {n: np.asarray(a, dtype) for n, a in weights.expert(layer, int(e)).items()}
-        y[tokens] += probs[tokens, slot, None] * swiglu(x[tokens], ex["gate_proj"], ex["up_proj"], ex["down_proj"])
+        y[tokens] += probs[tokens, slot, None] * expert_ffn(x[tokens], ex, cfg)
     if cfg.has_shared_expert:
         shared = swiglu(x, get("shared_expert.gate_proj.weight"), get("shared_expert.up_proj.weight"),
                         get("shared_expert.down_proj.weight"))

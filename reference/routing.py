@@ -11,7 +11,7 @@ DeepSeek-V3's score correction bias) take it as a keyword argument.
 
 Sources: Shazeer et al. 2017 (top-k gating); DeepSeek-V3 Technical Report §2.1.2 (noaux_tc); transformers
 `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`, `MixtralTopKRouter`, `Qwen3_5MoeSparseMoeBlock`,
-`Qwen3NextSparseMoeBlock`, `DeepseekV3TopkRouter`.
+`Qwen3NextSparseMoeBlock`, `DeepseekV3TopkRouter`, `GptOssTopKRouter`.
 """
 
 from __future__ import annotations
@@ -76,10 +76,24 @@ def noaux_tc(router_logits: np.ndarray, cfg: ModelConfig, k: int, *,
     return ids.astype(np.int64), weights * np.asarray(cfg.routed_scaling_factor, weights.dtype)
 
 
+def topk_softmax(router_logits: np.ndarray, cfg: ModelConfig, k: int, *,
+                 bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest biased router logits, then a softmax over those k only (gpt-oss, transformers
+    `GptOssTopKRouter`: logits = x·W_gateᵀ + b).
+
+    router_logits: (T, E) x·W_gateᵀ; bias: (E,) the router's bias (`mlp.gate.bias`). Returns ids (T, k) int64 in
+    decreasing logit (ties: lower id first) and weights (T, k) in router_logits' dtype, summing to 1.
+    """
+    router_logits = router_logits + bias.astype(router_logits.dtype)  # (T, E)
+    ids = np.argsort(-router_logits, axis=-1, kind="stable")[:, :k]  # (T, k)
+    return ids.astype(np.int64), softmax(np.take_along_axis(router_logits, ids, axis=-1), axis=-1)
+
+
 #: Router name (Family.router) -> function.
 ROUTERS: dict[str, Router] = {
     "softmax_topk": softmax_topk,
     "noaux_tc": noaux_tc,
+    "topk_softmax": topk_softmax,
 }
 
 

@@ -3,7 +3,9 @@
 Every architecture has at least three variants covering: shared expert on/off (where the family allows),
 norm_topk_prob true/false (where the family reads it), tied/untied embeddings, k = 1, 2 and 8, dense
 layers (mlp_only_layers / decoder_sparse_step), attention biases, Mixtral's sliding window, OLMoE's
-clip_qkv and, for qwen3_5_moe, the multimodal checkpoint layout.
+clip_qkv, for qwen3_5_moe the multimodal checkpoint layout, and for gpt_oss sliding/full layers with a window
+shorter than the test prompts, sinks of both signs, a clamp the gate pre-activations exceed, YaRN (with and
+without truncation) and plain RoPE.
 Weights are redrawn with a larger std than transformers' default so that routing, gates and logits are
 far from uniform (a wrong router or norm then changes the logits visibly).
 """
@@ -20,6 +22,7 @@ SEED = 1234
 WEIGHT_STD = 0.15  # matrices and embeddings
 NORM_STD = 0.1  # perturbation of norm weights, A_log, dt_bias (so x·w vs x·(1+w) mistakes show)
 BIAS_STD = 0.3  # DeepSeek-V3's e_score_correction_bias: large enough to change which experts are chosen
+SINK_STD = 2.0  # gpt-oss attention sinks: logits of both signs, large enough to take a visible share
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
@@ -49,6 +52,10 @@ _GLM = dict(_COMMON, head_dim=16, num_hidden_layers=3, intermediate_size=96, moe
             n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1, routed_scaling_factor=2.5,
             first_k_dense_replace=1, n_shared_experts=1, num_nextn_predict_layers=0,
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+# hidden = intermediate (as gpt-oss-120b's 2880): square down_proj, whose [E, in, out] storage only the family
+# flag can tell apart; both multiples of 32 for MXFP4 blocks. Four layers: sliding, full, sliding, full.
+_GPT_OSS = dict(_COMMON, head_dim=16, num_hidden_layers=4, intermediate_size=64, num_local_experts=8,
+                sliding_window=8)
 
 #: (arch, variant) -> (transformers config class name, model class name, config kwargs)
 _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
@@ -117,6 +124,17 @@ _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
                                              dict(_GLM, tie_word_embeddings=True, num_experts_per_tok=8,
                                                   first_k_dense_replace=2, n_shared_experts=2,
                                                   routed_scaling_factor=1.0)),
+    ("gpt_oss", "window8_k2"): ("GptOssConfig", "GptOssForCausalLM", dict(_GPT_OSS, num_experts_per_tok=2)),
+    ("gpt_oss", "clamp1_k4_yarn_truncate"): ("GptOssConfig", "GptOssForCausalLM",
+                                              dict(_GPT_OSS, num_experts_per_tok=4, swiglu_limit=1.0,
+                                                   sliding_window=40, rope_parameters=dict(
+                                                       rope_type="yarn", rope_theta=150000.0, factor=4.0,
+                                                       original_max_position_embeddings=64, beta_fast=8.0,
+                                                       beta_slow=0.5, truncate=True))),
+    ("gpt_oss", "full_k1_tied_plain_rope"): ("GptOssConfig", "GptOssForCausalLM",
+                                              dict(_GPT_OSS, num_experts_per_tok=1, tie_word_embeddings=True,
+                                                   layer_types=["full_attention"] * 4, rope_parameters=dict(
+                                                       rope_type="default", rope_theta=10000.0))),
 }
 
 #: Architectures routed by sigmoid scores with a correction bias (not yet run by the engine and backends).
@@ -125,6 +143,8 @@ NOAUX_ARCHS = ("deepseek_v3", "kimi_k2", "glm4_moe")
 VARIANTS: list[tuple[str, str]] = [key for key in _SPECS if key[0] not in NOAUX_ARCHS]
 #: The sigmoid-routed families' variants (DeepSeek-V3, Kimi K2, GLM-4.5).
 NOAUX_VARIANTS: list[tuple[str, str]] = [key for key in _SPECS if key[0] in NOAUX_ARCHS]
+#: gpt_oss's variants: tests/test_gpt_oss.py also holds them to a 300-token prompt and 64 decode steps.
+GPT_OSS_VARIANTS: list[tuple[str, str]] = [v for v in VARIANTS if v[0] == "gpt_oss"]
 
 #: A tiny config per arch for long-position tests (same shapes as the first variant).
 LONG_VARIANTS: list[tuple[str, str]] = [("qwen3_5_moe", "shared_k2"), ("qwen3_moe", "no_norm_topk_k2"),
@@ -147,7 +167,9 @@ def make_hf_model(arch: str, variant: str, seed: int = SEED):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim >= 2:
+            if name.endswith(".sinks"):
+                p.copy_(torch.randn(p.shape, generator=gen) * SINK_STD)
+            elif p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * WEIGHT_STD)
             else:
                 p.add_(torch.randn(p.shape, generator=gen) * NORM_STD)
@@ -197,12 +219,14 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 def canonical_weights(path: str | Path):
     """(ModelConfig, DictWeights) of an HF checkpoint directory, every tensor mapped through
-    flashmoe.arch.families.to_canonical (the in-memory equivalent of `flashmoe convert --bits none`)."""
+    flashmoe.arch.families.to_canonical (the in-memory equivalent of `flashmoe convert --bits none`); MXFP4
+    experts (`.blocks` + `.scales`) are dequantised to `.weight` as a model directory's reader does."""
     from safetensors.numpy import load_file
 
     from flashmoe.arch.config import ModelConfig
     from flashmoe.arch.families import detect_layout, to_canonical
     from flashmoe.arch.tensors import DictWeights
+    from flashmoe.format.mxfp4 import Mxfp4Tensor
 
     path = Path(path)
     cfg = ModelConfig.from_file(path / "config.json")
@@ -211,6 +235,10 @@ def canonical_weights(path: str | Path):
         source.update(load_file(shard))
     layout = detect_layout(source)
     canonical = dict(pair for name, array in source.items() for pair in to_canonical(name, array, cfg, layout))
+    for name in [n for n in canonical if n.endswith(".blocks")]:
+        base = name[: -len(".blocks")]
+        mx = Mxfp4Tensor.from_checkpoint(canonical.pop(name), canonical.pop(base + ".scales"), base)
+        canonical[base + ".weight"] = mx.dequantize()
     return cfg, DictWeights(canonical)
 
 
@@ -288,3 +316,36 @@ def mlx_lm_logits(mlx_dir: str | Path, tokens: np.ndarray) -> np.ndarray:
 
     model, _ = load_model(Path(mlx_dir))
     return np.array(model(mx.array(tokens)[None]).astype(mx.float32))[0]
+
+
+def build_mxfp4_checkpoint(variant: str, out_dir: str | Path, seed: int = SEED) -> Path:
+    """A gpt_oss checkpoint as OpenAI publishes it: the float checkpoint of ("gpt_oss", variant) with each
+    layer's `experts.gate_up_proj` / `experts.down_proj` replaced by MXFP4 `_blocks` (uint8 [E, out, in/32, 16],
+    random E2M1 codes) and `_scales` (uint8 E8M0 [E, out, in/32], 2^-6 .. 2^-2 so activations stay moderate),
+    and `quantization_config: {"quant_method": "mxfp4"}` in config.json. Returns out_dir."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    out = build_hf_checkpoint("gpt_oss", variant, out_dir)
+    tensors = load_file(out / "model.safetensors")
+    rng = np.random.default_rng(seed)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, n_in, n_out = tensors.pop(name).shape  # transformers stores gpt-oss experts [E, in, out]
+        tensors[name + "_blocks"] = rng.integers(0, 256, size=(e, n_out, n_in // 32, 16), dtype=np.uint8)
+        tensors[name + "_scales"] = rng.integers(127 - 6, 127 - 1, size=(e, n_out, n_in // 32), dtype=np.uint8)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def load_mxfp4_hf_model(path: str | Path):
+    """transformers' own float32 model of an MXFP4 checkpoint: its loader dequantises the experts
+    (`Mxfp4Config(dequantize=True)`, integrations/mxfp4.py)."""
+    import torch
+    import transformers
+
+    return transformers.GptOssForCausalLM.from_pretrained(
+        path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()

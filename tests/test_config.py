@@ -138,9 +138,11 @@ def test_missing_linear_attention_field_is_named():
     (dict(num_experts_per_tok=600), "num_experts_per_tok"),
     (dict(num_key_value_heads=3), "num_key_value_heads"),
     (dict(layer_types=["full_attention"] * 59), "layer_types"),
-    (dict(layer_types=["sliding_attention"] * 60), "layer_types"),
+    (dict(layer_types=["chunked_attention"] * 60), "layer_types"),
+    (dict(layer_types=["sliding_attention"] * 60), "sliding_window"),
     (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_parameters.rope_type"),
+    (dict(rope_parameters={"rope_type": "longrope", "factor": 4.0}), "rope_parameters.rope_type"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_scaling.original_max_position_embeddings"),
 ])
 def test_inconsistent_values_are_rejected_naming_the_field(change, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):

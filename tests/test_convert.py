@@ -107,7 +107,7 @@ def test_4bit_conversion_stores_exactly_what_quantize_gives(per_expert, tmp_path
         # down_proj's input (moe_intermediate_size 32) is not a multiple of 64: kept float, as mlx-lm does.
         np.testing.assert_array_equal(views["down_proj"], want.expert(layer, 3)["down_proj"])
         manifest = json.loads((dst / MANIFEST).read_text())
-        assert manifest["quantization"]["lm_head.weight"] == {"bits": 4, "group_size": 64}
+        assert manifest["quantization"]["lm_head.weight"] == {"format": "affine", "bits": 4, "group_size": 64}
         assert manifest["source"]["layout"] == "hf"
         for name in ("config.json", "resident.safetensors", f"experts/layer_{layer:03d}.bin"):
             assert len(manifest["files"][name]["sha256"]) == 64

@@ -14,6 +14,7 @@ from flashmoe.convert.checkpoint import convert_checkpoint
 from flashmoe.errors import FormatError
 from flashmoe.format.manifest import MANIFEST, ExpertLayout, Manifest
 from flashmoe.format.modeldir import ModelDir
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor, quantize
 from flashmoe.arch.tensors import WeightSource
 
@@ -65,7 +66,39 @@ def test_manifest_json_round_trip(model):
     text = (model / MANIFEST).read_text()
     manifest = Manifest.from_json(text)
     assert manifest.to_json() == text
-    assert manifest.format_version == 1 and manifest.model_type == "qwen3_moe"
+    assert manifest.format_version == 2 and manifest.model_type == "qwen3_moe"
+    assert manifest.quantization["lm_head.weight"].to_dict() == {"format": "affine", "bits": 4, "group_size": 64}
+
+
+def test_format_version_1_directories_are_still_read(model, tmp_path):
+    """Version 1 had no `format` key (everything affine) and no expert biases."""
+    def to_v1(m):
+        m["format_version"] = 1
+        for q in [*m["quantization"].values(), *(q for e in m["experts"] for q in e["quantization"].values())]:
+            del q["format"]
+    old = _corrupt(model, tmp_path, _edit_manifest(to_v1))
+    with ModelDir.open(old) as md, ModelDir.open(model) as new:
+        assert md.manifest.format_version == 1 and md.quantization("lm_head.weight") == new.quantization(
+            "lm_head.weight")
+        np.testing.assert_array_equal(md.expert(1, 3)["down_proj"], new.expert(1, 3)["down_proj"])
+
+
+def test_mxfp4_and_bias_components_round_trip_pack_and_view():
+    rng = np.random.default_rng(2)
+    parts = {proj: Mxfp4Tensor(rng.integers(0, 256, (out, n_in // 2), dtype=np.uint8),
+                               rng.integers(120, 130, (out, n_in // 32), dtype=np.uint8))
+             for proj, (out, n_in) in {"gate_proj": (64, 96), "up_proj": (64, 96), "down_proj": (96, 64)}.items()}
+    parts.update({f"{p}.bias": rng.standard_normal(parts[p].shape[0]).astype(np.float32) for p in list(parts)})
+    lay = ExpertLayout.plan(parts)
+    assert [c.name for c in lay.components][:3] == ["gate_proj.blocks", "gate_proj.scales", "gate_proj.bias"]
+    assert lay.quantization["down_proj"].to_dict() == {"format": "mxfp4", "bits": 4, "group_size": 32}
+    assert ExpertLayout.from_dict(json.loads(json.dumps(lay.to_dict())), "x") == lay
+    buf = np.zeros(lay.stride, np.uint8)
+    lay.pack(parts, buf)
+    views = lay.view(buf)
+    assert isinstance(views["up_proj"], Mxfp4Tensor) and np.shares_memory(views["up_proj"].blocks, buf)
+    np.testing.assert_array_equal(views["down_proj"].dequantize(), parts["down_proj"].dequantize())
+    np.testing.assert_array_equal(views["gate_proj.bias"], parts["gate_proj.bias"])
 
 
 def test_open_exposes_config_layers_and_weight_source(model):
@@ -106,7 +139,7 @@ def _truncate(rel: str):
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (_edit_manifest(lambda m: m.update(format_version=2)), "format_version 2"),
+    (_edit_manifest(lambda m: m.update(format_version=3)), "format_version 3"),
     (_edit_manifest(lambda m: m.pop("experts")), "missing field 'experts'"),
     (_edit_manifest(lambda m: m["experts"][0].update(stride=6000)), "stride = 6000"),
     (_edit_manifest(lambda m: m["experts"][1]["components"][1].update(offset=100)), "offset 100"),
@@ -114,10 +147,13 @@ def _truncate(rel: str):
     (_edit_manifest(lambda m: m["experts"][0]["components"][0].update(shape=[32, 9])), "gate_proj"),
     (_edit_manifest(lambda m: m["experts"][2].update(num_experts=8)), "num_experts = 8"),
     (_edit_manifest(lambda m: m["quantization"]["lm_head.weight"].update(bits=8)), "lm_head.weight"),
+    (_edit_manifest(lambda m: m["quantization"]["lm_head.weight"].update(format="mxfp4", bits=4, group_size=32)),
+     "'lm_head.weight' is mxfp4"),
+    (_edit_manifest(lambda m: m["experts"][0]["quantization"]["gate_proj"].update(format="nf4")), "'nf4'"),
     (_truncate("experts/layer_001.bin"), "layer_001.bin"),
     (_truncate("resident.safetensors"), "resident.safetensors"),
-], ids=["version", "no-experts", "stride", "offset", "nbytes", "shape", "num-experts", "bits", "short-expert-file",
-        "short-resident"])
+], ids=["version", "no-experts", "stride", "offset", "nbytes", "shape", "num-experts", "bits", "mxfp4-resident",
+        "unknown-format", "short-expert-file", "short-resident"])
 def test_open_rejects_inconsistent_directories(model, tmp_path, edit, expected):
     bad = _corrupt(model, tmp_path, edit)
     with pytest.raises(FormatError, match=None) as err:

@@ -92,6 +92,6 @@ def test_an_error_inside_leaves_no_directory_and_a_missing_projection_is_named(t
         with write_model_dir(tmp_path / "m", "qwen3_moe", {}, KEEP) as out:
             ew = out.open_experts(0, ExpertLayout.plan(experts[0]), 2)
             ew.write(0, "gate_proj", experts[0]["gate_proj"])
-            assert ew.first_missing() == (0, "up_proj")
+            assert ew.first_missing() == (0, "up_proj.weight")
             raise RuntimeError("producer failed")
     assert list(tmp_path.iterdir()) == []

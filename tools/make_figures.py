@@ -281,6 +281,7 @@ def reference_links(rel: str) -> dict[str, str]:
     import flashmoe.reference.model as model
     import flashmoe.reference.moe as moe
     import flashmoe.reference.ops as ops
+    import flashmoe.reference.rope as rope
     import flashmoe.reference.routing as routing
     import flashmoe.runtime.store as store
 
@@ -289,7 +290,7 @@ def reference_links(rel: str) -> dict[str, str]:
         "gated_delta_net": linear_attention.gated_delta_net, "causal_conv1d": linear_attention.causal_conv1d,
         "l2_normalize": ops.l2_normalize, "gated_delta_rule": linear_attention.gated_delta_rule,
         "gated_rms_norm": linear_attention.gated_rms_norm, "attention": attention.attention,
-        "rope_cos_sin": attention.rope_cos_sin, "apply_rope": attention.apply_rope, "softmax": ops.softmax,
+        "rope_cos_sin": rope.rope_cos_sin, "apply_rope": rope.apply_rope, "softmax": ops.softmax,
         "moe_block": moe.moe_block, "route": routing.route, "swiglu": moe.swiglu, "silu": ops.silu,
         "sigmoid": ops.sigmoid, "Engine.forward": engine.Engine.forward, "Engine._moe": engine.Engine._moe,
         "Engine._moe_decode": engine.Engine._moe_decode, "Engine._moe_prefill": engine.Engine._moe_prefill,

@@ -19,6 +19,7 @@ from flashmoe.arch.families import FAMILIES, MODEL_TYPES, NO_SHARED_EXPERT, SIGM
 from flashmoe.errors import ConfigError
 
 FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"  # softmax attention over the last `sliding_window` positions
 LINEAR_ATTENTION = "linear_attention"
 
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok")
@@ -29,8 +30,8 @@ _LINEAR_KEYS = ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_h
 @dataclass(frozen=True)
 class YarnRope:
     """YaRN's RoPE scaling (Peng et al. 2023, "YaRN: Efficient Context Window Extension"), as config.json's
-    `rope_scaling` / `rope_parameters` with rope_type "yarn" gives it (DeepSeek-V3: factor 40 over 4096).
-    The arithmetic is reference/mla.py's; field names are the config keys."""
+    `rope_scaling` / `rope_parameters` with rope_type "yarn" gives it (DeepSeek-V3: factor 40 over 4096;
+    gpt-oss: factor 32 over 4096). The arithmetic is reference/rope.py's; field names are the config keys."""
 
     factor: float
     original_max_position_embeddings: int
@@ -85,7 +86,7 @@ class ModelConfig:
     linear_num_key_heads: int = 0
     linear_num_value_heads: int = 0
     clip_qkv: float | None = None  # olmoe: clamp q, k, v projections to [-clip_qkv, clip_qkv]
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # on the layers whose layer_types entry is 'sliding_attention'
     # sigmoid routing with a correction bias ("noaux_tc", DeepSeek-V3 / GLM-4.5): expert groups and scaling
     n_group: int = 1
     topk_group: int = 1
@@ -100,6 +101,8 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_interleave: bool = False  # checkpoint's RoPE pairs (x0, x1), (x2, x3)…; de-interleaved at conversion
     rope_yarn: YarnRope | None = None
+    swiglu_limit: float | None = None  # the clamped SwiGLU's limit and gain (Family.clamped_swiglu, gpt-oss)
+    swiglu_alpha: float | None = None
     hidden_act: str = "silu"
     eos_token_id: tuple[int, ...] = ()
     bos_token_id: int | None = None
@@ -169,7 +172,10 @@ class ModelConfig:
         need(len(self.layer_types) == self.num_hidden_layers, "layer_types",
              f"has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         for t in self.layer_types:
-            need(t in (FULL_ATTENTION, LINEAR_ATTENTION), "layer_types", f"has unknown entry {t!r}")
+            need(t in (FULL_ATTENTION, SLIDING_ATTENTION, LINEAR_ATTENTION), "layer_types",
+                 f"has unknown entry {t!r}")
+        need(SLIDING_ATTENTION not in self.layer_types or self.sliding_window is not None, "sliding_window",
+             "is required by the 'sliding_attention' layers")
         if LINEAR_ATTENTION in self.layer_types:
             for name in _LINEAR_KEYS:
                 need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
@@ -235,9 +241,29 @@ class ModelConfig:
         fam = family_of(self)
         return fam.qk_norm if fam.qk_norm_switch is None or self.use_qk_norm else "none"
 
+    @property
+    def has_attention_sinks(self) -> bool:
+        """True when each attention head has a learned sink logit in its softmax denominator (gpt-oss)."""
+        return family_of(self).attention_sinks
+
+    @property
+    def has_expert_biases(self) -> bool:
+        """True when the routed experts' projections have biases (gpt-oss)."""
+        return family_of(self).expert_biases
+
     def layer_type(self, i: int) -> str:
-        """'full_attention' or 'linear_attention' for decoder layer i."""
+        """'full_attention', 'sliding_attention' or 'linear_attention' for decoder layer i."""
         return self.layer_types[i]
+
+    def is_attention_layer(self, i: int) -> bool:
+        """True when decoder layer i mixes tokens by softmax attention over a KV cache (full or sliding)."""
+        return self.layer_types[i] != LINEAR_ATTENTION
+
+    def attention_window(self, i: int) -> int | None:
+        """How many positions (the query's own included) attention layer i sees: `sliding_window` for a
+        'sliding_attention' layer (every attention layer of Mixtral with a window; gpt-oss's alternate
+        layers), None (all) otherwise. Source: transformers' `sliding_window_overlay`."""
+        return self.sliding_window if self.layer_types[i] == SLIDING_ATTENTION else None
 
     def is_moe_layer(self, i: int) -> bool:
         """True when decoder layer i has routed experts (else a dense SwiGLU MLP of intermediate_size).
@@ -258,6 +284,8 @@ class ModelConfig:
         from_dict(to_dict()) gives an equal config."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        yarn = d.pop("rope_yarn")  # back to the config.json key (no key would mean the family's default)
+        d["rope_parameters"] = {"rope_type": "yarn", **yarn} if yarn else {"rope_type": "default"}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
@@ -362,14 +390,14 @@ def _rope_fields(r: _Reader, fam: Family) -> dict[str, Any]:
     """rope_theta and partial_rotary_factor, from rope_parameters (transformers 5), rope_scaling or the top level;
     YaRN's parameters where the family supports it (MLA)."""
     d = r.d
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or r.defaults.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         r.fail("rope_parameters", f"must be an object, got {rope!r}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    yarn = _yarn(r, rope) if rope_type == "yarn" and fam.mla else None
-    if rope_type != "default" and yarn is None:
+    if rope_type not in ("default", "yarn"):
         raise ConfigError(f"{r.source}: field 'rope_parameters.rope_type' = {rope_type!r} is not supported "
-                          f"(only 'default'{', yarn' if fam.mla else ''} for {d['model_type']})")
+                          "(only 'default' and 'yarn')")
+    yarn = _yarn(r, rope) if rope_type == "yarn" else None
     theta = _first(rope.get("rope_theta"), d.get("rope_theta"), r.defaults["rope_theta"])
     prf = _first(rope.get("partial_rotary_factor"), d.get("partial_rotary_factor"),
                  r.defaults.get("partial_rotary_factor", 1.0))
@@ -447,9 +475,16 @@ def _layer_fields(r: _Reader, fam: Family, n_layers: int) -> dict[str, Any]:
     mtp = r.get("num_nextn_predict_layers", "num_mtp_layers", required=False)
     if mtp is not None:
         out.update(num_nextn_predict_layers=r.integer("num_nextn_predict_layers", mtp, minimum=0))
-    sliding = d.get("sliding_window")
+    sliding = d["sliding_window"] if "sliding_window" in d else r.defaults.get("sliding_window")
     if fam.sliding_window_switch and not d.get(fam.sliding_window_switch, False):
         sliding = None  # e.g. transformers' Qwen3MoeConfig ignores sliding_window unless use_sliding_window
+    if fam.alternating_sliding:
+        layer_types = d.get("layer_types") or [SLIDING_ATTENTION if (i + 1) % 2 else FULL_ATTENTION
+                                               for i in range(n_layers)]
+    elif sliding is not None:  # the window applies to every attention layer (Mixtral)
+        layer_types = [SLIDING_ATTENTION if t == FULL_ATTENTION else t for t in layer_types]
+    if fam.clamped_swiglu:
+        out.update({k: r.number(k, r.get(k), positive=True) for k in ("swiglu_limit", "swiglu_alpha")})
     return dict(out, layer_types=tuple(layer_types),
                 sliding_window=None if sliding is None else r.integer("sliding_window", sliding))
 

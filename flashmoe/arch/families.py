@@ -69,19 +69,27 @@ class Family:
       router: a name in reference/routing.py's ROUTERS.
       always_norm_topk: the top-k weights are always renormalised (transformers has no norm_topk_prob key);
         else norm_topk_prob is read from the config.
-      router_tensors: per-layer `mlp.gate.{name}` tensors [E] the router takes (DeepSeek's correction bias).
+      router_tensors: per-layer `mlp.gate.{name}` tensors [E] (DeepSeek's correction bias, gpt-oss's router bias).
       group_routing_keys: n_group, topk_group and routed_scaling_factor are read (sigmoid "noaux_tc" routing),
         and first_k_dense_replace / moe_layer_freq decide the dense layers.
     Blocks:
       shared_expert: NO_SHARED_EXPERT, SIGMOID_GATED (read from shared_expert_intermediate_size) or UNGATED
         (n_shared_experts × moe_intermediate_size).
       linear_attention: GatedDeltaNet layers (`layer_types`, or every full_attention_interval-th layer full).
+      alternating_sliding: `sliding_attention` and `full_attention` layers alternate (`layer_types`, else
+        even layers sliding), the window on the sliding ones only; otherwise sliding_window, when set, applies to
+        every attention layer.
       attention_output_gate: q_proj also produces a per-head sigmoid gate on the attention output.
+      attention_sinks: each head has a learned sink logit in its softmax denominator (`self_attn.sinks`).
       qk_norm: one of QK_NORMS; qk_norm_switch: a key that must be true for it to apply (GLM's use_qk_norm).
       attention_bias_projs: the projections attention_bias gives a bias (MLA: its own, see ModelConfig).
       mla: Multi-head Latent Attention (DeepSeek-V2/V3) instead of grouped-query attention; its config keys,
         YaRN RoPE and kv_b_proj's per-head split (module doc).
-    Checkpoints: renames, plus_one_norms, fused_linear_attn, rope_deinterleave (module doc).
+      expert_biases: the routed experts' projections have biases.
+      clamped_swiglu: experts use the clamped SwiGLU (swiglu_limit, swiglu_alpha) instead of SwiGLU.
+    Checkpoints: renames, plus_one_norms, fused_linear_attn, rope_deinterleave (module doc);
+      experts_in_out: fused expert tensors are stored [E, in, out] (x·W); interleaved_gate_up: gate_up_proj
+      holds gate and up in alternate rows.
     GGUF: gguf_arch is llama.cpp's architecture name (gguf-py MODEL_ARCH_NAMES; flashmoe/arch/gguf_names.py
       holds the tensor names), gguf_pre_tokenizer its `tokenizer.ggml.pre` for the family's vocabulary.
     """
@@ -98,7 +106,9 @@ class Family:
     group_routing_keys: bool = False
     shared_expert: str = NO_SHARED_EXPERT
     linear_attention: bool = False
+    alternating_sliding: bool = False
     attention_output_gate: bool = False
+    attention_sinks: bool = False
     qk_norm: str = "head"
     qk_norm_switch: str | None = None
     attention_bias_projs: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -107,6 +117,10 @@ class Family:
     plus_one_norms: bool = False
     fused_linear_attn: bool = False
     rope_deinterleave: bool = False
+    expert_biases: bool = False
+    clamped_swiglu: bool = False
+    experts_in_out: bool = False
+    interleaved_gate_up: bool = False
     gguf_arch: str | None = None
     gguf_pre_tokenizer: str | None = None
 
@@ -162,6 +176,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            router_tensors=("e_score_correction_bias",), group_routing_keys=True, shared_expert=UNGATED,
            qk_norm_switch="use_qk_norm", attention_bias_projs=("q_proj", "k_proj", "v_proj"),
            renames=_SHARED_EXPERTS),
+    # transformers GptOssConfig: its rope default is YaRN (factor 32 over 4096), the window 128
+    Family("gpt_oss", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True, rope_theta=150000.0,
+                           max_position_embeddings=131072, sliding_window=128, swiglu_alpha=1.702,
+                           swiglu_limit=7.0, rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0,
+                                                               beta_slow=1.0, truncate=False,
+                                                               original_max_position_embeddings=4096)),
+           num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
+           router="topk_softmax", always_norm_topk=True, alternating_sliding=True, attention_sinks=True,
+           qk_norm="none", router_tensors=("bias",), expert_biases=True, clamped_swiglu=True, experts_in_out=True,
+           interleaved_gate_up=True, renames=((r"\.mlp\.router\.", ".mlp.gate."),)),
 )}
 
 #: config.json model_type -> family name (the text model type of a multimodal checkpoint maps to the same family).
@@ -175,6 +199,7 @@ MODEL_TYPES = {
     "deepseek_v3": "deepseek_v3",
     "kimi_k2": "deepseek_v3",  # Kimi K2 declares its own model_type and runs DeepSeek-V3's code
     "glm4_moe": "glm4_moe",
+    "gpt_oss": "gpt_oss",
 }
 
 
@@ -198,6 +223,8 @@ _EXPERT = re.compile(r"^layers\.\d+\.mlp\.experts\.")
 _SWITCH = re.compile(r"^(layers\.\d+\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 _FUSED_GATE_UP = re.compile(r"^(layers\.\d+\.mlp\.experts)\.gate_up_proj(\.weight)?$")
 _FUSED_DOWN = re.compile(r"^(layers\.\d+\.mlp\.experts)\.down_proj$")
+# gpt-oss's expert biases [E, out] and MXFP4 `_blocks` [E, out, in/32, 16] / `_scales` [E, out, in/32]
+_FUSED_EXTRA = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)_(bias|blocks|scales)$")
 _QKVZ = re.compile(r"^(layers\.\d+\.linear_attn)\.in_proj_(qkvz|ba)\.(weight|scales|biases)$")
 _CONV = re.compile(r"^layers\.\d+\.linear_attn\.conv1d\.weight$")
 _ROPE_ROWS = re.compile(r"^layers\.\d+\.self_attn\.(q_proj|q_b_proj|kv_a_proj_with_mqa)\.(weight|scales|biases|bias)$")
@@ -253,11 +280,16 @@ def to_canonical(name: str, array: np.ndarray, cfg: ModelConfig,
         return [(f"{m[1]}.experts.{m[2]}.{m[3]}", array)]
     if m := _FUSED_GATE_UP.match(canon):
         gate_up = _oriented(name, array, cfg, rows=2 * cfg.moe_intermediate_size, cols=cfg.hidden_size)
-        inter = cfg.moe_intermediate_size
-        return [(f"{m[1]}.gate_proj.weight", gate_up[:, :inter]), (f"{m[1]}.up_proj.weight", gate_up[:, inter:])]
+        gate, up = _split_gate_up(name, gate_up, cfg)
+        return [(f"{m[1]}.gate_proj.weight", gate), (f"{m[1]}.up_proj.weight", up)]
     if m := _FUSED_DOWN.match(canon):
         down = _oriented(name, array, cfg, rows=cfg.hidden_size, cols=cfg.moe_intermediate_size)
         return [(f"{m[1]}.down_proj.weight", down)]
+    if m := _FUSED_EXTRA.match(canon):  # already [E, out, ...]: only gate_up's rows are split
+        if m[2] == "down_proj":
+            return [(f"{m[1]}.down_proj.{m[3]}", array)]
+        gate, up = _split_gate_up(name, array, cfg)
+        return [(f"{m[1]}.gate_proj.{m[3]}", gate), (f"{m[1]}.up_proj.{m[3]}", up)]
     if fam.fused_linear_attn and (m := _QKVZ.match(canon)):
         return _split_qkvz(name, m[1], m[2], m[3], array, cfg)
     if _CONV.match(canon) and array.ndim == 3 and array.shape[1] != 1:
@@ -315,10 +347,26 @@ def _strip_prefix(name: str) -> str:
     return name
 
 
+def _split_gate_up(name: str, array: np.ndarray, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(gate, up) rows of a fused [E, 2I, ...] tensor: the two halves, or the even and odd rows when the
+    family interleaves them (gpt-oss). Raises CheckpointError naming the tensor for another row count."""
+    e, inter = cfg.num_experts, cfg.moe_intermediate_size
+    if array.shape[:2] != (e, 2 * inter):
+        raise CheckpointError(f"tensor {name!r}: shape {tuple(array.shape)} does not start with {(e, 2 * inter)}")
+    if family_of(cfg).interleaved_gate_up:
+        return np.ascontiguousarray(array[:, 0::2]), np.ascontiguousarray(array[:, 1::2])
+    return array[:, :inter], array[:, inter:]
+
+
 def _oriented(name: str, array: np.ndarray, cfg: ModelConfig, rows: int, cols: int) -> np.ndarray:
     """A fused expert tensor as [E, rows, cols] ([E, out, in]); transformers 5 stores it so, but accept the
-    transposed [E, cols, rows] too (unambiguous only when rows != cols; equal means already [E, out, in])."""
+    transposed [E, cols, rows] too (unambiguous only when rows != cols; equal means already [E, out, in]).
+    A family whose experts are stored [E, in, out] (Family.experts_in_out) is always transposed."""
     e = cfg.num_experts
+    if family_of(cfg).experts_in_out:
+        if array.shape != (e, cols, rows):
+            raise CheckpointError(f"tensor {name!r}: shape {tuple(array.shape)}, expected {(e, cols, rows)}")
+        return np.ascontiguousarray(array.transpose(0, 2, 1))
     if array.shape == (e, rows, cols):
         return array
     if array.shape == (e, cols, rows):

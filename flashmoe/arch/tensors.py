@@ -15,7 +15,7 @@ from typing import Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from flashmoe.arch.config import LINEAR_ATTENTION, ModelConfig
+from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError
 
 EMBED_TOKENS = "embed_tokens.weight"
@@ -50,7 +50,7 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if cfg.layer_type(i) == LINEAR_ATTENTION:
+        if not cfg.is_attention_layer(i):
             hv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
             conv_dim = cfg.linear_conv_dim
             a = p + "linear_attn."
@@ -71,6 +71,8 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[f"{a}{name}.weight"] = shape
                 if name in cfg.attention_bias_projs:
                     shapes[f"{a}{name}.bias"] = (shape[0],)
+            if cfg.has_attention_sinks:
+                shapes[a + "sinks"] = (nh,)
             if cfg.qk_norm == "head":
                 shapes[a + "q_norm.weight"] = (hd,)
                 shapes[a + "k_norm.weight"] = (hd,)
@@ -128,7 +130,8 @@ class WeightSource(Protocol):
 
     def expert(self, layer: int, e: int) -> dict[str, np.ndarray]:
         """Routed expert e of decoder layer `layer`: float [out, in] arrays under keys
-        'gate_proj' [I, H], 'up_proj' [I, H], 'down_proj' [H, I]."""
+        'gate_proj' [I, H], 'up_proj' [I, H], 'down_proj' [H, I], and, when the experts have biases (gpt-oss),
+        'gate_proj.bias' [I], 'up_proj.bias' [I], 'down_proj.bias' [H]."""
         ...
 
 
@@ -154,18 +157,27 @@ class DictWeights:
         return name in self._t
 
     def expert(self, layer: int, e: int) -> dict[str, np.ndarray]:
-        """Expert e of `layer` as {'gate_proj', 'up_proj', 'down_proj'} -> [out, in]; CheckpointError if absent."""
+        """Expert e of `layer` as {'gate_proj', 'up_proj', 'down_proj'} -> [out, in], plus '{proj}.bias' where
+        present; CheckpointError if a weight is absent."""
         out = {}
         for proj in EXPERT_PROJS:
-            name = expert_tensor_name(layer, e, proj)
-            if name in self._t:
-                out[proj] = self._t[name]
-                continue
-            stacked = stacked_expert_name(layer, proj)
-            if stacked not in self._t:
-                raise CheckpointError(f"missing tensor {name!r} (nor stacked {stacked!r})")
-            out[proj] = self._t[stacked][e]
+            weight = self._expert_part(layer, e, proj, "weight")
+            if weight is None:
+                raise CheckpointError(f"missing tensor {expert_tensor_name(layer, e, proj)!r} (nor stacked "
+                                      f"{stacked_expert_name(layer, proj)!r})")
+            out[proj] = weight
+            bias = self._expert_part(layer, e, proj, "bias")
+            if bias is not None:
+                out[f"{proj}.bias"] = bias
         return out
+
+    def _expert_part(self, layer: int, e: int, proj: str, kind: str) -> np.ndarray | None:
+        """`layers.{layer}.mlp.experts.{e}.{proj}.{kind}`, or row e of the stacked tensor, or None."""
+        name = f"layers.{layer}.mlp.experts.{e}.{proj}.{kind}"
+        if name in self._t:
+            return self._t[name]
+        stacked = self._t.get(f"layers.{layer}.mlp.experts.{proj}.{kind}")
+        return None if stacked is None else stacked[e]
 
     def names(self) -> list[str]:
         """All tensor names held."""

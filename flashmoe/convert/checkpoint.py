@@ -41,7 +41,8 @@ from flashmoe.arch.families import (
 )
 from flashmoe.arch.tensors import EXPERT_PROJS, resident_shapes
 from flashmoe.convert import fp8
-from flashmoe.format.manifest import MANIFEST, RESIDENT, ExpertLayout, Manifest, QuantSpec
+from flashmoe.format.manifest import MANIFEST, RESIDENT, ExpertLayout, ExpertPart, Manifest, QuantSpec
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.policy import KEEP, QUANT_8BIT, QUANT_FLOAT, ROUTER_QUANT, QuantPolicy, quant_class
 from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsFile
@@ -56,7 +57,7 @@ COPIED_FILES = (
 _FLOAT_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype(ml_dtypes.bfloat16))
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _PER_EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
+_STACKED = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases|blocks|bias)$")
 _QUANT_PART = re.compile(r"^(.*)\.(scales|biases)$")
 
 
@@ -81,7 +82,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     src: a local Hugging Face checkpoint directory (float32/float16/bfloat16 safetensors, one file or shards
     with model.safetensors.index.json), an mlx-lm quantised checkpoint directory, or a Hub id (downloaded
     with huggingface_hub.snapshot_download). bits: resident linear weights, 2/3/4/6/8 or 'none' (keep every
-    weight float, in the source dtype). expert_bits: routed experts (default: bits). group_size: 32/64/128.
+    weight float, in the source dtype). expert_bits: routed experts (default: bits, except that MXFP4 experts
+    as gpt-oss publishes them are kept, byte for byte, unless expert_bits is given). group_size: 32/64/128.
     bits/expert_bits/group_size do not apply to a quantised (MLX) source, which is kept as it is.
     progress: show a tqdm bar (None: only on a terminal). log: where notes go (default: stderr). A weight
     whose input width is not a multiple of its group size stays float (as in mlx-lm); the converter then logs
@@ -102,7 +104,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     cfg = ModelConfig.from_file(src_dir / "config.json")
     config_json = src_dir / "config.json"  # valid JSON: ModelConfig read it
     ckpt = _Checkpoint(src_dir, fp8.block_size(json.loads(config_json.read_text()), str(config_json)))
-    job = _Conversion(cfg, ckpt, res_bits, exp_bits, group_size, log, progress)
+    job = _Conversion(cfg, ckpt, res_bits, exp_bits, group_size, log, progress, keep_mxfp4=expert_bits is None)
     with write_model_dir(dst, cfg.model_type, job.source_record(str(src)), job.policy) as out:
         job.run(out)
     manifest = Manifest.from_json((dst / MANIFEST).read_text())
@@ -202,8 +204,9 @@ class _Conversion:
     """One conversion run: the checkpoint's tensors, layer by layer, into a ModelDirWriter."""
 
     def __init__(self, cfg: ModelConfig, ckpt: _Checkpoint, res_bits: int | None, exp_bits: int | None,
-                 group_size: int, log: Callable[[str], None], progress: bool | None):
+                 group_size: int, log: Callable[[str], None], progress: bool | None, keep_mxfp4: bool = True):
         self.cfg, self.ckpt = cfg, ckpt
+        self.keep_mxfp4 = keep_mxfp4  # MXFP4 experts (gpt-oss) stay as published unless --expert-bits is given
         self.res_bits, self.exp_bits, self.group_size = res_bits, exp_bits, group_size
         self.log, self.progress = log, progress
         self.layout = detect_layout(ckpt.names())
@@ -309,7 +312,8 @@ class _Conversion:
         array = self.ckpt.get(name)
         where = self.ckpt.describe(name)
         is_quant_part = array.dtype == np.uint32 or _QUANT_PART.match(name) is not None
-        if not is_quant_part and array.dtype not in _FLOAT_DTYPES:
+        is_mxfp4_part = array.dtype == np.uint8 and name.endswith(("_blocks", "_scales"))  # gpt-oss experts
+        if not (is_quant_part or is_mxfp4_part) and array.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"{where}: dtype {array.dtype} is not float32, float16 or bfloat16")
         if self.layout == HF and is_quant_part:
             raise CheckpointError(f"{where}: quantised tensor in a float checkpoint (only MLX quantisation is read)")
@@ -425,12 +429,16 @@ class _Conversion:
         return self.out.open_experts(layer, layout, self.cfg.num_experts)
 
     def _stacked_getters(self, layer: int, experts: _LayerExperts) -> dict[str, Callable[[int], object]]:
-        """proj -> function giving expert e's stored form, from the stacked tensors of the layer."""
+        """key -> function giving expert e's stored form, from the stacked tensors of the layer: each
+        projection (`gate_proj`, ...) and, where the checkpoint has expert biases, `{proj}.bias`."""
         getters: dict[str, Callable[[int], object]] = {}
         for proj, parts in experts.stacked.items():
             where = self.ckpt.describe(experts.sources[proj])
             logical = self._expert_shape(proj)
-            if set(parts) == {"weight"}:
+            kinds = set(parts) - {"bias"}
+            if "bias" in parts:
+                getters[f"{proj}.bias"] = self._bias_getter(parts["bias"], logical[0], where)
+            if kinds == {"weight"}:
                 w = parts["weight"]
                 if w.dtype not in _FLOAT_DTYPES:
                     raise CheckpointError(f"{where}: dtype {w.dtype} is not float32, float16 or bfloat16")
@@ -438,7 +446,9 @@ class _Conversion:
                     raise CheckpointError(f"{where}: expert shape {list(w.shape[1:])}, expected {list(logical)} "
                                           "from config.json")
                 getters[proj] = lambda e, w=w: self.out.expert_part(w[e])
-            elif set(parts) == {"weight", "scales", "biases"}:
+            elif kinds == {"blocks", "scales"}:
+                getters[proj] = self._mxfp4_getter(parts["blocks"], parts["scales"], logical, where)
+            elif kinds == {"weight", "scales", "biases"}:
                 cname = f"layers.{layer}.mlp.experts.{proj}.weight"
                 spec = self._mlx_spec(cname, parts["weight"], parts["scales"], parts["biases"],
                                       experts.sources[proj])
@@ -447,28 +457,48 @@ class _Conversion:
                 getters[proj] = lambda e, p=parts, q=spec: QuantizedTensor(
                     p["weight"][e], p["scales"][e], p["biases"][e], q.bits, q.group_size)
             else:
-                missing = sorted({"weight", "scales", "biases"} - set(parts))
+                missing = sorted({"weight", "scales", "biases"} - kinds)
                 raise CheckpointError(f"{where}: stacked expert tensor lacks its '{missing[0]}' part")
         return getters
 
+    def _mxfp4_getter(self, blocks: np.ndarray, scales: np.ndarray, logical: tuple[int, int],
+                      where: str) -> Callable[[int], ExpertPart]:
+        """Expert e of MXFP4 checkpoint tensors: kept as published (the bytes unchanged), or, when
+        --expert-bits was given, decoded and stored as that asks (affine bits or float)."""
+        if Mxfp4Tensor.from_checkpoint(blocks[0], scales[0], where).shape != logical:
+            raise CheckpointError(f"{where}: MXFP4 expert is {[scales.shape[1], scales.shape[2] * 32]}, "
+                                  f"expected {list(logical)} from config.json")
+
+        def get(e: int) -> ExpertPart:
+            part = Mxfp4Tensor.from_checkpoint(blocks[e], scales[e], where)
+            return part if self.keep_mxfp4 else self.out.expert_part(part.dequantize())
+        return get
+
+    def _bias_getter(self, bias: np.ndarray, out: int, where: str) -> Callable[[int], np.ndarray]:
+        if bias.dtype not in _FLOAT_DTYPES or tuple(bias.shape) != (self.cfg.num_experts, out):
+            raise CheckpointError(f"{where}: expert bias is {bias.dtype} {list(bias.shape)}, expected a float "
+                                  f"{[self.cfg.num_experts, out]}")
+        return lambda e: np.ascontiguousarray(bias[e])
+
     def _finish_experts(self, layer: int, experts: _LayerExperts) -> None:
-        """Write the stacked experts of the layer, then check that every expert's three projections are there."""
+        """Write the stacked experts of the layer, then check that every expert's three projections (and their
+        biases, for a family with expert biases) are there."""
         if experts.stacked:
             getters = self._stacked_getters(layer, experts)
+            keys = [*EXPERT_PROJS, *(f"{p}.bias" for p in EXPERT_PROJS if self.cfg.has_expert_biases)]
             if experts.writer is None:
                 # Projections given per expert in the same layer would already have opened the writer.
-                missing = sorted(set(EXPERT_PROJS) - set(getters))
+                missing = sorted(set(keys) - set(getters))
                 if missing:
                     raise CheckpointError(f"{self.ckpt.root}: missing tensor for layers.{layer}.mlp.experts."
-                                          f"{missing[0]}.weight (canonical name, stacked)")
-                experts.writer = self._open_expert_file(
-                    layer, ExpertLayout.plan({p: getters[p](0) for p in EXPERT_PROJS}))
-            for proj, get in getters.items():
+                                          f"{missing[0]} (canonical name, stacked)")
+                experts.writer = self._open_expert_file(layer, ExpertLayout.plan({k: getters[k](0) for k in keys}))
+            for key, get in getters.items():
                 for e in range(self.cfg.num_experts):
-                    experts.writer.write(e, proj, get(e), self.ckpt.describe(experts.sources[proj]))
+                    experts.writer.write(e, key, get(e), self.ckpt.describe(experts.sources[key.split(".")[0]]))
         if (missing := experts.writer.first_missing()) is not None:
             raise CheckpointError(f"{self.ckpt.root}: missing tensor for "
-                                  f"layers.{layer}.mlp.experts.{missing[0]}.{missing[1]}.weight (canonical name)")
+                                  f"layers.{layer}.mlp.experts.{missing[0]}.{missing[1]} (canonical name)")
 
 
 def _mlx_quant_part(cname: str, a: np.ndarray) -> str | None:

@@ -149,10 +149,14 @@ def random_expert(cfg: ModelConfig, rng: np.random.Generator, bits: int | None,
     """One routed expert: {'gate_proj' [I, H], 'up_proj' [I, H], 'down_proj' [H, I]} (quantised unless bits
     is None, then bfloat16 floats). Unlike the policy, which would leave a projection whose input width does not
     divide by group_size float, this raises ConfigError (random_quantized): a synthetic model exists for its
-    quantised expert bytes."""
-    return {proj: (random_quantized(rng, shape, bits, group_size) if bits is not None else
-                   (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE))
-            for proj, shape in _expert_shapes(cfg).items()}
+    quantised expert bytes. A family with expert biases gets '{proj}.bias' (bfloat16 [out]) too."""
+    parts = {proj: (random_quantized(rng, shape, bits, group_size) if bits is not None else
+                    (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE))
+             for proj, shape in _expert_shapes(cfg).items()}
+    if cfg.has_expert_biases:
+        parts.update({f"{proj}.bias": (rng.standard_normal(shape[0], dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE)
+                      for proj, shape in _expert_shapes(cfg).items()})
+    return parts
 
 
 def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int) -> ExpertLayout:

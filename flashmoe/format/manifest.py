@@ -18,9 +18,19 @@ import numpy as np
 
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.errors import FlashMoeError, FormatError
+from flashmoe.format.mxfp4 import BLOCK as MXFP4_BLOCK
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
 
-FORMAT_VERSION = 1
+AFFINE = "affine"
+MXFP4 = "mxfp4"
+#: A stored expert projection: affine-quantised, MXFP4 or float [out, in].
+ExpertPart = QuantizedTensor | Mxfp4Tensor | np.ndarray
+
+#: Version 2 names each quantised tensor's format (`affine` or `mxfp4`) and allows expert biases; version 1
+#: directories (all affine, no expert biases) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "flashmoe.json"
 RESIDENT = "resident.safetensors"
 #: The O_DIRECT alignment: expert strides, and the reader's offsets, lengths and buffer addresses, are multiples
@@ -32,6 +42,7 @@ COMPONENT_ALIGN = 64
 #: Manifest dtype names -> numpy dtypes (all little-endian).
 DTYPES: dict[str, np.dtype] = {
     "uint32": np.dtype("<u4"),
+    "uint8": np.dtype("u1"),
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -58,18 +69,28 @@ def _round_up(n: int, align: int) -> int:
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """bits and group_size of one quantised tensor (MLX affine layout, flashmoe.format.quant)."""
+    """The format of one quantised tensor: `affine` (MLX layout, flashmoe.format.quant: bits, group_size) or
+    `mxfp4` (flashmoe.format.mxfp4: always 4 bits, blocks of 32)."""
 
     bits: int
     group_size: int
+    format: str = AFFINE
 
-    def to_dict(self) -> dict[str, int]:
-        return {"bits": self.bits, "group_size": self.group_size}
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "bits": self.bits, "group_size": self.group_size}
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "QuantSpec":
         bits = _field(d, "bits", int, where)
         group_size = _field(d, "group_size", int, where)
+        fmt = d.get("format", AFFINE) if isinstance(d, dict) else AFFINE  # version 1 has no key: affine
+        if fmt == MXFP4:
+            if (bits, group_size) != (4, MXFP4_BLOCK):
+                raise FormatError(f"{where}: mxfp4 has bits 4 and group_size {MXFP4_BLOCK}, got {bits} and "
+                                  f"{group_size}")
+            return cls(bits, group_size, MXFP4)
+        if fmt != AFFINE:
+            raise FormatError(f"{where}.format = {fmt!r} is not one of {[AFFINE, MXFP4]}")
         if bits not in BITS:
             raise FormatError(f"{where}.bits = {bits} is not one of {BITS}")
         if group_size not in GROUP_SIZES:
@@ -110,7 +131,9 @@ class ExpertLayout:
     """Where one expert's components lie inside its `nbytes`-byte block; blocks repeat every `stride` bytes.
 
     `quantization` maps each quantised projection (`gate_proj`, ...) to its QuantSpec; a projection absent from
-    it is stored as a float `X.weight` [out, in].
+    it is stored as a float `X.weight` [out, in]. Components per projection: `X.weight`, `X.scales`, `X.biases`
+    (affine), `X.blocks`, `X.scales` (mxfp4) or `X.weight` (float); `X.bias` [out] when the experts have
+    biases (gpt-oss).
     """
 
     stride: int
@@ -119,46 +142,51 @@ class ExpertLayout:
     quantization: Mapping[str, QuantSpec] = field(default_factory=dict)
 
     @classmethod
-    def plan(cls, parts: Mapping[str, QuantizedTensor | np.ndarray]) -> "ExpertLayout":
-        """Layout for experts shaped like `parts` (proj -> QuantizedTensor or float [out, in] array of ONE
-        expert): components in EXPERT_PROJS order, weight/scales/biases, each at a multiple of 64 bytes;
+    def plan(cls, parts: Mapping[str, ExpertPart]) -> "ExpertLayout":
+        """Layout for experts shaped like `parts` (proj -> QuantizedTensor, Mxfp4Tensor or float [out, in]
+        array of ONE expert, and `{proj}.bias` -> float [out] where the experts have biases): components in
+        EXPERT_PROJS order, each projection's arrays then its bias, each at a multiple of 64 bytes;
         stride = nbytes rounded up to 4096."""
         comps, quant, offset = [], {}, 0
         for proj in EXPERT_PROJS:
             part = parts[proj]
             if isinstance(part, QuantizedTensor):
                 quant[proj] = QuantSpec(part.bits, part.group_size)
-                arrays = {"weight": part.weight, "scales": part.scales, "biases": part.biases}
-            else:
-                arrays = {"weight": part}
-            for kind, a in arrays.items():
+            elif isinstance(part, Mxfp4Tensor):
+                quant[proj] = QuantSpec(4, MXFP4_BLOCK, MXFP4)
+            arrays = {f"{proj}.{kind}": a for kind, a in component_arrays(part).items()}
+            if f"{proj}.bias" in parts:
+                arrays[f"{proj}.bias"] = parts[f"{proj}.bias"]
+            for name, a in arrays.items():
                 offset = _round_up(offset, COMPONENT_ALIGN)
-                comps.append(ExpertComponent(f"{proj}.{kind}", offset, dtype_name(a.dtype), tuple(a.shape)))
+                comps.append(ExpertComponent(name, offset, dtype_name(a.dtype), tuple(a.shape)))
                 offset += a.nbytes
         return cls(_round_up(offset, ALIGN), offset, tuple(comps), quant)
 
-    def pack(self, parts: Mapping[str, QuantizedTensor | np.ndarray], out: np.ndarray) -> None:
+    def pack(self, parts: Mapping[str, ExpertPart], out: np.ndarray) -> None:
         """Write one expert's `parts` (as given to plan) into `out` (uint8, >= nbytes; all other bytes zeroed)."""
         out[:] = 0
         for c in self.components:
             proj, kind = c.name.split(".")
-            part = parts[proj]
-            a = getattr(part, kind) if isinstance(part, QuantizedTensor) else part
+            a = parts[c.name] if kind == "bias" else component_arrays(parts[proj])[kind]
             if tuple(a.shape) != c.shape or dtype_name(a.dtype) != c.dtype:
                 raise FormatError(f"expert component {c.name}: got {a.dtype} {tuple(a.shape)}, layout has "
                                   f"{c.dtype} {list(c.shape)}")
             out[c.offset : c.offset + c.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
-    def view(self, buf: np.ndarray) -> dict[str, QuantizedTensor | np.ndarray]:
+    def view(self, buf: np.ndarray) -> dict[str, ExpertPart]:
         """Zero-copy views of one expert inside `buf` (uint8, >= nbytes, e.g. a pread buffer):
-        {'gate_proj', 'up_proj', 'down_proj'} -> QuantizedTensor, or a float [out, in] array when unquantised."""
+        {'gate_proj', 'up_proj', 'down_proj'} -> QuantizedTensor, Mxfp4Tensor, or a float [out, in] array when
+        unquantised, and '{proj}.bias' -> float [out] where the layout has biases."""
         arrays = {c.name: buf[c.offset : c.offset + c.nbytes].view(DTYPES[c.dtype]).reshape(c.shape)
                   for c in self.components}
-        out: dict[str, QuantizedTensor | np.ndarray] = {}
+        out: dict[str, ExpertPart] = {n: a for n, a in arrays.items() if n.endswith(".bias")}
         for proj in EXPERT_PROJS:
             q = self.quantization.get(proj)
             if q is None:
                 out[proj] = arrays[f"{proj}.weight"]
+            elif q.format == MXFP4:
+                out[proj] = Mxfp4Tensor(arrays[f"{proj}.blocks"], arrays[f"{proj}.scales"])
             else:
                 out[proj] = QuantizedTensor(arrays[f"{proj}.weight"], arrays[f"{proj}.scales"],
                                             arrays[f"{proj}.biases"], q.bits, q.group_size)
@@ -252,9 +280,9 @@ class Manifest:
         if not isinstance(d, dict):
             raise FormatError(f"{where}: not a JSON object")
         version = _field(d, "format_version", int, where)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise FormatError(f"{where}: format_version {version} is not supported (this flashmoe reads "
-                              f"{FORMAT_VERSION}); convert the model again")
+                              f"{', '.join(map(str, READABLE_VERSIONS))}); convert the model again")
         quant = {k: QuantSpec.from_dict(v, f"{where}: quantization[{k!r}]")
                  for k, v in _field(d, "quantization", dict, where).items()}
         experts = [ExpertFile.from_dict(e, f"{where}: experts[{i}]")
@@ -281,6 +309,15 @@ class Manifest:
             if isinstance(e, FlashMoeError):
                 raise
             raise FormatError(f"{where}: not valid JSON: {e}") from None
+
+
+def component_arrays(part: ExpertPart) -> dict[str, np.ndarray]:
+    """The stored arrays of one expert projection by component kind (`weight`, `scales`, ...)."""
+    if isinstance(part, QuantizedTensor):
+        return {"weight": part.weight, "scales": part.scales, "biases": part.biases}
+    if isinstance(part, Mxfp4Tensor):
+        return {"blocks": part.blocks, "scales": part.scales}
+    return {"weight": part}
 
 
 def _field(d: Any, key: str, typ: type, where: str) -> Any:

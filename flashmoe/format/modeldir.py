@@ -20,8 +20,9 @@ import numpy as np
 from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.tensors import resident_shapes
 from flashmoe.errors import CheckpointError, FormatError
-from flashmoe.format.manifest import (ALIGN, COMPONENT_ALIGN, DTYPES, MANIFEST, RESIDENT, ExpertFile, ExpertLayout,
-                                      Manifest, QuantSpec, sha256_file)
+from flashmoe.format.manifest import (ALIGN, COMPONENT_ALIGN, DTYPES, MANIFEST, MXFP4, RESIDENT, ExpertComponent,
+                                      ExpertFile, ExpertLayout, ExpertPart, Manifest, QuantSpec, sha256_file)
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsFile
 
@@ -153,7 +154,7 @@ class ModelDir:
 
     def expert(self, layer: int, e: int) -> dict[str, np.ndarray]:
         """Routed expert e of `layer`, read with one pread: {'gate_proj' [I, H], 'up_proj' [I, H],
-        'down_proj' [H, I]} float32."""
+        'down_proj' [H, I]} float32, and their biases '{proj}.bias' where the experts have them."""
         buf = self.read_expert(layer, e)
         return {k: _to_float32(v) for k, v in self.layer_layout(layer).view(buf).items()}
 
@@ -217,8 +218,10 @@ class ModelDir:
                    for s in self._logical[name])
 
 
-def _to_float32(a: QuantizedTensor | np.ndarray) -> np.ndarray:
-    return a.dequantize(np.float32) if isinstance(a, QuantizedTensor) else np.asarray(a, dtype=np.float32)
+def _to_float32(a: ExpertPart) -> np.ndarray:
+    if isinstance(a, (QuantizedTensor, Mxfp4Tensor)):
+        return a.dequantize(np.float32)
+    return np.asarray(a, dtype=np.float32)
 
 
 def _check_quantized_shapes(where: str, w_shape, s_shape, b_shape, w_dtype, s_dtype, b_dtype,
@@ -243,6 +246,8 @@ def _check_resident(resident: SafetensorsFile, manifest: Manifest, where: Path) 
     for name, q in manifest.quantization.items():
         if not name.endswith(".weight"):
             raise FormatError(f"{where}: quantization entry {name!r} is not a '.weight' tensor")
+        if q.format == MXFP4:
+            raise FormatError(f"{where}: quantization entry {name!r} is mxfp4, which only routed experts use")
         base = name[: -len("weight")]
         parts = (name, base + "scales", base + "biases")
         for p in parts:
@@ -339,25 +344,11 @@ def _check_experts(manifest: Manifest, config: ModelConfig, path: Path) -> None:
         for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise FormatError(f"{where}: components {n0} and {n1} overlap")
+        known = set()
         for proj, (out_dim, in_dim) in logical.items():
-            q = lay.quantization.get(proj)
-            need = [f"{proj}.{k}" for k in (("weight", "scales", "biases") if q else ("weight",))]
-            missing = [n for n in need if n not in comps]
-            if missing:
-                raise FormatError(f"{where}: missing component {missing[0]}")
-            w = comps[need[0]]
-            if q is None:
-                if w.shape != (out_dim, in_dim) or w.dtype == "uint32":
-                    raise FormatError(f"{where}: component {w.name} is {w.dtype} {list(w.shape)}, expected a "
-                                      f"float [{out_dim}, {in_dim}]")
-                continue
-            s, b = comps[need[1]], comps[need[2]]
-            _check_quantized_shapes(f"{where}: {proj}", w.shape, s.shape, b.shape, DTYPES[w.dtype],
-                                    DTYPES[s.dtype], DTYPES[b.dtype], q)
-            if s.shape != (out_dim, in_dim // q.group_size):
-                raise FormatError(f"{where}: component {s.name} shape {list(s.shape)} does not fit "
-                                  f"[{out_dim}, {in_dim}] at group_size {q.group_size}")
-        extra = set(comps) - {f"{p}.{k}" for p in logical for k in ("weight", "scales", "biases")}
+            known |= _check_expert_projection(where, comps, proj, (out_dim, in_dim), lay.quantization.get(proj),
+                                              config.has_expert_biases)
+        extra = set(comps) - known
         if extra:
             raise FormatError(f"{where}: unknown component {sorted(extra)[0]}")
         f = path / ef.path
@@ -367,3 +358,39 @@ def _check_experts(manifest: Manifest, config: ModelConfig, path: Path) -> None:
         if size != expected:
             raise FormatError(f"{f}: {size} bytes, expected num_experts {ef.num_experts} x stride {lay.stride} "
                               f"= {expected}")
+
+
+def _check_expert_projection(where: str, comps: dict[str, ExpertComponent], proj: str, shape: tuple[int, int],
+                             q: QuantSpec | None, bias: bool) -> set[str]:
+    """Check one projection's components (float, affine or mxfp4, and its bias when the family has expert
+    biases) against its logical [out, in] `shape`; return their names. FormatError naming the component."""
+    out_dim, in_dim = shape
+    kinds = ("weight",) if q is None else ("blocks", "scales") if q.format == MXFP4 else ("weight", "scales", "biases")
+    need = [f"{proj}.{k}" for k in kinds] + ([f"{proj}.bias"] if bias else [])
+    missing = [n for n in need if n not in comps]
+    if missing:
+        raise FormatError(f"{where}: missing component {missing[0]}")
+    w = comps[need[0]]
+    if q is None:
+        if w.shape != (out_dim, in_dim) or w.dtype in ("uint32", "uint8"):
+            raise FormatError(f"{where}: component {w.name} is {w.dtype} {list(w.shape)}, expected a "
+                              f"float [{out_dim}, {in_dim}]")
+    elif q.format == MXFP4:
+        s = comps[need[1]]
+        if (w.dtype, w.shape, s.dtype, s.shape) != ("uint8", (out_dim, in_dim // 2), "uint8",
+                                                    (out_dim, in_dim // q.group_size)):
+            raise FormatError(f"{where}: components {w.name} {w.dtype} {list(w.shape)} and {s.name} {s.dtype} "
+                              f"{list(s.shape)} do not hold mxfp4 [{out_dim}, {in_dim}] (uint8 "
+                              f"[{out_dim}, {in_dim // 2}] and [{out_dim}, {in_dim // q.group_size}])")
+    else:
+        s, b = comps[need[1]], comps[need[2]]
+        _check_quantized_shapes(f"{where}: {proj}", w.shape, s.shape, b.shape, DTYPES[w.dtype],
+                                DTYPES[s.dtype], DTYPES[b.dtype], q)
+        if s.shape != (out_dim, in_dim // q.group_size):
+            raise FormatError(f"{where}: component {s.name} shape {list(s.shape)} does not fit "
+                              f"[{out_dim}, {in_dim}] at group_size {q.group_size}")
+    if bias and (comps[need[-1]].shape != (out_dim,) or comps[need[-1]].dtype in ("uint32", "uint8")):
+        raise FormatError(f"{where}: component {need[-1]} is {comps[need[-1]].dtype} "
+                          f"{list(comps[need[-1]].shape)}, expected a float [{out_dim}]")
+    return set(need)
+

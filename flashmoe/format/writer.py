@@ -24,8 +24,8 @@ import flashmoe
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.errors import CheckpointError, FormatError
 from flashmoe.format.atomic import atomic_dir
-from flashmoe.format.manifest import (DTYPES, MANIFEST, RESIDENT, ExpertFile, ExpertLayout, FileEntry, Manifest,
-                                      QuantSpec, expert_file_name, sha256_file)
+from flashmoe.format.manifest import (DTYPES, MANIFEST, RESIDENT, ExpertFile, ExpertLayout, ExpertPart, FileEntry,
+                                      Manifest, QuantSpec, component_arrays, expert_file_name, sha256_file)
 from flashmoe.format.policy import QuantPolicy
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsWriter
@@ -143,7 +143,9 @@ class ExpertFileWriter:
 
     def __init__(self, path: Path, layout: ExpertLayout, num_experts: int):
         self.path, self.layout, self.num_experts = path, layout, num_experts
-        self._done = np.zeros((num_experts, len(EXPERT_PROJS)), bool)
+        # what write() takes: each projection, and each bias the layout has (gpt-oss)
+        self._keys = [*EXPERT_PROJS, *(c.name for c in layout.components if c.name.endswith(".bias"))]
+        self._done = np.zeros((num_experts, len(self._keys)), bool)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, like any file
         os.ftruncate(self._fd, num_experts * layout.stride)
         self._hash = hashlib.sha256()
@@ -153,21 +155,23 @@ class ExpertFileWriter:
         self._unsynced = 0
         self._entry: FileEntry | None = None
 
-    def write(self, e: int, proj: str, part: QuantizedTensor | np.ndarray, where: str = "") -> None:
-        """Store projection `proj` of expert e (its stored form). Raises CheckpointError naming `where` (the
-        source tensor) when it does not fit the layout planned from the layer's first expert."""
+    def write(self, e: int, key: str, part: ExpertPart, where: str = "") -> None:
+        """Store projection `key` of expert e (`gate_proj`, ...: its stored form) or its bias (`gate_proj.bias`:
+        a float [out] array). Raises CheckpointError naming `where` (the source tensor) when it does not fit the
+        layout planned from the layer's first expert (another format, dtype or shape)."""
         self._wait()
+        bias = key.endswith(".bias")
         for c in self.layout.components:
-            name, kind = c.name.split(".")
-            if name != proj:
+            proj, kind = c.name.split(".")
+            if (c.name != key) if bias else (proj != key or kind == "bias"):
                 continue
-            a = getattr(part, kind) if isinstance(part, QuantizedTensor) else part
-            if isinstance(part, QuantizedTensor) != (proj in self.layout.quantization) or \
-                    tuple(a.shape) != c.shape or a.dtype != DTYPES[c.dtype]:
-                raise CheckpointError(f"{where}: expert {e} {c.name} is {a.dtype} {list(a.shape)}, unlike expert 0 "
-                                      f"of the layer ({c.dtype} {list(c.shape)})")
+            a = part if bias else component_arrays(part).get(kind)
+            if a is None or tuple(a.shape) != c.shape or a.dtype != DTYPES[c.dtype]:
+                got = f"{a.dtype} {list(a.shape)}" if a is not None else f"a {type(part).__name__}"
+                raise CheckpointError(f"{where}: expert {e} {c.name} is {got}, unlike expert 0 of the layer "
+                                      f"({c.dtype} {list(c.shape)})")
             self._write(np.ascontiguousarray(a).reshape(-1).view(np.uint8), e * self.layout.stride + c.offset)
-        self._done[e, EXPERT_PROJS.index(proj)] = True
+        self._done[e, self._keys.index(key)] = True
 
     def write_experts(self, first: int, block: np.ndarray) -> None:
         """Queue experts first, first+1, ... packed by ExpertLayout.pack into `block` (uint8, whole strides) for
@@ -180,9 +184,13 @@ class ExpertFileWriter:
         self._done[first : first + len(block) // self.layout.stride] = True
 
     def first_missing(self) -> tuple[int, str] | None:
-        """(expert, projection) of the first projection never written, None when the file is complete."""
+        """(expert, canonical suffix: `gate_proj.weight`, `gate_proj.bias`, ...) of the first part never
+        written, None when the file is complete."""
         missing = np.argwhere(~self._done)
-        return (int(missing[0][0]), EXPERT_PROJS[missing[0][1]]) if len(missing) else None
+        if not len(missing):
+            return None
+        key = self._keys[missing[0][1]]
+        return int(missing[0][0]), key if key.endswith(".bias") else f"{key}.weight"
 
     def close(self) -> FileEntry:
         """Finish writing; the file's size and SHA-256 (the same entry again on a second call)."""

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmoe.backends.base import Backend, KVCacheBuffer
-from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
+from flashmoe.backends.base import Backend, ClampedSwiGLU, KVCacheBuffer
+from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
 from flashmoe.arch.families import PER_HEAD
+from flashmoe.reference.rope import rope_attention_factor
 from flashmoe.reference.routing import route
 from flashmoe.runtime.mla import AbsorbedMLA
 from flashmoe.runtime.stats import Stats
@@ -86,8 +87,16 @@ class Engine:
         # -exp(A_log) per linear-attention layer, computed once: the decay rate of g = -exp(A_log)·softplus(a + dt_bias)
         self._decay_rate = {
             f"layers.{i}.linear_attn.": backend.asarray(-np.exp(model.tensor(f"layers.{i}.linear_attn.A_log")))
-            for i in range(self.cfg.num_hidden_layers) if self.cfg.layer_type(i) != FULL_ATTENTION
+            for i in range(self.cfg.num_hidden_layers) if not self.cfg.is_attention_layer(i)
         }
+        # YaRN multiplies cos and sin, so q and k, by its attention factor: folded into the softmax scale, which
+        # is exact when RoPE rotates whole heads (partial rotary would leave the pass-through features unscaled)
+        yarn_factor = rope_attention_factor(self.cfg.rope_yarn)
+        if yarn_factor != 1 and self.cfg.rotary_dim != self.cfg.head_dim:
+            raise FlashMoeError(f"{model.path}: YaRN with partial rotary is not supported by the engine")
+        self._softmax_scale = self.cfg.head_dim ** -0.5 * yarn_factor ** 2
+        self._act = (None if self.cfg.swiglu_limit is None
+                     else ClampedSwiGLU(self.cfg.swiglu_limit, self.cfg.swiglu_alpha))  # gpt-oss's experts
         layers = model.moe_layers
         self._next_moe = dict(zip(layers, layers[1:]))
         # the router's own per-layer tensors (a score-correction bias), on the host with the router
@@ -110,7 +119,7 @@ class Engine:
         for i in range(cfg.num_hidden_layers):
             if self._mla is not None:
                 layers.append(self._mla.new_cache())
-            elif cfg.layer_type(i) == FULL_ATTENTION:
+            elif cfg.is_attention_layer(i):
                 layers.append(self.backend.new_kv_cache(cfg.num_key_value_heads, cfg.head_dim))
             else:
                 layers.append(LinearAttentionBuffer(
@@ -151,8 +160,8 @@ class Engine:
                 x = be.rms_norm(h, self._w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
                 if self._mla is not None:
                     h = be.add(h, self._mla(i, x, positions, state.layers[i]))
-                elif cfg.layer_type(i) == FULL_ATTENTION:
-                    h = be.add(h, self._attention(p, x, positions, state.layers[i]))
+                elif cfg.is_attention_layer(i):
+                    h = be.add(h, self._attention(i, x, positions, state.layers[i]))
                 else:
                     h = be.add(h, self._linear_attention(p, x, state.layers[i]))
                 x = be.rms_norm(h, self._w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
@@ -174,7 +183,7 @@ class Engine:
         bias = self._w.get(name + ".bias")
         return y if bias is None else self.backend.add(y, bias)
 
-    def _attention(self, p: str, x, positions: np.ndarray, cache: KVCacheBuffer):
+    def _attention(self, i: int, x, positions: np.ndarray, cache: KVCacheBuffer):
         """Grouped-query attention with RoPE, optional q/k RMSNorm and optional sigmoid output gate.
 
         Shapes: x (T, hidden) -> (T, hidden). Source: transformers Qwen3_5MoeAttention, Qwen3MoeAttention,
@@ -182,7 +191,7 @@ class Engine:
         """
         be, cfg = self.backend, self.cfg
         T, H, Hkv, D = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        a = p + "self_attn."
+        a = f"layers.{i}.self_attn."
         q = self._linear(x, a + "q_proj")
         gate = None
         if cfg.has_attention_output_gate:
@@ -199,25 +208,29 @@ class Engine:
         if cfg.qk_norm == "head":
             q = be.rms_norm(q, self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
             k = be.rms_norm(k, self._w[a + "k_norm.weight"], cfg.rms_norm_eps)
-        q = be.rope(q, positions, cfg.rope_theta, cfg.rotary_dim)
-        k = be.rope(k, positions, cfg.rope_theta, cfg.rotary_dim)
+        q = be.rope(q, positions, cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn)
+        k = be.rope(k, positions, cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn)
         keys, values = cache.append(k, v)
-        out = be.reshape(self._attend(q, keys, values, positions, D ** -0.5), (T, H * D))
+        out = self._attend(q, keys, values, positions, self._softmax_scale, cfg.attention_window(i),
+                           self._w.get(a + "sinks"))
+        out = be.reshape(out, (T, H * D))
         if gate is not None:
             out = be.multiply(out, be.sigmoid(gate))
         return self._linear(out, a + "o_proj")
 
-    def _attend(self, q, keys, values, positions: np.ndarray, scale: float):
-        """Causal attention of q [T, H, D] over the cache; with `sliding_window` w, the query at position p sees
-        only positions p-w+1 .. p (transformers' sliding-window mask, Mixtral)."""
-        be, w = self.backend, self.cfg.sliding_window
+    def _attend(self, q, keys, values, positions: np.ndarray, scale: float, w: int | None, sinks=None):
+        """Causal attention of q [T, H, D] over the cache; with a sliding window w, the query at position p sees
+        only positions p-w+1 .. p (transformers' sliding-window mask: Mixtral, gpt-oss's sliding layers).
+        sinks: gpt-oss's per-head sink logits, or None."""
+        be = self.backend
         if w is None or positions[-1] < w:
-            return be.attention(q, keys, values, positions, scale)
+            return be.attention(q, keys, values, positions, scale, sinks)
         rows = []
         for t, pos in enumerate(positions):  # each query has its own window of the cache
             start = max(0, pos - w + 1)
             rows.append(be.to_numpy(be.attention(be.rows(q, t, t + 1), be.rows(keys, start, pos + 1),
-                                                 be.rows(values, start, pos + 1), np.array([pos - start]), scale)))
+                                                 be.rows(values, start, pos + 1), np.array([pos - start]), scale,
+                                                 sinks)))
         return be.asarray(np.concatenate(rows))
 
     def _linear_attention(self, p: str, x, st: LinearAttentionBuffer):
@@ -288,7 +301,7 @@ class Engine:
             layout = self.model_dir.layer_layout(layer)
             experts = [None if h else layout.view(next(buffers)) for h in held]
             hidden = self.cfg.hidden_size
-            y = be.reshape(be.experts_ffn(be.reshape(x, (hidden,)), experts, weights, keys), (1, hidden))
+            y = be.reshape(be.experts_ffn(be.reshape(x, (hidden,)), experts, weights, keys, act=self._act), (1, hidden))
         if request:
             self.store.release(request)
         if self.tracer is not None:
@@ -300,7 +313,7 @@ class Engine:
         router weights, and have the store read the top guesses, not already held by the backend, once the
         reads of `after` (the current layer's fetch) are done."""
         with self.stats.stage("router"):
-            logits = self.backend.to_numpy(self.backend.linear(x, self._w[f"layers.{layer}.mlp.gate.weight"]))
+            logits = self.backend.to_numpy(self._linear(x, f"layers.{layer}.mlp.gate"))
         ranked = (int(e) for e in np.argsort(-logits[0], kind="stable"))
         guess = itertools.islice((e for e in ranked if not self.backend.has_expert((layer, e))),
                                  self.store.guess_slots)
@@ -330,7 +343,8 @@ class Engine:
             with self.stats.stage("experts"):
                 for e, buf in zip(batch, buffers):
                     tokens, slot = np.nonzero(ids == e)
-                    contrib = be.to_numpy(be.expert_ffn(be.gather_rows(x, tokens.tolist()), layout.view(buf)))
+                    contrib = be.to_numpy(be.expert_ffn(be.gather_rows(x, tokens.tolist()), layout.view(buf),
+                                                        act=self._act))
                     y[tokens] += contrib * weights[tokens, slot][:, None]
             self.store.release(current)
         if self.tracer is not None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from flashmoe.backends.base import get_backend
 from flashmoe.conformance.runner import ensure_conformant
-from flashmoe.arch.config import FULL_ATTENTION, ModelConfig
+from flashmoe.arch.config import ModelConfig
 from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
@@ -41,7 +41,7 @@ def state_bytes(cfg: ModelConfig, context: int) -> int:
     capacity = max(256, 1 << max(0, context - 1).bit_length())
     total = 0
     for i in range(cfg.num_hidden_layers):
-        if cfg.layer_type(i) == FULL_ATTENTION:
+        if cfg.is_attention_layer(i):
             total += 2 * capacity * cfg.num_key_value_heads * cfg.head_dim * 4
         else:
             total += 4 * ((cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim + cfg.linear_num_value_heads

@@ -23,7 +23,7 @@ import numpy as np
 from flashmoe.arch.config import ModelConfig
 from flashmoe.backends.base import Backend, KVCacheBuffer
 from flashmoe.format.quant import QuantizedTensor
-from flashmoe.reference.attention import apply_rope
+from flashmoe.reference.rope import apply_rope
 from flashmoe.reference.mla import mla_rope_cos_sin, mla_softmax_scale
 
 
