@@ -126,7 +126,7 @@ def describe(model_dir: str | Path, disk_gbps: float = 2.0) -> str:
     with ModelDir.open(model_dir) as md:
         cfg, s = md.config, model_stats(md)
         quant = md.layer_layout(md.moe_layers[0]).quantization
-        expert_q = ", ".join(f"{p} {quant[p].bits}-bit g{quant[p].group_size}" if p in quant else f"{p} float"
+        expert_q = ", ".join(f"{p} {quant[p].describe()}" if p in quant else f"{p} float"
                              for p in EXPERT_PROJS)
         lines = [
             f"model:            {Path(model_dir)}",

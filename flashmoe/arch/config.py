@@ -247,6 +247,11 @@ class ModelConfig:
         return family_of(self).attention_sinks
 
     @property
+    def mxfp4_experts(self) -> bool:
+        """True when the family publishes its routed experts in MXFP4 (gpt-oss): kept so by convert and synth."""
+        return family_of(self).mxfp4_experts
+
+    @property
     def has_expert_biases(self) -> bool:
         """True when the routed experts' projections have biases (gpt-oss)."""
         return family_of(self).expert_biases

@@ -87,6 +87,7 @@ class Family:
         YaRN RoPE and kv_b_proj's per-head split (module doc).
       expert_biases: the routed experts' projections have biases.
       clamped_swiglu: experts use the clamped SwiGLU (swiglu_limit, swiglu_alpha) instead of SwiGLU.
+      mxfp4_experts: the experts are published in MXFP4; convert keeps them so, synth writes them so.
     Checkpoints: renames, plus_one_norms, fused_linear_attn, rope_deinterleave (module doc);
       experts_in_out: fused expert tensors are stored [E, in, out] (x·W); interleaved_gate_up: gate_up_proj
       holds gate and up in alternate rows.
@@ -113,6 +114,7 @@ class Family:
     qk_norm_switch: str | None = None
     attention_bias_projs: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mla: bool = False
+    mxfp4_experts: bool = False
     renames: tuple[tuple[str, str], ...] = ()
     plus_one_norms: bool = False
     fused_linear_attn: bool = False
@@ -184,8 +186,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                                                original_max_position_embeddings=4096)),
            num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
            router="topk_softmax", always_norm_topk=True, alternating_sliding=True, attention_sinks=True,
-           qk_norm="none", router_tensors=("bias",), expert_biases=True, clamped_swiglu=True, experts_in_out=True,
-           interleaved_gate_up=True, renames=((r"\.mlp\.router\.", ".mlp.gate."),)),
+           qk_norm="none", router_tensors=("bias",), expert_biases=True, clamped_swiglu=True, mxfp4_experts=True,
+           experts_in_out=True, interleaved_gate_up=True, renames=((r"\.mlp\.router\.", ".mlp.gate."),)),
 )}
 
 #: config.json model_type -> family name (the text model type of a multimodal checkpoint maps to the same family).

@@ -13,6 +13,7 @@ shipped by any package, so its preset uses a labelled stand-in of the right size
 GLM-4.5 ship their vocabularies only with their checkpoints, so their presets write no tokenizer (bench and
 info need none). Their configs are the published config.json files (deepseek-ai/DeepSeek-V3,
 moonshotai/Kimi-K2-Instruct, zai-org/GLM-4.5, zai-org/GLM-4.5-Air) less their FP8 quantization_config.
+gpt-oss's o200k_harmony (not installed here) is stood in for by Qwen3's, which fits its 201,088 ids.
 """
 
 from __future__ import annotations
@@ -213,6 +214,40 @@ def _glm4_moe(layers: int, hidden: int, inter: int, moe: int, experts: int, firs
     }
 
 
+def _gpt_oss(layers: int, experts: int) -> dict:
+    """openai/gpt-oss-120b and -20b's config.json (quantization_config left out: synth writes its own experts)."""
+    return {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        "sliding_window": 128,
+        "num_local_experts": experts,
+        "num_experts_per_tok": 4,
+        "experts_per_token": 4,
+        "swiglu_limit": 7.0,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 150000,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "original_max_position_embeddings": 4096, "truncate": False},
+        "initial_context_length": 4096,
+        "max_position_embeddings": 131072,
+        "attention_bias": True,
+        "tie_word_embeddings": False,
+        "vocab_size": 201088,
+        "eos_token_id": 200002,
+        "pad_token_id": 199999,
+        "torch_dtype": "bfloat16",
+    }
+
+
+_GPT_OSS_GENERATION = {"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}
 _QWEN3_5_GENERATION = {"bos_token_id": 248044, "eos_token_id": [248046, 248044], "pad_token_id": 248044,
                        "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
 _QWEN3_GENERATION = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
@@ -258,6 +293,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            {"eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329}, None),
     Preset("glm-4.5-air", _glm4_moe(46, 4096, 10944, 1408, 128, 1, 1.0, False),
            {"eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329}, None),
+    # gpt-oss's o200k_harmony vocabulary ships with no package here: Qwen3's (151,669 tokens) stands in
+    Preset("gpt-oss-120b", _gpt_oss(36, 128), _GPT_OSS_GENERATION, QWEN3_TOKENIZER),
+    Preset("gpt-oss-20b", _gpt_oss(24, 32), _GPT_OSS_GENERATION, QWEN3_TOKENIZER),
 )}
 
 

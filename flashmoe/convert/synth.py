@@ -45,7 +45,9 @@ from flashmoe.format.atomic import check_output_dir
 from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import ConfigError, FlashMoeError
 from flashmoe.runtime.memory import format_size
-from flashmoe.format.manifest import ExpertLayout, QuantSpec
+from flashmoe.format.manifest import ExpertLayout, ExpertPart, QuantSpec
+from flashmoe.format.mxfp4 import BLOCK as MXFP4_BLOCK
+from flashmoe.format.mxfp4 import SCALE_BIAS, Mxfp4Tensor
 from flashmoe.format.policy import QuantPolicy
 from flashmoe.arch.tensors import resident_shapes
 from flashmoe.arch.presets import get_preset, tokenizer_for_vocab, truncate
@@ -145,14 +147,21 @@ def _expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def random_expert(cfg: ModelConfig, rng: np.random.Generator, bits: int | None,
-                  group_size: int) -> dict[str, QuantizedTensor | np.ndarray]:
+                  group_size: int) -> dict[str, ExpertPart]:
     """One routed expert: {'gate_proj' [I, H], 'up_proj' [I, H], 'down_proj' [H, I]} (quantised unless bits
     is None, then bfloat16 floats). Unlike the policy, which would leave a projection whose input width does not
     divide by group_size float, this raises ConfigError (random_quantized): a synthetic model exists for its
-    quantised expert bytes. A family with expert biases gets '{proj}.bias' (bfloat16 [out]) too."""
-    parts = {proj: (random_quantized(rng, shape, bits, group_size) if bits is not None else
-                    (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE))
-             for proj, shape in _expert_shapes(cfg).items()}
+    quantised expert bytes. A family that publishes MXFP4 experts gets them in MXFP4 whatever `bits` (random
+    codes, scale 2^-7: std ≈ 0.02), and one with expert biases '{proj}.bias' (bfloat16 [out]) too."""
+    def part(shape: tuple[int, int]) -> ExpertPart:
+        if cfg.mxfp4_experts:
+            return Mxfp4Tensor(rng.integers(0, 256, (shape[0], shape[1] // 2), dtype=np.uint8),
+                               np.full((shape[0], shape[1] // MXFP4_BLOCK), SCALE_BIAS - 7, np.uint8))
+        if bits is not None:
+            return random_quantized(rng, shape, bits, group_size)
+        return (rng.standard_normal(shape, dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE)
+
+    parts = {proj: part(shape) for proj, shape in _expert_shapes(cfg).items()}
     if cfg.has_expert_biases:
         parts.update({f"{proj}.bias": (rng.standard_normal(shape[0], dtype=np.float32) * INIT_STD).astype(FLOAT_DTYPE)
                       for proj, shape in _expert_shapes(cfg).items()})

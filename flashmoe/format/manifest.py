@@ -79,6 +79,10 @@ class QuantSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "bits": self.bits, "group_size": self.group_size}
 
+    def describe(self) -> str:
+        """'mxfp4', or '4-bit g64' for affine."""
+        return MXFP4 if self.format == MXFP4 else f"{self.bits}-bit g{self.group_size}"
+
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "QuantSpec":
         bits = _field(d, "bits", int, where)
