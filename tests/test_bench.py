@@ -47,7 +47,7 @@ def test_bench_measures_every_mode_and_writes_json_markdown_and_figures(tiny_mod
     (replay,) = result["replays"]
     assert replay["kind"] == "routing of the random-weight model"
     assert replay["tokens"] == 4 + 3 and set(replay["sizes"][0]["hit_rate"]) == {"lru", "lfu", "fifo", "lru-layer",
-                                                                                 "mru", "opt"}
+                                                                                 "lfu-layer", "mru", "opt"}
     assert json.loads((out / "bench.json").read_text())["runs"][0]["reference"] is True
     assert "| direct k=2 t=1 512M | cold |" in (out / "bench.md").read_text()
     assert sorted(p.name for p in out.glob("*.png")) == ["hit_rate_vs_cache.png", "ms_per_layer.png",
@@ -77,7 +77,7 @@ def test_bench_command_replays_a_trace_without_a_model(tiny_model, tmp_path):
     run(tiny_model, "numpy", "pagecache", None, None, None, 3, 2, 0, "lru", ["cold"], trace)
     result = CliRunner().invoke(app, ["bench", "--replay", str(trace), "--out", str(tmp_path / "r"), "--no-figures"])
     assert result.exit_code == 0, result.output
-    assert "| cache (% of experts) | entries | lru | lfu | fifo | lru-layer | mru | opt |" in result.output
+    assert "| cache (% of experts) | entries | lru | lfu | fifo | lru-layer | lfu-layer | mru | opt |" in result.output
     empty = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "e")])
     assert empty.exit_code == 2 and "nothing to measure" in empty.output
 

@@ -93,7 +93,7 @@ def test_replay_gives_every_policy_at_every_size(tmp_path):
     assert r["lookups"] == 200 * 2 * 2 and r["num_experts"] == 8 and r["moe_layers"] == 2
     assert [s["entries"] for s in r["sizes"]] == [4, 16]
     for s in r["sizes"]:
-        assert set(s["hit_rate"]) == {"lru", "lfu", "fifo", "lru-layer", MRU, OPT}
+        assert set(s["hit_rate"]) == {"lru", "lfu", "fifo", "lru-layer", "lfu-layer", MRU, OPT}
         assert all(s["hit_rate"][OPT] >= v for v in s["hit_rate"].values())
     full = r["sizes"][1]["hit_rate"]
     assert full["lru"] == pytest.approx(1 - r["distinct_experts"] / r["lookups"])  # only compulsory misses
@@ -108,3 +108,14 @@ def test_a_loop_larger_than_the_cache_defeats_lru_but_not_mru_or_a_per_layer_spl
     assert simulate_hit_rate(keys, 4, "lru-layer") == 0.0  # 2 slots per layer still loop over 3 experts
     assert simulate_hit_rate(keys, 6, "lru-layer") == pytest.approx(1 - 6 / len(keys))
     assert belady_hit_rate(keys, 4) >= simulate_hit_rate(keys, 4, MostRecentlyUsed())
+
+
+def test_lfu_layer_keeps_the_frequent_expert_and_forgets_an_old_burst():
+    a, b, c = (0, 1), (0, 2), (0, 3)  # one layer, capacity 2
+    # C must evict A or B: LRU drops A (used longer ago), lfu-layer drops B (used once), so A hits again.
+    assert simulate_hit_rate([a, a, a, b, c, a], 2, "lru-layer") == pytest.approx(2 / 6)
+    assert simulate_hit_rate([a, a, a, b, c, a], 2, "lfu-layer") == pytest.approx(3 / 6)
+    # A burst of A, then B and C alternate: plain LFU keeps A forever (B and C always miss); decay forgets it.
+    burst = [a] * 4 + [b, c] * 6
+    assert simulate_hit_rate(burst, 2, "lfu") == pytest.approx(3 / 16)
+    assert simulate_hit_rate(burst, 2, "lfu-layer") == pytest.approx(10 / 16)

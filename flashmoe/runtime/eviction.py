@@ -10,6 +10,8 @@ Policies (select by name with `make_policy`):
 - `lru`  least recently used.
 - `lfu`  least frequently used while resident; ties broken by least recent use.
 - `fifo` first in, first out: hits do not refresh an entry.
+- `lfu-layer` `lru-layer`'s shares, evicting within a layer by use counts that decay with a half-life
+  (frequency-weighted LRU).
 Which one wins depends on the routing and the cache's size; docs/benchmarks.md measures them on real and
 synthetic traces (`simulate_hit_rate` replays a trace without any I/O): `lru-layer` matches or beats LRU
 while the cache holds under a third of the experts, the regime flashmoe exists for, and trails it by a few
@@ -152,10 +154,55 @@ class LayerLRU:
         else:
             orders = sorted(self._orders.values(), key=len, reverse=True)
         for order in orders:
-            key = next((k for k in order if can_evict(k)), None)
+            key = self._pick(order, can_evict)
             if key is not None:
                 return key
         return None
+
+    def _pick(self, order: OrderedDict[Key, None], can_evict: Callable[[Key], bool]) -> Key | None:
+        """The victim within one layer's entries (least recently used first)."""
+        return next((k for k in order if can_evict(k)), None)
+
+
+class LayerLFU(LayerLRU):
+    """`lru-layer`'s share per MoE layer, but the victim inside a layer is its least *frequently* used entry,
+    counting uses with exponential decay (frequency-weighted LRU, as Flash-MoE's CUDA fork; an LFU that
+    forgets): an entry's weight is the sum over its uses of 2^-(lookups since that use / half_life), so a
+    burst long ago counts less than steady recent use; ties go to the least recently used. Keys are
+    `(layer, expert)`; half_life is counted in lookups of the whole cache (default: its capacity).
+
+    The weight is kept as (value, time of the last use) and brought up to date when compared, so a lookup is
+    O(1) and a victim costs one pass over the chosen layer's entries (at most its experts)."""
+
+    def __init__(self, capacity: int, half_life: float | None = None) -> None:
+        super().__init__(capacity)
+        self._half_life = float(half_life or max(capacity, 1))
+        self._weight: dict[Key, tuple[float, int]] = {}
+        self._now = 0
+
+    def _use(self, key: Key, base: float) -> None:
+        self._now += 1
+        self._weight[key] = (base + 1.0, self._now)
+
+    def _decayed(self, key: Key) -> float:
+        value, when = self._weight[key]
+        return value * 2.0 ** ((when - self._now) / self._half_life)
+
+    def insert(self, key: Key) -> None:
+        super().insert(key)
+        self._use(key, 0.0)
+
+    def touch(self, key: Key) -> None:
+        super().touch(key)
+        self._use(key, self._decayed(key))
+
+    def remove(self, key: Key) -> None:
+        super().remove(key)
+        del self._weight[key]
+
+    def _pick(self, order: OrderedDict[Key, None], can_evict: Callable[[Key], bool]) -> Key | None:
+        # OrderedDict order is least recently used first, and min keeps the first of equal weights.
+        return min((k for k in order if can_evict(k)), key=self._decayed, default=None)
 
 
 #: The default: on the trained model's trace it matches or beats LRU whenever the cache holds under a third
@@ -168,6 +215,7 @@ POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
     "lfu": lambda capacity: LFU(),
     "fifo": lambda capacity: FIFO(),
     "lru-layer": LayerLRU,
+    "lfu-layer": LayerLFU,
 }
 
 
