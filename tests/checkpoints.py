@@ -52,6 +52,8 @@ _GLM = dict(_COMMON, head_dim=16, num_hidden_layers=3, intermediate_size=96, moe
             n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1, routed_scaling_factor=2.5,
             first_k_dense_replace=1, n_shared_experts=1, num_nextn_predict_layers=0,
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+_MINIMAX = dict(_COMMON, head_dim=16, num_hidden_layers=3, intermediate_size=32, num_local_experts=16,
+                rope_parameters=dict(rope_type="default", rope_theta=5e6))
 # hidden = intermediate (as gpt-oss-120b's 2880): square down_proj, whose [E, in, out] storage only the family
 # flag can tell apart; both multiples of 32 for MXFP4 blocks. Four layers: sliding, full, sliding, full.
 _GPT_OSS = dict(_COMMON, head_dim=16, num_hidden_layers=4, intermediate_size=64, num_local_experts=8,
@@ -135,10 +137,16 @@ _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
                                               dict(_GPT_OSS, num_experts_per_tok=1, tie_word_embeddings=True,
                                                    layer_types=["full_attention"] * 4, rope_parameters=dict(
                                                        rope_type="default", rope_theta=10000.0))),
+    # MiniMax-M2: sigmoid routing with a correction bias (BIAS_STD changes the choice), full-projection q/k norm,
+    # partial rotary from rotary_dim
+    ("minimax_m2", "rotary8_k2"): ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                                   dict(_MINIMAX, num_experts_per_tok=2, rotary_dim=8)),
+    ("minimax_m2", "k4_tied"): ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                                dict(_MINIMAX, num_experts_per_tok=4, rotary_dim=8, tie_word_embeddings=True)),
 }
 
 #: Architectures routed by sigmoid scores with a correction bias (not yet run by the engine and backends).
-NOAUX_ARCHS = ("deepseek_v3", "kimi_k2", "glm4_moe")
+NOAUX_ARCHS = ("deepseek_v3", "kimi_k2", "glm4_moe", "minimax_m2")
 #: Every (arch, variant) that build_hf_checkpoint accepts, except the sigmoid-routed families.
 VARIANTS: list[tuple[str, str]] = [key for key in _SPECS if key[0] not in NOAUX_ARCHS]
 #: The sigmoid-routed families' variants (DeepSeek-V3, Kimi K2, GLM-4.5).

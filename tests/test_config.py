@@ -191,3 +191,12 @@ def test_every_model_type_maps_to_a_family_record_with_its_defaults():
     assert set(MODEL_TYPES.values()) == set(FAMILIES)
     for name, fam in FAMILIES.items():
         assert fam.name == name and fam.qk_norm in QK_NORMS and "rope_theta" in fam.defaults
+
+
+def test_minimax_m2_reads_its_legacy_rotary_dim_as_transformers_does():
+    """MiniMax-M2's config.json gives partial rotary as `rotary_dim` (64 of head_dim 128)."""
+    from flashmoe.arch.presets import get_preset
+
+    cfg = ModelConfig.from_dict(get_preset("minimax-m2").config_dict())
+    assert cfg.partial_rotary_factor == 0.5 and cfg.rotary_dim == 64 and cfg.qk_norm == "full"
+    assert cfg.router_tensors == ("e_score_correction_bias",) and cfg.num_experts == 256

@@ -404,7 +404,10 @@ def _rope_fields(r: _Reader, fam: Family) -> dict[str, Any]:
                           "(only 'default' and 'yarn')")
     yarn = _yarn(r, rope) if rope_type == "yarn" else None
     theta = _first(rope.get("rope_theta"), d.get("rope_theta"), r.defaults["rope_theta"])
-    prf = _first(rope.get("partial_rotary_factor"), d.get("partial_rotary_factor"),
+    rotary_dim = d.get("rotary_dim")  # MiniMax-M2's legacy key, read as transformers does
+    head_dim = r.get("head_dim", required=False) or r.get("hidden_size") // r.get("num_attention_heads")
+    legacy = None if rotary_dim is None else r.number("rotary_dim", rotary_dim, positive=True) / head_dim
+    prf = _first(rope.get("partial_rotary_factor"), d.get("partial_rotary_factor"), legacy,
                  r.defaults.get("partial_rotary_factor", 1.0))
     return dict(rope_theta=r.number("rope_theta", theta, positive=True),
                 partial_rotary_factor=r.number("partial_rotary_factor", prf), rope_yarn=yarn)

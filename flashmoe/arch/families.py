@@ -135,6 +135,14 @@ _QWEN3_NEXT_DEFAULTS = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attent
 _EXPERT_WIDTH_IS_INTERMEDIATE = ("intermediate_size", "moe_intermediate_size")
 _SHARED_EXPERTS = ((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),)  # DeepSeek's plural
 
+# Mixtral's checkpoint names (block_sparse_moe, w1/w3/w2), which MiniMax-M2's published checkpoint uses too.
+_MIXTRAL_NAMES = (
+    (r"\.block_sparse_moe\.", ".mlp."),
+    (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
+    (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
+    (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
+)
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("qwen3_5_moe", _QWEN3_NEXT_DEFAULTS, always_norm_topk=True, shared_expert=SIGMOID_GATED,
            linear_attention=True, attention_output_gate=True, plus_one_norms=True,
@@ -151,12 +159,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mixtral", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=1e6,
                            max_position_embeddings=4096 * 32),
            num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
-           always_norm_topk=True, qk_norm="none", gguf_arch="llama", renames=(
-               (r"\.block_sparse_moe\.", ".mlp."),
-               (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
-               (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
-               (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
-           )),
+           always_norm_topk=True, qk_norm="none", gguf_arch="llama", renames=_MIXTRAL_NAMES),
     Family("olmoe", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, rope_theta=10000.0,
                          norm_topk_prob=False, max_position_embeddings=4096),
            num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
@@ -188,6 +191,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            router="topk_softmax", always_norm_topk=True, alternating_sliding=True, attention_sinks=True,
            qk_norm="none", router_tensors=("bias",), expert_biases=True, clamped_swiglu=True, mxfp4_experts=True,
            experts_in_out=True, interleaved_gate_up=True, renames=((r"\.mlp\.router\.", ".mlp.gate."),)),
+    # transformers MiniMaxM2Config (MiniMax-M2 230B-A10B): sigmoid routing with a correction bias and no groups,
+    # q/k RMSNorm over the whole projection, partial rotary from the legacy `rotary_dim` key
+    Family("minimax_m2", dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, rope_theta=5e6,
+                              max_position_embeddings=196608, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+                              first_k_dense_replace=0, moe_layer_freq=1),
+           num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
+           router="noaux_tc", always_norm_topk=True, router_tensors=("e_score_correction_bias",),
+           group_routing_keys=True, qk_norm="full", renames=_MIXTRAL_NAMES + (  # the published checkpoint's
+               (r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias"),)),
 )}
 
 #: config.json model_type -> family name (the text model type of a multimodal checkpoint maps to the same family).
@@ -202,6 +214,7 @@ MODEL_TYPES = {
     "kimi_k2": "deepseek_v3",  # Kimi K2 declares its own model_type and runs DeepSeek-V3's code
     "glm4_moe": "glm4_moe",
     "gpt_oss": "gpt_oss",
+    "minimax_m2": "minimax_m2",
 }
 
 

@@ -247,6 +247,36 @@ def _gpt_oss(layers: int, experts: int) -> dict:
     }
 
 
+def _minimax_m2() -> dict:
+    """MiniMaxAI/MiniMax-M2's config.json (less its FP8 quantization_config and the MTP modules' keys)."""
+    return {
+        "architectures": ["MiniMaxM2ForCausalLM"],
+        "model_type": "minimax_m2",
+        "hidden_size": 3072,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 62,
+        "num_attention_heads": 48,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rotary_dim": 64,
+        "num_local_experts": 256,
+        "num_experts_per_tok": 8,
+        "scoring_func": "sigmoid",
+        "use_routing_bias": True,
+        "use_qk_norm": True,
+        "qk_norm_type": "per_layer",
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 5000000,
+        "max_position_embeddings": 196608,
+        "tie_word_embeddings": False,
+        "vocab_size": 200064,
+        "bos_token_id": 200034,
+        "eos_token_id": 200020,
+        "torch_dtype": "bfloat16",
+    }
+
+
 _GPT_OSS_GENERATION = {"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}
 _QWEN3_5_GENERATION = {"bos_token_id": 248044, "eos_token_id": [248046, 248044], "pad_token_id": 248044,
                        "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
@@ -296,6 +326,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # gpt-oss's o200k_harmony vocabulary ships with no package here: Qwen3's (151,669 tokens) stands in
     Preset("gpt-oss-120b", _gpt_oss(36, 128), _GPT_OSS_GENERATION, QWEN3_TOKENIZER),
     Preset("gpt-oss-20b", _gpt_oss(24, 32), _GPT_OSS_GENERATION, QWEN3_TOKENIZER),
+    Preset("minimax-m2", _minimax_m2(), {"bos_token_id": 200034, "eos_token_id": 200020}, None),
 )}
 
 
