@@ -80,8 +80,11 @@ def _source_digest(name: str) -> str:
 
 
 def stamp_path(name: str) -> Path:
-    """The stamp file of backend ``name`` for this flashmoe version, machine and source."""
-    key = json.dumps({"machine": machine(), "source": _source_digest(name)}, sort_keys=True)
+    """The stamp file of backend ``name`` for this flashmoe version, machine, source and checkout."""
+    # Where numba caches the compiled kernels (beside the sources unless NUMBA_CACHE_DIR) is part of the key:
+    # a fresh clone runs the gate again, whose message tells the user why the first run waits for compilation.
+    kernels = os.environ.get("NUMBA_CACHE_DIR") or str(Path(inspect.getfile(BackendError)).resolve().parent.parent)
+    key = json.dumps({"machine": machine(), "source": _source_digest(name), "kernel_cache": kernels}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"{name}-{__version__}-{digest}.json"
 

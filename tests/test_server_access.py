@@ -8,8 +8,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from typer.testing import CliRunner
 from chat_helpers import QWEN3, FakeEngine, scripted_reply, write_model_dir
 
+from flashmoe.cli import app as cli
 from flashmoe.serve.access import is_loopback
 from flashmoe.serve.server import FlashMoeServer, RunningServer
 from flashmoe.serve.tokenizer import Tokenizer
@@ -89,3 +91,16 @@ def test_a_body_over_the_limit_is_413_before_it_is_read_and_the_server_keeps_ser
 def test_loopback_addresses():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
+
+
+def test_serve_refuses_a_taken_port_or_an_unknown_host_in_one_line_before_loading_anything(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        missing = str(tmp_path / "no-model")  # loading it would fail; the address is refused first
+        result = CliRunner().invoke(cli, ["serve", missing, "--port", str(port)])
+        assert result.exit_code == 2, result.output
+        assert f"cannot listen on 127.0.0.1:{port}" in result.output and "no-model" not in result.output
+    result = CliRunner().invoke(cli, ["serve", missing, "--host", "no-such-host.invalid"])
+    assert result.exit_code == 2 and "--host 'no-such-host.invalid' is not an address" in result.output

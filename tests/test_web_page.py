@@ -90,3 +90,25 @@ def test_the_page_streams_a_reply_and_shows_the_experts_it_read(demo_url, browse
     expected = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me about the sea."}],
                                               temperature=0, max_tokens=12)
     assert reply and reply == expected.choices[0].message.content.strip()
+
+
+def test_a_server_with_an_api_key_opens_the_settings_at_the_key_field_and_works_once_it_is_typed(browser, tmp_path):
+    from chat_helpers import QWEN3, FakeEngine, scripted_reply, write_model_dir
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from flashmoe.serve.server import FlashMoeServer, RunningServer
+    from flashmoe.serve.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(write_model_dir(tmp_path / "model", QWEN3))
+    app = FlashMoeServer(FakeEngine(tokenizer, scripted_reply), tokenizer, "fake", api_key="sk-page")
+    with RunningServer(app.app) as running:
+        browser.get(running.url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: "needs its API key" in b.find_element(By.ID, "model").text)
+        assert browser.find_element(By.ID, "settings").get_attribute("open") is not None
+        assert browser.switch_to.active_element.get_attribute("id") == "api_key"
+        browser.find_element(By.ID, "api_key").send_keys("sk-page")
+        browser.find_element(By.ID, "input").click()  # leaving the field commits it (a change event)
+        wait.until(lambda b: "fake" in b.find_element(By.ID, "model").text)
+    app.close()

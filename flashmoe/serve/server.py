@@ -114,15 +114,33 @@ async def _http_error_response(request: Request, error: HTTPException) -> Respon
 
 # ---- running -------------------------------------------------------------------------------------
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket bound to (host, port); port 0 picks a free one.
+
+    Raises FlashMoeError naming the address when the host does not resolve or the port is taken or not ours
+    to bind: serve binds before it loads the model, so these come first and alone.
+    """
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise FlashMoeError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise FlashMoeError(f"cannot listen on {host}:{port}: {exc.strerror} (choose another --port or --host)") from None
+    return sock
+
+
 class RunningServer:
     """A uvicorn server on its own thread (tests, notebooks). Use as a context manager or call stop()."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        self._sock = bind(host, port)
         self.host, self.port = host, self._sock.getsockname()[1]
         # An open /v1/trace stream never ends by itself: stop() gives connections 5 s, then closes them.
         self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
@@ -169,7 +187,8 @@ def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     max_memory, experts_per_token, cache_policy, ...). What is served, and a warning when a non-loopback
     address is bound without a key, go to `echo` (default: standard error).
 
-    Raises FlashMoeError when the model cannot be loaded (FormatError naming a missing directory).
+    Raises FlashMoeError when host:port cannot be bound (before the model loads) or the model cannot be
+    loaded (FormatError naming a missing directory).
     """
     import uvicorn
 
@@ -177,20 +196,25 @@ def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     from flashmoe.runtime.load import default_model_dir, load_engine
 
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
-    tokenizer = Tokenizer(model.path)
-    engine = load_engine(model, context=context, **load_options)
-    server = FlashMoeServer(engine, tokenizer, model.path.name, context=context,
-                            defaults=sampling_defaults(model.path), api_key=api_key,
-                            max_request_bytes=max_request_bytes)
-    served = server.worker.session.context
-    capped = f" (--context {context} capped by the model's {served})" if served < context else ""
-    echo(f"flashmoe serve: {model.path} on the {load_options.get('backend', 'numba')} backend, context {served} "
-         f"tokens{capped}, http://{host}:{port}/ (API key {'required' if api_key else 'not required'})")
-    if not api_key and not is_loopback(host):
-        echo(f"warning: {host} is reachable from other machines and no --api-key is set: anyone who can reach "
-             "this port can use the model")
+    sock = bind(host, port)  # before loading: a taken port is the first and only error
+    port = sock.getsockname()[1]
     try:
-        uvicorn.run(server.app, host=host, port=port, log_level=log_level, lifespan="off")
+        model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
+        tokenizer = Tokenizer(model.path)
+        engine = load_engine(model, context=context, **load_options)
+        server = FlashMoeServer(engine, tokenizer, model.path.name, context=context,
+                                defaults=sampling_defaults(model.path), api_key=api_key,
+                                max_request_bytes=max_request_bytes)
+        served = server.worker.session.context
+        capped = f" (--context {context} capped by the model's {served})" if served < context else ""
+        echo(f"flashmoe serve: {model.path} on the {load_options.get('backend', 'numba')} backend, context "
+             f"{served} tokens{capped}, http://{host}:{port}/ (API key {'required' if api_key else 'not required'})")
+        if not api_key and not is_loopback(host):
+            echo(f"warning: {host} is reachable from other machines and no --api-key is set: anyone who can "
+                 "reach this port can use the model")
+        try:
+            uvicorn.Server(uvicorn.Config(server.app, log_level=log_level, lifespan="off")).run(sockets=[sock])
+        finally:
+            server.close()
     finally:
-        server.close()
+        sock.close()

@@ -226,6 +226,12 @@ async function followTrace() {
 
 async function showModel() {
   const response = await fetch("/v1/models", { headers: headers() });
+  if (response.status === 401) {  // the server was started with --api-key: ask for it where it is typed
+    $("model").textContent = "this server needs its API key (Settings)";
+    $("settings").open = true;
+    $("api_key").focus();
+    return;
+  }
   if (!response.ok) { $("model").textContent = await errorText(response); return; }
   const model = (await response.json()).data[0];
   $("model").textContent = `${model.id} · context ${model.max_model_len} tokens`;
