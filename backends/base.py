@@ -341,6 +341,12 @@ class Backend(ABC):
         """Arrays joined along ``axis`` (shapes equal elsewhere)."""
         return self.asarray(np.concatenate([self.to_numpy(a) for a in arrays], axis=axis))
 
+    def add_rms_norm(self, h: Any, delta: Any, weight: Any, eps: float) -> tuple[Any, Any]:
+        """The residual add and the RMSNorm after it: ``(h + delta, rms_norm(h + delta, weight, eps))``, h and
+        delta ``[T, hidden]``."""
+        h = self.add(h, delta)
+        return h, self.rms_norm(h, weight, eps)
+
     def expert_ffn(self, x: Any, expert: Expert, act: ClampedSwiGLU | None = None) -> Any:
         """SwiGLU of ONE expert on the ``n`` tokens routed to it: ``down(silu(gate x) * up x)``, or with
         ``act`` gpt-oss's ``down(clamped_swiglu(gate x + b_gate, up x + b_up)) + b_down``.
@@ -377,6 +383,14 @@ class Backend(ABC):
         return self.reshape(out, (hidden,))
 
     # -- optional capabilities: a backend that has one overrides its default ------------------------------
+    def routed_experts(self, x: Any, router_weight: Any, layer: int, k: int, norm_topk_prob: bool) -> Any | None:
+        """One decode token's routed experts without the host choosing them, or None (the default) when this
+        backend cannot: ``sum_e w_e * expert_ffn(x, e)`` ``[1, hidden]`` over the experts and weights that
+        ``flashmoe.reference.routing.softmax_topk`` picks from the router logits ``x @ router_weight.T``,
+        when the backend holds every expert of `layer` itself (its expert cache, keys ``(layer, expert)``).
+        x ``[1, hidden]``. The engine then routes on the host and passes the experts (:meth:`experts_ffn`)."""
+        return None
+
     def device_description(self) -> str:
         """Where this backend computes, for ``flashmoe backends`` (e.g. "cpu", "gpu: NVIDIA H200, ...")."""
         return "cpu"
@@ -391,6 +405,10 @@ class Backend(ABC):
         """True when this backend already holds expert ``key`` = (layer, expert) in its own memory (a GPU
         expert cache), so the engine need not read it from the store."""
         return False
+
+    def hold_experts(self, experts: list[Expert], keys: list) -> None:
+        """Put `experts` (as for :meth:`experts_ffn`) into this backend's own expert cache under `keys`
+        ((layer, expert) each) without computing anything; a backend without one ignores them."""
 
     def configure_expert_cache(self, nbytes: int, policy: str = DEFAULT_POLICY) -> None:
         """Size the backend's own expert cache (``--gpu-memory``). Raises BackendError for a backend

@@ -131,7 +131,7 @@ def rows(x: DeviceArray, start: int, stop: int) -> DeviceArray:
     if not 0 <= start <= stop <= x.shape[0]:
         raise BackendError(f"rows {start}:{stop} of a device array of {x.shape[0]} rows")
     row = math.prod(x.shape[1:])
-    return DeviceArray(x.flat[start * row:stop * row], (stop - start, *x.shape[1:]))
+    return DeviceArray(flat_view(x.flat, start * row, stop * row), (stop - start, *x.shape[1:]))
 
 
 def split(x: DeviceArray, sizes: Any) -> list[DeviceArray]:
@@ -144,7 +144,7 @@ def split(x: DeviceArray, sizes: Any) -> list[DeviceArray]:
     for width in sizes:
         shape = (*x.shape[:-1], width)
         if n_rows == 1:
-            pieces.append(DeviceArray(x.flat[start:start + width], shape))
+            pieces.append(DeviceArray(flat_view(x.flat, start, start + width), shape))
         else:
             out = empty(shape)
             flat_launch(K.copy_columns, out.size, x.flat, n_cols, start, width, out.flat)
@@ -211,6 +211,28 @@ def device_empty(n: int, dtype: np.dtype) -> Any:
     flat.__dict__.update(fields)
     flat.gpu_data = _DIRECT.memory.memalloc(n * dtype.itemsize)
     return flat
+
+
+def flat_view(flat: Any, start: int, stop: int) -> Any:
+    """``flat[start:stop]`` of a contiguous 1-D numba device array, sharing its memory. On a GPU, for a length
+    seen before, built like :func:`device_empty`'s arrays on a view of flat's memory: numba's slicing indexes a
+    layout descriptor in Python and then constructs the array, several times the cost (KV cache views, decode
+    splits and rows, every layer)."""
+    if _DIRECT is None or not 0 <= start < stop <= flat.size:
+        return flat[start:stop]
+    item = flat.dtype.itemsize
+    memory = flat.gpu_data.view(start * item, stop * item)
+    key = (stop - start, flat.dtype.char)
+    fields = _ARRAY_FIELDS.get(key)
+    if fields is None:
+        view = _DEVICE_NDARRAY(shape=(stop - start,), strides=(item,), dtype=flat.dtype, gpu_data=memory)
+        if len(_ARRAY_FIELDS) < _MAX_ARRAY_FIELDS:
+            _ARRAY_FIELDS[key] = {k: v for k, v in vars(view).items() if k != "gpu_data"}
+        return view
+    view = _DEVICE_NDARRAY.__new__(_DEVICE_NDARRAY)
+    view.__dict__.update(fields)
+    view.gpu_data = memory
+    return view
 
 
 # (element count, dtype char) -> the attributes of a numba device array of that shape, less its memory.
@@ -427,5 +449,6 @@ class DeviceKVCacheBuffer(KVCacheBuffer):
             self.k, self.v = grown_k, grown_v
         flat_launch(K.kv_append, k.size, k.flat, v.flat, self.k, self.v, self.length * row)
         self.length = end
-        return (DeviceArray(self.k[:end * row], (end, *self.row)), DeviceArray(self.v[:end * row], (end, *self.row)))
+        return (DeviceArray(flat_view(self.k, 0, end * row), (end, *self.row)),
+                DeviceArray(flat_view(self.v, 0, end * row), (end, *self.row)))
 

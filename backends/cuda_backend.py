@@ -29,8 +29,10 @@ try:
     from numba import cuda
 
     from flashmoe.backends import cuda_arrays as A
+    from flashmoe.backends import cuda_fused as F
     from flashmoe.backends import cuda_kernels as K
-    from flashmoe.backends.cuda_arrays import DeviceArray, empty, flat_launch, row_launch, to_device, upload
+    from flashmoe.backends.cuda_arrays import DeviceArray, device_empty, empty, flat_launch, row_launch, to_device, \
+        upload
     from flashmoe.backends.cuda_staging import DeviceQuantized, ExpertStaging, StagedExperts, scale_offset, \
         upload_quantized
 except ImportError as _e:  # the registry reports this through unavailable_reason
@@ -170,6 +172,16 @@ class CudaBackend(Backend):
         row_launch(K.rms_norm, rows, 1, x.flat, weight.flat, np.float32(eps), out.flat)
         return out
 
+    def add_rms_norm(self, h: Any, delta: Any, weight: Any, eps: float) -> tuple[DeviceArray, DeviceArray]:
+        """As :meth:`Backend.add_rms_norm`, in one launch."""
+        h, delta, weight = to_device(h), to_device(delta), to_device(weight)
+        if delta.shape != h.shape:
+            return super().add_rms_norm(h, delta, weight, eps)
+        total, out = empty(h.shape), empty(h.shape)
+        row_launch(F.add_rms_norm, h.size // max(weight.size, 1), 1, h.flat, delta.flat, weight.flat, np.float32(eps),
+                   total.flat, out.flat)
+        return total, out
+
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None
              ) -> DeviceArray:
         x = to_device(x)
@@ -279,6 +291,13 @@ class CudaBackend(Backend):
         """Whether expert `key` is in the GPU expert cache (its bytes need not be read or passed again)."""
         return self._experts.holds(key)
 
+    def hold_experts(self, experts: list[Expert], keys: list) -> None:
+        """Copy `experts` into the GPU expert cache (when configured) under `keys`; they count as misses."""
+        if self._experts.cache is not None:
+            staged = self._experts.stage(experts, keys)
+            if staged is not None:
+                self._experts.launched(staged)
+
     @property
     def expert_cache_stats(self) -> dict[str, int]:
         """The VRAM tier's hits and misses and the host -> device expert bytes and copies so far."""
@@ -323,13 +342,37 @@ class CudaBackend(Backend):
         staged = self._experts.stage(experts, keys)
         if staged is None:
             return super().experts_ffn(x, experts, weights)
-        x = A.reshape(x, (1, x.size))
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
+        return self._combine(x, staged, upload(weights))
+
+    def _combine(self, x: DeviceArray, staged: StagedExperts, weights: Any) -> DeviceArray:
+        """sum_e weights[e] * expert_e(x) [hidden] for one token over the staged experts (weights: float32
+        device array [k]), in two launches."""
+        x = A.reshape(x, (1, x.size))
         h = self._gate_up(x, staged)
         d = staged.parts["down_proj"]
         out = empty((d.out_features,))
         row_launch(K.qdown_combine(d.bits, d.group_size, d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off,
                    d.s_off, d.b_off, staged.stride // 4, scale_offset(staged.stride, d.fmt), staged.slots,
-                   d.out_features, d.n_units, h.flat, upload(weights), out.flat)
+                   d.out_features, d.n_units, h.flat, weights, out.flat)
         self._experts.launched(staged)
         return out
+
+    def routed_experts(self, x: Any, router_weight: Any, layer: int, k: int, norm_topk_prob: bool
+                       ) -> DeviceArray | None:
+        """As :meth:`Backend.routed_experts`: when the VRAM tier holds every expert of `layer`, the router,
+        its softmax top-k and the k experts run as four launches with nothing waited for; the chosen ids reach
+        the tier's statistics and eviction policy later (:meth:`ExpertStaging.settle`)."""
+        w = self.prepare(router_weight)
+        n_experts = w.out_features if isinstance(w, DeviceQuantized) else w.shape[0]
+        everything = self._experts.resident(layer, n_experts)
+        if everything is None:
+            return None
+        x = to_device(x)
+        logits = self.linear(x, w)
+        ids, at = self._experts.route_on_device(layer, k)
+        slots, weights, probs = device_empty(k, np.dtype(np.int64)), empty((k,)), empty((n_experts,))
+        A.launch(F.softmax_topk, 1, (K.LANES, 1), (logits.flat, n_experts, k, int(norm_topk_prob), everything.slots,
+                                                   probs.flat, ids, at, slots, weights.flat))
+        y = self._combine(x, replace(everything, slots=slots), weights.flat)
+        return A.reshape(y, (1, y.size))

@@ -35,6 +35,8 @@ if not K.SIMULATOR:
 
 # Expert staging slots start on this boundary (bytes).
 _STAGE_ALIGN = 256
+# Expert ids chosen on the GPU kept before they are copied back (~170 tokens of 48 layers at k = 8).
+_ROUTED_RING = 1 << 16
 
 
 def _scale_format(dtype: np.dtype, name: str) -> int:
@@ -185,6 +187,8 @@ class _VramCache:
         self.policy = make_policy(self.policy_name, n)
         self.slot_of: dict = {}
         self.free = list(range(n - 1, -1, -1))
+        self.per_layer: dict[int, int] = {}  # layer -> experts of it held (keys (layer, expert))
+        self.tables: dict[int, StagedExperts] = {}  # layer -> all its experts, slots: [E] by expert id
 
     def slot(self, key: Any, pinned: set) -> tuple[int, bool]:
         """(slot of key, whether it was there); a missing key gets a free or evicted slot (never one of
@@ -198,10 +202,28 @@ class _VramCache:
             victim = self.policy.victim(lambda k: k not in pinned, key)
             self.policy.remove(victim)
             self.free.append(self.slot_of.pop(victim))
+            self._count(victim, -1)
         slot = self.free.pop()
         self.slot_of[key] = slot
         self.policy.insert(key)
+        self._count(key, 1)
         return slot, False
+
+    def _count(self, key: Any, change: int) -> None:
+        if isinstance(key, tuple) and len(key) == 2:
+            self.per_layer[key[0]] = self.per_layer.get(key[0], 0) + change
+            self.tables.pop(key[0], None)
+
+    def table(self, layer: int, num_experts: int) -> StagedExperts | None:
+        """Experts 0..num_experts-1 of `layer`, their slots an int64 device array indexed by expert id, when the
+        cache holds every one of them (made once, until one is evicted); else None."""
+        table = self.tables.get(layer)
+        if table is None and self.per_layer.get(layer, 0) == num_experts:
+            slots = [self.slot_of.get((layer, e)) for e in range(num_experts)]
+            if None not in slots:
+                table = self.tables[layer] = StagedExperts(self.layout.parts(*self.views), self.layout.stride,
+                                                           cuda.to_device(np.array(slots, np.int64)), 0, False)
+        return table
 
 
 def _root(a: np.ndarray) -> np.ndarray:
@@ -296,21 +318,61 @@ class ExpertStaging:
         #: host -> device bytes and copies of streamed experts since construction (statistics)
         self.bytes_copied = 0
         self.copies = 0
+        # Experts chosen on the GPU (route_on_device) leave their ids in a device ring, copied back and counted
+        # as hits (refreshing the eviction policy) before the cache is next consulted.
+        self._routed = None
+        self._routed_at = 0
+        self._pending: list[tuple[int, int, int]] = []  # (layer, ring offset, k)
 
     def configure_cache(self, nbytes: int, policy: str) -> None:
         """A VRAM tier of `nbytes` evicted by `policy`; 0 turns it off. Raises FlashMoeError for an unknown
         policy (now, not at the first expert)."""
         make_policy(policy)
+        self.settle()
         self.cache = _VramCache(nbytes, policy) if nbytes > 0 else None
 
     def holds(self, key: Any) -> bool:
         """Whether expert `key` is in the VRAM tier."""
         c = self.cache
+        if self._pending:
+            self.settle()
         return c is not None and c.layout is not None and key in c.slot_of
+
+    def resident(self, layer: int, num_experts: int) -> StagedExperts | None:
+        """Every expert of `layer` in the VRAM tier, staged with their slot table as ``slots`` (index the table
+        by expert id: [num_experts]); None unless the tier holds all of them."""
+        c = self.cache
+        return None if c is None or c.layout is None else c.table(layer, num_experts)
+
+    def route_on_device(self, layer: int, k: int) -> tuple[Any, int]:
+        """Where the GPU writes the ids of the k experts of `layer` it is about to choose: (the int64 device
+        ring of chosen ids, the offset in it). :meth:`settle` copies the ring back and counts them."""
+        if self._routed is None:
+            self._routed = cuda.device_array(_ROUTED_RING, np.int64)
+        if self._routed_at + k > _ROUTED_RING:
+            self.settle()
+        at = self._routed_at
+        self._pending.append((layer, at, k))
+        self._routed_at += k
+        return self._routed, at
+
+    def settle(self) -> None:
+        """Copy back the ids of the experts chosen on the GPU since the last call (waiting for them) and count
+        them as hits of the VRAM tier, in order (the eviction policy sees them as if the host had routed)."""
+        if self._pending:
+            ids = self._routed[:self._routed_at].copy_to_host()
+            c = self.cache
+            for layer, at, k in self._pending:
+                for e in ids[at:at + k].tolist():
+                    c.hits += 1
+                    c.policy.touch((layer, e))
+            self._pending.clear()
+        self._routed_at = 0
 
     @property
     def stats(self) -> dict[str, int]:
         """The VRAM tier's hits and misses and the host -> device expert bytes and copies so far."""
+        self.settle()
         c = self.cache
         return {"gpu_hits": c.hits if c else 0, "gpu_misses": c.misses if c else 0,
                 "bytes_copied": self.bytes_copied, "copies": self.copies}
@@ -322,6 +384,7 @@ class ExpertStaging:
 
         None when the fused kernels cannot address them in place: a float projection, gate and up quantised
         differently, misaligned tensors, or experts laid out differently."""
+        self.settle()
         found = _spans(experts)
         if found is None:
             return None

@@ -35,11 +35,13 @@ from flashmoe.runtime.store import ExpertStore
 
 
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
-                 threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = DEFAULT_POLICY) -> Engine:
+                 threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = DEFAULT_POLICY,
+                 preload: bool = False) -> Engine:
     """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
     themselves); read buffers come from the backend's ``allocate_buffer`` (pinned memory
     for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes (the engine
-    then reads only the experts the GPU does not hold)."""
+    then reads only the experts the GPU does not hold); with `preload`, every expert is read into it first when
+    they all fit (Engine.preload_experts)."""
     model = ModelDir.open(model_dir)
     be = get_backend(backend)
     k = experts_per_token or model.config.num_experts_per_tok
@@ -50,7 +52,10 @@ def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", exp
                         allocate=be.allocate_buffer)
     if gpu_memory:
         be.configure_expert_cache(gpu_memory, gpu_policy)
-    return Engine(model, be, store, stats, experts_per_token=k)
+    engine = Engine(model, be, store, stats, experts_per_token=k)
+    if preload and gpu_memory >= len(model.moe_layers) * model.config.num_experts * (model.layout.nbytes + 256):
+        engine.preload_experts()  # 256: a VRAM slot's alignment
+    return engine
 
 
 def run_passes(engine: Engine, passes: list[str], prompt_tokens: int, tokens: int, seed: int) -> dict[str, dict]:
@@ -146,6 +151,33 @@ def bound_ms(p: dict[str, Any], resident_bytes: int, rates: dict[str, float]) ->
     return {"read_ms": read, "h2d_ms": h2d, "gpu_ms": gpu, "bound_ms": max(read, h2d, gpu)}
 
 
+def gpu_ms_per_token(engine: Engine, tokens: int = 4, seed: int = 0, spin_ms: int = 500) -> list[float]:
+    """The GPU's time for each of `tokens` warm decode tokens with the host's launch time hidden: before each
+    token the GPU is held by a kernel that sleeps `spin_ms`, so the token's kernels queue up behind it and then
+    run back to back; the time from an event after the sleep to one after the token's logits reached the
+    host. Valid only while a decode step does not wait for the GPU before its end (every expert in VRAM
+    with device routing: ``--preload``); otherwise it counts the host's time after the first wait too."""
+    from numba import cuda
+
+    @cuda.jit
+    def sleep(ms):
+        for _ in range(ms):
+            cuda.nanosleep(1_000_000)
+
+    state = engine.new_state()
+    logits = engine.forward(np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, 4), state)
+    out = []
+    for _ in range(tokens):
+        start, end = cuda.event(), cuda.event()
+        sleep[1, 1](spin_ms)
+        start.record()
+        logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+        end.record()
+        end.synchronize()
+        out.append(cuda.event_elapsed_time(start, end))
+    return out
+
+
 def _profile(engine: Engine, tokens: int, seed: int) -> None:
     import cProfile
     import pstats
@@ -170,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", default="cuda,numba")
     ap.add_argument("--gpu-memory", default="0", help="comma-separated VRAM expert cache sizes ('16G'); the "
                     "cuda backend runs once per size (0: no cache)")
+    ap.add_argument("--preload", action="store_true", help="read every expert into the VRAM cache first when "
+                    "they all fit (decode then routes on the GPU)")
     ap.add_argument("--gpu-policy", default=DEFAULT_POLICY, help="eviction policy of the VRAM expert cache")
     ap.add_argument("-k", "--experts-per-token", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=4)
@@ -178,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", type=int, default=0, help="then profile this many more warm decode tokens of "
                     "the first backend with cProfile and print the top functions by own time")
+    ap.add_argument("--gpu-time", type=int, default=0, help="then time this many warm decode tokens on the GPU "
+                    "alone, queued behind a sleeping kernel (gpu_ms_per_token)")
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
     result: dict[str, Any] = {"model": str(a.model), "runs": []}
@@ -193,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, size in configs:
         t0 = time.perf_counter()
         engine = build_engine(a.model, name, experts_per_token=a.experts_per_token, gpu_memory=parse_size(size),
-                              gpu_policy=a.gpu_policy)
+                              gpu_policy=a.gpu_policy, preload=a.preload)
         load_s = time.perf_counter() - t0
         run: dict[str, Any] = {"backend": name, "gpu_memory": size, "k": engine.k,
                                "moe_layers": len(engine.model_dir.moe_layers),
@@ -209,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
         if name == "cuda":
             for p in run["passes"].values():
                 p["bound"] = bound_ms(p, run["resident_read_bytes"], run["rates"])
+        if name == "cuda" and a.gpu_time:
+            run["gpu_ms_per_token"] = gpu_ms_per_token(engine, a.gpu_time, a.seed)
+            print(f"GPU ms/token, host launch time hidden: {[round(t, 2) for t in run['gpu_ms_per_token']]}")
         if a.profile and not result["runs"]:
             _profile(engine, a.profile, a.seed)
         engine.store.close()

@@ -213,6 +213,39 @@ _HYBRID_TINY = dict(model_type="qwen3_5_moe_text", hidden_size=64, num_hidden_la
 
 
 @HERE
+@pytest.mark.parametrize("n_experts,k,norm", [(9, 3, True), (40, 5, False)])
+def test_router_top_k_on_the_device_matches_the_reference(n_experts, k, norm):
+    from numba import cuda
+
+    from flashmoe.backends import cuda_fused, cuda_kernels
+    from flashmoe.reference.routing import softmax_topk
+
+    rng = np.random.default_rng(n_experts)
+    logits = rng.standard_normal(n_experts).astype(np.float32)
+    logits[3] = logits[7] = logits.max() + 1  # a tie: the lower id comes first
+    slot_of = rng.permutation(n_experts).astype(np.int64)
+    ids, slots = cuda.to_device(np.full(k + 2, -1, np.int64)), cuda.to_device(np.full(k, -1, np.int64))
+    weights, probs = cuda.to_device(np.full(k, np.nan, np.float32)), cuda.device_array(n_experts, np.float32)
+    cuda_fused.softmax_topk[1, (cuda_kernels.LANES, 1)](cuda.to_device(logits), n_experts, k, int(norm),
+                                                         cuda.to_device(slot_of), probs, ids, 2, slots, weights)
+    want_ids, want_w = softmax_topk(logits[None], type("Cfg", (), {"norm_topk_prob": norm})(), k)
+    np.testing.assert_array_equal(ids.copy_to_host(), [-1, -1, *want_ids[0]])
+    np.testing.assert_array_equal(slots.copy_to_host(), slot_of[want_ids[0]])
+    np.testing.assert_allclose(weights.copy_to_host(), want_w[0], rtol=1e-5)
+
+
+@HERE
+def test_add_rms_norm_is_the_add_then_the_norm(be):
+    rng = np.random.default_rng(4)
+    h, d = (rng.standard_normal((3, 70)).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal(70).astype(np.float32)
+    total, normed = be.add_rms_norm(be.asarray(h), be.asarray(d), be.asarray(w), 1e-6)
+    ref = get_backend("numpy")
+    np.testing.assert_allclose(be.to_numpy(total), h + d, rtol=1e-6)
+    np.testing.assert_allclose(be.to_numpy(normed), ref.rms_norm(h + d, w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@HERE
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "deepseek_v3"])
 def test_engine_forward_matches_the_numpy_backend(tmp_path, arch):
     """Hybrid attention; MLA (absorbed, latent cache) with sigmoid group routing."""
@@ -231,6 +264,33 @@ def test_engine_forward_matches_the_numpy_backend(tmp_path, arch):
         decode = engine.forward(np.array([9]), state)
         logits[name] = np.concatenate([prefill, decode])
         engine.store.close()
+    want = logits["numpy"]
+    np.testing.assert_allclose(logits["cuda"], want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+@HERE
+def test_decode_with_every_expert_in_vram_routes_on_the_device(tmp_path):
+    """Once the VRAM tier holds every expert, decode routes on the GPU (Backend.routed_experts): the same
+    logits as the NumPy backend, and each layer's k experts still count as hits."""
+    from flashmoe.bench.bench_cuda import build_engine
+
+    model = synth_model(tmp_path / "tiny", _HYBRID_TINY, bits=4, group_size=32, seed=3)
+    prompt, decode = np.array([5, 17]), [9, 30, 2]
+    logits = {}
+    for name in ("numpy", "cuda"):
+        engine = build_engine(model, name, gpu_memory=1 << 24 if name == "cuda" else 0, preload=True)
+        state = engine.new_state()
+        out = [engine.forward(prompt, state)]
+        if name == "cuda":
+            be = engine.backend
+            assert all(be._experts.resident(layer, 4) is not None for layer in engine.model_dir.moe_layers)
+            before = be.expert_cache_stats
+        out += [engine.forward(np.array([t]), state) for t in decode]
+        logits[name] = np.concatenate(out)
+        engine.store.close()
+    after = be.expert_cache_stats
+    assert after["gpu_hits"] - before["gpu_hits"] == len(decode) * 2 * 2  # tokens x MoE layers x k
+    assert after["gpu_misses"] == before["gpu_misses"] and after["copies"] == before["copies"]
     want = logits["numpy"]
     np.testing.assert_allclose(logits["cuda"], want, rtol=0, atol=1e-4 * np.abs(want).max())
 

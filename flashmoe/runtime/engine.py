@@ -30,11 +30,11 @@ import numpy as np
 
 from flashmoe.backends.base import Backend, ClampedSwiGLU, KVCacheBuffer
 from flashmoe.arch.config import ModelConfig
+from flashmoe.arch.families import PER_HEAD, family_of
 from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
-from flashmoe.arch.families import PER_HEAD
 from flashmoe.reference.rope import rope_attention_factor
-from flashmoe.reference.routing import route
+from flashmoe.reference.routing import ROUTERS, route, softmax_topk
 from flashmoe.runtime.mla import AbsorbedMLA
 from flashmoe.runtime.stats import Stats
 from flashmoe.runtime.store import ExpertStore
@@ -97,6 +97,10 @@ class Engine:
         self._softmax_scale = self.cfg.head_dim ** -0.5 * yarn_factor ** 2
         self._act = (None if self.cfg.swiglu_limit is None
                      else ClampedSwiGLU(self.cfg.swiglu_limit, self.cfg.swiglu_alpha))  # gpt-oss's experts
+        # The backend may route a decode token itself (Backend.routed_experts) only with the router it knows:
+        # plain softmax top-k, no router tensors (biases), plain SwiGLU experts.
+        self._routes_on_device = (ROUTERS[family_of(self.cfg).router] is softmax_topk and not self.cfg.router_tensors
+                                  and self._act is None)
         layers = model.moe_layers
         self._next_moe = dict(zip(layers, layers[1:]))
         # the router's own per-layer tensors (a score-correction bias), on the host with the router
@@ -154,22 +158,27 @@ class Engine:
         if self.tracer is not None:
             self.tracer.begin(ids)
         h = be.embed(ids, self._w["embed_tokens.weight"])  # (T, hidden)
+        mlp = None  # the previous layer's MLP/MoE output, added to h together with the next norm
         for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
             with self.stats.stage("attention"):
-                x = be.rms_norm(h, self._w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-                if self._mla is not None:
-                    h = be.add(h, self._mla(i, x, positions, state.layers[i]))
-                elif cfg.is_attention_layer(i):
-                    h = be.add(h, self._attention(i, x, positions, state.layers[i]))
+                if mlp is None:
+                    x = be.rms_norm(h, self._w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
                 else:
-                    h = be.add(h, self._linear_attention(p, x, state.layers[i]))
-                x = be.rms_norm(h, self._w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+                    h, x = be.add_rms_norm(h, mlp, self._w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+                if self._mla is not None:
+                    attn = self._mla(i, x, positions, state.layers[i])
+                elif cfg.is_attention_layer(i):
+                    attn = self._attention(i, x, positions, state.layers[i])
+                else:
+                    attn = self._linear_attention(p, x, state.layers[i])
+                h, x = be.add_rms_norm(h, attn, self._w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
             if cfg.is_moe_layer(i):
-                h = be.add(h, self._moe(i, x))
+                mlp = self._moe(i, x)
             else:
                 with self.stats.stage("dense_mlp"):
-                    h = be.add(h, self._mlp(p + "mlp.", x))
+                    mlp = self._mlp(p + "mlp.", x)
+        h = be.add(h, mlp)
         state.position += len(ids)
         if not all_logits:
             h = be.rows(h, len(ids) - 1, len(ids))
@@ -274,10 +283,30 @@ class Engine:
             return shared
         return be.multiply(be.sigmoid(self._linear(x, p + "shared_expert_gate")), shared)
 
+    def preload_experts(self) -> None:
+        """Read every routed expert, k at a time, into the backend's own expert cache (Backend.hold_experts):
+        for a GPU tier with room for all of them, so that decode reads nothing and, with softmax top-k
+        routing, routes on the device (Backend.routed_experts)."""
+        for layer in self.model_dir.moe_layers:
+            layout = self.model_dir.layer_layout(layer)
+            for start in range(0, self.cfg.num_experts, self.k):
+                ids = np.arange(start, min(start + self.k, self.cfg.num_experts))
+                request = self.store.fetch(layer, ids)
+                buffers = self.store.wait(request)
+                self.backend.hold_experts([layout.view(b) for b in buffers], [(layer, int(e)) for e in ids])
+                self.store.release(request)
+
     def _moe(self, layer: int, x):
         """Routed experts (from the store) plus the shared expert. x (T, hidden) -> (T, hidden)."""
         be = self.backend
         p = f"layers.{layer}.mlp."
+        if x.shape[0] == 1 and self._routes_on_device and self.tracer is None:
+            with self.stats.stage("experts"):
+                y = be.routed_experts(x, self._w[p + "gate.weight"], layer, self.k, self.cfg.norm_topk_prob)
+            if y is not None:  # every expert of the layer is the backend's: nothing read, nothing waited for
+                with self.stats.stage("shared_expert"):
+                    shared = self._shared_expert(p, x)
+                return y if shared is None else be.add(y, shared)
         with self.stats.stage("router"):
             logits = be.to_numpy(be.linear(x, self._w[p + "gate.weight"]))  # router logits (T, num_experts)
             ids, weights = route(logits, self.cfg, self.k, **self._router_tensors[layer])  # (T, k) int, (T, k) f32
