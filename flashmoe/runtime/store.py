@@ -124,7 +124,7 @@ class ExpertStore:
         nbytes: bytes of one expert (<= stride).
         mode: "pagecache" or "direct".
         cache_bytes: direct mode: bytes of flashmoe's own expert cache (0: no cache); ignored in pagecache.
-        policy: direct mode: eviction policy name (flashmoe.runtime.eviction.POLICIES: "lru", "lfu", "fifo", "lru-layer").
+        policy: direct mode: eviction policy name (flashmoe.runtime.eviction.POLICIES: "lru", "lfu", "fifo", "lru-layer", "lfu-layer").
         threads: reader threads (default 8); pass max(4, k) so one layer's k reads run together.
         stats: where counters go; default a fresh Stats (`store.stats`).
         allocate: makes read and cache buffers: nbytes -> writable, C-contiguous np.uint8 array of that
