@@ -53,8 +53,8 @@ def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", exp
     if gpu_memory:
         be.configure_expert_cache(gpu_memory, gpu_policy)
     engine = Engine(model, be, store, stats, experts_per_token=k)
-    if preload and gpu_memory >= len(model.moe_layers) * model.config.num_experts * (model.layout.nbytes + 256):
-        engine.preload_experts()  # 256: a VRAM slot's alignment
+    if preload:
+        engine.preload_experts(gpu_memory)
     return engine
 
 

@@ -283,10 +283,14 @@ class Engine:
             return shared
         return be.multiply(be.sigmoid(self._linear(x, p + "shared_expert_gate")), shared)
 
-    def preload_experts(self) -> None:
-        """Read every routed expert, k at a time, into the backend's own expert cache (Backend.hold_experts):
-        for a GPU tier with room for all of them, so that decode reads nothing and, with softmax top-k
-        routing, routes on the device (Backend.routed_experts)."""
+    def preload_experts(self, cache_bytes: int) -> bool:
+        """Read every routed expert, k at a time, into the backend's own expert cache (Backend.hold_experts)
+        when a cache of `cache_bytes` holds them all (each expert's bytes plus 256 of slot alignment), so that
+        decode reads nothing and, with softmax top-k routing, routes on the device (Backend.routed_experts).
+        Returns whether it did."""
+        model = self.model_dir
+        if cache_bytes < len(model.moe_layers) * self.cfg.num_experts * (model.layout.nbytes + 256):
+            return False
         for layer in self.model_dir.moe_layers:
             layout = self.model_dir.layer_layout(layer)
             for start in range(0, self.cfg.num_experts, self.k):
@@ -295,6 +299,7 @@ class Engine:
                 buffers = self.store.wait(request)
                 self.backend.hold_experts([layout.view(b) for b in buffers], [(layer, int(e)) for e in ids])
                 self.store.release(request)
+        return True
 
     def _moe(self, layer: int, x):
         """Routed experts (from the store) plus the shared expert. x (T, hidden) -> (T, hidden)."""

@@ -68,7 +68,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         context: longest sequence to plan the KV cache for, in tokens.
         cache_policy: eviction policy of the direct-mode cache ('lru', 'lfu', ...).
         threads: read threads (default max(4, k), so a token's k reads run in one round).
-        gpu_memory: size of the backend's own expert cache ('16G'; cuda only), filled as experts stream.
+        gpu_memory: size of the backend's own expert cache ('16G'; cuda only), filled as experts stream, or
+            read whole at load time when it holds every expert (Engine.preload_experts).
         speculate: during each MoE layer, guess the next one's k experts with its router and read them
             behind this layer's reads (flashmoe.runtime.engine; k more read buffers count against max_memory).
         activations: 'float' or 'q8' (int8 activations in the quantised mat-vecs, flashmoe.reference.q8);
@@ -115,6 +116,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
                         mode=io, policy=cache_policy, threads=threads, stats=stats,
                         allocate=be.allocate_buffer, guess_slots=guess_slots)
     engine = Engine(model, be, store, stats, experts_per_token=k)
+    if gpu_memory is not None:
+        engine.preload_experts(parse_size(gpu_memory))
     if max_memory is not None:
         store.set_cache_bytes(_measured_room(engine, parse_size(max_memory), kv_bytes, read_buffers))
     return engine
