@@ -273,6 +273,7 @@ def test_decode_with_every_expert_in_vram_routes_on_the_device(tmp_path):
     """Once the VRAM tier holds every expert, decode routes on the GPU (Backend.routed_experts): the same
     logits as the NumPy backend, and each layer's k experts still count as hits."""
     from flashmoe.bench.bench_cuda import build_engine
+    from flashmoe.convert.synth import synth_model
 
     model = synth_model(tmp_path / "tiny", _HYBRID_TINY, bits=4, group_size=32, seed=3)
     prompt, decode = np.array([5, 17]), [9, 30, 2]
