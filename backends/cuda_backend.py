@@ -169,7 +169,7 @@ class CudaBackend(Backend):
         x, weight = to_device(x), to_device(weight)
         out = empty(x.shape)
         rows = x.size // max(weight.size, 1)
-        row_launch(K.rms_norm, rows, 1, x.flat, weight.flat, np.float32(eps), out.flat)
+        row_launch(K.rms_norm, rows, 1, x.flat, x.flat, weight.flat, np.float32(eps), 0, x.flat, out.flat)
         return out
 
     def add_rms_norm(self, h: Any, delta: Any, weight: Any, eps: float) -> tuple[DeviceArray, DeviceArray]:
@@ -178,7 +178,7 @@ class CudaBackend(Backend):
         if delta.shape != h.shape:
             return super().add_rms_norm(h, delta, weight, eps)
         total, out = empty(h.shape), empty(h.shape)
-        row_launch(F.add_rms_norm, h.size // max(weight.size, 1), 1, h.flat, delta.flat, weight.flat, np.float32(eps),
+        row_launch(K.rms_norm, h.size // max(weight.size, 1), 1, h.flat, delta.flat, weight.flat, np.float32(eps), 1,
                    total.flat, out.flat)
         return total, out
 

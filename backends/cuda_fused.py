@@ -1,10 +1,6 @@
-"""Fused decode kernels of the CUDA backend: work that would otherwise be several launches, or a round trip
-to the host, in one launch.
-
-- :func:`add_rms_norm`: the residual add and the following RMSNorm (two launches -> one).
-- :func:`softmax_topk`: the router's softmax and top-k (``flashmoe.reference.routing.softmax_topk``) and the
-  lookup of each chosen expert's VRAM slot, on the GPU: when every expert of a layer is in the VRAM tier, a
-  decode token's MoE runs without the host waiting for the router's logits.
+"""The router on the GPU: softmax and top-k (``flashmoe.reference.routing.softmax_topk``) and the lookup of
+each chosen expert's VRAM slot in one launch, so that when every expert of a layer is in the VRAM tier a
+decode token's MoE runs without the host waiting for the router's logits.
 
 Same conventions as backends/cuda_kernels.py (flat float32 arrays, rows of LANES threads, the lane
 reductions that also run in numba's simulator).
@@ -16,29 +12,7 @@ import math
 
 from numba import cuda, float32
 
-from flashmoe.backends.cuda_kernels import LANES, ROWS, _lane_max, _lane_sum
-
-
-@cuda.jit
-def add_rms_norm(h, d, w, eps, h_out, out):
-    """Rows of n = w.shape[0]: h_out = h + d, out = h_out / sqrt(mean(h_out²) + eps) * w. Grid
-    ceil(rows / ROWS), block (LANES, ROWS)."""
-    sh = cuda.shared.array((ROWS, LANES), float32)
-    lane, r = cuda.threadIdx.x, cuda.threadIdx.y
-    n = w.shape[0]
-    row = cuda.blockIdx.x * ROWS + r
-    active = row * n < h.shape[0]
-    ss = float32(0.0)
-    if active:
-        for i in range(lane, n, LANES):
-            v = h[row * n + i] + d[row * n + i]
-            h_out[row * n + i] = v
-            ss += v * v
-    ss = _lane_sum(ss, sh, lane, r)
-    if active:
-        inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)
-        for i in range(lane, n, LANES):  # each lane reads back only the elements it wrote
-            out[row * n + i] = h_out[row * n + i] * inv * w[i]
+from flashmoe.backends.cuda_kernels import LANES, _lane_max, _lane_sum
 
 
 @cuda.jit

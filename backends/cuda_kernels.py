@@ -331,8 +331,10 @@ def gather_rows(src, n_cols, ids, out):
 
 # -- normalisation, rotary, attention, recurrences ------------------------------------------------------------
 @cuda.jit
-def rms_norm(x, w, eps, out):
-    """Rows of n = w.shape[0]: out = x / sqrt(mean(x²) + eps) * w. Grid ceil(rows / ROWS), block (LANES, ROWS)."""
+def rms_norm(x, d, w, eps, add, x_out, out):
+    """Rows of n = w.shape[0]: y = x + d when add != 0 (also written to x_out: a residual add fused with the
+    norm after it), else y = x (d and x_out unused); out = y / sqrt(mean(y²) + eps) * w. Grid
+    ceil(rows / ROWS), block (LANES, ROWS)."""
     sh = cuda.shared.array((ROWS, LANES), float32)
     lane, r = cuda.threadIdx.x, cuda.threadIdx.y
     n = w.shape[0]
@@ -342,12 +344,16 @@ def rms_norm(x, w, eps, out):
     if active:
         for i in range(lane, n, LANES):
             v = x[row * n + i]
+            if add != 0:
+                v += d[row * n + i]
+                x_out[row * n + i] = v
             ss += v * v
     ss = _lane_sum(ss, sh, lane, r)
     if active:
         inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)
-        for i in range(lane, n, LANES):
-            out[row * n + i] = x[row * n + i] * inv * w[i]
+        for i in range(lane, n, LANES):  # each lane reads back only the elements it wrote
+            v = x_out[row * n + i] if add != 0 else x[row * n + i]
+            out[row * n + i] = v * inv * w[i]
 
 
 @cuda.jit
