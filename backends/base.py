@@ -4,7 +4,8 @@ The engine (flashmoe/runtime/engine.py) owns the token loop and the linear-atten
 arithmetic on its own arrays and the memory of the KV caches (:meth:`Backend.new_kv_cache`). Every
 operation takes and returns float32 activations (``asarray`` / ``to_numpy`` convert at the edges). Weights are either float arrays ``[out, in]`` or
 :class:`flashmoe.format.quant.QuantizedTensor` (MLX layout); resident weights go through :meth:`Backend.prepare`
-once, routed experts arrive as zero-copy views into the expert store's read buffers and are used as they are.
+once, routed experts arrive as zero-copy views into the expert store's read buffers, its cache entries or
+(pagecache mode, :attr:`Backend.experts_in_place`) the expert files' read-only mapping, and are used as they are.
 
 Each operation's definition is the NumPy reference (``flashmoe.reference``); the conformance suite
 (``flashmoe.conformance``) checks every backend against it before flashmoe uses the backend.
@@ -173,6 +174,11 @@ class Backend(ABC):
     #: ``activations`` is the one it uses (get_backend sets it).
     activation_modes: ClassVar[tuple[str, ...]] = ("float",)
     activations: str = "float"
+    #: Whether routed experts may reach this backend as read-only views of the expert files' mapping, so
+    #: that pagecache mode computes the experts the page cache holds in place instead of copying them
+    #: (flashmoe.runtime.store, ``in_place``). False for a backend that needs them in memory of its own
+    #: (:meth:`allocate_buffer`: pinned host memory for cuda's copies to the device, MLX-owned memory).
+    experts_in_place: ClassVar[bool] = True
 
     @classmethod
     def default_activations(cls) -> str:
@@ -354,7 +360,8 @@ class Backend(ABC):
         x ``[n, hidden]``; expert ``{"gate_proj": [I, hidden], "up_proj": [I, hidden], "down_proj":
         [hidden, I]}`` (QuantizedTensor or Mxfp4Tensor views, or float arrays; never copied whole), and
         ``"{proj}.bias"`` float ``[out]`` where the experts have biases. -> ``[n, hidden]``.
-        The weights may be views into the store's read buffers, which are reused once this returns."""
+        The weights may be views into the store's read buffers, which are reused once this returns, or into the
+        expert file's read-only mapping: never written to, never kept."""
         x = self.asarray(x)
         if act is None:
             return self.swiglu(x, *(expert[p] for p in EXPERT_PROJS))

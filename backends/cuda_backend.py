@@ -61,6 +61,7 @@ class CudaBackend(Backend):
     """numba-cuda kernels on a CUDA GPU (or numba's simulator); arrays are :class:`DeviceArray`."""
 
     name = "cuda"
+    experts_in_place = False  # experts reach the GPU from pinned read buffers (allocate_buffer)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

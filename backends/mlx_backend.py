@@ -194,6 +194,7 @@ class MlxBackend(Backend):
     for float weights, :class:`MxQuantized` for quantised ones."""
 
     name = "mlx"
+    experts_in_place = False  # experts are read into MLX-owned buffers (allocate_buffer)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

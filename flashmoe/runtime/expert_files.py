@@ -1,5 +1,7 @@
 """The expert files and the reads into buffers: each MoE layer's `experts/layer_NNN.bin` opened for reading
-(buffered, or with O_DIRECT), one whole expert read with `preadv`, and the page-aligned buffers reads land in.
+(buffered, or with O_DIRECT), one whole expert read with `preadv`, the page-aligned buffers reads land in,
+and, in pagecache mode, a read-only mapping of each file through which an expert the page cache already
+holds is used in place (`ExpertFiles.resident`) instead of copied.
 
 Expert `e` of a layer occupies bytes `[e*stride, e*stride + nbytes)` of that layer's file (docs/formats.md);
 `stride` is a multiple of 4096, so one read fetches one whole expert and O_DIRECT reads stay aligned.
@@ -10,6 +12,7 @@ module only reads (docs/design.md, "The expert store").
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import mmap
 import os
@@ -26,6 +29,13 @@ from flashmoe.format.manifest import ALIGN  # page size and the O_DIRECT alignme
 # Speculative reads (ExpertStore.speculate) go in pieces of this size, so a guess found wrong stops within
 # one piece.
 GUESS_CHUNK = 1 << 20
+
+# mincore(2), which tells the pages of a mapping that are in memory (Linux, macOS, the BSDs); None elsewhere,
+# where pagecache mode copies every expert.
+_mincore = getattr(ctypes.CDLL(None, use_errno=True), "mincore", None)
+if _mincore is not None:
+    _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    _mincore.restype = ctypes.c_int
 
 
 def slot_bytes(nbytes: int) -> int:
@@ -87,17 +97,28 @@ class ExpertFiles:
         mode: "pagecache" (buffered reads, first tried with `RWF_NOWAIT`, which copies only what the page
             cache holds, so a read can tell the bytes that came from disk) or "direct" (`O_DIRECT`; where
             the filesystem refuses it, e.g. tmpfs, buffered reads with one warning).
+        in_place: pagecache mode: also map each file read-only, so that `resident` can hand out an expert
+            the page cache holds without copying it. Only files whose page-cache residency the kernel
+            reports are mapped (`residency_visible`); not on platforms without mincore.
 
     Attributes: `direct` (O_DIRECT really in use), `nowait` (RWF_NOWAIT in use: page-cache hits can be told),
     `read_bytes` (bytes asked of one read: nbytes, or rounded up to 4096 for O_DIRECT), `finished` (a deque
     of (bytes read, of them from disk, demand read?) per finished read: reader threads append, the store's
     thread drains it into its Stats, so Stats needs no lock).
 
+    A mapped file must not shrink while it is open: touching a mapped page past the new end kills the
+    process with SIGBUS (as for the resident weights, which are memory-mapped too). Expert files are never
+    written once converted.
+
     Raises FormatError if a file is missing or too short to hold `num_experts` experts.
     """
 
-    def __init__(self, paths: dict[int, Path], num_experts: int, stride: int, nbytes: int, mode: str) -> None:
+    def __init__(self, paths: dict[int, Path], num_experts: int, stride: int, nbytes: int, mode: str,
+                 in_place: bool = False) -> None:
         self.num_experts, self.stride, self.nbytes, self.mode = num_experts, stride, nbytes, mode
+        self.in_place = in_place and mode == "pagecache" and _mincore is not None
+        self._maps: dict[int, mmap.mmap] = {}
+        self._mapped: dict[int, np.ndarray] = {}  # layer -> its whole file, read-only, for in-place use
         # Buffered reads need only the expert; O_DIRECT needs an aligned length (the file's end may cut the
         # last expert's read short, which is fine as long as nbytes arrive).
         self.read_bytes = slot_bytes(nbytes) if mode == "direct" else nbytes
@@ -111,6 +132,12 @@ class ExpertFiles:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def tells_hits(self) -> bool:
+        """Whether every read is known to be a page-cache hit or a miss: RWF_NOWAIT tells the bytes that came
+        from disk; where every file is mapped, a read follows a `resident` check that found a page missing."""
+        return self.nowait or (bool(self._fds) and len(self._maps) == len(self._fds))
 
     @property
     def layers(self) -> list[int]:
@@ -140,6 +167,8 @@ class ExpertFiles:
                 # on a neighbour the router may never pick.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[layer] = fd
+            if self.in_place and residency_visible(path):
+                self._map(layer, fd, size)
         self.direct = self.mode == "direct" and not fallback
         if fallback:
             warnings.warn(
@@ -173,11 +202,51 @@ class ExpertFiles:
             raise
         return fd
 
+    def _map(self, layer: int, fd: int, size: int) -> None:
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_RANDOM"):
+            # A page reclaimed between `resident` and the compute faults in alone, not with its neighbours.
+            mm.madvise(mmap.MADV_RANDOM)
+        self._maps[layer] = mm
+        self._mapped[layer] = np.frombuffer(mm, dtype=np.uint8)
+
+    def mapping(self, layer: int) -> np.ndarray | None:
+        """`layer`'s whole expert file as a read-only np.uint8 array on its mapping, None where not mapped."""
+        return self._mapped.get(layer)
+
+    def resident(self, layer: int, expert: int) -> np.ndarray | None:
+        """Expert `expert` of `layer` as a read-only np.uint8 view of `nbytes` on the file's mapping when the
+        page cache holds every page of it (mincore), else None (the caller reads it). A page reclaimed after
+        this check is read back from disk by the page fault that needs it. Raises FlashMoeError naming the
+        file when mincore fails."""
+        whole = self._mapped.get(layer)
+        if whole is None:
+            return None
+        off = expert * self.stride
+        start = off - off % mmap.PAGESIZE  # mincore takes whole pages (16 KiB on Apple silicon)
+        length = off + self.nbytes - start
+        pages = np.empty(-(-length // mmap.PAGESIZE), np.uint8)
+        if _mincore(whole.ctypes.data + start, length, pages.ctypes.data) != 0:
+            err = ctypes.get_errno()
+            raise FlashMoeError(f"{self._paths[layer]}: mincore of expert {expert} of layer {layer} failed: "
+                                f"{os.strerror(err)}")
+        if not np.bitwise_and(pages, 1).all():  # bit 0: in memory; the others are reserved
+            return None
+        return whole[off : off + self.nbytes]
+
     def close(self) -> None:
-        """Close every file. Idempotent."""
+        """Close every file and mapping. Idempotent. A view that `resident` handed out and that is still
+        alive keeps its mapping until it is freed."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._mapped.clear()
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # views are alive: the mapping is unmapped with the last of them
+        self._maps.clear()
 
     def read(self, layer: int, expert: int, buf: np.ndarray, stop: threading.Event | None = None) -> tuple[int, int]:
         """Read one expert into `buf` (from a reader thread; preadv releases the GIL). Returns
@@ -223,6 +292,19 @@ class ExpertFiles:
 
     def evict_page_cache(self) -> None:
         """Drop every expert file's pages from the OS page cache (POSIX_FADV_DONTNEED), for cold-start
-        measurements. Clean pages only; the files are never written, so that is all of them."""
+        measurements. Clean pages only; the files are never written, so that is all of them. The kernel
+        keeps pages a process has mapped, so this process's mappings let go of theirs first
+        (MADV_DONTNEED on a file mapping: the pages leave the page tables, the file is untouched)."""
+        for mm in self._maps.values():
+            mm.madvise(mmap.MADV_DONTNEED)
         for fd in self._fds.values():
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def residency_visible(path: Path) -> bool:
+    """Whether mincore tells which of `path`'s pages are in the page cache. Linux (since 5.0) tells it only
+    for files the process owns or may write, and reports every page as present for the others, to close a
+    side channel (mm/mincore.c, can_do_mincore): experts of such files are always read."""
+    if os.stat(path).st_uid == os.geteuid():
+        return True
+    return os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids)

@@ -60,8 +60,9 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         model_dir: flashmoe model directory (path, or already opened); None for the bundled demo model.
         backend: registered backend name (`flashmoe backends` lists them). It must pass the quick
             conformance suite on this machine first (run once, then stamped).
-        io: 'pagecache' (buffered pread, the OS caches hot experts) or 'direct' (O_DIRECT plus flashmoe's
-            own expert cache, sized by what --max-memory leaves).
+        io: 'pagecache' (the OS caches hot experts; those it holds are used in place through a read-only
+            mapping where the backend computes on host memory, the others read with pread) or 'direct'
+            (O_DIRECT plus flashmoe's own expert cache, sized by what --max-memory leaves).
         max_memory: budget for resident weights + KV cache + read buffers + expert cache ('4G', bytes);
             None means no budget (and no own cache in direct mode beyond the read buffers).
         experts_per_token: override the model's num_experts_per_tok (k).
@@ -114,7 +115,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     # Read buffers from the backend (pinned host memory for cuda: one DMA per expert).
     store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
                         mode=io, policy=cache_policy, threads=threads, stats=stats,
-                        allocate=be.allocate_buffer, guess_slots=guess_slots)
+                        allocate=be.allocate_buffer, guess_slots=guess_slots, in_place=be.experts_in_place)
     engine = Engine(model, be, store, stats, experts_per_token=k)
     if gpu_memory is not None:
         engine.preload_experts(parse_size(gpu_memory))
@@ -130,12 +131,20 @@ def _measured_room(engine: Engine, max_bytes: int, kv_bytes: int, read_buffers: 
     They touch every resident weight the backend reads and load (or compile) its prefill and decode
     kernels, so what a backend keeps besides the model's file (MLX's or the GPU's own copies, numba's code)
     is counted as it is, not estimated. The KV cache at full length and the read buffers come on top. The step's statistics
-    are dropped. Raises MemoryBudgetError when nothing is left."""
+    are dropped. Raises MemoryBudgetError when nothing is left.
+
+    The step copies every expert into read buffers (the store's `in_place` off): experts used in place are
+    page cache, which pagecache mode leaves to the kernel, and would otherwise count as the process's own
+    memory for as many of the step's experts as the page cache happened to hold."""
     reset_peak_rss()  # the conformance gate may have run in this process: its peak is not this model's
     state = engine.new_state()
-    engine.forward(np.zeros(2, np.int64), state)
-    engine.forward(np.zeros(1, np.int64), state)
-    engine.store.release_all()
+    in_place, engine.store.in_place = engine.store.in_place, False
+    try:
+        engine.forward(np.zeros(2, np.int64), state)
+        engine.forward(np.zeros(1, np.int64), state)
+    finally:
+        engine.store.in_place = in_place
+        engine.store.release_all()
     del state
     engine.stats = engine.store.stats = Stats(num_layers=engine.stats.num_layers)
     # The peak, not the RSS after the step: a backend's transient arrays (the NumPy backend dequantises each

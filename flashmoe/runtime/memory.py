@@ -65,7 +65,9 @@ class MemoryBudget:
     from the manifest (a lower bound, used to refuse at once only a model this machine could not load), and
     checks it after one throwaway forward, with the process as measured then (weights touched, kernels
     loaded) in `runtime_bytes`, so that a refusal names the budget that works.
-    The expert cache (direct mode) gets whatever is left.
+    The expert cache (direct mode) gets whatever is left. Page-cache pages of experts used in place
+    (pagecache mode) are the kernel's, not part of the budget, although they count in RSS while mapped
+    (docs/design.md, "Memory accounting of mapped pages").
     """
 
     max_bytes: int

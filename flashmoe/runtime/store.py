@@ -4,12 +4,18 @@ Expert `e` of a layer occupies bytes `[e*stride, e*stride + nbytes)` of that lay
 `stride` is a multiple of 4096, so one read fetches one whole expert and O_DIRECT reads stay aligned.
 
 Two modes (docs/design.md, "The expert store"):
-- `pagecache`: buffered reads into reusable page-aligned buffers; the kernel's page cache holds hot experts
-  and the process stays small. Each read first tries `RWF_NOWAIT`, which only copies what the page cache
-  already holds, so the store can count page-cache hits and the bytes that really came from disk.
+- `pagecache`: the kernel's page cache holds hot experts and the process stays small. With `in_place`, an
+  expert whose every page the page cache holds (mincore) is not copied: `wait` returns a read-only view of
+  the expert file's mapping and the backend computes on the page cache itself (a hit, no read). Other
+  experts are read with buffered reads into reusable page-aligned buffers; each read first tries
+  `RWF_NOWAIT`, which only copies what the page cache already holds, so the store can count page-cache hits
+  and the bytes that really came from disk. A cold expert is read, not faulted in through the mapping:
+  one `preadv` per expert keeps the disk's full request size (Flash-MoE measured page faults on a mapping
+  5x slower for cold reads).
 - `direct`: `O_DIRECT` reads (page-aligned buffer, length rounded up to 4096) into flashmoe's own cache of
-  `cache_bytes`, evicted by a pluggable policy (flashmoe/runtime/eviction.py). A hit returns the cached buffer
-  without a read. Where the filesystem refuses O_DIRECT (tmpfs), the store warns once and reads buffered.
+  `cache_bytes`, evicted by a pluggable policy (flashmoe/runtime/eviction.py). A hit returns the cache entry
+  itself, without a read or a copy. Where the filesystem refuses O_DIRECT (tmpfs), the store warns once and
+  reads buffered.
 
 Usage by the engine, per MoE layer per token (or per prefill batch of `store.batch_size` experts)::
 
@@ -23,10 +29,13 @@ Buffer lifetime: the arrays that `wait` returns stay valid until `release(f)`, a
 fetches, of the same layer or not, may be alive together (prefill keeps the next batch in flight while the
 current one computes). After `release` their memory is reused for other experts: never keep them (or
 views of them) longer. Until released, a fetch holds one pool buffer per distinct expert id (direct mode:
-or pins its cache entries), so the engine must release every fetch; `release_all()` (e.g. in a `finally`
-around a generation, for Ctrl-C) releases whatever is left. Read-buffer memory is then bounded by
-`ExpertStore.read_buffer_bytes(k, nbytes, threads)` when decode fetches k experts and prefill keeps at
-most two batches of `batch_size` alive.
+or pins its cache entries; an in-place expert holds nothing), so the engine must release every fetch;
+`release_all()` (e.g. in a `finally` around a generation, for Ctrl-C) releases whatever is left.
+Read-buffer memory is then bounded by `ExpertStore.read_buffer_bytes(k, nbytes, threads)` when decode
+fetches k experts and prefill keeps at most two batches of `batch_size` alive.
+
+In-place experts are page cache, outside `--max-memory`, but count in the process's RSS while mapped
+(docs/design.md, "Memory accounting of mapped pages").
 
 The store is used from one thread (the engine's); its worker threads only read into buffers they were
 handed. Statistics go to a `flashmoe.runtime.stats.Stats` (the engine's, or the store's own).
@@ -68,14 +77,22 @@ class _Entry:
 @dataclass
 class _Slot:
     """One distinct expert of a fetch: where its bytes land and the read that puts them there.
-    `entry` is set when the buffer belongs to the direct-mode cache, else it came from the pool;
-    `hit` when the fetch found it in that cache (its read, if any, belongs to an earlier fetch)."""
+    `entry` is set when the buffer belongs to the direct-mode cache; `mapped` when it is the file's mapping
+    (pagecache mode, in place: no read); else it came from the pool. `hit` when the fetch found it in memory
+    (a cache entry's read, if any, belongs to an earlier fetch); `guessed` when a speculative read fills it."""
 
     expert: int
     buf: np.ndarray
     read: Future
     entry: _Entry | None = None
     hit: bool = False
+    mapped: bool = False
+    guessed: bool = False
+
+
+# The read of an in-place expert: none, done (0 bytes read, 0 from disk).
+_NO_READ: Future = Future()
+_NO_READ.set_result((0, 0))
 
 
 @dataclass
@@ -93,9 +110,11 @@ class ExpertRead:
     """What one fetch did for one distinct expert (`ExpertStore.report`).
 
     hit: found in memory: direct mode, in flashmoe's cache (no read); pagecache mode, every byte already
-        in the OS page cache; None where the store cannot tell (no RWF_NOWAIT).
-    bytes_read: bytes this fetch copied for it (0 for a direct-mode hit), of which disk_bytes came from
-        the device. Summed over all fetches they equal the Stats counters of the same names.
+        in the OS page cache (used in place, no read, or copied); None where the store cannot tell (no
+        RWF_NOWAIT and no mapping).
+    bytes_read: bytes this fetch copied for it (0 for a direct-mode hit and an in-place one), of which
+        disk_bytes came from the device. Summed over all fetches they equal the Stats counters of the
+        same names.
     """
 
     expert: int
@@ -132,6 +151,11 @@ class ExpertStore:
             own (e.g. MLX-owned memory) so experts reach it without a copy. Cache buffers are carved
             from allocations of up to 64 MiB.
         guess_slots: read buffers kept for speculative reads (`speculate`); 0 turns speculation off.
+        in_place: pagecache mode: hand out experts the page cache holds as views of the expert file's
+            read-only mapping instead of copying them (module docstring). Only for a backend that computes
+            on host memory as it is (Backend.experts_in_place); `allocate` is then used for misses only.
+            The attribute `in_place` says whether it is in effect (not without mincore, nor in direct
+            mode) and may be switched off and on between fetches.
 
     Raises FormatError if a file is missing or too short to hold `num_experts` experts, ValueError for
     inconsistent parameters.
@@ -150,6 +174,7 @@ class ExpertStore:
         stats: Stats | None = None,
         allocate: Callable[[int], np.ndarray] | None = None,
         guess_slots: int = 0,
+        in_place: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown I/O mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -161,7 +186,8 @@ class ExpertStore:
         self.stats = stats if stats is not None else Stats()
         self.threads = threads or DEFAULT_THREADS
         self.slot_bytes = slot_bytes(nbytes)
-        self.files = ExpertFiles(files, num_experts, stride, nbytes, mode)
+        self.files = ExpertFiles(files, num_experts, stride, nbytes, mode, in_place)
+        self.in_place = self.files.in_place
         self._allocate = checked_allocator(allocate or aligned_buffer)
         self._pool = BufferPool(self.slot_bytes, self._allocate)
         self._cache: dict[tuple[int, int], _Entry] = {}
@@ -183,7 +209,7 @@ class ExpertStore:
             nread, disk, demand = self.files.finished.popleft()
             self.stats.record_read(nread, disk)
             # A speculative read is not a lookup; the fetch that uses it counts one (a miss).
-            if demand and self.mode == "pagecache" and self.files.nowait:
+            if demand and self.files.tells_hits:
                 self.stats.record_lookups(int(disk == 0), int(disk > 0))
 
     def _evictable(self, key: tuple[int, int]) -> bool:
@@ -235,56 +261,62 @@ class ExpertStore:
         read) and return at once. The buffers stay valid until `release` (see buffer lifetime).
 
         Direct mode: cached experts are hits and are not read; misses are read into cache entries
-        (evicting by the policy) or, when no entry can be freed, into pool buffers. Experts guessed by
-        `speculate` are taken over with the read already under way (they count as misses); the other
-        guesses are stopped.
+        (evicting by the policy) or, when no entry can be freed, into pool buffers. Pagecache mode with
+        `in_place`: experts the page cache holds whole are hits, used through the mapping and not read.
+        Experts guessed by `speculate` are taken over with the read already under way (they count as
+        misses); the other guesses are stopped.
         Raises ValueError for an unknown layer or an expert id outside [0, num_experts)."""
         ids = self._check_ids(layer, expert_ids)
         guessed = self._settle_guesses(layer, ids)
-        taken = len(guessed)
         f = Fetch(layer, ids)
-        hits = 0
         for e in dict.fromkeys(ids):
-            key = (layer, e)
-            entry = self._cache.get(key)
-            guess = guessed.pop(e, None)
-            hit = entry is not None
-            if hit:
-                hits += 1
-                self._policy.touch(key)
-                if guess is not None:  # cached since it was guessed (prefill batches): the read is not needed
-                    self._stop(guess)
-                    taken -= 1
-            elif self.mode == "direct" and (buf := self._cache_buffer(key)) is not None:
-                if guess is None:
-                    entry = _Entry(buf, self._executor.submit(self.files.read, layer, e, buf))
-                else:  # the guess's buffer becomes the cache entry; the entry's buffer joins the pool
-                    entry = _Entry(guess.buf, guess.read)
-                    self._pool.give(buf)
-                self._cache[key] = entry
-                self._policy.insert(key)
-            if entry is not None:
-                entry.pins += 1
-                f._slots[e] = _Slot(e, entry.buf, entry.read, entry, hit)
-            elif guess is not None:
-                f._slots[e] = _Slot(e, guess.buf, guess.read)
-            else:
-                buf = self._pool.take()
-                f._slots[e] = _Slot(e, buf, self._executor.submit(self.files.read, layer, e, buf))
+            f._slots[e] = self._slot(layer, e, guessed.pop(e, None))
+        slots = f._slots.values()
+        taken, hits = sum(s.guessed for s in slots), sum(s.hit for s in slots)
         self.stats.record_guesses(0, taken)
         if self.mode == "direct":
-            self.stats.record_lookups(hits, len(f._slots) - hits)
-        elif self.files.nowait:
+            self.stats.record_lookups(hits, len(slots) - hits)
+        elif self.files.tells_hits:
             # Pagecache mode counts a demand read's lookup when the read finishes (_drain_done); a guess
             # taken over was read speculatively, so it is counted here, as a miss.
-            self.stats.record_lookups(0, taken)
+            self.stats.record_lookups(hits, taken)
         self._live[id(f)] = f
         return f
 
+    def _slot(self, layer: int, e: int, guess: _Guess | None) -> _Slot:
+        """Where expert `e` of a new fetch comes from, first match: flashmoe's cache (a hit), the guess
+        already reading it, the page cache through the mapping (a hit), a new read into a cache entry
+        (direct mode) or into a pool buffer."""
+        key = (layer, e)
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._policy.touch(key)
+            if guess is not None:  # cached since it was guessed (prefill batches): the read is not needed
+                self._stop(guess)
+            entry.pins += 1
+            return _Slot(e, entry.buf, entry.read, entry, hit=True)
+        if guess is None and self.in_place and (view := self.files.resident(layer, e)) is not None:
+            return _Slot(e, view, _NO_READ, hit=True, mapped=True)
+        if self.mode == "direct" and (buf := self._cache_buffer(key)) is not None:
+            if guess is None:
+                entry = _Entry(buf, self._executor.submit(self.files.read, layer, e, buf))
+            else:  # the guess's buffer becomes the cache entry; the entry's buffer joins the pool
+                entry = _Entry(guess.buf, guess.read)
+                self._pool.give(buf)
+            self._cache[key] = entry
+            self._policy.insert(key)
+            entry.pins += 1
+            return _Slot(e, entry.buf, entry.read, entry, guessed=guess is not None)
+        if guess is not None:
+            return _Slot(e, guess.buf, guess.read, guessed=True)
+        buf = self._pool.take()
+        return _Slot(e, buf, self._executor.submit(self.files.read, layer, e, buf))
+
     def wait(self, f: Fetch) -> list[np.ndarray]:
         """Block until every read of `f` is done; return one read-only np.uint8 array of length `nbytes`
-        per requested id, in the order of `f.expert_ids`, each starting on a page boundary. The time
-        blocked is recorded as I/O wait.
+        per requested id, in the order of `f.expert_ids`, each starting on a page boundary: a read buffer,
+        a direct-mode cache entry, or the expert file's mapping (in place). The time blocked is recorded
+        as I/O wait.
 
         Raises FormatError when a file ends inside a requested expert, FlashMoeError for other read
         errors, ValueError if `f` was already released."""
@@ -322,19 +354,22 @@ class ExpertStore:
             if self.mode == "direct":
                 out.append(ExpertRead(e, False, nread, disk))
             else:
-                out.append(ExpertRead(e, disk == 0 if self.files.nowait else None, nread, disk))
+                out.append(ExpertRead(e, disk == 0 if self.files.tells_hits else None, nread, disk))
         return out
 
     def release(self, f: Fetch) -> None:
         """Give `f`'s buffers back for reuse (idempotent). Pool buffers whose read is still running are
-        waited for first; cache entries just lose a pin. Entries whose read failed leave the cache."""
+        waited for first; cache entries just lose a pin; mappings stay. Entries whose read failed leave the
+        cache."""
         if f.released:
             return
         f.released = True
         del self._live[id(f)]
-        pooled = [s for s in f._slots.values() if s.entry is None]
+        pooled = [s for s in f._slots.values() if s.entry is None and not s.mapped]
         wait_futures([s.read for s in pooled])
         for s in f._slots.values():
+            if s.mapped:
+                continue
             if s.entry is None:
                 self._pool.give(s.buf)
                 continue
@@ -352,7 +387,8 @@ class ExpertStore:
         so a guess never slows the reads it is waiting for) and go GUESS_READERS at a time, in order. The
         next `fetch` of `layer` takes over the guessed experts it asks for, read or still reading, and
         stops the others within one GUESS_CHUNK: a wrong guess costs disk time the demand reads were not
-        using, and no cache entry. Ids already cached are skipped; earlier guesses are stopped.
+        using, and no cache entry. Ids already in memory (cached, or in the page cache with `in_place`)
+        are skipped; earlier guesses are stopped.
         Raises ValueError like `fetch`."""
         if not self.guess_slots:
             return
@@ -363,7 +399,7 @@ class ExpertStore:
         for e in dict.fromkeys(ids):
             if started + len(self._stopped) >= self.guess_slots:
                 break
-            if (layer, e) in self._cache:
+            if (layer, e) in self._cache or (self.in_place and self.files.resident(layer, e) is not None):
                 continue
             g = _Guess(self._pool.take(), threading.Event())
             g.read = self._guess_executor.submit(self._guess_read, layer, e, g.buf, g.stop, after_reads)
