@@ -7,7 +7,8 @@ float16 / bfloat16). The scale format is decoded in the kernel from the raw bits
 used exactly as its bytes arrive from the expert file: one copy of its bytes, no conversion pass.
 
 The mat-vec works in *units* of 32 codes (``bits`` consecutive words: 32 codes for every bit width, also
-3, 5 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units, so with the bias
+3, 5 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units (or, for groups of
+16, a unit holds two groups), so with the bias
 factoring of an affine-quantised dot product (docs/design.md, "Speed")
 
     y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
@@ -146,20 +147,41 @@ def _scale_loader(fmt: int):
 
 
 @lru_cache(maxsize=None)
+def _code_reader(bits: int):
+    """Device function (b32, w0, c) -> code c of the 32-code unit whose first word is b32[w0], as uint32."""
+    mask = uint32((1 << bits) - 1)
+    per_word = 32 // bits if 32 % bits == 0 else 0  # 0: codes straddle words (3, 5 and 6 bits)
+
+    @cuda.jit(device=True)
+    def read(b32, w0, c):
+        bit = c * bits
+        k = w0 + (bit >> 5)
+        s = bit & 31
+        code = b32[k] >> uint32(s)
+        if not per_word and s + bits > 32:
+            code |= b32[k + 1] << uint32(32 - s)
+        return code & mask
+
+    return read
+
+
+@lru_cache(maxsize=None)
 def _qdot(bits: int, group_size: int, fmt: int):
     """Device function: this lane's part of one quantised row . x (bias factored per group).
 
     The row's lanes walk its units together, lane l taking code l of each (``LANES`` apart in the
     simulator): a warp then reads 32 consecutive inputs, the unit's ``bits`` words and one scale and bias
     per group, each in one transaction. (Lane l owning whole units l, l + 32, ... instead made every read of
-    x touch 32 sectors 128 bytes apart: n_in sector reads per output row.)
+    x touch 32 sectors 128 bytes apart: n_in sector reads per output row.) Groups of 16 (two per unit) are
+    :func:`_qdot_small_groups`.
 
     (b32, b16, wrow, srow, brow, n_units, x, xoff, lane): wrow/srow/brow index the row's first word /
     scale / bias; x[xoff : xoff + 32 * n_units] is the input.
     """
+    if group_size < 32:
+        return _qdot_small_groups(bits, group_size, fmt)
     load = _scale_loader(fmt)
-    mask = uint32((1 << bits) - 1)
-    per_word = 32 // bits if 32 % bits == 0 else 0  # 0: codes straddle words (3, 5 and 6 bits)
+    read = _code_reader(bits)
     units_per_group = group_size // 32
 
     @cuda.jit(device=True)
@@ -170,20 +192,35 @@ def _qdot(bits: int, group_size: int, fmt: int):
             xs = float32(0.0)
             for uu in range(units_per_group):
                 u = g * units_per_group + uu
-                w0 = wrow + u * bits
-                x0 = xoff + u * 32
                 for i in range(CODES_PER_LANE):  # one on a GPU: the warp reads 32 inputs in a row
                     c = lane + i * LANES
-                    bit = c * bits
-                    k = w0 + (bit >> 5)
-                    s = bit & 31
-                    code = b32[k] >> uint32(s)
-                    if not per_word and s + bits > 32:
-                        code |= b32[k + 1] << uint32(32 - s)
-                    xv = x[x0 + c]
-                    dot += float32(code & mask) * xv
+                    xv = x[xoff + u * 32 + c]
+                    dot += float32(read(b32, wrow + u * bits, c)) * xv
                     xs += xv
             acc += load(b32, b16, srow + g) * dot + load(b32, b16, brow + g) * xs
+        return acc
+
+    return qdot
+
+
+@lru_cache(maxsize=None)
+def _qdot_small_groups(bits: int, group_size: int, fmt: int):
+    """:func:`_qdot` for groups smaller than a unit (16: llama.cpp's K-quant sub-blocks): a unit holds
+    ``32 / group_size`` groups, and each lane applies the scale and bias of its own code's group."""
+    load = _scale_loader(fmt)
+    read = _code_reader(bits)
+    groups_per_unit = 32 // group_size
+
+    @cuda.jit(device=True)
+    def qdot(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
+        acc = float32(0.0)
+        for u in range(n_units):
+            for i in range(CODES_PER_LANE):
+                c = lane + i * LANES
+                xv = x[xoff + u * 32 + c]
+                g = u * groups_per_unit + c // group_size
+                acc += (load(b32, b16, srow + g) * float32(read(b32, wrow + u * bits, c)) +
+                        load(b32, b16, brow + g)) * xv
         return acc
 
     return qdot

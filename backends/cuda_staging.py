@@ -27,7 +27,7 @@ from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.backends import cuda_kernels as K
 from flashmoe.backends.base import BackendError, Expert
 from flashmoe.backends.cuda_arrays import cdiv, new_event, upload
-from flashmoe.format.quant import QuantizedTensor
+from flashmoe.format.quant import FORMAT_GROUP_SIZES, QuantizedTensor
 from flashmoe.runtime.eviction import make_policy
 
 if not K.SIMULATOR:
@@ -89,7 +89,8 @@ def upload_quantized(t: QuantizedTensor, name: str) -> DeviceQuantized:
         raise BackendError(f"{name}: expected weight [out, in*bits/32] with scales/biases [out, in/group_size], "
                            f"got weight {t.weight.shape}, scales {t.scales.shape}, biases {t.biases.shape}")
     out_f, in_f = t.shape
-    if t.weight.shape[1] * 32 != in_f * t.bits or in_f % t.group_size or t.group_size % 32:
+    if t.weight.shape[1] * 32 != in_f * t.bits or in_f % max(t.group_size, 32) \
+            or t.group_size not in FORMAT_GROUP_SIZES:
         raise BackendError(f"{name}: weight {t.weight.shape} does not hold {t.bits}-bit values for scales "
                            f"{t.scales.shape} with group_size {t.group_size}")
     fmt = _scale_format(t.scales.dtype, name)
@@ -130,7 +131,7 @@ class _ExpertLayout:
 
 def _expert_layout(expert: Expert, arrays: list[np.ndarray], offsets: tuple[int, ...]) -> _ExpertLayout | None:
     """The layout of one quantised expert whose nine arrays lie at byte `offsets` from the start of its span;
-    None when the kernels cannot address it in place (misaligned tensor, group size not a multiple of 32,
+    None when the kernels cannot address it in place (misaligned tensor, rows not whole 32-code units,
     gate and up quantised apart)."""
     tensors, end = [], 0
     for j, name in enumerate(EXPERT_PROJS):
@@ -138,7 +139,8 @@ def _expert_layout(expert: Expert, arrays: list[np.ndarray], offsets: tuple[int,
         fmt = _scale_format(t.scales.dtype, f"expert {name}")
         at = offsets[3 * j:3 * j + 3]
         scale_align = 4 if fmt == K.F32 else 2
-        if at[0] % 4 or at[1] % scale_align or at[2] % scale_align or t.group_size % 32:
+        if at[0] % 4 or at[1] % scale_align or at[2] % scale_align or t.shape[1] % 32 \
+                or t.group_size not in FORMAT_GROUP_SIZES:
             return None
         tensors.append((at, *t.shape, int(t.bits), int(t.group_size), fmt))
         end = max([end] + [o + a.nbytes for o, a in zip(at, arrays[3 * j:3 * j + 3])])

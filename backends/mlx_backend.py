@@ -49,6 +49,8 @@ except ImportError as e:  # pragma: no cover - exercised only without mlx instal
 _PAGE = 4096
 # shaders/ beside backends/ in a source checkout; flashmoe/shaders in an installed wheel.
 _SHADER_DIRS = (Path(__file__).resolve().parent.parent / "shaders", Path(__file__).resolve().parent / "shaders")
+# The smallest group mx.quantized_matmul and mx.dequantize take; groups of 16 go through _group_halves.
+_MLX_MIN_GROUP = 32
 # Grow the RoPE cos/sin table to at least this many positions at a time.
 _ROPE_TABLE_MIN = 4096
 
@@ -134,6 +136,36 @@ def gpu_language() -> str | None:
     return None
 
 
+def _dequantize(q: MxQuantized) -> Any:
+    return mx.dequantize(q.words, q.scales, q.biases, group_size=q.group_size, bits=q.bits)
+
+
+def _group_halves(q: MxQuantized) -> tuple[MxQuantized, MxQuantized]:
+    """A weight in groups of 16 as two weights in groups of 32 over the same words: the first with the even
+    groups' scales and biases (right on the first 16 values of every 32), the second with the odd groups'."""
+    g = 2 * q.group_size
+    return (MxQuantized(q.words, q.scales[:, 0::2], q.biases[:, 0::2], q.bits, g),
+            MxQuantized(q.words, q.scales[:, 1::2], q.biases[:, 1::2], q.bits, g))
+
+
+def _even_group_mask(q: MxQuantized) -> Any:
+    """bool ``[in]``: True on the inputs of even groups."""
+    return (mx.arange(q.shape[1]) // q.group_size) % 2 == 0
+
+
+def _small_group_matmul(x: Any, q: MxQuantized) -> Any:
+    """``x Wᵀ`` for a weight in groups of 16, which MLX's quantized_matmul does not take (0.32: it refuses
+    them, or at 2 bits returns wrong values): ``x_even Wᵀ_even + x_odd Wᵀ_odd``, where x_even keeps the
+    inputs of even groups (zero elsewhere) and W_even is the weight read in groups of 32 with the even groups'
+    scales (:func:`_group_halves`): each product sees only the inputs its scales are right for. Exact
+    arithmetic; twice the reads of one group-32 product (docs/benchmarks.md, "group 16 on MLX")."""
+    even, odd = _group_halves(q)
+    mask = _even_group_mask(q)
+    zero = mx.zeros_like(x)
+    return sum(mx.quantized_matmul(mx.where(m, x, zero), h.words, h.scales, h.biases, transpose=True,
+                                   group_size=h.group_size, bits=h.bits) for m, h in ((mask, even), (~mask, odd)))
+
+
 class FusedKernels:
     """The 4-bit expert kernels of ``shaders/``, JIT-compiled by MLX for its GPU (Metal or CUDA sources of
     the same kernels, with the same inputs, template and launch geometry).
@@ -160,8 +192,10 @@ class FusedKernels:
 
     @staticmethod
     def supports(*weights: Any) -> bool:
-        """Whether every weight is a 4-bit MxQuantized with one scale dtype (what the kernels take)."""
-        return all(isinstance(w, MxQuantized) and w.bits == 4 for w in weights) and \
+        """Whether every weight is a 4-bit MxQuantized in groups of 32 or more with one scale dtype (what the
+        kernels take)."""
+        return all(isinstance(w, MxQuantized) and w.bits == 4 and w.group_size >= _MLX_MIN_GROUP
+                   for w in weights) and \
             len({w.scales.dtype for w in weights}) == 1
 
     def _rows_launch(self, q: MxQuantized) -> dict:
@@ -273,6 +307,8 @@ class MlxBackend(Backend):
                                        transpose=True, group_size=32, bits=4, mode="mxfp4")
         x, w = _f32(x), self._weight(w)
         if isinstance(w, MxQuantized):
+            if w.group_size < _MLX_MIN_GROUP:
+                return _small_group_matmul(x, w)
             if self._cuda_small_k_qmm_broken and x.shape[0] > 1 and w.shape[1] < 128:
                 return x @ mx.dequantize(w.words, w.scales, w.biases, group_size=w.group_size, bits=w.bits).T
             return mx.quantized_matmul(x, w.words, w.scales, w.biases, transpose=True,
@@ -284,8 +320,12 @@ class MlxBackend(Backend):
         w = self._weight(w)
         if isinstance(w, MxQuantized):
             # dequantize computes in the scales' dtype: widen bf16/f16 scales first to get float32 rows
-            return mx.dequantize(w.words[rows], w.scales[rows].astype(mx.float32),
-                                 w.biases[rows].astype(mx.float32), group_size=w.group_size, bits=w.bits)
+            q = MxQuantized(w.words[rows], w.scales[rows].astype(mx.float32), w.biases[rows].astype(mx.float32),
+                            w.bits, w.group_size)
+            if q.group_size < _MLX_MIN_GROUP:
+                even, odd = _group_halves(q)
+                return mx.where(_even_group_mask(q), _dequantize(even), _dequantize(odd))
+            return _dequantize(q)
         return w[rows]
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:

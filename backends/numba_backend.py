@@ -89,8 +89,17 @@ if numba is not None:
 
     @njit(inline="always")
     def _unit_dots(wrow, xp, pw, bits):
-        """pw[u] = sum_j code(u, j) * xp[j, u]: pass 1 of the factored dot product."""
+        """pw[u] = sum_j code(u, j) * xp[j, u]: pass 1 of the factored dot product. When pw has two entries
+        per unit (groups of 16 at 3/5/6 bits: a 32-code unit spans two groups), pw[2u + h] sums half h."""
         cpu = 32 // bits if 32 % bits == 0 else 32
+        if pw.shape[0] != xp.shape[1]:
+            for u in range(xp.shape[1]):
+                for h in range(2):
+                    t = np.float32(0.0)
+                    for j in range(16 * h, 16 * h + 16):
+                        t += np.float32(np.int32(code(wrow, u, j, bits))) * xp[j, u]
+                    pw[2 * u + h] = t
+            return
         for u in range(pw.shape[0]):
             t = np.float32(0.0)
             for j in range(cpu):
@@ -131,19 +140,22 @@ if numba is not None:
         """tile[r - r0, j, u] = scale * code(r, u, j) + bias: rows r0..r1 in the permuted layout."""
         cpu = tile.shape[1]
         nu = tile.shape[2]
-        upg = nu // scales.shape[1]
-        su = np.empty(nu, np.float32)  # each unit's scale and bias, so the loop over units vectorises
-        bu = np.empty(nu, np.float32)
+        halves = max(1, scales.shape[1] // nu)  # 2 for groups of 16 at 3/5/6 bits: two groups per unit
+        upg = max(1, nu // scales.shape[1])
+        # each unit's scale and bias (per half unit), so the loop over units vectorises
+        su = np.empty((halves, nu), np.float32)
+        bu = np.empty((halves, nu), np.float32)
         for r in range(r0, r1):
             for g in range(scales.shape[1]):
                 s, b = widen(scales[r, g]), widen(biases[r, g])
-                for u in range(g * upg, g * upg + upg):
-                    su[u] = s
-                    bu[u] = b
+                for u in range(g * upg // halves, g * upg // halves + upg):
+                    su[g % halves, u] = s
+                    bu[g % halves, u] = b
             wrow = words[r]
             for j in range(cpu):
+                h = j * halves // cpu
                 for u in range(nu):
-                    tile[r - r0, j, u] = su[u] * np.float32(np.int32(code(wrow, u, j, bits))) + bu[u]
+                    tile[r - r0, j, u] = su[h, u] * np.float32(np.int32(code(wrow, u, j, bits))) + bu[h, u]
 
     @functools.lru_cache(maxsize=None)
     def kernels(bits: int, bf16: bool) -> SimpleNamespace:
@@ -158,7 +170,7 @@ if numba is not None:
             n_rows = words.shape[0]
             n_tok, _, nu = xp.shape
             for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
-                pw = np.empty(nu, np.float32)
+                pw = np.empty(max(nu, scales.shape[1]), np.float32)  # per unit, or per group of 16
                 for o in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
                     for t in range(n_tok):
                         _unit_dots(words[o], xp[t], pw, bits)
@@ -208,7 +220,7 @@ if numba is not None:
                 else:
                     gw, gs, gb = f32_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
                     uw, us, ub = f32_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
-                pw = np.empty(xp.shape[2], np.float32)
+                pw = np.empty(max(xp.shape[2], xsum.shape[1]), np.float32)
                 gate = np.empty(EXPERT_ROW_BLOCK, np.float32)
                 i0 = (c % nblk) * EXPERT_ROW_BLOCK
                 i1 = min(inter, i0 + EXPERT_ROW_BLOCK)
@@ -230,7 +242,7 @@ if numba is not None:
             for c in prange((n_rows + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK):
                 o0 = c * EXPERT_ROW_BLOCK
                 o1 = min(n_rows, o0 + EXPERT_ROW_BLOCK)
-                pw = np.empty(hp.shape[2], np.float32)
+                pw = np.empty(max(hp.shape[2], hsum.shape[1]), np.float32)
                 acc = np.zeros(EXPERT_ROW_BLOCK, np.float32)
                 for e in range(k):
                     if bf16:

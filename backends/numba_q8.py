@@ -39,7 +39,7 @@ try:
 except ImportError:  # the numba backend reports it (numba_backend.unavailable_reason)
     numba = None
 
-from flashmoe.reference.q8 import q8_block
+from flashmoe.reference.q8 import Q8_BLOCK, q8_block
 
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, bf16_expert_view, code,
                                             f32_expert_view, u32_as_f32, widen)
@@ -61,9 +61,10 @@ def int8_instructions() -> str | None:
 INT8_INSTRUCTIONS = int8_instructions()
 
 
-def paired_layout(bits: int, in_features: int) -> bool:
-    """True when the x86 4-bit row kernel applies, so x is quantised in paired order (module docstring)."""
-    return INT8_INSTRUCTIONS is not None and bits == 4 and in_features % 64 == 0
+def paired_layout(bits: int, in_features: int, group_size: int) -> bool:
+    """True when the x86 4-bit row kernel applies, so x is quantised in paired order (module docstring): it
+    takes activation blocks of 32, so not groups of 16 (whose blocks are 16, flashmoe.reference.q8.q8_block)."""
+    return INT8_INSTRUCTIONS is not None and bits == 4 and in_features % 64 == 0 and group_size >= Q8_BLOCK
 
 
 if numba is not None:
@@ -319,7 +320,7 @@ def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
     paired): the q8 activations in the order the kernels for `bits` read (paired_layout)."""
     T, n = x.shape
     block = q8_block(group_size)
-    paired = paired_layout(bits, n)
+    paired = paired_layout(bits, n, group_size)
     xq = np.empty((T, n), np.int8)
     d = np.empty((T, n // block), np.float32)
     xsum = np.empty((T, n // group_size), np.float32)

@@ -31,15 +31,13 @@ from flashmoe.arch.config import YarnRope
 from flashmoe.backends.base import Backend, ClampedSwiGLU
 from flashmoe.format.manifest import MXFP4
 from flashmoe.format.mxfp4 import Mxfp4Tensor
-from flashmoe.format.quant import QuantizedTensor
+from flashmoe.format.quant import BITS, FORMAT_GROUP_SIZES, QuantizedTensor
 
 #: Bound on max|got - want| / max|want| for float32 activations: elementwise ops round once or twice;
 #: reductions (dot products, softmax sums, recurrences) reorder up to thousands of float32 additions.
 TOLERANCE = {"elementwise": 1e-5, "reduction": 1e-4}
 
 SCALE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -239,9 +237,11 @@ def _quick() -> list[OpCase]:
              for b, g, s, t in [(2, 32, "bfloat16", 1), (3, 64, "float16", 1), (4, 64, "bfloat16", 1),
                                 (6, 128, "float32", 1), (8, 64, "bfloat16", 1), (4, 32, "float16", 5),
                                 (3, 32, "bfloat16", 3), (8, 128, "float32", 4), (5, 32, "float32", 1),
-                                (5, 64, "bfloat16", 3)]]
+                                (5, 64, "bfloat16", 3), (6, 16, "float32", 1), (3, 16, "float32", 3),
+                                (2, 16, "float32", 5), (4, 16, "bfloat16", 1)]]
     cases += [c("linear", tokens=3, out=40, inp=96, bits=None), c("linear", tokens=1, out=33, inp=64, bits=None)]
     cases += [c("embed", tokens=5, vocab=300, hidden=128, bits=b, group_size=64, sdtype="bfloat16") for b in (4, 6)]
+    cases += [c("embed", tokens=3, vocab=40, hidden=96, bits=b, group_size=16, sdtype="float32") for b in (3, 6)]
     cases += [c("embed", tokens=3, vocab=50, hidden=64, bits=None)]
     cases += [c("rms_norm", tokens=3, n=256, scale=10.0), c("rms_norm", tokens=1, n=48, eps=1e-5)]
     cases += [c("rope", tokens=4, heads=3, head_dim=64, rotary_dim=16, theta=1e7, max_position=40000),
@@ -257,14 +257,16 @@ def _quick() -> list[OpCase]:
     cases += [c("expert_ffn", tokens=2, hidden=64, inter=32, bits=None)]
     cases += [c("experts_ffn", k=k, hidden=128, inter=max(64, g), bits=b, group_size=g, sdtype=s)
               for k, b, g, s in [(4, 4, 64, "bfloat16"), (1, 8, 32, "float16"), (3, 3, 32, "float32"),
-                                 (2, 6, 64, "bfloat16"), (2, 2, 128, "bfloat16"), (2, 5, 32, "float32")]]
+                                 (2, 6, 64, "bfloat16"), (2, 2, 128, "bfloat16"), (2, 5, 32, "float32"),
+                                 (2, 6, 16, "float32"), (3, 3, 16, "float32"), (2, 2, 16, "float32")]]
     cases += [c("experts_ffn", k=2, hidden=64, inter=32, bits=None)]
     # q8 activations (decode-sized calls): the x86 4-bit kernel (runs of 64 inputs) and the portable loop
     cases += [c("linear", tokens=t, out=72, inp=i, bits=b, group_size=g, sdtype=s, activations="q8")
-              for t, i, b, g, s in [(1, 256, 4, 64, "bfloat16"), (3, 96, 4, 32, "float16"), (1, 256, 3, 128, "bfloat16")]]
+              for t, i, b, g, s in [(1, 256, 4, 64, "bfloat16"), (3, 96, 4, 32, "float16"), (1, 256, 3, 128, "bfloat16"),
+                                    (1, 256, 6, 16, "float32"), (3, 96, 3, 16, "float32"), (1, 128, 4, 16, "float32")]]
     cases += [c("expert_ffn", tokens=1, hidden=128, inter=64, bits=4, group_size=64, sdtype="bfloat16", activations="q8")]
     cases += [c("experts_ffn", k=k, hidden=128, inter=64, bits=b, group_size=g, sdtype=s, activations="q8")
-              for k, b, g, s in [(4, 4, 64, "bfloat16"), (2, 2, 32, "float32")]]
+              for k, b, g, s in [(4, 4, 64, "bfloat16"), (2, 2, 32, "float32"), (2, 6, 16, "float32")]]
     cases += [c(op, tokens=3, n=40) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
     cases += [c("clip", tokens=3, n=40, limit=2.0)]
     # gpt-oss: MXFP4 weights, YaRN, sinks, experts with biases and the clamped SwiGLU
@@ -287,7 +289,7 @@ def full_cases(seeds: int = 3) -> list[OpCase]:
     c = OpCase.of
     cases = [OpCase(q.op, q.params, s) for q in QUICK_CASES for s in range(seeds)]
     for b in BITS:
-        for g in GROUP_SIZES:
+        for g in FORMAT_GROUP_SIZES:
             cases.append(c("linear", tokens=1, out=65, inp=384, bits=b, group_size=g, sdtype="bfloat16"))
             cases.append(c("linear", tokens=9, out=31, inp=384, bits=b, group_size=g, sdtype="float16"))
             cases.append(c("experts_ffn", k=3, hidden=128, inter=128, bits=b, group_size=g, sdtype="bfloat16"))

@@ -45,8 +45,11 @@ def _tiny_cases() -> list[OpCase]:
     cases = [c("linear", tokens=1, out=6, inp=64, bits=b, group_size=32, sdtype=s)
              for b, s in [(2, "bfloat16"), (3, "float16"), (4, "bfloat16"), (6, "float32"), (8, "float16")]]
     cases += [c("linear", tokens=2, out=5, inp=128, bits=4, group_size=128, sdtype="float32"),
+              c("linear", tokens=2, out=5, inp=64, bits=6, group_size=16, sdtype="float32"),
+              c("linear", tokens=1, out=5, inp=64, bits=2, group_size=16, sdtype="float32"),
               c("linear", tokens=2, out=5, inp=40, bits=None),
               c("embed", tokens=3, vocab=20, hidden=64, bits=3, group_size=64, sdtype="bfloat16"),
+              c("embed", tokens=2, vocab=9, hidden=64, bits=6, group_size=16, sdtype="float32"),
               c("embed", tokens=2, vocab=9, hidden=16, bits=None),
               c("rms_norm", tokens=2, n=70, scale=10.0),
               c("rope", tokens=2, heads=2, head_dim=24, rotary_dim=8, theta=1e7, max_position=40000),
@@ -57,6 +60,7 @@ def _tiny_cases() -> list[OpCase]:
               c("expert_ffn", tokens=2, hidden=32, inter=16, bits=None),
               c("experts_ffn", k=3, hidden=64, inter=32, bits=4, group_size=32, sdtype="bfloat16"),
               c("experts_ffn", k=2, hidden=32, inter=32, bits=6, group_size=32, sdtype="float16"),
+              c("experts_ffn", k=2, hidden=32, inter=32, bits=3, group_size=16, sdtype="float32"),
               c("experts_ffn", k=2, hidden=32, inter=16, bits=None)]
     cases += [c(op, tokens=2, n=20) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
     return cases + [c("clip", tokens=2, n=20, limit=2.0)]

@@ -1,6 +1,7 @@
-"""`flashmoe convert MODEL.gguf DST`: a tiny model written as GGUF (a mix of Q4_K, Q5_K, Q8_0, Q4_0, Q6_K and
-F32 tensors, by the `gguf` package) imports into a model directory whose reference logits equal the reference
-on gguf.quants' own dequantisation of every tensor; damaged input leaves nothing behind."""
+"""`flashmoe convert MODEL.gguf DST`: a tiny model written as GGUF (a mix of Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, Q8_0,
+Q4_0 and F32 tensors, by the `gguf` package) imports into a model directory whose tensors equal gguf.quants' own
+dequantisation bit for bit and whose reference logits equal the reference on those; damaged input leaves
+nothing behind."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ _CONFIG = dict(vocab_size=256, hidden_size=256, num_hidden_layers=2, num_attenti
                head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256, intermediate_size=256,
                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-# the quantised types, in turn over the matrices; Q6_K has sub-blocks of 16 (requantised, with a warning)
-MIX = (QT.Q4_K, QT.Q8_0, QT.Q4_0, QT.Q5_K)
-_K_SCALES = {QT.Q4_K: ((0, 2), 3e-4, 2e-3), QT.Q5_K: ((0, 2), 1.5e-4, 2e-3), QT.Q6_K: ((208,), 1.5e-4, 0)}
+# the quantised types, in turn over the matrices; Q6_K, Q2_K and Q3_K have sub-blocks of 16
+MIX = (QT.Q4_K, QT.Q8_0, QT.Q6_K, QT.Q4_0, QT.Q5_K, QT.Q2_K, QT.Q3_K)
+# K-quant -> (byte offsets of its float16 d and dmin, their sizes): weights of about 0.1
+_K_SCALES = {QT.Q4_K: ((0, 2), 3e-4, 2e-3), QT.Q5_K: ((0, 2), 1.5e-4, 2e-3), QT.Q6_K: ((208,), 1.5e-4, 0),
+             QT.Q2_K: ((80, 82), 3e-3, 3e-3), QT.Q3_K: ((108,), 1e-3, 0)}
 
 
 def _k_blocks(rng, qtype, shape) -> np.ndarray:
@@ -51,7 +54,7 @@ def _quantised(rng, name: str, shape: tuple[int, ...], qtype) -> np.ndarray:
     return gguf.quants.quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, qtype)
 
 
-def write_tiny_gguf(path, model_type: str = "qwen3_moe", six_k: bool = False) -> DictWeights:
+def write_tiny_gguf(path, model_type: str = "qwen3_moe") -> DictWeights:
     """Write the tiny model as GGUF at `path`; the canonical tensors as gguf.quants dequantises them."""
     arch = ARCH[model_type]
     cfg = ModelConfig.from_dict(dict(_CONFIG, model_type=model_type))
@@ -66,8 +69,6 @@ def write_tiny_gguf(path, model_type: str = "qwen3_moe", six_k: bool = False) ->
     tensors += [(f"blk.{i}.{EXPERT_NAMES[p]}", (i, p), (4, 256, 256)) for i in cfg.moe_layers for p in EXPERT_NAMES]
     for k, (gname, name, shape) in enumerate(tensors):
         qtype = QT.F32 if len(shape) == 1 else MIX[k % len(MIX)]
-        if six_k and gname == "blk.1.attn_output.weight":
-            qtype = QT.Q6_K
         data = _quantised(rng, gname, shape, qtype)
         w.add_tensor(gname, data, raw_dtype=qtype)
         values = gguf.quants.dequantize(data, qtype)
@@ -100,15 +101,25 @@ def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
     expected = ReferenceModel(ModelConfig.from_dict(config), truth).forward(ids)
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
     manifest = json.loads((tmp_path / "out" / "flashmoe.json").read_text())
-    assert {(q["bits"], q["group_size"]) for q in manifest["quantization"].values()} == {(4, 32), (8, 32), (5, 32)}
+    stored = {(q["bits"], q["group_size"]) for q in manifest["quantization"].values()}
+    assert {(6, 16), (2, 16), (3, 16), (4, 32), (8, 32)} <= stored <= {(6, 16), (2, 16), (3, 16), (4, 32), (8, 32),
+                                                                       (5, 32)}
 
 
-def test_sub_blocks_of_16_are_requantised_with_one_warning(tmp_path):
-    write_tiny_gguf(tmp_path / "m.gguf", six_k=True)
-    notes: list[str] = []
-    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", log=notes.append)
-    warnings = [n for n in notes if n.startswith("warning")]
-    assert len(warnings) == 1 and "blk.1.attn_output.weight (Q6_K, max error" in warnings[0]
+def test_every_tensor_equals_the_gguf_dequantisation_bit_for_bit(tmp_path):
+    from flashmoe.format.modeldir import ModelDir
+
+    truth = write_tiny_gguf(tmp_path / "m.gguf")
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", log=lambda msg: None)
+    with ModelDir.open(tmp_path / "out") as model:
+        groups = {model.quantization(n).group_size for n in model.resident_names() if model.quantization(n)}
+        assert groups == {16, 32}
+        for name in model.resident_names():
+            np.testing.assert_array_equal(model.tensor(name), truth.tensor(name), err_msg=name)
+        for layer in model.moe_layers:
+            for e in range(4):
+                for proj, got in model.expert(layer, e).items():
+                    np.testing.assert_array_equal(got, truth.tensor(expert_tensor_name(layer, e, proj)))
 
 
 def test_damaged_gguf_exits_2_and_leaves_nothing(tmp_path):
@@ -161,12 +172,13 @@ def test_bpe_tokenizer_encodes_the_same_ids(tmp_path):
 def test_info_describes_a_gguf_before_converting(tmp_path):
     from typer.testing import CliRunner
 
-    write_tiny_gguf(tmp_path / "m.gguf", six_k=True)
+    write_tiny_gguf(tmp_path / "m.gguf")
     result = CliRunner().invoke(app, ["info", str(tmp_path / "m.gguf"), "--disk-gbps", "1"])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "qwen3moe (imported by flashmoe convert; 2 layers, 4 experts, k = 2)" in out
-    assert "Q6_K         1 tensors" in out and "requantised (8-bit, group 32; sub-blocks of 16)" in out
+    assert "Q6_K         3 tensors" in out and "exact (6-bit, group 16, float32 scales/biases)" in out
+    assert "Q2_K         2 tensors" in out and "exact (2-bit, group 16, float32 scales/biases)" in out
     assert "exact (5-bit, group 32, float32 scales/biases)" in out
     # k = 2 experts of each of the 2 MoE layers: a quarter of the stacked tensors' bytes, twice
     per_token = 2 * sum(int(t.n_bytes) // 4 for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors

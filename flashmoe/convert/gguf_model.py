@@ -4,12 +4,11 @@ model directory (docs/formats.md), through the format's one writer (flashmoe.for
 - Architecture: `general.architecture` names the Family whose `gguf_arch` it is (flashmoe/arch/families.py);
   the metadata keys `{arch}.embedding_length`, `.block_count`, ... become config.json (CONFIG_KEYS).
 - Tensors: llama.cpp's names map back to canonical ones (flashmoe/arch/gguf_names.py). Float tensors (F32, F16,
-  BF16) are kept as they are; the affine block types become group-wise affine tensors exactly
-  (flashmoe/convert/gguf_quants.py) where flashmoe's kernels take their group size (32): Q4_0, Q4_1, Q5_0,
-  Q5_1, Q8_0, Q4_K, Q5_K. Q2_K, Q3_K and Q6_K (sub-blocks of 16) are dequantised and requantised to 8 bits in
-  groups of 32, and one warning names them with the measured error. Codebook types (IQ*) and others are
-  refused by name: their values are not affine, and requantising them silently would change the model
-  without the user choosing it (convert the original checkpoint, or a Q*_K GGUF, instead).
+  BF16) are kept as they are; the affine block types become group-wise affine tensors exactly, with float32
+  scales and biases (flashmoe/convert/gguf_quants.py): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K in groups of
+  32, Q2_K, Q3_K and Q6_K in groups of 16. Codebook types (IQ*) and others are refused by name: their values
+  are not affine, and requantising them silently would change the model without the user choosing it
+  (convert the original checkpoint, or a Q*_K GGUF, instead).
 - Stacked experts `blk.N.ffn_{gate,up,down}_exps.weight` [E, out, in] are written expert by expert from the
   memory map, so peak memory is about one expert.
 - The tokenizer (`tokenizer.ggml.*`) becomes tokenizer.json (flashmoe/convert/gguf_tokenizer.py) and
@@ -38,7 +37,7 @@ from flashmoe.errors import CheckpointError
 from flashmoe.format.atomic import check_output_dir
 from flashmoe.format.manifest import ExpertLayout
 from flashmoe.format.policy import KEEP
-from flashmoe.format.quant import GROUP_SIZES, QuantizedTensor, quantize
+from flashmoe.format.quant import QuantizedTensor
 from flashmoe.format.writer import ModelDirWriter, write_model_dir
 
 #: config.json key <- GGUF metadata key after `{arch}.` (llama.cpp's LLM_KV names, gguf-py's Keys.LLM).
@@ -58,8 +57,6 @@ LINEAR_ATTENTION_KEYS = {
     "linear_key_head_dim": "ssm.state_size", "linear_num_key_heads": "ssm.group_count",
     "linear_num_value_heads": "ssm.time_step_rank",
 }
-#: Bits and group size a group-16 type is requantised to (the kernels take groups of 32 and more).
-REQUANT_BITS, REQUANT_GROUP = 8, 32
 
 
 def family_of_gguf(model: GGUFModel) -> Family:
@@ -99,7 +96,7 @@ def convert_gguf(src: str | Path, dst: str | Path, force: bool = False, progress
                  log: Callable[[str], None] | None = None) -> Path:
     """Convert the GGUF `src` into the flashmoe model directory `dst` (module docstring); returns dst.
 
-    progress: a tqdm bar (None: only on a terminal). log: where notes and the requantisation warning go.
+    progress: a tqdm bar (None: only on a terminal). log: where notes go.
     Raises CheckpointError (bad or unsupported GGUF, a tensor missing or of the wrong shape or type),
     ConfigError (metadata that make no valid config) or FlashMoeError (dst exists without force, a write
     failure); dst is then left as it was and nothing is left behind.
@@ -118,28 +115,19 @@ def convert_gguf(src: str | Path, dst: str | Path, force: bool = False, progress
             out.add_file("config.json", json.dumps(cfg_json, indent=2) + "\n")
             for name, text in tokenizer_files(model, log).items():
                 out.add_file(name, text)
-    if job.requantised:
-        errors = ", ".join(f"{n} ({t}, max error {e:.2%} of its largest weight)"
-                           for n, (t, e) in list(job.requantised.items())[:4])
-        more = len(job.requantised) - 4
-        log(f"warning: {len(job.requantised)} tensor(s) have sub-blocks of 16, which flashmoe's kernels do not "
-            f"take yet: requantised to {REQUANT_BITS} bits, groups of {REQUANT_GROUP}: {errors}"
-            f"{f' and {more} more' if more > 0 else ''}")
     log(f"wrote {dst} from {src} ({len(job.done)} tensors)")
     return dst
 
 
 def import_kind(type_name: str) -> str:
-    """How the import stores a tensor of GGML type `type_name`: 'float', 'exact (N-bit, group G)',
-    'requantised (8-bit, group 32)' or 'refused'."""
+    """How the import stores a tensor of GGML type `type_name`: 'float', 'exact (N-bit, group G, ...)' or
+    'refused (...)'."""
     if type_name in FLOATS:
         return "float"
     if type_name not in AFFINE:
         return "refused (not affine)"
     bits, group = AFFINE[type_name][:2]
-    if group in GROUP_SIZES:
-        return f"exact ({bits}-bit, group {group}, float32 scales/biases)"
-    return f"requantised ({REQUANT_BITS}-bit, group {REQUANT_GROUP}; sub-blocks of {group})"
+    return f"exact ({bits}-bit, group {group}, float32 scales/biases)"
 
 
 class _Import:
@@ -147,7 +135,6 @@ class _Import:
 
     def __init__(self, model: GGUFModel, cfg: ModelConfig, arch: str, progress: bool | None):
         self.model, self.cfg, self.arch, self.progress = model, cfg, arch, progress
-        self.requantised: dict[str, tuple[str, float]] = {}  # GGUF name -> (type, max relative error)
         self.done: set[str] = set()
 
     def run(self, out: ModelDirWriter) -> None:
@@ -202,11 +189,4 @@ class _Import:
             raise CheckpointError(f"{where}: GGML type {kind} is not affine per block (codebook or other "
                                   f"format); flashmoe imports only {', '.join(AFFINE)}, F32, F16 and BF16 "
                                   "exactly: convert the original checkpoint or a Q*_K GGUF instead")
-        qt = affine_tensor(raw, kind, where)
-        if qt.group_size in GROUP_SIZES:
-            return qt
-        w = qt.dequantize()
-        re = quantize(w, REQUANT_BITS, REQUANT_GROUP)
-        err = float(np.abs(re.dequantize() - w).max() / max(float(np.abs(w).max()), 1e-30))
-        self.requantised[t.name] = (kind, max(err, self.requantised.get(t.name, (kind, 0.0))[1]))
-        return re
+        return affine_tensor(raw, kind, where)

@@ -20,7 +20,7 @@ from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.errors import FlashMoeError, FormatError
 from flashmoe.format.mxfp4 import BLOCK as MXFP4_BLOCK
 from flashmoe.format.mxfp4 import Mxfp4Tensor
-from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
+from flashmoe.format.quant import BITS, FORMAT_GROUP_SIZES, QuantizedTensor
 
 AFFINE = "affine"
 MXFP4 = "mxfp4"
@@ -97,8 +97,8 @@ class QuantSpec:
             raise FormatError(f"{where}.format = {fmt!r} is not one of {[AFFINE, MXFP4]}")
         if bits not in BITS:
             raise FormatError(f"{where}.bits = {bits} is not one of {BITS}")
-        if group_size not in GROUP_SIZES:
-            raise FormatError(f"{where}.group_size = {group_size} is not one of {GROUP_SIZES}")
+        if group_size not in FORMAT_GROUP_SIZES:
+            raise FormatError(f"{where}.group_size = {group_size} is not one of {FORMAT_GROUP_SIZES}")
         return cls(bits, group_size)
 
 

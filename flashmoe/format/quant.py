@@ -20,7 +20,12 @@ import ml_dtypes
 import numpy as np
 
 BITS = (2, 3, 4, 5, 6, 8)
+#: Group sizes the quantiser takes (mlx.core.quantize's, and convert's and synth's --group-size).
 GROUP_SIZES = (32, 64, 128)
+#: Group sizes the format holds: the quantiser's, and 16, the sub-blocks of llama.cpp's Q2_K, Q3_K and Q6_K
+#: (imported exactly from a GGUF with float32 scales and biases, flashmoe/convert/gguf_quants.py). Every
+#: backend takes all of them (conformance/op_cases.py).
+FORMAT_GROUP_SIZES = (16,) + GROUP_SIZES
 _EPS = np.float32(1e-7)
 # Quantise this many input elements at a time so float32 temporaries stay small for huge embeddings.
 _CHUNK_ELEMENTS = 1 << 24
