@@ -7,13 +7,15 @@ import json
 
 from hypothesis import assume, given, settings, strategies as st
 
-from flashmoe.serve.toolcalls import (OutputParser, ParsedOutput, ToolCall, forced_call_prefix, opens_reasoning,
-                                parse_output, tool_call_format)
+from flashmoe.serve.toolcalls import (DS_CALL_CLOSE, DS_CALL_OPEN, DS_CALLS_CLOSE, DS_CALLS_OPEN, DS_SEP, OutputParser,
+                                      ParsedOutput, ToolCall, forced_call_prefix, opens_reasoning, parse_output,
+                                      tool_call_format)
 
 FRAGMENTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<function=f>", "<parameter=a>", "</parameter>",
              "</function>", "<function=", "<parameter=", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
              "f\n", "{", "}", '"', "\\", ":", ",", '"name"', '"arguments"',
-             "\n", " ", "x", "é", "🦊", "<", "/", ">", "<tool", "</thi", '{"name": "f", "arguments": {}}']
+             "\n", " ", "x", "é", "🦊", "<", "/", ">", "<tool", "</thi", '{"name": "f", "arguments": {}}',
+             DS_CALLS_OPEN, DS_CALLS_CLOSE, DS_CALL_OPEN, DS_CALL_CLOSE, DS_SEP, "<｜tool▁call"]
 soup = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=3), max_size=40).map("".join)
 value_text = st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=4), max_size=12).map("".join)
 plain_text = st.text(alphabet=st.sampled_from(list("abc xyz.,!?<>/=é世\n")), max_size=20)
@@ -70,12 +72,16 @@ def _glm_value_ok(value: str) -> bool:
 
 
 def _render_call(draw, name: str) -> tuple[str, dict]:
-    """One call in the JSON, XML or GLM-4.5 format, as the templates write them, and its arguments."""
-    fmt = draw(st.sampled_from(["json", "xml", "glm"]))
-    if fmt == "json":
+    """One call in the JSON, XML, GLM-4.5 or DeepSeek-V3.1 format, as the templates write them, and its
+    arguments."""
+    fmt = draw(st.sampled_from(["json", "xml", "glm", "deepseek"]))
+    if fmt in ("json", "deepseek"):
         args = draw(st.dictionaries(st.sampled_from(["city", "code", "n"]),
                                     value_text | st.integers() | st.booleans() | st.lists(st.integers(), max_size=3),
                                     max_size=3))
+        if fmt == "deepseek":
+            arguments = json.dumps(args, ensure_ascii=False)
+            return f"{DS_CALLS_OPEN}{DS_CALL_OPEN}{name}{DS_SEP}{arguments}{DS_CALL_CLOSE}{DS_CALLS_CLOSE}", args
         return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}, ensure_ascii=False) + "\n</tool_call>", args
     if fmt == "xml":
         args = draw(st.dictionaries(st.sampled_from(["city", "code"]), value_text, max_size=3))

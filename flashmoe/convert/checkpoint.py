@@ -48,7 +48,8 @@ from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsFile
 from flashmoe.format.writer import ExpertFileWriter, ModelDirWriter, write_model_dir
 
-#: Files copied from the source when present (tokenizer and generation settings).
+#: Files copied from the source when present (tokenizer and generation settings), and the named chat
+#: templates in additional_chat_templates/.
 COPIED_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -248,7 +249,8 @@ class _Conversion:
             raise CheckpointError(f"{self.ckpt.describe(name)}: layer {bad_layers[0]} is beyond "
                                   f"num_hidden_layers ({self.cfg.num_hidden_layers})")
         self._convert_all(groups)
-        for name in COPIED_FILES:
+        templates = sorted((self.ckpt.root / "additional_chat_templates").glob("*.jinja"))  # transformers' named ones
+        for name in [*COPIED_FILES, *(f"additional_chat_templates/{t.name}" for t in templates)]:
             if (self.ckpt.root / name).is_file():
                 out.add_file(name, self.ckpt.root / name)
 

@@ -100,7 +100,9 @@ class ModelDirWriter:
         return writer
 
     def add_file(self, name: str, content: str | bytes | Path) -> None:
-        """Side file `name` (config.json, tokenizer files): text (UTF-8), bytes, or a copy of the file at a Path."""
+        """Side file `name` (config.json, tokenizer files; a relative path, its folders made): text (UTF-8), bytes,
+        or a copy of the file at a Path."""
+        (self.root / name).parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, Path):
             shutil.copyfile(content, self.root / name)
         elif isinstance(content, str):

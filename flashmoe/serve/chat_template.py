@@ -232,14 +232,56 @@ def render_chat(template: str | Mapping[str, str] | None, messages: list, *, too
     source = select_template(template, template_name, tools)
     variables = {k: v for k, v in (special_tokens or {}).items() if v is not None}
     variables.update(_plain(kwargs))
+    messages = normalize_messages(messages)
+    if any(_with_argument_text(m) is not m for m in messages) and _joins_argument_text(source):
+        messages = [_with_argument_text(m) for m in messages]
     try:
         return compile_template(source).render(
-            messages=normalize_messages(messages), tools=_plain(tools), documents=_plain(documents),
+            messages=messages, tools=_plain(tools), documents=_plain(documents),
             add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as e:
         raise FlashMoeError(f"chat template: {e}") from e
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise FlashMoeError(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
+
+
+def _object_arguments(call) -> bool:
+    """Whether a tool call (OpenAI form: {"function": {"name", "arguments"}}) gives its arguments as an object."""
+    return isinstance(call, dict) and isinstance(call.get("function"), dict) and \
+        isinstance(call["function"].get("arguments"), dict)
+
+
+def _with_argument_text(message: dict) -> dict:
+    """The message with its tool calls' object arguments written as JSON text."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list) or not any(map(_object_arguments, calls)):
+        return message
+    text = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"],
+                                                                         ensure_ascii=False)}}
+            if _object_arguments(c) else c for c in calls]
+    return {**message, "tool_calls": text}
+
+
+@lru_cache(maxsize=32)
+def _joins_argument_text(source: str) -> bool:
+    """Whether the template adds tool-call arguments to strings (DeepSeek-V3.1's writes
+    `'<｜tool▁sep｜>' + tool['function']['arguments']`), so that it needs them as JSON text.
+
+    Most templates iterate the arguments or `tojson` them, and flashmoe passes them as objects; transformers
+    passes whatever it is given, and such a template fails on objects. Found as llama.cpp's chat-template
+    capability probe finds it: one assistant call rendered with object arguments fails, and with the same
+    arguments as text succeeds."""
+    def renders(arguments) -> bool:
+        call = {"type": "function", "id": "call_probe", "function": {"name": "probe", "arguments": arguments}}
+        messages = [{"role": "user", "content": "probe"},
+                    {"role": "assistant", "content": "", "tool_calls": [call]}]
+        try:
+            compile_template(source).render(messages=messages, add_generation_prompt=False)
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError, AttributeError):
+            return False
+        return True
+
+    return not renders({"city": "Paris"}) and renders('{"city": "Paris"}')
 
 
 def special_tokens_of(tokenizer_config: Mapping) -> dict[str, str]:

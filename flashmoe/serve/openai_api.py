@@ -138,10 +138,14 @@ class OpenAIAPI:
 
 def _template_message(message: Message, index: int) -> dict:
     """An OpenAI message as chat templates expect it: text parts joined into one string, tool-call
-    arguments as objects (templates iterate or tojson them), 'developer' read as 'system'."""
+    arguments as objects (templates iterate or tojson them), 'developer' read as 'system', and an
+    assistant's null content (a reply that is only tool calls) as "", as vLLM passes it and as the Anthropic
+    path writes it (DeepSeek-V3.1's template adds it to the call tokens; none of its keys may be missing)."""
     out = message.model_dump(exclude_none=True)
     if out["role"] == "developer":
         out["role"] = "system"
+    if out["role"] == "assistant":
+        out.setdefault("content", "")
     content = out.get("content")
     if isinstance(content, list):
         texts = []

@@ -9,6 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from flashmoe.serve.chat_template import load_chat_template, render_chat, special_tokens_of
+from flashmoe.serve.toolcalls import MARKUP_TAGS
 from flashmoe.errors import FlashMoeError
 
 
@@ -42,6 +43,18 @@ def _token_text(value) -> str | None:
     return value
 
 
+def _with_markup_kept(text: str) -> str:
+    """tokenizer.json text in which the reasoning and tool-call tags the output parser reads
+    (toolcalls.MARKUP_TAGS) are not special tokens, so that decoding keeps them. Some tokenizers declare such
+    tags special (and decoding skips special tokens); vLLM's parsers for them turn skip_special_tokens off
+    instead, which would also print the end-of-sequence and padding tokens."""
+    spec = json.loads(text)
+    kept = [t for t in spec.get("added_tokens") or () if t.get("special") and t.get("content") in MARKUP_TAGS]
+    for token in kept:
+        token["special"] = False
+    return json.dumps(spec) if kept else text
+
+
 class Tokenizer:
     """The tokenizer.json of a model directory plus what generation needs from the config files.
 
@@ -58,7 +71,7 @@ class Tokenizer:
         if not path.exists():
             raise FlashMoeError(f"{path}: no tokenizer.json in the model directory")
         try:
-            self._tok = HFTokenizer.from_file(str(path))
+            self._tok = HFTokenizer.from_str(_with_markup_kept(path.read_text(encoding="utf-8")))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise FlashMoeError(f"{path}: cannot load tokenizer ({e})") from e
         self.config = _read_json(model_dir / "tokenizer_config.json")

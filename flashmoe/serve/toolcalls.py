@@ -1,6 +1,6 @@
 """Incremental parsing of model output into content, reasoning and tool calls.
 
-Three tool-call formats, told apart by the first characters after `<tool_call>`:
+Four tool-call formats. Three open with `<tool_call>` and are told apart by the characters after it:
 
 - Qwen3 / Qwen3.5 JSON (Hermes style), as Qwen3's chat template writes it:
   `<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>`
@@ -13,13 +13,19 @@ Three tool-call formats, told apart by the first characters after `<tool_call>`:
   (values are raw text for strings and JSON otherwise: typed by the schema like XML values, else parsed as
   JSON when they are JSON, as vLLM's glm45 parser does).
 
+The fourth is DeepSeek-V3.1's tokens, as its chat template writes them: a block of calls, each a function
+name and its JSON arguments,
+  `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}<｜tool▁call▁end｜>`
+  `<｜tool▁call▁begin｜>...<｜tool▁call▁end｜><｜tool▁calls▁end｜>` (calls chained without separators; the
+  block's end may be missing when generation stops at end-of-sequence right after the last call).
+
 `<think>...</think>` is reasoning (reasoning_content in the OpenAI API), never content. Qwen3.5-style
 templates open `<think>` in the prompt itself; `opens_reasoning(prompt)` tells the parser to start inside it.
 
 Robustness rules:
 - A closing tag inside an argument value is not the end of the call: a call ends at the first
-  `</tool_call>` at which the text so far is a complete call (for JSON: at which the text is not inside a
-  string; for XML: not inside a parameter value, which may hold `</function>` and `</tool_call>` too);
+  `</tool_call>` (`<｜tool▁call▁end｜>`) at which the text so far is a complete call (for JSON and DeepSeek's
+  arguments: at which the text is not inside a string; for XML: not inside a parameter value, which may hold `</function>` and `</tool_call>` too);
   `</parameter>` ends a value only when followed by the next `<parameter=...>` or `</function>`.
 - Anything that turns out not to be a well-formed call (bad JSON, no name, prose after `<tool_call>`, output
   cut off inside a call) is returned as content, with the tags, exactly as generated; parsing never raises.
@@ -44,6 +50,14 @@ _PARAMETER_CLOSE, _FUNCTION_CLOSE = "</parameter>", "</function>"
 _GLM_NAME = re.compile(r"[\w.\-]+")
 _ARG_KEY = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>", re.S)
 _ARG_VALUE_CLOSE = "</arg_value>"
+DS_CALLS_OPEN, DS_CALLS_CLOSE = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL_OPEN, DS_CALL_CLOSE, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+
+#: Every tag the parser reads. Tokenizers may declare these special tokens, which decoding skips by
+#: default; flashmoe.serve.tokenizer keeps them in decoded text so that they reach the parser.
+MARKUP_TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, "<arg_key>", "</arg_key>", "<arg_value>",
+               _ARG_VALUE_CLOSE, DS_CALLS_OPEN, DS_CALLS_CLOSE, DS_CALL_OPEN, DS_CALL_CLOSE, DS_SEP)
+_CLOSE_OF = {CALL_OPEN: CALL_CLOSE, DS_CALL_OPEN: DS_CALL_CLOSE}
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,10 @@ def opens_reasoning(prompt: str) -> bool:
 
 
 def tool_call_format(template: str | None) -> str | None:
-    """'xml', 'glm' or 'json' for a chat template that renders tool calls in that format, else None."""
+    """'deepseek', 'xml', 'glm' or 'json' for a chat template that renders tool calls in that format (or
+    describes it to the model), else None."""
+    if template and DS_CALL_OPEN in template:
+        return "deepseek"
     if not template or CALL_OPEN not in template:
         return None
     return "xml" if "<function=" in template else "glm" if "<arg_key>" in template else "json"
@@ -90,6 +107,8 @@ def tool_call_format(template: str | None) -> str | None:
 def forced_call_prefix(fmt: str | None, name: str | None = None) -> str:
     """Text that, appended to a prompt, makes the model continue inside a tool call (tool_choice 'required'
     or a named function). The parser must be fed the same text first (OutputParser(prefix=...))."""
+    if fmt == "deepseek":
+        return DS_CALLS_OPEN + DS_CALL_OPEN + (f"{name}{DS_SEP}" if name else "")
     if fmt == "xml":
         return f"{CALL_OPEN}\n<function={name}>\n" if name else f"{CALL_OPEN}\n<function="
     if fmt == "glm":
@@ -168,6 +187,18 @@ def _glm_open_value(text: str) -> bool:
     return opened >= 0 and not text[opened:].rstrip().endswith(_ARG_VALUE_CLOSE)
 
 
+def _inside_value(kind: str, body: str) -> bool:
+    """Whether the closing tag found right after `body` (a call's text that did not parse) lies inside an
+    argument value, so that the call goes on after it."""
+    if kind == "json":
+        return _json_open_string(body)
+    if kind == "xml":  # an XML value may hold </function> too
+        return not body.rstrip().endswith(_FUNCTION_CLOSE) or _xml_open_value(body)
+    if kind == "glm":
+        return _glm_open_value(body)
+    return _json_open_string(body.partition(DS_SEP)[2])
+
+
 def _convert(value: str, schema: dict | None):
     """An XML parameter value converted per its JSON-schema type; the raw text when untyped or invalid."""
     kind = (schema or {}).get("type")
@@ -202,8 +233,8 @@ class OutputParser:
 
     def __init__(self, *, in_reasoning: bool = False, parse_tools: bool = True, tools: list[dict] | None = None,
                  prefix: str = ""):
-        self._mode = "reasoning" if in_reasoning else "content"
-        self._tags = (THINK_OPEN, CALL_OPEN) if parse_tools else (THINK_OPEN,)
+        self._mode = "reasoning" if in_reasoning else "content"  # or "call", or "block" (between DeepSeek calls)
+        self._tags = (THINK_OPEN, CALL_OPEN, DS_CALLS_OPEN) if parse_tools else (THINK_OPEN,)
         self._schemas = {}
         for tool in tools or ():
             fn = tool.get("function", tool) if isinstance(tool, dict) else {}
@@ -214,7 +245,10 @@ class OutputParser:
         self._lstrip = in_reasoning  # drop whitespace at the start of the current block
         self._pending = {"content": "", "reasoning": ""}  # trailing whitespace held until we see what follows
         self._ws_before_call = ""
-        self._scan_from = 0  # in tool mode, where the next search for </tool_call> starts
+        self._scan_from = 0  # in call mode, where the next search for the closing tag starts
+        self._call_open = CALL_OPEN  # the tag that opened the current call
+        self._block_open = ""  # a DeepSeek block's opening tag, until a call in it parses (content if none does)
+        self._block_parsed = False  # a call of the current DeepSeek block parsed
         self._calls_seen = False
         self._out = ParsedOutput()
         if prefix:
@@ -255,10 +289,12 @@ class OutputParser:
         self._pending[kind] += text[len(body):]
 
     def _emit_raw_call(self, text: str) -> None:
-        """A would-be call that is not one: its exact text (and the whitespace before it) is content."""
+        """A would-be call that is not one: its exact text (and the whitespace and unused block tag before it)
+        is content."""
         self._pending["content"] = self._ws_before_call
         self._ws_before_call = ""
-        self._emit("content", text)
+        self._emit("content", self._block_open + text)
+        self._block_open = ""
 
     # ---- the state machine ---------------------------------------------------------------------
 
@@ -269,6 +305,8 @@ class OutputParser:
                 self._step_text("content", self._tags, final)
             elif self._mode == "reasoning":
                 self._step_text("reasoning", (THINK_CLOSE,), final)
+            elif self._mode == "block":
+                self._step_block(final)
             else:
                 self._step_call(final)
             if (self._mode, len(self._buf)) == before:
@@ -286,8 +324,9 @@ class OutputParser:
         i, tag = min(hits)
         self._emit(kind, self._buf[:i])
         self._buf = self._buf[i + len(tag) :]
-        if tag == CALL_OPEN:
-            self._mode, self._scan_from = "call", 0
+        if tag in (CALL_OPEN, DS_CALLS_OPEN):
+            self._mode, self._scan_from, self._call_open = ("call" if tag == CALL_OPEN else "block"), 0, tag
+            self._block_open, self._block_parsed = (tag if tag == DS_CALLS_OPEN else ""), False
             self._ws_before_call, self._pending["content"] = self._pending["content"], ""
             return
         if tag == THINK_OPEN:
@@ -297,47 +336,59 @@ class OutputParser:
             self._pending["reasoning"] = ""
         self._lstrip = True
 
+    def _step_block(self, final: bool) -> None:
+        """Between DeepSeek calls: the next call, the block's end, or (anything else) the end of the block,
+        whose text is parsed as content."""
+        stripped = self._buf.lstrip()
+        if stripped.startswith(DS_CALL_OPEN):
+            self._buf = stripped[len(DS_CALL_OPEN):]
+            self._mode, self._scan_from, self._call_open = "call", 0, DS_CALL_OPEN
+        elif stripped.startswith(DS_CALLS_CLOSE):
+            parsed = self._block_parsed
+            self._leave_call(len(self._buf) - len(stripped) + len(DS_CALLS_CLOSE), strip_after=parsed)
+            if not parsed:  # a block of malformed calls is content, its tags included
+                self._emit_raw_call(DS_CALLS_CLOSE)
+        elif final or not (DS_CALL_OPEN.startswith(stripped) or DS_CALLS_CLOSE.startswith(stripped)):
+            self._mode = "content"
+            self._emit_raw_call("")
+
     def _step_call(self, final: bool) -> None:
-        kind = self._body_kind(self._buf.lstrip())
+        close = _CLOSE_OF[self._call_open]
+        kind = "deepseek" if self._call_open == DS_CALL_OPEN else self._body_kind(self._buf.lstrip())
         if kind == "text":  # prose that mentions the tag: the tag is content, the rest is parsed again
             self._leave_call(0, strip_after=False)
             self._emit_raw_call(CALL_OPEN)
             return
         while kind is not None:
-            i = self._buf.find(CALL_CLOSE, self._scan_from)
+            i = self._buf.find(close, self._scan_from)
             if i < 0:
-                self._scan_from = max(0, len(self._buf) - len(CALL_CLOSE) + 1)
+                self._scan_from = max(0, len(self._buf) - len(close) + 1)
                 break
             call = self._parse(kind, self._buf[:i])
             if call is not None:
                 self._out.tool_calls.append(call)
                 self._calls_seen = True
-                self._ws_before_call = ""
-                self._leave_call(i + len(CALL_CLOSE), strip_after=True)
+                self._ws_before_call = self._block_open = ""
+                self._block_parsed = True
+                self._leave_call(i + len(close), strip_after=True)
                 return
-            if kind == "json" and _json_open_string(self._buf[:i]):
-                self._scan_from = i + 1  # the tag is inside a string value
+            if _inside_value(kind, self._buf[:i]):
+                self._scan_from = i + 1
                 continue
-            if kind == "xml" and (not self._buf[:i].rstrip().endswith(_FUNCTION_CLOSE)
-                                  or _xml_open_value(self._buf[:i])):
-                self._scan_from = i + 1  # the tag is inside a parameter value (which may hold </function> too)
-                continue
-            if kind == "glm" and _glm_open_value(self._buf[:i]):
-                self._scan_from = i + 1  # the tag is inside an <arg_value>
-                continue
-            end = i + len(CALL_CLOSE)
-            text = CALL_OPEN + self._buf[:end]
+            end = i + len(close)
+            text = self._call_open + self._buf[:end]
             self._leave_call(end, strip_after=False)
             self._emit_raw_call(text)
             return
         if final:
-            text = CALL_OPEN + self._buf
+            text = self._call_open + self._buf
             self._leave_call(len(self._buf), strip_after=False)
             self._emit_raw_call(text)
 
     def _leave_call(self, consumed: int, strip_after: bool) -> None:
+        """Drop `consumed` characters; go on after the call (in its DeepSeek block, if any)."""
         self._buf = self._buf[consumed:]
-        self._mode = "content"
+        self._mode = "block" if self._mode == "call" and self._call_open == DS_CALL_OPEN else "content"
         self._lstrip = strip_after
 
     @staticmethod
@@ -357,7 +408,21 @@ class OutputParser:
         return "glm" if stripped[name.end()] in "\n<" else "text"
 
     def _parse(self, kind: str, body: str) -> ToolCall | None:
-        return {"json": self._parse_json, "xml": self._parse_xml, "glm": self._parse_glm}[kind](body)
+        parse = {"json": self._parse_json, "xml": self._parse_xml, "glm": self._parse_glm,
+                 "deepseek": self._parse_deepseek}
+        return parse[kind](body)
+
+    @staticmethod
+    def _parse_deepseek(body: str) -> ToolCall | None:
+        name, sep, arguments = body.partition(DS_SEP)
+        name = name.strip()
+        if not sep or not _GLM_NAME.fullmatch(name):
+            return None
+        try:
+            args = json.loads(arguments)
+        except ValueError:
+            return None
+        return ToolCall(name, json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
 
     def _parse_glm(self, body: str) -> ToolCall | None:
         body = body.strip()

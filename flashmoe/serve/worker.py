@@ -202,10 +202,8 @@ class Worker:
         prefix = ""
         if choice == "required" or forced_name:
             template = select_template(self.tokenizer.chat_template, tools=tools)
-            prefix = ("\n</think>\n\n" if opens_reasoning(prompt) else "") + forced_call_prefix(
-                tool_call_format(template) or "json", forced_name)
-            prompt += prefix
-            prefix = prefix[prefix.index("<tool_call>"):]
+            prefix = forced_call_prefix(tool_call_format(template) or "json", forced_name)
+            prompt += ("\n</think>\n\n" if opens_reasoning(prompt) else "") + prefix
         parser = OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=choice != "none", tools=tools,
                               prefix=prefix)
         return prompt, parser, lambda ids: history_boundary(self.tokenizer, messages, ids, **kwargs)
