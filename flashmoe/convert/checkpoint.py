@@ -40,7 +40,7 @@ from flashmoe.arch.families import (
     to_canonical,
 )
 from flashmoe.arch.tensors import EXPERT_PROJS, resident_shapes
-from flashmoe.convert import fp8
+from flashmoe.convert import fp8, tiktoken_vocab
 from flashmoe.format.manifest import MANIFEST, RESIDENT, ExpertLayout, ExpertPart, Manifest, QuantSpec
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.policy import KEEP, QUANT_8BIT, QUANT_FLOAT, ROUTER_QUANT, QuantPolicy, quant_class
@@ -106,6 +106,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     config_json = src_dir / "config.json"  # valid JSON: ModelConfig read it
     ckpt = _Checkpoint(src_dir, fp8.block_size(json.loads(config_json.read_text()), str(config_json)))
     job = _Conversion(cfg, ckpt, res_bits, exp_bits, group_size, log, progress, keep_mxfp4=expert_bits is None)
+    job.built_tokenizer = tiktoken_vocab.tokenizer_json_for(src_dir, cfg.model_type)  # before any writing
     with write_model_dir(dst, cfg.model_type, job.source_record(str(src)), job.policy) as out:
         job.run(out)
     manifest = Manifest.from_json((dst / MANIFEST).read_text())
@@ -219,6 +220,7 @@ class _Conversion:
         self.expert_layers: list[int] = []
         self.pending: dict[str, dict[str, tuple[str, np.ndarray]]] = {}  # MLX quantised triples being gathered
         self.out: ModelDirWriter | None = None
+        self.built_tokenizer: str | None = None  # tokenizer.json text built for a source without one
 
     def source_record(self, source: str) -> dict[str, object]:
         """The manifest's `source`: what was converted, its layout and its safetensors files."""
@@ -253,6 +255,10 @@ class _Conversion:
         for name in [*COPIED_FILES, *(f"additional_chat_templates/{t.name}" for t in templates)]:
             if (self.ckpt.root / name).is_file():
                 out.add_file(name, self.ckpt.root / name)
+        if self.built_tokenizer is not None:
+            out.add_file("tokenizer.json", self.built_tokenizer)
+            self.log(f"note: tokenizer.json built from the tiktoken ranks in {self.ckpt.root} "
+                     "(flashmoe/convert/tiktoken_vocab.py)")
 
     def unquantised_warning(self) -> str | None:
         """A warning naming the weights that --bits/--expert-bits ask to quantise but that stay float because

