@@ -126,6 +126,14 @@ _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
                                              dict(_GLM, tie_word_embeddings=True, num_experts_per_tok=8,
                                                   first_k_dense_replace=2, n_shared_experts=2,
                                                   routed_scaling_factor=1.0)),
+    # a fourth GLM config (issue 16 asks four per family): k = 1 in 2 groups (one chosen), a quarter of each
+    # head rotated, attention biases without the q/k norm
+    ("glm4_moe", "k1_groups2_rotary_quarter_bias"): ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                                                     dict(_GLM, num_experts_per_tok=1, n_group=2, topk_group=1,
+                                                          attention_bias=True, routed_scaling_factor=1.5,
+                                                          rope_parameters=dict(rope_type="default",
+                                                                               rope_theta=10000.0,
+                                                                               partial_rotary_factor=0.25))),
     ("gpt_oss", "window8_k2"): ("GptOssConfig", "GptOssForCausalLM", dict(_GPT_OSS, num_experts_per_tok=2)),
     ("gpt_oss", "clamp1_k4_yarn_truncate"): ("GptOssConfig", "GptOssForCausalLM",
                                               dict(_GPT_OSS, num_experts_per_tok=4, swiglu_limit=1.0,

@@ -32,9 +32,12 @@ MLX_VARIANTS = [v for v in VARIANTS + NOAUX_VARIANTS if v not in {("qwen3_5_moe"
 # mlx-lm's OLMoE ignores clip_qkv and its Mixtral the sliding window; transformers and the reference apply
 # them, so only the tensor mapping is compared for those.
 # mlx-lm's DeepSeek-V3 always pairs RoPE dimensions interleaved, ignoring rope_interleave false.
+# mlx-lm's GLM-4.5 renormalises the top-k weights only when k > 1 (`top_k > 1 and norm_topk_prob`, as
+# DeepSeek-V2's code did); transformers' Glm4MoeTopkRouter does for k = 1 too (weight 1), and so does the reference.
 MLX_LOGIT_VARIANTS = [v for v in MLX_VARIANTS if v not in {("olmoe", "tied_k1_clip_qkv"),
                                                            ("mixtral", "tied_k1_window16"),
-                                                           ("deepseek_v3", "no_q_lora_no_norm_topk_all_moe")}]
+                                                           ("deepseek_v3", "no_q_lora_no_norm_topk_all_moe"),
+                                                           ("glm4_moe", "k1_groups2_rotary_quarter_bias")}]
 
 
 def _ids(variants):
