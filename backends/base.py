@@ -136,16 +136,25 @@ class KVCacheBuffer:
         self.v = np.zeros_like(self.k)
         self.length = 0
 
-    def append(self, k: Any, v: Any) -> tuple[Any, Any]:
-        """Store k, v ``[T, kv_heads, head_dim]`` (backend arrays) after the cached ones; return all keys and
-        values so far, ``[length, kv_heads, head_dim]`` each, as arrays the backend's ``attention`` takes."""
-        end = self.length + k.shape[0]
-        if end > self.k.shape[0]:
-            capacity = max(end, 2 * self.k.shape[0])
+    @property
+    def capacity(self) -> int:
+        """Positions the cache holds before it grows."""
+        return self.k.shape[0]
+
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` cached positions without growing later (grows now, at least doubling)."""
+        if positions > self.k.shape[0]:
+            capacity = max(positions, 2 * self.k.shape[0])
             for name in ("k", "v"):
                 grown = np.zeros((capacity, *self.k.shape[1:]), np.float32)
                 grown[: self.length] = getattr(self, name)[: self.length]
                 setattr(self, name, grown)
+
+    def append(self, k: Any, v: Any) -> tuple[Any, Any]:
+        """Store k, v ``[T, kv_heads, head_dim]`` (backend arrays) after the cached ones; return all keys and
+        values so far, ``[length, kv_heads, head_dim]`` each, as arrays the backend's ``attention`` takes."""
+        end = self.length + k.shape[0]
+        self.reserve(end)
         self.k[self.length : end] = k
         self.v[self.length : end] = v
         self.length = end
@@ -396,6 +405,17 @@ class Backend(ABC):
         ``flashmoe.reference.routing.softmax_topk`` picks from the router logits ``x @ router_weight.T``,
         when the backend holds every expert of `layer` itself (its expert cache, keys ``(layer, expert)``).
         x ``[1, hidden]``. The engine then routes on the host and passes the experts (:meth:`experts_ffn`)."""
+        return None
+
+    def capture_decode(self, step: Callable[[], Any]) -> Any | None:
+        """One decode token's work recorded for replay, or None (the default) when this backend cannot record.
+
+        `step` runs that token's forward pass on this backend and returns its logits ``[1, vocab]``; it runs once,
+        on the host, with the token's side effects on the engine's state, which the caller restores, and the
+        recording computes nothing. The returned object's ``replay(token, position)`` (ints) computes the step
+        for another token at another position and returns the logits (a backend array); its ``valid()`` says
+        whether what the recording fixed (weights, caches and expert slots in place) still holds. Raises
+        BackendError when `step` does something a recording cannot repeat (a copy to the host, say)."""
         return None
 
     def device_description(self) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
+from flashmoe.backends import cuda_attention as KA
 from flashmoe.backends import cuda_kernels as K
 from flashmoe.backends.base import BackendError, KVCacheBuffer
 
@@ -53,7 +54,10 @@ if cuda is not None and not K.SIMULATOR:
             size = cdiv(size, 512) * 512
             free = self._free.setdefault(size, [])
             ptr = free.pop() if free else self._attempt_allocation(lambda: _driver.driver.cuMemAlloc(size))
-            return _driver.MemoryPointer(weakref.proxy(self.context), ptr, size, finalizer=lambda: free.append(ptr))
+            block = _driver.MemoryPointer(weakref.proxy(self.context), ptr, size, finalizer=lambda: free.append(ptr))
+            if CAPTURE.active is not None:  # a captured graph reads and writes it at every replay
+                CAPTURE.active.keep.append(block)
+            return block
 
         def reset(self) -> None:
             for blocks in self._free.values():
@@ -104,7 +108,9 @@ class DeviceArray:
         return f"DeviceArray(shape={self.shape}, float32)"
 
     def to_host(self) -> np.ndarray:
-        """A NumPy float32 copy of this array."""
+        """A NumPy float32 copy of this array. Raises CaptureError inside a capture (the host would read
+        values the capture does not compute)."""
+        refuse_in_capture("a copy to the host")
         return self.flat.copy_to_host().reshape(self.shape)
 
 
@@ -153,12 +159,13 @@ def split(x: DeviceArray, sizes: Any) -> list[DeviceArray]:
     return pieces
 
 
-def gather_rows(x: DeviceArray, ids: np.ndarray) -> DeviceArray:
-    """Rows ``ids`` (int [n]) of x along the first axis -> [n, *x.shape[1:]]."""
+def gather_rows(x: DeviceArray, ids: np.ndarray, on_device: Any = None) -> DeviceArray:
+    """Rows ``ids`` (int [n]) of x along the first axis -> [n, *x.shape[1:]]; on_device: the same ids already
+    on the device (int64), else they are uploaded."""
     ids = np.asarray(ids, np.int64).reshape(-1)
     cols = x.size // max(x.shape[0], 1)
     out = empty((len(ids), *x.shape[1:]))
-    flat_launch(K.gather_rows, out.size, x.flat, cols, upload(ids), out.flat)
+    flat_launch(K.gather_rows, out.size, x.flat, cols, upload(ids) if on_device is None else on_device, out.flat)
     return out
 
 
@@ -253,6 +260,7 @@ def to_device(x: Any) -> DeviceArray:
         if len(_SCALARS) < _MAX_SCALARS:
             _SCALARS[key] = scalar
         return scalar
+    refuse_in_capture("a copy of a host array")
     a = np.asarray(x, dtype=np.float32)
     return DeviceArray(cuda.to_device(np.ascontiguousarray(a).reshape(-1)), a.shape)
 
@@ -292,7 +300,9 @@ class _Uploads:
 
 
 def upload(a: np.ndarray) -> Any:
-    """A small host array as a flat numba device array, through the pinned ring."""
+    """A small host array as a flat numba device array, through the pinned ring. Raises CaptureError inside
+    a capture (a replay would copy the capture's values again)."""
+    refuse_in_capture("an upload of a host array")
     if not _UPLOADS:
         _UPLOADS.append(_Uploads())
     return _UPLOADS[0](a)
@@ -303,7 +313,9 @@ _UPLOADS: list[_Uploads] = []
 
 def device_positions(positions: np.ndarray) -> Any:
     """Token positions as an int64 device array, uploaded once per forward call: rope (q and k) and attention
-    of every full-attention layer use the same positions."""
+    of every full-attention layer use the same positions. Inside a capture: the graph's position input."""
+    if CAPTURE.active is not None:
+        return CAPTURE.active.positions
     pos = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
     key = pos.tobytes()
     if _LAST_POSITIONS and _LAST_POSITIONS[0] == key:
@@ -313,6 +325,40 @@ def device_positions(positions: np.ndarray) -> Any:
 
 
 _LAST_POSITIONS: list = []
+
+
+def device_ids(ids: np.ndarray) -> Any:
+    """Token ids (int64 [T]) on the device; inside a capture, the graph's token input."""
+    if CAPTURE.active is not None:
+        return CAPTURE.active.ids
+    return upload(np.ascontiguousarray(ids, dtype=np.int64).reshape(-1))
+
+
+class CaptureError(BackendError):
+    """Work a CUDA graph cannot hold was asked for while capturing one (a copy to or from the host, a launch
+    through numba's own path): the caller runs that step without a graph."""
+
+
+class _Capture:
+    """The capture under way: the graph's inputs (token ids and positions, int64 device arrays [1]), where
+    launches go (a cuda.core GraphBuilder) and the device blocks allocated meanwhile, kept for the graph."""
+
+    def __init__(self, ids: Any, positions: Any, builder: Any) -> None:
+        self.ids, self.positions, self.builder = ids, positions, builder
+        self.keep: list = []
+
+
+class _CaptureSlot:
+    active: _Capture | None = None
+
+
+CAPTURE = _CaptureSlot()
+
+
+def refuse_in_capture(what: str) -> None:
+    """Raise CaptureError naming `what` when a capture is under way."""
+    if CAPTURE.active is not None:
+        raise CaptureError(f"{what} cannot be part of a CUDA graph")
 
 
 def flat_launch(kernel: Any, n: int, *args: Any) -> None:
@@ -336,6 +382,9 @@ class _Plan:
     def __init__(self, kernel: Any, codes: tuple[int, ...]) -> None:
         self.kernel, self.codes = kernel, codes
 
+
+#: kernels and graphs the host launched (numba's own path not counted), for the benchmarks
+LAUNCHES = [0]
 
 # (dispatcher, argument kinds) -> _Plan, or None where the dispatcher's own path must be taken.
 _PLANS: dict[tuple, _Plan | None] = {}
@@ -369,6 +418,8 @@ def launch(kernel: Any, grid: Any, block: Any, args: tuple) -> None:
         return
     key = (kernel, *map(_arg_kind, args))
     plan = _PLANS.get(key, False)
+    if plan is False or plan is None:
+        refuse_in_capture("a kernel launched through numba's dispatcher")
     if plan is False:
         kernel[grid, block](*args)  # compiles on first use
         _PLANS[key] = _make_plan(kernel, args) if None not in key else None
@@ -390,7 +441,9 @@ def launch(kernel: Any, grid: Any, block: Any, args: tuple) -> None:
         config = _DIRECT.LaunchConfig(grid=grid, block=block)
         if len(_CONFIGS) < _MAX_CONFIGS:
             _CONFIGS[(grid, block)] = config
-    _DIRECT.launch(_DIRECT.stream, config, plan.kernel, *values)
+    LAUNCHES[0] += CAPTURE.active is None
+    stream = _DIRECT.stream if CAPTURE.active is None else CAPTURE.active.builder
+    _DIRECT.launch(stream, config, plan.kernel, *values)
 
 
 def _make_plan(kernel: Any, args: tuple) -> _Plan | None:
@@ -411,9 +464,15 @@ def _make_plan(kernel: Any, args: tuple) -> _Plan | None:
             codes.append(ty.dtype.bitwidth // 8)
         else:
             return None
+    core_stream()
+    return _Plan(compiled._codelibrary.get_cufunc().kernel, tuple(codes))
+
+
+def core_stream() -> Any:
+    """The default stream of the launches as a cuda.core stream (where a replayed graph runs)."""
     if _DIRECT.stream is None:
         _DIRECT.stream = _driver._to_core_stream(0)
-    return _Plan(compiled._codelibrary.get_cufunc().kernel, tuple(codes))
+    return _DIRECT.stream
 
 
 def new_event() -> Any:
@@ -425,7 +484,12 @@ class DeviceKVCacheBuffer(KVCacheBuffer):
     """A KV cache in GPU memory: keys and values flat float32 ``[capacity * kv_heads * head_dim]`` each, grown
     by doubling on the device. ``append`` copies the new positions in one launch and returns device views of
     all cached positions, so attention reads them where they are (the NumPy cache cost two copies to the
-    host and two back per token and full-attention layer)."""
+    host and two back per token and full-attention layer).
+
+    Inside a capture (one decode token) the append writes at the graph's position input and returns views of
+    the whole capacity, so that a replay at a later position appends and attends correctly: attention reads
+    only positions up to the query's. The caller keeps the capacity above the positions replayed
+    (:meth:`reserve`)."""
 
     def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256):
         self.row = (kv_heads, head_dim)
@@ -433,22 +497,35 @@ class DeviceKVCacheBuffer(KVCacheBuffer):
         self.v = cuda.device_array(capacity * kv_heads * head_dim, np.float32)
         self.length = 0
 
+    @property
+    def capacity(self) -> int:
+        """Positions the cache holds before it grows (and moves)."""
+        return self.k.size // math.prod(self.row)
+
+    def reserve(self, positions: int) -> None:
+        row = math.prod(self.row)
+        if positions * row <= self.k.size:
+            return
+        capacity = max(positions, 2 * self.capacity)
+        grown_k = cuda.device_array(capacity * row, np.float32)
+        grown_v = cuda.device_array(capacity * row, np.float32)
+        if self.length:
+            flat_launch(KA.kv_append, self.length * row, self.k[:self.length * row], self.v[:self.length * row],
+                        grown_k, grown_v, 0)
+        self.k, self.v = grown_k, grown_v
+
     def append(self, k: Any, v: Any) -> tuple[DeviceArray, DeviceArray]:
         k, v = to_device(k), to_device(v)
         if k.shape[1:] != self.row or v.shape != k.shape:
             raise BackendError(f"KV cache of {self.row} per position: got keys {k.shape}, values {v.shape}")
         row = math.prod(self.row)
         end = self.length + k.shape[0]
-        if end * row > self.k.size:
-            capacity = max(end, 2 * self.k.size // row)
-            grown_k = cuda.device_array(capacity * row, np.float32)
-            grown_v = cuda.device_array(capacity * row, np.float32)
-            if self.length:
-                flat_launch(K.kv_append, self.length * row, self.k[:self.length * row],
-                            self.v[:self.length * row], grown_k, grown_v, 0)
-            self.k, self.v = grown_k, grown_v
-        flat_launch(K.kv_append, k.size, k.flat, v.flat, self.k, self.v, self.length * row)
+        self.reserve(end)
+        if CAPTURE.active is not None and k.shape[0] == 1:
+            flat_launch(KA.kv_append_at, row, k.flat, v.flat, self.k, self.v, CAPTURE.active.positions)
+            self.length = end
+            return DeviceArray(self.k, (self.capacity, *self.row)), DeviceArray(self.v, (self.capacity, *self.row))
+        flat_launch(KA.kv_append, k.size, k.flat, v.flat, self.k, self.v, self.length * row)
         self.length = end
         return (DeviceArray(flat_view(self.k, 0, end * row), (end, *self.row)),
                 DeviceArray(flat_view(self.v, 0, end * row), (end, *self.row)))
-

@@ -29,6 +29,7 @@ try:
     from numba import cuda
 
     from flashmoe.backends import cuda_arrays as A
+    from flashmoe.backends import cuda_attention as KA
     from flashmoe.backends import cuda_fused as F
     from flashmoe.backends import cuda_kernels as K
     from flashmoe.backends.cuda_arrays import DeviceArray, device_empty, empty, flat_launch, row_launch, to_device, \
@@ -55,6 +56,12 @@ _PAGE = 4096
 def _inv_freq(theta: float, rotary_dim: int, yarn: YarnRope | None) -> Any:
     """RoPE's inverse frequencies (the reference's ``rope_inv_freq``), float64 on the device."""
     return cuda.to_device(rope_inv_freq(rotary_dim, theta, yarn))
+
+
+@lru_cache(maxsize=16)
+def _no_sinks(heads: int) -> DeviceArray:
+    """-inf per head: attention without sink logits (made once: an upload per call would wait for the GPU)."""
+    return to_device(np.full(heads, -np.inf, np.float32))
 
 
 class CudaBackend(Backend):
@@ -159,11 +166,12 @@ class CudaBackend(Backend):
     def embed(self, ids: np.ndarray, w: Any) -> DeviceArray:
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
         w = self.prepare(w)
+        on_device = A.device_ids(ids)  # inside a capture: the graph's token input
         if isinstance(w, DeviceArray):
-            return A.gather_rows(w, ids)
+            return A.gather_rows(w, ids, on_device)
         out = empty((len(ids), w.in_features))
         flat_launch(K.qembed(w.bits, w.group_size, w.fmt), out.size, w.b32, w.b16, w.w_off, w.s_off, w.b_off,
-                    w.in_features, upload(ids), out.flat)
+                    w.in_features, on_device, out.flat)
         return out
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> DeviceArray:
@@ -202,9 +210,10 @@ class CudaBackend(Backend):
             raise BackendError(f"attention: query position {pos.max()} is beyond the {S} cached keys")
         scores = empty((T * Hq * S,)).flat
         out = empty(q.shape)
-        sinks = to_device(np.full(Hq, -np.inf, np.float32) if sinks is None else sinks)
-        row_launch(K.attention, T * Hq, 1, q.flat, k.flat, v.flat, A.device_positions(pos), np.float32(scale),
-                   sinks.flat, Hq, Hkv, D, scores, out.flat)
+        sinks = _no_sinks(Hq) if sinks is None else to_device(sinks)
+        if T * Hq:
+            A.launch(KA.attention, T * Hq, (K.LANES, 1), (q.flat, k.flat, v.flat, A.device_positions(pos),
+                                                          np.float32(scale), sinks.flat, Hq, Hkv, D, scores, out.flat))
         return out
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[DeviceArray, DeviceArray]:
@@ -212,7 +221,7 @@ class CudaBackend(Backend):
         T, C = x.shape
         Kw = weight.shape[1]
         y, new_state = empty((T, C)), empty((Kw - 1, C))
-        flat_launch(K.causal_conv1d, (T + Kw - 1) * C, state.flat, x.flat, weight.flat, Kw, y.flat, new_state.flat)
+        flat_launch(KA.causal_conv1d, (T + Kw - 1) * C, state.flat, x.flat, weight.flat, Kw, y.flat, new_state.flat)
         return y, new_state
 
     def gated_delta_rule(self, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any
@@ -221,7 +230,7 @@ class CudaBackend(Backend):
         T, Hk, Dk = q.shape
         H, Dv = v.shape[1], v.shape[2]
         new_state, o = empty((H, Dk, Dv)), empty((T, H, Dv))
-        flat_launch(K.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, state.flat,
+        flat_launch(KA.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, state.flat,
                     new_state.flat, o.flat)
         return o, new_state
 
@@ -301,8 +310,9 @@ class CudaBackend(Backend):
 
     @property
     def expert_cache_stats(self) -> dict[str, int]:
-        """The VRAM tier's hits and misses and the host -> device expert bytes and copies so far."""
-        return self._experts.stats
+        """The VRAM tier's hits and misses, the host -> device expert bytes and copies, and the kernels and
+        CUDA graphs the host launched (``launches``: a replayed decode step counts one) so far."""
+        return {**self._experts.stats, "launches": A.LAUNCHES[0]}
 
     def _gate_up(self, x: DeviceArray, staged: StagedExperts) -> DeviceArray:
         """h [k * T, inter] = silu(gate_e x_t) * (up_e x_t) for every staged expert e and token t."""
@@ -358,6 +368,15 @@ class CudaBackend(Backend):
                    d.out_features, d.n_units, h.flat, weights, out.flat)
         self._experts.launched(staged)
         return out
+
+    def capture_decode(self, step: Any) -> Any | None:
+        """As :meth:`Backend.capture_decode`: a CUDA graph (backends/cuda_graph.py); None in the simulator,
+        which has no graphs. Raises cuda_arrays.CaptureError for a step with a host round trip."""
+        if K.SIMULATOR:
+            return None
+        from flashmoe.backends.cuda_graph import capture_decode
+
+        return capture_decode(step, self._experts)
 
     def routed_experts(self, x: Any, router_weight: Any, layer: int, k: int, norm_topk_prob: bool
                        ) -> DeviceArray | None:

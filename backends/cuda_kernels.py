@@ -8,17 +8,17 @@ used exactly as its bytes arrive from the expert file: one copy of its bytes, no
 
 The mat-vec works in *units* of 32 codes (``bits`` consecutive words: 32 codes for every bit width, also
 3, 5 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units (or, for groups of
-16, a unit holds two groups), so with the bias
-factoring of an affine-quantised dot product (docs/design.md, "Speed")
+16, a unit holds two groups), so with the bias factoring of an affine-quantised dot product (docs/design.md,
+"Speed")
 
     y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
 
 a unit's partial dot needs only integer codes and x. A block is ``(32, ROWS)`` threads: each row of 32
-threads (a warp on a GPU) owns one output row; its lanes walk the row's units together, lane l taking code
-l of each (the warp reads 32 consecutive inputs and the unit's words in one transaction each), then the
-row's lanes are summed. Kernels are built per
-(bits, group_size, scale format) by factories so those are compile-time constants and the code loops
-unroll.
+threads (a warp on a GPU) owns one output row. At 2, 4 and 8 bits its lanes take whole words, the warp
+reading consecutive words (_qdot_words); at 3, 5 and 6 bits they walk the row's units together, lane l taking
+code l of each (the warp reads 32 consecutive inputs and the unit's words in one transaction each); then
+the row's lanes are summed. Kernels are built per (bits, group_size, scale format) by factories so those
+are compile-time constants and the code loops unroll.
 
 numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs the same kernels as Python threads: it has no
 warp shuffles and no libdevice, so there (and only there) the lane sum goes through shared memory and
@@ -48,6 +48,7 @@ FLAT_BLOCK = 128  # threads per block of the one-thread-per-element kernels
 if SIMULATOR:  # every simulated thread is a Python thread: narrower rows, same code (LANES is any power of 2)
     LANES, ROWS, FLAT_BLOCK = 4, 2, 32
 CODES_PER_LANE = 32 // LANES  # codes of a 32-code unit each lane of a row takes in the mat-vec
+WORDS_PER_LANE = 4  # words of a row each lane loads per pass of the mat-vec (2, 4, 8 bits)
 
 # Scale/bias formats, decoded from raw bits in the kernels.
 F32, F16, BF16 = 0, 1, 2
@@ -172,12 +173,15 @@ def _qdot(bits: int, group_size: int, fmt: int):
     The row's lanes walk its units together, lane l taking code l of each (``LANES`` apart in the
     simulator): a warp then reads 32 consecutive inputs, the unit's ``bits`` words and one scale and bias
     per group, each in one transaction. (Lane l owning whole units l, l + 32, ... instead made every read of
-    x touch 32 sectors 128 bytes apart: n_in sector reads per output row.) Groups of 16 (two per unit) are
+    x touch 32 sectors 128 bytes apart: n_in sector reads per output row.) This walk is for 3, 5 and 6 bits,
+    whose codes straddle words; 2, 4 and 8 bits are :func:`_qdot_words`, and groups of 16 (two per unit)
     :func:`_qdot_small_groups`.
 
     (b32, b16, wrow, srow, brow, n_units, x, xoff, lane): wrow/srow/brow index the row's first word /
     scale / bias; x[xoff : xoff + 32 * n_units] is the input.
     """
+    if 32 % bits == 0:
+        return _qdot_words(bits, group_size, fmt)
     if group_size < 32:
         return _qdot_small_groups(bits, group_size, fmt)
     load = _scale_loader(fmt)
@@ -201,6 +205,40 @@ def _qdot(bits: int, group_size: int, fmt: int):
         return acc
 
     return qdot
+
+
+@lru_cache(maxsize=None)
+def _qdot_words(bits: int, group_size: int, fmt: int):
+    """:func:`_qdot` for 2, 4 and 8 bits (whole codes per word): lane l takes the row's words l, l + LANES, ...,
+    WORDS_PER_LANE of them per pass with their loads independent; a warp reads 128 consecutive words per
+    load, so a row of 2048 4-bit codes takes two passes. (Walking 32-code units, lane l taking code l of each,
+    with four groups' loads in flight measured 1.7-2x slower per launch: docs/benchmarks.md, issue 15 runs 3
+    and 4.) A word's codes lie in one group: 32 / bits divides every group size (16 and up)."""
+    load = _scale_loader(fmt)
+    mask = uint32((1 << bits) - 1)
+    per_word = 32 // bits
+
+    @cuda.jit(device=True)
+    def qdot_words(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
+        n_words = n_units * bits
+        acc = float32(0.0)
+        for start in range(0, n_words, LANES * WORDS_PER_LANE):
+            for u in range(WORDS_PER_LANE):
+                w = start + u * LANES + lane
+                if w < n_words:
+                    word = b32[wrow + w]
+                    c0 = w * per_word
+                    dot = float32(0.0)
+                    xs = float32(0.0)
+                    for j in range(per_word):
+                        xv = x[xoff + c0 + j]
+                        dot += float32((word >> uint32(j * bits)) & mask) * xv
+                        xs += xv
+                    g = c0 // group_size
+                    acc += load(b32, b16, srow + g) * dot + load(b32, b16, brow + g) * xs
+        return acc
+
+    return qdot_words
 
 
 @lru_cache(maxsize=None)
@@ -370,27 +408,32 @@ def gather_rows(src, n_cols, ids, out):
 @cuda.jit
 def rms_norm(x, d, w, eps, add, x_out, out):
     """Rows of n = w.shape[0]: y = x + d when add != 0 (also written to x_out: a residual add fused with the
-    norm after it), else y = x (d and x_out unused); out = y / sqrt(mean(y²) + eps) * w. Grid
-    ceil(rows / ROWS), block (LANES, ROWS)."""
+    norm after it), else y = x (d and x_out unused); out = y / sqrt(mean(y²) + eps) * w. One block of
+    (LANES, ROWS) threads per row (a decode token's one row of hidden features spread over a block, not a
+    warp: measured 20 µs a row at 2048 features with one warp). Grid rows."""
     sh = cuda.shared.array((ROWS, LANES), float32)
+    part = cuda.shared.array(ROWS, float32)
     lane, r = cuda.threadIdx.x, cuda.threadIdx.y
     n = w.shape[0]
-    row = cuda.blockIdx.x * ROWS + r
-    active = row * n < x.shape[0]
+    base = cuda.blockIdx.x * n
     ss = float32(0.0)
-    if active:
-        for i in range(lane, n, LANES):
-            v = x[row * n + i]
-            if add != 0:
-                v += d[row * n + i]
-                x_out[row * n + i] = v
-            ss += v * v
+    for i in range(r * LANES + lane, n, LANES * ROWS):
+        v = x[base + i]
+        if add != 0:
+            v += d[base + i]
+            x_out[base + i] = v
+        ss += v * v
     ss = _lane_sum(ss, sh, lane, r)
-    if active:
-        inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)
-        for i in range(lane, n, LANES):  # each lane reads back only the elements it wrote
-            v = x_out[row * n + i] if add != 0 else x[row * n + i]
-            out[row * n + i] = v * inv * w[i]
+    if lane == 0:
+        part[r] = ss
+    cuda.syncthreads()
+    ss = float32(0.0)
+    for j in range(ROWS):
+        ss += part[j]
+    inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)
+    for i in range(r * LANES + lane, n, LANES * ROWS):  # each thread reads back only the elements it wrote
+        v = x_out[base + i] if add != 0 else x[base + i]
+        out[base + i] = v * inv * w[i]
 
 
 @cuda.jit
@@ -432,116 +475,6 @@ def rope(x, heads, head_dim, half, positions, inv_freq, out):
                 out[n] = x[n] * c + x[n - half] * s
         else:
             out[n] = x[n]
-
-
-@cuda.jit
-def attention(q, k, v, q_positions, scale, sinks, n_heads, n_kv_heads, head_dim, scores, out):
-    """Causal GQA softmax attention; one row of LANES threads per (token, query head). sinks [Hq]: a logit
-    per head joining the softmax denominator with no value (gpt-oss), -inf for none.
-
-    q, out flat [T * Hq * D]; k, v flat [S * Hkv * D]; scores scratch [T * Hq * S]. Lanes own keys j, j + 32,
-    ... for the scores and features d, d + 32, ... for the weighted sum of values. Grid
-    ceil(T * Hq / ROWS), block (LANES, ROWS)."""
-    sh = cuda.shared.array((ROWS, LANES), float32)
-    lane, r = cuda.threadIdx.x, cuda.threadIdx.y
-    th = cuda.blockIdx.x * ROWS + r
-    S = k.shape[0] // (n_kv_heads * head_dim)
-    active = th < q_positions.shape[0] * n_heads
-    t, h = th // n_heads, th % n_heads
-    kh = h // (n_heads // n_kv_heads)
-    n = 0
-    if active:
-        n = q_positions[t] + 1
-    qo, so = th * head_dim, th * S
-    m = float32(-math.inf)
-    for j in range(lane, n, LANES):
-        acc = float32(0.0)
-        ko = (j * n_kv_heads + kh) * head_dim
-        for d in range(head_dim):
-            acc += q[qo + d] * k[ko + d]
-        acc *= scale
-        scores[so + j] = acc
-        m = max(m, acc)
-    m = _lane_max(m, sh, lane, r)
-    sink = sinks[h] if active else float32(-math.inf)
-    m = max(m, sink)
-    total = float32(0.0)
-    for j in range(lane, n, LANES):
-        e = math.exp(scores[so + j] - m)
-        scores[so + j] = e
-        total += e
-    total = _lane_sum(total, sh, lane, r)
-    if sink > float32(-math.inf):
-        total += math.exp(sink - m)
-    cuda.syncthreads()  # every lane's scores are written before any lane reads them all
-    for d in range(lane, head_dim if active else 0, LANES):
-        acc = float32(0.0)
-        for j in range(n):
-            acc += scores[so + j] * v[(j * n_kv_heads + kh) * head_dim + d]
-        out[qo + d] = acc / total
-
-
-@cuda.jit
-def causal_conv1d(state, x, w, kernel_size, y, new_state):
-    """Depthwise causal conv with SiLU over xs = concat(state, x) read in place: y[t, c] = silu(sum_j
-    w[c, j] * xs[t + j, c]) and new_state = the last K-1 rows of xs. state, new_state flat [(K-1) * C], x, y
-    [T * C], w [C * K]. One thread per element of y and of new_state."""
-    n = cuda.grid(1)
-    C = w.shape[0] // kernel_size
-    keep = state.shape[0] // C  # K - 1
-    if n < y.shape[0]:
-        t, c = n // C, n % C
-        acc = float32(0.0)
-        for j in range(kernel_size):
-            r = t + j
-            xv = state[r * C + c] if r < keep else x[(r - keep) * C + c]
-            acc += w[c * kernel_size + j] * xv
-        y[n] = _silu(acc)
-    elif n < y.shape[0] + new_state.shape[0]:
-        m = n - y.shape[0]
-        r = m // C + y.shape[0] // C  # row of xs
-        new_state[m] = state[r * C + m % C] if r < keep else x[(r - keep) * C + m % C]
-
-
-@cuda.jit
-def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state_in, state, o):
-    """Gated delta rule (Yang et al. 2024) from state_in into state [H * Dk * Dv] (state_in is only read);
-    one thread per (head h, value feature j), owning column j of S_h: per token S = exp(g) S; delta =
-    beta (v - Sᵀk); S += k ⊗ delta; o = Sᵀq. q, k [T * Hk * Dk]; v, o [T * H * Dv]; g, beta [T * H]."""
-    n = cuda.grid(1)
-    H = g.shape[0] // n_tok
-    dv = v.shape[0] // (n_tok * H)
-    if n < H * dv:
-        h, j = n // dv, n % dv
-        kh = h // (H // k_heads)
-        base = h * dk * dv + j
-        for i in range(dk):
-            state[base + i * dv] = state_in[base + i * dv]
-        for t in range(n_tok):
-            decay = math.exp(g[t * H + h])
-            kq = (t * k_heads + kh) * dk
-            kv = float32(0.0)
-            for i in range(dk):
-                s = state[base + i * dv] * decay
-                state[base + i * dv] = s
-                kv += s * k[kq + i]
-            delta = (v[(t * H + h) * dv + j] - kv) * beta[t * H + h]
-            acc = float32(0.0)
-            for i in range(dk):
-                s = state[base + i * dv] + k[kq + i] * delta
-                state[base + i * dv] = s
-                acc += s * q[kq + i]
-            o[(t * H + h) * dv + j] = acc
-
-
-@cuda.jit
-def kv_append(k, v, k_cache, v_cache, offset):
-    """k_cache[offset + i] = k[i] and v_cache[offset + i] = v[i] (flat): one launch appends a token's keys
-    and values to a device KV cache."""
-    n = cuda.grid(1)
-    if n < k.shape[0]:
-        k_cache[offset + n] = k[n]
-        v_cache[offset + n] = v[n]
 
 
 # -- elementwise ----------------------------------------------------------------------------------------------

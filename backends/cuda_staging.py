@@ -189,6 +189,7 @@ class _VramCache:
         self.policy = make_policy(self.policy_name, n)
         self.slot_of: dict = {}
         self.free = list(range(n - 1, -1, -1))
+        self.evictions = 0  # slot tables and captured graphs are good until the next one
         self.per_layer: dict[int, int] = {}  # layer -> experts of it held (keys (layer, expert))
         self.tables: dict[int, StagedExperts] = {}  # layer -> all its experts, slots: [E] by expert id
 
@@ -204,6 +205,7 @@ class _VramCache:
             victim = self.policy.victim(lambda k: k not in pinned, key)
             self.policy.remove(victim)
             self.free.append(self.slot_of.pop(victim))
+            self.evictions += 1
             self._count(victim, -1)
         slot = self.free.pop()
         self.slot_of[key] = slot
@@ -370,6 +372,23 @@ class ExpertStaging:
                     c.policy.touch((layer, e))
             self._pending.clear()
         self._routed_at = 0
+
+    def take_pending(self) -> list[tuple[int, int, int]]:
+        """Remove and return the routed-id ring's entries (layer, offset, k) since the last :meth:`settle`,
+        uncounted: those of a CUDA graph's capture, which computed nothing."""
+        pending, self._pending, self._routed_at = self._pending, [], 0
+        return pending
+
+    def replayed(self, entries: list[tuple[int, int, int]]) -> None:
+        """A replayed graph wrote the ids of `entries` (from :meth:`take_pending`) into the ring again: count
+        them at the next settle."""
+        self._pending.extend(entries)
+        self._routed_at = max([self._routed_at] + [at + k for _, at, k in entries])
+
+    def tier_version(self) -> tuple[int, int]:
+        """Changes whenever a slot the GPU may have looked up changes (a new tier, an eviction)."""
+        c = self.cache
+        return (id(c), c.evictions if c is not None else 0)
 
     @property
     def stats(self) -> dict[str, int]:

@@ -54,6 +54,7 @@ def _tiny_cases() -> list[OpCase]:
               c("rms_norm", tokens=2, n=70, scale=10.0),
               c("rope", tokens=2, heads=2, head_dim=24, rotary_dim=8, theta=1e7, max_position=40000),
               c("attention", tokens=2, cached=5, heads=4, kv_heads=2, head_dim=8),
+              c("attention", tokens=1, cached=6, heads=4, kv_heads=2, head_dim=8, sinks=True),
               c("causal_conv1d", tokens=3, channels=10, kernel=4),
               c("gated_delta_rule", tokens=2, k_heads=2, rep=2, dk=8, dv=5),
               c("expert_ffn", tokens=2, hidden=64, inter=32, bits=4, group_size=32, sdtype="bfloat16"),
@@ -239,6 +240,19 @@ def test_router_top_k_on_the_device_matches_the_reference(n_experts, k, norm):
 
 
 @HERE
+def test_attention_reads_only_the_positions_up_to_the_query(be):
+    """A replayed decode graph passes the KV cache's whole capacity: positions past the query's (NaN here)
+    must not be read."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((9, 2, 8)).astype(np.float32) for _ in range(2))
+    k[6:], v[6:] = np.nan, np.nan
+    got = be.to_numpy(be.attention(be.asarray(q), be.asarray(k), be.asarray(v), np.array([5]), 0.3))
+    want = get_backend("numpy").attention(q, k[:6], v[:6], np.array([5]), 0.3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@HERE
 def test_add_rms_norm_is_the_add_then_the_norm(be):
     rng = np.random.default_rng(4)
     h, d = (rng.standard_normal((3, 70)).astype(np.float32) for _ in range(2))
@@ -273,29 +287,39 @@ def test_engine_forward_matches_the_numpy_backend(tmp_path, arch):
 
 
 @HERE
-def test_decode_with_every_expert_in_vram_routes_on_the_device(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_moe"])
+def test_decode_with_every_expert_in_vram_routes_on_the_device(tmp_path, arch):
     """Once the VRAM tier holds every expert, decode routes on the GPU (Backend.routed_experts): the same
-    logits as the NumPy backend, and each layer's k experts still count as hits."""
+    logits as the NumPy backend, and each layer's k experts still count as hits. With full attention in every
+    layer (qwen3_moe) the decode steps after the first are replayed from a CUDA graph on a GPU (the
+    simulator has no graphs, so there they run eagerly)."""
+    from flashmoe.backends import cuda_kernels
     from flashmoe.bench.bench_cuda import build_engine
+    from flashmoe.conformance.model_cases import TINY_CONFIGS
     from flashmoe.convert.synth import synth_model
 
-    model = synth_model(tmp_path / "tiny", _HYBRID_TINY, bits=4, group_size=32, seed=3)
-    prompt, decode = np.array([5, 17]), [9, 30, 2]
+    config = _HYBRID_TINY if arch == "qwen3_5_moe" else TINY_CONFIGS[arch]
+    model = synth_model(tmp_path / "tiny", config, bits=4, group_size=32, seed=3)
+    prompt, decode = np.array([5, 17]), [9, 30, 2, 41]
     logits = {}
     for name in ("numpy", "cuda"):
         engine = build_engine(model, name, gpu_memory=1 << 24 if name == "cuda" else 0, preload=True)
         state = engine.new_state()
         out = [engine.forward(prompt, state)]
         if name == "cuda":
-            be = engine.backend
-            assert all(be._experts.resident(layer, 4) is not None for layer in engine.model_dir.moe_layers)
+            be, cuda_engine = engine.backend, engine
+            n = engine.cfg.num_experts
+            assert all(be._experts.resident(layer, n) is not None for layer in engine.model_dir.moe_layers)
             before = be.expert_cache_stats
         out += [engine.forward(np.array([t]), state) for t in decode]
         logits[name] = np.concatenate(out)
         engine.store.close()
     after = be.expert_cache_stats
-    assert after["gpu_hits"] - before["gpu_hits"] == len(decode) * 2 * 2  # tokens x MoE layers x k
+    per_token = len(cuda_engine.model_dir.moe_layers) * cuda_engine.k
+    assert after["gpu_hits"] - before["gpu_hits"] == len(decode) * per_token
     assert after["gpu_misses"] == before["gpu_misses"] and after["copies"] == before["copies"]
+    replayed = cuda_engine._recording is not None
+    assert replayed == (arch == "qwen3_moe" and not cuda_kernels.SIMULATOR)
     want = logits["numpy"]
     np.testing.assert_allclose(logits["cuda"], want, rtol=0, atol=1e-4 * np.abs(want).max())
 

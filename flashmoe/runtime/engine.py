@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmoe.backends.base import Backend, ClampedSwiGLU, KVCacheBuffer
+from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, KVCacheBuffer
 from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import PER_HEAD, family_of
 from flashmoe.errors import FlashMoeError
@@ -109,6 +109,16 @@ class Engine:
         self._mla = AbsorbedMLA(self.cfg, backend, lambda i: model.raw(f"layers.{i}.self_attn.embed_q.weight"),
                                 lambda i: model.raw(f"layers.{i}.self_attn.unembed_out.weight"),
                                 self._linear, self._w.__getitem__) if self.cfg.is_mla else None
+        # A decode step may be replayed from a recording (Backend.capture_decode) only where nothing in it
+        # depends on the position on the host: full attention in every layer, no sliding window, no MLA cache.
+        self._recordable = not self.cfg.is_mla and all(
+            self.cfg.is_attention_layer(i) and self.cfg.attention_window(i) is None
+            for i in range(self.cfg.num_hidden_layers))
+        self._recording: tuple | None = None  # (state, recording) of the last recorded decode step
+        self._decoded = False  # an eager decode step has run
+        #: why decode steps are not replayed from a recording (None while they are or may be)
+        self.not_recorded: str | None = None if self._recordable else "the model's decode step depends on " \
+            "the position on the host (linear attention, a sliding window or MLA)"
         if not self.cfg.tie_word_embeddings:
             self._lm_head = self._w["lm_head.weight"]
         else:
@@ -152,8 +162,58 @@ class Engine:
         return check_finite(logits, self.model_dir.path, state.position - len(logits))
 
     def _forward(self, token_ids: np.ndarray, state: State, all_logits: bool) -> np.ndarray:
-        be, cfg = self.backend, self.cfg
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if len(ids) == 1 and self._recordable and self.tracer is None:
+            logits = self._replay(int(ids[0]), state)
+            if logits is not None:
+                return logits
+        logits = self.backend.to_numpy(self._step(ids, state, all_logits))
+        self._decoded |= len(ids) == 1
+        return logits
+
+    def _replay(self, token: int, state: State) -> np.ndarray | None:
+        """One decode token replayed from a recording of the whole step (Backend.capture_decode: one CUDA
+        graph instead of ~16 launches per layer through Python), recorded again when the state changed, a KV
+        cache is full (it then grows, so moves) or the backend's recording went stale; None when the step
+        cannot be recorded: the caller runs it eagerly."""
+        recording = self._recording
+        if (recording is None or recording[0] is not state or not recording[1].valid()
+                or any(cache.capacity <= state.position for cache in state.layers)):
+            recording = self._record(token, state)
+            if recording is None:
+                return None
+        with self.stats.stage("replay"):
+            logits = self.backend.to_numpy(recording[1].replay(token, state.position))
+        for cache in state.layers:
+            cache.length += 1
+        state.position += 1
+        return logits
+
+    def _record(self, token: int, state: State) -> tuple | None:
+        """Record the decode step of `token` for `state` once an eager decode step has run (kernels compiled,
+        constants on the device); the host-side effects of the recording run (cache lengths, position) are
+        undone. A step the backend cannot record turns recording off for this engine."""
+        if not self._decoded:
+            return None
+        for cache in state.layers:
+            cache.reserve(state.position + 1)
+        position, lengths = state.position, [cache.length for cache in state.layers]
+        try:
+            graph = self.backend.capture_decode(lambda: self._step(np.array([token]), state, False))
+            self.not_recorded = None if graph is not None else f"{self.backend.name} does not record decode steps"
+        except BackendError as e:  # the step needs the host (its router, an expert read): it runs eagerly
+            graph, self.not_recorded = None, str(e)
+        finally:
+            state.position = position
+            for cache, n in zip(state.layers, lengths):
+                cache.length = n
+        self._recording = None if graph is None else (state, graph)
+        self._recordable = graph is not None
+        return self._recording
+
+    def _step(self, ids: np.ndarray, state: State, all_logits: bool):
+        """The forward pass of `ids` (int64 [T]) extending `state`: logits as a backend array."""
+        be, cfg = self.backend, self.cfg
         positions = np.arange(state.position, state.position + len(ids))
         if self.tracer is not None:
             self.tracer.begin(ids)
@@ -184,7 +244,7 @@ class Engine:
             h = be.rows(h, len(ids) - 1, len(ids))
         with self.stats.stage("lm_head"):
             h = be.rms_norm(h, self._w["norm.weight"], cfg.rms_norm_eps)
-            return be.to_numpy(be.linear(h, self._lm_head))
+            return be.linear(h, self._lm_head)
 
     def _linear(self, x, name: str):
         """x @ W.T (+ bias when the checkpoint has one) for the resident linear `name` (without '.weight')."""

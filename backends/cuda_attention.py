@@ -1,0 +1,161 @@
+"""The CUDA backend's attention kernels: causal GQA softmax attention over a KV cache in GPU memory, the
+appends to that cache, and GatedDeltaNet's causal conv and gated delta rule (linear attention). Same conventions as backends/cuda_kernels.py (flat float32 arrays, LANES-wide rows,
+the lane reductions that also run in numba's simulator).
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import cuda, float32
+
+from flashmoe.backends.cuda_kernels import LANES, _lane_sum, _silu
+
+KEYS_PER_PASS = 4  # keys whose dot products one pass of the attention kernel computes with independent loads
+
+
+@cuda.jit(device=True)
+def _key_dot(q, k, qo, ko, head_dim, lane):
+    """This lane's part of q[qo:qo+D] . k[ko:ko+D] (dims lane, lane + LANES, ...)."""
+    acc = float32(0.0)
+    for d in range(lane, head_dim, LANES):
+        acc += q[qo + d] * k[ko + d]
+    return acc
+
+
+@cuda.jit
+def attention(q, k, v, q_positions, scale, sinks, n_heads, n_kv_heads, head_dim, scores, out):
+    """Causal GQA softmax attention; one block of (LANES, 1) threads per (token, query head), the query at
+    position p attending to cached positions 0..p. sinks [Hq]: a logit per head joining the softmax
+    denominator with no value (gpt-oss), -inf for none.
+
+    q, out flat [T * Hq * D]; k, v flat [S * Hkv * D] (S >= every position + 1: the cache may be longer);
+    scores scratch [T * Hq * S]. The lanes split each key's dot product over the head's features, so a key's
+    row is read in one coalesced pass, KEYS_PER_PASS keys at a time; likewise each lane sums its features of
+    the values over the keys (the transposed split, one lane per key, read every key row feature by feature,
+    one dependent load after another). Grid T * Hq."""
+    sh = cuda.shared.array((1, LANES), float32)
+    lane = cuda.threadIdx.x
+    th = cuda.blockIdx.x
+    S = k.shape[0] // (n_kv_heads * head_dim)
+    t, h = th // n_heads, th % n_heads
+    kv = (h // (n_heads // n_kv_heads)) * head_dim  # the head's keys and values within a cached row
+    row = n_kv_heads * head_dim
+    n = q_positions[t] + 1
+    qo, so = th * head_dim, th * S
+    m = sinks[h]
+    for j in range(0, n, KEYS_PER_PASS):
+        s0 = _lane_sum(_key_dot(q, k, qo, j * row + kv, head_dim, lane), sh, lane, 0) * scale
+        s1 = s2 = s3 = float32(-math.inf)
+        if j + 1 < n:
+            s1 = _lane_sum(_key_dot(q, k, qo, (j + 1) * row + kv, head_dim, lane), sh, lane, 0) * scale
+        if j + 2 < n:
+            s2 = _lane_sum(_key_dot(q, k, qo, (j + 2) * row + kv, head_dim, lane), sh, lane, 0) * scale
+        if j + 3 < n:
+            s3 = _lane_sum(_key_dot(q, k, qo, (j + 3) * row + kv, head_dim, lane), sh, lane, 0) * scale
+        if lane == 0:
+            scores[so + j] = s0
+            if j + 1 < n:
+                scores[so + j + 1] = s1
+            if j + 2 < n:
+                scores[so + j + 2] = s2
+            if j + 3 < n:
+                scores[so + j + 3] = s3
+        m = max(m, max(max(s0, s1), max(s2, s3)))
+    cuda.syncthreads()  # lane 0's scores are written before every lane reads its share
+    total = float32(0.0)
+    for j in range(lane, n, LANES):
+        e = math.exp(scores[so + j] - m)
+        scores[so + j] = e
+        total += e
+    total = _lane_sum(total, sh, lane, 0)
+    if sinks[h] > float32(-math.inf):
+        total += math.exp(sinks[h] - m)
+    cuda.syncthreads()  # every lane's weights are written before any lane reads them all
+    for d in range(lane, head_dim, LANES):
+        a0 = a1 = a2 = a3 = float32(0.0)
+        j = 0
+        while j + 4 <= n:  # four independent loads in flight
+            a0 += scores[so + j] * v[j * row + kv + d]
+            a1 += scores[so + j + 1] * v[(j + 1) * row + kv + d]
+            a2 += scores[so + j + 2] * v[(j + 2) * row + kv + d]
+            a3 += scores[so + j + 3] * v[(j + 3) * row + kv + d]
+            j += 4
+        while j < n:
+            a0 += scores[so + j] * v[j * row + kv + d]
+            j += 1
+        out[qo + d] = (a0 + a1 + a2 + a3) / total
+
+
+@cuda.jit
+def kv_append(k, v, k_cache, v_cache, offset):
+    """k_cache[offset + i] = k[i] and v_cache[offset + i] = v[i] (flat): one launch appends a token's keys
+    and values to a device KV cache."""
+    n = cuda.grid(1)
+    if n < k.shape[0]:
+        k_cache[offset + n] = k[n]
+        v_cache[offset + n] = v[n]
+
+
+@cuda.jit
+def kv_append_at(k, v, k_cache, v_cache, positions):
+    """One token's keys and values (k, v flat [Hkv * D]) into the caches at position positions[0] (a device
+    int64 array: the position a replayed CUDA graph reads)."""
+    n = cuda.grid(1)
+    if n < k.shape[0]:
+        at = positions[0] * k.shape[0] + n
+        k_cache[at] = k[n]
+        v_cache[at] = v[n]
+
+
+@cuda.jit
+def causal_conv1d(state, x, w, kernel_size, y, new_state):
+    """Depthwise causal conv with SiLU over xs = concat(state, x) read in place: y[t, c] = silu(sum_j
+    w[c, j] * xs[t + j, c]) and new_state = the last K-1 rows of xs. state, new_state flat [(K-1) * C], x, y
+    [T * C], w [C * K]. One thread per element of y and of new_state."""
+    n = cuda.grid(1)
+    C = w.shape[0] // kernel_size
+    keep = state.shape[0] // C  # K - 1
+    if n < y.shape[0]:
+        t, c = n // C, n % C
+        acc = float32(0.0)
+        for j in range(kernel_size):
+            r = t + j
+            xv = state[r * C + c] if r < keep else x[(r - keep) * C + c]
+            acc += w[c * kernel_size + j] * xv
+        y[n] = _silu(acc)
+    elif n < y.shape[0] + new_state.shape[0]:
+        m = n - y.shape[0]
+        r = m // C + y.shape[0] // C  # row of xs
+        new_state[m] = state[r * C + m % C] if r < keep else x[(r - keep) * C + m % C]
+
+
+@cuda.jit
+def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state_in, state, o):
+    """Gated delta rule (Yang et al. 2024) from state_in into state [H * Dk * Dv] (state_in is only read);
+    one thread per (head h, value feature j), owning column j of S_h: per token S = exp(g) S; delta =
+    beta (v - Sᵀk); S += k ⊗ delta; o = Sᵀq. q, k [T * Hk * Dk]; v, o [T * H * Dv]; g, beta [T * H]."""
+    n = cuda.grid(1)
+    H = g.shape[0] // n_tok
+    dv = v.shape[0] // (n_tok * H)
+    if n < H * dv:
+        h, j = n // dv, n % dv
+        kh = h // (H // k_heads)
+        base = h * dk * dv + j
+        for i in range(dk):
+            state[base + i * dv] = state_in[base + i * dv]
+        for t in range(n_tok):
+            decay = math.exp(g[t * H + h])
+            kq = (t * k_heads + kh) * dk
+            kv = float32(0.0)
+            for i in range(dk):
+                s = state[base + i * dv] * decay
+                state[base + i * dv] = s
+                kv += s * k[kq + i]
+            delta = (v[(t * H + h) * dv + j] - kv) * beta[t * H + h]
+            acc = float32(0.0)
+            for i in range(dk):
+                s = state[base + i * dv] + k[kq + i] * delta
+                state[base + i * dv] = s
+                acc += s * q[kq + i]
+            o[(t * H + h) * dv + j] = acc
