@@ -164,8 +164,7 @@ def gpu_ms_per_token(engine: Engine, tokens: int = 4, seed: int = 0, spin_ms: in
         for _ in range(ms):
             cuda.nanosleep(1_000_000)
 
-    state = engine.new_state()
-    logits = engine.forward(np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, 4), state)
+    state, logits = _warm_state(engine, seed)
     out = []
     for _ in range(tokens):
         start, end = cuda.event(), cuda.event()
@@ -178,12 +177,57 @@ def gpu_ms_per_token(engine: Engine, tokens: int = 4, seed: int = 0, spin_ms: in
     return out
 
 
+def _warm_state(engine: Engine, seed: int) -> tuple[Any, np.ndarray]:
+    """A new state after a seeded 4-token prompt and two decode tokens (the first decode step runs eagerly,
+    the second is recorded where the backend records decode steps): (state, last logits)."""
+    state = engine.new_state()
+    logits = engine.forward(np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, 4), state)
+    for _ in range(2):
+        logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+    return state, logits
+
+
+def kernel_table(engine: Engine, tokens: int, seed: int, rows: int = 18) -> str:
+    """GPU time by kernel over `tokens` warm decode tokens, as a markdown table (torch.profiler's CUDA
+    activity: it sees numba's launches and replayed graphs alike, on the device's one primary context)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    state, logits = _warm_state(engine, seed)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(tokens):
+            logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
+    by_name: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if us > 0:
+            total = by_name.setdefault(_kernel_name(e.key), [0.0, 0])
+            total[0] += us
+            total[1] += e.count
+    lines = ["| kernel | GPU ms/token | launches/token | us/launch |", "|---|---|---|---|"]
+    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"| {name} | {us / 1e3 / tokens:.3f} | {n / tokens:.0f} | {us / max(n, 1):.1f} |")
+    return "\n".join(lines)
+
+
+def _kernel_name(mangled: str) -> str:
+    """'cuda_kernels.qlinear' from numba's Itanium-mangled kernel name (_ZN6cudapy8flashmoe8backends12cuda_kernels7
+    qlinear12_3clocals_3e6kernelB...: length-prefixed names), other names cut to 60 characters."""
+    names, i = [], 3
+    while mangled.startswith("_ZN") and i < len(mangled) and mangled[i].isdigit():
+        j = i
+        while mangled[j].isdigit():
+            j += 1
+        names.append(mangled[j:j + int(mangled[i:j])])
+        i = j + int(mangled[i:j])
+    keep = [n for n in names[3:] if n not in ("_3clocals_3e", "kernel")]
+    return ".".join(keep[:2]) if keep else mangled[:60]
+
+
 def _profile(engine: Engine, tokens: int, seed: int) -> None:
     import cProfile
     import pstats
 
-    state = engine.new_state()
-    logits = engine.forward(np.random.default_rng(seed).integers(0, engine.cfg.vocab_size, 4), state)
+    state, logits = _warm_state(engine, seed)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(tokens):
@@ -214,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
                     "the first backend with cProfile and print the top functions by own time")
     ap.add_argument("--gpu-time", type=int, default=0, help="then time this many warm decode tokens on the GPU "
                     "alone, queued behind a sleeping kernel (gpu_ms_per_token)")
+    ap.add_argument("--kernels", type=int, default=0, help="then time this many warm decode tokens by kernel "
+                    "(needs torch: kernel_table)")
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
     result: dict[str, Any] = {"model": str(a.model), "runs": []}
@@ -245,24 +291,33 @@ def main(argv: list[str] | None = None) -> None:
         if name == "cuda":
             for p in run["passes"].values():
                 p["bound"] = bound_ms(p, run["resident_read_bytes"], run["rates"])
+        a.json.write_text(json.dumps({**result, "runs": result["runs"] + [run]}, indent=1) + "\n")
         if name == "cuda" and a.gpu_time:
             run["gpu_ms_per_token"] = gpu_ms_per_token(engine, a.gpu_time, a.seed)
             print(f"GPU ms/token, host launch time hidden: {[round(t, 2) for t in run['gpu_ms_per_token']]}")
+        if name == "cuda" and a.kernels:
+            run["kernels"] = kernel_table(engine, a.kernels, a.seed)
+            print(run["kernels"])
         if a.profile and not result["runs"]:
             _profile(engine, a.profile, a.seed)
+        run["not_recorded"] = engine.not_recorded
+        print(f"{name} {size}: decode steps {'replayed' if engine.not_recorded is None else 'eager'}"
+              f"{'' if engine.not_recorded is None else ': ' + engine.not_recorded}")
         engine.store.close()
         result["runs"].append(run)
         a.json.write_text(json.dumps(result, indent=1) + "\n")
     print("| backend | gpu memory | pass | tok/s | ms/token | ms/layer | compute ms/layer | io wait ms/layer "
-          "| GPU hits/token | bound ms/token |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| GPU hits/token | host launches/token | bound ms/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in result["runs"]:
         for label, p in run["passes"].items():
             bound = f"{p['bound']['bound_ms']:.2f}" if "bound" in p else ""
-            hits = f"{p['gpu_tier_per_token']['gpu_hits']:.1f}" if "gpu_tier_per_token" in p else ""
+            tier = p.get("gpu_tier_per_token", {})
+            hits = f"{tier['gpu_hits']:.1f}" if "gpu_hits" in tier else ""
+            launches = f"{tier['launches']:.0f}" if "launches" in tier else ""
             print(f"| {run['backend']} | {run['gpu_memory']} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} "
                   f"| {p['ms_per_layer']:.2f} | {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} "
-                  f"| {hits} | {bound} |")
+                  f"| {hits} | {launches} | {bound} |")
     if "rates" in result["runs"][0]:
         print(json.dumps(result["runs"][0]["rates"]))
 
