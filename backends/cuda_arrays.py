@@ -134,6 +134,7 @@ def reshape(x: DeviceArray, shape: tuple[int, ...]) -> DeviceArray:
 
 def rows(x: DeviceArray, start: int, stop: int) -> DeviceArray:
     """``x[start:stop]`` along the first axis: a view (rows are contiguous)."""
+    start, stop = int(start), int(stop)  # NumPy integers would reach numba's array constructor as shapes
     if not 0 <= start <= stop <= x.shape[0]:
         raise BackendError(f"rows {start}:{stop} of a device array of {x.shape[0]} rows")
     row = math.prod(x.shape[1:])
@@ -418,6 +419,8 @@ def launch(kernel: Any, grid: Any, block: Any, args: tuple) -> None:
         return
     key = (kernel, *map(_arg_kind, args))
     plan = _PLANS.get(key, False)
+    if plan is False and CAPTURE.active is not None and None not in key:
+        plan = _PLANS[key] = _make_plan(kernel, args)  # compiled without a launch: a capture cannot run one
     if plan is False or plan is None:
         refuse_in_capture("a kernel launched through numba's dispatcher")
     if plan is False:
@@ -521,11 +524,15 @@ class DeviceKVCacheBuffer(KVCacheBuffer):
         row = math.prod(self.row)
         end = self.length + k.shape[0]
         self.reserve(end)
-        if CAPTURE.active is not None and k.shape[0] == 1:
-            flat_launch(KA.kv_append_at, row, k.flat, v.flat, self.k, self.v, CAPTURE.active.positions)
+        if k.shape[0] == 1:  # decode: at the position on the device, the one kernel eager and captured
+            flat_launch(KA.kv_append_at, row, k.flat, v.flat, self.k, self.v,
+                        device_positions(np.array([self.length])))
             self.length = end
-            return DeviceArray(self.k, (self.capacity, *self.row)), DeviceArray(self.v, (self.capacity, *self.row))
-        flat_launch(KA.kv_append, k.size, k.flat, v.flat, self.k, self.v, self.length * row)
-        self.length = end
+            if CAPTURE.active is not None:
+                return (DeviceArray(self.k, (self.capacity, *self.row)),
+                        DeviceArray(self.v, (self.capacity, *self.row)))
+        else:
+            flat_launch(KA.kv_append, k.size, k.flat, v.flat, self.k, self.v, self.length * row)
+            self.length = end
         return (DeviceArray(flat_view(self.k, 0, end * row), (end, *self.row)),
                 DeviceArray(flat_view(self.v, 0, end * row), (end, *self.row)))

@@ -178,7 +178,9 @@ class CudaBackend(Backend):
         x, weight = to_device(x), to_device(weight)
         out = empty(x.shape)
         rows = x.size // max(weight.size, 1)
-        row_launch(K.rms_norm, rows, 1, x.flat, x.flat, weight.flat, np.float32(eps), 0, x.flat, out.flat)
+        if rows:
+            A.launch(K.rms_norm, rows, (K.LANES, K.ROWS), (x.flat, x.flat, weight.flat, np.float32(eps), 0, x.flat,
+                                                           out.flat))
         return out
 
     def add_rms_norm(self, h: Any, delta: Any, weight: Any, eps: float) -> tuple[DeviceArray, DeviceArray]:
@@ -187,8 +189,10 @@ class CudaBackend(Backend):
         if delta.shape != h.shape:
             return super().add_rms_norm(h, delta, weight, eps)
         total, out = empty(h.shape), empty(h.shape)
-        row_launch(K.rms_norm, h.size // max(weight.size, 1), 1, h.flat, delta.flat, weight.flat, np.float32(eps), 1,
-                   total.flat, out.flat)
+        rows = h.size // max(weight.size, 1)
+        if rows:
+            A.launch(K.rms_norm, rows, (K.LANES, K.ROWS), (h.flat, delta.flat, weight.flat, np.float32(eps), 1,
+                                                           total.flat, out.flat))
         return total, out
 
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None

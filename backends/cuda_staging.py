@@ -26,7 +26,7 @@ from numba import cuda
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.backends import cuda_kernels as K
 from flashmoe.backends.base import BackendError, Expert
-from flashmoe.backends.cuda_arrays import cdiv, new_event, upload
+from flashmoe.backends.cuda_arrays import CAPTURE, cdiv, new_event, upload
 from flashmoe.format.quant import FORMAT_GROUP_SIZES, QuantizedTensor
 from flashmoe.runtime.eviction import make_policy
 
@@ -458,8 +458,10 @@ class ExpertStaging:
     def launched(self, staged: StagedExperts) -> None:
         """After the kernels reading `staged`: later copies may overwrite its slots once these kernels are
         done, and the host buffers the copies read are free again once this returns (the expert store may
-        reuse them for the next reads)."""
-        self._slots_free.record(0)
+        reuse them for the next reads). Inside a CUDA graph's capture nothing is recorded: an event on the
+        default stream would break the capture, and each replay finishes before the host goes on."""
+        if CAPTURE.active is None:
+            self._slots_free.record(0)
         if staged.copied:
             self._copied.synchronize()
 
