@@ -236,6 +236,25 @@ def _profile(engine: Engine, tokens: int, seed: int) -> None:
     pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
 
 
+def _print_table(result: dict[str, Any]) -> None:
+    """The passes of every run as a markdown table, then the first run's measured rates."""
+    print("| backend | gpu memory | pass | tok/s | ms/token | ms/layer | compute ms/layer | io wait ms/layer "
+          "| GPU hits/token | host launches/token | bound ms/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for run in result["runs"]:
+        for label, p in run["passes"].items():
+            bound = f"{p['bound']['bound_ms']:.2f}" if "bound" in p else ""
+            tier = p.get("gpu_tier_per_token", {})
+            hits = f"{tier['gpu_hits']:.1f}" if "gpu_hits" in tier else ""
+            launches = f"{tier['launches']:.0f}" if "launches" in tier else ""
+            print(f"| {run['backend']} | {run['gpu_memory']} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} "
+                  f"| {p['ms_per_layer']:.2f} | {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} "
+                  f"| {hits} | {launches} | {bound} |")
+    if "rates" in result["runs"][0]:
+        print(json.dumps(result["runs"][0]["rates"]))
+
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True, help="model directory (written first with --synth-like)")
@@ -306,21 +325,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.store.close()
         result["runs"].append(run)
         a.json.write_text(json.dumps(result, indent=1) + "\n")
-    print("| backend | gpu memory | pass | tok/s | ms/token | ms/layer | compute ms/layer | io wait ms/layer "
-          "| GPU hits/token | host launches/token | bound ms/token |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for run in result["runs"]:
-        for label, p in run["passes"].items():
-            bound = f"{p['bound']['bound_ms']:.2f}" if "bound" in p else ""
-            tier = p.get("gpu_tier_per_token", {})
-            hits = f"{tier['gpu_hits']:.1f}" if "gpu_hits" in tier else ""
-            launches = f"{tier['launches']:.0f}" if "launches" in tier else ""
-            print(f"| {run['backend']} | {run['gpu_memory']} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} "
-                  f"| {p['ms_per_layer']:.2f} | {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} "
-                  f"| {hits} | {launches} | {bound} |")
-    if "rates" in result["runs"][0]:
-        print(json.dumps(result["runs"][0]["rates"]))
-
+    _print_table(result)
 
 if __name__ == "__main__":
     main()
