@@ -12,8 +12,10 @@ scale and bias, so both engines read the same number of expert bytes), wider one
 Q8_0; float tensors (norms) stay F32. `--type f32` writes every tensor as F32 (no requantisation error:
 for checking llama.cpp's forward against flashmoe's).
 
-Architectures: `qwen3moe` (flashmoe `qwen3_moe`: Qwen3-30B-A3B, Qwen3-235B-A22B) and `qwen35moe`
-(`qwen3_5_moe_text`: Qwen3.5-35B-A3B, -397B-A17B). Names and metadata keys follow gguf's constants.py
+Architectures: `qwen3moe` (flashmoe `qwen3_moe`: Qwen3-30B-A3B, Qwen3-235B-A22B), `qwen35moe`
+(`qwen3_5_moe_text`: Qwen3.5-35B-A3B, -397B-A17B) and `olmoe` (flashmoe/arch/gguf_names.py's EXPORTABLE); a
+model whose norm_topk_prob differs from what llama.cpp's build of the architecture does (qwen3moe always
+renormalises the top-k weights, olmoe never) is refused, since llama.cpp reads no key for it. Names and metadata keys follow gguf's constants.py
 (MODEL_TENSORS, Keys) and llama.cpp's src/models/qwen3moe.cpp and qwen35moe.cpp; tensor values follow
 its converter (conversion/qwen.py): no permutation for Qwen3 (llama.cpp's NEOX rope is the checkpoint's
 rotate-half rope, its RMSNorms plain `x·w` as flashmoe's canonical ones); for Qwen3.5 the GatedDeltaNet
@@ -43,7 +45,7 @@ import numpy as np
 
 from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import FAMILIES, MODEL_TYPES, family_of
-from flashmoe.arch.gguf_names import EXPERT_NAMES, LAYER_NAMES, ROPE_PERMUTED, gguf_tensor_name
+from flashmoe.arch.gguf_names import EXPERT_NAMES, EXPORTABLE, NORM_TOPK, gguf_tensor_name
 from flashmoe.format.atomic import atomic_path, check_writable
 from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
@@ -136,9 +138,8 @@ def llama_arch(cfg: ModelConfig) -> str:
     """llama.cpp's architecture name for a model (its Family's gguf_arch, e.g. 'qwen3moe'); FlashMoeError when
     the exporter does not map it."""
     arch = family_of(cfg).gguf_arch
-    if arch not in LAYER_NAMES or arch in ROPE_PERMUTED:  # the exporter does not permute q/k rows
-        supported = sorted(t for t, f in MODEL_TYPES.items()
-                           if FAMILIES[f].gguf_arch in LAYER_NAMES and FAMILIES[f].gguf_arch not in ROPE_PERMUTED)
+    if arch not in EXPORTABLE:
+        supported = sorted(t for t, f in MODEL_TYPES.items() if FAMILIES[f].gguf_arch in EXPORTABLE)
         raise FlashMoeError(f"model_type {cfg.model_type!r} has no GGUF export (supported: {', '.join(supported)})")
     return arch
 
@@ -162,9 +163,9 @@ def plan(md: ModelDir, quant: str = "q4_0") -> tuple[str, list[Planned]]:
     if quant not in QUANT_TYPES:
         raise FlashMoeError(f"--type {quant!r} is not one of {', '.join(QUANT_TYPES)}")
     arch = llama_arch(cfg)
-    if not cfg.norm_topk_prob:
-        raise FlashMoeError(f"{md.path}: norm_topk_prob is false; llama.cpp's {arch} always "
-                            f"renormalises the top-k weights")
+    if cfg.norm_topk_prob != NORM_TOPK[arch]:  # src/models/<arch>.cpp's build_moe_ffn ignores expert_weights_norm
+        raise FlashMoeError(f"{md.path}: norm_topk_prob is {str(cfg.norm_topk_prob).lower()}; llama.cpp's {arch} "
+                            f"{'always' if NORM_TOPK[arch] else 'never'} renormalises the top-k weights")
     by_layer: dict[int, list[Planned]] = {}
     for ours in md.resident_names():
         gguf_name = gguf_tensor_name(ours, arch)
@@ -262,6 +263,7 @@ def _model_metadata(md: ModelDir, arch: str, quant: str) -> dict[str, object]:
         f"{arch}.rope.freq_base": cfg.rope_theta,
         f"{arch}.expert_count": cfg.num_experts,
         f"{arch}.expert_used_count": cfg.num_experts_per_tok,
+        f"{arch}.expert_weights_norm": cfg.norm_topk_prob,
         f"{arch}.expert_feed_forward_length": cfg.moe_intermediate_size,
     }
     return {**meta, **(_linear_attention_metadata(cfg, arch) if family_of(cfg).linear_attention else {})}

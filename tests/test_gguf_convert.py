@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from flashmoe.arch.config import ModelConfig
-from flashmoe.arch.gguf_names import EXPERT_NAMES, gguf_tensor_name
+from flashmoe.arch.families import family_of
+from flashmoe.arch.gguf_names import EXPERT_BIAS_NAMES, EXPERT_NAMES, gguf_tensor_name
 from flashmoe.arch.tensors import DictWeights, expert_tensor_name, resident_shapes
 from flashmoe.cli import app
 from flashmoe.convert.gguf_model import CONFIG_KEYS, convert_gguf
@@ -21,7 +22,23 @@ from flashmoe.reference.model import ReferenceModel
 
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the GGUF and is the independent dequantiser")
 QT = gguf.GGMLQuantizationType
-ARCH = {"qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama"}
+ARCH = {"qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss",
+        "deepseek_v3": "deepseek2"}
+_MLA = dict(kv_lora_rank=256, q_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=2,
+            topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True)
+# per model_type: its config beyond _CONFIG, and the metadata llama.cpp's converter writes beyond CONFIG_KEYS
+# (gpt-oss: a window of 4 over the 6-token prompt, so sliding layers differ from full ones; YaRN as
+# conversion/base.py writes it; deepseek2: conversion/deepseek.py's keys, key_length the latent's, 0.1 · mscale_all_dim)
+EXTRA = {"gpt_oss": ({}, {"attention.sliding_window": 4, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
+                          "rope.scaling.original_context_length": 64}),
+         "deepseek_v3": (_MLA, {
+             "attention.q_lora_rank": 256, "attention.kv_lora_rank": 256, "rope.dimension_count": 32,
+             "attention.key_length": 288, "attention.value_length": 256, "attention.key_length_mla": 96,
+             "attention.value_length_mla": 64, "leading_dense_block_count": 1, "expert_shared_count": 1,
+             "expert_weights_scale": 2.5, "expert_weights_norm": True, "expert_group_count": 2,
+             "expert_group_used_count": 1, "expert_gating_func": 2, "rope.scaling.type": "yarn",
+             "rope.scaling.factor": 4.0, "rope.scaling.original_context_length": 64,
+             "rope.scaling.yarn_log_multiplier": 0.1})}
 # rows of 256 so the K-quants fit; 2 layers, 4 experts, k = 2
 _CONFIG = dict(vocab_size=256, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
@@ -54,21 +71,44 @@ def _quantised(rng, name: str, shape: tuple[int, ...], qtype) -> np.ndarray:
     return gguf.quants.quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, qtype)
 
 
+def _expert_key(layer: int, e: int, key: str) -> str:
+    """Canonical name of expert e's part `key` ('gate_proj': its weight, 'gate_proj.bias': its bias)."""
+    proj, _, kind = key.partition(".")
+    return expert_tensor_name(layer, e, proj)[: -len("weight")] + (kind or "weight")
+
+
+def _rotate_half_rope_rows(values: np.ndarray, cfg: ModelConfig, kv: bool) -> np.ndarray:
+    """MLA's RoPE rows as the checkpoint (and llama.cpp) has them, pairs (2j, 2j + 1) adjacent, moved to
+    flashmoe's rotate-half order (j, j + r/2): per head after qk_nope rows (q_b), or after the latent (kv_a)."""
+    r, n = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+    lead = values[None, :cfg.kv_lora_rank] if kv else values.reshape(cfg.num_attention_heads, n + r, -1)[:, :n]
+    rope = values[None, cfg.kv_lora_rank:] if kv else values.reshape(cfg.num_attention_heads, n + r, -1)[:, n:]
+    rope = rope.reshape(len(rope), r // 2, 2, -1).swapaxes(1, 2).reshape(len(rope), r, -1)
+    return np.concatenate([lead, rope], axis=1).reshape(values.shape)
+
+
 def write_tiny_gguf(path, model_type: str = "qwen3_moe") -> DictWeights:
     """Write the tiny model as GGUF at `path`; the canonical tensors as gguf.quants dequantises them."""
     arch = ARCH[model_type]
-    cfg = ModelConfig.from_dict(dict(_CONFIG, model_type=model_type))
+    config, extra = EXTRA.get(model_type, ({}, {}))
+    cfg = ModelConfig.from_dict(dict(_CONFIG, model_type=model_type, **config))
     rng = np.random.default_rng(zlib.crc32(model_type.encode()))
     w = gguf.GGUFWriter(path, arch)
-    for key, gkey in CONFIG_KEYS.items():
-        value = _CONFIG[key]
-        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{gkey}", value)
+    for gkey, value in {**{g: _CONFIG[key] for key, g in CONFIG_KEYS.items() if key in _CONFIG}, **extra}.items():
+        add = {float: w.add_float32, str: w.add_string, bool: w.add_bool}.get(type(value), w.add_uint32)
+        add(f"{arch}.{gkey}", value)
     w.add_string("tokenizer.ggml.model", "none")
     truth: dict[str, np.ndarray] = {}
     tensors = [(gguf_tensor_name(n, arch), n, s) for n, s in resident_shapes(cfg).items()]
-    tensors += [(f"blk.{i}.{EXPERT_NAMES[p]}", (i, p), (4, 256, 256)) for i in cfg.moe_layers for p in EXPERT_NAMES]
+    experts = {**EXPERT_NAMES, **(EXPERT_BIAS_NAMES if cfg.has_expert_biases else {})}
+    tensors += [(f"blk.{i}.{g}", (i, p), (4, 256) + ((256,) if g.endswith(".weight") else ()))
+                for i in cfg.moe_layers for p, g in experts.items()]
     for k, (gname, name, shape) in enumerate(tensors):
-        qtype = QT.F32 if len(shape) == 1 else MIX[k % len(MIX)]
+        qtype = QT.F32 if len(shape) == 1 or len(shape) == 2 and isinstance(name, tuple) else MIX[k % len(MIX)]
+        if qtype in _K_SCALES and shape[-1] % 256:
+            qtype = QT.Q8_0  # rows too short for a K-quant super-block (MLA's attn_k_b: qk_nope)
+        if isinstance(name, tuple) and len(shape) == 3 and family_of(cfg).mxfp4_experts:
+            qtype = QT.MXFP4  # as llama.cpp's converter keeps gpt-oss's published experts
         data = _quantised(rng, gname, shape, qtype)
         w.add_tensor(gname, data, raw_dtype=qtype)
         values = gguf.quants.dequantize(data, qtype)
@@ -77,8 +117,10 @@ def write_tiny_gguf(path, model_type: str = "qwen3_moe") -> DictWeights:
             heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
             perm = np.arange(shape[0]).reshape(heads, 2, -1).swapaxes(1, 2).reshape(-1)
             values = values[np.argsort(perm)]
+        if arch == "deepseek2" and gname.endswith(("attn_q_b.weight", "attn_kv_a_mqa.weight")):
+            values = _rotate_half_rope_rows(values, cfg, "kv_a" in gname)
         if isinstance(name, tuple):
-            truth.update({expert_tensor_name(name[0], e, name[1]): values[e] for e in range(shape[0])})
+            truth.update({_expert_key(name[0], e, name[1]): values[e] for e in range(shape[0])})
         else:
             truth[name] = values
     w.write_header_to_file()
@@ -95,7 +137,16 @@ def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
     convert_gguf(tmp_path / "m.gguf", tmp_path / "out", log=notes.append)
     assert not any(n.startswith("warning") for n in notes), notes
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert {k: config[k] for k in CONFIG_KEYS} == {k: _CONFIG[k] for k in CONFIG_KEYS}
+    config_extra, metadata_extra = EXTRA.get(model_type, ({}, {}))
+    plain = [k for k in _CONFIG if k in CONFIG_KEYS and CONFIG_KEYS[k] not in metadata_extra]
+    assert {k: config[k] for k in plain} == {k: _CONFIG[k] for k in plain}
+    assert {k: config[k] for k in config_extra} == config_extra
+    if model_type == "deepseek_v3":  # mscale_all_dim = yarn_log_multiplier / 0.1, and mscale with it
+        assert config["rope_scaling"]["mscale"] == config["rope_scaling"]["mscale_all_dim"] == 1.0
+    if model_type == "gpt_oss":  # the window and YaRN from the metadata, over the family's YaRN defaults
+        assert config["sliding_window"] == 4 and config["rope_scaling"] == dict(
+            rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+            original_max_position_embeddings=64)
     ids = np.array([5, 17, 99, 3, 250, 42], np.int64)
     ours = ReferenceModel.from_dir(tmp_path / "out").forward(ids)
     expected = ReferenceModel(ModelConfig.from_dict(config), truth).forward(ids)
@@ -205,3 +256,39 @@ def test_value_head_reorder_moves_whole_quantised_rows_and_groups():
         heads = np.moveaxis(expected, axis, 0).reshape(4, 32, -1)
         tiled = np.moveaxis(qt.dequantize(), axis, 0).reshape(4, 32, -1)
         np.testing.assert_array_equal(heads[[0, 1, 2, 3]], tiled[[0, 2, 1, 3]])
+
+
+def test_every_mapped_name_is_one_llama_cpp_gives_the_architecture():
+    """gguf_names' tables against gguf-py's own lists (constants.py MODEL_TENSORS / TENSOR_NAMES)."""
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+
+    from flashmoe.arch.gguf_names import GLOBAL_NAMES, LAYER_NAMES
+
+    arch_of = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
+    for gguf_arch, table in LAYER_NAMES.items():
+        known = {TENSOR_NAMES[t] for t in MODEL_TENSORS[arch_of[gguf_arch]]}
+        names = [*(f"blk.{{bid}}.{n}" for n in [*table.values(), *EXPERT_NAMES.values()]), *GLOBAL_NAMES.values()]
+        for name in names:
+            assert name.removesuffix(".weight").removesuffix(".bias") in known, (gguf_arch, name)
+
+
+def test_deepseek2_file_with_the_old_fused_kv_b_is_refused_with_a_hint(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", "deepseek_v3")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    w = gguf.GGUFWriter(tmp_path / "old.gguf", "deepseek2")
+    for field in reader.fields.values():
+        if not field.name.startswith(("GGUF.", "general.architecture")):
+            w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1
+                            else None)
+    for t in reader.tensors:
+        name = t.name.replace("attn_k_b", "attn_kv_b")
+        if "attn_v_b" not in name:
+            w.add_tensor(name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match=r"missing tensor blk.0.attn_k_b.weight .*the file has "
+                                              r"blk.0.attn_kv_b.weight, which llama.cpp's converter no longer writes"):
+        convert_gguf(tmp_path / "old.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -258,6 +258,22 @@ def test_tokenizer_metadata_carries_the_real_qwen3_vocabulary(tmp_path):
     assert len(meta["tokenizer.ggml.merges"]) > 150_000 and meta["tokenizer.ggml.merges"][0] == "Ġ Ġ"
 
 
+def test_olmoe_export_without_renormalisation_round_trips(tmp_path):
+    """llama.cpp's olmoe never renormalises the top-k weights (src/models/olmoe.cpp), as OLMoE's
+    norm_topk_prob false: the export keeps it, the import reads it back, the logits are the same bit for bit."""
+    from flashmoe.convert.gguf_model import convert_gguf
+
+    olmoe = dict(TINY_QWEN3, model_type="olmoe", norm_topk_prob=False, intermediate_size=64)
+    model = _tiny_model(tmp_path / "olmoe", olmoe)
+    back = convert_gguf(export_gguf(model, tmp_path / "olmoe.gguf", "f32"), tmp_path / "back", log=lambda _: None)
+    assert json.loads((back / "config.json").read_text())["norm_topk_prob"] is False
+    np.testing.assert_array_equal(ReferenceModel.from_dir(back).forward(IDS), ReferenceModel.from_dir(model).forward(IDS))
+    renormalising = _tiny_model(tmp_path / "olmoe-norm", dict(olmoe, norm_topk_prob=True))
+    with pytest.raises(FlashMoeError, match="norm_topk_prob is true; llama.cpp's olmoe never renormalises"):
+        export_gguf(renormalising, tmp_path / "n.gguf")
+    assert not (tmp_path / "n.gguf").exists()
+
+
 def test_export_round_trips_through_the_gguf_importer(tiny, tmp_path):
     from tokenizers import Tokenizer
 

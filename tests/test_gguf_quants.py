@@ -83,3 +83,22 @@ def test_float_types_widen_exactly():
         raw = gguf.quants.quantize(w, qt).view(np.uint8).reshape(3, -1)
         np.testing.assert_array_equal(float_tensor(raw, name).astype(np.float32),
                                       gguf.quants.dequantize(raw, qt))
+
+
+def test_mxfp4_imports_exactly_over_every_code_and_scale():
+    """ggml's MXFP4 blocks (scale byte, then value i and i + 16 in byte i) -> flashmoe's (2i, 2i + 1 in byte
+    i): equal values for random bytes (every scale 0..254, so subnormal and huge), all 256 code bytes, and a
+    tensor gguf.quants quantised itself."""
+    from flashmoe.convert.gguf_quants import mxfp4_tensor
+
+    rng = np.random.default_rng(11)
+    raw = rng.integers(0, 256, (255, 2 * 17), dtype=np.uint8)
+    raw[:, 0], raw[:, 17] = np.arange(255), np.arange(255)[::-1]  # every scale byte but 255 (NaN in OCP)
+    raw[:16, 1:17] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    w = rng.standard_normal((3, 64)).astype(np.float32) * np.float32(1e-3)
+    for data in (raw, gguf.quants.quantize(w, QT.MXFP4)):
+        with np.errstate(over="ignore"):
+            ours, theirs = mxfp4_tensor(data).dequantize(), gguf.quants.dequantize(data, QT.MXFP4)
+        np.testing.assert_array_equal(ours, theirs)  # +0.0 == -0.0: code 8 is -0 in flashmoe, +0 in ggml
+    t = mxfp4_tensor(raw.reshape(5, 51, -1))
+    assert t.blocks.shape == (5, 51, 32) and t.scales.shape == (5, 51, 2)

@@ -172,7 +172,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True),
            num_experts_keys=("n_routed_experts", "num_local_experts", "num_experts"), router="noaux_tc",
            router_tensors=("e_score_correction_bias",), group_routing_keys=True, shared_expert=UNGATED,
-           qk_norm="none", mla=True, rope_deinterleave=True, renames=_SHARED_EXPERTS),
+           qk_norm="none", mla=True, rope_deinterleave=True, renames=_SHARED_EXPERTS, gguf_arch="deepseek2"),
     Family("glm4_moe", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False, rope_theta=10000.0,
                             partial_rotary_factor=0.5, norm_topk_prob=True, max_position_embeddings=131072,
                             n_group=1, topk_group=1, routed_scaling_factor=1.0, n_shared_experts=1,
@@ -190,7 +190,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
            router="topk_softmax", always_norm_topk=True, alternating_sliding=True, attention_sinks=True,
            qk_norm="none", router_tensors=("bias",), expert_biases=True, clamped_swiglu=True, mxfp4_experts=True,
-           experts_in_out=True, interleaved_gate_up=True, renames=((r"\.mlp\.router\.", ".mlp.gate."),)),
+           experts_in_out=True, interleaved_gate_up=True, renames=((r"\.mlp\.router\.", ".mlp.gate."),),
+           gguf_arch="gpt-oss"),
     # transformers MiniMaxM2Config (MiniMax-M2 230B-A10B): sigmoid routing with a correction bias and no groups,
     # q/k RMSNorm over the whole projection, partial rotary from the legacy `rotary_dim` key
     Family("minimax_m2", dict(rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, rope_theta=5e6,
@@ -311,8 +312,8 @@ def to_canonical(name: str, array: np.ndarray, cfg: ModelConfig,
         array = np.ascontiguousarray(array.transpose(0, 2, 1))  # MLX Conv1d [C, K, 1] -> HF [C, 1, K]
     if fam.mla and (m := _KV_B.match(canon)):
         return _split_kv_b(name, m[1], array, cfg)
-    if fam.rope_deinterleave and cfg.rope_interleave and (m := _ROPE_ROWS.match(canon)):
-        array = _deinterleave_rope_rows(name, m[1], array, cfg)
+    if rope_deinterleave_rows(canon, cfg) is not None:
+        array = _deinterleave_rope_rows(name, canon, array, cfg)
     if fam.plus_one_norms and layout == HF and _PLUS_ONE.match(canon):
         # float32 result: 1 + w rounded back to bf16 would lose w's low bits (transformers adds in float32)
         array = array.astype(np.float32) + np.float32(1.0)
@@ -325,18 +326,28 @@ def is_expert_tensor(canonical_name: str) -> bool:
     return bool(_EXPERT.match(canonical_name))
 
 
-def _deinterleave_rope_rows(name: str, proj: str, array: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """Permute the rows producing RoPE dimensions from pairs (2j, 2j+1) to (j, j + r/2): transformers'
-    `apply_rotary_pos_emb_interleave`, done once on the weights. q_proj/q_b_proj: the last
-    qk_rope_head_dim rows of each head; kv_a_proj_with_mqa: the qk_rope_head_dim rows after the latent."""
+def rope_deinterleave_rows(canonical_name: str, cfg: ModelConfig) -> np.ndarray | None:
+    """For a tensor whose rows produce interleaved RoPE dimensions (Family.rope_deinterleave with config
+    rope_interleave: q_proj, q_b_proj, kv_a_proj_with_mqa), the row order that takes pairs (2j, 2j+1) to
+    (j, j + r/2): transformers' `apply_rotary_pos_emb_interleave`, done once on the weights. q_proj/q_b_proj:
+    the last qk_rope_head_dim rows of each head; kv_a_proj_with_mqa: the qk_rope_head_dim rows after the
+    latent. None for every other tensor (a row permutation: exact for quantised tensors too)."""
+    m = _ROPE_ROWS.match(canonical_name)
+    if not (family_of(cfg).rope_deinterleave and cfg.rope_interleave and m):
+        return None
     r = cfg.qk_rope_head_dim
     order = np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2)])  # (r,)
-    if proj == "kv_a_proj_with_mqa":
-        rows = np.concatenate([np.arange(cfg.kv_lora_rank), cfg.kv_lora_rank + order])
-    else:
-        head = cfg.qk_nope_head_dim + r
-        one = np.concatenate([np.arange(cfg.qk_nope_head_dim), cfg.qk_nope_head_dim + order])
-        rows = (np.arange(cfg.num_attention_heads)[:, None] * head + one[None, :]).reshape(-1)
+    if m[1] == "kv_a_proj_with_mqa":
+        return np.concatenate([np.arange(cfg.kv_lora_rank), cfg.kv_lora_rank + order])
+    head = cfg.qk_nope_head_dim + r
+    one = np.concatenate([np.arange(cfg.qk_nope_head_dim), cfg.qk_nope_head_dim + order])
+    return (np.arange(cfg.num_attention_heads)[:, None] * head + one[None, :]).reshape(-1)
+
+
+def _deinterleave_rope_rows(name: str, canon: str, array: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """`array` (checkpoint tensor `name`, canonical `canon`) with rope_deinterleave_rows' order. Raises
+    CheckpointError naming the tensor when its row count disagrees with the config."""
+    rows = rope_deinterleave_rows(canon, cfg)
     if array.shape[0] != rows.size:
         raise CheckpointError(f"tensor {name!r}: {array.shape[0]} rows, expected {rows.size} from the MLA fields "
                               "of the config")

@@ -13,21 +13,23 @@ from flashmoe.arch.tensors import EMBED_TOKENS, FINAL_NORM, LM_HEAD
 GLOBAL_NAMES = {EMBED_TOKENS: "token_embd.weight", FINAL_NORM: "output_norm.weight", LM_HEAD: "output.weight"}
 EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight",
                 "down_proj": "ffn_down_exps.weight"}
+#: The stacked routed experts' biases `[E, out]` (gpt-oss), under the canonical expert part `{proj}.bias`.
+EXPERT_BIAS_NAMES = {f"{p}.bias": n.replace(".weight", ".bias") for p, n in EXPERT_NAMES.items()}
 _ATTENTION = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
               "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-              "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
-              "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate.weight": "ffn_gate_inp.weight"}
+              "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate.weight": "ffn_gate_inp.weight"}
+_QK_NORMS = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 
 #: GGUF architecture -> {canonical name after `layers.{i}.` -> GGUF name after `blk.{i}.`}
 LAYER_NAMES: dict[str, dict[str, str]] = {
-    "qwen3moe": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
+    "qwen3moe": {**_ATTENTION, **_QK_NORMS, "post_attention_layernorm.weight": "ffn_norm.weight"},
     # src/models/olmoe.cpp: q/k norms over the whole projection, under the same names
-    "olmoe": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
+    "olmoe": {**_ATTENTION, **_QK_NORMS, "post_attention_layernorm.weight": "ffn_norm.weight"},
     # src/models/llama.cpp with experts (Mixtral): q and k rows permuted for its interleaved RoPE (ROPE_PERMUTED)
     "llama": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
     # src/models/qwen35moe.cpp: GatedDeltaNet layers as llama.cpp's ssm_* tensors
     "qwen35moe": {
-        **_ATTENTION, "post_attention_layernorm.weight": "post_attention_norm.weight",
+        **_ATTENTION, **_QK_NORMS, "post_attention_layernorm.weight": "post_attention_norm.weight",
         "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
         "linear_attn.in_proj_b.weight": "ssm_beta.weight", "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
         "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.dt_bias": "ssm_dt.bias",
@@ -37,15 +39,42 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
         "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
         "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
         "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"},
+    # src/models/deepseek2.cpp (DeepSeek-V3, Kimi K2; conversion/deepseek.py): MLA with kv_b_proj stored split
+    # as attn_k_b [H, kv_lora, qk_nope] and attn_v_b [H, v_head, kv_lora] (flashmoe's embed_q / unembed_out),
+    # the correction bias as exp_probs_b.bias, leading dense blocks' ffn_{gate,up,down}, shared experts' *_shexp
+    "deepseek2": {
+        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+        **{f"self_attn.{p}.weight": f"{g}.weight" for p, g in (
+            ("q_proj", "attn_q"), ("q_a_proj", "attn_q_a"), ("q_a_layernorm", "attn_q_a_norm"),
+            ("q_b_proj", "attn_q_b"), ("kv_a_proj_with_mqa", "attn_kv_a_mqa"), ("kv_a_layernorm", "attn_kv_a_norm"),
+            ("embed_q", "attn_k_b"), ("unembed_out", "attn_v_b"), ("o_proj", "attn_output"))},
+        "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+        **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")},
+        **{f"mlp.shared_expert.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")}},
+    # src/models/openai-moe-iswa.cpp: biases on q/k/v/o and the router, attention sinks, MXFP4 experts with biases
+    "gpt-oss": {
+        **_ATTENTION, "post_attention_layernorm.weight": "post_attention_norm.weight",
+        **{f"self_attn.{p}_proj.bias": f"attn_{g}.bias" for p, g in (("q", "q"), ("k", "k"), ("v", "v"),
+                                                                    ("o", "output"))},
+        "self_attn.sinks": "attn_sinks.weight", "mlp.gate.bias": "ffn_gate_inp.bias"},
 }
+
+#: Tensors that llama.cpp's converter once wrote fused (the GGUF name after `blk.{i}.` -> the fused one): MLA's
+#: kv_b before its split into attn_k_b / attn_v_b (2025); attn_k_b is kv_b's half transposed, which is not exact
+#: for a quantised tensor, so such files are refused with a hint.
+FUSED_BEFORE = {"attn_k_b.weight": "attn_kv_b.weight", "attn_v_b.weight": "attn_kv_b.weight"}
 
 #: GGUF architectures the importer (flashmoe/convert/gguf_model.py) reads -> whether llama.cpp renormalises the
 #: top-k router weights when the file has no `{arch}.expert_weights_norm` key (build_moe_ffn's norm_w in
 #: src/models/<arch>.cpp): it is the config's norm_topk_prob.
-NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False, "qwen35moe": True, "llama": True}
+NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False, "qwen35moe": True, "llama": True, "gpt-oss": True,
+                              "deepseek2": False}
 #: GGUF architectures whose attn_q/attn_k rows llama.cpp's converter permutes (LlamaModel.permute: per head, the
 #: rotate-half pairs (i, i + d/2) of the checkpoint become adjacent rows (2i, 2i + 1) for its interleaved RoPE).
 ROPE_PERMUTED = frozenset({"llama"})
+#: GGUF architectures bench/gguf_export.py writes: no q/k row permutation (ROPE_PERMUTED), group-wise affine
+#: experts without biases.
+EXPORTABLE = frozenset({"qwen3moe", "qwen35moe", "olmoe"})
 
 
 def gguf_tensor_name(name: str, gguf_arch: str) -> str | None:

@@ -1,5 +1,7 @@
 """The inverse of what llama.cpp's converter does to tensor layouts: the q/k rows of `llama` models (Mixtral),
-permuted for its interleaved RoPE (convert_hf_to_gguf.py, LlamaModel.permute), and the GatedDeltaNet tensors
+permuted for its interleaved RoPE (convert_hf_to_gguf.py, LlamaModel.permute), MLA's RoPE rows, which it keeps
+interleaved as the checkpoint has them (flashmoe's canonical rows are rotate-half, families.rope_deinterleave_rows),
+and the GatedDeltaNet tensors
 (conversion/qwen.py, Qwen3NextModel and _LinearAttentionVReorderBase; bench/gguf_export.py's
 _linear_attention_transform does it forwards).
 
@@ -17,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from flashmoe.arch.config import ModelConfig
+from flashmoe.arch.families import rope_deinterleave_rows
 from flashmoe.arch.gguf_names import ROPE_PERMUTED
 from flashmoe.errors import CheckpointError
 from flashmoe.format.quant import QuantizedTensor
@@ -56,6 +59,8 @@ def gguf_layout(cfg: ModelConfig, arch: str, name: str) -> Callable[[Stored, str
     if arch in ROPE_PERMUTED and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
         heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
         return lambda w, where: _rows(w, _rotate_half_order(w.shape[0], heads))
+    if (order := rope_deinterleave_rows(name, cfg)) is not None:  # llama.cpp keeps MLA's interleaved RoPE rows
+        return lambda w, where: _rows(w, order)
     return linear_attention_layout(cfg, name)
 
 

@@ -27,17 +27,16 @@ from tqdm import tqdm
 
 from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import FAMILIES, Family
-from flashmoe.arch.gguf_names import EXPERT_NAMES, NORM_TOPK, gguf_tensor_name
+from flashmoe.arch.gguf_names import EXPERT_BIAS_NAMES, EXPERT_NAMES, FUSED_BEFORE, NORM_TOPK, gguf_tensor_name
 from flashmoe.arch.tensors import EXPERT_PROJS, LM_HEAD, resident_shapes
 from flashmoe.convert.gguf import GGUFModel, GGUFTensor
 from flashmoe.convert.gguf_layouts import gguf_layout
-from flashmoe.convert.gguf_quants import AFFINE, FLOATS, affine_tensor, float_tensor
+from flashmoe.convert.gguf_quants import AFFINE, FLOATS, MXFP4_TYPE, affine_tensor, float_tensor, mxfp4_tensor
 from flashmoe.convert.gguf_tokenizer import tokenizer_files
 from flashmoe.errors import CheckpointError
 from flashmoe.format.atomic import check_output_dir
-from flashmoe.format.manifest import ExpertLayout
+from flashmoe.format.manifest import ExpertLayout, ExpertPart
 from flashmoe.format.policy import KEEP
-from flashmoe.format.quant import QuantizedTensor
 from flashmoe.format.writer import ModelDirWriter, write_model_dir
 
 #: config.json key <- GGUF metadata key after `{arch}.` (llama.cpp's LLM_KV names, gguf-py's Keys.LLM).
@@ -48,7 +47,20 @@ CONFIG_KEYS = {
     "rope_theta": "rope.freq_base", "max_position_embeddings": "context_length",
     "num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
     "moe_intermediate_size": "expert_feed_forward_length", "intermediate_size": "feed_forward_length",
+    "sliding_window": "attention.sliding_window",
 }
+#: rope_scaling key <- GGUF metadata key after `{arch}.rope.scaling.`, when `{arch}.rope.scaling.type` is yarn
+#: (llama.cpp's TextModel.set_gguf_parameters writes them from the checkpoint's rope_scaling).
+YARN_KEYS = {"factor": "factor", "original_max_position_embeddings": "original_context_length",
+             "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow"}
+#: The sigmoid-routed families' keys (llama.cpp's LLM_KV_EXPERT_* and LEADING_DENSE_BLOCK_COUNT), with the values
+#: llama.cpp assumes when a file lacks them (no groups, no scaling, no dense or shared blocks).
+ROUTING_KEYS = {"first_k_dense_replace": ("leading_dense_block_count", 0), "n_shared_experts": ("expert_shared_count", 0),
+                "routed_scaling_factor": ("expert_weights_scale", 1.0), "n_group": ("expert_group_count", 1),
+                "topk_group": ("expert_group_used_count", 1)}
+#: `{arch}.expert_gating_func` of sigmoid scores (llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID), the one
+#: the sigmoid-routed families take (1, softmax, is DeepSeek-V2's).
+SIGMOID_GATING = 2
 #: The same for GatedDeltaNet models (llama.cpp's qwen35moe/qwen3next hparams); linear_value_head_dim and
 #: partial_rotary_factor are derived (config_dict).
 LINEAR_ATTENTION_KEYS = {
@@ -86,10 +98,63 @@ def config_dict(model: GGUFModel, fam: Family) -> dict[str, Any]:
     cfg["vocab_size"] = model.tensors["token_embd.weight"].shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in model.tensors
     cfg["norm_topk_prob"] = bool(meta.get(f"{arch}.expert_weights_norm", NORM_TOPK[arch]))
+    if meta.get(f"{arch}.rope.scaling.type") == "yarn":
+        cfg["rope_scaling"] = _yarn(meta, arch, fam)
+    if fam.group_routing_keys:
+        cfg.update({key: meta.get(f"{arch}.{g}", default) for key, (g, default) in ROUTING_KEYS.items()})
+        if (gating := meta.get(f"{arch}.expert_gating_func", SIGMOID_GATING)) != SIGMOID_GATING:
+            raise CheckpointError(f"{model.path}: {arch}.expert_gating_func is {gating}, not sigmoid scores "
+                                  f"({SIGMOID_GATING}), which flashmoe's {fam.name} routing takes")
+    if fam.mla:
+        cfg.update(_mla_config(model, arch))
+        for key in ("head_dim", "partial_rotary_factor"):  # llama.cpp's are the latent's; MLA has its own
+            cfg.pop(key, None)
     for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in meta:
             cfg[key] = meta[f"tokenizer.ggml.{key}"]
     return cfg
+
+
+def _yarn(meta: dict[str, Any], arch: str, fam: Family) -> dict[str, Any]:
+    """rope_scaling for a YaRN file, over the family's defaults (gpt-oss: truncate false). DeepSeek's converter
+    writes yarn_log_multiplier = 0.1 · mscale_all_dim (conversion/deepseek.py) and llama.cpp applies it to both
+    the attention scale and the rotary factor, which is mscale = mscale_all_dim (divided in float32, where
+    it was multiplied, so 1.0 comes back as 1.0)."""
+    rope = {**fam.defaults.get("rope_scaling", {}), "rope_type": "yarn", **{
+        key: meta[f"{arch}.rope.scaling.{g}"] for key, g in YARN_KEYS.items() if f"{arch}.rope.scaling.{g}" in meta}}
+    if (log_mul := meta.get(f"{arch}.rope.scaling.yarn_log_multiplier")) is not None:
+        rope["mscale"] = rope["mscale_all_dim"] = float(np.float32(log_mul) / np.float32(0.1))
+    return rope
+
+
+def _mla_config(model: GGUFModel, arch: str) -> dict[str, Any]:
+    """MLA's widths from llama.cpp's keys (conversion/deepseek.py: key_length_mla = qk_nope + qk_rope,
+    value_length_mla = v_head_dim, rope.dimension_count = qk_rope; older files have the first two as key_length
+    and value_length); no q_lora_rank: q_proj straight from the hidden state. Raises CheckpointError naming a
+    missing key."""
+    meta = model.metadata
+
+    def need(key: str) -> int:
+        if f"{arch}.{key}" not in meta:
+            raise CheckpointError(f"{model.path}: metadata key {arch}.{key} is missing (an MLA model needs it)")
+        return meta[f"{arch}.{key}"]
+
+    rope = need("rope.dimension_count")
+    qk = meta.get(f"{arch}.attention.key_length_mla") or need("attention.key_length")
+    return {"q_lora_rank": meta.get(f"{arch}.attention.q_lora_rank"), "kv_lora_rank": need("attention.kv_lora_rank"),
+            "qk_rope_head_dim": rope, "qk_nope_head_dim": qk - rope,
+            "v_head_dim": meta.get(f"{arch}.attention.value_length_mla") or need("attention.value_length")}
+
+
+def _fused_hint(model: GGUFModel, gname: str | None) -> str:
+    """For a missing `blk.N.X` that older llama.cpp conversions wrote fused (FUSED_BEFORE), a hint to convert the
+    checkpoint again; else ''."""
+    parts = (gname or "").split(".", 2)  # blk, N, X
+    fused = f"blk.{parts[1]}.{FUSED_BEFORE[parts[2]]}" if len(parts) == 3 and parts[2] in FUSED_BEFORE else None
+    if fused not in model.tensors:
+        return ""
+    return (f"; the file has {fused}, which llama.cpp's converter no longer writes: convert the checkpoint again "
+            "with a current llama.cpp (flashmoe imports the split tensors exactly)")
 
 
 def convert_gguf(src: str | Path, dst: str | Path, force: bool = False, progress: bool | None = None,
@@ -124,6 +189,8 @@ def import_kind(type_name: str) -> str:
     'refused (...)'."""
     if type_name in FLOATS:
         return "float"
+    if type_name == MXFP4_TYPE:
+        return "exact (MXFP4 routed experts, as published)"
     if type_name not in AFFINE:
         return "refused (not affine)"
     bits, group = AFFINE[type_name][:2]
@@ -159,7 +226,8 @@ class _Import:
     def _tensor(self, gname: str | None, shape: tuple[int, ...] | None, canonical: str) -> GGUFTensor:
         """GGUF tensor `gname` of `shape` (None: checked by the caller) for canonical tensor `canonical`."""
         if gname is None or gname not in self.model.tensors:
-            raise CheckpointError(f"{self.model.path}: missing tensor {gname or '?'} (flashmoe's {canonical})")
+            raise CheckpointError(f"{self.model.path}: missing tensor {gname or '?'} (flashmoe's {canonical})"
+                                  f"{_fused_hint(self.model, gname)}")
         t = self.model.tensors[gname]
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{t.path}: tensor {gname!r} has shape {list(t.shape)}, the metadata make it "
@@ -168,23 +236,33 @@ class _Import:
         return t
 
     def _experts(self, out: ModelDirWriter, layer: int) -> None:
+        """The layer's stacked experts (and their biases, where the family has them) expert by expert."""
         h, inter, n = self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts
-        tensors = {p: self._tensor(f"blk.{layer}.{EXPERT_NAMES[p]}", (n, h, inter) if p == "down_proj" else
-                                   (n, inter, h), f"layers.{layer}.mlp.experts.{p}") for p in EXPERT_PROJS}
-        raws = {p: self.model.raw(t.name) for p, t in tensors.items()}
-        first = {p: self._stored(tensors[p], raws[p][0]) for p in EXPERT_PROJS}
+        names = {**EXPERT_NAMES, **(EXPERT_BIAS_NAMES if self.cfg.has_expert_biases else {})}
+        tensors = {}
+        for key, gname in names.items():
+            shape = (n, h, inter) if key.startswith("down_proj") else (n, inter, h)
+            tensors[key] = self._tensor(f"blk.{layer}.{gname}", shape[:2] if key.endswith(".bias") else shape,
+                                        f"layers.{layer}.mlp.experts.{key}")
+        raws = {key: self.model.raw(t.name) for key, t in tensors.items()}
+        first = {key: self._stored(tensors[key], raws[key][0], expert=True) for key in names}
         writer = out.open_experts(layer, ExpertLayout.plan(first), n)
         for e in range(n):
-            for p in EXPERT_PROJS:
-                part = first[p] if e == 0 else self._stored(tensors[p], raws[p][e])
-                writer.write(e, p, part, f"{tensors[p].path}: tensor {tensors[p].name!r}")
+            for key, t in tensors.items():
+                part = first[key] if e == 0 else self._stored(t, raws[key][e], expert=True)
+                writer.write(e, key, part, f"{t.path}: tensor {t.name!r}")
         writer.close()
 
-    def _stored(self, t: GGUFTensor, raw: np.ndarray) -> QuantizedTensor | np.ndarray:
-        """The stored form of `raw` (all or one expert of tensor t): module docstring."""
+    def _stored(self, t: GGUFTensor, raw: np.ndarray, expert: bool = False) -> ExpertPart:
+        """The stored form of `raw` (all of tensor t, or one routed expert of it): module docstring."""
         kind, where = t.type.name, f"{t.path}: tensor {t.name!r}"
         if kind in FLOATS:
             return float_tensor(raw, kind)
+        if kind == MXFP4_TYPE:
+            if not expert:
+                raise CheckpointError(f"{where}: GGML type MXFP4 outside the routed experts; flashmoe stores "
+                                      "MXFP4 for routed experts only")
+            return mxfp4_tensor(raw)
         if kind not in AFFINE:
             raise CheckpointError(f"{where}: GGML type {kind} is not affine per block (codebook or other "
                                   f"format); flashmoe imports only {', '.join(AFFINE)}, F32, F16 and BF16 "

@@ -31,6 +31,7 @@ import numpy as np
 
 from flashmoe.convert.gguf import GGML_TYPES
 from flashmoe.errors import CheckpointError
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor, pack
 
 _Blocks = tuple[np.ndarray, np.ndarray, np.ndarray]  # codes [n, block] uint8, scales and biases [n, groups] f32
@@ -140,6 +141,8 @@ AFFINE: dict[str, tuple[int, int, int, Callable[[np.ndarray], _Blocks]]] = {
     "Q3_K": (3, 16, 256, _q3_k), "Q4_K": (4, 32, 256, _q4_k), "Q5_K": (5, 32, 256, _q5_k),
     "Q6_K": (6, 16, 256, _q6_k)}
 _TYPE_SIZE = {t.name: t.type_size for t in GGML_TYPES.values()}
+#: The GGML type of MXFP4 blocks (gpt-oss's experts), imported by mxfp4_tensor.
+MXFP4_TYPE = "MXFP4"
 #: Float GGML types -> their NumPy dtype (BF16 as its uint16 bits, widened exactly by float_tensor)
 FLOATS = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
@@ -166,6 +169,24 @@ def affine_tensor(raw: np.ndarray, type_name: str, where: str) -> QuantizedTenso
                            scales=np.ascontiguousarray(scales.reshape(lead + (row // group,))),
                            biases=np.ascontiguousarray(biases.reshape(lead + (row // group,))),
                            bits=bits, group_size=group)
+
+
+def mxfp4_tensor(raw: np.ndarray) -> Mxfp4Tensor:
+    """A GGML MXFP4 tensor (type 39) as flashmoe's Mxfp4Tensor, exactly: the same E8M0 scale bytes and E2M1
+    codes, the codes moved to flashmoe's (the checkpoint's) nibble order.
+
+    raw: its bytes ``[..., rows, in / 32 * 17]``, each block one scale byte then 16 code bytes whose low nibbles
+    are values 0-15 and high nibbles 16-31 (ggml-common.h's block_mxfp4; llama.cpp's converter,
+    GptOssModel.transform_nibble_layout, moves the checkpoint's codes so). Returns blocks uint8
+    ``[..., rows, in / 2]`` (value 2i in the low nibble of byte i, 2i + 1 in the high one) and scales uint8
+    ``[..., rows, in / 32]``. ggml decodes a block as e8m0_to_fp32_half(s) · kvalues[code], which equals
+    flashmoe's 2^(s - 127) · FP4_VALUES[code] for every s and code (kvalues are the E2M1 values doubled).
+    """
+    lead = raw.shape[:-1]
+    b = np.ascontiguousarray(raw).reshape(lead + (-1, 17))
+    codes = np.concatenate([b[..., 1:] & np.uint8(0x0F), b[..., 1:] >> np.uint8(4)], axis=-1)  # values 0..31
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << np.uint8(4))
+    return Mxfp4Tensor(np.ascontiguousarray(blocks.reshape(lead + (-1,))), np.ascontiguousarray(b[..., 0]))
 
 
 def float_tensor(raw: np.ndarray, type_name: str) -> np.ndarray:
