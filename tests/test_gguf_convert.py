@@ -15,6 +15,7 @@ from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import family_of
 from flashmoe.arch.gguf_names import EXPERT_BIAS_NAMES, EXPERT_NAMES, gguf_tensor_name
 from flashmoe.arch.tensors import DictWeights, expert_tensor_name, resident_shapes
+from flashmoe.bench.llama_cpp import find_runner, run_llama
 from flashmoe.cli import app
 from flashmoe.convert.gguf_model import CONFIG_KEYS, convert_gguf
 from flashmoe.errors import CheckpointError
@@ -28,10 +29,12 @@ _MLA = dict(kv_lora_rank=256, q_lora_rank=256, qk_rope_head_dim=32, qk_nope_head
             topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True)
 # per model_type: its config beyond _CONFIG, and the metadata llama.cpp's converter writes beyond CONFIG_KEYS
 # (gpt-oss: a window of 4 over the 6-token prompt, so sliding layers differ from full ones; YaRN as
-# conversion/base.py writes it; deepseek2: conversion/deepseek.py's keys, key_length the latent's, 0.1 · mscale_all_dim)
-EXTRA = {"gpt_oss": ({}, {"attention.sliding_window": 4, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
+# conversion/base.py writes it; deepseek2: conversion/deepseek.py's keys, one kv head and key_length the latent's
+# (MLA as MQA), 0.1 · mscale_all_dim)
+EXTRA = {"olmoe": ({"num_key_value_heads": 4}, {"attention.head_count_kv": 4}),  # llama.cpp's olmoe has no GQA
+         "gpt_oss": ({}, {"attention.sliding_window": 4, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
                           "rope.scaling.original_context_length": 64}),
-         "deepseek_v3": (_MLA, {
+         "deepseek_v3": (dict(_MLA, num_key_value_heads=1), {"attention.head_count_kv": 1,
              "attention.q_lora_rank": 256, "attention.kv_lora_rank": 256, "rope.dimension_count": 32,
              "attention.key_length": 288, "attention.value_length": 256, "attention.key_length_mla": 96,
              "attention.value_length_mla": 64, "leading_dense_block_count": 1, "expert_shared_count": 1,
@@ -77,6 +80,13 @@ def _expert_key(layer: int, e: int, key: str) -> str:
     return expert_tensor_name(layer, e, proj)[: -len("weight")] + (kind or "weight")
 
 
+def _byte_tokens() -> list[str]:
+    """The 256 tokens of a byte-level vocabulary: GPT-2's printable bytes as themselves, the others as 256..."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
 def _rotate_half_rope_rows(values: np.ndarray, cfg: ModelConfig, kv: bool) -> np.ndarray:
     """MLA's RoPE rows as the checkpoint (and llama.cpp) has them, pairs (2j, 2j + 1) adjacent, moved to
     flashmoe's rotate-half order (j, j + r/2): per head after qk_nope rows (q_b), or after the latent (kv_a)."""
@@ -97,7 +107,10 @@ def write_tiny_gguf(path, model_type: str = "qwen3_moe") -> DictWeights:
     for gkey, value in {**{g: _CONFIG[key] for key, g in CONFIG_KEYS.items() if key in _CONFIG}, **extra}.items():
         add = {float: w.add_float32, str: w.add_string, bool: w.add_bool}.get(type(value), w.add_uint32)
         add(f"{arch}.{gkey}", value)
-    w.add_string("tokenizer.ggml.model", "none")
+    w.add_tokenizer_model("gpt2")  # bytes and one merge: llama.cpp needs a vocabulary to load the model
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(_byte_tokens()[:255] + ["Ġt"])
+    w.add_token_merges(["Ġ t"])
     truth: dict[str, np.ndarray] = {}
     tensors = [(gguf_tensor_name(n, arch), n, s) for n, s in resident_shapes(cfg).items()]
     experts = {**EXPERT_NAMES, **(EXPERT_BIAS_NAMES if cfg.has_expert_biases else {})}
@@ -292,3 +305,27 @@ def test_deepseek2_file_with_the_old_fused_kv_b_is_refused_with_a_hint(tmp_path)
                                               r"blk.0.attn_kv_b.weight, which llama.cpp's converter no longer writes"):
         convert_gguf(tmp_path / "old.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+RUNNER = find_runner()
+
+
+@pytest.mark.skipif(RUNNER is None, reason="llama.cpp is not built in the cache (bench/llama_cpp.py builds it in "
+                    "~15 min; CI does not)")
+@pytest.mark.parametrize("model_type", list(ARCH))
+def test_llama_cpp_runs_the_same_gguf_to_the_imported_models_logits_and_greedy_tokens(tmp_path, model_type):
+    """llama.cpp's own forward of the tiny GGUF against flashmoe's reference on the import: within llama.cpp's
+    8-bit activation error (measured 1.4-6.1% of the largest logit over the architectures), and the same
+    greedy token wherever flashmoe's top two logits are further apart than that bound (random tiny models
+    have near ties)."""
+    write_tiny_gguf(tmp_path / "m.gguf", model_type)
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", log=lambda msg: None)
+    ids = np.array([5, 17, 99, 3, 250, 42])
+    ours = ReferenceModel.from_dir(tmp_path / "out").forward(ids)
+    run_llama(RUNNER, tmp_path / "m.gguf", 1, ids[:4], ids[4:], ("cold",), logits_out=tmp_path / "logits.f32")
+    theirs = np.fromfile(tmp_path / "logits.f32", np.float32).reshape(ours.shape)
+    bound = 0.1 * np.abs(ours).max()
+    assert np.abs(theirs - ours).max() <= bound
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > bound
+    assert decisive.any() and (theirs.argmax(-1) == ours.argmax(-1))[decisive].all()
