@@ -11,7 +11,8 @@ model directory (docs/formats.md), through the format's one writer (flashmoe.for
   (convert the original checkpoint, or a Q*_K GGUF, instead).
 - Stacked experts `blk.N.ffn_{gate,up,down}_exps.weight` [E, out, in] are written expert by expert from the
   memory map, so peak memory is about one expert.
-- The tokenizer (`tokenizer.ggml.*`) becomes tokenizer.json (flashmoe/convert/gguf_tokenizer.py) and
+- The tokenizer (`tokenizer.ggml.*`: byte-level BPE or SentencePiece) becomes tokenizer.json
+  (flashmoe/convert/gguf_tokenizer.py) and
   `tokenizer.chat_template` goes into tokenizer_config.json.
 """
 
