@@ -24,7 +24,8 @@ from flashmoe.reference.model import ReferenceModel
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the GGUF and is the independent dequantiser")
 QT = gguf.GGMLQuantizationType
 ARCH = {"qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss",
-        "deepseek_v3": "deepseek2"}
+        "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2"}
+_SIGMOID = {"expert_gating_func": 2, "rope.dimension_count": 32}  # sigmoid routing, half the head rotated
 _MLA = dict(kv_lora_rank=256, q_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=2,
             topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True)
 # per model_type: its config beyond _CONFIG, and the metadata llama.cpp's converter writes beyond CONFIG_KEYS
@@ -34,6 +35,11 @@ _MLA = dict(kv_lora_rank=256, q_lora_rank=256, qk_rope_head_dim=32, qk_nope_head
 EXTRA = {"olmoe": ({"num_key_value_heads": 4}, {"attention.head_count_kv": 4}),  # llama.cpp's olmoe has no GQA
          "gpt_oss": ({}, {"attention.sliding_window": 4, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
                           "rope.scaling.original_context_length": 64}),
+         "glm4_moe": (dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, use_qk_norm=True,
+                           attention_bias=True, norm_topk_prob=True, partial_rotary_factor=0.5),
+                      {**_SIGMOID, "leading_dense_block_count": 1, "expert_shared_count": 1,
+                       "expert_weights_scale": 2.5, "expert_weights_norm": True}),
+         "minimax_m2": (dict(partial_rotary_factor=0.5), _SIGMOID),
          "deepseek_v3": (dict(_MLA, num_key_value_heads=1), {"attention.head_count_kv": 1,
              "attention.q_lora_rank": 256, "attention.kv_lora_rank": 256, "rope.dimension_count": 32,
              "attention.key_length": 288, "attention.value_length": 256, "attention.key_length_mla": 96,
@@ -166,8 +172,7 @@ def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
     manifest = json.loads((tmp_path / "out" / "flashmoe.json").read_text())
     stored = {(q["bits"], q["group_size"]) for q in manifest["quantization"].values()}
-    assert {(6, 16), (2, 16), (3, 16), (4, 32), (8, 32)} <= stored <= {(6, 16), (2, 16), (3, 16), (4, 32), (8, 32),
-                                                                       (5, 32)}
+    assert {g for _, g in stored} == {16, 32} and stored <= {(6, 16), (2, 16), (3, 16), (4, 32), (8, 32), (5, 32)}
 
 
 def test_every_tensor_equals_the_gguf_dequantisation_bit_for_bit(tmp_path):
@@ -329,3 +334,15 @@ def test_llama_cpp_runs_the_same_gguf_to_the_imported_models_logits_and_greedy_t
     top2 = np.sort(ours, axis=-1)[:, -2:]
     decisive = top2[:, 1] - top2[:, 0] > bound
     assert decisive.any() and (theirs.argmax(-1) == ours.argmax(-1))[decisive].all()
+
+
+def test_multi_token_prediction_layers_in_block_count_are_dropped():
+    """llama.cpp's GLM-4.5 conversion counts its MTP layer in block_count (47 = 46 + nextn_predict_layers)."""
+    from types import SimpleNamespace
+
+    from flashmoe.arch.families import FAMILIES
+    from flashmoe.convert.gguf_model import config_dict
+
+    model = SimpleNamespace(metadata={"glm4moe.block_count": 47, "glm4moe.nextn_predict_layers": 1},
+                            tensors={"token_embd.weight": SimpleNamespace(shape=(256, 64))}, path="m.gguf")
+    assert config_dict(model, FAMILIES["glm4_moe"])["num_hidden_layers"] == 46

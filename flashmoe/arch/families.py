@@ -180,7 +180,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            num_experts_keys=("n_routed_experts", "num_local_experts", "num_experts"), router="noaux_tc",
            router_tensors=("e_score_correction_bias",), group_routing_keys=True, shared_expert=UNGATED,
            qk_norm_switch="use_qk_norm", attention_bias_projs=("q_proj", "k_proj", "v_proj"),
-           renames=_SHARED_EXPERTS),
+           renames=_SHARED_EXPERTS, gguf_arch="glm4moe"),
     # transformers GptOssConfig: its rope default is YaRN (factor 32 over 4096), the window 128
     Family("gpt_oss", dict(rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=True, rope_theta=150000.0,
                            max_position_embeddings=131072, sliding_window=128, swiglu_alpha=1.702,
@@ -200,7 +200,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            num_experts_keys=("num_local_experts", "num_experts"), moe_intermediate_keys=_EXPERT_WIDTH_IS_INTERMEDIATE,
            router="noaux_tc", always_norm_topk=True, router_tensors=("e_score_correction_bias",),
            group_routing_keys=True, qk_norm="full", renames=_MIXTRAL_NAMES + (  # the published checkpoint's
-               (r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias"),)),
+               (r"\.mlp\.e_score_correction_bias$", ".mlp.gate.e_score_correction_bias"),), gguf_arch="minimax-m2"),
 )}
 
 #: config.json model_type -> family name (the text model type of a multimodal checkpoint maps to the same family).

@@ -19,6 +19,11 @@ _ATTENTION = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.we
               "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
               "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate.weight": "ffn_gate_inp.weight"}
 _QK_NORMS = {"self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+_QKV_BIASES = {f"self_attn.{p}_proj.bias": f"attn_{p}.bias" for p in "qkv"}
+# the sigmoid-routed families' correction bias, leading dense blocks and shared experts
+_CORRECTION_BIAS = {"mlp.gate.e_score_correction_bias": "exp_probs_b.bias"}
+_DENSE = {f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")}
+_SHARED = {f"mlp.shared_expert.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")}
 
 #: GGUF architecture -> {canonical name after `layers.{i}.` -> GGUF name after `blk.{i}.`}
 LAYER_NAMES: dict[str, dict[str, str]] = {
@@ -48,14 +53,16 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
             ("q_proj", "attn_q"), ("q_a_proj", "attn_q_a"), ("q_a_layernorm", "attn_q_a_norm"),
             ("q_b_proj", "attn_q_b"), ("kv_a_proj_with_mqa", "attn_kv_a_mqa"), ("kv_a_layernorm", "attn_kv_a_norm"),
             ("embed_q", "attn_k_b"), ("unembed_out", "attn_v_b"), ("o_proj", "attn_output"))},
-        "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
-        **{f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")},
-        **{f"mlp.shared_expert.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")}},
+        "mlp.gate.weight": "ffn_gate_inp.weight", **_CORRECTION_BIAS, **_DENSE, **_SHARED},
+    # src/models/glm4-moe.cpp (GLM-4.5, 4.6; conversion/glm.py): q/k/v biases, optional q/k norms per head
+    "glm4moe": {**_ATTENTION, **_QK_NORMS, **_QKV_BIASES, "post_attention_layernorm.weight": "post_attention_norm.weight",
+                **_CORRECTION_BIAS, **_DENSE, **_SHARED},
+    # src/models/minimax-m2.cpp: q/k norms over the whole projection
+    "minimax-m2": {**_ATTENTION, **_QK_NORMS, "post_attention_layernorm.weight": "ffn_norm.weight", **_CORRECTION_BIAS},
     # src/models/openai-moe-iswa.cpp: biases on q/k/v/o and the router, attention sinks, MXFP4 experts with biases
     "gpt-oss": {
         **_ATTENTION, "post_attention_layernorm.weight": "post_attention_norm.weight",
-        **{f"self_attn.{p}_proj.bias": f"attn_{g}.bias" for p, g in (("q", "q"), ("k", "k"), ("v", "v"),
-                                                                    ("o", "output"))},
+        **_QKV_BIASES, "self_attn.o_proj.bias": "attn_output.bias",
         "self_attn.sinks": "attn_sinks.weight", "mlp.gate.bias": "ffn_gate_inp.bias"},
 }
 
@@ -68,7 +75,7 @@ FUSED_BEFORE = {"attn_k_b.weight": "attn_kv_b.weight", "attn_v_b.weight": "attn_
 #: top-k router weights when the file has no `{arch}.expert_weights_norm` key (build_moe_ffn's norm_w in
 #: src/models/<arch>.cpp): it is the config's norm_topk_prob.
 NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False, "qwen35moe": True, "llama": True, "gpt-oss": True,
-                              "deepseek2": False}
+                              "deepseek2": False, "glm4moe": False, "minimax-m2": True}
 #: GGUF architectures whose attn_q/attn_k rows llama.cpp's converter permutes (LlamaModel.permute: per head, the
 #: rotate-half pairs (i, i + d/2) of the checkpoint become adjacent rows (2i, 2i + 1) for its interleaved RoPE).
 ROPE_PERMUTED = frozenset({"llama"})

@@ -98,6 +98,11 @@ def config_dict(model: GGUFModel, fam: Family) -> dict[str, Any]:
         raise CheckpointError(f"{model.path}: no token_embd.weight")
     cfg["vocab_size"] = model.tensors["token_embd.weight"].shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in model.tensors
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in model.tensors
+    if fam.qk_norm_switch:  # GLM's use_qk_norm: the file has the norms or not
+        cfg[fam.qk_norm_switch] = "blk.0.attn_q_norm.weight" in model.tensors
+    # llama.cpp's converter counts the multi-token-prediction layers in block_count (GLM-4.5); flashmoe drops them
+    cfg["num_hidden_layers"] = cfg.get("num_hidden_layers", 0) - meta.get(f"{arch}.nextn_predict_layers", 0)
     cfg["norm_topk_prob"] = bool(meta.get(f"{arch}.expert_weights_norm", NORM_TOPK[arch]))
     if meta.get(f"{arch}.rope.scaling.type") == "yarn":
         cfg["rope_scaling"] = _yarn(meta, arch, fam)
