@@ -365,3 +365,11 @@ def load_mxfp4_hf_model(path: str | Path):
 
     return transformers.GptOssForCausalLM.from_pretrained(
         path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+
+
+def byte_level_tokens() -> list[str]:
+    """The 256 tokens of a byte-level vocabulary, byte b's at index b: GPT-2's printable bytes as themselves,
+    the others as the characters 256, 257, ... in byte order (GPT-2's bytes_to_unicode)."""
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]

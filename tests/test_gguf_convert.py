@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pytest
 
+from checkpoints import byte_level_tokens
 from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import family_of
 from flashmoe.arch.gguf_names import EXPERT_BIAS_NAMES, EXPERT_NAMES, gguf_tensor_name
@@ -86,13 +87,6 @@ def _expert_key(layer: int, e: int, key: str) -> str:
     return expert_tensor_name(layer, e, proj)[: -len("weight")] + (kind or "weight")
 
 
-def _byte_tokens() -> list[str]:
-    """The 256 tokens of a byte-level vocabulary: GPT-2's printable bytes as themselves, the others as 256..."""
-    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
-    others = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
-
-
 def _rotate_half_rope_rows(values: np.ndarray, cfg: ModelConfig, kv: bool) -> np.ndarray:
     """MLA's RoPE rows as the checkpoint (and llama.cpp) has them, pairs (2j, 2j + 1) adjacent, moved to
     flashmoe's rotate-half order (j, j + r/2): per head after qk_nope rows (q_b), or after the latent (kv_a)."""
@@ -115,7 +109,7 @@ def write_tiny_gguf(path, model_type: str = "qwen3_moe") -> DictWeights:
         add(f"{arch}.{gkey}", value)
     w.add_tokenizer_model("gpt2")  # bytes and one merge: llama.cpp needs a vocabulary to load the model
     w.add_tokenizer_pre("qwen2")
-    w.add_token_list(_byte_tokens()[:255] + ["Ġt"])
+    w.add_token_list(byte_level_tokens()[:255] + ["Ġt"])
     w.add_token_merges(["Ġ t"])
     truth: dict[str, np.ndarray] = {}
     tensors = [(gguf_tensor_name(n, arch), n, s) for n, s in resident_shapes(cfg).items()]

