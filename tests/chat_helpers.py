@@ -9,6 +9,10 @@ Templates:
   loop.previtem/nextitem, and a generation prompt that opens `<think>` as Qwen3.5 does.
 - MIXTRAL: `[INST]` turns with bos/eos tokens and raise_exception on bad role order.
 - LLAMA_TOOLS: strftime_now, tojson with indent/sort_keys/separators, loop controls, {% generation %}.
+- HARMONY: gpt-oss's harmony format (system and developer messages, tools as a TypeScript namespace,
+  analysis/final channels, calls `to=functions.NAME` ended by <|call|>, results from `functions.NAME`).
+- MINIMAX_M2: MiniMax-M2's `]~b]role` turns, <think> kept only after the last user message, tools as JSON in
+  <tools>, calls in <minimax:tool_call> invoke blocks, and a generation prompt that opens <think>.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from flashmoe.runtime.stats import Stats
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>", "<unk>"]
 PLAIN_ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+# Added after training, so the ids above stay put: gpt-oss's harmony markup and MiniMax-M2's turn markers and
+# call tags, all special tokens (decoding keeps those a chat format reads: flashmoe.serve.tokenizer).
+SPECIAL_ADDED = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>", "<|call|>", "<|return|>",
+                 "]~!b[", "]~b]", "[e~[", "<minimax:tool_call>", "</minimax:tool_call>"]
 
 QWEN3 = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
@@ -257,10 +265,125 @@ Today Date: {{ date_string }}
 {% if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
 
+HARMONY = r"""{%- macro ts_type(spec) -%}
+{%- if spec.type in ("integer", "number") -%}number{%- elif spec.type in ("string", "boolean") -%}{{ spec.type }}{%- else -%}any{%- endif -%}
+{%- endmacro -%}
+{{- "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n\n" }}
+{{- "Reasoning: " + (reasoning_effort | default("medium")) + "\n\n" }}
+{{- "# Valid channels: analysis, commentary, final. Channel must be included for every message." }}
+{%- if tools %}{{- "\nCalls to these tools must go to the commentary channel: 'functions'." }}{%- endif %}
+{{- "<|end|>" }}
+{%- if messages[0].role in ("developer", "system") %}
+    {%- set developer_message = messages[0].content %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set developer_message = "" %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if developer_message or tools %}
+    {{- "<|start|>developer<|message|>" }}
+    {%- if developer_message %}{{- "# Instructions\n\n" + developer_message + "\n\n" }}{%- endif %}
+    {%- if tools %}
+        {{- "# Tools\n\n## functions\n\nnamespace functions {\n\n" }}
+        {%- for tool in tools %}
+            {{- "// " + tool.function.description + "\ntype " + tool.function.name + " = (_: {\n" }}
+            {%- for name, spec in tool.function.parameters.properties.items() %}
+                {{- name + "?: " + ts_type(spec) + ",\n" }}
+            {%- endfor %}
+            {{- "}) => any;\n\n" }}
+        {%- endfor %}
+        {{- "} // namespace functions" }}
+    {%- endif %}
+    {{- "<|end|>" }}
+{%- endif %}
+{%- set last_tool = namespace(name=none) %}
+{%- for message in loop_messages %}
+    {%- if message.role == "assistant" and message.tool_calls %}
+        {%- set later = namespace(final=false) %}
+        {%- for m in loop_messages[loop.index:] %}
+            {%- if m.role == "assistant" and not m.tool_calls %}{%- set later.final = true %}{%- endif %}
+        {%- endfor %}
+        {%- if message.thinking and not later.final %}
+            {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" }}
+        {%- endif %}
+        {%- set call = message.tool_calls[0].function %}
+        {{- "<|start|>assistant to=functions." + call.name + "<|channel|>commentary json<|message|>" }}
+        {{- call.arguments | tojson + "<|call|>" }}
+        {%- set last_tool.name = call.name %}
+    {%- elif message.role == "assistant" %}
+        {%- if loop.last and not add_generation_prompt and message.thinking %}
+            {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" }}
+        {%- endif %}
+        {{- "<|start|>assistant<|channel|>final<|message|>" + message.content }}
+        {{- "<|return|>" if loop.last and not add_generation_prompt else "<|end|>" }}
+    {%- elif message.role == "tool" %}
+        {%- if last_tool.name is none %}{{- raise_exception("a tool message needs an earlier tool call") }}{%- endif %}
+        {{- "<|start|>functions." + last_tool.name + " to=assistant<|channel|>commentary<|message|>" }}
+        {{- message.content | tojson + "<|end|>" }}
+    {%- elif message.role == "user" %}
+        {{- "<|start|>user<|message|>" + message.content + "<|end|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- "<|start|>assistant" }}{%- endif %}"""
+
+MINIMAX_M2 = r"""{%- set conversation = messages[1:] if messages[0].role == "system" else messages %}
+{%- set ns = namespace(last_user=-1) %}
+{%- for m in conversation %}{%- if m.role == "user" %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}
+{{- "]~!b[]~b]system\n" + (messages[0].content if messages[0].role == "system" else "You are a helpful assistant.") }}
+{%- if tools %}
+    {{- "\n\n# Tools\nYou may call one or more tools to assist with the user query.\n" }}
+    {{- "Here are the tools available in JSONSchema format:\n\n<tools>\n" }}
+    {%- for tool in tools %}{{- "<tool>" + tool.function | tojson + "</tool>\n" }}{%- endfor %}
+    {{- "</tools>\n\nWhen making tool calls, use XML format to invoke tools and pass parameters:\n\n" }}
+    {{- "<minimax:tool_call>\n<invoke name=\"tool-name-1\">\n<parameter name=\"param-key-1\">param-value-1</parameter>\n" }}
+    {{- "</invoke>\n</minimax:tool_call>" }}
+{%- endif %}
+{{- "[e~[\n" }}
+{%- for m in conversation %}
+    {%- if m.role == "assistant" %}
+        {{- "]~b]ai\n" }}
+        {%- if m.reasoning_content and loop.index0 > ns.last_user %}
+            {{- "<think>\n" + m.reasoning_content + "\n</think>\n\n" }}
+        {%- endif %}
+        {{- m.content or "" }}
+        {%- if m.tool_calls %}
+            {{- "\n<minimax:tool_call>\n" }}
+            {%- for tc in m.tool_calls %}
+                {{- "<invoke name=\"" + tc.function.name + "\">\n" }}
+                {%- for k, v in tc.function.arguments | items %}
+                    {{- "<parameter name=\"" + k + "\">" + (v if v is string else v | tojson) + "</parameter>\n" }}
+                {%- endfor %}
+                {{- "</invoke>\n" }}
+            {%- endfor %}
+            {{- "</minimax:tool_call>" }}
+        {%- endif %}
+        {{- "[e~[\n" }}
+    {%- elif m.role == "tool" %}
+        {%- if loop.first or conversation[loop.index0 - 1].role != "tool" %}{{- "]~b]tool" }}{%- endif %}
+        {{- "\n<response>" + m.content + "</response>" }}
+        {%- if loop.last or conversation[loop.index0 + 1].role != "tool" %}{{- "[e~[\n" }}{%- endif %}
+    {%- elif m.role == "user" %}
+        {{- "]~b]user\n" + m.content + "[e~[\n" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- "]~b]ai\n<think>\n" }}{%- endif %}"""
+
 TEMPLATES = {"qwen3": QWEN3, "qwen35_xml": QWEN35_XML, "mixtral": MIXTRAL, "llama_tools": LLAMA_TOOLS}
 
 _CORPUS = [QWEN3, QWEN35_XML, MIXTRAL, "the weather in Paris is sunny and 22 degrees; what is 2 + 2? 4.",
            'def f(x):\n    return "</tool_call>" + x\n', "Grüße, 世界 🦊 naïve café"]
+
+
+def parse_in_pieces(parser, text: str, cuts) -> "ParsedOutput":
+    """What a reply parser (OutputParser, HarmonyParser) returns for `text` fed in pieces cut at `cuts`."""
+    from flashmoe.serve.parsed import ParsedOutput
+
+    out = ParsedOutput()
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    for a, b in zip(bounds, bounds[1:]):
+        out.extend(parser.feed(text[a:b]))
+    out.extend(parser.finish())
+    return out
 
 
 def build_tokenizer() -> Tokenizer:
@@ -273,6 +396,7 @@ def build_tokenizer() -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS * 3, trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PLAIN_ADDED])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_ADDED])
     return tok
 
 
@@ -383,13 +507,15 @@ LONG_REPLY = " ".join(f"word{i}" for i in range(150))
 
 
 def _last_user(prompt: str) -> str:
+    if "]~b]user\n" in prompt:  # MiniMax-M2's turns
+        return prompt.split("]~b]user\n")[-1].split("[e~[")[0]
     return prompt.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
 
 
 def scripted_reply(prompt: str) -> str:
     """The fake model's behaviour in the server tests, chosen by the last user message."""
     user = _last_user(prompt)
-    if "<|im_start|>" not in prompt:
+    if "<|im_start|>" not in prompt and "]~b]" not in prompt:
         return " and that is the completion."
     if user.startswith("echo:"):
         return user[len("echo:"):].strip()
@@ -399,6 +525,10 @@ def scripted_reply(prompt: str) -> str:
     if user == "weather xml":
         return ("Checking.\n</think>\n\nLet me look.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n"
                 "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+    if user == "weather invoke":
+        return ('Checking.\n</think>\n\nLet me look.\n<minimax:tool_call>\n<invoke name="get_weather">\n'
+                '<parameter name="city">Oslo</parameter>\n<parameter name="days">3</parameter>\n</invoke>\n'
+                '</minimax:tool_call>')
     if user == "long":
         return LONG_REPLY
     if user.startswith("<tool_response>\n"):

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from chat_helpers import LONG_REPLY, MIXTRAL, QWEN3, QWEN35_XML, WEATHER, fake_server, write_model_dir
+from chat_helpers import LONG_REPLY, MINIMAX_M2, MIXTRAL, QWEN3, QWEN35_XML, WEATHER, fake_server, write_model_dir
 
 from flashmoe.serve.server import FlashMoeServer, RunningServer
 from flashmoe.serve.tokenizer import Tokenizer
@@ -345,6 +345,28 @@ def test_xml_tool_calls_typed_by_schema_with_reasoning_opened_by_the_prompt(serv
     assert follow.choices[0].message.content == "thanks"
     assert served_xml[1].prompts[-1].endswith("<think>\n\n</think>\n\n")
     assert "<parameter=days>\n3\n</parameter>" in served_xml[1].prompts[-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_minimax_m2_invoke_calls_with_reasoning_opened_by_the_prompt(tmp_path_factory, stream):
+    app, engine, running = fake_server(tmp_path_factory, MINIMAX_M2, "minimax", max_position_embeddings=1024)
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        r = _chat(client, "weather invoke", tools=[WEATHER], stream=stream)
+        if stream:
+            deltas = [c.choices[0].delta for c in r]
+            reasoning = "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+            content = "".join(d.content or "" for d in deltas)
+            calls = [(tc.function.name, json.loads(tc.function.arguments)) for d in deltas for tc in d.tool_calls or []]
+        else:
+            message = r.choices[0].message
+            reasoning, content = message.model_extra["reasoning_content"], message.content
+            calls = [(tc.function.name, json.loads(tc.function.arguments)) for tc in message.tool_calls]
+        assert engine.prompts[-1].endswith("]~b]ai\n<think>\n")
+        assert (reasoning, content, calls) == ("Checking.", "Let me look.", [("get_weather", {"city": "Oslo", "days": 3})])
+    finally:
+        running.stop()
+        app.close()
 
 
 @pytest.fixture(scope="module")

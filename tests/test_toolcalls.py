@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from chat_helpers import MINIMAX_M2, parse_in_pieces
 from hypothesis import assume, given, settings, strategies as st
 
 from flashmoe.serve.toolcalls import (DS_CALL_CLOSE, DS_CALL_OPEN, DS_CALLS_CLOSE, DS_CALLS_OPEN, DS_SEP, OutputParser,
@@ -13,6 +14,7 @@ from flashmoe.serve.toolcalls import (DS_CALL_CLOSE, DS_CALL_OPEN, DS_CALLS_CLOS
 
 FRAGMENTS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<function=f>", "<parameter=a>", "</parameter>",
              "</function>", "<function=", "<parameter=", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+             "<minimax:tool_call>", "</minimax:tool_call>", '<invoke name="f">', "</invoke>", '<parameter name="a">',
              "f\n", "{", "}", '"', "\\", ":", ",", '"name"', '"arguments"',
              "\n", " ", "x", "é", "🦊", "<", "/", ">", "<tool", "</thi", '{"name": "f", "arguments": {}}',
              DS_CALLS_OPEN, DS_CALLS_CLOSE, DS_CALL_OPEN, DS_CALL_CLOSE, DS_SEP, "<｜tool▁call"]
@@ -22,13 +24,7 @@ plain_text = st.text(alphabet=st.sampled_from(list("abc xyz.,!?<>/=é世\n")), m
 
 
 def _parse_in_pieces(text: str, cuts: list[int], **kwargs) -> ParsedOutput:
-    parser = OutputParser(**kwargs)
-    out = ParsedOutput()
-    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    for a, b in zip(bounds, bounds[1:]):
-        out.extend(parser.feed(text[a:b]))
-    out.extend(parser.finish())
-    return out
+    return parse_in_pieces(OutputParser(**kwargs), text, cuts)
 
 
 @settings(max_examples=300, deadline=None)
@@ -71,10 +67,26 @@ def _glm_value_ok(value: str) -> bool:
         return not re.search(r"</arg_value>\s*(<arg_key>|$)", value)
 
 
+def _invoke_value_ok(value: str) -> bool:
+    """An invoke value reads back as written unless it is also JSON (typed like GLM's), starts or ends with
+    a newline (templates' layout), or holds a closing tag that could end it."""
+    try:
+        json.loads(value)
+        return False
+    except ValueError:
+        return not (value.startswith("\n") or value.endswith("\n") or "</parameter>" in value or "</invoke>" in value)
+
+
 def _render_call(draw, name: str) -> tuple[str, dict]:
-    """One call in the JSON, XML, GLM-4.5 or DeepSeek-V3.1 format, as the templates write them, and its
-    arguments."""
-    fmt = draw(st.sampled_from(["json", "xml", "glm", "deepseek"]))
+    """One call in the JSON, XML, GLM-4.5, DeepSeek-V3.1 or invoke format, as the templates write them, and
+    its arguments."""
+    fmt = draw(st.sampled_from(["json", "xml", "glm", "deepseek", "invoke"]))
+    if fmt == "invoke":
+        args = draw(st.dictionaries(st.sampled_from(["city", "code", "n"]), value_text | st.integers(), max_size=3))
+        assume(all(_invoke_value_ok(v) for v in args.values() if isinstance(v, str)))
+        params = "".join(f'<parameter name="{k}">{v if isinstance(v, str) else json.dumps(v)}</parameter>\n'
+                         for k, v in args.items())
+        return f'<minimax:tool_call>\n<invoke name="{name}">\n{params}</invoke>\n</minimax:tool_call>', args
     if fmt in ("json", "deepseek"):
         args = draw(st.dictionaries(st.sampled_from(["city", "code", "n"]),
                                     value_text | st.integers() | st.booleans() | st.lists(st.integers(), max_size=3),
@@ -203,6 +215,33 @@ def test_tool_call_format_is_read_from_the_template():
     assert tool_call_format(QWEN35_XML) == "xml"
     assert tool_call_format(MIXTRAL) is None
     assert tool_call_format(GLM45_TOOL_CALLS) == "glm"
+    assert tool_call_format(MINIMAX_M2) == "invoke"
+
+
+def test_minimax_m2_calls_rendered_by_its_template_parse_back_with_reasoning_apart():
+    """One invoke block with two calls, as MiniMax-M2's template writes an assistant turn; values typed by
+    the schema, else read as JSON when they are JSON; a closing tag inside a value does not end the call."""
+    from flashmoe.serve.chat_template import render_chat
+
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}},
+             {"type": "function", "function": {"name": "run_code", "arguments": {"code": "x</minimax:tool_call>"}}}]
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Checking.", "reasoning_content": "Two tools.", "tool_calls": calls}]
+    rendered = render_chat(MINIMAX_M2, messages)
+    reply = rendered.split("]~b]ai\n", 1)[1].removesuffix("[e~[\n")
+    out = parse_output(reply)
+    assert (out.reasoning, out.content) == ("Two tools.", "Checking.")
+    assert out.tool_calls == [ToolCall("get_weather", '{"city": "Paris", "days": 3}'),
+                              ToolCall("run_code", '{"code": "x</minimax:tool_call>"}')]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"n": {"type": "string"}}}}}]
+    typed = parse_output('<minimax:tool_call>\n<invoke name="f">\n<parameter name="n">42</parameter>\n</invoke>\n'
+                         '</minimax:tool_call>', tools=tools)
+    assert typed.tool_calls == [ToolCall("f", '{"n": "42"}')]
+    forced = parse_output('<parameter name="city">Oslo</parameter>\n</invoke>\n</minimax:tool_call>',
+                          prefix=forced_call_prefix("invoke", "get_weather"))
+    assert forced == ParsedOutput(tool_calls=[ToolCall("get_weather", '{"city": "Oslo"}')])
+    broken = '<minimax:tool_call>\n<invoke name="f">\n<parameter name="n">1</parameter>\n</minimax:tool_call>'
+    assert parse_output("Hi." + broken) == ParsedOutput(content="Hi." + broken)
 
 
 # The tool-call part of GLM-4.5's chat template (zai-org/GLM-4.5 tokenizer_config.json / chat_template.jinja).

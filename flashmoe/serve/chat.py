@@ -22,7 +22,8 @@ from flashmoe.errors import FlashMoeError
 from flashmoe.serve.sampling import Sampler
 from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
 from flashmoe.serve.tokenizer import Tokenizer
-from flashmoe.serve.toolcalls import OutputParser, ParsedOutput, opens_reasoning
+from flashmoe.serve.chat_template import select_template
+from flashmoe.serve.toolcalls import ParsedOutput, reply_parser, tool_call_format
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -87,7 +88,8 @@ class ChatSession:
             raise ContextError(f"the conversation has {len(ids)} tokens and fills the context of "
                                f"{self.session.context}; /reset to start over")
         boundary = history_boundary(self.tokenizer, system + turn, ids, **self.template_kwargs)
-        parser = OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=False)
+        parser = reply_parser(tool_call_format(select_template(self.tokenizer.chat_template)), prompt,
+                              parse_tools=False)
         reply = ParsedOutput()
 
         def take(delta: ParsedOutput) -> None:

@@ -1,6 +1,6 @@
 """Incremental parsing of model output into content, reasoning and tool calls.
 
-Four tool-call formats. Three open with `<tool_call>` and are told apart by the characters after it:
+Five tool-call formats. Three open with `<tool_call>` and are told apart by the characters after it:
 
 - Qwen3 / Qwen3.5 JSON (Hermes style), as Qwen3's chat template writes it:
   `<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>`
@@ -12,6 +12,13 @@ Four tool-call formats. Three open with `<tool_call>` and are told apart by the 
   `<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>`
   (values are raw text for strings and JSON otherwise: typed by the schema like XML values, else parsed as
   JSON when they are JSON, as vLLM's glm45 parser does).
+
+The fifth, MiniMax-M2's invoke blocks, as its template writes them (one block may hold several calls):
+  `<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n</invoke>\n</minimax:tool_call>`
+  (values typed like GLM's: raw text for strings, JSON otherwise, as vLLM's minimax_m2 parser does).
+
+A template's format is read from the template itself (tool_call_format); harmony replies (gpt-oss) have a
+parser of their own (flashmoe.serve.harmony), chosen by reply_parser.
 
 The fourth is DeepSeek-V3.1's tokens, as its chat template writes them: a block of calls, each a function
 name and its JSON arguments,
@@ -40,10 +47,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+
+from flashmoe.serve import harmony
+from flashmoe.serve.parsed import ParsedOutput, ReplyParser, ToolCall, held_suffix
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+BLOCK_OPEN, BLOCK_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
+_INVOKE = re.compile(r'<invoke name="([^"\n]+)">')
+_INVOKE_PARAMETER = re.compile(r'<parameter name="([^"\n]+)">')
+_INVOKE_CLOSE = "</invoke>"
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>")
 _PARAMETER = re.compile(r"<parameter=([^>\n]+)>")
 _PARAMETER_CLOSE, _FUNCTION_CLOSE = "</parameter>", "</function>"
@@ -56,37 +69,9 @@ DS_CALL_OPEN, DS_CALL_CLOSE, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool�
 #: Every tag the parser reads. Tokenizers may declare these special tokens, which decoding skips by
 #: default; flashmoe.serve.tokenizer keeps them in decoded text so that they reach the parser.
 MARKUP_TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, "<arg_key>", "</arg_key>", "<arg_value>",
-               _ARG_VALUE_CLOSE, DS_CALLS_OPEN, DS_CALLS_CLOSE, DS_CALL_OPEN, DS_CALL_CLOSE, DS_SEP)
-_CLOSE_OF = {CALL_OPEN: CALL_CLOSE, DS_CALL_OPEN: DS_CALL_CLOSE}
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One parsed call: the function name and its arguments as a JSON object text (the OpenAI wire form)."""
-
-    name: str
-    arguments: str
-
-    def arguments_dict(self) -> dict:
-        return json.loads(self.arguments)
-
-
-@dataclass
-class ParsedOutput:
-    """Text routed by kind. For a stream, each feed() returns the new part; concatenating them gives the
-    same as parsing the whole text at once."""
-
-    content: str = ""
-    reasoning: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-
-    def extend(self, other: "ParsedOutput") -> None:
-        self.content += other.content
-        self.reasoning += other.reasoning
-        self.tool_calls.extend(other.tool_calls)
-
-    def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls)
+               _ARG_VALUE_CLOSE, DS_CALLS_OPEN, DS_CALLS_CLOSE, DS_CALL_OPEN, DS_CALL_CLOSE, DS_SEP, BLOCK_OPEN,
+               BLOCK_CLOSE) + harmony.MARKUP
+_CLOSE_OF = {CALL_OPEN: CALL_CLOSE, DS_CALL_OPEN: DS_CALL_CLOSE, BLOCK_OPEN: BLOCK_CLOSE}
 
 
 def opens_reasoning(prompt: str) -> bool:
@@ -95,18 +80,37 @@ def opens_reasoning(prompt: str) -> bool:
 
 
 def tool_call_format(template: str | None) -> str | None:
-    """'deepseek', 'xml', 'glm' or 'json' for a chat template that renders tool calls in that format (or
-    describes it to the model), else None."""
+    """The reply format a chat template writes: 'harmony' (the whole reply, tool calls included), or the
+    tool-call format 'deepseek', 'invoke', 'xml', 'glm' or 'json' it renders (or describes to the model);
+    None for a template that renders no tool calls."""
+    if template and harmony.CHANNEL in template:
+        return "harmony"
     if template and DS_CALL_OPEN in template:
         return "deepseek"
+    if template and BLOCK_OPEN in template:
+        return "invoke"
     if not template or CALL_OPEN not in template:
         return None
     return "xml" if "<function=" in template else "glm" if "<arg_key>" in template else "json"
 
 
+def reply_parser(fmt: str | None, prompt: str, *, parse_tools: bool = True, tools: list[dict] | None = None,
+                 prefix: str = "") -> "OutputParser | harmony.HarmonyParser":
+    """The parser for a reply to `prompt` in format `fmt` (tool_call_format of the prompt's template):
+    HarmonyParser for harmony, else an OutputParser that starts inside reasoning when the prompt opened it.
+    Arguments as OutputParser's."""
+    if fmt == "harmony":
+        return harmony.HarmonyParser(parse_tools=parse_tools, prefix=prefix)
+    return OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=parse_tools, tools=tools, prefix=prefix)
+
+
 def forced_call_prefix(fmt: str | None, name: str | None = None) -> str:
     """Text that, appended to a prompt, makes the model continue inside a tool call (tool_choice 'required'
     or a named function). The parser must be fed the same text first (OutputParser(prefix=...))."""
+    if fmt == "harmony":
+        return harmony.forced_harmony_call(name)
+    if fmt == "invoke":
+        return f'{BLOCK_OPEN}\n<invoke name="{name}">\n' if name else f'{BLOCK_OPEN}\n<invoke name="'
     if fmt == "deepseek":
         return DS_CALLS_OPEN + DS_CALL_OPEN + (f"{name}{DS_SEP}" if name else "")
     if fmt == "xml":
@@ -114,17 +118,6 @@ def forced_call_prefix(fmt: str | None, name: str | None = None) -> str:
     if fmt == "glm":
         return f"{CALL_OPEN}{name}\n" if name else CALL_OPEN
     return f'{CALL_OPEN}\n{{"name": "{name}", "arguments": ' if name else f"{CALL_OPEN}\n"
-
-
-def _held_suffix(text: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of one of tags (it may become a tag)."""
-    longest = 0
-    for tag in tags:
-        for n in range(min(len(tag) - 1, len(text)), longest, -1):
-            if text.endswith(tag[:n]):
-                longest = n
-                break
-    return longest
 
 
 def _json_open_string(text: str) -> bool:
@@ -140,11 +133,11 @@ def _json_open_string(text: str) -> bool:
     return inside
 
 
-def _xml_open_value(text: str) -> bool:
-    """Whether `text` (an XML call's body so far) ends inside a parameter value: its last `<parameter=...>`
-    has no `</parameter>` after it."""
+def _xml_open_value(text: str, opener: re.Pattern = _PARAMETER) -> bool:
+    """Whether `text` (an XML or invoke call's body so far) ends inside a parameter value: its last
+    parameter tag (`opener`) has no `</parameter>` after it."""
     last = None
-    for last in _PARAMETER.finditer(text):
+    for last in opener.finditer(text):
         pass
     return last is not None and text.find(_PARAMETER_CLOSE, last.end()) < 0
 
@@ -196,6 +189,8 @@ def _inside_value(kind: str, body: str) -> bool:
         return not body.rstrip().endswith(_FUNCTION_CLOSE) or _xml_open_value(body)
     if kind == "glm":
         return _glm_open_value(body)
+    if kind == "invoke":
+        return _xml_open_value(body, _INVOKE_PARAMETER)
     return _json_open_string(body.partition(DS_SEP)[2])
 
 
@@ -219,12 +214,12 @@ def _convert(value: str, schema: dict | None):
     return value
 
 
-class OutputParser:
+class OutputParser(ReplyParser):
     """Routes generated text, fed in pieces, into content, reasoning and tool calls.
 
     Args:
         in_reasoning: generation starts inside a `<think>` block the prompt opened (opens_reasoning).
-        parse_tools: recognise `<tool_call>`; when False (no tools offered) it is ordinary content.
+        parse_tools: recognise tool calls; when False (no tools offered) it is ordinary content.
         tools: the request's tool schemas ({"type": "function", "function": {"name", "parameters"}}), used to
             type XML parameter values.
         prefix: text the prompt already contains as the start of the model's reply (forced_call_prefix); it
@@ -233,15 +228,15 @@ class OutputParser:
 
     def __init__(self, *, in_reasoning: bool = False, parse_tools: bool = True, tools: list[dict] | None = None,
                  prefix: str = ""):
+        super().__init__()
         self._mode = "reasoning" if in_reasoning else "content"  # or "call", or "block" (between DeepSeek calls)
-        self._tags = (THINK_OPEN, CALL_OPEN, DS_CALLS_OPEN) if parse_tools else (THINK_OPEN,)
+        self._tags = (THINK_OPEN, CALL_OPEN, DS_CALLS_OPEN, BLOCK_OPEN) if parse_tools else (THINK_OPEN,)
         self._schemas = {}
         for tool in tools or ():
             fn = tool.get("function", tool) if isinstance(tool, dict) else {}
             if isinstance(fn, dict) and isinstance(fn.get("name"), str):
                 props = (fn.get("parameters") or {}).get("properties") or {}
                 self._schemas[fn["name"]] = props if isinstance(props, dict) else {}
-        self._buf = ""
         self._lstrip = in_reasoning  # drop whitespace at the start of the current block
         self._pending = {"content": "", "reasoning": ""}  # trailing whitespace held until we see what follows
         self._ws_before_call = ""
@@ -250,27 +245,14 @@ class OutputParser:
         self._block_open = ""  # a DeepSeek block's opening tag, until a call in it parses (content if none does)
         self._block_parsed = False  # a call of the current DeepSeek block parsed
         self._calls_seen = False
-        self._out = ParsedOutput()
         if prefix:
             self.feed(prefix)
 
-    def feed(self, text: str) -> ParsedOutput:
-        """Parse the next piece of generated text; return what it completed."""
-        self._buf += text
-        self._run(final=False)
-        return self._take()
-
-    def finish(self) -> ParsedOutput:
-        """End of generation: flush held text; an unterminated call becomes content."""
-        self._run(final=True)
+    def _flush(self) -> None:
+        """End of generation: release held text (an unterminated call has become content)."""
         if not self._calls_seen:
             self._out.content += self._pending["content"]
         self._pending = {"content": "", "reasoning": ""}
-        return self._take()
-
-    def _take(self) -> ParsedOutput:
-        out, self._out = self._out, ParsedOutput()
-        return out
 
     # ---- emitters ------------------------------------------------------------------------------
 
@@ -315,7 +297,7 @@ class OutputParser:
     def _step_text(self, kind: str, tags: tuple[str, ...], final: bool) -> None:
         hits = [(i, tag) for tag in tags if (i := self._buf.find(tag)) >= 0]
         if not hits:
-            keep = 0 if final else _held_suffix(self._buf, tags)
+            keep = 0 if final else held_suffix(self._buf, tags)
             self._emit(kind, self._buf[: len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep :]
             if final and kind == "reasoning":
@@ -324,8 +306,8 @@ class OutputParser:
         i, tag = min(hits)
         self._emit(kind, self._buf[:i])
         self._buf = self._buf[i + len(tag) :]
-        if tag in (CALL_OPEN, DS_CALLS_OPEN):
-            self._mode, self._scan_from, self._call_open = ("call" if tag == CALL_OPEN else "block"), 0, tag
+        if tag in (CALL_OPEN, DS_CALLS_OPEN, BLOCK_OPEN):
+            self._mode, self._scan_from, self._call_open = ("block" if tag == DS_CALLS_OPEN else "call"), 0, tag
             self._block_open, self._block_parsed = (tag if tag == DS_CALLS_OPEN else ""), False
             self._ws_before_call, self._pending["content"] = self._pending["content"], ""
             return
@@ -354,7 +336,8 @@ class OutputParser:
 
     def _step_call(self, final: bool) -> None:
         close = _CLOSE_OF[self._call_open]
-        kind = "deepseek" if self._call_open == DS_CALL_OPEN else self._body_kind(self._buf.lstrip())
+        kind = {DS_CALL_OPEN: "deepseek", BLOCK_OPEN: "invoke"}.get(self._call_open) or \
+            self._body_kind(self._buf.lstrip())
         if kind == "text":  # prose that mentions the tag: the tag is content, the rest is parsed again
             self._leave_call(0, strip_after=False)
             self._emit_raw_call(CALL_OPEN)
@@ -364,9 +347,9 @@ class OutputParser:
             if i < 0:
                 self._scan_from = max(0, len(self._buf) - len(close) + 1)
                 break
-            call = self._parse(kind, self._buf[:i])
-            if call is not None:
-                self._out.tool_calls.append(call)
+            calls = self._parse(kind, self._buf[:i])
+            if calls is not None:
+                self._out.tool_calls.extend(calls)
                 self._calls_seen = True
                 self._ws_before_call = self._block_open = ""
                 self._block_parsed = True
@@ -407,10 +390,35 @@ class OutputParser:
             return None
         return "glm" if stripped[name.end()] in "\n<" else "text"
 
-    def _parse(self, kind: str, body: str) -> ToolCall | None:
+    def _parse(self, kind: str, body: str) -> list[ToolCall] | None:
+        """The calls of one call body (one, or for an invoke block any number), or None when malformed."""
+        if kind == "invoke":
+            return self._parse_invoke(body)
         parse = {"json": self._parse_json, "xml": self._parse_xml, "glm": self._parse_glm,
                  "deepseek": self._parse_deepseek}
-        return parse[kind](body)
+        call = parse[kind](body)
+        return None if call is None else [call]
+
+    def _call(self, name: str, pairs: list[tuple[str, str]], untyped) -> ToolCall:
+        """A call from raw (parameter, value) pairs: values typed by the tool's schema where it gives a type
+        (_convert), else by `untyped`."""
+        schema, args = self._schemas.get(name, {}), {}
+        for param, value in pairs:
+            typed = schema.get(param) if isinstance(schema.get(param), dict) else None
+            args[param] = _convert(value, typed) if typed else untyped(value)
+        return ToolCall(name, json.dumps(args, ensure_ascii=False))
+
+    def _parse_invoke(self, body: str) -> list[ToolCall] | None:
+        invokes = _key_values(body, _INVOKE, _INVOKE_CLOSE)
+        if not invokes:
+            return None
+        calls = []
+        for name, inner in invokes:
+            pairs = _key_values(inner, _INVOKE_PARAMETER, _PARAMETER_CLOSE)
+            if pairs is None:
+                return None
+            calls.append(self._call(name, [(k, _strip_newline(v)) for k, v in pairs], _json_or_text))
+        return calls
 
     @staticmethod
     def _parse_deepseek(body: str) -> ToolCall | None:
@@ -430,13 +438,7 @@ class OutputParser:
         if name is None:
             return None
         pairs = _key_values(body[name.end():], _ARG_KEY, _ARG_VALUE_CLOSE)
-        if pairs is None:
-            return None
-        schema, args = self._schemas.get(name.group(0), {}), {}
-        for param, value in pairs:
-            typed = schema.get(param) if isinstance(schema.get(param), dict) else None
-            args[param] = _convert(value, typed) if typed else _json_or_text(value)
-        return ToolCall(name.group(0), json.dumps(args, ensure_ascii=False))
+        return None if pairs is None else self._call(name.group(0), pairs, _json_or_text)
 
     @staticmethod
     def _parse_json(body: str) -> ToolCall | None:
@@ -461,17 +463,16 @@ class OutputParser:
         inner = body[m.end() :].rstrip() if m else ""
         if not m or not inner.endswith(_FUNCTION_CLOSE):
             return None
-        name = m.group(1).strip()
-        schema = self._schemas.get(name, {})
         pairs = _key_values(inner[: -len(_FUNCTION_CLOSE)], _PARAMETER, _PARAMETER_CLOSE)
         if pairs is None:
             return None
-        args = {}
-        for param, value in pairs:
-            value = value[1:] if value.startswith("\n") else value
-            value = value[:-1] if value.endswith("\n") else value
-            args[param] = _convert(value, schema.get(param) if isinstance(schema.get(param), dict) else None)
-        return ToolCall(name, json.dumps(args, ensure_ascii=False))
+        return self._call(m.group(1).strip(), [(k, _strip_newline(v)) for k, v in pairs], str)
+
+
+def _strip_newline(value: str) -> str:
+    """A parameter value without the one newline templates may put on each side of it."""
+    value = value[1:] if value.startswith("\n") else value
+    return value[:-1] if value.endswith("\n") else value
 
 
 def parse_output(text: str, **kwargs) -> ParsedOutput:

@@ -35,7 +35,9 @@ from flashmoe.serve.sampling import SAMPLING_KEYS, Sampler
 from flashmoe.serve.schemas import APIError, SamplingBody
 from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
 from flashmoe.serve.tokenizer import Tokenizer
-from flashmoe.serve.toolcalls import OutputParser, ParsedOutput, forced_call_prefix, opens_reasoning, tool_call_format
+from flashmoe.serve.harmony import HarmonyParser
+from flashmoe.serve.toolcalls import (OutputParser, ParsedOutput, forced_call_prefix, opens_reasoning, reply_parser,
+                                      tool_call_format)
 
 log = logging.getLogger("flashmoe.serve")
 
@@ -51,7 +53,7 @@ class Job:
     sampler: Sampler
     max_tokens: int | None
     stop: list[str]
-    parser: OutputParser | None  # None: plain completion text
+    parser: OutputParser | HarmonyParser | None  # None: plain completion text
     checkpoint_at: int | None = None  # where the chat history ends (Session.generate)
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -173,7 +175,8 @@ class Worker:
         except ContextError as e:
             raise APIError(400, str(e), param=prompt_param if n_prompt == 0 else "max_tokens") from None
 
-    def render(self, chat: Conversation) -> tuple[str, OutputParser, Callable[[list[int]], int | None]]:
+    def render(self, chat: Conversation) -> tuple[str, OutputParser | HarmonyParser,
+                                                  Callable[[list[int]], int | None]]:
         """The prompt text for a conversation, the parser for its reply (the tool choice decides both), and
         boundary(prompt_ids): where the history ends in the prompt's tokens (history_boundary).
 
@@ -199,13 +202,12 @@ class Worker:
         if ignored:  # refused, not warned: the model would never see the tools, and clients do not read warnings
             raise APIError(400, "this model's chat template does not render tools, so the model would not see "
                                 "them: send the request without tools (or with tool_choice 'none')", param="tools")
+        fmt = tool_call_format(select_template(self.tokenizer.chat_template, tools=tools))
         prefix = ""
         if choice == "required" or forced_name:
-            template = select_template(self.tokenizer.chat_template, tools=tools)
-            prefix = forced_call_prefix(tool_call_format(template) or "json", forced_name)
-            prompt += ("\n</think>\n\n" if opens_reasoning(prompt) else "") + prefix
-        parser = OutputParser(in_reasoning=opens_reasoning(prompt), parse_tools=choice != "none", tools=tools,
-                              prefix=prefix)
+            prefix = forced_call_prefix(fmt or "json", forced_name)
+            prompt += ("\n</think>\n\n" if fmt != "harmony" and opens_reasoning(prompt) else "") + prefix
+        parser = reply_parser(fmt, prompt, parse_tools=choice != "none", tools=tools, prefix=prefix)
         return prompt, parser, lambda ids: history_boundary(self.tokenizer, messages, ids, **kwargs)
 
     async def chat_job(self, chat: Conversation, body: SamplingBody, max_tokens: int | None,
