@@ -62,7 +62,7 @@ def model_stats(md: ModelDir) -> dict[str, float]:
 
 def describe_preset(name: str, disk_gbps: float = 2.0, bits: int = 4, group_size: int = 64) -> str:
     """The `flashmoe info --like NAME` summary: a preset's full-depth sizes at `bits`/`group_size` (synth's
-    quantisation), bytes read per token and decode ceiling, computed from its config without writing anything.
+    quantisation; MXFP4 experts for a family that publishes them), bytes read per token and decode ceiling, computed from its config without writing anything.
     Raises ConfigError for an unknown preset, FlashMoeError for a non-positive disk_gbps."""
     from flashmoe.arch.presets import get_preset
     from flashmoe.arch.tensors import resident_shapes
@@ -76,8 +76,11 @@ def describe_preset(name: str, disk_gbps: float = 2.0, bits: int = 4, group_size
     resident_params = sum(int(np.prod(shape)) for shape in resident_shapes(cfg).values())
     expert_params = len(EXPERT_PROJS) * cfg.hidden_size * cfg.moe_intermediate_size
     n, k = len(cfg.moe_layers), cfg.num_experts_per_tok
+    quant = f"{bits}-bit, group {group_size}"
+    if cfg.mxfp4_experts:  # synth keeps a family's published MXFP4 experts whatever `bits`
+        quant = f"MXFP4 experts, other tensors {quant}"
     return "\n".join([
-        f"preset:           {name} ({bits}-bit, group {group_size}, as `flashmoe synth --like {name}` writes it)",
+        f"preset:           {name} ({quant}, as `flashmoe synth --like {name}` writes it)",
         _architecture(cfg),
         _experts(cfg, n, k),
         f"parameters:       {_count(resident_params + expert_params * cfg.num_experts * n)} total, "

@@ -49,6 +49,16 @@ def test_info_like_a_preset_gives_the_full_depth_figures_without_files():
     assert "unknown preset 'nope'" in CliRunner().invoke(app, ["info", "--like", "nope"]).output
 
 
+def test_info_like_gpt_oss_names_its_mxfp4_experts_and_their_bytes():
+    """An MXFP4 expert of gpt-oss-20b: 3 projections of 2880 x 2880 at 4.25 bits (codes + one E8M0 scale per 32)
+    and bfloat16 biases."""
+    result = CliRunner().invoke(app, ["info", "--like", "gpt-oss-20b"])
+    assert result.exit_code == 0, result.output
+    assert "(MXFP4 experts, other tensors 4-bit, group 64," in result.stdout
+    mxfp4 = 3 * (2880 * 2880 // 2 + 2880 * 2880 // 32 + 2 * 2880)
+    assert f"per expert:       {mxfp4:,} B" in result.stdout
+
+
 def test_logits_command_writes_reference_logits(model, tmp_path):
     from flashmoe.reference import ReferenceModel
 
