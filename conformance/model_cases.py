@@ -64,6 +64,9 @@ TINY_CONFIGS: dict[str, dict] = {
                     rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0,
                                          original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
                                          truncate=False)),
+    # partial rotary from rotary_dim, full-projection q/k norm, sigmoid routing with a correction bias
+    "minimax_m2": dict(_COMMON, model_type="minimax_m2", head_dim=16, num_hidden_layers=3, intermediate_size=32,
+                       num_local_experts=16, num_experts_per_tok=4, rotary_dim=8, rope_theta=5e6),
 }
 
 

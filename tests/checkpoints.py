@@ -12,6 +12,7 @@ far from uniform (a wrong router or norm then changes the logits visibly).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,8 @@ _SPECS: dict[tuple[str, str], tuple[str, str, dict[str, Any]]] = {
                                    dict(_MINIMAX, num_experts_per_tok=2, rotary_dim=8)),
     ("minimax_m2", "k4_tied"): ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
                                 dict(_MINIMAX, num_experts_per_tok=4, rotary_dim=8, tie_word_embeddings=True)),
+    ("minimax_m2", "full_rotary_k8_mha"): ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                                           dict(_MINIMAX, num_experts_per_tok=8, rotary_dim=16, num_key_value_heads=4)),
 }
 
 #: Architectures routed by sigmoid scores with a correction bias (not yet run by the engine and backends).
@@ -177,7 +180,9 @@ def make_hf_model(arch: str, variant: str, seed: int = SEED):
     import transformers
 
     cfg_cls, model_cls, kwargs = _SPECS[(arch, variant)]
-    config = getattr(transformers, cfg_cls)(**kwargs)
+    # a copy: config classes write into nested dicts (MiniMax-M2's rope_parameters gets partial_rotary_factor
+    # from rotary_dim), which the variants share
+    config = getattr(transformers, cfg_cls)(**copy.deepcopy(kwargs))
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -261,8 +266,9 @@ def canonical_weights(path: str | Path):
 def _mlx_lm_config(hf_dir: Path) -> dict[str, Any]:
     """The HF config.json with the keys mlx-lm reads but transformers 5 no longer writes: top-level
     rope_theta / partial_rotary_factor (from rope_parameters), Qwen3-MoE's num_experts (transformers writes
-    num_local_experts), full_attention_interval (mlx-lm ignores layer_types), and `qwen3_5_moe` for the
-    text-only `qwen3_5_moe_text` model type (mlx-lm has no module of that name)."""
+    num_local_experts), MiniMax-M2's shared_intermediate_size, full_attention_interval (mlx-lm ignores
+    layer_types), and `qwen3_5_moe` for the text-only `qwen3_5_moe_text` model type (mlx-lm has no module of
+    that name)."""
     import json
 
     config = json.loads((hf_dir / "config.json").read_text())
@@ -273,6 +279,8 @@ def _mlx_lm_config(hf_dir: Path) -> dict[str, Any]:
             text.setdefault(key, rope[key])
     if "num_local_experts" in text and text["model_type"] != "mixtral":
         text.setdefault("num_experts", text["num_local_experts"])
+    if text["model_type"] == "minimax_m2":  # a required field of mlx-lm's ModelArgs; MiniMax-M2 publishes 0
+        text.setdefault("shared_intermediate_size", 0)
     # mlx-lm reads YaRN's parameters from rope_scaling (and some of its ModelArgs require the key)
     text.setdefault("rope_scaling", dict(rope, type=rope["rope_type"]) if rope.get("rope_type", "default")
                     != "default" else None)

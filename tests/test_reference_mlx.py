@@ -22,13 +22,13 @@ pytest.importorskip("mlx_lm", reason="mlx-lm is needed to write MLX checkpoints 
 # with tied embeddings (their lm_head is always separate) cannot be built at all.
 # mlx-lm's gpt_oss sanitize reads OpenAI's layout (gate_up_proj as [E, 2I, H] or MXFP4 _blocks), not the
 # [E, H, 2I] float tensors transformers 5 saves, and its model needs both layer types; gpt_oss is compared with
-# transformers only (tests/test_gpt_oss.py). mlx-lm's minimax reads the published config keys
-# (shared_intermediate_size, rotary_dim) and tensor names; minimax_m2 is compared with transformers only so far.
+# transformers only (tests/test_gpt_oss.py). mlx-lm's minimax reads the published tensor names, which transformers
+# 5 saves too, and config keys (rotary_dim; shared_intermediate_size, which _mlx_lm_config supplies).
 MLX_VARIANTS = [v for v in VARIANTS + NOAUX_VARIANTS if v not in {("qwen3_5_moe", "no_shared_k8"),
                                                                   ("qwen3_moe", "norm_topk_k8_attn_bias"),
                                                                   ("deepseek_v3", "tied_attn_bias_k8_shared2"),
                                                                   ("glm4_moe", "tied_k8_dense2_shared2")}
-                and v[0] not in ("gpt_oss", "minimax_m2")]
+                and v[0] != "gpt_oss"]
 # mlx-lm's OLMoE ignores clip_qkv and its Mixtral the sliding window; transformers and the reference apply
 # them, so only the tensor mapping is compared for those.
 # mlx-lm's DeepSeek-V3 always pairs RoPE dimensions interleaved, ignoring rope_interleave false.
