@@ -7,10 +7,13 @@ The 32 products of a block share that power of two, so a row is
     y = Σ_b 2^(s_b − 127) · Σ_j FP4_VALUES[code_bj] · x_{32b + j}
 
 and the scale multiplies once per block, from a 256-entry table of the exact powers of two (np.ldexp, so
-2^-127 is the subnormal it is in transformers). The mat-vec (decode) decodes each byte's two codes by table
-lookup and never forms a weight; the mat-mat (prefill) decodes a block of rows once into a per-thread tile
-and reuses it for every token. Rounding differs from "dequantise, then dot" only by float32 summation
-order (conformance holds both to the reference).
+2^-127 is the subnormal it is in transformers). The mat-vec (decode) never forms a weight: as the affine
+kernels do (numba_backend.permute_input), it reads a row as uint32 words of 8 codes (element 8u + j in bits
+4j..4j+3, the byte order of a little-endian load) against the input permuted to xp[j, u] = x[8u + j], so the
+loop over words vectorises, and decodes each code with integer and float arithmetic instead of a table
+(fp4_value: a table lookup is a gather, which does not vectorise). The mat-mat (prefill) decodes a block of
+rows once into a per-thread tile and reuses it for every token. Rounding differs from "dequantise, then
+dot" only by float32 summation order (conformance holds both to the reference).
 """
 
 from __future__ import annotations
@@ -21,18 +24,22 @@ import numpy as np
 
 try:
     from numba import njit, prange
+
+    from flashmoe.backends.numba_packed import u32_as_f32
 except ImportError:  # the numba backend reports it (numba_backend.unavailable_reason)
     njit = None
 
 from flashmoe.backends.base import BackendError
+from flashmoe.backends.numba_packed import ROW_BLOCK
 from flashmoe.format.mxfp4 import BLOCK, FP4_VALUES, SCALE_BIAS, Mxfp4Tensor
 
 #: 2^(s − 127) for every E8M0 byte s, float32 (s = 255 gives inf, as ldexp does for the large codes).
 with np.errstate(over="ignore"):
     SCALE_VALUES = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - SCALE_BIAS).astype(np.float32)
 
-# Rows decoded per chunk of the mat-mat: a tile of 16 x in floats stays in L2.
-_ROW_BLOCK = 16
+# E2M1 codes per uint32 word of a row's blocks, and words per block of 32.
+_CODES_PER_WORD = 8
+_WORDS_PER_BLOCK = BLOCK // _CODES_PER_WORD
 
 
 @functools.cache
@@ -40,35 +47,37 @@ def kernels():
     """The compiled kernels (compiled on first use, cached on disk by numba)."""
     _FASTMATH = {"contract", "reassoc"}
 
-    @njit(inline="always", fastmath=_FASTMATH)
-    def _row_dot(brow, srow, x, lut, pow2):
-        """Σ_b 2^(s_b−127) Σ_j v_bj x_{32b+j} for one packed row brow [in/2] with scales srow [in/32]."""
-        acc = np.float32(0.0)
-        for b in range(srow.shape[0]):
-            part = np.float32(0.0)
-            base = b * (BLOCK // 2)
-            for i in range(BLOCK // 2):
-                byte = brow[base + i]
-                part += lut[byte & 15] * x[2 * (base + i)] + lut[byte >> 4] * x[2 * (base + i) + 1]
-            acc += pow2[srow[b]] * part
-        return acc
-
     @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def matvec(blocks, scales, x, lut, pow2, out):
-        """out[t, r] = row r · x[t] for few tokens: blocks uint8 [out, in/2], scales uint8 [out, in/32],
-        x float32 [T, in] -> out float32 [T, out]."""
-        for r in prange(blocks.shape[0]):
-            for t in range(x.shape[0]):
-                out[t, r] = _row_dot(blocks[r], scales[r], x[t], lut, pow2)
+    def matvec(words, scales, xp, pow2, out):
+        """out[t, r] = row r · x[t] for few tokens: words uint32 [out, in/8] (the blocks' bytes, 8 codes a
+        word), scales uint8 [out, in/32], xp float32 [T, 8, in/8] (xp[t, j, u] = x[t, 8u + j])
+        -> out float32 [T, out]."""
+        n_rows, n_tok, n_words = words.shape[0], xp.shape[0], xp.shape[2]
+        for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            pw = np.empty(n_words, np.float32)  # each word's 8 products, summed
+            for r in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
+                wrow = words[r]
+                for t in range(n_tok):
+                    xt = xp[t]
+                    for u in range(n_words):
+                        acc = np.float32(0.0)
+                        for j in range(_CODES_PER_WORD):
+                            acc += fp4_value((wrow[u] >> np.uint32(4 * j)) & np.uint32(15)) * xt[j, u]
+                        pw[u] = acc
+                    total = np.float32(0.0)
+                    for b in range(scales.shape[1]):
+                        u = b * _WORDS_PER_BLOCK
+                        total += pow2[scales[r, b]] * (pw[u] + pw[u + 1] + pw[u + 2] + pw[u + 3])
+                    out[t, r] = total
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=True)
     def matmat(blocks, scales, x, lut, pow2, out):
         """As matvec, for many tokens: each block of rows is decoded once into a tile, then dotted with every
         token."""
         n_rows, n_in = blocks.shape[0], x.shape[1]
-        for c in prange((n_rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
-            r0 = c * _ROW_BLOCK
-            r1 = min(r0 + _ROW_BLOCK, n_rows)
+        for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            r0 = c * ROW_BLOCK
+            r1 = min(r0 + ROW_BLOCK, n_rows)
             tile = np.empty((r1 - r0, n_in), np.float32)
             for r in range(r0, r1):
                 for i in range(n_in // 2):
@@ -86,6 +95,20 @@ def kernels():
     return matvec, matmat
 
 
+if njit is not None:
+
+    @njit(inline="always")
+    def fp4_value(c):
+        """The E2M1 value of code c (uint32, 0..15) as float32, by arithmetic (vectorisable, unlike a table).
+
+        The magnitude bits e (2) m (1) placed in a float32 with exponent 126 + e and mantissa m/2 give
+        2^(e-1)(1 + m/2): 1, 1.5, 2, 3, 4, 6 for e ≥ 1 as E2M1 has; for the subnormal e = 0 they give 0.5 and
+        0.75 where E2M1 has 0 and 0.5, which 2v − 1 maps onto. Bit 3 is the sign."""
+        mag = u32_as_f32(((c & np.uint32(7)) << np.uint32(22)) + np.uint32(126 << 23))
+        mag = mag if c & np.uint32(6) else np.float32(2.0) * mag - np.float32(1.0)
+        return -mag if c & np.uint32(8) else mag
+
+
 # Up to this many tokens the mat-vec (decode the bytes per token) is used, as for the affine kernels.
 MATVEC_TOKENS = 3
 
@@ -97,8 +120,13 @@ def linear(x: np.ndarray, w: Mxfp4Tensor, call) -> np.ndarray:
     if w.blocks.ndim != 2 or x.shape[1] != w.shape[1]:
         raise BackendError(f"linear: input has {x.shape[1]} features, MXFP4 weight is {w.shape}")
     matvec, matmat = kernels()
-    out = np.empty((x.shape[0], w.blocks.shape[0]), np.float32)
-    kernel = matvec if x.shape[0] <= MATVEC_TOKENS else matmat
-    call(kernel, out.size * x.shape[1], np.ascontiguousarray(w.blocks), np.ascontiguousarray(w.scales),
-         np.ascontiguousarray(x, dtype=np.float32), FP4_VALUES, SCALE_VALUES, out)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    blocks, scales = np.ascontiguousarray(w.blocks), np.ascontiguousarray(w.scales)
+    out = np.empty((x.shape[0], blocks.shape[0]), np.float32)
+    work = out.size * x.shape[1]
+    if x.shape[0] <= MATVEC_TOKENS:
+        xp = np.ascontiguousarray(x.reshape(x.shape[0], -1, _CODES_PER_WORD).transpose(0, 2, 1))
+        call(matvec, work, blocks.view("<u4"), scales, xp, SCALE_VALUES, out)
+    else:
+        call(matmat, work, blocks, scales, x, FP4_VALUES, SCALE_VALUES, out)
     return out

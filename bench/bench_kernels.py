@@ -13,6 +13,8 @@ Measured in one run, interleaved round by round so that both sides see the same 
 - each numba kernel with float and with q8 activations (flashmoe.reference.q8: the input quantised to int8
   per 32 values, integer dot products), with one thread and with numba's default thread count
   (``numba.set_num_threads``);
+- the MXFP4 mat-vec (gpt-oss's experts as published: 4.25 bits per weight) beside the 4-bit affine one on
+  gpt-oss's 2880x2880 expert shape, both cycled through pools (float activations: MXFP4 has no q8 path yet);
 - the NumPy backend on one expert matrix, for scale.
 
 Weight bytes are the stored bytes (uint32 words + bf16 scales and biases: 4.5 bits per weight); GB/s is
@@ -42,11 +44,13 @@ import numpy as np
 import numba
 
 from flashmoe.backends import get_backend
+from flashmoe.format.mxfp4 import SCALE_BIAS, Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 
 GB = 1e9
 HIDDEN, MOE_INTER, VOCAB = 4096, 1024, 248320  # Qwen3.5-397B-A17B (model-shapes.md)
 K = 10
+GPT_OSS = 2880  # gpt-oss's hidden_size and moe_intermediate_size (model-shapes.md)
 POOL_BYTES = 256 << 20  # > 8x a 32 MB L3: a cycled pool is read from DRAM
 SECTION_START = "<!-- bench_kernels:start -->"
 SECTION_END = "<!-- bench_kernels:end -->"
@@ -58,6 +62,12 @@ def random_q4(rng: np.random.Generator, out: int, inp: int, group_size: int = 64
     scales = rng.uniform(0.001, 0.003, (out, inp // group_size)).astype(ml_dtypes.bfloat16)
     biases = (-7.5 * scales.astype(np.float32)).astype(ml_dtypes.bfloat16)
     return QuantizedTensor(words, scales, biases, 4, group_size)
+
+
+def random_mxfp4(rng: np.random.Generator, out: int, inp: int) -> Mxfp4Tensor:
+    """Random E2M1 codes with E8M0 scales around 2^-7 (weights of std ~0.02)."""
+    return Mxfp4Tensor(rng.integers(0, 256, (out, inp // 2), dtype=np.uint8),
+                       rng.integers(SCALE_BIAS - 9, SCALE_BIAS - 5, (out, inp // 32), dtype=np.uint8))
 
 
 def memory_read_seconds(a: np.ndarray) -> float:
@@ -111,6 +121,10 @@ def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
     weights = np.full(K, 1.0 / K, np.float32)
     expert_sets = [experts[i * K:(i + 1) * K] for i in range(3)]
     one_raw = random_q4(rng, MOE_INTER, HIDDEN)
+    x_oss = rng.standard_normal((1, GPT_OSS)).astype(np.float32)
+    mxfp4_bytes, oss_q4_bytes = GPT_OSS * GPT_OSS * 17 // 32, GPT_OSS * GPT_OSS * 9 // 16
+    mxfp4_pool = [random_mxfp4(rng, GPT_OSS, GPT_OSS) for _ in range(POOL_BYTES // mxfp4_bytes)]
+    oss_q4_pool = pool(GPT_OSS, GPT_OSS, oss_q4_bytes)
 
     # name -> (seconds-per-call measurer, bytes per call)
     numba_cases: dict[str, tuple[Cycled, int]] = {}
@@ -126,6 +140,12 @@ def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
             f"{a} experts_ffn k={K} (397B layer)": (
                 Cycled(lambda es, be=be: be.experts_ffn(x_hidden[0], es, weights), expert_sets), 3 * K * expert_bytes),
         })
+    numba_cases.update({
+        f"float mat-vec {GPT_OSS}x{GPT_OSS} MXFP4 cold": (Cycled(lambda w: numba_be.linear(x_oss, w), mxfp4_pool),
+                                                        mxfp4_bytes),
+        f"float mat-vec {GPT_OSS}x{GPT_OSS} 4-bit cold": (Cycled(lambda w: numba_be.linear(x_oss, w), oss_q4_pool),
+                                                        oss_q4_bytes),
+    })
     cases: dict[str, tuple[Callable[[], float], int, int]] = {  # name -> (measure, bytes, calls per round)
         "memory read (np.add.reduce, 1 GB)": (lambda: memory_read_seconds(big), big.nbytes, 1),
         "numpy backend mat-vec 1024x4096": (Cycled(lambda w: numpy_be.linear(x_hidden, w), [one_raw]),
