@@ -32,6 +32,7 @@ try:
     from flashmoe.backends import cuda_attention as KA
     from flashmoe.backends import cuda_fused as F
     from flashmoe.backends import cuda_kernels as K
+    from flashmoe.backends import cuda_mxfp4
     from flashmoe.backends.cuda_arrays import DeviceArray, device_empty, empty, flat_launch, row_launch, to_device, \
         upload
     from flashmoe.backends.cuda_staging import DeviceQuantized, ExpertStaging, StagedExperts, scale_offset, \
@@ -144,13 +145,24 @@ class CudaBackend(Backend):
     # -- dense ops ------------------------------------------------------------------------------------------
     def linear(self, x: Any, w: Any) -> DeviceArray:
         x = to_device(x)
-        if isinstance(w, Mxfp4Tensor):  # no MXFP4 kernel yet: decoded on the host, multiplied as float
-            w = to_device(w.dequantize())
+        if isinstance(w, Mxfp4Tensor):
+            return self._mxfp4_linear(x, w)
         w = self.prepare(w)
         in_f = w.in_features if isinstance(w, DeviceQuantized) else w.shape[1]
         if len(x.shape) != 2 or x.shape[1] != in_f:
             raise BackendError(f"linear: input {x.shape} does not match a weight taking {in_f} features")
         return self._linear(x, w)
+
+    def _mxfp4_linear(self, x: DeviceArray, w: Mxfp4Tensor) -> DeviceArray:
+        """x [T, in] . W^T for an MXFP4 W, its bytes uploaded as they are and decoded in the kernel."""
+        n_out, n_blocks = w.scales.shape
+        if len(x.shape) != 2 or x.shape[1] != w.shape[1]:
+            raise BackendError(f"linear: input {x.shape} does not match an MXFP4 weight of shape {w.shape}")
+        words = cuda.to_device(np.ascontiguousarray(w.blocks).view("<u4").reshape(-1))
+        scales = cuda.to_device(np.ascontiguousarray(w.scales).reshape(-1))
+        out = empty((x.shape[0], n_out))
+        row_launch(cuda_mxfp4.mxfp4_linear, n_out, x.shape[0], words, scales, n_out, n_blocks, x.flat, out.flat)
+        return out
 
     def _linear(self, x: DeviceArray, w: DeviceQuantized | DeviceArray) -> DeviceArray:
         T = x.shape[0]

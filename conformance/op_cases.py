@@ -320,6 +320,25 @@ def run_cases(backend: Backend | str, cases: list[OpCase],
     return results
 
 
+def mxfp4_extremes_excess(backend: Backend | str, tokens: int = 2) -> float:
+    """An MXFP4 linear over every byte of codes in every row, with one E8M0 scale per row from 2^-127
+    (subnormal weights) to 2^125 (the largest whose 6·2^s stays finite in float32), against a float64 product
+    of the exact decode (flashmoe.format.mxfp4). Returns the worst |got − want| over its allowance,
+    1e-5 · Σ|x·w| (the scale the row's float32 sum rounds at) + 1e-43 (subnormal results): ≤ 1 passes."""
+    from flashmoe.format.mxfp4 import dequantize_mxfp4
+
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    scales = np.linspace(0, 252, 43).astype(np.uint8)  # rows
+    w = Mxfp4Tensor(np.tile(np.arange(256, dtype=np.uint8), (len(scales), 1)),  # in = 512
+                    np.repeat(scales[:, None], 16, axis=1))
+    x = (np.random.default_rng(0).standard_normal((tokens, 512)) * 1e-3).astype(np.float32)
+    exact = dequantize_mxfp4(w.blocks, w.scales).astype(np.float64)
+    want = x.astype(np.float64) @ exact.T  # (tokens, rows)
+    got = be.to_numpy(be.linear(x, w)).astype(np.float64)
+    allowance = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact).T) + 1e-43
+    return float(np.max(np.abs(got - want) / allowance))
+
+
 def array_glue_mismatches(backend: Backend | str) -> list[str]:
     """The Backend's array glue (add, multiply with broadcasting and numbers, reshape, split, rows,
     gather_rows) on the shapes the engine uses, against NumPy: the names of the calls whose result differs in

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from flashmoe.backends import available_backends, get_backend
-from flashmoe.conformance.op_cases import OpCase, array_glue_mismatches, full_cases, make_expert_views, run_case
+from flashmoe.conformance.op_cases import (OpCase, array_glue_mismatches, full_cases, make_expert_views,
+                                           mxfp4_extremes_excess, run_case)
+from flashmoe.format.manifest import MXFP4
 
 WHY_NOT = available_backends()["cuda"]
 HERE = pytest.mark.skipif(
@@ -64,6 +66,7 @@ def _tiny_cases() -> list[OpCase]:
               c("experts_ffn", k=2, hidden=32, inter=32, bits=3, group_size=16, sdtype="float32"),
               c("experts_ffn", k=2, hidden=32, inter=16, bits=None)]
     cases += [c(op, tokens=2, n=20) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
+    cases += [c("linear", tokens=t, out=5, inp=64, bits=MXFP4) for t in (1, 3)]
     return cases + [c("clip", tokens=2, n=20, limit=2.0)]
 
 
@@ -84,6 +87,11 @@ def test_op_matches_reference(case: OpCase):
 @pytest.fixture(scope="module")
 def be():
     return get_backend("cuda")
+
+
+@HERE
+def test_mxfp4_linear_over_every_code_and_extreme_scales(be):
+    assert mxfp4_extremes_excess(be) <= 1
 
 
 @HERE
