@@ -12,7 +12,7 @@ kernels do (numba_backend.permute_input), it reads a row as uint32 words of 8 co
 4j..4j+3, the byte order of a little-endian load) against the input permuted to xp[j, u] = x[8u + j], so the
 loop over words vectorises, and decodes each code with integer and float arithmetic instead of a table
 (fp4_value: a table lookup is a gather, which does not vectorise). The mat-mat (prefill) decodes a block of
-rows once into a per-thread tile and reuses it for every token. Rounding differs from "dequantise, then
+rows once (fp4_value too) into a per-thread tile and reuses it for every token. Rounding differs from "dequantise, then
 dot" only by float32 summation order (conformance holds both to the reference).
 """
 
@@ -31,7 +31,7 @@ except ImportError:  # the numba backend reports it (numba_backend.unavailable_r
 
 from flashmoe.backends.base import BackendError
 from flashmoe.backends.numba_packed import ROW_BLOCK
-from flashmoe.format.mxfp4 import BLOCK, FP4_VALUES, SCALE_BIAS, Mxfp4Tensor
+from flashmoe.format.mxfp4 import BLOCK, SCALE_BIAS, Mxfp4Tensor
 
 #: 2^(s − 127) for every E8M0 byte s, float32 (s = 255 gives inf, as ldexp does for the large codes).
 with np.errstate(over="ignore"):
@@ -40,6 +40,20 @@ with np.errstate(over="ignore"):
 # E2M1 codes per uint32 word of a row's blocks, and words per block of 32.
 _CODES_PER_WORD = 8
 _WORDS_PER_BLOCK = BLOCK // _CODES_PER_WORD
+
+
+if njit is not None:
+
+    @njit(inline="always")
+    def fp4_value(c):
+        """The E2M1 value of code c (uint32, 0..15) as float32, by arithmetic (vectorisable, unlike a table).
+
+        The magnitude bits e (2) m (1) placed in a float32 with exponent 126 + e and mantissa m/2 give
+        2^(e-1)(1 + m/2): 1, 1.5, 2, 3, 4, 6 for e ≥ 1 as E2M1 has; for the subnormal e = 0 they give 0.5 and
+        0.75 where E2M1 has 0 and 0.5, which 2v − 1 maps onto. Bit 3 is the sign."""
+        mag = u32_as_f32(((c & np.uint32(7)) << np.uint32(22)) + np.uint32(126 << 23))
+        mag = mag if c & np.uint32(6) else np.float32(2.0) * mag - np.float32(1.0)
+        return -mag if c & np.uint32(8) else mag
 
 
 @functools.cache
@@ -71,7 +85,7 @@ def kernels():
                     out[t, r] = total
 
     @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-    def matmat(blocks, scales, x, lut, pow2, out):
+    def matmat(blocks, scales, x, pow2, out):
         """As matvec, for many tokens: each block of rows is decoded once into a tile, then dotted with every
         token."""
         n_rows, n_in = blocks.shape[0], x.shape[1]
@@ -83,8 +97,8 @@ def kernels():
                 for i in range(n_in // 2):
                     byte = blocks[r, i]
                     s = pow2[scales[r, i // (BLOCK // 2)]]
-                    tile[r - r0, 2 * i] = lut[byte & 15] * s
-                    tile[r - r0, 2 * i + 1] = lut[byte >> 4] * s
+                    tile[r - r0, 2 * i] = fp4_value(np.uint32(byte & 15)) * s
+                    tile[r - r0, 2 * i + 1] = fp4_value(np.uint32(byte >> 4)) * s
             for t in range(x.shape[0]):
                 for r in range(r0, r1):
                     acc = np.float32(0.0)
@@ -93,20 +107,6 @@ def kernels():
                     out[t, r] = acc
 
     return matvec, matmat
-
-
-if njit is not None:
-
-    @njit(inline="always")
-    def fp4_value(c):
-        """The E2M1 value of code c (uint32, 0..15) as float32, by arithmetic (vectorisable, unlike a table).
-
-        The magnitude bits e (2) m (1) placed in a float32 with exponent 126 + e and mantissa m/2 give
-        2^(e-1)(1 + m/2): 1, 1.5, 2, 3, 4, 6 for e ≥ 1 as E2M1 has; for the subnormal e = 0 they give 0.5 and
-        0.75 where E2M1 has 0 and 0.5, which 2v − 1 maps onto. Bit 3 is the sign."""
-        mag = u32_as_f32(((c & np.uint32(7)) << np.uint32(22)) + np.uint32(126 << 23))
-        mag = mag if c & np.uint32(6) else np.float32(2.0) * mag - np.float32(1.0)
-        return -mag if c & np.uint32(8) else mag
 
 
 # Up to this many tokens the mat-vec (decode the bytes per token) is used, as for the affine kernels.
@@ -128,5 +128,5 @@ def linear(x: np.ndarray, w: Mxfp4Tensor, call) -> np.ndarray:
         xp = np.ascontiguousarray(x.reshape(x.shape[0], -1, _CODES_PER_WORD).transpose(0, 2, 1))
         call(matvec, work, blocks.view("<u4"), scales, xp, SCALE_VALUES, out)
     else:
-        call(matmat, work, blocks, scales, x, FP4_VALUES, SCALE_VALUES, out)
+        call(matmat, work, blocks, scales, x, SCALE_VALUES, out)
     return out
