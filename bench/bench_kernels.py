@@ -50,7 +50,7 @@ from flashmoe.format.quant import QuantizedTensor
 GB = 1e9
 HIDDEN, MOE_INTER, VOCAB = 4096, 1024, 248320  # Qwen3.5-397B-A17B (model-shapes.md)
 K = 10
-GPT_OSS = 2880  # gpt-oss's hidden_size and moe_intermediate_size (model-shapes.md)
+SQUARE = 2880  # gpt-oss's hidden_size and moe_intermediate_size, its MXFP4 experts' shape (model-shapes.md)
 POOL_BYTES = 256 << 20  # > 8x a 32 MB L3: a cycled pool is read from DRAM
 SECTION_START = "<!-- bench_kernels:start -->"
 SECTION_END = "<!-- bench_kernels:end -->"
@@ -121,10 +121,10 @@ def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
     weights = np.full(K, 1.0 / K, np.float32)
     expert_sets = [experts[i * K:(i + 1) * K] for i in range(3)]
     one_raw = random_q4(rng, MOE_INTER, HIDDEN)
-    x_oss = rng.standard_normal((1, GPT_OSS)).astype(np.float32)
-    mxfp4_bytes, oss_q4_bytes = GPT_OSS * GPT_OSS * 17 // 32, GPT_OSS * GPT_OSS * 9 // 16
-    mxfp4_pool = [random_mxfp4(rng, GPT_OSS, GPT_OSS) for _ in range(POOL_BYTES // mxfp4_bytes)]
-    oss_q4_pool = pool(GPT_OSS, GPT_OSS, oss_q4_bytes)
+    x_square = rng.standard_normal((1, SQUARE)).astype(np.float32)
+    mxfp4_bytes, square_q4_bytes = SQUARE * SQUARE * 17 // 32, SQUARE * SQUARE * 9 // 16
+    mxfp4_pool = [random_mxfp4(rng, SQUARE, SQUARE) for _ in range(POOL_BYTES // mxfp4_bytes)]
+    square_q4_pool = pool(SQUARE, SQUARE, square_q4_bytes)
 
     # name -> (seconds-per-call measurer, bytes per call)
     numba_cases: dict[str, tuple[Cycled, int]] = {}
@@ -141,10 +141,10 @@ def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
                 Cycled(lambda es, be=be: be.experts_ffn(x_hidden[0], es, weights), expert_sets), 3 * K * expert_bytes),
         })
     numba_cases.update({
-        f"float mat-vec {GPT_OSS}x{GPT_OSS} MXFP4 cold": (Cycled(lambda w: numba_be.linear(x_oss, w), mxfp4_pool),
-                                                        mxfp4_bytes),
-        f"float mat-vec {GPT_OSS}x{GPT_OSS} 4-bit cold": (Cycled(lambda w: numba_be.linear(x_oss, w), oss_q4_pool),
-                                                        oss_q4_bytes),
+        f"float mat-vec {SQUARE}x{SQUARE} MXFP4 cold": (
+            Cycled(lambda w: numba_be.linear(x_square, w), mxfp4_pool), mxfp4_bytes),
+        f"float mat-vec {SQUARE}x{SQUARE} 4-bit cold": (
+            Cycled(lambda w: numba_be.linear(x_square, w), square_q4_pool), square_q4_bytes),
     })
     cases: dict[str, tuple[Callable[[], float], int, int]] = {  # name -> (measure, bytes, calls per round)
         "memory read (np.add.reduce, 1 GB)": (lambda: memory_read_seconds(big), big.nbytes, 1),
