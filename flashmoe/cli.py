@@ -77,9 +77,9 @@ class EngineOptions:
 _ENGINE_OPTIONS = {
     "backend": (str, typer.Option("numba", help="Compute backend: numba, numpy (reference arithmetic), mlx, cuda "
                                   "(`flashmoe backends`).")),
-    "io": (str, typer.Option("pagecache", help="Expert reads: 'pagecache' (OS caches hot experts) or 'direct' "
-                             "(O_DIRECT + flashmoe's own expert cache, which gets what --max-memory leaves; "
-                             "none without --max-memory).")),
+    "io": (str, typer.Option("pagecache", help="Expert reads: 'pagecache' (OS caches hot experts, used in "
+                             "place) or 'direct' (O_DIRECT + flashmoe's own expert cache, which gets what "
+                             "--max-memory leaves; none without --max-memory).")),
     "max_memory": (Optional[str], typer.Option(None, help="Memory budget, e.g. 4G: resident weights + KV cache + "
                                                "buffers + expert cache.")),
     "experts_per_token": (Optional[int], typer.Option(None, "--experts-per-token", "-k", min=1,

@@ -176,3 +176,17 @@ def test_backends_with_memory_of_their_own_keep_their_copy(backend):
     except BackendError as e:
         pytest.skip(f"{backend} backend cannot be imported here: {e}")
     assert not cls.experts_in_place
+
+
+def test_the_in_place_microbenchmark_measures_every_variant(capsys):
+    """bench/bench_in_place.py on the bundled model: one line per variant, with the expert count it ran."""
+    from flashmoe.bench.bench_in_place import main
+    from flashmoe.runtime.load import default_model_dir
+
+    main([str(default_model_dir()), "--experts", "8", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    variants = [line[5:37].strip() for line in lines if " per expert " in line]  # "warm NAME (32 wide) ..."
+    assert variants == ["copy", "in place, first use", "in place", "preadv (the store's miss path)",
+                        "fault in, MADV_NORMAL", "fault in, MADV_RANDOM", "MADV_WILLNEED, then fault in"]
+    assert all("n=8)" in line for line in lines if line.startswith("warm "))
+    assert sum(int(line.rsplit("n=", 1)[1].rstrip(")")) for line in lines if line.startswith("cold ")) == 8
