@@ -60,8 +60,9 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         model_dir: flashmoe model directory (path, or already opened); None for the bundled demo model.
         backend: registered backend name (`flashmoe backends` lists them). It must pass the quick
             conformance suite on this machine first (run once, then stamped).
-        io: 'pagecache' (the OS caches hot experts; those it holds are used in place through a read-only
-            mapping where the backend computes on host memory, the others read with pread) or 'direct'
+        io: 'pagecache' (the OS caches hot experts; with no max_memory, those it holds are used in place
+            through a read-only mapping where the backend computes on host memory, the others read with
+            pread) or 'direct'
             (O_DIRECT plus flashmoe's own expert cache, sized by what --max-memory leaves).
         max_memory: budget for resident weights + KV cache + read buffers + expert cache ('4G', bytes);
             None means no budget (and no own cache in direct mode beyond the read buffers).
@@ -115,7 +116,9 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     # Read buffers from the backend (pinned host memory for cuda: one DMA per expert).
     store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
                         mode=io, policy=cache_policy, threads=threads, stats=stats,
-                        allocate=be.allocate_buffer, guess_slots=guess_slots, in_place=be.experts_in_place)
+                        allocate=be.allocate_buffer, guess_slots=guess_slots,
+                        # Mapped experts count in the resident set: under a budget, stay inside it as measured.
+                        in_place=be.experts_in_place and max_memory is None)
     engine = Engine(model, be, store, stats, experts_per_token=k)
     if gpu_memory is not None:
         engine.preload_experts(parse_size(gpu_memory))
