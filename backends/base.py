@@ -128,12 +128,16 @@ class KVCacheBuffer:
     """Keys and values of one full-attention layer: NumPy float32 ``[capacity, kv_heads, head_dim]`` each,
     grown by doubling. A backend with its own memory returns a subclass from :meth:`Backend.new_kv_cache`.
 
+    ``values=False`` keeps keys only, for attention whose values are its keys (absorbed Multi-head Latent
+    Attention caches one latent row per position and reads it as both): ``v`` is then None and ``append``
+    returns the keys twice.
+
     ``length`` is the number of cached positions; lowering it cuts the cache back to its first ``length``
     positions (a chat session rewinding to a common prefix)."""
 
-    def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256):
+    def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256, values: bool = True):
         self.k = np.zeros((capacity, kv_heads, head_dim), np.float32)
-        self.v = np.zeros_like(self.k)
+        self.v = np.zeros_like(self.k) if values else None
         self.length = 0
 
     @property
@@ -145,20 +149,22 @@ class KVCacheBuffer:
         """Room for `positions` cached positions without growing later (grows now, at least doubling)."""
         if positions > self.k.shape[0]:
             capacity = max(positions, 2 * self.k.shape[0])
-            for name in ("k", "v"):
+            for name in ("k", "v") if self.v is not None else ("k",):
                 grown = np.zeros((capacity, *self.k.shape[1:]), np.float32)
                 grown[: self.length] = getattr(self, name)[: self.length]
                 setattr(self, name, grown)
 
-    def append(self, k: Any, v: Any) -> tuple[Any, Any]:
-        """Store k, v ``[T, kv_heads, head_dim]`` (backend arrays) after the cached ones; return all keys and
-        values so far, ``[length, kv_heads, head_dim]`` each, as arrays the backend's ``attention`` takes."""
+    def append(self, k: Any, v: Any = None) -> tuple[Any, Any]:
+        """Store k, v ``[T, kv_heads, head_dim]`` (backend arrays; v None for a keys-only cache) after the
+        cached ones; return all keys and values so far, ``[length, kv_heads, head_dim]`` each, as arrays the
+        backend's ``attention`` takes."""
         end = self.length + k.shape[0]
         self.reserve(end)
         self.k[self.length : end] = k
-        self.v[self.length : end] = v
+        if self.v is not None:
+            self.v[self.length : end] = v
         self.length = end
-        return self.k[:end], self.v[:end]
+        return self.k[:end], (self.k if self.v is None else self.v)[:end]
 
 
 class Backend(ABC):
@@ -214,10 +220,10 @@ class Backend(ABC):
         handle every other operation accepts for it. Quantised words are kept as they are, never
         dequantised."""
 
-    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCacheBuffer:
+    def new_kv_cache(self, kv_heads: int, head_dim: int, values: bool = True) -> KVCacheBuffer:
         """An empty KV cache of one full-attention layer, in this backend's memory (the NumPy
-        :class:`KVCacheBuffer` unless the backend has its own)."""
-        return KVCacheBuffer(kv_heads, head_dim)
+        :class:`KVCacheBuffer` unless the backend has its own); keys only when not ``values``."""
+        return KVCacheBuffer(kv_heads, head_dim, values=values)
 
     # -- dense ops ---------------------------------------------------------------------------------------
     @abstractmethod

@@ -492,13 +492,21 @@ class DeviceKVCacheBuffer(KVCacheBuffer):
     Inside a capture (one decode token) the append writes at the graph's position input and returns views of
     the whole capacity, so that a replay at a later position appends and attends correctly: attention reads
     only positions up to the query's. The caller keeps the capacity above the positions replayed
-    (:meth:`reserve`)."""
+    (:meth:`reserve`).
 
-    def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256):
+    ``values=False`` keeps keys only (``v`` None; the keys are returned as the values too), as
+    :class:`KVCacheBuffer`: the append kernels then write each key twice to the same place (the same value,
+    so no race)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, capacity: int = 256, values: bool = True):
         self.row = (kv_heads, head_dim)
         self.k = cuda.device_array(capacity * kv_heads * head_dim, np.float32)
-        self.v = cuda.device_array(capacity * kv_heads * head_dim, np.float32)
+        self.v = cuda.device_array(capacity * kv_heads * head_dim, np.float32) if values else None
         self.length = 0
+
+    @property
+    def _values(self):
+        return self.k if self.v is None else self.v
 
     @property
     def capacity(self) -> int:
@@ -511,28 +519,29 @@ class DeviceKVCacheBuffer(KVCacheBuffer):
             return
         capacity = max(positions, 2 * self.capacity)
         grown_k = cuda.device_array(capacity * row, np.float32)
-        grown_v = cuda.device_array(capacity * row, np.float32)
+        grown_v = grown_k if self.v is None else cuda.device_array(capacity * row, np.float32)
         if self.length:
-            flat_launch(KA.kv_append, self.length * row, self.k[:self.length * row], self.v[:self.length * row],
-                        grown_k, grown_v, 0)
-        self.k, self.v = grown_k, grown_v
+            flat_launch(KA.kv_append, self.length * row, self.k[:self.length * row],
+                        self._values[:self.length * row], grown_k, grown_v, 0)
+        self.k, self.v = grown_k, (None if self.v is None else grown_v)
 
-    def append(self, k: Any, v: Any) -> tuple[DeviceArray, DeviceArray]:
-        k, v = to_device(k), to_device(v)
+    def append(self, k: Any, v: Any = None) -> tuple[DeviceArray, DeviceArray]:
+        k = to_device(k)
+        v = k if self.v is None else to_device(v)
         if k.shape[1:] != self.row or v.shape != k.shape:
             raise BackendError(f"KV cache of {self.row} per position: got keys {k.shape}, values {v.shape}")
         row = math.prod(self.row)
         end = self.length + k.shape[0]
         self.reserve(end)
         if k.shape[0] == 1:  # decode: at the position on the device, the one kernel eager and captured
-            flat_launch(KA.kv_append_at, row, k.flat, v.flat, self.k, self.v,
+            flat_launch(KA.kv_append_at, row, k.flat, v.flat, self.k, self._values,
                         device_positions(np.array([self.length])))
             self.length = end
             if CAPTURE.active is not None:
                 return (DeviceArray(self.k, (self.capacity, *self.row)),
-                        DeviceArray(self.v, (self.capacity, *self.row)))
+                        DeviceArray(self._values, (self.capacity, *self.row)))
         else:
-            flat_launch(KA.kv_append, k.size, k.flat, v.flat, self.k, self.v, self.length * row)
+            flat_launch(KA.kv_append, k.size, k.flat, v.flat, self.k, self._values, self.length * row)
             self.length = end
         return (DeviceArray(flat_view(self.k, 0, end * row), (end, *self.row)),
-                DeviceArray(flat_view(self.v, 0, end * row), (end, *self.row)))
+                DeviceArray(flat_view(self._values, 0, end * row), (end, *self.row)))

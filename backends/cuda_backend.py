@@ -138,9 +138,9 @@ class CudaBackend(Backend):
         start = (-raw.ctypes.data) % _PAGE
         return raw[start:start + nbytes]
 
-    def new_kv_cache(self, kv_heads: int, head_dim: int) -> KVCacheBuffer:
-        """A KV cache in GPU memory (:class:`A.DeviceKVCacheBuffer`)."""
-        return A.DeviceKVCacheBuffer(kv_heads, head_dim)
+    def new_kv_cache(self, kv_heads: int, head_dim: int, values: bool = True) -> KVCacheBuffer:
+        """A KV cache in GPU memory (:class:`A.DeviceKVCacheBuffer`); keys only when not ``values``."""
+        return A.DeviceKVCacheBuffer(kv_heads, head_dim, values=values)
 
     # -- dense ops ------------------------------------------------------------------------------------------
     def linear(self, x: Any, w: Any) -> DeviceArray:

@@ -105,18 +105,24 @@ def test_array_glue_runs_on_the_device_and_matches_numpy(be):
 
 
 @HERE
-def test_kv_cache_lives_on_the_device_and_grows_and_cuts_like_the_numpy_one(be):
+@pytest.mark.parametrize("values", [True, False], ids=["keys-values", "keys-only"])
+def test_kv_cache_lives_on_the_device_and_grows_and_cuts_like_the_numpy_one(be, values):
     from flashmoe.backends.base import BackendError, KVCacheBuffer
     from flashmoe.backends.cuda_arrays import DeviceArray, DeviceKVCacheBuffer
 
     rng = np.random.default_rng(4)
-    assert isinstance(be.new_kv_cache(2, 4), DeviceKVCacheBuffer)
-    dev, ref = DeviceKVCacheBuffer(2, 4, capacity=2), KVCacheBuffer(2, 4, capacity=2)
+    assert isinstance(be.new_kv_cache(2, 4, values=values), DeviceKVCacheBuffer)
+    assert (be.new_kv_cache(2, 4, values=values).v is None) == (not values)
+    dev, ref = DeviceKVCacheBuffer(2, 4, capacity=2, values=values), KVCacheBuffer(2, 4, capacity=2, values=values)
     for step, T in enumerate([3, 1, 1, 2, 1]):  # grows from 2 positions past 8
         if step == 3:
             dev.length = ref.length = 3  # a chat session rewinding to a common prefix
         k, v = (rng.standard_normal((T, 2, 4)).astype(np.float32) for _ in range(2))
-        got, want = dev.append(be.asarray(k), be.asarray(v)), ref.append(k, v)
+        if not values:  # keys only (absorbed MLA's latent): the keys are the values
+            got, want = dev.append(be.asarray(k)), ref.append(k)
+            np.testing.assert_array_equal(want[0], want[1])
+        else:
+            got, want = dev.append(be.asarray(k), be.asarray(v)), ref.append(k, v)
         assert dev.length == ref.length
         for g, w in zip(got, want):
             assert isinstance(g, DeviceArray) and g.shape == w.shape

@@ -121,3 +121,24 @@ def test_a_model_this_machine_cannot_hold_is_refused_before_loading(monkeypatch)
     monkeypatch.setattr(load, "available_memory_bytes", lambda: 1 << 20)
     with pytest.raises(MemoryBudgetError, match="an estimate before loading: the loaded process needs more"):
         load.load_engine(None, backend="numpy", io="direct", max_memory="20M", context=64)
+
+
+def test_the_mla_cache_holds_one_latent_row_per_position_and_the_budget_counts_that(hf_checkpoint, tmp_path):
+    """DeepSeek-V3's absorbed attention caches kv_lora_rank + qk_rope_head_dim floats per position and layer,
+    once (they are its keys and its values); state_bytes plans for exactly that."""
+    import numpy as np
+
+    from flashmoe.convert.checkpoint import convert_checkpoint
+    from flashmoe.runtime.load import load_engine, state_bytes
+
+    path = convert_checkpoint(hf_checkpoint("deepseek_v3", "groups_yarn_q_lora"), tmp_path / "m", bits="none",
+                              progress=False, log=lambda _: None)
+    engine = load_engine(path, backend="numpy", context=64)
+    cfg, state = engine.cfg, engine.new_state()
+    engine.forward(np.arange(5), state)
+    row = cfg.kv_lora_rank + cfg.qk_rope_head_dim  # 32 + 16 in this checkpoint
+    for cache in state.layers:
+        assert cache.v is None and cache.k.shape == (256, 1, row) and cache.length == 5
+        keys, values = cache.append(np.ones((1, 1, row), np.float32))
+        assert values is keys or np.shares_memory(keys, values)
+    assert state_bytes(cfg, 1000) == cfg.num_hidden_layers * 1024 * row * 4

@@ -372,12 +372,17 @@ class Engine:
                 with self.stats.stage("shared_expert"):
                     shared = self._shared_expert(p, x)
                 return y if shared is None else be.add(y, shared)
-        with self.stats.stage("router"):
-            logits = be.to_numpy(be.linear(x, self._w[p + "gate.weight"]))  # router logits (T, num_experts)
-            ids, weights = route(logits, self.cfg, self.k, **self._router_tensors[layer])  # (T, k) int, (T, k) f32
+        ids, weights = self._route(layer, x, self.k)  # (T, k) int, (T, k) f32
         if x.shape[0] == 1:
             return self._moe_decode(layer, p, x, ids[0], weights[0])
         return self._moe_prefill(layer, p, x, ids, weights)
+
+    def _route(self, layer: int, x, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """MoE layer `layer`'s router on x (T, hidden): its logits routed by the family's rule
+        (reference/routing.py). Returns ids (T, k) int64 in decreasing preference and weights (T, k) float32."""
+        with self.stats.stage("router"):
+            logits = self.backend.to_numpy(self.backend.linear(x, self._w[f"layers.{layer}.mlp.gate.weight"]))
+            return route(logits, self.cfg, k, **self._router_tensors[layer])
 
     def _moe_decode(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
         """One token: read its k experts concurrently while the shared expert computes. Experts the backend
@@ -404,11 +409,11 @@ class Engine:
 
     def _speculate(self, layer: int, x, after):
         """Guess MoE layer `layer`'s experts from the current layer's MoE input x (1, hidden) and its own
-        router weights, and have the store read the top guesses, not already held by the backend, once the
-        reads of `after` (the current layer's fetch) are done."""
-        with self.stats.stage("router"):
-            logits = self.backend.to_numpy(self._linear(x, f"layers.{layer}.mlp.gate"))
-        ranked = (int(e) for e in np.argsort(-logits[0], kind="stable"))
+        router, and have the store read the top guesses, not already held by the backend, once the reads of
+        `after` (the current layer's fetch) are done. The guesses are ranked by the family's routing rule
+        (a correction bias and expert groups count as they do when the layer routes), every expert ranked."""
+        ids, _ = self._route(layer, x, self.cfg.num_experts)
+        ranked = (int(e) for e in ids[0])
         guess = itertools.islice((e for e in ranked if not self.backend.has_expert((layer, e))),
                                  self.store.guess_slots)
         self.store.speculate(layer, list(guess), after)

@@ -36,12 +36,15 @@ def default_model_dir() -> Path:
 def state_bytes(cfg: ModelConfig, context: int) -> int:
     """Bytes of KV cache plus GatedDeltaNet state for a sequence of `context` tokens (float32).
 
-    The KV cache grows by doubling from 256 positions, so the bound uses the next power of two.
+    The KV cache grows by doubling from 256 positions, so the bound uses the next power of two. Multi-head
+    Latent Attention caches kv_lora_rank + qk_rope_head_dim floats per position and layer (runtime/mla.py).
     """
     capacity = max(256, 1 << max(0, context - 1).bit_length())
     total = 0
     for i in range(cfg.num_hidden_layers):
-        if cfg.is_attention_layer(i):
+        if cfg.is_mla:
+            total += capacity * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+        elif cfg.is_attention_layer(i):
             total += 2 * capacity * cfg.num_key_value_heads * cfg.head_dim * 4
         else:
             total += 4 * ((cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_dim + cfg.linear_num_value_heads

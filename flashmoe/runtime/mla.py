@@ -43,8 +43,9 @@ class AbsorbedMLA:
         self.scale = mla_softmax_scale(cfg)
 
     def new_cache(self) -> KVCacheBuffer:
-        """The latent cache of one layer: one 'head' of kv_lora_rank + qk_rope_head_dim per position."""
-        return self.backend.new_kv_cache(1, self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim)
+        """The latent cache of one layer: one 'head' of kv_lora_rank + qk_rope_head_dim per position, stored
+        once (it is both the keys and the values)."""
+        return self.backend.new_kv_cache(1, self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim, values=False)
 
     def __call__(self, i: int, x, positions: np.ndarray, cache: KVCacheBuffer):
         """Layer i's attention of T new tokens x (T, hidden) over the cache; appends their latents.
@@ -69,7 +70,7 @@ class AbsorbedMLA:
 
         q_lat = be.heads_linear(q_nope, self.uk[i])  # (T, H, c) = W_UKᵀ q_nope
         latent = be.reshape(be.concat([c_kv, be.asarray(k_rope)], axis=-1), (T, 1, c + r))  # what the cache keeps
-        keys, values = cache.append(latent, latent)  # (S, 1, c + r)
+        keys, values = cache.append(latent)  # (S, 1, c + r) both: the same rows
         query = be.concat([q_lat, be.asarray(q_rope)], axis=-1)  # (T, H, c + r)
         o_lat, _ = be.split(be.attention(query, keys, values, positions, self.scale), [c, r])  # (T, H, c): Σ p·c_kv
         o = be.reshape(be.heads_linear(o_lat, self.uv[i]), (T, H * cfg.v_head_dim))  # (T, H·v) = W_UV o_lat
