@@ -546,3 +546,54 @@ def fake_server(tmp_path_factory, template, name, **engine_kwargs):
     engine = FakeEngine(tokenizer, scripted_reply, **engine_kwargs)
     app = FlashMoeServer(engine, tokenizer, "fake-" + name, context=engine_kwargs.get("max_position_embeddings"))
     return app, engine, RunningServer(app.app).start()
+
+
+def write_special_tokens_dir(out: Path, special: list[str], corpus: list[str], *, eos_token: str,
+                             template: str, tool_use: str | None = None, bos_token: str | None = None) -> Path:
+    """A model directory's tokenizer files for a family's own chat format: a byte-level BPE learned from
+    `corpus` with `special` added as special tokens (the reasoning and tool-call tags among them, to cover a
+    tokenizer that declares them special), tokenizer_config.json, chat_template.jinja and, when given,
+    additional_chat_templates/tool_use.jinja. Returns out."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 3, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos_token, "eos_token": eos_token,
+              "clean_up_tokenization_spaces": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    if tool_use is not None:
+        (out / "additional_chat_templates").mkdir(exist_ok=True)
+        (out / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use, encoding="utf-8")
+    return out
+
+
+def serve_scripted(model_dir: Path, reply, eos_token: str):
+    """A FlashMoeServer over a FakeEngine (context 2048) replying with reply(prompt), on loopback. Yields
+    (engine, openai client); a pytest fixture's body."""
+    import openai
+
+    from flashmoe.serve.server import FlashMoeServer, RunningServer
+    from flashmoe.serve.tokenizer import Tokenizer as FlashMoeTokenizer
+
+    tokenizer = FlashMoeTokenizer(model_dir)
+    engine = FakeEngine(tokenizer, reply, max_position_embeddings=2048, eos_token=eos_token)
+    app = FlashMoeServer(engine, tokenizer, "fake", context=2048)
+    running = RunningServer(app.app).start()
+    yield engine, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    running.stop()
+    app.close()
+
+
+def streamed_reply(chunks: list) -> tuple[str, str, list[tuple[int, str, dict]], str]:
+    """An OpenAI chat stream's (reasoning, content, [(index, name, arguments)], finish_reason), joined."""
+    deltas = [c.choices[0].delta for c in chunks]
+    calls = [tc for d in deltas for tc in d.tool_calls or []]
+    return ("".join(d.model_extra.get("reasoning_content") or "" for d in deltas), "".join(d.content or "" for d in deltas),
+            [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls],
+            chunks[-1].choices[0].finish_reason)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from chat_helpers import WEATHER, FakeEngine
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from chat_helpers import WEATHER, serve_scripted, streamed_reply, write_special_tokens_dir
 
 from flashmoe.serve.chat_template import render_chat
 from flashmoe.serve.toolcalls import (DS_CALL_CLOSE, DS_CALL_OPEN, DS_CALLS_CLOSE, DS_CALLS_OPEN, DS_SEP,
@@ -110,31 +109,14 @@ _SYSTEM = "{{ bos_token }}{{ ns.system_prompt }}"
 TOOL_USE = V31.replace(_SYSTEM, _TOOLS_TEXT + _SYSTEM)
 assert TOOL_USE != V31
 
-# Declared special here (the parser's tags included) so that the tests cover a tokenizer that does so.
 SPECIAL = [BOS, EOS, USER, ASSISTANT, "<think>", "</think>", DS_CALLS_OPEN, DS_CALLS_CLOSE, DS_CALL_OPEN,
            DS_CALL_CLOSE, DS_SEP, OUTPUT_OPEN, OUTPUT_CLOSE]
 
 
 def write_deepseek_dir(out, default=V31, tool_use=TOOL_USE):
-    """A model directory's tokenizer files: a byte-level BPE with DeepSeek's chat and tool tokens, and the
-    chat templates (chat_template.jinja, additional_chat_templates/tool_use.jinja)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([V31, "the weather in Paris is sunny; get_weather city days"] * 3, trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-              "clean_up_tokenization_spaces": False}
-    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    (out / "chat_template.jinja").write_text(default, encoding="utf-8")
-    if tool_use is not None:
-        (out / "additional_chat_templates").mkdir(exist_ok=True)
-        (out / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use, encoding="utf-8")
-    return out
+    """Tokenizer files with DeepSeek's chat and tool tokens, V3.1's template and TOOL_USE."""
+    return write_special_tokens_dir(out, SPECIAL, [V31, "the weather in Paris is sunny; get_weather city days"],
+                                    eos_token=EOS, bos_token=BOS, template=default, tool_use=tool_use)
 
 
 CALLS = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
@@ -213,15 +195,7 @@ def _reply(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from flashmoe.serve.server import FlashMoeServer, RunningServer
-
-    tokenizer = FlashMoeTokenizer(write_deepseek_dir(tmp_path_factory.mktemp("deepseek")))
-    engine = FakeEngine(tokenizer, _reply, max_position_embeddings=2048, eos_token=EOS)
-    app = FlashMoeServer(engine, tokenizer, "fake-deepseek", context=2048)
-    running = RunningServer(app.app).start()
-    yield engine, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-    running.stop()
-    app.close()
+    yield from serve_scripted(write_deepseek_dir(tmp_path_factory.mktemp("deepseek")), _reply, EOS)
 
 
 THINKING = {"chat_template_kwargs": {"thinking": True}}
@@ -254,13 +228,8 @@ def test_server_streams_the_same_reply(served):
     _, client = served
     chunks = list(client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], extra_body=THINKING,
                                                  stream=True))
-    deltas = [c.choices[0].delta for c in chunks]
-    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "The user wants weather."
-    assert "".join(d.content or "" for d in deltas) == "Let me look."
-    calls = [tc for d in deltas for tc in d.tool_calls or []]
-    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-        (0, "get_weather", {"city": "Paris", "days": 2})]
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert streamed_reply(chunks) == ("The user wants weather.", "Let me look.",
+                                      [(0, "get_weather", {"city": "Paris", "days": 2})], "tool_calls")
 
 
 def test_server_forces_a_named_call_with_the_call_tokens(served):

@@ -282,3 +282,10 @@ def test_streamed_deltas_hold_back_partial_tags_only():
     assert parser.feed("\nhm").reasoning == "hm"
     delta = parser.feed("\n</think>\n\nDone")
     assert (delta.reasoning, delta.content) == ("", "Done")
+
+
+def test_whitespace_before_a_think_block_is_layout():
+    """GLM-4.5's replies start with "\\n<think>" (its generation prompt ends at <|assistant|>)."""
+    assert parse_output("\n<think>Plan.</think>\nAnswer.") == ParsedOutput(content="Answer.", reasoning="Plan.")
+    assert parse_output("Before.\n<think>Plan.</think>\nAfter.") == ParsedOutput(content="Before.After.",
+                                                                                reasoning="Plan.")

@@ -36,8 +36,8 @@ Robustness rules:
   `</parameter>` ends a value only when followed by the next `<parameter=...>` or `</function>`.
 - Anything that turns out not to be a well-formed call (bad JSON, no name, prose after `<tool_call>`, output
   cut off inside a call) is returned as content, with the tags, exactly as generated; parsing never raises.
-- Whitespace that templates put around blocks (newlines after `<think>`, before `</think>`, between content
-  and calls) is not content.
+- Whitespace that templates put around blocks (newlines before and after `<think>`, before `</think>`,
+  between content and calls) is not content.
 
 The result depends only on the whole text, never on how it was split into pieces (tests/test_toolcalls.py
 checks this with hypothesis).
@@ -311,8 +311,9 @@ class OutputParser(ReplyParser):
             self._block_open, self._block_parsed = (tag if tag == DS_CALLS_OPEN else ""), False
             self._ws_before_call, self._pending["content"] = self._pending["content"], ""
             return
-        if tag == THINK_OPEN:
+        if tag == THINK_OPEN:  # whitespace before the block is layout (GLM-4.5 replies start "\n<think>")
             self._mode = "reasoning"
+            self._pending["content"] = ""
         else:  # </think>: the reasoning's trailing newlines and the content's leading ones are layout
             self._mode = "content"
             self._pending["reasoning"] = ""
