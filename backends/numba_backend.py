@@ -24,18 +24,28 @@ are exact libm/IEEE.
 Threads: a call of at least ``PARALLEL_MIN_WORK`` multiply-adds runs on numba's pool (one thread per core;
 ``NUMBA_NUM_THREADS`` overrides), a smaller one on the calling thread alone (the same compiled kernel under
 ``numba.set_num_threads(1)``), since a parallel region's start-up outweighs splitting a small call. On a
-machine busy with other work, ``NUMBA_NUM_THREADS=1`` avoids waiting for descheduled workers. Measurements,
-and the variants that lost: docs/benchmarks.md, "numba kernels".
+machine busy with other work, ``NUMBA_NUM_THREADS=1`` avoids waiting for descheduled workers. The pool's idle
+workers sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set on import unless the environment sets
+it): numba's OpenMP layer (GNU libgomp) otherwise spins each worker for milliseconds after every region,
+which took the cores the store's reader threads and the Python thread need between regions (decode at 16
+threads on 16 cores: 38 tok/s spinning, 70 passive; docs/benchmarks.md, "Every core"). Measurements, and
+the variants that lost: docs/benchmarks.md, "numba kernels".
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+
+# Read by the OpenMP runtime when it loads (numba's first parallel call), so set before anything of numba
+# runs; a value the user exported wins (module docstring: why passive).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 try:
     import numba
