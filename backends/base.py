@@ -233,6 +233,12 @@ class Backend(ABC):
         W: float ``[out, in]``, QuantizedTensor (dequantised on the fly: ``scales * q + biases``) or a
         prepared handle."""
 
+    def linears(self, x: Any, ws: list) -> list:
+        """``[linear(x, w) for w in ws]``: several weights applied to one input (q/k/v, gate/up), which a
+        backend may compute in one pass (one parallel region on the CPU). x ``[T, in]`` float32; each weight
+        as :meth:`linear` takes it; returns one ``[T, out_w]`` array per weight."""
+        return [self.linear(x, w) for w in ws]
+
     @abstractmethod
     def embed(self, ids: np.ndarray, w: Any) -> Any:
         """Rows ``ids`` (int ``[T]``) of an embedding ``[vocab, hidden]`` (float or quantised) -> ``[T, hidden]``."""

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 # Read by the OpenMP runtime when it loads (numba's first parallel call), so set before anything of numba
@@ -69,6 +70,8 @@ from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOC
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.reference.q8 import ACTIVATIONS, Q8_MAX_TOKENS
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # Up to this many tokens, unpacking the codes once per token (mat-vec) beats dequantising rows once into a
 # tile and then taking float dot products (mat-mat); measured crossover 2-4 tokens (docs/benchmarks.md).
@@ -403,7 +406,7 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 
 def _scales_for_kernels(a: np.ndarray) -> np.ndarray:
-    if a.dtype.name == "bfloat16":
+    if a.dtype == _BF16:  # comparing dtypes: dtype.name builds a string each call (per expert, per token)
         return _readonly(np.ascontiguousarray(a).view(np.uint16))
     return _readonly(np.ascontiguousarray(a, dtype=np.float32))
 
@@ -456,7 +459,7 @@ class NumbaBackend(Backend):
         if x.shape[1] != p.in_features:
             raise BackendError(f"linear: input has {x.shape[1]} features, weight expects {p.in_features}")
         if self.activations == "q8" and x.shape[0] <= Q8_MAX_TOKENS:
-            return numba_q8.linear(x, p, _call)
+            return numba_q8.linears(x, [p], _addresses, _call)[0]
         xp, xsum = permute_input(x, p.bits, p.group_size)
         out = np.empty((x.shape[0], p.out_features), np.float32)
         work = x.shape[0] * p.out_features * p.in_features
@@ -465,6 +468,17 @@ class NumbaBackend(Backend):
         else:
             _call(p.kernels.qmatmat, work, p.words, p.scales, p.biases, xp, out)
         return out
+
+    def linears(self, x: Any, ws: list) -> list[np.ndarray]:
+        """One parallel region for all of ``ws`` when q8 decode applies to weights of one format (bits, group
+        size, in_features, scale dtype: q/k/v, gate/up); otherwise one linear each."""
+        x = _f32(x)
+        ps = [w if isinstance(w, KernelWeight) else None for w in ws]
+        formats = {(p.bits, p.group_size, p.in_features, p.bf16) if p is not None else None for p in ps}
+        if (self.activations != "q8" or x.shape[0] > Q8_MAX_TOKENS or len(formats) != 1 or None in formats
+                or x.shape[1] != ps[0].in_features):
+            return super().linears(x, ws)
+        return numba_q8.linears(x, ps, _addresses, _call)
 
     def embed(self, ids: np.ndarray, w: Any) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -551,8 +565,10 @@ class NumbaBackend(Backend):
 def _addresses(ws: list[KernelWeight]) -> np.ndarray:
     """int64 [k, 3]: addresses of each weight's words, scales and biases. The fused kernels take addresses
     rather than a tuple of k arrays because numba compiles one specialisation per tuple length (and a
-    k-way branch per access); the caller keeps the arrays alive for the call."""
-    return np.array([[w.words.ctypes.data, w.scales.ctypes.data, w.biases.ctypes.data] for w in ws], np.int64)
+    k-way branch per access); the caller keeps the arrays alive for the call. Read from
+    ``__array_interface__``, several times cheaper than ``ndarray.ctypes`` (72 addresses per MoE layer)."""
+    return np.array([[a.__array_interface__["data"][0] for a in (w.words, w.scales, w.biases)] for w in ws],
+                    np.int64)
 
 
 def _fusable(packed: list[dict]) -> bool:

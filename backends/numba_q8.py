@@ -18,8 +18,12 @@ converted to float and accumulated with ``c_b`` by one FMA, and the 8 lanes are 
 (llama.cpp's Q4_0 x Q8_0 scheme). For that kernel the int8 inputs are stored in *paired* order: in each run
 of 64, the 32 even positions then the 32 odd ones, matching the low/high nibbles of 32 consecutive code
 bytes (code 2i is byte i's low nibble, code 2i+1 its high one; MLX packs least significant bits first).
-Every other width, and every CPU without AVX2, runs the portable loop (natural order), which unpacks each
-code with numba_packed's ``code``; the results are the same up to float32 rounding.
+8-bit weights (routers, and the 8-bit format) take the same kernel with one 32-value block per 32 bytes of
+codes, inputs in natural order: ``vpdpbusd`` multiplies the unsigned code bytes with the int8 inputs
+directly; on AVX2 each code is split into its nibbles (16 * high + low) because ``vpmaddubsw`` on whole
+bytes could saturate its int16 lanes. Every other width, and every CPU without AVX2, runs the portable
+loop (natural order), which unpacks each code with numba_packed's ``code``; the results are the same up to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def int8_instructions() -> str | None:
 
 
 INT8_INSTRUCTIONS = int8_instructions()
+#: Whether 8-bit codes take the x86 row kernel (natural input order: code i is byte i of the row).
+X86_BYTES = INT8_INSTRUCTIONS is not None
 
 
 def paired_layout(bits: int, in_features: int, group_size: int) -> bool:
@@ -75,24 +81,44 @@ if numba is not None:
     def _lanes(*idx):
         return llvm_ir.Constant(llvm_ir.VectorType(_i32, len(idx)), list(idx))
 
-    def _pair_dot(builder, w, xl, xh):
-        """<8 x i32>: lanes 0-3 sum block 0's code·x products, lanes 4-7 block 1's (32 code bytes w)."""
-        lo = builder.and_(w, llvm_ir.Constant(_v32i8, [15] * 32))
-        hi = builder.lshr(w, llvm_ir.Constant(_v32i8, [4] * 32))
-        mod = builder.module
-        if INT8_INSTRUCTIONS == "avx512-vnni":
-            fn = cgutils.get_or_insert_function(mod, llvm_ir.FunctionType(_v8i32, [_v8i32] * 3),
-                                                "llvm.x86.avx512.vpdpbusd.256")
-            s = builder.call(fn, [llvm_ir.Constant(_v8i32, [0] * 8), builder.bitcast(lo, _v8i32),
-                                  builder.bitcast(xl, _v8i32)])
-            return builder.call(fn, [s, builder.bitcast(hi, _v8i32), builder.bitcast(xh, _v8i32)])
-        ubsw = cgutils.get_or_insert_function(mod, llvm_ir.FunctionType(_v16i16, [_v32i8] * 2),
-                                              "llvm.x86.avx2.pmadd.ub.sw")
-        wd = cgutils.get_or_insert_function(mod, llvm_ir.FunctionType(_v8i32, [_v16i16] * 2),
+    def _vnni(builder, acc, u8, s8):
+        """acc + vpdpbusd(u8, s8): each int32 lane adds its 4 adjacent unsigned-by-signed byte products."""
+        fn = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v8i32, [_v8i32] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [acc, builder.bitcast(u8, _v8i32), builder.bitcast(s8, _v8i32)])
+
+    def _maddubs(builder, u8, s8):
+        """vpmaddubsw: <16 x i16>, each lane the sum of 2 adjacent unsigned-by-signed byte products."""
+        fn = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v16i16, [_v32i8] * 2),
+                                            "llvm.x86.avx2.pmadd.ub.sw")
+        return builder.call(fn, [u8, s8])
+
+    def _maddwd(builder, a, factor):
+        """vpmaddwd with a constant: <8 x i32>, each lane factor * (the sum of 2 adjacent int16 lanes)."""
+        fn = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v8i32, [_v16i16] * 2),
                                             "llvm.x86.avx2.pmadd.wd")
+        return builder.call(fn, [a, llvm_ir.Constant(_v16i16, [factor] * 16)])
+
+    def _nibbles(builder, w):
+        return (builder.and_(w, llvm_ir.Constant(_v32i8, [15] * 32)),
+                builder.lshr(w, llvm_ir.Constant(_v32i8, [4] * 32)))
+
+    def _pair_dot(builder, w, xl, xh):
+        """<8 x i32>: lanes 0-3 sum block 0's code·x products, lanes 4-7 block 1's (32 bytes w of 4-bit
+        codes; xl, xh the int8 inputs of the low and high nibbles)."""
+        lo, hi = _nibbles(builder, w)
+        if INT8_INSTRUCTIONS == "avx512-vnni":
+            return _vnni(builder, _vnni(builder, llvm_ir.Constant(_v8i32, [0] * 8), lo, xl), hi, xh)
         # Each int16 lane is at most 2 * 15 * 127 per call, so neither the add nor vpmaddubsw saturates.
-        t = builder.add(builder.call(ubsw, [lo, xl]), builder.call(ubsw, [hi, xh]))
-        return builder.call(wd, [t, llvm_ir.Constant(_v16i16, [1] * 16)])
+        return _maddwd(builder, builder.add(_maddubs(builder, lo, xl), _maddubs(builder, hi, xh)), 1)
+
+    def _byte_dot(builder, w, x):
+        """<8 x i32> summing to the block's code·x (32 bytes w of 8-bit codes, 32 int8 inputs x)."""
+        if INT8_INSTRUCTIONS == "avx512-vnni":
+            return _vnni(builder, llvm_ir.Constant(_v8i32, [0] * 8), w, x)
+        # vpmaddubsw on whole bytes would saturate (2 * 255 * 127 > 32767): code = 16 * high + low nibble.
+        lo, hi = _nibbles(builder, w)
+        return builder.add(_maddwd(builder, _maddubs(builder, hi, x), 16), _maddwd(builder, _maddubs(builder, lo, x), 1))
 
     def _load_scale(builder, pointer, index, bf16):
         """One weight scale as a float: bf16 bits (uint16) widened to the high half of a float32, or float32."""
@@ -150,6 +176,37 @@ if numba is not None:
                                 builder.extract_element(v2, llvm_ir.Constant(_i32, 1)))
 
         return sig, codegen
+
+    @intrinsic
+    def _q8w_row_dot(typingctx, words, xq, cb):
+        """sum_b cb[b] * (codes_b . xq_b) for one row of 8-bit codes (uint32 words [in / 4]), xq int8 [in]
+        in natural order, cb float32 [in / 32] the blocks' d_b * scale_g; returns float32. Each block's
+        integer dot is exact; the blocks are accumulated in order by scalar FMAs, as the portable loop
+        does, so both give the same float32 bits (and the recorded q8 greedy output stays as it is)."""
+        sig = types.float32(words, xq, cb)
+
+        def codegen(context, builder, signature, args):
+            wa, xa, ca = (context.make_array(t)(context, builder, value=v) for t, v in zip(signature.args, args))
+            wp = builder.bitcast(wa.data, _v32i8.as_pointer())
+            xp = builder.bitcast(xa.data, _v32i8.as_pointer())
+            fma = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_f32, [_f32] * 3),
+                                                 "llvm.fma.f32")
+            acc = cgutils.alloca_once_value(builder, llvm_ir.Constant(_f32, 0.0))
+            with cgutils.for_range(builder, cgutils.unpack_tuple(builder, ca.shape)[0]) as loop:
+                b = loop.index
+                v = _byte_dot(builder, builder.load(builder.gep(wp, [b]), align=1),
+                              builder.load(builder.gep(xp, [b]), align=1))
+                v4 = builder.add(builder.shuffle_vector(v, v, _lanes(0, 1, 2, 3)),
+                                 builder.shuffle_vector(v, v, _lanes(4, 5, 6, 7)))
+                v2 = builder.add(builder.shuffle_vector(v4, v4, _lanes(0, 1)), builder.shuffle_vector(v4, v4, _lanes(2, 3)))
+                dot = builder.add(builder.extract_element(v2, llvm_ir.Constant(_i32, 0)),
+                                  builder.extract_element(v2, llvm_ir.Constant(_i32, 1)))
+                c = builder.load(builder.gep(ca.data, [b]))
+                builder.store(builder.call(fma, [c, builder.sitofp(dot, _f32), builder.load(acc)]), acc)
+            return builder.load(acc)
+
+        return sig, codegen
+
 
     @njit(inline="always")
     def _q8_code(v, inv):
@@ -210,7 +267,8 @@ if numba is not None:
         return acc
 
     def _expert(addresses, e, rows, n_words, n_groups, bf16):
-        """The e-th expert's (words, scales, biases) from an address table; bf16 a compile-time constant."""
+        """The e-th (words, scales, biases) of an address table (an expert's projection, or one of several
+        matrices of one input); bf16 a compile-time constant."""
         raise NotImplementedError("only callable from numba-compiled code")
 
     @overload(_expert, inline="always")
@@ -245,7 +303,10 @@ if numba is not None:
 
     @njit(fastmath=FASTMATH, inline="always")
     def _row(wrow, srow, brow, xq, d, xsum, cb, bits, paired):
-        """One output row: the integer block dots scaled by d_b * scale_g, plus the bias term."""
+        """One output row: the integer block dots scaled by d_b * scale_g, plus the bias term. The x86 row
+        kernels take 4-bit codes in paired order and 8-bit ones in blocks of 32 (the portable loop's scales
+        and order of sums); ``bits``, ``paired`` and X86_BYTES are compile-time constants, so only the
+        branch that applies is kept."""
         if paired:
             bias = np.float32(0.0)
             for g in range(brow.shape[0]):
@@ -255,6 +316,8 @@ if numba is not None:
                 shift += 1
             return _q4_row_dot(wrow, xq, d, srow, shift) + bias
         bias = _row_scales(srow, brow, d, xsum, cb)
+        if X86_BYTES and bits == 8 and xq.shape[0] == 32 * cb.shape[0]:
+            return _q8w_row_dot(wrow, xq, cb) + bias
         return _plain_row_dot(wrow, xq, cb, bits) + bias
 
     @functools.lru_cache(maxsize=None)
@@ -263,14 +326,27 @@ if numba is not None:
         constants, so numba keeps only the row kernel that applies (paired: the x86 4-bit one)."""
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
-        def matvec(words, scales, biases, xq, d, xsum, out):
-            """out[t, o] = W[o] . x[t] for a few tokens (decode), x given quantised (quantize_q8)."""
-            n_rows = words.shape[0]
-            for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+        def matvecs(addr, first_row, xq, d, xsum, out):
+            """out[t, first_row[m] + o] = W_m[o] . x[t] for a few tokens (decode) and each matrix m of the
+            address table addr int64 [m, 3] (words, scales, biases; one in_features), x given quantised
+            (quantize_q8); first_row int64 [m + 1]: where each matrix's rows start in out, then the total.
+            One parallel region for all the matrices, chunks of ROW_BLOCK rows within one matrix."""
+            m = addr.shape[0]
+            n_words = xq.shape[1] * bits // 32
+            first_chunk = np.zeros(m + 1, np.int64)
+            for i in range(m):
+                first_chunk[i + 1] = first_chunk[i] + (first_row[i + 1] - first_row[i] + ROW_BLOCK - 1) // ROW_BLOCK
+            for c in prange(first_chunk[m]):
+                i = 0
+                while first_chunk[i + 1] <= c:
+                    i += 1
+                rows = first_row[i + 1] - first_row[i]
+                w, s, b = _expert(addr, i, rows, n_words, xsum.shape[1], bf16)
                 cb = np.empty(d.shape[1], np.float32)
-                for o in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
+                r0 = (c - first_chunk[i]) * ROW_BLOCK
+                for o in range(r0, min(rows, r0 + ROW_BLOCK)):
                     for t in range(xq.shape[0]):
-                        out[t, o] = _row(words[o], scales[o], biases[o], xq[t], d[t], xsum[t], cb, bits, paired)
+                        out[t, first_row[i] + o] = _row(w[o], s[o], b[o], xq[t], d[t], xsum[t], cb, bits, paired)
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def experts_gate_up(g_addr, u_addr, xq, d, xsum, h):
@@ -312,7 +388,7 @@ if numba is not None:
                         acc[o - o0] += weights[e] * _row(w[o], s[o], b[o], hq[e], hd[e], hsum[e], cb, bits, paired)
                 out[o0:o1] = acc[: o1 - o0]
 
-        return SimpleNamespace(matvec=matvec, experts_gate_up=experts_gate_up, experts_down=experts_down)
+        return SimpleNamespace(matvecs=matvecs, experts_gate_up=experts_gate_up, experts_down=experts_down)
 
 
 def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
@@ -328,14 +404,19 @@ def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
     return xq, d, xsum, paired
 
 
-def linear(x: np.ndarray, w, call) -> np.ndarray:
-    """x float32 [T, in] · W^T with q8 activations for a KernelWeight ``w`` (numba_backend); ``call`` runs a
-    kernel with its work count (numba_backend._call: one thread below the parallel threshold)."""
+def linears(x: np.ndarray, ws: list, addresses, call) -> list[np.ndarray]:
+    """[x · W_m^T for each m]: x float32 [T, in] (T ≤ Q8_MAX_TOKENS) with q8 activations and KernelWeights
+    ``ws`` (numba_backend) of one bits, group size, in_features and scale dtype, all in one parallel
+    region; each output float32 [T, out_m] (a column slice of one array). ``addresses`` builds their int64
+    [m, 3] address table (numba_backend._addresses); ``call`` runs a kernel with its work count
+    (numba_backend._call: one thread below the parallel threshold)."""
+    w = ws[0]
     xq, d, xsum, paired = quantize(x, w.bits, w.group_size)
-    out = np.empty((x.shape[0], w.out_features), np.float32)
-    call(q8_kernels(w.bits, w.bf16, paired).matvec, x.shape[0] * w.out_features * w.in_features,
-         w.words, w.scales, w.biases, xq, d, xsum, out)
-    return out
+    first_row = np.cumsum([0] + [v.out_features for v in ws], dtype=np.int64)
+    out = np.empty((x.shape[0], int(first_row[-1])), np.float32)
+    call(q8_kernels(w.bits, w.bf16, paired).matvecs, x.shape[0] * int(first_row[-1]) * w.in_features,
+         addresses(ws), first_row, xq, d, xsum, out)
+    return [out[:, a:b] for a, b in zip(first_row[:-1], first_row[1:])]
 
 
 def experts_ffn(x: np.ndarray, gate: list, up: list, down: list, addresses, weights: np.ndarray, call) -> np.ndarray:

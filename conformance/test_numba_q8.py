@@ -46,7 +46,21 @@ def test_q8_linear_matches_the_q8_reference(bits, group_size, sdtype, inp, token
     rng = np.random.default_rng(bits + inp)
     qt = make_weight(rng, 72, inp, bits, group_size, sdtype)
     x = rng.standard_normal((tokens, inp)).astype(np.float32)
-    assert _rel(q8.linear(x, _as_weight(qt, "w"), _call), ref.linear_q8(x, qt)) <= Q8_KERNEL_TOLERANCE
+    got, = q8.linears(x, [_as_weight(qt, "w")], _addresses, _call)
+    assert _rel(got, ref.linear_q8(x, qt)) <= Q8_KERNEL_TOLERANCE
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_q8_linears_of_one_input_match_the_q8_reference_each(tokens):
+    """q/k/v-like: three matrices of one input and different row counts (not multiples of the row chunk)
+    in one parallel region, each output equal to its own q8 linear."""
+    rng = np.random.default_rng(5)
+    qts = [make_weight(rng, rows, 256, 4, 64, "bfloat16") for rows in (72, 24, 40)]
+    x = rng.standard_normal((tokens, 256)).astype(np.float32)
+    got = q8.linears(x, [_as_weight(qt, "w") for qt in qts], _addresses, _call)
+    for g, qt in zip(got, qts):
+        assert g.shape == (tokens, qt.weight.shape[0])
+        assert _rel(g, ref.linear_q8(x, qt)) <= Q8_KERNEL_TOLERANCE
 
 
 @pytest.mark.parametrize("bits,group_size,sdtype", [(4, 32, "bfloat16"), (3, 64, "float16")])
@@ -62,16 +76,18 @@ def test_q8_experts_match_the_q8_reference_weighted_sum(bits, group_size, sdtype
     assert _rel(got, want) <= Q8_KERNEL_TOLERANCE
 
 
-def test_the_x86_row_kernel_uses_the_integer_multiply_add_instructions():
-    """The paired (x86 4-bit) mat-vec compiles to vpdpbusd (AVX-512 VNNI) or vpmaddubsw + vpmaddwd (AVX2).
-    numba shows no assembly for a kernel loaded from its disk cache, so the test compiles a fresh copy."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_x86_row_kernels_use_the_integer_multiply_add_instructions(bits):
+    """The x86 mat-vecs (4-bit paired, 8-bit natural order) compile to vpdpbusd (AVX-512 VNNI) or
+    vpmaddubsw + vpmaddwd (AVX2). numba shows no assembly for a kernel loaded from its disk cache, so the
+    test compiles a fresh copy."""
     if q8.INT8_INSTRUCTIONS is None:
         pytest.skip("this CPU has no AVX2: the portable loop runs")
     rng = np.random.default_rng(0)
-    w = _as_weight(make_weight(rng, 64, 256, 4, 64, "bfloat16"), "w")
-    xq, d, xsum, paired = q8.quantize(rng.standard_normal((1, 256)).astype(np.float32), 4, 64)
-    fresh = q8.numba.njit(q8.q8_kernels(4, True, True).matvec.py_func)
-    fresh(w.words, w.scales, w.biases, xq, d, xsum, np.empty((1, 64), np.float32))
+    w = _as_weight(make_weight(rng, 64, 256, bits, 64, "bfloat16"), "w")
+    xq, d, xsum, paired = q8.quantize(rng.standard_normal((1, 256)).astype(np.float32), bits, 64)
+    fresh = q8.numba.njit(q8.q8_kernels(bits, True, paired).matvecs.py_func)
+    fresh(_addresses([w]), np.array([0, 64]), xq, d, xsum, np.empty((1, 64), np.float32))
     asm = fresh.inspect_asm(fresh.signatures[0])
     want = ["vpdpbusd"] if q8.INT8_INSTRUCTIONS == "avx512-vnni" else ["vpmaddubsw", "vpmaddwd"]
-    assert paired and all(ins in asm for ins in want), want
+    assert paired == (bits == 4) and all(ins in asm for ins in want), want

@@ -248,9 +248,14 @@ class Engine:
 
     def _linear(self, x, name: str):
         """x @ W.T (+ bias when the checkpoint has one) for the resident linear `name` (without '.weight')."""
-        y = self.backend.linear(x, self._w[name + ".weight"])
-        bias = self._w.get(name + ".bias")
-        return y if bias is None else self.backend.add(y, bias)
+        return self._linears(x, [name])[0]
+
+    def _linears(self, x, names: list[str]) -> list:
+        """[_linear(x, name) for each name]: resident linears of one input (q/k/v, gate/up) in one backend
+        call, which the CPU backends run as one parallel region."""
+        ys = self.backend.linears(x, [self._w[name + ".weight"] for name in names])
+        biases = [self._w.get(name + ".bias") for name in names]
+        return [y if bias is None else self.backend.add(y, bias) for y, bias in zip(ys, biases)]
 
     def _attention(self, i: int, x, positions: np.ndarray, cache: KVCacheBuffer):
         """Grouped-query attention with RoPE, optional q/k RMSNorm and optional sigmoid output gate.
@@ -261,13 +266,11 @@ class Engine:
         be, cfg = self.backend, self.cfg
         T, H, Hkv, D = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         a = f"layers.{i}.self_attn."
-        q = self._linear(x, a + "q_proj")
+        q, k, v = self._linears(x, [a + "q_proj", a + "k_proj", a + "v_proj"])
         gate = None
         if cfg.has_attention_output_gate:
             q, gate = be.split(be.reshape(q, (T, H, 2 * D)), (D, D))  # per head: [query | gate]
             gate = be.reshape(gate, (T, H * D))
-        k = self._linear(x, a + "k_proj")
-        v = self._linear(x, a + "v_proj")
         if cfg.qk_norm == "full":
             q = be.rms_norm(be.reshape(q, (T, H * D)), self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
             k = be.rms_norm(k, self._w[a + "k_norm.weight"], cfg.rms_norm_eps)
@@ -312,10 +315,9 @@ class Engine:
         Hk, Hv, Dk, Dv = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                           cfg.linear_value_head_dim)
         a = p + "linear_attn."
-        qkv = self._linear(x, a + "in_proj_qkv")  # (T, 2·Hk·Dk + Hv·Dv)
-        z = be.reshape(self._linear(x, a + "in_proj_z"), (T, Hv, Dv))
-        b = self._linear(x, a + "in_proj_b")  # (T, Hv)
-        alpha = self._linear(x, a + "in_proj_a")  # (T, Hv)
+        # (T, 2·Hk·Dk + Hv·Dv), (T, Hv·Dv), (T, Hv), (T, Hv)
+        qkv, z, b, alpha = self._linears(x, [a + "in_proj_qkv", a + "in_proj_z", a + "in_proj_b", a + "in_proj_a"])
+        z = be.reshape(z, (T, Hv, Dv))
         qkv, st.conv = be.causal_conv1d(qkv, st.conv, self._w[a + "conv1d.weight"])
         q, k, v = be.split(qkv, (Hk * Dk, Hk * Dk, Hv * Dv))
         q, k, v = be.reshape(q, (T, Hk, Dk)), be.reshape(k, (T, Hk, Dk)), be.reshape(v, (T, Hv, Dv))
@@ -331,8 +333,8 @@ class Engine:
     def _mlp(self, p: str, x):
         """Dense SwiGLU MLP (also the shared expert): down(silu(gate x) * up x)."""
         be = self.backend
-        gate = be.silu(self._linear(x, p + "gate_proj"))
-        return self._linear(be.multiply(gate, self._linear(x, p + "up_proj")), p + "down_proj")
+        gate, up = self._linears(x, [p + "gate_proj", p + "up_proj"])
+        return self._linear(be.multiply(be.silu(gate), up), p + "down_proj")
 
     def _shared_expert(self, p: str, x):
         """The shared expert scaled by its sigmoid gate, or None when the model has none."""
