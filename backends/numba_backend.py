@@ -407,19 +407,24 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 def _scales_for_kernels(a: np.ndarray) -> np.ndarray:
     if a.dtype == _BF16:  # comparing dtypes: dtype.name builds a string each call (per expert, per token)
-        return _readonly(np.ascontiguousarray(a).view(np.uint16))
-    return _readonly(np.ascontiguousarray(a, dtype=np.float32))
+        return np.ascontiguousarray(a).view(np.uint16)
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _as_weight(w: Any, name: str) -> KernelWeight | np.ndarray:
-    """A float32 [out, in] array, or a KernelWeight for any quantised form (QuantizedTensor, PackedWeight)."""
+def _as_weight(w: Any, name: str, readonly: bool = True) -> KernelWeight | np.ndarray:
+    """A float32 [out, in] array, or a KernelWeight for any quantised form (QuantizedTensor, PackedWeight).
+    readonly=False leaves the arrays as they are, for kernels that take addresses (the fused experts), where
+    making three read-only views per weight would be most of the cost of this call."""
     if isinstance(w, KernelWeight):
         return w
     if isinstance(w, (QuantizedTensor, PackedWeight)):
         check_quantized(w, name)
         words = w.words if isinstance(w, PackedWeight) else w.weight
-        return KernelWeight(_readonly(np.ascontiguousarray(words, dtype=np.uint32)), _scales_for_kernels(w.scales),
-                            _scales_for_kernels(w.biases), int(w.bits), int(w.group_size))
+        arrays = (np.ascontiguousarray(words, dtype=np.uint32), _scales_for_kernels(w.scales),
+                  _scales_for_kernels(w.biases))
+        if readonly:
+            arrays = tuple(_readonly(a) for a in arrays)
+        return KernelWeight(*arrays, int(w.bits), int(w.group_size))
     if isinstance(w, np.ndarray):
         return _f32(w)
     raise BackendError(f"{name}: expected a float array or QuantizedTensor, got {type(w).__name__}")
@@ -543,10 +548,8 @@ class NumbaBackend(Backend):
         weights = _f32(weights)
         if act is not None or any(isinstance(e[p], Mxfp4Tensor) for e in experts for p in EXPERT_PROJS):
             return super().experts_ffn(x[0], experts, weights, keys, act)  # expert by expert (gpt-oss)
-        packed = [
-            {name: _as_weight(e[name], f"expert {i} {name}") for name in EXPERT_PROJS}
-            for i, e in enumerate(experts)
-        ]
+        packed = [{name: _as_weight(e[name], f"expert {i} {name}", readonly=False) for name in EXPERT_PROJS}
+                  for i, e in enumerate(experts)]
         if not _fusable(packed):
             return super().experts_ffn(x[0], experts, weights)
         g, u, d = ([e[name] for e in packed] for name in EXPERT_PROJS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -114,7 +115,8 @@ class ExpertComponent:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+        # math.prod of Python ints, not np.prod: read for every component of every expert view, each token
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "offset": self.offset, "dtype": self.dtype, "shape": list(self.shape)}
