@@ -365,8 +365,11 @@ def _call(kernel: Any, work: int, *args: Any) -> None:
     """kernel(*args) on numba's pool, or on the calling thread alone when ``work`` (multiply-adds, or
     comparable inner-loop steps) is below PARALLEL_MIN_WORK. numba's thread count is per calling thread,
     so a server's worker thread changing it affects no other thread."""
+    if work >= PARALLEL_MIN_WORK:  # first: numba.get_num_threads takes a lock (microseconds per call)
+        kernel(*args)
+        return
     threads = numba.get_num_threads()
-    if threads == 1 or work >= PARALLEL_MIN_WORK:
+    if threads == 1:
         kernel(*args)
         return
     numba.set_num_threads(1)
