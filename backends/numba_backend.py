@@ -28,8 +28,10 @@ machine busy with other work, ``NUMBA_NUM_THREADS=1`` avoids waiting for desched
 workers sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set on import unless the environment sets
 it): numba's OpenMP layer (GNU libgomp) otherwise spins each worker for milliseconds after every region,
 which took the cores the store's reader threads and the Python thread need between regions (decode at 16
-threads on 16 cores: 38 tok/s spinning, 70 passive; docs/benchmarks.md, "Every core"). Measurements, and
-the variants that lost: docs/benchmarks.md, "numba kernels".
+threads on 16 cores: 38 tok/s spinning, 70 passive; docs/benchmarks.md, "Every core"). A decode layer has
+few regions: one for the matrices of one input (``linears``: q/k/v, gate/up), one for the attention output,
+one for all k experts' gate/up and one for their down projections and weighted sum. Measurements, and the
+variants that lost: docs/benchmarks.md, "numba kernels".
 """
 
 from __future__ import annotations
