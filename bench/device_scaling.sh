@@ -1,0 +1,47 @@
+#!/bin/bash
+# Issue 14's before/after scaling table on a bare many-core machine (docs/benchmarks.md, "Every core"):
+# builds llama.cpp from a trimmed source tarball, writes a 12-layer Qwen3-30B-A3B-shaped model and its GGUF,
+# then bench/scaling_run.py runs warm decode at 16, 1, 8, 4 and 2 threads: each flashmoe checkout and llama.cpp.
+#   OUT=/tmp/out bash bench/device_scaling.sh LLAMA_SRC.tar.xz WHEEL_DIR BEFORE_TREE TOKENIZER_DIR
+# Run from the repository root (the "after" checkout, not pip-installed). LLAMA_SRC.tar.xz: llama.cpp's
+# CMakeLists.txt, cmake/, include/, src/ and ggml/ (without its GPU back ends) from the llama-cpp-python
+# sdist (bench/llama_cpp.py names the version); WHEEL_DIR: wheels the machine lacks (typer, rich, ml_dtypes,
+# gguf), installed offline; BEFORE_TREE: the checkout to compare against (its Python sources suffice);
+# TOKENIZER_DIR: Qwen3's tokenizer.json.xz, tokenizer_config.json and generation_config.json (the GGUF's vocabulary).
+set -u
+SRC=$(realpath "$1"); WHEELS=$(realpath "$2"); BEFORE=$(realpath "$3"); TOK=$(realpath "$4"); AFTER=$PWD
+for tree in "$AFTER" "$BEFORE"; do  # the package layout, without pip install -e
+  for d in backends reference conformance bench shaders; do ln -sfn ../$d "$tree/flashmoe/$d"; done
+done
+python3 -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl
+export PYTHONPATH=$AFTER:/tmp/site PYTHONUNBUFFERED=1
+lscpu | grep -E "Model name|^CPU\(s\)"
+( mkdir -p /tmp/ll && cd /tmp/ll && tar xJf "$SRC" &&
+  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF \
+    -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF && ninja -C build -j12 llama &&
+  g++ -O2 -std=c++17 "$AFTER/bench/llama_run.cpp" -I include -I ggml/include build/src/libllama.a \
+    build/ggml/src/libggml.a build/ggml/src/libggml-cpu.a build/ggml/src/libggml-base.a -fopenmp -lpthread \
+    -ldl -o /tmp/ll/runner ) > "$OUT/llama_build.log" 2>&1 &
+BUILD=$!
+python3 -c "
+from flashmoe.arch.presets import get_preset
+from flashmoe.convert.synth import synth_model
+synth_model('/tmp/q30', get_preset('qwen3-30b-a3b').config_dict(12), tokenizer=None)" || exit 4
+xz -dc "$TOK/tokenizer.json.xz" > /tmp/q30/tokenizer.json && cp "$TOK"/*_config.json /tmp/q30/
+python3 -c "from flashmoe.bench.gguf_export import export_gguf; export_gguf('/tmp/q30', '/tmp/q30.gguf')" \
+  > "$OUT/gguf.log" 2>&1 &
+GGUF=$!
+for tree in "$AFTER" "$BEFORE"; do  # numba's compilation and the conformance gate, once per checkout
+  (cd "$tree" && PYTHONPATH=$tree:/tmp/site NUMBA_NUM_THREADS=16 python3 -m flashmoe.bench.decode_run \
+    --model /tmp/q30 --prompt-tokens 2 --tokens 1 --passes warm --json "/tmp/gate-$$-$RANDOM.json" \
+    > /dev/null 2>> "$OUT/gate.log") &
+done
+wait
+ls -la /tmp/ll/runner /tmp/q30.gguf || { tail -20 "$OUT/llama_build.log"; exit 5; }
+python3 -c "
+import time, numpy as np
+a = np.ones(1 << 28, np.float32); a.sum(); t = time.perf_counter(); a.sum(); dt = time.perf_counter() - t
+print(f'memory read, one thread (numpy sum of 1 GiB): {a.nbytes / dt / 1e9:.1f} GB/s')"
+python3 -m flashmoe.bench.scaling_run --model /tmp/q30 --gguf /tmp/q30.gguf --runner /tmp/ll/runner \
+  --tree "before=$BEFORE" --tree "after=$AFTER" --prompt-tokens 4 --tokens 8 --json "$OUT/scaling.json"
