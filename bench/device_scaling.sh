@@ -8,6 +8,7 @@
 # sdist (bench/llama_cpp.py names the version); WHEEL_DIR: wheels the machine lacks (typer, rich, ml_dtypes,
 # gguf), installed offline; BEFORE_TREE: the checkout to compare against (its Python sources suffice);
 # TOKENIZER_DIR: Qwen3's tokenizer.json.xz, tokenizer_config.json and generation_config.json (the GGUF's vocabulary).
+# LLAMA=0 in the environment leaves llama.cpp out (no build, no GGUF, the checkouts alone: a short run).
 set -u
 SRC=$(realpath "$1"); WHEELS=$(realpath "$2"); BEFORE=$(realpath "$3"); TOK=$(realpath "$4"); AFTER=$PWD
 for tree in "$AFTER" "$BEFORE"; do  # the package layout, without pip install -e
@@ -16,7 +17,7 @@ done
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl
 export PYTHONPATH=$AFTER:/tmp/site PYTHONUNBUFFERED=1
 lscpu | grep -E "Model name|^CPU\(s\)"
-( mkdir -p /tmp/ll && cd /tmp/ll && tar xJf "$SRC" &&
+[ "${LLAMA:-1}" = 0 ] || ( mkdir -p /tmp/ll && cd /tmp/ll && tar xJf "$SRC" &&
   cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF \
     -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF && ninja -C build -j12 llama &&
@@ -29,7 +30,7 @@ from flashmoe.arch.presets import get_preset
 from flashmoe.convert.synth import synth_model
 synth_model('/tmp/q30', get_preset('qwen3-30b-a3b').config_dict(12), tokenizer=None)" || exit 4
 xz -dc "$TOK/tokenizer.json.xz" > /tmp/q30/tokenizer.json && cp "$TOK"/*_config.json /tmp/q30/
-python3 -c "from flashmoe.bench.gguf_export import export_gguf; export_gguf('/tmp/q30', '/tmp/q30.gguf')" \
+[ "${LLAMA:-1}" = 0 ] || python3 -c "from flashmoe.bench.gguf_export import export_gguf; export_gguf('/tmp/q30', '/tmp/q30.gguf')" \
   > "$OUT/gguf.log" 2>&1 &
 GGUF=$!
 for tree in "$AFTER" "$BEFORE"; do  # numba's compilation and the conformance gate, once per checkout
@@ -38,10 +39,14 @@ for tree in "$AFTER" "$BEFORE"; do  # numba's compilation and the conformance ga
     > /dev/null 2>> "$OUT/gate.log") &
 done
 wait
-ls -la /tmp/ll/runner /tmp/q30.gguf || { tail -20 "$OUT/llama_build.log"; exit 5; }
+PEER=()
+if [ "${LLAMA:-1}" != 0 ]; then
+  ls -la /tmp/ll/runner /tmp/q30.gguf || { tail -20 "$OUT/llama_build.log"; exit 5; }
+  PEER=(--gguf /tmp/q30.gguf --runner /tmp/ll/runner)
+fi
 python3 -c "
 import time, numpy as np
 a = np.ones(1 << 28, np.float32); a.sum(); t = time.perf_counter(); a.sum(); dt = time.perf_counter() - t
 print(f'memory read, one thread (numpy sum of 1 GiB): {a.nbytes / dt / 1e9:.1f} GB/s')"
-python3 -m flashmoe.bench.scaling_run --model /tmp/q30 --gguf /tmp/q30.gguf --runner /tmp/ll/runner \
+python3 -m flashmoe.bench.scaling_run --model /tmp/q30 "${PEER[@]}" \
   --tree "before=$BEFORE" --tree "after=$AFTER" --prompt-tokens 4 --tokens 8 --json "$OUT/scaling.json"

@@ -5,7 +5,7 @@
 turn, `flashmoe.bench.decode_run` in each checkout (a child process whose working directory and PYTHONPATH
 are that checkout, NUMBA_NUM_THREADS the thread count; q8 activations, pagecache, passes cold then warm)
 and llama.cpp (bench/llama_cpp.run_llama, its defaults) on the GGUF export of the same model, with the same
-prompt and decode ids (decode_run.decode_inputs). Engines alternate within each thread count, so a change
+prompt and decode ids (decode_run.decode_inputs); without --gguf, the checkouts alone. Engines alternate within each thread count, so a change
 in the machine's load falls on all of them alike. Each row is written to the JSON as it completes (a run
 cut short keeps what it has) and printed; the end prints a Markdown table of warm tok/s and the ratio of
 each checkout to llama.cpp. bench/device_scaling.sh builds what this needs on a bare machine.
@@ -61,8 +61,8 @@ def markdown(rows: list[dict], trees: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--gguf", type=Path, required=True)
-    ap.add_argument("--runner", type=Path, required=True, help="flashmoe-llama-run (bench/llama_run.cpp)")
+    ap.add_argument("--gguf", type=Path, help="the model's GGUF export, for llama.cpp (without it: no llama.cpp rows)")
+    ap.add_argument("--runner", type=Path, help="flashmoe-llama-run (bench/llama_run.cpp)")
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH of a flashmoe checkout")
     ap.add_argument("--threads", default="16,1,8,4,2")
     ap.add_argument("--prompt-tokens", type=int, default=8)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, path in trees.items():
             row[name] = flashmoe_row(Path(path).resolve(), a.model, threads, a.prompt_tokens, a.tokens,
                                      Path(tempfile.gettempdir()) / f"scaling-{name}-{threads}.json")
-        row["llama.cpp"] = llama_row(a.runner, a.gguf, threads, prompt, decode)
+        row["llama.cpp"] = llama_row(a.runner, a.gguf, threads, prompt, decode) if a.gguf else {}
         rows.append(row)
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
         print(json.dumps(row), flush=True)
