@@ -8,7 +8,8 @@
 # sdist (bench/llama_cpp.py names the version); WHEEL_DIR: wheels the machine lacks (typer, rich, ml_dtypes,
 # gguf), installed offline; BEFORE_TREE: the checkout to compare against (its Python sources suffice);
 # TOKENIZER_DIR: Qwen3's tokenizer.json.xz, tokenizer_config.json and generation_config.json (the GGUF's vocabulary).
-# LLAMA=0 in the environment leaves llama.cpp out (no build, no GGUF, the checkouts alone: a short run).
+# LLAMA=0 in the environment leaves llama.cpp out (no build, no GGUF, the checkouts alone: a short run);
+# LAYERS (default 12) and THREADS (default 16,1,8,4,2) shorten it further.
 set -u
 SRC=$(realpath "$1"); WHEELS=$(realpath "$2"); BEFORE=$(realpath "$3"); TOK=$(realpath "$4"); AFTER=$PWD
 for tree in "$AFTER" "$BEFORE"; do  # the package layout, without pip install -e
@@ -28,7 +29,7 @@ BUILD=$!
 python3 -c "
 from flashmoe.arch.presets import get_preset
 from flashmoe.convert.synth import synth_model
-synth_model('/tmp/q30', get_preset('qwen3-30b-a3b').config_dict(12), tokenizer=None)" || exit 4
+synth_model('/tmp/q30', get_preset('qwen3-30b-a3b').config_dict(${LAYERS:-12}), tokenizer=None)" || exit 4
 xz -dc "$TOK/tokenizer.json.xz" > /tmp/q30/tokenizer.json && cp "$TOK"/*_config.json /tmp/q30/
 [ "${LLAMA:-1}" = 0 ] || python3 -c "from flashmoe.bench.gguf_export import export_gguf; export_gguf('/tmp/q30', '/tmp/q30.gguf')" \
   > "$OUT/gguf.log" 2>&1 &
@@ -49,4 +50,4 @@ import time, numpy as np
 a = np.ones(1 << 28, np.float32); a.sum(); t = time.perf_counter(); a.sum(); dt = time.perf_counter() - t
 print(f'memory read, one thread (numpy sum of 1 GiB): {a.nbytes / dt / 1e9:.1f} GB/s')"
 python3 -m flashmoe.bench.scaling_run --model /tmp/q30 "${PEER[@]}" \
-  --tree "before=$BEFORE" --tree "after=$AFTER" --prompt-tokens 4 --tokens 8 --json "$OUT/scaling.json"
+  --tree "before=$BEFORE" --tree "after=$AFTER" --threads "${THREADS:-16,1,8,4,2}" --prompt-tokens 4 --tokens 8 --json "$OUT/scaling.json"
