@@ -17,6 +17,7 @@ cap holds for both engines; its peak RSS and the bytes it read from disk (ru_inb
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -48,12 +49,20 @@ def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
 
 
 def find_runner(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path | None:
-    """The cached flashmoe-llama-run of `version`, None when it has not been built (or is older than its
-    source, bench/llama_run.cpp)."""
-    runner = cache_dir(version) / "bin" / RUNNER
-    if runner.is_file() and runner.stat().st_mtime >= _SOURCE.stat().st_mtime:
-        return runner
-    return None
+    """The cached flashmoe-llama-run of `version`, None when it has not been built (or was built from another
+    bench/llama_run.cpp than this checkout's)."""
+    root = cache_dir(version)
+    runner = root / "bin" / RUNNER
+    try:
+        built_from = json.loads((root / "build.json").read_text()).get("runner_source_sha256")
+    except (OSError, ValueError):
+        return None
+    # By content, not mtime: a fresh clone's llama_run.cpp is newer than any build yet the same source.
+    return runner if runner.is_file() and built_from == _source_digest() else None
+
+
+def _source_digest() -> str:
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()
 
 
 def _run(cmd: Sequence[str], log_file: Path, cwd: Path | None = None) -> None:
@@ -102,7 +111,8 @@ def build(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int = 2, log: Callable[
     _run(["g++", "-O2", "-std=c++17", _SOURCE, "-I", src / "include", "-I", src / "ggml" / "include",
           *(build_dir / lib for lib in _LIBS), "-fopenmp", "-lpthread", "-ldl", "-o", runner], log_file)
     (root / "build.json").write_text(json.dumps({
-        "llama_cpp_python": version, "cmake_flags": list(_CMAKE_FLAGS), "built": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "llama_cpp_python": version, "cmake_flags": list(_CMAKE_FLAGS), "runner_source_sha256": _source_digest(),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "seconds": round(time.perf_counter() - t0, 1)}, indent=1) + "\n")
     log(f"llama.cpp: built in {time.perf_counter() - t0:.0f} s: {runner}")
     return runner
