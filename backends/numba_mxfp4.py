@@ -10,8 +10,8 @@ and the scale multiplies once per block, from a 256-entry table of the exact pow
 2^-127 is the subnormal it is in transformers). The mat-vec (decode) never forms a weight: as the affine
 kernels do (numba_backend.permute_input), it reads a row as uint32 words of 8 codes (element 8u + j in bits
 4j..4j+3, the byte order of a little-endian load) against the input permuted to xp[j, u] = x[8u + j], so the
-loop over words vectorises, and decodes each code with integer and float arithmetic instead of a table
-(fp4_value: a table lookup is a gather, which does not vectorise). The mat-mat (prefill) decodes a block of
+loop over words vectorises, and decodes each code by bit arithmetic instead of a table (fp4_value: a table
+lookup is a gather, which does not vectorise). The mat-mat (prefill) decodes a block of
 rows once (fp4_value too) into a per-thread tile and reuses it for every token. Rounding differs from "dequantise, then
 dot" only by float32 summation order (conformance holds both to the reference).
 """
@@ -44,16 +44,18 @@ _WORDS_PER_BLOCK = BLOCK // _CODES_PER_WORD
 
 if njit is not None:
 
-    @njit(inline="always")
+    @njit
     def fp4_value(c):
         """The E2M1 value of code c (uint32, 0..15) as float32, by arithmetic (vectorisable, unlike a table).
 
-        The magnitude bits e (2) m (1) placed in a float32 with exponent 126 + e and mantissa m/2 give
-        2^(e-1)(1 + m/2): 1, 1.5, 2, 3, 4, 6 for e ≥ 1 as E2M1 has; for the subnormal e = 0 they give 0.5 and
-        0.75 where E2M1 has 0 and 0.5, which 2v − 1 maps onto. Bit 3 is the sign."""
-        mag = u32_as_f32(((c & np.uint32(7)) << np.uint32(22)) + np.uint32(126 << 23))
-        mag = mag if c & np.uint32(6) else np.float32(2.0) * mag - np.float32(1.0)
-        return -mag if c & np.uint32(8) else mag
+        E2M1 and float32 encode alike below their exponent fields: the magnitude bits e (2) m (1) placed at
+        float32 bits 22..24 are the float32 v · 2^-126 (e = 0 lands on float32's subnormals, 0 and 2^-127, as
+        E2M1's own subnormals 0 and 0.5 do), bit 3 moved to bit 31 is the sign, and the product with 2^126 is
+        exact. Three integer operations and a multiply, no select. Not inlined by numba, so the multiply keeps
+        strict float semantics inside the fastmath kernels (reassociated, 2^126 could meet x first and overflow);
+        LLVM still inlines it."""
+        bits = ((c & np.uint32(7)) << np.uint32(22)) | ((c & np.uint32(8)) << np.uint32(28))
+        return u32_as_f32(bits) * np.float32(2.0**126)
 
 
 @functools.cache
