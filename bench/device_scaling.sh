@@ -21,7 +21,8 @@ lscpu | grep -E "Model name|^CPU\(s\)"
 [ "${LLAMA:-1}" = 0 ] || ( mkdir -p /tmp/ll && cd /tmp/ll && tar xJf "$SRC" &&
   cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_COMMON=OFF \
-    -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF && ninja -C build -j12 llama &&
+    -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
+    -DLLAMA_USE_PREBUILT_UI=OFF && ninja -C build -j12 llama &&
   g++ -O2 -std=c++17 "$AFTER/bench/llama_run.cpp" -I include -I ggml/include build/src/libllama.a \
     build/ggml/src/libggml.a build/ggml/src/libggml-cpu.a build/ggml/src/libggml-base.a -fopenmp -lpthread \
     -ldl -o /tmp/ll/runner ) > "$OUT/llama_build.log" 2>&1 &
