@@ -166,6 +166,7 @@ def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
     assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
     manifest = json.loads((tmp_path / "out" / "flashmoe.json").read_text())
     stored = {(q["bits"], q["group_size"]) for q in manifest["quantization"].values()}
+    assert manifest["format_version"] == 3  # groups of 16, which version-2 readers refuse
     assert {g for _, g in stored} == {16, 32} and stored <= {(6, 16), (2, 16), (3, 16), (4, 32), (8, 32), (5, 32)}
 
 

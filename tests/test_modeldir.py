@@ -66,6 +66,7 @@ def test_manifest_json_round_trip(model):
     text = (model / MANIFEST).read_text()
     manifest = Manifest.from_json(text)
     assert manifest.to_json() == text
+    # no groups of 16: the lowest version that holds it, so version-2 readers read it
     assert manifest.format_version == 2 and manifest.model_type == "qwen3_moe"
     assert manifest.quantization["lm_head.weight"].to_dict() == {"format": "affine", "bits": 4, "group_size": 64}
 
@@ -139,7 +140,8 @@ def _truncate(rel: str):
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (_edit_manifest(lambda m: m.update(format_version=3)), "format_version 3"),
+    (_edit_manifest(lambda m: m.update(format_version=4)), "reads 1, 2, 3); it was written by a newer flashmoe: upgrade flashmoe"),
+    (_edit_manifest(lambda m: m.update(format_version=0)), "format_version 0 is not supported (this flashmoe reads 1, 2, 3); convert the model again"),
     (_edit_manifest(lambda m: m.pop("experts")), "missing field 'experts'"),
     (_edit_manifest(lambda m: m["experts"][0].update(stride=6000)), "stride = 6000"),
     (_edit_manifest(lambda m: m["experts"][1]["components"][1].update(offset=100)), "offset 100"),
@@ -152,7 +154,7 @@ def _truncate(rel: str):
     (_edit_manifest(lambda m: m["experts"][0]["quantization"]["gate_proj"].update(format="nf4")), "'nf4'"),
     (_truncate("experts/layer_001.bin"), "layer_001.bin"),
     (_truncate("resident.safetensors"), "resident.safetensors"),
-], ids=["version", "no-experts", "stride", "offset", "nbytes", "shape", "num-experts", "bits", "mxfp4-resident",
+], ids=["newer-version", "old-version", "no-experts", "stride", "offset", "nbytes", "shape", "num-experts", "bits", "mxfp4-resident",
         "unknown-format", "short-expert-file", "short-resident"])
 def test_open_rejects_inconsistent_directories(model, tmp_path, edit, expected):
     bad = _corrupt(model, tmp_path, edit)

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -28,10 +28,13 @@ MXFP4 = "mxfp4"
 #: A stored expert projection: affine-quantised, MXFP4 or float [out, in].
 ExpertPart = QuantizedTensor | Mxfp4Tensor | np.ndarray
 
-#: Version 2 names each quantised tensor's format (`affine` or `mxfp4`) and allows expert biases; version 1
-#: directories (all affine, no expert biases) are still read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Version 2 names each quantised tensor's format (`affine` or `mxfp4`) and allows expert biases; version 3 allows
+#: affine groups of 16 (llama.cpp's Q2_K/Q3_K/Q6_K imported exactly). The writer writes the lowest version that
+#: holds the directory (version_for), so a directory without groups of 16 stays readable by a version-2 reader;
+#: version 1 directories (all affine, no expert biases) are still read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+GROUP16_VERSION = 3
 MANIFEST = "flashmoe.json"
 RESIDENT = "resident.safetensors"
 #: The O_DIRECT alignment: expert strides, and the reader's offsets, lengths and buffer addresses, are multiples
@@ -287,8 +290,10 @@ class Manifest:
             raise FormatError(f"{where}: not a JSON object")
         version = _field(d, "format_version", int, where)
         if version not in READABLE_VERSIONS:
+            remedy = ("it was written by a newer flashmoe: upgrade flashmoe" if version > FORMAT_VERSION
+                      else "convert the model again")
             raise FormatError(f"{where}: format_version {version} is not supported (this flashmoe reads "
-                              f"{', '.join(map(str, READABLE_VERSIONS))}); convert the model again")
+                              f"{', '.join(map(str, READABLE_VERSIONS))}); {remedy}")
         quant = {k: QuantSpec.from_dict(v, f"{where}: quantization[{k!r}]")
                  for k, v in _field(d, "quantization", dict, where).items()}
         experts = [ExpertFile.from_dict(e, f"{where}: experts[{i}]")
@@ -315,6 +320,12 @@ class Manifest:
             if isinstance(e, FlashMoeError):
                 raise
             raise FormatError(f"{where}: not valid JSON: {e}") from None
+
+
+def version_for(specs: Iterable[QuantSpec]) -> int:
+    """The lowest format_version that holds quantised tensors of these specs: GROUP16_VERSION when one has
+    affine groups of 16 (which version-2 readers refuse), else 2."""
+    return GROUP16_VERSION if any(s.group_size == 16 for s in specs) else 2
 
 
 def component_arrays(part: ExpertPart) -> dict[str, np.ndarray]:

@@ -25,7 +25,8 @@ from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.errors import CheckpointError, FormatError
 from flashmoe.format.atomic import atomic_dir
 from flashmoe.format.manifest import (DTYPES, MANIFEST, RESIDENT, ExpertFile, ExpertLayout, ExpertPart, FileEntry,
-                                      Manifest, QuantSpec, component_arrays, expert_file_name, sha256_file)
+                                      Manifest, QuantSpec, component_arrays, expert_file_name, sha256_file,
+                                      version_for)
 from flashmoe.format.policy import QuantPolicy
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.format.safetensors_io import SafetensorsWriter
@@ -120,8 +121,10 @@ class ModelDirWriter:
                 files[rel] = FileEntry(path.stat().st_size, sha256_file(path))
         experts = [ExpertFile(layer, expert_file_name(layer), w.num_experts, w.layout)
                    for layer, w in sorted(self._experts.items())]
+        specs = [*self._quantization.values(), *(q for e in experts for q in e.layout.quantization.values())]
         manifest = Manifest(model_type=self._model_type, source=self._source, quantization=self._quantization,
-                            experts=experts, files=files, flashmoe_version=flashmoe.__version__)
+                            experts=experts, files=files, format_version=version_for(specs),
+                            flashmoe_version=flashmoe.__version__)
         (self.root / MANIFEST).write_text(manifest.to_json())
         return manifest
 
