@@ -381,3 +381,50 @@ def byte_level_tokens() -> list[str]:
     printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
     others = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def hf_model_from_canonical(config: dict[str, Any], weights):
+    """The transformers model (float32, eval mode) of flashmoe's config.json `config`, holding the canonical
+    tensors of `weights` (a DictWeights; routed experts per expert, `.weight` and `.bias`).
+
+    Each transformers tensor is taken back through flashmoe.arch.families.to_canonical, which moves a tensor's
+    entries without arithmetic except adding 1 to the x·(1+w) norms: mapped as an index array (and as zeros,
+    for that offset) it says where each entry lives among the canonical tensors. Raises AssertionError when a
+    transformers tensor is not covered entry for entry.
+    """
+    import re
+
+    import torch
+    import transformers
+
+    from flashmoe.arch.config import ModelConfig
+    from flashmoe.arch.families import detect_layout, to_canonical
+
+    # the names transformers gives the routed-expert count in other families (DeepSeek-V3, GLM-4.5: n_routed_experts)
+    # MLA's keys and values are per head in transformers (llama.cpp's one kv head is its MQA view of the latent)
+    mla = {"num_key_value_heads": config["num_attention_heads"]} if config.get("kv_lora_rank") else {}
+    hf_config = transformers.AutoConfig.for_model(**{"n_routed_experts": config["num_experts"],
+                                                     "num_local_experts": config["num_experts"], **config, **mla})
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
+    cfg = ModelConfig.from_dict(config)
+    state = model.state_dict()
+    layout = detect_layout(state)
+
+    def canonical(name: str) -> np.ndarray:
+        if m := re.fullmatch(r"(layers\.\d+\.mlp\.experts)\.(\w+_proj)\.(weight|bias)", name):
+            return np.stack([weights.tensor(f"{m[1]}.{e}.{m[2]}.{m[3]}") for e in range(cfg.num_experts)])
+        return weights.tensor(name)
+
+    with torch.no_grad():
+        for name, p in state.items():
+            shape = tuple(p.shape)
+            offsets = dict(to_canonical(name, np.zeros(shape), cfg, layout))
+            flat = np.full(p.numel(), np.nan)
+            for cname, index in to_canonical(name, np.arange(p.numel(), dtype=np.float64).reshape(shape), cfg,
+                                             layout):
+                at = (index - offsets[cname]).astype(np.int64).ravel()
+                flat[at] = (canonical(cname).astype(np.float64) - offsets[cname]).ravel()
+            if offsets:  # a tensor that to_canonical drops (an empty shared expert) stays as built
+                assert not np.isnan(flat).any(), name
+                p.copy_(torch.from_numpy(flat.reshape(shape)))
+    return model
