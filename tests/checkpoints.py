@@ -403,8 +403,11 @@ def hf_model_from_canonical(config: dict[str, Any], weights):
     # the names transformers gives the routed-expert count in other families (DeepSeek-V3, GLM-4.5: n_routed_experts)
     # MLA's keys and values are per head in transformers (llama.cpp's one kv head is its MQA view of the latent)
     mla = {"num_key_value_heads": config["num_attention_heads"]} if config.get("kv_lora_rank") else {}
+    # Qwen3.5-MoE's text model (qwen3_5_moe is its multimodal wrapper in transformers)
+    text = {"model_type": "qwen3_5_moe_text"} if config["model_type"] == "qwen3_5_moe" else {}
     hf_config = transformers.AutoConfig.for_model(**{"n_routed_experts": config["num_experts"],
-                                                     "num_local_experts": config["num_experts"], **config, **mla})
+                                                     "num_local_experts": config["num_experts"], **config, **mla,
+                                                     **text})
     model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
     cfg = ModelConfig.from_dict(config)
     state = model.state_dict()

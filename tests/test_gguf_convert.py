@@ -26,7 +26,8 @@ from flashmoe.reference.model import ReferenceModel
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the GGUF and is the independent dequantiser")
 QT = gguf.GGMLQuantizationType
 ARCH = {"qwen3_moe": "qwen3moe", "olmoe": "olmoe", "mixtral": "llama", "gpt_oss": "gpt-oss",
-        "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2"}
+        "deepseek_v3": "deepseek2", "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2", "qwen3_5_moe": "qwen35moe",
+        "qwen3_next": "qwen3next"}
 _SIGMOID = {"expert_gating_func": 2, "rope.dimension_count": 32}  # sigmoid routing, half the head rotated
 _MLA = dict(kv_lora_rank=256, q_lora_rank=256, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=2,
             topk_group=1, routed_scaling_factor=2.5, n_shared_experts=1, first_k_dense_replace=1, norm_topk_prob=True)
@@ -34,7 +35,15 @@ _MLA = dict(kv_lora_rank=256, q_lora_rank=256, qk_rope_head_dim=32, qk_nope_head
 # (gpt-oss: a window of 4 over the 6-token prompt, so sliding layers differ from full ones; YaRN as
 # conversion/base.py writes it; deepseek2: conversion/deepseek.py's keys, one kv head and key_length the latent's
 # (MLA as MQA), 0.1 · mscale_all_dim)
+# GatedDeltaNet: layer 0 linear attention, layer 1 full (an interval of 2); 2 key heads, 4 value heads of 64
+_GDN = (dict(full_attention_interval=2, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64,
+             linear_value_head_dim=64, linear_conv_kernel_dim=4, shared_expert_intermediate_size=256),
+        {"full_attention_interval": 2, "ssm.group_count": 2, "ssm.time_step_rank": 4, "ssm.state_size": 64,
+         "ssm.inner_size": 256, "ssm.conv_kernel": 4, "expert_shared_feed_forward_length": 256,
+         "rope.dimension_count": 16})
 EXTRA = {"olmoe": ({"num_key_value_heads": 4}, {"attention.head_count_kv": 4}),  # llama.cpp's olmoe has no GQA
+         "qwen3_next": _GDN,  # Qwen3.5's text positions are equal in every rope section: the split only adds up
+         "qwen3_5_moe": (_GDN[0], {**_GDN[1], "rope.dimension_sections": [3, 3, 2, 0]}),
          "gpt_oss": ({}, {"attention.sliding_window": 4, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
                           "rope.scaling.original_context_length": 64}),
          "glm4_moe": (dict(first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5, use_qk_norm=True,
@@ -76,6 +85,8 @@ def _k_blocks(rng, qtype, shape) -> np.ndarray:
 def _quantised(rng, name: str, shape: tuple[int, ...], qtype) -> np.ndarray:
     if qtype == QT.F32:
         w = rng.standard_normal(shape).astype(np.float32) * 0.1
+        if name.endswith("ssm_a"):
+            return -np.exp(w)  # llama.cpp stores GatedDeltaNet's A = -exp(A_log)
         return (1 + w) if name.endswith("norm.weight") else w
     if qtype in _K_SCALES:
         return _k_blocks(rng, qtype, shape)
@@ -98,6 +109,74 @@ def _rotate_half_rope_rows(values: np.ndarray, cfg: ModelConfig, kv: bool) -> np
     return np.concatenate([lead, rope], axis=1).reshape(values.shape)
 
 
+def _gated_delta_net(cfg: ModelConfig, arch: str, gname: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    """A GatedDeltaNet tensor as llama.cpp's converter wrote it -> canonical (name -> values), written from
+    conversion/qwen.py: qwen35moe's value-head axes tiled (value head j of every key head, then j + 1),
+    qwen3next's b and a fused per key head (ssm_ba), -exp(A_log), conv1d [C, K], the shared-expert gate [H]."""
+    kh, r, d = cfg.linear_num_key_heads, cfg.linear_num_value_heads // cfg.linear_num_key_heads, cfg.linear_value_head_dim
+
+    def grouped(v: np.ndarray, head_dim: int, start: int = 0, axis: int = 0) -> np.ndarray:
+        if arch != "qwen35moe":
+            return v
+        v = np.moveaxis(v, axis, 0)
+        heads = v[start:].reshape(r, kh, head_dim, *v.shape[1:]).swapaxes(0, 1).reshape(v[start:].shape)
+        return np.moveaxis(np.concatenate([v[:start], heads]), 0, axis)
+
+    layer, kind = gname.split(".", 2)[1:]
+    qk = 2 * kh * cfg.linear_key_head_dim
+    if kind == "ssm_ba.weight":
+        ba = values.reshape(kh, 2, r, -1)
+        return {f"layers.{layer}.linear_attn.in_proj_b.weight": ba[:, 0].reshape(kh * r, -1),
+                f"layers.{layer}.linear_attn.in_proj_a.weight": ba[:, 1].reshape(kh * r, -1)}
+    name, value = {
+        "attn_qkv.weight": ("in_proj_qkv.weight", lambda: grouped(values, d, qk)),
+        "attn_gate.weight": ("in_proj_z.weight", lambda: grouped(values, d)),
+        "ssm_beta.weight": ("in_proj_b.weight", lambda: grouped(values, 1)),
+        "ssm_alpha.weight": ("in_proj_a.weight", lambda: grouped(values, 1)),
+        "ssm_dt.bias": ("dt_bias", lambda: grouped(values, 1)),
+        "ssm_a": ("A_log", lambda: np.log(-grouped(values, 1).astype(np.float64)).astype(np.float32)),
+        "ssm_conv1d.weight": ("conv1d.weight", lambda: grouped(values, d, qk)[:, None, :]),
+        "ssm_out.weight": ("out_proj.weight", lambda: grouped(values, d, axis=1)),
+        "ffn_gate_inp_shexp.weight": (None, lambda: values.reshape(1, -1)),
+    }.get(kind, (None, None))
+    if value is None:
+        return {}
+    prefix = f"layers.{layer}.linear_attn." if name else f"layers.{layer}.mlp.shared_expert_gate.weight"
+    return {prefix + (name or ""): value()}
+
+
+def _canonical(cfg: ModelConfig, arch: str, gname: str, values: np.ndarray) -> dict[str, np.ndarray] | np.ndarray:
+    """The canonical tensors of GGUF tensor `gname` (llama.cpp's layouts undone, written from its converter), or
+    `values` when it is stored as flashmoe stores it."""
+    if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+        # llama.cpp's converter (LlamaModel.permute) stored canonical row perm[k] as row k
+        heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
+        perm = np.arange(len(values)).reshape(heads, 2, -1).swapaxes(1, 2).reshape(-1)
+        return values[np.argsort(perm)]
+    if arch == "deepseek2" and gname.endswith(("attn_q_b.weight", "attn_kv_a_mqa.weight")):
+        return _rotate_half_rope_rows(values, cfg, "kv_a" in gname)
+    if cfg.linear_num_key_heads and gname.startswith("blk.") and (parts := _gated_delta_net(cfg, arch, gname,
+                                                                                               values)):
+        return parts
+    return values
+
+
+def _gguf_tensors(cfg: ModelConfig, arch: str) -> dict[str, tuple[str | tuple[int, str], tuple[int, ...]]]:
+    """GGUF name -> (canonical name, or (layer, expert part) for stacked experts; the GGUF tensor's shape)."""
+    tensors: dict[str, tuple[str | tuple[int, str], tuple[int, ...]]] = {}
+    for name, shape in resident_shapes(cfg).items():
+        gname = gguf_tensor_name(name, arch)
+        if name.endswith(("conv1d.weight", "shared_expert_gate.weight")):
+            shape = tuple(n for n in shape if n != 1)  # llama.cpp drops the unit axis
+        if gname in tensors:  # qwen3next's ssm_ba: b's rows and a's rows
+            shape = (tensors[gname][1][0] + shape[0],) + shape[1:]
+        tensors[gname] = (name, shape)
+    experts = {**EXPERT_NAMES, **(EXPERT_BIAS_NAMES if cfg.has_expert_biases else {})}
+    tensors.update({f"blk.{i}.{g}": ((i, p), (4, 256) + ((256,) if g.endswith(".weight") else ()))
+                    for i in cfg.moe_layers for p, g in experts.items()})
+    return tensors
+
+
 def write_tiny_gguf(path, model_type: str = "qwen3_moe") -> DictWeights:
     """Write the tiny model as GGUF at `path`; the canonical tensors as gguf.quants dequantises them."""
     arch = ARCH[model_type]
@@ -106,37 +185,29 @@ def write_tiny_gguf(path, model_type: str = "qwen3_moe") -> DictWeights:
     rng = np.random.default_rng(zlib.crc32(model_type.encode()))
     w = gguf.GGUFWriter(path, arch)
     for gkey, value in {**{g: _CONFIG[key] for key, g in CONFIG_KEYS.items() if key in _CONFIG}, **extra}.items():
-        add = {float: w.add_float32, str: w.add_string, bool: w.add_bool}.get(type(value), w.add_uint32)
+        add = {float: w.add_float32, str: w.add_string, bool: w.add_bool, list: w.add_array}.get(
+            type(value), w.add_uint32)
         add(f"{arch}.{gkey}", value)
     w.add_tokenizer_model("gpt2")  # bytes and one merge: llama.cpp needs a vocabulary to load the model
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(byte_level_tokens()[:255] + ["Ġt"])
     w.add_token_merges(["Ġ t"])
     truth: dict[str, np.ndarray] = {}
-    tensors = [(gguf_tensor_name(n, arch), n, s) for n, s in resident_shapes(cfg).items()]
-    experts = {**EXPERT_NAMES, **(EXPERT_BIAS_NAMES if cfg.has_expert_biases else {})}
-    tensors += [(f"blk.{i}.{g}", (i, p), (4, 256) + ((256,) if g.endswith(".weight") else ()))
-                for i in cfg.moe_layers for p, g in experts.items()]
-    for k, (gname, name, shape) in enumerate(tensors):
+    for k, (gname, (name, shape)) in enumerate(_gguf_tensors(cfg, arch).items()):
         qtype = QT.F32 if len(shape) == 1 or len(shape) == 2 and isinstance(name, tuple) else MIX[k % len(MIX)]
         if qtype in _K_SCALES and shape[-1] % 256:
             qtype = QT.Q8_0  # rows too short for a K-quant super-block (MLA's attn_k_b: qk_nope)
+        if "conv1d" in gname:
+            qtype = QT.F32  # rows of conv_kernel values: no block type fits (llama.cpp keeps it F32)
         if isinstance(name, tuple) and len(shape) == 3 and family_of(cfg).mxfp4_experts:
             qtype = QT.MXFP4  # as llama.cpp's converter keeps gpt-oss's published experts
         data = _quantised(rng, gname, shape, qtype)
         w.add_tensor(gname, data, raw_dtype=qtype)
-        values = gguf.quants.dequantize(data, qtype)
-        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
-            # llama.cpp's converter (LlamaModel.permute) stored canonical row perm[k] as row k
-            heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
-            perm = np.arange(shape[0]).reshape(heads, 2, -1).swapaxes(1, 2).reshape(-1)
-            values = values[np.argsort(perm)]
-        if arch == "deepseek2" and gname.endswith(("attn_q_b.weight", "attn_kv_a_mqa.weight")):
-            values = _rotate_half_rope_rows(values, cfg, "kv_a" in gname)
+        values = _canonical(cfg, arch, gname, gguf.quants.dequantize(data, qtype))
         if isinstance(name, tuple):
             truth.update({_expert_key(name[0], e, name[1]): values[e] for e in range(shape[0])})
         else:
-            truth[name] = values
+            truth.update(values if isinstance(values, dict) else {name: values})
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -254,23 +325,25 @@ def test_info_describes_a_gguf_before_converting(tmp_path):
 
 def test_value_head_reorder_moves_whole_quantised_rows_and_groups():
     from flashmoe.convert.gguf_layouts import linear_attention_layout
+    from flashmoe.convert.gguf_quants import affine_tensor
     from flashmoe.format.quant import quantize
 
     cfg = ModelConfig.from_dict(dict(_CONFIG, model_type="qwen3_5_moe", linear_num_key_heads=2,
-                                     linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+                                     linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
                                      shared_expert_intermediate_size=64))
     rng = np.random.default_rng(0)
-    for name, shape, axis in (("layers.0.linear_attn.out_proj.weight", (8, 128), 1),
-                              ("layers.0.linear_attn.in_proj_z.weight", (128, 64), 0)):
+    for name, shape, axis in (("layers.0.linear_attn.out_proj.weight", (8, 256), 1),
+                              ("layers.0.linear_attn.in_proj_z.weight", (256, 256), 0)):
         w = rng.standard_normal(shape).astype(np.float32)
         undo = linear_attention_layout(cfg, name)
-        qt = quantize(w, 5, 32)
-        expected = undo(qt.dequantize(), "t")  # the float path: a plain index permutation
-        np.testing.assert_array_equal(undo(qt, "t").dequantize(), expected)
-        # tiled (value head j of each key head) back to grouped: key head 0's value heads first
-        heads = np.moveaxis(expected, axis, 0).reshape(4, 32, -1)
-        tiled = np.moveaxis(qt.dequantize(), axis, 0).reshape(4, 32, -1)
-        np.testing.assert_array_equal(heads[[0, 1, 2, 3]], tiled[[0, 2, 1, 3]])
+        # Q3_K: a group of 16 3-bit codes is 1.5 uint32 words, so its columns move code by code
+        for qt in (quantize(w, 5, 32), affine_tensor(_k_blocks(rng, QT.Q3_K, shape), "Q3_K", "t")):
+            expected = undo(qt.dequantize(), "t")  # the float path: a plain index permutation
+            np.testing.assert_array_equal(undo(qt, "t").dequantize(), expected)
+            # tiled (value head j of each key head) back to grouped: key head 0's value heads first
+            heads = np.moveaxis(expected, axis, 0).reshape(4, 64, -1)
+            tiled = np.moveaxis(qt.dequantize(), axis, 0).reshape(4, 64, -1)
+            np.testing.assert_array_equal(heads[[0, 1, 2, 3]], tiled[[0, 2, 1, 3]])
 
 
 def test_every_mapped_name_is_one_llama_cpp_gives_the_architecture():
@@ -287,26 +360,60 @@ def test_every_mapped_name_is_one_llama_cpp_gives_the_architecture():
             assert name.removesuffix(".weight").removesuffix(".bias") in known, (gguf_arch, name)
 
 
-def test_deepseek2_file_with_the_old_fused_kv_b_is_refused_with_a_hint(tmp_path):
-    write_tiny_gguf(tmp_path / "m.gguf", "deepseek_v3")
-    reader = gguf.GGUFReader(tmp_path / "m.gguf")
-    w = gguf.GGUFWriter(tmp_path / "old.gguf", "deepseek2")
+def _older_conversion(src, dst, replace) -> None:
+    """Copy GGUF `src` to `dst` with each tensor t replaced by replace(t, tensors by name): a list of (name,
+    data, GGML type), as an older llama.cpp conversion would have written it."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
         if not field.name.startswith(("GGUF.", "general.architecture")):
             w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1
                             else None)
     for t in reader.tensors:
-        name = t.name.replace("attn_k_b", "attn_kv_b")
-        if "attn_v_b" not in name:
-            w.add_tensor(name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        for name, data, qtype in replace(t, {t.name: t for t in reader.tensors}):
+            w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_deepseek2_file_with_the_old_fused_kv_b_is_refused_with_a_hint(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf", "deepseek_v3")
+    _older_conversion(tmp_path / "m.gguf", tmp_path / "old.gguf", lambda t, _: [] if "attn_v_b" in t.name else [
+        (t.name.replace("attn_k_b", "attn_kv_b"), np.asarray(t.data), t.tensor_type)])
     with pytest.raises(CheckpointError, match=r"missing tensor blk.0.attn_k_b.weight .*the file has "
                                               r"blk.0.attn_kv_b.weight, which llama.cpp's converter no longer writes"):
         convert_gguf(tmp_path / "old.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen3next_file_with_the_legacy_fused_ssm_in_imports_the_same_tensors(tmp_path):
+    """Older llama.cpp conversions of Qwen3-Next kept in_proj_qkvz as published (ssm_in: per key head its q, k, v
+    and z rows; src/models/qwen3next.cpp's legacy path); here F32 rows of the split file's dequantised values."""
+    from flashmoe.format.modeldir import ModelDir
+
+    truth = write_tiny_gguf(tmp_path / "m.gguf", "qwen3_next")
+    kh, dk, vd = 2, 64, 2 * 64  # key heads, key head width, value rows per key head (2 value heads of 64)
+
+    def fuse(t, tensors):
+        if t.name.endswith("attn_gate.weight"):
+            return []
+        if not t.name.endswith("attn_qkv.weight"):
+            return [(t.name, np.asarray(t.data), t.tensor_type)]
+        gate = tensors[t.name.replace("attn_qkv", "attn_gate")]
+        qkv, z = (gguf.quants.dequantize(np.asarray(x.data), x.tensor_type) for x in (t, gate))
+        q, k, v = qkv[:kh * dk], qkv[kh * dk:2 * kh * dk], qkv[2 * kh * dk:]
+        per_head = [np.concatenate([q[h * dk:(h + 1) * dk], k[h * dk:(h + 1) * dk], v[h * vd:(h + 1) * vd],
+                                    z[h * vd:(h + 1) * vd]]) for h in range(kh)]
+        return [(t.name.replace("attn_qkv", "ssm_in"), np.concatenate(per_head), QT.F32)]
+
+    _older_conversion(tmp_path / "m.gguf", tmp_path / "old.gguf", fuse)
+    assert "blk.0.ssm_in.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "old.gguf").tensors}
+    convert_gguf(tmp_path / "old.gguf", tmp_path / "out", log=lambda msg: None)
+    with ModelDir.open(tmp_path / "out") as model:
+        for name in ("layers.0.linear_attn.in_proj_qkv.weight", "layers.0.linear_attn.in_proj_z.weight"):
+            np.testing.assert_array_equal(model.tensor(name), truth.tensor(name), err_msg=name)
 
 
 RUNNER = find_runner()

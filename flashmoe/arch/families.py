@@ -307,7 +307,7 @@ def to_canonical(name: str, array: np.ndarray, cfg: ModelConfig,
         gate, up = _split_gate_up(name, array, cfg)
         return [(f"{m[1]}.gate_proj.{m[3]}", gate), (f"{m[1]}.up_proj.{m[3]}", up)]
     if fam.fused_linear_attn and (m := _QKVZ.match(canon)):
-        return _split_qkvz(name, m[1], m[2], m[3], array, cfg)
+        return split_qkvz(name, m[1], m[2], m[3], array, cfg)
     if _CONV.match(canon) and array.ndim == 3 and array.shape[1] != 1:
         array = np.ascontiguousarray(array.transpose(0, 2, 1))  # MLX Conv1d [C, K, 1] -> HF [C, 1, K]
     if fam.mla and (m := _KV_B.match(canon)):
@@ -401,7 +401,7 @@ def _oriented(name: str, array: np.ndarray, cfg: ModelConfig, rows: int, cols: i
                           f"nor {(e, cols, rows)}")
 
 
-def _split_qkvz(name: str, prefix: str, kind: str, suffix: str, array: np.ndarray,
+def split_qkvz(name: str, prefix: str, kind: str, suffix: str, array: np.ndarray,
                 cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
     """Split Qwen3-Next's fused projections by rows into the Qwen3.5 layout.
 

@@ -26,6 +26,14 @@ _CORRECTION_BIAS = {"mlp.gate.e_score_correction_bias": "exp_probs_b.bias"}
 _DENSE = {f"mlp.{p}_proj.weight": f"ffn_{p}.weight" for p in ("gate", "up", "down")}
 _SHARED = {f"mlp.shared_expert.{p}_proj.weight": f"ffn_{p}_shexp.weight" for p in ("gate", "up", "down")}
 
+# Qwen3.5 and Qwen3-Next: attention layers with q/k norms, GatedDeltaNet layers, a gated shared expert
+_GATED_DELTA_NET = {
+    **_ATTENTION, **_QK_NORMS, "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.A_log": "ssm_a", "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight", **_SHARED, "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
+
 #: GGUF architecture -> {canonical name after `layers.{i}.` -> GGUF name after `blk.{i}.`}
 LAYER_NAMES: dict[str, dict[str, str]] = {
     "qwen3moe": {**_ATTENTION, **_QK_NORMS, "post_attention_layernorm.weight": "ffn_norm.weight"},
@@ -34,17 +42,12 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
     # src/models/llama.cpp with experts (Mixtral): q and k rows permuted for its interleaved RoPE (ROPE_PERMUTED)
     "llama": {**_ATTENTION, "post_attention_layernorm.weight": "ffn_norm.weight"},
     # src/models/qwen35moe.cpp: GatedDeltaNet layers as llama.cpp's ssm_* tensors
-    "qwen35moe": {
-        **_ATTENTION, **_QK_NORMS, "post_attention_layernorm.weight": "post_attention_norm.weight",
-        "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
-        "linear_attn.in_proj_b.weight": "ssm_beta.weight", "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
-        "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.dt_bias": "ssm_dt.bias",
-        "linear_attn.A_log": "ssm_a", "linear_attn.norm.weight": "ssm_norm.weight",
-        "linear_attn.out_proj.weight": "ssm_out.weight",
-        "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
-        "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
-        "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
-        "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"},
+    "qwen35moe": {**_GATED_DELTA_NET, "linear_attn.in_proj_b.weight": "ssm_beta.weight",
+                  "linear_attn.in_proj_a.weight": "ssm_alpha.weight"},
+    # src/models/qwen3next.cpp: the same, but b and a stay fused as the checkpoint's in_proj_ba (ssm_ba), which
+    # flashmoe splits by rows (flashmoe/convert/gguf_layouts.py)
+    "qwen3next": {**_GATED_DELTA_NET, "linear_attn.in_proj_b.weight": "ssm_ba.weight",
+                  "linear_attn.in_proj_a.weight": "ssm_ba.weight"},
     # src/models/deepseek2.cpp (DeepSeek-V3, Kimi K2; conversion/deepseek.py): MLA with kv_b_proj stored split
     # as attn_k_b [H, kv_lora, qk_nope] and attn_v_b [H, v_head, kv_lora] (flashmoe's embed_q / unembed_out),
     # the correction bias as exp_probs_b.bias, leading dense blocks' ffn_{gate,up,down}, shared experts' *_shexp
@@ -71,12 +74,20 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
 #: kv_b before its split into attn_k_b / attn_v_b (2025); attn_k_b is kv_b's half transposed, which is not exact
 #: for a quantised tensor, so such files are refused with a hint.
 FUSED_BEFORE = {"attn_k_b.weight": "attn_kv_b.weight", "attn_v_b.weight": "attn_kv_b.weight"}
+#: Tensors that older llama.cpp conversions wrote fused in a layout flashmoe still imports exactly (the GGUF name
+#: after `blk.{i}.` -> the older one): Qwen3-Next's in_proj_qkvz as published (ssm_in), before its converter split
+#: it into attn_qkv and attn_gate (src/models/qwen3next.cpp reads either); whole rows of it are each of the two.
+LEGACY_NAMES = {"attn_qkv.weight": "ssm_in.weight", "attn_gate.weight": "ssm_in.weight"}
+#: GGUF architectures whose GatedDeltaNet value heads llama.cpp's converter stores tiled (value head j of every key
+#: head, then j + 1; conversion/qwen.py _LinearAttentionVReorderBase); Qwen3-Next keeps the checkpoint's order
+#: (grouped by key head), which its graph expects (src/models/qwen3next.cpp repeats q and k per key head).
+TILED_VALUE_HEADS = frozenset({"qwen35moe"})
 
 #: GGUF architectures the importer (flashmoe/convert/gguf_model.py) reads -> whether llama.cpp renormalises the
 #: top-k router weights when the file has no `{arch}.expert_weights_norm` key (build_moe_ffn's norm_w in
 #: src/models/<arch>.cpp): it is the config's norm_topk_prob.
-NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False, "qwen35moe": True, "llama": True, "gpt-oss": True,
-                              "deepseek2": False, "glm4moe": False, "minimax-m2": True}
+NORM_TOPK: dict[str, bool] = {"qwen3moe": True, "olmoe": False, "qwen35moe": True, "qwen3next": True, "llama": True,
+                              "gpt-oss": True, "deepseek2": False, "glm4moe": False, "minimax-m2": True}
 #: GGUF architectures whose attn_q/attn_k rows llama.cpp's converter permutes (LlamaModel.permute: per head, the
 #: rotate-half pairs (i, i + d/2) of the checkpoint become adjacent rows (2i, 2i + 1) for its interleaved RoPE).
 ROPE_PERMUTED = frozenset({"llama"})

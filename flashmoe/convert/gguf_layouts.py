@@ -5,24 +5,27 @@ and the GatedDeltaNet tensors
 (conversion/qwen.py, Qwen3NextModel and _LinearAttentionVReorderBase; bench/gguf_export.py's
 _linear_attention_transform does it forwards).
 
-llama.cpp stores every value-head axis in tiled order (value head j of every key head, then j + 1), which
-ggml's broadcast expects; the checkpoints, and flashmoe's canonical tensors, group the value heads by key
-head. It also stores A as -exp(A_log), conv1d as [C, K] and the shared-expert gate as [H]. Undoing the
-reorder is a permutation of whole rows (or of whole quantisation groups of columns, for out_proj), so
-quantised tensors stay exact; A_log = log(-A) is float arithmetic (within an ulp of the checkpoint's).
+For Qwen3.5 (qwen35moe) llama.cpp stores every value-head axis in tiled order (value head j of every key head,
+then j + 1), which ggml's broadcast expects; the checkpoints, and flashmoe's canonical tensors, group the value
+heads by key head, as llama.cpp's Qwen3-Next (qwen3next) files do too. Qwen3-Next files keep b and a fused as
+the checkpoint's in_proj_ba (ssm_ba; per key head its b rows, then its a rows), and older ones in_proj_qkvz
+(ssm_in; per key head q, k, v, z): flashmoe.arch.families.split_qkvz's rows. Both store A as -exp(A_log), conv1d
+as [C, K] and the shared-expert gate as [H]. Undoing the reorder or the fusion takes whole rows (or whole
+quantisation groups of columns, for out_proj), so quantised tensors stay exact; A_log = log(-A) is float
+arithmetic (within an ulp of the checkpoint's).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
 from flashmoe.arch.config import ModelConfig
-from flashmoe.arch.families import rope_deinterleave_rows
-from flashmoe.arch.gguf_names import ROPE_PERMUTED
+from flashmoe.arch.families import rope_deinterleave_rows, split_qkvz
+from flashmoe.arch.gguf_names import LEGACY_NAMES, ROPE_PERMUTED, TILED_VALUE_HEADS
 from flashmoe.errors import CheckpointError
-from flashmoe.format.quant import QuantizedTensor
+from flashmoe.format.quant import QuantizedTensor, pack, unpack
 
 Stored = QuantizedTensor | np.ndarray
 
@@ -48,20 +51,31 @@ def _columns(w: Stored, order: np.ndarray, where: str) -> Stored:
     if (groups != groups[:, :1] + np.arange(g)).any() or (groups[:, 0] % g).any():
         raise CheckpointError(f"{where}: its value heads do not fill whole groups of {g}; cannot reorder exactly")
     gidx = groups[:, 0] // g
-    per = g * w.bits // 32  # uint32 words per group
-    words = (gidx[:, None] * per + np.arange(per)).reshape(-1)
-    return QuantizedTensor(w.weight[:, words], w.scales[:, gidx], w.biases[:, gidx], w.bits, g)
+    # codes moved one by one: a group of 16 3-bit codes is 1.5 words, so words cannot move whole
+    codes = np.ascontiguousarray(unpack(w.weight, w.bits)[..., order])
+    return QuantizedTensor(pack(codes, w.bits), w.scales[:, gidx], w.biases[:, gidx], w.bits, g)
 
 
-def gguf_layout(cfg: ModelConfig, arch: str, name: str) -> Callable[[Stored, str], Stored] | None:
-    """For canonical tensor `name` of a `cfg` model read from a GGUF of architecture `arch`, the function
-    (stored tensor, where) -> its canonical layout; None when llama.cpp stores it as flashmoe does."""
+def gguf_layout(cfg: ModelConfig, arch: str, name: str, source: str = "") -> Callable[[Stored, str], Stored] | None:
+    """For canonical tensor `name` of a `cfg` model read from GGUF tensor `source` of a file of architecture
+    `arch`, the function (stored tensor, where) -> its canonical layout; None when llama.cpp stores it as flashmoe
+    does."""
     if arch in ROPE_PERMUTED and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
         heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
         return lambda w, where: _rows(w, _rotate_half_order(w.shape[0], heads))
     if (order := rope_deinterleave_rows(name, cfg)) is not None:  # llama.cpp keeps MLA's interleaved RoPE rows
         return lambda w, where: _rows(w, order)
-    return linear_attention_layout(cfg, name)
+    return linear_attention_layout(cfg, name, arch in TILED_VALUE_HEADS, source)
+
+
+def source_name(tensors: Mapping[str, object], gname: str | None) -> str | None:
+    """The GGUF tensor that holds `gname`: itself, or the older fused tensor (LEGACY_NAMES) when only that is in
+    the file."""
+    parts = (gname or "").split(".", 2)  # blk, N, X
+    if gname in tensors or len(parts) < 3 or parts[2] not in LEGACY_NAMES:
+        return gname
+    legacy = f"blk.{parts[1]}.{LEGACY_NAMES[parts[2]]}"
+    return legacy if legacy in tensors else gname
 
 
 def _rotate_half_order(n: int, heads: int) -> np.ndarray:
@@ -70,19 +84,27 @@ def _rotate_half_order(n: int, heads: int) -> np.ndarray:
     return np.arange(n).reshape(heads, -1, 2).swapaxes(1, 2).reshape(-1)
 
 
-def linear_attention_layout(cfg: ModelConfig, name: str) -> Callable[[Stored, str], Stored] | None:
-    """For canonical tensor `name` of a GatedDeltaNet model, the function (stored tensor, where) -> its
-    canonical layout; None for every other tensor (and for models without linear attention)."""
+def linear_attention_layout(cfg: ModelConfig, name: str, tiled: bool = True,
+                            source: str = "") -> Callable[[Stored, str], Stored] | None:
+    """For canonical tensor `name` of a GatedDeltaNet model read from GGUF tensor `source`, the function (stored
+    tensor, where) -> its canonical layout; None for every other tensor (and for models without linear attention).
+    tiled: the file's value heads are in llama.cpp's tiled order (module docstring)."""
     if cfg.linear_num_key_heads == 0:  # no GatedDeltaNet layers
         return None
     dv, qk = cfg.linear_value_head_dim, 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
     rest = name.split(".", 2)[2] if name.startswith("layers.") else name
+    if source.endswith(("ssm_ba.weight", "ssm_in.weight")):
+        kind = "ba" if source.endswith("ssm_ba.weight") else "qkvz"
+        return lambda w, where: _rows(w, _fused_rows(cfg, kind, rest, w.shape[0], where))
+
+    def order(n: int, head_dim: int, start: int = 0) -> np.ndarray:
+        return _grouped_order(cfg, n, head_dim, start) if tiled else np.arange(n)
 
     def rows(head_dim: int, start: int = 0) -> Callable[[Stored, str], Stored]:
-        return lambda w, where: _rows(w, _grouped_order(cfg, w.shape[0], head_dim, start))
+        return lambda w, where: _rows(w, order(w.shape[0], head_dim, start))
 
     def a_log(w: Stored, where: str) -> Stored:
-        return np.log(-_rows(w, _grouped_order(cfg, w.shape[0], 1)).astype(np.float64)).astype(w.dtype)
+        return np.log(-_rows(w, order(w.shape[0], 1)).astype(np.float64)).astype(w.dtype)
 
     return {
         "linear_attn.in_proj_qkv.weight": rows(dv, qk),
@@ -92,7 +114,13 @@ def linear_attention_layout(cfg: ModelConfig, name: str) -> Callable[[Stored, st
         "linear_attn.dt_bias": rows(1),
         "linear_attn.A_log": a_log,
         "linear_attn.conv1d.weight": lambda w, where: rows(dv, qk)(w, where)[:, None, :],
-        "linear_attn.out_proj.weight": lambda w, where: _columns(
-            w, _grouped_order(cfg, w.shape[-1], dv), where),
+        "linear_attn.out_proj.weight": lambda w, where: _columns(w, order(w.shape[-1], dv), where),
         "mlp.shared_expert_gate.weight": lambda w, where: w.reshape(1, -1),
     }.get(rest)
+
+
+def _fused_rows(cfg: ModelConfig, kind: str, rest: str, n: int, where: str) -> np.ndarray:
+    """The rows of a fused in_proj_`kind` ('ba' or 'qkvz', n rows) that are canonical tensor `rest`
+    (`linear_attn.in_proj_b.weight`, ...): split_qkvz applied to the row indices."""
+    parts = dict(split_qkvz(where, "linear_attn", kind, "weight", np.arange(n), cfg))
+    return parts[rest]

@@ -31,7 +31,7 @@ from flashmoe.arch.families import FAMILIES, Family
 from flashmoe.arch.gguf_names import EXPERT_BIAS_NAMES, EXPERT_NAMES, FUSED_BEFORE, NORM_TOPK, gguf_tensor_name
 from flashmoe.arch.tensors import EXPERT_PROJS, LM_HEAD, resident_shapes
 from flashmoe.convert.gguf import GGUFModel, GGUFTensor
-from flashmoe.convert.gguf_layouts import gguf_layout
+from flashmoe.convert.gguf_layouts import gguf_layout, source_name
 from flashmoe.convert.gguf_quants import AFFINE, FLOATS, MXFP4_TYPE, affine_tensor, float_tensor, mxfp4_tensor
 from flashmoe.convert.gguf_tokenizer import tokenizer_files
 from flashmoe.errors import CheckpointError
@@ -216,9 +216,9 @@ class _Import:
         with tqdm(total=len(shapes) + len(self.cfg.moe_layers), unit="tensor", desc="convert",
                   disable=None if self.progress is None else not self.progress, file=sys.stderr) as bar:
             for name, shape in shapes.items():
-                t = self._tensor(gguf_tensor_name(name, self.arch), None, name)
+                t = self._tensor(source_name(self.model.tensors, gguf_tensor_name(name, self.arch)), None, name)
                 stored = self._stored(t, self.model.raw(t.name))
-                if (undo := gguf_layout(self.cfg, self.arch, name)) is not None:
+                if (undo := gguf_layout(self.cfg, self.arch, name, t.name)) is not None:
                     stored = undo(stored, f"{t.path}: tensor {t.name!r}")
                 if tuple(stored.shape) != tuple(shape):
                     raise CheckpointError(f"{t.path}: tensor {t.name!r} has shape {list(t.shape)}, the metadata "
