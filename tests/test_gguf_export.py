@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 
+from flashmoe.arch.gguf_names import EXPERT_NAMES, gguf_tensor_name
 from flashmoe.bench import gguf_export
 from flashmoe.bench.gguf_export import export_gguf, plan
 from flashmoe.bench.llama_cpp import find_runner, run_llama
@@ -286,12 +287,18 @@ def test_export_round_trips_through_the_gguf_importer(tiny, tmp_path):
     # _byte_level_tokenizer's ids: the bytes, then the merges 'Ġt' (256) and 'he' (257), then <|im_start|>
     assert Tokenizer.from_file(str(back / "tokenizer.json")).encode("the the<|im_start|>").ids == \
         [ord("t"), 257, 256, 257, 259]
+    # the Q4_0 export: every tensor imported equals gguf.quants' dequantisation of the exported one
     back4 = ModelDir.open(convert_gguf(q4_0, tmp_path / "back4", log=lambda _: None))
-    reader = gguf.GGUFReader(q4_0)
-    for t in reader.tensors:
-        if t.name in ("token_embd.weight", "blk.1.attn_q.weight"):
-            name = "embed_tokens.weight" if t.name == "token_embd.weight" else "layers.1.self_attn.q_proj.weight"
-            np.testing.assert_array_equal(back4.tensor(name), gguf.quants.dequantize(t.data, t.tensor_type))
+    exported = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(q4_0).tensors}
+    for name in back4.resident_names():
+        np.testing.assert_array_equal(back4.tensor(name), exported.pop(gguf_tensor_name(name, "qwen3moe")), name)
+    for layer in back4.moe_layers:
+        for e in range(TINY_QWEN3["num_experts"]):
+            for proj, got in back4.expert(layer, e).items():
+                np.testing.assert_array_equal(got, exported[f"blk.{layer}.{EXPERT_NAMES[proj]}"][e])
+        for proj in EXPERT_NAMES.values():
+            del exported[f"blk.{layer}.{proj}"]
+    assert not exported  # every exported tensor came back
 
 
 def test_qwen35moe_export_round_trips_through_the_gguf_importer(tiny35, tmp_path):
