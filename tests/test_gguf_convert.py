@@ -388,6 +388,23 @@ def test_deepseek2_file_with_the_old_fused_kv_b_is_refused_with_a_hint(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+def test_codebook_tensor_is_refused_by_name_and_leaves_nothing(tmp_path):
+    """IQ4_NL (16 non-uniform levels): not affine, so refused rather than requantised (docs/formats.md)."""
+    from typer.testing import CliRunner
+
+    write_tiny_gguf(tmp_path / "m.gguf")
+    block, size = gguf.GGML_QUANT_SIZES[QT.IQ4_NL]
+    iq = np.random.default_rng(0).integers(0, 256, (256, 256 // block * size), dtype=np.uint8)  # attn_q [256, 256]
+    iq[:, ::size] = iq[:, 1::size] = 0x20  # float16 block scales of about 0.008, finite
+    _older_conversion(tmp_path / "m.gguf", tmp_path / "iq.gguf", lambda t, _: [
+        (t.name, iq, QT.IQ4_NL) if t.name == "blk.1.attn_q.weight" else (t.name, np.asarray(t.data), t.tensor_type)])
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "iq.gguf")])
+    assert info.exit_code == 0 and "refused (not affine)" in info.output, info.output
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "iq.gguf"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "tensor 'blk.1.attn_q.weight': GGML type IQ4_NL is not affine" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iq.gguf", "m.gguf"]
+
+
 def test_qwen3next_file_with_the_legacy_fused_ssm_in_imports_the_same_tensors(tmp_path):
     """Older llama.cpp conversions of Qwen3-Next kept in_proj_qkvz as published (ssm_in: per key head its q, k, v
     and z rows; src/models/qwen3next.cpp's legacy path); here F32 rows of the split file's dequantised values."""
