@@ -405,11 +405,10 @@ def test_codebook_tensor_is_refused_by_name_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iq.gguf", "m.gguf"]
 
 
-def test_qwen3next_file_with_the_legacy_fused_ssm_in_imports_the_same_tensors(tmp_path):
-    """Older llama.cpp conversions of Qwen3-Next kept in_proj_qkvz as published (ssm_in: per key head its q, k, v
-    and z rows; src/models/qwen3next.cpp's legacy path); here F32 rows of the split file's dequantised values."""
-    from flashmoe.format.modeldir import ModelDir
-
+def _legacy_qwen3next(tmp_path):
+    """(path, canonical tensors) of the tiny qwen3next GGUF as older llama.cpp conversions wrote it: in_proj_qkvz as
+    published (ssm_in: per key head its q, k, v and z rows; src/models/qwen3next.cpp's legacy path), here F32 rows
+    of the split file's dequantised attn_qkv and attn_gate."""
     truth = write_tiny_gguf(tmp_path / "m.gguf", "qwen3_next")
     kh, dk, vd = 2, 64, 2 * 64  # key heads, key head width, value rows per key head (2 value heads of 64)
 
@@ -427,7 +426,14 @@ def test_qwen3next_file_with_the_legacy_fused_ssm_in_imports_the_same_tensors(tm
 
     _older_conversion(tmp_path / "m.gguf", tmp_path / "old.gguf", fuse)
     assert "blk.0.ssm_in.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "old.gguf").tensors}
-    convert_gguf(tmp_path / "old.gguf", tmp_path / "out", log=lambda msg: None)
+    return tmp_path / "old.gguf", truth
+
+
+def test_qwen3next_file_with_the_legacy_fused_ssm_in_imports_the_same_tensors(tmp_path):
+    from flashmoe.format.modeldir import ModelDir
+
+    path, truth = _legacy_qwen3next(tmp_path)
+    convert_gguf(path, tmp_path / "out", log=lambda msg: None)
     with ModelDir.open(tmp_path / "out") as model:
         for name in ("layers.0.linear_attn.in_proj_qkv.weight", "layers.0.linear_attn.in_proj_z.weight"):
             np.testing.assert_array_equal(model.tensor(name), truth.tensor(name), err_msg=name)
@@ -438,17 +444,21 @@ RUNNER = find_runner()
 
 @pytest.mark.skipif(RUNNER is None, reason="llama.cpp is not built in the cache (bench/llama_cpp.py builds it in "
                     "~15 min; CI does not)")
-@pytest.mark.parametrize("model_type", list(ARCH))
+@pytest.mark.parametrize("model_type", [*ARCH, "qwen3_next with ssm_in"])
 def test_llama_cpp_runs_the_same_gguf_to_the_imported_models_logits_and_greedy_tokens(tmp_path, model_type):
     """llama.cpp's own forward of the tiny GGUF against flashmoe's reference on the import: within llama.cpp's
     8-bit activation error (measured 1.4-6.1% of the largest logit over the architectures), and the same
     greedy token wherever flashmoe's top two logits are further apart than that bound (random tiny models
     have near ties)."""
-    write_tiny_gguf(tmp_path / "m.gguf", model_type)
-    convert_gguf(tmp_path / "m.gguf", tmp_path / "out", log=lambda msg: None)
+    path = tmp_path / "m.gguf"
+    if model_type in ARCH:
+        write_tiny_gguf(path, model_type)
+    else:  # the legacy layout, through llama.cpp's legacy path
+        path = _legacy_qwen3next(tmp_path)[0]
+    convert_gguf(path, tmp_path / "out", log=lambda msg: None)
     ids = np.array([5, 17, 99, 3, 250, 42])
     ours = ReferenceModel.from_dir(tmp_path / "out").forward(ids)
-    run_llama(RUNNER, tmp_path / "m.gguf", 1, ids[:4], ids[4:], ("cold",), logits_out=tmp_path / "logits.f32")
+    run_llama(RUNNER, path, 1, ids[:4], ids[4:], ("cold",), logits_out=tmp_path / "logits.f32")
     theirs = np.fromfile(tmp_path / "logits.f32", np.float32).reshape(ours.shape)
     bound = 0.1 * np.abs(ours).max()
     assert np.abs(theirs - ours).max() <= bound
