@@ -114,7 +114,8 @@ def _gated_delta_net(cfg: ModelConfig, arch: str, gname: str, values: np.ndarray
     """A GatedDeltaNet tensor as llama.cpp's converter wrote it -> canonical (name -> values), written from
     conversion/qwen.py: qwen35moe's value-head axes tiled (value head j of every key head, then j + 1),
     qwen3next's b and a fused per key head (ssm_ba), -exp(A_log), conv1d [C, K], the shared-expert gate [H]."""
-    kh, r, d = cfg.linear_num_key_heads, cfg.linear_num_value_heads // cfg.linear_num_key_heads, cfg.linear_value_head_dim
+    kh, d = cfg.linear_num_key_heads, cfg.linear_value_head_dim
+    r = cfg.linear_num_value_heads // kh
 
     def grouped(v: np.ndarray, head_dim: int, start: int = 0, axis: int = 0) -> np.ndarray:
         if arch != "qwen35moe":

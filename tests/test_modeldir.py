@@ -140,8 +140,10 @@ def _truncate(rel: str):
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (_edit_manifest(lambda m: m.update(format_version=4)), "reads 1, 2, 3); it was written by a newer flashmoe: upgrade flashmoe"),
-    (_edit_manifest(lambda m: m.update(format_version=0)), "format_version 0 is not supported (this flashmoe reads 1, 2, 3); convert the model again"),
+    (_edit_manifest(lambda m: m.update(format_version=4)),
+     "reads 1, 2, 3); it was written by a newer flashmoe: upgrade flashmoe"),
+    (_edit_manifest(lambda m: m.update(format_version=0)),
+     "format_version 0 is not supported (this flashmoe reads 1, 2, 3); convert the model again"),
     (_edit_manifest(lambda m: m.pop("experts")), "missing field 'experts'"),
     (_edit_manifest(lambda m: m["experts"][0].update(stride=6000)), "stride = 6000"),
     (_edit_manifest(lambda m: m["experts"][1]["components"][1].update(offset=100)), "offset 100"),

@@ -402,7 +402,7 @@ def _oriented(name: str, array: np.ndarray, cfg: ModelConfig, rows: int, cols: i
 
 
 def split_qkvz(name: str, prefix: str, kind: str, suffix: str, array: np.ndarray,
-                cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
+               cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
     """Split Qwen3-Next's fused projections by rows into the Qwen3.5 layout.
 
     transformers' fix_query_key_value_ordering views the qkvz output as [Hk, 2·Dk + 2·(Hv/Hk)·Dv] (per key

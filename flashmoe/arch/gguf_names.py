@@ -32,7 +32,8 @@ _GATED_DELTA_NET = {
     "linear_attn.in_proj_qkv.weight": "attn_qkv.weight", "linear_attn.in_proj_z.weight": "attn_gate.weight",
     "linear_attn.conv1d.weight": "ssm_conv1d.weight", "linear_attn.dt_bias": "ssm_dt.bias",
     "linear_attn.A_log": "ssm_a", "linear_attn.norm.weight": "ssm_norm.weight",
-    "linear_attn.out_proj.weight": "ssm_out.weight", **_SHARED, "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
+    "linear_attn.out_proj.weight": "ssm_out.weight", **_SHARED,
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight"}
 
 #: GGUF architecture -> {canonical name after `layers.{i}.` -> GGUF name after `blk.{i}.`}
 LAYER_NAMES: dict[str, dict[str, str]] = {
