@@ -462,7 +462,7 @@ class NumbaBackend(Backend):
     def linear(self, x: Any, w: Any) -> np.ndarray:
         x = _f32(x)
         if isinstance(w, Mxfp4Tensor):
-            return numba_mxfp4.linear(x, w, _call)
+            return numba_mxfp4.linear(x, w, _call, q8=self.activations == "q8")
         p = _as_weight(w, "linear weight")
         if isinstance(p, np.ndarray):
             return x @ p.T

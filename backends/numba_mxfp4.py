@@ -14,6 +14,11 @@ loop over words vectorises, and decodes each code by bit arithmetic instead of a
 lookup is a gather, which does not vectorise). The mat-mat (prefill) decodes a block of
 rows once (fp4_value too) into a per-thread tile and reuses it for every token. Rounding differs from "dequantise, then
 dot" only by float32 summation order (conformance holds both to the reference).
+
+With q8 activations (flashmoe.reference.q8: twice an E2M1 value is an integer in [-12, 12]) the decode
+mat-vec is an integer one: on x86 the row kernel of the 4-bit affine q8 path (numba_q8.paired_row_dot, inputs
+in paired order) with each nibble mapped to |2·value| by vpshufb and its sign moved onto the int8 input by
+vpsignb, then vpdpbusd (or vpmaddubsw + vpmaddwd); elsewhere a portable loop.
 """
 
 from __future__ import annotations
@@ -23,19 +28,26 @@ import functools
 import numpy as np
 
 try:
+    from llvmlite import ir as llvm_ir
     from numba import njit, prange
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
 
-    from flashmoe.backends.numba_packed import u32_as_f32
+    from flashmoe.backends import numba_q8
+    from flashmoe.backends.numba_packed import code, u32_as_f32
 except ImportError:  # the numba backend reports it (numba_backend.unavailable_reason)
     njit = None
 
 from flashmoe.backends.base import BackendError
-from flashmoe.backends.numba_packed import ROW_BLOCK
+from flashmoe.backends.numba_packed import FASTMATH, ROW_BLOCK
 from flashmoe.format.mxfp4 import BLOCK, SCALE_BIAS, Mxfp4Tensor
+from flashmoe.reference.q8 import FP4_DOUBLED, Q8_MAX_TOKENS
 
 #: 2^(s − 127) for every E8M0 byte s, float32 (s = 255 gives inf, as ldexp does for the large codes).
 with np.errstate(over="ignore"):
     SCALE_VALUES = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - SCALE_BIAS).astype(np.float32)
+#: 2^(s − 128) for every E8M0 byte s, float32: the scale of the q8 kernels' doubled E2M1 values (all finite).
+HALF_SCALE_VALUES = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - SCALE_BIAS - 1).astype(np.float32)
 
 # E2M1 codes per uint32 word of a row's blocks, and words per block of 32.
 _CODES_PER_WORD = 8
@@ -58,12 +70,82 @@ if njit is not None:
         return u32_as_f32(bits) * np.float32(2.0**126)
 
 
+if njit is not None:  # the x86 intrinsics are only compiled where q8_matvec(paired=True) is used
+    _V32I8 = llvm_ir.VectorType(llvm_ir.IntType(8), 32)
+
+    def _e2m1_pair_dot(builder, w, xl, xh):
+        """numba_q8.pair_products for 32 bytes w of E2M1 codes (in paired order): each nibble's |2·value| by
+        vpshufb from a 16-entry table, against its input given the code's sign by vpsignb (zero for ±0)."""
+        fn = llvm_ir.FunctionType(_V32I8, [_V32I8] * 2)
+        shuffle = cgutils.get_or_insert_function(builder.module, fn, "llvm.x86.avx2.pshuf.b")
+        sign = cgutils.get_or_insert_function(builder.module, fn, "llvm.x86.avx2.psign.b")
+        table = (llvm_ir.Constant(_V32I8, [int(v) for v in np.tile(t, 2)]) for t in (np.abs(FP4_DOUBLED), FP4_DOUBLED))
+        magnitudes, values = table
+        lo, hi = numba_q8.nibbles(builder, w)
+        ml, mh = (builder.call(shuffle, [magnitudes, n]) for n in (lo, hi))
+        sl, sh = (builder.call(sign, [x, builder.call(shuffle, [values, n])]) for x, n in ((xl, lo), (xh, hi)))
+        return numba_q8.pair_products(builder, ml, mh, sl, sh)
+
+    @intrinsic
+    def _x86_row_dot(typingctx, words, xq, d, srow, pow2):
+        """sum_b pow2[srow[b]] * (d[b] * (FP4_DOUBLED[codes_b] . xq_b)) for one row: words uint32 [in / 8]
+        (the row's bytes), xq int8 [in] in paired order, d float32 [in / 32], srow uint8 [in / 32] (E8M0),
+        pow2 float32 [256] (HALF_SCALE_VALUES); returns float32. d_b meets the integer dot before the power of
+        two, so a tiny scale leaves one rounding to a subnormal, not two."""
+        sig = types.float32(words, xq, d, srow, pow2)
+
+        def codegen(context, builder, signature, args):
+            wa, xa, da, sa, pa = (context.make_array(t)(context, builder, value=v)
+                                  for t, v in zip(signature.args, args))
+
+            def block_scale(b):
+                e = builder.zext(builder.load(builder.gep(sa.data, [b])), llvm_ir.IntType(64))
+                return builder.load(builder.gep(pa.data, [e]))
+
+            return numba_q8.paired_row_dot(
+                context, builder, wa, xa, da, block_scale, _e2m1_pair_dot,
+                lambda f, d2, s2: (builder.fmul(f, numba_q8.pair_lanes(builder, d2)), numba_q8.pair_lanes(builder, s2)))
+
+        return sig, codegen
+
+    @njit(inline="always")
+    def _portable_row_dot(wrow, xq, d, srow, pow2):
+        """_x86_row_dot's sum by plain loops, inputs in natural order."""
+        acc = np.float32(0.0)
+        for b in range(srow.shape[0]):
+            s = np.int32(0)
+            for i in range(b * BLOCK, b * BLOCK + BLOCK):
+                s += np.int32(FP4_DOUBLED[code(wrow, i // _CODES_PER_WORD, i % _CODES_PER_WORD, 4)]) * np.int32(xq[i])
+            acc += pow2[srow[b]] * (d[b] * np.float32(s))
+        return acc
+
+
+@functools.cache
+def q8_matvec(paired: bool):
+    """The q8 mat-vec (flashmoe.reference.q8, MXFP4): the x86 row kernel for inputs in paired order, else the
+    portable loop; ``paired`` is a closure constant, so only one is compiled."""
+
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
+    def matvec(words, scales, xq, d, pow2, out):
+        """out[t, r] = row r · x̂[t]: words uint32 [out, in/8], scales uint8 [out, in/32], x quantised (xq int8
+        [T, in], d float32 [T, in/32]), pow2 HALF_SCALE_VALUES -> out float32 [T, out]."""
+        n_rows = words.shape[0]
+        for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            for r in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
+                for t in range(xq.shape[0]):
+                    if paired:
+                        out[t, r] = _x86_row_dot(words[r], xq[t], d[t], scales[r], pow2)
+                    else:
+                        out[t, r] = _portable_row_dot(words[r], xq[t], d[t], scales[r], pow2)
+
+    return matvec
+
+
 @functools.cache
 def kernels():
     """The compiled kernels (compiled on first use, cached on disk by numba)."""
-    _FASTMATH = {"contract", "reassoc"}
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def matvec(words, scales, xp, pow2, out):
         """out[t, r] = row r · x[t] for few tokens: words uint32 [out, in/8] (the blocks' bytes, 8 codes a
         word), scales uint8 [out, in/32], xp float32 [T, 8, in/8] (xp[t, j, u] = x[t, 8u + j])
@@ -86,7 +168,7 @@ def kernels():
                         total += pow2[scales[r, b]] * (pw[u] + pw[u + 1] + pw[u + 2] + pw[u + 3])
                     out[t, r] = total
 
-    @njit(parallel=True, fastmath=_FASTMATH, cache=True)
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def matmat(blocks, scales, x, pow2, out):
         """As matvec, for many tokens: each block of rows is decoded once into a tile, then dotted with every
         token."""
@@ -115,8 +197,9 @@ def kernels():
 MATVEC_TOKENS = 3
 
 
-def linear(x: np.ndarray, w: Mxfp4Tensor, call) -> np.ndarray:
-    """x float32 [T, in] · Wᵀ for an MXFP4 W (blocks uint8 [out, in/2], scales uint8 [out, in/32]) -> [T, out].
+def linear(x: np.ndarray, w: Mxfp4Tensor, call, q8: bool = False) -> np.ndarray:
+    """x float32 [T, in] · Wᵀ for an MXFP4 W (blocks uint8 [out, in/2], scales uint8 [out, in/32]) -> [T, out];
+    with ``q8``, up to Q8_MAX_TOKENS tokens take q8 activations (flashmoe.reference.q8.linear_q8).
 
     call: the numba backend's launcher (`_call(kernel, work, *args)`), which picks the thread count."""
     if w.blocks.ndim != 2 or x.shape[1] != w.shape[1]:
@@ -126,7 +209,10 @@ def linear(x: np.ndarray, w: Mxfp4Tensor, call) -> np.ndarray:
     blocks, scales = np.ascontiguousarray(w.blocks), np.ascontiguousarray(w.scales)
     out = np.empty((x.shape[0], blocks.shape[0]), np.float32)
     work = out.size * x.shape[1]
-    if x.shape[0] <= MATVEC_TOKENS:
+    if q8 and x.shape[0] <= Q8_MAX_TOKENS:
+        xq, d, _, paired = numba_q8.quantize(x, 4, BLOCK)  # 4-bit codes in bytes, blocks of 32: the same order
+        call(q8_matvec(paired), work, blocks.view("<u4"), scales, xq, d, HALF_SCALE_VALUES, out)
+    elif x.shape[0] <= MATVEC_TOKENS:
         xp = np.ascontiguousarray(x.reshape(x.shape[0], -1, _CODES_PER_WORD).transpose(0, 2, 1))
         call(matvec, work, blocks.view("<u4"), scales, xp, SCALE_VALUES, out)
     else:

@@ -99,25 +99,29 @@ if numba is not None:
                                             "llvm.x86.avx2.pmadd.wd")
         return builder.call(fn, [a, llvm_ir.Constant(_v16i16, [factor] * 16)])
 
-    def _nibbles(builder, w):
+    def nibbles(builder, w):
         return (builder.and_(w, llvm_ir.Constant(_v32i8, [15] * 32)),
                 builder.lshr(w, llvm_ir.Constant(_v32i8, [4] * 32)))
 
-    def _pair_dot(builder, w, xl, xh):
-        """<8 x i32>: lanes 0-3 sum block 0's code·x products, lanes 4-7 block 1's (32 bytes w of 4-bit
-        codes; xl, xh the int8 inputs of the low and high nibbles)."""
-        lo, hi = _nibbles(builder, w)
+    def pair_products(builder, lo, hi, xl, xh):
+        """<8 x i32>: lanes 0-3 sum block 0's lo·xl + hi·xh products, lanes 4-7 block 1's (lo, hi: 32
+        unsigned bytes of at most 15, the weights of the low and high nibbles; xl, xh: their int8 inputs)."""
         if INT8_INSTRUCTIONS == "avx512-vnni":
             return _vnni(builder, _vnni(builder, llvm_ir.Constant(_v8i32, [0] * 8), lo, xl), hi, xh)
         # Each int16 lane is at most 2 * 15 * 127 per call, so neither the add nor vpmaddubsw saturates.
         return _maddwd(builder, builder.add(_maddubs(builder, lo, xl), _maddubs(builder, hi, xh)), 1)
+
+    def _pair_dot(builder, w, xl, xh):
+        """pair_products of 32 bytes w of 4-bit codes: their low and high nibbles are the weights."""
+        lo, hi = nibbles(builder, w)
+        return pair_products(builder, lo, hi, xl, xh)
 
     def _byte_dot(builder, w, x):
         """<8 x i32> summing to the block's code·x (32 bytes w of 8-bit codes, 32 int8 inputs x)."""
         if INT8_INSTRUCTIONS == "avx512-vnni":
             return _vnni(builder, llvm_ir.Constant(_v8i32, [0] * 8), w, x)
         # vpmaddubsw on whole bytes would saturate (2 * 255 * 127 > 32767): code = 16 * high + low nibble.
-        lo, hi = _nibbles(builder, w)
+        lo, hi = nibbles(builder, w)
         return builder.add(_maddwd(builder, _maddubs(builder, hi, x), 16), _maddwd(builder, _maddubs(builder, lo, x), 1))
 
     def _load_scale(builder, pointer, index, bf16):
@@ -127,53 +131,63 @@ if numba is not None:
             return v
         return builder.bitcast(builder.shl(builder.zext(v, _i32), llvm_ir.Constant(_i32, 16)), _f32)
 
+    def paired_row_dot(context, builder, wa, xa, da, block_scale, pair_dot, fma_terms):
+        """Codegen of a row's q8 dot over 4-bit codes in paired order (module docstring), shared by the affine
+        and MXFP4 row kernels. For each pair p of blocks (32 code bytes of wa, 64 int8 inputs of xa, the two
+        activation scales d2 of da), f = sitofp(pair_dot(w, xl, xh)) (<8 x float>: lanes 0-3 block 2p, 4-7
+        block 2p + 1) and s2 = the two blocks' weight scales (block_scale(b) -> float) are accumulated as
+        fma(*fma_terms(f, d2, s2), acc); two accumulators hide the FMA latency; returns the lanes' float sum."""
+        one = llvm_ir.Constant(llvm_ir.IntType(64), 1)
+        wp = builder.bitcast(wa.data, _v32i8.as_pointer())
+        xp = builder.bitcast(xa.data, _v32i8.as_pointer())
+        dp = builder.bitcast(da.data, _v2f32.as_pointer())
+        fma = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v8f32, [_v8f32] * 3),
+                                             "llvm.fma.v8f32")
+        accs = [cgutils.alloca_once_value(builder, llvm_ir.Constant(_v8f32, [0.0] * 8)) for _ in range(2)]
+
+        def step(p, acc):
+            w = builder.load(builder.gep(wp, [p]), align=1)
+            xl = builder.load(builder.gep(xp, [builder.shl(p, one)]), align=1)
+            xh = builder.load(builder.gep(xp, [builder.add(builder.shl(p, one), one)]), align=1)
+            b0 = builder.shl(p, one)
+            s2 = llvm_ir.Constant(_v2f32, None)
+            for lane, b in enumerate((b0, builder.add(b0, one))):
+                s2 = builder.insert_element(s2, block_scale(b), llvm_ir.Constant(_i32, lane))
+            d2 = builder.load(builder.gep(dp, [p]), align=4)
+            f = builder.sitofp(pair_dot(builder, w, xl, xh), _v8f32)
+            builder.store(builder.call(fma, [*fma_terms(f, d2, s2), builder.load(acc)]), acc)
+
+        n_pairs = builder.lshr(cgutils.unpack_tuple(builder, da.shape)[0], one)
+        with cgutils.for_range(builder, builder.lshr(n_pairs, one)) as loop:  # two pairs per step
+            step(builder.shl(loop.index, one), accs[0])
+            step(builder.add(builder.shl(loop.index, one), one), accs[1])
+        with builder.if_then(builder.trunc(n_pairs, llvm_ir.IntType(1))):  # an odd pair left
+            step(builder.sub(n_pairs, one), accs[0])
+        v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+        v4 = builder.fadd(builder.shuffle_vector(v, v, _lanes(0, 1, 2, 3)),
+                          builder.shuffle_vector(v, v, _lanes(4, 5, 6, 7)))
+        v2 = builder.fadd(builder.shuffle_vector(v4, v4, _lanes(0, 1)), builder.shuffle_vector(v4, v4, _lanes(2, 3)))
+        return builder.fadd(builder.extract_element(v2, llvm_ir.Constant(_i32, 0)),
+                            builder.extract_element(v2, llvm_ir.Constant(_i32, 1)))
+
+    def pair_lanes(builder, v2):
+        """<2 x float> (one value per block of a pair) -> <8 x float>, each repeated over its block's 4 lanes."""
+        return builder.shuffle_vector(v2, v2, _lanes(0, 0, 0, 0, 1, 1, 1, 1))
+
     @intrinsic
     def _q4_row_dot(typingctx, words, xq, d, srow, shift):
         """sum_b d[b] * srow[b >> shift] * (codes_b . xq_b) for one row: 4-bit codes (uint32 words
         [in / 8]), xq int8 [in] in paired order, d float32 [in / 32], srow the row's scales (float32, or
-        bf16 bits as uint16), shift = log2(blocks per group); returns float32. Two accumulators hide the
-        FMA latency."""
+        bf16 bits as uint16), shift = log2(blocks per group); returns float32."""
         sig = types.float32(words, xq, d, srow, shift)
         bf16 = srow.dtype == types.uint16
 
         def codegen(context, builder, signature, args):
             wa, xa, da, sa = (context.make_array(t)(context, builder, value=v)
                               for t, v in zip(signature.args[:4], args[:4]))
-            i64 = llvm_ir.IntType(64)
-            one = llvm_ir.Constant(i64, 1)
-            n_pairs = builder.lshr(cgutils.unpack_tuple(builder, da.shape)[0], one)
-            wp = builder.bitcast(wa.data, _v32i8.as_pointer())
-            xp = builder.bitcast(xa.data, _v32i8.as_pointer())
-            dp = builder.bitcast(da.data, _v2f32.as_pointer())
-            fma = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v8f32, [_v8f32] * 3),
-                                                 "llvm.fma.v8f32")
-            accs = [cgutils.alloca_once_value(builder, llvm_ir.Constant(_v8f32, [0.0] * 8)) for _ in range(2)]
-
-            def step(p, acc):
-                w = builder.load(builder.gep(wp, [p]), align=1)
-                xl = builder.load(builder.gep(xp, [builder.shl(p, one)]), align=1)
-                xh = builder.load(builder.gep(xp, [builder.add(builder.shl(p, one), one)]), align=1)
-                b0 = builder.shl(p, one)
-                s2 = llvm_ir.Constant(_v2f32, None)
-                for lane, b in enumerate((b0, builder.add(b0, one))):
-                    s2 = builder.insert_element(s2, _load_scale(builder, sa.data, builder.lshr(b, args[4]), bf16),
-                                                llvm_ir.Constant(_i32, lane))
-                c2 = builder.fmul(builder.load(builder.gep(dp, [p]), align=4), s2)
-                c8 = builder.shuffle_vector(c2, c2, _lanes(0, 0, 0, 0, 1, 1, 1, 1))
-                f = builder.sitofp(_pair_dot(builder, w, xl, xh), _v8f32)
-                builder.store(builder.call(fma, [f, c8, builder.load(acc)]), acc)
-
-            with cgutils.for_range(builder, builder.lshr(n_pairs, one)) as loop:  # two pairs per step
-                step(builder.shl(loop.index, one), accs[0])
-                step(builder.add(builder.shl(loop.index, one), one), accs[1])
-            with builder.if_then(builder.trunc(n_pairs, llvm_ir.IntType(1))):  # an odd pair left
-                step(builder.sub(n_pairs, one), accs[0])
-            v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-            v4 = builder.fadd(builder.shuffle_vector(v, v, _lanes(0, 1, 2, 3)),
-                              builder.shuffle_vector(v, v, _lanes(4, 5, 6, 7)))
-            v2 = builder.fadd(builder.shuffle_vector(v4, v4, _lanes(0, 1)), builder.shuffle_vector(v4, v4, _lanes(2, 3)))
-            return builder.fadd(builder.extract_element(v2, llvm_ir.Constant(_i32, 0)),
-                                builder.extract_element(v2, llvm_ir.Constant(_i32, 1)))
+            return paired_row_dot(context, builder, wa, xa, da,
+                                  lambda b: _load_scale(builder, sa.data, builder.lshr(b, args[4]), bf16), _pair_dot,
+                                  lambda f, d2, s2: (f, pair_lanes(builder, builder.fmul(d2, s2))))
 
         return sig, codegen
 

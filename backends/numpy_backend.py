@@ -62,11 +62,12 @@ class NumpyBackend(Backend):
         x = _f32(x)
         if isinstance(w, np.ndarray):
             return x @ _f32(w).T
+        q8 = self.activations == "q8" and x.shape[0] <= ref_q8.Q8_MAX_TOKENS
         if isinstance(w, Mxfp4Tensor):  # routed experts only: one expert's rows are few enough to decode at once
-            return x @ w.dequantize().T
+            return ref_q8.linear_q8(x, w) if q8 else x @ w.dequantize().T
         p = pack_weight(w)
         y = np.empty((x.shape[0], p.out_features), np.float32)
-        if self.activations == "q8" and x.shape[0] <= ref_q8.Q8_MAX_TOKENS:
+        if q8:
             step = max(1, _BLOCK_ELEMENTS // 8 // p.in_features)  # linear_q8's int32 temporaries: 8 bytes a weight
             for r in range(0, p.out_features, step):
                 sel = slice(r, r + step)

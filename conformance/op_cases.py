@@ -273,6 +273,8 @@ def _quick() -> list[OpCase]:
     cases += [c("linear", tokens=t, out=40, inp=192, bits=MXFP4) for t in (1, 5)]
     cases += [c("rope", tokens=5, heads=2, head_dim=64, rotary_dim=64, theta=150000.0, max_position=3000, yarn=True)]
     cases += [c("attention", tokens=t, cached=n, heads=4, kv_heads=2, head_dim=32, sinks=True) for t, n in ((1, 20), (5, 3))]
+    cases += [c("linear", tokens=t, out=40, inp=i, bits=MXFP4, activations="q8") for t, i in ((1, 256), (3, 192))]
+    cases += [c("experts_ffn", k=2, hidden=128, inter=64, bits=MXFP4, act=True, activations="q8")]
     cases += [c("expert_ffn", tokens=3, hidden=64, inter=64, bits=MXFP4, act=True),
               c("experts_ffn", k=4, hidden=64, inter=64, bits=MXFP4, act=True),
               c("experts_ffn", k=2, hidden=64, inter=64, bits=4, group_size=32, sdtype="bfloat16", act=True)]
@@ -320,22 +322,28 @@ def run_cases(backend: Backend | str, cases: list[OpCase],
     return results
 
 
-def mxfp4_extremes_excess(backend: Backend | str, tokens: int = 2) -> float:
+def mxfp4_extremes_excess(backend: Backend | str, tokens: int = 2, activations: str = "float") -> float:
     """An MXFP4 linear over every byte of codes in every row, with one E8M0 scale per row from 2^-127
     (subnormal weights) to 2^125 (the largest whose 6·2^s stays finite in float32), against a float64 product
-    of the exact decode (flashmoe.format.mxfp4). Returns the worst |got − want| over its allowance,
+    of the exact decode (flashmoe.format.mxfp4) with x, or in q8 mode with the dequantised activations x̂
+    (flashmoe.reference.q8: q8 computes W·x̂). Returns the worst |got − want| over its allowance,
     1e-5 · Σ|x·w| (the scale the row's float32 sum rounds at) + 1e-43 (subnormal results): ≤ 1 passes."""
     from flashmoe.format.mxfp4 import dequantize_mxfp4
+    from flashmoe.reference.q8 import Q8_MAX_TOKENS, quantize_q8
 
-    be = get_backend(backend) if isinstance(backend, str) else backend
+    be = get_backend(backend if isinstance(backend, str) else backend.name, activations)
     scales = np.linspace(0, 252, 43).astype(np.uint8)  # rows
     w = Mxfp4Tensor(np.tile(np.arange(256, dtype=np.uint8), (len(scales), 1)),  # in = 512
                     np.repeat(scales[:, None], 16, axis=1))
     x = (np.random.default_rng(0).standard_normal((tokens, 512)) * 1e-3).astype(np.float32)
     exact = dequantize_mxfp4(w.blocks, w.scales).astype(np.float64)
-    want = x.astype(np.float64) @ exact.T  # (tokens, rows)
+    x_eff = x.astype(np.float64)
+    if activations == "q8" and tokens <= Q8_MAX_TOKENS:
+        xq, d = quantize_q8(x)
+        x_eff = (xq.reshape(tokens, -1, 32) * d[..., None].astype(np.float64)).reshape(tokens, -1)
+    want = x_eff @ exact.T  # (tokens, rows)
     got = be.to_numpy(be.linear(x, w)).astype(np.float64)
-    allowance = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact).T) + 1e-43
+    allowance = 1e-5 * (np.abs(x_eff) @ np.abs(exact).T) + 1e-43
     return float(np.max(np.abs(got - want) / allowance))
 
 

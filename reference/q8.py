@@ -20,6 +20,14 @@ error of this form (1.5% against 0.55% of a 512x512 layer's output norm; docs/be
 float sums here are taken in float64 and rounded once, so a backend's q8 kernel may differ from this only by the
 order of its float32 sums (conformance).
 
+MXFP4 weights (flashmoe.format.mxfp4: ``w = E2M1(code) · 2^(s_b − 127)`` per block of 32, one block per
+activation block) meet the codes the same way: twice an E2M1 value is an integer in [-12, 12] (FP4_DOUBLED),
+so each block's dot with the int8 activations is exact in int32 and
+
+    y = sum_b 2^(s_b − 128) * d_b * (2·E2M1(code_b) . xq_b)                                   (no bias term)
+
+again exactly ``W · x̂``.
+
 How far q8 is from the float path: each element's rounding error is at most ``d_b / 2 = max|x_b| / 254``,
 independent and zero-mean, so the output moves by about ``|w| * max|x_b| / (127 * sqrt(12))`` per sqrt(input):
 about 0.5% of the output's norm for Gaussian x. tests/test_q8.py holds the q8 reference to the float reference
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashmoe.format.mxfp4 import BLOCK, FP4_VALUES, SCALE_BIAS, Mxfp4Tensor, fp4_codes
 from flashmoe.format.quant import QuantizedTensor, unpack
 from flashmoe.reference.ops import silu
 
@@ -43,6 +52,8 @@ Q8_MAX_TOKENS = 3
 #: Bound on |q8 - float| / |float| (Euclidean norms over the output) of a SwiGLU expert on Gaussian inputs
 #: and weights, every bit width (tests/test_q8.py; the module docstring gives the expected size per layer).
 Q8_VS_FLOAT_TOLERANCE = 1.5e-2
+#: 2 · E2M1 value of each MXFP4 code (flashmoe.format.mxfp4.FP4_VALUES): exact integers in [-12, 12].
+FP4_DOUBLED = (2 * FP4_VALUES).astype(np.int8)
 
 
 def q8_block(group_size: int) -> int:
@@ -77,10 +88,12 @@ def round_half_away(v: np.ndarray) -> np.ndarray:
     return np.sign(v) * (whole + np.floor(2 * (a - whole)))
 
 
-def linear_q8(x: np.ndarray, w: QuantizedTensor) -> np.ndarray:
-    """y = x·Wᵀ with q8 activations (module docstring). x: float32 (T, in); w: 2-D QuantizedTensor
-    [out, in]. Returns float32 (T, out)."""
+def linear_q8(x: np.ndarray, w: QuantizedTensor | Mxfp4Tensor) -> np.ndarray:
+    """y = x·Wᵀ with q8 activations (module docstring). x: float32 (T, in); w: 2-D QuantizedTensor or
+    Mxfp4Tensor [out, in]. Returns float32 (T, out)."""
     x = np.asarray(x, np.float32)
+    if isinstance(w, Mxfp4Tensor):
+        return _linear_q8_mxfp4(x, w)
     T, n = x.shape
     out, gs = w.weight.shape[0], w.group_size
     block = q8_block(gs)
@@ -92,6 +105,18 @@ def linear_q8(x: np.ndarray, w: QuantizedTensor) -> np.ndarray:
     xsum = block_sums.reshape(T, n // gs, gs // block).sum(-1)  # (T, G): group sums of x̂
     scales, biases = (np.asarray(a, np.float32).astype(np.float64) for a in (w.scales, w.biases))
     y = (qx * scales).sum(-1) + xsum @ biases.T  # (T, out)
+    return y.astype(np.float32)
+
+
+def _linear_q8_mxfp4(x: np.ndarray, w: Mxfp4Tensor) -> np.ndarray:
+    """linear_q8 for MXFP4: y = sum_b 2^(s_b − 128) * d_b * (FP4_DOUBLED[code_b] . xq_b) (module docstring)."""
+    T, n = x.shape
+    out = w.blocks.shape[0]
+    xq, d = quantize_q8(x, BLOCK)
+    codes = FP4_DOUBLED[fp4_codes(np.asarray(w.blocks))].reshape(out, n // BLOCK, BLOCK).astype(np.int32)
+    isum = np.einsum("tbi,obi->tob", xq.reshape(T, n // BLOCK, BLOCK).astype(np.int32), codes)  # exact int32
+    half_scales = np.ldexp(1.0, np.asarray(w.scales, np.int32) - (SCALE_BIAS + 1))  # (out, blocks) float64, exact
+    y = (isum * d[:, None, :].astype(np.float64) * half_scales).sum(-1)  # (T, out)
     return y.astype(np.float32)
 
 

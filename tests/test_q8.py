@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import BITS, quantize
 from flashmoe.reference.q8 import Q8_VS_FLOAT_TOLERANCE, linear_q8, quantize_q8, swiglu_q8
 from flashmoe.reference.moe import swiglu
@@ -41,6 +42,18 @@ def test_linear_q8_is_the_dequantised_weight_times_the_dequantised_activations(b
     x_hat = (xq.reshape(2, 8, 32) * d[..., None].astype(np.float64)).reshape(2, 256)
     want = x_hat @ qt.dequantize(np.float64).T
     np.testing.assert_allclose(linear_q8(x, qt), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_mxfp4_linear_q8_is_the_dequantised_weight_times_the_dequantised_activations():
+    """MXFP4 (doubled E2M1 values in int32 block dots, then 2^(s - 128)): W·x̂ over every code, with scales
+    from 2^-127 to 2^125 (where 6·2^s is still a finite float32)."""
+    rng = np.random.default_rng(3)
+    x = _activations(rng, 2, 512) * np.float32(1e-6)  # keeps every row's sum finite in float32
+    w = Mxfp4Tensor(np.tile(np.arange(256, dtype=np.uint8), (24, 1)), rng.integers(0, 253, (24, 16), dtype=np.uint8))
+    xq, d = quantize_q8(x)
+    x_hat = (xq.reshape(2, 16, 32) * d[..., None].astype(np.float64)).reshape(2, 512)
+    want = x_hat @ w.dequantize(np.float64).T
+    np.testing.assert_allclose(linear_q8(x, w), want.astype(np.float32), rtol=1e-6, atol=1e-44)
 
 
 @pytest.mark.parametrize("bits", BITS)
