@@ -295,7 +295,8 @@ def mlx_lm_model(hf_dir: str | Path):
     """(mlx-lm model, config dict) holding the float weights of the HF checkpoint at hf_dir, loaded through
     mlx-lm's own `sanitize` (which stacks experts into switch_mlp, moves conv1d to [C, K, 1] and adds 1 to
     the x·(1+w) norms of the Qwen3.5/Next families). Qwen3.5's per-expert tensors, which mlx-lm does not
-    read, are first fused into `experts.gate_up_proj` / `experts.down_proj` as Qwen publishes them."""
+    read, are first fused into `experts.gate_up_proj` / `experts.down_proj` as Qwen publishes them; gpt-oss's
+    expert tensors are given in OpenAI's published orientation, which its sanitize splits."""
     import mlx.core as mx
     from mlx_lm.utils import _get_classes
 
@@ -313,6 +314,9 @@ def mlx_lm_model(hf_dir: str | Path):
                                            for e in range(text["num_experts"])])
             weights[f"{p}.gate_up_proj"] = mx.concatenate([stack("gate_proj"), stack("up_proj")], axis=1)
             weights[f"{p}.down_proj"] = stack("down_proj")
+    if config["model_type"] == "gpt_oss":  # sanitize reads OpenAI's [E, out, in] `.weight`; transformers: [E, in, out]
+        for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+            weights[f"{name}.weight"] = weights.pop(name).swapaxes(-1, -2)
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     return model, config
 

@@ -20,9 +20,7 @@ pytest.importorskip("mlx_lm", reason="mlx-lm is needed to write MLX checkpoints 
 # Variants using what mlx-lm's model classes lack: Qwen3.5 with shared_expert_intermediate_size 0 (its MLP
 # init divides by the width), Qwen3-MoE attention biases (its q/k/v/o have none) and DeepSeek-V3 or GLM-4.5
 # with tied embeddings (their lm_head is always separate) cannot be built at all.
-# mlx-lm's gpt_oss sanitize reads OpenAI's layout (gate_up_proj as [E, 2I, H] or MXFP4 _blocks), not the
-# [E, H, 2I] float tensors transformers 5 saves, and its model needs both layer types; gpt_oss is compared with
-# transformers only (tests/test_gpt_oss.py). mlx-lm's minimax reads the published tensor names, which transformers
+# mlx-lm writes gpt_oss's experts as `experts.{proj}`, not `switch_mlp` (its own test below). mlx-lm's minimax reads the published tensor names, which transformers
 # 5 saves too, and config keys (rotary_dim; shared_intermediate_size, which _mlx_lm_config supplies).
 MLX_VARIANTS = [v for v in VARIANTS + NOAUX_VARIANTS if v not in {("qwen3_5_moe", "no_shared_k8"),
                                                                   ("qwen3_moe", "norm_topk_k8_attn_bias"),
@@ -80,4 +78,25 @@ def test_mlx_4bit_checkpoint_in_the_reference_matches_mlx_lm(hf_checkpoint, tmp_
     want = mlx_lm_logits(mlx_dir, tokens)
     got = ReferenceModel.from_dir(model_dir).forward(tokens)
     assert ModelConfig.from_file(mlx_dir).family == MODEL_TYPES[arch]
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-3
+
+
+def test_gpt_oss_4bit_mlx_checkpoint_in_the_reference_matches_mlx_lm(hf_checkpoint, tmp_path):
+    """gpt-oss through mlx-lm's own model class (its sanitize splits the interleaved gate_up of OpenAI's
+    layout, mlx_lm_model; SwitchGLU with biases; the router at 8 bits), quantised to 4 bits, converted, in the
+    reference. mlx-lm's YaRN always rounds its correction range (transformers' `truncate: false` does not) and
+    its SwigluOAI keeps the default limit 7, so the checkpoint is window8_k2 (limit 7) with truncate set."""
+    import json
+    import shutil
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(hf_checkpoint("gpt_oss", "window8_k2"), hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["rope_parameters"]["truncate"] = True
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    mlx_dir = build_mlx_checkpoint(hf_dir, tmp_path / "mlx", bits=4, group_size=32)
+    model_dir = convert_checkpoint(mlx_dir, tmp_path / "flashmoe", bits="none", log=lambda msg: None)
+    tokens = prompt_tokens(32)  # longer than the window of 8
+    want = mlx_lm_logits(mlx_dir, tokens)
+    got = ReferenceModel.from_dir(model_dir).forward(tokens)
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-3

@@ -251,9 +251,10 @@ PER_HEAD = re.compile(r"^layers\.\d+\.self_attn\.(embed_q|unembed_out)\.weight$"
 
 
 def detect_layout(names: Iterable[str]) -> str:
-    """'mlx' when the checkpoint was written by mlx-lm (its `sanitize` stacks every MoE family's experts into
-    `switch_mlp`), else 'hf'."""
-    return MLX if any(".switch_mlp." in n for n in names) else HF
+    """'mlx' when the checkpoint was written by mlx-lm: its `sanitize` stacks the experts into `switch_mlp`
+    (gpt-oss's into `experts.{gate,up,down}_proj`, the canonical names), and its affine quantisation writes
+    `.biases` beside `.scales`, a name no HF checkpoint uses; else 'hf'."""
+    return MLX if any(".switch_mlp." in n or n.endswith(".biases") for n in names) else HF
 
 
 def drop_reason(name: str, cfg: ModelConfig | None = None) -> str | None:
