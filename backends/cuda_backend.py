@@ -35,8 +35,8 @@ try:
     from flashmoe.backends import cuda_mxfp4
     from flashmoe.backends.cuda_arrays import DeviceArray, device_empty, empty, flat_launch, row_launch, to_device, \
         upload
-    from flashmoe.backends.cuda_staging import DeviceQuantized, ExpertStaging, StagedExperts, scale_offset, \
-        upload_quantized
+    from flashmoe.backends.cuda_staging import DeviceMxfp4, DeviceQuantized, ExpertStaging, StagedExperts, \
+        scale_offset, upload_mxfp4, upload_quantized
 except ImportError as _e:  # the registry reports this through unavailable_reason
     cuda = None
     _IMPORT_ERROR: str | None = str(_e)
@@ -122,11 +122,13 @@ class CudaBackend(Backend):
             return x.to_host()
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def prepare(self, t: Any) -> DeviceQuantized | DeviceArray:
-        if isinstance(t, DeviceQuantized | DeviceArray):
+    def prepare(self, t: Any) -> DeviceQuantized | DeviceMxfp4 | DeviceArray:
+        if isinstance(t, DeviceQuantized | DeviceMxfp4 | DeviceArray):
             return t
         if isinstance(t, QuantizedTensor):
             return upload_quantized(t, "weight")
+        if isinstance(t, Mxfp4Tensor):
+            return upload_mxfp4(t, "weight")
         if isinstance(t, np.ndarray):
             return to_device(t)
         raise BackendError(f"weight: expected a float array or QuantizedTensor, got {type(t).__name__}")
@@ -145,23 +147,19 @@ class CudaBackend(Backend):
     # -- dense ops ------------------------------------------------------------------------------------------
     def linear(self, x: Any, w: Any) -> DeviceArray:
         x = to_device(x)
-        if isinstance(w, Mxfp4Tensor):
-            return self._mxfp4_linear(x, w)
         w = self.prepare(w)
-        in_f = w.in_features if isinstance(w, DeviceQuantized) else w.shape[1]
+        in_f = w.in_features if isinstance(w, DeviceQuantized | DeviceMxfp4) else w.shape[1]
         if len(x.shape) != 2 or x.shape[1] != in_f:
             raise BackendError(f"linear: input {x.shape} does not match a weight taking {in_f} features")
+        if isinstance(w, DeviceMxfp4):
+            return self._mxfp4_linear(x, w)
         return self._linear(x, w)
 
-    def _mxfp4_linear(self, x: DeviceArray, w: Mxfp4Tensor) -> DeviceArray:
-        """x [T, in] . W^T for an MXFP4 W, its bytes uploaded as they are and decoded in the kernel."""
-        n_out, n_blocks = w.scales.shape
-        if len(x.shape) != 2 or x.shape[1] != w.shape[1]:
-            raise BackendError(f"linear: input {x.shape} does not match an MXFP4 weight of shape {w.shape}")
-        words = cuda.to_device(np.ascontiguousarray(w.blocks).view("<u4").reshape(-1))
-        scales = cuda.to_device(np.ascontiguousarray(w.scales).reshape(-1))
-        out = empty((x.shape[0], n_out))
-        row_launch(cuda_mxfp4.mxfp4_linear, n_out, x.shape[0], words, scales, n_out, n_blocks, x.flat, out.flat)
+    def _mxfp4_linear(self, x: DeviceArray, w: DeviceMxfp4) -> DeviceArray:
+        """x [T, in] . W^T (+ W's bias when it has one) for an MXFP4 W in device memory."""
+        out = empty((x.shape[0], w.out_features))
+        row_launch(cuda_mxfp4.linear(w.fmt), w.out_features, x.shape[0], w.b32, w.b16, w.w_off, w.s_off, w.b_off,
+                   w.out_features, w.n_blocks, x.flat, out.flat)
         return out
 
     def _linear(self, x: DeviceArray, w: DeviceQuantized | DeviceArray) -> DeviceArray:
@@ -346,8 +344,8 @@ class CudaBackend(Backend):
         """As :meth:`Backend.expert_ffn`; with `key` ((layer, expert)) and a GPU expert cache configured,
         the expert is kept there and may be passed as None once it is (:meth:`has_expert`)."""
         x = to_device(x)
-        if act is not None:  # gpt-oss: biases, the clamped SwiGLU, MXFP4: the composite of base.py
-            return super().expert_ffn(x, expert, act)
+        if act is not None:  # gpt-oss: biases and the clamped SwiGLU
+            return self._mxfp4_expert_ffn(x, expert, key, act)
         staged = self._experts.stage([expert], None if key is None else [key])
         if staged is None:
             return super().expert_ffn(x, expert)
@@ -365,12 +363,59 @@ class CudaBackend(Backend):
         configured, experts are kept there and those already there may be passed as None."""
         x = to_device(x)
         if act is not None:
-            return super().experts_ffn(x, experts, weights, keys, act)
+            return self._mxfp4_experts_ffn(x, experts, weights, keys, act)
         staged = self._experts.stage(experts, keys)
         if staged is None:
             return super().experts_ffn(x, experts, weights)
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
         return self._combine(x, staged, upload(weights))
+
+    def _staged_mxfp4(self, experts: list[Expert | None], keys: list | None) -> StagedExperts | None:
+        """The experts in device memory (staged, or in the VRAM tier) when they are MXFP4 with biases (gpt-oss
+        as published); None for any other form (the composite of base.py runs them)."""
+        if not all(e is None or isinstance(e["gate_proj"], Mxfp4Tensor) for e in experts):
+            return None
+        staged = self._experts.stage(experts, keys)
+        return staged if staged is not None and isinstance(staged.parts["gate_proj"], DeviceMxfp4) else None
+
+    def _mxfp4_gate_up(self, x: DeviceArray, staged: StagedExperts, act: ClampedSwiGLU) -> DeviceArray:
+        """h [k * T, inter] = clamped_swiglu(gate_e x_t + b, up_e x_t + b) for every staged expert e, token t."""
+        g, u = staged.parts["gate_proj"], staged.parts["up_proj"]
+        T = x.shape[0]
+        h = empty((staged.k * T, g.out_features))
+        row_launch(cuda_mxfp4.gate_up(g.fmt), g.out_features, staged.k * T, g.b32, g.b16, g.w_off, g.s_off, g.b_off,
+                   u.w_off, u.s_off, u.b_off, staged.stride, staged.slots, g.out_features, g.n_blocks, T,
+                   np.float32(act.limit), np.float32(act.alpha), x.flat, h.flat)
+        return h
+
+    def _mxfp4_expert_ffn(self, x: DeviceArray, expert: Expert | None, key: Any, act: ClampedSwiGLU) -> DeviceArray:
+        """One MXFP4 expert on the tokens x [T, hidden] from device memory, in two launches; else base.py's."""
+        staged = self._staged_mxfp4([expert], None if key is None else [key])
+        if staged is None:
+            return super().expert_ffn(x, expert, act)
+        d = staged.parts["down_proj"]
+        at = staged.first_slot * staged.stride
+        y = self._mxfp4_linear(self._mxfp4_gate_up(x, staged, act),
+                               replace(d, w_off=d.w_off + at // 4, s_off=d.s_off + at,
+                                       b_off=d.b_off + scale_offset(at, d.fmt)))
+        self._experts.launched(staged)
+        return y
+
+    def _mxfp4_experts_ffn(self, x: DeviceArray, experts: list[Expert | None], weights: np.ndarray, keys: list | None,
+                           act: ClampedSwiGLU) -> DeviceArray:
+        """One token's k MXFP4 experts and their weighted sum from device memory, in two launches; else
+        base.py's composite."""
+        staged = self._staged_mxfp4(experts, keys)
+        if staged is None:
+            return super().experts_ffn(x, experts, weights, keys, act)
+        h = self._mxfp4_gate_up(A.reshape(x, (1, x.size)), staged, act)
+        d = staged.parts["down_proj"]
+        out = empty((d.out_features,))
+        row_launch(cuda_mxfp4.down_combine(d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off, d.s_off, d.b_off,
+                   staged.stride, staged.slots, d.out_features, d.n_blocks, h.flat,
+                   upload(np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)), out.flat)
+        self._experts.launched(staged)
+        return out
 
     def _combine(self, x: DeviceArray, staged: StagedExperts, weights: Any) -> DeviceArray:
         """sum_e weights[e] * expert_e(x) [hidden] for one token over the staged experts (weights: float32

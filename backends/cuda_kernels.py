@@ -537,13 +537,19 @@ def clip(x, limit, out):
         out[n] = min(max(x[n], -limit), limit)
 
 
+@cuda.jit(device=True)
+def clamped_swiglu_value(gate, up, limit, alpha):
+    """gpt-oss: (clip(up, ±limit) + 1) · g · sigmoid(alpha · g), g = min(gate, limit)."""
+    g = min(gate, limit)
+    return (min(max(up, -limit), limit) + float32(1.0)) * g * _sigmoid(alpha * g)
+
+
 @cuda.jit
 def clamped_swiglu(gate, up, limit, alpha, out):
-    """gpt-oss: out = (clip(up, ±limit) + 1) · g · sigmoid(alpha · g), g = min(gate, limit)."""
+    """out = clamped_swiglu_value(gate, up) elementwise."""
     n = cuda.grid(1)
     if n < out.shape[0]:
-        g = min(gate[n], limit)
-        out[n] = (min(max(up[n], -limit), limit) + float32(1.0)) * g * _sigmoid(alpha * g)
+        out[n] = clamped_swiglu_value(gate[n], up[n], limit, alpha)
 
 
 @cuda.jit

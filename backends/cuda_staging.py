@@ -27,6 +27,8 @@ from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.backends import cuda_kernels as K
 from flashmoe.backends.base import BackendError, Expert
 from flashmoe.backends.cuda_arrays import CAPTURE, cdiv, new_event, upload
+from flashmoe.format.manifest import MXFP4
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import FORMAT_GROUP_SIZES, QuantizedTensor
 from flashmoe.runtime.eviction import make_policy
 
@@ -75,6 +77,27 @@ class DeviceQuantized:
         return self.in_features // 32
 
 
+@dataclass(frozen=True)
+class DeviceMxfp4:
+    """An MXFP4 matrix with its bias in GPU memory (backends/cuda_mxfp4.py): in the buffer viewed as b32 / b16,
+    the blocks ``[out, in / 2]`` start at word w_off, the E8M0 scales ``[out, in / 32]`` at byte s_off, the bias
+    ``[out]`` at element b_off of its format fmt (counted in b32 elements for F32, b16 for F16 / BF16)."""
+
+    b32: Any
+    b16: Any
+    w_off: int
+    s_off: int
+    b_off: int
+    out_features: int
+    in_features: int
+    fmt: int
+
+    @property
+    def n_blocks(self) -> int:
+        """32-value blocks per row."""
+        return self.in_features // 32
+
+
 def _raw_bytes(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
@@ -94,7 +117,22 @@ def upload_quantized(t: QuantizedTensor, name: str) -> DeviceQuantized:
         raise BackendError(f"{name}: weight {t.weight.shape} does not hold {t.bits}-bit values for scales "
                            f"{t.scales.shape} with group_size {t.group_size}")
     fmt = _scale_format(t.scales.dtype, name)
-    parts = [_raw_bytes(np.asarray(t.weight, np.uint32)), _raw_bytes(t.scales), _raw_bytes(t.biases)]
+    buf, offsets = _upload([np.asarray(t.weight, np.uint32), t.scales, t.biases])
+    return DeviceQuantized(buf.view(np.uint32), buf.view(np.uint16), 0, scale_offset(offsets[1], fmt),
+                           scale_offset(offsets[2], fmt), out_f, in_f, int(t.bits), int(t.group_size), fmt)
+
+
+def upload_mxfp4(t: Mxfp4Tensor, name: str) -> DeviceMxfp4:
+    """Blocks and scales of a 2-D Mxfp4Tensor into one device buffer (no bias: b_off -1)."""
+    if t.blocks.ndim != 2:
+        raise BackendError(f"{name}: expected a 2-D MXFP4 weight, got blocks {t.blocks.shape}")
+    buf, offsets = _upload([t.blocks, t.scales])
+    return DeviceMxfp4(buf.view(np.uint32), buf.view(np.uint16), 0, offsets[1], -1, *t.shape, K.F32)
+
+
+def _upload(arrays: list[np.ndarray]) -> tuple[Any, list[int]]:
+    """(one device byte buffer holding `arrays`' bytes each from a multiple of 4, their byte offsets)."""
+    parts = [_raw_bytes(a) for a in arrays]
     offsets, pos = [], 0
     for p in parts:
         offsets.append(pos)
@@ -102,15 +140,14 @@ def upload_quantized(t: QuantizedTensor, name: str) -> DeviceQuantized:
     host = np.zeros(pos, np.uint8)
     for p, off in zip(parts, offsets):
         host[off:off + p.nbytes] = p
-    buf = cuda.to_device(host)
-    return DeviceQuantized(buf.view(np.uint32), buf.view(np.uint16), 0, scale_offset(offsets[1], fmt),
-                           scale_offset(offsets[2], fmt), out_f, in_f, int(t.bits), int(t.group_size), fmt)
+    return cuda.to_device(host), offsets
 
 
 @dataclass(frozen=True)
 class _ExpertLayout:
     """Where an expert's tensors lie in its byte span (every streamed expert of a model alike):
-    ``tensors[name] = ((words, scales, biases) byte offsets, out, in, bits, group_size, scale format)``."""
+    ``tensors[name] = ((words, scales, biases) byte offsets, out, in, bits, group_size, scale format)``; an
+    MXFP4 projection has bits MXFP4, (blocks, scales, bias) offsets and its bias's format."""
 
     tensors: tuple
     span_bytes: int
@@ -120,12 +157,16 @@ class _ExpertLayout:
         """Bytes between experts in device memory."""
         return cdiv(self.span_bytes, _STAGE_ALIGN) * _STAGE_ALIGN
 
-    def parts(self, b32: Any, b16: Any) -> dict[str, DeviceQuantized]:
-        """The projections of the expert at the start of the buffer viewed as b32 / b16."""
+    def parts(self, b32: Any, b16: Any) -> dict[str, DeviceQuantized | DeviceMxfp4]:
+        """The projections of the expert at the start of the buffer viewed as b32 / b16 (``bits`` MXFP4:
+        a DeviceMxfp4 with its bias)."""
         out = {}
         for name, ((w_at, s_at, b_at), out_f, in_f, bits, group_size, fmt) in zip(EXPERT_PROJS, self.tensors):
-            out[name] = DeviceQuantized(b32, b16, w_at // 4, scale_offset(s_at, fmt), scale_offset(b_at, fmt),
-                                        out_f, in_f, bits, group_size, fmt)
+            if bits == MXFP4:
+                out[name] = DeviceMxfp4(b32, b16, w_at // 4, s_at, scale_offset(b_at, fmt), out_f, in_f, fmt)
+            else:
+                out[name] = DeviceQuantized(b32, b16, w_at // 4, scale_offset(s_at, fmt), scale_offset(b_at, fmt),
+                                            out_f, in_f, bits, group_size, fmt)
         return out
 
 
@@ -136,13 +177,14 @@ def _expert_layout(expert: Expert, arrays: list[np.ndarray], offsets: tuple[int,
     tensors, end = [], 0
     for j, name in enumerate(EXPERT_PROJS):
         t = expert[name]
-        fmt = _scale_format(t.scales.dtype, f"expert {name}")
+        mxfp4 = isinstance(t, Mxfp4Tensor)
+        fmt = _scale_format(arrays[3 * j + 2].dtype, f"expert {name}")  # the biases, or MXFP4's bias
         at = offsets[3 * j:3 * j + 3]
-        scale_align = 4 if fmt == K.F32 else 2
-        if at[0] % 4 or at[1] % scale_align or at[2] % scale_align or t.shape[1] % 32 \
-                or t.group_size not in FORMAT_GROUP_SIZES:
+        align = 4 if fmt == K.F32 else 2
+        if at[0] % 4 or (at[1] % align and not mxfp4) or at[2] % align or t.shape[1] % 32 \
+                or (not mxfp4 and t.group_size not in FORMAT_GROUP_SIZES):
             return None
-        tensors.append((at, *t.shape, int(t.bits), int(t.group_size), fmt))
+        tensors.append((at, *t.shape, *((MXFP4, 32) if mxfp4 else (int(t.bits), int(t.group_size))), fmt))
         end = max([end] + [o + a.nbytes for o, a in zip(at, arrays[3 * j:3 * j + 3])])
     if tensors[0][1:] != tensors[1][1:]:
         return None
@@ -154,7 +196,7 @@ class StagedExperts:
     """k experts in device memory: expert e in slot ``slots[e]`` of a buffer of ``stride``-byte slots;
     ``parts`` address slot 0 (the kernels add ``slots[e] * stride``)."""
 
-    parts: dict[str, DeviceQuantized]
+    parts: dict[str, DeviceQuantized | DeviceMxfp4]
     stride: int
     slots: Any  # int64 device array [k]
     first_slot: int
@@ -237,14 +279,17 @@ def _root(a: np.ndarray) -> np.ndarray:
 
 
 def _expert_arrays(expert: Expert) -> list[np.ndarray] | None:
-    """The nine arrays of a quantised expert (words, scales, biases per projection) or None if any
-    projection is a float array."""
+    """The nine arrays of a quantised expert (words, scales, biases per projection; MXFP4: blocks, scales and
+    the projection's bias) or None if any projection is a float array, or an MXFP4 one without a bias."""
     arrays = []
     for name in EXPERT_PROJS:
         t = expert[name]
-        if not isinstance(t, QuantizedTensor):
+        if isinstance(t, QuantizedTensor):
+            arrays += [t.weight, t.scales, t.biases]
+        elif isinstance(t, Mxfp4Tensor) and expert.get(f"{name}.bias") is not None:
+            arrays += [t.blocks, t.scales, expert[f"{name}.bias"]]
+        else:
             return None
-        arrays += [t.weight, t.scales, t.biases]
     return arrays
 
 
@@ -263,7 +308,7 @@ def _expert_span(expert: Expert) -> tuple[np.ndarray, _ExpertLayout] | None:
     lo = min(ptrs) & ~3
     offsets = tuple(p - lo for p in ptrs)
     key = (offsets, *((a.shape, a.dtype) for a in arrays),
-           *((expert[n].bits, expert[n].group_size) for n in EXPERT_PROJS))
+           *((getattr(expert[n], "bits", MXFP4), getattr(expert[n], "group_size", 32)) for n in EXPERT_PROJS))
     layout = _LAYOUTS.get(key, False)
     if layout is False:
         layout = _expert_layout(expert, arrays, offsets)

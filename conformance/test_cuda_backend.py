@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from flashmoe.backends import available_backends, get_backend
-from flashmoe.conformance.op_cases import (OpCase, array_glue_mismatches, full_cases, make_expert_views,
-                                           mxfp4_extremes_excess, run_case)
+from flashmoe.conformance.op_cases import (CLAMPED_ACT, OpCase, array_glue_mismatches, full_cases,
+                                           make_expert_views, mxfp4_extremes_excess, run_case)
 from flashmoe.format.manifest import MXFP4
 
 WHY_NOT = available_backends()["cuda"]
@@ -67,6 +67,8 @@ def _tiny_cases() -> list[OpCase]:
               c("experts_ffn", k=2, hidden=32, inter=16, bits=None)]
     cases += [c(op, tokens=2, n=20) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
     cases += [c("linear", tokens=t, out=5, inp=64, bits=MXFP4) for t in (1, 3)]
+    cases += [c("expert_ffn", tokens=2, hidden=64, inter=32, bits=MXFP4, act=True),
+              c("experts_ffn", k=2, hidden=64, inter=32, bits=MXFP4, act=True)]
     return cases + [c("clip", tokens=2, n=20, limit=2.0)]
 
 
@@ -190,19 +192,22 @@ def test_experts_in_one_pinned_buffer_cross_in_one_copy_each(be):
 
 
 @HERE
-def test_gpu_expert_cache_keeps_experts_by_key_and_evicts_by_policy(be):
+@pytest.mark.parametrize("bits", [4, MXFP4])  # MXFP4: gpt-oss's experts as published, with biases
+def test_gpu_expert_cache_keeps_experts_by_key_and_evicts_by_policy(be, bits):
     from flashmoe.backends.base import BackendError
 
     rng = np.random.default_rng(2)
     hidden, inter = 64, 32
-    experts = {e: make_expert_views(rng, hidden, inter, 4, 32, "bfloat16") for e in range(4)}
+    act = CLAMPED_ACT if bits == MXFP4 else None
+    experts = {e: make_expert_views(rng, hidden, inter, bits, 32, "bfloat16", biases=act is not None)
+               for e in range(4)}
     x = rng.standard_normal(hidden).astype(np.float32)
     ref = get_backend("numpy")
 
     def check(ids, given, weights):
         got = be.to_numpy(be.experts_ffn(x, [experts[e] if e in given else None for e in ids], weights,
-                                         keys=[(7, e) for e in ids]))
-        want = ref.experts_ffn(x, [experts[e] for e in ids], weights)
+                                         keys=[(7, e) for e in ids], act=act))
+        want = ref.experts_ffn(x, [experts[e] for e in ids], weights, act=act)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
     stride = -(-sum(t.nbytes + 3 * 64 for t in experts[0].values()) // 256) * 256  # an upper bound
@@ -218,8 +223,8 @@ def test_gpu_expert_cache_keeps_experts_by_key_and_evicts_by_policy(be):
         stats = {k: v - before[k] for k, v in be.expert_cache_stats.items()}
         assert stats == {"gpu_hits": 3, "gpu_misses": 3, "bytes_copied": stats["bytes_copied"], "copies": 3,
                          "launches": stats["launches"]}
-        got = be.to_numpy(be.expert_ffn(x[None], None, key=(7, 2)))  # one expert, from the cache
-        np.testing.assert_allclose(got, ref.expert_ffn(x[None], experts[2]), rtol=1e-4, atol=1e-5)
+        got = be.to_numpy(be.expert_ffn(x[None], None, key=(7, 2), act=act))  # one expert, from the cache
+        np.testing.assert_allclose(got, ref.expert_ffn(x[None], experts[2], act=act), rtol=1e-4, atol=1e-5)
         with pytest.raises(BackendError, match="one token needs 3"):
             check([0, 1, 3], {0, 1, 3}, np.array([0.5, 0.3, 0.2], np.float32))
     finally:
@@ -280,9 +285,10 @@ def test_add_rms_norm_is_the_add_then_the_norm(be):
 
 
 @HERE
-@pytest.mark.parametrize("arch", ["qwen3_5_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_5_moe", "deepseek_v3", "gpt_oss"])
 def test_engine_forward_matches_the_numpy_backend(tmp_path, arch):
-    """Hybrid attention; MLA (absorbed, latent cache) with sigmoid group routing."""
+    """Hybrid attention; MLA (absorbed, latent cache) with sigmoid group routing; gpt-oss's MXFP4 experts
+    staged on the device."""
     from flashmoe.bench.bench_cuda import build_engine
     from flashmoe.conformance.model_cases import TINY_CONFIGS
     from flashmoe.convert.synth import synth_model
