@@ -14,7 +14,7 @@ Measured in one run, interleaved round by round so that both sides see the same 
   per 32 values, integer dot products), with one thread and with numba's default thread count
   (``numba.set_num_threads``);
 - the MXFP4 mat-vec (gpt-oss's experts as published: 4.25 bits per weight) beside the 4-bit affine one on
-  gpt-oss's 2880x2880 expert shape, both cycled through pools (float activations: MXFP4 has no q8 path yet);
+  gpt-oss's 2880x2880 expert shape, both cycled through pools, with float and with q8 activations;
 - the NumPy backend on one expert matrix, for scale.
 
 Weight bytes are the stored bytes (uint32 words + bf16 scales and biases: 4.5 bits per weight); GB/s is
@@ -139,13 +139,11 @@ def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
             f"{a} mat-vec 4096x1024 hot": (Cycled(lambda w, be=be: be.linear(x_inter, w), down_pool[:1]), expert_bytes),
             f"{a} experts_ffn k={K} (397B layer)": (
                 Cycled(lambda es, be=be: be.experts_ffn(x_hidden[0], es, weights), expert_sets), 3 * K * expert_bytes),
+            f"{a} mat-vec {SQUARE}x{SQUARE} MXFP4 cold": (
+                Cycled(lambda w, be=be: be.linear(x_square, w), mxfp4_pool), mxfp4_bytes),
+            f"{a} mat-vec {SQUARE}x{SQUARE} 4-bit cold": (
+                Cycled(lambda w, be=be: be.linear(x_square, w), square_q4_pool), square_q4_bytes),
         })
-    numba_cases.update({
-        f"float mat-vec {SQUARE}x{SQUARE} MXFP4 cold": (
-            Cycled(lambda w: numba_be.linear(x_square, w), mxfp4_pool), mxfp4_bytes),
-        f"float mat-vec {SQUARE}x{SQUARE} 4-bit cold": (
-            Cycled(lambda w: numba_be.linear(x_square, w), square_q4_pool), square_q4_bytes),
-    })
     cases: dict[str, tuple[Callable[[], float], int, int]] = {  # name -> (measure, bytes, calls per round)
         "memory read (np.add.reduce, 1 GB)": (lambda: memory_read_seconds(big), big.nbytes, 1),
         "numpy backend mat-vec 1024x4096": (Cycled(lambda w: numpy_be.linear(x_hidden, w), [one_raw]),
