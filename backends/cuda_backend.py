@@ -35,8 +35,8 @@ try:
     from flashmoe.backends import cuda_mxfp4
     from flashmoe.backends.cuda_arrays import DeviceArray, device_empty, empty, flat_launch, row_launch, to_device, \
         upload
-    from flashmoe.backends.cuda_staging import DeviceMxfp4, DeviceQuantized, ExpertStaging, StagedExperts, \
-        scale_offset, upload_mxfp4, upload_quantized
+    from flashmoe.backends.cuda_staging import DeviceQuantized, ExpertStaging, StagedExperts, scale_offset, \
+        upload_mxfp4, upload_quantized
 except ImportError as _e:  # the registry reports this through unavailable_reason
     cuda = None
     _IMPORT_ERROR: str | None = str(_e)
@@ -45,6 +45,7 @@ else:
 
 from flashmoe.arch.config import YarnRope
 from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, KVCacheBuffer
+from flashmoe.format.manifest import MXFP4
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.reference.rope import rope_inv_freq
@@ -122,8 +123,8 @@ class CudaBackend(Backend):
             return x.to_host()
         return np.ascontiguousarray(x, dtype=np.float32)
 
-    def prepare(self, t: Any) -> DeviceQuantized | DeviceMxfp4 | DeviceArray:
-        if isinstance(t, DeviceQuantized | DeviceMxfp4 | DeviceArray):
+    def prepare(self, t: Any) -> DeviceQuantized | DeviceArray:
+        if isinstance(t, DeviceQuantized | DeviceArray):
             return t
         if isinstance(t, QuantizedTensor):
             return upload_quantized(t, "weight")
@@ -148,21 +149,21 @@ class CudaBackend(Backend):
     def linear(self, x: Any, w: Any) -> DeviceArray:
         x = to_device(x)
         w = self.prepare(w)
-        in_f = w.in_features if isinstance(w, DeviceQuantized | DeviceMxfp4) else w.shape[1]
+        in_f = w.in_features if isinstance(w, DeviceQuantized) else w.shape[1]
         if len(x.shape) != 2 or x.shape[1] != in_f:
             raise BackendError(f"linear: input {x.shape} does not match a weight taking {in_f} features")
-        if isinstance(w, DeviceMxfp4):
-            return self._mxfp4_linear(x, w)
         return self._linear(x, w)
 
-    def _mxfp4_linear(self, x: DeviceArray, w: DeviceMxfp4) -> DeviceArray:
-        """x [T, in] . W^T (+ W's bias when it has one) for an MXFP4 W in device memory."""
+    def _mxfp4_linear(self, x: DeviceArray, w: DeviceQuantized) -> DeviceArray:
+        """x [T, in] . W^T (+ W's bias when it has one) for an MXFP4 W (bits MXFP4) in device memory."""
         out = empty((x.shape[0], w.out_features))
         row_launch(cuda_mxfp4.linear(w.fmt), w.out_features, x.shape[0], w.b32, w.b16, w.w_off, w.s_off, w.b_off,
-                   w.out_features, w.n_blocks, x.flat, out.flat)
+                   w.out_features, w.n_units, x.flat, out.flat)
         return out
 
     def _linear(self, x: DeviceArray, w: DeviceQuantized | DeviceArray) -> DeviceArray:
+        if isinstance(w, DeviceQuantized) and w.bits == MXFP4:
+            return self._mxfp4_linear(x, w)
         T = x.shape[0]
         if isinstance(w, DeviceArray):
             out = empty((T, w.shape[0]))
@@ -376,7 +377,7 @@ class CudaBackend(Backend):
         if not all(e is None or isinstance(e["gate_proj"], Mxfp4Tensor) for e in experts):
             return None
         staged = self._experts.stage(experts, keys)
-        return staged if staged is not None and isinstance(staged.parts["gate_proj"], DeviceMxfp4) else None
+        return staged if staged is not None and staged.parts["gate_proj"].bits == MXFP4 else None
 
     def _mxfp4_gate_up(self, x: DeviceArray, staged: StagedExperts, act: ClampedSwiGLU) -> DeviceArray:
         """h [k * T, inter] = clamped_swiglu(gate_e x_t + b, up_e x_t + b) for every staged expert e, token t."""
@@ -384,7 +385,7 @@ class CudaBackend(Backend):
         T = x.shape[0]
         h = empty((staged.k * T, g.out_features))
         row_launch(cuda_mxfp4.gate_up(g.fmt), g.out_features, staged.k * T, g.b32, g.b16, g.w_off, g.s_off, g.b_off,
-                   u.w_off, u.s_off, u.b_off, staged.stride, staged.slots, g.out_features, g.n_blocks, T,
+                   u.w_off, u.s_off, u.b_off, staged.stride, staged.slots, g.out_features, g.n_units, T,
                    np.float32(act.limit), np.float32(act.alpha), x.flat, h.flat)
         return h
 
@@ -395,7 +396,7 @@ class CudaBackend(Backend):
             return super().expert_ffn(x, expert, act)
         d = staged.parts["down_proj"]
         at = staged.first_slot * staged.stride
-        y = self._mxfp4_linear(self._mxfp4_gate_up(x, staged, act),
+        y = self._linear(self._mxfp4_gate_up(x, staged, act),
                                replace(d, w_off=d.w_off + at // 4, s_off=d.s_off + at,
                                        b_off=d.b_off + scale_offset(at, d.fmt)))
         self._experts.launched(staged)
@@ -412,7 +413,7 @@ class CudaBackend(Backend):
         d = staged.parts["down_proj"]
         out = empty((d.out_features,))
         row_launch(cuda_mxfp4.down_combine(d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off, d.s_off, d.b_off,
-                   staged.stride, staged.slots, d.out_features, d.n_blocks, h.flat,
+                   staged.stride, staged.slots, d.out_features, d.n_units, h.flat,
                    upload(np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)), out.flat)
         self._experts.launched(staged)
         return out

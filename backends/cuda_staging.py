@@ -58,7 +58,11 @@ class DeviceQuantized:
 
     b32 / b16: the same device buffer viewed as uint32 / uint16; the words ``[out, in * bits / 32]`` start at
     b32[w_off]; scales and biases ``[out, in / group_size]`` at s_off / b_off, counted in b32 elements for
-    float32 scales (fmt F32) and in b16 elements for float16 / bfloat16."""
+    float32 scales (fmt F32) and in b16 elements for float16 / bfloat16.
+
+    bits MXFP4 (gpt-oss's experts as published, backends/cuda_mxfp4.py): the blocks ``[out, in / 2]`` from
+    word w_off, the E8M0 scales ``[out, in / 32]`` from *byte* s_off, and the projection's bias ``[out]`` at
+    b_off in format fmt (-1: none); group_size 32."""
 
     b32: Any
     b16: Any
@@ -67,34 +71,13 @@ class DeviceQuantized:
     b_off: int
     out_features: int
     in_features: int
-    bits: int
+    bits: int | str
     group_size: int
     fmt: int
 
     @property
     def n_units(self) -> int:
         """32-code units per row."""
-        return self.in_features // 32
-
-
-@dataclass(frozen=True)
-class DeviceMxfp4:
-    """An MXFP4 matrix with its bias in GPU memory (backends/cuda_mxfp4.py): in the buffer viewed as b32 / b16,
-    the blocks ``[out, in / 2]`` start at word w_off, the E8M0 scales ``[out, in / 32]`` at byte s_off, the bias
-    ``[out]`` at element b_off of its format fmt (counted in b32 elements for F32, b16 for F16 / BF16)."""
-
-    b32: Any
-    b16: Any
-    w_off: int
-    s_off: int
-    b_off: int
-    out_features: int
-    in_features: int
-    fmt: int
-
-    @property
-    def n_blocks(self) -> int:
-        """32-value blocks per row."""
         return self.in_features // 32
 
 
@@ -122,12 +105,12 @@ def upload_quantized(t: QuantizedTensor, name: str) -> DeviceQuantized:
                            scale_offset(offsets[2], fmt), out_f, in_f, int(t.bits), int(t.group_size), fmt)
 
 
-def upload_mxfp4(t: Mxfp4Tensor, name: str) -> DeviceMxfp4:
-    """Blocks and scales of a 2-D Mxfp4Tensor into one device buffer (no bias: b_off -1)."""
+def upload_mxfp4(t: Mxfp4Tensor, name: str) -> DeviceQuantized:
+    """Blocks and scales of a 2-D Mxfp4Tensor into one device buffer (bits MXFP4, no bias: b_off -1)."""
     if t.blocks.ndim != 2:
         raise BackendError(f"{name}: expected a 2-D MXFP4 weight, got blocks {t.blocks.shape}")
     buf, offsets = _upload([t.blocks, t.scales])
-    return DeviceMxfp4(buf.view(np.uint32), buf.view(np.uint16), 0, offsets[1], -1, *t.shape, K.F32)
+    return DeviceQuantized(buf.view(np.uint32), buf.view(np.uint16), 0, offsets[1], -1, *t.shape, MXFP4, 32, K.F32)
 
 
 def _upload(arrays: list[np.ndarray]) -> tuple[Any, list[int]]:
@@ -157,16 +140,12 @@ class _ExpertLayout:
         """Bytes between experts in device memory."""
         return cdiv(self.span_bytes, _STAGE_ALIGN) * _STAGE_ALIGN
 
-    def parts(self, b32: Any, b16: Any) -> dict[str, DeviceQuantized | DeviceMxfp4]:
-        """The projections of the expert at the start of the buffer viewed as b32 / b16 (``bits`` MXFP4:
-        a DeviceMxfp4 with its bias)."""
+    def parts(self, b32: Any, b16: Any) -> dict[str, DeviceQuantized]:
+        """The projections of the expert at the start of the buffer viewed as b32 / b16."""
         out = {}
         for name, ((w_at, s_at, b_at), out_f, in_f, bits, group_size, fmt) in zip(EXPERT_PROJS, self.tensors):
-            if bits == MXFP4:
-                out[name] = DeviceMxfp4(b32, b16, w_at // 4, s_at, scale_offset(b_at, fmt), out_f, in_f, fmt)
-            else:
-                out[name] = DeviceQuantized(b32, b16, w_at // 4, scale_offset(s_at, fmt), scale_offset(b_at, fmt),
-                                            out_f, in_f, bits, group_size, fmt)
+            out[name] = DeviceQuantized(b32, b16, w_at // 4, s_at if bits == MXFP4 else scale_offset(s_at, fmt),
+                                        scale_offset(b_at, fmt), out_f, in_f, bits, group_size, fmt)
         return out
 
 
@@ -196,7 +175,7 @@ class StagedExperts:
     """k experts in device memory: expert e in slot ``slots[e]`` of a buffer of ``stride``-byte slots;
     ``parts`` address slot 0 (the kernels add ``slots[e] * stride``)."""
 
-    parts: dict[str, DeviceQuantized | DeviceMxfp4]
+    parts: dict[str, DeviceQuantized]
     stride: int
     slots: Any  # int64 device array [k]
     first_slot: int
