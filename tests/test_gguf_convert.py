@@ -179,6 +179,17 @@ def _gguf_tensors(cfg: ModelConfig, arch: str) -> dict[str, tuple[str | tuple[in
     return tensors
 
 
+def _assert_every_tensor_equals(model_dir, truth: DictWeights) -> None:
+    """Every resident tensor and routed expert of the model directory equals `truth` bit for bit."""
+    with ModelDir.open(model_dir) as model:
+        for name in model.resident_names():
+            np.testing.assert_array_equal(model.tensor(name), truth.tensor(name), err_msg=name)
+        for layer in model.moe_layers:
+            for e in range(model.config.num_experts):
+                for proj, got in model.expert(layer, e).items():
+                    np.testing.assert_array_equal(got, truth.tensor(_expert_key(layer, e, proj)), err_msg=proj)
+
+
 def write_tiny_gguf(path, model_type: str = "qwen3_moe") -> DictWeights:
     """Write the tiny model as GGUF at `path`; the canonical tensors as gguf.quants dequantises them."""
     arch = ARCH[model_type]
@@ -234,13 +245,7 @@ def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
         assert config["sliding_window"] == 4 and config["rope_scaling"] == dict(
             rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
             original_max_position_embeddings=64)
-    with ModelDir.open(tmp_path / "out") as model:  # every tensor: gguf.quants' dequantisation, bit for bit
-        for name in model.resident_names():
-            np.testing.assert_array_equal(model.tensor(name), truth.tensor(name), err_msg=name)
-        for layer in model.moe_layers:
-            for e in range(4):
-                for proj, got in model.expert(layer, e).items():
-                    np.testing.assert_array_equal(got, truth.tensor(_expert_key(layer, e, proj)), err_msg=proj)
+    _assert_every_tensor_equals(tmp_path / "out", truth)
     # the same model rebuilt in transformers from gguf.quants' dequantisation: within 1e-4 at every position
     ids = np.array([5, 17, 99, 3, 250, 42], np.int64)
     ours = ReferenceModel.from_dir(tmp_path / "out").forward(ids)
@@ -398,36 +403,54 @@ def test_codebook_tensor_is_refused_by_name_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iq.gguf", "m.gguf"]
 
 
+def _fused_copy(src, dst, first: str, second: str, fused: str, join) -> None:
+    """Copy GGUF `src` to `dst` with each layer's tensors `first` and `second` (name endings) replaced by one F32
+    tensor `fused`: join(first's values, second's values), as gguf.quants dequantises them."""
+    def replace(t, tensors):
+        if t.name.endswith(second):
+            return []
+        if not t.name.endswith(first):
+            return [(t.name, np.asarray(t.data), t.tensor_type)]
+        other = tensors[t.name.replace(first, second)]
+        a, b = (gguf.quants.dequantize(np.asarray(x.data), x.tensor_type) for x in (t, other))
+        return [(t.name.replace(first, fused), join(a, b), QT.F32)]
+
+    _older_conversion(src, dst, replace)
+
+
 def _legacy_qwen3next(tmp_path):
     """(path, canonical tensors) of the tiny qwen3next GGUF as older llama.cpp conversions wrote it: in_proj_qkvz as
-    published (ssm_in: per key head its q, k, v and z rows; src/models/qwen3next.cpp's legacy path), here F32 rows
-    of the split file's dequantised attn_qkv and attn_gate."""
+    published (ssm_in: per key head its q, k, v and z rows; src/models/qwen3next.cpp's legacy path)."""
     truth = write_tiny_gguf(tmp_path / "m.gguf", "qwen3_next")
     kh, dk, vd = 2, 64, 2 * 64  # key heads, key head width, value rows per key head (2 value heads of 64)
 
-    def fuse(t, tensors):
-        if t.name.endswith("attn_gate.weight"):
-            return []
-        if not t.name.endswith("attn_qkv.weight"):
-            return [(t.name, np.asarray(t.data), t.tensor_type)]
-        gate = tensors[t.name.replace("attn_qkv", "attn_gate")]
-        qkv, z = (gguf.quants.dequantize(np.asarray(x.data), x.tensor_type) for x in (t, gate))
+    def qkvz(qkv: np.ndarray, z: np.ndarray) -> np.ndarray:
         q, k, v = qkv[:kh * dk], qkv[kh * dk:2 * kh * dk], qkv[2 * kh * dk:]
-        per_head = [np.concatenate([q[h * dk:(h + 1) * dk], k[h * dk:(h + 1) * dk], v[h * vd:(h + 1) * vd],
-                                    z[h * vd:(h + 1) * vd]]) for h in range(kh)]
-        return [(t.name.replace("attn_qkv", "ssm_in"), np.concatenate(per_head), QT.F32)]
+        return np.concatenate([np.concatenate([q[h * dk:(h + 1) * dk], k[h * dk:(h + 1) * dk],
+                                               v[h * vd:(h + 1) * vd], z[h * vd:(h + 1) * vd]]) for h in range(kh)])
 
-    _older_conversion(tmp_path / "m.gguf", tmp_path / "old.gguf", fuse)
+    _fused_copy(tmp_path / "m.gguf", tmp_path / "old.gguf", "attn_qkv.weight", "attn_gate.weight", "ssm_in.weight",
+                qkvz)
     assert "blk.0.ssm_in.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "old.gguf").tensors}
     return tmp_path / "old.gguf", truth
 
 
-def test_qwen3next_file_with_the_legacy_fused_ssm_in_imports_the_same_tensors(tmp_path):
-    path, truth = _legacy_qwen3next(tmp_path)
+def _fused_gate_up(tmp_path):
+    """(path, canonical tensors) of the tiny qwen3next GGUF as llama.cpp's `--fuse_gate_up_exps` writes it: each
+    layer's ffn_gate_exps and ffn_up_exps as one ffn_gate_up_exps [E, 2I, H], gate's rows first."""
+    truth = write_tiny_gguf(tmp_path / "m.gguf", "qwen3_next")
+    _fused_copy(tmp_path / "m.gguf", tmp_path / "fused.gguf", "ffn_gate_exps.weight", "ffn_up_exps.weight",
+                "ffn_gate_up_exps.weight", lambda gate, up: np.concatenate([gate, up], axis=1))
+    return tmp_path / "fused.gguf", truth
+
+
+@pytest.mark.parametrize("layout", [_legacy_qwen3next, _fused_gate_up], ids=["ssm_in", "ffn_gate_up_exps"])
+def test_older_and_fused_layouts_import_the_same_tensors(tmp_path, layout):
+    """Tensors that llama.cpp conversions fuse (older Qwen3-Next files' ssm_in; `--fuse_gate_up_exps`) come back
+    as the split file's, bit for bit (here F32 rows of its dequantised values)."""
+    path, truth = layout(tmp_path)
     convert_gguf(path, tmp_path / "out", log=lambda msg: None)
-    with ModelDir.open(tmp_path / "out") as model:
-        for name in ("layers.0.linear_attn.in_proj_qkv.weight", "layers.0.linear_attn.in_proj_z.weight"):
-            np.testing.assert_array_equal(model.tensor(name), truth.tensor(name), err_msg=name)
+    _assert_every_tensor_equals(tmp_path / "out", truth)
 
 
 RUNNER = find_runner()
@@ -435,7 +458,7 @@ RUNNER = find_runner()
 
 @pytest.mark.skipif(RUNNER is None, reason="llama.cpp is not built in the cache (bench/llama_cpp.py builds it in "
                     "~15 min; CI does not)")
-@pytest.mark.parametrize("model_type", [*ARCH, "qwen3_next with ssm_in"])
+@pytest.mark.parametrize("model_type", [*ARCH, "qwen3_next with ssm_in", "qwen3_next with ffn_gate_up_exps"])
 def test_llama_cpp_runs_the_same_gguf_to_the_imported_models_logits_and_greedy_tokens(tmp_path, model_type):
     """llama.cpp's own forward of the tiny GGUF against flashmoe's reference on the import: within llama.cpp's
     8-bit activation error (measured 1.4-6.1% of the largest logit over the architectures), and the same
@@ -444,8 +467,8 @@ def test_llama_cpp_runs_the_same_gguf_to_the_imported_models_logits_and_greedy_t
     path = tmp_path / "m.gguf"
     if model_type in ARCH:
         write_tiny_gguf(path, model_type)
-    else:  # the legacy layout, through llama.cpp's legacy path
-        path = _legacy_qwen3next(tmp_path)[0]
+    else:  # the older and the fused layouts, as llama.cpp reads them
+        path = (_legacy_qwen3next if "ssm_in" in model_type else _fused_gate_up)(tmp_path)[0]
     convert_gguf(path, tmp_path / "out", log=lambda msg: None)
     ids = np.array([5, 17, 99, 3, 250, 42])
     ours = ReferenceModel.from_dir(tmp_path / "out").forward(ids)

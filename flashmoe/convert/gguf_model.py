@@ -9,8 +9,9 @@ model directory (docs/formats.md), through the format's one writer (flashmoe.for
   32, Q2_K, Q3_K and Q6_K in groups of 16. Codebook types (IQ*) and others are refused by name: their values
   are not affine, and requantising them silently would change the model without the user choosing it
   (convert the original checkpoint, or a Q*_K GGUF, instead).
-- Stacked experts `blk.N.ffn_{gate,up,down}_exps.weight` [E, out, in] are written expert by expert from the
-  memory map, so peak memory is about one expert.
+- Stacked experts `blk.N.ffn_{gate,up,down}_exps.weight` [E, out, in] (or gate and up fused as
+  `ffn_gate_up_exps` [E, 2I, H]) are written expert by expert from the memory map, so peak memory is about one
+  expert.
 - The tokenizer (`tokenizer.ggml.*`: byte-level BPE or SentencePiece) becomes tokenizer.json
   (flashmoe/convert/gguf_tokenizer.py) and
   `tokenizer.chat_template` goes into tokenizer_config.json.
@@ -54,6 +55,10 @@ CONFIG_KEYS = {
 #: (llama.cpp's TextModel.set_gguf_parameters writes them from the checkpoint's rope_scaling).
 YARN_KEYS = {"factor": "factor", "original_max_position_embeddings": "original_context_length",
              "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow"}
+#: The stacked experts' gate and up projections fused in one tensor (llama.cpp's `--fuse_gate_up_exps` conversions,
+#: which src/llama-model.cpp's create_tensor_gate_up_exps reads first): each projection's half of its rows.
+FUSED_GATE_UP = "blk.{}.ffn_gate_up_exps.weight"
+FUSED_GATE_UP_HALF = {"gate_proj": 0, "up_proj": 1}
 #: The sigmoid-routed families' keys (llama.cpp's LLM_KV_EXPERT_* and LEADING_DENSE_BLOCK_COUNT), with the values
 #: llama.cpp assumes when a file lacks them (no groups, no scaling, no dense or shared blocks).
 ROUTING_KEYS = {"first_k_dense_replace": ("leading_dense_block_count", 0), "n_shared_experts": ("expert_shared_count", 0),
@@ -245,12 +250,17 @@ class _Import:
         """The layer's stacked experts (and their biases, where the family has them) expert by expert."""
         h, inter, n = self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts
         names = {**EXPERT_NAMES, **(EXPERT_BIAS_NAMES if self.cfg.has_expert_biases else {})}
-        tensors = {}
+        tensors, raws = {}, {}
         for key, gname in names.items():
             shape = (n, h, inter) if key.startswith("down_proj") else (n, inter, h)
-            tensors[key] = self._tensor(f"blk.{layer}.{gname}", shape[:2] if key.endswith(".bias") else shape,
+            gname, half = f"blk.{layer}.{gname}", None
+            if gname not in self.model.tensors and key in FUSED_GATE_UP_HALF and FUSED_GATE_UP.format(layer) in \
+                    self.model.tensors:  # llama.cpp's --fuse_gate_up_exps: [E, 2I, H], gate's rows first
+                gname, half, shape = FUSED_GATE_UP.format(layer), FUSED_GATE_UP_HALF[key], (n, 2 * inter, h)
+            tensors[key] = self._tensor(gname, shape[:2] if key.endswith(".bias") else shape,
                                         f"layers.{layer}.mlp.experts.{key}")
-        raws = {key: self.model.raw(t.name) for key, t in tensors.items()}
+            raw = self.model.raw(gname)
+            raws[key] = raw if half is None else raw[:, half * inter:(half + 1) * inter]
         first = {key: self._stored(tensors[key], raws[key][0], expert=True) for key in names}
         writer = out.open_experts(layer, ExpertLayout.plan(first), n)
         for e in range(n):
