@@ -120,10 +120,13 @@ def _peer_tables(result: dict) -> list[str]:
                 f"{_f(p['tok_s'], '.3f')} | {_f(p['ms_per_token'], '.0f')} | {run['peak_rss_bytes'] / 2**30:.2f} | "
                 f"{_f(cap and cap / 2**30)} | {run['disk_read_bytes'] / GB:.2f} | "
                 f"{'–'.join(f'{x:.1f}' for x in run['loadavg_1min'])} |")
-    lines += ["", "| flashmoe run | pass | flashmoe tok/s | llama.cpp tok/s | flashmoe ÷ llama.cpp |", "|---|---|---|---|---|"]
+    lines += ["", "| flashmoe run | pass | flashmoe tok/s | llama.cpp tok/s | flashmoe ÷ llama.cpp | prompt tokens | "
+              "flashmoe prompt tok/s | llama.cpp prompt tok/s | prompt ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for row in result["side_by_side"]:
         lines.append(f"| {row['flashmoe']} | {row['pass']} | {row['flashmoe_tok_s']:.3f} | {row['llama_cpp_tok_s']:.3f} | "
-                     f"{row['ratio']:.2f}× |")
+                     f"{row['ratio']:.2f}× | {row['prompt_tokens']} | {row['flashmoe_prompt_tok_s']:.2f} | "
+                     f"{row['llama_cpp_prompt_tok_s']:.2f} | {row['prompt_ratio']:.2f}× |")
     return lines
 
 

@@ -248,16 +248,22 @@ def run_peer(opts: BenchOptions, runner: Path, gguf: Path, md: ModelDir, k: int,
 
 
 def side_by_side(flashmoe_run: dict, peer_run: dict) -> list[dict]:
-    """One row per pass both runs have: flashmoe's and llama.cpp's tok/s and their ratio (flashmoe ÷ llama.cpp)."""
+    """One row per pass both runs have: flashmoe's and llama.cpp's decode tok/s and their ratio (flashmoe ÷
+    llama.cpp), and the same for the prompt (prefill): prompt tokens ÷ the prefill's time (`ttft_s`: the
+    prompt's forward pass up to the logits of its last position, in both engines)."""
     rows = []
+    n = flashmoe_run["prompt_tokens"]
     for name, p in flashmoe_run["passes"].items():
         q = peer_run["passes"].get(name)
         if q is None or not q["tok_s"]:
             continue
+        prompt, peer_prompt = n / p["ttft_s"], n / q["ttft_s"]
         rows.append({"flashmoe": run_label(flashmoe_run), "pass": name, "k": flashmoe_run["k"],
                      "threads": flashmoe_run["compute_threads"], "max_memory": flashmoe_run["max_memory"],
                      "cgroup": flashmoe_run.get("cgroup_limit_bytes") is not None,
-                     "flashmoe_tok_s": p["tok_s"], "llama_cpp_tok_s": q["tok_s"], "ratio": p["tok_s"] / q["tok_s"]})
+                     "flashmoe_tok_s": p["tok_s"], "llama_cpp_tok_s": q["tok_s"], "ratio": p["tok_s"] / q["tok_s"],
+                     "prompt_tokens": n, "flashmoe_prompt_tok_s": prompt, "llama_cpp_prompt_tok_s": peer_prompt,
+                     "prompt_ratio": prompt / peer_prompt})
     return rows
 
 
@@ -439,7 +445,7 @@ def _peer_beside(opts: BenchOptions, peer: tuple[Path, Path], md: ModelDir, resu
     for run in runs:
         result["side_by_side"] += side_by_side(run, peer_run)
     for name, p in peer_run["passes"].items():
-        opts.log(f"  {name}: {p['tok_s']:.3f} tok/s, peak RSS {peer_run['peak_rss_bytes'] / 2**30:.2f} GiB, "
+        opts.log(f"  {name}: {p['tok_s']:.3f} tok/s, prompt {peer_run['prompt_tokens'] / p['ttft_s']:.2f} tok/s, peak RSS {peer_run['peak_rss_bytes'] / 2**30:.2f} GiB, "
                  f"{peer_run['disk_read_bytes'] / 1e9:.2f} GB read from disk in the run")
 
 
@@ -447,7 +453,8 @@ def _log_run(log, run: dict) -> None:
     for name, p in run["passes"].items():
         hit = "n/a" if p["hit_rate"] is None else f"{p['hit_rate']:.1%}"
         over = p.get("ceiling", {}).get("time_over_bound")
-        log(f"  {name}: {p['tok_s']:.3f} tok/s, {p['ms_per_layer']:.1f} ms/layer "
+        log(f"  {name}: {p['tok_s']:.3f} tok/s, prompt {run['prompt_tokens'] / p['ttft_s']:.2f} tok/s, "
+            f"{p['ms_per_layer']:.1f} ms/layer "
             f"({p['compute_ms_per_layer']:.1f} compute, {p['io_wait_ms_per_layer']:.1f} I/O wait), "
             f"{p['disk_bytes_per_token'] / 1e9:.3f} GB/token from disk, hit rate {hit}, peak RSS "
             f"{run['peak_rss_bytes'] / 2**30:.2f} GiB, time/bound {'n/a' if over is None else f'{over:.2f}'}")

@@ -236,6 +236,8 @@ def test_bench_runs_llama_cpp_beside_flashmoe(tiny, tmp_path):
     assert set(rows) == {("1G", "cold"), ("1G", "warm")}
     for row in rows.values():
         assert row["ratio"] == pytest.approx(row["flashmoe_tok_s"] / row["llama_cpp_tok_s"])
+        assert row["prompt_ratio"] == pytest.approx(row["flashmoe_prompt_tok_s"] / row["llama_cpp_prompt_tok_s"])
+        assert row["prompt_tokens"] == 4
     assert "| direct k=2 t=1 1G | cold |" in (out / "bench.md").read_text().split("flashmoe ÷ llama.cpp")[1]
     fits = run_bench(BenchOptions(model_dir=model, out=tmp_path / "fits", backend="numpy", modes=("pagecache",),
                                   threads=(1,), tokens=3, prompt_tokens=4, disk_repeats=1, disk_experts=8,
