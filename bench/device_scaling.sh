@@ -9,7 +9,8 @@
 # gguf), installed offline; BEFORE_TREE: the checkout to compare against (its Python sources suffice);
 # TOKENIZER_DIR: Qwen3's tokenizer.json.xz, tokenizer_config.json and generation_config.json (the GGUF's vocabulary).
 # LLAMA=0 in the environment leaves llama.cpp out (no build, no GGUF, the checkouts alone: a short run);
-# LAYERS (default 12) and THREADS (default 16,1,8,4,2) shorten it further.
+# LAYERS (default 12) and THREADS (default 16,1,8,4,2) shorten it further; PROMPT (default 4) is the prompt's
+# length (prefill, timed too: 512 for issue 14's prefill target).
 set -u
 SRC=$(realpath "$1"); WHEELS=$(realpath "$2"); BEFORE=$(realpath "$3"); TOK=$(realpath "$4"); AFTER=$PWD
 for tree in "$AFTER" "$BEFORE"; do  # the package layout, without pip install -e
@@ -51,4 +52,4 @@ import time, numpy as np
 a = np.ones(1 << 28, np.float32); a.sum(); t = time.perf_counter(); a.sum(); dt = time.perf_counter() - t
 print(f'memory read, one thread (numpy sum of 1 GiB): {a.nbytes / dt / 1e9:.1f} GB/s')"
 python3 -m flashmoe.bench.scaling_run --model /tmp/q30 "${PEER[@]}" \
-  --tree "before=$BEFORE" --tree "after=$AFTER" --threads "${THREADS:-16,1,8,4,2}" --prompt-tokens 4 --tokens 8 --json "$OUT/scaling.json"
+  --tree "before=$BEFORE" --tree "after=$AFTER" --threads "${THREADS:-16,1,8,4,2}" --prompt-tokens "${PROMPT:-4}" --tokens 8 --json "$OUT/scaling.json"

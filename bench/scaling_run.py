@@ -7,8 +7,8 @@ are that checkout, NUMBA_NUM_THREADS the thread count; q8 activations, pagecache
 and llama.cpp (bench/llama_cpp.run_llama, its defaults) on the GGUF export of the same model, with the same
 prompt and decode ids (decode_run.decode_inputs); without --gguf, the checkouts alone. Engines alternate within each thread count, so a change
 in the machine's load falls on all of them alike. Each row is written to the JSON as it completes (a run
-cut short keeps what it has) and printed; the end prints a Markdown table of warm tok/s and the ratio of
-each checkout to llama.cpp. bench/device_scaling.sh builds what this needs on a bare machine.
+cut short keeps what it has) and printed; the end prints Markdown tables of warm decode tok/s and warm prompt
+(prefill) tok/s, and the ratio of each checkout to llama.cpp. bench/device_scaling.sh builds what this needs on a bare machine.
 """
 
 from __future__ import annotations
@@ -37,25 +37,31 @@ def flashmoe_row(tree: Path, model: Path, threads: int, prompt_tokens: int, toke
         return {"error": proc.stderr.strip().splitlines()[-3:]}
     warm = json.loads(out.read_text())["passes"]["warm"]
     keys = ("tok_s", "ms_per_token", "compute_ms_per_token", "io_wait_ms_per_token", "lm_head_ms_per_token",
-            "stage_ms_per_token")
+            "stage_ms_per_token", "ttft_s", "prefill_stage_s")
     return {k: warm[k] for k in keys}
 
 
 def llama_row(runner: Path, gguf: Path, threads: int, prompt, decode) -> dict:
     r = run_llama(runner, gguf, threads, prompt, decode, ("cold", "warm"))
-    return {"tok_s": r["passes"]["warm"]["tok_s"], "ms_per_token": r["passes"]["warm"]["ms_per_token"]}
+    warm = r["passes"]["warm"]
+    return {"tok_s": warm["tok_s"], "ms_per_token": warm["ms_per_token"], "ttft_s": warm["ttft_s"]}
 
 
-def markdown(rows: list[dict], trees: list[str]) -> str:
-    head = ["threads", *(f"{t} tok/s" for t in trees), "llama.cpp tok/s", *(f"{t} ÷ llama.cpp" for t in trees)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-    for r in rows:
-        fm = [r[t].get("tok_s") for t in trees]
-        ll = r["llama.cpp"].get("tok_s")
-        cells = [str(r["threads"]), *(f"{v:.2f}" if v else "—" for v in fm), f"{ll:.2f}" if ll else "—",
-                 *(f"{v / ll:.2f}×" if v and ll else "—" for v in fm)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def markdown(rows: list[dict], trees: list[str], prompt_tokens: int) -> str:
+    """Two tables: warm decode tok/s, and warm prompt (prefill) tok/s = prompt_tokens ÷ ttft_s."""
+    tables = []
+    for what, value in (("tok/s", lambda r: r.get("tok_s")),
+                        ("prompt tok/s", lambda r: r.get("ttft_s") and prompt_tokens / r["ttft_s"])):
+        head = ["threads", *(f"{t} {what}" for t in trees), f"llama.cpp {what}", *(f"{t} ÷ llama.cpp" for t in trees)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        for r in rows:
+            fm = [value(r[t]) for t in trees]
+            ll = value(r["llama.cpp"])
+            cells = [str(r["threads"]), *(f"{v:.2f}" if v else "—" for v in fm), f"{ll:.2f}" if ll else "—",
+                     *(f"{v / ll:.2f}×" if v and ll else "—" for v in fm)]
+            lines.append("| " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
         print(json.dumps(row), flush=True)
-    print(markdown(rows, list(trees)))
+    print(markdown(rows, list(trees), a.prompt_tokens))
 
 
 if __name__ == "__main__":
