@@ -6,14 +6,16 @@
 # Run from the repository root (the "after" checkout, not pip-installed). LLAMA_SRC.tar.xz: llama.cpp's
 # CMakeLists.txt, cmake/, include/, src/ and ggml/ (without its GPU back ends) from the llama-cpp-python
 # sdist (bench/llama_cpp.py names the version); WHEEL_DIR: wheels the machine lacks (typer, rich, ml_dtypes,
-# gguf), installed offline; BEFORE_TREE: the checkout to compare against (its Python sources suffice);
+# gguf), installed offline; BEFORE_TREE: the checkout to compare against (its Python sources suffice; '-': none);
 # TOKENIZER_DIR: Qwen3's tokenizer.json.xz, tokenizer_config.json and generation_config.json (the GGUF's vocabulary).
 # LLAMA=0 in the environment leaves llama.cpp out (no build, no GGUF, the checkouts alone: a short run);
 # LAYERS (default 12) and THREADS (default 16,1,8,4,2) shorten it further; PROMPT (default 4) is the prompt's
 # length (prefill, timed too: 512 for issue 14's prefill target).
 set -u
-SRC=$(realpath "$1"); WHEELS=$(realpath "$2"); BEFORE=$(realpath "$3"); TOK=$(realpath "$4"); AFTER=$PWD
-for tree in "$AFTER" "$BEFORE"; do  # the package layout, without pip install -e
+SRC=$(realpath "$1"); WHEELS=$(realpath "$2"); TOK=$(realpath "$4"); AFTER=$PWD
+TREES=("$AFTER"); TREE_ARGS=(--tree "after=$AFTER")
+if [ "$3" != - ]; then BEFORE=$(realpath "$3"); TREES+=("$BEFORE"); TREE_ARGS=(--tree "before=$BEFORE" "${TREE_ARGS[@]}"); fi
+for tree in "${TREES[@]}"; do  # the package layout, without pip install -e
   for d in backends reference conformance bench shaders; do ln -sfn ../$d "$tree/flashmoe/$d"; done
 done
 python3 -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl
@@ -36,7 +38,7 @@ xz -dc "$TOK/tokenizer.json.xz" > /tmp/q30/tokenizer.json && cp "$TOK"/*_config.
 [ "${LLAMA:-1}" = 0 ] || python3 -c "from flashmoe.bench.gguf_export import export_gguf; export_gguf('/tmp/q30', '/tmp/q30.gguf')" \
   > "$OUT/gguf.log" 2>&1 &
 GGUF=$!
-for tree in "$AFTER" "$BEFORE"; do  # numba's compilation and the conformance gate, once per checkout
+for tree in "${TREES[@]}"; do  # numba's compilation and the conformance gate, once per checkout
   (cd "$tree" && PYTHONPATH=$tree:/tmp/site NUMBA_NUM_THREADS=16 python3 -m flashmoe.bench.decode_run \
     --model /tmp/q30 --prompt-tokens 2 --tokens 1 --passes warm --json "/tmp/gate-$$-$RANDOM.json" \
     > /dev/null 2>> "$OUT/gate.log") &
@@ -52,4 +54,4 @@ import time, numpy as np
 a = np.ones(1 << 28, np.float32); a.sum(); t = time.perf_counter(); a.sum(); dt = time.perf_counter() - t
 print(f'memory read, one thread (numpy sum of 1 GiB): {a.nbytes / dt / 1e9:.1f} GB/s')"
 python3 -m flashmoe.bench.scaling_run --model /tmp/q30 "${PEER[@]}" \
-  --tree "before=$BEFORE" --tree "after=$AFTER" --threads "${THREADS:-16,1,8,4,2}" --prompt-tokens "${PROMPT:-4}" --tokens 8 --json "$OUT/scaling.json"
+  "${TREE_ARGS[@]}" --threads "${THREADS:-16,1,8,4,2}" --prompt-tokens "${PROMPT:-4}" --tokens 8 --json "$OUT/scaling.json"
