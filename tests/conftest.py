@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny Hugging Face checkpoints, built once per test session."""
+"""Shared fixtures: tiny Hugging Face checkpoints, built once per test session; numba's kernels compiled on
+the other core while the first tests run."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -11,6 +13,46 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import checkpoints`
 
 from checkpoints import build_hf_checkpoint  # noqa: E402
+
+#: The conformance gate of the numba backend, run in its own process from the session's start (None: not
+#: needed, the stamp exists, or numba is missing).
+_numba_gate: subprocess.Popen | None = None
+
+
+def pytest_sessionstart(session) -> None:
+    """A fresh checkout compiles every numba kernel on the backend's first use: the conformance gate's quick
+    suite (flashmoe.conformance.runner), minutes of CI's 2 cores and most of the suite's time. Started here in
+    a second process, it compiles on the other core while the test files before the first numba engine run;
+    that first load_engine waits for it and then finds the stamp and every kernel in numba's cache of this
+    checkout (the cache the suite's own processes share). If the process fails, the waiting load_engine runs
+    the gate itself and reports what failed."""
+    global _numba_gate
+    try:
+        from flashmoe.conformance.runner import stamp_path
+        from flashmoe.runtime import load
+
+        if stamp_path("numba").is_file():
+            return
+    except Exception:  # numba missing or unusable: the backend's own tests say why
+        return
+    _numba_gate = subprocess.Popen(
+        [sys.executable, "-c", "from flashmoe.conformance.runner import ensure_conformant; ensure_conformant('numba')"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gate = load.ensure_conformant
+
+    def after_the_background_gate(name: str) -> None:
+        if name == "numba":
+            _numba_gate.wait()
+        gate(name)
+
+    load.ensure_conformant = after_the_background_gate
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """A run that ended before its first numba engine stops the gate's process (kernels it saved stay)."""
+    if _numba_gate is not None and _numba_gate.poll() is None:
+        _numba_gate.terminate()
+        _numba_gate.wait()
 
 
 @pytest.fixture(scope="session")
