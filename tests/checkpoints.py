@@ -171,14 +171,25 @@ LONG_VARIANTS: list[tuple[str, str]] = [("qwen3_5_moe", "shared_k2"), ("qwen3_mo
                                         ("glm4_moe", "qk_norm_attn_bias")]
 
 
+def _torch():
+    """torch on one thread. The tiny models' ops are far smaller than a thread pool's hand-off, and where the
+    other core is busy (the suite's numba gate compiling beside the tests, a loaded machine) torch's two OpenMP
+    threads wait on each other at every op: a 364-token forward took 2-20 s on two threads, 0.15-0.35 s on one
+    (on this 2-core machine, loaded)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
+
+
 def make_hf_model(arch: str, variant: str, seed: int = SEED):
     """The transformers model (float32, eval mode) for (arch, variant), with seeded large-std weights.
 
     Raises KeyError for an unknown pair (see VARIANTS).
     """
-    import torch
     import transformers
 
+    torch = _torch()
     cfg_cls, model_cls, kwargs = _SPECS[(arch, variant)]
     # a copy: config classes write into nested dicts (MiniMax-M2's rope_parameters gets partial_rotary_factor
     # from rotary_dim), which the variants share
@@ -220,9 +231,9 @@ def prompt_tokens(n: int, seed: int = 0) -> np.ndarray:
 
 def load_hf_model(arch: str, variant: str, path: str | Path):
     """The transformers model saved at `path` by build_hf_checkpoint, float32, eval mode."""
-    import torch
     import transformers
 
+    torch = _torch()
     cfg_cls, model_cls, _ = _SPECS[(arch, variant)]
     config = getattr(transformers, cfg_cls).from_pretrained(path)
     config.model_type = config.__class__.model_type  # Kimi K2's is not transformers' (it picks the key mapping)
@@ -231,8 +242,7 @@ def load_hf_model(arch: str, variant: str, path: str | Path):
 
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     """Full-sequence transformers logits, float32 (T, vocab), for int64 tokens (T,), without a cache."""
-    import torch
-
+    torch = _torch()
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(tokens)[None], use_cache=False)
     return out.logits[0].float().numpy()
@@ -372,9 +382,9 @@ def build_mxfp4_checkpoint(variant: str, out_dir: str | Path, seed: int = SEED) 
 def load_mxfp4_hf_model(path: str | Path):
     """transformers' own float32 model of an MXFP4 checkpoint: its loader dequantises the experts
     (`Mxfp4Config(dequantize=True)`, integrations/mxfp4.py)."""
-    import torch
     import transformers
 
+    torch = _torch()
     return transformers.GptOssForCausalLM.from_pretrained(
         path, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
 
