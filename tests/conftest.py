@@ -19,13 +19,19 @@ from checkpoints import build_hf_checkpoint  # noqa: E402
 _numba_gate: subprocess.Popen | None = None
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "numba: runs the numba backend's kernels (after the other tests of tests/, "
+                                       "once the conformance gate's process has compiled them)")
+
+
 def pytest_sessionstart(session) -> None:
     """A fresh checkout compiles every numba kernel on the backend's first use: the conformance gate's quick
     suite (flashmoe.conformance.runner), minutes of CI's 2 cores and most of the suite's time. Started here in
-    a second process, it compiles on the other core while the test files before the first numba engine run;
-    that first load_engine waits for it and then finds the stamp and every kernel in numba's cache of this
-    checkout (the cache the suite's own processes share). If the process fails, the waiting load_engine runs
-    the gate itself and reports what failed."""
+    a second process, it compiles on the other core while the tests that need no numba run (tests/ runs the
+    NumPy backend; the tests marked numba and conformance/ are ordered after them); those wait for it and
+    then find the stamp and every kernel in numba's cache of this checkout (the cache the suite's processes
+    share). An unmarked test that loads a numba engine waits too. If the process fails, the waiting
+    load_engine runs the gate itself and reports what failed."""
     global _numba_gate
     try:
         from flashmoe.conformance.runner import stamp_path
@@ -48,8 +54,22 @@ def pytest_sessionstart(session) -> None:
     load.ensure_conformant = after_the_background_gate
 
 
+def _runs_numba(item: pytest.Item) -> bool:
+    return item.get_closest_marker("numba") is not None or item.path.parent.name == "conformance"
+
+
+def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
+    items.sort(key=_runs_numba)  # stable: the file order within each part
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # two processes compiling kernels into one numba cache could interleave its index's read-modify-write
+    if _numba_gate is not None and _runs_numba(item):
+        _numba_gate.wait()
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """A run that ended before its first numba engine stops the gate's process (kernels it saved stay)."""
+    """A run that ended before its first numba test stops the gate's process (the kernels it saved stay)."""
     if _numba_gate is not None and _numba_gate.poll() is None:
         _numba_gate.terminate()
         _numba_gate.wait()

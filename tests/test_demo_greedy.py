@@ -24,6 +24,7 @@ GOLDEN = Path(__file__).parent / "data" / "demo-greedy.json"
 PROMPTS = ["The old house stood", "And God said,", "KING HENRY.\n"]
 TOKENS = 40
 RUNS = {"numpy": ("numpy", "float"), "numba": ("numba", "float"), "numba-q8": ("numba", "q8")}
+pytestmark = pytest.mark.numba
 
 
 def greedy(run: str, prompt: str) -> str:

@@ -23,6 +23,7 @@ import sys
 import pytest
 
 pytest.importorskip("numba", reason="the numba backend needs numba")
+pytestmark = pytest.mark.numba
 
 DECODE_STEP = """
 import numpy as np
