@@ -53,7 +53,7 @@ def test_experts_per_token_changes_the_experts_read_per_token(tmp_path):
     (["--trace", "/tmp"], "is a directory"),
 ])
 def test_bad_options_give_one_clear_error_line_and_exit_code_2(args, message):
-    result = runner.invoke(app, ["generate", "--prompt", "hi", *GREEDY[:4], *args])
+    result = runner.invoke(app, ["generate", "--prompt", "hi", *GREEDY, *args])  # a later --backend wins
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert "Traceback" not in result.output
