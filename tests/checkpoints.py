@@ -13,6 +13,7 @@ far from uniform (a wrong router or norm then changes the logits visibly).
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -229,8 +230,10 @@ def prompt_tokens(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, VOCAB, size=n, dtype=np.int64)
 
 
+@functools.cache
 def load_hf_model(arch: str, variant: str, path: str | Path):
-    """The transformers model saved at `path` by build_hf_checkpoint, float32, eval mode."""
+    """The transformers model saved at `path` by build_hf_checkpoint, float32, eval mode; loaded once per
+    process (the tests only run it, under no_grad)."""
     import transformers
 
     torch = _torch()
