@@ -455,6 +455,12 @@ class Backend(ABC):
         raise BackendError(f"backend {self.name!r} has no expert cache of its own (--gpu-memory needs cuda)")
 
     @property
+    def launches(self) -> int | None:
+        """Kernels (and recorded steps) this process launched so far, where the backend counts them (the
+        benchmarks' launches per token); None where it does not."""
+        return None
+
+    @property
     def expert_cache_stats(self) -> dict[str, int]:
         """Counters of the backend's own expert cache (hits, misses, bytes copied); empty without one."""
         return {}

@@ -324,10 +324,14 @@ class CudaBackend(Backend):
                 self._experts.launched(staged)
 
     @property
+    def launches(self) -> int:
+        """Kernels and CUDA graphs the host launched so far (a replayed decode step counts one)."""
+        return A.LAUNCHES[0]
+
+    @property
     def expert_cache_stats(self) -> dict[str, int]:
-        """The VRAM tier's hits and misses, the host -> device expert bytes and copies, and the kernels and
-        CUDA graphs the host launched (``launches``: a replayed decode step counts one) so far."""
-        return {**self._experts.stats, "launches": A.LAUNCHES[0]}
+        """The VRAM tier's hits and misses and the host -> device expert bytes and copies so far."""
+        return dict(self._experts.stats)
 
     def _gate_up(self, x: DeviceArray, staged: StagedExperts) -> DeviceArray:
         """h [k * T, inter] = silu(gate_e x_t) * (up_e x_t) for every staged expert e and token t."""

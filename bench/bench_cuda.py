@@ -72,12 +72,14 @@ def run_passes(engine: Engine, passes: list[str], prompt_tokens: int, tokens: in
         logits = engine.forward(prompt, state)
         stats.token_done()
         before = dict(stats.stage_s)
-        tier_before = dict(engine.backend.expert_cache_stats)
+        tier_before, launches = dict(engine.backend.expert_cache_stats), engine.backend.launches
         for _ in range(tokens):
             logits = engine.forward(np.array([int(np.argmax(logits[-1]))]), state)
             stats.token_done()
         stages = {s: v - before.get(s, 0.0) for s, v in stats.stage_s.items()}
         out[name] = summarise_pass(stats.tokens[first:], stages, len(engine.model_dir.moe_layers))
+        if launches is not None:  # kernels and graphs the host launched per decode token
+            out[name]["launches_per_token"] = (engine.backend.launches - launches) / tokens
         if tier_before:  # the GPU tier's hits, misses and host -> device bytes per decode token
             out[name]["gpu_tier_per_token"] = {k: (v - tier_before[k]) / tokens
                                                for k, v in engine.backend.expert_cache_stats.items()}
@@ -238,17 +240,17 @@ def _profile(engine: Engine, tokens: int, seed: int) -> None:
 
 def _print_table(result: dict[str, Any]) -> None:
     """The passes of every run as a markdown table, then the first run's measured rates."""
-    print("| backend | gpu memory | pass | tok/s | ms/token | ms/layer | compute ms/layer | io wait ms/layer "
-          "| GPU hits/token | host launches/token | bound ms/token |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| backend | gpu memory | pass | tok/s | ms/token | median ms/token | ms/layer | compute ms/layer "
+          "| io wait ms/layer | GPU hits/token | host launches/token | bound ms/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in result["runs"]:
         for label, p in run["passes"].items():
             bound = f"{p['bound']['bound_ms']:.2f}" if "bound" in p else ""
             tier = p.get("gpu_tier_per_token", {})
             hits = f"{tier['gpu_hits']:.1f}" if "gpu_hits" in tier else ""
-            launches = f"{tier['launches']:.0f}" if "launches" in tier else ""
+            launches = f"{p['launches_per_token']:.0f}" if "launches_per_token" in p else ""
             print(f"| {run['backend']} | {run['gpu_memory']} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} "
-                  f"| {p['ms_per_layer']:.2f} | {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} "
+                  f"| {np.median(p['decode_token_ms']):.2f} | {p['ms_per_layer']:.2f} | {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} "
                   f"| {hits} | {launches} | {bound} |")
     if "rates" in result["runs"][0]:
         print(json.dumps(result["runs"][0]["rates"]))

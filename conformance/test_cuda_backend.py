@@ -221,8 +221,7 @@ def test_gpu_expert_cache_keeps_experts_by_key_and_evicts_by_policy(be, bits):
         check([2, 1], {2}, w)  # expert 2 evicts the least recently used, 0
         assert not be.has_expert((7, 0)) and be.has_expert((7, 2))
         stats = {k: v - before[k] for k, v in be.expert_cache_stats.items()}
-        assert stats == {"gpu_hits": 3, "gpu_misses": 3, "bytes_copied": stats["bytes_copied"], "copies": 3,
-                         "launches": stats["launches"]}
+        assert stats == {"gpu_hits": 3, "gpu_misses": 3, "bytes_copied": stats["bytes_copied"], "copies": 3}
         got = be.to_numpy(be.expert_ffn(x[None], None, key=(7, 2), act=act))  # one expert, from the cache
         np.testing.assert_allclose(got, ref.expert_ffn(x[None], experts[2], act=act), rtol=1e-4, atol=1e-5)
         with pytest.raises(BackendError, match="one token needs 3"):
