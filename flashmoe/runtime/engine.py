@@ -114,7 +114,8 @@ class Engine:
         self._recordable = not self.cfg.is_mla and all(
             self.cfg.is_attention_layer(i) and self.cfg.attention_window(i) is None
             for i in range(self.cfg.num_hidden_layers))
-        self._recording: tuple | None = None  # (state, recording) of the last recorded decode step
+        # (state, recording, or None where it was refused) of the last decode step recorded or tried
+        self._recording: tuple | None = None
         self._decoded = False  # an eager decode step has run
         #: why decode steps are not replayed from a recording (None while they are or may be)
         self.not_recorded: str | None = None if self._recordable else "the model's decode step depends on " \
@@ -175,12 +176,14 @@ class Engine:
         """One decode token replayed from a recording of the whole step (Backend.capture_decode: one CUDA
         graph instead of ~16 launches per layer through Python), recorded again when the state changed, a KV
         cache is full (it then grows, so moves) or the backend's recording went stale; None when the step
-        cannot be recorded: the caller runs it eagerly."""
+        cannot be recorded (or its recording was refused for this state): the caller runs it eagerly."""
         recording = self._recording
+        if recording is not None and recording[0] is state and recording[1] is None:
+            return None
         if (recording is None or recording[0] is not state or not recording[1].valid()
                 or any(cache.capacity <= state.position for cache in state.layers)):
             recording = self._record(token, state)
-            if recording is None:
+            if recording is None or recording[1] is None:
                 return None
         with self.stats.stage("replay"):
             logits = self.backend.to_numpy(recording[1].replay(token, state.position))
@@ -192,7 +195,9 @@ class Engine:
     def _record(self, token: int, state: State) -> tuple | None:
         """Record the decode step of `token` for `state` once an eager decode step has run (kernels compiled,
         constants on the device); the host-side effects of the recording run (cache lengths, position) are
-        undone. A step the backend cannot record turns recording off for this engine."""
+        undone. A backend that does not record turns recording off for this engine; a step that cannot be
+        recorded (it needs the host: a router there, an expert read) runs eagerly for the rest of this state,
+        and a new state tries again."""
         if not self._decoded:
             return None
         for cache in state.layers:
@@ -201,14 +206,14 @@ class Engine:
         try:
             graph = self.backend.capture_decode(lambda: self._step(np.array([token]), state, False))
             self.not_recorded = None if graph is not None else f"{self.backend.name} does not record decode steps"
+            self._recordable = graph is not None
         except BackendError as e:  # the step needs the host (its router, an expert read): it runs eagerly
             graph, self.not_recorded = None, str(e)
         finally:
             state.position = position
             for cache, n in zip(state.layers, lengths):
                 cache.length = n
-        self._recording = None if graph is None else (state, graph)
-        self._recordable = graph is not None
+        self._recording = (state, graph) if self._recordable else None
         return self._recording
 
     def _step(self, ids: np.ndarray, state: State, all_logits: bool):
