@@ -433,18 +433,25 @@ def linears(x: np.ndarray, ws: list, addresses, call) -> list[np.ndarray]:
     return [out[:, a:b] for a, b in zip(first_row[:-1], first_row[1:])]
 
 
-def experts_ffn(x: np.ndarray, gate: list, up: list, down: list, addresses, weights: np.ndarray, call) -> np.ndarray:
-    """sum_e weights[e] * SwiGLU_e(x) for one token x float32 [1, hidden] with q8 activations: gate/up of all
-    k experts in one parallel region, their down projections and the weighted sum in a second.
-    gate, up, down: the k experts' KernelWeights (one bits/group/shape across them); addresses: their
-    int64 [k, 3] address table builder (numba_backend._addresses)."""
-    g, dn = gate[0], down[0]
+def experts_gate_up(x: np.ndarray, gate: list, up: list, addresses, call) -> np.ndarray:
+    """h float32 [k, inter]: SiLU(gate_e · x) * (up_e · x) for each of the k experts of one token x float32
+    [1, hidden] with q8 activations, in one parallel region. gate, up: the k experts' KernelWeights (one
+    bits/group/shape across them); addresses: their int64 [k, 3] address table builder
+    (numba_backend._addresses); call: numba_backend._call."""
+    g = gate[0]
     xq, xd, xsum, paired = quantize(x, g.bits, g.group_size)
     h = np.empty((len(gate), g.out_features), np.float32)
-    work = len(gate) * g.out_features * g.in_features
-    call(q8_kernels(g.bits, g.bf16, paired).experts_gate_up, 2 * work, addresses(gate), addresses(up), xq, xd,
-         xsum, h)
+    call(q8_kernels(g.bits, g.bf16, paired).experts_gate_up, 2 * len(gate) * g.out_features * g.in_features,
+         addresses(gate), addresses(up), xq, xd, xsum, h)
+    return h
+
+
+def experts_down(h: np.ndarray, down: list, addresses, weights: np.ndarray, call) -> np.ndarray:
+    """sum_e weights[e] * (down_e · h_e) float32 [hidden] with q8 activations (each h_e quantised), in one
+    parallel region; h float32 [k, inter] from experts_gate_up."""
+    dn = down[0]
     hq, hd, hsum, paired = quantize(h, dn.bits, dn.group_size)
     out = np.empty(dn.out_features, np.float32)
-    call(q8_kernels(dn.bits, dn.bf16, paired).experts_down, work, addresses(down), hq, hd, hsum, weights, out)
+    call(q8_kernels(dn.bits, dn.bf16, paired).experts_down, len(down) * dn.out_features * dn.in_features,
+         addresses(down), hq, hd, hsum, weights, out)
     return out

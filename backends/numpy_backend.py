@@ -67,7 +67,7 @@ class NumpyBackend(Backend):
             return ref_q8.linear_q8(x, w) if q8 else x @ w.dequantize().T
         p = pack_weight(w)
         y = np.empty((x.shape[0], p.out_features), np.float32)
-        if q8:
+        if q8 and ref_q8.uses_q8(p.bits, p.group_size, x.shape[0]):
             step = max(1, _BLOCK_ELEMENTS // 8 // p.in_features)  # linear_q8's int32 temporaries: 8 bytes a weight
             for r in range(0, p.out_features, step):
                 sel = slice(r, r + step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from flashmoe.backends.base import get_backend
 from flashmoe.backends.numba_backend import _addresses, _as_weight, _call
 from flashmoe.conformance.op_cases import SCALE_DTYPES, make_expert_views, make_weight
 from flashmoe.reference import q8 as ref
@@ -72,8 +73,26 @@ def test_q8_experts_match_the_q8_reference_weighted_sum(bits, group_size, sdtype
     x = rng.standard_normal((1, hidden)).astype(np.float32)
     want = sum(w * ref.swiglu_q8(x, e)[0] for w, e in zip(weights, experts))
     packed = {n: [_as_weight(e[n], n) for e in experts] for n in ("gate_proj", "up_proj", "down_proj")}
-    got = q8.experts_ffn(x, packed["gate_proj"], packed["up_proj"], packed["down_proj"], _addresses, weights, _call)
+    h = q8.experts_gate_up(x, packed["gate_proj"], packed["up_proj"], _addresses, _call)
+    got = q8.experts_down(h, packed["down_proj"], _addresses, weights, _call)
     assert _rel(got, want) <= Q8_KERNEL_TOLERANCE
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (5, 32), (6, 16), (4, 16), (8, 16)])
+def test_widths_without_a_row_kernel_take_float_activations_in_q8_mode(bits, group_size):
+    """flashmoe.reference.q8.uses_q8: such weights compute in q8 mode exactly as in float mode (mat-vec and
+    the fused experts), on numba and NumPy."""
+    rng = np.random.default_rng(bits * group_size)
+    assert not ref.uses_q8(bits, group_size, 1) and ref.uses_q8(4, 32, 1) and not ref.uses_q8(4, 32, 4)
+    w = make_weight(rng, 72, 256, bits, group_size, "bfloat16")
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    experts = [make_expert_views(rng, 256, 128, bits, group_size, "bfloat16", 64 * e) for e in range(3)]
+    weights = np.array([0.5, 0.3, 0.2], np.float32)
+    for name in ("numba", "numpy"):
+        q8_mode, float_mode = get_backend(name, "q8"), get_backend(name, "float")
+        np.testing.assert_array_equal(q8_mode.linear(x, w), float_mode.linear(x, w))
+        np.testing.assert_array_equal(q8_mode.experts_ffn(x[0], experts, weights),
+                                      float_mode.experts_ffn(x[0], experts, weights))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

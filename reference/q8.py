@@ -49,6 +49,11 @@ Q8_BLOCK = 32
 #: In q8 mode, a quantised linear of at most this many tokens (decode, speculation) takes q8 activations;
 #: longer calls (prefill) stay float, whose mat-mat reuses each dequantised row for every token.
 Q8_MAX_TOKENS = 3
+#: The weight widths whose q8 dot products have integer row kernels (backends/numba_q8.py): 4- and 8-bit codes
+#: in groups of at least Q8_BLOCK. In q8 mode a quantised linear of any other width or group takes float
+#: activations: without a row kernel the integer loop was 5-50x slower than the float kernel
+#: (docs/benchmarks.md, "q8 activations on the CPU").
+Q8_BITS = (4, 8)
 #: Bound on |q8 - float| / |float| (Euclidean norms over the output) of a SwiGLU expert on Gaussian inputs
 #: and weights, every bit width (tests/test_q8.py; the module docstring gives the expected size per layer).
 Q8_VS_FLOAT_TOLERANCE = 1.5e-2
@@ -60,6 +65,12 @@ def q8_block(group_size: int) -> int:
     """The activation block used with weights of `group_size`: Q8_BLOCK, or the group when it is smaller
     (so a block never straddles two groups)."""
     return min(Q8_BLOCK, group_size)
+
+
+def uses_q8(bits: int, group_size: int, tokens: int) -> bool:
+    """Whether q8 mode gives a quantised linear of `bits` and `group_size` over `tokens` tokens q8 activations
+    (linear_q8); otherwise it computes with float activations, exactly as float mode does."""
+    return tokens <= Q8_MAX_TOKENS and bits in Q8_BITS and group_size >= Q8_BLOCK
 
 
 def quantize_q8(x: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
