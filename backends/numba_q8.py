@@ -21,9 +21,11 @@ bytes (code 2i is byte i's low nibble, code 2i+1 its high one; MLX packs least s
 8-bit weights (routers, and the 8-bit format) take the same kernel with one 32-value block per 32 bytes of
 codes, inputs in natural order: ``vpdpbusd`` multiplies the unsigned code bytes with the int8 inputs
 directly; on AVX2 each code is split into its nibbles (16 * high + low) because ``vpmaddubsw`` on whole
-bytes could saturate its int16 lanes. Every other width, and every CPU without AVX2, runs the portable
-loop (natural order), which unpacks each code with numba_packed's ``code``; the results are the same up to
-float32 rounding.
+bytes could saturate its int16 lanes. The portable loop (natural order), which unpacks each code with
+numba_packed's ``code``, serves CPUs without AVX2 and 4-bit rows whose inputs are not runs of 64; the results
+are the same up to float32 rounding. The backend gives these kernels only 4- and 8-bit weights in groups of
+32 or more (flashmoe.reference.q8.uses_q8: other widths and groups of 16 take float activations in q8 mode);
+the portable loop computes any width, and the tests hold it to the reference at several.
 """
 
 from __future__ import annotations
