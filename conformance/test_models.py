@@ -91,7 +91,7 @@ def test_engine_logits_and_greedy_tokens_match_reference(model_dir, backend, arc
         assert int(np.argmax(got[-1])) == token, f"greedy token differs at decode step {step}"
         want = reference.forward(np.array([token]), cache)
         got = engine.forward(np.array([token]), state)
-        assert _rel(got, want) <= Q8_MODEL_TOLERANCE, f"decode step {step}: logits off by {_rel(got, want):.2e}"
+        assert _rel(got, want) <= TOLERANCE, f"decode step {step}: logits off by {_rel(got, want):.2e}"
         token = int(np.argmax(want[-1]))
 
 
