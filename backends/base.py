@@ -353,8 +353,8 @@ class Backend(ABC):
     def swiglu(self, x: Any, gate: Any, up: Any, down: Any) -> Any:
         """``down(silu(gate x) * up x)``: x ``[n, hidden]``, gate and up ``[I, hidden]``, down ``[hidden, I]``
         -> ``[n, hidden]``. (Shazeer 2020, "GLU Variants Improve Transformer".)"""
-        h = self.multiply(self.silu(self.linear(x, gate)), self.linear(x, up))
-        return self.linear(h, down)
+        g, u = self.linears(x, [gate, up])
+        return self.linear(self.multiply(self.silu(g), u), down)
 
     def heads_linear(self, x: Any, weights: list) -> Any:
         """One linear per head: ``y[:, h] = x[:, h] @ weights[h].T``. x ``[T, H, in]``; weights: H prepared

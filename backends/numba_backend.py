@@ -468,7 +468,7 @@ class NumbaBackend(Backend):
             return x @ p.T
         if x.shape[1] != p.in_features:
             raise BackendError(f"linear: input has {x.shape[1]} features, weight expects {p.in_features}")
-        if self._q8(p, x.shape[0]):
+        if self._q8(p):
             return numba_q8.linears(x, [p], _addresses, _call)[0]
         xp, xsum = permute_input(x, p.bits, p.group_size)
         out = np.empty((x.shape[0], p.out_features), np.float32)
@@ -480,12 +480,12 @@ class NumbaBackend(Backend):
         return out
 
     def linears(self, x: Any, ws: list) -> list[np.ndarray]:
-        """One parallel region for all of ``ws`` when q8 decode applies to weights of one format (bits, group
-        size, in_features, scale dtype: q/k/v, gate/up); otherwise one linear each."""
+        """One parallel region for all of ``ws`` when q8 applies to weights of one format (bits, group size,
+        in_features, scale dtype: q/k/v, gate/up, an expert's gate/up in prefill); otherwise one linear each."""
         x = _f32(x)
         ps = [w if isinstance(w, KernelWeight) else None for w in ws]
         formats = {(p.bits, p.group_size, p.in_features, p.bf16) if p is not None else None for p in ps}
-        if len(formats) != 1 or None in formats or not self._q8(ps[0], x.shape[0]) or x.shape[1] != ps[0].in_features:
+        if len(formats) != 1 or None in formats or not self._q8(ps[0]) or x.shape[1] != ps[0].in_features:
             return super().linears(x, ws)
         return numba_q8.linears(x, ps, _addresses, _call)
 
@@ -558,22 +558,22 @@ class NumbaBackend(Backend):
             return super().experts_ffn(x[0], experts, weights)
         g, u, d = ([e[name] for e in packed] for name in EXPERT_PROJS)
         work = len(packed) * g[0].out_features * g[0].in_features  # per projection: gate, up and down alike
-        if self._q8(g[0], 1):
+        if self._q8(g[0]):
             h = numba_q8.experts_gate_up(x, g, u, _addresses, _call)
         else:
             xp, xsum = permute_input(x, g[0].bits, g[0].group_size)
             h = np.empty((len(packed), g[0].out_features), np.float32)
             _call(g[0].kernels.experts_gate_up, 2 * work, _addresses(g), _addresses(u), xp, xsum, h)
-        if self._q8(d[0], 1):
+        if self._q8(d[0]):
             return numba_q8.experts_down(h, d, _addresses, weights, _call)
         hp, hsum = permute_input(h, d[0].bits, d[0].group_size)
         out = np.empty(d[0].out_features, np.float32)
         _call(d[0].kernels.experts_down, work, _addresses(d), hp, hsum, weights, out)
         return out
 
-    def _q8(self, p: KernelWeight, tokens: int) -> bool:
-        """Whether this call of weight p takes q8 activations (q8 mode, and flashmoe.reference.q8.uses_q8)."""
-        return self.activations == "q8" and uses_q8(p.bits, p.group_size, tokens)
+    def _q8(self, p: KernelWeight) -> bool:
+        """Whether weight p takes q8 activations (q8 mode, and flashmoe.reference.q8.uses_q8)."""
+        return self.activations == "q8" and uses_q8(p.bits, p.group_size)
 
 
 def _addresses(ws: list[KernelWeight]) -> np.ndarray:

@@ -11,14 +11,16 @@ and the scale multiplies once per block, from a 256-entry table of the exact pow
 kernels do (numba_backend.permute_input), it reads a row as uint32 words of 8 codes (element 8u + j in bits
 4j..4j+3, the byte order of a little-endian load) against the input permuted to xp[j, u] = x[8u + j], so the
 loop over words vectorises, and decodes each code by bit arithmetic instead of a table (fp4_value: a table
-lookup is a gather, which does not vectorise). The mat-mat (prefill) decodes a block of
+lookup is a gather, which does not vectorise). The float mat-mat (prefill) decodes a block of
 rows once (fp4_value too) into a per-thread tile and reuses it for every token. Rounding differs from "dequantise, then
 dot" only by float32 summation order (conformance holds both to the reference).
 
-With q8 activations (flashmoe.reference.q8: twice an E2M1 value is an integer in [-12, 12]) the decode
-mat-vec is an integer one: on x86 the row kernel of the 4-bit affine q8 path (numba_q8.paired_row_dot, inputs
-in paired order) with each nibble mapped to |2·value| by vpshufb and its sign moved onto the int8 input by
-vpsignb, then vpdpbusd (or vpmaddubsw + vpmaddwd); elsewhere a portable loop.
+With q8 activations (flashmoe.reference.q8: twice an E2M1 value is an integer in [-12, 12]) the mat-vec of
+decode and prefill alike is an integer one: on x86 the row kernels of the 4-bit affine q8 path
+(numba_q8.row_kernels, inputs in paired order; prefill in tiles of tokens) with each nibble mapped to
+|2·value| by vpshufb and its sign moved onto the int8 input by vpsignb, then vpdpbusd (or vpmaddubsw +
+vpmaddwd); elsewhere a portable loop. q8 prefill beat the float mat-mat 1.5-2.6x on gpt-oss expert shapes
+even before the tiles (docs/benchmarks.md, "Prefill on the CPU").
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ try:
     from numba.extending import intrinsic
 
     from flashmoe.backends import numba_q8
+    from flashmoe.backends.numba_q8 import Q8_TILE_TOKENS
     from flashmoe.backends.numba_packed import code, u32_as_f32
 except ImportError:  # the numba backend reports it (numba_backend.unavailable_reason)
     njit = None
@@ -41,7 +44,7 @@ except ImportError:  # the numba backend reports it (numba_backend.unavailable_r
 from flashmoe.backends.base import BackendError
 from flashmoe.backends.numba_packed import FASTMATH, ROW_BLOCK
 from flashmoe.format.mxfp4 import BLOCK, SCALE_BIAS, Mxfp4Tensor
-from flashmoe.reference.q8 import FP4_DOUBLED, Q8_MAX_TOKENS
+from flashmoe.reference.q8 import FP4_DOUBLED
 
 #: 2^(s − 127) for every E8M0 byte s, float32 (s = 255 gives inf, as ldexp does for the large codes).
 with np.errstate(over="ignore"):
@@ -73,40 +76,36 @@ if njit is not None:
 if njit is not None:  # the x86 intrinsics are only compiled where q8_matvec(paired=True) is used
     _V32I8 = llvm_ir.VectorType(llvm_ir.IntType(8), 32)
 
-    def _e2m1_pair_dot(builder, w, xl, xh):
-        """numba_q8.pair_products for 32 bytes w of E2M1 codes (in paired order): each nibble's |2·value| by
-        vpshufb from a 16-entry table, against its input given the code's sign by vpsignb (zero for ±0)."""
-        fn = llvm_ir.FunctionType(_V32I8, [_V32I8] * 2)
-        shuffle = cgutils.get_or_insert_function(builder.module, fn, "llvm.x86.avx2.pshuf.b")
-        sign = cgutils.get_or_insert_function(builder.module, fn, "llvm.x86.avx2.psign.b")
-        table = (llvm_ir.Constant(_V32I8, [int(v) for v in np.tile(t, 2)]) for t in (np.abs(FP4_DOUBLED), FP4_DOUBLED))
-        magnitudes, values = table
+    def _e2m1_weights(builder, w):
+        """32 bytes w of E2M1 codes (in paired order) -> each nibble's |2·value| (low, high nibbles; by vpshufb
+        from a 16-entry table) and its signed 2·value (whose sign _e2m1_pair_dot moves onto the input)."""
+        shuffle = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_V32I8, [_V32I8] * 2),
+                                                 "llvm.x86.avx2.pshuf.b")
+        magnitudes, values = (llvm_ir.Constant(_V32I8, [int(v) for v in np.tile(t, 2)])
+                              for t in (np.abs(FP4_DOUBLED), FP4_DOUBLED))
         lo, hi = numba_q8.nibbles(builder, w)
-        ml, mh = (builder.call(shuffle, [magnitudes, n]) for n in (lo, hi))
-        sl, sh = (builder.call(sign, [x, builder.call(shuffle, [values, n])]) for x, n in ((xl, lo), (xh, hi)))
-        return numba_q8.pair_products(builder, ml, mh, sl, sh)
+        return tuple(builder.call(shuffle, [table, n]) for table in (magnitudes, values) for n in (lo, hi))
 
-    @intrinsic
-    def _x86_row_dot(typingctx, words, xq, d, srow, pow2):
-        """sum_b pow2[srow[b]] * (d[b] * (FP4_DOUBLED[codes_b] . xq_b)) for one row: words uint32 [in / 8]
-        (the row's bytes), xq int8 [in] in paired order, d float32 [in / 32], srow uint8 [in / 32] (E8M0),
-        pow2 float32 [256] (HALF_SCALE_VALUES); returns float32. d_b meets the integer dot before the power of
-        two, so a tiny scale leaves one rounding to a subnormal, not two."""
-        sig = types.float32(words, xq, d, srow, pow2)
+    def _e2m1_pair_dot(builder, weights, xl, xh):
+        """numba_q8.pair_products of _e2m1_weights: the magnitudes against the inputs given each code's sign
+        by vpsignb (zero for ±0)."""
+        sign = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_V32I8, [_V32I8] * 2),
+                                              "llvm.x86.avx2.psign.b")
+        ml, mh, vl, vh = weights
+        return numba_q8.pair_products(builder, ml, mh, builder.call(sign, [xl, vl]), builder.call(sign, [xh, vh]))
 
-        def codegen(context, builder, signature, args):
-            wa, xa, da, sa, pa = (context.make_array(t)(context, builder, value=v)
-                                  for t, v in zip(signature.args, args))
+    def _e8m0_scale(builder, srow_type, srow, pow2, b):
+        """pow2[srow[b]]: the block's power of two (srow uint8 E8M0 bytes, pow2 HALF_SCALE_VALUES)."""
+        e = builder.zext(builder.load(builder.gep(srow.data, [b])), llvm_ir.IntType(64))
+        return builder.load(builder.gep(pow2.data, [e]))
 
-            def block_scale(b):
-                e = builder.zext(builder.load(builder.gep(sa.data, [b])), llvm_ir.IntType(64))
-                return builder.load(builder.gep(pa.data, [e]))
-
-            return numba_q8.paired_row_dot(
-                context, builder, wa, xa, da, block_scale, _e2m1_pair_dot,
-                lambda f, d2, s2: (builder.fmul(f, numba_q8.pair_lanes(builder, d2)), numba_q8.pair_lanes(builder, s2)))
-
-        return sig, codegen
+    #: sum_b pow2[srow[b]] * (d[b] * (FP4_DOUBLED[codes_b] . xq_b)) for one row (srow uint8 [in / 32] E8M0,
+    #: pow2 HALF_SCALE_VALUES) with one token / a tile of tokens (numba_q8.row_kernels: words uint32 [in / 8],
+    #: xq int8 in paired order). d_b meets the integer dot before the power of two, so a tiny scale leaves one
+    #: rounding to a subnormal, not two.
+    _x86_row_dot, _x86_tile_dot = numba_q8.row_kernels(
+        _e8m0_scale, _e2m1_weights, _e2m1_pair_dot,
+        lambda builder, f, d2, s2: (builder.fmul(f, numba_q8.pair_lanes(builder, d2)), numba_q8.pair_lanes(builder, s2)))
 
     @njit(inline="always")
     def _portable_row_dot(wrow, xq, d, srow, pow2):
@@ -128,11 +127,19 @@ def q8_matvec(paired: bool):
     @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def matvec(words, scales, xq, d, pow2, out):
         """out[t, r] = row r · x̂[t]: words uint32 [out, in/8], scales uint8 [out, in/32], x quantised (xq int8
-        [T, in], d float32 [T, in/32]), pow2 HALF_SCALE_VALUES -> out float32 [T, out]."""
-        n_rows = words.shape[0]
+        [T, in], d float32 [T, in/32]), pow2 HALF_SCALE_VALUES -> out float32 [T, out]. On x86, tokens in tiles
+        of Q8_TILE_TOKENS (the rest one by one: the same values)."""
+        n_rows, n_tok = words.shape[0], xq.shape[0]
+        tiled = n_tok // Q8_TILE_TOKENS * Q8_TILE_TOKENS if paired else 0
         for c in prange((n_rows + ROW_BLOCK - 1) // ROW_BLOCK):
+            tile = np.empty(Q8_TILE_TOKENS, np.float32)
+            if paired:  # a constant: the x86 intrinsics are compiled only here
+                for t0 in range(0, tiled, Q8_TILE_TOKENS):  # a tile of tokens meets the chunk's rows (numba_q8)
+                    for r in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
+                        _x86_tile_dot(words[r], xq, d, scales[r], pow2, t0, tile)
+                        out[t0 : t0 + Q8_TILE_TOKENS, r] = tile
             for r in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
-                for t in range(xq.shape[0]):
+                for t in range(tiled, n_tok):
                     if paired:
                         out[t, r] = _x86_row_dot(words[r], xq[t], d[t], scales[r], pow2)
                     else:
@@ -199,7 +206,7 @@ MATVEC_TOKENS = 3
 
 def linear(x: np.ndarray, w: Mxfp4Tensor, call, q8: bool = False) -> np.ndarray:
     """x float32 [T, in] · Wᵀ for an MXFP4 W (blocks uint8 [out, in/2], scales uint8 [out, in/32]) -> [T, out];
-    with ``q8``, up to Q8_MAX_TOKENS tokens take q8 activations (flashmoe.reference.q8.linear_q8).
+    with ``q8``, q8 activations (flashmoe.reference.q8.linear_q8), decode and prefill alike.
 
     call: the numba backend's launcher (`_call(kernel, work, *args)`), which picks the thread count."""
     if w.blocks.ndim != 2 or x.shape[1] != w.shape[1]:
@@ -209,7 +216,7 @@ def linear(x: np.ndarray, w: Mxfp4Tensor, call, q8: bool = False) -> np.ndarray:
     blocks, scales = np.ascontiguousarray(w.blocks), np.ascontiguousarray(w.scales)
     out = np.empty((x.shape[0], blocks.shape[0]), np.float32)
     work = out.size * x.shape[1]
-    if q8 and x.shape[0] <= Q8_MAX_TOKENS:
+    if q8:
         xq, d, _, paired = numba_q8.quantize(x, 4, BLOCK)  # 4-bit codes in bytes, blocks of 32: the same order
         call(q8_matvec(paired), work, blocks.view("<u4"), scales, xq, d, HALF_SCALE_VALUES, out)
     elif x.shape[0] <= MATVEC_TOKENS:

@@ -26,6 +26,11 @@ numba_packed's ``code``, serves CPUs without AVX2 and 4-bit rows whose inputs ar
 are the same up to float32 rounding. The backend gives these kernels only 4- and 8-bit weights in groups of
 32 or more (flashmoe.reference.q8.uses_q8: other widths and groups of 16 take float activations in q8 mode);
 the portable loop computes any width, and the tests hold it to the reference at several.
+
+Calls of many tokens (prefill) run the same row kernel over tiles of Q8_TILE_TOKENS tokens: one pass over a
+row's codes computes the row's dot with each token of the tile (the codes loaded and split, the scales read,
+once per tile), each token's sums in the same order as alone, so a token's output is the same bits whatever
+else is in its call.
 """
 
 from __future__ import annotations
@@ -67,6 +72,10 @@ def int8_instructions() -> str | None:
 INT8_INSTRUCTIONS = int8_instructions()
 #: Whether 8-bit codes take the x86 row kernel (natural input order: code i is byte i of the row).
 X86_BYTES = INT8_INSTRUCTIONS is not None
+#: Tokens per pass over a row of 4-bit codes in calls of many tokens (prefill): the codes are loaded and split,
+#: and the row's scales read, once for this many tokens; a chunk's rows meet one such tile of tokens before
+#: the next, so the tile's int8 inputs and the chunk's rows both stay in L1 (docs/benchmarks.md, "Prefill").
+Q8_TILE_TOKENS = 4
 
 
 def paired_layout(bits: int, in_features: int, group_size: int) -> bool:
@@ -76,7 +85,8 @@ def paired_layout(bits: int, in_features: int, group_size: int) -> bool:
 
 
 if numba is not None:
-    _i8, _i16, _i32, _f32 = llvm_ir.IntType(8), llvm_ir.IntType(16), llvm_ir.IntType(32), llvm_ir.FloatType()
+    _i8, _i16, _i32, _i64 = (llvm_ir.IntType(n) for n in (8, 16, 32, 64))
+    _f32 = llvm_ir.FloatType()
     _v32i8, _v16i16 = llvm_ir.VectorType(_i8, 32), llvm_ir.VectorType(_i16, 16)
     _v8i32, _v8f32, _v2f32 = llvm_ir.VectorType(_i32, 8), llvm_ir.VectorType(_f32, 8), llvm_ir.VectorType(_f32, 2)
 
@@ -113,11 +123,6 @@ if numba is not None:
         # Each int16 lane is at most 2 * 15 * 127 per call, so neither the add nor vpmaddubsw saturates.
         return _maddwd(builder, builder.add(_maddubs(builder, lo, xl), _maddubs(builder, hi, xh)), 1)
 
-    def _pair_dot(builder, w, xl, xh):
-        """pair_products of 32 bytes w of 4-bit codes: their low and high nibbles are the weights."""
-        lo, hi = nibbles(builder, w)
-        return pair_products(builder, lo, hi, xl, xh)
-
     def _byte_dot(builder, w, x):
         """<8 x i32> summing to the block's code·x (32 bytes w of 8-bit codes, 32 int8 inputs x)."""
         if INT8_INSTRUCTIONS == "avx512-vnni":
@@ -133,65 +138,116 @@ if numba is not None:
             return v
         return builder.bitcast(builder.shl(builder.zext(v, _i32), llvm_ir.Constant(_i32, 16)), _f32)
 
-    def paired_row_dot(context, builder, wa, xa, da, block_scale, pair_dot, fma_terms):
-        """Codegen of a row's q8 dot over 4-bit codes in paired order (module docstring), shared by the affine
-        and MXFP4 row kernels. For each pair p of blocks (32 code bytes of wa, 64 int8 inputs of xa, the two
-        activation scales d2 of da), f = sitofp(pair_dot(w, xl, xh)) (<8 x float>: lanes 0-3 block 2p, 4-7
-        block 2p + 1) and s2 = the two blocks' weight scales (block_scale(b) -> float) are accumulated as
-        fma(*fma_terms(f, d2, s2), acc); two accumulators hide the FMA latency; returns the lanes' float sum."""
+    def paired_row_dots(builder, words, xs, ds, n_pairs, block_scale, weights, pair_dot, fma_terms):
+        """Codegen of one row's q8 dots over 4-bit codes in paired order (module docstring) with one or more
+        tokens, shared by the affine and MXFP4 row kernels, decode (one token) and prefill (a tile). words:
+        a pointer to the row's code bytes; xs, ds: per token, pointers to its int8 inputs (paired order) and
+        its float32 activation scales; n_pairs: i64 pairs of blocks in the row. For each pair p of blocks the
+        32 code bytes are loaded and turned into weights (weights(builder, w)) and the two blocks' weight
+        scales s2 read (block_scale(b) -> float) once for all the tokens; per token, f = sitofp(pair_dot(
+        builder, weights, xl, xh)) (<8 x float>: lanes 0-3 block 2p, 4-7 block 2p + 1) is accumulated as
+        fma(*fma_terms(builder, f, d2, s2), acc). Each token has two accumulators taking alternate pairs
+        (hiding the FMA latency), so its sum is the same bits whatever tokens share the call. Returns one
+        float32 value per token."""
         one = llvm_ir.Constant(llvm_ir.IntType(64), 1)
-        wp = builder.bitcast(wa.data, _v32i8.as_pointer())
-        xp = builder.bitcast(xa.data, _v32i8.as_pointer())
-        dp = builder.bitcast(da.data, _v2f32.as_pointer())
+        wp = builder.bitcast(words, _v32i8.as_pointer())
+        xps = [builder.bitcast(x, _v32i8.as_pointer()) for x in xs]
+        dps = [builder.bitcast(d, _v2f32.as_pointer()) for d in ds]
         fma = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v8f32, [_v8f32] * 3),
                                              "llvm.fma.v8f32")
-        accs = [cgutils.alloca_once_value(builder, llvm_ir.Constant(_v8f32, [0.0] * 8)) for _ in range(2)]
+        accs = [[cgutils.alloca_once_value(builder, llvm_ir.Constant(_v8f32, [0.0] * 8)) for _ in range(2)]
+                for _ in xs]
 
-        def step(p, acc):
-            w = builder.load(builder.gep(wp, [p]), align=1)
-            xl = builder.load(builder.gep(xp, [builder.shl(p, one)]), align=1)
-            xh = builder.load(builder.gep(xp, [builder.add(builder.shl(p, one), one)]), align=1)
+        def step(p, half):
+            w = weights(builder, builder.load(builder.gep(wp, [p]), align=1))
             b0 = builder.shl(p, one)
             s2 = llvm_ir.Constant(_v2f32, None)
             for lane, b in enumerate((b0, builder.add(b0, one))):
                 s2 = builder.insert_element(s2, block_scale(b), llvm_ir.Constant(_i32, lane))
-            d2 = builder.load(builder.gep(dp, [p]), align=4)
-            f = builder.sitofp(pair_dot(builder, w, xl, xh), _v8f32)
-            builder.store(builder.call(fma, [*fma_terms(f, d2, s2), builder.load(acc)]), acc)
+            for xp, dp, acc in zip(xps, dps, accs):
+                xl = builder.load(builder.gep(xp, [b0]), align=1)
+                xh = builder.load(builder.gep(xp, [builder.add(b0, one)]), align=1)
+                d2 = builder.load(builder.gep(dp, [p]), align=4)
+                f = builder.sitofp(pair_dot(builder, w, xl, xh), _v8f32)
+                builder.store(builder.call(fma, [*fma_terms(builder, f, d2, s2), builder.load(acc[half])]), acc[half])
 
-        n_pairs = builder.lshr(cgutils.unpack_tuple(builder, da.shape)[0], one)
         with cgutils.for_range(builder, builder.lshr(n_pairs, one)) as loop:  # two pairs per step
-            step(builder.shl(loop.index, one), accs[0])
-            step(builder.add(builder.shl(loop.index, one), one), accs[1])
+            step(builder.shl(loop.index, one), 0)
+            step(builder.add(builder.shl(loop.index, one), one), 1)
         with builder.if_then(builder.trunc(n_pairs, llvm_ir.IntType(1))):  # an odd pair left
-            step(builder.sub(n_pairs, one), accs[0])
-        v = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-        v4 = builder.fadd(builder.shuffle_vector(v, v, _lanes(0, 1, 2, 3)),
-                          builder.shuffle_vector(v, v, _lanes(4, 5, 6, 7)))
-        v2 = builder.fadd(builder.shuffle_vector(v4, v4, _lanes(0, 1)), builder.shuffle_vector(v4, v4, _lanes(2, 3)))
-        return builder.fadd(builder.extract_element(v2, llvm_ir.Constant(_i32, 0)),
-                            builder.extract_element(v2, llvm_ir.Constant(_i32, 1)))
+            step(builder.sub(n_pairs, one), 0)
+        sums = []
+        for acc in accs:
+            v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
+            v4 = builder.fadd(builder.shuffle_vector(v, v, _lanes(0, 1, 2, 3)),
+                              builder.shuffle_vector(v, v, _lanes(4, 5, 6, 7)))
+            v2 = builder.fadd(builder.shuffle_vector(v4, v4, _lanes(0, 1)), builder.shuffle_vector(v4, v4, _lanes(2, 3)))
+            sums.append(builder.fadd(builder.extract_element(v2, llvm_ir.Constant(_i32, 0)),
+                                     builder.extract_element(v2, llvm_ir.Constant(_i32, 1))))
+        return sums
 
     def pair_lanes(builder, v2):
         """<2 x float> (one value per block of a pair) -> <8 x float>, each repeated over its block's 4 lanes."""
         return builder.shuffle_vector(v2, v2, _lanes(0, 0, 0, 0, 1, 1, 1, 1))
 
-    @intrinsic
-    def _q4_row_dot(typingctx, words, xq, d, srow, shift):
-        """sum_b d[b] * srow[b >> shift] * (codes_b . xq_b) for one row: 4-bit codes (uint32 words
-        [in / 8]), xq int8 [in] in paired order, d float32 [in / 32], srow the row's scales (float32, or
-        bf16 bits as uint16), shift = log2(blocks per group); returns float32."""
-        sig = types.float32(words, xq, d, srow, shift)
-        bf16 = srow.dtype == types.uint16
+    def row_kernels(block_scale, weights, pair_dot, fma_terms):
+        """The two intrinsics of one format of 4-bit codes in paired order, both paired_row_dots (whose
+        arguments the last three are):
 
-        def codegen(context, builder, signature, args):
-            wa, xa, da, sa = (context.make_array(t)(context, builder, value=v)
-                              for t, v in zip(signature.args[:4], args[:4]))
-            return paired_row_dot(context, builder, wa, xa, da,
-                                  lambda b: _load_scale(builder, sa.data, builder.lshr(b, args[4]), bf16), _pair_dot,
-                                  lambda f, d2, s2: (f, pair_lanes(builder, builder.fmul(d2, s2))))
+        row_dot(words, xq, d, srow, extra) -> float32: one row (words uint32 [in / 8], srow its scales) with
+        one token (xq int8 [in] in paired order, d float32 [in / 32]): decode.
+        tile_dot(words, xq, d, srow, extra, t0, out): out[i] = row_dot with token t0 + i for i <
+        Q8_TILE_TOKENS (xq int8 [T, in], d float32 [T, in / 32], both C-contiguous; out float32
+        [Q8_TILE_TOKENS]): prefill, one pass over the row's codes for the whole tile.
 
-        return sig, codegen
+        block_scale(builder, srow_type, srow, extra, b) -> float: the weight scale of activation block b
+        (i64); srow is the row's scales as an array struct, extra the format's argument (array struct or
+        value)."""
+
+        def arg(context, builder, t, v):
+            return context.make_array(t)(context, builder, value=v) if isinstance(t, types.Array) else v
+
+        def dots(context, builder, signature, args, xs, ds, n_blocks):
+            """paired_row_dots of the row (arguments 0, 3, 4: words, srow, extra) with the tokens xs, ds."""
+            w, srow, extra = (arg(context, builder, signature.args[i], args[i]) for i in (0, 3, 4))
+            return paired_row_dots(builder, w.data, xs, ds, builder.lshr(n_blocks, llvm_ir.Constant(_i64, 1)),
+                                   lambda b: block_scale(builder, signature.args[3], srow, extra, b),
+                                   weights, pair_dot, fma_terms)
+
+        @intrinsic
+        def row_dot(typingctx, words, xq, d, srow, extra):
+            def codegen(context, builder, signature, args):
+                xa, da = (arg(context, builder, signature.args[i], args[i]) for i in (1, 2))
+                n_blocks = cgutils.unpack_tuple(builder, da.shape)[0]
+                return dots(context, builder, signature, args, [xa.data], [da.data], n_blocks)[0]
+
+            return types.float32(words, xq, d, srow, extra), codegen
+
+        @intrinsic
+        def tile_dot(typingctx, words, xq, d, srow, extra, t0, out):
+            def codegen(context, builder, signature, args):
+                xa, da, oa = (arg(context, builder, signature.args[i], args[i]) for i in (1, 2, 6))
+                n_in, n_blocks = cgutils.unpack_tuple(builder, xa.shape)[1], cgutils.unpack_tuple(builder, da.shape)[1]
+                tokens = [builder.add(args[5], llvm_ir.Constant(_i64, i)) for i in range(Q8_TILE_TOKENS)]
+                xs = [builder.gep(xa.data, [builder.mul(t, n_in)]) for t in tokens]
+                ds = [builder.gep(da.data, [builder.mul(t, n_blocks)]) for t in tokens]
+                for i, v in enumerate(dots(context, builder, signature, args, xs, ds, n_blocks)):
+                    builder.store(v, builder.gep(oa.data, [llvm_ir.Constant(_i64, i)]))
+                return context.get_dummy_value()
+
+            return types.void(words, xq, d, srow, extra, t0, out), codegen
+
+        return row_dot, tile_dot
+
+    def _affine_scale(builder, srow_type, srow, shift, b):
+        """An affine row's scale of activation block b: scales[b >> shift] (float32, or bf16 bits)."""
+        return _load_scale(builder, srow.data, builder.lshr(b, shift), srow_type.dtype == types.uint16)
+
+    #: sum_b d[b] * srow[b >> shift] * (codes_b . xq_b) of one row of 4-bit affine codes (extra: shift =
+    #: log2(activation blocks per group)), with one token / a tile of tokens (row_kernels).
+    _q4_row_dot, _q4_tile_dot = row_kernels(
+        _affine_scale, nibbles, lambda builder, lohi, xl, xh: pair_products(builder, *lohi, xl, xh),
+        lambda builder, f, d2, s2: (f, pair_lanes(builder, builder.fmul(d2, s2))))
 
     @intrinsic
     def _q8w_row_dot(typingctx, words, xq, cb):
@@ -318,19 +374,44 @@ if numba is not None:
         return _row_scales_fixed(srow, brow, d, xsum, cb, bpg)
 
     @njit(fastmath=FASTMATH, inline="always")
+    def _bias(brow, xsum):
+        """The bias term sum_g bias_g * xsum_g of one row and token."""
+        bias = np.float32(0.0)
+        for g in range(brow.shape[0]):
+            bias += widen(brow[g]) * xsum[g]
+        return bias
+
+    @njit(inline="always")
+    def _group_shift(srow, d):
+        """log2(activation blocks per weight group), for the x86 4-bit kernel's scale index."""
+        shift = 0
+        while (1 << shift) * srow.shape[0] < d.shape[-1]:
+            shift += 1
+        return shift
+
+    @njit(fastmath=FASTMATH, inline="always")
+    def _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, t1, cb, tile, bits, paired, out, col):
+        """out[t, col] = row o of (w, s, b) . x[t] for tokens t0..t1-1: Q8_TILE_TOKENS at a time through the
+        x86 4-bit tile kernel where it applies, the rest one by one (_row); the values are the same."""
+        t = t0
+        if paired:
+            shift = _group_shift(s[o], d)
+            while t + Q8_TILE_TOKENS <= t1:
+                _q4_tile_dot(w[o], xq, d, s[o], shift, t, tile)
+                for i in range(Q8_TILE_TOKENS):
+                    out[t + i, col] = tile[i] + _bias(b[o], xsum[t + i])
+                t += Q8_TILE_TOKENS
+        for u in range(t, t1):
+            out[u, col] = _row(w[o], s[o], b[o], xq[u], d[u], xsum[u], cb, bits, paired)
+
+    @njit(fastmath=FASTMATH, inline="always")
     def _row(wrow, srow, brow, xq, d, xsum, cb, bits, paired):
         """One output row: the integer block dots scaled by d_b * scale_g, plus the bias term. The x86 row
         kernels take 4-bit codes in paired order and 8-bit ones in blocks of 32 (the portable loop's scales
         and order of sums); ``bits``, ``paired`` and X86_BYTES are compile-time constants, so only the
         branch that applies is kept."""
         if paired:
-            bias = np.float32(0.0)
-            for g in range(brow.shape[0]):
-                bias += widen(brow[g]) * xsum[g]
-            shift = 0
-            while (1 << shift) * srow.shape[0] < d.shape[0]:
-                shift += 1
-            return _q4_row_dot(wrow, xq, d, srow, shift) + bias
+            return _q4_row_dot(wrow, xq, d, srow, _group_shift(srow, d)) + _bias(brow, xsum)
         bias = _row_scales(srow, brow, d, xsum, cb)
         if X86_BYTES and bits == 8 and xq.shape[0] == 32 * cb.shape[0]:
             return _q8w_row_dot(wrow, xq, cb) + bias
@@ -338,15 +419,16 @@ if numba is not None:
 
     @functools.lru_cache(maxsize=None)
     def q8_kernels(bits: int, bf16: bool, paired: bool) -> SimpleNamespace:
-        """The q8 decode kernels for one bit width, scale dtype and input order; the three are closure
+        """The q8 kernels for one bit width, scale dtype and input order; the three are closure
         constants, so numba keeps only the row kernel that applies (paired: the x86 4-bit one)."""
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def matvecs(addr, first_row, xq, d, xsum, out):
-            """out[t, first_row[m] + o] = W_m[o] . x[t] for a few tokens (decode) and each matrix m of the
-            address table addr int64 [m, 3] (words, scales, biases; one in_features), x given quantised
+            """out[t, first_row[m] + o] = W_m[o] . x[t] for each token (decode or prefill) and each matrix m of
+            the address table addr int64 [m, 3] (words, scales, biases; one in_features), x given quantised
             (quantize_q8); first_row int64 [m + 1]: where each matrix's rows start in out, then the total.
-            One parallel region for all the matrices, chunks of ROW_BLOCK rows within one matrix."""
+            One parallel region for all the matrices, chunks of ROW_BLOCK rows within one matrix; a chunk's
+            rows meet the tokens a tile (Q8_TILE_TOKENS) at a time."""
             m = addr.shape[0]
             n_words = xq.shape[1] * bits // 32
             first_chunk = np.zeros(m + 1, np.int64)
@@ -359,10 +441,12 @@ if numba is not None:
                 rows = first_row[i + 1] - first_row[i]
                 w, s, b = _expert(addr, i, rows, n_words, xsum.shape[1], bf16)
                 cb = np.empty(d.shape[1], np.float32)
+                tile = np.empty(Q8_TILE_TOKENS, np.float32)
                 r0 = (c - first_chunk[i]) * ROW_BLOCK
-                for o in range(r0, min(rows, r0 + ROW_BLOCK)):
-                    for t in range(xq.shape[0]):
-                        out[t, first_row[i] + o] = _row(w[o], s[o], b[o], xq[t], d[t], xsum[t], cb, bits, paired)
+                for t0 in range(0, xq.shape[0], Q8_TILE_TOKENS):
+                    for o in range(r0, min(rows, r0 + ROW_BLOCK)):
+                        _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, min(xq.shape[0], t0 + Q8_TILE_TOKENS), cb, tile,
+                                        bits, paired, out, first_row[i] + o)
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def experts_gate_up(g_addr, u_addr, xq, d, xsum, h):
@@ -421,7 +505,7 @@ def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
 
 
 def linears(x: np.ndarray, ws: list, addresses, call) -> list[np.ndarray]:
-    """[x · W_m^T for each m]: x float32 [T, in] (T ≤ Q8_MAX_TOKENS) with q8 activations and KernelWeights
+    """[x · W_m^T for each m]: x float32 [T, in] (decode or prefill) with q8 activations and KernelWeights
     ``ws`` (numba_backend) of one bits, group size, in_features and scale dtype, all in one parallel
     region; each output float32 [T, out_m] (a column slice of one array). ``addresses`` builds their int64
     [m, 3] address table (numba_backend._addresses); ``call`` runs a kernel with its work count

@@ -62,13 +62,14 @@ class NumpyBackend(Backend):
         x = _f32(x)
         if isinstance(w, np.ndarray):
             return x @ _f32(w).T
-        q8 = self.activations == "q8" and x.shape[0] <= ref_q8.Q8_MAX_TOKENS
+        q8 = self.activations == "q8"
         if isinstance(w, Mxfp4Tensor):  # routed experts only: one expert's rows are few enough to decode at once
             return ref_q8.linear_q8(x, w) if q8 else x @ w.dequantize().T
         p = pack_weight(w)
         y = np.empty((x.shape[0], p.out_features), np.float32)
-        if q8 and ref_q8.uses_q8(p.bits, p.group_size, x.shape[0]):
-            step = max(1, _BLOCK_ELEMENTS // 8 // p.in_features)  # linear_q8's int32 temporaries: 8 bytes a weight
+        if q8 and ref_q8.uses_q8(p.bits, p.group_size):
+            # linear_q8's int32 temporaries: 8 bytes per weight and token
+            step = max(1, _BLOCK_ELEMENTS // 8 // p.in_features // max(1, x.shape[0]))
             for r in range(0, p.out_features, step):
                 sel = slice(r, r + step)
                 y[:, sel] = ref_q8.linear_q8(x, QuantizedTensor(p.words[sel], p.scales[sel], p.biases[sel], p.bits,

@@ -5,9 +5,10 @@
 Both runs use the numba backend on the bundled demo model, differing only in ``activations``. Greedy: the
 40-token continuations of tests/test_demo_greedy.py's prompts, compared token by token (the first position
 where they part, per prompt). Perplexity: exp(mean next-token cross-entropy) over ``windows`` consecutive
-held-out windows of ``seq`` tokens, each fed one token per forward (decode), since q8 applies to decode-sized
-calls (flashmoe.reference.q8.Q8_MAX_TOKENS) and a prompt's prefill stays float. The held-out text is
-tools/demo_corpus.py's heldout.txt, tokenised with the demo's tokenizer.
+held-out windows of ``seq`` tokens, twice: each window fed one token per forward (every call a decode call),
+and each window fed as one prompt (prefill, the logits of every position), since q8 applies to both
+(flashmoe.reference.q8). The held-out text is tools/demo_corpus.py's heldout.txt, tokenised with the demo's
+tokenizer.
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ def greedy_ids(engine, tok: Tokenizer, prompt: str, n: int) -> list[int]:
     return out
 
 
-def decode_nll(engine, ids: np.ndarray) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods over ``ids``, fed one token per forward; (sum, count)."""
+def nll(engine, ids: np.ndarray, prefill: bool) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods over ``ids``, fed one token per forward (decode) or as one
+    prompt whose every position's logits are kept (prefill); (sum, count)."""
     state = engine.new_state()
-    total = 0.0
-    for t in range(len(ids) - 1):
-        logits = np.asarray(engine.forward(ids[t : t + 1], state)[-1], np.float64)
-        m = logits.max()
-        total += m + math.log(np.exp(logits - m).sum()) - logits[ids[t + 1]]
-    return total, len(ids) - 1
+    if prefill:
+        logits = np.asarray(engine.forward(ids[:-1], state, all_logits=True), np.float64)
+    else:
+        logits = np.concatenate([engine.forward(ids[t : t + 1], state) for t in range(len(ids) - 1)]).astype(np.float64)
+    m = logits.max(-1)
+    total = m + np.log(np.exp(logits - m[:, None]).sum(-1)) - logits[np.arange(len(ids) - 1), ids[1:]]
+    return float(total.sum()), len(ids) - 1
 
 
 def measure(heldout: Path, windows: int, seq: int) -> dict:
@@ -54,13 +57,15 @@ def measure(heldout: Path, windows: int, seq: int) -> dict:
     ids = np.asarray(tok.encode(heldout.read_text()), np.int64)[: windows * seq]
     result: dict = {"windows": windows, "seq": seq, "heldout": str(heldout), "greedy": {}, "perplexity": {}}
     for mode, engine in engines.items():
-        nll = [decode_nll(engine, ids[w * seq : (w + 1) * seq]) for w in range(windows)]
-        result["perplexity"][mode] = math.exp(sum(s for s, _ in nll) / sum(n for _, n in nll))
+        for feed in ("decode", "prefill"):
+            sums = [nll(engine, ids[w * seq : (w + 1) * seq], feed == "prefill") for w in range(windows)]
+            result["perplexity"][f"{mode} {feed}"] = math.exp(sum(s for s, _ in sums) / sum(n for _, n in sums))
         result["greedy"][mode] = {p: greedy_ids(engine, tok, p, GREEDY_TOKENS) for p in PROMPTS}
     result["greedy_first_difference"] = {
         p: next((i for i, (a, b) in enumerate(zip(result["greedy"]["float"][p], result["greedy"]["q8"][p])) if a != b),
                 None) for p in PROMPTS}
-    result["perplexity_change"] = result["perplexity"]["q8"] / result["perplexity"]["float"] - 1
+    ppl = result["perplexity"]
+    result["perplexity_change"] = {feed: ppl[f"q8 {feed}"] / ppl[f"float {feed}"] - 1 for feed in ("decode", "prefill")}
     return result
 
 

@@ -100,8 +100,12 @@ Q8_DECODE_STEPS = 16
 #: Per operation the q8 kernels match the q8 reference to float32 rounding (op_cases), but across a model a
 #: float32 rounding difference upstream can move an activation across a rounding boundary, changing its int8
 #: code by one (max|x_b| / 127 of its block): on these hidden-64 models that measured up to 1.3e-2 of the
-#: logits' scale (mixtral, decode step 1). A wrong layout or scale gives errors of order 1.
-Q8_MODEL_TOLERANCE = 3e-2
+#: logits' scale (mixtral, decode step 1) while only decode took q8. With the prompt's prefill in q8 too (every
+#: prompt token's activations rounded in every layer) up to 4.2e-2 (qwen3_5_moe shared_k2, decode step 1):
+#: the size of the chaos itself, since the NumPy q8 engine against itself with every input to a quantisation
+#: scaled by 1 + 2^-22 (2 ulp) moves as far (4.1e-2 there; 2.5e-1 on mixtral, whose numba run happens to stay
+#: within 4e-7; docs/benchmarks.md, "Prefill on the CPU"). A wrong layout or scale gives errors of order 1.
+Q8_MODEL_TOLERANCE = 5e-2
 
 
 @pytest.mark.parametrize("arch,variant,quant", Q8_PARAMS, ids=["-".join(p) for p in Q8_PARAMS])

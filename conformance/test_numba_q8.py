@@ -9,10 +9,12 @@ import pytest
 from flashmoe.backends.base import get_backend
 from flashmoe.backends.numba_backend import _addresses, _as_weight, _call
 from flashmoe.conformance.op_cases import SCALE_DTYPES, make_expert_views, make_weight
+from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.reference import q8 as ref
 
 q8 = pytest.importorskip("flashmoe.backends.numba_q8", reason="numba is not installed")
 pytestmark = pytest.mark.skipif(q8.numba is None, reason="numba is not installed")
+numba_mxfp4 = pytest.importorskip("flashmoe.backends.numba_mxfp4")
 
 #: Bound on max|numba - reference| / max|reference| for q8: the codes and int32 sums are identical, so
 #: only the order of float32 sums differs.
@@ -42,13 +44,27 @@ def test_quantize_gives_the_reference_codes_scales_and_sums(paired):
 @pytest.mark.parametrize("bits,group_size,sdtype,inp", [  # x86: paired 4-bit; 4-bit whose 96 inputs are not
     (4, 64, "bfloat16", 512), (4, 128, "bfloat16", 384), (4, 32, "bfloat16", 96),  # runs of 64; the portable loop
     (2, 64, "float16", 256), (3, 32, "float16", 128), (6, 128, "float16", 256), (8, 32, "float16", 128)])
-@pytest.mark.parametrize("tokens", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 9])  # decode; prefill (tiles of 4 and one left)
 def test_q8_linear_matches_the_q8_reference(bits, group_size, sdtype, inp, tokens):
     rng = np.random.default_rng(bits + inp)
     qt = make_weight(rng, 72, inp, bits, group_size, sdtype)
     x = rng.standard_normal((tokens, inp)).astype(np.float32)
     got, = q8.linears(x, [_as_weight(qt, "w")], _addresses, _call)
     assert _rel(got, ref.linear_q8(x, qt)) <= Q8_KERNEL_TOLERANCE
+
+
+def test_a_tokens_output_is_the_same_bits_alone_or_in_a_prefill_tile():
+    """Prefill runs 4-bit rows (affine and MXFP4) over tiles of Q8_TILE_TOKENS tokens, each token's sums in
+    the order of a decode call, so a prompt token's output does not depend on the tokens beside it."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((q8.Q8_TILE_TOKENS + 3, 512)).astype(np.float32)
+    w = _as_weight(make_weight(rng, 40, 512, 4, 64, "bfloat16"), "w")
+    affine = lambda x: q8.linears(x, [w], _addresses, _call)[0]  # noqa: E731
+    fp4 = Mxfp4Tensor(rng.integers(0, 256, (40, 256), dtype=np.uint8), rng.integers(120, 130, (40, 16), dtype=np.uint8))
+    mxfp4 = lambda x: numba_mxfp4.linear(x, fp4, _call, q8=True)  # noqa: E731
+    for linear in (affine, mxfp4):
+        alone = np.concatenate([linear(x[t : t + 1]) for t in range(len(x))])
+        np.testing.assert_array_equal(linear(x), alone)
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
@@ -83,7 +99,7 @@ def test_widths_without_a_row_kernel_take_float_activations_in_q8_mode(bits, gro
     """flashmoe.reference.q8.uses_q8: such weights compute in q8 mode exactly as in float mode (mat-vec and
     the fused experts), on numba and NumPy."""
     rng = np.random.default_rng(bits * group_size)
-    assert not ref.uses_q8(bits, group_size, 1) and ref.uses_q8(4, 32, 1) and not ref.uses_q8(4, 32, 4)
+    assert not ref.uses_q8(bits, group_size) and ref.uses_q8(4, 32)
     w = make_weight(rng, 72, 256, bits, group_size, "bfloat16")
     x = rng.standard_normal((1, 256)).astype(np.float32)
     experts = [make_expert_views(rng, 256, 128, bits, group_size, "bfloat16", 64 * e) for e in range(3)]

@@ -136,7 +136,8 @@ def test_elementwise_matches_reference(backend, op, tokens, n, scale, seed):
     check(backend, OpCase.of(op, seed, tokens=tokens, n=n, scale=scale))
 
 
-@pytest.mark.parametrize("tokens,activations", [(2, "float"), (5, "float"), (2, "q8")])  # mat-vec, mat-mat, q8
+@pytest.mark.parametrize("tokens,activations", [(2, "float"), (5, "float"), (2, "q8"), (5, "q8")])  # mat-vec,
+# mat-mat, q8 decode, q8 prefill (a tile of 4 and one)
 def test_mxfp4_linear_over_every_code_and_extreme_scales(backend, tokens, activations):
     if activations not in get_backend(backend).activation_modes:
         pytest.skip(f"backend {backend} computes no {activations} activations (flashmoe.reference.q8)")

@@ -20,6 +20,12 @@ error of this form (1.5% against 0.55% of a 512x512 layer's output norm; docs/be
 float sums here are taken in float64 and rounded once, so a backend's q8 kernel may differ from this only by the
 order of its float32 sums (conformance).
 
+Every call of such a linear in q8 mode takes q8 activations, whatever its number of tokens T: decode and
+prefill alike, each token's vector quantised on its own (a token's output does not depend on the others in
+its call). For prefill this is also the faster way on the CPU: the integer row kernels over tiles of tokens
+beat the float mat-mat that dequantises each row once for all tokens (docs/benchmarks.md, "Prefill on the
+CPU").
+
 MXFP4 weights (flashmoe.format.mxfp4: ``w = E2M1(code) · 2^(s_b − 127)`` per block of 32, one block per
 activation block) meet the codes the same way: twice an E2M1 value is an integer in [-12, 12] (FP4_DOUBLED),
 so each block's dot with the int8 activations is exact in int32 and
@@ -46,9 +52,6 @@ from flashmoe.reference.ops import silu
 ACTIVATIONS = ("float", "q8")
 #: Values per activation block (one float32 scale each): llama.cpp's QK8_0.
 Q8_BLOCK = 32
-#: In q8 mode, a quantised linear of at most this many tokens (decode, speculation) takes q8 activations;
-#: longer calls (prefill) stay float, whose mat-mat reuses each dequantised row for every token.
-Q8_MAX_TOKENS = 3
 #: The weight widths whose q8 dot products have integer row kernels (backends/numba_q8.py): 4- and 8-bit codes
 #: in groups of at least Q8_BLOCK. In q8 mode a quantised linear of any other width or group takes float
 #: activations: without a row kernel the integer loop was 5-50x slower than the float kernel
@@ -67,10 +70,10 @@ def q8_block(group_size: int) -> int:
     return min(Q8_BLOCK, group_size)
 
 
-def uses_q8(bits: int, group_size: int, tokens: int) -> bool:
-    """Whether q8 mode gives a quantised linear of `bits` and `group_size` over `tokens` tokens q8 activations
-    (linear_q8); otherwise it computes with float activations, exactly as float mode does."""
-    return tokens <= Q8_MAX_TOKENS and bits in Q8_BITS and group_size >= Q8_BLOCK
+def uses_q8(bits: int, group_size: int) -> bool:
+    """Whether q8 mode gives a quantised linear of `bits` and `group_size` q8 activations (linear_q8), for any
+    number of tokens; otherwise it computes with float activations, exactly as float mode does."""
+    return bits in Q8_BITS and group_size >= Q8_BLOCK
 
 
 def quantize_q8(x: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,10 @@
 tests/data/demo-greedy.json was recorded before the package layout changed (issue 13); any change to the
 forward pass, the store or generation that alters one byte of these continuations fails here. Regenerate
 it only for a deliberate change of numerics: `python tests/test_demo_greedy.py > tests/data/demo-greedy.json`.
-"numba-q8" is the numba backend with q8 activations (flashmoe.reference.q8), recorded when q8 was added; the
-other entries use float activations.
+"numba-q8" is the numba backend with q8 activations (flashmoe.reference.q8), recorded when q8 was added and
+again when q8 came to prefill too (its "KING HENRY." continuation then changed from token 15 on: the prompt's
+prefill had been float; docs/benchmarks.md, "Prefill", measures the quality); the other entries use float
+activations.
 """
 
 from __future__ import annotations
