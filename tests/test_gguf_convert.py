@@ -180,8 +180,9 @@ def _gguf_tensors(cfg: ModelConfig, arch: str) -> dict[str, tuple[str | tuple[in
 
 
 def _assert_every_tensor_equals(model_dir, truth: DictWeights) -> None:
-    """Every resident tensor and routed expert of the model directory equals `truth` bit for bit."""
+    """The model directory holds `truth`'s resident tensors and routed experts, each equal to it bit for bit."""
     with ModelDir.open(model_dir) as model:
+        assert sorted(model.resident_names()) == sorted(n for n in truth.names() if ".mlp.experts." not in n)
         for name in model.resident_names():
             np.testing.assert_array_equal(model.tensor(name), truth.tensor(name), err_msg=name)
         for layer in model.moe_layers:
@@ -403,17 +404,19 @@ def test_codebook_tensor_is_refused_by_name_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iq.gguf", "m.gguf"]
 
 
-def _fused_copy(src, dst, first: str, second: str, fused: str, join) -> None:
-    """Copy GGUF `src` to `dst` with each layer's tensors `first` and `second` (name endings) replaced by one F32
-    tensor `fused`: join(first's values, second's values), as gguf.quants dequantises them."""
+def _fused_copy(src, dst, parts: tuple[str, ...], fused: str, join) -> None:
+    """Copy GGUF `src` to `dst` with each layer's tensors `parts` (name endings) replaced by one F32 tensor
+    `fused`: join(each part's values, in turn), as gguf.quants dequantises them."""
+    first = parts[0]
+
     def replace(t, tensors):
-        if t.name.endswith(second):
+        if t.name.endswith(parts[1:]):
             return []
         if not t.name.endswith(first):
             return [(t.name, np.asarray(t.data), t.tensor_type)]
-        other = tensors[t.name.replace(first, second)]
-        a, b = (gguf.quants.dequantize(np.asarray(x.data), x.tensor_type) for x in (t, other))
-        return [(t.name.replace(first, fused), join(a, b), QT.F32)]
+        values = (gguf.quants.dequantize(np.asarray(x.data), x.tensor_type)
+                  for x in (tensors[t.name.replace(first, part)] for part in parts))
+        return [(t.name.replace(first, fused), join(*values), QT.F32)]
 
     _older_conversion(src, dst, replace)
 
@@ -429,7 +432,7 @@ def _legacy_qwen3next(tmp_path):
         return np.concatenate([np.concatenate([q[h * dk:(h + 1) * dk], k[h * dk:(h + 1) * dk],
                                                v[h * vd:(h + 1) * vd], z[h * vd:(h + 1) * vd]]) for h in range(kh)])
 
-    _fused_copy(tmp_path / "m.gguf", tmp_path / "old.gguf", "attn_qkv.weight", "attn_gate.weight", "ssm_in.weight",
+    _fused_copy(tmp_path / "m.gguf", tmp_path / "old.gguf", ("attn_qkv.weight", "attn_gate.weight"), "ssm_in.weight",
                 qkvz)
     assert "blk.0.ssm_in.weight" in {t.name for t in gguf.GGUFReader(tmp_path / "old.gguf").tensors}
     return tmp_path / "old.gguf", truth
@@ -439,15 +442,36 @@ def _fused_gate_up(tmp_path):
     """(path, canonical tensors) of the tiny qwen3next GGUF as llama.cpp's `--fuse_gate_up_exps` writes it: each
     layer's ffn_gate_exps and ffn_up_exps as one ffn_gate_up_exps [E, 2I, H], gate's rows first."""
     truth = write_tiny_gguf(tmp_path / "m.gguf", "qwen3_next")
-    _fused_copy(tmp_path / "m.gguf", tmp_path / "fused.gguf", "ffn_gate_exps.weight", "ffn_up_exps.weight",
+    _fused_copy(tmp_path / "m.gguf", tmp_path / "fused.gguf", ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
                 "ffn_gate_up_exps.weight", lambda gate, up: np.concatenate([gate, up], axis=1))
     return tmp_path / "fused.gguf", truth
 
 
-@pytest.mark.parametrize("layout", [_legacy_qwen3next, _fused_gate_up], ids=["ssm_in", "ffn_gate_up_exps"])
+def _fused_qkv(model_type: str):
+    """The layout of llama.cpp's `--fuse-qkv` conversions of a `model_type` model: (path, canonical tensors) of
+    the tiny GGUF with each attention layer's attn_q, attn_k and attn_v (weights, and biases where the family
+    has them) as one attn_qkv, q's rows first (conversion/base.py: after llama's row permutation)."""
+    def layout(tmp_path):
+        truth = write_tiny_gguf(tmp_path / "m.gguf", model_type)
+        for kind, src, dst in (("weight", "m", "w"), ("bias", "w", "fused")):
+            _fused_copy(tmp_path / f"{src}.gguf", tmp_path / f"{dst}.gguf", tuple(f"attn_{p}.{kind}" for p in "qkv"),
+                        f"attn_qkv.{kind}", lambda *qkv: np.concatenate(qkv))
+        names = {t.name for t in gguf.GGUFReader(tmp_path / "fused.gguf").tensors}
+        assert "blk.1.attn_qkv.weight" in names and "blk.1.attn_q.weight" not in names
+        return tmp_path / "fused.gguf", truth
+    return layout
+
+
+# --fuse-qkv: llama (q, k permuted before fusing), qwen3next (q with its output gate; attn_qkv is also linear
+# attention's in_proj_qkv), glm4moe (q, k, v biases)
+FUSED_QKV_TYPES = ("mixtral", "qwen3_next", "glm4_moe")
+
+
+@pytest.mark.parametrize("layout", [_legacy_qwen3next, _fused_gate_up, *map(_fused_qkv, FUSED_QKV_TYPES)],
+                         ids=["ssm_in", "ffn_gate_up_exps", *(f"attn_qkv-{t}" for t in FUSED_QKV_TYPES)])
 def test_older_and_fused_layouts_import_the_same_tensors(tmp_path, layout):
-    """Tensors that llama.cpp conversions fuse (older Qwen3-Next files' ssm_in; `--fuse_gate_up_exps`) come back
-    as the split file's, bit for bit (here F32 rows of its dequantised values)."""
+    """Tensors that llama.cpp conversions fuse (older Qwen3-Next files' ssm_in; `--fuse_gate_up_exps`,
+    `--fuse-qkv`) come back as the split file's, bit for bit (here F32 rows of its dequantised values)."""
     path, truth = layout(tmp_path)
     convert_gguf(path, tmp_path / "out", log=lambda msg: None)
     _assert_every_tensor_equals(tmp_path / "out", truth)

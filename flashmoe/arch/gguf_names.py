@@ -79,6 +79,11 @@ FUSED_BEFORE = {"attn_k_b.weight": "attn_kv_b.weight", "attn_v_b.weight": "attn_
 #: after `blk.{i}.` -> the older one): Qwen3-Next's in_proj_qkvz as published (ssm_in), before its converter split
 #: it into attn_qkv and attn_gate (src/models/qwen3next.cpp reads either); whole rows of it are each of the two.
 LEGACY_NAMES = {"attn_qkv.weight": "ssm_in.weight", "attn_gate.weight": "ssm_in.weight"}
+#: q, k and v fused by rows in one tensor, in that order (llama.cpp's `--fuse-qkv` conversions: conversion/base.py's
+#: modify_tensors concatenates them after the family's own changes, such as ROPE_PERMUTED's; src/llama-model.cpp's
+#: create_tensor_qkv reads the fused tensor first), for every architecture whose gguf-py MODEL_TENSORS has ATTN_QKV:
+#: the GGUF name after `blk.{i}.` -> the fused one. Weights and biases are fused apart (a file may fuse only one).
+FUSED_QKV = {f"attn_{p}.{kind}": f"attn_qkv.{kind}" for p in "qkv" for kind in ("weight", "bias")}
 #: GGUF architectures whose GatedDeltaNet value heads llama.cpp's converter stores tiled (value head j of every key
 #: head, then j + 1; conversion/qwen.py _LinearAttentionVReorderBase); Qwen3-Next keeps the checkpoint's order
 #: (grouped by key head), which its graph expects (src/models/qwen3next.cpp repeats q and k per key head).

@@ -65,8 +65,7 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes.update(_mla_shapes(cfg, p + "self_attn."))
         else:
             a = p + "self_attn."
-            q_out = nh * hd * (2 if cfg.has_attention_output_gate else 1)
-            outs = {"q_proj": (q_out, h), "k_proj": (nkv * hd, h), "v_proj": (nkv * hd, h), "o_proj": (h, nh * hd)}
+            outs = {**{proj: (rows, h) for proj, rows in attention_rows(cfg).items()}, "o_proj": (h, nh * hd)}
             for name, shape in outs.items():
                 shapes[f"{a}{name}.weight"] = shape
                 if name in cfg.attention_bias_projs:
@@ -94,6 +93,13 @@ def resident_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             d = cfg.intermediate_size
             shapes.update({m + "gate_proj.weight": (d, h), m + "up_proj.weight": (d, h), m + "down_proj.weight": (h, d)})
     return shapes
+
+
+def attention_rows(cfg: ModelConfig) -> dict[str, int]:
+    """Outputs (rows) of a softmax-attention layer's q_proj, k_proj and v_proj, in that order; q_proj's include
+    the per-head output gate where the family has one."""
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return {"q_proj": nh * hd * (2 if cfg.has_attention_output_gate else 1), "k_proj": nkv * hd, "v_proj": nkv * hd}
 
 
 def _mla_shapes(cfg: ModelConfig, a: str) -> dict[str, tuple[int, ...]]:

@@ -1,4 +1,5 @@
-"""The inverse of what llama.cpp's converter does to tensor layouts: the q/k rows of `llama` models (Mixtral),
+"""The inverse of what llama.cpp's converter does to tensor layouts: attention's q, k and v rows concatenated
+into one attn_qkv (its `--fuse-qkv` option), the q/k rows of `llama` models (Mixtral),
 permuted for its interleaved RoPE (convert_hf_to_gguf.py, LlamaModel.permute), MLA's RoPE rows, which it keeps
 interleaved as the checkpoint has them (flashmoe's canonical rows are rotate-half, families.rope_deinterleave_rows),
 and the GatedDeltaNet tensors
@@ -23,7 +24,8 @@ import numpy as np
 
 from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import rope_deinterleave_rows, split_qkvz
-from flashmoe.arch.gguf_names import LEGACY_NAMES, ROPE_PERMUTED, TILED_VALUE_HEADS
+from flashmoe.arch.gguf_names import FUSED_QKV, LEGACY_NAMES, ROPE_PERMUTED, TILED_VALUE_HEADS
+from flashmoe.arch.tensors import attention_rows
 from flashmoe.errors import CheckpointError
 from flashmoe.format.quant import QuantizedTensor, pack, unpack
 
@@ -59,7 +61,34 @@ def _columns(w: Stored, order: np.ndarray, where: str) -> Stored:
 def gguf_layout(cfg: ModelConfig, arch: str, name: str, source: str = "") -> Callable[[Stored, str], Stored] | None:
     """For canonical tensor `name` of a `cfg` model read from GGUF tensor `source` of a file of architecture
     `arch`, the function (stored tensor, where) -> its canonical layout; None when llama.cpp stores it as flashmoe
-    does."""
+    does. A fused attn_qkv is split first, then the projection's own layout undone (llama.cpp fused after it)."""
+    split, undo = _qkv_rows(cfg, name, source), _layout(cfg, arch, name, source)
+    if split is None or undo is None:
+        return split or undo
+    return lambda w, where: undo(split(w, where), where)
+
+
+def _qkv_rows(cfg: ModelConfig, name: str, source: str) -> Callable[[Stored, str], Stored] | None:
+    """For canonical self_attn.{q,k,v}_proj.{weight,bias} read from a fused attn_qkv (FUSED_QKV), the function
+    taking its rows (q's, then k's, then v's: sizes from the metadata's head counts); else None. Raises
+    CheckpointError naming the tensor when its rows are not q's, k's and v's together."""
+    parts = name.split(".")  # layers, i, self_attn, q_proj, weight
+    if not source.endswith(("attn_qkv.weight", "attn_qkv.bias")) or parts[2:3] != ["self_attn"]:
+        return None
+    rows, proj = attention_rows(cfg), parts[3]
+    order = list(rows)
+    start, total = sum(rows[p] for p in order[:order.index(proj)]), sum(rows.values())
+
+    def split(w: Stored, where: str) -> Stored:
+        if w.shape[0] != total:
+            raise CheckpointError(f"{where}: {w.shape[0]} rows, the metadata make q, k and v "
+                                  f"{' + '.join(map(str, rows.values()))} = {total}")
+        return _rows(w, slice(start, start + rows[proj]))
+    return split
+
+
+def _layout(cfg: ModelConfig, arch: str, name: str, source: str) -> Callable[[Stored, str], Stored] | None:
+    """gguf_layout of a tensor as llama.cpp's converter stores it, once split out of a `--fuse-qkv` attn_qkv."""
     if arch in ROPE_PERMUTED and name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
         heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
         return lambda w, where: _rows(w, _rotate_half_order(w.shape[0], heads))
@@ -69,13 +98,14 @@ def gguf_layout(cfg: ModelConfig, arch: str, name: str, source: str = "") -> Cal
 
 
 def source_name(tensors: Mapping[str, object], gname: str | None) -> str | None:
-    """The GGUF tensor that holds `gname`: itself, or the older fused tensor (LEGACY_NAMES) when only that is in
-    the file."""
+    """The GGUF tensor that holds `gname`: itself, or the fused tensor (LEGACY_NAMES, FUSED_QKV) when only that is
+    in the file."""
     parts = (gname or "").split(".", 2)  # blk, N, X
-    if gname in tensors or len(parts) < 3 or parts[2] not in LEGACY_NAMES:
+    fused = LEGACY_NAMES.get(parts[2]) or FUSED_QKV.get(parts[2]) if len(parts) == 3 else None
+    if gname in tensors or fused is None:
         return gname
-    legacy = f"blk.{parts[1]}.{LEGACY_NAMES[parts[2]]}"
-    return legacy if legacy in tensors else gname
+    fused = f"blk.{parts[1]}.{fused}"
+    return fused if fused in tensors else gname
 
 
 def _rotate_half_order(n: int, heads: int) -> np.ndarray:

@@ -9,6 +9,8 @@ model directory (docs/formats.md), through the format's one writer (flashmoe.for
   32, Q2_K, Q3_K and Q6_K in groups of 16. Codebook types (IQ*) and others are refused by name: their values
   are not affine, and requantising them silently would change the model without the user choosing it
   (convert the original checkpoint, or a Q*_K GGUF, instead).
+- Fused tensors are split by whole rows: attention's `attn_qkv` of llama.cpp's `--fuse-qkv` conversions, and
+  the others flashmoe/convert/gguf_layouts.py lists.
 - Stacked experts `blk.N.ffn_{gate,up,down}_exps.weight` [E, out, in] (or gate and up fused as
   `ffn_gate_up_exps` [E, 2I, H]) are written expert by expert from the memory map, so peak memory is about one
   expert.
@@ -103,7 +105,7 @@ def config_dict(model: GGUFModel, fam: Family) -> dict[str, Any]:
         raise CheckpointError(f"{model.path}: no token_embd.weight")
     cfg["vocab_size"] = model.tensors["token_embd.weight"].shape[0]
     cfg["tie_word_embeddings"] = "output.weight" not in model.tensors
-    cfg["attention_bias"] = "blk.0.attn_q.bias" in model.tensors
+    cfg["attention_bias"] = source_name(model.tensors, "blk.0.attn_q.bias") in model.tensors  # or --fuse-qkv's
     if fam.qk_norm_switch:  # GLM's use_qk_norm: the file has the norms or not
         cfg[fam.qk_norm_switch] = "blk.0.attn_q_norm.weight" in model.tensors
     # llama.cpp's converter counts the multi-token-prediction layers in block_count (GLM-4.5); flashmoe drops them
