@@ -103,6 +103,10 @@ def test_pack_is_an_lsb_first_bit_stream(bits):
     stream = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little").reshape(3, 64, bits)
     np.testing.assert_array_equal((stream * (1 << np.arange(bits))).sum(-1), q)
     np.testing.assert_array_equal(unpack(words, bits), q)
+    # a view whose last axis is strided (Fortran order, as a transpose gives) packs to the same words
+    strided = pack(np.asfortranarray(q), bits)
+    np.testing.assert_array_equal(strided, words)
+    assert strided.flags.c_contiguous
 
 
 def test_stacked_experts_quantise_per_expert_row():

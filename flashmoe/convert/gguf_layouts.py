@@ -54,7 +54,7 @@ def _columns(w: Stored, order: np.ndarray, where: str) -> Stored:
         raise CheckpointError(f"{where}: its value heads do not fill whole groups of {g}; cannot reorder exactly")
     gidx = groups[:, 0] // g
     # codes moved one by one: a group of 16 3-bit codes is 1.5 words, so words cannot move whole
-    codes = np.ascontiguousarray(unpack(w.weight, w.bits)[..., order])
+    codes = unpack(w.weight, w.bits)[..., order]
     return QuantizedTensor(pack(codes, w.bits), w.scales[:, gidx], w.biases[:, gidx], w.bits, g)
 
 

@@ -76,7 +76,8 @@ def _chunk_layout(bits: int) -> tuple[int, int]:
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
     """Pack integer codes ``q [..., n]`` (each < 2**bits) into uint32 words ``[..., n * bits / 32]``.
 
-    Requires ``n * bits`` to be a multiple of 32 (always true for n a multiple of 32).
+    Requires ``n * bits`` to be a multiple of 32 (always true for n a multiple of 32). `q` may be any view
+    (a transpose, a column slice); the words are C-contiguous.
     """
     per_chunk, chunk_bytes = _chunk_layout(bits)
     n = q.shape[-1]
@@ -84,7 +85,8 @@ def pack(q: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole uint32 words")
     lead = q.shape[:-1]
     word = np.dtype("<u4" if chunk_bytes == 4 else "<u8")
-    q = q.astype(word).reshape(lead + (n // per_chunk, per_chunk))
+    # C order first: the widening view below needs the last axis contiguous, whatever the view given
+    q = np.ascontiguousarray(q, dtype=word).reshape(lead + (n // per_chunk, per_chunk))
     shifts = np.arange(per_chunk, dtype=word) * word.type(bits)
     words = np.bitwise_or.reduce(q << shifts, axis=-1).astype(word)
     if chunk_bytes == 4:
