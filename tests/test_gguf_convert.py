@@ -20,7 +20,7 @@ from flashmoe.arch.tensors import DictWeights, expert_tensor_name, resident_shap
 from flashmoe.bench.llama_cpp import find_runner, run_llama
 from flashmoe.cli import app
 from flashmoe.convert.gguf_model import CONFIG_KEYS, convert_gguf
-from flashmoe.errors import CheckpointError
+from flashmoe.errors import CheckpointError, FormatError
 from flashmoe.format.modeldir import ModelDir
 from flashmoe.reference.model import ReferenceModel
 
@@ -256,6 +256,11 @@ def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
     stored = {(q["bits"], q["group_size"]) for q in manifest["quantization"].values()}
     assert manifest["format_version"] == 3  # groups of 16, which version-2 readers refuse
     assert {g for _, g in stored} == {16, 32} and stored <= {(6, 16), (2, 16), (3, 16), (4, 32), (8, 32), (5, 32)}
+    # the same directory claiming version 2, whose readers have no groups of 16: refused by the field
+    (tmp_path / "out" / "flashmoe.json").write_text(json.dumps(dict(manifest, format_version=2)))
+    with pytest.raises(FormatError, match=r"flashmoe.json: quantization\['[\w.]+'\].group_size = 16 needs "
+                                          r"format_version 3, the manifest says 2"):
+        ModelDir.open(tmp_path / "out")
 
 
 def test_damaged_gguf_exits_2_and_leaves_nothing(tmp_path):

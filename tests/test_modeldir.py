@@ -154,10 +154,15 @@ def _truncate(rel: str):
     (_edit_manifest(lambda m: m["quantization"]["lm_head.weight"].update(format="mxfp4", bits=4, group_size=32)),
      "'lm_head.weight' is mxfp4"),
     (_edit_manifest(lambda m: m["experts"][0]["quantization"]["gate_proj"].update(format="nf4")), "'nf4'"),
+    # groups of 16 came with version 3: a version-2 manifest declaring them is refused by the field
+    (_edit_manifest(lambda m: m["quantization"]["lm_head.weight"].update(group_size=16)),
+     "quantization['lm_head.weight'].group_size = 16 needs format_version 3, the manifest says 2"),
+    (_edit_manifest(lambda m: m["experts"][1]["quantization"]["gate_proj"].update(group_size=16)),
+     "experts[1].quantization.gate_proj.group_size = 16 needs format_version 3, the manifest says 2"),
     (_truncate("experts/layer_001.bin"), "layer_001.bin"),
     (_truncate("resident.safetensors"), "resident.safetensors"),
 ], ids=["newer-version", "old-version", "no-experts", "stride", "offset", "nbytes", "shape", "num-experts", "bits", "mxfp4-resident",
-        "unknown-format", "short-expert-file", "short-resident"])
+        "unknown-format", "group-16-in-version-2", "expert-group-16-in-version-2", "short-expert-file", "short-resident"])
 def test_open_rejects_inconsistent_directories(model, tmp_path, edit, expected):
     bad = _corrupt(model, tmp_path, edit)
     with pytest.raises(FormatError, match=None) as err:

@@ -88,7 +88,9 @@ class QuantSpec:
         return MXFP4 if self.format == MXFP4 else f"{self.bits}-bit g{self.group_size}"
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "QuantSpec":
+    def from_dict(cls, d: Any, where: str, version: int = FORMAT_VERSION) -> "QuantSpec":
+        """Parse one quantisation entry of a `version` manifest; FormatError naming the field when it is not a
+        format that version has (groups of 16 need GROUP16_VERSION)."""
         bits = _field(d, "bits", int, where)
         group_size = _field(d, "group_size", int, where)
         fmt = d.get("format", AFFINE) if isinstance(d, dict) else AFFINE  # version 1 has no key: affine
@@ -103,6 +105,9 @@ class QuantSpec:
             raise FormatError(f"{where}.bits = {bits} is not one of {BITS}")
         if group_size not in FORMAT_GROUP_SIZES:
             raise FormatError(f"{where}.group_size = {group_size} is not one of {FORMAT_GROUP_SIZES}")
+        if group_size == 16 and version < GROUP16_VERSION:
+            raise FormatError(f"{where}.group_size = 16 needs format_version {GROUP16_VERSION}, the manifest says "
+                              f"{version} (docs/formats.md): a damaged or hand-edited manifest")
         return cls(bits, group_size)
 
 
@@ -210,12 +215,12 @@ class ExpertLayout:
         }
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "ExpertLayout":
+    def from_dict(cls, d: Any, where: str, version: int = FORMAT_VERSION) -> "ExpertLayout":
         quant = {}
         for proj, q in _field(d, "quantization", dict, where).items():
             if proj not in EXPERT_PROJS:
                 raise FormatError(f"{where}.quantization has unknown projection {proj!r}")
-            quant[proj] = QuantSpec.from_dict(q, f"{where}.quantization.{proj}")
+            quant[proj] = QuantSpec.from_dict(q, f"{where}.quantization.{proj}", version)
         comps = tuple(ExpertComponent.from_dict(c, f"{where}.components[{i}]")
                       for i, c in enumerate(_field(d, "components", list, where)))
         return cls(_field(d, "stride", int, where), _field(d, "nbytes", int, where), comps, quant)
@@ -234,9 +239,9 @@ class ExpertFile:
         return {"layer": self.layer, "path": self.path, "num_experts": self.num_experts, **self.layout.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: Any, where: str) -> "ExpertFile":
+    def from_dict(cls, d: Any, where: str, version: int = FORMAT_VERSION) -> "ExpertFile":
         return cls(_field(d, "layer", int, where), _field(d, "path", str, where),
-                   _field(d, "num_experts", int, where), ExpertLayout.from_dict(d, where))
+                   _field(d, "num_experts", int, where), ExpertLayout.from_dict(d, where, version))
 
 
 @dataclass(frozen=True)
@@ -294,9 +299,9 @@ class Manifest:
                       else "convert the model again")
             raise FormatError(f"{where}: format_version {version} is not supported (this flashmoe reads "
                               f"{', '.join(map(str, READABLE_VERSIONS))}); {remedy}")
-        quant = {k: QuantSpec.from_dict(v, f"{where}: quantization[{k!r}]")
+        quant = {k: QuantSpec.from_dict(v, f"{where}: quantization[{k!r}]", version)
                  for k, v in _field(d, "quantization", dict, where).items()}
-        experts = [ExpertFile.from_dict(e, f"{where}: experts[{i}]")
+        experts = [ExpertFile.from_dict(e, f"{where}: experts[{i}]", version)
                    for i, e in enumerate(_field(d, "experts", list, where))]
         files = {}
         for k, v in _field(d, "files", dict, where).items():
