@@ -123,6 +123,24 @@ def test_a_model_this_machine_cannot_hold_is_refused_before_loading(monkeypatch)
         load.load_engine(None, backend="numpy", io="direct", max_memory="20M", context=64)
 
 
+def test_options_are_refused_before_the_conformance_gate(monkeypatch):
+    """A budget below the model's own bytes, a size that is not one, an unknown activation mode: each refused
+    at once, without waiting for the conformance gate (minutes on a machine's first use of a backend)."""
+    import flashmoe.runtime.load as load
+
+    gate: list[str] = []
+    monkeypatch.setattr(load, "ensure_conformant", gate.append)
+    with pytest.raises(MemoryBudgetError, match=r"--max-memory 1.00 MiB .*resident weights .* KV cache .*an "
+                                                r"estimate before loading"):
+        load.load_engine(None, backend="numpy", max_memory="1M")
+    for options, message in (({"max_memory": "lots"}, "invalid memory size 'lots'"),
+                             ({"gpu_memory": "-1G"}, "invalid memory size '-1G'"),
+                             ({"activations": "int4"}, "--activations int4")):
+        with pytest.raises(FlashMoeError, match=message):
+            load.load_engine(None, backend="numpy", **options)
+    assert gate == []
+
+
 def test_the_mla_cache_holds_one_latent_row_per_position_and_the_budget_counts_that(hf_checkpoint, tmp_path):
     """DeepSeek-V3's absorbed attention caches kv_lora_rank + qk_rope_head_dim floats per position and layer,
     once (they are its keys and its values); state_bytes plans for exactly that."""

@@ -3,6 +3,7 @@ memory budget, and start the expert store."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         raise FlashMoeError(f"--io {io!r} is not one of {', '.join(MODES)}")
     if cache_policy.lower() not in POLICIES:
         raise FlashMoeError(f"--cache-policy {cache_policy!r} is not one of {', '.join(POLICIES)}")
+    max_bytes = None if max_memory is None else parse_size(max_memory)
+    gpu_bytes = None if gpu_memory is None else parse_size(gpu_memory)
     if isinstance(model_dir, ModelDir):
         model = model_dir
     else:
@@ -97,37 +100,43 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     k = cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
     if not 1 <= k <= cfg.num_experts:
         raise FlashMoeError(f"--experts-per-token {k} is outside 1..{cfg.num_experts} (num_experts)")
-    ensure_conformant(backend)
-    be = get_backend(backend, activations)
-    stats = Stats(num_layers=len(model.moe_layers))
+    be = get_backend(backend, activations)  # an unknown backend or activation mode
     layout = model.layout
-    files = {layer: model.expert_path(layer) for layer in model.moe_layers}
     threads = threads or max(4, k)  # all k reads of a decode token in flight at once
     guess_slots = k if speculate else 0
     read_buffers = ExpertStore.read_buffer_bytes(k, layout.nbytes, threads, guess_slots)
     kv_bytes = state_bytes(cfg, context)
-    if max_memory is not None:
-        # An estimate before loading (the weights' bytes, the process as it is) is lower than what the loaded
-        # process measures. Refuse at once only a model this machine could not load anyway; otherwise load it
-        # and measure, so that a refusal names the figure that works, not one refused again.
-        estimate = MemoryBudget(parse_size(max_memory), model.resident_nbytes, kv_bytes, read_buffers,
-                                runtime_bytes=current_rss_bytes())
-        if estimate.fixed_bytes > available_memory_bytes():
-            estimate.check(lower_bound=True)
-    if gpu_memory is not None:
-        be.configure_expert_cache(parse_size(gpu_memory), cache_policy)
+    if max_bytes is not None:
+        _refuse_before_loading(MemoryBudget(max_bytes, model.resident_nbytes, kv_bytes, read_buffers))
+    ensure_conformant(backend)  # after every cheap check: a machine's first use of a backend takes minutes
+    stats = Stats(num_layers=len(model.moe_layers))
+    files = {layer: model.expert_path(layer) for layer in model.moe_layers}
+    if gpu_bytes is not None:
+        be.configure_expert_cache(gpu_bytes, cache_policy)
     # Read buffers from the backend (pinned host memory for cuda: one DMA per expert).
     store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
                         mode=io, policy=cache_policy, threads=threads, stats=stats,
                         allocate=be.allocate_buffer, guess_slots=guess_slots,
                         # Mapped experts count in the resident set: under a budget, stay inside it as measured.
-                        in_place=be.experts_in_place and max_memory is None)
+                        in_place=be.experts_in_place and max_bytes is None)
     engine = Engine(model, be, store, stats, experts_per_token=k)
-    if gpu_memory is not None:
-        engine.preload_experts(parse_size(gpu_memory))
-    if max_memory is not None:
-        store.set_cache_bytes(_measured_room(engine, parse_size(max_memory), kv_bytes, read_buffers))
+    if gpu_bytes is not None:
+        engine.preload_experts(gpu_bytes)
+    if max_bytes is not None:
+        store.set_cache_bytes(_measured_room(engine, max_bytes, kv_bytes, read_buffers))
     return engine
+
+
+def _refuse_before_loading(model_bytes: MemoryBudget) -> None:
+    """Refuse, before the conformance gate and loading, only a budget that cannot work: below the model's own
+    bytes (`model_bytes`: its resident weights, KV cache and read buffers), or one this machine could not load
+    with the process as it is. Any other budget is loaded and measured (_measured_room), so that a refusal names
+    the figure that works, not an estimate that is refused again. Raises MemoryBudgetError."""
+    if model_bytes.max_bytes < model_bytes.fixed_bytes:
+        model_bytes.check(lower_bound=True)
+    estimate = replace(model_bytes, runtime_bytes=current_rss_bytes())
+    if estimate.fixed_bytes > available_memory_bytes():
+        estimate.check(lower_bound=True)
 
 
 def _measured_room(engine: Engine, max_bytes: int, kv_bytes: int, read_buffers: int) -> int:
