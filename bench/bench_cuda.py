@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -211,18 +212,27 @@ def kernel_table(engine: Engine, tokens: int, seed: int, rows: int = 18) -> str:
     return "\n".join(lines)
 
 
-def _kernel_name(mangled: str) -> str:
-    """'cuda_kernels.qlinear' from numba's Itanium-mangled kernel name (_ZN6cudapy8flashmoe8backends12cuda_kernels7
-    qlinear12_3clocals_3e6kernelB...: length-prefixed names), other names cut to 60 characters."""
-    names, i = [], 3
-    while mangled.startswith("_ZN") and i < len(mangled) and mangled[i].isdigit():
-        j = i
-        while mangled[j].isdigit():
-            j += 1
-        names.append(mangled[j:j + int(mangled[i:j])])
-        i = j + int(mangled[i:j])
-    keep = [n for n in names[3:] if n not in ("_3clocals_3e", "kernel")]
-    return ".".join(keep[:2]) if keep else mangled[:60]
+def _kernel_name(name: str) -> str:
+    """A numba kernel's dotted name after the package, 'cuda_kernels.qlinear', from the name the profiler
+    reports: numba's Itanium-mangled one (_ZN6cudapy8flashmoe8backends12cuda_kernels7qlinear12_3clocals_3e6kernel
+    B2v1B57cw51c...E5ArrayIjLi1E...: length-prefixed names, then abi tags and argument types) or its demangled
+    form (cudapy::flashmoe::backends::cuda_kernels::qlinear::_3clocals_3e::kernel[abi:v1]...(Array<...>, ...));
+    numba's `<locals>` and a factory's inner `kernel` are dropped. Any other name (copies, other libraries'
+    kernels) whole."""
+    if name.startswith("_ZN"):
+        parts, i = [], 3
+        while i < len(name) and name[i].isdigit():
+            j = i
+            while j < len(name) and name[j].isdigit():
+                j += 1
+            parts.append(name[j:j + int(name[i:j])])
+            i = j + int(name[i:j])
+    else:  # demangled: the qualified name ends at the abi tags or the arguments
+        parts = re.split(r"[\[(<]", name, maxsplit=1)[0].split("::")
+    keep = [p for p in parts[1:] if p not in ("_3clocals_3e", "kernel")] if parts[:1] == ["cudapy"] else []
+    if keep[:1] == ["flashmoe"] and len(keep) > 2:  # flashmoe.backends.cuda_kernels.qlinear: the package goes
+        keep = keep[2:]
+    return ".".join(keep) or name
 
 
 def _profile(engine: Engine, tokens: int, seed: int) -> None:

@@ -139,3 +139,29 @@ def test_the_replay_table_calls_a_trained_models_trace_by_its_name(tiny_model):
     assert recorded_trace_kind(demo, "model") == "recorded routing of demo-model (random token ids)"
     assert recorded_trace_kind(ModelDir.open(tiny_model), "model") == "routing of the random-weight model"
     assert recorded_trace_kind(demo, "uniform") == "forced uniform routing (worst case for a cache)"
+
+
+# numba 0.68's name for cuda_kernels.qlinear's kernel (numba.core.itanium_mangler.mangle of its qualified name and
+# argument types), and that name through libstdc++'s __cxa_demangle, as torch.profiler (kineto) reports kernels
+_QLINEAR_MANGLED = ("_ZN6cudapy8flashmoe8backends12cuda_kernels7qlinear12_3clocals_3e6kernelB2v1B57cw51cXTLSUwv1"
+                    "sDUaKthqKNAUWEhLSg3XKgcYZUvLSUXTAWDc9AAAAAAAE5ArrayIjLi1E1C7mutable7alignedE5ArrayIfLi1E1C7"
+                    "mutable7alignedEx")
+_QLINEAR_DEMANGLED = ("cudapy::flashmoe::backends::cuda_kernels::qlinear::_3clocals_3e::kernel[abi:v1][abi:cw51cXTLSU"
+                      "wv1sDUaKthqKNAUWEhLSg3XKgcYZUvLSUXTAWDc9AAAAAAA](Array<unsigned int, 1, C, mutable, aligned>, "
+                      "Array<float, 1, C, mutable, aligned>, long long)")
+
+
+def test_cuda_kernel_table_names_each_kernel_whole():
+    """bench_cuda's kernel table names a kernel by module and function whether the profiler gives numba's mangled
+    name or its demangled form (which was cut to its first 60 characters, inside the package path); other names
+    are kept whole."""
+    from flashmoe.bench.bench_cuda import _kernel_name
+
+    assert _kernel_name(_QLINEAR_MANGLED) == _kernel_name(_QLINEAR_DEMANGLED) == "cuda_kernels.qlinear"
+    assert _kernel_name("cudapy::flashmoe::backends::cuda_attention::attention[abi:v2](Array<float, 3, C, mutable, "
+                        "aligned>)") == "cuda_attention.attention"
+    assert _kernel_name("_ZN6cudapy8__main__4spinB2v3E5ArrayIfLi1E1C7mutable7alignedE") == "__main__.spin"
+    copy = "Memcpy HtoD (Pinned -> Device)"
+    cutlass = ("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm_64x64_16x6_tn_align4>(cutlass_80_tensorop_"
+               "s1688gemm_64x64_16x6_tn_align4::Params)")
+    assert _kernel_name(copy) == copy and _kernel_name(cutlass) == cutlass
