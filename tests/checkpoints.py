@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -400,9 +401,10 @@ def byte_level_tokens() -> list[str]:
     return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
-def hf_model_from_canonical(config: dict[str, Any], weights):
-    """The transformers model (float32, eval mode) of flashmoe's config.json `config`, holding the canonical
-    tensors of `weights` (a DictWeights; routed experts per expert, `.weight` and `.bias`).
+def hf_model_from_canonical(model_dir: Path, weights):
+    """The transformers model (float32, eval mode) of the config.json of flashmoe's model directory `model_dir`,
+    as transformers' AutoConfig reads it, holding the canonical tensors of `weights` (a DictWeights; routed experts
+    per expert, `.weight` and `.bias`).
 
     Each transformers tensor is taken back through flashmoe.arch.families.to_canonical, which moves a tensor's
     entries without arithmetic except adding 1 to the x·(1+w) norms: mapped as an index array (and as zeros,
@@ -417,14 +419,11 @@ def hf_model_from_canonical(config: dict[str, Any], weights):
     from flashmoe.arch.config import ModelConfig
     from flashmoe.arch.families import detect_layout, to_canonical
 
-    # the names transformers gives the routed-expert count in other families (DeepSeek-V3, GLM-4.5: n_routed_experts)
-    # MLA's keys and values are per head in transformers (llama.cpp's one kv head is its MQA view of the latent)
-    mla = {"num_key_value_heads": config["num_attention_heads"]} if config.get("kv_lora_rank") else {}
-    # Qwen3.5-MoE's text model (qwen3_5_moe is its multimodal wrapper in transformers)
-    text = {"model_type": "qwen3_5_moe_text"} if config["model_type"] == "qwen3_5_moe" else {}
-    hf_config = transformers.AutoConfig.for_model(**{"n_routed_experts": config["num_experts"],
-                                                     "num_local_experts": config["num_experts"], **config, **mla,
-                                                     **text})
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config["model_type"] == "qwen3_5_moe":  # transformers' is the multimodal wrapper: its text model's keys nest
+        hf_config = transformers.AutoConfig.for_model(**dict(config, model_type="qwen3_5_moe_text"))
+    else:
+        hf_config = transformers.AutoConfig.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
     cfg = ModelConfig.from_dict(config)
     state = model.state_dict()

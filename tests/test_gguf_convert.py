@@ -14,7 +14,7 @@ import pytest
 
 from checkpoints import byte_level_tokens, hf_logits, hf_model_from_canonical
 from flashmoe.arch.config import ModelConfig
-from flashmoe.arch.families import family_of
+from flashmoe.arch.families import FAMILIES, family_of
 from flashmoe.arch.gguf_names import EXPERT_BIAS_NAMES, EXPERT_NAMES, gguf_tensor_name
 from flashmoe.arch.tensors import DictWeights, expert_tensor_name, resident_shapes
 from flashmoe.bench.llama_cpp import find_runner, run_llama
@@ -52,7 +52,7 @@ EXTRA = {"olmoe": ({"num_key_value_heads": 4}, {"attention.head_count_kv": 4}), 
                       {**_SIGMOID, "leading_dense_block_count": 1, "expert_shared_count": 1,
                        "expert_weights_scale": 2.5, "expert_weights_norm": True}),
          "minimax_m2": (dict(partial_rotary_factor=0.5), _SIGMOID),
-         "deepseek_v3": (dict(_MLA, num_key_value_heads=1), {"attention.head_count_kv": 1,
+         "deepseek_v3": (dict(_MLA), {"attention.head_count_kv": 1,
              "attention.q_lora_rank": 256, "attention.kv_lora_rank": 256, "rope.dimension_count": 32,
              "attention.key_length": 288, "attention.value_length": 256, "attention.key_length_mla": 96,
              "attention.value_length_mla": 64, "leading_dense_block_count": 1, "expert_shared_count": 1,
@@ -238,19 +238,23 @@ def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     config_extra, metadata_extra = EXTRA.get(model_type, ({}, {}))
     plain = [k for k in _CONFIG if k in CONFIG_KEYS and CONFIG_KEYS[k] not in metadata_extra]
-    assert {k: config[k] for k in plain} == {k: _CONFIG[k] for k in plain}
+    named = {"num_experts": FAMILIES[model_type].num_experts_keys[0]}  # transformers' name: n_routed_experts, ...
+    assert {k: config[named.get(k, k)] for k in plain} == {k: _CONFIG[k] for k in plain}
     assert {k: config[k] for k in config_extra} == config_extra
-    if model_type == "deepseek_v3":  # mscale_all_dim = yarn_log_multiplier / 0.1, and mscale with it
+    if model_type == "deepseek_v3":  # mscale_all_dim = yarn_log_multiplier / 0.1, and mscale with it; a key and
+        # a value per head, as transformers' MLA has them (llama.cpp's one kv head is its MQA view of the latent)
         assert config["rope_scaling"]["mscale"] == config["rope_scaling"]["mscale_all_dim"] == 1.0
+        assert config["num_key_value_heads"] == config["num_attention_heads"] == 4
     if model_type == "gpt_oss":  # the window and YaRN from the metadata, over the family's YaRN defaults
         assert config["sliding_window"] == 4 and config["rope_scaling"] == dict(
             rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
             original_max_position_embeddings=64)
     _assert_every_tensor_equals(tmp_path / "out", truth)
-    # the same model rebuilt in transformers from gguf.quants' dequantisation: within 1e-4 at every position
+    # the same model rebuilt in transformers, from the config.json as its AutoConfig reads it and gguf.quants'
+    # dequantisation: within 1e-4 at every position
     ids = np.array([5, 17, 99, 3, 250, 42], np.int64)
     ours = ReferenceModel.from_dir(tmp_path / "out").forward(ids)
-    theirs = hf_logits(hf_model_from_canonical(config, truth), ids)
+    theirs = hf_logits(hf_model_from_canonical(tmp_path / "out", truth), ids)
     assert (np.abs(ours - theirs).max(-1) <= 1e-4 * np.abs(theirs).max(-1)).all()
     manifest = json.loads((tmp_path / "out" / "flashmoe.json").read_text())
     stored = {(q["bits"], q["group_size"]) for q in manifest["quantization"].values()}

@@ -2,7 +2,8 @@
 model directory (docs/formats.md), through the format's one writer (flashmoe.format.writer).
 
 - Architecture: `general.architecture` names the Family whose `gguf_arch` it is (flashmoe/arch/families.py);
-  the metadata keys `{arch}.embedding_length`, `.block_count`, ... become config.json (CONFIG_KEYS).
+  the metadata keys `{arch}.embedding_length`, `.block_count`, ... become config.json (CONFIG_KEYS), under the
+  names transformers gives them in that family, so that its AutoConfig reads the file.
 - Tensors: llama.cpp's names map back to canonical ones (flashmoe/arch/gguf_names.py). Float tensors (F32, F16,
   BF16) are kept as they are; the affine block types become group-wise affine tensors exactly, with float32
   scales and biases (flashmoe/convert/gguf_quants.py): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K in groups of
@@ -96,7 +97,9 @@ def config_dict(model: GGUFModel, fam: Family) -> dict[str, Any]:
     arch, meta = fam.gguf_arch, model.metadata
     cfg: dict[str, Any] = {"model_type": fam.name, "architectures": [f"GGUF:{arch}"]}
     keys = {**CONFIG_KEYS, **LINEAR_ATTENTION_KEYS}
-    cfg.update({key: meta[f"{arch}.{g}"] for key, g in keys.items() if f"{arch}.{g}" in meta})
+    # the expert count under the family's transformers name (DeepseekV3Config, Glm4MoeConfig: n_routed_experts)
+    named = {"num_experts": fam.num_experts_keys[0]}
+    cfg.update({named.get(key, key): meta[f"{arch}.{g}"] for key, g in keys.items() if f"{arch}.{g}" in meta})
     if f"{arch}.ssm.inner_size" in meta:
         cfg["linear_value_head_dim"] = meta[f"{arch}.ssm.inner_size"] // meta[f"{arch}.ssm.time_step_rank"]
     if f"{arch}.rope.dimension_count" in meta and "head_dim" in cfg:
@@ -122,6 +125,10 @@ def config_dict(model: GGUFModel, fam: Family) -> dict[str, Any]:
         cfg.update(_mla_config(model, arch))
         for key in ("head_dim", "partial_rotary_factor"):  # llama.cpp's are the latent's; MLA has its own
             cfg.pop(key, None)
+        # llama.cpp's head_count_kv is 1 (MLA as MQA over the latent); transformers' MLA has a key and a value
+        # per head, as the checkpoint's config says
+        if "num_attention_heads" in cfg:
+            cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     for key in ("bos_token_id", "eos_token_id"):
         if f"tokenizer.ggml.{key}" in meta:
             cfg[key] = meta[f"tokenizer.ggml.{key}"]
