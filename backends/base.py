@@ -273,7 +273,9 @@ class Backend(ABC):
 
         x ``[T, C]``; state ``[K-1, C]``: the previous K-1 inputs (zeros at the start); weight ``[C, K]``.
         ``y[t, c] = silu(sum_j weight[c, j] * xs[t + j, c])`` with ``xs = concat(state, x)``.
-        -> (y ``[T, C]``, new state = last K-1 rows of xs). (HF Qwen3-Next ``causal_conv1d_fn``, bias-free.)"""
+        -> (y ``[T, C]``, new state = last K-1 rows of xs). The new state may be `state` itself, updated in
+        place (the CUDA backend's, so that a recorded decode step finds it where it was).
+        (HF Qwen3-Next ``causal_conv1d_fn``, bias-free.)"""
 
     @abstractmethod
     def gated_delta_rule(
@@ -284,8 +286,9 @@ class Backend(ABC):
         q, k ``[T, Hk, Dk]``: already L2-normalised, q already scaled by ``Dk ** -0.5``; v ``[T, H, Dv]``
         with H a multiple of Hk (value head h uses q/k head ``h // (H // Hk)``, as HF's repeat_interleave);
         g ``[T, H]`` log decay (≤ 0); beta ``[T, H]`` in (0, 1); state ``[H, Dk, Dv]``. Per token:
-        ``S = exp(g) S;  S += k ⊗ (beta (v - Sᵀk));  o = Sᵀ q``. -> (o ``[T, H, Dv]``, new state).
-        (HF ``torch_recurrent_gated_delta_rule``.)"""
+        ``S = exp(g) S;  S += k ⊗ (beta (v - Sᵀk));  o = Sᵀ q``. -> (o ``[T, H, Dv]``, new state), the new
+        state possibly `state` updated in place (as :meth:`causal_conv1d`). (HF
+        ``torch_recurrent_gated_delta_rule``.)"""
 
     # -- array glue: the only operations the engine applies to backend arrays besides the ops here ---------
     def add(self, a: Any, b: Any) -> Any:

@@ -109,31 +109,32 @@ def kv_append_at(k, v, k_cache, v_cache, positions):
 
 
 @cuda.jit
-def causal_conv1d(state, x, w, kernel_size, y, new_state):
+def causal_conv1d(state, x, w, kernel_size, y):
     """Depthwise causal conv with SiLU over xs = concat(state, x) read in place: y[t, c] = silu(sum_j
-    w[c, j] * xs[t + j, c]) and new_state = the last K-1 rows of xs. state, new_state flat [(K-1) * C], x, y
-    [T * C], w [C * K]. One thread per element of y and of new_state."""
-    n = cuda.grid(1)
+    w[c, j] * xs[t + j, c]), then state = the last K-1 rows of xs, in place (a channel's outputs and state
+    depend on that channel alone). state flat [(K-1) * C], x, y [T * C], w [C * K]. One thread per channel."""
+    c = cuda.grid(1)
     C = w.shape[0] // kernel_size
     keep = state.shape[0] // C  # K - 1
-    if n < y.shape[0]:
-        t, c = n // C, n % C
-        acc = float32(0.0)
-        for j in range(kernel_size):
-            r = t + j
-            xv = state[r * C + c] if r < keep else x[(r - keep) * C + c]
-            acc += w[c * kernel_size + j] * xv
-        y[n] = _silu(acc)
-    elif n < y.shape[0] + new_state.shape[0]:
-        m = n - y.shape[0]
-        r = m // C + y.shape[0] // C  # row of xs
-        new_state[m] = state[r * C + m % C] if r < keep else x[(r - keep) * C + m % C]
+    n_tok = x.shape[0] // C
+    if c < C:
+        for t in range(n_tok):
+            acc = float32(0.0)
+            for j in range(kernel_size):
+                r = t + j
+                xv = state[r * C + c] if r < keep else x[(r - keep) * C + c]
+                acc += w[c * kernel_size + j] * xv
+            y[t * C + c] = _silu(acc)
+        for m in range(keep):  # row m of the new state is row n_tok + m of xs: not yet overwritten
+            r = n_tok + m
+            state[m * C + c] = state[r * C + c] if r < keep else x[(r - keep) * C + c]
 
 
 @cuda.jit
 def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state_in, state, o):
     """Gated delta rule (Yang et al. 2024) from state_in into state [H * Dk * Dv] (state_in is only read);
-    one thread per (head h, value feature j), owning column j of S_h: per token S = exp(g) S; delta =
+    state may be state_in itself (updated in place: each thread reads and writes only its own column).
+    One thread per (head h, value feature j), owning column j of S_h: per token S = exp(g) S; delta =
     beta (v - Sᵀk); S += k ⊗ delta; o = Sᵀq. q, k [T * Hk * Dk]; v, o [T * H * Dv]; g, beta [T * H]."""
     n = cuda.grid(1)
     H = g.shape[0] // n_tok

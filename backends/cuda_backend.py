@@ -232,22 +232,23 @@ class CudaBackend(Backend):
         return out
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[DeviceArray, DeviceArray]:
+        """As :meth:`Backend.causal_conv1d`, the state updated in place (returned as the new state)."""
         x, state, weight = to_device(x), to_device(state), to_device(weight)
         T, C = x.shape
-        Kw = weight.shape[1]
-        y, new_state = empty((T, C)), empty((Kw - 1, C))
-        flat_launch(KA.causal_conv1d, (T + Kw - 1) * C, state.flat, x.flat, weight.flat, Kw, y.flat, new_state.flat)
-        return y, new_state
+        y = empty((T, C))
+        flat_launch(KA.causal_conv1d, C, state.flat, x.flat, weight.flat, weight.shape[1], y.flat)
+        return y, state
 
     def gated_delta_rule(self, q: Any, k: Any, v: Any, g: Any, beta: Any, state: Any
                          ) -> tuple[DeviceArray, DeviceArray]:
+        """As :meth:`Backend.gated_delta_rule`, the state updated in place (returned as the new state)."""
         q, k, v, g, beta, state = (to_device(a) for a in (q, k, v, g, beta, state))
         T, Hk, Dk = q.shape
         H, Dv = v.shape[1], v.shape[2]
-        new_state, o = empty((H, Dk, Dv)), empty((T, H, Dv))
+        o = empty((T, H, Dv))
         flat_launch(KA.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, state.flat,
-                    new_state.flat, o.flat)
-        return o, new_state
+                    state.flat, o.flat)
+        return o, state
 
     # -- array glue -----------------------------------------------------------------------------------------
     def add(self, a: Any, b: Any) -> DeviceArray:

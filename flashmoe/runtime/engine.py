@@ -110,16 +110,16 @@ class Engine:
                                 lambda i: model.raw(f"layers.{i}.self_attn.unembed_out.weight"),
                                 self._linear, self._w.__getitem__) if self.cfg.is_mla else None
         # A decode step may be replayed from a recording (Backend.capture_decode) only where nothing in it
-        # depends on the position on the host: full attention in every layer, no sliding window, no MLA cache.
+        # depends on the position on the host: no sliding window, no MLA cache. (Linear attention's state is
+        # updated in place by the recording backend, so a replay finds it where the recording left it.)
         self._recordable = not self.cfg.is_mla and all(
-            self.cfg.is_attention_layer(i) and self.cfg.attention_window(i) is None
-            for i in range(self.cfg.num_hidden_layers))
-        # (state, recording, or None where it was refused) of the last decode step recorded or tried
+            self.cfg.attention_window(i) is None for i in range(self.cfg.num_hidden_layers))
+        # (state, recording or None where it failed, the state's linear-attention arrays) of the last recording
         self._recording: tuple | None = None
         self._decoded = False  # an eager decode step has run
         #: why decode steps are not replayed from a recording (None while they are or may be)
         self.not_recorded: str | None = None if self._recordable else "the model's decode step depends on " \
-            "the position on the host (linear attention, a sliding window or MLA)"
+            "the position on the host (a sliding window or MLA)"
         if not self.cfg.tie_word_embeddings:
             self._lm_head = self._w["lm_head.weight"]
         else:
@@ -176,18 +176,20 @@ class Engine:
         """One decode token replayed from a recording of the whole step (Backend.capture_decode: one CUDA
         graph instead of ~16 launches per layer through Python), recorded again when the state changed, a KV
         cache is full (it then grows, so moves) or the backend's recording went stale; None when the step
-        cannot be recorded (or its recording was refused for this state): the caller runs it eagerly."""
+        cannot be recorded (or its recording failed for this state): the caller runs it eagerly."""
         recording = self._recording
-        if recording is not None and recording[0] is state and recording[1] is None:
+        same = (recording is not None and recording[0] is state
+                and all(a is b for a, b in zip(recording[2], _linear_arrays(state))))
+        if same and recording[1] is None:
             return None
-        if (recording is None or recording[0] is not state or not recording[1].valid()
-                or any(cache.capacity <= state.position for cache in state.layers)):
+        if not same or not recording[1].valid() or any(cache.capacity <= state.position
+                                                       for cache in _kv_caches(state)):
             recording = self._record(token, state)
             if recording is None or recording[1] is None:
                 return None
         with self.stats.stage("replay"):
             logits = self.backend.to_numpy(recording[1].replay(token, state.position))
-        for cache in state.layers:
+        for cache in _kv_caches(state):
             cache.length += 1
         state.position += 1
         return logits
@@ -200,9 +202,10 @@ class Engine:
         and a new state tries again."""
         if not self._decoded:
             return None
-        for cache in state.layers:
+        caches = _kv_caches(state)
+        for cache in caches:
             cache.reserve(state.position + 1)
-        position, lengths = state.position, [cache.length for cache in state.layers]
+        position, lengths = state.position, [cache.length for cache in caches]
         try:
             graph = self.backend.capture_decode(lambda: self._step(np.array([token]), state, False))
             self.not_recorded = None if graph is not None else f"{self.backend.name} does not record decode steps"
@@ -211,9 +214,9 @@ class Engine:
             graph, self.not_recorded = None, str(e)
         finally:
             state.position = position
-            for cache, n in zip(state.layers, lengths):
+            for cache, n in zip(caches, lengths):
                 cache.length = n
-        self._recording = (state, graph) if self._recordable else None
+        self._recording = (state, graph, _linear_arrays(state)) if self._recordable else None
         return self._recording
 
     def _step(self, ids: np.ndarray, state: State, all_logits: bool):
@@ -457,6 +460,16 @@ class Engine:
             self.tracer.layer(layer, ids, weights, fetches)
         y = be.asarray(y)
         return y if out is None else be.add(y, out)
+
+
+def _kv_caches(state: State) -> list[KVCacheBuffer]:
+    return [layer for layer in state.layers if isinstance(layer, KVCacheBuffer)]
+
+
+def _linear_arrays(state: State) -> list:
+    """The linear-attention layers' state arrays (a replay updates them where they were recorded)."""
+    return [a for layer in state.layers if isinstance(layer, LinearAttentionBuffer)
+            for a in (layer.conv, layer.recurrent)]
 
 
 def check_finite(logits: np.ndarray, model_dir, first_position: int) -> np.ndarray:
