@@ -377,6 +377,14 @@ class Backend(ABC):
         h = self.add(h, delta)
         return h, self.rms_norm(h, weight, eps)
 
+    def qk_norm_rope(self, q: Any, k: Any, q_weight: Any, k_weight: Any, eps: float, positions: np.ndarray,
+                     theta: float, rotary_dim: int, yarn: YarnRope | None = None) -> tuple[Any, Any]:
+        """Per-head RMSNorm of the queries and keys, then RoPE on both: ``(rope(rms_norm(q, q_weight)),
+        rope(rms_norm(k, k_weight)))`` with q ``[T, Hq, D]``, k ``[T, Hkv, D]``, weights ``[D]`` (the
+        ``qk_norm == "head"`` attention of Qwen3; see :meth:`rms_norm`, :meth:`rope`)."""
+        q = self.rope(self.rms_norm(q, q_weight, eps), positions, theta, rotary_dim, yarn)
+        return q, self.rope(self.rms_norm(k, k_weight, eps), positions, theta, rotary_dim, yarn)
+
     def expert_ffn(self, x: Any, expert: Expert, act: ClampedSwiGLU | None = None) -> Any:
         """SwiGLU of ONE expert on the ``n`` tokens routed to it: ``down(silu(gate x) * up x)``, or with
         ``act`` gpt-oss's ``down(clamped_swiglu(gate x + b_gate, up x + b_up)) + b_down``.

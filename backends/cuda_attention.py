@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32
+from numba import cuda, float32, float64
 
-from flashmoe.backends.cuda_kernels import LANES, _lane_sum, _silu
+from flashmoe.backends.cuda_kernels import LANES, ROWS, _lane_sum, _silu
 
 KEYS_PER_PASS = 4  # keys whose dot products one pass of the attention kernel computes with independent loads
+MAX_HEAD_DIM = 512  # features of a head qk_norm_rope holds in shared memory (larger heads: two steps)
 
 
 @cuda.jit(device=True)
@@ -85,6 +86,45 @@ def attention(q, k, v, q_positions, scale, sinks, n_heads, n_kv_heads, head_dim,
             a0 += scores[so + j] * v[j * row + kv + d]
             j += 1
         out[qo + d] = (a0 + a1 + a2 + a3) / total
+
+
+@cuda.jit
+def qk_norm_rope(q, k, wq, wk, eps, q_heads, kv_heads, head_dim, half, positions, inv_freq, q_out, k_out):
+    """Per-head RMSNorm of one step's queries and keys (weights wq, wk [D]), then rotate-half RoPE on the
+    first 2 * half features of each head (as cuda_kernels.rope: float64 angles, the rest copied), in one
+    launch. q, q_out flat [T * Hq * D]; k, k_out [T * Hkv * D]; positions int [T]. One row of LANES threads
+    per head row, queries' rows first, then keys'; grid ceil(T * (Hq + Hkv) / ROWS), block (LANES, ROWS)."""
+    sh = cuda.shared.array((ROWS, LANES), float32)
+    normed = cuda.shared.array((ROWS, MAX_HEAD_DIM), float32)  # the row normed, for its rotation partners
+    lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+    row = cuda.blockIdx.x * ROWS + r
+    q_rows = q.shape[0] // head_dim
+    is_q = row < q_rows
+    x, w, out = (q, wq, q_out) if is_q else (k, wk, k_out)
+    base = (row if is_q else row - q_rows) * head_dim
+    active = base < x.shape[0]
+    ss = float32(0.0)
+    if active:
+        for d in range(lane, head_dim, LANES):
+            ss += x[base + d] * x[base + d]
+    ss = _lane_sum(ss, sh, lane, r)
+    inv = float32(1.0) / math.sqrt(ss / float32(head_dim) + eps)
+    if active:
+        for d in range(lane, head_dim, LANES):
+            normed[r, d] = x[base + d] * inv * w[d]
+    cuda.syncthreads()
+    if active:
+        t = base // ((q_heads if is_q else kv_heads) * head_dim)
+        for d in range(lane, head_dim, LANES):
+            if d < 2 * half:
+                angle = float64(positions[t]) * inv_freq[d if d < half else d - half]
+                c, s = float32(math.cos(angle)), float32(math.sin(angle))
+                if d < half:
+                    out[base + d] = normed[r, d] * c - normed[r, d + half] * s
+                else:
+                    out[base + d] = normed[r, d] * c + normed[r, d - half] * s
+            else:
+                out[base + d] = normed[r, d]
 
 
 @cuda.jit

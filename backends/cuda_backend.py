@@ -169,10 +169,30 @@ class CudaBackend(Backend):
             out = empty((T, w.shape[0]))
             row_launch(K.flinear, w.shape[0], T, w.flat, w.shape[1], x.flat, out.flat)
             return out
-        out = empty((T, w.out_features))
-        row_launch(K.qlinear(w.bits, w.group_size, w.fmt), w.out_features, T, w.b32, w.b16, w.w_off, w.s_off,
-                   w.b_off, w.out_features, w.n_units, x.flat, out.flat)
-        return out
+        return self._qlinears(x, [w])[0]
+
+    def _qlinears(self, x: DeviceArray, ws: list[DeviceQuantized]) -> list[DeviceArray]:
+        """x [T, in] . W^T for up to three quantised weights of one format and input size, in one launch."""
+        T, w0 = x.shape[0], ws[0]
+        outs = [empty((T, w.out_features)) for w in ws]
+        args = [a for w, out in zip(ws, outs) for a in (w.b32, w.b16, w.w_off, w.s_off, w.b_off, w.out_features,
+                                                         out.flat)]
+        args += [w0.b32, w0.b16, 0, 0, 0, 0, outs[0].flat] * (3 - len(ws))
+        blocks = sum(-(-w.out_features // K.ROWS) for w in ws)
+        A.launch(K.qlinear(w0.bits, w0.group_size, w0.fmt), (blocks, T), (K.LANES, K.ROWS),
+                 (*args, w0.n_units, x.flat))
+        return outs
+
+    def linears(self, x: Any, ws: list) -> list:
+        """As :meth:`Backend.linears`; quantised weights of one format and input size (q, k and v; gate and
+        up) in one launch per three."""
+        ws = [self.prepare(w) for w in ws]
+        kinds = {(w.bits, w.group_size, w.fmt, w.in_features)
+                 if isinstance(w, DeviceQuantized) and w.bits != MXFP4 else None for w in ws}
+        x = to_device(x)
+        if None in kinds or len(kinds) > 1 or len(x.shape) != 2 or x.shape[1] != ws[0].in_features:
+            return super().linears(x, ws)
+        return [y for i in range(0, len(ws), 3) for y in self._qlinears(x, ws[i:i + 3])]
 
     def embed(self, ids: np.ndarray, w: Any) -> DeviceArray:
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
@@ -214,6 +234,19 @@ class CudaBackend(Backend):
         flat_launch(K.rope, x.size, x.flat, H, D, rotary_dim // 2, A.device_positions(positions),
                     _inv_freq(float(theta), int(rotary_dim), yarn), out.flat)
         return out
+
+    def qk_norm_rope(self, q: Any, k: Any, q_weight: Any, k_weight: Any, eps: float, positions: np.ndarray,
+                     theta: float, rotary_dim: int, yarn: YarnRope | None = None) -> tuple[DeviceArray, DeviceArray]:
+        """As :meth:`Backend.qk_norm_rope`, in one launch (heads up to KA.MAX_HEAD_DIM features)."""
+        q, k, q_weight, k_weight = (to_device(a) for a in (q, k, q_weight, k_weight))
+        (_, Hq, D), Hkv = q.shape, k.shape[1]
+        if D > KA.MAX_HEAD_DIM:
+            return super().qk_norm_rope(q, k, q_weight, k_weight, eps, positions, theta, rotary_dim, yarn)
+        q_out, k_out = empty(q.shape), empty(k.shape)
+        row_launch(KA.qk_norm_rope, (q.size + k.size) // D, 1, q.flat, k.flat, q_weight.flat, k_weight.flat,
+                   np.float32(eps), Hq, Hkv, D, rotary_dim // 2, A.device_positions(positions),
+                   _inv_freq(float(theta), int(rotary_dim), yarn), q_out.flat, k_out.flat)
+        return q_out, k_out
 
     def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float, sinks: Any = None
                   ) -> DeviceArray:

@@ -272,17 +272,27 @@ def _silu(a):
 # -- quantised matrices -------------------------------------------------------------------------------------
 @lru_cache(maxsize=None)
 def qlinear(bits: int, group_size: int, fmt: int):
-    """out[t, o] = W[o] . x[t]. Launch grid (ceil(n_out / ROWS), T), block (LANES, ROWS).
+    """out_m[t, o] = W_m[o] . x[t] for up to three matrices m = a, b, c of one input and one format (q, k and
+    v in one launch; n_b = n_c = 0 for one matrix). Launch grid (blocks(n_a) + blocks(n_b) + blocks(n_c), T)
+    with blocks(n) = ceil(n / ROWS), block (LANES, ROWS): a block's rows belong to one matrix.
 
-    (b32, b16, w_off, s_off, b_off, n_out, n_units, x [T * in], out [T * n_out])."""
+    (b32_m, b16_m, w_off_m, s_off_m, b_off_m, n_out_m, out_m [T * n_out_m] for m = a, b, c; n_units,
+    x [T * in])."""
     qdot = _qdot(bits, group_size, fmt)
 
     @cuda.jit
-    def kernel(b32, b16, w_off, s_off, b_off, n_out, n_units, x, out):
+    def kernel(b32a, b16a, wa, sa, ba, na, outa, b32b, b16b, wb, sb, bb, nb, outb, b32c, b16c, wc, sc, bc, nc,
+               outc, n_units, x):
         sh = cuda.shared.array((ROWS, LANES), float32)
         lane, r = cuda.threadIdx.x, cuda.threadIdx.y
-        o = cuda.blockIdx.x * ROWS + r
         t = cuda.blockIdx.y
+        blk, in_a, in_b = cuda.blockIdx.x, (na + ROWS - 1) // ROWS, (nb + ROWS - 1) // ROWS
+        b32, b16, w_off, s_off, b_off, n_out, out = b32a, b16a, wa, sa, ba, na, outa
+        if blk >= in_a + in_b:
+            b32, b16, w_off, s_off, b_off, n_out, out, blk = b32c, b16c, wc, sc, bc, nc, outc, blk - in_a - in_b
+        elif blk >= in_a:
+            b32, b16, w_off, s_off, b_off, n_out, out, blk = b32b, b16b, wb, sb, bb, nb, outb, blk - in_a
+        o = blk * ROWS + r
         words, groups = n_units * bits, n_units * 32 // group_size
         p = float32(0.0)
         if o < n_out:

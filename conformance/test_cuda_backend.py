@@ -20,7 +20,7 @@ import pytest
 
 from flashmoe.backends import available_backends, get_backend
 from flashmoe.conformance.op_cases import (CLAMPED_ACT, OpCase, array_glue_mismatches, full_cases,
-                                           make_expert_views, mxfp4_extremes_excess, run_case)
+                                           make_expert_views, make_weight, mxfp4_extremes_excess, run_case)
 from flashmoe.format.manifest import MXFP4
 
 WHY_NOT = available_backends()["cuda"]
@@ -48,6 +48,7 @@ def _tiny_cases() -> list[OpCase]:
              for b, s in [(2, "bfloat16"), (3, "float16"), (4, "bfloat16"), (6, "float32"), (8, "float16")]]
     cases += [c("linear", tokens=2, out=5, inp=128, bits=4, group_size=128, sdtype="float32"),
               c("linear", tokens=2, out=5, inp=64, bits=6, group_size=16, sdtype="float32"),
+              c("linear", tokens=2, out=3, inp=320, bits=4, group_size=64, sdtype="bfloat16"),  # 2.5 passes
               c("linear", tokens=1, out=5, inp=64, bits=2, group_size=16, sdtype="float32"),
               c("linear", tokens=2, out=5, inp=40, bits=None),
               c("embed", tokens=3, vocab=20, hidden=64, bits=3, group_size=64, sdtype="bfloat16"),
@@ -281,6 +282,32 @@ def test_add_rms_norm_is_the_add_then_the_norm(be):
     ref = get_backend("numpy")
     np.testing.assert_allclose(be.to_numpy(total), h + d, rtol=1e-6)
     np.testing.assert_allclose(be.to_numpy(normed), ref.rms_norm(h + d, w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@HERE
+def test_linears_of_one_input_run_three_to_a_launch_and_match_the_reference(be):
+    """Four weights of one format: a launch of three (rows of each in their own blocks), then one."""
+    rng = np.random.default_rng(7)
+    ws = [make_weight(rng, out, 64, 4, 32, "bfloat16") for out in (5, 3, 7, 2)]
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    ref = get_backend("numpy")
+    for got, w in zip(be.linears(be.asarray(x), ws), ws):
+        np.testing.assert_allclose(be.to_numpy(got), ref.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@HERE
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_qk_norm_rope_is_the_head_norms_then_rope(be, rotary_dim):
+    """One launch for both tensors against the NumPy backend's rms_norm then rope (partial rotary too)."""
+    rng = np.random.default_rng(6)
+    q, k = (rng.standard_normal((2, h, 16)).astype(np.float32) * 3 for h in (4, 2))
+    wq, wk = (rng.standard_normal(16).astype(np.float32) for _ in range(2))
+    positions = np.array([7, 30000])
+    got = be.qk_norm_rope(be.asarray(q), be.asarray(k), be.asarray(wq), be.asarray(wk), 1e-6, positions, 1e6,
+                          rotary_dim)
+    want = get_backend("numpy").qk_norm_rope(q, k, wq, wk, 1e-6, positions, 1e6, rotary_dim)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(be.to_numpy(g), w, rtol=1e-5, atol=1e-5)
 
 
 @HERE

@@ -286,10 +286,11 @@ class Engine:
             q, k, v = (be.clip(t, cfg.clip_qkv) for t in (q, k, v))
         q, k, v = be.reshape(q, (T, H, D)), be.reshape(k, (T, Hkv, D)), be.reshape(v, (T, Hkv, D))
         if cfg.qk_norm == "head":
-            q = be.rms_norm(q, self._w[a + "q_norm.weight"], cfg.rms_norm_eps)
-            k = be.rms_norm(k, self._w[a + "k_norm.weight"], cfg.rms_norm_eps)
-        q = be.rope(q, positions, cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn)
-        k = be.rope(k, positions, cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn)
+            q, k = be.qk_norm_rope(q, k, self._w[a + "q_norm.weight"], self._w[a + "k_norm.weight"],
+                                   cfg.rms_norm_eps, positions, cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn)
+        else:
+            q = be.rope(q, positions, cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn)
+            k = be.rope(k, positions, cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn)
         keys, values = cache.append(k, v)
         out = self._attend(q, keys, values, positions, self._softmax_scale, cfg.attention_window(i),
                            self._w.get(a + "sinks"))
