@@ -210,8 +210,10 @@ def _qdot(bits: int, group_size: int, fmt: int):
 @lru_cache(maxsize=None)
 def _qdot_words(bits: int, group_size: int, fmt: int):
     """:func:`_qdot` for 2, 4 and 8 bits (whole codes per word): lane l takes the row's words l, l + LANES, ...,
-    WORDS_PER_LANE of them per pass with their loads independent; a warp reads 128 consecutive words per
-    load, so a row of 2048 4-bit codes takes two passes. (Walking 32-code units, lane l taking code l of each,
+    WORDS_PER_LANE of them per pass; a warp reads 128 consecutive words per load, so a row of 2048 4-bit codes
+    takes two passes. A pass first loads its words, scales and biases, all in flight together, then dots the
+    codes with x (one loop that loaded and used a word at a time compiled to one round trip to memory after
+    another, 8 per row of 2048 4-bit codes: sm_90 PTX). (Walking 32-code units, lane l taking code l of each,
     with four groups' loads in flight measured 1.7-2x slower per launch: docs/benchmarks.md, issue 15 runs 3
     and 4.) A word's codes lie in one group: 32 / bits divides every group size (16 and up)."""
     load = _scale_loader(fmt)
@@ -222,20 +224,28 @@ def _qdot_words(bits: int, group_size: int, fmt: int):
     def qdot_words(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
         n_words = n_units * bits
         acc = float32(0.0)
+        words = cuda.local.array(WORDS_PER_LANE, uint32)
+        scales = cuda.local.array(WORDS_PER_LANE, float32)
+        biases = cuda.local.array(WORDS_PER_LANE, float32)
         for start in range(0, n_words, LANES * WORDS_PER_LANE):
+            for u in range(WORDS_PER_LANE):  # the pass's loads first, all in flight together
+                w = start + u * LANES + lane
+                if w < n_words:
+                    g = w * per_word // group_size
+                    words[u] = b32[wrow + w]
+                    scales[u] = load(b32, b16, srow + g)
+                    biases[u] = load(b32, b16, brow + g)
             for u in range(WORDS_PER_LANE):
                 w = start + u * LANES + lane
                 if w < n_words:
-                    word = b32[wrow + w]
                     c0 = w * per_word
                     dot = float32(0.0)
                     xs = float32(0.0)
                     for j in range(per_word):
                         xv = x[xoff + c0 + j]
-                        dot += float32((word >> uint32(j * bits)) & mask) * xv
+                        dot += float32((words[u] >> uint32(j * bits)) & mask) * xv
                         xs += xv
-                    g = c0 // group_size
-                    acc += load(b32, b16, srow + g) * dot + load(b32, b16, brow + g) * xs
+                    acc += scales[u] * dot + biases[u] * xs
         return acc
 
     return qdot_words
