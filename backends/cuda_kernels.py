@@ -55,6 +55,33 @@ F32, F16, BF16 = 0, 1, 2
 
 # -- bit reinterpretation and the lane sum: the two places the simulator differs --------------------------
 if SIMULATOR:
+    import sys
+    import threading
+
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    _SHARED_LOCK = threading.Lock()
+
+    def _shared_array(self, shape, dtype, alignment=None):
+        """numba's FakeCUDAShared.array, its check-then-create made atomic. The simulator makes a block's
+        shared array when the first thread reaches its line; numba's version can lose the GIL between looking
+        for it and storing it, and then two threads of the block hold different arrays (a lane sum missing a
+        lane: seen as engine logits off by ~1e-4 of their scale, now and then, on a loaded machine)."""
+        if shape == 0 or alignment is not None:  # dynamic or aligned shared memory: not used by these kernels
+            raise NotImplementedError("the simulator shim makes static shared arrays only")
+        caller = sys._getframe(1)  # arrays are told apart by the line that makes them, as numba does
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with _SHARED_LOCK:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(
+                    shape, numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype)
+        return res
+
+    FakeCUDAShared.array = _shared_array
+
 
     def _as_f32(u):
         return np.array([u], np.uint32).view(np.float32)[0]

@@ -274,6 +274,30 @@ def test_attention_reads_only_the_positions_up_to_the_query(be):
 
 
 @HERE
+def test_every_thread_of_a_block_shares_its_shared_arrays_in_the_simulator(be, monkeypatch):
+    """numba's simulator makes a block's shared array when its first thread reaches the line; a thread that
+    lost the GIL in between got an array of its own (backends/cuda_kernels.py replaces that step). NumPy's
+    allocation made slow here hands the GIL over at exactly that point: every lane must still see the row's
+    sum."""
+    if not _simulator():
+        pytest.skip("a GPU has real shared memory: this checks numba's simulator")
+    import time
+
+    empty = np.empty
+
+    def slow_empty(*args, **kwargs):
+        time.sleep(1e-3)
+        return empty(*args, **kwargs)
+
+    x = np.arange(1, 71, dtype=np.float32).reshape(1, 70)
+    w = np.ones(70, np.float32)
+    monkeypatch.setattr(np, "empty", slow_empty)
+    got = be.to_numpy(be.rms_norm(be.asarray(x), be.asarray(w), 1e-6))
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, get_backend("numpy").rms_norm(x, w, 1e-6), rtol=1e-5)
+
+
+@HERE
 def test_add_rms_norm_is_the_add_then_the_norm(be):
     rng = np.random.default_rng(4)
     h, d = (rng.standard_normal((3, 70)).astype(np.float32) for _ in range(2))
