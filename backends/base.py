@@ -421,6 +421,15 @@ class Backend(ABC):
             out = y if out is None else self.add(out, y)
         return self.reshape(out, (hidden,))
 
+    def packed_experts_ffn(self, x: Any, buffers: list, layout: Any, weights: np.ndarray, keys: list | None = None,
+                           act: ClampedSwiGLU | None = None) -> Any:
+        """:meth:`experts_ffn` of experts given as their packed bytes, as the store hands them over: buffers,
+        k read-only np.uint8 arrays of at least ``layout.nbytes`` (read buffers, cache entries or the expert
+        file's mapping; None for an expert this backend holds, see :meth:`has_expert`), each laid out by
+        ``layout`` (flashmoe.format.manifest.ExpertLayout). The default takes the layout's views of each; a
+        backend whose kernels take addresses overrides it to skip building them."""
+        return self.experts_ffn(x, [None if b is None else layout.view(b) for b in buffers], weights, keys, act)
+
     # -- optional capabilities: a backend that has one overrides its default ------------------------------
     def routed_experts(self, x: Any, router_weight: Any, layer: int, k: int, norm_topk_prob: bool) -> Any | None:
         """One decode token's routed experts without the host choosing them, or None (the default) when this

@@ -66,9 +66,9 @@ from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.arch.config import YarnRope
 from flashmoe.backends import numba_mxfp4
 from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, PackedWeight, check_quantized
-from flashmoe.backends import numba_q8
+from flashmoe.backends import numba_experts, numba_q8
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, bf16_expert_view, code,
-                                            f32_expert_view, widen)
+                                            codes_per_unit, f32_expert_view, permute_input, widen)
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.reference.q8 import ACTIVATIONS, uses_q8
@@ -82,22 +82,6 @@ _MATVEC_TOKENS = 3
 # a parallel region's start-up (waking the pool's workers, ~20-50 us on an idle core and milliseconds on a
 # busy machine) outweighs halving such a call. Measured crossover: docs/benchmarks.md, numba experiments.
 PARALLEL_MIN_WORK = 1 << 21
-
-
-def codes_per_unit(bits: int) -> int:
-    """Codes in one packing unit: a word for 2/4/8 bits, a 32-code block of ``bits`` words for 3/5/6."""
-    return 32 // bits if 32 % bits == 0 else 32
-
-
-def permute_input(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """x float32 ``[T, in]`` -> (xp ``[T, codes_per_unit, in / codes_per_unit]``, xsum ``[T, in/group_size]``).
-
-    ``xp[t, j, u] = x[t, u * codes_per_unit + j]``; xsum are the per-group sums of the bias factoring."""
-    T, n = x.shape
-    cpu = codes_per_unit(bits)
-    xp = np.ascontiguousarray(x.reshape(T, n // cpu, cpu).transpose(0, 2, 1))
-    xsum = x.reshape(T, n // group_size, group_size).sum(axis=-1, dtype=np.float32)
-    return xp, xsum
 
 
 if numba is not None:
@@ -399,6 +383,12 @@ class KernelWeight(PackedWeight):
     def kernels(self) -> SimpleNamespace:
         return kernels(self.bits, self.bf16)
 
+    @functools.cached_property
+    def addresses(self) -> tuple[int, int, int]:
+        """Where its words, scales and biases start: read once per weight (a resident weight is used every
+        token; an address costs a dict from ``__array_interface__``, cheaper than ``ndarray.ctypes``)."""
+        return tuple(a.__array_interface__["data"][0] for a in (self.words, self.scales, self.biases))
+
 
 def _readonly(a: np.ndarray) -> np.ndarray:
     """A read-only view: numba compiles separately for writable and read-only arrays, and resident weights
@@ -554,43 +544,50 @@ class NumbaBackend(Backend):
             return super().experts_ffn(x[0], experts, weights, keys, act)  # expert by expert (gpt-oss)
         packed = [{name: _as_weight(e[name], f"expert {i} {name}", readonly=False) for name in EXPERT_PROJS}
                   for i, e in enumerate(experts)]
-        if not _fusable(packed):
+        if not numba_experts.fusable(packed):
             return super().experts_ffn(x[0], experts, weights)
-        g, u, d = ([e[name] for e in packed] for name in EXPERT_PROJS)
-        work = len(packed) * g[0].out_features * g[0].in_features  # per projection: gate, up and down alike
-        if self._q8(g[0]):
-            h = numba_q8.experts_gate_up(x, g, u, _addresses, _call)
+        tables = np.stack([_addresses([e[name] for e in packed]) for name in EXPERT_PROJS])
+        return self._fused_experts(x, packed[0]["gate_proj"], packed[0]["down_proj"], tables, weights)
+
+    def packed_experts_ffn(self, x: Any, buffers: list, layout: Any, weights: np.ndarray, keys: list | None = None,
+                           act: ClampedSwiGLU | None = None) -> np.ndarray:
+        """As Backend.packed_experts_ffn; a layout the fused kernels take (numba_experts.layout_plan) goes
+        to them as the experts' base addresses plus the layout's offsets, with no view per expert."""
+        plan = numba_experts.layout_plan(layout) if act is None and all(b is not None for b in buffers) else None
+        base = numba_experts.base_addresses(buffers, layout.nbytes) if plan is not None else None
+        if base is None:
+            return super().packed_experts_ffn(x, buffers, layout, weights, keys, act)
+        tables = np.ascontiguousarray((base[:, None, None] + plan.offsets[None]).transpose(1, 0, 2))
+        return self._fused_experts(_f32(x).reshape(1, -1), plan.gate_up, plan.down, tables, _f32(weights))
+
+    def _fused_experts(self, x: np.ndarray, gate_up, down, tables: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """sum_e weights[e] * down_e(silu(gate_e x) * up_e x) float32 [hidden] for one token x float32 [1, hidden]:
+        one parallel region for the k experts' gate/up, one for their down projections and the weighted sum.
+        gate_up, down: the projections' formats (numba_experts.FusedFormat or a KernelWeight); tables int64
+        [3, k, 3]: the gate, up and down address tables (words, scales, biases), their memory alive meanwhile."""
+        k = tables.shape[1]
+        work = k * gate_up.out_features * gate_up.in_features  # per projection: gate, up and down alike
+        if self._q8(gate_up):
+            h = numba_q8.experts_gate_up(x, gate_up, tables[0], tables[1], _call)
         else:
-            xp, xsum = permute_input(x, g[0].bits, g[0].group_size)
-            h = np.empty((len(packed), g[0].out_features), np.float32)
-            _call(g[0].kernels.experts_gate_up, 2 * work, _addresses(g), _addresses(u), xp, xsum, h)
-        if self._q8(d[0]):
-            return numba_q8.experts_down(h, d, _addresses, weights, _call)
-        hp, hsum = permute_input(h, d[0].bits, d[0].group_size)
-        out = np.empty(d[0].out_features, np.float32)
-        _call(d[0].kernels.experts_down, work, _addresses(d), hp, hsum, weights, out)
+            xp, xsum = permute_input(x, gate_up.bits, gate_up.group_size)
+            h = np.empty((k, gate_up.out_features), np.float32)
+            _call(kernels(gate_up.bits, gate_up.bf16).experts_gate_up, 2 * work, tables[0], tables[1], xp, xsum, h)
+        if self._q8(down):
+            return numba_q8.experts_down(h, down, tables[2], weights, _call)
+        hp, hsum = permute_input(h, down.bits, down.group_size)
+        out = np.empty(down.out_features, np.float32)
+        _call(kernels(down.bits, down.bf16).experts_down, work, tables[2], hp, hsum, weights, out)
         return out
 
-    def _q8(self, p: KernelWeight) -> bool:
-        """Whether weight p takes q8 activations (q8 mode, and flashmoe.reference.q8.uses_q8)."""
+    def _q8(self, p) -> bool:
+        """Whether weight p (a KernelWeight or numba_experts.FusedFormat) takes q8 activations (q8 mode, and
+        flashmoe.reference.q8.uses_q8)."""
         return self.activations == "q8" and uses_q8(p.bits, p.group_size)
 
 
 def _addresses(ws: list[KernelWeight]) -> np.ndarray:
     """int64 [k, 3]: addresses of each weight's words, scales and biases. The fused kernels take addresses
     rather than a tuple of k arrays because numba compiles one specialisation per tuple length (and a
-    k-way branch per access); the caller keeps the arrays alive for the call. Read from
-    ``__array_interface__``, several times cheaper than ``ndarray.ctypes`` (72 addresses per MoE layer)."""
-    return np.array([[a.__array_interface__["data"][0] for a in (w.words, w.scales, w.biases)] for w in ws],
-                    np.int64)
-
-
-def _fusable(packed: list[dict]) -> bool:
-    """The fused k-expert kernels need every projection quantised with one (bits, group_size, shape, scale
-    dtype) across the k experts, and gate and up alike (true for every converted model); anything else runs
-    expert by expert."""
-    gate_up = [e[n] for e in packed for n in ("gate_proj", "up_proj")]
-    down = [e["down_proj"] for e in packed]
-    return all(isinstance(w, KernelWeight) for w in gate_up + down) and all(
-        len({(w.bits, w.group_size, w.words.shape, w.scales.dtype) for w in ws}) == 1 for ws in (gate_up, down))
-
+    k-way branch per access); the caller keeps the arrays alive for the call."""
+    return np.array([w.addresses for w in ws], np.int64)

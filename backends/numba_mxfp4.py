@@ -8,7 +8,7 @@ The 32 products of a block share that power of two, so a row is
 
 and the scale multiplies once per block, from a 256-entry table of the exact powers of two (np.ldexp, so
 2^-127 is the subnormal it is in transformers). The mat-vec (decode) never forms a weight: as the affine
-kernels do (numba_backend.permute_input), it reads a row as uint32 words of 8 codes (element 8u + j in bits
+kernels do (numba_packed.permute_input), it reads a row as uint32 words of 8 codes (element 8u + j in bits
 4j..4j+3, the byte order of a little-endian load) against the input permuted to xp[j, u] = x[8u + j], so the
 loop over words vectorises, and decodes each code by bit arithmetic instead of a table (fp4_value: a table
 lookup is a gather, which does not vectorise). The float mat-mat (prefill) decodes a block of

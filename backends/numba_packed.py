@@ -1,6 +1,7 @@
 """Reading packed weights inside numba kernels, shared by the float kernels (numba_backend.py) and the q8
 ones (numba_q8.py): one code of a packed row, a scale or bias widened to float32, and an expert's arrays
-from an address table; with the fastmath flags and chunk sizes both use.
+from an address table; with the fastmath flags and chunk sizes both use, and the float kernels' input
+order (permute_input).
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ FASTMATH = {"contract", "reassoc"}
 ROW_BLOCK = 16
 # Rows per chunk of the fused expert kernels: each matrix's rows of a chunk are read in one run.
 EXPERT_ROW_BLOCK = 64
+
+
+def codes_per_unit(bits: int) -> int:
+    """Codes in one packing unit: a word for 2/4/8 bits, a 32-code block of ``bits`` words for 3/5/6."""
+    return 32 // bits if 32 % bits == 0 else 32
+
+
+def permute_input(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 ``[T, in]`` -> (xp ``[T, codes_per_unit, in / codes_per_unit]``, xsum ``[T, in/group_size]``).
+
+    ``xp[t, j, u] = x[t, u * codes_per_unit + j]``; xsum are the per-group sums of the bias factoring."""
+    T, n = x.shape
+    cpu = codes_per_unit(bits)
+    xp = np.ascontiguousarray(x.reshape(T, n // cpu, cpu).transpose(0, 2, 1))
+    xsum = x.reshape(T, n // group_size, group_size).sum(axis=-1, dtype=np.float32)
+    return xp, xsum
 
 
 if numba is not None:

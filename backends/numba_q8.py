@@ -36,6 +36,7 @@ else is in its call.
 from __future__ import annotations
 
 import functools
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
@@ -512,32 +513,30 @@ def linears(x: np.ndarray, ws: list, addresses, call) -> list[np.ndarray]:
     (numba_backend._call: one thread below the parallel threshold)."""
     w = ws[0]
     xq, d, xsum, paired = quantize(x, w.bits, w.group_size)
-    first_row = np.cumsum([0] + [v.out_features for v in ws], dtype=np.int64)
+    first_row = np.array([0, *itertools.accumulate(v.out_features for v in ws)], np.int64)
     out = np.empty((x.shape[0], int(first_row[-1])), np.float32)
     call(q8_kernels(w.bits, w.bf16, paired).matvecs, x.shape[0] * int(first_row[-1]) * w.in_features,
          addresses(ws), first_row, xq, d, xsum, out)
     return [out[:, a:b] for a, b in zip(first_row[:-1], first_row[1:])]
 
 
-def experts_gate_up(x: np.ndarray, gate: list, up: list, addresses, call) -> np.ndarray:
+def experts_gate_up(x: np.ndarray, fmt, g_addr: np.ndarray, u_addr: np.ndarray, call) -> np.ndarray:
     """h float32 [k, inter]: SiLU(gate_e · x) * (up_e · x) for each of the k experts of one token x float32
-    [1, hidden] with q8 activations, in one parallel region. gate, up: the k experts' KernelWeights (one
-    bits/group/shape across them); addresses: their int64 [k, 3] address table builder
-    (numba_backend._addresses); call: numba_backend._call."""
-    g = gate[0]
-    xq, xd, xsum, paired = quantize(x, g.bits, g.group_size)
-    h = np.empty((len(gate), g.out_features), np.float32)
-    call(q8_kernels(g.bits, g.bf16, paired).experts_gate_up, 2 * len(gate) * g.out_features * g.in_features,
-         addresses(gate), addresses(up), xq, xd, xsum, h)
+    [1, hidden] with q8 activations, in one parallel region. fmt: the projections' format (bits,
+    group_size, bf16, out_features, in_features: numba_experts.FusedFormat or a KernelWeight, the same across
+    the k experts); g_addr, u_addr: their int64 [k, 3] address tables; call: numba_backend._call."""
+    xq, xd, xsum, paired = quantize(x, fmt.bits, fmt.group_size)
+    h = np.empty((g_addr.shape[0], fmt.out_features), np.float32)
+    work = 2 * g_addr.shape[0] * fmt.out_features * fmt.in_features
+    call(q8_kernels(fmt.bits, fmt.bf16, paired).experts_gate_up, work, g_addr, u_addr, xq, xd, xsum, h)
     return h
 
 
-def experts_down(h: np.ndarray, down: list, addresses, weights: np.ndarray, call) -> np.ndarray:
+def experts_down(h: np.ndarray, fmt, d_addr: np.ndarray, weights: np.ndarray, call) -> np.ndarray:
     """sum_e weights[e] * (down_e · h_e) float32 [hidden] with q8 activations (each h_e quantised), in one
-    parallel region; h float32 [k, inter] from experts_gate_up."""
-    dn = down[0]
-    hq, hd, hsum, paired = quantize(h, dn.bits, dn.group_size)
-    out = np.empty(dn.out_features, np.float32)
-    call(q8_kernels(dn.bits, dn.bf16, paired).experts_down, len(down) * dn.out_features * dn.in_features,
-         addresses(down), hq, hd, hsum, weights, out)
+    parallel region; h float32 [k, inter] from experts_gate_up; fmt and d_addr as there."""
+    hq, hd, hsum, paired = quantize(h, fmt.bits, fmt.group_size)
+    out = np.empty(fmt.out_features, np.float32)
+    work = d_addr.shape[0] * fmt.out_features * fmt.in_features
+    call(q8_kernels(fmt.bits, fmt.bf16, paired).experts_down, work, d_addr, hq, hd, hsum, weights, out)
     return out

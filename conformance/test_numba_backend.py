@@ -48,6 +48,46 @@ def test_experts_of_mixed_widths_run_one_by_one_and_match_the_reference(activati
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 
 
+def _packed_experts(rng, k: int, bits, group_size: int, sdtype: str):
+    """k experts of one ExpertLayout packed into page-aligned buffers, as the store hands them over."""
+    from flashmoe.format.manifest import ExpertLayout
+
+    parts = [{n: make_weight(rng, o, i, bits, group_size, sdtype) for n, (o, i) in
+              (("gate_proj", (64, 128)), ("up_proj", (64, 128)), ("down_proj", (128, 64)))} for _ in range(k)]
+    layout = ExpertLayout.plan(parts[0])
+    buffers = []
+    for p in parts:
+        buffers.append(np.zeros(layout.stride, np.uint8))
+        layout.pack(p, buffers[-1])
+    return layout, buffers
+
+
+@pytest.mark.parametrize("activations", ["float", "q8"])
+@pytest.mark.parametrize("bits,group_size,sdtype", [(4, 64, "bfloat16"), (8, 32, "float32"), (3, 32, "float16"),
+                                                    (4, 32, None)])
+def test_packed_experts_take_the_fused_kernels_by_address_and_match_their_views(activations, bits, group_size, sdtype):
+    """packed_experts_ffn (the engine's decode call: the store's buffers and their layout) gives the bits of
+    experts_ffn on the layout's views, whether the fused kernels take the layout by address (4/8 bits,
+    bf16 or float32 scales) or it goes through the views (float16 scales, float experts)."""
+    from flashmoe.backends import numba_experts
+
+    rng = np.random.default_rng(3)
+    layout, buffers = _packed_experts(rng, 3, bits if sdtype else None, group_size, sdtype or "float32")
+    x = rng.standard_normal(128).astype(np.float32)
+    weights = np.array([0.5, 0.3, 0.2], np.float32)
+    be = get_backend("numba", activations)
+    got = be.packed_experts_ffn(x, buffers, layout, weights)
+    np.testing.assert_array_equal(got, be.experts_ffn(x, [layout.view(b) for b in buffers], weights))
+    assert (numba_experts.layout_plan(layout) is not None) == (sdtype in ("bfloat16", "float32"))
+
+
+def test_packed_experts_shorter_than_their_layout_are_refused_by_the_views():
+    layout, buffers = _packed_experts(np.random.default_rng(4), 2, 4, 64, "bfloat16")
+    with pytest.raises(ValueError):
+        get_backend("numba").packed_experts_ffn(np.zeros(128, np.float32), [buffers[0], buffers[1][:100]], layout,
+                                                np.ones(2, np.float32))
+
+
 def test_float16_scales_are_widened_exactly():
     w = make_weight(np.random.default_rng(2), 8, 64, 4, 32, "float16")
     kw = _as_weight(w, "w")

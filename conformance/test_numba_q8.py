@@ -89,8 +89,9 @@ def test_q8_experts_match_the_q8_reference_weighted_sum(bits, group_size, sdtype
     x = rng.standard_normal((1, hidden)).astype(np.float32)
     want = sum(w * ref.swiglu_q8(x, e)[0] for w, e in zip(weights, experts))
     packed = {n: [_as_weight(e[n], n) for e in experts] for n in ("gate_proj", "up_proj", "down_proj")}
-    h = q8.experts_gate_up(x, packed["gate_proj"], packed["up_proj"], _addresses, _call)
-    got = q8.experts_down(h, packed["down_proj"], _addresses, weights, _call)
+    g, u, d = (packed[n] for n in ("gate_proj", "up_proj", "down_proj"))
+    h = q8.experts_gate_up(x, g[0], _addresses(g), _addresses(u), _call)
+    got = q8.experts_down(h, d[0], _addresses(d), weights, _call)
     assert _rel(got, want) <= Q8_KERNEL_TOLERANCE
 
 

@@ -409,9 +409,10 @@ class Engine:
         buffers = iter(self.store.wait(request) if request else ())
         with self.stats.stage("experts"):
             layout = self.model_dir.layer_layout(layer)
-            experts = [None if h else layout.view(next(buffers)) for h in held]
+            packed = [None if h else next(buffers) for h in held]
             hidden = self.cfg.hidden_size
-            y = be.reshape(be.experts_ffn(be.reshape(x, (hidden,)), experts, weights, keys, act=self._act), (1, hidden))
+            y = be.packed_experts_ffn(be.reshape(x, (hidden,)), packed, layout, weights, keys, act=self._act)
+            y = be.reshape(y, (1, hidden))
         if request:
             self.store.release(request)
         if self.tracer is not None:
