@@ -73,6 +73,10 @@ def int8_instructions() -> str | None:
 INT8_INSTRUCTIONS = int8_instructions()
 #: Whether 8-bit codes take the x86 row kernel (natural input order: code i is byte i of the row).
 X86_BYTES = INT8_INSTRUCTIONS is not None
+#: How far ahead of its loads the 4-bit row kernel prefetches the row's codes (one cache line per 64 bytes of
+#: codes). Experts are used in place on the page cache's 4 KiB pages, where the hardware prefetchers stop at
+#: each page's end; 1 KiB ahead reaches into the next rows and pages (docs/benchmarks.md, "Decode on every core").
+PREFETCH_BYTES = 1024
 #: Tokens per pass over a row of 4-bit codes in calls of many tokens (prefill): the codes are loaded and split,
 #: and the row's scales read, once for this many tokens; a chunk's rows meet one such tile of tokens before
 #: the next, so the tile's int8 inputs and the chunk's rows both stay in L1 (docs/benchmarks.md, "Prefill").
@@ -172,7 +176,9 @@ if numba is not None:
                 f = builder.sitofp(pair_dot(builder, w, xl, xh), _v8f32)
                 builder.store(builder.call(fma, [*fma_terms(builder, f, d2, s2), builder.load(acc[half])]), acc[half])
 
+        ahead = llvm_ir.Constant(llvm_ir.IntType(64), PREFETCH_BYTES // 32)
         with cgutils.for_range(builder, builder.lshr(n_pairs, one)) as loop:  # two pairs per step
+            prefetch(builder, builder.gep(wp, [builder.add(builder.shl(loop.index, one), ahead)]))
             step(builder.shl(loop.index, one), 0)
             step(builder.add(builder.shl(loop.index, one), one), 1)
         with builder.if_then(builder.trunc(n_pairs, llvm_ir.IntType(1))):  # an odd pair left
@@ -186,6 +192,14 @@ if numba is not None:
             sums.append(builder.fadd(builder.extract_element(v2, llvm_ir.Constant(_i32, 0)),
                                      builder.extract_element(v2, llvm_ir.Constant(_i32, 1))))
         return sums
+
+    def prefetch(builder, pointer):
+        """A read prefetch of the cache line at `pointer` into every cache level (a hint: no fault, no result)."""
+        fn = cgutils.get_or_insert_function(
+            builder.module, llvm_ir.FunctionType(llvm_ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
+            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(pointer, _i8.as_pointer()), llvm_ir.Constant(_i32, 0),
+                          llvm_ir.Constant(_i32, 3), llvm_ir.Constant(_i32, 1)])
 
     def pair_lanes(builder, v2):
         """<2 x float> (one value per block of a pair) -> <8 x float>, each repeated over its block's 4 lanes."""

@@ -115,8 +115,8 @@ def test_widths_without_a_row_kernel_take_float_activations_in_q8_mode(bits, gro
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_x86_row_kernels_use_the_integer_multiply_add_instructions(bits):
     """The x86 mat-vecs (4-bit paired, 8-bit natural order) compile to vpdpbusd (AVX-512 VNNI) or
-    vpmaddubsw + vpmaddwd (AVX2). numba shows no assembly for a kernel loaded from its disk cache, so the
-    test compiles a fresh copy."""
+    vpmaddubsw + vpmaddwd (AVX2), and the 4-bit one prefetches its codes ahead (prefetcht0). numba shows no
+    assembly for a kernel loaded from its disk cache, so the test compiles a fresh copy."""
     if q8.INT8_INSTRUCTIONS is None:
         pytest.skip("this CPU has no AVX2: the portable loop runs")
     rng = np.random.default_rng(0)
@@ -126,4 +126,5 @@ def test_the_x86_row_kernels_use_the_integer_multiply_add_instructions(bits):
     fresh(_addresses([w]), np.array([0, 64]), xq, d, xsum, np.empty((1, 64), np.float32))
     asm = fresh.inspect_asm(fresh.signatures[0])
     want = ["vpdpbusd"] if q8.INT8_INSTRUCTIONS == "avx512-vnni" else ["vpmaddubsw", "vpmaddwd"]
+    want += ["prefetcht0"] if bits == 4 else []
     assert paired == (bits == 4) and all(ins in asm for ins in want), want
