@@ -420,12 +420,13 @@ def hf_model_from_canonical(model_dir: Path, weights):
     from flashmoe.arch.families import detect_layout, to_canonical
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    if config["model_type"] == "qwen3_5_moe":  # transformers' is the multimodal wrapper: its text model's keys nest
-        hf_config = transformers.AutoConfig.for_model(**dict(config, model_type="qwen3_5_moe_text"))
-    else:
-        hf_config = transformers.AutoConfig.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
+    hf_config = transformers.AutoConfig.from_pretrained(model_dir)
     cfg = ModelConfig.from_dict(config)
+    # a config that transformers reads as another model fails here, not by building that one (a full-size default)
+    text = hf_config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers) == (cfg.hidden_size, cfg.num_hidden_layers), \
+        f"transformers reads {model_dir}/config.json as {hf_config}"
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).to(torch.float32).eval()
     state = model.state_dict()
     layout = detect_layout(state)
 

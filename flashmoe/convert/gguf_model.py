@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flashmoe.arch.config import ModelConfig
-from flashmoe.arch.families import FAMILIES, Family
+from flashmoe.arch.families import FAMILIES, MODEL_TYPES, Family
 from flashmoe.arch.gguf_names import EXPERT_BIAS_NAMES, EXPERT_NAMES, FUSED_BEFORE, NORM_TOPK, gguf_tensor_name
 from flashmoe.arch.tensors import EXPERT_PROJS, LM_HEAD, resident_shapes
 from flashmoe.convert.gguf import GGUFModel, GGUFTensor
@@ -95,7 +95,10 @@ def config_dict(model: GGUFModel, fam: Family) -> dict[str, Any]:
     """config.json from the GGUF metadata (module docstring). Raises CheckpointError when token_embd.weight is
     missing (its rows are the vocabulary size)."""
     arch, meta = fam.gguf_arch, model.metadata
-    cfg: dict[str, Any] = {"model_type": fam.name, "architectures": [f"GGUF:{arch}"]}
+    # a text model's config, flat: the text model_type where the family's checkpoints are multimodal (Qwen3.5:
+    # transformers' qwen3_5_moe is the wrapper, whose text keys nest in text_config)
+    text = f"{fam.name}_text" if MODEL_TYPES.get(f"{fam.name}_text") == fam.name else fam.name
+    cfg: dict[str, Any] = {"model_type": text, "architectures": [f"GGUF:{arch}"]}
     keys = {**CONFIG_KEYS, **LINEAR_ATTENTION_KEYS}
     # the expert count under the family's transformers name (DeepseekV3Config, Glm4MoeConfig: n_routed_experts)
     named = {"num_experts": fam.num_experts_keys[0]}
