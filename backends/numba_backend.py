@@ -283,9 +283,11 @@ if numba is not None:
         T, Hq, D = q.shape
         Hkv = k.shape[1]
         group = Hq // Hkv
-        for th in prange(T * Hq):
-            t = th // Hq
-            h = th % Hq
+        # Head-major: prange splits the items into one contiguous run per thread, and a causal prompt's work
+        # grows with t, so position-major runs gave the last thread most of it (3/4 at 2 threads).
+        for ht in prange(T * Hq):
+            h = ht // T
+            t = ht % T
             kh = h // group
             n = q_positions[t] + 1
             s = np.empty(n, np.float32)
