@@ -475,7 +475,8 @@ class NumbaBackend(Backend):
         """One parallel region for all of ``ws`` when q8 applies to weights of one format (bits, group size,
         in_features, scale dtype: q/k/v, gate/up, an expert's gate/up in prefill); otherwise one linear each."""
         x = _f32(x)
-        ps = [w if isinstance(w, KernelWeight) else None for w in ws]
+        quantised = (KernelWeight, QuantizedTensor, PackedWeight)  # the q8 kernels take addresses: no read-only views
+        ps = [_as_weight(w, "linear weight", readonly=False) if isinstance(w, quantised) else None for w in ws]
         formats = {(p.bits, p.group_size, p.in_features, p.bf16) if p is not None else None for p in ps}
         if len(formats) != 1 or None in formats or not self._q8(ps[0]) or x.shape[1] != ps[0].in_features:
             return super().linears(x, ws)
