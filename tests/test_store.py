@@ -236,6 +236,19 @@ def test_lru_layer_keeps_a_share_per_layer_where_lru_loops(layers, policy, hits)
         assert store.stats.totals.hits == hits  # lru-layer: layer 1's two experts hit after the first round
 
 
+@pytest.mark.parametrize("policy", ["lru-layer", "lfu-layer"])
+def test_a_layer_at_its_share_with_every_entry_in_use_evicts_another_layers(policy):
+    """3 entries over 3 layers (a share of 1) and a call that uses 2 of one layer: its own share is full of
+    entries in use, so the victim comes from another layer (it once was None, which the VRAM tier crashed on)."""
+    from flashmoe.runtime.eviction import make_policy
+
+    p = make_policy(policy, 3)
+    for key in ((0, 1), (1, 1), (1, 2)):
+        p.insert(key)
+    in_use = {(1, 1), (1, 2)}
+    assert p.victim(lambda k: k not in in_use, (1, 3)) == (0, 1)
+
+
 @pytest.mark.parametrize("mode,cache_bytes", [("pagecache", 0), ("direct", 0), ("direct", 4 * SLOT)])
 def test_a_fetch_takes_over_the_right_guesses_and_stops_the_wrong_ones(layers, mode, cache_bytes):
     files, data = layers

@@ -148,10 +148,9 @@ class LayerLRU:
         layers = len(self._orders) + (incoming is not None and incoming[0] not in self._orders)
         share = max(1, self._capacity // max(1, layers))
         own = self._orders.get(incoming[0]) if incoming is not None else None
+        orders = sorted(self._orders.values(), key=len, reverse=True)
         if own is not None and len(own) >= share:
-            orders = [own]
-        else:
-            orders = sorted(self._orders.values(), key=len, reverse=True)
+            orders.insert(0, own)  # its own first; others where all of its own are in use (a share under k)
         for order in orders:
             key = self._pick(order, can_evict)
             if key is not None:
