@@ -37,12 +37,12 @@ from flashmoe.runtime.store import ExpertStore
 
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
                  threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = DEFAULT_POLICY,
-                 preload: bool = False) -> Engine:
+                 preload: bool = False, expert_device: str = "gpu") -> Engine:
     """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
     themselves); read buffers come from the backend's ``allocate_buffer`` (pinned memory
     for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes (the engine
     then reads only the experts the GPU does not hold); with `preload`, every expert is read into it first when
-    they all fit (Engine.preload_experts)."""
+    they all fit (Engine.preload_experts). expert_device: as load_engine's."""
     model = ModelDir.open(model_dir)
     be = get_backend(backend)
     k = experts_per_token or model.config.num_experts_per_tok
@@ -53,7 +53,7 @@ def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", exp
                         allocate=be.allocate_buffer)
     if gpu_memory:
         be.configure_expert_cache(gpu_memory, gpu_policy)
-    engine = Engine(model, be, store, stats, experts_per_token=k)
+    engine = Engine(model, be, store, stats, experts_per_token=k, expert_device=expert_device)
     if preload:
         engine.preload_experts(gpu_memory)
     return engine
@@ -250,16 +250,16 @@ def _profile(engine: Engine, tokens: int, seed: int) -> None:
 
 def _print_table(result: dict[str, Any]) -> None:
     """The passes of every run as a markdown table, then the first run's measured rates."""
-    print("| backend | gpu memory | pass | tok/s | ms/token | median ms/token | ms/layer | compute ms/layer "
+    print("| backend | gpu memory | experts not in VRAM on | pass | tok/s | ms/token | median ms/token | ms/layer | compute ms/layer "
           "| io wait ms/layer | GPU hits/token | host launches/token | bound ms/token |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in result["runs"]:
         for label, p in run["passes"].items():
             bound = f"{p['bound']['bound_ms']:.2f}" if "bound" in p else ""
             tier = p.get("gpu_tier_per_token", {})
             hits = f"{tier['gpu_hits']:.1f}" if "gpu_hits" in tier else ""
             launches = f"{p['launches_per_token']:.0f}" if "launches_per_token" in p else ""
-            print(f"| {run['backend']} | {run['gpu_memory']} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} "
+            print(f"| {run['backend']} | {run['gpu_memory']} | {run.get('expert_device', 'gpu')} | {label} | {p['tok_s']:.2f} | {p['ms_per_token']:.1f} "
                   f"| {np.median(p['decode_token_ms']):.2f} | {p['ms_per_layer']:.2f} | {p['compute_ms_per_layer']:.2f} | {p['io_wait_ms_per_layer']:.2f} "
                   f"| {hits} | {launches} | {bound} |")
     if "rates" in result["runs"][0]:
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preload", action="store_true", help="read every expert into the VRAM cache first when "
                     "they all fit (decode then routes on the GPU)")
     ap.add_argument("--gpu-policy", default=DEFAULT_POLICY, help="eviction policy of the VRAM expert cache")
+    ap.add_argument("--expert-device", default="gpu", help="comma-separated: where decode experts not in the VRAM "
+                    "cache run (gpu, cpu, auto; flashmoe.runtime.placement); the cuda backend runs once per value")
     ap.add_argument("-k", "--experts-per-token", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=8)
@@ -301,14 +303,15 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         synth_model(a.model, get_preset(a.synth_like).config_dict(a.layers), tokenizer=None, force=True)
         result["synth"] = {"like": a.synth_like, "layers": a.layers, "seconds": time.perf_counter() - t0}
-    configs = [(name, size) for name in a.backends.split(",")
-               for size in (a.gpu_memory.split(",") if name == "cuda" else ["0"])]
-    for name, size in configs:
+    configs = [(name, size, where) for name in a.backends.split(",")
+               for size in (a.gpu_memory.split(",") if name == "cuda" else ["0"])
+               for where in (a.expert_device.split(",") if name == "cuda" else ["gpu"])]
+    for name, size, where in configs:
         t0 = time.perf_counter()
         engine = build_engine(a.model, name, experts_per_token=a.experts_per_token, gpu_memory=parse_size(size),
-                              gpu_policy=a.gpu_policy, preload=a.preload)
+                              gpu_policy=a.gpu_policy, preload=a.preload, expert_device=where)
         load_s = time.perf_counter() - t0
-        run: dict[str, Any] = {"backend": name, "gpu_memory": size, "k": engine.k,
+        run: dict[str, Any] = {"backend": name, "gpu_memory": size, "expert_device": where, "k": engine.k,
                                "moe_layers": len(engine.model_dir.moe_layers),
                                "resident_bytes": engine.model_dir.resident_nbytes,
                                "resident_read_bytes": resident_read_bytes(engine), "expert_bytes": engine.store.nbytes,
@@ -332,6 +335,12 @@ def main(argv: list[str] | None = None) -> None:
         if a.profile and not result["runs"]:
             _profile(engine, a.profile, a.seed)
         run["not_recorded"] = engine.not_recorded
+        if engine.placement is not None:
+            run["placement"] = {"tokens_on_cpu": engine.placement.tokens[True],
+                                "tokens_on_gpu": engine.placement.tokens[False],
+                                "seconds_per_gb": {("cpu" if k else "gpu"): v * 1e9
+                                                   for k, v in engine.placement.seconds_per_byte.items()}}
+            print(f"{name} {size} {where}: {run['placement']}")
         print(f"{name} {size}: decode steps {'replayed' if engine.not_recorded is None else 'eager'}"
               f"{'' if engine.not_recorded is None else ': ' + engine.not_recorded}")
         engine.store.close()

@@ -359,6 +359,35 @@ def test_engine_forward_matches_the_numpy_backend(tmp_path, arch):
 
 
 @HERE
+def test_experts_not_in_vram_computed_on_the_cpu_join_the_gpus(tmp_path):
+    """--expert-device auto with a VRAM tier of 3 experts (k = 2 of 8): each MoE layer's missing experts run
+    either on the GPU (copied) or with numba on the CPU beside the held ones; 'auto' tries both ways (two MoE
+    layers each, the first uncounted) before it compares their rates: 2 one-token steps of 3 MoE layers.
+    Logits as the NumPy backend's."""
+    from flashmoe.bench.bench_cuda import build_engine
+    from flashmoe.conformance.model_cases import TINY_CONFIGS
+    from flashmoe.convert.synth import synth_model
+    from flashmoe.format.modeldir import ModelDir
+
+    model = synth_model(tmp_path / "tiny", TINY_CONFIGS["mixtral"], bits=4, group_size=32, seed=3)
+    prompt, decode = np.array([5]), [9]
+    cache = 3 * (ModelDir.open(model).layout.stride + 256)
+    logits = {}
+    for name in ("numpy", "cuda"):
+        engine = build_engine(model, name, gpu_memory=cache if name == "cuda" else 0,
+                              expert_device="auto" if name == "cuda" else "gpu")
+        state = engine.new_state()
+        out = [engine.forward(prompt, state)] + [engine.forward(np.array([t]), state) for t in decode]
+        logits[name] = np.concatenate(out)
+        engine.store.close()
+    placement = engine.placement
+    assert placement.tokens[True] >= 2 and placement.tokens[False] >= 2, placement.tokens
+    assert set(placement.seconds_per_byte) == {False, True}
+    want = logits["numpy"]
+    np.testing.assert_allclose(logits["cuda"], want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+@HERE
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_moe"])
 def test_decode_with_every_expert_in_vram_routes_on_the_device(tmp_path, arch):
     """Once the VRAM tier holds every expert, decode routes on the GPU (Backend.routed_experts): the same

@@ -71,6 +71,7 @@ class EngineOptions:
     gpu_memory: str | None
     speculate: bool
     activations: str | None
+    expert_device: str
 
 
 # EngineOptions' fields as typer options: name -> (type, option)
@@ -93,6 +94,9 @@ _ENGINE_OPTIONS = {
     "activations": (Optional[str], typer.Option(None, help="'q8' (int8 activations in the quantised mat-vecs, "
                                                 "faster) or 'float' (exact float32); default: q8 where the backend "
                                                 "and CPU have it.")),
+    "expert_device": (str, typer.Option("gpu", help="Decode experts not in GPU memory: 'gpu' (copied there), 'cpu' "
+                                        "(computed on the CPU from host memory while the GPU does the rest) or "
+                                        "'auto' (the cheaper, by rates measured as it runs); --backend cuda.")),
 }
 
 

@@ -176,7 +176,7 @@ def test_attention_only_model_rewinds_to_any_common_prefix(tmp_path):
 
 
 ENGINE_ARGS = ["--backend", "numpy", "--io", "direct", "--max-memory", "3G", "-k", "2", "--cache-policy", "lru",
-               "--gpu-memory", "1G", "--speculate", "--activations", "float"]
+               "--gpu-memory", "1G", "--speculate", "--activations", "float", "--expert-device", "auto"]
 
 
 @pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["chat"], ["serve"]])
@@ -199,7 +199,7 @@ def test_generate_chat_and_serve_take_the_same_engine_options_to_load_engine(com
     assert result.exit_code == 2 and "error: stop before loading" in result.output, result.output
     assert {k: v for k, v in seen.items() if k != "context"} == dict(
         backend="numpy", io="direct", max_memory="3G", experts_per_token=2, cache_policy="lru", gpu_memory="1G",
-        speculate=True, activations="float")
+        speculate=True, activations="float", expert_device="auto")
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])

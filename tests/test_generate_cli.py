@@ -47,6 +47,8 @@ def test_experts_per_token_changes_the_experts_read_per_token(tmp_path):
     (["--io", "bogus"], "--io"),
     (["--cache-policy", "random"], "--cache-policy"),
     (["--gpu-memory", "1G"], "no expert cache of its own"),
+    (["--expert-device", "cpu"], "computes them in host memory already"),
+    (["--expert-device", "npu"], "--expert-device 'npu' is not one of gpu, cpu, auto"),
     (["--experts-per-token", "0"], "experts-per-token"),
     (["--max-tokens", "0"], "max-tokens"),
     (["--stats-json", "/nonexistent-folder/s.json"], "does not exist"),

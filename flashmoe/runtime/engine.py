@@ -24,6 +24,7 @@ in where weights come from and which arrays hold them.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ from flashmoe.format.modeldir import ModelDir
 from flashmoe.reference.rope import rope_attention_factor
 from flashmoe.reference.routing import ROUTERS, route, softmax_topk
 from flashmoe.runtime.mla import AbsorbedMLA
+from flashmoe.runtime.placement import ExpertPlacement
 from flashmoe.runtime.stats import Stats
 from flashmoe.runtime.store import ExpertStore
 from flashmoe.runtime.trace import Tracer
@@ -69,13 +71,17 @@ class Engine:
         experts_per_token: overrides the model's num_experts_per_tok (Flash-MoE ran the 397B at 4 of 10).
         tracer: records routing, hits, bytes and time per token and MoE layer (flashmoe.runtime.trace.Tracer);
             may also be set later as `engine.tracer`.
+        expert_device: 'gpu', 'cpu' or 'auto': where a decode token's experts that the backend does not hold
+            are computed (`engine.placement`, flashmoe.runtime.placement; None for 'gpu').
 
-    Raises FormatError/CheckpointError (from the model directory) when a resident tensor is missing.
+    Raises FormatError/CheckpointError (from the model directory) when a resident tensor is missing,
+    FlashMoeError for an unknown expert_device or 'cpu'/'auto' on a backend that computes in host memory.
     """
 
     def __init__(self, model: ModelDir, backend: Backend, store: ExpertStore, stats: Stats,
-                 experts_per_token: int | None = None, tracer: Tracer | None = None):
+                 experts_per_token: int | None = None, tracer: Tracer | None = None, expert_device: str = "gpu"):
         self.model_dir = model
+        self.placement = ExpertPlacement.of(expert_device, backend)
         self.tracer = tracer
         self.cfg: ModelConfig = model.config
         self.backend = backend
@@ -404,20 +410,45 @@ class Engine:
         request = self.store.fetch(layer, ids[np.logical_not(held)]) if not all(held) else None
         if self.store.guess_slots and layer in self._next_moe:
             self._speculate(self._next_moe[layer], x, request)
+        # --expert-device: the read experts on the CPU; x's host copy taken before more GPU work is queued
+        on_cpu = request is not None and self.placement is not None and self.placement.on_cpu()
+        x_host = be.to_numpy(x) if on_cpu else None
         with self.stats.stage("shared_expert"):
             shared = self._shared_expert(p, x)
         buffers = iter(self.store.wait(request) if request else ())
         with self.stats.stage("experts"):
             layout = self.model_dir.layer_layout(layer)
             packed = [None if h else next(buffers) for h in held]
-            hidden = self.cfg.hidden_size
-            y = be.packed_experts_ffn(be.reshape(x, (hidden,)), packed, layout, weights, keys, act=self._act)
-            y = be.reshape(y, (1, hidden))
+            y = self._decode_experts(x, x_host, packed, layout, weights, keys)
         if request:
             self.store.release(request)
         if self.tracer is not None:
             self.tracer.layer(layer, ids[None], weights[None], [request] if request else [])
         return y if shared is None else be.add(y, shared)
+
+    def _decode_experts(self, x, x_host, packed: list, layout, weights: np.ndarray, keys: list):
+        """One token's k experts' weighted sum [1, hidden] from their packed bytes (None where the backend
+        holds the expert; Backend.packed_experts_ffn). With x_host (x on the host: the placement of
+        --expert-device chose the CPU), the backend computes the experts it holds while numba computes the
+        others from their read buffers; the sums join."""
+        be, hidden = self.backend, self.cfg.hidden_size
+        x = be.reshape(x, (hidden,))
+        missing = [i for i, b in enumerate(packed) if b is not None]
+        nbytes = len(missing) * layout.nbytes
+        if x_host is None:
+            start = time.perf_counter()
+            y = be.packed_experts_ffn(x, packed, layout, weights, keys, act=self._act)
+            if self.placement is not None and missing:
+                self.placement.measured(False, nbytes, time.perf_counter() - start)
+            return be.reshape(y, (1, hidden))
+        held = [i for i, b in enumerate(packed) if b is None]
+        y = be.packed_experts_ffn(x, [None] * len(held), layout, weights[held], [keys[i] for i in held],
+                                  act=self._act) if held else None  # launched: the GPU works on while the CPU does
+        start = time.perf_counter()
+        y_cpu = be.asarray(self.placement.cpu.packed_experts_ffn(x_host.reshape(hidden), [packed[i] for i in missing],
+                                                                  layout, weights[missing], act=self._act))
+        self.placement.measured(True, nbytes, time.perf_counter() - start)
+        return be.reshape(y_cpu if y is None else be.add(y, y_cpu), (1, hidden))
 
     def _speculate(self, layer: int, x, after):
         """Guess MoE layer `layer`'s experts from the current layer's MoE input x (1, hidden) and its own

@@ -15,6 +15,7 @@ from flashmoe.arch.config import ModelConfig
 from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
+from flashmoe.runtime.placement import ExpertPlacement
 from flashmoe.runtime.memory import (MemoryBudget, available_memory_bytes, current_rss_bytes, parse_size,
                                      reset_peak_rss, window_peak_rss_bytes)
 from flashmoe.format.modeldir import ModelDir
@@ -57,7 +58,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
                 max_memory: str | int | None = None, experts_per_token: int | None = None,
                 context: int = 4096, cache_policy: str = DEFAULT_POLICY, threads: int | None = None,
                 gpu_memory: str | int | None = None, speculate: bool = False,
-                activations: str | None = None) -> Engine:
+                activations: str | None = None, expert_device: str = "gpu") -> Engine:
     """Open a model directory and return an Engine ready to generate.
 
     Args:
@@ -80,6 +81,9 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
             behind this layer's reads (flashmoe.runtime.engine; k more read buffers count against max_memory).
         activations: 'float' or 'q8' (int8 activations in the quantised mat-vecs, flashmoe.reference.q8);
             None: the backend's default (q8 for numba where the CPU has the int8 instructions, else float).
+        expert_device: where a decode token's experts not in the GPU's memory are computed: 'gpu' (copied
+            there), 'cpu' (numba, from the read buffers, while the GPU computes the rest) or 'auto' (the
+            cheaper way by the rates measured as it runs; flashmoe.runtime.placement).
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
     MemoryBudgetError when max_memory cannot hold the model (checked before loading with the manifest's
@@ -101,6 +105,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     if not 1 <= k <= cfg.num_experts:
         raise FlashMoeError(f"--experts-per-token {k} is outside 1..{cfg.num_experts} (num_experts)")
     be = get_backend(backend, activations)  # an unknown backend or activation mode
+    ExpertPlacement.of(expert_device, be)  # an unknown --expert-device, or cpu/auto on a CPU backend
     layout = model.layout
     threads = threads or max(4, k)  # all k reads of a decode token in flight at once
     guess_slots = k if speculate else 0
@@ -109,6 +114,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     if max_bytes is not None:
         _refuse_before_loading(MemoryBudget(max_bytes, model.resident_nbytes, kv_bytes, read_buffers))
     ensure_conformant(backend)  # after every cheap check: a machine's first use of a backend takes minutes
+    if expert_device != "gpu":
+        ensure_conformant("numba")  # it computes the experts the GPU does not hold
     stats = Stats(num_layers=len(model.moe_layers))
     files = {layer: model.expert_path(layer) for layer in model.moe_layers}
     if gpu_bytes is not None:
@@ -119,7 +126,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
                         allocate=be.allocate_buffer, guess_slots=guess_slots,
                         # Mapped experts count in the resident set: under a budget, stay inside it as measured.
                         in_place=be.experts_in_place and max_bytes is None)
-    engine = Engine(model, be, store, stats, experts_per_token=k)
+    engine = Engine(model, be, store, stats, experts_per_token=k, expert_device=expert_device)
     if gpu_bytes is not None:
         engine.preload_experts(gpu_bytes)
     if max_bytes is not None:
