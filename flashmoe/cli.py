@@ -4,6 +4,7 @@ every FlashMoeError becomes one `error: ...` line on stderr and exit code 2."""
 from __future__ import annotations
 
 import functools
+import io
 import inspect
 import sys
 from dataclasses import asdict, dataclass
@@ -49,6 +50,8 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if isinstance(sys.stdin, io.TextIOWrapper):  # undecodable bytes reach the tokenizer's check (TextError)
+            sys.stdin.reconfigure(errors="surrogateescape")  # as lone surrogates, not as a UnicodeDecodeError
         try:
             return fn(*args, **kwargs)
         except FlashMoeError as e:

@@ -23,3 +23,8 @@ class MemoryBudgetError(FlashMoeError):
 
 class ConformanceError(FlashMoeError):
     """A backend failed the conformance suite and will not be used."""
+
+
+class TextError(FlashMoeError):
+    """A prompt is not valid UTF-8 text: it holds a lone surrogate (an undecodable byte of a file or argument,
+    or a JSON escape such as \\ud800)."""

@@ -123,4 +123,14 @@ def test_errors_come_in_anthropic_shape_and_the_server_keeps_serving(served, cli
     assert e.value.code == 400
     assert json.loads(e.value.read())["error"] == {"type": "invalid_request_error",
                                                     "message": "max_tokens: Field required (1 error(s) in the request)"}
+    # JSON's escape of a lone surrogate, which no UTF-8 text holds (the client refuses to send one)
+    body = b'{"messages": [{"role": "user", "content": "\\ud800 hi"}], "max_tokens": 3}'
+    request = urllib.request.Request(served[2].url + "/v1/messages", data=body, method="POST",
+                                     headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request)
+    assert e.value.code == 400
+    error = json.loads(e.value.read())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("the prompt is not valid UTF-8 text: a lone surrogate U+D800 (character ")
     assert _ask(client, "echo: still here").content[0].text == "still here"

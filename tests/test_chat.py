@@ -65,6 +65,17 @@ def test_a_conversation_that_outgrows_the_context_asks_for_reset(tokenizer):
         chat.send("x " * 50)
 
 
+def test_a_message_that_is_not_utf8_is_one_error_line_and_the_chat_goes_on(tokenizer):
+    chat = _chat(tokenizer)
+    lines = iter(["caf\udce9", "hi", "/quit"])  # how Python hands over the undecodable byte 0xe9 of stdin
+    out = []
+    run_repl(chat, read_line=lambda prompt: next(lines), write=out.append, color=False)
+    text = "".join(out)
+    assert "[error: the prompt is not valid UTF-8 text: a lone surrogate U+DCE9, Python's stand-in for the " \
+           "undecodable byte 0xe9 (character " in text
+    assert "You said 'hi'" in text and [m["content"] for m in chat.messages][0] == "hi"
+
+
 def test_multi_line_input():
     lines = iter(["first \\", "second", '"""', "a", "", "b", '"""'])
     read = lambda prompt: next(lines)  # noqa: E731

@@ -61,6 +61,19 @@ def test_bad_options_give_one_clear_error_line_and_exit_code_2(args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args, stdin", [
+    (["--prompt", "caf\udce9"], None),  # how Python hands over the undecodable byte 0xe9 of an argument
+    (["--prompt", "-"], b"caf\xe9 \xff\xfe\n"),
+    (["--prompt", "caf\udce9", "--chat"], None),
+])
+def test_a_prompt_that_is_not_utf8_is_one_error_line_naming_the_byte_and_exit_code_2(args, stdin):
+    result = runner.invoke(app, ["generate", *args, "--max-tokens", "5", *GREEDY], input=stdin)
+    assert result.exit_code == 2, result.output
+    assert "error: the prompt is not valid UTF-8 text: a lone surrogate U+DCE9, Python's stand-in for the " \
+           "undecodable byte 0xe9 (character " in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_missing_model_directory_is_named(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "nope"), "--prompt", "hi"])
     assert result.exit_code == 2

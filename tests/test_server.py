@@ -212,6 +212,8 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
     (b'{"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}', 400, "frequency_penalty"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 400,
      "only text"),
+    (b'{"messages": [{"role": "user", "content": "\\udcff hi"}], "max_tokens": 3}', 400,
+     "not valid UTF-8 text: a lone surrogate U+DCFF"),
 ])
 def test_malformed_requests_get_openai_shaped_errors(served, body, status, fragment):
     code, payload = _post(served[2].url + "/v1/chat/completions", body)
@@ -232,6 +234,10 @@ def test_refusals_name_the_right_field_and_hint_only_where_it_helps(served):
     code, payload = _post(url + "/v1/completions", b'{"prompt": ""}')
     assert (code, payload["error"]["param"]) == (400, "prompt")
     assert "the prompt is empty" in payload["error"]["message"]
+    code, payload = _post(url + "/v1/completions", b'{"prompt": "caf\\udce9"}')  # the escape of byte 0xe9
+    assert (code, payload["error"]["param"]) == (400, "prompt")
+    assert payload["error"]["message"] == ("the prompt is not valid UTF-8 text: a lone surrogate U+DCE9, Python's "
+                                           "stand-in for the undecodable byte 0xe9 (character 3, after 'caf')")
 
 
 def test_unknown_route_and_wrong_method_get_openai_shaped_errors(served):

@@ -51,7 +51,7 @@ class AnthropicAPI:
     async def count_tokens(self, request: Request) -> Response:
         body: CountTokensRequest = await self.worker.parse(request, CountTokensRequest)
         prompt, _, _ = self.worker.render(_conversation(body))
-        return JSONResponse({"input_tokens": len(await self.worker.encode(prompt))})
+        return JSONResponse({"input_tokens": len(await self.worker.encode(prompt, "messages"))})
 
     async def messages(self, request: Request) -> Response:
         body: MessagesRequest = await self.worker.parse(request, MessagesRequest)

@@ -106,7 +106,7 @@ class OpenAIAPI:
         else:
             if isinstance(prompt, list) and len(prompt) != 1:
                 raise APIError(422, "prompt: give one prompt per request", param="prompt")
-            prompt_ids = await worker.encode(prompt if isinstance(prompt, str) else prompt[0])
+            prompt_ids = await worker.encode(prompt if isinstance(prompt, str) else prompt[0], "prompt")
         job = Job(prompt_ids, worker.sampler(body), worker.budget(len(prompt_ids), body.max_tokens, "prompt"),
                   _stops(body), None)
         base = {"id": new_id("cmpl-"), "created": int(time.time()), "model": self.model_id}

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from flashmoe.serve.chat_template import load_chat_template, render_chat, special_tokens_of
 from flashmoe.serve.toolcalls import MARKUP_TAGS
-from flashmoe.errors import FlashMoeError
+from flashmoe.errors import FlashMoeError, TextError
 
 
 def _read_json(path: Path) -> dict:
@@ -26,6 +26,20 @@ def _as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_text(text: str) -> None:
+    """Raise TextError naming the first lone surrogate of text (the `tokenizers` library refuses such strings
+    with a bare TypeError). Python decodes an undecodable byte b of stdin or argv as U+DC00 + b
+    (surrogateescape, PEP 383), so the message names that byte too."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        byte = f", Python's stand-in for the undecodable byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else ""
+        after = f", after {text[max(0, e.start - 20):e.start]!r}" if e.start else ""
+        raise TextError(f"the prompt is not valid UTF-8 text: a lone surrogate U+{code:04X}{byte} "
+                        f"(character {e.start}{after})") from None
 
 
 def _token_ids(path: Path, value) -> set[int]:
@@ -91,7 +105,10 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of text. Special-token text such as <|im_start|> maps to its id."""
+        """Token ids of text. Special-token text such as <|im_start|> maps to its id.
+
+        Raises TextError when text is not valid UTF-8 text (holds a lone surrogate)."""
+        _check_text(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

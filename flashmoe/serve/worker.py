@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from flashmoe.errors import FlashMoeError
+from flashmoe.errors import FlashMoeError, TextError
 from flashmoe.runtime.engine import Engine
 from flashmoe.serve.chat_template import select_template
 from flashmoe.serve.generate import CANCELLED
@@ -164,8 +164,12 @@ class Worker:
         except FlashMoeError as e:
             raise APIError(422, str(e)) from None
 
-    async def encode(self, text: str) -> list[int]:
-        return await asyncio.to_thread(self.tokenizer.encode, text)
+    async def encode(self, text: str, prompt_param: str) -> list[int]:
+        """Token ids of a prompt; APIError (400) naming `prompt_param` for text that is not valid UTF-8."""
+        try:
+            return await asyncio.to_thread(self.tokenizer.encode, text)
+        except TextError as e:
+            raise APIError(400, str(e), param=prompt_param) from None
 
     def budget(self, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
         """The completion budget (Session.check_fits); APIError naming `prompt_param` (the request field that
@@ -215,7 +219,7 @@ class Worker:
         """A job for a conversation, in either wire format. Raises APIError as render() does, and (400) for
         a prompt that does not fit the context with max_tokens."""
         prompt, parser, boundary = self.render(chat)
-        prompt_ids = await self.encode(prompt)
+        prompt_ids = await self.encode(prompt, "messages")
         return Job(prompt_ids, self.sampler(body), self.budget(len(prompt_ids), max_tokens, "messages"), stops,
                    parser, checkpoint_at=await asyncio.to_thread(boundary, prompt_ids))
 
