@@ -23,6 +23,7 @@ from flashmoe.convert.gguf_model import CONFIG_KEYS, convert_gguf
 from flashmoe.errors import CheckpointError, FormatError
 from flashmoe.format.modeldir import ModelDir
 from flashmoe.reference.model import ReferenceModel
+from flashmoe.runtime.load import load_engine
 
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the GGUF and is the independent dequantiser")
 QT = gguf.GGMLQuantizationType
@@ -256,6 +257,14 @@ def test_tiny_gguf_imports_to_the_same_logits(tmp_path, model_type):
     ours = ReferenceModel.from_dir(tmp_path / "out").forward(ids)
     theirs = hf_logits(hf_model_from_canonical(tmp_path / "out", truth), ids)
     assert (np.abs(ours - theirs).max(-1) <= 1e-4 * np.abs(theirs).max(-1)).all()
+    # the streaming engine reads it too, where its layers' experts differ in type (as a Q4_K_M's ffn_down do)
+    with ModelDir.open(tmp_path / "out") as md:
+        layouts = [md.layer_layout(layer) for layer in md.moe_layers]
+    assert any(layout != layouts[0] for layout in layouts) or model_type in ("gpt_oss", "deepseek_v3", "glm4_moe")
+    engine = load_engine(tmp_path / "out", backend="numpy", activations="float")
+    streamed = engine.forward(ids, engine.new_state(), all_logits=True)
+    engine.store.close()
+    assert (np.abs(streamed - ours).max(-1) <= 1e-4 * np.abs(ours).max(-1)).all()
     manifest = json.loads((tmp_path / "out" / "flashmoe.json").read_text())
     stored = {(q["bits"], q["group_size"]) for q in manifest["quantization"].values()}
     assert manifest["format_version"] == 3  # groups of 16, which version-2 readers refuse

@@ -366,7 +366,8 @@ class Engine:
         decode reads nothing and, with softmax top-k routing, routes on the device (Backend.routed_experts).
         Returns whether it did."""
         model = self.model_dir
-        if cache_bytes < len(model.moe_layers) * self.cfg.num_experts * (model.layout.nbytes + 256):
+        per_expert = sum(model.layer_layout(layer).nbytes + 256 for layer in model.moe_layers)
+        if cache_bytes < self.cfg.num_experts * per_expert:
             return False
         for layer in self.model_dir.moe_layers:
             layout = self.model_dir.layer_layout(layer)

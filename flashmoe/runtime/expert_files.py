@@ -38,6 +38,16 @@ if _mincore is not None:
     _mincore.restype = ctypes.c_int
 
 
+def per_layer(value: int | dict[int, int], layers: dict[int, Path]) -> dict[int, int]:
+    """`value` for each of `layers`: one int for all, or a dict by layer (which must name every layer)."""
+    if isinstance(value, dict):
+        missing = sorted(set(layers) - set(value))
+        if missing:
+            raise ValueError(f"no expert size given for layers {missing}")
+        return {layer: value[layer] for layer in layers}
+    return dict.fromkeys(layers, value)
+
+
 def slot_bytes(nbytes: int) -> int:
     """Bytes one read buffer or cache entry takes for an expert of `nbytes`: rounded up to 4096."""
     return -(-nbytes // ALIGN) * ALIGN
@@ -93,7 +103,8 @@ class ExpertFiles:
 
     Args:
         paths: MoE layer index -> path of its `experts/layer_NNN.bin`.
-        num_experts, stride, nbytes: as ExpertStore's (a file must hold `num_experts` experts).
+        num_experts, stride, nbytes: as ExpertStore's (a file must hold `num_experts` experts); stride and
+            nbytes are one int for every layer or a dict by layer (a GGUF's layers may differ in type).
         mode: "pagecache" (buffered reads, first tried with `RWF_NOWAIT`, which copies only what the page
             cache holds, so a read can tell the bytes that came from disk) or "direct" (`O_DIRECT`; where
             the filesystem refuses it, e.g. tmpfs, buffered reads with one warning).
@@ -102,7 +113,8 @@ class ExpertFiles:
             reports are mapped (`residency_visible`); not on platforms without mincore.
 
     Attributes: `direct` (O_DIRECT really in use), `nowait` (RWF_NOWAIT in use: page-cache hits can be told),
-    `read_bytes` (bytes asked of one read: nbytes, or rounded up to 4096 for O_DIRECT), `finished` (a deque
+    `nbytes` (the largest layer's expert bytes: what a read buffer must hold), `read_bytes` (bytes asked of
+    that layer's read: nbytes, or rounded up to 4096 for O_DIRECT), `finished` (a deque
     of (bytes read, of them from disk, demand read?) per finished read: reader threads append, the store's
     thread drains it into its Stats, so Stats needs no lock).
 
@@ -113,15 +125,18 @@ class ExpertFiles:
     Raises FormatError if a file is missing or too short to hold `num_experts` experts.
     """
 
-    def __init__(self, paths: dict[int, Path], num_experts: int, stride: int, nbytes: int, mode: str,
-                 in_place: bool = False) -> None:
-        self.num_experts, self.stride, self.nbytes, self.mode = num_experts, stride, nbytes, mode
+    def __init__(self, paths: dict[int, Path], num_experts: int, stride: int | dict[int, int],
+                 nbytes: int | dict[int, int], mode: str, in_place: bool = False) -> None:
+        self.num_experts, self.mode = num_experts, mode
+        self._stride, self._nbytes = per_layer(stride, paths), per_layer(nbytes, paths)
+        self.nbytes = max(self._nbytes.values(), default=0)
         self.in_place = in_place and mode == "pagecache" and _mincore is not None
         self._maps: dict[int, mmap.mmap] = {}
         self._mapped: dict[int, np.ndarray] = {}  # layer -> its whole file, read-only, for in-place use
         # Buffered reads need only the expert; O_DIRECT needs an aligned length (the file's end may cut the
         # last expert's read short, which is fine as long as nbytes arrive).
-        self.read_bytes = slot_bytes(nbytes) if mode == "direct" else nbytes
+        self._read_bytes = {layer: slot_bytes(n) if mode == "direct" else n for layer, n in self._nbytes.items()}
+        self.read_bytes = max(self._read_bytes.values(), default=0)
         self._paths = {layer: Path(p) for layer, p in paths.items()}
         self._fds: dict[int, int] = {}
         self.direct = False  # O_DIRECT really in use (False after a fallback)
@@ -145,18 +160,19 @@ class ExpertFiles:
         return sorted(self._fds)
 
     def _open_files(self) -> None:
-        need = (self.num_experts - 1) * self.stride + self.nbytes
         fallback = []
         for layer, path in sorted(self._paths.items()):
+            stride, nbytes = self._stride[layer], self._nbytes[layer]
+            need = (self.num_experts - 1) * stride + nbytes
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
                 raise FormatError(f"{path}: expert file of layer {layer} is missing") from None
             if size < need:
-                first_short = max(0, (size - self.nbytes) // self.stride + 1)
+                first_short = max(0, (size - nbytes) // stride + 1)
                 raise FormatError(
-                    f"{path}: {size} bytes is too short for {self.num_experts} experts of {self.nbytes} "
-                    f"bytes at stride {self.stride} (needs {need}); expert {first_short} is cut off"
+                    f"{path}: {size} bytes is too short for {self.num_experts} experts of {nbytes} "
+                    f"bytes at stride {stride} (needs {need}); expert {first_short} is cut off"
                 )
             fd = self._open_direct(path) if self.mode == "direct" else None
             if fd is None:
@@ -210,6 +226,10 @@ class ExpertFiles:
         self._maps[layer] = mm
         self._mapped[layer] = np.frombuffer(mm, dtype=np.uint8)
 
+    def expert_nbytes(self, layer: int) -> int:
+        """Bytes of one expert of `layer`."""
+        return self._nbytes[layer]
+
     def mapping(self, layer: int) -> np.ndarray | None:
         """`layer`'s whole expert file as a read-only np.uint8 array on its mapping, None where not mapped."""
         return self._mapped.get(layer)
@@ -222,9 +242,9 @@ class ExpertFiles:
         whole = self._mapped.get(layer)
         if whole is None:
             return None
-        off = expert * self.stride
+        off, nbytes = expert * self._stride[layer], self._nbytes[layer]
         start = off - off % mmap.PAGESIZE  # mincore takes whole pages (16 KiB on Apple silicon)
-        length = off + self.nbytes - start
+        length = off + nbytes - start
         pages = np.empty(-(-length // mmap.PAGESIZE), np.uint8)
         if _mincore(whole.ctypes.data + start, length, pages.ctypes.data) != 0:
             err = ctypes.get_errno()
@@ -232,7 +252,7 @@ class ExpertFiles:
                                 f"{os.strerror(err)}")
         if not np.bitwise_and(pages, 1).all():  # bit 0: in memory; the others are reserved
             return None
-        return whole[off : off + self.nbytes]
+        return whole[off : off + nbytes]
 
     def close(self) -> None:
         """Close every file and mapping. Idempotent. A view that `resident` handed out and that is still
@@ -252,7 +272,8 @@ class ExpertFiles:
         """Read one expert into `buf` (from a reader thread; preadv releases the GIL). Returns
         (bytes read, of them from disk), also queued in `finished`. With `stop` (a speculative read) the
         read goes in GUESS_CHUNK pieces and ends early, incomplete, once `stop` is set."""
-        fd, off, length = self._fds[layer], expert * self.stride, self.read_bytes
+        fd, off, length = self._fds[layer], expert * self._stride[layer], self._read_bytes[layer]
+        nbytes = self._nbytes[layer]
         view = memoryview(buf)[:length]
         piece = length if stop is None else GUESS_CHUNK
         done = 0
@@ -267,7 +288,7 @@ class ExpertFiles:
                         raise
                     self.nowait = False  # the filesystem cannot tell; count every byte as from disk
             cached = done
-            while done < self.nbytes:
+            while done < nbytes:
                 if stop is not None and stop.is_set():
                     if done:
                         self.finished.append((done, done - cached, False))
@@ -282,10 +303,10 @@ class ExpertFiles:
             raise FlashMoeError(
                 f"{self._paths[layer]}: reading expert {expert} of layer {layer} failed: {e}"
             ) from e
-        if done < self.nbytes:
+        if done < nbytes:
             raise FormatError(
                 f"{self._paths[layer]}: expert {expert} of layer {layer} needs bytes [{off}, "
-                f"{off + self.nbytes}) but the file ends at byte {off + done}"
+                f"{off + nbytes}) but the file ends at byte {off + done}"
             )
         self.finished.append((done, done - cached, stop is None))
         return done, done - cached

@@ -106,10 +106,11 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         raise FlashMoeError(f"--experts-per-token {k} is outside 1..{cfg.num_experts} (num_experts)")
     be = get_backend(backend, activations)  # an unknown backend or activation mode
     ExpertPlacement.of(expert_device, be)  # an unknown --expert-device, or cpu/auto on a CPU backend
-    layout = model.layout
+    layouts = {layer: model.layer_layout(layer) for layer in model.moe_layers}  # a GGUF's may differ
+    largest = max(layout.nbytes for layout in layouts.values())
     threads = threads or max(4, k)  # all k reads of a decode token in flight at once
     guess_slots = k if speculate else 0
-    read_buffers = ExpertStore.read_buffer_bytes(k, layout.nbytes, threads, guess_slots)
+    read_buffers = ExpertStore.read_buffer_bytes(k, largest, threads, guess_slots)
     kv_bytes = state_bytes(cfg, context)
     if max_bytes is not None:
         _refuse_before_loading(MemoryBudget(max_bytes, model.resident_nbytes, kv_bytes, read_buffers))
@@ -121,7 +122,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     if gpu_bytes is not None:
         be.configure_expert_cache(gpu_bytes, cache_policy)
     # Read buffers from the backend (pinned host memory for cuda: one DMA per expert).
-    store = ExpertStore(files, num_experts=cfg.num_experts, stride=layout.stride, nbytes=layout.nbytes,
+    store = ExpertStore(files, num_experts=cfg.num_experts, stride={i: lay.stride for i, lay in layouts.items()},
+                        nbytes={i: lay.nbytes for i, lay in layouts.items()},
                         mode=io, policy=cache_policy, threads=threads, stats=stats,
                         allocate=be.allocate_buffer, guess_slots=guess_slots,
                         # Mapped experts count in the resident set: under a budget, stay inside it as measured.

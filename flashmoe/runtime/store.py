@@ -55,7 +55,8 @@ import numpy as np
 
 from flashmoe.format.manifest import ALIGN
 from flashmoe.runtime.eviction import DEFAULT_POLICY, make_policy
-from flashmoe.runtime.expert_files import BufferPool, ExpertFiles, aligned_buffer, checked_allocator, slot_bytes
+from flashmoe.runtime.expert_files import (BufferPool, ExpertFiles, aligned_buffer, checked_allocator, per_layer,
+                                           slot_bytes)
 from flashmoe.runtime.stats import Stats
 
 DEFAULT_THREADS = 8
@@ -139,8 +140,10 @@ class ExpertStore:
     Args:
         files: MoE layer index -> path of its `experts/layer_NNN.bin`.
         num_experts: experts per layer (config.json `num_experts`).
-        stride: bytes between consecutive experts in a file; a positive multiple of 4096.
-        nbytes: bytes of one expert (<= stride).
+        stride: bytes between consecutive experts in a file; a positive multiple of 4096. One int for every
+            layer, or a dict by layer (a converted GGUF's layers may hold experts of different types).
+        nbytes: bytes of one expert (<= stride); an int or a dict by layer, as `stride`. Read buffers and
+            cache entries are sized for the largest.
         mode: "pagecache" or "direct".
         cache_bytes: direct mode: bytes of flashmoe's own expert cache (0: no cache); ignored in pagecache.
         policy: direct mode: eviction policy name (flashmoe.runtime.eviction.POLICIES: "lru", "lfu", "fifo", "lru-layer", "lfu-layer").
@@ -165,8 +168,8 @@ class ExpertStore:
         self,
         files: dict[int, Path],
         num_experts: int,
-        stride: int,
-        nbytes: int,
+        stride: int | dict[int, int],
+        nbytes: int | dict[int, int],
         mode: str = "pagecache",
         cache_bytes: int = 0,
         policy: str = DEFAULT_POLICY,
@@ -178,15 +181,18 @@ class ExpertStore:
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown I/O mode {mode!r}; choose one of {', '.join(MODES)}")
-        if stride <= 0 or stride % ALIGN:
-            raise ValueError(f"expert stride {stride} must be a positive multiple of {ALIGN}")
-        if not 0 < nbytes <= stride:
-            raise ValueError(f"expert size {nbytes} must be in (0, stride={stride}]")
-        self.num_experts, self.stride, self.nbytes, self.mode = num_experts, stride, nbytes, mode
+        strides, sizes = per_layer(stride, files), per_layer(nbytes, files)
+        for layer in files:
+            if strides[layer] <= 0 or strides[layer] % ALIGN:
+                raise ValueError(f"expert stride {strides[layer]} must be a positive multiple of {ALIGN}")
+            if not 0 < sizes[layer] <= strides[layer]:
+                raise ValueError(f"expert size {sizes[layer]} must be in (0, stride={strides[layer]}]")
+        self.num_experts, self.mode = num_experts, mode
+        self.nbytes = max(sizes.values(), default=0)  # the largest expert: what a buffer must hold
         self.stats = stats if stats is not None else Stats()
         self.threads = threads or DEFAULT_THREADS
-        self.slot_bytes = slot_bytes(nbytes)
-        self.files = ExpertFiles(files, num_experts, stride, nbytes, mode, in_place)
+        self.slot_bytes = slot_bytes(self.nbytes)
+        self.files = ExpertFiles(files, num_experts, strides, sizes, mode, in_place)
         self.in_place = self.files.in_place
         self._allocate = checked_allocator(allocate or aligned_buffer)
         self._pool = BufferPool(self.slot_bytes, self._allocate)
@@ -313,8 +319,8 @@ class ExpertStore:
         return _Slot(e, buf, self._executor.submit(self.files.read, layer, e, buf))
 
     def wait(self, f: Fetch) -> list[np.ndarray]:
-        """Block until every read of `f` is done; return one read-only np.uint8 array of length `nbytes`
-        per requested id, in the order of `f.expert_ids`, each starting on a page boundary: a read buffer,
+        """Block until every read of `f` is done; return one read-only np.uint8 array of the layer's expert
+        bytes per requested id, in the order of `f.expert_ids`, each starting on a page boundary: a read buffer,
         a direct-mode cache entry, or the expert file's mapping (in place). The time blocked is recorded
         as I/O wait.
 
@@ -331,9 +337,9 @@ class ExpertStore:
             if err is not None:
                 self.release(f)
                 raise err
-        views = {}
+        views, nbytes = {}, self.files.expert_nbytes(f.layer)
         for e, s in f._slots.items():
-            v = s.buf[: self.nbytes]
+            v = s.buf[:nbytes]
             v.flags.writeable = False
             views[e] = v
         return [views[e] for e in f.expert_ids]
