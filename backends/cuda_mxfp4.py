@@ -1,6 +1,6 @@
 """The CUDA backend's MXFP4 kernels: products with gpt-oss's experts read straight from their published bytes.
 
-The numerics are flashmoe.format.mxfp4's and the numba kernel's (backends/numba_mxfp4.py): a weight is
+The numerics are flashmoe.format.mxfp4's and the numba kernels' (backends/numba_packed.py): a weight is
 E2M1(code) · 2^(s − 127), two codes per byte (the even element in the low nibble), one E8M0 scale byte per
 32 inputs; a block's 32 products are summed, then scaled once. The row layout of the other mat-vecs
 (backends/cuda_kernels.py: LANES threads per output row, ROWS rows per block, the lane sum) is reused as is,
@@ -27,7 +27,7 @@ from flashmoe.backends.cuda_kernels import (CODES_PER_LANE, F32, LANES, ROWS, _a
 def _fp4(c):
     """E2M1 code c (uint32, 0..15) -> float32: the magnitude bits placed in a float32 with exponent 126 + e,
     the subnormal pair (e = 0) mapped by 2v - 1, bit 3 the sign (no float32 subnormals: a GPU kernel compiled
-    with flush-to-zero would lose the ±0.5 codes that backends/numba_mxfp4.fp4_value forms through them)."""
+    with flush-to-zero would lose the ±0.5 codes that backends/numba_packed.fp4_value forms through them)."""
     mag = _as_f32(((c & uint32(7)) << uint32(22)) + uint32(126 << 23))
     if (c & uint32(6)) == uint32(0):
         mag = float32(2.0) * mag - float32(1.0)

@@ -64,12 +64,12 @@ else:
 
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.arch.config import YarnRope
-from flashmoe.backends import numba_mxfp4
 from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, PackedWeight, check_quantized
 from flashmoe.backends import numba_experts, numba_q8
-from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, bf16_expert_view, code,
-                                            codes_per_unit, f32_expert_view, permute_input, widen)
-from flashmoe.format.mxfp4 import Mxfp4Tensor
+from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, SCALE_KINDS, codes_per_unit,
+                                            dequant_rows_permuted, expert_view, fold_groups, gated, permute_input,
+                                            stacked_biases, unit_dots)
+from flashmoe.format.mxfp4 import BLOCK as MXFP4_BLOCK, Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 from flashmoe.reference.q8 import ACTIVATIONS, uses_q8
 
@@ -86,82 +86,13 @@ PARALLEL_MIN_WORK = 1 << 21
 
 if numba is not None:
 
-    @njit(inline="always")
-    def _unit_dots(wrow, xp, pw, bits):
-        """pw[u] = sum_j code(u, j) * xp[j, u]: pass 1 of the factored dot product. When pw has two entries
-        per unit (groups of 16 at 3/5/6 bits: a 32-code unit spans two groups), pw[2u + h] sums half h."""
-        cpu = 32 // bits if 32 % bits == 0 else 32
-        if pw.shape[0] != xp.shape[1]:
-            for u in range(xp.shape[1]):
-                for h in range(2):
-                    t = np.float32(0.0)
-                    for j in range(16 * h, 16 * h + 16):
-                        t += np.float32(np.int32(code(wrow, u, j, bits))) * xp[j, u]
-                    pw[2 * u + h] = t
-            return
-        for u in range(pw.shape[0]):
-            t = np.float32(0.0)
-            for j in range(cpu):
-                t += np.float32(np.int32(code(wrow, u, j, bits))) * xp[j, u]
-            pw[u] = t
-
-    @njit(fastmath=FASTMATH, inline="always")
-    def _fold_fixed(pw, srow, brow, xsum, upg):
-        acc = np.float32(0.0)
-        for g in range(srow.shape[0]):
-            d = np.float32(0.0)
-            for i in range(upg):
-                d += pw[g * upg + i]
-            acc += widen(srow[g]) * d + widen(brow[g]) * xsum[g]
-        return acc
-
-    @njit(fastmath=FASTMATH, cache=True)
-    def _fold_groups(pw, srow, brow, xsum):
-        """Pass 2: sum_g scale_g * (sum of the group's unit dots) + bias_g * xsum_g.
-
-        Units per group (group_size / codes_per_unit) is 1..32; with a literal count the inner sum is
-        unrolled, which made this pass 2.5x faster than a loop of run-time length (docs/benchmarks.md)."""
-        upg = pw.shape[0] // srow.shape[0]
-        if upg == 8:
-            return _fold_fixed(pw, srow, brow, xsum, 8)
-        if upg == 4:
-            return _fold_fixed(pw, srow, brow, xsum, 4)
-        if upg == 16:
-            return _fold_fixed(pw, srow, brow, xsum, 16)
-        if upg == 2:
-            return _fold_fixed(pw, srow, brow, xsum, 2)
-        if upg == 1:
-            return _fold_fixed(pw, srow, brow, xsum, 1)
-        return _fold_fixed(pw, srow, brow, xsum, upg)
-
-    @njit(fastmath=FASTMATH, inline="always")
-    def _dequant_rows_permuted(words, scales, biases, bits, r0, r1, tile):
-        """tile[r - r0, j, u] = scale * code(r, u, j) + bias: rows r0..r1 in the permuted layout."""
-        cpu = tile.shape[1]
-        nu = tile.shape[2]
-        halves = max(1, scales.shape[1] // nu)  # 2 for groups of 16 at 3/5/6 bits: two groups per unit
-        upg = max(1, nu // scales.shape[1])
-        # each unit's scale and bias (per half unit), so the loop over units vectorises
-        su = np.empty((halves, nu), np.float32)
-        bu = np.empty((halves, nu), np.float32)
-        for r in range(r0, r1):
-            for g in range(scales.shape[1]):
-                s, b = widen(scales[r, g]), widen(biases[r, g])
-                for u in range(g * upg // halves, g * upg // halves + upg):
-                    su[g % halves, u] = s
-                    bu[g % halves, u] = b
-            wrow = words[r]
-            for j in range(cpu):
-                h = j * halves // cpu
-                for u in range(nu):
-                    tile[r - r0, j, u] = su[h, u] * np.float32(np.int32(code(wrow, u, j, bits))) + bu[h, u]
-
     @functools.lru_cache(maxsize=None)
-    def kernels(bits: int, bf16: bool) -> SimpleNamespace:
-        """The quantised kernels for one bit width and scale dtype (bf16 bits in uint16, or float32).
-        ``bits`` is a closure constant, so numba compiles (and caches on disk) one copy per width actually
-        used, with every shift and mask folded and the code loop unrolled; passing the width as an argument
-        would leave them to run time."""
+    def kernels(bits: int, scale: str) -> SimpleNamespace:
+        """The quantised kernels for one bit width and scale kind (numba_packed.SCALE_KINDS: float32 or bf16
+        affine scales, or MXFP4's E8M0 bytes). Both are closure constants, so numba compiles (and caches on
+        disk) one copy per format actually used, with every shift and mask folded and the code loop unrolled;
+        passing them as arguments would leave them to run time."""
+        e2m1 = scale == "e8m0"
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def qmatvec(words, scales, biases, xp, xsum, out):
@@ -172,8 +103,8 @@ if numba is not None:
                 pw = np.empty(max(nu, scales.shape[1]), np.float32)  # per unit, or per group of 16
                 for o in range(c * ROW_BLOCK, min(n_rows, c * ROW_BLOCK + ROW_BLOCK)):
                     for t in range(n_tok):
-                        _unit_dots(words[o], xp[t], pw, bits)
-                        out[t, o] = _fold_groups(pw, scales[o], biases[o], xsum[t])
+                        unit_dots(words[o], xp[t], pw, bits, e2m1)
+                        out[t, o] = fold_groups(pw, scales[o], biases[o], xsum[t], e2m1)
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def qmatmat(words, scales, biases, xp, out):
@@ -185,7 +116,7 @@ if numba is not None:
                 r0 = c * ROW_BLOCK
                 r1 = min(n_rows, r0 + ROW_BLOCK)
                 tile = np.empty((ROW_BLOCK, cpu, nu), np.float32)
-                _dequant_rows_permuted(words, scales, biases, bits, r0, r1, tile)
+                dequant_rows_permuted(words, scales, biases, bits, e2m1, r0, r1, tile)
                 for t in range(n_tok):
                     xt = xp[t]
                     for r in range(r1 - r0):
@@ -200,41 +131,44 @@ if numba is not None:
             """out[i] = dequantised row ids[i], permuted layout [n, cpu, nu] (embedding lookup)."""
             for i in prange(ids.shape[0]):
                 tile = np.empty((1, out.shape[1], out.shape[2]), np.float32)
-                _dequant_rows_permuted(words, scales, biases, bits, ids[i], ids[i] + 1, tile)
+                dequant_rows_permuted(words, scales, biases, bits, e2m1, ids[i], ids[i] + 1, tile)
                 out[i] = tile[0]
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
-        def experts_gate_up(g_addr, u_addr, xp, xsum, h):
-            """h[e, i] = silu(gate_e[i] . x) * (up_e[i] . x) for the k experts of one token.
+        def experts_gate_up(g_addr, u_addr, xp, xsum, g_bias, u_bias, act, h):
+            """h[e, i] = gated(gate_e[i] . x + g_bias[e, i], up_e[i] . x + u_bias[e, i]) for the k experts of
+            one token (numba_packed.gated: SwiGLU, or gpt-oss's clamped one when act = [limit, alpha]).
 
-            g_addr, u_addr: int64 [k, 3] addresses of each expert's words / scales / biases."""
+            g_addr, u_addr: int64 [k, 3] addresses of each expert's words / scales / biases; g_bias, u_bias
+            float32 [k, inter], or [k, 0] for experts without biases."""
             k, inter = h.shape
             n_words = xp.shape[1] * xp.shape[2] * bits // 32
             nblk = (inter + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK
             for c in prange(k * nblk):
                 e = c // nblk
-                if bf16:  # a closure constant: numba keeps one branch
-                    gw, gs, gb = bf16_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
-                    uw, us, ub = bf16_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
-                else:
-                    gw, gs, gb = f32_expert_view(g_addr, e, inter, n_words, xsum.shape[1])
-                    uw, us, ub = f32_expert_view(u_addr, e, inter, n_words, xsum.shape[1])
+                gw, gs, gb = expert_view(g_addr, e, inter, n_words, xsum.shape[1], scale)
+                uw, us, ub = expert_view(u_addr, e, inter, n_words, xsum.shape[1], scale)
                 pw = np.empty(max(xp.shape[2], xsum.shape[1]), np.float32)
                 gate = np.empty(EXPERT_ROW_BLOCK, np.float32)
                 i0 = (c % nblk) * EXPERT_ROW_BLOCK
                 i1 = min(inter, i0 + EXPERT_ROW_BLOCK)
                 for i in range(i0, i1):  # the chunk's gate rows, then its up rows: two contiguous runs
-                    _unit_dots(gw[i], xp[0], pw, bits)
-                    gate[i - i0] = _fold_groups(pw, gs[i], gb[i], xsum[0])
+                    unit_dots(gw[i], xp[0], pw, bits, e2m1)
+                    gate[i - i0] = fold_groups(pw, gs[i], gb[i], xsum[0], e2m1)
+                    if g_bias.shape[1]:
+                        gate[i - i0] += g_bias[e, i]
                 for i in range(i0, i1):
-                    _unit_dots(uw[i], xp[0], pw, bits)
-                    a = gate[i - i0]
-                    h[e, i] = a / (np.float32(1.0) + np.exp(-a)) * _fold_groups(pw, us[i], ub[i], xsum[0])
+                    unit_dots(uw[i], xp[0], pw, bits, e2m1)
+                    v = fold_groups(pw, us[i], ub[i], xsum[0], e2m1)
+                    if u_bias.shape[1]:
+                        v += u_bias[e, i]
+                    h[e, i] = gated(gate[i - i0], v, act)
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
-        def experts_down(d_addr, hp, hsum, weights, out):
-            """out[o] = sum_e weights[e] * (down_e[o] . h_e). A chunk of hidden rows reads one expert's
-            rows for the whole chunk before the next expert's (contiguous reads, not k interleaved ones)."""
+        def experts_down(d_addr, hp, hsum, d_bias, weights, out):
+            """out[o] = sum_e weights[e] * (down_e[o] . h_e + d_bias[e, o]) (d_bias float32 [k, hidden], or
+            [k, 0] without biases). A chunk of hidden rows reads one expert's rows for the whole chunk
+            before the next expert's (contiguous reads, not k interleaved ones)."""
             k = hp.shape[0]
             n_rows = out.shape[0]
             n_words = hp.shape[1] * hp.shape[2] * bits // 32
@@ -244,13 +178,13 @@ if numba is not None:
                 pw = np.empty(max(hp.shape[2], hsum.shape[1]), np.float32)
                 acc = np.zeros(EXPERT_ROW_BLOCK, np.float32)
                 for e in range(k):
-                    if bf16:
-                        dw, ds, db = bf16_expert_view(d_addr, e, n_rows, n_words, hsum.shape[1])
-                    else:
-                        dw, ds, db = f32_expert_view(d_addr, e, n_rows, n_words, hsum.shape[1])
+                    dw, ds, db = expert_view(d_addr, e, n_rows, n_words, hsum.shape[1], scale)
                     for o in range(o0, o1):
-                        _unit_dots(dw[o], hp[e], pw, bits)
-                        acc[o - o0] += weights[e] * _fold_groups(pw, ds[o], db[o], hsum[e])
+                        unit_dots(dw[o], hp[e], pw, bits, e2m1)
+                        v = fold_groups(pw, ds[o], db[o], hsum[e], e2m1)
+                        if d_bias.shape[1]:
+                            v += d_bias[e, o]
+                        acc[o - o0] += weights[e] * v
                 out[o0:o1] = acc[: o1 - o0]
 
         return SimpleNamespace(qmatvec=qmatvec, qmatmat=qmatmat, qrows=qrows, experts_gate_up=experts_gate_up,
@@ -375,15 +309,18 @@ def _f32(x: Any) -> np.ndarray:
 class KernelWeight(PackedWeight):
     """A quantised weight as the kernels read it: the caller's packed words untouched, and scales/biases
     either float32 or, for bfloat16 ones, their bits as uint16 (a zero-copy view, widened inside the
-    kernels), so a streamed expert is used without copying or converting anything but float16 scales."""
+    kernels), so a streamed expert is used without copying or converting anything but float16 scales. An
+    MXFP4 weight is one too: its blocks' bytes as uint32 words (4-bit codes, bits 4, group_size 32), its E8M0
+    scale bytes as they are (uint8) and no biases (an empty [out, 0] view)."""
 
     @property
-    def bf16(self) -> bool:
-        return self.scales.dtype == np.uint16
+    def scale(self) -> str:
+        """The scale kind (numba_packed.SCALE_KINDS): 'f32', 'bf16' or 'e8m0' (MXFP4)."""
+        return SCALE_KINDS[self.scales.dtype]
 
     @property
     def kernels(self) -> SimpleNamespace:
-        return kernels(self.bits, self.bf16)
+        return kernels(self.bits, self.scale)
 
     @functools.cached_property
     def addresses(self) -> tuple[int, int, int]:
@@ -409,11 +346,19 @@ def _scales_for_kernels(a: np.ndarray) -> np.ndarray:
 
 
 def _as_weight(w: Any, name: str, readonly: bool = True) -> KernelWeight | np.ndarray:
-    """A float32 [out, in] array, or a KernelWeight for any quantised form (QuantizedTensor, PackedWeight).
+    """A float32 [out, in] array, or a KernelWeight for any quantised form (QuantizedTensor, PackedWeight,
+    Mxfp4Tensor).
     readonly=False leaves the arrays as they are, for kernels that take addresses (the fused experts), where
     making three read-only views per weight would be most of the cost of this call."""
     if isinstance(w, KernelWeight):
         return w
+    if isinstance(w, Mxfp4Tensor):
+        if w.blocks.ndim != 2:
+            raise BackendError(f"{name}: expected a 2-D MXFP4 weight, got blocks {w.blocks.shape}")
+        words, scales = np.ascontiguousarray(w.blocks).view("<u4"), np.ascontiguousarray(w.scales)
+        if readonly:
+            words, scales = _readonly(words), _readonly(scales)
+        return KernelWeight(words, scales, scales[:, :0], 4, MXFP4_BLOCK)
     if isinstance(w, (QuantizedTensor, PackedWeight)):
         check_quantized(w, name)
         words = w.words if isinstance(w, PackedWeight) else w.weight
@@ -424,7 +369,7 @@ def _as_weight(w: Any, name: str, readonly: bool = True) -> KernelWeight | np.nd
         return KernelWeight(*arrays, int(w.bits), int(w.group_size))
     if isinstance(w, np.ndarray):
         return _f32(w)
-    raise BackendError(f"{name}: expected a float array or QuantizedTensor, got {type(w).__name__}")
+    raise BackendError(f"{name}: expected a float array, QuantizedTensor or Mxfp4Tensor, got {type(w).__name__}")
 
 
 class NumbaBackend(Backend):
@@ -453,8 +398,6 @@ class NumbaBackend(Backend):
 
     def linear(self, x: Any, w: Any) -> np.ndarray:
         x = _f32(x)
-        if isinstance(w, Mxfp4Tensor):
-            return numba_mxfp4.linear(x, w, _call, q8=self.activations == "q8")
         p = _as_weight(w, "linear weight")
         if isinstance(p, np.ndarray):
             return x @ p.T
@@ -475,9 +418,10 @@ class NumbaBackend(Backend):
         """One parallel region for all of ``ws`` when q8 applies to weights of one format (bits, group size,
         in_features, scale dtype: q/k/v, gate/up, an expert's gate/up in prefill); otherwise one linear each."""
         x = _f32(x)
-        quantised = (KernelWeight, QuantizedTensor, PackedWeight)  # the q8 kernels take addresses: no read-only views
+        # the q8 kernels take addresses: no read-only views
+        quantised = (KernelWeight, QuantizedTensor, PackedWeight, Mxfp4Tensor)
         ps = [_as_weight(w, "linear weight", readonly=False) if isinstance(w, quantised) else None for w in ws]
-        formats = {(p.bits, p.group_size, p.in_features, p.bf16) if p is not None else None for p in ps}
+        formats = {(p.bits, p.group_size, p.in_features, p.scale) if p is not None else None for p in ps}
         if len(formats) != 1 or None in formats or not self._q8(ps[0]) or x.shape[1] != ps[0].in_features:
             return super().linears(x, ws)
         return numba_q8.linears(x, ps, _addresses, _call)
@@ -541,16 +485,17 @@ class NumbaBackend(Backend):
 
     def experts_ffn(self, x: Any, experts: list[Expert], weights: np.ndarray, keys: list | None = None,
                     act: ClampedSwiGLU | None = None) -> np.ndarray:
+        """As :meth:`Backend.experts_ffn`; experts of one format (numba_experts.fusable: affine or MXFP4) take
+        the fused kernels (_fused_experts), with their biases and ``act``."""
         x = _f32(x).reshape(1, -1)
         weights = _f32(weights)
-        if act is not None or any(isinstance(e[p], Mxfp4Tensor) for e in experts for p in EXPERT_PROJS):
-            return super().experts_ffn(x[0], experts, weights, keys, act)  # expert by expert (gpt-oss)
         packed = [{name: _as_weight(e[name], f"expert {i} {name}", readonly=False) for name in EXPERT_PROJS}
                   for i, e in enumerate(experts)]
         if not numba_experts.fusable(packed):
-            return super().experts_ffn(x[0], experts, weights)
+            return super().experts_ffn(x[0], experts, weights, keys, act)
         tables = np.stack([_addresses([e[name] for e in packed]) for name in EXPERT_PROJS])
-        return self._fused_experts(x, packed[0]["gate_proj"], packed[0]["down_proj"], tables, weights)
+        biases = [stacked_biases(experts, name, packed[0][name].out_features) for name in EXPERT_PROJS]
+        return self._fused_experts(x, packed[0]["gate_proj"], packed[0]["down_proj"], tables, weights, biases, act)
 
     def packed_experts_ffn(self, x: Any, buffers: list, layout: Any, weights: np.ndarray, keys: list | None = None,
                            act: ClampedSwiGLU | None = None) -> np.ndarray:
@@ -561,26 +506,32 @@ class NumbaBackend(Backend):
         if base is None:
             return super().packed_experts_ffn(x, buffers, layout, weights, keys, act)
         tables = np.ascontiguousarray((base[:, None, None] + plan.offsets[None]).transpose(1, 0, 2))
-        return self._fused_experts(_f32(x).reshape(1, -1), plan.gate_up, plan.down, tables, _f32(weights))
+        none = [np.empty((len(buffers), 0), np.float32)] * 3
+        return self._fused_experts(_f32(x).reshape(1, -1), plan.gate_up, plan.down, tables, _f32(weights), none)
 
-    def _fused_experts(self, x: np.ndarray, gate_up, down, tables: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """sum_e weights[e] * down_e(silu(gate_e x) * up_e x) float32 [hidden] for one token x float32 [1, hidden]:
-        one parallel region for the k experts' gate/up, one for their down projections and the weighted sum.
-        gate_up, down: the projections' formats (numba_experts.FusedFormat or a KernelWeight); tables int64
-        [3, k, 3]: the gate, up and down address tables (words, scales, biases), their memory alive meanwhile."""
+    def _fused_experts(self, x: np.ndarray, gate_up, down, tables: np.ndarray, weights: np.ndarray, biases: list,
+                       act: ClampedSwiGLU | None = None) -> np.ndarray:
+        """sum_e weights[e] * (down_e(gated(gate_e x + b, up_e x + b)) + b) float32 [hidden] for one token x
+        float32 [1, hidden] (numba_packed.gated: SwiGLU, or with ``act`` the clamped one): one parallel region
+        for the k experts' gate/up, one for their down projections and the weighted sum. gate_up, down: the
+        projections' formats (numba_experts.FusedFormat or a KernelWeight); tables int64 [3, k, 3]: the gate,
+        up and down address tables (words, scales, biases), their memory alive meanwhile; biases: gate's, up's
+        and down's float32 [k, out] ([k, 0]: none)."""
         k = tables.shape[1]
+        act = np.empty(0, np.float32) if act is None else np.array([act.limit, act.alpha], np.float32)
         work = k * gate_up.out_features * gate_up.in_features  # per projection: gate, up and down alike
         if self._q8(gate_up):
-            h = numba_q8.experts_gate_up(x, gate_up, tables[0], tables[1], _call)
+            h = numba_q8.experts_gate_up(x, gate_up, tables[0], tables[1], biases[0], biases[1], act, _call)
         else:
             xp, xsum = permute_input(x, gate_up.bits, gate_up.group_size)
             h = np.empty((k, gate_up.out_features), np.float32)
-            _call(kernels(gate_up.bits, gate_up.bf16).experts_gate_up, 2 * work, tables[0], tables[1], xp, xsum, h)
+            _call(kernels(gate_up.bits, gate_up.scale).experts_gate_up, 2 * work, tables[0], tables[1], xp, xsum,
+                  biases[0], biases[1], act, h)
         if self._q8(down):
-            return numba_q8.experts_down(h, down, tables[2], weights, _call)
+            return numba_q8.experts_down(h, down, tables[2], biases[2], weights, _call)
         hp, hsum = permute_input(h, down.bits, down.group_size)
         out = np.empty(down.out_features, np.float32)
-        _call(kernels(down.bits, down.bf16).experts_down, work, tables[2], hp, hsum, weights, out)
+        _call(kernels(down.bits, down.scale).experts_down, work, tables[2], hp, hsum, biases[2], weights, out)
         return out
 
     def _q8(self, p) -> bool:

@@ -28,12 +28,12 @@ from flashmoe.format.manifest import AFFINE, ExpertLayout
 @dataclass(frozen=True)
 class FusedFormat:
     """What the fused kernels know of one projection, the same across the k experts: code width, group
-    size, whether the scales are bfloat16 bits (else float32), rows (out_features) and in_features.
+    size, the scale kind (numba_packed.SCALE_KINDS), rows (out_features) and in_features.
     numba_backend.KernelWeight has the same attributes, so either describes a projection."""
 
     bits: int
     group_size: int
-    bf16: bool
+    scale: str
     out_features: int
     in_features: int
 
@@ -51,7 +51,8 @@ class LayoutPlan:
 
 def layout_plan(layout: ExpertLayout) -> LayoutPlan | None:
     """The LayoutPlan of `layout` when the fused kernels take its experts (every projection affine with
-    bfloat16 or float32 scales, no biases, gate and up alike), else None. Cached per layout object (the
+    bfloat16 or float32 scales, no biases, gate and up alike; MXFP4 experts and experts with biases take
+    the views path), else None. Cached per layout object (the
     model directory keeps one per expert file), since this runs for every MoE layer of every token."""
     hit = _PLANS.get(id(layout))
     if hit is not None and hit[0] is layout:
@@ -78,7 +79,8 @@ def _plan(layout: ExpertLayout) -> LayoutPlan | None:
         if (w.dtype != "uint32" or s.dtype not in ("bfloat16", "float32") or b.dtype != s.dtype
                 or s.shape != b.shape or s.shape[0] != w.shape[0] or w.shape[1] * 32 != in_features * q.bits):
             return None  # the views path takes it (and names what is wrong)
-        formats.append(FusedFormat(q.bits, q.group_size, s.dtype == "bfloat16", w.shape[0], in_features))
+        formats.append(FusedFormat(q.bits, q.group_size, "bf16" if s.dtype == "bfloat16" else "f32", w.shape[0],
+                                   in_features))
         offsets.append([w.offset, s.offset, b.offset])
     if formats[0] != formats[1]:
         return None

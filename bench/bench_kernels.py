@@ -15,6 +15,8 @@ Measured in one run, interleaved round by round so that both sides see the same 
   (``numba.set_num_threads``);
 - the MXFP4 mat-vec (gpt-oss's experts as published: 4.25 bits per weight) beside the 4-bit affine one on
   gpt-oss's 2880x2880 expert shape, both cycled through pools, with float and with q8 activations;
+- the fused k-expert FFN of one gpt-oss decode token (k = 4, hidden = moe_intermediate = 2880, biases and the
+  clamped SwiGLU) with MXFP4 experts beside 4-bit affine ones, experts cycled through a pool;
 - the NumPy backend on one expert matrix, for scale.
 
 Weight bytes are the stored bytes (uint32 words + bf16 scales and biases: 4.5 bits per weight); GB/s is
@@ -32,6 +34,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -44,6 +47,7 @@ import numpy as np
 import numba
 
 from flashmoe.backends import get_backend
+from flashmoe.backends.base import ClampedSwiGLU
 from flashmoe.format.mxfp4 import SCALE_BIAS, Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
 
@@ -51,6 +55,8 @@ GB = 1e9
 HIDDEN, MOE_INTER, VOCAB = 4096, 1024, 248320  # Qwen3.5-397B-A17B (model-shapes.md)
 K = 10
 SQUARE = 2880  # gpt-oss's hidden_size and moe_intermediate_size, its MXFP4 experts' shape (model-shapes.md)
+CLAMPED_K = 4  # gpt-oss's num_experts_per_tok
+CLAMPED_ACT = ClampedSwiGLU(limit=7.0, alpha=1.702)  # gpt-oss's swiglu_limit and alpha
 POOL_BYTES = 256 << 20  # > 8x a 32 MB L3: a cycled pool is read from DRAM
 SECTION_START = "<!-- bench_kernels:start -->"
 SECTION_END = "<!-- bench_kernels:end -->"
@@ -62,6 +68,13 @@ def random_q4(rng: np.random.Generator, out: int, inp: int, group_size: int = 64
     scales = rng.uniform(0.001, 0.003, (out, inp // group_size)).astype(ml_dtypes.bfloat16)
     biases = (-7.5 * scales.astype(np.float32)).astype(ml_dtypes.bfloat16)
     return QuantizedTensor(words, scales, biases, 4, group_size)
+
+
+def clamped_experts(rng: np.random.Generator, weight: Callable, n: int) -> list[dict]:
+    """n gpt-oss experts (2880 x 2880 projections made by ``weight(rng, out, in)``, float32 biases)."""
+    return [{**{p: weight(rng, SQUARE, SQUARE) for p in ("gate_proj", "up_proj", "down_proj")},
+             **{f"{p}.bias": rng.normal(0, 0.02, SQUARE).astype(np.float32)
+                for p in ("gate_proj", "up_proj", "down_proj")}} for _ in range(n)]
 
 
 def random_mxfp4(rng: np.random.Generator, out: int, inp: int) -> Mxfp4Tensor:
@@ -101,7 +114,7 @@ def machine_line() -> str:
             f"{numba.threading_layer()} layer), numpy {np.__version__}, Python {platform.python_version()}")
 
 
-def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
+def run(rounds: int, seed: int = 0, threads: int | None = None, only: str | None = None) -> dict:
     rng = np.random.default_rng(seed)
     numba_be, numpy_be = get_backend("numba", "float"), get_backend("numpy")
     numba_q8 = get_backend("numba", "q8")
@@ -125,6 +138,11 @@ def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
     mxfp4_bytes, square_q4_bytes = SQUARE * SQUARE * 17 // 32, SQUARE * SQUARE * 9 // 16
     mxfp4_pool = [random_mxfp4(rng, SQUARE, SQUARE) for _ in range(POOL_BYTES // mxfp4_bytes)]
     square_q4_pool = pool(SQUARE, SQUARE, square_q4_bytes)
+    n_sets = max(2, POOL_BYTES // (3 * CLAMPED_K * mxfp4_bytes))
+    clamped_sets = {fmt: [clamped_experts(rng, make, CLAMPED_K) for _ in range(n_sets)]
+                for fmt, make in (("MXFP4", random_mxfp4), ("4-bit", lambda r, o, i: random_q4(r, o, i, 32)))}
+    clamped_weights = np.full(CLAMPED_K, 1.0 / CLAMPED_K, np.float32)
+    clamped_bytes = {"MXFP4": 3 * CLAMPED_K * mxfp4_bytes, "4-bit": 3 * CLAMPED_K * SQUARE * SQUARE * 5 // 8}
 
     # name -> (seconds-per-call measurer, bytes per call)
     numba_cases: dict[str, tuple[Cycled, int]] = {}
@@ -143,6 +161,9 @@ def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
                 Cycled(lambda w, be=be: be.linear(x_square, w), mxfp4_pool), mxfp4_bytes),
             f"{a} mat-vec {SQUARE}x{SQUARE} 4-bit cold": (
                 Cycled(lambda w, be=be: be.linear(x_square, w), square_q4_pool), square_q4_bytes),
+            **{f"{a} experts_ffn k={CLAMPED_K} {SQUARE}x{SQUARE} biases + clamped SwiGLU, {fmt} cold": (
+                Cycled(lambda es, be=be: be.experts_ffn(x_square[0], es, clamped_weights, act=CLAMPED_ACT), sets),
+                clamped_bytes[fmt]) for fmt, sets in clamped_sets.items()},
         })
     cases: dict[str, tuple[Callable[[], float], int, int]] = {  # name -> (measure, bytes, calls per round)
         "memory read (np.add.reduce, 1 GB)": (lambda: memory_read_seconds(big), big.nbytes, 1),
@@ -151,6 +172,8 @@ def run(rounds: int, seed: int = 0, threads: int | None = None) -> dict:
     }
     for t in sorted({1, threads or numba.config.NUMBA_NUM_THREADS}):
         for name, (measure, nbytes) in numba_cases.items():
+            if only and not re.search(only, name):
+                continue
             calls = 1 if "lm_head" in name else 20
             cases[f"numba {name}, {t} thread{'s' * (t > 1)}"] = (
                 functools.partial(_with_threads, t, measure), nbytes, calls)
@@ -217,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the result as JSON here")
     ap.add_argument("--docs", type=Path, help="replace the kernel results in this Markdown file")
     ap.add_argument("--threads", type=int, default=None, help="the many-thread rows' count (default: numba's)")
+    ap.add_argument("--only", help="time only the numba rows whose name matches this regular expression")
     args = ap.parse_args(argv)
-    result = run(args.rounds, threads=args.threads)
+    result = run(args.rounds, threads=args.threads, only=args.only)
     text = markdown(result)
     print(text)
     if args.json:

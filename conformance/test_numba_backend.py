@@ -1,6 +1,6 @@
 """What the numba backend promises beyond matching the reference: streamed weights are used in place, bad
-indices are refused before a kernel (which does not bounds-check) could read outside an array, and
-experts the fused kernels cannot take still run."""
+indices are refused before a kernel (which does not bounds-check) could read outside an array, experts
+of either format (affine, MXFP4) take the fused kernels, and experts the fused kernels cannot take still run."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("numba", reason="the numba backend needs numba")
 
 from flashmoe.backends import get_backend  # noqa: E402
-from flashmoe.backends.base import BackendError  # noqa: E402
+from flashmoe.backends.base import Backend, BackendError  # noqa: E402
 from flashmoe.backends.numba_backend import _as_weight  # noqa: E402
-from flashmoe.conformance.op_cases import make_expert_views, make_weight  # noqa: E402
+from flashmoe.conformance.op_cases import CLAMPED_ACT, MXFP4, make_expert_views, make_weight  # noqa: E402
 
 
 def test_bf16_expert_is_used_in_place_without_copying_words_or_scales():
@@ -21,7 +21,7 @@ def test_bf16_expert_is_used_in_place_without_copying_words_or_scales():
         kw = _as_weight(qt, name)
         assert np.shares_memory(kw.words, qt.weight), name
         assert np.shares_memory(kw.scales, qt.scales) and np.shares_memory(kw.biases, qt.biases), name
-        assert kw.bf16
+        assert kw.scale == "bf16"
 
 
 def test_embed_refuses_token_ids_outside_the_vocabulary():
@@ -135,3 +135,19 @@ def test_every_parallel_kernel_gives_the_same_bits_on_one_thread_and_on_the_pool
         np.testing.assert_array_equal(got, want)
 
 
+
+
+@pytest.mark.parametrize("bits", [MXFP4, 4])
+def test_experts_with_biases_and_the_clamped_swiglu_take_the_fused_kernels(bits, monkeypatch):
+    """Experts with biases and the clamped SwiGLU (gpt-oss), in MXFP4 or converted to affine, run in the
+    fused k-expert kernels like any other (two parallel regions per layer): Backend.expert_ffn is not called."""
+    rng = np.random.default_rng(3)
+    experts = [make_expert_views(rng, 128, 64, bits, 32, "bfloat16", 64 * e, biases=True) for e in range(3)]
+    weights = np.array([0.5, 0.3, 0.2], np.float32)
+    x = rng.standard_normal(128).astype(np.float32)
+    for mode in ("float", "q8"):
+        want = get_backend("numpy", mode).experts_ffn(x, experts, weights, act=CLAMPED_ACT)
+        with monkeypatch.context() as m:
+            m.setattr(Backend, "expert_ffn", lambda *a, **k: pytest.fail("an expert ran on its own"))
+            got = get_backend("numba", mode).experts_ffn(x, experts, weights, act=CLAMPED_ACT)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

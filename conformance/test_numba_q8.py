@@ -8,13 +8,14 @@ import pytest
 
 from flashmoe.backends.base import get_backend
 from flashmoe.backends.numba_backend import _addresses, _as_weight, _call
-from flashmoe.conformance.op_cases import SCALE_DTYPES, make_expert_views, make_weight
+from flashmoe.backends.numba_packed import stacked_biases
+from flashmoe.conformance.op_cases import CLAMPED_ACT, MXFP4, SCALE_DTYPES, make_expert_views, make_weight
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.reference import q8 as ref
+from flashmoe.reference.moe import clamped_swiglu
 
 q8 = pytest.importorskip("flashmoe.backends.numba_q8", reason="numba is not installed")
 pytestmark = pytest.mark.skipif(q8.numba is None, reason="numba is not installed")
-numba_mxfp4 = pytest.importorskip("flashmoe.backends.numba_mxfp4")
 
 #: Bound on max|numba - reference| / max|reference| for q8: the codes and int32 sums are identical, so
 #: only the order of float32 sums differs.
@@ -59,12 +60,10 @@ def test_a_tokens_output_is_the_same_bits_alone_or_in_a_prefill_tile():
     rng = np.random.default_rng(11)
     x = rng.standard_normal((q8.Q8_TILE_TOKENS + 3, 512)).astype(np.float32)
     w = _as_weight(make_weight(rng, 40, 512, 4, 64, "bfloat16"), "w")
-    affine = lambda x: q8.linears(x, [w], _addresses, _call)[0]  # noqa: E731
     fp4 = Mxfp4Tensor(rng.integers(0, 256, (40, 256), dtype=np.uint8), rng.integers(120, 130, (40, 16), dtype=np.uint8))
-    mxfp4 = lambda x: numba_mxfp4.linear(x, fp4, _call, q8=True)  # noqa: E731
-    for linear in (affine, mxfp4):
-        alone = np.concatenate([linear(x[t : t + 1]) for t in range(len(x))])
-        np.testing.assert_array_equal(linear(x), alone)
+    for weight in (w, _as_weight(fp4, "w")):
+        alone = np.concatenate([q8.linears(x[t : t + 1], [weight], _addresses, _call)[0] for t in range(len(x))])
+        np.testing.assert_array_equal(q8.linears(x, [weight], _addresses, _call)[0], alone)
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
@@ -80,18 +79,32 @@ def test_q8_linears_of_one_input_match_the_q8_reference_each(tokens):
         assert _rel(g, ref.linear_q8(x, qt)) <= Q8_KERNEL_TOLERANCE
 
 
-@pytest.mark.parametrize("bits,group_size,sdtype", [(4, 32, "bfloat16"), (3, 64, "float16")])
-def test_q8_experts_match_the_q8_reference_weighted_sum(bits, group_size, sdtype):
+def _clamped_expert_q8(x: np.ndarray, e: dict) -> np.ndarray:
+    """gpt-oss's expert with q8 activations on every projection, biases and the clamped SwiGLU."""
+    gate, up = (ref.linear_q8(x, e[p]) + e[f"{p}.bias"] for p in ("gate_proj", "up_proj"))
+    h = clamped_swiglu(gate, up, CLAMPED_ACT.limit, CLAMPED_ACT.alpha)
+    return ref.linear_q8(h, e["down_proj"]) + e["down_proj.bias"]
+
+
+@pytest.mark.parametrize("bits,group_size,sdtype,clamped", [
+    (4, 32, "bfloat16", False), (3, 64, "float16", False), (MXFP4, 32, "", True), (4, 64, "bfloat16", True)])
+def test_q8_experts_match_the_q8_reference_weighted_sum(bits, group_size, sdtype, clamped):
+    """SwiGLU experts, and gpt-oss's (biases, the clamped SwiGLU) in MXFP4 or converted to affine: one
+    kernel for both formats."""
     rng = np.random.default_rng(7)
     k, hidden, inter = 4, 256, 192
-    experts = [make_expert_views(rng, hidden, inter, bits, group_size, sdtype, 64 * e) for e in range(k)]
+    experts = [make_expert_views(rng, hidden, inter, bits, group_size, sdtype, 64 * e, biases=clamped)
+               for e in range(k)]
     weights = rng.dirichlet(np.ones(k)).astype(np.float32)
     x = rng.standard_normal((1, hidden)).astype(np.float32)
-    want = sum(w * ref.swiglu_q8(x, e)[0] for w, e in zip(weights, experts))
+    expert = _clamped_expert_q8 if clamped else ref.swiglu_q8
+    want = sum(w * expert(x, e)[0] for w, e in zip(weights, experts))
     packed = {n: [_as_weight(e[n], n) for e in experts] for n in ("gate_proj", "up_proj", "down_proj")}
+    g_bias, u_bias, d_bias = (stacked_biases(experts, n, packed[n][0].out_features) for n in packed)
+    act = np.array([CLAMPED_ACT.limit, CLAMPED_ACT.alpha] if clamped else [], np.float32)
     g, u, d = (packed[n] for n in ("gate_proj", "up_proj", "down_proj"))
-    h = q8.experts_gate_up(x, g[0], _addresses(g), _addresses(u), _call)
-    got = q8.experts_down(h, d[0], _addresses(d), weights, _call)
+    h = q8.experts_gate_up(x, g[0], _addresses(g), _addresses(u), g_bias, u_bias, act, _call)
+    got = q8.experts_down(h, d[0], _addresses(d), d_bias, weights, _call)
     assert _rel(got, want) <= Q8_KERNEL_TOLERANCE
 
 
@@ -112,19 +125,19 @@ def test_widths_without_a_row_kernel_take_float_activations_in_q8_mode(bits, gro
                                       float_mode.experts_ffn(x[0], experts, weights))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, MXFP4])
 def test_the_x86_row_kernels_use_the_integer_multiply_add_instructions(bits):
-    """The x86 mat-vecs (4-bit paired, 8-bit natural order) compile to vpdpbusd (AVX-512 VNNI) or
-    vpmaddubsw + vpmaddwd (AVX2), and the 4-bit one prefetches its codes ahead (prefetcht0). numba shows no
+    """The x86 mat-vecs (4-bit and MXFP4 paired, 8-bit natural order) compile to vpdpbusd (AVX-512 VNNI) or
+    vpmaddubsw + vpmaddwd (AVX2), and the 4-bit ones prefetch their codes ahead (prefetcht0). numba shows no
     assembly for a kernel loaded from its disk cache, so the test compiles a fresh copy."""
     if q8.INT8_INSTRUCTIONS is None:
         pytest.skip("this CPU has no AVX2: the portable loop runs")
     rng = np.random.default_rng(0)
     w = _as_weight(make_weight(rng, 64, 256, bits, 64, "bfloat16"), "w")
-    xq, d, xsum, paired = q8.quantize(rng.standard_normal((1, 256)).astype(np.float32), bits, 64)
-    fresh = q8.numba.njit(q8.q8_kernels(bits, True, paired).matvecs.py_func)
+    xq, d, xsum, paired = q8.quantize(rng.standard_normal((1, 256)).astype(np.float32), w.bits, w.group_size)
+    fresh = q8.numba.njit(q8.q8_kernels(w.bits, w.scale, paired).matvecs.py_func)
     fresh(_addresses([w]), np.array([0, 64]), xq, d, xsum, np.empty((1, 64), np.float32))
     asm = fresh.inspect_asm(fresh.signatures[0])
     want = ["vpdpbusd"] if q8.INT8_INSTRUCTIONS == "avx512-vnni" else ["vpmaddubsw", "vpmaddwd"]
-    want += ["prefetcht0"] if bits == 4 else []
-    assert paired == (bits == 4) and all(ins in asm for ins in want), want
+    want += ["prefetcht0"] if w.bits == 4 else []
+    assert paired == (w.bits == 4) and all(ins in asm for ins in want), want
