@@ -485,8 +485,19 @@ def _fused_qkv(model_type: str):
 FUSED_QKV_TYPES = ("mixtral", "qwen3_next", "glm4_moe")
 
 
-@pytest.mark.parametrize("layout", [_legacy_qwen3next, _fused_gate_up, *map(_fused_qkv, FUSED_QKV_TYPES)],
-                         ids=["ssm_in", "ffn_gate_up_exps", *(f"attn_qkv-{t}" for t in FUSED_QKV_TYPES)])
+def _fused_gpt_oss(tmp_path):
+    """(path, canonical tensors) of the tiny gpt-oss GGUF with `--fuse_gate_up_exps`: the experts' gate and up
+    weights as ffn_gate_up_exps.weight [E, 2I, H] and their biases as ffn_gate_up_exps.bias [E, 2I], gate's first."""
+    truth = write_tiny_gguf(tmp_path / "m.gguf", "gpt_oss")
+    for kind, src, dst in (("weight", "m", "w"), ("bias", "w", "fused")):
+        _fused_copy(tmp_path / f"{src}.gguf", tmp_path / f"{dst}.gguf", (f"ffn_gate_exps.{kind}", f"ffn_up_exps.{kind}"),
+                    f"ffn_gate_up_exps.{kind}", lambda gate, up: np.concatenate([gate, up], axis=1))
+    return tmp_path / "fused.gguf", truth
+
+
+@pytest.mark.parametrize("layout", [_legacy_qwen3next, _fused_gate_up, _fused_gpt_oss, *map(_fused_qkv, FUSED_QKV_TYPES)],
+                         ids=["ssm_in", "ffn_gate_up_exps", "ffn_gate_up_exps-gpt_oss weight and bias",
+                              *(f"attn_qkv-{t}" for t in FUSED_QKV_TYPES)])
 def test_older_and_fused_layouts_import_the_same_tensors(tmp_path, layout):
     """Tensors that llama.cpp conversions fuse (older Qwen3-Next files' ssm_in; `--fuse_gate_up_exps`,
     `--fuse-qkv`) come back as the split file's, bit for bit (here F32 rows of its dequantised values)."""

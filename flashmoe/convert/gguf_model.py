@@ -59,8 +59,9 @@ CONFIG_KEYS = {
 YARN_KEYS = {"factor": "factor", "original_max_position_embeddings": "original_context_length",
              "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow"}
 #: The stacked experts' gate and up projections fused in one tensor (llama.cpp's `--fuse_gate_up_exps` conversions,
-#: which src/llama-model.cpp's create_tensor_gate_up_exps reads first): each projection's half of its rows.
-FUSED_GATE_UP = "blk.{}.ffn_gate_up_exps.weight"
+#: which src/llama-model.cpp's create_tensor_gate_up_exps reads first), weights [E, 2I, H] and (gpt-oss) biases
+#: [E, 2I]: each projection's half of its rows, gate's first. Formatted with the layer and "weight" or "bias".
+FUSED_GATE_UP = "blk.{}.ffn_gate_up_exps.{}"
 FUSED_GATE_UP_HALF = {"gate_proj": 0, "up_proj": 1}
 #: The sigmoid-routed families' keys (llama.cpp's LLM_KV_EXPERT_* and LEADING_DENSE_BLOCK_COUNT), with the values
 #: llama.cpp assumes when a file lacks them (no groups, no scaling, no dense or shared blocks).
@@ -266,13 +267,15 @@ class _Import:
         for key, gname in names.items():
             shape = (n, h, inter) if key.startswith("down_proj") else (n, inter, h)
             gname, half = f"blk.{layer}.{gname}", None
-            if gname not in self.model.tensors and key in FUSED_GATE_UP_HALF and FUSED_GATE_UP.format(layer) in \
-                    self.model.tensors:  # llama.cpp's --fuse_gate_up_exps: [E, 2I, H], gate's rows first
-                gname, half, shape = FUSED_GATE_UP.format(layer), FUSED_GATE_UP_HALF[key], (n, 2 * inter, h)
+            proj, _, part = key.partition(".")
+            fused = FUSED_GATE_UP.format(layer, part or "weight")
+            if gname not in self.model.tensors and proj in FUSED_GATE_UP_HALF and fused in self.model.tensors:
+                gname, half, shape = fused, FUSED_GATE_UP_HALF[proj], (n, 2 * inter, h)
             tensors[key] = self._tensor(gname, shape[:2] if key.endswith(".bias") else shape,
                                         f"layers.{layer}.mlp.experts.{key}")
             raw = self.model.raw(gname)
-            raws[key] = raw if half is None else raw[:, half * inter:(half + 1) * inter]
+            width = raw.shape[1] // 2  # a fused tensor's gate half, then its up half: rows of weights, bytes of biases
+            raws[key] = raw if half is None else raw[:, half * width:(half + 1) * width]
         first = {key: self._stored(tensors[key], raws[key][0], expert=True) for key in names}
         writer = out.open_experts(layer, ExpertLayout.plan(first), n)
         for e in range(n):
