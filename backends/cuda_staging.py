@@ -259,11 +259,13 @@ def _root(a: np.ndarray) -> np.ndarray:
 
 def _expert_arrays(expert: Expert) -> list[np.ndarray] | None:
     """The nine arrays of a quantised expert (words, scales, biases per projection; MXFP4: blocks, scales and
-    the projection's bias) or None if any projection is a float array, or an MXFP4 one without a bias."""
+    the projection's bias) or None if any projection is a float array, an MXFP4 one without a bias, or an
+    affine one with a bias (gpt-oss converted with --expert-bits: the affine kernels have no bias term, so
+    such experts are neither staged nor held in the VRAM tier, and base.py's composite runs them)."""
     arrays = []
     for name in EXPERT_PROJS:
         t = expert[name]
-        if isinstance(t, QuantizedTensor):
+        if isinstance(t, QuantizedTensor) and expert.get(f"{name}.bias") is None:
             arrays += [t.weight, t.scales, t.biases]
         elif isinstance(t, Mxfp4Tensor) and expert.get(f"{name}.bias") is not None:
             arrays += [t.blocks, t.scales, expert[f"{name}.bias"]]

@@ -335,6 +335,25 @@ def test_qk_norm_rope_is_the_head_norms_then_rope(be, rotary_dim):
 
 
 @HERE
+def test_affine_experts_with_biases_stay_out_of_the_vram_tier():
+    """gpt-oss converted to affine (--expert-bits) with a VRAM tier and --preload: the tier's affine kernels
+    have no expert bias, so such experts are not held (has_expert stays false and the engine passes them,
+    never None) and compute as the NumPy backend does."""
+    be, rng = get_backend("cuda"), np.random.default_rng(4)
+    experts = [make_expert_views(rng, 64, 64, 4, 32, "bfloat16", 64 * e, biases=True) for e in range(2)]
+    keys, weights, x = [(0, 0), (0, 1)], np.array([0.7, 0.3], np.float32), rng.standard_normal(64).astype(np.float32)
+    be.configure_expert_cache(1 << 20)
+    try:
+        be.hold_experts(experts, keys)  # what Engine.preload_experts does
+        passed = [None if be.has_expert(key) else e for key, e in zip(keys, experts)]  # as Engine._moe_decode
+        got = be.to_numpy(be.experts_ffn(x, passed, weights, keys, act=CLAMPED_ACT))
+    finally:
+        be.configure_expert_cache(0)
+    want = get_backend("numpy").experts_ffn(x, experts, weights, act=CLAMPED_ACT)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@HERE
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "deepseek_v3", "gpt_oss"])
 def test_engine_forward_matches_the_numpy_backend(tmp_path, arch):
     """Hybrid attention; MLA (absorbed, latent cache) with sigmoid group routing; gpt-oss's MXFP4 experts
