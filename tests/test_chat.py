@@ -221,8 +221,13 @@ def test_a_missing_model_directory_is_named_as_missing(command, tmp_path):
 
     missing = tmp_path / "nonexistent"
     result = CliRunner().invoke(app, [command, str(missing), *(["-p", "hi"] if command == "generate" else [])])
-    assert result.exit_code == 2 and result.output.startswith(f"error: {missing}: not a directory (give a model ")
+    assert result.exit_code == 2 and result.output.startswith(f"error: {missing}: does not exist (give a model ")
     assert result.output.count("\n") == 1
+    gguf = tmp_path / "model.gguf"  # a GGUF given where a model directory goes: how to convert it
+    gguf.write_bytes(b"GGUF")
+    result = CliRunner().invoke(app, [command, str(gguf), *(["-p", "hi"] if command == "generate" else [])])
+    assert result.exit_code == 2
+    assert result.output == f"error: {gguf}: not a directory (a GGUF file is read after `flashmoe convert {gguf} DIR`)\n"
 
 
 def test_a_run_says_why_it_stopped_in_the_one_vocabulary(tokenizer):

@@ -59,10 +59,10 @@ class ModelDir:
         path = Path(path)
         mpath = path / MANIFEST
         if not path.is_dir():
-            hint = ("a GGUF file is not a flashmoe model; convert the Hugging Face or MLX checkpoint instead"
+            hint = (f"a GGUF file is read after `flashmoe convert {path} DIR`"
                     if path.suffix.lower() == ".gguf" else "give a model directory made by `flashmoe convert` "
                     "(or `flashmoe synth`)")
-            raise FormatError(f"{path}: not a directory ({hint})")
+            raise FormatError(f"{path}: {'not a directory' if path.exists() else 'does not exist'} ({hint})")
         try:
             manifest = Manifest.from_json(mpath.read_text(), str(mpath))
         except FileNotFoundError:
