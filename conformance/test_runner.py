@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,25 @@ def test_stamp_key_changes_with_the_machine(backends, monkeypatch):
     before = runner.stamp_path("exact-test")
     monkeypatch.setattr(runner, "machine", lambda: {"host": "another"})
     assert runner.stamp_path("exact-test") != before
+
+
+def test_stamp_key_changes_when_a_module_the_backend_imports_changes(backends, monkeypatch):
+    # The numba backend's class lives in numba_backend.py; its kernels in the modules it imports (some inside
+    # functions), the arithmetic they must match in reference/ and the weight layouts in format/.
+    files = {(path.parent.name, path.name) for path in runner.source_files("numba")}
+    helpers = [("backends", "numba_q8.py"), ("backends", "numba_x86.py"), ("backends", "numba_packed.py"),
+               ("backends", "numba_experts.py"), ("backends", "base.py"), ("reference", "q8.py"),
+               ("reference", "ops.py"), ("format", "quant.py"), ("format", "mxfp4.py"),
+               ("conformance", "op_cases.py"), ("conformance", "runner.py")]
+    assert set(helpers) <= files, set(helpers) - files
+    assert ("serve", "server.py") not in files  # what the gate does not run does not re-run it
+    before = runner.stamp_path("numba")
+    read = Path.read_bytes
+    for folder, edited in helpers:
+        monkeypatch.setattr(Path, "read_bytes", lambda self, edited=edited: read(self) + b"\n# edited\n" * (self.name == edited))
+        assert runner.stamp_path("numba") != before, f"editing {folder}/{edited} kept the stamp"
+    monkeypatch.setattr(Path, "read_bytes", read)
+    assert runner.stamp_path("numba") == before
 
 
 def test_wrong_backend_is_refused_naming_the_failing_case(backends):
