@@ -9,16 +9,15 @@ weight codes is exact in int32; a row is
 where xsum are the float group sums of x. ``c_b`` is formed per row in a small scratch, so the integer dot
 needs no knowledge of the group size.
 
-4-bit weights on x86 with AVX2 (the default format on the usual CPU) and 8-bit ones take LLVM-intrinsic row
-kernels (numba_x86.py: vpdpbusd, or vpmaddubsw + vpmaddwd). For the 4-bit kernel the int8 inputs are stored
-in *paired* order: in each run of 64, the 32 even positions then the 32 odd ones, matching the low/high
-nibbles of 32 consecutive code bytes (code 2i is byte i's low nibble, code 2i+1 its high one; MLX packs least
-significant bits first); 8-bit codes meet inputs in natural order. The portable loop (natural order), which
-unpacks each code with numba_packed's ``code``, serves CPUs without AVX2 and 4-bit rows whose inputs are not
-runs of 64; the results are the same up to float32 rounding. The backend gives these kernels only 4- and
-8-bit weights in groups of 32 or more (flashmoe.reference.q8.uses_q8: other widths and groups of 16 take
-float activations in q8 mode); the portable loop computes any width, and the tests hold it to the reference
-at several.
+On x86 with AVX2 every affine width takes an LLVM-intrinsic row kernel (numba_x86.py: vpdpbusd, or
+vpmaddubsw + vpmaddwd; row_kind names which). For 4-bit weights in groups of 32 or more the int8 inputs are
+stored in *paired* order: in each run of 64, the 32 even positions then the 32 odd ones, matching the
+low/high nibbles of 32 consecutive code bytes (code 2i is byte i's low nibble, code 2i+1 its high one; MLX
+packs least significant bits first). 2-, 3-, 5- and 6-bit codes, and any width in groups of 16 (GGUF's
+K-quants: activation blocks of 16), take the *units* kernel: each unit of 32 codes (4·bits bytes) unpacked to
+bytes, inputs in natural order. 8-bit codes in groups of 32 or more meet inputs in natural order through
+their own kernel. The portable loop (natural order), which unpacks each code with numba_packed's ``code``,
+serves CPUs without AVX2; the results are the same up to float32 rounding.
 
 Calls of many tokens (prefill) run the same row kernel over tiles of Q8_TILE_TOKENS tokens: one pass over a
 row's codes computes the row's dot with each token of the tile, each token's sums in the same order as
@@ -44,13 +43,14 @@ try:
     from numba import njit, prange, types
     from numba.extending import overload
 
-    from flashmoe.backends.numba_x86 import e2m1_row_dot, e2m1_tile_dot, q4_row_dot, q4_tile_dot, q8w_row_dot
+    from flashmoe.backends.numba_x86 import (UNIT_KERNELS, e2m1_row_dot, e2m1_tile_dot, q4_row_dot, q4_tile_dot,
+                                             q8w_row_dot)
 except ImportError:  # the numba backend reports it (numba_backend.unavailable_reason)
     numba = None
 
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, code, expert_view, gated,
                                             u32_as_f32, widen)
-from flashmoe.backends.numba_x86 import INT8_INSTRUCTIONS, Q8_TILE_TOKENS, X86_BYTES
+from flashmoe.backends.numba_x86 import INT8_INSTRUCTIONS, Q8_TILE_TOKENS, UNIT_BITS, X86_BYTES
 from flashmoe.format.mxfp4 import SCALE_BIAS
 from flashmoe.reference.q8 import FP4_DOUBLED, Q8_BLOCK, q8_block
 
@@ -58,10 +58,19 @@ from flashmoe.reference.q8 import FP4_DOUBLED, Q8_BLOCK, q8_block
 HALF_SCALE_VALUES = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - SCALE_BIAS - 1).astype(np.float32)
 
 
-def paired_layout(bits: int, in_features: int, group_size: int) -> bool:
-    """True when the x86 4-bit row kernel applies, so x is quantised in paired order (module docstring): it
-    takes activation blocks of 32, so not groups of 16 (whose blocks are 16, flashmoe.reference.q8.q8_block)."""
-    return INT8_INSTRUCTIONS is not None and bits == 4 and in_features % 64 == 0 and group_size >= Q8_BLOCK
+def row_kind(bits: int, in_features: int, group_size: int) -> str:
+    """Which row kernel takes weights of `bits`, `group_size` and `in_features` (a compile-time constant of
+    q8_kernels; module docstring): 'paired' (x86, 4-bit in groups of 32 or more, inputs in runs of 64: x is
+    quantised in paired order), 'units1' / 'units2' (x86, any other width in UNIT_BITS, units of 32 codes
+    holding 1 activation block, or 2 for groups of 16), or 'natural' (8-bit codes in groups of 32 or more,
+    by the 8-bit row kernel on x86, and everything on other CPUs: the portable loop)."""
+    if INT8_INSTRUCTIONS is None or (bits == 8 and group_size >= Q8_BLOCK):
+        return "natural"
+    if bits == 4 and in_features % 64 == 0 and group_size >= Q8_BLOCK:
+        return "paired"
+    if bits in UNIT_BITS and in_features % 32 == 0:
+        return "units1" if group_size >= Q8_BLOCK else "units2"
+    return "natural"
 
 
 if numba is not None:
@@ -175,75 +184,98 @@ if numba is not None:
         return shift
 
     @njit(fastmath=FASTMATH, inline="always")
-    def _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, t1, cb, tile, bits, paired, out, col):
-        """out[t, col] = row o of (w, s, b) . x[t] for tokens t0..t1-1: Q8_TILE_TOKENS at a time through the
-        x86 4-bit tile kernel where it applies, the rest one by one (_row); the values are the same."""
+    def _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, t1, cb, tile, bits, row, out, col):
+        """out[t, col] = row o of (w, s, b) . x[t] for tokens t0..t1-1: Q8_TILE_TOKENS at a time (_tile), the
+        rest one by one (_row); the values are the same."""
         t = t0
-        if paired:
-            while t + Q8_TILE_TOKENS <= t1:
-                _tile(w[o], s[o], b[o], xq, d, xsum, t, tile)
-                for i in range(Q8_TILE_TOKENS):
-                    out[t + i, col] = tile[i]
-                t += Q8_TILE_TOKENS
+        while t + Q8_TILE_TOKENS <= t1:
+            _tile(w[o], s[o], b[o], xq, d, xsum, t, tile, cb, bits, row)
+            for i in range(Q8_TILE_TOKENS):
+                out[t + i, col] = tile[i]
+            t += Q8_TILE_TOKENS
         for u in range(t, t1):
-            out[u, col] = _row(w[o], s[o], b[o], xq[u], d[u], xsum[u], cb, bits, paired)
+            out[u, col] = _row(w[o], s[o], b[o], xq[u], d[u], xsum[u], cb, bits, row)
 
     @njit(fastmath=FASTMATH, inline="always")
-    def _affine_row(wrow, srow, brow, xq, d, xsum, cb, bits, paired):
-        """One affine output row: the integer block dots scaled by d_b * scale_g, plus the bias term. The x86
-        row kernels take 4-bit codes in paired order and 8-bit ones in blocks of 32 (the portable loop's
-        scales and order of sums); ``bits``, ``paired`` and X86_BYTES are compile-time constants, so only the
-        branch that applies is kept."""
-        if paired:
-            return q4_row_dot(wrow, xq, d, srow, _group_shift(srow, d)) + _bias(brow, xsum)
+    def _natural_row(wrow, srow, brow, xq, d, xsum, cb, bits):
+        """One affine output row, inputs in natural order: the integer block dots scaled by d_b * scale_g
+        (formed per row in the scratch cb), plus the bias term; 8-bit codes in blocks of 32 by the x86 8-bit
+        row kernel where it exists (the portable loop's scales and order of sums), else the portable loop."""
         bias = _row_scales(srow, brow, d, xsum, cb)
         if X86_BYTES and bits == 8 and xq.shape[0] == 32 * cb.shape[0]:
             return q8w_row_dot(wrow, xq, cb) + bias
         return _plain_row_dot(wrow, xq, cb, bits) + bias
 
-    @njit(fastmath=FASTMATH, inline="always")
-    def _affine_tile(wrow, srow, brow, xq, d, xsum, t0, tile):
-        """tile[i] = _affine_row of the paired 4-bit row with token t0 + i, i < Q8_TILE_TOKENS (one pass)."""
-        q4_tile_dot(wrow, xq, d, srow, _group_shift(srow, d), t0, tile)
-        for i in range(Q8_TILE_TOKENS):
-            tile[i] = tile[i] + _bias(brow, xsum[t0 + i])
-
-    def _row(wrow, srow, brow, xq, d, xsum, cb, bits, paired):
+    def _row(wrow, srow, brow, xq, d, xsum, cb, bits, row):
         """One output row of codes wrow (uint32 words) with one token's q8 inputs xq (int8), d (float32 per
-        block), xsum (its group sums); cb a float32 scratch [blocks]. The format follows the scales' dtype:
-        E8M0 bytes (uint8) are MXFP4's row (no bias), float32 or bf16 bits an affine one (_affine_row)."""
+        block), xsum (its group sums); cb a float32 scratch [blocks]; bits and row (row_kind) literals. The
+        format follows the scales' dtype: E8M0 bytes (uint8) are MXFP4's row (no bias), float32 or bf16 bits
+        an affine one; the x86 row kernels (numba_x86) add the bias term sum_g bias_g * xsum_g."""
         raise NotImplementedError("only callable from numba-compiled code")
+
+    def _tile(wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row):
+        """tile[i] = _row of one row with token t0 + i for i < Q8_TILE_TOKENS (xq, d, xsum: all the tokens):
+        one pass over the row's codes for the x86 kernels, token by token for the portable ones."""
+        raise NotImplementedError("only callable from numba-compiled code")
+
+    def _x86_row_kernels(srow, bits, row):
+        """(row_dot, tile_dot) of the x86 kernel for literal `bits` and `row` and the scales' dtype, or None
+        (the portable loops)."""
+        if row.literal_value == "paired":
+            return (e2m1_row_dot, e2m1_tile_dot) if srow.dtype == types.uint8 else (q4_row_dot, q4_tile_dot)
+        if row.literal_value.startswith("units") and srow.dtype != types.uint8:
+            return UNIT_KERNELS[bits.literal_value, int(row.literal_value[-1])]
+        return None
+
+    def _literals(bits, row):
+        return isinstance(bits, types.IntegerLiteral) and isinstance(row, types.StringLiteral)
 
     @overload(_row, inline="always")
-    def _row_impl(wrow, srow, brow, xq, d, xsum, cb, bits, paired):
-        if srow.dtype != types.uint8:
-            return lambda wrow, srow, brow, xq, d, xsum, cb, bits, paired: _affine_row(
-                wrow, srow, brow, xq, d, xsum, cb, bits, paired)
-
-        def e2m1_row(wrow, srow, brow, xq, d, xsum, cb, bits, paired):
-            if paired:
-                return e2m1_row_dot(wrow, xq, d, srow, HALF_SCALE_VALUES)
-            return _e2m1_portable_row_dot(wrow, xq, d, srow, HALF_SCALE_VALUES)
-
-        return e2m1_row
-
-    def _tile(wrow, srow, brow, xq, d, xsum, t0, tile):
-        """tile[i] = _row of one paired 4-bit row (affine or MXFP4, by the scales' dtype as for _row) with
-        token t0 + i for i < Q8_TILE_TOKENS, one pass over the row's codes (xq, d, xsum: all the tokens)."""
-        raise NotImplementedError("only callable from numba-compiled code")
+    def _row_impl(wrow, srow, brow, xq, d, xsum, cb, bits, row):
+        if not _literals(bits, row):
+            return None  # numba retries with the closure constants as literals
+        kernels = _x86_row_kernels(srow, bits, row)
+        if kernels is None and srow.dtype == types.uint8:
+            return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: _e2m1_portable_row_dot(
+                wrow, xq, d, srow, HALF_SCALE_VALUES)
+        if kernels is None:
+            return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: _natural_row(wrow, srow, brow, xq, d, xsum,
+                                                                                     cb, bits)
+        row_dot = kernels[0]
+        if srow.dtype == types.uint8:
+            return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: row_dot(wrow, xq, d, srow, HALF_SCALE_VALUES)
+        return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: (
+            row_dot(wrow, xq, d, srow, _group_shift(srow, d)) + _bias(brow, xsum))
 
     @overload(_tile, inline="always")
-    def _tile_impl(wrow, srow, brow, xq, d, xsum, t0, tile):
-        if srow.dtype != types.uint8:
-            return lambda wrow, srow, brow, xq, d, xsum, t0, tile: _affine_tile(wrow, srow, brow, xq, d, xsum, t0, tile)
-        return lambda wrow, srow, brow, xq, d, xsum, t0, tile: e2m1_tile_dot(wrow, xq, d, srow, HALF_SCALE_VALUES,
-                                                                              t0, tile)
+    def _tile_impl(wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row):
+        if not _literals(bits, row):
+            return None
+
+        kernels = _x86_row_kernels(srow, bits, row)
+        if kernels is None:
+            def tokens(wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row):
+                for i in range(Q8_TILE_TOKENS):
+                    tile[i] = _row(wrow, srow, brow, xq[t0 + i], d[t0 + i], xsum[t0 + i], cb, bits, row)
+
+            return tokens
+        tile_dot = kernels[1]
+        if srow.dtype == types.uint8:
+            return lambda wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row: tile_dot(
+                wrow, xq, d, srow, HALF_SCALE_VALUES, t0, tile)
+
+        def affine(wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row):
+            tile_dot(wrow, xq, d, srow, _group_shift(srow, d), t0, tile)
+            for i in range(Q8_TILE_TOKENS):
+                tile[i] = tile[i] + _bias(brow, xsum[t0 + i])
+
+        return affine
 
     @functools.lru_cache(maxsize=None)
-    def q8_kernels(bits: int, scale: str, paired: bool) -> SimpleNamespace:
+    def q8_kernels(bits: int, scale: str, row: str) -> SimpleNamespace:
         """The q8 kernels for one bit width, scale kind (numba_packed.SCALE_KINDS: affine float32 or bf16, or
-        MXFP4's E8M0) and input order; the three are closure constants, so numba keeps only the row kernel
-        that applies (paired: the x86 4-bit or E2M1 one)."""
+        MXFP4's E8M0) and row kernel (row_kind); the three are closure constants, so numba compiles only the
+        row kernel that applies."""
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def matvecs(addr, first_row, xq, d, xsum, out):
@@ -269,7 +301,7 @@ if numba is not None:
                 for t0 in range(0, xq.shape[0], Q8_TILE_TOKENS):
                     for o in range(r0, min(rows, r0 + ROW_BLOCK)):
                         _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, min(xq.shape[0], t0 + Q8_TILE_TOKENS), cb, tile,
-                                        bits, paired, out, first_row[i] + o)
+                                        bits, row, out, first_row[i] + o)
 
         @njit(parallel=True, fastmath=FASTMATH, cache=True)
         def experts_gate_up(g_addr, u_addr, xq, d, xsum, g_bias, u_bias, act, h):
@@ -288,7 +320,7 @@ if numba is not None:
                     w, s, b = expert_view(u_addr if up else g_addr, e, inter, n_words, xsum.shape[1], scale)
                     bias = u_bias if up else g_bias
                     for i in range(i0, i1):
-                        v = _row(w[i], s[i], b[i], xq[0], d[0], xsum[0], cb, bits, paired)
+                        v = _row(w[i], s[i], b[i], xq[0], d[0], xsum[0], cb, bits, row)
                         if bias.shape[1]:
                             v += bias[e, i]
                         if up:
@@ -312,7 +344,7 @@ if numba is not None:
                 for e in range(k):
                     w, s, b = expert_view(d_addr, e, n_rows, n_words, hsum.shape[1], scale)
                     for o in range(o0, o1):
-                        v = _row(w[o], s[o], b[o], hq[e], hd[e], hsum[e], cb, bits, paired)
+                        v = _row(w[o], s[o], b[o], hq[e], hd[e], hsum[e], cb, bits, row)
                         if d_bias.shape[1]:
                             v += d_bias[e, o]
                         acc[o - o0] += weights[e] * v
@@ -321,17 +353,17 @@ if numba is not None:
         return SimpleNamespace(matvecs=matvecs, experts_gate_up=experts_gate_up, experts_down=experts_down)
 
 
-def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """x float32 [T, n] -> (xq int8 [T, n], d float32 [T, n / block], xsum float32 [T, n / group_size],
-    paired): the q8 activations in the order the kernels for `bits` read (paired_layout)."""
+def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """x float32 [T, n] -> (xq int8 [T, n], d float32 [T, n / block], xsum float32 [T, n / group_size], row):
+    the q8 activations in the order the row kernel for `bits` reads (row_kind: paired order for 'paired')."""
     T, n = x.shape
     block = q8_block(group_size)
-    paired = paired_layout(bits, n, group_size)
+    row = row_kind(bits, n, group_size)
     xq = np.empty((T, n), np.int8)
     d = np.empty((T, n // block), np.float32)
     xsum = np.empty((T, n // group_size), np.float32)
-    quantize_q8(x, block, paired, xq, d, xsum)
-    return xq, d, xsum, paired
+    quantize_q8(x, block, row == "paired", xq, d, xsum)
+    return xq, d, xsum, row
 
 
 def linears(x: np.ndarray, ws: list, addresses, call) -> list[np.ndarray]:
@@ -341,10 +373,10 @@ def linears(x: np.ndarray, ws: list, addresses, call) -> list[np.ndarray]:
     [m, 3] address table (numba_backend._addresses); ``call`` runs a kernel with its work count
     (numba_backend._call: one thread below the parallel threshold)."""
     w = ws[0]
-    xq, d, xsum, paired = quantize(x, w.bits, w.group_size)
+    xq, d, xsum, row = quantize(x, w.bits, w.group_size)
     first_row = np.array([0, *itertools.accumulate(v.out_features for v in ws)], np.int64)
     out = np.empty((x.shape[0], int(first_row[-1])), np.float32)
-    call(q8_kernels(w.bits, w.scale, paired).matvecs, x.shape[0] * int(first_row[-1]) * w.in_features,
+    call(q8_kernels(w.bits, w.scale, row).matvecs, x.shape[0] * int(first_row[-1]) * w.in_features,
          addresses(ws), first_row, xq, d, xsum, out)
     return [out[:, a:b] for a, b in zip(first_row[:-1], first_row[1:])]
 
@@ -357,10 +389,10 @@ def experts_gate_up(x: np.ndarray, fmt, g_addr: np.ndarray, u_addr: np.ndarray, 
     group_size, scale, out_features, in_features: numba_experts.FusedFormat or a KernelWeight, the same across
     the k experts); g_addr, u_addr: their int64 [k, 3] address tables; g_bias, u_bias float32 [k, inter] or
     [k, 0]; call: numba_backend._call."""
-    xq, xd, xsum, paired = quantize(x, fmt.bits, fmt.group_size)
+    xq, xd, xsum, row = quantize(x, fmt.bits, fmt.group_size)
     h = np.empty((g_addr.shape[0], fmt.out_features), np.float32)
     work = 2 * g_addr.shape[0] * fmt.out_features * fmt.in_features
-    call(q8_kernels(fmt.bits, fmt.scale, paired).experts_gate_up, work, g_addr, u_addr, xq, xd, xsum, g_bias, u_bias,
+    call(q8_kernels(fmt.bits, fmt.scale, row).experts_gate_up, work, g_addr, u_addr, xq, xd, xsum, g_bias, u_bias,
          act, h)
     return h
 
@@ -369,8 +401,8 @@ def experts_down(h: np.ndarray, fmt, d_addr: np.ndarray, d_bias: np.ndarray, wei
     """sum_e weights[e] * (down_e · h_e + d_bias_e) float32 [hidden] with q8 activations (each h_e
     quantised), in one parallel region; h float32 [k, inter] from experts_gate_up; fmt and d_addr as there,
     d_bias [k, hidden] or [k, 0]."""
-    hq, hd, hsum, paired = quantize(h, fmt.bits, fmt.group_size)
+    hq, hd, hsum, row = quantize(h, fmt.bits, fmt.group_size)
     out = np.empty(fmt.out_features, np.float32)
     work = d_addr.shape[0] * fmt.out_features * fmt.in_features
-    call(q8_kernels(fmt.bits, fmt.scale, paired).experts_down, work, d_addr, hq, hd, hsum, d_bias, weights, out)
+    call(q8_kernels(fmt.bits, fmt.scale, row).experts_down, work, d_addr, hq, hd, hsum, d_bias, weights, out)
     return out

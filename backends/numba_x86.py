@@ -9,12 +9,17 @@ to float and accumulated with the blocks' scales by one FMA, and the 8 lanes are
 (llama.cpp's Q4_0 x Q8_0 scheme). An MXFP4 row maps each nibble to |2·E2M1 value| by vpshufb and moves the
 code's sign onto its int8 input by vpsignb first. One row meets one token (decode) or a tile of
 Q8_TILE_TOKENS tokens (prefill: the codes loaded and split, the scales read, once per tile; each token's sums
-in the same order as alone). 8-bit rows take one 32-value block per 32 bytes of codes in natural order:
+in the same order as alone). Other affine widths (2, 3, 5, 6 bits, and any width in groups of 16) take *units*
+of 32 codes in natural input order: a unit's 4·bits bytes unpacked to 32 code bytes (_unit_codes), one
+vpdpbusd (or vpmaddubsw + vpmaddwd) against the 32 int8 inputs, the same loop and tiles as the 4-bit rows
+(row_dots). 8-bit rows in groups of 32 or more take one 32-value block per 32 bytes of codes in natural order:
 ``vpdpbusd`` multiplies the unsigned code bytes with the int8 inputs directly; on AVX2 each code is split into
 its nibbles (16 * high + low) because ``vpmaddubsw`` on whole bytes could saturate its int16 lanes.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +60,21 @@ PREFETCH_BYTES = 1024
 #: and the row's scales read, once for this many tokens; a chunk's rows meet one such tile of tokens before
 #: the next, so the tile's int8 inputs and the chunk's rows both stay in L1 (docs/benchmarks.md, "Prefill").
 Q8_TILE_TOKENS = 4
+#: Code widths of the x86 unit row kernels (UNIT_KERNELS): any affine width, inputs in natural order.
+UNIT_BITS = (2, 3, 4, 5, 6, 8)
+
+
+class RowStep(NamedTuple):
+    """One step of an x86 row kernel's loop (row_dots): its inputs (32 or 64), activation blocks (1 or 2: the
+    int32 lanes' halves) and code bytes."""
+
+    inputs: int
+    blocks: int
+    bytes: int
+
+
+#: The 4-bit rows in paired order: per step 64 inputs, 2 blocks of 32, 32 code bytes.
+PAIR_STEP = RowStep(64, 2, 32)
 
 
 if numba is not None:
@@ -111,46 +131,52 @@ if numba is not None:
             return v
         return builder.bitcast(builder.shl(builder.zext(v, _i32), llvm_ir.Constant(_i32, 16)), _f32)
 
-    def paired_row_dots(builder, words, xs, ds, n_pairs, block_scale, weights, pair_dot, fma_terms):
-        """Codegen of one row's q8 dots over 4-bit codes in paired order (module docstring) with one or more
-        tokens, shared by the affine and MXFP4 row kernels, decode (one token) and prefill (a tile). words:
-        a pointer to the row's code bytes; xs, ds: per token, pointers to its int8 inputs (paired order) and
-        its float32 activation scales; n_pairs: i64 pairs of blocks in the row. For each pair p of blocks the
-        32 code bytes are loaded and turned into weights (weights(builder, w)) and the two blocks' weight
-        scales s2 read (block_scale(b) -> float) once for all the tokens; per token, f = sitofp(pair_dot(
-        builder, weights, xl, xh)) (<8 x float>: lanes 0-3 block 2p, 4-7 block 2p + 1) is accumulated as
-        fma(*fma_terms(builder, f, d2, s2), acc). Each token has two accumulators taking alternate pairs
-        (hiding the FMA latency), so its sum is the same bits whatever tokens share the call. Returns one
-        float32 value per token."""
-        one = llvm_ir.Constant(llvm_ir.IntType(64), 1)
-        wp = builder.bitcast(words, _v32i8.as_pointer())
+    def row_dots(builder, words, xs, ds, n_steps, step, block_scale, weights, step_dot, fma_terms):
+        """Codegen of one row's q8 dots with one or more tokens, shared by every x86 row kernel (4-bit in paired
+        order, MXFP4, b-bit units), decode (one token) and prefill (a tile). words: a pointer to the row's
+        code bytes; xs, ds: per token, pointers to its int8 inputs (the kernel's order) and its float32
+        activation scales; n_steps: i64 steps in the row; step: the RowStep (inputs, activation blocks and
+        code bytes per step). For each step p the codes are loaded and turned into weights (weights(builder,
+        pointer to the step's codes)) and the step's block scales s read (block_scale(b) -> float) once for
+        all the tokens; per token, f = sitofp(step_dot(builder, weights, *x vectors of 32 int8)) (<8 x i32>:
+        lane l of the step's activation block l * blocks / 8) is accumulated as fma(*fma_terms(builder, f, d,
+        s), acc) with d, s <blocks x float>. Each token has two accumulators taking alternate steps (hiding
+        the FMA latency), so its sum is the same bits whatever tokens share the call. Returns one float32
+        value per token."""
+        one = llvm_ir.Constant(_i64, 1)
+        nx = step.inputs // 32
+        wp = builder.bitcast(words, _i8.as_pointer())
         xps = [builder.bitcast(x, _v32i8.as_pointer()) for x in xs]
-        dps = [builder.bitcast(d, _v2f32.as_pointer()) for d in ds]
+        dps = [builder.bitcast(d, llvm_ir.VectorType(_f32, step.blocks).as_pointer()) for d in ds]
         fma = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v8f32, [_v8f32] * 3),
                                              "llvm.fma.v8f32")
         accs = [[cgutils.alloca_once_value(builder, llvm_ir.Constant(_v8f32, [0.0] * 8)) for _ in range(2)]
                 for _ in xs]
 
-        def step(p, half):
-            w = weights(builder, builder.load(builder.gep(wp, [p]), align=1))
-            b0 = builder.shl(p, one)
-            s2 = llvm_ir.Constant(_v2f32, None)
-            for lane, b in enumerate((b0, builder.add(b0, one))):
-                s2 = builder.insert_element(s2, block_scale(b), llvm_ir.Constant(_i32, lane))
-            for xp, dp, acc in zip(xps, dps, accs):
-                xl = builder.load(builder.gep(xp, [b0]), align=1)
-                xh = builder.load(builder.gep(xp, [builder.add(b0, one)]), align=1)
-                d2 = builder.load(builder.gep(dp, [p]), align=4)
-                f = builder.sitofp(pair_dot(builder, w, xl, xh), _v8f32)
-                builder.store(builder.call(fma, [*fma_terms(builder, f, d2, s2), builder.load(acc[half])]), acc[half])
+        def at(p, n):
+            return builder.mul(p, llvm_ir.Constant(_i64, n))
 
-        ahead = llvm_ir.Constant(llvm_ir.IntType(64), PREFETCH_BYTES // 32)
-        with cgutils.for_range(builder, builder.lshr(n_pairs, one)) as loop:  # two pairs per step
-            prefetch(builder, builder.gep(wp, [builder.add(builder.shl(loop.index, one), ahead)]))
-            step(builder.shl(loop.index, one), 0)
-            step(builder.add(builder.shl(loop.index, one), one), 1)
-        with builder.if_then(builder.trunc(n_pairs, llvm_ir.IntType(1))):  # an odd pair left
-            step(builder.sub(n_pairs, one), 0)
+        def run(p, half):
+            w = weights(builder, builder.gep(wp, [at(p, step.bytes)]))
+            s = llvm_ir.Constant(llvm_ir.VectorType(_f32, step.blocks), None)
+            for lane in range(step.blocks):
+                b = builder.add(at(p, step.blocks), llvm_ir.Constant(_i64, lane))
+                s = builder.insert_element(s, block_scale(b), llvm_ir.Constant(_i32, lane))
+            for xp, dp, acc in zip(xps, dps, accs):
+                xv = [builder.load(builder.gep(xp, [builder.add(at(p, nx), llvm_ir.Constant(_i64, j))]), align=1)
+                      for j in range(nx)]
+                d = builder.load(builder.gep(dp, [p]), align=4)
+                f = builder.sitofp(step_dot(builder, w, *xv), _v8f32)
+                builder.store(builder.call(fma, [*fma_terms(builder, f, d, s), builder.load(acc[half])]), acc[half])
+
+        ahead = llvm_ir.Constant(_i64, PREFETCH_BYTES)
+        with cgutils.for_range(builder, builder.lshr(n_steps, one)) as loop:  # two steps per iteration
+            p0 = builder.shl(loop.index, one)
+            prefetch(builder, builder.gep(wp, [builder.add(at(p0, step.bytes), ahead)]))
+            run(p0, 0)
+            run(builder.add(p0, one), 1)
+        with builder.if_then(builder.trunc(n_steps, llvm_ir.IntType(1))):  # an odd step left
+            run(builder.sub(n_steps, one), 0)
         sums = []
         for acc in accs:
             v = builder.fadd(builder.load(acc[0]), builder.load(acc[1]))
@@ -169,33 +195,35 @@ if numba is not None:
         builder.call(fn, [builder.bitcast(pointer, _i8.as_pointer()), llvm_ir.Constant(_i32, 0),
                           llvm_ir.Constant(_i32, 3), llvm_ir.Constant(_i32, 1)])
 
-    def pair_lanes(builder, v2):
-        """<2 x float> (one value per block of a pair) -> <8 x float>, each repeated over its block's 4 lanes."""
-        return builder.shuffle_vector(v2, v2, _lanes(0, 0, 0, 0, 1, 1, 1, 1))
+    def block_lanes(builder, v):
+        """<n x float> (one value per activation block of a step, n = 1 or 2) -> <8 x float>, each repeated
+        over its block's 8 / n lanes."""
+        n = v.type.count
+        return builder.shuffle_vector(v, v, _lanes(*(lane * n // 8 for lane in range(8))))
 
-    def row_kernels(block_scale, weights, pair_dot, fma_terms):
-        """The two intrinsics of one format of 4-bit codes in paired order, both paired_row_dots (whose
-        arguments the last three are):
+    def row_kernels(step, block_scale, weights, step_dot, fma_terms):
+        """The two intrinsics of one row format, both row_dots (whose arguments the last four are):
 
-        row_dot(words, xq, d, srow, extra) -> float32: one row (words uint32 [in / 8], srow its scales) with
-        one token (xq int8 [in] in paired order, d float32 [in / 32]): decode.
+        row_dot(words, xq, d, srow, extra) -> float32: one row (words uint32, srow its scales) with one token
+        (xq int8 [in] in the format's order, d float32 [blocks]): decode.
         tile_dot(words, xq, d, srow, extra, t0, out): out[i] = row_dot with token t0 + i for i <
-        Q8_TILE_TOKENS (xq int8 [T, in], d float32 [T, in / 32], both C-contiguous; out float32
+        Q8_TILE_TOKENS (xq int8 [T, in], d float32 [T, blocks], both C-contiguous; out float32
         [Q8_TILE_TOKENS]): prefill, one pass over the row's codes for the whole tile.
 
-        block_scale(builder, srow_type, srow, extra, b) -> float: the weight scale of activation block b
-        (i64); srow is the row's scales as an array struct, extra the format's argument (array struct or
-        value)."""
+        step: the RowStep; block_scale(builder, srow_type, srow, extra, b) -> float: the weight scale of
+        activation block b (i64); srow is the row's scales as an array struct, extra the format's argument
+        (array struct or value)."""
 
         def arg(context, builder, t, v):
             return context.make_array(t)(context, builder, value=v) if isinstance(t, types.Array) else v
 
         def dots(context, builder, signature, args, xs, ds, n_blocks):
-            """paired_row_dots of the row (arguments 0, 3, 4: words, srow, extra) with the tokens xs, ds."""
+            """row_dots of the row (arguments 0, 3, 4: words, srow, extra) with the tokens xs, ds."""
             w, srow, extra = (arg(context, builder, signature.args[i], args[i]) for i in (0, 3, 4))
-            return paired_row_dots(builder, w.data, xs, ds, builder.lshr(n_blocks, llvm_ir.Constant(_i64, 1)),
-                                   lambda b: block_scale(builder, signature.args[3], srow, extra, b),
-                                   weights, pair_dot, fma_terms)
+            n_steps = builder.lshr(n_blocks, llvm_ir.Constant(_i64, step.blocks.bit_length() - 1))
+            return row_dots(builder, w.data, xs, ds, n_steps, step,
+                            lambda b: block_scale(builder, signature.args[3], srow, extra, b),
+                            weights, step_dot, fma_terms)
 
         @intrinsic
         def row_dot(typingctx, words, xq, d, srow, extra):
@@ -226,20 +254,71 @@ if numba is not None:
         """An affine row's scale of activation block b: scales[b >> shift] (float32, or bf16 bits)."""
         return _load_scale(builder, srow.data, builder.lshr(b, shift), srow_type.dtype == types.uint16)
 
+    def _affine_terms(builder, f, d, s):
+        """The affine rows' fma terms: f * (d_b * scale_g(b)) per lane."""
+        return f, block_lanes(builder, builder.fmul(d, s))
+
+    def _load_pair(builder, pointer):
+        """The 32 code bytes of a 4-bit pair step (64 codes in paired order), split into their nibbles."""
+        return nibbles(builder, builder.load(builder.bitcast(pointer, _v32i8.as_pointer()), align=1))
+
     #: sum_b d[b] * srow[b >> shift] * (codes_b . xq_b) of one row of 4-bit affine codes (extra: shift =
     #: log2(activation blocks per group)), with one token / a tile of tokens (row_kernels).
     q4_row_dot, q4_tile_dot = row_kernels(
-        _affine_scale, nibbles, lambda builder, lohi, xl, xh: pair_products(builder, *lohi, xl, xh),
-        lambda builder, f, d2, s2: (f, pair_lanes(builder, builder.fmul(d2, s2))))
+        PAIR_STEP, _affine_scale, _load_pair, lambda builder, lohi, xl, xh: pair_products(builder, *lohi, xl, xh),
+        _affine_terms)
 
-    def _e2m1_weights(builder, w):
-        """32 bytes w of E2M1 codes (in paired order) -> each nibble's |2·value| (low, high nibbles; by vpshufb
+    def _unit_codes(bits):
+        """weights() of b-bit units: a unit's 4·b code bytes (MLX's packing: code k at bits b·k.. of the unit,
+        least significant first) -> its 32 codes as unsigned bytes in natural order. Each code is taken from
+        the 16-bit window of the two bytes it touches, shifted right by its bit offset and masked: plain LLVM
+        vector operations, which x86 gets as byte shuffles, word shifts (vpsrlvw, or multiplies on AVX2) and
+        a narrowing."""
+        n = 4 * bits
+        first = [bits * k // 8 for k in range(32)]
+        shifts = [bits * k % 8 for k in range(32)]
+        second = [f + 1 if s + bits > 8 else n for f, s in zip(first, shifts)]  # n: a zero byte
+        v32i16 = llvm_ir.VectorType(_i16, 32)
+
+        def weights(builder, pointer):
+            raw = builder.load(builder.bitcast(pointer, llvm_ir.VectorType(_i8, n).as_pointer()), align=1)
+            if bits == 8:
+                return raw
+            zero = llvm_ir.Constant(raw.type, None)
+            lo, hi = (builder.zext(builder.shuffle_vector(raw, zero, _lanes(*idx)), v32i16) for idx in (first, second))
+            window = builder.or_(lo, builder.shl(hi, llvm_ir.Constant(v32i16, [8] * 32)))
+            codes = builder.and_(builder.lshr(window, llvm_ir.Constant(v32i16, shifts)),
+                                 llvm_ir.Constant(v32i16, [(1 << bits) - 1] * 32))
+            return builder.trunc(codes, _v32i8)
+
+        return weights
+
+    def _unit_dot(bits):
+        """step_dot() of b-bit units: <8 x i32> of 32 unsigned codes against 32 int8 inputs, lane l summing
+        codes 4l..4l+3 (vpdpbusd; on AVX2 vpmaddubsw + vpmaddwd, whose int16 pairs hold 2 * 127 * 127 for
+        codes below 128, and the 8-bit split of _byte_dot)."""
+        def step_dot(builder, w, x):
+            if INT8_INSTRUCTIONS == "avx512-vnni" or bits == 8:
+                return _byte_dot(builder, w, x)
+            return _maddwd(builder, _maddubs(builder, w, x), 1)
+
+        return step_dot
+
+    #: (bits, activation blocks per unit) -> (row_dot, tile_dot) of affine b-bit rows in units of 32 codes,
+    #: inputs in natural order (extra: shift = log2(activation blocks per group)); 2 blocks per unit for
+    #: groups of 16 (GGUF's Q2_K/Q3_K/Q6_K), whose activation blocks are 16.
+    UNIT_KERNELS = {(bits, blocks): row_kernels(RowStep(32, blocks, 4 * bits), _affine_scale, _unit_codes(bits),
+                                                _unit_dot(bits), _affine_terms)
+                    for bits in UNIT_BITS for blocks in (1, 2)}
+
+    def _e2m1_weights(builder, pointer):
+        """32 bytes of E2M1 codes (in paired order) -> each nibble's |2·value| (low, high nibbles; by vpshufb
         from a 16-entry table) and its signed 2·value (whose sign _e2m1_pair_dot moves onto the input)."""
         shuffle = cgutils.get_or_insert_function(builder.module, llvm_ir.FunctionType(_v32i8, [_v32i8] * 2),
                                                  "llvm.x86.avx2.pshuf.b")
         magnitudes, values = (llvm_ir.Constant(_v32i8, [int(v) for v in np.tile(t, 2)])
                               for t in (np.abs(FP4_DOUBLED), FP4_DOUBLED))
-        lo, hi = nibbles(builder, w)
+        lo, hi = _load_pair(builder, pointer)
         return tuple(builder.call(shuffle, [table, n]) for table in (magnitudes, values) for n in (lo, hi))
 
     def _e2m1_pair_dot(builder, weights, xl, xh):
@@ -259,8 +338,8 @@ if numba is not None:
     #: E8M0, extra: pow2 = HALF_SCALE_VALUES) with one token / a tile of tokens (row_kernels). d_b meets the
     #: integer dot before the power of two, so a tiny scale leaves one rounding to a subnormal, not two.
     e2m1_row_dot, e2m1_tile_dot = row_kernels(
-        _e8m0_scale, _e2m1_weights, _e2m1_pair_dot,
-        lambda builder, f, d2, s2: (builder.fmul(f, pair_lanes(builder, d2)), pair_lanes(builder, s2)))
+        PAIR_STEP, _e8m0_scale, _e2m1_weights, _e2m1_pair_dot,
+        lambda builder, f, d2, s2: (builder.fmul(f, block_lanes(builder, d2)), block_lanes(builder, s2)))
 
     @intrinsic
     def q8w_row_dot(typingctx, words, xq, cb):

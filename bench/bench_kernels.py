@@ -17,6 +17,9 @@ Measured in one run, interleaved round by round so that both sides see the same 
   gpt-oss's 2880x2880 expert shape, both cycled through pools, with float and with q8 activations;
 - the fused k-expert FFN of one gpt-oss decode token (k = 4, hidden = moe_intermediate = 2880, biases and the
   clamped SwiGLU) with MXFP4 experts beside 4-bit affine ones, experts cycled through a pool;
+- mat-vecs of other widths as GGUF's K-quants import them (6-bit groups of 16, Q6_K: the ffn_down_exps a
+  Q4_K_M file keeps; 5-bit groups of 32, Q5_K; 3-bit groups of 16, Q3_K) on the 397B's expert shapes, cycled
+  through pools, float and q8 (their scales and biases bf16 here);
 - the NumPy backend on one expert matrix, for scale.
 
 Weight bytes are the stored bytes (uint32 words + bf16 scales and biases: 4.5 bits per weight); GB/s is
@@ -62,12 +65,12 @@ SECTION_START = "<!-- bench_kernels:start -->"
 SECTION_END = "<!-- bench_kernels:end -->"
 
 
-def random_q4(rng: np.random.Generator, out: int, inp: int, group_size: int = 64) -> QuantizedTensor:
-    """Random 4-bit words with bf16 scales/biases of realistic size (codes are uniform, as in a real model)."""
-    words = rng.integers(0, 2**32, size=(out, inp // 8), dtype=np.uint32)
+def random_q4(rng: np.random.Generator, out: int, inp: int, group_size: int = 64, bits: int = 4) -> QuantizedTensor:
+    """Random `bits`-bit words with bf16 scales/biases of realistic size (codes are uniform, as in a real model)."""
+    words = rng.integers(0, 2**32, size=(out, inp * bits // 32), dtype=np.uint32)
     scales = rng.uniform(0.001, 0.003, (out, inp // group_size)).astype(ml_dtypes.bfloat16)
-    biases = (-7.5 * scales.astype(np.float32)).astype(ml_dtypes.bfloat16)
-    return QuantizedTensor(words, scales, biases, 4, group_size)
+    biases = (-(2 ** (bits - 1) - 0.5) * scales.astype(np.float32)).astype(ml_dtypes.bfloat16)
+    return QuantizedTensor(words, scales, biases, bits, group_size)
 
 
 def clamped_experts(rng: np.random.Generator, weight: Callable, n: int) -> list[dict]:
@@ -122,8 +125,8 @@ def run(rounds: int, seed: int = 0, threads: int | None = None, only: str | None
     x_inter = rng.standard_normal((1, MOE_INTER)).astype(np.float32)
     big = np.ones(10**9 // 4, np.float32)
 
-    def pool(out: int, inp: int, each: int) -> list:
-        return [numba_be.prepare(random_q4(rng, out, inp)) for _ in range(max(1, POOL_BYTES // each))]
+    def pool(out: int, inp: int, each: int, group_size: int = 64, bits: int = 4) -> list:
+        return [numba_be.prepare(random_q4(rng, out, inp, group_size, bits)) for _ in range(max(1, POOL_BYTES // each))]
 
     expert_bytes = HIDDEN * MOE_INTER * 9 // 16  # 4.5 bits per weight
     lm_head = numba_be.prepare(random_q4(rng, VOCAB, HIDDEN))
@@ -143,6 +146,13 @@ def run(rounds: int, seed: int = 0, threads: int | None = None, only: str | None
                 for fmt, make in (("MXFP4", random_mxfp4), ("4-bit", lambda r, o, i: random_q4(r, o, i, 32)))}
     clamped_weights = np.full(CLAMPED_K, 1.0 / CLAMPED_K, np.float32)
     clamped_bytes = {"MXFP4": 3 * CLAMPED_K * mxfp4_bytes, "4-bit": 3 * CLAMPED_K * SQUARE * SQUARE * 5 // 8}
+    # GGUF K-quant widths as imported (Q4_K_M files keep some ffn_down_exps as Q6_K): (bits, group, out, in)
+    widths = {f"{o}x{i} {b}-bit g{g}": (b, g, o, i) for b, g, o, i in ((6, 16, HIDDEN, MOE_INTER),
+                                                                       (5, 32, HIDDEN, MOE_INTER),
+                                                                       (3, 16, MOE_INTER, HIDDEN))}
+    width_bytes = {name: o * i * b // 8 + o * i // g * 4 for name, (b, g, o, i) in widths.items()}
+    width_pools = {name: pool(o, i, width_bytes[name], g, b) for name, (b, g, o, i) in widths.items()
+                   if not only or re.search(only, f"mat-vec {name} cold")}
 
     # name -> (seconds-per-call measurer, bytes per call)
     numba_cases: dict[str, tuple[Cycled, int]] = {}
@@ -161,6 +171,9 @@ def run(rounds: int, seed: int = 0, threads: int | None = None, only: str | None
                 Cycled(lambda w, be=be: be.linear(x_square, w), mxfp4_pool), mxfp4_bytes),
             f"{a} mat-vec {SQUARE}x{SQUARE} 4-bit cold": (
                 Cycled(lambda w, be=be: be.linear(x_square, w), square_q4_pool), square_q4_bytes),
+            **{f"{a} mat-vec {name} cold": (Cycled(lambda w, be=be: be.linear(x_inter if w.in_features == MOE_INTER
+                                                                               else x_hidden, w), p), width_bytes[name])
+               for name, p in width_pools.items()},
             **{f"{a} experts_ffn k={CLAMPED_K} {SQUARE}x{SQUARE} biases + clamped SwiGLU, {fmt} cold": (
                 Cycled(lambda es, be=be: be.experts_ffn(x_square[0], es, clamped_weights, act=CLAMPED_ACT), sets),
                 clamped_bytes[fmt]) for fmt, sets in clamped_sets.items()},

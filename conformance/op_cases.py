@@ -261,9 +261,10 @@ def _quick() -> list[OpCase]:
                                  (2, 6, 16, "float32"), (3, 3, 16, "float32"), (2, 2, 16, "float32")]]
     cases += [c("experts_ffn", k=2, hidden=64, inter=32, bits=None)]
     # q8 activations (decode and prefill: tiles of 4 tokens and the rest): the x86 4-bit kernel (runs of 64
-    # inputs) and the portable loop
+    # inputs), the units kernel (other widths, groups of 16), the 8-bit one (or the portable loops)
     cases += [c("linear", tokens=t, out=72, inp=i, bits=b, group_size=g, sdtype=s, activations="q8")
               for t, i, b, g, s in [(1, 256, 4, 64, "bfloat16"), (3, 96, 4, 32, "float16"), (1, 256, 3, 128, "bfloat16"),
+                                    (5, 256, 5, 32, "bfloat16"),
                                     (1, 256, 6, 16, "float32"), (3, 96, 3, 16, "float32"), (1, 128, 4, 16, "float32"),
                                     (9, 256, 4, 64, "bfloat16"), (6, 96, 8, 32, "float32")]]
     cases += [c("expert_ffn", tokens=t, hidden=128, inter=64, bits=4, group_size=64, sdtype="bfloat16", activations="q8")

@@ -42,9 +42,11 @@ def test_quantize_gives_the_reference_codes_scales_and_sums(paired):
     np.testing.assert_allclose(xsum, x_hat.reshape(3, 4, 2).sum(-1), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits,group_size,sdtype,inp", [  # x86: paired 4-bit; 4-bit whose 96 inputs are not
-    (4, 64, "bfloat16", 512), (4, 128, "bfloat16", 384), (4, 32, "bfloat16", 96),  # runs of 64; the portable loop
-    (2, 64, "float16", 256), (3, 32, "float16", 128), (6, 128, "float16", 256), (8, 32, "float16", 128)])
+@pytest.mark.parametrize("bits,group_size,sdtype,inp", [  # x86: paired 4-bit; units (4-bit whose 96 inputs are
+    (4, 64, "bfloat16", 512), (4, 128, "bfloat16", 384), (4, 32, "bfloat16", 96),  # not runs of 64, other widths,
+    (2, 64, "float16", 256), (3, 32, "float16", 128), (6, 128, "float16", 256), (8, 32, "float16", 128),  # groups
+    (2, 16, "float32", 128), (3, 16, "bfloat16", 256), (5, 32, "bfloat16", 256), (6, 16, "float32", 256),  # of 16);
+    (4, 16, "bfloat16", 128), (8, 16, "float16", 128)])  # 8-bit in groups of 32 natural
 @pytest.mark.parametrize("tokens", [1, 9])  # decode; prefill (tiles of 4 and one left)
 def test_q8_linear_matches_the_q8_reference(bits, group_size, sdtype, inp, tokens):
     rng = np.random.default_rng(bits + inp)
@@ -55,13 +57,14 @@ def test_q8_linear_matches_the_q8_reference(bits, group_size, sdtype, inp, token
 
 
 def test_a_tokens_output_is_the_same_bits_alone_or_in_a_prefill_tile():
-    """Prefill runs 4-bit rows (affine and MXFP4) over tiles of Q8_TILE_TOKENS tokens, each token's sums in
-    the order of a decode call, so a prompt token's output does not depend on the tokens beside it."""
+    """Prefill runs the x86 rows (4-bit affine and MXFP4 paired, other widths in units) over tiles of
+    Q8_TILE_TOKENS tokens, each token's sums in the order of a decode call, so a prompt token's output does
+    not depend on the tokens beside it."""
     rng = np.random.default_rng(11)
     x = rng.standard_normal((q8.Q8_TILE_TOKENS + 3, 512)).astype(np.float32)
-    w = _as_weight(make_weight(rng, 40, 512, 4, 64, "bfloat16"), "w")
+    affine = [_as_weight(make_weight(rng, 40, 512, b, g, "bfloat16"), "w") for b, g in ((4, 64), (6, 16))]
     fp4 = Mxfp4Tensor(rng.integers(0, 256, (40, 256), dtype=np.uint8), rng.integers(120, 130, (40, 16), dtype=np.uint8))
-    for weight in (w, _as_weight(fp4, "w")):
+    for weight in (*affine, _as_weight(fp4, "w")):
         alone = np.concatenate([q8.linears(x[t : t + 1], [weight], _addresses, _call)[0] for t in range(len(x))])
         np.testing.assert_array_equal(q8.linears(x, [weight], _addresses, _call)[0], alone)
 
@@ -87,7 +90,8 @@ def _clamped_expert_q8(x: np.ndarray, e: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits,group_size,sdtype,clamped", [
-    (4, 32, "bfloat16", False), (3, 64, "float16", False), (MXFP4, 32, "", True), (4, 64, "bfloat16", True)])
+    (4, 32, "bfloat16", False), (3, 64, "float16", False), (6, 16, "bfloat16", False), (MXFP4, 32, "", True),
+    (4, 64, "bfloat16", True)])
 def test_q8_experts_match_the_q8_reference_weighted_sum(bits, group_size, sdtype, clamped):
     """SwiGLU experts, and gpt-oss's (biases, the clamped SwiGLU) in MXFP4 or converted to affine: one
     kernel for both formats."""
@@ -108,36 +112,26 @@ def test_q8_experts_match_the_q8_reference_weighted_sum(bits, group_size, sdtype
     assert _rel(got, want) <= Q8_KERNEL_TOLERANCE
 
 
-@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 64), (5, 32), (6, 16), (4, 16), (8, 16)])
-def test_widths_without_a_row_kernel_take_float_activations_in_q8_mode(bits, group_size):
-    """flashmoe.reference.q8.uses_q8: such weights compute in q8 mode exactly as in float mode (mat-vec and
-    the fused experts), on numba and NumPy."""
-    rng = np.random.default_rng(bits * group_size)
-    assert not ref.uses_q8(bits, group_size) and ref.uses_q8(4, 32)
-    w = make_weight(rng, 72, 256, bits, group_size, "bfloat16")
-    x = rng.standard_normal((1, 256)).astype(np.float32)
-    experts = [make_expert_views(rng, 256, 128, bits, group_size, "bfloat16", 64 * e) for e in range(3)]
-    weights = np.array([0.5, 0.3, 0.2], np.float32)
-    for name in ("numba", "numpy"):
-        q8_mode, float_mode = get_backend(name, "q8"), get_backend(name, "float")
-        np.testing.assert_array_equal(q8_mode.linear(x, w), float_mode.linear(x, w))
-        np.testing.assert_array_equal(q8_mode.experts_ffn(x[0], experts, weights),
-                                      float_mode.experts_ffn(x[0], experts, weights))
+def test_every_affine_width_takes_q8_activations():
+    """flashmoe.reference.q8.uses_q8: every width with a row kernel, in groups of 16 (GGUF's K-quants) too."""
+    assert all(ref.uses_q8(bits, g) for bits in (2, 3, 4, 5, 6, 8) for g in (16, 32, 64, 128))
 
 
-@pytest.mark.parametrize("bits", [4, 8, MXFP4])
-def test_the_x86_row_kernels_use_the_integer_multiply_add_instructions(bits):
-    """The x86 mat-vecs (4-bit and MXFP4 paired, 8-bit natural order) compile to vpdpbusd (AVX-512 VNNI) or
-    vpmaddubsw + vpmaddwd (AVX2), and the 4-bit ones prefetch their codes ahead (prefetcht0). numba shows no
-    assembly for a kernel loaded from its disk cache, so the test compiles a fresh copy."""
+@pytest.mark.parametrize("bits,group_size,row", [(4, 64, "paired"), (MXFP4, 32, "paired"), (8, 64, "natural"),
+                                                  (6, 16, "units2"), (5, 32, "units1")])
+def test_the_x86_row_kernels_use_the_integer_multiply_add_instructions(bits, group_size, row):
+    """The x86 mat-vecs (4-bit and MXFP4 paired, 8-bit natural order, other widths in units of 32 codes)
+    compile to vpdpbusd (AVX-512 VNNI) or vpmaddubsw + vpmaddwd (AVX2), and all but the 8-bit one prefetch
+    their codes ahead (prefetcht0). numba shows no assembly for a kernel loaded from its disk cache, so the
+    test compiles a fresh copy."""
     if q8.INT8_INSTRUCTIONS is None:
         pytest.skip("this CPU has no AVX2: the portable loop runs")
     rng = np.random.default_rng(0)
-    w = _as_weight(make_weight(rng, 64, 256, bits, 64, "bfloat16"), "w")
-    xq, d, xsum, paired = q8.quantize(rng.standard_normal((1, 256)).astype(np.float32), w.bits, w.group_size)
-    fresh = q8.numba.njit(q8.q8_kernels(w.bits, w.scale, paired).matvecs.py_func)
+    w = _as_weight(make_weight(rng, 64, 256, bits, group_size, "bfloat16"), "w")
+    xq, d, xsum, kind = q8.quantize(rng.standard_normal((1, 256)).astype(np.float32), w.bits, w.group_size)
+    fresh = q8.numba.njit(q8.q8_kernels(w.bits, w.scale, kind).matvecs.py_func)
     fresh(_addresses([w]), np.array([0, 64]), xq, d, xsum, np.empty((1, 64), np.float32))
     asm = fresh.inspect_asm(fresh.signatures[0])
     want = ["vpdpbusd"] if q8.INT8_INSTRUCTIONS == "avx512-vnni" else ["vpmaddubsw", "vpmaddwd"]
-    want += ["prefetcht0"] if w.bits == 4 else []
-    assert paired == (w.bits == 4) and all(ins in asm for ins in want), want
+    want += ["prefetcht0"] if row != "natural" else []
+    assert kind == row and all(ins in asm for ins in want), want

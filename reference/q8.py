@@ -52,11 +52,9 @@ from flashmoe.reference.ops import silu
 ACTIVATIONS = ("float", "q8")
 #: Values per activation block (one float32 scale each): llama.cpp's QK8_0.
 Q8_BLOCK = 32
-#: The weight widths whose q8 dot products have integer row kernels (backends/numba_q8.py): 4- and 8-bit codes
-#: in groups of at least Q8_BLOCK. In q8 mode a quantised linear of any other width or group takes float
-#: activations: without a row kernel the integer loop was 5-50x slower than the float kernel
-#: (docs/benchmarks.md, "q8 activations on the CPU").
-Q8_BITS = (4, 8)
+#: The affine weight widths that take q8 activations in q8 mode, in any group size (16, GGUF's K-quants, and up):
+#: each has an integer row kernel (backends/numba_q8.py; docs/benchmarks.md, "q8 activations on the CPU").
+Q8_BITS = (2, 3, 4, 5, 6, 8)
 #: Bound on |q8 - float| / |float| (Euclidean norms over the output) of a SwiGLU expert on Gaussian inputs
 #: and weights, every bit width (tests/test_q8.py; the module docstring gives the expected size per layer).
 Q8_VS_FLOAT_TOLERANCE = 1.5e-2
@@ -73,7 +71,7 @@ def q8_block(group_size: int) -> int:
 def uses_q8(bits: int, group_size: int) -> bool:
     """Whether q8 mode gives a quantised linear of `bits` and `group_size` q8 activations (linear_q8), for any
     number of tokens; otherwise it computes with float activations, exactly as float mode does."""
-    return bits in Q8_BITS and group_size >= Q8_BLOCK
+    return bits in Q8_BITS and group_size % q8_block(group_size) == 0
 
 
 def quantize_q8(x: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
