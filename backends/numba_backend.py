@@ -501,13 +501,13 @@ class NumbaBackend(Backend):
                            act: ClampedSwiGLU | None = None) -> np.ndarray:
         """As Backend.packed_experts_ffn; a layout the fused kernels take (numba_experts.layout_plan) goes
         to them as the experts' base addresses plus the layout's offsets, with no view per expert."""
-        plan = numba_experts.layout_plan(layout) if act is None and all(b is not None for b in buffers) else None
+        plan = numba_experts.layout_plan(layout) if all(b is not None for b in buffers) else None
         base = numba_experts.base_addresses(buffers, layout.nbytes) if plan is not None else None
         if base is None:
             return super().packed_experts_ffn(x, buffers, layout, weights, keys, act)
         tables = np.ascontiguousarray((base[:, None, None] + plan.offsets[None]).transpose(1, 0, 2))
-        none = [np.empty((len(buffers), 0), np.float32)] * 3
-        return self._fused_experts(_f32(x).reshape(1, -1), plan.gate_up, plan.down, tables, _f32(weights), none)
+        return self._fused_experts(_f32(x).reshape(1, -1), plan.gate_up, plan.down, tables, _f32(weights),
+                                   plan.stacked_biases(buffers), act)
 
     def _fused_experts(self, x: np.ndarray, gate_up, down, tables: np.ndarray, weights: np.ndarray, biases: list,
                        act: ClampedSwiGLU | None = None) -> np.ndarray:

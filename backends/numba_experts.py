@@ -22,7 +22,8 @@ import numpy as np
 
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.backends.base import PackedWeight
-from flashmoe.format.manifest import AFFINE, ExpertLayout
+from flashmoe.format.manifest import AFFINE, DTYPES, MXFP4, ExpertLayout
+from flashmoe.format.mxfp4 import BLOCK as MXFP4_BLOCK
 
 
 @dataclass(frozen=True)
@@ -41,19 +42,33 @@ class FusedFormat:
 @dataclass(frozen=True)
 class LayoutPlan:
     """How the fused kernels read experts packed by one ExpertLayout: the formats of gate/up (alike) and of
-    down, and each projection's component offsets int64 ``[3 projections (gate, up, down), 3 (words,
-    scales, biases)]`` in bytes from the expert's start."""
+    down, each projection's component offsets int64 ``[3 projections (gate, up, down), 3 (words, scales,
+    biases)]`` in bytes from the expert's start (an MXFP4 projection has no biases: its scales' offset
+    stands in), and each projection's ``{proj}.bias`` component (gpt-oss), or None."""
 
     gate_up: FusedFormat
     down: FusedFormat
     offsets: np.ndarray
+    biases: tuple
+
+    def stacked_biases(self, buffers: list[np.ndarray]) -> list[np.ndarray]:
+        """Per projection (gate, up, down) its biases float32 [k, out] from the k packed experts, or [k, 0]
+        where it has none (then the kernels add nothing)."""
+        out = []
+        for c in self.biases:
+            if c is None:
+                out.append(np.empty((len(buffers), 0), np.float32))
+            else:
+                dtype = DTYPES[c.dtype]
+                out.append(np.stack([b[c.offset : c.offset + c.nbytes].view(dtype) for b in buffers]).astype(np.float32))
+        return out
 
 
 def layout_plan(layout: ExpertLayout) -> LayoutPlan | None:
     """The LayoutPlan of `layout` when the fused kernels take its experts (every projection affine with
-    bfloat16 or float32 scales, no biases, gate and up alike; MXFP4 experts and experts with biases take
-    the views path), else None. Cached per layout object (the
-    model directory keeps one per expert file), since this runs for every MoE layer of every token."""
+    bfloat16 or float32 scales, or MXFP4; gate and up alike; float biases or none), else None (the views path
+    then takes them, and names what is wrong). Cached per layout object (the model directory keeps one per
+    expert file), since this runs for every MoE layer of every token."""
     hit = _PLANS.get(id(layout))
     if hit is not None and hit[0] is layout:
         return hit[1]
@@ -69,22 +84,45 @@ _PLANS: dict[int, tuple[ExpertLayout, LayoutPlan | None]] = {}
 
 def _plan(layout: ExpertLayout) -> LayoutPlan | None:
     comps = {c.name: c for c in layout.components}
-    formats, offsets = [], []
+    formats, offsets, biases = [], [], []
     for proj in EXPERT_PROJS:
         q = layout.quantization.get(proj)
-        if q is None or q.format != AFFINE or f"{proj}.bias" in comps:
+        found = None if q is None else (_mxfp4(comps, proj) if q.format == MXFP4 else _affine(comps, proj, q))
+        bias = comps.get(f"{proj}.bias")
+        if found is None or (bias is not None and (bias.dtype not in _FLOATS or bias.shape != (found[0].out_features,))):
             return None
-        w, s, b = (comps[f"{proj}.{kind}"] for kind in ("weight", "scales", "biases"))
-        in_features = s.shape[1] * q.group_size
-        if (w.dtype != "uint32" or s.dtype not in ("bfloat16", "float32") or b.dtype != s.dtype
-                or s.shape != b.shape or s.shape[0] != w.shape[0] or w.shape[1] * 32 != in_features * q.bits):
-            return None  # the views path takes it (and names what is wrong)
-        formats.append(FusedFormat(q.bits, q.group_size, "bf16" if s.dtype == "bfloat16" else "f32", w.shape[0],
-                                   in_features))
-        offsets.append([w.offset, s.offset, b.offset])
+        formats.append(found[0])
+        offsets.append(found[1])
+        biases.append(bias)
     if formats[0] != formats[1]:
         return None
-    return LayoutPlan(formats[0], formats[2], np.array(offsets, np.int64))
+    return LayoutPlan(formats[0], formats[2], np.array(offsets, np.int64), tuple(biases))
+
+
+_FLOATS = ("float32", "bfloat16", "float16")
+
+
+def _affine(comps: dict, proj: str, q) -> tuple[FusedFormat, list[int]] | None:
+    """An affine projection's format and (words, scales, biases) offsets, or None when the kernels cannot read
+    it by address (float16 scales: the views widen them)."""
+    if q.format != AFFINE:
+        return None
+    w, s, b = (comps[f"{proj}.{kind}"] for kind in ("weight", "scales", "biases"))
+    in_features = s.shape[1] * q.group_size
+    if (w.dtype != "uint32" or s.dtype not in ("bfloat16", "float32") or b.dtype != s.dtype
+            or s.shape != b.shape or s.shape[0] != w.shape[0] or w.shape[1] * 32 != in_features * q.bits):
+        return None
+    return (FusedFormat(q.bits, q.group_size, "bf16" if s.dtype == "bfloat16" else "f32", w.shape[0], in_features),
+            [w.offset, s.offset, b.offset])
+
+
+def _mxfp4(comps: dict, proj: str) -> tuple[FusedFormat, list[int]] | None:
+    """An MXFP4 projection's format (its blocks' bytes as 4-bit words, E8M0 scale bytes) and offsets."""
+    w, s = comps[f"{proj}.blocks"], comps[f"{proj}.scales"]
+    rows, in_features = w.shape[0], 2 * w.shape[1]
+    if w.dtype != "uint8" or s.dtype != "uint8" or s.shape != (rows, in_features // MXFP4_BLOCK) or w.shape[1] % 4:
+        return None
+    return FusedFormat(4, MXFP4_BLOCK, "e8m0", rows, in_features), [w.offset, s.offset, s.offset]
 
 
 def base_addresses(buffers: list[np.ndarray], nbytes: int) -> np.ndarray | None:

@@ -4,6 +4,7 @@ of either format (affine, MXFP4) take the fused kernels, and experts the fused k
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -48,12 +49,15 @@ def test_experts_of_mixed_widths_run_one_by_one_and_match_the_reference(activati
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 
 
-def _packed_experts(rng, k: int, bits, group_size: int, sdtype: str):
-    """k experts of one ExpertLayout packed into page-aligned buffers, as the store hands them over."""
+def _packed_experts(rng, k: int, bits, group_size: int, sdtype: str, biases: bool = False):
+    """k experts of one ExpertLayout packed into page-aligned buffers, as the store hands them over (with
+    ``biases``, gpt-oss's bfloat16 '{proj}.bias')."""
     from flashmoe.format.manifest import ExpertLayout
 
-    parts = [{n: make_weight(rng, o, i, bits, group_size, sdtype) for n, (o, i) in
-              (("gate_proj", (64, 128)), ("up_proj", (64, 128)), ("down_proj", (128, 64)))} for _ in range(k)]
+    shapes = (("gate_proj", (64, 128)), ("up_proj", (64, 128)), ("down_proj", (128, 64)))
+    parts = [{n: make_weight(rng, o, i, bits, group_size, sdtype) for n, (o, i) in shapes} for _ in range(k)]
+    for p in parts if biases else []:
+        p.update({f"{n}.bias": rng.standard_normal(o).astype(ml_dtypes.bfloat16) for n, (o, _) in shapes})
     layout = ExpertLayout.plan(parts[0])
     buffers = []
     for p in parts:
@@ -79,6 +83,23 @@ def test_packed_experts_take_the_fused_kernels_by_address_and_match_their_views(
     got = be.packed_experts_ffn(x, buffers, layout, weights)
     np.testing.assert_array_equal(got, be.experts_ffn(x, [layout.view(b) for b in buffers], weights))
     assert (numba_experts.layout_plan(layout) is not None) == (sdtype in ("bfloat16", "float32"))
+
+
+@pytest.mark.parametrize("bits", [MXFP4, 4])
+def test_gpt_oss_experts_take_the_fused_kernels_by_address_and_match_their_views(bits):
+    """gpt-oss's packed experts (MXFP4, or converted to affine; biases; the clamped SwiGLU) go to the fused
+    kernels by address (numba_experts.layout_plan) with the bits of experts_ffn on their views."""
+    from flashmoe.backends import numba_experts
+
+    layout, buffers = _packed_experts(np.random.default_rng(5), 3, bits, 32, "bfloat16", biases=True)
+    x = np.random.default_rng(6).standard_normal(128).astype(np.float32)
+    weights = np.array([0.5, 0.3, 0.2], np.float32)
+    assert numba_experts.layout_plan(layout) is not None
+    for mode in ("float", "q8"):
+        be = get_backend("numba", mode)
+        got = be.packed_experts_ffn(x, buffers, layout, weights, act=CLAMPED_ACT)
+        np.testing.assert_array_equal(got, be.experts_ffn(x, [layout.view(b) for b in buffers], weights,
+                                                          act=CLAMPED_ACT))
 
 
 def test_packed_experts_shorter_than_their_layout_are_refused_by_the_views():
