@@ -86,7 +86,7 @@ def test_packed_experts_take_the_fused_kernels_by_address_and_match_their_views(
 
 
 @pytest.mark.parametrize("bits", [MXFP4, 4])
-def test_gpt_oss_experts_take_the_fused_kernels_by_address_and_match_their_views(bits):
+def test_experts_with_biases_and_the_clamped_swiglu_take_the_fused_kernels_by_address(bits):
     """gpt-oss's packed experts (MXFP4, or converted to affine; biases; the clamped SwiGLU) go to the fused
     kernels by address (numba_experts.layout_plan) with the bits of experts_ffn on their views."""
     from flashmoe.backends import numba_experts
