@@ -82,3 +82,48 @@ def test_split_prefill_counts_in_the_engines_time_to_first_token(tmp_path, monke
     steps = list(session.generate(prompt, Sampler(temperature=0), 3, checkpoint_at=boundary))
     assert steps and session.last.ttft_s >= 2 * slow  # two prefill parts
     assert engine.stats.ttft_s == pytest.approx(session.last.ttft_s, abs=0.1)
+
+
+def test_kernel_compilation_is_its_own_line_not_a_stages_time_or_decode_speed(clock, monkeypatch):
+    """A first run's numba compilation (19 s of 'router' on the demo model's first generate) is reported apart,
+    as llama.cpp reports load time apart: out of the stage times and tok/s, in the time to first token."""
+    compiled = SimpleNamespace(s=0.0)
+    monkeypatch.setattr(stats_module, "compile_seconds", lambda: compiled.s)
+    stats = Stats(num_layers=1)
+    stats.start()
+    with stats.stage("router"):  # prefill: 0.01 s routing after 19 s compiling its kernel
+        clock.t += 19.0
+        compiled.s += 19.0
+        clock.t += 0.01
+    stats.token_done()
+    for compile_s in (2.0, 0.0):  # two decode tokens of 0.1 s; the first compiles a decode kernel for 2 s
+        with stats.stage("router"):
+            clock.t += compile_s + 0.1
+            compiled.s += compile_s
+        stats.token_done()
+    assert stats.stage_s["router"] == pytest.approx(0.21)
+    assert stats.totals.compile_s == pytest.approx(21.0)
+    assert stats.ttft_s == pytest.approx(19.01)  # what the user waited
+    assert stats.decode_tok_s == pytest.approx(10.0)  # 2 tokens in 0.2 s of decoding
+    assert stats.to_dict()["totals"]["compile_s"] == pytest.approx(21.0)
+    assert "kernel compilation: 21.000 s (numba: a kernel's first use on this machine, cached for later runs; " \
+           "not counted in tok/s or the stage times)" in stats.summary()
+    assert "compute: router 0.210 s" in stats.summary()
+
+
+def test_compile_seconds_counts_numba_compiling_a_new_kernel():
+    import numba
+
+    before = stats_module.compile_seconds()
+
+    @numba.njit(cache=False)
+    def twice(x):
+        return 2 * x
+
+    t0 = time.perf_counter()
+    assert twice(21) == 42  # compiles now
+    wall = time.perf_counter() - t0
+    spent = stats_module.compile_seconds() - before
+    assert 0.5 * wall < spent <= wall
+    again = stats_module.compile_seconds()
+    assert twice(4) == 8 and stats_module.compile_seconds() == again  # compiled once

@@ -23,11 +23,15 @@ Definitions (units are bytes and seconds unless a name says otherwise):
 - `guesses` / `guesses_used`: speculative expert reads started (`ExpertStore.speculate`, the next layer's
   experts guessed during this one) and those a fetch then took over; `guess_wasted_bytes`: bytes the other
   guesses read before they were stopped. Speculative reads count in `reads`, `bytes_read` and `disk_bytes`.
+- `compile_s`: time numba spent compiling kernels (CPU or CUDA) during the run: a machine's first use of a
+  kernel for some shapes or dtypes (later runs load it from numba's cache). Like llama.cpp's load time it is
+  kept out of the stage times and the decode tok/s; the time to first token, what the user waited, includes it.
 - stage times: compute time the engine attributes to named stages (`attention`, `experts`, ...).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -37,6 +41,23 @@ from flashmoe.runtime.memory import current_rss_bytes, format_size, peak_rss_byt
 
 # Token records a Stats keeps (at most twice this many between trims): ~0.5 KB each.
 TOKEN_WINDOW = 8192
+
+_compile_timer = None
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling numba kernels (numba's "numba:compile" events, nested ones
+    counted once), from the first call made after numba was imported; 0 while numba is not imported (a
+    backend that compiles imports it before its engine runs)."""
+    global _compile_timer
+    if _compile_timer is None:
+        if "numba" not in sys.modules:
+            return 0.0
+        from numba.core import event
+
+        _compile_timer = event.TimingListener()
+        event.register("numba:compile", _compile_timer)
+    return _compile_timer.duration if _compile_timer.done else 0.0
 
 
 @dataclass
@@ -53,6 +74,7 @@ class Counters:
     guesses: int = 0
     guesses_used: int = 0
     guess_wasted_bytes: int = 0
+    compile_s: float = 0.0
 
     def __sub__(self, other: "Counters") -> "Counters":
         return Counters(**{k: v - getattr(other, k) for k, v in asdict(self).items()})
@@ -102,6 +124,7 @@ class Stats:
     _t_last: float | None = field(default=None, init=False, repr=False)
     _at_last_token: Counters = field(default_factory=Counters, init=False, repr=False)
     _first_pending: bool = field(default=True, init=False, repr=False)
+    _compiled_before: float = field(default=0.0, init=False, repr=False)  # compile_seconds() when last counted
 
     # --- recorded by the ExpertStore -------------------------------------------------------------
     def record_lookups(self, hits: int, misses: int) -> None:
@@ -135,6 +158,7 @@ class Stats:
         self._t_last = time.perf_counter()
         self._at_last_token = Counters(**asdict(self.totals))
         self._first_pending = True
+        self._compiled_before = compile_seconds()
 
     def add_stage_time(self, name: str, seconds: float) -> None:
         """Add compute time to stage `name`."""
@@ -143,12 +167,12 @@ class Stats:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the enclosed block as compute of stage `name`."""
-        t0 = time.perf_counter()
+        """Time the enclosed block as compute of stage `name`, less the kernel compilation done in it."""
+        t0, compiled = time.perf_counter(), compile_seconds()
         try:
             yield
         finally:
-            self.add_stage_time(name, time.perf_counter() - t0)
+            self.add_stage_time(name, time.perf_counter() - t0 - (compile_seconds() - compiled))
 
     def token_done(self) -> None:
         """Mark one emitted token: records its counters and wall time. The first call after `start()` is
@@ -156,6 +180,9 @@ class Stats:
         now = time.perf_counter()
         if self._t_last is None:
             self.start()
+        compiled = compile_seconds()
+        self.totals.compile_s += compiled - self._compiled_before
+        self._compiled_before = compiled
         snapshot = Counters(**asdict(self.totals))
         record = TokenRecord(now - self._t_last, snapshot - self._at_last_token, first=self._first_pending)
         self._t_last, self._at_last_token, self._first_pending = now, snapshot, False
@@ -186,8 +213,9 @@ class Stats:
     @property
     def decode_tok_s(self) -> float | None:
         """Decode speed in tokens per second over every run's tokens after its first (which carries
-        prefill)."""
-        return self.decode_tokens / self.decode_wall_s if self.decode_tokens and self.decode_wall_s > 0 else None
+        prefill), kernel compilation not counted."""
+        seconds = self.decode_wall_s - self.decode_counters.compile_s
+        return self.decode_tokens / seconds if self.decode_tokens and seconds > 0 else None
 
     def per_token_mean(self) -> Counters | None:
         """Mean counters per decode token (every run's tokens after its first); None if there are none."""
@@ -232,6 +260,9 @@ class Stats:
         if self.ttft_s is not None:
             over = f" (last run; mean {self.mean_ttft_s:.3f} s over {self.runs})" if self.runs > 1 else ""
             lines.append(f"time to first token: {self.ttft_s:.3f} s{over}")
+        if t.compile_s:
+            lines.append(f"kernel compilation: {t.compile_s:.3f} s (numba: a kernel's first use on this machine, "
+                         "cached for later runs; not counted in tok/s or the stage times)")
         if self.decode_tok_s is not None:
             lines.append(f"decode: {self.decode_tok_s:.2f} tok/s")
         ms = self.ms_per_layer()
