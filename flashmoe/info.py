@@ -108,8 +108,8 @@ def _experts(cfg: ModelConfig, moe_layers: int, k: int) -> str:
             + (f", shared expert {cfg.shared_expert_intermediate_size}" if cfg.has_shared_expert else ""))
 
 
-def _read_per_token(nbytes: float, k: int, moe_layers: int) -> str:
-    return f"read per token:   {_bytes(nbytes)} (k = {k} experts x {moe_layers} MoE layers, no cache hits)"
+def _read_per_token(nbytes: float, k: int, moe_layers: int, note: str = "") -> str:
+    return f"read per token:   {_bytes(nbytes)} (k = {k} experts x {moe_layers} MoE layers, no cache hits{note})"
 
 
 def _ceiling(nbytes: float, disk_gbps: float) -> str:
@@ -149,8 +149,8 @@ def describe(model_dir: str | Path, disk_gbps: float = 2.0) -> str:
 def describe_gguf(path: str | Path, disk_gbps: float = 2.0) -> str:
     """`flashmoe info MODEL.gguf`: a GGUF before converting it: its architecture (and whether flashmoe imports
     it), the tensors and bytes of each GGML type with how the import stores them (exact, requantised, refused:
-    flashmoe/convert/gguf_model.py), the routed experts' bytes per token and the decode ceiling as GGUF stores
-    them. Raises CheckpointError for an unreadable GGUF, FlashMoeError for a non-positive disk_gbps."""
+    flashmoe/convert/gguf_model.py), the routed experts' bytes per token and the decode ceiling once converted
+    (the GGUF's own bytes beside them). Raises CheckpointError for an unreadable GGUF, FlashMoeError for a non-positive disk_gbps."""
     from flashmoe.arch.gguf_names import NORM_TOPK
     from flashmoe.convert.gguf import GGUFModel
     from flashmoe.convert.gguf_model import import_kind
@@ -174,8 +174,29 @@ def describe_gguf(path: str | Path, disk_gbps: float = 2.0) -> str:
         lines += [f"  {name:<8} {n:>5} tensors {_bytes(nbytes):>28}  {import_kind(name)}"
                   for name, (n, nbytes) in sorted(types.items(), key=lambda kv: -kv[1][1])]
         if per_token:
-            lines += [_read_per_token(per_token, k, len(experts) // 3), _ceiling(per_token, disk_gbps)]
+            lines += _gguf_reads(g, per_token, k, len(experts) // 3, disk_gbps)
     return "\n".join(lines)
+
+
+def _gguf_reads(g, gguf_per_token: int, k: int, moe_layers: int, disk_gbps: float) -> list[str]:
+    """The read-per-token and ceiling lines of a GGUF: the bytes flashmoe reads once it is converted (the
+    K-quants' super-blocks become groups with float32 scales and biases: exact, and larger), the same figure
+    `flashmoe info` gives the converted directory; the GGUF's own bytes (what llama.cpp reads) beside them.
+    A GGUF the import refuses gets its own bytes only."""
+    from flashmoe.arch.gguf_names import NORM_TOPK
+    from flashmoe.convert.gguf_model import imported_expert_layouts
+
+    try:
+        layouts = imported_expert_layouts(g) if g.architecture in NORM_TOPK else None
+    except FlashMoeError:  # the table above says which tensors the import refuses
+        layouts = None
+    if not layouts:
+        return [_read_per_token(gguf_per_token, k, moe_layers, ", as the GGUF stores them"),
+                _ceiling(gguf_per_token, disk_gbps)]
+    ours = k * sum(layout.nbytes for layout in layouts.values())
+    return [_read_per_token(ours, k, len(layouts), ", once converted"),
+            f"in the GGUF:      {_bytes(gguf_per_token)} per token (what llama.cpp reads)",
+            _ceiling(ours, disk_gbps)]
 
 
 def parse_tokens(tokens: str, vocab_size: int) -> np.ndarray:

@@ -334,10 +334,21 @@ def test_info_describes_a_gguf_before_converting(tmp_path):
     assert "Q6_K         3 tensors" in out and "exact (6-bit, group 16, float32 scales/biases)" in out
     assert "Q2_K         2 tensors" in out and "exact (2-bit, group 16, float32 scales/biases)" in out
     assert "exact (5-bit, group 32, float32 scales/biases)" in out
-    # k = 2 experts of each of the 2 MoE layers: a quarter of the stacked tensors' bytes, twice
-    per_token = 2 * sum(int(t.n_bytes) // 4 for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors
-                        if t.name.endswith("_exps.weight"))
-    assert f"read per token:   {per_token:,} B" in out and f"{1e9 / per_token:.3g} tok/s at 1 GB/s" in out
+    # k = 2 experts of each of the 2 MoE layers: a quarter of the stacked tensors' bytes, twice, in the GGUF
+    in_gguf = 2 * sum(int(t.n_bytes) // 4 for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors
+                      if t.name.endswith("_exps.weight"))
+    assert in_gguf == 527_360 and f"in the GGUF:      {in_gguf:,} B (527.36 kB) per token (what llama.cpp reads)" in out
+    # What flashmoe reads is the converted directory's: the K-quants' groups with float32 scales and biases.
+    # Layer 0: Q4_K gate, Q8_0 up, Q6_K down; layer 1: Q4_K, Q5_K, Q2_K; 256 x 256 weights each.
+    weights = 256 * 256
+    ours = 2 * sum(weights * bits // 8 + 2 * weights // group * 4
+                   for bits, group in [(4, 32), (8, 32), (6, 16), (4, 32), (5, 32), (2, 16)])
+    assert ours == 737_280
+    assert f"read per token:   {ours:,} B (737.28 kB) (k = 2 experts x 2 MoE layers, no cache hits, once converted)" in out
+    assert f"{1e9 / ours:.3g} tok/s at 1 GB/s" in out
+    convert_gguf(tmp_path / "m.gguf", tmp_path / "m")
+    converted = CliRunner().invoke(app, ["info", str(tmp_path / "m"), "--disk-gbps", "1"])
+    assert f"read per token:   {ours:,} B (737.28 kB) (k = 2 experts x 2 MoE layers, no cache hits)" in converted.output
 
 
 def test_value_head_reorder_moves_whole_quantised_rows_and_groups():

@@ -208,6 +208,16 @@ def convert_gguf(src: str | Path, dst: str | Path, force: bool = False, progress
     return dst
 
 
+def imported_expert_layouts(model: GGUFModel) -> dict[int, ExpertLayout]:
+    """The expert layout of each MoE layer of the directory `convert_gguf` would write from the open GGUF
+    `model`, planned from one expert's tensors (nothing is written): what flashmoe reads per expert.
+    Raises as convert_gguf does for a GGUF it would refuse."""
+    fam = family_of_gguf(model)
+    cfg = ModelConfig.from_dict(config_dict(model, fam), source=f"{model.path} (metadata)")
+    job = _Import(model, cfg, fam.gguf_arch, progress=False)
+    return {layer: job.expert_sources(layer)[3] for layer in cfg.moe_layers}
+
+
 def import_kind(type_name: str) -> str:
     """How the import stores a tensor of GGML type `type_name`: 'float', 'exact (N-bit, group G, ...)' or
     'refused (...)'."""
@@ -261,6 +271,17 @@ class _Import:
 
     def _experts(self, out: ModelDirWriter, layer: int) -> None:
         """The layer's stacked experts (and their biases, where the family has them) expert by expert."""
+        tensors, raws, first, layout = self.expert_sources(layer)
+        writer = out.open_experts(layer, layout, self.cfg.num_experts)
+        for e in range(self.cfg.num_experts):
+            for key, t in tensors.items():
+                part = first[key] if e == 0 else self._stored(t, raws[key][e], expert=True)
+                writer.write(e, key, part, f"{t.path}: tensor {t.name!r}")
+        writer.close()
+
+    def expert_sources(self, layer: int) -> tuple[dict, dict, dict, ExpertLayout]:
+        """MoE layer `layer`'s GGUF tensors and raw stacked arrays by expert key (`gate_proj`, ...,
+        `gate_proj.bias`), expert 0's stored parts and the layout they give every expert of the layer."""
         h, inter, n = self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts
         names = {**EXPERT_NAMES, **(EXPERT_BIAS_NAMES if self.cfg.has_expert_biases else {})}
         tensors, raws = {}, {}
@@ -277,12 +298,7 @@ class _Import:
             width = raw.shape[1] // 2  # a fused tensor's gate half, then its up half: rows of weights, bytes of biases
             raws[key] = raw if half is None else raw[:, half * width:(half + 1) * width]
         first = {key: self._stored(tensors[key], raws[key][0], expert=True) for key in names}
-        writer = out.open_experts(layer, ExpertLayout.plan(first), n)
-        for e in range(n):
-            for key, t in tensors.items():
-                part = first[key] if e == 0 else self._stored(t, raws[key][e], expert=True)
-                writer.write(e, key, part, f"{t.path}: tensor {t.name!r}")
-        writer.close()
+        return tensors, raws, first, ExpertLayout.plan(first)
 
     def _stored(self, t: GGUFTensor, raw: np.ndarray, expert: bool = False) -> ExpertPart:
         """The stored form of `raw` (all of tensor t, or one routed expert of it): module docstring."""
