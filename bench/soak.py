@@ -60,6 +60,7 @@ class Client:
         self.oa = openai.OpenAI(base_url=url + "/v1", api_key="soak", max_retries=0, timeout=600)
         self.an = anthropic.Anthropic(base_url=url, api_key="soak", max_retries=0, timeout=600)
         self.max_tokens = max_tokens
+        self.model = self.oa.models.list().data[0].id  # the server answers 404 to another name
 
     def run(self, spec: tuple[str, str, bool], stop_after: int | None = None) -> tuple[str, float | None]:
         api, prompt, stream = spec
@@ -67,18 +68,18 @@ class Client:
         t0 = time.perf_counter()
         if not stream:
             if api == "openai":
-                r = self.oa.chat.completions.create(model="m", messages=messages, temperature=0,
+                r = self.oa.chat.completions.create(model=self.model, messages=messages, temperature=0,
                                                     max_tokens=self.max_tokens)
                 return r.choices[0].message.content or "", None
-            r = self.an.messages.create(model="m", messages=messages, max_tokens=self.max_tokens, extra_body=GREEDY)
+            r = self.an.messages.create(model=self.model, messages=messages, max_tokens=self.max_tokens, extra_body=GREEDY)
             return "".join(b.text for b in r.content if b.type == "text"), None
         pieces, ttft = [], None
         if api == "openai":
-            events = self.oa.chat.completions.create(model="m", messages=messages, temperature=0, stream=True,
+            events = self.oa.chat.completions.create(model=self.model, messages=messages, temperature=0, stream=True,
                                                      max_tokens=self.max_tokens)
             texts, close = (c.choices[0].delta.content or "" for c in events if c.choices), events.close
         else:
-            texts = _anthropic_texts(self.an.messages.stream(model="m", messages=messages, extra_body=GREEDY,
+            texts = _anthropic_texts(self.an.messages.stream(model=self.model, messages=messages, extra_body=GREEDY,
                                                              max_tokens=self.max_tokens))
             close = texts.close
         try:

@@ -544,7 +544,7 @@ def fake_server(tmp_path_factory, template, name, **engine_kwargs):
 
     tokenizer = FlashMoeTokenizer(write_model_dir(tmp_path_factory.mktemp(name), template))
     engine = FakeEngine(tokenizer, scripted_reply, **engine_kwargs)
-    app = FlashMoeServer(engine, tokenizer, "fake-" + name, context=engine_kwargs.get("max_position_embeddings"))
+    app = FlashMoeServer(engine, tokenizer, "fake", context=engine_kwargs.get("max_position_embeddings"))
     return app, engine, RunningServer(app.app).start()
 
 

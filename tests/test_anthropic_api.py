@@ -36,7 +36,7 @@ def _ask(client, content, **kwargs):
 
 def test_a_plain_message_returns_its_text_stop_reason_and_usage(served, client):
     r = _ask(client, "echo: Bonjour, ça va?", system="Be brief.")
-    assert r.type == "message" and r.role == "assistant" and r.id.startswith("msg_") and r.model == "fake-anthropic"
+    assert r.type == "message" and r.role == "assistant" and r.id.startswith("msg_") and r.model == "fake"
     assert [(b.type, b.text) for b in r.content] == [("text", "Bonjour, ça va?")]
     assert (r.stop_reason, r.stop_sequence) == ("end_turn", None)
     prompt = served[1].prompts[-1]
@@ -104,6 +104,20 @@ def test_count_tokens_counts_the_prompt_that_messages_prefills(served, client):
     n = client.messages.count_tokens(model="fake", messages=messages, system="sys", tools=[WEATHER]).input_tokens
     r = client.messages.create(model="fake", max_tokens=10, messages=messages, system="sys", tools=[WEATHER])
     assert n == r.usage.input_tokens + r.usage.cache_read_input_tokens
+
+
+def test_an_unknown_model_is_anthropics_not_found_error(client):
+    with pytest.raises(anthropic.NotFoundError) as e:
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 404
+    assert e.value.body == {"type": "error", "error": {"type": "not_found_error", "message":
+                            "The model `claude-sonnet-4-5` does not exist: this server serves `fake` (GET /v1/models)"}}
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="other", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(anthropic.BadRequestError) as e:  # a field of the wrong type: 400, Anthropic's type
+        client.messages.create(model="fake", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+                               extra_body={"temperature": "hot"})
+    assert e.value.status_code == 400 and e.value.body["error"]["type"] == "invalid_request_error"
 
 
 def test_errors_come_in_anthropic_shape_and_the_server_keeps_serving(served, client):

@@ -204,7 +204,7 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 def test_server_returns_the_call_with_reasoning_and_content_apart(served):
     engine, client = served
-    r = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], extra_body=THINKING)
+    r = client.chat.completions.create(model="fake", messages=ASK, tools=[WEATHER], extra_body=THINKING)
     assert engine.prompts[-1].endswith(f"{USER}Weather in Paris?{ASSISTANT}<think>")
     assert "### get_weather\nDescription: Weather in a city." in engine.prompts[-1]
     message = r.choices[0].message
@@ -215,7 +215,7 @@ def test_server_returns_the_call_with_reasoning_and_content_apart(served):
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
 
-    follow = client.chat.completions.create(model="m", tools=[WEATHER], messages=ASK + [
+    follow = client.chat.completions.create(model="fake", tools=[WEATHER], messages=ASK + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
     assert follow.choices[0].message.content == "It is sunny."
@@ -226,7 +226,7 @@ def test_server_returns_the_call_with_reasoning_and_content_apart(served):
 
 def test_server_streams_the_same_reply(served):
     _, client = served
-    chunks = list(client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], extra_body=THINKING,
+    chunks = list(client.chat.completions.create(model="fake", messages=ASK, tools=[WEATHER], extra_body=THINKING,
                                                  stream=True))
     assert streamed_reply(chunks) == ("The user wants weather.", "Let me look.",
                                       [(0, "get_weather", {"city": "Paris", "days": 2})], "tool_calls")
@@ -234,7 +234,7 @@ def test_server_streams_the_same_reply(served):
 
 def test_server_forces_a_named_call_with_the_call_tokens(served):
     engine, client = served
-    r = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER],
+    r = client.chat.completions.create(model="fake", messages=ASK, tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert engine.prompts[-1].endswith(f"{ASSISTANT}</think>{DS_CALLS_OPEN}{DS_CALL_OPEN}get_weather{DS_SEP}")
     (call,) = r.choices[0].message.tool_calls

@@ -154,7 +154,7 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 def test_server_returns_the_call_with_reasoning_and_content_apart(served):
     engine, client = served
-    r = client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER])
+    r = client.chat.completions.create(model="fake", messages=ASK, tools=[WEATHER])
     assert engine.prompts[-1].startswith("[gMASK]<sop><|system|>\n# Tools")
     assert engine.prompts[-1].endswith("<|user|>\nWeather in Paris?<|assistant|>")
     message = r.choices[0].message
@@ -164,7 +164,7 @@ def test_server_returns_the_call_with_reasoning_and_content_apart(served):
     (call,) = message.tool_calls
     assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris", "days": 2})
 
-    follow = client.chat.completions.create(model="m", tools=[WEATHER], messages=ASK + [
+    follow = client.chat.completions.create(model="fake", tools=[WEATHER], messages=ASK + [
         {"role": "assistant", "content": message.content, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
     assert follow.choices[0].message.content == "It is sunny."
@@ -176,14 +176,14 @@ def test_server_returns_the_call_with_reasoning_and_content_apart(served):
 
 def test_server_streams_the_same_reply(served):
     _, client = served
-    chunks = list(client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER], stream=True))
+    chunks = list(client.chat.completions.create(model="fake", messages=ASK, tools=[WEATHER], stream=True))
     assert streamed_reply(chunks) == ("The user wants weather.", "Let me look.",
                                       [(0, "get_weather", {"city": "Paris", "days": 2})], "tool_calls")
 
 
 def test_server_forces_a_named_call(served):
     engine, client = served
-    client.chat.completions.create(model="m", messages=ASK, tools=[WEATHER],
+    client.chat.completions.create(model="fake", messages=ASK, tools=[WEATHER],
                                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert engine.prompts[-1].endswith("<|assistant|><tool_call>get_weather\n")
 

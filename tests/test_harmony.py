@@ -133,7 +133,7 @@ def served(tmp_path_factory):
     model_dir = write_model_dir(tmp_path_factory.mktemp("harmony"), HARMONY, eos_token="<|return|>", eos_token_ids=ids)
     tokenizer = Tokenizer(model_dir)
     engine = FakeEngine(tokenizer, harmony_reply, max_position_embeddings=1024, eos_token="<|return|>")
-    app = FlashMoeServer(engine, tokenizer, "fake-harmony", context=1024)
+    app = FlashMoeServer(engine, tokenizer, "fake", context=1024)
     with RunningServer(app.app) as running:
         yield engine, running.url
     app.close()

@@ -109,7 +109,7 @@ def test_tools_for_a_template_that_does_not_render_them_are_refused_in_both_apis
         assert _chat(client, "echo: hi", tools=[WEATHER], tool_choice="none").choices[0].finish_reason == "stop"
         claude = anthropic.Anthropic(base_url=running.url, api_key="unused", max_retries=0, timeout=30)
         with pytest.raises(anthropic.BadRequestError, match="does not render tools"):
-            claude.messages.create(model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+            claude.messages.create(model="fake", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
                                    tools=[{"name": "f", "input_schema": {"type": "object"}}])
     finally:
         running.stop()
@@ -201,12 +201,12 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 @pytest.mark.parametrize("body,status,fragment", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
-    (b'{"messages": []}', 422, "messages"),
-    (b'{"messages": [{"role": "wizard", "content": "x"}]}', 422, "role"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 422, "temperature"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 422, "n"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 422, "max_tokens"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', 422, "stop"),
+    (b'{"messages": []}', 400, "messages"),  # OpenAI's API and vLLM: 400 for a field of the wrong type or range
+    (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "n"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     (b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}', 400, "tool_choice"),
     (b'{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "presence_penalty": 0}', 400, "logprobs"),
     (b'{"messages": [{"role": "user", "content": "x"}], "frequency_penalty": 0.5}', 400, "frequency_penalty"),
@@ -219,6 +219,29 @@ def test_malformed_requests_get_openai_shaped_errors(served, body, status, fragm
     code, payload = _post(served[2].url + "/v1/chat/completions", body)
     assert code == status
     assert fragment in payload["error"]["message"]
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["type"] == "invalid_request_error"
+
+
+def test_a_field_of_the_wrong_type_is_the_clients_bad_request_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}], temperature="hot")
+    assert e.value.status_code == 400
+    assert e.value.body == {"message": "temperature: Input should be a valid number, unable to parse string as a "
+                                       "number (1 error(s) in the request)",
+                            "type": "invalid_request_error", "param": "temperature", "code": None}
+
+
+def test_an_unknown_model_is_404_as_vllm_answers_and_no_model_means_the_one_served(served, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "echo: hi"}])
+    assert e.value.body == {"message": "The model `gpt-4o` does not exist: this server serves `fake` (GET /v1/models)",
+                            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="fake2", prompt="echo: hi", max_tokens=3)
+    code, payload = _post(served[2].url + "/v1/chat/completions",
+                          b'{"messages": [{"role": "user", "content": "echo: hi"}], "max_tokens": 3}')
+    assert (code, payload["model"], payload["choices"][0]["message"]["content"]) == (200, "fake", "hi")
 
 
 def test_refusals_name_the_right_field_and_hint_only_where_it_helps(served):
@@ -311,7 +334,7 @@ def test_completions_models_and_health(served, client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="fake", prompt="Once upon a time", max_tokens=50, stream=True) if c.choices)
     assert streamed == r.choices[0].text
-    assert [m.id for m in client.models.list()] == ["fake-qwen3"]
+    assert [m.id for m in client.models.list()] == ["fake"]
 
 
 def test_engine_stats_cover_every_request_and_keep_a_bounded_window_of_token_records(served, client, monkeypatch):

@@ -42,17 +42,19 @@ def _anthropic(url, key):
 
 
 def test_both_clients_succeed_with_the_key(url):
-    assert _openai(url, KEY).chat.completions.create(model="m", messages=HI).choices[0].message.content == "hi"
-    assert _anthropic(url, KEY).messages.create(model="m", max_tokens=20, messages=HI).content[0].text == "hi"
+    assert _openai(url, KEY).chat.completions.create(model="fake", messages=HI).choices[0].message.content == "hi"
+    assert _anthropic(url, KEY).messages.create(model="fake", max_tokens=20, messages=HI).content[0].text == "hi"
 
 
 @pytest.mark.parametrize("key", ["wrong", KEY[:-1], KEY + "0"])
 def test_a_wrong_key_is_401_in_each_apis_shape(url, key):
     with pytest.raises(openai.AuthenticationError) as e:
-        _openai(url, key).chat.completions.create(model="m", messages=HI)
-    assert e.value.body["message"].startswith("a valid API key is required")
+        _openai(url, key).chat.completions.create(model="fake", messages=HI)
+    assert e.value.body == {"message": "incorrect API key provided: send it as 'Authorization: Bearer KEY' or "
+                                       "'x-api-key: KEY'", "type": "invalid_request_error", "param": None,
+                            "code": "invalid_api_key"}  # OpenAI's own code for a wrong key
     with pytest.raises(anthropic.AuthenticationError) as e:
-        _anthropic(url, key).messages.create(model="m", max_tokens=20, messages=HI)
+        _anthropic(url, key).messages.create(model="fake", max_tokens=20, messages=HI)
     assert e.value.body["error"]["type"] == "authentication_error"
 
 
@@ -61,7 +63,9 @@ def test_a_missing_key_is_401_while_health_and_the_pages_files_stay_open(url, pa
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + path)
     assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == "Bearer"
-    assert json.load(e.value)["error"]["type"] == "invalid_request_error"
+    assert json.load(e.value)["error"] == {"message": "no API key provided: this server requires one; send it as "
+                                                      "'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                                           "type": "invalid_request_error", "param": None, "code": None}
     assert json.load(urllib.request.urlopen(url + "/health"))["status"] == "ok"
     page = urllib.request.urlopen(url + "/").read().decode()
     assert '<script src="/static/app.js">' in page
@@ -71,10 +75,10 @@ def test_a_missing_key_is_401_while_health_and_the_pages_files_stay_open(url, pa
 def test_a_body_over_the_limit_is_413_before_it_is_read_and_the_server_keeps_serving(url):
     big = [{"role": "user", "content": "x" * LIMIT}]
     with pytest.raises(openai.APIStatusError) as e:
-        _openai(url, KEY).chat.completions.create(model="m", messages=big)
+        _openai(url, KEY).chat.completions.create(model="fake", messages=big)
     assert e.value.status_code == 413 and "limit of 4096 bytes" in e.value.body["message"]
     with pytest.raises(anthropic.APIStatusError) as e:
-        _anthropic(url, KEY).messages.create(model="m", max_tokens=20, messages=big)
+        _anthropic(url, KEY).messages.create(model="fake", max_tokens=20, messages=big)
     assert e.value.status_code == 413 and e.value.body["error"]["type"] == "request_too_large"
     # A chunked body (no Content-Length) is cut off once it passes the limit, not buffered whole.
     host, port = url.removeprefix("http://").split(":")
@@ -85,7 +89,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_read_and_the_server_keeps_ser
         for _ in range(5):
             s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         assert s.recv(4096).startswith(b"HTTP/1.1 413")
-    assert _openai(url, KEY).chat.completions.create(model="m", messages=HI).choices[0].message.content == "hi"
+    assert _openai(url, KEY).chat.completions.create(model="fake", messages=HI).choices[0].message.content == "hi"
 
 
 def test_loopback_addresses():

@@ -87,7 +87,7 @@ def test_the_page_streams_a_reply_and_shows_the_experts_it_read(demo_url, browse
         shutil.copy(shot, Path(os.environ["FLASHMOE_SCREENSHOT"]))
     # The page's reply is the API's own at temperature 0.
     client = openai.OpenAI(base_url=demo_url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    expected = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me about the sea."}],
+    expected = client.chat.completions.create(model="demo-model", messages=[{"role": "user", "content": "Tell me about the sea."}],
                                               temperature=0, max_tokens=12)
     assert reply and reply == expected.choices[0].message.content.strip()
 

@@ -48,9 +48,8 @@ class AccessGuard:
             return await self.app(scope, receive, send)
         path, headers = scope["path"], Headers(scope=scope)
         if self._key is not None and not self._is_public(path) and not self._authorized(headers):
-            error = APIError(401, "a valid API key is required: send it as 'Authorization: Bearer KEY' or "
-                                  "'x-api-key: KEY'", type="invalid_request_error")
-            return await error.response(path, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return await self._unauthorized(headers).response(path, {"WWW-Authenticate": "Bearer"})(
+                scope, receive, send)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_request_bytes):
             return await self._too_large().response(path)(scope, receive, send)
@@ -59,12 +58,23 @@ class AccessGuard:
     def _is_public(self, path: str) -> bool:
         return path in self._public or path.startswith(self._public_under)
 
-    def _authorized(self, headers: Headers) -> bool:
+    @staticmethod
+    def _given_keys(headers: Headers) -> list[str]:
         scheme, _, bearer = headers.get("authorization", "").partition(" ")
         given = [bearer.strip()] if scheme.lower() == "bearer" else []
-        given += [headers["x-api-key"]] if "x-api-key" in headers else []
+        return given + ([headers["x-api-key"]] if "x-api-key" in headers else [])
+
+    def _authorized(self, headers: Headers) -> bool:
         # Compare every candidate (no early exit), each in constant time.
-        return sum(hmac.compare_digest(g.encode(), self._key) for g in given) > 0
+        return sum(hmac.compare_digest(g.encode(), self._key) for g in self._given_keys(headers)) > 0
+
+    def _unauthorized(self, headers: Headers) -> APIError:
+        """401 as OpenAI's API words it: code invalid_api_key for a wrong key, none for a missing one (Anthropic's
+        shape says authentication_error for both)."""
+        how = "send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
+        if self._given_keys(headers):
+            return APIError(401, f"incorrect API key provided: {how}", code="invalid_api_key")
+        return APIError(401, f"no API key provided: this server requires one; {how}")
 
     def _too_large(self) -> APIError:
         return APIError(413, f"the request body is larger than the server's limit of {self.max_request_bytes} "

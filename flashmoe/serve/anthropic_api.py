@@ -49,12 +49,12 @@ class AnthropicAPI:
         self.worker, self.model_id = worker, model_id
 
     async def count_tokens(self, request: Request) -> Response:
-        body: CountTokensRequest = await self.worker.parse(request, CountTokensRequest)
+        body: CountTokensRequest = await self.worker.parse(request, CountTokensRequest, self.model_id)
         prompt, _, _ = self.worker.render(_conversation(body))
         return JSONResponse({"input_tokens": len(await self.worker.encode(prompt, "messages"))})
 
     async def messages(self, request: Request) -> Response:
-        body: MessagesRequest = await self.worker.parse(request, MessagesRequest)
+        body: MessagesRequest = await self.worker.parse(request, MessagesRequest, self.model_id)
         job = await self.worker.chat_job(_conversation(body), body, body.max_tokens, body.stop_sequences or [])
         base = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": self.model_id}
         if body.stream:

@@ -38,7 +38,7 @@ class OpenAIAPI:
 
     async def chat_completions(self, request: Request) -> Response:
         worker = self.worker
-        body: ChatRequest = await worker.parse(request, ChatRequest)
+        body: ChatRequest = await worker.parse(request, ChatRequest, self.model_id)
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         choice, forced_name = body.tool_choice or "auto", None
         if isinstance(choice, NamedToolChoice):
@@ -96,16 +96,16 @@ class OpenAIAPI:
 
     async def completions(self, request: Request) -> Response:
         worker = self.worker
-        body: CompletionRequest = await worker.parse(request, CompletionRequest)
+        body: CompletionRequest = await worker.parse(request, CompletionRequest, self.model_id)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
             prompt_ids = list(prompt)
             vocab = worker.tokenizer.vocab_size
             if any(not 0 <= t < vocab for t in prompt_ids):
-                raise APIError(422, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+                raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
         else:
             if isinstance(prompt, list) and len(prompt) != 1:
-                raise APIError(422, "prompt: give one prompt per request", param="prompt")
+                raise APIError(400, "prompt: give one prompt per request", param="prompt")
             prompt_ids = await worker.encode(prompt if isinstance(prompt, str) else prompt[0], "prompt")
         job = Job(prompt_ids, worker.sampler(body), worker.budget(len(prompt_ids), body.max_tokens, "prompt"),
                   _stops(body), None)
@@ -170,7 +170,7 @@ def _template_message(message: Message, index: int) -> dict:
 def _stops(body: OpenAIBody) -> list[str]:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4:
-        raise APIError(422, "stop: at most 4 sequences", param="stop")
+        raise APIError(400, "stop: at most 4 sequences", param="stop")
     return stops
 
 

@@ -147,30 +147,29 @@ class APIError(Exception):
         message: what went wrong, for a person.
         param: the request field at fault (dotted path), when one is.
         type: OpenAI's error type (invalid_request_error, server_error, ...).
+        code: OpenAI's error code where its API gives one (invalid_api_key, model_not_found), else None.
     """
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
 
     def openai_body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def anthropic_body(self) -> dict:
         return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
                                            "message": self.message}}
 
     def response(self, path: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        """The error in the shape of the API `path` belongs to: Anthropic's under /v1/messages (where a field
-        of the wrong type or range is 400, not 422), else OpenAI's."""
+        """The error in the shape of the API `path` belongs to: Anthropic's under /v1/messages, else OpenAI's."""
         if path.startswith("/v1/messages"):
-            return JSONResponse(self.anthropic_body(), status_code=400 if self.status == 422 else self.status,
-                                headers=headers)
+            return JSONResponse(self.anthropic_body(), status_code=self.status, headers=headers)
         return JSONResponse(self.openai_body(), status_code=self.status, headers=headers)
 
 
 # Anthropic's error type for each HTTP status (https://docs.anthropic.com/en/api/errors).
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-                    422: "invalid_request_error", 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+                    429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}

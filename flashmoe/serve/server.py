@@ -8,10 +8,10 @@ GET /health, GET /v1/stats (the engine's I/O and time statistics plus the server
 routing trace, live: flashmoe.serve.live_trace) and the web page at / (files in flashmoe/serve/static).
 
 Errors are in the shape of the API the path belongs to: OpenAI's `{"error": {"message", "type", "param",
-"code"}}` (malformed JSON 400, a field of the wrong type or range 422, a prompt that does not fit the context
-with max_tokens 400, an unknown route 404, a wrong method 405) or, under /v1/messages, Anthropic's
-`{"type": "error", "error": {"type", "message"}}` (the same statuses, 422 reported as 400); the server keeps
-serving after each.
+"code"}}` (malformed JSON, a field of the wrong type or range, or a prompt that does not fit the context with
+max_tokens 400, as OpenAI's API and vLLM answer; a `model` other than the one served 404, as vLLM answers; an
+unknown route 404, a wrong method 405) or, under /v1/messages, Anthropic's `{"type": "error", "error": {"type",
+"message"}}` (the same statuses); the server keeps serving after each.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class FlashMoeServer:
     Args:
         engine: the loaded model.
         tokenizer: its tokenizer (chat template included).
-        model_id: the name /v1/models reports (requests may name any model; there is one).
+        model_id: the name /v1/models reports; a request naming another model gets 404 (one without `model`
+            gets this one).
         context: longest prompt + completion in tokens (default: the model's max_position_embeddings).
         defaults: sampling settings used when a request omits them (sampling_defaults(model_dir)).
         api_key: the key every request but /health must carry (flashmoe.serve.access), or None.

@@ -134,9 +134,11 @@ class Worker:
     # ---- what both wire formats share: parsing, sampling, prompts ----------------------------
 
     @staticmethod
-    async def parse(request: Request, model: type[SamplingBody]) -> Any:
-        """The request body validated as `model`. Raises APIError: 400 for malformed JSON or an option
-        flashmoe does not implement, 422 for a field of the wrong type or range."""
+    async def parse(request: Request, model: type[SamplingBody], served: str) -> Any:
+        """The request body validated as `model`, for the model named `served`. Raises APIError: 400 for
+        malformed JSON, a field of the wrong type or range or an option flashmoe does not implement (as OpenAI's
+        API and vLLM answer; not FastAPI's 422), 404 for a `model` other than `served` (as vLLM answers; an
+        omitted or empty `model` means the one served)."""
         try:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
@@ -148,8 +150,11 @@ class Worker:
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise APIError(422, f"{where}: {first['msg']} ({e.error_count()} error(s) in the request)",
+            raise APIError(400, f"{where}: {first['msg']} ({e.error_count()} error(s) in the request)",
                            param=where) from None
+        if parsed.model and parsed.model != served:
+            raise APIError(404, f"The model `{parsed.model}` does not exist: this server serves `{served}` "
+                                "(GET /v1/models)", param="model", code="model_not_found")
         if names := parsed.unsupported():
             hint = " (for repetition use repetition_penalty)" if any(n.endswith("_penalty") for n in names) else ""
             raise APIError(400, f"not supported by flashmoe: {', '.join(names)}{hint}", param=names[0])
@@ -162,7 +167,7 @@ class Worker:
         try:
             return Sampler(seed=body.seed, **{k: v for k, v in settings.items() if v is not None})
         except FlashMoeError as e:
-            raise APIError(422, str(e)) from None
+            raise APIError(400, str(e)) from None
 
     async def encode(self, text: str, prompt_param: str) -> list[int]:
         """Token ids of a prompt; APIError (400) naming `prompt_param` for text that is not valid UTF-8."""
