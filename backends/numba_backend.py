@@ -65,7 +65,7 @@ else:
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.arch.config import YarnRope
 from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, PackedWeight, check_quantized
-from flashmoe.backends import numba_experts, numba_q8
+from flashmoe.backends import numba_experts, numba_norms, numba_q8
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, SCALE_KINDS, codes_per_unit,
                                             dequant_rows_permuted, expert_view, fold_groups, gated, permute_input,
                                             stacked_biases, unit_dots)
@@ -189,28 +189,6 @@ if numba is not None:
 
         return SimpleNamespace(qmatvec=qmatvec, qmatmat=qmatmat, qrows=qrows, experts_gate_up=experts_gate_up,
                                experts_down=experts_down)
-
-    @njit(fastmath=FASTMATH, cache=True)
-    def _rms_norm(x, w, eps, out):
-        for t in range(x.shape[0]):
-            ss = np.float32(0.0)
-            for i in range(x.shape[1]):
-                ss += x[t, i] * x[t, i]
-            inv = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[1]) + eps)
-            for i in range(x.shape[1]):
-                out[t, i] = x[t, i] * inv * w[i]
-
-    @njit(cache=True)
-    def _rope(x, cos, sin, out):
-        T, H, _ = x.shape
-        half = cos.shape[1]
-        for t in range(T):
-            for h in range(H):
-                for i in range(half):
-                    a = x[t, h, i]
-                    b = x[t, h, i + half]
-                    out[t, h, i] = a * cos[t, i] - b * sin[t, i]
-                    out[t, h, i + half] = b * cos[t, i] + a * sin[t, i]
 
     @njit(parallel=True, fastmath=FASTMATH, cache=True)
     def _attention(q, k, v, q_positions, scale, sinks, out):
@@ -442,16 +420,41 @@ class NumbaBackend(Backend):
         x = _f32(x)
         flat = x.reshape(-1, x.shape[-1])
         out = np.empty_like(flat)
-        _rms_norm(flat, _readonly(_f32(weight)), np.float32(eps), out)
+        numba_norms.rms_norm(flat, _readonly(_f32(weight)), np.float32(eps), out)
         return out.reshape(x.shape)
+
+    def add_rms_norm(self, h: Any, delta: Any, weight: Any, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """As Backend.add_rms_norm, in one kernel call (numba_norms)."""
+        h, delta = _f32(h), _f32(delta)
+        if h.ndim != 2 or h.shape != delta.shape:
+            return super().add_rms_norm(h, delta, weight, eps)
+        total, out = np.empty_like(h), np.empty_like(h)
+        numba_norms.add_rms_norm(h, delta, _readonly(_f32(weight)), np.float32(eps), total, out)
+        return total, out
 
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None
              ) -> np.ndarray:
         x = _f32(x)
-        angles = self.rope_angles(positions, theta, rotary_dim, yarn)
+        cos, sin = self._rope_tables(positions, theta, rotary_dim, yarn)
         out = x.copy()
-        _rope(x, _f32(np.cos(angles)), _f32(np.sin(angles)), out)
+        numba_norms.rope(x, cos, sin, out)
         return out
+
+    def qk_norm_rope(self, q: Any, k: Any, q_weight: Any, k_weight: Any, eps: float, positions: np.ndarray,
+                     theta: float, rotary_dim: int, yarn: YarnRope | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As Backend.qk_norm_rope, in one kernel call with one set of angles for q and k (numba_norms)."""
+        q, k = _f32(q), _f32(k)
+        cos, sin = self._rope_tables(positions, theta, rotary_dim, yarn)
+        q_out, k_out = np.empty_like(q), np.empty_like(k)
+        numba_norms.qk_norm_rope(q, k, _readonly(_f32(q_weight)), _readonly(_f32(k_weight)), np.float32(eps), cos,
+                                 sin, q_out, k_out)
+        return q_out, k_out
+
+    def _rope_tables(self, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of RoPE's angles (Backend.rope_angles), float32 [T, rotary_dim / 2] each."""
+        angles = self.rope_angles(positions, theta, rotary_dim, yarn)
+        return _f32(np.cos(angles)), _f32(np.sin(angles))
 
     def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float, sinks: Any = None
                   ) -> np.ndarray:

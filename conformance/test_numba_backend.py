@@ -172,3 +172,21 @@ def test_experts_with_biases_and_the_clamped_swiglu_take_the_fused_kernels(bits,
             m.setattr(Backend, "expert_ffn", lambda *a, **k: pytest.fail("an expert ran on its own"))
             got = get_backend("numba", mode).experts_ffn(x, experts, weights, act=CLAMPED_ACT)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_the_fused_norms_give_the_bits_of_the_norm_and_rope_calls_they_replace(rotary_dim):
+    """add_rms_norm and qk_norm_rope in one kernel each (numba_norms) against Backend's compositions of
+    rms_norm and rope, the numba backend's own: the same bits, partial rotary too (the recorded greedy outputs
+    depend on it)."""
+    rng = np.random.default_rng(8)
+    be = get_backend("numba")
+    q, k = (rng.standard_normal((3, h, 16)).astype(np.float32) * 3 for h in (4, 2))
+    wq, wk = (rng.standard_normal(16).astype(np.float32) for _ in range(2))
+    positions = np.array([0, 7, 30000])
+    got = be.qk_norm_rope(q, k, wq, wk, 1e-6, positions, 1e6, rotary_dim)
+    want = Backend.qk_norm_rope(be, q, k, wq, wk, 1e-6, positions, 1e6, rotary_dim)
+    h, d = (rng.standard_normal((2, 96)).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal(96).astype(np.float32)
+    for g, x in zip([*got, *be.add_rms_norm(h, d, w, 1e-5)], [*want, *Backend.add_rms_norm(be, h, d, w, 1e-5)]):
+        np.testing.assert_array_equal(g, x)

@@ -17,6 +17,7 @@ import errno
 import mmap
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,13 @@ from flashmoe.format.manifest import ALIGN  # page size and the O_DIRECT alignme
 # Speculative reads (ExpertStore.speculate) go in pieces of this size, so a guess found wrong stops within
 # one piece.
 GUESS_CHUNK = 1 << 20
+
+# How long `resident` takes an expert it found whole in the page cache to be there still, without asking
+# mincore again: mincore walks every page of the expert (13-65 us for 2.6 MB on the development machine,
+# 8 experts a layer, each decode token), while an expert used in the last second sits on pages the compute
+# just touched, the last the kernel reclaims. A page reclaimed all the same is read back by the fault that
+# needs it (slower, never wrong), as for one reclaimed between a check and the compute.
+RESIDENT_RECHECK_S = 1.0
 
 # mincore(2), which tells the pages of a mapping that are in memory (Linux, macOS, the BSDs); None elsewhere,
 # where pagecache mode copies every expert.
@@ -133,6 +141,7 @@ class ExpertFiles:
         self.in_place = in_place and mode == "pagecache" and _mincore is not None
         self._maps: dict[int, mmap.mmap] = {}
         self._mapped: dict[int, np.ndarray] = {}  # layer -> its whole file, read-only, for in-place use
+        self._checked: dict[tuple[int, int], float] = {}  # (layer, expert) found whole -> when (monotonic s)
         # Buffered reads need only the expert; O_DIRECT needs an aligned length (the file's end may cut the
         # last expert's read short, which is fine as long as nbytes arrive).
         self._read_bytes = {layer: slot_bytes(n) if mode == "direct" else n for layer, n in self._nbytes.items()}
@@ -236,13 +245,17 @@ class ExpertFiles:
 
     def resident(self, layer: int, expert: int) -> np.ndarray | None:
         """Expert `expert` of `layer` as a read-only np.uint8 view of `nbytes` on the file's mapping when the
-        page cache holds every page of it (mincore), else None (the caller reads it). A page reclaimed after
-        this check is read back from disk by the page fault that needs it. Raises FlashMoeError naming the
-        file when mincore fails."""
+        page cache holds every page of it (mincore; a whole expert found less than RESIDENT_RECHECK_S ago is
+        not asked about again), else None (the caller reads it). A page reclaimed after the check is read
+        back from disk by the page fault that needs it. Raises FlashMoeError naming the file when mincore
+        fails."""
         whole = self._mapped.get(layer)
         if whole is None:
             return None
         off, nbytes = expert * self._stride[layer], self._nbytes[layer]
+        now = time.monotonic()
+        if now - self._checked.get((layer, expert), -RESIDENT_RECHECK_S) < RESIDENT_RECHECK_S:
+            return whole[off : off + nbytes]
         start = off - off % mmap.PAGESIZE  # mincore takes whole pages (16 KiB on Apple silicon)
         length = off + nbytes - start
         pages = np.empty(-(-length // mmap.PAGESIZE), np.uint8)
@@ -252,6 +265,7 @@ class ExpertFiles:
                                 f"{os.strerror(err)}")
         if not np.bitwise_and(pages, 1).all():  # bit 0: in memory; the others are reserved
             return None
+        self._checked[(layer, expert)] = now
         return whole[off : off + nbytes]
 
     def close(self) -> None:
@@ -315,7 +329,9 @@ class ExpertFiles:
         """Drop every expert file's pages from the OS page cache (POSIX_FADV_DONTNEED), for cold-start
         measurements. Clean pages only; the files are never written, so that is all of them. The kernel
         keeps pages a process has mapped, so this process's mappings let go of theirs first
-        (MADV_DONTNEED on a file mapping: the pages leave the page tables, the file is untouched)."""
+        (MADV_DONTNEED on a file mapping: the pages leave the page tables, the file is untouched), and
+        `resident` asks mincore again about every expert."""
+        self._checked.clear()
         for mm in self._maps.values():
             mm.madvise(mmap.MADV_DONTNEED)
         for fd in self._fds.values():
