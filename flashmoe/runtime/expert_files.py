@@ -16,9 +16,11 @@ import ctypes
 import errno
 import mmap
 import os
+import sys
 import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +39,10 @@ GUESS_CHUNK = 1 << 20
 # just touched, the last the kernel reclaims. A page reclaimed all the same is read back by the fault that
 # needs it (slower, never wrong), as for one reclaimed between a check and the compute.
 RESIDENT_RECHECK_S = 1.0
+
+# madvise(MADV_POPULATE_READ) (Linux 5.14; Python's mmap names it from 3.12): map a range's pages in one
+# call, as read faults would, reading from disk what the page cache lacks.
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 # mincore(2), which tells the pages of a mapping that are in memory (Linux, macOS, the BSDs); None elsewhere,
 # where pagecache mode copies every expert.
@@ -142,6 +148,10 @@ class ExpertFiles:
         self._maps: dict[int, mmap.mmap] = {}
         self._mapped: dict[int, np.ndarray] = {}  # layer -> its whole file, read-only, for in-place use
         self._checked: dict[tuple[int, int], float] = {}  # (layer, expert) found whole -> when (monotonic s)
+        # maps what the reads bring in (_map_in); FIFO on one thread, so the last future is the last done
+        self._populate = self.in_place and _POPULATE_READ is not None
+        self._mapper = ThreadPoolExecutor(1, thread_name_prefix="flashmoe-map") if self._populate else None
+        self._last_mapped: Future | None = None
         # Buffered reads need only the expert; O_DIRECT needs an aligned length (the file's end may cut the
         # last expert's read short, which is fine as long as nbytes arrive).
         self._read_bytes = {layer: slot_bytes(n) if mode == "direct" else n for layer, n in self._nbytes.items()}
@@ -268,9 +278,30 @@ class ExpertFiles:
         self._checked[(layer, expert)] = now
         return whole[off : off + nbytes]
 
+    def _map_in(self, layer: int, expert: int) -> None:
+        """Map the pages of `expert` of `layer` that a read just brought into the page cache (on the mapper
+        thread), so that its next use in place neither faults on the compute threads (one fault per 64 KiB,
+        ~0.25 ms of CPU per 2.6 MB expert; docs/benchmarks.md, "Decode on every core, third pass") nor
+        waits for mincore's slow walk of unmapped pages. Turns itself off where the kernel lacks it."""
+        mm = self._maps.get(layer)
+        if mm is None:
+            return
+        off, nbytes = expert * self._stride[layer], self._nbytes[layer]
+        start = off - off % mmap.PAGESIZE
+        try:
+            mm.madvise(_POPULATE_READ, start, off + nbytes - start)
+        except OSError:  # EINVAL: a kernel before 5.14
+            self._populate = False
+        except ValueError:  # closed meanwhile
+            return
+        else:
+            self._checked[(layer, expert)] = time.monotonic()
+
     def close(self) -> None:
         """Close every file and mapping. Idempotent. A view that `resident` handed out and that is still
         alive keeps its mapping until it is freed."""
+        if self._mapper is not None:
+            self._mapper.shutdown(wait=True)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -323,6 +354,8 @@ class ExpertFiles:
                 f"{off + nbytes}) but the file ends at byte {off + done}"
             )
         self.finished.append((done, done - cached, stop is None))
+        if self._populate and layer in self._maps:
+            self._last_mapped = self._mapper.submit(self._map_in, layer, expert)
         return done, done - cached
 
     def evict_page_cache(self) -> None:
@@ -330,7 +363,9 @@ class ExpertFiles:
         measurements. Clean pages only; the files are never written, so that is all of them. The kernel
         keeps pages a process has mapped, so this process's mappings let go of theirs first
         (MADV_DONTNEED on a file mapping: the pages leave the page tables, the file is untouched), and
-        `resident` asks mincore again about every expert."""
+        `resident` asks mincore again about every expert. Mappings still being made finish first."""
+        if self._last_mapped is not None:
+            self._last_mapped.result()
         self._checked.clear()
         for mm in self._maps.values():
             mm.madvise(mmap.MADV_DONTNEED)
