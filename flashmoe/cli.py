@@ -435,20 +435,24 @@ def chat(
     sampling: SamplingOptions,
     engine_options: EngineOptions,
 ) -> None:
-    """Chat in the terminal. The model state is kept between turns: each turn prefills only its new tokens."""
+    """Chat in the terminal. The model state is kept between turns: each turn prefills only its new tokens.
+    With input from a pipe or file, a message that fails (not UTF-8, a full context) ends the chat: one error
+    line, exit code 2, as generate does."""
     from flashmoe.serve.chat import ChatSession, run_repl
     from flashmoe.runtime.load import default_model_dir, load_engine
     from flashmoe.format.modeldir import ModelDir
     from flashmoe.serve.sampling import sampler_for
-    from flashmoe.serve.tokenizer import Tokenizer
+    from flashmoe.serve.tokenizer import Tokenizer, check_text
 
+    if system:
+        check_text(system, "--system")  # before the model loads
     model = ModelDir.open(model_dir or default_model_dir())
     tokenizer = Tokenizer(model.path)
     sampler = sampler_for(model.path, **asdict(sampling))
     engine = load_engine(model, context=context, **asdict(engine_options))
     session = ChatSession(engine, tokenizer, sampler, max_tokens=max_tokens, system=system,
                           context=context, template_kwargs={} if think else {"enable_thinking": False})
-    run_repl(session)
+    run_repl(session, stop_on_error=not sys.stdin.isatty())
 
 
 @_command()

@@ -71,9 +71,41 @@ def test_a_message_that_is_not_utf8_is_one_error_line_and_the_chat_goes_on(token
     out = []
     run_repl(chat, read_line=lambda prompt: next(lines), write=out.append, color=False)
     text = "".join(out)
-    assert "[error: the prompt is not valid UTF-8 text: a lone surrogate U+DCE9, Python's stand-in for the " \
-           "undecodable byte 0xe9 (character " in text
+    assert "[error: the message is not valid UTF-8 text: a lone surrogate U+DCE9, Python's stand-in for the " \
+           "undecodable byte 0xe9 (character 3, after 'caf')]" in text
     assert "You said 'hi'" in text and [m["content"] for m in chat.messages][0] == "hi"
+
+
+def test_from_a_pipe_a_message_that_is_not_utf8_ends_the_chat_with_the_error(tokenizer):
+    from flashmoe.errors import TextError
+
+    chat = _chat(tokenizer)
+    lines = iter(["hi", "/system caf\udce9", "never"])
+    out = []
+    with pytest.raises(TextError, match=r"^the system prompt is not valid UTF-8 text: a lone surrogate U\+DCE9"):
+        run_repl(chat, read_line=lambda prompt: next(lines), write=out.append, color=False, stop_on_error=True)
+    assert "You said 'hi'" in "".join(out) and chat.system is None and len(chat.messages) == 2
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["--system", "caf\udce9"], "hi\n", "error: --system is not valid UTF-8 text"),  # as argv hands the byte 0xe9 over
+    ([], b"hi\ncaf\xe9\nnever\n", "error: the message is not valid UTF-8 text"),
+])
+def test_chat_from_a_pipe_exits_2_with_one_line_for_text_that_is_not_utf8(tokenizer, monkeypatch, args, stdin, message):
+    """As generate does: one error line naming the byte, exit code 2; a bad --system before the model loads."""
+    from typer.testing import CliRunner
+
+    import flashmoe.runtime.load
+    from flashmoe.cli import app
+
+    loaded = []
+    monkeypatch.setattr(flashmoe.runtime.load, "load_engine",
+                        lambda model, **kwargs: loaded.append(model) or FakeEngine(tokenizer, echo))
+    result = CliRunner().invoke(app, ["chat", "--backend", "numpy", *args], input=stdin)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"{message}: a lone surrogate U+DCE9, Python's stand-in for the undecodable byte 0xe9 " \
+                            "(character 3, after 'caf')\n"
+    assert len(loaded) == (0 if args else 1) and "Traceback" not in result.output
 
 
 def test_multi_line_input():

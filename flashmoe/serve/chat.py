@@ -21,7 +21,7 @@ from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.serve.sampling import Sampler
 from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
-from flashmoe.serve.tokenizer import Tokenizer
+from flashmoe.serve.tokenizer import Tokenizer, check_text
 from flashmoe.serve.chat_template import select_template
 from flashmoe.serve.toolcalls import ParsedOutput, reply_parser, tool_call_format
 
@@ -57,6 +57,8 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.system:
+            check_text(self.system, "the system prompt")
         self.session = Session(self.engine, self.tokenizer, self.context)
 
     def reset(self) -> None:
@@ -66,7 +68,10 @@ class ChatSession:
         self.session.last = RunInfo()
 
     def set_system(self, text: str | None) -> None:
-        """Replace the system prompt; the conversation starts over."""
+        """Replace the system prompt; the conversation starts over. Raises TextError (keeping the old prompt)
+        for text that is not valid UTF-8."""
+        if text:
+            check_text(text, "the system prompt")
         self.system = text or None
         self.reset()
 
@@ -76,8 +81,10 @@ class ChatSession:
         on_delta receives each new piece of reasoning / content as it is decoded. An interrupted reply
         (KeyboardInterrupt) keeps what was generated so far in the history, then re-raises.
 
-        Raises ContextError when the conversation no longer fits the context (use reset()).
+        Raises ContextError when the conversation no longer fits the context (use reset()), TextError when text
+        is not valid UTF-8 (naming the character of text).
         """
+        check_text(text, "the message")
         system = [{"role": "system", "content": self.system}] if self.system else []
         turn = self.messages + [{"role": "user", "content": text}]
         prompt = self.tokenizer.apply_chat_template(system + turn, add_generation_prompt=True,
@@ -148,8 +155,11 @@ def read_message(read_line: Callable[[str], str]) -> str:
 
 
 def run_repl(chat: ChatSession, read_line: Callable[[str], str] = input,
-             write: Callable[[str], None] | None = None, color: bool | None = None) -> None:
-    """The interactive loop: read messages and commands until /quit or end of input."""
+             write: Callable[[str], None] | None = None, color: bool | None = None,
+             stop_on_error: bool = False) -> None:
+    """The interactive loop: read messages and commands until /quit or end of input. A message or command
+    that fails (FlashMoeError: text that is not UTF-8, a full context) is an `[error: ...]` line and the loop
+    goes on, unless `stop_on_error` (input from a pipe or file, where no one can correct it): then it raises."""
     if read_line is input:
         with contextlib.suppress(ImportError):  # line editing and arrow-key history for input()
             import readline  # noqa: F401
@@ -182,15 +192,25 @@ def run_repl(chat: ChatSession, read_line: Callable[[str], str] = input,
             if not arg:
                 write(f"[system prompt: {chat.system!r}]\n")
             else:
-                chat.set_system(None if arg.strip() == "-" else arg.strip())
-                write("[system prompt set; conversation cleared]\n")
+                try:
+                    chat.set_system(None if arg.strip() == "-" else arg.strip())
+                    write("[system prompt set; conversation cleared]\n")
+                except FlashMoeError as e:
+                    _error(e, write, stop_on_error)
         elif command.startswith("/"):
             write(f"[unknown command {command}; /help lists them]\n")
         elif text.strip():
-            _reply(chat, text, write, dim, plain)
+            _reply(chat, text, write, dim, plain, stop_on_error)
 
 
-def _reply(chat: ChatSession, text: str, write: Callable[[str], None], dim: str, plain: str) -> None:
+def _error(error: FlashMoeError, write: Callable[[str], None], stop: bool) -> None:
+    if stop:
+        raise error
+    write(f"[error: {error}]\n")
+
+
+def _reply(chat: ChatSession, text: str, write: Callable[[str], None], dim: str, plain: str,
+           stop_on_error: bool) -> None:
     shown = {"reasoning": False}
 
     def show(delta: ParsedOutput) -> None:
@@ -208,5 +228,6 @@ def _reply(chat: ChatSession, text: str, write: Callable[[str], None], dim: str,
     except KeyboardInterrupt:
         write(" [stopped]")
     except FlashMoeError as e:
-        write(f"[error: {e}]")
+        _error(e, write, stop_on_error)
+        return
     write("\n")

@@ -28,9 +28,9 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _check_text(text: str) -> None:
-    """Raise TextError naming the first lone surrogate of text (the `tokenizers` library refuses such strings
-    with a bare TypeError). Python decodes an undecodable byte b of stdin or argv as U+DC00 + b
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Raise TextError naming `what` and the first lone surrogate of text (the `tokenizers` library refuses such
+    strings with a bare TypeError). Python decodes an undecodable byte b of stdin or argv as U+DC00 + b
     (surrogateescape, PEP 383), so the message names that byte too."""
     try:
         text.encode("utf-8")
@@ -38,7 +38,7 @@ def _check_text(text: str) -> None:
         code = ord(text[e.start])
         byte = f", Python's stand-in for the undecodable byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else ""
         after = f", after {text[max(0, e.start - 20):e.start]!r}" if e.start else ""
-        raise TextError(f"the prompt is not valid UTF-8 text: a lone surrogate U+{code:04X}{byte} "
+        raise TextError(f"{what} is not valid UTF-8 text: a lone surrogate U+{code:04X}{byte} "
                         f"(character {e.start}{after})") from None
 
 
@@ -108,7 +108,7 @@ class Tokenizer:
         """Token ids of text. Special-token text such as <|im_start|> maps to its id.
 
         Raises TextError when text is not valid UTF-8 text (holds a lone surrogate)."""
-        _check_text(text)
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
