@@ -372,7 +372,8 @@ def _on_off(text: str, option: str) -> bool:
 @_command()
 @_user_errors
 def bench(
-    model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (e.g. from `flashmoe synth`)."),
+    model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (e.g. from `flashmoe synth`; "
+                                                "default: the bundled demo model, unless only --replay is given)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Directory for bench.json, bench.md, figures."),
     backend: str = typer.Option("numba", help="Compute backend."),
     activations: Optional[str] = typer.Option(None, help="'q8' or 'float' (default: the backend's)."),
@@ -407,7 +408,11 @@ def bench(
     import os
 
     from flashmoe.bench.streaming import BenchOptions, run_bench
+    from flashmoe.runtime.load import default_model_dir
 
+    if model_dir is None and not replay_trace:  # as generate, chat and serve do
+        model_dir = default_model_dir()
+        typer.echo(f"bench: no model directory given: the bundled demo model ({model_dir})", err=True)
     opts = BenchOptions(
         model_dir=model_dir, out=out, backend=backend, activations=activations, modes=tuple(_csv(modes)),
         ks=_csv_ints(k, "-k/--experts-per-token") or (None,),

@@ -78,9 +78,22 @@ def test_bench_command_replays_a_trace_without_a_model(tiny_model, tmp_path):
     result = CliRunner().invoke(app, ["bench", "--replay", str(trace), "--out", str(tmp_path / "r"), "--no-figures"])
     assert result.exit_code == 0, result.output
     assert "| cache (% of experts) | entries | lru | lfu | fifo | lru-layer | lfu-layer | mru | opt |" in result.output
-    empty = CliRunner().invoke(app, ["bench", "--out", str(tmp_path / "e")])
-    assert empty.exit_code == 2 and "nothing to measure" in empty.output
 
+
+def test_bench_command_without_a_model_measures_the_bundled_demo_model(tmp_path, monkeypatch):
+    """As generate, chat and serve do; only --replay alone measures no model."""
+    import flashmoe.bench.streaming
+    from flashmoe.runtime.load import default_model_dir
+
+    given = []
+    monkeypatch.setattr(flashmoe.bench.streaming, "run_bench", lambda opts: given.append(opts.model_dir))
+    (tmp_path / "bench.md").write_text("the tables\n")
+    result = CliRunner().invoke(app, ["bench", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert given == [default_model_dir()] and default_model_dir().name == "demo-model"
+    assert f"bench: no model directory given: the bundled demo model ({default_model_dir()})" in result.stderr
+    assert CliRunner().invoke(app, ["bench", "--replay", str(tmp_path / "bench.md"), "--out", str(tmp_path)]).exit_code == 0
+    assert given[1] is None
 
 
 @pytest.mark.parametrize("args, message", [
