@@ -42,6 +42,7 @@ def test_experts_per_token_changes_the_experts_read_per_token(tmp_path):
     (["--experts-per-token", "33"], "experts-per-token"),
     (["--max-memory", "1M"], "max-memory"),
     (["--max-memory", "lots"], "invalid memory size"),
+    (["--max-memory", "1000T"], "error: --max-memory 1000.00 TiB is more than this machine's memory ("),
     (["--backend", "fortran"], "unknown backend"),
     (["--top-p", "0"], "top_p"),
     (["--io", "bogus"], "--io"),

@@ -160,3 +160,19 @@ def test_the_mla_cache_holds_one_latent_row_per_position_and_the_budget_counts_t
         keys, values = cache.append(np.ones((1, 1, row), np.float32))
         assert values is keys or np.shares_memory(keys, values)
     assert state_bytes(cfg, 1000) == cfg.num_hidden_layers * 1024 * row * 4
+
+
+def test_a_budget_above_the_machines_memory_is_refused_before_loading(monkeypatch):
+    """--max-memory 1T on a 16 GiB machine cannot be kept: a clear refusal, not a silent acceptance."""
+    import flashmoe.runtime.memory as memory
+    from flashmoe.runtime.load import load_engine
+
+    monkeypatch.setattr(memory, "physical_memory_bytes", lambda: 16 << 30)
+    with pytest.raises(MemoryBudgetError) as e:
+        load_engine(None, backend="numpy", max_memory="1T")
+    assert str(e.value) == ("--max-memory 1.00 TiB is more than this machine's memory (16.00 GiB): the budget could "
+                            "not be kept (the expert cache it sizes would be swapped out, or the process killed); "
+                            "give less than 16.00 GiB, or leave --max-memory out for no budget")
+    memory.check_budget_fits_machine(16 << 30)  # all of it: a budget, if a tight one
+    with pytest.raises(MemoryBudgetError, match="more than this machine's memory"):
+        memory.check_budget_fits_machine((16 << 30) + 1)

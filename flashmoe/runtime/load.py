@@ -16,8 +16,8 @@ from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
 from flashmoe.runtime.placement import ExpertPlacement
-from flashmoe.runtime.memory import (MemoryBudget, available_memory_bytes, current_rss_bytes, parse_size,
-                                     reset_peak_rss, window_peak_rss_bytes)
+from flashmoe.runtime.memory import (MemoryBudget, available_memory_bytes, check_budget_fits_machine,
+                                     current_rss_bytes, parse_size, reset_peak_rss, window_peak_rss_bytes)
 from flashmoe.format.modeldir import ModelDir
 from flashmoe.runtime.stats import Stats
 from flashmoe.runtime.store import MODES, ExpertStore
@@ -86,7 +86,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
             cheaper way by the rates measured as it runs; flashmoe.runtime.placement).
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
-    MemoryBudgetError when max_memory cannot hold the model (checked before loading with the manifest's
+    MemoryBudgetError when max_memory is above the machine's physical memory or cannot hold the model (checked before loading with the manifest's
     resident size, and after a throwaway forward with the process's measured RSS), FlashMoeError for bad
     options.
     """
@@ -95,6 +95,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     if cache_policy.lower() not in POLICIES:
         raise FlashMoeError(f"--cache-policy {cache_policy!r} is not one of {', '.join(POLICIES)}")
     max_bytes = None if max_memory is None else parse_size(max_memory)
+    if max_bytes is not None:
+        check_budget_fits_machine(max_bytes)
     gpu_bytes = None if gpu_memory is None else parse_size(gpu_memory)
     if isinstance(model_dir, ModelDir):
         model = model_dir

@@ -112,9 +112,14 @@ class MemoryBudget:
                           if getattr(self, name))
 
 
+def physical_memory_bytes() -> int:
+    """This machine's physical memory in bytes (sysconf)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def available_memory_bytes() -> int:
     """Memory this machine can give a process now, in bytes: Linux's MemAvailable (/proc/meminfo), else the
-    physical memory (sysconf), which bounds it from above."""
+    physical memory, which bounds it from above."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -122,7 +127,20 @@ def available_memory_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except FileNotFoundError:
         pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return physical_memory_bytes()
+
+
+def check_budget_fits_machine(max_bytes: int) -> None:
+    """Refuse a `--max-memory` above this machine's physical memory: such a budget cannot be kept (the
+    expert cache it sizes would be swapped out, or the process killed), so it is a mistake rather than a limit,
+    as vLLM refuses a swap space beyond the machine's memory. Raises MemoryBudgetError."""
+    physical = physical_memory_bytes()
+    if max_bytes > physical:
+        raise MemoryBudgetError(
+            f"--max-memory {format_size(max_bytes)} is more than this machine's memory ({format_size(physical)}): "
+            "the budget could not be kept (the expert cache it sizes would be swapped out, or the process "
+            f"killed); give less than {format_size(physical)}, or leave --max-memory out for no budget"
+        )
 
 
 def peak_rss_bytes() -> int:
