@@ -127,3 +127,11 @@ def test_compile_seconds_counts_numba_compiling_a_new_kernel():
     assert 0.5 * wall < spent <= wall
     again = stats_module.compile_seconds()
     assert twice(4) == 8 and stats_module.compile_seconds() == again  # compiled once
+
+
+def test_the_peak_rss_is_never_below_the_current_one(monkeypatch):
+    # The two are read one after the other; a process that grew a page in between reported peak < current.
+    monkeypatch.setattr(stats_module, "current_rss_bytes", lambda: 1_166_520_320)
+    monkeypatch.setattr(stats_module, "peak_rss_bytes", lambda: 1_166_516_224)
+    d = Stats().to_dict()
+    assert (d["peak_rss_bytes"], d["current_rss_bytes"]) == (1_166_520_320, 1_166_520_320)

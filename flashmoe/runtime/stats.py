@@ -235,7 +235,7 @@ class Stats:
     def to_dict(self) -> dict:
         """JSON-ready dictionary: totals, derived figures, stage times and the kept token records
         (`per_token`: the last `len(self.tokens)` of `tokens`; `first` marks a run's first token)."""
-        mean = self.per_token_mean()
+        mean, current = self.per_token_mean(), current_rss_bytes()
         return {
             "tokens": self.token_count,
             "runs": self.runs,
@@ -248,8 +248,8 @@ class Stats:
             "totals": asdict(self.totals),
             "per_decode_token": asdict(mean) if mean else None,
             "stage_s": dict(self.stage_s),
-            "peak_rss_bytes": peak_rss_bytes(),
-            "current_rss_bytes": current_rss_bytes(),
+            "peak_rss_bytes": max(peak_rss_bytes(), current),  # read after it: the process may have grown since
+            "current_rss_bytes": current,
             "per_token": [{"wall_s": t.wall_s, "first": t.first, **asdict(t.counters)} for t in self.tokens],
         }
 
