@@ -284,7 +284,12 @@ class ExpertFiles:
         ~0.25 ms of CPU per 2.6 MB expert; docs/benchmarks.md, "Decode on every core, third pass") nor
         waits for mincore's slow walk of unmapped pages. Turns itself off where the kernel lacks it."""
         mm = self._maps.get(layer)
-        if mm is None:
+        try:
+            # a page reclaimed since the read would be read from disk again: a page cache churning through
+            # a model larger than memory maps only what is still whole
+            if mm is None or self.resident(layer, expert) is None:
+                return
+        except FlashMoeError:
             return
         off, nbytes = expert * self._stride[layer], self._nbytes[layer]
         start = off - off % mmap.PAGESIZE
