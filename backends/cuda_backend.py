@@ -210,8 +210,8 @@ class CudaBackend(Backend):
         out = empty(x.shape)
         rows = x.size // max(weight.size, 1)
         if rows:
-            A.launch(K.rms_norm, rows, (K.LANES, K.ROWS), (x.flat, x.flat, weight.flat, np.float32(eps), 0, x.flat,
-                                                           out.flat))
+            A.launch(K.rms_norm, rows, (K.LANES, K.norm_warps(weight.size)),
+                     (x.flat, x.flat, weight.flat, np.float32(eps), 0, x.flat, out.flat))
         return out
 
     def add_rms_norm(self, h: Any, delta: Any, weight: Any, eps: float) -> tuple[DeviceArray, DeviceArray]:
@@ -222,8 +222,8 @@ class CudaBackend(Backend):
         total, out = empty(h.shape), empty(h.shape)
         rows = h.size // max(weight.size, 1)
         if rows:
-            A.launch(K.rms_norm, rows, (K.LANES, K.ROWS), (h.flat, delta.flat, weight.flat, np.float32(eps), 1,
-                                                           total.flat, out.flat))
+            A.launch(K.rms_norm, rows, (K.LANES, K.norm_warps(weight.size)),
+                     (h.flat, delta.flat, weight.flat, np.float32(eps), 1, total.flat, out.flat))
         return total, out
 
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None

@@ -45,10 +45,12 @@ if not hasattr(np, "row_stack"):
 LANES = 32  # threads per output row: a warp
 ROWS = 4  # output rows per block of the row kernels
 FLAT_BLOCK = 128  # threads per block of the one-thread-per-element kernels
+NORM_WARPS = 32  # most warps of an rms_norm block (1024 threads)
 if SIMULATOR:  # every simulated thread is a Python thread: narrower rows, same code (LANES is any power of 2)
-    LANES, ROWS, FLAT_BLOCK = 4, 2, 32
+    LANES, ROWS, FLAT_BLOCK, NORM_WARPS = 4, 2, 32, 4
 CODES_PER_LANE = 32 // LANES  # codes of a 32-code unit each lane of a row takes in the mat-vec
-WORDS_PER_LANE = 4  # words of a row each lane loads per pass of the mat-vec (2, 4, 8 bits)
+WORDS_PER_LANE = 8  # words of a row each lane loads per pass of the mat-vec (2, 4, 8 bits): 2048 4-bit codes
+NORM_PER_THREAD = 8  # features of a row each thread of rms_norm holds in registers
 
 # Scale/bias formats, decoded from raw bits in the kernels.
 F32, F16, BF16 = 0, 1, 2
@@ -86,6 +88,12 @@ if SIMULATOR:
     def _as_f32(u):
         return np.array([u], np.uint32).view(np.float32)[0]
 
+    def _aligned16(x, i):
+        return True  # one path in the simulator: _load4 is four element reads there
+
+    def _load4(x, i):
+        return x[i], x[i + 1], x[i + 2], x[i + 3]
+
     @cuda.jit(device=True)
     def _lane_sum(v, sh, lane, r):
         """Sum of v over the 32 lanes of row r; every thread of the block must call it."""
@@ -118,9 +126,39 @@ if SIMULATOR:
 else:
     from numba.cuda import libdevice
 
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda import cgutils
+    from numba.cuda.extending import intrinsic
+
     @cuda.jit(device=True)
     def _as_f32(u):
         return libdevice.int_as_float(int32(u))
+
+    def _item_pointer(context, builder, sig, args):
+        aryty, idxty = sig.args
+        ary = context.make_array(aryty)(context, builder, value=args[0])
+        i = context.cast(builder, args[1], idxty, types.intp)
+        return cgutils.get_item_pointer(context, builder, aryty, ary, [i], wraparound=False)
+
+    @intrinsic
+    def _aligned16(typingctx, x, i):
+        """Whether &x[i] of a 1-D array is 16-byte aligned (the address a _load4 needs)."""
+        def codegen(context, builder, sig, args):
+            addr = builder.ptrtoint(_item_pointer(context, builder, sig, args), ir.IntType(64))
+            return builder.icmp_unsigned("==", builder.and_(addr, ir.Constant(ir.IntType(64), 15)),
+                                         ir.Constant(ir.IntType(64), 0))
+        return types.boolean(x, i), codegen
+
+    @intrinsic
+    def _load4(typingctx, x, i):
+        """(x[i], .., x[i + 3]) of a float32 array in one 16-byte load (ld.v4.f32); &x[i] 16-byte aligned."""
+        def codegen(context, builder, sig, args):
+            vec = ir.VectorType(ir.FloatType(), 4)
+            v = builder.load(builder.bitcast(_item_pointer(context, builder, sig, args), vec.as_pointer()), align=16)
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_element(v, ir.Constant(ir.IntType(32), j)) for j in range(4)])
+        return types.UniTuple(types.float32, 4)(x, i), codegen
 
     @cuda.jit(device=True)
     def _lane_sum(v, sh, lane, r):
@@ -235,47 +273,180 @@ def _qdot(bits: int, group_size: int, fmt: int):
 
 
 @lru_cache(maxsize=None)
-def _qdot_words(bits: int, group_size: int, fmt: int):
-    """:func:`_qdot` for 2, 4 and 8 bits (whole codes per word): lane l takes the row's words l, l + LANES, ...,
-    WORDS_PER_LANE of them per pass; a warp reads 128 consecutive words per load, so a row of 2048 4-bit codes
-    takes two passes. A pass first loads its words, scales and biases, all in flight together, then dots the
-    codes with x (one loop that loaded and used a word at a time compiled to one round trip to memory after
-    another, 8 per row of 2048 4-bit codes: sm_90 PTX). (Walking 32-code units, lane l taking code l of each,
-    with four groups' loads in flight measured 1.7-2x slower per launch: docs/benchmarks.md, issue 15 runs 3
-    and 4.) A word's codes lie in one group: 32 / bits divides every group size (16 and up)."""
-    load = _scale_loader(fmt)
+def _word_dot(bits: int, two: bool):
+    """Device function (word_a, word_b, x, c0, vec) -> (codes of word_a . x[c0 : c0 + 32 / bits], the same of
+    word_b (0 unless two), sum of those x) for 2, 4 and 8 bits. x is read 4 floats at a time (one 16-byte
+    load when vec: a lane's 8 inputs of a 4-bit word in two loads instead of eight, a quarter of the L1
+    wavefronts of a warp whose lanes read 32 bytes apart); a code becomes a float as the low bits of
+    2^23 + code (exact; an integer conversion is a quarter-rate instruction on sm_90)."""
     mask = uint32((1 << bits) - 1)
     per_word = 32 // bits
+    magic = uint32(0x4B000000)
+
+    @cuda.jit(device=True)
+    def code(word, s):
+        return _as_f32(magic | ((word >> uint32(s)) & mask)) - float32(8388608.0)
+
+    @cuda.jit(device=True)
+    def word_dot(word_a, word_b, x, c0, vec):
+        dot_a = float32(0.0)
+        dot_b = float32(0.0)
+        xs = float32(0.0)
+        for j4 in range(per_word // 4):
+            if vec:
+                x0, x1, x2, x3 = _load4(x, c0 + 4 * j4)
+            else:
+                x0, x1, x2, x3 = x[c0 + 4 * j4], x[c0 + 4 * j4 + 1], x[c0 + 4 * j4 + 2], x[c0 + 4 * j4 + 3]
+            s = 4 * j4 * bits
+            dot_a += code(word_a, s) * x0 + code(word_a, s + bits) * x1 + (
+                code(word_a, s + 2 * bits) * x2 + code(word_a, s + 3 * bits) * x3)
+            if two:
+                dot_b += code(word_b, s) * x0 + code(word_b, s + bits) * x1 + (
+                    code(word_b, s + 2 * bits) * x2 + code(word_b, s + 3 * bits) * x3)
+            xs += (x0 + x1) + (x2 + x3)
+        return dot_a, dot_b, xs
+
+    return word_dot
+
+
+@lru_cache(maxsize=None)
+def _qdot_words(bits: int, group_size: int, fmt: int):
+    """:func:`_qdot` for 2, 4 and 8 bits (whole codes per word): lane l takes the row's words l, l + LANES, ...,
+    WORDS_PER_LANE of them per pass; a warp reads 128 consecutive bytes per load, and a row of 2048 4-bit codes
+    is one pass. A pass first loads its words, scales and biases, all in flight together, then dots the
+    codes with x (one loop that loaded and used a word at a time compiled to one round trip to memory after
+    another: sm_90 PTX). (Walking 32-code units, lane l taking code l of each, with four groups' loads in
+    flight measured 1.7-2x slower per launch: docs/benchmarks.md, issue 15 runs 3 and 4.) A word's codes lie
+    in one group: 32 / bits divides every group size (16 and up)."""
+    qdot2 = _qdot2_words(bits, group_size, fmt, False)
 
     @cuda.jit(device=True)
     def qdot_words(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
+        return qdot2(b32, b16, wrow, srow, brow, 0, 0, 0, n_units, x, xoff, lane)[0]
+
+    return qdot_words
+
+
+@lru_cache(maxsize=None)
+def _qdot2_words(bits: int, group_size: int, fmt: int, two: bool):
+    """Device function: this lane's parts of (row_a . x, row_b . x) for two rows of one format and input (an
+    expert's gate and up rows), each x load used by both, WORDS_PER_LANE / 2 words of each in flight per lane;
+    two=False: row a only ((acc_a, 0)), WORDS_PER_LANE words. (`two` is a compile-time constant and a lane's
+    loads for two rows fit in registers: a run-time `two`, or 8 words of each row, kept the arrays in local
+    memory, a 192-byte stack frame in ptxas -v: the loop over them was not unrolled.)"""
+    load = _scale_loader(fmt)
+    word_dot = _word_dot(bits, two)
+    per_word = 32 // bits
+    wpl = WORDS_PER_LANE // 2 if two else WORDS_PER_LANE  # words of each row in flight per lane
+
+    @cuda.jit(device=True)
+    def qdot2(b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane):
         n_words = n_units * bits
+        vec = _aligned16(x, xoff)
+        acc_a = float32(0.0)
+        acc_b = float32(0.0)
+        words_a = cuda.local.array(wpl, uint32)
+        scales_a = cuda.local.array(wpl, float32)
+        biases_a = cuda.local.array(wpl, float32)
+        words_b = cuda.local.array(wpl, uint32)
+        scales_b = cuda.local.array(wpl, float32)
+        biases_b = cuda.local.array(wpl, float32)
+        for start in range(0, n_words, LANES * wpl):
+            for u in range(wpl):  # the pass's loads first, all in flight together
+                w = start + u * LANES + lane
+                if w < n_words:
+                    g = w * per_word // group_size
+                    words_a[u] = b32[wa + w]
+                    scales_a[u] = load(b32, b16, sa + g)
+                    biases_a[u] = load(b32, b16, ba + g)
+                    if two:
+                        words_b[u] = b32[wb + w]
+                        scales_b[u] = load(b32, b16, sb + g)
+                        biases_b[u] = load(b32, b16, bb + g)
+            for u in range(wpl):
+                w = start + u * LANES + lane
+                if w < n_words:
+                    dot_a, dot_b, xs = word_dot(words_a[u], words_b[u], x, xoff + w * per_word, vec)
+                    acc_a += scales_a[u] * dot_a + biases_a[u] * xs
+                    if two:
+                        acc_b += scales_b[u] * dot_b + biases_b[u] * xs
+        return acc_a, acc_b
+
+    return qdot2
+
+
+@lru_cache(maxsize=None)
+def _qdot2(bits: int, group_size: int, fmt: int):
+    """Device function (b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane) -> this lane's parts of
+    (row_a . x, row_b . x): :func:`_qdot2_words` at 2, 4 and 8 bits, else two :func:`_qdot` walks."""
+    if 32 % bits == 0:
+        return _qdot2_words(bits, group_size, fmt, True)
+    qdot = _qdot(bits, group_size, fmt)
+
+    @cuda.jit(device=True)
+    def qdot2(b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane):
+        return (qdot(b32, b16, wa, sa, ba, n_units, x, xoff, lane),
+                qdot(b32, b16, wb, sb, bb, n_units, x, xoff, lane))
+
+    return qdot2
+
+
+@lru_cache(maxsize=None)
+def _qdot_experts(bits: int, group_size: int, fmt: int):
+    """Device function: this lane's part of sum_e weights[e] * (row o of expert e . x[e * in :]), expert e in
+    slot slots[e] (words at w0 + slots[e] * stride32, scales and biases at s0 / b0 + slots[e] * stride_s).
+    At 2, 4 and 8 bits the k experts' words are one walk, WORDS_PER_LANE loads in flight per lane across
+    experts (a down row of 768 4-bit codes is 96 words: expert by expert, a lane had 3 loads in flight and k
+    round trips one after another); else one :func:`_qdot` per expert.
+
+    (b32, b16, w0, s0, b0, stride32, stride_s, slots [k], o, n_units, x [k * in], weights [k], lane)."""
+    load = _scale_loader(fmt)
+    if 32 % bits:
+        qdot = _qdot(bits, group_size, fmt)
+
+        @cuda.jit(device=True)
+        def qdot_experts(b32, b16, w0, s0, b0, stride32, stride_s, slots, o, n_units, x, weights, lane):
+            words, groups = n_units * bits, n_units * 32 // group_size
+            p = float32(0.0)
+            for e in range(slots.shape[0]):
+                ew, es = slots[e] * stride32 + o * words, slots[e] * stride_s + o * groups
+                p += weights[e] * qdot(b32, b16, w0 + ew, s0 + es, b0 + es, n_units, x, e * n_units * 32, lane)
+            return p
+
+        return qdot_experts
+    word_dot = _word_dot(bits, False)
+    per_word = 32 // bits
+
+    @cuda.jit(device=True)
+    def qdot_experts(b32, b16, w0, s0, b0, stride32, stride_s, slots, o, n_units, x, weights, lane):
+        n_words, groups = n_units * bits, n_units * 32 // group_size
+        total = slots.shape[0] * n_words
+        vec = _aligned16(x, 0)
         acc = float32(0.0)
         words = cuda.local.array(WORDS_PER_LANE, uint32)
         scales = cuda.local.array(WORDS_PER_LANE, float32)
         biases = cuda.local.array(WORDS_PER_LANE, float32)
-        for start in range(0, n_words, LANES * WORDS_PER_LANE):
-            for u in range(WORDS_PER_LANE):  # the pass's loads first, all in flight together
-                w = start + u * LANES + lane
-                if w < n_words:
-                    g = w * per_word // group_size
-                    words[u] = b32[wrow + w]
-                    scales[u] = load(b32, b16, srow + g)
-                    biases[u] = load(b32, b16, brow + g)
+        for start in range(0, total, LANES * WORDS_PER_LANE):
             for u in range(WORDS_PER_LANE):
-                w = start + u * LANES + lane
-                if w < n_words:
-                    c0 = w * per_word
-                    dot = float32(0.0)
-                    xs = float32(0.0)
-                    for j in range(per_word):
-                        xv = x[xoff + c0 + j]
-                        dot += float32((words[u] >> uint32(j * bits)) & mask) * xv
-                        xs += xv
+                i = start + u * LANES + lane
+                if i < total:
+                    e = i // n_words
+                    w = i - e * n_words
+                    slot, we = slots[e], weights[e]
+                    g = slot * stride_s + o * groups + w * per_word // group_size
+                    words[u] = b32[w0 + slot * stride32 + o * n_words + w]
+                    scales[u] = we * load(b32, b16, s0 + g)
+                    biases[u] = we * load(b32, b16, b0 + g)
+            for u in range(WORDS_PER_LANE):
+                i = start + u * LANES + lane
+                if i < total:
+                    e = i // n_words
+                    dot, _, xs = word_dot(words[u], words[u], x, e * n_units * 32 + (i - e * n_words) * per_word,
+                                          vec)
                     acc += scales[u] * dot + biases[u] * xs
         return acc
 
-    return qdot_words
+    return qdot_experts
 
 
 @lru_cache(maxsize=None)
@@ -349,7 +520,7 @@ def qgate_up(bits: int, group_size: int, fmt: int):
 
     (b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, slots [k], n_inter, n_units, n_tok,
     x [T * hidden], h [k * T * inter])."""
-    qdot = _qdot(bits, group_size, fmt)
+    qdot2 = _qdot2(bits, group_size, fmt)
 
     @cuda.jit
     def kernel(b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, slots, n_inter, n_units, n_tok, x, h):
@@ -363,8 +534,8 @@ def qgate_up(bits: int, group_size: int, fmt: int):
         a = float32(0.0)
         b = float32(0.0)
         if i < n_inter:
-            a = qdot(b32, b16, gw + ew, gs + es, gb + es, n_units, x, t * n_units * 32, lane)
-            b = qdot(b32, b16, uw + ew, us + es, ub + es, n_units, x, t * n_units * 32, lane)
+            a, b = qdot2(b32, b16, gw + ew, gs + es, gb + es, uw + ew, us + es, ub + es, n_units, x,
+                         t * n_units * 32, lane)
         a = _lane_sum(a, sh, lane, r)
         b = _lane_sum(b, sh, lane, r)
         if i < n_inter and lane == 0:
@@ -380,19 +551,16 @@ def qdown_combine(bits: int, group_size: int, fmt: int):
 
     (b32, b16, dw, ds, db, stride32, stride_s, slots [k], n_out, n_units, h [k * inter], weights [k],
     out [hidden]); expert e in slot slots[e] as in :func:`qgate_up`."""
-    qdot = _qdot(bits, group_size, fmt)
+    qdot_experts = _qdot_experts(bits, group_size, fmt)
 
     @cuda.jit
     def kernel(b32, b16, dw, ds, db, stride32, stride_s, slots, n_out, n_units, h, weights, out):
         sh = cuda.shared.array((ROWS, LANES), float32)
         lane, r = cuda.threadIdx.x, cuda.threadIdx.y
         o = cuda.blockIdx.x * ROWS + r
-        words, groups = n_units * bits, n_units * 32 // group_size
         p = float32(0.0)
         if o < n_out:
-            for e in range(slots.shape[0]):
-                ew, es = slots[e] * stride32 + o * words, slots[e] * stride_s + o * groups
-                p += weights[e] * qdot(b32, b16, dw + ew, ds + es, db + es, n_units, h, e * n_units * 32, lane)
+            p = qdot_experts(b32, b16, dw, ds, db, stride32, stride_s, slots, o, n_units, h, weights, lane)
         total = _lane_sum(p, sh, lane, r)
         if o < n_out and lane == 0:
             out[o] = total
@@ -456,31 +624,60 @@ def gather_rows(src, n_cols, ids, out):
 def rms_norm(x, d, w, eps, add, x_out, out):
     """Rows of n = w.shape[0]: y = x + d when add != 0 (also written to x_out: a residual add fused with the
     norm after it), else y = x (d and x_out unused); out = y / sqrt(mean(y²) + eps) * w. One block of
-    (LANES, ROWS) threads per row (a decode token's one row of hidden features spread over a block, not a
-    warp: measured 20 µs a row at 2048 features with one warp). Grid rows."""
-    sh = cuda.shared.array((ROWS, LANES), float32)
-    part = cuda.shared.array(ROWS, float32)
+    (LANES, warps) threads per row, warps <= NORM_WARPS (:func:`norm_warps`). A thread loads its first
+    NORM_PER_THREAD features of the row, their d and w, all before using any, and keeps them in registers
+    for the scaling; features past LANES * warps * NORM_PER_THREAD are read again. (A loop that loaded,
+    added and stored one feature at a time waited for memory once per feature: 10.5 µs a row of 2048 over
+    128 threads on an H200, docs/benchmarks.md issue 15 run 6.) Grid rows."""
+    sh = cuda.shared.array((NORM_WARPS, LANES), float32)
+    part = cuda.shared.array(NORM_WARPS, float32)
     lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+    step = LANES * cuda.blockDim.y
     n = w.shape[0]
     base = cuda.blockIdx.x * n
+    v = cuda.local.array(NORM_PER_THREAD, float32)
+    dv = cuda.local.array(NORM_PER_THREAD, float32)
+    wv = cuda.local.array(NORM_PER_THREAD, float32)
+    for j in range(NORM_PER_THREAD):  # loads only: all in flight together
+        i = r * LANES + lane + j * step
+        if i < n:
+            v[j] = x[base + i]
+            wv[j] = w[i]
+            dv[j] = d[base + i] if add != 0 else float32(0.0)
     ss = float32(0.0)
-    for i in range(r * LANES + lane, n, LANES * ROWS):
-        v = x[base + i]
+    for j in range(NORM_PER_THREAD):
+        i = r * LANES + lane + j * step
+        if i < n:
+            if add != 0:
+                v[j] += dv[j]
+                x_out[base + i] = v[j]
+            ss += v[j] * v[j]
+    for i in range(r * LANES + lane + NORM_PER_THREAD * step, n, step):
+        y = x[base + i]
         if add != 0:
-            v += d[base + i]
-            x_out[base + i] = v
-        ss += v * v
+            y += d[base + i]
+            x_out[base + i] = y
+        ss += y * y
     ss = _lane_sum(ss, sh, lane, r)
     if lane == 0:
         part[r] = ss
     cuda.syncthreads()
     ss = float32(0.0)
-    for j in range(ROWS):
+    for j in range(cuda.blockDim.y):
         ss += part[j]
     inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)
-    for i in range(r * LANES + lane, n, LANES * ROWS):  # each thread reads back only the elements it wrote
-        v = x_out[base + i] if add != 0 else x[base + i]
-        out[base + i] = v * inv * w[i]
+    for j in range(NORM_PER_THREAD):
+        i = r * LANES + lane + j * step
+        if i < n:
+            out[base + i] = v[j] * inv * wv[j]
+    for i in range(r * LANES + lane + NORM_PER_THREAD * step, n, step):  # reads back only what it wrote
+        y = x_out[base + i] if add != 0 else x[base + i]
+        out[base + i] = y * inv * w[i]
+
+
+def norm_warps(n: int) -> int:
+    """Warps of the rms_norm block for rows of n features: two features per thread, at most NORM_WARPS."""
+    return max(1, min(NORM_WARPS, -(-n // (2 * LANES))))
 
 
 @cuda.jit

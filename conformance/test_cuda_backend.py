@@ -298,10 +298,11 @@ def test_every_thread_of_a_block_shares_its_shared_arrays_in_the_simulator(be, m
 
 
 @HERE
-def test_add_rms_norm_is_the_add_then_the_norm(be):
+@pytest.mark.parametrize("n", [70, 9000])  # 9000: past the features a block holds in registers, GPU and simulator
+def test_add_rms_norm_is_the_add_then_the_norm(be, n):
     rng = np.random.default_rng(4)
-    h, d = (rng.standard_normal((3, 70)).astype(np.float32) for _ in range(2))
-    w = rng.standard_normal(70).astype(np.float32)
+    h, d = (rng.standard_normal((3, n)).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal(n).astype(np.float32)
     total, normed = be.add_rms_norm(be.asarray(h), be.asarray(d), be.asarray(w), 1e-6)
     ref = get_backend("numpy")
     np.testing.assert_allclose(be.to_numpy(total), h + d, rtol=1e-6)
