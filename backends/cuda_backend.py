@@ -1,4 +1,5 @@
-"""The CUDA backend: numba-cuda kernels (backends/cuda_kernels.py) on NVIDIA GPUs, activations in device memory.
+"""The CUDA backend: numba-cuda kernels (backends/cuda_kernels.py, cuda_matvec.py) on NVIDIA GPUs, activations
+in device memory.
 
 Every activation is a :class:`~flashmoe.backends.cuda_arrays.DeviceArray`, a float32 array in GPU memory; the
 array glue of the Backend contract (add, multiply, reshape, split, rows, gather_rows) runs as kernels
@@ -32,6 +33,7 @@ try:
     from flashmoe.backends import cuda_attention as KA
     from flashmoe.backends import cuda_fused as F
     from flashmoe.backends import cuda_kernels as K
+    from flashmoe.backends import cuda_matvec as MV
     from flashmoe.backends import cuda_mxfp4
     from flashmoe.backends.cuda_arrays import DeviceArray, device_empty, empty, flat_launch, row_launch, to_device, \
         upload
@@ -179,7 +181,7 @@ class CudaBackend(Backend):
                                                          out.flat)]
         args += [w0.b32, w0.b16, 0, 0, 0, 0, outs[0].flat] * (3 - len(ws))
         blocks = sum(-(-w.out_features // K.ROWS) for w in ws)
-        A.launch(K.qlinear(w0.bits, w0.group_size, w0.fmt), (blocks, T), (K.LANES, K.ROWS),
+        A.launch(MV.qlinear(w0.bits, w0.group_size, w0.fmt), (blocks, T), (K.LANES, K.ROWS),
                  (*args, w0.n_units, x.flat))
         return outs
 
@@ -201,7 +203,7 @@ class CudaBackend(Backend):
         if isinstance(w, DeviceArray):
             return A.gather_rows(w, ids, on_device)
         out = empty((len(ids), w.in_features))
-        flat_launch(K.qembed(w.bits, w.group_size, w.fmt), out.size, w.b32, w.b16, w.w_off, w.s_off, w.b_off,
+        flat_launch(MV.qembed(w.bits, w.group_size, w.fmt), out.size, w.b32, w.b16, w.w_off, w.s_off, w.b_off,
                     w.in_features, on_device, out.flat)
         return out
 
@@ -372,7 +374,7 @@ class CudaBackend(Backend):
         g, u = staged.parts["gate_proj"], staged.parts["up_proj"]
         T = x.shape[0]
         h = empty((staged.k * T, g.out_features))
-        row_launch(K.qgate_up(g.bits, g.group_size, g.fmt), g.out_features, staged.k * T, g.b32, g.b16,
+        row_launch(MV.qgate_up(g.bits, g.group_size, g.fmt), g.out_features, staged.k * T, g.b32, g.b16,
                    g.w_off, g.s_off, g.b_off, u.w_off, u.s_off, u.b_off, staged.stride // 4,
                    scale_offset(staged.stride, g.fmt), staged.slots, g.out_features, g.n_units, T, x.flat,
                    h.flat)
@@ -463,7 +465,7 @@ class CudaBackend(Backend):
         h = self._gate_up(x, staged)
         d = staged.parts["down_proj"]
         out = empty((d.out_features,))
-        row_launch(K.qdown_combine(d.bits, d.group_size, d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off,
+        row_launch(MV.qdown_combine(d.bits, d.group_size, d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off,
                    d.s_off, d.b_off, staged.stride // 4, scale_offset(staged.stride, d.fmt), staged.slots,
                    d.out_features, d.n_units, h.flat, weights, out.flat)
         self._experts.launched(staged)

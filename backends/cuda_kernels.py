@@ -1,24 +1,6 @@
 """numba-cuda kernels of the CUDA backend (backends/cuda_backend.py), on flat float32 device arrays.
 
-Quantised weights stay packed on the GPU in the MLX layout (flashmoe/format/quant.py) inside one flat buffer
-viewed twice, as uint32 and as uint16: the words at ``w_off`` (uint32 index), the scales and biases at
-``s_off`` / ``b_off`` in their own element's units (uint32 index for float32 scales, uint16 index for
-float16 / bfloat16). The scale format is decoded in the kernel from the raw bits, so a streamed expert is
-used exactly as its bytes arrive from the expert file: one copy of its bytes, no conversion pass.
-
-The mat-vec works in *units* of 32 codes (``bits`` consecutive words: 32 codes for every bit width, also
-3, 5 and 6 bits whose codes straddle words). A group holds ``group_size / 32`` whole units (or, for groups of
-16, a unit holds two groups), so with the bias factoring of an affine-quantised dot product (docs/design.md,
-"Speed")
-
-    y = sum_g scale_g * (q_g . x_g) + bias_g * sum(x_g)
-
-a unit's partial dot needs only integer codes and x. A block is ``(32, ROWS)`` threads: each row of 32
-threads (a warp on a GPU) owns one output row. At 2, 4 and 8 bits its lanes take whole words, the warp
-reading consecutive words (_qdot_words); at 3, 5 and 6 bits they walk the row's units together, lane l taking
-code l of each (the warp reads 32 consecutive inputs and the unit's words in one transaction each); then
-the row's lanes are summed. Kernels are built per (bits, group_size, scale format) by factories so those
-are compile-time constants and the code loops unroll.
+The quantised mat-vec kernels are in backends/cuda_matvec.py.
 
 numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs the same kernels as Python threads: it has no
 warp shuffles and no libdevice, so there (and only there) the lane sum goes through shared memory and
@@ -33,7 +15,7 @@ from functools import lru_cache
 
 import numba
 import numpy as np
-from numba import cuda, float32, float64, int32, uint32
+from numba import cuda, float32, float64, int32
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -48,14 +30,12 @@ FLAT_BLOCK = 128  # threads per block of the one-thread-per-element kernels
 NORM_WARPS = 32  # most warps of an rms_norm block (1024 threads)
 if SIMULATOR:  # every simulated thread is a Python thread: narrower rows, same code (LANES is any power of 2)
     LANES, ROWS, FLAT_BLOCK, NORM_WARPS = 4, 2, 32, 4
-CODES_PER_LANE = 32 // LANES  # codes of a 32-code unit each lane of a row takes in the mat-vec
-WORDS_PER_LANE = 8  # words of a row each lane loads per pass of the mat-vec (2, 4, 8 bits): 2048 4-bit codes
 NORM_PER_THREAD = 8  # features of a row each thread of rms_norm holds in registers
 
 # Scale/bias formats, decoded from raw bits in the kernels.
 F32, F16, BF16 = 0, 1, 2
 
-# -- bit reinterpretation and the lane sum: the two places the simulator differs --------------------------
+# -- bit reinterpretation and the lane sum: the places the simulator differs --------------------------
 if SIMULATOR:
     import sys
     import threading
@@ -88,11 +68,6 @@ if SIMULATOR:
     def _as_f32(u):
         return np.array([u], np.uint32).view(np.float32)[0]
 
-    def _aligned16(x, i):
-        return True  # one path in the simulator: _load4 is four element reads there
-
-    def _load4(x, i):
-        return x[i], x[i + 1], x[i + 2], x[i + 3]
 
     @cuda.jit(device=True)
     def _lane_sum(v, sh, lane, r):
@@ -126,39 +101,9 @@ if SIMULATOR:
 else:
     from numba.cuda import libdevice
 
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda import cgutils
-    from numba.cuda.extending import intrinsic
-
     @cuda.jit(device=True)
     def _as_f32(u):
         return libdevice.int_as_float(int32(u))
-
-    def _item_pointer(context, builder, sig, args):
-        aryty, idxty = sig.args
-        ary = context.make_array(aryty)(context, builder, value=args[0])
-        i = context.cast(builder, args[1], idxty, types.intp)
-        return cgutils.get_item_pointer(context, builder, aryty, ary, [i], wraparound=False)
-
-    @intrinsic
-    def _aligned16(typingctx, x, i):
-        """Whether &x[i] of a 1-D array is 16-byte aligned (the address a _load4 needs)."""
-        def codegen(context, builder, sig, args):
-            addr = builder.ptrtoint(_item_pointer(context, builder, sig, args), ir.IntType(64))
-            return builder.icmp_unsigned("==", builder.and_(addr, ir.Constant(ir.IntType(64), 15)),
-                                         ir.Constant(ir.IntType(64), 0))
-        return types.boolean(x, i), codegen
-
-    @intrinsic
-    def _load4(typingctx, x, i):
-        """(x[i], .., x[i + 3]) of a float32 array in one 16-byte load (ld.v4.f32); &x[i] 16-byte aligned."""
-        def codegen(context, builder, sig, args):
-            vec = ir.VectorType(ir.FloatType(), 4)
-            v = builder.load(builder.bitcast(_item_pointer(context, builder, sig, args), vec.as_pointer()), align=16)
-            return context.make_tuple(builder, sig.return_type,
-                                      [builder.extract_element(v, ir.Constant(ir.IntType(32), j)) for j in range(4)])
-        return types.UniTuple(types.float32, 4)(x, i), codegen
 
     @cuda.jit(device=True)
     def _lane_sum(v, sh, lane, r):
@@ -178,419 +123,9 @@ else:
         return v
 
 
-@lru_cache(maxsize=None)
-def _scale_loader(fmt: int):
-    """Device function (b32, b16, i) -> float32 value of scale/bias element i in format fmt."""
-    if fmt == F32:
-
-        @cuda.jit(device=True)
-        def load(b32, b16, i):
-            return _as_f32(b32[i])
-
-    elif fmt == BF16:
-
-        @cuda.jit(device=True)
-        def load(b32, b16, i):
-            return _as_f32(uint32(b16[i]) << uint32(16))
-
-    else:
-
-        @cuda.jit(device=True)
-        def load(b32, b16, i):
-            # IEEE half -> single from the bits: rebias the exponent; subnormal halves are m * 2^-24.
-            h = uint32(b16[i])
-            sign = (h >> uint32(15)) << uint32(31)
-            e = (h >> uint32(10)) & uint32(31)
-            m = h & uint32(1023)
-            if e == uint32(0):
-                v = float32(m) * float32(5.9604644775390625e-08)
-                return -v if sign else v
-            if e == uint32(31):
-                return _as_f32(sign | uint32(0x7F800000) | (m << uint32(13)))
-            return _as_f32(sign | ((e + uint32(112)) << uint32(23)) | (m << uint32(13)))
-
-    return load
-
-
-@lru_cache(maxsize=None)
-def _code_reader(bits: int):
-    """Device function (b32, w0, c) -> code c of the 32-code unit whose first word is b32[w0], as uint32."""
-    mask = uint32((1 << bits) - 1)
-    per_word = 32 // bits if 32 % bits == 0 else 0  # 0: codes straddle words (3, 5 and 6 bits)
-
-    @cuda.jit(device=True)
-    def read(b32, w0, c):
-        bit = c * bits
-        k = w0 + (bit >> 5)
-        s = bit & 31
-        code = b32[k] >> uint32(s)
-        if not per_word and s + bits > 32:
-            code |= b32[k + 1] << uint32(32 - s)
-        return code & mask
-
-    return read
-
-
-@lru_cache(maxsize=None)
-def _qdot(bits: int, group_size: int, fmt: int):
-    """Device function: this lane's part of one quantised row . x (bias factored per group).
-
-    The row's lanes walk its units together, lane l taking code l of each (``LANES`` apart in the
-    simulator): a warp then reads 32 consecutive inputs, the unit's ``bits`` words and one scale and bias
-    per group, each in one transaction. (Lane l owning whole units l, l + 32, ... instead made every read of
-    x touch 32 sectors 128 bytes apart: n_in sector reads per output row.) This walk is for 3, 5 and 6 bits,
-    whose codes straddle words; 2, 4 and 8 bits are :func:`_qdot_words`, and groups of 16 (two per unit)
-    :func:`_qdot_small_groups`.
-
-    (b32, b16, wrow, srow, brow, n_units, x, xoff, lane): wrow/srow/brow index the row's first word /
-    scale / bias; x[xoff : xoff + 32 * n_units] is the input.
-    """
-    if 32 % bits == 0:
-        return _qdot_words(bits, group_size, fmt)
-    if group_size < 32:
-        return _qdot_small_groups(bits, group_size, fmt)
-    load = _scale_loader(fmt)
-    read = _code_reader(bits)
-    units_per_group = group_size // 32
-
-    @cuda.jit(device=True)
-    def qdot(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
-        acc = float32(0.0)
-        for g in range(n_units // units_per_group):
-            dot = float32(0.0)
-            xs = float32(0.0)
-            for uu in range(units_per_group):
-                u = g * units_per_group + uu
-                for i in range(CODES_PER_LANE):  # one on a GPU: the warp reads 32 inputs in a row
-                    c = lane + i * LANES
-                    xv = x[xoff + u * 32 + c]
-                    dot += float32(read(b32, wrow + u * bits, c)) * xv
-                    xs += xv
-            acc += load(b32, b16, srow + g) * dot + load(b32, b16, brow + g) * xs
-        return acc
-
-    return qdot
-
-
-@lru_cache(maxsize=None)
-def _word_dot(bits: int, two: bool):
-    """Device function (word_a, word_b, x, c0, vec) -> (codes of word_a . x[c0 : c0 + 32 / bits], the same of
-    word_b (0 unless two), sum of those x) for 2, 4 and 8 bits. x is read 4 floats at a time (one 16-byte
-    load when vec: a lane's 8 inputs of a 4-bit word in two loads instead of eight, a quarter of the L1
-    wavefronts of a warp whose lanes read 32 bytes apart); a code becomes a float as the low bits of
-    2^23 + code (exact; an integer conversion is a quarter-rate instruction on sm_90)."""
-    mask = uint32((1 << bits) - 1)
-    per_word = 32 // bits
-    magic = uint32(0x4B000000)
-
-    @cuda.jit(device=True)
-    def code(word, s):
-        return _as_f32(magic | ((word >> uint32(s)) & mask)) - float32(8388608.0)
-
-    @cuda.jit(device=True)
-    def word_dot(word_a, word_b, x, c0, vec):
-        dot_a = float32(0.0)
-        dot_b = float32(0.0)
-        xs = float32(0.0)
-        for j4 in range(per_word // 4):
-            if vec:
-                x0, x1, x2, x3 = _load4(x, c0 + 4 * j4)
-            else:
-                x0, x1, x2, x3 = x[c0 + 4 * j4], x[c0 + 4 * j4 + 1], x[c0 + 4 * j4 + 2], x[c0 + 4 * j4 + 3]
-            s = 4 * j4 * bits
-            dot_a += code(word_a, s) * x0 + code(word_a, s + bits) * x1 + (
-                code(word_a, s + 2 * bits) * x2 + code(word_a, s + 3 * bits) * x3)
-            if two:
-                dot_b += code(word_b, s) * x0 + code(word_b, s + bits) * x1 + (
-                    code(word_b, s + 2 * bits) * x2 + code(word_b, s + 3 * bits) * x3)
-            xs += (x0 + x1) + (x2 + x3)
-        return dot_a, dot_b, xs
-
-    return word_dot
-
-
-@lru_cache(maxsize=None)
-def _qdot_words(bits: int, group_size: int, fmt: int):
-    """:func:`_qdot` for 2, 4 and 8 bits (whole codes per word): lane l takes the row's words l, l + LANES, ...,
-    WORDS_PER_LANE of them per pass; a warp reads 128 consecutive bytes per load, and a row of 2048 4-bit codes
-    is one pass. A pass first loads its words, scales and biases, all in flight together, then dots the
-    codes with x (one loop that loaded and used a word at a time compiled to one round trip to memory after
-    another: sm_90 PTX). (Walking 32-code units, lane l taking code l of each, with four groups' loads in
-    flight measured 1.7-2x slower per launch: docs/benchmarks.md, issue 15 runs 3 and 4.) A word's codes lie
-    in one group: 32 / bits divides every group size (16 and up)."""
-    qdot2 = _qdot2_words(bits, group_size, fmt, False)
-
-    @cuda.jit(device=True)
-    def qdot_words(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
-        return qdot2(b32, b16, wrow, srow, brow, 0, 0, 0, n_units, x, xoff, lane)[0]
-
-    return qdot_words
-
-
-@lru_cache(maxsize=None)
-def _qdot2_words(bits: int, group_size: int, fmt: int, two: bool):
-    """Device function: this lane's parts of (row_a . x, row_b . x) for two rows of one format and input (an
-    expert's gate and up rows), each x load used by both, WORDS_PER_LANE / 2 words of each in flight per lane;
-    two=False: row a only ((acc_a, 0)), WORDS_PER_LANE words. (`two` is a compile-time constant and a lane's
-    loads for two rows fit in registers: a run-time `two`, or 8 words of each row, kept the arrays in local
-    memory, a 192-byte stack frame in ptxas -v: the loop over them was not unrolled.)"""
-    load = _scale_loader(fmt)
-    word_dot = _word_dot(bits, two)
-    per_word = 32 // bits
-    wpl = WORDS_PER_LANE // 2 if two else WORDS_PER_LANE  # words of each row in flight per lane
-
-    @cuda.jit(device=True)
-    def qdot2(b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane):
-        n_words = n_units * bits
-        vec = _aligned16(x, xoff)
-        acc_a = float32(0.0)
-        acc_b = float32(0.0)
-        words_a = cuda.local.array(wpl, uint32)
-        scales_a = cuda.local.array(wpl, float32)
-        biases_a = cuda.local.array(wpl, float32)
-        words_b = cuda.local.array(wpl, uint32)
-        scales_b = cuda.local.array(wpl, float32)
-        biases_b = cuda.local.array(wpl, float32)
-        for start in range(0, n_words, LANES * wpl):
-            for u in range(wpl):  # the pass's loads first, all in flight together
-                w = start + u * LANES + lane
-                if w < n_words:
-                    g = w * per_word // group_size
-                    words_a[u] = b32[wa + w]
-                    scales_a[u] = load(b32, b16, sa + g)
-                    biases_a[u] = load(b32, b16, ba + g)
-                    if two:
-                        words_b[u] = b32[wb + w]
-                        scales_b[u] = load(b32, b16, sb + g)
-                        biases_b[u] = load(b32, b16, bb + g)
-            for u in range(wpl):
-                w = start + u * LANES + lane
-                if w < n_words:
-                    dot_a, dot_b, xs = word_dot(words_a[u], words_b[u], x, xoff + w * per_word, vec)
-                    acc_a += scales_a[u] * dot_a + biases_a[u] * xs
-                    if two:
-                        acc_b += scales_b[u] * dot_b + biases_b[u] * xs
-        return acc_a, acc_b
-
-    return qdot2
-
-
-@lru_cache(maxsize=None)
-def _qdot2(bits: int, group_size: int, fmt: int):
-    """Device function (b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane) -> this lane's parts of
-    (row_a . x, row_b . x): :func:`_qdot2_words` at 2, 4 and 8 bits, else two :func:`_qdot` walks."""
-    if 32 % bits == 0:
-        return _qdot2_words(bits, group_size, fmt, True)
-    qdot = _qdot(bits, group_size, fmt)
-
-    @cuda.jit(device=True)
-    def qdot2(b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane):
-        return (qdot(b32, b16, wa, sa, ba, n_units, x, xoff, lane),
-                qdot(b32, b16, wb, sb, bb, n_units, x, xoff, lane))
-
-    return qdot2
-
-
-@lru_cache(maxsize=None)
-def _qdot_experts(bits: int, group_size: int, fmt: int):
-    """Device function: this lane's part of sum_e weights[e] * (row o of expert e . x[e * in :]), expert e in
-    slot slots[e] (words at w0 + slots[e] * stride32, scales and biases at s0 / b0 + slots[e] * stride_s).
-    At 2, 4 and 8 bits the k experts' words are one walk, WORDS_PER_LANE loads in flight per lane across
-    experts (a down row of 768 4-bit codes is 96 words: expert by expert, a lane had 3 loads in flight and k
-    round trips one after another); else one :func:`_qdot` per expert.
-
-    (b32, b16, w0, s0, b0, stride32, stride_s, slots [k], o, n_units, x [k * in], weights [k], lane)."""
-    load = _scale_loader(fmt)
-    if 32 % bits:
-        qdot = _qdot(bits, group_size, fmt)
-
-        @cuda.jit(device=True)
-        def qdot_experts(b32, b16, w0, s0, b0, stride32, stride_s, slots, o, n_units, x, weights, lane):
-            words, groups = n_units * bits, n_units * 32 // group_size
-            p = float32(0.0)
-            for e in range(slots.shape[0]):
-                ew, es = slots[e] * stride32 + o * words, slots[e] * stride_s + o * groups
-                p += weights[e] * qdot(b32, b16, w0 + ew, s0 + es, b0 + es, n_units, x, e * n_units * 32, lane)
-            return p
-
-        return qdot_experts
-    word_dot = _word_dot(bits, False)
-    per_word = 32 // bits
-
-    @cuda.jit(device=True)
-    def qdot_experts(b32, b16, w0, s0, b0, stride32, stride_s, slots, o, n_units, x, weights, lane):
-        n_words, groups = n_units * bits, n_units * 32 // group_size
-        total = slots.shape[0] * n_words
-        vec = _aligned16(x, 0)
-        acc = float32(0.0)
-        words = cuda.local.array(WORDS_PER_LANE, uint32)
-        scales = cuda.local.array(WORDS_PER_LANE, float32)
-        biases = cuda.local.array(WORDS_PER_LANE, float32)
-        for start in range(0, total, LANES * WORDS_PER_LANE):
-            for u in range(WORDS_PER_LANE):
-                i = start + u * LANES + lane
-                if i < total:
-                    e = i // n_words
-                    w = i - e * n_words
-                    slot, we = slots[e], weights[e]
-                    g = slot * stride_s + o * groups + w * per_word // group_size
-                    words[u] = b32[w0 + slot * stride32 + o * n_words + w]
-                    scales[u] = we * load(b32, b16, s0 + g)
-                    biases[u] = we * load(b32, b16, b0 + g)
-            for u in range(WORDS_PER_LANE):
-                i = start + u * LANES + lane
-                if i < total:
-                    e = i // n_words
-                    dot, _, xs = word_dot(words[u], words[u], x, e * n_units * 32 + (i - e * n_words) * per_word,
-                                          vec)
-                    acc += scales[u] * dot + biases[u] * xs
-        return acc
-
-    return qdot_experts
-
-
-@lru_cache(maxsize=None)
-def _qdot_small_groups(bits: int, group_size: int, fmt: int):
-    """:func:`_qdot` for groups smaller than a unit (16: llama.cpp's K-quant sub-blocks): a unit holds
-    ``32 / group_size`` groups, and each lane applies the scale and bias of its own code's group."""
-    load = _scale_loader(fmt)
-    read = _code_reader(bits)
-    groups_per_unit = 32 // group_size
-
-    @cuda.jit(device=True)
-    def qdot(b32, b16, wrow, srow, brow, n_units, x, xoff, lane):
-        acc = float32(0.0)
-        for u in range(n_units):
-            for i in range(CODES_PER_LANE):
-                c = lane + i * LANES
-                xv = x[xoff + u * 32 + c]
-                g = u * groups_per_unit + c // group_size
-                acc += (load(b32, b16, srow + g) * float32(read(b32, wrow + u * bits, c)) +
-                        load(b32, b16, brow + g)) * xv
-        return acc
-
-    return qdot
-
-
 @cuda.jit(device=True)
 def _silu(a):
     return a / (float32(1.0) + math.exp(-a))
-
-
-# -- quantised matrices -------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
-def qlinear(bits: int, group_size: int, fmt: int):
-    """out_m[t, o] = W_m[o] . x[t] for up to three matrices m = a, b, c of one input and one format (q, k and
-    v in one launch; n_b = n_c = 0 for one matrix). Launch grid (blocks(n_a) + blocks(n_b) + blocks(n_c), T)
-    with blocks(n) = ceil(n / ROWS), block (LANES, ROWS): a block's rows belong to one matrix.
-
-    (b32_m, b16_m, w_off_m, s_off_m, b_off_m, n_out_m, out_m [T * n_out_m] for m = a, b, c; n_units,
-    x [T * in])."""
-    qdot = _qdot(bits, group_size, fmt)
-
-    @cuda.jit
-    def kernel(b32a, b16a, wa, sa, ba, na, outa, b32b, b16b, wb, sb, bb, nb, outb, b32c, b16c, wc, sc, bc, nc,
-               outc, n_units, x):
-        sh = cuda.shared.array((ROWS, LANES), float32)
-        lane, r = cuda.threadIdx.x, cuda.threadIdx.y
-        t = cuda.blockIdx.y
-        blk, in_a, in_b = cuda.blockIdx.x, (na + ROWS - 1) // ROWS, (nb + ROWS - 1) // ROWS
-        b32, b16, w_off, s_off, b_off, n_out, out = b32a, b16a, wa, sa, ba, na, outa
-        if blk >= in_a + in_b:
-            b32, b16, w_off, s_off, b_off, n_out, out, blk = b32c, b16c, wc, sc, bc, nc, outc, blk - in_a - in_b
-        elif blk >= in_a:
-            b32, b16, w_off, s_off, b_off, n_out, out, blk = b32b, b16b, wb, sb, bb, nb, outb, blk - in_a
-        o = blk * ROWS + r
-        words, groups = n_units * bits, n_units * 32 // group_size
-        p = float32(0.0)
-        if o < n_out:
-            p = qdot(b32, b16, w_off + o * words, s_off + o * groups, b_off + o * groups, n_units, x,
-                     t * n_units * 32, lane)
-        total = _lane_sum(p, sh, lane, r)
-        if o < n_out and lane == 0:
-            out[t * n_out + o] = total
-
-    return kernel
-
-
-@lru_cache(maxsize=None)
-def qgate_up(bits: int, group_size: int, fmt: int):
-    """h[e, t, i] = silu(gate_e[i] . x[t]) * (up_e[i] . x[t]) for k experts, expert e in slot slots[e] of
-    ``stride32`` words (``stride_s`` scale elements). Grid (ceil(inter / ROWS), k * T), block (LANES, ROWS).
-
-    (b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, slots [k], n_inter, n_units, n_tok,
-    x [T * hidden], h [k * T * inter])."""
-    qdot2 = _qdot2(bits, group_size, fmt)
-
-    @cuda.jit
-    def kernel(b32, b16, gw, gs, gb, uw, us, ub, stride32, stride_s, slots, n_inter, n_units, n_tok, x, h):
-        sh = cuda.shared.array((ROWS, LANES), float32)
-        lane, r = cuda.threadIdx.x, cuda.threadIdx.y
-        i = cuda.blockIdx.x * ROWS + r
-        e = cuda.blockIdx.y // n_tok
-        t = cuda.blockIdx.y % n_tok
-        words, groups = n_units * bits, n_units * 32 // group_size
-        ew, es = slots[e] * stride32 + i * words, slots[e] * stride_s + i * groups
-        a = float32(0.0)
-        b = float32(0.0)
-        if i < n_inter:
-            a, b = qdot2(b32, b16, gw + ew, gs + es, gb + es, uw + ew, us + es, ub + es, n_units, x,
-                         t * n_units * 32, lane)
-        a = _lane_sum(a, sh, lane, r)
-        b = _lane_sum(b, sh, lane, r)
-        if i < n_inter and lane == 0:
-            h[(e * n_tok + t) * n_inter + i] = _silu(a) * b
-
-    return kernel
-
-
-@lru_cache(maxsize=None)
-def qdown_combine(bits: int, group_size: int, fmt: int):
-    """out[o] = sum_e weights[e] * (down_e[o] . h[e]) for one token's k experts. Grid ceil(hidden / ROWS),
-    block (LANES, ROWS).
-
-    (b32, b16, dw, ds, db, stride32, stride_s, slots [k], n_out, n_units, h [k * inter], weights [k],
-    out [hidden]); expert e in slot slots[e] as in :func:`qgate_up`."""
-    qdot_experts = _qdot_experts(bits, group_size, fmt)
-
-    @cuda.jit
-    def kernel(b32, b16, dw, ds, db, stride32, stride_s, slots, n_out, n_units, h, weights, out):
-        sh = cuda.shared.array((ROWS, LANES), float32)
-        lane, r = cuda.threadIdx.x, cuda.threadIdx.y
-        o = cuda.blockIdx.x * ROWS + r
-        p = float32(0.0)
-        if o < n_out:
-            p = qdot_experts(b32, b16, dw, ds, db, stride32, stride_s, slots, o, n_units, h, weights, lane)
-        total = _lane_sum(p, sh, lane, r)
-        if o < n_out and lane == 0:
-            out[o] = total
-
-    return kernel
-
-
-@lru_cache(maxsize=None)
-def qembed(bits: int, group_size: int, fmt: int):
-    """out[t, i] = dequantised W[ids[t], i], one thread per element. Grid ceil(T * in / FLAT_BLOCK).
-
-    (b32, b16, w_off, s_off, b_off, n_in, ids [T], out [T * in])."""
-    load = _scale_loader(fmt)
-    mask = uint32((1 << bits) - 1)
-
-    @cuda.jit
-    def kernel(b32, b16, w_off, s_off, b_off, n_in, ids, out):
-        n = cuda.grid(1)
-        if n < out.shape[0]:
-            row, i = ids[n // n_in], n % n_in
-            bit = i * bits  # the row is one little-endian bit stream
-            k = w_off + row * (n_in * bits // 32) + (bit >> 5)
-            s = bit & 31
-            code = b32[k] >> uint32(s)
-            if s + bits > 32:
-                code |= b32[k + 1] << uint32(32 - s)
-            g = row * (n_in // group_size) + i // group_size
-            out[n] = load(b32, b16, s_off + g) * float32(code & mask) + load(b32, b16, b_off + g)
-
-    return kernel
 
 
 # -- float matrices -----------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from functools import lru_cache
 
 from numba import cuda, float32, uint32
 
-from flashmoe.backends.cuda_kernels import (CODES_PER_LANE, F32, LANES, ROWS, _as_f32, _lane_sum, _scale_loader,
-                                            clamped_swiglu_value)
+from flashmoe.backends.cuda_kernels import F32, LANES, ROWS, _as_f32, _lane_sum, clamped_swiglu_value
+from flashmoe.backends.cuda_matvec import CODES_PER_LANE, _scale_loader
 
 
 @cuda.jit(device=True)
