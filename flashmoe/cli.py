@@ -152,7 +152,8 @@ _SAMPLING_OPTIONS = {
     "repetition_penalty": (Optional[float], typer.Option(None, help="Penalise tokens already in the context; "
                                                          "1.0 disables (default: generation_config.json, else "
                                                          "1.0).")),
-    "seed": (Optional[int], typer.Option(None, help="Random seed for reproducible sampling.")),
+    "seed": (Optional[int], typer.Option(None, help="Random seed for reproducible sampling; -1 (or none): a "
+                                             "random one.")),
 }
 _sampling_options = _shared_options(SamplingOptions, _SAMPLING_OPTIONS, "sampling")
 

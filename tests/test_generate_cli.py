@@ -45,6 +45,7 @@ def test_experts_per_token_changes_the_experts_read_per_token(tmp_path):
     (["--max-memory", "1000T"], "error: --max-memory 1000.00 TiB is more than this machine's memory ("),
     (["--backend", "fortran"], "unknown backend"),
     (["--top-p", "0"], "top_p"),
+    (["--seed", "-2"], "error: seed (--seed) must be >= 0, or -1 for a random seed, got -2\n"),
     (["--io", "bogus"], "--io"),
     (["--cache-policy", "random"], "--cache-policy"),
     (["--gpu-memory", "1G"], "no expert cache of its own"),
@@ -60,6 +61,12 @@ def test_bad_options_give_one_clear_error_line_and_exit_code_2(args, message):
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_seed_minus_one_samples_with_a_random_seed():
+    result = runner.invoke(app, ["generate", "-p", "hi", "-n", "3", "--seed", "-1", "--backend", "numpy"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("hi") and result.stderr == ""
 
 
 @pytest.mark.parametrize("args, stdin", [

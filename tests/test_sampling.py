@@ -51,6 +51,16 @@ def test_same_seed_same_tokens():
     assert [first(logits) for _ in range(10)] == [second(logits) for _ in range(10)]
 
 
+def test_seed_minus_one_is_a_random_seed_and_other_negative_seeds_are_refused():
+    """llama.cpp's convention: -1 draws a fresh seed (as None does); -2 is a mistake, named as such."""
+    logits = np.zeros(1000)
+    runs = [[Sampler(temperature=1.0, seed=-1)(logits) for _ in range(5)] for _ in range(2)]
+    assert runs[0] != runs[1]  # equal by chance with probability 1e-15
+    with pytest.raises(FlashMoeError) as e:
+        Sampler(temperature=1.0, seed=-2)
+    assert str(e.value) == "seed (--seed) must be >= 0, or -1 for a random seed, got -2"
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(-20, 20), min_size=2, max_size=64), st.integers(0, 10), st.floats(0.05, 1.0))
 def test_sampled_token_is_always_in_vocabulary(values, top_k, top_p):

@@ -223,6 +223,25 @@ def test_malformed_requests_get_openai_shaped_errors(served, body, status, fragm
     assert payload["error"]["type"] == "invalid_request_error"
 
 
+def test_seed_minus_one_is_a_random_seed_and_below_it_a_400_naming_seed(served):
+    """llama.cpp's server convention; numpy's generator takes no negative seed, which was a plain-text 500."""
+    url = served[2].url
+    code, payload = _post(url + "/v1/completions", b'{"prompt": "echo: hi", "max_tokens": 3, "seed": -1}')
+    unseeded = _post(url + "/v1/completions", b'{"prompt": "echo: hi", "max_tokens": 3}')[1]
+    assert (code, payload["choices"][0]["text"]) == (200, unseeded["choices"][0]["text"])
+    request = urllib.request.Request(url + "/v1/chat/completions", method="POST", data=json.dumps(
+        {"messages": [{"role": "user", "content": "echo: hi"}], "seed": -1, "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        stream = response.read().replace(b" ", b"")
+    assert response.status == 200 and stream.endswith(b'"finish_reason":"stop"}]}\n\ndata:[DONE]\n\n')
+    for path, body in (("/v1/completions", b'{"prompt": "echo: hi", "seed": -2}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stream": true, '
+                                                b'"seed": -5}')):
+        code, payload = _post(url + path, body)
+        assert (code, payload["error"]["param"]) == (400, "seed")
+        assert payload["error"]["message"].startswith("seed: Input should be greater than or equal to -1")
+
+
 def test_a_field_of_the_wrong_type_is_the_clients_bad_request_naming_the_field(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}], temperature="hot")

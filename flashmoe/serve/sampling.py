@@ -27,7 +27,8 @@ class Sampler:
     temperature: 0 means greedy (argmax); top_k: 0 disables; top_p: 1.0 disables; min_p: 0 disables
     (keep tokens whose probability is at least min_p times the top token's); repetition_penalty: 1.0
     disables (CTRL paper, Keskar et al. 2019: positive logits of seen tokens are divided by it, negative
-    ones multiplied). seed makes sampling reproducible.
+    ones multiplied). seed makes sampling reproducible; None or -1 means a fresh random seed (llama.cpp's
+    convention for -1).
 
     Raises FlashMoeError for out-of-range settings.
     """
@@ -52,7 +53,9 @@ class Sampler:
             if not ok:  # the setting's name in generation_config.json and the API, and its command-line flag
                 raise FlashMoeError(f"{name} (--{name.replace('_', '-')}) must be {allowed}, got "
                                     f"{getattr(self, name)}")
-        self._rng = np.random.default_rng(self.seed)
+        if self.seed is not None and self.seed < -1:
+            raise FlashMoeError(f"seed (--seed) must be >= 0, or -1 for a random seed, got {self.seed}")
+        self._rng = np.random.default_rng(None if self.seed == -1 else self.seed)
 
     def __call__(self, logits: np.ndarray, history: np.ndarray | list[int] = ()) -> int:
         """Pick the next token. logits: float [vocab_size]; history: token ids seen so far (prompt included)."""

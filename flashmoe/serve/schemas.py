@@ -25,7 +25,7 @@ class SamplingBody(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-1, description="-1: a random seed, as None")
     stream: bool = False
 
     def unsupported(self) -> list[str]:
