@@ -445,6 +445,7 @@ def chat(
     With input from a pipe or file, a message that fails (not UTF-8, a full context) ends the chat: one error
     line, exit code 2, as generate does."""
     from flashmoe.serve.chat import ChatSession, run_repl
+    from flashmoe.serve.chat_template import select_template
     from flashmoe.runtime.load import default_model_dir, load_engine
     from flashmoe.format.modeldir import ModelDir
     from flashmoe.serve.sampling import sampler_for
@@ -454,6 +455,7 @@ def chat(
         check_text(system, "--system")  # before the model loads
     model = ModelDir.open(model_dir or default_model_dir())
     tokenizer = Tokenizer(model.path)
+    select_template(tokenizer.chat_template)  # no template: the one error line of generate --chat, before loading
     sampler = sampler_for(model.path, **asdict(sampling))
     engine = load_engine(model, context=context, **asdict(engine_options))
     session = ChatSession(engine, tokenizer, sampler, max_tokens=max_tokens, system=system,

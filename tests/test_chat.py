@@ -108,6 +108,27 @@ def test_chat_from_a_pipe_exits_2_with_one_line_for_text_that_is_not_utf8(tokeni
     assert len(loaded) == (0 if args else 1) and "Traceback" not in result.output
 
 
+def test_chat_and_generate_chat_refuse_a_model_without_a_chat_template_before_loading_it(tmp_path, monkeypatch):
+    """One error line and exit code 2 at start-up, not an error line per turn and exit code 0."""
+    from chat_helpers import TINY_QWEN35
+    from typer.testing import CliRunner
+
+    import flashmoe.runtime.load
+    from flashmoe.cli import app
+    from flashmoe.convert.synth import synth_model
+
+    model = tmp_path / "model"
+    synth_model(model, TINY_QWEN35, tokenizer=None)
+    write_model_dir(model, None)
+    loaded = []
+    monkeypatch.setattr(flashmoe.runtime.load, "load_engine", lambda model, **kwargs: loaded.append(model))
+    for args, stdin in ((["chat", str(model)], "hi\nagain\n"), (["generate", str(model), "-p", "hi", "--chat"], None)):
+        result = CliRunner().invoke(app, [*args, "--backend", "numpy"], input=stdin)
+        assert (result.exit_code, result.stdout, result.stderr) == (
+            2, "", "error: this model has no chat template (tokenizer_config.json or chat_template.jinja)\n")
+    assert loaded == []
+
+
 def test_multi_line_input():
     lines = iter(["first \\", "second", '"""', "a", "", "b", '"""'])
     read = lambda prompt: next(lines)  # noqa: E731
