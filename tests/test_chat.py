@@ -300,6 +300,22 @@ def test_a_run_says_why_it_stopped_in_the_one_vocabulary(tokenizer):
     assert run(max_tokens=100, cancel=cancel) == CANCELLED
 
 
+def test_a_reply_that_ends_inside_a_character_ends_with_u_fffd_at_eos_and_at_max_tokens(tokenizer):
+    """The bytes of an unfinished character are printed as U+FFFD (as llama.cpp and transformers' TextStreamer
+    do), not dropped. 世 is three byte tokens of the test tokenizer."""
+    from types import SimpleNamespace
+
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "x"}]))
+    cut = SimpleNamespace(decode=tokenizer.decode, vocab_size=tokenizer.vocab_size,  # replies 世's first two bytes
+                          encode=lambda text: tokenizer.encode(text)[:-1] if text == "ok 世" else tokenizer.encode(text))
+    for engine, max_tokens, stop in ((FakeEngine(cut, lambda prompt: "ok 世"), 100, EOS),
+                                     (FakeEngine(tokenizer, lambda prompt: "ok 世"), len(tokenizer.encode("ok 世")) - 1,
+                                      LENGTH)):
+        session = Session(engine, tokenizer)
+        text = "".join(s.text for s in session.generate(prompt, Sampler(temperature=0.0), max_tokens))
+        assert (text, session.last.stop) == ("ok \ufffd", stop)
+
+
 def test_ctrl_c_inside_the_forward_pass_is_reported_as_cancelled(tokenizer):
     chat = _chat(tokenizer)
     chat.send("hello")

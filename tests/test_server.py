@@ -175,6 +175,17 @@ def test_text_held_as_a_possible_stop_string_is_released_at_the_end(client):
     assert r.choices[0].message.content == "ends with STO"
 
 
+def test_a_reply_cut_inside_a_character_ends_with_u_fffd_streamed_or_not(client):
+    """max_tokens stops after two of 世's three byte tokens: the bytes are printed as U+FFFD, not dropped."""
+    from chat_helpers import build_tokenizer
+
+    max_tokens = len(build_tokenizer().encode("ok 世").ids) - 1
+    r = _chat(client, "echo: ok 世", max_tokens=max_tokens)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("ok \ufffd", "length")
+    chunks = list(_chat(client, "echo: ok 世", max_tokens=max_tokens, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ok \ufffd"
+
+
 def test_max_tokens_ends_with_length(client):
     r = _chat(client, "long", max_tokens=5)
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"

@@ -40,6 +40,15 @@ def test_stream_decoder_reassembles_multibyte_text_exactly(model_dir):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_stream_decoder_flush_prints_an_unfinished_character_as_replacement_characters(model_dir):
+    tok = Tokenizer(model_dir)
+    ids = tok.encode("dog 世")  # ..., "Ġ", then 世's three bytes as three tokens
+    decoder = StreamDecoder(tok)
+    assert "".join(decoder.push(i) for i in ids[:-1]) == "dog "
+    assert decoder.flush() == "\ufffd"  # two of the three bytes of 世: one U+FFFD, as tokenizers decodes them
+    assert decoder.flush() == ""
+
+
 def test_special_token_text_encodes_to_its_id(model_dir):
     tok = Tokenizer(model_dir)
     assert tok.encode("<|im_end|>") == [2]
@@ -64,6 +73,5 @@ def test_stream_decoder_matches_whole_decode_for_random_token_sequences(model_di
         ids = [rng.randrange(3, tok.vocab_size) for _ in range(rng.randrange(1, 30))]
         decoder = StreamDecoder(tok)
         streamed = "".join(decoder.push(i) for i in ids)
-        whole = tok.decode(ids)
-        if not whole.endswith("\ufffd"):
-            assert streamed == whole
+        # an unfinished last character is held back until the end, then printed as U+FFFD
+        assert streamed + decoder.flush() == tok.decode(ids)

@@ -53,11 +53,11 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
     """Yield generated tokens one at a time.
 
     Prefill runs the whole prompt as one batch; decode stops at any of tokenizer.eos_token_ids (the EOS token
-    is yielded with empty text), after max_tokens tokens, or at the end of the model's context; the last Step
-    says which (Step.stop). Time to first
-    token and per-token decode times are recorded in engine.stats; `started` says the caller already called
-    engine.stats.start() for this run, before prefill work of its own (Session's split prefill), so time to
-    first token counts from there.
+    is yielded with no text of its own), after max_tokens tokens, or at the end of the model's context; the
+    last Step says which (Step.stop) and carries any bytes of an unfinished character as U+FFFD
+    (StreamDecoder.flush). Time to first token and per-token decode times are recorded in engine.stats;
+    `started` says the caller already called engine.stats.start() for this run, before prefill work of its
+    own (Session's split prefill), so time to first token counts from there.
 
     Raises FlashMoeError when the prompt does not fit the context.
     """
@@ -76,10 +76,10 @@ def generate_steps(engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], 
             history.append(token)
             stats.token_done()
             if token in tokenizer.eos_token_ids:
-                yield Step(token, "", EOS)
+                yield Step(token, decoder.flush(), EOS)
                 return
             stop = None if i < limit - 1 else LENGTH if limit == max_tokens else CONTEXT
-            yield Step(token, decoder.push(token), stop)
+            yield Step(token, decoder.push(token) + (decoder.flush() if stop else ""), stop)
             if stop is None:  # the last token's logits would never be used: no forward (its expert reads) for it
                 logits = engine.forward(np.asarray([token]), state)
     finally:

@@ -235,9 +235,11 @@ class Session:
                 consumed.append(step.token_id)
                 if step.stop is not None:  # the loop's last step: EOS, LENGTH or CONTEXT
                     info.stop = step.stop
+                text = stopper.feed(step.text)  # EOS's step: only an unfinished character's U+FFFD
                 if step.stop == EOS:
+                    if text:
+                        yield Step(step.token_id, text)
                     break
-                text = stopper.feed(step.text)
                 if text or not stopper.stopped:
                     yield Step(step.token_id, text)
                 if stopper.stopped:

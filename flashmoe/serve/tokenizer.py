@@ -144,9 +144,17 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; return the newly printable text (possibly empty)."""
         self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """The text held back when generation ends: bytes of a character the last tokens began but did not
+        finish decode as U+FFFD, as Hugging Face's TextStreamer.end() and llama.cpp print them."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
         printed = self._tokenizer.decode(self._ids[self._prefix : self._read])
         text = self._tokenizer.decode(self._ids[self._prefix :])
-        if text.endswith("\ufffd") or len(text) <= len(printed):
+        if len(text) <= len(printed) or text.endswith("\ufffd") and not final:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(printed) :]
