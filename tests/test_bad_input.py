@@ -107,6 +107,25 @@ def test_tensor_of_the_wrong_dtype(source, tmp_path):
     _convert_fails(src, tmp_path / "out", name, "dtype int32")
 
 
+@pytest.mark.parametrize("name, index, value, bits", [
+    ("model.layers.0.self_attn.q_proj.weight", (3, 5), np.nan, "4"),       # quantised resident
+    ("model.layers.2.mlp.experts.1.gate_proj.weight", (0, 7), np.inf, "4"),  # quantised expert
+    ("model.layers.1.input_layernorm.weight", (9,), np.nan, "4"),           # kept in float
+    ("model.layers.2.mlp.experts.1.gate_proj.weight", (2, 0), -np.inf, "none"),  # expert kept in float
+])
+def test_non_finite_weight_is_refused_by_tensor_and_index(source, tmp_path, name, index, value, bits):
+    src = _copy(source, tmp_path / "src")
+
+    def poison(t):
+        t[name] = t[name].copy()
+        t[name][index] = value
+    _edit_tensors(src, poison)
+    (tmp_path / "out").mkdir()
+    line = _convert_fails(src, tmp_path / "out", f"model.safetensors: tensor {name!r}: {np.float32(value)} at index "
+                          f"{list(index)}", "must be finite", extra=("--bits", bits))
+    assert "Traceback" not in line
+
+
 def test_shard_truncated_by_one_byte(source, tmp_path):
     src = _copy(source, tmp_path / "src")
     shard = src / "model.safetensors"

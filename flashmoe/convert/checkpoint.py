@@ -44,7 +44,7 @@ from flashmoe.convert import fp8, tiktoken_vocab
 from flashmoe.format.manifest import MANIFEST, RESIDENT, ExpertLayout, ExpertPart, Manifest, QuantSpec
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.policy import KEEP, QUANT_8BIT, QUANT_FLOAT, ROUTER_QUANT, QuantPolicy, quant_class
-from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor
+from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor, first_non_finite
 from flashmoe.format.safetensors_io import SafetensorsFile
 from flashmoe.format.writer import ExpertFileWriter, ModelDirWriter, write_model_dir
 
@@ -323,6 +323,8 @@ class _Conversion:
         is_mxfp4_part = array.dtype == np.uint8 and name.endswith(("_blocks", "_scales"))  # gpt-oss experts
         if not (is_quant_part or is_mxfp4_part) and array.dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"{where}: dtype {array.dtype} is not float32, float16 or bfloat16")
+        if array.dtype in _FLOAT_DTYPES:
+            check_finite(array, where)
         if self.layout == HF and is_quant_part:
             raise CheckpointError(f"{where}: quantised tensor in a float checkpoint (only MLX quantisation is read)")
         for cname, a in to_canonical(name, array, self.cfg, self.layout):
@@ -507,6 +509,16 @@ class _Conversion:
         if (missing := experts.writer.first_missing()) is not None:
             raise CheckpointError(f"{self.ckpt.root}: missing tensor for "
                                   f"layers.{layer}.mlp.experts.{missing[0]}.{missing[1]} (canonical name)")
+
+
+def check_finite(array: np.ndarray, where: str) -> None:
+    """Raise CheckpointError naming `where` (file and tensor) and the first NaN/infinity's index: such a weight
+    cannot be quantised (its group's scale would be NaN) and, kept in float, makes every logit NaN."""
+    index = first_non_finite(array)
+    if index is not None:
+        value = np.asarray(array[index]).astype(np.float32)
+        raise CheckpointError(f"{where}: {value} at index {list(index)} (the weights must be finite; the "
+                              "checkpoint is damaged or was saved after training diverged)")
 
 
 def _mlx_quant_part(cname: str, a: np.ndarray) -> str | None:

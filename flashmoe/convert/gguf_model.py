@@ -34,6 +34,7 @@ from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import FAMILIES, MODEL_TYPES, Family
 from flashmoe.arch.gguf_names import EXPERT_BIAS_NAMES, EXPERT_NAMES, FUSED_BEFORE, NORM_TOPK, gguf_tensor_name
 from flashmoe.arch.tensors import EXPERT_PROJS, LM_HEAD, resident_shapes
+from flashmoe.convert.checkpoint import check_finite
 from flashmoe.convert.gguf import GGUFModel, GGUFTensor
 from flashmoe.convert.gguf_layouts import gguf_layout, source_name
 from flashmoe.convert.gguf_quants import AFFINE, FLOATS, MXFP4_TYPE, affine_tensor, float_tensor, mxfp4_tensor
@@ -304,7 +305,9 @@ class _Import:
         """The stored form of `raw` (all of tensor t, or one routed expert of it): module docstring."""
         kind, where = t.type.name, f"{t.path}: tensor {t.name!r}"
         if kind in FLOATS:
-            return float_tensor(raw, kind)
+            values = float_tensor(raw, kind)
+            check_finite(values, where)
+            return values
         if kind == MXFP4_TYPE:
             if not expert:
                 raise CheckpointError(f"{where}: GGML type MXFP4 outside the routed experts; flashmoe stores "

@@ -132,6 +132,18 @@ def _quantize_rows(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarra
     return q.reshape(rows, n), scale, bias
 
 
+def first_non_finite(w: np.ndarray) -> tuple[int, ...] | None:
+    """The index of `w`'s first NaN or infinity (C order), or None where every value is finite. Reads `w`
+    (float, any shape, possibly memory-mapped) in chunks of ~16M values, so a large tensor costs no copy."""
+    flat = w.reshape(-1)
+    for start in range(0, flat.size, _CHUNK_ELEMENTS):
+        chunk = flat[start : start + _CHUNK_ELEMENTS]
+        bad = np.flatnonzero(~np.isfinite(chunk))
+        if bad.size:
+            return tuple(int(i) for i in np.unravel_index(start + int(bad[0]), w.shape))
+    return None
+
+
 def quantize(w: np.ndarray, bits: int = 4, group_size: int = 64) -> QuantizedTensor:
     """Quantise a float tensor ``[..., out, in]`` exactly as ``mlx.core.quantize(w, group_size, bits)``.
 
