@@ -28,6 +28,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        from flashmoe import __version__
+
+        typer.echo(f"flashmoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print flashmoe's version and exit.")) -> None:
+    """Options before the command. typer has no version option of its own; this is its documented recipe."""
+
+
 class _Command(typer.core.TyperCommand):
     """A command whose help shows flags as flags: typer's rich help prints a flag's type after it
     (`--stats <bool>`), which reads as if the flag took a value."""
