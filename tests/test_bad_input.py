@@ -170,6 +170,11 @@ def test_source_directory_that_does_not_exist(tmp_path):
     _convert_fails(tmp_path / "nowhere", tmp_path / "out", "nowhere", "no such directory")
 
 
+def test_an_output_directory_inside_the_source_is_refused_without_force_too(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    _convert_fails(src, src, f"error: {src / 'dst'}: is inside the source {src}; choose another output directory")
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -181,6 +186,8 @@ def _tree(root: Path) -> dict[str, bytes]:
     ("work", "src", "is the source"),
     ("work/precious", "../src", "is the source"),
     ("work", ".", "contains the source"),
+    ("work", "src/out", "error: src/out: is inside the source src; choose another output directory"),
+    ("work", "src/new/out", "error: src/new/out: is inside the source src; choose another output directory"),
 ])
 def test_force_refuses_a_destination_it_would_destroy(source, tmp_path, monkeypatch, cwd, dst, message):
     """--force replaces only an empty directory or a flashmoe model directory; it never deletes the source,

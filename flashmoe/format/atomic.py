@@ -53,14 +53,17 @@ def check_output_dir(dst: str | Path, force: bool, source: str | Path | None = N
     """Raise FlashMoeError, before any work is done, unless model directory `dst` may be written.
 
     dst may be absent; with force it may also be an empty directory or a flashmoe model directory (it holds
-    flashmoe.json), which is then replaced. Refused even with force: dst is `source` or contains it, dst is
-    the current directory or contains it, dst is a file or a directory holding anything else, since --force
-    would delete what the user meant to keep.
+    flashmoe.json), which is then replaced. Refused even with force: dst is `source`, contains it or lies
+    inside it (the converter would write into the tree it reads), dst is the current directory or contains
+    it, dst is a file or a directory holding anything else, since --force would delete what the user meant
+    to keep.
     """
     dst = Path(dst)
+    where = dst.resolve()
+    if source is not None and Path(source).is_dir() and Path(source).resolve() in where.parents:
+        raise FlashMoeError(f"{dst}: is inside the source {source}; choose another output directory")
     if not dst.exists() and not dst.is_symlink():
         return
-    where = dst.resolve()
     guarded = [(Path.cwd().resolve(), "the current directory")]
     if source is not None:
         guarded.insert(0, (Path(source).resolve(), f"the source {source}"))
