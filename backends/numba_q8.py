@@ -85,40 +85,50 @@ if numba is not None:
         r = np.int32(min(whole + np.floor(np.float32(2.0) * (a - whole)), np.float32(127.0)))
         return r if s >= 0 else -r
 
+    @njit(fastmath=FASTMATH, inline="always")
+    def _quantize_row(x, block, codes, d, xsum):
+        """One token's codes (natural order), block scales and group sums; ``block`` a literal (32 or 16), so
+        the loops vectorise. Block maxima are taken on the bits (|x| as uint32 orders like the float, and a
+        NaN stays the largest)."""
+        bits = x.view(np.uint32)
+        bpg = d.shape[0] // xsum.shape[0]
+        xsum[:] = 0.0
+        for b in range(d.shape[0]):
+            m = np.uint32(0)
+            for i in range(b * block, b * block + block):
+                m = max(m, bits[i] & np.uint32(0x7FFFFFFF))
+            d[b] = u32_as_f32(m) / np.float32(127.0)
+            inv = np.float32(1.0) / d[b] if m != 0 else np.float32(0.0)
+            total = np.int32(0)
+            for i in range(b * block, b * block + block):
+                c = _q8_code(x[i], inv)
+                codes[i] = np.int8(c)
+                total += c
+            xsum[b // bpg] += d[b] * np.float32(total)
+
     @njit(fastmath=FASTMATH, cache=True)
     def quantize_q8(x, block, paired, xq, d, xsum):
         """x float32 [T, n] -> xq int8 [T, n] (natural or paired order), d float32 [T, n / block] and the
         group sums of the dequantised activations xsum [T, n / group_size] (sum_b d_b * sum(xq_b)), rounding
-        exactly as flashmoe.reference.q8.quantize_q8. Block maxima are taken on the bits (|x| as uint32
-        orders like the float, and a NaN stays the largest), so that loop vectorises too."""
-        T, n = x.shape
-        nb = n // block
-        bpg = nb // xsum.shape[1]
-        inv = np.empty(nb, np.float32)
-        codes = np.empty(n, np.int8)
-        for t in range(T):
-            bits = x[t].view(np.uint32)
-            xsum[t, :] = 0.0
-            for b in range(nb):
-                m = np.uint32(0)
-                for i in range(b * block, b * block + block):
-                    m = max(m, bits[i] & np.uint32(0x7FFFFFFF))
-                d[t, b] = u32_as_f32(m) / np.float32(127.0)
-                inv[b] = np.float32(1.0) / d[t, b] if m != 0 else np.float32(0.0)
-            for b in range(nb):
-                total = np.int32(0)
-                for i in range(b * block, b * block + block):
-                    c = _q8_code(x[t, i], inv[b])
-                    codes[i] = np.int8(c)
-                    total += c
-                xsum[t, b // bpg] += d[t, b] * np.float32(total)
-            if paired:  # in each run of 64: its 32 even positions, then its 32 odd ones
-                for r in range(0, n, 64):
-                    for i in range(32):
-                        xq[t, r + i] = codes[r + 2 * i]
-                        xq[t, r + 32 + i] = codes[r + 2 * i + 1]
+        exactly as flashmoe.reference.q8.quantize_q8. Paired order is made from the natural codes read as
+        uint16 pairs (even code in the low byte), so that loop vectorises too."""
+        codes = np.empty(x.shape[1], np.int8)
+        pairs = codes.view(np.uint16)
+        out = xq.view(np.uint8)
+        for t in range(x.shape[0]):
+            if block == 32:
+                _quantize_row(x[t], 32, codes if paired else xq[t], d[t], xsum[t])
+            elif block == 16:
+                _quantize_row(x[t], 16, codes if paired else xq[t], d[t], xsum[t])
             else:
-                xq[t, :] = codes
+                _quantize_row(x[t], block, codes if paired else xq[t], d[t], xsum[t])
+            if paired:  # in each run of 64: its 32 even positions, then its 32 odd ones
+                o = out[t]
+                for r in range(0, x.shape[1], 64):
+                    lo, hi, pr = o[r : r + 32], o[r + 32 : r + 64], pairs[r // 2 : r // 2 + 32]
+                    for i in range(32):
+                        lo[i] = np.uint8(pr[i] & np.uint16(0xFF))
+                        hi[i] = np.uint8(pr[i] >> np.uint16(8))
 
     @njit(inline="always")
     def _plain_row_dot(wrow, xq, cb, bits):
@@ -145,27 +155,30 @@ if numba is not None:
         return acc
 
     @njit(fastmath=FASTMATH, inline="always")
-    def _row_scales_fixed(srow, brow, d, xsum, cb, bpg):
+    def _row_scales_fixed(srow, brow, d, xsum, cb, bpg, with_bias):
         bias = np.float32(0.0)
         for g in range(srow.shape[0]):
             s = widen(srow[g])
             for i in range(bpg):
                 cb[g * bpg + i] = d[g * bpg + i] * s
-            bias += widen(brow[g]) * xsum[g]
+            if with_bias:
+                bias += widen(brow[g]) * xsum[g]
         return bias
 
     @njit(fastmath=FASTMATH, inline="always")
-    def _row_scales(srow, brow, d, xsum, cb):
-        """cb[b] = d_b * scale_g(b) for one row; returns its bias term sum_g bias_g * xsum_g. Blocks per
-        group as a literal (group 32, 64, 128), so the loops vectorise."""
+    def _row_scales(srow, brow, d, xsum, cb, with_bias):
+        """cb[b] = d_b * scale_g(b) for one row and token (one float32 product each); returns the bias term
+        sum_g bias_g * xsum_g summed in this loop when ``with_bias`` (a literal), else 0 (the x86 4-bit and
+        units rows add _bias's sum: each path keeps the order of sums its recorded outputs were made with).
+        Blocks per group as a literal (group 32, 64, 128), so the loops vectorise."""
         bpg = cb.shape[0] // srow.shape[0]
         if bpg == 2:
-            return _row_scales_fixed(srow, brow, d, xsum, cb, 2)
+            return _row_scales_fixed(srow, brow, d, xsum, cb, 2, with_bias)
         if bpg == 1:
-            return _row_scales_fixed(srow, brow, d, xsum, cb, 1)
+            return _row_scales_fixed(srow, brow, d, xsum, cb, 1, with_bias)
         if bpg == 4:
-            return _row_scales_fixed(srow, brow, d, xsum, cb, 4)
-        return _row_scales_fixed(srow, brow, d, xsum, cb, bpg)
+            return _row_scales_fixed(srow, brow, d, xsum, cb, 4, with_bias)
+        return _row_scales_fixed(srow, brow, d, xsum, cb, bpg, with_bias)
 
     @njit(fastmath=FASTMATH, inline="always")
     def _bias(brow, xsum):
@@ -201,7 +214,7 @@ if numba is not None:
         """One affine output row, inputs in natural order: the integer block dots scaled by d_b * scale_g
         (formed per row in the scratch cb), plus the bias term; 8-bit codes in blocks of 32 by the x86 8-bit
         row kernel where it exists (the portable loop's scales and order of sums), else the portable loop."""
-        bias = _row_scales(srow, brow, d, xsum, cb)
+        bias = _row_scales(srow, brow, d, xsum, cb, True)
         if X86_BYTES and bits == 8 and xq.shape[0] == 32 * cb.shape[0]:
             return q8w_row_dot(wrow, xq, cb) + bias
         return _plain_row_dot(wrow, xq, cb, bits) + bias
@@ -244,8 +257,12 @@ if numba is not None:
         row_dot = kernels[0]
         if srow.dtype == types.uint8:
             return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: row_dot(wrow, xq, d, srow, HALF_SCALE_VALUES)
-        return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: (
-            row_dot(wrow, xq, d, srow, _group_shift(srow, d)) + _bias(brow, xsum))
+
+        def affine(wrow, srow, brow, xq, d, xsum, cb, bits, row):
+            _row_scales(srow, brow, d, xsum, cb, False)
+            return row_dot(wrow, xq, cb, srow, 0) + _bias(brow, xsum)
+
+        return affine
 
     @overload(_tile, inline="always")
     def _tile_impl(wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row):

@@ -158,8 +158,8 @@ if numba is not None:
 
         def run(p, half):
             w = weights(builder, builder.gep(wp, [at(p, step.bytes)]))
-            s = llvm_ir.Constant(llvm_ir.VectorType(_f32, step.blocks), None)
-            for lane in range(step.blocks):
+            s = None if block_scale is None else llvm_ir.Constant(llvm_ir.VectorType(_f32, step.blocks), None)
+            for lane in range(0 if block_scale is None else step.blocks):
                 b = builder.add(at(p, step.blocks), llvm_ir.Constant(_i64, lane))
                 s = builder.insert_element(s, block_scale(b), llvm_ir.Constant(_i32, lane))
             for xp, dp, acc in zip(xps, dps, accs):
@@ -201,11 +201,13 @@ if numba is not None:
         n = v.type.count
         return builder.shuffle_vector(v, v, _lanes(*(lane * n // 8 for lane in range(8))))
 
-    def row_kernels(step, block_scale, weights, step_dot, fma_terms):
+    def row_kernels(step, block_scale, weights, step_dot, fma_terms, coefficients=False):
         """The two intrinsics of one row format, both row_dots (whose arguments the last four are):
 
         row_dot(words, xq, d, srow, extra) -> float32: one row (words uint32, srow its scales) with one token
-        (xq int8 [in] in the format's order, d float32 [blocks]): decode.
+        (xq int8 [in] in the format's order, d float32 [blocks]): decode. With ``coefficients`` (affine rows)
+        d holds each block's d_b * scale_g(b) instead, formed by the caller in a vectorised pass (numba_q8),
+        and the loop reads no scale (srow and extra unused).
         tile_dot(words, xq, d, srow, extra, t0, out): out[i] = row_dot with token t0 + i for i <
         Q8_TILE_TOKENS (xq int8 [T, in], d float32 [T, blocks], both C-contiguous; out float32
         [Q8_TILE_TOKENS]): prefill, one pass over the row's codes for the whole tile.
@@ -217,10 +219,14 @@ if numba is not None:
         def arg(context, builder, t, v):
             return context.make_array(t)(context, builder, value=v) if isinstance(t, types.Array) else v
 
-        def dots(context, builder, signature, args, xs, ds, n_blocks):
-            """row_dots of the row (arguments 0, 3, 4: words, srow, extra) with the tokens xs, ds."""
+        def dots(context, builder, signature, args, xs, ds, n_blocks, scaled=True):
+            """row_dots of the row (arguments 0, 3, 4: words, srow, extra) with the tokens xs, ds (scaled:
+            ds are activation scales, else coefficients)."""
             w, srow, extra = (arg(context, builder, signature.args[i], args[i]) for i in (0, 3, 4))
             n_steps = builder.lshr(n_blocks, llvm_ir.Constant(_i64, step.blocks.bit_length() - 1))
+            if not scaled:
+                return row_dots(builder, w.data, xs, ds, n_steps, step, None, weights, step_dot,
+                                lambda builder, f, c, s: (f, block_lanes(builder, c)))
             return row_dots(builder, w.data, xs, ds, n_steps, step,
                             lambda b: block_scale(builder, signature.args[3], srow, extra, b),
                             weights, step_dot, fma_terms)
@@ -230,7 +236,7 @@ if numba is not None:
             def codegen(context, builder, signature, args):
                 xa, da = (arg(context, builder, signature.args[i], args[i]) for i in (1, 2))
                 n_blocks = cgutils.unpack_tuple(builder, da.shape)[0]
-                return dots(context, builder, signature, args, [xa.data], [da.data], n_blocks)[0]
+                return dots(context, builder, signature, args, [xa.data], [da.data], n_blocks, not coefficients)[0]
 
             return types.float32(words, xq, d, srow, extra), codegen
 
@@ -266,7 +272,7 @@ if numba is not None:
     #: log2(activation blocks per group)), with one token / a tile of tokens (row_kernels).
     q4_row_dot, q4_tile_dot = row_kernels(
         PAIR_STEP, _affine_scale, _load_pair, lambda builder, lohi, xl, xh: pair_products(builder, *lohi, xl, xh),
-        _affine_terms)
+        _affine_terms, coefficients=True)
 
     def _unit_codes(bits):
         """weights() of b-bit units: a unit's 4·b code bytes (MLX's packing: code k at bits b·k.. of the unit,
@@ -308,7 +314,7 @@ if numba is not None:
     #: inputs in natural order (extra: shift = log2(activation blocks per group)); 2 blocks per unit for
     #: groups of 16 (GGUF's Q2_K/Q3_K/Q6_K), whose activation blocks are 16.
     UNIT_KERNELS = {(bits, blocks): row_kernels(RowStep(32, blocks, 4 * bits), _affine_scale, _unit_codes(bits),
-                                                _unit_dot(bits), _affine_terms)
+                                                _unit_dot(bits), _affine_terms, coefficients=True)
                     for bits in UNIT_BITS for blocks in (1, 2)}
 
     def _e2m1_weights(builder, pointer):

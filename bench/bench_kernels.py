@@ -152,7 +152,7 @@ def run(rounds: int, seed: int = 0, threads: int | None = None, only: str | None
                                                                        (3, 16, MOE_INTER, HIDDEN))}
     width_bytes = {name: o * i * b // 8 + o * i // g * 4 for name, (b, g, o, i) in widths.items()}
     width_pools = {name: pool(o, i, width_bytes[name], g, b) for name, (b, g, o, i) in widths.items()
-                   if not only or re.search(only, f"mat-vec {name} cold")}
+                   if not only or any(re.search(only, f"{a} mat-vec {name} cold") for a in ("float", "q8"))}
 
     # name -> (seconds-per-call measurer, bytes per call)
     numba_cases: dict[str, tuple[Cycled, int]] = {}
