@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashmoe.runtime.memory import format_size
+from flashmoe.runtime.memory import format_size, physical_memory_bytes
 from flashmoe.format.manifest import ALIGN
 from flashmoe.runtime.expert_files import aligned_buffer, slot_bytes
 from flashmoe.runtime.store import ExpertStore
@@ -66,12 +66,11 @@ def block_device_info(device: str) -> dict[str, str]:
 
 
 def machine_info() -> dict:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "host": platform.node(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
-        "memory_bytes": mem,
+        "memory_bytes": physical_memory_bytes(),
         "python": platform.python_version(),
     }
 
