@@ -306,7 +306,7 @@ class ExpertFiles:
         """Close every file and mapping. Idempotent. A view that `resident` handed out and that is still
         alive keeps its mapping until it is freed."""
         if self._mapper is not None:
-            self._mapper.shutdown(wait=True)
+            self._mapper.shutdown(wait=True, cancel_futures=True)  # mappings not yet made are not needed
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
