@@ -136,6 +136,26 @@ def test_multi_line_input():
     assert read_message(read) == "a\n\nb"
 
 
+@pytest.mark.parametrize("lines, sent", [(['"""', "first", "", "second"], "first\n\nsecond"),
+                                         (["meow \\", "purr \\"], "meow \npurr ")])
+def test_a_message_left_open_at_the_end_of_input_is_sent_not_dropped(tokenizer, lines, sent):
+    """An unclosed \"\"\" block or a trailing backslash at EOF (a pipe, Ctrl-D): the lines read are the message."""
+    remaining = iter(lines)
+
+    def read_line(prompt: str) -> str:
+        if (line := next(remaining, None)) is None:
+            raise EOFError
+        return line
+
+    out = []
+    run_repl(_chat(tokenizer), read_line=read_line, write=out.append, color=False)
+    assert f"You said {sent!r}" in "".join(out)
+    remaining = iter(['"""'])  # an empty block: nothing to send, the chat just ends
+    out.clear()
+    run_repl(_chat(tokenizer), read_line=read_line, write=out.append, color=False)
+    assert "".join(out) == "flashmoe chat — /help for commands\n\n"
+
+
 def test_repl_commands(tokenizer):
     chat = _chat(tokenizer)
     lines = iter(["hi", "/stats", "/system a cat", "/system", "meow \\", "purr", "/bogus", "/reset", "/stats", "/quit",

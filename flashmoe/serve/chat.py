@@ -139,19 +139,25 @@ def _assistant_message(reply: ParsedOutput) -> dict:
 def read_message(read_line: Callable[[str], str]) -> str:
     """Read one message: continuation lines after a trailing backslash, or a \"\"\" block.
 
-    Raises EOFError at the end of input.
+    The end of input inside a block that was never closed, or after a trailing backslash, ends the message:
+    what was read is sent, not dropped (input from a pipe or file, or Ctrl-D, ends that way). Raises EOFError
+    at the end of input when no line of a message was read.
     """
     line = read_line(">>> ")
-    if line.strip() == '"""':
-        lines = []
-        while (line := read_line("... ")).strip() != '"""':
-            lines.append(line)
-        return "\n".join(lines)
-    lines = []
-    while line.endswith("\\"):
-        lines.append(line[:-1])
-        line = read_line("... ")
-    return "\n".join(lines + [line])
+    block = line.strip() == '"""'
+    lines = [] if block else [line]
+    try:
+        if block:
+            while (line := read_line("... ")).strip() != '"""':
+                lines.append(line)
+        else:
+            while lines[-1].endswith("\\"):
+                lines[-1] = lines[-1][:-1]
+                lines.append(read_line("... "))
+    except EOFError:
+        if not lines:
+            raise
+    return "\n".join(lines)
 
 
 def run_repl(chat: ChatSession, read_line: Callable[[str], str] = input,
