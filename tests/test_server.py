@@ -192,12 +192,24 @@ def test_max_tokens_ends_with_length(client):
 
 
 def test_prompt_plus_max_tokens_beyond_context_is_400_and_the_server_stays_up(served, client):
-    with pytest.raises(openai.BadRequestError, match="context is 512 tokens"):
+    with pytest.raises(openai.BadRequestError, match="context is 512 tokens") as e:
         _chat(client, "echo: hi", max_tokens=600)
-    with pytest.raises(openai.BadRequestError, match="context"):
-        _chat(client, "x " * 600)
+    assert (e.value.body["param"], e.value.body["code"]) == ("max_tokens", "context_length_exceeded")
+    assert "lower max_tokens to at most" in e.value.body["message"]
     assert json.load(urllib.request.urlopen(served[2].url + "/health"))["status"] == "ok"
     assert _chat(client, "echo: still here").choices[0].message.content == "still here"
+
+
+@pytest.mark.parametrize("max_tokens", [None, 10])
+def test_a_prompt_longer_than_the_context_is_400_naming_the_prompt_not_max_tokens(served, client, max_tokens):
+    """Only a shorter prompt fits, whatever max_tokens (given or not): the error names messages (prompt)."""
+    kwargs = {} if max_tokens is None else {"max_tokens": max_tokens}
+    with pytest.raises(openai.BadRequestError, match="which leaves no room for a completion: shorten the prompt") as e:
+        _chat(client, "x " * 600, **kwargs)
+    assert (e.value.body["param"], e.value.body["code"]) == ("messages", "context_length_exceeded")
+    body = json.dumps({"prompt": "x " * 600, **kwargs}).encode()
+    code, payload = _post(served[2].url + "/v1/completions", body)
+    assert (code, payload["error"]["param"], payload["error"]["code"]) == (400, "prompt", "context_length_exceeded")
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:

@@ -33,7 +33,13 @@ from flashmoe.serve.tokenizer import Tokenizer
 
 
 class ContextError(FlashMoeError):
-    """The prompt plus the requested completion does not fit the context."""
+    """The prompt plus the requested completion does not fit the context. `field` is what to change:
+    'prompt' (empty, or too long to leave a token for the completion) or 'max_tokens' (the prompt fits, the
+    completion asked for does not)."""
+
+    def __init__(self, message: str, field: str = "prompt"):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -127,19 +133,21 @@ class Session:
     def check_fits(self, n_prompt: int, max_tokens: int | None) -> int:
         """Return the completion budget: max_tokens, or all the room left when it is None.
 
-        Raises ContextError when the prompt is empty or prompt + max_tokens exceeds the context.
+        Raises ContextError (its `field` says which to change) when the prompt is empty, leaves no room for
+        a completion, or prompt + max_tokens exceeds the context.
         """
         if n_prompt == 0:
             raise ContextError("the prompt is empty after tokenisation")
+        if n_prompt >= self.context:  # whatever max_tokens: only a shorter prompt fits
+            raise ContextError(f"the prompt has {n_prompt} tokens; the context is {self.context} tokens, "
+                               "which leaves no room for a completion: shorten the prompt")
         if max_tokens is None:
-            max_tokens = self.context - n_prompt
-            if max_tokens < 1:
-                raise ContextError(f"the prompt has {n_prompt} tokens; the context is {self.context} tokens, "
-                                   "which leaves no room for a completion")
+            return self.context - n_prompt
         if n_prompt + max_tokens > self.context:
             raise ContextError(f"the context is {self.context} tokens, but {n_prompt + max_tokens} were "
-                               f"requested ({n_prompt} in the prompt, {max_tokens} for the completion); shorten "
-                               "the prompt or lower max_tokens")
+                               f"requested ({n_prompt} in the prompt, {max_tokens} for the completion); lower "
+                               f"max_tokens to at most {self.context - n_prompt} or shorten the prompt",
+                               field="max_tokens")
         return max_tokens
 
     def _rewind(self, prompt_ids: Sequence[int]) -> int:

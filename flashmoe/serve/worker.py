@@ -177,12 +177,14 @@ class Worker:
             raise APIError(400, str(e), param=prompt_param) from None
 
     def budget(self, n_prompt: int, max_tokens: int | None, prompt_param: str) -> int:
-        """The completion budget (Session.check_fits); APIError naming `prompt_param` (the request field that
-        holds the prompt) for an empty prompt, else max_tokens."""
+        """The completion budget (Session.check_fits); APIError (400) naming `prompt_param` (the request field
+        that holds the prompt) for an empty prompt or one too long for the context, else max_tokens; code
+        context_length_exceeded for both overflows, as OpenAI's API answers."""
         try:
             return self.session.check_fits(n_prompt, max_tokens)
         except ContextError as e:
-            raise APIError(400, str(e), param=prompt_param if n_prompt == 0 else "max_tokens") from None
+            raise APIError(400, str(e), param=prompt_param if e.field == "prompt" else "max_tokens",
+                           code="context_length_exceeded" if n_prompt else None) from None
 
     def render(self, chat: Conversation) -> tuple[str, OutputParser | HarmonyParser,
                                                   Callable[[list[int]], int | None]]:
