@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -114,3 +116,13 @@ def test_bad_vocabulary_files_are_named(tmp_path, ranks):
     (tmp_path / "tokenizer_config.json").write_text("{")
     with pytest.raises(FlashMoeError, match="tokenizer_config.json: cannot read"):
         tokenizer_json_for(tmp_path, "kimi_k2")
+
+
+def test_building_the_tokenizer_without_torch_prints_nothing_of_transformers():
+    """transformers imported without torch logs "PyTorch was not found ..."; building a vocabulary needs no
+    torch, so `flashmoe convert` must not print it. A fresh process: this one has imported transformers."""
+    code = ("import sys; sys.modules['torch'] = None  # as where torch is not installed\n"
+            "from flashmoe.convert.tiktoken_vocab import bpe_from_ranks\n"
+            "print(bpe_from_ranks({b'a': 0, b'b': 1, b'ab': 2}, r'\\w+', ['<|end|>']).encode('ab<|end|>').ids)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "[2, 3]\n", "")

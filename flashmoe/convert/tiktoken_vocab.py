@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -29,11 +30,17 @@ def bpe_from_ranks(ranks: dict[bytes, int], pattern: str, specials: list[str]) -
 
     Raises FlashMoeError when transformers is not installed, or the ranks are not 0..len-1.
     """
+    # Importing transformers without torch logs "PyTorch was not found. Models won't be available ...": true,
+    # and beside the point here (the converter needs no model class), so the notice is dropped while importing.
+    transformers_log, drop = logging.getLogger("transformers"), lambda record: False
+    transformers_log.addFilter(drop)
     try:
         from transformers.convert_slow_tokenizer import TikTokenConverter
     except ImportError as e:
         raise FlashMoeError(f"building a tokenizer.json from tiktoken ranks needs the 'transformers' package "
                             f"(pip install transformers): {e}") from None
+    finally:
+        transformers_log.removeFilter(drop)
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise FlashMoeError("tiktoken ranks must be the ids 0..n-1, each once")
 
