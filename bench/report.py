@@ -79,8 +79,9 @@ def _decode_tables(result: dict) -> list[str]:
         for name, p in run["passes"].items():
             c = p.get("ceiling", {})
             other = p["ms_per_layer"] - p["compute_ms_per_layer"] - p["io_wait_ms_per_layer"]
+            mark = " ⚠" if name == "cold" and _cold_faster_than_warm(run) else ""
             lines.append(
-                f"| {run_label(run)} | {name} | {p['tok_s']:.3f} | {p['ms_per_token']:.0f} | "
+                f"| {run_label(run)} | {name} | {p['tok_s']:.3f}{mark} | {p['ms_per_token']:.0f} | "
                 f"{p['ms_per_layer']:.1f} ({p['compute_ms_per_layer']:.1f} + {p['io_wait_ms_per_layer']:.1f} + "
                 f"{other:.1f}) | {p['lm_head_ms_per_token']:.0f} | {p['bytes_read_per_token'] / GB:.3f} "
                 f"({p['disk_bytes_per_token'] / GB:.3f}) | {p['achieved_gb_s']:.2f} | "
@@ -88,6 +89,7 @@ def _decode_tables(result: dict) -> list[str]:
                 f"{_f(c.get('disk_bound_tok_s'))} | {_f(c.get('bound_ms'), '.0f')} | {_f(c.get('time_over_bound'))} | "
                 f"{_f(c.get('time_over_reference_bound'))} | "
                 f"{'–'.join(f'{x:.1f}' for x in run.get('loadavg_1min', []))} |")
+    lines += _cold_faster_warnings(result["runs"])
     lines += [
         "",
         "Reading the table: runs labelled `no cap` are the uncapped pagecache reference (its warm pass has every "
@@ -98,6 +100,27 @@ def _decode_tables(result: dict) -> list[str]:
         "time); time ÷ bound = 1.00 when I/O and compute fully overlap. time ÷ reference bound uses the reference's "
         "warm time instead of the pass's own compute (below 1 when the load changed between the runs).",
     ]
+    return lines
+
+
+def _cold_faster_than_warm(run: dict) -> bool:
+    passes = run["passes"]
+    return "cold" in passes and "warm" in passes and passes["cold"]["tok_s"] > passes["warm"]["tok_s"]
+
+
+def _cold_faster_warnings(runs: list[dict]) -> list[str]:
+    """A warning under the table for each run whose cold pass came out faster than its warm pass (marked ⚠ in
+    the table): the warm pass repeats the same tokens with more of them in memory, so it cannot be slower
+    unless the machine got busier, and a cold pass that fast may not have read from disk at all."""
+    lines = []
+    for run in runs:
+        if _cold_faster_than_warm(run):
+            cold, warm = run["passes"]["cold"]["tok_s"], run["passes"]["warm"]["tok_s"]
+            load = "–".join(f"{x:.1f}" for x in run.get("loadavg_1min", [])) or "not recorded"
+            lines += ["", f"⚠ warning: {run_label(run)}: the cold pass ({cold:.3f} tok/s) came out faster than the "
+                      f"warm pass ({warm:.3f} tok/s), which repeats its tokens with more in memory: the machine "
+                      f"was loaded (1-minute load average {load}) or the cold pass was not cold (the expert files "
+                      "stayed in the page cache). Neither pass measures what its name says; rerun on an idle machine."]
     return lines
 
 

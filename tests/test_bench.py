@@ -178,3 +178,28 @@ def test_cuda_kernel_table_names_each_kernel_whole():
     cutlass = ("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm_64x64_16x6_tn_align4>(cutlass_80_tensorop_"
                "s1688gemm_64x64_16x6_tn_align4::Params)")
     assert _kernel_name(copy) == copy and _kernel_name(cutlass) == cutlass
+
+
+def _bench_pass(tok_s: float) -> dict:
+    return {"tok_s": tok_s, "ms_per_token": 1e3 / tok_s, "ms_per_layer": 10.0, "compute_ms_per_layer": 6.0,
+            "io_wait_ms_per_layer": 3.0, "lm_head_ms_per_token": 1.0, "bytes_read_per_token": 1e8,
+            "disk_bytes_per_token": 1e8, "achieved_gb_s": 1.0, "hit_rate": None}
+
+
+@pytest.mark.parametrize("cold, warm, warned", [(5.0, 4.0, True), (4.0, 5.0, False), (4.0, 4.0, False)])
+def test_the_table_warns_when_the_cold_pass_comes_out_faster_than_the_warm_pass(cold, warm, warned):
+    from flashmoe.bench.report import markdown
+
+    result = {"machine": {"cpus": 2, "memory_bytes": 8 << 30, "kernel": "6.1"},
+              "model": {"dir": "m", "description": "tiny", "expert_file_bytes": 1e9, "moe_layers": 4,
+                        "resident_bytes": 1e8},
+              "disk": {"filesystem": {"device": "/dev/x", "fstype": "ext4"}, "store": []},
+              "runs": [{"io": "pagecache", "k": 2, "compute_threads": 1, "max_memory": None, "peak_rss_bytes": 1 << 30,
+                        "loadavg_1min": [3.5, 7.25], "passes": {"cold": _bench_pass(cold), "warm": _bench_pass(warm)}}]}
+    text = markdown(result)
+    assert ("| pagecache k=2 t=1 no cap | cold | 5.000 ⚠ |" in text) is warned
+    warning = ("⚠ warning: pagecache k=2 t=1 no cap: the cold pass (5.000 tok/s) came out faster than the warm pass "
+               "(4.000 tok/s), which repeats its tokens with more in memory: the machine was loaded (1-minute load "
+               "average 3.5–7.2) or the cold pass was not cold (the expert files stayed in the page cache). Neither "
+               "pass measures what its name says; rerun on an idle machine.")
+    assert (warning in text) is warned and ("⚠" in text) is warned
