@@ -168,6 +168,7 @@ def test_a_budget_above_the_machines_memory_is_refused_before_loading(monkeypatc
     from flashmoe.runtime.load import load_engine
 
     monkeypatch.setattr(memory, "physical_memory_bytes", lambda: 16 << 30)
+    monkeypatch.setattr(memory, "cgroup_memory_limit_bytes", lambda: None)
     with pytest.raises(MemoryBudgetError) as e:
         load_engine(None, backend="numpy", max_memory="1T")
     assert str(e.value) == ("--max-memory 1.00 TiB is more than this machine's memory (16.00 GiB): the budget could "
@@ -176,3 +177,52 @@ def test_a_budget_above_the_machines_memory_is_refused_before_loading(monkeypatc
     memory.check_budget_fits_machine(16 << 30)  # all of it: a budget, if a tight one
     with pytest.raises(MemoryBudgetError, match="more than this machine's memory"):
         memory.check_budget_fits_machine((16 << 30) + 1)
+
+
+def _cgroups(root, proc_lines: list[str], files: dict[str, str]):
+    """A fake /sys/fs/cgroup under `root` holding `files` (path -> content) and a /proc/self/cgroup."""
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text + "\n")
+    proc = root / "proc-self-cgroup"
+    proc.write_text("\n".join(proc_lines) + "\n")
+    return root, proc
+
+
+@pytest.mark.parametrize("proc_lines, files, limit", [
+    # cgroup v2: the process's own cgroup, the smaller limit of a parent, 'max' for none
+    (["0::/user.slice/job"], {"user.slice/job/memory.max": "4294967296", "user.slice/memory.max": "max"}, 4 << 30),
+    (["0::/user.slice/job"], {"user.slice/job/memory.max": "max", "user.slice/memory.max": "2147483648"}, 2 << 30),
+    (["0::/"], {"memory.max": "max"}, None),
+    # a container: /proc/self/cgroup names a path of the host that is not under the container's mount
+    (["0::/docker/abc"], {"memory.max": "1073741824"}, 1 << 30),
+    # cgroup v1 (hybrid: the v2 line has no memory controller)
+    (["4:memory:/process_api/x", "1:cpu,cpuacct:/", "0::/"],
+     {"memory/process_api/x/memory.limit_in_bytes": "3221225472", "memory/memory.limit_in_bytes": "9223372036854771712",
+      "cpu/memory.limit_in_bytes": "1"}, 3 << 30),
+    ([], {}, None),
+])
+def test_the_cgroup_memory_limit_is_read_for_v1_and_v2(tmp_path, proc_lines, files, limit):
+    from flashmoe.runtime.memory import cgroup_memory_limit_bytes
+
+    assert cgroup_memory_limit_bytes(*_cgroups(tmp_path, proc_lines, files)) == limit
+    assert cgroup_memory_limit_bytes(tmp_path, tmp_path / "missing") is None  # no cgroups (macOS)
+
+
+def test_a_budget_above_the_containers_cgroup_limit_is_refused_as_above_the_machines_memory(monkeypatch):
+    """In a 4 GiB container on a 16 GiB host, --max-memory 8G cannot be kept either: refused the same way."""
+    import flashmoe.runtime.memory as memory
+    from flashmoe.runtime.load import load_engine
+
+    monkeypatch.setattr(memory, "physical_memory_bytes", lambda: 16 << 30)
+    monkeypatch.setattr(memory, "cgroup_memory_limit_bytes", lambda: 4 << 30)
+    with pytest.raises(MemoryBudgetError) as e:
+        load_engine(None, backend="numpy", max_memory="8G")
+    assert str(e.value) == ("--max-memory 8.00 GiB is more than this container's memory limit (cgroup) (4.00 GiB): the "
+                            "budget could not be kept (the expert cache it sizes would be swapped out, or the process "
+                            "killed); give less than 4.00 GiB, or leave --max-memory out for no budget")
+    memory.check_budget_fits_machine(4 << 30)
+    assert memory.memory_limit() == (4 << 30, "this container's memory limit (cgroup)")
+    assert memory.available_memory_bytes() <= 4 << 30
+    monkeypatch.setattr(memory, "cgroup_memory_limit_bytes", lambda: 32 << 30)  # a limit above the machine's
+    assert memory.memory_limit() == (16 << 30, "this machine's memory")

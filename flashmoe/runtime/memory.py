@@ -12,6 +12,7 @@ import re
 import resource
 import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from flashmoe.errors import FlashMoeError, MemoryBudgetError
 
@@ -117,29 +118,74 @@ def physical_memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def cgroup_memory_limit_bytes(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
+                              ) -> int | None:
+    """The memory limit of this process's cgroup in bytes (a container's `docker --memory`, a systemd unit's
+    MemoryMax), or None where there is none, or no cgroups (macOS).
+
+    cgroup v2: `memory.max` ('max' is no limit) of the cgroup named by the `0::PATH` line of `proc_cgroup`,
+    under `root`; cgroup v1: `memory.limit_in_bytes` of the memory controller's cgroup, under `root`/memory.
+    The cgroups above it count too (a parent's limit bounds its children): the smallest limit applies. In a
+    container the process's cgroup is the root of the mount, so the root's own file is read as well. cgroup
+    v1 writes "no limit" as a number near 2**63, returned as it is (more than any machine has).
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for hierarchy, controllers, path in (line.split(":", 2) for line in lines if line.count(":") >= 2):
+        if hierarchy == "0" and not controllers:
+            mount, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            mount, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        cgroup = mount / path.lstrip("/")
+        for directory in (d for d in (cgroup, *cgroup.parents) if d.is_relative_to(mount)):
+            try:
+                value = (directory / name).read_text().strip()
+            except OSError:  # not under this mount (a container's own view), or no memory controller there
+                continue
+            if value.isdigit():
+                limits.append(int(value))
+    return min(limits, default=None)
+
+
+def memory_limit() -> tuple[int, str]:
+    """The most memory this process can have, in bytes, and what sets it: this machine's physical memory,
+    or the cgroup limit of the container or unit it runs in where that is smaller."""
+    physical, cgroup = physical_memory_bytes(), cgroup_memory_limit_bytes()
+    if cgroup is not None and cgroup < physical:
+        return cgroup, "this container's memory limit (cgroup)"
+    return physical, "this machine's memory"
+
+
 def available_memory_bytes() -> int:
     """Memory this machine can give a process now, in bytes: Linux's MemAvailable (/proc/meminfo), else the
-    physical memory, which bounds it from above."""
+    physical memory, which bounds it from above; never more than the cgroup limit (memory_limit)."""
+    limit, _ = memory_limit()
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return min(int(line.split()[1]) * 1024, limit)
     except FileNotFoundError:
         pass
-    return physical_memory_bytes()
+    return limit
 
 
 def check_budget_fits_machine(max_bytes: int) -> None:
-    """Refuse a `--max-memory` above this machine's physical memory: such a budget cannot be kept (the
-    expert cache it sizes would be swapped out, or the process killed), so it is a mistake rather than a limit,
-    as vLLM refuses a swap space beyond the machine's memory. Raises MemoryBudgetError."""
-    physical = physical_memory_bytes()
-    if max_bytes > physical:
+    """Refuse a `--max-memory` above this machine's physical memory, or above the cgroup limit of the container
+    it runs in (memory_limit): such a budget cannot be kept (the expert cache it sizes would be swapped out,
+    or the process killed), so it is a mistake rather than a limit, as vLLM refuses a swap space beyond the
+    machine's memory. Raises MemoryBudgetError."""
+    limit, what = memory_limit()
+    if max_bytes > limit:
         raise MemoryBudgetError(
-            f"--max-memory {format_size(max_bytes)} is more than this machine's memory ({format_size(physical)}): "
+            f"--max-memory {format_size(max_bytes)} is more than {what} ({format_size(limit)}): "
             "the budget could not be kept (the expert cache it sizes would be swapped out, or the process "
-            f"killed); give less than {format_size(physical)}, or leave --max-memory out for no budget"
+            f"killed); give less than {format_size(limit)}, or leave --max-memory out for no budget"
         )
 
 
