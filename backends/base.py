@@ -430,6 +430,20 @@ class Backend(ABC):
         backend whose kernels take addresses overrides it to skip building them."""
         return self.experts_ffn(x, [None if b is None else layout.view(b) for b in buffers], weights, keys, act)
 
+    def packed_experts_prefill(self, x: Any, buffers: list, layout: Any, tokens: list, weights: list, y: np.ndarray,
+                               act: ClampedSwiGLU | None = None) -> None:
+        """A prompt's tokens through a batch of experts given as their packed bytes (as
+        :meth:`packed_experts_ffn`, none of them None): ``y[tokens[j]] += weights[j][:, None] *
+        expert_ffn(x[tokens[j]], expert j)`` for each expert j in turn.
+
+        x ``[T, hidden]`` (this backend's array); tokens: per expert int64 ``[n_j]``, the distinct prompt
+        positions routed to it; weights: per expert float32 ``[n_j]``, their router weights; y float32 NumPy
+        ``[T, hidden]``, the layer's sum so far, added to in place. The default runs :meth:`expert_ffn` on the
+        layout's views expert by expert; a backend that can take the batch at once overrides it."""
+        for buf, t, w in zip(buffers, tokens, weights):
+            contrib = self.to_numpy(self.expert_ffn(self.gather_rows(x, t.tolist()), layout.view(buf), act=act))
+            y[t] += contrib * w[:, None]
+
     # -- optional capabilities: a backend that has one overrides its default ------------------------------
     def routed_experts(self, x: Any, router_weight: Any, layer: int, k: int, norm_topk_prob: bool) -> Any | None:
         """One decode token's routed experts without the host choosing them, or None (the default) when this

@@ -65,7 +65,7 @@ else:
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.arch.config import YarnRope
 from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, PackedWeight, check_quantized
-from flashmoe.backends import numba_experts, numba_norms, numba_q8
+from flashmoe.backends import numba_experts, numba_norms, numba_prefill, numba_q8
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, SCALE_KINDS, codes_per_unit,
                                             dequant_rows_permuted, expert_view, fold_groups, gated, permute_input,
                                             stacked_biases, unit_dots)
@@ -504,13 +504,23 @@ class NumbaBackend(Backend):
                            act: ClampedSwiGLU | None = None) -> np.ndarray:
         """As Backend.packed_experts_ffn; a layout the fused kernels take (numba_experts.layout_plan) goes
         to them as the experts' base addresses plus the layout's offsets, with no view per expert."""
-        plan = numba_experts.layout_plan(layout) if all(b is not None for b in buffers) else None
-        base = numba_experts.base_addresses(buffers, layout.nbytes) if plan is not None else None
-        if base is None:
+        found = _layout_tables(buffers, layout)
+        if found is None:
             return super().packed_experts_ffn(x, buffers, layout, weights, keys, act)
-        tables = np.ascontiguousarray((base[:, None, None] + plan.offsets[None]).transpose(1, 0, 2))
+        plan, tables = found
         return self._fused_experts(_f32(x).reshape(1, -1), plan.gate_up, plan.down, tables, _f32(weights),
                                    plan.stacked_biases(buffers), act)
+
+    def packed_experts_prefill(self, x: Any, buffers: list, layout: Any, tokens: list, weights: list, y: np.ndarray,
+                               act: ClampedSwiGLU | None = None) -> None:
+        """As Backend.packed_experts_prefill; with q8 activations and a layout the fused kernels take
+        (numba_experts.layout_plan), the whole batch in four parallel regions (numba_prefill)."""
+        found = _layout_tables(buffers, layout)
+        if found is None or not (self._q8(found[0].gate_up) and self._q8(found[0].down)):
+            return super().packed_experts_prefill(x, buffers, layout, tokens, weights, y, act)
+        plan, tables = found
+        numba_prefill.experts_prefill(_f32(x), plan.gate_up, plan.down, tables, plan.stacked_biases(buffers), tokens,
+                                      weights, _act_array(act), y, _call)
 
     def _fused_experts(self, x: np.ndarray, gate_up, down, tables: np.ndarray, weights: np.ndarray, biases: list,
                        act: ClampedSwiGLU | None = None) -> np.ndarray:
@@ -521,7 +531,7 @@ class NumbaBackend(Backend):
         up and down address tables (words, scales, biases), their memory alive meanwhile; biases: gate's, up's
         and down's float32 [k, out] ([k, 0]: none)."""
         k = tables.shape[1]
-        act = np.empty(0, np.float32) if act is None else np.array([act.limit, act.alpha], np.float32)
+        act = _act_array(act)
         work = k * gate_up.out_features * gate_up.in_features  # per projection: gate, up and down alike
         if self._q8(gate_up):
             h = numba_q8.experts_gate_up(x, gate_up, tables[0], tables[1], biases[0], biases[1], act, _call)
@@ -541,6 +551,23 @@ class NumbaBackend(Backend):
         """Whether weight p (a KernelWeight or numba_experts.FusedFormat) takes q8 activations (q8 mode, and
         flashmoe.reference.q8.uses_q8)."""
         return self.activations == "q8" and uses_q8(p.bits, p.group_size)
+
+
+def _layout_tables(buffers: list, layout: Any) -> tuple[numba_experts.LayoutPlan, np.ndarray] | None:
+    """The LayoutPlan of experts packed by `layout` and their gate, up and down address tables int64
+    [3, k, 3] (the experts' base addresses plus the layout's offsets: no view per expert), or None when the
+    fused kernels cannot take them by address (numba_experts.layout_plan, base_addresses) or one is held
+    elsewhere (None)."""
+    plan = numba_experts.layout_plan(layout) if all(b is not None for b in buffers) else None
+    base = numba_experts.base_addresses(buffers, layout.nbytes) if plan is not None else None
+    if base is None:
+        return None
+    return plan, np.ascontiguousarray((base[:, None, None] + plan.offsets[None]).transpose(1, 0, 2))
+
+
+def _act_array(act: ClampedSwiGLU | None) -> np.ndarray:
+    """The kernels' form of the gated activation (numba_packed.gated): float32 [0] for SwiGLU, [limit, alpha]."""
+    return np.empty(0, np.float32) if act is None else np.array([act.limit, act.alpha], np.float32)
 
 
 def _addresses(ws: list[KernelWeight]) -> np.ndarray:

@@ -56,6 +56,9 @@ from flashmoe.reference.q8 import FP4_DOUBLED, Q8_BLOCK, q8_block
 
 #: 2^(s − 128) for every E8M0 byte s, float32: the scale of MXFP4's doubled E2M1 values (all finite).
 HALF_SCALE_VALUES = np.ldexp(np.float32(1.0), np.arange(256, dtype=np.int32) - SCALE_BIAS - 1).astype(np.float32)
+#: Calls of at least this many tokens (prompts) are quantised with the tokens split across threads; a
+#: 2048-wide token takes a few microseconds, so below this a parallel region's start-up outweighs the split.
+PARALLEL_QUANTIZE_TOKENS = 32
 
 
 def row_kind(bits: int, in_features: int, group_size: int) -> str:
@@ -106,6 +109,23 @@ if numba is not None:
                 total += c
             xsum[b // bpg] += d[b] * np.float32(total)
 
+    @njit(fastmath=FASTMATH, inline="always")
+    def _quantize_token(x, block, paired, xq, d, xsum, codes):
+        """One token's quantize_q8: codes, an int8 scratch [n] for paired order."""
+        if block == 32:
+            _quantize_row(x, 32, codes if paired else xq, d, xsum)
+        elif block == 16:
+            _quantize_row(x, 16, codes if paired else xq, d, xsum)
+        else:
+            _quantize_row(x, block, codes if paired else xq, d, xsum)
+        if paired:  # in each run of 64: its 32 even positions, then its 32 odd ones
+            o, pairs = xq.view(np.uint8), codes.view(np.uint16)
+            for r in range(0, x.shape[0], 64):
+                lo, hi, pr = o[r : r + 32], o[r + 32 : r + 64], pairs[r // 2 : r // 2 + 32]
+                for i in range(32):
+                    lo[i] = np.uint8(pr[i] & np.uint16(0xFF))
+                    hi[i] = np.uint8(pr[i] >> np.uint16(8))
+
     @njit(fastmath=FASTMATH, cache=True)
     def quantize_q8(x, block, paired, xq, d, xsum):
         """x float32 [T, n] -> xq int8 [T, n] (natural or paired order), d float32 [T, n / block] and the
@@ -113,22 +133,14 @@ if numba is not None:
         exactly as flashmoe.reference.q8.quantize_q8. Paired order is made from the natural codes read as
         uint16 pairs (even code in the low byte), so that loop vectorises too."""
         codes = np.empty(x.shape[1], np.int8)
-        pairs = codes.view(np.uint16)
-        out = xq.view(np.uint8)
         for t in range(x.shape[0]):
-            if block == 32:
-                _quantize_row(x[t], 32, codes if paired else xq[t], d[t], xsum[t])
-            elif block == 16:
-                _quantize_row(x[t], 16, codes if paired else xq[t], d[t], xsum[t])
-            else:
-                _quantize_row(x[t], block, codes if paired else xq[t], d[t], xsum[t])
-            if paired:  # in each run of 64: its 32 even positions, then its 32 odd ones
-                o = out[t]
-                for r in range(0, x.shape[1], 64):
-                    lo, hi, pr = o[r : r + 32], o[r + 32 : r + 64], pairs[r // 2 : r // 2 + 32]
-                    for i in range(32):
-                        lo[i] = np.uint8(pr[i] & np.uint16(0xFF))
-                        hi[i] = np.uint8(pr[i] >> np.uint16(8))
+            _quantize_token(x[t], block, paired, xq[t], d[t], xsum[t], codes)
+
+    @njit(parallel=True, fastmath=FASTMATH, cache=True)
+    def quantize_q8_tokens(x, block, paired, xq, d, xsum):
+        """quantize_q8 with the tokens split across threads (a prompt's rows), the same bits."""
+        for t in prange(x.shape[0]):
+            _quantize_token(x[t], block, paired, xq[t], d[t], xsum[t], np.empty(x.shape[1], np.int8))
 
     @njit(inline="always")
     def _plain_row_dot(wrow, xq, cb, bits):
@@ -379,7 +391,8 @@ def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
     xq = np.empty((T, n), np.int8)
     d = np.empty((T, n // block), np.float32)
     xsum = np.empty((T, n // group_size), np.float32)
-    quantize_q8(x, block, row == "paired", xq, d, xsum)
+    kernel = quantize_q8_tokens if T >= PARALLEL_QUANTIZE_TOKENS else quantize_q8
+    kernel(x, block, row == "paired", xq, d, xsum)
     return xq, d, xsum, row
 
 

@@ -102,6 +102,24 @@ def test_experts_with_biases_and_the_clamped_swiglu_take_the_fused_kernels_by_ad
                                                           act=CLAMPED_ACT))
 
 
+@pytest.mark.parametrize("bits,group_size,sdtype,biases", [(4, 64, "bfloat16", False), (MXFP4, 32, "bfloat16", True)])
+def test_a_prompts_experts_in_one_batch_match_the_q8_reference(bits, group_size, sdtype, biases):
+    """packed_experts_prefill (a prompt's experts: numba_prefill's grouped kernels) against the NumPy q8
+    reference expert by expert, with tokens per expert that fill tiles and leave remainders (the row dots
+    are numba_q8's, whose other widths test_numba_q8 covers)."""
+    rng = np.random.default_rng(7)
+    layout, buffers = _packed_experts(rng, 3, bits, group_size, sdtype, biases=biases)
+    x = rng.standard_normal((11, 128)).astype(np.float32)
+    tokens = [np.array(t, np.int64) for t in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [3], [1, 4, 9, 10, 2])]
+    weights = [rng.random(len(t)).astype(np.float32) for t in tokens]
+    y0 = rng.standard_normal((11, 128)).astype(np.float32)
+    act = CLAMPED_ACT if biases else None
+    got, want = y0.copy(), y0.copy()
+    get_backend("numba", "q8").packed_experts_prefill(x, buffers, layout, tokens, weights, got, act=act)
+    get_backend("numpy", "q8").packed_experts_prefill(x, buffers, layout, tokens, weights, want, act=act)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want - y0))
+
+
 def test_packed_experts_shorter_than_their_layout_are_refused_by_the_views():
     layout, buffers = _packed_experts(np.random.default_rng(4), 2, 4, 64, "bfloat16")
     with pytest.raises(ValueError):

@@ -5,8 +5,9 @@ forward pass, the store or generation that alters one byte of these continuation
 it only for a deliberate change of numerics: `python tests/test_demo_greedy.py > tests/data/demo-greedy.json`.
 "numba-q8" is the numba backend with q8 activations (flashmoe.reference.q8), recorded when q8 was added and
 again when q8 came to prefill too (its "KING HENRY." continuation then changed from token 15 on: the prompt's
-prefill had been float; docs/benchmarks.md, "Prefill", measures the quality); the other entries use float
-activations.
+prefill had been float; docs/benchmarks.md, "Prefill", measures the quality), and once more when a prompt's
+experts went to numba_prefill's grouped kernels (the gated activation and the weighted sum in numba, as in
+decode, instead of NumPy: "KING HENRY." from token 15 on); the other entries use float activations.
 """
 
 from __future__ import annotations

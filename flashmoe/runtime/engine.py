@@ -484,11 +484,9 @@ class Engine:
             if n + 1 < len(batches):
                 pending = self.store.fetch(layer, batches[n + 1])
             with self.stats.stage("experts"):
-                for e, buf in zip(batch, buffers):
-                    tokens, slot = np.nonzero(ids == e)
-                    contrib = be.to_numpy(be.expert_ffn(be.gather_rows(x, tokens.tolist()), layout.view(buf),
-                                                        act=self._act))
-                    y[tokens] += contrib * weights[tokens, slot][:, None]
+                routes = [np.nonzero(ids == e) for e in batch]
+                be.packed_experts_prefill(x, buffers, layout, [t for t, _ in routes],
+                                          [weights[t, s] for t, s in routes], y, act=self._act)
             self.store.release(current)
         if self.tracer is not None:
             self.tracer.layer(layer, ids, weights, fetches)
