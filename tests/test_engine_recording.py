@@ -87,3 +87,26 @@ def test_recorded_decode_steps_give_the_eager_logits_and_advance_the_state(model
     be.target = (engine, other)
     np.testing.assert_array_equal(_decode(engine, other), want)
     assert be.attempts == 2 and engine._recording[0] is other
+
+
+def test_the_first_decode_step_collects_garbage_once_per_backend(model, monkeypatch):
+    """After the first eager decode step (its kernels compiled) the engine has CPython make a full
+    collection, once per backend in the process: not after the prompt, not again for later steps or
+    engines, so the collection that compiling makes due does not land in a later, recorded step."""
+    import gc
+
+    from flashmoe.runtime import memory
+
+    calls = []
+    monkeypatch.setattr(memory, "_COLLECTED_FOR", set())
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or 0)
+    engine = load_engine(model, backend="numpy", context=64)
+    state = engine.new_state()
+    engine.forward(np.array(PROMPT), state)
+    assert calls == []
+    engine.forward(np.array(DECODE[:1]), state)
+    assert calls == [()]
+    engine.forward(np.array(DECODE[1:2]), state)
+    again = load_engine(model, backend="numpy", context=64)
+    _decode(again, again.new_state())
+    assert calls == [()]

@@ -36,6 +36,7 @@ from flashmoe.errors import FlashMoeError
 from flashmoe.format.modeldir import ModelDir
 from flashmoe.reference.rope import rope_attention_factor
 from flashmoe.reference.routing import ROUTERS, route, softmax_topk
+from flashmoe.runtime.memory import collect_garbage_once
 from flashmoe.runtime.mla import AbsorbedMLA
 from flashmoe.runtime.placement import ExpertPlacement
 from flashmoe.runtime.stats import Stats
@@ -175,6 +176,8 @@ class Engine:
             if logits is not None:
                 return logits
         logits = self.backend.to_numpy(self._step(ids, state, all_logits))
+        if len(ids) == 1 and not self._decoded:  # the decode kernels are compiled now
+            collect_garbage_once(self.backend.name)
         self._decoded |= len(ids) == 1
         return logits
 

@@ -7,6 +7,7 @@ as in `docker --memory` and cgroup limits: `--max-memory 4G` is the same number 
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import resource
@@ -235,3 +236,21 @@ def window_peak_rss_bytes() -> int:
     except OSError:
         pass
     return current_rss_bytes()
+
+
+_COLLECTED_FOR: set[str] = set()
+
+
+def collect_garbage_once(key: str) -> None:
+    """A full garbage collection now, the first time this process asks for `key` (a backend name); later
+    calls for the same key do nothing. For the moment a backend's decode kernels have just been compiled
+    (Engine, after the first eager decode step). Compiling numba kernels leaves hundreds of thousands of
+    long-lived Python objects, and CPython's next full collection, which walks every one of them, comes
+    once enough of them survived the young generations: soon after, in whatever step is running then. Made
+    here, it lands in a step that already spends about a second compiling, and the next one is due only
+    after the long-lived objects grew by a quarter. (gc.freeze would make later full collections cheap too,
+    but frozen objects are never collected: an engine dropped later, in a reference cycle with its GPU
+    memory, would keep it.) Once per key, not per engine: a test process builds hundreds of engines."""
+    if key not in _COLLECTED_FOR:
+        _COLLECTED_FOR.add(key)
+        gc.collect()
