@@ -203,3 +203,23 @@ def test_force_refuses_a_destination_it_would_destroy(source, tmp_path, monkeypa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("dst, message", [
+    ("afile/out", "error: afile/out: afile is a file, not a folder"),
+    ("afile/out/deeper", "error: afile/out/deeper: afile is a file, not a folder"),
+    ("a" * 300, "File name too long"),
+    ("a" * 250, "the name is too long (250 bytes; at most 241 here, for the temporary name .NAME.tmp-XXXXXXXX"),
+    ("/proc/flashmoe-out", "error: creating /proc/flashmoe-out: "),  # no new directories in /proc
+])
+@pytest.mark.parametrize("command", ["convert", "synth"])
+def test_an_output_directory_that_cannot_be_made_is_one_line(source, tmp_path, monkeypatch, command, dst, message):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("")
+    args = ["convert", str(source), dst] if command == "convert" else ["synth", "--config", str(source / "config.json"),
+                                                                       "--layers", "1", "--group-size", "32", "--out", dst]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert sorted(os.listdir()) == ["afile"]

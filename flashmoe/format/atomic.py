@@ -56,14 +56,18 @@ def check_output_dir(dst: str | Path, force: bool, source: str | Path | None = N
     flashmoe.json), which is then replaced. Refused even with force: dst is `source`, contains it or lies
     inside it (the converter would write into the tree it reads), dst is the current directory or contains
     it, dst is a file or a directory holding anything else, since --force would delete what the user meant
-    to keep.
+    to keep; a file stands where a folder above dst must be; dst's name is too long.
     """
     dst = Path(dst)
     where = dst.resolve()
     if source is not None and Path(source).is_dir() and Path(source).resolve() in where.parents:
         raise FlashMoeError(f"{dst}: is inside the source {source}; choose another output directory")
-    if not dst.exists() and not dst.is_symlink():
-        return
+    try:
+        if not dst.exists() and not dst.is_symlink():
+            _check_creatable(dst)
+            return
+    except OSError as e:  # a name too long, a folder that may not be searched or written (/proc, /sys)
+        raise FlashMoeError(f"creating {dst}: {e.strerror or e}") from None
     guarded = [(Path.cwd().resolve(), "the current directory")]
     if source is not None:
         guarded.insert(0, (Path(source).resolve(), f"the source {source}"))
@@ -88,11 +92,14 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     new one is in place, so dst is always either the old directory or the complete new one.
 
     An OSError (a full disk above all) becomes one FlashMoeError line naming the file by its final path
-    under dst.
+    under dst; one while making the directory (in /proc, a name too long) names dst.
     """
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_dir_beside(dst)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_dir_beside(dst)
+    except OSError as e:
+        raise FlashMoeError(f"creating {dst}: {e.strerror or e}") from None
     try:
         try:
             yield tmp
@@ -115,12 +122,31 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_creatable(dst: Path) -> None:
+    """Raise FlashMoeError (or OSError) unless directory dst, which does not exist, can be made: a file stands
+    where a folder above it must be, its name leaves no room for the temporary name beside it, or no folder may
+    be made where it goes (tried, and removed at once)."""
+    folder = next(folder for folder in dst.parents if folder.exists())  # "." or "/" at worst
+    if not folder.is_dir():
+        raise FlashMoeError(f"{dst}: {folder} is a file, not a folder")
+    longest = os.pathconf(folder, "PC_NAME_MAX") - len(_tmp_name(Path(), "X" * 8))
+    if len(os.fsencode(dst.name)) > longest:
+        raise FlashMoeError(f"{dst}: the name is too long ({len(os.fsencode(dst.name))} bytes; at most {longest} "
+                            "here, for the temporary name .NAME.tmp-XXXXXXXX beside it)")
+    _new_dir_beside(folder / dst.name).rmdir()
+
+
+def _tmp_name(dst: Path, token: str) -> str:
+    """The name of the temporary directory beside dst that becomes dst."""
+    return f".{dst.name}.tmp-{token}"
+
+
 def _new_dir_beside(dst: Path) -> Path:
     """A new empty directory `.NAME.tmp-XXXXXXXX` beside dst, with the mode any directory gets (0o777 less the
     umask): it becomes dst, which others may then read where the umask allows (tempfile.mkdtemp's 0o700 would
     keep the model to its owner)."""
     while True:
-        tmp = dst.with_name(f".{dst.name}.tmp-{secrets.token_hex(4)}")
+        tmp = dst.with_name(_tmp_name(dst, secrets.token_hex(4)))
         try:
             tmp.mkdir()
             return tmp
