@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import io
 import inspect
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -59,18 +61,35 @@ def _command(**kwargs):
     return app.command(cls=_Command, **kwargs)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a service manager) raised as an interrupt, so it takes Ctrl-C's path: the
+    cleanup that removes partial outputs runs, and a generation in progress stops as cancelled."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def _user_errors(fn):
-    """Turn FlashMoeError into a one-line message and exit code 2 instead of a traceback."""
+    """Turn FlashMoeError into a one-line message and exit code 2 instead of a traceback; SIGTERM into an
+    interrupt (see _Terminated) and, where nothing handles it, exit code 143 (128 + SIGTERM) without one."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if isinstance(sys.stdin, io.TextIOWrapper):  # undecodable bytes reach the tokenizer's check (TextError)
             sys.stdin.reconfigure(errors="surrogateescape")  # as lone surrogates, not as a UnicodeDecodeError
+        in_main = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
+        previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
         try:
             return fn(*args, **kwargs)
         except FlashMoeError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
+        except _Terminated:
+            raise typer.Exit(128 + signal.SIGTERM) from None
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

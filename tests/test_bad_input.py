@@ -7,6 +7,8 @@ import errno
 import os
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +211,7 @@ def test_force_refuses_a_destination_it_would_destroy(source, tmp_path, monkeypa
     ("afile/out", "error: afile/out: afile is a file, not a folder"),
     ("afile/out/deeper", "error: afile/out/deeper: afile is a file, not a folder"),
     ("a" * 300, "File name too long"),
-    ("a" * 250, "the name is too long (250 bytes; at most 241 here, for the temporary name .NAME.tmp-XXXXXXXX"),
+    ("a" * 250, "the name is too long (250 bytes; at most 233 here, for the temporary name .NAME.tmp-PID-XXXXXXXX"),
     ("/proc/flashmoe-out", "error: creating /proc/flashmoe-out: "),  # no new directories in /proc
 ])
 @pytest.mark.parametrize("command", ["convert", "synth"])
@@ -223,3 +225,20 @@ def test_an_output_directory_that_cannot_be_made_is_one_line(source, tmp_path, m
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert sorted(os.listdir()) == ["afile"]
+
+
+def test_sigterm_leaves_no_temporary_directory_and_a_killed_runs_is_removed(source, tmp_path):
+    """SIGTERM (timeout, kill) takes Ctrl-C's path: the partial directory goes and the exit code is 143. A
+    directory that a SIGKILLed run left is removed by the next run to the same output; one of a running
+    process is kept."""
+    gone, alive = tmp_path / ".m.tmp-99999999-0123abcd", tmp_path / f".m.tmp-{os.getpid()}-0123abcd"
+    gone.mkdir(), alive.mkdir()
+    (gone / "experts.bin").write_bytes(b"partial")
+    term_while_writing = ("import os, signal, flashmoe.format.writer as w; "
+                          "w.ModelDirWriter.add_resident = lambda *a: os.kill(os.getpid(), signal.SIGTERM); "
+                          "from flashmoe.cli import app; app()")
+    result = subprocess.run([sys.executable, "-c", term_while_writing, "convert", str(source), str(tmp_path / "m")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path)) == [alive.name]

@@ -4,8 +4,10 @@ interrupted run never leaves a partial file (or model directory) that looks fini
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -97,6 +99,7 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     dst = Path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp_dirs(dst)
         tmp = _new_dir_beside(dst)
     except OSError as e:
         raise FlashMoeError(f"creating {dst}: {e.strerror or e}") from None
@@ -129,24 +132,48 @@ def _check_creatable(dst: Path) -> None:
     folder = next(folder for folder in dst.parents if folder.exists())  # "." or "/" at worst
     if not folder.is_dir():
         raise FlashMoeError(f"{dst}: {folder} is a file, not a folder")
-    longest = os.pathconf(folder, "PC_NAME_MAX") - len(_tmp_name(Path(), "X" * 8))
+    longest = os.pathconf(folder, "PC_NAME_MAX") - len(_tmp_name(Path(), "X" * 7 + "-" + "X" * 8))
     if len(os.fsencode(dst.name)) > longest:
         raise FlashMoeError(f"{dst}: the name is too long ({len(os.fsencode(dst.name))} bytes; at most {longest} "
-                            "here, for the temporary name .NAME.tmp-XXXXXXXX beside it)")
+                            "here, for the temporary name .NAME.tmp-PID-XXXXXXXX beside it)")
     _new_dir_beside(folder / dst.name).rmdir()
 
 
 def _tmp_name(dst: Path, token: str) -> str:
-    """The name of the temporary directory beside dst that becomes dst."""
+    """The name of the temporary directory beside dst that becomes dst: token is `PID-HEX8` (see
+    _remove_stale_tmp_dirs)."""
     return f".{dst.name}.tmp-{token}"
 
 
+def _remove_stale_tmp_dirs(dst: Path) -> None:
+    """Remove the temporary directories beside dst that a killed earlier run left (SIGKILL, a power cut: the
+    signals flashmoe can catch remove their own): only `.NAME.tmp-PID-HEX8` whose process PID is gone, so a
+    run writing the same dst at this moment keeps its own. Never `.NAME.old-*`, which may hold the only copy
+    of an earlier model."""
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.tmp-(\d+)-[0-9a-f]{{8}}")
+    for path in dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*-*"):
+        found = pattern.fullmatch(path.name)
+        if found and path.is_dir() and not path.is_symlink() and not _running(int(found[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether process pid exists on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _new_dir_beside(dst: Path) -> Path:
-    """A new empty directory `.NAME.tmp-XXXXXXXX` beside dst, with the mode any directory gets (0o777 less the
+    """A new empty directory `.NAME.tmp-PID-XXXXXXXX` beside dst, with the mode any directory gets (0o777 less the
     umask): it becomes dst, which others may then read where the umask allows (tempfile.mkdtemp's 0o700 would
     keep the model to its owner)."""
     while True:
-        tmp = dst.with_name(_tmp_name(dst, secrets.token_hex(4)))
+        tmp = dst.with_name(_tmp_name(dst, f"{os.getpid()}-{secrets.token_hex(4)}"))
         try:
             tmp.mkdir()
             return tmp
