@@ -120,6 +120,13 @@ def test_an_unknown_model_is_anthropics_not_found_error(client):
     assert e.value.status_code == 400 and e.value.body["error"]["type"] == "invalid_request_error"
 
 
+def test_server_side_tools_are_refused_not_ignored(client):
+    with pytest.raises(anthropic.BadRequestError) as e:
+        _ask(client, "echo: hi", extra_body={"mcp_servers": [{"type": "url", "url": "http://x", "name": "x"}]})
+    assert e.value.body["error"]["message"] == "not supported by flashmoe: mcp_servers"
+    assert _ask(client, "echo: hi", metadata={"user_id": "u-1"}, service_tier="auto").content[0].text == "hi"
+
+
 def test_errors_come_in_anthropic_shape_and_the_server_keeps_serving(served, client):
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(model="fake", max_tokens=10, messages=[

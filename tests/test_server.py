@@ -286,6 +286,29 @@ def test_an_unknown_model_is_404_as_vllm_answers_and_no_model_means_the_one_serv
     assert (code, payload["model"], payload["choices"][0]["message"]["content"]) == (200, "fake", "hi")
 
 
+@pytest.mark.parametrize("option, value", [
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    ("logit_bias", {"1": -100}),
+    ("top_logprobs", 2),
+    ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
+])
+def test_openai_options_that_shape_the_output_are_refused_not_ignored(client, option, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, "echo: hi", max_tokens=3, **{option: value})
+    assert e.value.body["message"] == f"not supported by flashmoe: {option}"
+    assert e.value.body["param"] == option
+
+
+def test_options_that_change_nothing_in_the_output_are_accepted(client):
+    r = _chat(client, "echo: hi", max_tokens=3, response_format={"type": "text"}, modalities=["text"],
+              user="u-1", metadata={"k": "v"}, store=False, service_tier="auto", logit_bias={})
+    assert r.choices[0].message.content == "hi"
+    assert client.completions.create(model="fake", prompt="echo: hi", max_tokens=3, user="u-1").choices
+
+
 def test_refusals_name_the_right_field_and_hint_only_where_it_helps(served):
     url = served[2].url
     code, payload = _post(url + "/v1/chat/completions",

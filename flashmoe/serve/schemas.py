@@ -2,7 +2,9 @@
 
 The models validate types and ranges only; what a value means for generation (the context check, the tool
 choice, the prompt) is decided by the server. Fields clients send by default but flashmoe does not implement
-are accepted at their neutral values and refused otherwise (`unsupported()`).
+are accepted at their neutral values and refused otherwise (`unsupported()`), as are the API's other options
+that would shape the output (response_format, logit_bias, ...); fields that change nothing in the output
+(user, metadata, store, service_tier) are ignored.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ class OpenAIBody(SamplingBody):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> list[str]:
-        names = [k for k in ("presence_penalty", "frequency_penalty") if getattr(self, k)]
+        names = [k for k in ("presence_penalty", "frequency_penalty", "logit_bias") if getattr(self, k)]
         return names + (["logprobs"] if self.logprobs not in (None, False) else [])
 
 
@@ -77,6 +80,25 @@ class ChatRequest(OpenAIBody):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI options that shape the output in ways flashmoe does not implement: refused when set (see
+    # unsupported); a field that is none of these nor above is ignored, as OpenAI's API does with most.
+    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        names = super().unsupported()
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            names.append("response_format")  # json_object, json_schema: no constrained decoding
+        if self.modalities not in (None, ["text"]):
+            names.append("modalities")
+        return names + [k for k in ("top_logprobs", "audio", "prediction", "web_search_options", "functions",
+                                    "function_call") if getattr(self, k)]
 
 
 class CompletionRequest(OpenAIBody):
@@ -137,6 +159,12 @@ class MessagesRequest(CountTokensRequest):
     max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     metadata: dict[str, Any] | None = None
+    # Server-side tools Anthropic runs for the model: refused when set.
+    mcp_servers: list[Any] | None = None
+    container: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> list[str]:
+        return [k for k in ("mcp_servers", "container") if getattr(self, k)]
 
 
 class APIError(Exception):
