@@ -242,3 +242,10 @@ def test_sigterm_leaves_no_temporary_directory_and_a_killed_runs_is_removed(sour
     assert result.returncode == 143, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert sorted(os.listdir(tmp_path)) == [alive.name]
+
+
+def test_a_tokenizer_json_that_does_not_load_is_refused_before_copying(source, tmp_path):
+    src = _copy(source, tmp_path / "src")
+    (src / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": {}}')  # cut short
+    (tmp_path / "out").mkdir()
+    _convert_fails(src, tmp_path / "out", f"{src / 'tokenizer.json'}: cannot load tokenizer")

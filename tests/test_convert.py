@@ -186,12 +186,16 @@ def test_missing_tokenizer_converts_with_a_note_naming_dst(per_expert, tmp_path,
     notes: list[str] = []
 
     with_tok = shutil.copytree(per_expert, tmp_path / "with_tok")
-    (with_tok / "tokenizer.json").write_text("{}")
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    tokenizer_json = Tokenizer(WordLevel({"a": 0}, unk_token="a")).to_str()  # convert loads it to check it
+    (with_tok / "tokenizer.json").write_text(tokenizer_json)
     (with_tok / "additional_chat_templates").mkdir()
     (with_tok / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
     notes.clear()
     dst = convert_checkpoint(with_tok, tmp_path / "out2", bits="none", progress=False, log=notes.append)
-    assert (dst / "tokenizer.json").read_text() == "{}"
+    assert (dst / "tokenizer.json").read_text() == tokenizer_json
     assert (dst / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
     with ModelDir.open(dst) as md:  # in the manifest: hashed like every side file
         assert md.manifest.files["additional_chat_templates/tool_use.jinja"].size == len("{{ tools }}")

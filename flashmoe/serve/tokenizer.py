@@ -69,6 +69,15 @@ def _with_markup_kept(text: str) -> str:
     return json.dumps(spec) if kept else text
 
 
+def read_tokenizer_json(path: Path) -> HFTokenizer:
+    """The tokenizer in tokenizer.json file `path`, its reasoning and tool-call tags kept in decoded text
+    (_with_markup_kept). Raises FlashMoeError naming path when the file cannot be read or loaded."""
+    try:
+        return HFTokenizer.from_str(_with_markup_kept(path.read_text(encoding="utf-8")))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise FlashMoeError(f"{path}: cannot load tokenizer ({e})") from e
+
+
 class Tokenizer:
     """The tokenizer.json of a model directory plus what generation needs from the config files.
 
@@ -84,10 +93,7 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.exists():
             raise FlashMoeError(f"{path}: no tokenizer.json in the model directory")
-        try:
-            self._tok = HFTokenizer.from_str(_with_markup_kept(path.read_text(encoding="utf-8")))
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise FlashMoeError(f"{path}: cannot load tokenizer ({e})") from e
+        self._tok = read_tokenizer_json(path)
         self.config = _read_json(model_dir / "tokenizer_config.json")
         model_config = _read_json(model_dir / "config.json")
         generation_config = _read_json(model_dir / "generation_config.json")
