@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import inspect
+import os
 import signal
 import sys
 import threading
@@ -70,6 +71,16 @@ def _terminate(signum, frame):
     raise _Terminated
 
 
+def _check_numba_threads() -> None:
+    """Raise FlashMoeError for a NUMBA_NUM_THREADS that is not a whole number >= 1: numba refuses 0 and
+    negative counts with a traceback when it is imported, and falls back to every core, with a warning, for
+    text."""
+    value = os.environ.get("NUMBA_NUM_THREADS")
+    if value is not None and not (value.strip().isdigit() and int(value) >= 1):
+        raise FlashMoeError(f"NUMBA_NUM_THREADS={value!r}: the compute thread count must be a whole number >= 1 "
+                            "(unset it to use every core)")
+
+
 def _user_errors(fn):
     """Turn FlashMoeError into a one-line message and exit code 2 instead of a traceback; SIGTERM into an
     interrupt (see _Terminated) and, where nothing handles it, exit code 143 (128 + SIGTERM) without one."""
@@ -81,6 +92,7 @@ def _user_errors(fn):
         in_main = threading.current_thread() is threading.main_thread()  # only it may set a signal handler
         previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
         try:
+            _check_numba_threads()
             return fn(*args, **kwargs)
         except FlashMoeError as e:
             typer.echo(f"error: {e}", err=True)
@@ -439,8 +451,6 @@ def bench(
                                              "the model, exported when absent)."),
 ) -> None:
     """Decode speed against the disk-bound ceiling (cold/warm, pagecache/direct, budgets), and cache replays."""
-    import os
-
     from flashmoe.bench.streaming import BenchOptions, run_bench
     from flashmoe.runtime.load import default_model_dir
 
