@@ -189,6 +189,10 @@ def ensure_conformant(name: str) -> None:
     _write_stamp(path, name, results, seconds)
     console.print(f"backend {name}: all {len(results)} cases pass ({seconds:.0f} s); stamped in {path}", markup=False,
                   soft_wrap=True)
+    # The model's own calls compile more kernel variants than the cases did (minutes on a busy machine, with no
+    # output until the first token): say so, once, before that silence.
+    console.print(f"compiling the {name} kernels for this model (first run only; cached afterwards)…", markup=False,
+                  soft_wrap=True)
 
 
 def _table(name: str, results: list[CaseResult]):

@@ -45,6 +45,7 @@ def test_ensure_conformant_stamps_once_and_then_skips_the_suite(backends, monkey
                      "the reference and compiling its kernels. This happens once; later runs skip it.") == 1, err
     n = len(runner.QUICK_CASES)
     assert "conformance cases" in err and f"{n}/{n}" in err and f"all {n} cases pass" in err, err
+    assert err.endswith("compiling the exact-test kernels for this model (first run only; cached afterwards)…\n"), err
     stamp = runner.stamp_path("exact-test")
     assert stamp.is_file() and stamp.parent == backends / "conformance"
     assert '"cases": %d' % len(runner.QUICK_CASES) in stamp.read_text()
