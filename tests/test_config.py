@@ -123,6 +123,15 @@ def test_a_value_of_the_wrong_type_or_range_names_the_file_and_field(tmp_path, f
         ModelConfig.from_file(path)
 
 
+def test_an_expert_count_under_its_other_spelling_is_named_as_written(tmp_path):
+    """Qwen3-MoE reads num_experts, else num_local_experts (Mixtral's): a bad value names the key the file has."""
+    path = tmp_path / "config.json"
+    qwen = dict(MIXTRAL, model_type="qwen3_moe", moe_intermediate_size=64)
+    path.write_text(json.dumps(dict(qwen, num_local_experts=0)))
+    with pytest.raises(ConfigError, match=rf"^{path}: field 'num_local_experts' must be positive, got 0"):
+        ModelConfig.from_file(path)
+
+
 def test_whole_floats_are_sizes_and_one_eos_id_is_a_tuple():
     cfg = ModelConfig.from_dict(dict(MIXTRAL, hidden_size=4096.0, eos_token_id=2))
     assert cfg.hidden_size == 4096 and isinstance(cfg.hidden_size, int) and cfg.eos_token_id == (2,)

@@ -438,7 +438,9 @@ def _mla_fields(r: _Reader) -> dict[str, Any]:
 
 def _expert_fields(r: _Reader, fam: Family) -> dict[str, Any]:
     """Expert count and widths under the family's key names, top-k normalisation, the shared expert."""
-    experts_key, width_key = fam.num_experts_keys[0], fam.moe_intermediate_keys[0]
+    # Errors name the key config.json sets (Mixtral's num_local_experts, not the canonical name).
+    experts_key, width_key = (next((k for k in keys if r.d.get(k) is not None), keys[0])
+                              for keys in (fam.num_experts_keys, fam.moe_intermediate_keys))
     dense = None if "intermediate_size" in fam.moe_intermediate_keys else r.d.get("intermediate_size")
     shared, moe_width = 0, r.integer(width_key, r.get(*fam.moe_intermediate_keys))
     if fam.shared_expert == UNGATED:  # n_shared_experts experts of the routed width, as one wider MLP

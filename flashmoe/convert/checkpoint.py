@@ -32,6 +32,7 @@ from flashmoe.format.atomic import check_output_dir
 from flashmoe.arch.config import ModelConfig
 from flashmoe.errors import CheckpointError, FlashMoeError
 from flashmoe.arch.families import (
+    FAMILIES,
     HF,
     MLX,
     detect_layout,
@@ -417,7 +418,8 @@ class _Conversion:
         if m := _PER_EXPERT.match(cname):
             e, proj = int(m[2]), m[3]
             if e >= n_exp:
-                raise CheckpointError(f"{where}: expert {e} >= num_experts ({n_exp})")
+                keys = " or ".join(FAMILIES[self.cfg.family].num_experts_keys)
+                raise CheckpointError(f"{where}: expert {e}, but config.json declares {n_exp} experts ({keys})")
             if tuple(a.shape) != self._expert_shape(proj):
                 raise CheckpointError(f"{where}: shape {list(a.shape)}, expected {list(self._expert_shape(proj))} "
                                       "from config.json")
