@@ -227,6 +227,9 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
     (b'{"messages": []}', 400, "messages"),  # OpenAI's API and vLLM: 400 for a field of the wrong type or range
     (b'{"messages": [{"role": "wizard", "content": "x"}]}', 400, "role"),
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400,
+     "temperature: Input should be a finite number"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "top_p": -Infinity}', 400, "top_p: Input should be a finite"),
     (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "n"),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),

@@ -19,7 +19,8 @@ class SamplingBody(BaseModel):
     """Fields every generation request shares: the sampling settings (flashmoe.serve.sampling.SAMPLING_KEYS)
     and the seed; None means the model's default."""
 
-    model_config = ConfigDict(extra="ignore")
+    # JSON as Python reads it has NaN and Infinity: refused as "not a finite number", not as out of range.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
