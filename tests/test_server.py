@@ -347,6 +347,42 @@ def test_unknown_route_and_wrong_method_get_openai_shaped_errors(served):
     assert json.load(urllib.request.urlopen(url + "/health"))["status"] == "ok"
 
 
+def test_every_error_response_is_counted_by_status_in_v1_stats(served, client, monkeypatch):
+    """/v1/stats counts each response of status 400 and above by status, whatever produced it: the API's
+    checks (400, 404), routing (404, 405), a failed run (500) and an exception nothing expected (500, in
+    OpenAI's shape); `errors` counts the failed runs, the streamed one (status 200) too."""
+    from flashmoe.errors import FlashMoeError
+
+    url, before = served[2].url, _server_counters(served)
+    hi = json.dumps({"messages": [{"role": "user", "content": "echo: hi"}]}).encode()
+    assert _post(url + "/v1/chat/completions", b"{not json")[0] == 400
+    assert _post(url + "/v1/chat/completions", json.dumps({"model": "other", **json.loads(hi)}).encode())[0] == 404
+    assert _post(url + "/v1/nope", b"{}")[0] == 404
+    with pytest.raises(urllib.error.HTTPError, match="405"):
+        urllib.request.urlopen(url + "/v1/completions", timeout=10)
+
+    def disk_gone(prompt: str) -> str:
+        raise FlashMoeError("experts/layer_001.bin: read failed")
+
+    monkeypatch.setattr(served[1], "reply", disk_gone)
+    with pytest.raises(openai.InternalServerError, match="layer_001.bin: read failed"):
+        _chat(client, "echo: hi")
+    with pytest.raises(openai.APIError, match="layer_001.bin: read failed"):
+        list(_chat(client, "echo: hi", stream=True))
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(served[0].worker, "render", bug)
+    assert _post(url + "/v1/chat/completions", hi) == (500, {"error": {
+        "message": "internal error: RuntimeError: a bug", "type": "server_error", "param": None, "code": None}})
+    after = _server_counters(served)
+    assert after["errors"] - before["errors"] == 2
+    statuses = set(before["error_responses"]) | set(after["error_responses"])
+    assert {s: after["error_responses"].get(s, 0) - before["error_responses"].get(s, 0) for s in statuses} == {
+        "400": 1, "404": 2, "405": 1, "500": 2}
+
+
 def test_concurrent_requests_are_queued_and_each_gets_its_own_reply(served, client):
     served[1].delay_s = 0.002
     results, errors = {}, []

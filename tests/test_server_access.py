@@ -72,6 +72,24 @@ def test_a_missing_key_is_401_while_health_and_the_pages_files_stay_open(url, pa
     assert b"readEvents" in urllib.request.urlopen(url + "/static/app.js").read()
 
 
+def _error_responses(url) -> dict[str, int]:
+    request = urllib.request.Request(url + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"})
+    return json.load(urllib.request.urlopen(request))["server"]["error_responses"]
+
+
+def test_the_guards_refusals_are_counted_in_v1_stats(url):
+    """401 and 413 come from the access guard, in front of the routes: /v1/stats counts them too."""
+    before = _error_responses(url)
+    for key in (None, "wrong"):
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers={"x-api-key": key} if key else {}))
+    with pytest.raises(urllib.error.HTTPError, match="413"):
+        urllib.request.urlopen(urllib.request.Request(url + "/v1/chat/completions", data=b"x" * (LIMIT + 1),
+                                                      headers={"Authorization": f"Bearer {KEY}"}))
+    after = _error_responses(url)
+    assert (after.get("401", 0) - before.get("401", 0), after.get("413", 0) - before.get("413", 0)) == (2, 1)
+
+
 def test_a_body_over_the_limit_is_413_before_it_is_read_and_the_server_keeps_serving(url):
     big = [{"role": "user", "content": "x" * LIMIT}]
     with pytest.raises(openai.APIStatusError) as e:

@@ -11,7 +11,8 @@ Errors are in the shape of the API the path belongs to: OpenAI's `{"error": {"me
 "code"}}` (malformed JSON, a field of the wrong type or range, or a prompt that does not fit the context with
 max_tokens 400, as OpenAI's API and vLLM answer; a `model` other than the one served 404, as vLLM answers; an
 unknown route 404, a wrong method 405) or, under /v1/messages, Anthropic's `{"type": "error", "error": {"type",
-"message"}}` (the same statuses); the server keeps serving after each.
+"message"}}` (the same statuses); an exception nothing expected is a 500 in the same shapes. The server keeps
+serving after each, and /v1/stats counts every error response by status (CountedResponses).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flashmoe.errors import FlashMoeError
 from flashmoe.runtime.engine import Engine
@@ -64,7 +66,7 @@ class FlashMoeServer:
         self.model_id = model_id
         self.worker = Worker(engine, tokenizer, context, defaults)
         self.created = int(time.time())
-        self.app = Starlette(routes=[
+        self.app = CountedResponses(Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/stats", self.stats, methods=["GET"]),
@@ -73,9 +75,11 @@ class FlashMoeServer:
             Mount("/static", StaticFiles(directory=STATIC)),
             *openai_api.routes(self.worker, model_id),
             *anthropic_api.routes(self.worker, model_id),
-        ], exception_handlers={APIError: _error_response, HTTPException: _http_error_response},
+        ], exception_handlers={APIError: _error_response, HTTPException: _http_error_response,
+                               Exception: _internal_error_response},
             middleware=[Middleware(AccessGuard, api_key=api_key, max_request_bytes=max_request_bytes,
-                                   public=("/health", "/"), public_under=("/static/",))])
+                                   public=("/health", "/"), public_under=("/static/",))]),
+            self.worker.count_response)
 
     def close(self) -> None:
         """Stop the worker thread after the current job; queued jobs are dropped."""
@@ -111,6 +115,33 @@ async def _http_error_response(request: Request, error: HTTPException) -> Respon
     (405's Allow)."""
     message = f"{error.detail}: {request.method} {request.url.path}"
     return APIError(error.status_code, message).response(request.url.path, error.headers)
+
+
+async def _internal_error_response(request: Request, error: Exception) -> Response:
+    """An exception no handler expected: 500 in the API's shape (Starlette's own is plain text); Starlette
+    then raises it again, so the server's log shows its traceback."""
+    return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error").response(
+        request.url.path)
+
+
+class CountedResponses:
+    """ASGI wrapper around the whole application, Starlette's handler of unexpected exceptions included:
+    calls `count(status)` for every HTTP response, so /v1/stats counts each error response whatever produced
+    it (a refused request, the access guard, routing, a failed run, a bug)."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[int], None]):
+        self.app, self.count = app, count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.count(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 # ---- running -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,6 +102,7 @@ class Worker:
         self.counters = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "queued": 0,
                          "prefix_reuse_hits": 0, "reused_prompt_tokens": 0, "prefilled_prompt_tokens": 0,
                          "completion_tokens": 0}
+        self.error_responses: Counter[int] = Counter()  # responses by status >= 400 (count_response)
         self.last_run: dict | None = None
         # Reasoning of recent replies that called tools, by call id: clients send the assistant turn back
         # without it, and templates that render the current turn's reasoning (Qwen3, Qwen3.5) would then
@@ -122,9 +123,18 @@ class Worker:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def server_stats(self) -> dict:
-        """The counters and the last run's RunInfo, as /v1/stats reports them."""
+        """The counters, the error responses by status and the last run's RunInfo, as /v1/stats reports them.
+        `errors` counts the runs that failed (a streamed one among them, whose status was 200 already);
+        `error_responses` every response of status 400 and above, whatever produced it."""
         with self._lock:
-            return dict(self.counters, last_run=self.last_run)
+            return dict(self.counters, error_responses={str(status): n for status, n in
+                                                        sorted(self.error_responses.items())}, last_run=self.last_run)
+
+    def count_response(self, status: int) -> None:
+        """Count a response with HTTP `status` (the server calls this for every response it sends)."""
+        if status >= 400:
+            with self._lock:
+                self.error_responses[status] += 1
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
