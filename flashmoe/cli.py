@@ -234,13 +234,15 @@ def convert(
 @_user_errors
 def info(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo "
-                                                "model), or a GGUF file to describe before converting it."),
+                                                "model), or a Hugging Face / MLX checkpoint directory or a GGUF "
+                                                "file to describe before converting it."),
     disk_gbps: float = typer.Option(2.0, help="Disk read bandwidth in GB/s used for the decode ceiling."),
     like: Optional[str] = typer.Option(None, "--like", help="A preset's full-depth figures at 4 bits, from its "
                                        "config alone (e.g. deepseek-v3, glm-4.5; see `flashmoe synth --like`)."),
 ) -> None:
     """Architecture, total/active parameters, resident bytes, expert bytes per token, decode ceiling."""
-    from flashmoe.info import describe, describe_gguf, describe_preset
+    from flashmoe.format.manifest import MANIFEST, RESIDENT
+    from flashmoe.info import describe, describe_checkpoint, describe_gguf, describe_preset
     from flashmoe.runtime.load import default_model_dir
 
     if like is not None:
@@ -248,6 +250,10 @@ def info(
         return
     if model_dir is not None and model_dir.suffix == ".gguf":
         typer.echo(describe_gguf(model_dir, disk_gbps=disk_gbps))
+        return
+    if model_dir is not None and (model_dir / "config.json").is_file() and not any(
+            (model_dir / name).exists() for name in (MANIFEST, RESIDENT)):  # a checkpoint, not a damaged model
+        typer.echo(describe_checkpoint(model_dir, disk_gbps=disk_gbps))
         return
     typer.echo(describe(model_dir or default_model_dir(), disk_gbps=disk_gbps))
 

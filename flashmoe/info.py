@@ -6,6 +6,7 @@ experts in every MoE layer from disk, so tokens/s ≤ disk bandwidth / expert by
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -65,32 +66,85 @@ def describe_preset(name: str, disk_gbps: float = 2.0, bits: int = 4, group_size
     quantisation; MXFP4 experts for a family that publishes them), bytes read per token and decode ceiling, computed from its config without writing anything.
     Raises ConfigError for an unknown preset, FlashMoeError for a non-positive disk_gbps."""
     from flashmoe.arch.presets import get_preset
-    from flashmoe.arch.tensors import resident_shapes
     from flashmoe.convert.synth import expert_layout, planned_bytes
 
     if not disk_gbps > 0:
         raise FlashMoeError(f"--disk-gbps must be positive, got {disk_gbps}")
     cfg = ModelConfig.from_dict(get_preset(name).config_dict(), source=name)
-    resident_bytes, expert_file_bytes = planned_bytes(cfg, bits, group_size)
-    expert_bytes = expert_layout(cfg, bits, group_size).nbytes
-    resident_params = sum(int(np.prod(shape)) for shape in resident_shapes(cfg).values())
-    expert_params = len(EXPERT_PROJS) * cfg.hidden_size * cfg.moe_intermediate_size
-    n, k = len(cfg.moe_layers), cfg.num_experts_per_tok
+    resident_bytes, _ = planned_bytes(cfg, bits, group_size)
     quant = f"{bits}-bit, group {group_size}"
     if cfg.mxfp4_experts:  # synth keeps a family's published MXFP4 experts whatever `bits`
         quant = f"MXFP4 experts, other tensors {quant}"
+    lines = _planned(cfg, resident_bytes, expert_layout(cfg, bits, group_size), disk_gbps)
+    return "\n".join([f"preset:           {name} ({quant}, as `flashmoe synth --like {name}` writes it)", *lines])
+
+
+def describe_checkpoint(path: str | Path, disk_gbps: float = 2.0, bits: int = 4, group_size: int = 64) -> str:
+    """`flashmoe info CHECKPOINT`: a Hugging Face or MLX checkpoint directory (config.json + safetensors) before
+    converting it: its architecture and parameters (config.json), its tensors and bytes by dtype (the
+    safetensors headers), and what `flashmoe convert` writes from it at bits/group_size (convert's defaults;
+    an MLX-quantised checkpoint is kept at its own): resident bytes, bytes per expert, read per token, decode
+    ceiling (synth.planned_conversion). Raises ConfigError (config.json), CheckpointError (no safetensors, a
+    damaged shard), FlashMoeError for a non-positive disk_gbps."""
+    from flashmoe.convert.checkpoint import source_tensors
+    from flashmoe.convert.synth import planned_conversion
+
+    if not disk_gbps > 0:
+        raise FlashMoeError(f"--disk-gbps must be positive, got {disk_gbps}")
+    path = Path(path)
+    cfg = ModelConfig.from_file(path / "config.json")
+    tensors = source_tensors(path)
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for _, dtype, shape in tensors.values():
+        counts = by_dtype.setdefault(dtype, [0, 0])
+        counts[0] += 1
+        counts[1] += int(np.prod(shape)) * dtype.itemsize
+    mxfp4 = any(name.endswith("_blocks") for name in tensors)  # gpt-oss's experts as published
+    mlx = json.loads((path / "config.json").read_text()).get("quantization")  # valid JSON: ModelConfig read it
+    if isinstance(mlx, dict) and {"bits", "group_size"} <= mlx.keys():
+        bits, group_size = mlx["bits"], mlx["group_size"]
+        how = f"kept as mlx-lm quantised it, {bits}-bit, group {group_size}"
+    else:
+        how = f"{bits}-bit, group {group_size}: `flashmoe convert`'s defaults, which --bits and --group-size change"
+        if mxfp4:
+            how = f"MXFP4 experts kept, other tensors {how}"
+    floats = {d: n for d, (_, n) in by_dtype.items() if d.kind == "f" or d.name == "bfloat16"}
+    # FP8 weights are dequantised to float32 before quantising; float weights keep their dtype.
+    fp8 = any(d.name.startswith("float8") for d in by_dtype)
+    float_dtype = np.dtype(np.float32) if fp8 or not floats else max(floats, key=floats.get)
+    resident_bytes, layout = planned_conversion(cfg, bits, group_size, float_dtype, mxfp4)
+    files = len({f for f, _, _ in tensors.values()})
+    lines = _planned(cfg, resident_bytes, layout, disk_gbps)
     return "\n".join([
-        f"preset:           {name} ({quant}, as `flashmoe synth --like {name}` writes it)",
+        f"checkpoint:       {path} ({files} safetensors file{'s' if files > 1 else ''}; not a flashmoe model "
+        f"directory: `flashmoe convert {path} OUT` makes one)",
+        *lines[:3],
+        *(f"  {d.name:<14} {n:>6} tensors {_bytes(nbytes):>28}"
+          for d, (n, nbytes) in sorted(by_dtype.items(), key=lambda kv: -kv[1][1])),
+        f"once converted:   {how}",
+        *lines[3:],
+    ])
+
+
+def _planned(cfg: ModelConfig, resident_bytes: int, layout, disk_gbps: float) -> list[str]:
+    """The lines of a model not written yet: architecture, experts, parameters (from cfg), then resident bytes,
+    bytes per expert (layout: an ExpertLayout), experts on disk, read per token and decode ceiling."""
+    from flashmoe.arch.tensors import resident_shapes
+
+    resident_params = sum(int(np.prod(shape)) for shape in resident_shapes(cfg).values())
+    expert_params = len(EXPERT_PROJS) * cfg.hidden_size * cfg.moe_intermediate_size
+    n, k = len(cfg.moe_layers), cfg.num_experts_per_tok
+    return [
         _architecture(cfg),
         _experts(cfg, n, k),
         f"parameters:       {_count(resident_params + expert_params * cfg.num_experts * n)} total, "
         f"{_count(resident_params + expert_params * k * n)} active per token",
         f"resident:         {_bytes(resident_bytes)}",
-        f"per expert:       {_bytes(expert_bytes)}",
-        f"experts on disk:  {_bytes(expert_file_bytes)}",
-        _read_per_token(k * n * expert_bytes, k, n),
-        _ceiling(k * n * expert_bytes, disk_gbps),
-    ])
+        f"per expert:       {_bytes(layout.nbytes)}",
+        f"experts on disk:  {_bytes(n * cfg.num_experts * layout.stride)}",
+        _read_per_token(k * n * layout.nbytes, k, n),
+        _ceiling(k * n * layout.nbytes, disk_gbps),
+    ]
 
 
 def _architecture(cfg: ModelConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,41 @@ def test_info_and_verify_default_to_the_bundled_model():
     assert info.exit_code == 0 and "demo-model" in info.output and "k = 4" in info.output
     verify = runner.invoke(app, ["verify"])
     assert verify.exit_code == 0 and verify.output.startswith("ok: ")
+
+
+def test_info_describes_a_hugging_face_checkpoint_as_convert_would_write_it(hf_checkpoint, tmp_path):
+    """A checkpoint directory (config.json + safetensors): its tensors by dtype, and the resident bytes, bytes per
+    expert, experts on disk and read per token that `flashmoe info` then gives the converted directory."""
+    src = hf_checkpoint("qwen3_5_moe", "shared_k2")  # float32; down_proj's width 32 stays float at group 64
+    result = CliRunner().invoke(app, ["info", str(src), "--disk-gbps", "5"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"checkpoint:       {src} (1 safetensors file; not a flashmoe model directory: "
+                                    f"`flashmoe convert {src} OUT` makes one)\narchitecture:     qwen3_5_moe_text (4 ")
+    assert "once converted:   4-bit, group 64: `flashmoe convert`'s defaults" in result.stdout
+    with open(src / "model.safetensors", "rb") as f:  # every tensor is float32: the data after the header
+        header_bytes = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_bytes))
+    data = (src / "model.safetensors").stat().st_size - 8 - header_bytes
+    n = len(header) - ("__metadata__" in header)
+    assert f"  float32           {n} tensors        {data:,} B" in result.stdout
+    converted = CliRunner().invoke(app, ["info", str(convert_checkpoint(src, tmp_path / "m", progress=False,
+                                                                            log=lambda _: None))])
+
+    def figures(text: str) -> list[str]:
+        return [line.split(" (")[0] for line in text.splitlines()
+                if line.split(":")[0] in ("parameters", "resident", "per expert", "experts on disk", "read per token")]
+
+    assert figures(result.stdout) == figures(converted.stdout) and len(figures(result.stdout)) == 5
+
+
+def test_info_on_a_directory_that_is_neither_model_nor_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    result = CliRunner().invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result.output
+    damaged = tmp_path / "damaged"  # a flashmoe model directory that lost flashmoe.json is not a checkpoint
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{}")
+    (damaged / "resident.safetensors").write_bytes(b"")
+    result = CliRunner().invoke(app, ["info", str(damaged)])
+    assert (result.exit_code, result.stderr) == (2, f"error: {damaged / 'flashmoe.json'}: missing (not a flashmoe "
+                                                    "model directory; run `flashmoe convert`)\n")

@@ -145,6 +145,14 @@ def _resolve_source(src: str | Path) -> Path:
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
+def source_tensors(src_dir: str | Path) -> dict[str, tuple[str, np.dtype, tuple[int, ...]]]:
+    """Every tensor of the checkpoint directory `src_dir` (safetensors: one file, shards, or shards listed in
+    model.safetensors.index.json) by name: (file name, dtype, shape), from the headers alone, each file checked
+    as convert checks it. Raises CheckpointError naming the file (no safetensors, a damaged or missing shard)."""
+    ckpt = _Checkpoint(Path(src_dir))
+    return {name: (f.path.name, f.dtype(name), f.shape(name)) for name, f in ckpt.where.items()}
+
+
 class _Checkpoint:
     """All tensors of a safetensors checkpoint by name, every shard validated before conversion starts.
 

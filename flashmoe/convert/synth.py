@@ -173,11 +173,12 @@ def expert_layout(cfg: ModelConfig, bits: int | None, group_size: int) -> Expert
     return ExpertLayout.plan(random_expert(cfg, _rng(0), bits, group_size))
 
 
-def _stored_bytes(shape: tuple[int, ...], q: QuantSpec | None) -> int:
+def _stored_bytes(shape: tuple[int, ...], q: QuantSpec | None, float_dtype: np.dtype = FLOAT_DTYPE) -> int:
+    """Bytes of a tensor stored float (float_dtype) or quantised by q (scales and biases in float_dtype)."""
+    itemsize = np.dtype(float_dtype).itemsize
     if q is None:
-        return math.prod(shape) * np.dtype(FLOAT_DTYPE).itemsize
-    groups = math.prod(shape) // q.group_size
-    return math.prod(shape) * q.bits // 8 + 2 * groups * np.dtype(SCALE_DTYPE).itemsize
+        return math.prod(shape) * itemsize
+    return math.prod(shape) * q.bits // 8 + 2 * (math.prod(shape) // q.group_size) * itemsize
 
 
 def planned_bytes(cfg: ModelConfig, bits: int | None, group_size: int) -> tuple[int, int]:
@@ -186,6 +187,34 @@ def planned_bytes(cfg: ModelConfig, bits: int | None, group_size: int) -> tuple[
     resident = sum(_stored_bytes(shape, policy.resident(name, shape)) for name, shape in resident_shapes(cfg).items())
     experts = len(cfg.moe_layers) * cfg.num_experts * expert_layout(cfg, bits, group_size).stride
     return resident, experts
+
+
+def planned_conversion(cfg: ModelConfig, bits: int | None, group_size: int, float_dtype: np.dtype,
+                       mxfp4: bool) -> tuple[int, ExpertLayout]:
+    """(resident bytes, expert layout) of `cfg` as `flashmoe convert` writes it from a checkpoint of float_dtype
+    weights, from the shapes alone: each weight quantised where the policy quantises it, else kept float (an
+    input width that is not a multiple of group_size), scales and biases in the weights' dtype (as
+    format.quant.quantize keeps them); `mxfp4`: the checkpoint's experts are MXFP4 (gpt-oss as published),
+    kept so; expert biases float."""
+    policy, dtype = _policy(bits, group_size), np.dtype(float_dtype)
+    resident = sum(_stored_bytes(shape, policy.resident(name, shape), dtype)
+                   for name, shape in resident_shapes(cfg).items())
+
+    def part(shape: tuple[int, int]) -> ExpertPart:
+        out_dim, in_dim = shape
+        if mxfp4:
+            return Mxfp4Tensor(np.empty((out_dim, in_dim // 2), np.uint8),
+                               np.empty((out_dim, in_dim // MXFP4_BLOCK), np.uint8))
+        if (q := policy.expert(shape)) is None:
+            return np.empty(shape, dtype)
+        groups = (out_dim, in_dim // q.group_size)
+        return QuantizedTensor(np.empty((out_dim, in_dim * q.bits // 32), np.uint32), np.empty(groups, dtype),
+                               np.empty(groups, dtype), q.bits, q.group_size)
+
+    parts = {proj: part(shape) for proj, shape in _expert_shapes(cfg).items()}
+    if cfg.has_expert_biases:
+        parts.update({f"{proj}.bias": np.empty(shape[0], dtype) for proj, shape in _expert_shapes(cfg).items()})
+    return resident, ExpertLayout.plan(parts)
 
 
 def write_random_experts(writer: ExpertFileWriter, cfg: ModelConfig, layer: int, bits: int | None,
