@@ -204,15 +204,18 @@ def describe_gguf(path: str | Path, disk_gbps: float = 2.0) -> str:
     """`flashmoe info MODEL.gguf`: a GGUF before converting it: its architecture (and whether flashmoe imports
     it), the tensors and bytes of each GGML type with how the import stores them (exact, requantised, refused:
     flashmoe/convert/gguf_model.py), the routed experts' bytes per token and the decode ceiling once converted
-    (the GGUF's own bytes beside them). Raises CheckpointError for an unreadable GGUF, FlashMoeError for a non-positive disk_gbps."""
+    (the GGUF's own bytes beside them). Raises CheckpointError for an unreadable GGUF, ConfigError for the
+    metadata of an imported architecture that convert would refuse, FlashMoeError for a non-positive disk_gbps."""
     from flashmoe.arch.gguf_names import NORM_TOPK
     from flashmoe.convert.gguf import GGUFModel
-    from flashmoe.convert.gguf_model import import_kind
+    from flashmoe.convert.gguf_model import gguf_config, import_kind
 
     if not disk_gbps > 0:
         raise FlashMoeError(f"--disk-gbps must be positive, got {disk_gbps}")
     with GGUFModel(path) as g:
         arch, meta = g.architecture, g.metadata
+        if arch in NORM_TOPK:
+            gguf_config(g)  # metadata convert would refuse (no expert count, k): the same ConfigError
         types: dict[str, list[int]] = {}
         for t in g.tensors.values():
             types.setdefault(t.type.name, [0, 0])

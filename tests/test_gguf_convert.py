@@ -340,6 +340,23 @@ def test_bpe_tokenizer_encodes_the_same_ids(tmp_path):
     assert config["chat_template"] == "{{ messages }}" and config["eos_token"] == tokens[-1]
 
 
+def test_info_refuses_the_metadata_convert_refuses(tmp_path):
+    """An imported architecture whose metadata lack what the config needs: one error line, exit 2 (it printed
+    '? experts, k = 0' and exit 0 while convert refused it)."""
+    from typer.testing import CliRunner
+
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "qwen3moe")
+    w.add_uint32("qwen3moe.block_count", 2)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "m.gguf")])
+    assert (result.exit_code, result.stdout) == (2, ""), result.output
+    assert result.stderr.startswith(f"error: {tmp_path / 'm.gguf'} (metadata): missing required field"), result.stderr
+
+
 def test_info_describes_a_gguf_before_converting(tmp_path):
     from typer.testing import CliRunner
 

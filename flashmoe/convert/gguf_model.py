@@ -213,10 +213,15 @@ def imported_expert_layouts(model: GGUFModel) -> dict[int, ExpertLayout]:
     """The expert layout of each MoE layer of the directory `convert_gguf` would write from the open GGUF
     `model`, planned from one expert's tensors (nothing is written): what flashmoe reads per expert.
     Raises as convert_gguf does for a GGUF it would refuse."""
-    fam = family_of_gguf(model)
-    cfg = ModelConfig.from_dict(config_dict(model, fam), source=f"{model.path} (metadata)")
-    job = _Import(model, cfg, fam.gguf_arch, progress=False)
+    cfg = gguf_config(model)
+    job = _Import(model, cfg, family_of_gguf(model).gguf_arch, progress=False)
     return {layer: job.expert_sources(layer)[3] for layer in cfg.moe_layers}
+
+
+def gguf_config(model: GGUFModel) -> ModelConfig:
+    """The ModelConfig of the open GGUF `model`'s metadata. Raises CheckpointError for an architecture the
+    import does not know, ConfigError naming the field for metadata that make no valid config."""
+    return ModelConfig.from_dict(config_dict(model, family_of_gguf(model)), source=f"{model.path} (metadata)")
 
 
 def import_kind(type_name: str) -> str:
