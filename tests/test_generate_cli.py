@@ -63,6 +63,13 @@ def test_bad_options_give_one_clear_error_line_and_exit_code_2(args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("option, path", [("--stats-json", "/proc/s.json"), ("--trace", "/sys/t.jsonl")])
+def test_an_output_file_that_cannot_be_written_is_refused_before_generating(option, path):
+    result = runner.invoke(app, ["generate", "--prompt", "hi", *GREEDY, option, path])
+    assert (result.exit_code, result.stdout) == (2, ""), result.output  # no text: nothing was generated
+    assert result.stderr.startswith(f"error: {path}: cannot write ("), result.stderr
+
+
 def test_seed_minus_one_samples_with_a_random_seed():
     result = runner.invoke(app, ["generate", "-p", "hi", "-n", "3", "--seed", "-1", "--backend", "numpy"])
     assert result.exit_code == 0, result.output

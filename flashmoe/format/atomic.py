@@ -21,20 +21,32 @@ _MODEL_MARKER = "flashmoe.json"
 
 
 def check_writable(target: str | Path) -> None:
-    """Raise FlashMoeError, before any work is done, when target cannot be written: its folder is missing
-    or it is a directory."""
+    """Raise FlashMoeError, before any work is done, when target cannot be written: its folder is missing,
+    it is a directory, or no file may be made beside it (a read-only folder, /sys, a name too long: atomic_path's
+    temporary file is made there and removed)."""
     target = Path(target)
     if target.is_dir():
         raise FlashMoeError(f"{target}: is a directory, not a file to write")
     if not target.parent.is_dir():
         raise FlashMoeError(f"{target}: folder {target.parent} does not exist")
+    tmp = _tmp_file(target)
+    try:
+        tmp.touch(exist_ok=False)
+        tmp.unlink()
+    except OSError as e:
+        raise FlashMoeError(f"{target}: cannot write ({e.strerror or e})") from None
+
+
+def _tmp_file(target: Path) -> Path:
+    """The temporary file beside target that atomic_path writes, of this process."""
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in target's directory; on normal exit rename it to target, else delete it."""
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = _tmp_file(target)
     try:
         yield tmp
         os.replace(tmp, target)
