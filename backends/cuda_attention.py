@@ -6,12 +6,14 @@ the lane reductions that also run in numba's simulator).
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from numba import cuda, float32, float64
 
 from flashmoe.backends.cuda_kernels import LANES, ROWS, _lane_sum, _silu
 
 KEYS_PER_PASS = 4  # keys whose dot products one pass of the attention kernel computes with independent loads
+DELTA_PARTS = 8  # threads sharing one column of S in gated_delta_rule
 MAX_HEAD_DIM = 512  # features of a head qk_norm_rope holds in shared memory (larger heads: two steps)
 
 
@@ -170,33 +172,73 @@ def causal_conv1d(state, x, w, kernel_size, y):
             state[m * C + c] = state[r * C + c] if r < keep else x[(r - keep) * C + c]
 
 
-@cuda.jit
-def gated_delta_rule(q, k, v, g, beta, n_tok, k_heads, dk, state_in, state, o):
-    """Gated delta rule (Yang et al. 2024) from state_in into state [H * Dk * Dv] (state_in is only read);
-    state may be state_in itself (updated in place: each thread reads and writes only its own column).
-    One thread per (head h, value feature j), owning column j of S_h: per token S = exp(g) S; delta =
-    beta (v - Sᵀk); S += k ⊗ delta; o = Sᵀq. q, k [T * Hk * Dk]; v, o [T * H * Dv]; g, beta [T * H]."""
-    n = cuda.grid(1)
-    H = g.shape[0] // n_tok
-    dv = v.shape[0] // (n_tok * H)
-    if n < H * dv:
-        h, j = n // dv, n % dv
+@cuda.jit(device=True)
+def _column_sum(x, sh, lane, r):
+    """Sum of x over the DELTA_PARTS threads (lane, 0..DELTA_PARTS-1) of a block; every thread must call it."""
+    sh[r, lane] = x
+    cuda.syncthreads()
+    total = float32(0.0)
+    for p in range(DELTA_PARTS):
+        total += sh[p, lane]
+    cuda.syncthreads()
+    return total
+
+
+@lru_cache(maxsize=None)
+def gated_delta_rule(dk: int):
+    """Kernel: the gated delta rule (Yang et al. 2024) from state_in into state [H * Dk * Dv] (state_in is only
+    read; state may be state_in itself) for key heads of dk features. Per token S = exp(g) S;
+    delta = beta (v - Sᵀk); S += k ⊗ delta; o = Sᵀq. A block of (LANES, DELTA_PARTS) threads takes LANES
+    columns j of one head's S (a warp reads LANES consecutive floats of a row); thread (lane, r) keeps rows
+    r, r + DELTA_PARTS, ... of its column in registers (dk is a compile-time constant), loaded all at once,
+    and the column's dot products are summed over the block's DELTA_PARTS threads. (One thread per column
+    walking its rows in place, each load after a store to the same array, was one memory round trip per row:
+    73 µs a launch for Qwen3.5-397B's 64 x 128 x 128 state on an H100, docs/benchmarks.md, issue 15, sixth
+    session.)
+
+    (q, k [T * Hk * Dk], v [T * H * Dv], g, beta [T * H], n_tok, k_heads, state_in, state, o [T * H * Dv]);
+    grid H * ceil(Dv / LANES), block (LANES, DELTA_PARTS)."""
+    per = -(-dk // DELTA_PARTS)  # rows of its column each thread holds
+
+    @cuda.jit
+    def kernel(q, k, v, g, beta, n_tok, k_heads, state_in, state, o):
+        sh = cuda.shared.array((DELTA_PARTS, LANES), float32)
+        lane, r = cuda.threadIdx.x, cuda.threadIdx.y
+        H = g.shape[0] // n_tok
+        dv = v.shape[0] // (n_tok * H)
+        chunks = (dv + LANES - 1) // LANES
+        h = cuda.blockIdx.x // chunks
+        j = cuda.blockIdx.x % chunks * LANES + lane
+        live = j < dv
         kh = h // (H // k_heads)
         base = h * dk * dv + j
-        for i in range(dk):
-            state[base + i * dv] = state_in[base + i * dv]
+        col = cuda.local.array(per, float32)
+        for u in range(per):
+            i = r + u * DELTA_PARTS
+            col[u] = state_in[base + i * dv] if live and i < dk else float32(0.0)
         for t in range(n_tok):
             decay = math.exp(g[t * H + h])
             kq = (t * k_heads + kh) * dk
             kv = float32(0.0)
-            for i in range(dk):
-                s = state[base + i * dv] * decay
-                state[base + i * dv] = s
-                kv += s * k[kq + i]
-            delta = (v[(t * H + h) * dv + j] - kv) * beta[t * H + h]
+            for u in range(per):
+                i = r + u * DELTA_PARTS
+                if i < dk:
+                    col[u] *= decay
+                    kv += col[u] * k[kq + i]
+            kv = _column_sum(kv, sh, lane, r)
+            delta = (v[(t * H + h) * dv + j] - kv) * beta[t * H + h] if live else float32(0.0)
             acc = float32(0.0)
-            for i in range(dk):
-                s = state[base + i * dv] + k[kq + i] * delta
-                state[base + i * dv] = s
-                acc += s * q[kq + i]
-            o[(t * H + h) * dv + j] = acc
+            for u in range(per):
+                i = r + u * DELTA_PARTS
+                if i < dk:
+                    col[u] += k[kq + i] * delta
+                    acc += col[u] * q[kq + i]
+            acc = _column_sum(acc, sh, lane, r)
+            if live and r == 0:
+                o[(t * H + h) * dv + j] = acc
+        for u in range(per):
+            i = r + u * DELTA_PARTS
+            if live and i < dk:
+                state[base + i * dv] = col[u]
+
+    return kernel

@@ -281,8 +281,8 @@ class CudaBackend(Backend):
         T, Hk, Dk = q.shape
         H, Dv = v.shape[1], v.shape[2]
         o = empty((T, H, Dv))
-        flat_launch(KA.gated_delta_rule, H * Dv, q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, Dk, state.flat,
-                    state.flat, o.flat)
+        A.launch(KA.gated_delta_rule(Dk), H * A.cdiv(Dv, K.LANES), (K.LANES, KA.DELTA_PARTS),
+                 (q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, state.flat, state.flat, o.flat))
         return o, state
 
     # -- array glue -----------------------------------------------------------------------------------------
