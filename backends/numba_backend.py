@@ -66,6 +66,7 @@ from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.arch.config import YarnRope
 from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, PackedWeight, check_quantized
 from flashmoe.backends import numba_experts, numba_norms, numba_prefill, numba_q8
+from flashmoe.backends.numba_cache import cached_njit
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, SCALE_KINDS, codes_per_unit,
                                             dequant_rows_permuted, expert_view, fold_groups, gated, permute_input,
                                             stacked_biases, unit_dots)
@@ -94,7 +95,7 @@ if numba is not None:
         passing them as arguments would leave them to run time."""
         e2m1 = scale == "e8m0"
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def qmatvec(words, scales, biases, xp, xsum, out):
             """out[t, o] = W[o] . x[t] for a few tokens (decode): fused, no dequantised weight."""
             n_rows = words.shape[0]
@@ -106,7 +107,7 @@ if numba is not None:
                         unit_dots(words[o], xp[t], pw, bits, e2m1)
                         out[t, o] = fold_groups(pw, scales[o], biases[o], xsum[t], e2m1)
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def qmatmat(words, scales, biases, xp, out):
             """out[t, o] = W[o] . x[t] for many tokens (prefill): each block of rows is dequantised once
             into a per-thread tile (permuted layout, so it meets xp directly) and used by every token."""
@@ -126,7 +127,7 @@ if numba is not None:
                                 acc += tile[r, j, u] * xt[j, u]
                         out[t, r0 + r] = acc
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def qrows(words, scales, biases, ids, out):
             """out[i] = dequantised row ids[i], permuted layout [n, cpu, nu] (embedding lookup)."""
             for i in prange(ids.shape[0]):
@@ -134,7 +135,7 @@ if numba is not None:
                 dequant_rows_permuted(words, scales, biases, bits, e2m1, ids[i], ids[i] + 1, tile)
                 out[i] = tile[0]
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def experts_gate_up(g_addr, u_addr, xp, xsum, g_bias, u_bias, act, h):
             """h[e, i] = gated(gate_e[i] . x + g_bias[e, i], up_e[i] . x + u_bias[e, i]) for the k experts of
             one token (numba_packed.gated: SwiGLU, or gpt-oss's clamped one when act = [limit, alpha]).
@@ -164,7 +165,7 @@ if numba is not None:
                         v += u_bias[e, i]
                     h[e, i] = gated(gate[i - i0], v, act)
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def experts_down(d_addr, hp, hsum, d_bias, weights, out):
             """out[o] = sum_e weights[e] * (down_e[o] . h_e + d_bias[e, o]) (d_bias float32 [k, hidden], or
             [k, 0] without biases). A chunk of hidden rows reads one expert's rows for the whole chunk
@@ -190,7 +191,7 @@ if numba is not None:
         return SimpleNamespace(qmatvec=qmatvec, qmatmat=qmatmat, qrows=qrows, experts_gate_up=experts_gate_up,
                                experts_down=experts_down)
 
-    @njit(parallel=True, fastmath=FASTMATH, cache=True)
+    @cached_njit(parallel=True, fastmath=FASTMATH)
     def _attention(q, k, v, q_positions, scale, sinks, out):
         T, Hq, D = q.shape
         Hkv = k.shape[1]
@@ -221,7 +222,7 @@ if numba is not None:
                 for d in range(D):
                     out[t, h, d] += p * v[j, kh, d]
 
-    @njit(fastmath=FASTMATH, cache=True)
+    @cached_njit(fastmath=FASTMATH)
     def _causal_conv1d(xs, weight, y):
         T, C = y.shape
         K = weight.shape[1]
@@ -232,7 +233,7 @@ if numba is not None:
                     acc += weight[c, j] * xs[t + j, c]
                 y[t, c] = acc / (np.float32(1.0) + np.exp(-acc))
 
-    @njit(parallel=True, fastmath=FASTMATH, cache=True)
+    @cached_njit(parallel=True, fastmath=FASTMATH)
     def _gated_delta_rule(q, k, v, g, beta, state, o):
         T, H, Dv = v.shape
         Dk = q.shape[2]
@@ -355,6 +356,8 @@ class NumbaBackend(Backend):
 
     name = "numba"
     activation_modes = ACTIVATIONS
+    #: (key, cos, sin) of the last RoPE tables (_rope_tables)
+    _last_rope: tuple | None = None
 
     @classmethod
     def default_activations(cls) -> str:
@@ -452,20 +455,29 @@ class NumbaBackend(Backend):
 
     def _rope_tables(self, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """cos and sin of RoPE's angles (Backend.rope_angles), float32 [T, rotary_dim / 2] each."""
+        """cos and sin of RoPE's angles (Backend.rope_angles), float32 [T, rotary_dim / 2] each. The last
+        tables are kept: every attention layer of a forward pass asks for the same positions (a decode layer
+        spent ~70 us on them; docs/benchmarks.md, "fourth pass"); the kernels only read them."""
+        key = (np.asarray(positions, np.float64).tobytes(), theta, rotary_dim, yarn)  # rope_angles's input
+        last = self._last_rope
+        if last is not None and last[0] == key:
+            return last[1], last[2]
         angles = self.rope_angles(positions, theta, rotary_dim, yarn)
-        return _f32(np.cos(angles)), _f32(np.sin(angles))
+        cos, sin = _f32(np.cos(angles)), _f32(np.sin(angles))
+        self._last_rope = (key, cos, sin)  # one assignment: a server's other threads see old or new, whole
+        return cos, sin
 
     def attention(self, q: Any, k: Any, v: Any, q_positions: np.ndarray, scale: float, sinks: Any = None
                   ) -> np.ndarray:
         q, k, v = _f32(q), _f32(k), _f32(v)
-        sinks = np.full(q.shape[1], -np.inf, np.float32) if sinks is None else _f32(sinks)
+        sinks = _no_sinks(q.shape[1]) if sinks is None else _f32(sinks)
         q_positions = np.ascontiguousarray(q_positions, dtype=np.int64)
-        if len(q_positions) and not 0 <= q_positions.min() <= q_positions.max() < k.shape[0]:
-            raise BackendError(f"attention: query positions {q_positions.min()}..{q_positions.max()} outside "
-                               f"the {k.shape[0]} cached keys")  # the kernel does not bounds-check
+        first, last = (int(q_positions.min()), int(q_positions.max())) if len(q_positions) else (0, -1)
+        if not (0 <= first and last < k.shape[0]):
+            raise BackendError(f"attention: query positions {first}..{last} outside the {k.shape[0]} cached "
+                               "keys")  # the kernel does not bounds-check
         out = np.empty_like(q)
-        work = q.shape[0] * q.shape[1] * q.shape[2] * (int(q_positions.max()) + 1 if len(q_positions) else 0)
+        work = q.shape[0] * q.shape[1] * q.shape[2] * (last + 1)
         _call(_attention, 2 * work, q, k, v, q_positions, np.float32(scale), sinks, out)
         return out
 
@@ -568,6 +580,13 @@ def _layout_tables(buffers: list, layout: Any) -> tuple[numba_experts.LayoutPlan
 def _act_array(act: ClampedSwiGLU | None) -> np.ndarray:
     """The kernels' form of the gated activation (numba_packed.gated): float32 [0] for SwiGLU, [limit, alpha]."""
     return np.empty(0, np.float32) if act is None else np.array([act.limit, act.alpha], np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_sinks(heads: int) -> np.ndarray:
+    """-inf per head: attention without sink logits (they add nothing to the softmax's denominator); one
+    array per head count, made once (the kernel only reads it)."""
+    return np.full(heads, -np.inf, np.float32)
 
 
 def _addresses(ws: list[KernelWeight]) -> np.ndarray:

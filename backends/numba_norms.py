@@ -19,11 +19,12 @@ try:
 except ImportError:  # numba_backend reports it through unavailable_reason
     njit = None
 
+from flashmoe.backends.numba_cache import cached_njit
 from flashmoe.backends.numba_packed import FASTMATH
 
 if njit is not None:
 
-    @njit(fastmath=FASTMATH, cache=True)
+    @cached_njit(fastmath=FASTMATH)
     def rms_row(x, w, eps, out):
         """out = x / sqrt(mean(x²) + eps) * w for one row x float32 [n] (out may be x)."""
         ss = np.float32(0.0)
@@ -33,7 +34,7 @@ if njit is not None:
         for i in range(x.shape[0]):
             out[i] = x[i] * inv * w[i]
 
-    @njit(cache=True)
+    @cached_njit()
     def rope_row(x, cos, sin, out):
         """Rotate-half RoPE of one head x float32 [D] by angles' cos, sin [half] into out [D] (not x); the
         features past 2·half are the caller's."""
@@ -44,13 +45,13 @@ if njit is not None:
             out[i] = a * cos[i] - b * sin[i]
             out[i + half] = b * cos[i] + a * sin[i]
 
-    @njit(cache=True)
+    @cached_njit()
     def rms_norm(x, w, eps, out):
         """rms_row of each row of x [T, n] into out [T, n]."""
         for t in range(x.shape[0]):
             rms_row(x[t], w, eps, out[t])
 
-    @njit(cache=True)
+    @cached_njit()
     def add_rms_norm(h, delta, w, eps, total, out):
         """total = h + delta, out = rms_row(total) row by row; all float32 [T, n]."""
         for t in range(h.shape[0]):
@@ -58,7 +59,7 @@ if njit is not None:
                 total[t, i] = h[t, i] + delta[t, i]
             rms_row(total[t], w, eps, out[t])
 
-    @njit(cache=True)
+    @cached_njit()
     def rope(x, cos, sin, out):
         """rope_row of every head of x [T, H, D] at its token's cos, sin [T, half] into out (which holds the
         pass-through features already)."""
@@ -66,14 +67,14 @@ if njit is not None:
             for h in range(x.shape[1]):
                 rope_row(x[t, h], cos[t], sin[t], out[t, h])
 
-    @njit(cache=True)
+    @cached_njit()
     def _heads_norm_rope(x, w, eps, cos, sin, t, normed, out):
         for h in range(x.shape[1]):
             rms_row(x[t, h], w, eps, normed)
             out[t, h, :] = normed
             rope_row(normed, cos[t], sin[t], out[t, h])
 
-    @njit(cache=True)
+    @cached_njit()
     def qk_norm_rope(q, k, wq, wk, eps, cos, sin, q_out, k_out):
         """Per-head rms_row of q [T, Hq, D] (weight wq [D]) and k [T, Hkv, D] (wk), then rope_row of both at
         the token's cos, sin [T, half], into q_out and k_out; features past 2·half are the normed ones."""

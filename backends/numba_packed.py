@@ -24,6 +24,8 @@ try:
 except ImportError:  # numba_backend reports it through unavailable_reason
     numba = None
 
+from flashmoe.backends.numba_cache import cached_njit
+
 FASTMATH = {"contract", "reassoc"}
 # Rows handled per scheduling chunk: amortises the per-chunk scratch allocation and keeps a chunk's
 # dequantised tile (ROW_BLOCK x in floats) inside L2.
@@ -212,7 +214,7 @@ if numba is not None:
                 acc += widen(srow[g]) * d + widen(brow[g]) * xsum[g]
         return acc
 
-    @njit(fastmath=FASTMATH, cache=True)
+    @cached_njit(fastmath=FASTMATH)
     def fold_groups(pw, srow, brow, xsum, e2m1):
         """Pass 2: sum_g scale_g * (sum of the group's unit dots) + bias_g * xsum_g (no bias term for MXFP4,
         ``e2m1``, whose E8M0 scale bytes ``widen`` reads as their powers of two).

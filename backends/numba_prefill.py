@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from flashmoe.backends import numba_q8
+from flashmoe.backends.numba_cache import cached_njit
 from flashmoe.backends.numba_packed import EXPERT_ROW_BLOCK, FASTMATH, expert_view, gated
 from flashmoe.backends.numba_x86 import Q8_TILE_TOKENS
 
@@ -45,7 +46,7 @@ if njit is not None:
         """The grouped kernels for one bit width, scale kind and row kernel (as numba_q8.q8_kernels: closure
         constants, so numba compiles only the row kernel that applies)."""
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def grouped_gate_up(g_addr, u_addr, first, xq, d, xsum, g_bias, u_bias, act, gate, h):
             """h[n, i] = gated(gate_e[i] . x_n + g_bias[e, i], up_e[i] . x_n + u_bias[e, i]) for the rows n
             of expert e, first[e] <= n < first[e + 1] (x given quantised; g_addr, u_addr int64 [E, 3];
@@ -75,7 +76,7 @@ if njit is not None:
                             u += u_bias[e, i]
                         h[n, i] = gated(g, u, act)
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def grouped_down(d_addr, first, hq, hd, hsum, d_bias, tokens, weights, scratch, y):
             """y[tokens[n], o] += weights[n] * (down_e[o] . h_n + d_bias[e, o]) for the rows n of each expert
             e in turn (h given quantised; d_bias [E, hidden] or [E, 0]; scratch float32 [rows, hidden])."""

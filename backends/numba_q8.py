@@ -48,6 +48,7 @@ try:
 except ImportError:  # the numba backend reports it (numba_backend.unavailable_reason)
     numba = None
 
+from flashmoe.backends.numba_cache import cached_njit
 from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, code, expert_view, gated,
                                             u32_as_f32, widen)
 from flashmoe.backends.numba_x86 import INT8_INSTRUCTIONS, Q8_TILE_TOKENS, UNIT_BITS, X86_BYTES
@@ -126,7 +127,7 @@ if numba is not None:
                     lo[i] = np.uint8(pr[i] & np.uint16(0xFF))
                     hi[i] = np.uint8(pr[i] >> np.uint16(8))
 
-    @njit(fastmath=FASTMATH, cache=True)
+    @cached_njit(fastmath=FASTMATH)
     def quantize_q8(x, block, paired, xq, d, xsum):
         """x float32 [T, n] -> xq int8 [T, n] (natural or paired order), d float32 [T, n / block] and the
         group sums of the dequantised activations xsum [T, n / group_size] (sum_b d_b * sum(xq_b)), rounding
@@ -136,7 +137,7 @@ if numba is not None:
         for t in range(x.shape[0]):
             _quantize_token(x[t], block, paired, xq[t], d[t], xsum[t], codes)
 
-    @njit(parallel=True, fastmath=FASTMATH, cache=True)
+    @cached_njit(parallel=True, fastmath=FASTMATH)
     def quantize_q8_tokens(x, block, paired, xq, d, xsum):
         """quantize_q8 with the tokens split across threads (a prompt's rows), the same bits."""
         for t in prange(x.shape[0]):
@@ -306,7 +307,7 @@ if numba is not None:
         MXFP4's E8M0) and row kernel (row_kind); the three are closure constants, so numba compiles only the
         row kernel that applies."""
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def matvecs(addr, first_row, xq, d, xsum, out):
             """out[t, first_row[m] + o] = W_m[o] . x[t] for each token (decode or prefill) and each matrix m of
             the address table addr int64 [m, 3] (words, scales, biases; one in_features), x given quantised
@@ -332,7 +333,7 @@ if numba is not None:
                         _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, min(xq.shape[0], t0 + Q8_TILE_TOKENS), cb, tile,
                                         bits, row, out, first_row[i] + o)
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def experts_gate_up(g_addr, u_addr, xq, d, xsum, g_bias, u_bias, act, h):
             """h[e, i] = gated(gate_e[i] . x + g_bias[e, i], up_e[i] . x + u_bias[e, i]) for the k experts of
             one token (x quantised; numba_packed.gated, act as there; biases [k, inter] or [k, 0])."""
@@ -357,7 +358,7 @@ if numba is not None:
                         else:
                             gate[i - i0] = v
 
-        @njit(parallel=True, fastmath=FASTMATH, cache=True)
+        @cached_njit(parallel=True, fastmath=FASTMATH)
         def experts_down(d_addr, hq, hd, hsum, d_bias, weights, out):
             """out[o] = sum_e weights[e] * (down_e[o] . h_e + d_bias[e, o]), h_e given quantised (d_bias
             [k, hidden] or [k, 0]); a chunk of hidden rows reads one expert's rows for the whole chunk before

@@ -16,10 +16,7 @@ module for its gate, so this module imports nothing of the runtime.
 
 from __future__ import annotations
 
-import ast
-import functools
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
@@ -36,6 +33,7 @@ from flashmoe.conformance import model_cases, op_cases
 from flashmoe.conformance.model_cases import EngineFactory, ModelResult
 from flashmoe.conformance.op_cases import QUICK_CASES, CaseResult, full_cases, run_cases
 from flashmoe.errors import ConformanceError
+from flashmoe.sources import dependencies
 
 #: The NumPy backend is the reference the suite compares with; it needs no gate.
 REFERENCE_BACKEND = "numpy"
@@ -70,53 +68,13 @@ def machine() -> dict[str, str]:
     return info
 
 
-@functools.lru_cache(maxsize=None)
-def _imported_modules(path: Path, mtime_ns: int, size: int) -> frozenset[str]:
-    """Every flashmoe module name an import statement of file ``path`` may name, at top level or inside a
-    function: for ``from flashmoe.a import b`` both ``flashmoe.a`` and ``flashmoe.a.b`` (b may be a submodule).
-    Cached per file version (every engine load asks): parsing the ~50 sources takes a tenth of a second."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_bytes())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return frozenset(n for n in names if n == "flashmoe" or n.startswith("flashmoe."))
-
-
-@functools.lru_cache(maxsize=None)
-def _module_file(name: str) -> Path | None:
-    """The source file of module ``name``, found without running it (only the packages above it are
-    imported); None if ``name`` is not a module (an attribute such as ``flashmoe.format.quant.unpack``)."""
-    parent = name.rpartition(".")[0]
-    if parent:
-        above = importlib.util.find_spec(parent)
-        if above is None or above.submodule_search_locations is None:  # below a module: an attribute
-            return None
-    spec = importlib.util.find_spec(name)
-    return Path(spec.origin) if spec is not None and spec.has_location else None
-
-
 def source_files(name: str) -> list[Path]:
     """The sources that backend ``name``'s conformance depends on: its class's module, the quick suite
     (conformance/op_cases.py) and every flashmoe module they import, transitively (packages' __init__ and
     imports inside functions included, so the helper kernel modules a backend imports lazily count), this
     runner, and the shader sources compiled at run time. Sorted by path."""
     roots = [Path(inspect.getfile(type(get_backend(name)))), Path(inspect.getfile(op_cases))]
-    todo, seen = [p.resolve() for p in roots], set()
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        stat = path.stat()
-        for module in _imported_modules(path, stat.st_mtime_ns, stat.st_size):
-            parts = module.split(".")
-            for prefix in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):  # each package runs its __init__
-                found = _module_file(prefix)
-                if found is not None and found.resolve() not in seen:
-                    todo.append(found.resolve())
+    seen = set(dependencies(roots))
     seen.add(Path(__file__).resolve())
     seen.update(p.resolve() for p in Path(shaders.__file__).parent.glob("*.[cm]*"))  # kernels compiled at run time
     return sorted(seen)

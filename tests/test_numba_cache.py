@@ -47,3 +47,4 @@ def test_a_second_process_loads_every_decode_kernel_from_the_cache():
     assert "data loaded" in run.stdout  # the second process read its kernels from the cache
     recompiled = [line for line in run.stdout.splitlines() if "data saved" in line]
     assert recompiled == []
+
