@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -83,6 +84,8 @@ _MATVEC_TOKENS = 3
 # a parallel region's start-up (waking the pool's workers, ~20-50 us on an idle core and milliseconds on a
 # busy machine) outweighs halving such a call. Measured crossover: docs/benchmarks.md, numba experiments.
 PARALLEL_MIN_WORK = 1 << 21
+# Plans of q8 calls kept per backend (NumbaBackend._q8_plan): a model's resident linears are a few hundred
+_MAX_PLANS = 4096
 
 
 if numba is not None:
@@ -379,13 +382,14 @@ class NumbaBackend(Backend):
 
     def linear(self, x: Any, w: Any) -> np.ndarray:
         x = _f32(x)
+        plan = self._q8_plan([w])
+        if plan is not None and x.shape[1] == plan.in_features:
+            return numba_q8.linears(x, plan, _call)[0]
         p = _as_weight(w, "linear weight")
         if isinstance(p, np.ndarray):
             return x @ p.T
         if x.shape[1] != p.in_features:
             raise BackendError(f"linear: input has {x.shape[1]} features, weight expects {p.in_features}")
-        if self._q8(p):
-            return numba_q8.linears(x, [p], _addresses, _call)[0]
         xp, xsum = permute_input(x, p.bits, p.group_size)
         out = np.empty((x.shape[0], p.out_features), np.float32)
         work = x.shape[0] * p.out_features * p.in_features
@@ -399,13 +403,33 @@ class NumbaBackend(Backend):
         """One parallel region for all of ``ws`` when q8 applies to weights of one format (bits, group size,
         in_features, scale dtype: q/k/v, gate/up, an expert's gate/up in prefill); otherwise one linear each."""
         x = _f32(x)
+        plan = self._q8_plan(ws)
+        if plan is None or x.shape[1] != plan.in_features:
+            return super().linears(x, ws)
+        return numba_q8.linears(x, plan, _call)
+
+    def _q8_plan(self, ws: list) -> numba_q8.LinearsPlan | None:
+        """numba_q8's plan of one q8 call for all of ``ws`` (numba_q8.linears_plan), or None where q8 does not
+        take them together (not all quantised, formats differ, float activations). Kept for prepared weights
+        (KernelWeight: the engine's resident ones; a decode layer spent ~15 us a call on it), found again by
+        identity: a weight freed and its id reused makes a new plan."""
+        key = (self.activations, *map(id, ws))
+        plans = self.__dict__.setdefault("_plans", {})
+        known = plans.get(key)
+        if known is not None and all(ref() is w for ref, w in zip(known[0], ws)):
+            return known[1]
         # the q8 kernels take addresses: no read-only views
         quantised = (KernelWeight, QuantizedTensor, PackedWeight, Mxfp4Tensor)
         ps = [_as_weight(w, "linear weight", readonly=False) if isinstance(w, quantised) else None for w in ws]
         formats = {(p.bits, p.group_size, p.in_features, p.scale) if p is not None else None for p in ps}
-        if len(formats) != 1 or None in formats or not self._q8(ps[0]) or x.shape[1] != ps[0].in_features:
-            return super().linears(x, ws)
-        return numba_q8.linears(x, ps, _addresses, _call)
+        plan = None
+        if len(formats) == 1 and None not in formats and self._q8(ps[0]):
+            plan = numba_q8.linears_plan(ps, _addresses)
+        if all(isinstance(w, KernelWeight) for w in ws):
+            if len(plans) >= _MAX_PLANS:
+                plans.clear()
+            plans[key] = ([weakref.ref(w) for w in ws], plan)
+        return plan
 
     def embed(self, ids: np.ndarray, w: Any) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)

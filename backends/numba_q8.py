@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -397,18 +398,36 @@ def quantize(x: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
     return xq, d, xsum, row
 
 
-def linears(x: np.ndarray, ws: list, addresses, call) -> list[np.ndarray]:
-    """[x · W_m^T for each m]: x float32 [T, in] (decode or prefill) with q8 activations and KernelWeights
-    ``ws`` (numba_backend) of one bits, group size, in_features and scale dtype, all in one parallel
-    region; each output float32 [T, out_m] (a column slice of one array). ``addresses`` builds their int64
-    [m, 3] address table (numba_backend._addresses); ``call`` runs a kernel with its work count
-    (numba_backend._call: one thread below the parallel threshold)."""
+class LinearsPlan(NamedTuple):
+    """What a q8 call of matrices of one input and format needs besides x (linears_plan): made once per tuple
+    of resident weights by the backend, so a decode layer's calls skip it."""
+
+    bits: int
+    group_size: int
+    first_row: np.ndarray  # int64 [m + 1]: where each matrix's rows start in the output, then the total
+    addr: np.ndarray  # int64 [m, 3]: the matrices' words, scales and biases (their memory alive meanwhile)
+    matvecs: object  # the compiled q8_kernels(...).matvecs for their format and row kernel
+    in_features: int
+
+
+def linears_plan(ws: list, addresses) -> LinearsPlan:
+    """The LinearsPlan of KernelWeights ``ws`` (numba_backend) of one bits, group size, in_features and scale
+    dtype; ``addresses`` builds their int64 [m, 3] address table (numba_backend._addresses)."""
     w = ws[0]
-    xq, d, xsum, row = quantize(x, w.bits, w.group_size)
+    kernels = q8_kernels(w.bits, w.scale, row_kind(w.bits, w.in_features, w.group_size))
     first_row = np.array([0, *itertools.accumulate(v.out_features for v in ws)], np.int64)
+    return LinearsPlan(w.bits, w.group_size, first_row, addresses(ws), kernels.matvecs, w.in_features)
+
+
+def linears(x: np.ndarray, plan: LinearsPlan, call) -> list[np.ndarray]:
+    """[x · W_m^T for each m]: x float32 [T, in] (decode or prefill) with q8 activations, the matrices of
+    ``plan`` (linears_plan) all in one parallel region; each output float32 [T, out_m] (a column slice of one
+    array). ``call`` runs a kernel with its work count (numba_backend._call: one thread below the parallel
+    threshold)."""
+    xq, d, xsum, _ = quantize(x, plan.bits, plan.group_size)
+    first_row = plan.first_row
     out = np.empty((x.shape[0], int(first_row[-1])), np.float32)
-    call(q8_kernels(w.bits, w.scale, row).matvecs, x.shape[0] * int(first_row[-1]) * w.in_features,
-         addresses(ws), first_row, xq, d, xsum, out)
+    call(plan.matvecs, x.shape[0] * int(first_row[-1]) * plan.in_features, plan.addr, first_row, xq, d, xsum, out)
     return [out[:, a:b] for a, b in zip(first_row[:-1], first_row[1:])]
 
 

@@ -52,7 +52,7 @@ def test_q8_linear_matches_the_q8_reference(bits, group_size, sdtype, inp, token
     rng = np.random.default_rng(bits + inp)
     qt = make_weight(rng, 72, inp, bits, group_size, sdtype)
     x = rng.standard_normal((tokens, inp)).astype(np.float32)
-    got, = q8.linears(x, [_as_weight(qt, "w")], _addresses, _call)
+    got, = q8.linears(x, q8.linears_plan([_as_weight(qt, "w")], _addresses), _call)
     assert _rel(got, ref.linear_q8(x, qt)) <= Q8_KERNEL_TOLERANCE
 
 
@@ -65,8 +65,9 @@ def test_a_tokens_output_is_the_same_bits_alone_or_in_a_prefill_tile():
     affine = [_as_weight(make_weight(rng, 40, 512, b, g, "bfloat16"), "w") for b, g in ((4, 64), (6, 16))]
     fp4 = Mxfp4Tensor(rng.integers(0, 256, (40, 256), dtype=np.uint8), rng.integers(120, 130, (40, 16), dtype=np.uint8))
     for weight in (*affine, _as_weight(fp4, "w")):
-        alone = np.concatenate([q8.linears(x[t : t + 1], [weight], _addresses, _call)[0] for t in range(len(x))])
-        np.testing.assert_array_equal(q8.linears(x, [weight], _addresses, _call)[0], alone)
+        plan = q8.linears_plan([weight], _addresses)
+        alone = np.concatenate([q8.linears(x[t : t + 1], plan, _call)[0] for t in range(len(x))])
+        np.testing.assert_array_equal(q8.linears(x, plan, _call)[0], alone)
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
@@ -76,10 +77,30 @@ def test_q8_linears_of_one_input_match_the_q8_reference_each(tokens):
     rng = np.random.default_rng(5)
     qts = [make_weight(rng, rows, 256, 4, 64, "bfloat16") for rows in (72, 24, 40)]
     x = rng.standard_normal((tokens, 256)).astype(np.float32)
-    got = q8.linears(x, [_as_weight(qt, "w") for qt in qts], _addresses, _call)
+    got = q8.linears(x, q8.linears_plan([_as_weight(qt, "w") for qt in qts], _addresses), _call)
     for g, qt in zip(got, qts):
         assert g.shape == (tokens, qt.weight.shape[0])
         assert _rel(g, ref.linear_q8(x, qt)) <= Q8_KERNEL_TOLERANCE
+
+
+def test_a_plan_is_kept_for_prepared_weights_and_found_again_by_identity():
+    """NumbaBackend keeps the q8 plan of a tuple of prepared weights (a decode layer's q/k/v), keyed by their
+    ids and checked by identity: a plan left under ids that now name other weights (a weight freed, its id
+    reused) is not used for them."""
+    be = get_backend("numba", "q8")
+    rng = np.random.default_rng(8)
+    ws = [be.prepare(make_weight(rng, rows, 256, 4, 64, "bfloat16")) for rows in (72, 24)]
+    others = [be.prepare(make_weight(rng, rows, 256, 4, 64, "bfloat16")) for rows in (72, 24)]
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    want = [q8.linears(x, q8.linears_plan(group, _addresses), _call) for group in (ws, others)]
+    got = be.linears(x, ws)
+    plan = be._plans[("q8", *map(id, ws))][1]
+    assert be._q8_plan(ws) is plan
+    be._plans[("q8", *map(id, others))] = be._plans[("q8", *map(id, ws))]  # as if the ids were reused
+    for g, w in zip([got, be.linears(x, ws), be.linears(x, others)], [want[0], want[0], want[1]]):
+        for a, b in zip(g, w):
+            np.testing.assert_array_equal(a, b)
+    assert be._q8_plan(others) is not plan
 
 
 def _clamped_expert_q8(x: np.ndarray, e: dict) -> np.ndarray:

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
 
 from flashmoe.runtime.memory import current_rss_bytes, format_size, peak_rss_bytes
 
@@ -58,6 +56,22 @@ def compile_seconds() -> float:
         _compile_timer = event.TimingListener()
         event.register("numba:compile", _compile_timer)
     return _compile_timer.duration if _compile_timer.done else 0.0
+
+
+class _Stage:
+    """Stats.stage's timer: a plain class, not a generator-based context manager, which cost several times as
+    much at the engine's 5 stages a decode layer (docs/benchmarks.md, "fourth pass")."""
+
+    __slots__ = ("stats", "name", "t0", "compiled")
+
+    def __init__(self, stats: Stats, name: str):
+        self.stats, self.name = stats, name
+
+    def __enter__(self) -> None:
+        self.t0, self.compiled = time.perf_counter(), compile_seconds()
+
+    def __exit__(self, *exc) -> None:
+        self.stats.add_stage_time(self.name, time.perf_counter() - self.t0 - (compile_seconds() - self.compiled))
 
 
 @dataclass
@@ -165,14 +179,10 @@ class Stats:
         self.stage_s[name] = self.stage_s.get(name, 0.0) + seconds
         self.totals.compute_s += seconds
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the enclosed block as compute of stage `name`, less the kernel compilation done in it."""
-        t0, compiled = time.perf_counter(), compile_seconds()
-        try:
-            yield
-        finally:
-            self.add_stage_time(name, time.perf_counter() - t0 - (compile_seconds() - compiled))
+    def stage(self, name: str) -> _Stage:
+        """A context manager timing the enclosed block as compute of stage `name`, less the kernel compilation
+        done in it."""
+        return _Stage(self, name)
 
     def token_done(self) -> None:
         """Mark one emitted token: records its counters and wall time. The first call after `start()` is
