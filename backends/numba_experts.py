@@ -1,6 +1,6 @@
 """Which experts the numba backend's fused k-expert step of one decode token takes, and their addresses.
 
-The fused kernels (numba_backend.kernels, numba_q8.q8_kernels: one parallel region for all k experts'
+The fused kernels (numba_float.kernels, numba_q8.q8_kernels: one parallel region for all k experts'
 gate/up, one for their down projections and the router-weighted sum) read each expert's arrays through an
 int64 address table ``[k, 3]`` (words, scales, biases). Two ways in:
 
@@ -16,6 +16,7 @@ Both end in NumbaBackend._fused_experts, so the kernels and the numerics are the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,11 +58,18 @@ class LayoutPlan:
         out = []
         for c in self.biases:
             if c is None:
-                out.append(np.empty((len(buffers), 0), np.float32))
+                out.append(_no_biases(len(buffers)))
             else:
                 dtype = DTYPES[c.dtype]
                 out.append(np.stack([b[c.offset : c.offset + c.nbytes].view(dtype) for b in buffers]).astype(np.float32))
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _no_biases(k: int) -> np.ndarray:
+    """float32 [k, 0]: no biases for any of k experts; one array per k, made once (the kernels read nothing of
+    it), as a decode layer asked for three each token."""
+    return np.empty((k, 0), np.float32)
 
 
 def layout_plan(layout: ExpertLayout) -> LayoutPlan | None:

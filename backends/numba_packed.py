@@ -1,4 +1,4 @@
-"""Reading packed weights inside numba kernels, shared by the float kernels (numba_backend.py) and the q8
+"""Reading packed weights inside numba kernels, shared by the float kernels (numba_float.py) and the q8
 ones (numba_q8.py): one code of a packed row, a scale or bias widened to float32, an E2M1 code's value, a
 weight's arrays from an address table, and the experts' gated activation; with the fastmath flags and chunk
 sizes both use, and the float kernels' input order (permute_input) and row passes (unit_dots, fold_groups,

@@ -408,6 +408,9 @@ class LinearsPlan(NamedTuple):
     addr: np.ndarray  # int64 [m, 3]: the matrices' words, scales and biases (their memory alive meanwhile)
     matvecs: object  # the compiled q8_kernels(...).matvecs for their format and row kernel
     in_features: int
+    # the KernelWeights addr points into, held while the plan is, where the caller may not hold them (weights
+    # converted for this call: float16 scales); () in a plan kept beside weak references to its weights
+    weights: tuple
 
 
 def linears_plan(ws: list, addresses) -> LinearsPlan:
@@ -416,7 +419,7 @@ def linears_plan(ws: list, addresses) -> LinearsPlan:
     w = ws[0]
     kernels = q8_kernels(w.bits, w.scale, row_kind(w.bits, w.in_features, w.group_size))
     first_row = np.array([0, *itertools.accumulate(v.out_features for v in ws)], np.int64)
-    return LinearsPlan(w.bits, w.group_size, first_row, addresses(ws), kernels.matvecs, w.in_features)
+    return LinearsPlan(w.bits, w.group_size, first_row, addresses(ws), kernels.matvecs, w.in_features, tuple(ws))
 
 
 def linears(x: np.ndarray, plan: LinearsPlan, call) -> list[np.ndarray]:
