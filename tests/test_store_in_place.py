@@ -41,6 +41,30 @@ def test_experts_the_page_cache_holds_are_the_mapped_file_and_are_not_read(layer
         assert (d.reads, d.bytes_read, d.hits, d.misses) == (0, 0, 2, 0)
 
 
+def test_resident_experts_come_without_a_fetch_or_not_at_all(layers):
+    """ExpertStore.resident, decode's fast path: the mapped views of experts the page cache holds, counted as
+    hits, nothing to release; None when one of them is not in the page cache or a guess is outstanding."""
+    files, data = layers
+    with make_store(files, in_place=True, guess_slots=1) as store:
+        store.evict_page_cache()
+        store.wait(store.fetch(3, [2, 5]))  # now in the page cache; 7 is not
+        store.speculate(3, [7])
+        assert store.resident(3, [5]) is None  # the guess is settled by a fetch
+        store.wait(store.fetch(3, [7]))
+        store.release_all()
+        before = copy.copy(store.stats.totals)
+        views = store.resident(3, np.array([5, 2]))
+        for e, view in zip([5, 2], views):
+            np.testing.assert_array_equal(view, expert_bytes(data, 3, e))
+            assert _in_mapping(store, 3, view, e) and not view.flags.writeable
+        d = store.stats.totals - before
+        assert (d.reads, d.hits, d.misses) == (0, 2, 0) and not store._live
+        store.evict_page_cache()
+        assert store.resident(3, [5, 2]) is None
+        with pytest.raises(ValueError, match=r"expert ids \[9\] of layer 3"):
+            store.resident(3, [9])
+
+
 def test_a_cold_expert_is_read_into_a_buffer_then_used_in_place(layers):
     """The cold path is the copy path: one preadv into a read buffer, never a fault through the mapping; the
     next fetch finds the pages that read brought in. Evicting lets go of mapped pages too (cold stays cold)."""

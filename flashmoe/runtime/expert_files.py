@@ -33,10 +33,10 @@ from flashmoe.format.manifest import ALIGN  # page size and the O_DIRECT alignme
 # one piece.
 GUESS_CHUNK = 1 << 20
 
-# How long `resident` takes an expert it found whole in the page cache to be there still, without asking
-# mincore again: mincore walks every page of the expert (13-65 us for 2.6 MB on the development machine,
-# 8 experts a layer, each decode token), while an expert used in the last second sits on pages the compute
-# just touched, the last the kernel reclaims. A page reclaimed all the same is read back by the fault that
+# How long `resident` takes an expert it found whole in the page cache, or last handed out, to be there still,
+# without asking mincore again: mincore walks every page of the expert (13-65 us for 2.6 MB on the development
+# machine, 8 experts a layer, each decode token), while an expert used in the last second sits on pages the
+# compute just touched, the last the kernel reclaims. A page reclaimed all the same is read back by the fault that
 # needs it (slower, never wrong), as for one reclaimed between a check and the compute.
 RESIDENT_RECHECK_S = 1.0
 
@@ -255,17 +255,35 @@ class ExpertFiles:
 
     def resident(self, layer: int, expert: int) -> np.ndarray | None:
         """Expert `expert` of `layer` as a read-only np.uint8 view of `nbytes` on the file's mapping when the
-        page cache holds every page of it (mincore; a whole expert found less than RESIDENT_RECHECK_S ago is
-        not asked about again), else None (the caller reads it). A page reclaimed after the check is read
-        back from disk by the page fault that needs it. Raises FlashMoeError naming the file when mincore
-        fails."""
+        page cache holds every page of it, else None (the caller reads it): `residents` of one expert."""
+        found = self.residents(layer, (expert,))
+        return None if found is None else found[0]
+
+    def residents(self, layer: int, experts) -> list[np.ndarray] | None:
+        """Experts `experts` (ints) of `layer` as read-only np.uint8 views of `nbytes` on the file's mapping when
+        the page cache holds every page of every one of them (mincore; an expert found whole or handed out less
+        than RESIDENT_RECHECK_S ago is not asked about again), else None, at the first one it lacks. A page
+        reclaimed after the check is read back from disk by the page fault that needs it. One clock reading
+        and one set of lookups for a decode layer's k experts. Raises FlashMoeError naming the file when
+        mincore fails."""
         whole = self._mapped.get(layer)
         if whole is None:
             return None
-        off, nbytes = expert * self._stride[layer], self._nbytes[layer]
+        stride, nbytes, checked = self._stride[layer], self._nbytes[layer], self._checked
         now = time.monotonic()
-        if now - self._checked.get((layer, expert), -RESIDENT_RECHECK_S) < RESIDENT_RECHECK_S:
-            return whole[off : off + nbytes]
+        views = []
+        for expert in experts:
+            off = expert * stride
+            if now - checked.get((layer, expert), -RESIDENT_RECHECK_S) >= RESIDENT_RECHECK_S:
+                if not self._in_memory(whole, off, nbytes, layer, expert):
+                    return None
+            views.append(whole[off : off + nbytes])
+        for expert in experts:  # all found: each about to be used, its pages touched now
+            checked[(layer, expert)] = now
+        return views
+
+    def _in_memory(self, whole: np.ndarray, off: int, nbytes: int, layer: int, expert: int) -> bool:
+        """Whether the page cache holds every page of bytes [off, off + nbytes) of `whole` (mincore)."""
         start = off - off % mmap.PAGESIZE  # mincore takes whole pages (16 KiB on Apple silicon)
         length = off + nbytes - start
         pages = np.empty(-(-length // mmap.PAGESIZE), np.uint8)
@@ -273,10 +291,7 @@ class ExpertFiles:
             err = ctypes.get_errno()
             raise FlashMoeError(f"{self._paths[layer]}: mincore of expert {expert} of layer {layer} failed: "
                                 f"{os.strerror(err)}")
-        if not np.bitwise_and(pages, 1).all():  # bit 0: in memory; the others are reserved
-            return None
-        self._checked[(layer, expert)] = now
-        return whole[off : off + nbytes]
+        return bool(np.bitwise_and(pages, 1).all())  # bit 0: in memory; the others are reserved
 
     def _map_in(self, layer: int, expert: int) -> None:
         """Map the pages of `expert` of `layer` that a read just brought into the page cache (on the mapper

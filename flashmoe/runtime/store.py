@@ -289,6 +289,24 @@ class ExpertStore:
         self._live[id(f)] = f
         return f
 
+    def resident(self, layer: int, expert_ids: Sequence[int]) -> list[np.ndarray] | None:
+        """Decode's fast path in pagecache mode with `in_place`: experts `expert_ids` of `layer` (distinct ints
+        or an integer array) as read-only views of the expert file's mapping, in order, when the page cache
+        holds every one of them (ExpertFiles.residents) and no speculative read is outstanding; each counted
+        as a hit. Nothing to wait for or release: the views are valid while the store is open. None
+        otherwise; then `fetch` them (it still takes the resident ones in place). A warm decode layer's
+        fetch, wait and release cost ~100 us of Python in place (docs/benchmarks.md, "fifth pass").
+        Raises ValueError for an expert id outside [0, num_experts)."""
+        if not self.in_place or self._guesses:
+            return None
+        ids = [int(e) for e in expert_ids]
+        if ids and not 0 <= min(ids) <= max(ids) < self.num_experts:
+            self._check_ids(layer, ids)  # raises, naming the ids
+        views = self.files.residents(layer, ids)
+        if views is not None and self.files.tells_hits:
+            self.stats.record_lookups(len(views), 0)
+        return views
+
     def _slot(self, layer: int, e: int, guess: _Guess | None) -> _Slot:
         """Where expert `e` of a new fetch comes from, first match: flashmoe's cache (a hit), the guess
         already reading it, the page cache through the mapping (a hit), a new read into a cache entry
