@@ -265,7 +265,7 @@ ENGINE_ARGS = ["--backend", "numpy", "--io", "direct", "--max-memory", "3G", "-k
 
 @pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["chat"], ["serve"]])
 def test_generate_chat_and_serve_take_the_same_engine_options_to_load_engine(command, monkeypatch):
-    """The three commands share one definition of the engine options (flashmoe.cli._engine_options)."""
+    """The three commands share one definition of the engine options (flashmoe.cli.shared.engine_options)."""
     from typer.testing import CliRunner
 
     import flashmoe.runtime.load

@@ -83,9 +83,9 @@ def test_no_import_cycles():
 
 
 def test_only_the_cli_imports_the_benchmarks():
-    """bench/ measures the package; the package runs without it. `flashmoe bench` (cli.py) is the one door:
+    """bench/ measures the package; the package runs without it. `flashmoe bench` (flashmoe/cli) is the one door:
     a command that runs a benchmark, imported only when that command runs."""
     graph = import_graph()
     users = {m for m, deps in graph.items() if not m.startswith("flashmoe.bench")
              and not m.rpartition(".")[2].startswith("test_") and any(d.startswith("flashmoe.bench") for d in deps)}
-    assert users <= {"flashmoe.cli"}, users
+    assert all(m == "flashmoe.cli" or m.startswith("flashmoe.cli.") for m in users), users
