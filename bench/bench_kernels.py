@@ -190,6 +190,12 @@ def run(rounds: int, seed: int = 0, threads: int | None = None, only: str | None
             calls = 1 if "lm_head" in name else 20
             cases[f"numba {name}, {t} thread{'s' * (t > 1)}"] = (
                 functools.partial(_with_threads, t, measure), nbytes, calls)
+    return _timed(cases, rounds)
+
+
+def _timed(cases: dict[str, tuple[Callable[[], float], int, int]], rounds: int) -> dict:
+    """Time `cases` (name -> (seconds-per-call measurer, bytes per call, calls per round); the first the memory
+    read, which the others are compared with) over interleaved rounds, after one warm-up call each."""
     for measure, _, _ in cases.values():  # compile and fault every page in before timing
         measure()
     load_before = os.getloadavg()[0]

@@ -54,6 +54,21 @@ def state_bytes(cfg: ModelConfig, context: int) -> int:
     return total
 
 
+def _checked_options(io: str, cache_policy: str, max_memory: str | int | None,
+                     gpu_memory: str | int | None) -> tuple[int | None, int | None]:
+    """load_engine's max_memory and gpu_memory in bytes (None where not given), once io, cache_policy and the
+    budget are checked. Raises FlashMoeError naming the option, MemoryBudgetError for a budget above the
+    machine's physical memory."""
+    if io not in MODES:
+        raise FlashMoeError(f"--io {io!r} is not one of {', '.join(MODES)}")
+    if cache_policy.lower() not in POLICIES:
+        raise FlashMoeError(f"--cache-policy {cache_policy!r} is not one of {', '.join(POLICIES)}")
+    max_bytes = None if max_memory is None else parse_size(max_memory)
+    if max_bytes is not None:
+        check_budget_fits_machine(max_bytes)
+    return max_bytes, None if gpu_memory is None else parse_size(gpu_memory)
+
+
 def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "numba", io: str = "pagecache",
                 max_memory: str | int | None = None, experts_per_token: int | None = None,
                 context: int = 4096, cache_policy: str = DEFAULT_POLICY, threads: int | None = None,
@@ -90,18 +105,9 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     resident size, and after a throwaway forward with the process's measured RSS), FlashMoeError for bad
     options.
     """
-    if io not in MODES:
-        raise FlashMoeError(f"--io {io!r} is not one of {', '.join(MODES)}")
-    if cache_policy.lower() not in POLICIES:
-        raise FlashMoeError(f"--cache-policy {cache_policy!r} is not one of {', '.join(POLICIES)}")
-    max_bytes = None if max_memory is None else parse_size(max_memory)
-    if max_bytes is not None:
-        check_budget_fits_machine(max_bytes)
-    gpu_bytes = None if gpu_memory is None else parse_size(gpu_memory)
-    if isinstance(model_dir, ModelDir):
-        model = model_dir
-    else:
-        model = ModelDir.open(default_model_dir() if model_dir is None else model_dir)
+    max_bytes, gpu_bytes = _checked_options(io, cache_policy, max_memory, gpu_memory)
+    model = model_dir if isinstance(model_dir, ModelDir) else \
+        ModelDir.open(default_model_dir() if model_dir is None else model_dir)
     cfg = model.config
     k = cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
     if not 1 <= k <= cfg.num_experts:

@@ -190,6 +190,25 @@ class Session:
         if linear and all(isinstance(layer, (KVCacheBuffer, LinearAttentionBuffer)) for layer in self.state.layers):
             self._checkpoint = _Checkpoint(list(self.tokens), linear)
 
+    def _prefill_to_checkpoint(self, prompt_ids: Sequence[int], reused: int, checkpoint_at: int | None) -> int:
+        """Prefill prompt_ids[reused:checkpoint_at] and save the linear-attention states there, when the model
+        has such layers and reused <= checkpoint_at < len(prompt_ids); return where the rest of the prefill
+        starts (checkpoint_at, else reused)."""
+        state = self.state
+        hybrid = any(isinstance(layer, LinearAttentionBuffer) for layer in state.layers)
+        if not (hybrid and checkpoint_at is not None and reused <= checkpoint_at < len(prompt_ids)):
+            return reused
+        try:
+            if checkpoint_at > reused:
+                self.engine.forward(np.asarray(prompt_ids[reused:checkpoint_at]), state)
+        except BaseException:  # as in generate's token loop: the state may be half-updated
+            self.engine.store.release_all()
+            self.reset()
+            raise
+        self.tokens = list(prompt_ids[:checkpoint_at])
+        self._save_checkpoint()
+        return checkpoint_at
+
     def generate(self, prompt_ids: Sequence[int], sampler: Sampler, max_tokens: int | None,
                  stop: Sequence[str] = (), cancel: threading.Event | None = None,
                  checkpoint_at: int | None = None) -> Iterator[Step]:
@@ -218,18 +237,7 @@ class Session:
         info = RunInfo(prompt_tokens=len(prompt_ids), reused_tokens=reused)
         self.last = info
         stopper = StopMatcher(stop)
-        start = reused
-        hybrid = any(isinstance(layer, LinearAttentionBuffer) for layer in state.layers)
-        if hybrid and checkpoint_at is not None and reused <= checkpoint_at < len(prompt_ids):
-            try:
-                if checkpoint_at > reused:
-                    self.engine.forward(np.asarray(prompt_ids[reused:checkpoint_at]), state)
-            except BaseException:  # as in the loop below: the state may be half-updated
-                self.engine.store.release_all()
-                self.reset()
-                raise
-            self.tokens, start = list(prompt_ids[:checkpoint_at]), checkpoint_at
-            self._save_checkpoint()
+        start = self._prefill_to_checkpoint(prompt_ids, reused, checkpoint_at)
         steps = generate_steps(self.engine, self.tokenizer, list(prompt_ids[start:]), sampler, max_tokens, state,
                                started=True)
         info.stop = LENGTH
