@@ -1,4 +1,5 @@
-"""Error types. Each names the file, tensor or field at fault; the CLI maps every one to exit code 2."""
+"""Error types. Each names the file, tensor or field at fault; the CLI maps every one to exit code 2. And
+Terminated, the interrupt that SIGTERM raises."""
 
 
 class FlashMoeError(Exception):
@@ -28,3 +29,10 @@ class ConformanceError(FlashMoeError):
 class TextError(FlashMoeError):
     """A prompt is not valid UTF-8 text: it holds a lone surrogate (an undecodable byte of a file or argument,
     or a JSON escape such as \\ud800)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a service manager), raised by the command line's handler as an interrupt so
+    that Ctrl-C's cleanup runs (partial outputs removed, a generation in progress stopped as cancelled). Unlike
+    Ctrl-C it ends the command, with exit code 143: what catches KeyboardInterrupt to go on (the chat's prompt
+    and reply, generate keeping the statistics and trace of an interrupted run) re-raises it first."""

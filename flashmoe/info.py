@@ -15,6 +15,7 @@ import numpy as np
 from flashmoe.arch.config import ModelConfig
 from flashmoe.runtime.engine import check_finite
 from flashmoe.errors import FlashMoeError
+from flashmoe.format.atomic import atomic_path
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.format.modeldir import ModelDir
 
@@ -300,13 +301,6 @@ def write_logits(model_dir: str | Path, tokens: str, out: str | Path, backend: s
         ids = parse_tokens(tokens, md.config.vocab_size)
     with np.errstate(all="ignore"):  # non-finite values are reported by check_finite, once
         logits = check_finite(compute_logits(model_dir, ids, backend), model_dir, 0)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, logits)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise FlashMoeError(f"writing {out}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.save(f, logits)
     return out

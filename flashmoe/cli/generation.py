@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from flashmoe.cli.shared import EngineOptions, SamplingOptions, engine_options, sampling_options, user_errors
+from flashmoe.errors import Terminated
 
 
 @user_errors
@@ -28,7 +29,8 @@ def generate(
     sampling: SamplingOptions,
     engine_options: EngineOptions,
 ) -> None:
-    """Generate text, streaming routed experts from disk. Ctrl-C stops, prints the statistics so far, exits 130."""
+    """Generate text, streaming routed experts from disk. Ctrl-C stops, prints the statistics so far, exits 130;
+    SIGTERM stops, exits 143, and writes no --stats-json or --trace file."""
     from contextlib import nullcontext
 
     from flashmoe.format.atomic import check_writable, write_json_atomic
@@ -60,6 +62,8 @@ def generate(
                 sys.stdout.write(step.text)
                 sys.stdout.flush()
                 stop = step.stop
+        except Terminated:  # no statistics and no trace of a run cut short (user_errors: exit code 143)
+            raise
         except KeyboardInterrupt:
             stop = CANCELLED
             typer.echo("\n[interrupted]", err=True)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from flashmoe.errors import FlashMoeError
+from flashmoe.errors import FlashMoeError, Terminated
 from flashmoe.runtime.eviction import DEFAULT_POLICY, POLICIES
 
 
@@ -29,11 +29,6 @@ class Command(typer.core.TyperCommand):
             if getattr(param, "is_flag", False):
                 param.metavar = ""
         return params
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`timeout`, `kill`, a service manager) raised as an interrupt, so it takes Ctrl-C's path: the
-    cleanup that removes partial outputs runs, and a generation in progress stops as cancelled."""
 
 
 def _terminate(signum, frame):

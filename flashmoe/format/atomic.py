@@ -44,8 +44,10 @@ def _tmp_file(target: Path) -> Path:
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in target's directory; on normal exit rename it to target, else delete it."""
+    """Yield a temporary path in target's directory; on normal exit rename it to target, else delete it. The
+    temporary files of target that killed earlier runs left are removed first (_remove_stale_tmp)."""
     target = Path(target)
+    _remove_stale_tmp(target)
     tmp = _tmp_file(target)
     try:
         yield tmp
@@ -111,7 +113,7 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     dst = Path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp_dirs(dst)
+        _remove_stale_tmp(dst)
         tmp = _new_dir_beside(dst)
     except OSError as e:
         raise FlashMoeError(f"creating {dst}: {e.strerror or e}") from None
@@ -153,19 +155,23 @@ def _check_creatable(dst: Path) -> None:
 
 def _tmp_name(dst: Path, token: str) -> str:
     """The name of the temporary directory beside dst that becomes dst: token is `PID-HEX8` (see
-    _remove_stale_tmp_dirs)."""
+    _remove_stale_tmp)."""
     return f".{dst.name}.tmp-{token}"
 
 
-def _remove_stale_tmp_dirs(dst: Path) -> None:
-    """Remove the temporary directories beside dst that a killed earlier run left (SIGKILL, a power cut: the
-    signals flashmoe can catch remove their own): only `.NAME.tmp-PID-HEX8` whose process PID is gone, so a
-    run writing the same dst at this moment keeps its own. Never `.NAME.old-*`, which may hold the only copy
-    of an earlier model."""
-    pattern = re.compile(rf"\.{re.escape(dst.name)}\.tmp-(\d+)-[0-9a-f]{{8}}")
-    for path in dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*-*"):
+def _remove_stale_tmp(target: Path) -> None:
+    """Remove what a killed earlier run writing target left beside it (SIGKILL, a power cut: the signals
+    flashmoe can catch remove their own): atomic_path's file `.NAME.tmp-PID` and atomic_dir's directory
+    `.NAME.tmp-PID-HEX8`, where process PID is gone, so a run writing the same target at this moment keeps its
+    own. Never `.NAME.old-*`, which may hold the only copy of an earlier model."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.tmp-(\d+)(-[0-9a-f]{{8}})?")
+    for path in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
         found = pattern.fullmatch(path.name)
-        if found and path.is_dir() and not path.is_symlink() and not _running(int(found[1])):
+        if found is None or path.is_symlink() or _running(int(found[1])):
+            continue
+        if found[2] is None and path.is_file():
+            path.unlink(missing_ok=True)
+        elif found[2] is not None and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 
 

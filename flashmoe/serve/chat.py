@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flashmoe.runtime.engine import Engine
-from flashmoe.errors import FlashMoeError
+from flashmoe.errors import FlashMoeError, Terminated
 from flashmoe.serve.sampling import Sampler
 from flashmoe.serve.session import ContextError, RunInfo, Session, history_boundary
 from flashmoe.serve.tokenizer import Tokenizer, check_text
@@ -181,7 +181,9 @@ def run_repl(chat: ChatSession, read_line: Callable[[str], str] = input,
         except EOFError:
             write("\n")
             return
-        except KeyboardInterrupt:
+        except Terminated:
+            raise
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt
             write("\n")
             continue
         command, _, arg = text.strip().partition(" ")
@@ -231,6 +233,8 @@ def _reply(chat: ChatSession, text: str, write: Callable[[str], None], dim: str,
 
     try:
         chat.send(text, show)
+    except Terminated:
+        raise
     except KeyboardInterrupt:
         write(" [stopped]")
     except FlashMoeError as e:
