@@ -36,7 +36,7 @@ def softmax_topk(router_logits: np.ndarray, cfg: ModelConfig, k: int) -> tuple[n
     """
     probs = softmax(router_logits, axis=-1)  # (T, E)
     ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # (T, k)
-    weights = np.take_along_axis(probs, ids, axis=-1)  # (T, k)
+    weights = probs[np.arange(len(ids))[:, None], ids]  # (T, k): take_along_axis's values, not its index building
     if cfg.norm_topk_prob:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return ids.astype(np.int64), weights
