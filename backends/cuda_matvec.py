@@ -29,115 +29,12 @@ from functools import lru_cache
 
 from numba import cuda, float32, int32, uint32
 
-from flashmoe.backends.cuda_kernels import BF16, F32, LANES, ROWS, SIMULATOR, _as_f32, _lane_sum, _silu
+from flashmoe.backends.cuda_kernels import LANES, ROWS, _as_f32, _lane_sum, _silu
+from flashmoe.backends.cuda_loads import _aligned16, _and_or, _ld, _load4, _scale_bits, _scale_loader, _scale_value
 
 CODES_PER_LANE = 32 // LANES  # codes of a 32-code unit each lane of a row takes in the mat-vec
 WORDS_PER_LANE = 8  # words of a row each lane loads per pass of the mat-vec (2, 4, 8 bits): 2048 4-bit codes
-
-if SIMULATOR:
-    def _aligned16(x, i):
-        return True  # one path in the simulator: _load4 is four element reads there
-
-    def _load4(x, i):
-        return x[i], x[i + 1], x[i + 2], x[i + 3]
-
-else:
-    from llvmlite import ir
-    from numba import types
-    from numba.cuda import cgutils
-    from numba.cuda.extending import intrinsic
-
-    def _item_pointer(context, builder, sig, args):
-        aryty, idxty = sig.args
-        ary = context.make_array(aryty)(context, builder, value=args[0])
-        i = context.cast(builder, args[1], idxty, types.intp)
-        return cgutils.get_item_pointer(context, builder, aryty, ary, [i], wraparound=False)
-
-    @intrinsic
-    def _aligned16(typingctx, x, i):
-        """Whether &x[i] of a 1-D array is 16-byte aligned (the address a _load4 needs)."""
-        def codegen(context, builder, sig, args):
-            addr = builder.ptrtoint(_item_pointer(context, builder, sig, args), ir.IntType(64))
-            return builder.icmp_unsigned("==", builder.and_(addr, ir.Constant(ir.IntType(64), 15)),
-                                         ir.Constant(ir.IntType(64), 0))
-        return types.boolean(x, i), codegen
-
-    @intrinsic
-    def _load4(typingctx, x, i):
-        """(x[i], .., x[i + 3]) of a float32 array in one 16-byte load (ld.v4.f32); &x[i] 16-byte aligned."""
-        def codegen(context, builder, sig, args):
-            vec = ir.VectorType(ir.FloatType(), 4)
-            v = builder.load(builder.bitcast(_item_pointer(context, builder, sig, args), vec.as_pointer()), align=16)
-            return context.make_tuple(builder, sig.return_type,
-                                      [builder.extract_element(v, ir.Constant(ir.IntType(32), j)) for j in range(4)])
-        return types.UniTuple(types.float32, 4)(x, i), codegen
-
-
-@lru_cache(maxsize=None)
-def _scale_bits(fmt: int):
-    """Device function (b32, b16, i) -> the raw bits of scale/bias element i in format fmt, as uint32 (a 16-bit
-    format zero-extended: the load itself, no instruction after it). The mat-vec passes load bits and decode
-    them (:func:`_scale_value`) where they are used: a decode right after its load made the warp wait for
-    that load before issuing the next (sm_90 SASS), one memory round trip per word instead of one per pass."""
-    if fmt == F32:
-
-        @cuda.jit(device=True)
-        def bits(b32, b16, i):
-            return b32[i]
-
-    else:
-
-        @cuda.jit(device=True)
-        def bits(b32, b16, i):
-            return uint32(b16[i])
-
-    return bits
-
-
-@lru_cache(maxsize=None)
-def _scale_value(fmt: int):
-    """Device function (uint32 bits from :func:`_scale_bits`) -> the float32 value in format fmt."""
-    if fmt == F32:
-
-        @cuda.jit(device=True)
-        def value(h):
-            return _as_f32(h)
-
-    elif fmt == BF16:
-
-        @cuda.jit(device=True)
-        def value(h):
-            return _as_f32(h << uint32(16))
-
-    else:
-
-        @cuda.jit(device=True)
-        def value(h):
-            # IEEE half -> single from the bits: rebias the exponent; subnormal halves are m * 2^-24.
-            sign = (h >> uint32(15)) << uint32(31)
-            e = (h >> uint32(10)) & uint32(31)
-            m = h & uint32(1023)
-            if e == uint32(0):
-                v = float32(m) * float32(5.9604644775390625e-08)
-                return -v if sign else v
-            if e == uint32(31):
-                return _as_f32(sign | uint32(0x7F800000) | (m << uint32(13)))
-            return _as_f32(sign | ((e + uint32(112)) << uint32(23)) | (m << uint32(13)))
-
-    return value
-
-
-@lru_cache(maxsize=None)
-def _scale_loader(fmt: int):
-    """Device function (b32, b16, i) -> float32 value of scale/bias element i in format fmt."""
-    bits, value = _scale_bits(fmt), _scale_value(fmt)
-
-    @cuda.jit(device=True)
-    def load(b32, b16, i):
-        return value(bits(b32, b16, i))
-
-    return load
-
+EXPERT_WORDS_PER_LANE = 8  # the same for the down projection's walk over the k experts' rows
 
 @lru_cache(maxsize=None)
 def _code_reader(bits: int):
@@ -200,22 +97,32 @@ def _qdot(bits: int, group_size: int, fmt: int):
 
 
 @lru_cache(maxsize=None)
-def _word_dot(bits: int, two: bool):
-    """Device function (word_a, word_b, x, c0, vec) -> (codes of word_a . x[c0 : c0 + 32 / bits], the same of
-    word_b (0 unless two), sum of those x) for 2, 4 and 8 bits. x is read 4 floats at a time (one 16-byte
-    load when vec: a lane's 8 inputs of a 4-bit word in two loads instead of eight, a quarter of the L1
-    wavefronts of a warp whose lanes read 32 bytes apart); a code becomes a float as the low bits of
-    2^23 + code (exact; an integer conversion is a quarter-rate instruction on sm_90)."""
-    mask = uint32((1 << bits) - 1)
+def _word_dot(bits: int, two: bool, vec: bool):
+    """Device function (word_a, word_b, x, c0) -> (sum_j f(code_j of word_a) * x[c0 + j], the same of word_b
+    (0 unless two), sum_j x[c0 + j]) over the word's 32 / bits codes (2, 4 and 8 bits), where f(c) = 1 + c / 2^bits:
+    the word's codes . x is 2^bits * (first - last), :func:`_unit_dot`.
+
+    f(c) is the float32 whose exponent is 0 and whose mantissa's top `bits` bits are c: one shift and one
+    three-input logic op from the word, exact, and each product one fused multiply-add. (2^23 + c, c in the low
+    mantissa bits, took a shift, two logic ops and a subtraction of 2^23 per code, and the products were a
+    tree of multiplies and adds; the integer pipe was the kernels' busiest, ncu. With 1 + c / 2^bits one
+    subtraction per word remains, and its cancellation costs about one bit of the word's float32 sum.)
+    x is read 4 floats at a time: with vec, a compile-time constant, as one 16-byte load (a lane's 8 inputs
+    of a 4-bit word in two loads instead of eight, a quarter of the L1 wavefronts of a warp whose lanes read
+    32 bytes apart); &x[c0] must then be 16-byte aligned."""
     per_word = 32 // bits
-    magic = uint32(0x4B000000)
+    top = 23 - bits  # the code's place in the mantissa
+    field = uint32(((1 << bits) - 1) << top)
+    one = uint32(0x3F800000)
 
     @cuda.jit(device=True)
     def code(word, s):
-        return _as_f32(magic | ((word >> uint32(s)) & mask)) - float32(8388608.0)
+        if top >= s:
+            return _as_f32(_and_or(word << uint32(top - s), field, one))
+        return _as_f32(_and_or(word >> uint32(s - top), field, one))
 
     @cuda.jit(device=True)
-    def word_dot(word_a, word_b, x, c0, vec):
+    def word_dot(word_a, word_b, x, c0):
         dot_a = float32(0.0)
         dot_b = float32(0.0)
         xs = float32(0.0)
@@ -223,17 +130,47 @@ def _word_dot(bits: int, two: bool):
             if vec:
                 x0, x1, x2, x3 = _load4(x, c0 + 4 * j4)
             else:
-                x0, x1, x2, x3 = x[c0 + 4 * j4], x[c0 + 4 * j4 + 1], x[c0 + 4 * j4 + 2], x[c0 + 4 * j4 + 3]
+                x0, x1, x2 = _ld(x, c0 + 4 * j4), _ld(x, c0 + 4 * j4 + 1), _ld(x, c0 + 4 * j4 + 2)
+                x3 = _ld(x, c0 + 4 * j4 + 3)
             s = 4 * j4 * bits
-            dot_a += code(word_a, s) * x0 + code(word_a, s + bits) * x1 + (
-                code(word_a, s + 2 * bits) * x2 + code(word_a, s + 3 * bits) * x3)
+            dot_a = cuda.fma(code(word_a, s), x0, dot_a)
+            dot_a = cuda.fma(code(word_a, s + bits), x1, dot_a)
+            dot_a = cuda.fma(code(word_a, s + 2 * bits), x2, dot_a)
+            dot_a = cuda.fma(code(word_a, s + 3 * bits), x3, dot_a)
             if two:
-                dot_b += code(word_b, s) * x0 + code(word_b, s + bits) * x1 + (
-                    code(word_b, s + 2 * bits) * x2 + code(word_b, s + 3 * bits) * x3)
+                dot_b = cuda.fma(code(word_b, s), x0, dot_b)
+                dot_b = cuda.fma(code(word_b, s + bits), x1, dot_b)
+                dot_b = cuda.fma(code(word_b, s + 2 * bits), x2, dot_b)
+                dot_b = cuda.fma(code(word_b, s + 3 * bits), x3, dot_b)
             xs += (x0 + x1) + (x2 + x3)
         return dot_a, dot_b, xs
 
     return word_dot
+
+
+@lru_cache(maxsize=None)
+def _unit_dot(bits: int, fmt: int):
+    """Device function (first, xs, scale bits, bias bits) -> scale * (codes . x) + bias * xs for one word's sums
+    from :func:`_word_dot` (first = sum_j (1 + code_j / 2^bits) * x_j, xs = sum_j x_j, so codes . x =
+    2^bits * (first - xs))."""
+    value = _scale_value(fmt)
+    lift = float32(1 << bits)
+
+    @cuda.jit(device=True)
+    def unit_dot(first, xs, s, b):
+        return (value(s) * lift) * (first - xs) + value(b) * xs
+
+    return unit_dot
+
+
+def _group_shift(bits: int, group_size: int) -> int:
+    """log2 of the words of one group at 2, 4 and 8 bits: a word's group is its index shifted right by this
+    (group sizes are powers of two, flashmoe/format/quant.py; a floor division of a signed index compiled to a
+    shift plus a sign correction)."""
+    words = group_size * bits // 32
+    if words & (words - 1):
+        raise ValueError(f"group_size {group_size} is not a power of two")
+    return words.bit_length() - 1
 
 
 @lru_cache(maxsize=None)
@@ -260,16 +197,32 @@ def _qdot2_words(bits: int, group_size: int, fmt: int, two: bool):
     expert's gate and up rows), each x load used by both, WORDS_PER_LANE / 2 words of each in flight per lane;
     two=False: row a only ((acc_a, 0)), WORDS_PER_LANE words. (`two` is a compile-time constant and a lane's
     loads for two rows fit in registers: a run-time `two`, or 8 words of each row, kept the arrays in local
-    memory, a 192-byte stack frame in ptxas -v: the loop over them was not unrolled.)"""
-    sbits, value = _scale_bits(fmt), _scale_value(fmt)
-    word_dot = _word_dot(bits, two)
-    per_word = 32 // bits
-    wpl = WORDS_PER_LANE // 2 if two else WORDS_PER_LANE  # words of each row in flight per lane
+    memory, a 192-byte stack frame in ptxas -v: the loop over them was not unrolled.) Whether x can be read
+    16 bytes at a time is decided once, not per word: a test per word kept each word's x loads behind a branch,
+    one L1 round trip after another (sm_90 SASS)."""
+    walk_vec, walk = _qdot2_walk(bits, group_size, fmt, two, True), _qdot2_walk(bits, group_size, fmt, two, False)
 
     @cuda.jit(device=True)
     def qdot2(b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane):
+        if _aligned16(x, xoff):
+            return walk_vec(b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane)
+        return walk(b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane)
+
+    return qdot2
+
+
+@lru_cache(maxsize=None)
+def _qdot2_walk(bits: int, group_size: int, fmt: int, two: bool, vec: bool):
+    """:func:`_qdot2_words` with x's 16-byte loads (vec) or without."""
+    sbits, unit_dot = _scale_bits(fmt), _unit_dot(bits, fmt)
+    word_dot = _word_dot(bits, two, vec)
+    per_word = 32 // bits
+    gshift = _group_shift(bits, group_size)
+    wpl = WORDS_PER_LANE // 2 if two else WORDS_PER_LANE  # words of each row in flight per lane
+
+    @cuda.jit(device=True)
+    def walk(b32, b16, wa, sa, ba, wb, sb, bb, n_units, x, xoff, lane):
         n_words = n_units * bits
-        vec = _aligned16(x, xoff)
         acc_a = float32(0.0)
         acc_b = float32(0.0)
         words_a = cuda.local.array(wpl, uint32)
@@ -279,27 +232,30 @@ def _qdot2_words(bits: int, group_size: int, fmt: int, two: bool):
         scales_b = cuda.local.array(wpl, uint32)
         biases_b = cuda.local.array(wpl, uint32)
         for start in range(0, n_words, LANES * wpl):
+            g0 = (start + lane) >> gshift
             for u in range(wpl):  # the pass's loads first, all in flight together
                 w = start + u * LANES + lane
                 if w < n_words:
-                    g = w * per_word // group_size
-                    words_a[u] = b32[wa + w]
+                    # word w's group; as g0 + a constant when LANES words span whole groups, so that the
+                    # pass's scale and bias addresses are one base and immediate offsets (sm_90 SASS)
+                    g = g0 + u * (LANES >> gshift) if LANES % (1 << gshift) == 0 else w >> gshift
+                    words_a[u] = _ld(b32, wa + w)
                     scales_a[u] = sbits(b32, b16, sa + g)
                     biases_a[u] = sbits(b32, b16, ba + g)
                     if two:
-                        words_b[u] = b32[wb + w]
+                        words_b[u] = _ld(b32, wb + w)
                         scales_b[u] = sbits(b32, b16, sb + g)
                         biases_b[u] = sbits(b32, b16, bb + g)
             for u in range(wpl):
                 w = start + u * LANES + lane
                 if w < n_words:
-                    dot_a, dot_b, xs = word_dot(words_a[u], words_b[u], x, xoff + w * per_word, vec)
-                    acc_a += value(scales_a[u]) * dot_a + value(biases_a[u]) * xs
+                    dot_a, dot_b, xs = word_dot(words_a[u], words_b[u], x, xoff + w * per_word)
+                    acc_a += unit_dot(dot_a, xs, scales_a[u], biases_a[u])
                     if two:
-                        acc_b += value(scales_b[u]) * dot_b + value(biases_b[u]) * xs
+                        acc_b += unit_dot(dot_b, xs, scales_b[u], biases_b[u])
         return acc_a, acc_b
 
-    return qdot2
+    return walk
 
 
 @lru_cache(maxsize=None)
@@ -322,7 +278,7 @@ def _qdot2(bits: int, group_size: int, fmt: int):
 def _qdot_experts(bits: int, group_size: int, fmt: int):
     """Device function: this lane's part of sum_e weights[e] * (row o of expert e . x[e * in :]), expert e in
     slot slots[e] (words at w0 + slots[e] * stride32, scales and biases at s0 / b0 + slots[e] * stride_s).
-    At 2, 4 and 8 bits the k experts' rows are one walk of words, WORDS_PER_LANE loads in flight per lane
+    At 2, 4 and 8 bits the k experts' rows are one walk of words, EXPERT_WORDS_PER_LANE loads in flight per lane
     across experts (a down row of 768 4-bit codes is 96 words: expert by expert, a lane had 3 loads in
     flight and k round trips one after another); else one :func:`_qdot` per expert.
 
@@ -347,48 +303,62 @@ def _qdot_experts(bits: int, group_size: int, fmt: int):
             return p
 
         return qdot_experts
-    sbits, value = _scale_bits(fmt), _scale_value(fmt)
-    word_dot = _word_dot(bits, False)
-    per_word = 32 // bits
+    walk_vec, walk = _experts_walk(bits, group_size, fmt, True), _experts_walk(bits, group_size, fmt, False)
 
     @cuda.jit(device=True)
     def qdot_experts(b32, b16, w0, s0, b0, stride32, stride_s, slots, o, n_units, x, weights, lane):
+        if _aligned16(x, 0):  # decided once (see _qdot2_words)
+            return walk_vec(b32, b16, w0, s0, b0, stride32, stride_s, slots, o, n_units, x, weights, lane)
+        return walk(b32, b16, w0, s0, b0, stride32, stride_s, slots, o, n_units, x, weights, lane)
+
+    return qdot_experts
+
+
+@lru_cache(maxsize=None)
+def _experts_walk(bits: int, group_size: int, fmt: int, vec: bool):
+    """:func:`_qdot_experts` at 2, 4 and 8 bits, with x's 16-byte loads (vec) or without."""
+    sbits, unit_dot = _scale_bits(fmt), _unit_dot(bits, fmt)
+    word_dot = _word_dot(bits, False, vec)
+    per_word = 32 // bits
+    gshift = _group_shift(bits, group_size)
+
+    @cuda.jit(device=True)
+    def walk(b32, b16, w0, s0, b0, stride32, stride_s, slots, o, n_units, x, weights, lane):
         n_words, groups = n_units * bits, n_units * 32 // group_size
         k = slots.shape[0]
-        vec = _aligned16(x, 0)
         acc = float32(0.0)
-        at = cuda.local.array(WORDS_PER_LANE, int32)  # the word's index in its expert's row; -1: past the end
-        slot = cuda.local.array(WORDS_PER_LANE, int32)
-        wt = cuda.local.array(WORDS_PER_LANE, float32)
-        words = cuda.local.array(WORDS_PER_LANE, uint32)
-        scales = cuda.local.array(WORDS_PER_LANE, uint32)
-        biases = cuda.local.array(WORDS_PER_LANE, uint32)
+        at = cuda.local.array(EXPERT_WORDS_PER_LANE, int32)  # the word's index in its expert's row; -1: past the end
+        slot = cuda.local.array(EXPERT_WORDS_PER_LANE, int32)
+        wt = cuda.local.array(EXPERT_WORDS_PER_LANE, float32)
+        words = cuda.local.array(EXPERT_WORDS_PER_LANE, uint32)
+        scales = cuda.local.array(EXPERT_WORDS_PER_LANE, uint32)
+        biases = cuda.local.array(EXPERT_WORDS_PER_LANE, uint32)
         e, w = 0, lane
         while w >= n_words:
             w -= n_words
             e += 1
-        for start in range(0, k * n_words, LANES * WORDS_PER_LANE):
-            for u in range(WORDS_PER_LANE):
+        for start in range(0, k * n_words, LANES * EXPERT_WORDS_PER_LANE):
+            for u in range(EXPERT_WORDS_PER_LANE):
                 at[u] = -1
                 if e < k:
-                    at[u], slot[u], wt[u] = w, slots[e], weights[e]
+                    at[u], slot[u], wt[u] = w, _ld(slots, e), _ld(weights, e)
                 w += LANES
                 while w >= n_words:
                     w -= n_words
                     e += 1
-            for u in range(WORDS_PER_LANE):
+            for u in range(EXPERT_WORDS_PER_LANE):
                 if at[u] >= 0:
-                    g = slot[u] * stride_s + o * groups + at[u] * per_word // group_size
-                    words[u] = b32[w0 + slot[u] * stride32 + o * n_words + at[u]]
+                    g = slot[u] * stride_s + o * groups + (at[u] >> gshift)
+                    words[u] = _ld(b32, w0 + slot[u] * stride32 + o * n_words + at[u])
                     scales[u] = sbits(b32, b16, s0 + g)
                     biases[u] = sbits(b32, b16, b0 + g)
-            for u in range(WORDS_PER_LANE):
+            for u in range(EXPERT_WORDS_PER_LANE):
                 if at[u] >= 0:  # word i = start + u * LANES + lane; its inputs start at i * per_word
-                    dot, _, xs = word_dot(words[u], words[u], x, (start + u * LANES + lane) * per_word, vec)
-                    acc += (wt[u] * value(scales[u])) * dot + (wt[u] * value(biases[u])) * xs
+                    dot, _, xs = word_dot(words[u], words[u], x, (start + u * LANES + lane) * per_word)
+                    acc += wt[u] * unit_dot(dot, xs, scales[u], biases[u])
         return acc
 
-    return qdot_experts
+    return walk
 
 
 @lru_cache(maxsize=None)

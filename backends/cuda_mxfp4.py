@@ -20,7 +20,8 @@ from functools import lru_cache
 from numba import cuda, float32, uint32
 
 from flashmoe.backends.cuda_kernels import F32, LANES, ROWS, _as_f32, _lane_sum, clamped_swiglu_value
-from flashmoe.backends.cuda_matvec import CODES_PER_LANE, _scale_loader
+from flashmoe.backends.cuda_loads import _scale_loader
+from flashmoe.backends.cuda_matvec import CODES_PER_LANE
 
 
 @cuda.jit(device=True)
