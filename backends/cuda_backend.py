@@ -493,8 +493,8 @@ class CudaBackend(Backend):
         x = to_device(x)
         logits = self.linear(x, w)
         ids, at = self._experts.route_on_device(layer, k)
-        slots, weights, probs = device_empty(k, np.dtype(np.int64)), empty((k,)), empty((n_experts,))
-        A.launch(F.softmax_topk, 1, (K.LANES, 1), (logits.flat, n_experts, k, int(norm_topk_prob), everything.slots,
-                                                   probs.flat, ids, at, slots, weights.flat))
+        slots, weights = device_empty(k, np.dtype(np.int64)), empty((k,))
+        A.launch(F.softmax_topk(F.per_lane(n_experts)), 1, (K.LANES, 1),
+                 (logits.flat, n_experts, k, int(norm_topk_prob), everything.slots, ids, at, slots, weights.flat))
         y = self._combine(x, replace(everything, slots=slots), weights.flat)
         return A.reshape(y, (1, y.size))

@@ -248,7 +248,7 @@ def _two_layers(arch: str) -> dict:
 
 
 @HERE
-@pytest.mark.parametrize("n_experts,k,norm", [(9, 3, True), (40, 5, False)])
+@pytest.mark.parametrize("n_experts,k,norm", [(9, 3, True), (40, 5, False), (512, 10, True)])
 def test_router_top_k_on_the_device_matches_the_reference(n_experts, k, norm):
     from numba import cuda
 
@@ -260,9 +260,10 @@ def test_router_top_k_on_the_device_matches_the_reference(n_experts, k, norm):
     logits[3] = logits[7] = logits.max() + 1  # a tie: the lower id comes first
     slot_of = rng.permutation(n_experts).astype(np.int64)
     ids, slots = cuda.to_device(np.full(k + 2, -1, np.int64)), cuda.to_device(np.full(k, -1, np.int64))
-    weights, probs = cuda.to_device(np.full(k, np.nan, np.float32)), cuda.device_array(n_experts, np.float32)
-    cuda_fused.softmax_topk[1, (cuda_kernels.LANES, 1)](cuda.to_device(logits), n_experts, k, int(norm),
-                                                         cuda.to_device(slot_of), probs, ids, 2, slots, weights)
+    weights = cuda.to_device(np.full(k, np.nan, np.float32))
+    kernel = cuda_fused.softmax_topk(cuda_fused.per_lane(n_experts))
+    kernel[1, (cuda_kernels.LANES, 1)](cuda.to_device(logits), n_experts, k, int(norm), cuda.to_device(slot_of), ids,
+                                       2, slots, weights)
     want_ids, want_w = softmax_topk(logits[None], type("Cfg", (), {"norm_topk_prob": norm})(), k)
     np.testing.assert_array_equal(ids.copy_to_host(), [-1, -1, *want_ids[0]])
     np.testing.assert_array_equal(slots.copy_to_host(), slot_of[want_ids[0]])
