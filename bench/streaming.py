@@ -119,6 +119,9 @@ class BenchOptions:
                 raise FlashMoeError(f"--peer {self.peer} needs --routing model: llama.cpp follows its own router")
         positive("-k/--experts-per-token", *self.ks)
         positive("--threads", *self.threads)
+        for threads in self.threads:
+            if threads > (os.cpu_count() or 1):  # as generate's --threads: numba's pool would have idle threads
+                raise FlashMoeError(f"--threads: {threads} is more than this machine's {os.cpu_count()} cores")
         positive("--io-threads", self.io_threads)
         positive("--prompt-tokens", self.prompt_tokens)
         positive("--tokens", self.tokens)

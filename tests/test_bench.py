@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -103,6 +104,8 @@ def test_bench_command_without_a_model_measures_the_bundled_demo_model(tmp_path,
     (["--modes", "foo"], "--modes: 'foo' is not one of pagecache, direct"),
     (["--threads", "0"], "--threads: 0 is not a positive number"),
     (["--threads", "two"], "--threads: 'two' is not a comma-separated list of whole numbers"),
+    (["--threads", f"1,{os.cpu_count() + 1}"], f"--threads: {os.cpu_count() + 1} is more than this machine's "
+                                               f"{os.cpu_count()} cores"),
     (["--budgets", "abc"], "--budgets: invalid memory size 'abc'"),
     (["--routing", "nope"], "--routing: 'nope' is not one of model, uniform"),
     (["-k", "0"], "-k/--experts-per-token: 0 is not a positive number"),

@@ -9,11 +9,13 @@ from typing import Optional
 
 import typer
 
-from flashmoe.cli.shared import EngineOptions, SamplingOptions, engine_options, sampling_options, user_errors
+from flashmoe.cli.shared import (EngineOptions, SamplingOptions, compute_threads, engine_options, sampling_options,
+                                 user_errors)
 from flashmoe.errors import Terminated
 
 
 @user_errors
+@compute_threads
 @engine_options
 @sampling_options
 def generate(
@@ -83,6 +85,7 @@ def generate(
 
 
 @user_errors
+@compute_threads
 @engine_options
 @sampling_options
 def chat(
@@ -118,6 +121,7 @@ def chat(
 
 
 @user_errors
+@compute_threads
 @engine_options
 def serve(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),

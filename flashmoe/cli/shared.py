@@ -1,5 +1,6 @@
 """What the commands of `flashmoe` share: user errors and SIGTERM as one error line and an exit code
-(`user_errors`), and the engine and sampling options of generate, chat and serve, defined once."""
+(`user_errors`), and the engine, sampling and compute-thread options of generate, chat and serve, defined
+once."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -112,9 +113,10 @@ _ENGINE_OPTIONS = {
 }
 
 
-def _shared_options(fields: type, options: dict, argument: str):
+def _shared_options(take: Callable, options: dict, argument: str | None):
     """A decorator giving a command the typer `options` (name -> (type, typer.Option)) after its own in --help;
-    they reach the command as one keyword `argument`, an instance of the dataclass `fields`."""
+    their values go to `take` as keywords before the command runs, and what it returns reaches the command as
+    the keyword `argument` (None: not passed on)."""
 
     def decorate(fn):
         signature = inspect.signature(fn, eval_str=True)
@@ -124,8 +126,10 @@ def _shared_options(fields: type, options: dict, argument: str):
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            values = fields(**{name: kwargs.pop(name) for name in options})
-            return fn(*args, **{argument: values}, **kwargs)
+            values = take(**{name: kwargs.pop(name) for name in options})
+            if argument is not None:
+                kwargs[argument] = values
+            return fn(*args, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=own + shared)
         return wrapper
@@ -165,3 +169,30 @@ _SAMPLING_OPTIONS = {
                                              "random one.")),
 }
 sampling_options = _shared_options(SamplingOptions, _SAMPLING_OPTIONS, "sampling")
+
+
+def set_compute_threads(threads: int | None) -> None:
+    """Size numba's thread pool, which computes the numba backend's kernels (and the cuda backend's experts
+    on the CPU), to `threads`; None keeps numba's default: every core, or NUMBA_NUM_THREADS where set. numba
+    reads the size when it is imported, which the commands leave to the engine's loading.
+
+    Raises FlashMoeError naming --threads for a count outside 1..os.cpu_count(), or for one other than the
+    pool size of a numba this process imported earlier (a caller of the command in the same process)."""
+    if threads is None:
+        return
+    cores = os.cpu_count() or 1
+    if not 1 <= threads <= cores:
+        raise FlashMoeError(f"--threads {threads}: the compute thread count must be between 1 and {cores} (the "
+                            "machine's cores)")
+    numba = sys.modules.get("numba")
+    if numba is not None and numba.config.NUMBA_NUM_THREADS != threads:
+        raise FlashMoeError(f"--threads {threads}: numba was imported into this process earlier, with "
+                            f"{numba.config.NUMBA_NUM_THREADS} threads; give the option in a process of its own")
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+
+
+compute_threads = _shared_options(set_compute_threads, {
+    "threads": (Optional[int], typer.Option(None, "--threads", "-t", help="Compute threads: the size of numba's "
+                                            "thread pool, as llama.cpp's -t (default: every core, or "
+                                            "NUMBA_NUM_THREADS where set).")),
+}, None)
