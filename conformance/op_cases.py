@@ -29,7 +29,7 @@ import numpy as np
 from flashmoe.backends import get_backend
 from flashmoe.arch.config import YarnRope
 from flashmoe.backends.base import Backend, ClampedSwiGLU
-from flashmoe.format.manifest import MXFP4
+from flashmoe.format.manifest import MXFP4, ExpertLayout
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import BITS, FORMAT_GROUP_SIZES, QuantizedTensor
 
@@ -132,6 +132,22 @@ def make_expert_views(rng, hidden: int, inter: int, bits: int | str | None, grou
 
 
 #: The activation of the clamped-SwiGLU expert cases (gpt-oss): a limit the gate pre-activations exceed.
+def make_packed_experts(rng, k: int, bits: int | str | None, group_size: int, sdtype: str, biases: bool = False,
+                        hidden: int = 128, inter: int = 64) -> tuple[ExpertLayout, list[np.ndarray]]:
+    """k experts of one ExpertLayout packed into buffers of its stride, as the store hands them over (with
+    ``biases``, gpt-oss's bfloat16 '{proj}.bias'): (layout, buffers)."""
+    shapes = (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter)))
+    parts = [{n: make_weight(rng, o, i, bits, group_size, sdtype) for n, (o, i) in shapes} for _ in range(k)]
+    for p in parts if biases else []:
+        p.update({f"{n}.bias": rng.standard_normal(o).astype(ml_dtypes.bfloat16) for n, (o, _) in shapes})
+    layout = ExpertLayout.plan(parts[0])
+    buffers = []
+    for p in parts:
+        buffers.append(np.zeros(layout.stride, np.uint8))
+        layout.pack(p, buffers[-1])
+    return layout, buffers
+
+
 CLAMPED_ACT = ClampedSwiGLU(limit=1.0, alpha=1.702)
 #: YaRN of the rope cases that use it (gpt-oss's parameters, a short original context so every band shows).
 YARN = YarnRope(factor=32.0, original_max_position_embeddings=256, beta_fast=32.0, beta_slow=1.0, truncate=False)
@@ -197,6 +213,22 @@ def _positional(case: OpCase) -> tuple[str, tuple, str]:
         return op, (_normal(rng, p["tokens"], p["n"], scale=p.get("scale", 4.0)),), "elementwise"
     if op == "clip":
         return "clip", (_normal(rng, p["tokens"], p["n"], scale=4.0), p["limit"]), "elementwise"
+    if op == "add_rms_norm":
+        h, delta = _normal(rng, p["tokens"], p["n"], scale=4.0), _normal(rng, p["tokens"], p["n"])
+        return "add_rms_norm", (h, delta, 1 + _normal(rng, p["n"], scale=0.1), 1e-6), "elementwise"
+    if op == "qk_norm_rope":
+        T, D = p["tokens"], p["head_dim"]
+        q, k = _normal(rng, T, p["heads"], D, scale=3.0), _normal(rng, T, p["kv_heads"], D, scale=3.0)
+        weights = (1 + _normal(rng, D, scale=0.1), 1 + _normal(rng, D, scale=0.1))
+        positions = np.sort(rng.integers(0, p["max_position"] + 1, T))
+        return "qk_norm_rope", (q, k, *weights, 1e-6, positions, p["theta"], p["rotary_dim"]), "elementwise"
+    if op == "packed_experts_prefill":
+        T = p["tokens"]
+        layout, buffers = make_packed_experts(rng, len(p["routed"]), p["bits"], p["group_size"], p["sdtype"],
+                                              hidden=p["hidden"], inter=p["inter"])
+        tokens = [np.sort(rng.choice(T, n, replace=False)) for n in p["routed"]]
+        weights = [rng.uniform(0.1, 1.0, n).astype(np.float32) for n in p["routed"]]
+        return "packed_experts_prefill", (_normal(rng, T, p["hidden"]), buffers, layout, tokens, weights), "reduction"
     raise ValueError(f"unknown conformance op {op!r}")
 
 
@@ -211,6 +243,16 @@ def _max_rel_error(got: Any, want: Any, backend: Backend) -> float:
     return float(np.max(np.abs(got - want), initial=0.0) / max(float(np.max(np.abs(want), initial=0.0)), 1e-30))
 
 
+def _call(backend: Backend, method: str, args: tuple, kwargs: dict) -> Any:
+    """backend.method(*args, **kwargs); packed_experts_prefill, which adds into an output it is given, gets a
+    zeroed float32 [T, hidden] and returns it."""
+    if method == "packed_experts_prefill":
+        y = np.zeros(args[0].shape, np.float32)
+        backend.packed_experts_prefill(*args, y, **kwargs)
+        return y
+    return getattr(backend, method)(*args, **kwargs)
+
+
 def run_case(backend: Backend | str, case: OpCase) -> CaseResult:
     """Run one case on ``backend`` and on the NumPy reference backend, both in the case's activation mode
     (param ``activations``, default float: flashmoe.reference.q8); never raises for a backend failure (the
@@ -219,10 +261,10 @@ def run_case(backend: Backend | str, case: OpCase) -> CaseResult:
     backend = get_backend(backend if isinstance(backend, str) else backend.name, mode)
     reference = get_backend("numpy", mode)
     method, args, kwargs, kind = _inputs(case)
-    want = getattr(reference, method)(*args, **kwargs)
+    want = _call(reference, method, args, kwargs)
     start = time.perf_counter()
     try:
-        got = getattr(backend, method)(*args, **kwargs)
+        got = _call(backend, method, args, kwargs)
         error = _max_rel_error(got, want, backend)
         exc = None
     except Exception as e:  # a conformance report shows any failure of the backend as a failing case
@@ -271,6 +313,16 @@ def _quick() -> list[OpCase]:
               for t in (1, 5)]
     cases += [c("experts_ffn", k=k, hidden=128, inter=64, bits=b, group_size=g, sdtype=s, activations="q8")
               for k, b, g, s in [(4, 4, 64, "bfloat16"), (2, 2, 32, "float32"), (2, 6, 16, "float32")]]
+    # What a decode or prefill of the bundled demo model calls besides (so the gate compiles every kernel the
+    # first generate needs): its router's 8-bit bf16 q8 mat-vec, the fused residual norm, Qwen3's head norms
+    # with RoPE, and a prompt's experts in one batch (numba_prefill), with tokens that fill tiles of 4 and not
+    cases += [c("linear", tokens=t, out=40, inp=128, bits=8, group_size=64, sdtype="bfloat16", activations="q8")
+              for t in (1, 3)]
+    cases += [c("add_rms_norm", tokens=t, n=n) for t, n in ((1, 96), (5, 40))]
+    cases += [c("qk_norm_rope", tokens=t, heads=4, kv_heads=2, head_dim=32, rotary_dim=r, theta=1e6, max_position=500)
+              for t, r in ((1, 32), (5, 16))]
+    cases += [c("packed_experts_prefill", tokens=11, routed=(9, 1, 5), hidden=128, inter=64, bits=4, group_size=64,
+                sdtype="bfloat16", activations="q8")]
     cases += [c(op, tokens=3, n=40) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
     cases += [c("clip", tokens=3, n=40, limit=2.0)]
     # gpt-oss: MXFP4 weights, YaRN, sinks, experts with biases and the clamped SwiGLU

@@ -4,7 +4,6 @@ of either format (affine, MXFP4) take the fused kernels, and experts the fused k
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -13,7 +12,8 @@ pytest.importorskip("numba", reason="the numba backend needs numba")
 from flashmoe.backends import get_backend  # noqa: E402
 from flashmoe.backends.base import Backend, BackendError  # noqa: E402
 from flashmoe.backends.numba_backend import _as_weight  # noqa: E402
-from flashmoe.conformance.op_cases import CLAMPED_ACT, MXFP4, make_expert_views, make_weight  # noqa: E402
+from flashmoe.conformance.op_cases import (CLAMPED_ACT, MXFP4, make_expert_views, make_packed_experts,  # noqa: E402
+                                           make_weight)
 
 
 def test_bf16_expert_is_used_in_place_without_copying_words_or_scales():
@@ -49,23 +49,6 @@ def test_experts_of_mixed_widths_run_one_by_one_and_match_the_reference(activati
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
 
 
-def _packed_experts(rng, k: int, bits, group_size: int, sdtype: str, biases: bool = False):
-    """k experts of one ExpertLayout packed into page-aligned buffers, as the store hands them over (with
-    ``biases``, gpt-oss's bfloat16 '{proj}.bias')."""
-    from flashmoe.format.manifest import ExpertLayout
-
-    shapes = (("gate_proj", (64, 128)), ("up_proj", (64, 128)), ("down_proj", (128, 64)))
-    parts = [{n: make_weight(rng, o, i, bits, group_size, sdtype) for n, (o, i) in shapes} for _ in range(k)]
-    for p in parts if biases else []:
-        p.update({f"{n}.bias": rng.standard_normal(o).astype(ml_dtypes.bfloat16) for n, (o, _) in shapes})
-    layout = ExpertLayout.plan(parts[0])
-    buffers = []
-    for p in parts:
-        buffers.append(np.zeros(layout.stride, np.uint8))
-        layout.pack(p, buffers[-1])
-    return layout, buffers
-
-
 @pytest.mark.parametrize("activations", ["float", "q8"])
 @pytest.mark.parametrize("bits,group_size,sdtype", [(4, 64, "bfloat16"), (8, 32, "float32"), (3, 32, "float16"),
                                                     (4, 32, None)])
@@ -76,7 +59,7 @@ def test_packed_experts_take_the_fused_kernels_by_address_and_match_their_views(
     from flashmoe.backends import numba_experts
 
     rng = np.random.default_rng(3)
-    layout, buffers = _packed_experts(rng, 3, bits if sdtype else None, group_size, sdtype or "float32")
+    layout, buffers = make_packed_experts(rng, 3, bits if sdtype else None, group_size, sdtype or "float32")
     x = rng.standard_normal(128).astype(np.float32)
     weights = np.array([0.5, 0.3, 0.2], np.float32)
     be = get_backend("numba", activations)
@@ -91,7 +74,7 @@ def test_experts_with_biases_and_the_clamped_swiglu_take_the_fused_kernels_by_ad
     kernels by address (numba_experts.layout_plan) with the bits of experts_ffn on their views."""
     from flashmoe.backends import numba_experts
 
-    layout, buffers = _packed_experts(np.random.default_rng(5), 3, bits, 32, "bfloat16", biases=True)
+    layout, buffers = make_packed_experts(np.random.default_rng(5), 3, bits, 32, "bfloat16", biases=True)
     x = np.random.default_rng(6).standard_normal(128).astype(np.float32)
     weights = np.array([0.5, 0.3, 0.2], np.float32)
     assert numba_experts.layout_plan(layout) is not None
@@ -108,7 +91,7 @@ def test_a_prompts_experts_in_one_batch_match_the_q8_reference(bits, group_size,
     reference expert by expert, with tokens per expert that fill tiles and leave remainders (the row dots
     are numba_q8's, whose other widths test_numba_q8 covers)."""
     rng = np.random.default_rng(7)
-    layout, buffers = _packed_experts(rng, 3, bits, group_size, sdtype, biases=biases)
+    layout, buffers = make_packed_experts(rng, 3, bits, group_size, sdtype, biases=biases)
     x = rng.standard_normal((11, 128)).astype(np.float32)
     tokens = [np.array(t, np.int64) for t in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [3], [1, 4, 9, 10, 2])]
     weights = [rng.random(len(t)).astype(np.float32) for t in tokens]
@@ -121,7 +104,7 @@ def test_a_prompts_experts_in_one_batch_match_the_q8_reference(bits, group_size,
 
 
 def test_packed_experts_shorter_than_their_layout_are_refused_by_the_views():
-    layout, buffers = _packed_experts(np.random.default_rng(4), 2, 4, 64, "bfloat16")
+    layout, buffers = make_packed_experts(np.random.default_rng(4), 2, 4, 64, "bfloat16")
     with pytest.raises(ValueError):
         get_backend("numba").packed_experts_ffn(np.zeros(128, np.float32), [buffers[0], buffers[1][:100]], layout,
                                                 np.ones(2, np.float32))
