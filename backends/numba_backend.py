@@ -447,7 +447,7 @@ class NumbaBackend(Backend):
     def packed_experts_prefill(self, x: Any, buffers: list, layout: Any, tokens: list, weights: list, y: np.ndarray,
                                act: ClampedSwiGLU | None = None) -> None:
         """As Backend.packed_experts_prefill; with q8 activations and a layout the fused kernels take
-        (numba_experts.layout_plan), the whole batch in four parallel regions (numba_prefill)."""
+        (numba_experts.layout_plan), x quantised once and three parallel regions per call (numba_prefill)."""
         found = _layout_tables(buffers, layout)
         if found is None or not (self._q8(found[0].gate_up) and self._q8(found[0].down)):
             return super().packed_experts_prefill(x, buffers, layout, tokens, weights, y, act)

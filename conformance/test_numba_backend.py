@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("numba", reason="the numba backend needs numba")
 
-from flashmoe.backends import get_backend  # noqa: E402
+from flashmoe.backends import get_backend, numba_prefill  # noqa: E402
 from flashmoe.backends.base import Backend, BackendError  # noqa: E402
 from flashmoe.backends.numba_backend import _as_weight  # noqa: E402
 from flashmoe.conformance.op_cases import (CLAMPED_ACT, MXFP4, make_expert_views, make_packed_experts,  # noqa: E402
@@ -86,10 +86,13 @@ def test_experts_with_biases_and_the_clamped_swiglu_take_the_fused_kernels_by_ad
 
 
 @pytest.mark.parametrize("bits,group_size,sdtype,biases", [(4, 64, "bfloat16", False), (MXFP4, 32, "bfloat16", True)])
-def test_a_prompts_experts_in_one_batch_match_the_q8_reference(bits, group_size, sdtype, biases):
+@pytest.mark.parametrize("call_bytes", [64 << 20, 1])
+def test_a_prompts_experts_in_one_batch_match_the_q8_reference(bits, group_size, sdtype, biases, call_bytes,
+                                                               monkeypatch):
     """packed_experts_prefill (a prompt's experts: numba_prefill's grouped kernels) against the NumPy q8
     reference expert by expert, with tokens per expert that fill tiles and leave remainders (the row dots
-    are numba_q8's, whose other widths test_numba_q8 covers)."""
+    are numba_q8's, whose other widths test_numba_q8 covers), in one call or one call per expert."""
+    monkeypatch.setattr(numba_prefill, "CALL_BYTES", call_bytes)
     rng = np.random.default_rng(7)
     layout, buffers = make_packed_experts(rng, 3, bits, group_size, sdtype, biases=biases)
     x = rng.standard_normal((11, 128)).astype(np.float32)

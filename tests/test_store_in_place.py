@@ -11,9 +11,10 @@ import pytest
 
 import flashmoe.runtime.expert_files as expert_files
 from flashmoe.format.manifest import ALIGN
+from flashmoe.runtime.engine import prefill_batches
 from flashmoe.runtime.load import load_engine
 from flashmoe.runtime.memory import current_rss_bytes
-from test_store import NBYTES, SLOT, STRIDE, expert_bytes, layers, make_store  # noqa: F401 (a fixture)
+from test_store import NBYTES, NUM_EXPERTS, SLOT, STRIDE, expert_bytes, layers, make_store  # noqa: F401 (a fixture)
 
 TOKENS = [1, 200, 31, 7, 99]
 
@@ -237,3 +238,44 @@ def test_the_in_place_microbenchmark_measures_every_variant(capsys):
                         "fault in, MADV_NORMAL", "fault in, MADV_RANDOM", "MADV_WILLNEED, then fault in"]
     assert all("n=8)" in line for line in lines if line.startswith("warm "))
     assert sum(int(line.rsplit("n=", 1)[1].rstrip(")")) for line in lines if line.startswith("cold ")) == 8
+
+
+def test_in_memory_names_the_experts_a_fetch_would_not_read(layers):
+    """pagecache in place: the experts the page cache holds whole; direct: the cached ones; in order, once."""
+    files, _ = layers
+    with make_store(files, in_place=True) as store:
+        store.evict_page_cache()
+        store.wait(store.fetch(3, [5, 1]))  # read: now in the page cache
+        store.release_all()
+        assert store.in_memory(3, [6, 5, 1, 5]) == [5, 1]
+        reads = store.stats.totals.reads
+        store.release(store.fetch(3, [5, 1]))
+        assert store.stats.totals.reads == reads
+    with make_store(files, "direct", cache_bytes=4 * SLOT) as store:
+        store.release(store.fetch(1, [2]))
+        assert store.in_memory(1, [0, 2]) == [2] and store.in_memory(3, [2]) == []
+        with pytest.raises(ValueError):
+            store.in_memory(1, [NUM_EXPERTS])
+
+
+def test_prefill_batches_read_at_most_a_batch_each_and_keep_the_experts_in_order():
+    unique = np.arange(20)
+    cut = [b.tolist() for b in prefill_batches(unique, [0, 1, 2, 5, 6, 7, 8, 9, 10, 11, 12, 13], 3)]
+    assert cut == [list(range(15)), [15, 16, 17], [18, 19]]  # misses 3, 4, 14 | 15, 16, 17 | 18, 19
+    assert [b.tolist() for b in prefill_batches(unique, [], 8)] == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
+    assert [b.tolist() for b in prefill_batches(unique, list(range(20)), 8)] == [list(range(20))]
+
+
+@pytest.mark.numba
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_a_prompts_logits_do_not_depend_on_which_experts_are_in_memory(backend):
+    """The bundled model's prompt with its experts read in batches of store.batch_size (in place off) and
+    with every expert in the page cache used in place as one batch: the same logits, bit for bit (the
+    batches keep the experts' order, so every sum over them too)."""
+    engine = load_engine(None, backend=backend, io="pagecache", context=64)
+    prompt = np.array(TOKENS * 4)
+    engine.forward(prompt, engine.new_state())  # every expert read once: now in the page cache
+    engine.store.in_place = False
+    batched = engine.forward(prompt, engine.new_state(), all_logits=True)
+    engine.store.in_place = True
+    np.testing.assert_array_equal(engine.forward(prompt, engine.new_state(), all_logits=True), batched)

@@ -473,13 +473,13 @@ class Engine:
     def _moe_prefill(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
         """T tokens: each expert any token routed to is read once and applied to all of its tokens.
 
-        The unique experts are fetched in batches of store.batch_size; the next batch's reads are in flight
-        while the current batch computes.
+        The unique experts are fetched in batches (prefill_batches: at most store.batch_size of them read, any
+        number already in memory); the next batch's reads are in flight while the current batch computes.
         """
         be = self.backend
         layout = self.model_dir.layer_layout(layer)
         unique = np.unique(ids)
-        batches = [unique[s : s + self.store.batch_size] for s in range(0, len(unique), self.store.batch_size)]
+        batches = prefill_batches(unique, self.store.in_memory(layer, unique), self.store.batch_size)
         pending = self.store.fetch(layer, batches[0])
         with self.stats.stage("shared_expert"):
             out = self._shared_expert(p, x)
@@ -500,6 +500,27 @@ class Engine:
             self.tracer.layer(layer, ids, weights, fetches)
         y = be.asarray(y)
         return y if out is None else be.add(y, out)
+
+
+def prefill_batches(unique: np.ndarray, in_memory: list[int], batch_size: int) -> list[np.ndarray]:
+    """A prompt's experts of one layer (`unique`, sorted int64) cut into runs, in order, each holding at most
+    `batch_size` experts not `in_memory` (those take a read buffer each; two batches are alive at a time) and
+    any number in memory. A layer whose experts are all in memory is one batch, which the numba backend runs
+    in four parallel regions (64 per layer in batches of 8 at 16 threads, most of them waiting on the batch's
+    largest expert). Runs in order keep each output's sum over the experts in expert order, so the logits do
+    not depend on what was in memory."""
+    resident = set(in_memory)
+    batches, start, misses = [], 0, 0
+    for i, e in enumerate(unique.tolist()):
+        if e in resident:
+            continue
+        if misses == batch_size:
+            batches.append(unique[start:i])
+            start, misses = i, 0
+        misses += 1
+    if start < len(unique):
+        batches.append(unique[start:])
+    return batches
 
 
 def _kv_caches(state: State) -> list[KVCacheBuffer]:

@@ -262,6 +262,15 @@ class ExpertStore:
         `slot_bytes(nbytes)`. Passing the stride for `nbytes` gives a bound at least as large."""
         return (max(k, 2 * (threads or DEFAULT_THREADS)) + guess_slots) * slot_bytes(nbytes)
 
+    def in_memory(self, layer: int, expert_ids: Sequence[int]) -> list[int]:
+        """The distinct ids of `expert_ids` whose bytes are in memory now (flashmoe's cache, or with `in_place`
+        the page cache, whole), in order: a fetch of them reads nothing and takes no read buffer, so prefill
+        fetches them all at once rather than in batches of `batch_size`. One evicted between this call and
+        the fetch is read like any miss, into a buffer of its own. Raises ValueError like `fetch`."""
+        ids = self._check_ids(layer, expert_ids)
+        return [e for e in dict.fromkeys(ids)
+                if (layer, e) in self._cache or (self.in_place and self.files.resident(layer, e) is not None)]
+
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Fetch:
         """Start reading experts `expert_ids` of `layer` (ints or an integer array; repeats share one
         read) and return at once. The buffers stay valid until `release` (see buffer lifetime).
