@@ -15,13 +15,20 @@ import functools
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 try:
     import numba
     from numba.core.caching import FunctionCache
+    from numba.core.errors import NumbaIRAssumptionWarning
 except ImportError:  # numba_backend reports it through unavailable_reason
     numba = None
+else:
+    # numba's pedantic check of its own IR after `inline="always"` overloads (numba_q8's row and tile kernels)
+    # reports inlined locals as "not in scope" while a kernel compiles; the compiled code is what conformance checks,
+    # and the warning's text would otherwise print into a user's generated text on a first run.
+    warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning)
 
 from flashmoe.sources import dependencies
 
