@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -536,16 +537,26 @@ def scripted_reply(prompt: str) -> str:
     return "Hello! I am fine."
 
 
-def fake_server(tmp_path_factory, template, name, **engine_kwargs):
-    """A FlashMoeServer over a FakeEngine replying with scripted_reply, running on loopback.
-    Returns (server, engine, running); stop `running`, then close `server`."""
+@contextmanager
+def serving(model_dir: Path, reply=scripted_reply, **engine_kwargs):
+    """A FlashMoeServer over a FakeEngine(engine_kwargs) replying reply(prompt) on loopback: (server, engine, running)."""
     from flashmoe.serve.server import FlashMoeServer, RunningServer
     from flashmoe.serve.tokenizer import Tokenizer as FlashMoeTokenizer
 
-    tokenizer = FlashMoeTokenizer(write_model_dir(tmp_path_factory.mktemp(name), template))
-    engine = FakeEngine(tokenizer, scripted_reply, **engine_kwargs)
+    tokenizer = FlashMoeTokenizer(model_dir)
+    engine = FakeEngine(tokenizer, reply, **engine_kwargs)
     app = FlashMoeServer(engine, tokenizer, "fake", context=engine_kwargs.get("max_position_embeddings"))
-    return app, engine, RunningServer(app.app).start()
+    running = RunningServer(app.app).start()
+    try:
+        yield app, engine, running
+    finally:
+        running.stop()
+        app.close()
+
+
+def fake_server(tmp_path_factory, template, name, **engine_kwargs):
+    """`serving` scripted_reply with a tokenizer directory for chat template `template` (a with-block)."""
+    return serving(write_model_dir(tmp_path_factory.mktemp(name), template), **engine_kwargs)
 
 
 def write_special_tokens_dir(out: Path, special: list[str], corpus: list[str], *, eos_token: str,
@@ -574,20 +585,10 @@ def write_special_tokens_dir(out: Path, special: list[str], corpus: list[str], *
 
 
 def serve_scripted(model_dir: Path, reply, eos_token: str):
-    """A FlashMoeServer over a FakeEngine (context 2048) replying with reply(prompt), on loopback. Yields
-    (engine, openai client); a pytest fixture's body."""
+    """`serving` reply(prompt), context 2048: yields (engine, openai client), a pytest fixture's body."""
     import openai
-
-    from flashmoe.serve.server import FlashMoeServer, RunningServer
-    from flashmoe.serve.tokenizer import Tokenizer as FlashMoeTokenizer
-
-    tokenizer = FlashMoeTokenizer(model_dir)
-    engine = FakeEngine(tokenizer, reply, max_position_embeddings=2048, eos_token=eos_token)
-    app = FlashMoeServer(engine, tokenizer, "fake", context=2048)
-    running = RunningServer(app.app).start()
-    yield engine, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-    running.stop()
-    app.close()
+    with serving(model_dir, reply, max_position_embeddings=2048, eos_token=eos_token) as (_, engine, running):
+        yield engine, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 def streamed_reply(chunks: list) -> tuple[str, str, list[tuple[int, str, dict]], str]:

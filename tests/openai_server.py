@@ -16,10 +16,8 @@ openai = pytest.importorskip("openai", reason="the official client is the test's
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(FlashMoeServer, FakeEngine, RunningServer) of a 512-token context, for the tests of one module."""
-    app, engine, running = fake_server(tmp_path_factory, QWEN3, "qwen3", max_position_embeddings=512)
-    yield app, engine, running
-    running.stop()
-    app.close()
+    with fake_server(tmp_path_factory, QWEN3, "qwen3", max_position_embeddings=512) as served:
+        yield served
 
 
 @pytest.fixture

@@ -18,10 +18,8 @@ WEATHER = {"name": "get_weather", "description": "Weather in a city.",
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    app, engine, running = fake_server(tmp_path_factory, QWEN3, "anthropic", max_position_embeddings=512)
-    yield app, engine, running
-    running.stop()
-    app.close()
+    with fake_server(tmp_path_factory, QWEN3, "anthropic", max_position_embeddings=512) as served:
+        yield served
 
 
 @pytest.fixture

@@ -76,8 +76,7 @@ def test_tools_for_a_template_that_does_not_render_them_are_refused_in_both_apis
     """Silently dropped tools would leave `required` producing the forced call prefix and then prose."""
     import anthropic
 
-    app, engine, running = fake_server(tmp_path_factory, MIXTRAL, "no-tools")
-    try:
+    with fake_server(tmp_path_factory, MIXTRAL, "no-tools") as (app, engine, running):
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=30)
         with pytest.raises(openai.BadRequestError, match="does not render tools") as e:
             chat(client, "echo: hi", tools=[WEATHER], tool_choice="required")
@@ -87,9 +86,6 @@ def test_tools_for_a_template_that_does_not_render_them_are_refused_in_both_apis
         with pytest.raises(anthropic.BadRequestError, match="does not render tools"):
             claude.messages.create(model="fake", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
                                    tools=[{"name": "f", "input_schema": {"type": "object"}}])
-    finally:
-        running.stop()
-        app.close()
 
 
 def test_a_conversation_that_extends_the_last_one_prefills_only_the_new_tokens(served, client):
@@ -239,10 +235,8 @@ def test_engine_stats_cover_every_request_and_keep_a_bounded_window_of_token_rec
 
 @pytest.fixture(scope="module")
 def served_xml(tmp_path_factory):
-    app, engine, running = fake_server(tmp_path_factory, QWEN35_XML, "qwen35", max_position_embeddings=512)
-    yield app, engine, running
-    running.stop()
-    app.close()
+    with fake_server(tmp_path_factory, QWEN35_XML, "qwen35", max_position_embeddings=512) as served:
+        yield served
 
 
 def test_xml_tool_calls_typed_by_schema_with_reasoning_opened_by_the_prompt(served_xml):
@@ -266,8 +260,7 @@ def test_xml_tool_calls_typed_by_schema_with_reasoning_opened_by_the_prompt(serv
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_minimax_m2_invoke_calls_with_reasoning_opened_by_the_prompt(tmp_path_factory, stream):
-    app, engine, running = fake_server(tmp_path_factory, MINIMAX_M2, "minimax", max_position_embeddings=1024)
-    try:
+    with fake_server(tmp_path_factory, MINIMAX_M2, "minimax", max_position_embeddings=1024) as (app, engine, running):
         client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
         r = chat(client, "weather invoke", tools=[WEATHER], stream=stream)
         if stream:
@@ -281,6 +274,3 @@ def test_minimax_m2_invoke_calls_with_reasoning_opened_by_the_prompt(tmp_path_fa
             calls = [(tc.function.name, json.loads(tc.function.arguments)) for tc in message.tool_calls]
         assert engine.prompts[-1].endswith("]~b]ai\n<think>\n")
         assert (reasoning, content, calls) == ("Checking.", "Let me look.", [("get_weather", {"city": "Oslo", "days": 3})])
-    finally:
-        running.stop()
-        app.close()
