@@ -8,10 +8,12 @@ and `warm` (the same experts again, now in the page cache: PCIe and the GPU set 
 tok/s and ms per MoE layer (flashmoe.bench.decode_run.summarise_pass).
 
 The bound is measured in the same run, per decode token, from the bytes the pass moved:
-`max(read, host->device copy, GPU compute)` with read = disk bytes / cold read rate + the other expert bytes
-/ page-cache read rate (both through the store into pinned buffers), copy = expert bytes / pinned
-host->device rate, GPU = (resident + expert bytes) / device copy rate (each weight byte is read once per
-token; activations are negligible).
+`max(read, host->device copy, CPU, GPU compute)` with read = disk bytes / cold read rate + the other expert
+bytes / page-cache read rate (both through the store into pinned buffers), copy = the expert bytes copied to
+the GPU / pinned host->device rate, CPU = the expert bytes read but not copied (computed on the CPU:
+`--expert-device cpu`) / the host's memory read rate on every core, GPU = (resident + the bytes of the
+experts the GPU computes, whether from its VRAM tier or copied) / device copy rate (each weight byte is read
+once per token; activations are negligible).
 """
 
 from __future__ import annotations
@@ -99,11 +101,32 @@ def _read_rate(store: ExpertStore, layers: list[int], n: int, k: int, seed: int)
     return total / (time.perf_counter() - t0)
 
 
+def _host_read_rate(nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Bytes/s of reading nbytes of host memory on every core (numba's threads; the best of `repeats`)."""
+    import numba
+
+    @numba.njit(parallel=True)
+    def total(words):
+        s = 0
+        for i in numba.prange(words.size):
+            s += words[i]
+        return s
+
+    words = np.ones(nbytes // 8, np.uint64)
+    total(words[:1024])  # compiled outside the timing
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(words)
+        best = min(best, time.perf_counter() - t0)
+    return words.nbytes / best
+
+
 def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20, device_bytes: int = 1 << 30
                   ) -> dict[str, float]:
     """GB/s measured here: cold disk reads through the store, the same reads from the page cache, pinned
-    host -> device copies of k experts, and device memory (a device-to-device copy of device_bytes, counting
-    read + write)."""
+    host -> device copies of k experts, host memory read on every core, and device memory (a device-to-device
+    copy of device_bytes, counting read + write)."""
     from numba import cuda
 
     store, k = engine.store, engine.k
@@ -131,7 +154,8 @@ def measure_rates(engine: Engine, experts: int = 80, repeats: int = 20, device_b
         b.copy_to_device(a)
     cuda.synchronize()
     gpu = 5 * 2 * a.nbytes / (time.perf_counter() - t0)
-    return {"disk_gb_s": disk / 1e9, "host_cache_gb_s": host / 1e9, "h2d_gb_s": h2d / 1e9, "gpu_gb_s": gpu / 1e9}
+    return {"disk_gb_s": disk / 1e9, "host_cache_gb_s": host / 1e9, "h2d_gb_s": h2d / 1e9,
+            "cpu_gb_s": _host_read_rate() / 1e9, "gpu_gb_s": gpu / 1e9}
 
 
 def resident_read_bytes(engine: Engine) -> int:
@@ -144,14 +168,23 @@ def resident_read_bytes(engine: Engine) -> int:
     return model.resident_nbytes - int(getattr(embed, "nbytes", 0))
 
 
-def bound_ms(p: dict[str, Any], resident_bytes: int, rates: dict[str, float]) -> dict[str, float]:
+def bound_ms(p: dict[str, Any], resident_bytes: int, expert_bytes: int, rates: dict[str, float]
+             ) -> dict[str, float]:
     """Per-token floor of one pass from its bytes and the measured rates (ms); resident_bytes: those a
-    token reads (:func:`resident_read_bytes`)."""
+    token reads (:func:`resident_read_bytes`); expert_bytes: one expert's. Where the pass has the VRAM
+    tier's counts (``gpu_tier_per_token``), the GPU computes its hits and misses and the misses' bytes are
+    copied; without a tier every expert read is copied and computed there. Experts read but not copied ran
+    on the CPU. (The bytes read from the store alone would leave out of the GPU's bytes every expert the
+    tier holds: all of them with --preload.)"""
     disk, total = p["disk_bytes_per_token"], p["bytes_read_per_token"]
+    tier = p.get("gpu_tier_per_token")
+    copied = tier["bytes_copied"] if tier else total
+    on_gpu = (tier["gpu_hits"] + tier["gpu_misses"]) * expert_bytes if tier else total
     read = disk / rates["disk_gb_s"] / 1e6 + max(total - disk, 0) / rates["host_cache_gb_s"] / 1e6
-    h2d = total / rates["h2d_gb_s"] / 1e6
-    gpu = (resident_bytes + total) / rates["gpu_gb_s"] / 1e6
-    return {"read_ms": read, "h2d_ms": h2d, "gpu_ms": gpu, "bound_ms": max(read, h2d, gpu)}
+    h2d = copied / rates["h2d_gb_s"] / 1e6
+    cpu = max(total - copied, 0) / rates["cpu_gb_s"] / 1e6 if "cpu_gb_s" in rates else 0.0
+    gpu = (resident_bytes + on_gpu) / rates["gpu_gb_s"] / 1e6
+    return {"read_ms": read, "h2d_ms": h2d, "cpu_ms": cpu, "gpu_ms": gpu, "bound_ms": max(read, h2d, cpu, gpu)}
 
 
 def gpu_ms_per_token(engine: Engine, tokens: int = 4, seed: int = 0, spin_ms: int = 500) -> list[float]:
@@ -324,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         run["passes"] = run_passes(engine, ["cold", "warm"], a.prompt_tokens, tokens, a.seed)
         if name == "cuda":
             for p in run["passes"].values():
-                p["bound"] = bound_ms(p, run["resident_read_bytes"], run["rates"])
+                p["bound"] = bound_ms(p, run["resident_read_bytes"], run["expert_bytes"], run["rates"])
         a.json.write_text(json.dumps({**result, "runs": result["runs"] + [run]}, indent=1) + "\n")
         if name == "cuda" and a.gpu_time:
             run["gpu_ms_per_token"] = gpu_ms_per_token(engine, a.gpu_time, a.seed)
