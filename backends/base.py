@@ -178,7 +178,9 @@ class Backend(ABC):
     ints): the array glue (:meth:`add`, :meth:`multiply`, :meth:`reshape`, :meth:`split`, :meth:`rows`,
     :meth:`gather_rows`) defaults to the array type's own operators, which NumPy and MLX arrays have; a
     backend whose arrays have none (cuda) overrides it. Composite ops (:meth:`swiglu`, :meth:`expert_ffn`,
-    :meth:`experts_ffn`, :meth:`rope_angles`) are written once here from the primitives; a backend overrides
+    :meth:`experts_ffn`, :meth:`rope_angles`, :meth:`add_rms_norm`, :meth:`rms_norm_gated`, :meth:`silu_mul`,
+    :meth:`add_sigmoid_gated`,
+    :meth:`gated_delta_net`, :meth:`qk_norm_rope`) are written once here from the primitives; a backend overrides
     them only to be faster. Optional capabilities (:meth:`allocate_buffer`, the expert cache of
     :meth:`has_expert` / :meth:`configure_expert_cache` / :attr:`expert_cache_stats`,
     :meth:`device_description`) have defaults for a backend without them.
@@ -357,7 +359,7 @@ class Backend(ABC):
         """``down(silu(gate x) * up x)``: x ``[n, hidden]``, gate and up ``[I, hidden]``, down ``[hidden, I]``
         -> ``[n, hidden]``. (Shazeer 2020, "GLU Variants Improve Transformer".)"""
         g, u = self.linears(x, [gate, up])
-        return self.linear(self.multiply(self.silu(g), u), down)
+        return self.linear(self.silu_mul(g, u), down)
 
     def heads_linear(self, x: Any, weights: list) -> Any:
         """One linear per head: ``y[:, h] = x[:, h] @ weights[h].T``. x ``[T, H, in]``; weights: H prepared
@@ -376,6 +378,31 @@ class Backend(ABC):
         delta ``[T, hidden]``."""
         h = self.add(h, delta)
         return h, self.rms_norm(h, weight, eps)
+
+    def rms_norm_gated(self, x: Any, gate: Any, weight: Any, eps: float) -> Any:
+        """GatedDeltaNet's output norm: ``rms_norm(x, weight, eps) * silu(gate)``, x and gate ``[..., n]``,
+        weight ``[n]`` (HF ``Qwen3NextRMSNormGated``)."""
+        return self.multiply(self.rms_norm(x, weight, eps), self.silu(gate))
+
+    def add_sigmoid_gated(self, a: Any, gate: Any, b: Any) -> Any:
+        """``a + sigmoid(gate) * b``: a and b ``[T, n]``, gate ``[T, 1]`` or ``[T, n]`` (a gated shared
+        expert joining the routed experts' sum: HF ``Qwen2MoeSparseMoeBlock``)."""
+        return self.add(a, self.multiply(self.sigmoid(gate), b))
+
+    def silu_mul(self, gate: Any, up: Any) -> Any:
+        """SwiGLU's activation ``silu(gate) * up`` elementwise (a dense MLP's or shared expert's hidden)."""
+        return self.multiply(self.silu(gate), up)
+
+    def gated_delta_net(self, q: Any, k: Any, v: Any, b: Any, a: Any, decay_rate: Any, dt_bias: Any, state: Any
+                        ) -> tuple[Any, Any]:
+        """GatedDeltaNet's recurrence from its projections: q and k L2-normalised (:meth:`l2_normalize`, eps
+        1e-6; q also scaled by ``Dk ** -0.5``), ``beta = sigmoid(b)``, the log decay
+        ``g = decay_rate * softplus(a + dt_bias)``, then :meth:`gated_delta_rule`. q, k ``[T, Hk, Dk]``; v
+        ``[T, H, Dv]``; b, a ``[T, H]``; decay_rate (``-exp(A_log)``) and dt_bias ``[H]``; state ``[H, Dk, Dv]``.
+        -> (o ``[T, H, Dv]``, new state), as :meth:`gated_delta_rule`. (HF ``Qwen3NextGatedDeltaNet.forward``.)"""
+        q = self.multiply(self.l2_normalize(q), q.shape[-1] ** -0.5)
+        g = self.multiply(decay_rate, self.softplus(self.add(a, dt_bias)))
+        return self.gated_delta_rule(q, self.l2_normalize(k), v, g, self.sigmoid(b), state)
 
     def qk_norm_rope(self, q: Any, k: Any, q_weight: Any, k_weight: Any, eps: float, positions: np.ndarray,
                      theta: float, rotary_dim: int, yarn: YarnRope | None = None) -> tuple[Any, Any]:

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from numba import cuda, float32, float64
 
-from flashmoe.backends.cuda_kernels import LANES, ROWS, _lane_sum, _silu
+from flashmoe.backends.cuda_kernels import LANES, ROWS, _lane_sum, _sigmoid, _silu
 
 KEYS_PER_PASS = 4  # keys whose dot products one pass of the attention kernel computes with independent loads
 DELTA_PARTS = 8  # threads sharing one column of S in gated_delta_rule
@@ -184,8 +184,28 @@ def _column_sum(x, sh, lane, r):
     return total
 
 
+@cuda.jit(device=True)
+def _column_sums(x, y, z, sh, lane, r):
+    """Sums of x, y and z over the DELTA_PARTS threads (lane, 0..DELTA_PARTS-1) of a block, with one pair of
+    barriers; every thread must call it."""
+    sh[0, r, lane] = x
+    sh[1, r, lane] = y
+    sh[2, r, lane] = z
+    cuda.syncthreads()
+    sx = sy = sz = float32(0.0)
+    for p in range(DELTA_PARTS):
+        sx += sh[0, p, lane]
+        sy += sh[1, p, lane]
+        sz += sh[2, p, lane]
+    cuda.syncthreads()
+    return sx, sy, sz
+
+
+L2_EPS = 1e-6  # GatedDeltaNet's l2norm of q and k (Backend.l2_normalize's default)
+
+
 @lru_cache(maxsize=None)
-def gated_delta_rule(dk: int):
+def gated_delta_rule(dk: int, raw: bool = False):
     """Kernel: the gated delta rule (Yang et al. 2024) from state_in into state [H * Dk * Dv] (state_in is only
     read; state may be state_in itself) for key heads of dk features. Per token S = exp(g) S;
     delta = beta (v - Sᵀk); S += k ⊗ delta; o = Sᵀq. A block of (LANES, DELTA_PARTS) threads takes LANES
@@ -196,12 +216,19 @@ def gated_delta_rule(dk: int):
     73 µs a launch for Qwen3.5-397B's 64 x 128 x 128 state on an H100, docs/benchmarks.md, issue 15, sixth
     session.)
 
-    (q, k [T * Hk * Dk], v [T * H * Dv], g, beta [T * H], n_tok, k_heads, state_in, state, o [T * H * Dv]);
-    grid H * ceil(Dv / LANES), block (LANES, DELTA_PARTS)."""
+    raw (Backend.gated_delta_net): q and k as projected, L2-normalised here (their squared norms summed over
+    the block with Sᵀk, and applied to the sums: Sᵀk / |k|, Sᵀq · dk^-0.5 / |q|); g holds a, beta holds b, and
+    each head's log decay rate · softplus(a + dt_bias) and sigmoid(b) are taken here. Else rate and dt_bias
+    are unused (any array).
+
+    (q, k [T * Hk * Dk], v [T * H * Dv], g, beta [T * H], rate, dt_bias [H], n_tok, k_heads, state_in, state,
+    o [T * H * Dv]); grid H * ceil(Dv / LANES), block (LANES, DELTA_PARTS)."""
     per = -(-dk // DELTA_PARTS)  # rows of its column each thread holds
+    q_scale = float32(dk ** -0.5)
 
     @cuda.jit
-    def kernel(q, k, v, g, beta, n_tok, k_heads, state_in, state, o):
+    def kernel(q, k, v, g, beta, rate, dt_bias, n_tok, k_heads, state_in, state, o):
+        sh3 = cuda.shared.array((3, DELTA_PARTS, LANES), float32)
         sh = cuda.shared.array((DELTA_PARTS, LANES), float32)
         lane, r = cuda.threadIdx.x, cuda.threadIdx.y
         H = g.shape[0] // n_tok
@@ -217,25 +244,42 @@ def gated_delta_rule(dk: int):
             i = r + u * DELTA_PARTS
             col[u] = state_in[base + i * dv] if live and i < dk else float32(0.0)
         for t in range(n_tok):
-            decay = math.exp(g[t * H + h])
+            if raw:
+                a = g[t * H + h] + dt_bias[h]  # log decay = rate · softplus(a), softplus overflow-free
+                decay = math.exp(rate[h] * (max(a, float32(0.0)) + math.log1p(math.exp(-abs(a)))))
+                bt = _sigmoid(beta[t * H + h])
+            else:
+                decay = math.exp(g[t * H + h])
+                bt = beta[t * H + h]
             kq = (t * k_heads + kh) * dk
-            kv = float32(0.0)
+            kv = kk = qq = float32(0.0)
             for u in range(per):
                 i = r + u * DELTA_PARTS
                 if i < dk:
                     col[u] *= decay
                     kv += col[u] * k[kq + i]
-            kv = _column_sum(kv, sh, lane, r)
-            delta = (v[(t * H + h) * dv + j] - kv) * beta[t * H + h] if live else float32(0.0)
+                    if raw:
+                        kk += k[kq + i] * k[kq + i]
+                        qq += q[kq + i] * q[kq + i]
+            if raw:
+                kv, kk, qq = _column_sums(kv, kk, qq, sh3, lane, r)
+            else:
+                kv = _column_sum(kv, sh, lane, r)
+            rk = rq = float32(1.0)
+            if raw:
+                rk = float32(1.0) / math.sqrt(kk + float32(L2_EPS))
+                rq = q_scale / math.sqrt(qq + float32(L2_EPS))
+            delta = (v[(t * H + h) * dv + j] - kv * rk) * bt if live else float32(0.0)
+            kd = delta * rk  # S += (k / |k|) ⊗ delta
             acc = float32(0.0)
             for u in range(per):
                 i = r + u * DELTA_PARTS
                 if i < dk:
-                    col[u] += k[kq + i] * delta
+                    col[u] += k[kq + i] * kd
                     acc += col[u] * q[kq + i]
             acc = _column_sum(acc, sh, lane, r)
             if live and r == 0:
-                o[(t * H + h) * dv + j] = acc
+                o[(t * H + h) * dv + j] = acc * rq
         for u in range(per):
             i = r + u * DELTA_PARTS
             if live and i < dk:

@@ -213,7 +213,19 @@ class CudaBackend(Backend):
         rows = x.size // max(weight.size, 1)
         if rows:
             A.launch(K.rms_norm, rows, (K.LANES, K.norm_warps(weight.size)),
-                     (x.flat, x.flat, weight.flat, np.float32(eps), 0, x.flat, out.flat))
+                     (x.flat, x.flat, weight.flat, np.float32(eps), K.NORM_PLAIN, x.flat, out.flat))
+        return out
+
+    def rms_norm_gated(self, x: Any, gate: Any, weight: Any, eps: float) -> DeviceArray:
+        """As :meth:`Backend.rms_norm_gated`, in one launch."""
+        x, gate, weight = to_device(x), to_device(gate), to_device(weight)
+        if gate.size != x.size:
+            return super().rms_norm_gated(x, gate, weight, eps)
+        out = empty(x.shape)
+        rows = x.size // max(weight.size, 1)
+        if rows:
+            A.launch(K.rms_norm, rows, (K.LANES, K.norm_warps(weight.size)),
+                     (x.flat, gate.flat, weight.flat, np.float32(eps), K.NORM_GATE, x.flat, out.flat))
         return out
 
     def add_rms_norm(self, h: Any, delta: Any, weight: Any, eps: float) -> tuple[DeviceArray, DeviceArray]:
@@ -225,7 +237,7 @@ class CudaBackend(Backend):
         rows = h.size // max(weight.size, 1)
         if rows:
             A.launch(K.rms_norm, rows, (K.LANES, K.norm_warps(weight.size)),
-                     (h.flat, delta.flat, weight.flat, np.float32(eps), 1, total.flat, out.flat))
+                     (h.flat, delta.flat, weight.flat, np.float32(eps), K.NORM_ADD, total.flat, out.flat))
         return total, out
 
     def rope(self, x: Any, positions: np.ndarray, theta: float, rotary_dim: int, yarn: YarnRope | None = None
@@ -278,11 +290,26 @@ class CudaBackend(Backend):
                          ) -> tuple[DeviceArray, DeviceArray]:
         """As :meth:`Backend.gated_delta_rule`, the state updated in place (returned as the new state)."""
         q, k, v, g, beta, state = (to_device(a) for a in (q, k, v, g, beta, state))
+        return self._delta_rule(q, k, v, g, beta, g, g, state, False)
+
+    def gated_delta_net(self, q: Any, k: Any, v: Any, b: Any, a: Any, decay_rate: Any, dt_bias: Any, state: Any
+                        ) -> tuple[DeviceArray, DeviceArray]:
+        """As :meth:`Backend.gated_delta_net`, in one launch (the norms of q and k, beta and the decay taken
+        in the recurrence's kernel), the state updated in place."""
+        q, k, v, b, a, decay_rate, dt_bias, state = (to_device(x) for x in (q, k, v, b, a, decay_rate, dt_bias,
+                                                                              state))
+        return self._delta_rule(q, k, v, a, b, decay_rate, dt_bias, state, True)
+
+    def _delta_rule(self, q: DeviceArray, k: DeviceArray, v: DeviceArray, g: DeviceArray, beta: DeviceArray,
+                    rate: DeviceArray, dt_bias: DeviceArray, state: DeviceArray, raw: bool
+                    ) -> tuple[DeviceArray, DeviceArray]:
+        """The recurrence's kernel (KA.gated_delta_rule: with raw, g and beta are a and b of gated_delta_net)."""
         T, Hk, Dk = q.shape
         H, Dv = v.shape[1], v.shape[2]
         o = empty((T, H, Dv))
-        A.launch(KA.gated_delta_rule(Dk), H * A.cdiv(Dv, K.LANES), (K.LANES, KA.DELTA_PARTS),
-                 (q.flat, k.flat, v.flat, g.flat, beta.flat, T, Hk, state.flat, state.flat, o.flat))
+        A.launch(KA.gated_delta_rule(Dk, raw), H * A.cdiv(Dv, K.LANES), (K.LANES, KA.DELTA_PARTS),
+                 (q.flat, k.flat, v.flat, g.flat, beta.flat, rate.flat, dt_bias.flat, T, Hk, state.flat, state.flat,
+                  o.flat))
         return o, state
 
     # -- array glue -----------------------------------------------------------------------------------------
@@ -325,6 +352,24 @@ class CudaBackend(Backend):
         n = x.shape[-1]
         out = empty(x.shape)
         row_launch(K.l2_normalize, x.size // max(n, 1), 1, x.flat, n, np.float32(eps), out.flat)
+        return out
+
+    def add_sigmoid_gated(self, a: Any, gate: Any, b: Any) -> DeviceArray:
+        """As :meth:`Backend.add_sigmoid_gated`, in one launch."""
+        a, gate, b = to_device(a), to_device(gate), to_device(b)
+        if a.shape != b.shape or len(b.shape) != 2 or gate.shape not in ((b.shape[0], 1), b.shape):
+            return super().add_sigmoid_gated(a, gate, b)
+        out = empty(b.shape)
+        flat_launch(K.add_sigmoid_gated, out.size, a.flat, gate.flat, b.flat, b.size // max(gate.size, 1), out.flat)
+        return out
+
+    def silu_mul(self, gate: Any, up: Any) -> DeviceArray:
+        """As :meth:`Backend.silu_mul`, in one launch."""
+        gate, up = to_device(gate), to_device(up)
+        if gate.shape != up.shape:
+            return super().silu_mul(gate, up)
+        out = empty(gate.shape)
+        flat_launch(K.silu_mul, out.size, gate.flat, up.flat, out.flat)
         return out
 
     def clamped_swiglu(self, gate: Any, up: Any, act: ClampedSwiGLU) -> DeviceArray:

@@ -155,10 +155,14 @@ def gather_rows(src, n_cols, ids, out):
 
 
 # -- normalisation, rotary, attention, recurrences ------------------------------------------------------------
+NORM_PLAIN, NORM_ADD, NORM_GATE = 0, 1, 2  # rms_norm's modes
+
+
 @cuda.jit
 def rms_norm(x, d, w, eps, add, x_out, out):
-    """Rows of n = w.shape[0]: y = x + d when add != 0 (also written to x_out: a residual add fused with the
-    norm after it), else y = x (d and x_out unused); out = y / sqrt(mean(y²) + eps) * w. One block of
+    """Rows of n = w.shape[0]: y = x + d when add == NORM_ADD (also written to x_out: a residual add fused
+    with the norm after it), else y = x (x_out unused); out = y / sqrt(mean(y²) + eps) * w, times silu(d)
+    when add == NORM_GATE (GatedDeltaNet's gated norm; d unused when add == NORM_PLAIN). One block of
     (LANES, warps) threads per row, warps <= NORM_WARPS (:func:`norm_warps`). A thread loads its first
     NORM_PER_THREAD features of the row, their d and w, all before using any, and keeps them in registers
     for the scaling; features past LANES * warps * NORM_PER_THREAD are read again. (A loop that loaded,
@@ -178,18 +182,18 @@ def rms_norm(x, d, w, eps, add, x_out, out):
         if i < n:
             v[j] = x[base + i]
             wv[j] = w[i]
-            dv[j] = d[base + i] if add != 0 else float32(0.0)
+            dv[j] = d[base + i] if add != NORM_PLAIN else float32(0.0)
     ss = float32(0.0)
     for j in range(NORM_PER_THREAD):
         i = r * LANES + lane + j * step
         if i < n:
-            if add != 0:
+            if add == NORM_ADD:
                 v[j] += dv[j]
                 x_out[base + i] = v[j]
             ss += v[j] * v[j]
     for i in range(r * LANES + lane + NORM_PER_THREAD * step, n, step):
         y = x[base + i]
-        if add != 0:
+        if add == NORM_ADD:
             y += d[base + i]
             x_out[base + i] = y
         ss += y * y
@@ -204,10 +208,13 @@ def rms_norm(x, d, w, eps, add, x_out, out):
     for j in range(NORM_PER_THREAD):
         i = r * LANES + lane + j * step
         if i < n:
-            out[base + i] = v[j] * inv * wv[j]
+            y = v[j] * inv * wv[j]
+            out[base + i] = y * dv[j] * _sigmoid(dv[j]) if add == NORM_GATE else y
     for i in range(r * LANES + lane + NORM_PER_THREAD * step, n, step):  # reads back only what it wrote
-        y = x_out[base + i] if add != 0 else x[base + i]
-        out[base + i] = y * inv * w[i]
+        y = (x_out[base + i] if add == NORM_ADD else x[base + i]) * inv * w[i]
+        if add == NORM_GATE:
+            y *= d[base + i] * _sigmoid(d[base + i])
+        out[base + i] = y
 
 
 def norm_warps(n: int) -> int:
@@ -306,6 +313,24 @@ def binary(op: int):
                 out[n] = x * y
 
     return kernel
+
+
+@cuda.jit
+def add_sigmoid_gated(a, gate, b, width, out):
+    """out = a + sigmoid(gate[n // width]) * b elementwise: a gate per run of `width` elements (one per row
+    of b: width = its features; one per element: width 1)."""
+    n = cuda.grid(1)
+    if n < out.shape[0]:
+        out[n] = a[n] + _sigmoid(gate[n // width]) * b[n]
+
+
+@cuda.jit
+def silu_mul(gate, up, out):
+    """out = silu(gate) * up elementwise (SwiGLU's activation)."""
+    n = cuda.grid(1)
+    if n < out.shape[0]:
+        a = gate[n]
+        out[n] = a * _sigmoid(a) * up[n]
 
 
 @cuda.jit

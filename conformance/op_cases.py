@@ -200,6 +200,21 @@ def _positional(case: OpCase) -> tuple[str, tuple, str]:
         beta = rng.uniform(0.0, 1.0, (T, H)).astype(np.float32)
         state = _normal(rng, H, Dk, Dv, scale=0.5)
         return "gated_delta_rule", (q, k, _normal(rng, T, H, Dv), g, beta, state), "reduction"
+    if op == "gated_delta_net":  # q, k as projected; a, b, the decay rate and dt_bias as a checkpoint has them
+        T, Hk, H, Dk, Dv = p["tokens"], p["k_heads"], p["k_heads"] * p["rep"], p["dk"], p["dv"]
+        q, k, v = _normal(rng, T, Hk, Dk, scale=2.0), _normal(rng, T, Hk, Dk, scale=2.0), _normal(rng, T, H, Dv)
+        b, a = _normal(rng, T, H, scale=2.0), _normal(rng, T, H, scale=2.0)
+        rate, dt_bias = -np.exp(_normal(rng, H, scale=0.5)), _normal(rng, H)
+        return "gated_delta_net", (q, k, v, b, a, rate, dt_bias, _normal(rng, H, Dk, Dv, scale=0.5)), "reduction"
+    if op == "rms_norm_gated":
+        x, gate = _normal(rng, p["tokens"], p["heads"], p["n"], scale=3.0), _normal(rng, p["tokens"], p["heads"], p["n"])
+        return "rms_norm_gated", (x, gate, 1 + _normal(rng, p["n"], scale=0.1), 1e-6), "elementwise"
+    if op == "add_sigmoid_gated":  # the gate one logit per row (a shared expert's) or one per element
+        T, n = p["tokens"], p["n"]
+        gate = _normal(rng, T, 1 if p.get("per_row", True) else n, scale=3.0)
+        return "add_sigmoid_gated", (_normal(rng, T, n), gate, _normal(rng, T, n)), "elementwise"
+    if op == "silu_mul":
+        return "silu_mul", (_normal(rng, p["tokens"], p["n"], scale=4.0), _normal(rng, p["tokens"], p["n"])), "elementwise"
     if op in ("expert_ffn", "experts_ffn"):
         n_exp = p.get("k", 1)
         experts = [make_expert_views(rng, p["hidden"], p["inter"], p.get("bits"), p.get("group_size", 64),
@@ -294,6 +309,12 @@ def _quick() -> list[OpCase]:
     cases += [c("causal_conv1d", tokens=1, channels=96, kernel=4), c("causal_conv1d", tokens=9, channels=40, kernel=3)]
     cases += [c("gated_delta_rule", tokens=1, k_heads=2, rep=2, dk=32, dv=16),
               c("gated_delta_rule", tokens=7, k_heads=3, rep=1, dk=16, dv=24)]
+    # GatedDeltaNet's recurrence from its projections and its gated output norm; SwiGLU's activation
+    cases += [c("gated_delta_net", tokens=1, k_heads=2, rep=2, dk=32, dv=16),
+              c("gated_delta_net", tokens=5, k_heads=3, rep=1, dk=16, dv=24)]
+    cases += [c("rms_norm_gated", tokens=t, heads=h, n=n) for t, h, n in ((1, 4, 32), (3, 2, 40))]
+    cases += [c("silu_mul", tokens=t, n=n) for t, n in ((1, 96), (3, 40))]
+    cases += [c("add_sigmoid_gated", tokens=1, n=96), c("add_sigmoid_gated", tokens=3, n=40, per_row=False)]
     cases += [c("expert_ffn", tokens=n, hidden=128, inter=64, bits=b, group_size=g, sdtype="bfloat16")
               for n, b, g in [(1, 4, 64), (5, 2, 32), (3, 8, 64)]]
     cases += [c("expert_ffn", tokens=2, hidden=64, inter=32, bits=None)]
@@ -360,7 +381,9 @@ def full_cases(seeds: int = 3) -> list[OpCase]:
               c("linear", tokens=1, out=4096, inp=1024, bits=4, group_size=64, sdtype="bfloat16"),
               c("experts_ffn", k=10, hidden=1024, inter=256, bits=4, group_size=64, sdtype="bfloat16"),
               c("attention", tokens=1, cached=1000, heads=16, kv_heads=2, head_dim=256),
-              c("gated_delta_rule", tokens=1, k_heads=4, rep=4, dk=128, dv=128)]
+              c("gated_delta_rule", tokens=1, k_heads=4, rep=4, dk=128, dv=128),
+              c("gated_delta_net", tokens=1, k_heads=4, rep=4, dk=128, dv=128),
+              c("rms_norm_gated", tokens=1, heads=64, n=128)]
     return cases
 
 

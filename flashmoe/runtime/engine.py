@@ -339,29 +339,33 @@ class Engine:
         qkv, st.conv = be.causal_conv1d(qkv, st.conv, self._w[a + "conv1d.weight"])
         q, k, v = be.split(qkv, (Hk * Dk, Hk * Dk, Hv * Dv))
         q, k, v = be.reshape(q, (T, Hk, Dk)), be.reshape(k, (T, Hk, Dk)), be.reshape(v, (T, Hv, Dv))
-        q = be.multiply(be.l2_normalize(q), Dk ** -0.5)
-        k = be.l2_normalize(k)
-        beta = be.sigmoid(b)
-        # log decay ≤ 0, (T, Hv)
-        g = be.multiply(self._decay_rate[a], be.softplus(be.add(alpha, self._w[a + "dt_bias"])))
-        o, st.recurrent = be.gated_delta_rule(q, k, v, g, beta, st.recurrent)  # (T, Hv, Dv)
-        o = be.multiply(be.rms_norm(o, self._w[a + "norm.weight"], cfg.rms_norm_eps), be.silu(z))
+        # q, k L2-normalised, beta = sigmoid(b), log decay g = -exp(A_log)·softplus(alpha + dt_bias) ≤ 0, then
+        # the recurrence: o (T, Hv, Dv)
+        o, st.recurrent = be.gated_delta_net(q, k, v, b, alpha, self._decay_rate[a], self._w[a + "dt_bias"],
+                                             st.recurrent)
+        o = be.rms_norm_gated(o, z, self._w[a + "norm.weight"], cfg.rms_norm_eps)
         return self._linear(be.reshape(o, (T, Hv * Dv)), a + "out_proj")
 
     def _mlp(self, p: str, x):
         """Dense SwiGLU MLP (also the shared expert): down(silu(gate x) * up x)."""
         be = self.backend
         gate, up = self._linears(x, [p + "gate_proj", p + "up_proj"])
-        return self._linear(be.multiply(be.silu(gate), up), p + "down_proj")
+        return self._linear(be.silu_mul(gate, up), p + "down_proj")
 
-    def _shared_expert(self, p: str, x):
-        """The shared expert scaled by its sigmoid gate, or None when the model has none."""
+    def _shared_expert(self, p: str, x) -> tuple | None:
+        """The shared expert of x and its gate's logits (None where ungated), or None when the model has
+        none; :meth:`_plus_shared` adds it to the routed experts' sum."""
         if not self.cfg.has_shared_expert:
             return None
-        be, shared = self.backend, self._mlp(p + "shared_expert.", x)
-        if not self.cfg.has_shared_expert_gate:
-            return shared
-        return be.multiply(be.sigmoid(self._linear(x, p + "shared_expert_gate")), shared)
+        gate = self._linear(x, p + "shared_expert_gate") if self.cfg.has_shared_expert_gate else None
+        return self._mlp(p + "shared_expert.", x), gate
+
+    def _plus_shared(self, y, shared: tuple | None):
+        """y + the shared expert scaled by the sigmoid of its gate (``shared`` from :meth:`_shared_expert`)."""
+        if shared is None:
+            return y
+        out, gate = shared
+        return self.backend.add(y, out) if gate is None else self.backend.add_sigmoid_gated(y, gate, out)
 
     def preload_experts(self, cache_bytes: int) -> bool:
         """Read every routed expert, k at a time, into the backend's own expert cache (Backend.hold_experts)
@@ -392,7 +396,7 @@ class Engine:
             if y is not None:  # every expert of the layer is the backend's: nothing read, nothing waited for
                 with self.stats.stage("shared_expert"):
                     shared = self._shared_expert(p, x)
-                return y if shared is None else be.add(y, shared)
+                return self._plus_shared(y, shared)
         ids, weights = self._route(layer, x, self.k)  # (T, k) int, (T, k) f32
         if x.shape[0] == 1:
             return self._moe_decode(layer, p, x, ids[0], weights[0])
@@ -433,7 +437,7 @@ class Engine:
             self.store.release(request)
         if self.tracer is not None:
             self.tracer.layer(layer, ids[None], weights[None], [request] if request else [])
-        return y if shared is None else be.add(y, shared)
+        return self._plus_shared(y, shared)
 
     def _decode_experts(self, x, x_host, packed: list, layout, weights: np.ndarray, keys: list):
         """One token's k experts' weighted sum [1, hidden] from their packed bytes (None where the backend
@@ -498,8 +502,7 @@ class Engine:
             self.store.release(current)
         if self.tracer is not None:
             self.tracer.layer(layer, ids, weights, fetches)
-        y = be.asarray(y)
-        return y if out is None else be.add(y, out)
+        return self._plus_shared(be.asarray(y), out)
 
 
 def prefill_batches(unique: np.ndarray, in_memory: list[int], batch_size: int) -> list[np.ndarray]:
