@@ -249,8 +249,8 @@ def _kernel_name(name: str) -> str:
     """A numba kernel's dotted name after the package, 'cuda_kernels.qlinear', from the name the profiler
     reports: numba's Itanium-mangled one (_ZN6cudapy8flashmoe8backends12cuda_kernels7qlinear12_3clocals_3e6kernel
     B2v1B57cw51c...E5ArrayIjLi1E...: length-prefixed names, then abi tags and argument types) or its demangled
-    form (cudapy::flashmoe::backends::cuda_kernels::qlinear::_3clocals_3e::kernel[abi:v1]...(Array<...>, ...));
-    numba's `<locals>` and a factory's inner `kernel` are dropped. Any other name (copies, other libraries'
+    form (cudapy::flashmoe::backends::cuda_kernels::qlinear::_3clocals_3e::kernel[abi:v1]...(Array<...>, ...)),
+    with or without the cudapy:: namespace; numba's `<locals>` and a factory's inner `kernel` are dropped. Any other name (copies, other libraries'
     kernels) whole."""
     if name.startswith("_ZN"):
         parts, i = [], 3
@@ -262,7 +262,11 @@ def _kernel_name(name: str) -> str:
             i = j + int(name[i:j])
     else:  # demangled: the qualified name ends at the abi tags or the arguments
         parts = re.split(r"[\[(<]", name, maxsplit=1)[0].split("::")
-    keep = [p for p in parts[1:] if p not in ("_3clocals_3e", "kernel")] if parts[:1] == ["cudapy"] else []
+    if parts[:1] == ["cudapy"]:  # numba's namespace; the profiler's demangled names on an H100 (numba-cuda
+        parts = parts[1:]         # 0.30.4, 2026-12-07) began at flashmoe:: without it
+    elif parts[:1] != ["flashmoe"]:
+        parts = []
+    keep = [p for p in parts if p not in ("_3clocals_3e", "kernel")]
     if keep[:1] == ["flashmoe"] and len(keep) > 2:  # flashmoe.backends.cuda_kernels.qlinear: the package goes
         keep = keep[2:]
     return ".".join(keep) or name

@@ -177,6 +177,8 @@ def test_cuda_kernel_table_names_each_kernel_whole():
     assert _kernel_name("cudapy::flashmoe::backends::cuda_attention::attention[abi:v2](Array<float, 3, C, mutable, "
                         "aligned>)") == "cuda_attention.attention"
     assert _kernel_name("_ZN6cudapy8__main__4spinB2v3E5ArrayIfLi1E1C7mutable7alignedE") == "__main__.spin"
+    # as torch.profiler named them on an H100 with numba-cuda 0.30.4 (2026-12-07): no cudapy:: namespace
+    assert _kernel_name(_QLINEAR_DEMANGLED.removeprefix("cudapy::")) == "cuda_kernels.qlinear"
     copy = "Memcpy HtoD (Pinned -> Device)"
     cutlass = ("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm_64x64_16x6_tn_align4>(cutlass_80_tensorop_"
                "s1688gemm_64x64_16x6_tn_align4::Params)")
