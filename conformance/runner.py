@@ -33,6 +33,7 @@ from flashmoe.conformance import model_cases, op_cases
 from flashmoe.conformance.model_cases import EngineFactory, ModelResult
 from flashmoe.conformance.op_cases import QUICK_CASES, CaseResult, full_cases, run_cases
 from flashmoe.errors import ConformanceError
+from flashmoe.format.atomic import write_json_atomic
 from flashmoe.sources import dependencies
 
 #: The NumPy backend is the reference the suite compares with; it needs no gate.
@@ -104,9 +105,7 @@ def _write_stamp(path: Path, name: str, results: list[CaseResult], seconds: floa
     record = {"backend": name, "flashmoe_version": __version__, "machine": machine(), "cases": len(results),
               "max_error_over_tolerance": max(r.error / r.tolerance for r in results), "seconds": round(seconds, 2),
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)  # atomic: concurrent first runs never leave a half-written stamp
+    write_json_atomic(path, record)  # concurrent first runs never leave a half-written stamp
 
 
 def ensure_conformant(name: str) -> None:

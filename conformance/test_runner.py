@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,10 @@ def backends(monkeypatch, tmp_path):
 
 
 def test_ensure_conformant_stamps_once_and_then_skips_the_suite(backends, monkeypatch, capsys):
+    stamp = runner.stamp_path("exact-test")
+    stamp.parent.mkdir(parents=True)
+    killed = stamp.with_name(f".{stamp.name}.tmp-99999999")  # a gate run killed while writing its stamp
+    killed.write_text("{")
     runner.ensure_conformant("exact-test")
     # stderr is not a terminal under capsys: the message appears once, plainly, then the bar's final state.
     err = capsys.readouterr().err
@@ -46,8 +51,7 @@ def test_ensure_conformant_stamps_once_and_then_skips_the_suite(backends, monkey
     n = len(runner.QUICK_CASES)
     assert "conformance cases" in err and f"{n}/{n}" in err and f"all {n} cases pass" in err, err
     assert err.endswith("compiling the exact-test kernels for this model (first run only; cached afterwards)…\n"), err
-    stamp = runner.stamp_path("exact-test")
-    assert stamp.is_file() and stamp.parent == backends / "conformance"
+    assert stamp.parent == backends / "conformance" and os.listdir(stamp.parent) == [stamp.name]  # written atomically
     assert '"cases": %d' % len(runner.QUICK_CASES) in stamp.read_text()
 
     def must_not_run(*args, **kwargs):
