@@ -10,6 +10,7 @@ below (has_shared_expert, qk_norm, ...) read it, so no other module needs a fami
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,8 +358,9 @@ class _Reader:
         return tuple(self.integer(key, v, minimum) for v in (value if isinstance(value, list) else [value]))
 
     def number(self, key: str, value: Any, positive: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(key, f"must be a number, got {value!r}")
+        # Python's json reads NaN and Infinity, which no field means (an infinite rope_theta rotates nothing)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(key, f"must be a finite number, got {value!r}")
         if positive and not value > 0:
             self.fail(key, f"must be positive, got {value!r}")
         return float(value)
@@ -383,7 +385,7 @@ def _attention_fields(r: _Reader, fam: Family, mla: dict[str, Any]) -> dict[str,
         head_dim=head_dim,
         use_qk_norm=bool(fam.qk_norm_switch) and r.flag(fam.qk_norm_switch, r.get(fam.qk_norm_switch)),
         vocab_size=r.integer("vocab_size", r.get("vocab_size")),
-        rms_norm_eps=r.number("rms_norm_eps", r.get("rms_norm_eps")),
+        rms_norm_eps=r.number("rms_norm_eps", r.get("rms_norm_eps"), positive=True),
         max_position_embeddings=r.integer("max_position_embeddings", r.get("max_position_embeddings")),
         attention_bias=r.flag("attention_bias", d.get("attention_bias", r.defaults.get("attention_bias", False))),
         clip_qkv=None if d.get("clip_qkv") is None else r.number("clip_qkv", d["clip_qkv"], positive=True),
