@@ -1,4 +1,4 @@
-"""An edited generation_config.json with a value of the wrong type is refused in one line naming the file and
+"""An edited generation_config.json with a value of the wrong type or range is refused in one line naming the file and
 field, by generate (and so by chat and serve, which read it the same way), instead of failing while sampling."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from flashmoe.runtime.load import default_model_dir
     ("top_p", "x", "must be a number, got 'x'"),
     ("top_k", 1.5, "must be a whole number, got 1.5"),
     ("repetition_penalty", True, "must be a number, got True"),
+    ("temperature", -1.0, "must be >= 0, got -1.0"),
+    ("top_p", float("nan"), "must be in (0, 1], got nan"),
     ("eos_token_id", "abc", "must be a token id or a list of them, got 'abc'"),
 ])
 def test_a_bad_generation_config_value_names_the_file_and_field(tmp_path, field, value, why):

@@ -18,6 +18,10 @@ from flashmoe.errors import FlashMoeError
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 #: Used where neither the command line nor generation_config.json sets a value (llama.cpp's defaults).
 FALLBACK = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.0}
+#: Each setting's allowed values: (test, the range in words).
+ALLOWED = {"temperature": (lambda v: v >= 0, ">= 0"), "top_k": (lambda v: v >= 0, ">= 0"),
+           "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "min_p": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "repetition_penalty": (lambda v: v > 0, "> 0")}
 
 
 @dataclass
@@ -42,15 +46,8 @@ class Sampler:
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        checks = [
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:  # the setting's name in generation_config.json and the API, and its command-line flag
+        for name, (ok, allowed) in ALLOWED.items():
+            if not ok(getattr(self, name)):  # the setting's name in the API, and its command-line flag
                 raise FlashMoeError(f"{name} (--{name.replace('_', '-')}) must be {allowed}, got "
                                     f"{getattr(self, name)}")
         if self.seed is not None and self.seed < -1:
@@ -90,7 +87,7 @@ def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
     """The sampling settings of the model's generation_config.json (only the keys it sets).
 
     Raises FlashMoeError naming the file when it exists but cannot be read, and naming the field when a
-    setting is not a number (top_k: not a whole number).
+    setting is not a number (top_k: not a whole number) or out of its range (ALLOWED).
     """
     path = Path(model_dir) / "generation_config.json"
     try:
@@ -105,6 +102,9 @@ def sampling_defaults(model_dir: str | Path) -> dict[str, float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or key == "top_k" and not whole:
             kind = "a whole number" if key == "top_k" else "a number"
             raise FlashMoeError(f"{path}: field {key!r} must be {kind}, got {value!r}")
+        ok, allowed = ALLOWED[key]
+        if not ok(value):
+            raise FlashMoeError(f"{path}: field {key!r} must be {allowed}, got {value!r}")
     return {k: int(v) if k == "top_k" else float(v) for k, v in settings.items()}
 
 
