@@ -172,6 +172,13 @@ def test_source_directory_that_does_not_exist(tmp_path):
     _convert_fails(tmp_path / "nowhere", tmp_path / "out", "nowhere", "no such directory")
 
 
+def test_a_flashmoe_model_directory_as_the_source_is_named_as_one(tmp_path):
+    from flashmoe.runtime.load import default_model_dir
+
+    (tmp_path / "out").mkdir()
+    _convert_fails(default_model_dir(), tmp_path / "out", f"{default_model_dir()}: is a flashmoe model directory already")
+
+
 def test_an_output_directory_inside_the_source_is_refused_without_force_too(source, tmp_path):
     src = _copy(source, tmp_path / "src")
     _convert_fails(src, src, f"error: {src / 'dst'}: is inside the source {src}; choose another output directory")

@@ -129,6 +129,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
 def _resolve_source(src: str | Path) -> Path:
     """A local directory as is; otherwise a Hub id `org/name` downloaded with huggingface_hub."""
     p = Path(src)
+    if (p / MANIFEST).is_file():  # its tensors are flashmoe's, which no checkpoint layout names
+        raise CheckpointError(f"{p}: is a flashmoe model directory already ({MANIFEST}); convert reads a Hugging "
+                              "Face or MLX checkpoint or a llama.cpp GGUF (use this directory as it is)")
     if p.is_dir():
         return p
     if p.exists():
