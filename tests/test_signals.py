@@ -1,18 +1,23 @@
 """A command stopped by a signal: SIGTERM (timeout, kill, a service manager) ends it with exit code 143 and no
-output that looks complete; what a SIGKILLed run could not remove, the next run to the same output removes.
-Each run is a process of its own that sends itself the signal at a known point (the bundled demo model on
+output that looks complete (a file, or a server's reply); what a SIGKILLed run could not remove, the next run to
+the same output removes. Each run is a process of its own, signalled at a known point (the bundled demo model on
 the numpy backend)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 from typer.testing import CliRunner
 
 from flashmoe.cli import app
+from flashmoe.serve.worker import STOPPING
 
 GENERATE = ["generate", "-p", "Once upon a time", "-n", "6", "--temperature", "0", "--backend", "numpy"]
 
@@ -64,6 +69,39 @@ def test_sigterm_at_the_chat_prompt_ends_the_chat_with_143():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143, proc.stderr.read()
         assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sigterm_under_serve_ends_the_reply_with_an_error_and_the_live_trace_and_exits_143():
+    proc = subprocess.Popen([sys.executable, "-c", "from flashmoe.cli import app; app()", "serve", "--backend", "numpy",
+                             "--port", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stderr.readline()
+        assert ready.startswith("flashmoe serve:"), ready + proc.stderr.read()
+        url = ready.split("http://")[1].split("/ ")[0]
+        for _ in range(300):  # the address is printed before uvicorn listens on it
+            try:
+                urllib.request.urlopen(f"http://{url}/health", timeout=5).close()
+                break
+            except urllib.error.URLError:
+                time.sleep(0.1)
+        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1500, "stream": True}
+        request = urllib.request.Request(f"http://{url}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(f"http://{url}/v1/trace", timeout=60) as trace, \
+                urllib.request.urlopen(request, timeout=60) as stream:  # the page's live view, which never ends
+            events = (json.loads(line[6:]) for line in stream if line.startswith(b"data: {"))
+            while not next(events)["choices"][0]["delta"].get("content"):  # the first text: it is generating
+                pass
+            proc.send_signal(signal.SIGTERM)
+            events = list(events)
+            trace.read()  # to its end
+        assert proc.wait(timeout=60) == 143  # without waiting for the 1,500 tokens
+        assert events[-1]["error"]["message"] == STOPPING  # not a finish_reason, as if the reply were complete
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "ERROR" not in err, err
     finally:
         proc.kill()
         proc.wait()

@@ -50,15 +50,22 @@ class LiveTrace(TraceSink):
         for queue, loop in subscribers:
             loop.call_soon_threadsafe(_offer, queue, event)
 
+    def close(self) -> None:
+        """End every subscriber's stream after the lines already queued (a stopping server). On the event loop."""
+        with self._lock:
+            queues = list(self._subscribers)
+        for queue in queues:
+            queue.put_nowait(None)
+
     async def events(self) -> AsyncIterator[dict]:
-        """The header, then every token line until the consumer leaves."""
+        """The header, then every token line until the consumer leaves or close()."""
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._subscribers[queue] = asyncio.get_running_loop()
         try:
             yield {"type": "header", **self.header.to_dict()}
-            while True:
-                yield await queue.get()
+            while (event := await queue.get()) is not None:
+                yield event
         finally:
             with self._lock:
                 del self._subscribers[queue]

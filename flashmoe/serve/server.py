@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -166,12 +167,24 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _StoppingServer(uvicorn.Server):
+    """uvicorn's server whose stop (SIGTERM, Ctrl-C) first ends the responses that would not end by themselves
+    (Worker.stop): uvicorn waits for every open response, which a long generation held off for minutes and the
+    page's live /v1/trace stream for ever."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker):
+        super().__init__(config)
+        self.worker = worker
+
+    async def shutdown(self, sockets=None) -> None:
+        self.worker.stop()
+        await super().shutdown(sockets)
+
+
 class RunningServer:
     """A uvicorn server on its own thread (tests, notebooks). Use as a context manager or call stop()."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self._sock = bind(host, port)
         self.host, self.port = host, self._sock.getsockname()[1]
         # An open /v1/trace stream never ends by itself: stop() gives connections 5 s, then closes them.
@@ -217,13 +230,13 @@ def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     model's max_position_embeddings) bounds prompt + completion and sizes the KV cache in the memory budget;
     `api_key` and `max_request_bytes` are AccessGuard's; `load_options` are load_engine's (backend, io,
     max_memory, experts_per_token, cache_policy, ...). What is served, and a warning when a non-loopback
-    address is bound without a key, go to `echo` (default: standard error).
+    address is bound without a key, go to `echo` (default: standard error). A stop (SIGTERM, Ctrl-C) ends the
+    replies in progress with an error after their current token and the live trace streams (Worker.stop), then
+    raises the signal again for the command line (SIGTERM: exit code 143).
 
     Raises FlashMoeError when host:port cannot be bound (before the model loads) or the model cannot be
     loaded (FormatError naming a missing directory).
     """
-    import uvicorn
-
     from flashmoe.format.modeldir import ModelDir
     from flashmoe.runtime.load import default_model_dir, load_engine
 
@@ -245,7 +258,8 @@ def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
             echo(f"warning: {host} is reachable from other machines and no --api-key is set: anyone who can "
                  "reach this port can use the model")
         try:
-            uvicorn.Server(uvicorn.Config(server.app, log_level=log_level, lifespan="off")).run(sockets=[sock])
+            _StoppingServer(uvicorn.Config(server.app, log_level=log_level, lifespan="off"),
+                            server.worker).run(sockets=[sock])
         finally:
             server.close()
     finally:

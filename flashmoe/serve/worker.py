@@ -5,7 +5,8 @@ run in arrival order and never overlap. The worker keeps one Session (flashmoe.s
 prompt extends the previous request's prompt + reply (a chat client sending the conversation back) prefills
 only the new tokens, one that shares a shorter prefix reuses what the Session can rewind to, and any other
 prompt starts from a fresh state, so nothing leaks between requests. A client that disconnects cancels its
-job: a queued job never starts, a running one stops after the current token.
+job: a queued job never starts, a running one stops after the current token. A server stopping (SIGTERM,
+Ctrl-C) cuts every job short the same way and ends each reply with an error, not as if it were complete.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ log = logging.getLogger("flashmoe.serve")
 
 # ---- jobs ----------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)  # each job is itself (Worker._jobs)
 class Job:
     """One generation: what to run and how its output is routed. Built on the event loop, run by the
     worker thread."""
@@ -77,6 +78,8 @@ class Conversation:
 
 
 _END = object()
+#: The error that ends the replies a stopping server cut short (Worker.stop).
+STOPPING = "the server is shutting down: this reply was cut short"
 
 
 def new_id(prefix: str) -> str:
@@ -111,6 +114,8 @@ class Worker:
         self._reasoning_by_call: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()  # counters are updated from the event loop and the worker thread
         self.live: LiveTrace | None = None  # made by the first /v1/trace subscriber
+        self._jobs: set[Job] = set()  # queued and running (events: on the event loop only)
+        self.stopping = False
 
     def live_trace(self, model: str) -> LiveTrace:
         """The engine's live trace (flashmoe.serve.live_trace), made on first use."""
@@ -121,6 +126,16 @@ class Worker:
     def close(self) -> None:
         """Stop the worker thread after the current job; queued jobs are dropped."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        """End what a stopping server would otherwise wait for: every queued and running job (the running one
+        after its current token), each reply ending with the error STOPPING, and the live trace's streams. On
+        the event loop."""
+        self.stopping = True
+        for job in self._jobs:
+            job.cancel.set()
+        if self.live is not None:
+            self.live.close()
 
     def server_stats(self) -> dict:
         """The counters, the error responses by status and the last run's RunInfo, as /v1/stats reports them.
@@ -273,6 +288,7 @@ class Worker:
         def emit(event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
+        self._jobs.add(job)
         future: Future = self._executor.submit(self._work, job, emit)
         finished = False  # a 'done' or 'error' event was delivered: leaving after it is no cancellation
         try:
@@ -280,6 +296,7 @@ class Worker:
                 finished = event[0] != "delta"
                 yield event
         finally:
+            self._jobs.discard(job)
             if not finished:
                 job.cancel.set()
                 self._count(cancelled=1, queued=-int(future.cancel()))
@@ -290,6 +307,8 @@ class Worker:
         if self.live is not None:  # between forwards: a forward is traced whole or not at all
             self.engine.tracer = self.live.tracer if self.live.listened else None
         try:
+            if self.stopping:
+                raise FlashMoeError(STOPPING)
             if job.cancel.is_set():
                 return
             for step in self.session.generate(job.prompt_ids, job.sampler, job.max_tokens, job.stop, job.cancel,
@@ -303,6 +322,8 @@ class Worker:
                     emit(("delta", delta))
             info = self.session.last
             self._account(info)
+            if info.stop == CANCELLED and self.stopping:
+                raise FlashMoeError(STOPPING)
             emit(("done", info))
         except FlashMoeError as e:
             self._count(errors=1)
