@@ -8,7 +8,8 @@ import json
 import urllib.request
 
 import pytest
-from chat_helpers import QWEN3, fake_server
+from chat_helpers import fake_server
+from chat_templates import QWEN3
 
 openai = pytest.importorskip("openai", reason="the official client is the test's oracle of the API")
 

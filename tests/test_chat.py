@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-from chat_helpers import QWEN3, QWEN35_XML, FakeEngine, write_model_dir
+from chat_helpers import FakeEngine, write_model_dir
+from chat_templates import QWEN3, QWEN35_XML
 
 from flashmoe.serve.chat import ChatSession, read_message, run_repl
 from flashmoe.serve.generate import CANCELLED, EOS, LENGTH, STOP_STRING

@@ -6,7 +6,8 @@ import itertools
 import json
 
 import pytest
-from chat_helpers import LLAMA_TOOLS, MIXTRAL, QWEN3, QWEN35_XML, TEMPLATES, write_model_dir
+from chat_helpers import write_model_dir
+from chat_templates import LLAMA_TOOLS, MIXTRAL, QWEN3, QWEN35_XML, TEMPLATES
 
 from flashmoe.serve.chat_template import render_chat
 from flashmoe.errors import FlashMoeError

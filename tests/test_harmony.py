@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from chat_helpers import HARMONY, WEATHER, FakeEngine, build_tokenizer, parse_in_pieces, write_model_dir
+from chat_helpers import WEATHER, FakeEngine, build_tokenizer, parse_in_pieces, write_model_dir
+from chat_templates import HARMONY
 from hypothesis import given, settings, strategies as st
 
 from flashmoe.serve.harmony import HarmonyParser

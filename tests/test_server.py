@@ -13,7 +13,8 @@ import time
 import urllib.request
 
 import pytest
-from chat_helpers import MINIMAX_M2, MIXTRAL, QWEN35_XML, WEATHER, fake_server
+from chat_helpers import WEATHER, fake_server
+from chat_templates import MINIMAX_M2, MIXTRAL, QWEN35_XML
 
 from openai_server import chat, client, openai, served, server_counters  # noqa: F401 (fixtures)
 

@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 from typer.testing import CliRunner
-from chat_helpers import QWEN3, FakeEngine, scripted_reply, write_model_dir
+from chat_helpers import FakeEngine, scripted_reply, write_model_dir
+from chat_templates import QWEN3
 
 from flashmoe.cli import app as cli
 from flashmoe.serve.access import is_loopback

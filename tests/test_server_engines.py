@@ -10,7 +10,8 @@ import time
 import urllib.request
 
 import pytest
-from chat_helpers import QWEN3, write_model_dir
+from chat_helpers import write_model_dir
+from chat_templates import QWEN3
 
 from flashmoe.serve.server import FlashMoeServer, RunningServer
 from flashmoe.serve.tokenizer import Tokenizer

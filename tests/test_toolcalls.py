@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from chat_helpers import MINIMAX_M2, parse_in_pieces
+from chat_helpers import parse_in_pieces
+from chat_templates import MINIMAX_M2
 from hypothesis import assume, given, settings, strategies as st
 
 from flashmoe.serve.toolcalls import (DS_CALL_CLOSE, DS_CALL_OPEN, DS_CALLS_CLOSE, DS_CALLS_OPEN, DS_SEP, OutputParser,
@@ -209,7 +210,7 @@ def test_forced_prefix_is_parsed_but_not_returned():
 
 
 def test_tool_call_format_is_read_from_the_template():
-    from chat_helpers import MIXTRAL, QWEN3, QWEN35_XML
+    from chat_templates import MIXTRAL, QWEN3, QWEN35_XML
 
     assert tool_call_format(QWEN3) == "json"
     assert tool_call_format(QWEN35_XML) == "xml"

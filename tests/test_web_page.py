@@ -93,7 +93,8 @@ def test_the_page_streams_a_reply_and_shows_the_experts_it_read(demo_url, browse
 
 
 def test_a_server_with_an_api_key_opens_the_settings_at_the_key_field_and_works_once_it_is_typed(browser, tmp_path):
-    from chat_helpers import QWEN3, FakeEngine, scripted_reply, write_model_dir
+    from chat_helpers import FakeEngine, scripted_reply, write_model_dir
+    from chat_templates import QWEN3
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
