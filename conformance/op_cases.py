@@ -239,7 +239,8 @@ def _positional(case: OpCase) -> tuple[str, tuple, str]:
         return "qk_norm_rope", (q, k, *weights, 1e-6, positions, p["theta"], p["rotary_dim"]), "elementwise"
     if op == "packed_experts_prefill":
         T = p["tokens"]
-        layout, buffers = make_packed_experts(rng, len(p["routed"]), p["bits"], p["group_size"], p["sdtype"],
+        layout, buffers = make_packed_experts(rng, len(p["routed"]), p["bits"], p.get("group_size", 64),
+                                              p.get("sdtype", "float32"), biases=p.get("act", False),
                                               hidden=p["hidden"], inter=p["inter"])
         tokens = [np.sort(rng.choice(T, n, replace=False)) for n in p["routed"]]
         weights = [rng.uniform(0.1, 1.0, n).astype(np.float32) for n in p["routed"]]
@@ -324,12 +325,13 @@ def _quick() -> list[OpCase]:
                                  (2, 6, 16, "float32"), (3, 3, 16, "float32"), (2, 2, 16, "float32")]]
     cases += [c("experts_ffn", k=2, hidden=64, inter=32, bits=None)]
     # q8 activations (decode and prefill: tiles of 4 tokens and the rest): the x86 4-bit kernel (runs of 64
-    # inputs), the units kernel (other widths, groups of 16), the 8-bit one (or the portable loops)
+    # inputs), the units kernel (other widths, groups of 16), the 8-bit one (or the portable loops); 33 tokens
+    # quantise on every thread (numba_q8.PARALLEL_QUANTIZE_TOKENS)
     cases += [c("linear", tokens=t, out=72, inp=i, bits=b, group_size=g, sdtype=s, activations="q8")
               for t, i, b, g, s in [(1, 256, 4, 64, "bfloat16"), (3, 96, 4, 32, "float16"), (1, 256, 3, 128, "bfloat16"),
                                     (5, 256, 5, 32, "bfloat16"),
                                     (1, 256, 6, 16, "float32"), (3, 96, 3, 16, "float32"), (1, 128, 4, 16, "float32"),
-                                    (9, 256, 4, 64, "bfloat16"), (6, 96, 8, 32, "float32")]]
+                                    (33, 256, 4, 64, "bfloat16"), (6, 96, 8, 32, "float32")]]
     cases += [c("expert_ffn", tokens=t, hidden=128, inter=64, bits=4, group_size=64, sdtype="bfloat16", activations="q8")
               for t in (1, 5)]
     cases += [c("experts_ffn", k=k, hidden=128, inter=64, bits=b, group_size=g, sdtype=s, activations="q8")
@@ -353,6 +355,8 @@ def _quick() -> list[OpCase]:
     cases += [c("linear", tokens=t, out=40, inp=i, bits=MXFP4, activations="q8")
               for t, i in ((1, 256), (3, 192), (9, 256))]
     cases += [c("experts_ffn", k=2, hidden=128, inter=64, bits=MXFP4, act=True, activations="q8")]
+    cases += [c("packed_experts_prefill", tokens=11, routed=(9, 1, 5), hidden=128, inter=64, bits=MXFP4, act=True,
+                activations="q8")]  # a gpt-oss prompt's experts (numba_prefill's grouped kernels of MXFP4)
     cases += [c("expert_ffn", tokens=3, hidden=64, inter=64, bits=MXFP4, act=True),
               c("experts_ffn", k=4, hidden=64, inter=64, bits=MXFP4, act=True),
               c("experts_ffn", k=2, hidden=64, inter=64, bits=4, group_size=32, sdtype="bfloat16", act=True)]
