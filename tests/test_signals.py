@@ -87,7 +87,8 @@ def test_sigterm_under_serve_ends_the_reply_with_an_error_and_the_live_trace_and
                 break
             except urllib.error.URLError:
                 time.sleep(0.1)
-        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1500, "stream": True}
+        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1500, "temperature": 0,
+                "stream": True}  # greedy: text before any end of sequence
         request = urllib.request.Request(f"http://{url}/v1/chat/completions", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(f"http://{url}/v1/trace", timeout=60) as trace, \
