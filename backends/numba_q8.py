@@ -7,7 +7,8 @@ weight codes is exact in int32; a row is
     y = sum_b c_b * (q_b . xq_b) + sum_g bias_g * xsum_g,      c_b = d_b * scale_g(b)
 
 where xsum are the float group sums of x. ``c_b`` is formed per row in a small scratch, so the integer dot
-needs no knowledge of the group size.
+needs no knowledge of the group size; the x86 4-bit rows in groups of 64 or more (one weight scale per 64
+inputs or fewer) form it in the dot's loop instead (numba_x86.q4_group_row_dot: the same float32 products).
 
 On x86 with AVX2 every affine width takes an LLVM-intrinsic row kernel (numba_x86.py: vpdpbusd, or
 vpmaddubsw + vpmaddwd; row_kind names which). For 4-bit weights in groups of 32 or more the int8 inputs are
@@ -44,8 +45,8 @@ try:
     from numba import njit, prange, types
     from numba.extending import overload
 
-    from flashmoe.backends.numba_x86 import (UNIT_KERNELS, e2m1_row_dot, e2m1_tile_dot, q4_row_dot, q4_tile_dot,
-                                             q8w_row_dot)
+    from flashmoe.backends.numba_x86 import (UNIT_KERNELS, e2m1_row_dot, e2m1_tile_dot, q4_group_row_dot,
+                                             q4_row_dot, q4_tile_dot, q8w_row_dot)
 except ImportError:  # the numba backend reports it (numba_backend.unavailable_reason)
     numba = None
 
@@ -276,7 +277,17 @@ if numba is not None:
             _row_scales(srow, brow, d, xsum, cb, False)
             return row_dot(wrow, xq, cb, srow, 0) + _bias(brow, xsum)
 
-        return affine
+        if row.literal_value != "paired":
+            return affine
+
+        def paired(wrow, srow, brow, xq, d, xsum, cb, bits, row):
+            shift = _group_shift(srow, d)
+            if shift == 0:  # groups of 32: two weight scales per step
+                _row_scales(srow, brow, d, xsum, cb, False)
+                return row_dot(wrow, xq, cb, srow, 0) + _bias(brow, xsum)
+            return q4_group_row_dot(wrow, xq, d, srow, shift - 1) + _bias(brow, xsum)
+
+        return paired
 
     @overload(_tile, inline="always")
     def _tile_impl(wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row):

@@ -131,7 +131,7 @@ if numba is not None:
             return v
         return builder.bitcast(builder.shl(builder.zext(v, _i32), llvm_ir.Constant(_i32, 16)), _f32)
 
-    def row_dots(builder, words, xs, ds, n_steps, step, block_scale, weights, step_dot, fma_terms):
+    def row_dots(builder, words, xs, ds, n_steps, step, block_scale, weights, step_dot, fma_terms, step_scale=None):
         """Codegen of one row's q8 dots with one or more tokens, shared by every x86 row kernel (4-bit in paired
         order, MXFP4, b-bit units), decode (one token) and prefill (a tile). words: a pointer to the row's
         code bytes; xs, ds: per token, pointers to its int8 inputs (the kernel's order) and its float32
@@ -140,9 +140,10 @@ if numba is not None:
         pointer to the step's codes)) and the step's block scales s read (block_scale(b) -> float) once for
         all the tokens; per token, f = sitofp(step_dot(builder, weights, *x vectors of 32 int8)) (<8 x i32>:
         lane l of the step's activation block l * blocks / 8) is accumulated as fma(*fma_terms(builder, f, d,
-        s), acc) with d, s <blocks x float>. Each token has two accumulators taking alternate steps (hiding
-        the FMA latency), so its sum is the same bits whatever tokens share the call. Returns one float32
-        value per token."""
+        s), acc) with d, s <blocks x float>; with step_scale (step_scale(p) -> <8 x float>: the step's weight
+        scale in each int32 lane's place) s is that instead. Each token has two accumulators taking alternate
+        steps (hiding the FMA latency), so its sum is the same bits whatever tokens share the call. Returns
+        one float32 value per token."""
         one = llvm_ir.Constant(_i64, 1)
         nx = step.inputs // 32
         wp = builder.bitcast(words, _i8.as_pointer())
@@ -159,6 +160,8 @@ if numba is not None:
         def run(p, half):
             w = weights(builder, builder.gep(wp, [at(p, step.bytes)]))
             s = None if block_scale is None else llvm_ir.Constant(llvm_ir.VectorType(_f32, step.blocks), None)
+            if step_scale is not None:
+                s = step_scale(p)
             for lane in range(0 if block_scale is None else step.blocks):
                 b = builder.add(at(p, step.blocks), llvm_ir.Constant(_i64, lane))
                 s = builder.insert_element(s, block_scale(b), llvm_ir.Constant(_i32, lane))
@@ -268,11 +271,46 @@ if numba is not None:
         """The 32 code bytes of a 4-bit pair step (64 codes in paired order), split into their nibbles."""
         return nibbles(builder, builder.load(builder.bitcast(pointer, _v32i8.as_pointer()), align=1))
 
+    def _q4_pair_dot(builder, lohi, xl, xh):
+        return pair_products(builder, *lohi, xl, xh)
+
     #: sum_b d[b] * srow[b >> shift] * (codes_b . xq_b) of one row of 4-bit affine codes (extra: shift =
     #: log2(activation blocks per group)), with one token / a tile of tokens (row_kernels).
-    q4_row_dot, q4_tile_dot = row_kernels(
-        PAIR_STEP, _affine_scale, _load_pair, lambda builder, lohi, xl, xh: pair_products(builder, *lohi, xl, xh),
-        _affine_terms, coefficients=True)
+    q4_row_dot, q4_tile_dot = row_kernels(PAIR_STEP, _affine_scale, _load_pair, _q4_pair_dot, _affine_terms,
+                                          coefficients=True)
+
+    @intrinsic
+    def q4_group_row_dot(typingctx, words, xq, d, srow, shift1):
+        """q4_row_dot of one row whose weight groups span whole steps (groups of 64 or more: one scale per
+        64 inputs or fewer) with one token, each step's coefficients d_b * scale_g formed in the loop from
+        the token's activation scales d float32 [blocks] and the row's scales srow (scale g = srow[p >>
+        shift1] for step p; shift1 = log2(blocks per group) - 1): the same float32 products as the
+        coefficient scratch's, so the same bits, without a pass over the row's scales first."""
+        sig = types.float32(words, xq, d, srow, shift1)
+        bf16 = srow.dtype == types.uint16
+
+        def codegen(context, builder, signature, args):
+            wa, xa, da, sa = (context.make_array(t)(context, builder, value=v)
+                              for t, v in zip(signature.args[:4], args[:4]))
+            n_blocks = cgutils.unpack_tuple(builder, da.shape)[0]
+            n_steps = builder.lshr(n_blocks, llvm_ir.Constant(_i64, 1))
+            shift = args[4]
+
+            def step_scale(p):  # <8 x float>: the step's weight scale in every lane
+                v = builder.load(builder.gep(sa.data, [builder.lshr(p, shift)]))
+                if not bf16:
+                    v = builder.insert_element(llvm_ir.Constant(_v8f32, None), v, llvm_ir.Constant(_i32, 0))
+                    return builder.shuffle_vector(v, v, _lanes(*[0] * 8))
+                # bf16 bits in both halves of each 32-bit lane, then shifted up: the float32 of the scale
+                v = builder.insert_element(llvm_ir.Constant(_v16i16, None), v, llvm_ir.Constant(_i32, 0))
+                v = builder.bitcast(builder.shuffle_vector(v, v, _lanes(*[0] * 16)), _v8i32)
+                return builder.bitcast(builder.shl(v, llvm_ir.Constant(_v8i32, [16] * 8)), _v8f32)
+
+            return row_dots(builder, wa.data, [xa.data], [da.data], n_steps, PAIR_STEP, None, _load_pair,
+                            _q4_pair_dot, lambda builder, f, d, s: (f, builder.fmul(block_lanes(builder, d), s)),
+                            step_scale)[0]
+
+        return sig, codegen
 
     def _unit_codes(bits):
         """weights() of b-bit units: a unit's 4·b code bytes (MLX's packing: code k at bits b·k.. of the unit,
