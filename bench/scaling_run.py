@@ -3,7 +3,7 @@
 `python -m flashmoe.bench.scaling_run --model DIR --gguf MODEL.gguf --runner flashmoe-llama-run
 --tree before=PATH --tree after=PATH --threads 16,1,8,4,2 --json OUT.json` runs, for each thread count in
 turn, `flashmoe.bench.decode_run` in each checkout (a child process whose working directory and PYTHONPATH
-are that checkout, NUMBA_NUM_THREADS the thread count; q8 activations, pagecache, passes cold then warm)
+are that checkout, NUMBA_NUM_THREADS the thread count, plus the tree's --env NAME:KEY=VALUE settings; q8 activations, pagecache, passes cold then warm)
 and llama.cpp (bench/llama_cpp.run_llama, its defaults) on the GGUF export of the same model, with the same
 prompt and decode ids (decode_run.decode_inputs); without --gguf, the checkouts alone. Engines alternate within each thread count, so a change
 in the machine's load falls on all of them alike. Each row is written to the JSON as it completes (a run
@@ -26,12 +26,14 @@ from flashmoe.bench.llama_cpp import run_llama
 from flashmoe.format.modeldir import ModelDir
 
 
-def flashmoe_row(tree: Path, model: Path, threads: int, prompt_tokens: int, tokens: int, out: Path) -> dict:
-    """decode_run in checkout `tree` at `threads` numba threads; warm-pass figures, or the error's last lines."""
+def flashmoe_row(tree: Path, model: Path, threads: int, prompt_tokens: int, tokens: int, out: Path,
+                 env: dict[str, str] | None = None) -> dict:
+    """decode_run in checkout `tree` at `threads` numba threads, with `env` added to the environment; warm-pass
+    figures, or the error's last lines."""
     cmd = [sys.executable, "-m", "flashmoe.bench.decode_run", "--model", str(model), "--io", "pagecache",
            "--prompt-tokens", str(prompt_tokens), "--tokens", str(tokens), "--passes", "cold,warm",
            "--activations", "q8", "--json", str(out)]
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), PYTHONPATH=str(tree))
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(threads), PYTHONPATH=str(tree), **(env or {}))
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-3:]}
@@ -70,19 +72,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gguf", type=Path, help="the model's GGUF export, for llama.cpp (without it: no llama.cpp rows)")
     ap.add_argument("--runner", type=Path, help="flashmoe-llama-run (bench/llama_run.cpp)")
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH of a flashmoe checkout")
+    ap.add_argument("--env", action="append", default=[],
+                    help="NAME:KEY=VALUE, an environment variable for tree NAME's runs (e.g. the OpenMP wait policy)")
     ap.add_argument("--threads", default="16,1,8,4,2")
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--json", type=Path, required=True)
     a = ap.parse_args(argv)
     trees = dict(t.split("=", 1) for t in a.tree)
+    envs: dict[str, dict[str, str]] = {}
+    for e in a.env:
+        name, setting = e.split(":", 1)
+        envs.setdefault(name, {}).update([setting.split("=", 1)])
     prompt, decode = decode_inputs(ModelDir.open(a.model).config.vocab_size, a.prompt_tokens, a.tokens, 0)
     rows = []
     for threads in map(int, a.threads.split(",")):
         row = {"threads": threads}
         for name, path in trees.items():
             row[name] = flashmoe_row(Path(path).resolve(), a.model, threads, a.prompt_tokens, a.tokens,
-                                     Path(tempfile.gettempdir()) / f"scaling-{name}-{threads}.json")
+                                     Path(tempfile.gettempdir()) / f"scaling-{name}-{threads}.json", envs.get(name))
         row["llama.cpp"] = llama_row(a.runner, a.gguf, threads, prompt, decode) if a.gguf else {}
         rows.append(row)
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
