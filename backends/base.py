@@ -179,8 +179,8 @@ class Backend(ABC):
     :meth:`gather_rows`) defaults to the array type's own operators, which NumPy and MLX arrays have; a
     backend whose arrays have none (cuda) overrides it. Composite ops (:meth:`swiglu`, :meth:`expert_ffn`,
     :meth:`experts_ffn`, :meth:`rope_angles`, :meth:`add_rms_norm`, :meth:`rms_norm_gated`, :meth:`silu_mul`,
-    :meth:`add_sigmoid_gated`,
-    :meth:`gated_delta_net`, :meth:`qk_norm_rope`) are written once here from the primitives; a backend overrides
+    :meth:`add_sigmoid_gated`, :meth:`gated_delta_net`, :meth:`qk_norm_rope`) are written once here from the
+    primitives; a backend overrides
     them only to be faster. Optional capabilities (:meth:`allocate_buffer`, the expert cache of
     :meth:`has_expert` / :meth:`configure_expert_cache` / :attr:`expert_cache_stats`,
     :meth:`device_description`) have defaults for a backend without them.
