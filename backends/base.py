@@ -45,6 +45,30 @@ class ClampedSwiGLU:
     alpha: float
 
 
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One layer's attention block in Qwen3's form, for :meth:`Backend.attention_block`: the q/k/v/o
+    projections (prepared handles, no biases), per-head q/k RMSNorm weights ``[head_dim]``, RoPE on both,
+    grouped-query causal attention with no output gate, clipping, sliding window or sinks. ``scale`` is the
+    softmax scale (YaRN's attention factor folded in); ``theta``, ``rotary_dim`` and ``yarn`` as
+    :meth:`Backend.rope` takes them."""
+
+    q_proj: Any
+    k_proj: Any
+    v_proj: Any
+    o_proj: Any
+    q_norm: Any
+    k_norm: Any
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    theta: float
+    rotary_dim: int
+    yarn: YarnRope | None
+    scale: float
+
+
 class BackendError(FlashMoeError):
     """An unknown or unavailable backend was requested, or a weight it cannot use was handed to it."""
 
@@ -411,6 +435,20 @@ class Backend(ABC):
         ``qk_norm == "head"`` attention of Qwen3; see :meth:`rms_norm`, :meth:`rope`)."""
         q = self.rope(self.rms_norm(q, q_weight, eps), positions, theta, rotary_dim, yarn)
         return q, self.rope(self.rms_norm(k, k_weight, eps), positions, theta, rotary_dim, yarn)
+
+    def attention_block(self, x: Any, block: AttentionBlock, cache: KVCacheBuffer, positions: np.ndarray) -> Any:
+        """A layer's attention block (:class:`AttentionBlock`) on x ``[T, hidden]`` (the normed input) at
+        ``positions`` int ``[T]``, appending the tokens' keys and values to ``cache`` -> ``[T, hidden]``:
+        ``o_proj(attention(qk_norm_rope(q, k), cache.append(k, v)))``. Written once here from the primitives
+        (:meth:`linears`, :meth:`qk_norm_rope`, :meth:`attention`, :meth:`linear`); a backend overrides it to
+        run a decode token's block as one call (numba: backends/numba_attention.py)."""
+        T, H, Hkv, D = x.shape[0], block.heads, block.kv_heads, block.head_dim
+        q, k, v = self.linears(x, [block.q_proj, block.k_proj, block.v_proj])
+        q, k = self.qk_norm_rope(self.reshape(q, (T, H, D)), self.reshape(k, (T, Hkv, D)), block.q_norm,
+                                 block.k_norm, block.eps, positions, block.theta, block.rotary_dim, block.yarn)
+        keys, values = cache.append(k, self.reshape(v, (T, Hkv, D)))
+        out = self.attention(q, keys, values, positions, block.scale)
+        return self.linear(self.reshape(out, (T, H * D)), block.o_proj)
 
     def expert_ffn(self, x: Any, expert: Expert, act: ClampedSwiGLU | None = None) -> Any:
         """SwiGLU of ONE expert on the ``n`` tokens routed to it: ``down(silu(gate x) * up x)``, or with

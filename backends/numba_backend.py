@@ -28,10 +28,13 @@ machine busy with other work, ``NUMBA_NUM_THREADS=1`` avoids waiting for desched
 workers sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, set on import unless the environment sets
 it): numba's OpenMP layer (GNU libgomp) otherwise spins each worker for milliseconds after every region,
 which took the cores the store's reader threads and the Python thread need between regions (decode at 16
-threads on 16 cores: 38 tok/s spinning, 70 passive; docs/benchmarks.md, "Every core"). A decode layer has
-few regions: one for the matrices of one input (``linears``: q/k/v, gate/up), one for the attention output,
-one for all k experts' gate/up and one for their down projections and weighted sum. Measurements, and the
-variants that lost: docs/benchmarks.md, "numba kernels".
+threads on 16 cores: 38 tok/s spinning, 70 passive; docs/benchmarks.md, "Every core"). A bounded spin
+(``GOMP_SPINCOUNT=10000`` in the environment: tens of microseconds, the gaps between a layer's regions) was
+faster at 16 threads on warm experts; it is not the default while its effect on cold reads (the store's
+reader threads against spinning workers) is unmeasured (docs/benchmarks.md, "sixth pass"). A decode layer has
+few regions: q/k/v and o_proj within one attention block call (numba_attention), one for all k experts'
+gate/up and one for their down projections and weighted sum. Measurements, and the variants that lost:
+docs/benchmarks.md, "numba kernels".
 """
 
 from __future__ import annotations
@@ -65,14 +68,15 @@ else:
 
 from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.arch.config import YarnRope
-from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, PackedWeight, check_quantized
-from flashmoe.backends import numba_experts, numba_norms, numba_prefill, numba_q8
+from flashmoe.backends.base import (AttentionBlock, Backend, BackendError, ClampedSwiGLU, Expert, KVCacheBuffer,
+                                   PackedWeight, check_quantized)
+from flashmoe.backends import numba_attention, numba_experts, numba_norms, numba_prefill, numba_q8
 from flashmoe.backends.numba_float import kernels
 from flashmoe.backends.numba_cache import cached_njit
 from flashmoe.backends.numba_packed import FASTMATH, SCALE_KINDS, codes_per_unit, permute_input, stacked_biases
 from flashmoe.format.mxfp4 import BLOCK as MXFP4_BLOCK, Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
-from flashmoe.reference.q8 import ACTIVATIONS, uses_q8
+from flashmoe.reference.q8 import ACTIVATIONS, q8_block, uses_q8
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -88,37 +92,6 @@ _MAX_PLANS = 4096
 
 
 if numba is not None:
-
-    @cached_njit(parallel=True, fastmath=FASTMATH)
-    def _attention(q, k, v, q_positions, scale, sinks, out):
-        T, Hq, D = q.shape
-        Hkv = k.shape[1]
-        group = Hq // Hkv
-        # Head-major: prange splits the items into one contiguous run per thread, and a causal prompt's work
-        # grows with t, so position-major runs gave the last thread most of it (3/4 at 2 threads).
-        for ht in prange(T * Hq):
-            h = ht // T
-            t = ht % T
-            kh = h // group
-            n = q_positions[t] + 1
-            s = np.empty(n, np.float32)
-            m = sinks[h]  # -inf without sinks: then it adds nothing to the denominator
-            for j in range(n):
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += q[t, h, d] * k[j, kh, d]
-                s[j] = acc * scale
-                m = max(m, s[j])
-            total = np.exp(sinks[h] - m)
-            for j in range(n):
-                s[j] = np.exp(s[j] - m)
-                total += s[j]
-            for d in range(D):
-                out[t, h, d] = 0.0
-            for j in range(n):
-                p = s[j] / total
-                for d in range(D):
-                    out[t, h, d] += p * v[j, kh, d]
 
     @cached_njit(fastmath=FASTMATH)
     def _causal_conv1d(xs, weight, y):
@@ -399,7 +372,30 @@ class NumbaBackend(Backend):
                                "keys")  # the kernel does not bounds-check
         out = np.empty_like(q)
         work = q.shape[0] * q.shape[1] * q.shape[2] * (last + 1)
-        _call(_attention, 2 * work, q, k, v, q_positions, np.float32(scale), sinks, out)
+        _call(numba_attention.attention, 2 * work, q, k, v, q_positions, np.float32(scale), sinks, out)
+        return out
+
+    def attention_block(self, x: Any, block: AttentionBlock, cache: KVCacheBuffer, positions: np.ndarray) -> Any:
+        """As Backend.attention_block; one token with q8 activations, where q/k/v are of one format and o_proj of
+        the same bits, group size and scale kind, in one kernel call (numba_attention.block_kernel)."""
+        x = _f32(x)
+        qkv = self._q8_plan([block.q_proj, block.k_proj, block.v_proj]) if x.shape[0] == 1 else None
+        o = self._q8_plan([block.o_proj]) if qkv is not None else None
+        position = int(positions[0]) if len(positions) == 1 else -1
+        if (o is None or (o.bits, o.group_size, o.scale) != (qkv.bits, qkv.group_size, qkv.scale)
+                or x.shape[1] != qkv.in_features or cache.v is None or not 0 <= position <= cache.length):
+            return super().attention_block(x, block, cache, positions)  # (an out-of-range position raises there)
+        cos, sin = self._rope_tables(positions, block.theta, block.rotary_dim, block.yarn)
+        slot = cache.length
+        cache.reserve(slot + 1)
+        out = np.empty((1, int(o.first_row[-1])), np.float32)
+        heads_work = 2 * block.heads * block.head_dim * (position + 1)
+        work = int(qkv.first_row[-1]) * qkv.in_features + int(o.first_row[-1]) * o.in_features + heads_work
+        _call(numba_attention.block_kernel(qkv.bits, qkv.scale, qkv.row, o.row), work, x, qkv.addr, qkv.first_row,
+              o.addr, o.first_row, q8_block(qkv.group_size), qkv.group_size, _readonly(_f32(block.q_norm)),
+              _readonly(_f32(block.k_norm)), np.float32(block.eps), cos[0], sin[0], cache.k, cache.v, slot,
+              position + 1, np.float32(block.scale), _no_sinks(block.heads), heads_work >= PARALLEL_MIN_WORK, out)
+        cache.length = slot + 1
         return out
 
     def causal_conv1d(self, x: Any, state: Any, weight: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -224,6 +224,34 @@ if numba is not None:
         for u in range(t, t1):
             out[u, col] = _row(w[o], s[o], b[o], xq[u], d[u], xsum[u], cb, bits, row)
 
+    @njit(inline="always")
+    def chunk_starts(first_row):
+        """int64 [m + 1]: where the chunks of ROW_BLOCK rows of each of m matrices start (first_row int64 [m + 1]:
+        where their rows start, then the total), then the number of chunks."""
+        m = first_row.shape[0] - 1
+        first_chunk = np.zeros(m + 1, np.int64)
+        for i in range(m):
+            first_chunk[i + 1] = first_chunk[i] + (first_row[i + 1] - first_row[i] + ROW_BLOCK - 1) // ROW_BLOCK
+        return first_chunk
+
+    @njit(fastmath=FASTMATH, inline="always")
+    def matvecs_chunk(c, addr, first_row, first_chunk, xq, d, xsum, out, bits, scale, row):
+        """Chunk c (chunk_starts) of q8_kernels' matvecs: its ROW_BLOCK rows of one matrix of the address table
+        addr with every token of x (quantised: xq, d, xsum), the tokens a tile (Q8_TILE_TOKENS) at a time;
+        bits, scale and row are the calling kernel's literals."""
+        i = 0
+        while first_chunk[i + 1] <= c:
+            i += 1
+        rows = first_row[i + 1] - first_row[i]
+        w, s, b = expert_view(addr, i, rows, xq.shape[1] * bits // 32, xsum.shape[1], scale)
+        cb = np.empty(d.shape[1], np.float32)
+        tile = np.empty(Q8_TILE_TOKENS, np.float32)
+        r0 = (c - first_chunk[i]) * ROW_BLOCK
+        for t0 in range(0, xq.shape[0], Q8_TILE_TOKENS):
+            for o in range(r0, min(rows, r0 + ROW_BLOCK)):
+                _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, min(xq.shape[0], t0 + Q8_TILE_TOKENS), cb, tile, bits,
+                                row, out, first_row[i] + o)
+
     @njit(fastmath=FASTMATH, inline="always")
     def _natural_row(wrow, srow, brow, xq, d, xsum, cb, bits):
         """One affine output row, inputs in natural order: the integer block dots scaled by d_b * scale_g
@@ -324,26 +352,10 @@ if numba is not None:
             """out[t, first_row[m] + o] = W_m[o] . x[t] for each token (decode or prefill) and each matrix m of
             the address table addr int64 [m, 3] (words, scales, biases; one in_features), x given quantised
             (quantize_q8); first_row int64 [m + 1]: where each matrix's rows start in out, then the total.
-            One parallel region for all the matrices, chunks of ROW_BLOCK rows within one matrix; a chunk's
-            rows meet the tokens a tile (Q8_TILE_TOKENS) at a time."""
-            m = addr.shape[0]
-            n_words = xq.shape[1] * bits // 32
-            first_chunk = np.zeros(m + 1, np.int64)
-            for i in range(m):
-                first_chunk[i + 1] = first_chunk[i] + (first_row[i + 1] - first_row[i] + ROW_BLOCK - 1) // ROW_BLOCK
-            for c in prange(first_chunk[m]):
-                i = 0
-                while first_chunk[i + 1] <= c:
-                    i += 1
-                rows = first_row[i + 1] - first_row[i]
-                w, s, b = expert_view(addr, i, rows, n_words, xsum.shape[1], scale)
-                cb = np.empty(d.shape[1], np.float32)
-                tile = np.empty(Q8_TILE_TOKENS, np.float32)
-                r0 = (c - first_chunk[i]) * ROW_BLOCK
-                for t0 in range(0, xq.shape[0], Q8_TILE_TOKENS):
-                    for o in range(r0, min(rows, r0 + ROW_BLOCK)):
-                        _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, min(xq.shape[0], t0 + Q8_TILE_TOKENS), cb, tile,
-                                        bits, row, out, first_row[i] + o)
+            One parallel region for all the matrices, chunks of ROW_BLOCK rows within one matrix (matvecs_chunk)."""
+            first_chunk = chunk_starts(first_row)
+            for c in prange(first_chunk[-1]):
+                matvecs_chunk(c, addr, first_row, first_chunk, xq, d, xsum, out, bits, scale, row)
 
         @cached_njit(parallel=True, fastmath=FASTMATH)
         def experts_gate_up(g_addr, u_addr, xq, d, xsum, g_bias, u_bias, act, h):
@@ -419,6 +431,8 @@ class LinearsPlan(NamedTuple):
     addr: np.ndarray  # int64 [m, 3]: the matrices' words, scales and biases (their memory alive meanwhile)
     matvecs: object  # the compiled q8_kernels(...).matvecs for their format and row kernel
     in_features: int
+    scale: str  # their scale kind (numba_packed.SCALE_KINDS)
+    row: str  # their row kernel (row_kind)
     # the KernelWeights addr points into, held while the plan is, where the caller may not hold them (weights
     # converted for this call: float16 scales); () in a plan kept beside weak references to its weights
     weights: tuple
@@ -428,9 +442,10 @@ def linears_plan(ws: list, addresses) -> LinearsPlan:
     """The LinearsPlan of KernelWeights ``ws`` (numba_backend) of one bits, group size, in_features and scale
     dtype; ``addresses`` builds their int64 [m, 3] address table (numba_backend._addresses)."""
     w = ws[0]
-    kernels = q8_kernels(w.bits, w.scale, row_kind(w.bits, w.in_features, w.group_size))
+    row = row_kind(w.bits, w.in_features, w.group_size)
     first_row = np.array([0, *itertools.accumulate(v.out_features for v in ws)], np.int64)
-    return LinearsPlan(w.bits, w.group_size, first_row, addresses(ws), kernels.matvecs, w.in_features, tuple(ws))
+    return LinearsPlan(w.bits, w.group_size, first_row, addresses(ws), q8_kernels(w.bits, w.scale, row).matvecs,
+                       w.in_features, w.scale, row, tuple(ws))
 
 
 def linears(x: np.ndarray, plan: LinearsPlan, call) -> list[np.ndarray]:

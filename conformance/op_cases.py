@@ -28,7 +28,7 @@ import numpy as np
 
 from flashmoe.backends import get_backend
 from flashmoe.arch.config import YarnRope
-from flashmoe.backends.base import Backend, ClampedSwiGLU
+from flashmoe.backends.base import AttentionBlock, Backend, ClampedSwiGLU
 from flashmoe.format.manifest import MXFP4, ExpertLayout
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import BITS, FORMAT_GROUP_SIZES, QuantizedTensor
@@ -153,6 +153,20 @@ CLAMPED_ACT = ClampedSwiGLU(limit=1.0, alpha=1.702)
 YARN = YarnRope(factor=32.0, original_max_position_embeddings=256, beta_fast=32.0, beta_slow=1.0, truncate=False)
 
 
+def attention_block_inputs(rng, p: dict) -> tuple:
+    """(x [T, hidden], AttentionBlock, cached keys and values [S, kv_heads, head_dim] each, positions S .. S+T-1)
+    for Backend.attention_block: q/k/v/o of p's bits, group_size and sdtype, RoPE over the whole head."""
+    T, S, H, Hkv, D, n = p["tokens"], p["cached"], p["heads"], p["kv_heads"], p["head_dim"], p["hidden"]
+
+    def weight(out: int, inp: int) -> Any:
+        return make_weight(rng, out, inp, p["bits"], p["group_size"], p["sdtype"])
+
+    block = AttentionBlock(weight(H * D, n), weight(Hkv * D, n), weight(Hkv * D, n), weight(n, H * D),
+                           1 + _normal(rng, D, scale=0.1), 1 + _normal(rng, D, scale=0.1), H, Hkv, D, 1e-6, 1e6, D,
+                           None, D**-0.5)
+    return _normal(rng, T, n), block, _normal(rng, S, Hkv, D), _normal(rng, S, Hkv, D), np.arange(S, S + T)
+
+
 def _inputs(case: OpCase) -> tuple[str, tuple, dict, str]:
     """(method name, positional args, keyword args, tolerance kind) for a case, drawn from its seed."""
     method, args, kind = _positional(case)
@@ -237,6 +251,8 @@ def _positional(case: OpCase) -> tuple[str, tuple, str]:
         weights = (1 + _normal(rng, D, scale=0.1), 1 + _normal(rng, D, scale=0.1))
         positions = np.sort(rng.integers(0, p["max_position"] + 1, T))
         return "qk_norm_rope", (q, k, *weights, 1e-6, positions, p["theta"], p["rotary_dim"]), "elementwise"
+    if op == "attention_block":
+        return "attention_block", attention_block_inputs(rng, p), "reduction"
     if op == "packed_experts_prefill":
         T = p["tokens"]
         layout, buffers = make_packed_experts(rng, len(p["routed"]), p["bits"], p.get("group_size", 64),
@@ -261,11 +277,17 @@ def _max_rel_error(got: Any, want: Any, backend: Backend) -> float:
 
 def _call(backend: Backend, method: str, args: tuple, kwargs: dict) -> Any:
     """backend.method(*args, **kwargs); packed_experts_prefill, which adds into an output it is given, gets a
-    zeroed float32 [T, hidden] and returns it."""
+    zeroed float32 [T, hidden] and returns it; attention_block gets a KV cache of the backend's own."""
     if method == "packed_experts_prefill":
         y = np.zeros(args[0].shape, np.float32)
         backend.packed_experts_prefill(*args, y, **kwargs)
         return y
+    if method == "attention_block":  # over a cache of the backend's own holding the case's cached positions
+        x, block, keys, values, positions = args
+        cache = backend.new_kv_cache(block.kv_heads, block.head_dim)
+        if len(keys):
+            cache.append(backend.asarray(keys), backend.asarray(values))
+        return backend.attention_block(x, block, cache, positions)
     return getattr(backend, method)(*args, **kwargs)
 
 
@@ -344,6 +366,13 @@ def _quick() -> list[OpCase]:
     cases += [c("add_rms_norm", tokens=t, n=n) for t, n in ((1, 96), (5, 40))]
     cases += [c("qk_norm_rope", tokens=t, heads=4, kv_heads=2, head_dim=32, rotary_dim=r, theta=1e6, max_position=500)
               for t, r in ((1, 32), (5, 16))]
+    # a layer's attention block (Qwen3's): a decode token in one call (numba: q8, 4- and 8-bit row kernels, the
+    # query heads on the pool past PARALLEL_MIN_WORK), and the default composition (a prompt, float activations)
+    cases += [c("attention_block", tokens=t, cached=n, hidden=128, heads=4, kv_heads=2, head_dim=32, bits=b,
+                group_size=g, sdtype=s, activations=a)
+              for t, n, b, g, s, a in [(1, 9, 4, 64, "bfloat16", "q8"), (1, 0, 8, 64, "bfloat16", "q8"),
+                                       (1, 8200, 4, 32, "float16", "q8"), (3, 5, 4, 64, "bfloat16", "q8"),
+                                       (1, 5, 4, 64, "float32", "float")]]
     cases += [c("packed_experts_prefill", tokens=11, routed=(9, 1, 5), hidden=128, inter=64, bits=4, group_size=64,
                 sdtype="bfloat16", activations="q8")]
     cases += [c(op, tokens=3, n=40) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]

@@ -123,3 +123,30 @@ def test_numba_q8_engine_matches_the_numpy_q8_engine(model_dir, arch, variant, q
         token = np.array([int(np.argmax(want[-1]))])
         want, got = (e.forward(token, s) for e, s in zip(engines, states))
         assert _rel(got, want) <= Q8_MODEL_TOLERANCE, f"decode step {step}: logits off by {_rel(got, want):.2e}"
+
+
+@pytest.mark.parametrize("arch,variant,quant", Q8_PARAMS, ids=["-".join(p) for p in Q8_PARAMS])
+def test_numba_attention_blocks_give_the_bits_of_their_composition(model_dir, monkeypatch, arch, variant, quant):
+    """Attention layers in Qwen3's form (Engine._blocks) as one numba call per decode token
+    (numba_attention.block_kernel) against Backend.attention_block's composition of the numba backend's own
+    operations, q8: the same logits bit for bit over a prompt and decode steps (the KV cache rows it writes are
+    read by the later steps). Architectures without such layers are skipped."""
+    if "numba" in UNAVAILABLE:
+        pytest.skip(f"backend numba unavailable here: {UNAVAILABLE['numba']}")
+    from flashmoe.backends.base import Backend
+    from flashmoe.backends.numba_backend import NumbaBackend
+
+    path = model_dir(arch, variant, quant)
+
+    def logits() -> np.ndarray:
+        engine = load_engine(path, backend="numba", context=PROMPT + 9, activations="q8")
+        if not engine._blocks:
+            pytest.skip(f"{arch} has no layer that Engine._blocks runs as an attention block")
+        state = engine.new_state()
+        out = [engine.forward(prompt_tokens(PROMPT), state)]
+        out += [engine.forward(np.array([token]), state) for token in range(8)]
+        return np.concatenate(out)
+
+    fused = logits()
+    monkeypatch.setattr(NumbaBackend, "attention_block", Backend.attention_block)
+    np.testing.assert_array_equal(fused, logits())

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, KVCacheBuffer
+from flashmoe.backends.base import AttentionBlock, Backend, BackendError, ClampedSwiGLU, KVCacheBuffer
 from flashmoe.arch.config import ModelConfig
 from flashmoe.arch.families import PER_HEAD, family_of
 from flashmoe.errors import FlashMoeError
@@ -116,6 +116,9 @@ class Engine:
         self._mla = AbsorbedMLA(self.cfg, backend, lambda i: model.raw(f"layers.{i}.self_attn.embed_q.weight"),
                                 lambda i: model.raw(f"layers.{i}.self_attn.unembed_out.weight"),
                                 self._linear, self._w.__getitem__) if self.cfg.is_mla else None
+        #: the attention layers in Qwen3's form, run as one Backend.attention_block call each
+        self._blocks = {i: self._attention_block(i) for i in range(self.cfg.num_hidden_layers)
+                        if self._is_plain_attention(i)}
         # A decode step may be replayed from a recording (Backend.capture_decode) only where nothing in it
         # depends on the position on the host: no sliding window, no MLA cache. (Linear attention's state is
         # updated in place by the recording backend, so a replay finds it where the recording left it.)
@@ -274,13 +277,33 @@ class Engine:
         biases = [self._w.get(name + ".bias") for name in names]
         return [y if bias is None else self.backend.add(y, bias) for y, bias in zip(ys, biases)]
 
+    def _is_plain_attention(self, i: int) -> bool:
+        """Whether layer i's attention is an AttentionBlock (backends/base.py): full attention with per-head q/k
+        norms and no output gate, clipping, biases, sliding window or sinks (Qwen3)."""
+        cfg, a = self.cfg, f"layers.{i}.self_attn."
+        return (self._mla is None and cfg.is_attention_layer(i) and cfg.qk_norm == "head"
+                and not cfg.has_attention_output_gate and cfg.clip_qkv is None and cfg.attention_window(i) is None
+                and not any(a + name in self._w for name in ("q_proj.bias", "k_proj.bias", "v_proj.bias",
+                                                             "o_proj.bias", "sinks")))
+
+    def _attention_block(self, i: int) -> AttentionBlock:
+        """Layer i's AttentionBlock: its prepared weights and the config's shapes, eps and RoPE."""
+        cfg, w, a = self.cfg, self._w, f"layers.{i}.self_attn."
+        return AttentionBlock(*(w[a + name + ".weight"] for name in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "q_norm", "k_norm")),
+                              cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+                              cfg.rope_theta, cfg.rotary_dim, cfg.rope_yarn, self._softmax_scale)
+
     def _attention(self, i: int, x, positions: np.ndarray, cache: KVCacheBuffer):
-        """Grouped-query attention with RoPE, optional q/k RMSNorm and optional sigmoid output gate.
+        """Grouped-query attention with RoPE, optional q/k RMSNorm and optional sigmoid output gate; Qwen3's
+        form (self._blocks) as one Backend.attention_block call.
 
         Shapes: x (T, hidden) -> (T, hidden). Source: transformers Qwen3_5MoeAttention, Qwen3MoeAttention,
         OlmoeAttention, MixtralAttention (the differences are flags of ModelConfig).
         """
         be, cfg = self.backend, self.cfg
+        if i in self._blocks:
+            return be.attention_block(x, self._blocks[i], cache, positions)
         T, H, Hkv, D = x.shape[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         a = f"layers.{i}.self_attn."
         q, k, v = self._linears(x, [a + "q_proj", a + "k_proj", a + "v_proj"])
