@@ -26,6 +26,13 @@ except ImportError:  # numba_backend reports it through unavailable_reason
 from flashmoe.backends.numba_cache import cached_njit
 from flashmoe.backends.numba_packed import FASTMATH
 
+#: numba's parallel options for the block kernel: only its prange loops run on the pool. With plain
+#: ``parallel=True`` numba also turns array expressions outside them (``a[:] = b``, ``np.zeros``) into parallel
+#: regions of their own, dozens a call here (a slice copy per head and cache row, the quantiser's zeroing),
+#: each a start of the pool.
+PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
+               "setitem": False, "numpy": False, "stencil": False, "fusion": False}
+
 if njit is not None:
     from flashmoe.backends.numba_norms import rms_row, rope_row
     from flashmoe.backends.numba_q8 import _quantize_token, chunk_starts, matvecs_chunk
@@ -98,7 +105,7 @@ if njit is not None:
         `scale` (numba_packed.SCALE_KINDS), with the row kernels `row_in` (q/k/v) and `row_out` (o_proj)
         (numba_q8.row_kind); the four are closure constants, as in numba_q8.q8_kernels."""
 
-        @cached_njit(parallel=True, fastmath=FASTMATH)
+        @cached_njit(parallel=PRANGE_ONLY, fastmath=FASTMATH)
         def block(x, qkv_addr, qkv_rows, o_addr, o_rows, block_size, group, q_norm, k_norm, eps, cos, sin, k_cache,
                   v_cache, slot, n, softmax_scale, sinks, parallel_heads, out):
             """out [1, hidden] = o_proj(attention(rope(norm(q)), cache + rope(norm(k)), v)) for one token x
