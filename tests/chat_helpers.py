@@ -200,7 +200,7 @@ def serving(model_dir: Path, reply=scripted_reply, **engine_kwargs):
     tokenizer = FlashMoeTokenizer(model_dir)
     engine = FakeEngine(tokenizer, reply, **engine_kwargs)
     app = FlashMoeServer(engine, tokenizer, "fake", context=engine_kwargs.get("max_position_embeddings"))
-    running = RunningServer(app.app).start()
+    running = RunningServer(app).start()
     try:
         yield app, engine, running
     finally:

@@ -135,7 +135,7 @@ def served(tmp_path_factory):
     tokenizer = Tokenizer(model_dir)
     engine = FakeEngine(tokenizer, harmony_reply, max_position_embeddings=1024, eos_token="<|return|>")
     app = FlashMoeServer(engine, tokenizer, "fake", context=1024)
-    with RunningServer(app.app) as running:
+    with RunningServer(app) as running:
         yield engine, running.url
     app.close()
 

@@ -29,7 +29,7 @@ def url(tmp_path_factory):
     tokenizer = Tokenizer(write_model_dir(tmp_path_factory.mktemp("access"), QWEN3))
     app = FlashMoeServer(FakeEngine(tokenizer, scripted_reply), tokenizer, "fake", api_key=KEY,
                          max_request_bytes=LIMIT)
-    with RunningServer(app.app) as running:
+    with RunningServer(app) as running:
         yield running.url
     app.close()
 

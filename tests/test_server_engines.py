@@ -25,7 +25,7 @@ def served_tiny(tmp_path_factory):
 
     engine, tokenizer = tiny_engine(tmp_path_factory.mktemp("tiny") / "model")
     app = FlashMoeServer(engine, tokenizer, "tiny", context=256)
-    with RunningServer(app.app) as running:
+    with RunningServer(app) as running:
         yield app, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     app.close()
 
@@ -44,6 +44,35 @@ def test_real_engine_seeded_sampling_is_reproducible_streamed_or_not(served_tiny
     assert whole.usage.completion_tokens > 0
     stats = app.worker.engine.stats.to_dict()
     assert stats["tokens"] >= 2 * whole.usage.completion_tokens and stats["totals"]["reads"] > 0
+
+
+def test_stopping_a_running_server_ends_its_reply_with_an_error_and_the_live_trace_at_once(tmp_path):
+    from chat_helpers import tiny_engine
+
+    from flashmoe.serve.worker import STOPPING
+
+    engine, tokenizer = tiny_engine(tmp_path / "model")
+    app = FlashMoeServer(engine, tokenizer, "tiny", context=1024)
+    running = RunningServer(app).start()
+    try:
+        body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 1000, "temperature": 0,
+                "stream": True}
+        request = urllib.request.Request(running.url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(running.url + "/v1/trace", timeout=60) as trace, \
+                urllib.request.urlopen(request, timeout=60) as stream:
+            events = (json.loads(line[6:]) for line in stream if line.startswith(b"data: {"))
+            while not next(events)["choices"][0]["delta"].get("content"):  # the first text: it is generating
+                pass
+            started = time.monotonic()
+            running.stop()
+            stopped_s = time.monotonic() - started
+            events = list(events)
+            trace.read()  # to its end, not cut off
+    finally:
+        app.close()
+    assert events[-1]["error"]["message"] == STOPPING  # not a finish_reason, as if the reply were complete
+    assert stopped_s < 4  # uvicorn alone waits 5 s for the trace stream, then cuts every connection
 
 
 def test_flashmoe_serve_command_serves_until_terminated(tmp_path):
@@ -102,7 +131,7 @@ def demo():
     # q8 activations, as numba's default: on the NumPy backend a prompt's prefill takes a third of float's time
     engine = load_engine(directory, backend="numpy", context=1024, activations="q8")
     app = FlashMoeServer(engine, tokenizer, directory.name, context=1024)
-    with RunningServer(app.app) as running:
+    with RunningServer(app) as running:
         yield app, openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     app.close()
 

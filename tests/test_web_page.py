@@ -39,7 +39,7 @@ def demo_url():
     directory = default_model_dir()
     engine = load_engine(directory, backend="numpy", context=512)
     app = FlashMoeServer(engine, Tokenizer(directory), directory.name, context=512)
-    with RunningServer(app.app) as running:
+    with RunningServer(app) as running:
         yield running.url
     app.close()
 
@@ -103,7 +103,7 @@ def test_a_server_with_an_api_key_opens_the_settings_at_the_key_field_and_works_
 
     tokenizer = Tokenizer(write_model_dir(tmp_path / "model", QWEN3))
     app = FlashMoeServer(FakeEngine(tokenizer, scripted_reply), tokenizer, "fake", api_key="sk-page")
-    with RunningServer(app.app) as running:
+    with RunningServer(app) as running:
         browser.get(running.url + "/")
         wait = WebDriverWait(browser, 30)
         wait.until(lambda b: "needs its API key" in b.find_element(By.ID, "model").text)

@@ -182,14 +182,13 @@ class _StoppingServer(uvicorn.Server):
 
 
 class RunningServer:
-    """A uvicorn server on its own thread (tests, notebooks). Use as a context manager or call stop()."""
+    """A FlashMoeServer served by uvicorn on its own thread (tests, notebooks). Use as a context manager or call
+    stop(), which ends the replies in progress and the live trace streams as `flashmoe serve`'s stop does."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, server: FlashMoeServer, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         self._sock = bind(host, port)
         self.host, self.port = host, self._sock.getsockname()[1]
-        # An open /v1/trace stream never ends by itself: stop() gives connections 5 s, then closes them.
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off",
-                                                     timeout_graceful_shutdown=5))
+        self._server = _StoppingServer(uvicorn.Config(server.app, log_level=log_level, lifespan="off"), server.worker)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
                                         name="flashmoe-server", daemon=True)
 
