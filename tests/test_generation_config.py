@@ -21,6 +21,7 @@ from flashmoe.runtime.load import default_model_dir
     ("temperature", -1.0, "must be >= 0, got -1.0"),
     ("top_p", float("nan"), "must be in (0, 1], got nan"),
     ("eos_token_id", "abc", "must be a token id or a list of them, got 'abc'"),
+    ("eos_token_id", [2, 4096], "holds 4096, not a token of the model (vocab_size 4096 in config.json)"),
 ])
 def test_a_bad_generation_config_value_names_the_file_and_field(tmp_path, field, value, why):
     model = tmp_path / "model"

@@ -42,11 +42,17 @@ def check_text(text: str, what: str = "the prompt") -> None:
                         f"(character {e.start}{after})") from None
 
 
-def _token_ids(path: Path, value) -> set[int]:
-    """The token id(s) of an `eos_token_id` field (one id or a list); FlashMoeError naming the file otherwise."""
+def _token_ids(path: Path, value, vocab_size) -> set[int]:
+    """The token id(s) of an `eos_token_id` field (one id or a list), each below the model's `vocab_size` (its
+    logits' length; not checked when config.json gives none): an id the model cannot produce would never end
+    a reply. FlashMoeError naming the file and field otherwise."""
     ids = _as_list(value)
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise FlashMoeError(f"{path}: field 'eos_token_id' must be a token id or a list of them, got {value!r}")
+    outside = [i for i in ids if isinstance(vocab_size, (int, float)) and i >= vocab_size]
+    if outside:
+        raise FlashMoeError(f"{path}: field 'eos_token_id' holds {outside[0]}, not a token of the model "
+                            f"(vocab_size {vocab_size} in config.json): the model could never end a reply with it")
     return set(ids)
 
 
@@ -85,7 +91,8 @@ class Tokenizer:
     `eos_token` of tokenizer_config.json: the three often disagree (Qwen lists <|im_end|> in one and
     <|endoftext|> in another), and stopping on any of them is what transformers' generate does.
 
-    Raises FlashMoeError when tokenizer.json is missing or unreadable.
+    Raises FlashMoeError when tokenizer.json is missing or unreadable, or an eos_token_id is no token id below
+    config.json's vocab_size.
     """
 
     def __init__(self, model_dir: str | Path):
@@ -97,9 +104,11 @@ class Tokenizer:
         self.config = _read_json(model_dir / "tokenizer_config.json")
         model_config = _read_json(model_dir / "config.json")
         generation_config = _read_json(model_dir / "generation_config.json")
-        ids = _token_ids(model_dir / "config.json", model_config.get("eos_token_id"))
-        ids |= _token_ids(model_dir / "config.json", model_config.get("text_config", {}).get("eos_token_id"))
-        ids |= _token_ids(model_dir / "generation_config.json", generation_config.get("eos_token_id"))
+        text_config = model_config.get("text_config", {})
+        vocab_size = text_config.get("vocab_size", model_config.get("vocab_size"))
+        ids = _token_ids(model_dir / "config.json", model_config.get("eos_token_id"), vocab_size)
+        ids |= _token_ids(model_dir / "config.json", text_config.get("eos_token_id"), vocab_size)
+        ids |= _token_ids(model_dir / "generation_config.json", generation_config.get("eos_token_id"), vocab_size)
         eos_text = _token_text(self.config.get("eos_token"))
         if eos_text is not None and self._tok.token_to_id(eos_text) is not None:
             ids.add(self._tok.token_to_id(eos_text))
