@@ -176,6 +176,15 @@ def test_unreadable_json_and_missing_file_name_the_path(tmp_path):
         ModelConfig.from_file(tmp_path / "nope" / "config.json")
 
 
+def test_a_config_json_that_is_a_directory_is_named_as_one(tmp_path):
+    folder = tmp_path / "model" / "config.json"
+    folder.mkdir(parents=True)
+    for given in (folder, tmp_path / "model"):  # the file, or the model directory holding it
+        with pytest.raises(ConfigError) as refused:
+            ModelConfig.from_file(given)
+        assert str(refused.value) == f"{folder}: a directory, not a config.json file"
+
+
 @pytest.mark.parametrize("arch,variant", VARIANTS, ids=[f"{a}-{v}" for a, v in VARIANTS])
 def test_transformers_written_configs_load_and_round_trip_through_to_dict(hf_checkpoint, arch, variant):
     cfg = ModelConfig.from_file(hf_checkpoint(arch, variant))

@@ -239,6 +239,9 @@ def test_synth_command_truncates_a_config_file(tmp_path):
     assert md.config.layer_types == (LINEAR_ATTENTION,) * 3
     bad = CliRunner().invoke(app, ["synth", "--like", "nope", "--out", str(tmp_path / "n")])
     assert bad.exit_code == 2 and "unknown preset 'nope'" in bad.output
+    folder = CliRunner().invoke(app, ["synth", "--config", str(tmp_path), "--out", str(tmp_path / "n")])
+    assert folder.exit_code == 2 and folder.stderr == f"error: {tmp_path}: a directory, not a config.json file\n"
+    assert not (tmp_path / "n").exists()
 
 
 def test_synth_progress_bar_names_the_output_once(tmp_path, capsys):

@@ -118,17 +118,9 @@ class ModelConfig:
         Raises ConfigError naming the file for unreadable JSON, a missing field or an unknown model_type.
         """
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() and path.name != "config.json":  # a directory named config.json is refused as one
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: cannot read config JSON: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: config JSON is not an object")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
@@ -296,6 +288,24 @@ class ModelConfig:
 
 
 # ---- reading config.json (ModelConfig.from_dict's parts) ---------------------------------------------------
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object of config.json file `path`.
+
+    Raises ConfigError naming the file when it is missing, a directory, unreadable or not a JSON object.
+    """
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a config.json file") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read config JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: config JSON is not an object")
+    return d
 
 
 def _text_config(d: dict[str, Any]) -> dict[str, Any]:
