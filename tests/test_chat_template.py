@@ -165,6 +165,23 @@ def test_syntax_error_names_the_line():
         render_chat("ok\n{% if %}", [{"role": "user", "content": "x"}])
 
 
+def test_template_errors_name_the_file_or_field_the_template_was_read_from(tmp_path):
+    hi = [{"role": "user", "content": "hi"}]
+    model = write_model_dir(tmp_path / "file", "ok\n{% if %}", as_jinja_file=True)
+    with pytest.raises(FlashMoeError) as refused:
+        Tokenizer(model).apply_chat_template(hi)
+    assert str(refused.value) == (f"{model / 'chat_template.jinja'}, line 2: Expected an expression, got 'end of "
+                                  "statement block'")
+    model = write_model_dir(tmp_path / "named", [{"name": "default", "template": "{{ raise_exception('no') }}"}])
+    with pytest.raises(FlashMoeError) as refused:
+        Tokenizer(model).apply_chat_template(hi)
+    assert str(refused.value) == f"{model / 'tokenizer_config.json'}, field 'chat_template' 'default': no"
+    for name, value in (("list", [{"name": "default"}]), ("number", 7)):  # a list of {"name", "template"}, or one
+        with pytest.raises(FlashMoeError, match=r"tokenizer_config.json, field 'chat_template' must be a template "
+                                                r"or a list of \{\"name\", \"template\"\} objects, got"):
+            Tokenizer(write_model_dir(tmp_path / name, value))
+
+
 def test_qwen35_generation_prompt_opens_thinking():
     text = render_chat(QWEN35_XML, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n<think>\n")

@@ -42,13 +42,26 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_t
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+class ChatTemplate(str):
+    """A template's source text that remembers where it was read (`origin`: its file, or tokenizer_config.json
+    and the field), so that an error in it names the place to fix."""
+
+    origin: str
+
+    def __new__(cls, text: str, origin: str) -> "ChatTemplate":
+        template = super().__new__(cls, text)
+        template.origin = origin
+        return template
+
+
 def load_chat_template(model_dir: str | Path, tokenizer_config: Mapping | None = None) -> str | dict[str, str] | None:
     """The chat template(s) of a model directory, with transformers' precedence.
 
-    Returns one template string, a dict {name: template} when the model has several (a list of
+    Returns one template (a ChatTemplate), a dict {name: template} when the model has several (a list of
     {"name", "template"} in tokenizer_config.json, or extra files in additional_chat_templates/), or None.
 
-    Raises FlashMoeError when a template file cannot be read as UTF-8.
+    Raises FlashMoeError when a template file cannot be read as UTF-8, or naming the field when
+    tokenizer_config.json's chat_template is neither a string nor such a list.
     """
     model_dir = Path(model_dir)
     files: dict[str, Path] = {}
@@ -59,14 +72,19 @@ def load_chat_template(model_dir: str | Path, tokenizer_config: Mapping | None =
         files.update({p.name.removesuffix(".jinja"): p for p in sorted(extra.glob("*.jinja"))})
     if files:
         try:
-            templates = {name: path.read_text(encoding="utf-8") for name, path in files.items()}
+            templates = {name: ChatTemplate(path.read_text(encoding="utf-8"), str(path)) for name, path in files.items()}
         except (OSError, UnicodeDecodeError) as e:
             raise FlashMoeError(f"{model_dir}: cannot read chat template ({e})") from e
         return templates["default"] if list(templates) == ["default"] else templates
     value = (tokenizer_config or {}).get("chat_template")
-    if isinstance(value, list):
-        return {entry["name"]: entry["template"] for entry in value}
-    return value
+    field = f"{model_dir / 'tokenizer_config.json'}, field 'chat_template'"
+    if value is None or isinstance(value, str):
+        return None if value is None else ChatTemplate(value, field)
+    if isinstance(value, list) and all(isinstance(entry, Mapping) and isinstance(entry.get("name"), str)
+                                       and isinstance(entry.get("template"), str) for entry in value):
+        return {entry["name"]: ChatTemplate(entry["template"], f"{field} {entry['name']!r}") for entry in value}
+    raise FlashMoeError(f"{field} must be a template or a list of {{\"name\", \"template\"}} objects, got "
+                        f"{str(value)[:80]!r}")
 
 
 def select_template(template: str | Mapping[str, str] | None, name: str | None = None,
@@ -164,7 +182,12 @@ def compile_template(source: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise FlashMoeError(f"chat template, line {e.lineno}: {e.message}") from e
+        raise FlashMoeError(f"{_origin(source)}, line {e.lineno}: {e.message}") from e
+
+
+def _origin(source: str) -> str:
+    """Where a template's source was read, for messages (a ChatTemplate's file; 'chat template' otherwise)."""
+    return getattr(source, "origin", "chat template")
 
 
 def _plain(value: Any) -> Any:
@@ -240,9 +263,9 @@ def render_chat(template: str | Mapping[str, str] | None, messages: list, *, too
             messages=messages, tools=_plain(tools), documents=_plain(documents),
             add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as e:
-        raise FlashMoeError(f"chat template: {e}") from e
+        raise FlashMoeError(f"{_origin(source)}: {e}") from e
     except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise FlashMoeError(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
+        raise FlashMoeError(f"{_origin(source)} failed on these messages: {type(e).__name__}: {e}") from e
 
 
 def _object_arguments(call) -> bool:
