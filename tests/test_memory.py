@@ -141,6 +141,23 @@ def test_options_are_refused_before_the_conformance_gate(monkeypatch):
     assert gate == []
 
 
+def test_a_context_beyond_the_models_is_budgeted_at_the_models(monkeypatch):
+    """generate plans for prompt + --max-tokens, chat and serve for --context: the KV cache stops growing at the
+    model's max_position_embeddings (2,048 for the demo model), and so does its share of the budget (a KV cache
+    of 10^8 positions was 256 GiB, refused)."""
+    import flashmoe.runtime.load as load
+
+    class Gate(Exception):
+        pass
+
+    def gate(backend):
+        raise Gate
+
+    monkeypatch.setattr(load, "ensure_conformant", gate)
+    with pytest.raises(Gate):  # past the refusal before loading, which comes first
+        load.load_engine(None, backend="numpy", max_memory="64M", context=10**8)
+
+
 def test_the_mla_cache_holds_one_latent_row_per_position_and_the_budget_counts_that(hf_checkpoint, tmp_path):
     """DeepSeek-V3's absorbed attention caches kv_lora_rank + qk_rope_head_dim floats per position and layer,
     once (they are its keys and its values); state_bytes plans for exactly that."""

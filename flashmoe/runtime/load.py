@@ -87,7 +87,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         max_memory: budget for resident weights + KV cache + read buffers + expert cache ('4G', bytes);
             None means no budget (and no own cache in direct mode beyond the read buffers).
         experts_per_token: override the model's num_experts_per_tok (k).
-        context: longest sequence to plan the KV cache for, in tokens.
+        context: longest sequence to plan the KV cache for, in tokens (capped by the model's
+            max_position_embeddings: generation stops there).
         cache_policy: eviction policy of the direct-mode cache ('lru', 'lfu', ...).
         threads: read threads (default max(4, k), so a token's k reads run in one round).
         gpu_memory: size of the backend's own expert cache ('16G'; cuda only), filled as experts stream, or
@@ -119,7 +120,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     threads = threads or max(4, k)  # all k reads of a decode token in flight at once
     guess_slots = k if speculate else 0
     read_buffers = ExpertStore.read_buffer_bytes(k, largest, threads, guess_slots)
-    kv_bytes = state_bytes(cfg, context)
+    kv_bytes = state_bytes(cfg, min(context, cfg.max_position_embeddings))
     if max_bytes is not None:
         _refuse_before_loading(MemoryBudget(max_bytes, model.resident_nbytes, kv_bytes, read_buffers))
     ensure_conformant(backend)  # after every cheap check: a machine's first use of a backend takes minutes
