@@ -68,6 +68,18 @@ def test_sampled_token_is_always_in_vocabulary(values, top_k, top_p):
     assert 0 <= token < len(values)
 
 
+def test_settings_at_the_edge_of_their_range_sample_without_overflow():
+    """A temperature or repetition penalty near 0 (1e-320, --temperature 1e-320 as typed) made the probabilities
+    NaN (overflow to inf, then inf - inf), a traceback from NumPy's choice: the limit is greedy, and the seen
+    logits the penalty made infinite tie for the top."""
+    logits = np.array([0.1, 3.0, -1.0, 2.9])
+    for seed in range(10):
+        assert Sampler(temperature=1e-320, seed=seed)(logits) == 1
+        assert Sampler(temperature=1.0, repetition_penalty=1e-320, seed=seed)(logits, history=[0, 2]) == 0
+        assert Sampler(temperature=1.0, repetition_penalty=1e-320, seed=seed)(logits, history=[1, 3]) in (1, 3)
+    assert Sampler(temperature=float("inf"), seed=0)(logits) in range(4)  # uniform
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(min_p=1.0), dict(top_k=-2),
                                     dict(repetition_penalty=0)])
 def test_invalid_settings_raise_clear_error(kwargs):

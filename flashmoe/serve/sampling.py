@@ -61,11 +61,15 @@ class Sampler:
             seen = np.unique(np.asarray(history, dtype=np.int64))
             seen = seen[seen < logits.shape[0]]
             vals = logits[seen]
-            logits[seen] = np.where(vals > 0, vals / self.repetition_penalty, vals * self.repetition_penalty)
+            with np.errstate(over="ignore"):  # a penalty near 0 makes positive logits infinite
+                logits[seen] = np.where(vals > 0, vals / self.repetition_penalty, vals * self.repetition_penalty)
         if self.temperature == 0:
             return int(np.argmax(logits))
-        logits /= self.temperature
-        probs = np.exp(logits - logits.max())
+        # Shifted by the largest logit before the temperature divides: every value is <= 0, so no temperature
+        # however small overflows. Logits the penalty made infinite are the largest, tied (inf - inf: NaN -> 0).
+        with np.errstate(invalid="ignore", over="ignore"):
+            shifted = (logits - logits.max()) / self.temperature
+        probs = np.exp(np.nan_to_num(shifted, nan=0.0))
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")
         sorted_probs = probs[order]
