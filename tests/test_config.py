@@ -118,6 +118,7 @@ def test_missing_required_field_is_named_with_the_file(tmp_path, field):
     ("num_attention_heads", 0, "must be positive"),
     ("head_dim", 0, "must be positive"),
     ("num_local_experts", [8], "must be an integer"),
+    ("text_config", "x", "must be an object, got 'x'"),  # was ignored, then a traceback reading eos_token_id
 ])
 def test_a_value_of_the_wrong_type_or_range_names_the_file_and_field(tmp_path, field, value, why):
     path = tmp_path / "config.json"
