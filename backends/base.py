@@ -73,6 +73,27 @@ class BackendError(FlashMoeError):
     """An unknown or unavailable backend was requested, or a weight it cannot use was handed to it."""
 
 
+class ExpertsAsRead:
+    """One decode token's routed experts handed to a backend one at a time, as each one's read lands
+    (:meth:`Backend.experts_as_read`), so that the backend can start on one (a GPU copies it to the device)
+    while the store is still reading the others."""
+
+    def put(self, i: int, buffer: np.ndarray) -> None:
+        """Expert ``keys[i]``'s packed bytes (as :meth:`Backend.packed_experts_ffn` takes them) have landed in
+        `buffer`, which stays unchanged until :meth:`wait` returns. Called once for each expert the backend
+        does not hold (:meth:`Backend.has_expert`), in any order."""
+        raise NotImplementedError
+
+    def finish(self, x: Any) -> Any:
+        """Once every missing expert was put: their weighted sum with the held ones, ``[hidden]``, for x
+        ``[hidden]`` (as :meth:`Backend.experts_ffn`); the work may still be running on the device."""
+        raise NotImplementedError
+
+    def wait(self) -> None:
+        """Block until the backend no longer reads the buffers given to :meth:`put` (the store may then reuse
+        them)."""
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A quantised weight ready for kernels: the packed words untouched, scales and biases as float32.
@@ -510,6 +531,14 @@ class Backend(ABC):
             y[t] += contrib * w[:, None]
 
     # -- optional capabilities: a backend that has one overrides its default ------------------------------
+    def experts_as_read(self, layout: Any, keys: list, weights: np.ndarray, act: ClampedSwiGLU | None = None
+                        ) -> ExpertsAsRead | None:
+        """One decode token's k experts (their (layer, expert) `keys`, router `weights` float32 [k], laid out
+        by `layout` as for :meth:`packed_experts_ffn`) taken one by one as their reads land: an
+        :class:`ExpertsAsRead`, or None (the default) when this backend gains nothing from it; the engine then
+        waits for every read and calls :meth:`packed_experts_ffn`."""
+        return None
+
     def routed_experts(self, x: Any, router_weight: Any, layer: int, k: int, norm_topk_prob: bool) -> Any | None:
         """One decode token's routed experts without the host choosing them, or None (the default) when this
         backend cannot: ``sum_e w_e * expert_ffn(x, e)`` ``[1, hidden]`` over the experts and weights that

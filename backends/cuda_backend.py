@@ -46,7 +46,7 @@ else:
     _IMPORT_ERROR = None
 
 from flashmoe.arch.config import YarnRope
-from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, KVCacheBuffer
+from flashmoe.backends.base import Backend, BackendError, ClampedSwiGLU, Expert, ExpertsAsRead, KVCacheBuffer
 from flashmoe.format.manifest import MXFP4
 from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.quant import QuantizedTensor
@@ -456,6 +456,16 @@ class CudaBackend(Backend):
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
         return self._combine(x, staged, upload(weights))
 
+    def experts_as_read(self, layout: Any, keys: list, weights: np.ndarray, act: ClampedSwiGLU | None = None
+                        ) -> ExpertsAsRead | None:
+        """As :meth:`Backend.experts_as_read`: each expert's host -> device copy is queued on the copy stream as
+        soon as its read lands, into its VRAM tier slot (or a staging slot), so the copies run while the
+        other experts are still being read; then gate+up and down as :meth:`experts_ffn`'s, and nothing waits
+        for the copies until :meth:`ExpertsAsRead.wait`. None for gpt-oss's experts (act)."""
+        if act is not None:
+            return None
+        return _ExpertsAsRead(self, layout, keys, weights)
+
     def _staged_mxfp4(self, experts: list[Expert | None], keys: list | None) -> StagedExperts | None:
         """The experts in device memory (staged, or in the VRAM tier) when they are MXFP4 with biases (gpt-oss
         as published); None for any other form (the composite of base.py runs them)."""
@@ -503,9 +513,10 @@ class CudaBackend(Backend):
         self._experts.launched(staged)
         return out
 
-    def _combine(self, x: DeviceArray, staged: StagedExperts, weights: Any) -> DeviceArray:
+    def _combine(self, x: DeviceArray, staged: StagedExperts, weights: Any, wait: bool = True) -> DeviceArray:
         """sum_e weights[e] * expert_e(x) [hidden] for one token over the staged experts (weights: float32
-        device array [k]), in two launches."""
+        device array [k]), in two launches; with `wait`, once the copies staging them are done (see
+        ExpertStaging.launched)."""
         x = A.reshape(x, (1, x.size))
         h = self._gate_up(x, staged)
         d = staged.parts["down_proj"]
@@ -513,7 +524,7 @@ class CudaBackend(Backend):
         row_launch(MV.qdown_combine(d.bits, d.group_size, d.fmt), d.out_features, 1, d.b32, d.b16, d.w_off,
                    d.s_off, d.b_off, staged.stride // 4, scale_offset(staged.stride, d.fmt), staged.slots,
                    d.out_features, d.n_units, h.flat, weights, out.flat)
-        self._experts.launched(staged)
+        self._experts.launched(staged, wait)
         return out
 
     def capture_decode(self, step: Any) -> Any | None:
@@ -543,3 +554,29 @@ class CudaBackend(Backend):
                  (logits.flat, n_experts, k, int(norm_topk_prob), everything.slots, ids, at, slots, weights.flat))
         y = self._combine(x, replace(everything, slots=slots), weights.flat)
         return A.reshape(y, (1, y.size))
+
+
+class _ExpertsAsRead(ExpertsAsRead):
+    """CudaBackend.experts_as_read: each expert put is copied to the device at once (StagingAsRead); where the
+    first is one the fused kernels cannot address in place, every expert is kept as host views and
+    :meth:`CudaBackend.experts_ffn` (base.py's composite) runs them at :meth:`finish`."""
+
+    def __init__(self, be: CudaBackend, layout: Any, keys: list, weights: np.ndarray) -> None:
+        self.be, self.layout, self.keys = be, layout, keys
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
+        self.staging = be._experts.as_read(keys)
+        self.views: dict[int, Expert] = {}  # i -> expert, when not staged as they come
+
+    def put(self, i: int, buffer: np.ndarray) -> None:
+        expert = self.layout.view(buffer)
+        if self.views or not self.staging.put(i, expert):
+            self.views[i] = expert
+
+    def finish(self, x: Any) -> DeviceArray:
+        if self.views:
+            return self.be.experts_ffn(x, [self.views.get(i) for i in range(len(self.keys))], self.weights,
+                                       self.keys)
+        return self.be._combine(to_device(x), self.staging.staged(), upload(self.weights), wait=False)
+
+    def wait(self) -> None:
+        self.be._experts.wait_copies()

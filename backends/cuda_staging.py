@@ -436,23 +436,7 @@ class ExpertStaging:
         if found is None:
             return None
         spans, layout = found
-        cache = self.cache if keys is not None else None
-        if cache is not None:
-            layout = layout or cache.layout
-            if layout is None:
-                raise BackendError("experts_ffn: every expert was passed as None but the GPU cache holds none")
-            cache.prepare(layout, len(experts))
-            pinned = set(keys)
-            slots, hits = zip(*(cache.slot(key, pinned) for key in keys))
-            buffer, views = cache.slab, cache.views
-        else:
-            if layout is None:
-                raise BackendError("experts_ffn: an expert passed as None needs keys and a GPU expert cache")
-            slots, hits = tuple(range(len(experts))), (False,) * len(experts)
-            if self._stage is None or self._stage.size < layout.stride * len(experts):
-                self._stage = cuda.device_array(layout.stride * len(experts), np.uint8)
-                self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
-            buffer, views = self._stage, self._stage_views
+        slots, hits, buffer, views, layout = self.place(layout, keys, len(experts))
         copies = []
         for slot, hit, span, key in zip(slots, hits, spans, keys or [None] * len(spans)):
             if hit:
@@ -461,35 +445,123 @@ class ExpertStaging:
                 raise BackendError(f"expert {key}: not in the GPU expert cache and not given")
             copies.append((slot * layout.stride, span))
         if copies:
-            self._copy(buffer, copies)
+            self.open_copies()
+            for offset, span in copies:
+                self.copy(buffer, offset, span)
+            self.close_copies()
         return StagedExperts(layout.parts(*views), layout.stride, upload(np.array(slots, np.int64)),
                              slots[0], bool(copies))
 
-    def _copy(self, buffer: Any, copies: list[tuple[int, np.ndarray]]) -> None:
-        """Copy each (byte offset, host span) into `buffer` on the copy stream, after the expert kernels
-        launched so far (they may read the slots being overwritten); the default stream, where every kernel
-        runs, waits for the copies before its next kernel. Work already queued there (the shared expert)
-        overlaps them."""
+    def place(self, layout: _ExpertLayout | None, keys: list | None, k: int) -> tuple:
+        """Slots for a call's k experts of `layout` (None: the VRAM tier's, every expert being held there):
+        (slots, whether each was there, the device byte buffer and its (uint32, uint16) views, the layout).
+        With `keys` and the VRAM tier configured, each key's slot there (a missing key evicts another, never
+        one of this call's); else slots 0..k-1 of the staging buffer."""
+        cache = self.cache if keys is not None else None
+        if cache is not None:
+            layout = layout or cache.layout
+            if layout is None:
+                raise BackendError("experts_ffn: every expert was passed as None but the GPU cache holds none")
+            cache.prepare(layout, k)
+            pinned = set(keys)
+            slots, hits = zip(*(cache.slot(key, pinned) for key in keys))
+            return slots, hits, cache.slab, cache.views, layout
+        if layout is None:
+            raise BackendError("experts_ffn: an expert passed as None needs keys and a GPU expert cache")
+        if self._stage is None or self._stage.size < layout.stride * k:
+            self._stage = cuda.device_array(layout.stride * k, np.uint8)
+            self._stage_views = (self._stage.view(np.uint32), self._stage.view(np.uint16))
+        return tuple(range(k)), (False,) * k, self._stage, self._stage_views, layout
+
+    def open_copies(self) -> None:
+        """Before a call's first copy: the copy stream (made at the first ever) waits for the expert kernels
+        launched so far, which may read the slots about to be overwritten."""
         if self._copy_stream is None:
             self._copy_stream = _new_copy_stream()
             self._copied, self._slots_free = new_event(), new_event()
         self._slots_free.wait(self._copy_stream)  # an event never recorded does not hold the stream
-        for offset, span in copies:
-            _host_to_device(buffer, offset, span, self._copy_stream)
-            self.bytes_copied += span.nbytes
-            self.copies += 1
+
+    def copy(self, buffer: Any, offset: int, span: np.ndarray) -> None:
+        """Queue the copy of host bytes `span` (pinned) to byte `offset` of device `buffer` on the copy
+        stream (after :meth:`open_copies`)."""
+        _host_to_device(buffer, offset, span, self._copy_stream)
+        self.bytes_copied += span.nbytes
+        self.copies += 1
+
+    def close_copies(self) -> None:
+        """After a call's last copy: the default stream, where every kernel runs, waits for the copies before
+        its next kernel. Work already queued there (the shared expert) overlaps them."""
         self._copied.record(self._copy_stream)
         self._copied.wait(0)
 
-    def launched(self, staged: StagedExperts) -> None:
+    def wait_copies(self) -> None:
+        """Block until every copy queued so far is done: the host buffers they read may then be reused."""
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def as_read(self, keys: list) -> "StagingAsRead":
+        """A call's experts put in device memory one by one, each copied as soon as it is given
+        (:class:`StagingAsRead`)."""
+        self.settle()
+        return StagingAsRead(self, keys)
+
+    def launched(self, staged: StagedExperts, wait: bool = True) -> None:
         """After the kernels reading `staged`: later copies may overwrite its slots once these kernels are
-        done, and the host buffers the copies read are free again once this returns (the expert store may
-        reuse them for the next reads). Inside a CUDA graph's capture nothing is recorded: an event on the
-        default stream would break the capture, and each replay finishes before the host goes on."""
+        done, and (with `wait`) the host buffers the copies read are free again once this returns (the expert
+        store may reuse them for the next reads); without it the caller calls :meth:`wait_copies` before
+        reusing them. Inside a CUDA graph's capture nothing is recorded: an event on the default stream would
+        break the capture, and each replay finishes before the host goes on."""
         if CAPTURE.active is None:
             self._slots_free.record(0)
-        if staged.copied:
+        if staged.copied and wait:
             self._copied.synchronize()
+
+
+class StagingAsRead:
+    """One call's experts (by `keys`) staged as they arrive: :meth:`put` queues each one's host -> device copy
+    at once (the slots are placed at the first, whose layout every other must share), :meth:`staged` then
+    gives them to the kernels as :meth:`ExpertStaging.stage` would have."""
+
+    def __init__(self, staging: ExpertStaging, keys: list) -> None:
+        self._staging, self.keys = staging, list(keys)
+        self.layout: _ExpertLayout | None = None
+        self.given = [False] * len(self.keys)
+
+    def _place(self, layout: _ExpertLayout | None) -> None:
+        self.slots, self.hits, self.buffer, self.views, self.layout = self._staging.place(layout, self.keys,
+                                                                                          len(self.keys))
+
+    def put(self, i: int, expert: Expert) -> bool:
+        """Copy expert `i` (views into one pinned buffer) into its slot on the copy stream. False, with nothing
+        placed, when the first expert given is one the kernels cannot address in place (see
+        :func:`_expert_span`); raises BackendError when a later one is, or has another layout."""
+        found = _expert_span(expert)
+        if found is None or (self.layout is not None and found[1] != self.layout):
+            if self.layout is None:
+                return False
+            raise BackendError(f"expert {self.keys[i]} is laid out unlike the experts given before it")
+        span, layout = found
+        if self.layout is None:
+            self._place(layout)
+            self._staging.open_copies()
+        if not self.hits[i] and not self.given[i]:
+            self._staging.copy(self.buffer, self.slots[i] * layout.stride, span)
+        self.given[i] = True
+        return True
+
+    def staged(self) -> StagedExperts:
+        """The experts for the kernels, once every one not held was given; the default stream waits for their
+        copies. Raises BackendError for an expert neither held nor given."""
+        if self.layout is None:  # nothing given: every expert is in the VRAM tier
+            self._place(None)
+        for key, hit, given in zip(self.keys, self.hits, self.given):
+            if not hit and not given:
+                raise BackendError(f"expert {key}: not in the GPU expert cache and not given")
+        copied = any(g and not h for g, h in zip(self.given, self.hits))
+        if copied:
+            self._staging.close_copies()
+        return StagedExperts(self.layout.parts(*self.views), self.layout.stride,
+                             upload(np.array(self.slots, np.int64)), self.slots[0], copied)
 
 
 def _spans(experts: list[Expert | None]) -> tuple[list, _ExpertLayout | None] | None:

@@ -39,20 +39,26 @@ from flashmoe.runtime.store import ExpertStore
 
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
                  threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = DEFAULT_POLICY,
-                 preload: bool = False, expert_device: str = "gpu") -> Engine:
+                 preload: bool = False, expert_device: str = "gpu", guess_slots: int = 0,
+                 guess_readers: int | None = None, read_parts: int | None = None) -> Engine:
     """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
     themselves); read buffers come from the backend's ``allocate_buffer`` (pinned memory
     for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes (the engine
     then reads only the experts the GPU does not hold); with `preload`, every expert is read into it first when
-    they all fit (Engine.preload_experts). expert_device: as load_engine's."""
+    they all fit (Engine.preload_experts). expert_device: as load_engine's. guess_slots > 0: speculative reads
+    of the next MoE layer's experts (ExpertStore.speculate), guess_readers of them at once (default: the
+    store's). read_parts: the store's (default 1: whole reads; measured slower in parts, docs/benchmarks.md)."""
     model = ModelDir.open(model_dir)
     be = get_backend(backend)
     k = experts_per_token or model.config.num_experts_per_tok
     stats = Stats(num_layers=len(model.moe_layers))
+    threads = threads or max(4, k)
     store = ExpertStore({layer: model.expert_path(layer) for layer in model.moe_layers},
                         num_experts=model.config.num_experts, stride=model.layout.stride,
-                        nbytes=model.layout.nbytes, mode=io, threads=threads or max(4, k), stats=stats,
-                        allocate=be.allocate_buffer)
+                        nbytes=model.layout.nbytes, mode=io, threads=threads, stats=stats,
+                        read_parts=read_parts or 1,
+                        allocate=be.allocate_buffer, guess_slots=guess_slots,
+                        **({} if guess_readers is None else {"guess_readers": guess_readers}))
     if gpu_memory:
         be.configure_expert_cache(gpu_memory, gpu_policy)
     engine = Engine(model, be, store, stats, experts_per_token=k, expert_device=expert_device)
@@ -319,6 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu-policy", default=DEFAULT_POLICY, help="eviction policy of the VRAM expert cache")
     ap.add_argument("--expert-device", default="gpu", help="comma-separated: where decode experts not in the VRAM "
                     "cache run (gpu, cpu, auto; flashmoe.runtime.placement); the cuda backend runs once per value")
+    ap.add_argument("--guess-slots", type=int, default=0, help="speculative reads of the next MoE layer's "
+                    "experts, this many a layer (0: off; the engine's --speculate reads k)")
+    ap.add_argument("--guess-readers", type=int, default=None, help="speculative reads at once (default: the "
+                    "store's GUESS_READERS)")
+    ap.add_argument("--read-parts", type=int, default=None, help="each expert read in this many parts on as many "
+                    "threads (default 1: whole reads; ExpertStore read_parts)")
     ap.add_argument("-k", "--experts-per-token", type=int, default=None)
     ap.add_argument("--prompt-tokens", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=8)
@@ -346,9 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, size, where in configs:
         t0 = time.perf_counter()
         engine = build_engine(a.model, name, experts_per_token=a.experts_per_token, gpu_memory=parse_size(size),
-                              gpu_policy=a.gpu_policy, preload=a.preload, expert_device=where)
+                              gpu_policy=a.gpu_policy, preload=a.preload, expert_device=where,
+                              guess_slots=a.guess_slots, guess_readers=a.guess_readers, read_parts=a.read_parts)
         load_s = time.perf_counter() - t0
         run: dict[str, Any] = {"backend": name, "gpu_memory": size, "expert_device": where, "k": engine.k,
+                               "guess_slots": a.guess_slots, "guess_readers": a.guess_readers,
+                               "read_parts": engine.store.read_parts,
                                "moe_layers": len(engine.model_dir.moe_layers),
                                "resident_bytes": engine.model_dir.resident_nbytes,
                                "resident_read_bytes": resident_read_bytes(engine), "expert_bytes": engine.store.nbytes,

@@ -199,6 +199,48 @@ def test_experts_in_one_pinned_buffer_cross_in_one_copy_each(be):
 
 
 @HERE
+def test_experts_staged_as_their_reads_land_give_experts_ffns_sum(be):
+    """CudaBackend.experts_as_read, the engine's way for experts read into host buffers: each expert put is
+    copied at once into a staging slot (no VRAM tier) or its tier slot, in any order; held experts are not
+    put (none at all when the tier holds every one); the sum is the NumPy backend's experts_ffn."""
+    from flashmoe.format.manifest import ExpertLayout
+
+    rng = np.random.default_rng(4)
+    hidden, inter = 64, 32
+    experts = [make_expert_views(rng, hidden, inter, 4, 32, "bfloat16") for _ in range(4)]
+    layout = ExpertLayout.plan(experts[0])
+    bufs = []
+    for e in experts:  # each expert packed into a pinned buffer, as the store reads it
+        bufs.append(be.allocate_buffer(layout.stride))
+        layout.pack(e, bufs[-1])
+    x = rng.standard_normal(hidden).astype(np.float32)
+    ref = get_backend("numpy")
+
+    def run(ids, put, weights):
+        staging = be.experts_as_read(layout, [(3, e) for e in ids], weights)
+        for i in put:
+            staging.put(i, bufs[ids[i]])
+        got = be.to_numpy(staging.finish(be.asarray(x)))
+        staging.wait()
+        want = ref.experts_ffn(x, [experts[e] for e in ids], weights)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    w3, w2 = np.array([0.5, 0.3, 0.2], np.float32), np.array([0.6, 0.4], np.float32)
+    run([0, 1, 2], [2, 0, 1], w3)  # no tier: staging slots 0..2
+    be.configure_expert_cache(4 * layout.stride, "lru")
+    try:
+        before = dict(be.expert_cache_stats)
+        run([0, 1, 2], [1, 2, 0], w3)  # three misses, each copied as it is put
+        assert all(be.has_expert((3, e)) for e in (0, 1, 2)) and not be.has_expert((3, 3))
+        run([3, 1], [0], w2)  # expert 1 held: only 3 is put
+        run([2, 0], [], w2)  # both held: nothing put, nothing copied
+        stats = {k: v - before[k] for k, v in be.expert_cache_stats.items()}
+        assert stats == {"gpu_hits": 3, "gpu_misses": 4, "bytes_copied": stats["bytes_copied"], "copies": 4}
+    finally:
+        be.configure_expert_cache(0)
+
+
+@HERE
 @pytest.mark.parametrize("bits", [4, MXFP4])  # MXFP4: gpt-oss's experts as published, with biases
 def test_gpu_expert_cache_keeps_experts_by_key_and_evicts_by_policy(be, bits):
     from flashmoe.backends.base import BackendError

@@ -105,6 +105,74 @@ def test_all_reads_of_a_fetch_are_in_flight_together_and_fetch_returns_at_once(l
         np.testing.assert_array_equal(buf, expert_bytes(data, 1, e))
 
 
+@pytest.mark.parametrize("mode,cache_bytes", [("pagecache", 0), ("direct", 4 * SLOT)])
+def test_as_read_yields_each_expert_as_its_read_lands_those_in_memory_first(layers, monkeypatch, mode, cache_bytes):
+    """ExpertStore.as_read (a GPU copies each expert while the others are still read): an expert in memory at
+    once, the others in the order their reads finish, each as wait would return it; the time blocked is I/O
+    wait, and wait() after the iteration returns at once."""
+    files, data = layers
+    delay = 0.5
+    real_preadv = os.preadv
+
+    def slow_preadv(fd, buffers, offset, flags=0):
+        if offset == 2 * STRIDE:  # expert 2 lands last
+            time.sleep(delay)
+        return real_preadv(fd, buffers, offset, flags)
+
+    with make_store(files, mode, cache_bytes=cache_bytes, threads=4) as store:
+        if cache_bytes:
+            first = store.fetch(1, [5])
+            store.wait(first)
+            store.release(first)
+        monkeypatch.setattr(os, "preadv", slow_preadv)
+        t0 = time.perf_counter()
+        f = store.fetch(1, [2, 0, 5])
+        got = []
+        for e, buf in store.as_read(f):
+            got.append((e, time.perf_counter() - t0))
+            assert not buf.flags.writeable and buf.ctypes.data % 4096 == 0
+            np.testing.assert_array_equal(buf, expert_bytes(data, 1, e))
+        order = [e for e, _ in got]
+        assert sorted(order) == [0, 2, 5] and order[-1] == 2
+        assert dict(got)[5] < delay / 2 and dict(got)[0] < delay / 2 and got[-1][1] >= delay
+        assert store.stats.totals.io_wait_s >= delay / 2
+        t1 = time.perf_counter()
+        bufs = store.wait(f)
+        assert time.perf_counter() - t1 < delay / 5
+        for e, buf in zip([2, 0, 5], bufs):
+            np.testing.assert_array_equal(buf, expert_bytes(data, 1, e))
+        store.release(f)
+        with pytest.raises(ValueError, match="already released"):
+            next(store.as_read(f))
+
+
+@pytest.mark.parametrize("mode", ["pagecache", "direct"])
+def test_reads_in_parts_land_expert_after_expert_with_the_same_bytes_and_counts(layers, monkeypatch, mode):
+    """read_parts = threads: each expert's parts run together, so a fetch's experts land one after another
+    (in fetch order) instead of all at its end; the bytes, reads and bytes read are those of whole reads."""
+    files, data = layers
+    real_preadv = os.preadv
+    counts = {}
+    for parts in (1, 3):
+        with make_store(files, mode, threads=3, read_parts=parts) as store:
+            def slow_preadv(fd, buffers, offset, flags=0):
+                time.sleep(0.05)
+                return real_preadv(fd, buffers, offset, flags)
+
+            monkeypatch.setattr(os, "preadv", slow_preadv)
+            f = store.fetch(1, [0, 7, 3])
+            order = [e for e, _ in store.as_read(f)]
+            monkeypatch.setattr(os, "preadv", real_preadv)
+            for e, buf in zip([0, 7, 3], store.wait(f)):
+                np.testing.assert_array_equal(buf, expert_bytes(data, 1, e))
+            store.release(f)
+            t = store.stats.totals
+            counts[parts] = (t.reads, t.bytes_read, t.disk_bytes, t.hits + t.misses)
+        if parts == 3:
+            assert order == [0, 7, 3]
+    assert counts[3] == counts[1] and counts[1][0] == 3
+
+
 # Each step fetches one expert of layer 1 and releases it: (expert, hit?) per policy, then the final cache.
 EVICTION_TRACE = [0, 0, 0, 1, 2, 1, 2, 3, 1, 4]
 EXPECTED = {
@@ -358,10 +426,10 @@ def test_short_file_is_refused_at_open_naming_file_and_expert(layers):
         make_store(files)
 
 
-@pytest.mark.parametrize("mode", ["pagecache", "direct"])
-def test_file_truncated_after_open_gives_format_error_naming_file_and_expert(layers, mode):
+@pytest.mark.parametrize("mode,read_parts", [("pagecache", 1), ("direct", 1), ("pagecache", 3), ("direct", 3)])
+def test_file_truncated_after_open_gives_format_error_naming_file_and_expert(layers, mode, read_parts):
     files, data = layers
-    with make_store(files, mode) as store:
+    with make_store(files, mode, read_parts=read_parts) as store:
         with open(files[1], "r+b") as f:
             f.truncate(6 * STRIDE + 100)
         f = store.fetch(1, [2, 6])

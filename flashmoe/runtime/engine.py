@@ -10,6 +10,11 @@ Per MoE layer and token (docs/design.md, "Data flow"):
                            -> shared expert              (computed while the reads run)
                            -> store.wait -> backend expert FFN -> weighted sum + shared expert
 
+A backend that gains from taking the experts one at a time (Backend.experts_as_read: cuda queues each one's
+host -> device copy as soon as it lands) gets each as its read finishes (ExpertStore.as_read) instead of
+after store.wait, and the read buffers go back to the store only at the next MoE layer (or the step's end),
+so nothing waits for the last copies: the next layer's attention is queued behind them.
+
 Speculation (the store's `guess_slots` > 0) applies the next MoE layer's router to this layer's MoE input, as
 pre-gated MoE does (Hwang et al., ISCA 2024), and reads its top experts behind this layer's reads, so the disk
 keeps working while this layer's experts and the next layer's attention compute.
@@ -126,6 +131,8 @@ class Engine:
             self.cfg.attention_window(i) is None for i in range(self.cfg.num_hidden_layers))
         # (state, recording or None where it failed, the state's linear-attention arrays) of the last recording
         self._recording: tuple | None = None
+        # (fetch, ExpertsAsRead) of the last MoE layer staged as its reads landed: released at the next one
+        self._unreleased: tuple | None = None
         self._decoded = False  # an eager decode step has run
         #: why decode steps are not replayed from a recording (None while they are or may be)
         self.not_recorded: str | None = None if self._recordable else "the model's decode step depends on " \
@@ -178,7 +185,10 @@ class Engine:
             logits = self._replay(int(ids[0]), state)
             if logits is not None:
                 return logits
-        logits = self.backend.to_numpy(self._step(ids, state, all_logits))
+        try:
+            logits = self.backend.to_numpy(self._step(ids, state, all_logits))
+        finally:
+            self._release_reads()
         if len(ids) == 1 and not self._decoded:  # the decode kernels are compiled now
             collect_garbage_once(self.backend.name)
         self._decoded |= len(ids) == 1
@@ -435,10 +445,12 @@ class Engine:
     def _moe_decode(self, layer: int, p: str, x, ids: np.ndarray, weights: np.ndarray):
         """One token: read its k experts concurrently while the shared expert computes, or, when the page cache
         holds them all, use them in place with no fetch (ExpertStore.resident). Experts the backend already
-        holds in its own memory (a GPU expert cache) are not read; they reach it as None."""
+        holds in its own memory (a GPU expert cache) are not read; they reach it as None. A backend that takes
+        them as they land (Backend.experts_as_read) gets each one as its read finishes (_experts_as_read)."""
         be = self.backend
         keys = [(layer, int(e)) for e in ids]
         held = [be.has_expert(key) for key in keys]
+        self._release_reads()  # the previous layer's: its copies are done (this layer's router waited for them)
         # every expert in the page cache (a warm token): no fetch to wait for and release
         mapped = self.store.resident(layer, ids) if self.tracer is None and not any(held) else None
         request = self.store.fetch(layer, ids[np.logical_not(held)]) if not all(held) and mapped is None else None
@@ -451,16 +463,56 @@ class Engine:
         if self.cfg.has_shared_expert:  # no stage timer where there is none: 12-48 layers a token
             with self.stats.stage("shared_expert"):
                 shared = self._shared_expert(p, x)
-        buffers = iter(mapped or (self.store.wait(request) if request else ()))
-        with self.stats.stage("experts"):
-            layout = self.model_dir.layer_layout(layer)
-            packed = [None if h else next(buffers) for h in held]
-            y = self._decode_experts(x, x_host, packed, layout, weights, keys)
-        if request:
-            self.store.release(request)
+        layout = self.model_dir.layer_layout(layer)
+        as_read = be.experts_as_read(layout, keys, weights, self._act) if request and x_host is None else None
+        if as_read is not None:
+            y = self._experts_as_read(as_read, request, x, held, layout)
+        else:
+            buffers = iter(mapped or (self.store.wait(request) if request else ()))
+            with self.stats.stage("experts"):
+                packed = [None if h else next(buffers) for h in held]
+                y = self._decode_experts(x, x_host, packed, layout, weights, keys)
+            if request:
+                self.store.release(request)
         if self.tracer is not None:
             self.tracer.layer(layer, ids[None], weights[None], [request] if request else [])
         return self._plus_shared(y, shared)
+
+    def _experts_as_read(self, as_read, request, x, held: list[bool], layout):
+        """One token's experts through `as_read` (Backend.experts_as_read): each missing one put as its read
+        lands, then their weighted sum [1, hidden]. `request` (the fetch of the missing ones, in order) is
+        released at the next MoE layer or the step's end (_release_reads), once the backend is done with its
+        buffers."""
+        self._unreleased = (request, as_read)
+        where: dict[int, list[int]] = {}
+        for i, e in zip((i for i, h in enumerate(held) if not h), request.expert_ids):
+            where.setdefault(e, []).append(i)
+        spent = 0.0
+        for e, buf in self.store.as_read(request):
+            start = time.perf_counter()
+            with self.stats.stage("experts"):
+                for i in where[e]:
+                    as_read.put(i, buf)
+            spent += time.perf_counter() - start
+        start = time.perf_counter()
+        with self.stats.stage("experts"):
+            hidden = self.cfg.hidden_size
+            y = self.backend.reshape(as_read.finish(self.backend.reshape(x, (hidden,))), (1, hidden))
+        if self.placement is not None:  # the GPU way's time beyond the reads
+            self.placement.measured(False, len(request.expert_ids) * layout.nbytes,
+                                    spent + time.perf_counter() - start)
+        return y
+
+    def _release_reads(self) -> None:
+        """Give the store back the read buffers of the last MoE layer staged as they landed, once the backend
+        no longer reads them (ExpertsAsRead.wait: by the next layer's router its copies are long done)."""
+        if self._unreleased is not None:
+            request, as_read = self._unreleased
+            self._unreleased = None
+            try:
+                as_read.wait()
+            finally:
+                self.store.release(request)
 
     def _decode_experts(self, x, x_host, packed: list, layout, weights: np.ndarray, keys: list):
         """One token's k experts' weighted sum [1, hidden] from their packed bytes (None where the backend

@@ -333,32 +333,36 @@ class ExpertFiles:
                 pass  # views are alive: the mapping is unmapped with the last of them
         self._maps.clear()
 
-    def read(self, layer: int, expert: int, buf: np.ndarray, stop: threading.Event | None = None) -> tuple[int, int]:
+    def read(self, layer: int, expert: int, buf: np.ndarray, stop: threading.Event | None = None,
+             part: tuple[int, int] | None = None) -> tuple[int, int]:
         """Read one expert into `buf` (from a reader thread; preadv releases the GIL). Returns
         (bytes read, of them from disk), also queued in `finished`. With `stop` (a speculative read) the
-        read goes in GUESS_CHUNK pieces and ends early, incomplete, once `stop` is set."""
+        read goes in GUESS_CHUNK pieces and ends early, incomplete, once `stop` is set. With `part`
+        ((start, end) from :meth:`parts`) only those bytes of the expert are read, and nothing is queued:
+        the caller queues the whole expert's read once every part is done (:meth:`parts_done`)."""
         fd, off, length = self._fds[layer], expert * self._stride[layer], self._read_bytes[layer]
-        nbytes = self._nbytes[layer]
+        start, end = (0, length) if part is None else part
+        want = min(end, self._nbytes[layer])  # the expert's bytes end at nbytes (direct reads round up)
         view = memoryview(buf)[:length]
         piece = length if stop is None else GUESS_CHUNK
-        done = 0
+        done = start
         try:
             if self.nowait:
                 try:
-                    done = os.preadv(fd, [view], off, os.RWF_NOWAIT)
+                    done += os.preadv(fd, [view[start:end]], off + start, os.RWF_NOWAIT)
                 except BlockingIOError:
                     pass  # nothing of it is in the page cache
                 except OSError as e:
                     if e.errno != errno.EOPNOTSUPP:
                         raise
                     self.nowait = False  # the filesystem cannot tell; count every byte as from disk
-            cached = done
-            while done < nbytes:
+            cached = done - start
+            while done < want:
                 if stop is not None and stop.is_set():
                     if done:
                         self.finished.append((done, done - cached, False))
                     return done, done - cached
-                n = os.preadv(fd, [view[done : done + piece]], off + done)
+                n = os.preadv(fd, [view[done : min(done + piece, end)]], off + done)
                 # O_DIRECT only returns a partial block at the end of the file.
                 if n == 0 or (self.direct and n % ALIGN):
                     done += n
@@ -368,15 +372,29 @@ class ExpertFiles:
             raise FlashMoeError(
                 f"{self._paths[layer]}: reading expert {expert} of layer {layer} failed: {e}"
             ) from e
-        if done < nbytes:
+        if done < want:
             raise FormatError(
                 f"{self._paths[layer]}: expert {expert} of layer {layer} needs bytes [{off}, "
-                f"{off + nbytes}) but the file ends at byte {off + done}"
+                f"{off + self._nbytes[layer]}) but the file ends at byte {off + done}"
             )
-        self.finished.append((done, done - cached, stop is None))
+        nread = done - start
+        if part is None:
+            self.parts_done(layer, expert, nread, nread - cached, demand=stop is None)
+        return nread, nread - cached
+
+    def parts(self, layer: int, n: int) -> list[tuple[int, int]]:
+        """An expert of `layer` cut into at most n consecutive parts for :meth:`read`, each a multiple of
+        ALIGN bytes but the last."""
+        length = self._read_bytes[layer]
+        step = -(-length // (n * ALIGN)) * ALIGN
+        return [(a, min(a + step, length)) for a in range(0, length, step)]
+
+    def parts_done(self, layer: int, expert: int, nread: int, disk: int, demand: bool = True) -> None:
+        """A whole read of `expert` is done (`nread` bytes, `disk` of them from the device; `demand`: not a
+        speculative one): queued in `finished`, and mapped in where the mapping is populated."""
+        self.finished.append((nread, disk, demand))
         if self._populate and layer in self._maps:
             self._last_mapped = self._mapper.submit(self._map_in, layer, expert)
-        return done, done - cached
 
     def evict_page_cache(self) -> None:
         """Drop every expert file's pages from the OS page cache (POSIX_FADV_DONTNEED), for cold-start

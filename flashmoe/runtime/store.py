@@ -25,6 +25,9 @@ Usage by the engine, per MoE layer per token (or per prefill batch of `store.bat
     ...expert FFN on layout.view(buf) for each buf...
     store.release(f)
 
+or, to use each expert as soon as its read lands (a GPU backend copies it to the device while the others are
+still being read), `for e, buf in store.as_read(f): ...` in place of `wait`.
+
 Buffer lifetime: the arrays that `wait` returns stay valid until `release(f)`, and only that: several
 fetches, of the same layer or not, may be alive together (prefill keeps the next batch in flight while the
 current one computes). After `release` their memory is reused for other experts: never keep them (or
@@ -45,11 +48,11 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -94,6 +97,16 @@ class _Slot:
 # The read of an in-place expert: none, done (0 bytes read, 0 from disk).
 _NO_READ: Future = Future()
 _NO_READ.set_result((0, 0))
+
+
+def _view(s: _Slot, nbytes: int) -> np.ndarray:
+    """A read slot's expert bytes as the store hands them out: read-only, `nbytes` long (the mapping's own
+    view for an in-place expert)."""
+    if s.mapped:
+        return s.buf
+    v = s.buf[:nbytes]
+    v.flags.writeable = False
+    return v
 
 
 @dataclass
@@ -154,6 +167,14 @@ class ExpertStore:
             own (e.g. MLX-owned memory) so experts reach it without a copy. Cache buffers are carved
             from allocations of up to 64 MiB.
         guess_slots: read buffers kept for speculative reads (`speculate`); 0 turns speculation off.
+        guess_readers: speculative reads running at once (default GUESS_READERS; more where the experts come
+            from the page cache, whose copies scale with threads as a disk does not).
+        read_parts: each demand read (not a speculative one) cut into this many parts on as many reader
+            threads (ExpertFiles.parts), so that a fetch's experts land one after another, each about
+            k / read_parts of the fetch's time apart, rather than all together at its end: a caller that uses
+            each one as it lands (`as_read`: a GPU copying it) overlaps that with the reads still running.
+            Default 1: on an H100 machine's page cache, 10 parts of an expert on 10 threads read at 3.8 GB/s
+            where whole experts on 10 threads read at 17.6 (docs/benchmarks.md, issue 15, ninth session).
         in_place: pagecache mode: hand out experts the page cache holds as views of the expert file's
             read-only mapping instead of copying them (module docstring). Only for a backend that computes
             on host memory as it is (Backend.experts_in_place); `allocate` is then used for misses only.
@@ -178,6 +199,8 @@ class ExpertStore:
         allocate: Callable[[int], np.ndarray] | None = None,
         guess_slots: int = 0,
         in_place: bool = False,
+        guess_readers: int = GUESS_READERS,
+        read_parts: int = 1,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown I/O mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -206,7 +229,10 @@ class ExpertStore:
         self.guess_slots = guess_slots
         self._guesses: dict[tuple[int, int], _Guess] = {}  # outstanding speculative reads
         self._stopped: list[_Guess] = []  # wrong guesses whose read may still be finishing a piece
-        self._guess_executor = ThreadPoolExecutor(GUESS_READERS, thread_name_prefix="flashmoe-guess")
+        self._guess_executor = ThreadPoolExecutor(guess_readers, thread_name_prefix="flashmoe-guess")
+        if read_parts < 1:
+            raise ValueError(f"read_parts must be at least 1, got {read_parts}")
+        self.read_parts = read_parts
 
     def _drain_done(self) -> None:
         """Move completed reads' counters into stats (engine thread only; the reader threads append them to
@@ -332,7 +358,7 @@ class ExpertStore:
             return _Slot(e, view, _NO_READ, hit=True, mapped=True)
         if self.mode == "direct" and (buf := self._cache_buffer(key)) is not None:
             if guess is None:
-                entry = _Entry(buf, self._executor.submit(self.files.read, layer, e, buf))
+                entry = _Entry(buf, self._read(layer, e, buf))
             else:  # the guess's buffer becomes the cache entry; the entry's buffer joins the pool
                 entry = _Entry(guess.buf, guess.read)
                 self._pool.give(buf)
@@ -343,7 +369,39 @@ class ExpertStore:
         if guess is not None:
             return _Slot(e, guess.buf, guess.read, guessed=True)
         buf = self._pool.take()
-        return _Slot(e, buf, self._executor.submit(self.files.read, layer, e, buf))
+        return _Slot(e, buf, self._read(layer, e, buf))
+
+    def _read(self, layer: int, e: int, buf: np.ndarray) -> Future:
+        """Start the demand read of expert `e` into `buf`: one read, or `read_parts` reads of its parts (the
+        executor starts them in order, so the first expert's parts run first); the future completes with
+        (bytes read, from disk) once all are done, or with the first part's error."""
+        if self.read_parts == 1:
+            return self._executor.submit(self.files.read, layer, e, buf)
+        parts = self.files.parts(layer, self.read_parts)
+        whole: Future = Future()
+        whole.set_running_or_notify_cancel()
+        lock, left, sums, errors = threading.Lock(), [len(parts)], [0, 0], []
+
+        def part_done(read: Future) -> None:  # in the reader thread that finished the part
+            err = read.exception()
+            with lock:
+                if err is not None:
+                    errors.append(err)
+                else:
+                    sums[0] += read.result()[0]
+                    sums[1] += read.result()[1]
+                left[0] -= 1
+                if left[0]:
+                    return
+            if errors:
+                whole.set_exception(errors[0])
+            else:
+                self.files.parts_done(layer, e, *sums)
+                whole.set_result(tuple(sums))
+
+        for part in parts:
+            self._executor.submit(self.files.read, layer, e, buf, None, part).add_done_callback(part_done)
+        return whole
 
     def wait(self, f: Fetch) -> list[np.ndarray]:
         """Block until every read of `f` is done; return one read-only np.uint8 array of the layer's expert
@@ -367,15 +425,35 @@ class ExpertStore:
             if err is not None:
                 self.release(f)
                 raise err
-        views, nbytes = {}, self.files.expert_nbytes(f.layer)
-        for e, s in f._slots.items():
-            if s.mapped:  # the mapping's own read-only view of the expert (ExpertFiles.resident)
-                views[e] = s.buf
-                continue
-            v = s.buf[:nbytes]
-            v.flags.writeable = False
-            views[e] = v
+        nbytes = self.files.expert_nbytes(f.layer)
+        views = {e: _view(s, nbytes) for e, s in f._slots.items()}
         return [views[e] for e in f.expert_ids]
+
+    def as_read(self, f: Fetch) -> Iterator[tuple[int, np.ndarray]]:
+        """Each distinct expert of `f` as its read lands: (expert id, its bytes as `wait` returns them), those
+        in memory first, then in the order their reads finish, so that the caller can use one (copy it to a
+        GPU) while the others are still being read. The time blocked is recorded as I/O wait; once the
+        iteration is over, `wait(f)` returns at once. Raises as `wait` (`f` is then released)."""
+        if f.released:
+            raise ValueError(f"fetch of layer {f.layer} was already released; its buffers were reused")
+        nbytes = self.files.expert_nbytes(f.layer)
+        pending = list(f._slots.items())
+        while pending:
+            done = [s.read.done() for _, s in pending]
+            if not any(done):
+                t0 = time.perf_counter()
+                wait_futures([s.read for _, s in pending], return_when=FIRST_COMPLETED)
+                self.stats.record_io_wait(time.perf_counter() - t0)
+                continue
+            ready = [p for p, d in zip(pending, done) if d]
+            pending = [p for p, d in zip(pending, done) if not d]
+            self._drain_done()
+            for e, s in ready:
+                err = s.read.exception()
+                if err is not None:
+                    self.release(f)
+                    raise err
+                yield e, _view(s, nbytes)
 
     def report(self, f: Fetch) -> list[ExpertRead]:
         """What `f` did for each distinct expert, in the order of first appearance in `f.expert_ids`:
@@ -424,7 +502,7 @@ class ExpertStore:
         `guess_slots` read buffers, and return at once; does nothing when `guess_slots` is 0.
 
         The reads start only once `after`'s reads are done (the engine passes the current layer's fetch,
-        so a guess never slows the reads it is waiting for) and go GUESS_READERS at a time, in order. The
+        so a guess never slows the reads it is waiting for) and go `guess_readers` at a time, in order. The
         next `fetch` of `layer` takes over the guessed experts it asks for, read or still reading, and
         stops the others within one GUESS_CHUNK: a wrong guess costs disk time the demand reads were not
         using, and no cache entry. Ids already in memory (cached, or in the page cache with `in_place`)
