@@ -24,18 +24,11 @@ except ImportError:  # numba_backend reports it through unavailable_reason
     njit = None
 
 from flashmoe.backends.numba_cache import cached_njit
-from flashmoe.backends.numba_packed import FASTMATH
-
-#: numba's parallel options for the block kernel: only its prange loops run on the pool. With plain
-#: ``parallel=True`` numba also turns array expressions outside them (``a[:] = b``, ``np.zeros``) into parallel
-#: regions of their own, dozens a call here (a slice copy per head and cache row, the quantiser's zeroing),
-#: each a start of the pool.
-PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
-               "setitem": False, "numpy": False, "stencil": False, "fusion": False}
+from flashmoe.backends.numba_packed import FASTMATH, PRANGE_ONLY
 
 if njit is not None:
     from flashmoe.backends.numba_norms import rms_row, rope_row
-    from flashmoe.backends.numba_q8 import _quantize_token, chunk_starts, matvecs_chunk
+    from flashmoe.backends.numba_q8 import _quantize_token, chunk_starts, matvecs_chunk, step_lanes
 
     @njit(fastmath=FASTMATH, inline="always")
     def attend(q, k, v, kh, n, scale, sink, s, out):
@@ -119,8 +112,9 @@ if njit is not None:
             xq, d, xsum = _quantized(x, block_size, group, row_in == "paired")
             qkv = np.empty((1, qkv_rows[3]), np.float32)
             chunks = chunk_starts(qkv_rows)
+            d8 = step_lanes(d, row_in)
             for c in prange(chunks[-1]):
-                matvecs_chunk(c, qkv_addr, qkv_rows, chunks, xq, d, xsum, qkv, bits, scale, row_in)
+                matvecs_chunk(c, qkv_addr, qkv_rows, chunks, xq, d, d8, xsum, qkv, bits, scale, row_in)
             normed = np.empty(D, np.float32)
             for h in range(Hkv):  # the new key and value, as numba_norms.qk_norm_rope and KVCacheBuffer.append
                 rms_row(qkv[0, qkv_rows[1] + h * D : qkv_rows[1] + (h + 1) * D], k_norm, eps, normed)
@@ -136,7 +130,8 @@ if njit is not None:
                     _query_head(h, qkv, q_norm, eps, cos, sin, k_cache, v_cache, n, softmax_scale, sinks, att)
             aq, ad, asum = _quantized(att, block_size, group, row_out == "paired")
             chunks = chunk_starts(o_rows)
+            ad8 = step_lanes(ad, row_out)
             for c in prange(chunks[-1]):
-                matvecs_chunk(c, o_addr, o_rows, chunks, aq, ad, asum, out, bits, scale, row_out)
+                matvecs_chunk(c, o_addr, o_rows, chunks, aq, ad, ad8, asum, out, bits, scale, row_out)
 
         return block

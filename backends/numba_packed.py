@@ -27,6 +27,12 @@ except ImportError:  # numba_backend reports it through unavailable_reason
 from flashmoe.backends.numba_cache import cached_njit
 
 FASTMATH = {"contract", "reassoc"}
+#: numba's parallel options for kernels whose only parallel loops are their prange loops: with plain
+#: ``parallel=True`` numba also turns array expressions outside them (``np.zeros``, ``a[:] = b``) into parallel
+#: regions of their own, each a start and a join of the pool (numba_q8's matvecs had two regions a call; the
+#: attention block kernel, numba_attention, dozens: a slice copy per head and cache row, the quantiser's zeroing).
+PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
+               "setitem": False, "numpy": False, "stencil": False, "fusion": False}
 # Rows handled per scheduling chunk: amortises the per-chunk scratch allocation and keeps a chunk's
 # dequantised tile (ROW_BLOCK x in floats) inside L2.
 ROW_BLOCK = 16

@@ -87,6 +87,7 @@ if njit is not None:
             n_words = xq.shape[1] * bits // 32
             nblk = (inter + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK
             runs = balanced_runs(first, nblk, parts)
+            d8 = numba_q8.step_lanes(d, row)
             for part in prange(runs.shape[0] - 1):
                 cb = np.empty(d.shape[1], np.float32)
                 tile = np.empty(Q8_TILE_TOKENS, np.float32)
@@ -101,9 +102,9 @@ if njit is not None:
                         for t0 in range(first[e], first[e + 1], Q8_TILE_TOKENS):
                             t1 = min(first[e + 1], t0 + Q8_TILE_TOKENS)
                             for i in range(s0, s1):
-                                _rows_of_tokens(gw, gs, gb, i, xq, d, xsum, t0, t1, cb, tile, bits, row, gate, i)
+                                _rows_of_tokens(gw, gs, gb, i, xq, d, d8, xsum, t0, t1, cb, tile, bits, row, gate, i)
                             for i in range(s0, s1):
-                                _rows_of_tokens(uw, us, ub, i, xq, d, xsum, t0, t1, cb, tile, bits, row, h, i)
+                                _rows_of_tokens(uw, us, ub, i, xq, d, d8, xsum, t0, t1, cb, tile, bits, row, h, i)
                     for n in range(first[e], first[e + 1]):
                         for i in range(i0, i1):
                             g, u = gate[n, i], h[n, i]
@@ -124,6 +125,7 @@ if njit is not None:
             most = 0
             for e in range(n_experts):
                 most = max(most, first[e + 1] - first[e])
+            hd8 = numba_q8.step_lanes(hd, row)
             for c in prange((hidden + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK):
                 o0 = c * EXPERT_ROW_BLOCK
                 o1 = min(hidden, o0 + EXPERT_ROW_BLOCK)
@@ -133,11 +135,12 @@ if njit is not None:
                 for e in range(n_experts):
                     w, s, b = expert_view(d_addr, e, hidden, n_words, hsum.shape[1], scale)
                     n0, n1 = first[e], first[e + 1]
-                    he, hde, hse = hq[n0:n1], hd[n0:n1], hsum[n0:n1]  # the expert's rows: tokens from 0
+                    # the expert's rows: tokens from 0
+                    he, hde, hd8e, hse = hq[n0:n1], hd[n0:n1], hd8[n0:n1], hsum[n0:n1]
                     for t0 in range(0, n1 - n0, Q8_TILE_TOKENS):
                         t1 = min(n1 - n0, t0 + Q8_TILE_TOKENS)
                         for o in range(o0, o1):
-                            _rows_of_tokens(w, s, b, o, he, hde, hse, t0, t1, cb, tile, bits, row, out, o - o0)
+                            _rows_of_tokens(w, s, b, o, he, hde, hd8e, hse, t0, t1, cb, tile, bits, row, out, o - o0)
                     for n in range(n0, n1):
                         for o in range(o0, o1):
                             v = out[n - n0, o - o0]

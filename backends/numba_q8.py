@@ -8,7 +8,8 @@ weight codes is exact in int32; a row is
 
 where xsum are the float group sums of x. ``c_b`` is formed per row in a small scratch, so the integer dot
 needs no knowledge of the group size; the x86 4-bit rows in groups of 64 or more (one weight scale per 64
-inputs or fewer) form it in the dot's loop instead (numba_x86.q4_group_row_dot: the same float32 products).
+inputs or fewer) form it in the dot's loop instead (numba_x86.q4_group_row_dot: the same float32 products),
+from the token's activation scales laid out once per call in the loop's lanes (step_lanes).
 
 On x86 with AVX2 every affine width takes an LLVM-intrinsic row kernel (numba_x86.py: vpdpbusd, or
 vpmaddubsw + vpmaddwd; row_kind names which). For 4-bit weights in groups of 32 or more the int8 inputs are
@@ -51,8 +52,8 @@ except ImportError:  # the numba backend reports it (numba_backend.unavailable_r
     numba = None
 
 from flashmoe.backends.numba_cache import cached_njit
-from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, ROW_BLOCK, code, expert_view, gated,
-                                            u32_as_f32, widen)
+from flashmoe.backends.numba_packed import (EXPERT_ROW_BLOCK, FASTMATH, PRANGE_ONLY, ROW_BLOCK, code, expert_view,
+                                            gated, u32_as_f32, widen)
 from flashmoe.backends.numba_x86 import INT8_INSTRUCTIONS, Q8_TILE_TOKENS, UNIT_BITS, X86_BYTES
 from flashmoe.format.mxfp4 import SCALE_BIAS
 from flashmoe.reference.q8 import FP4_DOUBLED, Q8_BLOCK, q8_block
@@ -211,10 +212,30 @@ if numba is not None:
             shift += 1
         return shift
 
+    @njit
+    def _step_lanes(d):
+        d8 = np.empty((d.shape[0], 4 * d.shape[1]), np.float32)
+        for t in range(d.shape[0]):
+            for b in range(d.shape[1]):
+                for i in range(4):
+                    d8[t, 4 * b + i] = d[t, b]
+        return d8
+
+    @njit(inline="always")
+    def step_lanes(d, row):
+        """float32 [T, 4 * blocks] with d[t, b] at 4b..4b+3 (each activation block's scale in the 4 int32 lanes
+        its products take in a step of the x86 4-bit paired kernel, numba_x86.q4_group_row_dot, which loads
+        a step's 8 as one vector) when ``row`` (a literal) is 'paired'; d itself for the other row kernels,
+        which do not read it. Made once per kernel call, outside its parallel loop (an njit call, so no
+        parallel region of its own)."""
+        if row == "paired":
+            return _step_lanes(d)
+        return d
+
     @njit(fastmath=FASTMATH, inline="always")
-    def _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, t1, cb, tile, bits, row, out, col):
+    def _rows_of_tokens(w, s, b, o, xq, d, d8, xsum, t0, t1, cb, tile, bits, row, out, col):
         """out[t, col] = row o of (w, s, b) . x[t] for tokens t0..t1-1: Q8_TILE_TOKENS at a time (_tile), the
-        rest one by one (_row); the values are the same."""
+        rest one by one (_row; d8: step_lanes(d)); the values are the same."""
         t = t0
         while t + Q8_TILE_TOKENS <= t1:
             _tile(w[o], s[o], b[o], xq, d, xsum, t, tile, cb, bits, row)
@@ -222,7 +243,7 @@ if numba is not None:
                 out[t + i, col] = tile[i]
             t += Q8_TILE_TOKENS
         for u in range(t, t1):
-            out[u, col] = _row(w[o], s[o], b[o], xq[u], d[u], xsum[u], cb, bits, row)
+            out[u, col] = _row(w[o], s[o], b[o], xq[u], d[u], d8[u], xsum[u], cb, bits, row)
 
     @njit(inline="always")
     def chunk_starts(first_row):
@@ -235,10 +256,12 @@ if numba is not None:
         return first_chunk
 
     @njit(fastmath=FASTMATH, inline="always")
-    def matvecs_chunk(c, addr, first_row, first_chunk, xq, d, xsum, out, bits, scale, row):
+    def matvecs_chunk(c, addr, first_row, first_chunk, xq, d, d8, xsum, out, bits, scale, row):
         """Chunk c (chunk_starts) of q8_kernels' matvecs: its ROW_BLOCK rows of one matrix of the address table
-        addr with every token of x (quantised: xq, d, xsum), the tokens a tile (Q8_TILE_TOKENS) at a time;
-        bits, scale and row are the calling kernel's literals."""
+        addr with every token of x (quantised: xq, d, xsum; d8 = step_lanes(d, row)), the tokens a tile
+        (Q8_TILE_TOKENS) at a time; bits, scale and row are the calling kernel's literals. One token (decode)
+        takes its views once for the chunk: a view taken in the row loop costs each row a reference count's
+        increment and decrement (atomic; NRT_incref/decref calls) that numba does not hoist."""
         i = 0
         while first_chunk[i + 1] <= c:
             i += 1
@@ -247,10 +270,15 @@ if numba is not None:
         cb = np.empty(d.shape[1], np.float32)
         tile = np.empty(Q8_TILE_TOKENS, np.float32)
         r0 = (c - first_chunk[i]) * ROW_BLOCK
-        for t0 in range(0, xq.shape[0], Q8_TILE_TOKENS):
+        if xq.shape[0] == 1:  # _rows_of_tokens' row for one token
+            x0, d0, d80, xsum0 = xq[0], d[0], d8[0], xsum[0]
             for o in range(r0, min(rows, r0 + ROW_BLOCK)):
-                _rows_of_tokens(w, s, b, o, xq, d, xsum, t0, min(xq.shape[0], t0 + Q8_TILE_TOKENS), cb, tile, bits,
-                                row, out, first_row[i] + o)
+                out[0, first_row[i] + o] = _row(w[o], s[o], b[o], x0, d0, d80, xsum0, cb, bits, row)
+        else:
+            for t0 in range(0, xq.shape[0], Q8_TILE_TOKENS):
+                for o in range(r0, min(rows, r0 + ROW_BLOCK)):
+                    _rows_of_tokens(w, s, b, o, xq, d, d8, xsum, t0, min(xq.shape[0], t0 + Q8_TILE_TOKENS), cb, tile,
+                                    bits, row, out, first_row[i] + o)
 
     @njit(fastmath=FASTMATH, inline="always")
     def _natural_row(wrow, srow, brow, xq, d, xsum, cb, bits):
@@ -262,11 +290,12 @@ if numba is not None:
             return q8w_row_dot(wrow, xq, cb) + bias
         return _plain_row_dot(wrow, xq, cb, bits) + bias
 
-    def _row(wrow, srow, brow, xq, d, xsum, cb, bits, row):
+    def _row(wrow, srow, brow, xq, d, d8, xsum, cb, bits, row):
         """One output row of codes wrow (uint32 words) with one token's q8 inputs xq (int8), d (float32 per
-        block), xsum (its group sums); cb a float32 scratch [blocks]; bits and row (row_kind) literals. The
-        format follows the scales' dtype: E8M0 bytes (uint8) are MXFP4's row (no bias), float32 or bf16 bits
-        an affine one; the x86 row kernels (numba_x86) add the bias term sum_g bias_g * xsum_g."""
+        block), d8 (its step_lanes), xsum (its group sums); cb a float32 scratch [blocks]; bits and row
+        (row_kind) literals. The format follows the scales' dtype: E8M0 bytes (uint8) are MXFP4's row (no
+        bias), float32 or bf16 bits an affine one; the x86 row kernels (numba_x86) add the bias term sum_g
+        bias_g * xsum_g."""
         raise NotImplementedError("only callable from numba-compiled code")
 
     def _tile(wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row):
@@ -287,33 +316,34 @@ if numba is not None:
         return isinstance(bits, types.IntegerLiteral) and isinstance(row, types.StringLiteral)
 
     @overload(_row, inline="always")
-    def _row_impl(wrow, srow, brow, xq, d, xsum, cb, bits, row):
+    def _row_impl(wrow, srow, brow, xq, d, d8, xsum, cb, bits, row):
         if not _literals(bits, row):
             return None  # numba retries with the closure constants as literals
         kernels = _x86_row_kernels(srow, bits, row)
         if kernels is None and srow.dtype == types.uint8:
-            return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: _e2m1_portable_row_dot(
+            return lambda wrow, srow, brow, xq, d, d8, xsum, cb, bits, row: _e2m1_portable_row_dot(
                 wrow, xq, d, srow, HALF_SCALE_VALUES)
         if kernels is None:
-            return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: _natural_row(wrow, srow, brow, xq, d, xsum,
+            return lambda wrow, srow, brow, xq, d, d8, xsum, cb, bits, row: _natural_row(wrow, srow, brow, xq, d, xsum,
                                                                                      cb, bits)
         row_dot = kernels[0]
         if srow.dtype == types.uint8:
-            return lambda wrow, srow, brow, xq, d, xsum, cb, bits, row: row_dot(wrow, xq, d, srow, HALF_SCALE_VALUES)
+            return lambda wrow, srow, brow, xq, d, d8, xsum, cb, bits, row: row_dot(wrow, xq, d, srow,
+                                                                                     HALF_SCALE_VALUES)
 
-        def affine(wrow, srow, brow, xq, d, xsum, cb, bits, row):
+        def affine(wrow, srow, brow, xq, d, d8, xsum, cb, bits, row):
             _row_scales(srow, brow, d, xsum, cb, False)
             return row_dot(wrow, xq, cb, srow, 0) + _bias(brow, xsum)
 
         if row.literal_value != "paired":
             return affine
 
-        def paired(wrow, srow, brow, xq, d, xsum, cb, bits, row):
+        def paired(wrow, srow, brow, xq, d, d8, xsum, cb, bits, row):
             shift = _group_shift(srow, d)
             if shift == 0:  # groups of 32: two weight scales per step
                 _row_scales(srow, brow, d, xsum, cb, False)
                 return row_dot(wrow, xq, cb, srow, 0) + _bias(brow, xsum)
-            return q4_group_row_dot(wrow, xq, d, srow, shift - 1) + _bias(brow, xsum)
+            return q4_group_row_dot(wrow, xq, d8, srow, shift - 1) + _bias(brow, xsum)
 
         return paired
 
@@ -326,7 +356,9 @@ if numba is not None:
         if kernels is None:
             def tokens(wrow, srow, brow, xq, d, xsum, t0, tile, cb, bits, row):
                 for i in range(Q8_TILE_TOKENS):
-                    tile[i] = _row(wrow, srow, brow, xq[t0 + i], d[t0 + i], xsum[t0 + i], cb, bits, row)
+                    # the portable rows read no step lanes (step_lanes): d in their place
+                    tile[i] = _row(wrow, srow, brow, xq[t0 + i], d[t0 + i], d[t0 + i], xsum[t0 + i], cb, bits,
+                                   row)
 
             return tokens
         tile_dot = kernels[1]
@@ -347,23 +379,28 @@ if numba is not None:
         MXFP4's E8M0) and row kernel (row_kind); the three are closure constants, so numba compiles only the
         row kernel that applies."""
 
-        @cached_njit(parallel=True, fastmath=FASTMATH)
+        @cached_njit(parallel=PRANGE_ONLY, fastmath=FASTMATH)
         def matvecs(addr, first_row, xq, d, xsum, out):
             """out[t, first_row[m] + o] = W_m[o] . x[t] for each token (decode or prefill) and each matrix m of
             the address table addr int64 [m, 3] (words, scales, biases; one in_features), x given quantised
             (quantize_q8); first_row int64 [m + 1]: where each matrix's rows start in out, then the total.
-            One parallel region for all the matrices, chunks of ROW_BLOCK rows within one matrix (matvecs_chunk)."""
+            One parallel region for all the matrices (PRANGE_ONLY), chunks of ROW_BLOCK rows within one matrix
+            (matvecs_chunk)."""
             first_chunk = chunk_starts(first_row)
+            d8 = step_lanes(d, row)
             for c in prange(first_chunk[-1]):
-                matvecs_chunk(c, addr, first_row, first_chunk, xq, d, xsum, out, bits, scale, row)
+                matvecs_chunk(c, addr, first_row, first_chunk, xq, d, d8, xsum, out, bits, scale, row)
 
-        @cached_njit(parallel=True, fastmath=FASTMATH)
+        @cached_njit(parallel=PRANGE_ONLY, fastmath=FASTMATH)
         def experts_gate_up(g_addr, u_addr, xq, d, xsum, g_bias, u_bias, act, h):
             """h[e, i] = gated(gate_e[i] . x + g_bias[e, i], up_e[i] . x + u_bias[e, i]) for the k experts of
             one token (x quantised; numba_packed.gated, act as there; biases [k, inter] or [k, 0])."""
             k, inter = h.shape
             n_words = xq.shape[1] * bits // 32
             nblk = (inter + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK
+            # the token's views taken once: a view taken in the row loop costs each row a reference count's
+            # increment and decrement (atomic; NRT_incref/decref calls) that numba does not hoist
+            x0, d0, d80, xsum0 = xq[0], d[0], step_lanes(d, row)[0], xsum[0]
             for c in prange(k * nblk):
                 e = c // nblk
                 cb = np.empty(d.shape[1], np.float32)
@@ -374,7 +411,7 @@ if numba is not None:
                     w, s, b = expert_view(u_addr if up else g_addr, e, inter, n_words, xsum.shape[1], scale)
                     bias = u_bias if up else g_bias
                     for i in range(i0, i1):
-                        v = _row(w[i], s[i], b[i], xq[0], d[0], xsum[0], cb, bits, row)
+                        v = _row(w[i], s[i], b[i], x0, d0, d80, xsum0, cb, bits, row)
                         if bias.shape[1]:
                             v += bias[e, i]
                         if up:
@@ -382,7 +419,7 @@ if numba is not None:
                         else:
                             gate[i - i0] = v
 
-        @cached_njit(parallel=True, fastmath=FASTMATH)
+        @cached_njit(parallel=PRANGE_ONLY, fastmath=FASTMATH)
         def experts_down(d_addr, hq, hd, hsum, d_bias, weights, out):
             """out[o] = sum_e weights[e] * (down_e[o] . h_e + d_bias[e, o]), h_e given quantised (d_bias
             [k, hidden] or [k, 0]); a chunk of hidden rows reads one expert's rows for the whole chunk before
@@ -390,6 +427,7 @@ if numba is not None:
             k = hq.shape[0]
             n_rows = out.shape[0]
             n_words = hq.shape[1] * bits // 32
+            hd8 = step_lanes(hd, row)
             for c in prange((n_rows + EXPERT_ROW_BLOCK - 1) // EXPERT_ROW_BLOCK):
                 o0 = c * EXPERT_ROW_BLOCK
                 o1 = min(n_rows, o0 + EXPERT_ROW_BLOCK)
@@ -397,8 +435,9 @@ if numba is not None:
                 acc = np.zeros(EXPERT_ROW_BLOCK, np.float32)
                 for e in range(k):
                     w, s, b = expert_view(d_addr, e, n_rows, n_words, hsum.shape[1], scale)
+                    he, hde, hd8e, hse = hq[e], hd[e], hd8[e], hsum[e]  # not in the row loop (experts_gate_up)
                     for o in range(o0, o1):
-                        v = _row(w[o], s[o], b[o], hq[e], hd[e], hsum[e], cb, bits, row)
+                        v = _row(w[o], s[o], b[o], he, hde, hd8e, hse, cb, bits, row)
                         if d_bias.shape[1]:
                             v += d_bias[e, o]
                         acc[o - o0] += weights[e] * v

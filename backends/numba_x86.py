@@ -75,6 +75,8 @@ class RowStep(NamedTuple):
 
 #: The 4-bit rows in paired order: per step 64 inputs, 2 blocks of 32, 32 code bytes.
 PAIR_STEP = RowStep(64, 2, 32)
+#: The same step with its activation scales given per int32 lane (q4_group_row_dot: 8 floats a step).
+PAIR_LANES_STEP = RowStep(64, 8, 32)
 
 
 if numba is not None:
@@ -280,20 +282,21 @@ if numba is not None:
                                           coefficients=True)
 
     @intrinsic
-    def q4_group_row_dot(typingctx, words, xq, d, srow, shift1):
+    def q4_group_row_dot(typingctx, words, xq, d8, srow, shift1):
         """q4_row_dot of one row whose weight groups span whole steps (groups of 64 or more: one scale per
         64 inputs or fewer) with one token, each step's coefficients d_b * scale_g formed in the loop from
-        the token's activation scales d float32 [blocks] and the row's scales srow (scale g = srow[p >>
-        shift1] for step p; shift1 = log2(blocks per group) - 1): the same float32 products as the
-        coefficient scratch's, so the same bits, without a pass over the row's scales first."""
-        sig = types.float32(words, xq, d, srow, shift1)
+        the token's activation scales in step lanes (d8 float32 [4 * blocks], numba_q8.step_lanes: d8[4b +
+        i] = d_b, each block's scale where its int32 products lie in a step, loaded as the step's <8 x
+        float>) and the row's scales srow (scale g = srow[p >> shift1] for step p; shift1 = log2(blocks per
+        group) - 1): the same float32 products as the coefficient scratch's, so the same bits, without a pass
+        over the row's scales first nor a shuffle of the step's two activation scales to 8 lanes."""
+        sig = types.float32(words, xq, d8, srow, shift1)
         bf16 = srow.dtype == types.uint16
 
         def codegen(context, builder, signature, args):
             wa, xa, da, sa = (context.make_array(t)(context, builder, value=v)
                               for t, v in zip(signature.args[:4], args[:4]))
-            n_blocks = cgutils.unpack_tuple(builder, da.shape)[0]
-            n_steps = builder.lshr(n_blocks, llvm_ir.Constant(_i64, 1))
+            n_steps = builder.lshr(cgutils.unpack_tuple(builder, da.shape)[0], llvm_ir.Constant(_i64, 3))
             shift = args[4]
 
             def step_scale(p):  # <8 x float>: the step's weight scale in every lane
@@ -306,9 +309,8 @@ if numba is not None:
                 v = builder.bitcast(builder.shuffle_vector(v, v, _lanes(*[0] * 16)), _v8i32)
                 return builder.bitcast(builder.shl(v, llvm_ir.Constant(_v8i32, [16] * 8)), _v8f32)
 
-            return row_dots(builder, wa.data, [xa.data], [da.data], n_steps, PAIR_STEP, None, _load_pair,
-                            _q4_pair_dot, lambda builder, f, d, s: (f, builder.fmul(block_lanes(builder, d), s)),
-                            step_scale)[0]
+            return row_dots(builder, wa.data, [xa.data], [da.data], n_steps, PAIR_LANES_STEP, None, _load_pair,
+                            _q4_pair_dot, lambda builder, f, d8, s: (f, builder.fmul(d8, s)), step_scale)[0]
 
         return sig, codegen
 
