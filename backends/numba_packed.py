@@ -20,6 +20,7 @@ try:
     from llvmlite import ir as llvm_ir
     from numba import njit
     from numba.core import types
+    from numba.core.cpu_options import ParallelOptions
     from numba.extending import intrinsic, overload
 except ImportError:  # numba_backend reports it through unavailable_reason
     numba = None
@@ -31,8 +32,12 @@ FASTMATH = {"contract", "reassoc"}
 #: ``parallel=True`` numba also turns array expressions outside them (``np.zeros``, ``a[:] = b``) into parallel
 #: regions of their own, each a start and a join of the pool (numba_q8's matvecs had two regions a call; the
 #: attention block kernel, numba_attention, dozens: a slice copy per head and cache row, the quantiser's zeroing).
-PRANGE_ONLY = {"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
-               "setitem": False, "numpy": False, "stencil": False, "fusion": False}
+#: A ParallelOptions, not a dict: numba pops a dict's keys as it reads them (numba.core.cpu_options), so a
+#: dict held for all of a kernel's compiles was empty from its second specialisation on, which then compiled as
+#: plain ``parallel=True`` (the attention block's read-only-argument specialisation ran 14 regions a call, 4 ms
+#: a layer at 2 threads against 0.6 at one; docs/benchmarks.md, "tenth session").
+PRANGE_ONLY = ParallelOptions({"prange": True, "comprehension": False, "reduction": False, "inplace_binop": False,
+                               "setitem": False, "numpy": False, "stencil": False, "fusion": False}) if numba else None
 # Rows handled per scheduling chunk: amortises the per-chunk scratch allocation and keeps a chunk's
 # dequantised tile (ROW_BLOCK x in floats) inside L2.
 ROW_BLOCK = 16

@@ -132,6 +132,33 @@ def test_a_kernel_call_below_the_work_threshold_runs_on_the_calling_thread_alone
     assert numba.get_num_threads() == threads  # restored for the next call
 
 
+def test_prange_only_kernels_keep_their_options_in_every_specialisation():
+    """Each specialisation of a PRANGE_ONLY kernel (here a read-only argument's, compiled second) has its prange
+    loop as its one parallel region: numba pops the keys of a dict option on the first compile, which left the
+    attention block's second specialisation with a region per array expression (4 ms a layer at 2 threads)."""
+    import re
+
+    from numba import njit, prange
+
+    from flashmoe.backends.numba_packed import PRANGE_ONLY
+
+    @njit(parallel=PRANGE_ONLY)
+    def kernel(a, b, out):
+        out[:] = b[0]  # an array expression: its own parallel region under plain parallel=True
+        for i in prange(out.shape[0]):
+            out[i] += a[i]
+
+    a, out = np.ones(64, np.float32), np.empty(64, np.float32)
+    readonly = np.full(3, 2.0, np.float32)
+    readonly.flags.writeable = False
+    for b in (np.full(3, 2.0, np.float32), readonly):
+        kernel(a, b, out)
+        np.testing.assert_array_equal(out, 3.0)
+    assert len(kernel.signatures) == 2
+    for sig in kernel.signatures:
+        assert len(re.findall(r"call .*do_scheduling", kernel.inspect_llvm(sig))) == 1, sig
+
+
 def test_every_parallel_kernel_gives_the_same_bits_on_one_thread_and_on_the_pool(monkeypatch):
     """Each parallel loop's iterations are independent (a row, a head, a chunk of rows), so the serial path
     that small calls take must match the pool's result exactly."""
