@@ -42,9 +42,11 @@ synth_model('$M', p.config_dict(${LAYERS:-12}), tokenizer=p.tokenizer, generatio
 [ "${LLAMA:-1}" = 0 ] || [ -f $M.gguf ] || python3 -c "from flashmoe.bench.gguf_export import export_gguf; export_gguf('$M', '$M.gguf')" \
   > "$OUT/gguf.log" 2>&1 &
 GGUF=$!
-for tree in "${TREES[@]}"; do  # numba's compilation and the conformance gate, once per checkout
+# numba's compilation and the conformance gate, once per checkout, with the rows' prompt length: a prompt's
+# kernels (q8 tiles, experts grouped by token) compile here, not inside the first row's time
+for tree in "${TREES[@]}"; do
   (cd "$tree" && PYTHONPATH=$tree:/tmp/site NUMBA_NUM_THREADS=16 python3 -m flashmoe.bench.decode_run \
-    --model $M --prompt-tokens 2 --tokens 1 --passes warm --json "/tmp/gate-$$-$RANDOM.json" \
+    --model $M --prompt-tokens "${PROMPT:-4}" --tokens 1 --passes warm --json "/tmp/gate-$$-$RANDOM.json" \
     > /dev/null 2>> "$OUT/gate.log") &
 done
 wait
