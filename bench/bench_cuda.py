@@ -56,7 +56,7 @@ def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", exp
     store = ExpertStore({layer: model.expert_path(layer) for layer in model.moe_layers},
                         num_experts=model.config.num_experts, stride=model.layout.stride,
                         nbytes=model.layout.nbytes, mode=io, threads=threads, stats=stats,
-                        read_parts=read_parts or 1,
+                        read_parts=read_parts or 1, in_place=expert_device != "gpu",
                         allocate=be.allocate_buffer, guess_slots=guess_slots,
                         **({} if guess_readers is None else {"guess_readers": guess_readers}))
     if gpu_memory:
@@ -174,21 +174,23 @@ def resident_read_bytes(engine: Engine) -> int:
     return model.resident_nbytes - int(getattr(embed, "nbytes", 0))
 
 
-def bound_ms(p: dict[str, Any], resident_bytes: int, expert_bytes: int, rates: dict[str, float]
-             ) -> dict[str, float]:
+def bound_ms(p: dict[str, Any], resident_bytes: int, expert_bytes: int, experts_per_token: int,
+             rates: dict[str, float]) -> dict[str, float]:
     """Per-token floor of one pass from its bytes and the measured rates (ms); resident_bytes: those a
-    token reads (:func:`resident_read_bytes`); expert_bytes: one expert's. Where the pass has the VRAM
-    tier's counts (``gpu_tier_per_token``), the GPU computes its hits and misses and the misses' bytes are
-    copied; without a tier every expert read is copied and computed there. Experts read but not copied ran
-    on the CPU. (The bytes read from the store alone would leave out of the GPU's bytes every expert the
-    tier holds: all of them with --preload.)"""
+    token reads (:func:`resident_read_bytes`); expert_bytes: one expert's; experts_per_token: k times the
+    MoE layers. Where the pass has the VRAM tier's counts (``gpu_tier_per_token``), the GPU computes its hits
+    and misses, the misses' bytes are copied and the token's other experts ran on the CPU (read, or used
+    where the page cache holds them: --expert-device cpu and auto); without a tier every expert read is
+    copied and computed there. (The bytes read from the store alone would leave out of the GPU's bytes every
+    expert the tier holds, all of them with --preload, and out of the CPU's those used in place.)"""
     disk, total = p["disk_bytes_per_token"], p["bytes_read_per_token"]
     tier = p.get("gpu_tier_per_token")
     copied = tier["bytes_copied"] if tier else total
     on_gpu = (tier["gpu_hits"] + tier["gpu_misses"]) * expert_bytes if tier else total
+    on_cpu = experts_per_token * expert_bytes - on_gpu if tier else 0.0
     read = disk / rates["disk_gb_s"] / 1e6 + max(total - disk, 0) / rates["host_cache_gb_s"] / 1e6
     h2d = copied / rates["h2d_gb_s"] / 1e6
-    cpu = max(total - copied, 0) / rates["cpu_gb_s"] / 1e6 if "cpu_gb_s" in rates else 0.0
+    cpu = max(on_cpu, 0) / rates["cpu_gb_s"] / 1e6 if "cpu_gb_s" in rates else 0.0
     gpu = (resident_bytes + on_gpu) / rates["gpu_gb_s"] / 1e6
     return {"read_ms": read, "h2d_ms": h2d, "cpu_ms": cpu, "gpu_ms": gpu, "bound_ms": max(read, h2d, cpu, gpu)}
 
@@ -376,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         run["passes"] = run_passes(engine, ["cold", "warm"], a.prompt_tokens, tokens, a.seed)
         if name == "cuda":
             for p in run["passes"].values():
-                p["bound"] = bound_ms(p, run["resident_read_bytes"], run["expert_bytes"], run["rates"])
+                p["bound"] = bound_ms(p, run["resident_read_bytes"], run["expert_bytes"],
+                                      engine.k * run["moe_layers"], run["rates"])
         a.json.write_text(json.dumps({**result, "runs": result["runs"] + [run]}, indent=1) + "\n")
         if name == "cuda" and a.gpu_time:
             run["gpu_ms_per_token"] = gpu_ms_per_token(engine, a.gpu_time, a.seed)

@@ -188,22 +188,26 @@ def test_cuda_kernel_table_names_each_kernel_whole():
 def test_cuda_bound_counts_the_experts_the_vram_tier_holds():
     """bench_cuda's GPU term counts every expert the GPU computes: with every expert in the VRAM tier
     (--preload) nothing is read or copied, yet a token's k experts per layer are still read from device
-    memory; the copy term counts the bytes copied, the CPU term the bytes read and not copied (computed on the
-    CPU); without a tier every expert read is copied and computed on the GPU."""
+    memory; the copy term counts the bytes copied, the CPU term the token's experts the GPU did not compute
+    (read or used in place from the page cache); without a tier every expert read is copied and computed on
+    the GPU."""
     from flashmoe.bench.bench_cuda import bound_ms
 
     rates = {"disk_gb_s": 1.0, "host_cache_gb_s": 10.0, "h2d_gb_s": 20.0, "cpu_gb_s": 50.0, "gpu_gb_s": 1000.0}
     resident, expert = 2 * 10**9, 10**7
     held = {"disk_bytes_per_token": 0, "bytes_read_per_token": 0,
             "gpu_tier_per_token": {"gpu_hits": 40.0, "gpu_misses": 0.0, "bytes_copied": 0.0}}
-    assert bound_ms(held, resident, expert, rates)["gpu_ms"] == pytest.approx(2.4)  # (2e9 + 40 x 1e7) / 1e12 s
+    assert bound_ms(held, resident, expert, 40, rates)["gpu_ms"] == pytest.approx(2.4)  # (2e9 + 40 x 1e7) / 1e12 s
     on_cpu = {"disk_bytes_per_token": 0, "bytes_read_per_token": 3e8,
               "gpu_tier_per_token": {"gpu_hits": 10.0, "gpu_misses": 10.0, "bytes_copied": 1e8}}
-    b = bound_ms(on_cpu, resident, expert, rates)
-    assert (b["h2d_ms"], b["cpu_ms"], b["gpu_ms"]) == pytest.approx((5.0, 4.0, 2.2))
+    b = bound_ms(on_cpu, resident, expert, 40, rates)
+    assert (b["h2d_ms"], b["cpu_ms"], b["gpu_ms"]) == pytest.approx((5.0, 4.0, 2.2))  # 20 experts on the CPU
     assert b["read_ms"] == pytest.approx(30.0) and b["bound_ms"] == pytest.approx(30.0)
+    in_place = {**on_cpu, "bytes_read_per_token": 1e8}  # the CPU's 20 experts from the page cache, not read
+    b = bound_ms(in_place, resident, expert, 40, rates)
+    assert (b["read_ms"], b["cpu_ms"], b["bound_ms"]) == pytest.approx((10.0, 4.0, 10.0))
     no_tier = {"disk_bytes_per_token": 1e8, "bytes_read_per_token": 1e8}
-    b = bound_ms(no_tier, resident, expert, rates)
+    b = bound_ms(no_tier, resident, expert, 40, rates)
     assert (b["read_ms"], b["h2d_ms"], b["cpu_ms"], b["gpu_ms"]) == pytest.approx((100.0, 5.0, 0.0, 2.1))
 
 

@@ -3,10 +3,14 @@ on the GPU or on the CPU, from the rates it measures."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from flashmoe.backends import get_backend
+from flashmoe.backends.numpy_backend import NumpyBackend
+from flashmoe.bench.bench_cuda import build_engine
 from flashmoe.errors import FlashMoeError
+from flashmoe.runtime.load import default_model_dir
 from flashmoe.runtime.placement import EXPLORE_EVERY, ExpertPlacement
 
 
@@ -33,6 +37,50 @@ def test_auto_tries_each_way_then_takes_the_cheaper_and_looks_at_the_other_now_a
     assert p.tokens == {False: 4, True: 2 * EXPLORE_EVERY - 4}
 
 
+def test_tokens_that_read_from_the_disk_leave_the_rates_alone():
+    """A cold page cache paces either way by the disk: a way measured only then would keep looking slower."""
+    p = ExpertPlacement("auto", cpu=None)
+    for way, seconds, from_disk in [(False, 9.0, False), (False, 50.0, True), (False, 2.0, False),
+                                    (True, 9.0, False), (True, 50.0, True), (True, 1.0, False)]:
+        p.measured(way, 1, seconds, from_disk)
+    assert p.seconds_per_byte == {False: 2.0, True: 1.0} and p.tokens == {False: 3, True: 3}
+
+
 def test_cpu_always_takes_the_cpu():
     p = ExpertPlacement("cpu", cpu=None)
     assert all(p.on_cpu() for _ in range(3))
+
+
+def test_the_cpu_way_computes_on_the_page_cache_and_the_read_buffers_stay_the_gpus(monkeypatch):
+    """--expert-device cpu on a backend that takes its experts from read buffers (the NumPy backend made to say
+    so, as cuda's does): a decode token whose experts the page cache holds reads nothing, numba computes them
+    on views of the expert files' mapping; prefill still reads into buffers (the store hands out views only
+    to the CPU way). Logits as the plain NumPy engine's; each way's time counts from the fetch to the sum."""
+    tokens = [1, 200, 31, 7, 99]
+
+    def generate(engine, reads):
+        state = engine.new_state()
+        out = [engine.forward(np.array(tokens[:2]), state)]
+        for t in tokens[2:]:
+            before = engine.stats.totals.reads
+            out.append(engine.forward(np.array([t]), state))
+            reads.append(engine.stats.totals.reads - before)
+        engine.store.close()
+        return np.concatenate(out)
+
+    plain = build_engine(default_model_dir(), "numpy")
+    for layer in plain.model_dir.moe_layers:  # every expert into the page cache
+        plain.model_dir.expert_path(layer).read_bytes()
+    want = generate(plain, [])
+    monkeypatch.setattr(NumpyBackend, "experts_in_place", False)
+    engine = build_engine(default_model_dir(), "numpy", expert_device="cpu")
+    assert engine.store.files.in_place and not engine.store.in_place
+    prefill_reads = []
+    engine.store.wait = lambda f, wait=engine.store.wait: prefill_reads.append(len(f.expert_ids)) or wait(f)
+    reads: list[int] = []
+    got = generate(engine, reads)
+    assert reads == [0, 0, 0]
+    assert sum(prefill_reads) > 0 and not engine.store.in_place
+    assert engine.placement.tokens[True] == 3 * len(engine.model_dir.moe_layers)
+    assert engine.placement.seconds_per_byte[True] > 0
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())

@@ -88,6 +88,8 @@ class Engine:
                  experts_per_token: int | None = None, tracer: Tracer | None = None, expert_device: str = "gpu"):
         self.model_dir = model
         self.placement = ExpertPlacement.of(expert_device, backend)
+        if self.placement is not None:  # the store hands out page-cache views only to the CPU way (_moe_decode)
+            store.in_place = False
         self.tracer = tracer
         self.cfg: ModelConfig = model.config
         self.backend = backend
@@ -451,14 +453,21 @@ class Engine:
         keys = [(layer, int(e)) for e in ids]
         held = [be.has_expert(key) for key in keys]
         self._release_reads()  # the previous layer's: its copies are done (this layer's router waited for them)
+        # --expert-device: the missing experts on the CPU, where numba computes those the page cache holds on
+        # the page cache itself (the store's in_place: no read into a buffer, the GPU way's largest term)
+        on_cpu = not all(held) and self.placement is not None and self.placement.on_cpu()
+        x_host = be.to_numpy(x) if on_cpu else None  # taken before more GPU work is queued
+        started = time.perf_counter()  # after x_host's wait for the GPU, which is not the CPU way's cost
+        disk_bytes = self.stats.totals.disk_bytes
+        if self.placement is not None:
+            self.store.in_place = on_cpu and self.store.files.in_place
         # every expert in the page cache (a warm token): no fetch to wait for and release
         mapped = self.store.resident(layer, ids) if self.tracer is None and not any(held) else None
         request = self.store.fetch(layer, ids[np.logical_not(held)]) if not all(held) and mapped is None else None
+        if self.placement is not None:
+            self.store.in_place = False  # the GPU takes read buffers: prefill and the GPU way's tokens
         if self.store.guess_slots and layer in self._next_moe:
             self._speculate(self._next_moe[layer], x, request)
-        # --expert-device: the read experts on the CPU; x's host copy taken before more GPU work is queued
-        on_cpu = request is not None and self.placement is not None and self.placement.on_cpu()
-        x_host = be.to_numpy(x) if on_cpu else None
         shared = None
         if self.cfg.has_shared_expert:  # no stage timer where there is none: 12-48 layers a token
             with self.stats.stage("shared_expert"):
@@ -466,7 +475,7 @@ class Engine:
         layout = self.model_dir.layer_layout(layer)
         as_read = be.experts_as_read(layout, keys, weights, self._act) if request and x_host is None else None
         if as_read is not None:
-            y = self._experts_as_read(as_read, request, x, held, layout)
+            y = self._experts_as_read(as_read, request, x, held)
         else:
             buffers = iter(mapped or (self.store.wait(request) if request else ()))
             with self.stats.stage("experts"):
@@ -474,11 +483,15 @@ class Engine:
                 y = self._decode_experts(x, x_host, packed, layout, weights, keys)
             if request:
                 self.store.release(request)
+        if self.placement is not None and not all(held):
+            # each way's time from the fetch to its sum, reads included: the CPU way in place reads nothing
+            self.placement.measured(on_cpu, (len(held) - sum(held)) * layout.nbytes, time.perf_counter() - started,
+                                    from_disk=self.stats.totals.disk_bytes != disk_bytes)
         if self.tracer is not None:
             self.tracer.layer(layer, ids[None], weights[None], [request] if request else [])
         return self._plus_shared(y, shared)
 
-    def _experts_as_read(self, as_read, request, x, held: list[bool], layout):
+    def _experts_as_read(self, as_read, request, x, held: list[bool]):
         """One token's experts through `as_read` (Backend.experts_as_read): each missing one put as its read
         lands, then their weighted sum [1, hidden]. `request` (the fetch of the missing ones, in order) is
         released at the next MoE layer or the step's end (_release_reads), once the backend is done with its
@@ -487,21 +500,13 @@ class Engine:
         where: dict[int, list[int]] = {}
         for i, e in zip((i for i, h in enumerate(held) if not h), request.expert_ids):
             where.setdefault(e, []).append(i)
-        spent = 0.0
         for e, buf in self.store.as_read(request):
-            start = time.perf_counter()
             with self.stats.stage("experts"):
                 for i in where[e]:
                     as_read.put(i, buf)
-            spent += time.perf_counter() - start
-        start = time.perf_counter()
         with self.stats.stage("experts"):
             hidden = self.cfg.hidden_size
-            y = self.backend.reshape(as_read.finish(self.backend.reshape(x, (hidden,))), (1, hidden))
-        if self.placement is not None:  # the GPU way's time beyond the reads
-            self.placement.measured(False, len(request.expert_ids) * layout.nbytes,
-                                    spent + time.perf_counter() - start)
-        return y
+            return self.backend.reshape(as_read.finish(self.backend.reshape(x, (hidden,))), (1, hidden))
 
     def _release_reads(self) -> None:
         """Give the store back the read buffers of the last MoE layer staged as they landed, once the backend
@@ -518,24 +523,17 @@ class Engine:
         """One token's k experts' weighted sum [1, hidden] from their packed bytes (None where the backend
         holds the expert; Backend.packed_experts_ffn). With x_host (x on the host: the placement of
         --expert-device chose the CPU), the backend computes the experts it holds while numba computes the
-        others from their read buffers; the sums join."""
+        others from their read buffers or the page cache's mapping; the sums join."""
         be, hidden = self.backend, self.cfg.hidden_size
         x = be.reshape(x, (hidden,))
-        missing = [i for i, b in enumerate(packed) if b is not None]
-        nbytes = len(missing) * layout.nbytes
         if x_host is None:
-            start = time.perf_counter()
-            y = be.packed_experts_ffn(x, packed, layout, weights, keys, act=self._act)
-            if self.placement is not None and missing:
-                self.placement.measured(False, nbytes, time.perf_counter() - start)
-            return be.reshape(y, (1, hidden))
+            return be.reshape(be.packed_experts_ffn(x, packed, layout, weights, keys, act=self._act), (1, hidden))
+        missing = [i for i, b in enumerate(packed) if b is not None]
         held = [i for i, b in enumerate(packed) if b is None]
         y = be.packed_experts_ffn(x, [None] * len(held), layout, weights[held], [keys[i] for i in held],
                                   act=self._act) if held else None  # launched: the GPU works on while the CPU does
-        start = time.perf_counter()
         y_cpu = be.asarray(self.placement.cpu.packed_experts_ffn(x_host.reshape(hidden), [packed[i] for i in missing],
                                                                   layout, weights[missing], act=self._act))
-        self.placement.measured(True, nbytes, time.perf_counter() - start)
         return be.reshape(y_cpu if y is None else be.add(y, y_cpu), (1, hidden))
 
     def _speculate(self, layer: int, x, after):

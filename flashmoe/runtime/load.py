@@ -98,7 +98,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         activations: 'float' or 'q8' (int8 activations in the quantised mat-vecs, flashmoe.reference.q8);
             None: the backend's default (q8 for numba where the CPU has the int8 instructions, else float).
         expert_device: where a decode token's experts not in the GPU's memory are computed: 'gpu' (copied
-            there), 'cpu' (numba, from the read buffers, while the GPU computes the rest) or 'auto' (the
+            there), 'cpu' (numba, on the page cache's mapping or read buffers, while the GPU computes the rest) or 'auto' (the
             cheaper way by the rates measured as it runs; flashmoe.runtime.placement).
 
     Raises FormatError for an invalid directory, ConformanceError for a failing backend,
@@ -136,7 +136,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
                         mode=io, policy=cache_policy, threads=threads, stats=stats,
                         allocate=be.allocate_buffer, guess_slots=guess_slots,
                         # Mapped experts count in the resident set: under a budget, stay inside it as measured.
-                        in_place=be.experts_in_place and max_bytes is None)
+                        # The CPU way of --expert-device computes on them too (the engine turns it on per token).
+                        in_place=(be.experts_in_place or expert_device != "gpu") and max_bytes is None)
     engine = Engine(model, be, store, stats, experts_per_token=k, expert_device=expert_device)
     if gpu_bytes is not None:
         engine.preload_experts(gpu_bytes)

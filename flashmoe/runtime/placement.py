@@ -1,14 +1,18 @@
 """Where a decode token's missing experts are computed: ``--expert-device gpu|cpu|auto`` (issue 15, item 3).
 
-An expert that a GPU backend does not hold in its own memory (the VRAM tier) arrives in a host read buffer.
-Either it crosses PCIe and runs on the GPU with the experts the GPU holds ('gpu', the default), or it runs
+An expert that a GPU backend does not hold in its own memory (the VRAM tier) is either read into a pinned
+host buffer, crosses PCIe and runs on the GPU with the experts the GPU holds ('gpu', the default), or runs
 on the CPU where it lies, with numba's kernels, while the GPU computes the experts it holds ('cpu'): the
 placement of llama.cpp's ``--n-cpu-moe``, KTransformers and Fiddler (Kamahori et al. 2024), which copy no
-expert at all. The engine joins the two weighted sums.
+expert at all. The CPU way computes an expert the page cache holds on the expert file's mapping (the store's
+``in_place``), so it is not read either; the others are read into buffers. The engine joins the two
+weighted sums.
 
 'auto' chooses per token from rates measured in this process: for each way, the seconds per byte of the
-missing experts it took (the GPU way: the host's time in the backend call, which waits for the copies; the
-CPU way: the numba call and the upload of its sum), an exponential average over the tokens that took it.
+missing experts it took (from the fetch to their weighted sum: the reads, and the GPU's copies or numba's
+call and the upload of its sum), an exponential average over the tokens that took it, leaving out those
+that read from the disk: both ways wait for the disk alike there, and a way timed only on a cold page cache
+would look slower than the other for good.
 The first token of each way is not counted (it compiles numba's kernels or fills a staging buffer). A way
 not yet measured is tried; after that the cheaper one runs, and every :data:`EXPLORE_EVERY` tokens the other
 runs once, so that a rate that changes (page cache, load from other processes) is seen.
@@ -63,12 +67,14 @@ class ExpertPlacement:
         best = self.seconds_per_byte[True] < self.seconds_per_byte[False]
         return (not best) if self._tokens % EXPLORE_EVERY == 0 else best
 
-    def measured(self, on_cpu: bool, nbytes: int, seconds: float) -> None:
+    def measured(self, on_cpu: bool, nbytes: int, seconds: float, from_disk: bool = False) -> None:
         """One token's missing experts (``nbytes`` of them) took ``seconds`` of the host's time the way
-        ``on_cpu`` says."""
+        ``on_cpu`` says; ``from_disk``: some of them were read from the disk (not counted in the rates)."""
         self.tokens[on_cpu] += 1
         if on_cpu not in self._seen:
             self._seen.add(on_cpu)
+            return
+        if from_disk:
             return
         rate = seconds / max(nbytes, 1)
         old = self.seconds_per_byte.get(on_cpu)
