@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -289,6 +291,17 @@ def test_pagecache_mode_tells_page_cache_hits_from_disk_reads(layers):
         assert (warm.misses, warm.hits, warm.disk_bytes, warm.bytes_read) == (1, 1, NBYTES, 2 * NBYTES)
 
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm, whose pages are the file")
+def test_eviction_tells_the_bytes_the_page_cache_kept():
+    """tmpfs pages are the file itself: POSIX_FADV_DONTNEED cannot drop them, and the store says so."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        data = np.zeros((NUM_EXPERTS - 1) * STRIDE + NBYTES, np.uint8)
+        kept = -(-data.size // mmap.PAGESIZE) * mmap.PAGESIZE  # every page of the file
+        files = {1: write_layer(Path(shm) / "layer_001.bin", data)}
+        with make_store(files, "pagecache") as store, pytest.warns(RuntimeWarning, match=f"kept {kept} bytes"):
+            assert store.evict_page_cache() == kept
+
+
 @pytest.mark.parametrize("policy,hits", [("lru", 0), ("lru-layer", 2 * 9)])
 def test_lru_layer_keeps_a_share_per_layer_where_lru_loops(layers, policy, hits):
     """4 entries, 2 layers: layer 1 reuses 2 experts, layer 3 cycles through 3. The 5-expert cycle defeats
@@ -520,7 +533,7 @@ def test_stats_report_as_text_and_json(layers):
 def test_report_tells_each_fetch_its_hits_and_bytes_and_sums_to_the_stats(layers, mode):
     files, _ = layers
     with make_store(files, mode, cache_bytes=2 * SLOT) as store:
-        store.evict_page_cache()
+        assert store.evict_page_cache() == 0
         reports = []
         # a repeated id is one read; then expert 1 again (in the cache, own or the OS's), then one never read
         # (of layer 3: the kernel's readahead may already hold the rest of layer 1's file)

@@ -40,6 +40,9 @@ GUESS_CHUNK = 1 << 20
 # needs it (slower, never wrong), as for one reclaimed between a check and the compute.
 RESIDENT_RECHECK_S = 1.0
 
+# How many times `evict_page_cache` drops the files' pages before it gives up on the ones the kernel keeps.
+EVICT_TRIES = 5
+
 # madvise(MADV_POPULATE_READ) (Linux 5.14; Python's mmap names it from 3.12): map a range's pages in one
 # call, as read faults would, reading from disk what the page cache lacks.
 _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
@@ -396,19 +399,48 @@ class ExpertFiles:
         if self._populate and layer in self._maps:
             self._last_mapped = self._mapper.submit(self._map_in, layer, expert)
 
-    def evict_page_cache(self) -> None:
+    def evict_page_cache(self) -> int:
         """Drop every expert file's pages from the OS page cache (POSIX_FADV_DONTNEED), for cold-start
         measurements. Clean pages only; the files are never written, so that is all of them. The kernel
         keeps pages a process has mapped, so this process's mappings let go of theirs first
         (MADV_DONTNEED on a file mapping: the pages leave the page tables, the file is untouched), and
-        `resident` asks mincore again about every expert. Mappings still being made finish first."""
+        `resident` asks mincore again about every expert. Mappings still being made finish first.
+
+        The kernel also passes over a page it holds for a moment (being read, migrated, or in another CPU's
+        LRU batch), so where it tells residency (`residency_visible`, mincore) the files are asked about
+        afterwards and the eviction tried again, up to EVICT_TRIES times in all. Returns the bytes of the
+        files still in the page cache then (0 where the kernel does not tell)."""
         if self._last_mapped is not None:
             self._last_mapped.result()
         self._checked.clear()
-        for mm in self._maps.values():
-            mm.madvise(mmap.MADV_DONTNEED)
-        for fd in self._fds.values():
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        left = 0
+        for attempt in range(EVICT_TRIES):
+            if attempt:
+                time.sleep(0.01 * attempt)
+            for mm in self._maps.values():
+                mm.madvise(mmap.MADV_DONTNEED)
+            for fd in self._fds.values():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            left = sum(self._cached_bytes(layer) for layer in self._fds)
+            if not left:
+                break
+        return left
+
+    def _cached_bytes(self, layer: int) -> int:
+        """Bytes of `layer`'s expert file in the page cache (whole pages, mincore on a mapping of the file); 0
+        where the kernel does not tell (`residency_visible`) or there is no mincore."""
+        path = self._paths[layer]
+        if _mincore is None or not residency_visible(path):
+            return 0
+        size = os.fstat(self._fds[layer]).st_size
+        with mmap.mmap(self._fds[layer], size, access=mmap.ACCESS_READ) as mm:
+            whole = np.frombuffer(mm, dtype=np.uint8)
+            pages = np.empty(-(-size // mmap.PAGESIZE), np.uint8)
+            failed = _mincore(whole.ctypes.data, size, pages.ctypes.data)
+            del whole  # the mapping cannot close while an array holds it
+        if failed:
+            raise FlashMoeError(f"{path}: mincore failed: {os.strerror(ctypes.get_errno())}")
+        return int(np.bitwise_and(pages, 1).sum()) * mmap.PAGESIZE
 
 
 def residency_visible(path: Path) -> bool:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -631,10 +632,15 @@ class ExpertStore:
         for key in [k for k in self._cache if self._evictable(k)]:
             self._drop(key)
 
-    def evict_page_cache(self) -> None:
+    def evict_page_cache(self) -> int:
         """Drop every expert file's pages from the OS page cache (POSIX_FADV_DONTNEED), for cold-start
-        measurements. Clean pages only; the files are never written, so that is all of them."""
-        self.files.evict_page_cache()
+        measurements (ExpertFiles.evict_page_cache). Returns the bytes the page cache still holds after
+        it, and warns (RuntimeWarning) when that is not 0: a measurement after it is not wholly cold."""
+        left = self.files.evict_page_cache()
+        if left:
+            warnings.warn(f"the page cache kept {left} bytes of the expert files after eviction; reads of them "
+                          "will not come from the disk", RuntimeWarning, stacklevel=2)
+        return left
 
     def close(self) -> None:
         """Release every fetch, stop the threads and close the files. Idempotent."""
