@@ -159,7 +159,7 @@ def attention_block_inputs(rng, p: dict) -> tuple:
     T, S, H, Hkv, D, n = p["tokens"], p["cached"], p["heads"], p["kv_heads"], p["head_dim"], p["hidden"]
 
     def weight(out: int, inp: int) -> Any:
-        return make_weight(rng, out, inp, p["bits"], p["group_size"], p["sdtype"])
+        return make_weight(rng, out, inp, p["bits"], p.get("group_size", 64), p.get("sdtype", "float32"))
 
     block = AttentionBlock(weight(H * D, n), weight(Hkv * D, n), weight(Hkv * D, n), weight(n, H * D),
                            1 + _normal(rng, D, scale=0.1), 1 + _normal(rng, D, scale=0.1), H, Hkv, D, 1e-6, 1e6, D,
@@ -394,6 +394,56 @@ def _quick() -> list[OpCase]:
 
 #: The quick suite: every operation, every bit width and scale dtype, odd sizes; seconds once compiled.
 QUICK_CASES: list[OpCase] = _quick()
+#: The quick suite's operations that take no weights (norms, RoPE, attention, recurrences, activations): what
+#: every model's first use checks besides the cases of its weight formats (WeightFormat.cases).
+COMMON_CASES: list[OpCase] = [q for q in QUICK_CASES if "bits" not in q.p]
+
+#: WeightFormat roles: a model's resident weights, its routed experts, and experts with biases (gpt-oss's, which
+#: come with its clamped SwiGLU).
+DENSE, EXPERTS, BIASED_EXPERTS = "dense", "experts", "experts with biases"
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One kind of weight a model holds, as its first-use conformance gate checks it (flashmoe.conformance.
+    runner.model_formats): the role (DENSE: linears, embeddings, attention blocks; EXPERTS or BIASED_EXPERTS:
+    routed experts), the encoding (bits None: float; MXFP4; else affine bits in groups of group_size with
+    scales and biases of dtype sdtype) and the activation mode the model runs in."""
+
+    role: str
+    bits: int | str | None
+    group_size: int = 0
+    sdtype: str = ""
+    activations: str = "float"
+
+    def __str__(self) -> str:
+        weights = "float" if self.bits is None else MXFP4 if self.bits == MXFP4 else \
+            f"{self.bits}-bit g{self.group_size} {self.sdtype}"
+        return f"{self.role} {weights} ({self.activations} activations)"
+
+    def cases(self) -> list[OpCase]:
+        """The operations a model calls with weights of this role and format, at the sizes whose kernels differ
+        (as in the quick suite): one token (a decode step) and a prompt's (6 tokens: a tile of 4 and the rest;
+        33: quantised on every thread, numba_q8.PARALLEL_QUANTIZE_TOKENS), widths in runs of 64 inputs and not
+        (96, where the groups allow), a decode attention block over a short and a long (thread pool) cache."""
+        c = OpCase.of
+        w: dict[str, Any] = {"bits": self.bits}
+        if self.bits not in (None, MXFP4):
+            w.update(group_size=self.group_size, sdtype=self.sdtype)
+        if self.activations != "float":
+            w["activations"] = self.activations
+        if self.role == DENSE:
+            group = {None: 1, MXFP4: 32}.get(self.bits, self.group_size)
+            widths = (256, 96) if 96 % group == 0 else (256,)
+            cases = [c("linear", tokens=t, out=72, inp=i, **w) for i in widths for t in (1, 6, 33)]
+            cases += [c("embed", tokens=5, vocab=300, hidden=128, **w)]
+            return cases + [c("attention_block", tokens=t, cached=n, hidden=128, heads=4, kv_heads=2, head_dim=32, **w)
+                            for t, n in ((1, 9), (1, 8200), (6, 5))]
+        if self.role == BIASED_EXPERTS:
+            w["act"] = True
+        return [c("experts_ffn", k=k, hidden=128, inter=128, **w) for k in (1, 4)] + \
+            [c("expert_ffn", tokens=5, hidden=128, inter=128, **w),
+             c("packed_experts_prefill", tokens=11, routed=(9, 1, 5), hidden=128, inter=128, **w)]
 
 
 def full_cases(seeds: int = 3) -> list[OpCase]:

@@ -1,8 +1,13 @@
-"""The conformance gate: a backend is used only after it has passed the quick suite on this machine.
+"""The conformance gate: a backend computes a model only after it has passed, on this machine, the cases of
+the model's weight formats.
 
-``ensure_conformant(name)`` runs the quick suite (conformance/op_cases.py: every operation, every bit width
-and scale dtype, against the NumPy reference) once and records a stamp; later calls find the stamp and
-return at once. The stamp is keyed by backend, flashmoe version, machine (host, CPU, numba/numpy versions)
+``ensure_conformant(name, formats)`` runs, against the NumPy reference, the operations every model uses
+(op_cases.COMMON_CASES) and each of the model's weight formats' cases (``model_formats``: bits, group size,
+scales' dtype, float or MXFP4, dense or experts, activation mode; op_cases.WeightFormat.cases) that the
+backend's stamp does not list yet, then adds them to the stamp: a model of formats checked before starts at
+once, one of a new format waits only for that format's kernels. ``ensure_conformant(name)`` (no formats) runs
+the whole quick suite (conformance/op_cases.py: every operation, every bit width and scale dtype), which
+stamps every format. The stamp is keyed by backend, flashmoe version, machine (host, CPU, numba/numpy versions)
 and a digest of every source the backend depends on (its modules and the flashmoe modules they import,
 transitively: helper kernel modules and the reference too) and of the suite, so a changed kernel is checked again. Stamps live in
 ``$FLASHMOE_CACHE_DIR/conformance`` (default ``~/.cache/flashmoe/conformance``).
@@ -31,13 +36,22 @@ from flashmoe.backends import available_backends, get_backend
 from flashmoe.backends.base import BackendError
 from flashmoe.conformance import model_cases, op_cases
 from flashmoe.conformance.model_cases import EngineFactory, ModelResult
-from flashmoe.conformance.op_cases import QUICK_CASES, CaseResult, full_cases, run_cases
+from flashmoe.conformance.op_cases import (BIASED_EXPERTS, COMMON_CASES, DENSE, EXPERTS, QUICK_CASES, CaseResult,
+                                           OpCase, WeightFormat, full_cases, run_cases)
+from flashmoe.arch.tensors import EXPERT_PROJS
 from flashmoe.errors import ConformanceError
 from flashmoe.format.atomic import write_json_atomic
+from flashmoe.format.manifest import MXFP4
+from flashmoe.format.modeldir import ModelDir
 from flashmoe.sources import dependencies
 
 #: The NumPy backend is the reference the suite compares with; it needs no gate.
 REFERENCE_BACKEND = "numpy"
+#: What a stamp lists for the whole quick suite (`flashmoe conformance`, or the gate given no formats): it
+#: covers every format.
+EVERY_FORMAT = "every format (the quick suite)"
+#: What a stamp lists for op_cases.COMMON_CASES, the operations without weights that every model uses.
+COMMON = "operations without weights"
 
 
 def cache_dir() -> Path:
@@ -100,26 +114,76 @@ def stamp_path(name: str) -> Path:
     return cache_dir() / f"{name}-{__version__}-{digest}.json"
 
 
-def _write_stamp(path: Path, name: str, results: list[CaseResult], seconds: float) -> None:
+def read_stamp(name: str) -> dict:
+    """Backend ``name``'s stamp for this machine and source ({} when there is none): its "formats" lists what
+    passed (EVERY_FORMAT, COMMON and str(WeightFormat) entries)."""
+    try:
+        return json.loads(stamp_path(name).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def _write_stamp(name: str, formats: list[str], results: list[CaseResult], seconds: float) -> Path:
+    """Add ``formats``, whose cases gave ``results`` in ``seconds``, to backend ``name``'s stamp; returns its path."""
+    path = stamp_path(name)
+    old = read_stamp(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"backend": name, "flashmoe_version": __version__, "machine": machine(), "cases": len(results),
-              "max_error_over_tolerance": max(r.error / r.tolerance for r in results), "seconds": round(seconds, 2),
+    worst = max([r.error / r.tolerance for r in results] + [old.get("max_error_over_tolerance", 0.0)])
+    record = {"backend": name, "flashmoe_version": __version__, "machine": machine(),
+              "formats": sorted(set(old.get("formats", [])) | set(formats)),
+              "cases": old.get("cases", 0) + len(results), "max_error_over_tolerance": worst,
+              "seconds": round(old.get("seconds", 0.0) + seconds, 2),
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_json_atomic(path, record)  # concurrent first runs never leave a half-written stamp
+    return path
 
 
-def ensure_conformant(name: str) -> None:
-    """Make sure backend ``name`` passed the quick suite on this machine; run it (seconds, plus numba's
-    one-time compilation) and stamp it if not.
+def model_formats(model: ModelDir, activations: str) -> list[WeightFormat]:
+    """The formats of ``model``'s weights, computed with ``activations``: each quantised resident tensor's
+    (bits, group size, scales' dtype), float where a 2-D resident tensor (a linear or an embedding) is stored
+    unquantised, and each expert projection's, BIASED_EXPERTS where the experts have biases. Sorted by name."""
+    found = set()
+    for name in model.resident_names():
+        q = model.quantization(name)
+        if q is not None:
+            scales = model.stored(name[: -len("weight")] + "scales")[0]
+            found.add(WeightFormat(DENSE, q.bits, q.group_size, scales.name, activations))
+        elif len(model.stored(name)[1]) == 2:
+            found.add(WeightFormat(DENSE, None, activations=activations))
+    for layer in model.moe_layers:
+        layout = model.layer_layout(layer)
+        components = {c.name: c for c in layout.components}
+        role = BIASED_EXPERTS if any(n.endswith(".bias") for n in components) else EXPERTS
+        for proj in EXPERT_PROJS:
+            q = layout.quantization.get(proj)
+            if q is None:
+                found.add(WeightFormat(role, None, activations=activations))
+            elif q.format == MXFP4:
+                found.add(WeightFormat(role, MXFP4, activations=activations))
+            else:
+                found.add(WeightFormat(role, q.bits, q.group_size, components[f"{proj}.scales"].dtype, activations))
+    return sorted(found, key=str)
+
+
+def ensure_conformant(name: str, formats: list[WeightFormat] | None = None) -> None:
+    """Make sure backend ``name`` passed, on this machine, the operations every model uses and the cases of
+    ``formats`` (a model's, ``model_formats``), or with None the whole quick suite; run what its stamp does not
+    list yet (seconds, plus numba's one-time compilation of those formats' kernels) and add it to the stamp.
 
     Raises BackendError for an unknown or unavailable backend, ConformanceError listing the failing cases.
     """
     backend = get_backend(name)
     if name == REFERENCE_BACKEND:
         return
-    path = stamp_path(name)
-    if path.is_file():
+    checked = set(read_stamp(name).get("formats", []))
+    if EVERY_FORMAT in checked:
         return
+    wanted: dict[str, list[OpCase]] = {EVERY_FORMAT: QUICK_CASES} if formats is None else \
+        {COMMON: COMMON_CASES, **{str(f): f.cases() for f in formats}}
+    missing = {what: cases for what, cases in wanted.items() if what not in checked}
+    if not missing:
+        return
+    cases = [case for group in missing.values() for case in group]
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -127,13 +191,13 @@ def ensure_conformant(name: str) -> None:
     # The first use on a machine compiles the backend's kernels too (about a minute for numba): say why the
     # wait, that it happens once, and how far it is, on stderr.
     console = Console(stderr=True, highlight=False)
-    console.print(f"First use of backend {name} on this machine (and flashmoe version): checking it against the "
-                  "reference and compiling its kernels. This happens once; later runs skip it.", markup=False,
-                  soft_wrap=True)
+    console.print(f"First use of backend {name} on this machine (and flashmoe version) for {'; '.join(missing)}: "
+                  "checking it against the reference and compiling its kernels. This happens once per format; "
+                  "later runs skip it.", markup=False, soft_wrap=True)
     with Progress(TextColumn("  conformance cases"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=console.is_terminal) as progress:
-        task = progress.add_task("cases", total=len(QUICK_CASES))
-        results = run_cases(backend, QUICK_CASES, progress=lambda result: progress.advance(task))
+        task = progress.add_task("cases", total=len(cases))
+        results = run_cases(backend, cases, progress=lambda result: progress.advance(task))
     failed = [r for r in results if not r.passed]
     if failed:
         shown = "\n  ".join(r.describe() for r in failed[:5])
@@ -143,7 +207,7 @@ def ensure_conformant(name: str) -> None:
             f"reference and will not be used:\n  {shown}{more}\n(run `flashmoe conformance --backend {name}`)"
         )
     seconds = time.perf_counter() - start
-    _write_stamp(path, name, results, seconds)
+    path = _write_stamp(name, list(missing), results, seconds)
     console.print(f"backend {name}: all {len(results)} cases pass ({seconds:.0f} s); stamped in {path}", markup=False,
                   soft_wrap=True)
     # The model's own calls compile more kernel variants than the cases did (minutes on a busy machine, with no
@@ -216,8 +280,8 @@ def main(backend: str | None = None, full: bool = False, make_engine: EngineFact
             status = 1
             continue
         if name != REFERENCE_BACKEND:
-            _write_stamp(stamp_path(name), name, results, seconds)
-            console.print(f"{name}: conformant ({seconds:.1f} s); stamp {stamp_path(name)}")
+            path = _write_stamp(name, [EVERY_FORMAT], results, seconds)
+            console.print(f"{name}: conformant ({seconds:.1f} s); stamp {path}")
         if full:
             with console.status(f"checking {name} on a tiny model of every architecture"):
                 models = model_cases.run_models(name, make_engine)

@@ -46,3 +46,20 @@ def test_unavailable_reasons_keep_their_brackets_and_say_how_to_get_cuda(tmp_pat
     assert rows["cuda"].split("│")[2].strip().startswith("no (")
     assert "cuda: needs numba-cuda (pip install -e '.[cuda]') and an NVIDIA GPU with its driver" in result.output
     assert "No module named 'cuda'" in result.output
+
+
+def test_a_stamp_shows_its_date_and_cases_and_a_note_lists_its_formats(tmp_path, monkeypatch):
+    import json
+
+    from flashmoe.conformance.runner import stamp_path
+
+    monkeypatch.setenv("FLASHMOE_CACHE_DIR", str(tmp_path))
+    stamp_path("numba").parent.mkdir(parents=True)
+    stamp_path("numba").write_text(json.dumps({"when": "2026-12-07T22:00:00Z", "cases": 49, "formats": [
+        "experts 4-bit g64 bfloat16 (q8 activations)", "operations without weights"]}))
+    result = CliRunner().invoke(app, ["backends"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    assert "passed 2026-12-07 (49 cases) (" in rows["numba"], result.output
+    assert "numba: checked for experts 4-bit g64 bfloat16 (q8 activations); operations without weights" in \
+        result.output

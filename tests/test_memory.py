@@ -129,7 +129,7 @@ def test_options_are_refused_before_the_conformance_gate(monkeypatch):
     import flashmoe.runtime.load as load
 
     gate: list[str] = []
-    monkeypatch.setattr(load, "ensure_conformant", gate.append)
+    monkeypatch.setattr(load, "ensure_conformant", lambda name, formats: gate.append(name))
     with pytest.raises(MemoryBudgetError, match=r"--max-memory 1.00 MiB .*resident weights .* KV cache .*an "
                                                 r"estimate before loading"):
         load.load_engine(None, backend="numpy", max_memory="1M")
@@ -150,7 +150,7 @@ def test_a_context_beyond_the_models_is_budgeted_at_the_models(monkeypatch):
     class Gate(Exception):
         pass
 
-    def gate(backend):
+    def gate(backend, formats):
         raise Gate
 
     monkeypatch.setattr(load, "ensure_conformant", gate)

@@ -89,7 +89,7 @@ def conformance(
     backend: Optional[str] = typer.Option(None, help="Backend to check (default: every available backend)."),
     full: bool = typer.Option(False, "--full", help="Run the full suite instead of the quick one."),
 ) -> None:
-    """Check backends against the NumPy reference and print a table; records a stamp on success."""
+    """Check backends against the NumPy reference on every format and print a table; records a stamp on success."""
     from flashmoe.conformance.runner import main as conformance_main
     from flashmoe.runtime.load import load_engine
 
@@ -115,14 +115,12 @@ def _nvidia_gpus() -> str | None:
 @user_errors
 def backends() -> None:
     """List every backend: available here or why not, the device it computes on, its conformance stamp."""
-    import json
-
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from flashmoe.backends import available_backends, get_backend
-    from flashmoe.conformance.runner import REFERENCE_BACKEND, stamp_path
+    from flashmoe.conformance.runner import REFERENCE_BACKEND, read_stamp
 
     reasons = available_backends()
     gpus = _nvidia_gpus()
@@ -151,9 +149,9 @@ def backends() -> None:
             stamp = "the reference (not gated)"
         elif why is not None:
             stamp = "-"
-        elif stamp_path(name).is_file():
-            record = json.loads(stamp_path(name).read_text())
-            stamp = f"passed {record['when'][:10]} ({record['cases']} cases)"
+        elif record := read_stamp(name):
+            stamp = f"passed {record['when'][:10]} ({record['cases']} cases) " + \
+                note(f"{name}: checked for {'; '.join(record['formats'])}")
         else:
             stamp = "not checked yet " + note(f"{name}: checked on first use, or now with "
                                               f"`flashmoe conformance --backend {name}`")

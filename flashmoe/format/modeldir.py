@@ -124,6 +124,11 @@ class ModelDir:
         """QuantSpec of resident tensor `name`, None when it is stored as float."""
         return self.manifest.quantization.get(name)
 
+    def stored(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        """(dtype, shape) of `name` as resident.safetensors stores it (a quantised tensor's parts by their own
+        names: `X.weight`, `X.scales`, `X.biases`), read from its header without touching the data."""
+        return self._resident.dtype(name), self._resident.shape(name)
+
     def raw(self, name: str) -> QuantizedTensor | np.ndarray:
         """Resident tensor `name` as stored: a QuantizedTensor or a float array, read-only views of the file
         (copies when a view would be misaligned for its dtype).

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from flashmoe.backends.base import get_backend
-from flashmoe.conformance.runner import ensure_conformant
+from flashmoe.conformance.op_cases import DENSE
+from flashmoe.conformance.runner import ensure_conformant, model_formats
 from flashmoe.arch.config import ModelConfig
 from flashmoe.runtime.engine import Engine
 from flashmoe.errors import FlashMoeError
@@ -123,9 +124,10 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     kv_bytes = state_bytes(cfg, min(context, cfg.max_position_embeddings))
     if max_bytes is not None:
         _refuse_before_loading(MemoryBudget(max_bytes, model.resident_nbytes, kv_bytes, read_buffers))
-    ensure_conformant(backend)  # after every cheap check: a machine's first use of a backend takes minutes
-    if expert_device != "gpu":
-        ensure_conformant("numba")  # it computes the experts the GPU does not hold
+    # After every cheap check: a machine's first use of a backend for a format takes minutes.
+    ensure_conformant(backend, model_formats(model, be.activations))
+    if expert_device != "gpu":  # numba computes the experts the GPU does not hold, with float activations
+        ensure_conformant("numba", [f for f in model_formats(model, "float") if f.role != DENSE])
     stats = Stats(num_layers=len(model.moe_layers))
     files = {layer: model.expert_path(layer) for layer in model.moe_layers}
     if gpu_bytes is not None:
