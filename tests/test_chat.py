@@ -62,8 +62,23 @@ def test_reasoning_is_kept_apart_from_content(tmp_path):
 
 def test_a_conversation_that_outgrows_the_context_asks_for_reset(tokenizer):
     chat = _chat(tokenizer, context=40)
-    with pytest.raises(ContextError, match="/reset"):
+    chat.send("hi")
+    with pytest.raises(ContextError, match="/reset to start over"):
         chat.send("x " * 50)
+
+
+def test_a_first_message_longer_than_the_context_asks_for_a_larger_context_not_reset(tokenizer):
+    n = len(tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "x " * 50}],
+                                                           add_generation_prompt=True)))
+    with pytest.raises(ContextError) as err:
+        engine = FakeEngine(tokenizer, echo, max_position_embeddings=512)
+        ChatSession(engine, tokenizer, Sampler(temperature=0.0), context=5).send("x " * 50)
+    assert str(err.value) == f"the message has {n} tokens with the chat template and fills the context of 5; a " \
+                             "larger --context helps (the model takes 512)"
+    with pytest.raises(ContextError) as err:  # the model's whole context: nothing to suggest
+        _chat(tokenizer, context=40, system="be brief").send("x " * 50)
+    assert str(err.value).endswith(" tokens with the chat template and the system prompt and fills the context "
+                                   "of 40"), err.value
 
 
 def test_a_message_that_is_not_utf8_is_one_error_line_and_the_chat_goes_on(tokenizer):

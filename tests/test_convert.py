@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from checkpoints import VARIANTS, canonical_weights
 from flashmoe.convert.checkpoint import convert_checkpoint
+from flashmoe.errors import FlashMoeError
 from flashmoe.format.manifest import MANIFEST
 from flashmoe.format.modeldir import ModelDir
 from flashmoe.format.quant import QuantizedTensor, quantize
@@ -111,6 +112,19 @@ def test_4bit_conversion_stores_exactly_what_quantize_gives(per_expert, tmp_path
         assert manifest["source"]["layout"] == "hf"
         for name in ("config.json", "resident.safetensors", f"experts/layer_{layer:03d}.bin"):
             assert len(manifest["files"][name]["sha256"]) == 64
+
+
+def test_an_eos_id_outside_the_vocabulary_is_refused_before_writing(per_expert, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(per_expert, src)
+    vocab_size = json.loads((src / "config.json").read_text())["vocab_size"]
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, vocab_size]}))
+    with pytest.raises(FlashMoeError) as err:
+        convert_checkpoint(src, tmp_path / "out", progress=False)
+    assert str(err.value) == (f"{src / 'generation_config.json'}: field 'eos_token_id' holds {vocab_size}, not a "
+                              f"token of the model (vocab_size {vocab_size} in config.json): the model could never "
+                              "end a reply with it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing written, no temporary directory
 
 
 def test_expert_bits_and_group_size_apply_to_experts_only(per_expert, tmp_path):

@@ -188,3 +188,24 @@ def test_demo_model_context_overflow_is_a_400_and_the_server_keeps_serving(demo)
     with pytest.raises(openai.BadRequestError, match=r"context is \d+ tokens"):
         _greedy_chat(client, [{"role": "user", "content": "hello"}], max_tokens=2000)
     assert _greedy_chat(client, [{"role": "user", "content": "hello"}]).usage.completion_tokens >= 1
+
+
+def test_serve_notes_a_capped_context_only_when_context_was_given(monkeypatch):
+    """The demo model's context is 2,048: serve's default of 4,096 is capped to it without a note (nobody asked
+    for 4,096); a --context 4096 that was given is noted as capped."""
+    from flashmoe.runtime.load import default_model_dir
+    from flashmoe.serve import server
+
+    class NoServer:  # serve() returns once it would start serving
+        def __init__(self, config, worker):
+            pass
+
+        def run(self, sockets):
+            pass
+
+    monkeypatch.setattr(server, "_StoppingServer", NoServer)
+    for context, note in ((None, ""), (4096, " (--context 4096 capped by the model's 2048)")):
+        lines: list[str] = []
+        server.serve(None, port=0, context=context, echo=lines.append, backend="numpy")
+        assert lines[0].startswith(f"flashmoe serve: {default_model_dir()} on the numpy backend, context 2048 "
+                                   f"tokens{note}, http://127.0.0.1:"), lines

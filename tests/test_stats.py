@@ -135,3 +135,17 @@ def test_the_peak_rss_is_never_below_the_current_one(monkeypatch):
     monkeypatch.setattr(stats_module, "peak_rss_bytes", lambda: 1_166_516_224)
     d = Stats().to_dict()
     assert (d["peak_rss_bytes"], d["current_rss_bytes"]) == (1_166_520_320, 1_166_520_320)
+
+
+def test_summary_says_no_expert_reads_and_keeps_a_rare_reads_mean(clock):
+    """Decode tokens whose experts were all in memory read nothing: "no expert reads", not "0 B read in 0.0
+    reads"; one read in 30 decode tokens is 0.0333 reads a token, not 0.0."""
+    stats = Stats(num_layers=2)
+    stats.start()
+    for _ in range(31):  # the first token (the prefill) and 30 decode tokens, each expert found in memory
+        stats.record_lookups(4, 0)
+        stats.token_done()
+    assert "per decode token: no expert reads\n" in stats.summary()
+    stats.record_read(4096, 4096)
+    stats.token_done()
+    assert "per decode token: 132 B read (132 B from disk) in 0.0323 reads\n" in stats.summary()

@@ -360,12 +360,20 @@ def test_guesses_start_after_the_reads_they_follow_and_stop_within_one_piece(lay
     events, lock = [], threading.Lock()
     real_preadv = os.preadv
     fds = {}
+    # The guess's first piece is held, once it has started, until the fetch that proves the guess wrong is made:
+    # the test then stops the guess in its first piece however the machine schedules its threads (a sleep of
+    # the test's own thread, here before, let a loaded machine's guess read more pieces or none).
+    guess_reading, fetched = threading.Event(), threading.Event()
 
     def slow_preadv(fd, buffers, offset, flags=0):
-        time.sleep(0.05)
+        start = time.perf_counter()
+        if fds.get(fd) == 3 and not fetched.is_set():
+            guess_reading.set()
+            fetched.wait(timeout=30)
+        time.sleep(0.05)  # a demand read slow enough that a guess not waiting for it would overlap it
         n = real_preadv(fd, buffers, offset, flags)
         with lock:
-            events.append((fds.get(fd), time.perf_counter(), n))
+            events.append((fds.get(fd), offset, start, time.perf_counter(), n))
         return n
 
     with make_store(files, "direct", guess_slots=2) as store:
@@ -374,15 +382,16 @@ def test_guesses_start_after_the_reads_they_follow_and_stop_within_one_piece(lay
         current = store.fetch(1, [0, 1])
         store.speculate(3, [6], after=current)
         store.wait(current)
-        demand_end = max(t for layer, t, _ in events if layer == 1)
-        time.sleep(0.03)  # the guess has read at most its first piece
+        demand_end = max(end for layer, _, _, end, _ in events if layer == 1)
+        assert guess_reading.wait(timeout=30), "the guess never started"
         f = store.fetch(3, [2])  # 6 was wrong: stopped after the piece being read
+        fetched.set()
         store.wait(f)
         store.release(f)
         store.release(current)
         store.clear_cache()
-    guess_reads = [(t, n) for layer, t, n in events if layer == 3][:-1]  # the last is expert 2's read
-    assert guess_reads and min(t for t, _ in guess_reads) > demand_end
+    guess_reads = [(start, n) for layer, offset, start, _, n in events if layer == 3 and offset >= 6 * STRIDE]
+    assert guess_reads and min(start for start, _ in guess_reads) > demand_end
     assert sum(n for _, n in guess_reads) <= 2 * ALIGN < NBYTES
     assert store.stats.totals.guess_wasted_bytes == sum(n for _, n in guess_reads)
 

@@ -244,6 +244,15 @@ def test_synth_command_truncates_a_config_file(tmp_path):
     assert not (tmp_path / "n").exists()
 
 
+def test_synth_refuses_a_config_whose_text_config_is_not_an_object(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "qwen3_5_moe", "text_config": [1, 2]}))
+    result = CliRunner().invoke(app, ["synth", "--config", str(config), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: {config}: field 'text_config' must be an object, got [1, 2]\n", result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
 def test_synth_progress_bar_names_the_output_once(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY["qwen3_5_moe_text"]))

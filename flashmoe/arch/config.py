@@ -129,7 +129,7 @@ class ModelConfig:
         Each family's keys and defaults come from its Family record (flashmoe/arch/families.py).
         Raises ConfigError("<source>: ...") naming the field for a missing/invalid field or unknown model_type.
         """
-        d = _text_config(d, source)
+        d = text_config(d, source)
         fam = _family(d.get("model_type"), source)
         r = _Reader(d, source, fam.defaults)
         for key in _REQUIRED:
@@ -308,7 +308,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return d
 
 
-def _text_config(d: dict[str, Any], source: str) -> dict[str, Any]:
+def text_config(d: dict[str, Any], source: str) -> dict[str, Any]:
     """The text model's keys: `text_config` of a multimodal config (model_type `<outer>_text`, the outer
     tie_word_embeddings), else d itself. ConfigError naming the field when text_config is not an object."""
     if d.get("text_config") is None:

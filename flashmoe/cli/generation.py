@@ -127,7 +127,7 @@ def serve(
     model_dir: Optional[Path] = typer.Argument(None, help="flashmoe model directory (default: the bundled demo model)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free port)."),
-    context: int = typer.Option(4096, min=1, help="Longest prompt + completion in tokens (capped by the model's context); sizes the KV-cache budget."),
+    context: Optional[int] = typer.Option(None, min=1, help="Longest prompt + completion in tokens (default 4096; capped by the model's context); sizes the KV-cache budget."),
     api_key: Optional[str] = typer.Option(None, envvar="FLASHMOE_API_KEY", help="Require this key (Authorization: Bearer KEY or x-api-key: KEY) on every endpoint but /health."),
     max_request_bytes: int = typer.Option(4 * 1024 * 1024, min=1, help="Refuse request bodies longer than this (413)."),
     *,

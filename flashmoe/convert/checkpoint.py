@@ -47,7 +47,7 @@ from flashmoe.format.mxfp4 import Mxfp4Tensor
 from flashmoe.format.policy import KEEP, QUANT_8BIT, QUANT_FLOAT, ROUTER_QUANT, QuantPolicy, quant_class
 from flashmoe.format.quant import BITS, GROUP_SIZES, QuantizedTensor, first_non_finite
 from flashmoe.format.safetensors_io import SafetensorsFile
-from flashmoe.serve.tokenizer import read_tokenizer_json
+from flashmoe.serve.tokenizer import eos_token_ids, read_tokenizer_json
 from flashmoe.format.writer import ExpertFileWriter, ModelDirWriter, write_model_dir
 
 #: Files copied from the source when present (tokenizer and generation settings), and the named chat
@@ -94,8 +94,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
 
     Raises ConfigError (config.json), CheckpointError (missing/truncated/mis-shaped tensor) or FlashMoeError
     (bad option, DST exists without force, DST that force may not replace: see atomic.check_output_dir, a
-    tokenizer.json that tokenizers cannot load, a write failure such as a full disk); DST is then left
-    untouched and no temporary directory remains.
+    tokenizer.json that tokenizers cannot load, an eos_token_id at or above config.json's vocab_size, a write
+    failure such as a full disk); DST is then left untouched and no temporary directory remains.
     """
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     res_bits = parse_bits(bits, "--bits")
@@ -112,6 +112,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: str | int | None 
     job.built_tokenizer = tiktoken_vocab.tokenizer_json_for(src_dir, cfg.model_type)  # before any writing
     if (src_dir / "tokenizer.json").is_file():  # copied as is: every later generate would fail on a broken one
         read_tokenizer_json(src_dir / "tokenizer.json")
+    eos_token_ids(src_dir)  # config.json and generation_config.json are copied as they are too: loading checks these
     with write_model_dir(dst, cfg.model_type, job.source_record(str(src)), job.policy) as out:
         job.run(out)
     manifest = Manifest.from_json((dst / MANIFEST).read_text())

@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from flashmoe.format.atomic import check_output_dir
-from flashmoe.arch.config import ModelConfig, read_config_json
+from flashmoe.arch.config import ModelConfig, read_config_json, text_config
 from flashmoe.errors import ConfigError, FlashMoeError
 from flashmoe.runtime.memory import format_size
 from flashmoe.format.manifest import ExpertLayout, ExpertPart, QuantSpec
@@ -314,10 +314,8 @@ def synth_like(out: str | Path, like: str | None = None, config_path: str | Path
         config, gen, tok = preset.config_dict(layers), preset.generation_config, preset.tokenizer
         source = {"like": preset.name}
     else:
-        config = read_config_json(Path(config_path))
-        if "text_config" in config:  # a multimodal config: synth writes its text model
-            outer = config.get("model_type")
-            config = {"model_type": f"{outer}_text", **config["text_config"]} if outer else config["text_config"]
+        # a multimodal config: synth writes its text model, read as loading reads it
+        config = text_config(read_config_json(Path(config_path)), str(config_path))
         if layers is not None:
             truncate(config, layers)
         gen, tok, source = None, choose_tokenizer(config), {"config": str(config_path)}

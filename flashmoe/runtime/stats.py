@@ -279,10 +279,12 @@ class Stats:
         if ms is not None:
             lines.append(f"per layer: {ms['compute']:.2f} ms compute + {ms['io_wait']:.2f} ms I/O wait")
         mean = self.per_token_mean()
-        if mean is not None:
+        if mean is not None and not mean.reads:  # every expert in memory: flashmoe's cache, the page cache, the GPU's
+            lines.append("per decode token: no expert reads")
+        elif mean is not None:  # three significant digits: a read every 30 tokens is 0.0333, not "0.0 reads"
             lines.append(
                 f"per decode token: {format_size(mean.bytes_read)} read ({format_size(mean.disk_bytes)} "
-                f"from disk) in {mean.reads:.1f} reads"
+                f"from disk) in {mean.reads:.3g} reads"
             )
         hr = t.hit_rate
         lines.append(

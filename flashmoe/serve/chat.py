@@ -90,10 +90,16 @@ class ChatSession:
         prompt = self.tokenizer.apply_chat_template(system + turn, add_generation_prompt=True,
                                                     **self.template_kwargs)
         ids = self.tokenizer.encode(prompt)
-        room = self.session.context - len(ids)
-        if room < 1:
-            raise ContextError(f"the conversation has {len(ids)} tokens and fills the context of "
-                               f"{self.session.context}; /reset to start over")
+        context, limit = self.session.context, self.engine.cfg.max_position_embeddings
+        room = context - len(ids)
+        if room < 1 and self.messages:
+            raise ContextError(f"the conversation has {len(ids)} tokens and fills the context of {context}; "
+                               "/reset to start over")
+        if room < 1:  # the first message alone: /reset would change nothing
+            larger = f"; a larger --context helps (the model takes {limit})" if context < limit else ""
+            raise ContextError(f"the message has {len(ids)} tokens with the chat template"
+                               f"{' and the system prompt' if self.system else ''} and fills the context of "
+                               f"{context}{larger}")
         boundary = history_boundary(self.tokenizer, system + turn, ids, **self.template_kwargs)
         parser = reply_parser(tool_call_format(select_template(self.tokenizer.chat_template)), prompt,
                               parse_tools=False)

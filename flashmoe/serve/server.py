@@ -45,6 +45,8 @@ from flashmoe.serve.tokenizer import Tokenizer
 from flashmoe.serve.worker import Worker, sse
 
 STATIC = Path(__file__).parent / "static"  # the web page: plain HTML, CSS and JavaScript, no build step
+#: serve's context when --context is not given (tokens; capped by the model's max_position_embeddings).
+DEFAULT_CONTEXT = 4096
 
 
 class FlashMoeServer:
@@ -221,12 +223,13 @@ class RunningServer:
         self.stop()
 
 
-def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, context: int = 4096,
+def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, context: int | None = None,
           log_level: str = "info", api_key: str | None = None,
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, echo: Callable[[str], None] | None = None,
           **load_options: Any) -> None:
     """Load a model and serve it until interrupted (flashmoe serve). `context` (tokens, capped by the
-    model's max_position_embeddings) bounds prompt + completion and sizes the KV cache in the memory budget;
+    model's max_position_embeddings, which a line then notes; None: 4096, capped without a note) bounds prompt +
+    completion and sizes the KV cache in the memory budget;
     `api_key` and `max_request_bytes` are AccessGuard's; `load_options` are load_engine's (backend, io,
     max_memory, experts_per_token, cache_policy, ...). What is served, and a warning when a non-loopback
     address is bound without a key, go to `echo` (default: standard error). A stop (SIGTERM, Ctrl-C) ends the
@@ -245,12 +248,12 @@ def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 800
     try:
         model = ModelDir.open(model_dir if model_dir is not None else default_model_dir())
         tokenizer = Tokenizer(model.path)
-        engine = load_engine(model, context=context, **load_options)
-        server = FlashMoeServer(engine, tokenizer, model.path.name, context=context,
+        engine = load_engine(model, context=context or DEFAULT_CONTEXT, **load_options)
+        server = FlashMoeServer(engine, tokenizer, model.path.name, context=context or DEFAULT_CONTEXT,
                                 defaults=sampling_defaults(model.path), api_key=api_key,
                                 max_request_bytes=max_request_bytes)
         served = server.worker.session.context
-        capped = f" (--context {context} capped by the model's {served})" if served < context else ""
+        capped = f" (--context {context} capped by the model's {served})" if served < (context or 0) else ""
         echo(f"flashmoe serve: {model.path} on the {load_options.get('backend', 'numba')} backend, context "
              f"{served} tokens{capped}, http://{host}:{port}/ (API key {'required' if api_key else 'not required'})")
         if not api_key and not is_loopback(host):

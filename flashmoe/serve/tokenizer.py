@@ -56,6 +56,18 @@ def _token_ids(path: Path, value, vocab_size) -> set[int]:
     return set(ids)
 
 
+def eos_token_ids(model_dir: Path) -> set[int]:
+    """The `eos_token_id`s of config.json (and its text_config) and generation_config.json in `model_dir`, each
+    checked below config.json's vocab_size (_token_ids). Raises FlashMoeError naming the file and field."""
+    model_config = _read_json(model_dir / "config.json")
+    generation_config = _read_json(model_dir / "generation_config.json")
+    text_config = model_config.get("text_config", {})
+    vocab_size = text_config.get("vocab_size", model_config.get("vocab_size"))
+    ids = _token_ids(model_dir / "config.json", model_config.get("eos_token_id"), vocab_size)
+    ids |= _token_ids(model_dir / "config.json", text_config.get("eos_token_id"), vocab_size)
+    return ids | _token_ids(model_dir / "generation_config.json", generation_config.get("eos_token_id"), vocab_size)
+
+
 def _token_text(value) -> str | None:
     """tokenizer_config.json writes special tokens either as strings or as AddedToken dicts."""
     if isinstance(value, dict):
@@ -102,13 +114,7 @@ class Tokenizer:
             raise FlashMoeError(f"{path}: no tokenizer.json in the model directory")
         self._tok = read_tokenizer_json(path)
         self.config = _read_json(model_dir / "tokenizer_config.json")
-        model_config = _read_json(model_dir / "config.json")
-        generation_config = _read_json(model_dir / "generation_config.json")
-        text_config = model_config.get("text_config", {})
-        vocab_size = text_config.get("vocab_size", model_config.get("vocab_size"))
-        ids = _token_ids(model_dir / "config.json", model_config.get("eos_token_id"), vocab_size)
-        ids |= _token_ids(model_dir / "config.json", text_config.get("eos_token_id"), vocab_size)
-        ids |= _token_ids(model_dir / "generation_config.json", generation_config.get("eos_token_id"), vocab_size)
+        ids = eos_token_ids(model_dir)
         eos_text = _token_text(self.config.get("eos_token"))
         if eos_text is not None and self._tok.token_to_id(eos_text) is not None:
             ids.add(self._tok.token_to_id(eos_text))
