@@ -253,11 +253,14 @@ def _positional(case: OpCase) -> tuple[str, tuple, str]:
         return "qk_norm_rope", (q, k, *weights, 1e-6, positions, p["theta"], p["rotary_dim"]), "elementwise"
     if op == "attention_block":
         return "attention_block", attention_block_inputs(rng, p), "reduction"
-    if op == "packed_experts_prefill":
-        T = p["tokens"]
-        layout, buffers = make_packed_experts(rng, len(p["routed"]), p["bits"], p.get("group_size", 64),
+    if op in ("packed_experts_ffn", "packed_experts_prefill"):  # experts as the store hands them over
+        layout, buffers = make_packed_experts(rng, p.get("k") or len(p["routed"]), p["bits"], p.get("group_size", 64),
                                               p.get("sdtype", "float32"), biases=p.get("act", False),
                                               hidden=p["hidden"], inter=p["inter"])
+        if op == "packed_experts_ffn":  # a decode token's k experts
+            weights = rng.dirichlet(np.ones(p["k"])).astype(np.float32)
+            return op, (_normal(rng, p["hidden"]), buffers, layout, weights, None), "reduction"
+        T = p["tokens"]
         tokens = [np.sort(rng.choice(T, n, replace=False)) for n in p["routed"]]
         weights = [rng.uniform(0.1, 1.0, n).astype(np.float32) for n in p["routed"]]
         return "packed_experts_prefill", (_normal(rng, T, p["hidden"]), buffers, layout, tokens, weights), "reduction"
@@ -375,6 +378,9 @@ def _quick() -> list[OpCase]:
                                        (1, 5, 4, 64, "float32", "float")]]
     cases += [c("packed_experts_prefill", tokens=11, routed=(9, 1, 5), hidden=128, inter=64, bits=4, group_size=64,
                 sdtype="bfloat16", activations="q8")]
+    # a decode token's experts as the store hands them over, the kernels taking the layout's offsets
+    cases += [c("packed_experts_ffn", k=k, hidden=128, inter=64, bits=4, group_size=64, sdtype="bfloat16", activations=a)
+              for k, a in ((4, "q8"), (2, "float"))]
     cases += [c(op, tokens=3, n=40) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
     cases += [c("clip", tokens=3, n=40, limit=2.0)]
     # gpt-oss: MXFP4 weights, YaRN, sinks, experts with biases and the clamped SwiGLU
@@ -386,6 +392,7 @@ def _quick() -> list[OpCase]:
     cases += [c("experts_ffn", k=2, hidden=128, inter=64, bits=MXFP4, act=True, activations="q8")]
     cases += [c("packed_experts_prefill", tokens=11, routed=(9, 1, 5), hidden=128, inter=64, bits=MXFP4, act=True,
                 activations="q8")]  # a gpt-oss prompt's experts (numba_prefill's grouped kernels of MXFP4)
+    cases += [c("packed_experts_ffn", k=2, hidden=128, inter=64, bits=MXFP4, act=True, activations="q8")]
     cases += [c("expert_ffn", tokens=3, hidden=64, inter=64, bits=MXFP4, act=True),
               c("experts_ffn", k=4, hidden=64, inter=64, bits=MXFP4, act=True),
               c("experts_ffn", k=2, hidden=64, inter=64, bits=4, group_size=32, sdtype="bfloat16", act=True)]
@@ -442,7 +449,8 @@ class WeightFormat:
         if self.role == BIASED_EXPERTS:
             w["act"] = True
         return [c("experts_ffn", k=k, hidden=128, inter=128, **w) for k in (1, 4)] + \
-            [c("expert_ffn", tokens=5, hidden=128, inter=128, **w),
+            [c("packed_experts_ffn", k=4, hidden=128, inter=128, **w),
+             c("expert_ffn", tokens=5, hidden=128, inter=128, **w),
              c("packed_experts_prefill", tokens=11, routed=(9, 1, 5), hidden=128, inter=128, **w)]
 
 
@@ -459,6 +467,8 @@ def full_cases(seeds: int = 3) -> list[OpCase]:
             cases.append(c("linear", tokens=1, out=65, inp=384, bits=b, group_size=g, sdtype="bfloat16",
                            activations="q8"))
             cases.append(c("experts_ffn", k=3, hidden=128, inter=128, bits=b, group_size=g, sdtype="float16",
+                           activations="q8"))
+            cases.append(c("packed_experts_ffn", k=3, hidden=128, inter=128, bits=b, group_size=g, sdtype="bfloat16",
                            activations="q8"))
     cases += [c("linear", tokens=1, out=1024, inp=4096, bits=4, group_size=64, sdtype="bfloat16"),
               c("linear", tokens=1, out=4096, inp=1024, bits=4, group_size=64, sdtype="bfloat16"),
