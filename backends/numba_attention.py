@@ -5,11 +5,11 @@ whole attention block in one call.
 Backend.attention_block for one token with q8 activations (Qwen3's attention: q/k/v projections, per-head q/k
 RMSNorm and RoPE, the new key and value written into the cache, attention, o_proj): one compiled call instead
 of the ~10 backend calls of the default composition (backends/base.py), each with its Python glue and
-temporaries, and with no Python between its parallel regions (q/k/v rows, the query heads when their work is
-large enough, o_proj rows), so the pool's workers still spin from one region when the next begins
-(numba_backend's module docstring: OMP wait policy). Every step is the compiled function the separate
-calls use (numba_q8.matvecs_chunk, numba_norms.rms_row and rope_row, attend below), so the block gives
-their bits (conformance/test_numba_backend.py).
+temporaries, and with no Python between its parallel regions (q/k/v rows, the attention's (kv head, chunk)
+items when their work is large enough, o_proj rows), so the pool's workers still spin from one region when the
+next begins (numba_backend's module docstring: OMP wait policy). Every step is the compiled function the separate
+calls use (numba_q8.matvecs_chunk, numba_norms.rms_row and rope_row, attend_chunk and merge_chunks below),
+so the block gives their bits (conformance/test_models.py).
 """
 
 from __future__ import annotations
@@ -30,56 +30,108 @@ if njit is not None:
     from flashmoe.backends.numba_norms import rms_row, rope_row
     from flashmoe.backends.numba_q8 import _quantize_token, chunk_starts, matvecs_chunk, step_lanes
 
-    @njit(fastmath=FASTMATH, inline="always")
-    def attend(q, k, v, kh, n, scale, sink, s, out):
-        """out [D] = softmax_j(scale * q . k[j, kh]) . v[j, kh] over cached positions j < n for one query head
-        q float32 [D] (k, v [S, Hkv, D]); sink: the head's sink logit (-inf: none), which joins the softmax's
-        denominator with no value; s: a float32 scratch of at least n."""
-        D = q.shape[0]
-        m = sink
-        for j in range(n):
-            acc = np.float32(0.0)
-            for d in range(D):
-                acc += q[d] * k[j, kh, d]
-            s[j] = acc * scale
-            m = max(m, s[j])
-        total = np.exp(sink - m)
-        for j in range(n):
-            s[j] = np.exp(s[j] - m)
-            total += s[j]
-        for d in range(D):
-            out[d] = 0.0
-        for j in range(n):
-            p = s[j] / total
-            for d in range(D):
-                out[d] += p * v[j, kh, d]
+    #: Cached positions per work item: attention runs one kv head's query heads over CHUNK positions at a time
+    #: and merges the chunks' softmax sums (as flash-decoding does), so a decode token's long cache splits into
+    #: (kv head, chunk) items across threads. Every path (the block or the separate call, one thread or many)
+    #: splits at the same positions, so they give the same bits.
+    CHUNK = 64
 
-    @cached_njit(parallel=True, fastmath=FASTMATH)
+    @njit(fastmath=FASTMATH, inline="always")
+    def attend_chunk(q, h0, G, k, v, kh, j0, j1, scale, s, m, l, o):
+        """Query heads h0 .. h0+G-1 of q float32 [Hq, D] (those of kv head kh) over cached positions j0 .. j1-1
+        of k, v [S, Hkv, D]: m [G] each head's largest scaled score, l [G] its sum of exp(score - m), and
+        o [G, D] its sum of exp(score - m) * v; s: a float32 scratch [G, >= j1 - j0]. Each k and v row is read
+        once for the G heads."""
+        D = q.shape[1]
+        j4 = j0 + (j1 - j0) // 4 * 4
+        for j in range(j0, j4, 4):  # four positions a step: each query value loaded once for four keys
+            for g in range(G):
+                a0, a1, a2, a3 = np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+                for d in range(D):
+                    x = q[h0 + g, d]
+                    a0 += x * k[j, kh, d]
+                    a1 += x * k[j + 1, kh, d]
+                    a2 += x * k[j + 2, kh, d]
+                    a3 += x * k[j + 3, kh, d]
+                s[g, j - j0], s[g, j + 1 - j0], s[g, j + 2 - j0], s[g, j + 3 - j0] = (a0 * scale, a1 * scale,
+                                                                                      a2 * scale, a3 * scale)
+        for j in range(j4, j1):
+            for g in range(G):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[h0 + g, d] * k[j, kh, d]
+                s[g, j - j0] = acc * scale
+        for g in range(G):
+            mg = s[g, 0]
+            for j in range(1, j1 - j0):
+                mg = max(mg, s[g, j])
+            total = np.float32(0.0)
+            for j in range(j1 - j0):
+                s[g, j] = np.exp(s[g, j] - mg)
+                total += s[g, j]
+            m[g] = mg
+            l[g] = total
+            for d in range(D):
+                o[g, d] = 0.0
+        for j in range(j0, j4, 4):  # four value rows a step: o loaded and stored once for four
+            for g in range(G):
+                p0, p1, p2, p3 = s[g, j - j0], s[g, j + 1 - j0], s[g, j + 2 - j0], s[g, j + 3 - j0]
+                for d in range(D):
+                    o[g, d] += p0 * v[j, kh, d] + p1 * v[j + 1, kh, d] + p2 * v[j + 2, kh, d] + p3 * v[j + 3, kh, d]
+        for j in range(j4, j1):
+            for g in range(G):
+                p = s[g, j - j0]
+                for d in range(D):
+                    o[g, d] += p * v[j, kh, d]
+
+    @njit(fastmath=FASTMATH, inline="always")
+    def merge_chunks(M, L, O, sinks, h0, out):
+        """out[h0 + g] [D] = softmax-weighted values of query head h0 + g from its chunks' attend_chunk sums
+        M, L [C, G], O [C, G, D]; sinks [Hq] the heads' sink logits (-inf: none), which join the softmax's
+        denominator with no value."""
+        C, G, D = O.shape
+        for g in range(G):
+            mg = sinks[h0 + g]
+            for c in range(C):
+                mg = max(mg, M[c, g])
+            total = np.exp(sinks[h0 + g] - mg)
+            for d in range(D):
+                out[h0 + g, d] = 0.0
+            for c in range(C):
+                f = np.exp(M[c, g] - mg)
+                total += f * L[c, g]
+                for d in range(D):
+                    out[h0 + g, d] += f * O[c, g, d]
+            inv = np.float32(1.0) / total
+            for d in range(D):
+                out[h0 + g, d] *= inv
+
+    @njit(fastmath=FASTMATH, inline="always")
+    def _chunk_sums(G, n, D):
+        """Scratch for attend_chunk's sums over n positions in CHUNK runs: M, L [C, G], O [C, G, D]."""
+        C = (n + CHUNK - 1) // CHUNK
+        return np.empty((C, G), np.float32), np.empty((C, G), np.float32), np.empty((C, G, D), np.float32)
+
+    @cached_njit(parallel=PRANGE_ONLY, fastmath=FASTMATH)
     def attention(q, k, v, q_positions, scale, sinks, out):
         """Backend.attention: out [T, Hq, D] for queries q [T, Hq, D] at q_positions int64 [T] over k, v
         [S, Hkv, D]; sinks float32 [Hq] (-inf: none)."""
         T, Hq, D = q.shape
-        group = Hq // k.shape[1]
-        # Head-major: prange splits the items into one contiguous run per thread, and a causal prompt's work
-        # grows with t, so position-major runs gave the last thread most of it (3/4 at 2 threads).
-        for ht in prange(T * Hq):
-            h = ht // T
-            t = ht % T
+        Hkv = k.shape[1]
+        G = Hq // Hkv
+        # prange splits the items into one contiguous run per thread, and a causal prompt's work grows with t:
+        # the queries are taken first with last (0, T-1, 1, T-2, ...), so every run holds as much work.
+        for it in prange(T * Hkv):
+            kh = it // T
+            i = it % T
+            t = i // 2 if i % 2 == 0 else T - 1 - i // 2
             n = q_positions[t] + 1
-            attend(q[t, h], k, v, h // group, n, scale, sinks[h], np.empty(n, np.float32), out[t, h])
-
-    @njit(fastmath=FASTMATH, inline="always")
-    def _query_head(h, qkv, q_norm, eps, cos, sin, k_cache, v_cache, n, scale, sinks, att):
-        """Query head h of a decode token: RMSNorm and RoPE of its slice of qkv [1, rows] (as
-        numba_norms.qk_norm_rope), then attend over the cache's first n positions into att [1, Hq * D]."""
-        D = k_cache.shape[2]
-        normed = np.empty(D, np.float32)
-        q = np.empty(D, np.float32)
-        rms_row(qkv[0, h * D : (h + 1) * D], q_norm, eps, normed)
-        q[:] = normed
-        rope_row(normed, cos, sin, q)
-        attend(q, k_cache, v_cache, h // (att.shape[1] // D // k_cache.shape[1]), n, scale, sinks[h],
-               np.empty(n, np.float32), att[0, h * D : (h + 1) * D])
+            M, L, O = _chunk_sums(G, n, D)
+            s = np.empty((G, CHUNK), np.float32)
+            for c in range(M.shape[0]):
+                attend_chunk(q[t], kh * G, G, k, v, kh, c * CHUNK, min(n, (c + 1) * CHUNK), scale, s, M[c], L[c],
+                             O[c])
+            merge_chunks(M, L, O, sinks, kh * G, out[t])
 
     @njit(fastmath=FASTMATH, inline="always")
     def _quantized(x, block, group, paired):
@@ -106,8 +158,8 @@ if njit is not None:
             qkv_rows int64 [4] its row starts; o_addr [1, 3], o_rows [2] o_proj's; block_size and group: the
             q8 block and the weights' group size; q_norm, k_norm [D]; cos, sin [half] the token's RoPE angles;
             the new key and value are written at cache row `slot` of k_cache, v_cache [S, Hkv, D], and the
-            query attends over rows 0 .. n-1; sinks [Hq] (-inf: none); parallel_heads: the query heads split
-            across threads (else on the calling thread)."""
+            query attends over rows 0 .. n-1; sinks [Hq] (-inf: none); parallel_heads: the attention's (kv head,
+            chunk) items split across threads (else on the calling thread)."""
             Hkv, D = k_cache.shape[1], k_cache.shape[2]
             xq, d, xsum = _quantized(x, block_size, group, row_in == "paired")
             qkv = np.empty((1, qkv_rows[3]), np.float32)
@@ -121,13 +173,31 @@ if njit is not None:
                 k_cache[slot, h, :] = normed
                 rope_row(normed, cos, sin, k_cache[slot, h])
                 v_cache[slot, h, :] = qkv[0, qkv_rows[2] + h * D : qkv_rows[2] + (h + 1) * D]
-            att = np.empty((1, qkv_rows[1]), np.float32)
+            Hq = sinks.shape[0]
+            G = Hq // Hkv
+            q = np.empty((Hq, D), np.float32)
+            for h in range(Hq):  # as numba_norms.qk_norm_rope
+                rms_row(qkv[0, h * D : (h + 1) * D], q_norm, eps, normed)
+                q[h, :] = normed
+                rope_row(normed, cos, sin, q[h])
+            C = (n + CHUNK - 1) // CHUNK
+            M, L = np.empty((Hkv, C, G), np.float32), np.empty((Hkv, C, G), np.float32)
+            O = np.empty((Hkv, C, G, D), np.float32)
             if parallel_heads:
-                for h in prange(sinks.shape[0]):
-                    _query_head(h, qkv, q_norm, eps, cos, sin, k_cache, v_cache, n, softmax_scale, sinks, att)
+                for it in prange(Hkv * C):
+                    kh, ch = it // C, it % C
+                    attend_chunk(q, kh * G, G, k_cache, v_cache, kh, ch * CHUNK, min(n, (ch + 1) * CHUNK),
+                                 softmax_scale, np.empty((G, CHUNK), np.float32), M[kh, ch], L[kh, ch], O[kh, ch])
             else:
-                for h in range(sinks.shape[0]):
-                    _query_head(h, qkv, q_norm, eps, cos, sin, k_cache, v_cache, n, softmax_scale, sinks, att)
+                s = np.empty((G, CHUNK), np.float32)
+                for it in range(Hkv * C):
+                    kh, ch = it // C, it % C
+                    attend_chunk(q, kh * G, G, k_cache, v_cache, kh, ch * CHUNK, min(n, (ch + 1) * CHUNK),
+                                 softmax_scale, s, M[kh, ch], L[kh, ch], O[kh, ch])
+            att = np.empty((Hq, D), np.float32)
+            for kh in range(Hkv):
+                merge_chunks(M[kh], L[kh], O[kh], sinks, kh * G, att)
+            att = att.reshape((1, Hq * D))
             aq, ad, asum = _quantized(att, block_size, group, row_out == "paired")
             chunks = chunk_starts(o_rows)
             ad8 = step_lanes(ad, row_out)

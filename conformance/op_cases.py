@@ -370,7 +370,8 @@ def _quick() -> list[OpCase]:
     cases += [c("qk_norm_rope", tokens=t, heads=4, kv_heads=2, head_dim=32, rotary_dim=r, theta=1e6, max_position=500)
               for t, r in ((1, 32), (5, 16))]
     # a layer's attention block (Qwen3's): a decode token in one call (numba: q8, 4- and 8-bit row kernels, the
-    # query heads on the pool past PARALLEL_MIN_WORK), and the default composition (a prompt, float activations)
+    # attention's (kv head, chunk) items on the pool past PARALLEL_MIN_WORK), and the default composition (a
+    # prompt, float activations)
     cases += [c("attention_block", tokens=t, cached=n, hidden=128, heads=4, kv_heads=2, head_dim=32, bits=b,
                 group_size=g, sdtype=s, activations=a)
               for t, n, b, g, s, a in [(1, 9, 4, 64, "bfloat16", "q8"), (1, 0, 8, 64, "bfloat16", "q8"),

@@ -188,6 +188,30 @@ def test_every_parallel_kernel_gives_the_same_bits_on_one_thread_and_on_the_pool
 
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["one-thread", "pool"])
+def test_the_attention_block_over_a_cache_of_several_chunks_gives_the_bits_of_its_composition(pooled, monkeypatch):
+    """A decode token's query heads over a cache longer than numba_attention.CHUNK split into (kv head, chunk)
+    items whose sums merge; the block (query heads on the pool or the calling thread) and the separate
+    attention call split at the same positions, so they give the same bits."""
+    import flashmoe.backends.numba_backend as nb
+    from flashmoe.backends.numba_attention import CHUNK
+    from flashmoe.conformance.op_cases import OpCase, attention_block_inputs
+
+    be = get_backend("numba", "q8")
+    case = OpCase.of("attention_block", 0, tokens=1, cached=3 * CHUNK + 5, hidden=128, heads=8, kv_heads=2,
+                     head_dim=32, bits=4, group_size=64, sdtype="bfloat16")
+    x, block, keys, values, positions = attention_block_inputs(np.random.default_rng(5), case.p)
+    monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0 if pooled else 1 << 62)
+
+    def run(method):
+        cache = be.new_kv_cache(block.kv_heads, block.head_dim)
+        cache.append(keys, values)
+        return method(be, x, block, cache, positions), cache.k[: cache.length].copy()
+
+    (fused, k_fused), (composed, k_composed) = run(type(be).attention_block), run(Backend.attention_block)
+    np.testing.assert_array_equal(k_fused, k_composed)
+    np.testing.assert_array_equal(fused, composed)
+
 
 @pytest.mark.parametrize("bits", [MXFP4, 4])
 def test_experts_with_biases_and_the_clamped_swiglu_take_the_fused_kernels(bits, monkeypatch):
