@@ -32,6 +32,7 @@ from flashmoe.bench.decode_run import summarise_pass
 from flashmoe.runtime.engine import Engine
 from flashmoe.runtime.eviction import DEFAULT_POLICY
 from flashmoe.runtime.memory import parse_size
+from flashmoe.runtime.placement import ExpertPlacement
 from flashmoe.format.modeldir import ModelDir
 from flashmoe.runtime.stats import Stats
 from flashmoe.runtime.store import ExpertStore
@@ -50,18 +51,19 @@ def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", exp
     store's). read_parts: the store's (default 1: whole reads; measured slower in parts, docs/benchmarks.md)."""
     model = ModelDir.open(model_dir)
     be = get_backend(backend)
+    placement = ExpertPlacement.of(expert_device, be)
     k = experts_per_token or model.config.num_experts_per_tok
     stats = Stats(num_layers=len(model.moe_layers))
     threads = threads or max(4, k)
     store = ExpertStore({layer: model.expert_path(layer) for layer in model.moe_layers},
                         num_experts=model.config.num_experts, stride=model.layout.stride,
                         nbytes=model.layout.nbytes, mode=io, threads=threads, stats=stats,
-                        read_parts=read_parts or 1, in_place=expert_device != "gpu",
+                        read_parts=read_parts or 1, in_place=placement is not None,
                         allocate=be.allocate_buffer, guess_slots=guess_slots,
                         **({} if guess_readers is None else {"guess_readers": guess_readers}))
     if gpu_memory:
         be.configure_expert_cache(gpu_memory, gpu_policy)
-    engine = Engine(model, be, store, stats, experts_per_token=k, expert_device=expert_device)
+    engine = Engine(model, be, store, stats, experts_per_token=k, placement=placement)
     if preload:
         engine.preload_experts(gpu_memory)
     return engine

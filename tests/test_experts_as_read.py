@@ -59,9 +59,9 @@ def test_experts_reach_the_backend_as_read_and_their_buffers_outlive_the_layer_u
     be.experts_as_read = lambda layout, keys, weights, act=None: _Recording(be, layout, keys, weights, act, log)
     fetch, release, route = store.fetch, store.release, engine._route
 
-    def logged_fetch(layer, ids):
+    def logged_fetch(layer, ids, in_place=False):
         log.append(("fetch", layer, len(store._live)))
-        return fetch(layer, ids)
+        return fetch(layer, ids, in_place)
 
     def logged_release(f):
         log.append(("release", f.layer))

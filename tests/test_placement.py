@@ -84,3 +84,39 @@ def test_the_cpu_way_computes_on_the_page_cache_and_the_read_buffers_stay_the_gp
     assert engine.placement.tokens[True] == 3 * len(engine.model_dir.moe_layers)
     assert engine.placement.seconds_per_byte[True] > 0
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_expert_files_are_mapped_for_a_placement_only(monkeypatch):
+    """load_engine maps the expert files of a backend that takes read buffers (the NumPy backend made to say so,
+    as cuda's does) only for --expert-device cpu or auto, whose CPU way computes on the mapping; numba's gate
+    runs only then."""
+    import flashmoe.runtime.load as load
+    from flashmoe.runtime import expert_files
+
+    gates: list[str] = []
+    monkeypatch.setattr(load, "ensure_conformant", lambda name, *formats: gates.append(name))
+    monkeypatch.setattr(NumpyBackend, "experts_in_place", False)
+    plain = load.load_engine(None, backend="numpy", expert_device="gpu")
+    assert plain.placement is None and not plain.store.files.in_place and gates == ["numpy"]
+    plain.store.close()
+    placed = load.load_engine(None, backend="numpy", expert_device="cpu")
+    assert placed.placement.mode == "cpu" and not placed.store.in_place and gates == ["numpy", "numpy", "numba"]
+    assert placed.store.files.in_place == (expert_files._mincore is not None)
+    placed.store.close()
+
+
+def test_a_decode_without_placement_times_nothing(monkeypatch):
+    """The plain engine's decode layers take no clock readings for a placement that is not there."""
+    import types
+
+    import flashmoe.runtime.engine as engine_module
+
+    def no_clock():
+        raise AssertionError("a decode layer read the clock for a placement")
+
+    engine = build_engine(default_model_dir(), "numpy")
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=no_clock))
+    state = engine.new_state()
+    engine.forward(np.array([1, 200]), state)
+    engine.forward(np.array([31]), state)
+    engine.store.close()

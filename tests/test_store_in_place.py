@@ -66,6 +66,41 @@ def test_resident_experts_come_without_a_fetch_or_not_at_all(layers):
             store.resident(3, [9])
 
 
+def test_a_fetch_asks_for_views_itself_where_the_store_hands_out_buffers(layers):
+    """The CPU way of --expert-device: the store's in_place off (the GPU's fetches get read buffers), the files
+    still mapped; a fetch or resident call with in_place=True takes the page cache's experts in place, the
+    next plain fetch reads them into buffers again."""
+    files, data = layers
+    with make_store(files, in_place=True) as store:
+        store.wait(store.fetch(3, [2, 5]))  # now in the page cache
+        store.release_all()
+        store.in_place = False
+        assert store.resident(3, [2, 5]) is None
+        views = store.resident(3, [2, 5], in_place=True)
+        assert all(_in_mapping(store, 3, v, e) for v, e in zip(views, [2, 5]))
+        reads = store.stats.totals.reads
+        f = store.fetch(3, [5], in_place=True)
+        assert _in_mapping(store, 3, store.wait(f)[0], 5) and store.stats.totals.reads == reads
+        store.release(f)
+        f = store.fetch(3, [5])
+        buf = store.wait(f)[0]
+        assert not _in_mapping(store, 3, buf, 5) and store.stats.totals.reads == reads + 1
+        np.testing.assert_array_equal(buf, expert_bytes(data, 3, 5))
+        store.release(f)
+
+
+def test_a_store_without_mapped_files_reads_what_a_fetch_asks_in_place(layers):
+    files, _ = layers
+    with make_store(files) as store:
+        store.wait(store.fetch(3, [2]))
+        store.release_all()
+        assert store.resident(3, [2], in_place=True) is None
+        f = store.fetch(3, [2], in_place=True)
+        store.wait(f)
+        assert [r.bytes_read for r in store.report(f)] == [NBYTES]
+        store.release(f)
+
+
 def test_a_cold_expert_is_read_into_a_buffer_then_used_in_place(layers):
     """The cold path is the copy path: one preadv into a read buffer, never a fault through the mapping; the
     next fetch finds the pages that read brought in. Evicting lets go of mapped pages too (cold stays cold)."""

@@ -77,18 +77,19 @@ class Engine:
         experts_per_token: overrides the model's num_experts_per_tok (Flash-MoE ran the 397B at 4 of 10).
         tracer: records routing, hits, bytes and time per token and MoE layer (flashmoe.runtime.trace.Tracer);
             may also be set later as `engine.tracer`.
-        expert_device: 'gpu', 'cpu' or 'auto': where a decode token's experts that the backend does not hold
-            are computed (`engine.placement`, flashmoe.runtime.placement; None for 'gpu').
+        placement: where a decode token's experts that the backend does not hold are computed
+            (--expert-device cpu or auto: ExpertPlacement.of); None: on the backend. Its CPU way takes the
+            experts the page cache holds as views of the store's mapped files, the other fetches read buffers.
 
-    Raises FormatError/CheckpointError (from the model directory) when a resident tensor is missing,
-    FlashMoeError for an unknown expert_device or 'cpu'/'auto' on a backend that computes in host memory.
+    Raises FormatError/CheckpointError (from the model directory) when a resident tensor is missing.
     """
 
     def __init__(self, model: ModelDir, backend: Backend, store: ExpertStore, stats: Stats,
-                 experts_per_token: int | None = None, tracer: Tracer | None = None, expert_device: str = "gpu"):
+                 experts_per_token: int | None = None, tracer: Tracer | None = None,
+                 placement: ExpertPlacement | None = None):
         self.model_dir = model
-        self.placement = ExpertPlacement.of(expert_device, backend)
-        if self.placement is not None:  # the store hands out page-cache views only to the CPU way (_moe_decode)
+        self.placement = placement
+        if placement is not None:  # the store hands out page-cache views only to the CPU way's fetches
             store.in_place = False
         self.tracer = tracer
         self.cfg: ModelConfig = model.config
@@ -454,18 +455,16 @@ class Engine:
         held = [be.has_expert(key) for key in keys]
         self._release_reads()  # the previous layer's: its copies are done (this layer's router waited for them)
         # --expert-device: the missing experts on the CPU, where numba computes those the page cache holds on
-        # the page cache itself (the store's in_place: no read into a buffer, the GPU way's largest term)
-        on_cpu = not all(held) and self.placement is not None and self.placement.on_cpu()
+        # the page cache itself (in place: no read into a buffer, the GPU way's largest term)
+        placed = self.placement is not None and not all(held)
+        on_cpu = placed and self.placement.on_cpu()
         x_host = be.to_numpy(x) if on_cpu else None  # taken before more GPU work is queued
-        started = time.perf_counter()  # after x_host's wait for the GPU, which is not the CPU way's cost
-        disk_bytes = self.stats.totals.disk_bytes
-        if self.placement is not None:
-            self.store.in_place = on_cpu and self.store.files.in_place
+        # each way's time from here (after x_host's wait for the GPU, not the CPU way's cost) to its sum
+        timing = (time.perf_counter(), self.stats.totals.disk_bytes) if placed else None
         # every expert in the page cache (a warm token): no fetch to wait for and release
-        mapped = self.store.resident(layer, ids) if self.tracer is None and not any(held) else None
-        request = self.store.fetch(layer, ids[np.logical_not(held)]) if not all(held) and mapped is None else None
-        if self.placement is not None:
-            self.store.in_place = False  # the GPU takes read buffers: prefill and the GPU way's tokens
+        mapped = self.store.resident(layer, ids, in_place=on_cpu) if self.tracer is None and not any(held) else None
+        request = self.store.fetch(layer, ids[np.logical_not(held)], in_place=on_cpu) \
+            if not all(held) and mapped is None else None
         if self.store.guess_slots and layer in self._next_moe:
             self._speculate(self._next_moe[layer], x, request)
         shared = None
@@ -483,8 +482,8 @@ class Engine:
                 y = self._decode_experts(x, x_host, packed, layout, weights, keys)
             if request:
                 self.store.release(request)
-        if self.placement is not None and not all(held):
-            # each way's time from the fetch to its sum, reads included: the CPU way in place reads nothing
+        if timing is not None:  # reads included: the CPU way in place reads nothing
+            started, disk_bytes = timing
             self.placement.measured(on_cpu, (len(held) - sum(held)) * layout.nbytes, time.perf_counter() - started,
                                     from_disk=self.stats.totals.disk_bytes != disk_bytes)
         if self.tracer is not None:

@@ -115,7 +115,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     if not 1 <= k <= cfg.num_experts:
         raise FlashMoeError(f"--experts-per-token {k} is outside 1..{cfg.num_experts} (num_experts)")
     be = get_backend(backend, activations)  # an unknown backend or activation mode
-    ExpertPlacement.of(expert_device, be)  # an unknown --expert-device, or cpu/auto on a CPU backend
+    placement = ExpertPlacement.of(expert_device, be)  # an unknown --expert-device, or cpu/auto on a CPU backend
     layouts = {layer: model.layer_layout(layer) for layer in model.moe_layers}  # a GGUF's may differ
     largest = max(layout.nbytes for layout in layouts.values())
     threads = threads or max(4, k)  # all k reads of a decode token in flight at once
@@ -126,7 +126,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         _refuse_before_loading(MemoryBudget(max_bytes, model.resident_nbytes, kv_bytes, read_buffers))
     # After every cheap check: a machine's first use of a backend for a format takes minutes.
     ensure_conformant(backend, model_formats(model, be.activations))
-    if expert_device != "gpu":  # numba computes the experts the GPU does not hold, with float activations
+    if placement is not None:  # numba computes the experts the GPU does not hold, with float activations
         ensure_conformant("numba", [f for f in model_formats(model, "float") if f.role != DENSE])
     stats = Stats(num_layers=len(model.moe_layers))
     files = {layer: model.expert_path(layer) for layer in model.moe_layers}
@@ -138,9 +138,9 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
                         mode=io, policy=cache_policy, threads=threads, stats=stats,
                         allocate=be.allocate_buffer, guess_slots=guess_slots,
                         # Mapped experts count in the resident set: under a budget, stay inside it as measured.
-                        # The CPU way of --expert-device computes on them too (the engine turns it on per token).
-                        in_place=(be.experts_in_place or expert_device != "gpu") and max_bytes is None)
-    engine = Engine(model, be, store, stats, experts_per_token=k, expert_device=expert_device)
+                        # The CPU way of --expert-device computes on them too (its fetches ask for them).
+                        in_place=(be.experts_in_place or placement is not None) and max_bytes is None)
+    engine = Engine(model, be, store, stats, experts_per_token=k, placement=placement)
     if gpu_bytes is not None:
         engine.preload_experts(gpu_bytes)
     if max_bytes is not None:

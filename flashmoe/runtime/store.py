@@ -180,7 +180,8 @@ class ExpertStore:
             read-only mapping instead of copying them (module docstring). Only for a backend that computes
             on host memory as it is (Backend.experts_in_place); `allocate` is then used for misses only.
             The attribute `in_place` says whether it is in effect (not without mincore, nor in direct
-            mode) and may be switched off and on between fetches.
+            mode); switched off, the files stay mapped for the fetches that ask for views themselves
+            (`fetch` and `resident` with in_place=True: the CPU way of --expert-device).
 
     Raises FormatError if a file is missing or too short to hold `num_experts` experts, ValueError for
     inconsistent parameters.
@@ -298,21 +299,23 @@ class ExpertStore:
         return [e for e in dict.fromkeys(ids)
                 if (layer, e) in self._cache or (self.in_place and self.files.resident(layer, e) is not None)]
 
-    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Fetch:
+    def fetch(self, layer: int, expert_ids: Sequence[int], in_place: bool = False) -> Fetch:
         """Start reading experts `expert_ids` of `layer` (ints or an integer array; repeats share one
         read) and return at once. The buffers stay valid until `release` (see buffer lifetime).
 
         Direct mode: cached experts are hits and are not read; misses are read into cache entries
         (evicting by the policy) or, when no entry can be freed, into pool buffers. Pagecache mode with
-        `in_place`: experts the page cache holds whole are hits, used through the mapping and not read.
+        `in_place` (the store's, or this fetch's where the files are mapped): experts the page cache holds
+        whole are hits, used through the mapping and not read.
         Experts guessed by `speculate` are taken over with the read already under way (they count as
         misses); the other guesses are stopped.
         Raises ValueError for an unknown layer or an expert id outside [0, num_experts)."""
         ids = self._check_ids(layer, expert_ids)
         guessed = self._settle_guesses(layer, ids)
         f = Fetch(layer, ids)
+        in_place = self._in_place(in_place)
         for e in dict.fromkeys(ids):
-            f._slots[e] = self._slot(layer, e, guessed.pop(e, None))
+            f._slots[e] = self._slot(layer, e, guessed.pop(e, None), in_place)
         slots = f._slots.values()
         taken, hits = sum(s.guessed for s in slots), sum(s.hit for s in slots)
         self.stats.record_guesses(0, taken)
@@ -325,15 +328,15 @@ class ExpertStore:
         self._live[id(f)] = f
         return f
 
-    def resident(self, layer: int, expert_ids: Sequence[int]) -> list[np.ndarray] | None:
-        """Decode's fast path in pagecache mode with `in_place`: experts `expert_ids` of `layer` (distinct ints
-        or an integer array) as read-only views of the expert file's mapping, in order, when the page cache
-        holds every one of them (ExpertFiles.residents) and no speculative read is outstanding; each counted
-        as a hit. Nothing to wait for or release: the views are valid while the store is open. None
-        otherwise; then `fetch` them (it still takes the resident ones in place). A warm decode layer's
+    def resident(self, layer: int, expert_ids: Sequence[int], in_place: bool = False) -> list[np.ndarray] | None:
+        """Decode's fast path in pagecache mode with `in_place` (as `fetch`'s): experts `expert_ids` of `layer`
+        (distinct ints or an integer array) as read-only views of the expert file's mapping, in order, when
+        the page cache holds every one of them (ExpertFiles.residents) and no speculative read is outstanding;
+        each counted as a hit. Nothing to wait for or release: the views are valid while the store is open.
+        None otherwise; then `fetch` them (it still takes the resident ones in place). A warm decode layer's
         fetch, wait and release cost ~100 us of Python in place (docs/benchmarks.md, "fifth pass").
         Raises ValueError for an expert id outside [0, num_experts)."""
-        if not self.in_place or self._guesses:
+        if not self._in_place(in_place) or self._guesses:
             return None
         ids = [int(e) for e in expert_ids]
         if ids and not 0 <= min(ids) <= max(ids) < self.num_experts:
@@ -343,10 +346,15 @@ class ExpertStore:
             self.stats.record_lookups(len(views), 0)
         return views
 
-    def _slot(self, layer: int, e: int, guess: _Guess | None) -> _Slot:
+    def _in_place(self, asked: bool) -> bool:
+        """Whether a fetch hands out the page cache's views: the store's `in_place`, or `asked` by the fetch
+        where the files are mapped."""
+        return self.in_place or (asked and self.files.in_place)
+
+    def _slot(self, layer: int, e: int, guess: _Guess | None, in_place: bool) -> _Slot:
         """Where expert `e` of a new fetch comes from, first match: flashmoe's cache (a hit), the guess
-        already reading it, the page cache through the mapping (a hit), a new read into a cache entry
-        (direct mode) or into a pool buffer."""
+        already reading it, the page cache through the mapping (`in_place`: a hit), a new read into a cache
+        entry (direct mode) or into a pool buffer."""
         key = (layer, e)
         entry = self._cache.get(key)
         if entry is not None:
@@ -355,7 +363,7 @@ class ExpertStore:
                 self._stop(guess)
             entry.pins += 1
             return _Slot(e, entry.buf, entry.read, entry, hit=True)
-        if guess is None and self.in_place and (view := self.files.resident(layer, e)) is not None:
+        if guess is None and in_place and (view := self.files.resident(layer, e)) is not None:
             return _Slot(e, view, _NO_READ, hit=True, mapped=True)
         if self.mode == "direct" and (buf := self._cache_buffer(key)) is not None:
             if guess is None:
