@@ -41,17 +41,19 @@ from flashmoe.runtime.store import ExpertStore
 def build_engine(model_dir: str | Path, backend: str, io: str = "pagecache", experts_per_token: int | None = None,
                  threads: int | None = None, gpu_memory: int = 0, gpu_policy: str = DEFAULT_POLICY,
                  preload: bool = False, expert_device: str = "gpu", guess_slots: int = 0,
-                 guess_readers: int | None = None, read_parts: int | None = None) -> Engine:
+                 guess_readers: int | None = None, read_parts: int | None = None,
+                 cpu_activations: str | None = None) -> Engine:
     """An Engine on `backend` without the conformance gate (benchmarks and tests check conformance
     themselves); read buffers come from the backend's ``allocate_buffer`` (pinned memory
     for the CUDA backend). gpu_memory > 0 (cuda only): a VRAM expert cache of that many bytes (the engine
     then reads only the experts the GPU does not hold); with `preload`, every expert is read into it first when
     they all fit (Engine.preload_experts). expert_device: as load_engine's. guess_slots > 0: speculative reads
     of the next MoE layer's experts (ExpertStore.speculate), guess_readers of them at once (default: the
-    store's). read_parts: the store's (default 1: whole reads; measured slower in parts, docs/benchmarks.md)."""
+    store's). read_parts: the store's (default 1: whole reads; measured slower in parts, docs/benchmarks.md).
+    cpu_activations: the activations of expert_device's CPU way (ExpertPlacement.of; default float)."""
     model = ModelDir.open(model_dir)
     be = get_backend(backend)
-    placement = ExpertPlacement.of(expert_device, be)
+    placement = ExpertPlacement.of(expert_device, be, cpu_activations)
     k = experts_per_token or model.config.num_experts_per_tok
     stats = Stats(num_layers=len(model.moe_layers))
     threads = threads or max(4, k)
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu-policy", default=DEFAULT_POLICY, help="eviction policy of the VRAM expert cache")
     ap.add_argument("--expert-device", default="gpu", help="comma-separated: where decode experts not in the VRAM "
                     "cache run (gpu, cpu, auto; flashmoe.runtime.placement); the cuda backend runs once per value")
+    ap.add_argument("--cpu-activations", default=None, help="activations of --expert-device's CPU way (float, "
+                    "the default, or q8)")
     ap.add_argument("--guess-slots", type=int, default=0, help="speculative reads of the next MoE layer's "
                     "experts, this many a layer (0: off; the engine's --speculate reads k)")
     ap.add_argument("--guess-readers", type=int, default=None, help="speculative reads at once (default: the "
@@ -363,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         engine = build_engine(a.model, name, experts_per_token=a.experts_per_token, gpu_memory=parse_size(size),
                               gpu_policy=a.gpu_policy, preload=a.preload, expert_device=where,
-                              guess_slots=a.guess_slots, guess_readers=a.guess_readers, read_parts=a.read_parts)
+                              guess_slots=a.guess_slots, guess_readers=a.guess_readers, read_parts=a.read_parts,
+                              cpu_activations=a.cpu_activations)
         load_s = time.perf_counter() - t0
         run: dict[str, Any] = {"backend": name, "gpu_memory": size, "expert_device": where, "k": engine.k,
                                "guess_slots": a.guess_slots, "guess_readers": a.guess_readers,
@@ -393,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
             _profile(engine, a.profile, a.seed)
         run["not_recorded"] = engine.not_recorded
         if engine.placement is not None:
-            run["placement"] = {"tokens_on_cpu": engine.placement.tokens[True],
+            run["placement"] = {"cpu_activations": engine.placement.cpu.activations,
+                                "tokens_on_cpu": engine.placement.tokens[True],
                                 "tokens_on_gpu": engine.placement.tokens[False],
                                 "seconds_per_gb": {("cpu" if k else "gpu"): v * 1e9
                                                    for k, v in engine.placement.seconds_per_byte.items()}}

@@ -51,39 +51,62 @@ def test_cpu_always_takes_the_cpu():
     assert all(p.on_cpu() for _ in range(3))
 
 
+TOKENS = [1, 200, 31, 7, 99]
+
+
+def _generate(engine, reads: list[int] | None = None) -> np.ndarray:
+    """The logits of TOKENS (a 2-token prompt, then one token at a time); `reads` gets each decode token's
+    expert reads. Closes the engine's store."""
+    state = engine.new_state()
+    out = [engine.forward(np.array(TOKENS[:2]), state)]
+    for t in TOKENS[2:]:
+        before = engine.stats.totals.reads
+        out.append(engine.forward(np.array([t]), state))
+        if reads is not None:
+            reads.append(engine.stats.totals.reads - before)
+    engine.store.close()
+    return np.concatenate(out)
+
+
+def _warm_plain_logits() -> np.ndarray:
+    """The plain NumPy engine's logits of TOKENS, every expert read into the page cache first."""
+    plain = build_engine(default_model_dir(), "numpy")
+    for layer in plain.model_dir.moe_layers:
+        plain.model_dir.expert_path(layer).read_bytes()
+    return _generate(plain)
+
+
 def test_the_cpu_way_computes_on_the_page_cache_and_the_read_buffers_stay_the_gpus(monkeypatch):
     """--expert-device cpu on a backend that takes its experts from read buffers (the NumPy backend made to say
     so, as cuda's does): a decode token whose experts the page cache holds reads nothing, numba computes them
     on views of the expert files' mapping; prefill still reads into buffers (the store hands out views only
     to the CPU way). Logits as the plain NumPy engine's; each way's time counts from the fetch to the sum."""
-    tokens = [1, 200, 31, 7, 99]
-
-    def generate(engine, reads):
-        state = engine.new_state()
-        out = [engine.forward(np.array(tokens[:2]), state)]
-        for t in tokens[2:]:
-            before = engine.stats.totals.reads
-            out.append(engine.forward(np.array([t]), state))
-            reads.append(engine.stats.totals.reads - before)
-        engine.store.close()
-        return np.concatenate(out)
-
-    plain = build_engine(default_model_dir(), "numpy")
-    for layer in plain.model_dir.moe_layers:  # every expert into the page cache
-        plain.model_dir.expert_path(layer).read_bytes()
-    want = generate(plain, [])
+    want = _warm_plain_logits()
     monkeypatch.setattr(NumpyBackend, "experts_in_place", False)
     engine = build_engine(default_model_dir(), "numpy", expert_device="cpu")
     assert engine.store.files.in_place and not engine.store.in_place
     prefill_reads = []
     engine.store.wait = lambda f, wait=engine.store.wait: prefill_reads.append(len(f.expert_ids)) or wait(f)
     reads: list[int] = []
-    got = generate(engine, reads)
+    got = _generate(engine, reads)
     assert reads == [0, 0, 0]
     assert sum(prefill_reads) > 0 and not engine.store.in_place
     assert engine.placement.tokens[True] == 3 * len(engine.model_dir.moe_layers)
     assert engine.placement.seconds_per_byte[True] > 0
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_the_cpu_way_with_q8_activations_stays_within_q8s_error(monkeypatch):
+    """--activations q8 for the CPU way: numba computes the missing experts with int8 activations; the logits
+    stay within 3% of the largest of the float engine's (1.3% measured) but are not float's."""
+    want = _warm_plain_logits()
+    monkeypatch.setattr(NumpyBackend, "experts_in_place", False)
+    engine = build_engine(default_model_dir(), "numpy", expert_device="cpu", cpu_activations="q8")
+    assert engine.placement.cpu.activations == "q8"
+    got = _generate(engine)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=3e-2 * scale)
+    assert np.abs(got - want).max() > 1e-4 * scale
 
 
 def test_expert_files_are_mapped_for_a_placement_only(monkeypatch):
@@ -119,4 +142,25 @@ def test_a_decode_without_placement_times_nothing(monkeypatch):
     state = engine.new_state()
     engine.forward(np.array([1, 200]), state)
     engine.forward(np.array([31]), state)
+    engine.store.close()
+
+
+def test_the_cpu_way_computes_with_the_activations_asked_for(monkeypatch):
+    """--activations with --expert-device cpu or auto names the CPU way's (numba's) mode, float unless asked
+    (the GPU computes float); load_engine gives it there, and to numba's gate, and leaves the GPU backend at
+    its own."""
+    import flashmoe.runtime.load as load
+
+    monkeypatch.setattr(NumpyBackend, "experts_in_place", False)
+    gpu = get_backend("numpy")
+    assert ExpertPlacement.of("cpu", gpu).cpu.activations == "float"
+    assert ExpertPlacement.of("auto", gpu, "q8").cpu.activations == "q8"
+    with pytest.raises(FlashMoeError, match="--activations int4"):
+        ExpertPlacement.of("cpu", gpu, "int4")
+    gates = []
+    monkeypatch.setattr(load, "ensure_conformant",
+                        lambda name, formats: gates.append((name, {f.activations for f in formats})))
+    engine = load.load_engine(None, backend="numpy", expert_device="cpu", activations="q8")
+    assert engine.placement.cpu.activations == "q8" and engine.backend is gpu
+    assert gates == [("numpy", {"float"}), ("numba", {"q8"})]  # numba's gate checks what the CPU way computes
     engine.store.close()

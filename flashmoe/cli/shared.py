@@ -106,7 +106,8 @@ _ENGINE_OPTIONS = {
                                      "not compute, set the pace: docs/benchmarks.md).")),
     "activations": (Optional[str], typer.Option(None, help="'q8' (int8 activations in the quantised mat-vecs, "
                                                 "faster) or 'float' (exact float32); default: q8 where the backend "
-                                                "and CPU have it.")),
+                                                "and CPU have it. With --expert-device cpu or auto: the CPU way's "
+                                                "(default float).")),
     "expert_device": (str, typer.Option("gpu", help="Decode experts not in GPU memory: 'gpu' (copied there), 'cpu' "
                                         "(computed on the CPU from host memory while the GPU does the rest) or "
                                         "'auto' (the cheaper, by rates measured as it runs); --backend cuda.")),

@@ -98,6 +98,7 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
             behind this layer's reads (flashmoe.runtime.engine; k more read buffers count against max_memory).
         activations: 'float' or 'q8' (int8 activations in the quantised mat-vecs, flashmoe.reference.q8);
             None: the backend's default (q8 for numba where the CPU has the int8 instructions, else float).
+            With expert_device cpu or auto, those of the CPU way's numba (None: float, as the GPU computes).
         expert_device: where a decode token's experts not in the GPU's memory are computed: 'gpu' (copied
             there), 'cpu' (numba, on the page cache's mapping or read buffers, while the GPU computes the rest) or 'auto' (the
             cheaper way by the rates measured as it runs; flashmoe.runtime.placement).
@@ -114,8 +115,10 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
     k = cfg.num_experts_per_tok if experts_per_token is None else experts_per_token
     if not 1 <= k <= cfg.num_experts:
         raise FlashMoeError(f"--experts-per-token {k} is outside 1..{cfg.num_experts} (num_experts)")
-    be = get_backend(backend, activations)  # an unknown backend or activation mode
-    placement = ExpertPlacement.of(expert_device, be)  # an unknown --expert-device, or cpu/auto on a CPU backend
+    # an unknown backend, --expert-device or activation mode, or cpu/auto on a CPU backend; with cpu/auto the
+    # activations are the CPU way's (the GPU computes float)
+    be = get_backend(backend, None if expert_device != "gpu" else activations)
+    placement = ExpertPlacement.of(expert_device, be, activations)
     layouts = {layer: model.layer_layout(layer) for layer in model.moe_layers}  # a GGUF's may differ
     largest = max(layout.nbytes for layout in layouts.values())
     threads = threads or max(4, k)  # all k reads of a decode token in flight at once
@@ -126,8 +129,8 @@ def load_engine(model_dir: ModelDir | str | Path | None = None, backend: str = "
         _refuse_before_loading(MemoryBudget(max_bytes, model.resident_nbytes, kv_bytes, read_buffers))
     # After every cheap check: a machine's first use of a backend for a format takes minutes.
     ensure_conformant(backend, model_formats(model, be.activations))
-    if placement is not None:  # numba computes the experts the GPU does not hold, with float activations
-        ensure_conformant("numba", [f for f in model_formats(model, "float") if f.role != DENSE])
+    if placement is not None:  # numba computes the experts the GPU does not hold, with the CPU way's activations
+        ensure_conformant("numba", [f for f in model_formats(model, placement.cpu.activations) if f.role != DENSE])
     stats = Stats(num_layers=len(model.moe_layers))
     files = {layer: model.expert_path(layer) for layer in model.moe_layers}
     if gpu_bytes is not None:

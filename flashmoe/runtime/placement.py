@@ -43,10 +43,13 @@ class ExpertPlacement:
         self.tokens: dict[bool, int] = {False: 0, True: 0}
 
     @classmethod
-    def of(cls, mode: str, backend: Backend) -> "ExpertPlacement | None":
-        """The placement for ``--expert-device mode`` on ``backend``; None for 'gpu' (nothing to choose).
-        Raises FlashMoeError for an unknown mode, or 'cpu'/'auto' on a backend that computes experts in host
-        memory already."""
+    def of(cls, mode: str, backend: Backend, activations: str | None = None) -> "ExpertPlacement | None":
+        """The placement for ``--expert-device mode`` on ``backend``; None for 'gpu' (nothing to choose). Its CPU
+        way computes with numba's ``activations``: 'float' unless given (what the GPU computes), or 'q8' (int8
+        activations, as numba's own default where the CPU has int8 dot instructions: faster, and within the
+        q8 conformance tolerances of the reference rather than float's).
+        Raises FlashMoeError for an unknown mode, 'cpu'/'auto' on a backend that computes experts in host
+        memory already, or an activation mode numba does not compute (BackendError)."""
         if mode not in DEVICES:
             raise FlashMoeError(f"--expert-device {mode!r} is not one of {', '.join(DEVICES)}")
         if mode == "gpu":
@@ -54,7 +57,7 @@ class ExpertPlacement:
         if backend.experts_in_place:
             raise FlashMoeError(f"--expert-device {mode} needs a backend that computes experts in its own "
                                 f"memory (cuda); {backend.name} computes them in host memory already")
-        return cls(mode, get_backend("numba", "float"))
+        return cls(mode, get_backend("numba", activations or "float"))
 
     def on_cpu(self) -> bool:
         """Whether this token's missing experts run on the CPU."""
