@@ -123,7 +123,7 @@ def measure_store(path: Path, experts: int, stride: int, nbytes: int, mode: str,
     return {
         "mode": mode, "o_direct": direct, "cold": cold, "threads": threads, "read_bytes": store.files.read_bytes,
         "reads_per_pass": experts, "gb_s": statistics.median(runs), "gb_s_runs": runs,
-        # in pagecache mode: the share of bytes that RWF_NOWAIT could not find in the page cache
+        # in pagecache mode: the share of bytes the page cache did not hold (Stats.disk_bytes)
         "disk_fraction": disk_bytes / bytes_read if bytes_read else None,
     }
 

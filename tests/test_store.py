@@ -291,6 +291,24 @@ def test_pagecache_mode_tells_page_cache_hits_from_disk_reads(layers):
         assert (warm.misses, warm.hits, warm.disk_bytes, warm.bytes_read) == (1, 1, NBYTES, 2 * NBYTES)
 
 
+def test_a_read_the_page_cache_did_not_hold_is_from_disk_even_if_rwf_nowait_returns_it(layers, monkeypatch):
+    """RWF_NOWAIT's try starts the reads of the pages it lacks and, where the device answers first (a fast disk,
+    a small expert), returns them too: the store asks mincore before the read instead. Simulated: every read
+    with RWF_NOWAIT returns its bytes."""
+    files, _ = layers
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset, flags=0: real_preadv(fd, buffers, offset))
+    with make_store(files, "pagecache") as store:
+        assert store.evict_page_cache() == 0
+        for _ in range(2):
+            f = store.fetch(1, [4])
+            store.wait(f)
+            store.release(f)
+        assert [(r.hit, r.disk_bytes) for r in store.report(f)] == [(True, 0)]
+        t = store.stats.totals
+        assert (t.misses, t.hits, t.disk_bytes, t.bytes_read) == (1, 1, NBYTES, 2 * NBYTES)
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm, whose pages are the file")
 def test_eviction_tells_the_bytes_the_page_cache_kept():
     """tmpfs pages are the file itself: POSIX_FADV_DONTNEED cannot drop them, and the store says so."""

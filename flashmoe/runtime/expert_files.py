@@ -122,14 +122,16 @@ class ExpertFiles:
         paths: MoE layer index -> path of its `experts/layer_NNN.bin`.
         num_experts, stride, nbytes: as ExpertStore's (a file must hold `num_experts` experts); stride and
             nbytes are one int for every layer or a dict by layer (a GGUF's layers may differ in type).
-        mode: "pagecache" (buffered reads, first tried with `RWF_NOWAIT`, which copies only what the page
-            cache holds, so a read can tell the bytes that came from disk) or "direct" (`O_DIRECT`; where
-            the filesystem refuses it, e.g. tmpfs, buffered reads with one warning).
+        mode: "pagecache" (buffered reads; the bytes that came from disk are those whose pages mincore did
+            not find in the page cache just before the read, or where the kernel does not tell residency
+            (`residency_visible`), those a first try with `RWF_NOWAIT` did not copy) or "direct" (`O_DIRECT`;
+            where the filesystem refuses it, e.g. tmpfs, buffered reads with one warning).
         in_place: pagecache mode: also map each file read-only, so that `resident` can hand out an expert
             the page cache holds without copying it. Only files whose page-cache residency the kernel
             reports are mapped (`residency_visible`); not on platforms without mincore.
 
-    Attributes: `direct` (O_DIRECT really in use), `nowait` (RWF_NOWAIT in use: page-cache hits can be told),
+    Attributes: `direct` (O_DIRECT really in use), `nowait` (RWF_NOWAIT in use for files whose residency the
+    kernel does not tell),
     `nbytes` (the largest layer's expert bytes: what a read buffer must hold), `read_bytes` (bytes asked of
     that layer's read: nbytes, or rounded up to 4096 for O_DIRECT), `finished` (a deque
     of (bytes read, of them from disk, demand read?) per finished read: reader threads append, the store's
@@ -163,6 +165,7 @@ class ExpertFiles:
         self._fds: dict[int, int] = {}
         self.direct = False  # O_DIRECT really in use (False after a fallback)
         self.nowait = mode == "pagecache" and hasattr(os, "RWF_NOWAIT")
+        self._visible: set[int] = set()  # layers whose page-cache residency mincore tells (pagecache mode)
         self.finished: collections.deque[tuple[int, int, bool]] = collections.deque()
         try:
             self._open_files()
@@ -172,9 +175,9 @@ class ExpertFiles:
 
     @property
     def tells_hits(self) -> bool:
-        """Whether every read is known to be a page-cache hit or a miss: RWF_NOWAIT tells the bytes that came
-        from disk; where every file is mapped, a read follows a `resident` check that found a page missing."""
-        return self.nowait or (bool(self._fds) and len(self._maps) == len(self._fds))
+        """Whether every read is known to be a page-cache hit or a miss: mincore tells each file's resident pages,
+        or RWF_NOWAIT the bytes it could copy without the disk."""
+        return self.nowait or (bool(self._fds) and len(self._visible) == len(self._fds))
 
     @property
     def layers(self) -> list[int]:
@@ -205,8 +208,10 @@ class ExpertFiles:
                 # on a neighbour the router may never pick.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[layer] = fd
-            if self.in_place and residency_visible(path):
-                self._map(layer, fd, size)
+            if self.mode == "pagecache" and _mincore is not None and residency_visible(path):
+                self._visible.add(layer)
+                if self.in_place:
+                    self._map(layer, fd, size)
         self.direct = self.mode == "direct" and not fallback
         if fallback:
             warnings.warn(
@@ -278,23 +283,32 @@ class ExpertFiles:
         for expert in experts:
             off = expert * stride
             if now - checked.get((layer, expert), -RESIDENT_RECHECK_S) >= RESIDENT_RECHECK_S:
-                if not self._in_memory(whole, off, nbytes, layer, expert):
+                if not self._resident_pages(layer, off, off + nbytes).all():
                     return None
             views.append(whole[off : off + nbytes])
         for expert in experts:  # all found: each about to be used, its pages touched now
             checked[(layer, expert)] = now
         return views
 
-    def _in_memory(self, whole: np.ndarray, off: int, nbytes: int, layer: int, expert: int) -> bool:
-        """Whether the page cache holds every page of bytes [off, off + nbytes) of `whole` (mincore)."""
-        start = off - off % mmap.PAGESIZE  # mincore takes whole pages (16 KiB on Apple silicon)
-        length = off + nbytes - start
-        pages = np.empty(-(-length // mmap.PAGESIZE), np.uint8)
-        if _mincore(whole.ctypes.data + start, length, pages.ctypes.data) != 0:
-            err = ctypes.get_errno()
-            raise FlashMoeError(f"{self._paths[layer]}: mincore of expert {expert} of layer {layer} failed: "
-                                f"{os.strerror(err)}")
-        return bool(np.bitwise_and(pages, 1).all())  # bit 0: in memory; the others are reserved
+    def _resident_pages(self, layer: int, lo: int, hi: int) -> np.ndarray:
+        """Whether the page cache holds each page of bytes [lo, hi) of `layer`'s file: bool [pages, from the
+        one holding byte lo] (mincore on the file's mapping, or on one made for the call where the file is not
+        mapped; pages past the end of a file cut short since it was opened are not held). Raises FlashMoeError
+        naming the file when mincore fails."""
+        start = lo - lo % mmap.PAGESIZE  # mincore takes whole pages (16 KiB on Apple silicon)
+        pages = np.zeros(-(-(hi - start) // mmap.PAGESIZE), np.uint8)
+        whole, failed = self._mapped.get(layer), 0
+        if whole is not None:
+            failed = _mincore(whole.ctypes.data + start, hi - start, pages.ctypes.data)
+        elif (length := min(hi, os.fstat(self._fds[layer]).st_size) - start) > 0:
+            with mmap.mmap(self._fds[layer], length, offset=start, access=mmap.ACCESS_READ) as mm:
+                view = np.frombuffer(mm, dtype=np.uint8)
+                failed = _mincore(view.ctypes.data, length, pages.ctypes.data)
+                del view  # the mapping cannot close while an array holds it
+        if failed:
+            raise FlashMoeError(f"{self._paths[layer]}: mincore of bytes [{lo}, {hi}) of layer {layer}'s expert file "
+                                f"failed: {os.strerror(ctypes.get_errno())}")
+        return np.bitwise_and(pages, 1).astype(bool)  # bit 0: in memory; the others are reserved
 
     def _map_in(self, layer: int, expert: int) -> None:
         """Map the pages of `expert` of `layer` that a read just brought into the page cache (on the mapper
@@ -348,9 +362,12 @@ class ExpertFiles:
         want = min(end, self._nbytes[layer])  # the expert's bytes end at nbytes (direct reads round up)
         view = memoryview(buf)[:length]
         piece = length if stop is None else GUESS_CHUNK
+        # What the page cache held before the read: the rest came from disk. (RWF_NOWAIT alone cannot tell: its
+        # try starts the reads of the pages it lacks, and returns them too where the device answers first.)
+        resident = self._resident_pages(layer, off + start, off + end) if layer in self._visible else None
         done = start
         try:
-            if self.nowait:
+            if resident is None and self.nowait:
                 try:
                     done += os.preadv(fd, [view[start:end]], off + start, os.RWF_NOWAIT)
                 except BlockingIOError:
@@ -362,6 +379,8 @@ class ExpertFiles:
             cached = done - start
             while done < want:
                 if stop is not None and stop.is_set():
+                    if resident is not None:
+                        cached = _bytes_on(resident, off + start, off + done)
                     if done:
                         self.finished.append((done, done - cached, False))
                     return done, done - cached
@@ -381,6 +400,8 @@ class ExpertFiles:
                 f"{off + self._nbytes[layer]}) but the file ends at byte {off + done}"
             )
         nread = done - start
+        if resident is not None:
+            cached = _bytes_on(resident, off + start, off + done)
         if part is None:
             self.parts_done(layer, expert, nread, nread - cached, demand=stop is None)
         return nread, nread - cached
@@ -421,26 +442,17 @@ class ExpertFiles:
                 mm.madvise(mmap.MADV_DONTNEED)
             for fd in self._fds.values():
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            left = sum(self._cached_bytes(layer) for layer in self._fds)
+            left = sum(int(self._resident_pages(layer, 0, os.fstat(self._fds[layer]).st_size).sum()) * mmap.PAGESIZE
+                       for layer in self._visible)
             if not left:
                 break
         return left
 
-    def _cached_bytes(self, layer: int) -> int:
-        """Bytes of `layer`'s expert file in the page cache (whole pages, mincore on a mapping of the file); 0
-        where the kernel does not tell (`residency_visible`) or there is no mincore."""
-        path = self._paths[layer]
-        if _mincore is None or not residency_visible(path):
-            return 0
-        size = os.fstat(self._fds[layer]).st_size
-        with mmap.mmap(self._fds[layer], size, access=mmap.ACCESS_READ) as mm:
-            whole = np.frombuffer(mm, dtype=np.uint8)
-            pages = np.empty(-(-size // mmap.PAGESIZE), np.uint8)
-            failed = _mincore(whole.ctypes.data, size, pages.ctypes.data)
-            del whole  # the mapping cannot close while an array holds it
-        if failed:
-            raise FlashMoeError(f"{path}: mincore failed: {os.strerror(ctypes.get_errno())}")
-        return int(np.bitwise_and(pages, 1).sum()) * mmap.PAGESIZE
+def _bytes_on(pages: np.ndarray, lo: int, hi: int) -> int:
+    """Bytes of [lo, hi) on the pages marked True in `pages` (ExpertFiles._resident_pages of a range from lo)."""
+    edges = lo - lo % mmap.PAGESIZE + mmap.PAGESIZE * np.arange(len(pages) + 1)
+    sizes = np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo)
+    return int(np.clip(sizes, 0, None)[pages].sum())
 
 
 def residency_visible(path: Path) -> bool:
