@@ -380,8 +380,8 @@ def _quick() -> list[OpCase]:
     cases += [c("packed_experts_prefill", tokens=11, routed=(9, 1, 5), hidden=128, inter=64, bits=4, group_size=64,
                 sdtype="bfloat16", activations="q8")]
     # a decode token's experts as the store hands them over, the kernels taking the layout's offsets
-    cases += [c("packed_experts_ffn", k=k, hidden=128, inter=64, bits=4, group_size=64, sdtype="bfloat16", activations=a)
-              for k, a in ((4, "q8"), (2, "float"))]
+    cases += [c("packed_experts_ffn", k=k, hidden=128, inter=64, bits=4, group_size=64, sdtype="bfloat16",
+                activations=a) for k, a in ((4, "q8"), (2, "float"))]
     cases += [c(op, tokens=3, n=40) for op in ("sigmoid", "silu", "softplus", "l2_normalize")]
     cases += [c("clip", tokens=3, n=40, limit=2.0)]
     # gpt-oss: MXFP4 weights, YaRN, sinks, experts with biases and the clamped SwiGLU

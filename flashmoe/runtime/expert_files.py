@@ -122,16 +122,16 @@ class ExpertFiles:
         paths: MoE layer index -> path of its `experts/layer_NNN.bin`.
         num_experts, stride, nbytes: as ExpertStore's (a file must hold `num_experts` experts); stride and
             nbytes are one int for every layer or a dict by layer (a GGUF's layers may differ in type).
-        mode: "pagecache" (buffered reads; the bytes that came from disk are those whose pages mincore did
-            not find in the page cache just before the read, or where the kernel does not tell residency
-            (`residency_visible`), those a first try with `RWF_NOWAIT` did not copy) or "direct" (`O_DIRECT`;
-            where the filesystem refuses it, e.g. tmpfs, buffered reads with one warning).
-        in_place: pagecache mode: also map each file read-only, so that `resident` can hand out an expert
-            the page cache holds without copying it. Only files whose page-cache residency the kernel
-            reports are mapped (`residency_visible`); not on platforms without mincore.
+        mode: "pagecache" (buffered reads, first tried with `RWF_NOWAIT`, which copies only what the page
+            cache holds, so a read can tell the bytes that came from disk; an expert whose first page mincore
+            finds missing is read as cold, every byte from disk, see `read`) or "direct" (`O_DIRECT`; where
+            the filesystem refuses it, e.g. tmpfs, buffered reads with one warning).
+        in_place: pagecache mode: `resident` and `mapping` hand out experts the page cache holds as views of
+            the file's mapping, without copying them. In pagecache mode every file whose page-cache residency
+            the kernel reports (`residency_visible`; not on platforms without mincore) is mapped read-only,
+            for mincore to ask about its pages.
 
-    Attributes: `direct` (O_DIRECT really in use), `nowait` (RWF_NOWAIT in use for files whose residency the
-    kernel does not tell),
+    Attributes: `direct` (O_DIRECT really in use), `nowait` (RWF_NOWAIT in use: page-cache hits can be told),
     `nbytes` (the largest layer's expert bytes: what a read buffer must hold), `read_bytes` (bytes asked of
     that layer's read: nbytes, or rounded up to 4096 for O_DIRECT), `finished` (a deque
     of (bytes read, of them from disk, demand read?) per finished read: reader threads append, the store's
@@ -151,7 +151,7 @@ class ExpertFiles:
         self.nbytes = max(self._nbytes.values(), default=0)
         self.in_place = in_place and mode == "pagecache" and _mincore is not None
         self._maps: dict[int, mmap.mmap] = {}
-        self._mapped: dict[int, np.ndarray] = {}  # layer -> its whole file, read-only, for in-place use
+        self._mapped: dict[int, np.ndarray] = {}  # layer -> its whole file, read-only: mincore's, in-place use
         self._checked: dict[tuple[int, int], float] = {}  # (layer, expert) found whole -> when (monotonic s)
         # maps what the reads bring in (_map_in); FIFO on one thread, so the last future is the last done
         self._populate = self.in_place and _POPULATE_READ is not None
@@ -165,7 +165,6 @@ class ExpertFiles:
         self._fds: dict[int, int] = {}
         self.direct = False  # O_DIRECT really in use (False after a fallback)
         self.nowait = mode == "pagecache" and hasattr(os, "RWF_NOWAIT")
-        self._visible: set[int] = set()  # layers whose page-cache residency mincore tells (pagecache mode)
         self.finished: collections.deque[tuple[int, int, bool]] = collections.deque()
         try:
             self._open_files()
@@ -175,9 +174,9 @@ class ExpertFiles:
 
     @property
     def tells_hits(self) -> bool:
-        """Whether every read is known to be a page-cache hit or a miss: mincore tells each file's resident pages,
-        or RWF_NOWAIT the bytes it could copy without the disk."""
-        return self.nowait or (bool(self._fds) and len(self._visible) == len(self._fds))
+        """Whether every read is known to be a page-cache hit or a miss: RWF_NOWAIT tells the bytes that came
+        from disk; where every file is mapped, mincore tells the pages the page cache holds."""
+        return self.nowait or (bool(self._fds) and len(self._maps) == len(self._fds))
 
     @property
     def layers(self) -> list[int]:
@@ -209,9 +208,7 @@ class ExpertFiles:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             self._fds[layer] = fd
             if self.mode == "pagecache" and _mincore is not None and residency_visible(path):
-                self._visible.add(layer)
-                if self.in_place:
-                    self._map(layer, fd, size)
+                self._map(layer, fd, size)
         self.direct = self.mode == "direct" and not fallback
         if fallback:
             warnings.warn(
@@ -258,8 +255,9 @@ class ExpertFiles:
         return self._nbytes[layer]
 
     def mapping(self, layer: int) -> np.ndarray | None:
-        """`layer`'s whole expert file as a read-only np.uint8 array on its mapping, None where not mapped."""
-        return self._mapped.get(layer)
+        """`layer`'s whole expert file as a read-only np.uint8 array on its mapping, for in-place use; None where
+        not mapped or not `in_place`."""
+        return self._mapped.get(layer) if self.in_place else None
 
     def resident(self, layer: int, expert: int) -> np.ndarray | None:
         """Expert `expert` of `layer` as a read-only np.uint8 view of `nbytes` on the file's mapping when the
@@ -274,7 +272,7 @@ class ExpertFiles:
         reclaimed after the check is read back from disk by the page fault that needs it. One clock reading
         and one set of lookups for a decode layer's k experts. Raises FlashMoeError naming the file when
         mincore fails."""
-        whole = self._mapped.get(layer)
+        whole = self._mapped.get(layer) if self.in_place else None
         if whole is None:
             return None
         stride, nbytes, checked = self._stride[layer], self._nbytes[layer], self._checked
@@ -291,20 +289,11 @@ class ExpertFiles:
         return views
 
     def _resident_pages(self, layer: int, lo: int, hi: int) -> np.ndarray:
-        """Whether the page cache holds each page of bytes [lo, hi) of `layer`'s file: bool [pages, from the
-        one holding byte lo] (mincore on the file's mapping, or on one made for the call where the file is not
-        mapped; pages past the end of a file cut short since it was opened are not held). Raises FlashMoeError
-        naming the file when mincore fails."""
+        """Whether the page cache holds each page of bytes [lo, hi) of `layer`'s file (mapped): bool [pages, from
+        the one holding byte lo]. Raises FlashMoeError naming the file when mincore fails."""
         start = lo - lo % mmap.PAGESIZE  # mincore takes whole pages (16 KiB on Apple silicon)
-        pages = np.zeros(-(-(hi - start) // mmap.PAGESIZE), np.uint8)
-        whole, failed = self._mapped.get(layer), 0
-        if whole is not None:
-            failed = _mincore(whole.ctypes.data + start, hi - start, pages.ctypes.data)
-        elif (length := min(hi, os.fstat(self._fds[layer]).st_size) - start) > 0:
-            with mmap.mmap(self._fds[layer], length, offset=start, access=mmap.ACCESS_READ) as mm:
-                view = np.frombuffer(mm, dtype=np.uint8)
-                failed = _mincore(view.ctypes.data, length, pages.ctypes.data)
-                del view  # the mapping cannot close while an array holds it
+        pages = np.empty(-(-(hi - start) // mmap.PAGESIZE), np.uint8)
+        failed = _mincore(self._mapped[layer].ctypes.data + start, hi - start, pages.ctypes.data)
         if failed:
             raise FlashMoeError(f"{self._paths[layer]}: mincore of bytes [{lo}, {hi}) of layer {layer}'s expert file "
                                 f"failed: {os.strerror(ctypes.get_errno())}")
@@ -362,12 +351,13 @@ class ExpertFiles:
         want = min(end, self._nbytes[layer])  # the expert's bytes end at nbytes (direct reads round up)
         view = memoryview(buf)[:length]
         piece = length if stop is None else GUESS_CHUNK
-        # What the page cache held before the read: the rest came from disk. (RWF_NOWAIT alone cannot tell: its
-        # try starts the reads of the pages it lacks, and returns them too where the device answers first.)
-        resident = self._resident_pages(layer, off + start, off + end) if layer in self._visible else None
+        # RWF_NOWAIT copies what the page cache holds, but its try also starts the reads of the pages it lacks
+        # and returns them too where the device answers first (a small expert, a fast disk): an expert whose
+        # first page the page cache lacks (mincore, where the file is mapped) is read as cold, every byte from disk.
+        cold = layer in self._maps and not self._resident_pages(layer, off + start, off + start + 1)[0]
         done = start
         try:
-            if resident is None and self.nowait:
+            if self.nowait and not cold:
                 try:
                     done += os.preadv(fd, [view[start:end]], off + start, os.RWF_NOWAIT)
                 except BlockingIOError:
@@ -379,8 +369,6 @@ class ExpertFiles:
             cached = done - start
             while done < want:
                 if stop is not None and stop.is_set():
-                    if resident is not None:
-                        cached = _bytes_on(resident, off + start, off + done)
                     if done:
                         self.finished.append((done, done - cached, False))
                     return done, done - cached
@@ -400,8 +388,6 @@ class ExpertFiles:
                 f"{off + self._nbytes[layer]}) but the file ends at byte {off + done}"
             )
         nread = done - start
-        if resident is not None:
-            cached = _bytes_on(resident, off + start, off + done)
         if part is None:
             self.parts_done(layer, expert, nread, nread - cached, demand=stop is None)
         return nread, nread - cached
@@ -442,17 +428,11 @@ class ExpertFiles:
                 mm.madvise(mmap.MADV_DONTNEED)
             for fd in self._fds.values():
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            left = sum(int(self._resident_pages(layer, 0, os.fstat(self._fds[layer]).st_size).sum()) * mmap.PAGESIZE
-                       for layer in self._visible)
+            left = sum(int(self._resident_pages(layer, 0, len(whole)).sum()) * mmap.PAGESIZE
+                       for layer, whole in self._mapped.items())
             if not left:
                 break
         return left
-
-def _bytes_on(pages: np.ndarray, lo: int, hi: int) -> int:
-    """Bytes of [lo, hi) on the pages marked True in `pages` (ExpertFiles._resident_pages of a range from lo)."""
-    edges = lo - lo % mmap.PAGESIZE + mmap.PAGESIZE * np.arange(len(pages) + 1)
-    sizes = np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo)
-    return int(np.clip(sizes, 0, None)[pages].sum())
 
 
 def residency_visible(path: Path) -> bool:

@@ -12,14 +12,14 @@ Definitions (units are bytes and seconds unless a name says otherwise):
 - `bytes_read`: bytes copied into read buffers by `preadv` (page cache or disk). An expert used in place
   (pagecache mode, through the file's mapping) is a hit with no read and no bytes read.
 - `disk_bytes`: the part of `bytes_read` that was not in memory when asked for: in direct mode every byte
-  read (O_DIRECT bypasses the page cache); in pagecache mode the bytes on pages mincore did not find in the
-  page cache just before the read (for files whose residency the kernel does not tell, those a non-blocking
-  `RWF_NOWAIT` read could not copy; every byte where neither is available). This is the numerator of the
+  read (O_DIRECT bypasses the page cache); in pagecache mode the bytes a non-blocking `RWF_NOWAIT` read could
+  not get from the page cache, every byte of an expert whose first page mincore found missing before the
+  read (ExpertFiles.read), and every byte where neither is available. This is the numerator of the
   disk-bound ceiling.
 - `reads`: expert reads performed (one per expert not found in flashmoe's own cache).
 - `hits` / `misses`: lookups of whole experts. In direct mode, flashmoe's own cache; in pagecache mode, the
   OS page cache (a hit is an expert whose every byte was already cached, used in place or copied; not
-  counted where neither mincore nor RWF_NOWAIT tells, so the hit rate is then n/a).
+  counted where neither RWF_NOWAIT nor the mapping tells, so the hit rate is then n/a).
 - `io_wait_s`: time the engine was blocked in `ExpertStore.wait()` — I/O that compute did not hide.
 - `guesses` / `guesses_used`: speculative expert reads started (`ExpertStore.speculate`, the next layer's
   experts guessed during this one) and those a fetch then took over; `guess_wasted_bytes`: bytes the other

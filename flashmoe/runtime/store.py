@@ -7,12 +7,12 @@ Two modes (docs/design.md, "The expert store"):
 - `pagecache`: the kernel's page cache holds hot experts and the process stays small. With `in_place`, an
   expert whose every page the page cache holds (mincore) is not copied: `wait` returns a read-only view of
   the expert file's mapping and the backend computes on the page cache itself (a hit, no read). Other
-  experts are read with buffered reads into reusable page-aligned buffers; mincore just before each read tells
-  the pages the page cache already holds, so the store can count page-cache hits and the bytes that really came
-  from disk (`RWF_NOWAIT` where the kernel does not tell a file's residency: it copies only what the page
-  cache holds, though its try starts the reads of the rest and may return them too on a fast device). A cold expert is read, not faulted in through the mapping:
-  one `preadv` per expert keeps the disk's full request size (Flash-MoE measured page faults on a mapping
-  5x slower for cold reads).
+  experts are read with buffered reads into reusable page-aligned buffers; each read first tries
+  `RWF_NOWAIT`, which only copies what the page cache already holds, so the store can count page-cache hits
+  and the bytes that really came from disk (an expert whose first page mincore finds missing skips that try,
+  which would start the disk reads itself and, on a fast device, return them as cached). A cold
+  expert is read, not faulted in through the mapping: one `preadv` per expert keeps the disk's full request
+  size (Flash-MoE measured page faults on a mapping 5x slower for cold reads).
 - `direct`: `O_DIRECT` reads (page-aligned buffer, length rounded up to 4096) into flashmoe's own cache of
   `cache_bytes`, evicted by a pluggable policy (flashmoe/runtime/eviction.py). A hit returns the cache entry
   itself, without a read or a copy. Where the filesystem refuses O_DIRECT (tmpfs), the store warns once and
@@ -126,8 +126,8 @@ class ExpertRead:
     """What one fetch did for one distinct expert (`ExpertStore.report`).
 
     hit: found in memory: direct mode, in flashmoe's cache (no read); pagecache mode, every byte already
-        in the OS page cache (used in place, no read, or copied); None where the store cannot tell (neither
-        mincore nor RWF_NOWAIT).
+        in the OS page cache (used in place, no read, or copied); None where the store cannot tell (no
+        RWF_NOWAIT and no mapping).
     bytes_read: bytes this fetch copied for it (0 for a direct-mode hit and an in-place one), of which
         disk_bytes came from the device. Summed over all fetches they equal the Stats counters of the
         same names.
